@@ -1,0 +1,120 @@
+"""The config schema: one frozen dataclass per TOML section, defaults for production.
+
+The loader (conf.loader) reads the field types: `Size`, `Duration`, `ListenAddress`,
+`IPAddress`, `Path`, `Literal[...]`, `bool`, `int`, `str` and tuples of those. Range limits on
+integers live in the field's metadata (`min`, `max`), and `check` names a function that
+validates a value beyond its type. Every field has a default, so an empty file is a valid
+config; conf/postroom.toml documents each key.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from conf.values import Duration, IPAddress, ListenAddress, Size, parse_listen
+
+KiB = 1024
+MiB = 1024 * KiB
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def check_hostname(value: str) -> None:
+    name = value.lower()
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"not a valid host name: {value!r} (letters, digits, '-' and '.' only)")
+
+
+def check_delimiter(value: str) -> None:
+    if len(value) > 1 or value.isalnum() or value in ('@', '"', " "):
+        raise ValueError(f"expected one punctuation character such as \"+\" or \"\" to disable, got {value!r}")
+
+
+def _listen(*addresses: str) -> tuple[ListenAddress, ...]:
+    return tuple(parse_listen(a) for a in addresses)
+
+
+def _default_hostname() -> str:
+    return socket.getfqdn().lower()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = field(default_factory=_default_hostname, metadata={"check": check_hostname})
+    data_dir: Path = Path("/var/lib/postroom")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path | None = None
+    key: Path | None = None
+    # Generate a self-signed certificate at cert/key on first start when they are missing.
+    self_signed: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:25", "[::]:25")
+    max_message_size: Size = Size(25 * MiB)
+    max_recipients: int = field(default=100, metadata={"min": 1, "max": 100_000})
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:587", "[::]:587")
+    listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:465", "[::]:465")
+
+
+@dataclass(frozen=True)
+class IMAPConfig:
+    listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:143", "[::]:143")
+    listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:993", "[::]:993")
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:110", "[::]:110")
+    listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:995", "[::]:995")
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    # Empty: the system resolver's servers (/etc/resolv.conf).
+    nameservers: tuple[IPAddress, ...] = ()
+    timeout: Duration = Duration(5)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Fixed when the data dir is initialised; changing it later is refused, not re-mapped.
+    shards: int = field(default=16, metadata={"min": 1, "max": 1024})
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    # "alice+news@example.org" reaches alice; "" turns sub-addressing off.
+    recipient_delimiter: str = field(default="+", metadata={"check": check_delimiter})
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    # Where it was read from, for messages; not a key of the file.
+    source: Path | None = field(default=None, compare=False, metadata={"internal": True})

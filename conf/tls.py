@@ -1,0 +1,94 @@
+"""TLS from config: the server SSL context, and the self-signed certificate for development.
+
+`ensure_certificate` creates cert/key when `[tls] self_signed = true` and they are missing
+(ECDSA P-256, SANs for the host name, localhost, 127.0.0.1 and ::1, key file mode 0600).
+`server_context` loads the pair once; every TLS listener and STARTTLS shares it. Minimum
+protocol TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 for mail).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from conf.schema import TLSConfig
+
+
+class TLSSetupError(Exception):
+    """The configured certificate cannot be used; str() says which file and why."""
+
+
+def ensure_certificate(tls: TLSConfig, hostname: str) -> bool:
+    """Generate a self-signed pair if allowed and missing; True when one was created."""
+    if not tls.enabled or not tls.self_signed:
+        return False
+    assert tls.cert is not None and tls.key is not None
+    if tls.cert.exists() and tls.key.exists():
+        return False
+    _write_self_signed(tls.cert, tls.key, hostname)
+    return True
+
+
+def server_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    if not tls.enabled:
+        return None
+    assert tls.cert is not None
+    key = tls.key or tls.cert
+    for path in {tls.cert, key}:
+        if not path.is_file():
+            raise TLSSetupError(f"{path}: certificate or key file not found")
+        if not os.access(path, os.R_OK):
+            raise TLSSetupError(f"{path}: not readable by this user")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, key)
+    except ssl.SSLError as e:
+        raise TLSSetupError(f"{tls.cert}: cannot load certificate with key {key}: {e.reason or e}") from None
+    return context
+
+
+def _write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt_names = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    for path in (cert_path, key_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_atomic(key_path, key_bytes, 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""imapd — IMAP4rev1 server over the store. Not built yet (issue 5)."""

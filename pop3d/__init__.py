@@ -1,0 +1,1 @@
+"""pop3d — POP3 server over the store. Not built yet (issue 6)."""

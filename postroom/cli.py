@@ -1,0 +1,115 @@
+"""The `postroom` command: serve, config check, and the account administration commands.
+
+Exit status (a stable interface, DESIGN.md "Admin CLI"): 0 on success; 1 on a user error
+(bad config, unknown domain, duplicate user, bad address), with one line on stderr and no
+traceback; 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import conf
+from conf.tls import TLSSetupError, server_context
+from postroom import __version__, admin
+from postroom.serve import open_accounts, serve
+from storage import AccountError, AddressError, DataDirError
+
+PROG = "postroom"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Postroom mail server: run it and administer it.")
+    parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE",
+                        help=f"config file (default {conf.DEFAULT_PATH})")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("serve", help="run every enabled daemon in this process")
+
+    config = _group(commands, "config", "check the config file")
+    config.add_parser("check", help="validate the config and print the effective config")
+
+    domain = _group(commands, "domain", "manage local domains")
+    p = domain.add_parser("add", help="add a local domain")
+    p.add_argument("domain")
+    p.set_defaults(run=admin.domain_add)
+    domain.add_parser("list", help="list local domains").set_defaults(run=admin.domain_list)
+    p = domain.add_parser("remove", help="remove a domain")
+    p.add_argument("domain")
+    p.add_argument("--force", action="store_true", help="also remove its users and aliases")
+    p.set_defaults(run=admin.domain_remove)
+
+    user = _group(commands, "user", "manage users (mailboxes)")
+    p = user.add_parser("add", help="add a user")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--quota", metavar="SIZE", help='storage quota, e.g. "2G" (default: unlimited)')
+    p.set_defaults(run=admin.user_add)
+    p = user.add_parser("list", help="list users, of one domain or all")
+    p.add_argument("domain", nargs="?")
+    p.set_defaults(run=admin.user_list)
+    p = user.add_parser("remove", help="remove a user")
+    p.add_argument("address")
+    p.set_defaults(run=admin.user_remove)
+    p = user.add_parser("passwd", help="set a user's password")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(run=admin.user_passwd)
+    p = user.add_parser("quota", help='set a user\'s quota ("0" for unlimited)')
+    p.add_argument("address")
+    p.add_argument("size")
+    p.set_defaults(run=admin.user_quota)
+
+    alias = _group(commands, "alias", "manage aliases and catch-alls")
+    p = alias.add_parser("add", help="add an alias, or targets to one; ALIAS @domain is the catch-all")
+    p.add_argument("alias")
+    p.add_argument("targets", metavar="TARGET[,TARGET...]")
+    p.set_defaults(run=admin.alias_add)
+    p = alias.add_parser("list", help="list aliases, of one domain or all")
+    p.add_argument("domain", nargs="?")
+    p.set_defaults(run=admin.alias_list)
+    p = alias.add_parser("remove", help="remove an alias, or only the targets named")
+    p.add_argument("alias")
+    p.add_argument("targets", nargs="?", metavar="TARGET[,TARGET...]")
+    p.set_defaults(run=admin.alias_remove)
+    return parser
+
+
+def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    parser = commands.add_parser(name, help=help)
+    return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = conf.load(args.config)
+        if args.command == "serve":
+            return serve(config)
+        if args.command == "config":
+            return config_check(config)
+        _, accounts = open_accounts(config)
+        with accounts:
+            return args.run(accounts, args)
+    except admin.UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except (conf.ConfigError, TLSSetupError, DataDirError, AccountError, AddressError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def config_check(config: conf.Config) -> int:
+    tls = config.tls
+    generated_later = tls.self_signed and tls.cert is not None and not tls.cert.exists()
+    if not generated_later:
+        server_context(tls)
+    sys.stdout.write(conf.dump(config))
+    note = " (self-signed certificate will be generated on first start)" if generated_later else ""
+    print(f"{PROG}: {config.source}: config OK{note}", file=sys.stderr)
+    return 0

@@ -1,0 +1,121 @@
+"""`postroom serve`: prepare the data dir and TLS, start every available daemon, and run
+until SIGTERM or SIGINT.
+
+The daemons are a table: each service names its listeners in the config and how to start
+it, or None while it is not built yet. Serve prints what listens where (and what is not
+available), tells systemd READY=1 once every listener is bound, and on a signal stops the
+services in reverse order and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from conf import Config
+from conf.logfmt import EventLogger, setup_logging
+from conf.tls import ensure_certificate, server_context
+from conf.values import ListenAddress
+from postroom import __version__
+from postroom.notify import notify
+from storage import Accounts, DataDir, open_data_dir
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a service is built from: config and shared collaborators."""
+
+    config: Config
+    data_dir: DataDir
+    accounts: Accounts
+    tls: ssl.SSLContext | None
+
+
+class Running(Protocol):
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    label: str
+    listeners: Callable[[Config], tuple[ListenAddress, ...]]
+    implicit_tls: bool
+    start: Callable[[Context], Awaitable[Running]] | None
+    issue: int  # where its work is tracked while `start` is None
+
+
+SERVICES: tuple[Service, ...] = (
+    Service("smtp", "SMTP (MX)", lambda c: c.smtp.listen, False, None, 4),
+    Service("submission", "submission (STARTTLS)", lambda c: c.submission.listen, False, None, 4),
+    Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, 4),
+    Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, None, 5),
+    Service("imaps", "IMAPS", lambda c: c.imap.listen_tls, True, None, 5),
+    Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, None, 6),
+    Service("pop3s", "POP3S", lambda c: c.pop3.listen_tls, True, None, 6),
+)
+
+
+def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
+    data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
+    return data_dir, accounts
+
+
+def serve(config: Config) -> int:
+    setup_logging(config.server.log_level)
+    log = EventLogger("postroom.serve")
+    if ensure_certificate(config.tls, config.server.hostname):
+        log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
+    tls = server_context(config.tls)
+    data_dir, accounts = open_accounts(config)
+    try:
+        context = Context(config, data_dir, accounts, tls)
+        return asyncio.run(_run(context, log))
+    finally:
+        accounts.close()
+
+
+async def _run(context: Context, log: EventLogger) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    config = context.config
+    print(f"Postroom {__version__} on {config.server.hostname}, data in {config.server.data_dir}")
+    running: list[Running] = []
+    available = 0
+    for service in SERVICES:
+        addresses = service.listeners(config)
+        where = ", ".join(map(str, addresses)) or "-"
+        if not addresses:
+            status = "off (no listen address)"
+        elif service.implicit_tls and context.tls is None:
+            status = "off (needs [tls] cert and key)"
+        elif service.start is None:
+            status = f"not yet available (issue {service.issue})"
+        else:
+            running.append(await service.start(context))
+            available += 1
+            status = "listening"
+        print(f"  {service.label:<24} {where:<28} {status}")
+        log.info("service", service=service.name, listen=where, status=status)
+    if not available:
+        print("No daemon is available yet: Postroom waits for a signal (Ctrl-C stops it).")
+    sys.stdout.flush()
+
+    notify(f"READY=1\nSTATUS={available} service(s) running")
+    log.info("ready", services=available)
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping")
+    for service in reversed(running):
+        await service.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,462 @@
+"""Accounts: domains, users and aliases in one LMDB environment under the data dir.
+
+Every daemon shares this module: mtad asks `resolve` who a recipient is, and imapd, pop3d
+and submission call `authenticate`. The admin CLI writes through the same methods.
+
+Layout (`<data_dir>/accounts.lmdb`, one environment, three named databases):
+    domains   b"<a-label domain>"              -> {"created": iso}
+    users     b"<a-label domain>\\0<local>"    -> {"hash": argon2id, "quota": bytes, "created": iso}
+    aliases   b"<a-label domain>\\0<local>"    -> {"targets": [...]}; an empty local is the catch-all
+Keys start with the domain so a domain's users and aliases are one range scan.
+
+Invariants: a user's and an alias's domain is a local domain; an address is a user or an
+alias, never both; local alias targets resolved at the time they were added.
+
+Passwords are hashed with argon2id (RFC 9106 parameters, argon2-cffi's defaults). An
+unknown address costs one argon2 verification against a dummy hash, like a wrong password,
+so that response time does not reveal which addresses exist. LMDB gives the daemons'
+readers a consistent snapshot and serializes writers across processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import argon2
+import lmdb
+
+from storage.addresses import Address, AddressError, normalize_domain, parse_address, split_detail
+from storage.addresses import display_domain
+
+MAX_PASSWORD_BYTES = 1024  # argon2 hashes any length; an attacker should not choose how much
+MIN_PASSWORD_CHARS = 8
+MAX_ALIAS_TARGETS = 1000
+MAX_EXPANSION_DEPTH = 10
+_MAP_SIZE = 1 << 30  # sparse on Linux; roughly a million accounts
+
+
+class AccountError(Exception):
+    """A request the accounts database refuses; str() is one line for the sysadmin."""
+
+
+class UnknownDomainError(AccountError):
+    pass
+
+
+class NotLocalError(AccountError):
+    """The address's domain is not one of ours (SMTP: relay denied)."""
+
+
+class UnknownAddressError(AccountError):
+    """A local domain, but nobody there by that name (SMTP: 550 5.1.1)."""
+
+
+class ExistsError(AccountError):
+    pass
+
+
+class NotFoundError(AccountError):
+    pass
+
+
+class DomainNotEmptyError(AccountError):
+    pass
+
+
+class PasswordPolicyError(AccountError):
+    pass
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # A-label
+
+    @property
+    def display(self) -> str:
+        return display_domain(self.name)
+
+
+@dataclass(frozen=True)
+class User:
+    address: Address
+    quota: int  # bytes; 0 is unlimited
+    created: str
+
+
+@dataclass(frozen=True)
+class Alias:
+    address: Address  # local == "" for the catch-all
+    targets: tuple[str, ...]
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.address.local == ""
+
+    @property
+    def display(self) -> str:
+        return f"@{display_domain(self.address.domain)}" if self.is_catch_all else self.address.display
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where mail to one address goes, after aliases, catch-alls and sub-addressing."""
+
+    local: tuple[Address, ...]  # users' mailboxes, each once
+    remote: tuple[str, ...]  # forwarding targets outside our domains
+    unknown: tuple[str, ...]  # local targets of an alias that no longer exist
+
+
+class Accounts:
+    def __init__(self, path: Path, *, recipient_delimiter: str = "+", hasher: argon2.PasswordHasher | None = None):
+        self._env = lmdb.open(str(path), subdir=True, map_size=_MAP_SIZE, max_dbs=4, mode=0o600)
+        self._domains = self._env.open_db(b"domains")
+        self._users = self._env.open_db(b"users")
+        self._aliases = self._env.open_db(b"aliases")
+        self._delimiter = recipient_delimiter
+        self._hasher = hasher or argon2.PasswordHasher(type=argon2.Type.ID)
+        self._dummy_hash: str | None = None
+        self._dummy_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> Accounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- domains -----------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> Domain:
+        domain = _domain(name)
+        with self._env.begin(write=True) as txn:
+            if not txn.put(domain.encode(), _record(created=_now()), db=self._domains, overwrite=False):
+                raise ExistsError(f"domain {display_domain(domain)} already exists")
+        return Domain(domain)
+
+    def remove_domain(self, name: str, *, force: bool = False) -> tuple[int, int]:
+        """Remove a domain; with force, its users and aliases too. Returns (users, aliases) removed."""
+        domain = _domain(name)
+        with self._env.begin(write=True) as txn:
+            if txn.get(domain.encode(), db=self._domains) is None:
+                raise NotFoundError(f"no such domain: {display_domain(domain)}")
+            users = list(self._keys_in(txn, self._users, domain))
+            aliases = list(self._keys_in(txn, self._aliases, domain))
+            if (users or aliases) and not force:
+                raise DomainNotEmptyError(
+                    f"domain {display_domain(domain)} still has {len(users)} user(s) and "
+                    f"{len(aliases)} alias(es); remove them first or use --force"
+                )
+            for key in users:
+                txn.delete(key, db=self._users)
+            for key in aliases:
+                txn.delete(key, db=self._aliases)
+            txn.delete(domain.encode(), db=self._domains)
+        return len(users), len(aliases)
+
+    def domains(self) -> list[Domain]:
+        with self._env.begin() as txn:
+            return [Domain(key.decode()) for key, _ in txn.cursor(db=self._domains)]
+
+    def is_local_domain(self, name: str) -> bool:
+        try:
+            domain = normalize_domain(name)
+        except AddressError:
+            return False
+        with self._env.begin() as txn:
+            return txn.get(domain.encode(), db=self._domains) is not None
+
+    # -- users -------------------------------------------------------------------------
+
+    def add_user(self, address: str, password: str, *, quota: int = 0) -> User:
+        addr = _account_address(address)
+        hashed = self._hash(password)
+        created = _now()
+        with self._env.begin(write=True) as txn:
+            self._require_domain(txn, addr.domain)
+            if txn.get(_key(addr), db=self._aliases) is not None:
+                raise ExistsError(f"{addr.display} is an alias; remove the alias first")
+            record = _record(hash=hashed, quota=quota, created=created)
+            if not txn.put(_key(addr), record, db=self._users, overwrite=False):
+                raise ExistsError(f"user {addr.display} already exists")
+        return User(addr, quota, created)
+
+    def remove_user(self, address: str) -> list[Alias]:
+        """Remove a user; returns the aliases that still name it, for the caller to report."""
+        addr = parse_address(address)
+        with self._env.begin(write=True) as txn:
+            if not txn.delete(_key(addr), db=self._users):
+                raise NotFoundError(f"no such user: {addr.display}")
+        return [a for a in self.aliases() if str(addr) in a.targets]
+
+    def get_user(self, address: str) -> User | None:
+        try:
+            addr = parse_address(address)
+        except AddressError:
+            return None
+        with self._env.begin() as txn:
+            raw = txn.get(_key(addr), db=self._users)
+        return _user(addr, raw) if raw is not None else None
+
+    def users(self, domain: str | None = None) -> list[User]:
+        with self._env.begin() as txn:
+            if domain is None:
+                items = list(txn.cursor(db=self._users))
+            else:
+                d = _domain(domain)
+                self._require_domain(txn, d)
+                items = [(k, txn.get(k, db=self._users)) for k in self._keys_in(txn, self._users, d)]
+        return [_user(_address_of(key), raw) for key, raw in items]
+
+    def set_password(self, address: str, password: str) -> None:
+        hashed = self._hash(password)
+        self._update_user(address, hash=hashed)
+
+    def set_quota(self, address: str, quota: int) -> None:
+        self._update_user(address, quota=quota)
+
+    def _update_user(self, address: str, **changes: object) -> None:
+        addr = parse_address(address)
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(_key(addr), db=self._users)
+            if raw is None:
+                raise NotFoundError(f"no such user: {addr.display}")
+            txn.put(_key(addr), _record(**{**json.loads(raw), **changes}), db=self._users)
+
+    # -- authentication ----------------------------------------------------------------
+
+    def authenticate(self, address: str, password: str) -> User | None:
+        """The user if the password is right; None for any failure, in the same time."""
+        dummy = self._dummy()
+        user_record = None
+        try:
+            addr = parse_address(address)
+            with self._env.begin() as txn:
+                raw = txn.get(_key(addr), db=self._users)
+            if raw is not None:
+                user_record = json.loads(raw)
+        except AddressError:
+            pass
+        candidate = password if len(password.encode("utf-8", "replace")) <= MAX_PASSWORD_BYTES else ""
+        stored = user_record["hash"] if user_record else dummy
+        try:
+            self._hasher.verify(stored, candidate)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return None
+        if user_record is None or not candidate:
+            return None
+        if self._hasher.check_needs_rehash(stored):
+            self._rehash(addr, stored, candidate)
+        return User(addr, user_record.get("quota", 0), user_record.get("created", ""))
+
+    def _dummy(self) -> str:
+        # Made on first use, by whichever call comes first, so the first unknown-address
+        # login is not the only one that pays for a hash.
+        with self._dummy_lock:
+            if self._dummy_hash is None:
+                self._dummy_hash = self._hasher.hash("postroom-dummy-password")
+            return self._dummy_hash
+
+    def _rehash(self, addr: Address, old: str, password: str) -> None:
+        new = self._hasher.hash(password)
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(_key(addr), db=self._users)
+            if raw is not None and json.loads(raw)["hash"] == old:
+                txn.put(_key(addr), _record(**{**json.loads(raw), "hash": new}), db=self._users)
+
+    def _hash(self, password: str) -> str:
+        if len(password) < MIN_PASSWORD_CHARS:
+            raise PasswordPolicyError(f"password too short: at least {MIN_PASSWORD_CHARS} characters")
+        if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+            raise PasswordPolicyError(f"password too long: at most {MAX_PASSWORD_BYTES} bytes")
+        if any(c in password for c in "\r\n\0"):
+            raise PasswordPolicyError("password contains a line break or NUL")
+        return self._hasher.hash(password)
+
+    # -- aliases -----------------------------------------------------------------------
+
+    def add_alias(self, alias: str, targets: list[str]) -> Alias:
+        """Create an alias, or add targets to an existing one. "@domain" is the catch-all."""
+        addr = _alias_address(alias)
+        with self._env.begin(write=True) as txn:
+            self._require_domain(txn, addr.domain)
+            if addr.local and txn.get(_key(addr), db=self._users) is not None:
+                raise ExistsError(f"{addr.display} is a user; an address is a user or an alias, not both")
+            raw = txn.get(_key(addr), db=self._aliases)
+            existing = json.loads(raw)["targets"] if raw else []
+            merged = list(existing)
+            for target in targets:
+                normalized = self._check_target(txn, addr, target)
+                if normalized not in merged:
+                    merged.append(normalized)
+            if len(merged) > MAX_ALIAS_TARGETS:
+                raise AccountError(f"an alias may have at most {MAX_ALIAS_TARGETS} targets")
+            txn.put(_key(addr), _record(targets=merged), db=self._aliases)
+        return Alias(addr, tuple(merged))
+
+    def remove_alias(self, alias: str, targets: list[str] | None = None) -> Alias | None:
+        """Remove the alias, or only some targets; returns what is left (None if removed)."""
+        addr = _alias_address(alias)
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(_key(addr), db=self._aliases)
+            if raw is None:
+                shown = f"@{display_domain(addr.domain)}" if not addr.local else addr.display
+                raise NotFoundError(f"no such alias: {shown}")
+            if not targets:
+                txn.delete(_key(addr), db=self._aliases)
+                return None
+            current = json.loads(raw)["targets"]
+            drop = {_target_form(t) for t in targets}
+            missing = drop - set(current)
+            if missing:
+                raise NotFoundError(f"not a target of this alias: {', '.join(sorted(missing))}")
+            left = [t for t in current if t not in drop]
+            if not left:
+                txn.delete(_key(addr), db=self._aliases)
+                return None
+            txn.put(_key(addr), _record(targets=left), db=self._aliases)
+            return Alias(addr, tuple(left))
+
+    def aliases(self, domain: str | None = None) -> list[Alias]:
+        with self._env.begin() as txn:
+            if domain is None:
+                items = list(txn.cursor(db=self._aliases))
+            else:
+                d = _domain(domain)
+                self._require_domain(txn, d)
+                items = [(k, txn.get(k, db=self._aliases)) for k in self._keys_in(txn, self._aliases, d)]
+        return [Alias(_address_of(key), tuple(json.loads(raw)["targets"])) for key, raw in items]
+
+    def _check_target(self, txn: lmdb.Transaction, alias: Address, target: str) -> str:
+        target = target.strip()
+        if target.startswith("@"):
+            if alias.local:
+                raise AddressError(f"target {target!r}: only a catch-all (@domain) may forward to a whole domain")
+            return "@" + normalize_domain(target[1:])
+        addr = parse_address(target)
+        if txn.get(addr.domain.encode(), db=self._domains) is not None:
+            if addr == alias:
+                raise AccountError(f"{alias.display} cannot be its own target")
+            if self._lookup(txn, addr) is None:
+                raise UnknownAddressError(f"target {addr.display} is in a local domain but is no user or alias there")
+        return str(addr)
+
+    # -- recipient resolution ----------------------------------------------------------
+
+    def resolve(self, address: str) -> Resolution:
+        """Who receives mail sent to `address`: raises AddressError, NotLocalError, UnknownAddressError."""
+        addr = parse_address(address)
+        local: dict[Address, None] = {}
+        remote: dict[str, None] = {}
+        unknown: dict[str, None] = {}
+        with self._env.begin() as txn:
+            if txn.get(addr.domain.encode(), db=self._domains) is None:
+                raise NotLocalError(f"{display_domain(addr.domain)} is not a local domain")
+            found = self._lookup(txn, addr)
+            if found is None:
+                raise UnknownAddressError(f"no such user here: {addr.display}")
+            pending = [(found, addr, 0)]
+            seen: set[Address] = set()
+            while pending:
+                (kind, value), via, depth = pending.pop(0)
+                if kind == "user":
+                    local.setdefault(value, None)
+                    continue
+                if via in seen or depth >= MAX_EXPANSION_DEPTH:
+                    continue  # a loop or a chain too long: that branch delivers nowhere
+                seen.add(via)
+                for target in value:
+                    next_addr = Address(via.local, target[1:]) if target.startswith("@") else parse_address(target)
+                    if txn.get(next_addr.domain.encode(), db=self._domains) is None:
+                        remote.setdefault(str(next_addr), None)
+                        continue
+                    hit = self._lookup(txn, next_addr)
+                    if hit is None:
+                        unknown.setdefault(str(next_addr), None)
+                    else:
+                        pending.append((hit, next_addr, depth + 1))
+        return Resolution(tuple(local), tuple(remote), tuple(unknown))
+
+    def _lookup(self, txn: lmdb.Transaction, addr: Address) -> tuple[str, object] | None:
+        """("user", Address) or ("alias", targets) for an address in a local domain."""
+        candidates = [addr]
+        base, detail = split_detail(addr.local, self._delimiter)
+        if detail is not None:
+            candidates.append(Address(base, addr.domain))
+        for candidate in candidates:
+            raw = txn.get(_key(candidate), db=self._aliases)
+            if raw is not None:
+                return "alias", json.loads(raw)["targets"]
+            if txn.get(_key(candidate), db=self._users) is not None:
+                return "user", candidate
+        raw = txn.get(_key(Address("", addr.domain)), db=self._aliases)
+        if raw is not None:
+            return "alias", json.loads(raw)["targets"]
+        return None
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _require_domain(self, txn: lmdb.Transaction, domain: str) -> None:
+        if txn.get(domain.encode(), db=self._domains) is None:
+            raise UnknownDomainError(f"unknown domain {display_domain(domain)}: add it with 'postroom domain add'")
+
+    @staticmethod
+    def _keys_in(txn: lmdb.Transaction, db: object, domain: str):
+        prefix = domain.encode() + b"\0"
+        cursor = txn.cursor(db=db)
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                yield key
+
+
+def _domain(name: str) -> str:
+    return normalize_domain(name.strip())
+
+
+def _account_address(text: str) -> Address:
+    """Addresses we create are stricter than those we accept: letters, digits, . _ - + '."""
+    addr = parse_address(text.strip())
+    if not all(c.isalnum() or c in "._-+'" for c in addr.local):
+        raise AddressError(f"{text!r}: a new address may use only letters, digits and . _ - + '")
+    return addr
+
+
+def _alias_address(text: str) -> Address:
+    text = text.strip()
+    if text.startswith("@"):
+        return Address("", normalize_domain(text[1:]))
+    return _account_address(text)
+
+
+def _target_form(text: str) -> str:
+    text = text.strip()
+    return "@" + normalize_domain(text[1:]) if text.startswith("@") else str(parse_address(text))
+
+
+def _key(addr: Address) -> bytes:
+    return f"{addr.domain}\0{addr.local}".encode()
+
+
+def _address_of(key: bytes) -> Address:
+    domain, _, local = key.decode().partition("\0")
+    return Address(local, domain)
+
+
+def _user(addr: Address, raw: bytes) -> User:
+    record = json.loads(raw)
+    return User(addr, record.get("quota", 0), record.get("created", ""))
+
+
+def _record(**fields: object) -> bytes:
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
