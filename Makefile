@@ -1,0 +1,55 @@
+# Postroom: the two commands.
+#   make run    set everything up and run every daemon on conf/dev.toml (loopback, high ports)
+#   make test   set everything up and run the whole test suite
+# Both bootstrap a fresh Debian machine as root: system packages, .venv, pip install.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+DEV_CONFIG  := conf/dev.toml
+POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
+PYTEST_ARGS ?=
+
+# Debian packages: what a venv needs, and what the tests drive as real peers and clients.
+APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates
+
+.PHONY: run test install system-packages clean
+
+run: install
+	@$(POSTROOM) domain list | grep -qx 'example.test' || $(POSTROOM) domain add example.test
+	@if ! $(POSTROOM) user list example.test | cut -f1 | grep -qx 'demo@example.test'; then \
+	    pw=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(12))'); \
+	    printf '%s\n' "$$pw" | $(POSTROOM) user add demo@example.test --password-stdin; \
+	    (umask 077; printf '%s\n' "$$pw" > var/demo-password); \
+	    echo "demo@example.test password: $$pw   (kept in var/demo-password)"; \
+	else \
+	    echo "demo@example.test password: $$(cat var/demo-password 2>/dev/null || echo 'see var/demo-password')"; \
+	fi
+	@echo "Connect with: swaks --server 127.0.0.1:2525 --to demo@example.test"
+	@echo "              IMAP 127.0.0.1:2143 (STARTTLS) / 2993 (TLS), POP3 2110 / 2995,"
+	@echo "              submission 2587 / 2465; user demo@example.test; certificate var/tls/cert.pem"
+	exec $(POSTROOM) serve
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml | system-packages
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+# Installs only what is missing, so a prepared machine never waits on apt.
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install as root): $$missing" >&2; exit 1; fi; \
+	    echo "installing Debian packages: $$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
