@@ -37,11 +37,11 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext | None:
         return None
     assert tls.cert is not None
     key = tls.key or tls.cert
-    for path in {tls.cert, key}:
+    for path, name in ((tls.cert, "tls.cert"), (key, "tls.key")):
         if not path.is_file():
-            raise TLSSetupError(f"{path}: certificate or key file not found")
+            raise TLSSetupError(f"{path}: file not found (set by {name})")
         if not os.access(path, os.R_OK):
-            raise TLSSetupError(f"{path}: not readable by this user")
+            raise TLSSetupError(f"{path}: not readable by this user (set by {name})")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -124,7 +124,8 @@ def parse_listen(value: object) -> ListenAddress:
             "(use 0.0.0.0 or [::] for all addresses, 127.0.0.1 or [::1] for loopback)"
         ) from None
     if ip.version != version:
-        raise ValueError(f"bad address {value!r}: write IPv6 addresses in brackets, as \"[::1]:25\"")
+        hint = "write IPv6 addresses in brackets" if ip.version == 6 else "only IPv6 addresses go in brackets"
+        raise ValueError(f"bad address {value!r}: {hint}, as \"[::1]:25\" or \"127.0.0.1:25\"")
     if not port.isdigit():
         raise ValueError(f"bad address {value!r}: port {port!r} is not a number")
     number = int(port)

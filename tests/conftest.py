@@ -1,0 +1,195 @@
+"""Fixtures every Postroom test builds on.
+
+- `data_dir`: a fresh, empty data dir.
+- `write_config(**sections)`: a config file with free loopback ports for every listener and
+  data under `data_dir`; keyword arguments override keys per section.
+- `config_path`: that config with no overrides.
+- `cli(*args, input=None)`: runs the installed `postroom --config <config_path> ...` as a
+  sysadmin does, returning the CompletedProcess (text mode).
+- `daemon`: `postroom serve` started the way a user starts it (the console script, under an
+  sd_notify socket as systemd would), ready when it says READY=1; stopped with SIGTERM,
+  which must end it cleanly (exit 0) within the test's teardown.
+- `client_tls_context(config)`: an SSL context that trusts the daemon's certificate, for the
+  real clients (smtplib, imaplib, poplib, imapclient).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import conf
+from conf.values import ListenAddress
+
+BIN = Path(sys.executable).parent
+POSTROOM = str(BIN / "postroom")
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+# Each listener in a test config; the key is "<section>.<key>".
+LISTENERS = (
+    "smtp.listen", "submission.listen", "submission.listen_tls",
+    "imap.listen", "imap.listen_tls", "pop3.listen", "pop3.listen_tls",
+)
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, never handed out twice in one test run."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_config(sections: dict[str, dict[str, object]]) -> str:
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in keys.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "var"
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, data_dir: Path):
+    def write(name: str = "postroom.toml", **overrides: dict[str, object]) -> Path:
+        sections: dict[str, dict[str, object]] = {
+            "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+            "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+            "storage": {"shards": 4},
+        }
+        for dotted in LISTENERS:
+            section, key = dotted.split(".")
+            sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+        for section, keys in overrides.items():
+            sections.setdefault(section, {}).update(keys)
+        path = tmp_path / name
+        path.write_text(render_config(sections))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def config_path(write_config) -> Path:
+    return write_config()
+
+
+@pytest.fixture
+def cli(config_path: Path, tmp_path: Path):
+    def run(*args: str, input: str | None = None, config: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [POSTROOM, "--config", str(config or config_path), *args],
+            input=input, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    return run
+
+
+@dataclass
+class Daemon:
+    """A running `postroom serve`; `stdout()`/`stderr()` read what it printed so far."""
+
+    process: subprocess.Popen
+    config_path: Path
+    config: conf.Config
+    out_path: Path
+    err_path: Path
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def listen(self, dotted: str) -> ListenAddress:
+        """The first address of a listener, e.g. daemon.listen("imap.listen_tls")."""
+        section, key = dotted.split(".")
+        return getattr(getattr(self.config, section), key)[0]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"postroom serve ignored signal {sig} for {STOP_TIMEOUT}s:\n{self.stderr()}")
+        return self.process.returncode
+
+
+def start_daemon(config_path: Path, workdir: Path) -> Daemon:
+    """Start `postroom serve` and return once it has notified READY=1."""
+    out_path, err_path = workdir / "serve.out", workdir / "serve.err"
+    sock_dir = tempfile.mkdtemp(prefix="notify-")  # AF_UNIX paths are short; tmp_path may not be
+    notify_path = os.path.join(sock_dir, "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
+        notify_sock.bind(notify_path)
+        notify_sock.settimeout(0.2)
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            process = subprocess.Popen(
+                [POSTROOM, "--config", str(config_path), "serve"],
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=workdir,
+                env={**os.environ, "NOTIFY_SOCKET": notify_path},
+            )
+        daemon = Daemon(process, config_path, conf.load(config_path), out_path, err_path)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"postroom serve exited {process.returncode} before READY:\n{daemon.stderr()}")
+            try:
+                message = notify_sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            if "READY=1" in message.splitlines():
+                return daemon
+        daemon.stop(signal.SIGKILL)
+        raise AssertionError(f"postroom serve not ready within {READY_TIMEOUT}s:\n{daemon.stderr()}")
+
+
+@pytest.fixture
+def daemon(config_path: Path, tmp_path: Path):
+    running = start_daemon(config_path, tmp_path)
+    yield running
+    code = running.stop()
+    assert code == 0, f"postroom serve exited {code} on SIGTERM:\n{running.stderr()}"
+
+
+def client_tls_context(config: conf.Config) -> ssl.SSLContext:
+    """Trust exactly the daemon's (self-signed) certificate, with hostname checks on."""
+    context = ssl.create_default_context(cafile=str(config.tls.cert))
+    return context
