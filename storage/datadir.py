@@ -30,8 +30,9 @@ class DataDir:
         return self.path / "accounts.lmdb"
 
 
-def open_data_dir(path: Path, shards: int) -> DataDir:
+def open_data_dir(path: Path | str, shards: int) -> DataDir:
     """Open (creating and recording on first use) the data dir at `path`."""
+    path = Path(path)
     try:
         path.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as e:

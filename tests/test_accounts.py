@@ -1,0 +1,319 @@
+"""The accounts database through its public API: domains (IDN), users, aliases, catch-all,
+sub-addressing, recipient resolution and authentication, against a real LMDB data dir."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from storage import (
+    AccountError,
+    Accounts,
+    AddressError,
+    DataDirError,
+    DomainNotEmptyError,
+    ExistsError,
+    NotFoundError,
+    NotLocalError,
+    PasswordPolicyError,
+    UnknownAddressError,
+    UnknownDomainError,
+    open_data_dir,
+    parse_address,
+)
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def accounts(data_dir):
+    dd = open_data_dir(data_dir, 4)
+    with Accounts(dd.accounts_path) as db:
+        db.add_domain("example.test")
+        yield db
+
+
+def test_domains_are_case_insensitive_and_idna_normalized(accounts):
+    assert accounts.is_local_domain("EXAMPLE.Test")
+    domain = accounts.add_domain("Bücher.Example")
+    assert domain.name == "xn--bcher-kva.example"
+    assert domain.display == "bücher.example"
+    for spelling in ("bücher.example", "BÜCHER.example", "xn--bcher-kva.example", "XN--BCHER-KVA.EXAMPLE"):
+        assert accounts.is_local_domain(spelling)
+        with pytest.raises(ExistsError):
+            accounts.add_domain(spelling)
+    assert [d.name for d in accounts.domains()] == ["example.test", "xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize("bad", ["", "example..test", ".example.test", "example.test.", "-bad.test",
+                                 "exa mple.test", "[127.0.0.1]", "a" * 64 + ".test", "xn--zz.test", "under_score.test"])
+def test_bad_domains_are_refused(accounts, bad):
+    with pytest.raises(AddressError):
+        accounts.add_domain(bad)
+
+
+def test_users_compare_case_insensitively_in_both_parts(accounts):
+    accounts.add_user("Alice@Example.TEST", PASSWORD, quota=1024)
+    user = accounts.get_user("ALICE@example.test")
+    assert str(user.address) == "alice@example.test"
+    assert user.quota == 1024
+    with pytest.raises(ExistsError):
+        accounts.add_user("aLiCe@EXAMPLE.test", PASSWORD)
+
+
+def test_idn_user_is_found_by_either_domain_form(accounts):
+    accounts.add_domain("bücher.example")
+    accounts.add_user("jörg@BÜCHER.example", PASSWORD)
+    assert accounts.get_user("JÖRG@xn--bcher-kva.example") is not None
+    assert accounts.authenticate("jörg@xn--bcher-kva.example", PASSWORD) is not None
+    assert [u.address.display for u in accounts.users("bücher.example")] == ["jörg@bücher.example"]
+
+
+def test_user_needs_a_local_domain_and_a_sane_address(accounts):
+    with pytest.raises(UnknownDomainError):
+        accounts.add_user("bob@elsewhere.test", PASSWORD)
+    for bad in ("bob", "bob@@example.test", '"bob smith"@example.test', "bob..x@example.test",
+                "bob%remote@example.test", "a" * 65 + "@example.test", "bob!x@example.test"):
+        with pytest.raises(AddressError):
+            accounts.add_user(bad, PASSWORD)
+
+
+def test_password_policy(accounts):
+    with pytest.raises(PasswordPolicyError):
+        accounts.add_user("bob@example.test", "short")
+    with pytest.raises(PasswordPolicyError):
+        accounts.add_user("bob@example.test", "x" * 1025)
+    with pytest.raises(PasswordPolicyError):
+        accounts.add_user("bob@example.test", "line\nbreak!")
+    assert accounts.get_user("bob@example.test") is None
+
+
+def test_passwords_are_stored_as_argon2id(accounts, data_dir):
+    accounts.add_user("alice@example.test", PASSWORD)
+    raw = (data_dir / "accounts.lmdb" / "data.mdb").read_bytes()
+    assert b"$argon2id$" in raw
+    assert PASSWORD.encode() not in raw
+
+
+def test_authenticate(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    assert str(accounts.authenticate("alice@example.test", PASSWORD).address) == "alice@example.test"
+    assert accounts.authenticate("ALICE@Example.Test", PASSWORD) is not None
+    assert accounts.authenticate("alice@example.test", PASSWORD.upper()) is None
+    assert accounts.authenticate("alice@example.test", "") is None
+    assert accounts.authenticate("alice@example.test", PASSWORD + "x" * 2000) is None
+    assert accounts.authenticate("nobody@example.test", PASSWORD) is None
+    assert accounts.authenticate("alice@elsewhere.test", PASSWORD) is None
+    assert accounts.authenticate("not an address", PASSWORD) is None
+    # Sub-addressing routes mail; it is not another login name.
+    assert accounts.authenticate("alice+news@example.test", PASSWORD) is None
+
+
+def test_set_password_and_quota(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.set_password("alice@example.test", "a brand new secret")
+    assert accounts.authenticate("alice@example.test", PASSWORD) is None
+    assert accounts.authenticate("alice@example.test", "a brand new secret") is not None
+    accounts.set_quota("Alice@example.test", 5 * 1024**3)
+    assert accounts.get_user("alice@example.test").quota == 5 * 1024**3
+    with pytest.raises(NotFoundError):
+        accounts.set_password("nobody@example.test", "whatever123")
+
+
+def test_unknown_user_costs_as_much_as_a_wrong_password(accounts):
+    """Response time must not tell an attacker which addresses exist. The gap this guards
+    against is two orders of magnitude (a dictionary miss against an argon2 hash), so the
+    bounds are wide on purpose."""
+    accounts.add_user("alice@example.test", PASSWORD)
+
+    def median_seconds(address: str) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            assert accounts.authenticate(address, "wrong password") is None
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    wrong_password = median_seconds("alice@example.test")
+    unknown_user = median_seconds("nobody@example.test")
+    unknown_domain = median_seconds("nobody@elsewhere.test")
+    assert 0.5 * wrong_password < unknown_user < 2 * wrong_password
+    assert 0.5 * wrong_password < unknown_domain < 2 * wrong_password
+
+
+def test_resolve_a_user_with_and_without_a_tag(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    for address in ("alice@example.test", "ALICE@EXAMPLE.TEST", "alice+news@example.test", "Alice+a+b@example.test"):
+        resolution = accounts.resolve(address)
+        assert [str(a) for a in resolution.local] == ["alice@example.test"]
+        assert resolution.remote == () and resolution.unknown == ()
+
+
+def test_sub_addressing_can_be_turned_off(data_dir):
+    dd = open_data_dir(data_dir, 4)
+    with Accounts(dd.accounts_path, recipient_delimiter="") as db:
+        db.add_domain("example.test")
+        db.add_user("alice@example.test", PASSWORD)
+        with pytest.raises(UnknownAddressError):
+            db.resolve("alice+news@example.test")
+    with Accounts(dd.accounts_path, recipient_delimiter="-") as db:
+        assert [str(a) for a in db.resolve("alice-news@example.test").local] == ["alice@example.test"]
+
+
+def test_an_exact_user_wins_over_the_tag(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("alice+list@example.test", PASSWORD)
+    assert [str(a) for a in accounts.resolve("alice+list@example.test").local] == ["alice+list@example.test"]
+
+
+def test_resolve_refuses_strangers_and_other_domains(accounts):
+    with pytest.raises(UnknownAddressError):
+        accounts.resolve("nobody@example.test")
+    with pytest.raises(NotLocalError):
+        accounts.resolve("alice@elsewhere.test")
+    with pytest.raises(AddressError):
+        accounts.resolve('"alice@elsewhere.test"@example.test')
+
+
+def test_alias_with_several_targets_local_and_remote(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("bob@example.test", PASSWORD)
+    alias = accounts.add_alias("Sales@Example.test", ["alice@example.test", "BOB@example.test", "ext@Remote.TEST"])
+    assert alias.targets == ("alice@example.test", "bob@example.test", "ext@remote.test")
+    resolution = accounts.resolve("sales+q3@example.test")
+    assert [str(a) for a in resolution.local] == ["alice@example.test", "bob@example.test"]
+    assert resolution.remote == ("ext@remote.test",)
+
+
+def test_aliases_nest_deduplicate_and_survive_loops(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_alias("team@example.test", ["alice@example.test"])
+    accounts.add_alias("all@example.test", ["team@example.test", "alice+all@example.test"])
+    assert [str(a) for a in accounts.resolve("all@example.test").local] == ["alice@example.test"]
+    accounts.add_alias("ping@example.test", ["alice@example.test"])
+    accounts.add_alias("pong@example.test", ["ping@example.test"])
+    accounts.add_alias("ping@example.test", ["pong@example.test"])  # now a loop
+    assert [str(a) for a in accounts.resolve("pong@example.test").local] == ["alice@example.test"]
+
+
+def test_alias_targets_in_local_domains_must_exist(accounts):
+    with pytest.raises(UnknownAddressError):
+        accounts.add_alias("sales@example.test", ["nobody@example.test"])
+    with pytest.raises(UnknownDomainError):
+        accounts.add_alias("sales@elsewhere.test", ["ext@remote.test"])
+    with pytest.raises(AccountError):
+        accounts.add_alias("sales@example.test", ["sales@example.test"])
+
+
+def test_a_removed_target_shows_as_unknown(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("bob@example.test", PASSWORD)
+    accounts.add_alias("sales@example.test", ["alice@example.test", "bob@example.test"])
+    still_named_by = accounts.remove_user("bob@example.test")
+    assert [a.display for a in still_named_by] == ["sales@example.test"]
+    resolution = accounts.resolve("sales@example.test")
+    assert [str(a) for a in resolution.local] == ["alice@example.test"]
+    assert resolution.unknown == ("bob@example.test",)
+
+
+def test_user_and_alias_cannot_share_an_address(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    with pytest.raises(ExistsError):
+        accounts.add_alias("alice@example.test", ["ext@remote.test"])
+    accounts.add_alias("sales@example.test", ["alice@example.test"])
+    with pytest.raises(ExistsError):
+        accounts.add_user("sales@example.test", PASSWORD)
+
+
+def test_catch_all_takes_only_what_nobody_else_takes(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("postmaster@example.test", PASSWORD)
+    accounts.add_alias("@example.test", ["postmaster@example.test"])
+    assert [str(a) for a in accounts.resolve("alice@example.test").local] == ["alice@example.test"]
+    assert [str(a) for a in accounts.resolve("random@example.test").local] == ["postmaster@example.test"]
+    assert [str(a) for a in accounts.resolve("alice+x@example.test").local] == ["alice@example.test"]
+
+
+def test_domain_alias_keeps_the_local_part(accounts):
+    accounts.add_domain("old.test")
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_alias("@old.test", ["@example.test"])
+    assert [str(a) for a in accounts.resolve("Alice@old.test").local] == ["alice@example.test"]
+    with pytest.raises(AddressError):
+        accounts.add_alias("someone@old.test", ["@example.test"])
+
+
+def test_remove_alias_targets_then_alias(accounts):
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_alias("sales@example.test", ["alice@example.test", "ext@remote.test"])
+    left = accounts.remove_alias("sales@example.test", ["EXT@remote.test"])
+    assert left.targets == ("alice@example.test",)
+    assert accounts.remove_alias("sales@example.test", ["alice@example.test"]) is None
+    with pytest.raises(NotFoundError):
+        accounts.remove_alias("sales@example.test")
+
+
+def test_remove_domain_refuses_when_not_empty_unless_forced(accounts):
+    accounts.add_domain("other.test")
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("zed@other.test", PASSWORD)
+    accounts.add_alias("@example.test", ["alice@example.test"])
+    with pytest.raises(DomainNotEmptyError):
+        accounts.remove_domain("example.test")
+    assert accounts.remove_domain("EXAMPLE.test", force=True) == (1, 1)
+    assert not accounts.is_local_domain("example.test")
+    assert [str(u.address) for u in accounts.users()] == ["zed@other.test"]
+    assert accounts.aliases() == []
+    with pytest.raises(NotFoundError):
+        accounts.remove_domain("example.test")
+
+
+def test_state_survives_a_process_restart(data_dir):
+    """One process writes and exits; a new one reads the same state from disk."""
+    writer = f"""
+import sys
+from storage import Accounts, open_data_dir
+dd = open_data_dir(sys.argv[1], 4)
+with Accounts(dd.accounts_path) as db:
+    db.add_domain("example.test")
+    db.add_user("alice@example.test", {PASSWORD!r}, quota=42)
+    db.add_alias("sales@example.test", ["alice@example.test"])
+"""
+    subprocess.run([sys.executable, "-c", writer, str(data_dir)], check=True, timeout=60)
+    with Accounts(open_data_dir(data_dir, 4).accounts_path) as db:
+        assert db.get_user("alice@example.test").quota == 42
+        assert db.authenticate("alice@example.test", PASSWORD) is not None
+        assert [str(a) for a in db.resolve("sales@example.test").local] == ["alice@example.test"]
+
+
+def test_a_reader_sees_another_process_commit(accounts, data_dir):
+    """A daemon keeps its Accounts open; what the CLI adds meanwhile is visible at once."""
+    script = f"""
+import sys
+from storage import Accounts, open_data_dir
+with Accounts(open_data_dir(sys.argv[1], 4).accounts_path) as db:
+    db.add_user("late@example.test", {PASSWORD!r})
+"""
+    assert accounts.get_user("late@example.test") is None
+    subprocess.run([sys.executable, "-c", script, str(data_dir)], check=True, timeout=60)
+    assert accounts.get_user("late@example.test") is not None
+
+
+def test_shard_count_is_fixed_at_initialisation(data_dir):
+    open_data_dir(data_dir, 4)
+    with pytest.raises(DataDirError, match="initialised with 4 shards"):
+        open_data_dir(data_dir, 8)
+    assert open_data_dir(data_dir, 4).shards == 4
+
+
+def test_parse_address_limits():
+    assert str(parse_address("A.B-c+d@Example.Test")) == "a.b-c+d@example.test"
+    assert parse_address("ümlaut@bücher.example").display == "ümlaut@bücher.example"
+    with pytest.raises(AddressError):
+        parse_address("x" * 65 + "@example.test")
+    with pytest.raises(AddressError):
+        parse_address("x@" + ".".join(["a" * 63] * 5))

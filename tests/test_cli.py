@@ -1,0 +1,161 @@
+"""The admin CLI as a sysadmin runs it: the installed `postroom` command on a real data dir.
+Exit 0 on success, 1 with one line on a refused request, 2 on a usage error."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import POSTROOM
+
+PASSWORD = "correct horse battery"
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def refused(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.splitlines() == [f"postroom: {message}"]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def with_domain(cli):
+    ok(cli("domain", "add", "example.test"))
+    return cli
+
+
+def test_domain_round_trip(cli):
+    assert ok(cli("domain", "add", "Example.TEST")) == "added domain example.test\n"
+    assert ok(cli("domain", "add", "bücher.example")) == "added domain bücher.example (xn--bcher-kva.example)\n"
+    assert ok(cli("domain", "list")) == "example.test\nbücher.example (xn--bcher-kva.example)\n"
+    refused(cli("domain", "add", "example.test"), "domain example.test already exists")
+    refused(cli("domain", "add", "bad..domain"), "invalid domain 'bad..domain': empty label")
+    assert ok(cli("domain", "remove", "xn--bcher-kva.example")) == "removed domain xn--bcher-kva.example\n"
+    assert ok(cli("domain", "list")) == "example.test\n"
+    refused(cli("domain", "remove", "nowhere.test"), "no such domain: nowhere.test")
+
+
+def test_user_round_trip(with_domain):
+    cli = with_domain
+    assert ok(cli("user", "add", "Alice@Example.test", "--password-stdin", "--quota", "2G", input=PASSWORD + "\n")) \
+        == "added user alice@example.test (quota 2G)\n"
+    ok(cli("user", "add", "bob@example.test", "--password-stdin", input=PASSWORD + "\r\n"))
+    assert ok(cli("user", "list")).splitlines()[0].split("\t")[:2] == ["alice@example.test", "quota=2G"]
+    listed = [line.split("\t")[0] for line in ok(cli("user", "list", "example.test")).splitlines()]
+    assert listed == ["alice@example.test", "bob@example.test"]
+    assert ok(cli("user", "quota", "bob@example.test", "0")) == "quota of bob@example.test set to unlimited\n"
+    assert ok(cli("user", "passwd", "BOB@example.test", "--password-stdin", input="another long one\n")) \
+        == "password changed for BOB@example.test\n"
+    assert ok(cli("user", "remove", "alice@example.test")) == "removed user alice@example.test\n"
+    assert [line.split("\t")[0] for line in ok(cli("user", "list")).splitlines()] == ["bob@example.test"]
+
+
+def test_user_errors_are_one_line(with_domain):
+    cli = with_domain
+    ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+    refused(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD),
+            "user alice@example.test already exists")
+    refused(cli("user", "add", "carol@nowhere.test", "--password-stdin", input=PASSWORD),
+            "unknown domain nowhere.test: add it with 'postroom domain add'")
+    refused(cli("user", "add", "no-at-sign", "--password-stdin", input=PASSWORD),
+            "'no-at-sign' is not an address (no '@')")
+    refused(cli("user", "add", "carol@example.test", "--password-stdin", input="short\n"),
+            "password too short: at least 8 characters")
+    refused(cli("user", "add", "carol@example.test", "--password-stdin", input=""), "no password on standard input")
+    refused(cli("user", "remove", "nobody@example.test"), "no such user: nobody@example.test")
+    refused(cli("user", "passwd", "nobody@example.test", "--password-stdin", input=PASSWORD),
+            "no such user: nobody@example.test")
+    refused(cli("user", "list", "nowhere.test"), "unknown domain nowhere.test: add it with 'postroom domain add'")
+
+
+def test_the_password_set_by_the_cli_authenticates(with_domain, data_dir):
+    ok(with_domain("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD + "\n"))
+    from storage import Accounts, open_data_dir
+
+    with Accounts(open_data_dir(data_dir, 4).accounts_path) as accounts:
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+        assert accounts.authenticate("alice@example.test", PASSWORD + "\n") is None
+
+
+def test_alias_round_trip(with_domain):
+    cli = with_domain
+    ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+    assert ok(cli("alias", "add", "sales@example.test", "alice@example.test,ext@remote.test")) \
+        == "alias sales@example.test -> alice@example.test, ext@remote.test\n"
+    assert ok(cli("alias", "add", "sales@example.test", "two@remote.test")) \
+        == "alias sales@example.test -> alice@example.test, ext@remote.test, two@remote.test\n"
+    ok(cli("alias", "add", "@example.test", "alice@example.test"))
+    assert ok(cli("alias", "list")) == (
+        "@example.test\talice@example.test\n"
+        "sales@example.test\talice@example.test,ext@remote.test,two@remote.test\n"
+    )
+    assert ok(cli("alias", "remove", "sales@example.test", "ext@remote.test,two@remote.test")) \
+        == "alias sales@example.test -> alice@example.test\n"
+    assert ok(cli("alias", "remove", "@example.test")) == "removed alias @example.test\n"
+    refused(cli("alias", "remove", "@example.test"), "no such alias: @example.test")
+    refused(cli("alias", "add", "alice@example.test", "ext@remote.test"),
+            "alice@example.test is a user; an address is a user or an alias, not both")
+
+
+def test_removing_a_user_warns_about_aliases_that_name_it(with_domain):
+    cli = with_domain
+    ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+    ok(cli("alias", "add", "sales@example.test", "alice@example.test"))
+    result = cli("user", "remove", "alice@example.test")
+    assert result.returncode == 0
+    assert result.stderr == "postroom: warning: alias sales@example.test still forwards to alice@example.test\n"
+
+
+def test_domain_with_users_needs_force(with_domain):
+    cli = with_domain
+    ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+    refused(cli("domain", "remove", "example.test"),
+            "domain example.test still has 1 user(s) and 0 alias(es); remove them first or use --force")
+    assert ok(cli("domain", "remove", "example.test", "--force")) \
+        == "removed domain example.test with 1 user(s) and 0 alias(es)\n"
+    assert ok(cli("user", "list")) == ""
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["user"], ["user", "add"], ["domain", "add", "a", "b"],
+                                  ["user", "add", "x@example.test", "--bogus"]])
+def test_usage_errors_exit_2(cli, args):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert "usage: postroom" in result.stderr
+
+
+def test_bad_quota_is_a_usage_error(with_domain):
+    result = with_domain("user", "add", "alice@example.test", "--password-stdin", "--quota", "lots", input=PASSWORD)
+    assert result.returncode == 2
+    assert result.stderr.startswith("postroom: --quota: expected a size")
+
+
+def test_no_password_without_a_terminal_is_a_usage_error(with_domain):
+    result = with_domain("user", "add", "alice@example.test")
+    assert result.returncode == 2
+    assert result.stderr == "postroom: no password given: use --password-stdin, or run in a terminal to be asked\n"
+
+
+def test_shard_change_is_refused(cli, write_config, data_dir):
+    ok(cli("domain", "list"))
+    changed = write_config("changed.toml", storage={"shards": 8})
+    refused(cli("domain", "list", config=changed),
+            f"{data_dir} was initialised with 4 shards but [storage] shards = 8; set shards = 4 "
+            "(re-sharding is not automatic)")
+
+
+def test_version():
+    result = subprocess.run([POSTROOM, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("postroom ")
+
+
+@pytest.mark.parametrize("daemon", ["mtad", "imapd", "pop3d"])
+def test_daemon_commands_say_they_are_not_built_yet(daemon):
+    result = subprocess.run([POSTROOM.replace("postroom", daemon)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "not yet available" in result.stderr

@@ -1,0 +1,113 @@
+"""`postroom serve` started as a user starts it: prepares the data dir and the dev
+certificate, prints what listens where, reports READY=1 to the service manager, and stops
+cleanly on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import stat
+
+import pytest
+
+from conftest import client_tls_context, start_daemon
+
+
+def test_serve_prints_each_listener_and_what_is_not_built(daemon):
+    out = daemon.stdout()
+    assert out.splitlines()[0].startswith("Postroom ") and "on mail.example.test" in out
+    for label, dotted in [("SMTP (MX)", "smtp.listen"), ("IMAPS", "imap.listen_tls"), ("POP3 (STLS)", "pop3.listen")]:
+        line = next(line for line in out.splitlines() if line.strip().startswith(label))
+        assert str(daemon.listen(dotted)) in line
+        assert "not yet available" in line
+    assert "event=ready" in daemon.stderr()
+
+
+def test_serve_creates_the_data_dir_and_a_usable_dev_certificate(daemon, data_dir):
+    assert (data_dir / "layout.json").is_file()
+    assert (data_dir / "accounts.lmdb").is_dir()
+    key = data_dir / "tls/key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    # A client that trusts the dev certificate completes a handshake with the configured
+    # pair, for the host name in [server] hostname.
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(daemon.config.tls.cert, daemon.config.tls.key)
+    client = client_tls_context(daemon.config)
+    left, right = socket.socketpair()
+    with left, right:
+        server_side = server_context.wrap_socket(left, server_side=True, do_handshake_on_connect=False)
+        client_side = client.wrap_socket(right, server_hostname="mail.example.test", do_handshake_on_connect=False)
+        server_side.setblocking(False)
+        client_side.setblocking(False)
+        done = set()
+        for _ in range(200):
+            for name, side in (("server", server_side), ("client", client_side)):
+                if name in done:
+                    continue
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            if len(done) == 2:
+                break
+        assert done == {"server", "client"}
+        assert client_side.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_serve_keeps_an_existing_certificate(config_path, tmp_path, data_dir):
+    first = start_daemon(config_path, tmp_path)
+    assert first.stop() == 0
+    cert = (data_dir / "tls/cert.pem").read_bytes()
+    second = start_daemon(config_path, tmp_path)
+    assert second.stop(signal.SIGINT) == 0
+    assert (data_dir / "tls/cert.pem").read_bytes() == cert
+    assert "event=stopped" in second.stderr()
+
+
+def test_serve_refuses_a_bad_config_in_one_line(tmp_path, cli):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[smtp]\nlisten = ["127.0.0.1:99999"]\n')
+    result = cli("serve", config=bad)
+    assert result.returncode == 1
+    assert result.stderr == f"postroom: {bad}: smtp.listen: item 1: bad address '127.0.0.1:99999': port 99999 out of range 1-65535\n"
+
+
+def test_serve_refuses_a_certificate_that_does_not_match_its_key(write_config, tmp_path, data_dir, cli):
+    # Two self-signed pairs, then the cert of one with the key of the other.
+    for name in ("one", "two"):
+        path = write_config(f"{name}.toml", tls={"cert": str(tmp_path / f"{name}.pem"),
+                                                 "key": str(tmp_path / f"{name}.key"), "self_signed": True})
+        daemon = start_daemon(path, tmp_path)
+        assert daemon.stop() == 0
+    mixed = write_config("mixed.toml", tls={"cert": str(tmp_path / "one.pem"), "key": str(tmp_path / "two.key"),
+                                            "self_signed": False})
+    result = cli("serve", config=mixed)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"postroom: {tmp_path / 'one.pem'}: cannot load certificate with key")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_listeners_without_tls_are_reported_off(write_config, tmp_path):
+    path = write_config(tls={"self_signed": False}, pop3={"listen": []})
+    # Without cert/key in [tls], TLS is off: the implicit-TLS ports cannot start.
+    path.write_text("\n".join(line for line in path.read_text().splitlines()
+                              if not line.startswith(("cert =", "key ="))))
+    daemon = start_daemon(path, tmp_path)
+    try:
+        lines = {line.strip().split("  ")[0]: line for line in daemon.stdout().splitlines()[1:]}
+        assert "off (needs [tls] cert and key)" in lines["IMAPS"]
+        assert "off (no listen address)" in lines["POP3 (STLS)"]
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("level, shown, hidden", [("warning", "", "event=ready"), ("debug", "event=ready", "")])
+def test_log_level_is_honoured(write_config, tmp_path, level, shown, hidden):
+    daemon = start_daemon(write_config(server={"log_level": level}), tmp_path)
+    assert daemon.stop() == 0
+    if shown:
+        assert shown in daemon.stderr()
+    if hidden:
+        assert hidden not in daemon.stderr()
