@@ -175,7 +175,7 @@ def dump(config: Config) -> str:
     for name, section_field in _known_fields(Config).items():
         section = getattr(config, name)
         lines.append(f"\n[{name}]")
-        for key, f in _known_fields(section_field.type).items():
+        for key in _known_fields(section_field.type):
             value = getattr(section, key)
             if value is None:
                 lines.append(f"# {key} is not set")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,9 +87,10 @@ async def _run(context: Context, log: EventLogger) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     config = context.config
-    print(f"Postroom {__version__} on {config.server.hostname}, data in {config.server.data_dir}")
+    # The table is for the person at the terminal, printed as one block; the log lines are
+    # for the journal.
+    table = [f"Postroom {__version__} on {config.server.hostname}, data in {config.server.data_dir}"]
     running: list[Running] = []
-    available = 0
     for service in SERVICES:
         addresses = service.listeners(config)
         where = ", ".join(map(str, addresses)) or "-"
@@ -102,14 +102,14 @@ async def _run(context: Context, log: EventLogger) -> int:
             status = f"not yet available (issue {service.issue})"
         else:
             running.append(await service.start(context))
-            available += 1
             status = "listening"
-        print(f"  {service.label:<24} {where:<28} {status}")
-        log.info("service", service=service.name, listen=where, status=status)
-    if not available:
-        print("No daemon is available yet: Postroom waits for a signal (Ctrl-C stops it).")
-    sys.stdout.flush()
+        table.append(f"  {service.label:<24} {where:<28} {status}")
+        (log.info if status == "listening" else log.debug)("service", service=service.name, listen=where, status=status)
+    if not running:
+        table.append("No daemon is available yet: Postroom waits for a signal (Ctrl-C stops it).")
+    print("\n".join(table), flush=True)
 
+    available = len(running)
     notify(f"READY=1\nSTATUS={available} service(s) running")
     log.info("ready", services=available)
     await stop.wait()

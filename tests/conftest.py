@@ -148,7 +148,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"postroom serve ignored signal {sig} for {STOP_TIMEOUT}s:\n{self.stderr()}")
+                message = f"postroom serve ignored signal {sig} for {STOP_TIMEOUT}s:\n{self.stderr()}"
+                raise AssertionError(message) from None
         return self.process.returncode
 
 
