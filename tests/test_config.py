@@ -60,8 +60,8 @@ def test_listen_addresses(text, host, port):
     [("127.0.0.1", "host:port"), ("localhost:25", "not an IP address"),
      ("::1:25", "write IPv6 addresses in brackets"),
      ("1.2.3:25", "not an IP address"), ("127.0.0.1:0", "out of range"), ("127.0.0.1:65536", "out of range"),
-     ("127.0.0.1:x", "not a number"), ("[::1]25", "[IPv6]:port"), ("[127.0.0.1]:25", "only IPv6 addresses go in brackets"),
-     (":25", "host:port")],
+     ("127.0.0.1:x", "not a number"), ("[::1]25", "[IPv6]:port"),
+     ("[127.0.0.1]:25", "only IPv6 addresses go in brackets"), (":25", "host:port")],
 )
 def test_bad_listen_addresses(text, problem):
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):
