@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -63,7 +64,7 @@ def loads(text: str, source: Path | str = "<config>") -> Config:
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, None, f"invalid TOML: {e}") from None
+        raise ConfigError(source, _key_at_error(text, str(e)), f"invalid TOML: {e}") from None
     sections = {}
     known = _known_fields(Config)
     for name, value in table.items():
@@ -72,7 +73,13 @@ def loads(text: str, source: Path | str = "<config>") -> Config:
         if not isinstance(value, dict):
             raise ConfigError(source, name, f"expected a [{name}] section, got {_describe(value)}")
         sections[name] = _build(known[name].type, value, name, source)
-    return dataclasses.replace(Config(**sections), source=Path(source))
+    config = Config(**sections)
+    # What one key cannot say alone: keys that go together, defaults that do not fit here.
+    for name in known:
+        section = getattr(config, name)
+        for key, problem in getattr(section, "problems", lambda: [])():
+            raise ConfigError(source, f"{name}.{key}", problem)
+    return dataclasses.replace(config, source=Path(source))
 
 
 class _Key(typing.NamedTuple):
@@ -138,6 +145,8 @@ def _coerce(tp: Any, raw: Any) -> Any:
     if tp is Path:
         if not isinstance(raw, str) or not raw:
             raise ValueError(f"expected a path string, got {_describe(raw)}")
+        if not raw.isprintable():
+            raise ValueError(f"path contains control characters: {raw!r}")
         return Path(os.path.abspath(os.path.expanduser(raw)))
     if tp is bool:
         if not isinstance(raw, bool):
@@ -154,6 +163,23 @@ def _check_range(f: _Key, value: Any) -> None:
     low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is not None and value < low or high is not None and value > high:
         raise ValueError(f"{value} out of range {low}-{high}")
+
+
+def _key_at_error(text: str, message: str) -> str | None:
+    """The dotted key on the line a TOML error names (tomllib says only "line N")."""
+    m = re.search(r"line (\d+)", message)
+    if not m:
+        return None
+    lines = text.splitlines()
+    number = int(m.group(1))
+    if not 1 <= number <= len(lines):
+        return None
+    key = lines[number - 1].split("=", 1)[0].strip()
+    section = next((line.strip()[1:-1].strip() for line in reversed(lines[: number - 1])
+                    if line.strip().startswith("[") and line.strip().endswith("]")), None)
+    if not key or key.startswith("["):
+        return None
+    return f"{section}.{key}" if section else key
 
 
 def _describe(value: Any) -> str:
@@ -195,6 +221,10 @@ def _toml_value(value: Any) -> str:
         return _toml_value(format_duration(value))
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     text = str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(
+        "\\\\" if c == "\\" else '\\"' if c == '"' else c if c.isprintable() else f"\\u{ord(c):04x}" for c in text
+    )
     return f'"{escaped}"'

@@ -55,12 +55,21 @@ class LogfmtFormatter(logging.Formatter):
             ("event", record.getMessage()),
         ]
         pairs.extend(getattr(record, "fields", {}).items())
-        line = " ".join(f"{key}={_value(key, value)}" for key, value in pairs)
+        line = format_pairs(pairs)
         if record.exc_info:
             # The traceback stays on one line so that one event is still one line.
             trace = self.formatException(record.exc_info)
             line += " traceback=" + _quote(trace)
         return line
+
+
+def format_pairs(pairs: list[tuple[str, Any]]) -> str:
+    """`key=value key2="value 2"`: the logfmt of one event, secrets redacted."""
+    return " ".join(f"{key}={_value(key, value)}" for key, value in pairs)
+
+
+def timestamp(created: float) -> str:
+    return _timestamp(created)
 
 
 def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:

@@ -30,8 +30,8 @@ def check_hostname(value: str) -> None:
 
 
 def check_delimiter(value: str) -> None:
-    if len(value) > 1 or value.isalnum() or value in ('@', '"', " "):
-        raise ValueError(f"expected one punctuation character such as \"+\" or \"\" to disable, got {value!r}")
+    if value and (len(value) > 1 or value not in "+-_.=#~&"):
+        raise ValueError(f"expected one of + - _ . = # ~ & (or \"\" to turn sub-addressing off), got {value!r}")
 
 
 def _listen(*addresses: str) -> tuple[ListenAddress, ...]:
@@ -39,7 +39,8 @@ def _listen(*addresses: str) -> tuple[ListenAddress, ...]:
 
 
 def _default_hostname() -> str:
-    return socket.getfqdn().lower()
+    # The configured name, not a reverse lookup: start-up never waits on DNS.
+    return socket.gethostname().lower()
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class ServerConfig:
     hostname: str = field(default_factory=_default_hostname, metadata={"check": check_hostname})
     data_dir: Path = Path("/var/lib/postroom")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def problems(self) -> list[tuple[str, str]]:
+        if "." not in self.hostname:
+            return [("hostname", f"{self.hostname!r} is not a fully qualified name (this machine's name is used "
+                                  "when hostname is not set): set it to the name your MX record points at")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,13 @@ class TLSConfig:
     @property
     def enabled(self) -> bool:
         return self.cert is not None
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.key is not None and self.cert is None:
+            return [("cert", "not set, but key is: set both")]
+        if self.self_signed and (self.cert is None or self.key is None):
+            return [("self_signed", "needs both cert and key: the paths to write the certificate and key to")]
+        return []
 
 
 @dataclass(frozen=True)

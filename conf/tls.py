@@ -28,7 +28,11 @@ def ensure_certificate(tls: TLSConfig, hostname: str) -> bool:
     assert tls.cert is not None and tls.key is not None
     if tls.cert.exists() and tls.key.exists():
         return False
-    _write_self_signed(tls.cert, tls.key, hostname)
+    try:
+        _write_self_signed(tls.cert, tls.key, hostname)
+    except OSError as e:
+        detail = f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+        raise TLSSetupError(f"{tls.cert}: cannot write the self-signed certificate ({detail})") from None
     return True
 
 
@@ -85,8 +89,11 @@ def _write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)
+    # O_EXCL: a file left behind by someone else never lends us its (looser) mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:

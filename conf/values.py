@@ -8,6 +8,7 @@ inverse, so that `postroom config check` prints a file that loads back to the sa
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 
@@ -71,8 +72,8 @@ def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like \"30s\", got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"expected a duration of zero or more seconds, got {value}")
         return Duration(value)
     if isinstance(value, str):
         text = value.strip().lower()
@@ -82,14 +83,14 @@ def parse_duration(value: object) -> Duration:
     raise ValueError(f"expected a duration like \"30s\", \"5m\", \"2h\" or \"5d\", got {value!r}")
 
 
-def format_duration(value: float) -> str:
-    for unit in ("d", "h", "m", "s"):
+def format_duration(value: float) -> str | float:
+    for unit in ("d", "h", "m", "s", "ms"):
         factor = _DURATION_UNITS[unit]
-        if value and value % factor == 0:
-            return f"{int(value // factor)}{unit}"
+        if value and (value / factor).is_integer():
+            return f"{int(value / factor)}{unit}"
     if value == 0:
         return "0s"
-    return f"{round(value * 1000)}ms"
+    return float(value)  # seconds, exactly as given
 
 
 def parse_ip(value: object) -> IPAddress:
@@ -126,7 +127,7 @@ def parse_listen(value: object) -> ListenAddress:
     if ip.version != version:
         hint = "write IPv6 addresses in brackets" if ip.version == 6 else "only IPv6 addresses go in brackets"
         raise ValueError(f"bad address {value!r}: {hint}, as \"[::1]:25\" or \"127.0.0.1:25\"")
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):
         raise ValueError(f"bad address {value!r}: port {port!r} is not a number")
     number = int(port)
     if not 1 <= number <= 65535:

@@ -8,8 +8,12 @@ traceback; 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import sys
 from pathlib import Path
+
+import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
@@ -87,21 +91,53 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = conf.load(args.config)
-        if args.command == "serve":
-            return serve(config)
         if args.command == "config":
             return config_check(config)
-        _, accounts = open_accounts(config)
+        become_data_dir_owner(config.server.data_dir)
+        if args.command == "serve":
+            return serve(config)
+        data_dir, accounts = open_accounts(config)
         with accounts:
-            return args.run(accounts, args)
+            return args.run(accounts, args, admin.AuditLog(data_dir.path / "audit.log"))
     except admin.UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except (conf.ConfigError, TLSSetupError, DataDirError, AccountError, AddressError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+    except lmdb.Error as e:
+        print(f"{PROG}: {config.server.data_dir}: database error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`postroom user list | head`): not an error worth a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def become_data_dir_owner(data_dir: Path) -> None:
+    """Run as root, work as the user who owns the data dir (the `postroom` user of the
+    systemd unit): whatever root would create there, the daemon could not open later."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = data_dir.stat()
+    except FileNotFoundError:
+        return
+    if owner.st_uid == 0:
+        return
+    try:
+        name = pwd.getpwuid(owner.st_uid).pw_name
+        os.initgroups(name, owner.st_gid)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 
 
 def config_check(config: conf.Config) -> int:

@@ -5,6 +5,7 @@ the data dir themselves."""
 from storage.accounts import (
     AccountError,
     Accounts,
+    AliasLoopError,
     Alias,
     Domain,
     DomainNotEmptyError,
@@ -21,7 +22,7 @@ from storage.addresses import Address, AddressError, normalize_domain, parse_add
 from storage.datadir import DataDir, DataDirError, open_data_dir
 
 __all__ = [
-    "AccountError", "Accounts", "Address", "AddressError", "Alias", "DataDir", "DataDirError",
+    "AccountError", "Accounts", "AliasLoopError", "Address", "AddressError", "Alias", "DataDir", "DataDirError",
     "Domain", "DomainNotEmptyError", "ExistsError", "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Resolution", "UnknownAddressError", "UnknownDomainError", "User",
     "normalize_domain", "open_data_dir", "parse_address",

@@ -71,6 +71,10 @@ class PasswordPolicyError(AccountError):
     pass
 
 
+class AliasLoopError(AccountError):
+    """Alias expansion reaches nobody (a loop, or a chain too deep): SMTP 554 5.4.6."""
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str  # A-label
@@ -112,6 +116,8 @@ class Resolution:
 
 class Accounts:
     def __init__(self, path: Path, *, recipient_delimiter: str = "+", hasher: argon2.PasswordHasher | None = None):
+        # lmdb would create the directory with the file mode (no search bit): make it first.
+        Path(path).mkdir(mode=0o700, exist_ok=True)
         self._env = lmdb.open(str(path), subdir=True, map_size=_MAP_SIZE, max_dbs=4, mode=0o600)
         self._domains = self._env.open_db(b"domains")
         self._users = self._env.open_db(b"users")
@@ -147,17 +153,29 @@ class Accounts:
                 raise NotFoundError(f"no such domain: {display_domain(domain)}")
             users = list(self._keys_in(txn, self._users, domain))
             aliases = list(self._keys_in(txn, self._aliases, domain))
-            if (users or aliases) and not force:
+            # Aliases elsewhere that point into this domain would turn into forwards to the
+            # outside world once it is no longer local: they go too.
+            inbound = [(key, targets) for key, targets in self._alias_items(txn)
+                       if not key.startswith(domain.encode() + b"\0")
+                       and any(_target_domain(t) == domain for t in targets)]
+            if (users or aliases or inbound) and not force:
                 raise DomainNotEmptyError(
                     f"domain {display_domain(domain)} still has {len(users)} user(s) and "
-                    f"{len(aliases)} alias(es); remove them first or use --force"
+                    f"{len(aliases)} alias(es)" + (f", and {len(inbound)} alias(es) elsewhere point into it"
+                                                  if inbound else "") + "; remove them first or use --force"
                 )
             for key in users:
                 txn.delete(key, db=self._users)
             for key in aliases:
                 txn.delete(key, db=self._aliases)
+            for key, targets in inbound:
+                left = [t for t in targets if _target_domain(t) != domain]
+                if left:
+                    txn.put(key, _record(targets=left), db=self._aliases)
+                else:
+                    txn.delete(key, db=self._aliases)
             txn.delete(domain.encode(), db=self._domains)
-        return len(users), len(aliases)
+        return len(users), len(aliases) + len(inbound)
 
     def domains(self) -> list[Domain]:
         with self._env.begin() as txn:
@@ -242,7 +260,9 @@ class Accounts:
                 user_record = json.loads(raw)
         except AddressError:
             pass
-        candidate = password if len(password.encode("utf-8", "replace")) <= MAX_PASSWORD_BYTES else ""
+        candidate = _password_bytes(password)
+        if candidate is None or len(candidate) > MAX_PASSWORD_BYTES:
+            candidate = b""  # still verified against something, so it costs the same
         stored = user_record["hash"] if user_record else dummy
         try:
             self._hasher.verify(stored, candidate)
@@ -262,7 +282,7 @@ class Accounts:
                 self._dummy_hash = self._hasher.hash("postroom-dummy-password")
             return self._dummy_hash
 
-    def _rehash(self, addr: Address, old: str, password: str) -> None:
+    def _rehash(self, addr: Address, old: str, password: bytes) -> None:
         new = self._hasher.hash(password)
         with self._env.begin(write=True) as txn:
             raw = txn.get(_key(addr), db=self._users)
@@ -270,13 +290,16 @@ class Accounts:
                 txn.put(_key(addr), _record(**{**json.loads(raw), "hash": new}), db=self._users)
 
     def _hash(self, password: str) -> str:
+        encoded = _password_bytes(password)
+        if encoded is None:
+            raise PasswordPolicyError("password is not valid UTF-8")
         if len(password) < MIN_PASSWORD_CHARS:
             raise PasswordPolicyError(f"password too short: at least {MIN_PASSWORD_CHARS} characters")
-        if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        if len(encoded) > MAX_PASSWORD_BYTES:
             raise PasswordPolicyError(f"password too long: at most {MAX_PASSWORD_BYTES} bytes")
         if any(c in password for c in "\r\n\0"):
             raise PasswordPolicyError("password contains a line break or NUL")
-        return self._hasher.hash(password)
+        return self._hasher.hash(encoded)
 
     # -- aliases -----------------------------------------------------------------------
 
@@ -311,7 +334,7 @@ class Accounts:
                 txn.delete(_key(addr), db=self._aliases)
                 return None
             current = json.loads(raw)["targets"]
-            drop = {_target_form(t) for t in targets}
+            drop = {self._target_form(txn, t) for t in targets}
             missing = drop - set(current)
             if missing:
                 raise NotFoundError(f"not a target of this alias: {', '.join(sorted(missing))}")
@@ -333,17 +356,29 @@ class Accounts:
         return [Alias(_address_of(key), tuple(json.loads(raw)["targets"])) for key, raw in items]
 
     def _check_target(self, txn: lmdb.Transaction, alias: Address, target: str) -> str:
-        target = target.strip()
-        if target.startswith("@"):
+        normalized = self._target_form(txn, target)
+        if normalized.startswith("@"):
             if alias.local:
                 raise AddressError(f"target {target!r}: only a catch-all (@domain) may forward to a whole domain")
-            return "@" + normalize_domain(target[1:])
-        addr = parse_address(target)
+            if normalized[1:] == alias.domain:
+                raise AccountError(f"@{display_domain(alias.domain)} cannot forward to itself")
+            return normalized
+        addr = parse_address(normalized, fold_case=False)
         if txn.get(addr.domain.encode(), db=self._domains) is not None:
             if addr == alias:
                 raise AccountError(f"{alias.display} cannot be its own target")
             if self._lookup(txn, addr) is None:
                 raise UnknownAddressError(f"target {addr.display} is in a local domain but is no user or alias there")
+        return normalized
+
+    def _target_form(self, txn: lmdb.Transaction, target: str) -> str:
+        """How a target is stored: local addresses folded to lowercase, remote ones as given."""
+        target = target.strip()
+        if target.startswith("@"):
+            return "@" + normalize_domain(target[1:])
+        addr = parse_address(target, fold_case=False)
+        if txn.get(addr.domain.encode(), db=self._domains) is not None:
+            addr = Address(addr.local.lower(), addr.domain)
         return str(addr)
 
     # -- recipient resolution ----------------------------------------------------------
@@ -371,15 +406,21 @@ class Accounts:
                     continue  # a loop or a chain too long: that branch delivers nowhere
                 seen.add(via)
                 for target in value:
-                    next_addr = Address(via.local, target[1:]) if target.startswith("@") else parse_address(target)
+                    next_addr = (Address(via.local, target[1:]) if target.startswith("@")
+                                 else parse_address(target, fold_case=False))
                     if txn.get(next_addr.domain.encode(), db=self._domains) is None:
                         remote.setdefault(str(next_addr), None)
                         continue
+                    next_addr = Address(next_addr.local.lower(), next_addr.domain)
                     hit = self._lookup(txn, next_addr)
                     if hit is None:
                         unknown.setdefault(str(next_addr), None)
                     else:
                         pending.append((hit, next_addr, depth + 1))
+        if not local and not remote:
+            if unknown:
+                raise UnknownAddressError(f"{addr.display} is an alias of addresses that no longer exist")
+            raise AliasLoopError(f"{addr.display}: alias expansion loops or is deeper than {MAX_EXPANSION_DEPTH}")
         return Resolution(tuple(local), tuple(remote), tuple(unknown))
 
     def _lookup(self, txn: lmdb.Transaction, addr: Address) -> tuple[str, object] | None:
@@ -404,6 +445,10 @@ class Accounts:
     def _require_domain(self, txn: lmdb.Transaction, domain: str) -> None:
         if txn.get(domain.encode(), db=self._domains) is None:
             raise UnknownDomainError(f"unknown domain {display_domain(domain)}: add it with 'postroom domain add'")
+
+    def _alias_items(self, txn: lmdb.Transaction):
+        for key, raw in txn.cursor(db=self._aliases):
+            yield key, json.loads(raw)["targets"]
 
     @staticmethod
     def _keys_in(txn: lmdb.Transaction, db: object, domain: str):
@@ -435,9 +480,15 @@ def _alias_address(text: str) -> Address:
     return _account_address(text)
 
 
-def _target_form(text: str) -> str:
-    text = text.strip()
-    return "@" + normalize_domain(text[1:]) if text.startswith("@") else str(parse_address(text))
+def _target_domain(target: str) -> str:
+    return target.rpartition("@")[2]
+
+
+def _password_bytes(password: str) -> bytes | None:
+    try:
+        return password.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: bytes that were not UTF-8
+        return None
 
 
 def _key(addr: Address) -> bytes:

@@ -56,7 +56,7 @@ def normalize_domain(text: str) -> str:
     if text.endswith(".") or ".." in text or text.startswith("."):
         raise AddressError(f"invalid domain {text!r}: empty label")
     if any(c.isspace() for c in text) or not text.isprintable():
-        raise AddressError(f"invalid domain {text!r}: spaces or control characters")
+        raise AddressError(f"invalid domain {text!r}: spaces, control characters or bytes that are not UTF-8")
     try:
         if text.isascii():
             ascii_form = text.lower()
@@ -68,9 +68,12 @@ def normalize_domain(text: str) -> str:
         raise AddressError(f"invalid internationalized domain {text!r}: {e}") from None
     if len(ascii_form) > MAX_DOMAIN_OCTETS:
         raise AddressError(f"domain longer than {MAX_DOMAIN_OCTETS} characters")
-    for label in ascii_form.split("."):
+    labels = ascii_form.split(".")
+    for label in labels:
         if not _LDH_LABEL.match(label):
             raise AddressError(f"invalid domain {text!r}: label {label!r} (letters, digits and '-' only)")
+    if labels[-1].isdigit():
+        raise AddressError(f"invalid domain {text!r}: the top-level label is all digits (RFC 3696 §2)")
     return ascii_form
 
 
@@ -83,28 +86,33 @@ def display_domain(ascii_domain: str) -> str:
         return ascii_domain
 
 
-def normalize_local(text: str) -> str:
+def normalize_local(text: str, *, fold_case: bool = True) -> str:
+    """A validated local part; lowercased unless it names a mailbox elsewhere (RFC 5321
+    §2.4: only the destination host may treat the local part case-insensitively)."""
     if not text:
         raise AddressError("empty local part")
     if text.startswith('"'):
         raise AddressError("quoted local parts are not accepted")
-    if len(text.encode("utf-8")) > MAX_LOCAL_OCTETS:
-        raise AddressError(f"local part longer than {MAX_LOCAL_OCTETS} octets")
+    if not text.isprintable():  # also catches surrogates from undecodable bytes
+        raise AddressError(f"invalid local part {text!r}: control characters or bytes that are not UTF-8")
     if text.startswith(".") or text.endswith(".") or ".." in text:
         raise AddressError(f"invalid local part {text!r}: misplaced dot")
-    if not all(_ATEXT.match(atom) for atom in text.split(".")) or not text.isprintable():
+    if not all(_ATEXT.match(atom) for atom in text.split(".")):
         raise AddressError(f"invalid local part {text!r}: characters not allowed in an address")
-    return text.lower()
+    local = text.lower() if fold_case else text
+    if len(local.encode("utf-8")) > MAX_LOCAL_OCTETS:
+        raise AddressError(f"local part longer than {MAX_LOCAL_OCTETS} octets")
+    return local
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, *, fold_case: bool = True) -> Address:
     """Parse `local@domain` (no angle brackets, no comments) into its normalized form."""
     local, at, domain = text.rpartition("@")
     if not at:
         raise AddressError(f"{text!r} is not an address (no '@')")
     if "@" in local:
         raise AddressError(f"{text!r} has more than one '@'")
-    return Address(normalize_local(local), normalize_domain(domain))
+    return Address(normalize_local(local, fold_case=fold_case), normalize_domain(domain))
 
 
 def split_detail(local: str, delimiter: str) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ import pytest
 from storage import (
     AccountError,
     Accounts,
+    AliasLoopError,
     AddressError,
     DataDirError,
     DomainNotEmptyError,
@@ -49,7 +50,7 @@ def test_domains_are_case_insensitive_and_idna_normalized(accounts):
     assert [d.name for d in accounts.domains()] == ["example.test", "xn--bcher-kva.example"]
 
 
-@pytest.mark.parametrize("bad", ["", "example..test", ".example.test", "example.test.", "-bad.test",
+@pytest.mark.parametrize("bad", ["", "example..test", ".example.test", "example.test.", "-bad.test", "127.0.0.1",
                                  "exa mple.test", "[127.0.0.1]", "a" * 64 + ".test", "xn--zz.test", "under_score.test"])
 def test_bad_domains_are_refused(accounts, bad):
     with pytest.raises(AddressError):
@@ -182,11 +183,15 @@ def test_resolve_refuses_strangers_and_other_domains(accounts):
 def test_alias_with_several_targets_local_and_remote(accounts):
     accounts.add_user("alice@example.test", PASSWORD)
     accounts.add_user("bob@example.test", PASSWORD)
-    alias = accounts.add_alias("Sales@Example.test", ["alice@example.test", "BOB@example.test", "ext@Remote.TEST"])
-    assert alias.targets == ("alice@example.test", "bob@example.test", "ext@remote.test")
+    targets = ["alice@example.test", "BOB@example.test", "John.Smith@Remote.TEST"]
+    alias = accounts.add_alias("Sales@Example.test", targets)
+    # Local addresses fold case; a remote local part is the remote host's business (RFC 5321 §2.4).
+    assert alias.targets == ("alice@example.test", "bob@example.test", "John.Smith@remote.test")
     resolution = accounts.resolve("sales+q3@example.test")
     assert [str(a) for a in resolution.local] == ["alice@example.test", "bob@example.test"]
-    assert resolution.remote == ("ext@remote.test",)
+    assert resolution.remote == ("John.Smith@remote.test",)
+    with pytest.raises(NotFoundError):
+        accounts.remove_alias("sales@example.test", ["john.smith@remote.test"])
 
 
 def test_aliases_nest_deduplicate_and_survive_loops(accounts):
@@ -198,6 +203,52 @@ def test_aliases_nest_deduplicate_and_survive_loops(accounts):
     accounts.add_alias("pong@example.test", ["ping@example.test"])
     accounts.add_alias("ping@example.test", ["pong@example.test"])  # now a loop
     assert [str(a) for a in accounts.resolve("pong@example.test").local] == ["alice@example.test"]
+    # Once the loop reaches nobody, resolving it is an error, never an empty answer that
+    # would let mail be accepted and go nowhere.
+    accounts.remove_alias("ping@example.test", ["alice@example.test"])
+    with pytest.raises(AliasLoopError):
+        accounts.resolve("ping@example.test")
+
+
+def test_an_alias_of_vanished_users_is_unknown_not_empty(accounts):
+    accounts.add_user("bob@example.test", PASSWORD)
+    accounts.add_alias("sales@example.test", ["bob@example.test"])
+    accounts.remove_user("bob@example.test")
+    with pytest.raises(UnknownAddressError, match="no longer exist"):
+        accounts.resolve("sales@example.test")
+
+
+def test_a_catch_all_cannot_forward_to_its_own_domain(accounts):
+    with pytest.raises(AccountError, match="cannot forward to itself"):
+        accounts.add_alias("@example.test", ["@EXAMPLE.test"])
+
+
+def test_removing_a_domain_removes_aliases_pointing_into_it(accounts):
+    accounts.add_domain("old.test")
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_user("carol@old.test", PASSWORD)
+    accounts.add_alias("@old.test", ["@example.test"])
+    accounts.add_alias("team@old.test", ["carol@old.test", "alice@example.test"])
+    with pytest.raises(DomainNotEmptyError, match="2 alias\\(es\\) elsewhere point into it"):
+        accounts.remove_domain("example.test")
+    accounts.remove_domain("example.test", force=True)
+    # Nothing at old.test may now forward to the no-longer-local example.test.
+    assert [(a.display, a.targets) for a in accounts.aliases()] == [("team@old.test", ("carol@old.test",))]
+    with pytest.raises(UnknownAddressError):
+        accounts.resolve("random@old.test")
+
+
+def test_undecodable_input_is_an_address_error_not_a_crash(accounts):
+    bad = b"\xff@example.test".decode("utf-8", "surrogateescape")
+    with pytest.raises(AddressError):
+        accounts.add_user(bad, PASSWORD)
+    with pytest.raises(AddressError):
+        accounts.resolve(bad)
+    assert accounts.authenticate(bad, PASSWORD) is None
+    accounts.add_user("alice@example.test", PASSWORD)
+    assert accounts.authenticate("alice@example.test", b"pa\xffss".decode("utf-8", "surrogateescape")) is None
+    with pytest.raises(PasswordPolicyError, match="not valid UTF-8"):
+        accounts.set_password("alice@example.test", b"pa\xffssword".decode("utf-8", "surrogateescape"))
 
 
 def test_alias_targets_in_local_domains_must_exist(accounts):
@@ -250,7 +301,7 @@ def test_domain_alias_keeps_the_local_part(accounts):
 def test_remove_alias_targets_then_alias(accounts):
     accounts.add_user("alice@example.test", PASSWORD)
     accounts.add_alias("sales@example.test", ["alice@example.test", "ext@remote.test"])
-    left = accounts.remove_alias("sales@example.test", ["EXT@remote.test"])
+    left = accounts.remove_alias("sales@example.test", ["ext@REMOTE.test"])
     assert left.targets == ("alice@example.test",)
     assert accounts.remove_alias("sales@example.test", ["alice@example.test"]) is None
     with pytest.raises(NotFoundError):
@@ -317,3 +368,28 @@ def test_parse_address_limits():
         parse_address("x" * 65 + "@example.test")
     with pytest.raises(AddressError):
         parse_address("x@" + ".".join(["a" * 63] * 5))
+    # The limit counts octets of the stored (lowercased) form.
+    with pytest.raises(AddressError):
+        parse_address("İ" * 32 + "@example.test")
+
+
+def test_concurrent_writers_in_several_processes(data_dir):
+    """LMDB serializes writers across processes: nothing one process adds is lost."""
+    open_data_dir(data_dir, 4)
+    with Accounts(open_data_dir(data_dir, 4).accounts_path) as db:
+        db.add_domain("example.test")
+    script = """
+import sys
+import argon2
+from storage import Accounts, open_data_dir
+fast = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+with Accounts(open_data_dir(sys.argv[1], 4).accounts_path, hasher=fast) as db:
+    for i in range(25):
+        db.add_user(f"u{sys.argv[2]}-{i}@example.test", "long enough password")
+        db.add_alias("all@example.test", [f"u{sys.argv[2]}-{i}@example.test"])
+"""
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(data_dir), str(n)]) for n in range(4)]
+    assert [w.wait(120) for w in workers] == [0, 0, 0, 0]
+    with Accounts(open_data_dir(data_dir, 4).accounts_path) as db:
+        assert len(db.users()) == 100
+        assert len(db.resolve("all@example.test").local) == 100

@@ -3,11 +3,16 @@ Exit 0 on success, 1 with one line on a refused request, 2 on a usage error."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from conftest import POSTROOM
+from conftest import BIN, POSTROOM
 
 PASSWORD = "correct horse battery"
 
@@ -156,6 +161,104 @@ def test_version():
 
 @pytest.mark.parametrize("daemon", ["mtad", "imapd", "pop3d"])
 def test_daemon_commands_say_they_are_not_built_yet(daemon):
-    result = subprocess.run([POSTROOM.replace("postroom", daemon)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([str(BIN / daemon)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "not yet available" in result.stderr
+
+
+def test_undecodable_bytes_are_one_line_errors(with_domain, config_path, tmp_path):
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    bad_address = subprocess.run(
+        [POSTROOM.encode(), b"--config", bytes(config_path),
+         b"user", b"add", b"\xff@example.test", b"--password-stdin"],
+        input=PASSWORD.encode(), capture_output=True, timeout=60, env=env, cwd=tmp_path)
+    assert bad_address.returncode == 1
+    assert bad_address.stderr.count(b"\n") == 1 and b"not UTF-8" in bad_address.stderr
+    bad_password = subprocess.run(
+        [POSTROOM, "--config", str(config_path), "user", "add", "alice@example.test", "--password-stdin"],
+        input=b"pa\xffssword123\n", capture_output=True, timeout=60, env=env, cwd=tmp_path)
+    assert bad_password.returncode == 1
+    assert bad_password.stderr == b"postroom: the password on standard input is not UTF-8\n"
+
+
+def test_a_closed_pipe_is_not_a_traceback(with_domain, config_path, data_dir, tmp_path):
+    from storage import Accounts, open_data_dir
+
+    with Accounts(open_data_dir(data_dir, 4).accounts_path) as accounts:
+        for i in range(8000):  # well over a pipe buffer (64 KiB) of output
+            accounts.add_domain(f"domain-{i:05d}.example")
+    pipeline = subprocess.run(f"{POSTROOM} --config {config_path} domain list | head -1",
+                              shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert pipeline.stdout == "domain-00000.example\n"
+    assert pipeline.stderr == ""
+
+
+def test_an_unusable_data_dir_is_one_line(cli, data_dir):
+    data_dir.mkdir()
+    (data_dir / "layout.json").write_text('{"format": 1, "shards": 4}')
+    (data_dir / "accounts.lmdb").write_text("not a database")
+    result = cli("domain", "list")
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert str(data_dir) in result.stderr
+
+
+def test_an_uncreatable_certificate_path_is_one_line(write_config, cli):
+    path = write_config(tls={"cert": "/dev/null/cert.pem", "key": "/dev/null/key.pem", "self_signed": True})
+    result = cli("serve", config=path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "postroom: /dev/null/cert.pem: cannot write the self-signed certificate (/dev/null: File exists)"]
+
+
+def test_admin_changes_are_audited_without_secrets(with_domain, data_dir):
+    cli = with_domain
+    ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+    ok(cli("user", "passwd", "alice@example.test", "--password-stdin", input="another long one"))
+    ok(cli("alias", "add", "sales@example.test", "alice@example.test"))
+    log = (data_dir / "audit.log").read_text().splitlines()
+    events = [next(f for f in line.split() if f.startswith("event=")) for line in log]
+    assert events == ["event=domain.added", "event=user.added", "event=user.password_changed", "event=alias.added"]
+    assert "user=alice@example.test" in log[1]
+    assert PASSWORD not in "\n".join(log) and "another long one" not in "\n".join(log)
+    assert stat.S_IMODE((data_dir / "audit.log").stat().st_mode) == 0o600
+
+
+def test_works_as_the_owner_of_the_data_dir_not_as_root(write_config):
+    """The daemon runs as an unprivileged user (systemd's User=postroom). Whatever the CLI
+    creates must be usable by that user: run by root on a data dir owned by someone else, it
+    works as that owner; run by the owner, it needs no privilege at all."""
+    nobody = 65534
+    base = Path(tempfile.mkdtemp(prefix="postroom-owner-"))
+    try:
+        os.chmod(base, 0o755)
+        data_dir = base / "var"
+        data_dir.mkdir(mode=0o750)
+        config = write_config("owned.toml", server={"data_dir": str(data_dir)})
+        shutil.copy(config, base / "postroom.toml")
+        config = base / "postroom.toml"
+        os.chmod(config, 0o644)
+        if os.geteuid() == 0:
+            os.chown(data_dir, nobody, nobody)
+            run = [POSTROOM, "--config", str(config)]
+        else:  # already unprivileged: the same checks hold for our own uid
+            nobody = os.geteuid()
+            run = [POSTROOM, "--config", str(config)]
+        def cli(*args, input=None):
+            return subprocess.run([*run, *args], input=input, capture_output=True, text=True, timeout=120, cwd=base)
+        ok(cli("domain", "add", "example.test"))
+        ok(cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD))
+        for path in [data_dir / "accounts.lmdb", *(data_dir / "accounts.lmdb").iterdir(), data_dir / "audit.log"]:
+            assert path.stat().st_uid == nobody, path
+        assert stat.S_IMODE((data_dir / "accounts.lmdb").stat().st_mode) == 0o700
+        assert stat.S_IMODE((data_dir / "accounts.lmdb" / "data.mdb").stat().st_mode) == 0o600
+        if os.geteuid() == 0:
+            # And the unprivileged owner itself, with no capability to bypass file modes:
+            as_owner = subprocess.run(
+                ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                 POSTROOM, "--config", str(config), "user", "list"],
+                capture_output=True, text=True, timeout=120, cwd=base)
+            assert as_owner.returncode == 0, as_owner.stderr
+            assert as_owner.stdout.startswith("alice@example.test\t")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
