@@ -1,0 +1,255 @@
+"""Mailboxes of an account, inside a shard's write or read transaction.
+
+A mailbox's id is its UIDVALIDITY: a per-shard counter that starts from the clock and only
+ever grows, so a mailbox deleted and created again never gets its old UIDVALIDITY back, and
+its directory (named by the id) is never reused. Renames (with children) change only the
+index: no message file moves. A new account gets INBOX, Sent, Drafts, Junk, Trash and
+Archive with their RFC 6154 special-use attributes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import lmdb
+
+from storage import maildir
+from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
+from storage.shard import Batch, Shard, StoreError, dumps, loads, pack_u32, uid_key, unpack_u32
+
+INBOX = "INBOX"
+
+
+class MailboxError(StoreError):
+    pass
+
+
+class MailboxNotFoundError(MailboxError):
+    """No such mailbox (IMAP: NO [NONEXISTENT], or [TRYCREATE] for APPEND and COPY)."""
+
+
+class MailboxExistsError(MailboxError):
+    """IMAP: NO [ALREADYEXISTS]."""
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    id: int  # also the UIDVALIDITY
+    account: str
+    name: str
+    uidnext: int
+    highestmodseq: int
+    exists: int
+    unseen: int
+    size: int
+    special_use: str | None
+    keywords: tuple[str, ...] = ()
+    subscribed: bool = False
+    children: bool = field(default=False, compare=False)
+
+    @property
+    def uidvalidity(self) -> int:
+        return self.id
+
+
+def name_key(account: str, name: str) -> bytes:
+    return f"{account}\0{name}".encode()
+
+
+def record(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> dict | None:
+    raw = txn.get(pack_u32(mailbox_id), db=shard.db["mailboxes"])
+    return loads(raw) if raw is not None else None
+
+
+def put_record(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, state: dict) -> None:
+    txn.put(pack_u32(mailbox_id), dumps(state), db=shard.db["mailboxes"])
+
+
+def find(txn: lmdb.Transaction, shard: Shard, account: str, name: str) -> tuple[int, dict]:
+    """(id, state) of a mailbox by name, or MailboxNotFoundError."""
+    normalized = normalize_name(name)
+    raw = txn.get(name_key(account, normalized), db=shard.db["names"])
+    if raw is None:
+        raise MailboxNotFoundError(f"no mailbox {normalized!r}")
+    mailbox_id = unpack_u32(raw)
+    return mailbox_id, record(txn, shard, mailbox_id)
+
+
+def to_mailbox(mailbox_id: int, state: dict, subscribed: bool = False, children: bool = False) -> Mailbox:
+    return Mailbox(
+        id=mailbox_id, account=state["account"], name=state["name"], uidnext=state["uidnext"],
+        highestmodseq=state["modseq"], exists=state["exists"], unseen=state["unseen"], size=state["size"],
+        special_use=state.get("special_use"), keywords=tuple(state.get("keywords", ())),
+        subscribed=subscribed, children=children,
+    )
+
+
+def account_exists(txn: lmdb.Transaction, shard: Shard, account: str) -> bool:
+    return txn.get(account.encode(), db=shard.db["accounts"]) is not None
+
+
+def ensure_account(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str) -> None:
+    """Create the account's record and default mailboxes on first use."""
+    if account_exists(txn, shard, account):
+        return
+    txn.put(account.encode(), dumps({"used": 0, "messages": 0}), db=shard.db["accounts"])
+    for name, special_use in DEFAULT_MAILBOXES:
+        create(txn, shard, batch, account, name, special_use, subscribe=True)
+
+
+def account_usage(txn: lmdb.Transaction, shard: Shard, account: str) -> dict:
+    raw = txn.get(account.encode(), db=shard.db["accounts"])
+    return loads(raw) if raw is not None else {"used": 0, "messages": 0}
+
+
+def add_usage(txn: lmdb.Transaction, shard: Shard, account: str, size: int, messages: int) -> None:
+    usage = account_usage(txn, shard, account)
+    usage["used"] = max(0, usage["used"] + size)
+    usage["messages"] = max(0, usage["messages"] + messages)
+    txn.put(account.encode(), dumps(usage), db=shard.db["accounts"])
+
+
+def _new_id(txn: lmdb.Transaction, shard: Shard) -> int:
+    raw = txn.get(b"uidvalidity", db=shard.db["counters"])
+    last = unpack_u32(raw) if raw is not None else 0
+    value = max(int(time.time()), last + 1)
+    if value >= 2**32:
+        raise MailboxError("UIDVALIDITY space exhausted")
+    txn.put(b"uidvalidity", pack_u32(value), db=shard.db["counters"])
+    return value
+
+
+def create(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
+           special_use: str | None = None, *, subscribe: bool = False) -> Mailbox:
+    name = normalize_name(name)
+    if special_use is not None and special_use not in SPECIAL_USE:
+        raise MailboxError(f"unknown special-use attribute {special_use!r}")
+    if txn.get(name_key(account, name), db=shard.db["names"]) is not None:
+        raise MailboxExistsError(f"mailbox {name!r} already exists")
+    # RFC 3501 §6.3.3: superior names a client did not create are created with it.
+    for parent in parents(name):
+        if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
+            _create_one(txn, shard, batch, account, parent, None)
+    mailbox = _create_one(txn, shard, batch, account, name, special_use)
+    if subscribe:
+        txn.put(name_key(account, name), b"", db=shard.db["subs"])
+    return mailbox
+
+
+def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
+                special_use: str | None) -> Mailbox:
+    mailbox_id = _new_id(txn, shard)
+    state = {"account": account, "name": name, "uidnext": 1, "modseq": 1, "exists": 0, "unseen": 0,
+             "size": 0, "special_use": special_use, "keywords": []}
+    put_record(txn, shard, mailbox_id, state)
+    txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
+    directory = shard.mailbox_dir(account, mailbox_id)
+    maildir.make_dirs(directory)
+    batch.undo(lambda: shutil.rmtree(directory, ignore_errors=True))
+    batch.sync_dirs.add(directory.parent)
+    return to_mailbox(mailbox_id, state)
+
+
+def listing(txn: lmdb.Transaction, shard: Shard, account: str) -> list[Mailbox]:
+    prefix = f"{account}\0".encode()
+    names: list[tuple[str, int]] = []
+    cursor = txn.cursor(db=shard.db["names"])
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            names.append((key[len(prefix):].decode(), unpack_u32(value)))
+    subscribed = set(subscriptions(txn, shard, account))
+    all_names = {name for name, _ in names}
+    out = []
+    for name, mailbox_id in names:
+        has_children = any(is_inside(other, name) for other in all_names)
+        out.append(to_mailbox(mailbox_id, record(txn, shard, mailbox_id), name in subscribed, has_children))
+    return out
+
+
+def subscriptions(txn: lmdb.Transaction, shard: Shard, account: str) -> list[str]:
+    prefix = f"{account}\0".encode()
+    cursor = txn.cursor(db=shard.db["subs"])
+    out = []
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(values=False):
+            if not key.startswith(prefix):
+                break
+            out.append(key[len(prefix):].decode())
+    return out
+
+
+def set_subscribed(txn: lmdb.Transaction, shard: Shard, account: str, name: str, on: bool) -> None:
+    # RFC 3501 §6.3.6: subscribing to a name that does not exist (yet) is allowed.
+    key = name_key(account, normalize_name(name))
+    if on:
+        txn.put(key, b"", db=shard.db["subs"])
+    else:
+        txn.delete(key, db=shard.db["subs"])
+
+
+def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str) -> None:
+    mailbox_id, state = find(txn, shard, account, name)
+    if state["name"] == INBOX:
+        raise MailboxError("INBOX cannot be deleted")
+    if any(is_inside(other.name, state["name"]) for other in listing(txn, shard, account)):
+        raise MailboxError(f"mailbox {state['name']!r} has children: delete them first")
+    for base in _bases_of(txn, shard, mailbox_id):
+        txn.delete(base, db=shard.db["bases"])
+    low, high = uid_key(mailbox_id, 0), uid_key(mailbox_id + 1, 0)
+    for db_name in ("flags", "msgs", "modseqs", "expunged"):
+        _delete_range(txn, shard.db[db_name], low, high)
+    add_usage(txn, shard, account, -state["size"], -state["exists"])
+    txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
+    txn.delete(name_key(account, state["name"]), db=shard.db["names"])
+    directory = shard.mailbox_dir(account, mailbox_id)
+    batch.after_commit.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old: str, new: str) -> None:
+    old_id, old_state = find(txn, shard, account, old)
+    new = normalize_name(new)
+    if old_state["name"] == INBOX:
+        # RFC 3501 §6.3.5 renames INBOX by moving its messages: not supported yet.
+        raise MailboxError("renaming INBOX is not supported")
+    if new == old_state["name"] or is_inside(new, old_state["name"]):
+        raise MailboxError(f"cannot rename {old_state['name']!r} into itself")
+    if txn.get(name_key(account, new), db=shard.db["names"]) is not None:
+        raise MailboxExistsError(f"mailbox {new!r} already exists")
+    for parent in parents(new):
+        if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
+            _create_one(txn, shard, batch, account, parent, None)
+    moving = [(m.id, m.name) for m in listing(txn, shard, account)
+              if m.name == old_state["name"] or is_inside(m.name, old_state["name"])]
+    for mailbox_id, name in moving:
+        renamed = new + name[len(old_state["name"]):]
+        state = record(txn, shard, mailbox_id)
+        state["name"] = renamed
+        put_record(txn, shard, mailbox_id, state)
+        txn.delete(name_key(account, name), db=shard.db["names"])
+        txn.put(name_key(account, renamed), pack_u32(mailbox_id), db=shard.db["names"])
+        if txn.delete(name_key(account, name), db=shard.db["subs"]):
+            txn.put(name_key(account, renamed), b"", db=shard.db["subs"])
+
+
+def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(low):
+        return
+    while cursor.key() and cursor.key() < high:
+        if not cursor.delete():
+            break
+
+
+def _bases_of(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[bytes]:
+    out = []
+    cursor = txn.cursor(db=shard.db["msgs"])
+    if cursor.set_range(uid_key(mailbox_id, 0)):
+        for key, value in cursor:
+            if key[:4] != pack_u32(mailbox_id):
+                break
+            out.append(loads(value)["b"].encode())
+    return out

@@ -1,0 +1,87 @@
+"""Maildir files: unique names, durable writes, flags in the name.
+
+A message file is written to `tmp/`, fsynced, and renamed into `cur/` as
+`<unique>,U=<uid>,S=<size>:2,<flags>` (the Maildir "info" suffix; `,S=` as Dovecot writes
+it). The UID and size in the name let `store rebuild` recover a mailbox from its files
+alone. Standard flags are the Maildir letters D F R S T, sorted, so that any Maildir reader
+sees the same state as IMAP clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+# Flag bits in the index, and their Maildir letters (maildir(5), "info semantics").
+SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = 1, 2, 4, 8, 16
+SYSTEM_FLAGS = {"\\Seen": SEEN, "\\Answered": ANSWERED, "\\Flagged": FLAGGED, "\\Deleted": DELETED, "\\Draft": DRAFT}
+_LETTERS = {DRAFT: "D", FLAGGED: "F", ANSWERED: "R", SEEN: "S", DELETED: "T"}
+_LETTER_BITS = {letter: bit for bit, letter in _LETTERS.items()}
+
+_NAME = re.compile(r"^(?P<base>[^,:/]+),U=(?P<uid>\d+),S=(?P<size>\d+):2,(?P<letters>[A-Za-z]*)$")
+_counter = itertools.count()
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def letters(bits: int) -> str:
+    return "".join(letter for bit, letter in sorted(_LETTERS.items(), key=lambda kv: kv[1]) if bits & bit)
+
+
+def bits_from_letters(text: str) -> int:
+    return sum(_LETTER_BITS.get(c, 0) for c in set(text))
+
+
+def new_base() -> str:
+    """A name no other delivery, in this or any process or host, will pick (maildir(5))."""
+    now = time.time()
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{_HOST}"
+
+
+def file_name(base: str, uid: int, size: int, bits: int) -> str:
+    return f"{base},U={uid},S={size}:2,{letters(bits)}"
+
+
+def parse_file_name(name: str) -> tuple[str, int, int, int] | None:
+    """(base, uid, size, flag bits) of a name we wrote; None for anything else."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    return m["base"], int(m["uid"]), int(m["size"]), bits_from_letters(m["letters"])
+
+
+def make_dirs(mailbox_dir: Path) -> None:
+    for sub in ("tmp", "new", "cur"):
+        (mailbox_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def write_tmp(mailbox_dir: Path, chunks: list[bytes]) -> tuple[Path, str]:
+    """Write the chunks to a new file in tmp/ and fsync it; returns (path, base name)."""
+    base = new_base()
+    path = mailbox_dir / "tmp" / base
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return path, base
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,330 @@
+"""Messages in a mailbox, inside a shard's transactions: insert, flags, expunge, copy, move,
+and what changed since a MODSEQ (RFC 7162 CONDSTORE, and IDLE).
+
+UIDs are handed out from the mailbox's `uidnext` in the same transaction that indexes the
+message, after its file is durable in cur/, so a UID is never visible without its file and
+never handed out twice. Every change bumps the mailbox's MODSEQ once and stamps the changed
+messages with it. Standard flags are mirrored into the file name after the commit; the
+index stays the truth when the two disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from storage import maildir
+from storage.mailboxes import account_usage, add_usage, put_record
+from storage.shard import (
+    Batch,
+    Shard,
+    StoreError,
+    dumps,
+    link_or_copy,
+    loads,
+    modseq_key,
+    pack_flags,
+    uid_key,
+    unpack_flags,
+    unpack_modseq_key,
+    unpack_uid_key,
+)
+
+MAX_KEYWORD_CHARS = 64
+MAX_KEYWORDS_PER_MAILBOX = 256
+_KEYWORD_SPECIALS = set('(){ %*"\\]')
+_SYSTEM_NAMES = {name.lower(): (name, bit) for name, bit in maildir.SYSTEM_FLAGS.items()}
+
+UidRanges = Sequence[tuple[int, int]]
+ALL: UidRanges = ((1, 2**32 - 1),)
+
+
+class QuotaExceededError(StoreError):
+    """The account is over its quota (SMTP 452 4.2.2, IMAP NO [OVERQUOTA])."""
+
+
+class FlagError(StoreError):
+    """A flag no message may carry, or too many keywords (IMAP BAD / NO [LIMIT])."""
+
+
+@dataclass(frozen=True)
+class FlagState:
+    uid: int
+    modseq: int
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    uid: int
+    modseq: int
+    flags: tuple[str, ...]
+    internal_date: float
+    size: int
+    sent: float | None
+    envelope: dict
+    structure: dict
+    path: Path
+
+
+def flag_names(bits: int, keywords: Iterable[str]) -> tuple[str, ...]:
+    return tuple(name for name, bit in maildir.SYSTEM_FLAGS.items() if bits & bit) + tuple(keywords)
+
+
+def parse_flags(flags: Iterable[str]) -> tuple[int, tuple[str, ...]]:
+    """(system flag bits, keywords) of client-given flags; FlagError for what is not allowed."""
+    bits = 0
+    keywords: dict[str, None] = {}
+    for flag in flags:
+        if flag.startswith("\\"):
+            known = _SYSTEM_NAMES.get(flag.lower())
+            if known is None:
+                raise FlagError(f"{flag} cannot be set")  # \Recent is the server's, others unknown
+            bits |= known[1]
+            continue
+        if (not flag or len(flag) > MAX_KEYWORD_CHARS or not flag.isascii() or not flag.isprintable()
+                or any(c in _KEYWORD_SPECIALS for c in flag)):
+            raise FlagError(f"invalid keyword {flag!r}")
+        keywords.setdefault(flag, None)
+    return bits, tuple(keywords)
+
+
+def _iter_flags(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges
+                ) -> Iterator[tuple[int, int, int, tuple[str, ...]]]:
+    cursor = txn.cursor(db=shard.db["flags"])
+    for low, high in sorted(ranges):
+        if not cursor.set_range(uid_key(mailbox_id, max(low, 1))):
+            return
+        for key, value in cursor:
+            box, uid = unpack_uid_key(key)
+            if box != mailbox_id or uid > high:
+                break
+            modseq, bits, keywords = unpack_flags(value)
+            yield uid, modseq, bits, keywords
+
+
+def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL) -> list[FlagState]:
+    return [FlagState(uid, modseq, flag_names(bits, kw)) for uid, modseq, bits, kw in
+            _iter_flags(txn, shard, mailbox_id, ranges)]
+
+
+def uids_and_bits(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> tuple[list[int], list[int]]:
+    """Every UID with its flag bits: the fast listing a SELECT of a big mailbox needs."""
+    uids, bits = [], []
+    cursor = txn.cursor(db=shard.db["flags"])
+    prefix = uid_key(mailbox_id, 0)[:4]
+    if cursor.set_range(uid_key(mailbox_id, 1)):
+        for key, value in cursor:
+            if key[:4] != prefix:
+                break
+            uids.append(int.from_bytes(key[4:8], "big"))
+            bits.append(value[8])
+    return uids, bits
+
+
+def message_path(shard: Shard, account: str, mailbox_id: int, base: str, uid: int, size: int, bits: int) -> Path:
+    return shard.mailbox_dir(account, mailbox_id) / "cur" / maildir.file_name(base, uid, size, bits)
+
+
+def find_file(expected: Path, base: str) -> Path | None:
+    """The message file, even if a crash left it under another flags suffix."""
+    if expected.exists():
+        return expected
+    with os.scandir(expected.parent) as entries:
+        for entry in entries:
+            if entry.name.startswith(base + ","):
+                return Path(entry.path)
+    return None
+
+
+def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ranges: UidRanges) -> list[MessageInfo]:
+    out = []
+    for uid, modseq, bits, keywords in _iter_flags(txn, shard, mailbox_id, ranges):
+        meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
+        out.append(MessageInfo(
+            uid=uid, modseq=modseq, flags=flag_names(bits, keywords), internal_date=meta["d"], size=meta["s"],
+            sent=meta.get("t"), envelope=meta["e"], structure=meta["x"],
+            path=message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits),
+        ))
+    return out
+
+
+def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict, *,
+           source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
+           quota: int, link: bool = False) -> int:
+    """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID."""
+    if quota and account_usage(txn, shard, account)["used"] + size > quota:
+        raise QuotaExceededError(f"mailbox full: quota of {quota} bytes would be exceeded")
+    _remember_keywords(state, keywords)
+    uid = state["uidnext"]
+    modseq = state["modseq"] + 1
+    state.update(uidnext=uid + 1, modseq=modseq, exists=state["exists"] + 1, size=state["size"] + size,
+                 unseen=state["unseen"] + (0 if bits & maildir.SEEN else 1))
+    put_record(txn, shard, mailbox_id, state)
+    add_usage(txn, shard, account, size, 1)
+    txn.put(uid_key(mailbox_id, uid), pack_flags(modseq, bits, keywords), db=shard.db["flags"])
+    txn.put(uid_key(mailbox_id, uid), dumps({**meta, "b": base, "s": size}), db=shard.db["msgs"])
+    txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
+    txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
+    target = message_path(shard, account, mailbox_id, base, uid, size, bits)
+    if link:
+        link_or_copy(source, target)
+        batch.undo(lambda: os.unlink(target))
+    else:
+        os.rename(source, target)
+        batch.undo(lambda: os.rename(target, source))
+    batch.sync_dirs.add(target.parent)
+    return uid
+
+
+def _remember_keywords(state: dict, keywords: tuple[str, ...]) -> None:
+    known = state.setdefault("keywords", [])
+    for keyword in keywords:
+        if keyword not in known:
+            if len(known) >= MAX_KEYWORDS_PER_MAILBOX:
+                raise FlagError(f"too many distinct keywords in this mailbox (limit {MAX_KEYWORDS_PER_MAILBOX})")
+            known.append(keyword)
+
+
+def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
+                ranges: UidRanges, mode: str, bits: int, keywords: tuple[str, ...],
+                unchanged_since: int | None = None) -> tuple[list[FlagState], list[int]]:
+    """Set ("set"), add ("add") or remove ("remove") flags. Returns (changed, modified): the
+    new state of each changed message, and the UIDs refused because they changed after
+    `unchanged_since` (RFC 7162 §3.1.3)."""
+    if mode not in ("set", "add", "remove"):
+        raise ValueError(mode)
+    if mode != "remove":
+        _remember_keywords(state, keywords)
+    modseq = state["modseq"] + 1
+    changed: list[FlagState] = []
+    modified: list[int] = []
+    renames = []
+    for uid, old_modseq, old_bits, old_keywords in list(_iter_flags(txn, shard, mailbox_id, ranges)):
+        if unchanged_since is not None and old_modseq > unchanged_since:
+            modified.append(uid)
+            continue
+        if mode == "set":
+            new_bits, new_keywords = bits, keywords
+        elif mode == "add":
+            new_bits, new_keywords = old_bits | bits, old_keywords + tuple(k for k in keywords if k not in old_keywords)
+        else:
+            new_bits, new_keywords = old_bits & ~bits, tuple(k for k in old_keywords if k not in keywords)
+        if new_bits == old_bits and set(new_keywords) == set(old_keywords):
+            continue
+        txn.put(uid_key(mailbox_id, uid), pack_flags(modseq, new_bits, new_keywords), db=shard.db["flags"])
+        txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
+        txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
+        state["unseen"] += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
+        changed.append(FlagState(uid, modseq, flag_names(new_bits, new_keywords)))
+        if new_bits != old_bits:
+            meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
+            renames.append((meta["b"], uid, meta["s"], old_bits, new_bits))
+    if changed:
+        state["modseq"] = modseq
+        put_record(txn, shard, mailbox_id, state)
+        batch.after_commit.append(lambda: _mirror_flags(shard, account, mailbox_id, renames))
+    return changed, modified
+
+
+def _mirror_flags(shard: Shard, account: str, mailbox_id: int, renames: list) -> None:
+    for base, uid, size, old_bits, new_bits in renames:
+        old = message_path(shard, account, mailbox_id, base, uid, size, old_bits)
+        current = find_file(old, base)
+        if current is not None:
+            os.rename(current, message_path(shard, account, mailbox_id, base, uid, size, new_bits))
+
+
+def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
+            ranges: UidRanges = ALL, *, only_deleted: bool = True) -> list[int]:
+    """Remove messages (those flagged \\Deleted, within `ranges`); the UIDs removed."""
+    doomed = [(uid, modseq, bits) for uid, modseq, bits, _ in _iter_flags(txn, shard, mailbox_id, ranges)
+              if bits & maildir.DELETED or not only_deleted]
+    if not doomed:
+        return []
+    modseq = state["modseq"] + 1
+    files = []
+    freed = 0
+    for uid, old_modseq, bits in doomed:
+        key = uid_key(mailbox_id, uid)
+        meta = loads(txn.get(key, db=shard.db["msgs"]))
+        txn.delete(key, db=shard.db["flags"])
+        txn.delete(key, db=shard.db["msgs"])
+        txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
+        txn.delete(meta["b"].encode(), db=shard.db["bases"])
+        txn.put(modseq_key(mailbox_id, modseq, uid), meta["b"].encode(), db=shard.db["expunged"])
+        freed += meta["s"]
+        state["unseen"] -= 0 if bits & maildir.SEEN else 1
+        files.append((message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits), meta["b"]))
+    state.update(modseq=modseq, exists=state["exists"] - len(doomed), size=state["size"] - freed)
+    put_record(txn, shard, mailbox_id, state)
+    add_usage(txn, shard, account, -freed, -len(doomed))
+    batch.after_commit.append(lambda: _unlink_all(files))
+    return [uid for uid, _, _ in doomed]
+
+
+def _unlink_all(files: list[tuple[Path, str]]) -> None:
+    for path, base in files:
+        current = find_file(path, base)
+        if current is not None:
+            os.unlink(current)
+
+
+def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
+         source: tuple[int, dict], ranges: UidRanges, target: tuple[int, dict], *,
+         move: bool, quota: int) -> list[tuple[int, int]]:
+    """Copy (a new link per message) or move (the same file, a new UID) into `target`;
+    returns (source UID, target UID) pairs for COPYUID (RFC 4315)."""
+    (source_id, source_state), (target_id, target_state) = source, target
+    pairs = []
+    items = list(_iter_flags(txn, shard, source_id, ranges))
+    for uid, _, bits, keywords in items:
+        meta = loads(txn.get(uid_key(source_id, uid), db=shard.db["msgs"]))
+        old_path = find_file(message_path(shard, account, source_id, meta["b"], uid, meta["s"], bits), meta["b"])
+        if old_path is None:
+            raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
+        new_base = maildir.new_base()
+        entry = {k: v for k, v in meta.items() if k not in ("b", "s")}
+        new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, base=new_base,
+                         size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=0 if move else quota,
+                         link=True)
+        pairs.append((uid, new_uid))
+    if move and pairs:
+        moved = {uid for uid, _ in pairs}
+        # A move adds the size to the target and takes it from the source: usage is unchanged,
+        # which is why insert did not check the quota for it.
+        expunge(txn, shard, batch, account, source_id, source_state,
+                [(uid, uid) for uid in sorted(moved)], only_deleted=False)
+    return pairs
+
+
+def changes_since(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: int
+                  ) -> tuple[list[FlagState], list[int]]:
+    """(messages whose MODSEQ is above `modseq`, UIDs expunged after it)."""
+    changed_uids = []
+    cursor = txn.cursor(db=shard.db["modseqs"])
+    if cursor.set_range(modseq_key(mailbox_id, modseq + 1, 0)):
+        for key in cursor.iternext(values=False):
+            box, _, uid = unpack_modseq_key(key)
+            if box != mailbox_id:
+                break
+            changed_uids.append(uid)
+    changed = []
+    for uid in sorted(changed_uids):
+        raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["flags"])
+        if raw is not None:
+            message_modseq, bits, keywords = unpack_flags(raw)
+            changed.append(FlagState(uid, message_modseq, flag_names(bits, keywords)))
+    expunged = []
+    cursor = txn.cursor(db=shard.db["expunged"])
+    if cursor.set_range(modseq_key(mailbox_id, modseq + 1, 0)):
+        for key in cursor.iternext(values=False):
+            box, _, uid = unpack_modseq_key(key)
+            if box != mailbox_id:
+                break
+            expunged.append(uid)
+    return changed, sorted(expunged)

@@ -1,0 +1,282 @@
+"""Parse a message once, at delivery: its IMAP envelope, its MIME structure with byte
+offsets, and the decoded text the full-text index is built from.
+
+The structure is a tree of plain dicts (JSON for the index), one per body part, carrying
+what IMAP BODYSTRUCTURE needs (RFC 3501 §7.4.2: type, subtype, parameters, id,
+description, encoding, size, lines, disposition, language, location) and the byte ranges
+of its header and body in the stored file, so that any section (`BODY[1.2.MIME]`,
+`BODY[2.TEXT]`) is one slice of the file, never a re-parse. Multipart boundaries follow
+RFC 2046 §5.1.1; message/rfc822 parts carry their own envelope and structure.
+
+Malformed input never raises: a missing boundary makes a part a leaf, a missing blank line
+makes the whole part header. Nesting is bounded (MAX_DEPTH) and so is the number of parts
+(MAX_PARTS), so a hostile message costs linear time.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.errors
+import email.header
+import email.utils
+import html
+import quopri
+import re
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+MAX_DEPTH = 20
+MAX_PARTS = 1000
+MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
+ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.parts = 0
+        self.text: list[str] = []
+        self.text_chars = 0
+
+    def add_text(self, text: str) -> None:
+        room = MAX_TEXT_CHARS - self.text_chars
+        if room > 0:
+            self.text.append(text[:room])
+            self.text_chars += min(len(text), room)
+
+
+def parse_message(raw: bytes) -> dict:
+    """{"envelope", "structure", "sent" (Date: as a timestamp or None), "fields" (decoded
+    subject, from, to, cc, bcc for the index), "body" (decoded text of the text parts)}."""
+    budget = _Budget()
+    structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
+    fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
+              for name in INDEXED_FIELDS}
+    return {
+        "envelope": envelope(message),
+        "structure": structure,
+        "sent": _sent_date(message),
+        "fields": fields,
+        "body": "\n".join(budget.text),
+    }
+
+
+def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
+    """(end of the header block, start of the body) of the part at raw[start:end]."""
+    if raw.startswith(b"\r\n", start) or raw.startswith(b"\n", start):
+        # No header at all: the body starts after the empty line.
+        return start, start + (2 if raw.startswith(b"\r\n", start) else 1)
+    m = _HEADER_END.search(raw, start, end)
+    if not m:
+        return end, end
+    return m.start() + (2 if raw[m.start() : m.start() + 2] == b"\r\n" else 1), m.end()
+
+
+def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, budget: _Budget):
+    budget.parts += 1
+    hdr_end, body_start = header_end(raw, start, end)
+    message = _HEADER_PARSER.parsebytes(raw[start:hdr_end])
+    maintype, subtype = _content_type(message, default)
+    part: dict = {
+        "type": maintype,
+        "subtype": subtype,
+        "params": _params(message),
+        "header": [start, hdr_end],
+        "body": [body_start, end],
+    }
+    if maintype == "multipart":
+        boundary = message.get_param("boundary")
+        if isinstance(boundary, tuple):
+            boundary = email.utils.collapse_rfc2231_value(boundary)
+        children = _split_multipart(raw, body_start, end, boundary) if boundary and depth < MAX_DEPTH else None
+        if children is not None:
+            child_default = ("message", "rfc822") if subtype == "digest" else ("text", "plain")
+            part["parts"] = []
+            for child_start, child_end in children:
+                if budget.parts >= MAX_PARTS:
+                    break
+                child, _ = _parse_part(raw, child_start, child_end, child_default, depth + 1, budget)
+                part["parts"].append(child)
+            part["extension"] = _extension(message)
+            return part, message
+        # A multipart with no usable boundary is presented as an opaque leaf.
+        part["type"], part["subtype"], part["params"] = "application", "octet-stream", []
+    part.update(_leaf_fields(message, raw, body_start, end))
+    if maintype == "message" and subtype in ("rfc822", "global") and depth < MAX_DEPTH:
+        inner, inner_message = _parse_part(raw, body_start, end, ("text", "plain"), depth + 1, budget)
+        part["message"] = {"envelope": envelope(inner_message), "structure": inner}
+        budget.add_text(_decoded_headers_text(inner_message))
+    elif maintype == "text" and not _is_attachment(message):
+        budget.add_text(_decode_text(message, raw[body_start:end], subtype))
+    return part, message
+
+
+def _split_multipart(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]] | None:
+    """Byte ranges of the body parts between `--boundary` delimiter lines (RFC 2046 §5.1.1)."""
+    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+    pattern = re.compile(rb"(?:^|(?<=\n))" + re.escape(delimiter) + rb"(--)?[ \t]*(?:\r?\n|$)", re.MULTILINE)
+    ranges: list[tuple[int, int]] = []
+    part_start = None
+    for m in pattern.finditer(raw, start, end):
+        if part_start is not None:
+            # The CRLF before a delimiter belongs to the delimiter, not to the part.
+            part_end = m.start()
+            if raw[part_end - 2 : part_end] == b"\r\n":
+                part_end -= 2
+            elif raw[part_end - 1 : part_end] == b"\n":
+                part_end -= 1
+            ranges.append((part_start, max(part_start, part_end)))
+        if m.group(1):
+            return ranges
+        part_start = m.end()
+    if part_start is None:
+        return None
+    ranges.append((part_start, end))  # no close delimiter: the last part runs to the end
+    return ranges
+
+
+def _content_type(message: Message, default: tuple[str, str]) -> tuple[str, str]:
+    value = message.get("content-type")
+    if value is None:
+        return default
+    ctype = message.get_content_type()  # falls back to text/plain on garbage
+    if "/" not in str(value).split(";")[0]:
+        return ("text", "plain")
+    maintype, _, subtype = ctype.partition("/")
+    return maintype.lower(), subtype.lower()
+
+
+def _params(message: Message, header: str = "content-type") -> list[list[str]]:
+    params = message.get_params(header=header) or []
+    out = []
+    for name, value in params[1:]:
+        if isinstance(value, tuple):
+            value = email.utils.collapse_rfc2231_value(value)
+        out.append([name.lower(), _clean(str(value))])
+    return out
+
+
+def _leaf_fields(message: Message, raw: bytes, body_start: int, end: int) -> dict:
+    fields = {
+        "id": _header(message, "content-id"),
+        "description": _header(message, "content-description"),
+        "encoding": (_header(message, "content-transfer-encoding") or "7BIT").upper(),
+        "size": end - body_start,
+        "lines": raw.count(b"\n", body_start, end) + (0 if raw.endswith(b"\n", body_start, end) or end == body_start else 1),
+    }
+    fields["md5"] = _header(message, "content-md5")
+    fields.update(_extension(message))
+    return fields
+
+
+def _extension(message: Message) -> dict:
+    disposition = message.get("content-disposition")
+    dispo = None
+    if disposition is not None:
+        kind = str(disposition).split(";")[0].strip().lower()
+        dispo = [kind, _params(message, "content-disposition")] if kind else None
+    language = _header(message, "content-language")
+    return {
+        "disposition": dispo,
+        "language": [t.strip() for t in language.split(",") if t.strip()] if language else None,
+        "location": _header(message, "content-location"),
+    }
+
+
+def _is_attachment(message: Message) -> bool:
+    disposition = str(message.get("content-disposition", "")).split(";")[0].strip().lower()
+    return disposition == "attachment"
+
+
+def _decode_text(message: Message, body: bytes, subtype: str) -> str:
+    encoding = (_header(message, "content-transfer-encoding") or "").lower()
+    try:
+        if encoding == "base64":
+            body = base64.b64decode(b"".join(body.split()), validate=False)
+        elif encoding == "quoted-printable":
+            body = quopri.decodestring(body)
+    except (ValueError, TypeError):
+        pass
+    charset = message.get_content_charset() or "utf-8"
+    try:
+        text = body.decode(charset, "replace")
+    except LookupError:
+        text = body.decode("utf-8", "replace")
+    if subtype == "html":
+        text = html.unescape(_TAG.sub(" ", text))
+    return text
+
+
+def envelope(message: Message) -> dict:
+    """The IMAP ENVELOPE fields, raw (as in the header, for IMAP) and decoded (for people)."""
+    env: dict = {}
+    for name in ENVELOPE_FIELDS:
+        value = message.get(name)
+        raw_value = _clean(str(value)) if value is not None else None
+        if name in ADDRESS_FIELDS:
+            env[name] = _addresses(raw_value) if raw_value is not None else None
+        else:
+            env[name] = raw_value
+    # RFC 3501 §7.4.2: a missing Sender or Reply-To is taken from From.
+    env["sender"] = env["sender"] or env["from"]
+    env["reply-to"] = env["reply-to"] or env["from"]
+    env["subject_text"] = decode_words(env["subject"]) if env["subject"] is not None else None
+    return env
+
+
+def _addresses(value: str) -> list[list[str | None]]:
+    """Address structures (name, adl, mailbox, host) as IMAP's ENVELOPE lists them."""
+    out: list[list[str | None]] = []
+    for name, addr in email.utils.getaddresses([value]):
+        if not addr and not name:
+            continue
+        mailbox, at, host = addr.rpartition("@")
+        if not at:
+            mailbox, host = addr, None
+        out.append([name or None, None, mailbox or None, host])
+    return out
+
+
+def decode_words(value: str) -> str:
+    """RFC 2047 encoded-words to text; garbage stays as it is."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return value
+
+
+def _decoded_headers_text(message: Message) -> str:
+    parts = []
+    for name in INDEXED_FIELDS:
+        for value in message.get_all(name, []):
+            parts.append(decode_words(_clean(str(value))))
+    return "\n".join(parts)
+
+
+def _sent_date(message: Message) -> float | None:
+    value = message.get("date")
+    if value is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+def _header(message: Message, name: str) -> str | None:
+    value = message.get(name)
+    return _clean(str(value)) if value is not None else None
+
+
+def _clean(value: str) -> str:
+    """Unfold a header value: CRLF + whitespace becomes the whitespace (RFC 5322 §2.2.3)."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value).strip()

@@ -1,0 +1,271 @@
+"""One shard of the message store: an LMDB index and the Maildir trees of its accounts.
+
+Writes go through one committer thread per shard and process (group commit): callers hand
+it a function of a write transaction; it runs every request that is waiting in ONE LMDB
+transaction (each in a nested transaction, so one failing request cannot spoil the
+others), fsyncs the directories the requests renamed files into, commits with fsync, and
+only then wakes the callers. Concurrent deliveries so share one commit and one fsync per
+directory. Across processes, LMDB's writer lock serializes the committers of mtad, imapd
+and the CLI; readers never wait.
+
+File operations that must be durable before the commit (a message renamed from tmp/ into
+cur/) are made inside the batch and registered with `Batch.undo`, so a failed batch takes
+them back. File operations that may only happen after the commit (unlinking an expunged
+message, renaming a file to mirror new flags) are registered with `Batch.after_commit`.
+A crash between the two leaves files the index does not know: `store check` reports them
+and `store rebuild` repairs them.
+
+Index layout (named databases; ids and UIDs big-endian so keys sort numerically):
+    names      account \\0 mailbox name          -> mailbox id (u32; it is the UIDVALIDITY)
+    mailboxes  id                                -> JSON mailbox state (counters, uidnext, modseq)
+    subs       account \\0 mailbox name          -> b""
+    accounts   account                           -> JSON {"used": bytes, "messages": n}
+    counters   b"uidvalidity"                    -> u32, the last one handed out
+    flags      id uid                            -> modseq u64, flag bits u8, keywords (UTF-8, " ")
+    msgs       id uid                            -> JSON {base, size, internal date, sent, envelope, structure}
+    modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
+    expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
+    bases      file base                         -> id uid   (which message a file is)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import struct
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from storage.maildir import fsync_dir
+
+DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases")
+MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
+MAX_BATCH = 256
+
+_U32 = struct.Struct(">I")
+_UID_KEY = struct.Struct(">II")
+_MODSEQ_KEY = struct.Struct(">IQI")
+_FLAGS = struct.Struct(">QB")
+
+
+class StoreError(Exception):
+    """A store operation failed; str() is safe to show (no paths of other accounts)."""
+
+
+def uid_key(mailbox_id: int, uid: int) -> bytes:
+    return _UID_KEY.pack(mailbox_id, uid)
+
+
+def modseq_key(mailbox_id: int, modseq: int, uid: int) -> bytes:
+    return _MODSEQ_KEY.pack(mailbox_id, modseq, uid)
+
+
+def unpack_uid_key(key: bytes) -> tuple[int, int]:
+    return _UID_KEY.unpack(key)
+
+
+def unpack_modseq_key(key: bytes) -> tuple[int, int, int]:
+    return _MODSEQ_KEY.unpack(key)
+
+
+def pack_u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def unpack_u32(raw: bytes) -> int:
+    return _U32.unpack(raw)[0]
+
+
+def pack_flags(modseq: int, bits: int, keywords: tuple[str, ...]) -> bytes:
+    return _FLAGS.pack(modseq, bits) + " ".join(keywords).encode()
+
+
+def unpack_flags(raw: bytes) -> tuple[int, int, tuple[str, ...]]:
+    modseq, bits = _FLAGS.unpack_from(raw)
+    rest = bytes(raw[_FLAGS.size :])
+    return modseq, bits, tuple(rest.decode().split(" ")) if rest else ()
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+class Batch:
+    """What the requests of one commit batch ask of the file system around the commit."""
+
+    def __init__(self) -> None:
+        self.sync_dirs: set[Path] = set()
+        self._undo: list[Callable[[], None]] = []
+        self.after_commit: list[Callable[[], None]] = []
+
+    def undo(self, action: Callable[[], None]) -> None:
+        self._undo.append(action)
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self._undo), len(self.after_commit), len(self.sync_dirs)
+
+    def rollback(self, mark: tuple[int, int, int] = (0, 0, 0)) -> None:
+        undo_mark, after_mark, _ = mark
+        while len(self._undo) > undo_mark:
+            action = self._undo.pop()
+            try:
+                action()
+            except OSError:
+                pass  # the file is then an orphan `store check` finds
+        del self.after_commit[after_mark:]
+
+
+class _Request:
+    __slots__ = ("fn", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[lmdb.Transaction, Batch], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Shard:
+    def __init__(self, path: Path, number: int, *, map_size: int = MAP_SIZE):
+        self.path = path
+        self.number = number
+        index = path / "index.lmdb"
+        index.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.env = lmdb.open(str(index), map_size=map_size, max_dbs=len(DATABASES) + 2, mode=0o600,
+                             max_readers=1024, readahead=False)
+        self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- paths --------------------------------------------------------------------------
+
+    def account_dir(self, account: str) -> Path:
+        return self.path / account
+
+    def mailbox_dir(self, account: str, mailbox_id: int) -> Path:
+        return self.path / account / str(mailbox_id)
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def read(self):
+        with self.env.begin(buffers=False) as txn:
+            yield txn
+
+    def write(self, fn: Callable[[lmdb.Transaction, Batch], Any]) -> Any:
+        """Run fn(txn, batch) in the next commit batch; return its result once durable."""
+        return self.wait(self.submit(fn))
+
+    def submit(self, fn: Callable[[lmdb.Transaction, Batch], Any]) -> _Request:
+        """Queue fn for the next batch without waiting: several submits can share a commit."""
+        request = _Request(fn)
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._commit_loop, name=f"shard-{self.number}", daemon=True)
+                self._thread.start()
+            self._queue.put(request)
+        return request
+
+    @staticmethod
+    def wait(request: _Request) -> Any:
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def last_commit(self) -> int:
+        """LMDB's id of the last committed transaction, by any process: cheap change detection."""
+        return self.env.info()["last_txnid"]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join()
+        self.env.close()
+
+    def _commit_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if request is None:
+                    stop = True
+                    break
+                batch.append(request)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, requests: list[_Request]) -> None:
+        batch = Batch()
+        try:
+            with self.env.begin(write=True) as txn:
+                for request in requests:
+                    mark = batch.mark()
+                    child = self.env.begin(write=True, parent=txn)
+                    try:
+                        request.result = request.fn(child, batch)
+                        child.commit()
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        child.abort()
+                        batch.rollback(mark)
+                        request.error = e
+                for directory in batch.sync_dirs:
+                    fsync_dir(directory)
+            for action in batch.after_commit:
+                try:
+                    action()
+                except OSError:
+                    pass  # a file left behind is an orphan `store check` reports
+        except BaseException as e:  # noqa: BLE001 - the whole batch failed to commit
+            batch.rollback()
+            for request in requests:
+                if request.error is None:
+                    error = StoreError(f"commit failed: {e.__class__.__name__}: {e}")
+                    error.__cause__ = e
+                    request.error = error
+        finally:
+            for request in requests:
+                request.done.set()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A second name for an immutable message file; a copy where links cannot reach."""
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        tmp = target.with_name(target.name + ".copy")
+        shutil.copyfile(source, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)

@@ -1,0 +1,298 @@
+"""The message store: the one interface mtad, imapd, pop3d and the CLI use for mail.
+
+An account lives in one shard, chosen by a stable hash of its address modulo the shard
+count recorded in the data dir. Every method is synchronous and thread-safe; asyncio and
+Twisted callers run them in a thread. Writes return once durable (file fsynced and renamed,
+directory fsynced, index committed with fsync); concurrent writes to a shard share a commit.
+Mailboxes are named with "/" as separator; messages are addressed by UID ranges, never by
+sequence numbers (those belong to an IMAP session).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from storage import mailboxes, maildir, messages
+from storage.datadir import DataDir
+from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
+from storage.messages import ALL, FlagState, MessageInfo, UidRanges
+from storage.mime import parse_message
+from storage.names import check_account_name, normalize_name
+from storage.shard import Shard, StoreError
+
+
+@dataclass(frozen=True)
+class Delivered:
+    account: str
+    mailbox: str
+    uidvalidity: int
+    uid: int
+
+
+class DeliveryError(StoreError):
+    """Some targets failed. `delivered` lists those that are durable, `errors` the others."""
+
+    def __init__(self, delivered: list[Delivered], errors: list[tuple[tuple[str, str], BaseException]]):
+        self.delivered, self.errors = delivered, errors
+        first = errors[0]
+        super().__init__(f"delivery to {first[0][0]} failed: {first[1]}")
+
+
+class Store:
+    def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], int] | None = None):
+        self._data_dir = data_dir
+        self._shards: dict[int, Shard] = {}
+        self._lock = threading.Lock()
+        self._quota_of = quota_of or (lambda account: 0)
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            shards, self._shards = list(self._shards.values()), {}
+        for shard in shards:
+            shard.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shards -------------------------------------------------------------------------
+
+    def shard_number(self, account: str) -> int:
+        digest = hashlib.blake2b(account.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self._data_dir.shards
+
+    def shard(self, account: str) -> Shard:
+        check_account_name(account)
+        return self._shard_by_number(self.shard_number(account))
+
+    def shards(self) -> list[Shard]:
+        return [self._shard_by_number(n) for n in range(self._data_dir.shards)]
+
+    def _shard_by_number(self, number: int) -> Shard:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            shard = self._shards.get(number)
+            if shard is None:
+                width = max(2, len(str(self._data_dir.shards - 1)))
+                shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
+                self._shards[number] = shard
+            return shard
+
+    # -- accounts and mailboxes ---------------------------------------------------------
+
+    def ensure_account(self, account: str) -> None:
+        shard = self.shard(account)
+        with shard.read() as txn:
+            if mailboxes.account_exists(txn, shard, account):
+                return
+        shard.write(lambda txn, batch: mailboxes.ensure_account(txn, shard, batch, account))
+
+    def mailboxes(self, account: str) -> list[Mailbox]:
+        self.ensure_account(account)
+        shard = self.shard(account)
+        with shard.read() as txn:
+            return mailboxes.listing(txn, shard, account)
+
+    def mailbox(self, account: str, name: str) -> Mailbox:
+        self.ensure_account(account)
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, name)
+            return mailboxes.to_mailbox(mailbox_id, state)
+
+    def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> Mailbox:
+        self.ensure_account(account)
+        shard = self.shard(account)
+        return shard.write(lambda txn, batch: mailboxes.create(txn, shard, batch, account, name, special_use))
+
+    def delete_mailbox(self, account: str, name: str) -> None:
+        self.ensure_account(account)
+        shard = self.shard(account)
+        shard.write(lambda txn, batch: mailboxes.delete(txn, shard, batch, account, name))
+
+    def rename_mailbox(self, account: str, old: str, new: str) -> None:
+        self.ensure_account(account)
+        shard = self.shard(account)
+        shard.write(lambda txn, batch: mailboxes.rename(txn, shard, batch, account, old, new))
+
+    def subscribe(self, account: str, name: str, on: bool = True) -> None:
+        shard = self.shard(account)
+        shard.write(lambda txn, batch: mailboxes.set_subscribed(txn, shard, account, name, on))
+
+    def subscriptions(self, account: str) -> list[str]:
+        shard = self.shard(account)
+        with shard.read() as txn:
+            return mailboxes.subscriptions(txn, shard, account)
+
+    def usage(self, account: str) -> dict:
+        """{"used": bytes, "messages": count} over all of the account's mailboxes."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            return mailboxes.account_usage(txn, shard, account)
+
+    # -- delivery -----------------------------------------------------------------------
+
+    def deliver(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *, flags: Iterable[str] = (),
+                internal_date: float | None = None) -> list[Delivered]:
+        """Store `raw` once in each distinct (account, mailbox) target ("account" alone is its
+        INBOX). Returns when every copy is durable; DeliveryError if any failed (the
+        `delivered` ones are durable all the same)."""
+        bits, keywords = messages.parse_flags(flags)
+        parsed = parse_message(raw)
+        meta = {"d": internal_date if internal_date is not None else time.time(), "t": parsed["sent"],
+                "e": parsed["envelope"], "x": parsed["structure"]}
+        wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
+                                    for t in targets))
+        pending = []
+        errors: list[tuple[tuple[str, str], BaseException]] = []
+        for account, name in wanted:
+            try:
+                shard = self.shard(account)
+                mailbox_id = self._mailbox_id(shard, account, name)
+                tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw])
+                quota = self._quota_of(account)
+                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, bits, keywords, quota)
+                pending.append(((account, name), shard, shard.submit(fn), tmp))
+            except (StoreError, ValueError, OSError) as e:
+                errors.append(((account, name), e))
+        delivered = []
+        for target, shard, request, tmp in pending:
+            try:
+                uidvalidity, uid = shard.wait(request)
+                delivered.append(Delivered(target[0], target[1], uidvalidity, uid))
+            except BaseException as e:  # noqa: BLE001 - reported per target
+                _unlink_quietly(tmp)
+                errors.append((target, e))
+        if errors:
+            raise DeliveryError(delivered, errors)
+        return delivered
+
+    def append(self, account: str, mailbox: str, raw: bytes, *, flags: Iterable[str] = (),
+               internal_date: float | None = None) -> Delivered:
+        """IMAP APPEND: into an existing mailbox only (MailboxNotFoundError means TRYCREATE)."""
+        try:
+            return self.deliver([(account, mailbox)], raw, flags=flags, internal_date=internal_date)[0]
+        except DeliveryError as e:
+            raise e.errors[0][1] from None
+
+    def _mailbox_id(self, shard: Shard, account: str, name: str) -> int:
+        with shard.read() as txn:
+            if mailboxes.account_exists(txn, shard, account):
+                return mailboxes.find(txn, shard, account, name)[0]
+        self.ensure_account(account)
+        with shard.read() as txn:
+            return mailboxes.find(txn, shard, account, name)[0]
+
+    # -- messages -----------------------------------------------------------------------
+
+    def uids(self, account: str, mailbox: str) -> tuple[Mailbox, list[int], list[int]]:
+        """(mailbox state, every UID ascending, their flag bits) from one snapshot."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            uids, bits = messages.uids_and_bits(txn, shard, mailbox_id)
+            return mailboxes.to_mailbox(mailbox_id, state), uids, bits
+
+    def flags(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[FlagState]:
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
+            return messages.flag_states(txn, shard, mailbox_id, ranges)
+
+    def fetch(self, account: str, mailbox: str, ranges: UidRanges) -> list[MessageInfo]:
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
+            return messages.fetch(txn, shard, account, mailbox_id, ranges)
+
+    def open_message(self, message: MessageInfo) -> BinaryIO:
+        """The stored bytes of a fetched message (exactly `message.size` of them)."""
+        base = message.path.name.split(",", 1)[0]
+        path = messages.find_file(message.path, base)
+        if path is None:
+            raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
+        return open(path, "rb")
+
+    def read_message(self, message: MessageInfo) -> bytes:
+        with self.open_message(message) as f:
+            return f.read()
+
+    def store_flags(self, account: str, mailbox: str, ranges: UidRanges, mode: str, flags: Iterable[str],
+                    unchanged_since: int | None = None) -> tuple[list[FlagState], list[int]]:
+        bits, keywords = messages.parse_flags(flags)
+        shard = self.shard(account)
+
+        def fn(txn, batch):
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            return messages.store_flags(txn, shard, batch, account, mailbox_id, state, ranges, mode, bits,
+                                        keywords, unchanged_since)
+
+        return shard.write(fn)
+
+    def expunge(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[int]:
+        shard = self.shard(account)
+
+        def fn(txn, batch):
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            return messages.expunge(txn, shard, batch, account, mailbox_id, state, ranges)
+
+        return shard.write(fn)
+
+    def copy(self, account: str, source: str, ranges: UidRanges, target: str,
+             *, move: bool = False) -> tuple[int, list[tuple[int, int]]]:
+        """(target UIDVALIDITY, [(source UID, target UID)]) — what COPYUID reports."""
+        shard = self.shard(account)
+        quota = 0 if move else self._quota_of(account)
+
+        def fn(txn, batch):
+            src = mailboxes.find(txn, shard, account, source)
+            dst = mailboxes.find(txn, shard, account, target)
+            if src[0] == dst[0]:
+                dst = (src[0], src[1])  # one state object, or the counters would diverge
+            pairs = messages.copy(txn, shard, batch, account, src, ranges, dst, move=move, quota=quota)
+            return dst[0], pairs
+
+        return shard.write(fn)
+
+    def move(self, account: str, source: str, ranges: UidRanges, target: str) -> tuple[int, list[tuple[int, int]]]:
+        return self.copy(account, source, ranges, target, move=True)
+
+    def changes_since(self, account: str, mailbox: str, modseq: int
+                      ) -> tuple[Mailbox, list[FlagState], list[int]]:
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
+            return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
+
+
+def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
+               bits: int, keywords: tuple[str, ...], quota: int):
+    def fn(txn, batch):
+        state = mailboxes.record(txn, shard, mailbox_id)
+        if state is None:
+            raise MailboxNotFoundError("the mailbox was deleted during delivery")
+        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, base=base, size=size,
+                              meta=meta, bits=bits, keywords=keywords, quota=quota)
+        return mailbox_id, uid
+
+    return fn
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
