@@ -17,8 +17,8 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin
-from postroom.serve import open_accounts, serve
+from postroom import __version__, admin, storeadmin
+from postroom.serve import open_accounts, open_store, serve
 from storage import AccountError, AddressError, DataDirError
 
 PROG = "postroom"
@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias")
     p.add_argument("targets", nargs="?", metavar="TARGET[,TARGET...]")
     p.set_defaults(run=admin.alias_remove)
+
+    store = _group(commands, "store", "check or rebuild the message store")
+    p = store.add_parser("check", help="compare message files with the index")
+    p.add_argument("account", nargs="?", help="one account (default: all)")
+    p.add_argument("--repair", action="store_true", help="make files and index agree")
+    p.set_defaults(run=storeadmin.store_check, needs_store=True)
+    p = store.add_parser("rebuild", help="recreate the index from the message files alone")
+    p.add_argument("account", nargs="?", help="one account (default: all)")
+    p.set_defaults(run=storeadmin.store_rebuild, needs_store=True)
     return parser
 
 
@@ -97,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(config)
         data_dir, accounts = open_accounts(config)
+        audit = admin.AuditLog(data_dir.path / "audit.log")
         with accounts:
-            return args.run(accounts, args, admin.AuditLog(data_dir.path / "audit.log"))
+            if getattr(args, "needs_store", False):
+                with open_store(data_dir, accounts) as store:
+                    return args.run(store, accounts, args, audit)
+            return args.run(accounts, args, audit)
     except admin.UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

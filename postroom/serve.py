@@ -23,6 +23,7 @@ from conf.values import ListenAddress
 from postroom import __version__
 from postroom.notify import notify
 from storage import Accounts, DataDir, open_data_dir
+from storage.store import Store
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
     accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
     return data_dir, accounts
+
+
+def open_store(data_dir: DataDir, accounts: Accounts) -> Store:
+    def quota_of(account: str) -> int:
+        user = accounts.get_user(account)
+        return user.quota if user else 0
+
+    return Store(data_dir, quota_of=quota_of)
 
 
 def serve(config: Config) -> int:

@@ -147,6 +147,7 @@ def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     directory = shard.mailbox_dir(account, mailbox_id)
     maildir.make_dirs(directory)
+    maildir.write_meta(directory, {"name": name, "special_use": special_use})
     batch.undo(lambda: shutil.rmtree(directory, ignore_errors=True))
     batch.sync_dirs.add(directory.parent)
     return to_mailbox(mailbox_id, state)
@@ -233,6 +234,9 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
         txn.put(name_key(account, renamed), pack_u32(mailbox_id), db=shard.db["names"])
         if txn.delete(name_key(account, name), db=shard.db["subs"]):
             txn.put(name_key(account, renamed), b"", db=shard.db["subs"])
+        meta = {"name": renamed, "special_use": state.get("special_use")}
+        directory = shard.mailbox_dir(account, mailbox_id)
+        batch.after_commit.append(lambda d=directory, m=meta: maildir.write_meta(d, m))
 
 
 def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:

@@ -10,6 +10,7 @@ sees the same state as IMAP clients.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import secrets
@@ -25,7 +26,8 @@ _LETTER_BITS = {letter: bit for bit, letter in _LETTERS.items()}
 
 _NAME = re.compile(r"^(?P<base>[^,:/]+),U=(?P<uid>\d+),S=(?P<size>\d+):2,(?P<letters>[A-Za-z]*)$")
 _counter = itertools.count()
-_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+META_FILE = "postroom.json"
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 
 
 def letters(bits: int) -> str:
@@ -39,7 +41,7 @@ def bits_from_letters(text: str) -> int:
 def new_base() -> str:
     """A name no other delivery, in this or any process or host, will pick (maildir(5))."""
     now = time.time()
-    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{_HOST}"
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}.{HOST}"
 
 
 def file_name(base: str, uid: int, size: int, bits: int) -> str:
@@ -59,8 +61,9 @@ def make_dirs(mailbox_dir: Path) -> None:
         (mailbox_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def write_tmp(mailbox_dir: Path, chunks: list[bytes]) -> tuple[Path, str]:
-    """Write the chunks to a new file in tmp/ and fsync it; returns (path, base name)."""
+def write_tmp(mailbox_dir: Path, chunks: list[bytes], mtime: float | None = None) -> tuple[Path, str]:
+    """Write the chunks to a new file in tmp/ and fsync it; returns (path, base name). The
+    file's mtime is the message's internal date (as Dovecot keeps it), for `store rebuild`."""
     base = new_base()
     path = mailbox_dir / "tmp" / base
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -70,6 +73,8 @@ def write_tmp(mailbox_dir: Path, chunks: list[bytes]) -> tuple[Path, str]:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -77,6 +82,20 @@ def write_tmp(mailbox_dir: Path, chunks: list[bytes]) -> tuple[Path, str]:
         raise
     os.close(fd)
     return path, base
+
+
+def write_meta(mailbox_dir: Path, meta: dict) -> None:
+    """`postroom.json` beside tmp/new/cur: the mailbox's name for `store rebuild`."""
+    tmp = mailbox_dir / "postroom.json.tmp"
+    tmp.write_text(json.dumps(meta, ensure_ascii=False) + "\n")
+    os.replace(tmp, mailbox_dir / META_FILE)
+
+
+def read_meta(mailbox_dir: Path) -> dict | None:
+    try:
+        return json.loads((mailbox_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -36,6 +36,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from storage.maildir import fsync_dir
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
+FSYNC_THREADS = 16
 
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
@@ -148,6 +150,7 @@ class Shard:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._fsync_pool: ThreadPoolExecutor | None = None
 
     # -- paths --------------------------------------------------------------------------
 
@@ -199,7 +202,20 @@ class Shard:
                 self._queue.put(None)
         if thread is not None:
             thread.join()
+        if self._fsync_pool is not None:
+            self._fsync_pool.shutdown()
         self.env.close()
+
+    def _fsync_dirs(self, directories: set[Path]) -> None:
+        # Issued together, concurrent fsyncs join one journal commit instead of queueing.
+        if len(directories) <= 1:
+            for directory in directories:
+                fsync_dir(directory)
+            return
+        if self._fsync_pool is None:
+            self._fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix=f"fsync-{self.number}")
+        for future in [self._fsync_pool.submit(fsync_dir, d) for d in directories]:
+            future.result()
 
     def _commit_loop(self) -> None:
         while True:
@@ -235,8 +251,7 @@ class Shard:
                         child.abort()
                         batch.rollback(mark)
                         request.error = e
-                for directory in batch.sync_dirs:
-                    fsync_dir(directory)
+                self._fsync_dirs(batch.sync_dirs)
             for action in batch.after_commit:
                 try:
                     action()

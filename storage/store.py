@@ -161,7 +161,7 @@ class Store:
             try:
                 shard = self.shard(account)
                 mailbox_id = self._mailbox_id(shard, account, name)
-                tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw])
+                tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw], meta["d"])
                 quota = self._quota_of(account)
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, bits, keywords, quota)
                 pending.append(((account, name), shard, shard.submit(fn), tmp))

@@ -1,0 +1,273 @@
+"""`postroom store check` and `store rebuild`: files and index, compared and made to agree.
+
+check (with repair=False, report only) trusts the index and looks for every difference a
+crash can leave (see storage/shard.py): a file in tmp/ whose writer is gone, a file in
+cur/ or new/ the index does not know (a delivery that never returned, or a message dropped
+in by another Maildir tool: repair indexes it under a new UID, so nothing is lost), a file
+of an expunged message still on disk (repair deletes it), a file whose name carries stale
+flags (repair renames it), an indexed message without its file (repair expunges it), and
+counters that drifted.
+
+rebuild trusts the files: it drops the account's index and recreates it from the mailbox
+directories, their `postroom.json`, and the file names (`,U=` UID, `:2,` flags, mtime as
+internal date). Where the UIDs in the names are not unique, the mailbox gets a new
+UIDVALIDITY and new UIDs, as RFC 3501 §2.3.1.1 requires. Keywords live only in the index
+and are lost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage import mailboxes, maildir, messages
+from storage.mime import parse_message
+from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name
+from storage.shard import Batch, Shard, dumps, loads, pack_flags, pack_u32, uid_key, unpack_u32
+from storage.store import Store
+
+TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
+
+
+@dataclass(frozen=True)
+class Problem:
+    account: str
+    mailbox: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.account} {self.mailbox}: {self.kind}: {self.detail}"
+
+
+def accounts_on_disk(store: Store) -> list[str]:
+    found = []
+    for shard in store.shards():
+        if shard.path.is_dir():
+            found.extend(p.name for p in shard.path.iterdir() if p.is_dir() and "@" in p.name)
+    return sorted(found)
+
+
+def check(store: Store, account: str | None = None, *, repair: bool = False) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in [account] if account else accounts_on_disk(store):
+        shard = store.shard(name)
+        if not shard.account_dir(name).is_dir():
+            continue
+        problems.extend(_check_account(shard, name, repair))
+    return problems
+
+
+def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
+    problems = []
+    with shard.read() as txn:
+        known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
+    for directory in sorted(shard.account_dir(account).iterdir()):
+        if not directory.name.isdigit():
+            continue
+        mailbox_id = int(directory.name)
+        if mailbox_id not in known:
+            problems.append(Problem(account, directory.name, "directory-not-in-index",
+                                    "a deleted mailbox's directory (repair removes it)"))
+            if repair:
+                shutil.rmtree(directory, ignore_errors=True)
+            continue
+        problems.extend(_check_mailbox(shard, account, known[mailbox_id], directory, repair))
+    if repair:
+        shard.write(lambda txn, batch: _fix_counters(txn, shard, account))
+    return problems
+
+
+def _check_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
+                   repair: bool) -> list[Problem]:
+    problems = []
+    where = mailbox.name
+    for entry in _files(directory / "tmp"):
+        if _abandoned(entry):
+            problems.append(Problem(account, where, "tmp-orphan", f"{entry.name} (its writer is gone)"))
+            if repair:
+                _unlink(entry)
+    with shard.read() as txn:
+        indexed = {}  # base -> (uid, bits, size)
+        for uid, _, bits, _ in messages._iter_flags(txn, shard, mailbox.id, messages.ALL):
+            meta = loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))
+            indexed[meta["b"]] = (uid, bits, meta["s"])
+        expunged = set()
+        cursor = txn.cursor(db=shard.db["expunged"])
+        if cursor.set_range(uid_key(mailbox.id, 0)):
+            for key, value in cursor:
+                if key[:4] != pack_u32(mailbox.id):
+                    break
+                expunged.add(bytes(value).decode())
+    seen = set()
+    unindexed = []
+    for sub in ("cur", "new"):
+        for entry in _files(directory / sub):
+            parsed = maildir.parse_file_name(entry.name)
+            base = parsed[0] if parsed else entry.name.split(":")[0].split(",")[0]
+            if base in indexed:
+                seen.add(base)
+                uid, bits, size = indexed[base]
+                expected = maildir.file_name(base, uid, size, bits)
+                if sub != "cur" or entry.name != expected:
+                    problems.append(Problem(account, where, "name-differs", f"{sub}/{entry.name} should be cur/{expected}"))
+                    if repair:
+                        os.rename(entry, directory / "cur" / expected)
+            elif base in expunged:
+                problems.append(Problem(account, where, "expunged-file-left", f"{sub}/{entry.name}"))
+                if repair:
+                    _unlink(entry)
+            else:
+                problems.append(Problem(account, where, "file-not-in-index", f"{sub}/{entry.name} (repair indexes it)"))
+                unindexed.append(entry)
+    missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen]
+    for base, uid in missing:
+        problems.append(Problem(account, where, "file-missing", f"UID {uid} ({base}) (repair expunges it)"))
+    if repair and (unindexed or missing):
+        shard.write(lambda txn, batch: _repair_messages(txn, shard, batch, account, mailbox.id, unindexed, missing))
+    return problems
+
+
+def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: int,
+                     unindexed: list[Path], missing: list[tuple[str, int]]) -> None:
+    state = mailboxes.record(txn, shard, mailbox_id)
+    if missing:
+        messages.expunge(txn, shard, batch, account, mailbox_id, state,
+                         [(uid, uid) for _, uid in missing], only_deleted=False)
+    for path in unindexed:
+        raw = Path(path).read_bytes()
+        parsed = maildir.parse_file_name(Path(path).name)
+        bits = parsed[3] if parsed else maildir.bits_from_letters(Path(path).name.partition(":2,")[2])
+        messages.insert(txn, shard, batch, account, mailbox_id, state, source=Path(path), base=maildir.new_base(),
+                        size=len(raw), meta=_meta(raw, Path(path)), bits=bits, keywords=(), quota=0)
+
+
+def _fix_counters(txn, shard: Shard, account: str) -> None:
+    used = count = 0
+    for mailbox in mailboxes.listing(txn, shard, account):
+        state = mailboxes.record(txn, shard, mailbox.id)
+        exists = size = unseen = 0
+        for uid, _, bits, _ in messages._iter_flags(txn, shard, mailbox.id, messages.ALL):
+            exists += 1
+            size += loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))["s"]
+            unseen += 0 if bits & maildir.SEEN else 1
+        if (state["exists"], state["size"], state["unseen"]) != (exists, size, unseen):
+            state.update(exists=exists, size=size, unseen=unseen)
+            mailboxes.put_record(txn, shard, mailbox.id, state)
+        used, count = used + size, count + exists
+    txn.put(account.encode(), dumps({"used": used, "messages": count}), db=shard.db["accounts"])
+
+
+def rebuild(store: Store, account: str) -> dict:
+    """Recreate the account's index from its files alone; a summary of what was found."""
+    shard = store.shard(account)
+    return shard.write(lambda txn, batch: _rebuild(txn, shard, batch, account))
+
+
+def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
+    for mailbox in mailboxes.listing(txn, shard, account):
+        for base in mailboxes._bases_of(txn, shard, mailbox.id):
+            txn.delete(base, db=shard.db["bases"])
+        low, high = uid_key(mailbox.id, 0), uid_key(mailbox.id + 1, 0)
+        for db_name in ("flags", "msgs", "modseqs", "expunged"):
+            mailboxes._delete_range(txn, shard.db[db_name], low, high)
+        txn.delete(pack_u32(mailbox.id), db=shard.db["mailboxes"])
+        txn.delete(mailboxes.name_key(account, mailbox.name), db=shard.db["names"])
+    for name in mailboxes.subscriptions(txn, shard, account):
+        txn.delete(mailboxes.name_key(account, name), db=shard.db["subs"])
+    txn.delete(account.encode(), db=shard.db["accounts"])
+    txn.put(account.encode(), dumps({"used": 0, "messages": 0}), db=shard.db["accounts"])
+
+    summary = {"mailboxes": 0, "messages": 0, "renumbered": 0}
+    account_dir = shard.account_dir(account)
+    directories = sorted(d for d in account_dir.iterdir() if d.name.isdigit()) if account_dir.is_dir() else []
+    for directory in directories:
+        _rebuild_mailbox(txn, shard, batch, account, directory, summary)
+    for name, special_use in DEFAULT_MAILBOXES:
+        if txn.get(mailboxes.name_key(account, name), db=shard.db["names"]) is None:
+            mailboxes.create(txn, shard, batch, account, name, special_use, subscribe=True)
+    _fix_counters(txn, shard, account)
+    return summary
+
+
+def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: Path, summary: dict) -> None:
+    meta = maildir.read_meta(directory) or {}
+    try:
+        name = normalize_name(meta.get("name") or f"Recovered/{directory.name}")
+    except MailboxNameError:
+        name = f"Recovered/{directory.name}"
+    if txn.get(mailboxes.name_key(account, name), db=shard.db["names"]) is not None:
+        name = f"Recovered/{directory.name}"
+    files = [(maildir.parse_file_name(e.name), Path(e.path)) for sub in ("cur", "new") for e in _files(directory / sub)]
+    uids = [parsed[1] for parsed, _ in files if parsed]
+    mailbox_id = int(directory.name)
+    renumber = len(uids) != len(files) or len(set(uids)) != len(uids) or not 0 < mailbox_id < 2**32
+    if renumber:
+        # Not every file has a unique UID: clients must forget what they knew (new UIDVALIDITY).
+        mailbox_id = mailboxes._new_id(txn, shard)
+        new_directory = shard.mailbox_dir(account, mailbox_id)
+        os.rename(directory, new_directory)
+        files = [(parsed, new_directory / path.parent.name / path.name) for parsed, path in files]
+        directory = new_directory
+        summary["renumbered"] += 1
+    else:
+        raw = txn.get(b"uidvalidity", db=shard.db["counters"])
+        if raw is None or unpack_u32(raw) < mailbox_id:
+            txn.put(b"uidvalidity", pack_u32(mailbox_id), db=shard.db["counters"])
+    files.sort(key=lambda item: (item[0][1] if item[0] and not renumber else 0, item[1].stat().st_mtime, item[1].name))
+    state = {"account": account, "name": name, "uidnext": 1, "modseq": 2, "exists": 0, "unseen": 0, "size": 0,
+             "special_use": meta.get("special_use"), "keywords": []}
+    for index, (parsed, path) in enumerate(files):
+        raw = path.read_bytes()
+        uid = parsed[1] if parsed and not renumber else index + 1
+        bits = parsed[3] if parsed else maildir.bits_from_letters(path.name.partition(":2,")[2])
+        base = parsed[0] if parsed and not renumber else maildir.new_base()
+        target = directory / "cur" / maildir.file_name(base, uid, len(raw), bits)
+        if path != target:
+            os.rename(path, target)
+        entry = {**_meta(raw, target), "b": base, "s": len(raw)}
+        txn.put(uid_key(mailbox_id, uid), pack_flags(2, bits, ()), db=shard.db["flags"])
+        txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
+        txn.put(messages.modseq_key(mailbox_id, 2, uid), b"", db=shard.db["modseqs"])
+        txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
+        state["uidnext"] = max(state["uidnext"], uid + 1)
+        summary["messages"] += 1
+    mailboxes.put_record(txn, shard, mailbox_id, state)
+    txn.put(mailboxes.name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
+    txn.put(mailboxes.name_key(account, name), b"", db=shard.db["subs"])
+    maildir.write_meta(directory, {"name": name, "special_use": meta.get("special_use")})
+    summary["mailboxes"] += 1
+
+
+def _meta(raw: bytes, path: Path) -> dict:
+    parsed = parse_message(raw)
+    return {"d": path.stat().st_mtime, "t": parsed["sent"], "e": parsed["envelope"], "x": parsed["structure"]}
+
+
+def _files(directory: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as entries:
+            return [e for e in entries if e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _abandoned(entry: os.DirEntry) -> bool:
+    """A tmp/ file whose writing process is gone (our names carry P<pid> and the host)."""
+    parts = entry.name.split(".", 2)  # <seconds>.M<usec>P<pid>Q<n>R<random>.<host>
+    if len(parts) == 3 and parts[2] == maildir.HOST and "P" in parts[1]:
+        pid_text = parts[1].split("P", 1)[1].split("Q", 1)[0]
+        if pid_text.isdigit() and not Path(f"/proc/{pid_text}").exists():
+            return True
+    return time.time() - entry.stat().st_mtime > TMP_MAX_AGE
+
+
+def _unlink(entry: os.DirEntry | Path) -> None:
+    try:
+        os.unlink(entry)
+    except FileNotFoundError:
+        pass
+
