@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import mailboxes, maildir, messages
@@ -62,9 +62,10 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
 
 
 def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
-    problems = []
+    problems: list[Problem] = []
     with shard.read() as txn:
         known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
+    scans = []
     for directory in sorted(shard.account_dir(account).iterdir()):
         if not directory.name.isdigit():
             continue
@@ -75,15 +76,43 @@ def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
             if repair:
                 shutil.rmtree(directory, ignore_errors=True)
             continue
-        problems.extend(_check_mailbox(shard, account, known[mailbox_id], directory, repair))
+        scans.append(_scan_mailbox(shard, account, known[mailbox_id], directory, problems, repair))
+    # A file the index does not know but that shares its inode with one it does is the new
+    # link of a copy or move that never committed: indexing it would duplicate the message.
+    indexed_inodes = set().union(*(scan.indexed_inodes for scan in scans)) if scans else set()
+    for scan in scans:
+        for entry in scan.unknown:
+            if entry.inode() in indexed_inodes:
+                problems.append(Problem(account, scan.mailbox.name, "copy-link-left",
+                                        f"{entry.name} (an uncommitted copy or move; repair removes it)"))
+                if repair:
+                    _unlink(entry)
+            else:
+                problems.append(Problem(account, scan.mailbox.name, "file-not-in-index",
+                                        f"{entry.name} (repair indexes it)"))
+                scan.unindexed.append(Path(entry.path))
+        for base, uid in scan.missing:
+            problems.append(Problem(account, scan.mailbox.name, "file-missing", f"UID {uid} ({base}) (repair expunges it)"))
+        if repair and (scan.unindexed or scan.missing):
+            shard.write(lambda txn, batch, s=scan: _repair_messages(txn, shard, batch, account, s.mailbox.id,
+                                                                    s.unindexed, s.missing))
     if repair:
         shard.write(lambda txn, batch: _fix_counters(txn, shard, account))
     return problems
 
 
-def _check_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
-                   repair: bool) -> list[Problem]:
-    problems = []
+@dataclass
+class _Scan:
+    mailbox: mailboxes.Mailbox
+    indexed_inodes: set[int] = field(default_factory=set)
+    unknown: list[os.DirEntry] = field(default_factory=list)
+    unindexed: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _scan_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
+                  problems: list[Problem], repair: bool) -> _Scan:
+    scan = _Scan(mailbox)
     where = mailbox.name
     for entry in _files(directory / "tmp"):
         if _abandoned(entry):
@@ -103,17 +132,18 @@ def _check_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, direc
                     break
                 expunged.add(bytes(value).decode())
     seen = set()
-    unindexed = []
     for sub in ("cur", "new"):
         for entry in _files(directory / sub):
             parsed = maildir.parse_file_name(entry.name)
             base = parsed[0] if parsed else entry.name.split(":")[0].split(",")[0]
             if base in indexed:
                 seen.add(base)
+                scan.indexed_inodes.add(entry.inode())
                 uid, bits, size = indexed[base]
                 expected = maildir.file_name(base, uid, size, bits)
                 if sub != "cur" or entry.name != expected:
-                    problems.append(Problem(account, where, "name-differs", f"{sub}/{entry.name} should be cur/{expected}"))
+                    problems.append(Problem(account, where, "name-differs",
+                                            f"{sub}/{entry.name} should be cur/{expected}"))
                     if repair:
                         os.rename(entry, directory / "cur" / expected)
             elif base in expunged:
@@ -121,14 +151,9 @@ def _check_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, direc
                 if repair:
                     _unlink(entry)
             else:
-                problems.append(Problem(account, where, "file-not-in-index", f"{sub}/{entry.name} (repair indexes it)"))
-                unindexed.append(entry)
-    missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen]
-    for base, uid in missing:
-        problems.append(Problem(account, where, "file-missing", f"UID {uid} ({base}) (repair expunges it)"))
-    if repair and (unindexed or missing):
-        shard.write(lambda txn, batch: _repair_messages(txn, shard, batch, account, mailbox.id, unindexed, missing))
-    return problems
+                scan.unknown.append(entry)
+    scan.missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen]
+    return scan
 
 
 def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: int,
