@@ -32,6 +32,7 @@ def store_rebuild(store: Store, accounts: Accounts, args: argparse.Namespace, au
     for account in targets:
         summary = rebuild(store, account)
         audit("store.rebuilt", account=account, **summary)
+        renumbered = summary["renumbered"]
         print(f"{account}: {summary['mailboxes']} mailbox(es), {summary['messages']} message(s) indexed"
-              + (f", {summary['renumbered']} mailbox(es) renumbered (new UIDVALIDITY)" if summary["renumbered"] else ""))
+              + (f", {renumbered} mailbox(es) renumbered (new UIDVALIDITY)" if renumbered else ""))
     return 0

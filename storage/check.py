@@ -92,7 +92,8 @@ def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
                                         f"{entry.name} (repair indexes it)"))
                 scan.unindexed.append(Path(entry.path))
         for base, uid in scan.missing:
-            problems.append(Problem(account, scan.mailbox.name, "file-missing", f"UID {uid} ({base}) (repair expunges it)"))
+            problems.append(Problem(account, scan.mailbox.name, "file-missing",
+                                    f"UID {uid} ({base}) (repair expunges it)"))
         if repair and (scan.unindexed or scan.missing):
             shard.write(lambda txn, batch, s=scan: _repair_messages(txn, shard, batch, account, s.mailbox.id,
                                                                     s.unindexed, s.missing))

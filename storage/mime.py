@@ -23,7 +23,7 @@ import html
 import quopri
 import re
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 
 MAX_DEPTH = 20
@@ -31,7 +31,7 @@ MAX_PARTS = 1000
 MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+_HEADER_PARSER = HeaderParser(policy=compat32)
 _TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
 ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
 ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
@@ -81,7 +81,8 @@ def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
 def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, budget: _Budget):
     budget.parts += 1
     hdr_end, body_start = header_end(raw, start, end)
-    message = _HEADER_PARSER.parsebytes(raw[start:hdr_end])
+    # Headers may be raw UTF-8 (RFC 6532); invalid bytes become U+FFFD rather than failing.
+    message = _HEADER_PARSER.parsestr(bytes(raw[start:hdr_end]).decode("utf-8", "replace"))
     maintype, subtype = _content_type(message, default)
     part: dict = {
         "type": maintype,
@@ -168,11 +169,16 @@ def _leaf_fields(message: Message, raw: bytes, body_start: int, end: int) -> dic
         "description": _header(message, "content-description"),
         "encoding": (_header(message, "content-transfer-encoding") or "7BIT").upper(),
         "size": end - body_start,
-        "lines": raw.count(b"\n", body_start, end) + (0 if raw.endswith(b"\n", body_start, end) or end == body_start else 1),
+        "lines": _count_lines(raw, body_start, end),
     }
     fields["md5"] = _header(message, "content-md5")
     fields.update(_extension(message))
     return fields
+
+
+def _count_lines(raw: bytes, start: int, end: int) -> int:
+    lines = raw.count(b"\n", start, end)
+    return lines if end == start or raw.endswith(b"\n", start, end) else lines + 1
 
 
 def _extension(message: Message) -> dict:

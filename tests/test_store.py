@@ -1,0 +1,294 @@
+"""The store's public API on a real data dir: layout, mailboxes, delivery, flags, expunge,
+copy and move, changes since a MODSEQ, quota, check and rebuild."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from storage import open_data_dir
+from storage.check import check, rebuild
+from storage.mailboxes import MailboxError, MailboxExistsError, MailboxNotFoundError
+from storage.messages import FlagError, QuotaExceededError
+from storage.names import MailboxNameError
+from storage.store import DeliveryError, Store
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+ALL = [(1, 2**32 - 1)]
+
+
+def message(subject: str = "hello", body: str = "body text") -> bytes:
+    return (f"From: Bob <bob@example.org>\r\nTo: {ALICE}\r\nSubject: {subject}\r\n"
+            f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{subject}@example.org>\r\n\r\n{body}\r\n").encode()
+
+
+@pytest.fixture
+def store(data_dir):
+    with Store(open_data_dir(data_dir, 4)) as s:
+        yield s
+
+
+def test_layout_shard_per_account_and_default_mailboxes(store, data_dir):
+    boxes = {m.name: m for m in store.mailboxes(ALICE)}
+    assert sorted(boxes) == ["Archive", "Drafts", "INBOX", "Junk", "Sent", "Trash"]
+    assert {n: m.special_use for n, m in boxes.items() if m.special_use} == {
+        "Archive": "\\Archive", "Drafts": "\\Drafts", "Junk": "\\Junk", "Sent": "\\Sent", "Trash": "\\Trash"}
+    assert all(m.subscribed for m in boxes.values())
+    shard = f"{store.shard_number(ALICE):02d}"
+    inbox_dir = data_dir / "shards" / shard / ALICE / str(boxes["INBOX"].uidvalidity)
+    assert all((inbox_dir / sub).is_dir() for sub in ("tmp", "new", "cur"))
+    assert (data_dir / "shards" / shard / "index.lmdb" / "data.mdb").is_file()
+    # The shard of an account is a stable function of its name.
+    assert store.shard_number(ALICE) == store.shard_number(ALICE)
+    assert len({store.shard_number(f"user{i}@example.test") for i in range(100)}) == 4
+
+
+def test_deliver_stores_exact_bytes_with_cached_envelope_and_structure(store):
+    raw = message("Grüße", "héllo") + b"\r\n8bit \xff bytes kept as they are\r\n"
+    delivered = store.deliver([ALICE], raw, internal_date=1_700_000_000.0)
+    assert [(d.account, d.mailbox, d.uid) for d in delivered] == [(ALICE, "INBOX", 1)]
+    (info,) = store.fetch(ALICE, "INBOX", ALL)
+    assert store.read_message(info) == raw and info.size == len(raw)
+    assert info.internal_date == 1_700_000_000.0
+    assert info.envelope["subject"] == "Grüße" and info.envelope["from"] == [["Bob", None, "bob", "example.org"]]
+    assert info.structure["type"] == "text" and info.structure["body"][1] == len(raw)
+    assert info.sent == 1795428000.0
+    assert os.stat(info.path).st_mtime == 1_700_000_000.0  # for rebuild
+
+
+def test_one_copy_per_distinct_target(store):
+    delivered = store.deliver([ALICE, (ALICE, "INBOX"), (ALICE, "inbox"), BOB, (ALICE, "Archive")], message())
+    assert sorted((d.account, d.mailbox) for d in delivered) == [(ALICE, "Archive"), (ALICE, "INBOX"), (BOB, "INBOX")]
+    assert store.mailbox(ALICE, "INBOX").exists == 1
+
+
+def test_deliver_to_a_missing_mailbox_fails_for_that_target_only(store):
+    with pytest.raises(DeliveryError) as failure:
+        store.deliver([ALICE, (BOB, "Nope")], message())
+    assert [(d.account, d.mailbox) for d in failure.value.delivered] == [(ALICE, "INBOX")]
+    assert isinstance(failure.value.errors[0][1], MailboxNotFoundError)
+    with pytest.raises(MailboxNotFoundError):
+        store.append(ALICE, "Nope", message())
+
+
+def test_uids_ascend_and_uidvalidity_is_never_reused(store, data_dir):
+    store.create_mailbox(ALICE, "Lists")
+    first = store.mailbox(ALICE, "Lists").uidvalidity
+    uids = [store.append(ALICE, "Lists", message(str(i))).uid for i in range(3)]
+    assert uids == [1, 2, 3]
+    store.delete_mailbox(ALICE, "Lists")
+    store.create_mailbox(ALICE, "Lists")
+    assert store.mailbox(ALICE, "Lists").uidvalidity > first
+    assert store.append(ALICE, "Lists", message()).uid == 1
+    store.close()
+    with Store(open_data_dir(data_dir, 4)) as again:  # persistent across a restart
+        box = again.mailbox(ALICE, "Lists")
+        assert box.uidnext == 2 and box.uidvalidity > first
+
+
+def test_mailbox_names(store):
+    for good in ("Reports/2026", "Ünïcødé", "with space", "INBOX/child", "日本語"):
+        store.create_mailbox(ALICE, good)
+    names = {m.name for m in store.mailboxes(ALICE)}
+    assert {"Reports", "Reports/2026", "Ünïcødé", "with space", "INBOX/child", "日本語"} <= names
+    assert store.mailbox(ALICE, "inbox").name == "INBOX"
+    for bad in ("", "a//b", "/abs", "trail/", "..", "a/../b", ".", "x\x00y", "tab\there", "a*", "%", "x" * 600,
+                " lead"):
+        with pytest.raises(MailboxNameError):
+            store.create_mailbox(ALICE, bad)
+    with pytest.raises(MailboxExistsError):
+        store.create_mailbox(ALICE, "Sent")
+
+
+def test_rename_with_children_and_delete_rules(store):
+    store.create_mailbox(ALICE, "Projects/A/Deep")
+    store.append(ALICE, "Projects/A", message())
+    store.subscribe(ALICE, "Projects/A")
+    validity = store.mailbox(ALICE, "Projects/A").uidvalidity
+    store.rename_mailbox(ALICE, "Projects", "Work/Old")
+    names = {m.name for m in store.mailboxes(ALICE)}
+    assert {"Work", "Work/Old", "Work/Old/A", "Work/Old/A/Deep"} <= names and "Projects" not in names
+    moved = store.mailbox(ALICE, "Work/Old/A")
+    assert moved.uidvalidity == validity and moved.exists == 1  # a rename keeps UIDs valid
+    assert "Work/Old/A" in store.subscriptions(ALICE)
+    assert store.read_message(store.fetch(ALICE, "Work/Old/A", ALL)[0]) == message()
+    with pytest.raises(MailboxError, match="has children"):
+        store.delete_mailbox(ALICE, "Work/Old")
+    with pytest.raises(MailboxError, match="INBOX cannot be deleted"):
+        store.delete_mailbox(ALICE, "INBOX")
+    with pytest.raises(MailboxExistsError):
+        store.rename_mailbox(ALICE, "Work/Old/A/Deep", "Sent")
+    with pytest.raises(MailboxError, match="into itself"):
+        store.rename_mailbox(ALICE, "Work", "Work/Inside")
+
+
+def test_flags_modes_modseq_and_maildir_names(store):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    start = store.mailbox(ALICE, "INBOX").highestmodseq
+    changed, modified = store.store_flags(ALICE, "INBOX", [(1, 2)], "add", ["\\Seen", "\\Flagged", "$Important"])
+    assert [c.uid for c in changed] == [1, 2] and modified == []
+    assert all(c.modseq == start + 1 for c in changed)
+    assert store.flags(ALICE, "INBOX", [(1, 1)])[0].flags == ("\\Seen", "\\Flagged", "$Important")
+    store.store_flags(ALICE, "INBOX", [(1, 1)], "remove", ["\\Flagged", "$Important"])
+    store.store_flags(ALICE, "INBOX", [(3, 3)], "set", ["\\Answered", "\\Draft"])
+    states = {s.uid: s.flags for s in store.flags(ALICE, "INBOX")}
+    assert states == {1: ("\\Seen",), 2: ("\\Seen", "\\Flagged", "$Important"), 3: ("\\Answered", "\\Draft")}
+    mailbox = store.mailbox(ALICE, "INBOX")
+    assert mailbox.unseen == 1 and "$Important" in mailbox.keywords
+    suffixes = sorted(p.name.rsplit(":2,", 1)[1] for p in (_mailbox_dir(store, "INBOX") / "cur").iterdir())
+    assert suffixes == ["DR", "FS", "S"]
+    # Nothing changes: no new MODSEQ.
+    before = store.mailbox(ALICE, "INBOX").highestmodseq
+    assert store.store_flags(ALICE, "INBOX", [(1, 1)], "add", ["\\Seen"]) == ([], [])
+    assert store.mailbox(ALICE, "INBOX").highestmodseq == before
+
+
+def test_unchanged_since_refuses_what_changed_after(store):
+    store.deliver([ALICE], message("a"))
+    store.deliver([ALICE], message("b"))
+    seen_at = store.mailbox(ALICE, "INBOX").highestmodseq
+    store.store_flags(ALICE, "INBOX", [(2, 2)], "add", ["\\Flagged"])
+    changed, modified = store.store_flags(ALICE, "INBOX", ALL, "add", ["\\Seen"], unchanged_since=seen_at)
+    assert [c.uid for c in changed] == [1] and modified == [2]
+
+
+def test_bad_flags_and_keyword_limits(store):
+    store.deliver([ALICE], message())
+    for bad in (["\\Recent"], ["\\Bogus"], ["sp ace"], ["br(ace"], ["ünï"], ["x" * 65]):
+        with pytest.raises(FlagError):
+            store.store_flags(ALICE, "INBOX", ALL, "add", bad)
+    with pytest.raises(FlagError, match="too many distinct keywords"):
+        for i in range(300):
+            store.store_flags(ALICE, "INBOX", ALL, "add", [f"k{i}"])
+    assert len(store.mailbox(ALICE, "INBOX").keywords) == 256
+
+
+def test_expunge_removes_deleted_messages_and_their_files(store):
+    for i in range(4):
+        store.deliver([ALICE], message(str(i)))
+    store.store_flags(ALICE, "INBOX", [(2, 3)], "add", ["\\Deleted"])
+    assert store.expunge(ALICE, "INBOX", [(3, 3)]) == [3]  # UID EXPUNGE limits it
+    assert store.expunge(ALICE, "INBOX") == [2]
+    _, uids, _ = store.uids(ALICE, "INBOX")
+    assert uids == [1, 4]
+    assert len(list((_mailbox_dir(store, "INBOX") / "cur").iterdir())) == 2
+    assert store.usage(ALICE)["messages"] == 2
+
+
+def test_copy_and_move(store):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    store.store_flags(ALICE, "INBOX", [(1, 1)], "add", ["\\Flagged", "$Work"])
+    validity, pairs = store.copy(ALICE, "INBOX", [(1, 2)], "Archive")
+    assert validity == store.mailbox(ALICE, "Archive").uidvalidity and pairs == [(1, 1), (2, 2)]
+    assert store.flags(ALICE, "Archive", [(1, 1)])[0].flags == ("\\Flagged", "$Work")
+    assert store.mailbox(ALICE, "INBOX").exists == 3 and store.usage(ALICE)["messages"] == 5
+    inbox_file = store.fetch(ALICE, "INBOX", [(3, 3)])[0].path
+    _, pairs = store.move(ALICE, "INBOX", [(3, 3)], "Trash")
+    assert pairs == [(3, 1)]
+    moved = store.fetch(ALICE, "Trash", [(1, 1)])[0]
+    assert not inbox_file.exists() and os.stat(moved.path).st_nlink == 1  # one file, moved
+    assert store.read_message(moved) == message("2")
+    assert store.usage(ALICE)["messages"] == 5
+
+
+def test_changes_since_a_modseq(store):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    since = store.mailbox(ALICE, "INBOX").highestmodseq
+    store.store_flags(ALICE, "INBOX", [(2, 2)], "add", ["\\Seen", "\\Deleted"])
+    store.expunge(ALICE, "INBOX")
+    store.deliver([ALICE], message("new"))
+    mailbox, changed, expunged = store.changes_since(ALICE, "INBOX", since)
+    assert [c.uid for c in changed] == [4] and expunged == [2]
+    assert mailbox.highestmodseq > since
+
+
+def test_quota_is_enforced_per_account(data_dir):
+    raw = message(body="x" * 1000)
+    with Store(open_data_dir(data_dir, 4), quota_of=lambda account: 3 * len(raw) if account == ALICE else 0) as store:
+        for _ in range(3):
+            store.deliver([ALICE], raw)
+        with pytest.raises(DeliveryError) as failure:
+            store.deliver([ALICE, BOB], raw)
+        assert isinstance(failure.value.errors[0][1], QuotaExceededError)
+        assert [d.account for d in failure.value.delivered] == [BOB]
+        with pytest.raises(QuotaExceededError):
+            store.copy(ALICE, "INBOX", [(1, 1)], "Archive")
+        store.move(ALICE, "INBOX", [(1, 1)], "Archive")  # a move does not grow usage
+        assert store.usage(ALICE)["used"] == 3 * len(raw)
+        assert not list((_mailbox_dir(store, "INBOX") / "tmp").iterdir())  # refused files cleaned
+
+
+def test_concurrent_deliveries_share_commits(store):
+    """Group commit: 32 threads delivering at once need far fewer LMDB commits than messages."""
+    store.ensure_account(ALICE)
+    shard = store.shard(ALICE)
+    before = shard.last_commit()
+    barrier = threading.Barrier(32)
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        for j in range(10):
+            store.deliver([ALICE], message(f"{i}-{j}"))
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    commits = shard.last_commit() - before
+    assert store.mailbox(ALICE, "INBOX").exists == 320
+    assert commits < 320 / 2, f"{commits} commits for 320 deliveries: no batching"
+
+
+def test_check_is_clean_then_rebuild_recovers_from_files_alone(store, data_dir):
+    for i in range(5):
+        store.deliver([ALICE], message(str(i)), internal_date=1_700_000_000.0 + i)
+    store.store_flags(ALICE, "INBOX", [(2, 2)], "add", ["\\Seen", "\\Answered"])
+    store.create_mailbox(ALICE, "Lists/Python")
+    store.append(ALICE, "Lists/Python", message("list"))
+    assert check(store) == []
+    validity = store.mailbox(ALICE, "INBOX").uidvalidity
+    store.close()
+    for shard_dir in (data_dir / "shards").iterdir():  # lose every index
+        for f in (shard_dir / "index.lmdb").iterdir():
+            f.unlink()
+    with Store(open_data_dir(data_dir, 4)) as fresh:
+        summary = rebuild(fresh, ALICE)
+        assert summary["messages"] == 6 and summary["renumbered"] == 0
+        inbox = fresh.mailbox(ALICE, "INBOX")
+        assert inbox.uidvalidity == validity and inbox.uidnext == 6 and inbox.exists == 5
+        flags = {s.uid: s.flags for s in fresh.flags(ALICE, "INBOX")}
+        assert flags[2] == ("\\Seen", "\\Answered") and flags[1] == ()
+        infos = fresh.fetch(ALICE, "INBOX", ALL)
+        assert [i.internal_date for i in infos] == [1_700_000_000.0 + i for i in range(5)]
+        assert fresh.read_message(infos[3]) == message("3")
+        assert fresh.mailbox(ALICE, "Lists/Python").exists == 1
+        assert check(fresh) == []
+        # A new delivery continues the UIDs: none is handed out twice.
+        assert fresh.deliver([ALICE], message("after"))[0].uid == 6
+
+
+def test_rebuild_renumbers_when_file_uids_collide(store, data_dir):
+    store.deliver([ALICE], message("a"))
+    store.deliver([ALICE], message("b"))
+    validity = store.mailbox(ALICE, "INBOX").uidvalidity
+    cur = _mailbox_dir(store, "INBOX") / "cur"
+    first, second = sorted(cur.iterdir())
+    second.rename(cur / second.name.replace(",U=2,", ",U=1,"))
+    summary = rebuild(store, ALICE)
+    assert summary["renumbered"] == 1
+    inbox = store.mailbox(ALICE, "INBOX")
+    assert inbox.uidvalidity > validity and inbox.exists == 2
+    assert sorted(store.read_message(i) for i in store.fetch(ALICE, "INBOX", ALL)) == [message("a"), message("b")]
+
+
+def _mailbox_dir(store: Store, name: str) -> Path:
+    shard = store.shard(ALICE)
+    return shard.mailbox_dir(ALICE, store.mailbox(ALICE, name).uidvalidity)
