@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import mailboxes, maildir, messages
+from storage import fts, mailboxes, maildir, messages
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name
-from storage.shard import Batch, Shard, dumps, loads, pack_flags, pack_u32, uid_key, unpack_u32
+from storage.shard import NO_DATE, Batch, Entry, Shard, dumps, loads, pack_entry, pack_u32, uid_key, unpack_u32
 from storage.store import Store
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
@@ -122,9 +122,9 @@ def _scan_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, direct
                 _unlink(entry)
     with shard.read() as txn:
         indexed = {}  # base -> (uid, bits, size)
-        for uid, _, bits, _ in messages._iter_flags(txn, shard, mailbox.id, messages.ALL):
+        for uid, e in messages.entries(txn, shard, mailbox.id):
             meta = loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))
-            indexed[meta["b"]] = (uid, bits, meta["s"])
+            indexed[meta["b"]] = (uid, e.bits, meta["s"])
         expunged = set()
         cursor = txn.cursor(db=shard.db["expunged"])
         if cursor.set_range(uid_key(mailbox.id, 0)):
@@ -167,8 +167,9 @@ def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: 
         raw = Path(path).read_bytes()
         parsed = maildir.parse_file_name(Path(path).name)
         bits = parsed[3] if parsed else maildir.bits_from_letters(Path(path).name.partition(":2,")[2])
+        meta, texts = _meta(raw, Path(path))
         messages.insert(txn, shard, batch, account, mailbox_id, state, source=Path(path), base=maildir.new_base(),
-                        size=len(raw), meta=_meta(raw, Path(path)), bits=bits, keywords=(), quota=0)
+                        size=len(raw), meta=meta, bits=bits, keywords=(), quota=0, texts=texts)
 
 
 def _fix_counters(txn, shard: Shard, account: str) -> None:
@@ -176,10 +177,10 @@ def _fix_counters(txn, shard: Shard, account: str) -> None:
     for mailbox in mailboxes.listing(txn, shard, account):
         state = mailboxes.record(txn, shard, mailbox.id)
         exists = size = unseen = 0
-        for uid, _, bits, _ in messages._iter_flags(txn, shard, mailbox.id, messages.ALL):
+        for _, e in messages.entries(txn, shard, mailbox.id):
             exists += 1
-            size += loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))["s"]
-            unseen += 0 if bits & maildir.SEEN else 1
+            size += e.size
+            unseen += 0 if e.bits & maildir.SEEN else 1
         if (state["exists"], state["size"], state["unseen"]) != (exists, size, unseen):
             state.update(exists=exists, size=size, unseen=unseen)
             mailboxes.put_record(txn, shard, mailbox.id, state)
@@ -200,6 +201,7 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
         low, high = uid_key(mailbox.id, 0), uid_key(mailbox.id + 1, 0)
         for db_name in ("flags", "msgs", "modseqs", "expunged"):
             mailboxes._delete_range(txn, shard.db[db_name], low, high)
+        fts.delete_mailbox(txn, shard, mailbox.id)
         txn.delete(pack_u32(mailbox.id), db=shard.db["mailboxes"])
         txn.delete(mailboxes.name_key(account, mailbox.name), db=shard.db["names"])
     for name in mailboxes.subscriptions(txn, shard, account):
@@ -254,11 +256,15 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         target = directory / "cur" / maildir.file_name(base, uid, len(raw), bits)
         if path != target:
             os.rename(path, target)
-        entry = {**_meta(raw, target), "b": base, "s": len(raw)}
-        txn.put(uid_key(mailbox_id, uid), pack_flags(2, bits, ()), db=shard.db["flags"])
+        meta, texts = _meta(raw, target)
+        entry = {**meta, "b": base, "s": len(raw)}
+        sent = entry.get("t")
+        record = Entry(2, bits, len(raw), int(entry["d"]), int(sent) if sent is not None else NO_DATE, ())
+        txn.put(uid_key(mailbox_id, uid), pack_entry(record), db=shard.db["flags"])
         txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
         txn.put(messages.modseq_key(mailbox_id, 2, uid), b"", db=shard.db["modseqs"])
         txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
+        fts.add(txn, shard, mailbox_id, uid, texts)
         state["uidnext"] = max(state["uidnext"], uid + 1)
         summary["messages"] += 1
     mailboxes.put_record(txn, shard, mailbox_id, state)
@@ -268,9 +274,10 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     summary["mailboxes"] += 1
 
 
-def _meta(raw: bytes, path: Path) -> dict:
+def _meta(raw: bytes, path: Path) -> tuple[dict, dict[str, str]]:
     parsed = parse_message(raw)
-    return {"d": path.stat().st_mtime, "t": parsed["sent"], "e": parsed["envelope"], "x": parsed["structure"]}
+    meta = {"d": path.stat().st_mtime, "t": parsed["sent"], "e": parsed["envelope"], "x": parsed["structure"]}
+    return meta, fts.fields_of(parsed)
 
 
 def _files(directory: Path) -> list[os.DirEntry]:

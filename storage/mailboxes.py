@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import maildir
+from storage import fts, maildir
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.shard import Batch, Shard, StoreError, dumps, loads, pack_u32, uid_key, unpack_u32
 
@@ -203,6 +203,7 @@ def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
     low, high = uid_key(mailbox_id, 0), uid_key(mailbox_id + 1, 0)
     for db_name in ("flags", "msgs", "modseqs", "expunged"):
         _delete_range(txn, shard.db[db_name], low, high)
+    fts.delete_mailbox(txn, shard, mailbox_id)
     add_usage(txn, shard, account, -state["size"], -state["exists"])
     txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
     txn.delete(name_key(account, state["name"]), db=shard.db["names"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lmdb
 
-from storage import maildir
+from storage import fts, maildir
 from storage.mailboxes import account_usage, add_usage, put_record
 from storage.shard import (
     Batch,
@@ -27,9 +27,11 @@ from storage.shard import (
     link_or_copy,
     loads,
     modseq_key,
-    pack_flags,
+    NO_DATE,
+    Entry,
+    pack_entry,
     uid_key,
-    unpack_flags,
+    unpack_entry,
     unpack_modseq_key,
     unpack_uid_key,
 )
@@ -93,8 +95,9 @@ def parse_flags(flags: Iterable[str]) -> tuple[int, tuple[str, ...]]:
     return bits, tuple(keywords)
 
 
-def _iter_flags(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges
-                ) -> Iterator[tuple[int, int, int, tuple[str, ...]]]:
+def entries(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ((1, 2**32 - 1),)
+            ) -> Iterator[tuple[int, Entry]]:
+    """(UID, Entry) of every message within the UID ranges, ascending."""
     cursor = txn.cursor(db=shard.db["flags"])
     for low, high in sorted(ranges):
         if not cursor.set_range(uid_key(mailbox_id, max(low, 1))):
@@ -103,13 +106,12 @@ def _iter_flags(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: Ui
             box, uid = unpack_uid_key(key)
             if box != mailbox_id or uid > high:
                 break
-            modseq, bits, keywords = unpack_flags(value)
-            yield uid, modseq, bits, keywords
+            yield uid, unpack_entry(value)
 
 
 def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL) -> list[FlagState]:
-    return [FlagState(uid, modseq, flag_names(bits, kw)) for uid, modseq, bits, kw in
-            _iter_flags(txn, shard, mailbox_id, ranges)]
+    return [FlagState(uid, e.modseq, flag_names(e.bits, e.keywords))
+            for uid, e in entries(txn, shard, mailbox_id, ranges)]
 
 
 def uids_and_bits(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> tuple[list[int], list[int]]:
@@ -143,19 +145,19 @@ def find_file(expected: Path, base: str) -> Path | None:
 
 def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ranges: UidRanges) -> list[MessageInfo]:
     out = []
-    for uid, modseq, bits, keywords in _iter_flags(txn, shard, mailbox_id, ranges):
+    for uid, e in entries(txn, shard, mailbox_id, ranges):
         meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
         out.append(MessageInfo(
-            uid=uid, modseq=modseq, flags=flag_names(bits, keywords), internal_date=meta["d"], size=meta["s"],
+            uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords), internal_date=meta["d"], size=meta["s"],
             sent=meta.get("t"), envelope=meta["e"], structure=meta["x"],
-            path=message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits),
+            path=message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], e.bits),
         ))
     return out
 
 
 def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict, *,
            source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
-           quota: int, link: bool = False) -> int:
+           quota: int, texts: dict[str, str] | None = None, link: bool = False) -> int:
     """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID."""
     if quota and account_usage(txn, shard, account)["used"] + size > quota:
         raise QuotaExceededError(f"mailbox full: quota of {quota} bytes would be exceeded")
@@ -166,10 +168,14 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
                  unseen=state["unseen"] + (0 if bits & maildir.SEEN else 1))
     put_record(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, size, 1)
-    txn.put(uid_key(mailbox_id, uid), pack_flags(modseq, bits, keywords), db=shard.db["flags"])
+    sent = meta.get("t")
+    entry = Entry(modseq, bits, size, int(meta["d"]), int(sent) if sent is not None else NO_DATE, keywords)
+    txn.put(uid_key(mailbox_id, uid), pack_entry(entry), db=shard.db["flags"])
     txn.put(uid_key(mailbox_id, uid), dumps({**meta, "b": base, "s": size}), db=shard.db["msgs"])
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
+    if texts is not None:
+        fts.add(txn, shard, mailbox_id, uid, texts)
     target = message_path(shard, account, mailbox_id, base, uid, size, bits)
     if link:
         link_or_copy(source, target)
@@ -204,7 +210,8 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     changed: list[FlagState] = []
     modified: list[int] = []
     renames = []
-    for uid, old_modseq, old_bits, old_keywords in list(_iter_flags(txn, shard, mailbox_id, ranges)):
+    for uid, old in list(entries(txn, shard, mailbox_id, ranges)):
+        old_modseq, old_bits, old_keywords = old.modseq, old.bits, old.keywords
         if unchanged_since is not None and old_modseq > unchanged_since:
             modified.append(uid)
             continue
@@ -216,7 +223,8 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
             new_bits, new_keywords = old_bits & ~bits, tuple(k for k in old_keywords if k not in keywords)
         if new_bits == old_bits and set(new_keywords) == set(old_keywords):
             continue
-        txn.put(uid_key(mailbox_id, uid), pack_flags(modseq, new_bits, new_keywords), db=shard.db["flags"])
+        new = old._replace(modseq=modseq, bits=new_bits, keywords=new_keywords)
+        txn.put(uid_key(mailbox_id, uid), pack_entry(new), db=shard.db["flags"])
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
         state["unseen"] += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
@@ -242,8 +250,8 @@ def _mirror_flags(shard: Shard, account: str, mailbox_id: int, renames: list) ->
 def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
             ranges: UidRanges = ALL, *, only_deleted: bool = True) -> list[int]:
     """Remove messages (those flagged \\Deleted, within `ranges`); the UIDs removed."""
-    doomed = [(uid, modseq, bits) for uid, modseq, bits, _ in _iter_flags(txn, shard, mailbox_id, ranges)
-              if bits & maildir.DELETED or not only_deleted]
+    doomed = [(uid, e.modseq, e.bits) for uid, e in entries(txn, shard, mailbox_id, ranges)
+              if e.bits & maildir.DELETED or not only_deleted]
     if not doomed:
         return []
     modseq = state["modseq"] + 1
@@ -256,6 +264,7 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
         txn.delete(key, db=shard.db["msgs"])
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.delete(meta["b"].encode(), db=shard.db["bases"])
+        fts.remove_texts(txn, shard, mailbox_id, uid)
         txn.put(modseq_key(mailbox_id, modseq, uid), meta["b"].encode(), db=shard.db["expunged"])
         freed += meta["s"]
         state["unseen"] -= 0 if bits & maildir.SEEN else 1
@@ -281,8 +290,9 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     returns (source UID, target UID) pairs for COPYUID (RFC 4315)."""
     (source_id, source_state), (target_id, target_state) = source, target
     pairs = []
-    items = list(_iter_flags(txn, shard, source_id, ranges))
-    for uid, _, bits, keywords in items:
+    items = list(entries(txn, shard, source_id, ranges))
+    for uid, e in items:
+        bits, keywords = e.bits, e.keywords
         meta = loads(txn.get(uid_key(source_id, uid), db=shard.db["msgs"]))
         old_path = find_file(message_path(shard, account, source_id, meta["b"], uid, meta["s"], bits), meta["b"])
         if old_path is None:
@@ -291,7 +301,7 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         entry = {k: v for k, v in meta.items() if k not in ("b", "s")}
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, base=new_base,
                          size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=0 if move else quota,
-                         link=True)
+                         texts=fts.texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))
     if move and pairs:
         moved = {uid for uid, _ in pairs}
@@ -317,8 +327,8 @@ def changes_since(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: 
     for uid in sorted(changed_uids):
         raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["flags"])
         if raw is not None:
-            message_modseq, bits, keywords = unpack_flags(raw)
-            changed.append(FlagState(uid, message_modseq, flag_names(bits, keywords)))
+            e = unpack_entry(raw)
+            changed.append(FlagState(uid, e.modseq, flag_names(e.bits, e.keywords)))
     expunged = []
     cursor = txn.cursor(db=shard.db["expunged"])
     if cursor.set_range(modseq_key(mailbox_id, modseq + 1, 0)):

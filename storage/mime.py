@@ -32,7 +32,11 @@ MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _HEADER_PARSER = HeaderParser(policy=compat32)
-_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_HIDDEN = re.compile(r"<(script|style|head)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|tr|td|th|h[1-6]|table|ul|ol|blockquote|hr|pre|section|article)\b[^>]*>",
+                        re.IGNORECASE)
+_TAG = re.compile(r"<[^>]*>")
+_SPACES = re.compile(r"[ \t\r\f\v]+")
 ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
 ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
@@ -53,16 +57,19 @@ class _Budget:
 
 def parse_message(raw: bytes) -> dict:
     """{"envelope", "structure", "sent" (Date: as a timestamp or None), "fields" (decoded
-    subject, from, to, cc, bcc for the index), "body" (decoded text of the text parts)}."""
+    subject, from, to, cc, bcc for the index), "headers" (every top-level header line,
+    decoded), "body" (decoded text of the text parts)}."""
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
     fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
               for name in INDEXED_FIELDS}
+    headers = "\n".join(f"{name}: {decode_words(_clean(str(value)))}" for name, value in message.items())
     return {
         "envelope": envelope(message),
         "structure": structure,
         "sent": _sent_date(message),
         "fields": fields,
+        "headers": headers,
         "body": "\n".join(budget.text),
     }
 
@@ -215,8 +222,16 @@ def _decode_text(message: Message, body: bytes, subtype: str) -> str:
     except LookupError:
         text = body.decode("utf-8", "replace")
     if subtype == "html":
-        text = html.unescape(_TAG.sub(" ", text))
+        text = html_to_text(text)
     return text
+
+
+def html_to_text(markup: str) -> str:
+    """What a reader sees: inline tags vanish, blocks break lines, white space collapses."""
+    text = _HIDDEN.sub(" ", markup)
+    text = _BLOCK_TAG.sub("\n", text)
+    text = html.unescape(_TAG.sub("", text))
+    return "\n".join(line.strip() for line in _SPACES.sub(" ", text.replace("\xa0", " ")).split("\n") if line.strip())
 
 
 def envelope(message: Message) -> dict:

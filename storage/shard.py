@@ -21,11 +21,12 @@ Index layout (named databases; ids and UIDs big-endian so keys sort numerically)
     subs       account \\0 mailbox name          -> b""
     accounts   account                           -> JSON {"used": bytes, "messages": n}
     counters   b"uidvalidity"                    -> u32, the last one handed out
-    flags      id uid                            -> modseq u64, flag bits u8, keywords (UTF-8, " ")
+    flags      id uid                            -> Entry: modseq, flag bits, size, dates, keywords
     msgs       id uid                            -> JSON {base, size, internal date, sent, envelope, structure}
     modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
     expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
     bases      file base                         -> id uid   (which message a file is)
+    terms, vocab, texts                          -> the full-text index (storage/fts.py)
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
 from storage.maildir import fsync_dir
 
-DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases")
+DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
+             "terms", "vocab", "texts")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 FSYNC_THREADS = 16
@@ -53,7 +55,8 @@ FSYNC_THREADS = 16
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
 _MODSEQ_KEY = struct.Struct(">IQI")
-_FLAGS = struct.Struct(">QB")
+_ENTRY = struct.Struct(">QBIIq")  # modseq, flag bits, size, internal date, sent date
+NO_DATE = -(2**63)
 
 
 class StoreError(Exception):
@@ -84,14 +87,27 @@ def unpack_u32(raw: bytes) -> int:
     return _U32.unpack(raw)[0]
 
 
-def pack_flags(modseq: int, bits: int, keywords: tuple[str, ...]) -> bytes:
-    return _FLAGS.pack(modseq, bits) + " ".join(keywords).encode()
+class Entry(NamedTuple):
+    """A message's fixed-size record in the `flags` database: what SELECT, FETCH FLAGS and
+    SEARCH by flag, date or size read, without decoding the cached envelope."""
+
+    modseq: int
+    bits: int
+    size: int
+    internal_date: int  # seconds
+    sent: int  # seconds, NO_DATE when the Date: header is missing or unreadable
+    keywords: tuple[str, ...]
 
 
-def unpack_flags(raw: bytes) -> tuple[int, int, tuple[str, ...]]:
-    modseq, bits = _FLAGS.unpack_from(raw)
-    rest = bytes(raw[_FLAGS.size :])
-    return modseq, bits, tuple(rest.decode().split(" ")) if rest else ()
+def pack_entry(entry: Entry) -> bytes:
+    head = _ENTRY.pack(entry.modseq, entry.bits, entry.size, entry.internal_date, entry.sent)
+    return head + " ".join(entry.keywords).encode()
+
+
+def unpack_entry(raw: bytes) -> Entry:
+    modseq, bits, size, internal_date, sent = _ENTRY.unpack_from(raw)
+    rest = bytes(raw[_ENTRY.size :])
+    return Entry(modseq, bits, size, internal_date, sent, tuple(rest.decode().split(" ")) if rest else ())
 
 
 def dumps(value: Any) -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from storage import mailboxes, maildir, messages
+from storage import fts, mailboxes, maildir, messages, search
 from storage.datadir import DataDir
 from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
 from storage.messages import ALL, FlagState, MessageInfo, UidRanges
@@ -153,6 +153,7 @@ class Store:
         parsed = parse_message(raw)
         meta = {"d": internal_date if internal_date is not None else time.time(), "t": parsed["sent"],
                 "e": parsed["envelope"], "x": parsed["structure"]}
+        texts = fts.fields_of(parsed)
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
         pending = []
@@ -163,7 +164,7 @@ class Store:
                 mailbox_id = self._mailbox_id(shard, account, name)
                 tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw], meta["d"])
                 quota = self._quota_of(account)
-                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, bits, keywords, quota)
+                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, texts, bits, keywords, quota)
                 pending.append(((account, name), shard, shard.submit(fn), tmp))
             except (StoreError, ValueError, OSError) as e:
                 errors.append(((account, name), e))
@@ -269,6 +270,13 @@ class Store:
     def move(self, account: str, source: str, ranges: UidRanges, target: str) -> tuple[int, list[tuple[int, int]]]:
         return self.copy(account, source, ranges, target, move=True)
 
+    def search(self, account: str, mailbox: str, query: tuple) -> list[int]:
+        """The UIDs matching a query tree (see storage/search.py), ascending."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
+            return search.search(txn, shard, mailbox_id, query)
+
     def changes_since(self, account: str, mailbox: str, modseq: int
                       ) -> tuple[Mailbox, list[FlagState], list[int]]:
         shard = self.shard(account)
@@ -279,13 +287,13 @@ class Store:
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
-               bits: int, keywords: tuple[str, ...], quota: int):
+               texts: dict[str, str], bits: int, keywords: tuple[str, ...], quota: int):
     def fn(txn, batch):
         state = mailboxes.record(txn, shard, mailbox_id)
         if state is None:
             raise MailboxNotFoundError("the mailbox was deleted during delivery")
         uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, base=base, size=size,
-                              meta=meta, bits=bits, keywords=keywords, quota=quota)
+                              meta=meta, bits=bits, keywords=keywords, quota=quota, texts=texts)
         return mailbox_id, uid
 
     return fn

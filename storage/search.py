@@ -1,0 +1,175 @@
+"""SEARCH over one mailbox, answered from the index (RFC 3501 §6.4.4, RFC 7162 MODSEQ).
+
+A query is a tree of tuples that imapd builds from the IMAP command (sequence numbers
+already turned into UIDs; \\Recent, NEW and OLD are the session's and stay in imapd):
+
+    ("all",)                      ("uid", [(low, high), ...])
+    ("flag", "\\\\Seen", True)       ("flag", "$Label", False)        keywords too
+    ("before"|"on"|"since", date)                      internal date
+    ("sentbefore"|"senton"|"sentsince", date)          Date: header
+    ("larger", n)  ("smaller", n)  ("modseq", n)
+    ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", string)
+    ("header", field-name, string)
+    ("not", q)  ("or", q1, q2)  ("and", [q, ...])
+
+Flags, dates and sizes come from each message's fixed-size record. Strings are IMAP
+substrings, compared after NFKC case folding: the token index finds candidates (a word
+inside a token for a one-word string, whole, leading or trailing tokens for the words of a
+longer one) and the stored normalized text confirms the exact substring wherever tokens
+alone cannot prove it. Dates compare as UTC calendar days.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+
+import lmdb
+
+from storage import fts, maildir
+from storage.messages import entries
+from storage.shard import NO_DATE, Entry, Shard
+
+TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
+               "text": ("h", "b")}
+SYSTEM = {name.lower(): bit for name, bit in maildir.SYSTEM_FLAGS.items()}
+
+
+class SearchError(ValueError):
+    """A query the store cannot evaluate (imapd answers BAD)."""
+
+
+def search(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, query: tuple) -> list[int]:
+    return sorted(_Evaluation(txn, shard, mailbox_id).run(query))
+
+
+class _Evaluation:
+    def __init__(self, txn: lmdb.Transaction, shard: Shard, mailbox_id: int):
+        self.txn, self.shard, self.mailbox_id = txn, shard, mailbox_id
+        self.entries: dict[int, Entry] = dict(entries(txn, shard, mailbox_id))
+        self.universe = set(self.entries)
+
+    def run(self, query: tuple) -> set[int]:
+        return self.eval(query, self.universe)
+
+    def eval(self, query: tuple, within: set[int]) -> set[int]:
+        kind = query[0]
+        if kind == "all":
+            return set(within)
+        if kind == "and":
+            result = set(within)
+            # Cheap keys first, so text keys confirm as few candidates as possible.
+            for part in sorted(query[1], key=lambda q: q[0] in TEXT_FIELDS or q[0] == "header"):
+                result = self.eval(part, result)
+                if not result:
+                    break
+            return result
+        if kind == "or":
+            return self.eval(query[1], within) | self.eval(query[2], within)
+        if kind == "not":
+            return within - self.eval(query[1], within)
+        if kind == "uid":
+            return {uid for uid in within if any(low <= uid <= high for low, high in query[1])}
+        if kind == "flag":
+            return self._flag(query[1], query[2], within)
+        if kind in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
+            return self._date(kind, query[1], within)
+        if kind == "larger":
+            return {uid for uid in within if self.entries[uid].size > query[1]}
+        if kind == "smaller":
+            return {uid for uid in within if self.entries[uid].size < query[1]}
+        if kind == "modseq":
+            return {uid for uid in within if self.entries[uid].modseq >= query[1]}
+        if kind in TEXT_FIELDS:
+            return self._text(TEXT_FIELDS[kind], query[1], within)
+        if kind == "header":
+            return self._header(query[1], query[2], within)
+        raise SearchError(f"unknown search key {kind!r}")
+
+    def _flag(self, name: str, present: bool, within: set[int]) -> set[int]:
+        bit = SYSTEM.get(name.lower())
+        if bit is not None:
+            return {uid for uid in within if bool(self.entries[uid].bits & bit) == present}
+        return {uid for uid in within if (name in self.entries[uid].keywords) == present}
+
+    def _date(self, kind: str, date: datetime.date, within: set[int]) -> set[int]:
+        day = (date - datetime.date(1970, 1, 1)).days
+        sent = kind.startswith("sent")
+        op = kind[4:] if sent else kind
+        out = set()
+        for uid in within:
+            entry = self.entries[uid]
+            seconds = entry.sent if sent else entry.internal_date
+            if seconds == NO_DATE:
+                continue  # no Date: header matches no SENT* key
+            message_day = seconds // 86400
+            if (op == "before" and message_day < day) or (op == "on" and message_day == day) or \
+                    (op == "since" and message_day >= day):
+                out.add(uid)
+        return out
+
+    def _text(self, fields: Iterable[str], needle: str, within: set[int]) -> set[int]:
+        wanted = fts.normalize(needle)
+        if not wanted:
+            return set(within)  # the empty string is a substring of everything
+        found: set[int] = set()
+        for field in fields:
+            candidates, exact = self._candidates(field, wanted)
+            candidates &= within
+            candidates -= found
+            if exact:
+                found |= candidates
+            else:
+                found |= {uid for uid in candidates if wanted in self._texts(uid).get(field, "")}
+        return found
+
+    def _header(self, name: str, needle: str, within: set[int]) -> set[int]:
+        field_name = fts.normalize(name).strip()
+        wanted = fts.normalize(needle)
+        if not field_name:
+            raise SearchError("HEADER needs a field name")
+        candidates = self._candidates("h", wanted)[0] & within if fts.tokenize(wanted) else set(within)
+        out = set()
+        for uid in candidates:
+            for line in self._texts(uid).get("h", "").split("\n"):
+                line_name, sep, value = line.partition(":")
+                if sep and line_name.strip() == field_name and wanted in value:
+                    out.add(uid)
+                    break
+        return out
+
+    def _candidates(self, field: str, wanted: str) -> tuple[set[int], bool]:
+        """(UIDs that may contain `wanted` in `field`, whether they surely all do)."""
+        words = fts.tokenize(wanted)
+        overflow = fts.overflow(self.txn, self.shard, self.mailbox_id)
+        if not words:
+            return set(self.universe), False  # only punctuation: every message is a candidate
+        if any(len(word) > fts.MAX_TOKEN_CHARS for word in words):
+            return set(self.universe), False  # longer than the index keeps a token: confirm all
+        if len(words) == 1 and words[0] == wanted:
+            # One word: a substring of some token, and then surely of the text.
+            uids = set(overflow)
+            for token in fts.tokens_containing(self.txn, self.shard, self.mailbox_id, field, wanted, "infix"):
+                uids |= fts.postings(self.txn, self.shard, self.mailbox_id, field, token)
+            return uids, not overflow
+        result: set[int] | None = None
+        last = len(words) - 1
+        for i, word in enumerate(words):
+            starts_whole = i > 0 or not wanted.startswith(word)
+            ends_whole = i < last or not wanted.endswith(word)
+            if starts_whole and ends_whole:
+                uids = fts.postings(self.txn, self.shard, self.mailbox_id, field, word)
+            elif starts_whole:
+                uids = fts.postings(self.txn, self.shard, self.mailbox_id, field, word, prefix_match=True)
+            else:
+                mode = "suffix" if ends_whole else "infix"
+                uids = set()
+                for token in fts.tokens_containing(self.txn, self.shard, self.mailbox_id, field, word, mode):
+                    uids |= fts.postings(self.txn, self.shard, self.mailbox_id, field, token)
+            result = uids if result is None else result & uids
+            if not result:
+                break
+        return (result or set()) | overflow, False
+
+    def _texts(self, uid: int) -> dict[str, str]:
+        return fts.texts(self.txn, self.shard, self.mailbox_id, uid) or {}
