@@ -127,3 +127,39 @@ def test_delivering_while_another_process_flags(data_dir):
         assert sorted(stored_sequences(store)) == list(range(1, 301))
         check(store, ACCOUNT, repair=True)  # the SIGTERM may leave a stale flag suffix
         assert check(store, ACCOUNT) == []
+
+
+def test_another_process_learns_of_changes_within_a_second(data_dir):
+    """imapd (here: a Watcher) hears of mtad's deliveries (here: another process) and of
+    flag changes and expunges, within one second, without touching message files."""
+    import queue
+
+    from storage.watch import Watcher
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.ensure_account(ACCOUNT)
+        watcher = Watcher(store, interval=0.25)
+        events: queue.Queue = queue.Queue()
+        watcher.watch(ACCOUNT, "INBOX", lambda state: events.put((time.monotonic(), state)))
+        try:
+            changes = [
+                "store.deliver([ACCOUNT], message(1))",
+                "store.store_flags(ACCOUNT, 'INBOX', [(1, 1)], 'add', ['\\\\Seen'])",
+                "store.store_flags(ACCOUNT, 'INBOX', [(1, 1)], 'add', ['\\\\Deleted']); store.expunge(ACCOUNT, 'INBOX')",
+            ]
+            seen = []
+            for change in changes:
+                script = (f"import sys; sys.path[:0] = [{str(WORKER.parent)!r}, {str(WORKER.parent.parent)!r}]\n"
+                          "from store_worker import message, ACCOUNT\nfrom storage import open_data_dir\n"
+                          "from storage.store import Store\n"
+                          f"store = Store(open_data_dir({str(data_dir)!r}, {SHARDS}))\n{change}\nstore.close()\n")
+                subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+                done = time.monotonic()
+                heard_at, state = events.get(timeout=5)
+                while not events.empty():
+                    heard_at, state = events.get_nowait()
+                assert heard_at - done < 1.0, f"{change}: heard after {heard_at - done:.2f}s"
+                seen.append((state.exists, state.unseen))
+            assert seen == [(1, 1), (1, 0), (0, 0)]
+        finally:
+            watcher.close()

@@ -1,0 +1,107 @@
+"""Tell a daemon when a mailbox changes, whichever process changed it (IDLE, POP3 locks).
+
+LMDB records the id of the last committed write transaction in its memory-mapped meta
+page, which every process maps: reading it costs no system call and no file access. A
+watcher thread polls that id for the shards it watches every `interval` seconds; only when
+it moved does it read the watched mailboxes' states (UIDNEXT, HIGHESTMODSEQ, EXISTS) and
+call back those that differ. New mail, flag changes and expunges all bump HIGHESTMODSEQ, so
+each is seen within one interval.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from conf.logfmt import EventLogger
+from storage.mailboxes import Mailbox
+from storage.shard import StoreError
+from storage.store import Store
+
+_log = EventLogger("storage.watch")
+
+
+@dataclass(eq=False)
+class Watch:
+    account: str
+    mailbox: str
+    callback: Callable[[Mailbox | None], None]
+    last: tuple[int, int, int] | None = None
+    watcher: Watcher | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        if self.watcher is not None:
+            self.watcher._remove(self)
+
+
+class Watcher:
+    def __init__(self, store: Store, interval: float = 0.25):
+        self._store = store
+        self._interval = interval
+        self._watches: dict[int, list[Watch]] = {}  # shard number -> watches
+        self._last_commit: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, account: str, mailbox: str, callback: Callable[[Mailbox | None], None]) -> Watch:
+        """Call `callback(new state)` from the watcher thread after each change; None if the
+        mailbox is gone. Callers hand it on to their own loop (call_soon_threadsafe,
+        callFromThread)."""
+        state = self._store.mailbox(account, mailbox)
+        watch = Watch(account, mailbox, callback, _key(state), self)
+        shard = self._store.shard_number(account)
+        with self._lock:
+            self._watches.setdefault(shard, []).append(watch)
+            self._last_commit.setdefault(shard, self._store.shard(account).last_commit())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
+                self._thread.start()
+        return watch
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _remove(self, watch: Watch) -> None:
+        with self._lock:
+            for watches in self._watches.values():
+                if watch in watches:
+                    watches.remove(watch)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                shards = {number: list(watches) for number, watches in self._watches.items() if watches}
+            for number, watches in shards.items():
+                try:
+                    commit = self._store.shard(watches[0].account).last_commit()
+                except StoreError:
+                    return  # the store closed under us
+                if commit == self._last_commit.get(number):
+                    continue
+                self._last_commit[number] = commit
+                for watch in watches:
+                    self._check(watch)
+
+    def _check(self, watch: Watch) -> None:
+        try:
+            state: Mailbox | None = self._store.mailbox(watch.account, watch.mailbox)
+        except StoreError:
+            state = None
+        key = _key(state) if state is not None else None
+        if key == watch.last:
+            return
+        watch.last = key
+        try:
+            watch.callback(state)
+        except Exception:  # a subscriber's bug must not stop every other subscriber's updates
+            _log.error("watch_callback_failed", exc_info=True, account=watch.account, mailbox=watch.mailbox)
+        if state is None:
+            watch.cancel()
+
+
+def _key(state: Mailbox) -> tuple[int, int, int]:
+    return state.uidnext, state.highestmodseq, state.exists
