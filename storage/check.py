@@ -264,7 +264,7 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
         txn.put(messages.modseq_key(mailbox_id, 2, uid), b"", db=shard.db["modseqs"])
         txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
-        fts.add(txn, shard, mailbox_id, uid, texts)
+        fts.store_texts(txn, shard, mailbox_id, uid, texts)
         state["uidnext"] = max(state["uidnext"], uid + 1)
         summary["messages"] += 1
     mailboxes.put_record(txn, shard, mailbox_id, state)

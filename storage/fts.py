@@ -9,8 +9,13 @@ by their first UID (UIDs only grow, so appending keeps them sorted):
                                                   queries scan)
     texts  id uid                        -> zlib(JSON {field: normalized text}): what
                                             confirms a match the tokens alone cannot prove
+    pending id                           -> b"": mailboxes with messages not yet indexed
 Fields: b body (decoded text parts, HTML stripped), h all header lines, s subject, f from,
 t to, c cc, k bcc.
+
+Posting lists are built in the background from the stored texts (index_pending, run by the
+shard's committer when it has nothing else to do); UIDs above the mailbox's `ix` watermark
+are not on them yet, and search confirms those from their text.
 
 Postings of expunged messages are not removed (that would need every token again); search
 intersects candidates with the UIDs that exist, and `store check --repair` may compact later.
@@ -63,12 +68,60 @@ def fields_of(parsed: dict) -> dict[str, str]:
     }
 
 
-def add(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: dict[str, str]) -> None:
-    """Index one message: its texts, and its UID on the posting list of each token."""
+def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: dict[str, str]) -> None:
+    """At delivery: keep the message's normalized text, and queue the mailbox for indexing.
+    Search is already exact for it (by confirmation); the posting lists follow in the
+    background (`index_pending`)."""
     txn.put(uid_key(mailbox_id, uid), zlib.compress(json.dumps(texts, ensure_ascii=False).encode(), 3),
             db=shard.db["texts"])
+    txn.put(mailbox_id.to_bytes(4, "big"), b"", db=shard.db["pending"])
+
+
+def indexed_upto(state: dict) -> int:
+    """Every UID up to this one is on the posting lists (or expunged)."""
+    return state.get("ix", 0)
+
+
+def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool:
+    """Index up to `limit` messages of queued mailboxes; True while work remains. One token's
+    UIDs from the whole step are appended at once, so a word common to every message costs
+    one update per step, not one per message."""
+    from storage.mailboxes import put_record, record  # mailboxes imports this module
+
+    pending = txn.cursor(db=shard.db["pending"])
+    if not pending.first():
+        return False
+    mailbox_id = int.from_bytes(pending.key(), "big")
+    state = record(txn, shard, mailbox_id)
+    if state is None:
+        txn.delete(pending.key(), db=shard.db["pending"])
+        return True
+    start = indexed_upto(state) + 1
+    postings_by_key: dict[bytes, list[int]] = {}
     box = mailbox_id.to_bytes(4, "big")
-    cursor = txn.cursor(db=shard.db["terms"])
+    last = start - 1
+    cursor = txn.cursor(db=shard.db["texts"])
+    done = 0
+    if cursor.set_range(uid_key(mailbox_id, start)):
+        for key, value in cursor:
+            if key[:4] != box or done >= limit:
+                break
+            uid = int.from_bytes(key[4:8], "big")
+            _collect(postings_by_key, box, uid, json.loads(zlib.decompress(value)))
+            last = uid
+            done += 1
+    terms = txn.cursor(db=shard.db["terms"])
+    for prefix, uids in postings_by_key.items():
+        _append(txn, terms, shard, prefix, uids)
+    finished = done < limit
+    state["ix"] = state["uidnext"] - 1 if finished else last
+    put_record(txn, shard, mailbox_id, state)
+    if finished:
+        txn.delete(box, db=shard.db["pending"])
+    return True
+
+
+def _collect(postings_by_key: dict[bytes, list[int]], box: bytes, uid: int, texts: dict[str, str]) -> None:
     count = 0
     for field in FIELDS:
         text = texts.get(field)
@@ -77,28 +130,28 @@ def add(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: d
         for token in set(tokenize(text)):
             count += 1
             if count > MAX_TOKENS:
-                _append(txn, cursor, shard, box + OVERFLOW.encode() + b"\0", uid, None)
+                postings_by_key.setdefault(box + OVERFLOW.encode() + b"\0", []).append(uid)
                 return
-            word = token[:MAX_TOKEN_CHARS].encode()
-            _append(txn, cursor, shard, box + field.encode() + word + b"\0", uid, box + field.encode() + word)
+            postings_by_key.setdefault(box + field.encode() + token[:MAX_TOKEN_CHARS].encode() + b"\0", []).append(uid)
 
 
-def _append(txn: lmdb.Transaction, cursor: lmdb.Cursor, shard: Shard, prefix: bytes, uid: int,
-            vocab_key: bytes | None) -> None:
-    uid_bytes = uid.to_bytes(4, "big")
-    # The last chunk of this posting list is the greatest key below prefix + uid.
-    if cursor.set_range(prefix + uid_bytes):
+def _append(txn: lmdb.Transaction, cursor: lmdb.Cursor, shard: Shard, prefix: bytes, uids: list[int]) -> None:
+    """Add ascending UIDs to the posting list `prefix`: fill its last chunk, then new chunks."""
+    if cursor.set_range(prefix + uids[0].to_bytes(4, "big")):
         found = cursor.prev()
     else:
         found = cursor.last()
     if found and cursor.key().startswith(prefix) and len(cursor.key()) == len(prefix) + 4:
-        value = cursor.value()
-        if len(value) < CHUNK * 4:
-            cursor.put(cursor.key(), bytes(value) + uid.to_bytes(4, "little"))
-            return
-    elif vocab_key is not None:
-        txn.put(vocab_key, b"", db=shard.db["vocab"])
-    txn.put(prefix + uid_bytes, uid.to_bytes(4, "little"), db=shard.db["terms"])
+        key, value = bytes(cursor.key()), bytes(cursor.value())
+        room = CHUNK - len(value) // 4
+        if room > 0:
+            txn.put(key, value + array("I", uids[:room]).tobytes(), db=shard.db["terms"])
+            uids = uids[room:]
+    elif prefix[4:5] != OVERFLOW.encode():
+        txn.put(prefix[:-1], b"", db=shard.db["vocab"])  # a token new to this mailbox
+    for i in range(0, len(uids), CHUNK):
+        chunk = uids[i:i + CHUNK]
+        txn.put(prefix + chunk[0].to_bytes(4, "big"), array("I", chunk).tobytes(), db=shard.db["terms"])
 
 
 def texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int) -> dict[str, str] | None:
@@ -149,6 +202,7 @@ def overflow(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> set[int]:
 
 def delete_mailbox(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> None:
     box = mailbox_id.to_bytes(4, "big")
+    txn.delete(box, db=shard.db["pending"])
     for name in ("terms", "vocab", "texts"):
         cursor = txn.cursor(db=shard.db[name])
         if cursor.set_range(box):

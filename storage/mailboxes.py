@@ -215,8 +215,8 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
     old_id, old_state = find(txn, shard, account, old)
     new = normalize_name(new)
     if old_state["name"] == INBOX:
-        # RFC 3501 §6.3.5 renames INBOX by moving its messages: not supported yet.
-        raise MailboxError("renaming INBOX is not supported")
+        _rename_inbox(txn, shard, batch, account, old_id, old_state, new)
+        return
     if new == old_state["name"] or is_inside(new, old_state["name"]):
         raise MailboxError(f"cannot rename {old_state['name']!r} into itself")
     if txn.get(name_key(account, new), db=shard.db["names"]) is not None:
@@ -238,6 +238,22 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
         meta = {"name": renamed, "special_use": state.get("special_use")}
         directory = shard.mailbox_dir(account, mailbox_id)
         batch.after_commit.append(lambda d=directory, m=meta: maildir.write_meta(d, m))
+
+
+def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, inbox_id: int, inbox: dict,
+                  new: str) -> None:
+    """RFC 3501 §6.3.5: renaming INBOX moves all its messages to a new mailbox of that name
+    and leaves INBOX empty (its children, if any, stay where they are)."""
+    from storage import messages  # messages imports this module
+
+    if txn.get(name_key(account, new), db=shard.db["names"]) is not None:
+        raise MailboxExistsError(f"mailbox {new!r} already exists")
+    if new == INBOX or is_inside(new, INBOX):
+        raise MailboxError("INBOX cannot be renamed into itself")
+    target = create(txn, shard, batch, account, new)
+    target_state = record(txn, shard, target.id)
+    messages.copy(txn, shard, batch, account, (inbox_id, inbox), messages.ALL, (target.id, target_state),
+                  move=True, quota=0)
 
 
 def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:

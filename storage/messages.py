@@ -175,7 +175,7 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
     if texts is not None:
-        fts.add(txn, shard, mailbox_id, uid, texts)
+        fts.store_texts(txn, shard, mailbox_id, uid, texts)
     target = message_path(shard, account, mailbox_id, base, uid, size, bits)
     if link:
         link_or_copy(source, target)

@@ -16,7 +16,8 @@ Flags, dates and sizes come from each message's fixed-size record. Strings are I
 substrings, compared after NFKC case folding: the token index finds candidates (a word
 inside a token for a one-word string, whole, leading or trailing tokens for the words of a
 longer one) and the stored normalized text confirms the exact substring wherever tokens
-alone cannot prove it. Dates compare as UTC calendar days.
+alone cannot prove it, and for the newest messages the background indexer has not reached
+yet. Dates compare as UTC calendar days.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 
 import lmdb
 
-from storage import fts, maildir
+from storage import fts, mailboxes, maildir
 from storage.messages import entries
 from storage.shard import NO_DATE, Entry, Shard
 
@@ -48,6 +49,9 @@ class _Evaluation:
         self.txn, self.shard, self.mailbox_id = txn, shard, mailbox_id
         self.entries: dict[int, Entry] = dict(entries(txn, shard, mailbox_id))
         self.universe = set(self.entries)
+        # Messages the background indexer has not reached: found by their stored text alone.
+        upto = fts.indexed_upto(mailboxes.record(txn, shard, mailbox_id) or {})
+        self.unindexed = {uid for uid in self.universe if uid > upto}
 
     def run(self, query: tuple) -> set[int]:
         return self.eval(query, self.universe)
@@ -116,11 +120,12 @@ class _Evaluation:
         for field in fields:
             candidates, exact = self._candidates(field, wanted)
             candidates &= within
-            candidates -= found
             if exact:
                 found |= candidates
-            else:
-                found |= {uid for uid in candidates if wanted in self._texts(uid).get(field, "")}
+                candidates = set()
+            candidates |= self.unindexed & within
+            candidates -= found
+            found |= {uid for uid in candidates if wanted in self._texts(uid).get(field, "")}
         return found
 
     def _header(self, name: str, needle: str, within: set[int]) -> set[int]:
@@ -128,7 +133,10 @@ class _Evaluation:
         wanted = fts.normalize(needle)
         if not field_name:
             raise SearchError("HEADER needs a field name")
-        candidates = self._candidates("h", wanted)[0] & within if fts.tokenize(wanted) else set(within)
+        if fts.tokenize(wanted):
+            candidates = (self._candidates("h", wanted)[0] | self.unindexed) & within
+        else:
+            candidates = set(within)
         out = set()
         for uid in candidates:
             for line in self._texts(uid).get("h", "").split("\n"):

@@ -44,12 +44,15 @@ from typing import Any, NamedTuple
 
 import lmdb
 
+from conf.logfmt import EventLogger
 from storage.maildir import fsync_dir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
-             "terms", "vocab", "texts")
+             "terms", "vocab", "texts", "pending")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
+IDLE_DELAY = 0.2  # seconds without requests before idle work runs
+IDLE_EVERY = 100  # batches between turns of idle work under sustained load
 FSYNC_THREADS = 16
 
 _U32 = struct.Struct(">I")
@@ -57,6 +60,9 @@ _UID_KEY = struct.Struct(">II")
 _MODSEQ_KEY = struct.Struct(">IQI")
 _ENTRY = struct.Struct(">QBIIq")  # modseq, flag bits, size, internal date, sent date
 NO_DATE = -(2**63)
+
+
+_log = EventLogger("storage.shard")
 
 
 class StoreError(Exception):
@@ -167,6 +173,9 @@ class Shard:
         self._lock = threading.Lock()
         self._closed = False
         self._fsync_pool: ThreadPoolExecutor | None = None
+        # Work the committer does when no request waits (the full-text indexer): called in
+        # a write transaction, returns True while more remains.
+        self.idle_work: Callable[[lmdb.Transaction], bool] | None = None
 
     # -- paths --------------------------------------------------------------------------
 
@@ -234,10 +243,25 @@ class Shard:
             future.result()
 
     def _commit_loop(self) -> None:
+        idle_due = True  # look for left-over work once at start
+        batches = 0
         while True:
-            first = self._queue.get()
+            if idle_due and self.idle_work is not None:
+                # Idle work waits for a quiet moment, so it never adds a commit to a delivery's
+                # latency; under sustained load it still gets a turn every IDLE_EVERY batches.
+                try:
+                    first = self._queue.get(timeout=IDLE_DELAY)
+                except queue.Empty:
+                    idle_due = self._run_idle()
+                    continue
+            else:
+                first = self._queue.get()
             if first is None:
                 return
+            idle_due = True
+            batches += 1
+            if batches % IDLE_EVERY == 0 and self.idle_work is not None:
+                self._run_idle()
             batch = [first]
             stop = False
             while len(batch) < MAX_BATCH:
@@ -252,6 +276,14 @@ class Shard:
             self._commit(batch)
             if stop:
                 return
+
+    def _run_idle(self) -> bool:
+        try:
+            with self.env.begin(write=True) as txn:
+                return bool(self.idle_work(txn))
+        except Exception:  # derived data: a failure here must never stop deliveries
+            _log.error("idle_work_failed", exc_info=True, shard=self.number)
+            return False
 
     def _commit(self, requests: list[_Request]) -> None:
         batch = Batch()

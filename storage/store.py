@@ -87,6 +87,7 @@ class Store:
             if shard is None:
                 width = max(2, len(str(self._data_dir.shards - 1)))
                 shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
+                shard.idle_work = lambda txn, s=shard: fts.index_pending(txn, s)
                 self._shards[number] = shard
             return shard
 
@@ -276,6 +277,20 @@ class Store:
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
             return search.search(txn, shard, mailbox_id, query)
+
+    def build_index(self, account: str) -> None:
+        """Run the full-text indexer for the account's shard until nothing is left (the
+        committer otherwise does this in its idle time)."""
+        shard = self.shard(account)
+        while shard.write(lambda txn, batch: fts.index_pending(txn, shard, limit=1000)):
+            pass
+
+    def index_backlog(self, account: str, mailbox: str) -> int:
+        """How many of the mailbox's newest UIDs the full-text indexer has not reached yet."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            _, state = mailboxes.find(txn, shard, account, mailbox)
+            return state["uidnext"] - 1 - fts.indexed_upto(state)
 
     def changes_since(self, account: str, mailbox: str, modseq: int
                       ) -> tuple[Mailbox, list[FlagState], list[int]]:

@@ -262,3 +262,25 @@ def test_works_as_the_owner_of_the_data_dir_not_as_root(write_config):
             assert as_owner.stdout.startswith("alice@example.test\t")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_store_check_repair_and_rebuild_from_the_cli(with_domain, data_dir):
+    from storage import open_data_dir
+    from storage.store import Store
+
+    cli = with_domain
+    with Store(open_data_dir(data_dir, 4)) as store:
+        for i in range(3):
+            store.deliver(["alice@example.test"], f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+        first = store.fetch("alice@example.test", "INBOX", [(1, 1)])[0].path
+    assert ok(cli("store", "check")) == "0 problem(s)\n"
+    first.unlink()
+    result = cli("store", "check", "Alice@Example.test")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0].startswith("alice@example.test INBOX: file-missing: UID 1 ")
+    assert result.stdout.splitlines()[-1] == "1 problem(s): run 'postroom store check --repair'"
+    assert ok(cli("store", "check", "--repair")).endswith("1 problem(s) found and repaired\n")
+    assert ok(cli("store", "check")) == "0 problem(s)\n"
+    assert ok(cli("store", "rebuild", "alice@example.test")) == \
+        "alice@example.test: 6 mailbox(es), 2 message(s) indexed\n"
+    refused(cli("store", "rebuild", "not-an-address"), "'not-an-address' is not an address (no '@')")

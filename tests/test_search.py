@@ -32,9 +32,14 @@ QP_HTML = (
 )
 
 
-@pytest.fixture
-def store(data_dir):
+@pytest.fixture(params=["unindexed", "indexed"])
+def store(data_dir, request):
+    """Every test runs twice: before the background indexer has run (answers come from the
+    stored text alone) and after it indexed everything (answers come from posting lists)."""
     with Store(open_data_dir(data_dir, 2)) as s:
+        shard = s.shard(ALICE)
+        indexer = shard.idle_work
+        shard.idle_work = None
         deliveries = [
             (mail("Quarterly report", "The numbers look great this quarter."), 1_790_000_000),  # 2026-09-21
             (mail("Lunch?", "Shall we meet at noon", sender="carol@example.net", to="team@example.test"),
@@ -46,6 +51,10 @@ def store(data_dir):
         ]
         for raw, when in deliveries:
             s.deliver([ALICE], raw, internal_date=when)
+        if request.param == "indexed":
+            shard.idle_work = indexer
+            s.build_index(ALICE)
+        assert s.index_backlog(ALICE, "INBOX") == (0 if request.param == "indexed" else 4)
         yield s
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,8 @@ def test_rename_with_children_and_delete_rules(store):
         store.rename_mailbox(ALICE, "Work/Old/A/Deep", "Sent")
     with pytest.raises(MailboxError, match="into itself"):
         store.rename_mailbox(ALICE, "Work", "Work/Inside")
+    with pytest.raises(MailboxError, match="into itself"):
+        store.rename_mailbox(ALICE, "INBOX", "INBOX/Sub")
 
 
 def test_flags_modes_modseq_and_maildir_names(store):
@@ -292,3 +295,89 @@ def test_rebuild_renumbers_when_file_uids_collide(store, data_dir):
 def _mailbox_dir(store: Store, name: str) -> Path:
     shard = store.shard(ALICE)
     return shard.mailbox_dir(ALICE, store.mailbox(ALICE, name).uidvalidity)
+
+
+def test_the_background_indexer_catches_up_by_itself(store):
+    for i in range(20):
+        store.deliver([ALICE], message(f"s{i}", f"needle{i} haystack"))
+    deadline = time.monotonic() + 10
+    while store.index_backlog(ALICE, "INBOX") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.index_backlog(ALICE, "INBOX") == 0
+    assert store.search(ALICE, "INBOX", ("body", "needle7")) == [8]
+    assert store.search(ALICE, "INBOX", ("body", "haystack")) == list(range(1, 21))
+
+
+def test_posting_lists_spill_over_chunks(store):
+    from storage import fts
+
+    total = fts.CHUNK + 150
+    raws = [message(f"c{i}", f"commonword unique{i}") for i in range(total)]
+    chunks = [raws[i::16] for i in range(16)]
+    threads = [threading.Thread(target=lambda part: [store.deliver([ALICE], r) for r in part], args=(part,))
+               for part in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.build_index(ALICE)
+    assert store.search(ALICE, "INBOX", ("body", "commonword")) == list(range(1, total + 1))
+    assert store.search(ALICE, "INBOX", ("body", "unique1049")) == [
+        i.uid for i in store.fetch(ALICE, "INBOX", ALL) if b"unique1049\r\n" in store.read_message(i)]
+    shard = store.shard(ALICE)
+    with shard.read() as txn:
+        inbox = store.mailbox(ALICE, "INBOX").id
+        prefix = inbox.to_bytes(4, "big") + b"bcommonword\0"
+        cursor = txn.cursor(db=shard.db["terms"])
+        cursor.set_range(prefix)
+        keys = [bytes(k) for k in cursor.iternext(values=False) if bytes(k).startswith(prefix)]
+    assert len(keys) == 2, "1174 postings should fill one chunk of 1024 and start a second"
+
+
+def test_hostile_mime_is_bounded(store):
+    from storage.mime import MAX_PARTS
+
+    many = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n" for i in range(3000))
+    raw = (f"Subject: many\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n{many}--b--\r\n").encode()
+    deep = "Subject: deep\r\n" + "".join(f"Content-Type: multipart/mixed; boundary=l{i}\r\n\r\n--l{i}\r\n"
+                                          for i in range(200)) + "\r\ninnermost\r\n"
+    for hostile in (raw, deep.encode(), b"\x00\xff" * 5000, b"Content-Type: multipart/mixed\r\n\r\n--\r\n"):
+        delivered = store.deliver([ALICE], hostile)[0]
+        (info,) = store.fetch(ALICE, "INBOX", [(delivered.uid, delivered.uid)])
+        assert store.read_message(info) == hostile
+
+    def count(part: dict) -> int:
+        return 1 + sum(count(p) for p in part.get("parts", []))
+
+    assert count(store.fetch(ALICE, "INBOX", [(1, 1)])[0].structure) <= MAX_PARTS + 1
+
+
+def test_structure_offsets_slice_each_part(store):
+    raw = (b"Subject: parts\r\nContent-Type: multipart/mixed; boundary=\"X Y\"\r\n\r\npreamble\r\n"
+           b"--X Y\r\nContent-Type: text/plain\r\n\r\nfirst part\r\n"
+           b"--X Y\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n"
+           b"--X Y--\r\nepilogue\r\n")
+    store.deliver([ALICE], raw)
+    structure = store.fetch(ALICE, "INBOX", ALL)[0].structure
+    first, inner = structure["parts"]
+    assert raw[slice(*first["body"])] == b"first part"
+    assert raw[slice(*first["header"])] == b"Content-Type: text/plain\r\n"
+    assert raw[slice(*inner["body"])] == b"Subject: inner\r\n\r\ninner body"
+    assert inner["message"]["envelope"]["subject"] == "inner"
+    assert raw[slice(*inner["message"]["structure"]["body"])] == b"inner body"
+    assert first["lines"] == 1 and first["size"] == len(b"first part")
+    assert structure["params"] == [["boundary", "X Y"]]
+
+
+def test_renaming_inbox_moves_its_messages(store):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    store.store_flags(ALICE, "INBOX", [(2, 2)], "add", ["\\Seen"])
+    store.rename_mailbox(ALICE, "INBOX", "Old Mail")
+    assert store.mailbox(ALICE, "INBOX").exists == 0
+    old = store.mailbox(ALICE, "Old Mail")
+    assert old.exists == 3 and old.unseen == 2
+    assert [store.read_message(i) for i in store.fetch(ALICE, "Old Mail", ALL)] == [message(str(i)) for i in range(3)]
+    assert store.deliver([ALICE], message("new"))[0].uid == 4  # INBOX's UIDs go on
+    with pytest.raises(MailboxExistsError):
+        store.rename_mailbox(ALICE, "INBOX", "Old Mail")

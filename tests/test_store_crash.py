@@ -145,7 +145,8 @@ def test_another_process_learns_of_changes_within_a_second(data_dir):
             changes = [
                 "store.deliver([ACCOUNT], message(1))",
                 "store.store_flags(ACCOUNT, 'INBOX', [(1, 1)], 'add', ['\\\\Seen'])",
-                "store.store_flags(ACCOUNT, 'INBOX', [(1, 1)], 'add', ['\\\\Deleted']); store.expunge(ACCOUNT, 'INBOX')",
+                "store.store_flags(ACCOUNT, 'INBOX', [(1, 1)], 'add', ['\\\\Deleted'])\n"
+                "store.expunge(ACCOUNT, 'INBOX')",
             ]
             seen = []
             for change in changes:
