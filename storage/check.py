@@ -26,7 +26,7 @@ from pathlib import Path
 from storage import fts, mailboxes, maildir, messages
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name
-from storage.shard import NO_DATE, Batch, Entry, Shard, dumps, loads, pack_entry, pack_u32, uid_key, unpack_u32
+from storage.shard import NO_DATE, Batch, Entry, Shard, dumps, loads, pack_u32, uid_key, unpack_u32
 from storage.store import Store
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
@@ -177,10 +177,13 @@ def _fix_counters(txn, shard: Shard, account: str) -> None:
     for mailbox in mailboxes.listing(txn, shard, account):
         state = mailboxes.record(txn, shard, mailbox.id)
         exists = size = unseen = 0
-        for _, e in messages.entries(txn, shard, mailbox.id):
+        for uid, e in messages.entries(txn, shard, mailbox.id):
             exists += 1
             size += e.size
             unseen += 0 if e.bits & maildir.SEEN else 1
+            indexed_unseen = txn.get(uid_key(mailbox.id, uid), db=shard.db["unseen"]) is not None
+            if indexed_unseen == bool(e.bits & maildir.SEEN):
+                messages.put_entry(txn, shard, mailbox.id, uid, e)  # re-syncs the unseen index
         if (state["exists"], state["size"], state["unseen"]) != (exists, size, unseen):
             state.update(exists=exists, size=size, unseen=unseen)
             mailboxes.put_record(txn, shard, mailbox.id, state)
@@ -199,7 +202,7 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
         for base in mailboxes._bases_of(txn, shard, mailbox.id):
             txn.delete(base, db=shard.db["bases"])
         low, high = uid_key(mailbox.id, 0), uid_key(mailbox.id + 1, 0)
-        for db_name in ("flags", "msgs", "modseqs", "expunged"):
+        for db_name in ("flags", "msgs", "modseqs", "expunged", "unseen"):
             mailboxes._delete_range(txn, shard.db[db_name], low, high)
         fts.delete_mailbox(txn, shard, mailbox.id)
         txn.delete(pack_u32(mailbox.id), db=shard.db["mailboxes"])
@@ -260,7 +263,7 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         entry = {**meta, "b": base, "s": len(raw)}
         sent = entry.get("t")
         record = Entry(2, bits, len(raw), int(entry["d"]), int(sent) if sent is not None else NO_DATE, ())
-        txn.put(uid_key(mailbox_id, uid), pack_entry(record), db=shard.db["flags"])
+        messages.put_entry(txn, shard, mailbox_id, uid, record)
         txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
         txn.put(messages.modseq_key(mailbox_id, 2, uid), b"", db=shard.db["modseqs"])
         txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])

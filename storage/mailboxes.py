@@ -201,7 +201,7 @@ def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
     for base in _bases_of(txn, shard, mailbox_id):
         txn.delete(base, db=shard.db["bases"])
     low, high = uid_key(mailbox_id, 0), uid_key(mailbox_id + 1, 0)
-    for db_name in ("flags", "msgs", "modseqs", "expunged"):
+    for db_name in ("flags", "msgs", "modseqs", "expunged", "unseen"):
         _delete_range(txn, shard.db[db_name], low, high)
     fts.delete_mailbox(txn, shard, mailbox_id)
     add_usage(txn, shard, account, -state["size"], -state["exists"])

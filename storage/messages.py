@@ -109,6 +109,46 @@ def entries(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRan
             yield uid, unpack_entry(value)
 
 
+def put_entry(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, entry: Entry) -> None:
+    """Write a message's record, keeping the index of unseen messages in step."""
+    key = uid_key(mailbox_id, uid)
+    txn.put(key, pack_entry(entry), db=shard.db["flags"])
+    if entry.bits & maildir.SEEN:
+        txn.delete(key, db=shard.db["unseen"])
+    else:
+        txn.put(key, b"", db=shard.db["unseen"])
+
+
+def delete_entry(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int) -> None:
+    key = uid_key(mailbox_id, uid)
+    txn.delete(key, db=shard.db["flags"])
+    txn.delete(key, db=shard.db["unseen"])
+
+
+def unseen_uids(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[int]:
+    cursor = txn.cursor(db=shard.db["unseen"])
+    out = []
+    if cursor.set_range(uid_key(mailbox_id, 1)):
+        for key in cursor.iternext(values=False):
+            box, uid = unpack_uid_key(key)
+            if box != mailbox_id:
+                break
+            out.append(uid)
+    return out
+
+
+def all_uids(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[int]:
+    cursor = txn.cursor(db=shard.db["flags"])
+    out = []
+    if cursor.set_range(uid_key(mailbox_id, 1)):
+        prefix = uid_key(mailbox_id, 0)[:4]
+        for key in cursor.iternext(values=False):
+            if key[:4] != prefix:
+                break
+            out.append(int.from_bytes(key[4:8], "big"))
+    return out
+
+
 def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL) -> list[FlagState]:
     return [FlagState(uid, e.modseq, flag_names(e.bits, e.keywords))
             for uid, e in entries(txn, shard, mailbox_id, ranges)]
@@ -170,7 +210,7 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     add_usage(txn, shard, account, size, 1)
     sent = meta.get("t")
     entry = Entry(modseq, bits, size, int(meta["d"]), int(sent) if sent is not None else NO_DATE, keywords)
-    txn.put(uid_key(mailbox_id, uid), pack_entry(entry), db=shard.db["flags"])
+    put_entry(txn, shard, mailbox_id, uid, entry)
     txn.put(uid_key(mailbox_id, uid), dumps({**meta, "b": base, "s": size}), db=shard.db["msgs"])
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
@@ -224,7 +264,7 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         if new_bits == old_bits and set(new_keywords) == set(old_keywords):
             continue
         new = old._replace(modseq=modseq, bits=new_bits, keywords=new_keywords)
-        txn.put(uid_key(mailbox_id, uid), pack_entry(new), db=shard.db["flags"])
+        put_entry(txn, shard, mailbox_id, uid, new)
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
         state["unseen"] += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
@@ -260,7 +300,7 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
     for uid, old_modseq, bits in doomed:
         key = uid_key(mailbox_id, uid)
         meta = loads(txn.get(key, db=shard.db["msgs"]))
-        txn.delete(key, db=shard.db["flags"])
+        delete_entry(txn, shard, mailbox_id, uid)
         txn.delete(key, db=shard.db["msgs"])
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.delete(meta["b"].encode(), db=shard.db["bases"])

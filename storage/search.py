@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import lmdb
 
 from storage import fts, mailboxes, maildir
-from storage.messages import entries
+from storage.messages import all_uids, entries, unseen_uids
 from storage.shard import NO_DATE, Entry, Shard
 
 TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
@@ -41,53 +41,77 @@ class SearchError(ValueError):
 
 
 def search(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, query: tuple) -> list[int]:
-    return sorted(_Evaluation(txn, shard, mailbox_id).run(query))
+    evaluation = _Evaluation(txn, shard, mailbox_id)
+    return sorted(evaluation.eval(query, None))
 
 
 class _Evaluation:
+    """Evaluates a query; `within` None means every message. What a key needs is read on
+    first use: UNSEEN needs only its own index, a text key only the UID list, a date or size
+    key the fixed-size records."""
+
     def __init__(self, txn: lmdb.Transaction, shard: Shard, mailbox_id: int):
         self.txn, self.shard, self.mailbox_id = txn, shard, mailbox_id
-        self.entries: dict[int, Entry] = dict(entries(txn, shard, mailbox_id))
-        self.universe = set(self.entries)
-        # Messages the background indexer has not reached: found by their stored text alone.
-        upto = fts.indexed_upto(mailboxes.record(txn, shard, mailbox_id) or {})
-        self.unindexed = {uid for uid in self.universe if uid > upto}
+        self._universe: set[int] | None = None
+        self._entries: dict[int, Entry] | None = None
+        self._unindexed: set[int] | None = None
 
-    def run(self, query: tuple) -> set[int]:
-        return self.eval(query, self.universe)
+    @property
+    def universe(self) -> set[int]:
+        if self._universe is None:
+            self._universe = set(all_uids(self.txn, self.shard, self.mailbox_id))
+        return self._universe
 
-    def eval(self, query: tuple, within: set[int]) -> set[int]:
+    @property
+    def entries(self) -> dict[int, Entry]:
+        if self._entries is None:
+            self._entries = dict(entries(self.txn, self.shard, self.mailbox_id))
+        return self._entries
+
+    @property
+    def unindexed(self) -> set[int]:
+        """Messages the background indexer has not reached: found by their stored text alone."""
+        if self._unindexed is None:
+            upto = fts.indexed_upto(mailboxes.record(self.txn, self.shard, self.mailbox_id) or {})
+            self._unindexed = {uid for uid in self.universe if uid > upto}
+        return self._unindexed
+
+    def eval(self, query: tuple, within: set[int] | None) -> set[int]:
         kind = query[0]
         if kind == "all":
-            return set(within)
+            return set(self.universe if within is None else within)
         if kind == "and":
-            result = set(within)
+            result = within
             # Cheap keys first, so text keys confirm as few candidates as possible.
             for part in sorted(query[1], key=lambda q: q[0] in TEXT_FIELDS or q[0] == "header"):
                 result = self.eval(part, result)
                 if not result:
-                    break
-            return result
+                    return set()
+            return set(self.universe if result is None else result)
         if kind == "or":
             return self.eval(query[1], within) | self.eval(query[2], within)
         if kind == "not":
-            return within - self.eval(query[1], within)
+            return (self.universe if within is None else within) - self.eval(query[1], within)
+        if kind == "flag" and query[1].lower() == "\\seen" and not query[2]:
+            unseen = set(unseen_uids(self.txn, self.shard, self.mailbox_id))
+            return unseen if within is None else unseen & within
+        domain = self.universe if within is None else within
         if kind == "uid":
-            return {uid for uid in within if any(low <= uid <= high for low, high in query[1])}
+            return {uid for uid in domain if any(low <= uid <= high for low, high in query[1])}
         if kind == "flag":
-            return self._flag(query[1], query[2], within)
+            return self._flag(query[1], query[2], domain)
         if kind in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
-            return self._date(kind, query[1], within)
+            return self._date(kind, query[1], domain)
         if kind == "larger":
-            return {uid for uid in within if self.entries[uid].size > query[1]}
+            return {uid for uid in domain if self.entries[uid].size > query[1]}
         if kind == "smaller":
-            return {uid for uid in within if self.entries[uid].size < query[1]}
+            return {uid for uid in domain if self.entries[uid].size < query[1]}
         if kind == "modseq":
-            return {uid for uid in within if self.entries[uid].modseq >= query[1]}
+            return {uid for uid in domain if self.entries[uid].modseq >= query[1]}
         if kind in TEXT_FIELDS:
-            return self._text(TEXT_FIELDS[kind], query[1], within)
+            return self._text(TEXT_FIELDS[kind], query[1], domain)
         if kind == "header":
-            return self._header(query[1], query[2], within)
+            return self._header(query[1], query[2], domain)
         raise SearchError(f"unknown search key {kind!r}")
 
     def _flag(self, name: str, present: bool, within: set[int]) -> set[int]:

@@ -26,6 +26,7 @@ Index layout (named databases; ids and UIDs big-endian so keys sort numerically)
     modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
     expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
     bases      file base                         -> id uid   (which message a file is)
+    unseen     id uid                            -> b""  (messages without \\Seen: SEARCH UNSEEN)
     terms, vocab, texts                          -> the full-text index (storage/fts.py)
 """
 
@@ -48,7 +49,7 @@ from conf.logfmt import EventLogger
 from storage.maildir import fsync_dir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
-             "terms", "vocab", "texts", "pending")
+             "terms", "vocab", "texts", "pending", "unseen")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
