@@ -279,9 +279,12 @@ class Shard:
                 return
 
     def _run_idle(self) -> bool:
+        work = self.idle_work
+        if work is None:
+            return False
         try:
             with self.env.begin(write=True) as txn:
-                return bool(self.idle_work(txn))
+                return bool(work(txn))
         except Exception:  # derived data: a failure here must never stop deliveries
             _log.error("idle_work_failed", exc_info=True, shard=self.number)
             return False
