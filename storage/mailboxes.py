@@ -126,16 +126,21 @@ def create(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
     name = normalize_name(name)
     if special_use is not None and special_use not in SPECIAL_USE:
         raise MailboxError(f"unknown special-use attribute {special_use!r}")
-    if txn.get(name_key(account, name), db=shard.db["names"]) is not None:
-        raise MailboxExistsError(f"mailbox {name!r} already exists")
-    # RFC 3501 §6.3.3: superior names a client did not create are created with it.
-    for parent in parents(name):
-        if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
-            _create_one(txn, shard, batch, account, parent, None)
+    _claim_name(txn, shard, batch, account, name)
     mailbox = _create_one(txn, shard, batch, account, name, special_use)
     if subscribe:
         txn.put(name_key(account, name), b"", db=shard.db["subs"])
     return mailbox
+
+
+def _claim_name(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str) -> None:
+    """Make sure `name` is free, and create the superior mailboxes it needs (RFC 3501
+    §6.3.3: superior names a client did not create are created with it)."""
+    if txn.get(name_key(account, name), db=shard.db["names"]) is not None:
+        raise MailboxExistsError(f"mailbox {name!r} already exists")
+    for parent in parents(name):
+        if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
+            _create_one(txn, shard, batch, account, parent, None)
 
 
 def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
@@ -219,11 +224,7 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
         return
     if new == old_state["name"] or is_inside(new, old_state["name"]):
         raise MailboxError(f"cannot rename {old_state['name']!r} into itself")
-    if txn.get(name_key(account, new), db=shard.db["names"]) is not None:
-        raise MailboxExistsError(f"mailbox {new!r} already exists")
-    for parent in parents(new):
-        if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
-            _create_one(txn, shard, batch, account, parent, None)
+    _claim_name(txn, shard, batch, account, new)
     moving = [(m.id, m.name) for m in listing(txn, shard, account)
               if m.name == old_state["name"] or is_inside(m.name, old_state["name"])]
     for mailbox_id, name in moving:

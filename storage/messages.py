@@ -355,26 +355,23 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
 def changes_since(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: int
                   ) -> tuple[list[FlagState], list[int]]:
     """(messages whose MODSEQ is above `modseq`, UIDs expunged after it)."""
-    changed_uids = []
-    cursor = txn.cursor(db=shard.db["modseqs"])
-    if cursor.set_range(modseq_key(mailbox_id, modseq + 1, 0)):
-        for key in cursor.iternext(values=False):
-            box, _, uid = unpack_modseq_key(key)
-            if box != mailbox_id:
-                break
-            changed_uids.append(uid)
     changed = []
-    for uid in sorted(changed_uids):
+    for uid in sorted(_uids_after(txn, shard.db["modseqs"], mailbox_id, modseq)):
         raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["flags"])
         if raw is not None:
             e = unpack_entry(raw)
             changed.append(FlagState(uid, e.modseq, flag_names(e.bits, e.keywords)))
-    expunged = []
-    cursor = txn.cursor(db=shard.db["expunged"])
+    return changed, sorted(_uids_after(txn, shard.db["expunged"], mailbox_id, modseq))
+
+
+def _uids_after(txn: lmdb.Transaction, db, mailbox_id: int, modseq: int) -> list[int]:
+    """UIDs keyed (mailbox, modseq, uid) in `db` with a MODSEQ above `modseq`."""
+    out = []
+    cursor = txn.cursor(db=db)
     if cursor.set_range(modseq_key(mailbox_id, modseq + 1, 0)):
         for key in cursor.iternext(values=False):
             box, _, uid = unpack_modseq_key(key)
             if box != mailbox_id:
                 break
-            expunged.append(uid)
-    return changed, sorted(expunged)
+            out.append(uid)
+    return out
