@@ -18,7 +18,7 @@ import lmdb
 import conf
 from conf.tls import TLSSetupError, server_context
 from postroom import __version__, admin, storeadmin
-from postroom.serve import open_accounts, open_store, serve
+from postroom.serve import ServeError, open_accounts, open_store, serve
 from storage import AccountError, AddressError, DataDirError
 
 PROG = "postroom"
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except admin.UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    except (conf.ConfigError, TLSSetupError, DataDirError, AccountError, AddressError) as e:
+    except (conf.ConfigError, TLSSetupError, DataDirError, AccountError, AddressError, ServeError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except lmdb.Error as e:
@@ -128,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def mtad_main(argv: list[str] | None = None) -> int:
+    """`mtad --config FILE`: only the SMTP daemons (MX, submission) of `postroom serve`."""
+    parser = argparse.ArgumentParser(prog="mtad", description="Postroom's SMTP agents.")
+    parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE")
+    args = parser.parse_args(argv)
+    try:
+        config = conf.load(args.config)
+        become_data_dir_owner(config.server.data_dir)
+        return serve(config, only={"smtp", "submission", "submissions"})
+    except (conf.ConfigError, TLSSetupError, DataDirError, ServeError) as e:
+        print(f"mtad: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

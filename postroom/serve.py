@@ -20,7 +20,7 @@ from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import ensure_certificate, server_context
 from conf.values import ListenAddress
-from postroom import __version__
+from postroom import __version__, daemons
 from postroom.notify import notify
 from storage import Accounts, DataDir, open_data_dir
 from storage.store import Store
@@ -33,6 +33,7 @@ class Context:
     config: Config
     data_dir: DataDir
     accounts: Accounts
+    store: Store
     tls: ssl.SSLContext | None
 
 
@@ -51,7 +52,7 @@ class Service:
 
 
 SERVICES: tuple[Service, ...] = (
-    Service("smtp", "SMTP (MX)", lambda c: c.smtp.listen, False, None, 4),
+    Service("smtp", "SMTP (MX)", lambda c: c.smtp.listen, False, daemons.start_smtp, 4),
     Service("submission", "submission (STARTTLS)", lambda c: c.submission.listen, False, None, 4),
     Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, 4),
     Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, None, 5),
@@ -59,6 +60,10 @@ SERVICES: tuple[Service, ...] = (
     Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, None, 6),
     Service("pop3s", "POP3S", lambda c: c.pop3.listen_tls, True, None, 6),
 )
+
+
+class ServeError(Exception):
+    """A daemon could not start (a port in use, say); str() is one line for the sysadmin."""
 
 
 def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
@@ -75,21 +80,24 @@ def open_store(data_dir: DataDir, accounts: Accounts) -> Store:
     return Store(data_dir, quota_of=quota_of)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, only: set[str] | None = None) -> int:
+    """Run the services of SERVICES (those named in `only`, if given) until a signal."""
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     tls = server_context(config.tls)
     data_dir, accounts = open_accounts(config)
+    store = open_store(data_dir, accounts)
     try:
-        context = Context(config, data_dir, accounts, tls)
-        return asyncio.run(_run(context, log))
+        context = Context(config, data_dir, accounts, store, tls)
+        return asyncio.run(_run(context, log, only))
     finally:
+        store.close()
         accounts.close()
 
 
-async def _run(context: Context, log: EventLogger) -> int:
+async def _run(context: Context, log: EventLogger, only: set[str] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,6 +109,8 @@ async def _run(context: Context, log: EventLogger) -> int:
     table = [f"Postroom {__version__} on {config.server.hostname}, data in {config.server.data_dir}"]
     running: list[Running] = []
     for service in SERVICES:
+        if only is not None and service.name not in only:
+            continue
         addresses = service.listeners(config)
         where = ", ".join(map(str, addresses)) or "-"
         if not addresses:
@@ -110,7 +120,12 @@ async def _run(context: Context, log: EventLogger) -> int:
         elif service.start is None:
             status = f"not yet available (issue {service.issue})"
         else:
-            running.append(await service.start(context))
+            try:
+                running.append(await service.start(context))
+            except OSError as e:
+                for started in reversed(running):
+                    await started.stop()
+                raise ServeError(f"{service.label}: {e.strerror or e}") from None
             status = "listening"
         table.append(f"  {service.label:<24} {where:<28} {status}")
         (log.info if status == "listening" else log.debug)("service", service=service.name, listen=where, status=status)

@@ -93,6 +93,11 @@ class Store:
 
     # -- accounts and mailboxes ---------------------------------------------------------
 
+    def _account_shard(self, account: str) -> Shard:
+        """The shard of an account that exists in the store (with its default mailboxes)."""
+        self.ensure_account(account)
+        return self.shard(account)
+
     def ensure_account(self, account: str) -> None:
         shard = self.shard(account)
         with shard.read() as txn:
@@ -201,20 +206,20 @@ class Store:
 
     def uids(self, account: str, mailbox: str) -> tuple[Mailbox, list[int], list[int]]:
         """(mailbox state, every UID ascending, their flag bits) from one snapshot."""
-        shard = self.shard(account)
+        shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             uids, bits = messages.uids_and_bits(txn, shard, mailbox_id)
             return mailboxes.to_mailbox(mailbox_id, state), uids, bits
 
     def flags(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[FlagState]:
-        shard = self.shard(account)
+        shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
             return messages.flag_states(txn, shard, mailbox_id, ranges)
 
     def fetch(self, account: str, mailbox: str, ranges: UidRanges) -> list[MessageInfo]:
-        shard = self.shard(account)
+        shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
             return messages.fetch(txn, shard, account, mailbox_id, ranges)
@@ -273,7 +278,7 @@ class Store:
 
     def search(self, account: str, mailbox: str, query: tuple) -> list[int]:
         """The UIDs matching a query tree (see storage/search.py), ascending."""
-        shard = self.shard(account)
+        shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
             return search.search(txn, shard, mailbox_id, query)
@@ -294,7 +299,7 @@ class Store:
 
     def changes_since(self, account: str, mailbox: str, modseq: int
                       ) -> tuple[Mailbox, list[FlagState], list[int]]:
-        shard = self.shard(account)
+        shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)

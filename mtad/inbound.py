@@ -1,0 +1,306 @@
+"""The inbound MX agent: aiosmtpd's asyncio protocol driving our SMTP session core.
+
+aiosmtpd supplies the connection plumbing (stream reader and writer, the STARTTLS upgrade
+whose connection_made drops plaintext read before the handshake, the idle timeout). Its
+command loop is replaced: mtad.session does all protocol work, and this module answers the
+session's questions:
+- RCPT: the accounts database (local users, aliases, catch-alls, sub-addresses); relay
+  tricks and other domains are refused; remote alias targets wait for the outbound queue
+  (451 4.3.0 until it exists); over quota is 452 4.2.2.
+- end of data: a Received: header (RFC 5321 §4.4) and Return-Path: are prepended and the
+  message is stored for every local recipient, in a worker thread; 250 only once
+  storage.deliver has returned for all of them.
+Any unexpected exception is logged with a traceback and answered 451 4.3.0 with the session
+id, never with its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtpd.smtp import TLSSetupException, sslproto
+
+from conf.logfmt import EventLogger
+from conf.schema import Config
+from mtad import replies
+from mtad.replies import Reply
+from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
+from mtad.session import StartTLS as StartTLSEvent
+from storage import (
+    AccountError,
+    Accounts,
+    AddressError,
+    AliasLoopError,
+    NotLocalError,
+    UnknownAddressError,
+    parse_address,
+)
+from storage.messages import QuotaExceededError
+from storage.store import DeliveryError, Store
+
+MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
+READ_SIZE = 65536
+_counter = itertools.count(1)
+
+
+@dataclass
+class InboundContext:
+    config: Config
+    accounts: Accounts
+    store: Store
+    tls: ssl.SSLContext | None
+    deliver_in_thread: Callable  # run a blocking call off the event loop
+
+
+def new_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+class InboundSMTP(AiosmtpdSMTP):
+    """One SMTP connection."""
+
+    def __init__(self, context: InboundContext, *, implicit_tls: bool = False):
+        config = context.config
+        super().__init__(handler=None, hostname=config.server.hostname, tls_context=context.tls,
+                         timeout=300, data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True)
+        self.context = context
+        self.sid = new_id()
+        self.log = EventLogger("mtad.inbound").bind(sid=self.sid)
+        self.core = Session(SessionConfig(
+            hostname=config.server.hostname,
+            max_message_size=config.smtp.max_message_size,
+            max_recipients=config.smtp.max_recipients,
+            tls_available=context.tls is not None,
+            is_tls=implicit_tls,
+        ))
+        self._local: dict[str, list[str]] = {}  # recipient -> accounts it reaches
+        self._spool = bytearray()
+        self._sender = ""
+        self._peer = ""
+
+    # aiosmtpd calls this once the connection is up; it is the whole session.
+    async def _handle_client(self) -> None:
+        peer = self.session.peer
+        self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.log.info("connect", client=self._peer)
+        try:
+            await self._send()
+            while not self.core.closed:
+                if not await self._process_events():
+                    break
+                await self._send()
+                if self.core.closed:
+                    break
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    break
+                self._reset_timeout()
+                self.core.receive(data)
+            await self._send()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except TLSSetupException:
+            self.log.info("tls_failed")
+        except Exception:
+            self.log.error("session_failed", exc_info=True)
+            self._write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
+        finally:
+            self.log.info("disconnect", client=self._peer)
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _process_events(self) -> bool:
+        while True:
+            event = self.core.next_event()
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, Close):
+                await self._send()
+                return False
+            if isinstance(event, DataChunk):
+                self._spool += event.data
+            elif isinstance(event, StartTLSEvent):
+                await self._send()
+                await self._upgrade_to_tls()
+                self.core.tls_established()
+                self.log.info("starttls", version=self._tls_version())
+            else:
+                self.core.answer(await self._decide(event))
+
+    async def _decide(self, event) -> Reply:
+        try:
+            if isinstance(event, Hello):
+                self.log.info("helo", name=event.name)
+                return replies.OK
+            if isinstance(event, MailFrom):
+                self._local.clear()
+                self._spool.clear()
+                self._sender = event.address
+                return replies.SENDER_OK
+            if isinstance(event, RcptTo):
+                return self._recipient(event.address)
+            if isinstance(event, DataEnd):
+                return await self._end_of_data(event)
+        except Exception:
+            self.log.error("decision_failed", exc_info=True, event=type(event).__name__)
+            return Reply(451, "4.3.0", f"Temporary failure, session {self.sid}; try again later")
+        raise RuntimeError(f"no decision for {event!r}")
+
+    def _recipient(self, address: str) -> Reply:
+        local, _, _ = address.rpartition("@")
+        outcome = None
+        try:
+            if "%" in local or "!" in local:
+                # user%remote@local and remote!user@local: old source routing, a relay trick.
+                parse_address(address)  # an address from another domain is still plain relaying
+                outcome = Reply(553, "5.7.1", "Address with % or ! not accepted here")
+            else:
+                resolution = self.context.accounts.resolve(address)
+                if resolution.remote:
+                    outcome = Reply(451, "4.3.0", "Forwarding to other domains is not available yet")
+                else:
+                    over = [a for a in resolution.local if self._over_quota(str(a))]
+                    if over:
+                        outcome = replies.OVER_QUOTA
+                    else:
+                        self._local[address] = [str(a) for a in resolution.local]
+                        outcome = replies.RECIPIENT_OK
+        except NotLocalError:
+            outcome = replies.RELAY_DENIED
+        except UnknownAddressError:
+            outcome = replies.NO_SUCH_USER
+        except AliasLoopError:
+            outcome = Reply(554, "5.4.6", "Alias loop")
+        except AddressError as e:
+            outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
+        except AccountError:
+            outcome = replies.NO_SUCH_USER
+        self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
+        return outcome
+
+    def _over_quota(self, account: str) -> bool:
+        user = self.context.accounts.get_user(account)
+        if user is None or not user.quota:
+            return False
+        return self.context.store.usage(account)["used"] >= user.quota
+
+    async def _end_of_data(self, end: DataEnd) -> Reply:
+        spool, self._spool = bytes(self._spool), bytearray()
+        if end.refusal is not None:
+            self.log.info("message_refused", size=end.size, reason=f"{end.refusal.code} {end.refusal.enhanced}")
+            return end.refusal
+        if end.received_headers > MAX_RECEIVED:
+            self.log.info("message_refused", size=end.size, reason="mail loop")
+            return replies.MAIL_LOOP
+        qid = f"{self.sid}{next(_counter):04X}"
+        accounts = list(dict.fromkeys(a for targets in self._local.values() for a in targets))
+        raw = self._trace_headers(qid) + spool
+        try:
+            await self.context.deliver_in_thread(self.context.store.deliver, accounts, raw)
+        except DeliveryError as e:
+            full = any(isinstance(error, QuotaExceededError) for _, error in e.errors)
+            self.log.error("store_failed", qid=qid, error=type(e.errors[0][1]).__name__,
+                           delivered=len(e.delivered), failed=len(e.errors))
+            return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
+        self.log.info("message_accepted", qid=qid, message_id=_message_id(spool), size=len(raw),
+                      sender=self._sender or "<>", recipients=",".join(self._local), mailboxes=len(accounts))
+        self._local.clear()
+        return Reply(250, "2.0.0", f"OK: queued as {qid}")
+
+    def _trace_headers(self, qid: str) -> bytes:
+        """Return-Path: and a Received: header as RFC 5321 §4.4 and RFC 3848 describe them."""
+        tls = self._tls_version()
+        protocol = "ESMTPS" if tls else "ESMTP"
+        helo = self.core.helo_name or "unknown"
+        recipients = list(self._local)
+        for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+        tls_clause = f"\r\n\t(using {tls} with cipher {self._tls_cipher()})" if tls else ""
+        received = (f"Received: from {helo} ([{self._peer}])\r\n\tby {self.context.config.server.hostname} "
+                    f"(Postroom) with {protocol} id {qid}{tls_clause}{for_clause};\r\n\t"
+                    f"{email.utils.formatdate(time.time(), localtime=True)}\r\n")
+        return f"Return-Path: <{self._sender}>\r\n{received}".encode("utf-8", "surrogateescape")
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self._writer.write(data)
+
+    async def _send(self) -> None:
+        data = self.core.data_to_send()
+        if data:
+            self._write(data)
+            await self._writer.drain()
+
+    async def _upgrade_to_tls(self) -> None:
+        """aiosmtpd's STARTTLS upgrade, minus its own reply (the session sent ours)."""
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+
+    def _tls_object(self):
+        if self.transport is None:
+            return None
+        return self.transport.get_extra_info("ssl_object")
+
+    def _tls_version(self) -> str | None:
+        tls = self._tls_object()
+        return tls.version() if tls is not None else None
+
+    def _tls_cipher(self) -> str:
+        tls = self._tls_object()
+        cipher = tls.cipher() if tls is not None else None
+        return cipher[0] if cipher else "unknown"
+
+
+def _message_id(raw: bytes) -> str:
+    end = raw.find(b"\r\n\r\n")
+    for line in raw[: end if end >= 0 else 8192].split(b"\r\n"):
+        if line[:11].lower() == b"message-id:":
+            return line[11:].strip().decode("utf-8", "replace")[:200]
+    return ""
+
+
+async def start_listeners(context: InboundContext, addresses, *, implicit_tls: bool = False) -> list[asyncio.Server]:
+    """Listen on each address (IPv6 sockets IPv6-only, so [::]:25 and 0.0.0.0:25 coexist)."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for address in addresses:
+        family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError as e:
+            sock.close()
+            for server in servers:
+                server.close()
+            raise OSError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        tls = context.tls if implicit_tls else None
+        server = await loop.create_server(lambda: InboundSMTP(context, implicit_tls=implicit_tls), sock=sock, ssl=tls)
+        servers.append(server)
+    return servers
+

@@ -1,0 +1,252 @@
+"""The inbound MX agent, as other MTAs meet it: `postroom serve` on loopback, driven by
+smtplib, swaks and raw sockets; every stored result checked through the storage API."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from conftest import client_tls_context
+from storage import open_data_dir
+from storage.store import Store
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def mx(cli, daemon, data_dir):
+    """The running daemon with example.test, alice, bob, an alias and a forward."""
+    for args in (["domain", "add", "example.test"],):
+        assert cli(*args).returncode == 0
+    for user in ("alice", "bob"):
+        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input=PASSWORD).returncode == 0
+    assert cli("alias", "add", "team@example.test", "alice@example.test,bob@example.test").returncode == 0
+    assert cli("alias", "add", "fwd@example.test", "someone@remote.example").returncode == 0
+    daemon.store = Store(open_data_dir(data_dir, 4))
+    yield daemon
+    daemon.store.close()
+
+
+def smtp(daemon) -> smtplib.SMTP:
+    address = daemon.listen("smtp.listen")
+    client = smtplib.SMTP(address.host, address.port, timeout=30)
+    client.ehlo("client.example.org")
+    return client
+
+
+def inbox(daemon, account: str) -> list[bytes]:
+    store = daemon.store
+    return [store.read_message(m) for m in store.fetch(account, "INBOX", [(1, 2**32 - 1)])]
+
+
+def raw_session(daemon, script: bytes, *, read_until: bytes = b"221", timeout: float = 10) -> str:
+    """Send `script` in one write and read replies until `read_until` appears."""
+    address = daemon.listen("smtp.listen")
+    with socket.create_connection((address.host, address.port), timeout=timeout) as sock:
+        received = sock.recv(4096)
+        sock.sendall(script)
+        while read_until not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return received.decode("utf-8", "replace")
+
+
+def test_plain_delivery_stores_exact_bytes_once(mx):
+    body = b"Subject: plain\r\nMessage-ID: <plain@example.org>\r\n\r\nhello\r\n..dot line\r\n"
+    with smtp(mx) as client:
+        assert client.sendmail("sender@example.org", ["alice@example.test"], body) == {}
+    (stored,) = inbox(mx, "alice@example.test")
+    assert stored.startswith(b"Return-Path: <sender@example.org>\r\nReceived: from client.example.org ([127.0.0.1])")
+    assert b"with ESMTP id " in stored and b"for <alice@example.test>;" in stored
+    # smtplib dot-stuffs the leading dots on the wire; the store has the message as it was written.
+    assert stored.endswith(body)
+
+
+def test_starttls_delivery_records_tls_in_received(mx):
+    with smtp(mx) as client:
+        client.starttls(context=client_tls_context(mx.config))
+        client.ehlo("client.example.org")
+        assert client.sendmail("sender@example.org", ["bob@example.test"], b"Subject: tls\r\n\r\nsecret\r\n") == {}
+    (stored,) = inbox(mx, "bob@example.test")
+    assert b"with ESMTPS id" in stored and b"(using TLSv1." in stored and b"with cipher " in stored
+
+
+def test_one_copy_per_mailbox_for_several_recipients(mx):
+    with smtp(mx) as client:
+        recipients = ["alice@example.test", "ALICE+news@example.test", "team@example.test", "bob@example.test"]
+        refused = client.sendmail("s@example.org", recipients, b"Subject: m\r\n\r\nx\r\n")
+    assert refused == {}
+    assert len(inbox(mx, "alice@example.test")) == 1 and len(inbox(mx, "bob@example.test")) == 1
+
+
+def test_8bit_and_smtputf8_are_stored_byte_exact(mx):
+    body = "Subject: Grüße\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nÄrger über Öl\r\n".encode()
+    with smtp(mx) as client:
+        client.sendmail("jörg@example.org", ["alice@example.test"], body, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    (stored,) = inbox(mx, "alice@example.test")
+    assert stored.endswith(body) and "Return-Path: <jörg@example.org>".encode() in stored
+
+
+@pytest.mark.parametrize("recipient, code", [
+    ("nobody@example.test", 550), ("someone@elsewhere.example", 554), ("alice%elsewhere.example@example.test", 553),
+    ("elsewhere.example!alice@example.test", 553), ('"alice@elsewhere.example"@example.test', 553),
+    ("fwd@example.test", 451), ("a" * 65 + "@example.test", 553),
+])
+def test_refused_recipients(mx, recipient, code):
+    with smtp(mx) as client:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            client.sendmail("s@example.org", [recipient], b"Subject: r\r\n\r\nx\r\n")
+    assert refused.value.recipients[recipient][0] == code
+    assert inbox(mx, "alice@example.test") == []
+
+
+def test_source_route_relay_trick(mx):
+    reply = raw_session(mx, b"EHLO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<@example.test:user@elsewhere.example>\r\n"
+                            b"QUIT\r\n")
+    assert "501 5.1.3" in reply
+
+
+def test_size_limits(mx):
+    limit = mx.config.smtp.max_message_size
+    reply = raw_session(mx, f"EHLO c\r\nMAIL FROM:<s@example.org> SIZE={limit + 1}\r\nQUIT\r\n".encode())
+    assert "552 5.3.4" in reply
+    # Without SIZE= the limit holds while receiving; the session stays usable afterwards.
+    big = b"x" * 998 + b"\r\n"
+    reply = raw_session(mx, b"EHLO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                        + big * (limit // 1000 + 2)
+                        + b".\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                        b"DATA\r\nSubject: small\r\n\r\nx\r\n.\r\nQUIT\r\n", timeout=60)
+    assert "552 5.3.4" in reply and "250 2.0.0 OK: queued as" in reply
+    (stored,) = inbox(mx, "alice@example.test")
+    assert stored.endswith(b"Subject: small\r\n\r\nx\r\n")
+    with smtp(mx) as client:  # smtplib announces SIZE= itself: refused at MAIL
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("s@example.org", ["alice@example.test"], b"Subject: big\r\n\r\n" + b"x" * (limit + 10))
+    assert refused.value.smtp_code == 552
+
+
+@pytest.mark.parametrize("smuggle", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n"])
+def test_smtp_smuggling_is_refused(mx, smuggle):
+    script = (b"EHLO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+              b"Subject: first\r\n\r\nbody" + smuggle
+              + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<bob@example.test>\r\n"
+              b"DATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    reply = raw_session(mx, script)
+    assert "550 5.6.11" in reply
+    assert inbox(mx, "alice@example.test") == [] and inbox(mx, "bob@example.test") == []
+
+
+def test_pipelined_commands_after_starttls_are_discarded(mx):
+    address = mx.listen("smtp.listen")
+    with socket.create_connection((address.host, address.port), timeout=10) as sock:
+        sock.recv(4096)
+        sock.sendall(b"EHLO c\r\n")
+        assert b"STARTTLS" in sock.recv(4096)
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\nRCPT TO:<alice@example.test>\r\n")
+        assert sock.recv(4096).startswith(b"220 2.0.0")
+        tls = client_tls_context(mx.config).wrap_socket(sock, server_hostname="mail.example.test")
+        tls.sendall(b"RCPT TO:<alice@example.test>\r\n")
+        # Had the injected MAIL run, this RCPT would be accepted; the session starts over.
+        assert tls.recv(4096).startswith(b"503 5.5.1")
+        tls.sendall(b"QUIT\r\n")
+        tls.recv(4096)
+
+
+def test_mail_loop_is_refused(mx):
+    headers = b"".join(b"Received: from hop%d\r\n" % i for i in range(101))
+    with smtp(mx) as client:
+        with pytest.raises(smtplib.SMTPDataError) as loop:
+            client.sendmail("s@example.org", ["alice@example.test"], headers + b"Subject: loop\r\n\r\nx\r\n")
+    assert loop.value.smtp_code == 554 and b"5.4.6" in loop.value.smtp_error
+
+
+def test_over_quota(mx, cli):
+    assert cli("user", "quota", "bob@example.test", "1K").returncode == 0
+    with smtp(mx) as client:
+        # Under quota at RCPT, over it once the message is in: refused at the end of data.
+        with pytest.raises(smtplib.SMTPDataError) as too_much:
+            client.sendmail("s@example.org", ["bob@example.test"], b"Subject: q\r\n\r\n" + b"y" * 2000 + b"\r\n")
+        assert (too_much.value.smtp_code, too_much.value.smtp_error) == (452, b"4.2.2 Mailbox full")
+        assert cli("user", "quota", "bob@example.test", "0").returncode == 0
+        assert client.sendmail("s@example.org", ["bob@example.test"], b"Subject: q\r\n\r\n" + b"y" * 2000) == {}
+        assert cli("user", "quota", "bob@example.test", "1K").returncode == 0
+        # Full: refused at RCPT already.
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as full:
+            client.sendmail("s@example.org", ["bob@example.test"], b"Subject: q2\r\n\r\nx\r\n")
+    assert full.value.recipients["bob@example.test"][:2] == (452, b"4.2.2 Mailbox full")
+    assert len(inbox(mx, "bob@example.test")) == 1
+
+
+def test_errors_and_unknown_commands(mx):
+    script = b"X" * 600 + b"\r\nFROB\r\nRCPT TO:<a@example.test>\r\n" + b"FROB\r\n" * 8
+    reply = raw_session(mx, script, read_until=b"421")
+    assert "500 5.5.2" in reply and "500 5.5.1" in reply and "503 5.5.1" in reply
+    assert reply.rstrip().endswith("421 4.7.0 Too many errors, closing connection")
+
+
+def test_fifty_concurrent_clients(mx):
+    failures = []
+
+    def send(i: int) -> None:
+        try:
+            with smtp(mx) as client:
+                client.sendmail("s@example.org", ["alice@example.test"], f"Subject: c{i}\r\n\r\nbody {i}\r\n".encode())
+        except Exception as e:  # collected and asserted below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+    stored = inbox(mx, "alice@example.test")
+    assert sorted(int(m.split(b"body ")[1].split(b"\r\n")[0]) for m in stored) == list(range(50))
+
+
+def test_swaks(mx):
+    assert shutil.which("swaks"), "swaks is installed by the Makefile"
+    address = mx.listen("smtp.listen")
+    result = subprocess.run(["swaks", "--to", "alice@example.test", "--from", "s@example.org",
+                             "--server", f"{address.host}:{address.port}", "--helo", "swaks.example.org",
+                             "--header", "Subject: from swaks"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 OK: queued as" in result.stdout
+    (stored,) = inbox(mx, "alice@example.test")
+    assert b"Subject: from swaks" in stored and b"Received: from swaks.example.org" in stored
+
+
+def test_mtad_runs_only_the_smtp_agents(config_path, tmp_path):
+    """`mtad --config FILE` starts the SMTP listeners the way `postroom serve` does."""
+    import os
+    import signal
+    import time
+
+    from conftest import BIN
+
+    process = subprocess.Popen([str(BIN / "mtad"), "--config", str(config_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        config = __import__("conf").load(config_path)
+        address = config.smtp.listen[0]
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection((address.host, address.port), timeout=2) as sock:
+                    assert sock.recv(100).startswith(b"220 mail.example.test ESMTP")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+                time.sleep(0.1)
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert "SMTP (MX)" in out and "IMAP" not in out
