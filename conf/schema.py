@@ -80,6 +80,10 @@ class SMTPConfig:
     listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:25", "[::]:25")
     max_message_size: Size = Size(25 * MiB)
     max_recipients: int = field(default=100, metadata={"min": 1, "max": 100_000})
+    # How long a client may stay silent before 421 (RFC 5321 §4.5.3.2.7: at least 5 minutes).
+    timeout: Duration = field(default=Duration(300), metadata={"min": 1, "max": 3600})
+    max_connections: int = field(default=500, metadata={"min": 1, "max": 100_000})
+    max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass(frozen=True)

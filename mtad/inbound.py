@@ -21,9 +21,11 @@ import email.utils
 import itertools
 import secrets
 import ssl
+import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import TLSSetupException, sslproto
@@ -48,6 +50,11 @@ from storage.store import DeliveryError, Store
 
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
 READ_SIZE = 65536
+SPOOL_IN_MEMORY = 64 << 10  # a message larger than this is spooled to a file as it arrives
+BIG_MESSAGE = 1 << 20
+# Storing a big message holds it in memory once; only this many at a time, so that memory
+# stays bounded however many large messages arrive together.
+BIG_DELIVERIES = threading.BoundedSemaphore(2)
 _counter = itertools.count(1)
 
 
@@ -58,6 +65,23 @@ class InboundContext:
     store: Store
     tls: ssl.SSLContext | None
     deliver_in_thread: Callable  # run a blocking call off the event loop
+    spool_dir: str | None = None  # where messages over SPOOL_IN_MEMORY wait (the data dir)
+    connections: dict[str, int] = field(default_factory=dict)  # per client IP
+
+    def admit(self, ip: str) -> bool:
+        smtp = self.config.smtp
+        if sum(self.connections.values()) >= smtp.max_connections or \
+                self.connections.get(ip, 0) >= smtp.max_connections_per_ip:
+            return False
+        self.connections[ip] = self.connections.get(ip, 0) + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        left = self.connections.get(ip, 1) - 1
+        if left:
+            self.connections[ip] = left
+        else:
+            self.connections.pop(ip, None)
 
 
 def new_id() -> str:
@@ -70,7 +94,8 @@ class InboundSMTP(AiosmtpdSMTP):
     def __init__(self, context: InboundContext, *, implicit_tls: bool = False):
         config = context.config
         super().__init__(handler=None, hostname=config.server.hostname, tls_context=context.tls,
-                         timeout=300, data_size_limit=config.smtp.max_message_size, enable_SMTPUTF8=True)
+                         timeout=config.smtp.timeout, data_size_limit=config.smtp.max_message_size,
+                         enable_SMTPUTF8=True)
         self.context = context
         self.sid = new_id()
         self.log = EventLogger("mtad.inbound").bind(sid=self.sid)
@@ -82,7 +107,7 @@ class InboundSMTP(AiosmtpdSMTP):
             is_tls=implicit_tls,
         ))
         self._local: dict[str, list[str]] = {}  # recipient -> accounts it reaches
-        self._spool = bytearray()
+        self._spool = self._new_spool()
         self._sender = ""
         self._peer = ""
 
@@ -90,6 +115,11 @@ class InboundSMTP(AiosmtpdSMTP):
     async def _handle_client(self) -> None:
         peer = self.session.peer
         self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
+        if not self.context.admit(self._peer):
+            self.log.warning("connection_refused", client=self._peer, reason="too many connections")
+            self._write(replies.TOO_MANY_CONNECTIONS.lines())
+            self.transport.close()
+            return
         self.log.info("connect", client=self._peer)
         try:
             await self._send()
@@ -113,9 +143,16 @@ class InboundSMTP(AiosmtpdSMTP):
             self.log.error("session_failed", exc_info=True)
             self._write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
+            self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
             if self.transport is not None:
                 self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer fired: say why before closing (RFC 5321 §4.5.3.2)."""
+        self.log.info("timeout", client=self._peer)
+        self._write(replies.TIMEOUT.lines())
+        super()._timeout_cb()
 
     async def _process_events(self) -> bool:
         while True:
@@ -126,7 +163,7 @@ class InboundSMTP(AiosmtpdSMTP):
                 await self._send()
                 return False
             if isinstance(event, DataChunk):
-                self._spool += event.data
+                self._spool.write(event.data)
             elif isinstance(event, StartTLSEvent):
                 await self._send()
                 await self._upgrade_to_tls()
@@ -142,7 +179,8 @@ class InboundSMTP(AiosmtpdSMTP):
                 return replies.OK
             if isinstance(event, MailFrom):
                 self._local.clear()
-                self._spool.clear()
+                self._spool.close()
+                self._spool = self._new_spool()
                 self._sender = event.address
                 return replies.SENDER_OK
             if isinstance(event, RcptTo):
@@ -192,8 +230,17 @@ class InboundSMTP(AiosmtpdSMTP):
             return False
         return self.context.store.usage(account)["used"] >= user.quota
 
+    def _new_spool(self):
+        return tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.context.spool_dir)
+
     async def _end_of_data(self, end: DataEnd) -> Reply:
-        spool, self._spool = bytes(self._spool), bytearray()
+        spool, self._spool = self._spool, self._new_spool()
+        try:
+            return await self._store(end, spool)
+        finally:
+            spool.close()
+
+    async def _store(self, end: DataEnd, spool) -> Reply:
         if end.refusal is not None:
             self.log.info("message_refused", size=end.size, reason=f"{end.refusal.code} {end.refusal.enhanced}")
             return end.refusal
@@ -202,15 +249,17 @@ class InboundSMTP(AiosmtpdSMTP):
             return replies.MAIL_LOOP
         qid = f"{self.sid}{next(_counter):04X}"
         accounts = list(dict.fromkeys(a for targets in self._local.values() for a in targets))
-        raw = self._trace_headers(qid) + spool
+        trace = self._trace_headers(qid)
+        size = len(trace) + end.size
+        head = b""
         try:
-            await self.context.deliver_in_thread(self.context.store.deliver, accounts, raw)
+            head = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace, spool, end.size)
         except DeliveryError as e:
             full = any(isinstance(error, QuotaExceededError) for _, error in e.errors)
             self.log.error("store_failed", qid=qid, error=type(e.errors[0][1]).__name__,
                            delivered=len(e.delivered), failed=len(e.errors))
             return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
-        self.log.info("message_accepted", qid=qid, message_id=_message_id(spool), size=len(raw),
+        self.log.info("message_accepted", qid=qid, message_id=_message_id(head), size=size,
                       sender=self._sender or "<>", recipients=",".join(self._local), mailboxes=len(accounts))
         self._local.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
@@ -268,6 +317,29 @@ class InboundSMTP(AiosmtpdSMTP):
         tls = self._tls_object()
         cipher = tls.cipher() if tls is not None else None
         return cipher[0] if cipher else "unknown"
+
+
+def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) -> bytes:
+    """In a worker thread: the message (trace headers + spool) into every mailbox. Returns
+    its first bytes, for the log."""
+    big = size > BIG_MESSAGE
+    if big:
+        BIG_DELIVERIES.acquire()
+    try:
+        raw = bytearray(len(trace) + size)
+        raw[:len(trace)] = trace
+        spool.seek(0)
+        view = memoryview(raw)[len(trace):]
+        while view:
+            n = spool.readinto(view)
+            if not n:
+                raise OSError("spool file shorter than the message")
+            view = view[n:]
+        store.deliver(accounts, raw)
+        return bytes(raw[:16384])
+    finally:
+        if big:
+            BIG_DELIVERIES.release()
 
 
 def _message_id(raw: bytes) -> str:

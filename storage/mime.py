@@ -121,7 +121,7 @@ def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], dept
         part["message"] = {"envelope": envelope(inner_message), "structure": inner}
         budget.add_text(_decoded_headers_text(inner_message))
     elif maintype == "text" and not _is_attachment(message):
-        budget.add_text(_decode_text(message, raw[body_start:end], subtype))
+        budget.add_text(_decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype))
     return part, message
 
 
@@ -208,10 +208,13 @@ def _is_attachment(message: Message) -> bool:
 
 
 def _decode_text(message: Message, body: bytes, subtype: str) -> str:
+    # Only what the index keeps is decoded (the caller cuts the part): a 20 MB text part
+    # costs no 20 MB string.
     encoding = (_header(message, "content-transfer-encoding") or "").lower()
     try:
         if encoding == "base64":
-            body = base64.b64decode(b"".join(body.split()), validate=False)
+            data = b"".join(body.split())
+            body = base64.b64decode(data[: len(data) // 4 * 4], validate=False)
         elif encoding == "quoted-printable":
             body = quopri.decodestring(body)
     except (ValueError, TypeError):

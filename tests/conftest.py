@@ -89,6 +89,8 @@ def write_config(tmp_path: Path, data_dir: Path):
             "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
             "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
             "storage": {"shards": 4},
+            # Every test client comes from 127.0.0.1: the per-IP limit must allow a crowd.
+            "smtp": {"max_connections_per_ip": 200},
         }
         for dotted in LISTENERS:
             section, key = dotted.split(".")

@@ -8,6 +8,7 @@ import smtplib
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -250,3 +251,74 @@ def test_mtad_runs_only_the_smtp_agents(config_path, tmp_path):
         out, _ = process.communicate(timeout=20)
     assert process.returncode == 0
     assert "SMTP (MX)" in out and "IMAP" not in out
+
+
+def test_timeout_and_connection_limits(write_config, tmp_path):
+    from conftest import start_daemon
+
+    path = write_config("limits.toml", smtp={"timeout": "1s", "max_connections_per_ip": 2, "max_connections": 10})
+    daemon = start_daemon(path, tmp_path)
+    try:
+        address = daemon.listen("smtp.listen")
+        first = socket.create_connection((address.host, address.port), timeout=10)
+        second = socket.create_connection((address.host, address.port), timeout=10)
+        assert first.recv(100).startswith(b"220") and second.recv(100).startswith(b"220")
+        with socket.create_connection((address.host, address.port), timeout=10) as third:
+            assert third.recv(100) == b"421 4.7.0 Too many connections, try again later\r\n"
+        # Silent for longer than the timeout: told so, then disconnected.
+        assert first.recv(100) == b"421 4.4.2 Timeout, closing connection\r\n"
+        assert first.recv(100) == b""
+        first.close()
+        second.close()
+        time.sleep(0.2)
+        with socket.create_connection((address.host, address.port), timeout=10) as again:
+            assert again.recv(100).startswith(b"220")  # the slots were given back
+    finally:
+        assert daemon.stop() == 0
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_fifty_concurrent_20mb_messages_keep_memory_bounded(mx):
+    """Bodies are spooled to disk as they arrive and big deliveries take turns: fifty
+    20 MB messages at once must not grow the daemon by more than 100 MB."""
+    import base64
+    import os
+
+    attachment = base64.encodebytes(os.urandom(14_500_000))
+    message = (b"Subject: big attachment\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+               b"--B\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+               b"--B\r\nContent-Type: application/octet-stream\r\n"
+               b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=data.bin\r\n\r\n"
+               + attachment.replace(b"\n", b"\r\n") + b"--B--\r\n")
+    assert 19_500_000 < len(message) < mx.config.smtp.max_message_size
+    pid = mx.process.pid
+    with smtp(mx) as client:  # warm up: the first delivery loads what every later one shares
+        client.sendmail("s@example.org", ["bob@example.test"], b"Subject: warm\r\n\r\nx\r\n")
+    before = _rss_kib(pid, "VmRSS")
+    failures = []
+
+    def send() -> None:
+        try:
+            with smtp(mx) as client:
+                client.sendmail("s@example.org", ["alice@example.test"], message)
+        except Exception as e:  # collected and asserted below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=send) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert failures == []
+    peak = _rss_kib(pid, "VmHWM")
+    assert peak - before < 100 * 1024, f"daemon grew from {before} KiB to a peak of {peak} KiB"
+    infos = mx.store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])
+    assert len(infos) == 50
+    assert all(mx.store.read_message(i).endswith(message) for i in infos[:3])
