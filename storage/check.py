@@ -25,8 +25,8 @@ from pathlib import Path
 
 from storage import fts, mailboxes, maildir, messages
 from storage.mime import parse_message
-from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name
-from storage.shard import NO_DATE, Batch, Entry, Shard, dumps, loads, pack_u32, uid_key, unpack_u32
+from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name, parents
+from storage.shard import Batch, Entry, Shard, dumps, loads, pack_u32, uid_key, unpack_u32
 from storage.store import Store
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
@@ -52,31 +52,63 @@ def accounts_on_disk(store: Store) -> list[str]:
 
 
 def check(store: Store, account: str | None = None, *, repair: bool = False) -> list[Problem]:
+    """Differences between files and index. Repair runs inside the shard's write transaction,
+    so no delivery or flag change of a live daemon can slip between what is read and what is
+    mended. A report without repair keeps only what two scans in a row both see, so a
+    delivery committing during the first is not reported."""
     problems: list[Problem] = []
     for name in [account] if account else accounts_on_disk(store):
         shard = store.shard(name)
         if not shard.account_dir(name).is_dir():
             continue
-        problems.extend(_check_account(shard, name, repair))
+        if repair:
+            problems.extend(shard.write(lambda txn, batch, n=name, s=shard: _check_account(txn, s, batch, n, True)))
+            continue
+        with shard.read() as txn:
+            found = _check_account(txn, shard, None, name, False)
+        if found:
+            with shard.read() as txn:
+                again = set(_check_account(txn, shard, None, name, False))
+            found = [p for p in found if p in again]
+        problems.extend(found)
     return problems
 
 
-def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
+def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair: bool) -> list[Problem]:
     problems: list[Problem] = []
-    with shard.read() as txn:
-        known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
+    known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
     scans = []
+    on_disk = set()
     for directory in sorted(shard.account_dir(account).iterdir()):
         if not directory.name.isdigit():
             continue
         mailbox_id = int(directory.name)
+        on_disk.add(mailbox_id)
         if mailbox_id not in known:
-            problems.append(Problem(account, directory.name, "directory-not-in-index",
-                                    "a deleted mailbox's directory (repair removes it)"))
-            if repair:
-                shutil.rmtree(directory, ignore_errors=True)
+            files = sum(len(_files(directory / sub)) for sub in ("cur", "new"))
+            if files:
+                # Mail is never deleted on the index's word: rebuild takes it back in.
+                problems.append(Problem(account, directory.name, "directory-not-in-index",
+                                        f"{files} message file(s) of a mailbox the index does not know: "
+                                        f"run 'postroom store rebuild {account}'"))
+            else:
+                problems.append(Problem(account, directory.name, "directory-not-in-index",
+                                        "an empty directory left by a deleted mailbox (repair removes it)"))
+                if repair:
+                    shutil.rmtree(directory, ignore_errors=True)
             continue
-        scans.append(_scan_mailbox(shard, account, known[mailbox_id], directory, problems, repair))
+        scans.append(_scan_mailbox(txn, shard, account, known[mailbox_id], directory, problems, repair))
+    for mailbox_id, mailbox in known.items():
+        if mailbox_id not in on_disk:
+            problems.append(Problem(account, mailbox.name, "directory-missing",
+                                    f"{mailbox.exists} message(s) without their directory "
+                                    "(repair recreates it and expunges them)"))
+            if repair:
+                directory = shard.mailbox_dir(account, mailbox_id)
+                maildir.make_dirs(directory)
+                maildir.write_meta(directory, {"name": mailbox.name, "special_use": mailbox.special_use})
+                messages.expunge(txn, shard, batch, account, mailbox_id, mailboxes.record(txn, shard, mailbox_id),
+                                 only_deleted=False)
     # A file the index does not know but that shares its inode with one it does is the new
     # link of a copy or move that never committed: indexing it would duplicate the message.
     indexed_inodes = set().union(*(scan.indexed_inodes for scan in scans)) if scans else set()
@@ -95,10 +127,9 @@ def _check_account(shard: Shard, account: str, repair: bool) -> list[Problem]:
             problems.append(Problem(account, scan.mailbox.name, "file-missing",
                                     f"UID {uid} ({base}) (repair expunges it)"))
         if repair and (scan.unindexed or scan.missing):
-            shard.write(lambda txn, batch, s=scan: _repair_messages(txn, shard, batch, account, s.mailbox.id,
-                                                                    s.unindexed, s.missing))
+            _repair_messages(txn, shard, batch, account, scan.mailbox.id, scan.unindexed, scan.missing)
     if repair:
-        shard.write(lambda txn, batch: _fix_counters(txn, shard, account))
+        _fix_counters(txn, shard, account)
     return problems
 
 
@@ -111,7 +142,7 @@ class _Scan:
     missing: list[tuple[str, int]] = field(default_factory=list)
 
 
-def _scan_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
+def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
                   problems: list[Problem], repair: bool) -> _Scan:
     scan = _Scan(mailbox)
     where = mailbox.name
@@ -120,18 +151,17 @@ def _scan_mailbox(shard: Shard, account: str, mailbox: mailboxes.Mailbox, direct
             problems.append(Problem(account, where, "tmp-orphan", f"{entry.name} (its writer is gone)"))
             if repair:
                 _unlink(entry)
-    with shard.read() as txn:
-        indexed = {}  # base -> (uid, bits, size)
-        for uid, e in messages.entries(txn, shard, mailbox.id):
-            meta = loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))
-            indexed[meta["b"]] = (uid, e.bits, meta["s"])
-        expunged = set()
-        cursor = txn.cursor(db=shard.db["expunged"])
-        if cursor.set_range(uid_key(mailbox.id, 0)):
-            for key, value in cursor:
-                if key[:4] != pack_u32(mailbox.id):
-                    break
-                expunged.add(bytes(value).decode())
+    indexed = {}  # base -> (uid, bits, size)
+    for uid, e in messages.entries(txn, shard, mailbox.id):
+        meta = loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))
+        indexed[meta["b"]] = (uid, e.bits, meta["s"])
+    expunged = set()
+    cursor = txn.cursor(db=shard.db["expunged"])
+    if cursor.set_range(uid_key(mailbox.id, 0)):
+        for key, value in cursor:
+            if key[:4] != pack_u32(mailbox.id):
+                break
+            expunged.add(bytes(value).decode())
     seen = set()
     for sub in ("cur", "new"):
         for entry in _files(directory / sub):
@@ -198,6 +228,8 @@ def rebuild(store: Store, account: str) -> dict:
 
 
 def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
+    # What the old index knew, so that no UID is handed out again and MODSEQ never goes back.
+    prior = {m.id: (m.uidnext, m.highestmodseq) for m in mailboxes.listing(txn, shard, account)}
     for mailbox in mailboxes.listing(txn, shard, account):
         for base in mailboxes._bases_of(txn, shard, mailbox.id):
             txn.delete(base, db=shard.db["bases"])
@@ -216,7 +248,11 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
     account_dir = shard.account_dir(account)
     directories = sorted(d for d in account_dir.iterdir() if d.name.isdigit()) if account_dir.is_dir() else []
     for directory in directories:
-        _rebuild_mailbox(txn, shard, batch, account, directory, summary)
+        _rebuild_mailbox(txn, shard, batch, account, directory, summary, prior)
+    for mailbox in mailboxes.listing(txn, shard, account):
+        for parent in parents(mailbox.name):  # "Recovered/<id>" and the like need their parents
+            if txn.get(mailboxes.name_key(account, parent), db=shard.db["names"]) is None:
+                mailboxes.create(txn, shard, batch, account, parent)
     for name, special_use in DEFAULT_MAILBOXES:
         if txn.get(mailboxes.name_key(account, name), db=shard.db["names"]) is None:
             mailboxes.create(txn, shard, batch, account, name, special_use, subscribe=True)
@@ -224,7 +260,8 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
     return summary
 
 
-def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: Path, summary: dict) -> None:
+def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: Path, summary: dict,
+                     prior: dict[int, tuple[int, int]]) -> None:
     meta = maildir.read_meta(directory) or {}
     try:
         name = normalize_name(meta.get("name") or f"Recovered/{directory.name}")
@@ -241,6 +278,7 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         mailbox_id = mailboxes._new_id(txn, shard)
         new_directory = shard.mailbox_dir(account, mailbox_id)
         os.rename(directory, new_directory)
+        batch.undo(lambda a=new_directory, b=directory: os.rename(a, b))
         files = [(parsed, new_directory / path.parent.name / path.name) for parsed, path in files]
         directory = new_directory
         summary["renumbered"] += 1
@@ -249,8 +287,13 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         if raw is None or unpack_u32(raw) < mailbox_id:
             txn.put(b"uidvalidity", pack_u32(mailbox_id), db=shard.db["counters"])
     files.sort(key=lambda item: (item[0][1] if item[0] and not renumber else 0, item[1].stat().st_mtime, item[1].name))
-    state = {"account": account, "name": name, "uidnext": 1, "modseq": 2, "exists": 0, "unseen": 0, "size": 0,
-             "special_use": meta.get("special_use"), "keywords": []}
+    # UIDNEXT never below what the old index or the last expunge recorded; MODSEQ above
+    # anything handed out before (those count up from 1; a millisecond clock is far beyond).
+    known_uidnext, known_modseq = prior.get(mailbox_id, (1, 1)) if not renumber else (1, 1)
+    uidnext = max(known_uidnext, int(meta.get("uidnext", 1)) if not renumber else 1)
+    modseq = max(known_modseq + 1, int(time.time() * 1000))
+    state = {"account": account, "name": name, "uidnext": uidnext, "modseq": modseq, "exists": 0, "unseen": 0,
+             "size": 0, "special_use": meta.get("special_use"), "keywords": []}
     for index, (parsed, path) in enumerate(files):
         raw = path.read_bytes()
         uid = parsed[1] if parsed and not renumber else index + 1
@@ -259,13 +302,13 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         target = directory / "cur" / maildir.file_name(base, uid, len(raw), bits)
         if path != target:
             os.rename(path, target)
+            batch.undo(lambda t=target, p=path: os.rename(t, p))
         meta, texts = _meta(raw, target)
         entry = {**meta, "b": base, "s": len(raw)}
-        sent = entry.get("t")
-        record = Entry(2, bits, len(raw), int(entry["d"]), int(sent) if sent is not None else NO_DATE, ())
+        record = Entry(modseq, bits, len(raw), int(entry["d"]), messages.sent_seconds(entry), ())
         messages.put_entry(txn, shard, mailbox_id, uid, record)
         txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
-        txn.put(messages.modseq_key(mailbox_id, 2, uid), b"", db=shard.db["modseqs"])
+        txn.put(messages.modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
         txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
         fts.store_texts(txn, shard, mailbox_id, uid, texts)
         state["uidnext"] = max(state["uidnext"], uid + 1)
@@ -273,13 +316,14 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     mailboxes.put_record(txn, shard, mailbox_id, state)
     txn.put(mailboxes.name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     txn.put(mailboxes.name_key(account, name), b"", db=shard.db["subs"])
-    maildir.write_meta(directory, {"name": name, "special_use": meta.get("special_use")})
+    maildir.write_meta(directory, {"name": name, "special_use": meta.get("special_use"), "uidnext": state["uidnext"]})
     summary["mailboxes"] += 1
 
 
 def _meta(raw: bytes, path: Path) -> tuple[dict, dict[str, str]]:
     parsed = parse_message(raw)
-    meta = {"d": path.stat().st_mtime, "t": parsed["sent"], "e": parsed["envelope"], "x": parsed["structure"]}
+    meta = {"d": path.stat().st_mtime, "t": parsed["sent"], "td": parsed["sent_day"], "e": parsed["envelope"],
+            "x": parsed["structure"]}
     return meta, fts.fields_of(parsed)
 
 
@@ -298,7 +342,10 @@ def _abandoned(entry: os.DirEntry) -> bool:
         pid_text = parts[1].split("P", 1)[1].split("Q", 1)[0]
         if pid_text.isdigit() and not Path(f"/proc/{pid_text}").exists():
             return True
-    return time.time() - entry.stat().st_mtime > TMP_MAX_AGE
+    try:
+        return time.time() - entry.stat().st_mtime > TMP_MAX_AGE
+    except FileNotFoundError:
+        return False  # its writer just renamed it into place
 
 
 def _unlink(entry: os.DirEntry | Path) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 
 import lmdb
 
-from storage.shard import Shard, uid_key
+from storage.shard import Shard, dumps, uid_key
 
 FIELDS = ("b", "h", "s", "f", "t", "c", "k")
 CHUNK = 1024
@@ -72,8 +72,7 @@ def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, 
     """At delivery: keep the message's normalized text, and queue the mailbox for indexing.
     Search is already exact for it (by confirmation); the posting lists follow in the
     background (`index_pending`)."""
-    txn.put(uid_key(mailbox_id, uid), zlib.compress(json.dumps(texts, ensure_ascii=False).encode(), 3),
-            db=shard.db["texts"])
+    txn.put(uid_key(mailbox_id, uid), zlib.compress(dumps(texts), 3), db=shard.db["texts"])
     txn.put(mailbox_id.to_bytes(4, "big"), b"", db=shard.db["pending"])
 
 
@@ -129,9 +128,13 @@ def _collect(postings_by_key: dict[bytes, list[int]], box: bytes, uid: int, text
             continue
         for token in set(tokenize(text)):
             count += 1
-            if count > MAX_TOKENS:
-                postings_by_key.setdefault(box + OVERFLOW.encode() + b"\0", []).append(uid)
-                return
+            if count > MAX_TOKENS or len(token) > MAX_TOKEN_CHARS:
+                # Not every token is on the lists whole: search confirms this message from its text.
+                overflow = postings_by_key.setdefault(box + OVERFLOW.encode() + b"\0", [])
+                if not overflow or overflow[-1] != uid:
+                    overflow.append(uid)
+                if count > MAX_TOKENS:
+                    return
             postings_by_key.setdefault(box + field.encode() + token[:MAX_TOKEN_CHARS].encode() + b"\0", []).append(uid)
 
 

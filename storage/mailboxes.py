@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from storage import fts, maildir
-from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
+from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, MailboxNameError, is_inside, normalize_name, parents
 from storage.shard import Batch, Shard, StoreError, dumps, loads, pack_u32, uid_key, unpack_u32
 
 INBOX = "INBOX"
@@ -54,8 +54,14 @@ class Mailbox:
         return self.id
 
 
+MAX_KEY_BYTES = 500  # LMDB refuses keys over 511 bytes
+
+
 def name_key(account: str, name: str) -> bytes:
-    return f"{account}\0{name}".encode()
+    key = f"{account}\0{name}".encode("utf-8", "surrogateescape")
+    if len(key) > MAX_KEY_BYTES:
+        raise MailboxNameError(f"mailbox name too long ({len(name.encode())} bytes in UTF-8)")
+    return key
 
 
 def record(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> dict | None:

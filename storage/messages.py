@@ -73,6 +73,12 @@ class MessageInfo:
     path: Path
 
 
+def sent_seconds(meta: dict) -> int:
+    """The Date: header's own calendar day (as midnight seconds), for SENT* searches."""
+    day = meta.get("td")
+    return day * 86400 if day is not None else NO_DATE
+
+
 def flag_names(bits: int, keywords: Iterable[str]) -> tuple[str, ...]:
     return tuple(name for name, bit in maildir.SYSTEM_FLAGS.items() if bits & bit) + tuple(keywords)
 
@@ -208,8 +214,7 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
                  unseen=state["unseen"] + (0 if bits & maildir.SEEN else 1))
     put_record(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, size, 1)
-    sent = meta.get("t")
-    entry = Entry(modseq, bits, size, int(meta["d"]), int(sent) if sent is not None else NO_DATE, keywords)
+    entry = Entry(modseq, bits, size, int(meta["d"]), sent_seconds(meta), keywords)
     put_entry(txn, shard, mailbox_id, uid, entry)
     txn.put(uid_key(mailbox_id, uid), dumps({**meta, "b": base, "s": size}), db=shard.db["msgs"])
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
@@ -281,10 +286,13 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
 
 def _mirror_flags(shard: Shard, account: str, mailbox_id: int, renames: list) -> None:
     for base, uid, size, old_bits, new_bits in renames:
-        old = message_path(shard, account, mailbox_id, base, uid, size, old_bits)
-        current = find_file(old, base)
-        if current is not None:
-            os.rename(current, message_path(shard, account, mailbox_id, base, uid, size, new_bits))
+        try:
+            old = message_path(shard, account, mailbox_id, base, uid, size, old_bits)
+            current = find_file(old, base)
+            if current is not None:
+                os.rename(current, message_path(shard, account, mailbox_id, base, uid, size, new_bits))
+        except OSError:
+            continue  # the index is the truth; `store check` mends the name
 
 
 def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
@@ -313,14 +321,29 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
     put_record(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, -freed, -len(doomed))
     batch.after_commit.append(lambda: _unlink_all(files))
+    # Expunging the newest UIDs is what could let a rebuild from files hand them out again:
+    # the mailbox's file records how far UIDs went.
+    directory = shard.mailbox_dir(account, mailbox_id)
+    meta = {"name": state["name"], "special_use": state.get("special_use"), "uidnext": state["uidnext"]}
+    batch.after_commit.append(lambda: _write_meta_quietly(directory, meta))
     return [uid for uid, _, _ in doomed]
+
+
+def _write_meta_quietly(directory: Path, meta: dict) -> None:
+    try:
+        maildir.write_meta(directory, meta)
+    except OSError:
+        pass  # a missing high-water mark only matters to a rebuild, which then renumbers
 
 
 def _unlink_all(files: list[tuple[Path, str]]) -> None:
     for path, base in files:
-        current = find_file(path, base)
-        if current is not None:
-            os.unlink(current)
+        try:
+            current = find_file(path, base)
+            if current is not None:
+                os.unlink(current)
+        except OSError:
+            continue  # left for `store check`, which knows it was expunged
 
 
 def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,

@@ -32,14 +32,14 @@ MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _HEADER_PARSER = HeaderParser(policy=compat32)
-_HIDDEN = re.compile(r"<(script|style|head)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
-_BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|tr|td|th|h[1-6]|table|ul|ol|blockquote|hr|pre|section|article)\b[^>]*>",
-                        re.IGNORECASE)
-_TAG = re.compile(r"<[^>]*>")
+_HIDDEN_TAGS = frozenset({"script", "style", "head"})
+_BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table",
+                         "ul", "ol", "blockquote", "hr", "pre", "section", "article"})
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
 ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
+_EPOCH_ORDINAL = 719163  # datetime.date(1970, 1, 1).toordinal()
 
 
 class _Budget:
@@ -58,7 +58,26 @@ class _Budget:
 def parse_message(raw: bytes) -> dict:
     """{"envelope", "structure", "sent" (Date: as a timestamp or None), "fields" (decoded
     subject, from, to, cc, bcc for the index), "headers" (every top-level header line,
-    decoded), "body" (decoded text of the text parts)}."""
+    decoded), "body" (decoded text of the text parts)}. Never raises: a message the parser
+    cannot make sense of is one opaque part, stored and fetchable all the same."""
+    try:
+        return _parse_message(raw)
+    except Exception:  # any message at all must be storable; its bytes are what counts
+        return {
+            "envelope": {name: None for name in ENVELOPE_FIELDS} | {"subject_text": None},
+            "structure": {"type": "application", "subtype": "octet-stream", "params": [], "header": [0, 0],
+                          "body": [0, len(raw)], "id": None, "description": None, "encoding": "7BIT",
+                          "size": len(raw), "lines": _count_lines(raw, 0, len(raw)), "md5": None,
+                          "disposition": None, "language": None, "location": None},
+            "sent": None,
+            "sent_day": None,
+            "fields": {name: "" for name in INDEXED_FIELDS},
+            "headers": "",
+            "body": "",
+        }
+
+
+def _parse_message(raw: bytes) -> dict:
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
     fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
@@ -68,6 +87,7 @@ def parse_message(raw: bytes) -> dict:
         "envelope": envelope(message),
         "structure": structure,
         "sent": _sent_date(message),
+        "sent_day": _sent_day(message),
         "fields": fields,
         "headers": headers,
         "body": "\n".join(budget.text),
@@ -165,8 +185,11 @@ def _params(message: Message, header: str = "content-type") -> list[list[str]]:
     out = []
     for name, value in params[1:]:
         if isinstance(value, tuple):
-            value = email.utils.collapse_rfc2231_value(value)
-        out.append([name.lower(), _clean(str(value))])
+            try:
+                value = email.utils.collapse_rfc2231_value(value)
+            except (LookupError, UnicodeError, ValueError):  # filename*=idna''... and the like
+                value = value[2]
+        out.append([name.lower(), _clean(str(value)).encode("utf-8", "replace").decode("utf-8")])
     return out
 
 
@@ -222,19 +245,46 @@ def _decode_text(message: Message, body: bytes, subtype: str) -> str:
     charset = message.get_content_charset() or "utf-8"
     try:
         text = body.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, UnicodeError, ValueError):  # unknown charsets; idna and punycode raise
         text = body.decode("utf-8", "replace")
+    # Lone surrogates (utf-7 can make them) cannot be stored as UTF-8.
+    text = text.encode("utf-8", "replace").decode("utf-8")
     if subtype == "html":
         text = html_to_text(text)
     return text
 
 
 def html_to_text(markup: str) -> str:
-    """What a reader sees: inline tags vanish, blocks break lines, white space collapses."""
-    text = _HIDDEN.sub(" ", markup)
-    text = _BLOCK_TAG.sub("\n", text)
-    text = html.unescape(_TAG.sub("", text))
-    return "\n".join(line.strip() for line in _SPACES.sub(" ", text.replace("\xa0", " ")).split("\n") if line.strip())
+    """What a reader sees: inline tags vanish, blocks break lines, white space collapses,
+    script and style are dropped. One pass with str.find: linear in the input, whatever
+    the input (regular expressions over hostile markup can take quadratic time)."""
+    lower = markup.lower()
+    out: list[str] = []
+    i, n = 0, len(markup)
+    while i < n:
+        start = markup.find("<", i)
+        if start < 0:
+            out.append(markup[i:])
+            break
+        out.append(markup[i:start])
+        if markup.startswith("<!--", start):
+            close = markup.find("-->", start + 4)
+            i = n if close < 0 else close + 3
+            continue
+        end = markup.find(">", start + 1)
+        if end < 0:
+            break  # an unclosed tag to the end: nothing a reader would see
+        tag = markup[start + 1:end].strip().lower()
+        name = tag.lstrip("/").split(None, 1)[0].rstrip("/") if tag.lstrip("/") else ""
+        if name in _HIDDEN_TAGS and not tag.startswith("/"):
+            close = lower.find(f"</{name}", end)
+            end = n if close < 0 else markup.find(">", close)
+            end = n if end < 0 else end
+        elif name in _BLOCK_TAGS:
+            out.append("\n")
+        i = end + 1
+    text = html.unescape("".join(out)).replace("\xa0", " ")
+    return "\n".join(line.strip() for line in _SPACES.sub(" ", text).split("\n") if line.strip())
 
 
 def envelope(message: Message) -> dict:
@@ -281,6 +331,19 @@ def _decoded_headers_text(message: Message) -> str:
         for value in message.get_all(name, []):
             parts.append(decode_words(_clean(str(value))))
     return "\n".join(parts)
+
+
+def _sent_day(message: Message) -> int | None:
+    """The Date: header's own calendar day, as days since 1970-01-01: RFC 3501's SENT* keys
+    compare that, "disregarding time and timezone"."""
+    value = message.get("date")
+    if value is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return parsed.date().toordinal() - _EPOCH_ORDINAL
 
 
 def _sent_date(message: Message) -> float | None:

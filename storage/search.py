@@ -97,7 +97,8 @@ class _Evaluation:
             return unseen if within is None else unseen & within
         domain = self.universe if within is None else within
         if kind == "uid":
-            return {uid for uid in domain if any(low <= uid <= high for low, high in query[1])}
+            spans = [(min(a, b), max(a, b)) for a, b in query[1]]
+            return {uid for uid in domain if any(low <= uid <= high for low, high in spans)}
         if kind == "flag":
             return self._flag(query[1], query[2], domain)
         if kind in ("before", "on", "since", "sentbefore", "senton", "sentsince"):

@@ -59,7 +59,7 @@ FSYNC_THREADS = 16
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
 _MODSEQ_KEY = struct.Struct(">IQI")
-_ENTRY = struct.Struct(">QBIIq")  # modseq, flag bits, size, internal date, sent date
+_ENTRY = struct.Struct(">QBIqq")  # modseq, flag bits, size, internal date, sent date (seconds, signed)
 NO_DATE = -(2**63)
 
 
@@ -102,7 +102,7 @@ class Entry(NamedTuple):
     bits: int
     size: int
     internal_date: int  # seconds
-    sent: int  # seconds, NO_DATE when the Date: header is missing or unreadable
+    sent: int  # midnight (in seconds) of the Date: header's own day; NO_DATE without one
     keywords: tuple[str, ...]
 
 
@@ -118,7 +118,11 @@ def unpack_entry(raw: bytes) -> Entry:
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a broken header: JSON escapes it
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def loads(raw: bytes) -> Any:

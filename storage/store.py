@@ -156,8 +156,11 @@ class Store:
         INBOX). Returns when every copy is durable; DeliveryError if any failed (the
         `delivered` ones are durable all the same)."""
         bits, keywords = messages.parse_flags(flags)
+        if internal_date is not None and not -2**62 < internal_date < 2**62:
+            raise ValueError(f"internal date out of range: {internal_date}")
         parsed = parse_message(raw)
         meta = {"d": internal_date if internal_date is not None else time.time(), "t": parsed["sent"],
+                "td": parsed["sent_day"],
                 "e": parsed["envelope"], "x": parsed["structure"]}
         texts = fts.fields_of(parsed)
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
@@ -213,12 +216,14 @@ class Store:
             return mailboxes.to_mailbox(mailbox_id, state), uids, bits
 
     def flags(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[FlagState]:
+        ranges = normalize_ranges(ranges)
         shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
             return messages.flag_states(txn, shard, mailbox_id, ranges)
 
     def fetch(self, account: str, mailbox: str, ranges: UidRanges) -> list[MessageInfo]:
+        ranges = normalize_ranges(ranges)
         shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
@@ -238,6 +243,7 @@ class Store:
 
     def store_flags(self, account: str, mailbox: str, ranges: UidRanges, mode: str, flags: Iterable[str],
                     unchanged_since: int | None = None) -> tuple[list[FlagState], list[int]]:
+        ranges = normalize_ranges(ranges)
         bits, keywords = messages.parse_flags(flags)
         shard = self.shard(account)
 
@@ -249,6 +255,7 @@ class Store:
         return shard.write(fn)
 
     def expunge(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[int]:
+        ranges = normalize_ranges(ranges)
         shard = self.shard(account)
 
         def fn(txn, batch):
@@ -260,6 +267,7 @@ class Store:
     def copy(self, account: str, source: str, ranges: UidRanges, target: str,
              *, move: bool = False) -> tuple[int, list[tuple[int, int]]]:
         """(target UIDVALIDITY, [(source UID, target UID)]) — what COPYUID reports."""
+        ranges = normalize_ranges(ranges)
         shard = self.shard(account)
         quota = 0 if move else self._quota_of(account)
 
@@ -304,6 +312,18 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
+
+
+def normalize_ranges(ranges: UidRanges) -> list[tuple[int, int]]:
+    """IMAP allows "3:1" and overlapping sets ("1:3,2:3"): ascending, disjoint, within 1..2^32-1."""
+    spans = sorted((max(1, min(a, b)), min(2**32 - 1, max(a, b))) for a, b in ranges)
+    merged: list[tuple[int, int]] = []
+    for low, high in spans:
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        elif low <= high:
+            merged.append((low, high))
+    return merged
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,

@@ -49,12 +49,14 @@ class Watcher:
         """Call `callback(new state)` from the watcher thread after each change; None if the
         mailbox is gone. Callers hand it on to their own loop (call_soon_threadsafe,
         callFromThread)."""
+        shard = self._store.shard_number(account)
+        # The commit id first, then the state: a change in between is then seen as new.
+        commit = self._store.shard(account).last_commit()
         state = self._store.mailbox(account, mailbox)
         watch = Watch(account, mailbox, callback, _key(state), self)
-        shard = self._store.shard_number(account)
         with self._lock:
             self._watches.setdefault(shard, []).append(watch)
-            self._last_commit.setdefault(shard, self._store.shard(account).last_commit())
+            self._last_commit[shard] = min(commit, self._last_commit.get(shard, commit))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
                 self._thread.start()

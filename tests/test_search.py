@@ -106,8 +106,9 @@ def test_dates_and_sizes(store):
     assert find(store, "on", DAY(2026, 11, 18)) == [2]
     assert find(store, "on", DAY(2026, 11, 17)) == []
     assert find(store, "since", DAY(2026, 11, 22)) == [3, 4]
-    # Date: Tue, 01 Sep 2026 23:30 -0500 is 2 Sep in UTC.
-    assert find(store, "senton", DAY(2026, 9, 2)) == [4]
+    # Date: Tue, 01 Sep 2026 23:30 -0500: its own day counts, not the UTC one (RFC 3501 6.4.4).
+    assert find(store, "senton", DAY(2026, 9, 1)) == [4]
+    assert find(store, "senton", DAY(2026, 9, 2)) == []
     assert find(store, "sentbefore", DAY(2026, 11, 1)) == [4]
     assert find(store, "sentsince", DAY(2026, 11, 23)) == [1, 2, 3]
     sizes = {i.uid: i.size for i in store.fetch(ALICE, "INBOX", [(1, 4)])}
@@ -152,3 +153,18 @@ def test_search_survives_rebuild(store, data_dir):
     rebuild(store, ALICE)
     assert find(store, "body", "crème brûlée") == [3]
     assert find(store, "subject", "quarterly") == [1, 4]
+
+
+def test_words_inside_very_long_tokens_are_found(data_dir):
+    from storage import fts
+
+    with Store(open_data_dir(data_dir, 2)) as s:
+        long_token = "a" * (fts.MAX_TOKEN_CHARS + 10) + "needle"
+        s.deliver([ALICE], mail("long", f"{long_token} world"))
+        s.deliver([ALICE], mail("plain", "needle here"))
+        s.deliver([ALICE], mail("none", "nothing"))
+        for _ in range(2):  # before the indexer ran, and after
+            assert s.search(ALICE, "INBOX", ("body", "needle")) == [1, 2]
+            assert s.search(ALICE, "INBOX", ("body", "needle world")) == [1]
+            assert s.search(ALICE, "INBOX", ("not", ("body", "needle"))) == [3]
+            s.build_index(ALICE)

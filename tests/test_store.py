@@ -20,6 +20,7 @@ from storage.store import DeliveryError, Store
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
 ALL = [(1, 2**32 - 1)]
+EXPECTED_SHARDS = [0, 2, 2, 0, 1, 1, 1, 3]  # blake2b-64 of the name, modulo 4
 
 
 def message(subject: str = "hello", body: str = "body text") -> bytes:
@@ -43,8 +44,9 @@ def test_layout_shard_per_account_and_default_mailboxes(store, data_dir):
     inbox_dir = data_dir / "shards" / shard / ALICE / str(boxes["INBOX"].uidvalidity)
     assert all((inbox_dir / sub).is_dir() for sub in ("tmp", "new", "cur"))
     assert (data_dir / "shards" / shard / "index.lmdb" / "data.mdb").is_file()
-    # The shard of an account is a stable function of its name.
-    assert store.shard_number(ALICE) == store.shard_number(ALICE)
+    # The shard of an account is a fixed function of its name (blake2b, modulo the count):
+    # a change here would move every account of an existing data dir.
+    assert [store.shard_number(f"user{i}@example.test") for i in range(8)] == EXPECTED_SHARDS
     assert len({store.shard_number(f"user{i}@example.test") for i in range(100)}) == 4
 
 
@@ -381,3 +383,126 @@ def test_renaming_inbox_moves_its_messages(store):
     assert store.deliver([ALICE], message("new"))[0].uid == 4  # INBOX's UIDs go on
     with pytest.raises(MailboxExistsError):
         store.rename_mailbox(ALICE, "INBOX", "Old Mail")
+
+
+def test_overlapping_and_reversed_uid_ranges_count_each_message_once(store):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    overlapping = [(1, 3), (2, 3), (3, 1)]
+    assert [s.uid for s in store.flags(ALICE, "INBOX", overlapping)] == [1, 2, 3]
+    store.store_flags(ALICE, "INBOX", overlapping, "add", ["\\Seen"])
+    assert store.mailbox(ALICE, "INBOX").unseen == 0
+    assert len(store.copy(ALICE, "INBOX", overlapping, "Archive")[1]) == 3
+    store.store_flags(ALICE, "INBOX", overlapping, "add", ["\\Deleted"])
+    assert store.expunge(ALICE, "INBOX", overlapping) == [1, 2, 3]
+    assert store.mailbox(ALICE, "Archive").exists == 3 and store.usage(ALICE)["messages"] == 3
+
+
+def test_names_and_dates_beyond_storage_limits_are_clear_errors(store):
+    with pytest.raises(MailboxNameError, match="too long"):
+        store.create_mailbox(ALICE, "漢" * 200)  # 200 characters, 600 bytes: over LMDB's key size
+    for when in (-86400.0 * 365 * 10, 0.0, 5_000_000_000.0):  # 1960, 1970, 2128
+        delivered = store.deliver([ALICE], message(f"d{when}"), internal_date=when)[0]
+        info = store.fetch(ALICE, "INBOX", [(delivered.uid, delivered.uid)])[0]
+        assert info.internal_date == when
+    with pytest.raises(ValueError):
+        store.deliver([ALICE], message(), internal_date=1e30)
+
+
+def test_undecodable_and_hostile_content_is_stored_quickly(store):
+    import time as clock
+
+    cases = [
+        b"Content-Type: text/plain; charset=idna\r\n\r\nhello idna\r\n",
+        b"Content-Type: text/plain; charset=utf-7\r\n\r\n+2D0-lone surrogate\r\n",
+        b"Content-Type: application/pdf; name*=idna''x\r\n\r\nbinary\r\n",
+        b"Subject: =?utf-7?q?+2D0-?=\r\n\r\nsubject with a lone surrogate\r\n",
+        b"Content-Type: text/html\r\n\r\n" + b"<script " * 200_000,
+        b"Content-Type: text/html\r\n\r\n" + b"<" * 1_000_000,
+    ]
+    for raw in cases:
+        start = clock.perf_counter()
+        delivered = store.deliver([ALICE], raw)[0]
+        assert clock.perf_counter() - start < 5, raw[:60]
+        info = store.fetch(ALICE, "INBOX", [(delivered.uid, delivered.uid)])[0]
+        assert store.read_message(info) == raw
+    store.build_index(ALICE)
+    assert store.search(ALICE, "INBOX", ("body", "hello idna")) == [1]
+
+
+def test_repair_never_deletes_a_directory_with_mail(store, data_dir):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    inbox = _mailbox_dir(store, "INBOX")
+    stray = inbox.parent / "4000000000"  # a mailbox dir the index does not know, holding mail
+    stray.mkdir()
+    (stray / "cur").mkdir()
+    (stray / "cur" / "1.M1P1Q1R1.host,U=1,S=5:2,").write_bytes(b"mail!")
+    problems = check(store, ALICE, repair=True)
+    assert [p.kind for p in problems] == ["directory-not-in-index"] and "store rebuild" in problems[0].detail
+    assert (stray / "cur" / "1.M1P1Q1R1.host,U=1,S=5:2,").exists()
+    rebuild(store, ALICE)
+    assert store.mailbox(ALICE, "Recovered").exists == 0
+    assert store.mailbox(ALICE, "Recovered/4000000000").exists == 1
+
+
+def test_a_missing_mailbox_directory_is_reported(store):
+    store.deliver([ALICE], message())
+    import shutil
+
+    shutil.rmtree(_mailbox_dir(store, "INBOX"))
+    assert [p.kind for p in check(store, ALICE)] == ["directory-missing"]
+    check(store, ALICE, repair=True)
+    assert check(store, ALICE) == [] and store.mailbox(ALICE, "INBOX").exists == 0
+
+
+def test_rebuild_never_hands_out_a_uid_again(store, data_dir):
+    for i in range(3):
+        store.deliver([ALICE], message(str(i)))
+    store.store_flags(ALICE, "INBOX", [(3, 3)], "add", ["\\Deleted"])
+    store.expunge(ALICE, "INBOX")
+    before = store.mailbox(ALICE, "INBOX")
+    rebuild(store, ALICE)  # with the index still there
+    after = store.mailbox(ALICE, "INBOX")
+    assert after.uidvalidity == before.uidvalidity and after.uidnext == 4
+    assert after.highestmodseq > before.highestmodseq
+    store.close()
+    for shard_dir in (data_dir / "shards").iterdir():  # and from the files alone
+        for f in (shard_dir / "index.lmdb").iterdir():
+            f.unlink()
+    with Store(open_data_dir(data_dir, 4)) as fresh:
+        rebuild(fresh, ALICE)
+        assert fresh.mailbox(ALICE, "INBOX").uidnext == 4
+        assert fresh.deliver([ALICE], message("new"))[0].uid == 4
+
+
+def test_repair_beside_live_deliveries_loses_and_duplicates_nothing(store):
+    """Cron may run `store check --repair` while mtad delivers."""
+    store.ensure_account(ALICE)
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def deliver() -> None:
+        i = 0
+        while not stop.is_set():
+            store.deliver([ALICE], message(f"live{threading.get_ident()}-{i}"))
+            sent.append(i)
+            i += 1
+
+    workers = [threading.Thread(target=deliver) for _ in range(4)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + 4
+    repairs = 0
+    while time.monotonic() < deadline:
+        check(store, ALICE, repair=True)
+        repairs += 1
+    stop.set()
+    for w in workers:
+        w.join()
+    assert repairs > 3 and len(sent) > 50
+    assert check(store, ALICE) == []
+    infos = store.fetch(ALICE, "INBOX", ALL)
+    assert len(infos) == len(sent)
+    bodies = [store.read_message(i) for i in infos]
+    assert len(set(bodies)) == len(bodies)
