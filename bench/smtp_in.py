@@ -1,0 +1,107 @@
+"""Inbound SMTP benchmark: works against any SMTP server, so others can be measured too.
+
+    .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test]
+
+C connections at once, each sending M messages of S bytes (EHLO once, then MAIL, RCPT,
+DATA per message; no pipelining). Prints accepted messages per second and the time from
+sending the end of DATA to reading its reply (p50, p99). A plain asyncio client with no
+parsing beyond reply codes, so that it costs the server's two cores as little as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+
+async def reply(reader: asyncio.StreamReader) -> int:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+async def connection(host: str, port: int, messages: int, body: bytes, to: str, latencies: list[float],
+                     failures: list[str]) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    accepted = 0
+    try:
+        await reply(reader)
+        writer.write(b"EHLO bench.example.org\r\n")
+        await reply(reader)
+        for _ in range(messages):
+            writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+            if await reply(reader) != 250:
+                failures.append("MAIL")
+                continue
+            writer.write(f"RCPT TO:<{to}>\r\n".encode())
+            if await reply(reader) != 250:
+                failures.append("RCPT")
+                writer.write(b"RSET\r\n")
+                await reply(reader)
+                continue
+            writer.write(b"DATA\r\n")
+            if await reply(reader) != 354:
+                failures.append("DATA")
+                continue
+            writer.write(body + b".\r\n")
+            start = time.perf_counter()
+            code = await reply(reader)
+            latencies.append(time.perf_counter() - start)
+            if code == 250:
+                accepted += 1
+            else:
+                failures.append(f"end of data {code}")
+        writer.write(b"QUIT\r\n")
+        await reply(reader)
+    finally:
+        writer.close()
+    return accepted
+
+
+def message(size: int) -> bytes:
+    head = (b"From: Bench <bench@example.org>\r\nTo: <alice@example.test>\r\nSubject: benchmark\r\n"
+            b"Message-ID: <bench@example.org>\r\n\r\n")
+    line = b"The quick brown fox jumps over the lazy dog, again and again, for the benchmark.\r\n"
+    body = head + line * ((size - len(head)) // len(line) + 1)
+    return body[:size - 2] + b"\r\n"
+
+
+async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str) -> None:
+    body = message(size)
+    latencies: list[float] = []
+    failures: list[str] = []
+    start = time.perf_counter()
+    results = await asyncio.gather(*(connection(host, port, messages, body, to, latencies, failures)
+                                     for _ in range(concurrency)), return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    accepted = sum(r for r in results if isinstance(r, int))
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")
+    print(f"C={concurrency} M={messages} S={size}: {accepted} accepted in {elapsed:.1f} s = "
+          f"{accepted / elapsed:.0f} msgs/s; end of DATA to reply p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+          + (f"; {len(failures)} refused" if failures else "") + (f"; {len(errors)} connections failed" if errors else ""))
+    for error in errors[:3]:
+        print(f"  {error}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("server", metavar="HOST:PORT")
+    parser.add_argument("-c", "--concurrency", type=int, default=50)
+    parser.add_argument("-m", "--messages", type=int, default=100, help="messages per connection")
+    parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument("--to", default="alice@example.test")
+    args = parser.parse_args()
+    host, _, port = args.server.rpartition(":")
+    asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages, args.size, args.to))
+
+
+if __name__ == "__main__":
+    main()
