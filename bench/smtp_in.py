@@ -84,9 +84,10 @@ async def run(host: str, port: int, concurrency: int, messages: int, size: int, 
     latencies.sort()
     p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")
+    problems = (f"; {len(failures)} refused" if failures else "") + \
+        (f"; {len(errors)} connections failed" if errors else "")
     print(f"C={concurrency} M={messages} S={size}: {accepted} accepted in {elapsed:.1f} s = "
-          f"{accepted / elapsed:.0f} msgs/s; end of DATA to reply p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-          + (f"; {len(failures)} refused" if failures else "") + (f"; {len(errors)} connections failed" if errors else ""))
+          f"{accepted / elapsed:.0f} msgs/s; end of DATA to reply p50 {p50:.1f} ms, p99 {p99:.1f} ms{problems}")
     for error in errors[:3]:
         print(f"  {error}")
 
