@@ -49,13 +49,13 @@ class Service:
     listeners: Callable[[Config], tuple[ListenAddress, ...]]
     implicit_tls: bool
     start: Callable[[Context], Awaitable[Running]] | None
-    issue: int  # where its work is tracked while `start` is None
+    issue: int | None  # where its work is tracked while `start` is None
 
 
 SERVICES: tuple[Service, ...] = (
     Service("smtp", "SMTP (MX)", lambda c: c.smtp.listen, False, daemons.start_smtp, 4),
-    Service("submission", "submission (STARTTLS)", lambda c: c.submission.listen, False, None, 4),
-    Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, 4),
+    Service("submission", "submission (STARTTLS)", lambda c: c.submission.listen, False, None, None),
+    Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, None),
     Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, None, 5),
     Service("imaps", "IMAPS", lambda c: c.imap.listen_tls, True, None, 5),
     Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, None, 6),
@@ -135,7 +135,7 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
         elif service.implicit_tls and context.tls is None:
             status = "off (needs [tls] cert and key)"
         elif service.start is None:
-            status = f"not yet available (issue {service.issue})"
+            status = f"not yet available (issue {service.issue})" if service.issue else "not yet available"
         else:
             try:
                 running.append(await service.start(context))

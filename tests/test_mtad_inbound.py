@@ -322,3 +322,45 @@ def test_fifty_concurrent_20mb_messages_keep_memory_bounded(mx):
     infos = mx.store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])
     assert len(infos) == 50
     assert all(mx.store.read_message(i).endswith(message) for i in infos[:3])
+
+
+def test_ipv4_and_ipv6_listeners_side_by_side(write_config, tmp_path, cli, data_dir):
+    """[::]:25 and 0.0.0.0:25 coexist (IPv6 sockets are IPv6-only); here on loopback."""
+    from conftest import free_port, start_daemon
+
+    port = free_port()
+    path = write_config("dual.toml", smtp={"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
+                                           "max_connections_per_ip": 200})
+    assert cli("domain", "add", "example.test", config=path).returncode == 0
+    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    daemon = start_daemon(path, tmp_path)
+    try:
+        for host in ("127.0.0.1", "::1"):
+            with smtplib.SMTP(host, port, timeout=30) as client:
+                client.sendmail("s@example.org", ["alice@example.test"], f"Subject: via {host}\r\n\r\nx\r\n".encode())
+        with Store(open_data_dir(data_dir, 4)) as store:
+            stored = [store.read_message(m) for m in store.fetch("alice@example.test", "INBOX", [(1, 10)])]
+        assert len(stored) == 2 and b"([::1])" in stored[1] and b"([127.0.0.1])" in stored[0]
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_storage_failure_is_451_never_250(mx):
+    import shutil
+
+    with smtp(mx) as client:
+        client.sendmail("s@example.org", ["alice@example.test"], b"Subject: first\r\n\r\nx\r\n")
+    store = mx.store
+    directory = store.shard("alice@example.test").mailbox_dir("alice@example.test",
+                                                                store.mailbox("alice@example.test", "INBOX").id)
+    shutil.rmtree(directory)
+    directory.write_bytes(b"not a directory")  # every write into this mailbox now fails
+    try:
+        with smtp(mx) as client:
+            with pytest.raises(smtplib.SMTPDataError) as failed:
+                client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
+        assert failed.value.smtp_code == 451 and failed.value.smtp_error.startswith(b"4.3.0")
+        assert "Traceback" not in failed.value.smtp_error.decode()
+    finally:
+        directory.unlink()
+    assert "event=store_failed" in mx.stderr()
