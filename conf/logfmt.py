@@ -52,6 +52,7 @@ class LogfmtFormatter(logging.Formatter):
             ("ts", _timestamp(record.created)),
             ("level", record.levelname.lower()),
             ("logger", record.name),
+            ("pid", record.process),
             ("event", record.getMessage()),
         ]
         pairs.extend(getattr(record, "fields", {}).items())

@@ -84,6 +84,8 @@ class SMTPConfig:
     timeout: Duration = field(default=Duration(300), metadata={"min": 1, "max": 3600})
     max_connections: int = field(default=500, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
+    # Processes accepting on the MX port (SO_REUSEPORT); one Python process uses one core.
+    workers: int = field(default=1, metadata={"min": 1, "max": 64})
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ class InboundSMTP(AiosmtpdSMTP):
             is_tls=implicit_tls,
         ))
         self._local: dict[str, list[str]] = {}  # recipient -> accounts it reaches
+        self._outcomes: list[str] = []  # "address:code" of every RCPT of the transaction
         self._spool = self._new_spool()
         self._sender = ""
         self._peer = ""
@@ -179,6 +180,7 @@ class InboundSMTP(AiosmtpdSMTP):
                 return replies.OK
             if isinstance(event, MailFrom):
                 self._local.clear()
+                self._outcomes.clear()
                 self._spool.close()
                 self._spool = self._new_spool()
                 self._sender = event.address
@@ -222,6 +224,7 @@ class InboundSMTP(AiosmtpdSMTP):
         except AccountError:
             outcome = replies.NO_SUCH_USER
         self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
+        self._outcomes.append(f"{address}:{outcome.code}")
         return outcome
 
     def _over_quota(self, account: str) -> bool:
@@ -260,7 +263,7 @@ class InboundSMTP(AiosmtpdSMTP):
                            delivered=len(e.delivered), failed=len(e.errors))
             return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
         self.log.info("message_accepted", qid=qid, message_id=_message_id(head), size=size,
-                      sender=self._sender or "<>", recipients=",".join(self._local), mailboxes=len(accounts))
+                      sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts))
         self._local.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
 
@@ -360,6 +363,8 @@ async def start_listeners(context: InboundContext, addresses, *, implicit_tls: b
         family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Several worker processes may share the port; the kernel spreads connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:

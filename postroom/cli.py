@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("serve", help="run every enabled daemon in this process")
+    p = commands.add_parser("serve", help="run every enabled daemon in this process")
+    p.add_argument("--smtp-worker", action="store_true", help=argparse.SUPPRESS)
 
     config = _group(commands, "config", "check the config file")
     config.add_parser("check", help="validate the config and print the effective config")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return config_check(config)
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
-            return serve(config)
+            return serve(config, worker=args.smtp_worker)
         data_dir, accounts = open_accounts(config)
         audit = admin.AuditLog(data_dir.path / "audit.log")
         with accounts:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import signal
+import subprocess
+import sys
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -96,8 +99,10 @@ def return_big_buffers_to_the_system() -> None:
         pass  # not glibc: nothing to tune
 
 
-def serve(config: Config, only: set[str] | None = None) -> int:
-    """Run the services of SERVICES (those named in `only`, if given) until a signal."""
+def serve(config: Config, only: set[str] | None = None, worker: bool = False) -> int:
+    """Run the services of SERVICES (those named in `only`, if given) until a signal. A
+    worker (`serve --smtp-worker`, started by the main process when [smtp] workers > 1)
+    runs the MX listener only and says nothing to the terminal or to systemd."""
     return_big_buffers_to_the_system()
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
@@ -108,6 +113,8 @@ def serve(config: Config, only: set[str] | None = None) -> int:
     store = open_store(data_dir, accounts)
     try:
         context = Context(config, data_dir, accounts, store, tls)
+        if worker:
+            return asyncio.run(_run_worker(context, log))
         return asyncio.run(_run(context, log, only))
     finally:
         store.close()
@@ -125,6 +132,7 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
     # for the journal.
     table = [f"Postroom {__version__} on {config.server.hostname}, data in {config.server.data_dir}"]
     running: list[Running] = []
+    started: set[str] = set()
     for service in SERVICES:
         if only is not None and service.name not in only:
             continue
@@ -144,19 +152,53 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
                     await started.stop()
                 raise ServeError(f"{service.label}: {e.strerror or e}") from None
             status = "listening"
+            started.add(service.name)
         table.append(f"  {service.label:<24} {where:<28} {status}")
         (log.info if status == "listening" else log.debug)("service", service=service.name, listen=where, status=status)
     if not running:
         table.append("No daemon is available yet: Postroom waits for a signal (Ctrl-C stops it).")
     print("\n".join(table), flush=True)
 
+    workers = _spawn_workers(config) if "smtp" in started and config.smtp.workers > 1 else []
     available = len(running)
     notify(f"READY=1\nSTATUS={available} service(s) running")
-    log.info("ready", services=available)
+    log.info("ready", services=available, smtp_workers=len(workers) + 1 if "smtp" in started else 0)
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping")
+    await _stop_workers(workers, log)
     for service in reversed(running):
         await service.stop()
     log.info("stopped")
     return 0
+
+
+async def _run_worker(context: Context, log: EventLogger) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await daemons.start_smtp(context)
+    log.info("worker_ready", service="smtp", listen=",".join(map(str, context.config.smtp.listen)))
+    await stop.wait()
+    await running.stop()
+    return 0
+
+
+def _spawn_workers(config: Config) -> list[subprocess.Popen]:
+    """The extra MX processes; they bind the same ports with SO_REUSEPORT."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd hears the main process only
+    command = [sys.executable, "-m", "postroom", "--config", str(config.source), "serve", "--smtp-worker"]
+    return [subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL) for _ in range(config.smtp.workers - 1)]
+
+
+async def _stop_workers(workers: list[subprocess.Popen], log: EventLogger) -> None:
+    for process in workers:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in workers:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, process.wait, 30)
+        except subprocess.TimeoutExpired:
+            log.warning("worker_killed", pid=process.pid)
+            process.kill()

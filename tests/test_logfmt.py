@@ -4,6 +4,7 @@ redacted, hostile values unable to forge a second line or a second field."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_one_line_per_event_with_bound_context(captured):
     lines = captured.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].split(" ")[1:] == [
-        "level=info", "logger=mtad.smtp", "event=connect", "sid=A1B2", "client=192.0.2.7"
+        "level=info", "logger=mtad.smtp", f"pid={os.getpid()}", "event=connect", "sid=A1B2", "client=192.0.2.7"
     ]
     assert lines[1].endswith("event=auth sid=A1B2 user=alice@example.test result=ok")
     assert lines[0].startswith("ts=") and lines[0].split(" ")[0].endswith("Z")

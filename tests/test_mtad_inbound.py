@@ -364,3 +364,60 @@ def test_a_storage_failure_is_451_never_250(mx):
     finally:
         directory.unlink()
     assert "event=store_failed" in mx.stderr()
+
+
+def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):
+    with smtp(mx) as client:
+        client.sendmail("s@example.org", ["alice@example.test", "nobody@example.test"], b"Subject: l\r\n\r\nx\r\n")
+    line = next(line for line in mx.stderr().splitlines() if "event=message_accepted" in line)
+    assert "recipients=alice@example.test:250,nobody@example.test:550" in line
+    assert "message_id=" in line and "size=" in line and "sender=s@example.org" in line and "qid=" in line
+
+
+def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, data_dir):
+    from conftest import start_daemon
+
+    path = write_config("workers.toml", smtp={"workers": 3, "max_connections_per_ip": 200})
+    assert cli("domain", "add", "example.test", config=path).returncode == 0
+    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    daemon = start_daemon(path, tmp_path)
+    try:
+        def children() -> list[int]:
+            found = []
+            for entry in __import__("os").listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        stat = open(f"/proc/{entry}/stat").read()
+                        cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                    except OSError:
+                        continue
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == daemon.process.pid and b"--smtp-worker" in cmdline:
+                        found.append(int(entry))
+            return found
+
+        workers = children()
+        assert len(workers) == 2
+        time.sleep(1)  # the workers bind as they start
+        sent = []
+
+        def send(i: int) -> None:
+            with smtp(daemon) as client:
+                client.sendmail("s@example.org", ["alice@example.test"], f"Subject: w{i}\r\n\r\n{i}\r\n".encode())
+                sent.append(i)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(sent) == 30
+        with Store(open_data_dir(data_dir, 4)) as store:
+            assert store.mailbox("alice@example.test", "INBOX").exists == 30
+        connects = [line for line in daemon.stderr().splitlines() if "event=connect" in line]
+        serving = {line.split(" pid=")[1].split()[0] for line in connects}
+        assert len(serving) >= 2, "the kernel gave every connection to one process"
+    finally:
+        assert daemon.stop() == 0
+    assert all(not __import__("os").path.exists(f"/proc/{pid}/cmdline") or
+               b"--smtp-worker" not in open(f"/proc/{pid}/cmdline", "rb").read() for pid in workers)
+    assert "smtp_workers=3" in daemon.stderr()
