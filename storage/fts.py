@@ -68,11 +68,16 @@ def fields_of(parsed: dict) -> dict[str, str]:
     }
 
 
-def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: dict[str, str]) -> None:
-    """At delivery: keep the message's normalized text, and queue the mailbox for indexing.
-    Search is already exact for it (by confirmation); the posting lists follow in the
-    background (`index_pending`)."""
-    txn.put(uid_key(mailbox_id, uid), zlib.compress(dumps(texts), 3), db=shard.db["texts"])
+def compress_texts(texts: dict[str, str]) -> bytes:
+    return zlib.compress(dumps(texts), 1)
+
+
+def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: dict[str, str] | bytes) -> None:
+    """At delivery: keep the message's normalized text (a dict, or compress_texts' bytes),
+    and queue the mailbox for indexing. Search is already exact for it (by confirmation);
+    the posting lists follow in the background (`index_pending`)."""
+    record = texts if isinstance(texts, bytes) else compress_texts(texts)
+    txn.put(uid_key(mailbox_id, uid), record, db=shard.db["texts"])
     txn.put(mailbox_id.to_bytes(4, "big"), b"", db=shard.db["pending"])
 
 

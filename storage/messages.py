@@ -203,8 +203,11 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
 
 def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict, *,
            source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
-           quota: int, texts: dict[str, str] | None = None, link: bool = False) -> int:
-    """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID."""
+           quota: int, texts: dict[str, str] | bytes | None = None, link: bool = False,
+           meta_record: bytes | None = None) -> int:
+    """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID.
+    `meta_record` and compressed `texts` may come prepared (see prepare_meta), so that the
+    shard's committer, which every delivery waits for, does as little as possible."""
     if quota and account_usage(txn, shard, account)["used"] + size > quota:
         raise QuotaExceededError(f"mailbox full: quota of {quota} bytes would be exceeded")
     _remember_keywords(state, keywords)
@@ -216,7 +219,7 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     add_usage(txn, shard, account, size, 1)
     entry = Entry(modseq, bits, size, int(meta["d"]), sent_seconds(meta), keywords)
     put_entry(txn, shard, mailbox_id, uid, entry)
-    txn.put(uid_key(mailbox_id, uid), dumps({**meta, "b": base, "s": size}), db=shard.db["msgs"])
+    txn.put(uid_key(mailbox_id, uid), meta_record or prepare_meta(meta, base, size), db=shard.db["msgs"])
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
     if texts is not None:
@@ -230,6 +233,11 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
         batch.undo(lambda: os.rename(target, source))
     batch.sync_dirs.add(target.parent)
     return uid
+
+
+def prepare_meta(meta: dict, base: str, size: int) -> bytes:
+    """The `msgs` record of a message: cached envelope, structure, dates, file name."""
+    return dumps({**meta, "b": base, "s": size})
 
 
 def _remember_keywords(state: dict, keywords: tuple[str, ...]) -> None:
@@ -364,7 +372,7 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         entry = {k: v for k, v in meta.items() if k not in ("b", "s")}
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, base=new_base,
                          size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=0 if move else quota,
-                         texts=fts.texts(txn, shard, source_id, uid), link=True)
+                         texts=_raw_texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))
     if move and pairs:
         moved = {uid for uid, _ in pairs}
@@ -373,6 +381,11 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         expunge(txn, shard, batch, account, source_id, source_state,
                 [(uid, uid) for uid in sorted(moved)], only_deleted=False)
     return pairs
+
+
+def _raw_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int) -> bytes | None:
+    raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["texts"])
+    return bytes(raw) if raw is not None else None
 
 
 def changes_since(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: int

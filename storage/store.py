@@ -162,7 +162,7 @@ class Store:
         meta = {"d": internal_date if internal_date is not None else time.time(), "t": parsed["sent"],
                 "td": parsed["sent_day"],
                 "e": parsed["envelope"], "x": parsed["structure"]}
-        texts = fts.fields_of(parsed)
+        texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
         pending = []
@@ -173,7 +173,9 @@ class Store:
                 mailbox_id = self._mailbox_id(shard, account, name)
                 tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw], meta["d"])
                 quota = self._quota_of(account)
-                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, texts, bits, keywords, quota)
+                record = messages.prepare_meta(meta, base, len(raw))
+                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
+                                quota)
                 pending.append(((account, name), shard, shard.submit(fn), tmp))
             except (StoreError, ValueError, OSError) as e:
                 errors.append(((account, name), e))
@@ -327,13 +329,14 @@ def normalize_ranges(ranges: UidRanges) -> list[tuple[int, int]]:
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
-               texts: dict[str, str], bits: int, keywords: tuple[str, ...], quota: int):
+               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: int):
     def fn(txn, batch):
         state = mailboxes.record(txn, shard, mailbox_id)
         if state is None:
             raise MailboxNotFoundError("the mailbox was deleted during delivery")
         uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, base=base, size=size,
-                              meta=meta, bits=bits, keywords=keywords, quota=quota, texts=texts)
+                              meta=meta, bits=bits, keywords=keywords, quota=quota, texts=texts,
+                              meta_record=record)
         return mailbox_id, uid
 
     return fn
