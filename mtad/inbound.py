@@ -144,6 +144,7 @@ class InboundSMTP(AiosmtpdSMTP):
             self.log.error("session_failed", exc_info=True)
             self._write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
+            self._spool.close()
             self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
             if self.transport is not None:
