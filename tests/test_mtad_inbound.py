@@ -45,6 +45,24 @@ def inbox(daemon, account: str) -> list[bytes]:
     return [store.read_message(m) for m in store.fetch(account, "INBOX", [(1, 2**32 - 1)])]
 
 
+def concurrently(fn, count: int, timeout: float) -> list[str]:
+    """Run fn(0..count-1) in as many threads at once; the exceptions they raised, as text."""
+    failures: list[str] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except Exception as e:  # collected for the caller to assert on
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return failures
+
+
 def raw_session(daemon, script: bytes, *, read_until: bytes = b"221", timeout: float = 10) -> str:
     """Send `script` in one write and read replies until `read_until` appears."""
     address = daemon.listen("smtp.listen")
@@ -193,21 +211,11 @@ def test_errors_and_unknown_commands(mx):
 
 
 def test_fifty_concurrent_clients(mx):
-    failures = []
-
     def send(i: int) -> None:
-        try:
-            with smtp(mx) as client:
-                client.sendmail("s@example.org", ["alice@example.test"], f"Subject: c{i}\r\n\r\nbody {i}\r\n".encode())
-        except Exception as e:  # collected and asserted below
-            failures.append(repr(e))
+        with smtp(mx) as client:
+            client.sendmail("s@example.org", ["alice@example.test"], f"Subject: c{i}\r\n\r\nbody {i}\r\n".encode())
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert failures == []
+    assert concurrently(send, 50, timeout=60) == []
     stored = inbox(mx, "alice@example.test")
     assert sorted(int(m.split(b"body ")[1].split(b"\r\n")[0]) for m in stored) == list(range(50))
 
@@ -302,21 +310,11 @@ def test_fifty_concurrent_20mb_messages_keep_memory_bounded(mx):
     with smtp(mx) as client:  # warm up: the first delivery loads what every later one shares
         client.sendmail("s@example.org", ["bob@example.test"], b"Subject: warm\r\n\r\nx\r\n")
     before = _rss_kib(pid, "VmRSS")
-    failures = []
+    def send(i: int) -> None:
+        with smtp(mx) as client:
+            client.sendmail("s@example.org", ["alice@example.test"], message)
 
-    def send() -> None:
-        try:
-            with smtp(mx) as client:
-                client.sendmail("s@example.org", ["alice@example.test"], message)
-        except Exception as e:  # collected and asserted below
-            failures.append(repr(e))
-
-    threads = [threading.Thread(target=send) for _ in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert failures == []
+    assert concurrently(send, 50, timeout=600) == []
     peak = _rss_kib(pid, "VmHWM")
     assert peak - before < 100 * 1024, f"daemon grew from {before} KiB to a peak of {peak} KiB"
     infos = mx.store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])
