@@ -208,7 +208,7 @@ class InboundSMTP(AiosmtpdSMTP):
                 if resolution.remote:
                     outcome = Reply(451, "4.3.0", "Forwarding to other domains is not available yet")
                 else:
-                    over = [a for a in resolution.local if self._over_quota(str(a))]
+                    over = [a for a in resolution.local if self.context.store.is_full(str(a))]
                     if over:
                         outcome = replies.OVER_QUOTA
                     else:
@@ -227,12 +227,6 @@ class InboundSMTP(AiosmtpdSMTP):
         self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
         self._outcomes.append(f"{address}:{outcome.code}")
         return outcome
-
-    def _over_quota(self, account: str) -> bool:
-        user = self.context.accounts.get_user(account)
-        if user is None or not user.quota:
-            return False
-        return self.context.store.usage(account)["used"] >= user.quota
 
     def _new_spool(self):
         return tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.context.spool_dir)

@@ -121,11 +121,17 @@ def serve(config: Config, only: set[str] | None = None, worker: bool = False) ->
         accounts.close()
 
 
-async def _run(context: Context, log: EventLogger, only: set[str] | None = None) -> int:
+def _stop_on_signal() -> asyncio.Event:
+    """Set when SIGTERM (systemd) or SIGINT (Ctrl-C) arrives."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run(context: Context, log: EventLogger, only: set[str] | None = None) -> int:
+    stop = _stop_on_signal()
 
     config = context.config
     # The table is for the person at the terminal, printed as one block; the log lines are
@@ -174,10 +180,7 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
 
 
 async def _run_worker(context: Context, log: EventLogger) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signal()
     running = await daemons.start_smtp(context)
     log.info("worker_ready", service="smtp", listen=",".join(map(str, context.config.smtp.listen)))
     await stop.wait()

@@ -45,6 +45,18 @@ UidRanges = Sequence[tuple[int, int]]
 ALL: UidRanges = ((1, 2**32 - 1),)
 
 
+def normalize_ranges(ranges: UidRanges) -> list[tuple[int, int]]:
+    """IMAP allows "3:1" and overlapping sets ("1:3,2:3"): ascending, disjoint, within 1..2^32-1."""
+    spans = sorted((max(1, min(a, b)), min(2**32 - 1, max(a, b))) for a, b in ranges)
+    merged: list[tuple[int, int]] = []
+    for low, high in spans:
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        elif low <= high:
+            merged.append((low, high))
+    return merged
+
+
 class QuotaExceededError(StoreError):
     """The account is over its quota (SMTP 452 4.2.2, IMAP NO [OVERQUOTA])."""
 
@@ -101,7 +113,7 @@ def parse_flags(flags: Iterable[str]) -> tuple[int, tuple[str, ...]]:
     return bits, tuple(keywords)
 
 
-def entries(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ((1, 2**32 - 1),)
+def entries(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL
             ) -> Iterator[tuple[int, Entry]]:
     """(UID, Entry) of every message within the UID ranges, ascending."""
     cursor = txn.cursor(db=shard.db["flags"])

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import lmdb
 
 from storage import fts, mailboxes, maildir
-from storage.messages import all_uids, entries, unseen_uids
+from storage.messages import all_uids, entries, normalize_ranges, unseen_uids
 from storage.shard import NO_DATE, Entry, Shard
 
 TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
@@ -97,7 +97,7 @@ class _Evaluation:
             return unseen if within is None else unseen & within
         domain = self.universe if within is None else within
         if kind == "uid":
-            spans = [(min(a, b), max(a, b)) for a, b in query[1]]
+            spans = normalize_ranges(query[1])
             return {uid for uid in domain if any(low <= uid <= high for low, high in spans)}
         if kind == "flag":
             return self._flag(query[1], query[2], domain)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from storage import fts, mailboxes, maildir, messages, search
 from storage.datadir import DataDir
 from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
-from storage.messages import ALL, FlagState, MessageInfo, UidRanges
+from storage.messages import ALL, FlagState, MessageInfo, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.shard import Shard, StoreError
@@ -141,6 +141,11 @@ class Store:
         shard = self.shard(account)
         with shard.read() as txn:
             return mailboxes.subscriptions(txn, shard, account)
+
+    def is_full(self, account: str) -> bool:
+        """The account has reached its quota (SMTP answers 452 4.2.2 at RCPT)."""
+        quota = self._quota_of(account)
+        return bool(quota) and self.usage(account)["used"] >= quota
 
     def usage(self, account: str) -> dict:
         """{"used": bytes, "messages": count} over all of the account's mailboxes."""
@@ -314,18 +319,6 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
-
-
-def normalize_ranges(ranges: UidRanges) -> list[tuple[int, int]]:
-    """IMAP allows "3:1" and overlapping sets ("1:3,2:3"): ascending, disjoint, within 1..2^32-1."""
-    spans = sorted((max(1, min(a, b)), min(2**32 - 1, max(a, b))) for a, b in ranges)
-    merged: list[tuple[int, int]] = []
-    for low, high in spans:
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
-        elif low <= high:
-            merged.append((low, high))
-    return merged
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
