@@ -9,12 +9,18 @@ whatever a caller passes, as a last line of defence: logs never hold a password.
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import time
 from typing import Any, TextIO
 
 REDACTED_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "auth_data"})
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def session_id() -> str:
+    """A short random id for one session, shown in its log lines and error replies."""
+    return secrets.token_hex(5).upper()
 
 
 class EventLogger:

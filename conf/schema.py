@@ -98,12 +98,24 @@ class SubmissionConfig:
 class IMAPConfig:
     listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:143", "[::]:143")
     listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:993", "[::]:993")
+    # LOGIN and AUTHENTICATE before TLS (port 143 without STARTTLS): only for loopback tests.
+    plaintext_auth: bool = False
+    # RFC 3501 §5.4: an autologout timer of at least 30 minutes (IDLE is exempt).
+    timeout: Duration = field(default=Duration(1800), metadata={"min": 1800, "max": 86400})
+    max_connections: int = field(default=2000, metadata={"min": 1, "max": 100_000})
+    max_connections_per_ip: int = field(default=50, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass(frozen=True)
 class POP3Config:
     listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:110", "[::]:110")
     listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:995", "[::]:995")
+    # USER/PASS and AUTH before TLS (port 110 without STLS): only for loopback tests.
+    plaintext_auth: bool = False
+    # RFC 1939 §3: an autologout timer of at least 10 minutes.
+    timeout: Duration = field(default=Duration(600), metadata={"min": 600, "max": 86400})
+    max_connections: int = field(default=1000, metadata={"min": 1, "max": 100_000})
+    max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass(frozen=True)

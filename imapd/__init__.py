@@ -1,1 +1,1 @@
-"""imapd — IMAP4rev1 server over the store. Not built yet (issue 5)."""
+"""imapd: the IMAP4rev1 server over the store (a sans-IO core in parser/session, a thin Twisted adapter in protocol)."""

@@ -136,15 +136,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def mtad_main(argv: list[str] | None = None) -> int:
     """`mtad --config FILE`: only the SMTP daemons (MX, submission) of `postroom serve`."""
-    parser = argparse.ArgumentParser(prog="mtad", description="Postroom's SMTP agents.")
+    return _daemon_main("mtad", "Postroom's SMTP agents.", {"smtp", "submission", "submissions"}, argv)
+
+
+def imapd_main(argv: list[str] | None = None) -> int:
+    """`imapd --config FILE`: only the IMAP listeners of `postroom serve`."""
+    return _daemon_main("imapd", "Postroom's IMAP server.", {"imap", "imaps"}, argv)
+
+
+def _daemon_main(prog: str, description: str, services: set[str], argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE")
     args = parser.parse_args(argv)
     try:
         config = conf.load(args.config)
         become_data_dir_owner(config.server.data_dir)
-        return serve(config, only={"smtp", "submission", "submissions"})
+        return serve(config, only=services)
     except (conf.ConfigError, TLSSetupError, DataDirError, ServeError) as e:
-        print(f"mtad: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

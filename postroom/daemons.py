@@ -7,7 +7,11 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from conf.reactor import TwistedListening, listen, server_tls
 from mtad.inbound import InboundContext, start_listeners
+from policy.logins import LoginThrottle
+from postroom import __version__
+from storage.watch import Watcher
 
 DELIVERY_THREADS = 32  # deliveries wait on fsync; concurrent ones share a commit
 
@@ -40,3 +44,70 @@ async def start_smtp(context) -> Listening:
     inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
                              spool_dir=str(spool))
     return Listening(await start_listeners(inbound, context.config.smtp.listen), executor)
+
+
+STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND
+
+
+def store_runner(context):
+    """run(fn, *args) -> awaitable, in the threads the Twisted daemons share for the store."""
+    runner = context.shared.get("store_runner")
+    if runner is None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
+
+        def runner(fn, *args):
+            return loop.run_in_executor(executor, fn, *args)
+
+        context.shared["store_runner"] = runner
+        context.shared["store_executor"] = executor
+    return runner
+
+
+def watcher(context) -> Watcher:
+    return context.shared.setdefault("watcher", Watcher(context.store))
+
+
+def login_throttle(context) -> LoginThrottle:
+    return context.shared.setdefault("login_throttle", LoginThrottle())
+
+
+def _imap_context(context):
+    # Imported here: `mtad` alone never loads Twisted or imapd.
+    from imapd.recent import RecentClaims
+    from imapd.session import IMAPContext
+
+    imap = context.shared.get("imap")
+    if imap is None:
+        tls = server_tls(context.config.tls) if context.tls is not None else None
+        imap = IMAPContext(context.config, context.accounts, context.store, watcher(context), login_throttle(context),
+                           RecentClaims(), store_runner(context), tls, __version__)
+        context.shared["imap"] = imap
+    return imap
+
+
+async def start_imap(context) -> TwistedListening:
+    """IMAP on [imap] listen: STARTTLS when a certificate is configured."""
+    from imapd.protocol import IMAPFactory
+
+    imap = _imap_context(context)
+    return TwistedListening(listen(IMAPFactory(imap, implicit_tls=False), context.config.imap.listen))
+
+
+async def start_imaps(context) -> TwistedListening:
+    """IMAPS on [imap] listen_tls: TLS from the first byte (RFC 8314)."""
+    from imapd.protocol import IMAPFactory
+
+    imap = _imap_context(context)
+    return TwistedListening(listen(IMAPFactory(imap, implicit_tls=True), context.config.imap.listen_tls, imap.tls))
+
+
+async def close_shared(context) -> None:
+    """After every service stopped: the watcher thread and the store threads."""
+    shared = context.shared
+    if "watcher" in shared:
+        shared.pop("watcher").close()
+    executor = shared.pop("store_executor", None)
+    if executor is not None:
+        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+    shared.clear()

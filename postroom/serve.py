@@ -17,8 +17,8 @@ import subprocess
 import sys
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
@@ -39,6 +39,10 @@ class Context:
     accounts: Accounts
     store: Store
     tls: ssl.SSLContext | None
+    # Collaborators the services of one process share (the IMAP listeners on 143 and 993
+    # share their \\Recent claims and store threads), built by the first to need them and
+    # closed by serve after every service has stopped.
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class Running(Protocol):
@@ -59,8 +63,8 @@ SERVICES: tuple[Service, ...] = (
     Service("smtp", "SMTP (MX)", lambda c: c.smtp.listen, False, daemons.start_smtp, 4),
     Service("submission", "submission (STARTTLS)", lambda c: c.submission.listen, False, None, None),
     Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, None),
-    Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, None, 5),
-    Service("imaps", "IMAPS", lambda c: c.imap.listen_tls, True, None, 5),
+    Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, daemons.start_imap, 5),
+    Service("imaps", "IMAPS", lambda c: c.imap.listen_tls, True, daemons.start_imaps, 5),
     Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, None, 6),
     Service("pop3s", "POP3S", lambda c: c.pop3.listen_tls, True, None, 6),
 )
@@ -154,8 +158,9 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
             try:
                 running.append(await service.start(context))
             except OSError as e:
-                for started in reversed(running):
-                    await started.stop()
+                for other in reversed(running):
+                    await other.stop()
+                await daemons.close_shared(context)
                 raise ServeError(f"{service.label}: {e.strerror or e}") from None
             status = "listening"
             started.add(service.name)
@@ -175,6 +180,7 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
     await _stop_workers(workers, log)
     for service in reversed(running):
         await service.stop()
+    await daemons.close_shared(context)
     log.info("stopped")
     return 0
 

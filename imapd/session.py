@@ -1,0 +1,868 @@
+"""One IMAP session: the state table, each command's semantics, and the untagged updates
+that keep the client in step with the store (RFC 3501, with the extensions in CAPABILITIES).
+
+The session knows no sockets: it reads parsed `Command`s and writes response bytes through
+its `Connection` (the Twisted adapter in imapd.protocol). Commands run one at a time, in
+order, as coroutines on the event loop; anything that touches the disk or takes a CPU
+burst (store calls, FETCH rendering, password checks) runs in a thread via `context.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from conf import Config
+from conf.logfmt import EventLogger
+from imapd import fetch as fetching
+from imapd import responses as r
+from imapd.listing import list_mailboxes, matches
+from imapd.recent import RecentClaims
+from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
+from imapd.view import View
+from policy.logins import LoginThrottle
+from storage import maildir
+from storage.accounts import Accounts
+from storage.mailboxes import MailboxError, MailboxExistsError, MailboxNotFoundError
+from storage.messages import FlagError, QuotaExceededError
+from storage.names import MailboxNameError
+from storage.search import SearchError
+from storage.shard import StoreError
+from storage.store import Store
+from storage.watch import Watcher
+
+FETCH_BATCH = 256  # messages per store read while answering FETCH
+NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE", "APPENDLIMIT")
+MAX_LITERAL_BEFORE_LOGIN = 8 * 1024
+MAX_LITERAL_COMMAND = 64 * 1024  # any literal but APPEND's message
+
+
+class Connection(Protocol):
+    """What the session needs from the transport side."""
+
+    peer: str  # the client's IP address
+    tls: bool  # TLS is active
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def start_tls(self) -> None: ...
+
+    async def next_line(self) -> bytes: ...  # the next raw client line (IDLE's DONE, SASL)
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class IMAPContext:
+    config: Config
+    accounts: Accounts
+    store: Store
+    watcher: Watcher
+    throttle: LoginThrottle
+    recent: RecentClaims
+    run: Callable[..., Awaitable[Any]]  # run(fn, *args) in a worker thread
+    tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
+    version: str
+
+
+class Answer(Exception):
+    """Ends a command with a tagged NO or BAD: `status`, optional response `code`, text."""
+
+    def __init__(self, status: str, text: str, code: str | None = None):
+        super().__init__(text)
+        self.status, self.text, self.code = status, text, code
+
+
+def no(text: str, code: str | None = None) -> Answer:
+    return Answer("NO", text, code)
+
+
+def bad(text: str, code: str | None = None) -> Answer:
+    return Answer("BAD", text, code)
+
+
+class Session:
+    def __init__(self, context: IMAPContext, connection: Connection, sid: str):
+        self.context = context
+        self.conn = connection
+        self.sid = sid
+        self.state = NOT_AUTHENTICATED
+        self.user: str | None = None
+        self.view: View | None = None
+        self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
+        self.errors = 0
+        self.log = EventLogger("imapd.session").bind(sid=sid)
+        self._watch = None
+        self._wake: asyncio.Event | None = None
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self.state == NOT_AUTHENTICATED:
+            if self.context.tls is not None and not self.conn.tls:
+                caps.append("STARTTLS")
+            if self.plaintext_ok():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+        else:
+            caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CREATE-SPECIAL-USE",
+                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE", "CONDSTORE",
+                     f"APPENDLIMIT={self.max_message_size()}"]
+        return " ".join(caps)
+
+    def plaintext_ok(self) -> bool:
+        return self.conn.tls or self.context.config.imap.plaintext_auth
+
+    def max_message_size(self) -> int:
+        return int(self.context.config.smtp.max_message_size)
+
+    def max_literal(self, command: str) -> int:
+        """What the framer accepts as one literal for `command` (RFC 7888 §4: refuse early)."""
+        if self.state == NOT_AUTHENTICATED:
+            return MAX_LITERAL_BEFORE_LOGIN
+        return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
+
+    def greeting(self) -> bytes:
+        return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def untagged(self, line: bytes | str) -> None:
+        self.conn.write(b"* " + (line.encode() if isinstance(line, str) else line) + b"\r\n")
+
+    def tagged(self, tag: str, status: str, text: str, code: str | None = None) -> None:
+        coded = f"[{code}] " if code else ""
+        self.conn.write(f"{tag} {status} {coded}{text}\r\n".encode())
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def handle(self, command: Command) -> None:
+        """Run one command to its tagged response."""
+        handler = COMMANDS.get(command.name)
+        allowed = STATES.get(self.state, ())
+        try:
+            if handler is None:
+                raise bad("unknown command")
+            if command.name not in allowed:
+                raise bad(f"{command.name} is not allowed {_state_phrase(self.state)}")
+            result = await handler(self, command)
+            code, text = result if isinstance(result, tuple) else (None, result or f"{command.name} completed")
+            if self.view is not None and command.name not in ("LOGOUT",):
+                await self.sync(expunges=command.name not in NO_EXPUNGE_DURING)
+            self.tagged(command.tag, "OK", text, code)
+            self.errors = 0
+        except _Done:
+            return
+        except Answer as answer:
+            if self.view is not None and answer.status == "NO":
+                await self.sync(expunges=command.name not in NO_EXPUNGE_DURING)
+            self.tagged(command.tag, answer.status, answer.text, answer.code)
+            self.note_error(answer.status)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - a bug must cost one command, not the session
+            self.log.error("command_failed", command=command.name, exc_info=True)
+            self.tagged(command.tag, "NO", "internal error (logged on the server)", "SERVERBUG")
+
+    def parse_failed(self, error: ParseError) -> None:
+        tag = getattr(error, "tag", None)
+        if tag:
+            self.tagged(tag, "BAD", str(error), error.code)
+        else:
+            self.untagged(f"BAD {str(error)}")
+        self.note_error("BAD")
+
+    def note_error(self, status: str) -> None:
+        if status != "BAD":
+            return
+        self.errors += 1
+        if self.errors >= 20:
+            self.untagged("BYE too many bad commands")
+            self.log.warning("closed", reason="bad_commands")
+            self.state = LOGOUT
+            self.conn.close()
+
+    # -- any state ------------------------------------------------------------------------
+
+    async def cmd_capability(self, command: Command):
+        self.untagged(f"CAPABILITY {self.capabilities()}")
+
+    async def cmd_noop(self, command: Command):
+        return None
+
+    async def cmd_logout(self, command: Command):
+        self.untagged("BYE logging out")
+        self.state = LOGOUT
+        self.log.info("logout", user=self.user)
+        return None
+
+    async def cmd_id(self, command: Command):
+        params = command.args.get("params")
+        if params:
+            shown = " ".join(f"{k}={v}" for k, v in list(params.items())[:8])
+            self.log.info("client_id", user=self.user, client=shown[:300])
+        self.untagged(b"ID " + r.plist([r.string(b"name"), r.string(b"Postroom"), r.string(b"version"),
+                                        r.string(self.context.version.encode())]))
+
+    async def cmd_enable(self, command: Command):
+        enabled = [c for c in command.args["capabilities"] if c == "CONDSTORE"]
+        if enabled:
+            self.condstore = True
+        self.untagged("ENABLED" + "".join(" " + c for c in enabled))
+
+    # -- not authenticated ----------------------------------------------------------------
+
+    async def cmd_starttls(self, command: Command):
+        if self.conn.tls:
+            raise bad("TLS is already active")
+        if not self.context.tls is not None:
+            raise no("TLS is not configured")
+        self.tagged(command.tag, "OK", "begin TLS negotiation now")
+        await self.conn.start_tls()
+        raise _Done()
+
+    async def cmd_login(self, command: Command):
+        if not self.plaintext_ok():
+            raise no("use STARTTLS before LOGIN", "PRIVACYREQUIRED")
+        return await self.login(command.args["user"], command.args["password"])
+
+    async def cmd_authenticate(self, command: Command):
+        if command.args["mechanism"] != "PLAIN":
+            raise no("only AUTHENTICATE PLAIN is supported", "CANNOT")
+        if not self.plaintext_ok():
+            raise no("use STARTTLS before AUTHENTICATE", "PRIVACYREQUIRED")
+        response = command.args.get("initial")
+        if response is None:
+            self.conn.write(b"+ \r\n")
+            line = (await self.conn.next_line()).strip()
+            if line == b"*":
+                raise bad("authentication cancelled")
+            response = line.decode("ascii", "replace")
+        try:
+            decoded = base64.b64decode(response, validate=True) if response else b""
+            authzid, authcid, password = decoded.split(b"\0")
+            user, secret = authcid.decode(), password.decode()
+            if authzid and authzid != authcid:
+                raise no("acting as another user is not allowed", "AUTHORIZATIONFAILED")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            raise bad("malformed PLAIN response") from None
+        return await self.login(user, secret)
+
+    async def login(self, user: str, password: str):
+        throttle = self.context.throttle
+        async with throttle.checks:
+            account = await self.context.run(self.context.accounts.authenticate, user, password)
+        if account is None:
+            delay = throttle.failed(self.conn.peer)
+            self.log.warning("login_failed", user=user[:100], ip=self.conn.peer, delay=delay)
+            await asyncio.sleep(delay)
+            raise no("wrong user name or password", "AUTHENTICATIONFAILED")
+        throttle.succeeded(self.conn.peer)
+        self.user = account.address
+        self.state = AUTHENTICATED
+        self.log = self.log.bind(user=self.user)
+        self.log.info("login", ip=self.conn.peer, tls=self.conn.tls)
+        await self.context.run(self.context.store.ensure_account, self.user)
+        return "CAPABILITY " + self.capabilities(), "logged in"
+
+    # -- authenticated: mailboxes ---------------------------------------------------------
+
+    async def cmd_select(self, command: Command):
+        return await self.open_mailbox(command, readonly=command.name == "EXAMINE")
+
+    cmd_examine = cmd_select
+
+    async def open_mailbox(self, command: Command, readonly: bool):
+        if self.view is not None:
+            self.close_view()
+            self.untagged("OK [CLOSED] previous mailbox closed")
+        if command.args.get("condstore"):
+            self.condstore = True
+        name = command.args["mailbox"]
+        mailbox, uids, bits = await self.call(self.context.store.uids, self.user, name)
+        recent = self.context.recent.claim(self.user, mailbox.id, mailbox.uidnext)
+        view = View(mailbox, uids, readonly=readonly, recent=recent)
+        self.view = view
+        self.state = SELECTED
+        keywords = " ".join(mailbox.keywords)
+        flags = " ".join(SYSTEM_FLAGS) + (" " + keywords if keywords else "")
+        self.untagged(f"FLAGS ({flags})")
+        self.untagged(f"{view.exists} EXISTS")
+        self.untagged(f"{len(view.recent)} RECENT")
+        first_unseen = next((i + 1 for i, b in enumerate(bits) if not b & _SEEN_BIT), None)
+        if first_unseen:
+            self.untagged(f"OK [UNSEEN {first_unseen}] first unseen")
+        self.untagged(f"OK [UIDVALIDITY {mailbox.uidvalidity}] UIDs valid")
+        self.untagged(f"OK [UIDNEXT {mailbox.uidnext}] predicted next UID")
+        self.untagged(f"OK [HIGHESTMODSEQ {mailbox.highestmodseq}] modseq")
+        if readonly:
+            self.untagged("OK [PERMANENTFLAGS ()] read-only")
+        else:
+            self.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
+        self.watch(mailbox.name)
+        self.log.info("select", mailbox=mailbox.name, exists=view.exists, readonly=readonly)
+        return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
+
+    def close_view(self) -> None:
+        self.view = None
+        self.state = AUTHENTICATED
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def cmd_create(self, command: Command):
+        name = command.args["mailbox"].rstrip("/")  # RFC 3501: a trailing separator is a hint only
+        uses = command.args.get("special_use") or ()
+        if len(uses) > 1:
+            raise no("one special-use attribute per mailbox", "USEATTR")
+        try:
+            await self.call(self.context.store.create_mailbox, self.user, name, uses[0] if uses else None)
+        except MailboxError as e:
+            if uses and "special-use" in str(e):
+                raise no(str(e), "USEATTR") from None
+            raise
+        self.log.info("create", mailbox=name)
+
+    async def cmd_delete(self, command: Command):
+        name = command.args["mailbox"]
+        if self.view is not None and self.view.name == name:
+            raise no("close the mailbox before deleting it", "INUSE")
+        await self.call(self.context.store.delete_mailbox, self.user, name)
+        self.log.info("delete", mailbox=name)
+
+    async def cmd_rename(self, command: Command):
+        old, new = command.args["old"], command.args["new"]
+        await self.call(self.context.store.rename_mailbox, self.user, old, new)
+        self.log.info("rename", mailbox=old, to=new)
+
+    async def cmd_subscribe(self, command: Command):
+        name = command.args["mailbox"]
+        await self.call(self.context.store.mailbox, self.user, name)  # NONEXISTENT if not there
+        await self.call(self.context.store.subscribe, self.user, name, True)
+
+    async def cmd_unsubscribe(self, command: Command):
+        await self.call(self.context.store.subscribe, self.user, command.args["mailbox"], False)
+
+    async def cmd_list(self, command: Command):
+        args = command.args
+        select = set(args.get("select") or ())
+        returns = args.get("return_") or {}
+        reference, patterns = args["reference"], args["patterns"]
+        if patterns == [""] and not select:
+            # RFC 3501 §6.3.8: the hierarchy delimiter and the root of the reference
+            self.untagged('LIST (\\Noselect) "/" ""')
+            return None
+        boxes = await self.call(self.context.store.mailboxes, self.user)
+        subscribed = set(await self.call(self.context.store.subscriptions, self.user))
+        listed = list_mailboxes(boxes, subscribed, reference, patterns,
+                                subscribed_only="SUBSCRIBED" in select,
+                                special_use_only="SPECIAL-USE" in select,
+                                recursive="RECURSIVEMATCH" in select)
+        status_items = returns.get("STATUS")
+        show_subscribed = returns.get("SUBSCRIBED") or "SUBSCRIBED" in select
+        for item in listed:
+            attrs = list(item.attributes(subscribed=show_subscribed))
+            line = f"LIST ({' '.join(attrs)}) \"/\" ".encode() + r.mailbox(item.name)
+            if item.child_info:
+                line += b" (" + b'"CHILDINFO" (' + b'"SUBSCRIBED"' + b"))"
+            self.untagged(line)
+            if status_items and item.selectable:
+                await self.status_lines(item.name, status_items, quiet=True)
+
+    async def cmd_lsub(self, command: Command):
+        args = command.args
+        boxes = await self.call(self.context.store.mailboxes, self.user)
+        subscribed = await self.call(self.context.store.subscriptions, self.user)
+        existing = {b.name: b for b in boxes}
+        pattern = args["reference"] + args["patterns"][0] if args["patterns"] else ""
+        seen: set[str] = set()
+        for name in subscribed:
+            if matches(pattern, name) and name not in seen:
+                seen.add(name)
+                attrs = "" if name in existing else "\\Noselect"
+                self.untagged(f"LSUB ({attrs}) \"/\" ".encode() + r.mailbox(name))
+
+    async def cmd_namespace(self, command: Command):
+        self.untagged('NAMESPACE (("" "/")) NIL NIL')
+
+    async def cmd_status(self, command: Command):
+        name = command.args["mailbox"]
+        await self.status_lines(name, command.args["items"], quiet=False)
+
+    async def status_lines(self, name: str, items: Iterable[str], *, quiet: bool) -> None:
+        try:
+            mailbox = await self.call(self.context.store.mailbox, self.user, name)
+        except Answer:
+            if quiet:
+                return
+            raise
+        values = {"MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext, "UIDVALIDITY": mailbox.uidvalidity,
+                  "UNSEEN": mailbox.unseen, "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
+                  "RECENT": self.context.recent.count(self.user, mailbox.id, mailbox.uidnext),
+                  "APPENDLIMIT": self.max_message_size()}
+        shown = " ".join(f"{item} {values[item]}" for item in items if item in values)
+        if "HIGHESTMODSEQ" in items:
+            self.condstore = True
+        self.untagged(b"STATUS " + r.mailbox(mailbox.name) + f" ({shown})".encode())
+
+    async def cmd_append(self, command: Command):
+        args = command.args
+        message: bytes = args["message"]
+        if not message:
+            raise bad("empty message")
+        if len(message) > self.max_message_size():
+            raise no("message is larger than APPENDLIMIT", "TOOBIG")
+        date: datetime.datetime | None = args.get("date")
+        try:
+            delivered = await self.call(self.context.store.append, self.user, args["mailbox"], message,
+                                        flags=args.get("flags") or (),
+                                        internal_date=date.timestamp() if date else None)
+        except Answer as answer:
+            if answer.code == "NONEXISTENT":
+                answer.code = "TRYCREATE"
+            raise
+        self.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=len(message))
+        return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
+
+    async def cmd_getquotaroot(self, command: Command):
+        name = command.args["mailbox"]
+        mailbox = await self.call(self.context.store.mailbox, self.user, name)
+        self.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + b' ""')
+        await self.quota_line()
+
+    async def cmd_getquota(self, command: Command):
+        if command.args["root"] != "":
+            raise no("no such quota root", "NONEXISTENT")
+        await self.quota_line()
+
+    async def quota_line(self) -> None:
+        user = await self.context.run(self.context.accounts.get_user, self.user)
+        quota = user.quota if user else 0
+        if quota:
+            usage = await self.call(self.context.store.usage, self.user)
+            used_kib = (usage["used"] + 1023) // 1024
+            self.untagged(f'QUOTA "" (STORAGE {used_kib} {quota // 1024})')
+        else:
+            self.untagged('QUOTA "" ()')
+
+    async def cmd_setquota(self, command: Command):
+        raise no("quotas are set by the administrator (postroom user quota)", "NOPERM")
+
+    async def cmd_idle(self, command: Command):
+        self.conn.write(b"+ idling\r\n")
+        wake = asyncio.Event()
+        self._wake = wake
+        line_task = asyncio.ensure_future(self.conn.next_line())
+        try:
+            while True:
+                wake_task = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait({line_task, wake_task}, return_when=asyncio.FIRST_COMPLETED)
+                if line_task in done:
+                    wake_task.cancel()
+                    break
+                wake.clear()
+                if self.view is not None:
+                    await self.sync(expunges=True)
+        finally:
+            self._wake = None
+            if not line_task.done():
+                line_task.cancel()
+        line = line_task.result().strip()
+        if line.upper() != b"DONE":
+            raise bad("expected DONE")
+        return "IDLE terminated"
+
+    def watch(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+
+        def changed(_state) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._changed)
+
+        self._watch = self.context.watcher.watch(self.user, name, changed)
+
+    def _changed(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- selected -------------------------------------------------------------------------
+
+    async def cmd_check(self, command: Command):
+        return None
+
+    async def cmd_close(self, command: Command):
+        view = self.require_view()
+        if not view.readonly:
+            await self.call(self.context.store.expunge, self.user, view.name)
+        self.close_view()
+
+    async def cmd_unselect(self, command: Command):
+        self.close_view()
+
+    async def cmd_expunge(self, command: Command):
+        view = self.require_writable()
+        ranges = None
+        if command.name == "UID EXPUNGE":
+            ranges = view.uid_ranges(command.args["set"])
+            if not ranges:
+                return None
+        args = (self.user, view.name) + ((ranges,) if ranges is not None else ())
+        removed = await self.call(self.context.store.expunge, *args)
+        self.announce_expunged(removed)
+        self.log.info("expunge", mailbox=view.name, count=len(removed))
+        return None
+
+    cmd_uid_expunge = cmd_expunge
+
+    def announce_expunged(self, uids: Iterable[int]) -> None:
+        assert self.view is not None
+        for seq in self.view.expunge_now(uids):
+            self.untagged(f"{seq} EXPUNGE")
+
+    async def cmd_search(self, command: Command):
+        view = self.require_view()
+        use_uid = command.name == "UID SEARCH"
+        query = self.resolve_query(command.args["query"])
+        try:
+            uids = await self.call(self.context.store.search, self.user, view.name, query)
+        except SearchError as e:
+            raise bad(str(e)) from None
+        uids = [uid for uid in uids if uid not in view.pending and view.seq_of(uid) is not None]
+        numbers = uids if use_uid else [view.seq_of(uid) for uid in uids]
+        line = "SEARCH" + "".join(f" {n}" for n in numbers)
+        if _has_modseq(query) and uids:
+            self.condstore = True
+            states = await self.call(self.context.store.flags, self.user, view.name, [(u, u) for u in uids])
+            line += f" (MODSEQ {max(s.modseq for s in states)})" if states else ""
+        self.untagged(line)
+
+    cmd_uid_search = cmd_search
+
+    def resolve_query(self, query: tuple) -> tuple:
+        """The store's query tree: sequence numbers, `*` and \\Recent made UIDs."""
+        view = self.require_view()
+        kind = query[0]
+        try:
+            if kind == "seq":
+                return ("uid", view.seq_ranges(query[1]) or [(0, 0)])
+        except ValueError:
+            # RFC 3501 asks for BAD on numbers beyond EXISTS in most commands; in SEARCH
+            # they simply match nothing (what Dovecot and clients expect).
+            spans = [(lo, min(hi, view.exists)) for lo, hi in query[1].resolve(view.exists) if lo <= view.exists]
+            return ("uid", [(view.uids[lo - 1], view.uids[hi - 1]) for lo, hi in spans] or [(0, 0)])
+        if kind == "uidset":
+            return ("uid", view.uid_ranges(query[1]) or [(0, 0)])
+        if kind == "recent":
+            return ("uid", view.recent_ranges() or [(0, 0)])
+        if kind == "not":
+            return ("not", self.resolve_query(query[1]))
+        if kind == "or":
+            return ("or", self.resolve_query(query[1]), self.resolve_query(query[2]))
+        if kind == "and":
+            return ("and", [self.resolve_query(q) for q in query[1]])
+        if kind == "modseq":
+            self.condstore = True
+        return query
+
+    async def cmd_fetch(self, command: Command):
+        view = self.require_view()
+        use_uid = command.name == "UID FETCH"
+        items: list[FetchItem] = list(command.args["items"])
+        changedsince = command.args.get("changedsince")
+        if changedsince is not None or any(i.name == "MODSEQ" for i in items):
+            self.condstore = True
+        if use_uid and not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))
+        if self.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
+            items.append(FetchItem("MODSEQ"))
+        uids = view.uids_in(self.ranges(command))
+        if not uids:
+            return None
+        mark_seen = not view.readonly and fetching.sets_seen(items)
+        if mark_seen and not any(i.name == "FLAGS" for i in items):
+            items.append(FetchItem("FLAGS"))
+        if self.condstore and not any(i.name == "MODSEQ" for i in items) and mark_seen:
+            items.append(FetchItem("MODSEQ"))
+        flags_only = all(i.name in ("UID", "FLAGS", "MODSEQ") for i in items)
+        store = self.context.store
+        for start in range(0, len(uids), FETCH_BATCH):
+            chunk = uids[start:start + FETCH_BATCH]
+            ranges = _as_ranges(chunk)
+            if mark_seen:
+                changed, _ = await self.call(store.store_flags, self.user, view.name, ranges, "add", ["\\Seen"])
+                view.mark_told(changed)
+            if flags_only:
+                states = await self.call(store.flags, self.user, view.name, ranges)
+                lines = [self.flags_fetch_line(s, items, changedsince) for s in states]
+            else:
+                lines = await self.call(_render_batch, store, self.user, view.name, ranges, items, changedsince,
+                                        view.seq_of)
+            for line in lines:
+                if line:
+                    self.conn.write(line)
+            await self.conn.drain()
+        return None
+
+    cmd_uid_fetch = cmd_fetch
+
+    def flags_fetch_line(self, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
+        view = self.require_view()
+        seq = view.seq_of(state.uid)
+        if seq is None or (changedsince is not None and state.modseq <= changedsince):
+            return None
+        view.mark_told([state])
+        parts = []
+        for item in items:
+            if item.name == "UID":
+                parts.append(f"UID {state.uid}")
+            elif item.name == "FLAGS":
+                parts.append(f"FLAGS ({' '.join(self.flags_with_recent(state.uid, state.flags))})")
+            elif item.name == "MODSEQ":
+                parts.append(f"MODSEQ ({state.modseq})")
+        return f"* {seq} FETCH ({' '.join(parts)})\r\n".encode()
+
+    def flags_with_recent(self, uid: int, flags: Iterable[str]) -> list[str]:
+        out = list(flags)
+        if self.view is not None and uid in self.view.recent:
+            out.append("\\Recent")
+        return out
+
+    async def cmd_store(self, command: Command):
+        view = self.require_writable()
+        args = command.args
+        unchanged = args.get("unchangedsince")
+        if unchanged is not None:
+            self.condstore = True
+        ranges = self.ranges(command)
+        uids = view.uids_in(ranges)
+        if not uids:
+            return None
+        flags = [f for f in args["flags"] if f.lower() != "\\recent"]
+        changed, modified = await self.call(self.context.store.store_flags, self.user, view.name, _as_ranges(uids),
+                                            args["mode"], flags, unchanged)
+        view.mark_told(changed)
+        if not args["silent"]:
+            states = await self.call(self.context.store.flags, self.user, view.name, _as_ranges(uids))
+            refused = set(modified)
+            shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if self.condstore else [])
+            for state in states:
+                if state.uid not in refused and state.uid not in view.pending:
+                    self.conn.write(self.flags_fetch_line(state, shown, None) or b"")
+        elif self.condstore and unchanged is not None:
+            # RFC 7162 §3.1.3: with UNCHANGEDSINCE the new MODSEQ is reported even when silent
+            for state in changed:
+                seq = view.seq_of(state.uid)
+                if seq is not None:
+                    self.untagged(f"{seq} FETCH (UID {state.uid} MODSEQ ({state.modseq}))")
+        if modified:
+            numbers = modified if command.name == "UID STORE" else [view.seq_of(u) for u in modified]
+            return f"MODIFIED {_set_text([n for n in numbers if n])}", "conditional STORE failed"
+        return None
+
+    cmd_uid_store = cmd_store
+
+    async def cmd_copy(self, command: Command):
+        view = self.require_view()
+        move = command.name.endswith("MOVE")
+        if move:
+            self.require_writable()
+        uids = view.uids_in(self.ranges(command))
+        if not uids:
+            return None
+        target = command.args["mailbox"]
+        operation = self.context.store.move if move else self.context.store.copy
+        try:
+            uidvalidity, pairs = await self.call(operation, self.user, view.name, _as_ranges(uids), target)
+        except Answer as answer:
+            if answer.code == "NONEXISTENT":
+                answer.code = "TRYCREATE"
+            raise
+        code = None
+        if pairs:
+            code = f"COPYUID {uidvalidity} {_set_text([a for a, _ in pairs])} {_set_text([b for _, b in pairs])}"
+        self.log.info("move" if move else "copy", mailbox=view.name, to=target, count=len(pairs))
+        if move:
+            if code:
+                self.untagged(f"OK [{code}] moved")
+            self.announce_expunged([a for a, _ in pairs])
+            return None
+        return code, "COPY completed"
+
+    cmd_uid_copy = cmd_move = cmd_uid_move = cmd_copy
+
+    def ranges(self, command: Command) -> list[tuple[int, int]]:
+        view = self.require_view()
+        sequence: SequenceSet = command.args["set"]
+        if command.name.startswith("UID "):
+            return view.uid_ranges(sequence)
+        try:
+            return view.seq_ranges(sequence)
+        except ValueError:
+            raise bad("invalid message sequence number") from None
+
+    def require_view(self) -> View:
+        if self.view is None:
+            raise bad("no mailbox selected")
+        return self.view
+
+    def require_writable(self) -> View:
+        view = self.require_view()
+        if view.readonly:
+            raise no("mailbox is read-only (EXAMINE)", "READ-ONLY")
+        return view
+
+    # -- keeping the client in step -------------------------------------------------------
+
+    async def sync(self, *, expunges: bool) -> None:
+        """Tell the client what changed in the selected mailbox since it was last told."""
+        view = self.view
+        if view is None:
+            return
+        try:
+            mailbox, changed, expunged = await self.context.run(self.context.store.changes_since, self.user,
+                                                                view.name, view.modseq)
+        except MailboxNotFoundError:
+            self.untagged("BYE the selected mailbox was deleted or renamed")
+            self.state = LOGOUT
+            self.conn.close()
+            return
+        if mailbox.uidvalidity != view.uidvalidity:
+            self.untagged("BYE the selected mailbox was replaced")
+            self.state = LOGOUT
+            self.conn.close()
+            return
+        view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
+        if expunges and view.pending:
+            self.announce_expunged(list(view.pending))
+        new = sorted(s.uid for s in changed if s.uid > view.max_uid())
+        if view.add(new):
+            view.recent.update(self.context.recent.claim_new(self.user, view.uidvalidity, new))
+            self.untagged(f"{view.exists} EXISTS")
+            self.untagged(f"{len(view.recent)} RECENT")
+        for state in view.flag_updates(s for s in changed if s.uid not in new):
+            seq = view.seq_of(state.uid)
+            modseq = f" MODSEQ ({state.modseq})" if self.condstore else ""
+            flags = " ".join(self.flags_with_recent(state.uid, state.flags))
+            self.untagged(f"{seq} FETCH (UID {state.uid} FLAGS ({flags}){modseq})")
+        view.modseq = max(view.modseq, mailbox.highestmodseq)
+        view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
+
+    # -- store calls ----------------------------------------------------------------------
+
+    async def call(self, fn, *args, **kwargs):
+        """A store call in a thread, its errors turned into IMAP answers."""
+        try:
+            return await self.context.run(_with_kwargs(fn, kwargs), *args)
+        except MailboxNotFoundError as e:
+            raise no(str(e), "NONEXISTENT") from None
+        except MailboxExistsError as e:
+            raise no(str(e), "ALREADYEXISTS") from None
+        except QuotaExceededError as e:
+            raise no(str(e), "OVERQUOTA") from None
+        except FlagError as e:
+            raise bad(str(e)) from None
+        except MailboxNameError as e:
+            raise no(str(e), "CANNOT") from None
+        except MailboxError as e:
+            raise no(str(e), "CANNOT") from None
+        except StoreError as e:
+            self.log.error("store_failed", error=str(e))
+            raise no("temporary failure, try again", "UNAVAILABLE") from None
+
+    def end(self) -> None:
+        """The connection is gone."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+
+class _Done(Exception):
+    """The command has answered itself (STARTTLS)."""
+
+
+_SEEN_BIT = maildir.SEEN
+NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
+
+
+def _with_kwargs(fn, kwargs):
+    if not kwargs:
+        return fn
+    return lambda *args: fn(*args, **kwargs)
+
+
+def _state_phrase(state: str) -> str:
+    return {NOT_AUTHENTICATED: "before login", AUTHENTICATED: "without a selected mailbox",
+            SELECTED: "here", LOGOUT: "after LOGOUT"}[state]
+
+
+def _as_ranges(uids: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for uid in uids:
+        if out and uid == out[-1][1] + 1:
+            out[-1] = (out[-1][0], uid)
+        else:
+            out.append((uid, uid))
+    return out
+
+
+def _set_text(numbers: list[int]) -> str:
+    return ",".join(f"{a}:{b}" if a != b else str(a) for a, b in _as_ranges(sorted(numbers)))
+
+
+def _has_modseq(query: tuple) -> bool:
+    kind = query[0]
+    if kind == "modseq":
+        return True
+    if kind == "not":
+        return _has_modseq(query[1])
+    if kind == "or":
+        return _has_modseq(query[1]) or _has_modseq(query[2])
+    if kind == "and":
+        return any(_has_modseq(q) for q in query[1])
+    return False
+
+
+def _render_batch(store: Store, account: str, mailbox: str, ranges, items, changedsince, seq_of) -> list[bytes]:
+    """FETCH responses for a batch of messages (in a worker thread: reads files)."""
+    lines = []
+    for info in store.fetch(account, mailbox, ranges):
+        if changedsince is not None and info.modseq <= changedsince:
+            continue
+        seq = seq_of(info.uid)
+        if seq is None:
+            continue
+        body = fetching.render(info, items, lambda info=info: store.open_message(info))
+        lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
+    return lines
+
+
+def _commands() -> dict[str, Callable]:
+    table = {}
+    for name in dir(Session):
+        if name.startswith("cmd_"):
+            table[name[4:].upper().replace("_", " ")] = getattr(Session, name)
+    return table
+
+
+COMMANDS = _commands()
+ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
+STATES: dict[str, set[str]] = {
+    NOT_AUTHENTICATED: ANY | {"STARTTLS", "LOGIN", "AUTHENTICATE"},
+    AUTHENTICATED: ANY | {"ENABLE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE",
+                          "LIST", "LSUB", "NAMESPACE", "STATUS", "APPEND", "IDLE", "GETQUOTAROOT", "GETQUOTA",
+                          "SETQUOTA"},
+    LOGOUT: set(),
+}
+STATES[SELECTED] = STATES[AUTHENTICATED] | {
+    "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "UID EXPUNGE", "SEARCH", "UID SEARCH", "FETCH", "UID FETCH", "STORE",
+    "UID STORE", "COPY", "UID COPY", "MOVE", "UID MOVE"}

@@ -1,0 +1,113 @@
+"""A session's view of its selected mailbox: the sequence-number map and what it has told
+the client, kept in step with the store by the changes since its last MODSEQ.
+
+Sequence numbers belong to the session (RFC 3501 §2.3.1.2): they change only when the
+session announces it. New messages are added at once (EXISTS may be sent after any
+command), but an expunge by someone else waits in `pending` until the session may send
+EXPUNGE (never during FETCH, STORE or SEARCH, §7.4.1), so the numbers a client uses stay
+right. \\Recent belongs to the first session that sees a message (`recent`).
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+
+from imapd.syntax import SequenceSet
+from storage.mailboxes import Mailbox
+from storage.messages import FlagState
+
+MAX_UID = 2**32 - 1
+
+
+class View:
+    def __init__(self, mailbox: Mailbox, uids: Iterable[int], *, readonly: bool, recent: Iterable[int] = ()):
+        self.mailbox = mailbox
+        self.name = mailbox.name
+        self.uidvalidity = mailbox.uidvalidity
+        self.readonly = readonly
+        self.uids = array("I", uids)
+        self.modseq = mailbox.highestmodseq  # everything up to here has been told
+        self.uidnext = mailbox.uidnext
+        self.recent: set[int] = set(recent)
+        self.pending: set[int] = set()  # expunged in the store, not yet announced
+        self.told: dict[int, int] = {}  # uid -> modseq of flags this session already sent
+
+    # -- numbers --------------------------------------------------------------------------
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def max_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def seq_ranges(self, sequence: SequenceSet) -> list[tuple[int, int]]:
+        """UID ranges of a sequence-number set; ValueError for a number beyond EXISTS."""
+        spans = []
+        for low, high in sequence.resolve(self.exists):
+            if high > self.exists or low < 1:
+                raise ValueError("no such message sequence number")
+            spans.append((self.uids[low - 1], self.uids[high - 1]))
+        return spans
+
+    def uid_ranges(self, sequence: SequenceSet) -> list[tuple[int, int]]:
+        """UID ranges of a UID set; `*` is the highest UID (RFC 3501 §6.4.8: "n:*" names at
+        least the last message even when n is beyond it)."""
+        return [(low, high) for low, high in sequence.resolve(self.max_uid()) if high > 0]
+
+    def uids_in(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """The session's UIDs inside the ranges, ascending, each once."""
+        out: set[int] = set()
+        for low, high in ranges:
+            out.update(self.uids[bisect_left(self.uids, low):bisect_right(self.uids, high)])
+        return sorted(out)
+
+    def recent_ranges(self) -> list[tuple[int, int]]:
+        return [(uid, uid) for uid in sorted(self.recent)]
+
+    # -- keeping in step ------------------------------------------------------------------
+
+    def add(self, uids: Iterable[int]) -> bool:
+        """Messages new to the session (ascending, above every known UID); True if any."""
+        added = False
+        for uid in uids:
+            if uid > self.max_uid() and uid not in self.pending:
+                self.uids.append(uid)
+                added = True
+        return added
+
+    def expunge_now(self, uids: Iterable[int]) -> list[int]:
+        """Remove messages; their sequence numbers as EXPUNGE must announce them, in order
+        (each number counts the removals before it, so descending numbers are stable)."""
+        seqs = []
+        for uid in sorted(uids, reverse=True):
+            seq = self.seq_of(uid)
+            if seq is not None:
+                del self.uids[seq - 1]
+                seqs.append(seq)
+            self.pending.discard(uid)
+            self.recent.discard(uid)
+            self.told.pop(uid, None)
+        return seqs
+
+    def flag_updates(self, changed: Iterable[FlagState]) -> list[FlagState]:
+        """Flag changes the client has not heard of (not its own STOREs, not expunged)."""
+        out = []
+        for state in changed:
+            if state.uid in self.pending or self.seq_of(state.uid) is None:
+                continue
+            if self.told.get(state.uid, -1) >= state.modseq:
+                continue
+            self.told[state.uid] = state.modseq
+            out.append(state)
+        return out
+
+    def mark_told(self, states: Iterable[FlagState]) -> None:
+        for state in states:
+            self.told[state.uid] = max(state.modseq, self.told.get(state.uid, 0))
