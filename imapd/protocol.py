@@ -126,8 +126,7 @@ class IMAPProtocol(Protocol):
             if isinstance(event, Continue):
                 self.transport.write(b"+ Ready for literal data\r\n")
             elif isinstance(event, Reject):
-                self.session.tagged(event.tag or "*", "NO" if event.tag else "BAD", event.text, event.code) \
-                    if event.tag else self.transport.write(f"* BAD {event.text}\r\n".encode())
+                self.session.tagged(event.tag or "*", event.status if event.tag else "BAD", event.text, event.code)
             elif isinstance(event, Close):
                 self.transport.write(f"* BYE {event.text}\r\n".encode())
                 self.close()

@@ -176,12 +176,11 @@ class Session:
             self.tagged(command.tag, "NO", "internal error (logged on the server)", "SERVERBUG")
 
     def parse_failed(self, error: ParseError) -> None:
-        tag = getattr(error, "tag", None)
-        if tag:
-            self.tagged(tag, "BAD", str(error), error.code)
+        if error.tag:
+            self.tagged(error.tag, error.status, str(error), error.code)
         else:
-            self.untagged(f"BAD {str(error)}")
-        self.note_error("BAD")
+            self.tagged("*", "BAD", str(error), error.code)
+        self.note_error(error.status)
 
     def note_error(self, status: str) -> None:
         if status != "BAD":

@@ -1,0 +1,541 @@
+"""imapd end to end: a running `postroom serve`, real clients (imaplib, imapclient, mbsync),
+mail delivered through the MX agent, results checked on the wire and through the store.
+
+One daemon serves the module; each test works in an account of its own, so tests neither
+see nor disturb each other's mailboxes.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import itertools
+import os
+import re
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import imapclient
+import pytest
+
+from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon
+from storage import Accounts, open_data_dir
+from storage.store import Store
+
+PASSWORD = "correct horse battery staple"
+_accounts = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imapd")
+    data_dir = root / "var"
+    sections: dict[str, dict[str, object]] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+        "storage": {"shards": 4},
+        "smtp": {"max_connections_per_ip": 200, "max_message_size": "10M"},
+        "imap": {"max_connections_per_ip": 2000},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    config_path = root / "postroom.toml"
+    config_path.write_text(render_config(sections))
+    daemon = start_daemon(config_path, root)
+    daemon.data_dir = data_dir
+    daemon.accounts = Accounts(data_dir / "accounts.lmdb")
+    daemon.accounts.add_domain("example.test")
+    daemon.store = Store(open_data_dir(data_dir, 4))
+    yield daemon
+    daemon.store.close()
+    daemon.accounts.close()
+    assert daemon.stop() == 0, daemon.stderr()
+    assert "Traceback" not in daemon.stderr(), daemon.stderr()
+
+
+@pytest.fixture
+def user(server) -> str:
+    address = f"user{next(_accounts)}@example.test"
+    server.accounts.add_user(address, PASSWORD)
+    return address
+
+
+def connect(server, *, tls: bool = True) -> imaplib.IMAP4:
+    context = client_tls_context(server.config)
+    if tls:
+        address = server.listen("imap.listen_tls")
+        return imaplib.IMAP4_SSL(address.host, address.port, ssl_context=context, timeout=30)
+    address = server.listen("imap.listen")
+    return imaplib.IMAP4(address.host, address.port, timeout=30)
+
+
+def login(server, user: str) -> imaplib.IMAP4:
+    client = connect(server)
+    client.login(user, PASSWORD)
+    return client
+
+
+def imapclient_login(server, user: str) -> imapclient.IMAPClient:
+    address = server.listen("imap.listen_tls")
+    client = imapclient.IMAPClient(address.host, address.port, ssl=True,
+                                   ssl_context=client_tls_context(server.config), timeout=30)
+    client.login(user, PASSWORD)
+    return client
+
+
+def send_mail(server, to: str, subject: str = "hello", body: str = "Hello there.\n") -> bytes:
+    message = EmailMessage()
+    message["From"] = "sender@remote.example"
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{time.monotonic_ns()}@remote.example>"
+    message.set_content(body)
+    address = server.listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=30) as smtp:
+        smtp.send_message(message)
+    return bytes(message)
+
+
+def raw(server, lines: list[bytes], *, until: bytes, tls: bool = True, login_as: str | None = None,
+        timeout: float = 10) -> bytes:
+    """Send each line (written as given, CRLF included) after the greeting; read until `until`."""
+    address = server.listen("imap.listen_tls" if tls else "imap.listen")
+    sock = socket.create_connection((address.host, address.port), timeout=timeout)
+    if tls:
+        sock = client_tls_context(server.config).wrap_socket(sock, server_hostname=address.host)
+    with sock:
+        received = _read_until(sock, b"\r\n")
+        if login_as:
+            sock.sendall(f'L1 LOGIN "{login_as}" "{PASSWORD}"\r\n'.encode())
+            _read_until(sock, b"L1 OK")
+        sock.sendall(b"".join(lines))
+        return _read_until(sock, until, received)
+
+
+def _read_until(sock, marker: bytes, received: bytes = b"") -> bytes:
+    deadline = time.monotonic() + 10
+    while marker not in received and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def untagged(client: imaplib.IMAP4, name: str) -> list:
+    return client.untagged_responses.pop(name, [])
+
+
+# -- connecting and logging in ---------------------------------------------------------------
+
+
+def test_greeting_and_capabilities_before_and_after_login(server, user):
+    client = connect(server)
+    caps = client.capabilities
+    assert "IMAP4REV1" in caps and "AUTH=PLAIN" in caps and "LITERAL+" in caps and "SASL-IR" in caps
+    assert "STARTTLS" not in caps  # already TLS
+    client.login(user, PASSWORD)
+    typ, data = client.capability()
+    after = data[0].decode().split()
+    for cap in ("UIDPLUS", "MOVE", "IDLE", "NAMESPACE", "ID", "ENABLE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
+                "CREATE-SPECIAL-USE", "QUOTA", "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760"):
+        assert cap in after
+    client.logout()
+
+
+def test_plain_port_refuses_passwords_until_starttls(server, user):
+    client = connect(server, tls=False)
+    assert "LOGINDISABLED" in client.capabilities and "STARTTLS" in client.capabilities
+    assert "AUTH=PLAIN" not in client.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+        client.login(user, PASSWORD)
+    client.starttls(ssl_context=client_tls_context(server.config))
+    client.login(user, PASSWORD)
+    assert client.select("INBOX")[0] == "OK"
+    client.logout()
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(server, user):
+    address = server.listen("imap.listen")
+    with socket.create_connection((address.host, address.port), timeout=10) as sock:
+        _read_until(sock, b"\r\n")
+        sock.sendall(b"a STARTTLS\r\nb CAPABILITY\r\n")
+        assert b"a OK" in _read_until(sock, b"a OK")
+        tls = client_tls_context(server.config).wrap_socket(sock, server_hostname=address.host)
+        tls.sendall(b"c NOOP\r\n")
+        reply = _read_until(tls, b"c OK")
+        assert b"b " not in reply and b"c OK" in reply
+
+
+def test_wrong_password_is_refused_after_a_delay(server, user):
+    client = connect(server)
+    started = time.monotonic()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        client.login(user, "wrong password")
+    assert time.monotonic() - started >= 0.9
+    assert "login_failed" in server.stderr()
+    client.login(user, PASSWORD)  # the same session may try again
+    client.logout()
+
+
+def test_authenticate_plain_with_and_without_initial_response(server, user):
+    import base64
+
+    token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
+    reply = raw(server, [b"A1 AUTHENTICATE PLAIN " + token + b"\r\n"], until=b"A1 ")
+    assert b"A1 OK" in reply
+    address = server.listen("imap.listen_tls")
+    sock = client_tls_context(server.config).wrap_socket(
+        socket.create_connection((address.host, address.port), timeout=10), server_hostname=address.host)
+    with sock:
+        _read_until(sock, b"\r\n")
+        sock.sendall(b"A2 AUTHENTICATE PLAIN\r\n")
+        assert _read_until(sock, b"+").startswith(b"+")
+        sock.sendall(token + b"\r\n")
+        assert b"A2 OK" in _read_until(sock, b"A2 ")
+        sock.sendall(b"A3 AUTHENTICATE PLAIN\r\n")
+        assert b"A3 BAD" in _read_until(sock, b"A3 ")  # already authenticated
+
+
+# -- mailboxes -------------------------------------------------------------------------------
+
+
+def test_new_account_lists_its_special_use_mailboxes(server, user):
+    client = login(server, user)
+    typ, data = client.list()
+    listed = {line.decode() for line in data}
+    assert '(\\HasNoChildren) "/" INBOX' in listed
+    assert '(\\HasNoChildren \\Sent) "/" Sent' in listed
+    assert '(\\HasNoChildren \\Trash) "/" Trash' in listed
+    typ, data = client.list("", "")
+    assert data == [b'(\\Noselect) "/" ""']
+    client.logout()
+
+
+def test_create_rename_delete_subscribe_and_list_patterns(server, user):
+    client = login(server, user)
+    assert client.create("Projects/2026/Q1")[0] == "OK"
+    typ, data = client.create("Projects")
+    assert typ == "NO" and b"ALREADYEXISTS" in data[0]
+    typ, data = client.list("", "Projects/%")
+    assert data == [b'(\\HasChildren) "/" Projects/2026']
+    assert client.rename("Projects", "Work")[0] == "OK"
+    typ, data = client.list("Work/", "*")
+    assert sorted(data) == [b'(\\HasChildren) "/" Work/2026', b'(\\HasNoChildren) "/" Work/2026/Q1']
+    assert client.subscribe("Work/2026/Q1")[0] == "OK"
+    typ, data = client.lsub("", "*")
+    assert b'() "/" Work/2026/Q1' in data
+    typ, data = client.subscribe("Nope")
+    assert typ == "NO" and b"NONEXISTENT" in data[0]
+    assert client.delete("Work/2026/Q1")[0] == "OK"
+    typ, data = client.select("Work/2026/Q1")
+    assert typ == "NO" and b"NONEXISTENT" in data[0]
+    typ, data = client.delete("INBOX")
+    assert typ == "NO"
+    client.logout()
+
+
+def test_international_mailbox_names_travel_in_modified_utf7(server, user):
+    client = login(server, user)
+    assert client.create("&ZeVnLIqe-")[0] == "OK"  # 日本語
+    assert client.create("Caf&AOk-/R&AOk-sum&AOk-")[0] == "OK"  # Café/Résumé
+    typ, data = client.list("", "*")
+    names = {line.decode().rsplit(" ", 1)[1] for line in data}
+    assert {"&ZeVnLIqe-", "Caf&AOk-", "Caf&AOk-/R&AOk-sum&AOk-"} <= names
+    assert {"日本語", "Café/Résumé"} <= {m.name for m in server.store.mailboxes(user)}
+    client.logout()
+
+
+def test_special_use_on_create_and_list_extended(server, user):
+    client = login(server, user)
+    typ, data = client._simple_command("CREATE", "Receipts", "(USE (\\Archive))")
+    assert typ == "OK"
+    typ, data = client._simple_command("CREATE", "Bad", "(USE (\\Nonsense))")
+    assert typ == "NO"
+    typ, _ = client._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')
+    assert typ == "OK"
+    listed = [line.decode() for line in untagged(client, "LIST")]
+    assert '(\\HasNoChildren \\Archive) "/" Receipts' in listed
+    assert all("\\" in line.split(")")[0] for line in listed)  # only special-use mailboxes
+    client.logout()
+
+
+def test_status_and_list_status(server, user):
+    send_mail(server, user)
+    send_mail(server, user)
+    client = login(server, user)
+    typ, data = client.status("INBOX", "(MESSAGES UNSEEN UIDNEXT UIDVALIDITY HIGHESTMODSEQ SIZE)")
+    status = data[0].decode()
+    assert re.search(r"MESSAGES 2 UNSEEN 2 UIDNEXT 3 UIDVALIDITY \d+ HIGHESTMODSEQ \d+ SIZE \d+", status)
+    typ, _ = client._simple_command("LIST", '""', '"%"', "RETURN", "(STATUS (MESSAGES UNSEEN))")
+    assert typ == "OK"
+    statuses = [line.decode() for line in untagged(client, "STATUS")]
+    assert "INBOX (MESSAGES 2 UNSEEN 2)" in statuses
+    assert "Sent (MESSAGES 0 UNSEEN 0)" in statuses
+    client.logout()
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+def test_append_then_fetch_exact_bytes_flags_and_date(server, user):
+    message = b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n\r\nbody line\r\n"
+    client = login(server, user)
+    date = imaplib.Time2Internaldate(time.mktime((2025, 3, 4, 5, 6, 7, 0, 0, -1)))
+    typ, data = client.append("Drafts", "(\\Draft $Label)", date, message)
+    assert typ == "OK"
+    match = re.search(rb"APPENDUID (\d+) (\d+)", data[0])
+    assert match and int(match.group(2)) == 1
+    client.select("Drafts")
+    typ, data = client.uid("FETCH", "1", "(FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])")
+    head = data[0][0].decode()
+    assert "FLAGS (\\Draft $Label)" in head
+    assert f"RFC822.SIZE {len(message)}" in head
+    assert data[0][1] == message
+    assert imaplib.Internaldate2tuple(data[0][0])[:6] == (2025, 3, 4, 5, 6, 7)
+    typ, data = client.append("Nowhere", None, None, message)
+    assert typ == "NO" and b"TRYCREATE" in data[0]
+    client.logout()
+
+
+def test_fetch_sections_and_bodystructure_of_a_multipart(server, user):
+    message = EmailMessage()
+    message["From"] = "Ann Example <ann@example.org>"
+    message["To"] = user
+    message["Subject"] = "report"
+    message.set_content("plain text part\n")
+    message.add_alternative("<p>html part</p>\n", subtype="html")
+    message.add_attachment(b"\x00\x01binary", maintype="application", subtype="octet-stream",
+                           filename="data.bin")
+    raw_bytes = bytes(message).replace(b"\n", b"\r\n")
+    client = imapclient_login(server, user)
+    client.append("INBOX", raw_bytes)
+    client.select_folder("INBOX")
+    fetched = client.fetch([1], ["BODYSTRUCTURE", "ENVELOPE", "BODY.PEEK[1.1]", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]",
+                                 "BODY.PEEK[]<0.10>", "FLAGS"])[1]
+    structure = fetched[b"BODYSTRUCTURE"]
+    assert structure.is_multipart
+    assert fetched[b"ENVELOPE"].subject == b"report"
+    assert fetched[b"ENVELOPE"].from_[0].mailbox == b"ann"
+    assert fetched[b"BODY[1.1]"].strip() == b"plain text part"
+    assert fetched[b"BODY[HEADER.FIELDS (SUBJECT)]"] == b"Subject: report\r\n\r\n"
+    assert fetched[b"BODY[]<0>"] == raw_bytes[:10]
+    assert b"\\Seen" not in fetched[b"FLAGS"]
+    # A non-peek BODY[] sets \Seen, and says so.
+    again = client.fetch([1], ["BODY[TEXT]"])[1]
+    assert b"\\Seen" in again[b"FLAGS"]
+    client.logout()
+
+
+def test_store_flags_and_conditional_store(server, user):
+    for i in range(3):
+        send_mail(server, user, subject=f"m{i}")
+    client = login(server, user)
+    client.select("INBOX")
+    typ, data = client.store("1:2", "+FLAGS", "(\\Flagged)")
+    assert typ == "OK" and len(data) == 2 and all(b"\\Flagged" in d for d in data)
+    typ, data = client.store("1", "-FLAGS.SILENT", "(\\Flagged)")
+    assert typ == "OK" and data == [None]
+    typ, data = client.store("3", "FLAGS", "(\\Seen $Work)")
+    assert b"FLAGS (\\Seen $Work)" in data[0]
+    typ, data = client._simple_command("ENABLE", "CONDSTORE")
+    typ, data = client.fetch("1:3", "(MODSEQ)")
+    modseqs = [int(re.search(rb"MODSEQ \((\d+)\)", d).group(1)) for d in data]
+    typ, data = client._simple_command("STORE", "1:3", "(UNCHANGEDSINCE %d)" % min(modseqs), "+FLAGS", "(\\Answered)")
+    assert typ == "OK" and b"MODIFIED" in data[-1]
+    client.logout()
+
+
+def test_search_keys(server, user):
+    send_mail(server, user, subject="quarterly report", body="the xylophonist played\n")
+    send_mail(server, user, subject="lunch", body="sandwiches\n")
+    send_mail(server, user, subject="caf\u00e9 plans", body="meet at noon\n")
+    client = login(server, user)
+    client.select("INBOX")
+    client.store("2", "+FLAGS", "(\\Seen)")
+    assert client.search(None, "BODY", "xylophonist")[1] == [b"1"]
+    assert client.search(None, "UNSEEN")[1] == [b"1 3"]
+    assert client.search(None, "SEEN")[1] == [b"2"]
+    assert client.search(None, "OR", "SUBJECT", "lunch", "SUBJECT", "quarterly")[1] == [b"1 2"]
+    assert client.search(None, "NOT", "SUBJECT", "lunch")[1] == [b"1 3"]
+    assert client.search(None, "2:*")[1] == [b"2 3"]
+    assert client.search(None, "LARGER", "1", "SMALLER", "100000")[1] == [b"1 2 3"]
+    assert client.search(None, "FROM", "sender@remote")[1] == [b"1 2 3"]
+    assert client.search(None, "SINCE", "1-Jan-2020")[1] == [b"1 2 3"]
+    assert client.search(None, "BEFORE", "1-Jan-2020")[1] == [b""]
+    assert client.uid("SEARCH", "SUBJECT", "lunch")[1] == [b"2"]
+    client.literal = "café".encode()
+    assert client.search("UTF-8", "SUBJECT")[1] == [b"3"]
+    typ, data = client.search("KOI8-R", "SUBJECT", "x")
+    assert typ == "NO" or typ == "BAD"
+    client.logout()
+
+
+def test_copy_move_and_expunge_with_uidplus(server, user):
+    for i in range(4):
+        send_mail(server, user, subject=f"m{i}")
+    client = login(server, user)
+    client.select("INBOX")
+    typ, data = client.copy("1:2", "Archive")
+    assert typ == "OK" and re.search(rb"COPYUID \d+ 1:2 1:2", data[0])
+    typ, data = client._simple_command("MOVE", "3", "Trash")
+    assert typ == "OK"
+    assert untagged(client, "EXPUNGE") == [b"3"]
+    typ, data = client.store("1", "+FLAGS.SILENT", "(\\Deleted)")
+    typ, data = client.uid("EXPUNGE", "2")  # UID 2 is not \Deleted: stays
+    assert untagged(client, "EXPUNGE") == []
+    typ, data = client.expunge()
+    assert data == [b"1"]
+    assert [m.uid for m in server.store.fetch(user, "INBOX", [(1, 100)])] == [2, 4]
+    assert [m.uid for m in server.store.fetch(user, "Trash", [(1, 100)])] == [1]
+    typ, data = client.copy("1", "Missing")
+    assert typ == "NO" and b"TRYCREATE" in data[0]
+    client.logout()
+
+
+def test_two_sessions_see_each_others_changes(server, user):
+    send_mail(server, user)
+    send_mail(server, user)
+    first, second = login(server, user), login(server, user)
+    first.select("INBOX")
+    second.select("INBOX")
+    second.store("1", "+FLAGS", "(\\Deleted)")
+    second.expunge()
+    send_mail(server, user, subject="third")
+    first.noop()
+    assert untagged(first, "EXPUNGE") == [b"1"]
+    assert untagged(first, "EXISTS")[-1] == b"2"
+    # A FETCH must not renumber: the expunge waits for a command that may announce it.
+    second.store("1", "+FLAGS", "(\\Flagged)")
+    first.noop()
+    fetches = untagged(first, "FETCH")
+    assert any(b"\\Flagged" in f for f in fetches)
+    first.logout()
+    second.logout()
+
+
+def test_idle_is_woken_by_a_delivery_within_a_second(server, user):
+    client = imapclient_login(server, user)
+    client.select_folder("INBOX")
+    client.idle()
+    time.sleep(0.3)
+    started = time.monotonic()
+    send_mail(server, user, subject="wake up")
+    responses = client.idle_check(timeout=5)
+    elapsed = time.monotonic() - started
+    client.idle_done()
+    assert (1, b"EXISTS") in responses
+    assert elapsed < 1.5  # delivery itself included
+    client.logout()
+
+
+def test_quota_namespace_id_unselect(server, user):
+    server.accounts.set_quota(user, 10 * 1024 * 1024)
+    send_mail(server, user)
+    client = login(server, user)
+    typ, data = client.getquotaroot("INBOX")
+    assert typ == "OK"
+    assert re.search(rb'"" \(STORAGE \d+ 10240\)', b" ".join(d for d in data[1] if isinstance(d, bytes)))
+    typ, data = client.namespace()
+    assert data == [b'(("" "/")) NIL NIL']
+    typ, data = client._simple_command("ID", '("name" "pytest")')
+    assert typ == "OK" and b"Postroom" in untagged(client, "ID")[0]
+    client.select("INBOX")
+    typ, _ = client._simple_command("UNSELECT")
+    assert typ == "OK"
+    typ, data = client._simple_command("FETCH", "1", "FLAGS")
+    assert typ == "BAD"
+    client.logout()
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"a1 FROBNICATE\r\n", b"a1 BAD"),
+    (b"a1 SELECT\r\n", b"a1 BAD"),
+    (b"a1 FETCH 0 FLAGS\r\n", b"a1 BAD"),
+    (b"a1 FETCH 1:x FLAGS\r\n", b"a1 BAD"),
+    (b"a1 FETCH 99 FLAGS\r\n", b"a1 BAD"),
+    (b"a1 STORE 1 +FLAGS (\\Recent)\r\n", b"a1 "),
+    (b"a1 SEARCH FOO\r\n", b"a1 BAD"),
+    (b"a1 LIST\r\n", b"a1 BAD"),
+    (b"a1 APPEND INBOX {999999999}\r\n", b"a1 NO [TOOBIG]"),
+    (b"a1 " + b"X" * 70000 + b"\r\n", b"BAD"),
+    (b"a1 SEARCH " + b"(" * 100 + b"ALL" + b")" * 100 + b"\r\n", b"a1 BAD"),
+])
+def test_bad_input_gets_a_tagged_answer_and_the_session_goes_on(server, user, line, expected):
+    send_mail(server, user)
+    reply = raw(server, [b"s1 SELECT INBOX\r\n", line, b"z9 NOOP\r\n"], until=b"z9 OK", login_as=user)
+    assert expected in reply, reply[-500:]
+    assert b"z9 OK" in reply
+
+
+def test_commands_in_the_wrong_state(server, user):
+    reply = raw(server, [b"a1 SELECT INBOX\r\n", b"a2 FETCH 1 FLAGS\r\n", b"a3 NOOP\r\n"], until=b"a3 OK")
+    assert b"a1 BAD" in reply and b"a2 BAD" in reply
+
+
+# -- mbsync ----------------------------------------------------------------------------------
+
+
+def test_mbsync_syncs_both_ways_and_then_finds_nothing_to_do(server, user, tmp_path):
+    for i in range(3):
+        send_mail(server, user, subject=f"sync {i}")
+    local = tmp_path / "Mail"
+    local.mkdir()
+    address = server.listen("imap.listen_tls")
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(f"""
+IMAPAccount test
+Host {address.host}
+Port {address.port}
+User {user}
+Pass "{PASSWORD}"
+TLSType IMAPS
+CertificateFile {server.config.tls.cert}
+
+IMAPStore remote
+Account test
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+SubFolders Verbatim
+
+Channel sync
+Far :remote:
+Near :local:
+Patterns INBOX
+Create Both
+Expunge Both
+SyncState *
+""")
+
+    def mbsync() -> subprocess.CompletedProcess:
+        return subprocess.run(["mbsync", "-V", "-c", str(rc), "sync"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "HOME": str(tmp_path)})
+
+    first = mbsync()
+    assert first.returncode == 0, first.stdout + first.stderr
+    pulled = list((local / "INBOX" / "new").iterdir()) + list((local / "INBOX" / "cur").iterdir())
+    assert len(pulled) == 3
+    # Locally: mark one seen, add a new message; mbsync must push both.
+    seen = pulled[0]
+    seen.rename(seen.parent.parent / "cur" / (seen.name.split(":")[0] + ":2,S"))
+    (local / "INBOX" / "new" / f"{int(time.time())}.local.host").write_bytes(
+        b"From: me@example.test\r\nSubject: written offline\r\n\r\nhi\r\n")
+    second = mbsync()
+    assert second.returncode == 0, second.stdout + second.stderr
+    infos = server.store.fetch(user, "INBOX", [(1, 1000)])
+    assert len(infos) == 4
+    assert sum("\\Seen" in m.flags for m in infos) == 1
+    assert any(b"written offline" in server.store.read_message(m) for m in infos)
+    third = mbsync()
+    assert third.returncode == 0
+    assert re.search(r"far side: \+0 \*0 #0 -0", third.stdout) or "+0 *0 #0 -0" in third.stdout, third.stdout
