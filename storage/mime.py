@@ -305,14 +305,61 @@ def envelope(message: Message) -> dict:
 
 
 def _addresses(value: str) -> list[list[str | None]]:
-    """Address structures (name, adl, mailbox, host) as IMAP's ENVELOPE lists them."""
+    """Address structures (name, adl, mailbox, host) as IMAP's ENVELOPE lists them, groups
+    included (RFC 3501 §7.4.2): a group opens with (None, None, group name, None) and closes
+    with (None, None, None, None). A mailbox without a domain has host "" (never None,
+    which would read as a group marker)."""
+    out: list[list[str | None]] = []
+    start = 0  # of the text not yet handed to getaddresses
+    last_comma = -1  # the last top-level comma outside a group, since `start`
+    in_group = False
+    quoted = angle = False
+    comment = 0
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == "\\" and (quoted or comment):
+            i += 2
+            continue
+        if quoted:
+            quoted = c != '"'
+        elif comment:
+            comment += {"(": 1, ")": -1}.get(c, 0)
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            comment = 1
+        elif angle:
+            angle = c != ">"
+        elif c == "<":
+            angle = True
+        elif c == "," and not in_group:
+            last_comma = i
+        elif c == ":" and not in_group:
+            if last_comma >= 0:
+                out.extend(_mailboxes(value[start:last_comma]))
+            name = " ".join(value[last_comma + 1 if last_comma >= 0 else start:i].split())
+            out.append([None, None, email.utils.unquote(name), None])
+            in_group, start, last_comma = True, i + 1, -1
+        elif c == ";" and in_group:
+            out.extend(_mailboxes(value[start:i]))
+            out.append([None, None, None, None])
+            in_group, start = False, i + 1
+        i += 1
+    out.extend(_mailboxes(value[start:]))
+    if in_group:  # an unterminated group ends with the header
+        out.append([None, None, None, None])
+    return out
+
+
+def _mailboxes(value: str) -> list[list[str | None]]:
     out: list[list[str | None]] = []
     for name, addr in email.utils.getaddresses([value]):
         if not addr and not name:
             continue
         mailbox, at, host = addr.rpartition("@")
         if not at:
-            mailbox, host = addr, None
+            mailbox, host = addr, ""
         out.append([name or None, None, mailbox or None, host])
     return out
 

@@ -506,3 +506,18 @@ def test_repair_beside_live_deliveries_loses_and_duplicates_nothing(store):
     assert len(infos) == len(sent)
     bodies = [store.read_message(i) for i in infos]
     assert len(set(bodies)) == len(bodies)
+
+
+def test_envelope_keeps_groups_and_mailboxes_without_a_domain(store):
+    # RFC 3501 §7.4.2: a group is (NIL NIL name NIL) ... (NIL NIL NIL NIL); host NIL means a group,
+    # so a mailbox without a domain has host "".
+    raw = (b'From: root\r\nTo: Team: a@example.org, "B, C" <b@example.org>;, d@example.org\r\n'
+           b"Cc: undisclosed-recipients:;\r\nBcc: Open: e@example.org\r\nSubject: groups\r\n\r\nbody\r\n")
+    store.deliver([ALICE], raw)
+    envelope = store.fetch(ALICE, "INBOX", ALL)[0].envelope
+    assert envelope["to"] == [[None, None, "Team", None], [None, None, "a", "example.org"],
+                              ["B, C", None, "b", "example.org"], [None, None, None, None],
+                              [None, None, "d", "example.org"]]
+    assert envelope["cc"] == [[None, None, "undisclosed-recipients", None], [None, None, None, None]]
+    assert envelope["bcc"] == [[None, None, "Open", None], [None, None, "e", "example.org"], [None, None, None, None]]
+    assert envelope["from"] == envelope["sender"] == [[None, None, "root", ""]]
