@@ -1,0 +1,453 @@
+"""The IMAP command parser: a Frame's bytes in, a typed `Command` out (RFC 3501 §6, §9 and
+the extensions imapd speaks). Sans-IO: no Twisted, no asyncio.
+
+    framer = Framer(max_line=..., max_literal=...)   # imapd.framer: bytes -> frames
+    command = parse_command(frame)                    # -> Command, or raises ParseError
+
+A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; None means
+`* BAD ...`), an optional response code, and its status ("NO" only for BADCHARSET).
+Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
+16,384 sequence-set elements, NOT/OR chains 256 deep; past one, ParseError code "LIMIT".
+Not parsed (ParseError): MULTIAPPEND, BINARY, ESEARCH RETURN, QRESYNC, SEARCHRES `$`.
+
+`Command.name` is upper case; UID commands are "UID FETCH", "UID STORE", "UID SEARCH",
+"UID COPY", "UID MOVE", "UID EXPUNGE". `Command.args` by command:
+
+    CAPABILITY NOOP LOGOUT STARTTLS CHECK CLOSE EXPUNGE UNSELECT IDLE NAMESPACE: {}
+    LOGIN         user: str, password: str
+    AUTHENTICATE  mechanism: str (upper), initial: str | None (SASL-IR, RFC 4959: "=" -> "")
+    SELECT EXAMINE  mailbox: str, condstore: bool ((CONDSTORE), RFC 7162 §3.1.8)
+    CREATE        mailbox: str, special_use: tuple[str, ...] ((USE (\\Sent)), RFC 6154 §3)
+    DELETE SUBSCRIBE UNSUBSCRIBE GETQUOTAROOT  mailbox: str
+    RENAME        old: str, new: str
+    LIST          reference: str, patterns: list[str], select: tuple[str, ...],
+                  return_: {"SUBSCRIBED": bool, "CHILDREN": bool, "SPECIAL-USE": bool,
+                            "STATUS": tuple[str, ...] | None}   (RFC 5258, 5819, 6154)
+    LSUB          reference: str, patterns: [str]
+    STATUS        mailbox: str, items: tuple[str, ...]
+    APPEND        mailbox: str, flags: tuple[str, ...], date: datetime | None (aware),
+                  message: bytes
+    FETCH, UID FETCH  set: SequenceSet, items: list[FetchItem], changedsince: int | None
+    STORE, UID STORE  set, mode: "set"|"add"|"remove", silent: bool, flags: tuple[str, ...],
+                      unchangedsince: int | None
+    COPY MOVE UID COPY UID MOVE  set, mailbox: str
+    UID EXPUNGE   set
+    SEARCH, UID SEARCH  charset: "US-ASCII" | "UTF-8" | None, query (imapd.search_keys)
+    ENABLE        capabilities: tuple[str, ...] (upper)
+    ID            params: dict[str, str | None] | None
+    GETQUOTA      root: str
+    SETQUOTA      root: str, limits: dict[str, int] (resource name upper -> limit)
+
+Mailbox names are decoded from modified UTF-7 (imapd.utf7) and INBOX, in any case and as
+the first level of a path ("inbox/x"), becomes "INBOX"; the separator is "/". System
+flags are given their standard case (\\seen -> \\Seen); keywords are kept as written.
+"""
+
+from __future__ import annotations
+
+from imapd import tokens as t
+from imapd.framer import Close, Continue, Frame, Framer, Reject, read_tag
+from imapd.search_keys import parse_search
+from imapd.syntax import Command, FetchItem, ParseError, Section
+
+__all__ = ["Close", "Continue", "Frame", "Framer", "Reject", "parse_command"]
+
+STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE",
+                          "DELETED", "APPENDLIMIT"})
+USE_ATTRIBUTES = {a.upper(): a for a in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent",
+                                         "\\Trash")}
+LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
+LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
+FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
+                              "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ"})
+FETCH_MACROS = {
+    "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
+    "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
+    "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
+}
+SECTION_TEXTS = frozenset({"", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"})
+STORE_MODES = {"": "set", "+": "add", "-": "remove"}
+ID_MAX_PAIRS, ID_MAX_KEY, ID_MAX_VALUE = 30, 30, 1024  # RFC 2971 §3.3
+_FIELD_CHARS = frozenset(range(33, 127)) - {ord(":")}  # RFC 5322 ftext
+
+
+def parse_command(frame: Frame) -> Command:
+    """The command in `frame`; ParseError (with the tag when it could be read) if malformed."""
+    line = frame.parts[0] if frame.parts else b""
+    tag = read_tag(line)
+    try:
+        if tag is None:
+            raise ParseError("missing or invalid tag" if line.strip() else "empty command line")
+        pos = len(tag)
+        name, pos = _word(line, pos)
+        if name == "UID":
+            sub, pos = _word(line, pos)
+            name = f"UID {sub}"
+        parser = _COMMANDS.get(name)
+        if parser is None:
+            raise ParseError("unknown command")
+        args = t.Args(t.tokenize(frame.parts, pos))
+        result = parser(args)
+        args.done()
+        return Command(tag, name, result)
+    except ParseError as exc:
+        exc.tag = tag
+        raise
+
+
+def _word(line: bytes, pos: int) -> tuple[str, int]:
+    """SP and a command-name word from `pos`, upper case."""
+    if line[pos:pos + 1] != b" ":
+        raise ParseError("missing command name")
+    end = line.find(b" ", pos + 1)
+    end = len(line) if end < 0 else end
+    word = line[pos + 1:end]
+    if not word.isalpha() or not word.isascii():
+        raise ParseError("unknown command")
+    return word.decode("ascii").upper(), end
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def _no_args(args: t.Args) -> dict:
+    return {}
+
+
+def _login(args: t.Args) -> dict:
+    return {"user": t.text(args.take("user name"), "user name"),
+            "password": t.text(args.take("password"), "password")}
+
+
+def _authenticate(args: t.Args) -> dict:
+    mechanism = t.atom(args.take("mechanism"), "mechanism").upper()
+    initial = None
+    if args.more():
+        initial = t.astring(args.take("initial response"), "initial response").decode("ascii", "replace")
+        if initial == "=":
+            initial = ""
+    return {"mechanism": mechanism, "initial": initial}
+
+
+def _select(args: t.Args) -> dict:
+    mailbox = t.mailbox(args.take("mailbox name"))
+    condstore = False
+    if args.more():
+        params = t.group(args.take("select parameters"), "select parameters")
+        if not params:
+            raise ParseError("empty select parameters")
+        for param in params:
+            if t.atom(param, "select parameter").upper() != "CONDSTORE":
+                raise ParseError("unknown select parameter")
+            condstore = True
+    return {"mailbox": mailbox, "condstore": condstore}
+
+
+def _create(args: t.Args) -> dict:
+    mailbox = t.mailbox(args.take("mailbox name"))
+    uses: list[str] = []
+    if args.more():
+        params = t.Args(t.group(args.take("create parameters"), "create parameters"))
+        if not params.more():
+            raise ParseError("empty create parameters")
+        while params.more():
+            if t.atom(params.take("create parameter"), "create parameter").upper() != "USE":
+                raise ParseError("unknown create parameter")
+            attrs = t.group(params.take("USE attributes"), "USE attributes")
+            if not attrs:
+                raise ParseError("empty USE attributes")
+            for attr in attrs:
+                flag = t.flag(attr, "special-use attribute")
+                if not flag.startswith("\\"):
+                    raise ParseError("invalid special-use attribute")
+                uses.append(USE_ATTRIBUTES.get(flag.upper(), flag))
+    return {"mailbox": mailbox, "special_use": tuple(uses)}
+
+
+def _mailbox_only(args: t.Args) -> dict:
+    return {"mailbox": t.mailbox(args.take("mailbox name"))}
+
+
+def _rename(args: t.Args) -> dict:
+    return {"old": t.mailbox(args.take("mailbox name")), "new": t.mailbox(args.take("new mailbox name"))}
+
+
+def _list(args: t.Args) -> dict:
+    select: list[str] = []
+    if isinstance(args.peek(), t.Group):
+        for opt in args.take("selection options").items:
+            name = t.atom(opt, "selection option").upper()
+            if name not in LIST_SELECT:
+                raise ParseError(f"unknown selection option {name}")
+            select.append(name)
+        if "RECURSIVEMATCH" in select and not LIST_SELECT_BASE.intersection(select):
+            raise ParseError("RECURSIVEMATCH needs another selection option")  # RFC 5258 §3.1
+    reference = _reference(args.take("reference name"))
+    patterns_tok = args.take("mailbox pattern")
+    if isinstance(patterns_tok, t.Group):
+        if not patterns_tok.items:
+            raise ParseError("empty pattern list")
+        patterns = [t.list_mailbox(p) for p in patterns_tok.items]
+    else:
+        patterns = [t.list_mailbox(patterns_tok)]
+    returns: dict = {"SUBSCRIBED": False, "CHILDREN": False, "SPECIAL-USE": False, "STATUS": None}
+    if args.more():
+        if t.atom(args.take("RETURN"), "RETURN").upper() != "RETURN":
+            raise ParseError("expected RETURN")
+        opts = t.Args(t.group(args.take("return options"), "return options"))
+        while opts.more():
+            name = t.atom(opts.take("return option"), "return option").upper()
+            if name == "STATUS":
+                returns["STATUS"] = _status_items(opts.take("status items"))
+            elif name in returns:
+                returns[name] = True
+            else:
+                raise ParseError(f"unknown return option {name}")
+    return {"reference": reference, "patterns": patterns, "select": tuple(select), "return_": returns}
+
+
+def _reference(tok: t.Token) -> str:
+    """LIST's reference is a mailbox name ("" for none), decoded like one."""
+    return t.mailbox(tok, "reference name")
+
+
+def _lsub(args: t.Args) -> dict:
+    return {"reference": _reference(args.take("reference name")),
+            "patterns": [t.list_mailbox(args.take("mailbox pattern"))]}
+
+
+def _status(args: t.Args) -> dict:
+    return {"mailbox": t.mailbox(args.take("mailbox name")), "items": _status_items(args.take("status items"))}
+
+
+def _status_items(tok: t.Token) -> tuple[str, ...]:
+    items = tuple(t.atom(item, "status item").upper() for item in t.group(tok, "status items"))
+    if not items:
+        raise ParseError("empty status item list")
+    for item in items:
+        if item not in STATUS_ITEMS:
+            raise ParseError(f"unknown status item {item}")
+    return items
+
+
+def _append(args: t.Args) -> dict:
+    mailbox = t.mailbox(args.take("mailbox name"))
+    flags: tuple[str, ...] = ()
+    date = None
+    if isinstance(args.peek(), t.Group):
+        flags = t.flag_list(args.take("flag list"))
+    nxt = args.peek()
+    if isinstance(nxt, t.String) and not nxt.literal:
+        date = t.date_time(args.take("date-time"))
+    message = args.take("message literal")
+    if not isinstance(message, t.String) or not message.literal:
+        raise ParseError("the message must be a literal")
+    return {"mailbox": mailbox, "flags": flags, "date": date, "message": message.data}
+
+
+def _fetch(args: t.Args) -> dict:
+    sequence = t.sequence_set(args.take("sequence set"))
+    what = args.take("fetch items")
+    if isinstance(what, t.Atom) and what.text.upper() in FETCH_MACROS:
+        items = [FetchItem(name) for name in FETCH_MACROS[what.text.upper()]]
+    elif isinstance(what, t.Group):
+        if not what.items:
+            raise ParseError("empty fetch item list")
+        items = [_fetch_item(tok) for tok in what.items]
+    else:
+        items = [_fetch_item(what)]
+    changedsince = None
+    if args.more():
+        for name, value in _modifiers(args.take("fetch modifiers"), "fetch modifier"):
+            if name != "CHANGEDSINCE":
+                raise ParseError(f"unknown fetch modifier {name}")
+            changedsince = t.number(value, "CHANGEDSINCE value", 1, t.MAX_NUMBER64)
+    return {"set": sequence, "items": items, "changedsince": changedsince}
+
+
+def _modifiers(tok: t.Token, what: str) -> list[tuple[str, t.Token]]:
+    """`(NAME value ...)` pairs, as in RFC 4466 fetch and store modifiers."""
+    items = t.Args(t.group(tok, f"{what}s"))
+    if not items.more():
+        raise ParseError(f"empty {what} list")
+    pairs = []
+    while items.more():
+        pairs.append((t.atom(items.take(what), what).upper(), items.take(f"{what} value")))
+    return pairs
+
+
+def _fetch_item(tok: t.Token) -> FetchItem:
+    if isinstance(tok, t.Atom):
+        name = tok.text.upper()
+        if name not in FETCH_ATTRIBUTES:
+            raise ParseError(f"unknown fetch item {tok.text}")
+        return FetchItem(name)
+    if not isinstance(tok, t.Bracketed) or tok.prefix not in ("BODY", "BODY.PEEK"):
+        raise ParseError("unknown fetch item")
+    partial = None
+    if tok.suffix:
+        origin, dot, count = tok.suffix[1:-1].partition(".")
+        if tok.suffix[0] != "<" or tok.suffix[-1] != ">" or not dot:
+            raise ParseError("invalid partial range")
+        partial = (t.number(t.Atom(origin), "partial origin"), t.number(t.Atom(count), "partial count", 1))
+    return FetchItem("BODY[]", section=_section(tok.inner), peek=tok.prefix == "BODY.PEEK", partial=partial)
+
+
+def _section(inner: tuple) -> Section:
+    """The inside of BODY[...]: part numbers, then HEADER, HEADER.FIELDS[.NOT] (names),
+    TEXT or (after a part number) MIME."""
+    if not inner:
+        return Section()
+    spec = t.atom(inner[0], "section").upper()
+    words = spec.split(".")
+    if not all(words):
+        raise ParseError(f"invalid section {spec}")
+    part: list[int] = []
+    while words and words[0][:1].isdigit():
+        part.append(_part_number(words.pop(0)))
+    text = ".".join(words)
+    if text not in SECTION_TEXTS or (text == "MIME" and not part):
+        raise ParseError(f"invalid section {spec}")
+    fields: tuple[str, ...] = ()
+    if text.startswith("HEADER.FIELDS"):
+        if len(inner) != 2:
+            raise ParseError(f"{text} needs a list of field names")
+        names = t.group(inner[1], "header field list")
+        if not names:
+            raise ParseError("empty header field list")
+        fields = tuple(_field_name(name) for name in names)
+    elif len(inner) != 1:
+        raise ParseError("unexpected arguments in section")
+    return Section(part=tuple(part), text=text, fields=fields)
+
+
+def _part_number(word: str) -> int:
+    if not word.isdigit() or word[0] == "0" or int(word) > t.MAX_NUMBER:
+        raise ParseError("invalid part number")
+    return int(word)
+
+
+def _field_name(tok: t.Token) -> str:
+    data = t.astring(tok, "header field name")
+    if not data or not all(b in _FIELD_CHARS for b in data):
+        raise ParseError("invalid header field name")
+    return data.decode("ascii")
+
+
+def _store(args: t.Args) -> dict:
+    sequence = t.sequence_set(args.take("sequence set"))
+    unchangedsince = None
+    if isinstance(args.peek(), t.Group):
+        for name, value in _modifiers(args.take("store modifiers"), "store modifier"):
+            if name != "UNCHANGEDSINCE":
+                raise ParseError(f"unknown store modifier {name}")
+            unchangedsince = t.number(value, "UNCHANGEDSINCE value", 0, t.MAX_NUMBER64)
+    item = t.atom(args.take("store item"), "store item").upper()
+    sign = item[:1] if item[:1] in "+-" else ""
+    base = item[len(sign):]
+    if base not in ("FLAGS", "FLAGS.SILENT"):
+        raise ParseError(f"unknown store item {item}")
+    rest = args.rest()
+    if len(rest) == 1 and isinstance(rest[0], t.Group):
+        flags = t.flag_list(rest[0])
+    elif rest:
+        flags = tuple(t.flag(tok) for tok in rest)
+    else:
+        raise ParseError("missing flags")
+    return {"set": sequence, "mode": STORE_MODES[sign], "silent": base == "FLAGS.SILENT", "flags": flags,
+            "unchangedsince": unchangedsince}
+
+
+def _copy(args: t.Args) -> dict:
+    return {"set": t.sequence_set(args.take("sequence set")), "mailbox": t.mailbox(args.take("mailbox name"))}
+
+
+def _uid_expunge(args: t.Args) -> dict:
+    return {"set": t.sequence_set(args.take("sequence set"))}
+
+
+def _search(args: t.Args) -> dict:
+    charset, query = parse_search(args)
+    return {"charset": charset, "query": query}
+
+
+def _enable(args: t.Args) -> dict:
+    caps = tuple(t.atom(tok, "capability").upper() for tok in args.rest())
+    if not caps:
+        raise ParseError("missing capability")
+    return {"capabilities": caps}
+
+
+def _id(args: t.Args) -> dict:
+    tok = args.take("ID parameters")
+    if isinstance(tok, t.Atom) and tok.text.upper() == "NIL":
+        return {"params": None}
+    items = t.group(tok, "ID parameters")
+    if len(items) % 2:
+        raise ParseError("ID parameters must come in pairs")
+    if len(items) > 2 * ID_MAX_PAIRS:
+        raise ParseError("too many ID parameters", code="LIMIT")
+    params: dict[str, str | None] = {}
+    for key, value in zip(items[::2], items[1::2], strict=True):
+        name = _id_string(key, "ID field name")
+        if len(name) > ID_MAX_KEY:
+            raise ParseError("ID field name too long")
+        is_nil = isinstance(value, t.Atom) and value.text.upper() == "NIL"
+        params[name] = None if is_nil else _id_string(value, "ID field value")
+        if params[name] is not None and len(params[name]) > ID_MAX_VALUE:
+            raise ParseError("ID field value too long")
+    return {"params": params}
+
+
+def _id_string(tok: t.Token, what: str) -> str:
+    if not isinstance(tok, t.String):
+        raise ParseError(f"{what} must be a string")
+    return t.text(tok, what)
+
+
+def _getquota(args: t.Args) -> dict:
+    return {"root": t.text(args.take("quota root"), "quota root")}
+
+
+def _setquota(args: t.Args) -> dict:
+    root = t.text(args.take("quota root"), "quota root")
+    items = t.Args(t.group(args.take("resource limits"), "resource limits"))
+    limits = {}
+    while items.more():
+        name = t.atom(items.take("resource name"), "resource name").upper()
+        limits[name] = t.number(items.take("resource limit"), "resource limit", 0, t.MAX_NUMBER64)
+    return {"root": root, "limits": limits}
+
+
+_COMMANDS = {
+    **{name: _no_args for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "EXPUNGE",
+                                   "UNSELECT", "IDLE", "NAMESPACE")},
+    "LOGIN": _login,
+    "AUTHENTICATE": _authenticate,
+    "SELECT": _select,
+    "EXAMINE": _select,
+    "CREATE": _create,
+    "DELETE": _mailbox_only,
+    "SUBSCRIBE": _mailbox_only,
+    "UNSUBSCRIBE": _mailbox_only,
+    "GETQUOTAROOT": _mailbox_only,
+    "RENAME": _rename,
+    "LIST": _list,
+    "LSUB": _lsub,
+    "STATUS": _status,
+    "APPEND": _append,
+    "FETCH": _fetch,
+    "UID FETCH": _fetch,
+    "STORE": _store,
+    "UID STORE": _store,
+    "COPY": _copy,
+    "MOVE": _copy,
+    "UID COPY": _copy,
+    "UID MOVE": _copy,
+    "UID EXPUNGE": _uid_expunge,
+    "SEARCH": _search,
+    "UID SEARCH": _search,
+    "ENABLE": _enable,
+    "ID": _id,
+    "GETQUOTA": _getquota,
+    "SETQUOTA": _setquota,
+}

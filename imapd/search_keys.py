@@ -1,0 +1,147 @@
+"""SEARCH criteria (RFC 3501 §6.4.4, RFC 7162 §3.1.5 MODSEQ) into the query tree of
+`storage.search`, keeping symbolic what only the session can resolve:
+
+    ("seq", SequenceSet)     a bare sequence set (message numbers)
+    ("uidset", SequenceSet)  UID <set> (`*` is the session's to resolve)
+    ("recent",)              RECENT; NEW is ("and", [("recent",), ("flag", "\\\\Seen", False)]),
+                             OLD is ("not", ("recent",))
+
+Everything else is in the store's own form: ("all",), ("flag", name, present),
+("before"|"on"|"since"|"sentbefore"|"senton"|"sentsince", datetime.date),
+("larger"|"smaller"|"modseq", int), ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", str),
+("header", field, str), ("not", q), ("or", q1, q2), ("and", [q, ...]).
+
+A sequence of keys (at the top or in parentheses) is their AND: one key stands alone,
+several become ("and", [...]) with nested ANDs flattened into it. Key names are
+case-insensitive. NOT and OR chains nest at most MAX_NESTING deep (ParseError "LIMIT").
+Strings are astrings decoded per CHARSET: US-ASCII strictly; UTF-8, and no CHARSET
+at all, as UTF-8 (clients send UTF-8 without naming it; ASCII is a subset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from imapd import tokens as t
+from imapd.syntax import ParseError
+
+MAX_NESTING = 256
+CHARSETS = {"US-ASCII": "ascii", "UTF-8": "utf-8"}
+
+_FLAGS = {  # key: (flag, present)
+    "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+    "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+    "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+    "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+    "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+}
+_CONSTANT = {
+    "ALL": ("all",),
+    "RECENT": ("recent",),
+    "OLD": ("not", ("recent",)),
+}
+_STRINGS = frozenset({"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"})
+_DATES = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
+_SIZES = frozenset({"LARGER", "SMALLER"})
+_ENTRY_TYPES = frozenset({"PRIV", "SHARED", "ALL"})
+
+
+def parse_search(args: t.Args) -> tuple[str | None, tuple]:
+    """`[CHARSET name] key *(SP key)` -> (charset, query)."""
+    charset = None
+    first = args.peek()
+    if isinstance(first, t.Atom) and first.text.upper() == "CHARSET":
+        args.take("CHARSET")
+        name = t.astring(args.take("charset name"), "charset name").decode("ascii", "replace").upper()
+        if name not in CHARSETS:
+            raise ParseError(f"unsupported charset {name}", code="BADCHARSET", status="NO")
+        charset = name
+    codec = CHARSETS.get(charset or "UTF-8")
+
+    def decode(tok: t.Token, what: str) -> str:
+        try:
+            return t.astring(tok, what).decode(codec)
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"{what} is not valid {charset or 'UTF-8'}") from exc
+
+    keys = _Keys(decode).sequence(args.rest())
+    if not keys:
+        raise ParseError("missing search criteria")
+    return charset, _and(keys)
+
+
+def _and(keys: list[tuple]) -> tuple:
+    if len(keys) == 1:
+        return keys[0]
+    flat: list[tuple] = []
+    for key in keys:
+        flat.extend(key[1] if key[0] == "and" else [key])
+    return ("and", flat)
+
+
+class _Keys:
+    def __init__(self, decode: Callable[[t.Token, str], str]):
+        self.decode = decode
+
+    def sequence(self, items: list[t.Token]) -> list[tuple]:
+        args = t.Args(items)
+        keys = []
+        while args.more():
+            keys.append(self.key(args, 0))
+        return keys
+
+    def key(self, args: t.Args, nesting: int) -> tuple:
+        if nesting > MAX_NESTING:
+            raise ParseError("search criteria nested too deeply", code="LIMIT")
+        tok = args.take("search key")
+        if isinstance(tok, t.Group):
+            keys = self.sequence(list(tok.items))
+            if not keys:
+                raise ParseError("empty parenthesized search criteria")
+            return _and(keys)
+        if t.is_sequence_set(tok):
+            return ("seq", t.sequence_set(tok))
+        if not isinstance(tok, t.Atom):
+            raise ParseError("a search key must be an atom")
+        name = tok.text.upper()
+        what = f"{name} argument"
+        if name in _FLAGS:
+            return ("flag", *_FLAGS[name])
+        if name in _CONSTANT:
+            return _CONSTANT[name]
+        if name == "NEW":
+            return ("and", [("recent",), ("flag", "\\Seen", False)])
+        if name in _STRINGS:
+            return (name.lower(), self.decode(args.take(what), what))
+        if name in _DATES:
+            return (name.lower(), t.date(args.take(what), what))
+        if name in _SIZES:
+            return (name.lower(), t.number(args.take(what), what, 0, t.MAX_NUMBER64))
+        if name in ("KEYWORD", "UNKEYWORD"):
+            return ("flag", t.keyword(args.take(what), what), name == "KEYWORD")
+        if name == "HEADER":
+            field = self.decode(args.take("header field name"), "header field name")
+            return ("header", field, self.decode(args.take(what), what))
+        if name == "UID":
+            return ("uidset", t.sequence_set(args.take(what), what))
+        if name == "NOT":
+            return ("not", self.key(args, nesting + 1))
+        if name == "OR":
+            first = self.key(args, nesting + 1)
+            return ("or", first, self.key(args, nesting + 1))
+        if name == "MODSEQ":
+            return self._modseq(args)
+        raise ParseError(f"unknown search key {tok.text}")
+
+    def _modseq(self, args: t.Args) -> tuple:
+        """MODSEQ [entry-name entry-type-req] mod-sequence-valzer (RFC 7162 §3.1.5); the
+        entry is checked and ignored: one MODSEQ per message here, not per flag."""
+        if isinstance(args.peek(), t.String):
+            entry = args.take("MODSEQ entry name")
+            if entry.literal or not entry.data.startswith(b"/flags/") or len(entry.data) <= len(b"/flags/"):
+                raise ParseError("invalid MODSEQ entry name")
+            t.flag(t.Atom(entry.data[len(b"/flags/"):].decode("ascii", "replace")), "MODSEQ entry flag")
+            kind = args.take("MODSEQ entry type")
+            if not isinstance(kind, t.Atom) or kind.text.upper() not in _ENTRY_TYPES:
+                raise ParseError("invalid MODSEQ entry type")
+        return ("modseq", t.number(args.take("MODSEQ value"), "MODSEQ value", 0, t.MAX_NUMBER64))
