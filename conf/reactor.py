@@ -58,7 +58,13 @@ class ServerTLS:
 
 def server_tls(tls: TLSConfig) -> ServerTLS | None:
     """None without a configured certificate (conf.tls.server_context has checked the files)."""
-    return ServerTLS(tls) if tls.enabled else None
+    if not tls.enabled:
+        return None
+    from twisted.internet.interfaces import IOpenSSLContextFactory
+    from zope.interface import classImplements
+
+    classImplements(ServerTLS, IOpenSSLContextFactory)  # what Twisted's TLS asks of a context factory
+    return ServerTLS(tls)
 
 
 def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:

@@ -73,7 +73,7 @@ class IMAPProtocol(Protocol):
         self.session = Session(self.factory.context, self, self.sid)
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.transport.registerProducer(self, True)
-        self._timer = reactor.callLater(config.timeout.seconds, self._timed_out)
+        self._timer = reactor.callLater(float(config.timeout), self._timed_out)
         self.log.info("connect", ip=self.peer, tls=self.tls)
         self.transport.write(self.session.greeting())
 
@@ -107,7 +107,7 @@ class IMAPProtocol(Protocol):
         if self.closing or self.framer is None:
             return
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self.factory.context.config.imap.timeout.seconds)
+            self._timer.reset(float(self.factory.context.config.imap.timeout))
         self.framer.feed(data)
         if self.framer.buffered() > READ_AHEAD and not self._reading_paused:
             self._reading_paused = True
@@ -189,6 +189,8 @@ class IMAPProtocol(Protocol):
     def close(self) -> None:
         if not self.closing:
             self.closing = True
+            # A registered producer keeps a TLS transport open until it is unregistered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     # -- IPushProducer: the transport tells us when its write buffer is full ------------------

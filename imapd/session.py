@@ -268,11 +268,12 @@ class Session:
             await asyncio.sleep(delay)
             raise no("wrong user name or password", "AUTHENTICATIONFAILED")
         throttle.succeeded(self.conn.peer)
-        self.user = account.address
+        name = str(account.address)  # the store's account name: local@a-label
+        await self.call(self.context.store.ensure_account, name)
+        self.user = name
         self.state = AUTHENTICATED
         self.log = self.log.bind(user=self.user)
         self.log.info("login", ip=self.conn.peer, tls=self.conn.tls)
-        await self.context.run(self.context.store.ensure_account, self.user)
         return "CAPABILITY " + self.capabilities(), "logged in"
 
     # -- authenticated: mailboxes ---------------------------------------------------------
@@ -605,7 +606,7 @@ class Session:
                 lines = [self.flags_fetch_line(s, items, changedsince) for s in states]
             else:
                 lines = await self.call(_render_batch, store, self.user, view.name, ranges, items, changedsince,
-                                        view.seq_of)
+                                        view.seq_of, frozenset(view.recent))
             for line in lines:
                 if line:
                     self.conn.write(line)
@@ -831,7 +832,8 @@ def _has_modseq(query: tuple) -> bool:
     return False
 
 
-def _render_batch(store: Store, account: str, mailbox: str, ranges, items, changedsince, seq_of) -> list[bytes]:
+def _render_batch(store: Store, account: str, mailbox: str, ranges, items, changedsince, seq_of,
+                  recent: frozenset[int]) -> list[bytes]:
     """FETCH responses for a batch of messages (in a worker thread: reads files)."""
     lines = []
     for info in store.fetch(account, mailbox, ranges):
@@ -840,7 +842,7 @@ def _render_batch(store: Store, account: str, mailbox: str, ranges, items, chang
         seq = seq_of(info.uid)
         if seq is None:
             continue
-        body = fetching.render(info, items, lambda info=info: store.open_message(info))
+        body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
     return lines
 
