@@ -13,11 +13,9 @@ import os
 import re
 import smtplib
 import socket
-import ssl
 import subprocess
 import time
 from email.message import EmailMessage
-from pathlib import Path
 
 import imapclient
 import pytest
