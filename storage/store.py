@@ -222,6 +222,15 @@ class Store:
             uids, bits = messages.uids_and_bits(txn, shard, mailbox_id)
             return mailboxes.to_mailbox(mailbox_id, state), uids, bits
 
+    def sizes(self, account: str, mailbox: str) -> tuple[Mailbox, list[tuple[int, int]]]:
+        """(mailbox state, (UID, size) of every message ascending) from one snapshot: a POP3
+        maildrop listing, read from the fixed-size records without the cached envelopes."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            listing = [(uid, e.size) for uid, e in messages.entries(txn, shard, mailbox_id)]
+            return mailboxes.to_mailbox(mailbox_id, state), listing
+
     def flags(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[FlagState]:
         ranges = normalize_ranges(ranges)
         shard = self._account_shard(account)
@@ -268,6 +277,21 @@ class Store:
         def fn(txn, batch):
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             return messages.expunge(txn, shard, batch, account, mailbox_id, state, ranges)
+
+        return shard.write(fn)
+
+    def remove(self, account: str, mailbox: str, uids: Iterable[int]) -> list[int]:
+        """Expunge exactly these UIDs whatever their flags (POP3's UPDATE state: DELE marks
+        belong to the session, never to the store); the UIDs removed, ascending. UIDs that
+        are already gone are skipped."""
+        ranges = normalize_ranges([(uid, uid) for uid in uids])
+        if not ranges:
+            return []
+        shard = self.shard(account)
+
+        def fn(txn, batch):
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            return messages.expunge(txn, shard, batch, account, mailbox_id, state, ranges, only_deleted=False)
 
         return shard.write(fn)
 

@@ -1,0 +1,82 @@
+"""Exclusive access to an account's maildrop for a POP3 session (RFC 1939 §8: "the POP3
+server acquires an exclusive-access lock on the maildrop"), across every process that
+shares the data dir.
+
+The lock is `flock(LOCK_EX | LOCK_NB)` on `<account dir>/pop3.lock`, held on an open file
+descriptor for as long as the session lasts. The kernel drops it when the descriptor is
+closed, whichever way the holder ends (QUIT, a dropped connection, kill -9, a crash): a
+dead process can never leave a maildrop locked, and there is no stale-lock guessing. The
+file itself is never removed (removing a locked file would let a second session lock a
+new one beside it). Two opens of the file in one process conflict too, as two processes do.
+
+The file records the holder's pid and the time of the last successful login, which the
+POP3 LOGIN-DELAY policy (RFC 2449 §6.5) reads: the same for every process.
+
+IMAP sessions do not take this lock: POP3 works on a snapshot and tolerates IMAP changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+from storage.store import Store
+
+LOCK_NAME = "pop3.lock"
+
+
+class MaildropLock:
+    """A held lock; `release()` (or closing the process) frees it."""
+
+    def __init__(self, fd: int, last_login: float | None):
+        self._fd: int | None = fd
+        # When the previous session that logged in (and recorded it) did so; None if never.
+        self.last_login = last_login
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def record_login(self, when: float | None = None) -> None:
+        """Note this login's time (for LOGIN-DELAY) and the holder's pid in the file."""
+        if self._fd is None:
+            return
+        text = f"{os.getpid()} {when if when is not None else time.time():.3f}\n".encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text, 0)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self) -> MaildropLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_maildrop(store: Store, account: str) -> MaildropLock | None:
+    """The account's POP3 lock, or None while another session (of any process) holds it."""
+    directory = store.shard(account).account_dir(account)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return MaildropLock(fd, _last_login(fd))
+
+
+def _last_login(fd: int) -> float | None:
+    try:
+        fields = os.pread(fd, 64, 0).split()
+        return float(fields[1]) if len(fields) == 2 else None
+    except (OSError, ValueError):
+        return None
