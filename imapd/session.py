@@ -24,7 +24,7 @@ from imapd import responses as r
 from imapd.listing import list_mailboxes, matches
 from imapd.recent import RecentClaims
 from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
-from imapd.view import View
+from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from storage import maildir
 from storage.accounts import Accounts
@@ -69,6 +69,7 @@ class IMAPContext:
     watcher: Watcher
     throttle: LoginThrottle
     recent: RecentClaims
+    snapshots: Snapshots  # UID lists shared by sessions on the same mailbox state
     run: Callable[..., Awaitable[Any]]  # run(fn, *args) in a worker thread
     tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
     version: str
@@ -292,7 +293,7 @@ class Session:
         name = command.args["mailbox"]
         mailbox, uids, bits = await self.call(self.context.store.uids, self.user, name)
         recent = self.context.recent.claim(self.user, mailbox.id, mailbox.uidnext)
-        view = View(mailbox, uids, readonly=readonly, recent=recent)
+        view = View(mailbox, uids, readonly=readonly, recent=recent, snapshots=self.context.snapshots)
         self.view = view
         self.state = SELECTED
         keywords = " ".join(mailbox.keywords)
@@ -754,7 +755,7 @@ class Session:
             modseq = f" MODSEQ ({state.modseq})" if self.condstore else ""
             flags = " ".join(self.flags_with_recent(state.uid, state.flags))
             self.untagged(f"{seq} FETCH (UID {state.uid} FLAGS ({flags}){modseq})")
-        view.modseq = max(view.modseq, mailbox.highestmodseq)
+        view.in_step(max(view.modseq, mailbox.highestmodseq))
         view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
 
     # -- store calls ----------------------------------------------------------------------

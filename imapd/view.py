@@ -6,10 +6,17 @@ session announces it. New messages are added at once (EXISTS may be sent after a
 command), but an expunge by someone else waits in `pending` until the session may send
 EXPUNGE (never during FETCH, STORE or SEARCH, §7.4.1), so the numbers a client uses stay
 right. \\Recent belongs to the first session that sees a message (`recent`).
+
+The UID list is the big part of a session (4 bytes a message: 400 KB for 100,000), and
+a thousand idle sessions on one mailbox hold the same list. So views in step with the
+store share one immutable array per mailbox state (`Snapshots`, keyed by MODSEQ, which
+names a state exactly); a view copies it only to change it, and goes back to the shared
+one once it is in step again.
 """
 
 from __future__ import annotations
 
+import weakref
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
@@ -21,13 +28,32 @@ from storage.messages import FlagState
 MAX_UID = 2**32 - 1
 
 
+class Snapshots:
+    """The UID arrays of mailbox states, shared by the views in those states; an array is
+    dropped when no view holds it any more."""
+
+    def __init__(self) -> None:
+        self._arrays: weakref.WeakValueDictionary[tuple[str, int, int], array] = weakref.WeakValueDictionary()
+
+    def share(self, account: str, mailbox_id: int, modseq: int, uids: array) -> array:
+        """The shared array for this state: `uids` itself if it is the first."""
+        key = (account, mailbox_id, modseq)
+        shared = self._arrays.get(key)
+        if shared is None:
+            self._arrays[key] = shared = uids
+        return shared
+
+
 class View:
-    def __init__(self, mailbox: Mailbox, uids: Iterable[int], *, readonly: bool, recent: Iterable[int] = ()):
+    def __init__(self, mailbox: Mailbox, uids: Iterable[int], *, readonly: bool, recent: Iterable[int] = (),
+                 snapshots: Snapshots | None = None):
         self.mailbox = mailbox
         self.name = mailbox.name
         self.uidvalidity = mailbox.uidvalidity
         self.readonly = readonly
-        self.uids = array("I", uids)
+        self.snapshots = snapshots or Snapshots()
+        self.uids = self.snapshots.share(mailbox.account, mailbox.id, mailbox.highestmodseq, array("I", uids))
+        self._owned = False  # True once copied from the shared array to be changed
         self.modseq = mailbox.highestmodseq  # everything up to here has been told
         self.uidnext = mailbox.uidnext
         self.recent: set[int] = set(recent)
@@ -73,11 +99,24 @@ class View:
 
     # -- keeping in step ------------------------------------------------------------------
 
+    def _own(self) -> None:
+        if not self._owned:
+            self.uids = array("I", self.uids)
+            self._owned = True
+
+    def in_step(self, modseq: int) -> None:
+        """The view now shows the store's state at `modseq` exactly: share its array."""
+        self.modseq = modseq
+        if not self.pending:
+            self.uids = self.snapshots.share(self.mailbox.account, self.uidvalidity, modseq, self.uids)
+            self._owned = False
+
     def add(self, uids: Iterable[int]) -> bool:
         """Messages new to the session (ascending, above every known UID); True if any."""
         added = False
         for uid in uids:
             if uid > self.max_uid() and uid not in self.pending:
+                self._own()
                 self.uids.append(uid)
                 added = True
         return added
@@ -89,6 +128,7 @@ class View:
         for uid in sorted(uids, reverse=True):
             seq = self.seq_of(uid)
             if seq is not None:
+                self._own()
                 del self.uids[seq - 1]
                 seqs.append(seq)
             self.pending.discard(uid)

@@ -76,12 +76,13 @@ def _imap_context(context):
     # Imported here: `mtad` alone never loads Twisted or imapd.
     from imapd.recent import RecentClaims
     from imapd.session import IMAPContext
+    from imapd.view import Snapshots
 
     imap = context.shared.get("imap")
     if imap is None:
         tls = server_tls(context.config.tls) if context.tls is not None else None
         imap = IMAPContext(context.config, context.accounts, context.store, watcher(context), login_throttle(context),
-                           RecentClaims(), store_runner(context), tls, __version__)
+                           RecentClaims(), Snapshots(), store_runner(context), tls, __version__)
         context.shared["imap"] = imap
     return imap
 
