@@ -116,6 +116,11 @@ class POP3Config:
     timeout: Duration = field(default=Duration(600), metadata={"min": 600, "max": 86400})
     max_connections: int = field(default=1000, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
+    # RFC 2449 §6.5 LOGIN-DELAY: the least time between two logins of one user (0: any time).
+    login_delay: Duration = field(default=Duration(0), metadata={"min": 0, "max": 86400})
+    # RFC 2449 §6.7 EXPIRE: "never" keeps mail until the client deletes it; "0" also removes
+    # every message a session retrieved with RETR when it ends with QUIT.
+    expire: Literal["never", "0"] = "never"
 
 
 @dataclass(frozen=True)

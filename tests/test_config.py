@@ -149,6 +149,7 @@ BAD_CONFIGS = [
     ("[imap]\nlisten = [\"mail.example.org:143\"]\n", "imap.listen: item 1: bad address", "not an IP address"),
     ("[pop3]\nlisten_tls = [\"127.0.0.1:99999\"]\n", "pop3.listen_tls: item 1: bad address", "out of range 1-65535"),
     ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients: 0 out of range", "1-100000"),
+    ("[pop3]\nexpire = 7\n", "pop3.expire: expected one of", "'never'"),
     ("[storage]\nshards = 5000\n", "storage.shards: 5000 out of range", ""),
     ("[server]\nlog_level = \"loud\"\n", "server.log_level: expected one of", "'debug'"),
     ("[server]\nhostname = \"mail example\"\n", "server.hostname: not a valid host name", ""),
