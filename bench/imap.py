@@ -5,7 +5,8 @@
 Prints, each on its own line:
 - logins/s (LOGIN + LOGOUT on fresh TLS connections, 4 at a time);
 - on the mailbox BENCH (filled first with --fill N realistic messages by APPEND over 8
-  connections, unless it already holds them): SELECT time, `UID FETCH 1:* (UID FLAGS)`
+  connections, unless it already holds them; for Postroom, --fill-config FILE fills it
+  through the store directly, much faster, and builds the full-text index): SELECT time, `UID FETCH 1:* (UID FLAGS)`
   time, FETCH of 1,000 ENVELOPEs, SEARCH TEXT of a rare and of a common word;
 - with --pid (the server's process id, on this machine): the server's RSS growth per
   connection with --idle N connections logged in, BENCH selected and in IDLE.
@@ -122,6 +123,42 @@ def fill(server: Server, count: int) -> None:
           f"({(count - have) / elapsed:.0f} msgs/s)", flush=True)
 
 
+def fill_store(config_path: str, user: str, count: int) -> None:
+    """Postroom only: the same corpus, delivered through the store in 16 threads."""
+    import conf
+    from storage import open_data_dir
+    from storage.store import Store
+
+    config = conf.load(Path(config_path))
+    with Store(open_data_dir(config.server.data_dir, config.storage.shards)) as store:
+        if MAILBOX not in {m.name for m in store.mailboxes(user)}:
+            store.create_mailbox(user, MAILBOX)
+        have = store.mailbox(user, MAILBOX).exists
+        corpus = Corpus()
+        todo = iter(range(have, count))
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                    message = corpus.message(i, i % (count // 10 or 1) == 7) if i is not None else None
+                if i is None:
+                    return
+                store.deliver([(user, MAILBOX)], message, flags=["\\Seen"] if i % 10 else [])
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if count > have:
+            elapsed = time.perf_counter() - started
+            print(f"filled {MAILBOX} with {count - have} messages through the store in {elapsed:.0f} s", flush=True)
+        store.build_index(user)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -170,6 +207,7 @@ def main() -> None:
     parser.add_argument("user")
     parser.add_argument("password")
     parser.add_argument("--fill", type=int, default=100_000, help="messages the BENCH mailbox must hold")
+    parser.add_argument("--fill-config", metavar="FILE", help="Postroom's config: fill through its store")
     parser.add_argument("--pid", type=int, help="the server's pid, to measure RSS per idle connection")
     parser.add_argument("--idle", type=int, default=1000, help="idle connections for the memory figure")
     parser.add_argument("--cafile", help="trust this certificate (default: no verification)")
@@ -180,7 +218,10 @@ def main() -> None:
     server = Server(args.server, args.user, args.password, mode=args.mode or "tls", cafile=args.cafile)
 
     print(f"logins: {logins_per_second(server):.1f}/s (LOGIN + LOGOUT, 4 connections at a time)", flush=True)
-    fill(server, args.fill)
+    if args.fill_config:
+        fill_store(args.fill_config, args.user, args.fill)
+    else:
+        fill(server, args.fill)
     client = server.login()
     exists = 0
 

@@ -544,3 +544,151 @@ SyncState *
     assert not re.search(r">>> \d+ (APPEND|UID STORE|UID FETCH \S+ \(BODY)", third.stdout), third.stdout
     assert server.store.mailbox(user, "INBOX").highestmodseq == before_server.highestmodseq
     assert sorted(p.name for p in (local / "INBOX").rglob("*") if p.is_file()) == before_local
+
+
+# -- more of RFC 3501 and its extensions -----------------------------------------------------
+
+
+def test_examine_is_read_only_and_never_sets_seen(server, user):
+    send_mail(server, user)
+    client = login(server, user)
+    typ, data = client.select("INBOX", readonly=True)
+    assert typ == "OK" and untagged(client, "PERMANENTFLAGS") == [b"()"]
+    assert "READ-ONLY" in client.untagged_responses
+    typ, data = client.fetch("1", "(BODY[])")
+    assert typ == "OK" and b"\\Seen" not in data[0][0]
+    typ, data = client.store("1", "+FLAGS", "(\\Flagged)")
+    assert typ == "NO"
+    assert server.store.fetch(user, "INBOX", [(1, 1)])[0].flags == ()
+    client.logout()
+
+
+def test_close_expunges_silently_and_unselect_does_not(server, user):
+    for _ in range(3):
+        send_mail(server, user)
+    client = login(server, user)
+    client.select("INBOX")
+    client.store("1:2", "+FLAGS.SILENT", "(\\Deleted)")
+    client._simple_command("UNSELECT")
+    assert server.store.mailbox(user, "INBOX").exists == 3
+    client.select("INBOX")
+    typ, data = client.close()
+    assert typ == "OK" and untagged(client, "EXPUNGE") == []
+    assert server.store.mailbox(user, "INBOX").exists == 1
+    client.logout()
+
+
+def test_fetch_macros_and_rfc822_items(server, user):
+    raw_message = send_mail(server, user, body="the body\n")
+    client = login(server, user)
+    client.select("INBOX")
+    typ, data = client.fetch("1", "FAST")
+    assert re.search(rb"FLAGS \(.*\) INTERNALDATE \"[^\"]+\" RFC822\.SIZE \d+", data[0])
+    typ, data = client.fetch("1", "ALL")
+    assert b"ENVELOPE (" in data[0]
+    typ, data = client.fetch("1", "FULL")
+    assert b"BODY (" in data[0] and b"BODYSTRUCTURE" not in data[0]
+    typ, data = client.fetch("1", "(RFC822.HEADER)")
+    stored = server.store.read_message(server.store.fetch(user, "INBOX", [(1, 1)])[0])
+    header, _, text = stored.partition(b"\r\n\r\n")
+    assert data[0][1] == header + b"\r\n\r\n"
+    typ, data = client.fetch("1", "(RFC822.TEXT)")
+    assert data[0][1] == text and b"\\Seen" in data[1]  # FLAGS follow the literal
+    typ, data = client.fetch("1", "(RFC822)")
+    assert data[0][1] == stored and raw_message.replace(b"\n", b"\r\n").split(b"\r\n\r\n")[1] in stored
+    client.logout()
+
+
+def test_append_with_non_synchronizing_literal(server, user):
+    message = b"Subject: plus\r\n\r\nsent without waiting\r\n"
+    reply = raw(server, [b"a1 APPEND INBOX (\\Flagged) {%d+}\r\n" % len(message), message, b"\r\n",
+                         b"a2 NOOP\r\n"], until=b"a2 OK", login_as=user)
+    assert not any(line.startswith(b"+") for line in reply.split(b"\r\n"))  # no continuation asked for
+    assert b"a1 OK [APPENDUID" in reply
+    stored = server.store.fetch(user, "INBOX", [(1, 1)])[0]
+    assert server.store.read_message(stored) == message and stored.flags == ("\\Flagged",)
+
+
+def test_condstore_changedsince_and_search_modseq(server, user):
+    for _ in range(3):
+        send_mail(server, user)
+    client = login(server, user)
+    client.select("INBOX")
+    highest = int(server.store.mailbox(user, "INBOX").highestmodseq)
+    client.store("2", "+FLAGS", "(\\Flagged)")
+    typ, data = client._simple_command("FETCH", "1:*", "(FLAGS)", "(CHANGEDSINCE %d)" % highest)
+    fetches = untagged(client, "FETCH")
+    assert len(fetches) == 1 and fetches[0].startswith(b"2 (") and b"MODSEQ (" in fetches[0]
+    typ, data = client.search(None, "MODSEQ", str(highest + 1))
+    assert re.fullmatch(rb"2 \(MODSEQ \d+\)", data[0])
+    typ, data = client.select("INBOX")
+    assert untagged(client, "HIGHESTMODSEQ") or True  # also sent as a response code:
+    client.logout()
+    reply = raw(server, [b"a1 SELECT INBOX (CONDSTORE)\r\n"], until=b"a1 ", login_as=user)
+    assert re.search(rb"\* OK \[HIGHESTMODSEQ \d+\]", reply)
+
+
+def test_rename_inbox_moves_its_messages_into_a_new_mailbox(server, user):
+    send_mail(server, user)
+    client = login(server, user)
+    assert client.rename("INBOX", "Old")[0] == "OK"
+    assert server.store.mailbox(user, "Old").exists == 1
+    assert server.store.mailbox(user, "INBOX").exists == 0
+    client.logout()
+
+
+def test_idle_sees_flag_changes_and_expunges_by_another_session(server, user):
+    send_mail(server, user)
+    send_mail(server, user)
+    watcher = imapclient_login(server, user)
+    watcher.select_folder("INBOX")
+    watcher.idle()
+    other = login(server, user)
+    other.select("INBOX")
+    other.store("2", "+FLAGS", "(\\Flagged)")
+    seen = watcher.idle_check(timeout=3)
+    other.store("1", "+FLAGS.SILENT", "(\\Deleted)")
+    other.expunge()
+    seen += watcher.idle_check(timeout=3)
+    watcher.idle_done()
+    assert any(r[1] == b"FETCH" and r[0] == 2 for r in seen), seen
+    assert (1, b"EXPUNGE") in seen, seen
+    other.logout()
+    watcher.logout()
+
+
+def test_imapd_command_runs_only_the_imap_listeners(tmp_path):
+    import signal
+
+    from conftest import BIN
+
+    data_dir = tmp_path / "var"
+    sections: dict[str, dict[str, object]] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir)},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    config_path = tmp_path / "postroom.toml"
+    config_path.write_text(render_config(sections))
+    process = subprocess.Popen([str(BIN / "imapd"), "--config", str(config_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        address = sections["imap"]["listen"][0].split(":")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection((address[0], int(address[1])), timeout=2) as sock:
+                    greeting = sock.recv(200)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+                time.sleep(0.1)
+        assert greeting.startswith(b"* OK [CAPABILITY IMAP4rev1") and b"STARTTLS" in greeting
+        assert b"LOGINDISABLED" in greeting  # production default: no passwords before TLS
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert "IMAP (STARTTLS)" in out and "IMAPS" in out and "SMTP" not in out and "POP3" not in out
