@@ -144,6 +144,11 @@ def imapd_main(argv: list[str] | None = None) -> int:
     return _daemon_main("imapd", "Postroom's IMAP server.", {"imap", "imaps"}, argv)
 
 
+def pop3d_main(argv: list[str] | None = None) -> int:
+    """`pop3d --config FILE`: only the POP3 listeners of `postroom serve`."""
+    return _daemon_main("pop3d", "Postroom's POP3 server.", {"pop3", "pop3s"}, argv)
+
+
 def _daemon_main(prog: str, description: str, services: set[str], argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE")

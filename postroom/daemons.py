@@ -103,6 +103,35 @@ async def start_imaps(context) -> TwistedListening:
     return TwistedListening(listen(IMAPFactory(imap, implicit_tls=True), context.config.imap.listen_tls, imap.tls))
 
 
+def _pop3_context(context):
+    # Imported here: `mtad` alone never loads Twisted or pop3d.
+    from pop3d.session import POP3Context
+
+    pop3 = context.shared.get("pop3")
+    if pop3 is None:
+        tls = server_tls(context.config.tls) if context.tls is not None else None
+        pop3 = POP3Context(context.config, context.accounts, context.store, login_throttle(context),
+                           store_runner(context), tls, __version__)
+        context.shared["pop3"] = pop3
+    return pop3
+
+
+async def start_pop3(context) -> TwistedListening:
+    """POP3 on [pop3] listen: STLS when a certificate is configured (RFC 2595)."""
+    from pop3d.protocol import POP3Factory
+
+    pop3 = _pop3_context(context)
+    return TwistedListening(listen(POP3Factory(pop3, implicit_tls=False), context.config.pop3.listen))
+
+
+async def start_pop3s(context) -> TwistedListening:
+    """POP3S on [pop3] listen_tls: TLS from the first byte (RFC 8314)."""
+    from pop3d.protocol import POP3Factory
+
+    pop3 = _pop3_context(context)
+    return TwistedListening(listen(POP3Factory(pop3, implicit_tls=True), context.config.pop3.listen_tls, pop3.tls))
+
+
 async def close_shared(context) -> None:
     """After every service stopped: the watcher thread and the store threads."""
     shared = context.shared

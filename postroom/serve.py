@@ -65,8 +65,8 @@ SERVICES: tuple[Service, ...] = (
     Service("submissions", "submissions (TLS)", lambda c: c.submission.listen_tls, True, None, None),
     Service("imap", "IMAP (STARTTLS)", lambda c: c.imap.listen, False, daemons.start_imap, 5),
     Service("imaps", "IMAPS", lambda c: c.imap.listen_tls, True, daemons.start_imaps, 5),
-    Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, None, 6),
-    Service("pop3s", "POP3S", lambda c: c.pop3.listen_tls, True, None, 6),
+    Service("pop3", "POP3 (STLS)", lambda c: c.pop3.listen, False, daemons.start_pop3, 6),
+    Service("pop3s", "POP3S", lambda c: c.pop3.listen_tls, True, daemons.start_pop3s, 6),
 )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, POSTROOM
+from conftest import POSTROOM
 
 PASSWORD = "correct horse battery"
 
@@ -157,13 +157,6 @@ def test_shard_change_is_refused(cli, write_config, data_dir):
 def test_version():
     result = subprocess.run([POSTROOM, "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("postroom ")
-
-
-@pytest.mark.parametrize("daemon", ["pop3d"])
-def test_daemon_commands_say_they_are_not_built_yet(daemon):
-    result = subprocess.run([str(BIN / daemon)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
-    assert "not yet available" in result.stderr
 
 
 def test_undecodable_bytes_are_one_line_errors(with_domain, config_path, tmp_path):

@@ -1,0 +1,291 @@
+"""One POP3 session's work on the store: what the sans-IO core (pop3d.core) asks for and
+cannot do itself. Checking a password (delayed when wrong, policy.logins), taking the
+maildrop lock (storage.locks) and the snapshot of INBOX, streaming a message from its file
+in chunks paced by the transport, marking retrieved messages \\Seen for IMAP, and removing
+the deleted ones in the UPDATE state.
+
+The session knows no sockets: it writes through its `Connection` (the Twisted adapter in
+pop3d.protocol). Store calls run in threads via `context.run`. `perform` is the one place
+an unexpected error becomes the core's "-ERR [SYS/TEMP] internal error, session <sid>",
+logged with its traceback and never shown to the client.
+
+\\Seen is written behind: RETR never waits for a commit. The UIDs retrieved queue up and
+one store write at a time adds \\Seen to all that waited, so a client fetching many
+messages pays for a few commits, and IMAP sees the flag within one commit. QUIT waits
+for the queue; a dropped connection lets it finish (a message sent is a message read,
+though nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from conf import Config
+from conf.logfmt import EventLogger
+from policy.logins import LoginThrottle
+from pop3d.core import (
+    AUTH,
+    IN_USE,
+    LOGIN_DELAY,
+    Authenticate,
+    BodyEncoder,
+    Close,
+    Event,
+    Maildrop,
+    POP3Core,
+    Reply,
+    Retrieve,
+    Settings,
+    StartTLS,
+    Update,
+)
+from storage.accounts import Accounts
+from storage.locks import MaildropLock, lock_maildrop
+from storage.mailboxes import INBOX
+from storage.shard import StoreError
+from storage.store import Store
+
+CHUNK = 128 * 1024  # bytes read from a message file at a time
+
+
+class Connection(Protocol):
+    """What the session needs from the transport side."""
+
+    peer: str  # the client's IP address
+    tls: bool  # TLS is active
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...  # returns once the transport wants more; ConnectionError if gone
+
+    def start_tls(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class POP3Context:
+    config: Config
+    accounts: Accounts
+    store: Store
+    throttle: LoginThrottle
+    run: Callable[..., Awaitable[Any]]  # run(fn, *args) in a store thread
+    tls: Any  # conf.reactor.ServerTLS for STLS and port 995, or None without a certificate
+    version: str
+    # \Seen writes still running after their session ended (kept referenced until done).
+    background: set[asyncio.Task] = field(default_factory=set)
+
+
+class Session:
+    def __init__(self, context: POP3Context, connection: Connection, sid: str, *, implicit_tls: bool):
+        self.context = context
+        self.conn = connection
+        self.sid = sid
+        pop3 = context.config.pop3
+        self.core = POP3Core(Settings(
+            sid=sid, implementation=f"Postroom {context.version}", tls_available=context.tls is not None,
+            tls_active=implicit_tls, plaintext_auth=pop3.plaintext_auth, login_delay=int(pop3.login_delay),
+            expire="NEVER" if pop3.expire == "never" else "0",
+        ))
+        self.log = EventLogger("pop3d.session").bind(sid=sid)
+        self.user: str | None = None
+        self.lock: MaildropLock | None = None
+        self.retrieved = 0  # messages sent whole by RETR
+        self.ended = False
+        self._seen: list[int] = []
+        self._seen_task: asyncio.Task | None = None
+
+    def greeting(self) -> bytes:
+        return self.core.greeting()
+
+    # -- events --------------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Act on an event that needs no store: a reply, a last reply, STLS."""
+        if isinstance(event, (Reply, StartTLS, Close)):
+            self.conn.write(event.data)
+        if isinstance(event, StartTLS):
+            self.conn.start_tls()
+        elif isinstance(event, Close):
+            self.conn.close()
+
+    async def perform(self, event: Event) -> None:
+        """Do the store work of `event`, then answer; an unexpected error answers -ERR."""
+        try:
+            if isinstance(event, Authenticate):
+                outcome = await self._login(event)
+            elif isinstance(event, Retrieve):
+                outcome = await self._retrieve(event)
+            elif isinstance(event, Update):
+                outcome = await self._update(event)
+            else:
+                outcome = event
+        except ConnectionError:
+            raise
+        except _Broken:
+            self.conn.close()  # part of a message is out: no reply can follow it
+            return
+        except Exception:
+            self.log.error("error", exc_info=True, event=type(event).__name__)
+            outcome = self.core.failed()
+            if isinstance(event, Update):
+                self._release()
+        if outcome is not None:
+            self.emit(outcome)
+
+    # -- AUTHORIZATION -------------------------------------------------------------------------
+
+    async def _login(self, event: Authenticate) -> Event:
+        context, peer = self.context, self.conn.peer
+        async with context.throttle.checks:
+            user = await context.run(context.accounts.authenticate, event.user, event.password)
+        if user is None:
+            delay = context.throttle.failed(peer)
+            self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay)
+            await asyncio.sleep(delay)
+            return self.core.login_refused("wrong user name or password", AUTH)
+        context.throttle.succeeded(peer)
+        account = str(user.address)  # the store's account name: local@a-label
+        outcome = await context.run(self._open_maildrop, account)
+        if isinstance(outcome, str):
+            self.log.info(outcome, user=account, ip=peer)
+            if outcome == "in_use":
+                return self.core.login_refused("maildrop already locked by another POP3 session", IN_USE,
+                                               counts=False)
+            return self.core.login_refused(f"wait {int(self.core.settings.login_delay)} s between logins",
+                                           LOGIN_DELAY, counts=False)
+        lock, maildrop = outcome
+        if self.ended:  # the client left while the store was asked
+            lock.release()
+            raise ConnectionError("connection closed")
+        self.lock, self.user = lock, account
+        self.log = self.log.bind(user=account)
+        self.log.info("login", ip=peer, tls=self.conn.tls, mechanism=event.mechanism,
+                      messages=maildrop.count(), octets=maildrop.octets())
+        return self.core.logged_in(maildrop)
+
+    def _open_maildrop(self, account: str) -> tuple[MaildropLock, Maildrop] | str:
+        """In a store thread: the lock, then the snapshot (so no other POP3 session can
+        change what the snapshot shows); "in_use" or "login_delay" when refused."""
+        store = self.context.store
+        store.ensure_account(account)
+        lock = lock_maildrop(store, account)
+        if lock is None:
+            return "in_use"
+        try:
+            delay, now = self.core.settings.login_delay, time.time()
+            if delay and lock.last_login is not None and 0 <= now - lock.last_login < delay:
+                lock.release()
+                return "login_delay"
+            mailbox, listing = store.sizes(account, INBOX)
+            lock.record_login(now)
+        except BaseException:
+            lock.release()
+            raise
+        return lock, Maildrop(mailbox.id, listing)
+
+    # -- TRANSACTION ---------------------------------------------------------------------------
+
+    async def _retrieve(self, event: Retrieve) -> Event | None:
+        assert self.user is not None
+        opened = await self.context.run(self._open_message, event.uid)
+        if opened is None:
+            return self.core.retrieve_failed(f"message {event.number} was removed by another session", None)
+        file, chunk = opened
+        try:
+            self.conn.write(event.ok)
+            encoder = BodyEncoder(event.lines)
+            try:
+                while chunk:
+                    out = encoder.feed(chunk)
+                    if out:
+                        self.conn.write(out)
+                    if encoder.done or len(chunk) < CHUNK:  # a short read of a file is its end
+                        break
+                    await self.conn.drain()
+                    chunk = await self.context.run(file.read, CHUNK)
+            except OSError as e:
+                self.log.error("read_failed", uid=event.uid, error=str(e))
+                raise _Broken() from None
+            self.conn.write(encoder.end())
+        finally:
+            file.close()
+        self.core.finished(event)
+        if event.lines is None:
+            self.retrieved += 1
+            self._mark_seen(event.uid)
+        await self.conn.drain()
+        return None
+
+    def _open_message(self, uid: int) -> tuple[BinaryIO, bytes] | None:
+        """In a store thread: the message's open file and its first chunk; None if gone."""
+        assert self.user is not None
+        store = self.context.store
+        found = store.fetch(self.user, INBOX, [(uid, uid)])
+        if not found:
+            return None
+        try:
+            file = store.open_message(found[0])
+        except (StoreError, FileNotFoundError):
+            return None  # expunged between the lookup and the open
+        try:
+            return file, file.read(CHUNK)
+        except BaseException:
+            file.close()
+            raise
+
+    def _mark_seen(self, uid: int) -> None:
+        self._seen.append(uid)
+        if self._seen_task is None or self._seen_task.done():
+            self._seen_task = asyncio.ensure_future(self._write_seen())
+            self.context.background.add(self._seen_task)
+            self._seen_task.add_done_callback(self.context.background.discard)
+
+    async def _write_seen(self) -> None:
+        assert self.user is not None
+        store, account = self.context.store, self.user
+        while self._seen:
+            uids, self._seen = self._seen, []
+            try:
+                await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add", ["\\Seen"])
+            except Exception:
+                self.log.error("seen_failed", exc_info=True, count=len(uids))
+
+    # -- UPDATE --------------------------------------------------------------------------------
+
+    async def _update(self, event: Update) -> Event:
+        assert self.user is not None
+        if self._seen_task is not None:
+            await self._seen_task
+        try:
+            removed = await self.context.run(self.context.store.remove, self.user, INBOX, event.uids) if event.uids \
+                else []
+        except (StoreError, OSError):
+            self.log.error("update_failed", exc_info=True, deleted=len(event.uids))
+            outcome = self.core.updated(None)
+        else:
+            self.log.info("quit", retrieved=self.retrieved, deleted=len(removed))
+            outcome = self.core.updated(len(removed))
+        self._release()
+        return outcome
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def end(self) -> None:
+        """The connection is gone (QUIT, a drop, a timeout): free the maildrop at once.
+        Nothing is deleted; \\Seen writes already queued finish on their own."""
+        self.ended = True
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+class _Broken(Exception):
+    """A message could not be sent whole after its +OK: the connection must close."""
