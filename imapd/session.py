@@ -37,6 +37,7 @@ from storage.store import Store
 from storage.watch import Watcher
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
+FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE", "APPENDLIMIT")
@@ -596,8 +597,10 @@ class Session:
             items.append(FetchItem("MODSEQ"))
         flags_only = all(i.name in ("UID", "FLAGS", "MODSEQ") for i in items)
         store = self.context.store
-        for start in range(0, len(uids), FETCH_BATCH):
-            chunk = uids[start:start + FETCH_BATCH]
+        # Flags come from fixed-size records: big batches; message data is read in small ones.
+        batch = FLAGS_BATCH if flags_only else FETCH_BATCH
+        for start in range(0, len(uids), batch):
+            chunk = uids[start:start + batch]
             ranges = _as_ranges(chunk)
             if mark_seen:
                 changed, _ = await self.call(store.store_flags, self.user, view.name, ranges, "add", ["\\Seen"])
