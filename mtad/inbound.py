@@ -191,7 +191,7 @@ class InboundSMTP(AiosmtpdSMTP):
             if isinstance(event, DataEnd):
                 return await self._end_of_data(event)
         except Exception:
-            self.log.error("decision_failed", exc_info=True, event=type(event).__name__)
+            self.log.error("decision_failed", exc_info=True, question=type(event).__name__)
             return Reply(451, "4.3.0", f"Temporary failure, session {self.sid}; try again later")
         raise RuntimeError(f"no decision for {event!r}")
 
