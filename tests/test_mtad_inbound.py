@@ -203,6 +203,20 @@ def test_over_quota(mx, cli):
     assert len(inbox(mx, "bob@example.test")) == 1
 
 
+def test_account_changes_apply_to_the_next_recipient(mx, cli):
+    """A change the CLI commits applies to the very next RCPT of an open session."""
+    with smtp(mx) as client:
+        assert client.rcpt("bob@example.test")[0] == 503  # no MAIL yet: only checks the session works
+        client.mail("s@example.org")
+        assert client.rcpt("bob@example.test")[0] == 250
+        assert cli("user", "remove", "bob@example.test").returncode == 0
+        assert client.rcpt("bob@example.test")[0] == 550
+        assert cli("alias", "add", "bob@example.test", "alice@example.test").returncode == 0
+        assert client.rcpt("bob@example.test")[0] == 250
+        client.data(b"Subject: to the new alias\r\n\r\nx\r\n")
+    assert len(inbox(mx, "alice@example.test")) == 1
+
+
 def test_errors_and_unknown_commands(mx):
     script = b"X" * 600 + b"\r\nFROB\r\nRCPT TO:<a@example.test>\r\n" + b"FROB\r\n" * 8
     reply = raw_session(mx, script, read_until=b"421")
