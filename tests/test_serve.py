@@ -18,8 +18,9 @@ def test_serve_prints_each_listener_and_what_is_not_built(daemon):
     out = daemon.stdout()
     assert out.splitlines()[0].startswith("Postroom ") and "on mail.example.test" in out
     for label, dotted, status in [("SMTP (MX)", "smtp.listen", "listening"),
-                                  ("IMAPS", "imap.listen_tls", "not yet available"),
-                                  ("POP3 (STLS)", "pop3.listen", "listening")]:
+                                  ("IMAPS", "imap.listen_tls", "listening"),
+                                  ("POP3 (STLS)", "pop3.listen", "listening"),
+                                  ("submissions (TLS)", "submission.listen_tls", "not yet available")]:
         line = next(line for line in out.splitlines() if line.strip().startswith(label))
         assert str(daemon.listen(dotted)) in line
         assert status in line
