@@ -9,11 +9,11 @@ pop3d.protocol). Store calls run in threads via `context.run`. `perform` is the 
 an unexpected error becomes the core's "-ERR [SYS/TEMP] internal error, session <sid>",
 logged with its traceback and never shown to the client.
 
-\\Seen is written behind: RETR never waits for a commit. The UIDs retrieved queue up and
-one store write at a time adds \\Seen to all that waited, so a client fetching many
-messages pays for a few commits, and IMAP sees the flag within one commit. QUIT waits
-for the queue; a dropped connection lets it finish (a message sent is a message read,
-though nothing is deleted).
+\\Seen is written behind: RETR never waits for a commit. The UIDs retrieved queue up for
+SEEN_DELAY, then one store write adds \\Seen to all of them, so a client fetching
+thousands of messages pays for a few commits, and IMAP sees the flag within a moment.
+QUIT and a dropped connection flush the queue at once (a message sent is a message read,
+though a drop deletes nothing).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from storage.shard import StoreError
 from storage.store import Store
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
+SEEN_DELAY = 0.25  # seconds retrieved UIDs wait to share one \\Seen write
 
 
 class Connection(Protocol):
@@ -98,6 +99,7 @@ class Session:
         self.ended = False
         self._seen: list[int] = []
         self._seen_task: asyncio.Task | None = None
+        self._seen_now = asyncio.Event()  # stop waiting for more: QUIT, or the connection ended
 
     def greeting(self) -> bytes:
         return self.core.greeting()
@@ -249,6 +251,11 @@ class Session:
         assert self.user is not None
         store, account = self.context.store, self.user
         while self._seen:
+            if not self._seen_now.is_set():
+                try:
+                    await asyncio.wait_for(self._seen_now.wait(), SEEN_DELAY)
+                except asyncio.TimeoutError:
+                    pass
             uids, self._seen = self._seen, []
             try:
                 await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add", ["\\Seen"])
@@ -259,6 +266,7 @@ class Session:
 
     async def _update(self, event: Update) -> Event:
         assert self.user is not None
+        self._seen_now.set()
         if self._seen_task is not None:
             await self._seen_task
         try:
@@ -279,6 +287,7 @@ class Session:
         """The connection is gone (QUIT, a drop, a timeout): free the maildrop at once.
         Nothing is deleted; \\Seen writes already queued finish on their own."""
         self.ended = True
+        self._seen_now.set()
         self._release()
 
     def _release(self) -> None:
