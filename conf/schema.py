@@ -100,7 +100,9 @@ class IMAPConfig:
     listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:993", "[::]:993")
     # LOGIN and AUTHENTICATE before TLS (port 143 without STARTTLS): only for loopback tests.
     plaintext_auth: bool = False
-    # RFC 3501 §5.4: an autologout timer of at least 30 minutes (IDLE is exempt).
+    # RFC 3501 §5.4: logged-in clients are logged out after this long without a command (at
+    # least 30 minutes; IDLE counts as idle too, RFC 2177, and clients renew it every 29).
+    # Before login a client has 2 minutes in all.
     timeout: Duration = field(default=Duration(1800), metadata={"min": 1800, "max": 86400})
     max_connections: int = field(default=2000, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=50, metadata={"min": 1, "max": 100_000})

@@ -51,7 +51,10 @@ def _pattern(pattern: str) -> re.Pattern:
 
 
 def matches(pattern: str, name: str) -> bool:
-    return _pattern(pattern).fullmatch(name) is not None
+    if _pattern(pattern).fullmatch(name) is not None:
+        return True
+    # INBOX is case-insensitive (RFC 3501 §5.1): "In%" finds it too.
+    return name == "INBOX" and _pattern(pattern.upper()).fullmatch(name) is not None
 
 
 def _parents(name: str) -> list[str]:

@@ -17,11 +17,14 @@ from twisted.internet.protocol import Factory, Protocol
 
 from conf.logfmt import EventLogger, session_id
 from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
-from imapd.session import LOGOUT, IMAPContext, Session
+from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
 from imapd.syntax import ParseError
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
+# Before login a client gets this long, however it trickles bytes: RFC 3501 §5.4's 30
+# minutes are for authenticated sessions, and idle strangers would fill the connection limit.
+LOGIN_DEADLINE = 120.0
 
 
 class IMAPFactory(Factory):
@@ -52,6 +55,7 @@ class IMAPProtocol(Protocol):
         self._writable.set()
         self._timer = None
         self._reading_paused = False
+        self._task: asyncio.Future | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -73,7 +77,7 @@ class IMAPProtocol(Protocol):
         self.session = Session(self.factory.context, self, self.sid)
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.transport.registerProducer(self, True)
-        self._timer = reactor.callLater(float(config.timeout), self._timed_out)
+        self._timer = reactor.callLater(LOGIN_DEADLINE, self._timed_out)
         self.log.info("connect", ip=self.peer, tls=self.tls)
         self.transport.write(self.session.greeting())
 
@@ -106,7 +110,7 @@ class IMAPProtocol(Protocol):
     def dataReceived(self, data: bytes):  # noqa: N802
         if self.closing or self.framer is None:
             return
-        if self._timer is not None and self._timer.active():
+        if self._timer is not None and self._timer.active() and self.session.state != NOT_AUTHENTICATED:
             self._timer.reset(float(self.factory.context.config.imap.timeout))
         self.framer.feed(data)
         if self.framer.buffered() > READ_AHEAD and not self._reading_paused:
@@ -120,13 +124,17 @@ class IMAPProtocol(Protocol):
             waiting_line = self._line_waiter is not None and not self._line_waiter.done()
             if self.busy and not waiting_line:
                 break
+            if not self._writable.is_set() and not waiting_line:
+                break  # the client is not reading our answers: stop taking commands (resumeProducing)
             event = self.framer.next()
             if event is None:
                 break
             if isinstance(event, Continue):
                 self.transport.write(b"+ Ready for literal data\r\n")
             elif isinstance(event, Reject):
-                self.session.tagged(event.tag or "*", event.status if event.tag else "BAD", event.text, event.code)
+                status = event.status if event.tag else "BAD"
+                self.session.tagged(event.tag or "*", status, event.text, event.code)
+                self.session.note_error(status)
             elif isinstance(event, Close):
                 self.transport.write(f"* BYE {event.text}\r\n".encode())
                 self.close()
@@ -140,7 +148,7 @@ class IMAPProtocol(Protocol):
                     self.session.parse_failed(e)
                     continue
                 self.busy = True
-                asyncio.ensure_future(self._run(command))
+                self._task = asyncio.ensure_future(self._run(command))  # held: the loop keeps only weak references
         if self._reading_paused and self.framer.buffered() <= READ_AHEAD // 2 and not self.closing:
             self._reading_paused = False
             self.transport.resumeProducing()
@@ -151,11 +159,17 @@ class IMAPProtocol(Protocol):
             await self.session.handle(command)
         except ConnectionError:
             pass
+        except Exception:  # noqa: BLE001 - Session.handle answers its own errors; this is a bug in it
+            self.log.error("session_failed", exc_info=True)
+            self.close()
         finally:
             self.busy = False
+            self._task = None
         if self.session.state == LOGOUT:
             self.close()
             return
+        if self._timer is not None and self._timer.active() and self.session.state != NOT_AUTHENTICATED:
+            self._timer.reset(float(self.factory.context.config.imap.timeout))  # logged in: the idle timer
         self._pump()
 
     # -- what the session calls ---------------------------------------------------------------
@@ -200,6 +214,8 @@ class IMAPProtocol(Protocol):
 
     def resumeProducing(self):  # noqa: N802
         self._writable.set()
+        if not self.busy and self.framer is not None:
+            self._pump()
 
     def stopProducing(self):  # noqa: N802
         self._writable.set()

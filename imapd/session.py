@@ -21,7 +21,7 @@ from conf import Config
 from conf.logfmt import EventLogger
 from imapd import fetch as fetching
 from imapd import responses as r
-from imapd.listing import list_mailboxes, matches
+from imapd.listing import list_mailboxes
 from imapd.recent import RecentClaims
 from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
 from imapd.view import Snapshots, View
@@ -38,6 +38,7 @@ from storage.watch import Watcher
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
+FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE", "APPENDLIMIT")
@@ -104,7 +105,8 @@ class Session:
         self.errors = 0
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
-        self._wake: asyncio.Event | None = None
+        self._changes = asyncio.Event()  # set by the watcher: the selected mailbox changed
+        self.ended = False
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Session:
                 caps.append("LOGINDISABLED")
         else:
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CREATE-SPECIAL-USE",
-                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE", "CONDSTORE",
+                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
         return " ".join(caps)
 
@@ -167,8 +169,11 @@ class Session:
         except _Done:
             return
         except Answer as answer:
-            if self.view is not None and answer.status == "NO":
-                await self.sync(expunges=command.name not in NO_EXPUNGE_DURING)
+            try:
+                if self.view is not None and answer.status == "NO":
+                    await self.sync(expunges=command.name not in NO_EXPUNGE_DURING)
+            except Answer:
+                pass  # the store failed again: the command's own answer is what matters
             self.tagged(command.tag, answer.status, answer.text, answer.code)
             self.note_error(answer.status)
         except (ConnectionError, asyncio.CancelledError):
@@ -293,7 +298,8 @@ class Session:
             self.condstore = True
         name = command.args["mailbox"]
         mailbox, uids, bits = await self.call(self.context.store.uids, self.user, name)
-        recent = self.context.recent.claim(self.user, mailbox.id, mailbox.uidnext)
+        # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone.
+        recent = () if readonly else self.context.recent.claim(self.user, mailbox.id, mailbox.uidnext)
         view = View(mailbox, uids, readonly=readonly, recent=recent, snapshots=self.context.snapshots)
         self.view = view
         self.state = SELECTED
@@ -385,15 +391,13 @@ class Session:
     async def cmd_lsub(self, command: Command):
         args = command.args
         boxes = await self.call(self.context.store.mailboxes, self.user)
-        subscribed = await self.call(self.context.store.subscriptions, self.user)
-        existing = {b.name: b for b in boxes}
-        pattern = args["reference"] + args["patterns"][0] if args["patterns"] else ""
-        seen: set[str] = set()
-        for name in subscribed:
-            if matches(pattern, name) and name not in seen:
-                seen.add(name)
-                attrs = "" if name in existing else "\\Noselect"
-                self.untagged(f"LSUB ({attrs}) \"/\" ".encode() + r.mailbox(name))
+        subscribed = set(await self.call(self.context.store.subscriptions, self.user))
+        # RFC 3501 §6.3.9: "%" reaching only a subscribed child lists its parent as \Noselect.
+        listed = list_mailboxes(boxes, subscribed, args["reference"], args["patterns"][:1], subscribed_only=True,
+                                recursive=True)
+        for item in listed:
+            attrs = "" if item.subscribed and item.selectable else "\\Noselect"
+            self.untagged(f"LSUB ({attrs}) \"/\" ".encode() + r.mailbox(item.name))
 
     async def cmd_namespace(self, command: Command):
         self.untagged('NAMESPACE (("" "/")) NIL NIL')
@@ -409,8 +413,13 @@ class Session:
             if quiet:
                 return
             raise
-        values = {"MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext, "UIDVALIDITY": mailbox.uidvalidity,
-                  "UNSEEN": mailbox.unseen, "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
+        deleted = 0
+        if "DELETED" in items:
+            deleted = len(await self.call(self.context.store.search, self.user, mailbox.name,
+                                          ("flag", "\\Deleted", True)))
+        values = {"DELETED": deleted, "MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext,
+                  "UIDVALIDITY": mailbox.uidvalidity, "UNSEEN": mailbox.unseen,
+                  "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
                   "RECENT": self.context.recent.count(self.user, mailbox.id, mailbox.uidnext),
                   "APPENDLIMIT": self.max_message_size()}
         shown = " ".join(f"{item} {values[item]}" for item in items if item in values)
@@ -438,46 +447,55 @@ class Session:
         return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
 
     async def cmd_getquotaroot(self, command: Command):
+        # One quota root, "", for the whole account, when it has a quota (RFC 9208 §4.3: a
+        # mailbox without a quota root gets a QUOTAROOT response naming none).
         name = command.args["mailbox"]
         mailbox = await self.call(self.context.store.mailbox, self.user, name)
-        self.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + b' ""')
-        await self.quota_line()
+        quota = await self.quota()
+        self.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + (b' ""' if quota else b""))
+        if quota:
+            await self.quota_line(quota)
 
     async def cmd_getquota(self, command: Command):
-        if command.args["root"] != "":
+        quota = await self.quota()
+        if command.args["root"] != "" or not quota:
             raise no("no such quota root", "NONEXISTENT")
-        await self.quota_line()
+        await self.quota_line(quota)
 
-    async def quota_line(self) -> None:
+    async def quota(self) -> int:
         user = await self.context.run(self.context.accounts.get_user, self.user)
-        quota = user.quota if user else 0
-        if quota:
-            usage = await self.call(self.context.store.usage, self.user)
-            used_kib = (usage["used"] + 1023) // 1024
-            self.untagged(f'QUOTA "" (STORAGE {used_kib} {quota // 1024})')
-        else:
-            self.untagged('QUOTA "" ()')
+        return user.quota if user else 0
+
+    async def quota_line(self, quota: int) -> None:
+        usage = await self.call(self.context.store.usage, self.user)
+        used_kib = (usage["used"] + 1023) // 1024
+        self.untagged(f'QUOTA "" (STORAGE {used_kib} {quota // 1024})')
 
     async def cmd_setquota(self, command: Command):
         raise no("quotas are set by the administrator (postroom user quota)", "NOPERM")
 
     async def cmd_idle(self, command: Command):
+        # What changed before IDLE began is told at once, before the continuation: the
+        # watcher's signal may have come and gone already, and a client that reads "+"
+        # and then waits on its socket can miss lines that came in the same packet.
+        self._changes.clear()
+        if self.view is not None:
+            await self.sync(expunges=True)
         self.conn.write(b"+ idling\r\n")
-        wake = asyncio.Event()
-        self._wake = wake
         line_task = asyncio.ensure_future(self.conn.next_line())
         try:
             while True:
-                wake_task = asyncio.ensure_future(wake.wait())
+                if self._changes.is_set():
+                    self._changes.clear()
+                    if self.view is not None:
+                        await self.sync(expunges=True)
+                    continue
+                wake_task = asyncio.ensure_future(self._changes.wait())
                 done, _ = await asyncio.wait({line_task, wake_task}, return_when=asyncio.FIRST_COMPLETED)
                 if line_task in done:
                     wake_task.cancel()
                     break
-                wake.clear()
-                if self.view is not None:
-                    await self.sync(expunges=True)
         finally:
-            self._wake = None
             if not line_task.done():
                 line_task.cancel()
         line = line_task.result().strip()
@@ -486,16 +504,16 @@ class Session:
         return "IDLE terminated"
 
     def watch(self, name: str) -> None:
+        if self.ended:
+            return  # the client left while SELECT was reading the store
         loop = asyncio.get_running_loop()
 
         def changed(_state) -> None:  # from the watcher's thread
-            loop.call_soon_threadsafe(self._changed)
+            loop.call_soon_threadsafe(self._changes.set)
 
+        if self._watch is not None:
+            self._watch.cancel()
         self._watch = self.context.watcher.watch(self.user, name, changed)
-
-    def _changed(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
 
     # -- selected -------------------------------------------------------------------------
 
@@ -593,14 +611,21 @@ class Session:
         mark_seen = not view.readonly and fetching.sets_seen(items)
         if mark_seen and not any(i.name == "FLAGS" for i in items):
             items.append(FetchItem("FLAGS"))
-        if self.condstore and not any(i.name == "MODSEQ" for i in items) and mark_seen:
-            items.append(FetchItem("MODSEQ"))
+        if self.condstore and mark_seen:
+            # RFC 7162 §3.1: FETCH responses that report a change carry UID and MODSEQ.
+            if not any(i.name == "MODSEQ" for i in items):
+                items.append(FetchItem("MODSEQ"))
+            if not any(i.name == "UID" for i in items):
+                items.insert(0, FetchItem("UID"))
         flags_only = all(i.name in ("UID", "FLAGS", "MODSEQ") for i in items)
         store = self.context.store
-        # Flags come from fixed-size records: big batches; message data is read in small ones.
+        # Flags come from fixed-size records: big batches. Message data is rendered until
+        # FETCH_BYTES are pending, written, and the next part waits for the client to read.
         batch = FLAGS_BATCH if flags_only else FETCH_BATCH
-        for start in range(0, len(uids), batch):
-            chunk = uids[start:start + batch]
+        recent = frozenset(view.recent)
+        position = 0
+        while position < len(uids):
+            chunk = uids[position:position + batch]
             ranges = _as_ranges(chunk)
             if mark_seen:
                 changed, _ = await self.call(store.store_flags, self.user, view.name, ranges, "add", ["\\Seen"])
@@ -608,12 +633,14 @@ class Session:
             if flags_only:
                 states = await self.call(store.flags, self.user, view.name, ranges)
                 lines = [self.flags_fetch_line(s, items, changedsince) for s in states]
+                done = len(chunk)
             else:
-                lines = await self.call(_render_batch, store, self.user, view.name, ranges, items, changedsince,
-                                        view.seq_of, frozenset(view.recent))
+                lines, done = await self.call(_render_batch, store, self.user, view.name, chunk, items,
+                                              changedsince, view.seq_of, recent)
             for line in lines:
                 if line:
                     self.conn.write(line)
+            position += done
             await self.conn.drain()
         return None
 
@@ -732,14 +759,24 @@ class Session:
         view = self.view
         if view is None:
             return
+        store = self.context.store
         try:
-            mailbox, changed, expunged = await self.context.run(self.context.store.changes_since, self.user,
-                                                                view.name, view.modseq)
-        except MailboxNotFoundError:
-            self.untagged("BYE the selected mailbox was deleted or renamed")
-            self.state = LOGOUT
-            self.conn.close()
-            return
+            mailbox, changed, expunged = await self.call(store.changes_since, self.user, view.name, view.modseq)
+        except Answer as answer:
+            # Renamed (here, by another session, or a parent of it): follow it by its id.
+            new_name = await self.call(store.mailbox_name, self.user, view.uidvalidity) \
+                if answer.code == "NONEXISTENT" else None
+            if new_name is None:
+                if answer.code == "NONEXISTENT":
+                    self.untagged("BYE the selected mailbox was deleted")
+                    self.log.info("closed", reason="mailbox_deleted", mailbox=view.name)
+                    self.state = LOGOUT
+                    self.conn.close()
+                return
+            self.log.info("selected_renamed", mailbox=view.name, to=new_name)
+            view.name = new_name
+            self.watch(new_name)
+            mailbox, changed, expunged = await self.call(store.changes_since, self.user, view.name, view.modseq)
         if mailbox.uidvalidity != view.uidvalidity:
             self.untagged("BYE the selected mailbox was replaced")
             self.state = LOGOUT
@@ -750,7 +787,8 @@ class Session:
             self.announce_expunged(list(view.pending))
         new = sorted(s.uid for s in changed if s.uid > view.max_uid())
         if view.add(new):
-            view.recent.update(self.context.recent.claim_new(self.user, view.uidvalidity, new))
+            if not view.readonly:
+                view.recent.update(self.context.recent.claim_new(self.user, view.uidvalidity, new))
             self.untagged(f"{view.exists} EXISTS")
             self.untagged(f"{len(view.recent)} RECENT")
         for state in view.flag_updates(s for s in changed if s.uid not in new):
@@ -785,6 +823,7 @@ class Session:
 
     def end(self) -> None:
         """The connection is gone."""
+        self.ended = True
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -836,11 +875,15 @@ def _has_modseq(query: tuple) -> bool:
     return False
 
 
-def _render_batch(store: Store, account: str, mailbox: str, ranges, items, changedsince, seq_of,
-                  recent: frozenset[int]) -> list[bytes]:
-    """FETCH responses for a batch of messages (in a worker thread: reads files)."""
-    lines = []
-    for info in store.fetch(account, mailbox, ranges):
+def _render_batch(store: Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
+                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+    """FETCH responses for the first of `uids` (in a worker thread: reads files), until
+    about FETCH_BYTES are rendered; also how many of `uids` they answer."""
+    lines: list[bytes] = []
+    pending = 0
+    for info in store.fetch(account, mailbox, _as_ranges(uids)):
+        if pending >= FETCH_BYTES:
+            return lines, uids.index(info.uid)
         if changedsince is not None and info.modseq <= changedsince:
             continue
         seq = seq_of(info.uid)
@@ -848,7 +891,8 @@ def _render_batch(store: Store, account: str, mailbox: str, ranges, items, chang
             continue
         body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
-    return lines
+        pending += len(lines[-1])
+    return lines, len(uids)
 
 
 def _commands() -> dict[str, Callable]:

@@ -118,6 +118,14 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, name)
             return mailboxes.to_mailbox(mailbox_id, state)
 
+    def mailbox_name(self, account: str, mailbox_id: int) -> str | None:
+        """The current name of a mailbox known by its id (UIDVALIDITY): it follows renames.
+        None once it is deleted."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            state = mailboxes.record(txn, shard, mailbox_id)
+            return state["name"] if state is not None and state["account"] == account else None
+
     def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> Mailbox:
         self.ensure_account(account)
         shard = self.shard(account)
