@@ -172,8 +172,9 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
 
     workers = _spawn_workers(config) if "smtp" in started and config.smtp.workers > 1 else []
     available = len(running)
-    notify(f"READY=1\nSTATUS={available} service(s) running")
+    # Logged before READY=1, so whoever waits for READY finds the line already written.
     log.info("ready", services=available, smtp_workers=len(workers) + 1 if "smtp" in started else 0)
+    notify(f"READY=1\nSTATUS={available} service(s) running")
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping")
