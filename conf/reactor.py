@@ -5,22 +5,20 @@ is installed on it (once per process, before anything imports `twisted.internet.
 so Twisted protocols and asyncio code call each other directly, with no second thread.
 The reactor is never `run()`: asyncio drives it, and stopping is closing our ports.
 
-Listening sockets are made here, not by `listenTCP`, for what Twisted does not set: IPv6
-sockets are IPv6-only (so `[::]:143` and `0.0.0.0:143` coexist) and ports are reusable at
-once after a restart. TLS uses pyOpenSSL (what Twisted's TLS speaks) loaded from the same
+Listening sockets come from conf.sockets, not `listenTCP`, for what Twisted does not set:
+IPv6 sockets are IPv6-only (so `[::]:143` and `0.0.0.0:143` coexist) and ports are
+reusable at once after a restart. TLS uses pyOpenSSL (what Twisted's TLS speaks) loaded from the same
 files as the asyncio side's `ssl.SSLContext`, with the same policy: TLS 1.2 at least.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable, Iterable
 
 from conf.schema import TLSConfig
+from conf.sockets import listening_socket
 from conf.values import ListenAddress
-
-BACKLOG = 1024
 
 
 def install_reactor():
@@ -67,25 +65,6 @@ def server_tls(tls: TLSConfig) -> ServerTLS | None:
 
     classImplements(ServerTLS, IOpenSSLContextFactory)  # what Twisted's TLS asks of a context factory
     return ServerTLS(tls)
-
-
-def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
-    """A bound, listening, non-blocking socket; OSError names the address."""
-    family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as e:
-        sock.close()
-        raise OSError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
-    return sock
 
 
 class TwistedListening:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import itertools
-import secrets
 import ssl
 import tempfile
 import threading
@@ -30,8 +29,9 @@ from dataclasses import dataclass, field
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import TLSSetupException, sslproto
 
-from conf.logfmt import EventLogger
+from conf.logfmt import EventLogger, session_id
 from conf.schema import Config
+from conf.sockets import listening_socket
 from mtad import replies
 from mtad.replies import Reply
 from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
@@ -84,10 +84,6 @@ class InboundContext:
             self.connections.pop(ip, None)
 
 
-def new_id() -> str:
-    return secrets.token_hex(5).upper()
-
-
 class InboundSMTP(AiosmtpdSMTP):
     """One SMTP connection."""
 
@@ -97,7 +93,7 @@ class InboundSMTP(AiosmtpdSMTP):
                          timeout=config.smtp.timeout, data_size_limit=config.smtp.max_message_size,
                          enable_SMTPUTF8=True)
         self.context = context
-        self.sid = new_id()
+        self.sid = session_id()
         self.log = EventLogger("mtad.inbound").bind(sid=self.sid)
         self.core = Session(SessionConfig(
             hostname=config.server.hostname,
@@ -350,27 +346,16 @@ def _message_id(raw: bytes) -> str:
 
 async def start_listeners(context: InboundContext, addresses, *, implicit_tls: bool = False) -> list[asyncio.Server]:
     """Listen on each address (IPv6 sockets IPv6-only, so [::]:25 and 0.0.0.0:25 coexist)."""
-    import socket
-
     loop = asyncio.get_running_loop()
     servers = []
     for address in addresses:
-        family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Several worker processes may share the port; the kernel spreads connections.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            sock.bind((address.host, address.port))
-        except OSError as e:
-            sock.close()
+            # Several worker processes may share the port; the kernel spreads connections.
+            sock = listening_socket(address, reuse_port=True)
+        except OSError:
             for server in servers:
                 server.close()
-            raise OSError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
-        sock.listen(1024)
-        sock.setblocking(False)
+            raise
         tls = context.tls if implicit_tls else None
         server = await loop.create_server(lambda: InboundSMTP(context, implicit_tls=implicit_tls), sock=sock, ssl=tls)
         servers.append(server)

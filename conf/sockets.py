@@ -1,0 +1,30 @@
+"""Listening sockets for the configured addresses, the same for every daemon: IPv6 sockets
+IPv6-only (so `[::]:25` and `0.0.0.0:25` coexist), addresses reusable at once after a
+restart, and optionally a port several worker processes share (SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import socket
+
+from conf.values import ListenAddress
+
+BACKLOG = 1024
+
+
+def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking socket; OSError names the address."""
+    family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
+    return sock
