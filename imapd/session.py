@@ -121,7 +121,8 @@ class Session:
                 caps.append("LOGINDISABLED")
         else:
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CREATE-SPECIAL-USE",
-                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE", "CONDSTORE", "STATUS=SIZE",
+                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
+                     "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
         return " ".join(caps)
 
@@ -451,25 +452,27 @@ class Session:
         # mailbox without a quota root gets a QUOTAROOT response naming none).
         name = command.args["mailbox"]
         mailbox = await self.call(self.context.store.mailbox, self.user, name)
-        quota = await self.quota()
-        self.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + (b' ""' if quota else b""))
-        if quota:
+        quota = await self.call(self.context.store.quota, self.user)
+        limited = bool(quota.bytes or quota.messages)
+        self.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + (b' ""' if limited else b""))
+        if limited:
             await self.quota_line(quota)
 
     async def cmd_getquota(self, command: Command):
-        quota = await self.quota()
-        if command.args["root"] != "" or not quota:
+        quota = await self.call(self.context.store.quota, self.user)
+        if command.args["root"] != "" or not (quota.bytes or quota.messages):
             raise no("no such quota root", "NONEXISTENT")
         await self.quota_line(quota)
 
-    async def quota(self) -> int:
-        user = await self.context.run(self.context.accounts.get_user, self.user)
-        return user.quota if user else 0
-
-    async def quota_line(self, quota: int) -> None:
+    async def quota_line(self, quota) -> None:
+        """RFC 9208 §5.1, 5.2: STORAGE in KiB, MESSAGE in messages; the limited ones only."""
         usage = await self.call(self.context.store.usage, self.user)
-        used_kib = (usage["used"] + 1023) // 1024
-        self.untagged(f'QUOTA "" (STORAGE {used_kib} {quota // 1024})')
+        resources = []
+        if quota.bytes:
+            resources.append(f"STORAGE {(usage['used'] + 1023) // 1024} {quota.bytes // 1024}")
+        if quota.messages:
+            resources.append(f"MESSAGE {usage['messages']} {quota.messages}")
+        self.untagged(f'QUOTA "" ({" ".join(resources)})')
 
     async def cmd_setquota(self, command: Command):
         raise no("quotas are set by the administrator (postroom user quota)", "NOPERM")

@@ -63,16 +63,19 @@ def domain_remove(accounts: Accounts, args: argparse.Namespace, audit: AuditLog)
 
 def user_add(accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
     quota = _quota(args.quota)
+    messages = args.messages or 0
     password = _read_password(args.password_stdin)
-    user = accounts.add_user(args.address, password, quota=quota)
-    audit("user.added", user=user.address, quota=quota)
-    print(f"added user {user.address.display} (quota {_quota_label(user.quota)})")
+    user = accounts.add_user(args.address, password, quota=quota, message_quota=messages)
+    audit("user.added", user=user.address, quota=quota, message_quota=messages)
+    limit = f", at most {user.message_quota} messages" if user.message_quota else ""
+    print(f"added user {user.address.display} (quota {_quota_label(user.quota)}{limit})")
     return 0
 
 
 def user_list(accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
     for user in accounts.users(args.domain):
-        print(f"{user.address.display}\tquota={_quota_label(user.quota)}\tcreated={user.created}")
+        print(f"{user.address.display}\tquota={_quota_label(user.quota)}\tcreated={user.created}"
+              f"\tmessages={_messages_label(user.message_quota)}")
     return 0
 
 
@@ -95,10 +98,15 @@ def user_passwd(accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -
 
 
 def user_quota(accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
-    quota = _quota(args.size)
-    accounts.set_quota(args.address, quota)
-    audit("user.quota_set", user=args.address, quota=quota)
-    print(f"quota of {args.address} set to {_quota_label(quota)}")
+    if args.size is None and args.messages is None:
+        raise UsageError("give a SIZE, --messages N, or both")
+    quota = _quota(args.size) if args.size is not None else None
+    accounts.set_quota(args.address, quota, args.messages)
+    audit("user.quota_set", user=args.address, quota=quota, message_quota=args.messages)
+    if quota is not None:
+        print(f"quota of {args.address} set to {_quota_label(quota)}")
+    if args.messages is not None:
+        print(f"message quota of {args.address} set to {_messages_label(args.messages)}")
     return 0
 
 
@@ -153,6 +161,10 @@ def _quota(text: str | None) -> int:
         return int(parse_size(text))
     except ValueError as e:
         raise UsageError(f"--quota: {e}") from None
+
+
+def _messages_label(count: int) -> str:
+    return str(count) if count else "unlimited"
 
 
 def _quota_label(quota: int) -> str:

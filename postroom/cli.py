@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.add_argument("--quota", metavar="SIZE", help='storage quota, e.g. "2G" (default: unlimited)')
+    p.add_argument("--messages", metavar="N", type=_count, help="message quota (default: unlimited)")
     p.set_defaults(run=admin.user_add)
     p = user.add_parser("list", help="list users, of one domain or all")
     p.add_argument("domain", nargs="?")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=admin.user_passwd)
     p = user.add_parser("quota", help='set a user\'s quota ("0" for unlimited)')
     p.add_argument("address")
-    p.add_argument("size")
+    p.add_argument("size", nargs="?", help='storage quota, e.g. "5G"; omitted: unchanged')
+    p.add_argument("--messages", metavar="N", type=_count, help="message quota; 0 for unlimited")
     p.set_defaults(run=admin.user_quota)
 
     alias = _group(commands, "alias", "manage aliases and catch-alls")
@@ -90,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.set_defaults(run=storeadmin.store_rebuild, needs_store=True)
     return parser
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0, for argparse (its error names the option)."""
+    if not text.isdigit() or len(text) > 12:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:

@@ -27,6 +27,7 @@ from conf.values import ListenAddress
 from postroom import __version__, daemons
 from postroom.notify import notify
 from storage import Accounts, DataDir, open_data_dir
+from storage.messages import NO_QUOTA, Quota
 from storage.store import Store
 
 
@@ -84,9 +85,9 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
 
 
 def open_store(data_dir: DataDir, accounts: Accounts) -> Store:
-    def quota_of(account: str) -> int:
+    def quota_of(account: str) -> Quota:
         user = accounts.get_user(account)
-        return user.quota if user else 0
+        return Quota(user.quota, user.message_quota) if user else NO_QUOTA
 
     return Store(data_dir, quota_of=quota_of)
 

@@ -5,7 +5,8 @@ and submission call `authenticate`. The admin CLI writes through the same method
 
 Layout (`<data_dir>/accounts.lmdb`, one environment, three named databases):
     domains   b"<a-label domain>"              -> {"created": iso}
-    users     b"<a-label domain>\\0<local>"    -> {"hash": argon2id, "quota": bytes, "created": iso}
+    users     b"<a-label domain>\\0<local>"    -> {"hash": argon2id, "quota": bytes, "message_quota": n,
+                                                  "created": iso}
     aliases   b"<a-label domain>\\0<local>"    -> {"targets": [...]}; an empty local is the catch-all
 Keys start with the domain so a domain's users and aliases are one range scan.
 
@@ -89,6 +90,7 @@ class User:
     address: Address
     quota: int  # bytes; 0 is unlimited
     created: str
+    message_quota: int = 0  # messages; 0 is unlimited
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ class Accounts:
 
     # -- users -------------------------------------------------------------------------
 
-    def add_user(self, address: str, password: str, *, quota: int = 0) -> User:
+    def add_user(self, address: str, password: str, *, quota: int = 0, message_quota: int = 0) -> User:
         addr = _account_address(address)
         hashed = self._hash(password)
         created = _now()
@@ -199,10 +201,10 @@ class Accounts:
             self._require_domain(txn, addr.domain)
             if txn.get(_key(addr), db=self._aliases) is not None:
                 raise ExistsError(f"{addr.display} is an alias; remove the alias first")
-            record = _record(hash=hashed, quota=quota, created=created)
+            record = _record(hash=hashed, quota=quota, message_quota=message_quota, created=created)
             if not txn.put(_key(addr), record, db=self._users, overwrite=False):
                 raise ExistsError(f"user {addr.display} already exists")
-        return User(addr, quota, created)
+        return User(addr, quota, created, message_quota)
 
     def remove_user(self, address: str) -> list[Alias]:
         """Remove a user; returns the aliases that still name it, for the caller to report."""
@@ -235,8 +237,10 @@ class Accounts:
         hashed = self._hash(password)
         self._update_user(address, hash=hashed)
 
-    def set_quota(self, address: str, quota: int) -> None:
-        self._update_user(address, quota=quota)
+    def set_quota(self, address: str, quota: int | None = None, message_quota: int | None = None) -> None:
+        """Set the storage quota (bytes), the message quota (count), or both; 0 is unlimited."""
+        changes = {k: v for k, v in (("quota", quota), ("message_quota", message_quota)) if v is not None}
+        self._update_user(address, **changes)
 
     def _update_user(self, address: str, **changes: object) -> None:
         addr = parse_address(address)
@@ -272,7 +276,7 @@ class Accounts:
             return None
         if self._hasher.check_needs_rehash(stored):
             self._rehash(addr, stored, candidate)
-        return User(addr, user_record.get("quota", 0), user_record.get("created", ""))
+        return _user(addr, json.dumps(user_record).encode())
 
     def _dummy(self) -> str:
         # Made on first use, by whichever call comes first, so the first unknown-address
@@ -502,7 +506,7 @@ def _address_of(key: bytes) -> Address:
 
 def _user(addr: Address, raw: bytes) -> User:
     record = json.loads(raw)
-    return User(addr, record.get("quota", 0), record.get("created", ""))
+    return User(addr, record.get("quota", 0), record.get("created", ""), record.get("message_quota", 0))
 
 
 def _record(**fields: object) -> bytes:

@@ -260,7 +260,7 @@ def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: st
     target = create(txn, shard, batch, account, new)
     target_state = record(txn, shard, target.id)
     messages.copy(txn, shard, batch, account, (inbox_id, inbox), messages.ALL, (target.id, target_state),
-                  move=True, quota=0)
+                  move=True, quota=messages.NO_QUOTA)
 
 
 def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:

@@ -59,6 +59,16 @@ def normalize_ranges(ranges: UidRanges) -> list[tuple[int, int]]:
     return merged
 
 
+class Quota(NamedTuple):
+    """An account's limits; 0 is unlimited. RFC 9208's STORAGE and MESSAGE resources."""
+
+    bytes: int = 0
+    messages: int = 0
+
+
+NO_QUOTA = Quota()
+
+
 class QuotaExceededError(StoreError):
     """The account is over its quota (SMTP 452 4.2.2, IMAP NO [OVERQUOTA])."""
 
@@ -224,13 +234,17 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
 
 def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict, *,
            source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
-           quota: int, texts: dict[str, str] | bytes | None = None, link: bool = False,
+           quota: Quota, texts: dict[str, str] | bytes | None = None, link: bool = False,
            meta_record: bytes | None = None) -> int:
     """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID.
     `meta_record` and compressed `texts` may come prepared (see prepare_meta), so that the
     shard's committer, which every delivery waits for, does as little as possible."""
-    if quota and account_usage(txn, shard, account)["used"] + size > quota:
-        raise QuotaExceededError(f"mailbox full: quota of {quota} bytes would be exceeded")
+    if quota.bytes or quota.messages:
+        usage = account_usage(txn, shard, account)
+        if quota.bytes and usage["used"] + size > quota.bytes:
+            raise QuotaExceededError(f"mailbox full: quota of {quota.bytes} bytes would be exceeded")
+        if quota.messages and usage["messages"] + 1 > quota.messages:
+            raise QuotaExceededError(f"mailbox full: quota of {quota.messages} messages reached")
     _remember_keywords(state, keywords)
     uid = state["uidnext"]
     modseq = state["modseq"] + 1
@@ -377,7 +391,7 @@ def _unlink_all(files: list[tuple[Path, str]]) -> None:
 
 def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
          source: tuple[int, dict], ranges: UidRanges, target: tuple[int, dict], *,
-         move: bool, quota: int) -> list[tuple[int, int]]:
+         move: bool, quota: Quota) -> list[tuple[int, int]]:
     """Copy (a new link per message) or move (the same file, a new UID) into `target`;
     returns (source UID, target UID) pairs for COPYUID (RFC 4315)."""
     (source_id, source_state), (target_id, target_state) = source, target
@@ -392,7 +406,7 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         new_base = maildir.new_base()
         entry = {k: v for k, v in meta.items() if k not in ("b", "s")}
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, base=new_base,
-                         size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=0 if move else quota,
+                         size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))
     if move and pairs:

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from storage import fts, mailboxes, maildir, messages, search
 from storage.datadir import DataDir
 from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
-from storage.messages import ALL, FlagState, MessageInfo, UidRanges, normalize_ranges
+from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.shard import Shard, StoreError
@@ -46,11 +46,11 @@ class DeliveryError(StoreError):
 
 
 class Store:
-    def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], int] | None = None):
+    def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None):
         self._data_dir = data_dir
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
-        self._quota_of = quota_of or (lambda account: 0)
+        self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
 
     def close(self) -> None:
@@ -150,10 +150,19 @@ class Store:
         with shard.read() as txn:
             return mailboxes.subscriptions(txn, shard, account)
 
+    def quota(self, account: str) -> Quota:
+        """The account's limits (`quota_of` may give bytes alone, as an int)."""
+        limits = self._limits_of(account)
+        return Quota(limits) if isinstance(limits, int) else limits
+
     def is_full(self, account: str) -> bool:
         """The account has reached its quota (SMTP answers 452 4.2.2 at RCPT)."""
-        quota = self._quota_of(account)
-        return bool(quota) and self.usage(account)["used"] >= quota
+        quota = self.quota(account)
+        if not quota.bytes and not quota.messages:
+            return False
+        usage = self.usage(account)
+        return bool(quota.bytes and usage["used"] >= quota.bytes
+                    or quota.messages and usage["messages"] >= quota.messages)
 
     def usage(self, account: str) -> dict:
         """{"used": bytes, "messages": count} over all of the account's mailboxes."""
@@ -185,7 +194,7 @@ class Store:
                 shard = self.shard(account)
                 mailbox_id = self._mailbox_id(shard, account, name)
                 tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw], meta["d"])
-                quota = self._quota_of(account)
+                quota = self.quota(account)
                 record = messages.prepare_meta(meta, base, len(raw))
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
                                 quota)
@@ -308,7 +317,7 @@ class Store:
         """(target UIDVALIDITY, [(source UID, target UID)]) — what COPYUID reports."""
         ranges = normalize_ranges(ranges)
         shard = self.shard(account)
-        quota = 0 if move else self._quota_of(account)
+        quota = NO_QUOTA if move else self.quota(account)
 
         def fn(txn, batch):
             src = mailboxes.find(txn, shard, account, source)
@@ -354,7 +363,7 @@ class Store:
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
-               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: int):
+               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: Quota):
     def fn(txn, batch):
         state = mailboxes.record(txn, shard, mailbox_id)
         if state is None:

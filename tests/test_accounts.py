@@ -121,6 +121,10 @@ def test_set_password_and_quota(accounts):
     assert accounts.authenticate("alice@example.test", "a brand new secret") is not None
     accounts.set_quota("Alice@example.test", 5 * 1024**3)
     assert accounts.get_user("alice@example.test").quota == 5 * 1024**3
+    accounts.set_quota("alice@example.test", message_quota=1000)  # the storage quota stays
+    user = accounts.get_user("alice@example.test")
+    assert (user.quota, user.message_quota) == (5 * 1024**3, 1000)
+    assert accounts.authenticate("alice@example.test", "a brand new secret").message_quota == 1000
     with pytest.raises(NotFoundError):
         accounts.set_password("nobody@example.test", "whatever123")
 

@@ -54,6 +54,12 @@ def test_user_round_trip(with_domain):
     listed = [line.split("\t")[0] for line in ok(cli("user", "list", "example.test")).splitlines()]
     assert listed == ["alice@example.test", "bob@example.test"]
     assert ok(cli("user", "quota", "bob@example.test", "0")) == "quota of bob@example.test set to unlimited\n"
+    assert ok(cli("user", "quota", "bob@example.test", "--messages", "500")) \
+        == "message quota of bob@example.test set to 500\n"
+    listed = {line.split("\t")[0]: line for line in ok(cli("user", "list")).splitlines()}
+    assert "quota=unlimited" in listed["bob@example.test"] and "messages=500" in listed["bob@example.test"]
+    assert cli("user", "quota", "bob@example.test").returncode == 2  # neither SIZE nor --messages
+    assert cli("user", "quota", "bob@example.test", "--messages", "many").returncode == 2
     assert ok(cli("user", "passwd", "BOB@example.test", "--password-stdin", input="another long one\n")) \
         == "password changed for BOB@example.test\n"
     assert ok(cli("user", "remove", "alice@example.test")) == "removed user alice@example.test\n"

@@ -142,7 +142,8 @@ def test_greeting_and_capabilities_before_and_after_login(server, user):
     typ, data = client.capability()
     after = data[0].decode().split()
     for cap in ("UIDPLUS", "MOVE", "IDLE", "NAMESPACE", "ID", "ENABLE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
-                "CREATE-SPECIAL-USE", "QUOTA", "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760"):
+                "CREATE-SPECIAL-USE", "QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE",
+                "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760"):
         assert cap in after
     client.logout()
 
@@ -436,12 +437,19 @@ def test_idle_is_woken_by_a_delivery_within_a_second(server, user):
 
 
 def test_quota_namespace_id_unselect(server, user):
-    server.accounts.set_quota(user, 10 * 1024 * 1024)
-    send_mail(server, user)
     client = login(server, user)
     typ, data = client.getquotaroot("INBOX")
-    assert typ == "OK"
-    assert re.search(rb'"" \(STORAGE \d+ 10240\)', b" ".join(d for d in data[1] if isinstance(d, bytes)))
+    assert typ == "OK" and data[0] == [b"INBOX"] and data[1] == [None]  # no quota: no quota root
+    server.accounts.set_quota(user, 10 * 1024 * 1024, 2)
+    send_mail(server, user)
+    typ, data = client.getquotaroot("INBOX")
+    assert typ == "OK" and data[0] == [b'INBOX ""']
+    assert re.fullmatch(rb'"" \(STORAGE \d+ 10240 MESSAGE 1 2\)', data[1][0]), data
+    send_mail(server, user)
+    with pytest.raises(smtplib.SMTPRecipientsRefused, match="4.2.2"):  # the second message filled it
+        send_mail(server, user)
+    typ, data = client.append("INBOX", None, None, b"Subject: one too many\r\n\r\nx\r\n")
+    assert typ == "NO" and b"OVERQUOTA" in data[0]
     typ, data = client.namespace()
     assert data == [b'(("" "/")) NIL NIL']
     typ, data = client._simple_command("ID", '("name" "pytest")')

@@ -13,7 +13,7 @@ import pytest
 from storage import open_data_dir
 from storage.check import check, rebuild
 from storage.mailboxes import MailboxError, MailboxExistsError, MailboxNotFoundError
-from storage.messages import FlagError, QuotaExceededError
+from storage.messages import FlagError, Quota, QuotaExceededError
 from storage.names import MailboxNameError
 from storage.store import DeliveryError, Store
 
@@ -228,6 +228,23 @@ def test_quota_is_enforced_per_account(data_dir):
         store.move(ALICE, "INBOX", [(1, 1)], "Archive")  # a move does not grow usage
         assert store.usage(ALICE)["used"] == 3 * len(raw)
         assert not list((_mailbox_dir(store, "INBOX") / "tmp").iterdir())  # refused files cleaned
+
+
+def test_message_quota_counts_messages(data_dir):
+    raw = message()
+    with Store(open_data_dir(data_dir, 4), quota_of=lambda account: Quota(0, 2)) as store:
+        store.deliver([ALICE], raw)
+        assert not store.is_full(ALICE)
+        store.deliver([ALICE], raw)
+        assert store.is_full(ALICE)
+        with pytest.raises(DeliveryError) as failure:
+            store.deliver([ALICE], raw)
+        assert "2 messages" in str(failure.value.errors[0][1])
+        store.expunge(ALICE, "INBOX", [(1, 1)])  # not \Deleted: nothing removed
+        store.store_flags(ALICE, "INBOX", [(1, 1)], "add", ["\\Deleted"])
+        store.expunge(ALICE, "INBOX")
+        assert not store.is_full(ALICE)
+        store.deliver([ALICE], raw)
 
 
 def test_concurrent_deliveries_share_commits(store):
