@@ -183,13 +183,12 @@ class IMAPProtocol(Protocol):
         if self.closing:
             raise ConnectionError("connection closed")
 
-    async def next_line(self) -> bytes:
-        self._line_waiter = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(self._pump)
-        try:
-            return await self._line_waiter
-        finally:
-            self._line_waiter = None
+    def next_line(self) -> asyncio.Future:
+        """The next line the client sends, raw (IDLE's DONE, a SASL response)."""
+        loop = asyncio.get_running_loop()
+        self._line_waiter = waiter = loop.create_future()
+        loop.call_soon(self._pump)
+        return waiter
 
     async def start_tls(self) -> None:
         assert self.framer is not None and self.session is not None

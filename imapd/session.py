@@ -58,7 +58,7 @@ class Connection(Protocol):
 
     async def start_tls(self) -> None: ...
 
-    async def next_line(self) -> bytes: ...  # the next raw client line (IDLE's DONE, SASL)
+    def next_line(self) -> asyncio.Future: ...  # resolves to the next raw client line (IDLE's DONE, SASL)
 
     def close(self) -> None: ...
 
@@ -105,7 +105,10 @@ class Session:
         self.errors = 0
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
-        self._changes = asyncio.Event()  # set by the watcher: the selected mailbox changed
+        # The watcher says the selected mailbox changed: a flag, and a future IDLE waits on.
+        # (Futures, not tasks: a thousand idle sessions should cost little.)
+        self._changed = False
+        self._change_waiter: asyncio.Future | None = None
         self.ended = False
 
     # -- capabilities ---------------------------------------------------------------------
@@ -481,30 +484,35 @@ class Session:
         # What changed before IDLE began is told at once, before the continuation: the
         # watcher's signal may have come and gone already, and a client that reads "+"
         # and then waits on its socket can miss lines that came in the same packet.
-        self._changes.clear()
+        self._changed = False
         if self.view is not None:
             await self.sync(expunges=True)
         self.conn.write(b"+ idling\r\n")
-        line_task = asyncio.ensure_future(self.conn.next_line())
+        line = self.conn.next_line()
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                if self._changes.is_set():
-                    self._changes.clear()
+            while not line.done():
+                if self._changed:
+                    self._changed = False
                     if self.view is not None:
                         await self.sync(expunges=True)
                     continue
-                wake_task = asyncio.ensure_future(self._changes.wait())
-                done, _ = await asyncio.wait({line_task, wake_task}, return_when=asyncio.FIRST_COMPLETED)
-                if line_task in done:
-                    wake_task.cancel()
-                    break
+                self._change_waiter = loop.create_future()
+                await asyncio.wait((line, self._change_waiter), return_when=asyncio.FIRST_COMPLETED)
+                self._change_waiter = None
         finally:
-            if not line_task.done():
-                line_task.cancel()
-        line = line_task.result().strip()
+            self._change_waiter = None
+            if not line.done():
+                line.cancel()
+        line = line.result().strip()
         if line.upper() != b"DONE":
             raise bad("expected DONE")
         return "IDLE terminated"
+
+    def _mailbox_changed(self) -> None:
+        self._changed = True
+        if self._change_waiter is not None and not self._change_waiter.done():
+            self._change_waiter.set_result(None)
 
     def watch(self, name: str) -> None:
         if self.ended:
@@ -512,7 +520,7 @@ class Session:
         loop = asyncio.get_running_loop()
 
         def changed(_state) -> None:  # from the watcher's thread
-            loop.call_soon_threadsafe(self._changes.set)
+            loop.call_soon_threadsafe(self._mailbox_changed)
 
         if self._watch is not None:
             self._watch.cancel()
@@ -560,9 +568,8 @@ class Session:
             uids = await self.call(self.context.store.search, self.user, view.name, query)
         except SearchError as e:
             raise bad(str(e)) from None
-        uids = [uid for uid in uids if uid not in view.pending and view.seq_of(uid) is not None]
-        numbers = uids if use_uid else [view.seq_of(uid) for uid in uids]
-        line = "SEARCH" + "".join(f" {n}" for n in numbers)
+        uids, seqs = view.known(uids)
+        line = "SEARCH" + (" " + " ".join(map(str, uids if use_uid else seqs)) if uids else "")
         if _has_modseq(query) and uids:
             self.condstore = True
             states = await self.call(self.context.store.flags, self.user, view.name, [(u, u) for u in uids])

@@ -70,6 +70,18 @@ class View:
         i = bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
 
+    def known(self, uids: Iterable[int]) -> tuple[list[int], list[int]]:
+        """Of ascending `uids`, those the client knows (not expunged meanwhile), and their
+        sequence numbers: one pass, each lookup starting where the last one ended."""
+        out_uids, out_seqs = [], []
+        position, mine, pending = 0, self.uids, self.pending
+        for uid in uids:
+            position = bisect_left(mine, uid, position)
+            if position < len(mine) and mine[position] == uid and uid not in pending:
+                out_uids.append(uid)
+                out_seqs.append(position + 1)
+        return out_uids, out_seqs
+
     def max_uid(self) -> int:
         return self.uids[-1] if self.uids else 0
 

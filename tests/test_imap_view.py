@@ -18,6 +18,9 @@ def test_sequence_numbers_and_uid_sets():
     assert view.uid_ranges(SequenceSet(((10, None),))) == [(10, 12)]
     assert view.uid_ranges(SequenceSet(((13, None),))) == [(12, 13)]  # "n:*" reaches the last message
     assert view.uids_in([(4, 10), (1, 3)]) == [3, 5, 9]
+    view.pending.add(9)
+    assert view.known([1, 3, 9, 12, 13]) == ([3, 12], [1, 4])
+    view.pending.clear()
     try:
         view.seq_ranges(SequenceSet(((5, 5),)))
     except ValueError:
