@@ -102,8 +102,10 @@ class IMAPConfig:
     plaintext_auth: bool = False
     # RFC 3501 §5.4: logged-in clients are logged out after this long without a command (at
     # least 30 minutes; IDLE counts as idle too, RFC 2177, and clients renew it every 29).
-    # Before login a client has 2 minutes in all.
     timeout: Duration = field(default=Duration(1800), metadata={"min": 1800, "max": 86400})
+    # Before login a client has this long in all, however it trickles bytes: idle strangers
+    # would otherwise fill the connection limit.
+    login_timeout: Duration = field(default=Duration(120), metadata={"min": 1, "max": 3600})
     max_connections: int = field(default=2000, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=50, metadata={"min": 1, "max": 100_000})
 

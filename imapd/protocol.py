@@ -22,9 +22,6 @@ from imapd.syntax import ParseError
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
-# Before login a client gets this long, however it trickles bytes: RFC 3501 §5.4's 30
-# minutes are for authenticated sessions, and idle strangers would fill the connection limit.
-LOGIN_DEADLINE = 120.0
 
 
 class IMAPFactory(Factory):
@@ -77,7 +74,9 @@ class IMAPProtocol(Protocol):
         self.session = Session(self.factory.context, self, self.sid)
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.transport.registerProducer(self, True)
-        self._timer = reactor.callLater(LOGIN_DEADLINE, self._timed_out)
+        # [imap] login_timeout in all before login, however the client trickles bytes (RFC
+        # 3501 §5.4's 30 minutes are for authenticated sessions); then [imap] timeout idle.
+        self._timer = reactor.callLater(float(config.login_timeout), self._timed_out)
         self.log.info("connect", ip=self.peer, tls=self.tls)
         self.transport.write(self.session.greeting())
 

@@ -28,7 +28,7 @@ from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from storage import maildir
 from storage.accounts import Accounts
-from storage.mailboxes import MailboxError, MailboxExistsError, MailboxNotFoundError
+from storage.mailboxes import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNotFoundError
 from storage.messages import FlagError, QuotaExceededError
 from storage.names import MailboxNameError
 from storage.search import SearchError
@@ -825,6 +825,8 @@ class Session:
             raise bad(str(e)) from None
         except MailboxNameError as e:
             raise no(str(e), "CANNOT") from None
+        except MailboxLimitError as e:
+            raise no(str(e), "LIMIT") from None
         except MailboxError as e:
             raise no(str(e), "CANNOT") from None
         except StoreError as e:

@@ -30,6 +30,10 @@ class MailboxNotFoundError(MailboxError):
     """No such mailbox (IMAP: NO [NONEXISTENT], or [TRYCREATE] for APPEND and COPY)."""
 
 
+class MailboxLimitError(MailboxError):
+    """Too many mailboxes (IMAP: NO [LIMIT])."""
+
+
 class MailboxExistsError(MailboxError):
     """IMAP: NO [ALREADYEXISTS]."""
 
@@ -55,6 +59,7 @@ class Mailbox:
 
 
 MAX_KEY_BYTES = 500  # LMDB refuses keys over 511 bytes
+MAX_MAILBOXES = 10_000  # per account: a bound on what one user can make every LIST walk
 
 
 def name_key(account: str, name: str) -> bytes:
@@ -144,6 +149,8 @@ def _claim_name(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     §6.3.3: superior names a client did not create are created with it)."""
     if txn.get(name_key(account, name), db=shard.db["names"]) is not None:
         raise MailboxExistsError(f"mailbox {name!r} already exists")
+    if _count_names(txn, shard, account, MAX_MAILBOXES) >= MAX_MAILBOXES:
+        raise MailboxLimitError(f"an account has at most {MAX_MAILBOXES} mailboxes")
     for parent in parents(name):
         if txn.get(name_key(account, parent), db=shard.db["names"]) is None:
             _create_one(txn, shard, batch, account, parent, None)
@@ -174,12 +181,24 @@ def listing(txn: lmdb.Transaction, shard: Shard, account: str) -> list[Mailbox]:
                 break
             names.append((key[len(prefix):].decode(), unpack_u32(value)))
     subscribed = set(subscriptions(txn, shard, account))
-    all_names = {name for name, _ in names}
+    with_children = {parent for name, _ in names for parent in parents(name)}
     out = []
     for name, mailbox_id in names:
-        has_children = any(is_inside(other, name) for other in all_names)
+        has_children = name in with_children
         out.append(to_mailbox(mailbox_id, record(txn, shard, mailbox_id), name in subscribed, has_children))
     return out
+
+
+def _count_names(txn: lmdb.Transaction, shard: Shard, account: str, stop_at: int) -> int:
+    prefix = f"{account}\0".encode()
+    cursor = txn.cursor(db=shard.db["names"])
+    count = 0
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(values=False):
+            if not key.startswith(prefix) or count >= stop_at:
+                break
+            count += 1
+    return count
 
 
 def subscriptions(txn: lmdb.Transaction, shard: Shard, account: str) -> list[str]:

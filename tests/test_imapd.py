@@ -819,3 +819,21 @@ def test_memory_stays_bounded_when_the_client_does_not_read(server, user):
     client = login(server, user)  # and it still serves others
     assert client.select("INBOX")[0] == "OK"
     client.logout()
+
+
+def test_a_client_that_does_not_log_in_in_time_is_told_and_dropped(write_config, tmp_path):
+    daemon = start_daemon(write_config(imap={"login_timeout": "2s"}), tmp_path)
+    try:
+        address = daemon.listen("imap.listen")
+        with socket.create_connection((address.host, address.port), timeout=10) as sock:
+            started = time.monotonic()
+            assert _read_until(sock, b"\r\n").startswith(b"* OK")
+            for _ in range(3):  # trickling bytes does not buy more time before login
+                time.sleep(0.5)
+                sock.sendall(b"a NOOP\r\n")
+            reply = _read_until(sock, b"* BYE")
+            assert b"* BYE autologout" in reply
+            assert sock.recv(100) == b""  # and the connection is closed
+            assert 1.5 < time.monotonic() - started < 5
+    finally:
+        assert daemon.stop() == 0

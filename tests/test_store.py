@@ -538,3 +538,18 @@ def test_envelope_keeps_groups_and_mailboxes_without_a_domain(store):
     assert envelope["cc"] == [[None, None, "undisclosed-recipients", None], [None, None, None, None]]
     assert envelope["bcc"] == [[None, None, "Open", None], [None, None, "e", "example.org"], [None, None, None, None]]
     assert envelope["from"] == envelope["sender"] == [[None, None, "root", ""]]
+
+
+def test_an_account_has_a_bounded_number_of_mailboxes(store, monkeypatch):
+    from storage import mailboxes
+    from storage.mailboxes import MailboxLimitError
+
+    monkeypatch.setattr(mailboxes, "MAX_MAILBOXES", 8)  # 6 default mailboxes + 2
+    store.create_mailbox(ALICE, "One")
+    store.create_mailbox(ALICE, "Two")
+    with pytest.raises(MailboxLimitError):
+        store.create_mailbox(ALICE, "Three")
+    store.delete_mailbox(ALICE, "Two")
+    store.create_mailbox(ALICE, "Three")
+    assert {m.name for m in store.mailboxes(ALICE)} >= {"One", "Three"}
+    assert next(m for m in store.mailboxes(ALICE) if m.name == "One").children is False
