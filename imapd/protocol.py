@@ -28,8 +28,6 @@ class IMAPFactory(Factory):
     def __init__(self, context: IMAPContext, *, implicit_tls: bool):
         self.context = context
         self.implicit_tls = implicit_tls
-        self.connections: dict[str, int] = {}
-        self.total = 0
 
     def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
         return IMAPProtocol(self)
@@ -61,15 +59,12 @@ class IMAPProtocol(Protocol):
 
         self.peer = getattr(self.transport.getPeer(), "host", "")
         config = self.factory.context.config.imap
-        counts = self.factory.connections
-        if self.factory.total >= config.max_connections or counts.get(self.peer, 0) >= config.max_connections_per_ip:
+        if not self.factory.context.connections.admit(self.peer):
             self.log.warning("refused", ip=self.peer, reason="too_many_connections")
             self.transport.write(b"* BYE [UNAVAILABLE] too many connections, try again later\r\n")
             self.transport.loseConnection()
             self.closing = True
             return
-        counts[self.peer] = counts.get(self.peer, 0) + 1
-        self.factory.total += 1
         self.counted = True
         self.session = Session(self.factory.context, self, self.sid)
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
@@ -85,12 +80,7 @@ class IMAPProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.counted:
-            left = self.factory.connections.get(self.peer, 1) - 1
-            if left:
-                self.factory.connections[self.peer] = left
-            else:
-                self.factory.connections.pop(self.peer, None)
-            self.factory.total -= 1
+            self.factory.context.connections.release(self.peer)
             self.counted = False
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_exception(ConnectionError("connection closed"))

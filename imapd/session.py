@@ -14,7 +14,7 @@ import base64
 import binascii
 import datetime
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from conf import Config
@@ -25,6 +25,7 @@ from imapd.listing import list_mailboxes
 from imapd.recent import RecentClaims
 from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
 from imapd.view import Snapshots, View
+from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from storage import maildir
 from storage.accounts import Accounts
@@ -75,6 +76,7 @@ class IMAPContext:
     run: Callable[..., Awaitable[Any]]  # run(fn, *args) in a worker thread
     tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
     version: str
+    connections: ConnectionLimit = field(kw_only=True)  # shared by the 143 and 993 listeners
 
 
 class Answer(Exception):

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import TLSSetupException, sslproto
@@ -32,6 +32,7 @@ from aiosmtpd.smtp import TLSSetupException, sslproto
 from conf.logfmt import EventLogger, session_id
 from conf.schema import Config
 from conf.sockets import listening_socket
+from policy.connections import ConnectionLimit
 from mtad import replies
 from mtad.replies import Reply
 from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
@@ -66,22 +67,18 @@ class InboundContext:
     tls: ssl.SSLContext | None
     deliver_in_thread: Callable  # run a blocking call off the event loop
     spool_dir: str | None = None  # where messages over SPOOL_IN_MEMORY wait (the data dir)
-    connections: dict[str, int] = field(default_factory=dict)  # per client IP
+    connections: ConnectionLimit | None = None  # made from [smtp] when not given
+
+    def __post_init__(self) -> None:
+        if self.connections is None:
+            self.connections = ConnectionLimit(self.config.smtp.max_connections,
+                                               self.config.smtp.max_connections_per_ip)
 
     def admit(self, ip: str) -> bool:
-        smtp = self.config.smtp
-        if sum(self.connections.values()) >= smtp.max_connections or \
-                self.connections.get(ip, 0) >= smtp.max_connections_per_ip:
-            return False
-        self.connections[ip] = self.connections.get(ip, 0) + 1
-        return True
+        return self.connections.admit(ip)
 
     def release(self, ip: str) -> None:
-        left = self.connections.get(ip, 1) - 1
-        if left:
-            self.connections[ip] = left
-        else:
-            self.connections.pop(ip, None)
+        self.connections.release(ip)
 
 
 class InboundSMTP(AiosmtpdSMTP):

@@ -27,8 +27,6 @@ class POP3Factory(Factory):
     def __init__(self, context: POP3Context, *, implicit_tls: bool):
         self.context = context
         self.implicit_tls = implicit_tls
-        self.connections: dict[str, int] = {}
-        self.total = 0
 
     def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
         return POP3Protocol(self)
@@ -57,15 +55,12 @@ class POP3Protocol(Protocol):
 
         self.peer = getattr(self.transport.getPeer(), "host", "")
         config = self.factory.context.config.pop3
-        counts = self.factory.connections
-        if self.factory.total >= config.max_connections or counts.get(self.peer, 0) >= config.max_connections_per_ip:
+        if not self.factory.context.connections.admit(self.peer):
             self.log.warning("refused", ip=self.peer, reason="too_many_connections")
             self.transport.write(err("too many connections, try again later", "SYS/TEMP"))
             self.transport.loseConnection()
             self.closing = True
             return
-        counts[self.peer] = counts.get(self.peer, 0) + 1
-        self.factory.total += 1
         self.counted = True
         self.session = Session(self.factory.context, self, self.sid, implicit_tls=self.tls)
         self.transport.registerProducer(self, True)
@@ -78,12 +73,7 @@ class POP3Protocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.counted:
-            left = self.factory.connections.get(self.peer, 1) - 1
-            if left:
-                self.factory.connections[self.peer] = left
-            else:
-                self.factory.connections.pop(self.peer, None)
-            self.factory.total -= 1
+            self.factory.context.connections.release(self.peer)
             self.counted = False
         self._writable.set()
         if self.session is not None:

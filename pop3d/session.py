@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
+from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from pop3d.core import (
     AUTH,
@@ -79,6 +80,7 @@ class POP3Context:
     version: str
     # \Seen writes still running after their session ended (kept referenced until done).
     background: set[asyncio.Task] = field(default_factory=set)
+    connections: ConnectionLimit = field(kw_only=True)  # shared by the 110 and 995 listeners
 
 
 class Session:

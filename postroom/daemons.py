@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conf.reactor import TwistedListening, listen, server_tls
 from mtad.inbound import InboundContext, start_listeners
+from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from postroom import __version__
 from storage.watch import Watcher
@@ -82,7 +83,9 @@ def _imap_context(context):
     if imap is None:
         tls = server_tls(context.config.tls) if context.tls is not None else None
         imap = IMAPContext(context.config, context.accounts, context.store, watcher(context), login_throttle(context),
-                           RecentClaims(), Snapshots(), store_runner(context), tls, __version__)
+                           RecentClaims(), Snapshots(), store_runner(context), tls, __version__,
+                           connections=ConnectionLimit(context.config.imap.max_connections,
+                                                       context.config.imap.max_connections_per_ip))
         context.shared["imap"] = imap
     return imap
 
@@ -111,7 +114,9 @@ def _pop3_context(context):
     if pop3 is None:
         tls = server_tls(context.config.tls) if context.tls is not None else None
         pop3 = POP3Context(context.config, context.accounts, context.store, login_throttle(context),
-                           store_runner(context), tls, __version__)
+                           store_runner(context), tls, __version__,
+                           connections=ConnectionLimit(context.config.pop3.max_connections,
+                                                       context.config.pop3.max_connections_per_ip))
         context.shared["pop3"] = pop3
     return pop3
 
