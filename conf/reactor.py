@@ -105,3 +105,4 @@ def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = 
             port.stopListening()
         raise
     return ports
+

@@ -13,98 +13,62 @@ from __future__ import annotations
 
 import asyncio
 
-from twisted.internet.protocol import Factory, Protocol
-
-from conf.logfmt import EventLogger, session_id
+from conf.server_protocol import ServerFactory, ServerProtocol
 from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
-from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
+from imapd.session import LOGOUT, NOT_AUTHENTICATED, Session
 from imapd.syntax import ParseError
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
 
 
-class IMAPFactory(Factory):
-    def __init__(self, context: IMAPContext, *, implicit_tls: bool):
-        self.context = context
-        self.implicit_tls = implicit_tls
+class IMAPProtocol(ServerProtocol):
+    logger_name = "imapd.protocol"
 
-    def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
-        return IMAPProtocol(self)
-
-
-class IMAPProtocol(Protocol):
-    def __init__(self, factory: IMAPFactory):
-        self.factory = factory
-        self.sid = session_id()
-        self.log = EventLogger("imapd.protocol").bind(sid=self.sid)
-        self.peer = ""
-        self.tls = factory.implicit_tls
+    def __init__(self, factory: ServerFactory):
+        super().__init__(factory)
         self.session: Session | None = None
         self.framer: Framer | None = None
         self.busy = False
-        self.closing = False
-        self.counted = False
         self._line_waiter: asyncio.Future | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._timer = None
-        self._reading_paused = False
         self._task: asyncio.Future | None = None
 
-    # -- connection -------------------------------------------------------------------------
+    def refusal(self) -> bytes:
+        return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
 
-    def connectionMade(self):  # noqa: N802
-        from twisted.internet import reactor
+    def timeout_reply(self) -> bytes:
+        return b"* BYE autologout; idle for too long\r\n"
 
-        self.peer = getattr(self.transport.getPeer(), "host", "")
-        config = self.factory.context.config.imap
-        if not self.factory.context.connections.admit(self.peer):
-            self.log.warning("refused", ip=self.peer, reason="too_many_connections")
-            self.transport.write(b"* BYE [UNAVAILABLE] too many connections, try again later\r\n")
-            self.transport.loseConnection()
-            self.closing = True
-            return
-        self.counted = True
-        self.session = Session(self.factory.context, self, self.sid)
-        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
-        self.transport.registerProducer(self, True)
+    def first_timeout(self) -> float:
         # [imap] login_timeout in all before login, however the client trickles bytes (RFC
         # 3501 §5.4's 30 minutes are for authenticated sessions); then [imap] timeout idle.
-        self._timer = reactor.callLater(float(config.login_timeout), self._timed_out)
-        self.log.info("connect", ip=self.peer, tls=self.tls)
+        return float(self.factory.context.config.imap.login_timeout)
+
+    def started(self) -> None:
+        self.session = Session(self.factory.context, self, self.sid)
+        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.transport.write(self.session.greeting())
 
-    def connectionLost(self, reason=None):  # noqa: N802
-        self.closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self.counted:
-            self.factory.context.connections.release(self.peer)
-            self.counted = False
+    def ended(self) -> None:
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_exception(ConnectionError("connection closed"))
-        self._writable.set()
         if self.session is not None:
             self.session.end()
             self.log.info("disconnect", user=self.session.user)
 
-    def _timed_out(self) -> None:
-        self.log.info("timeout", user=self.session.user if self.session else None)
-        self.transport.write(b"* BYE autologout; idle for too long\r\n")
-        self.close()
+    def idle_timer(self) -> None:
+        """Logged in: [imap] timeout from the last command or byte."""
+        if self.session is not None and self.session.state != NOT_AUTHENTICATED:
+            self.restart_timer(float(self.factory.context.config.imap.timeout))
 
     # -- reading ----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes):  # noqa: N802
         if self.closing or self.framer is None:
             return
-        if self._timer is not None and self._timer.active() and self.session.state != NOT_AUTHENTICATED:
-            self._timer.reset(float(self.factory.context.config.imap.timeout))
+        self.idle_timer()
         self.framer.feed(data)
-        if self.framer.buffered() > READ_AHEAD and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self.pace_reading(self.framer.buffered(), READ_AHEAD)
         self._pump()
 
     def _pump(self) -> None:
@@ -113,7 +77,7 @@ class IMAPProtocol(Protocol):
             waiting_line = self._line_waiter is not None and not self._line_waiter.done()
             if self.busy and not waiting_line:
                 break
-            if not self._writable.is_set() and not waiting_line:
+            if not self.writable() and not waiting_line:
                 break  # the client is not reading our answers: stop taking commands (resumeProducing)
             event = self.framer.next()
             if event is None:
@@ -138,9 +102,7 @@ class IMAPProtocol(Protocol):
                     continue
                 self.busy = True
                 self._task = asyncio.ensure_future(self._run(command))  # held: the loop keeps only weak references
-        if self._reading_paused and self.framer.buffered() <= READ_AHEAD // 2 and not self.closing:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        self.pace_reading(self.framer.buffered(), READ_AHEAD)
 
     async def _run(self, command) -> None:
         assert self.session is not None
@@ -157,8 +119,7 @@ class IMAPProtocol(Protocol):
         if self.session.state == LOGOUT:
             self.close()
             return
-        if self._timer is not None and self._timer.active() and self.session.state != NOT_AUTHENTICATED:
-            self._timer.reset(float(self.factory.context.config.imap.timeout))  # logged in: the idle timer
+        self.idle_timer()
         self._pump()
 
     # -- what the session calls ---------------------------------------------------------------
@@ -166,11 +127,6 @@ class IMAPProtocol(Protocol):
     def write(self, data: bytes) -> None:
         if not self.closing:
             self.transport.write(data)
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-        if self.closing:
-            raise ConnectionError("connection closed")
 
     def next_line(self) -> asyncio.Future:
         """The next line the client sends, raw (IDLE's DONE, a SASL response)."""
@@ -184,26 +140,16 @@ class IMAPProtocol(Protocol):
         # Whatever the client sent after STARTTLS in the clear must not count as sent over
         # TLS (the CVE-2011-0411 class): the framer starts empty.
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
-        self.transport.startTLS(self.factory.context.tls)
-        self.tls = True
-        self.log.info("starttls")
+        self.start_tls_now()
 
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            # A registered producer keeps a TLS transport open until it is unregistered.
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-
-    # -- IPushProducer: the transport tells us when its write buffer is full ------------------
-
-    def pauseProducing(self):  # noqa: N802
-        self._writable.clear()
-
-    def resumeProducing(self):  # noqa: N802
-        self._writable.set()
+    def resumeProducing(self):  # noqa: N802 - the client reads again: take its next commands
+        super().resumeProducing()
         if not self.busy and self.framer is not None:
             self._pump()
 
-    def stopProducing(self):  # noqa: N802
-        self._writable.set()
+
+
+class IMAPFactory(ServerFactory):
+    """One IMAP listener (143 with STARTTLS, or 993); `context` is the service's."""
+
+    protocol = IMAPProtocol

@@ -14,80 +14,42 @@ from __future__ import annotations
 
 import asyncio
 
-from twisted.internet.protocol import Factory, Protocol
-
-from conf.logfmt import EventLogger, session_id
+from conf.server_protocol import ServerFactory, ServerProtocol
 from pop3d.core import Authenticate, Retrieve, Update, err
-from pop3d.session import POP3Context, Session
+from pop3d.session import Session
 
 READ_AHEAD = 64 * 1024
 
 
-class POP3Factory(Factory):
-    def __init__(self, context: POP3Context, *, implicit_tls: bool):
-        self.context = context
-        self.implicit_tls = implicit_tls
+class POP3Protocol(ServerProtocol):
+    logger_name = "pop3d.protocol"
 
-    def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
-        return POP3Protocol(self)
-
-
-class POP3Protocol(Protocol):
-    def __init__(self, factory: POP3Factory):
-        self.factory = factory
-        self.sid = session_id()
-        self.log = EventLogger("pop3d.protocol").bind(sid=self.sid)
-        self.peer = ""
-        self.tls = factory.implicit_tls
+    def __init__(self, factory: ServerFactory):
+        super().__init__(factory)
         self.session: Session | None = None
         self.busy = False
-        self.closing = False
-        self.counted = False
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._timer = None
-        self._reading_paused = False
+        self._task: asyncio.Future | None = None
 
-    # -- connection -------------------------------------------------------------------------
+    def refusal(self) -> bytes:
+        return err("too many connections, try again later", "SYS/TEMP")
 
-    def connectionMade(self):  # noqa: N802
-        from twisted.internet import reactor
+    def timeout_reply(self) -> bytes:
+        return err("autologout: idle for too long")
 
-        self.peer = getattr(self.transport.getPeer(), "host", "")
-        config = self.factory.context.config.pop3
-        if not self.factory.context.connections.admit(self.peer):
-            self.log.warning("refused", ip=self.peer, reason="too_many_connections")
-            self.transport.write(err("too many connections, try again later", "SYS/TEMP"))
-            self.transport.loseConnection()
-            self.closing = True
-            return
-        self.counted = True
+    def first_timeout(self) -> float:
+        return float(self.factory.context.config.pop3.timeout)
+
+    def started(self) -> None:
         self.session = Session(self.factory.context, self, self.sid, implicit_tls=self.tls)
-        self.transport.registerProducer(self, True)
-        self._timer = reactor.callLater(float(config.timeout), self._timed_out)
-        self.log.info("connect", ip=self.peer, tls=self.tls)
         self.transport.write(self.session.greeting())
 
-    def connectionLost(self, reason=None):  # noqa: N802
-        self.closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self.counted:
-            self.factory.context.connections.release(self.peer)
-            self.counted = False
-        self._writable.set()
+    def ended(self) -> None:
         if self.session is not None:
             self.session.end()
             self.log.info("disconnect", user=self.session.user, state=self.session.core.state)
 
-    def _timed_out(self) -> None:
-        self.log.info("timeout", user=self.session.user if self.session else None)
-        self.transport.write(err("autologout: idle for too long"))
-        self.close()
-
     def _touch(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(float(self.factory.context.config.pop3.timeout))
+        self.restart_timer(float(self.factory.context.config.pop3.timeout))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -96,9 +58,7 @@ class POP3Protocol(Protocol):
             return
         self._touch()
         self.session.core.receive_data(data)
-        if self.session.core.buffered() > READ_AHEAD and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self.pace_reading(self.session.core.buffered(), READ_AHEAD)
         self._pump()
 
     def _pump(self) -> None:
@@ -110,12 +70,10 @@ class POP3Protocol(Protocol):
                 break
             if isinstance(event, (Authenticate, Retrieve, Update)):
                 self.busy = True
-                asyncio.ensure_future(self._perform(event))
+                self._task = asyncio.ensure_future(self._perform(event))  # held: the loop keeps weak references
             else:
                 self.session.emit(event)
-        if self._reading_paused and core.buffered() <= READ_AHEAD // 2 and not self.closing:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        self.pace_reading(core.buffered(), READ_AHEAD)
 
     async def _perform(self, event) -> None:
         assert self.session is not None
@@ -123,8 +81,12 @@ class POP3Protocol(Protocol):
             await self.session.perform(event)
         except ConnectionError:
             pass
+        except Exception:  # noqa: BLE001 - the session answers its own errors; this is a bug in it
+            self.log.error("session_failed", exc_info=True)
+            self.close()
         finally:
             self.busy = False
+            self._task = None
         if not self.closing:
             self._pump()
 
@@ -135,28 +97,11 @@ class POP3Protocol(Protocol):
             self._touch()
             self.transport.write(data)
 
-    async def drain(self) -> None:
-        await self._writable.wait()
-        if self.closing:
-            raise ConnectionError("connection closed")
-
     def start_tls(self) -> None:
-        self.transport.startTLS(self.factory.context.tls)
-        self.tls = True
-        self.log.info("starttls")
+        self.start_tls_now()
 
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.transport.loseConnection()
 
-    # -- IPushProducer: the transport tells us when its write buffer is full ------------------
+class POP3Factory(ServerFactory):
+    """One POP3 listener (110 with STLS, or 995); `context` is the service's."""
 
-    def pauseProducing(self):  # noqa: N802
-        self._writable.clear()
-
-    def resumeProducing(self):  # noqa: N802
-        self._writable.set()
-
-    def stopProducing(self):  # noqa: N802
-        self._writable.set()
+    protocol = POP3Protocol
