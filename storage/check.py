@@ -199,7 +199,7 @@ def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: 
         bits = parsed[3] if parsed else maildir.bits_from_letters(Path(path).name.partition(":2,")[2])
         meta, texts = _meta(raw, Path(path))
         messages.insert(txn, shard, batch, account, mailbox_id, state, source=Path(path), base=maildir.new_base(),
-                        size=len(raw), meta=meta, bits=bits, keywords=(), quota=0, texts=texts)
+                        size=len(raw), meta=meta, bits=bits, keywords=(), quota=messages.NO_QUOTA, texts=texts)
 
 
 def _fix_counters(txn, shard: Shard, account: str) -> None:

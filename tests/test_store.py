@@ -553,3 +553,15 @@ def test_an_account_has_a_bounded_number_of_mailboxes(store, monkeypatch):
     store.create_mailbox(ALICE, "Three")
     assert {m.name for m in store.mailboxes(ALICE)} >= {"One", "Three"}
     assert next(m for m in store.mailboxes(ALICE) if m.name == "One").children is False
+
+
+def test_repair_indexes_a_file_another_maildir_tool_dropped_in(store):
+    store.deliver([ALICE], message("indexed"))
+    dropped = _mailbox_dir(store, "INBOX") / "cur" / "1700000000.M1P2.otherhost:2,S"
+    dropped.write_bytes(message("dropped in"))
+    assert [p.kind for p in check(store)] == ["file-not-in-index"]
+    check(store, repair=True)
+    assert check(store) == []
+    infos = store.fetch(ALICE, "INBOX", ALL)
+    assert [store.read_message(i) for i in infos] == [message("indexed"), message("dropped in")]
+    assert infos[1].uid == 2 and infos[1].flags == ("\\Seen",)
