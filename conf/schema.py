@@ -82,6 +82,9 @@ class SMTPConfig:
     max_recipients: int = field(default=100, metadata={"min": 1, "max": 100_000})
     # How long a client may stay silent before 421 (RFC 5321 §4.5.3.2.7: at least 5 minutes).
     timeout: Duration = field(default=Duration(300), metadata={"min": 1, "max": 3600})
+    # How long a client may stay silent inside a message's data (RFC 5321 §4.5.3.2.5: 3 minutes
+    # per block), so a sender that stalls mid-message frees its slot sooner.
+    data_timeout: Duration = field(default=Duration(180), metadata={"min": 1, "max": 3600})
     max_connections: int = field(default=500, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
     # Processes accepting on the MX port (SO_REUSEPORT); one Python process uses one core.

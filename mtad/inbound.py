@@ -115,6 +115,7 @@ class InboundSMTP(AiosmtpdSMTP):
             self.transport.close()
             return
         self.log.info("connect", client=self._peer)
+        smtp = self.context.config.smtp
         try:
             await self._send()
             while not self.core.closed:
@@ -126,8 +127,10 @@ class InboundSMTP(AiosmtpdSMTP):
                 data = await self._reader.read(READ_SIZE)
                 if not data:
                     break
-                self._reset_timeout()
                 self.core.receive(data)
+                # RFC 5321 §4.5.3.2: commands are awaited for `timeout` (§4.5.3.2.7: at
+                # least 5 minutes), each block of message data for `data_timeout` (§4.5.3.2.5).
+                self._reset_timeout(float(smtp.data_timeout) if self.core.receiving else None)
             await self._send()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

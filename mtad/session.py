@@ -154,6 +154,11 @@ class Session:
         return self._state == "closed"
 
     @property
+    def receiving(self) -> bool:
+        """Inside a message's data (DATA or BDAT chunks): its own timeout applies."""
+        return self._state in ("data", "bdat")
+
+    @property
     def helo_name(self) -> str | None:
         return self._helo
 

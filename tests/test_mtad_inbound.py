@@ -299,6 +299,36 @@ def test_timeout_and_connection_limits(write_config, tmp_path):
         assert daemon.stop() == 0
 
 
+def test_data_has_its_own_timeout(write_config, tmp_path, cli):
+    from conftest import start_daemon
+
+    path = write_config("data_timeout.toml", smtp={"timeout": "3s", "data_timeout": "1s"})
+    assert cli("domain", "add", "example.test", config=path).returncode == 0
+    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    daemon = start_daemon(path, tmp_path)
+    try:
+        address = daemon.listen("smtp.listen")
+        with socket.create_connection((address.host, address.port), timeout=10) as sock:
+            sock.recv(100)
+            sock.sendall(b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.test>\r\n")
+            time.sleep(1.5)  # between commands: the 3 s timeout, not the data one
+            sock.sendall(b"DATA\r\n")
+            replies = b""
+            while b"354" not in replies:
+                replies += sock.recv(1000)
+            started = time.monotonic()
+            sock.sendall(b"Subject: stalled\r\n")
+            rest = b""
+            while b"421" not in rest:
+                chunk = sock.recv(1000)
+                if not chunk:
+                    break
+                rest += chunk
+            assert b"421 4.4.2" in rest and time.monotonic() - started < 2.5
+    finally:
+        assert daemon.stop() == 0
+
+
 def _rss_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
