@@ -47,8 +47,10 @@ from storage import (
     parse_address,
 )
 from storage.messages import QuotaExceededError
+from storage.shard import StoreError
 from storage.store import DeliveryError, Store
 
+_log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
 READ_SIZE = 65536
 SPOOL_IN_MEMORY = 64 << 10  # a message larger than this is spooled to a file as it arrives
@@ -329,11 +331,36 @@ def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) 
             if not n:
                 raise OSError("spool file shorter than the message")
             view = view[n:]
-        store.deliver(accounts, raw)
+        _deliver_all_or_none(store, accounts, raw)
         return bytes(raw[:16384])
     finally:
         if big:
             BIG_DELIVERIES.release()
+
+
+def _deliver_all_or_none(store: Store, accounts: list[str], raw: bytes) -> None:
+    """Every copy stored, or none: after our 4xx the sender sends the message again to all
+    its recipients, so a copy kept from a partly failed delivery would arrive twice. The
+    failed copies get one more try first (a race with a quota or a mailbox change, a passing
+    fault); if they fail again, the stored ones are taken back and DeliveryError says why."""
+    try:
+        store.deliver(accounts, raw)
+        return
+    except DeliveryError as first:
+        stored = list(first.delivered)
+        failed = [target for target, _ in first.errors]
+    try:
+        store.deliver(failed, raw)
+        return
+    except DeliveryError as second:
+        stored += second.delivered
+        errors = second.errors
+    for copy in stored:
+        try:
+            store.remove(copy.account, copy.mailbox, [copy.uid])
+        except (StoreError, OSError) as e:  # the copy stays: better twice than lost
+            _log.error("withdraw_failed", account=copy.account, uid=copy.uid, error=type(e).__name__)
+    raise DeliveryError([], errors)
 
 
 def _message_id(raw: bytes) -> str:

@@ -390,6 +390,8 @@ def test_ipv4_and_ipv6_listeners_side_by_side(write_config, tmp_path, cli, data_
 def test_a_storage_failure_is_451_never_250(mx):
     import shutil
 
+    from storage.maildir import make_dirs
+
     with smtp(mx) as client:
         client.sendmail("s@example.org", ["alice@example.test"], b"Subject: first\r\n\r\nx\r\n")
     store = mx.store
@@ -403,9 +405,15 @@ def test_a_storage_failure_is_451_never_250(mx):
                 client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
         assert failed.value.smtp_code == 451 and failed.value.smtp_error.startswith(b"4.3.0")
         assert "Traceback" not in failed.value.smtp_error.decode()
+        # Bob's copy was taken back: the sender's retry must not give him the message twice.
+        assert [m for m in inbox(mx, "bob@example.test") if b"Subject: 2" in m] == []
     finally:
         directory.unlink()
+        make_dirs(directory)  # the mailbox works again (its first message is lost with the test's rmtree)
     assert "event=store_failed" in mx.stderr()
+    with smtp(mx) as client:  # the sender's retry
+        client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
+    assert len([m for m in inbox(mx, "bob@example.test") if b"Subject: 2" in m]) == 1
 
 
 def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):
