@@ -171,7 +171,8 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
         table.append("No daemon is available yet: Postroom waits for a signal (Ctrl-C stops it).")
     print("\n".join(table), flush=True)
 
-    workers = _spawn_workers(config) if "smtp" in started and config.smtp.workers > 1 else []
+    workers = [_spawn_worker(config) for _ in range(config.smtp.workers - 1)] if "smtp" in started else []
+    supervisor = asyncio.ensure_future(_supervise(workers, config, log)) if workers else None
     available = len(running)
     # Logged before READY=1, so whoever waits for READY finds the line already written.
     log.info("ready", services=available, smtp_workers=len(workers) + 1 if "smtp" in started else 0)
@@ -179,6 +180,8 @@ async def _run(context: Context, log: EventLogger, only: set[str] | None = None)
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping")
+    if supervisor is not None:
+        supervisor.cancel()
     await _stop_workers(workers, log)
     for service in reversed(running):
         await service.stop()
@@ -196,11 +199,40 @@ async def _run_worker(context: Context, log: EventLogger) -> int:
     return 0
 
 
-def _spawn_workers(config: Config) -> list[subprocess.Popen]:
-    """The extra MX processes; they bind the same ports with SO_REUSEPORT."""
+def _spawn_worker(config: Config) -> subprocess.Popen:
+    """An extra MX process; it binds the same ports with SO_REUSEPORT."""
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd hears the main process only
     command = [sys.executable, "-m", "postroom", "--config", str(config.source), "serve", "--smtp-worker"]
-    return [subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL) for _ in range(config.smtp.workers - 1)]
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+
+
+WORKER_CHECK_EVERY = 1.0  # seconds
+WORKER_RESTARTS = 5  # at most this many restarts of one worker slot per WORKER_RESTART_WINDOW
+WORKER_RESTART_WINDOW = 60.0
+
+
+async def _supervise(workers: list[subprocess.Popen], config: Config, log: EventLogger) -> None:
+    """A worker that dies (a crash, the OOM killer, a stray kill) is started again, so the
+    MX keeps its capacity. One that dies WORKER_RESTARTS times within a minute is left
+    down, with an error in the log, rather than restarted in a loop."""
+    restarts: list[list[float]] = [[] for _ in workers]
+    given_up: set[int] = set()
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(WORKER_CHECK_EVERY)
+        for slot, process in enumerate(workers):
+            code = process.poll()
+            if code is None or slot in given_up:
+                continue
+            now = loop.time()
+            restarts[slot] = [t for t in restarts[slot] if now - t < WORKER_RESTART_WINDOW]
+            if len(restarts[slot]) >= WORKER_RESTARTS:
+                given_up.add(slot)
+                log.error("worker_left_down", pid=process.pid, code=code, restarts=len(restarts[slot]))
+                continue
+            workers[slot] = _spawn_worker(config)
+            restarts[slot].append(now)
+            log.warning("worker_restarted", old_pid=process.pid, code=code, pid=workers[slot].pid)
 
 
 async def _stop_workers(workers: list[subprocess.Popen], log: EventLogger) -> None:

@@ -4,6 +4,7 @@ smtplib, swaks and raw sockets; every stored result checked through the storage 
 from __future__ import annotations
 
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -466,6 +467,14 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
         connects = [line for line in daemon.stderr().splitlines() if "event=connect" in line]
         serving = {line.split(" pid=")[1].split()[0] for line in connects}
         assert len(serving) >= 2, "the kernel gave every connection to one process"
+        # A worker that dies is started again.
+        __import__("os").kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (len(children()) < 2 or workers[0] in children()):
+            time.sleep(0.2)
+        assert len(children()) == 2 and workers[0] not in children()
+        assert "event=worker_restarted" in daemon.stderr()
+        workers = children()
     finally:
         assert daemon.stop() == 0
     assert all(not __import__("os").path.exists(f"/proc/{pid}/cmdline") or
