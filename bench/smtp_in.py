@@ -1,6 +1,6 @@
 """Inbound SMTP benchmark: works against any SMTP server, so others can be measured too.
 
-    .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test]
+    .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test[,bob@...]]
 
 C connections at once, each sending M messages of S bytes (EHLO once, then MAIL, RCPT,
 DATA per message; no pipelining). Prints accepted messages per second and the time from
@@ -76,8 +76,10 @@ async def run(host: str, port: int, concurrency: int, messages: int, size: int, 
     latencies: list[float] = []
     failures: list[str] = []
     start = time.perf_counter()
-    results = await asyncio.gather(*(connection(host, port, messages, body, to, latencies, failures)
-                                     for _ in range(concurrency)), return_exceptions=True)
+    recipients = to.split(",")  # connection i writes to recipient i modulo their number
+    results = await asyncio.gather(*(connection(host, port, messages, body, recipients[i % len(recipients)],
+                                                latencies, failures)
+                                     for i in range(concurrency)), return_exceptions=True)
     elapsed = time.perf_counter() - start
     accepted = sum(r for r in results if isinstance(r, int))
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
@@ -98,7 +100,8 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=50)
     parser.add_argument("-m", "--messages", type=int, default=100, help="messages per connection")
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
-    parser.add_argument("--to", default="alice@example.test")
+    parser.add_argument("--to", default="alice@example.test",
+                        help="recipient, or several separated by commas (spread over the connections)")
     args = parser.parse_args()
     host, _, port = args.server.rpartition(":")
     asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages, args.size, args.to))

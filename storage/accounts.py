@@ -32,6 +32,7 @@ import lmdb
 
 from storage.addresses import Address, AddressError, normalize_domain, parse_address, split_detail
 from storage.addresses import display_domain
+from storage.lmdbenv import open_databases
 
 MAX_PASSWORD_BYTES = 1024  # argon2 hashes any length; an attacker should not choose how much
 MIN_PASSWORD_CHARS = 8
@@ -121,9 +122,8 @@ class Accounts:
         # lmdb would create the directory with the file mode (no search bit): make it first.
         Path(path).mkdir(mode=0o700, exist_ok=True)
         self._env = lmdb.open(str(path), subdir=True, map_size=_MAP_SIZE, max_dbs=4, mode=0o600)
-        self._domains = self._env.open_db(b"domains")
-        self._users = self._env.open_db(b"users")
-        self._aliases = self._env.open_db(b"aliases")
+        databases = open_databases(self._env, ("domains", "users", "aliases"))
+        self._domains, self._users, self._aliases = (databases[n] for n in ("domains", "users", "aliases"))
         self._delimiter = recipient_delimiter
         self._hasher = hasher or argon2.PasswordHasher(type=argon2.Type.ID)
         self._dummy_hash: str | None = None

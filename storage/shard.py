@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from conf.logfmt import EventLogger
+from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
@@ -174,7 +175,7 @@ class Shard:
         index.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.env = lmdb.open(str(index), map_size=map_size, max_dbs=len(DATABASES) + 2, mode=0o600,
                              max_readers=1024, readahead=False)
-        self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        self.db = open_databases(self.env, DATABASES)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

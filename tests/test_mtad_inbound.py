@@ -3,6 +3,7 @@ smtplib, swaks and raw sockets; every stored result checked through the storage 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import smtplib
@@ -480,3 +481,46 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
     assert all(not __import__("os").path.exists(f"/proc/{pid}/cmdline") or
                b"--smtp-worker" not in open(f"/proc/{pid}/cmdline", "rb").read() for pid in workers)
     assert "smtp_workers=3" in daemon.stderr()
+
+
+def test_two_workers_delivering_to_fresh_shards_never_deadlock(write_config, tmp_path, cli, data_dir):
+    """Both processes open shards for the first time while the other commits to them: once,
+    py-lmdb's open_db held the GIL while waiting for the other process's writer lock, and
+    the two processes hung each other for good."""
+    from conftest import start_daemon
+
+    path = write_config("fresh_shards.toml", smtp={"workers": 2, "max_connections_per_ip": 200, "timeout": "20s"},
+                        storage={"shards": 16})
+    users = [f"u{i}@example.test" for i in range(16)]
+    assert cli("domain", "add", "example.test", config=path).returncode == 0
+    for user in users:
+        assert cli("user", "add", user, "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    daemon = start_daemon(path, tmp_path)
+    try:
+        time.sleep(1)  # the worker binds as it starts
+        # The load of bench/smtp_in.py that first hung it: 50 clients at once, every shard new.
+        async def client(i: int) -> int:
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            accepted = 0
+            try:
+                await reader.readline()
+                writer.write(b"EHLO bench.example.org\r\n")
+                while not (await reader.readline())[3:4] == b" ":
+                    pass
+                for j in range(10):
+                    writer.write(f"MAIL FROM:<b@example.org>\r\nRCPT TO:<{users[(i + j) % 16]}>\r\nDATA\r\n".encode())
+                    replies = [await reader.readline() for _ in range(3)]
+                    assert [r[:3] for r in replies] == [b"250", b"250", b"354"], replies
+                    writer.write(b"Subject: x\r\n\r\n" + b"y" * 4000 + b"\r\n.\r\n")
+                    accepted += (await reader.readline()).startswith(b"250")
+            finally:
+                writer.close()
+            return accepted
+
+        async def run() -> list[int]:
+            return await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(50))), 60)
+
+        address = daemon.listen("smtp.listen")
+        assert sum(asyncio.run(run())) == 500
+    finally:
+        assert daemon.stop() == 0
