@@ -579,6 +579,7 @@ def test_close_expunges_silently_and_unselect_does_not(server, user):
     client = login(server, user)
     client.select("INBOX")
     client.store("1:2", "+FLAGS.SILENT", "(\\Deleted)")
+    assert client.check() == ("OK", [b"CHECK completed"])  # a checkpoint; it expunges nothing
     client._simple_command("UNSELECT")
     assert server.store.mailbox(user, "INBOX").exists == 3
     client.select("INBOX")
