@@ -4,6 +4,7 @@ collaborators, binds its listeners, and returns something it can stop."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,18 +93,13 @@ def _imap_context(context):
 
 async def start_imap(context) -> TwistedListening:
     """IMAP on [imap] listen: STARTTLS when a certificate is configured."""
-    from imapd.protocol import IMAPFactory
-
-    imap = _imap_context(context)
-    return TwistedListening(listen(IMAPFactory(imap, implicit_tls=False), context.config.imap.listen))
+    return _listen_twisted("imapd.protocol", "IMAPFactory", _imap_context(context), context.config.imap.listen)
 
 
 async def start_imaps(context) -> TwistedListening:
     """IMAPS on [imap] listen_tls: TLS from the first byte (RFC 8314)."""
-    from imapd.protocol import IMAPFactory
-
-    imap = _imap_context(context)
-    return TwistedListening(listen(IMAPFactory(imap, implicit_tls=True), context.config.imap.listen_tls, imap.tls))
+    return _listen_twisted("imapd.protocol", "IMAPFactory", _imap_context(context), context.config.imap.listen_tls,
+                           implicit_tls=True)
 
 
 def _pop3_context(context):
@@ -123,18 +119,20 @@ def _pop3_context(context):
 
 async def start_pop3(context) -> TwistedListening:
     """POP3 on [pop3] listen: STLS when a certificate is configured (RFC 2595)."""
-    from pop3d.protocol import POP3Factory
-
-    pop3 = _pop3_context(context)
-    return TwistedListening(listen(POP3Factory(pop3, implicit_tls=False), context.config.pop3.listen))
+    return _listen_twisted("pop3d.protocol", "POP3Factory", _pop3_context(context), context.config.pop3.listen)
 
 
 async def start_pop3s(context) -> TwistedListening:
     """POP3S on [pop3] listen_tls: TLS from the first byte (RFC 8314)."""
-    from pop3d.protocol import POP3Factory
+    return _listen_twisted("pop3d.protocol", "POP3Factory", _pop3_context(context), context.config.pop3.listen_tls,
+                           implicit_tls=True)
 
-    pop3 = _pop3_context(context)
-    return TwistedListening(listen(POP3Factory(pop3, implicit_tls=True), context.config.pop3.listen_tls, pop3.tls))
+
+def _listen_twisted(module: str, factory_name: str, service, addresses, *, implicit_tls: bool = False
+                    ) -> TwistedListening:
+    # The factory is looked up here: `mtad` alone never imports Twisted, imapd or pop3d.
+    factory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
+    return TwistedListening(listen(factory, addresses, service.tls if implicit_tls else None))
 
 
 async def close_shared(context) -> None:
