@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store import COMMON, RARE, Corpus  # noqa: E402 - the same corpus as the store benchmark
+from workers import spread  # noqa: E402
 
 MAILBOX = "BENCH"
 
@@ -67,23 +68,7 @@ def median_time(fn, runs: int = 5) -> float:
 
 
 def logins_per_second(server: Server, count: int = 40, parallel: int = 4) -> float:
-    todo = iter(range(count))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                if next(todo, None) is None:
-                    return
-            server.login().logout()
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(parallel)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return count / (time.perf_counter() - start)
+    return count / spread(lambda i: server.login().logout(), count, parallel)
 
 
 def fill(server: Server, count: int) -> None:
@@ -94,31 +79,16 @@ def fill(server: Server, count: int) -> None:
     client.logout()
     if have >= count:
         return
-    corpus = Corpus()
-    todo = iter(range(have, count))
-    lock = threading.Lock()
-    started = time.perf_counter()
+    corpus, lock = Corpus(), threading.Lock()
 
-    def work() -> None:
-        connection = server.login()
-        while True:
-            with lock:
-                i = next(todo, None)
-                message = corpus.message(i, i % (count // 10 or 1) == 7) if i is not None else None
-            if i is None:
-                connection.logout()
-                return
-            flags = "(\\Seen)" if i % 10 else None
-            typ, data = connection.append(MAILBOX, flags, None, message)
-            if typ != "OK":
-                raise SystemExit(f"APPEND failed: {data}")
+    def append(i: int, connection: imaplib.IMAP4) -> None:
+        with lock:  # one seeded generator: the same corpus every run
+            message = corpus.message(have + i, (have + i) % (count // 10 or 1) == 7)
+        typ, data = connection.append(MAILBOX, "(\\Seen)" if (have + i) % 10 else None, None, message)
+        if typ != "OK":
+            raise SystemExit(f"APPEND failed: {data}")
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = spread(append, count - have, 8, setup=server.login, teardown=lambda c: c.logout())
     print(f"filled {MAILBOX} with {count - have} messages by APPEND in {elapsed:.0f} s "
           f"({(count - have) / elapsed:.0f} msgs/s)", flush=True)
 
@@ -134,27 +104,15 @@ def fill_store(config_path: str, user: str, count: int) -> None:
         if MAILBOX not in {m.name for m in store.mailboxes(user)}:
             store.create_mailbox(user, MAILBOX)
         have = store.mailbox(user, MAILBOX).exists
-        corpus = Corpus()
-        todo = iter(range(have, count))
-        lock = threading.Lock()
+        corpus, lock = Corpus(), threading.Lock()
 
-        def work() -> None:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                    message = corpus.message(i, i % (count // 10 or 1) == 7) if i is not None else None
-                if i is None:
-                    return
-                store.deliver([(user, MAILBOX)], message, flags=["\\Seen"] if i % 10 else [])
+        def deliver(i: int) -> None:
+            with lock:
+                message = corpus.message(have + i, (have + i) % (count // 10 or 1) == 7)
+            store.deliver([(user, MAILBOX)], message, flags=["\\Seen"] if (have + i) % 10 else [])
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=work) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
         if count > have:
-            elapsed = time.perf_counter() - started
+            elapsed = spread(deliver, count - have, 16)
             print(f"filled {MAILBOX} with {count - have} messages through the store in {elapsed:.0f} s", flush=True)
         store.build_index(user)
 
@@ -238,14 +196,15 @@ def main() -> None:
             raise SystemExit(f"UID FETCH returned {len(data)} of {exists}")
 
     print(f"UID FETCH 1:* (UID FLAGS): {median_time(fetch_flags) * 1000:.0f} ms", flush=True)
-    low = max(1, exists // 2)
+    high = min(exists, max(1, exists // 2) + 999)
+    low = max(1, high - 999)
 
     def fetch_envelopes() -> None:
-        typ, data = client.fetch(f"{low}:{low + 999}", "(ENVELOPE)")
+        typ, data = client.fetch(f"{low}:{high}", "(ENVELOPE)")
         if typ != "OK":
             raise SystemExit(f"FETCH ENVELOPE failed: {data}")
 
-    print(f"FETCH {low}:{low + 999} (ENVELOPE): {median_time(fetch_envelopes) * 1000:.0f} ms", flush=True)
+    print(f"FETCH {low}:{high} (ENVELOPE): {median_time(fetch_envelopes) * 1000:.0f} ms", flush=True)
     for word in (RARE, COMMON):
         found = 0
 

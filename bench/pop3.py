@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store import Corpus  # noqa: E402 - the same corpus as the store benchmark
+from workers import spread  # noqa: E402
 
 TERMINATOR = b"\r\n.\r\n"
 
@@ -93,27 +94,16 @@ class Client:
 
 def fill_smtp(smtp: str, user: str, count: int) -> None:
     host, _, port = smtp.rpartition(":")
-    corpus = Corpus()
-    todo = iter(range(count))
-    lock = threading.Lock()
+    corpus, lock = Corpus(), threading.Lock()
 
-    def work() -> None:
-        with smtplib.SMTP(host.strip("[]"), int(port), timeout=120) as client:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                    message = corpus.message(i, False) if i is not None else None
-                if i is None:
-                    return
-                client.sendmail("bench@example.org", [user], message)
+    def send(i: int, client: smtplib.SMTP) -> None:
+        with lock:  # one seeded generator: the same corpus every run
+            message = corpus.message(i, False)
+        client.sendmail("bench@example.org", [user], message)
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(f"filled with {count} messages by SMTP in {time.perf_counter() - started:.0f} s", flush=True)
+    elapsed = spread(send, count, 8, setup=lambda: smtplib.SMTP(host.strip("[]"), int(port), timeout=120),
+                     teardown=lambda client: client.quit())
+    print(f"filled with {count} messages by SMTP in {elapsed:.0f} s", flush=True)
 
 
 def fill_store(config_path: str, user: str, count: int) -> None:
@@ -124,26 +114,15 @@ def fill_store(config_path: str, user: str, count: int) -> None:
 
     config = conf.load(Path(config_path))
     with Store(open_data_dir(config.server.data_dir, config.storage.shards)) as store:
-        corpus = Corpus()
-        todo = iter(range(count))
-        lock = threading.Lock()
+        corpus, lock = Corpus(), threading.Lock()
 
-        def work() -> None:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                    message = corpus.message(i, False) if i is not None else None
-                if i is None:
-                    return
-                store.deliver([user], message)
+        def deliver(i: int) -> None:
+            with lock:
+                message = corpus.message(i, False)
+            store.deliver([user], message)
 
-        started = time.perf_counter()
-        threads = [threading.Thread(target=work) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(f"filled with {count} messages through the store in {time.perf_counter() - started:.0f} s", flush=True)
+        elapsed = spread(deliver, count, 16)
+        print(f"filled with {count} messages through the store in {elapsed:.0f} s", flush=True)
 
 
 def retrieve_all(client: Client, sizes: list[int], window: int) -> int:

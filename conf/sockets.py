@@ -1,6 +1,7 @@
 """Listening sockets for the configured addresses, the same for every daemon: IPv6 sockets
 IPv6-only (so `[::]:25` and `0.0.0.0:25` coexist), addresses reusable at once after a
-restart, and optionally a port several worker processes share (SO_REUSEPORT)."""
+restart, no Nagle delay, and optionally a port several worker processes share
+(SO_REUSEPORT)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> soc
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit it (Linux). Asyncio sets it on its own connections;
+        # Twisted does not, and Nagle's algorithm against the client's delayed ACK then
+        # holds back the last line of a reply for ~40 ms (an IMAP SELECT, a POP3 +OK).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
