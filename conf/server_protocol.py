@@ -17,9 +17,23 @@ class ServerFactory(Factory):
     def __init__(self, context, *, implicit_tls: bool):
         self.context = context
         self.implicit_tls = implicit_tls
+        self.live: set[ServerProtocol] = set()  # admitted connections, told when we stop
 
     def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
         return self.protocol(self)
+
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go;
+        returns once they are gone, or after `grace` seconds."""
+        for protocol in list(self.live):
+            protocol.log.info("shutdown")
+            protocol.transport.write(protocol.shutdown_reply())
+            protocol.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.live and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
 
 class ServerProtocol(Protocol):
     """What imapd's and pop3d's protocols share: the connection limit, a session id in
@@ -51,6 +65,9 @@ class ServerProtocol(Protocol):
     def timeout_reply(self) -> bytes:
         raise NotImplementedError
 
+    def shutdown_reply(self) -> bytes:
+        raise NotImplementedError
+
     def first_timeout(self) -> float:
         raise NotImplementedError
 
@@ -73,6 +90,7 @@ class ServerProtocol(Protocol):
             self.closing = True
             return
         self.counted = True
+        self.factory.live.add(self)
         self.transport.registerProducer(self, True)
         self._timer = reactor.callLater(self.first_timeout(), self._timed_out)
         self.log.info("connect", ip=self.peer, tls=self.tls)
@@ -80,6 +98,7 @@ class ServerProtocol(Protocol):
 
     def connectionLost(self, reason=None):  # noqa: N802
         self.closing = True
+        self.factory.live.discard(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.counted:

@@ -39,6 +39,9 @@ class IMAPProtocol(ServerProtocol):
     def timeout_reply(self) -> bytes:
         return b"* BYE autologout; idle for too long\r\n"
 
+    def shutdown_reply(self) -> bytes:
+        return b"* BYE [UNAVAILABLE] server shutting down, reconnect later\r\n"
+
     def first_timeout(self) -> float:
         # [imap] login_timeout in all before login, however the client trickles bytes (RFC
         # 3501 §5.4's 30 minutes are for authenticated sessions); then [imap] timeout idle.

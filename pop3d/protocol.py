@@ -36,6 +36,10 @@ class POP3Protocol(ServerProtocol):
     def timeout_reply(self) -> bytes:
         return err("autologout: idle for too long")
 
+    def shutdown_reply(self) -> bytes:
+        # RFC 1939: closing without QUIT deletes nothing, so the client loses no work.
+        return err("server shutting down, reconnect later", "SYS/TEMP")
+
     def first_timeout(self) -> float:
         return float(self.factory.context.config.pop3.timeout)
 

@@ -838,3 +838,20 @@ def test_a_client_that_does_not_log_in_in_time_is_told_and_dropped(write_config,
             assert 1.5 < time.monotonic() - started < 5
     finally:
         assert daemon.stop() == 0
+
+
+def test_clients_are_told_when_the_server_stops(write_config, tmp_path):
+    daemon = start_daemon(write_config(), tmp_path)
+    stopped = False
+    try:
+        address = daemon.listen("imap.listen_tls")
+        sock = client_tls_context(daemon.config).wrap_socket(
+            socket.create_connection((address.host, address.port), timeout=10), server_hostname=address.host)
+        with sock:
+            _read_until(sock, b"\r\n")
+            assert daemon.stop() == 0
+            stopped = True
+            assert b"* BYE [UNAVAILABLE] server shutting down" in _read_until(sock, b"reconnect later")
+    finally:
+        if not stopped:
+            daemon.stop()

@@ -466,3 +466,22 @@ def test_fetchmail_without_keep_empties_the_maildrop(pop, tmp_path):
     assert stored(pop) == []
     code, messages, said = fetchmail(pop, tmp_path, keep=False, implicit_tls=True)
     assert code == 1 and messages == [], said
+
+
+def test_a_session_is_told_when_the_server_stops_and_loses_no_mail(cli, config_path, tmp_path, data_dir):
+    add_users(cli)
+    daemon = start_daemon(config_path, tmp_path)
+    stopped = False
+    try:
+        deliver(daemon, b"Subject: kept\r\n\r\nstill here\r\n")
+        client = tls_client(daemon)
+        client.dele(1)  # marked, never committed: the server stops before QUIT
+        assert daemon.stop() == 0
+        stopped = True
+        with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
+            client.noop()
+    finally:
+        if not stopped:
+            daemon.stop()
+    with Store(open_data_dir(data_dir, 4)) as store:
+        assert len(store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])) == 1
