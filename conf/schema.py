@@ -121,6 +121,8 @@ class POP3Config:
     plaintext_auth: bool = False
     # RFC 1939 §3: an autologout timer of at least 10 minutes.
     timeout: Duration = field(default=Duration(600), metadata={"min": 600, "max": 86400})
+    # Before login a client has this long in all, however it trickles bytes.
+    login_timeout: Duration = field(default=Duration(120), metadata={"min": 1, "max": 3600})
     max_connections: int = field(default=1000, metadata={"min": 1, "max": 100_000})
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
     # RFC 2449 §6.5 LOGIN-DELAY: the least time between two logins of one user (0: any time).

@@ -10,6 +10,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from conf.logfmt import EventLogger, session_id
 
+CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
+
 
 class ServerFactory(Factory):
     """One listener of a Twisted daemon: its service context and whether TLS starts at once."""
@@ -55,6 +57,7 @@ class ServerProtocol(Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._timer = None
+        self._abort = None
         self._reading_paused = False
 
     # -- hooks --------------------------------------------------------------------------
@@ -99,6 +102,8 @@ class ServerProtocol(Protocol):
     def connectionLost(self, reason=None):  # noqa: N802
         self.closing = True
         self.factory.live.discard(self)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.counted:
@@ -109,7 +114,9 @@ class ServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self.log.info("timeout")
-        self.transport.write(self.timeout_reply())
+        reply = self.timeout_reply()
+        if reply:
+            self.transport.write(reply)
         self.close()
 
     def restart_timer(self, seconds: float) -> None:
@@ -141,11 +148,16 @@ class ServerProtocol(Protocol):
         self.log.info("starttls")
 
     def close(self) -> None:
+        """Close after what is written has gone out; a client that does not read it within
+        CLOSE_GRACE is cut off (its session must end: a POP3 maildrop lock goes with it)."""
         if not self.closing:
+            from twisted.internet import reactor
+
             self.closing = True
             # A registered producer keeps a TLS transport open until it is unregistered.
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+            self._abort = reactor.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     # -- IPushProducer: the transport says when its write buffer is full ---------------
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import datetime
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -438,6 +439,10 @@ class Session:
         message: bytes = args["message"]
         if not message:
             raise bad("empty message")
+        if b"\n" in message.replace(b"\r\n", b""):
+            # Lines end in CRLF in IMAP (RFC 3501 §2.3.1.1) and in the store, where sizes,
+            # POP3's dot-stuffing and BODY[] byte ranges count on it: a bare LF becomes CRLF.
+            message = _BARE_LF.sub(b"\r\n", message)
         if len(message) > self.max_message_size():
             raise no("message is larger than APPENDLIMIT", "TOOBIG")
         date: datetime.datetime | None = args.get("date")
@@ -848,6 +853,7 @@ class _Done(Exception):
 
 
 _SEEN_BIT = maildir.SEEN
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
 
 

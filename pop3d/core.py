@@ -477,10 +477,9 @@ class POP3Core:
             authzid, authcid, password = decoded.split(b"\0")
             user, secret = authcid.decode(), password.decode()
         except (binascii.Error, ValueError, UnicodeDecodeError):
-            return self._error("malformed AUTH PLAIN response")
+            return self.login_refused("malformed AUTH PLAIN response", None)
         if authzid and authzid != authcid:
-            self.login_failures += 1
-            return self._error("acting as another user is not allowed", AUTH)
+            return self.login_refused("acting as another user is not allowed")
         return Authenticate(user, secret, "PLAIN")
 
     def _cmd_stls(self, rest: str) -> Event:

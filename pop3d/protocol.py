@@ -34,14 +34,18 @@ class POP3Protocol(ServerProtocol):
         return err("too many connections, try again later", "SYS/TEMP")
 
     def timeout_reply(self) -> bytes:
-        return err("autologout: idle for too long")
+        # RFC 1939 §3: on autologout the server closes "without removing any messages or
+        # sending any response" (a reply could land in the middle of a message body).
+        return b""
 
     def shutdown_reply(self) -> bytes:
         # RFC 1939: closing without QUIT deletes nothing, so the client loses no work.
         return err("server shutting down, reconnect later", "SYS/TEMP")
 
     def first_timeout(self) -> float:
-        return float(self.factory.context.config.pop3.timeout)
+        # [pop3] login_timeout in all before login, however the client trickles bytes;
+        # then [pop3] timeout (RFC 1939 §3: at least 10 minutes) from the last activity.
+        return float(self.factory.context.config.pop3.login_timeout)
 
     def started(self) -> None:
         self.session = Session(self.factory.context, self, self.sid, implicit_tls=self.tls)
@@ -53,7 +57,8 @@ class POP3Protocol(ServerProtocol):
             self.log.info("disconnect", user=self.session.user, state=self.session.core.state)
 
     def _touch(self) -> None:
-        self.restart_timer(float(self.factory.context.config.pop3.timeout))
+        if self.session is not None and self.session.user is not None:
+            self.restart_timer(float(self.factory.context.config.pop3.timeout))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -68,7 +73,9 @@ class POP3Protocol(ServerProtocol):
     def _pump(self) -> None:
         assert self.session is not None
         core = self.session.core
-        while not self.closing and not self.busy:
+        # While the client does not read our replies, its next commands wait unparsed (and
+        # reading pauses past READ_AHEAD): pipelined commands cannot pile replies up here.
+        while not self.closing and not self.busy and self.writable():
             event = core.next_event()
             if event is None:
                 break
@@ -103,6 +110,11 @@ class POP3Protocol(ServerProtocol):
 
     def start_tls(self) -> None:
         self.start_tls_now()
+
+    def resumeProducing(self):  # noqa: N802 - the client reads again: answer its next commands
+        super().resumeProducing()
+        if not self.busy and self.session is not None:
+            self._pump()
 
 
 class POP3Factory(ServerFactory):

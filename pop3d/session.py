@@ -99,6 +99,7 @@ class Session:
         self.lock: MaildropLock | None = None
         self.retrieved = 0  # messages sent whole by RETR
         self.ended = False
+        self.updating = False  # QUIT's removals are running: the lock is theirs to release
         self._seen: list[int] = []
         self._seen_task: asyncio.Task | None = None
         self._seen_now = asyncio.Event()  # stop waiting for more: QUIT, or the connection ended
@@ -212,6 +213,8 @@ class Session:
                         break
                     await self.conn.drain()
                     chunk = await self.context.run(file.read, CHUNK)
+            except ConnectionError:
+                raise  # the client left: no disk fault to report
             except OSError as e:
                 self.log.error("read_failed", uid=event.uid, error=str(e))
                 raise _Broken() from None
@@ -259,28 +262,37 @@ class Session:
                 except asyncio.TimeoutError:
                     pass
             uids, self._seen = self._seen, []
-            try:
-                await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add", ["\\Seen"])
-            except Exception:
-                self.log.error("seen_failed", exc_info=True, count=len(uids))
+            for attempt in (1, 2):  # a passing store fault gets one more try
+                try:
+                    await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add",
+                                           ["\\Seen"])
+                    break
+                except Exception:
+                    self.log.error("seen_failed", exc_info=True, count=len(uids), attempt=attempt)
 
     # -- UPDATE --------------------------------------------------------------------------------
 
     async def _update(self, event: Update) -> Event:
         assert self.user is not None
-        self._seen_now.set()
-        if self._seen_task is not None:
-            await self._seen_task
+        # The maildrop stays locked until UPDATE is over (RFC 1939 §8), even if the client
+        # hangs up right after QUIT: end() leaves the lock to us.
+        self.updating = True
         try:
-            removed = await self.context.run(self.context.store.remove, self.user, INBOX, event.uids) if event.uids \
-                else []
-        except (StoreError, OSError):
-            self.log.error("update_failed", exc_info=True, deleted=len(event.uids))
-            outcome = self.core.updated(None)
-        else:
-            self.log.info("quit", retrieved=self.retrieved, deleted=len(removed))
-            outcome = self.core.updated(len(removed))
-        self._release()
+            self._seen_now.set()
+            if self._seen_task is not None:
+                await self._seen_task
+            try:
+                removed = await self.context.run(self.context.store.remove, self.user, INBOX, event.uids) \
+                    if event.uids else []
+            except (StoreError, OSError):
+                self.log.error("update_failed", exc_info=True, deleted=len(event.uids))
+                outcome = self.core.updated(None)
+            else:
+                self.log.info("quit", retrieved=self.retrieved, deleted=len(removed))
+                outcome = self.core.updated(len(removed))
+        finally:
+            self.updating = False
+            self._release()
         return outcome
 
     # -- the end -------------------------------------------------------------------------------
@@ -290,7 +302,8 @@ class Session:
         Nothing is deleted; \\Seen writes already queued finish on their own."""
         self.ended = True
         self._seen_now.set()
-        self._release()
+        if not self.updating:
+            self._release()
 
     def _release(self) -> None:
         if self.lock is not None:

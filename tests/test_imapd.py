@@ -610,6 +610,16 @@ def test_fetch_macros_and_rfc822_items(server, user):
     client.logout()
 
 
+def test_append_turns_bare_lf_into_crlf(server, user):
+    message = b"Subject: lf\n\nline1\n.\nline3\r\nend\n"  # as a raw client may send it (imaplib would fix it)
+    reply = raw(server, [b"a1 APPEND INBOX {%d+}\r\n" % len(message), message, b"\r\n"], until=b"a1 ",
+                login_as=user)
+    assert b"a1 OK" in reply
+    stored = server.store.fetch(user, "INBOX", [(1, 1)])[0]
+    assert server.store.read_message(stored) == b"Subject: lf\r\n\r\nline1\r\n.\r\nline3\r\nend\r\n"
+    assert stored.size == len(b"Subject: lf\r\n\r\nline1\r\n.\r\nline3\r\nend\r\n")
+
+
 def test_append_with_non_synchronizing_literal(server, user):
     message = b"Subject: plus\r\n\r\nsent without waiting\r\n"
     reply = raw(server, [b"a1 APPEND INBOX (\\Flagged) {%d+}\r\n" % len(message), message, b"\r\n",

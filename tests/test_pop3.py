@@ -485,3 +485,49 @@ def test_a_session_is_told_when_the_server_stops_and_loses_no_mail(cli, config_p
             daemon.stop()
     with Store(open_data_dir(data_dir, 4)) as store:
         assert len(store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])) == 1
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded(pop):
+    for i in range(500):
+        pop.store.deliver([ALICE], f"Subject: {i}\r\n\r\nbody\r\n".encode())
+    before = _rss_kib(pop.process.pid)
+    address = pop.listen("pop3.listen_tls")
+    sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
+                                        server_hostname=address.host)
+    with sock:
+        sock.recv(1000)
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+        time.sleep(1)
+        sock.sendall(b"UIDL\r\n" * 20_000)  # ~10 KB of reply each, never read
+        time.sleep(3)
+        grown = _rss_kib(pop.process.pid) - before
+    assert grown < 30_000, f"daemon grew {grown} KiB for a client that does not read"
+    client = login_when_free(pop)  # and the maildrop is free again once it is gone
+    assert client.stat()[0] == 500
+    client.quit()
+
+
+def test_a_client_that_does_not_log_in_in_time_is_dropped(write_config, tmp_path):
+    daemon = start_daemon(write_config("login_timeout.toml", pop3={"login_timeout": "2s"}), tmp_path)
+    try:
+        address = daemon.listen("pop3.listen")
+        with socket.create_connection((address.host, address.port), timeout=10) as sock:
+            started = time.monotonic()
+            assert sock.recv(200).startswith(b"+OK")
+            for _ in range(3):  # trickling commands does not buy time before login
+                time.sleep(0.5)
+                sock.sendall(b"NOOP\r\n")
+            received = b""
+            while chunk := sock.recv(1000):
+                received += chunk
+            assert 1.5 < time.monotonic() - started < 5
+            assert b"autologout" not in received  # RFC 1939: closed without a response
+    finally:
+        assert daemon.stop() == 0
