@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import datetime
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -821,7 +822,7 @@ class Session:
     async def call(self, fn, *args, **kwargs):
         """A store call in a thread, its errors turned into IMAP answers."""
         try:
-            return await self.context.run(_with_kwargs(fn, kwargs), *args)
+            return await self.context.run(functools.partial(fn, **kwargs) if kwargs else fn, *args)
         except MailboxNotFoundError as e:
             raise no(str(e), "NONEXISTENT") from None
         except MailboxExistsError as e:
@@ -855,12 +856,6 @@ class _Done(Exception):
 _SEEN_BIT = maildir.SEEN
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
-
-
-def _with_kwargs(fn, kwargs):
-    if not kwargs:
-        return fn
-    return lambda *args: fn(*args, **kwargs)
 
 
 def _state_phrase(state: str) -> str:
