@@ -438,7 +438,6 @@ def fetchmail(daemon, tmp_path: Path, *, keep: bool, implicit_tls: bool) -> tupl
     return result.returncode, [p.read_bytes() for p in new], result.stdout + result.stderr
 
 
-@pytest.mark.skipif(not Path("/usr/bin/fetchmail").exists(), reason="fetchmail not installed (make install does)")
 @pytest.mark.parametrize("implicit_tls", [True, False], ids=["pop3s", "stls"])
 def test_fetchmail_with_keep_leaves_mail_and_fetches_it_once(pop, tmp_path, implicit_tls):
     deliver(pop, DOTTED)
@@ -455,7 +454,6 @@ def test_fetchmail_with_keep_leaves_mail_and_fetches_it_once(pop, tmp_path, impl
     assert code == 1 and messages == [], said  # 1: no new mail (UIDL remembered what it had)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/fetchmail").exists(), reason="fetchmail not installed (make install does)")
 def test_fetchmail_without_keep_empties_the_maildrop(pop, tmp_path):
     for i in range(3):
         deliver(pop, f"Subject: {i}\r\n\r\n.body {i}\r\n".encode())
