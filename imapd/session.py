@@ -823,20 +823,9 @@ class Session:
         """A store call in a thread, its errors turned into IMAP answers."""
         try:
             return await self.context.run(functools.partial(fn, **kwargs) if kwargs else fn, *args)
-        except MailboxNotFoundError as e:
-            raise no(str(e), "NONEXISTENT") from None
-        except MailboxExistsError as e:
-            raise no(str(e), "ALREADYEXISTS") from None
-        except QuotaExceededError as e:
-            raise no(str(e), "OVERQUOTA") from None
-        except FlagError as e:
-            raise bad(str(e)) from None
-        except MailboxNameError as e:
-            raise no(str(e), "CANNOT") from None
-        except MailboxLimitError as e:
-            raise no(str(e), "LIMIT") from None
-        except MailboxError as e:
-            raise no(str(e), "CANNOT") from None
+        except tuple(STORE_ANSWERS) as e:
+            status, code = next(answer for kind, answer in STORE_ANSWERS.items() if isinstance(e, kind))
+            raise Answer(status, str(e), code) from None
         except StoreError as e:
             self.log.error("store_failed", error=str(e))
             raise no("temporary failure, try again", "UNAVAILABLE") from None
@@ -853,6 +842,17 @@ class _Done(Exception):
     """The command has answered itself (STARTTLS)."""
 
 
+# The store's errors as IMAP answers, most specific first; str() of each is safe to show.
+# Any other StoreError is a fault on our side: logged, and answered NO [UNAVAILABLE].
+STORE_ANSWERS: dict[type[Exception], tuple[str, str | None]] = {
+    MailboxNotFoundError: ("NO", "NONEXISTENT"),
+    MailboxExistsError: ("NO", "ALREADYEXISTS"),
+    MailboxLimitError: ("NO", "LIMIT"),
+    QuotaExceededError: ("NO", "OVERQUOTA"),
+    FlagError: ("BAD", None),
+    MailboxNameError: ("NO", "CANNOT"),
+    MailboxError: ("NO", "CANNOT"),
+}
 _SEEN_BIT = maildir.SEEN
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
