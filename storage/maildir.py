@@ -61,18 +61,15 @@ def make_dirs(mailbox_dir: Path) -> None:
         (mailbox_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
-def write_tmp(mailbox_dir: Path, chunks: list[bytes], mtime: float | None = None) -> tuple[Path, str]:
-    """Write the chunks to a new file in tmp/ and fsync it; returns (path, base name). The
-    file's mtime is the message's internal date (as Dovecot keeps it), for `store rebuild`."""
-    base = new_base()
-    path = mailbox_dir / "tmp" / base
+def write_file(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """Write a new message file (in tmp/, named by new_base()) and fsync it. The file's
+    mtime is the message's internal date (as Dovecot keeps it), for `store rebuild`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
         os.fsync(fd)
@@ -81,7 +78,6 @@ def write_tmp(mailbox_dir: Path, chunks: list[bytes], mtime: float | None = None
         os.unlink(path)
         raise
     os.close(fd)
-    return path, base
 
 
 def write_meta(mailbox_dir: Path, meta: dict) -> None:

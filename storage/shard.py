@@ -158,10 +158,13 @@ class Batch:
 
 
 class _Request:
-    __slots__ = ("fn", "done", "result", "error")
+    __slots__ = ("fn", "before", "on_done", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[lmdb.Transaction, Batch], Any]):
+    def __init__(self, fn: Callable[[lmdb.Transaction, Batch], Any], before: Callable[[], None] | None,
+                 on_done: Callable[[_Request], None] | None):
         self.fn = fn
+        self.before = before
+        self.on_done = on_done
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -204,9 +207,16 @@ class Shard:
         """Run fn(txn, batch) in the next commit batch; return its result once durable."""
         return self.wait(self.submit(fn))
 
-    def submit(self, fn: Callable[[lmdb.Transaction, Batch], Any]) -> _Request:
-        """Queue fn for the next batch without waiting: several submits can share a commit."""
-        request = _Request(fn)
+    def submit(self, fn: Callable[[lmdb.Transaction, Batch], Any], *, before: Callable[[], None] | None = None,
+               on_done: Callable[[_Request], None] | None = None) -> _Request:
+        """Queue fn for the next batch without waiting: several submits can share a commit.
+
+        `before` is file work that must be durable before fn runs (writing and fsyncing a
+        message to tmp/): the committer runs the batch's `before`s side by side, so their
+        fsyncs share journal commits, and a failing one fails its request alone.
+        `on_done(request)` is called, in the committer's thread, once the request is
+        settled: a caller that must not block (an event loop) learns it so."""
+        request = _Request(fn, before, on_done)
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -239,16 +249,21 @@ class Shard:
             self._fsync_pool.shutdown()
         self.env.close()
 
-    def _fsync_dirs(self, directories: set[Path]) -> None:
-        # Issued together, concurrent fsyncs join one journal commit instead of queueing.
-        if len(directories) <= 1:
-            for directory in directories:
-                fsync_dir(directory)
+    def _side_by_side(self, fn: Callable[[Any], None], items: list) -> None:
+        """fn(item) for each item, in up to FSYNC_THREADS threads: fsyncs issued together join
+        one journal commit instead of queueing."""
+        if len(items) <= 1:
+            for item in items:
+                fn(item)
             return
         if self._fsync_pool is None:
             self._fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix=f"fsync-{self.number}")
-        for future in [self._fsync_pool.submit(fsync_dir, d) for d in directories]:
+        lanes = min(len(items), FSYNC_THREADS)
+        for future in [self._fsync_pool.submit(_each, fn, items[i::lanes]) for i in range(lanes)]:
             future.result()
+
+    def _fsync_dirs(self, directories: set[Path]) -> None:
+        self._side_by_side(fsync_dir, list(directories))
 
     def _commit_loop(self) -> None:
         idle_due = True  # look for left-over work once at start
@@ -299,8 +314,11 @@ class Shard:
     def _commit(self, requests: list[_Request]) -> None:
         batch = Batch()
         try:
+            self._side_by_side(_run_before, [r for r in requests if r.before is not None])
             with self.env.begin(write=True) as txn:
                 for request in requests:
+                    if request.error is not None:
+                        continue
                     mark = batch.mark()
                     child = self.env.begin(write=True, parent=txn)
                     try:
@@ -326,6 +344,23 @@ class Shard:
         finally:
             for request in requests:
                 request.done.set()
+                if request.on_done is not None:
+                    try:
+                        request.on_done(request)
+                    except Exception:  # the caller's callback: it must not stop the committer
+                        _log.error("on_done_failed", exc_info=True, shard=self.number)
+
+
+def _run_before(request: _Request) -> None:
+    try:
+        request.before()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller
+        request.error = e
+
+
+def _each(fn: Callable[[Any], None], items: list) -> None:
+    for item in items:
+        fn(item)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -2,7 +2,9 @@
 
 An account lives in one shard, chosen by a stable hash of its address modulo the shard
 count recorded in the data dir. Every method is synchronous and thread-safe; asyncio and
-Twisted callers run them in a thread. Writes return once durable (file fsynced and renamed,
+Twisted callers run them in a thread. The one exception, start_delivery, hands its work to
+the shards' committers and reports through a callback, for an event loop that delivers
+many small messages a second. Writes return once durable (file fsynced and renamed,
 directory fsynced, index committed with fsync); concurrent writes to a shard share a commit.
 Mailboxes are named with "/" as separator; messages are addressed by UID ranges, never by
 sequence numbers (those belong to an IMAP session).
@@ -10,6 +12,7 @@ sequence numbers (those belong to an IMAP session).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -105,6 +108,15 @@ class Store:
                 return
         shard.write(lambda txn, batch: mailboxes.ensure_account(txn, shard, batch, account))
 
+    def accounts_ready(self, accounts: Iterable[str]) -> bool:
+        """Every account exists in the store (delivery to it will not stop to create it)."""
+        for account in accounts:
+            shard = self.shard(account)
+            with shard.read() as txn:
+                if not mailboxes.account_exists(txn, shard, account):
+                    return False
+        return True
+
     def mailboxes(self, account: str) -> list[Mailbox]:
         self.ensure_account(account)
         shard = self.shard(account)
@@ -177,6 +189,27 @@ class Store:
         """Store `raw` once in each distinct (account, mailbox) target ("account" alone is its
         INBOX). Returns when every copy is durable; DeliveryError if any failed (the
         `delivered` ones are durable all the same)."""
+        settled = threading.Event()
+        outcome: list = []
+
+        def done(delivered: list[Delivered], errors: list) -> None:
+            outcome.extend((delivered, errors))
+            settled.set()
+
+        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done)
+        settled.wait()
+        delivered, errors = outcome
+        if errors:
+            raise DeliveryError(delivered, errors)
+        return delivered
+
+    def start_delivery(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *,
+                       on_done: Callable[[list[Delivered], list[tuple[tuple[str, str], BaseException]]], None],
+                       flags: Iterable[str] = (), internal_date: float | None = None) -> None:
+        """deliver() without waiting: the message is parsed here, and the shards' committers
+        write, fsync and index it; `on_done(delivered, errors)` is called once every target
+        is settled, in a committer's thread (or in this one, when no target got that far).
+        It blocks only to create an account's default mailboxes on its first delivery."""
         bits, keywords = messages.parse_flags(flags)
         if internal_date is not None and not -2**62 < internal_date < 2**62:
             raise ValueError(f"internal date out of range: {internal_date}")
@@ -187,31 +220,20 @@ class Store:
         texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
-        pending = []
-        errors: list[tuple[tuple[str, str], BaseException]] = []
-        for account, name in wanted:
+        delivery = _Delivery(len(wanted), on_done)
+        for index, (account, name) in enumerate(wanted):
             try:
                 shard = self.shard(account)
                 mailbox_id = self._mailbox_id(shard, account, name)
-                tmp, base = maildir.write_tmp(shard.mailbox_dir(account, mailbox_id), [raw], meta["d"])
-                quota = self.quota(account)
+                base = maildir.new_base()
+                tmp = shard.mailbox_dir(account, mailbox_id) / "tmp" / base
                 record = messages.prepare_meta(meta, base, len(raw))
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
-                                quota)
-                pending.append(((account, name), shard, shard.submit(fn), tmp))
+                                self.quota(account))
+                shard.submit(fn, before=functools.partial(maildir.write_file, tmp, raw, meta["d"]),
+                             on_done=functools.partial(delivery.settle_request, index, (account, name), tmp))
             except (StoreError, ValueError, OSError) as e:
-                errors.append(((account, name), e))
-        delivered = []
-        for target, shard, request, tmp in pending:
-            try:
-                uidvalidity, uid = shard.wait(request)
-                delivered.append(Delivered(target[0], target[1], uidvalidity, uid))
-            except BaseException as e:  # noqa: BLE001 - reported per target
-                _unlink_quietly(tmp)
-                errors.append((target, e))
-        if errors:
-            raise DeliveryError(delivered, errors)
-        return delivered
+                delivery.settle(index, (account, name), error=e)
 
     def append(self, account: str, mailbox: str, raw: bytes, *, flags: Iterable[str] = (),
                internal_date: float | None = None) -> Delivered:
@@ -376,8 +398,44 @@ def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str
     return fn
 
 
+class _Delivery:
+    """The targets of one message in flight; on_done is called once all are settled."""
+
+    def __init__(self, count: int, on_done: Callable) -> None:
+        self._lock = threading.Lock()
+        self._left = count
+        self._delivered: list[tuple[int, Delivered]] = []
+        self._errors: list[tuple[int, tuple[str, str], BaseException]] = []
+        self._on_done = on_done
+        if not count:
+            on_done([], [])
+
+    def settle_request(self, index: int, target: tuple[str, str], tmp: Path, request) -> None:
+        if request.error is not None:
+            try:
+                _unlink_quietly(tmp)  # written, or renamed back by the failed batch
+            finally:
+                self.settle(index, target, error=request.error)
+        else:
+            uidvalidity, uid = request.result
+            self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid))
+
+    def settle(self, index: int, target: tuple[str, str], delivered: Delivered | None = None,
+               error: BaseException | None = None) -> None:
+        with self._lock:
+            if error is not None:
+                self._errors.append((index, target, error))
+            else:
+                self._delivered.append((index, delivered))
+            self._left -= 1
+            if self._left:
+                return
+        self._on_done([d for _, d in sorted(self._delivered, key=lambda x: x[0])],
+                      [(t, e) for _, t, e in sorted(self._errors, key=lambda x: x[0])])
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:  # never written, or its directory is gone: an orphan `store check` finds
         pass
