@@ -2,11 +2,11 @@
 
 Writes go through one committer thread per shard and process (group commit): callers hand
 it a function of a write transaction; it runs every request that is waiting in ONE LMDB
-transaction (each in a nested transaction, so one failing request cannot spoil the
-others), fsyncs the directories the requests renamed files into, commits with fsync, and
-only then wakes the callers. Concurrent deliveries so share one commit and one fsync per
-directory. Across processes, LMDB's writer lock serializes the committers of mtad, imapd
-and the CLI; readers never wait.
+transaction (should one fail, the batch runs again with each request in a nested
+transaction, so that it cannot spoil the others), fsyncs the directories the requests
+renamed files into, commits with fsync, and only then wakes the callers. Concurrent
+deliveries so share one commit and one fsync per directory. Across processes, LMDB's
+writer lock serializes the committers of mtad, imapd and the CLI; readers never wait.
 
 File operations that must be durable before the commit (a message renamed from tmp/ into
 cur/) are made inside the batch and registered with `Batch.undo`, so a failed batch takes
@@ -312,13 +312,54 @@ class Shard:
             return False
 
     def _commit(self, requests: list[_Request]) -> None:
-        batch = Batch()
         try:
             self._side_by_side(_run_before, [r for r in requests if r.before is not None])
+            live = [r for r in requests if r.error is None]
+            if live and not self._run_together(live):
+                self._run_nested(live)
+        finally:
+            for request in requests:
+                request.done.set()
+                if request.on_done is not None:
+                    try:
+                        request.on_done(request)
+                    except Exception:  # the caller's callback: it must not stop the committer
+                        _log.error("on_done_failed", exc_info=True, shard=self.number)
+
+    def _run_together(self, requests: list[_Request]) -> bool:
+        """The batch in one transaction, as it nearly always succeeds: without a nested
+        transaction per request (LMDB maps 2 MiB for each, and unmapping it interrupts every
+        CPU). False, with nothing changed, when a request failed among others: they must
+        then run again, each on its own."""
+        batch = Batch()
+        failed: tuple[_Request, BaseException] | None = None
+        try:
             with self.env.begin(write=True) as txn:
                 for request in requests:
-                    if request.error is not None:
-                        continue
+                    try:
+                        request.result = request.fn(txn, batch)
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        failed = (request, e)
+                        raise
+                self._fsync_dirs(batch.sync_dirs)
+        except BaseException as e:  # noqa: BLE001 - a request's error, or the commit's
+            batch.rollback()
+            if failed is None:
+                _fail(requests, e)
+            elif len(requests) == 1:
+                failed[0].error = failed[1]
+            else:
+                return False
+            return True
+        _run_after_commit(batch)
+        return True
+
+    def _run_nested(self, requests: list[_Request]) -> None:
+        """Each request in a nested transaction, so that one failing cannot spoil the others."""
+        batch = Batch()
+        try:
+            with self.env.begin(write=True) as txn:
+                for request in requests:
                     mark = batch.mark()
                     child = self.env.begin(write=True, parent=txn)
                     try:
@@ -329,26 +370,26 @@ class Shard:
                         batch.rollback(mark)
                         request.error = e
                 self._fsync_dirs(batch.sync_dirs)
-            for action in batch.after_commit:
-                try:
-                    action()
-                except OSError:
-                    pass  # a file left behind is an orphan `store check` reports
         except BaseException as e:  # noqa: BLE001 - the whole batch failed to commit
             batch.rollback()
-            for request in requests:
-                if request.error is None:
-                    error = StoreError(f"commit failed: {e.__class__.__name__}: {e}")
-                    error.__cause__ = e
-                    request.error = error
-        finally:
-            for request in requests:
-                request.done.set()
-                if request.on_done is not None:
-                    try:
-                        request.on_done(request)
-                    except Exception:  # the caller's callback: it must not stop the committer
-                        _log.error("on_done_failed", exc_info=True, shard=self.number)
+            _fail([r for r in requests if r.error is None], e)
+            return
+        _run_after_commit(batch)
+
+
+def _fail(requests: list[_Request], cause: BaseException) -> None:
+    for request in requests:
+        error = StoreError(f"commit failed: {cause.__class__.__name__}: {cause}")
+        error.__cause__ = cause
+        request.error = error
+
+
+def _run_after_commit(batch: Batch) -> None:
+    for action in batch.after_commit:
+        try:
+            action()
+        except OSError:
+            pass  # a file left behind is an orphan `store check` reports
 
 
 def _run_before(request: _Request) -> None:

@@ -269,6 +269,53 @@ def test_concurrent_deliveries_share_commits(store):
     assert commits < 320 / 2, f"{commits} commits for 320 deliveries: no batching"
 
 
+def test_a_request_failing_in_a_shared_batch_spoils_none_of_the_others(data_dir):
+    """Requests that wait together share one commit; one refused (over quota) fails alone,
+    and the others are stored exactly once."""
+    full, other = "user0@example.test", "user3@example.test"  # both in shard 0 (EXPECTED_SHARDS)
+    limits = {full: Quota(0, 1)}
+    with Store(open_data_dir(data_dir, 4), quota_of=lambda a: limits.get(a, Quota(0))) as store:
+        store.deliver([full], message("fills the quota"))
+        store.ensure_account(other)
+        shard = store.shard(full)
+        assert shard is store.shard(other)
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold(txn, batch):  # keeps the committer busy while the three queue up
+            entered.set()
+            gate.wait(10)
+
+        holding = shard.submit(hold)
+        assert entered.wait(10)
+        outcomes: dict[str, tuple] = {}
+        settled = threading.Semaphore(0)
+
+        def start(name: str, account: str) -> None:
+            def done(delivered, errors):
+                outcomes[name] = (delivered, errors)
+                settled.release()
+
+            store.start_delivery([account], message(name), on_done=done)
+
+        start("first", other)
+        start("refused", full)
+        start("second", other)
+        commits = shard.last_commit()
+        gate.set()
+        shard.wait(holding)
+        for _ in range(3):
+            assert settled.acquire(timeout=10)
+        assert [d.uid for d in outcomes["first"][0]] == [1] and outcomes["first"][1] == []
+        assert [d.uid for d in outcomes["second"][0]] == [2] and outcomes["second"][1] == []
+        assert outcomes["refused"][0] == []
+        assert [type(e) for _, e in outcomes["refused"][1]] == [QuotaExceededError]
+        assert shard.last_commit() - commits == 1  # one for all three (the holder wrote nothing)
+        subjects = [m.envelope["subject"] for m in store.fetch(other, "INBOX", ALL)]
+        assert subjects == ["first", "second"]
+        assert [m.envelope["subject"] for m in store.fetch(full, "INBOX", ALL)] == ["fills the quota"]
+        assert check(store) == []  # no file left behind in tmp/ or cur/
+
+
 def test_check_is_clean_then_rebuild_recovers_from_files_alone(store, data_dir):
     for i in range(5):
         store.deliver([ALICE], message(str(i)), internal_date=1_700_000_000.0 + i)
