@@ -437,6 +437,22 @@ class Session:
         progressed = False
         chunk = bytearray()
         while self._state == "data":
+            if self._data_line_start and not self._txn.in_headers:
+                # The body, past the headers: whole lines at once rather than one by one.
+                if self._in.startswith(b".\r\n"):
+                    del self._in[:3]
+                    progressed = True
+                    self._flush(chunk)
+                    self._finish()
+                    break
+                stop = self._in.find(b"\r\n.\r\n")
+                cut = stop + 2 if stop >= 0 else self._in.rfind(b"\r\n") + 2
+                if cut >= 2:
+                    block = bytes(self._in[:cut])
+                    del self._in[:cut]
+                    self._take_lines(block, chunk)
+                    progressed = True
+                    continue
             end = self._in.find(b"\r\n")
             if end < 0:
                 if len(self._in) <= PARTIAL_LINE:
@@ -478,6 +494,25 @@ class Session:
             txn.too_big = True
         if not txn.too_big and not txn.bare_lf:
             chunk += piece
+            if len(chunk) >= 65536:
+                self._flush(chunk)
+
+    def _take_lines(self, block: bytes, chunk: bytearray) -> None:
+        """Complete body lines (the block starts a line and ends with CRLF, and holds no
+        end-of-data line): what _take does line by line, with C-speed bytes methods."""
+        txn = self._txn
+        ends = block.count(b"\r\n")
+        if block.count(b"\r") != ends or block.count(b"\n") != ends:
+            txn.bare_lf = True  # a CR or LF that is not part of a CRLF
+        if block.startswith(b"."):
+            block = block[1:]
+        if b"\r\n." in block:
+            block = block.replace(b"\r\n.", b"\r\n")
+        txn.size += len(block)
+        if txn.size > self.config.max_message_size:
+            txn.too_big = True
+        if not txn.too_big and not txn.bare_lf:
+            chunk += block
             if len(chunk) >= 65536:
                 self._flush(chunk)
 

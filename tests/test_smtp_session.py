@@ -39,12 +39,12 @@ class Adapter:
         self.closed = False
         self.tls_started = 0
 
-    def feed(self, data: bytes, fragments: bool = False, seed: int = 0) -> str:
+    def feed(self, data: bytes, fragments: bool = False, seed: int = 0, max_fragment: int = 10) -> str:
         rng = random.Random(seed)
         pieces = []
         i = 0
         while i < len(data):
-            n = rng.randint(1, 10) if fragments else len(data)
+            n = rng.randint(1, max_fragment) if fragments else len(data)
             pieces.append(data[i:i + n])
             i += n
         start = len(self.wire)
@@ -162,6 +162,38 @@ def test_only_crlf_dot_crlf_ends_data(smuggled, fragments):
     assert adapter.messages == []
     assert not any(isinstance(e, RcptTo) and "smuggled" in e.address for e in adapter.asked)
     assert [e.address for e in adapter.asked if isinstance(e, MailFrom)] == ["a@b.example"]
+
+
+LINES = [b"Received: from a.example", b"RECEIVED: by b", b"Subject: s", b"X-Other: y", b"", b".", b"..", b".x",
+         b"plain text", b"x" * 120, b"tab\there", b"8bit \xc3\xa9", b" folded"]
+BARE = [b"bare\nlf", b"bare\rcr", b"ends in cr\r", b"\n", b"a\r\rb", b"\n.\n", b"\r.\r"]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_data_matches_the_rfc_read_line_by_line(seed):
+    """Random messages (dots, Received: headers, stray CR and LF) in random fragments give
+    what RFC 5321 §4.5.2 says, computed the plain way: unstuffed lines, the Received:
+    count of the header, a 550 for any CR or LF outside a CRLF; the session goes on."""
+    rng = random.Random(seed)
+    lines = [rng.choice(LINES) for _ in range(rng.randint(0, 60))]
+    bare = rng.random() < 0.3
+    if bare:
+        lines.insert(rng.randint(0, len(lines)), rng.choice(BARE))
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    header = lines[:lines.index(b"")] if b"" in lines else lines
+    received = sum(1 for line in header if line.lower().startswith(b"received:"))
+    adapter = Adapter()
+    wire = adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n" + stuffed
+                        + b".\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nok\r\n.\r\n",
+                        fragments=True, seed=seed, max_fragment=rng.choice([3, 10, 100, 5000]))
+    first = "550 5.6.11" if bare else "250 2.0.0"
+    assert codes(wire) == ["250", "250 2.1.0", "250 2.1.5", "354", first, "250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]
+    message = b"".join(line + b"\r\n" for line in lines)
+    assert adapter.messages == ([] if bare else [message]) + [b"ok\r\n"]
+    ends = [e for e in adapter.asked if isinstance(e, DataEnd)]
+    assert [e.size for e in ends] == [len(message), 4]
+    if not bare:
+        assert ends[0].received_headers == received
 
 
 def test_oversized_message_is_refused_and_the_session_goes_on():
