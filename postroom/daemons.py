@@ -15,7 +15,7 @@ from policy.logins import LoginThrottle
 from postroom import __version__
 from storage.watch import Watcher
 
-DELIVERY_THREADS = 32  # deliveries wait on fsync; concurrent ones share a commit
+DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retries after a failed delivery
 
 
 class Listening:
