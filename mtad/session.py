@@ -489,13 +489,7 @@ class Session:
         if b"\r" in content or b"\n" in content:
             txn.bare_lf = True
         self._data_line_start = complete
-        txn.size += len(piece)
-        if txn.size > self.config.max_message_size:
-            txn.too_big = True
-        if not txn.too_big and not txn.bare_lf:
-            chunk += piece
-            if len(chunk) >= 65536:
-                self._flush(chunk)
+        self._keep(piece, chunk)
 
     def _take_lines(self, block: bytes, chunk: bytearray) -> None:
         """Complete body lines (the block starts a line and ends with CRLF, and holds no
@@ -508,11 +502,16 @@ class Session:
             block = block[1:]
         if b"\r\n." in block:
             block = block.replace(b"\r\n.", b"\r\n")
-        txn.size += len(block)
+        self._keep(block, chunk)
+
+    def _keep(self, data: bytes, chunk: bytearray) -> None:
+        """Count unstuffed message bytes, and spool them while the message is still wanted."""
+        txn = self._txn
+        txn.size += len(data)
         if txn.size > self.config.max_message_size:
             txn.too_big = True
         if not txn.too_big and not txn.bare_lf:
-            chunk += block
+            chunk += data
             if len(chunk) >= 65536:
                 self._flush(chunk)
 
