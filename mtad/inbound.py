@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import TLSSetupException, sslproto
@@ -72,11 +72,18 @@ class InboundContext:
     deliver_in_thread: Callable  # run a blocking call off the event loop
     spool_dir: str | None = None  # where messages over SPOOL_IN_MEMORY wait (the data dir)
     connections: ConnectionLimit | None = None  # made from [smtp] when not given
+    # Deliveries under way: they finish even when their session is gone (client gone,
+    # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
+    deliveries: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.connections is None:
             self.connections = ConnectionLimit(self.config.smtp.max_connections,
                                                self.config.smtp.max_connections_per_ip)
+
+    async def finish_deliveries(self) -> None:
+        while self.deliveries:
+            await asyncio.gather(*self.deliveries, return_exceptions=True)
 
     def admit(self, ip: str) -> bool:
         return self.connections.admit(ip)
@@ -271,18 +278,21 @@ class InboundSMTP(AiosmtpdSMTP):
         fsync it, with no thread of its own: at a thousand messages a second, the hand-offs
         between threads cost more than the work. Failures go to a thread for the retry."""
         raw = _read_message(trace, spool, size)
-        loop = asyncio.get_running_loop()
-        settled = loop.create_future()
-
-        def on_done(delivered, errors) -> None:
-            loop.call_soon_threadsafe(_settle, settled, delivered, errors)
-
-        self.context.store.start_delivery(accounts, raw, on_done=on_done)
-        delivered, errors = await settled
-        if errors:
-            await self.context.deliver_in_thread(_retry_or_withdraw, self.context.store, raw,
-                                                 DeliveryError(delivered, errors))
+        task = asyncio.ensure_future(_deliver_and_settle(self.context, accounts, raw))
+        self.context.deliveries.add(task)
+        task.add_done_callback(self._delivery_done)
+        # Shielded: if the session is cancelled meanwhile (the client hung up after its
+        # final dot), the delivery still completes or withdraws every copy.
+        await asyncio.shield(task)
         return raw[:16384]
+
+    def _delivery_done(self, task: asyncio.Task) -> None:
+        self.context.deliveries.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # the session hears of it too, unless it is gone
+        if error is not None and (self.transport is None or self.transport.is_closing()):
+            self.log.error("store_failed_after_disconnect", error=type(error).__name__)
 
     def _trace_headers(self, qid: str) -> bytes:
         """Return-Path: and a Received: header as RFC 5321 §4.4 and RFC 3848 describe them."""
@@ -355,6 +365,20 @@ def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) 
     finally:
         if big:
             BIG_DELIVERIES.release()
+
+
+async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray) -> None:
+    """Every copy stored, or DeliveryError with none left (see _retry_or_withdraw)."""
+    loop = asyncio.get_running_loop()
+    settled = loop.create_future()
+
+    def on_done(delivered, errors) -> None:
+        loop.call_soon_threadsafe(_settle, settled, delivered, errors)
+
+    context.store.start_delivery(accounts, raw, on_done=on_done)
+    delivered, errors = await settled
+    if errors:
+        await context.deliver_in_thread(_retry_or_withdraw, context.store, raw, DeliveryError(delivered, errors))
 
 
 def _read_message(trace: bytes, spool, size: int) -> bytearray:

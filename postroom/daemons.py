@@ -19,15 +19,19 @@ DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retrie
 
 
 class Listening:
-    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor | None = None):
+    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor | None = None,
+                 inbound: InboundContext | None = None):
         self.servers = servers
         self.executor = executor
+        self.inbound = inbound
 
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
         for server in self.servers:
             await server.wait_closed()
+        if self.inbound is not None:
+            await self.inbound.finish_deliveries()  # they may still need the executor
         if self.executor is not None:
             self.executor.shutdown(wait=True)
 
@@ -45,7 +49,7 @@ async def start_smtp(context) -> Listening:
     spool.mkdir(mode=0o700, exist_ok=True)
     inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
                              spool_dir=str(spool))
-    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor)
+    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound)
 
 
 STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND

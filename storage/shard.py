@@ -296,7 +296,14 @@ class Shard:
                     stop = True
                     break
                 batch.append(request)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception:  # a bug must cost one batch (its callers are told), never the committer
+                _log.error("commit_loop_failed", exc_info=True, shard=self.number)
+                unsettled = [r for r in batch if not r.done.is_set()]
+                _fail([r for r in unsettled if r.error is None], StoreError("internal error"))
+                for request in unsettled:
+                    self._settle(request)
             if stop:
                 return
 
@@ -312,19 +319,31 @@ class Shard:
             return False
 
     def _commit(self, requests: list[_Request]) -> None:
+        """Run a batch; every request ends with a result or an error, whatever happens,
+        and the committer lives on for the next batch."""
         try:
-            self._side_by_side(_run_before, [r for r in requests if r.before is not None])
+            self._run_befores([r for r in requests if r.before is not None])
             live = [r for r in requests if r.error is None]
             if live and not self._run_together(live):
                 self._run_nested(live)
         finally:
             for request in requests:
-                request.done.set()
-                if request.on_done is not None:
-                    try:
-                        request.on_done(request)
-                    except Exception:  # the caller's callback: it must not stop the committer
-                        _log.error("on_done_failed", exc_info=True, shard=self.number)
+                self._settle(request)
+
+    def _settle(self, request: _Request) -> None:
+        request.done.set()
+        if request.on_done is not None:
+            try:
+                request.on_done(request)
+            except Exception:  # the caller's callback: it must not stop the committer
+                _log.error("on_done_failed", exc_info=True, shard=self.number)
+
+    def _run_befores(self, requests: list[_Request]) -> None:
+        try:
+            self._side_by_side(_run_before, requests)
+        except Exception as e:  # e.g. no thread for the pool: these requests fail, the shard goes on
+            _log.error("before_failed", exc_info=True, shard=self.number)
+            _fail([r for r in requests if r.error is None], e)
 
     def _run_together(self, requests: list[_Request]) -> bool:
         """The batch in one transaction, as it nearly always succeeds: without a nested
@@ -349,6 +368,8 @@ class Shard:
             elif len(requests) == 1:
                 failed[0].error = failed[1]
             else:
+                for request in requests:
+                    request.result = None  # from the transaction just aborted
                 return False
             return True
         _run_after_commit(batch)
@@ -390,6 +411,8 @@ def _run_after_commit(batch: Batch) -> None:
             action()
         except OSError:
             pass  # a file left behind is an orphan `store check` reports
+        except Exception:  # the commit is done: its callers must hear so all the same
+            _log.error("after_commit_failed", exc_info=True)
 
 
 def _run_before(request: _Request) -> None:

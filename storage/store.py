@@ -31,6 +31,11 @@ from storage.names import check_account_name, normalize_name
 from storage.shard import Shard, StoreError
 
 
+# A message up to this size is written and fsynced by the shard's committer, beside the
+# other files of its batch; a bigger one by the caller, before it joins a batch.
+WRITE_IN_COMMITTER = 256 << 10
+
+
 @dataclass(frozen=True)
 class Delivered:
     account: str
@@ -222,6 +227,7 @@ class Store:
                                     for t in targets))
         delivery = _Delivery(len(wanted), on_done)
         for index, (account, name) in enumerate(wanted):
+            tmp = None
             try:
                 shard = self.shard(account)
                 mailbox_id = self._mailbox_id(shard, account, name)
@@ -230,9 +236,15 @@ class Store:
                 record = messages.prepare_meta(meta, base, len(raw))
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
                                 self.quota(account))
-                shard.submit(fn, before=functools.partial(maildir.write_file, tmp, raw, meta["d"]),
+                write = functools.partial(maildir.write_file, tmp, raw, meta["d"])
+                if len(raw) > WRITE_IN_COMMITTER:
+                    write()  # here: a big file would hold up every request of its batch
+                    write = None
+                shard.submit(fn, before=write,
                              on_done=functools.partial(delivery.settle_request, index, (account, name), tmp))
-            except (StoreError, ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - this target failed; the others go on
+                if tmp is not None:
+                    _unlink_quietly(tmp)  # written here, if it was big
                 delivery.settle(index, (account, name), error=e)
 
     def append(self, account: str, mailbox: str, raw: bytes, *, flags: Iterable[str] = (),
@@ -416,6 +428,8 @@ class _Delivery:
                 _unlink_quietly(tmp)  # written, or renamed back by the failed batch
             finally:
                 self.settle(index, target, error=request.error)
+        elif request.result is None:  # never ran: no commit to report
+            self.settle(index, target, error=StoreError("delivery was not committed"))
         else:
             uidvalidity, uid = request.result
             self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid))

@@ -418,6 +418,39 @@ def test_a_storage_failure_is_451_never_250(mx):
     assert len([m for m in inbox(mx, "bob@example.test") if b"Subject: 2" in m]) == 1
 
 
+def test_a_client_gone_after_its_final_dot_still_gets_all_or_none(mx):
+    """The sender hangs up right after the end of data, so it never hears our reply and will
+    send again to everyone: the copy stored for Bob must be taken back when Alice's fails,
+    even though the session that asked for them is gone."""
+    from storage.maildir import make_dirs
+
+    with smtp(mx) as client:
+        client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: first\r\n\r\nx\r\n")
+    store = mx.store
+    directory = store.shard("alice@example.test").mailbox_dir("alice@example.test",
+                                                                store.mailbox("alice@example.test", "INBOX").id)
+    shutil.rmtree(directory)
+    directory.write_bytes(b"not a directory")  # every write into Alice's INBOX now fails
+    try:
+        address = mx.listen("smtp.listen")
+        with socket.create_connection((address.host, address.port), timeout=10) as raw:
+            raw.sendall(b"EHLO c.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                        b"RCPT TO:<bob@example.test>\r\nDATA\r\n")
+            said = b""
+            while b"\r\n354 " not in said:
+                said += raw.recv(4096)
+            raw.sendall(b"Subject: gone\r\n\r\nx\r\n.\r\n")
+            raw.shutdown(socket.SHUT_RDWR)  # gone without reading the reply
+        deadline = time.monotonic() + 10
+        while "event=store_failed_after_disconnect" not in mx.stderr() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "event=store_failed_after_disconnect" in mx.stderr()
+        assert [m for m in inbox(mx, "bob@example.test") if b"Subject: gone" in m] == []
+    finally:
+        directory.unlink()
+        make_dirs(directory)
+
+
 def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):
     with smtp(mx) as client:
         client.sendmail("s@example.org", ["alice@example.test", "nobody@example.test"], b"Subject: l\r\n\r\nx\r\n")

@@ -316,6 +316,23 @@ def test_a_request_failing_in_a_shared_batch_spoils_none_of_the_others(data_dir)
         assert check(store) == []  # no file left behind in tmp/ or cur/
 
 
+def test_a_failing_after_commit_action_costs_a_log_line_not_the_committer(store):
+    """Work after a commit that raises (not just OSError) must neither lose the commit's
+    answer nor stop the shard's committer: every later write would wait for ever."""
+    store.ensure_account(ALICE)
+    shard = store.shard(ALICE)
+
+    def fn(txn, batch):
+        batch.after_commit.append(lambda: b"x".decode("no-such-codec"))  # LookupError
+        return "committed"
+
+    assert shard.write(fn) == "committed"
+    done = threading.Event()
+    threading.Thread(target=lambda: (store.deliver([ALICE], message("after")), done.set()), daemon=True).start()
+    assert done.wait(10), "the committer is gone"
+    assert store.mailbox(ALICE, "INBOX").exists == 1
+
+
 def test_check_is_clean_then_rebuild_recovers_from_files_alone(store, data_dir):
     for i in range(5):
         store.deliver([ALICE], message(str(i)), internal_date=1_700_000_000.0 + i)
