@@ -111,6 +111,7 @@ class _Transaction:
     size: int = 0
     received: int = 0
     in_headers: bool = True
+    line_head: bytes = b""  # BDAT: the first bytes of the header line being read
     bare_lf: bool = False
     too_big: bool = False
     bdat: bool = False
@@ -535,6 +536,8 @@ class Session:
         self._bdat_left -= take
         txn = self._txn
         if self._bdat_refusal is None and piece:
+            if txn.in_headers:
+                _count_received(txn, piece)
             txn.size += len(piece)
             if txn.size > self.config.max_message_size:
                 txn.too_big = True
@@ -548,10 +551,28 @@ class Session:
             return True
         if self._bdat_last:
             refusal = replies.MESSAGE_TOO_BIG if txn.too_big else None
-            self._ask("data", DataEnd(txn.size, 0, refusal))
+            self._ask("data", DataEnd(txn.size, txn.received, refusal))
         else:
             self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
         return True
+
+
+def _count_received(txn: _Transaction, piece: bytes) -> None:
+    """Count the Received: fields of a header that arrives in BDAT chunks of any size (a
+    field may start in one chunk and end in the next), up to its empty line."""
+    start = 0
+    while txn.in_headers:
+        end = piece.find(b"\n", start)
+        if len(txn.line_head) < 9:
+            txn.line_head += piece[start:end + 1 if end >= 0 else len(piece)][:9 - len(txn.line_head)]
+        if end < 0:
+            return
+        if txn.line_head in (b"\r\n", b"\n"):
+            txn.in_headers = False
+        elif txn.line_head.lower() == b"received:":
+            txn.received += 1
+        txn.line_head = b""
+        start = end + 1
 
 
 def _path_and_params(arg: str, keyword: str) -> tuple[str, dict[str, str | None]] | None:

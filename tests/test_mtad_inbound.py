@@ -186,6 +186,16 @@ def test_mail_loop_is_refused(mx):
         with pytest.raises(smtplib.SMTPDataError) as loop:
             client.sendmail("s@example.org", ["alice@example.test"], headers + b"Subject: loop\r\n\r\nx\r\n")
     assert loop.value.smtp_code == 554 and b"5.4.6" in loop.value.smtp_error
+    # The same message in BDAT chunks (RFC 3030), the header cut mid-field.
+    message = headers + b"Subject: loop\r\n\r\nx\r\n"
+    with smtp(mx) as client:
+        assert client.mail("s@example.org")[0] == 250 and client.rcpt("alice@example.test")[0] == 250
+        client.send(b"BDAT 1005\r\n" + message[:1005])
+        assert client.getreply()[0] == 250
+        client.send(f"BDAT {len(message) - 1005} LAST\r\n".encode() + message[1005:])
+        code, text = client.getreply()
+    assert code == 554 and text.startswith(b"5.4.6")
+    assert [m for m in inbox(mx, "alice@example.test") if b"Subject: loop" in m] == []
 
 
 def test_over_quota(mx, cli):

@@ -275,6 +275,25 @@ def test_bdat_chunks():
     assert codes(wire)[-1] == "503 5.5.1"  # DATA needs a new MAIL
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_bdat_counts_received_fields_across_chunks(seed):
+    """The mail-loop count holds for BDAT too, however the header is cut into chunks."""
+    rng = random.Random(seed)
+    header = b"".join(rng.choice([b"Received: from hop\r\n", b"received:x\r\n", b"X-Received: no\r\n",
+                                  b"Subject: s\r\n", b"\tfolded Received: no\r\n"]) for _ in range(rng.randint(0, 150)))
+    expected = header.lower().count(b"\nreceived:") + header.lower().startswith(b"received:")
+    message = header + b"\r\nReceived: in the body, not counted\r\n"
+    cuts = sorted(rng.sample(range(1, len(message)), min(5, len(message) - 1)))
+    chunks = [message[a:b] for a, b in zip([0] + cuts, cuts + [len(message)], strict=True)]
+    commands = b"".join(f"BDAT {len(c)}{' LAST' if i == len(chunks) - 1 else ''}\r\n".encode() + c
+                        for i, c in enumerate(chunks))
+    adapter = Adapter(SessionConfig("mx", 100_000, 5, tls_available=False))
+    adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.test>\r\n" + commands,
+                 fragments=True, seed=seed, max_fragment=rng.choice([10, 500]))
+    (end,) = [e for e in adapter.asked if isinstance(e, DataEnd)]
+    assert end.received_headers == expected and end.size == len(message)
+
+
 def test_bdat_without_recipients_is_read_and_refused():
     adapter = Adapter()
     wire = adapter.feed(b"EHLO c\r\nBDAT 5 LAST\r\nHELLONOOP\r\n")
