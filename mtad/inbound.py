@@ -49,14 +49,13 @@ from storage import (
 )
 from storage.messages import QuotaExceededError
 from storage.shard import StoreError
-from storage.store import DeliveryError, Store
+from storage.store import WRITE_IN_COMMITTER, DeliveryError, Store
 
 _log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
 READ_SIZE = 65536
 SPOOL_IN_MEMORY = 64 << 10  # a message larger than this is spooled to a file as it arrives
 BIG_MESSAGE = 1 << 20
-DELIVER_FROM_LOOP = 256 << 10  # a message up to this size is parsed in the event loop, not a thread
 # Storing a big message holds it in memory once; only this many at a time, so that memory
 # stays bounded however many large messages arrive together.
 BIG_DELIVERIES = threading.BoundedSemaphore(2)
@@ -258,7 +257,9 @@ class InboundSMTP(AiosmtpdSMTP):
         size = len(trace) + end.size
         head = b""
         try:
-            if size <= DELIVER_FROM_LOOP and self.context.store.accounts_ready(accounts):
+            # Up to WRITE_IN_COMMITTER, start_delivery leaves the file writing to the
+            # committers: only then may the event loop call it.
+            if size <= WRITE_IN_COMMITTER and self.context.store.accounts_ready(accounts):
                 head = await self._deliver_from_loop(accounts, trace, spool, end.size)
             else:
                 head = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace, spool,

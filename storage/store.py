@@ -214,7 +214,9 @@ class Store:
         """deliver() without waiting: the message is parsed here, and the shards' committers
         write, fsync and index it; `on_done(delivered, errors)` is called once every target
         is settled, in a committer's thread (or in this one, when no target got that far).
-        It blocks only to create an account's default mailboxes on its first delivery."""
+        A message over WRITE_IN_COMMITTER is written and fsynced here, and an account's
+        first delivery waits for its default mailboxes: an event loop may call it only for
+        smaller messages to existing accounts (see accounts_ready)."""
         bits, keywords = messages.parse_flags(flags)
         if internal_date is not None and not -2**62 < internal_date < 2**62:
             raise ValueError(f"internal date out of range: {internal_date}")
