@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import fts, mailboxes, maildir, messages
+from storage import fts, mailboxes, maildir, messages, unsettled
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name, parents
 from storage.shard import Batch, Entry, Shard, dumps, loads, pack_u32, uid_key, unpack_u32
@@ -74,9 +74,36 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
     return problems
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """What live processes have committed and not yet settled (storage/settle.py): not a
+    problem, and nothing a repair may touch."""
+
+    bases: frozenset[str]
+    mailboxes: frozenset[int]
+
+
+def _in_flight(txn, shard: Shard, account: str) -> _InFlight:
+    bases, boxes = set(), set()
+    for key, value in txn.cursor(db=shard.db["unsettled"]):
+        work = unsettled.parse(key, value)
+        if isinstance(work, unsettled.FileWork):
+            bases.add(work.base)
+        elif isinstance(work, unsettled.DirWork) and work.account == account:
+            boxes.add(work.mailbox_id)
+    try:
+        writers = [d for d in os.scandir(shard.tmp_root) if d.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        writers = []
+    for writer in writers:  # the dead ones were recovered when the shard was opened
+        bases.update(entry.name for entry in _files(Path(writer.path)))
+    return _InFlight(frozenset(bases), frozenset(boxes))
+
+
 def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair: bool) -> list[Problem]:
     problems: list[Problem] = []
     known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
+    in_flight = _in_flight(txn, shard, account)
     scans = []
     on_disk = set()
     for directory in sorted(shard.account_dir(account).iterdir()):
@@ -84,6 +111,8 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
             continue
         mailbox_id = int(directory.name)
         on_disk.add(mailbox_id)
+        if mailbox_id in in_flight.mailboxes:
+            continue
         if mailbox_id not in known:
             files = sum(len(_files(directory / sub)) for sub in ("cur", "new"))
             if files:
@@ -97,9 +126,10 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
                 if repair:
                     shutil.rmtree(directory, ignore_errors=True)
             continue
-        scans.append(_scan_mailbox(txn, shard, account, known[mailbox_id], directory, problems, repair))
+        scans.append(_scan_mailbox(txn, shard, account, known[mailbox_id], directory, problems, repair,
+                                   in_flight.bases))
     for mailbox_id, mailbox in known.items():
-        if mailbox_id not in on_disk:
+        if mailbox_id not in on_disk and mailbox_id not in in_flight.mailboxes:
             problems.append(Problem(account, mailbox.name, "directory-missing",
                                     f"{mailbox.exists} message(s) without their directory "
                                     "(repair recreates it and expunges them)"))
@@ -143,7 +173,7 @@ class _Scan:
 
 
 def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, directory: Path,
-                  problems: list[Problem], repair: bool) -> _Scan:
+                  problems: list[Problem], repair: bool, in_flight: frozenset[str]) -> _Scan:
     scan = _Scan(mailbox)
     where = mailbox.name
     for entry in _files(directory / "tmp"):
@@ -167,7 +197,10 @@ def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, d
         for entry in _files(directory / sub):
             parsed = maildir.parse_file_name(entry.name)
             base = parsed[0] if parsed else entry.name.split(":")[0].split(",")[0]
-            if base in indexed:
+            if base in in_flight:
+                seen.add(base)
+                scan.indexed_inodes.add(entry.inode())
+            elif base in indexed:
                 seen.add(base)
                 scan.indexed_inodes.add(entry.inode())
                 uid, bits, size = indexed[base]
@@ -183,7 +216,7 @@ def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, d
                     _unlink(entry)
             else:
                 scan.unknown.append(entry)
-    scan.missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen]
+    scan.missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen and base not in in_flight]
     return scan
 
 

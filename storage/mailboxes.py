@@ -9,15 +9,15 @@ Archive with their RFC 6154 special-use attributes.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, maildir
+from storage import fts
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, MailboxNameError, is_inside, normalize_name, parents
 from storage.shard import Batch, Shard, StoreError, dumps, loads, pack_u32, uid_key, unpack_u32
+from storage.unsettled import note_dir
 
 INBOX = "INBOX"
 
@@ -163,11 +163,7 @@ def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
              "size": 0, "special_use": special_use, "keywords": []}
     put_record(txn, shard, mailbox_id, state)
     txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
-    directory = shard.mailbox_dir(account, mailbox_id)
-    maildir.make_dirs(directory)
-    maildir.write_meta(directory, {"name": name, "special_use": special_use})
-    batch.undo(lambda: shutil.rmtree(directory, ignore_errors=True))
-    batch.sync_dirs.add(directory.parent)
+    note_dir(txn, shard, batch, account, mailbox_id)  # its directory is made after the commit
     return to_mailbox(mailbox_id, state)
 
 
@@ -237,8 +233,7 @@ def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
     add_usage(txn, shard, account, -state["size"], -state["exists"])
     txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
     txn.delete(name_key(account, state["name"]), db=shard.db["names"])
-    directory = shard.mailbox_dir(account, mailbox_id)
-    batch.after_commit.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+    note_dir(txn, shard, batch, account, mailbox_id)  # its directory goes after the commit
 
 
 def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old: str, new: str) -> None:
@@ -261,9 +256,7 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
         txn.put(name_key(account, renamed), pack_u32(mailbox_id), db=shard.db["names"])
         if txn.delete(name_key(account, name), db=shard.db["subs"]):
             txn.put(name_key(account, renamed), b"", db=shard.db["subs"])
-        meta = {"name": renamed, "special_use": state.get("special_use")}
-        directory = shard.mailbox_dir(account, mailbox_id)
-        batch.after_commit.append(lambda d=directory, m=meta: maildir.write_meta(d, m))
+        note_dir(txn, shard, batch, account, mailbox_id)  # postroom.json names it, after the commit
 
 
 def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, inbox_id: int, inbox: dict,

@@ -2,10 +2,11 @@
 and what changed since a MODSEQ (RFC 7162 CONDSTORE, and IDLE).
 
 UIDs are handed out from the mailbox's `uidnext` in the same transaction that indexes the
-message, after its file is durable in cur/, so a UID is never visible without its file and
-never handed out twice. Every change bumps the mailbox's MODSEQ once and stamps the changed
-messages with it. Standard flags are mirrored into the file name after the commit; the
-index stays the truth when the two disagree.
+message, once its file is durable in the writer's directory; the file reaches cur/, under a
+name carrying that UID, only after the commit (storage/settle.py), so cur/ never holds a
+UID the index could hand out again. Every change bumps the mailbox's MODSEQ once and stamps
+the changed messages with it. Standard flags are mirrored into the file name after the
+commit; the index stays the truth when the two disagree.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import lmdb
 
 from storage import fts, maildir
 from storage.mailboxes import account_usage, add_usage, put_record
+from storage.settle import locate
+from storage.unsettled import note_dir, note_file
 from storage.shard import (
     Batch,
     Shard,
@@ -209,14 +212,13 @@ def message_path(shard: Shard, account: str, mailbox_id: int, base: str, uid: in
     return shard.mailbox_dir(account, mailbox_id) / "cur" / maildir.file_name(base, uid, size, bits)
 
 
-def find_file(expected: Path, base: str) -> Path | None:
-    """The message file, even if a crash left it under another flags suffix."""
-    if expected.exists():
-        return expected
-    with os.scandir(expected.parent) as entries:
-        for entry in entries:
-            if entry.name.startswith(base + ","):
-                return Path(entry.path)
+def find_file(shard: Shard, expected: Path, base: str) -> Path | None:
+    """The message file: at its expected name, or still in its writer's directory (committed
+    a moment ago), or under another flags suffix (renamed by another process meanwhile)."""
+    for _ in range(3):  # a rename between two looks: look again
+        found = locate(shard.tmp_root, expected.parent.parent, base, expected)
+        if found is not None:
+            return found
     return None
 
 
@@ -236,7 +238,8 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
            source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
            quota: Quota, texts: dict[str, str] | bytes | None = None, link: bool = False,
            meta_record: bytes | None = None) -> int:
-    """Index a durable file (in tmp/, or elsewhere with link=True) as a new message; its UID.
+    """Index a durable file (in the shard's writer directory as `base`, or elsewhere to be
+    linked with link=True or moved there) as a new message; its UID.
     `meta_record` and compressed `texts` may come prepared (see prepare_meta), so that the
     shard's committer, which every delivery waits for, does as little as possible."""
     if quota.bytes or quota.messages:
@@ -259,14 +262,16 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
     if texts is not None:
         fts.store_texts(txn, shard, mailbox_id, uid, texts)
-    target = message_path(shard, account, mailbox_id, base, uid, size, bits)
+    # The file waits in the writer's directory, durable, and reaches cur/ after the commit.
+    waiting = shard.writer.path / base
     if link:
-        link_or_copy(source, target)
-        batch.undo(lambda: os.unlink(target))
-    else:
-        os.rename(source, target)
-        batch.undo(lambda: os.rename(target, source))
-    batch.sync_dirs.add(target.parent)
+        link_or_copy(source, waiting)
+        batch.undo(lambda: os.unlink(waiting))
+    elif source != waiting:
+        os.rename(source, waiting)
+        batch.undo(lambda: os.rename(waiting, source))
+    batch.sync_dirs.add(waiting.parent)
+    note_file(txn, shard, batch, account, mailbox_id, base, waiting)
     return uid
 
 
@@ -297,7 +302,6 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     modseq = state["modseq"] + 1
     changed: list[FlagState] = []
     modified: list[int] = []
-    renames = []
     for uid, old in list(entries(txn, shard, mailbox_id, ranges)):
         old_modseq, old_bits, old_keywords = old.modseq, old.bits, old.keywords
         if unchanged_since is not None and old_modseq > unchanged_since:
@@ -317,25 +321,14 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
         state["unseen"] += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
         changed.append(FlagState(uid, modseq, flag_names(new_bits, new_keywords)))
-        if new_bits != old_bits:
+        if new_bits != old_bits:  # the file's name mirrors them, after the commit
             meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
-            renames.append((meta["b"], uid, meta["s"], old_bits, new_bits))
+            note_file(txn, shard, batch, account, mailbox_id, meta["b"],
+                      message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], old_bits))
     if changed:
         state["modseq"] = modseq
         put_record(txn, shard, mailbox_id, state)
-        batch.after_commit.append(lambda: _mirror_flags(shard, account, mailbox_id, renames))
     return changed, modified
-
-
-def _mirror_flags(shard: Shard, account: str, mailbox_id: int, renames: list) -> None:
-    for base, uid, size, old_bits, new_bits in renames:
-        try:
-            old = message_path(shard, account, mailbox_id, base, uid, size, old_bits)
-            current = find_file(old, base)
-            if current is not None:
-                os.rename(current, message_path(shard, account, mailbox_id, base, uid, size, new_bits))
-        except OSError:
-            continue  # the index is the truth; `store check` mends the name
 
 
 def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
@@ -346,7 +339,6 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
     if not doomed:
         return []
     modseq = state["modseq"] + 1
-    files = []
     freed = 0
     for uid, old_modseq, bits in doomed:
         key = uid_key(mailbox_id, uid)
@@ -359,34 +351,15 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
         txn.put(modseq_key(mailbox_id, modseq, uid), meta["b"].encode(), db=shard.db["expunged"])
         freed += meta["s"]
         state["unseen"] -= 0 if bits & maildir.SEEN else 1
-        files.append((message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits), meta["b"]))
+        note_file(txn, shard, batch, account, mailbox_id, meta["b"],
+                  message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits))
     state.update(modseq=modseq, exists=state["exists"] - len(doomed), size=state["size"] - freed)
     put_record(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, -freed, -len(doomed))
-    batch.after_commit.append(lambda: _unlink_all(files))
     # Expunging the newest UIDs is what could let a rebuild from files hand them out again:
-    # the mailbox's file records how far UIDs went.
-    directory = shard.mailbox_dir(account, mailbox_id)
-    meta = {"name": state["name"], "special_use": state.get("special_use"), "uidnext": state["uidnext"]}
-    batch.after_commit.append(lambda: _write_meta_quietly(directory, meta))
+    # the mailbox's postroom.json records how far UIDs went (written when it settles).
+    note_dir(txn, shard, batch, account, mailbox_id)
     return [uid for uid, _, _ in doomed]
-
-
-def _write_meta_quietly(directory: Path, meta: dict) -> None:
-    try:
-        maildir.write_meta(directory, meta)
-    except OSError:
-        pass  # a missing high-water mark only matters to a rebuild, which then renumbers
-
-
-def _unlink_all(files: list[tuple[Path, str]]) -> None:
-    for path, base in files:
-        try:
-            current = find_file(path, base)
-            if current is not None:
-                os.unlink(current)
-        except OSError:
-            continue  # left for `store check`, which knows it was expunged
 
 
 def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
@@ -400,7 +373,8 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     for uid, e in items:
         bits, keywords = e.bits, e.keywords
         meta = loads(txn.get(uid_key(source_id, uid), db=shard.db["msgs"]))
-        old_path = find_file(message_path(shard, account, source_id, meta["b"], uid, meta["s"], bits), meta["b"])
+        old_path = find_file(shard, message_path(shard, account, source_id, meta["b"], uid, meta["s"], bits),
+                             meta["b"])
         if old_path is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
         new_base = maildir.new_base()

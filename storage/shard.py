@@ -8,12 +8,16 @@ renamed files into, commits with fsync, and only then wakes the callers. Concurr
 deliveries so share one commit and one fsync per directory. Across processes, LMDB's
 writer lock serializes the committers of mtad, imapd and the CLI; readers never wait.
 
-File operations that must be durable before the commit (a message renamed from tmp/ into
-cur/) are made inside the batch and registered with `Batch.undo`, so a failed batch takes
-them back. File operations that may only happen after the commit (unlinking an expunged
-message, renaming a file to mirror new flags) are registered with `Batch.after_commit`.
-A crash between the two leaves files the index does not know: `store check` reports them
-and `store rebuild` repairs them.
+The index commits first, the files follow (storage/settle.py). A new message file is
+written to this process's writer directory (storage/writers.py) and fsynced before the
+commit, with the directory; every file change the commit implies (a new message renamed into
+cur/, an expunged one unlinked, a name mirroring new flags, a mailbox directory made or
+removed) is recorded as an `unsettled` key in the same transaction and carried out right
+after the commit. The keys of changes carried out are deleted by the next batch, once the
+directories they touched are fsynced with that batch's own. So a crash at any moment leaves
+nothing a reader could mistake: the next process to open the shard settles what is recorded
+and discards what dead writers left uncommitted, and `store check` finds nothing. File work
+inside a batch that a failed commit must take back is registered with `Batch.undo`.
 
 Index layout (named databases; ids and UIDs big-endian so keys sort numerically):
     names      account \\0 mailbox name          -> mailbox id (u32; it is the UIDVALIDITY)
@@ -26,6 +30,9 @@ Index layout (named databases; ids and UIDs big-endian so keys sort numerically)
     modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
     expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
     bases      file base                         -> id uid   (which message a file is)
+    unsettled  b"f" base | b"d" account \\0 id      -> what the files must still be made to match
+    dedupe     id digest                         -> uid, time (a message already delivered here)
+    dedupe_times  time id digest                 -> b""  (their expiry order)
     unseen     id uid                            -> b""  (messages without \\Seen: SEARCH UNSEEN)
     terms, vocab, texts                          -> the full-text index (storage/fts.py)
 """
@@ -48,9 +55,10 @@ import lmdb
 from conf.logfmt import EventLogger
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir
+from storage.writers import WriterDir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
-             "terms", "vocab", "texts", "pending", "unseen")
+             "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
@@ -139,15 +147,16 @@ class Batch:
         self.sync_dirs: set[Path] = set()
         self._undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
+        self.unsettled: list[bytes] = []  # keys recorded by record_unsettled, settled after the commit
 
     def undo(self, action: Callable[[], None]) -> None:
         self._undo.append(action)
 
     def mark(self) -> tuple[int, int, int]:
-        return len(self._undo), len(self.after_commit), len(self.sync_dirs)
+        return len(self._undo), len(self.after_commit), len(self.unsettled)
 
     def rollback(self, mark: tuple[int, int, int] = (0, 0, 0)) -> None:
-        undo_mark, after_mark, _ = mark
+        undo_mark, after_mark, unsettled_mark = mark
         while len(self._undo) > undo_mark:
             action = self._undo.pop()
             try:
@@ -155,6 +164,15 @@ class Batch:
             except OSError:
                 pass  # the file is then an orphan `store check` finds
         del self.after_commit[after_mark:]
+        del self.unsettled[unsettled_mark:]
+
+
+def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: bytes, value: bytes) -> None:
+    """File work the transaction implies, to be carried out once it commits (storage/settle.py
+    carries it out, storage/unsettled.py says what the keys mean). The value ends with a
+    nonce: a settled record is deleted only if nobody wrote it again since."""
+    txn.put(key, value + b"\0" + os.urandom(6), db=shard.db["unsettled"])
+    batch.unsettled.append(key)
 
 
 class _Request:
@@ -187,8 +205,21 @@ class Shard:
         # Work the committer does when no request waits (the full-text indexer): called in
         # a write transaction, returns True while more remains.
         self.idle_work: Callable[[lmdb.Transaction], bool] | None = None
+        # New message files wait here until their commit (storage/writers.py).
+        self.writer = WriterDir(path / "tmp")
+        # Carries out the file work of committed `unsettled` keys (storage/settle.py):
+        # settler(keys) -> ((key, value) pairs done, directories they changed).
+        self.settler: Callable[[list[bytes]], tuple[list[tuple[bytes, bytes]], set[Path]]] | None = None
+        # Settled keys whose directories the next batch fsyncs before deleting the keys.
+        self._settled: list[tuple[bytes, bytes]] = []
+        self._settled_dirs: set[Path] = set()
 
     # -- paths --------------------------------------------------------------------------
+
+    @property
+    def tmp_root(self) -> Path:
+        """Where every writer of this shard has its directory (storage/writers.py)."""
+        return self.path / "tmp"
 
     def account_dir(self, account: str) -> Path:
         return self.path / account
@@ -245,8 +276,15 @@ class Shard:
                 self._queue.put(None)
         if thread is not None:
             thread.join()
+        if self._settled:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._forget_settled(txn, self._take_settled())
+            except (lmdb.Error, OSError):
+                pass  # the keys stay; settling them again at the next start is harmless
         if self._fsync_pool is not None:
             self._fsync_pool.shutdown()
+        self.writer.close()
         self.env.close()
 
     def _side_by_side(self, fn: Callable[[Any], None], items: list) -> None:
@@ -263,13 +301,13 @@ class Shard:
             future.result()
 
     def _fsync_dirs(self, directories: set[Path]) -> None:
-        self._side_by_side(fsync_dir, list(directories))
+        self._side_by_side(_fsync_dir_if_there, list(directories))
 
     def _commit_loop(self) -> None:
         idle_due = True  # look for left-over work once at start
         batches = 0
         while True:
-            if idle_due and self.idle_work is not None:
+            if (idle_due and self.idle_work is not None) or self._settled:
                 # Idle work waits for a quiet moment, so it never adds a commit to a delivery's
                 # latency; under sustained load it still gets a turn every IDLE_EVERY batches.
                 try:
@@ -308,6 +346,14 @@ class Shard:
                 return
 
     def _run_idle(self) -> bool:
+        if self._settled:
+            settled = self._take_settled()
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._forget_settled(txn, settled)
+            except Exception:
+                self._give_back(settled)
+                _log.error("settled_cleanup_failed", exc_info=True, shard=self.number)
         work = self.idle_work
         if work is None:
             return False
@@ -317,6 +363,49 @@ class Shard:
         except Exception:  # derived data: a failure here must never stop deliveries
             _log.error("idle_work_failed", exc_info=True, shard=self.number)
             return False
+
+    # -- settled keys -------------------------------------------------------------------
+
+    def _take_settled(self) -> tuple[list[tuple[bytes, bytes]], set[Path]]:
+        with self._lock:
+            taken = (self._settled, self._settled_dirs)
+            self._settled, self._settled_dirs = [], set()
+        return taken
+
+    def _give_back(self, settled: tuple[list[tuple[bytes, bytes]], set[Path]]) -> None:
+        with self._lock:
+            self._settled.extend(settled[0])
+            self._settled_dirs |= settled[1]
+
+    def _forget_settled(self, txn: lmdb.Transaction, settled: tuple[list[tuple[bytes, bytes]], set[Path]],
+                        batch: Batch | None = None) -> None:
+        """Delete the keys of file work done, in `txn`; the directories that work changed are
+        fsynced before the commit (with the batch's own, when there is one), so a key never
+        disappears before what it stood for is durable."""
+        pairs, directories = settled
+        if not pairs:
+            return
+        if batch is not None:
+            batch.sync_dirs |= directories
+        else:
+            self._fsync_dirs(directories)
+        db = self.db["unsettled"]
+        for key, value in pairs:
+            if txn.get(key, db=db) == value:
+                txn.delete(key, db=db)
+
+    def _after_commit(self, batch: Batch) -> None:
+        _run_after_commit(batch)
+        if not batch.unsettled or self.settler is None:
+            return
+        try:
+            done, directories = self.settler(batch.unsettled)
+        except Exception:  # the keys stay: the next start settles them
+            _log.error("settle_failed", exc_info=True, shard=self.number)
+            return
+        with self._lock:
+            self._settled.extend(done)
+            self._settled_dirs |= directories
 
     def _commit(self, requests: list[_Request]) -> None:
         """Run a batch; every request ends with a result or an error, whatever happens,
@@ -352,8 +441,10 @@ class Shard:
         then run again, each on its own."""
         batch = Batch()
         failed: tuple[_Request, BaseException] | None = None
+        settled = self._take_settled()
         try:
             with self.env.begin(write=True) as txn:
+                self._forget_settled(txn, settled, batch)
                 for request in requests:
                     try:
                         request.result = request.fn(txn, batch)
@@ -363,6 +454,7 @@ class Shard:
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - a request's error, or the commit's
             batch.rollback()
+            self._give_back(settled)
             if failed is None:
                 _fail(requests, e)
             elif len(requests) == 1:
@@ -372,14 +464,16 @@ class Shard:
                     request.result = None  # from the transaction just aborted
                 return False
             return True
-        _run_after_commit(batch)
+        self._after_commit(batch)
         return True
 
     def _run_nested(self, requests: list[_Request]) -> None:
         """Each request in a nested transaction, so that one failing cannot spoil the others."""
         batch = Batch()
+        settled = self._take_settled()
         try:
             with self.env.begin(write=True) as txn:
+                self._forget_settled(txn, settled, batch)
                 for request in requests:
                     mark = batch.mark()
                     child = self.env.begin(write=True, parent=txn)
@@ -393,9 +487,10 @@ class Shard:
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - the whole batch failed to commit
             batch.rollback()
+            self._give_back(settled)
             _fail([r for r in requests if r.error is None], e)
             return
-        _run_after_commit(batch)
+        self._after_commit(batch)
 
 
 def _fail(requests: list[_Request], cause: BaseException) -> None:
@@ -420,6 +515,15 @@ def _run_before(request: _Request) -> None:
         request.before()
     except BaseException as e:  # noqa: BLE001 - handed to the caller
         request.error = e
+
+
+def _fsync_dir_if_there(path: Path) -> None:
+    """A directory removed or renamed since it changed (a deleted mailbox, a rebuild) has
+    nothing left to make durable under that name."""
+    try:
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
 
 
 def _each(fn: Callable[[Any], None], items: list) -> None:

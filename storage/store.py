@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from storage import fts, mailboxes, maildir, messages, search
+from storage import fts, mailboxes, maildir, messages, search, settle
 from storage.datadir import DataDir
 from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
@@ -96,8 +96,17 @@ class Store:
                 width = max(2, len(str(self._data_dir.shards - 1)))
                 shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
                 shard.idle_work = lambda txn, s=shard: fts.index_pending(txn, s)
+                shard.settler = functools.partial(settle.settle, shard)
+                # Before anyone reads it here: finish what a crash of any process left.
+                settle.recover(shard)
                 self._shards[number] = shard
             return shard
+
+    def recover(self) -> None:
+        """Open every shard now, finishing what a crash left in each (see storage/settle.py),
+        rather than on first use: a daemon does this before it listens, so that no request
+        waits for it (an event loop least of all)."""
+        self.shards()
 
     # -- accounts and mailboxes ---------------------------------------------------------
 
@@ -234,7 +243,7 @@ class Store:
                 shard = self.shard(account)
                 mailbox_id = self._mailbox_id(shard, account, name)
                 base = maildir.new_base()
-                tmp = shard.mailbox_dir(account, mailbox_id) / "tmp" / base
+                tmp = shard.writer.path / base
                 record = messages.prepare_meta(meta, base, len(raw))
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
                                 self.quota(account))
@@ -301,7 +310,11 @@ class Store:
     def open_message(self, message: MessageInfo) -> BinaryIO:
         """The stored bytes of a fetched message (exactly `message.size` of them)."""
         base = message.path.name.split(",", 1)[0]
-        path = messages.find_file(message.path, base)
+        shard_path = message.path.parents[3]  # <shard>/<account>/<mailbox id>/cur/<name>
+        shard = next((s for s in list(self._shards.values()) if s.path == shard_path), None)
+        if shard is None:
+            raise StoreError(f"message file of UID {message.uid} is not in this store")
+        path = messages.find_file(shard, message.path, base)
         if path is None:
             raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
         return open(path, "rb")
