@@ -61,6 +61,10 @@ class Store:
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -74,19 +74,33 @@ class Watcher:
                     watches.remove(watch)
 
     def _run(self) -> None:
+        """Until close(): IDLE depends on this thread, so a failure costs one shard one poll
+        (logged, once per kind until it clears), never the thread."""
+        failing: dict[int, str] = {}
         while not self._stop.wait(self._interval):
             with self._lock:
                 shards = {number: list(watches) for number, watches in self._watches.items() if watches}
             for number, watches in shards.items():
                 try:
-                    commit = self._store.shard(watches[0].account).last_commit()
-                except StoreError:
-                    return  # the store closed under us
-                if commit == self._last_commit.get(number):
-                    continue
-                self._last_commit[number] = commit
-                for watch in watches:
-                    self._check(watch)
+                    self._poll(number, watches)
+                except Exception as e:  # noqa: BLE001 - see the docstring
+                    if self._store.closed:
+                        return
+                    kind = type(e).__name__
+                    if failing.get(number) != kind:
+                        _log.error("watch_failed", exc_info=True, shard=number)
+                        failing[number] = kind
+                else:
+                    if failing.pop(number, None) is not None:
+                        _log.info("watch_recovered", shard=number)
+
+    def _poll(self, number: int, watches: list[Watch]) -> None:
+        commit = self._store.shard(watches[0].account).last_commit()
+        if commit == self._last_commit.get(number):
+            return
+        self._last_commit[number] = commit
+        for watch in watches:
+            self._check(watch)
 
     def _check(self, watch: Watch) -> None:
         try:

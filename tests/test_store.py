@@ -630,3 +630,30 @@ def test_repair_indexes_a_file_another_maildir_tool_dropped_in(store):
     infos = store.fetch(ALICE, "INBOX", ALL)
     assert [store.read_message(i) for i in infos] == [message("indexed"), message("dropped in")]
     assert infos[1].uid == 2 and infos[1].flags == ("\\Seen",)
+
+
+def test_the_watcher_outlives_a_failing_shard(data_dir, caplog):
+    """IDLE depends on the watcher thread: a shard that fails under it (here its LMDB handle
+    is closed, as a lost device would leave it) costs that shard its updates, logged once,
+    and never the thread that serves every other mailbox."""
+    import queue
+
+    from storage.watch import Watcher
+
+    broken, healthy = "user0@example.test", "user4@example.test"  # shards 0 and 1
+    with Store(open_data_dir(data_dir, 4)) as store:
+        for account in (broken, healthy):
+            store.ensure_account(account)
+        heard: queue.Queue = queue.Queue()
+        watcher = Watcher(store, interval=0.05)
+        try:
+            for account in (broken, healthy):
+                watcher.watch(account, "INBOX", lambda state, a=account: heard.put((a, state.exists)))
+            store.shard(broken).env.close()
+            time.sleep(0.3)  # several polls fail meanwhile
+            store.deliver([healthy], message("still heard"))
+            assert heard.get(timeout=5) == (healthy, 1)
+        finally:
+            watcher.close()
+    failures = [r for r in caplog.records if "watch_failed" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
