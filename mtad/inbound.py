@@ -49,7 +49,7 @@ from storage import (
 )
 from storage.messages import QuotaExceededError
 from storage.shard import StoreError
-from storage.store import WRITE_IN_COMMITTER, DeliveryError, Store
+from storage.store import WRITE_IN_COMMITTER, Delivered, DeliveryError, Store
 
 _log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
@@ -255,26 +255,32 @@ class InboundSMTP(AiosmtpdSMTP):
         accounts = list(dict.fromkeys(a for targets in self._local.values() for a in targets))
         trace = self._trace_headers(qid)
         size = len(trace) + end.size
-        head = b""
         try:
             # Up to WRITE_IN_COMMITTER, start_delivery leaves the file writing to the
             # committers: only then may the event loop call it.
             if size <= WRITE_IN_COMMITTER and self.context.store.accounts_ready(accounts):
-                head = await self._deliver_from_loop(accounts, trace, spool, end.size)
+                head, delivered = await self._deliver_from_loop(accounts, trace, spool, end.size)
             else:
-                head = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace, spool,
-                                                            end.size)
+                head, delivered = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace,
+                                                                       spool, end.size)
         except DeliveryError as e:
             full = any(isinstance(error, QuotaExceededError) for _, error in e.errors)
             self.log.error("store_failed", qid=qid, error=type(e.errors[0][1]).__name__,
                            delivered=len(e.delivered), failed=len(e.errors))
             return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
-        self.log.info("message_accepted", qid=qid, message_id=_message_id(head), size=size,
-                      sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts))
+        message_id = _message_id(head)
+        duplicates = [d.account for d in delivered if d.duplicate]
+        if duplicates:
+            # A sender that lost our 250 sent it again: the copies it reached are kept as they are.
+            self.log.info("message_duplicate", qid=qid, message_id=message_id, mailboxes=",".join(duplicates))
+        self.log.info("message_accepted", qid=qid, message_id=message_id, size=size,
+                      sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts),
+                      duplicates=len(duplicates))
         self._local.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
 
-    async def _deliver_from_loop(self, accounts: list[str], trace: bytes, spool, size: int) -> bytes:
+    async def _deliver_from_loop(self, accounts: list[str], trace: bytes, spool, size: int
+                                 ) -> tuple[bytes, list[Delivered]]:
         """A small message: parsed here and handed to the shards' committers, which write and
         fsync it, with no thread of its own: at a thousand messages a second, the hand-offs
         between threads cost more than the work. Failures go to a thread for the retry."""
@@ -284,8 +290,8 @@ class InboundSMTP(AiosmtpdSMTP):
         task.add_done_callback(self._delivery_done)
         # Shielded: if the session is cancelled meanwhile (the client hung up after its
         # final dot), the delivery still completes or withdraws every copy.
-        await asyncio.shield(task)
-        return raw[:16384]
+        delivered = await asyncio.shield(task)
+        return raw[:16384], delivered
 
     def _delivery_done(self, task: asyncio.Task) -> None:
         self.context.deliveries.discard(task)
@@ -350,36 +356,38 @@ class InboundSMTP(AiosmtpdSMTP):
         return cipher[0] if cipher else "unknown"
 
 
-def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) -> bytes:
+def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) -> tuple[bytes, list[Delivered]]:
     """In a worker thread: the message (trace headers + spool) into every mailbox. Returns
-    its first bytes, for the log."""
+    its first bytes, for the log, and the copies."""
     big = size > BIG_MESSAGE
     if big:
         BIG_DELIVERIES.acquire()
     try:
         raw = _read_message(trace, spool, size)
         try:
-            store.deliver(accounts, raw)
+            delivered = store.deliver(accounts, raw, dedupe=True)
         except DeliveryError as first:
-            _retry_or_withdraw(store, raw, first)
-        return bytes(raw[:16384])
+            delivered = _retry_or_withdraw(store, raw, first)
+        return bytes(raw[:16384]), delivered
     finally:
         if big:
             BIG_DELIVERIES.release()
 
 
-async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray) -> None:
-    """Every copy stored, or DeliveryError with none left (see _retry_or_withdraw)."""
+async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray) -> list[Delivered]:
+    """Every copy stored (returned), or DeliveryError with none left (see _retry_or_withdraw)."""
     loop = asyncio.get_running_loop()
     settled = loop.create_future()
 
     def on_done(delivered, errors) -> None:
         loop.call_soon_threadsafe(_settle, settled, delivered, errors)
 
-    context.store.start_delivery(accounts, raw, on_done=on_done)
+    context.store.start_delivery(accounts, raw, on_done=on_done, dedupe=True)
     delivered, errors = await settled
     if errors:
-        await context.deliver_in_thread(_retry_or_withdraw, context.store, raw, DeliveryError(delivered, errors))
+        return await context.deliver_in_thread(_retry_or_withdraw, context.store, raw,
+                                               DeliveryError(delivered, errors))
+    return delivered
 
 
 def _read_message(trace: bytes, spool, size: int) -> bytearray:
@@ -400,20 +408,22 @@ def _settle(future: asyncio.Future, delivered: list, errors: list) -> None:
         future.set_result((delivered, errors))
 
 
-def _retry_or_withdraw(store: Store, raw: bytes, first: DeliveryError) -> None:
+def _retry_or_withdraw(store: Store, raw: bytes, first: DeliveryError) -> list[Delivered]:
     """Every copy stored, or none: after our 4xx the sender sends the message again to all
     its recipients, so a copy kept from a partly failed delivery would arrive twice. The
     failed copies get one more try first (a race with a quota or a mailbox change, a passing
-    fault); if they fail again, the stored ones are taken back and DeliveryError says why."""
+    fault); if they fail again, the stored ones are taken back and DeliveryError says why.
+    A copy that was there before this delivery (a duplicate) is never taken back."""
     stored = list(first.delivered)
     failed = [target for target, _ in first.errors]
     try:
-        store.deliver(failed, raw)
-        return
+        return stored + store.deliver(failed, raw, dedupe=True)
     except DeliveryError as second:
         stored += second.delivered
         errors = second.errors
     for copy in stored:
+        if copy.duplicate:
+            continue
         try:
             store.remove(copy.account, copy.mailbox, [copy.uid])
         except (StoreError, OSError) as e:  # the copy stays: better twice than lost

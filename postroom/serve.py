@@ -84,12 +84,14 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     return data_dir, accounts
 
 
-def open_store(data_dir: DataDir, accounts: Accounts) -> Store:
+def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = None) -> Store:
     def quota_of(account: str) -> Quota:
         user = accounts.get_user(account)
         return Quota(user.quota, user.message_quota) if user else NO_QUOTA
 
-    return Store(data_dir, quota_of=quota_of)
+    if config is None:
+        return Store(data_dir, quota_of=quota_of)
+    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window))
 
 
 def return_big_buffers_to_the_system() -> None:
@@ -115,7 +117,8 @@ def serve(config: Config, only: set[str] | None = None, worker: bool = False) ->
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     tls = server_context(config.tls)
     data_dir, accounts = open_accounts(config)
-    store = open_store(data_dir, accounts)
+    store = open_store(data_dir, accounts, config)
+    store.recover()  # before any listener: no request waits for a crash's leftovers
     try:
         context = Context(config, data_dir, accounts, store, tls)
         if worker:

@@ -53,18 +53,23 @@ def settle(shard: Shard, keys: list[bytes]) -> tuple[list[tuple[bytes, bytes]], 
 
 
 def recover(shard: Shard) -> None:
-    """Finish what a crash left: the records nobody settled, and dead writers' files."""
-    with dead_writers(shard.tmp_root, skip=shard.writer) as dead:
+    """Finish what dead processes left: the records they did not settle, and their files.
+    What live processes committed they settle themselves."""
+    with dead_writers(shard.tmp_root, skip=shard.writer) as (dead, alive):
         with shard.read() as txn:
-            pending = txn.cursor(db=shard.db["unsettled"]).first()
-        if not dead and not pending:
+            orphaned = any(_orphaned(parse(key, value), alive) for key, value in txn.cursor(db=shard.db["unsettled"]))
+        if not dead and not orphaned:
             return
-        counts = shard.write(lambda txn, batch: _recover(txn, shard, batch, dead))
+        counts = shard.write(lambda txn, batch: _recover(txn, shard, batch, dead, alive))
     if any(counts.values()):
         _log.warning("recovered", shard=shard.number, **counts)
 
 
-def _recover(txn: lmdb.Transaction, shard: Shard, batch: Batch, dead: list[Path]) -> dict:
+def _orphaned(work: FileWork | DirWork | None, alive: set[str]) -> bool:
+    return work is not None and work.writer not in alive
+
+
+def _recover(txn: lmdb.Transaction, shard: Shard, batch: Batch, dead: list[Path], alive: set[str]) -> dict:
     counts = {"finished": 0, "discarded": 0, "settled": 0}
     changed: set[Path] = set()
     bases = shard.db["bases"]
@@ -92,7 +97,10 @@ def _recover(txn: lmdb.Transaction, shard: Shard, batch: Batch, dead: list[Path]
             counts["finished"] += 1
     cursor = txn.cursor(db=shard.db["unsettled"])
     for key, value in list(cursor.iternext()):
-        changed |= _settle(txn, shard, parse(key, value))
+        work = parse(key, value)
+        if not _orphaned(work, alive):
+            continue  # a live process's, or one this version does not know
+        changed |= _settle(txn, shard, work)
         txn.delete(key, db=shard.db["unsettled"])
         counts["settled"] += 1
     batch.sync_dirs |= {d for d in changed if d.is_dir()}

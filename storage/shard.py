@@ -169,9 +169,12 @@ class Batch:
 
 def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: bytes, value: bytes) -> None:
     """File work the transaction implies, to be carried out once it commits (storage/settle.py
-    carries it out, storage/unsettled.py says what the keys mean). The value ends with a
-    nonce: a settled record is deleted only if nobody wrote it again since."""
-    txn.put(key, value + b"\0" + os.urandom(6), db=shard.db["unsettled"])
+    carries it out, storage/unsettled.py says what the keys mean). The value ends with the
+    name of this process's writer directory, so that recovery leaves the records of live
+    processes to them, and a nonce: a settled record is deleted only if nobody wrote it
+    again since."""
+    writer = shard.writer.path.name.encode()
+    txn.put(key, value + b"\0" + writer + b"\0" + os.urandom(6).hex().encode(), db=shard.db["unsettled"])
     batch.unsettled.append(key)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from storage import dedupe as duplicates
 from storage import fts, mailboxes, maildir, messages, search, settle
 from storage.datadir import DataDir
 from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
@@ -42,6 +43,9 @@ class Delivered:
     mailbox: str
     uidvalidity: int
     uid: int
+    # The mailbox already had this message (storage/dedupe.py): `uid` is that copy's, and
+    # nothing was stored. Never withdraw it: it belongs to an earlier delivery.
+    duplicate: bool = False
 
 
 class DeliveryError(StoreError):
@@ -53,9 +57,14 @@ class DeliveryError(StoreError):
         super().__init__(f"delivery to {first[0][0]} failed: {first[1]}")
 
 
+DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
+
+
 class Store:
-    def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None):
+    def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None,
+                 dedupe_window: float = DEDUPE_WINDOW):
         self._data_dir = data_dir
+        self._dedupe_window = dedupe_window
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
@@ -99,12 +108,18 @@ class Store:
             if shard is None:
                 width = max(2, len(str(self._data_dir.shards - 1)))
                 shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
-                shard.idle_work = lambda txn, s=shard: fts.index_pending(txn, s)
+                shard.idle_work = functools.partial(self._idle_work, shard)
                 shard.settler = functools.partial(settle.settle, shard)
                 # Before anyone reads it here: finish what a crash of any process left.
                 settle.recover(shard)
                 self._shards[number] = shard
             return shard
+
+    def _idle_work(self, shard: Shard, txn) -> bool:
+        """The committer's work between requests: full-text indexing, forgetting old
+        deduplication keys. True while some remains."""
+        more = fts.index_pending(txn, shard)
+        return duplicates.prune(txn, shard, time.time() - self._dedupe_window) or more
 
     def recover(self) -> None:
         """Open every shard now, finishing what a crash left in each (see storage/settle.py),
@@ -203,10 +218,12 @@ class Store:
     # -- delivery -----------------------------------------------------------------------
 
     def deliver(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *, flags: Iterable[str] = (),
-                internal_date: float | None = None) -> list[Delivered]:
+                internal_date: float | None = None, dedupe: bool = False) -> list[Delivered]:
         """Store `raw` once in each distinct (account, mailbox) target ("account" alone is its
         INBOX). Returns when every copy is durable; DeliveryError if any failed (the
-        `delivered` ones are durable all the same)."""
+        `delivered` ones are durable all the same). With `dedupe` (mail received by SMTP), a
+        target that already has this message (same Message-ID and body, within [storage]
+        dedupe_window) gets no second copy: its Delivered says `duplicate`."""
         settled = threading.Event()
         outcome: list = []
 
@@ -214,7 +231,7 @@ class Store:
             outcome.extend((delivered, errors))
             settled.set()
 
-        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done)
+        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done, dedupe=dedupe)
         settled.wait()
         delivered, errors = outcome
         if errors:
@@ -223,7 +240,7 @@ class Store:
 
     def start_delivery(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *,
                        on_done: Callable[[list[Delivered], list[tuple[tuple[str, str], BaseException]]], None],
-                       flags: Iterable[str] = (), internal_date: float | None = None) -> None:
+                       flags: Iterable[str] = (), internal_date: float | None = None, dedupe: bool = False) -> None:
         """deliver() without waiting: the message is parsed here, and the shards' committers
         write, fsync and index it; `on_done(delivered, errors)` is called once every target
         is settled, in a committer's thread (or in this one, when no target got that far).
@@ -238,6 +255,9 @@ class Store:
                 "td": parsed["sent_day"],
                 "e": parsed["envelope"], "x": parsed["structure"]}
         texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
+        key = None
+        if dedupe and self._dedupe_window > 0:
+            key = duplicates.message_key(parsed["envelope"].get("message-id"), raw, parsed["structure"]["body"][0])
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
         delivery = _Delivery(len(wanted), on_done)
@@ -250,7 +270,7 @@ class Store:
                 tmp = shard.writer.path / base
                 record = messages.prepare_meta(meta, base, len(raw))
                 fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
-                                self.quota(account))
+                                self.quota(account), key, self._dedupe_window)
                 write = functools.partial(maildir.write_file, tmp, raw, meta["d"])
                 if len(raw) > WRITE_IN_COMMITTER:
                     write()  # here: a big file would hold up every request of its batch
@@ -416,15 +436,25 @@ class Store:
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
-               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: Quota):
+               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: Quota,
+               key: bytes | None, window: float):
+    """The commit step of one copy: (mailbox id, UID, whether it was a duplicate)."""
     def fn(txn, batch):
         state = mailboxes.record(txn, shard, mailbox_id)
         if state is None:
             raise MailboxNotFoundError("the mailbox was deleted during delivery")
+        now = time.time()
+        if key is not None:
+            # Decided inside the commit: two sendings racing each other find each other.
+            uid = duplicates.find(txn, shard, mailbox_id, key, now, window)
+            if uid is not None:
+                return mailbox_id, uid, True
         uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, base=base, size=size,
                               meta=meta, bits=bits, keywords=keywords, quota=quota, texts=texts,
                               meta_record=record)
-        return mailbox_id, uid
+        if key is not None:
+            duplicates.remember(txn, shard, mailbox_id, key, uid, now)
+        return mailbox_id, uid, False
 
     return fn
 
@@ -450,8 +480,10 @@ class _Delivery:
         elif request.result is None:  # never ran: no commit to report
             self.settle(index, target, error=StoreError("delivery was not committed"))
         else:
-            uidvalidity, uid = request.result
-            self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid))
+            uidvalidity, uid, duplicate = request.result
+            if duplicate:
+                _unlink_quietly(tmp)  # the mailbox has this message already
+            self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid, duplicate))
 
     def settle(self, index: int, target: tuple[str, str], delivered: Delivered | None = None,
                error: BaseException | None = None) -> None:

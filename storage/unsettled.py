@@ -27,11 +27,13 @@ class FileWork(NamedTuple):
     account: str
     mailbox_id: int
     hint: Path | None  # where the file was put, relative to the shard
+    writer: str = ""  # the writer directory of the process that committed it
 
 
 class DirWork(NamedTuple):
     account: str
     mailbox_id: int
+    writer: str = ""
 
 
 def note_file(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, base: str,
@@ -47,12 +49,13 @@ def note_dir(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, ma
 def parse(key: bytes, value: bytes) -> FileWork | DirWork | None:
     """What a record asks; None for one this version does not know (left alone)."""
     kind, rest = key[:1], bytes(key[1:]).decode("utf-8", "surrogateescape")
+    fields = bytes(value).decode("utf-8", "surrogateescape").split("\0")
+    writer = fields[-2] if len(fields) >= 2 else ""  # ... \0 writer \0 nonce (storage/shard.py)
     if kind == FILE:
-        fields = bytes(value).decode("utf-8", "surrogateescape").split("\0")
-        if len(fields) >= 3 and fields[1].isdigit():
-            return FileWork(rest, fields[0], int(fields[1]), Path(fields[2]) if fields[2] else None)
+        if len(fields) >= 5 and fields[1].isdigit():
+            return FileWork(rest, fields[0], int(fields[1]), Path(fields[2]) if fields[2] else None, writer)
     elif kind == DIR:
         account, _, mailbox_id = rest.partition("\0")
         if mailbox_id.isdigit():
-            return DirWork(account, int(mailbox_id))
+            return DirWork(account, int(mailbox_id), writer)
     return None

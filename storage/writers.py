@@ -78,11 +78,12 @@ class WriterDir:
 
 
 @contextmanager
-def dead_writers(root: Path, *, skip: WriterDir | None = None) -> Iterator[list[Path]]:
-    """The directories of writers that are gone, locked for the duration so that nobody else
-    recovers them at the same time; on exit each is removed with its lock file (call
-    `remove_when_done` semantics: the caller empties them first)."""
+def dead_writers(root: Path, *, skip: WriterDir | None = None) -> Iterator[tuple[list[Path], set[str]]]:
+    """(the directories of writers that are gone, the names of those alive). The dead are
+    locked for the duration, so that nobody else recovers them at the same time; on exit
+    each is removed with its lock file, if the caller emptied it."""
     held: list[tuple[Path, int | None]] = []
+    alive: set[str] = set()
     try:
         names = os.listdir(root)
     except FileNotFoundError:
@@ -92,14 +93,16 @@ def dead_writers(root: Path, *, skip: WriterDir | None = None) -> Iterator[list[
     try:
         for name in sorted(locks | directories):
             if skip is not None and skip.owns(name):
+                alive.add(name)
                 continue
             fd = None
             if name in locks:
                 fd = _try_lock(root / (name + LOCK_SUFFIX))
                 if fd is None:
-                    continue  # alive
+                    alive.add(name)
+                    continue
             held.append((root / name, fd))
-        yield [path for path, _ in held]
+        yield [path for path, _ in held], alive
     finally:
         for path, fd in held:
             _remove(path, fd)

@@ -4,6 +4,7 @@ smtplib, swaks and raw sockets; every stored result checked through the storage 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import smtplib
@@ -399,19 +400,28 @@ def test_ipv4_and_ipv6_listeners_side_by_side(write_config, tmp_path, cli, data_
         assert daemon.stop() == 0
 
 
+@contextlib.contextmanager
+def broken_inbox(store: Store, account: str):
+    """Every delivery to the account's INBOX fails while inside: its index record is damaged
+    (as a bad sector would leave it), and mended on the way out."""
+    from storage.shard import pack_u32
+
+    shard = store.shard(account)
+    key = pack_u32(store.mailbox(account, "INBOX").id)
+    with shard.env.begin(write=True) as txn:
+        good = txn.get(key, db=shard.db["mailboxes"])
+        txn.put(key, b"\xff damaged", db=shard.db["mailboxes"])
+    try:
+        yield
+    finally:
+        with shard.env.begin(write=True) as txn:
+            txn.put(key, good, db=shard.db["mailboxes"])
+
+
 def test_a_storage_failure_is_451_never_250(mx):
-    import shutil
-
-    from storage.maildir import make_dirs
-
     with smtp(mx) as client:
         client.sendmail("s@example.org", ["alice@example.test"], b"Subject: first\r\n\r\nx\r\n")
-    store = mx.store
-    directory = store.shard("alice@example.test").mailbox_dir("alice@example.test",
-                                                                store.mailbox("alice@example.test", "INBOX").id)
-    shutil.rmtree(directory)
-    directory.write_bytes(b"not a directory")  # every write into this mailbox now fails
-    try:
+    with broken_inbox(mx.store, "alice@example.test"):
         with smtp(mx) as client:
             with pytest.raises(smtplib.SMTPDataError) as failed:
                 client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
@@ -419,9 +429,6 @@ def test_a_storage_failure_is_451_never_250(mx):
         assert "Traceback" not in failed.value.smtp_error.decode()
         # Bob's copy was taken back: the sender's retry must not give him the message twice.
         assert [m for m in inbox(mx, "bob@example.test") if b"Subject: 2" in m] == []
-    finally:
-        directory.unlink()
-        make_dirs(directory)  # the mailbox works again (its first message is lost with the test's rmtree)
     assert "event=store_failed" in mx.stderr()
     with smtp(mx) as client:  # the sender's retry
         client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
@@ -432,16 +439,9 @@ def test_a_client_gone_after_its_final_dot_still_gets_all_or_none(mx):
     """The sender hangs up right after the end of data, so it never hears our reply and will
     send again to everyone: the copy stored for Bob must be taken back when Alice's fails,
     even though the session that asked for them is gone."""
-    from storage.maildir import make_dirs
-
     with smtp(mx) as client:
         client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], b"Subject: first\r\n\r\nx\r\n")
-    store = mx.store
-    directory = store.shard("alice@example.test").mailbox_dir("alice@example.test",
-                                                                store.mailbox("alice@example.test", "INBOX").id)
-    shutil.rmtree(directory)
-    directory.write_bytes(b"not a directory")  # every write into Alice's INBOX now fails
-    try:
+    with broken_inbox(mx.store, "alice@example.test"):
         address = mx.listen("smtp.listen")
         with socket.create_connection((address.host, address.port), timeout=10) as raw:
             raw.sendall(b"EHLO c.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
@@ -459,9 +459,26 @@ def test_a_client_gone_after_its_final_dot_still_gets_all_or_none(mx):
             time.sleep(0.1)
         assert "event=store_failed" in mx.stderr()
         assert [m for m in inbox(mx, "bob@example.test") if b"Subject: gone" in m] == []
-    finally:
-        directory.unlink()
-        make_dirs(directory)
+
+
+def test_a_message_sent_again_is_answered_250_and_stored_once(mx):
+    """A sender that lost our 250 sends the message again (new Received:, new queue id):
+    it hears 250 again and the mailbox keeps one copy (Message-ID and body, [storage]
+    dedupe_window). A recipient added the second time gets the message."""
+    message = b"Message-ID: <twice@example.org>\r\nSubject: twice\r\n\r\nonly once please\r\n"
+    with smtp(mx) as client:
+        assert client.sendmail("s@example.org", ["alice@example.test"], message) == {}
+    with smtp(mx) as client:
+        assert client.sendmail("s@example.org", ["alice@example.test", "bob@example.test"], message) == {}
+    assert len(inbox(mx, "alice@example.test")) == 1
+    assert len(inbox(mx, "bob@example.test")) == 1
+    line = next(line for line in mx.stderr().splitlines() if "event=message_duplicate" in line)
+    assert "message_id=<twice@example.org>" in line and "mailboxes=alice@example.test" in line
+    # Without a Message-ID two sendings are two messages.
+    with smtp(mx) as client:
+        for _ in range(2):
+            client.sendmail("s@example.org", ["bob@example.test"], b"Subject: no id\r\n\r\nsame\r\n")
+    assert len([m for m in inbox(mx, "bob@example.test") if b"Subject: no id" in m]) == 2
 
 
 def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):

@@ -1,0 +1,77 @@
+"""Exactly-once receipt: a message a sender sends again is not stored twice (RFC 1047's problem).
+
+A sender that loses our 250 (the connection broke, we crashed after the commit and before
+the reply) must send the message again, and without this it arrives twice. Each mailbox
+keeps, for `window` seconds, a key of every message delivered to it by SMTP: a digest of its
+Message-ID and of its body (the trace headers differ between two sendings: a new Received:
+with a new queue id and time). A delivery whose key is known, for a message that is still
+there, is answered as delivered and stores nothing. Without a Message-ID nothing is
+deduplicated: two messages with the same body are not the same message.
+
+Databases of the shard (keys big-endian):
+    dedupe        mailbox id, digest            -> uid, time delivered (seconds)
+    dedupe_times  time, mailbox id, digest      -> b""   (expiry order, for prune)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import lmdb
+
+from storage.shard import Shard, uid_key
+
+_VALUE = struct.Struct(">Iq")
+_TIME = struct.Struct(">q")
+DIGEST_SIZE = 16
+PRUNE_BATCH = 1000
+
+
+def message_key(message_id: str | None, raw: bytes, body_start: int) -> bytes | None:
+    """The key of a message, or None when it has no Message-ID to tell it by."""
+    message_id = (message_id or "").strip()
+    if not message_id:
+        return None
+    body = hashlib.blake2b(memoryview(raw)[body_start:], digest_size=32).digest()
+    return hashlib.blake2b(message_id.encode("utf-8", "surrogateescape") + b"\0" + body,
+                           digest_size=DIGEST_SIZE).digest()
+
+
+def find(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, key: bytes, now: float, window: float) -> int | None:
+    """The UID of the message with this key, if it was delivered within the window and is
+    still in the mailbox (one expunged, or withdrawn after a failed delivery, is not)."""
+    raw = txn.get(uid_key(mailbox_id, 0)[:4] + key, db=shard.db["dedupe"])
+    if raw is None:
+        return None
+    uid, when = _VALUE.unpack(raw)
+    if now - when > window:
+        return None
+    if txn.get(uid_key(mailbox_id, uid), db=shard.db["flags"]) is None:
+        return None
+    return uid
+
+
+def remember(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, key: bytes, uid: int, now: float) -> None:
+    mailbox = uid_key(mailbox_id, 0)[:4]
+    old = txn.get(mailbox + key, db=shard.db["dedupe"])
+    if old is not None:
+        txn.delete(_TIME.pack(_VALUE.unpack(old)[1]) + mailbox + key, db=shard.db["dedupe_times"])
+    txn.put(mailbox + key, _VALUE.pack(uid, int(now)), db=shard.db["dedupe"])
+    txn.put(_TIME.pack(int(now)) + mailbox + key, b"", db=shard.db["dedupe_times"])
+
+
+def prune(txn: lmdb.Transaction, shard: Shard, before: float, limit: int = PRUNE_BATCH) -> bool:
+    """Forget keys delivered before `before`, oldest first, at most `limit`; True while more
+    remain (the shard's committer calls it in its idle time)."""
+    cursor = txn.cursor(db=shard.db["dedupe_times"])
+    if not cursor.first():
+        return False
+    for _ in range(limit):
+        key = cursor.key()
+        if not key or _TIME.unpack_from(key)[0] >= before:
+            return False
+        txn.delete(key[_TIME.size:], db=shard.db["dedupe"])
+        if not cursor.delete():
+            return False
+    return bool(cursor.key()) and _TIME.unpack_from(cursor.key())[0] < before
