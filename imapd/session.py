@@ -35,7 +35,7 @@ from storage.mailboxes import MailboxError, MailboxExistsError, MailboxLimitErro
 from storage.messages import FlagError, QuotaExceededError
 from storage.names import MailboxNameError
 from storage.search import SearchError
-from storage.shard import StoreError
+from storage.shard import DiskFullError, StoreError
 from storage.store import Store
 from storage.watch import Watcher
 
@@ -849,6 +849,7 @@ STORE_ANSWERS: dict[type[Exception], tuple[str, str | None]] = {
     MailboxExistsError: ("NO", "ALREADYEXISTS"),
     MailboxLimitError: ("NO", "LIMIT"),
     QuotaExceededError: ("NO", "OVERQUOTA"),
+    DiskFullError: ("NO", "OVERQUOTA"),  # as Dovecot answers "Not enough disk space"
     FlagError: ("BAD", None),
     MailboxNameError: ("NO", "CANNOT"),
     MailboxError: ("NO", "CANNOT"),

@@ -48,7 +48,7 @@ from storage import (
     parse_address,
 )
 from storage.messages import QuotaExceededError
-from storage.shard import StoreError
+from storage.shard import DiskFullError, StoreError, is_disk_full
 from storage.store import WRITE_IN_COMMITTER, Delivered, DeliveryError, Store
 
 _log = EventLogger("mtad.inbound")
@@ -112,6 +112,7 @@ class InboundSMTP(AiosmtpdSMTP):
         self._local: dict[str, list[str]] = {}  # recipient -> accounts it reaches
         self._outcomes: list[str] = []  # "address:code" of every RCPT of the transaction
         self._spool = self._new_spool()
+        self._spool_failed: OSError | None = None  # the spool could not take the message
         self._sender = ""
         self._peer = ""
 
@@ -171,7 +172,7 @@ class InboundSMTP(AiosmtpdSMTP):
                 await self._send()
                 return False
             if isinstance(event, DataChunk):
-                self._spool.write(event.data)
+                self._spool_chunk(event.data)
             elif isinstance(event, StartTLSEvent):
                 await self._send()
                 await self._upgrade_to_tls()
@@ -235,11 +236,28 @@ class InboundSMTP(AiosmtpdSMTP):
         return outcome
 
     def _new_spool(self):
+        self._spool_failed = None
         return tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.context.spool_dir)
 
-    async def _end_of_data(self, end: DataEnd) -> Reply:
-        spool, self._spool = self._spool, self._new_spool()
+    def _spool_chunk(self, data: bytes) -> None:
+        """A full disk (or any write error) fails the message, not the session: the rest of
+        its data is read and dropped, and its end is answered 452 4.3.1 (RFC 3463)."""
+        if self._spool_failed is not None:
+            return
         try:
+            self._spool.write(data)
+        except OSError as e:
+            self._spool_failed = e
+            self.log.error("spool_failed", error=e.strerror or type(e).__name__)
+            self._spool.close()
+
+    async def _end_of_data(self, end: DataEnd) -> Reply:
+        spool, failed = self._spool, self._spool_failed
+        self._spool = self._new_spool()
+        try:
+            if failed is not None and end.refusal is None:
+                self.log.info("message_refused", size=end.size, reason="spool failed")
+                return replies.INSUFFICIENT_STORAGE if is_disk_full(failed) else replies.TEMPORARY_FAILURE
             return await self._store(end, spool)
         finally:
             spool.close()
@@ -264,9 +282,12 @@ class InboundSMTP(AiosmtpdSMTP):
                 head, delivered = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace,
                                                                        spool, end.size)
         except DeliveryError as e:
-            full = any(isinstance(error, QuotaExceededError) for _, error in e.errors)
-            self.log.error("store_failed", qid=qid, error=type(e.errors[0][1]).__name__,
-                           delivered=len(e.delivered), failed=len(e.errors))
+            errors = [error for _, error in e.errors]
+            self.log.error("store_failed", qid=qid, error=type(errors[0]).__name__,
+                           delivered=len(e.delivered), failed=len(errors))
+            if any(isinstance(error, DiskFullError) for error in errors):
+                return replies.INSUFFICIENT_STORAGE
+            full = any(isinstance(error, QuotaExceededError) for error in errors)
             return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
         message_id = _message_id(head)
         duplicates = [d.account for d in delivered if d.duplicate]

@@ -39,6 +39,7 @@ Index layout (named databases; ids and UIDs big-endian so keys sort numerically)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -79,6 +80,48 @@ _log = EventLogger("storage.shard")
 
 class StoreError(Exception):
     """A store operation failed; str() is safe to show (no paths of other accounts)."""
+
+
+class DiskFullError(StoreError):
+    """The file system (or the data dir owner's disk quota) is full: nothing was written,
+    and the same request may succeed once space is freed (SMTP 452 4.3.1)."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = tuple(os.strerror(n) for n in _FULL_ERRNOS)  # LMDB reports them as text
+_IO_ERROR = os.strerror(errno.EIO)
+# LMDB reports a commit whose page writes came up short as EIO, which is what a full disk
+# does to a write that has room for part of its pages. With less than this free, that EIO
+# is taken for a full disk; with more, for a failing one.
+LOW_SPACE = 8 << 20
+
+
+def is_disk_full(error: BaseException, where: Path | None = None) -> bool:
+    """`error` means the file system at `where` is full (or the owner's quota used up)."""
+    if isinstance(error, OSError):
+        return error.errno in _FULL_ERRNOS
+    if not isinstance(error, lmdb.Error):
+        return False
+    text = str(error)
+    if any(full in text for full in _FULL_TEXTS):
+        return True
+    if _IO_ERROR in text and where is not None:
+        try:
+            space = os.statvfs(where)
+        except OSError:
+            return False
+        return space.f_bavail * space.f_frsize < LOW_SPACE
+    return False
+
+
+def store_error(error: BaseException, where: Path | None = None) -> BaseException:
+    """What a request that failed with `error` reports: a full disk as DiskFullError (so
+    every caller can tell it from a fault), anything else as it is."""
+    if is_disk_full(error, where) and not isinstance(error, DiskFullError):
+        full = DiskFullError("no space left in the data dir")
+        full.__cause__ = error
+        return full
+    return error
 
 
 def uid_key(mailbox_id: int, uid: int) -> bytes:
@@ -435,7 +478,7 @@ class Shard:
             self._side_by_side(_run_before, requests)
         except Exception as e:  # e.g. no thread for the pool: these requests fail, the shard goes on
             _log.error("before_failed", exc_info=True, shard=self.number)
-            _fail([r for r in requests if r.error is None], e)
+            _fail([r for r in requests if r.error is None], e, self.path)
 
     def _run_together(self, requests: list[_Request]) -> bool:
         """The batch in one transaction, as it nearly always succeeds: without a nested
@@ -459,9 +502,9 @@ class Shard:
             batch.rollback()
             self._give_back(settled)
             if failed is None:
-                _fail(requests, e)
+                _fail(requests, e, self.path)
             elif len(requests) == 1:
-                failed[0].error = failed[1]
+                failed[0].error = store_error(failed[1])
             else:
                 for request in requests:
                     request.result = None  # from the transaction just aborted
@@ -486,19 +529,20 @@ class Shard:
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
                         batch.rollback(mark)
-                        request.error = e
+                        request.error = store_error(e)
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - the whole batch failed to commit
             batch.rollback()
             self._give_back(settled)
-            _fail([r for r in requests if r.error is None], e)
+            _fail([r for r in requests if r.error is None], e, self.path)
             return
         self._after_commit(batch)
 
 
-def _fail(requests: list[_Request], cause: BaseException) -> None:
+def _fail(requests: list[_Request], cause: BaseException, where: Path | None = None) -> None:
+    kind = DiskFullError if is_disk_full(cause, where) else StoreError
     for request in requests:
-        error = StoreError(f"commit failed: {cause.__class__.__name__}: {cause}")
+        error = kind(f"commit failed: {cause.__class__.__name__}: {cause}")
         error.__cause__ = cause
         request.error = error
 
@@ -517,7 +561,7 @@ def _run_before(request: _Request) -> None:
     try:
         request.before()
     except BaseException as e:  # noqa: BLE001 - handed to the caller
-        request.error = e
+        request.error = store_error(e)
 
 
 def _fsync_dir_if_there(path: Path) -> None:

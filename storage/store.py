@@ -29,7 +29,7 @@ from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
-from storage.shard import Shard, StoreError
+from storage.shard import DiskFullError, Shard, StoreError, store_error
 
 
 # A message up to this size is written and fsynced by the shard's committer, beside the
@@ -280,7 +280,7 @@ class Store:
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
                 if tmp is not None:
                     _unlink_quietly(tmp)  # written here, if it was big
-                delivery.settle(index, (account, name), error=e)
+                delivery.settle(index, (account, name), error=store_error(e))
 
     def append(self, account: str, mailbox: str, raw: bytes, *, flags: Iterable[str] = (),
                internal_date: float | None = None) -> Delivered:
