@@ -1,0 +1,33 @@
+"""The crash test in the suite: about a minute of mail from 20 senders that resend what was
+not acknowledged, while `postroom serve` is killed with SIGKILL every 1-2 s, then stopped
+with SIGTERM every 1-2 s, then run with `[smtp] workers = 2` and its whole process group
+killed (tests/crashload.py). Nothing acknowledged is lost or stored twice, no message with
+a Message-ID is stored twice even when its sender resent it, and `store check` is clean.
+bench/crash.py runs the same for 40,000 messages."""
+
+from __future__ import annotations
+
+from conftest import free_port
+from crashload import Phase, prepare, run
+
+
+def test_mail_survives_sigkill_sigterm_and_process_group_kills(write_config, data_dir, tmp_path):
+    port = free_port()
+    smtp = {"listen": [f"127.0.0.1:{port}"], "max_connections_per_ip": 200}
+    configs = {workers: write_config(f"crash-{workers}.toml", smtp={**smtp, "workers": workers},
+                                     server={"log_level": "warning"})
+               for workers in (1, 2)}
+    prepare(data_dir, configs[1])
+    phases = [Phase("kill", 25), Phase("term", 10), Phase("group", 12, workers=2)]
+    outcome = run(configs, phases, tmp_path, host="127.0.0.1", port=port, clients=20, total=10**9,
+                  drain_seconds=30)
+    print(outcome.summary())
+    assert outcome.restarts >= 20, outcome.summary()
+    assert outcome.acknowledged >= 500, "the senders barely got through: the test proves little"
+    assert outcome.lost == [], outcome.summary()
+    assert outcome.duplicated_acknowledged == [], outcome.summary()
+    assert outcome.duplicated == [], outcome.summary()
+    assert outcome.refused == [], outcome.refused[:10]
+    assert outcome.orphans == [], outcome.orphans
+    assert outcome.check_problems == [], outcome.check_problems[:10]
+    assert outcome.unfinished == 0, outcome.summary()
