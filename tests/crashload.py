@@ -251,23 +251,28 @@ def prepare(data_dir: Path, config: Path) -> None:
 
 
 def run(configs: dict[int, Path], phases: list[Phase], workdir: Path, *, host: str, port: int, clients: int,
-        total: int, drain_seconds: float = 60.0, seed: int = 20261130, say=lambda text: None) -> Outcome:
-    """The phases in order (configs[workers] is the config for each worker count), then a
-    drain against a server left up, then a graceful stop; the count of every mailbox."""
+        total: int, budgets: list[int] | None = None, drain_seconds: float = 60.0, seed: int = 20261130,
+        say=lambda text: None) -> Outcome:
+    """The phases in order (configs[workers] is the config for each worker count), each for
+    its seconds or until `budgets[i]` messages are sent in all, then a drain against a server
+    left up, then a graceful stop; the count of every mailbox."""
     rng = random.Random(seed)
     outcome = Outcome()
     server = Server(workdir)
     senders = Senders(host, port, clients, total, outcome)
     server.start(configs[phases[0].workers])
     senders.start()
-    for phase in phases:
-        say(f"phase {phase.how} for {phase.seconds:.0f} s, workers = {phase.workers}")
+    for index, phase in enumerate(phases):
+        budget = budgets[index] if budgets else total
+        say(f"phase {phase.how}, workers = {phase.workers}, until {min(phase.seconds, 10**6):.0f} s "
+            f"or {budget} messages sent")
         phase_end = time.monotonic() + phase.seconds
-        while time.monotonic() < phase_end and outcome.sent < total:
+        while time.monotonic() < phase_end and outcome.sent < budget:
             time.sleep(rng.uniform(1.0, 2.0))
             outcome.orphans += server.stop(phase.how)
             outcome.restarts += 1
             server.start(configs[phase.workers])
+        say(f"{outcome.sent} sent, {outcome.restarts} restarts")
     say("draining")
     senders.finish(drain_seconds)
     outcome.orphans += server.stop("term")
