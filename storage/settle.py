@@ -118,14 +118,15 @@ def _settle(txn: lmdb.Transaction, shard: Shard, work: FileWork | DirWork | None
 def _settle_file(txn: lmdb.Transaction, shard: Shard, work: FileWork) -> set[Path]:
     directory = shard.mailbox_dir(work.account, work.mailbox_id)
     location = txn.get(work.base.encode("utf-8", "surrogateescape"), db=shard.db["bases"])
-    desired = None
+    desired = None  # the index no longer has it: the file goes
     if location is not None:
         mailbox_id, uid = unpack_uid_key(location)
         raw = txn.get(location, db=shard.db["flags"])
-        if raw is not None:
-            entry = unpack_entry(raw)
-            directory = shard.mailbox_dir(work.account, mailbox_id)
-            desired = directory / "cur" / maildir.file_name(work.base, uid, entry.size, entry.bits)
+        if raw is None:
+            return set()  # an index at odds with itself: leave the file for `store check`
+        entry = unpack_entry(raw)
+        directory = shard.mailbox_dir(work.account, mailbox_id)
+        desired = directory / "cur" / maildir.file_name(work.base, uid, entry.size, entry.bits)
     hint = shard.path / work.hint if work.hint is not None else None
     for _ in range(5):  # another process may be settling the same file: look again
         current = locate(shard.tmp_root, directory, work.base, desired, hint)

@@ -338,10 +338,15 @@ class Store:
         shard = next((s for s in list(self._shards.values()) if s.path == shard_path), None)
         if shard is None:
             raise StoreError(f"message file of UID {message.uid} is not in this store")
-        path = messages.find_file(shard, message.path, base)
-        if path is None:
-            raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
-        return open(path, "rb")
+        for _ in range(3):  # renamed between finding and opening (flags, settling): again
+            path = messages.find_file(shard, message.path, base)
+            if path is None:
+                break
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                continue
+        raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
 
     def read_message(self, message: MessageInfo) -> bytes:
         with self.open_message(message) as f:

@@ -698,15 +698,17 @@ def test_dedupe_keys_expire_after_the_window(data_dir):
         # The committer forgets expired keys in its idle time after a write.
         other = raw.replace(b"<expiring@", b"<other@")
         store.deliver([ALICE], other, dedupe=True)
+        shard = store.shard(ALICE)
+        with shard.read() as txn:
+            assert txn.stat(shard.db["dedupe"])["entries"] == 2
         time.sleep(1.5)
         store.deliver([ALICE], other.replace(b"<other@", b"<third@"), dedupe=True)
-        shard = store.shard(ALICE)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             with shard.read() as txn:
-                if txn.stat(shard.db["dedupe"])["entries"] == 1:
+                if txn.stat(shard.db["dedupe"])["entries"] <= 1:
                     break
             time.sleep(0.1)
-        with shard.read() as txn:
-            assert txn.stat(shard.db["dedupe"])["entries"] == 1  # <third@...> alone
-            assert txn.stat(shard.db["dedupe_times"])["entries"] == 1
+        with shard.read() as txn:  # the two old keys are gone (the third too, if the machine is slow)
+            assert txn.stat(shard.db["dedupe"])["entries"] <= 1
+            assert txn.stat(shard.db["dedupe_times"])["entries"] == txn.stat(shard.db["dedupe"])["entries"]
