@@ -89,7 +89,7 @@ class TwistedListening:
                 await result
 
 
-def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = None) -> list:
+def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = None, *, backlog: int) -> list:
     """Twisted ports for `factory` on each address, TLS from the first byte when `tls` is given."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -97,7 +97,7 @@ def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = 
     ports = []
     try:
         for address in addresses:
-            sock = listening_socket(address)
+            sock = listening_socket(address, backlog=backlog)  # adoptStreamPort keeps it
             wrapped = TLSMemoryBIOFactory(tls, False, factory) if tls is not None else factory
             try:
                 ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, wrapped))

@@ -8,6 +8,8 @@ import signal
 import socket
 import ssl
 import stat
+import subprocess
+import time
 
 import pytest
 
@@ -119,3 +121,27 @@ def test_log_level_is_honoured(write_config, tmp_path, level, shown, hidden):
     log = daemon.stderr()
     assert all(event in log for event in shown), log
     assert not any(event in log for event in hidden), log
+
+
+def _listen_backlogs(port: int, sockets: int) -> list[int]:
+    """The backlog of each socket listening on `port`, as `ss` shows it (Send-Q), once
+    `sockets` of them listen (an MX worker binds after READY) or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(["ss", "-Hlnt", f"( sport = :{port} )"], capture_output=True, text=True,
+                             check=True).stdout
+        backlogs = [int(line.split()[2]) for line in out.splitlines() if line.startswith("LISTEN")]
+        if len(backlogs) >= sockets or time.monotonic() > deadline:
+            return backlogs
+        time.sleep(0.1)
+
+
+def test_every_listener_uses_the_configured_backlog(write_config, tmp_path):
+    # Two MX workers: the second process's socket on the shared port must use it too.
+    daemon = start_daemon(write_config(server={"listen_backlog": 777}, smtp={"workers": 2}), tmp_path)
+    try:
+        sockets = {"smtp.listen": 2, "imap.listen": 1, "imap.listen_tls": 1, "pop3.listen": 1, "pop3.listen_tls": 1}
+        found = {dotted: _listen_backlogs(daemon.listen(dotted).port, n) for dotted, n in sockets.items()}
+        assert found == {dotted: [777] * n for dotted, n in sockets.items()}
+    finally:
+        assert daemon.stop() == 0
