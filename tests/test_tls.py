@@ -34,32 +34,29 @@ def _smtp_starttls(address, context) -> str:
 def _imap_starttls(address, context) -> str:
     client = imaplib.IMAP4(address.host, address.port, timeout=TIMEOUT)
     client.starttls(ssl_context=context)
-    return _imap_cipher(client)
+    return _agreed(client, client.logout)
 
 
 def _imaps(address, context) -> str:
-    return _imap_cipher(imaplib.IMAP4_SSL(address.host, address.port, ssl_context=context, timeout=TIMEOUT))
-
-
-def _imap_cipher(client: imaplib.IMAP4) -> str:
-    cipher = client.sock.cipher()[0]
-    client.logout()
-    return cipher
+    client = imaplib.IMAP4_SSL(address.host, address.port, ssl_context=context, timeout=TIMEOUT)
+    return _agreed(client, client.logout)
 
 
 def _pop3_stls(address, context) -> str:
     client = poplib.POP3(address.host, address.port, timeout=TIMEOUT)
     client.stls(context)
-    return _pop3_cipher(client)
+    return _agreed(client, client.quit)
 
 
 def _pop3s(address, context) -> str:
-    return _pop3_cipher(poplib.POP3_SSL(address.host, address.port, context=context, timeout=TIMEOUT))
+    client = poplib.POP3_SSL(address.host, address.port, context=context, timeout=TIMEOUT)
+    return _agreed(client, client.quit)
 
 
-def _pop3_cipher(client: poplib.POP3) -> str:
+def _agreed(client, goodbye) -> str:
+    """The suite of the client's connection, which it then ends with `goodbye`."""
     cipher = client.sock.cipher()[0]
-    client.quit()
+    goodbye()
     return cipher
 
 
