@@ -8,7 +8,8 @@ The reactor is never `run()`: asyncio drives it, and stopping is closing our por
 Listening sockets come from conf.sockets, not `listenTCP`, for what Twisted does not set:
 IPv6 sockets are IPv6-only (so `[::]:143` and `0.0.0.0:143` coexist) and ports are
 reusable at once after a restart. TLS uses pyOpenSSL (what Twisted's TLS speaks) loaded from the same
-files as the asyncio side's `ssl.SSLContext`, with the same policy: TLS 1.2 at least.
+files as the asyncio side's `ssl.SSLContext`, with the same policy: TLS 1.2 at least, and
+conf.tls's TLS 1.2 suites.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from conf.schema import TLSConfig
 from conf.sockets import listening_socket
+from conf.tls import TLS12_CIPHERS
 from conf.values import ListenAddress
 
 
@@ -44,6 +46,7 @@ class ServerTLS:
         assert tls.cert is not None
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(TLS12_CIPHERS.encode())
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_ECDH_USE)
         # Idle connections (IDLE, POP3 clients thinking) give their TLS buffers back: ~34 KiB each.
         context.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -86,7 +89,7 @@ class TwistedListening:
                 await result
 
 
-def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = None) -> list:
+def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = None, *, backlog: int) -> list:
     """Twisted ports for `factory` on each address, TLS from the first byte when `tls` is given."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -94,7 +97,7 @@ def listen(factory, addresses: Iterable[ListenAddress], tls: ServerTLS | None = 
     ports = []
     try:
         for address in addresses:
-            sock = listening_socket(address)
+            sock = listening_socket(address, backlog=backlog)  # adoptStreamPort keeps it
             wrapped = TLSMemoryBIOFactory(tls, False, factory) if tls is not None else factory
             try:
                 ports.append(reactor.adoptStreamPort(sock.fileno(), sock.family, wrapped))

@@ -48,6 +48,9 @@ class ServerConfig:
     hostname: str = field(default_factory=_default_hostname, metadata={"check": check_hostname})
     data_dir: Path = Path("/var/lib/postroom")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # listen(2)'s backlog on every listener: connections the kernel holds, handshake done,
+    # until the daemon accepts them. Linux caps it at net.core.somaxconn.
+    listen_backlog: int = field(default=1024, metadata={"min": 1, "max": 65535})
 
     def problems(self) -> list[tuple[str, str]]:
         if "." not in self.hostname:

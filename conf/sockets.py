@@ -1,18 +1,22 @@
 """Listening sockets for the configured addresses, the same for every daemon: IPv6 sockets
 IPv6-only (so `[::]:25` and `0.0.0.0:25` coexist), addresses reusable at once after a
-restart, no Nagle delay, and optionally a port several worker processes share
-(SO_REUSEPORT)."""
+restart, no Nagle delay, `[server] listen_backlog`, and optionally a port several worker
+processes share (SO_REUSEPORT).
+
+asyncio's `create_server(sock=...)` calls listen() again with its own backlog (100 unless
+told): its caller passes the configured one there too. Twisted's `adoptStreamPort` keeps
+the socket's."""
 
 from __future__ import annotations
 
 import socket
 
+from conf.schema import ServerConfig
 from conf.values import ListenAddress
 
-BACKLOG = 1024
 
-
-def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> socket.socket:
+def listening_socket(address: ListenAddress, *, backlog: int = ServerConfig.listen_backlog,
+                     reuse_port: bool = False) -> socket.socket:
     """A bound, listening, non-blocking socket; OSError names the address."""
     family = socket.AF_INET6 if address.family_is_ipv6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -27,7 +31,7 @@ def listening_socket(address: ListenAddress, *, reuse_port: bool = False) -> soc
         # holds back the last line of a reply for ~40 ms (an IMAP SELECT, a POP3 +OK).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as e:
         sock.close()

@@ -3,7 +3,8 @@
 `ensure_certificate` creates cert/key when `[tls] self_signed = true` and they are missing
 (ECDSA P-256, SANs for the host name, localhost, 127.0.0.1 and ::1, key file mode 0600).
 `server_context` loads the pair once; every TLS listener and STARTTLS shares it. Minimum
-protocol TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 for mail).
+protocol TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 for mail), and TLS 1.2 with
+TLS12_CIPHERS only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ import ssl
 from pathlib import Path
 
 from conf.schema import TLSConfig
+
+
+# Mozilla's "intermediate" server profile (ssl-config.mozilla.org) for TLS 1.2: ECDHE key
+# exchange (forward secrecy) with an AEAD cipher. No CBC suites (padding oracles: Lucky
+# Thirteen), no RSA key exchange (no forward secrecy), no SHA-1 MACs; the profile's DHE suites
+# are left out too (they need DH parameters, and every client that has them has ECDHE). TLS
+# 1.3 suites are all AEAD: OpenSSL's defaults stand. conf.reactor's Twisted context uses the
+# same list.
+TLS12_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
 
 
 class TLSSetupError(Exception):
@@ -48,6 +62,7 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext | None:
             raise TLSSetupError(f"{path}: not readable by this user (set by {name})")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
     try:
         context.load_cert_chain(tls.cert, key)
     except ssl.SSLError as e:

@@ -473,7 +473,8 @@ async def start_listeners(context: InboundContext, addresses, *, implicit_tls: b
                 server.close()
             raise
         tls = context.tls if implicit_tls else None
-        server = await loop.create_server(lambda: InboundSMTP(context, implicit_tls=implicit_tls), sock=sock, ssl=tls)
+        server = await loop.create_server(lambda: InboundSMTP(context, implicit_tls=implicit_tls), sock=sock, ssl=tls,
+                                          backlog=context.config.server.listen_backlog)
         servers.append(server)
     return servers
 

@@ -136,7 +136,9 @@ def _listen_twisted(module: str, factory_name: str, service, addresses, *, impli
                     ) -> TwistedListening:
     # The factory is looked up here: `mtad` alone never imports Twisted, imapd or pop3d.
     factory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
-    return TwistedListening(listen(factory, addresses, service.tls if implicit_tls else None), factory.shutdown)
+    ports = listen(factory, addresses, service.tls if implicit_tls else None,
+                   backlog=service.config.server.listen_backlog)
+    return TwistedListening(ports, factory.shutdown)
 
 
 async def close_shared(context) -> None:

@@ -21,6 +21,7 @@ import fcntl
 import os
 import time
 
+from storage.maildir import make_private_dirs
 from storage.store import Store
 
 LOCK_NAME = "pop3.lock"
@@ -61,7 +62,7 @@ class MaildropLock:
 def lock_maildrop(store: Store, account: str) -> MaildropLock | None:
     """The account's POP3 lock, or None while another session (of any process) holds it."""
     directory = store.shard(account).account_dir(account)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(directory)
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

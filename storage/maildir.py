@@ -5,6 +5,9 @@ A message file is written to `tmp/`, fsynced, and renamed into `cur/` as
 it). The UID and size in the name let `store rebuild` recover a mailbox from its files
 alone. Standard flags are the Maildir letters D F R S T, sorted, so that any Maildir reader
 sees the same state as IMAP clients.
+
+Every directory of the store is 0700 and every message file 0600, whatever the umask:
+mail is for the postroom user alone.
 """
 
 from __future__ import annotations
@@ -58,7 +61,19 @@ def parse_file_name(name: str) -> tuple[str, int, int, int] | None:
 
 def make_dirs(mailbox_dir: Path) -> None:
     for sub in ("tmp", "new", "cur"):
-        (mailbox_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(mailbox_dir / sub)
+
+
+def make_private_dirs(path: Path) -> None:
+    """`mkdir -p path` with each directory it creates 0700. Path.mkdir(parents=True) gives
+    the parents it creates the umask's mode (0755 under the usual 022): the shard and account
+    directories were readable by every user of the machine."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
 
 
 def write_file(path: Path, data: bytes, mtime: float | None = None) -> None:

@@ -55,7 +55,7 @@ import lmdb
 
 from conf.logfmt import EventLogger
 from storage.lmdbenv import open_databases
-from storage.maildir import fsync_dir
+from storage.maildir import fsync_dir, make_private_dirs
 from storage.writers import WriterDir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
@@ -239,7 +239,7 @@ class Shard:
         self.path = path
         self.number = number
         index = path / "index.lmdb"
-        index.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(index)  # and shards/ and this shard's directory, all 0700
         self.env = lmdb.open(str(index), map_size=map_size, max_dbs=len(DATABASES) + 2, mode=0o600,
                              max_readers=1024, readahead=False)
         self.db = open_databases(self.env, DATABASES)

@@ -153,6 +153,7 @@ BAD_CONFIGS = [
     ("[storage]\nshards = 5000\n", "storage.shards: 5000 out of range", ""),
     ("[server]\nlog_level = \"loud\"\n", "server.log_level: expected one of", "'debug'"),
     ("[server]\nhostname = \"mail example\"\n", "server.hostname: not a valid host name", ""),
+    ("[server]\nlisten_backlog = 0\n", "server.listen_backlog: 0 out of range", "1-65535"),
     ("[dns]\nnameservers = [\"dns.google\"]\n", "dns.nameservers: item 1: not an IP address", ""),
     ("[accounts]\nrecipient_delimiter = \"ab\"\n", "accounts.recipient_delimiter: expected one of", "'ab'"),
     ("server = 1\n", "server: expected a [server] section", ""),

@@ -13,6 +13,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -509,6 +510,55 @@ def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded
     assert grown < 30_000, f"daemon grew {grown} KiB for a client that does not read"
     client = login_when_free(pop)  # and the maildrop is free again once it is gone
     assert client.stat()[0] == 500
+    client.quit()
+
+
+def _fill(store, account: str, count: int, raw: bytes, timeout: float = 120.0) -> None:
+    """`count` copies of `raw` in `account`'s INBOX, many deliveries in flight at once, and
+    the full-text index built (or the daemon's shard committer would build it in its idle
+    time, mapping the whole index into its memory while a test measures it)."""
+    store.deliver([account], raw)  # the account's mailboxes exist before the rest go in
+    done = threading.Semaphore(0)
+    failures: list = []
+
+    def settled(delivered, errors) -> None:
+        failures.extend(errors)
+        done.release()
+
+    for _ in range(count - 1):
+        store.start_delivery([account], raw, on_done=settled)
+    deadline = time.monotonic() + timeout
+    for _ in range(count - 1):
+        assert done.acquire(timeout=max(0.0, deadline - time.monotonic())), "deliveries did not settle"
+    assert not failures, failures[:3]
+    store.build_index(account)
+
+
+def test_pipelined_retr_to_a_client_that_does_not_read_keeps_memory_bounded(pop):
+    count = 5000
+    body = b"".join(b"line %04d of a message body that the client will not read\r\n" % i for i in range(64))
+    _fill(pop.store, ALICE, count, b"Subject: unread\r\n\r\n" + body)  # ~4 KiB each, ~20 MiB in all
+    address = pop.listen("pop3.listen_tls")
+    sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
+                                        server_hostname=address.host)
+    with sock:
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+        replies = b""
+        while b"maildrop has" not in replies:  # measured from here: argon2id takes 64 MiB for a login
+            chunk = sock.recv(1000)
+            assert chunk, replies
+            replies += chunk
+        before = _rss_kib(pop.process.pid)
+        sock.sendall(b"".join(b"RETR %d\r\n" % n for n in range(1, count + 1)))  # never read
+        grown = 0
+        for _ in range(10):
+            time.sleep(0.5)
+            grown = max(grown, _rss_kib(pop.process.pid) - before)
+    # What the kernel's socket buffers take (a few MiB on loopback) is sent; the rest waits
+    # for the client. Without that pacing the daemon holds every message: 20 MiB and more.
+    assert grown < 4 * 1024, f"daemon grew {grown} KiB for a client that does not read {count} RETRs"
+    client = login_when_free(pop)  # and the maildrop is free again once it is gone
+    assert client.stat()[0] == count
     client.quit()
 
 

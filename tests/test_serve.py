@@ -4,10 +4,16 @@ cleanly on SIGTERM and SIGINT."""
 
 from __future__ import annotations
 
+import imaplib
+import os
 import signal
+import smtplib
 import socket
 import ssl
 import stat
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +125,67 @@ def test_log_level_is_honoured(write_config, tmp_path, level, shown, hidden):
     log = daemon.stderr()
     assert all(event in log for event in shown), log
     assert not any(event in log for event in hidden), log
+
+
+def _listen_backlogs(port: int, sockets: int) -> list[int]:
+    """The backlog of each socket listening on `port`, as `ss` shows it (Send-Q), once
+    `sockets` of them listen (an MX worker binds after READY) or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(["ss", "-Hlnt", f"( sport = :{port} )"], capture_output=True, text=True,
+                             check=True).stdout
+        backlogs = [int(line.split()[2]) for line in out.splitlines() if line.startswith("LISTEN")]
+        if len(backlogs) >= sockets or time.monotonic() > deadline:
+            return backlogs
+        time.sleep(0.1)
+
+
+def test_every_listener_uses_the_configured_backlog(write_config, tmp_path):
+    # Two MX workers: the second process's socket on the shared port must use it too.
+    daemon = start_daemon(write_config(server={"listen_backlog": 777}, smtp={"workers": 2}), tmp_path)
+    try:
+        sockets = {"smtp.listen": 2, "imap.listen": 1, "imap.listen_tls": 1, "pop3.listen": 1, "pop3.listen_tls": 1}
+        found = {dotted: _listen_backlogs(daemon.listen(dotted).port, n) for dotted, n in sockets.items()}
+        assert found == {dotted: [777] * n for dotted, n in sockets.items()}
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_mail_and_index_are_private_whatever_the_umask(write_config, cli, tmp_path, data_dir):
+    config_path = write_config()
+    assert cli("domain", "add", "example.test", config=config_path).returncode == 0
+    for user in ("alice", "bob"):
+        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input="correct horse battery",
+                   config=config_path).returncode == 0
+    umask = os.umask(0o022)  # the daemon inherits it: the usual one, which lets others read
+    try:
+        daemon = start_daemon(config_path, tmp_path)
+    finally:
+        os.umask(umask)
+    try:
+        address = daemon.listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=30) as client:
+            for n in range(3):
+                client.sendmail("sender@example.org", ["alice@example.test", "bob@example.test"],
+                                f"Subject: {n}\r\n\r\nprivate\r\n")
+        address = daemon.listen("imap.listen_tls")
+        with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=client_tls_context(daemon.config),
+                               timeout=30) as client:
+            client.login("alice@example.test", "correct horse battery")
+            for name in ("Projects", "Projects/2024/Q1"):  # and the parents CREATE makes on the way
+                assert client.create(name)[0] == "OK"
+            assert client.append("Projects/2024/Q1", None, None, b"Subject: appended\r\n\r\nprivate\r\n")[0] == "OK"
+    finally:
+        assert daemon.stop() == 0
+    shards = data_dir / "shards"
+    loose, exposed = [], []
+    for directory, _, files in os.walk(data_dir):
+        path = Path(directory)
+        if path != data_dir and path != data_dir / "tls" and stat.S_IMODE(path.stat().st_mode) != 0o700:
+            loose.append(f"{path.relative_to(data_dir)} {stat.S_IMODE(path.stat().st_mode):o}")
+        if path.name in ("tmp", "new", "cur") and path.is_relative_to(shards):
+            exposed += [f"{(path / f).relative_to(data_dir)}" for f in files if (path / f).stat().st_mode & 0o077]
+    assert not loose, "directories open to others:\n" + "\n".join(loose)
+    assert not exposed, "message files open to others:\n" + "\n".join(exposed)
+    messages = [f for d, _, fs in os.walk(shards) if Path(d).name == "cur" for f in fs]
+    assert len(messages) == 7  # what was delivered and appended is there to be checked
