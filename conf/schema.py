@@ -51,6 +51,9 @@ class ServerConfig:
     # listen(2)'s backlog on every listener: connections the kernel holds, handshake done,
     # until the daemon accepts them. Linux caps it at net.core.somaxconn.
     listen_backlog: int = field(default=1024, metadata={"min": 1, "max": 65535})
+    # On SIGTERM, how long connections may take to finish (an SMTP client sending its
+    # message, a delivery writing its 250) before they are closed.
+    stop_grace: Duration = field(default=Duration(30), metadata={"min": 0, "max": 3600})
 
     def problems(self) -> list[tuple[str, str]]:
         if "." not in self.hostname:

@@ -13,6 +13,11 @@ session's questions:
   (Store.start_delivery); a big one, or a retry after a failure, runs in a worker thread.
 Any unexpected exception is logged with a traceback and answered 451 4.3.0 with the session
 id, never with its text.
+
+Stopping (InboundContext.stop_sessions, RFC 5321 §3.8): a session waiting for a command is
+told 421 4.3.2 at once and closed; any other is told so at its next command, so a message
+being sent may be finished, and its delivery completes and its 250 is written first. After
+the grace period whatever is left is cut off, its unfinished message discarded.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ BIG_MESSAGE = 1 << 20
 # stays bounded however many large messages arrive together.
 BIG_DELIVERIES = threading.BoundedSemaphore(2)
 _counter = itertools.count(1)
+STOP_POLL = 0.02  # seconds between looks at the sessions left while stopping
 
 
 @dataclass
@@ -74,6 +80,10 @@ class InboundContext:
     # Deliveries under way: they finish even when their session is gone (client gone,
     # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
     deliveries: set[asyncio.Task] = field(default_factory=set)
+    # Live sessions, tracked here for the stop: asyncio.Server.wait_closed() is no help (it
+    # returns at once before Python 3.12, and waits for every connection since).
+    sessions: set[InboundSMTP] = field(default_factory=set)
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         if self.connections is None:
@@ -83,6 +93,33 @@ class InboundContext:
     async def finish_deliveries(self) -> None:
         while self.deliveries:
             await asyncio.gather(*self.deliveries, return_exceptions=True)
+
+    async def stop_sessions(self, grace: float) -> None:
+        """The daemon stops (its listeners are closed): every session ends within `grace`
+        seconds, except that a delivery under way finishes and its reply is written."""
+        self.stopping = True
+        for session in list(self.sessions):
+            session.stop_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(STOP_POLL)
+        for session in list(self.sessions):
+            if not session.delivering:
+                session.cut_off()
+        # A delivery is not cut short: the store must settle it (every copy or none) and
+        # the client hear the outcome, or it sends again what we stored.
+        while any(session.delivering for session in self.sessions):
+            await asyncio.sleep(STOP_POLL)
+        for _ in range(int(1.0 / STOP_POLL)):  # a moment for those replies to go out
+            if not self.sessions:
+                break
+            await asyncio.sleep(STOP_POLL)
+        for session in list(self.sessions):
+            session.cut_off()
+        while self.sessions:  # cut off: their tasks end at the next turn of the loop
+            await asyncio.sleep(0)
+        await self.finish_deliveries()
 
     def admit(self, ip: str) -> bool:
         return self.connections.admit(ip)
@@ -115,6 +152,8 @@ class InboundSMTP(AiosmtpdSMTP):
         self._spool_failed: OSError | None = None  # the spool could not take the message
         self._sender = ""
         self._peer = ""
+        self._idle = False  # waiting for a command: a stop tells it at once
+        self.delivering = False  # a message is being stored: a stop waits for its reply
 
     # aiosmtpd calls this once the connection is up; it is the whole session.
     async def _handle_client(self) -> None:
@@ -127,7 +166,11 @@ class InboundSMTP(AiosmtpdSMTP):
             return
         self.log.info("connect", client=self._peer)
         smtp = self.context.config.smtp
+        self.context.sessions.add(self)
         try:
+            if self.context.stopping:  # accepted just before the listener closed: 421, no 220
+                self.core.data_to_send()
+                self.core.close(replies.SHUTTING_DOWN)
             await self._send()
             while not self.core.closed:
                 if not await self._process_events():
@@ -135,7 +178,16 @@ class InboundSMTP(AiosmtpdSMTP):
                 await self._send()
                 if self.core.closed:
                     break
-                data = await self._reader.read(READ_SIZE)
+                if self.context.stopping and not self.core.receiving:
+                    # RFC 5321 §3.8: the next command is answered 421 (4.3.2, RFC 3463).
+                    self.log.info("shutdown")
+                    self.core.close(replies.SHUTTING_DOWN)
+                    continue
+                self._idle = not self.core.receiving
+                try:
+                    data = await self._reader.read(READ_SIZE)
+                finally:
+                    self._idle = False
                 if not data:
                     break
                 self.core.receive(data)
@@ -151,11 +203,32 @@ class InboundSMTP(AiosmtpdSMTP):
             self.log.error("session_failed", exc_info=True)
             self._write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
+            self.context.sessions.discard(self)
             self._spool.close()
             self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
             if self.transport is not None:
                 self.transport.close()
+
+    def stop_if_idle(self) -> None:
+        """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
+        §3.8); any other hears it once its current command is answered."""
+        if self._idle and self.transport is not None:
+            self.log.info("shutdown")
+            self.core.close(replies.SHUTTING_DOWN)
+            self._write(self.core.data_to_send())
+            self.transport.close()
+
+    def cut_off(self) -> None:
+        """The grace period is over: say 421 4.3.2 and drop the connection, whatever it
+        was sending (a message not finished is not stored)."""
+        if self.transport is None:
+            return
+        if not self.core.closed:
+            self.log.info("shutdown", cut_off=True, receiving=self.core.receiving)
+            self.core.close(replies.SHUTTING_DOWN)
+            self._write(self.core.data_to_send())
+        self.transport.abort()
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle timer fired: say why before closing (RFC 5321 §4.5.3.2)."""
@@ -254,12 +327,14 @@ class InboundSMTP(AiosmtpdSMTP):
     async def _end_of_data(self, end: DataEnd) -> Reply:
         spool, failed = self._spool, self._spool_failed
         self._spool = self._new_spool()
+        self.delivering = True
         try:
             if failed is not None and end.refusal is None:
                 self.log.info("message_refused", size=end.size, reason="spool failed")
                 return replies.INSUFFICIENT_STORAGE if is_disk_full(failed) else replies.TEMPORARY_FAILURE
             return await self._store(end, spool)
         finally:
+            self.delivering = False
             spool.close()
 
     async def _store(self, end: DataEnd, spool) -> Reply:

@@ -17,8 +17,11 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin, storeadmin
-from postroom.serve import ServeError, open_accounts, open_store, serve
+from postroom import __version__, admin, supervisor
+from postroom.datadir import DataDirInUseError, open_accounts, open_store
+from postroom.notify import notify
+from postroom.serve import serve
+from postroom.services import DAEMONS, ServeError
 from storage import AccountError, AddressError, DataDirError
 
 PROG = "postroom"
@@ -31,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("serve", help="run every enabled daemon in this process")
+    p = commands.add_parser("serve", help="run every enabled daemon, each in a process of its own")
+    # How serve starts its children, and mtad its extra MX workers (postroom/supervisor.py).
+    p.add_argument("--daemon", choices=DAEMONS, help=argparse.SUPPRESS)
     p.add_argument("--smtp-worker", action="store_true", help=argparse.SUPPRESS)
 
     config = _group(commands, "config", "check the config file")
@@ -87,11 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("check", help="compare message files with the index")
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.add_argument("--repair", action="store_true", help="make files and index agree")
-    p.set_defaults(run=storeadmin.store_check, needs_store=True)
+    p.set_defaults(run=_storeadmin("store_check"), needs_store=True)
     p = store.add_parser("rebuild", help="recreate the index from the message files alone")
     p.add_argument("account", nargs="?", help="one account (default: all)")
-    p.set_defaults(run=storeadmin.store_rebuild, needs_store=True)
+    p.set_defaults(run=_storeadmin("store_rebuild"), needs_store=True)
     return parser
+
+
+def _storeadmin(name: str):
+    """A `store` command, imported when it runs: storage.check is a tenth of a second of
+    imports that every daemon process would otherwise pay at start."""
+    def run(*args):
+        from postroom import storeadmin
+
+        return getattr(storeadmin, name)(*args)
+
+    return run
 
 
 def _count(text: str) -> int:
@@ -108,13 +124,15 @@ def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argpar
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and (args.daemon or args.smtp_worker):
+        return _run_daemon(PROG, args.config, args.daemon or "mtad", worker=args.smtp_worker)
     try:
         config = conf.load(args.config)
         if args.command == "config":
             return config_check(config)
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
-            return serve(config, worker=args.smtp_worker)
+            return serve(config)
         data_dir, accounts = open_accounts(config)
         audit = admin.AuditLog(data_dir.path / "audit.log")
         with accounts:
@@ -125,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except admin.UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    except (conf.ConfigError, TLSSetupError, DataDirError, AccountError, AddressError, ServeError) as e:
+    except (conf.ConfigError, TLSSetupError, DataDirError, DataDirInUseError, AccountError, AddressError,
+            ServeError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except lmdb.Error as e:
@@ -144,30 +163,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mtad_main(argv: list[str] | None = None) -> int:
-    """`mtad --config FILE`: only the SMTP daemons (MX, submission) of `postroom serve`."""
-    return _daemon_main("mtad", "Postroom's SMTP agents.", {"smtp", "submission", "submissions"}, argv)
+    """`mtad --config FILE`: the SMTP daemons (MX, submission) of `postroom serve`, with
+    their [smtp] workers (this process and workers - 1 it starts)."""
+    return _daemon_main("mtad", "Postroom's SMTP agents.", argv)
 
 
 def imapd_main(argv: list[str] | None = None) -> int:
     """`imapd --config FILE`: only the IMAP listeners of `postroom serve`."""
-    return _daemon_main("imapd", "Postroom's IMAP server.", {"imap", "imaps"}, argv)
+    return _daemon_main("imapd", "Postroom's IMAP server.", argv)
 
 
 def pop3d_main(argv: list[str] | None = None) -> int:
     """`pop3d --config FILE`: only the POP3 listeners of `postroom serve`."""
-    return _daemon_main("pop3d", "Postroom's POP3 server.", {"pop3", "pop3s"}, argv)
+    return _daemon_main("pop3d", "Postroom's POP3 server.", argv)
 
 
-def _daemon_main(prog: str, description: str, services: set[str], argv: list[str] | None) -> int:
+def _daemon_main(prog: str, description: str, argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE")
     args = parser.parse_args(argv)
+    return _run_daemon(prog, args.config, prog)
+
+
+def _run_daemon(prog: str, config_path: Path, daemon: str, worker: bool = False) -> int:
+    """One daemon in this process, alone (systemd) or as a child of `postroom serve`. A
+    start failure is one line: on stderr, and as the sd_notify STATUS, which is how a
+    supervisor hears it (it prints it; the child does not)."""
+    supervised = supervisor.supervised()
     try:
-        config = conf.load(args.config)
+        config = conf.load(config_path)
         become_data_dir_owner(config.server.data_dir)
-        return serve(config, only=services)
-    except (conf.ConfigError, TLSSetupError, DataDirError, ServeError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        supervisor.become_child()
+        # Imported here: the supervisor and the admin commands never load a daemon.
+        from postroom import daemon_process
+
+        return daemon_process.run(config, daemon, worker=worker, supervised=supervised)
+    except (conf.ConfigError, TLSSetupError, DataDirError, DataDirInUseError, ServeError) as e:
+        notify(f"STATUS={e}")
+        if not supervised:
+            print(f"{prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,5 +1,6 @@
-"""How `postroom serve` starts each daemon: builds it from the config and the shared
-collaborators, binds its listeners, and returns something it can stop."""
+"""How a daemon process (postroom/daemon_process.py) starts each service: builds it from
+the config and the shared collaborators, binds its listeners, and returns something it can
+stop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from conf.reactor import TwistedListening, listen, server_tls
-from mtad.inbound import InboundContext, start_listeners
 from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from postroom import __version__
@@ -19,24 +19,28 @@ DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retrie
 
 
 class Listening:
-    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor | None = None,
-                 inbound: InboundContext | None = None):
+    """mtad's listeners, stopped gracefully: see InboundContext.stop_sessions."""
+
+    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor, inbound, grace: float):
         self.servers = servers
         self.executor = executor
         self.inbound = inbound
+        self.grace = grace
 
     async def stop(self) -> None:
+        # Not Server.wait_closed(): since Python 3.12 it waits for every connection to end,
+        # which is the sessions' business (stop_sessions), bounded by the grace period.
         for server in self.servers:
             server.close()
-        for server in self.servers:
-            await server.wait_closed()
-        if self.inbound is not None:
-            await self.inbound.finish_deliveries()  # they may still need the executor
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
+        await self.inbound.stop_sessions(self.grace)
+        # Big deliveries run in these threads: stop_sessions has waited for their sessions.
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
 
 
 async def start_smtp(context) -> Listening:
+    # Imported here: imapd and pop3d never load aiosmtpd.
+    from mtad.inbound import InboundContext, start_listeners
+
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
@@ -49,7 +53,8 @@ async def start_smtp(context) -> Listening:
     spool.mkdir(mode=0o700, exist_ok=True)
     inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
                              spool_dir=str(spool))
-    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound)
+    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound,
+                     float(context.config.server.stop_grace))
 
 
 STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND

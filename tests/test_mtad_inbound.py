@@ -498,7 +498,8 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
     daemon = start_daemon(path, tmp_path)
     try:
         def children() -> list[int]:
-            found = []
+            """The extra workers: children of serve's mtad process, which starts them."""
+            parents, found = {}, []
             for entry in __import__("os").listdir("/proc"):
                 if entry.isdigit():
                     try:
@@ -506,8 +507,11 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
                         cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
                     except OSError:
                         continue
-                    if int(stat.rsplit(")", 1)[1].split()[1]) == daemon.process.pid and b"--smtp-worker" in cmdline:
-                        found.append(int(entry))
+                    parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+            for pid, (parent, cmdline) in parents.items():
+                grandparent = parents.get(parent, (None, b""))[0]
+                if grandparent == daemon.process.pid and b"--smtp-worker" in cmdline:
+                    found.append(pid)
             return found
 
         workers = children()

@@ -1,0 +1,150 @@
+"""One daemon in this process: mtad, imapd or pop3d (the `mtad`, `imapd` and `pop3d`
+commands under systemd, and the children of `postroom serve`), or one of mtad's extra MX
+workers.
+
+It opens the store, takes its daemon's lock on the data dir (postroom/datadir.py), starts
+the daemon's services (postroom/daemons.py), says READY=1 to its manager once every listener
+is bound (systemd, or `postroom serve` over the same sd_notify protocol), and on SIGTERM or
+SIGINT stops: listeners at once, connections within [server] stop_grace; then it exits 0.
+Under a supervisor it prints nothing: the supervisor prints the table and any start failure.
+
+mtad's extra workers: with [smtp] workers = N the mtad process serves the MX port itself
+and starts N - 1 workers (`postroom serve --smtp-worker`) that bind it too (SO_REUSEPORT;
+the kernel spreads the connections), restarts them when they die and stops them when it
+stops. That is the one place workers come from, whether mtad runs under `postroom serve` or
+alone (postroom-mtad.service); workers take no lock (their mtad holds it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from conf import Config
+from conf.logfmt import EventLogger, setup_logging
+from conf.tls import ensure_certificate, server_context
+from postroom import daemons
+from postroom.datadir import lock, open_accounts, open_store
+from postroom.notify import notify
+from postroom.services import LISTENING, ServeError, of_daemon, status, table
+from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from storage import Accounts, DataDir
+from storage.store import Store
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+WORKER_START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a service is built from: config and shared collaborators."""
+
+    config: Config
+    data_dir: DataDir
+    accounts: Accounts
+    store: Store
+    tls: ssl.SSLContext | None
+    # Collaborators the services of one process share (the IMAP listeners on 143 and 993
+    # share their \\Recent claims and store threads), built by the first to need them and
+    # closed after every service has stopped.
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+class Running(Protocol):
+    async def stop(self) -> None: ...
+
+
+STARTERS: dict[str, Callable[[Context], Awaitable[Running]]] = {
+    "smtp": daemons.start_smtp,
+    "imap": daemons.start_imap,
+    "imaps": daemons.start_imaps,
+    "pop3": daemons.start_pop3,
+    "pop3s": daemons.start_pop3s,
+}
+
+
+def return_big_buffers_to_the_system() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which 20 MB
+    message buffers come from heap arenas that never shrink: fifty big messages would
+    leave the daemon hundreds of MB larger. A fixed threshold keeps every buffer over 1 MiB
+    in its own mapping, returned when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool = False) -> int:
+    """Run `daemon` ("mtad", "imapd", "pop3d") until a signal; `worker`: one of mtad's extra
+    MX processes. ServeError (and the data dir's errors) when it cannot start."""
+    return_big_buffers_to_the_system()
+    setup_logging(config.server.log_level)
+    log = EventLogger(f"postroom.{daemon}")
+    if not supervised and ensure_certificate(config.tls, config.server.hostname):
+        log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
+    tls = server_context(config.tls)
+    data_dir, accounts = open_accounts(config)
+    try:
+        if not worker:
+            lock(data_dir.path, daemon, daemon)  # held until the process ends
+        store = open_store(data_dir, accounts, config)
+        store.recover()  # before any listener: no request waits for a crash's leftovers
+        try:
+            context = Context(config, data_dir, accounts, store, tls)
+            return asyncio.run(_run(context, log, daemon, worker, supervised))
+        finally:
+            store.close()
+    finally:
+        accounts.close()
+
+
+async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool) -> int:
+    stop = stop_on_signal()
+    config = context.config
+    services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING and (not worker or s.name == "smtp")]
+    running: list[Running] = []
+    for service in services:
+        try:
+            running.append(await STARTERS[service.name](context))
+        except OSError as e:
+            for other in reversed(running):
+                await other.stop()
+            await daemons.close_shared(context)
+            raise ServeError(f"{service.label}: {e.strerror or e}") from None
+
+    workers = None
+    if daemon == "mtad" and not worker and running and config.smtp.workers > 1:
+        workers = Supervisor(log)
+        for _ in range(config.smtp.workers - 1):
+            workers.start("smtp-worker", command(config.source, "serve", "--smtp-worker"))
+        failed = await first_of(workers.wait_ready(WORKER_START_TIMEOUT), stop)
+        if failed is not None:
+            await _stop(context, running, workers)
+            raise ServeError(failed.failure)
+
+    if not supervised and not worker:
+        print(table(config, of_daemon(daemon), log), flush=True)
+    extra = {"smtp_workers": config.smtp.workers} if workers else {}
+    log.info("ready", daemon=daemon, services=len(running), **extra)
+    notify(f"READY=1\nSTATUS={len(running)} service(s) running")
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping", daemon=daemon)
+    await _stop(context, running, workers)
+    log.info("stopped", daemon=daemon)
+    return 0
+
+
+async def _stop(context: Context, running: list[Running], workers: Supervisor | None) -> None:
+    async def services() -> None:
+        for service in reversed(running):
+            await service.stop()
+        await daemons.close_shared(context)
+
+    # The workers stop as this process does, each within stop_grace.
+    await asyncio.gather(services(), workers.stop(context.config.server.stop_grace) if workers else asyncio.sleep(0))

@@ -1,0 +1,73 @@
+"""The data dir as the commands open it: accounts, store, and the lock that keeps a second
+instance of a daemon off it.
+
+Each long-running process takes `<data dir>/<name>.lock` with `flock(LOCK_EX | LOCK_NB)`:
+`postroom serve` takes serve.lock, and the mtad, imapd and pop3d processes (under serve or
+alone under systemd) take mtad.lock, imapd.lock and pop3d.lock. The lock is held on an open
+descriptor for the life of the process, so the kernel drops it however the process ends
+(SIGKILL included): no stale lock is ever guessed at. Without it a second mtad on the same
+data dir would share port 25 with the first (SO_REUSEPORT) and nobody would notice. The
+file holds the holder's pid, for the refusal's one line. It is never removed (removing a
+locked file would let a second process lock a new one beside it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from conf import Config
+from storage import Accounts, DataDir, open_data_dir
+from storage.messages import NO_QUOTA, Quota
+from storage.store import Store
+
+
+class DataDirInUseError(Exception):
+    """Another process holds the lock; str() is one line for the sysadmin."""
+
+
+def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
+    data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
+    return data_dir, accounts
+
+
+def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = None) -> Store:
+    def quota_of(account: str) -> Quota:
+        user = accounts.get_user(account)
+        return Quota(user.quota, user.message_quota) if user else NO_QUOTA
+
+    if config is None:
+        return Store(data_dir, quota_of=quota_of)
+    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window))
+
+
+def lock(data_dir: Path, name: str, holder: str) -> int:
+    """Hold `<data_dir>/<name>.lock` for the life of the process (the descriptor is returned
+    and must stay open), or DataDirInUseError naming the process (`holder`) that has it."""
+    path = data_dir / f"{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder_pid(fd)
+        os.close(fd)
+        raise DataDirInUseError(f"data dir {data_dir} is in use by another {holder} (pid {pid or 'unknown'})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _holder_pid(fd: int) -> int | None:
+    # The holder writes its pid right after locking: a refusal in between reads an empty file.
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None

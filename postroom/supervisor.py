@@ -1,0 +1,238 @@
+"""Daemons as child processes: `postroom serve` runs mtad, imapd and pop3d so, each in its
+own process, and mtad its extra MX workers ([smtp] workers). A stall in one (a CPU-heavy
+IMAP command) then never delays another.
+
+Both sides of the contract between a supervisor and its children live here:
+- A child is this interpreter run with -P (`command`): sys.path never holds the current
+  directory, which `python -m` would put first (started in /etc, /etc/postroom would
+  shadow the postroom package).
+- Its environment names the supervisor (SUPERVISOR_ENV, its pid) and gives it the
+  supervisor's sd_notify socket as NOTIFY_SOCKET: a child says READY=1 once its listeners
+  are bound exactly as it would to systemd (postroom/notify.py), and before exiting on a
+  start failure it says STATUS=<one line>, which the supervisor reports. The supervisor
+  knows each sender by its pid (SO_PASSCRED), so no stray datagram counts.
+- The child's first act (`become_child`) asks the kernel for SIGTERM when its parent dies
+  (prctl PR_SET_PDEATHSIG), then checks that its parent is still the supervisor, which may
+  have died before the prctl: children never outlive the supervisor, even after SIGKILL.
+  SIGTERM, not SIGKILL: an orphan still finishes the deliveries it has begun (a graceful
+  stop, bounded by [server] stop_grace) and closes its listeners at once.
+- A child that dies after start-up is started again RESTART_DELAY later; one that died more
+  than RESTARTS times within RESTART_WINDOW is left down, with an error in the log.
+- `stop` sends SIGTERM to every child and waits for them ([server] stop_grace plus
+  STOP_MARGIN); one still there then is killed.
+
+Children are spawned from the event loop's thread only: PR_SET_PDEATHSIG fires when the
+thread that forked the child ends, not the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conf.logfmt import EventLogger
+
+SUPERVISOR_ENV = "POSTROOM_SUPERVISOR"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+RESTARTS = 5  # restarts of one child within RESTART_WINDOW before it is left down
+RESTART_WINDOW = 60.0
+RESTART_DELAY = 1.0
+STOP_MARGIN = 5.0  # seconds beyond stop_grace before a child that has not stopped is killed
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def command(config_path: Path | None, *args: str) -> list[str]:
+    """How a child is started: `postroom --config FILE ARGS` on this interpreter, -P."""
+    config = ["--config", os.path.abspath(config_path)] if config_path is not None else []
+    return [sys.executable, "-P", "-m", "postroom", *config, *args]
+
+
+@dataclass(eq=False)
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    # Resolves to None once the child said READY=1, or to its exit status if it died first.
+    ready: asyncio.Future | None = None
+    status: str = ""  # the last STATUS= it sent
+    restarts: list[float] = field(default_factory=list)
+    left_down: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def failure(self) -> str:
+        """Why it did not start, in one line."""
+        code = self.ready.result() if self.ready is not None and self.ready.done() else None
+        return self.status or f"{self.name} exited with status {code} before it was ready"
+
+
+class Supervisor:
+    def __init__(self, log: EventLogger):
+        self.log = log
+        self.loop = asyncio.get_running_loop()
+        self.children: list[Child] = []
+        self.stopping = False
+        self._started = False  # past start-up: a death means a restart, not a failure
+        self._by_pid: dict[int, Child] = {}
+        name = f"postroom-{os.getpid()}-{secrets.token_hex(6)}"
+        self._notify_address = "@" + name  # the abstract namespace: nothing to clean up
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._socket.bind("\0" + name)
+        self.loop.add_reader(self._socket.fileno(), self._read_notifications)
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv)
+        self.children.append(child)
+        self._spawn(child)
+        return child
+
+    async def wait_ready(self, timeout: float | None = None) -> Child | None:
+        """Until every child said READY=1: None; or the first that died before (see
+        Child.failure). From then on a child that dies is restarted."""
+        pending = {child.ready: child for child in self.children}
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - self.loop.time())
+            done, _ = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                child = next(iter(pending.values()))
+                child.status = child.status or f"{child.name} did not start within {timeout:.0f}s"
+                return child
+            for future in done:
+                child = pending.pop(future)
+                if future.result() is not None:
+                    return child
+        self._started = True
+        return None
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM to every child; SIGKILL to those still there after grace + STOP_MARGIN."""
+        self.stopping = True
+        live = [c for c in self.children if c.process is not None and c.process.returncode is None]
+        for child in live:
+            child.process.send_signal(signal.SIGTERM)
+        if live:
+            _, late = await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live],
+                                         timeout=grace + STOP_MARGIN)
+            for task in late:
+                task.cancel()
+            for child in live:
+                if not child.gone.is_set():
+                    self.log.warning("worker_killed", worker=child.name, pid=child.process.pid)
+                    child.process.kill()
+            await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live], timeout=STOP_MARGIN)
+        self.loop.remove_reader(self._socket.fileno())
+        self._socket.close()
+
+    # -- children -------------------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        env = {**os.environ, "NOTIFY_SOCKET": self._notify_address, SUPERVISOR_ENV: str(os.getpid())}
+        process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+        child.process, child.status = process, ""
+        child.ready = self.loop.create_future()
+        child.gone.clear()
+        self._by_pid[process.pid] = child
+        pidfd = os.pidfd_open(process.pid)
+        self.loop.add_reader(pidfd, self._exited, child, process, pidfd)
+
+    def _exited(self, child: Child, process: subprocess.Popen, pidfd: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        code = process.wait()  # it has exited: this only reaps it
+        self._read_notifications()  # a STATUS= sent just before the exit
+        del self._by_pid[process.pid]
+        if not child.ready.done():
+            child.ready.set_result(code)
+        child.gone.set()
+        if self.stopping or not self._started:
+            return
+        now = self.loop.time()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
+        if len(child.restarts) >= RESTARTS:
+            child.left_down = True
+            self.log.error("worker_left_down", worker=child.name, pid=process.pid, code=code,
+                           restarts=len(child.restarts))
+            return
+        child.restarts.append(now)
+        self.loop.call_later(RESTART_DELAY, self._restart, child, process.pid, code)
+
+    def _restart(self, child: Child, old_pid: int, code: int) -> None:
+        if self.stopping:
+            return
+        self._spawn(child)
+        self.log.warning("worker_restarted", worker=child.name, old_pid=old_pid, code=code, pid=child.process.pid)
+
+    def _read_notifications(self) -> None:
+        while True:
+            try:
+                data, ancillary, _, _ = self._socket.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # closed
+            pid = next((_UCRED.unpack(cdata[:_UCRED.size])[0] for level, kind, cdata in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+            child = self._by_pid.get(pid)
+            if child is None:
+                continue  # not one of ours
+            for line in data.decode("utf-8", "replace").splitlines():
+                if line == "READY=1" and not child.ready.done():
+                    child.ready.set_result(None)
+                elif line.startswith("STATUS="):
+                    child.status = line[len("STATUS="):]
+
+
+def stop_on_signal() -> asyncio.Event:
+    """Set when SIGTERM (systemd, the supervisor, the supervisor's death) or SIGINT (Ctrl-C) arrives."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def first_of(work: Awaitable, stop: asyncio.Event):
+    """`work`'s result, or None when `stop` is set first (work is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None
+
+
+# -- the child's side -----------------------------------------------------------------------
+
+def supervised() -> bool:
+    """Whether a supervisor started this process (rather than systemd or a person)."""
+    return SUPERVISOR_ENV in os.environ
+
+
+def become_child() -> None:
+    """Die with the supervisor: SIGTERM when it ends, however it ends. Called once the
+    process has its final credentials (a change of user clears the request). Exits at once
+    if the supervisor is already gone."""
+    parent = os.environ.pop(SUPERVISOR_ENV, None)  # our own children get theirs from us
+    if parent is None:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The supervisor may have died between our start and the prctl: its SIGTERM was never
+    # asked for, and our parent is now some reaper.
+    if os.getppid() != int(parent):
+        raise SystemExit(1)
