@@ -153,13 +153,19 @@ def test_children_die_with_serve_even_after_sigkill(write_config, tmp_path, cli)
     path = write_config(smtp={"workers": 2, "max_connections_per_ip": 200})
     daemon = start_daemon(path, tmp_path)
     children = descendants(daemon.process.pid)
-    assert children  # here: mtad, its extra worker, imapd and pop3d
-    daemon.process.kill()
-    daemon.process.wait(10)
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in children if alive(pid)], [processes().get(pid) for pid in children]
+    try:
+        assert children  # here: mtad, its extra worker, imapd and pop3d
+        daemon.process.kill()
+        daemon.process.wait(10)
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if alive(pid)], [processes().get(pid) for pid in children]
+    finally:
+        daemon.process.kill()
+        for pid in children:  # what the test started, if it outlived serve
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     address = daemon.listen("smtp.listen")
     with socket.socket() as sock:  # no SO_REUSEPORT: free only if nobody listens there
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,200 @@
+"""How mtad stops (SIGTERM to `postroom serve`): a stop is a protocol event.
+
+RFC 5321 §3.8: clients are told 421 (4.3.2, RFC 3463: system not accepting network
+messages); one idle between commands at once, any other at its next command. A message
+being sent when the signal comes may be finished within [server] stop_grace, and the
+client hears its 250 (a stored message whose 250 is lost is sent again). Past the grace
+period what is left is cut off and nothing of it is stored. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import start_daemon
+from storage import open_data_dir
+from storage.store import Store
+
+PASSWORD = "correct horse battery"
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+
+@pytest.fixture
+def start(write_config, cli, tmp_path):
+    def start(**server):
+        path = write_config(**({"server": server} if server else {}))
+        assert cli("domain", "add", "example.test", config=path).returncode == 0
+        assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD,
+                   config=path).returncode == 0
+        return start_daemon(path, tmp_path)
+
+    return start
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def session(daemon, *commands: bytes) -> socket.socket:
+    """A connection past EHLO and `commands` (each answered)."""
+    address = daemon.listen("smtp.listen")
+    sock = socket.create_connection((address.host, address.port), timeout=10)
+    read_until(sock, b"\r\n")
+    sock.sendall(b"EHLO client.example.org\r\n")
+    read_until(sock, b"\r\n250 ")
+    for command in commands:
+        sock.sendall(command)
+        assert read_until(sock, b"\r\n")[:1] in b"23", command
+    return sock
+
+
+def closed(sock: socket.socket) -> bool:
+    """The server closed the connection (a reset: our last command came after its close)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def stored(daemon) -> list[bytes]:
+    with Store(open_data_dir(daemon.config.server.data_dir, 4)) as store:
+        return [store.read_message(m) for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
+
+
+def stopped_cleanly(daemon, within: float) -> None:
+    code = daemon.process.wait(within)
+    log = daemon.stderr()
+    assert code == 0, log
+    assert "Traceback" not in log and "Event loop is closed" not in log and "level=error" not in log, log
+
+
+def test_an_idle_session_is_told_at_once(start):
+    daemon = start()
+    with session(daemon) as sock:
+        daemon.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert read_until(sock, b"\r\n", timeout=5) == SHUTTING_DOWN
+        assert time.monotonic() - started < 2
+        assert closed(sock)
+    stopped_cleanly(daemon, within=5)
+
+
+def test_a_command_after_the_signal_is_answered_421(start):
+    daemon = start()
+    with session(daemon, b"MAIL FROM:<s@example.org>\r\n") as sock:
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:
+            sock.sendall(b"RCPT TO:<alice@example.test>\r\n")
+        except ConnectionError:
+            pass  # closed after the 421, which is still there to read
+        assert read_until(sock, b"\r\n", timeout=5) == SHUTTING_DOWN
+    stopped_cleanly(daemon, within=5)
+    assert stored(daemon) == []
+
+
+def test_a_message_being_sent_is_finished_answered_and_stored_once(start):
+    daemon = start()
+    with session(daemon, b"MAIL FROM:<s@example.org>\r\n", b"RCPT TO:<alice@example.test>\r\n",
+                 b"DATA\r\n") as sock:
+        sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        time.sleep(0.2)
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(1)  # the listener is closed by now; this session goes on
+        sock.sendall(b"second half\r\n.\r\n")
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"250 2.0.0 OK: queued as ")
+        try:
+            sock.sendall(b"NOOP\r\n")
+        except ConnectionError:
+            pass  # closed after the 421, which is still there to read
+        assert replies.readline() == SHUTTING_DOWN
+        assert closed(sock)
+    stopped_cleanly(daemon, within=5)
+    (message,) = stored(daemon)
+    assert message.endswith(b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+    assert "event=message_accepted" in daemon.stderr()
+
+
+def test_a_stalled_message_is_cut_off_after_stop_grace(start):
+    daemon = start(stop_grace="2s")
+    with session(daemon, b"MAIL FROM:<s@example.org>\r\n", b"RCPT TO:<alice@example.test>\r\n",
+                 b"DATA\r\n") as sock:
+        sock.sendall(b"Subject: never finished\r\n\r\nfirst half\r\n")
+        time.sleep(0.2)
+        daemon.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert read_until(sock, b"\r\n", timeout=10) == SHUTTING_DOWN
+        assert 1.5 < time.monotonic() - started < 4
+        with pytest.raises(ConnectionError):  # cut off: the rest of the message goes nowhere
+            for _ in range(3):
+                assert sock.recv(100) == b""
+                sock.sendall(b"second half\r\n.\r\n")
+                time.sleep(0.1)
+    stopped_cleanly(daemon, within=3)
+    assert time.monotonic() - started < 2 + 3
+    assert stored(daemon) == []
+
+
+def test_under_load_every_stored_message_was_answered_250_and_every_250_is_stored(start):
+    """Ten clients send one message after another when the signal comes: deliveries in
+    flight finish and their 250 is written before the daemon exits (it once closed its
+    event loop under them: `Event loop is closed`, a stored message without its 250)."""
+    import threading
+
+    daemon = start()
+    acknowledged: list[bytes] = []
+    failures: list[str] = []
+    signalled = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with session(daemon) as sock:
+                replies = sock.makefile("rb")
+                for i in range(500):
+                    subject = f"c{n}m{i}".encode()
+                    sock.sendall(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+                    said = [replies.readline() for _ in range(3)]
+                    if said[0] == SHUTTING_DOWN:
+                        return
+                    assert [r[:4] for r in said] == [b"250 ", b"250 ", b"354 "], said
+                    # The reply is read before anything more is sent: whatever the server
+                    # does next, a 250 cannot be lost.
+                    sock.sendall(b"Subject: " + subject + b"\r\n\r\n" + b"x" * 2000 + b"\r\n.\r\n")
+                    reply = replies.readline()
+                    if reply == SHUTTING_DOWN:
+                        return
+                    assert reply.startswith(b"250 2.0.0 OK: queued as "), reply
+                    acknowledged.append(subject)
+        except ConnectionResetError as e:
+            # Commands that cross the 421 of an idle session arrive after its close, and
+            # the kernel answers them with a reset: a 421 not yet read is lost with it.
+            if not signalled.is_set():
+                failures.append(repr(e))
+        except (ConnectionError, AssertionError) as e:
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    signalled.set()
+    daemon.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    stopped_cleanly(daemon, within=10)
+    assert failures == []
+    subjects = [line[9:] for m in stored(daemon) for line in m.split(b"\r\n") if line.startswith(b"Subject: ")]
+    assert acknowledged and sorted(subjects) == sorted(acknowledged)
