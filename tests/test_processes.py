@@ -91,7 +91,7 @@ def test_a_cpu_heavy_imap_command_does_not_stall_smtp(write_config, tmp_path, da
             accounts.add_domain("example.test")
             accounts.add_user("alice@example.test", PASSWORD)
         with Store(open_data_dir(data_dir, 4)) as store:
-            for i in range(150):
+            for i in range(250):
                 store.deliver(["alice@example.test"], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
         imap_address, smtp_address = daemon.listen("imap.listen"), daemon.listen("smtp.listen")
         imap = socket.create_connection((imap_address.host, imap_address.port), timeout=30)
