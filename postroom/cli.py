@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import sys
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin, supervisor
-from postroom.datadir import DataDirInUseError, open_accounts, open_store
-from postroom.notify import notify
+from postroom import __version__, admin
+from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_store
 from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
 from storage import AccountError, AddressError, DataDirError
@@ -125,7 +123,9 @@ def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argpar
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve" and (args.daemon or args.smtp_worker):
-        return _run_daemon(PROG, args.config, args.daemon or "mtad", worker=args.smtp_worker)
+        from postroom import daemon_process
+
+        return daemon_process.main(PROG, args.config, args.daemon or "mtad", worker=args.smtp_worker)
     try:
         config = conf.load(args.config)
         if args.command == "config":
@@ -182,49 +182,10 @@ def _daemon_main(prog: str, description: str, argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=conf.DEFAULT_PATH, metavar="FILE")
     args = parser.parse_args(argv)
-    return _run_daemon(prog, args.config, prog)
+    # Imported here: the admin commands never load a daemon.
+    from postroom import daemon_process
 
-
-def _run_daemon(prog: str, config_path: Path, daemon: str, worker: bool = False) -> int:
-    """One daemon in this process, alone (systemd) or as a child of `postroom serve`. A
-    start failure is one line: on stderr, and as the sd_notify STATUS, which is how a
-    supervisor hears it (it prints it; the child does not)."""
-    supervised = supervisor.supervised()
-    try:
-        config = conf.load(config_path)
-        become_data_dir_owner(config.server.data_dir)
-        supervisor.become_child()
-        # Imported here: the supervisor and the admin commands never load a daemon.
-        from postroom import daemon_process
-
-        return daemon_process.run(config, daemon, worker=worker, supervised=supervised)
-    except (conf.ConfigError, TLSSetupError, DataDirError, DataDirInUseError, ServeError) as e:
-        notify(f"STATUS={e}")
-        if not supervised:
-            print(f"{prog}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def become_data_dir_owner(data_dir: Path) -> None:
-    """Run as root, work as the user who owns the data dir (the `postroom` user of the
-    systemd unit): whatever root would create there, the daemon could not open later."""
-    if os.geteuid() != 0:
-        return
-    try:
-        owner = data_dir.stat()
-    except FileNotFoundError:
-        return
-    if owner.st_uid == 0:
-        return
-    try:
-        name = pwd.getpwuid(owner.st_uid).pw_name
-        os.initgroups(name, owner.st_gid)
-    except KeyError:
-        os.setgroups([])
-    os.setgid(owner.st_gid)
-    os.setuid(owner.st_uid)
+    return daemon_process.main(prog, args.config, prog)
 
 
 def config_check(config: conf.Config) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from conf.reactor import TwistedListening, listen, server_tls
@@ -144,6 +145,23 @@ def _listen_twisted(module: str, factory_name: str, service, addresses, *, impli
     ports = listen(factory, addresses, service.tls if implicit_tls else None,
                    backlog=service.config.server.listen_backlog)
     return TwistedListening(ports, factory.shutdown)
+
+
+PRELOAD = {
+    "mtad": ("mtad.inbound",),
+    "imapd": ("imapd.recent", "imapd.session", "imapd.view", "imapd.protocol", "twisted.internet.asyncioreactor",
+              "twisted.protocols.tls"),
+    "pop3d": ("pop3d.session", "pop3d.protocol", "twisted.internet.asyncioreactor", "twisted.protocols.tls"),
+}
+
+
+def preload(daemon: str) -> None:
+    """Import the modules `daemon`'s start functions import when they run."""
+    for module in PRELOAD[daemon]:
+        importlib.import_module(module)
+    # The reactor is installed in each child, on its own event loop: importing one here
+    # would install Twisted's default reactor for every child forked afterwards.
+    assert "twisted.internet.reactor" not in sys.modules, "a module imported twisted.internet.reactor"
 
 
 async def close_shared(context) -> None:

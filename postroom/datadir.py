@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import time
 from pathlib import Path
 
@@ -71,3 +72,23 @@ def _holder_pid(fd: int) -> int | None:
             return int(text)
         time.sleep(0.01)
     return None
+
+
+def become_data_dir_owner(data_dir: Path) -> None:
+    """Run as root, work as the user who owns the data dir (the `postroom` user of the
+    systemd unit): whatever root would create there, the daemon could not open later."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = data_dir.stat()
+    except FileNotFoundError:
+        return
+    if owner.st_uid == 0:
+        return
+    try:
+        name = pwd.getpwuid(owner.st_uid).pw_name
+        os.initgroups(name, owner.st_gid)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)

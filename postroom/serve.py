@@ -2,8 +2,10 @@
 that has something to listen on (mtad, imapd, pop3d) in a process of its own, and runs
 until SIGTERM or SIGINT.
 
-It prints what listens where (and what is not available) and tells systemd READY=1 once
-every child has said READY=1 to it, that is once every listener is bound. A child that
+The children are forked from serve once it has imported their code, before its event loop
+runs (postroom/supervisor.py): a start costs about what one process costs. It prints what
+listens where (and what is not available) and tells systemd READY=1 once every child has
+said READY=1 to it, that is once every listener is bound. A child that
 cannot start (a port in use) stops the others, and serve exits 1 with the child's one
 line. A child that dies later is started again (postroom/supervisor.py). On a signal
 every child is told SIGTERM and given [server] stop_grace to finish; serve then exits 0.
@@ -15,6 +17,7 @@ a second serve, or an mtad started beside this one, refuses to start.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
@@ -28,25 +31,31 @@ START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and s
 
 
 def serve(config: Config) -> int:
+    from postroom import daemon_process  # here: the admin commands never load a daemon
+
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
     # Everything the children would otherwise race for is done once, here, first: the data
     # dir's creation and the dev certificate.
     data_dir, accounts = open_accounts(config)
     accounts.close()
-    lock(data_dir.path, "serve", "postroom serve")  # held until the process ends
+    held = lock(data_dir.path, "serve", "postroom serve")  # until the process ends
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child
-    return asyncio.run(_supervise(config, log))
-
-
-async def _supervise(config: Config, log: EventLogger) -> int:
-    stop = stop_on_signal()
     supervisor = Supervisor(log)
     started = daemons_to_start(config)
     for daemon in started:
-        supervisor.start(daemon, command(config.source, "serve", "--daemon", daemon))
+        daemon_process.preload(daemon)
+    for daemon in started:
+        supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
+                        functools.partial(daemon_process.main, "postroom", config.source, daemon), close=(held,))
+    return asyncio.run(_supervise(config, log, supervisor, started))
+
+
+async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str]) -> int:
+    stop = stop_on_signal()
+    supervisor.attach()
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)
     if failed is not None:
         await supervisor.stop(config.server.stop_grace)

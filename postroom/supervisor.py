@@ -3,9 +3,13 @@ own process, and mtad its extra MX workers ([smtp] workers). A stall in one (a C
 IMAP command) then never delays another.
 
 Both sides of the contract between a supervisor and its children live here:
-- A child is this interpreter run with -P (`command`): sys.path never holds the current
-  directory, which `python -m` would put first (started in /etc, /etc/postroom would
-  shadow the postroom package).
+- A child is started in one of two ways. `fork`, before the supervisor's event loop runs
+  and once it has imported the daemons' code (`postroom serve` at start): the child has it
+  all loaded, and a start costs what one process costs, not one import per child. `start`
+  at any time: this interpreter run with -P (`command`), for restarts and mtad's workers.
+  -P: sys.path never holds the current directory, which `python -m` would put first
+  (started in /etc, /etc/postroom would shadow the postroom package); a forked child has
+  its supervisor's sys.path, which a console script starts without it.
 - Its environment names the supervisor (SUPERVISOR_ENV, its pid) and gives it the
   supervisor's sd_notify socket as NOTIFY_SOCKET: a child says READY=1 once its listeners
   are bound exactly as it would to systemd (postroom/notify.py), and before exiting on a
@@ -21,8 +25,8 @@ Both sides of the contract between a supervisor and its children live here:
 - `stop` sends SIGTERM to every child and waits for them ([server] stop_grace plus
   STOP_MARGIN); one still there then is killed.
 
-Children are spawned from the event loop's thread only: PR_SET_PDEATHSIG fires when the
-thread that forked the child ends, not the process.
+Children are spawned from the main thread only: PR_SET_PDEATHSIG fires when the thread
+that forked the child ends, not the process.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Awaitable
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,13 +65,15 @@ def command(config_path: Path | None, *args: str) -> list[str]:
 @dataclass(eq=False)
 class Child:
     name: str
-    argv: list[str]
-    process: subprocess.Popen | None = None
+    argv: list[str]  # how it is started again
+    pid: int = 0
+    process: subprocess.Popen | None = None  # when started by `start`
     # Resolves to None once the child said READY=1, or to its exit status if it died first.
     ready: asyncio.Future | None = None
     status: str = ""  # the last STATUS= it sent
     restarts: list[float] = field(default_factory=list)
     left_down: bool = False
+    running: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -77,9 +84,12 @@ class Child:
 
 
 class Supervisor:
+    """Children, their readiness, their restarts. Made before the event loop runs (to
+    `fork`) or in it; `attach` once in the loop, before anything else."""
+
     def __init__(self, log: EventLogger):
         self.log = log
-        self.loop = asyncio.get_running_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.children: list[Child] = []
         self.stopping = False
         self._started = False  # past start-up: a death means a restart, not a failure
@@ -89,9 +99,51 @@ class Supervisor:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._socket.bind("\0" + name)
+
+    def fork(self, name: str, argv: list[str], run: Callable[[], int], close: tuple[int, ...] = ()) -> Child:
+        """A child that runs `run()` in a copy of this process and exits with its status;
+        `argv` starts it again if it dies. Only before the event loop runs, in a process
+        without threads: a forked child must not inherit a loop or a lock held by a thread."""
+        assert self.loop is None and asyncio._get_running_loop() is None, "fork before the event loop runs"
+        environment = self._child_environment()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._socket.close()
+                for fd in close:
+                    os.close(fd)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.close(devnull)
+                os.environ.update(environment)
+                code = run()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child = Child(name, argv, pid=pid, running=True)
+        self.children.append(child)
+        self._by_pid[pid] = child
+        return child
+
+    def attach(self) -> None:
+        """In the event loop: hear the children's notifications and their exits."""
+        self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self._socket.fileno(), self._read_notifications)
+        for child in self.children:
+            child.ready = self.loop.create_future()
+            self._watch(child)
+        self._read_notifications()  # what forked children said before the loop ran
 
     def start(self, name: str, argv: list[str]) -> Child:
+        """A child started as `argv` (see `command`), in the event loop."""
         child = Child(name, argv)
         self.children.append(child)
         self._spawn(child)
@@ -119,40 +171,49 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """SIGTERM to every child; SIGKILL to those still there after grace + STOP_MARGIN."""
         self.stopping = True
-        live = [c for c in self.children if c.process is not None and c.process.returncode is None]
+        live = [c for c in self.children if c.running]
         for child in live:
-            child.process.send_signal(signal.SIGTERM)
+            os.kill(child.pid, signal.SIGTERM)
         if live:
             _, late = await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live],
                                          timeout=grace + STOP_MARGIN)
             for task in late:
                 task.cancel()
             for child in live:
-                if not child.gone.is_set():
-                    self.log.warning("worker_killed", worker=child.name, pid=child.process.pid)
-                    child.process.kill()
+                if child.running:
+                    self.log.warning("worker_killed", worker=child.name, pid=child.pid)
+                    os.kill(child.pid, signal.SIGKILL)
             await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live], timeout=STOP_MARGIN)
         self.loop.remove_reader(self._socket.fileno())
         self._socket.close()
 
     # -- children -------------------------------------------------------------------------
 
-    def _spawn(self, child: Child) -> None:
-        env = {**os.environ, "NOTIFY_SOCKET": self._notify_address, SUPERVISOR_ENV: str(os.getpid())}
-        process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
-        child.process, child.status = process, ""
-        child.ready = self.loop.create_future()
-        child.gone.clear()
-        self._by_pid[process.pid] = child
-        pidfd = os.pidfd_open(process.pid)
-        self.loop.add_reader(pidfd, self._exited, child, process, pidfd)
+    def _child_environment(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": self._notify_address, SUPERVISOR_ENV: str(os.getpid())}
 
-    def _exited(self, child: Child, process: subprocess.Popen, pidfd: int) -> None:
+    def _spawn(self, child: Child) -> None:
+        env = {**os.environ, **self._child_environment()}
+        child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+        child.pid, child.status, child.running = child.process.pid, "", True
+        child.ready = self.loop.create_future()
+        self._by_pid[child.pid] = child
+        self._watch(child)
+
+    def _watch(self, child: Child) -> None:
+        child.gone.clear()
+        # A pidfd is readable once the process has exited: no SIGCHLD handler, no thread.
+        pidfd = os.pidfd_open(child.pid)
+        self.loop.add_reader(pidfd, self._exited, child, child.pid, pidfd)
+
+    def _exited(self, child: Child, pid: int, pidfd: int) -> None:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
-        code = process.wait()  # it has exited: this only reaps it
+        # It has exited: this only reaps it.
+        code = child.process.wait() if child.process is not None else os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         self._read_notifications()  # a STATUS= sent just before the exit
-        del self._by_pid[process.pid]
+        del self._by_pid[pid]
+        child.running = False
         if not child.ready.done():
             child.ready.set_result(code)
         child.gone.set()
@@ -162,17 +223,16 @@ class Supervisor:
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
         if len(child.restarts) >= RESTARTS:
             child.left_down = True
-            self.log.error("worker_left_down", worker=child.name, pid=process.pid, code=code,
-                           restarts=len(child.restarts))
+            self.log.error("worker_left_down", worker=child.name, pid=pid, code=code, restarts=len(child.restarts))
             return
         child.restarts.append(now)
-        self.loop.call_later(RESTART_DELAY, self._restart, child, process.pid, code)
+        self.loop.call_later(RESTART_DELAY, self._restart, child, pid, code)
 
     def _restart(self, child: Child, old_pid: int, code: int) -> None:
         if self.stopping:
             return
         self._spawn(child)
-        self.log.warning("worker_restarted", worker=child.name, old_pid=old_pid, code=code, pid=child.process.pid)
+        self.log.warning("worker_restarted", worker=child.name, old_pid=old_pid, code=code, pid=child.pid)
 
     def _read_notifications(self) -> None:
         while True:
