@@ -40,6 +40,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class Supervisor:
         `argv` starts it again if it dies. Only before the event loop runs, in a process
         without threads: a forked child must not inherit a loop or a lock held by a thread."""
         assert self.loop is None and asyncio._get_running_loop() is None, "fork before the event loop runs"
+        assert threading.active_count() == 1, "fork in a process without threads"
         environment = self._child_environment()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -214,11 +216,14 @@ class Supervisor:
         self._read_notifications()  # a STATUS= sent just before the exit
         del self._by_pid[pid]
         child.running = False
-        if not child.ready.done():
+        died_starting = not child.ready.done()
+        if died_starting:
             child.ready.set_result(code)
         child.gone.set()
         if self.stopping or not self._started:
             return
+        if died_starting:  # at start-up wait_ready reports it; now the log is the only place
+            self.log.error("worker_start_failed", worker=child.name, pid=pid, code=code, reason=child.status)
         now = self.loop.time()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
         if len(child.restarts) >= RESTARTS:

@@ -190,6 +190,28 @@ def test_a_child_that_dies_is_started_again(daemon):
     assert b"\0-P\0" in processes()[child_of(daemon, "imapd")][3]
 
 
+def test_a_child_that_cannot_start_again_says_why_and_is_retried(daemon):
+    """Its port taken while it was down: the reason is logged (serve's terminal has long
+    printed its table), and the next restart, the port free again, works."""
+    address = daemon.listen("pop3.listen")
+    os.kill(child_of(daemon, "pop3d"), signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    with socket.socket() as taken:
+        while True:  # the port as soon as the killed pop3d has let go of it
+            try:
+                taken.bind((address.host, address.port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        taken.listen()
+        while "event=worker_start_failed" not in daemon.stderr() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert (f'event=worker_start_failed worker=pop3d' in daemon.stderr() and
+            f'reason="POP3 (STLS): cannot listen on {address}: Address already in use"' in daemon.stderr())
+    wait_for_greeting(daemon, "pop3.listen", b"+OK")
+
+
 def wait_for_greeting(daemon, listener: str, greeting: bytes) -> None:
     address = daemon.listen(listener)
     deadline = time.monotonic() + 15
