@@ -66,6 +66,7 @@ BIG_MESSAGE = 1 << 20
 BIG_DELIVERIES = threading.BoundedSemaphore(2)
 _counter = itertools.count(1)
 STOP_POLL = 0.02  # seconds between looks at the sessions left while stopping
+LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
 
 
 @dataclass
@@ -100,10 +101,7 @@ class InboundContext:
         self.stopping = True
         for session in list(self.sessions):
             session.stop_if_idle()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(STOP_POLL)
+        await self._sessions_gone(grace)
         for session in list(self.sessions):
             if not session.delivering:
                 session.cut_off()
@@ -111,15 +109,17 @@ class InboundContext:
         # the client hear the outcome, or it sends again what we stored.
         while any(session.delivering for session in self.sessions):
             await asyncio.sleep(STOP_POLL)
-        for _ in range(int(1.0 / STOP_POLL)):  # a moment for those replies to go out
-            if not self.sessions:
-                break
-            await asyncio.sleep(STOP_POLL)
+        await self._sessions_gone(LAST_WORDS)  # their replies go out, then 421
         for session in list(self.sessions):
             session.cut_off()
-        while self.sessions:  # cut off: their tasks end at the next turn of the loop
-            await asyncio.sleep(0)
+        await self._sessions_gone(LAST_WORDS)  # cut off: their tasks end at the next turns
         await self.finish_deliveries()
+
+    async def _sessions_gone(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(STOP_POLL)
 
     def admit(self, ip: str) -> bool:
         return self.connections.admit(ip)

@@ -109,13 +109,6 @@ def main(prog: str, config_path: Path, daemon: str, worker: bool = False) -> int
     os._exit(code)
 
 
-def preload(daemon: str) -> None:
-    """Import what `daemon` runs, in a supervisor about to fork it: a child forked after
-    this starts with its code loaded instead of importing it again (a third of a second
-    of CPU for each of imapd and pop3d)."""
-    daemons.preload(daemon)
-
-
 def name_this_process(name: str) -> None:
     """The name ps, top and pgrep show (the kernel's comm, 15 bytes): the children of
     serve share its command line when they are forked from it."""
@@ -169,7 +162,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
         workers = Supervisor(log)
         workers.attach()
         for _ in range(config.smtp.workers - 1):
-            workers.start("smtp-worker", command(config.source, "serve", "--smtp-worker"))
+            workers.start("mtad-worker", command(config.source, "serve", "--smtp-worker"))
         failed = await first_of(workers.wait_ready(WORKER_START_TIMEOUT), stop)
         if failed is not None:
             await _stop(context, running, workers)

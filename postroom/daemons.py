@@ -156,7 +156,9 @@ PRELOAD = {
 
 
 def preload(daemon: str) -> None:
-    """Import the modules `daemon`'s start functions import when they run."""
+    """Import the modules `daemon`'s start functions import when they run, in a supervisor
+    about to fork it: the child starts with its code loaded instead of importing it again
+    (a third of a second of CPU for each of imapd and pop3d)."""
     for module in PRELOAD[daemon]:
         importlib.import_module(module)
     # The reactor is installed in each child, on its own event loop: importing one here

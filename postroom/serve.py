@@ -31,7 +31,7 @@ START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and s
 
 
 def serve(config: Config) -> int:
-    from postroom import daemon_process  # here: the admin commands never load a daemon
+    from postroom import daemon_process, daemons  # here: the admin commands never load a daemon
 
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
@@ -46,7 +46,7 @@ def serve(config: Config) -> int:
     supervisor = Supervisor(log)
     started = daemons_to_start(config)
     for daemon in started:
-        daemon_process.preload(daemon)
+        daemons.preload(daemon)
     for daemon in started:
         supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
                         functools.partial(daemon_process.main, "postroom", config.source, daemon), close=(held,))
