@@ -207,7 +207,7 @@ def test_a_child_that_cannot_start_again_says_why_and_is_retried(daemon):
         taken.listen()
         while "event=worker_start_failed" not in daemon.stderr() and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert (f'event=worker_start_failed worker=pop3d' in daemon.stderr() and
+    assert ('event=worker_start_failed worker=pop3d' in daemon.stderr() and
             f'reason="POP3 (STLS): cannot listen on {address}: Address already in use"' in daemon.stderr())
     wait_for_greeting(daemon, "pop3.listen", b"+OK")
 
