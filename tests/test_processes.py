@@ -310,3 +310,17 @@ def test_the_single_daemon_commands_refuse_a_second_instance(write_config, tmp_p
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(15) == 0
+
+
+def test_a_child_whose_supervisor_is_gone_before_it_starts_exits(write_config, tmp_path):
+    """The supervisor may die between starting a child and the child's PR_SET_PDEATHSIG:
+    the child then finds another parent than the one it was told, and leaves."""
+    import sys
+
+    path = write_config()
+    started = time.monotonic()
+    orphan = subprocess.run([sys.executable, "-P", "-m", "postroom", "--config", str(path), "serve",
+                             "--daemon", "imapd"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**os.environ, "POSTROOM_SUPERVISOR": "1"})  # not its parent
+    assert orphan.returncode == 1 and orphan.stderr == "", orphan.stderr
+    assert time.monotonic() - started < 10
