@@ -22,7 +22,7 @@ def test_mail_survives_sigkill_sigterm_and_process_group_kills(write_config, dat
     outcome = run(configs, phases, tmp_path, host="127.0.0.1", port=port, clients=20, total=10**9,
                   drain_seconds=30)
     print(outcome.summary())
-    assert outcome.restarts >= 20, outcome.summary()
+    assert outcome.restarts >= 15, outcome.summary()
     assert outcome.acknowledged >= 500, "the senders barely got through: the test proves little"
     assert outcome.lost == [], outcome.summary()
     assert outcome.duplicated_acknowledged == [], outcome.summary()
