@@ -13,7 +13,8 @@ Everything else is in the store's own form: ("all",), ("flag", name, present),
 
 A sequence of keys (at the top or in parentheses) is their AND: one key stands alone,
 several become ("and", [...]) with nested ANDs flattened into it. Key names are
-case-insensitive. NOT and OR chains nest at most MAX_NESTING deep (ParseError "LIMIT").
+case-insensitive. NOT, OR and parentheses nest at most MAX_NESTING deep together
+(ParseError "LIMIT").
 Strings are astrings decoded per CHARSET: US-ASCII strictly; UTF-8, and no CHARSET
 at all, as UTF-8 (clients send UTF-8 without naming it; ASCII is a subset).
 """
@@ -83,11 +84,11 @@ class _Keys:
     def __init__(self, decode: Callable[[t.Token, str], str]):
         self.decode = decode
 
-    def sequence(self, items: list[t.Token]) -> list[tuple]:
+    def sequence(self, items: list[t.Token], nesting: int = 0) -> list[tuple]:
         args = t.Args(items)
         keys = []
         while args.more():
-            keys.append(self.key(args, 0))
+            keys.append(self.key(args, nesting))
         return keys
 
     def key(self, args: t.Args, nesting: int) -> tuple:
@@ -95,7 +96,9 @@ class _Keys:
             raise ParseError("search criteria nested too deeply", code="LIMIT")
         tok = args.take("search key")
         if isinstance(tok, t.Group):
-            keys = self.sequence(list(tok.items))
+            # A group nests too: counted from 0 again, 16 groups of 256 NOTs overflowed
+            # Python's stack (RecursionError) instead of answering LIMIT.
+            keys = self.sequence(list(tok.items), nesting + 1)
             if not keys:
                 raise ParseError("empty parenthesized search criteria")
             return _and(keys)
