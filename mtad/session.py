@@ -13,6 +13,9 @@ Framing that matters for security:
   CVE-2023-51764 class). Dot-stuffing is undone (RFC 5321 §4.5.2).
 - After STARTTLS, whatever the client pipelined behind it is discarded (CVE-2011-0411) and
   the session starts over, as RFC 3207 §4.2 requires.
+- A command line ends at LF (with the CR before it, if any). A control character left in
+  it (C0 including a bare CR and NUL, DEL; in UTF-8 the C1 controls and U+2028/U+2029) is
+  refused 501 5.5.2, whatever the command: the EHLO name and the paths go into headers.
 - Command lines over MAX_LINE octets are refused 500 5.5.2 and skipped whole; after
   `max_errors` refused commands the session says 421 and closes.
 - A message over `max_message_size` is read to its end, discarded, and refused 552 5.3.4;
@@ -22,6 +25,7 @@ Framing that matters for security:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -118,6 +122,10 @@ class _Transaction:
     smtputf8: bool = False
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls (a bare CR and a NUL among them) and DEL
+# Beyond ASCII: the C1 controls (U+0080-U+009F) and the line and paragraph separators,
+# which str.splitlines() takes for line ends, as it does U+0085.
+_UNICODE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~\u0080-\U0010FFFF]+))?$")
 
 
@@ -259,17 +267,30 @@ class Session:
         if len(line) > MAX_LINE:
             self._refuse(replies.LINE_TOO_LONG)
             return True
-        self._command(line.rstrip(b"\r\n"))
+        # The line ends at its LF; a CR just before it is part of the line end, and any
+        # other CR in it is a bare CR, refused with the other control characters.
+        self._command(line[:-2] if line.endswith(b"\r\n") else line[:-1])
         return True
 
     def _command(self, line: bytes) -> None:
+        # RFC 5321 §4.1.1.1, §4.1.2: no control character belongs in a command: not in a
+        # Domain or address literal, an atom, a quoted string (qtextSMTP, quoted-pairSMTP)
+        # nor in parameters. Refused first, so none reaches the Received: and Return-Path:
+        # headers built from the EHLO name and the paths (a bare CR became a header line).
+        if _CONTROL.search(line):
+            self._refuse(replies.CONTROL_CHARACTER)
+            return
         verb, _, rest = line.partition(b" ")
         try:
             name = verb.decode("ascii").upper()
-            arg = rest.decode("utf-8").strip()
+            arg = rest.decode("utf-8")
         except UnicodeDecodeError:
             self._refuse(replies.SYNTAX_ERROR)
             return
+        if not arg.isascii() and any(unicodedata.category(c) in _UNICODE_BREAKS for c in arg):
+            self._refuse(replies.CONTROL_CHARACTER)  # C1 controls, U+2028, U+2029 (SMTPUTF8, RFC 6531)
+            return
+        arg = arg.strip(" ")
         handler = _COMMANDS.get(name)
         if handler is None:
             self._refuse(replies.UNKNOWN_COMMAND)
