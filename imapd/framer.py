@@ -257,6 +257,9 @@ class Framer:
             first = first[:min(self.max_line + 1, _PREFIX)]
             self._tag = read_tag(first) if b" " in first else None
             self._name = read_name(first)
+        # What was read of it goes now, not after its {n+} literals have been skipped: a
+        # line over the command limit would otherwise be held on top of the limit.
+        self._parts, self._held = [], 0
         self._pending = Reject(self._tag, text, status="BAD")
 
     def _dropped_line_end(self, tail: bytes) -> Event | None:

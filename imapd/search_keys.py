@@ -21,12 +21,14 @@ at all, as UTF-8 (clients send UTF-8 without naming it; ASCII is a subset).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from imapd import tokens as t
 from imapd.syntax import ParseError
 
 MAX_NESTING = 256
+_PRINTABLE = re.compile(r"[!-~]{1,64}")
 CHARSETS = {"US-ASCII": "ascii", "UTF-8": "utf-8"}
 
 _FLAGS = {  # key: (flag, present)
@@ -55,7 +57,10 @@ def parse_search(args: t.Args) -> tuple[str | None, tuple]:
         args.take("CHARSET")
         name = t.astring(args.take("charset name"), "charset name").decode("ascii", "replace").upper()
         if name not in CHARSETS:
-            raise ParseError(f"unsupported charset {name}", code="BADCHARSET", status="NO")
+            # Named back only when it is printable ASCII: a quoted string or literal can
+            # hold controls, CR LF among them, which would break the response line.
+            shown = f" {name}" if _PRINTABLE.fullmatch(name) else ""
+            raise ParseError(f"unsupported charset{shown}", code="BADCHARSET", status="NO")
         charset = name
     codec = CHARSETS.get(charset or "UTF-8")
 

@@ -98,9 +98,12 @@ class SMTPDriver:
             elif isinstance(event, DataChunk):
                 self._spool += event.data
             elif isinstance(event, DataEnd):
-                self.events.append(("end", event.size, event.received_headers, event.refusal, bytes(self._spool)))
-                if event.refusal is None:
-                    self.messages.append(bytes(self._spool))
+                # A refused message's spool is thrown away: what was spooled before the
+                # session knew depends on how the bytes arrived, and is no event.
+                message = bytes(self._spool) if event.refusal is None else None
+                self.events.append(("end", event.size, event.received_headers, event.refusal, message))
+                if message is not None:
+                    self.messages.append(message)
                 self._spool.clear()
                 session.answer(event.refusal or QUEUED)
             elif isinstance(event, StartTLS):
@@ -174,9 +177,10 @@ class POP3Driver:
         self.messages = messages
         self.chunk = chunk
         self.replies: list[bytes] = [self.core.greeting()]
+        self.retrieved: list[tuple[int, int | None, bytes]] = []  # (uid, TOP lines, response)
         self.events: list[tuple] = []
         self.closed = False
-        self.peak_buffered = 0  # bytes waiting in the line buffer, once the core needs more
+        self.peak_buffered = 0  # bytes waiting in the line buffer, once an open session needs more
         self._segment_over = False
 
     def feed(self, pieces: Iterable[bytes]) -> None:
@@ -188,7 +192,8 @@ class POP3Driver:
             self.core.receive_data(piece)
             while not self.closed and (event := self.core.next_event()) is not None:
                 self._act(event)
-            self.peak_buffered = max(self.peak_buffered, self.core.buffered())
+            if not self.closed:
+                self.peak_buffered = max(self.peak_buffered, self.core.buffered())
 
     def _act(self, event) -> None:
         core = self.core
@@ -218,6 +223,7 @@ class POP3Driver:
                 out += encoder.feed(raw[pos:pos + self.chunk])
             out += encoder.end()
             self.replies.append(bytes(out))
+            self.retrieved.append((event.uid, event.lines, bytes(out)))
             core.finished(event)
         elif isinstance(event, pop3.Update):
             self.events.append(("update", event.uids))
