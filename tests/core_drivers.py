@@ -20,19 +20,7 @@ from imapd.parser import Close as IMAPClose
 from imapd.parser import Continue, Frame, Framer, Reject, parse_command
 from imapd.syntax import ParseError
 from mtad import replies
-from mtad.session import (
-    NEED_DATA,
-    PAUSED,
-    Close,
-    DataChunk,
-    DataEnd,
-    Hello,
-    MailFrom,
-    RcptTo,
-    Session,
-    SessionConfig,
-    StartTLS,
-)
+from mtad import session as smtp
 from pop3d import core as pop3
 
 QUEUED = replies.Reply(250, "2.0.0", "OK queued as TEST")
@@ -51,53 +39,63 @@ def cut(data: bytes, sizes: Iterable[int]) -> list[bytes]:
     return out
 
 
-class SMTPDriver:
+class _SegmentDriver:
+    """Feeds one segment of a stream piece by piece, until the core closes or starts TLS."""
+
+    closed = False
+    _segment_over = False
+
+    def feed(self, pieces: Iterable[bytes]) -> None:
+        self._segment_over = False
+        for piece in pieces:
+            if self.closed or self._segment_over:
+                return
+            self._receive(piece)
+
+    def _receive(self, piece: bytes) -> None:
+        raise NotImplementedError
+
+
+class SMTPDriver(_SegmentDriver):
     """mtad.inbound's part: RCPT to an address `refuse` names gets 550 5.1.1; a message
     with a refusal is answered with it, any other with 250."""
 
-    def __init__(self, config: SessionConfig, refuse: Callable[[str], bool] = lambda address: False):
-        self.session = Session(config)
+    def __init__(self, config: smtp.SessionConfig, refuse: Callable[[str], bool] = lambda address: False):
+        self.session = smtp.Session(config)
         self.refuse = refuse
         self.wire = bytearray(self.session.data_to_send())
         self.events: list[tuple] = []
         self.messages: list[bytes] = []  # accepted messages, as spooled
         self.peaks = {False: 0, True: 0}  # most bytes left waiting, outside / inside a message
         self._spool = bytearray()
-        self._segment_over = False
-        self.closed = False
 
-    def feed(self, pieces: Iterable[bytes]) -> None:
-        """One segment of the stream."""
-        self._segment_over = False
-        for piece in pieces:
-            if self.closed or self._segment_over:
-                return
-            self.session.receive(piece)
-            self._drain()
+    def _receive(self, piece: bytes) -> None:
+        self.session.receive(piece)
+        self._drain()
 
     def _drain(self) -> None:
         session = self.session
         while True:
             event = session.next_event()
-            if event is NEED_DATA:
+            if event is smtp.NEED_DATA:
                 receiving = session.receiving
                 self.peaks[receiving] = max(self.peaks[receiving], session.buffered())
                 break
-            if event is PAUSED:
-                raise AssertionError("the session waits for an answer the driver gave")
-            if isinstance(event, Hello):
+            if event is smtp.PAUSED:
+                raise AssertionError("the session still waits, though every question was answered")
+            if isinstance(event, smtp.Hello):
                 self.events.append(("hello", event.name, event.extended))
                 session.answer(replies.OK)
-            elif isinstance(event, MailFrom):
+            elif isinstance(event, smtp.MailFrom):
                 self.events.append(("mail", event.address, tuple(sorted(event.params.items(), key=repr))))
                 session.answer(replies.SENDER_OK)
-            elif isinstance(event, RcptTo):
+            elif isinstance(event, smtp.RcptTo):
                 refused = self.refuse(event.address)
                 self.events.append(("rcpt", event.address, refused))
                 session.answer(replies.NO_SUCH_USER if refused else replies.RECIPIENT_OK)
-            elif isinstance(event, DataChunk):
+            elif isinstance(event, smtp.DataChunk):
                 self._spool += event.data
-            elif isinstance(event, DataEnd):
+            elif isinstance(event, smtp.DataEnd):
                 # A refused message's spool is thrown away: what was spooled before the
                 # session knew depends on how the bytes arrived, and is no event.
                 message = bytes(self._spool) if event.refusal is None else None
@@ -106,12 +104,12 @@ class SMTPDriver:
                     self.messages.append(message)
                 self._spool.clear()
                 session.answer(event.refusal or QUEUED)
-            elif isinstance(event, StartTLS):
+            elif isinstance(event, smtp.StartTLS):
                 self.events.append(("tls",))
                 self.wire += session.data_to_send()
                 session.tls_established()
                 self._segment_over = True
-            elif isinstance(event, Close):
+            elif isinstance(event, smtp.Close):
                 self.events.append(("close",))
                 self.closed = True
             else:
@@ -167,7 +165,7 @@ class IMAPDriver:
             raise AssertionError(f"unexpected event {event!r}")
 
 
-class POP3Driver:
+class POP3Driver(_SegmentDriver):
     """pop3d.session's part: POP3_PASSWORD logs in to a maildrop of `messages` (uid ->
     bytes), RETR and TOP stream through BodyEncoder in `chunk`-byte pieces, QUIT removes.
     `replies` holds each response as sent, a message's whole multi-line response as one."""
@@ -179,21 +177,14 @@ class POP3Driver:
         self.replies: list[bytes] = [self.core.greeting()]
         self.retrieved: list[tuple[int, int | None, bytes]] = []  # (uid, TOP lines, response)
         self.events: list[tuple] = []
-        self.closed = False
         self.peak_buffered = 0  # bytes waiting in the line buffer, once an open session needs more
-        self._segment_over = False
 
-    def feed(self, pieces: Iterable[bytes]) -> None:
-        """One segment of the stream."""
-        self._segment_over = False
-        for piece in pieces:
-            if self.closed or self._segment_over:
-                return
-            self.core.receive_data(piece)
-            while not self.closed and (event := self.core.next_event()) is not None:
-                self._act(event)
-            if not self.closed:
-                self.peak_buffered = max(self.peak_buffered, self.core.buffered())
+    def _receive(self, piece: bytes) -> None:
+        self.core.receive_data(piece)
+        while not self.closed and (event := self.core.next_event()) is not None:
+            self._act(event)
+        if not self.closed:
+            self.peak_buffered = max(self.peak_buffered, self.core.buffered())
 
     def _act(self, event) -> None:
         core = self.core

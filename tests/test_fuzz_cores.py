@@ -42,6 +42,7 @@ from imapd.syntax import ParseError
 from mtad.session import MAX_LINE as SMTP_MAX_LINE
 from mtad.session import PARTIAL_LINE, SessionConfig
 from pop3d import core as pop3
+from test_pop3_core import stuffed_reference
 
 SUITE = settings(max_examples=200, deadline=datetime.timedelta(seconds=2), derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False)
@@ -464,19 +465,6 @@ POP3_SETTINGS = st.builds(pop3.Settings, sid=st.just("SID"), implementation=st.j
                           login_delay=st.sampled_from([0, 30]), expire=st.sampled_from(["NEVER", "0"]))
 
 
-def top_reference(raw: bytes, lines: int | None) -> bytes:
-    """RFC 1939 §7 TOP (the header, the blank line, `lines` body lines), or the whole
-    message, with a CRLF added when it does not end in a line end."""
-    parts = [p for p in re.split(b"(?<=\n)", raw) if p]
-    if lines is not None:
-        for i, part in enumerate(parts):
-            if part in (b"\r\n", b"\n"):
-                parts = parts[:i + 1 + lines]
-                break
-    body = b"".join(parts)
-    return body + b"\r\n" if body and not body.endswith(b"\n") else body
-
-
 def check_pop3_reply(reply: bytes) -> None:
     """+OK/-ERR and a one-line text; or "+ " (AUTH's continuation); a multi-line +OK ends
     in CRLF "." CRLF and no line inside it is "." alone."""
@@ -500,9 +488,7 @@ def test_pop3_core_takes_any_stream(segments, sizes, messages, settings):
         for reply in driver.replies:
             check_pop3_reply(reply)
         for uid, lines, response in driver.retrieved:
-            body = response.partition(b"\r\n")[2][:-3]  # between the +OK line and the final "."
-            unstuffed = b"".join(line[1:] if line.startswith(b".") else line for line in re.split(b"(?<=\n)", body))
-            assert unstuffed == top_reference(messages[uid], lines), (uid, lines, response)
+            assert response.partition(b"\r\n")[2] == stuffed_reference(messages[uid], lines), (uid, lines, response)
 
 
 # -- regression tests -------------------------------------------------------------------------
