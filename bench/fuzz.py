@@ -47,14 +47,15 @@ class Fuzzed:
             return test.check(*args, **kwargs)
 
         functools.update_wrapper(counted, test.check)  # given() reads the check's signature
-        self.given = given(**test.strategies)(counted)
+        self.counted, self.strategies = counted, test.strategies
 
     def run(self, examples: int, fixed_seed: int | None) -> None:
         """Up to `examples` examples (hypothesis stops early when it has tried all it can
         generate); raises on the first falsifying one, after shrinking it."""
         runner = settings(max_examples=examples, deadline=datetime.timedelta(seconds=10), derandomize=False,
                           database=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(self.given)
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
+            given(**self.strategies)(self.counted))  # a new test each run: settings apply once
         if fixed_seed is not None:
             runner = seed(fixed_seed)(runner)
         runner()
