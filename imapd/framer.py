@@ -5,6 +5,7 @@ Sans-IO and pull-driven, so the session handles strictly one command at a time:
     framer.feed(data)      buffer bytes, nothing else
     framer.next()          -> Frame | Continue | Reject | Close | None (None: needs more bytes)
     framer.buffered()      bytes fed and not yet taken by next() (the adapter pauses above a mark)
+    framer.held()          bytes of the command being read: its lines and literals so far
 
 A command is a line, and each line that ends in a literal marker `{n}` or `{n+}` goes on
 with n bytes of literal and then another line. `Frame.parts` holds them in order (line,
@@ -140,6 +141,7 @@ class Framer:
 
     def _reset(self) -> None:
         self._parts: list[bytes] = []
+        self._held = 0  # their bytes
         self._tag: str | None = None
         self._name = ""
         self._total = 0  # lines and literals of the command so far
@@ -150,7 +152,12 @@ class Framer:
             self._buf += data
 
     def buffered(self) -> int:
+        """At most max_line + 1 once next() has returned None."""
         return len(self._buf)
+
+    def held(self) -> int:
+        """At most max_command + the largest literal max_literal() allows."""
+        return self._held + len(self._literal)
 
     def next(self) -> Event | None:
         while True:
@@ -167,6 +174,7 @@ class Framer:
                     return None
                 if state == _LITERAL:
                     self._parts.append(bytes(self._literal))
+                    self._held += len(self._literal)
                     self._literal = bytearray()
                     self._state = _LINE
                 else:
@@ -211,6 +219,7 @@ class Framer:
         if not self._parts:
             self._tag, self._name = read_tag(line), read_name(line)
         self._parts.append(line)
+        self._held += len(line)
         self._total += len(line)
         if self._total - self._largest > self.max_command:
             self._start_dropping("command too long", line)
@@ -248,6 +257,9 @@ class Framer:
             first = first[:min(self.max_line + 1, _PREFIX)]
             self._tag = read_tag(first) if b" " in first else None
             self._name = read_name(first)
+        # What was read of it goes now, not after its {n+} literals have been skipped: a
+        # line over the command limit would otherwise be held on top of the limit.
+        self._parts, self._held = [], 0
         self._pending = Reject(self._tag, text, status="BAD")
 
     def _dropped_line_end(self, tail: bytes) -> Event | None:

@@ -7,7 +7,7 @@ the extensions imapd speaks). Sans-IO: no Twisted, no asyncio.
 A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; None means
 `* BAD ...`), an optional response code, and its status ("NO" only for BADCHARSET).
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
-16,384 sequence-set elements, NOT/OR chains 256 deep; past one, ParseError code "LIMIT".
+16,384 sequence-set elements, NOT/OR/parentheses 256 deep; past one, ParseError code "LIMIT".
 Not parsed (ParseError): MULTIAPPEND, BINARY, ESEARCH RETURN, QRESYNC, SEARCHRES `$`.
 
 `Command.name` is upper case; UID commands are "UID FETCH", "UID STORE", "UID SEARCH",
@@ -301,10 +301,11 @@ def _section(inner: tuple) -> Section:
     words = spec.split(".")
     if not all(words):
         raise ParseError(f"invalid section {spec}")
-    part: list[int] = []
-    while words and words[0][:1].isdigit():
-        part.append(_part_number(words.pop(0)))
-    text = ".".join(words)
+    digits = 0  # words are walked by index: pop(0) made 1.1.1...1.TEXT cost O(n^2)
+    while digits < len(words) and words[digits][:1].isdigit():
+        digits += 1
+    part = [_part_number(word) for word in words[:digits]]
+    text = ".".join(words[digits:])
     if text not in SECTION_TEXTS or (text == "MIME" and not part):
         raise ParseError(f"invalid section {spec}")
     fields: tuple[str, ...] = ()
@@ -321,7 +322,8 @@ def _section(inner: tuple) -> Section:
 
 
 def _part_number(word: str) -> int:
-    if not word.isdigit() or word[0] == "0" or int(word) > t.MAX_NUMBER:
+    # The length first: int() of a long digit string is slow, and over 4300 digits raises.
+    if not word.isdigit() or word[0] == "0" or len(word) > 10 or int(word) > t.MAX_NUMBER:
         raise ParseError("invalid part number")
     return int(word)
 

@@ -13,19 +13,22 @@ Everything else is in the store's own form: ("all",), ("flag", name, present),
 
 A sequence of keys (at the top or in parentheses) is their AND: one key stands alone,
 several become ("and", [...]) with nested ANDs flattened into it. Key names are
-case-insensitive. NOT and OR chains nest at most MAX_NESTING deep (ParseError "LIMIT").
+case-insensitive. NOT, OR and parentheses nest at most MAX_NESTING deep together
+(ParseError "LIMIT").
 Strings are astrings decoded per CHARSET: US-ASCII strictly; UTF-8, and no CHARSET
 at all, as UTF-8 (clients send UTF-8 without naming it; ASCII is a subset).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from imapd import tokens as t
 from imapd.syntax import ParseError
 
 MAX_NESTING = 256
+_PRINTABLE = re.compile(r"[!-~]{1,64}")
 CHARSETS = {"US-ASCII": "ascii", "UTF-8": "utf-8"}
 
 _FLAGS = {  # key: (flag, present)
@@ -54,7 +57,10 @@ def parse_search(args: t.Args) -> tuple[str | None, tuple]:
         args.take("CHARSET")
         name = t.astring(args.take("charset name"), "charset name").decode("ascii", "replace").upper()
         if name not in CHARSETS:
-            raise ParseError(f"unsupported charset {name}", code="BADCHARSET", status="NO")
+            # Named back only when it is printable ASCII: a quoted string or literal can
+            # hold controls, CR LF among them, which would break the response line.
+            shown = f" {name}" if _PRINTABLE.fullmatch(name) else ""
+            raise ParseError(f"unsupported charset{shown}", code="BADCHARSET", status="NO")
         charset = name
     codec = CHARSETS.get(charset or "UTF-8")
 
@@ -83,11 +89,11 @@ class _Keys:
     def __init__(self, decode: Callable[[t.Token, str], str]):
         self.decode = decode
 
-    def sequence(self, items: list[t.Token]) -> list[tuple]:
+    def sequence(self, items: list[t.Token], nesting: int = 0) -> list[tuple]:
         args = t.Args(items)
         keys = []
         while args.more():
-            keys.append(self.key(args, 0))
+            keys.append(self.key(args, nesting))
         return keys
 
     def key(self, args: t.Args, nesting: int) -> tuple:
@@ -95,7 +101,9 @@ class _Keys:
             raise ParseError("search criteria nested too deeply", code="LIMIT")
         tok = args.take("search key")
         if isinstance(tok, t.Group):
-            keys = self.sequence(list(tok.items))
+            # A group nests too: counted from 0 again, 16 groups of 256 NOTs overflowed
+            # Python's stack (RecursionError) instead of answering LIMIT.
+            keys = self.sequence(list(tok.items), nesting + 1)
             if not keys:
                 raise ParseError("empty parenthesized search criteria")
             return _and(keys)

@@ -50,6 +50,7 @@ VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
 SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+CONTROL_CHARACTER = Reply(501, "5.5.2", "Syntax error: control character in command")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 PARAM_NOT_IMPLEMENTED = Reply(555, "5.5.4", "Parameter not recognized or not implemented")

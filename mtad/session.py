@@ -13,6 +13,9 @@ Framing that matters for security:
   CVE-2023-51764 class). Dot-stuffing is undone (RFC 5321 §4.5.2).
 - After STARTTLS, whatever the client pipelined behind it is discarded (CVE-2011-0411) and
   the session starts over, as RFC 3207 §4.2 requires.
+- A command line ends at LF (with the CR before it, if any). A control character left in
+  it (C0 including a bare CR and NUL, DEL; in UTF-8 the C1 controls and U+2028/U+2029) is
+  refused 501 5.5.2, whatever the command: the EHLO name and the paths go into headers.
 - Command lines over MAX_LINE octets are refused 500 5.5.2 and skipped whole; after
   `max_errors` refused commands the session says 421 and closes.
 - A message over `max_message_size` is read to its end, discarded, and refused 552 5.3.4;
@@ -22,6 +25,7 @@ Framing that matters for security:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -118,6 +122,10 @@ class _Transaction:
     smtputf8: bool = False
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls (a bare CR and a NUL among them) and DEL
+# Beyond ASCII: the C1 controls (U+0080-U+009F) and the line and paragraph separators,
+# which str.splitlines() takes for line ends, as it does U+0085.
+_UNICODE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~\u0080-\U0010FFFF]+))?$")
 
 
@@ -125,6 +133,7 @@ class Session:
     def __init__(self, config: SessionConfig):
         self.config = config
         self._in = bytearray()
+        self._scanned = 0  # no line end in _in[:_scanned] (a command's LF, DATA's CRLF)
         self._out = bytearray()
         self._events: deque = deque()
         self._state = "connected"  # connected, ready, data, bdat, closed
@@ -145,6 +154,13 @@ class Session:
     def receive(self, data: bytes) -> None:
         if self._state != "closed":
             self._in += data
+
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed. Outside a message at most MAX_LINE wait
+        (a partial command line) once next_event() says NEED_DATA; inside DATA at most
+        PARTIAL_LINE; inside a BDAT chunk none. What arrives while the session is PAUSED
+        waits here: the adapter stops reading then."""
+        return len(self._in)
 
     def data_to_send(self) -> bytes:
         out, self._out = bytes(self._out), bytearray()
@@ -208,6 +224,7 @@ class Session:
     def tls_established(self) -> None:
         """The transport is now TLS: forget everything said before (RFC 3207 §4.2)."""
         self._in.clear()  # whatever was pipelined behind STARTTLS is never executed
+        self._scanned = 0
         self._waiting = None
         self._tls = True
         self._helo = None
@@ -216,9 +233,10 @@ class Session:
         self._state = "connected"
 
     def close(self, reply: Reply) -> None:
-        """Say `reply` (421 timeout, shutdown) and close."""
+        """Say `reply` (421 timeout, shutdown) and close. Nothing more is read."""
         self._reply(reply)
         self._state = "closed"
+        self._in.clear()
         self._events.append(Close())
 
     # -- the machine --------------------------------------------------------------------
@@ -229,34 +247,50 @@ class Session:
             return self._data_step()
         if self._state == "bdat":
             return self._bdat_step()
-        end = self._in.find(b"\n")
+        end = self._in.find(b"\n", self._scanned)
         if end < 0:
             if len(self._in) > MAX_LINE:
                 del self._in[:]  # keep skipping until the end of this line
+                self._scanned = 0
                 if not self._skip_line:
                     self._skip_line = True
                     self._refuse(replies.LINE_TOO_LONG)
                 return True
+            self._scanned = len(self._in)  # a line fed byte by byte is scanned once
             return False
         line = bytes(self._in[:end + 1])
         del self._in[:end + 1]
+        self._scanned = 0
         if self._skip_line:
             self._skip_line = False
             return True
         if len(line) > MAX_LINE:
             self._refuse(replies.LINE_TOO_LONG)
             return True
-        self._command(line.rstrip(b"\r\n"))
+        # The line ends at its LF; a CR just before it is part of the line end, and any
+        # other CR in it is a bare CR, refused with the other control characters.
+        self._command(line[:-2] if line.endswith(b"\r\n") else line[:-1])
         return True
 
     def _command(self, line: bytes) -> None:
+        # RFC 5321 §4.1.1.1, §4.1.2: no control character belongs in a command: not in a
+        # Domain or address literal, an atom, a quoted string (qtextSMTP, quoted-pairSMTP)
+        # nor in parameters. Refused first, so none reaches the Received: and Return-Path:
+        # headers built from the EHLO name and the paths (a bare CR became a header line).
+        if _CONTROL.search(line):
+            self._refuse(replies.CONTROL_CHARACTER)
+            return
         verb, _, rest = line.partition(b" ")
         try:
             name = verb.decode("ascii").upper()
-            arg = rest.decode("utf-8").strip()
+            arg = rest.decode("utf-8")
         except UnicodeDecodeError:
             self._refuse(replies.SYNTAX_ERROR)
             return
+        if not arg.isascii() and any(unicodedata.category(c) in _UNICODE_BREAKS for c in arg):
+            self._refuse(replies.CONTROL_CHARACTER)  # C1 controls, U+2028, U+2029 (SMTPUTF8, RFC 6531)
+            return
+        arg = arg.strip(" ")
         handler = _COMMANDS.get(name)
         if handler is None:
             self._refuse(replies.UNKNOWN_COMMAND)
@@ -326,7 +360,7 @@ class Session:
             return
         size = params.get("SIZE")
         if size is not None:
-            if not size.isdigit():
+            if not _is_number(size):
                 self._refuse(replies.SYNTAX_ERROR)
                 return
             if int(size) > self.config.max_message_size:
@@ -380,7 +414,7 @@ class Session:
 
     def _bdat(self, arg: str) -> None:
         parts = arg.split()
-        if not self.config.chunking or not 1 <= len(parts) <= 2 or not parts[0].isdigit() or \
+        if not self.config.chunking or not 1 <= len(parts) <= 2 or not _is_number(parts[0]) or \
                 (len(parts) == 2 and parts[1].upper() != "LAST"):
             self._refuse(replies.SYNTAX_ERROR)
             return
@@ -405,9 +439,7 @@ class Session:
         self._reply(replies.NOOP_OK)
 
     def _quit(self, arg: str) -> None:
-        self._reply(replies.BYE)
-        self._state = "closed"
-        self._events.append(Close())
+        self.close(replies.BYE)
 
     def _vrfy(self, arg: str) -> None:
         self._reply(replies.VRFY_CANNOT)  # RFC 5321 §3.5.3: no address harvesting here
@@ -438,36 +470,39 @@ class Session:
         progressed = False
         chunk = bytearray()
         while self._state == "data":
-            if self._data_line_start and not self._txn.in_headers:
-                # The body, past the headers: whole lines at once rather than one by one.
-                if self._in.startswith(b".\r\n"):
-                    del self._in[:3]
-                    progressed = True
-                    self._flush(chunk)
-                    self._finish()
-                    break
-                stop = self._in.find(b"\r\n.\r\n")
-                cut = stop + 2 if stop >= 0 else self._in.rfind(b"\r\n") + 2
-                if cut >= 2:
-                    block = bytes(self._in[:cut])
-                    del self._in[:cut]
-                    self._take_lines(block, chunk)
-                    progressed = True
-                    continue
-            end = self._in.find(b"\r\n")
+            # Nothing to do before a CRLF arrives (or the line grows too long); the bytes
+            # already looked at are not looked at again, however small the reads.
+            end = self._in.find(b"\r\n", self._scanned)
             if end < 0:
                 if len(self._in) <= PARTIAL_LINE:
+                    self._scanned = max(0, len(self._in) - 1)  # the last byte may be the CR
                     break
                 # A very long line: pass it on in pieces, keeping the last byte back (it
                 # may be the CR of the CRLF that ends the line).
                 piece = bytes(self._in[:-1])
                 del self._in[:-1]
+                self._scanned = 0
                 self._take(piece, chunk, complete=False)
                 progressed = True
                 continue
+            self._scanned = 0
+            progressed = True
+            if self._data_line_start and not self._txn.in_headers:
+                # The body, past the headers: whole lines at once rather than one by one,
+                # up to the end of data or the last CRLF (there is one: `end`).
+                if self._in.startswith(b".\r\n"):
+                    del self._in[:3]
+                    self._flush(chunk)
+                    self._finish()
+                    break
+                stop = self._in.find(b"\r\n.\r\n")
+                cut = stop + 2 if stop >= 0 else self._in.rfind(b"\r\n") + 2
+                block = bytes(self._in[:cut])
+                del self._in[:cut]
+                self._take_lines(block, chunk)
+                continue
             line = bytes(self._in[:end + 2])
             del self._in[:end + 2]
-            progressed = True
             if self._data_line_start and line == b".\r\n":
                 self._flush(chunk)
                 self._finish()
@@ -555,6 +590,11 @@ class Session:
         else:
             self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
         return True
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses (ValueError)."""
+    return text.isascii() and text.isdigit()
 
 
 def _count_received(txn: _Transaction, piece: bytes) -> None:

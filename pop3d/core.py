@@ -145,6 +145,7 @@ class LineFramer:
     def __init__(self, max_line: int = MAX_LINE):
         self.max_line = max_line
         self._buffer = bytearray()
+        self._scanned = 0  # no LF in _buffer[:_scanned]: a line fed byte by byte is scanned once
         self._skipping = False  # inside an over-long line, already reported
 
     def feed(self, data: bytes) -> None:
@@ -155,11 +156,12 @@ class LineFramer:
 
     def clear(self) -> None:
         self._buffer.clear()
+        self._scanned = 0
         self._skipping = False
 
     def next_line(self) -> bytes | LineTooLong | None:
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._scanned)
             if self._skipping:
                 if end < 0:
                     self._buffer.clear()
@@ -170,11 +172,14 @@ class LineFramer:
             if end < 0:
                 if len(self._buffer) > self.max_line:
                     self._buffer.clear()
+                    self._scanned = 0
                     self._skipping = True
                     return TOO_LONG
+                self._scanned = len(self._buffer)
                 return None
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
+            self._scanned = 0
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) + 2 > self.max_line:

@@ -1,0 +1,284 @@
+"""Every sans-IO protocol core is linear in its input (STYLE.md, "Linear in the input").
+
+Each case feeds a pathological input of size N and of size 8N to one core (the SMTP
+session, the IMAP framer, the IMAP tokenizer and command parser, the POP3 core) and fails
+when the time grows more than LIMIT times: linear is ~8x, quadratic ~64x. The inputs are
+what an attacker sends to make a careless parser rescan: brackets, quotes, parentheses,
+literals, long atoms, many short pipelined commands, lines near and over the limits, and
+data fed whole as well as one byte at a time.
+
+Timing on a shared 2-core machine is noisy, so: what is measured is this process's CPU
+time (what other processes take from it does not count); N is chosen so that one small
+run takes about ten milliseconds; each size is timed a few times, in turns (a burst of
+load slows both alike), and the minimum kept (noise only ever adds time); only ratios are
+compared, never absolute times; the garbage collector is paused while a run is timed; and
+a ratio just over the limit is measured again (twice at most) before the case fails. A
+quadratic path stays ~64x however often it is measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from core_drivers import POP3_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
+from imapd.parser import Frame, parse_command
+from imapd.syntax import ParseError
+from mtad.session import SessionConfig
+from pop3d import core as pop3
+
+FACTOR = 8
+LIMIT = 12.0
+REPEATS = 3
+ATTEMPTS = 3
+
+
+@dataclass
+class Case:
+    """`make(n)` builds the input of size ~n (outside the timing); `run(input)` feeds it."""
+
+    name: str
+    make: Callable[[int], object]
+    run: Callable[[object], object]
+    n: int
+
+
+def timed(run: Callable[[object], object], data: object) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.process_time()
+        run(data)
+        return time.process_time() - start
+    finally:
+        gc.enable()
+
+
+def measure(case: Case, small: object, big: object) -> tuple[float, float]:
+    """(the big input's time over the small one's, the small one's), each the fastest of
+    REPEATS, taken in turns so that a burst of load slows both alike."""
+    smalls, bigs = [], []
+    for _ in range(REPEATS):
+        smalls += [timed(case.run, small), timed(case.run, small)]
+        bigs.append(timed(case.run, big))
+    return min(bigs) / min(smalls), min(smalls)
+
+
+def assert_linear(case: Case) -> None:
+    small, big = case.make(case.n), case.make(FACTOR * case.n)
+    ratios = []
+    for _ in range(ATTEMPTS):
+        ratio, t_small = measure(case, small, big)
+        ratios.append(ratio)
+        if ratio <= LIMIT:
+            return
+        if ratio > 2 * LIMIT:
+            break  # no noise does that: measuring again would only take long
+    pytest.fail(f"{case.name}: {FACTOR}x the input took {min(ratios):.1f}x the time "
+                f"(limit {LIMIT}x; small run {t_small * 1000:.1f} ms)")
+
+
+def whole(data: bytes) -> list[bytes]:
+    return [data]
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return cut(data, [1])
+
+
+# -- SMTP: mtad.session ------------------------------------------------------------------------
+
+SMTP_CONFIG = SessionConfig("mx.example.test", max_message_size=1 << 30, max_recipients=10, tls_available=True,
+                            max_errors=1 << 30)
+EHLO = b"EHLO client.example.org\r\n"
+ENVELOPE = EHLO + b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.test>\r\n"
+
+
+def smtp(split: Callable[[bytes], list[bytes]], build: Callable[[int], bytes]) -> Callable[[int], list[bytes]]:
+    return lambda n: split(build(n))
+
+
+def run_smtp(pieces: list[bytes]) -> None:
+    driver = SMTPDriver(SMTP_CONFIG)
+    driver.feed(pieces)
+    assert not driver.closed and sum(event[0] == "end" for event in driver.events) <= 1
+
+
+def smtp_data(body: bytes) -> bytes:
+    return ENVELOPE + b"DATA\r\n" + body + b"\r\n.\r\nNOOP\r\n"
+
+
+SMTP_CASES = [
+    Case("pipelined transactions", smtp(whole, lambda n: EHLO + (
+        b"MAIL FROM:<a@b.example> SIZE=100\r\nRCPT TO:<c@example.test>\r\nRSET\r\n") * n), run_smtp, 600),
+    Case("pipelined commands, 1-byte reads", smtp(bytewise, lambda n: b"NOOP\r\n" * n), run_smtp, 1500),
+    Case("lines near the limit", smtp(whole, lambda n: (b"NOOP " + b"x" * 505 + b"\r\n") * n), run_smtp, 4000),
+    Case("lines near the limit, 1-byte reads", smtp(bytewise, lambda n: (b"NOOP " + b"x" * 505 + b"\r\n") * n),
+         run_smtp, 20),
+    Case("lines over the limit", smtp(whole, lambda n: (b"NOOP " + b"x" * 600 + b"\r\n") * n), run_smtp, 5000),
+    Case("one long line, 1-byte reads", smtp(bytewise, lambda n: b"NOOP " + b"x" * n + b"\r\nNOOP\r\n"),
+         run_smtp, 7000),
+    Case("quoted paths", smtp(whole, lambda n: EHLO + (
+        b'MAIL FROM:<"\\"\\"\\\\\\"\\"' + b'\\"' * 100 + b'"@b.example>\r\nRSET\r\n') * n), run_smtp, 900),
+    Case("DATA of dots and stray line ends", smtp(whole, lambda n: smtp_data(
+        b"Subject: s\r\n\r\n" + b"..\r\n.x\r\n\r\n\n.\n\r.\r\n" * n)), run_smtp, 700),
+    Case("DATA of dots, 1-byte reads", smtp(bytewise, lambda n: smtp_data(
+        b"Subject: s\r\n\r\n" + b"..\r\n.x\r\n\r\n" * n)), run_smtp, 350),
+    Case("DATA header of Received fields", smtp(whole, lambda n: smtp_data(b"Received: from x\r\n" * n)),
+         run_smtp, 5000),
+    Case("DATA one long line, 1-byte reads", smtp(bytewise, lambda n: smtp_data(b"y" * n)), run_smtp, 5000),
+    Case("DATA one long line, 512-byte reads", smtp(lambda d: cut(d, [512]), lambda n: smtp_data(b"y" * n)),
+         run_smtp, 1 << 20),
+    Case("DATA of bare CRs", smtp(whole, lambda n: smtp_data(b"\r" * n)), run_smtp, 1 << 20),
+    Case("DATA of bare CRs, 1-byte reads", smtp(bytewise, lambda n: smtp_data(b"\r" * n)), run_smtp, 7000),
+    Case("BDAT in many small chunks", smtp(whole, lambda n: ENVELOPE + b"BDAT 3\r\nabc" * n + b"BDAT 0 LAST\r\n"),
+         run_smtp, 1600),
+    Case("BDAT header, 1-byte reads", smtp(bytewise, lambda n: ENVELOPE + b"BDAT %d LAST\r\n" % (12 * n)
+                                           + b"Received: x\n" * n), run_smtp, 350),
+]
+
+
+@pytest.mark.parametrize("case", SMTP_CASES, ids=lambda case: case.name)
+def test_smtp_session_is_linear(case):
+    assert_linear(case)
+
+
+# -- IMAP: imapd.framer ------------------------------------------------------------------------
+
+def framer(split: Callable[[bytes], list[bytes]], build: Callable[[int], bytes], **limits) -> Case:
+    def run(pieces: list[bytes]) -> None:
+        IMAPDriver(parse=False, **limits).feed(pieces)
+
+    return lambda n: split(build(n)), run
+
+
+BIG = dict(max_line=1 << 26, max_literal=lambda name: 1 << 26, max_command=1 << 26)
+FRAMER_CASES = [
+    Case("pipelined commands", *framer(whole, lambda n: b"a NOOP\r\n" * n), 3000),
+    Case("pipelined commands, 1-byte reads", *framer(bytewise, lambda n: b"a NOOP\r\n" * n), 900),
+    Case("a long line, 1-byte reads", *framer(bytewise, lambda n: b"a LOGIN " + b"x" * n + b"\r\n", **BIG), 9000),
+    Case("lines near the limit", *framer(whole, lambda n: (b"a LOGIN " + b"x" * 65000 + b"\r\n") * n), 36),
+    Case("a line over the limit, 1-byte reads", *framer(bytewise, lambda n: b"a LOGIN " + b"x" * n + b"\r\nb NOOP\r\n",
+                                                        max_line=1000), 7500),
+    Case("lines over the limit", *framer(whole, lambda n: (b"a LOGIN " + b"x{9+}" * 200 + b"\r\n") * n,
+                                         max_line=500), 3000),
+    Case("a literal, 1-byte reads", *framer(bytewise, lambda n: b"a APPEND x {%d+}\r\n" % n + b"m" * n + b"\r\n",
+                                            **BIG), 10000),
+    Case("many literals in one command", *framer(whole, lambda n: b"a X" + b" {1+}\r\nx" * n + b"\r\n", **BIG),
+         3000),
+    Case("many literals in one command, 1-byte reads",
+         *framer(bytewise, lambda n: b"a X" + b" {1}\r\nx" * n + b"\r\n", **BIG), 1000),
+    Case("braces", *framer(whole, lambda n: (b"a X " + b"{" * 1000 + b"}" * 1000 + b"\r\n") * n), 2000),
+    Case("dropped literals", *framer(whole, lambda n: (b"a APPEND x {2000+}\r\n" + b"z" * 2000 + b"\r\n") * n,
+                                     max_literal=lambda name: 10), 1200),
+]
+
+
+@pytest.mark.parametrize("case", FRAMER_CASES, ids=lambda case: case.name)
+def test_imap_framer_is_linear(case):
+    assert_linear(case)
+
+
+# -- IMAP: imapd.tokens, imapd.parser, imapd.search_keys ---------------------------------------
+
+def parse(parts: list[bytes]) -> None:
+    try:
+        parse_command(Frame(parts))
+    except ParseError:
+        pass
+
+
+def line(build: Callable[[int], bytes]) -> Callable[[int], list[bytes]]:
+    return lambda n: [build(n)]
+
+
+PARSER_CASES = [
+    Case("brackets in an atom", line(lambda n: b"a SELECT x" + b"[" * n), parse, 18000),
+    Case("brackets after BODY", line(lambda n: b"a FETCH 1 BODY[" + b"[" * n + b"]"), parse, 45000),
+    Case("bracketed items", line(lambda n: b"a FETCH 1 (" + b"BODY.PEEK[HEADER.FIELDS (A B)]<0.10> " * n + b")"),
+         parse, 500),
+    Case("section part numbers", line(lambda n: b"a FETCH 1 BODY[" + b"1." * n + b"TEXT]"), parse, 16000),
+    Case("a long quoted string", line(lambda n: b'a LOGIN "' + b"x" * n + b'" y'), parse, 1 << 21),
+    Case("an unterminated quoted string", line(lambda n: b'a LOGIN "' + b'\\"' * n), parse, 1 << 18),
+    Case("many quoted strings", line(lambda n: b"a SEARCH" + b' TEXT "x"' * n), parse, 1400),
+    Case("parentheses", line(lambda n: b"a FETCH 1 (" + b"FLAGS " * n + b")"), parse, 2800),
+    Case("nested parentheses", line(lambda n: b"a SEARCH " + b"(" * 15 + b"ALL " * n + b")" * 15), parse, 4600),
+    Case("many groups", line(lambda n: b"a SEARCH" + b" (ALL)" * n), parse, 1700),
+    Case("literals", lambda n: [b"a SEARCH TEXT {1}"] + [b"x", b" TEXT {1}"] * n + [b"x", b""], parse, 1800),
+    Case("a long atom", line(lambda n: b"a SELECT " + b"x" * n), parse, 45000),
+    Case("long atoms in brackets", line(lambda n: b"a FETCH 1 BODY[" + b"x" * n + b"]"), parse, 90000),
+    Case("search keys", line(lambda n: b"a SEARCH" + b" OR NOT SEEN UID 1:*" * n), parse, 850),
+    Case("a sequence set", line(lambda n: b"a UID FETCH " + b"4294967295:4294967295," * n + b"3 FLAGS"), parse, 2000),
+    Case("modified UTF-7", line(lambda n: b"a SELECT " + b"&AOk-x&-" * n), parse, 2000),
+    Case("flags", line(lambda n: b"a STORE 1 +FLAGS (" + b"\\Seen $Junk " * n + b")"), parse, 2000),
+]
+
+
+@pytest.mark.parametrize("case", PARSER_CASES, ids=lambda case: case.name)
+def test_imap_parser_is_linear(case):
+    assert_linear(case)
+
+
+# -- POP3: pop3d.core --------------------------------------------------------------------------
+
+POP3_SETTINGS = pop3.Settings(sid="S", implementation="Postroom test", tls_available=True, tls_active=True,
+                              plaintext_auth=True)
+LOGIN = b"USER alice@example.test\r\nPASS " + POP3_PASSWORD.encode() + b"\r\n"
+MESSAGES = {1: b"Subject: s\r\n\r\n.dot\r\nline\r\n", 2: b"x" * 100}
+
+
+def pop3_case(split: Callable[[bytes], list[bytes]], build: Callable[[int], bytes]):
+    def run(pieces: list[bytes]) -> None:
+        driver = POP3Driver(POP3_SETTINGS, MESSAGES)
+        driver.feed(pieces)
+        assert not driver.closed
+
+    return lambda n: split(build(n)), run
+
+
+def encode(spec: tuple[bytes, int | None, int]) -> None:
+    """BodyEncoder over a message in `chunk`-byte pieces (TOP when `lines` is set)."""
+    raw, lines, chunk = spec
+    encoder = pop3.BodyEncoder(lines)
+    for pos in range(0, len(raw), chunk):
+        encoder.feed(raw[pos:pos + chunk])
+
+
+DOTTED = b"Subject: s\r\n\r\n" + b".\r\n..x\r\n\r\n"
+POP3_CASES = [
+    Case("pipelined commands", *pop3_case(whole, lambda n: LOGIN + b"STAT\r\nLIST 1\r\nUIDL\r\nRSET\r\n" * n), 600),
+    Case("pipelined commands, 1-byte reads", *pop3_case(bytewise, lambda n: b"CAPA\r\n" * n), 1000),
+    Case("lines near the limit", *pop3_case(whole, lambda n: LOGIN + (b"NOOP" + b" " * 8180 + b"\r\n") * n), 20),
+    Case("lines near the limit, 1-byte reads", *pop3_case(bytewise, lambda n: LOGIN + (b"NOOP" + b" " * 8180
+                                                                                       + b"\r\n") * n), 2),
+    Case("a line over the limit, 1-byte reads", *pop3_case(bytewise, lambda n: b"NOOP " + b"x" * n + b"\r\nCAPA\r\n"),
+         16000),
+    Case("RETR of dotted lines", lambda n: (DOTTED * n, None, 65536), encode, 200000),
+    Case("TOP of dotted lines, 1-byte chunks", lambda n: (DOTTED * n, 1 << 30, 1), encode, 400),
+    Case("TOP of dotted lines, 3-byte chunks", lambda n: (DOTTED * n, 1 << 30, 3), encode, 1600),
+]
+
+
+@pytest.mark.parametrize("case", POP3_CASES, ids=lambda case: case.name)
+def test_pop3_core_is_linear(case):
+    assert_linear(case)
+
+
+@pytest.mark.parametrize("body", [b"x" * 65000, b'\\"' * 32000, b'ab\\"' * 16000])
+@pytest.mark.parametrize("closed", [True, False])
+def test_a_quoted_string_costs_no_memory_per_character(body, closed):
+    """Memory grows with the input too: the quoted-string regex kept backtracking state
+    for every character, 10 MB for one 64 KB string (a line the framer allows)."""
+    line = b'a LOGIN "' + body + (b'" y' if closed else b"")
+    tracemalloc.start()
+    try:
+        parse([line])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(line)  # the value, unescaped: a copy or two
