@@ -42,19 +42,33 @@ LISTENERS = (
     "imap.listen", "imap.listen_tls", "pop3.listen", "pop3.listen_tls",
 )
 
+# Tests run in several processes at once (pytest-xdist, see the Makefile). Each takes its
+# ports from a range of its own, below the kernel's ephemeral range (32768 and up, where
+# port 0 and client sockets take theirs): two processes never hand out the same port, and
+# a port checked free here cannot be taken by anyone else before the daemon binds it.
+PORT_RANGE_START, PORT_RANGE_SIZE = 12000, 2000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_first_port = PORT_RANGE_START + PORT_RANGE_SIZE * (int(_worker[2:]) if _worker[2:].isdigit() else 0)
+_next_port = _first_port
 _handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on now, never handed out twice in one test run."""
-    for _ in range(100):
+    """A loopback port nobody listens on now, from this test process's own range; never
+    handed out twice in one test run unless the range is used up (then the oldest again)."""
+    global _next_port
+    for _ in range(PORT_RANGE_SIZE):
+        port, _next_port = _next_port, _first_port + (_next_port + 1 - _first_port) % PORT_RANGE_SIZE
+        if port in _handed_out and len(_handed_out) < PORT_RANGE_SIZE:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free loopback port")
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_first_port}-{_first_port + PORT_RANGE_SIZE - 1}")
 
 
 def toml_value(value: object) -> str:

@@ -33,6 +33,8 @@ from mtad.session import SessionConfig
 from pop3d import core as pop3
 
 FACTOR = 8
+pytestmark = pytest.mark.serial  # ratios of CPU time, best taken with the machine to itself
+
 LIMIT = 12.0
 REPEATS = 3
 ATTEMPTS = 3

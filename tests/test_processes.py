@@ -87,6 +87,7 @@ def test_serve_runs_each_daemon_in_a_process_of_its_own(daemon):
     assert children == ["imapd", "mtad", "pop3d"]
 
 
+@pytest.mark.serial  # SMTP answers within 100 ms: not a figure to take beside other tests
 def test_a_cpu_heavy_imap_command_does_not_stall_smtp(write_config, tmp_path, data_dir):
     """An IMAP client keeps imapd busy with FETCHes of a maximal command line (every item
     rendered for every message, on imapd's event loop): SMTP answers as fast as ever."""
