@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import processes
+
 BIN = Path(sys.executable).parent
 POSTROOM = str(BIN / "postroom")
 DOMAIN = "crash.test"
@@ -150,18 +152,7 @@ class Server:
 
 
 def _group_members(group: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return [pid for pid, p in processes().items() if p.group == group and p.state != "Z"]
 
 
 class Senders:

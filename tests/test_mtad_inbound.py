@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import client_tls_context
+from procs import processes
 from storage import open_data_dir
 from storage.store import Store
 
@@ -499,20 +500,9 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
     try:
         def children() -> list[int]:
             """The extra workers: children of serve's mtad process, which starts them."""
-            parents, found = {}, []
-            for entry in __import__("os").listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        stat = open(f"/proc/{entry}/stat").read()
-                        cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-                    except OSError:
-                        continue
-                    parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
-            for pid, (parent, cmdline) in parents.items():
-                grandparent = parents.get(parent, (None, b""))[0]
-                if grandparent == daemon.process.pid and b"--smtp-worker" in cmdline:
-                    found.append(pid)
-            return found
+            table = processes()
+            return [pid for pid, p in table.items() if b"--smtp-worker" in p.cmdline
+                    and p.parent in table and table[p.parent].parent == daemon.process.pid]
 
         workers = children()
         assert len(workers) == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, POSTROOM, start_daemon
+from procs import processes
 from storage import Accounts, open_data_dir
 from storage.store import Store
 
@@ -31,25 +32,9 @@ def add_alice(cli, config: Path) -> None:
     assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=config).returncode == 0
 
 
-def processes() -> dict[int, tuple[int, str, str, bytes]]:
-    """pid -> (parent pid, state, name, command line) of every process."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            name, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
-            found[int(entry)] = (int(fields[1]), fields[0], name, cmdline)
-    return found
-
-
 def child_of(daemon, name: str) -> int:
     """The pid of serve's child process that runs `name` (each names itself: ps, pgrep)."""
-    (pid,) = [pid for pid, (parent, _, comm, _) in processes().items()
-              if parent == daemon.process.pid and comm == name]
+    (pid,) = [pid for pid, p in processes().items() if p.parent == daemon.process.pid and p.name == name]
     return pid
 
 
@@ -57,7 +42,7 @@ def descendants(pid: int) -> set[int]:
     table = processes()
     found, frontier = set(), {pid}
     while frontier:
-        frontier = {child for child, (parent, *_) in table.items() if parent in frontier} - found
+        frontier = {child for child, p in table.items() if p.parent in frontier} - found
         found |= frontier
     return found
 
@@ -83,7 +68,7 @@ def subjects(data_dir: Path) -> list[bytes]:
 
 
 def test_serve_runs_each_daemon_in_a_process_of_its_own(daemon):
-    children = sorted(comm for parent, _, comm, _ in processes().values() if parent == daemon.process.pid)
+    children = sorted(p.name for p in processes().values() if p.parent == daemon.process.pid)
     assert children == ["imapd", "mtad", "pop3d"]
 
 
@@ -188,7 +173,7 @@ def test_a_child_that_dies_is_started_again(daemon):
     assert f"event=worker_restarted worker=imapd old_pid={imapd} code=-9" in daemon.stderr()
     wait_for_greeting(daemon, "imap.listen", b"* OK")
     # Started again as a command: never with the current directory on sys.path.
-    assert b"\0-P\0" in processes()[child_of(daemon, "imapd")][3]
+    assert b"\0-P\0" in processes()[child_of(daemon, "imapd")].cmdline
 
 
 def test_a_child_that_cannot_start_again_says_why_and_is_retried(daemon):

@@ -1,0 +1,33 @@
+"""What the tests know of running processes, read from /proc (Linux): no dependency, so
+that bench/ can use it too."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+
+class Process(NamedTuple):
+    parent: int
+    group: int  # process group
+    state: str  # "R", "S", "Z"...
+    name: str  # what ps -o comm shows (a daemon sets its own: mtad, imapd, pop3d)
+    cmdline: bytes  # NUL-separated arguments
+
+
+def processes() -> dict[int, Process]:
+    """Every process by pid (those that end while being read are left out)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        name, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
+        found[int(entry)] = Process(int(fields[1]), int(fields[2]), fields[0], name, cmdline)
+    return found
