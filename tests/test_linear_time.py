@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pytest
 
 from core_drivers import POP3_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
+from imapd.listing import matches
 from imapd.parser import Frame, parse_command
 from imapd.syntax import ParseError
 from mtad.session import SessionConfig
@@ -268,6 +269,28 @@ POP3_CASES = [
 
 @pytest.mark.parametrize("case", POP3_CASES, ids=lambda case: case.name)
 def test_pop3_core_is_linear(case):
+    assert_linear(case)
+
+
+# -- IMAP LIST patterns: imapd.listing --------------------------------------------------------
+
+def run_list(data: tuple[str, list[str]]) -> None:
+    pattern, names = data
+    assert not any(matches(pattern, name) for name in names)
+
+
+LIST_NAMES = 50  # mailboxes of one account, each `n` characters long
+LIST_CASES = [
+    # A regex of `.*` backtracks: k wildcards cost ~n^k / k! per name (five against 200
+    # characters took 72 s, and the event loop of every IMAP user with it). Two suffice
+    # to tell linear from not, and fail in seconds rather than hours.
+    Case("two wildcards against long names", lambda n: ("*a*a*b", ["a" * n] * LIST_NAMES), run_list, 300),
+    Case("%-wildcards against long names", lambda n: ("%a%a%b", ["a" * n] * LIST_NAMES), run_list, 300),
+]
+
+
+@pytest.mark.parametrize("case", LIST_CASES, ids=lambda case: case.name)
+def test_imap_list_patterns_are_linear(case):
     assert_linear(case)
 
 
