@@ -117,6 +117,7 @@ class _Transaction:
     in_headers: bool = True
     line_head: bytes = b""  # BDAT: the first bytes of the header line being read
     bare_lf: bool = False
+    cr_pending: bool = False  # BDAT: the last chunk ended in a CR, which the next must follow with LF
     too_big: bool = False
     bdat: bool = False
     smtputf8: bool = False
@@ -367,7 +368,9 @@ class Session:
                 self._refuse(replies.MESSAGE_TOO_BIG)
                 return
         body = params.get("BODY")
-        if body is not None and body.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
+        # BINARYMIME (RFC 3030 §3) is not offered: its bare CRs and LFs are what smuggling and
+        # header injection are made of.
+        if body is not None and body.upper() not in ("7BIT", "8BITMIME"):
             self._refuse(replies.SYNTAX_ERROR)
             return
         self._pending_sender, self._pending_smtputf8 = address, smtputf8
@@ -573,10 +576,11 @@ class Session:
         if self._bdat_refusal is None and piece:
             if txn.in_headers:
                 _count_received(txn, piece)
+            _check_line_ends(txn, piece)
             txn.size += len(piece)
             if txn.size > self.config.max_message_size:
                 txn.too_big = True
-            if not txn.too_big:
+            if not txn.too_big and not txn.bare_lf:
                 self._events.append(DataChunk(piece))
         if self._bdat_left:
             return True
@@ -585,7 +589,9 @@ class Session:
             self._refuse(self._bdat_refusal)
             return True
         if self._bdat_last:
-            refusal = replies.MESSAGE_TOO_BIG if txn.too_big else None
+            if txn.cr_pending:
+                txn.bare_lf = True  # the message ends in a CR of its own
+            refusal = replies.MESSAGE_TOO_BIG if txn.too_big else replies.BARE_LF if txn.bare_lf else None
             self._ask("data", DataEnd(txn.size, txn.received, refusal))
         else:
             self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
@@ -595,6 +601,26 @@ class Session:
 def _is_number(text: str) -> bool:
     """ASCII digits only: str.isdigit() also takes "²", which int() refuses (ValueError)."""
     return text.isascii() and text.isdigit()
+
+
+def _check_line_ends(txn: _Transaction, piece: bytes) -> None:
+    """BDAT chunks hold the message as it is, so its line ends are checked as DATA's are: a
+    CR or LF that is not part of a CRLF, also where a CRLF is cut between two chunks, makes
+    the message refused with 550 5.6.11 (read to its end first, RFC 3030 §3)."""
+    if txn.bare_lf:
+        return
+    if txn.cr_pending:
+        txn.cr_pending = False
+        if not piece.startswith(b"\n"):
+            txn.bare_lf = True
+            return
+        piece = piece[1:]
+    if piece.endswith(b"\r"):
+        txn.cr_pending = True
+        piece = piece[:-1]
+    pairs = piece.count(b"\r\n")
+    if piece.count(b"\r") != pairs or piece.count(b"\n") != pairs:
+        txn.bare_lf = True
 
 
 def _count_received(txn: _Transaction, piece: bytes) -> None:

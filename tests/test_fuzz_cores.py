@@ -214,8 +214,8 @@ SMUGGLER = st.lists(st.tuples(RAW_BODY, st.booleans()), min_size=1, max_size=4)
 @fuzz(500, transactions=SMUGGLER, sizes=SIZES)
 def test_smtp_data_ends_only_at_crlf_dot_crlf(transactions, sizes):
     """Messages whose bodies hold \\n.\\n and its kin and whole SMTP commands, sent by a
-    client that dot-stuffs: each is exactly one message, what it held, refused when it
-    holds a bare CR or LF; nothing in a body runs as a command."""
+    client that dot-stuffs (DATA) or in one chunk (BDAT): each is exactly one message, what
+    it held, refused when it holds a bare CR or LF; nothing in a body runs as a command."""
     config = SessionConfig("mx.example.test", max_message_size=1 << 20, max_recipients=5, tls_available=False)
     stream = b"EHLO client.example.org\r\n"
     expected = []
@@ -223,7 +223,8 @@ def test_smtp_data_ends_only_at_crlf_dot_crlf(transactions, sizes):
         wire, message = stuffed(raw)
         stream += b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.test>\r\n"
         stream += b"BDAT %d LAST\r\n" % len(raw) + raw if bdat else b"DATA\r\n" + wire
-        bare = not bdat and bool(re.search(rb"\r(?!\n)|(?<!\r)\n", message))
+        # BDAT too: a bare CR or LF is refused whichever way the message came.
+        bare = bool(re.search(rb"\r(?!\n)|(?<!\r)\n", raw if bdat else message))
         expected.append((raw if bdat else message, bare))
     for split in (None, sizes):
         driver = fed(SMTPDriver(config), [stream + b"QUIT\r\n"], split)

@@ -294,6 +294,39 @@ def test_bdat_counts_received_fields_across_chunks(seed):
     assert end.received_headers == expected and end.size == len(message)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_bdat_refuses_bare_line_ends_as_data_does(seed):
+    """BDAT takes the message as it is, so a bare CR or LF is refused 550 5.6.11 as in DATA
+    (found by an attack: `Subject: x\rBcc: injected` was stored through BDAT), wherever the
+    chunks cut it; a CRLF cut between two chunks is a CRLF."""
+    rng = random.Random(seed)
+    bare = rng.random() < 0.6
+    lines = [b"Subject: s\r\n", b"To: x@example.test\r\n", b"\r\n"] + [b"body line %d\r\n" % i for i in range(20)]
+    message = b"".join(lines)
+    if bare:
+        at = rng.randrange(len(message) + 1)
+        message = message[:at] + rng.choice(BARE) + message[at:]
+    cuts = sorted(rng.sample(range(1, len(message)), rng.randint(1, 8)))
+    chunks = [message[a:b] for a, b in zip([0] + cuts, cuts + [len(message)], strict=True)]
+    commands = b"".join(f"BDAT {len(c)}{' LAST' if i == len(chunks) - 1 else ''}\r\n".encode() + c
+                        for i, c in enumerate(chunks))
+    adapter = Adapter()
+    wire = adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.test>\r\n" + commands + b"NOOP\r\n",
+                        fragments=True, seed=seed)
+    last = codes(wire)[-2]
+    assert last == ("550 5.6.11" if bare else "250 2.0.0"), (message, cuts)
+    assert adapter.messages == ([] if bare else [message])
+    assert codes(wire)[-1] == "250 2.0.0"  # the session goes on
+
+
+def test_binarymime_is_not_taken():
+    """BODY=BINARYMIME is not offered (its bare line ends are what smuggling is made of)."""
+    adapter = Adapter()
+    wire = adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example> BODY=BINARYMIME\r\nMAIL FROM:<a@b.example> BODY=8BITMIME\r\n")
+    assert codes(wire) == ["250", "501 5.5.4", "250 2.1.0"]
+    assert "BINARYMIME" not in wire
+
+
 def test_bdat_without_recipients_is_read_and_refused():
     adapter = Adapter()
     wire = adapter.feed(b"EHLO c\r\nBDAT 5 LAST\r\nHELLONOOP\r\n")
