@@ -28,6 +28,7 @@ from imapd.recent import RecentClaims
 from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
 from imapd.view import Snapshots, View
 from policy.connections import ConnectionLimit
+from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from storage import maildir
 from storage.accounts import Accounts
@@ -79,6 +80,11 @@ class IMAPContext:
     tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
     version: str
     connections: ConnectionLimit = field(kw_only=True)  # shared by the 143 and 993 listeners
+    # Password checks in threads of their own (postroom/daemons.py), and each account's
+    # share of the store threads: neither a login flood nor one user's slow SEARCHes in many
+    # sessions can keep other users waiting.
+    run_login: Callable[..., Awaitable[Any]] | None = field(default=None, kw_only=True)
+    shares: FairShare = field(default_factory=lambda: FairShare(4), kw_only=True)
 
 
 class Answer(Exception):
@@ -276,7 +282,8 @@ class Session:
     async def login(self, user: str, password: str):
         throttle = self.context.throttle
         async with throttle.checks:
-            account = await self.context.run(self.context.accounts.authenticate, user, password)
+            account = await (self.context.run_login or self.context.run)(self.context.accounts.authenticate, user,
+                                                                          password)
         if account is None:
             delay = throttle.failed(self.conn.peer)
             self.log.warning("login_failed", user=user[:100], ip=self.conn.peer, delay=delay)
@@ -820,9 +827,11 @@ class Session:
     # -- store calls ----------------------------------------------------------------------
 
     async def call(self, fn, *args, **kwargs):
-        """A store call in a thread, its errors turned into IMAP answers."""
+        """A store call in a thread (within the account's share), its errors turned into IMAP
+        answers."""
         try:
-            return await self.context.run(functools.partial(fn, **kwargs) if kwargs else fn, *args)
+            async with self.context.shares.slot(self.user or self.sid):
+                return await self.context.run(functools.partial(fn, **kwargs) if kwargs else fn, *args)
         except tuple(STORE_ANSWERS) as e:
             status, code = next(answer for kind, answer in STORE_ANSWERS.items() if isinstance(e, kind))
             raise Answer(status, str(e), code) from None

@@ -81,6 +81,9 @@ class POP3Context:
     # \Seen writes still running after their session ended (kept referenced until done).
     background: set[asyncio.Task] = field(default_factory=set)
     connections: ConnectionLimit = field(kw_only=True)  # shared by the 110 and 995 listeners
+    # Password checks in threads of their own (postroom/daemons.py): a login flood never
+    # holds the store threads, and argon2's memory stays bounded.
+    run_login: Callable[..., Awaitable[Any]] | None = field(default=None, kw_only=True)
 
 
 class Session:
@@ -147,7 +150,7 @@ class Session:
     async def _login(self, event: Authenticate) -> Event:
         context, peer = self.context, self.conn.peer
         async with context.throttle.checks:
-            user = await context.run(context.accounts.authenticate, event.user, event.password)
+            user = await (context.run_login or context.run)(context.accounts.authenticate, event.user, event.password)
         if user is None:
             delay = context.throttle.failed(peer)
             self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conf.reactor import TwistedListening, listen, server_tls
 from policy.connections import ConnectionLimit
+from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
 from storage.watch import Watcher
@@ -59,6 +60,11 @@ async def start_smtp(context) -> Listening:
 
 
 STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND
+STORE_THREADS_PER_ACCOUNT = 4  # of those, what one account's sessions may hold at once
+# Password checks have threads of their own: argon2id takes 64 MiB and ~100 ms each, so
+# this bounds their memory, and a flood of logins (or of slow searches) never waits on the
+# other.
+LOGIN_THREADS = 4
 
 
 def store_runner(context):
@@ -73,6 +79,21 @@ def store_runner(context):
 
         context.shared["store_runner"] = runner
         context.shared["store_executor"] = executor
+    return runner
+
+
+def login_runner(context):
+    """run(fn, *args) -> awaitable, in the threads that check passwords."""
+    runner = context.shared.get("login_runner")
+    if runner is None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=LOGIN_THREADS, thread_name_prefix="login")
+
+        def runner(fn, *args):
+            return loop.run_in_executor(executor, fn, *args)
+
+        context.shared["login_runner"] = runner
+        context.shared["login_executor"] = executor
     return runner
 
 
@@ -96,7 +117,8 @@ def _imap_context(context):
         imap = IMAPContext(context.config, context.accounts, context.store, watcher(context), login_throttle(context),
                            RecentClaims(), Snapshots(), store_runner(context), tls, __version__,
                            connections=ConnectionLimit(context.config.imap.max_connections,
-                                                       context.config.imap.max_connections_per_ip))
+                                                       context.config.imap.max_connections_per_ip),
+                           run_login=login_runner(context), shares=FairShare(STORE_THREADS_PER_ACCOUNT))
         context.shared["imap"] = imap
     return imap
 
@@ -122,7 +144,8 @@ def _pop3_context(context):
         pop3 = POP3Context(context.config, context.accounts, context.store, login_throttle(context),
                            store_runner(context), tls, __version__,
                            connections=ConnectionLimit(context.config.pop3.max_connections,
-                                                       context.config.pop3.max_connections_per_ip))
+                                                       context.config.pop3.max_connections_per_ip),
+                           run_login=login_runner(context))
         context.shared["pop3"] = pop3
     return pop3
 
@@ -167,11 +190,12 @@ def preload(daemon: str) -> None:
 
 
 async def close_shared(context) -> None:
-    """After every service stopped: the watcher thread and the store threads."""
+    """After every service stopped: the watcher thread, the store and login threads."""
     shared = context.shared
     if "watcher" in shared:
         shared.pop("watcher").close()
-    executor = shared.pop("store_executor", None)
-    if executor is not None:
-        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+    for name in ("store_executor", "login_executor"):
+        executor = shared.pop(name, None)
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
     shared.clear()

@@ -326,10 +326,13 @@ def test_nesting_limit():
 
 def test_token_count_limit():
     # Lines this long only pass a framer configured for them: parse the frame directly.
-    ok = Frame([b"a SEARCH " + b" ".join([b"ALL"] * 100_000)])
-    assert parse_command(ok).args["query"][1] == [("all",)] * 100_000
+    # STORE's arguments: the set, the item, the list, and the flags in it.
+    def store(flags: int) -> Frame:
+        return Frame([b"a STORE 1 FLAGS (" + b" ".join([b"\\Seen"] * flags) + b")"])
+
+    assert len(parse_command(store(99_997)).args["flags"]) == 99_997
     with pytest.raises(ParseError) as info:
-        parse_command(Frame([b"a SEARCH " + b" ".join([b"ALL"] * 100_001)]))
+        parse_command(store(99_998))
     assert (str(info.value), info.value.code, info.value.tag) == ("too many arguments", "LIMIT", "a")
 
 
@@ -766,6 +769,15 @@ def test_search_nesting_limit():
     assert query(b"NOT " * 256 + b"ALL")[0] == "not"
     err = parse_error(b"a SEARCH " + b"NOT " * 257 + b"ALL\r\n")
     assert (str(err), err.code) == ("search criteria nested too deeply", "LIMIT")
+
+
+def test_search_key_limit():
+    """A search costs about keys x messages: at most MAX_KEYS keys, NOT/OR/groups included."""
+    assert query(b"TEXT x " * 1000)[0] == "and"
+    err = parse_error(b"a SEARCH " + b"TEXT x " * 1001 + b"\r\n")
+    assert (str(err), err.code) == ("more than 1000 search keys", "LIMIT")
+    err = parse_error(b"a SEARCH " + b"OR SEEN " * 500 + b"(SEEN)\r\n")
+    assert err.code == "LIMIT"
 
 
 # -- quota ------------------------------------------------------------------------------------
