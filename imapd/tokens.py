@@ -167,7 +167,8 @@ class _Lexer:
         line, start, pos, end = self.line, self.pos, self.pos, len(self.line)
         while pos < end:
             c = line[pos]
-            if c in _ATOM_STOP or (c == 0x5D and self.in_brackets) or (c == 0x5B and self._is_bracket_start(start, pos)):
+            if c in _ATOM_STOP or (c == 0x5D and self.in_brackets) or \
+                    (c == 0x5B and self._is_bracket_start(start, pos)):
                 break
             if c < 0x21 or c > 0x7E:
                 raise ParseError("invalid character in an atom")

@@ -29,7 +29,7 @@ from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
-from storage.shard import DiskFullError, Shard, StoreError, store_error
+from storage.shard import Shard, StoreError, store_error
 
 
 # A message up to this size is written and fsynced by the shard's committer, beside the

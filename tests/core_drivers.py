@@ -200,7 +200,8 @@ class POP3Driver(_SegmentDriver):
         elif isinstance(event, pop3.Authenticate):
             self.events.append(("login", event.user, event.mechanism))
             if event.password == POP3_PASSWORD:
-                self._act(core.logged_in(pop3.Maildrop(7, ((uid, len(raw)) for uid, raw in sorted(self.messages.items())))))
+                listing = ((uid, len(raw)) for uid, raw in sorted(self.messages.items()))
+                self._act(core.logged_in(pop3.Maildrop(7, listing)))
             else:
                 self._act(core.login_refused("wrong user name or password"))
         elif isinstance(event, pop3.Retrieve):

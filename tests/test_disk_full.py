@@ -104,7 +104,9 @@ def send_bdat(daemon, raw: bytes) -> tuple[int, bytes]:
             return lines[-1]
 
         reply()
-        for command in (b"EHLO client.example.org\r\n", b"MAIL FROM:<bob@example.org>\r\n", f"RCPT TO:<{ALICE}>\r\n".encode()):
+        envelope = (b"EHLO client.example.org\r\n", b"MAIL FROM:<bob@example.org>\r\n",
+                    f"RCPT TO:<{ALICE}>\r\n".encode())
+        for command in envelope:
             sock.sendall(command)
             assert reply()[:3] == b"250"
         sock.sendall(f"BDAT {half}\r\n".encode() + raw[:half])
@@ -139,7 +141,7 @@ def test_a_full_disk_is_452_for_every_size(mx, send):
         assert send(mx, message(size, f"after-{size}"))[0] == 250
     stored = [mx.store.read_message(m) for m in mx.store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])]
     assert len(stored) == len(SIZES)
-    assert all(raw.endswith(message(size, f"after-{size}")) for raw, size in zip(stored, SIZES))
+    assert all(raw.endswith(message(size, f"after-{size}")) for raw, size in zip(stored, SIZES, strict=True))
 
 
 def test_wherever_the_space_runs_out_the_answer_is_250_or_452(mx):

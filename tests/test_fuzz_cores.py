@@ -231,7 +231,8 @@ def test_smtp_data_ends_only_at_crlf_dot_crlf(transactions, sizes):
         ends = [event for event in driver.events if event[0] == "end"]
         assert [(end[1], end[3] is not None) for end in ends] == [(len(m), bare) for m, bare in expected]
         assert driver.messages == [m for m, bare in expected if not bare]
-        assert [e[:2] for e in driver.events if e[0] in ("mail", "rcpt", "hello")] == [("hello", "client.example.org")] \
+        envelopes = [e[:2] for e in driver.events if e[0] in ("mail", "rcpt", "hello")]
+        assert envelopes == [("hello", "client.example.org")] \
             + [("mail", "a@b.example"), ("rcpt", "c@example.test")] * len(expected)
         assert driver.closed and driver.events[-1] == ("close",)
         smtp_replies(bytes(driver.wire), config.hostname)
@@ -531,8 +532,10 @@ def test_imap_search_nesting_counts_parentheses():
     assert parse_command(Frame([b"a SEARCH " + (b"NOT " * 16 + b"(") * 15 + b"ALL" + b")" * 15]))
 
 
-@pytest.mark.parametrize("parts", [[b'a SEARCH CHARSET "\x01" ALL'], [b"a SEARCH CHARSET {9}", b"A\r\nb NO x", b" ALL"],
-                                   [b'a SEARCH CHARSET "' + b"x" * 100 + b'" ALL'], [b'a SEARCH CHARSET "\xc3\xa9" ALL']])
+@pytest.mark.parametrize("parts", [[b'a SEARCH CHARSET "\x01" ALL'],
+                                   [b"a SEARCH CHARSET {9}", b"A\r\nb NO x", b" ALL"],
+                                   [b'a SEARCH CHARSET "' + b"x" * 100 + b'" ALL'],
+                                   [b'a SEARCH CHARSET "\xc3\xa9" ALL']])
 def test_imap_unsupported_charset_is_named_only_when_printable(parts):
     """A charset given as a quoted string or literal was echoed into the NO response:
     controls, 8-bit bytes, CR LF (a second response line, written by the client)."""

@@ -77,7 +77,8 @@ def test_the_session_refuses_control_characters(verb, control):
 def test_smtputf8_paths_take_utf8_but_no_controls(control):
     c = control.encode()
     answers = replies([CLEAN["EHLO"], "MAIL FROM:<jö".encode() + c + b"rg@example.org> SMTPUTF8",
-                       "MAIL FROM:<jörg@example.org> SMTPUTF8".encode(), "RCPT TO:<åli".encode() + c + b"ce@example.test>",
+                       "MAIL FROM:<jörg@example.org> SMTPUTF8".encode(),
+                       "RCPT TO:<åli".encode() + c + b"ce@example.test>",
                        "RCPT TO:<ålice@example.test>".encode(), "EHLO clíent".encode() + c + b".example.org"])
     assert answers[1:] == [REFUSED_TEXT, "250 2.1.0 Sender OK", REFUSED_TEXT, "250 2.1.5 Recipient OK", REFUSED_TEXT]
 

@@ -322,7 +322,8 @@ def test_bdat_refuses_bare_line_ends_as_data_does(seed):
 def test_binarymime_is_not_taken():
     """BODY=BINARYMIME is not offered (its bare line ends are what smuggling is made of)."""
     adapter = Adapter()
-    wire = adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example> BODY=BINARYMIME\r\nMAIL FROM:<a@b.example> BODY=8BITMIME\r\n")
+    wire = adapter.feed(b"EHLO c\r\nMAIL FROM:<a@b.example> BODY=BINARYMIME\r\n"
+                        b"MAIL FROM:<a@b.example> BODY=8BITMIME\r\n")
     assert codes(wire) == ["250", "501 5.5.4", "250 2.1.0"]
     assert "BINARYMIME" not in wire
 

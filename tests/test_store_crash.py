@@ -154,7 +154,7 @@ def test_another_process_learns_of_changes_within_a_second(data_dir):
                 "store.expunge(ACCOUNT, 'INBOX')",
             ]
             seen = []
-            for change, expected in zip(changes, [(1, 1), (1, 0), (0, 0)]):
+            for change, expected in zip(changes, [(1, 1), (1, 0), (0, 0)], strict=True):
                 script = (f"import sys; sys.path[:0] = [{str(WORKER.parent)!r}, {str(WORKER.parent.parent)!r}]\n"
                           "from store_worker import message, ACCOUNT\nfrom storage import open_data_dir\n"
                           "from storage.store import Store\n"
