@@ -20,8 +20,11 @@ Both sides of the contract between a supervisor and its children live here:
   have died before the prctl: children never outlive the supervisor, even after SIGKILL.
   SIGTERM, not SIGKILL: an orphan still finishes the deliveries it has begun (a graceful
   stop, bounded by [server] stop_grace) and closes its listeners at once.
-- A child that dies after start-up is started again RESTART_DELAY later; one that died more
-  than RESTARTS times within RESTART_WINDOW is left down, with an error in the log.
+- A child that dies after start-up is started again RESTART_DELAY later. One that died more
+  than RESTARTS times within RESTART_WINDOW is in a crash loop: it is still started again,
+  each time twice as late, up to MAX_RESTART_DELAY, with an error in the log each time. Never
+  left down: serve would look healthy to systemd while port 25 refused every connection
+  (found by an attack that killed mtad six times in a minute).
 - `stop` sends SIGTERM to every child and waits for them ([server] stop_grace plus
   STOP_MARGIN); one still there then is killed.
 
@@ -50,9 +53,10 @@ from conf.logfmt import EventLogger
 
 SUPERVISOR_ENV = "POSTROOM_SUPERVISOR"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-RESTARTS = 5  # restarts of one child within RESTART_WINDOW before it is left down
+RESTARTS = 5  # restarts of one child within RESTART_WINDOW before the next ones back off
 RESTART_WINDOW = 60.0
 RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
 STOP_MARGIN = 5.0  # seconds beyond stop_grace before a child that has not stopped is killed
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -73,7 +77,6 @@ class Child:
     ready: asyncio.Future | None = None
     status: str = ""  # the last STATUS= it sent
     restarts: list[float] = field(default_factory=list)
-    left_down: bool = False
     running: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -226,12 +229,13 @@ class Supervisor:
             self.log.error("worker_start_failed", worker=child.name, pid=pid, code=code, reason=child.status)
         now = self.loop.time()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
+        delay = RESTART_DELAY
         if len(child.restarts) >= RESTARTS:
-            child.left_down = True
-            self.log.error("worker_left_down", worker=child.name, pid=pid, code=code, restarts=len(child.restarts))
-            return
+            delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(child.restarts) - RESTARTS + 1))
+            self.log.error("worker_crash_loop", worker=child.name, pid=pid, code=code, restarts=len(child.restarts),
+                           retry_in=delay)
         child.restarts.append(now)
-        self.loop.call_later(RESTART_DELAY, self._restart, child, pid, code)
+        self.loop.call_later(delay, self._restart, child, pid, code)
 
     def _restart(self, child: Child, old_pid: int, code: int) -> None:
         if self.stopping:

@@ -176,6 +176,25 @@ def test_a_child_that_dies_is_started_again(daemon):
     assert b"\0-P\0" in processes()[child_of(daemon, "imapd")].cmdline
 
 
+def test_a_child_in_a_crash_loop_is_never_left_down(daemon):
+    """Killed again each time it is back, six times in a minute: it is still started again,
+    later each time (found by an attack: it was left down for good while serve looked
+    healthy, and port 25 refused every connection)."""
+    for kill in range(7):
+        mtad = child_of(daemon, "mtad")
+        os.kill(mtad, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = [p.name for p in processes().values() if p.parent == daemon.process.pid]
+            if "mtad" in children and f"old_pid={mtad} " in daemon.stderr():
+                break
+        assert f"event=worker_restarted worker=mtad old_pid={mtad} " in daemon.stderr(), f"kill {kill + 1}"
+        wait_for_greeting(daemon, "smtp.listen", b"220 ")
+    loops = [line for line in daemon.stderr().splitlines() if "event=worker_crash_loop worker=mtad" in line]
+    assert [line.split("retry_in=")[1].split()[0] for line in loops] == ["2.0", "4.0"]
+
+
 def test_a_child_that_cannot_start_again_says_why_and_is_retried(daemon):
     """Its port taken while it was down: the reason is logged (serve's terminal has long
     printed its table), and the next restart, the port free again, works."""
