@@ -131,7 +131,10 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
     data_dir, accounts = open_accounts(config)
     try:
         if not worker:
-            lock(data_dir.path, daemon, daemon)  # held until the process ends
+            # Under serve, a daemon of the previous serve (killed with -9) may still be
+            # finishing its sessions: wait for it as long as its own stop may take.
+            wait = float(config.server.stop_grace) + supervisor.STOP_MARGIN if supervised else 0.0
+            lock(data_dir.path, daemon, daemon, wait=wait, log=log)  # held until the process ends
         store = open_store(data_dir, accounts, config)
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:

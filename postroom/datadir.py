@@ -45,17 +45,29 @@ def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = No
     return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window))
 
 
-def lock(data_dir: Path, name: str, holder: str) -> int:
+def lock(data_dir: Path, name: str, holder: str, *, wait: float = 0.0, log=None) -> int:
     """Hold `<data_dir>/<name>.lock` for the life of the process (the descriptor is returned
-    and must stay open), or DataDirInUseError naming the process (`holder`) that has it."""
+    and must stay open), or DataDirInUseError naming the process (`holder`) that has it.
+    With `wait`, a held lock is tried again for that many seconds first: a daemon that serve
+    starts after a `kill -9` of the previous serve finds the old daemon still finishing its
+    sessions (it was told to stop when its supervisor died), and takes over once it is gone."""
     path = data_dir / f"{name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _holder_pid(fd)
-        os.close(fd)
-        raise DataDirInUseError(f"data dir {data_dir} is in use by another {holder} (pid {pid or 'unknown'})") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid = _holder_pid(fd)
+                if time.monotonic() >= deadline:
+                    raise DataDirInUseError(f"data dir {data_dir} is in use by another {holder} "
+                                            f"(pid {pid or 'unknown'})") from None
+                if log is not None:
+                    log.warning("lock_wait", lock=name, pid=pid or "unknown", seconds=round(deadline - time.monotonic()))
+                    log = None  # once
+                time.sleep(0.1)
     except BaseException:
         os.close(fd)
         raise

@@ -164,6 +164,48 @@ def test_children_die_with_serve_even_after_sigkill(write_config, tmp_path, cli)
         sock.listen()
 
 
+def test_after_a_kill_of_serve_a_new_one_takes_over_once_the_old_daemons_finish(write_config, tmp_path, cli):
+    """serve killed with -9 while a client is in the middle of a message: its mtad, told to
+    stop, finishes that message (250) within stop_grace; a serve started meanwhile waits for
+    it and then serves (found by an attack: it exited 1 naming the old mtad's pid, and
+    nothing listened on port 25)."""
+    config = write_config("grace.toml", server={"stop_grace": "4s"})
+    assert cli("domain", "add", "example.test", config=config).returncode == 0
+    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=config).returncode == 0
+    old = start_daemon(config, tmp_path)
+    address = old.listen("smtp.listen")
+    client = smtplib.SMTP(address.host, address.port, timeout=30)
+    client.ehlo("client.example.org")
+    client.mail("s@example.org")
+    client.rcpt("alice@example.test")
+    client.putcmd("data")
+    assert client.getreply()[0] == 354
+    client.send(b"Subject: across the takeover\r\n\r\nfirst half\r\n")
+    old.process.kill()
+    old.process.wait()
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    started: list = []
+    starting = threading.Thread(target=lambda: started.append(start_daemon(config, new_dir)))
+    starting.start()
+    time.sleep(1)
+    client.send(b"second half\r\n.\r\n")
+    assert client.getreply()[0] == 250
+    client.close()
+    starting.join(60)
+    assert started, "the new serve did not start"
+    new = started[0]
+    try:
+        assert "event=lock_wait lock=mtad" in new.stderr()
+        with smtplib.SMTP(address.host, address.port, timeout=30) as again:
+            assert again.sendmail("s@example.org", ["alice@example.test"], b"Subject: after\r\n\r\nx\r\n") == {}
+        with Store(open_data_dir(new.config.server.data_dir, 4)) as store:
+            subjects = [m.envelope["subject"] for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
+        assert subjects == ["across the takeover", "after"]
+    finally:
+        assert new.stop() == 0
+
+
 def test_a_child_that_dies_is_started_again(daemon):
     imapd = child_of(daemon, "imapd")
     os.kill(imapd, signal.SIGKILL)
