@@ -65,7 +65,8 @@ def lock(data_dir: Path, name: str, holder: str, *, wait: float = 0.0, log=None)
                     raise DataDirInUseError(f"data dir {data_dir} is in use by another {holder} "
                                             f"(pid {pid or 'unknown'})") from None
                 if log is not None:
-                    log.warning("lock_wait", lock=name, pid=pid or "unknown", seconds=round(deadline - time.monotonic()))
+                    left = round(deadline - time.monotonic())
+                    log.warning("lock_wait", lock=name, pid=pid or "unknown", seconds=left)
                     log = None  # once
                 time.sleep(0.1)
     except BaseException:
