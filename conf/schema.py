@@ -149,8 +149,9 @@ class DNSConfig:
 class StorageConfig:
     # Fixed when the data dir is initialised; changing it later is refused, not re-mapped.
     shards: int = field(default=16, metadata={"min": 1, "max": 1024})
-    # A message received again by SMTP (same Message-ID and body) within this long is
-    # answered 250 and not stored twice: a sender that lost our 250 sends it again. 0: off.
+    # A message received again by SMTP (same Message-ID and the same bytes from its sender)
+    # within this long is answered 250 and not stored twice: a sender that lost our 250
+    # sends it again. 0: off.
     dedupe_window: Duration = field(default=Duration(24 * 3600), metadata={"min": 0, "max": 30 * 86400})
 
 

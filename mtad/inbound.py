@@ -381,7 +381,7 @@ class InboundSMTP(AiosmtpdSMTP):
         fsync it, with no thread of its own: at a thousand messages a second, the hand-offs
         between threads cost more than the work. Failures go to a thread for the retry."""
         raw = _read_message(trace, spool, size)
-        task = asyncio.ensure_future(_deliver_and_settle(self.context, accounts, raw))
+        task = asyncio.ensure_future(_deliver_and_settle(self.context, accounts, raw, len(trace)))
         self.context.deliveries.add(task)
         task.add_done_callback(self._delivery_done)
         # Shielded: if the session is cancelled meanwhile (the client hung up after its
@@ -461,27 +461,30 @@ def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) 
     try:
         raw = _read_message(trace, spool, size)
         try:
-            delivered = store.deliver(accounts, raw, dedupe=True)
+            delivered = store.deliver(accounts, raw, dedupe_from=len(trace))
         except DeliveryError as first:
-            delivered = _retry_or_withdraw(store, raw, first)
+            delivered = _retry_or_withdraw(store, raw, len(trace), first)
         return bytes(raw[:16384]), delivered
     finally:
         if big:
             BIG_DELIVERIES.release()
 
 
-async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray) -> list[Delivered]:
-    """Every copy stored (returned), or DeliveryError with none left (see _retry_or_withdraw)."""
+async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray, sent_from: int
+                              ) -> list[Delivered]:
+    """Every copy stored (returned), or DeliveryError with none left (see _retry_or_withdraw).
+    raw[sent_from:] is what the sender sent (after our trace headers): it, with the
+    Message-ID, tells a message sent again (storage/dedupe.py)."""
     loop = asyncio.get_running_loop()
     settled = loop.create_future()
 
     def on_done(delivered, errors) -> None:
         loop.call_soon_threadsafe(_settle, settled, delivered, errors)
 
-    context.store.start_delivery(accounts, raw, on_done=on_done, dedupe=True)
+    context.store.start_delivery(accounts, raw, on_done=on_done, dedupe_from=sent_from)
     delivered, errors = await settled
     if errors:
-        return await context.deliver_in_thread(_retry_or_withdraw, context.store, raw,
+        return await context.deliver_in_thread(_retry_or_withdraw, context.store, raw, sent_from,
                                                DeliveryError(delivered, errors))
     return delivered
 
@@ -504,7 +507,7 @@ def _settle(future: asyncio.Future, delivered: list, errors: list) -> None:
         future.set_result((delivered, errors))
 
 
-def _retry_or_withdraw(store: Store, raw: bytes, first: DeliveryError) -> list[Delivered]:
+def _retry_or_withdraw(store: Store, raw: bytes, sent_from: int, first: DeliveryError) -> list[Delivered]:
     """Every copy stored, or none: after our 4xx the sender sends the message again to all
     its recipients, so a copy kept from a partly failed delivery would arrive twice. The
     failed copies get one more try first (a race with a quota or a mailbox change, a passing
@@ -513,7 +516,7 @@ def _retry_or_withdraw(store: Store, raw: bytes, first: DeliveryError) -> list[D
     stored = list(first.delivered)
     failed = [target for target, _ in first.errors]
     try:
-        return stored + store.deliver(failed, raw, dedupe=True)
+        return stored + store.deliver(failed, raw, dedupe_from=sent_from)
     except DeliveryError as second:
         stored += second.delivered
         errors = second.errors

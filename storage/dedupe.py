@@ -3,10 +3,13 @@
 A sender that loses our 250 (the connection broke, we crashed after the commit and before
 the reply) must send the message again, and without this it arrives twice. Each mailbox
 keeps, for `window` seconds, a key of every message delivered to it by SMTP: a digest of its
-Message-ID and of its body (the trace headers differ between two sendings: a new Received:
-with a new queue id and time). A delivery whose key is known, for a message that is still
-there, is answered as delivered and stores nothing. Without a Message-ID nothing is
-deduplicated: two messages with the same body are not the same message.
+Message-ID and of every byte its sender sent, header and body (only the trace headers we
+add differ between two sendings: a new Received: with a new queue id and time). A delivery
+whose key is known, for a message that is still there, is answered as delivered and stores
+nothing. Without a Message-ID nothing is deduplicated: two messages with the same bytes are
+not the same message. The header counts too: a list's copy of a message (its own List-Id
+or Subject tag) is not the copy sent directly, and a forger who knows a message's Message-ID
+and body cannot have the real one dropped by sending his own first.
 
 Databases of the shard (keys big-endian):
     dedupe        mailbox id, digest            -> uid, time delivered (seconds)
@@ -28,13 +31,14 @@ DIGEST_SIZE = 16
 PRUNE_BATCH = 1000
 
 
-def message_key(message_id: str | None, raw: bytes, body_start: int) -> bytes | None:
-    """The key of a message, or None when it has no Message-ID to tell it by."""
+def message_key(message_id: str | None, raw: bytes, sent_from: int) -> bytes | None:
+    """The key of a message whose sender's bytes are raw[sent_from:], or None when it has no
+    Message-ID to tell it by."""
     message_id = (message_id or "").strip()
     if not message_id:
         return None
-    body = hashlib.blake2b(memoryview(raw)[body_start:], digest_size=32).digest()
-    return hashlib.blake2b(message_id.encode("utf-8", "surrogateescape") + b"\0" + body,
+    sent = hashlib.blake2b(memoryview(raw)[sent_from:], digest_size=32).digest()
+    return hashlib.blake2b(message_id.encode("utf-8", "surrogateescape") + b"\0" + sent,
                            digest_size=DIGEST_SIZE).digest()
 
 

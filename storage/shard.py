@@ -87,6 +87,9 @@ class DiskFullError(StoreError):
     and the same request may succeed once space is freed (SMTP 452 4.3.1)."""
 
 
+DISK_FULL = "not enough disk space"
+
+
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXTS = tuple(os.strerror(n) for n in _FULL_ERRNOS)  # LMDB reports them as text
 _IO_ERROR = os.strerror(errno.EIO)
@@ -118,7 +121,7 @@ def store_error(error: BaseException, where: Path | None = None) -> BaseExceptio
     """What a request that failed with `error` reports: a full disk as DiskFullError (so
     every caller can tell it from a fault), anything else as it is."""
     if is_disk_full(error, where) and not isinstance(error, DiskFullError):
-        full = DiskFullError("no space left in the data dir")
+        full = DiskFullError(DISK_FULL)
         full.__cause__ = error
         return full
     return error
@@ -540,9 +543,10 @@ class Shard:
 
 
 def _fail(requests: list[_Request], cause: BaseException, where: Path | None = None) -> None:
-    kind = DiskFullError if is_disk_full(cause, where) else StoreError
+    full = is_disk_full(cause, where)
     for request in requests:
-        error = kind(f"commit failed: {cause.__class__.__name__}: {cause}")
+        # What a client may be told (IMAP NO [OVERQUOTA] shows it): no library's words.
+        error = DiskFullError(DISK_FULL) if full else StoreError(f"commit failed: {cause.__class__.__name__}: {cause}")
         error.__cause__ = cause
         request.error = error
 

@@ -218,12 +218,13 @@ class Store:
     # -- delivery -----------------------------------------------------------------------
 
     def deliver(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *, flags: Iterable[str] = (),
-                internal_date: float | None = None, dedupe: bool = False) -> list[Delivered]:
+                internal_date: float | None = None, dedupe_from: int | None = None) -> list[Delivered]:
         """Store `raw` once in each distinct (account, mailbox) target ("account" alone is its
         INBOX). Returns when every copy is durable; DeliveryError if any failed (the
-        `delivered` ones are durable all the same). With `dedupe` (mail received by SMTP), a
-        target that already has this message (same Message-ID and body, within [storage]
-        dedupe_window) gets no second copy: its Delivered says `duplicate`."""
+        `delivered` ones are durable all the same). Mail received by SMTP gives `dedupe_from`,
+        where in `raw` the bytes its sender sent begin (after the trace headers added here): a
+        target that already has this message (the same Message-ID and the same bytes, within
+        [storage] dedupe_window) gets no second copy, and its Delivered says `duplicate`."""
         settled = threading.Event()
         outcome: list = []
 
@@ -231,7 +232,8 @@ class Store:
             outcome.extend((delivered, errors))
             settled.set()
 
-        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done, dedupe=dedupe)
+        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done,
+                            dedupe_from=dedupe_from)
         settled.wait()
         delivered, errors = outcome
         if errors:
@@ -240,7 +242,8 @@ class Store:
 
     def start_delivery(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *,
                        on_done: Callable[[list[Delivered], list[tuple[tuple[str, str], BaseException]]], None],
-                       flags: Iterable[str] = (), internal_date: float | None = None, dedupe: bool = False) -> None:
+                       flags: Iterable[str] = (), internal_date: float | None = None,
+                       dedupe_from: int | None = None) -> None:
         """deliver() without waiting: the message is parsed here, and the shards' committers
         write, fsync and index it; `on_done(delivered, errors)` is called once every target
         is settled, in a committer's thread (or in this one, when no target got that far).
@@ -256,8 +259,8 @@ class Store:
                 "e": parsed["envelope"], "x": parsed["structure"]}
         texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
         key = None
-        if dedupe and self._dedupe_window > 0:
-            key = duplicates.message_key(parsed["envelope"].get("message-id"), raw, parsed["structure"]["body"][0])
+        if dedupe_from is not None and self._dedupe_window > 0:
+            key = duplicates.message_key(parsed["envelope"].get("message-id"), raw, dedupe_from)
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
         delivery = _Delivery(len(wanted), on_done)

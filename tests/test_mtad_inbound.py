@@ -464,8 +464,9 @@ def test_a_client_gone_after_its_final_dot_still_gets_all_or_none(mx):
 
 def test_a_message_sent_again_is_answered_250_and_stored_once(mx):
     """A sender that lost our 250 sends the message again (new Received:, new queue id):
-    it hears 250 again and the mailbox keeps one copy (Message-ID and body, [storage]
-    dedupe_window). A recipient added the second time gets the message."""
+    it hears 250 again and the mailbox keeps one copy (its Message-ID and the bytes it sent,
+    [storage] dedupe_window). A recipient added the second time gets the message; another
+    message under the same Message-ID (another Subject: a list's copy) is stored too."""
     message = b"Message-ID: <twice@example.org>\r\nSubject: twice\r\n\r\nonly once please\r\n"
     with smtp(mx) as client:
         assert client.sendmail("s@example.org", ["alice@example.test"], message) == {}
@@ -475,6 +476,10 @@ def test_a_message_sent_again_is_answered_250_and_stored_once(mx):
     assert len(inbox(mx, "bob@example.test")) == 1
     line = next(line for line in mx.stderr().splitlines() if "event=message_duplicate" in line)
     assert "message_id=<twice@example.org>" in line and "mailboxes=alice@example.test" in line
+    with smtp(mx) as client:
+        assert client.sendmail("s@example.org", ["alice@example.test"],
+                               message.replace(b"Subject: twice", b"Subject: [list] twice")) == {}
+    assert len(inbox(mx, "alice@example.test")) == 2
     # Without a Message-ID two sendings are two messages.
     with smtp(mx) as client:
         for _ in range(2):

@@ -660,29 +660,37 @@ def test_the_watcher_outlives_a_failing_shard(data_dir, caplog):
 
 
 def test_a_message_delivered_again_is_stored_once(data_dir):
-    """Exactly-once receipt (storage/dedupe.py): the same Message-ID and body, sent again with
-    other trace headers, is answered as delivered and not stored twice; anything else is a
-    new message."""
-    def sent(trace: str, message_id: str | None = "<once@example.org>", body: str = "the body") -> bytes:
+    """Exactly-once receipt (storage/dedupe.py): the same Message-ID and the same bytes from
+    the sender, sent again under other trace headers of ours, are answered as delivered and
+    not stored twice; anything else is a new message."""
+    def message(message_id: str | None = "<once@example.org>", body: str = "the body",
+                subject: str = "s", sender: str = "bob@example.org") -> bytes:
         header = f"Message-ID: {message_id}\r\n" if message_id else ""
-        return (f"Received: {trace}\r\nFrom: bob@example.org\r\nSubject: s\r\n{header}\r\n{body}\r\n").encode()
+        return f"From: {sender}\r\nSubject: {subject}\r\n{header}\r\n{body}\r\n".encode()
+
+    def deliver(targets: list[str], trace: str, sent: bytes, **dedupe) -> list:
+        ours = f"Received: by mx id {trace}\r\n".encode()  # what this server adds: new each time
+        return store.deliver(targets, ours + sent, **({"dedupe_from": len(ours)} | dedupe))
 
     with Store(open_data_dir(data_dir, 4)) as store:
-        first = store.deliver([ALICE], sent("by mx id 1"), dedupe=True)
-        again = store.deliver([ALICE, "user1@example.test"], sent("by mx id 2"), dedupe=True)
+        first = deliver([ALICE], "1", message())
+        again = deliver([ALICE, "user1@example.test"], "2", message())
         assert [(d.uid, d.duplicate) for d in first] == [(1, False)]
         assert [(d.account, d.uid, d.duplicate) for d in again] == [(ALICE, 1, True), ("user1@example.test", 1, False)]
         assert store.mailbox(ALICE, "INBOX").exists == 1
         assert store.usage(ALICE)["messages"] == 1
-        assert store.deliver([ALICE], sent("id 3", body="another body"), dedupe=True)[0].duplicate is False
-        assert store.deliver([ALICE], sent("id 4", message_id=None), dedupe=True)[0].duplicate is False
-        assert store.deliver([ALICE], sent("id 5", message_id=None), dedupe=True)[0].duplicate is False
-        assert store.deliver([ALICE], sent("id 6"))[0].duplicate is False  # IMAP APPEND and the like: never merged
-        assert store.mailbox(ALICE, "INBOX").exists == 5
+        # Another body, another header (a list's copy, a forger's), no Message-ID: new messages.
+        assert deliver([ALICE], "3", message(body="another body"))[0].duplicate is False
+        assert deliver([ALICE], "4", message(subject="[list] s"))[0].duplicate is False
+        assert deliver([ALICE], "5", message(sender="forger@example.net"))[0].duplicate is False
+        assert deliver([ALICE], "6", message(message_id=None))[0].duplicate is False
+        assert deliver([ALICE], "7", message(message_id=None))[0].duplicate is False
+        assert store.deliver([ALICE], message())[0].duplicate is False  # IMAP APPEND and the like: never merged
+        assert store.mailbox(ALICE, "INBOX").exists == 7
         # Once the first copy is gone (expunged, or withdrawn after a failed delivery), the
         # message is new again.
         store.remove(ALICE, "INBOX", [1])
-        assert store.deliver([ALICE], sent("id 7"), dedupe=True)[0].duplicate is False
+        assert deliver([ALICE], "8", message())[0].duplicate is False
         shard = store.shard(ALICE)
         assert not any(shard.writer.path.iterdir()), "a duplicate's file was left behind"
         assert check(store, ALICE) == []
@@ -691,18 +699,18 @@ def test_a_message_delivered_again_is_stored_once(data_dir):
 def test_dedupe_keys_expire_after_the_window(data_dir):
     raw = b"Message-ID: <expiring@example.org>\r\nSubject: s\r\n\r\nbody\r\n"
     with Store(open_data_dir(data_dir, 4), dedupe_window=1) as store:
-        assert store.deliver([ALICE], raw, dedupe=True)[0].duplicate is False
-        assert store.deliver([ALICE], raw, dedupe=True)[0].duplicate is True
+        assert store.deliver([ALICE], raw, dedupe_from=0)[0].duplicate is False
+        assert store.deliver([ALICE], raw, dedupe_from=0)[0].duplicate is True
         time.sleep(1.5)
-        assert store.deliver([ALICE], raw, dedupe=True)[0].duplicate is False
+        assert store.deliver([ALICE], raw, dedupe_from=0)[0].duplicate is False
         # The committer forgets expired keys in its idle time after a write.
         other = raw.replace(b"<expiring@", b"<other@")
-        store.deliver([ALICE], other, dedupe=True)
+        store.deliver([ALICE], other, dedupe_from=0)
         shard = store.shard(ALICE)
         with shard.read() as txn:
             assert txn.stat(shard.db["dedupe"])["entries"] == 2
         time.sleep(1.5)
-        store.deliver([ALICE], other.replace(b"<other@", b"<third@"), dedupe=True)
+        store.deliver([ALICE], other.replace(b"<other@", b"<third@"), dedupe_from=0)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             with shard.read() as txn:
