@@ -319,6 +319,31 @@ def test_bdat_refuses_bare_line_ends_as_data_does(seed):
     assert codes(wire)[-1] == "250 2.0.0"  # the session goes on
 
 
+@pytest.mark.parametrize("bdat", [False, True])
+def test_a_header_section_over_the_limit_is_refused(bdat):
+    """Header lines cost ~20x body lines (here and in the store's parser): a header section
+    over MAX_HEADER is read to its end and refused 552 5.3.4; one at the limit is taken."""
+    from mtad.session import MAX_HEADER
+
+    def header(size: int) -> bytes:
+        field = b"X-A: b\r\n"
+        return field * (size // len(field)) + b"X" * (size % len(field) - 2) + b"\r\n" if size % len(field) \
+            else field * (size // len(field))
+
+    config = SessionConfig("mx", 64 << 20, 5, tls_available=False)
+    for size, answer in ((MAX_HEADER, "250 2.0.0"), (MAX_HEADER + 9, "552 5.3.4")):
+        message = header(size) + b"\r\nbody\r\n"
+        adapter = Adapter(config)
+        envelope = b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.test>\r\n"
+        sent = b"BDAT %d LAST\r\n" % len(message) + message if bdat else b"DATA\r\n" + message + b".\r\n"
+        wire = adapter.feed(envelope + sent + b"NOOP\r\n")
+        assert codes(wire)[-2:] == [answer, "250 2.0.0"], size
+        if answer == "552 5.3.4":
+            assert "header exceeds" in wire and adapter.messages == []
+        else:
+            assert adapter.messages == [message]
+
+
 def test_binarymime_is_not_taken():
     """BODY=BINARYMIME is not offered (its bare line ends are what smuggling is made of)."""
     adapter = Adapter()
