@@ -65,6 +65,7 @@ BIG_MESSAGE = 1 << 20
 # stays bounded however many large messages arrive together.
 BIG_DELIVERIES = threading.BoundedSemaphore(2)
 _counter = itertools.count(1)
+_RECEIVED_UNSAFE = str.maketrans({c: "?" for c in '();\\"<>'})
 STOP_POLL = 0.02  # seconds between looks at the sessions left while stopping
 LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
 
@@ -401,7 +402,9 @@ class InboundSMTP(AiosmtpdSMTP):
         """Return-Path: and a Received: header as RFC 5321 §4.4 and RFC 3848 describe them."""
         tls = self._tls_version()
         protocol = "ESMTPS" if tls else "ESMTP"
-        helo = self.core.helo_name or "unknown"
+        # The client's word, in a header others parse: the characters that would end or
+        # open a Received: token (RFC 5321 §4.4: ";" ends the clauses, "(" a comment) go.
+        helo = (self.core.helo_name or "unknown").translate(_RECEIVED_UNSAFE)
         recipients = list(self._local)
         for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
         tls_clause = f"\r\n\t(using {tls} with cipher {self._tls_cipher()})" if tls else ""

@@ -130,7 +130,9 @@ class _Transaction:
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls (a bare CR and a NUL among them) and DEL
 # Beyond ASCII: the C1 controls (U+0080-U+009F) and the line and paragraph separators,
 # which str.splitlines() takes for line ends, as it does U+0085.
-_UNICODE_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+# And the invisible format characters (U+200B zero-width space, U+202E right-to-left
+# override...): in a name or an address they only ever serve to mislead the reader.
+_UNICODE_BREAKS = frozenset({"Cc", "Zl", "Zp", "Cf"})
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~\u0080-\U0010FFFF]+))?$")
 
 

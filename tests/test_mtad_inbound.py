@@ -487,6 +487,15 @@ def test_a_message_sent_again_is_answered_250_and_stored_once(mx):
     assert len([m for m in inbox(mx, "bob@example.test") if b"Subject: no id" in m]) == 2
 
 
+def test_an_odd_ehlo_name_cannot_break_the_received_header(mx):
+    """RFC 5321 §4.4: in Received:, ";" ends the from/by/with clauses and "(" opens a
+    comment; an EHLO name carrying them (found by an attack) must not forge either."""
+    raw_session(mx, b"EHLO x;by(evil)\"<q>\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<bob@example.test>\r\n"
+                    b"DATA\r\nSubject: odd helo\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    (stored,) = [m for m in inbox(mx, "bob@example.test") if b"Subject: odd helo" in m]
+    assert b"Received: from x?by?evil???q? ([127.0.0.1])\r\n" in stored
+
+
 def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):
     with smtp(mx) as client:
         client.sendmail("s@example.org", ["alice@example.test", "nobody@example.test"], b"Subject: l\r\n\r\nx\r\n")

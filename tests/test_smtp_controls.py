@@ -22,7 +22,9 @@ CONFIG = SessionConfig("mx.example.test", max_message_size=10_000, max_recipient
 # Every C0 control but LF (which ends the line, so cannot sit inside one), and DEL. CR is
 # among them: "EHLO a\rb\r\n" holds a bare CR.
 CONTROLS = [bytes([c]) for c in range(0x20) if c != 0x0A] + [b"\x7f"]
-UNICODE_CONTROLS = ["\x80", "\x85", "\x9b", "\x9f", "\u2028", "\u2029"]
+# C1 controls, line and paragraph separators, and format characters (zero-width space,
+# right-to-left override: found by an attack in an EHLO name).
+UNICODE_CONTROLS = ["\x80", "\x85", "\x9b", "\x9f", "\u2028", "\u2029", "\u200b", "\u202e", "\ufeff"]
 REFUSED = "501 5.5.2"
 REFUSED_TEXT = "501 5.5.2 Syntax error: control character in command"
 
