@@ -69,31 +69,26 @@ LOGIN_THREADS = 4
 
 def store_runner(context):
     """run(fn, *args) -> awaitable, in the threads the Twisted daemons share for the store."""
-    runner = context.shared.get("store_runner")
-    if runner is None:
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
-
-        def runner(fn, *args):
-            return loop.run_in_executor(executor, fn, *args)
-
-        context.shared["store_runner"] = runner
-        context.shared["store_executor"] = executor
-    return runner
+    return _threads(context, "store", STORE_THREADS)
 
 
 def login_runner(context):
     """run(fn, *args) -> awaitable, in the threads that check passwords."""
-    runner = context.shared.get("login_runner")
+    return _threads(context, "login", LOGIN_THREADS)
+
+
+def _threads(context, name: str, count: int):
+    """The process's pool `name` (made on first use, closed by close_shared) as a runner."""
+    runner = context.shared.get(f"{name}_runner")
     if runner is None:
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=LOGIN_THREADS, thread_name_prefix="login")
+        executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
 
         def runner(fn, *args):
             return loop.run_in_executor(executor, fn, *args)
 
-        context.shared["login_runner"] = runner
-        context.shared["login_executor"] = executor
+        context.shared[f"{name}_runner"] = runner
+        context.shared[f"{name}_executor"] = executor
     return runner
 
 
