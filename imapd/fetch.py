@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from imapd.responses import NIL, astring, date_time, flag_list, nstring, number, string
 from imapd.syntax import FetchItem, Section
-from storage.messages import MessageInfo
+from storage import MessageInfo
 
 SEEN_SETTING = frozenset({"RFC822", "RFC822.TEXT"})  # and BODY[...] without PEEK
 _RFC822_SECTIONS = {"RFC822": Section(), "RFC822.HEADER": Section(text="HEADER"),

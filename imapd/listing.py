@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from storage.mailboxes import Mailbox
+from storage import Mailbox
 
 
 @dataclass

@@ -30,15 +30,22 @@ from imapd.view import Snapshots, View
 from policy.connections import ConnectionLimit
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
-from storage import maildir
-from storage.accounts import Accounts
-from storage.mailboxes import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNotFoundError
-from storage.messages import FlagError, QuotaExceededError
-from storage.names import MailboxNameError
-from storage.search import SearchError
-from storage.shard import DiskFullError, StoreError
-from storage.store import Store
-from storage.watch import Watcher
+from storage import (
+    SEEN,
+    Accounts,
+    DiskFullError,
+    FlagError,
+    MailboxError,
+    MailboxExistsError,
+    MailboxLimitError,
+    MailboxNameError,
+    MailboxNotFoundError,
+    QuotaExceededError,
+    SearchError,
+    Store,
+    StoreError,
+    Watcher,
+)
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
@@ -863,7 +870,7 @@ STORE_ANSWERS: dict[type[Exception], tuple[str, str | None]] = {
     MailboxNameError: ("NO", "CANNOT"),
     MailboxError: ("NO", "CANNOT"),
 }
-_SEEN_BIT = maildir.SEEN
+_SEEN_BIT = SEEN
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
 

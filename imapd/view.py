@@ -22,8 +22,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from imapd.syntax import SequenceSet
-from storage.mailboxes import Mailbox
-from storage.messages import FlagState
+from storage import FlagState, Mailbox
 
 MAX_UID = 2**32 - 1
 

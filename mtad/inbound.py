@@ -44,17 +44,22 @@ from mtad.replies import Reply
 from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
 from mtad.session import StartTLS as StartTLSEvent
 from storage import (
+    WRITE_IN_COMMITTER,
     AccountError,
     Accounts,
     AddressError,
     AliasLoopError,
+    Delivered,
+    DeliveryError,
+    DiskFullError,
     NotLocalError,
+    QuotaExceededError,
+    Store,
+    StoreError,
     UnknownAddressError,
+    is_disk_full,
     parse_address,
 )
-from storage.messages import QuotaExceededError
-from storage.shard import DiskFullError, StoreError, is_disk_full
-from storage.store import WRITE_IN_COMMITTER, Delivered, DeliveryError, Store
 
 _log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)

@@ -44,11 +44,7 @@ from pop3d.core import (
     StartTLS,
     Update,
 )
-from storage.accounts import Accounts
-from storage.locks import MaildropLock, lock_maildrop
-from storage.mailboxes import INBOX
-from storage.shard import StoreError
-from storage.store import Store
+from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maildrop
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
 SEEN_DELAY = 0.25  # seconds retrieved UIDs wait to share one \\Seen write

@@ -36,8 +36,7 @@ from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, ope
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
-from storage import Accounts, DataDir, DataDirError
-from storage.store import Store
+from storage import Accounts, DataDir, DataDirError, Store
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>

@@ -15,7 +15,7 @@ from policy.connections import ConnectionLimit
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
-from storage.watch import Watcher
+from storage import Watcher
 
 DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retries after a failed delivery
 

@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 
 from conf import Config
-from storage import Accounts, DataDir, open_data_dir
-from storage.messages import NO_QUOTA, Quota
-from storage.store import Store
+from storage import NO_QUOTA, Accounts, DataDir, Quota, Store, open_data_dir
 
 
 class DataDirInUseError(Exception):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from storage import Accounts, parse_address
+from storage import Accounts, Store, parse_address
 from storage.check import accounts_on_disk, check, rebuild
-from storage.store import Store
 
 
 def store_check(store: Store, accounts: Accounts, args: argparse.Namespace, audit) -> int:
