@@ -11,26 +11,24 @@ import re
 
 import pytest
 
+from pop3d import replies
 from pop3d.core import (
     AUTHORIZATION,
     COMMANDS,
     MAX_ERRORS,
-    MAX_LINE,
     TRANSACTION,
     UPDATE,
     Authenticate,
-    BodyEncoder,
     Close,
-    LineFramer,
-    Maildrop,
     POP3Core,
     Reply,
     Retrieve,
     Settings,
     StartTLS,
-    TOO_LONG,
     Update,
 )
+from pop3d.framer import MAX_LINE, TOO_LONG, BodyEncoder, LineFramer
+from pop3d.maildrop import Maildrop
 
 PASSWORD = "s3cret pass"
 MESSAGES = {
@@ -92,11 +90,11 @@ class Driver:
                 drop = Maildrop(777, [(uid, len(raw)) for uid, raw in sorted(self.messages.items())])
                 self.act(self.core.logged_in(drop))
             else:
-                self.act(self.core.login_refused("wrong user name or password"))
+                self.act(self.core.login_refused(replies.WRONG_PASSWORD))
         elif isinstance(event, Retrieve):
             raw = self.messages.get(event.uid)
             if raw is None:
-                self.act(self.core.retrieve_failed("gone", None))
+                self.act(self.core.retrieve_failed(replies.message_gone(event.number)))
                 return
             self.out += event.ok
             encoder = BodyEncoder(event.lines)
@@ -217,7 +215,8 @@ def test_expire_0_removes_what_retr_sent():
 def test_a_message_gone_meanwhile_is_an_error_and_the_session_goes_on():
     driver = logged_in()
     del driver.messages[12]
-    assert driver.send(b"RETR 2\r\nNOOP\r\n") == b"-ERR gone\r\n+OK nothing to do\r\n"
+    assert driver.send(b"RETR 2\r\nNOOP\r\n") == \
+        b"-ERR message 2 was removed by another session\r\n+OK nothing to do\r\n"
 
 
 @pytest.mark.parametrize("line, reply", [
@@ -370,8 +369,8 @@ def test_failed_logins_end_the_session_and_in_use_does_not_count():
     core.next_event()
     event = core.next_event()
     assert isinstance(event, Authenticate) and core.next_event() is None  # one command at a time
-    assert core.login_refused("maildrop already locked", "IN-USE", counts=False) == \
-        Reply(b"-ERR [IN-USE] maildrop already locked\r\n")
+    assert core.login_refused(replies.MAILDROP_IN_USE, counts=False) == \
+        Reply(b"-ERR [IN-USE] maildrop already locked by another POP3 session\r\n")
     driver = Driver(core)
     out = driver.send(b"USER a\r\nPASS b\r\nUSER a\r\nPASS b\r\nUSER a\r\nPASS b\r\nNOOP\r\n")
     assert out.count(b"-ERR [AUTH] wrong user name or password") == 3
