@@ -87,7 +87,7 @@ class Session:
         self.retrieved = 0  # messages sent whole by RETR
         self.ended = False
         self.updating = False  # QUIT's removals are running: the lock is theirs to release
-        self._seen: list[int] = []
+        self._seen_uids: list[int] = []  # sent by RETR, waiting for the next \Seen write
         self._seen_task: asyncio.Task | None = None
         self._seen_now = asyncio.Event()  # stop waiting for more: QUIT, or the connection ended
 
@@ -232,7 +232,7 @@ class Session:
             raise
 
     def _mark_seen(self, uid: int) -> None:
-        self._seen.append(uid)
+        self._seen_uids.append(uid)
         if self._seen_task is None or self._seen_task.done():
             self._seen_task = asyncio.ensure_future(self._write_seen())
             self.context.background.add(self._seen_task)
@@ -241,13 +241,13 @@ class Session:
     async def _write_seen(self) -> None:
         assert self.user is not None
         store, account = self.context.store, self.user
-        while self._seen:
+        while self._seen_uids:
             if not self._seen_now.is_set():
                 try:
                     await asyncio.wait_for(self._seen_now.wait(), SEEN_DELAY)
                 except asyncio.TimeoutError:
                     pass
-            uids, self._seen = self._seen, []
+            uids, self._seen_uids = self._seen_uids, []
             for attempt in (1, 2):  # a passing store fault gets one more try
                 try:
                     await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add",
