@@ -1,6 +1,6 @@
-"""pop3d's sans-IO core: POP3 (RFC 1939) with CAPA and response codes (RFC 2449, RFC 3206),
-STLS (RFC 2595) and AUTH PLAIN (RFC 5034). Bytes go in (`receive_data`), events come out
-(`next_event`); no sockets, no store, no clock.
+"""pop3d's sans-IO core: the POP3 command state machine (RFC 1939) with CAPA and response
+codes (RFC 2449, RFC 3206), STLS (RFC 2595) and AUTH PLAIN (RFC 5034). Bytes go in
+(`receive_data`), events come out (`next_event`); no sockets, no store, no clock.
 
 Events and who acts on them:
 - `Reply(data)`: write it. `Close(data)`: write it, then close the connection.
@@ -12,48 +12,35 @@ Events and who acts on them:
   `failed` for an internal error), `next_event` returns None: commands run one at a time,
   in order, however many the client pipelines.
 
-The commands each state allows are the table COMMANDS. The maildrop is the snapshot taken
-at login (`Maildrop`): DELE marks a number, RSET unmarks, and only QUIT in TRANSACTION (the
-UPDATE state, RFC 1939 §6) asks for removal; a connection that drops deletes nothing.
-
-Message bodies are streamed through `BodyEncoder`, which dot-stuffs (RFC 1939 §3) and cuts
-TOP's output wherever the chunk edges fall, and ends the response with CRLF "." CRLF.
-Limits: a line is at most MAX_LINE octets; MAX_ERRORS bad commands or MAX_LOGIN_FAILURES
-refused logins end the session.
+The commands each state allows are the table COMMANDS at the end; UPDATE allows none (the
+core reads nothing more once QUIT asked for removal). Around the state machine: lines come
+from framer.LineFramer, message bodies go out through framer.BodyEncoder, the snapshot and
+its marks are maildrop.Maildrop, and every reply is named in replies. Limits: a line is at
+most framer.MAX_LINE octets; MAX_ERRORS bad commands or MAX_LOGIN_FAILURES refused logins
+end the session.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from array import array
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+from pop3d import replies
+from pop3d.framer import MAX_LINE, LineFramer, LineTooLong
+from pop3d.maildrop import EXPIRE_NEVER, Maildrop
+from pop3d.replies import CommandError, Err, err, ok
 
-# RFC 2449 §4 caps commands at 255 octets, but RFC 5034 §4 lets an AUTH response be longer:
-# one generous limit for every line.
-MAX_LINE = 8 * 1024
+# The core's face; err is here for pop3d.protocol, which answers refused connections with it.
+__all__ = ["AUTHORIZATION", "TRANSACTION", "UPDATE", "COMMANDS", "MAX_LINE", "POP3Core", "Settings", "Event",
+           "Reply", "Close", "StartTLS", "Authenticate", "Retrieve", "Update", "err"]
+
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"  # RFC 1939 §3
+
 MAX_NUMBER_DIGITS = 10
 MAX_ERRORS = 20
 MAX_LOGIN_FAILURES = 3
-
-# Response codes (RFC 2449 §8, RFC 3206).
-IN_USE = "IN-USE"
-LOGIN_DELAY = "LOGIN-DELAY"
-SYS_TEMP = "SYS/TEMP"
-SYS_PERM = "SYS/PERM"
-AUTH = "AUTH"
-
-COMMANDS: dict[str, dict[str, str]] = {
-    AUTHORIZATION: {"CAPA": "capa", "USER": "user", "PASS": "pass_", "AUTH": "auth", "STLS": "stls",
-                    "QUIT": "quit"},
-    TRANSACTION: {"CAPA": "capa", "STAT": "stat", "LIST": "list_", "RETR": "retr", "TOP": "top", "DELE": "dele",
-                  "NOOP": "noop", "RSET": "rset", "UIDL": "uidl", "QUIT": "quit"},
-    UPDATE: {},
-}
-KNOWN_VERBS = frozenset(verb for table in COMMANDS.values() for verb in table) | {"APOP"}
 
 
 # -- events -------------------------------------------------------------------------------
@@ -106,200 +93,7 @@ class Settings:
     tls_active: bool  # implicit TLS (port 995)
     plaintext_auth: bool  # passwords allowed without TLS
     login_delay: int = 0  # seconds between logins (RFC 2449 §6.5); 0: not advertised
-    expire: str = "NEVER"  # RFC 2449 §6.7: "NEVER", or "0" to remove retrieved messages at QUIT
-
-
-class CommandError(Exception):
-    def __init__(self, text: str, code: str | None = None):
-        super().__init__(text)
-        self.text, self.code = text, code
-
-
-def ok(text: str) -> bytes:
-    return f"+OK {text}\r\n".encode()
-
-
-def err(text: str, code: str | None = None) -> bytes:
-    return (f"-ERR [{code}] {text}\r\n" if code else f"-ERR {text}\r\n").encode()
-
-
-def multiline(first: str, lines: list[str]) -> bytes:
-    """A multi-line response whose lines never start with "." (capabilities, listings)."""
-    return ("".join([f"+OK {first}\r\n", *(f"{line}\r\n" for line in lines), ".\r\n"])).encode()
-
-
-# -- framing ------------------------------------------------------------------------------
-
-
-class LineTooLong:
-    """A line over the limit: its bytes are discarded up to its end."""
-
-
-TOO_LONG = LineTooLong()
-
-
-class LineFramer:
-    """Bytes into lines (CRLF, or a bare LF, ends one); memory stays bounded by `max_line`
-    plus whatever complete lines wait unread (the adapter stops reading when that grows)."""
-
-    def __init__(self, max_line: int = MAX_LINE):
-        self.max_line = max_line
-        self._buffer = bytearray()
-        self._scanned = 0  # no LF in _buffer[:_scanned]: a line fed byte by byte is scanned once
-        self._skipping = False  # inside an over-long line, already reported
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def clear(self) -> None:
-        self._buffer.clear()
-        self._scanned = 0
-        self._skipping = False
-
-    def next_line(self) -> bytes | LineTooLong | None:
-        while True:
-            end = self._buffer.find(b"\n", self._scanned)
-            if self._skipping:
-                if end < 0:
-                    self._buffer.clear()
-                    return None
-                del self._buffer[: end + 1]
-                self._skipping = False
-                continue
-            if end < 0:
-                if len(self._buffer) > self.max_line:
-                    self._buffer.clear()
-                    self._scanned = 0
-                    self._skipping = True
-                    return TOO_LONG
-                self._scanned = len(self._buffer)
-                return None
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            self._scanned = 0
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) + 2 > self.max_line:
-                return TOO_LONG
-            return line
-
-
-# -- message bodies -----------------------------------------------------------------------
-
-
-class BodyEncoder:
-    """A stored message (CRLF lines) as the body of a multi-line response: each line that
-    starts with "." gets one more (RFC 1939 §3), for RETR the whole message, for TOP the
-    header, the blank line and `lines` body lines. Chunks may be cut anywhere; `done` says
-    TOP needs no more input; `end()` is the terminator (after a CRLF if the message did not
-    end with one)."""
-
-    def __init__(self, lines: int | None = None):
-        self._lines_left = lines
-        self._in_header = lines is not None
-        self._line_start = True  # the next byte starts a line
-        self._line_head = b""  # the first (up to two) bytes of the current line, for TOP
-        self.done = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done or not chunk:
-            return b""
-        if self._lines_left is not None:
-            cut = self._cut(chunk)
-            if cut is not None:
-                chunk = chunk[:cut]
-                self.done = True
-        return self._stuff(chunk)
-
-    def end(self) -> bytes:
-        return b".\r\n" if self._line_start else b"\r\n.\r\n"
-
-    def _stuff(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        out = data.replace(b"\n.", b"\n..")
-        if self._line_start and data[:1] == b".":
-            out = b"." + out
-        self._line_start = data[-1:] == b"\n"
-        return out
-
-    def _cut(self, chunk: bytes) -> int | None:
-        """Where TOP's output ends within `chunk` (just after a line's LF), or None."""
-        pos = 0
-        while True:
-            end = chunk.find(b"\n", pos)
-            if end < 0:
-                self._line_head = (self._line_head + chunk[pos : pos + 2])[:2]
-                return None
-            head = (self._line_head + chunk[pos : min(end, pos + 2)])[:2]
-            self._line_head = b""
-            pos = end + 1
-            if self._in_header:
-                if head in (b"", b"\r"):  # the blank line that ends the header
-                    self._in_header = False
-                    if self._lines_left == 0:
-                        return pos
-            else:
-                assert self._lines_left is not None
-                self._lines_left -= 1
-                if self._lines_left <= 0:
-                    return pos
-
-
-# -- the maildrop snapshot ----------------------------------------------------------------
-
-
-class Maildrop:
-    """The messages of the maildrop as they were at login, numbered from 1, with the
-    session's deletion marks. UIDLs are "<UIDVALIDITY>.<UID>": stable, never reused.
-    Compact (12 bytes a message) and with its octet total kept as marks change: STAT and
-    LIST on a big maildrop cost no walk over it."""
-
-    def __init__(self, uidvalidity: int, messages: Iterable[tuple[int, int]]):
-        self.uidvalidity = uidvalidity
-        self.uids = array("I")  # ascending
-        self.sizes = array("Q")
-        for uid, size in messages:
-            self.uids.append(uid)
-            self.sizes.append(size)
-        self.deleted: set[int] = set()  # message numbers
-        self.retrieved: set[int] = set()  # message numbers fully sent by RETR
-        self._octets = sum(self.sizes)
-
-    def count(self) -> int:
-        return len(self.uids) - len(self.deleted)
-
-    def octets(self) -> int:
-        return self._octets
-
-    def message(self, number: int) -> tuple[int, int]:
-        if not 1 <= number <= len(self.uids):
-            raise CommandError(f"no such message, only {len(self.uids)} in maildrop")
-        if number in self.deleted:
-            raise CommandError(f"message {number} already deleted")
-        return self.uids[number - 1], self.sizes[number - 1]
-
-    def delete(self, number: int) -> None:
-        """Mark a message (checked with `message` first)."""
-        if number not in self.deleted:
-            self.deleted.add(number)
-            self._octets -= self.sizes[number - 1]
-
-    def undelete_all(self) -> None:
-        self.deleted.clear()
-        self._octets = sum(self.sizes)
-
-    def live(self):
-        """(number, uid, size) of every message not marked deleted."""
-        for index, uid in enumerate(self.uids):
-            if index + 1 not in self.deleted:
-                yield index + 1, uid, self.sizes[index]
-
-    def uidl(self, uid: int) -> str:
-        return f"{self.uidvalidity}.{uid}"
+    expire: str = EXPIRE_NEVER  # RFC 2449 §6.7: EXPIRE_NEVER, or EXPIRE_AT_QUIT to remove what RETR sent
 
 
 # -- the state machine --------------------------------------------------------------------
@@ -314,13 +108,13 @@ class POP3Core:
         self.errors = 0
         self.login_failures = 0
         self.closed = False
-        self._framer = LineFramer()
-        self._user: str | None = None  # from USER, for the PASS that follows
-        self._sasl = False  # the next line is an AUTH PLAIN response
+        self._framer = LineFramer(MAX_LINE)
+        self._user_for_pass: str | None = None  # from USER, for the PASS that follows
+        self._plain_response_next = False  # AUTH PLAIN without an initial response was answered "+ "
         self._pending: Event | None = None
 
     def greeting(self) -> bytes:
-        return ok(f"{self.settings.implementation} POP3 server ready")
+        return replies.greeting(self.settings.implementation)
 
     def receive_data(self, data: bytes) -> None:
         if not self.closed:
@@ -335,7 +129,7 @@ class POP3Core:
         line = self._framer.next_line()
         if line is None:
             return None
-        event = self._line(line)
+        event = self._command(line)
         if isinstance(event, (Authenticate, Retrieve, Update)):
             self._pending = event
         elif isinstance(event, Close):
@@ -348,106 +142,107 @@ class POP3Core:
         self._pending = None
         self.maildrop = maildrop
         self.state = TRANSACTION
-        return Reply(ok(f"maildrop has {maildrop.count()} messages ({maildrop.octets()} octets)"))
+        return Reply(replies.maildrop_status(maildrop.count(), maildrop.octets()))
 
-    def login_refused(self, text: str, code: str | None = AUTH, *, counts: bool = True) -> Reply | Close:
+    def login_refused(self, refusal: Err, *, counts: bool = True) -> Reply | Close:
         """A failed login; `counts` is False when the password was right (IN-USE, LOGIN-DELAY)."""
         self._pending = None
         if counts:
             self.login_failures += 1
             if self.login_failures >= MAX_LOGIN_FAILURES:
                 self.closed = True
-                return Close(err(f"{text}; too many failed logins, closing", code))
-        return Reply(err(text, code))
+                return Close(refusal.closing(replies.TOO_MANY_LOGIN_FAILURES))
+        return Reply(refusal.line())
 
     def finished(self, event: Retrieve) -> None:
         """The message of `event` was sent whole (with its terminator)."""
         self._pending = None
         if event.lines is None and self.maildrop is not None:
-            self.maildrop.retrieved.add(event.number)
+            self.maildrop.sent_whole(event.number)
 
-    def retrieve_failed(self, text: str, code: str | None = SYS_TEMP) -> Reply:
+    def retrieve_failed(self, refusal: Err) -> Reply:
         """The message could not be opened (nothing of it was sent)."""
         self._pending = None
-        return Reply(err(text, code))
+        return Reply(refusal.line())
 
     def updated(self, removed: int | None) -> Close:
         """The end of UPDATE: `removed` messages removed, or None if removing failed."""
         self._pending = None
         self.closed = True
         if removed is None:
-            return Close(err("some deleted messages were not removed", SYS_TEMP))
-        return Close(ok(f"{self.settings.implementation} signing off ({removed} messages deleted)"))
+            return Close(replies.NOT_REMOVED.line())
+        return Close(replies.signing_off(self.settings.implementation, removed))
 
     def failed(self) -> Reply | Close:
         """An internal error in the adapter's work for the pending event: -ERR with the
         session id, never the error's text."""
         pending, self._pending = self._pending, None
-        text = f"internal error, session {self.settings.sid}"
+        reply = replies.internal_error(self.settings.sid).line()
         if isinstance(pending, Update):
             self.closed = True
-            return Close(err(text, SYS_TEMP))
-        return Reply(err(text, SYS_TEMP))
+            return Close(reply)
+        return Reply(reply)
 
     # -- commands ------------------------------------------------------------------------------
 
-    def _line(self, line: bytes | LineTooLong) -> Event:
-        if self._sasl:
-            self._sasl = False
+    def _command(self, line: bytes | LineTooLong) -> Event:
+        if self._plain_response_next:
+            self._plain_response_next = False
             if isinstance(line, LineTooLong):
-                return self._error(f"AUTH response too long (limit {MAX_LINE} octets)")
+                return self._refuse(replies.line_too_long("AUTH response", self._framer.max_line))
             return self._plain_response(line)
         if isinstance(line, LineTooLong):
-            return self._error(f"line too long (limit {MAX_LINE} octets)")
+            return self._refuse(replies.line_too_long("line", self._framer.max_line))
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return self._error("command is not valid UTF-8")
+            return self._refuse(replies.NOT_UTF8)
         if any(c < " " or c == "\x7f" for c in text):
-            return self._error("control characters in command")
+            return self._refuse(replies.CONTROL_CHARACTERS)
         verb, _, rest = text.partition(" ")
         verb = verb.upper()
         handler = COMMANDS[self.state].get(verb)
         if handler is None:
             if not verb:
-                return self._error("empty command")
+                return self._refuse(replies.EMPTY_COMMAND)
             if verb == "APOP":
-                return self._error("APOP is not supported: use USER/PASS or AUTH PLAIN (over TLS)")
+                return self._refuse(replies.APOP_UNSUPPORTED)
             if verb in KNOWN_VERBS:
-                where = "before login" if self.state == AUTHORIZATION else "after login"
-                return self._error(f"{verb} is not valid {where}")
-            return self._error(f"unknown command {verb[:20]!r}")
+                return self._refuse(replies.not_valid(verb, logged_in=self.state != AUTHORIZATION))
+            return self._refuse(replies.unknown_command(verb))
         if verb not in ("USER", "PASS"):
-            self._user = None  # PASS must follow USER at once (RFC 1939 §7)
+            self._user_for_pass = None  # PASS must follow USER at once (RFC 1939 §7)
         try:
-            return getattr(self, f"_cmd_{handler}")(rest)
+            return handler(self, rest)
         except CommandError as e:
-            return self._error(e.text, e.code)
+            return self._refuse(e.err)
 
-    def _error(self, text: str, code: str | None = None) -> Reply | Close:
+    def _refuse(self, refusal: Err) -> Reply | Close:
+        """The one place a command's -ERR is answered, and bad commands are counted."""
         self.errors += 1
         if self.errors >= MAX_ERRORS:
-            return Close(err(f"{text}; too many errors, closing", code))
-        return Reply(err(text, code))
+            return Close(refusal.closing(replies.TOO_MANY_ERRORS))
+        return Reply(refusal.line())
 
     @staticmethod
-    def _args(rest: str, low: int, high: int, usage: str) -> list[str]:
+    def _arguments(rest: str, low: int, high: int, syntax: str) -> list[str]:
         args = rest.split()
         if not low <= len(args) <= high:
-            raise CommandError(f"usage: {usage}")
+            raise CommandError(replies.usage(syntax))
         return args
 
     @staticmethod
     def _number(arg: str, what: str = "message number") -> int:
         if not arg.isascii() or not arg.isdigit() or len(arg) > MAX_NUMBER_DIGITS:
-            raise CommandError(f"{what} must be a decimal number: {arg[:20]!r}")
+            raise CommandError(replies.not_a_number(what, arg))
         return int(arg)
 
-    def _auth_allowed(self) -> None:
+    def _check_auth_allowed(self) -> None:
         if not (self.tls_active or self.settings.plaintext_auth):
-            raise CommandError("plaintext authentication is not allowed before STLS", AUTH)
+            raise CommandError(replies.PLAINTEXT_REFUSED)
 
     def capabilities(self) -> list[str]:
+        """RFC 2449 §6: what CAPA lists in the current state."""
         caps = ["CAPA", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state == AUTHORIZATION:
             if self.tls_active or self.settings.plaintext_auth:
@@ -460,132 +255,146 @@ class POP3Core:
         caps.append(f"IMPLEMENTATION {self.settings.implementation}")
         return caps
 
-    def _cmd_capa(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "CAPA")
-        return Reply(multiline("capability list follows", self.capabilities()))
+    # AUTHORIZATION, and the commands every state allows
 
-    def _cmd_user(self, rest: str) -> Event:
-        self._auth_allowed()
+    def _capa(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "CAPA")
+        return Reply(replies.capabilities(self.capabilities()))
+
+    def _user(self, rest: str) -> Event:
+        self._check_auth_allowed()
         if not rest.strip() or len(rest) > 255:
-            raise CommandError("usage: USER name")
-        self._user = rest.strip()
-        return Reply(ok("send PASS"))  # whether the user exists is not told (RFC 1939 §13)
+            raise CommandError(replies.usage("USER name"))
+        self._user_for_pass = rest.strip()
+        return Reply(replies.SEND_PASS)
 
-    def _cmd_pass_(self, rest: str) -> Event:
-        self._auth_allowed()
-        user, self._user = self._user, None
+    def _pass(self, rest: str) -> Event:
+        self._check_auth_allowed()
+        user, self._user_for_pass = self._user_for_pass, None
         if user is None:
-            raise CommandError("USER first")
+            raise CommandError(replies.USER_FIRST)
         if not rest:
-            raise CommandError("usage: PASS password")
+            raise CommandError(replies.usage("PASS password"))
         return Authenticate(user, rest, "USER")  # the password is the rest of the line, spaces and all
 
-    def _cmd_auth(self, rest: str) -> Event:
-        args = self._args(rest, 0, 2, "AUTH [PLAIN [initial-response]]")
+    def _auth(self, rest: str) -> Event:
+        args = self._arguments(rest, 0, 2, "AUTH [PLAIN [initial-response]]")
         if not args:  # the mechanism list, as many clients probe for it
-            return Reply(multiline("SASL mechanisms follow", ["PLAIN"]))
+            return Reply(replies.MECHANISMS)
         if args[0].upper() != "PLAIN":
-            raise CommandError(f"unsupported mechanism {args[0][:20]!r}: PLAIN only")
-        self._auth_allowed()
+            raise CommandError(replies.unsupported_mechanism(args[0]))
+        self._check_auth_allowed()
         if len(args) == 1:
-            self._sasl = True
-            return Reply(b"+ \r\n")
+            self._plain_response_next = True
+            return Reply(replies.AUTH_CONTINUE)
         return self._plain_response(args[1].encode())
 
     def _plain_response(self, response: bytes) -> Event:
+        """RFC 4616: authzid NUL authcid NUL password, in base64 ("=" for empty)."""
         response = response.strip()
-        if response == b"*":
-            return self._error("authentication cancelled")
+        if response == b"*":  # RFC 5034 §4: the client cancels
+            return self._refuse(replies.AUTH_CANCELLED)
         try:
             decoded = base64.b64decode(response, validate=True) if response != b"=" else b""
             authzid, authcid, password = decoded.split(b"\0")
             user, secret = authcid.decode(), password.decode()
         except (binascii.Error, ValueError, UnicodeDecodeError):
-            return self.login_refused("malformed AUTH PLAIN response", None)
+            return self.login_refused(replies.MALFORMED_PLAIN)
         if authzid and authzid != authcid:
-            return self.login_refused("acting as another user is not allowed")
+            return self.login_refused(replies.IMPERSONATION)
         return Authenticate(user, secret, "PLAIN")
 
-    def _cmd_stls(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "STLS")
+    def _stls(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "STLS")
         if self.tls_active:
-            raise CommandError("TLS is already active")
+            raise CommandError(replies.TLS_ACTIVE)
         if not self.settings.tls_available:
-            raise CommandError("STLS is not available: no certificate configured")
+            raise CommandError(replies.NO_TLS)
         # RFC 2595 §4 / the CVE-2011-0411 class: nothing sent before the handshake counts.
         self._framer.clear()
         self.tls_active = True
-        return StartTLS(ok("begin TLS negotiation"))
+        return StartTLS(replies.BEGIN_TLS)
 
-    def _cmd_quit(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "QUIT")
+    def _quit(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "QUIT")
         if self.state == AUTHORIZATION:
-            return Close(ok(f"{self.settings.implementation} signing off"))
-        assert self.maildrop is not None
-        self.state = UPDATE
-        doomed = set(self.maildrop.deleted)
-        if self.settings.expire == "0":  # RFC 2449 §6.7: an implicit DELE of what RETR sent
-            doomed |= self.maildrop.retrieved
-        return Update(tuple(sorted(self.maildrop.uids[n - 1] for n in doomed)))
+            return Close(replies.signing_off(self.settings.implementation))
+        self.state = UPDATE  # RFC 1939 §6
+        return Update(self._maildrop().to_remove(self.settings.expire))
 
     # TRANSACTION (the maildrop is there)
 
-    def _drop(self) -> Maildrop:
+    def _maildrop(self) -> Maildrop:
         assert self.maildrop is not None
         return self.maildrop
 
-    def _cmd_stat(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "STAT")
-        drop = self._drop()
-        return Reply(ok(f"{drop.count()} {drop.octets()}"))
+    def _stat(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "STAT")
+        maildrop = self._maildrop()
+        return Reply(ok(f"{maildrop.count()} {maildrop.octets()}"))
 
-    def _cmd_list_(self, rest: str) -> Event:
-        args = self._args(rest, 0, 1, "LIST [message]")
-        drop = self._drop()
+    def _list(self, rest: str) -> Event:
+        args = self._arguments(rest, 0, 1, "LIST [message]")
+        maildrop = self._maildrop()
         if args:
             number = self._number(args[0])
-            _, size = drop.message(number)
+            _, size = maildrop.message(number)
             return Reply(ok(f"{number} {size}"))
-        lines = [f"{number} {size}" for number, _, size in drop.live()]
-        return Reply(multiline(f"{drop.count()} messages ({drop.octets()} octets)", lines))
+        lines = [f"{number} {size}" for number, _, size in maildrop.undeleted()]
+        return Reply(replies.multiline(f"{maildrop.count()} messages ({maildrop.octets()} octets)", lines))
 
-    def _cmd_uidl(self, rest: str) -> Event:
-        args = self._args(rest, 0, 1, "UIDL [message]")
-        drop = self._drop()
+    def _uidl(self, rest: str) -> Event:
+        args = self._arguments(rest, 0, 1, "UIDL [message]")
+        maildrop = self._maildrop()
         if args:
             number = self._number(args[0])
-            uid, _ = drop.message(number)
-            return Reply(ok(f"{number} {drop.uidl(uid)}"))
-        lines = [f"{number} {drop.uidl(uid)}" for number, uid, _ in drop.live()]
-        return Reply(multiline("unique-id listing follows", lines))
+            uid, _ = maildrop.message(number)
+            return Reply(ok(f"{number} {maildrop.uidl(uid)}"))
+        lines = [f"{number} {maildrop.uidl(uid)}" for number, uid, _ in maildrop.undeleted()]
+        return Reply(replies.multiline("unique-id listing follows", lines))
 
-    def _cmd_retr(self, rest: str) -> Event:
-        args = self._args(rest, 1, 1, "RETR message")
+    def _retr(self, rest: str) -> Event:
+        args = self._arguments(rest, 1, 1, "RETR message")
         number = self._number(args[0])
-        uid, size = self._drop().message(number)
+        uid, size = self._maildrop().message(number)
         return Retrieve(number, uid, size, None, ok(f"{size} octets"))
 
-    def _cmd_top(self, rest: str) -> Event:
-        args = self._args(rest, 2, 2, "TOP message lines")
+    def _top(self, rest: str) -> Event:
+        args = self._arguments(rest, 2, 2, "TOP message lines")
         number = self._number(args[0])
         lines = self._number(args[1], "line count")
-        uid, size = self._drop().message(number)
-        return Retrieve(number, uid, size, lines, ok("top of message follows"))
+        uid, size = self._maildrop().message(number)
+        return Retrieve(number, uid, size, lines, replies.TOP_FOLLOWS)
 
-    def _cmd_dele(self, rest: str) -> Event:
-        args = self._args(rest, 1, 1, "DELE message")
+    def _dele(self, rest: str) -> Event:
+        args = self._arguments(rest, 1, 1, "DELE message")
         number = self._number(args[0])
-        drop = self._drop()
-        drop.message(number)
-        drop.delete(number)
+        self._maildrop().delete(number)
         return Reply(ok(f"message {number} deleted"))
 
-    def _cmd_noop(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "NOOP")
-        return Reply(ok("nothing to do"))
+    def _noop(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "NOOP")
+        return Reply(replies.NOTHING_TO_DO)
 
-    def _cmd_rset(self, rest: str) -> Event:
-        self._args(rest, 0, 0, "RSET")
-        drop = self._drop()
-        drop.undelete_all()
-        return Reply(ok(f"maildrop has {drop.count()} messages ({drop.octets()} octets)"))
+    def _rset(self, rest: str) -> Event:
+        self._arguments(rest, 0, 0, "RSET")
+        maildrop = self._maildrop()
+        maildrop.undelete_all()
+        return Reply(replies.maildrop_status(maildrop.count(), maildrop.octets()))
+
+
+# -- the state table ----------------------------------------------------------------------
+
+Handler = Callable[[POP3Core, str], Event]
+
+# RFC 1939 §4-6, RFC 2449 §5 (CAPA in every state but UPDATE), RFC 2595 §4, RFC 5034 §4.
+COMMANDS: dict[str, dict[str, Handler]] = {
+    AUTHORIZATION: {"CAPA": POP3Core._capa, "USER": POP3Core._user, "PASS": POP3Core._pass,
+                    "AUTH": POP3Core._auth, "STLS": POP3Core._stls, "QUIT": POP3Core._quit},
+    TRANSACTION: {"CAPA": POP3Core._capa, "STAT": POP3Core._stat, "LIST": POP3Core._list, "RETR": POP3Core._retr,
+                  "TOP": POP3Core._top, "DELE": POP3Core._dele, "NOOP": POP3Core._noop, "RSET": POP3Core._rset,
+                  "UIDL": POP3Core._uidl, "QUIT": POP3Core._quit},
+    UPDATE: {},
+}
+# Verbs a state refuses as "not valid before/after login" rather than as unknown.
+KNOWN_VERBS = frozenset(verb for table in COMMANDS.values() for verb in table)

@@ -1,8 +1,8 @@
 """One POP3 session's work on the store: what the sans-IO core (pop3d.core) asks for and
 cannot do itself. Checking a password (delayed when wrong, policy.logins), taking the
-maildrop lock (storage.locks) and the snapshot of INBOX, streaming a message from its file
-in chunks paced by the transport, marking retrieved messages \\Seen for IMAP, and removing
-the deleted ones in the UPDATE state.
+maildrop lock (storage.lock_maildrop) and the snapshot of INBOX (pop3d.maildrop), streaming
+a message from the store in chunks paced by the transport, marking retrieved messages
+\\Seen for IMAP, and removing the deleted ones in the UPDATE state.
 
 The session knows no sockets: it writes through its `Connection` (the Twisted adapter in
 pop3d.protocol). Store calls run in threads via `context.run`. `perform` is the one place
@@ -28,22 +28,10 @@ from conf import Config
 from conf.logfmt import EventLogger
 from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
-from pop3d.core import (
-    AUTH,
-    IN_USE,
-    LOGIN_DELAY,
-    Authenticate,
-    BodyEncoder,
-    Close,
-    Event,
-    Maildrop,
-    POP3Core,
-    Reply,
-    Retrieve,
-    Settings,
-    StartTLS,
-    Update,
-)
+from pop3d import replies
+from pop3d.core import Authenticate, Close, Event, POP3Core, Reply, Retrieve, Settings, StartTLS, Update
+from pop3d.framer import BodyEncoder
+from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
 from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maildrop
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
@@ -71,7 +59,7 @@ class POP3Context:
     accounts: Accounts
     store: Store
     throttle: LoginThrottle
-    run: Callable[..., Awaitable[Any]]  # run(fn, *args) in a store thread
+    run: Callable[..., Awaitable[Any]]  # run(function, *args) in a store thread
     tls: Any  # conf.reactor.ServerTLS for STLS and port 995, or None without a certificate
     version: str
     # \Seen writes still running after their session ended (kept referenced until done).
@@ -91,7 +79,7 @@ class Session:
         self.core = POP3Core(Settings(
             sid=sid, implementation=f"Postroom {context.version}", tls_available=context.tls is not None,
             tls_active=implicit_tls, plaintext_auth=pop3.plaintext_auth, login_delay=int(pop3.login_delay),
-            expire="NEVER" if pop3.expire == "never" else "0",
+            expire=EXPIRE_NEVER if pop3.expire == "never" else EXPIRE_AT_QUIT,
         ))
         self.log = EventLogger("pop3d.session").bind(sid=sid)
         self.user: str | None = None
@@ -99,7 +87,7 @@ class Session:
         self.retrieved = 0  # messages sent whole by RETR
         self.ended = False
         self.updating = False  # QUIT's removals are running: the lock is theirs to release
-        self._seen: list[int] = []
+        self._seen_uids: list[int] = []  # sent by RETR, waiting for the next \Seen write
         self._seen_task: asyncio.Task | None = None
         self._seen_now = asyncio.Event()  # stop waiting for more: QUIT, or the connection ended
 
@@ -130,7 +118,7 @@ class Session:
                 outcome = event
         except ConnectionError:
             raise
-        except _Broken:
+        except _MessageCutError:
             self.conn.close()  # part of a message is out: no reply can follow it
             return
         except Exception:
@@ -151,17 +139,16 @@ class Session:
             delay = context.throttle.failed(peer)
             self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay)
             await asyncio.sleep(delay)
-            return self.core.login_refused("wrong user name or password", AUTH)
+            return self.core.login_refused(replies.WRONG_PASSWORD)
         context.throttle.succeeded(peer)
         account = str(user.address)  # the store's account name: local@a-label
         outcome = await context.run(self._open_maildrop, account)
         if isinstance(outcome, str):
             self.log.info(outcome, user=account, ip=peer)
             if outcome == "in_use":
-                return self.core.login_refused("maildrop already locked by another POP3 session", IN_USE,
-                                               counts=False)
-            return self.core.login_refused(f"wait {int(self.core.settings.login_delay)} s between logins",
-                                           LOGIN_DELAY, counts=False)
+                return self.core.login_refused(replies.MAILDROP_IN_USE, counts=False)
+            return self.core.login_refused(replies.wait_between_logins(self.core.settings.login_delay),
+                                           counts=False)
         lock, maildrop = outcome
         if self.ended:  # the client left while the store was asked
             lock.release()
@@ -181,8 +168,8 @@ class Session:
         if lock is None:
             return "in_use"
         try:
-            delay, now = self.core.settings.login_delay, time.time()
-            if delay and lock.last_login is not None and 0 <= now - lock.last_login < delay:
+            now = time.time()
+            if too_soon(lock.last_login, now, self.core.settings.login_delay):
                 lock.release()
                 return "login_delay"
             mailbox, listing = store.sizes(account, INBOX)
@@ -198,7 +185,7 @@ class Session:
         assert self.user is not None
         opened = await self.context.run(self._open_message, event.uid)
         if opened is None:
-            return self.core.retrieve_failed(f"message {event.number} was removed by another session", None)
+            return self.core.retrieve_failed(replies.message_gone(event.number))
         file, chunk = opened
         try:
             self.conn.write(event.ok)
@@ -216,7 +203,7 @@ class Session:
                 raise  # the client left: no disk fault to report
             except OSError as e:
                 self.log.error("read_failed", uid=event.uid, error=str(e))
-                raise _Broken() from None
+                raise _MessageCutError() from None
             self.conn.write(encoder.end())
         finally:
             file.close()
@@ -245,7 +232,7 @@ class Session:
             raise
 
     def _mark_seen(self, uid: int) -> None:
-        self._seen.append(uid)
+        self._seen_uids.append(uid)
         if self._seen_task is None or self._seen_task.done():
             self._seen_task = asyncio.ensure_future(self._write_seen())
             self.context.background.add(self._seen_task)
@@ -254,13 +241,13 @@ class Session:
     async def _write_seen(self) -> None:
         assert self.user is not None
         store, account = self.context.store, self.user
-        while self._seen:
+        while self._seen_uids:
             if not self._seen_now.is_set():
                 try:
                     await asyncio.wait_for(self._seen_now.wait(), SEEN_DELAY)
                 except asyncio.TimeoutError:
                     pass
-            uids, self._seen = self._seen, []
+            uids, self._seen_uids = self._seen_uids, []
             for attempt in (1, 2):  # a passing store fault gets one more try
                 try:
                     await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add",
@@ -310,5 +297,5 @@ class Session:
             self.lock = None
 
 
-class _Broken(Exception):
+class _MessageCutError(Exception):
     """A message could not be sent whole after its +OK: the connection must close."""

@@ -22,6 +22,9 @@ from imapd.syntax import ParseError
 from mtad import replies
 from mtad import session as smtp
 from pop3d import core as pop3
+from pop3d import replies as pop3_replies
+from pop3d.framer import BodyEncoder
+from pop3d.maildrop import Maildrop
 
 QUEUED = replies.Reply(250, "2.0.0", "OK queued as TEST")
 POP3_PASSWORD = "s3cret"
@@ -201,13 +204,13 @@ class POP3Driver(_SegmentDriver):
             self.events.append(("login", event.user, event.mechanism))
             if event.password == POP3_PASSWORD:
                 listing = ((uid, len(raw)) for uid, raw in sorted(self.messages.items()))
-                self._act(core.logged_in(pop3.Maildrop(7, listing)))
+                self._act(core.logged_in(Maildrop(7, listing)))
             else:
-                self._act(core.login_refused("wrong user name or password"))
+                self._act(core.login_refused(pop3_replies.WRONG_PASSWORD))
         elif isinstance(event, pop3.Retrieve):
             self.events.append(("retrieve", event.uid, event.lines))
             raw = self.messages[event.uid]
-            encoder = pop3.BodyEncoder(event.lines)
+            encoder = BodyEncoder(event.lines)
             out = bytearray(event.ok)
             for pos in range(0, len(raw), self.chunk):
                 if encoder.done:

@@ -32,6 +32,7 @@ from imapd.parser import Frame, parse_command
 from imapd.syntax import ParseError
 from mtad.session import SessionConfig
 from pop3d import core as pop3
+from pop3d.framer import BodyEncoder
 
 FACTOR = 8
 pytestmark = pytest.mark.serial  # ratios of CPU time, best taken with the machine to itself
@@ -247,7 +248,7 @@ def pop3_case(split: Callable[[bytes], list[bytes]], build: Callable[[int], byte
 def encode(spec: tuple[bytes, int | None, int]) -> None:
     """BodyEncoder over a message in `chunk`-byte pieces (TOP when `lines` is set)."""
     raw, lines, chunk = spec
-    encoder = pop3.BodyEncoder(lines)
+    encoder = BodyEncoder(lines)
     for pos in range(0, len(raw), chunk):
         encoder.feed(raw[pos:pos + chunk])
 

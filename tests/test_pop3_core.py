@@ -1,7 +1,8 @@
-"""pop3d's sans-IO core, alone: the state table, every command's reply, the framing limits,
-STLS and AUTH PLAIN, and the body encoder's dot-stuffing and TOP cut wherever chunk edges
-fall. Input is fed in 1-10 byte pieces; a small in-memory driver plays the adapter's part
-(password check, message bytes, UPDATE) so whole sessions run without sockets or store."""
+"""pop3d's sans-IO parts, alone: the state table, every command's reply, the maildrop's
+marks, the framing limits, STLS and AUTH PLAIN, and the body encoder's dot-stuffing and TOP
+cut wherever chunk edges fall. Input is fed in 1-10 byte pieces; a small in-memory driver
+plays the adapter's part (password check, message bytes, UPDATE) so whole sessions run
+without sockets or store."""
 
 from __future__ import annotations
 
@@ -11,26 +12,25 @@ import re
 
 import pytest
 
+from pop3d import replies
 from pop3d.core import (
     AUTHORIZATION,
     COMMANDS,
     MAX_ERRORS,
-    MAX_LINE,
     TRANSACTION,
     UPDATE,
     Authenticate,
-    BodyEncoder,
     Close,
-    LineFramer,
-    Maildrop,
     POP3Core,
     Reply,
     Retrieve,
     Settings,
     StartTLS,
-    TOO_LONG,
     Update,
 )
+from pop3d.framer import MAX_LINE, TOO_LONG, BodyEncoder, LineFramer
+from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
+from pop3d.replies import CommandError, Err
 
 PASSWORD = "s3cret pass"
 MESSAGES = {
@@ -92,11 +92,11 @@ class Driver:
                 drop = Maildrop(777, [(uid, len(raw)) for uid, raw in sorted(self.messages.items())])
                 self.act(self.core.logged_in(drop))
             else:
-                self.act(self.core.login_refused("wrong user name or password"))
+                self.act(self.core.login_refused(replies.WRONG_PASSWORD))
         elif isinstance(event, Retrieve):
             raw = self.messages.get(event.uid)
             if raw is None:
-                self.act(self.core.retrieve_failed("gone", None))
+                self.act(self.core.retrieve_failed(replies.message_gone(event.number)))
                 return
             self.out += event.ok
             encoder = BodyEncoder(event.lines)
@@ -135,26 +135,65 @@ def stuffed_reference(raw: bytes, lines: int | None = None) -> bytes:
 
 # -- the state table ----------------------------------------------------------------------
 
+NOT_VALID = "not valid"  # the refusal a state gives a verb it does not allow
+# (command, what it answers before login, what it answers after login): COMMANDS as behaviour.
+STATE_CASES = [
+    ("CAPA", "+OK capability list follows", "+OK capability list follows"),
+    ("USER bob", "+OK send PASS", NOT_VALID),
+    ("PASS x", "-ERR USER first", NOT_VALID),
+    ("AUTH", "+OK SASL mechanisms follow", NOT_VALID),
+    ("STLS", "+OK begin TLS negotiation", NOT_VALID),
+    ("QUIT", "+OK Postroom test signing off", "+OK Postroom test signing off (0 messages deleted)"),
+    ("STAT", NOT_VALID, "+OK 3 "),
+    ("LIST", NOT_VALID, "+OK 3 messages ("),
+    ("RETR 1", NOT_VALID, f"+OK {len(MESSAGES[11])} octets"),
+    ("TOP 1 0", NOT_VALID, "+OK top of message follows"),
+    ("DELE 1", NOT_VALID, "+OK message 1 deleted"),
+    ("NOOP", NOT_VALID, "+OK nothing to do"),
+    ("RSET", NOT_VALID, "+OK maildrop has 3 messages"),
+    ("UIDL", NOT_VALID, "+OK unique-id listing follows"),
+]
 
-def test_state_table():
-    assert set(COMMANDS[AUTHORIZATION]) == {"CAPA", "USER", "PASS", "AUTH", "STLS", "QUIT"}
-    assert set(COMMANDS[TRANSACTION]) == {"CAPA", "STAT", "LIST", "RETR", "TOP", "DELE", "NOOP", "RSET", "UIDL",
-                                          "QUIT"}
+
+def test_state_table_is_the_table_of_cases():
+    for state, column in ((AUTHORIZATION, 1), (TRANSACTION, 2)):
+        assert set(COMMANDS[state]) == {case[0].split()[0] for case in STATE_CASES if case[column] != NOT_VALID}
+        assert all(callable(handler) for handler in COMMANDS[state].values())
     assert COMMANDS[UPDATE] == {}
 
 
-@pytest.mark.parametrize("verb", ["STAT", "LIST", "RETR 1", "TOP 1 1", "DELE 1", "NOOP", "RSET", "UIDL"])
-def test_transaction_commands_before_login_are_refused(verb):
-    driver = Driver(POP3Core(settings()))
-    name = verb.split()[0]
-    assert driver.send(verb.encode() + b"\r\n") == f"-ERR {name} is not valid before login\r\n".encode()
+@pytest.mark.parametrize("logged_in_first", [False, True], ids=["AUTHORIZATION", "TRANSACTION"])
+@pytest.mark.parametrize("command, before, after", STATE_CASES, ids=[case[0].split()[0] for case in STATE_CASES])
+def test_each_state_runs_its_commands_and_refuses_the_others(command, before, after, logged_in_first):
+    driver = logged_in() if logged_in_first else Driver(POP3Core(settings()))
+    expected = after if logged_in_first else before
+    reply = driver.send(command.encode() + b"\r\n").decode()
+    verb = command.split()[0]
+    if expected == NOT_VALID:
+        assert reply == f"-ERR {verb} is not valid {'after' if logged_in_first else 'before'} login\r\n"
+        assert driver.send(b"NOOP\r\n" if logged_in_first else b"CAPA\r\n").startswith(b"+OK")  # state unchanged
+    else:
+        assert reply.startswith(expected), reply
 
 
-@pytest.mark.parametrize("verb", ["USER bob", "PASS x", "AUTH PLAIN", "STLS"])
-def test_authorization_commands_after_login_are_refused(verb):
-    driver = logged_in()
-    name = verb.split()[0]
-    assert driver.send(verb.encode() + b"\r\n") == f"-ERR {name} is not valid after login\r\n".encode()
+@pytest.mark.parametrize("logged_in_first", [False, True], ids=["AUTHORIZATION", "TRANSACTION"])
+def test_apop_and_unknown_verbs_are_refused_in_every_state(logged_in_first):
+    driver = logged_in() if logged_in_first else Driver(POP3Core(settings()))
+    assert driver.send(b"APOP alice 0123\r\n").startswith(b"-ERR APOP is not supported")
+    assert driver.send(b"XTND\r\n") == b"-ERR unknown command 'XTND'\r\n"
+
+
+def test_update_reads_no_more_commands():
+    """RFC 1939 §6: after QUIT in TRANSACTION the core only waits for the removal."""
+    core = POP3Core(settings())
+    driver = Driver(core)
+    driver.send(b"USER a\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    core.receive_data(b"DELE 1\r\nQUIT\r\nNOOP\r\nSTAT\r\n")
+    assert core.next_event() == Reply(b"+OK message 1 deleted\r\n")
+    assert core.next_event() == Update((11,))
+    assert core.state == UPDATE and core.next_event() is None
+    core.updated(1)
+    assert core.next_event() is None and core.closed
 
 
 # -- every command ------------------------------------------------------------------------
@@ -217,7 +256,8 @@ def test_expire_0_removes_what_retr_sent():
 def test_a_message_gone_meanwhile_is_an_error_and_the_session_goes_on():
     driver = logged_in()
     del driver.messages[12]
-    assert driver.send(b"RETR 2\r\nNOOP\r\n") == b"-ERR gone\r\n+OK nothing to do\r\n"
+    assert driver.send(b"RETR 2\r\nNOOP\r\n") == \
+        b"-ERR message 2 was removed by another session\r\n+OK nothing to do\r\n"
 
 
 @pytest.mark.parametrize("line, reply", [
@@ -249,6 +289,39 @@ def test_too_many_errors_close_the_session():
     out = driver.send(b"FROB\r\n" * (MAX_ERRORS + 5))
     assert out.count(b"-ERR") == MAX_ERRORS and out.endswith(b"too many errors, closing\r\n")
     assert driver.closed
+
+
+# -- the maildrop -------------------------------------------------------------------------
+
+
+def test_maildrop_marks_keep_count_and_octets_and_decide_what_update_removes():
+    maildrop = Maildrop(9, [(11, 100), (12, 20), (15, 3)])
+    assert (maildrop.count(), maildrop.octets()) == (3, 123)
+    maildrop.delete(2)
+    with pytest.raises(CommandError) as refused:
+        maildrop.delete(2)
+    assert refused.value.err == Err("message 2 already deleted")
+    with pytest.raises(CommandError) as refused:
+        maildrop.message(4)
+    assert refused.value.err == Err("no such message, only 3 in maildrop")
+    assert (maildrop.count(), maildrop.octets()) == (2, 103)
+    assert list(maildrop.undeleted()) == [(1, 11, 100), (3, 15, 3)]
+    maildrop.sent_whole(3)
+    assert maildrop.to_remove(EXPIRE_NEVER) == (12,) and maildrop.to_remove(EXPIRE_AT_QUIT) == (12, 15)
+    maildrop.undelete_all()
+    assert (maildrop.count(), maildrop.octets()) == (3, 123) and maildrop.to_remove(EXPIRE_NEVER) == ()
+    assert maildrop.uidl(15) == "9.15"
+
+
+@pytest.mark.parametrize("last_login, now, delay, refused", [
+    (None, 1000.0, 60, False),  # never logged in
+    (990.0, 1000.0, 0, False),  # no LOGIN-DELAY
+    (990.0, 1000.0, 60, True),
+    (940.0, 1000.0, 60, False),  # exactly the delay ago
+    (1010.0, 1000.0, 60, False),  # the clock went back
+])
+def test_login_delay(last_login, now, delay, refused):
+    assert too_soon(last_login, now, delay) is refused
 
 
 # -- framing ------------------------------------------------------------------------------
@@ -370,8 +443,8 @@ def test_failed_logins_end_the_session_and_in_use_does_not_count():
     core.next_event()
     event = core.next_event()
     assert isinstance(event, Authenticate) and core.next_event() is None  # one command at a time
-    assert core.login_refused("maildrop already locked", "IN-USE", counts=False) == \
-        Reply(b"-ERR [IN-USE] maildrop already locked\r\n")
+    assert core.login_refused(replies.MAILDROP_IN_USE, counts=False) == \
+        Reply(b"-ERR [IN-USE] maildrop already locked by another POP3 session\r\n")
     driver = Driver(core)
     out = driver.send(b"USER a\r\nPASS b\r\nUSER a\r\nPASS b\r\nUSER a\r\nPASS b\r\nNOOP\r\n")
     assert out.count(b"-ERR [AUTH] wrong user name or password") == 3
