@@ -40,9 +40,10 @@ from conf.schema import Config
 from conf.sockets import listening_socket
 from policy.connections import ConnectionLimit
 from mtad import replies
+from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, Question, RcptTo
+from mtad.events import StartTLS as StartTLSEvent
 from mtad.replies import Reply
-from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
-from mtad.session import StartTLS as StartTLSEvent
+from mtad.session import Session, SessionConfig
 from storage import (
     WRITE_IN_COMMITTER,
     AccountError,
@@ -258,9 +259,9 @@ class InboundSMTP(AiosmtpdSMTP):
                 self.core.tls_established()
                 self.log.info("starttls", version=self._tls_version())
             else:
-                self.core.answer(await self._decide(event))
+                self.core.answer(event, await self._decide(event))
 
-    async def _decide(self, event) -> Reply:
+    async def _decide(self, event: Question) -> Reply:
         try:
             if isinstance(event, Hello):
                 self.log.info("helo", name=event.name)
