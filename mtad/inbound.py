@@ -1,9 +1,9 @@
-"""The inbound MX agent: aiosmtpd's asyncio protocol driving our SMTP session core.
+"""The inbound MX agent: one connection of aiosmtpd's asyncio protocol driving our SMTP core.
 
 aiosmtpd supplies the connection plumbing (stream reader and writer, the STARTTLS upgrade
-whose connection_made drops plaintext read before the handshake, the idle timeout). Its
-command loop is replaced: mtad.session does all protocol work, and this module answers the
-session's questions:
+whose connection_made drops plaintext read before the handshake, the idle timeout), reached
+only through mtad/aiosmtpd_adapter.py. Its command loop is replaced: mtad.session does all
+protocol work, and this module answers the session's questions (mtad/events.py):
 - RCPT: the accounts database (local users, aliases, catch-alls, sub-addresses); relay
   tricks and other domains are refused; remote alias targets wait for the outbound queue
   (451 4.3.0 until it exists); over quota is 452 4.2.2.
@@ -32,17 +32,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from aiosmtpd.smtp import TLSSetupException, sslproto
-
 from conf.logfmt import EventLogger, session_id
 from conf.schema import Config
 from conf.sockets import listening_socket
 from policy.connections import ConnectionLimit
 from mtad import replies
+from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
+from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, Question, RcptTo, StartTLS
 from mtad.replies import Reply
-from mtad.session import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, RcptTo, Session, SessionConfig
-from mtad.session import StartTLS as StartTLSEvent
+from mtad.session import Session, SessionConfig
 from storage import (
     WRITE_IN_COMMITTER,
     AccountError,
@@ -134,14 +132,12 @@ class InboundContext:
         self.connections.release(ip)
 
 
-class InboundSMTP(AiosmtpdSMTP):
+class InboundSMTP(AiosmtpdConnection):
     """One SMTP connection."""
 
     def __init__(self, context: InboundContext, *, implicit_tls: bool = False):
         config = context.config
-        super().__init__(handler=None, hostname=config.server.hostname, tls_context=context.tls,
-                         timeout=config.smtp.timeout, data_size_limit=config.smtp.max_message_size,
-                         enable_SMTPUTF8=True)
+        super().__init__(hostname=config.server.hostname, tls_context=context.tls, timeout=config.smtp.timeout)
         self.context = context
         self.sid = session_id()
         self.log = EventLogger("mtad.inbound").bind(sid=self.sid)
@@ -161,14 +157,13 @@ class InboundSMTP(AiosmtpdSMTP):
         self._idle = False  # waiting for a command: a stop tells it at once
         self.delivering = False  # a message is being stored: a stop waits for its reply
 
-    # aiosmtpd calls this once the connection is up; it is the whole session.
-    async def _handle_client(self) -> None:
-        peer = self.session.peer
-        self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
+    async def serve(self) -> None:
+        """The whole session: started once the connection is up."""
+        self._peer = self.peer_address
         if not self.context.admit(self._peer):
             self.log.warning("connection_refused", client=self._peer, reason="too many connections")
-            self._write(replies.TOO_MANY_CONNECTIONS.lines())
-            self.transport.close()
+            self.write(replies.TOO_MANY_CONNECTIONS.lines())
+            self.close()
             return
         self.log.info("connect", client=self._peer)
         smtp = self.context.config.smtp
@@ -179,7 +174,7 @@ class InboundSMTP(AiosmtpdSMTP):
                 self.core.close(replies.SHUTTING_DOWN)
             await self._send()
             while not self.core.closed:
-                if not await self._process_events():
+                if not await self._act_on_events():
                     break
                 await self._send()
                 if self.core.closed:
@@ -191,7 +186,7 @@ class InboundSMTP(AiosmtpdSMTP):
                     continue
                 self._idle = not self.core.receiving
                 try:
-                    data = await self._reader.read(READ_SIZE)
+                    data = await self.read(READ_SIZE)
                 finally:
                     self._idle = False
                 if not data:
@@ -199,50 +194,49 @@ class InboundSMTP(AiosmtpdSMTP):
                 self.core.receive(data)
                 # RFC 5321 §4.5.3.2: commands are awaited for `timeout` (§4.5.3.2.7: at
                 # least 5 minutes), each block of message data for `data_timeout` (§4.5.3.2.5).
-                self._reset_timeout(float(smtp.data_timeout) if self.core.receiving else None)
+                self.set_timeout(float(smtp.data_timeout) if self.core.receiving else None)
             await self._send()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        except TLSSetupException:
+        except TLSHandshakeError:
             self.log.info("tls_failed")
         except Exception:
             self.log.error("session_failed", exc_info=True)
-            self._write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
+            self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
             self.context.sessions.discard(self)
             self._spool.close()
             self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
 
     def stop_if_idle(self) -> None:
         """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
         §3.8); any other hears it once its current command is answered."""
-        if self._idle and self.transport is not None:
+        if self._idle and not self.disconnected:
             self.log.info("shutdown")
             self.core.close(replies.SHUTTING_DOWN)
-            self._write(self.core.data_to_send())
-            self.transport.close()
+            self.write(self.core.data_to_send())
+            self.close()
 
     def cut_off(self) -> None:
         """The grace period is over: say 421 4.3.2 and drop the connection, whatever it
         was sending (a message not finished is not stored)."""
-        if self.transport is None:
+        if self.disconnected:
             return
         if not self.core.closed:
             self.log.info("shutdown", cut_off=True, receiving=self.core.receiving)
             self.core.close(replies.SHUTTING_DOWN)
-            self._write(self.core.data_to_send())
-        self.transport.abort()
+            self.write(self.core.data_to_send())
+        self.abort()
 
-    def _timeout_cb(self) -> None:
-        """aiosmtpd's idle timer fired: say why before closing (RFC 5321 §4.5.3.2)."""
+    def timed_out(self) -> None:
+        """The idle timer fired: say why before the connection closes (RFC 5321 §4.5.3.2)."""
         self.log.info("timeout", client=self._peer)
-        self._write(replies.TIMEOUT.lines())
-        super()._timeout_cb()
+        self.write(replies.TIMEOUT.lines())
 
-    async def _process_events(self) -> bool:
+    async def _act_on_events(self) -> bool:
+        """Act on the core's events until it needs more bytes (True) or closes (False)."""
         while True:
             event = self.core.next_event()
             if event is NEED_DATA:
@@ -252,15 +246,16 @@ class InboundSMTP(AiosmtpdSMTP):
                 return False
             if isinstance(event, DataChunk):
                 self._spool_chunk(event.data)
-            elif isinstance(event, StartTLSEvent):
+            elif isinstance(event, StartTLS):
                 await self._send()
-                await self._upgrade_to_tls()
+                await self.start_tls()
                 self.core.tls_established()
-                self.log.info("starttls", version=self._tls_version())
+                self.log.info("starttls", version=self.tls_version())
             else:
-                self.core.answer(await self._decide(event))
+                self.core.answer(event, await self._answer(event))
 
-    async def _decide(self, event) -> Reply:
+    async def _answer(self, event: Question) -> Reply:
+        """The reply to one of the core's questions."""
         try:
             if isinstance(event, Hello):
                 self.log.info("helo", name=event.name)
@@ -405,59 +400,24 @@ class InboundSMTP(AiosmtpdSMTP):
 
     def _trace_headers(self, qid: str) -> bytes:
         """Return-Path: and a Received: header as RFC 5321 §4.4 and RFC 3848 describe them."""
-        tls = self._tls_version()
+        tls = self.tls_version()
         protocol = "ESMTPS" if tls else "ESMTP"
         # The client's word, in a header others parse: the characters that would end or
         # open a Received: token (RFC 5321 §4.4: ";" ends the clauses, "(" a comment) go.
         helo = (self.core.helo_name or "unknown").translate(_RECEIVED_UNSAFE)
         recipients = list(self._local)
         for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-        tls_clause = f"\r\n\t(using {tls} with cipher {self._tls_cipher()})" if tls else ""
+        tls_clause = f"\r\n\t(using {tls} with cipher {self.tls_cipher()})" if tls else ""
         received = (f"Received: from {helo} ([{self._peer}])\r\n\tby {self.context.config.server.hostname} "
                     f"(Postroom) with {protocol} id {qid}{tls_clause}{for_clause};\r\n\t"
                     f"{email.utils.formatdate(time.time(), localtime=True)}\r\n")
         return f"Return-Path: <{self._sender}>\r\n{received}".encode("utf-8", "surrogateescape")
 
-    # -- transport ----------------------------------------------------------------------
-
-    def _write(self, data: bytes) -> None:
-        if data and self.transport is not None and not self.transport.is_closing():
-            self._writer.write(data)
-
     async def _send(self) -> None:
         data = self.core.data_to_send()
         if data:
-            self._write(data)
-            await self._writer.drain()
-
-    async def _upgrade_to_tls(self) -> None:
-        """aiosmtpd's STARTTLS upgrade, minus its own reply (the session sent ours)."""
-        waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
-        self._original_transport = self.transport
-        self._original_transport.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            raise TLSSetupException() from error
-
-    def _tls_object(self):
-        if self.transport is None:
-            return None
-        return self.transport.get_extra_info("ssl_object")
-
-    def _tls_version(self) -> str | None:
-        tls = self._tls_object()
-        return tls.version() if tls is not None else None
-
-    def _tls_cipher(self) -> str:
-        tls = self._tls_object()
-        cipher = tls.cipher() if tls is not None else None
-        return cipher[0] if cipher else "unknown"
+            self.write(data)
+            await self.drain()
 
 
 def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) -> tuple[bytes, list[Delivered]]:

@@ -1,7 +1,8 @@
 """SMTP replies with RFC 3463 enhanced status codes, named once and used everywhere.
 
-A Reply is what a session answers; SMTPReplyError carries one out of any depth of code to
-the single place that writes it. Texts never contain exception messages or paths.
+A Reply is what a session answers: the session core (mtad/session.py) writes every one,
+the adapter (mtad/inbound.py) chooses those that answer the core's questions. Texts never
+contain exception messages or paths.
 """
 
 from __future__ import annotations
@@ -30,12 +31,6 @@ class Reply:
         return "".join(out).encode("utf-8")
 
 
-class SMTPReplyError(Exception):
-    def __init__(self, reply: Reply):
-        super().__init__(f"{reply.code} {reply.enhanced} {reply.text}")
-        self.reply = reply
-
-
 # RFC 5321 §4.2.2 codes, with RFC 3463 / RFC 5248 enhanced codes.
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
@@ -52,7 +47,12 @@ UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
 SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 CONTROL_CHARACTER = Reply(501, "5.5.2", "Syntax error: control character in command")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+SENDER_ALREADY_GIVEN = Reply(503, "5.5.1", "Sender already given")
+NEED_MAIL_BEFORE_RCPT = Reply(503, "5.5.1", "Need MAIL before RCPT")
+NEED_MAIL_BEFORE_DATA = Reply(503, "5.5.1", "Need MAIL before DATA")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA after BDAT")
+NEED_MAIL_BEFORE_BDAT = Reply(503, "5.5.1", "Need MAIL and RCPT before BDAT")
+STARTTLS_IN_TRANSACTION = Reply(503, "5.5.1", "STARTTLS not allowed during a mail transaction")
 PARAM_NOT_IMPLEMENTED = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 ALREADY_TLS = Reply(503, "5.5.1", "Already in TLS")

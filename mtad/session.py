@@ -1,16 +1,18 @@
 """The SMTP server session as a sans-IO state machine (RFC 5321, 3030 CHUNKING, 3207
 STARTTLS, 2920 PIPELINING, 6531 SMTPUTF8, 1870 SIZE, 2034 ENHANCEDSTATUSCODES).
 
-Bytes go in (`receive`), events come out (`next_event`), and replies go out as bytes
-(`data_to_send`). The session owns syntax, sequence, limits and framing; every decision
-about people and mail (who may send, who exists here, whether the message is stored) is
-asked of the adapter with an event and answered with `answer(reply)`. While a question is
-open the session reads no further input, so pipelined commands are answered in order.
+Bytes go in (`receive`), events come out (`next_event`, mtad/events.py), and replies go out
+as bytes (`data_to_send`). The session owns syntax, sequence, limits and framing; every
+decision about people and mail (who may send, who exists here, whether the message is
+stored) is a question event (Hello, MailFrom, RcptTo, DataEnd) that the adapter answers with
+`answer(event, reply)`. While a question is open the session reads no further input, so
+pipelined commands are answered in order.
 
-Framing that matters for security:
-- DATA ends only at <CRLF>.<CRLF>. A bare LF or bare CR anywhere in the message does not
-  end it; the message is read to its real end and refused with 550 5.6.11 (SMTP smuggling,
-  CVE-2023-51764 class). Dot-stuffing is undone (RFC 5321 §4.5.2).
+The pieces: mtad/states.py says which commands each state takes, mtad/paths.py reads the
+MAIL and RCPT arguments, mtad/readers.py reads DATA and BDAT; this module reads command
+lines, runs the commands and keeps the transaction.
+
+Framing that matters for security (the message's own in mtad/readers.py):
 - After STARTTLS, whatever the client pipelined behind it is discarded (CVE-2011-0411) and
   the session starts over, as RFC 3207 §4.2 requires.
 - A command line ends at LF (with the CR before it, if any). A control character left in
@@ -27,76 +29,17 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mtad import replies
+from mtad.events import NEED_DATA, PAUSED, Close, DataEnd, Hello, MailFrom, Question, RcptTo, StartTLS
+from mtad.paths import is_number, parse_path_argument
+from mtad.readers import BdatReader, DataReader, MessageCheck
 from mtad.replies import Reply
+from mtad.states import ALLOWED, RECEIVING, State
 
 MAX_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
-MAX_PATH = 256  # RFC 5321 §4.5.3.1.3, including the angle brackets
-PARTIAL_LINE = 8192  # a DATA line longer than this is spooled in pieces
-# A header section beyond this is refused 552 5.3.4: header lines cost ~20x the CPU of body
-# lines, here and in the store's parser (an attack's 20 MB of one-line fields took 19 s).
-MAX_HEADER = 1 << 20
-
-
-# -- events -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Hello:
-    """EHLO/HELO: answer with a Reply (replies.OK to accept; the session adds the keywords)."""
-    name: str
-    extended: bool
-
-
-@dataclass(frozen=True)
-class MailFrom:
-    address: str  # "" for the null reverse-path
-    params: dict[str, str | None]
-
-
-@dataclass(frozen=True)
-class RcptTo:
-    address: str
-    params: dict[str, str | None]
-
-
-@dataclass(frozen=True)
-class DataChunk:
-    """Message bytes (unstuffed) to spool. No answer."""
-    data: bytes
-
-
-@dataclass(frozen=True)
-class DataEnd:
-    """The whole message has arrived: answer with the final reply for the transaction.
-    If `refusal` is set the session already knows the answer; the adapter must discard the
-    spool and answer it (or a reply of its own, never 250)."""
-    size: int
-    received_headers: int
-    refusal: Reply | None
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """Upgrade the transport, then call `tls_established()`. No answer."""
-
-
-@dataclass(frozen=True)
-class Close:
-    """Send what is pending, then close the connection."""
-
-
-class NeedData:
-    """No event until more bytes arrive."""
-
-
-class Paused:
-    """Waiting for the adapter's answer to the last event."""
-
-
-NEED_DATA = NeedData()
-PAUSED = Paused()
 
 
 @dataclass(frozen=True)
@@ -113,18 +56,12 @@ class SessionConfig:
 
 @dataclass
 class _Transaction:
+    """One mail transaction: from MAIL to the answer to its message (or RSET, EHLO)."""
     sender: str | None = None
     recipients: list[str] = field(default_factory=list)
-    size: int = 0
-    received: int = 0
-    in_headers: bool = True
-    line_head: bytes = b""  # BDAT: the first bytes of the header line being read
-    bare_lf: bool = False
-    cr_pending: bool = False  # BDAT: the last chunk ended in a CR, which the next must follow with LF
-    too_big: bool = False
-    header_too_big: bool = False
-    bdat: bool = False
     smtputf8: bool = False
+    message: MessageCheck | None = None  # from DATA or the first BDAT chunk taken
+    bdat: bool = False  # its message comes in BDAT chunks: DATA may not follow
 
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls (a bare CR and a NUL among them) and DEL
@@ -133,33 +70,32 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls (a bare CR and a NUL a
 # And the invisible format characters (U+200B zero-width space, U+202E right-to-left
 # override...): in a name or an address they only ever serve to mislead the reader.
 _UNICODE_BREAKS = frozenset({"Cc", "Zl", "Zp", "Cf"})
-_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~\u0080-\U0010FFFF]+))?$")
 
 
 class Session:
     def __init__(self, config: SessionConfig):
         self.config = config
         self._in = bytearray()
-        self._scanned = 0  # no line end in _in[:_scanned] (a command's LF, DATA's CRLF)
+        self._scanned = 0  # no LF in _in[:_scanned] (a command line being read)
         self._out = bytearray()
         self._events: deque = deque()
-        self._state = "connected"  # connected, ready, data, bdat, closed
-        self._waiting: str | None = None  # which answer the session awaits
+        self._state = State.CONNECTED
+        # The question (or StartTLS) the adapter has yet to deal with; no input is read
+        # while one is open.
+        self._open: Question | StartTLS | None = None
         self._helo: str | None = None
         self._extended = False
         self._tls = config.is_tls
         self._errors = 0
         self._txn = _Transaction()
-        self._data_line_start = True
-        self._bdat_left = 0
-        self._bdat_last = False
-        self._skip_line = False
+        self._reader: DataReader | BdatReader | None = None  # in State.DATA and State.BDAT
+        self._skip_line = False  # the rest of an over-long command line is being dropped
         self._reply(Reply(220, "", f"{config.hostname} ESMTP Postroom"))
 
     # -- the adapter's side ---------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
-        if self._state != "closed":
+        if self._state is not State.CLOSED:
             self._in += data
 
     def buffered(self) -> int:
@@ -174,75 +110,81 @@ class Session:
         return out
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        return self._state == "closed"
+        return self._state is State.CLOSED
 
     @property
     def receiving(self) -> bool:
         """Inside a message's data (DATA or BDAT chunks): its own timeout applies."""
-        return self._state in ("data", "bdat")
+        return self._state in RECEIVING
 
     @property
     def helo_name(self) -> str | None:
         return self._helo
 
     def next_event(self):
+        """The next event (mtad/events.py), NEED_DATA, or PAUSED while a question is open."""
         while True:
             if self._events:
                 return self._events.popleft()
-            if self._waiting is not None:
+            if self._open is not None:
                 return PAUSED
-            if self._state == "closed":
+            if self._state is State.CLOSED:
                 return NEED_DATA
             if not self._step():
                 return NEED_DATA
 
-    def answer(self, reply: Reply) -> None:
-        """The adapter's decision on the open Hello, MailFrom, RcptTo or DataEnd."""
-        waiting, self._waiting = self._waiting, None
-        if waiting == "hello":
+    def answer(self, event: Question, reply: Reply) -> None:
+        """The adapter's decision on the open question `event` (Hello, MailFrom, RcptTo or
+        DataEnd), which the session then says on the wire."""
+        if self._open is None or event is not self._open or isinstance(event, StartTLS):
+            raise RuntimeError(f"answer() to {event!r}, which is not the open question")
+        self._open = None
+        if isinstance(event, Hello):
             if reply.is_error:
                 self._reply(reply)
                 return
-            self._helo = self._pending_helo
-            self._extended = self._pending_extended
+            self._helo = event.name
+            self._extended = event.extended
             self._txn = _Transaction()
-            self._state = "ready"
+            self._state = State.READY
             if self._extended:
                 self._out += Reply(250, "", f"{self.config.hostname}").lines(self._keywords())
             else:
                 self._reply(Reply(250, "", f"{self.config.hostname}"))
-        elif waiting == "mail":
+        elif isinstance(event, MailFrom):
             if not reply.is_error:
-                self._txn.sender = self._pending_sender
-                self._txn.smtputf8 = self._pending_smtputf8
+                self._txn.sender = event.address
+                self._txn.smtputf8 = event.smtputf8
             self._reply(reply)
-        elif waiting == "rcpt":
+        elif isinstance(event, RcptTo):
             if not reply.is_error:
-                self._txn.recipients.append(self._pending_rcpt)
+                self._txn.recipients.append(event.address)
             self._reply(reply)
-        elif waiting == "data":
+        elif isinstance(event, DataEnd):
             self._reply(reply)
             self._txn = _Transaction()
-            self._state = "ready"
-        else:
-            raise RuntimeError("answer() without an open question")
+            self._state = State.READY
 
     def tls_established(self) -> None:
         """The transport is now TLS: forget everything said before (RFC 3207 §4.2)."""
         self._in.clear()  # whatever was pipelined behind STARTTLS is never executed
         self._scanned = 0
-        self._waiting = None
+        self._open = None
         self._tls = True
         self._helo = None
         self._extended = False
         self._txn = _Transaction()
-        self._state = "connected"
+        self._state = State.CONNECTED
 
     def close(self, reply: Reply) -> None:
         """Say `reply` (421 timeout, shutdown) and close. Nothing more is read."""
         self._reply(reply)
-        self._state = "closed"
+        self._state = State.CLOSED
         self._in.clear()
         self._events.append(Close())
 
@@ -250,10 +192,8 @@ class Session:
 
     def _step(self) -> bool:
         """Consume some input; False when nothing more can be done with what is buffered."""
-        if self._state == "data":
-            return self._data_step()
-        if self._state == "bdat":
-            return self._bdat_step()
+        if self._state is State.DATA or self._state is State.BDAT:
+            return self._read_message()
         end = self._in.find(b"\n", self._scanned)
         if end < 0:
             if len(self._in) > MAX_LINE:
@@ -298,15 +238,14 @@ class Session:
             self._refuse(replies.CONTROL_CHARACTER)  # C1 controls, U+2028, U+2029 (SMTPUTF8, RFC 6531)
             return
         arg = arg.strip(" ")
-        handler = _COMMANDS.get(name)
-        if handler is None:
+        run = COMMANDS.get(name)
+        if run is None:
             self._refuse(replies.UNKNOWN_COMMAND)
             return
-        allowed = _ALLOWED[self._state]
-        if name not in allowed:
+        if name not in ALLOWED[self._state]:
             self._refuse(replies.BAD_SEQUENCE)
             return
-        handler(self, arg)
+        run(self, arg)
 
     def _reply(self, reply: Reply) -> None:
         self._out += reply.lines()
@@ -319,9 +258,9 @@ class Session:
         else:
             self._reply(reply)
 
-    def _ask(self, waiting: str, event) -> None:
-        self._waiting = waiting
-        self._events.append(event)
+    def _ask(self, question: Question) -> None:
+        self._open = question
+        self._events.append(question)
 
     def _keywords(self) -> tuple[str, ...]:
         words = ["PIPELINING", f"SIZE {self.config.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -339,23 +278,22 @@ class Session:
         if not arg or " " in arg:
             self._refuse(replies.SYNTAX_ERROR)
             return
-        self._pending_helo, self._pending_extended = arg, extended
-        self._ask("hello", Hello(arg, extended))
+        self._ask(Hello(arg, extended))
 
-    def _helo_cmd(self, arg: str) -> None:
+    def _helo_command(self, arg: str) -> None:
         self._ehlo(arg, extended=False)
 
     def _mail(self, arg: str) -> None:
         if self._txn.sender is not None:
-            self._refuse(Reply(503, "5.5.1", "Sender already given"))
+            self._refuse(replies.SENDER_ALREADY_GIVEN)
             return
-        parsed = _path_and_params(arg, "FROM:")
+        parsed = parse_path_argument(arg, "FROM:")
         if parsed is None:
             self._refuse(replies.BAD_SENDER_SYNTAX)
             return
         address, params = parsed
         smtputf8 = "SMTPUTF8" in params
-        problem = self._check_params(params, {"SIZE", "BODY", "SMTPUTF8"})
+        problem = _unknown_params(params, {"SIZE", "BODY", "SMTPUTF8"})
         if problem:
             self._refuse(problem)
             return
@@ -367,7 +305,7 @@ class Session:
             return
         size = params.get("SIZE")
         if size is not None:
-            if not _is_number(size):
+            if not is_number(size):
                 self._refuse(replies.SYNTAX_ERROR)
                 return
             if int(size) > self.config.max_message_size:
@@ -379,19 +317,18 @@ class Session:
         if body is not None and body.upper() not in ("7BIT", "8BITMIME"):
             self._refuse(replies.SYNTAX_ERROR)
             return
-        self._pending_sender, self._pending_smtputf8 = address, smtputf8
-        self._ask("mail", MailFrom(address, params))
+        self._ask(MailFrom(address, params))
 
     def _rcpt(self, arg: str) -> None:
         if self._txn.sender is None:
-            self._refuse(Reply(503, "5.5.1", "Need MAIL before RCPT"))
+            self._refuse(replies.NEED_MAIL_BEFORE_RCPT)
             return
-        parsed = _path_and_params(arg, "TO:")
-        if parsed is None or not parsed[0]:
+        parsed = parse_path_argument(arg, "TO:")
+        if parsed is None or not parsed.address:
             self._refuse(replies.BAD_RECIPIENT_SYNTAX)
             return
         address, params = parsed
-        problem = self._check_params(params, set())
+        problem = _unknown_params(params, set())
         if problem:
             self._refuse(problem)
             return
@@ -401,47 +338,48 @@ class Session:
         if len(self._txn.recipients) >= self.config.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)  # not the client's error: it retries the rest
             return
-        self._pending_rcpt = address
-        self._ask("rcpt", RcptTo(address, params))
+        self._ask(RcptTo(address, params))
 
     def _data(self, arg: str) -> None:
         if arg:
             self._refuse(replies.SYNTAX_ERROR)
             return
         if self._txn.bdat:
-            self._refuse(Reply(503, "5.5.1", "DATA after BDAT"))
+            self._refuse(replies.DATA_AFTER_BDAT)
             return
         if self._txn.sender is None:
-            self._refuse(Reply(503, "5.5.1", "Need MAIL before DATA"))
+            self._refuse(replies.NEED_MAIL_BEFORE_DATA)
             return
         if not self._txn.recipients:
             self._refuse(replies.NO_VALID_RECIPIENTS)
             return
         self._reply(replies.START_DATA)
-        self._state = "data"
-        self._data_line_start = True
+        self._txn.message = MessageCheck(self.config.max_message_size)
+        self._reader = DataReader(self._txn.message)
+        self._state = State.DATA
 
     def _bdat(self, arg: str) -> None:
         parts = arg.split()
-        if not self.config.chunking or not 1 <= len(parts) <= 2 or not _is_number(parts[0]) or \
+        if not self.config.chunking or not 1 <= len(parts) <= 2 or not is_number(parts[0]) or \
                 (len(parts) == 2 and parts[1].upper() != "LAST"):
             self._refuse(replies.SYNTAX_ERROR)
             return
-        self._bdat_left = int(parts[0])
-        self._bdat_last = len(parts) == 2
+        size, last = int(parts[0]), len(parts) == 2
         # RFC 3030 §3: the chunk is read whatever the answer will be.
-        self._state = "bdat"
+        self._state = State.BDAT
         if self._txn.sender is None or not self._txn.recipients:
-            self._bdat_refusal = Reply(503, "5.5.1", "Need MAIL and RCPT before BDAT") \
-                if self._txn.sender is None else replies.NO_VALID_RECIPIENTS
-        else:
-            self._bdat_refusal = None
-            self._txn.bdat = True
+            refusal = replies.NEED_MAIL_BEFORE_BDAT if self._txn.sender is None else replies.NO_VALID_RECIPIENTS
+            self._reader = BdatReader(None, size, last, refusal)
+            return
+        self._txn.bdat = True
+        if self._txn.message is None:
+            self._txn.message = MessageCheck(self.config.max_message_size)
+        self._reader = BdatReader(self._txn.message, size, last, None)
 
     def _rset(self, arg: str) -> None:
         self._txn = _Transaction()
-        if self._state != "connected":
-            self._state = "ready"
+        if self._state is not State.CONNECTED:
+            self._state = State.READY
         self._reply(replies.RESET_OK)
 
     def _noop(self, arg: str) -> None:
@@ -461,257 +399,43 @@ class Session:
         elif not self.config.tls_available:
             self._refuse(replies.TLS_NOT_AVAILABLE)
         elif self._txn.sender is not None:
-            self._refuse(Reply(503, "5.5.1", "STARTTLS not allowed during a mail transaction"))
+            self._refuse(replies.STARTTLS_IN_TRANSACTION)
         else:
             self._reply(replies.READY_TLS)
-            self._events.append(StartTLS())
-            self._waiting = "tls"
-
-    def _check_params(self, params: dict[str, str | None], known: set[str]) -> Reply | None:
-        unknown = set(params) - known
-        return replies.PARAM_NOT_IMPLEMENTED if unknown else None
+            self._open = StartTLS()
+            self._events.append(self._open)
 
     # -- message data -------------------------------------------------------------------
 
-    def _data_step(self) -> bool:
-        """Consume DATA: lines end only at CRLF; a line that is "." alone ends the message;
-        a leading dot is removed (RFC 5321 §4.5.2); a CR or LF not in a CRLF is remembered."""
-        progressed = False
-        chunk = bytearray()
-        while self._state == "data":
-            # Nothing to do before a CRLF arrives (or the line grows too long); the bytes
-            # already looked at are not looked at again, however small the reads.
-            end = self._in.find(b"\r\n", self._scanned)
-            if end < 0:
-                if len(self._in) <= PARTIAL_LINE:
-                    self._scanned = max(0, len(self._in) - 1)  # the last byte may be the CR
-                    break
-                # A very long line: pass it on in pieces, keeping the last byte back (it
-                # may be the CR of the CRLF that ends the line).
-                piece = bytes(self._in[:-1])
-                del self._in[:-1]
-                self._scanned = 0
-                self._take(piece, chunk, complete=False)
-                progressed = True
-                continue
-            self._scanned = 0
-            progressed = True
-            if self._data_line_start and not self._txn.in_headers:
-                # The body, past the headers: whole lines at once rather than one by one,
-                # up to the end of data or the last CRLF (there is one: `end`).
-                if self._in.startswith(b".\r\n"):
-                    del self._in[:3]
-                    self._flush(chunk)
-                    self._finish()
-                    break
-                stop = self._in.find(b"\r\n.\r\n")
-                cut = stop + 2 if stop >= 0 else self._in.rfind(b"\r\n") + 2
-                block = bytes(self._in[:cut])
-                del self._in[:cut]
-                self._take_lines(block, chunk)
-                continue
-            line = bytes(self._in[:end + 2])
-            del self._in[:end + 2]
-            if self._data_line_start and line == b".\r\n":
-                self._flush(chunk)
-                self._finish()
-                break
-            self._take(line, chunk, complete=True)
-        self._flush(chunk)
-        return progressed
-
-    def _take(self, piece: bytes, chunk: bytearray, complete: bool) -> None:
-        txn = self._txn
-        if self._data_line_start:
-            if piece.startswith(b"."):
-                piece = piece[1:]
-            if txn.in_headers:
-                if piece == b"\r\n":
-                    txn.in_headers = False
-                elif piece[:9].lower() == b"received:":
-                    txn.received += 1
-        content = piece[:-2] if complete else piece
-        if b"\r" in content or b"\n" in content:
-            txn.bare_lf = True
-        self._data_line_start = complete
-        self._keep(piece, chunk)
-        if txn.in_headers and txn.size > MAX_HEADER:
-            _header_too_big(txn)
-
-    def _take_lines(self, block: bytes, chunk: bytearray) -> None:
-        """Complete body lines (the block starts a line and ends with CRLF, and holds no
-        end-of-data line): what _take does line by line, with C-speed bytes methods."""
-        txn = self._txn
-        ends = block.count(b"\r\n")
-        if block.count(b"\r") != ends or block.count(b"\n") != ends:
-            txn.bare_lf = True  # a CR or LF that is not part of a CRLF
-        if block.startswith(b"."):
-            block = block[1:]
-        if b"\r\n." in block:
-            block = block.replace(b"\r\n.", b"\r\n")
-        self._keep(block, chunk)
-
-    def _keep(self, data: bytes, chunk: bytearray) -> None:
-        """Count unstuffed message bytes, and spool them while the message is still wanted."""
-        txn = self._txn
-        txn.size += len(data)
-        if txn.size > self.config.max_message_size:
-            txn.too_big = True
-        if not txn.too_big and not txn.bare_lf:
-            chunk += data
-            if len(chunk) >= 65536:
-                self._flush(chunk)
-
-    def _flush(self, chunk: bytearray) -> None:
-        if chunk and not self._txn.too_big and not self._txn.bare_lf:
-            self._events.append(DataChunk(bytes(chunk)))
-        chunk.clear()
-
-    def _finish(self) -> None:
-        txn = self._txn
-        refusal = _refusal(txn)
-        self._state = "ready"
-        self._ask("data", DataEnd(txn.size, txn.received, refusal))
-
-    def _bdat_step(self) -> bool:
-        if self._bdat_left and not self._in:
-            return False
-        take = min(self._bdat_left, len(self._in))
-        piece = bytes(self._in[:take])
-        del self._in[:take]
-        self._bdat_left -= take
-        txn = self._txn
-        if self._bdat_refusal is None and piece:
-            if txn.in_headers and txn.size + _count_received(txn, piece) > MAX_HEADER:
-                _header_too_big(txn)
-            _check_line_ends(txn, piece)
-            txn.size += len(piece)
-            if txn.size > self.config.max_message_size:
-                txn.too_big = True
-            if not txn.too_big and not txn.bare_lf:
-                self._events.append(DataChunk(piece))
-        if self._bdat_left:
-            return True
-        self._state = "ready"
-        if self._bdat_refusal is not None:
-            self._refuse(self._bdat_refusal)
-            return True
-        if self._bdat_last:
-            if txn.cr_pending:
-                txn.bare_lf = True  # the message ends in a CR of its own
-            self._ask("data", DataEnd(txn.size, txn.received, _refusal(txn)))
+    def _read_message(self) -> bool:
+        """DATA or a BDAT chunk (mtad/readers.py); at its end, back to commands."""
+        reader = self._reader
+        progressed = reader.read(self._in, self._events)
+        if not reader.done:
+            return progressed
+        self._reader = None
+        self._state = State.READY
+        if isinstance(reader, DataReader):
+            self._ask_end_of_data(reader.message)
+        elif reader.refusal is not None:
+            self._refuse(reader.refusal)
+        elif reader.last:
+            self._ask_end_of_data(reader.message)
         else:
-            self._reply(Reply(250, "2.0.0", f"{txn.size} octets received"))
+            self._reply(Reply(250, "2.0.0", f"{reader.message.size} octets received"))
         return True
 
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes "²", which int() refuses (ValueError)."""
-    return text.isascii() and text.isdigit()
+    def _ask_end_of_data(self, message: MessageCheck) -> None:
+        self._ask(DataEnd(message.size, message.received, message.refusal()))
 
 
-def _header_too_big(txn: _Transaction) -> None:
-    """The rest is read and dropped, at body speed (no more header lines to count)."""
-    txn.header_too_big = txn.too_big = True
-    txn.in_headers = False
+def _unknown_params(params: dict[str, str | None], known: set[str]) -> Reply | None:
+    return replies.PARAM_NOT_IMPLEMENTED if set(params) - known else None
 
 
-def _refusal(txn: _Transaction) -> Reply | None:
-    """What the end of a message is answered, when the session knows it already."""
-    if txn.header_too_big:
-        return replies.HEADER_TOO_BIG
-    if txn.too_big:
-        return replies.MESSAGE_TOO_BIG
-    return replies.BARE_LF if txn.bare_lf else None
-
-
-def _check_line_ends(txn: _Transaction, piece: bytes) -> None:
-    """BDAT chunks hold the message as it is, so its line ends are checked as DATA's are: a
-    CR or LF that is not part of a CRLF, also where a CRLF is cut between two chunks, makes
-    the message refused with 550 5.6.11 (read to its end first, RFC 3030 §3)."""
-    if txn.bare_lf:
-        return
-    if txn.cr_pending:
-        txn.cr_pending = False
-        if not piece.startswith(b"\n"):
-            txn.bare_lf = True
-            return
-        piece = piece[1:]
-    if piece.endswith(b"\r"):
-        txn.cr_pending = True
-        piece = piece[:-1]
-    pairs = piece.count(b"\r\n")
-    if piece.count(b"\r") != pairs or piece.count(b"\n") != pairs:
-        txn.bare_lf = True
-
-
-def _count_received(txn: _Transaction, piece: bytes) -> int:
-    """Count the Received: fields of a header that arrives in BDAT chunks of any size (a
-    field may start in one chunk and end in the next), up to its empty line; how many bytes
-    of `piece` are header fields (as DATA counts them: the empty line not included)."""
-    start = 0
-    while txn.in_headers:
-        end = piece.find(b"\n", start)
-        if len(txn.line_head) < 9:
-            txn.line_head += piece[start:end + 1 if end >= 0 else len(piece)][:9 - len(txn.line_head)]
-        if end < 0:
-            return len(piece)
-        if txn.line_head in (b"\r\n", b"\n"):
-            txn.in_headers = False
-            return start
-        if txn.line_head.lower() == b"received:":
-            txn.received += 1
-        txn.line_head = b""
-        start = end + 1
-    return start
-
-
-def _path_and_params(arg: str, keyword: str) -> tuple[str, dict[str, str | None]] | None:
-    """("local@domain" or "", {PARAM: value}) from "FROM:<path> PARAMS", or None."""
-    if not arg[:len(keyword)].upper() == keyword:
-        return None
-    rest = arg[len(keyword):].lstrip()
-    if not rest.startswith("<"):
-        return None
-    close = _closing_bracket(rest)
-    if close is None or close + 1 > MAX_PATH:
-        return None
-    path = rest[1:close]
-    params: dict[str, str | None] = {}
-    for word in rest[close + 1:].split():
-        m = _PARAM.match(word)
-        if not m:
-            return None
-        params[m.group(1).upper()] = m.group(2)
-    if path and (path.startswith("@") or "@" not in path or any(c.isspace() for c in path)):
-        return None  # source routes and bare local parts are not addresses we take
-    return path, params
-
-
-def _closing_bracket(text: str) -> int | None:
-    """Index of the ">" closing the path, honouring quoted local parts."""
-    quoted = escaped = False
-    for i, c in enumerate(text[1:], start=1):
-        if escaped:
-            escaped = False
-        elif c == "\\" and quoted:
-            escaped = True
-        elif c == '"':
-            quoted = not quoted
-        elif c == ">" and not quoted:
-            return i
-        elif c in "<" and not quoted:
-            return None
-    return None
-
-
-_COMMANDS = {
-    "EHLO": Session._ehlo, "HELO": Session._helo_cmd, "MAIL": Session._mail, "RCPT": Session._rcpt,
+# The commands, by verb; which of them each state takes is mtad/states.py's table.
+COMMANDS: dict[str, Callable[[Session, str], None]] = {
+    "EHLO": Session._ehlo, "HELO": Session._helo_command, "MAIL": Session._mail, "RCPT": Session._rcpt,
     "DATA": Session._data, "BDAT": Session._bdat, "RSET": Session._rset, "NOOP": Session._noop,
     "QUIT": Session._quit, "VRFY": Session._vrfy, "STARTTLS": Session._starttls,
-}
-# Which commands each state takes (RFC 5321 §4.1.4; MAIL needs a greeting first).
-_ALLOWED = {
-    "connected": {"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "STARTTLS"},
-    "ready": {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "STARTTLS"},
 }

@@ -20,7 +20,8 @@ from imapd.parser import Close as IMAPClose
 from imapd.parser import Continue, Frame, Framer, Reject, parse_command
 from imapd.syntax import ParseError
 from mtad import replies
-from mtad import session as smtp
+from mtad import events as smtp
+from mtad.session import Session, SessionConfig
 from pop3d import core as pop3
 from pop3d import replies as pop3_replies
 from pop3d.framer import BodyEncoder
@@ -63,8 +64,8 @@ class SMTPDriver(_SegmentDriver):
     """mtad.inbound's part: RCPT to an address `refuse` names gets 550 5.1.1; a message
     with a refusal is answered with it, any other with 250."""
 
-    def __init__(self, config: smtp.SessionConfig, refuse: Callable[[str], bool] = lambda address: False):
-        self.session = smtp.Session(config)
+    def __init__(self, config: SessionConfig, refuse: Callable[[str], bool] = lambda address: False):
+        self.session = Session(config)
         self.refuse = refuse
         self.wire = bytearray(self.session.data_to_send())
         self.events: list[tuple] = []
@@ -88,14 +89,14 @@ class SMTPDriver(_SegmentDriver):
                 raise AssertionError("the session still waits, though every question was answered")
             if isinstance(event, smtp.Hello):
                 self.events.append(("hello", event.name, event.extended))
-                session.answer(replies.OK)
+                session.answer(event, replies.OK)
             elif isinstance(event, smtp.MailFrom):
                 self.events.append(("mail", event.address, tuple(sorted(event.params.items(), key=repr))))
-                session.answer(replies.SENDER_OK)
+                session.answer(event, replies.SENDER_OK)
             elif isinstance(event, smtp.RcptTo):
                 refused = self.refuse(event.address)
                 self.events.append(("rcpt", event.address, refused))
-                session.answer(replies.NO_SUCH_USER if refused else replies.RECIPIENT_OK)
+                session.answer(event, replies.NO_SUCH_USER if refused else replies.RECIPIENT_OK)
             elif isinstance(event, smtp.DataChunk):
                 self._spool += event.data
             elif isinstance(event, smtp.DataEnd):
@@ -106,7 +107,7 @@ class SMTPDriver(_SegmentDriver):
                 if message is not None:
                     self.messages.append(message)
                 self._spool.clear()
-                session.answer(event.refusal or QUEUED)
+                session.answer(event, event.refusal or QUEUED)
             elif isinstance(event, smtp.StartTLS):
                 self.events.append(("tls",))
                 self.wire += session.data_to_send()

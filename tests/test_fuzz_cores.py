@@ -39,8 +39,9 @@ from imapd.framer import Close as IMAPClose
 from imapd.framer import Continue, Frame, Framer, Reject, read_tag
 from imapd.parser import parse_command
 from imapd.syntax import ParseError
+from mtad.readers import PARTIAL_LINE
 from mtad.session import MAX_LINE as SMTP_MAX_LINE
-from mtad.session import PARTIAL_LINE, SessionConfig
+from mtad.session import SessionConfig
 from pop3d import core as pop3
 from test_pop3_core import stuffed_reference
 

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from mtad import replies
-from mtad.session import (
+from mtad.events import (
     NEED_DATA,
     Close,
     DataChunk,
@@ -20,10 +20,9 @@ from mtad.session import (
     Hello,
     MailFrom,
     RcptTo,
-    Session,
-    SessionConfig,
     StartTLS,
 )
+from mtad.session import Session, SessionConfig
 
 CONFIG = SessionConfig(hostname="mx.example.test", max_message_size=10_000, max_recipients=3, tls_available=True)
 
@@ -60,7 +59,7 @@ class Adapter:
                 break
             if isinstance(event, (Hello, MailFrom, RcptTo)):
                 self.asked.append(event)
-                self.session.answer(self.answers.get(type(event), _default(event))(event)
+                self.session.answer(event, self.answers.get(type(event), _default(event))(event)
                                     if callable(self.answers.get(type(event))) else _default(event))
             elif isinstance(event, DataChunk):
                 self.spool += event.data
@@ -68,11 +67,11 @@ class Adapter:
                 self.asked.append(event)
                 if event.refusal:
                     self.spool.clear()
-                    self.session.answer(event.refusal)
+                    self.session.answer(event, event.refusal)
                 else:
                     self.messages.append(bytes(self.spool))
                     self.spool.clear()
-                    self.session.answer(replies.Reply(250, "2.0.0", "OK queued as TEST"))
+                    self.session.answer(event, replies.Reply(250, "2.0.0", "OK queued as TEST"))
             elif isinstance(event, StartTLS):
                 self.wire += self.session.data_to_send()
                 self.tls_started += 1
@@ -323,7 +322,7 @@ def test_bdat_refuses_bare_line_ends_as_data_does(seed):
 def test_a_header_section_over_the_limit_is_refused(bdat):
     """Header lines cost ~20x body lines (here and in the store's parser): a header section
     over MAX_HEADER is read to its end and refused 552 5.3.4; one at the limit is taken."""
-    from mtad.session import MAX_HEADER
+    from mtad.readers import MAX_HEADER
 
     def header(size: int) -> bytes:
         field = b"X-A: b\r\n"
