@@ -256,7 +256,7 @@ def test_special_use_on_create_and_list_extended(server, user):
     typ, data = client._simple_command("CREATE", "Receipts", "(USE (\\Archive))")
     assert typ == "OK"
     typ, data = client._simple_command("CREATE", "Bad", "(USE (\\Nonsense))")
-    assert typ == "NO"
+    assert typ == "NO" and data[0].startswith(b"[USEATTR]"), data  # RFC 6154 §3
     typ, _ = client._simple_command("LIST", "(SPECIAL-USE)", '""', '"*"')
     assert typ == "OK"
     listed = [line.decode() for line in untagged(client, "LIST")]
