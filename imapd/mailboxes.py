@@ -18,7 +18,21 @@ from typing import TYPE_CHECKING
 from imapd import responses as r
 from imapd.answers import Answer, bad, no, try_create
 from imapd.listing import list_mailboxes
-from imapd.syntax import Command
+from imapd.syntax import (
+    Append,
+    Command,
+    Create,
+    Delete,
+    GetQuota,
+    GetQuotaRoot,
+    List,
+    Lsub,
+    Rename,
+    Select,
+    Status,
+    Subscribe,
+    Unsubscribe,
+)
 from imapd.view import View
 from storage import SEEN
 
@@ -29,15 +43,15 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-async def select(session: Session, command: Command):
+async def select(session: Session, command: Select):
     """SELECT, and EXAMINE: the same, read-only (RFC 3501 §6.3.1, §6.3.2)."""
-    readonly = command.name == "EXAMINE"
+    readonly = command.readonly
     if session.view is not None:
         session.close_view()
         session.untagged("OK [CLOSED] previous mailbox closed")
-    if command.args.get("condstore"):
+    if command.condstore:
         session.condstore = True
-    name = command.args["mailbox"]
+    name = command.mailbox
     mailbox, uids, bits = await session.run_store(session.context.store.uids, session.user, name)
     # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone.
     recent = () if readonly else session.context.recent.claim(session.user, mailbox.id, mailbox.uidnext)
@@ -63,9 +77,9 @@ async def select(session: Session, command: Command):
     return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
 
 
-async def create(session: Session, command: Command):
-    name = command.args["mailbox"].rstrip("/")  # RFC 3501: a trailing separator is a hint only
-    uses = command.args.get("special_use") or ()
+async def create(session: Session, command: Create):
+    name = command.mailbox.rstrip("/")  # RFC 3501: a trailing separator is a hint only
+    uses = command.special_use
     if len(uses) > 1:
         raise no("one special-use attribute per mailbox", "USEATTR")
     try:
@@ -77,36 +91,35 @@ async def create(session: Session, command: Command):
     session.log.info("create", mailbox=name)
 
 
-async def delete(session: Session, command: Command):
-    name = command.args["mailbox"]
+async def delete(session: Session, command: Delete):
+    name = command.mailbox
     if session.view is not None and session.view.name == name:
         raise no("close the mailbox before deleting it", "INUSE")
     await session.run_store(session.context.store.delete_mailbox, session.user, name)
     session.log.info("delete", mailbox=name)
 
 
-async def rename(session: Session, command: Command):
-    old, new = command.args["old"], command.args["new"]
+async def rename(session: Session, command: Rename):
+    old, new = command.old, command.new
     await session.run_store(session.context.store.rename_mailbox, session.user, old, new)
     session.log.info("rename", mailbox=old, to=new)
 
 
-async def subscribe(session: Session, command: Command):
-    name = command.args["mailbox"]
+async def subscribe(session: Session, command: Subscribe):
+    name = command.mailbox
     await session.run_store(session.context.store.mailbox, session.user, name)  # NONEXISTENT if not there
     await session.run_store(session.context.store.subscribe, session.user, name, True)
 
 
-async def unsubscribe(session: Session, command: Command):
-    await session.run_store(session.context.store.subscribe, session.user, command.args["mailbox"], False)
+async def unsubscribe(session: Session, command: Unsubscribe):
+    await session.run_store(session.context.store.subscribe, session.user, command.mailbox, False)
 
 
-async def list_(session: Session, command: Command):
-    args = command.args
-    select = set(args.get("select") or ())
-    returns = args.get("return_") or {}
-    reference, patterns = args["reference"], args["patterns"]
-    if patterns == [""] and not select:
+async def list_(session: Session, command: List):
+    select = set(command.select)
+    returns = command.returns
+    reference, patterns = command.reference, command.patterns
+    if patterns == ("",) and not select:
         # RFC 3501 §6.3.8: the hierarchy delimiter and the root of the reference
         session.untagged('LIST (\\Noselect) "/" ""')
         return None
@@ -117,8 +130,8 @@ async def list_(session: Session, command: Command):
                             subscribed_only="SUBSCRIBED" in select,
                             special_use_only="SPECIAL-USE" in select,
                             recursive="RECURSIVEMATCH" in select)
-    status_items = returns.get("STATUS")
-    show_subscribed = returns.get("SUBSCRIBED") or "SUBSCRIBED" in select
+    status_items = returns.status
+    show_subscribed = returns.subscribed or "SUBSCRIBED" in select
     for item in listed:
         attrs = list(item.attributes(subscribed=show_subscribed))
         line = f"LIST ({' '.join(attrs)}) \"/\" ".encode() + r.mailbox(item.name)
@@ -129,13 +142,12 @@ async def list_(session: Session, command: Command):
             await status_lines(session, item.name, status_items, quiet=True)
 
 
-async def lsub(session: Session, command: Command):
-    args = command.args
+async def lsub(session: Session, command: Lsub):
     store = session.context.store
     boxes = await session.run_store(store.mailboxes, session.user)
     subscribed = set(await session.run_store(store.subscriptions, session.user))
     # RFC 3501 §6.3.9: "%" reaching only a subscribed child lists its parent as \Noselect.
-    listed = list_mailboxes(boxes, subscribed, args["reference"], args["patterns"][:1], subscribed_only=True,
+    listed = list_mailboxes(boxes, subscribed, command.reference, [command.pattern], subscribed_only=True,
                             recursive=True)
     for item in listed:
         attrs = "" if item.subscribed and item.selectable else "\\Noselect"
@@ -146,8 +158,8 @@ async def namespace(session: Session, command: Command):
     session.untagged('NAMESPACE (("" "/")) NIL NIL')
 
 
-async def status(session: Session, command: Command):
-    await status_lines(session, command.args["mailbox"], command.args["items"], quiet=False)
+async def status(session: Session, command: Status):
+    await status_lines(session, command.mailbox, command.items, quiet=False)
 
 
 async def status_lines(session: Session, name: str, items: Iterable[str], *, quiet: bool) -> None:
@@ -177,9 +189,8 @@ async def status_lines(session: Session, name: str, items: Iterable[str], *, qui
 # One unit, kept as it was in the session: the delivery path (issue 12, item 3) rewrites it to
 # stream the literal into the store.
 
-async def append(session: Session, command: Command):
-    args = command.args
-    message: bytes = args["message"]
+async def append(session: Session, command: Append):
+    message: bytes = command.message
     if not message:
         raise bad("empty message")
     if b"\n" in message.replace(b"\r\n", b""):
@@ -188,10 +199,10 @@ async def append(session: Session, command: Command):
         message = _BARE_LF.sub(b"\r\n", message)
     if len(message) > session.max_message_size():
         raise no("message is larger than APPENDLIMIT", "TOOBIG")
-    date: datetime.datetime | None = args.get("date")
+    date: datetime.datetime | None = command.date
     try:
-        delivered = await session.run_store(session.context.store.append, session.user, args["mailbox"], message,
-                                            flags=args.get("flags") or (),
+        delivered = await session.run_store(session.context.store.append, session.user, command.mailbox, message,
+                                            flags=command.flags,
                                             internal_date=date.timestamp() if date else None)
     except Answer as answer:
         raise try_create(answer)
@@ -201,11 +212,11 @@ async def append(session: Session, command: Command):
 
 # -- QUOTA (RFC 9208) --------------------------------------------------------------------------
 
-async def getquotaroot(session: Session, command: Command):
+async def getquotaroot(session: Session, command: GetQuotaRoot):
     # One quota root, "", for the whole account, when it has a quota (RFC 9208 §4.3: a
     # mailbox without a quota root gets a QUOTAROOT response naming none).
     store = session.context.store
-    mailbox = await session.run_store(store.mailbox, session.user, command.args["mailbox"])
+    mailbox = await session.run_store(store.mailbox, session.user, command.mailbox)
     quota = await session.run_store(store.quota, session.user)
     limited = bool(quota.bytes or quota.messages)
     session.untagged(b"QUOTAROOT " + r.mailbox(mailbox.name) + (b' ""' if limited else b""))
@@ -213,9 +224,9 @@ async def getquotaroot(session: Session, command: Command):
         await quota_line(session, quota)
 
 
-async def getquota(session: Session, command: Command):
+async def getquota(session: Session, command: GetQuota):
     quota = await session.run_store(session.context.store.quota, session.user)
-    if command.args["root"] != "" or not (quota.bytes or quota.messages):
+    if command.root != "" or not (quota.bytes or quota.messages):
         raise no("no such quota root", "NONEXISTENT")
     await quota_line(session, quota)
 

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from imapd import fetch as fetching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
-from imapd.syntax import Command, FetchItem, SequenceSet
+from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
 from imapd.view import View
-from storage import SearchError, Store
+import storage
+from storage import SearchError
 
 if TYPE_CHECKING:
     from imapd.session import Session
@@ -45,14 +46,13 @@ def require_writable(session: Session) -> View:
     return view
 
 
-def ranges(session: Session, command: Command) -> list[tuple[int, int]]:
+def ranges(session: Session, command: Fetch | Store | Copy | Move) -> list[tuple[int, int]]:
     """The command's sequence set as UID ranges; BAD for a sequence number beyond EXISTS."""
     view = require_view(session)
-    sequence: SequenceSet = command.args["set"]
-    if command.name.startswith("UID "):
-        return view.uid_ranges(sequence)
+    if command.uid:
+        return view.uid_ranges(command.sequence)
     try:
-        return view.seq_ranges(sequence)
+        return view.seq_ranges(command.sequence)
     except ValueError:
         raise bad("invalid message sequence number") from None
 
@@ -74,12 +74,12 @@ async def unselect(session: Session, command: Command):
     session.close_view()
 
 
-async def expunge(session: Session, command: Command):
+async def expunge(session: Session, command: Expunge):
     """EXPUNGE, and UID EXPUNGE: only the messages in its set (RFC 4315 §2.1)."""
     view = require_writable(session)
     uid_ranges = None
-    if command.name == "UID EXPUNGE":
-        uid_ranges = view.uid_ranges(command.args["set"])
+    if command.sequence is not None:
+        uid_ranges = view.uid_ranges(command.sequence)
         if not uid_ranges:
             return None
     args = (session.user, view.name) + ((uid_ranges,) if uid_ranges is not None else ())
@@ -97,16 +97,15 @@ def announce_expunged(session: Session, uids: Iterable[int]) -> None:
 
 # -- SEARCH -----------------------------------------------------------------------------------
 
-async def search(session: Session, command: Command):
+async def search(session: Session, command: Search):
     view = require_view(session)
-    use_uid = command.name == "UID SEARCH"
-    query = resolve_query(session, command.args["query"])
+    query = resolve_query(session, command.query)
     try:
         uids = await session.run_store(session.context.store.search, session.user, view.name, query)
     except SearchError as e:
         raise bad(str(e)) from None
     uids, seqs = view.known(uids)
-    line = "SEARCH" + (" " + " ".join(map(str, uids if use_uid else seqs)) if uids else "")
+    line = "SEARCH" + (" " + " ".join(map(str, uids if command.uid else seqs)) if uids else "")
     if _has_modseq(query) and uids:
         session.condstore = True
         states = await session.run_store(session.context.store.flags, session.user, view.name, [(u, u) for u in uids])
@@ -156,14 +155,13 @@ def _has_modseq(query: tuple) -> bool:
 
 # -- FETCH ------------------------------------------------------------------------------------
 
-async def fetch(session: Session, command: Command):
+async def fetch(session: Session, command: Fetch):
     view = require_view(session)
-    use_uid = command.name == "UID FETCH"
-    items: list[FetchItem] = list(command.args["items"])
-    changedsince = command.args.get("changedsince")
+    items: list[FetchItem] = list(command.items)
+    changedsince = command.changedsince
     if changedsince is not None or any(i.name == "MODSEQ" for i in items):
         session.condstore = True
-    if use_uid and not any(i.name == "UID" for i in items):
+    if command.uid and not any(i.name == "UID" for i in items):
         items.insert(0, FetchItem("UID"))
     if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
         items.append(FetchItem("MODSEQ"))
@@ -234,7 +232,7 @@ def flags_with_recent(session: Session, uid: int, flags: Iterable[str]) -> list[
     return out
 
 
-def _render_batch(store: Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
+def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
                   recent: frozenset[int]) -> tuple[list[bytes], int]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
     about FETCH_BYTES are rendered; also how many of `uids` they answer."""
@@ -256,20 +254,19 @@ def _render_batch(store: Store, account: str, mailbox: str, uids: list[int], ite
 
 # -- STORE ------------------------------------------------------------------------------------
 
-async def store(session: Session, command: Command):
+async def store(session: Session, command: Store):
     view = require_writable(session)
-    args = command.args
-    unchanged = args.get("unchangedsince")
+    unchanged = command.unchangedsince
     if unchanged is not None:
         session.condstore = True
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
-    flags = [f for f in args["flags"] if f.lower() != "\\recent"]
+    flags = [f for f in command.flags if f.lower() != "\\recent"]
     changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
-                                                as_ranges(uids), args["mode"], flags, unchanged)
+                                                as_ranges(uids), command.mode, flags, unchanged)
     view.mark_told(changed)
-    if not args["silent"]:
+    if not command.silent:
         states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
         refused = set(modified)
         shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if session.condstore else [])
@@ -283,23 +280,23 @@ async def store(session: Session, command: Command):
             if seq is not None:
                 session.untagged(f"{seq} FETCH (UID {state.uid} MODSEQ ({state.modseq}))")
     if modified:
-        numbers = modified if command.name == "UID STORE" else [view.seq_of(u) for u in modified]
+        numbers = modified if command.uid else [view.seq_of(u) for u in modified]
         return f"MODIFIED {set_text([n for n in numbers if n])}", "conditional STORE failed"
     return None
 
 
 # -- COPY, MOVE -------------------------------------------------------------------------------
 
-async def copy(session: Session, command: Command):
+async def copy(session: Session, command: Copy | Move):
     """COPY and MOVE, and their UID forms (RFC 4315 COPYUID, RFC 6851 MOVE)."""
     view = require_view(session)
-    move = command.name.endswith("MOVE")
+    move = isinstance(command, Move)
     if move:
         require_writable(session)
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
-    target = command.args["mailbox"]
+    target = command.mailbox
     operation = session.context.store.move if move else session.context.store.copy
     try:
         uidvalidity, pairs = await session.run_store(operation, session.user, view.name, as_ranges(uids), target)

@@ -37,7 +37,7 @@ from imapd.answers import (
     untagged_line,
 )
 from imapd.recent import RecentClaims
-from imapd.syntax import Command, ParseError
+from imapd.syntax import Authenticate, Command, Enable, Id, Login, ParseError
 from imapd.view import Snapshots, View
 from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
@@ -269,9 +269,9 @@ async def logout(session: Session, command: Command):
     return None
 
 
-async def id_(session: Session, command: Command):
+async def id_(session: Session, command: Id):
     """RFC 2971: the client's ID is logged (bounded), ours is name and version."""
-    params = command.args.get("params")
+    params = command.params
     if params:
         shown = " ".join(f"{k}={v}" for k, v in list(params.items())[:8])
         session.log.info("client_id", user=session.user, client=shown[:300])
@@ -279,9 +279,9 @@ async def id_(session: Session, command: Command):
                                         r.string(session.context.version.encode())]))
 
 
-async def enable(session: Session, command: Command):
+async def enable(session: Session, command: Enable):
     """RFC 5161; CONDSTORE is the only extension that needs enabling here."""
-    enabled = [c for c in command.args["capabilities"] if c == "CONDSTORE"]
+    enabled = [c for c in command.capabilities if c == "CONDSTORE"]
     if enabled:
         session.condstore = True
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
@@ -299,19 +299,19 @@ async def starttls(session: Session, command: Command):
     raise AnsweredItself()
 
 
-async def login(session: Session, command: Command):
+async def login(session: Session, command: Login):
     if not session.plaintext_ok():
         raise no("use STARTTLS before LOGIN", "PRIVACYREQUIRED")
-    return await log_in(session, command.args["user"], command.args["password"])
+    return await log_in(session, command.user, command.password)
 
 
-async def authenticate(session: Session, command: Command):
+async def authenticate(session: Session, command: Authenticate):
     """AUTHENTICATE PLAIN (RFC 4616), with SASL-IR's initial response (RFC 4959)."""
-    if command.args["mechanism"] != "PLAIN":
+    if command.mechanism != "PLAIN":
         raise no("only AUTHENTICATE PLAIN is supported", "CANNOT")
     if not session.plaintext_ok():
         raise no("use STARTTLS before AUTHENTICATE", "PRIVACYREQUIRED")
-    response = command.args.get("initial")
+    response = command.initial
     if response is None:
         session.conn.write(b"+ \r\n")
         line = (await session.conn.next_line()).strip()
