@@ -10,33 +10,10 @@ Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a c
 16,384 sequence-set elements, NOT/OR/parentheses 256 deep; past one, ParseError code "LIMIT".
 Not parsed (ParseError): MULTIAPPEND, BINARY, ESEARCH RETURN, QRESYNC, SEARCHRES `$`.
 
-`Command.name` is upper case; UID commands are "UID FETCH", "UID STORE", "UID SEARCH",
-"UID COPY", "UID MOVE", "UID EXPUNGE". `Command.args` by command:
-
-    CAPABILITY NOOP LOGOUT STARTTLS CHECK CLOSE EXPUNGE UNSELECT IDLE NAMESPACE: {}
-    LOGIN         user: str, password: str
-    AUTHENTICATE  mechanism: str (upper), initial: str | None (SASL-IR, RFC 4959: "=" -> "")
-    SELECT EXAMINE  mailbox: str, condstore: bool ((CONDSTORE), RFC 7162 §3.1.8)
-    CREATE        mailbox: str, special_use: tuple[str, ...] ((USE (\\Sent)), RFC 6154 §3)
-    DELETE SUBSCRIBE UNSUBSCRIBE GETQUOTAROOT  mailbox: str
-    RENAME        old: str, new: str
-    LIST          reference: str, patterns: list[str], select: tuple[str, ...],
-                  return_: {"SUBSCRIBED": bool, "CHILDREN": bool, "SPECIAL-USE": bool,
-                            "STATUS": tuple[str, ...] | None}   (RFC 5258, 5819, 6154)
-    LSUB          reference: str, patterns: [str]
-    STATUS        mailbox: str, items: tuple[str, ...]
-    APPEND        mailbox: str, flags: tuple[str, ...], date: datetime | None (aware),
-                  message: bytes
-    FETCH, UID FETCH  set: SequenceSet, items: list[FetchItem], changedsince: int | None
-    STORE, UID STORE  set, mode: "set"|"add"|"remove", silent: bool, flags: tuple[str, ...],
-                      unchangedsince: int | None
-    COPY MOVE UID COPY UID MOVE  set, mailbox: str
-    UID EXPUNGE   set
-    SEARCH, UID SEARCH  charset: "US-ASCII" | "UTF-8" | None, query (imapd.search_keys)
-    ENABLE        capabilities: tuple[str, ...] (upper)
-    ID            params: dict[str, str | None] | None
-    GETQUOTA      root: str
-    SETQUOTA      root: str, limits: dict[str, int] (resource name upper -> limit)
+Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
+`Append`, `Fetch`, `Store`, `Search`, ...; a command without arguments is a plain
+`Command`); the UID form of a verb is the same class with `uid=True` and the name
+"UID FETCH" etc., which is what the session's state table is keyed by.
 
 Mailbox names are decoded from modified UTF-7 (imapd.utf7) and INBOX, in any case and as
 the first level of a path ("inbox/x"), becomes "INBOX"; the separator is "/". System
@@ -45,9 +22,13 @@ flags are given their standard case (\\seen -> \\Seen); keywords are kept as wri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from imapd import tokens as t
 from imapd.framer import Close, Continue, Frame, Framer, Reject, read_tag
 from imapd.search_keys import parse_search
+from imapd import syntax as c
 from imapd.syntax import Command, FetchItem, ParseError, Section
 
 __all__ = ["Close", "Continue", "Frame", "Framer", "Reject", "parse_command"]
@@ -58,6 +39,7 @@ USE_ATTRIBUTES = {a.upper(): a for a in ("\\All", "\\Archive", "\\Drafts", "\\Fl
                                          "\\Trash")}
 LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
+LIST_RETURN = {"SUBSCRIBED": "subscribed", "CHILDREN": "children", "SPECIAL-USE": "special_use"}  # and STATUS
 FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
                               "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ"})
 FETCH_MACROS = {
@@ -87,9 +69,9 @@ def parse_command(frame: Frame) -> Command:
         if parser is None:
             raise ParseError("unknown command")
         args = t.Args(t.tokenize(frame.parts, pos))
-        result = parser(args)
+        command = parser(tag, name, args)
         args.done()
-        return Command(tag, name, result)
+        return command
     except ParseError as exc:
         exc.tag = tag
         raise
@@ -109,26 +91,26 @@ def _word(line: bytes, pos: int) -> tuple[str, int]:
 
 # -- commands -------------------------------------------------------------------------------
 
-def _no_args(args: t.Args) -> dict:
-    return {}
+def _no_args(tag: str, name: str, args: t.Args) -> Command:
+    return Command(tag, name)
 
 
-def _login(args: t.Args) -> dict:
-    return {"user": t.text(args.take("user name"), "user name"),
-            "password": t.text(args.take("password"), "password")}
+def _login(tag: str, name: str, args: t.Args) -> c.Login:
+    return c.Login(tag, name, user=t.text(args.take("user name"), "user name"),
+                   password=t.text(args.take("password"), "password"))
 
 
-def _authenticate(args: t.Args) -> dict:
+def _authenticate(tag: str, name: str, args: t.Args) -> c.Authenticate:
     mechanism = t.atom(args.take("mechanism"), "mechanism").upper()
     initial = None
     if args.more():
         initial = t.astring(args.take("initial response"), "initial response").decode("ascii", "replace")
         if initial == "=":
             initial = ""
-    return {"mechanism": mechanism, "initial": initial}
+    return c.Authenticate(tag, name, mechanism=mechanism, initial=initial)
 
 
-def _select(args: t.Args) -> dict:
+def _select(tag: str, name: str, args: t.Args) -> c.Select:
     mailbox = t.mailbox(args.take("mailbox name"))
     condstore = False
     if args.more():
@@ -139,10 +121,10 @@ def _select(args: t.Args) -> dict:
             if t.atom(param, "select parameter").upper() != "CONDSTORE":
                 raise ParseError("unknown select parameter")
             condstore = True
-    return {"mailbox": mailbox, "condstore": condstore}
+    return c.Select(tag, name, mailbox=mailbox, condstore=condstore)
 
 
-def _create(args: t.Args) -> dict:
+def _create(tag: str, name: str, args: t.Args) -> c.Create:
     mailbox = t.mailbox(args.take("mailbox name"))
     uses: list[str] = []
     if args.more():
@@ -160,25 +142,28 @@ def _create(args: t.Args) -> dict:
                 if not flag.startswith("\\"):
                     raise ParseError("invalid special-use attribute")
                 uses.append(USE_ATTRIBUTES.get(flag.upper(), flag))
-    return {"mailbox": mailbox, "special_use": tuple(uses)}
+    return c.Create(tag, name, mailbox=mailbox, special_use=tuple(uses))
 
 
-def _mailbox_only(args: t.Args) -> dict:
-    return {"mailbox": t.mailbox(args.take("mailbox name"))}
+def _mailbox_only(kind: type) -> Callable[[str, str, t.Args], Command]:
+    """The parser of a command whose one argument is a mailbox name."""
+    def parse(tag: str, name: str, args: t.Args) -> Command:
+        return kind(tag, name, mailbox=t.mailbox(args.take("mailbox name")))
+    return parse
 
 
-def _rename(args: t.Args) -> dict:
-    return {"old": t.mailbox(args.take("mailbox name")), "new": t.mailbox(args.take("new mailbox name"))}
+def _rename(tag: str, name: str, args: t.Args) -> c.Rename:
+    return c.Rename(tag, name, old=t.mailbox(args.take("mailbox name")), new=t.mailbox(args.take("new mailbox name")))
 
 
-def _list(args: t.Args) -> dict:
+def _list(tag: str, name: str, args: t.Args) -> c.List:
     select: list[str] = []
     if isinstance(args.peek(), t.Group):
         for opt in args.take("selection options").items:
-            name = t.atom(opt, "selection option").upper()
-            if name not in LIST_SELECT:
-                raise ParseError(f"unknown selection option {name}")
-            select.append(name)
+            option = t.atom(opt, "selection option").upper()
+            if option not in LIST_SELECT:
+                raise ParseError(f"unknown selection option {option}")
+            select.append(option)
         if "RECURSIVEMATCH" in select and not LIST_SELECT_BASE.intersection(select):
             raise ParseError("RECURSIVEMATCH needs another selection option")  # RFC 5258 §3.1
     reference = _reference(args.take("reference name"))
@@ -186,23 +171,23 @@ def _list(args: t.Args) -> dict:
     if isinstance(patterns_tok, t.Group):
         if not patterns_tok.items:
             raise ParseError("empty pattern list")
-        patterns = [t.list_mailbox(p) for p in patterns_tok.items]
+        patterns = tuple(t.list_mailbox(p) for p in patterns_tok.items)
     else:
-        patterns = [t.list_mailbox(patterns_tok)]
-    returns: dict = {"SUBSCRIBED": False, "CHILDREN": False, "SPECIAL-USE": False, "STATUS": None}
+        patterns = (t.list_mailbox(patterns_tok),)
+    returns = c.ListReturn()
     if args.more():
         if t.atom(args.take("RETURN"), "RETURN").upper() != "RETURN":
             raise ParseError("expected RETURN")
         opts = t.Args(t.group(args.take("return options"), "return options"))
         while opts.more():
-            name = t.atom(opts.take("return option"), "return option").upper()
-            if name == "STATUS":
-                returns["STATUS"] = _status_items(opts.take("status items"))
-            elif name in returns:
-                returns[name] = True
+            option = t.atom(opts.take("return option"), "return option").upper()
+            if option == "STATUS":
+                returns = replace(returns, status=_status_items(opts.take("status items")))
+            elif option in LIST_RETURN:
+                returns = replace(returns, **{LIST_RETURN[option]: True})
             else:
-                raise ParseError(f"unknown return option {name}")
-    return {"reference": reference, "patterns": patterns, "select": tuple(select), "return_": returns}
+                raise ParseError(f"unknown return option {option}")
+    return c.List(tag, name, reference=reference, patterns=patterns, select=tuple(select), returns=returns)
 
 
 def _reference(tok: t.Token) -> str:
@@ -210,13 +195,14 @@ def _reference(tok: t.Token) -> str:
     return t.mailbox(tok, "reference name")
 
 
-def _lsub(args: t.Args) -> dict:
-    return {"reference": _reference(args.take("reference name")),
-            "patterns": [t.list_mailbox(args.take("mailbox pattern"))]}
+def _lsub(tag: str, name: str, args: t.Args) -> c.Lsub:
+    return c.Lsub(tag, name, reference=_reference(args.take("reference name")),
+                  pattern=t.list_mailbox(args.take("mailbox pattern")))
 
 
-def _status(args: t.Args) -> dict:
-    return {"mailbox": t.mailbox(args.take("mailbox name")), "items": _status_items(args.take("status items"))}
+def _status(tag: str, name: str, args: t.Args) -> c.Status:
+    return c.Status(tag, name, mailbox=t.mailbox(args.take("mailbox name")),
+                    items=_status_items(args.take("status items")))
 
 
 def _status_items(tok: t.Token) -> tuple[str, ...]:
@@ -229,7 +215,7 @@ def _status_items(tok: t.Token) -> tuple[str, ...]:
     return items
 
 
-def _append(args: t.Args) -> dict:
+def _append(tag: str, name: str, args: t.Args) -> c.Append:
     mailbox = t.mailbox(args.take("mailbox name"))
     flags: tuple[str, ...] = ()
     date = None
@@ -241,27 +227,27 @@ def _append(args: t.Args) -> dict:
     message = args.take("message literal")
     if not isinstance(message, t.String) or not message.literal:
         raise ParseError("the message must be a literal")
-    return {"mailbox": mailbox, "flags": flags, "date": date, "message": message.data}
+    return c.Append(tag, name, mailbox=mailbox, flags=flags, date=date, message=message.data)
 
 
-def _fetch(args: t.Args) -> dict:
+def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
     sequence = t.sequence_set(args.take("sequence set"))
     what = args.take("fetch items")
     if isinstance(what, t.Atom) and what.text.upper() in FETCH_MACROS:
-        items = [FetchItem(name) for name in FETCH_MACROS[what.text.upper()]]
+        items = tuple(FetchItem(item) for item in FETCH_MACROS[what.text.upper()])
     elif isinstance(what, t.Group):
         if not what.items:
             raise ParseError("empty fetch item list")
-        items = [_fetch_item(tok) for tok in what.items]
+        items = tuple(_fetch_item(tok) for tok in what.items)
     else:
-        items = [_fetch_item(what)]
+        items = (_fetch_item(what),)
     changedsince = None
     if args.more():
-        for name, value in _modifiers(args.take("fetch modifiers"), "fetch modifier"):
-            if name != "CHANGEDSINCE":
-                raise ParseError(f"unknown fetch modifier {name}")
+        for modifier, value in _modifiers(args.take("fetch modifiers"), "fetch modifier"):
+            if modifier != "CHANGEDSINCE":
+                raise ParseError(f"unknown fetch modifier {modifier}")
             changedsince = t.number(value, "CHANGEDSINCE value", 1, t.MAX_NUMBER64)
-    return {"set": sequence, "items": items, "changedsince": changedsince}
+    return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, uid=_is_uid(name))
 
 
 def _modifiers(tok: t.Token, what: str) -> list[tuple[str, t.Token]]:
@@ -335,13 +321,13 @@ def _field_name(tok: t.Token) -> str:
     return data.decode("ascii")
 
 
-def _store(args: t.Args) -> dict:
+def _store(tag: str, name: str, args: t.Args) -> c.Store:
     sequence = t.sequence_set(args.take("sequence set"))
     unchangedsince = None
     if isinstance(args.peek(), t.Group):
-        for name, value in _modifiers(args.take("store modifiers"), "store modifier"):
-            if name != "UNCHANGEDSINCE":
-                raise ParseError(f"unknown store modifier {name}")
+        for modifier, value in _modifiers(args.take("store modifiers"), "store modifier"):
+            if modifier != "UNCHANGEDSINCE":
+                raise ParseError(f"unknown store modifier {modifier}")
             unchangedsince = t.number(value, "UNCHANGEDSINCE value", 0, t.MAX_NUMBER64)
     item = t.atom(args.take("store item"), "store item").upper()
     sign = item[:1] if item[:1] in "+-" else ""
@@ -355,34 +341,42 @@ def _store(args: t.Args) -> dict:
         flags = tuple(t.flag(tok) for tok in rest)
     else:
         raise ParseError("missing flags")
-    return {"set": sequence, "mode": STORE_MODES[sign], "silent": base == "FLAGS.SILENT", "flags": flags,
-            "unchangedsince": unchangedsince}
+    return c.Store(tag, name, sequence=sequence, mode=STORE_MODES[sign], silent=base == "FLAGS.SILENT",
+                   flags=flags, unchangedsince=unchangedsince, uid=_is_uid(name))
 
 
-def _copy(args: t.Args) -> dict:
-    return {"set": t.sequence_set(args.take("sequence set")), "mailbox": t.mailbox(args.take("mailbox name"))}
+def _copy(tag: str, name: str, args: t.Args) -> c.Copy | c.Move:
+    kind = c.Move if name.endswith("MOVE") else c.Copy
+    return kind(tag, name, sequence=t.sequence_set(args.take("sequence set")),
+                mailbox=t.mailbox(args.take("mailbox name")), uid=_is_uid(name))
 
 
-def _uid_expunge(args: t.Args) -> dict:
-    return {"set": t.sequence_set(args.take("sequence set"))}
+def _expunge(tag: str, name: str, args: t.Args) -> c.Expunge:
+    if not _is_uid(name):
+        return c.Expunge(tag, name)
+    return c.Expunge(tag, name, sequence=t.sequence_set(args.take("sequence set")), uid=True)
 
 
-def _search(args: t.Args) -> dict:
+def _search(tag: str, name: str, args: t.Args) -> c.Search:
     charset, query = parse_search(args)
-    return {"charset": charset, "query": query}
+    return c.Search(tag, name, charset=charset, query=query, uid=_is_uid(name))
 
 
-def _enable(args: t.Args) -> dict:
+def _is_uid(name: str) -> bool:
+    return name.startswith("UID ")
+
+
+def _enable(tag: str, name: str, args: t.Args) -> c.Enable:
     caps = tuple(t.atom(tok, "capability").upper() for tok in args.rest())
     if not caps:
         raise ParseError("missing capability")
-    return {"capabilities": caps}
+    return c.Enable(tag, name, capabilities=caps)
 
 
-def _id(args: t.Args) -> dict:
+def _id(tag: str, name: str, args: t.Args) -> c.Id:
     tok = args.take("ID parameters")
     if isinstance(tok, t.Atom) and tok.text.upper() == "NIL":
-        return {"params": None}
+        return c.Id(tag, name, params=None)
     items = t.group(tok, "ID parameters")
     if len(items) % 2:
         raise ParseError("ID parameters must come in pairs")
@@ -390,14 +384,14 @@ def _id(args: t.Args) -> dict:
         raise ParseError("too many ID parameters", code="LIMIT")
     params: dict[str, str | None] = {}
     for key, value in zip(items[::2], items[1::2], strict=True):
-        name = _id_string(key, "ID field name")
-        if len(name) > ID_MAX_KEY:
+        field = _id_string(key, "ID field name")
+        if len(field) > ID_MAX_KEY:
             raise ParseError("ID field name too long")
         is_nil = isinstance(value, t.Atom) and value.text.upper() == "NIL"
-        params[name] = None if is_nil else _id_string(value, "ID field value")
-        if params[name] is not None and len(params[name]) > ID_MAX_VALUE:
+        params[field] = None if is_nil else _id_string(value, "ID field value")
+        if params[field] is not None and len(params[field]) > ID_MAX_VALUE:
             raise ParseError("ID field value too long")
-    return {"params": params}
+    return c.Id(tag, name, params=params)
 
 
 def _id_string(tok: t.Token, what: str) -> str:
@@ -406,32 +400,32 @@ def _id_string(tok: t.Token, what: str) -> str:
     return t.text(tok, what)
 
 
-def _getquota(args: t.Args) -> dict:
-    return {"root": t.text(args.take("quota root"), "quota root")}
+def _getquota(tag: str, name: str, args: t.Args) -> c.GetQuota:
+    return c.GetQuota(tag, name, root=t.text(args.take("quota root"), "quota root"))
 
 
-def _setquota(args: t.Args) -> dict:
+def _setquota(tag: str, name: str, args: t.Args) -> c.SetQuota:
     root = t.text(args.take("quota root"), "quota root")
     items = t.Args(t.group(args.take("resource limits"), "resource limits"))
     limits = {}
     while items.more():
-        name = t.atom(items.take("resource name"), "resource name").upper()
-        limits[name] = t.number(items.take("resource limit"), "resource limit", 0, t.MAX_NUMBER64)
-    return {"root": root, "limits": limits}
+        resource = t.atom(items.take("resource name"), "resource name").upper()
+        limits[resource] = t.number(items.take("resource limit"), "resource limit", 0, t.MAX_NUMBER64)
+    return c.SetQuota(tag, name, root=root, limits=limits)
 
 
 _COMMANDS = {
-    **{name: _no_args for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "EXPUNGE",
-                                   "UNSELECT", "IDLE", "NAMESPACE")},
+    **{name: _no_args for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT",
+                                   "IDLE", "NAMESPACE")},
     "LOGIN": _login,
     "AUTHENTICATE": _authenticate,
     "SELECT": _select,
     "EXAMINE": _select,
     "CREATE": _create,
-    "DELETE": _mailbox_only,
-    "SUBSCRIBE": _mailbox_only,
-    "UNSUBSCRIBE": _mailbox_only,
-    "GETQUOTAROOT": _mailbox_only,
+    "DELETE": _mailbox_only(c.Delete),
+    "SUBSCRIBE": _mailbox_only(c.Subscribe),
+    "UNSUBSCRIBE": _mailbox_only(c.Unsubscribe),
+    "GETQUOTAROOT": _mailbox_only(c.GetQuotaRoot),
     "RENAME": _rename,
     "LIST": _list,
     "LSUB": _lsub,
@@ -445,7 +439,8 @@ _COMMANDS = {
     "MOVE": _copy,
     "UID COPY": _copy,
     "UID MOVE": _copy,
-    "UID EXPUNGE": _uid_expunge,
+    "EXPUNGE": _expunge,
+    "UID EXPUNGE": _expunge,
     "SEARCH": _search,
     "UID SEARCH": _search,
     "ENABLE": _enable,

@@ -1,10 +1,12 @@
 """The typed values of parsed IMAP commands: what imapd.parser produces and the session,
-the FETCH renderer and the SEARCH translation consume. Plain data, no parsing here."""
+the FETCH renderer and the SEARCH translation consume. Plain data, no parsing here: one
+frozen dataclass per verb (`Fetch`, `Store`, `Append`, ...), each a `Command` with its tag
+and name, and the values they are made of (`SequenceSet`, `FetchItem`, `Section`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import datetime
+from dataclasses import dataclass
 
 
 class ParseError(Exception):
@@ -73,10 +75,181 @@ class FetchItem:
 
 @dataclass(frozen=True)
 class Command:
-    """A parsed command. `name` is upper case; UID commands are "UID FETCH", "UID STORE",
-    "UID SEARCH", "UID COPY", "UID MOVE", "UID EXPUNGE". `args` holds the command's typed
-    arguments by name (see imapd.parser for each command's keys)."""
+    """A parsed command; one without arguments is this class itself. `name` is upper case,
+    as the state table knows it: UID commands are "UID FETCH", "UID STORE", "UID SEARCH",
+    "UID COPY", "UID MOVE", "UID EXPUNGE". Commands with arguments are the subclasses
+    below, one per verb (a verb's UID form is the same class with `uid` True)."""
 
     tag: str
     name: str
-    args: dict[str, Any] = field(default_factory=dict)
+
+
+# -- any state, not authenticated ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Enable(Command):
+    capabilities: tuple[str, ...]  # upper case (RFC 5161)
+
+
+@dataclass(frozen=True)
+class Id(Command):
+    params: dict[str, str | None] | None  # RFC 2971; None for NIL
+
+
+@dataclass(frozen=True)
+class Login(Command):
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class Authenticate(Command):
+    mechanism: str  # upper case
+    initial: str | None  # SASL-IR's initial response (RFC 4959), "=" read as ""; None: none given
+
+
+# -- mailboxes ------------------------------------------------------------------------------------
+# Mailbox names are decoded from modified UTF-7; INBOX in any case, and as the first level of
+# a path, is "INBOX"; the separator is "/".
+
+@dataclass(frozen=True)
+class Select(Command):
+    """SELECT, and EXAMINE (`readonly`)."""
+
+    mailbox: str
+    condstore: bool = False  # the (CONDSTORE) parameter, RFC 7162 §3.1.8
+
+    @property
+    def readonly(self) -> bool:
+        return self.name == "EXAMINE"
+
+
+@dataclass(frozen=True)
+class Create(Command):
+    mailbox: str
+    special_use: tuple[str, ...] = ()  # (USE (\\Sent)), RFC 6154 §3
+
+
+@dataclass(frozen=True)
+class Delete(Command):
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Rename(Command):
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class Subscribe(Command):
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Unsubscribe(Command):
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class ListReturn:
+    """LIST's RETURN options (RFC 5258 §3.2, RFC 5819 STATUS, RFC 6154 SPECIAL-USE)."""
+
+    subscribed: bool = False
+    children: bool = False
+    special_use: bool = False
+    status: tuple[str, ...] | None = None  # STATUS items to answer for each mailbox listed
+
+
+@dataclass(frozen=True)
+class List(Command):
+    reference: str
+    patterns: tuple[str, ...]
+    select: tuple[str, ...] = ()  # selection options, upper case (RFC 5258 §3.1)
+    returns: ListReturn = ListReturn()
+
+
+@dataclass(frozen=True)
+class Lsub(Command):
+    reference: str
+    pattern: str
+
+
+@dataclass(frozen=True)
+class Status(Command):
+    mailbox: str
+    items: tuple[str, ...]  # upper case
+
+
+@dataclass(frozen=True)
+class Append(Command):
+    mailbox: str
+    flags: tuple[str, ...]
+    date: datetime.datetime | None  # aware
+    message: bytes
+
+
+@dataclass(frozen=True)
+class GetQuotaRoot(Command):
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class GetQuota(Command):
+    root: str
+
+
+@dataclass(frozen=True)
+class SetQuota(Command):
+    root: str
+    limits: dict[str, int]  # resource name, upper case -> limit
+
+
+# -- the selected mailbox -------------------------------------------------------------------------
+# `sequence` names sequence numbers, or UIDs when `uid` is True (the UID form, RFC 3501 §6.4.8).
+
+@dataclass(frozen=True)
+class Fetch(Command):
+    sequence: SequenceSet
+    items: tuple[FetchItem, ...]  # in the order asked; macros (ALL, FAST, FULL) expanded
+    changedsince: int | None = None  # RFC 7162 §3.1.4
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class Store(Command):
+    sequence: SequenceSet
+    mode: str  # "set", "add" or "remove" (FLAGS, +FLAGS, -FLAGS)
+    silent: bool
+    flags: tuple[str, ...]
+    unchangedsince: int | None = None  # RFC 7162 §3.1.3
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class Copy(Command):
+    sequence: SequenceSet
+    mailbox: str
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class Move(Command):
+    sequence: SequenceSet
+    mailbox: str
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class Expunge(Command):
+    """EXPUNGE, and UID EXPUNGE (RFC 4315 §2.1): only the UIDs in `sequence`."""
+
+    sequence: SequenceSet | None = None
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class Search(Command):
+    charset: str | None  # "US-ASCII", "UTF-8" or None
+    query: tuple  # imapd.search_keys' tree
+    uid: bool = False

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime
 import random
+from dataclasses import fields
 
 import pytest
 
+from imapd import syntax as c
 from imapd import utf7
 from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
 from imapd.syntax import Command, FetchItem, ParseError, Section, SequenceSet
@@ -65,7 +67,9 @@ def parse_error(data: bytes) -> ParseError:
 
 
 def args(data: bytes) -> dict:
-    return parse(data).args
+    """The parsed command's arguments: its fields but the tag and the name."""
+    command = parse(data)
+    return {f.name: getattr(command, f.name) for f in fields(command) if f.name not in ("tag", "name")}
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -284,15 +288,15 @@ def test_no_tag():
 
 
 def test_command_names_and_keys_are_case_insensitive():
-    assert parse(b"a noop\r\n") == Command("a", "NOOP", {})
-    assert parse(b"a Uid Expunge 1\r\n") == Command("a", "UID EXPUNGE", {"set": SequenceSet(((1, 1),))})
+    assert parse(b"a noop\r\n") == Command("a", "NOOP")
+    assert parse(b"a Uid Expunge 1\r\n") == c.Expunge("a", "UID EXPUNGE", SequenceSet(((1, 1),)), uid=True)
 
 
 def test_commands_without_arguments():
-    for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "EXPUNGE", "UNSELECT", "IDLE",
-                 "NAMESPACE"):
-        assert parse(f"t {name}\r\n".encode()) == Command("t", name, {})
+    for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT", "IDLE", "NAMESPACE"):
+        assert parse(f"t {name}\r\n".encode()) == Command("t", name)
         assert str(parse_error(f"t {name} x\r\n".encode())) == "unexpected extra arguments"
+    assert parse(b"t EXPUNGE\r\n") == c.Expunge("t", "EXPUNGE", sequence=None, uid=False)
 
 
 def test_quoted_strings_take_only_two_escapes_and_utf8():
@@ -330,7 +334,7 @@ def test_token_count_limit():
     def store(flags: int) -> Frame:
         return Frame([b"a STORE 1 FLAGS (" + b" ".join([b"\\Seen"] * flags) + b")"])
 
-    assert len(parse_command(store(99_997)).args["flags"]) == 99_997
+    assert len(parse_command(store(99_997)).flags) == 99_997
     with pytest.raises(ParseError) as info:
         parse_command(store(99_998))
     assert (str(info.value), info.value.code, info.value.tag) == ("too many arguments", "LIMIT", "a")
@@ -377,7 +381,8 @@ def test_enable_and_id():
 # -- mailboxes --------------------------------------------------------------------------------
 
 def test_select_and_examine():
-    assert parse(b"a SELECT inbox\r\n") == Command("a", "SELECT", {"mailbox": "INBOX", "condstore": False})
+    assert parse(b"a SELECT inbox\r\n") == c.Select("a", "SELECT", mailbox="INBOX", condstore=False)
+    assert not parse(b"a SELECT inbox\r\n").readonly and parse(b"a EXAMINE inbox\r\n").readonly
     assert args(b'a EXAMINE "Sent" (condstore)\r\n') == {"mailbox": "Sent", "condstore": True}
     assert str(parse_error(b"a SELECT x (QRESYNC (1 2))\r\n")) == "unknown select parameter"
     assert str(parse_error(b"a SELECT x ()\r\n")) == "empty select parameters"
@@ -397,7 +402,7 @@ def test_mailbox_names_decode_modified_utf7_and_inbox():
 
 
 def test_create_with_special_use():
-    assert parse(b"a CREATE Foo\r\n") == Command("a", "CREATE", {"mailbox": "Foo", "special_use": ()})
+    assert parse(b"a CREATE Foo\r\n") == c.Create("a", "CREATE", mailbox="Foo", special_use=())
     assert args(b"a CREATE Sent (USE (\\sent \\Archive))\r\n") == {"mailbox": "Sent",
                                                                   "special_use": ("\\Sent", "\\Archive")}
     assert args(b"a CREATE X (USE (\\Important))\r\n")["special_use"] == ("\\Important",)
@@ -407,8 +412,10 @@ def test_create_with_special_use():
 
 
 def test_mailbox_commands():
-    for name in ("DELETE", "SUBSCRIBE", "UNSUBSCRIBE", "GETQUOTAROOT"):
-        assert parse(f"a {name} \"a b\"\r\n".encode()) == Command("a", name, {"mailbox": "a b"})
+    kinds = {"DELETE": c.Delete, "SUBSCRIBE": c.Subscribe, "UNSUBSCRIBE": c.Unsubscribe,
+             "GETQUOTAROOT": c.GetQuotaRoot}
+    for name, kind in kinds.items():
+        assert parse(f"a {name} \"a b\"\r\n".encode()) == kind("a", name, mailbox="a b")
     assert args(b"a RENAME inbox/x {3+}\r\nnew\r\n") == {"old": "INBOX/x", "new": "new"}
     assert str(parse_error(b"a RENAME x\r\n")) == "missing new mailbox name"
 
@@ -423,27 +430,27 @@ def test_status():
     assert str(parse_error(b"a STATUS INBOX MESSAGES\r\n")) == "status items must be a parenthesized list"
 
 
-NO_RETURN = {"SUBSCRIBED": False, "CHILDREN": False, "SPECIAL-USE": False, "STATUS": None}
+NO_RETURN = c.ListReturn(subscribed=False, children=False, special_use=False, status=None)
 
 
 def test_list_basic():
-    assert args(b'a LIST "" *\r\n') == {"reference": "", "patterns": ["*"], "select": (), "return_": NO_RETURN}
-    assert args(b'a LIST "" ""\r\n')["patterns"] == [""]
-    assert args(b"a LIST inbox/ %/&U,BTFw-*\r\n") == {"reference": "INBOX/", "patterns": ["%/台北*"],
-                                                     "select": (), "return_": NO_RETURN}
-    assert args(b'a LIST "" inbox\r\n')["patterns"] == ["INBOX"]
-    assert args(b'a LIST "" InBoX/%\r\n')["patterns"] == ["INBOX/%"]
+    assert args(b'a LIST "" *\r\n') == {"reference": "", "patterns": ("*",), "select": (), "returns": NO_RETURN}
+    assert args(b'a LIST "" ""\r\n')["patterns"] == ("",)
+    assert args(b"a LIST inbox/ %/&U,BTFw-*\r\n") == {"reference": "INBOX/", "patterns": ("%/台北*",),
+                                                     "select": (), "returns": NO_RETURN}
+    assert args(b'a LIST "" inbox\r\n')["patterns"] == ("INBOX",)
+    assert args(b'a LIST "" InBoX/%\r\n')["patterns"] == ("INBOX/%",)
     assert str(parse_error(b'a LIST "" "&Jjo"\r\n')).startswith("mailbox pattern is not valid modified UTF-7")
 
 
 def test_list_extended():
     assert args(b'a LIST (subscribed RECURSIVEMATCH) "" ("INBOX" %/x) RETURN (CHILDREN special-use '
                 b"STATUS (MESSAGES UNSEEN) SUBSCRIBED)\r\n") == {
-        "reference": "", "patterns": ["INBOX", "%/x"], "select": ("SUBSCRIBED", "RECURSIVEMATCH"),
-        "return_": {"SUBSCRIBED": True, "CHILDREN": True, "SPECIAL-USE": True, "STATUS": ("MESSAGES", "UNSEEN")}}
+        "reference": "", "patterns": ("INBOX", "%/x"), "select": ("SUBSCRIBED", "RECURSIVEMATCH"),
+        "returns": c.ListReturn(subscribed=True, children=True, special_use=True, status=("MESSAGES", "UNSEEN"))}
     assert args(b'a LIST (SPECIAL-USE) "" *\r\n')["select"] == ("SPECIAL-USE",)
-    assert args(b'a LIST () "" * RETURN ()\r\n') == {"reference": "", "patterns": ["*"], "select": (),
-                                                    "return_": NO_RETURN}
+    assert args(b'a LIST () "" * RETURN ()\r\n') == {"reference": "", "patterns": ("*",), "select": (),
+                                                    "returns": NO_RETURN}
     assert str(parse_error(b'a LIST (RECURSIVEMATCH) "" *\r\n')) == "RECURSIVEMATCH needs another selection option"
     assert str(parse_error(b'a LIST (FOO) "" *\r\n')) == "unknown selection option FOO"
     assert str(parse_error(b'a LIST "" * RETURN (FOO)\r\n')) == "unknown return option FOO"
@@ -453,7 +460,7 @@ def test_list_extended():
 
 
 def test_lsub():
-    assert parse(b'a LSUB "" Lists/%\r\n') == Command("a", "LSUB", {"reference": "", "patterns": ["Lists/%"]})
+    assert parse(b'a LSUB "" Lists/%\r\n') == c.Lsub("a", "LSUB", reference="", pattern="Lists/%")
     assert str(parse_error(b'a LSUB "" (a b)\r\n')) == "mailbox pattern must be a string"
 
 
@@ -493,7 +500,7 @@ def test_append_needs_a_literal():
 
 # -- FETCH ------------------------------------------------------------------------------------
 
-def items(data: bytes) -> list[FetchItem]:
+def items(data: bytes) -> tuple[FetchItem, ...]:
     return args(data)["items"]
 
 
@@ -506,7 +513,7 @@ def test_fetch_macros_and_simple_items():
                  b"RFC822.HEADER RFC822.TEXT)\r\n") == [
         "UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY", "MODSEQ", "RFC822",
         "RFC822.HEADER", "RFC822.TEXT"]
-    assert items(b"a FETCH 1 RFC822\r\n") == [FetchItem("RFC822")]
+    assert items(b"a FETCH 1 RFC822\r\n") == (FetchItem("RFC822"),)
     assert str(parse_error(b"a FETCH 1 (ALL)\r\n")) == "unknown fetch item ALL"
     assert str(parse_error(b"a FETCH 1 ()\r\n")) == "empty fetch item list"
     assert str(parse_error(b"a FETCH 1 FOO\r\n")) == "unknown fetch item FOO"
@@ -514,10 +521,11 @@ def test_fetch_macros_and_simple_items():
 
 
 def test_fetch_args():
-    assert parse(b"a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 12345)\r\n") == Command("a", "UID FETCH", {
-        "set": SequenceSet(((1, None),)), "items": [FetchItem("FLAGS")], "changedsince": 12345})
-    assert args(b"a FETCH 2 FLAGS\r\n") == {"set": SequenceSet(((2, 2),)), "items": [FetchItem("FLAGS")],
-                                            "changedsince": None}
+    assert parse(b"a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 12345)\r\n") == c.Fetch(
+        "a", "UID FETCH", sequence=SequenceSet(((1, None),)), items=(FetchItem("FLAGS"),), changedsince=12345,
+        uid=True)
+    assert args(b"a FETCH 2 FLAGS\r\n") == {"sequence": SequenceSet(((2, 2),)), "items": (FetchItem("FLAGS"),),
+                                            "changedsince": None, "uid": False}
     assert str(parse_error(b"a FETCH 1 FLAGS (CHANGEDSINCE 0)\r\n")) == "CHANGEDSINCE value out of range"
     assert str(parse_error(b"a FETCH 1 FLAGS (VANISHED)\r\n")) == "missing fetch modifier value"
     assert str(parse_error(b"a FETCH 1 FLAGS (FOO 1)\r\n")) == "unknown fetch modifier FOO"
@@ -539,9 +547,9 @@ def test_fetch_args():
     (b"1.HEADER.FIELDS (DATE)", Section(part=(1,), text="HEADER.FIELDS", fields=("DATE",))),
 ])
 def test_fetch_sections(spec, section):
-    assert items(b"a FETCH 1 BODY[" + spec + b"]\r\n") == [FetchItem("BODY[]", section=section)]
+    assert items(b"a FETCH 1 BODY[" + spec + b"]\r\n") == (FetchItem("BODY[]", section=section),)
     got = items(b"a FETCH 1 (BODY.PEEK[" + spec + b"]<10.2048> UID)\r\n")
-    assert got == [FetchItem("BODY[]", section=section, peek=True, partial=(10, 2048)), FetchItem("UID")]
+    assert got == (FetchItem("BODY[]", section=section, peek=True, partial=(10, 2048)), FetchItem("UID"))
 
 
 @pytest.mark.parametrize("spec,error", [
@@ -562,7 +570,7 @@ def test_fetch_sections(spec, section):
 def test_fetch_bad_sections(spec, error):
     data = b"a FETCH 1 BODY[" + spec + b"]\r\n"
     if error is None:
-        assert items(data) == [FetchItem("BODY[]", section=Section(text="TEXT"))]
+        assert items(data) == (FetchItem("BODY[]", section=Section(text="TEXT")),)
     else:
         assert str(parse_error(data)) == error
 
@@ -595,7 +603,7 @@ def test_fetch_partial_on_plain_body_is_not_a_section():
     ("4294967295", ((4294967295, 4294967295),)),
 ])
 def test_sequence_sets(text, ranges):
-    assert args(f"a UID EXPUNGE {text}\r\n".encode()) == {"set": SequenceSet(ranges)}
+    assert args(f"a UID EXPUNGE {text}\r\n".encode()) == {"sequence": SequenceSet(ranges), "uid": True}
 
 
 @pytest.mark.parametrize("text", ["0", "0:5", "5:0", "1,,2", "1,", ",1", "1:", ":1", "1:2:3", "4294967296",
@@ -611,7 +619,7 @@ def test_sequence_set_must_be_an_atom():
 
 def test_sequence_set_element_limit():
     ok = ",".join(["1"] * 16384)
-    assert len(args(f"a UID EXPUNGE {ok}\r\n".encode())["set"].ranges) == 16384
+    assert len(args(f"a UID EXPUNGE {ok}\r\n".encode())["sequence"].ranges) == 16384
     err = parse_error(f"a UID EXPUNGE {ok},1\r\n".encode())
     assert (str(err), err.code) == ("sequence set has too many elements", "LIMIT")
 
@@ -620,15 +628,16 @@ def test_sequence_set_element_limit():
 
 def test_store_forms():
     one = SequenceSet(((1, 1),))
-    assert parse(b"a STORE 1 FLAGS (\\Seen)\r\n") == Command("a", "STORE", {
-        "set": one, "mode": "set", "silent": False, "flags": ("\\Seen",), "unchangedsince": None})
+    assert parse(b"a STORE 1 FLAGS (\\Seen)\r\n") == c.Store(
+        "a", "STORE", sequence=one, mode="set", silent=False, flags=("\\Seen",), unchangedsince=None, uid=False)
     assert args(b"a STORE 1 +flags.silent \\deleted $Junk\r\n") == {
-        "set": one, "mode": "add", "silent": True, "flags": ("\\Deleted", "$Junk"), "unchangedsince": None}
+        "sequence": one, "mode": "add", "silent": True, "flags": ("\\Deleted", "$Junk"), "unchangedsince": None,
+        "uid": False}
     assert args(b"a STORE 1 -FLAGS ()\r\n") == {
-        "set": one, "mode": "remove", "silent": False, "flags": (), "unchangedsince": None}
-    assert parse(b"a UID STORE 2:4 (UNCHANGEDSINCE 0) FLAGS.SILENT (\\Answered \\Ext)\r\n") == Command(
-        "a", "UID STORE", {"set": SequenceSet(((2, 4),)), "mode": "set", "silent": True,
-                           "flags": ("\\Answered", "\\Ext"), "unchangedsince": 0})
+        "sequence": one, "mode": "remove", "silent": False, "flags": (), "unchangedsince": None, "uid": False}
+    assert parse(b"a UID STORE 2:4 (UNCHANGEDSINCE 0) FLAGS.SILENT (\\Answered \\Ext)\r\n") == c.Store(
+        "a", "UID STORE", sequence=SequenceSet(((2, 4),)), mode="set", silent=True,
+        flags=("\\Answered", "\\Ext"), unchangedsince=0, uid=True)
     assert args(b"a STORE 1 (unchangedsince 9223372036854775807) FLAGS x\r\n")["unchangedsince"] == 2**63 - 1
 
 
@@ -647,9 +656,11 @@ def test_store_errors(data, error):
 
 
 def test_copy_move_and_uid_expunge():
-    for name in ("COPY", "MOVE", "UID COPY", "UID MOVE"):
-        assert parse(f"a {name} 1:3,7 inbox/Archive\r\n".encode()) == Command(
-            "a", name, {"set": SequenceSet(((1, 3), (7, 7))), "mailbox": "INBOX/Archive"})
+    kinds = {"COPY": (c.Copy, False), "MOVE": (c.Move, False), "UID COPY": (c.Copy, True),
+             "UID MOVE": (c.Move, True)}
+    for name, (kind, uid) in kinds.items():
+        assert parse(f"a {name} 1:3,7 inbox/Archive\r\n".encode()) == kind(
+            "a", name, sequence=SequenceSet(((1, 3), (7, 7))), mailbox="INBOX/Archive", uid=uid)
     assert str(parse_error(b"a UID EXPUNGE\r\n")) == "missing sequence set"
     assert str(parse_error(b"a EXPUNGE 1\r\n")) == "unexpected extra arguments"
 
@@ -720,11 +731,12 @@ def test_search_keys(criteria, tree):
 
 
 def test_search_args_and_uid_search():
-    assert parse(b"a UID SEARCH CHARSET utf-8 SUBJECT {5+}\r\n\xc3\xa9t\xc3\xa9 UNDELETED\r\n") == Command(
-        "a", "UID SEARCH", {"charset": "UTF-8", "query": ("and", [("subject", "été"),
-                                                                   ("flag", "\\Deleted", False)])})
-    assert args(b'a SEARCH CHARSET "US-ASCII" FROM x\r\n') == {"charset": "US-ASCII", "query": ("from", "x")}
-    assert args(b"a SEARCH FROM \"\xc3\xa9\"\r\n") == {"charset": None, "query": ("from", "é")}
+    assert parse(b"a UID SEARCH CHARSET utf-8 SUBJECT {5+}\r\n\xc3\xa9t\xc3\xa9 UNDELETED\r\n") == c.Search(
+        "a", "UID SEARCH", charset="UTF-8", query=("and", [("subject", "été"), ("flag", "\\Deleted", False)]),
+        uid=True)
+    assert args(b'a SEARCH CHARSET "US-ASCII" FROM x\r\n') == {"charset": "US-ASCII", "query": ("from", "x"),
+                                                                "uid": False}
+    assert args(b"a SEARCH FROM \"\xc3\xa9\"\r\n") == {"charset": None, "query": ("from", "é"), "uid": False}
 
 
 def test_search_charset_errors():
@@ -783,9 +795,9 @@ def test_search_key_limit():
 # -- quota ------------------------------------------------------------------------------------
 
 def test_quota_commands():
-    assert parse(b'a GETQUOTA ""\r\n') == Command("a", "GETQUOTA", {"root": ""})
-    assert parse(b'a SETQUOTA "" (storage 512 MESSAGE 1000)\r\n') == Command(
-        "a", "SETQUOTA", {"root": "", "limits": {"STORAGE": 512, "MESSAGE": 1000}})
+    assert parse(b'a GETQUOTA ""\r\n') == c.GetQuota("a", "GETQUOTA", root="")
+    assert parse(b'a SETQUOTA "" (storage 512 MESSAGE 1000)\r\n') == c.SetQuota(
+        "a", "SETQUOTA", root="", limits={"STORAGE": 512, "MESSAGE": 1000})
     assert args(b"a SETQUOTA x ()\r\n") == {"root": "x", "limits": {}}
     assert str(parse_error(b"a SETQUOTA x (STORAGE)\r\n")) == "missing resource limit"
 

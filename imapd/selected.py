@@ -1,0 +1,390 @@
+"""The IMAP commands on the selected mailbox (RFC 3501 §6.4): CHECK, CLOSE, UNSELECT
+(RFC 3691), EXPUNGE and UID EXPUNGE (RFC 4315), SEARCH, FETCH, STORE (RFC 7162 CONDSTORE),
+COPY and MOVE (RFC 6851), their UID forms; IDLE (RFC 2177); and `sync`, which keeps the
+client in step with the store after every command.
+
+Sequence numbers are the session's (imapd.view); the store speaks UIDs, so every set is
+made UID ranges before a store call. Expunges by others wait until the client may hear
+them: never during FETCH, STORE, SEARCH or COPY (RFC 3501 §7.4.1).
+
+Handlers are called as in imapd.mailboxes: `(session, command)`, returning the tagged OK's
+text, `(code, text)` or None, raising `imapd.answers.Answer` for NO and BAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from imapd import fetch as fetching
+from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
+from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
+from imapd.view import View
+import storage
+from storage import SearchError
+
+if TYPE_CHECKING:
+    from imapd.session import Session
+
+FETCH_BATCH = 256  # messages per store read while answering FETCH
+FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
+FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
+NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
+
+
+def require_view(session: Session) -> View:
+    if session.view is None:
+        raise bad("no mailbox selected")
+    return session.view
+
+
+def require_writable(session: Session) -> View:
+    view = require_view(session)
+    if view.readonly:
+        raise no("mailbox is read-only (EXAMINE)", "READ-ONLY")
+    return view
+
+
+def ranges(session: Session, command: Fetch | Store | Copy | Move) -> list[tuple[int, int]]:
+    """The command's sequence set as UID ranges; BAD for a sequence number beyond EXISTS."""
+    view = require_view(session)
+    if command.uid:
+        return view.uid_ranges(command.sequence)
+    try:
+        return view.seq_ranges(command.sequence)
+    except ValueError:
+        raise bad("invalid message sequence number") from None
+
+
+# -- CHECK, CLOSE, UNSELECT, EXPUNGE --------------------------------------------------------------
+
+async def check(session: Session, command: Command):
+    return None
+
+
+async def close(session: Session, command: Command):
+    view = require_view(session)
+    if not view.readonly:
+        await session.run_store(session.context.store.expunge, session.user, view.name)
+    session.close_view()
+
+
+async def unselect(session: Session, command: Command):
+    session.close_view()
+
+
+async def expunge(session: Session, command: Expunge):
+    """EXPUNGE, and UID EXPUNGE: only the messages in its set (RFC 4315 §2.1)."""
+    view = require_writable(session)
+    uid_ranges = None
+    if command.sequence is not None:
+        uid_ranges = view.uid_ranges(command.sequence)
+        if not uid_ranges:
+            return None
+    args = (session.user, view.name) + ((uid_ranges,) if uid_ranges is not None else ())
+    removed = await session.run_store(session.context.store.expunge, *args)
+    announce_expunged(session, removed)
+    session.log.info("expunge", mailbox=view.name, count=len(removed))
+    return None
+
+
+def announce_expunged(session: Session, uids: Iterable[int]) -> None:
+    view = require_view(session)
+    for seq in view.expunge_now(uids):
+        session.untagged(f"{seq} EXPUNGE")
+
+
+# -- SEARCH -----------------------------------------------------------------------------------
+
+async def search(session: Session, command: Search):
+    view = require_view(session)
+    query = resolve_query(session, command.query)
+    try:
+        uids = await session.run_store(session.context.store.search, session.user, view.name, query)
+    except SearchError as e:
+        raise bad(str(e)) from None
+    uids, seqs = view.known(uids)
+    line = "SEARCH" + (" " + " ".join(map(str, uids if command.uid else seqs)) if uids else "")
+    if _has_modseq(query) and uids:
+        session.condstore = True
+        states = await session.run_store(session.context.store.flags, session.user, view.name, [(u, u) for u in uids])
+        line += f" (MODSEQ {max(s.modseq for s in states)})" if states else ""
+    session.untagged(line)
+
+
+def resolve_query(session: Session, query: tuple) -> tuple:
+    """The store's query tree: sequence numbers, `*` and \\Recent made UIDs."""
+    view = require_view(session)
+    kind = query[0]
+    try:
+        if kind == "seq":
+            return ("uid", view.seq_ranges(query[1]) or [(0, 0)])
+    except ValueError:
+        # RFC 3501 asks for BAD on numbers beyond EXISTS in most commands; in SEARCH
+        # they simply match nothing (what Dovecot and clients expect).
+        spans = [(lo, min(hi, view.exists)) for lo, hi in query[1].resolve(view.exists) if lo <= view.exists]
+        return ("uid", [(view.uids[lo - 1], view.uids[hi - 1]) for lo, hi in spans] or [(0, 0)])
+    if kind == "uidset":
+        return ("uid", view.uid_ranges(query[1]) or [(0, 0)])
+    if kind == "recent":
+        return ("uid", view.recent_ranges() or [(0, 0)])
+    if kind == "not":
+        return ("not", resolve_query(session, query[1]))
+    if kind == "or":
+        return ("or", resolve_query(session, query[1]), resolve_query(session, query[2]))
+    if kind == "and":
+        return ("and", [resolve_query(session, q) for q in query[1]])
+    if kind == "modseq":
+        session.condstore = True
+    return query
+
+
+def _has_modseq(query: tuple) -> bool:
+    kind = query[0]
+    if kind == "modseq":
+        return True
+    if kind == "not":
+        return _has_modseq(query[1])
+    if kind == "or":
+        return _has_modseq(query[1]) or _has_modseq(query[2])
+    if kind == "and":
+        return any(_has_modseq(q) for q in query[1])
+    return False
+
+
+# -- FETCH ------------------------------------------------------------------------------------
+
+async def fetch(session: Session, command: Fetch):
+    view = require_view(session)
+    items: list[FetchItem] = list(command.items)
+    changedsince = command.changedsince
+    if changedsince is not None or any(i.name == "MODSEQ" for i in items):
+        session.condstore = True
+    if command.uid and not any(i.name == "UID" for i in items):
+        items.insert(0, FetchItem("UID"))
+    if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
+        items.append(FetchItem("MODSEQ"))
+    uids = view.uids_in(ranges(session, command))
+    if not uids:
+        return None
+    mark_seen = not view.readonly and fetching.sets_seen(items)
+    if mark_seen and not any(i.name == "FLAGS" for i in items):
+        items.append(FetchItem("FLAGS"))
+    if session.condstore and mark_seen:
+        # RFC 7162 §3.1: FETCH responses that report a change carry UID and MODSEQ.
+        if not any(i.name == "MODSEQ" for i in items):
+            items.append(FetchItem("MODSEQ"))
+        if not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))
+    flags_only = all(i.name in ("UID", "FLAGS", "MODSEQ") for i in items)
+    store = session.context.store
+    # Flags come from fixed-size records: big batches. Message data is rendered until
+    # FETCH_BYTES are pending, written, and the next part waits for the client to read.
+    batch = FLAGS_BATCH if flags_only else FETCH_BATCH
+    recent = frozenset(view.recent)
+    position = 0
+    while position < len(uids):
+        chunk = uids[position:position + batch]
+        chunk_ranges = as_ranges(chunk)
+        if mark_seen:
+            changed, _ = await session.run_store(store.store_flags, session.user, view.name, chunk_ranges, "add",
+                                                 ["\\Seen"])
+            view.mark_told(changed)
+        if flags_only:
+            states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
+            lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
+            done = len(chunk)
+        else:
+            lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
+                                                  changedsince, view.seq_of, recent)
+        for line in lines:
+            if line:
+                session.conn.write(line)
+        position += done
+        await session.conn.drain()
+    return None
+
+
+def flags_fetch_line(session: Session, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
+    """`* n FETCH (UID FLAGS MODSEQ)` from a flag record, None if the client does not know
+    the message or it did not change since `changedsince`."""
+    view = require_view(session)
+    seq = view.seq_of(state.uid)
+    if seq is None or (changedsince is not None and state.modseq <= changedsince):
+        return None
+    view.mark_told([state])
+    parts = []
+    for item in items:
+        if item.name == "UID":
+            parts.append(f"UID {state.uid}")
+        elif item.name == "FLAGS":
+            parts.append(f"FLAGS ({' '.join(flags_with_recent(session, state.uid, state.flags))})")
+        elif item.name == "MODSEQ":
+            parts.append(f"MODSEQ ({state.modseq})")
+    return f"* {seq} FETCH ({' '.join(parts)})\r\n".encode()
+
+
+def flags_with_recent(session: Session, uid: int, flags: Iterable[str]) -> list[str]:
+    out = list(flags)
+    if session.view is not None and uid in session.view.recent:
+        out.append("\\Recent")
+    return out
+
+
+def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
+                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+    """FETCH responses for the first of `uids` (in a worker thread: reads files), until
+    about FETCH_BYTES are rendered; also how many of `uids` they answer."""
+    lines: list[bytes] = []
+    pending = 0
+    for info in store.fetch(account, mailbox, as_ranges(uids)):
+        if pending >= FETCH_BYTES:
+            return lines, uids.index(info.uid)
+        if changedsince is not None and info.modseq <= changedsince:
+            continue
+        seq = seq_of(info.uid)
+        if seq is None:
+            continue
+        body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
+        lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
+        pending += len(lines[-1])
+    return lines, len(uids)
+
+
+# -- STORE ------------------------------------------------------------------------------------
+
+async def store(session: Session, command: Store):
+    view = require_writable(session)
+    unchanged = command.unchangedsince
+    if unchanged is not None:
+        session.condstore = True
+    uids = view.uids_in(ranges(session, command))
+    if not uids:
+        return None
+    flags = [f for f in command.flags if f.lower() != "\\recent"]
+    changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
+                                                as_ranges(uids), command.mode, flags, unchanged)
+    view.mark_told(changed)
+    if not command.silent:
+        states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
+        refused = set(modified)
+        shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if session.condstore else [])
+        for state in states:
+            if state.uid not in refused and state.uid not in view.pending:
+                session.conn.write(flags_fetch_line(session, state, shown, None) or b"")
+    elif session.condstore and unchanged is not None:
+        # RFC 7162 §3.1.3: with UNCHANGEDSINCE the new MODSEQ is reported even when silent
+        for state in changed:
+            seq = view.seq_of(state.uid)
+            if seq is not None:
+                session.untagged(f"{seq} FETCH (UID {state.uid} MODSEQ ({state.modseq}))")
+    if modified:
+        numbers = modified if command.uid else [view.seq_of(u) for u in modified]
+        return f"MODIFIED {set_text([n for n in numbers if n])}", "conditional STORE failed"
+    return None
+
+
+# -- COPY, MOVE -------------------------------------------------------------------------------
+
+async def copy(session: Session, command: Copy | Move):
+    """COPY and MOVE, and their UID forms (RFC 4315 COPYUID, RFC 6851 MOVE)."""
+    view = require_view(session)
+    move = isinstance(command, Move)
+    if move:
+        require_writable(session)
+    uids = view.uids_in(ranges(session, command))
+    if not uids:
+        return None
+    target = command.mailbox
+    operation = session.context.store.move if move else session.context.store.copy
+    try:
+        uidvalidity, pairs = await session.run_store(operation, session.user, view.name, as_ranges(uids), target)
+    except Answer as answer:
+        raise try_create(answer)
+    code = None
+    if pairs:
+        code = f"COPYUID {uidvalidity} {set_text([a for a, _ in pairs])} {set_text([b for _, b in pairs])}"
+    session.log.info("move" if move else "copy", mailbox=view.name, to=target, count=len(pairs))
+    if move:
+        if code:
+            session.untagged(f"OK [{code}] moved")
+        announce_expunged(session, [a for a, _ in pairs])
+        return None
+    return code, "COPY completed"
+
+
+# -- IDLE, and keeping the client in step -------------------------------------------------------
+
+async def idle(session: Session, command: Command):
+    # What changed before IDLE began is told at once, before the continuation: the
+    # watcher's signal may have come and gone already, and a client that reads "+"
+    # and then waits on its socket can miss lines that came in the same packet.
+    session.changed = False
+    if session.view is not None:
+        await sync(session, expunges=True)
+    session.conn.write(b"+ idling\r\n")
+    line = session.conn.next_line()
+    loop = asyncio.get_running_loop()
+    try:
+        while not line.done():
+            if session.changed:
+                session.changed = False
+                if session.view is not None:
+                    await sync(session, expunges=True)
+                continue
+            session.change_waiter = loop.create_future()
+            await asyncio.wait((line, session.change_waiter), return_when=asyncio.FIRST_COMPLETED)
+            session.change_waiter = None
+    finally:
+        session.change_waiter = None
+        if not line.done():
+            line.cancel()
+    line = line.result().strip()
+    if line.upper() != b"DONE":
+        raise bad("expected DONE")
+    return "IDLE terminated"
+
+
+async def sync(session: Session, *, expunges: bool) -> None:
+    """Tell the client what changed in the selected mailbox since it was last told."""
+    view = session.view
+    if view is None:
+        return
+    store = session.context.store
+    try:
+        mailbox, changed, expunged = await session.run_store(store.changes_since, session.user, view.name,
+                                                             view.modseq)
+    except Answer as answer:
+        # Renamed (here, by another session, or a parent of it): follow it by its id.
+        new_name = await session.run_store(store.mailbox_name, session.user, view.uidvalidity) \
+            if answer.code == "NONEXISTENT" else None
+        if new_name is None:
+            if answer.code == "NONEXISTENT":
+                session.say_bye("the selected mailbox was deleted")
+                session.log.info("closed", reason="mailbox_deleted", mailbox=view.name)
+            return
+        session.log.info("selected_renamed", mailbox=view.name, to=new_name)
+        view.name = new_name
+        session.watch(new_name)
+        mailbox, changed, expunged = await session.run_store(store.changes_since, session.user, view.name,
+                                                             view.modseq)
+    if mailbox.uidvalidity != view.uidvalidity:
+        session.say_bye("the selected mailbox was replaced")
+        return
+    view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
+    if expunges and view.pending:
+        announce_expunged(session, list(view.pending))
+    new = sorted(s.uid for s in changed if s.uid > view.max_uid())
+    if view.add(new):
+        if not view.readonly:
+            view.recent.update(session.context.recent.claim_new(session.user, view.uidvalidity, new))
+        session.untagged(f"{view.exists} EXISTS")
+        session.untagged(f"{len(view.recent)} RECENT")
+    for state in view.flag_updates(s for s in changed if s.uid not in new):
+        seq = view.seq_of(state.uid)
+        modseq = f" MODSEQ ({state.modseq})" if session.condstore else ""
+        flags = " ".join(flags_with_recent(session, state.uid, state.flags))
+        session.untagged(f"{seq} FETCH (UID {state.uid} FLAGS ({flags}){modseq})")
+    view.in_step(max(view.modseq, mailbox.highestmodseq))
+    view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
