@@ -39,13 +39,12 @@ from typing import BinaryIO
 
 from imapd.responses import NIL, astring, date_time, flag_list, nstring, number, string
 from imapd.syntax import FetchItem, Section
-from storage import MessageInfo
+from storage import BodyPart, Envelope, EnvelopeAddress, MessageInfo
 
 SEEN_SETTING = frozenset({"RFC822", "RFC822.TEXT"})  # and BODY[...] without PEEK
 _RFC822_SECTIONS = {"RFC822": Section(), "RFC822.HEADER": Section(text="HEADER"),
                     "RFC822.TEXT": Section(text="TEXT")}
 _MESSAGE_SUBTYPES = ("rfc822", "global")
-_ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 _EMPTY_ENVELOPE = b"(" + b" ".join([NIL] * 10) + b")"
 _MISSING_DOMAIN = "MISSING_DOMAIN"
 
@@ -148,20 +147,20 @@ class _Reader:
             self._file.close()
 
 
-def find_part(structure: dict, path: tuple[int, ...]) -> dict | None:
+def find_part(structure: BodyPart, path: tuple[int, ...]) -> BodyPart | None:
     """The part a section's part numbers name (RFC 3501 §6.4.5), None if there is none."""
     part = structure
     for depth, number_ in enumerate(path):
         more = depth + 1 < len(path)
-        children = part.get("parts")
+        children = part.parts
         if children is not None:
             if not 1 <= number_ <= len(children):
                 return None
             part = children[number_ - 1]
-        elif number_ != 1 or (more and "message" not in part):
+        elif number_ != 1 or (more and part.message is None):
             return None  # a leaf is only its own part 1; only a message goes deeper
-        if more and "message" in part:
-            part = part["message"]["structure"]
+        if more and part.message is not None:
+            part = part.message.structure
     return part
 
 
@@ -171,24 +170,24 @@ def _section_data(info: MessageInfo, section: Section, partial: tuple[int, int] 
         return b""
     text = section.text
     if section.part and text not in ("", "MIME"):  # HEADER..., TEXT: of an enclosed message
-        inner = part.get("message")
+        inner = part.message
         if inner is None:
             return b""
-        part = inner["structure"]
+        part = inner.structure
     if text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
-        (start, header_end), body_start = part["header"], part["body"][0]
+        (start, header_end), body_start = part.header, part.body[0]
         names = {f.encode("utf-8").lower() for f in section.fields}
         data = (filter_header(reader.read(start, header_end), names, keep=text == "HEADER.FIELDS")
                 + reader.read(header_end, body_start))  # the blank line, if the part has one
         return data if partial is None else data[partial[0]:partial[0] + partial[1]]
     if text == "":
-        start, end = (0, info.size) if not section.part else part["body"]
+        start, end = (0, info.size) if not section.part else part.body
     elif text == "TEXT":
-        start, end = part["body"]
+        start, end = part.body
     elif text == "HEADER":
-        start, end = part["header"][0], part["body"][0]
+        start, end = part.header[0], part.body[0]
     elif text == "MIME" and section.part:
-        start, end = part["header"][0], part["body"][0]
+        start, end = part.header[0], part.body[0]
     else:
         return b""
     if partial is not None:
@@ -223,54 +222,55 @@ def filter_header(header: bytes, names: set[bytes], keep: bool) -> bytes:
 # -- ENVELOPE and BODYSTRUCTURE -----------------------------------------------------------
 
 
-def envelope(env: dict) -> bytes:
+def envelope(env: Envelope) -> bytes:
     """RFC 3501 §7.4.2 ENVELOPE from the cached envelope (raw header values)."""
-    fields = [nstring(env.get("date")), nstring(env.get("subject"))]
-    fields += [_address_list(env.get(name)) for name in _ADDRESS_FIELDS]
-    fields += [nstring(env.get("in-reply-to")), nstring(env.get("message-id"))]
+    fields = [nstring(env.date), nstring(env.subject)]
+    fields += [_address_list(addresses) for addresses in (env.from_, env.sender, env.reply_to, env.to, env.cc, env.bcc)]
+    fields += [nstring(env.in_reply_to), nstring(env.message_id)]
     return b"(" + b" ".join(fields) + b")"
 
 
-def _address_list(addresses: list | None) -> bytes:
+def _address_list(addresses: tuple[EnvelopeAddress, ...] | None) -> bytes:
     if not addresses:
         return NIL
-    return b"(" + b"".join(_address(*a) for a in addresses) + b")"
+    return b"(" + b"".join(_address(a) for a in addresses) + b")"
 
 
-def _address(name: str | None, adl: str | None, mailbox: str | None, host: str | None) -> bytes:
-    if host == "":
-        host = _MISSING_DOMAIN
-    return b"(" + b" ".join((nstring(name), nstring(adl), nstring(mailbox), nstring(host))) + b")"
+def _address(address: EnvelopeAddress) -> bytes:
+    host = _MISSING_DOMAIN if address.host == "" else address.host
+    return b"(" + b" ".join((nstring(address.name), nstring(address.adl), nstring(address.mailbox),
+                             nstring(host))) + b")"
 
 
-def body_structure(part: dict, *, extended: bool) -> bytes:
+def body_structure(part: BodyPart, *, extended: bool) -> bytes:
     """BODYSTRUCTURE (extended) or BODY (not) of a cached structure (RFC 3501 §7.4.2)."""
-    if "parts" in part:
-        children = b"".join(body_structure(child, extended=extended) for child in part["parts"])
-        fields = [string(part["subtype"])]
+    if part.parts is not None:
+        children = b"".join(body_structure(child, extended=extended) for child in part.parts)
+        fields = [string(part.subtype)]
         if extended:
-            ext = part.get("extension") or {}
-            fields += [_params(part["params"]), _disposition(ext.get("disposition")),
-                       _language(ext.get("language")), nstring(ext.get("location"))]
+            ext = part.extension
+            fields += [_params(part.params)]
+            fields += ([_disposition(ext.disposition), _language(ext.language), nstring(ext.location)]
+                       if ext is not None else [NIL, NIL, NIL])
         return b"(" + (children or _empty_part(extended)) + b" " + b" ".join(fields) + b")"
-    kind, subtype = part["type"], part["subtype"]
-    params = part["params"]
+    kind, subtype = part.type, part.subtype
+    params = part.params
     if kind == "text" and not any(name.lower() == "charset" for name, _ in params):
-        params = [*params, ["charset", "us-ascii"]]
-    fields = [string(kind), string(subtype), _params(params), nstring(part.get("id")),
-              nstring(part.get("description")), string(part.get("encoding") or "7BIT"), number(part["size"])]
+        params = (*params, ("charset", "us-ascii"))
+    fields = [string(kind), string(subtype), _params(params), nstring(part.id),
+              nstring(part.description), string(part.encoding or "7BIT"), number(part.size)]
     if kind == "message" and subtype in _MESSAGE_SUBTYPES:
-        inner = part.get("message")
+        inner = part.message
         if inner is not None:
-            fields += [envelope(inner["envelope"]), body_structure(inner["structure"], extended=extended)]
+            fields += [envelope(inner.envelope), body_structure(inner.structure, extended=extended)]
         else:  # nested beyond storage.mime.MAX_DEPTH: not parsed
             fields += [_EMPTY_ENVELOPE, _empty_part(extended)]
-        fields.append(number(part["lines"]))
+        fields.append(number(part.lines))
     elif kind == "text":
-        fields.append(number(part["lines"]))
+        fields.append(number(part.lines))
     if extended:
-        fields += [nstring(part.get("md5")), _disposition(part.get("disposition")),
-                   _language(part.get("language")), nstring(part.get("location"))]
+        fields += [nstring(part.md5), _disposition(part.disposition),
+                   _language(part.language), nstring(part.location)]
     return b"(" + b" ".join(fields) + b")"
 
 
@@ -279,20 +279,20 @@ def _empty_part(extended: bool) -> bytes:
                                                                            else b")")
 
 
-def _params(params: list) -> bytes:
+def _params(params: tuple[tuple[str, str], ...]) -> bytes:
     if not params:
         return NIL
     return b"(" + b" ".join(string(value) for pair in params for value in pair) + b")"
 
 
-def _disposition(disposition: list | None) -> bytes:
+def _disposition(disposition: tuple[str, tuple[tuple[str, str], ...]] | None) -> bytes:
     if not disposition:
         return NIL
     kind, params = disposition
     return b"(" + string(kind) + b" " + _params(params) + b")"
 
 
-def _language(tags: list | None) -> bytes:
+def _language(tags: tuple[str, ...] | None) -> bytes:
     if not tags:
         return NIL
     return b"(" + b" ".join(string(tag) for tag in tags) + b")"

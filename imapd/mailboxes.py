@@ -236,9 +236,9 @@ async def quota_line(session: Session, quota) -> None:
     usage = await session.run_store(session.context.store.usage, session.user)
     resources = []
     if quota.bytes:
-        resources.append(f"STORAGE {(usage['used'] + 1023) // 1024} {quota.bytes // 1024}")
+        resources.append(f"STORAGE {(usage.used + 1023) // 1024} {quota.bytes // 1024}")
     if quota.messages:
-        resources.append(f"MESSAGE {usage['messages']} {quota.messages}")
+        resources.append(f"MESSAGE {usage.messages} {quota.messages}")
     session.untagged(f'QUOTA "" ({" ".join(resources)})')
 
 

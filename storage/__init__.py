@@ -5,49 +5,51 @@ This module is the store's whole face: daemons import `storage` and never a modu
 and never build paths into the data dir themselves.
 """
 
-from storage.accounts import (
+from storage.accounts import Accounts, Alias, Domain, Resolution, User
+from storage.addresses import Address, normalize_domain, parse_address
+from storage.datadir import DataDir, open_data_dir
+from storage.errors import (
     AccountError,
-    Accounts,
+    AddressError,
     AliasLoopError,
-    Alias,
-    Domain,
+    DataDirError,
+    DeliveryError,
+    DiskFullError,
     DomainNotEmptyError,
     ExistsError,
-    NotFoundError,
-    NotLocalError,
-    PasswordPolicyError,
-    Resolution,
-    UnknownAddressError,
-    UnknownDomainError,
-    User,
-)
-from storage.addresses import Address, AddressError, normalize_domain, parse_address
-from storage.datadir import DataDir, DataDirError, open_data_dir
-from storage.locks import MaildropLock, lock_maildrop
-from storage.mailboxes import (
-    INBOX,
-    Mailbox,
+    FlagError,
     MailboxError,
     MailboxExistsError,
     MailboxLimitError,
+    MailboxNameError,
     MailboxNotFoundError,
+    NotFoundError,
+    NotLocalError,
+    PasswordPolicyError,
+    QuotaExceededError,
+    SearchError,
+    StoreError,
+    UnknownAddressError,
+    UnknownDomainError,
+    is_disk_full,
 )
+from storage.locks import MaildropLock, lock_maildrop
+from storage.mailboxes import INBOX, Mailbox
 from storage.maildir import SEEN
-from storage.messages import NO_QUOTA, FlagError, FlagState, MessageInfo, Quota, QuotaExceededError
-from storage.names import MailboxNameError
-from storage.search import SearchError
-from storage.shard import DiskFullError, StoreError, is_disk_full
-from storage.store import WRITE_IN_COMMITTER, Delivered, DeliveryError, Store
+from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
+from storage.mime import BodyPart, Envelope, EnvelopeAddress
+from storage.records import Usage
+from storage.store import WRITE_IN_COMMITTER, Delivered, Store
 from storage.watch import Watcher
 
 __all__ = [
     "INBOX", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER",
-    "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError",
+    "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError", "BodyPart",
     "DataDir", "DataDirError", "Delivered", "DeliveryError", "DiskFullError", "Domain",
-    "DomainNotEmptyError", "ExistsError", "FlagError", "FlagState", "MaildropLock", "Mailbox",
-    "MailboxError", "MailboxExistsError", "MailboxLimitError", "MailboxNameError",
-    "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",
+    "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "FlagError", "FlagState",
+    "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
+    "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
-    "StoreError", "UnknownAddressError", "UnknownDomainError", "User", "Watcher",
+    "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
 ]

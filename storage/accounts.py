@@ -30,8 +30,19 @@ from pathlib import Path
 import argon2
 import lmdb
 
-from storage.addresses import Address, AddressError, normalize_domain, parse_address, split_detail
-from storage.addresses import display_domain
+from storage.addresses import Address, display_domain, normalize_domain, parse_address, split_detail
+from storage.errors import (
+    AccountError,
+    AddressError,
+    AliasLoopError,
+    DomainNotEmptyError,
+    ExistsError,
+    NotFoundError,
+    NotLocalError,
+    PasswordPolicyError,
+    UnknownAddressError,
+    UnknownDomainError,
+)
 from storage.lmdbenv import open_databases
 
 MAX_PASSWORD_BYTES = 1024  # argon2 hashes any length; an attacker should not choose how much
@@ -39,42 +50,6 @@ MIN_PASSWORD_CHARS = 8
 MAX_ALIAS_TARGETS = 1000
 MAX_EXPANSION_DEPTH = 10
 _MAP_SIZE = 1 << 30  # sparse on Linux; roughly a million accounts
-
-
-class AccountError(Exception):
-    """A request the accounts database refuses; str() is one line for the sysadmin."""
-
-
-class UnknownDomainError(AccountError):
-    pass
-
-
-class NotLocalError(AccountError):
-    """The address's domain is not one of ours (SMTP: relay denied)."""
-
-
-class UnknownAddressError(AccountError):
-    """A local domain, but nobody there by that name (SMTP: 550 5.1.1)."""
-
-
-class ExistsError(AccountError):
-    pass
-
-
-class NotFoundError(AccountError):
-    pass
-
-
-class DomainNotEmptyError(AccountError):
-    pass
-
-
-class PasswordPolicyError(AccountError):
-    pass
-
-
-class AliasLoopError(AccountError):
-    """Alias expansion reaches nobody (a loop, or a chain too deep): SMTP 554 5.4.6."""
 
 
 @dataclass(frozen=True)

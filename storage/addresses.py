@@ -18,17 +18,14 @@ from dataclasses import dataclass
 
 import idna
 
+from storage.errors import AddressError
+
 MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN_OCTETS = 255  # RFC 5321 §4.5.3.1.2
-MAX_LABEL_OCTETS = 63
 
 # RFC 5322 atext, plus any non-ASCII character (RFC 6531 UTF8-non-ascii).
 _ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]+$")
 _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-
-
-class AddressError(ValueError):
-    """A malformed address or domain; str() is a sentence fit for a sysadmin or an SMTP reply."""
 
 
 @dataclass(frozen=True, order=True)

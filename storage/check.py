@@ -23,10 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import fts, mailboxes, maildir, messages, unsettled
+from storage import fts, mailboxes, maildir, messages, records, unsettled
+from storage.errors import MailboxNameError
 from storage.mime import parse_message
-from storage.names import DEFAULT_MAILBOXES, MailboxNameError, normalize_name, parents
-from storage.shard import Batch, Entry, Shard, dumps, loads, pack_u32, uid_key, unpack_u32
+from storage.names import DEFAULT_MAILBOXES, normalize_name, parents
+from storage.records import Entry, MailboxRecord, MessageRecord, Usage
+from storage.shard import Batch, Shard, pack_u32, uid_key, unpack_u32
 from storage.store import Store
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
@@ -137,7 +139,7 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
                 directory = shard.mailbox_dir(account, mailbox_id)
                 maildir.make_dirs(directory)
                 maildir.write_meta(directory, {"name": mailbox.name, "special_use": mailbox.special_use})
-                messages.expunge(txn, shard, batch, account, mailbox_id, mailboxes.record(txn, shard, mailbox_id),
+                messages.expunge(txn, shard, batch, account, mailbox_id, records.get_mailbox(txn, shard, mailbox_id),
                                  only_deleted=False)
     # A file the index does not know but that shares its inode with one it does is the new
     # link of a copy or move that never committed: indexing it would duplicate the message.
@@ -183,8 +185,8 @@ def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, d
                 _unlink(entry)
     indexed = {}  # base -> (uid, bits, size)
     for uid, e in messages.entries(txn, shard, mailbox.id):
-        meta = loads(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]))
-        indexed[meta["b"]] = (uid, e.bits, meta["s"])
+        file = records.get_message_file(txn, shard, mailbox.id, uid)
+        indexed[file.base] = (uid, e.bits, file.size)
     expunged = set()
     cursor = txn.cursor(db=shard.db["expunged"])
     if cursor.set_range(uid_key(mailbox.id, 0)):
@@ -222,7 +224,7 @@ def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, d
 
 def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: int,
                      unindexed: list[Path], missing: list[tuple[str, int]]) -> None:
-    state = mailboxes.record(txn, shard, mailbox_id)
+    state = records.get_mailbox(txn, shard, mailbox_id)
     if missing:
         messages.expunge(txn, shard, batch, account, mailbox_id, state,
                          [(uid, uid) for _, uid in missing], only_deleted=False)
@@ -230,15 +232,15 @@ def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: 
         raw = Path(path).read_bytes()
         parsed = maildir.parse_file_name(Path(path).name)
         bits = parsed[3] if parsed else maildir.bits_from_letters(Path(path).name.partition(":2,")[2])
-        meta, texts = _meta(raw, Path(path))
-        messages.insert(txn, shard, batch, account, mailbox_id, state, source=Path(path), base=maildir.new_base(),
-                        size=len(raw), meta=meta, bits=bits, keywords=(), quota=messages.NO_QUOTA, texts=texts)
+        record, texts = _record(raw, Path(path), maildir.new_base())
+        messages.insert(txn, shard, batch, account, mailbox_id, state, source=Path(path), record=record, bits=bits,
+                        keywords=(), quota=messages.NO_QUOTA, texts=texts)
 
 
 def _fix_counters(txn, shard: Shard, account: str) -> None:
     used = count = 0
     for mailbox in mailboxes.listing(txn, shard, account):
-        state = mailboxes.record(txn, shard, mailbox.id)
+        state = records.get_mailbox(txn, shard, mailbox.id)
         exists = size = unseen = 0
         for uid, e in messages.entries(txn, shard, mailbox.id):
             exists += 1
@@ -247,11 +249,11 @@ def _fix_counters(txn, shard: Shard, account: str) -> None:
             indexed_unseen = txn.get(uid_key(mailbox.id, uid), db=shard.db["unseen"]) is not None
             if indexed_unseen == bool(e.bits & maildir.SEEN):
                 messages.put_entry(txn, shard, mailbox.id, uid, e)  # re-syncs the unseen index
-        if (state["exists"], state["size"], state["unseen"]) != (exists, size, unseen):
-            state.update(exists=exists, size=size, unseen=unseen)
-            mailboxes.put_record(txn, shard, mailbox.id, state)
+        if (state.exists, state.size, state.unseen) != (exists, size, unseen):
+            state.exists, state.size, state.unseen = exists, size, unseen
+            records.put_mailbox(txn, shard, mailbox.id, state)
         used, count = used + size, count + exists
-    txn.put(account.encode(), dumps({"used": used, "messages": count}), db=shard.db["accounts"])
+    records.put_usage(txn, shard, account, Usage(used, count))
 
 
 def rebuild(store: Store, account: str) -> dict:
@@ -264,18 +266,12 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
     # What the old index knew, so that no UID is handed out again and MODSEQ never goes back.
     prior = {m.id: (m.uidnext, m.highestmodseq) for m in mailboxes.listing(txn, shard, account)}
     for mailbox in mailboxes.listing(txn, shard, account):
-        for base in mailboxes._bases_of(txn, shard, mailbox.id):
-            txn.delete(base, db=shard.db["bases"])
-        low, high = uid_key(mailbox.id, 0), uid_key(mailbox.id + 1, 0)
-        for db_name in ("flags", "msgs", "modseqs", "expunged", "unseen"):
-            mailboxes._delete_range(txn, shard.db[db_name], low, high)
-        fts.delete_mailbox(txn, shard, mailbox.id)
+        mailboxes.drop_messages(txn, shard, mailbox.id)
         txn.delete(pack_u32(mailbox.id), db=shard.db["mailboxes"])
         txn.delete(mailboxes.name_key(account, mailbox.name), db=shard.db["names"])
     for name in mailboxes.subscriptions(txn, shard, account):
         txn.delete(mailboxes.name_key(account, name), db=shard.db["subs"])
-    txn.delete(account.encode(), db=shard.db["accounts"])
-    txn.put(account.encode(), dumps({"used": 0, "messages": 0}), db=shard.db["accounts"])
+    records.put_usage(txn, shard, account, Usage())
 
     summary = {"mailboxes": 0, "messages": 0, "renumbered": 0}
     account_dir = shard.account_dir(account)
@@ -308,7 +304,7 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     renumber = len(uids) != len(files) or len(set(uids)) != len(uids) or not 0 < mailbox_id < 2**32
     if renumber:
         # Not every file has a unique UID: clients must forget what they knew (new UIDVALIDITY).
-        mailbox_id = mailboxes._new_id(txn, shard)
+        mailbox_id = mailboxes.new_id(txn, shard)
         new_directory = shard.mailbox_dir(account, mailbox_id)
         os.rename(directory, new_directory)
         batch.undo(lambda a=new_directory, b=directory: os.rename(a, b))
@@ -325,8 +321,8 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     known_uidnext, known_modseq = prior.get(mailbox_id, (1, 1)) if not renumber else (1, 1)
     uidnext = max(known_uidnext, int(meta.get("uidnext", 1)) if not renumber else 1)
     modseq = max(known_modseq + 1, int(time.time() * 1000))
-    state = {"account": account, "name": name, "uidnext": uidnext, "modseq": modseq, "exists": 0, "unseen": 0,
-             "size": 0, "special_use": meta.get("special_use"), "keywords": []}
+    state = MailboxRecord(account=account, name=name, uidnext=uidnext, modseq=modseq,
+                          special_use=meta.get("special_use"))
     for index, (parsed, path) in enumerate(files):
         raw = path.read_bytes()
         uid = parsed[1] if parsed and not renumber else index + 1
@@ -336,28 +332,28 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
         if path != target:
             os.rename(path, target)
             batch.undo(lambda t=target, p=path: os.rename(t, p))
-        meta, texts = _meta(raw, target)
-        entry = {**meta, "b": base, "s": len(raw)}
-        record = Entry(modseq, bits, len(raw), int(entry["d"]), messages.sent_seconds(entry), ())
-        messages.put_entry(txn, shard, mailbox_id, uid, record)
-        txn.put(uid_key(mailbox_id, uid), dumps(entry), db=shard.db["msgs"])
+        record, texts = _record(raw, target, base)
+        entry = Entry(modseq, bits, len(raw), int(record.internal_date), messages.sent_seconds(record), ())
+        messages.put_entry(txn, shard, mailbox_id, uid, entry)
+        txn.put(uid_key(mailbox_id, uid), records.encode(record), db=shard.db["msgs"])
         txn.put(messages.modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
         txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
         fts.store_texts(txn, shard, mailbox_id, uid, texts)
-        state["uidnext"] = max(state["uidnext"], uid + 1)
+        state.uidnext = max(state.uidnext, uid + 1)
         summary["messages"] += 1
-    mailboxes.put_record(txn, shard, mailbox_id, state)
+    records.put_mailbox(txn, shard, mailbox_id, state)
     txn.put(mailboxes.name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     txn.put(mailboxes.name_key(account, name), b"", db=shard.db["subs"])
-    maildir.write_meta(directory, {"name": name, "special_use": meta.get("special_use"), "uidnext": state["uidnext"]})
+    maildir.write_meta(directory, {"name": name, "special_use": meta.get("special_use"), "uidnext": state.uidnext})
     summary["mailboxes"] += 1
 
 
-def _meta(raw: bytes, path: Path) -> tuple[dict, dict[str, str]]:
+def _record(raw: bytes, path: Path, base: str) -> tuple[MessageRecord, dict[str, str]]:
+    """The index record of a message file found on disk (its mtime is its internal date),
+    and its text for the full-text index."""
     parsed = parse_message(raw)
-    meta = {"d": path.stat().st_mtime, "t": parsed["sent"], "td": parsed["sent_day"], "e": parsed["envelope"],
-            "x": parsed["structure"]}
-    return meta, fts.fields_of(parsed)
+    record = MessageRecord.of(parsed, base=base, size=len(raw), internal_date=path.stat().st_mtime)
+    return record, fts.fields_of(parsed)
 
 
 def _files(directory: Path) -> list[os.DirEntry]:

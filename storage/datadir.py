@@ -12,12 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.errors import DataDirError
+
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
-
-
-class DataDirError(Exception):
-    """The data dir cannot be used as configured; str() says what to change."""
 
 
 @dataclass(frozen=True)

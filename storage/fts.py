@@ -14,11 +14,12 @@ Fields: b body (decoded text parts, HTML stripped), h all header lines, s subjec
 t to, c cc, k bcc.
 
 Posting lists are built in the background from the stored texts (index_pending, run by the
-shard's committer when it has nothing else to do); UIDs above the mailbox's `ix` watermark
-are not on them yet, and search confirms those from their text.
+shard's committer when it has nothing else to do); UIDs above the mailbox record's
+`indexed_upto` are not on them yet, and search confirms those from their text.
 
-Postings of expunged messages are not removed (that would need every token again); search
-intersects candidates with the UIDs that exist, and `store check --repair` may compact later.
+Postings of expunged messages are not removed (that would need every token again): search
+intersects candidates with the UIDs that exist. They go with their mailbox (deleted, or
+rebuilt by `store rebuild`).
 A message with more distinct tokens than MAX_TOKENS is put on the `*` list and is always a
 candidate, so a huge message is still found, only more slowly.
 """
@@ -34,7 +35,9 @@ from collections.abc import Iterable
 
 import lmdb
 
-from storage.shard import Shard, dumps, uid_key
+from storage.mime import ParsedMessage
+from storage.records import MailboxRecord, get_mailbox, put_mailbox
+from storage.shard import Shard, uid_key
 
 FIELDS = ("b", "h", "s", "f", "t", "c", "k")
 CHUNK = 1024
@@ -54,12 +57,12 @@ def tokenize(normalized: str) -> list[str]:
     return _WORD.findall(normalized)
 
 
-def fields_of(parsed: dict) -> dict[str, str]:
+def fields_of(parsed: ParsedMessage) -> dict[str, str]:
     """The normalized text of each field, from storage.mime.parse_message's result."""
-    f = parsed["fields"]
+    f = parsed.fields
     return {
-        "b": normalize(parsed["body"]),
-        "h": normalize(parsed["headers"]),
+        "b": normalize(parsed.body),
+        "h": normalize(parsed.headers),
         "s": normalize(f["subject"]),
         "f": normalize(f["from"]),
         "t": normalize(f["to"]),
@@ -69,7 +72,11 @@ def fields_of(parsed: dict) -> dict[str, str]:
 
 
 def compress_texts(texts: dict[str, str]) -> bytes:
-    return zlib.compress(dumps(texts), 1)
+    try:
+        encoded = json.dumps(texts, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate from a broken header: JSON escapes it
+        encoded = json.dumps(texts, separators=(",", ":")).encode()
+    return zlib.compress(encoded, 1)
 
 
 def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, texts: dict[str, str] | bytes) -> None:
@@ -81,22 +88,20 @@ def store_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int, 
     txn.put(mailbox_id.to_bytes(4, "big"), b"", db=shard.db["pending"])
 
 
-def indexed_upto(state: dict) -> int:
+def indexed_upto(state: MailboxRecord | None) -> int:
     """Every UID up to this one is on the posting lists (or expunged)."""
-    return state.get("ix", 0)
+    return state.indexed_upto if state is not None else 0
 
 
 def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool:
     """Index up to `limit` messages of queued mailboxes; True while work remains. One token's
     UIDs from the whole step are appended at once, so a word common to every message costs
     one update per step, not one per message."""
-    from storage.mailboxes import put_record, record  # mailboxes imports this module
-
     pending = txn.cursor(db=shard.db["pending"])
     if not pending.first():
         return False
     mailbox_id = int.from_bytes(pending.key(), "big")
-    state = record(txn, shard, mailbox_id)
+    state = get_mailbox(txn, shard, mailbox_id)
     if state is None:
         txn.delete(pending.key(), db=shard.db["pending"])
         return True
@@ -118,8 +123,8 @@ def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool
     for prefix, uids in postings_by_key.items():
         _append(txn, terms, shard, prefix, uids)
     finished = done < limit
-    state["ix"] = state["uidnext"] - 1 if finished else last
-    put_record(txn, shard, mailbox_id, state)
+    state.indexed_upto = state.uidnext - 1 if finished else last
+    put_mailbox(txn, shard, mailbox_id, state)
     if finished:
         txn.delete(box, db=shard.db["pending"])
     return True

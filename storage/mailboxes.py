@@ -14,28 +14,24 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts
-from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, MailboxNameError, is_inside, normalize_name, parents
-from storage.shard import Batch, Shard, StoreError, dumps, loads, pack_u32, uid_key, unpack_u32
+from storage import fts, messages
+from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
+from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
+from storage.records import (
+    MailboxRecord,
+    MessageFile,
+    Usage,
+    account_exists,
+    add_usage,
+    decode,
+    get_mailbox,
+    put_mailbox,
+    put_usage,
+)
+from storage.shard import Batch, Shard, pack_u32, uid_key, unpack_u32
 from storage.unsettled import note_dir
 
 INBOX = "INBOX"
-
-
-class MailboxError(StoreError):
-    pass
-
-
-class MailboxNotFoundError(MailboxError):
-    """No such mailbox (IMAP: NO [NONEXISTENT], or [TRYCREATE] for APPEND and COPY)."""
-
-
-class MailboxLimitError(MailboxError):
-    """Too many mailboxes (IMAP: NO [LIMIT])."""
-
-
-class MailboxExistsError(MailboxError):
-    """IMAP: NO [ALREADYEXISTS]."""
 
 
 @dataclass(frozen=True)
@@ -69,60 +65,35 @@ def name_key(account: str, name: str) -> bytes:
     return key
 
 
-def record(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> dict | None:
-    raw = txn.get(pack_u32(mailbox_id), db=shard.db["mailboxes"])
-    return loads(raw) if raw is not None else None
-
-
-def put_record(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, state: dict) -> None:
-    txn.put(pack_u32(mailbox_id), dumps(state), db=shard.db["mailboxes"])
-
-
-def find(txn: lmdb.Transaction, shard: Shard, account: str, name: str) -> tuple[int, dict]:
+def find(txn: lmdb.Transaction, shard: Shard, account: str, name: str) -> tuple[int, MailboxRecord]:
     """(id, state) of a mailbox by name, or MailboxNotFoundError."""
     normalized = normalize_name(name)
     raw = txn.get(name_key(account, normalized), db=shard.db["names"])
     if raw is None:
         raise MailboxNotFoundError(f"no mailbox {normalized!r}")
     mailbox_id = unpack_u32(raw)
-    return mailbox_id, record(txn, shard, mailbox_id)
+    return mailbox_id, get_mailbox(txn, shard, mailbox_id)
 
 
-def to_mailbox(mailbox_id: int, state: dict, subscribed: bool = False, children: bool = False) -> Mailbox:
+def to_mailbox(mailbox_id: int, state: MailboxRecord, subscribed: bool = False, children: bool = False) -> Mailbox:
     return Mailbox(
-        id=mailbox_id, account=state["account"], name=state["name"], uidnext=state["uidnext"],
-        highestmodseq=state["modseq"], exists=state["exists"], unseen=state["unseen"], size=state["size"],
-        special_use=state.get("special_use"), keywords=tuple(state.get("keywords", ())),
+        id=mailbox_id, account=state.account, name=state.name, uidnext=state.uidnext,
+        highestmodseq=state.modseq, exists=state.exists, unseen=state.unseen, size=state.size,
+        special_use=state.special_use, keywords=tuple(state.keywords),
         subscribed=subscribed, children=children,
     )
-
-
-def account_exists(txn: lmdb.Transaction, shard: Shard, account: str) -> bool:
-    return txn.get(account.encode(), db=shard.db["accounts"]) is not None
 
 
 def ensure_account(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str) -> None:
     """Create the account's record and default mailboxes on first use."""
     if account_exists(txn, shard, account):
         return
-    txn.put(account.encode(), dumps({"used": 0, "messages": 0}), db=shard.db["accounts"])
+    put_usage(txn, shard, account, Usage())
     for name, special_use in DEFAULT_MAILBOXES:
         create(txn, shard, batch, account, name, special_use, subscribe=True)
 
 
-def account_usage(txn: lmdb.Transaction, shard: Shard, account: str) -> dict:
-    raw = txn.get(account.encode(), db=shard.db["accounts"])
-    return loads(raw) if raw is not None else {"used": 0, "messages": 0}
-
-
-def add_usage(txn: lmdb.Transaction, shard: Shard, account: str, size: int, messages: int) -> None:
-    usage = account_usage(txn, shard, account)
-    usage["used"] = max(0, usage["used"] + size)
-    usage["messages"] = max(0, usage["messages"] + messages)
-    txn.put(account.encode(), dumps(usage), db=shard.db["accounts"])
-
-
-def _new_id(txn: lmdb.Transaction, shard: Shard) -> int:
+def new_id(txn: lmdb.Transaction, shard: Shard) -> int:
     raw = txn.get(b"uidvalidity", db=shard.db["counters"])
     last = unpack_u32(raw) if raw is not None else 0
     value = max(int(time.time()), last + 1)
@@ -158,10 +129,9 @@ def _claim_name(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
 
 def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
                 special_use: str | None) -> Mailbox:
-    mailbox_id = _new_id(txn, shard)
-    state = {"account": account, "name": name, "uidnext": 1, "modseq": 1, "exists": 0, "unseen": 0,
-             "size": 0, "special_use": special_use, "keywords": []}
-    put_record(txn, shard, mailbox_id, state)
+    mailbox_id = new_id(txn, shard)
+    state = MailboxRecord(account=account, name=name, special_use=special_use)
+    put_mailbox(txn, shard, mailbox_id, state)
     txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     note_dir(txn, shard, batch, account, mailbox_id)  # its directory is made after the commit
     return to_mailbox(mailbox_id, state)
@@ -181,7 +151,7 @@ def listing(txn: lmdb.Transaction, shard: Shard, account: str) -> list[Mailbox]:
     out = []
     for name, mailbox_id in names:
         has_children = name in with_children
-        out.append(to_mailbox(mailbox_id, record(txn, shard, mailbox_id), name in subscribed, has_children))
+        out.append(to_mailbox(mailbox_id, get_mailbox(txn, shard, mailbox_id), name in subscribed, has_children))
     return out
 
 
@@ -220,38 +190,33 @@ def set_subscribed(txn: lmdb.Transaction, shard: Shard, account: str, name: str,
 
 def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str) -> None:
     mailbox_id, state = find(txn, shard, account, name)
-    if state["name"] == INBOX:
+    if state.name == INBOX:
         raise MailboxError("INBOX cannot be deleted")
-    if any(is_inside(other.name, state["name"]) for other in listing(txn, shard, account)):
-        raise MailboxError(f"mailbox {state['name']!r} has children: delete them first")
-    for base in _bases_of(txn, shard, mailbox_id):
-        txn.delete(base, db=shard.db["bases"])
-    low, high = uid_key(mailbox_id, 0), uid_key(mailbox_id + 1, 0)
-    for db_name in ("flags", "msgs", "modseqs", "expunged", "unseen"):
-        _delete_range(txn, shard.db[db_name], low, high)
-    fts.delete_mailbox(txn, shard, mailbox_id)
-    add_usage(txn, shard, account, -state["size"], -state["exists"])
+    if any(is_inside(other.name, state.name) for other in listing(txn, shard, account)):
+        raise MailboxError(f"mailbox {state.name!r} has children: delete them first")
+    drop_messages(txn, shard, mailbox_id)
+    add_usage(txn, shard, account, -state.size, -state.exists)
     txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
-    txn.delete(name_key(account, state["name"]), db=shard.db["names"])
+    txn.delete(name_key(account, state.name), db=shard.db["names"])
     note_dir(txn, shard, batch, account, mailbox_id)  # its directory goes after the commit
 
 
 def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old: str, new: str) -> None:
     old_id, old_state = find(txn, shard, account, old)
     new = normalize_name(new)
-    if old_state["name"] == INBOX:
+    if old_state.name == INBOX:
         _rename_inbox(txn, shard, batch, account, old_id, old_state, new)
         return
-    if new == old_state["name"] or is_inside(new, old_state["name"]):
-        raise MailboxError(f"cannot rename {old_state['name']!r} into itself")
+    if new == old_state.name or is_inside(new, old_state.name):
+        raise MailboxError(f"cannot rename {old_state.name!r} into itself")
     _claim_name(txn, shard, batch, account, new)
     moving = [(m.id, m.name) for m in listing(txn, shard, account)
-              if m.name == old_state["name"] or is_inside(m.name, old_state["name"])]
+              if m.name == old_state.name or is_inside(m.name, old_state.name)]
     for mailbox_id, name in moving:
-        renamed = new + name[len(old_state["name"]):]
-        state = record(txn, shard, mailbox_id)
-        state["name"] = renamed
-        put_record(txn, shard, mailbox_id, state)
+        renamed = new + name[len(old_state.name):]
+        state = get_mailbox(txn, shard, mailbox_id)
+        state.name = renamed
+        put_mailbox(txn, shard, mailbox_id, state)
         txn.delete(name_key(account, name), db=shard.db["names"])
         txn.put(name_key(account, renamed), pack_u32(mailbox_id), db=shard.db["names"])
         if txn.delete(name_key(account, name), db=shard.db["subs"]):
@@ -259,20 +224,29 @@ def rename(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, old:
         note_dir(txn, shard, batch, account, mailbox_id)  # postroom.json names it, after the commit
 
 
-def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, inbox_id: int, inbox: dict,
-                  new: str) -> None:
+def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, inbox_id: int,
+                  inbox: MailboxRecord, new: str) -> None:
     """RFC 3501 §6.3.5: renaming INBOX moves all its messages to a new mailbox of that name
     and leaves INBOX empty (its children, if any, stay where they are)."""
-    from storage import messages  # messages imports this module
-
     if txn.get(name_key(account, new), db=shard.db["names"]) is not None:
         raise MailboxExistsError(f"mailbox {new!r} already exists")
     if new == INBOX or is_inside(new, INBOX):
         raise MailboxError("INBOX cannot be renamed into itself")
     target = create(txn, shard, batch, account, new)
-    target_state = record(txn, shard, target.id)
+    target_state = get_mailbox(txn, shard, target.id)
     messages.copy(txn, shard, batch, account, (inbox_id, inbox), messages.ALL, (target.id, target_state),
                   move=True, quota=messages.NO_QUOTA)
+
+
+def drop_messages(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> None:
+    """Every record of the mailbox's messages, gone from the index (its files go when its
+    directory does): for a deleted mailbox, and for `store rebuild`."""
+    for base in _bases_of(txn, shard, mailbox_id):
+        txn.delete(base, db=shard.db["bases"])
+    low, high = uid_key(mailbox_id, 0), uid_key(mailbox_id + 1, 0)
+    for db_name in ("flags", "msgs", "modseqs", "expunged", "unseen"):
+        _delete_range(txn, shard.db[db_name], low, high)
+    fts.delete_mailbox(txn, shard, mailbox_id)
 
 
 def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:
@@ -286,10 +260,11 @@ def _delete_range(txn: lmdb.Transaction, db, low: bytes, high: bytes) -> None:
 
 def _bases_of(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[bytes]:
     out = []
+    box = pack_u32(mailbox_id)
     cursor = txn.cursor(db=shard.db["msgs"])
     if cursor.set_range(uid_key(mailbox_id, 0)):
         for key, value in cursor:
-            if key[:4] != pack_u32(mailbox_id):
+            if key[:4] != box:
                 break
-            out.append(loads(value)["b"].encode())
+            out.append(decode(value, MessageFile).base.encode())
     return out

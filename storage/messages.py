@@ -19,27 +19,28 @@ from pathlib import Path
 from typing import NamedTuple
 
 import lmdb
+import msgspec
 
 from storage import fts, maildir
-from storage.mailboxes import account_usage, add_usage, put_record
-from storage.settle import locate
-from storage.unsettled import note_dir, note_file
-from storage.shard import (
-    Batch,
-    Shard,
-    StoreError,
-    dumps,
-    link_or_copy,
-    loads,
-    modseq_key,
+from storage.errors import FlagError, QuotaExceededError, StoreError
+from storage.mime import BodyPart, Envelope
+from storage.records import (
     NO_DATE,
     Entry,
+    MailboxRecord,
+    MessageRecord,
+    add_usage,
+    encode,
+    get_message,
+    get_message_file,
+    get_usage,
     pack_entry,
-    uid_key,
+    put_mailbox,
     unpack_entry,
-    unpack_modseq_key,
-    unpack_uid_key,
 )
+from storage.settle import locate
+from storage.shard import Batch, Shard, link_or_copy, modseq_key, uid_key, unpack_modseq_key, unpack_uid_key
+from storage.unsettled import note_dir, note_file
 
 MAX_KEYWORD_CHARS = 64
 MAX_KEYWORDS_PER_MAILBOX = 256
@@ -72,14 +73,6 @@ class Quota(NamedTuple):
 NO_QUOTA = Quota()
 
 
-class QuotaExceededError(StoreError):
-    """The account is over its quota (SMTP 452 4.2.2, IMAP NO [OVERQUOTA])."""
-
-
-class FlagError(StoreError):
-    """A flag no message may carry, or too many keywords (IMAP BAD / NO [LIMIT])."""
-
-
 class FlagState(NamedTuple):
     """A message's flags and MODSEQ. A tuple, not a dataclass: FETCH 1:* (FLAGS) makes one
     per message, and a tuple is made several times faster."""
@@ -91,21 +84,24 @@ class FlagState(NamedTuple):
 
 @dataclass(frozen=True)
 class MessageInfo:
+    """A message as FETCH sees it, from the index alone. Its bytes are read through the
+    store (Store.open_message), which finds its file: no path is handed out."""
+
+    account: str
+    mailbox_id: int  # the mailbox's UIDVALIDITY
     uid: int
     modseq: int
     flags: tuple[str, ...]
     internal_date: float
     size: int
     sent: float | None
-    envelope: dict
-    structure: dict
-    path: Path
+    envelope: Envelope
+    structure: BodyPart
 
 
-def sent_seconds(meta: dict) -> int:
+def sent_seconds(record: MessageRecord) -> int:
     """The Date: header's own calendar day (as midnight seconds), for SENT* searches."""
-    day = meta.get("td")
-    return day * 86400 if day is not None else NO_DATE
+    return record.sent_day * 86400 if record.sent_day is not None else NO_DATE
 
 
 def flag_names(bits: int, keywords: Iterable[str]) -> tuple[str, ...]:
@@ -222,42 +218,55 @@ def find_file(shard: Shard, expected: Path, base: str) -> Path | None:
     return None
 
 
+def expected_file(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, uid: int
+                  ) -> tuple[str, str] | None:
+    """(where the message's file is once settled, its base), from the index; None once the
+    message is expunged. A string, not a Path: FETCH BODY[] opens one per message, and
+    pathlib would cost more than the open (find_file looks elsewhere when it is not there)."""
+    found = get_message_file(txn, shard, mailbox_id, uid)
+    raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["flags"])
+    if found is None or raw is None:
+        return None
+    name = maildir.file_name(found.base, uid, found.size, unpack_entry(raw).bits)
+    return f"{shard.path}/{account}/{mailbox_id}/cur/{name}", found.base
+
+
 def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ranges: UidRanges) -> list[MessageInfo]:
     out = []
     for uid, e in entries(txn, shard, mailbox_id, ranges):
-        meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
+        record = get_message(txn, shard, mailbox_id, uid)
         out.append(MessageInfo(
-            uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords), internal_date=meta["d"], size=meta["s"],
-            sent=meta.get("t"), envelope=meta["e"], structure=meta["x"],
-            path=message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], e.bits),
+            account=account, mailbox_id=mailbox_id, uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords),
+            internal_date=record.internal_date, size=record.size, sent=record.sent, envelope=record.envelope,
+            structure=record.structure,
         ))
     return out
 
 
-def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict, *,
-           source: Path, base: str, size: int, meta: dict, bits: int, keywords: tuple[str, ...],
-           quota: Quota, texts: dict[str, str] | bytes | None = None, link: bool = False,
-           meta_record: bytes | None = None) -> int:
-    """Index a durable file (in the shard's writer directory as `base`, or elsewhere to be
-    linked with link=True or moved there) as a new message; its UID.
-    `meta_record` and compressed `texts` may come prepared (see prepare_meta), so that the
-    shard's committer, which every delivery waits for, does as little as possible."""
+def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: MailboxRecord,
+           *, source: Path, record: MessageRecord, bits: int, keywords: tuple[str, ...], quota: Quota,
+           texts: dict[str, str] | bytes | None = None, link: bool = False, encoded: bytes | None = None) -> int:
+    """Index a durable file (in the shard's writer directory as `record.base`, or elsewhere
+    to be linked with link=True or moved there) as a new message; its UID.
+    The `encoded` record and compressed `texts` may come prepared, so that the shard's
+    committer, which every delivery waits for, does as little as possible."""
+    base, size = record.base, record.size
     if quota.bytes or quota.messages:
-        usage = account_usage(txn, shard, account)
-        if quota.bytes and usage["used"] + size > quota.bytes:
+        usage = get_usage(txn, shard, account)
+        if quota.bytes and usage.used + size > quota.bytes:
             raise QuotaExceededError(f"mailbox full: quota of {quota.bytes} bytes would be exceeded")
-        if quota.messages and usage["messages"] + 1 > quota.messages:
+        if quota.messages and usage.messages + 1 > quota.messages:
             raise QuotaExceededError(f"mailbox full: quota of {quota.messages} messages reached")
     _remember_keywords(state, keywords)
-    uid = state["uidnext"]
-    modseq = state["modseq"] + 1
-    state.update(uidnext=uid + 1, modseq=modseq, exists=state["exists"] + 1, size=state["size"] + size,
-                 unseen=state["unseen"] + (0 if bits & maildir.SEEN else 1))
-    put_record(txn, shard, mailbox_id, state)
+    uid = state.uidnext
+    modseq = state.modseq + 1
+    state.uidnext, state.modseq, state.exists, state.size = uid + 1, modseq, state.exists + 1, state.size + size
+    state.unseen += 0 if bits & maildir.SEEN else 1
+    put_mailbox(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, size, 1)
-    entry = Entry(modseq, bits, size, int(meta["d"]), sent_seconds(meta), keywords)
+    entry = Entry(modseq, bits, size, int(record.internal_date), sent_seconds(record), keywords)
     put_entry(txn, shard, mailbox_id, uid, entry)
-    txn.put(uid_key(mailbox_id, uid), meta_record or prepare_meta(meta, base, size), db=shard.db["msgs"])
+    txn.put(uid_key(mailbox_id, uid), encoded or encode(record), db=shard.db["msgs"])
     txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
     if texts is not None:
@@ -275,13 +284,8 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     return uid
 
 
-def prepare_meta(meta: dict, base: str, size: int) -> bytes:
-    """The `msgs` record of a message: cached envelope, structure, dates, file name."""
-    return dumps({**meta, "b": base, "s": size})
-
-
-def _remember_keywords(state: dict, keywords: tuple[str, ...]) -> None:
-    known = state.setdefault("keywords", [])
+def _remember_keywords(state: MailboxRecord, keywords: tuple[str, ...]) -> None:
+    known = state.keywords
     for keyword in keywords:
         if keyword not in known:
             if len(known) >= MAX_KEYWORDS_PER_MAILBOX:
@@ -289,7 +293,7 @@ def _remember_keywords(state: dict, keywords: tuple[str, ...]) -> None:
             known.append(keyword)
 
 
-def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
+def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: MailboxRecord,
                 ranges: UidRanges, mode: str, bits: int, keywords: tuple[str, ...],
                 unchanged_since: int | None = None) -> tuple[list[FlagState], list[int]]:
     """Set ("set"), add ("add") or remove ("remove") flags. Returns (changed, modified): the
@@ -299,7 +303,7 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         raise ValueError(mode)
     if mode != "remove":
         _remember_keywords(state, keywords)
-    modseq = state["modseq"] + 1
+    modseq = state.modseq + 1
     changed: list[FlagState] = []
     modified: list[int] = []
     for uid, old in list(entries(txn, shard, mailbox_id, ranges)):
@@ -319,42 +323,42 @@ def store_flags(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         put_entry(txn, shard, mailbox_id, uid, new)
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.put(modseq_key(mailbox_id, modseq, uid), b"", db=shard.db["modseqs"])
-        state["unseen"] += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
+        state.unseen += (1 if old_bits & maildir.SEEN else 0) - (1 if new_bits & maildir.SEEN else 0)
         changed.append(FlagState(uid, modseq, flag_names(new_bits, new_keywords)))
         if new_bits != old_bits:  # the file's name mirrors them, after the commit
-            meta = loads(txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"]))
-            note_file(txn, shard, batch, account, mailbox_id, meta["b"],
-                      message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], old_bits))
+            file = get_message_file(txn, shard, mailbox_id, uid)
+            note_file(txn, shard, batch, account, mailbox_id, file.base,
+                      message_path(shard, account, mailbox_id, file.base, uid, file.size, old_bits))
     if changed:
-        state["modseq"] = modseq
-        put_record(txn, shard, mailbox_id, state)
+        state.modseq = modseq
+        put_mailbox(txn, shard, mailbox_id, state)
     return changed, modified
 
 
-def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: dict,
+def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: MailboxRecord,
             ranges: UidRanges = ALL, *, only_deleted: bool = True) -> list[int]:
     """Remove messages (those flagged \\Deleted, within `ranges`); the UIDs removed."""
     doomed = [(uid, e.modseq, e.bits) for uid, e in entries(txn, shard, mailbox_id, ranges)
               if e.bits & maildir.DELETED or not only_deleted]
     if not doomed:
         return []
-    modseq = state["modseq"] + 1
+    modseq = state.modseq + 1
     freed = 0
     for uid, old_modseq, bits in doomed:
         key = uid_key(mailbox_id, uid)
-        meta = loads(txn.get(key, db=shard.db["msgs"]))
+        file = get_message_file(txn, shard, mailbox_id, uid)
         delete_entry(txn, shard, mailbox_id, uid)
         txn.delete(key, db=shard.db["msgs"])
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
-        txn.delete(meta["b"].encode(), db=shard.db["bases"])
+        txn.delete(file.base.encode(), db=shard.db["bases"])
         fts.remove_texts(txn, shard, mailbox_id, uid)
-        txn.put(modseq_key(mailbox_id, modseq, uid), meta["b"].encode(), db=shard.db["expunged"])
-        freed += meta["s"]
-        state["unseen"] -= 0 if bits & maildir.SEEN else 1
-        note_file(txn, shard, batch, account, mailbox_id, meta["b"],
-                  message_path(shard, account, mailbox_id, meta["b"], uid, meta["s"], bits))
-    state.update(modseq=modseq, exists=state["exists"] - len(doomed), size=state["size"] - freed)
-    put_record(txn, shard, mailbox_id, state)
+        txn.put(modseq_key(mailbox_id, modseq, uid), file.base.encode(), db=shard.db["expunged"])
+        freed += file.size
+        state.unseen -= 0 if bits & maildir.SEEN else 1
+        note_file(txn, shard, batch, account, mailbox_id, file.base,
+                  message_path(shard, account, mailbox_id, file.base, uid, file.size, bits))
+    state.modseq, state.exists, state.size = modseq, state.exists - len(doomed), state.size - freed
+    put_mailbox(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, -freed, -len(doomed))
     # Expunging the newest UIDs is what could let a rebuild from files hand them out again:
     # the mailbox's postroom.json records how far UIDs went (written when it settles).
@@ -363,7 +367,7 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
 
 
 def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
-         source: tuple[int, dict], ranges: UidRanges, target: tuple[int, dict], *,
+         source: tuple[int, MailboxRecord], ranges: UidRanges, target: tuple[int, MailboxRecord], *,
          move: bool, quota: Quota) -> list[tuple[int, int]]:
     """Copy (a new link per message) or move (the same file, a new UID) into `target`;
     returns (source UID, target UID) pairs for COPYUID (RFC 4315)."""
@@ -372,15 +376,14 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
     items = list(entries(txn, shard, source_id, ranges))
     for uid, e in items:
         bits, keywords = e.bits, e.keywords
-        meta = loads(txn.get(uid_key(source_id, uid), db=shard.db["msgs"]))
-        old_path = find_file(shard, message_path(shard, account, source_id, meta["b"], uid, meta["s"], bits),
-                             meta["b"])
+        record = get_message(txn, shard, source_id, uid)
+        old_path = find_file(shard, message_path(shard, account, source_id, record.base, uid, record.size, bits),
+                             record.base)
         if old_path is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
-        new_base = maildir.new_base()
-        entry = {k: v for k, v in meta.items() if k not in ("b", "s")}
-        new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, base=new_base,
-                         size=meta["s"], meta=entry, bits=bits, keywords=keywords, quota=NO_QUOTA if move else quota,
+        new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path,
+                         record=msgspec.structs.replace(record, base=maildir.new_base()), bits=bits,
+                         keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))
     if move and pairs:

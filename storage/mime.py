@@ -1,8 +1,8 @@
 """Parse a message once, at delivery: its IMAP envelope, its MIME structure with byte
 offsets, and the decoded text the full-text index is built from.
 
-The structure is a tree of plain dicts (JSON for the index), one per body part, carrying
-what IMAP BODYSTRUCTURE needs (RFC 3501 §7.4.2: type, subtype, parameters, id,
+The structure is a tree of BodyPart records (cached in the index, storage/records.py), one
+per body part, carrying what IMAP BODYSTRUCTURE needs (RFC 3501 §7.4.2: type, subtype, parameters, id,
 description, encoding, size, lines, disposition, language, location) and the byte ranges
 of its header and body in the stored file, so that any section (`BODY[1.2.MIME]`,
 `BODY[2.TEXT]`) is one slice of the file, never a re-parse. Multipart boundaries follow
@@ -25,6 +25,9 @@ import re
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import compat32
+from typing import NamedTuple
+
+import msgspec
 
 MAX_DEPTH = 20
 MAX_PARTS = 1000
@@ -36,10 +39,88 @@ _HIDDEN_TAGS = frozenset({"script", "style", "head"})
 _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table",
                          "ul", "ol", "blockquote", "hr", "pre", "section", "article"})
 _SPACES = re.compile(r"[ \t\r\f\v]+")
-ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", "bcc", "in-reply-to", "message-id")
-ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
 _EPOCH_ORDINAL = 719163  # datetime.date(1970, 1, 1).toordinal()
+
+
+class EnvelopeAddress(msgspec.Struct, array_like=True, frozen=True):
+    """One address of an ENVELOPE list (RFC 3501 §7.4.2), stored as IMAP lists it: a group
+    opens with (None, None, group name, None) and closes with four None. A mailbox without a
+    domain has host "" (never None, which would read as a group marker)."""
+
+    name: str | None
+    adl: str | None
+    mailbox: str | None
+    host: str | None
+
+
+class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The IMAP ENVELOPE fields as the header has them (unfolded, not decoded), and the
+    subject decoded for people. Stored keys are the header names."""
+
+    date: str | None = None
+    subject: str | None = None
+    from_: tuple[EnvelopeAddress, ...] | None = msgspec.field(name="from", default=None)
+    sender: tuple[EnvelopeAddress, ...] | None = None
+    reply_to: tuple[EnvelopeAddress, ...] | None = msgspec.field(name="reply-to", default=None)
+    to: tuple[EnvelopeAddress, ...] | None = None
+    cc: tuple[EnvelopeAddress, ...] | None = None
+    bcc: tuple[EnvelopeAddress, ...] | None = None
+    in_reply_to: str | None = msgspec.field(name="in-reply-to", default=None)
+    message_id: str | None = msgspec.field(name="message-id", default=None)
+    subject_text: str | None = None  # the subject with RFC 2047 words decoded
+
+
+class PartExtension(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A multipart's extension data (RFC 3501 §7.4.2, BODYSTRUCTURE only)."""
+
+    disposition: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    language: tuple[str, ...] | None = None
+    location: str | None = None
+
+
+class BodyPart(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One MIME part: what BODYSTRUCTURE shows of it, and where its header and body lie in
+    the stored file. A multipart has `parts` (and `extension`); a leaf has the body fields;
+    a message/rfc822 leaf also has the `message` it encloses, parsed."""
+
+    type: str
+    subtype: str
+    params: tuple[tuple[str, str], ...] = ()
+    header: tuple[int, int] = (0, 0)  # byte range of its header, blank line excluded
+    body: tuple[int, int] = (0, 0)  # byte range of its body
+    parts: tuple[BodyPart, ...] | None = None
+    extension: PartExtension | None = None
+    id: str | None = None
+    description: str | None = None
+    encoding: str | None = None
+    size: int = 0
+    lines: int = 0
+    md5: str | None = None
+    disposition: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    language: tuple[str, ...] | None = None
+    location: str | None = None
+    message: EnclosedMessage | None = None
+
+
+class EnclosedMessage(msgspec.Struct, frozen=True):
+    """The message inside a message/rfc822 (or message/global) part."""
+
+    envelope: Envelope
+    structure: BodyPart
+
+
+class ParsedMessage(NamedTuple):
+    """What parse_message finds: the cached envelope and structure, and the text the
+    full-text index is built from (storage/fts.py)."""
+
+    envelope: Envelope
+    structure: BodyPart
+    sent: float | None  # the Date: header as a timestamp, when it has a zone
+    sent_day: int | None  # the Date: header's own calendar day, days since 1970-01-01
+    fields: dict[str, str]  # decoded subject, from, to, cc, bcc, by header name
+    headers: str  # every top-level header line, decoded
+    body: str  # decoded text of the text parts
 
 
 class _Budget:
@@ -55,43 +136,26 @@ class _Budget:
             self.text_chars += min(len(text), room)
 
 
-def parse_message(raw: bytes) -> dict:
-    """{"envelope", "structure", "sent" (Date: as a timestamp or None), "fields" (decoded
-    subject, from, to, cc, bcc for the index), "headers" (every top-level header line,
-    decoded), "body" (decoded text of the text parts)}. Never raises: a message the parser
-    cannot make sense of is one opaque part, stored and fetchable all the same."""
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Never raises: a message the parser cannot make sense of is one opaque part, stored
+    and fetchable all the same."""
     try:
         return _parse_message(raw)
     except Exception:  # any message at all must be storable; its bytes are what counts
-        return {
-            "envelope": {name: None for name in ENVELOPE_FIELDS} | {"subject_text": None},
-            "structure": {"type": "application", "subtype": "octet-stream", "params": [], "header": [0, 0],
-                          "body": [0, len(raw)], "id": None, "description": None, "encoding": "7BIT",
-                          "size": len(raw), "lines": _count_lines(raw, 0, len(raw)), "md5": None,
-                          "disposition": None, "language": None, "location": None},
-            "sent": None,
-            "sent_day": None,
-            "fields": {name: "" for name in INDEXED_FIELDS},
-            "headers": "",
-            "body": "",
-        }
+        opaque = BodyPart(type="application", subtype="octet-stream", header=(0, 0), body=(0, len(raw)),
+                          encoding="7BIT", size=len(raw), lines=_count_lines(raw, 0, len(raw)))
+        return ParsedMessage(envelope=Envelope(), structure=opaque, sent=None, sent_day=None,
+                             fields={name: "" for name in INDEXED_FIELDS}, headers="", body="")
 
 
-def _parse_message(raw: bytes) -> dict:
+def _parse_message(raw: bytes) -> ParsedMessage:
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
     fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
               for name in INDEXED_FIELDS}
     headers = "\n".join(f"{name}: {decode_words(_clean(str(value)))}" for name, value in message.items())
-    return {
-        "envelope": envelope(message),
-        "structure": structure,
-        "sent": _sent_date(message),
-        "sent_day": _sent_day(message),
-        "fields": fields,
-        "headers": headers,
-        "body": "\n".join(budget.text),
-    }
+    return ParsedMessage(envelope=envelope(message), structure=structure, sent=_sent_date(message),
+                         sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text))
 
 
 def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
@@ -105,19 +169,14 @@ def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
     return m.start() + (2 if raw[m.start() : m.start() + 2] == b"\r\n" else 1), m.end()
 
 
-def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, budget: _Budget):
+def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int,
+                budget: _Budget) -> tuple[BodyPart, Message]:
     budget.parts += 1
     hdr_end, body_start = header_end(raw, start, end)
     # Headers may be raw UTF-8 (RFC 6532); invalid bytes become U+FFFD rather than failing.
     message = _HEADER_PARSER.parsestr(bytes(raw[start:hdr_end]).decode("utf-8", "replace"))
     maintype, subtype = _content_type(message, default)
-    part: dict = {
-        "type": maintype,
-        "subtype": subtype,
-        "params": _params(message),
-        "header": [start, hdr_end],
-        "body": [body_start, end],
-    }
+    params = _params(message)
     if maintype == "multipart":
         boundary = message.get_param("boundary")
         if isinstance(boundary, tuple):
@@ -125,23 +184,32 @@ def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], dept
         children = _split_multipart(raw, body_start, end, boundary) if boundary and depth < MAX_DEPTH else None
         if children is not None:
             child_default = ("message", "rfc822") if subtype == "digest" else ("text", "plain")
-            part["parts"] = []
+            parts = []
             for child_start, child_end in children:
                 if budget.parts >= MAX_PARTS:
                     break
-                child, _ = _parse_part(raw, child_start, child_end, child_default, depth + 1, budget)
-                part["parts"].append(child)
-            part["extension"] = _extension(message)
-            return part, message
+                parts.append(_parse_part(raw, child_start, child_end, child_default, depth + 1, budget)[0])
+            disposition, language, location = _extension(message)
+            extension = PartExtension(disposition=disposition, language=language, location=location)
+            return BodyPart(type=maintype, subtype=subtype, params=params, header=(start, hdr_end),
+                            body=(body_start, end), parts=tuple(parts), extension=extension), message
         # A multipart with no usable boundary is presented as an opaque leaf.
-        part["type"], part["subtype"], part["params"] = "application", "octet-stream", []
-    part.update(_leaf_fields(message, raw, body_start, end))
+        maintype, subtype, params = "application", "octet-stream", ()
+    enclosed = None
     if maintype == "message" and subtype in ("rfc822", "global") and depth < MAX_DEPTH:
         inner, inner_message = _parse_part(raw, body_start, end, ("text", "plain"), depth + 1, budget)
-        part["message"] = {"envelope": envelope(inner_message), "structure": inner}
+        enclosed = EnclosedMessage(envelope=envelope(inner_message), structure=inner)
         budget.add_text(_decoded_headers_text(inner_message))
     elif maintype == "text" and not _is_attachment(message):
         budget.add_text(_decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype))
+    disposition, language, location = _extension(message)
+    part = BodyPart(
+        type=maintype, subtype=subtype, params=params, header=(start, hdr_end), body=(body_start, end),
+        id=_header(message, "content-id"), description=_header(message, "content-description"),
+        encoding=(_header(message, "content-transfer-encoding") or "7BIT").upper(),
+        size=end - body_start, lines=_count_lines(raw, body_start, end), md5=_header(message, "content-md5"),
+        disposition=disposition, language=language, location=location, message=enclosed,
+    )
     return part, message
 
 
@@ -180,7 +248,7 @@ def _content_type(message: Message, default: tuple[str, str]) -> tuple[str, str]
     return maintype.lower(), subtype.lower()
 
 
-def _params(message: Message, header: str = "content-type") -> list[list[str]]:
+def _params(message: Message, header: str = "content-type") -> tuple[tuple[str, str], ...]:
     params = message.get_params(header=header) or []
     out = []
     for name, value in params[1:]:
@@ -189,21 +257,8 @@ def _params(message: Message, header: str = "content-type") -> list[list[str]]:
                 value = email.utils.collapse_rfc2231_value(value)
             except (LookupError, UnicodeError, ValueError):  # filename*=idna''... and the like
                 value = value[2]
-        out.append([name.lower(), _clean(str(value)).encode("utf-8", "replace").decode("utf-8")])
-    return out
-
-
-def _leaf_fields(message: Message, raw: bytes, body_start: int, end: int) -> dict:
-    fields = {
-        "id": _header(message, "content-id"),
-        "description": _header(message, "content-description"),
-        "encoding": (_header(message, "content-transfer-encoding") or "7BIT").upper(),
-        "size": end - body_start,
-        "lines": _count_lines(raw, body_start, end),
-    }
-    fields["md5"] = _header(message, "content-md5")
-    fields.update(_extension(message))
-    return fields
+        out.append((name.lower(), _clean(str(value)).encode("utf-8", "replace").decode("utf-8")))
+    return tuple(out)
 
 
 def _count_lines(raw: bytes, start: int, end: int) -> int:
@@ -211,18 +266,16 @@ def _count_lines(raw: bytes, start: int, end: int) -> int:
     return lines if end == start or raw.endswith(b"\n", start, end) else lines + 1
 
 
-def _extension(message: Message) -> dict:
+def _extension(message: Message) -> tuple[tuple | None, tuple[str, ...] | None, str | None]:
+    """(disposition, language, location) of a part (RFC 3501 §7.4.2 body extension data)."""
     disposition = message.get("content-disposition")
     dispo = None
     if disposition is not None:
         kind = str(disposition).split(";")[0].strip().lower()
-        dispo = [kind, _params(message, "content-disposition")] if kind else None
+        dispo = (kind, _params(message, "content-disposition")) if kind else None
     language = _header(message, "content-language")
-    return {
-        "disposition": dispo,
-        "language": [t.strip() for t in language.split(",") if t.strip()] if language else None,
-        "location": _header(message, "content-location"),
-    }
+    tags = tuple(t.strip() for t in language.split(",") if t.strip()) if language else None
+    return dispo, tags, _header(message, "content-location")
 
 
 def _is_attachment(message: Message) -> bool:
@@ -287,29 +340,31 @@ def html_to_text(markup: str) -> str:
     return "\n".join(line.strip() for line in _SPACES.sub(" ", text).split("\n") if line.strip())
 
 
-def envelope(message: Message) -> dict:
+def envelope(message: Message) -> Envelope:
     """The IMAP ENVELOPE fields, raw (as in the header, for IMAP) and decoded (for people)."""
-    env: dict = {}
-    for name in ENVELOPE_FIELDS:
-        value = message.get(name)
-        raw_value = _clean(str(value)) if value is not None else None
-        if name in ADDRESS_FIELDS:
-            env[name] = _addresses(raw_value) if raw_value is not None else None
-        else:
-            env[name] = raw_value
+    def value(name: str) -> str | None:
+        found = message.get(name)
+        return _clean(str(found)) if found is not None else None
+
+    def addresses(name: str) -> tuple[EnvelopeAddress, ...] | None:
+        found = value(name)
+        return _addresses(found) if found is not None else None
+
+    subject = value("subject")
+    from_ = addresses("from")
     # RFC 3501 §7.4.2: a missing Sender or Reply-To is taken from From.
-    env["sender"] = env["sender"] or env["from"]
-    env["reply-to"] = env["reply-to"] or env["from"]
-    env["subject_text"] = decode_words(env["subject"]) if env["subject"] is not None else None
-    return env
+    return Envelope(
+        date=value("date"), subject=subject, from_=from_, sender=addresses("sender") or from_,
+        reply_to=addresses("reply-to") or from_, to=addresses("to"), cc=addresses("cc"), bcc=addresses("bcc"),
+        in_reply_to=value("in-reply-to"), message_id=value("message-id"),
+        subject_text=decode_words(subject) if subject is not None else None,
+    )
 
 
-def _addresses(value: str) -> list[list[str | None]]:
-    """Address structures (name, adl, mailbox, host) as IMAP's ENVELOPE lists them, groups
-    included (RFC 3501 §7.4.2): a group opens with (None, None, group name, None) and closes
-    with (None, None, None, None). A mailbox without a domain has host "" (never None,
-    which would read as a group marker)."""
-    out: list[list[str | None]] = []
+def _addresses(value: str) -> tuple[EnvelopeAddress, ...]:
+    """Address structures as IMAP's ENVELOPE lists them, groups included (RFC 3501 §7.4.2):
+    a group opens with (None, None, group name, None) and closes with (None, None, None, None)."""
+    out: list[EnvelopeAddress] = []
     start = 0  # of the text not yet handed to getaddresses
     last_comma = -1  # the last top-level comma outside a group, since `start`
     in_group = False
@@ -339,28 +394,31 @@ def _addresses(value: str) -> list[list[str | None]]:
             if last_comma >= 0:
                 out.extend(_mailboxes(value[start:last_comma]))
             name = " ".join(value[last_comma + 1 if last_comma >= 0 else start:i].split())
-            out.append([None, None, email.utils.unquote(name), None])
+            out.append(EnvelopeAddress(None, None, email.utils.unquote(name), None))
             in_group, start, last_comma = True, i + 1, -1
         elif c == ";" and in_group:
             out.extend(_mailboxes(value[start:i]))
-            out.append([None, None, None, None])
+            out.append(_GROUP_END)
             in_group, start = False, i + 1
         i += 1
     out.extend(_mailboxes(value[start:]))
     if in_group:  # an unterminated group ends with the header
-        out.append([None, None, None, None])
-    return out
+        out.append(_GROUP_END)
+    return tuple(out)
 
 
-def _mailboxes(value: str) -> list[list[str | None]]:
-    out: list[list[str | None]] = []
+_GROUP_END = EnvelopeAddress(None, None, None, None)
+
+
+def _mailboxes(value: str) -> list[EnvelopeAddress]:
+    out: list[EnvelopeAddress] = []
     for name, addr in email.utils.getaddresses([value]):
         if not addr and not name:
             continue
         mailbox, at, host = addr.rpartition("@")
         if not at:
             mailbox, host = addr, ""
-        out.append([name or None, None, mailbox or None, host])
+        out.append(EnvelopeAddress(name or None, None, mailbox or None, host))
     return out
 
 

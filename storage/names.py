@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from storage.errors import MailboxNameError
+
 SEPARATOR = "/"
 MAX_NAME_CHARS = 512
 MAX_SEGMENT_CHARS = 200
@@ -26,10 +28,6 @@ DEFAULT_MAILBOXES = (
     ("Archive", "\\Archive"),
 )
 SPECIAL_USE = frozenset({"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"})
-
-
-class MailboxNameError(ValueError):
-    """A name no mailbox may have; str() says why."""
 
 
 def normalize_name(name: str) -> str:

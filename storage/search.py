@@ -27,17 +27,15 @@ from collections.abc import Iterable
 
 import lmdb
 
-from storage import fts, mailboxes, maildir
+from storage import fts, maildir
+from storage.errors import SearchError
 from storage.messages import all_uids, entries, normalize_ranges, unseen_uids
-from storage.shard import NO_DATE, Entry, Shard
+from storage.records import NO_DATE, Entry, get_mailbox
+from storage.shard import Shard
 
 TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
                "text": ("h", "b")}
 SYSTEM = {name.lower(): bit for name, bit in maildir.SYSTEM_FLAGS.items()}
-
-
-class SearchError(ValueError):
-    """A query the store cannot evaluate (imapd answers BAD)."""
 
 
 def search(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, query: tuple) -> list[int]:
@@ -72,7 +70,7 @@ class _Evaluation:
     def unindexed(self) -> set[int]:
         """Messages the background indexer has not reached: found by their stored text alone."""
         if self._unindexed is None:
-            upto = fts.indexed_upto(mailboxes.record(self.txn, self.shard, self.mailbox_id) or {})
+            upto = fts.indexed_upto(get_mailbox(self.txn, self.shard, self.mailbox_id))
             self._unindexed = {uid for uid in self.universe if uid > upto}
         return self._unindexed
 

@@ -24,8 +24,8 @@ import lmdb
 
 from conf.logfmt import EventLogger
 from storage import maildir
-from storage.mailboxes import record
-from storage.shard import Batch, Shard, unpack_entry, unpack_uid_key
+from storage.records import get_mailbox, unpack_entry
+from storage.shard import Batch, Shard, unpack_uid_key
 from storage.unsettled import DirWork, FileWork, parse
 from storage.writers import LOCK_SUFFIX, dead_writers
 
@@ -87,12 +87,12 @@ def _recover(txn: lmdb.Transaction, shard: Shard, batch: Batch, dead: list[Path]
                 counts["discarded"] += 1
                 continue
             mailbox_id, _ = unpack_uid_key(location)
-            state = record(txn, shard, mailbox_id)
+            state = get_mailbox(txn, shard, mailbox_id)
             if state is None:
                 _unlink(path)
                 counts["discarded"] += 1
                 continue
-            changed |= _settle(txn, shard, FileWork(name, state["account"], mailbox_id,
+            changed |= _settle(txn, shard, FileWork(name, state.account, mailbox_id,
                                                     path.relative_to(shard.path)))
             counts["finished"] += 1
     cursor = txn.cursor(db=shard.db["unsettled"])
@@ -153,8 +153,8 @@ def _settle_file(txn: lmdb.Transaction, shard: Shard, work: FileWork) -> set[Pat
 
 def _settle_dir(txn: lmdb.Transaction, shard: Shard, work: DirWork) -> set[Path]:
     directory = shard.mailbox_dir(work.account, work.mailbox_id)
-    state = record(txn, shard, work.mailbox_id)
-    if state is None or state["account"] != work.account:
+    state = get_mailbox(txn, shard, work.mailbox_id)
+    if state is None or state.account != work.account:
         if not directory.exists():
             return set()
         shutil.rmtree(directory)
@@ -164,8 +164,8 @@ def _settle_dir(txn: lmdb.Transaction, shard: Shard, work: DirWork) -> set[Path]
         maildir.make_dirs(directory)
         changed |= {directory / "cur", directory.parent, directory.parent.parent}
     # The mailbox's name and UID high-water mark, for a rebuild from the files alone.
-    maildir.write_meta(directory, {"name": state["name"], "special_use": state.get("special_use"),
-                                   "uidnext": state["uidnext"]})
+    maildir.write_meta(directory, {"name": state.name, "special_use": state.special_use,
+                                   "uidnext": state.uidnext})
     return changed
 
 

@@ -19,14 +19,15 @@ nothing a reader could mistake: the next process to open the shard settles what 
 and discards what dead writers left uncommitted, and `store check` finds nothing. File work
 inside a batch that a failed commit must take back is registered with `Batch.undo`.
 
-Index layout (named databases; ids and UIDs big-endian so keys sort numerically):
+Index layout (named databases; ids and UIDs big-endian so keys sort numerically; the
+records' types are in storage/records.py):
     names      account \\0 mailbox name          -> mailbox id (u32; it is the UIDVALIDITY)
-    mailboxes  id                                -> JSON mailbox state (counters, uidnext, modseq)
+    mailboxes  id                                -> MailboxRecord: name, counters, uidnext, modseq
     subs       account \\0 mailbox name          -> b""
-    accounts   account                           -> JSON {"used": bytes, "messages": n}
+    accounts   account                           -> Usage: bytes and messages the quota counts
     counters   b"uidvalidity"                    -> u32, the last one handed out
     flags      id uid                            -> Entry: modseq, flag bits, size, dates, keywords
-    msgs       id uid                            -> JSON {base, size, internal date, sent, envelope, structure}
+    msgs       id uid                            -> MessageRecord: file, size, dates, envelope, structure
     modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
     expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
     bases      file base                         -> id uid   (which message a file is)
@@ -39,21 +40,21 @@ Index layout (named databases; ids and UIDs big-endian so keys sort numerically)
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import queue
+import shutil
 import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import lmdb
 
 from conf.logfmt import EventLogger
+from storage.errors import DISK_FULL, DiskFullError, StoreError, is_disk_full, store_error
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
 from storage.writers import WriterDir
@@ -71,60 +72,9 @@ FSYNC_THREADS = 16
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
 _MODSEQ_KEY = struct.Struct(">IQI")
-_ENTRY = struct.Struct(">QBIqq")  # modseq, flag bits, size, internal date, sent date (seconds, signed)
-NO_DATE = -(2**63)
 
 
 _log = EventLogger("storage.shard")
-
-
-class StoreError(Exception):
-    """A store operation failed; str() is safe to show (no paths of other accounts)."""
-
-
-class DiskFullError(StoreError):
-    """The file system (or the data dir owner's disk quota) is full: nothing was written,
-    and the same request may succeed once space is freed (SMTP 452 4.3.1)."""
-
-
-DISK_FULL = "not enough disk space"
-
-
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXTS = tuple(os.strerror(n) for n in _FULL_ERRNOS)  # LMDB reports them as text
-_IO_ERROR = os.strerror(errno.EIO)
-# LMDB reports a commit whose page writes came up short as EIO, which is what a full disk
-# does to a write that has room for part of its pages. With less than this free, that EIO
-# is taken for a full disk; with more, for a failing one.
-LOW_SPACE = 8 << 20
-
-
-def is_disk_full(error: BaseException, where: Path | None = None) -> bool:
-    """`error` means the file system at `where` is full (or the owner's quota used up)."""
-    if isinstance(error, OSError):
-        return error.errno in _FULL_ERRNOS
-    if not isinstance(error, lmdb.Error):
-        return False
-    text = str(error)
-    if any(full in text for full in _FULL_TEXTS):
-        return True
-    if _IO_ERROR in text and where is not None:
-        try:
-            space = os.statvfs(where)
-        except OSError:
-            return False
-        return space.f_bavail * space.f_frsize < LOW_SPACE
-    return False
-
-
-def store_error(error: BaseException, where: Path | None = None) -> BaseException:
-    """What a request that failed with `error` reports: a full disk as DiskFullError (so
-    every caller can tell it from a fault), anything else as it is."""
-    if is_disk_full(error, where) and not isinstance(error, DiskFullError):
-        full = DiskFullError(DISK_FULL)
-        full.__cause__ = error
-        return full
-    return error
 
 
 def uid_key(mailbox_id: int, uid: int) -> bytes:
@@ -149,41 +99,6 @@ def pack_u32(value: int) -> bytes:
 
 def unpack_u32(raw: bytes) -> int:
     return _U32.unpack(raw)[0]
-
-
-class Entry(NamedTuple):
-    """A message's fixed-size record in the `flags` database: what SELECT, FETCH FLAGS and
-    SEARCH by flag, date or size read, without decoding the cached envelope."""
-
-    modseq: int
-    bits: int
-    size: int
-    internal_date: int  # seconds
-    sent: int  # midnight (in seconds) of the Date: header's own day; NO_DATE without one
-    keywords: tuple[str, ...]
-
-
-def pack_entry(entry: Entry) -> bytes:
-    head = _ENTRY.pack(entry.modseq, entry.bits, entry.size, entry.internal_date, entry.sent)
-    return head + " ".join(entry.keywords).encode()
-
-
-def unpack_entry(raw: bytes) -> Entry:
-    modseq, bits, size, internal_date, sent = _ENTRY.unpack_from(raw)
-    rest = bytes(raw[_ENTRY.size :])
-    return Entry(modseq, bits, size, internal_date, sent, tuple(rest.decode().split(" ")) if rest else ())
-
-
-def dumps(value: Any) -> bytes:
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate from a broken header: JSON escapes it
-        return json.dumps(value, separators=(",", ":")).encode()
-
-
-def loads(raw: bytes) -> Any:
-    return json.loads(raw)
 
 
 class Batch:
@@ -225,11 +140,11 @@ def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: byt
 
 
 class _Request:
-    __slots__ = ("fn", "before", "on_done", "done", "result", "error")
+    __slots__ = ("change", "before", "on_done", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[lmdb.Transaction, Batch], Any], before: Callable[[], None] | None,
+    def __init__(self, change: Callable[[lmdb.Transaction, Batch], Any], before: Callable[[], None] | None,
                  on_done: Callable[[_Request], None] | None):
-        self.fn = fn
+        self.change = change
         self.before = before
         self.on_done = on_done
         self.done = threading.Event()
@@ -283,20 +198,20 @@ class Shard:
         with self.env.begin(buffers=False) as txn:
             yield txn
 
-    def write(self, fn: Callable[[lmdb.Transaction, Batch], Any]) -> Any:
-        """Run fn(txn, batch) in the next commit batch; return its result once durable."""
-        return self.wait(self.submit(fn))
+    def write(self, change: Callable[[lmdb.Transaction, Batch], Any]) -> Any:
+        """Run change(txn, batch) in the next commit batch; return its result once durable."""
+        return self.wait(self.submit(change))
 
-    def submit(self, fn: Callable[[lmdb.Transaction, Batch], Any], *, before: Callable[[], None] | None = None,
+    def submit(self, change: Callable[[lmdb.Transaction, Batch], Any], *, before: Callable[[], None] | None = None,
                on_done: Callable[[_Request], None] | None = None) -> _Request:
-        """Queue fn for the next batch without waiting: several submits can share a commit.
+        """Queue `change` for the next batch without waiting: several submits can share a commit.
 
-        `before` is file work that must be durable before fn runs (writing and fsyncing a
+        `before` is file work that must be durable before `change` runs (writing and fsyncing a
         message to tmp/): the committer runs the batch's `before`s side by side, so their
         fsyncs share journal commits, and a failing one fails its request alone.
         `on_done(request)` is called, in the committer's thread, once the request is
         settled: a caller that must not block (an event loop) learns it so."""
-        request = _Request(fn, before, on_done)
+        request = _Request(change, before, on_done)
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -336,17 +251,17 @@ class Shard:
         self.writer.close()
         self.env.close()
 
-    def _side_by_side(self, fn: Callable[[Any], None], items: list) -> None:
-        """fn(item) for each item, in up to FSYNC_THREADS threads: fsyncs issued together join
+    def _side_by_side(self, action: Callable[[Any], None], items: list) -> None:
+        """action(item) for each item, in up to FSYNC_THREADS threads: fsyncs issued together join
         one journal commit instead of queueing."""
         if len(items) <= 1:
             for item in items:
-                fn(item)
+                action(item)
             return
         if self._fsync_pool is None:
             self._fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix=f"fsync-{self.number}")
         lanes = min(len(items), FSYNC_THREADS)
-        for future in [self._fsync_pool.submit(_each, fn, items[i::lanes]) for i in range(lanes)]:
+        for future in [self._fsync_pool.submit(_run_each, action, items[i::lanes]) for i in range(lanes)]:
             future.result()
 
     def _fsync_dirs(self, directories: set[Path]) -> None:
@@ -496,7 +411,7 @@ class Shard:
                 self._forget_settled(txn, settled, batch)
                 for request in requests:
                     try:
-                        request.result = request.fn(txn, batch)
+                        request.result = request.change(txn, batch)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         failed = (request, e)
                         raise
@@ -527,7 +442,7 @@ class Shard:
                     mark = batch.mark()
                     child = self.env.begin(write=True, parent=txn)
                     try:
-                        request.result = request.fn(child, batch)
+                        request.result = request.change(child, batch)
                         child.commit()
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         child.abort()
@@ -577,9 +492,10 @@ def _fsync_dir_if_there(path: Path) -> None:
         pass
 
 
-def _each(fn: Callable[[Any], None], items: list) -> None:
+def _run_each(action: Callable[[Any], None], items: list) -> None:
+    """One lane of _side_by_side: the items, one after the other."""
     for item in items:
-        fn(item)
+        action(item)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -587,8 +503,6 @@ def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        import shutil
-
         tmp = target.with_name(target.name + ".copy")
         shutil.copyfile(source, tmp)
         fd = os.open(tmp, os.O_RDONLY)

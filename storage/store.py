@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, maildir, messages, search, settle
+from storage import fts, mailboxes, maildir, messages, records, search, settle
 from storage.datadir import DataDir
-from storage.mailboxes import INBOX, Mailbox, MailboxNotFoundError
+from storage.errors import DeliveryError, MailboxNotFoundError, StoreError, store_error
+from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
-from storage.shard import Shard, StoreError, store_error
+from storage.records import MessageRecord, Usage
+from storage.shard import Shard
 
 
 # A message up to this size is written and fsynced by the shard's committer, beside the
@@ -46,15 +48,6 @@ class Delivered:
     # The mailbox already had this message (storage/dedupe.py): `uid` is that copy's, and
     # nothing was stored. Never withdraw it: it belongs to an earlier delivery.
     duplicate: bool = False
-
-
-class DeliveryError(StoreError):
-    """Some targets failed. `delivered` lists those that are durable, `errors` the others."""
-
-    def __init__(self, delivered: list[Delivered], errors: list[tuple[tuple[str, str], BaseException]]):
-        self.delivered, self.errors = delivered, errors
-        first = errors[0]
-        super().__init__(f"delivery to {first[0][0]} failed: {first[1]}")
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -137,7 +130,7 @@ class Store:
     def ensure_account(self, account: str) -> None:
         shard = self.shard(account)
         with shard.read() as txn:
-            if mailboxes.account_exists(txn, shard, account):
+            if records.account_exists(txn, shard, account):
                 return
         shard.write(lambda txn, batch: mailboxes.ensure_account(txn, shard, batch, account))
 
@@ -146,7 +139,7 @@ class Store:
         for account in accounts:
             shard = self.shard(account)
             with shard.read() as txn:
-                if not mailboxes.account_exists(txn, shard, account):
+                if not records.account_exists(txn, shard, account):
                     return False
         return True
 
@@ -168,8 +161,8 @@ class Store:
         None once it is deleted."""
         shard = self.shard(account)
         with shard.read() as txn:
-            state = mailboxes.record(txn, shard, mailbox_id)
-            return state["name"] if state is not None and state["account"] == account else None
+            state = records.get_mailbox(txn, shard, mailbox_id)
+            return state.name if state is not None and state.account == account else None
 
     def create_mailbox(self, account: str, name: str, special_use: str | None = None) -> Mailbox:
         self.ensure_account(account)
@@ -206,14 +199,14 @@ class Store:
         if not quota.bytes and not quota.messages:
             return False
         usage = self.usage(account)
-        return bool(quota.bytes and usage["used"] >= quota.bytes
-                    or quota.messages and usage["messages"] >= quota.messages)
+        return bool(quota.bytes and usage.used >= quota.bytes
+                    or quota.messages and usage.messages >= quota.messages)
 
-    def usage(self, account: str) -> dict:
-        """{"used": bytes, "messages": count} over all of the account's mailboxes."""
+    def usage(self, account: str) -> Usage:
+        """Bytes `used` and `messages` over all of the account's mailboxes."""
         shard = self.shard(account)
         with shard.read() as txn:
-            return mailboxes.account_usage(txn, shard, account)
+            return records.get_usage(txn, shard, account)
 
     # -- delivery -----------------------------------------------------------------------
 
@@ -254,13 +247,11 @@ class Store:
         if internal_date is not None and not -2**62 < internal_date < 2**62:
             raise ValueError(f"internal date out of range: {internal_date}")
         parsed = parse_message(raw)
-        meta = {"d": internal_date if internal_date is not None else time.time(), "t": parsed["sent"],
-                "td": parsed["sent_day"],
-                "e": parsed["envelope"], "x": parsed["structure"]}
+        received = internal_date if internal_date is not None else time.time()
         texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
         key = None
         if dedupe_from is not None and self._dedupe_window > 0:
-            key = duplicates.message_key(parsed["envelope"].get("message-id"), raw, dedupe_from)
+            key = duplicates.message_key(parsed.envelope.message_id, raw, dedupe_from)
         wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
                                     for t in targets))
         delivery = _Delivery(len(wanted), on_done)
@@ -271,10 +262,11 @@ class Store:
                 mailbox_id = self._mailbox_id(shard, account, name)
                 base = maildir.new_base()
                 tmp = shard.writer.path / base
-                record = messages.prepare_meta(meta, base, len(raw))
-                fn = _insert_fn(shard, account, mailbox_id, tmp, base, len(raw), meta, record, texts, bits, keywords,
+                meta = MessageRecord.of(parsed, base=base, size=len(raw), internal_date=received)
+                record = records.encode(meta)
+                fn = _insert_fn(shard, account, mailbox_id, tmp, meta, record, texts, bits, keywords,
                                 self.quota(account), key, self._dedupe_window)
-                write = functools.partial(maildir.write_file, tmp, raw, meta["d"])
+                write = functools.partial(maildir.write_file, tmp, raw, received)
                 if len(raw) > WRITE_IN_COMMITTER:
                     write()  # here: a big file would hold up every request of its batch
                     write = None
@@ -335,18 +327,24 @@ class Store:
             return messages.fetch(txn, shard, account, mailbox_id, ranges)
 
     def open_message(self, message: MessageInfo) -> BinaryIO:
-        """The stored bytes of a fetched message (exactly `message.size` of them)."""
-        base = message.path.name.split(",", 1)[0]
-        shard_path = message.path.parents[3]  # <shard>/<account>/<mailbox id>/cur/<name>
-        shard = next((s for s in list(self._shards.values()) if s.path == shard_path), None)
-        if shard is None:
-            raise StoreError(f"message file of UID {message.uid} is not in this store")
+        """The stored bytes of a fetched message (exactly `message.size` of them), its file
+        found from the index. StoreError once the message is expunged."""
+        shard = self.shard(message.account)
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
-            path = messages.find_file(shard, message.path, base)
-            if path is None:
-                break
+            with shard.read() as txn:
+                expected = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
+            if expected is None:
+                raise StoreError(f"message UID {message.uid} has been expunged")
+            path, base = expected
             try:
                 return open(path, "rb")
+            except FileNotFoundError:  # not settled yet, or renamed meanwhile
+                pass
+            found = messages.find_file(shard, Path(path), base)
+            if found is None:
+                break
+            try:
+                return open(found, "rb")
             except FileNotFoundError:
                 continue
         raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
@@ -361,22 +359,22 @@ class Store:
         bits, keywords = messages.parse_flags(flags)
         shard = self.shard(account)
 
-        def fn(txn, batch):
+        def change_flags(txn, batch):
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             return messages.store_flags(txn, shard, batch, account, mailbox_id, state, ranges, mode, bits,
                                         keywords, unchanged_since)
 
-        return shard.write(fn)
+        return shard.write(change_flags)
 
     def expunge(self, account: str, mailbox: str, ranges: UidRanges = ALL) -> list[int]:
         ranges = normalize_ranges(ranges)
         shard = self.shard(account)
 
-        def fn(txn, batch):
+        def expunge_deleted(txn, batch):
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             return messages.expunge(txn, shard, batch, account, mailbox_id, state, ranges)
 
-        return shard.write(fn)
+        return shard.write(expunge_deleted)
 
     def remove(self, account: str, mailbox: str, uids: Iterable[int]) -> list[int]:
         """Expunge exactly these UIDs whatever their flags (POP3's UPDATE state: DELE marks
@@ -387,11 +385,11 @@ class Store:
             return []
         shard = self.shard(account)
 
-        def fn(txn, batch):
+        def expunge_these(txn, batch):
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             return messages.expunge(txn, shard, batch, account, mailbox_id, state, ranges, only_deleted=False)
 
-        return shard.write(fn)
+        return shard.write(expunge_these)
 
     def copy(self, account: str, source: str, ranges: UidRanges, target: str,
              *, move: bool = False) -> tuple[int, list[tuple[int, int]]]:
@@ -400,7 +398,7 @@ class Store:
         shard = self.shard(account)
         quota = NO_QUOTA if move else self.quota(account)
 
-        def fn(txn, batch):
+        def copy_messages(txn, batch):
             src = mailboxes.find(txn, shard, account, source)
             dst = mailboxes.find(txn, shard, account, target)
             if src[0] == dst[0]:
@@ -408,7 +406,7 @@ class Store:
             pairs = messages.copy(txn, shard, batch, account, src, ranges, dst, move=move, quota=quota)
             return dst[0], pairs
 
-        return shard.write(fn)
+        return shard.write(copy_messages)
 
     def move(self, account: str, source: str, ranges: UidRanges, target: str) -> tuple[int, list[tuple[int, int]]]:
         return self.copy(account, source, ranges, target, move=True)
@@ -432,7 +430,7 @@ class Store:
         shard = self.shard(account)
         with shard.read() as txn:
             _, state = mailboxes.find(txn, shard, account, mailbox)
-            return state["uidnext"] - 1 - fts.indexed_upto(state)
+            return state.uidnext - 1 - fts.indexed_upto(state)
 
     def changes_since(self, account: str, mailbox: str, modseq: int
                       ) -> tuple[Mailbox, list[FlagState], list[int]]:
@@ -443,12 +441,12 @@ class Store:
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
 
 
-def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str, size: int, meta: dict,
+def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, meta: MessageRecord,
                record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: Quota,
                key: bytes | None, window: float):
     """The commit step of one copy: (mailbox id, UID, whether it was a duplicate)."""
     def fn(txn, batch):
-        state = mailboxes.record(txn, shard, mailbox_id)
+        state = records.get_mailbox(txn, shard, mailbox_id)
         if state is None:
             raise MailboxNotFoundError("the mailbox was deleted during delivery")
         now = time.time()
@@ -457,9 +455,8 @@ def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, base: str
             uid = duplicates.find(txn, shard, mailbox_id, key, now, window)
             if uid is not None:
                 return mailbox_id, uid, True
-        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, base=base, size=size,
-                              meta=meta, bits=bits, keywords=keywords, quota=quota, texts=texts,
-                              meta_record=record)
+        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, record=meta,
+                              bits=bits, keywords=keywords, quota=quota, texts=texts, encoded=record)
         if key is not None:
             duplicates.remember(txn, shard, mailbox_id, key, uid, now)
         return mailbox_id, uid, False

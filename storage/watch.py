@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from conf.logfmt import EventLogger
 from storage.mailboxes import Mailbox
-from storage.shard import StoreError
+from storage.errors import StoreError
 from storage.store import Store
 
 _log = EventLogger("storage.watch")

@@ -271,7 +271,8 @@ def test_store_check_repair_and_rebuild_from_the_cli(with_domain, data_dir):
     with Store(open_data_dir(data_dir, 4)) as store:
         for i in range(3):
             store.deliver(["alice@example.test"], f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
-        first = store.fetch("alice@example.test", "INBOX", [(1, 1)])[0].path
+        inbox = store.mailbox("alice@example.test", "INBOX")
+        (first,) = store.shard("alice@example.test").mailbox_dir("alice@example.test", inbox.id).glob("cur/*,U=1,*")
     assert ok(cli("store", "check")) == "0 problem(s)\n"
     first.unlink()
     result = cli("store", "check", "Alice@Example.test")

@@ -163,7 +163,7 @@ def test_wherever_the_space_runs_out_the_answer_is_250_or_452(mx):
                 accepted[tag] = message(size, tag)
         filler.fill()
     assert answers == {250, 452}, "the sweep should see both outcomes"
-    stored = {m.envelope["subject"]: mx.store.read_message(m)
+    stored = {m.envelope.subject: mx.store.read_message(m)
               for m in mx.store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])}
     assert set(stored) == set(accepted)
     assert all(stored[tag].endswith(raw) for tag, raw in accepted.items())

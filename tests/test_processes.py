@@ -200,7 +200,7 @@ def test_after_a_kill_of_serve_a_new_one_takes_over_once_the_old_daemons_finish(
         with smtplib.SMTP(address.host, address.port, timeout=30) as again:
             assert again.sendmail("s@example.org", ["alice@example.test"], b"Subject: after\r\n\r\nx\r\n") == {}
         with Store(open_data_dir(new.config.server.data_dir, 4)) as store:
-            subjects = [m.envelope["subject"] for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
+            subjects = [m.envelope.subject for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
         assert subjects == ["across the takeover", "after"]
     finally:
         assert new.stop() == 0

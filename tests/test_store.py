@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from storage import open_data_dir
+from storage import (
+    DeliveryError,
+    EnvelopeAddress,
+    FlagError,
+    MailboxError,
+    MailboxExistsError,
+    MailboxNameError,
+    MailboxNotFoundError,
+    Quota,
+    QuotaExceededError,
+    Store,
+    StoreError,
+    open_data_dir,
+)
 from storage.check import check, rebuild
-from storage.mailboxes import MailboxError, MailboxExistsError, MailboxNotFoundError
-from storage.messages import FlagError, Quota, QuotaExceededError
-from storage.names import MailboxNameError
-from storage.store import DeliveryError, Store
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -57,10 +66,11 @@ def test_deliver_stores_exact_bytes_with_cached_envelope_and_structure(store):
     (info,) = store.fetch(ALICE, "INBOX", ALL)
     assert store.read_message(info) == raw and info.size == len(raw)
     assert info.internal_date == 1_700_000_000.0
-    assert info.envelope["subject"] == "Grüße" and info.envelope["from"] == [["Bob", None, "bob", "example.org"]]
-    assert info.structure["type"] == "text" and info.structure["body"][1] == len(raw)
+    assert info.envelope.subject == "Grüße"
+    assert info.envelope.from_ == (EnvelopeAddress("Bob", None, "bob", "example.org"),)
+    assert info.structure.type == "text" and info.structure.body[1] == len(raw)
     assert info.sent == 1795428000.0
-    assert os.stat(info.path).st_mtime == 1_700_000_000.0  # for rebuild
+    assert os.stat(_file_of(store, "INBOX", info.uid)).st_mtime == 1_700_000_000.0  # for rebuild
 
 
 def test_one_copy_per_distinct_target(store):
@@ -182,7 +192,7 @@ def test_expunge_removes_deleted_messages_and_their_files(store):
     _, uids, _ = store.uids(ALICE, "INBOX")
     assert uids == [1, 4]
     assert len(list((_mailbox_dir(store, "INBOX") / "cur").iterdir())) == 2
-    assert store.usage(ALICE)["messages"] == 2
+    assert store.usage(ALICE).messages == 2
 
 
 def test_copy_and_move(store):
@@ -192,14 +202,14 @@ def test_copy_and_move(store):
     validity, pairs = store.copy(ALICE, "INBOX", [(1, 2)], "Archive")
     assert validity == store.mailbox(ALICE, "Archive").uidvalidity and pairs == [(1, 1), (2, 2)]
     assert store.flags(ALICE, "Archive", [(1, 1)])[0].flags == ("\\Flagged", "$Work")
-    assert store.mailbox(ALICE, "INBOX").exists == 3 and store.usage(ALICE)["messages"] == 5
-    inbox_file = store.fetch(ALICE, "INBOX", [(3, 3)])[0].path
+    assert store.mailbox(ALICE, "INBOX").exists == 3 and store.usage(ALICE).messages == 5
+    inbox_file = _file_of(store, "INBOX", 3)
     _, pairs = store.move(ALICE, "INBOX", [(3, 3)], "Trash")
     assert pairs == [(3, 1)]
     moved = store.fetch(ALICE, "Trash", [(1, 1)])[0]
-    assert not inbox_file.exists() and os.stat(moved.path).st_nlink == 1  # one file, moved
+    assert not inbox_file.exists() and os.stat(_file_of(store, "Trash", 1)).st_nlink == 1  # one file, moved
     assert store.read_message(moved) == message("2")
-    assert store.usage(ALICE)["messages"] == 5
+    assert store.usage(ALICE).messages == 5
 
 
 def test_changes_since_a_modseq(store):
@@ -226,7 +236,7 @@ def test_quota_is_enforced_per_account(data_dir):
         with pytest.raises(QuotaExceededError):
             store.copy(ALICE, "INBOX", [(1, 1)], "Archive")
         store.move(ALICE, "INBOX", [(1, 1)], "Archive")  # a move does not grow usage
-        assert store.usage(ALICE)["used"] == 3 * len(raw)
+        assert store.usage(ALICE).used == 3 * len(raw)
         assert not list((_mailbox_dir(store, "INBOX") / "tmp").iterdir())  # refused files cleaned
 
 
@@ -311,9 +321,9 @@ def test_a_request_failing_in_a_shared_batch_spoils_none_of_the_others(data_dir)
         assert outcomes["refused"][0] == []
         assert [type(e) for _, e in outcomes["refused"][1]] == [QuotaExceededError]
         assert shard.last_commit() - commits == 1  # one for all three (the holder wrote nothing)
-        subjects = [m.envelope["subject"] for m in store.fetch(other, "INBOX", ALL)]
+        subjects = [m.envelope.subject for m in store.fetch(other, "INBOX", ALL)]
         assert subjects == ["first", "second"]
-        assert [m.envelope["subject"] for m in store.fetch(full, "INBOX", ALL)] == ["fills the quota"]
+        assert [m.envelope.subject for m in store.fetch(full, "INBOX", ALL)] == ["fills the quota"]
         assert check(store) == []  # no file left behind in tmp/ or cur/
 
 
@@ -362,6 +372,16 @@ def test_check_is_clean_then_rebuild_recovers_from_files_alone(store, data_dir):
         assert fresh.deliver([ALICE], message("after"))[0].uid == 6
 
 
+def test_rebuild_keeps_the_special_use_of_a_mailbox_with_messages(store):
+    """The mailbox's postroom.json is rewritten by rebuild: with its special-use, so that a
+    second rebuild still knows Sent for Sent."""
+    store.append(ALICE, "Sent", message("sent"))
+    for _ in range(2):
+        rebuild(store, ALICE)
+        assert store.mailbox(ALICE, "Sent").special_use == "\\Sent"
+    assert store.mailbox(ALICE, "Sent").exists == 1
+
+
 def test_rebuild_renumbers_when_file_uids_collide(store, data_dir):
     store.deliver([ALICE], message("a"))
     store.deliver([ALICE], message("b"))
@@ -379,6 +399,12 @@ def test_rebuild_renumbers_when_file_uids_collide(store, data_dir):
 def _mailbox_dir(store: Store, name: str) -> Path:
     shard = store.shard(ALICE)
     return shard.mailbox_dir(ALICE, store.mailbox(ALICE, name).uidvalidity)
+
+
+def _file_of(store: Store, name: str, uid: int) -> Path:
+    """The file of a settled message, as maildir.file_name names it (`,U=<uid>,`)."""
+    (found,) = (_mailbox_dir(store, name) / "cur").glob(f"*,U={uid},*")
+    return found
 
 
 def test_the_background_indexer_catches_up_by_itself(store):
@@ -430,8 +456,8 @@ def test_hostile_mime_is_bounded(store):
         (info,) = store.fetch(ALICE, "INBOX", [(delivered.uid, delivered.uid)])
         assert store.read_message(info) == hostile
 
-    def count(part: dict) -> int:
-        return 1 + sum(count(p) for p in part.get("parts", []))
+    def count(part) -> int:
+        return 1 + sum(count(p) for p in part.parts or ())
 
     assert count(store.fetch(ALICE, "INBOX", [(1, 1)])[0].structure) <= MAX_PARTS + 1
 
@@ -443,14 +469,14 @@ def test_structure_offsets_slice_each_part(store):
            b"--X Y--\r\nepilogue\r\n")
     store.deliver([ALICE], raw)
     structure = store.fetch(ALICE, "INBOX", ALL)[0].structure
-    first, inner = structure["parts"]
-    assert raw[slice(*first["body"])] == b"first part"
-    assert raw[slice(*first["header"])] == b"Content-Type: text/plain\r\n"
-    assert raw[slice(*inner["body"])] == b"Subject: inner\r\n\r\ninner body"
-    assert inner["message"]["envelope"]["subject"] == "inner"
-    assert raw[slice(*inner["message"]["structure"]["body"])] == b"inner body"
-    assert first["lines"] == 1 and first["size"] == len(b"first part")
-    assert structure["params"] == [["boundary", "X Y"]]
+    first, inner = structure.parts
+    assert raw[slice(*first.body)] == b"first part"
+    assert raw[slice(*first.header)] == b"Content-Type: text/plain\r\n"
+    assert raw[slice(*inner.body)] == b"Subject: inner\r\n\r\ninner body"
+    assert inner.message.envelope.subject == "inner"
+    assert raw[slice(*inner.message.structure.body)] == b"inner body"
+    assert first.lines == 1 and first.size == len(b"first part")
+    assert structure.params == (("boundary", "X Y"),)
 
 
 def test_renaming_inbox_moves_its_messages(store):
@@ -477,7 +503,7 @@ def test_overlapping_and_reversed_uid_ranges_count_each_message_once(store):
     assert len(store.copy(ALICE, "INBOX", overlapping, "Archive")[1]) == 3
     store.store_flags(ALICE, "INBOX", overlapping, "add", ["\\Deleted"])
     assert store.expunge(ALICE, "INBOX", overlapping) == [1, 2, 3]
-    assert store.mailbox(ALICE, "Archive").exists == 3 and store.usage(ALICE)["messages"] == 3
+    assert store.mailbox(ALICE, "Archive").exists == 3 and store.usage(ALICE).messages == 3
 
 
 def test_names_and_dates_beyond_storage_limits_are_clear_errors(store):
@@ -597,17 +623,21 @@ def test_envelope_keeps_groups_and_mailboxes_without_a_domain(store):
            b"Cc: undisclosed-recipients:;\r\nBcc: Open: e@example.org\r\nSubject: groups\r\n\r\nbody\r\n")
     store.deliver([ALICE], raw)
     envelope = store.fetch(ALICE, "INBOX", ALL)[0].envelope
-    assert envelope["to"] == [[None, None, "Team", None], [None, None, "a", "example.org"],
-                              ["B, C", None, "b", "example.org"], [None, None, None, None],
-                              [None, None, "d", "example.org"]]
-    assert envelope["cc"] == [[None, None, "undisclosed-recipients", None], [None, None, None, None]]
-    assert envelope["bcc"] == [[None, None, "Open", None], [None, None, "e", "example.org"], [None, None, None, None]]
-    assert envelope["from"] == envelope["sender"] == [[None, None, "root", ""]]
+
+    def listed(addresses) -> list[tuple]:
+        return [(a.name, a.adl, a.mailbox, a.host) for a in addresses]
+
+    assert listed(envelope.to) == [(None, None, "Team", None), (None, None, "a", "example.org"),
+                                   ("B, C", None, "b", "example.org"), (None, None, None, None),
+                                   (None, None, "d", "example.org")]
+    assert listed(envelope.cc) == [(None, None, "undisclosed-recipients", None), (None, None, None, None)]
+    assert listed(envelope.bcc) == [(None, None, "Open", None), (None, None, "e", "example.org"),
+                                    (None, None, None, None)]
+    assert listed(envelope.from_) == listed(envelope.sender) == [(None, None, "root", "")]
 
 
 def test_an_account_has_a_bounded_number_of_mailboxes(store, monkeypatch):
-    from storage import mailboxes
-    from storage.mailboxes import MailboxLimitError
+    from storage import MailboxLimitError, mailboxes
 
     monkeypatch.setattr(mailboxes, "MAX_MAILBOXES", 8)  # 6 default mailboxes + 2
     store.create_mailbox(ALICE, "One")
@@ -678,7 +708,7 @@ def test_a_message_delivered_again_is_stored_once(data_dir):
         assert [(d.uid, d.duplicate) for d in first] == [(1, False)]
         assert [(d.account, d.uid, d.duplicate) for d in again] == [(ALICE, 1, True), ("user1@example.test", 1, False)]
         assert store.mailbox(ALICE, "INBOX").exists == 1
-        assert store.usage(ALICE)["messages"] == 1
+        assert store.usage(ALICE).messages == 1
         # Another body, another header (a list's copy, a forger's), no Message-ID: new messages.
         assert deliver([ALICE], "3", message(body="another body"))[0].duplicate is False
         assert deliver([ALICE], "4", message(subject="[list] s"))[0].duplicate is False
@@ -720,3 +750,65 @@ def test_dedupe_keys_expire_after_the_window(data_dir):
         with shard.read() as txn:  # the two old keys are gone (the third too, if the machine is slow)
             assert txn.stat(shard.db["dedupe"])["entries"] <= 1
             assert txn.stat(shard.db["dedupe_times"])["entries"] == txn.stat(shard.db["dedupe"])["entries"]
+
+
+# A message as the index of the JSON version (before storage/records.py) stored it: every key,
+# nulls included, and the lone surrogate a broken UTF-7 word decodes to, escaped. "BASE" is
+# the message's file base, filled in by the test.
+OLD_RAW = (b"From: Bob <bob@example.org>\r\nTo: Team: a@example.org;\r\nSubject: =?utf-7?q?+2AA-?= old\r\n"
+           b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Language: en\r\n\r\nhi\r\n"
+           b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nbody\r\n--b--\r\n")
+OLD_MESSAGE_RECORD = (
+    '{"d":1700000000.0,"t":1795428000.0,"td":20780,"e":{"date":"Mon, 23 Nov 2026 10:00:00 +0000",'
+    '"subject":"=?utf-7?q?+2AA-?= old","from":[["Bob",null,"bob","example.org"]],"sender":[["Bob",null,"bob",'
+    '"example.org"]],"reply-to":[["Bob",null,"bob","example.org"]],"to":[[null,null,"Team",null],[null,null,"a",'
+    '"example.org"],[null,null,null,null]],"cc":null,"bcc":null,"in-reply-to":null,"message-id":null,'
+    '"subject_text":"\\ud800 old"},"x":{"type":"multipart","subtype":"mixed","params":[["boundary","b"]],'
+    '"header":[0,169],"body":[171,313],"parts":[{"type":"text","subtype":"plain","params":[["charset","utf-8"]],'
+    '"header":[176,239],"body":[241,243],"id":null,"description":null,"encoding":"7BIT","size":2,"lines":1,'
+    '"md5":null,"disposition":null,"language":["en"],"location":null},{"type":"message","subtype":"rfc822",'
+    '"params":[],"header":[250,280],"body":[282,304],"id":null,"description":null,"encoding":"7BIT","size":22,'
+    '"lines":3,"md5":null,"disposition":null,"language":null,"location":null,"message":{"envelope":{"date":null,'
+    '"subject":"inner","from":null,"sender":null,"reply-to":null,"to":null,"cc":null,"bcc":null,'
+    '"in-reply-to":null,"message-id":null,"subject_text":"inner"},"structure":{"type":"text","subtype":"plain",'
+    '"params":[],"header":[282,298],"body":[300,304],"id":null,"description":null,"encoding":"7BIT","size":4,'
+    '"lines":1,"md5":null,"disposition":null,"language":null,"location":null}}}],"extension":{"disposition":null,'
+    '"language":null,"location":null}},"b":"BASE","s":313}')
+
+
+def test_an_index_of_the_json_version_opens_as_it_is(store):
+    """The record types keep the stored keys: an existing index needs no rebuild."""
+    from storage import records
+    from storage.shard import pack_u32, uid_key
+
+    store.deliver([ALICE], OLD_RAW, internal_date=1_700_000_000.0)
+    (fresh,) = store.fetch(ALICE, "INBOX", ALL)
+    assert fresh.envelope.subject_text == "\ud800 old"  # written as JSON escapes, and read back
+    inbox = store.mailbox(ALICE, "INBOX")
+    shard = store.shard(ALICE)
+    with shard.read() as txn:
+        base = records.get_message_file(txn, shard, inbox.id, 1).base
+    old_mailbox = (f'{{"account":"{ALICE}","name":"INBOX","uidnext":2,"modseq":{inbox.highestmodseq},"exists":1,'
+                   '"unseen":1,"size":313,"special_use":null,"keywords":[],"ix":0}')
+    shard.write(lambda txn, batch: (
+        txn.put(uid_key(inbox.id, 1), OLD_MESSAGE_RECORD.replace("BASE", base).encode(), db=shard.db["msgs"]),
+        txn.put(pack_u32(inbox.id), old_mailbox.encode(), db=shard.db["mailboxes"]),
+        txn.put(ALICE.encode(), b'{"used":313,"messages":1}', db=shard.db["accounts"])))
+    (old,) = store.fetch(ALICE, "INBOX", ALL)
+    assert old == fresh and store.read_message(old) == OLD_RAW
+    assert store.mailbox(ALICE, "INBOX") == inbox and store.usage(ALICE).used == 313
+    store.store_flags(ALICE, "INBOX", ALL, "add", ["\\Deleted"])
+    assert store.expunge(ALICE, "INBOX") == [1] and store.usage(ALICE).messages == 0
+
+
+def test_a_message_is_read_through_the_store_whatever_its_file_is_called_now(store):
+    store.deliver([ALICE], message("one"))
+    (info,) = store.fetch(ALICE, "INBOX", ALL)
+    assert not hasattr(info, "path")  # the store finds the file; nobody else builds its path
+    before = _file_of(store, "INBOX", 1)
+    store.store_flags(ALICE, "INBOX", ALL, "add", ["\\Seen", "\\Deleted"])  # renames the file
+    assert not before.exists() and store.read_message(info) == message("one")
+    store.expunge(ALICE, "INBOX")
+    with pytest.raises(StoreError):
+        store.open_message(info)

@@ -97,7 +97,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(data_dir):
             for seq, places in found.items():
                 assert len(places) == 1, f"message {seq} is stored {len(places)} times: {places}"
             usage = store.usage(ACCOUNT)
-            assert usage["messages"] == len(found)
+            assert usage.messages == len(found)
     assert len(acknowledged) > 200, "the worker barely ran: the test proves little"
 
 
