@@ -205,7 +205,7 @@ async def append(session: Session, command: Append):
                                             flags=command.flags,
                                             internal_date=date.timestamp() if date else None)
     except Answer as answer:
-        raise try_create(answer)
+        raise try_create(answer) from None
     session.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=len(message))
     return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
 

@@ -301,7 +301,7 @@ async def copy(session: Session, command: Copy | Move):
     try:
         uidvalidity, pairs = await session.run_store(operation, session.user, view.name, as_ranges(uids), target)
     except Answer as answer:
-        raise try_create(answer)
+        raise try_create(answer) from None
     code = None
     if pairs:
         code = f"COPYUID {uidvalidity} {set_text([a for a, _ in pairs])} {set_text([b for _, b in pairs])}"

@@ -143,7 +143,7 @@ def test_unknown_user_costs_as_much_as_a_wrong_password(accounts):
     # Interleaved, so a burst of load on a shared machine slows all three alike.
     addresses = ("alice@example.test", "nobody@example.test", "nobody@elsewhere.test")
     rounds = [[seconds(address) for address in addresses] for _ in range(5)]
-    wrong_password, unknown_user, unknown_domain = (statistics.median(column) for column in zip(*rounds))
+    wrong_password, unknown_user, unknown_domain = (statistics.median(column) for column in zip(*rounds, strict=True))
     assert 0.5 * wrong_password < unknown_user < 2 * wrong_password
     assert 0.5 * wrong_password < unknown_domain < 2 * wrong_password
 

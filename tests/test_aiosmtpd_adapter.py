@@ -23,7 +23,7 @@ import aiosmtpd.smtp
 from conf.schema import TLSConfig
 from conf.tls import ensure_certificate, server_context
 from mtad import aiosmtpd_adapter
-from mtad.aiosmtpd_adapter import RELIED_ON, SSL_PROTOCOL_PARAMETERS, STREAMS, SUPPORTED, AiosmtpdConnection
+from mtad.aiosmtpd_adapter import RELIED_ON, SSL_PROTOCOL_PARAMETERS, SUPPORTED, AiosmtpdConnection
 
 SETUP_CFG = Path(__file__).resolve().parent.parent / "setup.cfg"
 
