@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
 from imapd import responses as r
 from imapd.answers import Answer, bad, no, try_create
 from imapd.listing import list_mailboxes
@@ -34,16 +32,14 @@ from imapd.syntax import (
     Unsubscribe,
 )
 from imapd.view import View
+from imapd.state import SessionState
 from storage import SEEN
-
-if TYPE_CHECKING:
-    from imapd.session import Session
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-async def select(session: Session, command: Select):
+async def select(session: SessionState, command: Select):
     """SELECT, and EXAMINE: the same, read-only (RFC 3501 §6.3.1, §6.3.2)."""
     readonly = command.readonly
     if session.view is not None:
@@ -77,7 +73,7 @@ async def select(session: Session, command: Select):
     return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
 
 
-async def create(session: Session, command: Create):
+async def create(session: SessionState, command: Create):
     name = command.mailbox.rstrip("/")  # RFC 3501: a trailing separator is a hint only
     uses = command.special_use
     if len(uses) > 1:
@@ -91,7 +87,7 @@ async def create(session: Session, command: Create):
     session.log.info("create", mailbox=name)
 
 
-async def delete(session: Session, command: Delete):
+async def delete(session: SessionState, command: Delete):
     name = command.mailbox
     if session.view is not None and session.view.name == name:
         raise no("close the mailbox before deleting it", "INUSE")
@@ -99,23 +95,23 @@ async def delete(session: Session, command: Delete):
     session.log.info("delete", mailbox=name)
 
 
-async def rename(session: Session, command: Rename):
+async def rename(session: SessionState, command: Rename):
     old, new = command.old, command.new
     await session.run_store(session.context.store.rename_mailbox, session.user, old, new)
     session.log.info("rename", mailbox=old, to=new)
 
 
-async def subscribe(session: Session, command: Subscribe):
+async def subscribe(session: SessionState, command: Subscribe):
     name = command.mailbox
     await session.run_store(session.context.store.mailbox, session.user, name)  # NONEXISTENT if not there
     await session.run_store(session.context.store.subscribe, session.user, name, True)
 
 
-async def unsubscribe(session: Session, command: Unsubscribe):
+async def unsubscribe(session: SessionState, command: Unsubscribe):
     await session.run_store(session.context.store.subscribe, session.user, command.mailbox, False)
 
 
-async def list_(session: Session, command: List):
+async def list_(session: SessionState, command: List):
     select = set(command.select)
     returns = command.returns
     reference, patterns = command.reference, command.patterns
@@ -142,7 +138,7 @@ async def list_(session: Session, command: List):
             await status_lines(session, item.name, status_items, quiet=True)
 
 
-async def lsub(session: Session, command: Lsub):
+async def lsub(session: SessionState, command: Lsub):
     store = session.context.store
     boxes = await session.run_store(store.mailboxes, session.user)
     subscribed = set(await session.run_store(store.subscriptions, session.user))
@@ -154,15 +150,15 @@ async def lsub(session: Session, command: Lsub):
         session.untagged(f"LSUB ({attrs}) \"/\" ".encode() + r.mailbox(item.name))
 
 
-async def namespace(session: Session, command: Command):
+async def namespace(session: SessionState, command: Command):
     session.untagged('NAMESPACE (("" "/")) NIL NIL')
 
 
-async def status(session: Session, command: Status):
+async def status(session: SessionState, command: Status):
     await status_lines(session, command.mailbox, command.items, quiet=False)
 
 
-async def status_lines(session: Session, name: str, items: Iterable[str], *, quiet: bool) -> None:
+async def status_lines(session: SessionState, name: str, items: Iterable[str], *, quiet: bool) -> None:
     """One STATUS response; `quiet` (LIST-STATUS) skips a mailbox gone meanwhile."""
     store = session.context.store
     try:
@@ -189,7 +185,7 @@ async def status_lines(session: Session, name: str, items: Iterable[str], *, qui
 # One unit, kept as it was in the session: the delivery path (issue 12, item 3) rewrites it to
 # stream the literal into the store.
 
-async def append(session: Session, command: Append):
+async def append(session: SessionState, command: Append):
     message: bytes = command.message
     if not message:
         raise bad("empty message")
@@ -212,7 +208,7 @@ async def append(session: Session, command: Append):
 
 # -- QUOTA (RFC 9208) --------------------------------------------------------------------------
 
-async def getquotaroot(session: Session, command: GetQuotaRoot):
+async def getquotaroot(session: SessionState, command: GetQuotaRoot):
     # One quota root, "", for the whole account, when it has a quota (RFC 9208 §4.3: a
     # mailbox without a quota root gets a QUOTAROOT response naming none).
     store = session.context.store
@@ -224,14 +220,14 @@ async def getquotaroot(session: Session, command: GetQuotaRoot):
         await quota_line(session, quota)
 
 
-async def getquota(session: Session, command: GetQuota):
+async def getquota(session: SessionState, command: GetQuota):
     quota = await session.run_store(session.context.store.quota, session.user)
     if command.root != "" or not (quota.bytes or quota.messages):
         raise no("no such quota root", "NONEXISTENT")
     await quota_line(session, quota)
 
 
-async def quota_line(session: Session, quota) -> None:
+async def quota_line(session: SessionState, quota) -> None:
     """RFC 9208 §5.1, 5.2: STORAGE in KiB, MESSAGE in messages; the limited ones only."""
     usage = await session.run_store(session.context.store.usage, session.user)
     resources = []
@@ -242,5 +238,5 @@ async def quota_line(session: Session, quota) -> None:
     session.untagged(f'QUOTA "" ({" ".join(resources)})')
 
 
-async def setquota(session: Session, command: Command):
+async def setquota(session: SessionState, command: Command):
     raise no("quotas are set by the administrator (postroom user quota)", "NOPERM")

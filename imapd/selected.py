@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
 from imapd import fetch as fetching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
+from imapd.state import SessionState
 from imapd.view import View
 import storage
 from storage import SearchError
-
-if TYPE_CHECKING:
-    from imapd.session import Session
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
@@ -33,20 +29,20 @@ FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the c
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
 
 
-def require_view(session: Session) -> View:
+def require_view(session: SessionState) -> View:
     if session.view is None:
         raise bad("no mailbox selected")
     return session.view
 
 
-def require_writable(session: Session) -> View:
+def require_writable(session: SessionState) -> View:
     view = require_view(session)
     if view.readonly:
         raise no("mailbox is read-only (EXAMINE)", "READ-ONLY")
     return view
 
 
-def ranges(session: Session, command: Fetch | Store | Copy | Move) -> list[tuple[int, int]]:
+def ranges(session: SessionState, command: Fetch | Store | Copy | Move) -> list[tuple[int, int]]:
     """The command's sequence set as UID ranges; BAD for a sequence number beyond EXISTS."""
     view = require_view(session)
     if command.uid:
@@ -59,22 +55,22 @@ def ranges(session: Session, command: Fetch | Store | Copy | Move) -> list[tuple
 
 # -- CHECK, CLOSE, UNSELECT, EXPUNGE --------------------------------------------------------------
 
-async def check(session: Session, command: Command):
+async def check(session: SessionState, command: Command):
     return None
 
 
-async def close(session: Session, command: Command):
+async def close(session: SessionState, command: Command):
     view = require_view(session)
     if not view.readonly:
         await session.run_store(session.context.store.expunge, session.user, view.name)
     session.close_view()
 
 
-async def unselect(session: Session, command: Command):
+async def unselect(session: SessionState, command: Command):
     session.close_view()
 
 
-async def expunge(session: Session, command: Expunge):
+async def expunge(session: SessionState, command: Expunge):
     """EXPUNGE, and UID EXPUNGE: only the messages in its set (RFC 4315 §2.1)."""
     view = require_writable(session)
     uid_ranges = None
@@ -89,7 +85,7 @@ async def expunge(session: Session, command: Expunge):
     return None
 
 
-def announce_expunged(session: Session, uids: Iterable[int]) -> None:
+def announce_expunged(session: SessionState, uids: Iterable[int]) -> None:
     view = require_view(session)
     for seq in view.expunge_now(uids):
         session.untagged(f"{seq} EXPUNGE")
@@ -97,7 +93,7 @@ def announce_expunged(session: Session, uids: Iterable[int]) -> None:
 
 # -- SEARCH -----------------------------------------------------------------------------------
 
-async def search(session: Session, command: Search):
+async def search(session: SessionState, command: Search):
     view = require_view(session)
     query = resolve_query(session, command.query)
     try:
@@ -113,7 +109,7 @@ async def search(session: Session, command: Search):
     session.untagged(line)
 
 
-def resolve_query(session: Session, query: tuple) -> tuple:
+def resolve_query(session: SessionState, query: tuple) -> tuple:
     """The store's query tree: sequence numbers, `*` and \\Recent made UIDs."""
     view = require_view(session)
     kind = query[0]
@@ -155,7 +151,7 @@ def _has_modseq(query: tuple) -> bool:
 
 # -- FETCH ------------------------------------------------------------------------------------
 
-async def fetch(session: Session, command: Fetch):
+async def fetch(session: SessionState, command: Fetch):
     view = require_view(session)
     items: list[FetchItem] = list(command.items)
     changedsince = command.changedsince
@@ -206,7 +202,7 @@ async def fetch(session: Session, command: Fetch):
     return None
 
 
-def flags_fetch_line(session: Session, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
+def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
     """`* n FETCH (UID FLAGS MODSEQ)` from a flag record, None if the client does not know
     the message or it did not change since `changedsince`."""
     view = require_view(session)
@@ -225,7 +221,7 @@ def flags_fetch_line(session: Session, state, items: list[FetchItem], changedsin
     return f"* {seq} FETCH ({' '.join(parts)})\r\n".encode()
 
 
-def flags_with_recent(session: Session, uid: int, flags: Iterable[str]) -> list[str]:
+def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> list[str]:
     out = list(flags)
     if session.view is not None and uid in session.view.recent:
         out.append("\\Recent")
@@ -254,7 +250,7 @@ def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[i
 
 # -- STORE ------------------------------------------------------------------------------------
 
-async def store(session: Session, command: Store):
+async def store(session: SessionState, command: Store):
     view = require_writable(session)
     unchanged = command.unchangedsince
     if unchanged is not None:
@@ -287,7 +283,7 @@ async def store(session: Session, command: Store):
 
 # -- COPY, MOVE -------------------------------------------------------------------------------
 
-async def copy(session: Session, command: Copy | Move):
+async def copy(session: SessionState, command: Copy | Move):
     """COPY and MOVE, and their UID forms (RFC 4315 COPYUID, RFC 6851 MOVE)."""
     view = require_view(session)
     move = isinstance(command, Move)
@@ -316,7 +312,7 @@ async def copy(session: Session, command: Copy | Move):
 
 # -- IDLE, and keeping the client in step -------------------------------------------------------
 
-async def idle(session: Session, command: Command):
+async def idle(session: SessionState, command: Command):
     # What changed before IDLE began is told at once, before the continuation: the
     # watcher's signal may have come and gone already, and a client that reads "+"
     # and then waits on its socket can miss lines that came in the same packet.
@@ -346,7 +342,7 @@ async def idle(session: Session, command: Command):
     return "IDLE terminated"
 
 
-async def sync(session: Session, *, expunges: bool) -> None:
+async def sync(session: SessionState, *, expunges: bool) -> None:
     """Tell the client what changed in the selected mailbox since it was last told."""
     view = session.view
     if view is None:

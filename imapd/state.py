@@ -1,0 +1,208 @@
+"""An IMAP session's state (RFC 3501 §3) and the primitives every command handler uses:
+writing response lines, opening and closing the selected mailbox's view, being told when it
+changes, and store calls run in a worker thread within the account's fair share with their
+errors turned into answers (imapd.answers).
+
+The handlers (imapd.session for login and any state, imapd.mailboxes, imapd.selected) take
+a SessionState; imapd.session's Session adds the dispatch over the table of commands each
+state allows. This module sits below all of them, so none imports another in a circle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from conf import Config
+from conf.logfmt import EventLogger
+from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, untagged_line
+from imapd.recent import RecentClaims
+from imapd.syntax import ParseError
+from imapd.view import Snapshots, View
+from policy.connections import ConnectionLimit
+from policy.logins import LoginThrottle
+from policy.shares import FairShare
+from storage import Accounts, Store, StoreError, Watcher
+
+NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
+MAX_LITERAL_BEFORE_LOGIN = 8 * 1024
+MAX_LITERAL_COMMAND = 64 * 1024  # any literal but APPEND's message
+MAX_BAD_COMMANDS = 20  # in a row, then BYE
+
+
+class Connection(Protocol):
+    """What the session needs from the transport side."""
+
+    peer: str  # the client's IP address
+    tls: bool  # TLS is active
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def start_tls(self) -> None: ...
+
+    def next_line(self) -> asyncio.Future: ...  # resolves to the next raw client line (IDLE's DONE, SASL)
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class IMAPContext:
+    config: Config
+    accounts: Accounts
+    store: Store
+    watcher: Watcher
+    throttle: LoginThrottle
+    recent: RecentClaims
+    snapshots: Snapshots  # UID lists shared by sessions on the same mailbox state
+    run: Callable[..., Awaitable[Any]]  # run(function, *args) in a worker thread
+    tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
+    version: str
+    connections: ConnectionLimit = field(kw_only=True)  # shared by the 143 and 993 listeners
+    # Password checks in threads of their own (postroom/daemons.py), and each account's
+    # share of the store threads: neither a login flood nor one user's slow SEARCHes in many
+    # sessions can keep other users waiting.
+    run_login: Callable[..., Awaitable[Any]] | None = field(default=None, kw_only=True)
+    shares: FairShare = field(default_factory=lambda: FairShare(4), kw_only=True)
+
+
+class SessionState:
+    """What a session knows and the primitives its command handlers use: writing answers,
+    the selected mailbox, store calls. The dispatch over the state table is imapd.session's."""
+
+    def __init__(self, context: IMAPContext, connection: Connection, sid: str):
+        self.context = context
+        self.conn = connection
+        self.sid = sid
+        self.state = NOT_AUTHENTICATED
+        self.user: str | None = None
+        self.view: View | None = None
+        self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
+        self.errors = 0  # BAD answers in a row
+        self.log = EventLogger("imapd.session").bind(sid=sid)
+        self._watch = None
+        # The watcher says the selected mailbox changed: a flag, and a future IDLE waits on.
+        # (Futures, not tasks: a thousand idle sessions should cost little.)
+        self.changed = False
+        self.change_waiter: asyncio.Future | None = None
+        self.ended = False
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self.state == NOT_AUTHENTICATED:
+            if self.context.tls is not None and not self.conn.tls:
+                caps.append("STARTTLS")
+            if self.plaintext_ok():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+        else:
+            caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "CREATE-SPECIAL-USE",
+                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
+                     "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
+                     f"APPENDLIMIT={self.max_message_size()}"]
+        return " ".join(caps)
+
+    def plaintext_ok(self) -> bool:
+        return self.conn.tls or self.context.config.imap.plaintext_auth
+
+    def max_message_size(self) -> int:
+        return int(self.context.config.smtp.max_message_size)
+
+    def max_literal(self, command: str) -> int:
+        """What the framer accepts as one literal for `command` (RFC 7888 §4: refuse early)."""
+        if self.state == NOT_AUTHENTICATED:
+            return MAX_LITERAL_BEFORE_LOGIN
+        return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
+
+    def greeting(self) -> bytes:
+        return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def untagged(self, line: bytes | str) -> None:
+        self.conn.write(untagged_line(line))
+
+    def tagged(self, tag: str, status: str, text: str, code: str | None = None) -> None:
+        self.conn.write(tagged_line(tag, status, text, code))
+
+    def say_bye(self, text: str) -> None:
+        """`* BYE text`, and the session is over (RFC 3501 §7.1.5)."""
+        self.untagged(f"BYE {text}")
+        self.state = LOGOUT
+        self.conn.close()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def parse_failed(self, error: ParseError) -> None:
+        if error.tag:
+            self.tagged(error.tag, error.status, str(error), error.code)
+        else:
+            self.tagged("*", "BAD", str(error), error.code)
+        self.note_error(error.status)
+
+    def note_error(self, status: str) -> None:
+        if status != "BAD":
+            return
+        self.errors += 1
+        if self.errors >= MAX_BAD_COMMANDS:
+            self.log.warning("closed", reason="bad_commands")
+            self.say_bye("too many bad commands")
+
+    # -- the selected mailbox -------------------------------------------------------------
+
+    def open_view(self, view: View) -> None:
+        self.view = view
+        self.state = SELECTED
+
+    def close_view(self) -> None:
+        self.view = None
+        self.state = AUTHENTICATED
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def watch(self, name: str) -> None:
+        """Be told (`changed`, `change_waiter`) when mailbox `name` changes in the store."""
+        if self.ended:
+            return  # the client left while SELECT was reading the store
+        loop = asyncio.get_running_loop()
+
+        def changed(_state) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._mailbox_changed)
+
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = self.context.watcher.watch(self.user, name, changed)
+
+    def _mailbox_changed(self) -> None:
+        self.changed = True
+        if self.change_waiter is not None and not self.change_waiter.done():
+            self.change_waiter.set_result(None)
+
+    # -- store calls ----------------------------------------------------------------------
+
+    async def run_store(self, operation: Callable, *args, **kwargs):
+        """A store operation in a worker thread (within the account's share), its errors
+        turned into IMAP answers (imapd.answers.STORE_ANSWERS)."""
+        try:
+            async with self.context.shares.slot(self.user or self.sid):
+                return await self.context.run(functools.partial(operation, **kwargs) if kwargs else operation, *args)
+        except STORE_ERRORS as e:
+            raise store_answer(e) from None
+        except StoreError as e:
+            self.log.error("store_failed", error=str(e))
+            raise unavailable() from None
+
+    def end(self) -> None:
+        """The connection is gone."""
+        self.ended = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
