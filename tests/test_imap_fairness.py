@@ -65,11 +65,13 @@ def test_one_users_slow_searches_leave_other_users_served(cli, daemon, data_dir)
     slow = " ".join(["TEXT e"] * 1000)  # a letter every message has: each key reads every text
     stop = threading.Event()
     searches: list[float] = []
+    selected: list[int] = []
 
     def hog() -> None:
         with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=context, timeout=300) as client:
             client.login(HOG, PASSWORD)
             client.select("INBOX")
+            selected.append(1)
             while not stop.is_set():
                 started = time.monotonic()
                 assert client.search(None, slow)[0] == "OK"
@@ -78,7 +80,11 @@ def test_one_users_slow_searches_leave_other_users_served(cli, daemon, data_dir)
     threads = [threading.Thread(target=hog, daemon=True) for _ in range(SESSIONS)]
     for thread in threads:
         thread.start()
-    time.sleep(3)  # every hog session is searching by now
+    deadline = time.monotonic() + 120
+    while len(selected) < SESSIONS:  # each hog goes straight from SELECT to SEARCH
+        assert time.monotonic() < deadline and all(t.is_alive() for t in threads), "the hog sessions never selected"
+        time.sleep(0.05)
+    time.sleep(0.2)  # for the last SEARCH line to cross loopback
     try:
         started = time.monotonic()
         with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=context, timeout=300) as client:

@@ -503,7 +503,10 @@ def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded
     with sock:
         sock.recv(1000)
         sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
-        time.sleep(1)
+        answers = b""
+        while answers.count(b"\r\n") < 2:  # USER's and PASS's: logged in, the maildrop is open
+            answers += sock.recv(1000)
+        assert answers.startswith(b"+OK") and b"\r\n+OK" in answers, answers
         sock.sendall(b"UIDL\r\n" * 20_000)  # ~10 KB of reply each, never read
         time.sleep(3)
         grown = _rss_kib(pop.process.pid) - before
