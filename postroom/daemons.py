@@ -10,12 +10,13 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from conf.reactor import TwistedListening, listen, server_tls
-from policy.connections import ConnectionLimit
+from conf.tls import server_tls
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
+from postroom.ports import TwistedListening, listen_asyncio, listen_twisted
 from storage import Watcher
+from wire.connections import ConnectionLimit
 
 DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retries after a failed delivery
 
@@ -41,7 +42,7 @@ class Listening:
 
 async def start_smtp(context) -> Listening:
     # Imported here: imapd and pop3d never load aiosmtpd.
-    from mtad.inbound import InboundContext, start_listeners
+    from mtad.inbound import InboundContext, InboundSMTP
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -55,8 +56,9 @@ async def start_smtp(context) -> Listening:
     spool.mkdir(mode=0o700, exist_ok=True)
     inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
                              spool_dir=str(spool))
-    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound,
-                     float(context.config.server.stop_grace))
+    servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
+                                   backlog=context.config.server.listen_backlog)
+    return Listening(servers, executor, inbound, float(context.config.server.stop_grace))
 
 
 STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND
@@ -160,7 +162,7 @@ def _listen_twisted(module: str, factory_name: str, service, addresses, *, impli
                     ) -> TwistedListening:
     # The factory is looked up here: `mtad` alone never imports Twisted, imapd or pop3d.
     factory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
-    ports = listen(factory, addresses, service.tls if implicit_tls else None,
+    ports = listen_twisted(factory, addresses, service.tls if implicit_tls else None,
                    backlog=service.config.server.listen_backlog)
     return TwistedListening(ports, factory.shutdown)
 
