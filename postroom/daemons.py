@@ -27,6 +27,7 @@ from wire.connections import ConnectionLimit
 if TYPE_CHECKING:
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
+    from mtad.inbound import InboundContext
     from pop3d.session import POP3Context
     from wire.protocol import ServerFactory
 
@@ -43,14 +44,14 @@ LOGIN_THREADS = 4
 
 
 class Threads:
-    """A pool of threads as a runner: `await threads(fn, *args)` runs fn(*args) in one of
-    them. Its threads start on first use."""
+    """A pool of threads as a runner: `await threads(function, *args)` runs function(*args)
+    in one of them. Its threads start on first use."""
 
     def __init__(self, name: str, count: int):
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
 
-    def __call__(self, fn: Callable[..., T], *args) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def __call__(self, function: Callable[..., T], *args) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
@@ -130,9 +131,10 @@ def build_context(config: Config, data_dir: DataDir, accounts: Accounts, store: 
 class Listening:
     """mtad's listeners, stopped gracefully: see InboundContext.stop_sessions."""
 
-    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor, inbound, grace: float):
+    def __init__(self, servers: list[asyncio.Server], delivery_threads: Threads, inbound: InboundContext,
+                 grace: float):
         self.servers = servers
-        self.executor = executor
+        self.delivery_threads = delivery_threads
         self.inbound = inbound
         self.grace = grace
 
@@ -143,7 +145,7 @@ class Listening:
             server.close()
         await self.inbound.stop_sessions(self.grace)
         # Big deliveries run in these threads: stop_sessions has waited for their sessions.
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        await self.delivery_threads.close()
 
 
 async def start_smtp(context: Context) -> Listening:
@@ -152,19 +154,14 @@ async def start_smtp(context: Context) -> Listening:
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=DELIVERY_THREADS, thread_name_prefix="deliver")
-
-    def deliver_in_thread(fn, *args):
-        return loop.run_in_executor(executor, fn, *args)
-
+    delivery_threads = Threads("deliver", DELIVERY_THREADS)
     spool = context.data_dir.spool_path
     spool.mkdir(mode=0o700, exist_ok=True)
-    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
+    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads,
                              spool_dir=str(spool))
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
                                    backlog=context.config.server.listen_backlog)
-    return Listening(servers, executor, inbound, float(context.config.server.stop_grace))
+    return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace))
 
 
 async def start_imap(context: Context) -> TwistedListening:
