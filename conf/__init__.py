@@ -1,5 +1,7 @@
-"""Postroom's configuration: the schema, the TOML loader, and what is built from config alone
-(logging, TLS contexts). The lowest floor: it imports nothing else of Postroom's."""
+"""Postroom's configuration: the schema (conf.schema), the TOML loader (conf.loader) and the
+values it parses (conf.values), and what is built from config alone: logging (conf.logfmt)
+and TLS contexts (conf.tls). The ground floor: it imports nothing else of Postroom's.
+Connection plumbing is wire/'s; binding ports and the reactor are postroom/'s."""
 
 from conf.loader import DEFAULT_PATH, ConfigError, dump, load, loads
 from conf.schema import Config

@@ -1,10 +1,12 @@
-"""TLS from config: the server SSL context, and the self-signed certificate for development.
+"""TLS from config: the server contexts, and the self-signed certificate for development.
 
 `ensure_certificate` creates cert/key when `[tls] self_signed = true` and they are missing
 (ECDSA P-256, SANs for the host name, localhost, 127.0.0.1 and ::1, key file mode 0600).
-`server_context` loads the pair once; every TLS listener and STARTTLS shares it. Minimum
-protocol TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 for mail), and TLS 1.2 with
-TLS12_CIPHERS only.
+`server_context` loads the pair once for the asyncio side (mtad); `server_tls` loads it
+once more for the Twisted side (imapd, pop3d), with pyOpenSSL, which is what Twisted's TLS
+speaks. Every TLS listener and STARTTLS of a daemon shares its context. Same policy on both
+sides: minimum protocol TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1; RFC 8314 for mail), and
+TLS 1.2 with TLS12_CIPHERS only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from conf.schema import TLSConfig
 # exchange (forward secrecy) with an AEAD cipher. No CBC suites (padding oracles: Lucky
 # Thirteen), no RSA key exchange (no forward secrecy), no SHA-1 MACs; the profile's DHE suites
 # are left out too (they need DH parameters, and every client that has them has ECDHE). TLS
-# 1.3 suites are all AEAD: OpenSSL's defaults stand. conf.reactor's Twisted context uses the
+# 1.3 suites are all AEAD: OpenSSL's defaults stand. ServerTLS, the Twisted context, uses the
 # same list.
 TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -68,6 +70,42 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext | None:
     except ssl.SSLError as e:
         raise TLSSetupError(f"{tls.cert}: cannot load certificate with key {key}: {e.reason or e}") from None
     return context
+
+
+class ServerTLS:
+    """A pyOpenSSL server context for Twisted's `startTLS` and TLS listeners (the legacy
+    context-factory interface: `getContext()`, one shared context)."""
+
+    def __init__(self, tls: TLSConfig):
+        from OpenSSL import SSL
+
+        assert tls.cert is not None
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(TLS12_CIPHERS.encode())
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_ECDH_USE)
+        # Idle connections (IDLE, POP3 clients thinking) give their TLS buffers back: ~34 KiB each.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        context.use_certificate_chain_file(str(tls.cert))
+        context.use_privatekey_file(str(tls.key or tls.cert))
+        context.check_privatekey()
+        self._context = context
+
+    def getContext(self):  # noqa: N802 - Twisted's interface
+        return self._context
+
+
+def server_tls(tls: TLSConfig) -> ServerTLS | None:
+    """The Twisted side's context; None without a configured certificate (call after
+    server_context, which has checked the files and says what is wrong with them)."""
+    if not tls.enabled:
+        return None
+    # Imported here: mtad uses this module and never loads Twisted.
+    from twisted.internet.interfaces import IOpenSSLContextFactory
+    from zope.interface import classImplements
+
+    classImplements(ServerTLS, IOpenSSLContextFactory)  # what Twisted's TLS asks of a context factory
+    return ServerTLS(tls)
 
 
 def _write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:

@@ -1,5 +1,6 @@
 """The Twisted side of imapd: bytes from the socket into the framer, commands into the
-session one at a time, responses back out; STARTTLS, flow control, limits and timeouts.
+session one at a time, responses back out; STARTTLS, limits and timeouts. The pump, flow
+control and closing are wire.protocol's.
 
 Commands are strictly sequential: the framer is pulled only while no command runs (or
 while the running one waits for a line: IDLE's DONE, an AUTHENTICATE response). That way
@@ -12,26 +13,39 @@ READ_AHEAD bytes wait unparsed; writing is paced by the transport (the session a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
-from conf.server_protocol import ServerFactory, ServerProtocol
 from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
-from imapd.session import LOGOUT, NOT_AUTHENTICATED, Session
+from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
 from imapd.syntax import ParseError
+from wire.protocol import ServerFactory, ServerProtocol
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
 
 
+class IMAPFactory(ServerFactory):
+    """One IMAP listener (143 with STARTTLS, or 993); `context` is the service's, which its
+    two listeners share (with the connection limit and the TLS context in it)."""
+
+    def __init__(self, context: IMAPContext, *, implicit_tls: bool):
+        super().__init__(connections=context.connections, tls=context.tls, implicit_tls=implicit_tls)
+        self.context = context
+
+    def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
+        return IMAPProtocol(self)
+
+
 class IMAPProtocol(ServerProtocol):
     logger_name = "imapd.protocol"
+    read_ahead = READ_AHEAD
 
-    def __init__(self, factory: ServerFactory):
+    def __init__(self, factory: IMAPFactory):
         super().__init__(factory)
+        self.context = factory.context
         self.session: Session | None = None
         self.framer: Framer | None = None
-        self.busy = False
         self._line_waiter: asyncio.Future | None = None
-        self._task: asyncio.Future | None = None
 
     def refusal(self) -> bytes:
         return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
@@ -45,10 +59,10 @@ class IMAPProtocol(ServerProtocol):
     def first_timeout(self) -> float:
         # [imap] login_timeout in all before login, however the client trickles bytes (RFC
         # 3501 §5.4's 30 minutes are for authenticated sessions); then [imap] timeout idle.
-        return float(self.factory.context.config.imap.login_timeout)
+        return float(self.context.config.imap.login_timeout)
 
     def started(self) -> None:
-        self.session = Session(self.factory.context, self, self.sid)
+        self.session = Session(self.context, self, self.sid)
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.transport.write(self.session.greeting())
 
@@ -62,80 +76,63 @@ class IMAPProtocol(ServerProtocol):
     def idle_timer(self) -> None:
         """Logged in: [imap] timeout from the last command or byte."""
         if self.session is not None and self.session.state != NOT_AUTHENTICATED:
-            self.restart_timer(float(self.factory.context.config.imap.timeout))
+            self.restart_timer(float(self.context.config.imap.timeout))
 
-    # -- reading ----------------------------------------------------------------------------
+    # -- the pump's steps (wire.protocol) ---------------------------------------------------
 
-    def dataReceived(self, data: bytes):  # noqa: N802
-        if self.closing or self.framer is None:
-            return
+    def feed(self, data: bytes) -> None:
+        assert self.framer is not None
         self.idle_timer()
         self.framer.feed(data)
-        self.pace_reading(self.framer.buffered(), READ_AHEAD)
-        self._pump()
 
-    def _pump(self) -> None:
-        assert self.framer is not None and self.session is not None
-        while not self.closing:
-            waiting_line = self._line_waiter is not None and not self._line_waiter.done()
-            if self.busy and not waiting_line:
-                break
-            if not self.writable() and not waiting_line:
-                break  # the client is not reading our answers: stop taking commands (resumeProducing)
-            event = self.framer.next()
-            if event is None:
-                break
-            if isinstance(event, Continue):
-                self.transport.write(b"+ Ready for literal data\r\n")
-            elif isinstance(event, Reject):
-                status = event.status if event.tag else "BAD"
-                self.session.tagged(event.tag or "*", status, event.text, event.code)
-                self.session.note_error(status)
-            elif isinstance(event, Close):
-                self.transport.write(f"* BYE {event.text}\r\n".encode())
-                self.close()
-            elif isinstance(event, Frame):
-                if waiting_line:
-                    self._line_waiter.set_result(event.raw)
-                    continue
-                try:
-                    command = parse_command(event)
-                except ParseError as e:
-                    self.session.parse_failed(e)
-                    continue
-                self.busy = True
-                self._task = asyncio.ensure_future(self._run(command))  # held: the loop keeps only weak references
-        self.pace_reading(self.framer.buffered(), READ_AHEAD)
+    def buffered(self) -> int:
+        assert self.framer is not None
+        return self.framer.buffered()
 
-    async def _run(self, command) -> None:
+    def next_event(self):
+        assert self.framer is not None
+        return self.framer.next()
+
+    def awaiting_input(self) -> bool:
+        return self._line_waiter is not None and not self._line_waiter.done()
+
+    def dispatch(self, event) -> Awaitable[None] | None:
         assert self.session is not None
-        try:
-            await self.session.handle(command)
-        except ConnectionError:
-            pass
-        except Exception:  # noqa: BLE001 - Session.handle answers its own errors; this is a bug in it
-            self.log.error("session_failed", exc_info=True)
+        if isinstance(event, Continue):
+            self.transport.write(b"+ Ready for literal data\r\n")
+        elif isinstance(event, Reject):
+            status = event.status if event.tag else "BAD"
+            self.session.tagged(event.tag or "*", status, event.text, event.code)
+            self.session.note_error(status)
+        elif isinstance(event, Close):
+            self.transport.write(f"* BYE {event.text}\r\n".encode())
             self.close()
-        finally:
-            self.busy = False
-            self._task = None
+        elif isinstance(event, Frame):
+            if self.awaiting_input():
+                self._line_waiter.set_result(event.raw)
+                return None
+            try:
+                command = parse_command(event)
+            except ParseError as e:
+                self.session.parse_failed(e)
+                return None
+            return self.session.handle(command)
+        return None
+
+    def finished(self) -> None:
+        assert self.session is not None
         if self.session.state == LOGOUT:
             self.close()
             return
         self.idle_timer()
-        self._pump()
 
     # -- what the session calls ---------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if not self.closing:
-            self.transport.write(data)
 
     def next_line(self) -> asyncio.Future:
         """The next line the client sends, raw (IDLE's DONE, a SASL response)."""
         loop = asyncio.get_running_loop()
         self._line_waiter = waiter = loop.create_future()
-        loop.call_soon(self._pump)
+        loop.call_soon(self.pump)
         return waiter
 
     async def start_tls(self) -> None:
@@ -144,15 +141,3 @@ class IMAPProtocol(ServerProtocol):
         # TLS (the CVE-2011-0411 class): the framer starts empty.
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
         self.start_tls_now()
-
-    def resumeProducing(self):  # noqa: N802 - the client reads again: take its next commands
-        super().resumeProducing()
-        if not self.busy and self.framer is not None:
-            self._pump()
-
-
-
-class IMAPFactory(ServerFactory):
-    """One IMAP listener (143 with STARTTLS, or 993); `context` is the service's."""
-
-    protocol = IMAPProtocol

@@ -22,10 +22,10 @@ from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, 
 from imapd.recent import RecentClaims
 from imapd.syntax import ParseError
 from imapd.view import Snapshots, View
-from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from policy.shares import FairShare
 from storage import Accounts, Store, StoreError, Watcher
+from wire.connections import ConnectionLimit
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
 MAX_LITERAL_BEFORE_LOGIN = 8 * 1024
@@ -60,7 +60,7 @@ class IMAPContext:
     recent: RecentClaims
     snapshots: Snapshots  # UID lists shared by sessions on the same mailbox state
     run: Callable[..., Awaitable[Any]]  # run(function, *args) in a worker thread
-    tls: Any  # conf.reactor.ServerTLS for STARTTLS and port 993, or None without a certificate
+    tls: Any  # conf.tls.ServerTLS for STARTTLS and port 993, or None without a certificate
     version: str
     connections: ConnectionLimit = field(kw_only=True)  # shared by the 143 and 993 listeners
     # Password checks in threads of their own (postroom/daemons.py), and each account's

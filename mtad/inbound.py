@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 
 from conf.logfmt import EventLogger, session_id
 from conf.schema import Config
-from conf.sockets import listening_socket
-from policy.connections import ConnectionLimit
 from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
 from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, Hello, MailFrom, Question, RcptTo, StartTLS
@@ -58,6 +56,7 @@ from storage import (
     is_disk_full,
     parse_address,
 )
+from wire.connections import ConnectionLimit
 
 _log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
@@ -504,23 +503,3 @@ def _message_id(raw: bytes) -> str:
         if line[:11].lower() == b"message-id:":
             return line[11:].strip().decode("utf-8", "replace")[:200]
     return ""
-
-
-async def start_listeners(context: InboundContext, addresses, *, implicit_tls: bool = False) -> list[asyncio.Server]:
-    """Listen on each address (IPv6 sockets IPv6-only, so [::]:25 and 0.0.0.0:25 coexist)."""
-    loop = asyncio.get_running_loop()
-    servers = []
-    for address in addresses:
-        try:
-            # Several worker processes may share the port; the kernel spreads connections.
-            sock = listening_socket(address, reuse_port=True)
-        except OSError:
-            for server in servers:
-                server.close()
-            raise
-        tls = context.tls if implicit_tls else None
-        server = await loop.create_server(lambda: InboundSMTP(context, implicit_tls=implicit_tls), sock=sock, ssl=tls,
-                                          backlog=context.config.server.listen_backlog)
-        servers.append(server)
-    return servers
-

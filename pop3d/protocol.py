@@ -1,5 +1,6 @@
 """The Twisted side of pop3d: bytes from the socket into the core, its events to the
-session one at a time, replies back out; STLS, flow control, limits and timeouts.
+session one at a time, replies back out; STLS, limits and timeouts. The pump, flow control
+and closing are wire.protocol's.
 
 Events that need the store (a login, a RETR, QUIT's UPDATE) run as coroutines on the event
 loop; the core gives no further event until one finishes, so pipelined commands are
@@ -12,23 +13,35 @@ dropped after it as one that stops talking.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable
 
-from conf.server_protocol import ServerFactory, ServerProtocol
 from pop3d.core import Authenticate, Retrieve, Update, err
-from pop3d.session import Session
+from pop3d.session import POP3Context, Session
+from wire.protocol import ServerFactory, ServerProtocol
 
 READ_AHEAD = 64 * 1024
 
 
+class POP3Factory(ServerFactory):
+    """One POP3 listener (110 with STLS, or 995); `context` is the service's, which its two
+    listeners share (with the connection limit and the TLS context in it)."""
+
+    def __init__(self, context: POP3Context, *, implicit_tls: bool):
+        super().__init__(connections=context.connections, tls=context.tls, implicit_tls=implicit_tls)
+        self.context = context
+
+    def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
+        return POP3Protocol(self)
+
+
 class POP3Protocol(ServerProtocol):
     logger_name = "pop3d.protocol"
+    read_ahead = READ_AHEAD
 
-    def __init__(self, factory: ServerFactory):
+    def __init__(self, factory: POP3Factory):
         super().__init__(factory)
+        self.context = factory.context
         self.session: Session | None = None
-        self.busy = False
-        self._task: asyncio.Future | None = None
 
     def refusal(self) -> bytes:
         return err("too many connections, try again later", "SYS/TEMP")
@@ -45,10 +58,10 @@ class POP3Protocol(ServerProtocol):
     def first_timeout(self) -> float:
         # [pop3] login_timeout in all before login, however the client trickles bytes;
         # then [pop3] timeout (RFC 1939 §3: at least 10 minutes) from the last activity.
-        return float(self.factory.context.config.pop3.login_timeout)
+        return float(self.context.config.pop3.login_timeout)
 
     def started(self) -> None:
-        self.session = Session(self.factory.context, self, self.sid, implicit_tls=self.tls)
+        self.session = Session(self.context, self, self.sid, implicit_tls=self.tls)
         self.transport.write(self.session.greeting())
 
     def ended(self) -> None:
@@ -58,66 +71,36 @@ class POP3Protocol(ServerProtocol):
 
     def _touch(self) -> None:
         if self.session is not None and self.session.user is not None:
-            self.restart_timer(float(self.factory.context.config.pop3.timeout))
+            self.restart_timer(float(self.context.config.pop3.timeout))
 
-    # -- reading ----------------------------------------------------------------------------
+    # -- the pump's steps (wire.protocol) ---------------------------------------------------
 
-    def dataReceived(self, data: bytes):  # noqa: N802
-        if self.closing or self.session is None:
-            return
+    def feed(self, data: bytes) -> None:
+        assert self.session is not None
         self._touch()
         self.session.core.receive_data(data)
-        self.pace_reading(self.session.core.buffered(), READ_AHEAD)
-        self._pump()
 
-    def _pump(self) -> None:
+    def buffered(self) -> int:
         assert self.session is not None
-        core = self.session.core
-        # While the client does not read our replies, its next commands wait unparsed (and
-        # reading pauses past READ_AHEAD): pipelined commands cannot pile replies up here.
-        while not self.closing and not self.busy and self.writable():
-            event = core.next_event()
-            if event is None:
-                break
-            if isinstance(event, (Authenticate, Retrieve, Update)):
-                self.busy = True
-                self._task = asyncio.ensure_future(self._perform(event))  # held: the loop keeps weak references
-            else:
-                self.session.emit(event)
-        self.pace_reading(core.buffered(), READ_AHEAD)
+        return self.session.core.buffered()
 
-    async def _perform(self, event) -> None:
+    def next_event(self):
         assert self.session is not None
-        try:
-            await self.session.perform(event)
-        except ConnectionError:
-            pass
-        except Exception:  # noqa: BLE001 - the session answers its own errors; this is a bug in it
-            self.log.error("session_failed", exc_info=True)
-            self.close()
-        finally:
-            self.busy = False
-            self._task = None
-        if not self.closing:
-            self._pump()
+        return self.session.core.next_event()
+
+    def dispatch(self, event) -> Awaitable[None] | None:
+        assert self.session is not None
+        if isinstance(event, (Authenticate, Retrieve, Update)):
+            return self.session.perform(event)  # the store's work: runs alone
+        self.session.emit(event)
+        return None
 
     # -- what the session calls ---------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         if not self.closing:
             self._touch()
-            self.transport.write(data)
+        super().write(data)
 
     def start_tls(self) -> None:
         self.start_tls_now()
-
-    def resumeProducing(self):  # noqa: N802 - the client reads again: answer its next commands
-        super().resumeProducing()
-        if not self.busy and self.session is not None:
-            self._pump()
-
-
-class POP3Factory(ServerFactory):
-    """One POP3 listener (110 with STLS, or 995); `context` is the service's."""
-
-    protocol = POP3Protocol

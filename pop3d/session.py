@@ -26,13 +26,13 @@ from typing import Any, BinaryIO, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
-from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from pop3d import replies
 from pop3d.core import Authenticate, Close, Event, POP3Core, Reply, Retrieve, Settings, StartTLS, Update
 from pop3d.framer import BodyEncoder
 from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
 from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maildrop
+from wire.connections import ConnectionLimit
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
 SEEN_DELAY = 0.25  # seconds retrieved UIDs wait to share one \\Seen write
@@ -60,7 +60,7 @@ class POP3Context:
     store: Store
     throttle: LoginThrottle
     run: Callable[..., Awaitable[Any]]  # run(function, *args) in a store thread
-    tls: Any  # conf.reactor.ServerTLS for STLS and port 995, or None without a certificate
+    tls: Any  # conf.tls.ServerTLS for STLS and port 995, or None without a certificate
     version: str
     # \Seen writes still running after their session ended (kept referenced until done).
     background: set[asyncio.Task] = field(default_factory=set)

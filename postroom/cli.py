@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(config)
         data_dir, accounts = open_accounts(config)
-        audit = admin.AuditLog(data_dir.path / "audit.log")
+        audit = admin.AuditLog(data_dir.audit_log_path)
         with accounts:
             if getattr(args, "needs_store", False):
                 with open_store(data_dir, accounts) as store:

@@ -20,42 +20,26 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import ssl
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import conf
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import TLSSetupError, ensure_certificate, server_context
 from postroom import daemons, supervisor
+from postroom.daemons import Context
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, open_accounts, open_store
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
-from storage import Accounts, DataDir, DataDirError, Store
+from storage import DataDirError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>
 WORKER_START_TIMEOUT = 60.0
-
-
-@dataclass(frozen=True)
-class Context:
-    """What a service is built from: config and shared collaborators."""
-
-    config: Config
-    data_dir: DataDir
-    accounts: Accounts
-    store: Store
-    tls: ssl.SSLContext | None
-    # Collaborators the services of one process share (the IMAP listeners on 143 and 993
-    # share their \\Recent claims and store threads), built by the first to need them and
-    # closed after every service has stopped.
-    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class Running(Protocol):
@@ -137,7 +121,7 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
         store = open_store(data_dir, accounts, config)
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:
-            context = Context(config, data_dir, accounts, store, tls)
+            context = daemons.build_context(config, data_dir, accounts, store, tls)
             return asyncio.run(_run(context, log, daemon, worker, supervised))
         finally:
             store.close()
@@ -156,7 +140,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
         except OSError as e:
             for other in reversed(running):
                 await other.stop()
-            await daemons.close_shared(context)
+            await context.shared.close()
             raise ServeError(f"{service.label}: {e.strerror or e}") from None
 
     workers = None
@@ -187,7 +171,7 @@ async def _stop(context: Context, running: list[Running], workers: Supervisor | 
     async def services() -> None:
         for service in reversed(running):
             await service.stop()
-        await daemons.close_shared(context)
+        await context.shared.close()
 
     # The workers stop as this process does, each within stop_grace.
     await asyncio.gather(services(), workers.stop(context.config.server.stop_grace) if workers else asyncio.sleep(0))

@@ -1,31 +1,140 @@
 """How a daemon process (postroom/daemon_process.py) starts each service: builds it from
-the config and the shared collaborators, binds its listeners, and returns something it can
-stop."""
+the config and the collaborators its process shares (Context, Shared), binds its
+listeners, and returns something it can stop."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
 import logging
+import ssl
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
 
-from conf.reactor import TwistedListening, listen, server_tls
-from policy.connections import ConnectionLimit
+from conf import Config
+from conf.tls import ServerTLS, server_tls
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
-from storage import Watcher
+from postroom.ports import TwistedListening, listen_asyncio, listen_twisted
+from storage import Accounts, DataDir, Store, Watcher
+from wire.connections import ConnectionLimit
+
+if TYPE_CHECKING:
+    from conf.values import ListenAddress
+    from imapd.session import IMAPContext
+    from mtad.inbound import InboundContext
+    from pop3d.session import POP3Context
+    from wire.protocol import ServerFactory
+
+T = TypeVar("T")
 
 DELIVERY_THREADS = 32  # messages too big to parse in the event loop, and retries after a failed delivery
+
+STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND
+STORE_THREADS_PER_ACCOUNT = 4  # of those, what one account's sessions may hold at once
+# Password checks have threads of their own: argon2id takes 64 MiB and ~100 ms each, so
+# this bounds their memory, and a flood of logins (or of slow searches) never waits on the
+# other.
+LOGIN_THREADS = 4
+
+
+class Threads:
+    """A pool of threads as a runner: `await threads(function, *args)` runs function(*args)
+    in one of them. Its threads start on first use."""
+
+    def __init__(self, name: str, count: int):
+        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
+
+    def __call__(self, function: Callable[..., T], *args) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+
+
+class Shared:
+    """What the services of one process share, built once with its Context and closed
+    after every service has stopped: the store and login threads, the mailbox watcher, the
+    login throttle, and each Twisted service's context (IMAP on 143 and 993 share their
+    \\Recent claims, snapshots and connection limit; POP3 on 110 and 995 theirs).
+
+    Nothing costs before it is used: the pools and the watcher start their threads then,
+    and a service context is made when its first listener starts (mtad never imports imapd
+    or pop3d)."""
+
+    def __init__(self, config: Config, accounts: Accounts, store: Store, tls: ssl.SSLContext | None):
+        self._config, self._accounts, self._store, self._tls = config, accounts, store, tls
+        self.store_threads = Threads("store", STORE_THREADS)
+        self.login_threads = Threads("login", LOGIN_THREADS)
+        self.watcher = Watcher(store)
+        self.login_throttle = LoginThrottle()
+
+    @cached_property
+    def imap(self) -> IMAPContext:
+        # Imported here: `mtad` alone never loads Twisted or imapd.
+        from imapd.recent import RecentClaims
+        from imapd.session import IMAPContext
+        from imapd.view import Snapshots
+
+        config = self._config
+        return IMAPContext(config, self._accounts, self._store, self.watcher, self.login_throttle, RecentClaims(),
+                           Snapshots(), self.store_threads, self._twisted_tls(), __version__,
+                           connections=ConnectionLimit(config.imap.max_connections, config.imap.max_connections_per_ip),
+                           run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT))
+
+    @cached_property
+    def pop3(self) -> POP3Context:
+        # Imported here: `mtad` alone never loads Twisted or pop3d.
+        from pop3d.session import POP3Context
+
+        config = self._config
+        return POP3Context(config, self._accounts, self._store, self.login_throttle, self.store_threads,
+                           self._twisted_tls(), __version__,
+                           connections=ConnectionLimit(config.pop3.max_connections, config.pop3.max_connections_per_ip),
+                           run_login=self.login_threads)
+
+    def _twisted_tls(self) -> ServerTLS | None:
+        # From the same files as the asyncio context, which has checked them.
+        return server_tls(self._config.tls) if self._tls is not None else None
+
+    async def close(self) -> None:
+        """After every service stopped: the watcher thread, the store and login threads."""
+        self.watcher.close()
+        await self.store_threads.close()
+        await self.login_threads.close()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a service is built from: config and collaborators, `shared` by the services of
+    this process."""
+
+    config: Config
+    data_dir: DataDir
+    accounts: Accounts
+    store: Store
+    tls: ssl.SSLContext | None
+    shared: Shared
+
+
+def build_context(config: Config, data_dir: DataDir, accounts: Accounts, store: Store,
+                  tls: ssl.SSLContext | None) -> Context:
+    """The process's Context, with what its services share built once."""
+    return Context(config, data_dir, accounts, store, tls, Shared(config, accounts, store, tls))
 
 
 class Listening:
     """mtad's listeners, stopped gracefully: see InboundContext.stop_sessions."""
 
-    def __init__(self, servers: list[asyncio.Server], executor: ThreadPoolExecutor, inbound, grace: float):
+    def __init__(self, servers: list[asyncio.Server], delivery_threads: Threads, inbound: InboundContext,
+                 grace: float):
         self.servers = servers
-        self.executor = executor
+        self.delivery_threads = delivery_threads
         self.inbound = inbound
         self.grace = grace
 
@@ -36,132 +145,53 @@ class Listening:
             server.close()
         await self.inbound.stop_sessions(self.grace)
         # Big deliveries run in these threads: stop_sessions has waited for their sessions.
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        await self.delivery_threads.close()
 
 
-async def start_smtp(context) -> Listening:
+async def start_smtp(context: Context) -> Listening:
     # Imported here: imapd and pop3d never load aiosmtpd.
-    from mtad.inbound import InboundContext, start_listeners
+    from mtad.inbound import InboundContext, InboundSMTP
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=DELIVERY_THREADS, thread_name_prefix="deliver")
-
-    def deliver_in_thread(fn, *args):
-        return loop.run_in_executor(executor, fn, *args)
-
-    spool = context.data_dir.path / "spool"
+    delivery_threads = Threads("deliver", DELIVERY_THREADS)
+    spool = context.data_dir.spool_path
     spool.mkdir(mode=0o700, exist_ok=True)
-    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
+    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads,
                              spool_dir=str(spool))
-    return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound,
-                     float(context.config.server.stop_grace))
+    servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
+                                   backlog=context.config.server.listen_backlog)
+    return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace))
 
 
-STORE_THREADS = 16  # IMAP and POP3 store calls: reads, flag writes, APPEND
-STORE_THREADS_PER_ACCOUNT = 4  # of those, what one account's sessions may hold at once
-# Password checks have threads of their own: argon2id takes 64 MiB and ~100 ms each, so
-# this bounds their memory, and a flood of logins (or of slow searches) never waits on the
-# other.
-LOGIN_THREADS = 4
-
-
-def store_runner(context):
-    """run(fn, *args) -> awaitable, in the threads the Twisted daemons share for the store."""
-    return _threads(context, "store", STORE_THREADS)
-
-
-def login_runner(context):
-    """run(fn, *args) -> awaitable, in the threads that check passwords."""
-    return _threads(context, "login", LOGIN_THREADS)
-
-
-def _threads(context, name: str, count: int):
-    """The process's pool `name` (made on first use, closed by close_shared) as a runner."""
-    runner = context.shared.get(f"{name}_runner")
-    if runner is None:
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
-
-        def runner(fn, *args):
-            return loop.run_in_executor(executor, fn, *args)
-
-        context.shared[f"{name}_runner"] = runner
-        context.shared[f"{name}_executor"] = executor
-    return runner
-
-
-def watcher(context) -> Watcher:
-    return context.shared.setdefault("watcher", Watcher(context.store))
-
-
-def login_throttle(context) -> LoginThrottle:
-    return context.shared.setdefault("login_throttle", LoginThrottle())
-
-
-def _imap_context(context):
-    # Imported here: `mtad` alone never loads Twisted or imapd.
-    from imapd.recent import RecentClaims
-    from imapd.session import IMAPContext
-    from imapd.view import Snapshots
-
-    imap = context.shared.get("imap")
-    if imap is None:
-        tls = server_tls(context.config.tls) if context.tls is not None else None
-        imap = IMAPContext(context.config, context.accounts, context.store, watcher(context), login_throttle(context),
-                           RecentClaims(), Snapshots(), store_runner(context), tls, __version__,
-                           connections=ConnectionLimit(context.config.imap.max_connections,
-                                                       context.config.imap.max_connections_per_ip),
-                           run_login=login_runner(context), shares=FairShare(STORE_THREADS_PER_ACCOUNT))
-        context.shared["imap"] = imap
-    return imap
-
-
-async def start_imap(context) -> TwistedListening:
+async def start_imap(context: Context) -> TwistedListening:
     """IMAP on [imap] listen: STARTTLS when a certificate is configured."""
-    return _listen_twisted("imapd.protocol", "IMAPFactory", _imap_context(context), context.config.imap.listen)
+    return _listen_twisted("imapd.protocol", "IMAPFactory", context.shared.imap, context.config.imap.listen)
 
 
-async def start_imaps(context) -> TwistedListening:
+async def start_imaps(context: Context) -> TwistedListening:
     """IMAPS on [imap] listen_tls: TLS from the first byte (RFC 8314)."""
-    return _listen_twisted("imapd.protocol", "IMAPFactory", _imap_context(context), context.config.imap.listen_tls,
+    return _listen_twisted("imapd.protocol", "IMAPFactory", context.shared.imap, context.config.imap.listen_tls,
                            implicit_tls=True)
 
 
-def _pop3_context(context):
-    # Imported here: `mtad` alone never loads Twisted or pop3d.
-    from pop3d.session import POP3Context
-
-    pop3 = context.shared.get("pop3")
-    if pop3 is None:
-        tls = server_tls(context.config.tls) if context.tls is not None else None
-        pop3 = POP3Context(context.config, context.accounts, context.store, login_throttle(context),
-                           store_runner(context), tls, __version__,
-                           connections=ConnectionLimit(context.config.pop3.max_connections,
-                                                       context.config.pop3.max_connections_per_ip),
-                           run_login=login_runner(context))
-        context.shared["pop3"] = pop3
-    return pop3
-
-
-async def start_pop3(context) -> TwistedListening:
+async def start_pop3(context: Context) -> TwistedListening:
     """POP3 on [pop3] listen: STLS when a certificate is configured (RFC 2595)."""
-    return _listen_twisted("pop3d.protocol", "POP3Factory", _pop3_context(context), context.config.pop3.listen)
+    return _listen_twisted("pop3d.protocol", "POP3Factory", context.shared.pop3, context.config.pop3.listen)
 
 
-async def start_pop3s(context) -> TwistedListening:
+async def start_pop3s(context: Context) -> TwistedListening:
     """POP3S on [pop3] listen_tls: TLS from the first byte (RFC 8314)."""
-    return _listen_twisted("pop3d.protocol", "POP3Factory", _pop3_context(context), context.config.pop3.listen_tls,
+    return _listen_twisted("pop3d.protocol", "POP3Factory", context.shared.pop3, context.config.pop3.listen_tls,
                            implicit_tls=True)
 
 
-def _listen_twisted(module: str, factory_name: str, service, addresses, *, implicit_tls: bool = False
-                    ) -> TwistedListening:
+def _listen_twisted(module: str, factory_name: str, service: IMAPContext | POP3Context,
+                    addresses: tuple[ListenAddress, ...], *, implicit_tls: bool = False) -> TwistedListening:
     # The factory is looked up here: `mtad` alone never imports Twisted, imapd or pop3d.
-    factory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
-    ports = listen(factory, addresses, service.tls if implicit_tls else None,
-                   backlog=service.config.server.listen_backlog)
+    factory: ServerFactory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
+    ports = listen_twisted(factory, addresses, factory.tls if implicit_tls else None,
+                           backlog=service.config.server.listen_backlog)
     return TwistedListening(ports, factory.shutdown)
 
 
@@ -182,15 +212,3 @@ def preload(daemon: str) -> None:
     # The reactor is installed in each child, on its own event loop: importing one here
     # would install Twisted's default reactor for every child forked afterwards.
     assert "twisted.internet.reactor" not in sys.modules, "a module imported twisted.internet.reactor"
-
-
-async def close_shared(context) -> None:
-    """After every service stopped: the watcher thread, the store and login threads."""
-    shared = context.shared
-    if "watcher" in shared:
-        shared.pop("watcher").close()
-    for name in ("store_executor", "login_executor"):
-        executor = shared.pop(name, None)
-        if executor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
-    shared.clear()

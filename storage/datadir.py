@@ -27,6 +27,16 @@ class DataDir:
     def accounts_path(self) -> Path:
         return self.path / "accounts.lmdb"
 
+    @property
+    def spool_path(self) -> Path:
+        """Where mtad spools messages as they arrive, before they are stored."""
+        return self.path / "spool"
+
+    @property
+    def audit_log_path(self) -> Path:
+        """Who changed which account when (postroom/admin.py's AuditLog)."""
+        return self.path / "audit.log"
+
 
 def open_data_dir(path: Path | str, shards: int) -> DataDir:
     """Open (creating and recording on first use) the data dir at `path`."""

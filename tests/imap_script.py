@@ -35,10 +35,10 @@ from imapd.recent import RecentClaims
 from imapd.session import LOGOUT, IMAPContext, Session
 from imapd.syntax import ParseError
 from imapd.view import Snapshots
-from policy.connections import ConnectionLimit
 from policy.logins import LoginThrottle
 from postroom.datadir import open_store
 from storage import Accounts, Watcher, open_data_dir
+from wire.connections import ConnectionLimit
 
 PASSWORD = "correct horse battery staple"
 MAX_LINE = 64 * 1024  # as imapd.protocol

@@ -359,6 +359,23 @@ def test_connection_limit_per_address(write_config, cli, tmp_path):
         assert daemon.stop() == 0
 
 
+def test_the_110_and_995_listeners_share_one_connection_limit(write_config, cli, tmp_path):
+    """One POP3 service, one limit: the service's context is built once per process
+    (postroom/daemons.py Shared), whichever listener starts first."""
+    daemon = start_daemon(write_config(pop3={"max_connections_per_ip": 2}), tmp_path)
+    try:
+        plain = daemon.listen("pop3.listen")
+        held = socket.create_connection((plain.host, plain.port), timeout=10)
+        assert held.makefile("rb").readline().startswith(b"+OK")
+        over_tls = tls_client(daemon, login=False)  # the second place, on the other listener
+        with socket.create_connection((plain.host, plain.port), timeout=10) as extra:
+            assert extra.makefile("rb").readline() == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+        over_tls.quit()
+        held.close()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_login_delay_and_expire_as_configured(write_config, cli, tmp_path, data_dir):
     path = write_config(pop3={"login_delay": "1h", "expire": "0"})
     add_users(lambda *args, **kw: cli(*args, config=path, **kw))

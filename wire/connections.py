@@ -1,7 +1,9 @@
 """Connection limits: in all, and per client address (one service's listeners share them).
 
 Beyond either limit a new connection is told to come back later and closed before it
-costs anything (SMTP 421 4.7.0, IMAP BYE [UNAVAILABLE], POP3 -ERR [SYS/TEMP])."""
+costs anything (SMTP 421 4.7.0, IMAP BYE [UNAVAILABLE], POP3 -ERR [SYS/TEMP]). Counted by
+the connection plumbing of every daemon (mtad's InboundSMTP, wire.protocol for imapd and
+pop3d) as connections open and close: no check of the mail itself, so not policy."""
 
 from __future__ import annotations
 

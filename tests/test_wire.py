@@ -1,0 +1,184 @@
+"""wire/: the connection plumbing imapd and pop3d share, tested alone.
+
+A toy line protocol (`SAY x` answered at once, `SLOW x` answered by a coroutine) subclasses
+wire.protocol's base and listens on loopback through postroom.ports, the way imapd and
+pop3d do, on Twisted's reactor over this module's asyncio loop; asyncio stream clients talk
+to it. The daemons' own tests (test_imapd, test_pop3, test_stop) cover the same plumbing
+end to end with real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from conf.values import ListenAddress
+from postroom.ports import TwistedListening, install_reactor, listen_twisted
+from wire.connections import ConnectionLimit
+from wire.protocol import ServerFactory, ServerProtocol
+
+TIMEOUT = 5.0
+
+
+class LineFactory(ServerFactory):
+    def buildProtocol(self, addr):  # noqa: N802
+        return LineProtocol(self)
+
+
+class LineProtocol(ServerProtocol):
+    def __init__(self, factory: LineFactory):
+        super().__init__(factory)
+        self.buffer = bytearray()
+
+    def refusal(self) -> bytes:
+        return b"NO too many connections\r\n"
+
+    def timeout_reply(self) -> bytes:
+        return b"BYE idle\r\n"
+
+    def shutdown_reply(self) -> bytes:
+        return b"BYE stopping\r\n"
+
+    def first_timeout(self) -> float:
+        return 60.0
+
+    def started(self) -> None:
+        self.write(b"HELLO\r\n")
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    def next_event(self):
+        end = self.buffer.find(b"\r\n")
+        if end < 0:
+            return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 2]
+        return line
+
+    def dispatch(self, line):
+        verb, _, text = line.partition(b" ")
+        if verb == b"SLOW":
+            return self._slow(text)
+        self.write(text + b"\r\n")
+        return None
+
+    async def _slow(self, text: bytes) -> None:
+        for _ in range(5):  # a few turns of the loop, as a store call in a thread takes
+            await asyncio.sleep(0)
+        self.write(text + b"\r\n")
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One loop for the module: Twisted's reactor is installed on it once per process."""
+    loop = asyncio.new_event_loop()
+
+    async def install() -> None:
+        install_reactor()
+
+    loop.run_until_complete(install())
+    yield loop
+    loop.close()
+
+
+def serve(loop, limit: ConnectionLimit) -> tuple[LineFactory, TwistedListening, int]:
+    factory = LineFactory(connections=limit, tls=None, implicit_tls=False)
+
+    async def start():
+        return listen_twisted(factory, [ListenAddress("127.0.0.1", 0)], backlog=16)
+
+    ports = loop.run_until_complete(start())
+    return factory, TwistedListening(ports), ports[0].getHost().port
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"HELLO\r\n"
+    return reader, writer
+
+
+def test_limit_counts_per_ip_and_in_all():
+    limit = ConnectionLimit(max_total=3, max_per_ip=2)
+    assert [limit.admit("a"), limit.admit("a"), limit.admit("a")] == [True, True, False]
+    assert limit.admit("b") is True
+    assert limit.admit("c") is False and limit.total == 3
+    limit.release("a")
+    assert limit.admit("c") is True
+    for ip in ("a", "b", "c"):
+        limit.release(ip)
+    assert limit.total == 0 and limit.admit("a") and limit.admit("a")
+
+
+def test_pipelined_commands_are_answered_in_order(loop):
+    factory, listening, port = serve(loop, ConnectionLimit(10, 10))
+
+    async def talk() -> bytes:
+        reader, writer = await connect(port)
+        # The slow one runs alone: the quick one behind it waits for it, not overtakes it.
+        writer.write(b"SLOW one\r\nSAY two\r\nSLOW three\r\nSAY four\r\n")
+        answers = b"".join([await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(4)])
+        writer.close()
+        return answers
+
+    try:
+        assert loop.run_until_complete(talk()) == b"one\r\ntwo\r\nthree\r\nfour\r\n"
+    finally:
+        loop.run_until_complete(listening.stop())
+
+
+def test_connection_over_the_limit_is_refused_and_released_ones_free_a_place(loop):
+    factory, listening, port = serve(loop, ConnectionLimit(10, 1))
+
+    async def talk() -> tuple[bytes, bytes, bytes]:
+        reader, writer = await connect(port)
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(reader2.read(), TIMEOUT)  # to the end: we closed it
+        writer2.close()
+        writer.write(b"SAY still here\r\n")
+        answer = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        await asyncio.wait_for(reader.read(), TIMEOUT)
+        await asyncio.wait_for(factory.none_live(), TIMEOUT)  # the server side sees the close a turn later
+        reader3, writer3 = await connect(port)  # the place is free again
+        writer3.write(b"SAY back\r\n")
+        again = await asyncio.wait_for(reader3.readline(), TIMEOUT)
+        writer3.close()
+        return refused, answer, again
+
+    try:
+        refused, answer, again = loop.run_until_complete(talk())
+    finally:
+        loop.run_until_complete(listening.stop())
+    assert refused == b"NO too many connections\r\n"
+    assert answer == b"still here\r\n"
+    assert again == b"back\r\n"
+
+
+def test_shutdown_tells_every_client_and_returns_once_they_are_gone(loop):
+    factory, listening, port = serve(loop, ConnectionLimit(10, 10))
+    grace = 10.0
+
+    async def stop_with_clients() -> tuple[list[bytes], float]:
+        clients = [await connect(port) for _ in range(3)]
+        started = time.monotonic()
+        await factory.shutdown(grace)
+        took = time.monotonic() - started
+        heard = [await asyncio.wait_for(reader.read(), TIMEOUT) for reader, _ in clients]
+        for _, writer in clients:
+            writer.close()
+        return heard, took
+
+    try:
+        heard, took = loop.run_until_complete(stop_with_clients())
+    finally:
+        loop.run_until_complete(listening.stop())
+    assert heard == [b"BYE stopping\r\n"] * 3
+    assert not factory.live
+    # Woken by the last connection's end, not by the grace period running out.
+    assert took < grace / 4, took

@@ -1,0 +1,278 @@
+"""The Twisted protocol base of imapd and pop3d: what a connection of either needs besides
+its own protocol (limits, ids, timers, flow control, the read/write pump, closing).
+Imported by those daemons only: `mtad` never loads Twisted.
+
+The pump: bytes from the socket go into the subclass's sans-IO core (`feed`); its events
+are taken one at a time (`next_event`) and answered (`dispatch`), either at once or by a
+coroutine that runs alone: no further event is taken until it ends, so pipelined commands
+are answered in order and a limit is checked against the state the session is really in.
+Reading pauses while more than `read_ahead` bytes wait unparsed; no event is taken while
+the client does not read our answers (the transport pauses us as a producer, `drain()`
+waits), so a big answer never sits in memory whole and replies cannot pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from twisted.internet.protocol import Factory, Protocol
+
+from conf.logfmt import EventLogger, session_id
+from conf.tls import ServerTLS
+from wire.connections import ConnectionLimit
+
+CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
+
+
+class ServerFactory(Factory):
+    """One listener of a Twisted daemon: the connection limit its service's listeners share,
+    the TLS context for STARTTLS (None without a certificate), and whether TLS starts at
+    once (the port then wraps this factory in TLS)."""
+
+    def __init__(self, *, connections: ConnectionLimit, tls: ServerTLS | None, implicit_tls: bool):
+        self.connections = connections
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.live: set[ServerProtocol] = set()  # admitted connections, told when we stop
+        self._none_live = asyncio.Event()  # set while `live` is empty
+        self._none_live.set()
+
+    def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
+        """A protocol of this listener's daemon, given this factory."""
+        raise NotImplementedError
+
+    def admitted(self, protocol: ServerProtocol) -> None:
+        self.live.add(protocol)
+        self._none_live.clear()
+
+    def gone(self, protocol: ServerProtocol) -> None:
+        self.live.discard(protocol)
+        if not self.live:
+            self._none_live.set()
+
+    async def none_live(self) -> None:
+        """Returns once no admitted connection is left (at once if none is)."""
+        await self._none_live.wait()
+
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go;
+        returns once they are gone, or after `grace` seconds."""
+        for protocol in list(self.live):
+            protocol.log.info("shutdown")
+            protocol.transport.write(protocol.shutdown_reply())
+            protocol.close()
+        try:
+            await asyncio.wait_for(self.none_live(), grace)
+        except TimeoutError:
+            pass  # a client that takes nothing: its close is aborted after CLOSE_GRACE anyway
+
+
+class ServerProtocol(Protocol):
+    """What imapd's and pop3d's protocols share: the connection limit, a session id in
+    every log line, one timer (`restart_timer`), the pump (see the module), write pacing
+    (`drain()`), read pausing, and a close that a TLS transport honours.
+
+    Subclasses say what to send (`refusal`, `timeout_reply`, `shutdown_reply`), what starts
+    and ends a session (`started`, `ended`), and drive the pump: `feed`, `buffered`,
+    `next_event`, `dispatch`, and optionally `awaiting_input` and `finished`."""
+
+    logger_name = "wire.protocol"
+    read_ahead = 64 * 1024  # unparsed bytes past which reading pauses
+
+    def __init__(self, factory: ServerFactory):
+        self.factory = factory
+        self.sid = session_id()
+        self.log = EventLogger(self.logger_name).bind(sid=self.sid)
+        self.peer = ""
+        self.tls = factory.implicit_tls
+        self.closing = False
+        self.counted = False
+        self.busy = False  # a coroutine from `dispatch` runs
+        self._open = False  # the session is started: the pump may run
+        self._task: asyncio.Future | None = None  # held: the loop keeps only weak references
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._timer = None
+        self._abort = None
+        self._reading_paused = False
+
+    # -- what a subclass says -----------------------------------------------------------
+
+    def refusal(self) -> bytes:
+        raise NotImplementedError
+
+    def timeout_reply(self) -> bytes:
+        raise NotImplementedError
+
+    def shutdown_reply(self) -> bytes:
+        raise NotImplementedError
+
+    def first_timeout(self) -> float:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        """The connection is admitted: make the session, send the greeting."""
+
+    def ended(self) -> None:
+        """The connection is gone."""
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client into the core."""
+        raise NotImplementedError
+
+    def buffered(self) -> int:
+        """Bytes the core holds unparsed."""
+        raise NotImplementedError
+
+    def next_event(self) -> object | None:
+        """The core's next event, or None until more bytes come."""
+        raise NotImplementedError
+
+    def dispatch(self, event: object) -> Awaitable[None] | None:
+        """Answer `event` now (None), or return what answers it, to run alone."""
+        raise NotImplementedError
+
+    def awaiting_input(self) -> bool:
+        """True while what runs waits for the client's next event (IMAP's IDLE DONE, a
+        SASL response): the pump goes on taking events for it."""
+        return False
+
+    def finished(self) -> None:
+        """What `dispatch` returned has ended; the pump goes on unless the connection closes."""
+
+    # -- Twisted ------------------------------------------------------------------------
+
+    def connectionMade(self):  # noqa: N802
+        from twisted.internet import reactor
+
+        self.peer = getattr(self.transport.getPeer(), "host", "")
+        if not self.factory.connections.admit(self.peer):
+            self.log.warning("refused", ip=self.peer, reason="too_many_connections")
+            self.transport.write(self.refusal())
+            self.transport.loseConnection()
+            self.closing = True
+            return
+        self.counted = True
+        self.factory.admitted(self)
+        self.transport.registerProducer(self, True)
+        self._timer = reactor.callLater(self.first_timeout(), self._timed_out)
+        self.log.info("connect", ip=self.peer, tls=self.tls)
+        self.started()
+        self._open = True
+
+    def connectionLost(self, reason=None):  # noqa: N802
+        self.closing = True
+        self.factory.gone(self)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.counted:
+            self.factory.connections.release(self.peer)
+            self.counted = False
+        self._writable.set()
+        self.ended()
+
+    def dataReceived(self, data: bytes):  # noqa: N802
+        if self.closing or not self._open:
+            return
+        self.feed(data)
+        self.pace_reading(self.buffered(), self.read_ahead)
+        self.pump()
+
+    def _timed_out(self) -> None:
+        self.log.info("timeout")
+        reply = self.timeout_reply()
+        if reply:
+            self.transport.write(reply)
+        self.close()
+
+    # -- the pump -----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Take and answer events while nothing runs and the client reads our answers."""
+        while not self.closing:
+            if (self.busy or not self.writable()) and not self.awaiting_input():
+                break  # resumed by _run's end or by resumeProducing
+            event = self.next_event()
+            if event is None:
+                break
+            work = self.dispatch(event)
+            if work is not None:
+                self.busy = True
+                self._task = asyncio.ensure_future(self._run(work))
+        self.pace_reading(self.buffered(), self.read_ahead)
+
+    async def _run(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except ConnectionError:
+            pass
+        except Exception:  # noqa: BLE001 - the session answers its own errors; this is a bug in it
+            self.log.error("session_failed", exc_info=True)
+            self.close()
+        finally:
+            self.busy = False
+            self._task = None
+        self.finished()
+        if not self.closing:
+            self.pump()
+
+    def restart_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+
+    def pace_reading(self, buffered: int, read_ahead: int) -> None:
+        """Stop reading while more than `read_ahead` bytes wait unparsed; go on below half."""
+        if buffered > read_ahead and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and buffered <= read_ahead // 2 and not self.closing:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    # -- what sessions call -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            self.transport.write(data)
+
+    def writable(self) -> bool:
+        return self._writable.is_set()
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+        if self.closing:
+            raise ConnectionError("connection closed")
+
+    def start_tls_now(self) -> None:
+        assert self.factory.tls is not None, "STARTTLS is only offered with a certificate"
+        self.transport.startTLS(self.factory.tls)
+        self.tls = True
+        self.log.info("starttls")
+
+    def close(self) -> None:
+        """Close after what is written has gone out; a client that does not read it within
+        CLOSE_GRACE is cut off (its session must end: a POP3 maildrop lock goes with it)."""
+        if not self.closing:
+            from twisted.internet import reactor
+
+            self.closing = True
+            # A registered producer keeps a TLS transport open until it is unregistered.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            self._abort = reactor.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+    # -- IPushProducer: the transport says when its write buffer is full ---------------
+
+    def pauseProducing(self):  # noqa: N802
+        self._writable.clear()
+
+    def resumeProducing(self):  # noqa: N802
+        self._writable.set()
+        if not self.busy and self._open:
+            self.pump()  # the client reads again: take its next commands
+
+    def stopProducing(self):  # noqa: N802
+        self._writable.set()
