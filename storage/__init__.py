@@ -37,13 +37,14 @@ from storage.messages import NO_QUOTA, FlagError, FlagState, MessageInfo, Quota,
 from storage.names import MailboxNameError
 from storage.search import SearchError
 from storage.shard import DiskFullError, StoreError, is_disk_full
-from storage.store import WRITE_IN_COMMITTER, Delivered, DeliveryError, Store
+from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery, DeliveryError
+from storage.store import Store
 from storage.watch import Watcher
 
 __all__ = [
     "INBOX", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER",
     "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError",
-    "DataDir", "DataDirError", "Delivered", "DeliveryError", "DiskFullError", "Domain",
+    "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "ExistsError", "FlagError", "FlagState", "MaildropLock", "Mailbox",
     "MailboxError", "MailboxExistsError", "MailboxLimitError", "MailboxNameError",
     "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",

@@ -20,6 +20,7 @@ import email.errors
 import email.header
 import email.utils
 import html
+import mmap
 import quopri
 import re
 from email.message import Message
@@ -40,6 +41,8 @@ ENVELOPE_FIELDS = ("date", "subject", "from", "sender", "reply-to", "to", "cc", 
 ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
 _EPOCH_ORDINAL = 719163  # datetime.date(1970, 1, 1).toordinal()
+_COUNT_SLICE = 1 << 20
+Buffer = bytes | mmap.mmap
 
 
 class _Budget:
@@ -55,11 +58,13 @@ class _Budget:
             self.text_chars += min(len(text), room)
 
 
-def parse_message(raw: bytes) -> dict:
+def parse_message(raw: Buffer) -> dict:
     """{"envelope", "structure", "sent" (Date: as a timestamp or None), "fields" (decoded
     subject, from, to, cc, bcc for the index), "headers" (every top-level header line,
     decoded), "body" (decoded text of the text parts)}. Never raises: a message the parser
-    cannot make sense of is one opaque part, stored and fetchable all the same."""
+    cannot make sense of is one opaque part, stored and fetchable all the same.
+    `raw` may be bytes or an mmap of the stored file (storage/delivery.py): only slices of
+    it are copied (a header, the text the index keeps), never the whole message."""
     try:
         return _parse_message(raw)
     except Exception:  # any message at all must be storable; its bytes are what counts
@@ -77,7 +82,7 @@ def parse_message(raw: bytes) -> dict:
         }
 
 
-def _parse_message(raw: bytes) -> dict:
+def _parse_message(raw: Buffer) -> dict:
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
     fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
@@ -94,11 +99,12 @@ def _parse_message(raw: bytes) -> dict:
     }
 
 
-def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
+def header_end(raw: Buffer, start: int, end: int) -> tuple[int, int]:
     """(end of the header block, start of the body) of the part at raw[start:end]."""
-    if raw.startswith(b"\r\n", start) or raw.startswith(b"\n", start):
+    first = raw[start:start + 2]  # slices, not startswith(): an mmap has no startswith
+    if first == b"\r\n" or first[:1] == b"\n":
         # No header at all: the body starts after the empty line.
-        return start, start + (2 if raw.startswith(b"\r\n", start) else 1)
+        return start, start + (2 if first == b"\r\n" else 1)
     m = _HEADER_END.search(raw, start, end)
     if not m:
         return end, end
@@ -206,9 +212,12 @@ def _leaf_fields(message: Message, raw: bytes, body_start: int, end: int) -> dic
     return fields
 
 
-def _count_lines(raw: bytes, start: int, end: int) -> int:
-    lines = raw.count(b"\n", start, end)
-    return lines if end == start or raw.endswith(b"\n", start, end) else lines + 1
+def _count_lines(raw: Buffer, start: int, end: int) -> int:
+    if isinstance(raw, bytes):
+        lines = raw.count(b"\n", start, end)
+    else:  # an mmap has no count(): a slice at a time, so a 25 MB part is never copied whole
+        lines = sum(raw[i:min(end, i + _COUNT_SLICE)].count(b"\n") for i in range(start, end, _COUNT_SLICE))
+    return lines if end == start or raw[end - 1:end] == b"\n" else lines + 1
 
 
 def _extension(message: Message) -> dict:
