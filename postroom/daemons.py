@@ -51,10 +51,7 @@ async def start_smtp(context) -> Listening:
     def deliver_in_thread(fn, *args):
         return loop.run_in_executor(executor, fn, *args)
 
-    spool = context.data_dir.path / "spool"
-    spool.mkdir(mode=0o700, exist_ok=True)
-    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread,
-                             spool_dir=str(spool))
+    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, deliver_in_thread)
     return Listening(await start_listeners(inbound, context.config.smtp.listen), executor, inbound,
                      float(context.config.server.stop_grace))
 

@@ -9,8 +9,8 @@ Chunks go straight into one file, the delivery's source, in this process's write
 of the first target's shard (storage/writers.py), under a name no target ever uses. Nothing
 holds the whole message in memory: the deduplication key (storage/dedupe.py) is computed as
 the bytes go by, and at commit the index's view of the message (envelope, MIME structure,
-the text for full-text search) is parsed from the file itself (read back when small, mapped
-when big). Each target then gets its own name for the file in its shard's writer directory
+the text for full-text search) is parsed from the file itself (read back whole when small, a
+window at a time when big: storage/fileview.py). Each target then gets its own name for the file in its shard's writer directory
 (a hard link; a copy only where a link cannot reach, a shard on another file system) and a
 request to its shard's committer, which indexes it; after the commit the name is renamed
 into the mailbox's cur/ (storage/settle.py). The file is fsynced once, whatever the number
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import mmap
 import os
 import shutil
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from storage import dedupe as duplicates
 from storage import fts, maildir, messages
+from storage.fileview import FileView
 from storage.mailboxes import MailboxNotFoundError, record
 from storage.messages import Quota
 from storage.mime import parse_message
@@ -49,7 +49,7 @@ from storage.shard import Shard, StoreError, store_error
 
 # A message up to this size is fsynced by the shard's committer, beside the other files of
 # its batch, and parsed from a copy read back from its file; a bigger one is fsynced by the
-# caller of commit(), before it joins a batch, and parsed from the file mapped into memory.
+# caller of commit(), before it joins a batch, and parsed from its file a window at a time.
 WRITE_IN_COMMITTER = 256 << 10
 
 # The source's name: a base no target uses, so that recovery takes it for what it is, a file
@@ -237,16 +237,12 @@ class Delivery:
             return self._parsed
         date = self._internal_date if self._internal_date is not None else time.time()
         if self._fd is None:
-            raw: bytes | mmap.mmap = b""
+            raw: bytes | FileView = b""
         elif self.size <= WRITE_IN_COMMITTER:
             raw = _read_back(self._fd, self.size)
         else:
-            raw = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
-        try:
-            parsed = parse_message(raw)
-        finally:
-            if isinstance(raw, mmap.mmap):
-                raw.close()
+            raw = FileView(self._fd, self.size)  # read a window at a time
+        parsed = parse_message(raw)
         self.message_id = parsed["envelope"].get("message-id")
         meta = {"d": date, "t": parsed["sent"], "td": parsed["sent_day"], "e": parsed["envelope"],
                 "x": parsed["structure"]}
