@@ -6,11 +6,13 @@ Sets up a throwaway data dir (one domain, one user), starts `mtad` and `imapd` (
 systemd entry points: a process each, no supervisor), and then, for each protocol in turn:
 C clients at once each send one message of S bytes (a base64 attachment of random bytes,
 a Message-ID of its own), over SMTP DATA to the user, then over IMAP APPEND into the user's
-INBOX (one user: the issue's case of many connections of one account). Prints, per daemon,
-its RSS before the load (after one small message has warmed it up), its peak RSS (the
-kernel's VmHWM), and the peaks of its anonymous and file-backed resident memory sampled
-every 20 ms (RssAnon: the heap, what the daemon holds; RssFile: page cache it maps, which
-the kernel may drop at will).
+INBOX (one user: the issue's case of many connections of one account). Every client first
+connects (and logs in: an argon2id check takes 64 MiB while it runs, which is not what is
+measured here); then the daemon's peak is reset (/proc/PID/clear_refs, so run as root or as
+the daemon's user) and all send at once. Prints, per daemon, its RSS when the messages start,
+its peak RSS while they arrive and are stored (the kernel's VmHWM), and the peaks of its
+anonymous and file-backed resident memory sampled every 20 ms (RssAnon: the heap, what the
+daemon holds; RssFile: pages of files it maps, which the kernel may drop at will).
 
 --postroom names the `postroom` to run (default: the one beside this Python), and with it
 the `mtad` and `imapd` beside it: run the same script with another checkout's venv to
@@ -136,58 +138,77 @@ def message(size: int, index: int, attachment: bytes) -> bytes:
     return head + attachment[:size - len(head) - len(tail)] + tail
 
 
-def smtp_send(port: int, raw: bytes) -> int:
+class SMTPClient:
     """One message over DATA on a plain socket (base64 lines never start with a dot)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
-        reader = sock.makefile("rb")
 
-        def reply() -> int:
-            line = reader.readline()
-            while line[3:4] == b"-":
-                line = reader.readline()
-            return int(line[:3])
-
-        reply()
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+        self.reader = self.sock.makefile("rb")
+        self.reply()
         for command in (b"EHLO bench.example.org\r\n", b"MAIL FROM:<sender@example.org>\r\n",
                         f"RCPT TO:<{USER}>\r\n".encode(), b"DATA\r\n"):
-            sock.sendall(command)
-            reply()
-        sock.sendall(raw)
-        sock.sendall(b".\r\n")
-        code = reply()
-        sock.sendall(b"QUIT\r\n")
+            self.sock.sendall(command)
+            self.reply()
+
+    def reply(self) -> int:
+        line = self.reader.readline()
+        while line[3:4] == b"-":
+            line = self.reader.readline()
+        return int(line[:3])
+
+    def send(self, raw: bytes) -> int:
+        self.sock.sendall(raw)
+        self.sock.sendall(b".\r\n")
+        code = self.reply()
+        self.sock.sendall(b"QUIT\r\n")
+        self.sock.close()
         return code
 
 
-def imap_append(port: int, raw: bytes) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=600)
-    try:
-        client.login(USER, PASSWORD)
-        typ, _ = client.append("INBOX", None, None, raw)
-        return typ
-    finally:
+class IMAPClient:
+    def __init__(self, port: int):
+        self.client = imaplib.IMAP4("127.0.0.1", port, timeout=600)
+        self.client.login(USER, PASSWORD)
+
+    def send(self, raw: bytes) -> str:
         try:
-            client.logout()
-        except (OSError, imaplib.IMAP4.error):
-            pass
+            typ, _ = self.client.append("INBOX", None, None, raw)
+            return typ
+        finally:
+            try:
+                self.client.logout()
+            except (OSError, imaplib.IMAP4.error):
+                pass
 
 
-def load(name: str, pid: int, send, messages: list[bytes], warm) -> None:
-    warm()
-    before = status(pid, "VmRSS")
-    sampler = Sampler(pid)
-    results: list = [None] * len(messages)
+def load(name: str, pid: int, connect, messages: list[bytes]) -> None:
+    connect().send(messages[0][:4096] + b"\r\n")  # warm up: what every later one shares is loaded
+    count = len(messages)
+    ready = threading.Barrier(count + 1, timeout=600)
+    results: list = [None] * count
 
     def run(i: int) -> None:
         try:
-            results[i] = send(messages[i])
+            client = connect()
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = repr(e)
+            ready.wait()
+            return
+        ready.wait()
+        try:
+            results[i] = client.send(messages[i])
         except Exception as e:  # noqa: BLE001 - reported below
             results[i] = repr(e)
 
-    start = time.monotonic()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(messages))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
+    ready.wait()  # every client connected (and logged in): the load starts from here
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS starts again from the current RSS
+    before = status(pid, "VmRSS")
+    sampler = Sampler(pid)
+    start = time.monotonic()
     for thread in threads:
         thread.join(900)
     elapsed = time.monotonic() - start
@@ -195,8 +216,8 @@ def load(name: str, pid: int, send, messages: list[bytes], warm) -> None:
     peak = status(pid, "VmHWM")
     ok = sum(1 for r in results if r in (250, "OK"))
     mib = 1024
-    print(f"{name}: {len(messages)} x {len(messages[0]) / 1e6:.0f} MB at once: {ok} stored in {elapsed:.1f} s; "
-          f"RSS before {before / mib:.0f} MiB, peak {peak / mib:.0f} MiB (+{(peak - before) / mib:.0f} MiB); "
+    print(f"{name}: {count} x {len(messages[0]) / 1e6:.0f} MB at once: {ok} stored in {elapsed:.1f} s; "
+          f"RSS at the start {before / mib:.0f} MiB, peak {peak / mib:.0f} MiB (+{(peak - before) / mib:.0f} MiB); "
           f"peak RssAnon {sampler.anon / mib:.0f} MiB, RssFile {sampler.file / mib:.0f} MiB", flush=True)
     failures = [r for r in results if r not in (250, "OK")]
     if failures:
@@ -229,15 +250,12 @@ def main() -> None:
         mtad, imapd = processes
         rng = random.Random(25)
         attachment = base64.encodebytes(rng.randbytes(args.size * 3 // 4 + 64)).replace(b"\n", b"\r\n")
-        small = message(4096, 0, attachment)
         if args.only in (None, "smtp"):
-            load("SMTP", mtad.pid, lambda raw: smtp_send(smtp_port, raw),
-                 [message(args.size, i + 1, attachment) for i in range(args.concurrency)],
-                 lambda: smtp_send(smtp_port, small))
+            load("SMTP", mtad.pid, lambda: SMTPClient(smtp_port),
+                 [message(args.size, i + 1, attachment) for i in range(args.concurrency)])
         if args.only in (None, "imap"):
-            load("APPEND", imapd.pid, lambda raw: imap_append(imap_port, raw),
-                 [message(args.size, 1000 + i, attachment) for i in range(args.concurrency)],
-                 lambda: imap_append(imap_port, small))
+            load("APPEND", imapd.pid, lambda: IMAPClient(imap_port),
+                 [message(args.size, 1000 + i, attachment) for i in range(args.concurrency)])
     finally:
         for process in processes:
             process.terminate()

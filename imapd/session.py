@@ -22,9 +22,11 @@ from typing import Any, Protocol
 from conf import Config
 from conf.logfmt import EventLogger
 from imapd import fetch as fetching
+from imapd.append import AppendLiteral, DroppedLiteral, LiteralStandIn
 from imapd import responses as r
 from imapd.listing import list_mailboxes
 from imapd.recent import RecentClaims
+from imapd.parser import Frame, parse_command
 from imapd.syntax import Command, FetchItem, ParseError, SequenceSet
 from imapd.view import Snapshots, View
 from policy.connections import ConnectionLimit
@@ -127,6 +129,7 @@ class Session:
         self._changed = False
         self._change_waiter: asyncio.Future | None = None
         self.ended = False
+        self._literal: AppendLiteral | None = None  # APPEND's message, streaming in
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -157,6 +160,27 @@ class Session:
         if self.state == NOT_AUTHENTICATED:
             return MAX_LITERAL_BEFORE_LOGIN
         return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
+
+    def literal_sink(self, command: str, parts: list, size: int) -> AppendLiteral | DroppedLiteral | None:
+        """The framer asks, as a literal begins: APPEND's message, once logged in, goes into
+        the store as it arrives (imapd/append.py) instead of being held whole."""
+        if command != "APPEND" or self.state == NOT_AUTHENTICATED or len(parts) != 1:
+            return None  # held as any literal; a second one (MULTIAPPEND) is refused anyway
+        self._drop_literal()
+        try:
+            head = parse_command(Frame([parts[0], LiteralStandIn(size), b""])).args
+        except ParseError:
+            return DroppedLiteral()  # the command will be refused for its head: read and drop
+        date: datetime.datetime | None = head.get("date")
+        self._literal = AppendLiteral(self.context.store, self.user, head["mailbox"], flags=head["flags"],
+                                      internal_date=date.timestamp() if date else None,
+                                      limit=self.max_message_size())
+        return self._literal
+
+    def _drop_literal(self) -> None:
+        if self._literal is not None:
+            self._literal.close()
+            self._literal = None
 
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()
@@ -204,6 +228,7 @@ class Session:
             self.tagged(command.tag, "NO", "internal error (logged on the server)", "SERVERBUG")
 
     def parse_failed(self, error: ParseError) -> None:
+        self._drop_literal()  # an APPEND whose whole command did not parse: nothing stored
         if error.tag:
             self.tagged(error.tag, error.status, str(error), error.code)
         else:
@@ -451,7 +476,9 @@ class Session:
 
     async def cmd_append(self, command: Command):
         args = command.args
-        message: bytes = args["message"]
+        message: bytes | AppendLiteral = args["message"]
+        if isinstance(message, AppendLiteral):
+            return await self._append_streamed(message)
         if not message:
             raise bad("empty message")
         if b"\n" in message.replace(b"\r\n", b""):
@@ -470,6 +497,26 @@ class Session:
                 answer.code = "TRYCREATE"
             raise
         self.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=len(message))
+        return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
+
+    async def _append_streamed(self, literal: AppendLiteral):
+        """APPEND whose message went into the store as it arrived: commit it, or say why not."""
+        if literal is self._literal:
+            self._literal = None  # this command has it now
+        try:
+            if not literal.received:
+                raise bad("empty message")
+            if literal.too_big:
+                raise no("message is larger than APPENDLIMIT", "TOOBIG")
+            try:
+                delivered = await self.call(literal.commit)
+            except Answer as answer:
+                if answer.code == "NONEXISTENT":
+                    answer.code = "TRYCREATE"
+                raise
+        finally:
+            literal.close()
+        self.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=literal.size)
         return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
 
     async def cmd_getquotaroot(self, command: Command):
@@ -849,6 +896,7 @@ class Session:
     def end(self) -> None:
         """The connection is gone."""
         self.ended = True
+        self._drop_literal()  # cut off in the middle of an APPEND: nothing of it stays
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
