@@ -5,15 +5,20 @@
     delivered = delivery.commit()    # durable in every target, or DeliveryError
     delivery.close()                 # always, at the end: discards what is left
 
-Chunks go straight into one file, the delivery's source, in this process's writer directory
-of the first target's shard (storage/writers.py), under a name no target ever uses. Nothing
+Chunks go into one file, the delivery's source, in this process's writer directory of the
+first target's shard (storage/writers.py), under the name the first target's copy will have:
+the first IN_MEMORY bytes wait in memory (most mail is smaller: its file is then made, written
+and fsynced at once by a committer, so an event loop never waits for the file system), the
+rest goes to the file as it arrives. Nothing
 holds the whole message in memory: the deduplication key (storage/dedupe.py) is computed as
 the bytes go by, and at commit the index's view of the message (envelope, MIME structure,
 the text for full-text search) is parsed from the file itself (read back whole when small, a
 window at a time when big: storage/fileview.py). Each target then gets its own name for the file in its shard's writer directory
 (a hard link; a copy only where a link cannot reach, a shard on another file system) and a
 request to its shard's committer, which indexes it; after the commit the name is renamed
-into the mailbox's cur/ (storage/settle.py). The file is fsynced once, whatever the number
+into the mailbox's cur/ (storage/settle.py). The first target takes the source itself: a
+message for one mailbox costs the directory operations it always did (a file made, then
+renamed into cur/), and no link. The file is fsynced once, whatever the number
 of targets: by the first committer that needs it, beside the other files of its batch, or,
 for a message over WRITE_IN_COMMITTER, by the caller of commit() before it joins a batch,
 so that a big file holds up nobody's commit.
@@ -21,7 +26,7 @@ so that a big file holds up nobody's commit.
 What a crash leaves: the source, and any target's name not yet committed, are in a writer
 directory under names the index does not know, so the next process to open the shard
 discards them (storage/settle.py, recover); committed names are finished there. abort(), or
-close() after the commit, unlinks the source: nothing stays behind.
+close() after a commit the first target did not take, unlinks the source: nothing stays.
 
 A failure while writing (a full disk: DiskFullError, SMTP 452 4.3.1) aborts the delivery and
 is raised by write(); the caller reads the rest of the message and drops it.
@@ -32,7 +37,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -47,14 +51,16 @@ from storage.messages import Quota
 from storage.mime import parse_message
 from storage.shard import Shard, StoreError, store_error
 
+# A message up to this size is kept in memory until its commit, and its file made, written and
+# fsynced by a committer's fsync pool, beside the other files of its batch: an event loop
+# never waits for the file system (making a file can wait for the journal), and a session
+# holds no more than this. A bigger one goes to its file as it arrives.
+IN_MEMORY = 64 << 10
 # A message up to this size is fsynced by the shard's committer, beside the other files of
 # its batch, and parsed from a copy read back from its file; a bigger one is fsynced by the
 # caller of commit(), before it joins a batch, and parsed from its file a window at a time.
 WRITE_IN_COMMITTER = 256 << 10
 
-# The source's name: a base no target uses, so that recovery takes it for what it is, a file
-# the index does not know (storage/settle.py).
-SOURCE_SUFFIX = ".part"
 _NO_LINK = (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP)  # then a copy
 
 Target = tuple[str, str]  # (account, mailbox name)
@@ -116,15 +122,13 @@ class Delivery:
         self._sync_error: BaseException | None = None
         self._shard_of = shard_of
         self._source: Path | None = None
-        self._fd: int | None = None
-        shard = _first_shard(targets, shard_of)
+        self._source_shard: Shard | None = None
+        self._source_committed = False  # the first target's copy is the source itself
+        self._fd: int | None = None  # the source, once it is made
+        self._pending = bytearray()  # the first IN_MEMORY bytes, until the source is made
+        shard, self._first = _first_shard(targets, shard_of)
         if shard is not None:  # else no target can take it: the bytes are only counted
-            source = shard.writer.path / (maildir.new_base() + SOURCE_SUFFIX)
-            try:
-                self._fd = os.open(source, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                raise store_error(e, source.parent) from e
-            self._source = source
+            self._source, self._source_shard = shard.writer.path / maildir.new_base(), shard
 
     def __enter__(self) -> Delivery:
         return self
@@ -139,17 +143,26 @@ class Delivery:
         error raised (DiskFullError for a full disk)."""
         if self._state != _OPEN:
             raise StoreError("the delivery is no longer open for data")
-        if self._fd is not None:
-            view = memoryview(chunk)
-            try:
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError as e:
-                self.close()
-                raise store_error(e, self._source.parent) from e
+        if self._source is not None:
+            if self._fd is None and len(self._pending) + len(chunk) <= IN_MEMORY:
+                self._pending += chunk
+            else:
+                try:
+                    if self._fd is None:
+                        self._make_source()
+                    _write_all(self._fd, chunk)
+                except OSError as e:
+                    self.close()
+                    raise store_error(e, self._source.parent) from e
         self.size += len(chunk)
         if self._digest is not None:
             self._digest.update(chunk)
+
+    def _make_source(self) -> None:
+        """The source file, with what was kept in memory so far."""
+        self._fd = os.open(self._source, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _write_all(self._fd, self._pending)
+        self._pending = bytearray()
 
     def abort(self) -> None:
         """Nothing of this message stays anywhere. Only before commit."""
@@ -164,11 +177,12 @@ class Delivery:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
+        self._pending = bytearray()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._source is not None:
-            _unlink_quietly(self._source)
+            if not self._source_committed:
+                _unlink_quietly(self._source)
 
     # -- phase two: the commit -------------------------------------------------------------
 
@@ -182,7 +196,7 @@ class Delivery:
             except BaseException as e:  # noqa: BLE001 - every target fails with it
                 error = store_error(e, self._source.parent if self._source else None)
                 raise DeliveryError([], [(target, error) for target in self.targets]) from None
-        return _wait(functools.partial(self._submit, list(enumerate(self.targets))))
+        return _wait(functools.partial(self._submit, list(enumerate(self.targets)), first=True))
 
     def start_commit(self, on_done: OnDone) -> None:
         """commit() without waiting: the shards' committers fsync and index the message, and
@@ -192,7 +206,7 @@ class Delivery:
         only for a message up to WRITE_IN_COMMITTER to accounts that exist (see
         Store.accounts_ready)."""
         self._start()
-        self._submit(list(enumerate(self.targets)), on_done)
+        self._submit(list(enumerate(self.targets)), on_done, first=True)
 
     def retry(self, targets: list[Target]) -> list[Delivered]:
         """After a commit some of whose targets failed: the same message, again, to these."""
@@ -205,7 +219,7 @@ class Delivery:
             raise StoreError("the delivery is no longer open")
         self._state = _COMMITTING
 
-    def _submit(self, targets: list[tuple[int, Target]], on_done: OnDone) -> None:
+    def _submit(self, targets: list[tuple[int, Target]], on_done: OnDone, first: bool = False) -> None:
         outcome = _Outcome(len(targets), on_done)
         if not targets:
             return
@@ -219,25 +233,46 @@ class Delivery:
         for index, (account, name) in targets:
             target, path = (account, name), None
             try:
-                shard = self._shard_of(account)
+                # The first commit's first valid target takes the source itself: no link.
+                takes_source = first and index == self._first
+                shard = self._source_shard if takes_source else self._shard_of(account)
                 mailbox_id = self._mailbox_of(shard, account, name)
-                base = maildir.new_base()
-                path = shard.writer.path / base
-                insert = _insert_fn(shard, account, mailbox_id, path, base, self.size, parsed, self._bits,
+                path = self._source if takes_source else shard.writer.path / maildir.new_base()
+                insert = _insert_fn(shard, account, mailbox_id, path, path.name, self.size, parsed, self._bits,
                                     self._keywords, self._quota_of(account), self._window)
                 shard.submit(insert, before=functools.partial(self._place, path),
-                             on_done=functools.partial(outcome.settle_request, index, target, path))
+                             on_done=functools.partial(self._settled, outcome, index, target, path))
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
-                if path is not None:
+                if path is not None and path is not self._source:
                     _unlink_quietly(path)
                 outcome.settle(index, target, error=store_error(e))
+
+    def _settled(self, outcome: _Outcome, index: int, target: Target, path: Path, request) -> None:
+        """A committer settled one target's request (in its thread)."""
+        delivered = error = None
+        if request.error is not None:
+            error = request.error
+        elif request.result is None:  # never ran: no commit to report
+            error = StoreError("delivery was not committed")
+        else:
+            uidvalidity, uid, duplicate = request.result
+            delivered = Delivered(target[0], target[1], uidvalidity, uid, duplicate)
+        try:
+            if path is self._source:
+                # Committed, it is the target's copy now (settled into cur/); otherwise it
+                # stays the source, for a retry, until close().
+                self._source_committed = delivered is not None and not delivered.duplicate
+            elif error is not None or delivered.duplicate:
+                _unlink_quietly(path)  # linked, or renamed back by the failed batch; or not wanted
+        finally:
+            outcome.settle(index, target, delivered, error)
 
     def _parse(self) -> _Parsed:
         if self._parsed is not None:
             return self._parsed
         date = self._internal_date if self._internal_date is not None else time.time()
         if self._fd is None:
-            raw: bytes | FileView = b""
+            raw: bytes | FileView = bytes(self._pending)
         elif self.size <= WRITE_IN_COMMITTER:
             raw = _read_back(self._fd, self.size)
         else:
@@ -257,10 +292,12 @@ class Delivery:
         with self._sync_lock:
             if self._sync_error is not None:
                 raise self._sync_error
-            if self._synced or self._fd is None:
+            if self._synced or self._source is None:
                 return
             try:
                 date = self._parse().meta["d"]
+                if self._fd is None:
+                    self._make_source()  # a small message: made here, in a committer's fsync pool
                 os.utime(self._fd, (date, date))
                 os.fsync(self._fd)
             except BaseException as e:
@@ -269,25 +306,45 @@ class Delivery:
             self._synced = True
 
     def _place(self, path: Path) -> None:
-        """A committer's `before`: the target's name for the durable file (its directory is
-        fsynced with the batch's)."""
+        """A committer's `before`: the file durable, under the target's name (its directory
+        is fsynced with the batch's)."""
         self._sync()
-        try:
-            os.link(self._source, path)
-        except OSError as e:
-            if e.errno not in _NO_LINK:
-                raise
-            _copy(self._source, path, self._parsed.meta["d"])  # a shard on another file system
+        if path is self._source:
+            return
+        # The source's name; once the first target's commit has taken that into cur/, the
+        # open file itself (a file that has a name can be linked through /proc, unprivileged).
+        for source in (self._source, Path(f"/proc/self/fd/{self._fd}")):
+            try:
+                _link(source, path)
+                return
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise
+                break
+        _copy(self._fd, path, self._parsed.meta["d"])  # another file system, or expunged meanwhile
 
 
-def _first_shard(targets: list[Target], shard_of: Callable[[str], Shard]) -> Shard | None:
-    """The shard of the first target whose account name is valid (the others fail at commit)."""
-    for account, _ in targets:
+def _link(source: Path, target: Path) -> None:
+    """link(2) with the source's symbolic link followed (os.link calls plain link(), which
+    does not follow it, unless given a directory fd: then linkat with AT_SYMLINK_FOLLOW)."""
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(source, target.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
+
+
+def _first_shard(targets: list[Target], shard_of: Callable[[str], Shard]) -> tuple[Shard | None, int]:
+    """The shard of the first target whose account name is valid (the others fail at commit),
+    and that target's index."""
+    for index, (account, _) in enumerate(targets):
         try:
-            return shard_of(account)
+            return shard_of(account), index
         except Exception:  # noqa: BLE001 - that target's error is reported by its commit
             continue
-    return None
+    return None, -1
 
 
 def _wait(submit: Callable[[OnDone], None]) -> list[Delivered]:
@@ -306,6 +363,12 @@ def _wait(submit: Callable[[OnDone], None]) -> list[Delivered]:
     return delivered
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _read_back(fd: int, size: int) -> bytes:
     raw = os.pread(fd, size, 0)
     while len(raw) < size:  # a short read of a regular file: rare, but allowed
@@ -316,16 +379,24 @@ def _read_back(fd: int, size: int) -> bytes:
     return raw
 
 
-def _copy(source: Path, target: Path, date: float) -> None:
-    tmp = target.with_name(target.name + ".copy")
-    shutil.copyfile(source, tmp)
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+def _copy(source_fd: int, target: Path, date: float) -> None:
+    """A copy of the open file, made in the kernel (no bytes through Python), and durable."""
+    size = os.fstat(source_fd).st_size
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(fd, source_fd, offset, size - offset)
+            if not sent:
+                raise OSError(f"message file shorter than {size} bytes")
+            offset += sent
         os.utime(fd, (date, date))
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.rename(tmp, target)
+        _unlink_quietly(target)
+        raise
+    os.close(fd)
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: str, size: int, parsed: _Parsed,
@@ -364,21 +435,6 @@ class _Outcome:
         self._on_done = on_done
         if not count:
             on_done([], [])
-
-    def settle_request(self, index: int, target: Target, path: Path, request) -> None:
-        if request.error is not None:
-            try:
-                _unlink_quietly(path)  # linked, or renamed back by the failed batch
-            finally:
-                self.settle(index, target, error=request.error)
-        elif request.result is None:  # never ran: no commit to report
-            _unlink_quietly(path)
-            self.settle(index, target, error=StoreError("delivery was not committed"))
-        else:
-            uidvalidity, uid, duplicate = request.result
-            if duplicate:
-                _unlink_quietly(path)  # the mailbox has this message already
-            self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid, duplicate))
 
     def settle(self, index: int, target: Target, delivered: Delivered | None = None,
                error: BaseException | None = None) -> None:

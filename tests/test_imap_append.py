@@ -23,7 +23,7 @@ __all__ = ["server", "user"]
 
 
 def part_files(server) -> list:
-    return list((server.data_dir / "shards").glob("*/tmp/*/*.part"))
+    return list((server.data_dir / "shards").glob("*/tmp/*/*"))
 
 
 def imapd_pid(server) -> int:

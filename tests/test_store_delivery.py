@@ -140,6 +140,9 @@ def test_a_failed_target_can_be_retried_with_the_same_bytes(store):
     assert (again.account, again.mailbox, again.uid) == (BOB, "Later", 1)
     (info,) = store.fetch(BOB, "Later", ALL)
     assert store.read_message(info) == raw
+    # The source had become alice's copy (in her cur/): the retry linked the open file.
+    (first,) = store.fetch(ALICE, "INBOX", ALL)
+    assert os.stat(info.path).st_ino == os.stat(first.path).st_ino
     assert writer_files(store, ALICE, BOB) == []
 
 
@@ -149,4 +152,4 @@ def test_a_message_for_no_target_is_counted_and_stored_nowhere(store, data_dir):
         assert delivery.commit() == []
     assert delivery.size == 17
     shards = Path(data_dir, "shards")
-    assert not any(p.name.endswith(".part") for p in shards.rglob("*"))
+    assert not list(shards.glob("*/tmp/*/*"))
