@@ -30,11 +30,18 @@ Limits, each answered without buffering what it refuses:
 A command being dropped is dropped to its end: a `{n+}` literal on its lines is skipped too;
 a `{n}` ends it (that client is waiting for our answer).
 
+Streamed literals: `literal_sink(command name, parts so far, size)` is asked as each
+literal begins; when it returns a sink (APPEND's message: imapd/append.py), the literal's
+bytes go to `sink.write(piece)` as they arrive instead of being held, and the sink itself
+stands in the Frame's parts where the literal's bytes would be (`len(sink)` is its size). A
+Frame hands its sinks on; a command dropped or cut off has its sinks closed here.
+
 Line ends: CRLF, and a bare LF is taken as a line end too, as Dovecot does (a person typing
 into `nc` sends LF; IMAP has no relay in between that a second reading could confuse).
 
 Memory held: at most max_line + 2 bytes of a partial line plus the command being read (its
-lines and its literals, bounded by max_literal + max_command), whatever the client sends.
+lines and its literals not streamed, bounded by max_literal + max_command), whatever the
+client sends.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 ABSURD_LITERAL = 1 << 30  # a refused {n+} beyond this closes the connection,
 ABSURD_FACTOR = 4  # and so does one beyond 4x the limit,
@@ -89,6 +97,15 @@ class Close:
 
 Event = Frame | Continue | Reject | Close
 
+
+class Sink(Protocol):
+    def write(self, piece: bytes) -> None: ...
+    def close(self) -> None: ...
+    def __len__(self) -> int: ...
+
+
+SinkFactory = Callable[[str, list, int], "Sink | None"]
+
 _LINE, _LITERAL, _SKIP_LINE, _SKIP_LITERAL, _CLOSED = range(5)
 
 
@@ -126,10 +143,12 @@ def read_name(line: bytes) -> str:
 
 class Framer:
     def __init__(self, max_line: int = 65536, max_literal: Callable[[str], int] = lambda name: 65536,
-                 max_command: int = 262144):
+                 max_command: int = 262144, literal_sink: SinkFactory = lambda name, parts, size: None):
         self.max_line = max_line
         self.max_literal = max_literal
         self.max_command = max_command
+        self.literal_sink = literal_sink
+        self._sink: Sink | None = None  # where the literal being read goes, if it is streamed
         self._buf = bytearray()
         self._scanned = 0  # no LF in _buf[:_scanned]
         self._state = _LINE
@@ -167,15 +186,22 @@ class Framer:
             if state in (_LITERAL, _SKIP_LITERAL):
                 take = min(self._need, len(self._buf))
                 if state == _LITERAL:
-                    self._literal += self._buf[:take]
+                    if self._sink is None:
+                        self._literal += self._buf[:take]
+                    elif take:
+                        self._sink.write(bytes(self._buf[:take]))
                 del self._buf[:take]
                 self._need -= take
                 if self._need:
                     return None
                 if state == _LITERAL:
-                    self._parts.append(bytes(self._literal))
-                    self._held += len(self._literal)
-                    self._literal = bytearray()
+                    if self._sink is not None:
+                        self._parts.append(self._sink)
+                        self._sink = None
+                    else:
+                        self._parts.append(bytes(self._literal))
+                        self._held += len(self._literal)
+                        self._literal = bytearray()
                     self._state = _LINE
                 else:
                     self._state = _SKIP_LINE
@@ -236,10 +262,12 @@ class Framer:
             self._total, self._largest = total, largest
             self._need = size
             self._state = _LITERAL
+            self._sink = self.literal_sink(self._name, self._parts, size)
             return Continue() if sync else None
         text = "literal too big" if size > limit else "command too long"
         if sync:
             reject = Reject(self._tag, text)
+            self._close_sinks()
             self._reset()
             return reject
         if _absurd(size, limit):
@@ -259,6 +287,7 @@ class Framer:
             self._name = read_name(first)
         # What was read of it goes now, not after its {n+} literals have been skipped: a
         # line over the command limit would otherwise be held on top of the limit.
+        self._close_sinks()
         self._parts, self._held = [], 0
         self._pending = Reject(self._tag, text, status="BAD")
 
@@ -287,5 +316,15 @@ class Framer:
         self._state = _CLOSED
         self._buf.clear()
         self._literal = bytearray()
+        self._close_sinks()
         self._reset()
         return Close(text)
+
+    def _close_sinks(self) -> None:
+        """The command is dropped: its streamed literals, whole or in progress, go too."""
+        for part in self._parts:
+            if not isinstance(part, bytes):
+                part.close()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None

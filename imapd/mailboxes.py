@@ -14,6 +14,7 @@ import datetime
 import re
 from collections.abc import Iterable
 from imapd import responses as r
+from imapd.append import AppendLiteral
 from imapd.answers import Answer, bad, no, try_create
 from imapd.listing import list_mailboxes
 from imapd.syntax import (
@@ -186,6 +187,8 @@ async def status_lines(session: SessionState, name: str, items: Iterable[str], *
 # stream the literal into the store.
 
 async def append(session: SessionState, command: Append):
+    if isinstance(command.message, AppendLiteral):
+        return await _append_streamed(session, command.message)
     message: bytes = command.message
     if not message:
         raise bad("empty message")
@@ -203,6 +206,24 @@ async def append(session: SessionState, command: Append):
     except Answer as answer:
         raise try_create(answer) from None
     session.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=len(message))
+    return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
+
+
+async def _append_streamed(session: SessionState, literal: AppendLiteral):
+    """APPEND whose message went into the store as it arrived: commit it, or say why not."""
+    session.take_literal(literal)
+    try:
+        if not literal.received:
+            raise bad("empty message")
+        if literal.too_big:
+            raise no("message is larger than APPENDLIMIT", "TOOBIG")
+        try:
+            delivered = await session.run_store(literal.commit)
+        except Answer as answer:
+            raise try_create(answer) from None
+    finally:
+        literal.close()
+    session.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=literal.size)
     return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
 
 

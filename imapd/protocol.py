@@ -63,7 +63,8 @@ class IMAPProtocol(ServerProtocol):
 
     def started(self) -> None:
         self.session = Session(self.context, self, self.sid)
-        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
+        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal,
+                             literal_sink=self.session.literal_sink)
         self.transport.write(self.session.greeting())
 
     def ended(self) -> None:
@@ -139,5 +140,6 @@ class IMAPProtocol(ServerProtocol):
         assert self.framer is not None and self.session is not None
         # Whatever the client sent after STARTTLS in the clear must not count as sent over
         # TLS (the CVE-2011-0411 class): the framer starts empty.
-        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
+        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal,
+                             literal_sink=self.session.literal_sink)
         self.start_tls_now()

@@ -18,9 +18,11 @@ from typing import Any, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
+from imapd.append import AppendLiteral, DroppedLiteral, LiteralStandIn
 from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, untagged_line
 from imapd.recent import RecentClaims
-from imapd.syntax import ParseError
+from imapd.parser import Frame, parse_command
+from imapd.syntax import Append, ParseError
 from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from policy.shares import FairShare
@@ -90,6 +92,7 @@ class SessionState:
         self.changed = False
         self.change_waiter: asyncio.Future | None = None
         self.ended = False
+        self._literal: AppendLiteral | None = None  # APPEND's message, streaming in
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -121,6 +124,32 @@ class SessionState:
             return MAX_LITERAL_BEFORE_LOGIN
         return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
 
+    def literal_sink(self, command: str, parts: list, size: int) -> AppendLiteral | DroppedLiteral | None:
+        """The framer asks, as a literal begins: APPEND's message, once logged in, goes into
+        the store as it arrives (imapd/append.py) instead of being held whole."""
+        if command != "APPEND" or self.state == NOT_AUTHENTICATED or len(parts) != 1:
+            return None  # held as any literal; a second one (MULTIAPPEND) is refused anyway
+        self.drop_literal()
+        try:
+            head = parse_command(Frame([parts[0], LiteralStandIn(size), b""]))
+        except ParseError:
+            return DroppedLiteral()  # the command will be refused for its head: read and drop
+        assert isinstance(head, Append)
+        self._literal = AppendLiteral(self.context.store, self.user, head.mailbox, flags=head.flags,
+                                      internal_date=head.date.timestamp() if head.date else None,
+                                      limit=self.max_message_size())
+        return self._literal
+
+    def take_literal(self, literal: AppendLiteral) -> None:
+        """APPEND runs with its streamed message: the command owns it from now on."""
+        if literal is self._literal:
+            self._literal = None
+
+    def drop_literal(self) -> None:
+        if self._literal is not None:
+            self._literal.close()
+            self._literal = None
+
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()
 
@@ -141,6 +170,7 @@ class SessionState:
     # -- dispatch -------------------------------------------------------------------------
 
     def parse_failed(self, error: ParseError) -> None:
+        self.drop_literal()  # an APPEND whose whole command did not parse: nothing stored
         if error.tag:
             self.tagged(error.tag, error.status, str(error), error.code)
         else:
@@ -203,6 +233,7 @@ class SessionState:
     def end(self) -> None:
         """The connection is gone."""
         self.ended = True
+        self.drop_literal()  # cut off in the middle of an APPEND: nothing of it stays
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

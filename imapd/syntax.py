@@ -186,7 +186,7 @@ class Append(Command):
     mailbox: str
     flags: tuple[str, ...]
     date: datetime.datetime | None  # aware
-    message: bytes
+    message: bytes  # or, streamed into the store as it came (imapd/append.py), its AppendLiteral
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ protocol work, and this module answers the session's questions (mtad/events.py):
 - RCPT: the accounts database (local users, aliases, catch-alls, sub-addresses); relay
   tricks and other domains are refused; remote alias targets wait for the outbound queue
   (451 4.3.0 until it exists); over quota is 452 4.2.2.
-- end of data: a Received: header (RFC 5321 §4.4) and Return-Path: are prepended and the
-  message is stored for every local recipient; 250 only once every copy is durable. A
-  small message is parsed in the event loop and handed straight to the store's committers
-  (Store.start_delivery); a big one, or a retry after a failure, runs in a worker thread.
+- message data: streamed into the store as it arrives (Store.begin_delivery): the
+  Return-Path: and Received: headers (RFC 5321 §4.4) first, as the first chunk comes, then
+  each chunk; nothing holds the message in memory. At its end the delivery is committed for
+  every local recipient; 250 only once every copy is durable. A small message is parsed in
+  the event loop and handed straight to the store's committers (Delivery.start_commit); a
+  big one, or a retry after a failure, is committed in a worker thread.
 Any unexpected exception is logged with a traceback and answered 451 4.3.0 with the session
 id, never with its text.
 
@@ -26,8 +28,6 @@ import asyncio
 import email.utils
 import itertools
 import ssl
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ from storage import (
     AddressError,
     AliasLoopError,
     Delivered,
+    Delivery,
     DeliveryError,
     DiskFullError,
     NotLocalError,
@@ -53,7 +54,6 @@ from storage import (
     Store,
     StoreError,
     UnknownAddressError,
-    is_disk_full,
     parse_address,
 )
 from wire.connections import ConnectionLimit
@@ -61,11 +61,6 @@ from wire.connections import ConnectionLimit
 _log = EventLogger("mtad.inbound")
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
 READ_SIZE = 65536
-SPOOL_IN_MEMORY = 64 << 10  # a message larger than this is spooled to a file as it arrives
-BIG_MESSAGE = 1 << 20
-# Storing a big message holds it in memory once; only this many at a time, so that memory
-# stays bounded however many large messages arrive together.
-BIG_DELIVERIES = threading.BoundedSemaphore(2)
 _counter = itertools.count(1)
 _RECEIVED_UNSAFE = str.maketrans({c: "?" for c in '();\\"<>'})
 STOP_POLL = 0.02  # seconds between looks at the sessions left while stopping
@@ -79,7 +74,6 @@ class InboundContext:
     store: Store
     tls: ssl.SSLContext | None
     deliver_in_thread: Callable  # run a blocking call off the event loop
-    spool_dir: str | None = None  # where messages over SPOOL_IN_MEMORY wait (the data dir)
     connections: ConnectionLimit | None = None  # made from [smtp] when not given
     # Deliveries under way: they finish even when their session is gone (client gone,
     # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
@@ -149,8 +143,9 @@ class InboundSMTP(AiosmtpdConnection):
         ))
         self._local: dict[str, list[str]] = {}  # recipient -> accounts it reaches
         self._outcomes: list[str] = []  # "address:code" of every RCPT of the transaction
-        self._spool = self._new_spool()
-        self._spool_failed: OSError | None = None  # the spool could not take the message
+        self._delivery: Delivery | None = None  # the message being received, from its first chunk
+        self._qid = ""
+        self._write_failed: BaseException | None = None  # the store could not take the message
         self._sender = ""
         self._peer = ""
         self._idle = False  # waiting for a command: a stop tells it at once
@@ -204,7 +199,7 @@ class InboundSMTP(AiosmtpdConnection):
             self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
             self.context.sessions.discard(self)
-            self._spool.close()
+            self._drop_message()  # one cut off mid-message leaves nothing behind
             self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
             self.close()
@@ -244,7 +239,7 @@ class InboundSMTP(AiosmtpdConnection):
                 await self._send()
                 return False
             if isinstance(event, DataChunk):
-                self._spool_chunk(event.data)
+                self._write_chunk(event.data)
             elif isinstance(event, StartTLS):
                 await self._send()
                 await self.start_tls()
@@ -262,8 +257,7 @@ class InboundSMTP(AiosmtpdConnection):
             if isinstance(event, MailFrom):
                 self._local.clear()
                 self._outcomes.clear()
-                self._spool.close()
-                self._spool = self._new_spool()
+                self._drop_message()  # a transaction given up (RSET during BDAT) and not ended
                 self._sender = event.address
                 return replies.SENDER_OK
             if isinstance(event, RcptTo):
@@ -308,54 +302,71 @@ class InboundSMTP(AiosmtpdConnection):
         self._outcomes.append(f"{address}:{outcome.code}")
         return outcome
 
-    def _new_spool(self):
-        self._spool_failed = None
-        return tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=self.context.spool_dir)
-
-    def _spool_chunk(self, data: bytes) -> None:
-        """A full disk (or any write error) fails the message, not the session: the rest of
-        its data is read and dropped, and its end is answered 452 4.3.1 (RFC 3463)."""
-        if self._spool_failed is not None:
+    def _write_chunk(self, data: bytes) -> None:
+        """Message bytes into the store as they arrive; the trace headers go first, with the
+        first chunk. A full disk (or any write error) fails the message, not the session: the
+        rest of its data is read and dropped, and its end is answered 452 4.3.1 (RFC 3463)."""
+        if self._write_failed is not None:
             return
         try:
-            self._spool.write(data)
-        except OSError as e:
-            self._spool_failed = e
-            self.log.error("spool_failed", error=e.strerror or type(e).__name__)
-            self._spool.close()
+            if self._delivery is None:
+                self._begin_message()
+            self._delivery.write(data)
+        except StoreError as e:  # the delivery is aborted: nothing of it stays
+            self._delivery = None
+            self._write_failed = e
+            self.log.error("store_write_failed", qid=self._qid, error=type(e).__name__)
+
+    def _begin_message(self) -> None:
+        self._qid = f"{self.sid}{next(_counter):04X}"
+        accounts = list(dict.fromkeys(a for targets in self._local.values() for a in targets))
+        trace = self._trace_headers(self._qid)
+        # What the sender sent starts after our trace headers: with the Message-ID, it
+        # tells a message sent again (storage/dedupe.py).
+        self._delivery = self.context.store.begin_delivery(accounts, dedupe_from=len(trace))
+        self._delivery.write(trace)
+
+    def _drop_message(self) -> None:
+        if self._delivery is not None:
+            self._delivery.close()
+        self._delivery, self._write_failed = None, None
 
     async def _end_of_data(self, end: DataEnd) -> Reply:
-        spool, failed = self._spool, self._spool_failed
-        self._spool = self._new_spool()
         self.delivering = True
         try:
-            if failed is not None and end.refusal is None:
-                self.log.info("message_refused", size=end.size, reason="spool failed")
-                return replies.INSUFFICIENT_STORAGE if is_disk_full(failed) else replies.TEMPORARY_FAILURE
-            return await self._store(end, spool)
+            if end.refusal is None and end.received_headers <= MAX_RECEIVED and self._write_failed is None \
+                    and self._delivery is None:
+                self._write_chunk(b"")  # an empty message: the trace headers alone
+            delivery, failed = self._delivery, self._write_failed
+            self._delivery, self._write_failed = None, None
+            if end.refusal is not None:
+                self.log.info("message_refused", size=end.size, reason=f"{end.refusal.code} {end.refusal.enhanced}")
+                reply = end.refusal
+            elif end.received_headers > MAX_RECEIVED:
+                self.log.info("message_refused", size=end.size, reason="mail loop")
+                reply = replies.MAIL_LOOP
+            elif failed is not None:
+                self.log.info("message_refused", size=end.size, reason="store write failed")
+                reply = replies.INSUFFICIENT_STORAGE if isinstance(failed, DiskFullError) else replies.TEMPORARY_FAILURE
+            else:
+                handed, delivery = delivery, None  # from here on the commit owns it, and closes it
+                return await self._deliver(handed)
+            if delivery is not None:
+                delivery.close()
+            return reply
         finally:
             self.delivering = False
-            spool.close()
 
-    async def _store(self, end: DataEnd, spool) -> Reply:
-        if end.refusal is not None:
-            self.log.info("message_refused", size=end.size, reason=f"{end.refusal.code} {end.refusal.enhanced}")
-            return end.refusal
-        if end.received_headers > MAX_RECEIVED:
-            self.log.info("message_refused", size=end.size, reason="mail loop")
-            return replies.MAIL_LOOP
-        qid = f"{self.sid}{next(_counter):04X}"
-        accounts = list(dict.fromkeys(a for targets in self._local.values() for a in targets))
-        trace = self._trace_headers(qid)
-        size = len(trace) + end.size
+    async def _deliver(self, delivery: Delivery) -> Reply:
+        """Commit the message for every local recipient: 250 once every copy is durable."""
+        qid, accounts = self._qid, [account for account, _ in delivery.targets]
         try:
-            # Up to WRITE_IN_COMMITTER, start_delivery leaves the file writing to the
-            # committers: only then may the event loop call it.
-            if size <= WRITE_IN_COMMITTER and self.context.store.accounts_ready(accounts):
-                head, delivered = await self._deliver_from_loop(accounts, trace, spool, end.size)
+            # Up to WRITE_IN_COMMITTER, start_commit leaves the fsync to the committers:
+            # only then may the event loop call it.
+            if delivery.size <= WRITE_IN_COMMITTER and self.context.store.accounts_ready(accounts):
+                delivered = await self._commit_from_loop(delivery)
             else:
-                head, delivered = await self.context.deliver_in_thread(_deliver, self.context.store, accounts, trace,
-                                                                       spool, end.size)
+                delivered = await self.context.deliver_in_thread(_commit, self.context.store, delivery)
         except DeliveryError as e:
             errors = [error for _, error in e.errors]
             self.log.error("store_failed", qid=qid, error=type(errors[0]).__name__,
@@ -364,37 +375,35 @@ class InboundSMTP(AiosmtpdConnection):
                 return replies.INSUFFICIENT_STORAGE
             full = any(isinstance(error, QuotaExceededError) for error in errors)
             return replies.OVER_QUOTA if full and not e.delivered else replies.TEMPORARY_FAILURE
-        message_id = _message_id(head)
+        message_id = (delivery.message_id or "")[:200]
         duplicates = [d.account for d in delivered if d.duplicate]
         if duplicates:
             # A sender that lost our 250 sent it again: the copies it reached are kept as they are.
             self.log.info("message_duplicate", qid=qid, message_id=message_id, mailboxes=",".join(duplicates))
-        self.log.info("message_accepted", qid=qid, message_id=message_id, size=size,
+        self.log.info("message_accepted", qid=qid, message_id=message_id, size=delivery.size,
                       sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts),
                       duplicates=len(duplicates))
         self._local.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
 
-    async def _deliver_from_loop(self, accounts: list[str], trace: bytes, spool, size: int
-                                 ) -> tuple[bytes, list[Delivered]]:
-        """A small message: parsed here and handed to the shards' committers, which write and
-        fsync it, with no thread of its own: at a thousand messages a second, the hand-offs
-        between threads cost more than the work. Failures go to a thread for the retry."""
-        raw = _read_message(trace, spool, size)
-        task = asyncio.ensure_future(_deliver_and_settle(self.context, accounts, raw, len(trace)))
+    async def _commit_from_loop(self, delivery: Delivery) -> list[Delivered]:
+        """A small message: parsed here and handed to the shards' committers, which fsync
+        and index it, with no thread of its own: at a thousand messages a second, the
+        hand-offs between threads cost more than the work. Failures go to a thread for the
+        retry."""
+        task = asyncio.ensure_future(_commit_and_settle(self.context, delivery))
         self.context.deliveries.add(task)
         task.add_done_callback(self._delivery_done)
         # Shielded: if the session is cancelled meanwhile (the client hung up after its
         # final dot), the delivery still completes or withdraws every copy.
-        delivered = await asyncio.shield(task)
-        return raw[:16384], delivered
+        return await asyncio.shield(task)
 
     def _delivery_done(self, task: asyncio.Task) -> None:
         self.context.deliveries.discard(task)
         if task.cancelled():
             return
         error = task.exception()  # the session hears of it too, unless it is gone
-        if error is not None and (self.transport is None or self.transport.is_closing()):
+        if error is not None and self.closing:
             self.log.error("store_failed_after_disconnect", error=type(error).__name__)
 
     def _trace_headers(self, qid: str) -> bytes:
@@ -419,54 +428,35 @@ class InboundSMTP(AiosmtpdConnection):
             await self.drain()
 
 
-def _deliver(store: Store, accounts: list[str], trace: bytes, spool, size: int) -> tuple[bytes, list[Delivered]]:
-    """In a worker thread: the message (trace headers + spool) into every mailbox. Returns
-    its first bytes, for the log, and the copies."""
-    big = size > BIG_MESSAGE
-    if big:
-        BIG_DELIVERIES.acquire()
+def _commit(store: Store, delivery: Delivery) -> list[Delivered]:
+    """In a worker thread: every copy stored (returned), or DeliveryError with none left."""
     try:
-        raw = _read_message(trace, spool, size)
         try:
-            delivered = store.deliver(accounts, raw, dedupe_from=len(trace))
+            return delivery.commit()
         except DeliveryError as first:
-            delivered = _retry_or_withdraw(store, raw, len(trace), first)
-        return bytes(raw[:16384]), delivered
+            return _retry_or_withdraw(store, delivery, first)
     finally:
-        if big:
-            BIG_DELIVERIES.release()
+        delivery.close()
 
 
-async def _deliver_and_settle(context: InboundContext, accounts: list[str], raw: bytearray, sent_from: int
-                              ) -> list[Delivered]:
-    """Every copy stored (returned), or DeliveryError with none left (see _retry_or_withdraw).
-    raw[sent_from:] is what the sender sent (after our trace headers): it, with the
-    Message-ID, tells a message sent again (storage/dedupe.py)."""
+async def _commit_and_settle(context: InboundContext, delivery: Delivery) -> list[Delivered]:
+    """In the event loop: every copy stored (returned), or DeliveryError with none left (see
+    _retry_or_withdraw)."""
     loop = asyncio.get_running_loop()
     settled = loop.create_future()
 
     def on_done(delivered, errors) -> None:
         loop.call_soon_threadsafe(_settle, settled, delivered, errors)
 
-    context.store.start_delivery(accounts, raw, on_done=on_done, dedupe_from=sent_from)
-    delivered, errors = await settled
-    if errors:
-        return await context.deliver_in_thread(_retry_or_withdraw, context.store, raw, sent_from,
-                                               DeliveryError(delivered, errors))
-    return delivered
-
-
-def _read_message(trace: bytes, spool, size: int) -> bytearray:
-    raw = bytearray(len(trace) + size)
-    raw[:len(trace)] = trace
-    spool.seek(0)
-    view = memoryview(raw)[len(trace):]
-    while view:
-        n = spool.readinto(view)
-        if not n:
-            raise OSError("spool file shorter than the message")
-        view = view[n:]
-    return raw
+    try:
+        delivery.start_commit(on_done)
+        delivered, errors = await settled
+        if errors:
+            return await context.deliver_in_thread(_retry_or_withdraw, context.store, delivery,
+                                                   DeliveryError(delivered, errors))
+        return delivered
+    finally:
+        delivery.close()
 
 
 def _settle(future: asyncio.Future, delivered: list, errors: list) -> None:
@@ -474,7 +464,7 @@ def _settle(future: asyncio.Future, delivered: list, errors: list) -> None:
         future.set_result((delivered, errors))
 
 
-def _retry_or_withdraw(store: Store, raw: bytes, sent_from: int, first: DeliveryError) -> list[Delivered]:
+def _retry_or_withdraw(store: Store, delivery: Delivery, first: DeliveryError) -> list[Delivered]:
     """Every copy stored, or none: after our 4xx the sender sends the message again to all
     its recipients, so a copy kept from a partly failed delivery would arrive twice. The
     failed copies get one more try first (a race with a quota or a mailbox change, a passing
@@ -483,7 +473,7 @@ def _retry_or_withdraw(store: Store, raw: bytes, sent_from: int, first: Delivery
     stored = list(first.delivered)
     failed = [target for target, _ in first.errors]
     try:
-        return stored + store.deliver(failed, raw, dedupe_from=sent_from)
+        return stored + delivery.retry(failed)
     except DeliveryError as second:
         stored += second.delivered
         errors = second.errors
@@ -497,9 +487,3 @@ def _retry_or_withdraw(store: Store, raw: bytes, sent_from: int, first: Delivery
     raise DeliveryError([], errors)
 
 
-def _message_id(raw: bytes) -> str:
-    end = raw.find(b"\r\n\r\n")
-    for line in raw[: end if end >= 0 else 8192].split(b"\r\n"):
-        if line[:11].lower() == b"message-id:":
-            return line[11:].strip().decode("utf-8", "replace")[:200]
-    return ""

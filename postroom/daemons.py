@@ -155,10 +155,7 @@ async def start_smtp(context: Context) -> Listening:
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     delivery_threads = Threads("deliver", DELIVERY_THREADS)
-    spool = context.data_dir.spool_path
-    spool.mkdir(mode=0o700, exist_ok=True)
-    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads,
-                             spool_dir=str(spool))
+    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
                                    backlog=context.config.server.listen_backlog)
     return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace))

@@ -39,13 +39,14 @@ from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
 from storage.mime import BodyPart, Envelope, EnvelopeAddress
 from storage.records import Usage
-from storage.store import WRITE_IN_COMMITTER, Delivered, Store
+from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
+from storage.store import Store
 from storage.watch import Watcher
 
 __all__ = [
     "INBOX", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER",
     "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError", "BodyPart",
-    "DataDir", "DataDirError", "Delivered", "DeliveryError", "DiskFullError", "Domain",
+    "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "FlagError", "FlagState",
     "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
     "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",

@@ -34,12 +34,33 @@ PRUNE_BATCH = 1000
 def message_key(message_id: str | None, raw: bytes, sent_from: int) -> bytes | None:
     """The key of a message whose sender's bytes are raw[sent_from:], or None when it has no
     Message-ID to tell it by."""
-    message_id = (message_id or "").strip()
-    if not message_id:
-        return None
-    sent = hashlib.blake2b(memoryview(raw)[sent_from:], digest_size=32).digest()
-    return hashlib.blake2b(message_id.encode("utf-8", "surrogateescape") + b"\0" + sent,
-                           digest_size=DIGEST_SIZE).digest()
+    digest = SentDigest(sent_from)
+    digest.update(raw)
+    return digest.key(message_id)
+
+
+class SentDigest:
+    """A message's key computed as its bytes arrive (storage/delivery.py): every byte from
+    offset `sent_from` on (what the sender sent, after the trace headers we prepend) goes
+    into the digest; the Message-ID, known once the message is parsed, comes last."""
+
+    def __init__(self, sent_from: int):
+        self._skip = sent_from
+        self._hash = hashlib.blake2b(digest_size=32)
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(chunk))
+            self._skip -= skipped
+            chunk = memoryview(chunk)[skipped:]
+        self._hash.update(chunk)
+
+    def key(self, message_id: str | None) -> bytes | None:
+        message_id = (message_id or "").strip()
+        if not message_id:
+            return None
+        return hashlib.blake2b(message_id.encode("utf-8", "surrogateescape") + b"\0" + self._hash.digest(),
+                               digest_size=DIGEST_SIZE).digest()
 
 
 def find(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, key: bytes, now: float, window: float) -> int | None:

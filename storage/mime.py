@@ -22,12 +22,15 @@ import email.utils
 import html
 import quopri
 import re
+from collections.abc import Iterator
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import compat32
 from typing import NamedTuple
 
 import msgspec
+
+from storage.fileview import FileView
 
 MAX_DEPTH = 20
 MAX_PARTS = 1000
@@ -41,6 +44,8 @@ _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 INDEXED_FIELDS = ("subject", "from", "to", "cc", "bcc")
 _EPOCH_ORDINAL = 719163  # datetime.date(1970, 1, 1).toordinal()
+_COUNT_SLICE = 256 << 10
+Buffer = bytes | FileView
 
 
 class EnvelopeAddress(msgspec.Struct, array_like=True, frozen=True):
@@ -136,9 +141,11 @@ class _Budget:
             self.text_chars += min(len(text), room)
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
+def parse_message(raw: Buffer) -> ParsedMessage:
     """Never raises: a message the parser cannot make sense of is one opaque part, stored
-    and fetchable all the same."""
+    and fetchable all the same. `raw` may be bytes or a FileView of the stored file
+    (storage/delivery.py): only slices of it are read (a header, the text the index keeps),
+    never the whole message at once."""
     try:
         return _parse_message(raw)
     except Exception:  # any message at all must be storable; its bytes are what counts
@@ -148,7 +155,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
                              fields={name: "" for name in INDEXED_FIELDS}, headers="", body="")
 
 
-def _parse_message(raw: bytes) -> ParsedMessage:
+def _parse_message(raw: Buffer) -> ParsedMessage:
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
     fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
@@ -158,18 +165,23 @@ def _parse_message(raw: bytes) -> ParsedMessage:
                          sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text))
 
 
-def header_end(raw: bytes, start: int, end: int) -> tuple[int, int]:
+def header_end(raw: Buffer, start: int, end: int) -> tuple[int, int]:
     """(end of the header block, start of the body) of the part at raw[start:end]."""
-    if raw.startswith(b"\r\n", start) or raw.startswith(b"\n", start):
+    first = raw[start:start + 2]  # slices, not startswith(): a FileView has no startswith
+    if first == b"\r\n" or first[:1] == b"\n":
         # No header at all: the body starts after the empty line.
-        return start, start + (2 if raw.startswith(b"\r\n", start) else 1)
-    m = _HEADER_END.search(raw, start, end)
-    if not m:
+        return start, start + (2 if first == b"\r\n" else 1)
+    if isinstance(raw, FileView):
+        span = raw.search(_HEADER_END, start, end, longest=4)
+    else:
+        m = _HEADER_END.search(raw, start, end)
+        span = m.span() if m else None
+    if span is None:
         return end, end
-    return m.start() + (2 if raw[m.start() : m.start() + 2] == b"\r\n" else 1), m.end()
+    return span[0] + (2 if raw[span[0] : span[0] + 2] == b"\r\n" else 1), span[1]
 
 
-def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int,
+def _parse_part(raw: Buffer, start: int, end: int, default: tuple[str, str], depth: int,
                 budget: _Budget) -> tuple[BodyPart, Message]:
     budget.parts += 1
     hdr_end, body_start = header_end(raw, start, end)
@@ -213,28 +225,61 @@ def _parse_part(raw: bytes, start: int, end: int, default: tuple[str, str], dept
     return part, message
 
 
-def _split_multipart(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]] | None:
+def _split_multipart(raw: Buffer, start: int, end: int, boundary: str) -> list[tuple[int, int]] | None:
     """Byte ranges of the body parts between `--boundary` delimiter lines (RFC 2046 §5.1.1)."""
     delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
-    pattern = re.compile(rb"(?:^|(?<=\n))" + re.escape(delimiter) + rb"(--)?[ \t]*(?:\r?\n|$)", re.MULTILINE)
     ranges: list[tuple[int, int]] = []
     part_start = None
-    for m in pattern.finditer(raw, start, end):
+    for line_start, line_end, closing in _delimiter_lines(raw, start, end, delimiter):
         if part_start is not None:
             # The CRLF before a delimiter belongs to the delimiter, not to the part.
-            part_end = m.start()
+            part_end = line_start
             if raw[part_end - 2 : part_end] == b"\r\n":
                 part_end -= 2
             elif raw[part_end - 1 : part_end] == b"\n":
                 part_end -= 1
             ranges.append((part_start, max(part_start, part_end)))
-        if m.group(1):
+        if closing:
             return ranges
-        part_start = m.end()
+        part_start = line_end
     if part_start is None:
         return None
     ranges.append((part_start, end))  # no close delimiter: the last part runs to the end
     return ranges
+
+
+def _delimiter_lines(raw: Buffer, start: int, end: int, delimiter: bytes) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, whether it closes) of each delimiter line in raw[start:end]: the delimiter
+    at the start of a line, "--" after it on the close delimiter, then spaces or tabs and the
+    line end (or the end of the part). A search for the delimiter, then a look at its line:
+    a regular expression that tries a line start at every byte took 0.5 s for 20 MB."""
+    at = start
+    while True:
+        found = raw.find(delimiter, at, end)
+        if found < 0:
+            return
+        at = found + 1
+        if found > 0 and raw[found - 1:found] != b"\n":
+            continue
+        after = found + len(delimiter)
+        closing = after + 2 <= end and raw[after:after + 2] == b"--"
+        if closing:
+            after += 2
+        while after < end:  # white space, a slice at a time (there may be a lot of it)
+            piece = raw[after:min(end, after + 4096)]
+            after += len(piece) - len(piece.lstrip(b" \t"))
+            if piece.lstrip(b" \t"):
+                break
+        if after == end:
+            line_end = end
+        elif raw[after:after + 1] == b"\n":
+            line_end = after + 1
+        elif after + 2 <= end and raw[after:after + 2] == b"\r\n":
+            line_end = after + 2
+        else:
+            continue
+        yield found, line_end, closing
+        at = line_end
 
 
 def _content_type(message: Message, default: tuple[str, str]) -> tuple[str, str]:
@@ -261,9 +306,12 @@ def _params(message: Message, header: str = "content-type") -> tuple[tuple[str, 
     return tuple(out)
 
 
-def _count_lines(raw: bytes, start: int, end: int) -> int:
-    lines = raw.count(b"\n", start, end)
-    return lines if end == start or raw.endswith(b"\n", start, end) else lines + 1
+def _count_lines(raw: Buffer, start: int, end: int) -> int:
+    if isinstance(raw, bytes):
+        lines = raw.count(b"\n", start, end)
+    else:  # a FileView has no count(): a slice at a time, so a 25 MB part is never read whole
+        lines = sum(raw[i:min(end, i + _COUNT_SLICE)].count(b"\n") for i in range(start, end, _COUNT_SLICE))
+    return lines if end == start or raw[end - 1:end] == b"\n" else lines + 1
 
 
 def _extension(message: Message) -> tuple[tuple | None, tuple[str, ...] | None, str | None]:

@@ -2,9 +2,10 @@
 
 An account lives in one shard, chosen by a stable hash of its address modulo the shard
 count recorded in the data dir. Every method is synchronous and thread-safe; asyncio and
-Twisted callers run them in a thread. The one exception, start_delivery, hands its work to
-the shards' committers and reports through a callback, for an event loop that delivers
-many small messages a second. Writes return once durable (file fsynced and renamed,
+Twisted callers run them in a thread. A delivery is streamed and two-phase
+(begin_delivery: storage/delivery.py); its start_commit hands the work to the shards'
+committers and reports through a callback, for an event loop that delivers many small
+messages a second. Writes return once durable (file fsynced and renamed,
 directory fsynced, index committed with fsync); concurrent writes to a shard share a commit.
 Mailboxes are named with "/" as separator; messages are addressed by UID ranges, never by
 sequence numbers (those belong to an IMAP session).
@@ -14,40 +15,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, maildir, messages, records, search, settle
+from storage import fts, mailboxes, messages, records, search, settle
 from storage.datadir import DataDir
-from storage.errors import DeliveryError, MailboxNotFoundError, StoreError, store_error
+from storage.delivery import Delivered, Delivery
+from storage.errors import DeliveryError, StoreError
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
-from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
-from storage.records import MessageRecord, Usage
+from storage.records import Usage
 from storage.shard import Shard
-
-
-# A message up to this size is written and fsynced by the shard's committer, beside the
-# other files of its batch; a bigger one by the caller, before it joins a batch.
-WRITE_IN_COMMITTER = 256 << 10
-
-
-@dataclass(frozen=True)
-class Delivered:
-    account: str
-    mailbox: str
-    uidvalidity: int
-    uid: int
-    # The mailbox already had this message (storage/dedupe.py): `uid` is that copy's, and
-    # nothing was stored. Never withdraw it: it belongs to an earlier delivery.
-    duplicate: bool = False
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -210,72 +193,63 @@ class Store:
 
     # -- delivery -----------------------------------------------------------------------
 
+    def begin_delivery(self, targets: Iterable[tuple[str, str] | str], *, flags: Iterable[str] = (),
+                       internal_date: float | None = None, dedupe_from: int | None = None) -> Delivery:
+        """A message for each distinct (account, mailbox) target ("account" alone is its
+        INBOX), written a chunk at a time and then committed or aborted (storage/delivery.py).
+        Mail received by SMTP gives `dedupe_from`, where in the message the bytes its sender
+        sent begin (after the trace headers added here): a target that already has this
+        message (the same Message-ID and the same bytes, within [storage] dedupe_window) gets
+        no second copy, and its Delivered says `duplicate`. Raises for bad flags or dates,
+        and DiskFullError (or StoreError) when the message's file cannot be made."""
+        bits, keywords = messages.parse_flags(flags)
+        if internal_date is not None and not -2**62 < internal_date < 2**62:
+            raise ValueError(f"internal date out of range: {internal_date}")
+        wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
+                                    for t in targets))
+        return Delivery(wanted, shard_of=self.shard, mailbox_of=self._mailbox_id, quota_of=self.quota,
+                        bits=bits, keywords=keywords, internal_date=internal_date,
+                        key_from=dedupe_from if self._dedupe_window > 0 else None, window=self._dedupe_window)
+
     def deliver(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *, flags: Iterable[str] = (),
                 internal_date: float | None = None, dedupe_from: int | None = None) -> list[Delivered]:
-        """Store `raw` once in each distinct (account, mailbox) target ("account" alone is its
-        INBOX). Returns when every copy is durable; DeliveryError if any failed (the
-        `delivered` ones are durable all the same). Mail received by SMTP gives `dedupe_from`,
-        where in `raw` the bytes its sender sent begin (after the trace headers added here): a
-        target that already has this message (the same Message-ID and the same bytes, within
-        [storage] dedupe_window) gets no second copy, and its Delivered says `duplicate`."""
-        settled = threading.Event()
-        outcome: list = []
-
-        def done(delivered: list[Delivered], errors: list) -> None:
-            outcome.extend((delivered, errors))
-            settled.set()
-
-        self.start_delivery(targets, raw, flags=flags, internal_date=internal_date, on_done=done,
-                            dedupe_from=dedupe_from)
-        settled.wait()
-        delivered, errors = outcome
-        if errors:
-            raise DeliveryError(delivered, errors)
-        return delivered
+        """A whole message at once (begin_delivery, one write, commit): returns when every
+        copy is durable; DeliveryError if any failed (the `delivered` ones are durable all
+        the same)."""
+        targets = list(targets)
+        try:
+            delivery = self.begin_delivery(targets, flags=flags, internal_date=internal_date,
+                                           dedupe_from=dedupe_from)
+        except StoreError as e:
+            raise _all_failed(targets, e) from None
+        with delivery:
+            try:
+                delivery.write(raw)
+            except StoreError as e:
+                raise _all_failed(delivery.targets, e) from None
+            return delivery.commit()
 
     def start_delivery(self, targets: Iterable[tuple[str, str] | str], raw: bytes, *,
                        on_done: Callable[[list[Delivered], list[tuple[tuple[str, str], BaseException]]], None],
                        flags: Iterable[str] = (), internal_date: float | None = None,
                        dedupe_from: int | None = None) -> None:
-        """deliver() without waiting: the message is parsed here, and the shards' committers
-        write, fsync and index it; `on_done(delivered, errors)` is called once every target
-        is settled, in a committer's thread (or in this one, when no target got that far).
-        A message over WRITE_IN_COMMITTER is written and fsynced here, and an account's
-        first delivery waits for its default mailboxes: an event loop may call it only for
-        smaller messages to existing accounts (see accounts_ready)."""
-        bits, keywords = messages.parse_flags(flags)
-        if internal_date is not None and not -2**62 < internal_date < 2**62:
-            raise ValueError(f"internal date out of range: {internal_date}")
-        parsed = parse_message(raw)
-        received = internal_date if internal_date is not None else time.time()
-        texts = fts.compress_texts(fts.fields_of(parsed))  # here, not in the committer
-        key = None
-        if dedupe_from is not None and self._dedupe_window > 0:
-            key = duplicates.message_key(parsed.envelope.message_id, raw, dedupe_from)
-        wanted = list(dict.fromkeys((t, INBOX) if isinstance(t, str) else (t[0], normalize_name(t[1]))
-                                    for t in targets))
-        delivery = _Delivery(len(wanted), on_done)
-        for index, (account, name) in enumerate(wanted):
-            tmp = None
-            try:
-                shard = self.shard(account)
-                mailbox_id = self._mailbox_id(shard, account, name)
-                base = maildir.new_base()
-                tmp = shard.writer.path / base
-                meta = MessageRecord.of(parsed, base=base, size=len(raw), internal_date=received)
-                record = records.encode(meta)
-                fn = _insert_fn(shard, account, mailbox_id, tmp, meta, record, texts, bits, keywords,
-                                self.quota(account), key, self._dedupe_window)
-                write = functools.partial(maildir.write_file, tmp, raw, received)
-                if len(raw) > WRITE_IN_COMMITTER:
-                    write()  # here: a big file would hold up every request of its batch
-                    write = None
-                shard.submit(fn, before=write,
-                             on_done=functools.partial(delivery.settle_request, index, (account, name), tmp))
-            except Exception as e:  # noqa: BLE001 - this target failed; the others go on
-                if tmp is not None:
-                    _unlink_quietly(tmp)  # written here, if it was big
-                delivery.settle(index, (account, name), error=store_error(e))
+        """deliver() without waiting (Delivery.start_commit, with its limits): `on_done(delivered,
+        errors)` is called once every target is settled."""
+        targets = list(targets)
+        try:
+            delivery = self.begin_delivery(targets, flags=flags, internal_date=internal_date,
+                                           dedupe_from=dedupe_from)
+            delivery.write(raw)
+        except StoreError as e:
+            failed = _all_failed(targets, e)
+            on_done([], failed.errors)
+            return
+
+        def done(delivered: list[Delivered], errors: list) -> None:
+            delivery.close()
+            on_done(delivered, errors)
+
+        delivery.start_commit(done)
 
     def append(self, account: str, mailbox: str, raw: bytes, *, flags: Iterable[str] = (),
                internal_date: float | None = None) -> Delivered:
@@ -441,71 +415,6 @@ class Store:
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
 
 
-def _insert_fn(shard: Shard, account: str, mailbox_id: int, tmp: Path, meta: MessageRecord,
-               record: bytes, texts: bytes, bits: int, keywords: tuple[str, ...], quota: Quota,
-               key: bytes | None, window: float):
-    """The commit step of one copy: (mailbox id, UID, whether it was a duplicate)."""
-    def fn(txn, batch):
-        state = records.get_mailbox(txn, shard, mailbox_id)
-        if state is None:
-            raise MailboxNotFoundError("the mailbox was deleted during delivery")
-        now = time.time()
-        if key is not None:
-            # Decided inside the commit: two sendings racing each other find each other.
-            uid = duplicates.find(txn, shard, mailbox_id, key, now, window)
-            if uid is not None:
-                return mailbox_id, uid, True
-        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=tmp, record=meta,
-                              bits=bits, keywords=keywords, quota=quota, texts=texts, encoded=record)
-        if key is not None:
-            duplicates.remember(txn, shard, mailbox_id, key, uid, now)
-        return mailbox_id, uid, False
-
-    return fn
-
-
-class _Delivery:
-    """The targets of one message in flight; on_done is called once all are settled."""
-
-    def __init__(self, count: int, on_done: Callable) -> None:
-        self._lock = threading.Lock()
-        self._left = count
-        self._delivered: list[tuple[int, Delivered]] = []
-        self._errors: list[tuple[int, tuple[str, str], BaseException]] = []
-        self._on_done = on_done
-        if not count:
-            on_done([], [])
-
-    def settle_request(self, index: int, target: tuple[str, str], tmp: Path, request) -> None:
-        if request.error is not None:
-            try:
-                _unlink_quietly(tmp)  # written, or renamed back by the failed batch
-            finally:
-                self.settle(index, target, error=request.error)
-        elif request.result is None:  # never ran: no commit to report
-            self.settle(index, target, error=StoreError("delivery was not committed"))
-        else:
-            uidvalidity, uid, duplicate = request.result
-            if duplicate:
-                _unlink_quietly(tmp)  # the mailbox has this message already
-            self.settle(index, target, Delivered(target[0], target[1], uidvalidity, uid, duplicate))
-
-    def settle(self, index: int, target: tuple[str, str], delivered: Delivered | None = None,
-               error: BaseException | None = None) -> None:
-        with self._lock:
-            if error is not None:
-                self._errors.append((index, target, error))
-            else:
-                self._delivered.append((index, delivered))
-            self._left -= 1
-            if self._left:
-                return
-        self._on_done([d for _, d in sorted(self._delivered, key=lambda x: x[0])],
-                      [(t, e) for _, t, e in sorted(self._errors, key=lambda x: x[0])])
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:  # never written, or its directory is gone: an orphan `store check` finds
-        pass
+def _all_failed(targets: list, error: BaseException) -> DeliveryError:
+    wanted = [(t, INBOX) if isinstance(t, str) else t for t in targets] or [("", INBOX)]
+    return DeliveryError([], [(target, error) for target in wanted])

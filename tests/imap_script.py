@@ -112,7 +112,8 @@ class IMAPScript:
         self.loop = server.loop
         self.conn = ScriptedConnection(tls=tls)
         self.session = Session(server.context, self.conn, f"t{next(server.sids)}")
-        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal)
+        self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal,
+                             literal_sink=self.session.literal_sink)
         self.greeting = self.session.greeting()
         self.running: asyncio.Task | None = None
         self._tags = itertools.count(1)

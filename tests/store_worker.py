@@ -5,6 +5,8 @@
 MODE "deliver": four threads deliver uniquely numbered messages to alice's INBOX and move
 some to Archive; after each call returns it prints `delivered <seq>` or `moved <seq>`, so
 the parent knows exactly which operations were acknowledged before the SIGKILL.
+MODE "stream": the same, each message written into Store.begin_delivery in pieces of 1 to
+4096 bytes; every fifth is aborted halfway instead (and never printed).
 MODE "flags": flags every message of alice's INBOX \\Flagged and back, printing `flagged N`.
 """
 
@@ -29,6 +31,20 @@ def message(seq: int) -> bytes:
             f"Message-ID: <{seq}@example.org>\r\n\r\n{body}\r\n").encode()
 
 
+def stream(store: Store, seq: int):
+    raw = message(seq)
+    with store.begin_delivery([ACCOUNT]) as delivery:
+        at = 0
+        while at < len(raw):
+            step = 1 + (seq * 7919 + at) % 4096
+            delivery.write(raw[at:at + step])
+            at += step
+            if seq % 5 == 0 and at > len(raw) // 2:
+                delivery.abort()
+                return None
+        return delivery.commit()[0]
+
+
 def main() -> None:
     data_dir, shards, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     store = Store(open_data_dir(data_dir, shards))
@@ -39,14 +55,19 @@ def main() -> None:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-    if mode == "deliver":
+    if mode in ("deliver", "stream"):
         start = int(sys.argv[4])
         counter = itertools.count(start)
 
         def work() -> None:
             while True:
                 seq = next(counter)
-                delivered = store.deliver([ACCOUNT], message(seq))[0]
+                if mode == "stream":
+                    delivered = stream(store, seq)
+                    if delivered is None:
+                        continue
+                else:
+                    delivered = store.deliver([ACCOUNT], message(seq))[0]
                 say(f"delivered {seq} {delivered.uidvalidity} {delivered.uid}")
                 if seq % 7 == 0:
                     store.move(ACCOUNT, "INBOX", [(delivered.uid, delivered.uid)], "Archive")
