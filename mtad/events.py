@@ -4,7 +4,7 @@
 leaves to the adapter: Hello, MailFrom, RcptTo and DataEnd. The core reads no further input
 until the adapter answers the open question with `Session.answer(event, reply)`, passing the
 event itself back, so that pipelined commands are answered in order (RFC 2920 §3.1). The
-others need no answer: DataChunk is spooled, StartTLS is acted on (then
+others need no answer: DataChunk goes into the store delivery, StartTLS is acted on (then
 `Session.tls_established()`), Close ends the connection. NEED_DATA and PAUSED are the two
 "nothing now" sentinels: more bytes are needed, or a question is still open.
 """
@@ -46,7 +46,7 @@ class RcptTo:
 
 @dataclass(frozen=True)
 class DataChunk:
-    """Message bytes (unstuffed) to spool. No answer."""
+    """Message bytes (unstuffed), for the store delivery. No answer."""
     data: bytes
 
 
@@ -54,7 +54,7 @@ class DataChunk:
 class DataEnd:
     """The whole message has arrived: answer with the final reply for the transaction.
     If `refusal` is set the session already knows the answer; the adapter must discard the
-    spool and answer it (or a reply of its own, never 250)."""
+    delivery and answer it (or a reply of its own, never 250)."""
     size: int
     received_headers: int
     refusal: Reply | None

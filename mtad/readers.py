@@ -28,7 +28,7 @@ from mtad import replies
 from mtad.events import DataChunk
 from mtad.replies import Reply
 
-PARTIAL_LINE = 8192  # a DATA line longer than this is spooled in pieces
+PARTIAL_LINE = 8192  # a DATA line longer than this is passed on in pieces
 # A header section beyond this is refused 552 5.3.4: header lines cost ~20x the CPU of body
 # lines, here and in the store's parser (an attack's 20 MB of one-line fields took 19 s).
 MAX_HEADER = 1 << 20
@@ -51,7 +51,7 @@ class MessageCheck:
 
     @property
     def wanted(self) -> bool:
-        """Whether the message's bytes are still worth spooling."""
+        """Whether the message's bytes are still worth passing on."""
         return not self.too_big and not self.bare_lf
 
     def add(self, size: int) -> None:
@@ -142,7 +142,7 @@ class DataReader:
         if b"\r" in content or b"\n" in content:
             message.bare_lf = True
         self._line_start = complete
-        self._spool(piece, chunk, events)
+        self._pass_on(piece, chunk, events)
         if message.in_headers and message.size > MAX_HEADER:
             message.refuse_header()
 
@@ -156,9 +156,9 @@ class DataReader:
             block = block[1:]
         if b"\r\n." in block:
             block = block.replace(b"\r\n.", b"\r\n")
-        self._spool(block, chunk, events)
+        self._pass_on(block, chunk, events)
 
-    def _spool(self, data: bytes, chunk: bytearray, events: deque) -> None:
+    def _pass_on(self, data: bytes, chunk: bytearray, events: deque) -> None:
         """Count unstuffed message bytes, and pass them on while the message is still wanted."""
         self.message.add(len(data))
         if self.message.wanted:

@@ -28,11 +28,6 @@ class DataDir:
         return self.path / "accounts.lmdb"
 
     @property
-    def spool_path(self) -> Path:
-        """Where mtad spools messages as they arrive, before they are stored."""
-        return self.path / "spool"
-
-    @property
     def audit_log_path(self) -> Path:
         """Who changed which account when (postroom/admin.py's AuditLog)."""
         return self.path / "audit.log"
