@@ -148,6 +148,14 @@ class Daemon:
     def stdout(self) -> str:
         return self.out_path.read_text()
 
+    def child_pid(self, name: str) -> int:
+        """The pid of serve's child process `name` ("mtad", "imapd", "pop3d"): what a test of
+        a daemon's memory must measure, not the supervisor."""
+        from procs import processes
+
+        (pid,) = [pid for pid, p in processes().items() if p.parent == self.process.pid and p.name == name]
+        return pid
+
     def stderr(self) -> str:
         return self.err_path.read_text()
 

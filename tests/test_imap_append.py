@@ -14,7 +14,6 @@ import pytest
 
 from conftest import client_tls_context
 from imapd.append import AppendLiteral
-from procs import processes
 from storage import FlagError, open_data_dir
 from storage.store import Store
 from test_imapd import PASSWORD, _read_until, login, raw, server, user  # noqa: F401 - fixtures
@@ -27,8 +26,7 @@ def part_files(server) -> list:
 
 
 def imapd_pid(server) -> int:
-    (pid,) = [pid for pid, p in processes().items() if p.parent == server.process.pid and p.name == "imapd"]
-    return pid
+    return server.child_pid("imapd")
 
 
 def status_kib(pid: int, field: str) -> int:

@@ -430,7 +430,7 @@ def test_memory_stays_bounded_when_the_client_does_not_read(server, user):
     big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000  # ~1 MB
     for _ in range(40):
         server.store.append(user, "INBOX", big)
-    pid = server.process.pid
+    pid = server.child_pid("imapd")
     before = _rss_kib(pid)
     address = server.listen("imap.listen_tls")
     sock = client_tls_context(server.config).wrap_socket(

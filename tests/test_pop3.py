@@ -513,7 +513,7 @@ def _rss_kib(pid: int) -> int:
 def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded(pop):
     for i in range(500):
         pop.store.deliver([ALICE], f"Subject: {i}\r\n\r\nbody\r\n".encode())
-    before = _rss_kib(pop.process.pid)
+    before = _rss_kib(pop.child_pid("pop3d"))
     address = pop.listen("pop3.listen_tls")
     sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
                                         server_hostname=address.host)
@@ -526,7 +526,7 @@ def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded
         assert answers.startswith(b"+OK") and b"\r\n+OK" in answers, answers
         sock.sendall(b"UIDL\r\n" * 20_000)  # ~10 KB of reply each, never read
         time.sleep(3)
-        grown = _rss_kib(pop.process.pid) - before
+        grown = _rss_kib(pop.child_pid("pop3d")) - before
     assert grown < 30_000, f"daemon grew {grown} KiB for a client that does not read"
     client = login_when_free(pop)  # and the maildrop is free again once it is gone
     assert client.stat()[0] == 500
@@ -568,12 +568,12 @@ def test_pipelined_retr_to_a_client_that_does_not_read_keeps_memory_bounded(pop)
             chunk = sock.recv(1000)
             assert chunk, replies
             replies += chunk
-        before = _rss_kib(pop.process.pid)
+        before = _rss_kib(pop.child_pid("pop3d"))
         sock.sendall(b"".join(b"RETR %d\r\n" % n for n in range(1, count + 1)))  # never read
         grown = 0
         for _ in range(10):
             time.sleep(0.5)
-            grown = max(grown, _rss_kib(pop.process.pid) - before)
+            grown = max(grown, _rss_kib(pop.child_pid("pop3d")) - before)
     # What the kernel's socket buffers take (a few MiB on loopback) is sent; the rest waits
     # for the client. Without that pacing the daemon holds every message: 20 MiB and more.
     assert grown < 4 * 1024, f"daemon grew {grown} KiB for a client that does not read {count} RETRs"
