@@ -63,7 +63,6 @@ MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3
 READ_SIZE = 65536
 _counter = itertools.count(1)
 _RECEIVED_UNSAFE = str.maketrans({c: "?" for c in '();\\"<>'})
-STOP_POLL = 0.02  # seconds between looks at the sessions left while stopping
 LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
 
 
@@ -82,6 +81,8 @@ class InboundContext:
     # returns at once before Python 3.12, and waits for every connection since).
     sessions: set[InboundSMTP] = field(default_factory=set)
     stopping: bool = False
+    # Set when a session ends or a delivery's reply is decided: what a stop waits on.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         if self.connections is None:
@@ -104,8 +105,7 @@ class InboundContext:
                 session.cut_off()
         # A delivery is not cut short: the store must settle it (every copy or none) and
         # the client hear the outcome, or it sends again what we stored.
-        while any(session.delivering for session in self.sessions):
-            await asyncio.sleep(STOP_POLL)
+        await self._until(lambda: not any(session.delivering for session in self.sessions))
         await self._sessions_gone(LAST_WORDS)  # their replies go out, then 421
         for session in list(self.sessions):
             session.cut_off()
@@ -113,10 +113,23 @@ class InboundContext:
         await self.finish_deliveries()
 
     async def _sessions_gone(self, seconds: float) -> None:
+        await self._until(lambda: not self.sessions, seconds)
+
+    async def _until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
+        """Wait until `condition()` holds, looking again at each `changed`; at most `seconds`."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(STOP_POLL)
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            self.changed.clear()  # before the look: a change from here on wakes the wait
+            if condition():
+                return
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                return
 
     def admit(self, ip: str) -> bool:
         return self.connections.admit(ip)
@@ -199,6 +212,7 @@ class InboundSMTP(AiosmtpdConnection):
             self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
         finally:
             self.context.sessions.discard(self)
+            self.context.changed.set()
             self._drop_message()  # one cut off mid-message leaves nothing behind
             self.context.release(self._peer)
             self.log.info("disconnect", client=self._peer)
@@ -356,6 +370,7 @@ class InboundSMTP(AiosmtpdConnection):
             return reply
         finally:
             self.delivering = False
+            self.context.changed.set()
 
     async def _deliver(self, delivery: Delivery) -> Reply:
         """Commit the message for every local recipient: 250 once every copy is durable."""
