@@ -126,15 +126,19 @@ class SessionState:
 
     def literal_sink(self, command: str, parts: list, size: int) -> AppendLiteral | DroppedLiteral | None:
         """The framer asks, as a literal begins: APPEND's message, once logged in, goes into
-        the store as it arrives (imapd/append.py) instead of being held whole."""
-        if command != "APPEND" or self.state == NOT_AUTHENTICATED or len(parts) != 1:
-            return None  # held as any literal; a second one (MULTIAPPEND) is refused anyway
-        self.drop_literal()
+        the store as it arrives (imapd/append.py) instead of being held whole. Only the
+        literal in the message's place: the mailbox name may be a literal too (an astring,
+        RFC 3501 §6.3.11), and is held like any literal, within the framer's bounds."""
+        if command != "APPEND" or self.state == NOT_AUTHENTICATED or _names_the_mailbox(parts):
+            return None
+        stand_in = LiteralStandIn(size)
         try:
-            head = parse_command(Frame([parts[0], LiteralStandIn(size), b""]))
+            head = parse_command(Frame([*parts, stand_in, b""]))
         except ParseError:
             return DroppedLiteral()  # the command will be refused for its head: read and drop
-        assert isinstance(head, Append)
+        if not isinstance(head, Append) or head.message is not stand_in:
+            return None  # not the message: held, and the command answered for it
+        self.drop_literal()
         self._literal = AppendLiteral(self.context.store, self.user, head.mailbox, flags=head.flags,
                                       internal_date=head.date.timestamp() if head.date else None,
                                       limit=self.max_message_size())
@@ -237,3 +241,12 @@ class SessionState:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+
+
+def _names_the_mailbox(parts: list) -> bool:
+    """Whether the literal beginning after `parts` is APPEND's first argument, the mailbox:
+    the command's first line holds only the tag, APPEND and the literal's {n} marker."""
+    if len(parts) != 1:
+        return False
+    words = bytes(parts[0]).split(None, 2)
+    return len(words) == 3 and words[2].startswith(b"{")

@@ -208,6 +208,22 @@ def test_append_then_fetch_exact_bytes_flags_and_date(server, user):
     assert imap.transact("bad", b"APPEND INBOX {0+}\r\n").text == "empty message"
 
 
+def test_append_to_a_mailbox_named_by_a_literal(server, user):
+    """The mailbox is an astring (RFC 3501 §6.3.11): a literal there is the name, and the
+    message after it still streams into the store (found by an attack: the connection died)."""
+    message = b"Subject: q\r\n\r\nbody\r\n"
+    imap = server.login(user)
+    reply = imap.transact("ok", b"APPEND " + literal(b"INBOX") + b" " + literal(message))
+    assert re.fullmatch(r"APPENDUID \d+ 1", reply.code)
+    reply = imap.transact("ok", b"APPEND {7}\r\nArchive (\\Seen) " + literal(message))  # synchronizing
+    assert re.fullmatch(r"APPENDUID \d+ 1", reply.code)
+    (archived,) = server.store.fetch(user, "Archive", [(1, 1)])
+    assert archived.flags == ("\\Seen",) and server.store.read_message(archived) == message
+    (stored,) = server.store.fetch(user, "INBOX", [(1, 1)])
+    assert server.store.read_message(stored) == message
+    assert imap.transact("no", b"APPEND " + literal(b"Nowhere") + b" " + literal(message)).code == "TRYCREATE"
+
+
 def test_append_turns_bare_lf_into_crlf(server, user):
     message = b"Subject: lf\n\nline1\n.\nline3\r\nend\n"  # as a raw client may send it
     imap = server.login(user)
