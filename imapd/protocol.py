@@ -53,6 +53,9 @@ class IMAPProtocol(ServerProtocol):
     def timeout_reply(self) -> bytes:
         return b"* BYE autologout; idle for too long\r\n"
 
+    def fault_reply(self) -> bytes:
+        return f"* BYE [SERVERBUG] internal error, session {self.sid} (logged on the server)\r\n".encode()
+
     def shutdown_reply(self) -> bytes:
         return b"* BYE [UNAVAILABLE] server shutting down, reconnect later\r\n"
 

@@ -51,6 +51,9 @@ class POP3Protocol(ServerProtocol):
         # sending any response" (a reply could land in the middle of a message body).
         return b""
 
+    def fault_reply(self) -> bytes:
+        return err(f"internal error, session {self.sid} (logged on the server)", "SYS/TEMP")
+
     def shutdown_reply(self) -> bytes:
         # RFC 1939: closing without QUIT deletes nothing, so the client loses no work.
         return err("server shutting down, reconnect later", "SYS/TEMP")

@@ -61,12 +61,23 @@ class LineProtocol(ServerProtocol):
         del self.buffer[:end + 2]
         return line
 
+    def fault_reply(self) -> bytes:
+        return b"BYE internal error\r\n"
+
     def dispatch(self, line):
         verb, _, text = line.partition(b" ")
+        if verb == b"BUG":
+            raise RuntimeError("secret detail")  # a bug in the core, met while dispatching
+        if verb == b"SLOWBUG":
+            return self._bug()
         if verb == b"SLOW":
             return self._slow(text)
         self.write(text + b"\r\n")
         return None
+
+    async def _bug(self) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("secret detail")
 
     async def _slow(self, text: bytes) -> None:
         for _ in range(5):  # a few turns of the loop, as a store call in a thread takes
@@ -130,6 +141,32 @@ def test_pipelined_commands_are_answered_in_order(loop):
         assert loop.run_until_complete(talk()) == b"one\r\ntwo\r\nthree\r\nfour\r\n"
     finally:
         loop.run_until_complete(listening.stop())
+
+
+@pytest.mark.parametrize("verb", [b"BUG", b"SLOWBUG"])
+def test_a_bug_in_the_core_ends_only_its_connection_with_last_words(loop, verb):
+    """A bug (an exception other than the protocol's own errors) while taking or answering a
+    command: that client hears the fault reply (never the exception's text) and is closed,
+    and the others go on. Before, one escaping the framer dropped the connection in silence."""
+    factory, listening, port = serve(loop, ConnectionLimit(10, 10))
+
+    async def talk() -> tuple[bytes, bytes]:
+        reader, writer = await connect(port)
+        other_reader, other_writer = await connect(port)
+        writer.write(verb + b" x\r\nSAY never\r\n")
+        last = await asyncio.wait_for(reader.read(), TIMEOUT)  # to EOF: the connection is closed
+        other_writer.write(b"SAY still here\r\n")
+        other = await asyncio.wait_for(other_reader.readline(), TIMEOUT)
+        writer.close()
+        other_writer.close()
+        return last, other
+
+    try:
+        last, other = loop.run_until_complete(talk())
+    finally:
+        loop.run_until_complete(listening.stop())
+    assert last == b"BYE internal error\r\n"
+    assert other == b"still here\r\n"
 
 
 def test_connection_over_the_limit_is_refused_and_released_ones_free_a_place(loop):

@@ -108,6 +108,11 @@ class ServerProtocol(Protocol):
     def shutdown_reply(self) -> bytes:
         raise NotImplementedError
 
+    def fault_reply(self) -> bytes:
+        """The last words to a client whose connection a bug in our code ends (logged with
+        its traceback); the text never carries the exception's."""
+        return b""
+
     def first_timeout(self) -> float:
         raise NotImplementedError
 
@@ -195,10 +200,14 @@ class ServerProtocol(Protocol):
         while not self.closing:
             if (self.busy or not self.writable()) and not self.awaiting_input():
                 break  # resumed by _run's end or by resumeProducing
-            event = self.next_event()
-            if event is None:
-                break
-            work = self.dispatch(event)
+            try:
+                event = self.next_event()
+                if event is None:
+                    break
+                work = self.dispatch(event)
+            except Exception:  # noqa: BLE001 - a bug in the core costs this connection, said and logged
+                self._failed()
+                return
             if work is not None:
                 self.busy = True
                 self._task = asyncio.ensure_future(self._run(work))
@@ -210,14 +219,20 @@ class ServerProtocol(Protocol):
         except ConnectionError:
             pass
         except Exception:  # noqa: BLE001 - the session answers its own errors; this is a bug in it
-            self.log.error("session_failed", exc_info=True)
-            self.close()
+            self._failed()
         finally:
             self.busy = False
             self._task = None
         self.finished()
         if not self.closing:
             self.pump()
+
+    def _failed(self) -> None:
+        self.log.error("session_failed", exc_info=True)
+        reply = self.fault_reply()
+        if reply and not self.closing:
+            self.transport.write(reply)
+        self.close()
 
     def restart_timer(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
