@@ -219,6 +219,7 @@ class POP3Core:
 
     def _refuse(self, refusal: Err) -> Reply | Close:
         """The one place a command's -ERR is answered, and bad commands are counted."""
+        self._user_for_pass = None  # a refused line between USER and PASS breaks the pair too
         self.errors += 1
         if self.errors >= MAX_ERRORS:
             return Close(refusal.closing(replies.TOO_MANY_ERRORS))

@@ -425,9 +425,12 @@ def test_bad_logins(line, reply):
     assert driver.core.state == AUTHORIZATION
 
 
-def test_pass_must_follow_user_at_once():
+@pytest.mark.parametrize("between", [b"CAPA", b"FROB", b"STAT", b"", b"NOOP x\x01"])
+def test_pass_must_follow_user_at_once(between):
+    """RFC 1939 §7: PASS right after USER. Any line between, known, unknown, refused or
+    empty, breaks the pair (an unknown one used to leave USER pending)."""
     driver = Driver(POP3Core(settings()))
-    assert driver.send(b"USER alice@example.test\r\nCAPA\r\nPASS " + PASSWORD.encode() + b"\r\n") \
+    assert driver.send(b"USER alice@example.test\r\n" + between + b"\r\nPASS " + PASSWORD.encode() + b"\r\n") \
         .endswith(b"-ERR USER first\r\n")
 
 
