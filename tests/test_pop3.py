@@ -447,9 +447,11 @@ def fetchmail(daemon, tmp_path: Path, *, keep: bool, implicit_tls: bool) -> tupl
     )
     rc.chmod(0o600)
     before = set(inbox.iterdir())
+    # --pidfile: as root, fetchmail's lock is /var/run/fetchmail.pid whatever HOME says, and
+    # fetchmails of parallel test processes refuse each other ("another ... is running").
     result = subprocess.run(
         ["/usr/bin/fetchmail", "--fetchmailrc", str(rc), "--idfile", str(home / "fetchids"), "--nosyslog",
-         "--nodetach", "-v"],
+         "--pidfile", str(home / "fetchmail.pid"), "--nodetach", "-v"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(home)}, cwd=home,
     )
     new = sorted(set(inbox.iterdir()) - before)
