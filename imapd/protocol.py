@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
+from imapd.parser import Frame, Framer
 from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
-from imapd.syntax import ParseError
 from wire.protocol import ServerFactory, ServerProtocol
 
 MAX_LINE = 64 * 1024
@@ -102,26 +101,10 @@ class IMAPProtocol(ServerProtocol):
 
     def dispatch(self, event) -> Awaitable[None] | None:
         assert self.session is not None
-        if isinstance(event, Continue):
-            self.transport.write(b"+ Ready for literal data\r\n")
-        elif isinstance(event, Reject):
-            status = event.status if event.tag else "BAD"
-            self.session.tagged(event.tag or "*", status, event.text, event.code)
-            self.session.note_error(status)
-        elif isinstance(event, Close):
-            self.transport.write(f"* BYE {event.text}\r\n".encode())
-            self.close()
-        elif isinstance(event, Frame):
-            if self.awaiting_input():
-                self._line_waiter.set_result(event.raw)
-                return None
-            try:
-                command = parse_command(event)
-            except ParseError as e:
-                self.session.parse_failed(e)
-                return None
-            return self.session.handle(command)
-        return None
+        if isinstance(event, Frame) and self.awaiting_input():
+            self._line_waiter.set_result(event.raw)  # IDLE's DONE, a SASL response
+            return None
+        return self.session.take(event)
 
     def finished(self) -> None:
         assert self.session is not None

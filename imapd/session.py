@@ -32,11 +32,34 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
     IMAPContext,
     SessionState,
 )
-from imapd.syntax import Authenticate, Command, Enable, Id, Login
+from imapd.parser import Close, Continue, Frame, Reject, parse_command
+from imapd.syntax import Authenticate, Command, Enable, Id, Login, ParseError
 
 
 class Session(SessionState):
     """A session that runs each command through the state table to its tagged answer."""
+
+    def take(self, event: Continue | Reject | Close | Frame) -> Awaitable[None] | None:
+        """One event of the framer (imapd.framer): answered here, or the command it carries
+        returned to be run (`handle`). The daemon's protocol and the in-process test tier
+        both feed the session through this, so they cannot drift apart."""
+        if isinstance(event, Continue):
+            self.conn.write(b"+ Ready for literal data\r\n")
+        elif isinstance(event, Reject):
+            status = event.status if event.tag else "BAD"
+            self.tagged(event.tag or "*", status, event.text, event.code)
+            self.note_error(status)
+        elif isinstance(event, Close):
+            self.conn.write(f"* BYE {event.text}\r\n".encode())
+            self.conn.close()
+        else:
+            try:
+                command = parse_command(event)
+            except ParseError as error:
+                self.parse_failed(error)
+                return None
+            return self.handle(command)
+        return None
 
     async def handle(self, command: Command) -> None:
         """Run one command to its tagged response."""

@@ -30,10 +30,9 @@ import argon2
 
 import conf
 from conftest import render_config
-from imapd.parser import Close, Continue, Frame, Framer, Reject, parse_command
+from imapd.parser import Frame, Framer
 from imapd.recent import RecentClaims
 from imapd.session import LOGOUT, IMAPContext, Session
-from imapd.syntax import ParseError
 from imapd.view import Snapshots
 from policy.logins import LoginThrottle
 from postroom.datadir import open_store
@@ -167,31 +166,18 @@ class IMAPScript:
             event = self.framer.next()
             if event is None:
                 return
-            if isinstance(event, Continue):
-                self.conn.write(b"+ Ready for literal data\r\n")
-            elif isinstance(event, Reject):
-                status = event.status if event.tag else "BAD"
-                self.session.tagged(event.tag or "*", status, event.text, event.code)
-                self.session.note_error(status)
-            elif isinstance(event, Close):
-                self.conn.write(f"* BYE {event.text}\r\n".encode())
-                self.conn.close()
-            elif isinstance(event, Frame):
-                if waiting:
-                    self.conn.line_waiter.set_result(event.raw)
-                    self._run_until(lambda: self.running is None or self.conn.waiting_for_line(), "a line")
-                    continue
-                try:
-                    command = parse_command(event)
-                except ParseError as error:
-                    self.session.parse_failed(error)
-                    continue
-                self.running = self.loop.create_task(self._run(command))
+            if isinstance(event, Frame) and waiting:
+                self.conn.line_waiter.set_result(event.raw)
+                self._run_until(lambda: self.running is None or self.conn.waiting_for_line(), "a line")
+                continue
+            work = self.session.take(event)
+            if work is not None:
+                self.running = self.loop.create_task(self._run(work))
                 self._run_until(lambda: self.running is None or self.conn.waiting_for_line(), "a command")
 
-    async def _run(self, command) -> None:
+    async def _run(self, work) -> None:
         try:
-            await self.session.handle(command)
+            await work
         finally:
             self.running = None
         if self.session.state == LOGOUT:
