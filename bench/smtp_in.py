@@ -6,12 +6,15 @@ C connections at once, each sending M messages of S bytes (EHLO once, then MAIL,
 DATA per message; no pipelining). Prints accepted messages per second and the time from
 sending the end of DATA to reading its reply (p50, p99). A plain asyncio client with no
 parsing beyond reply codes, so that it costs the server's two cores as little as possible.
+Every message has its own Message-ID, so that each is stored (a server that deduplicates
+would otherwise store the first and answer the rest from its memory of it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -25,15 +28,18 @@ async def reply(reader: asyncio.StreamReader) -> int:
             return int(line[:3])
 
 
+PLACEHOLDER = b"<bench@example.org>"
+
+
 async def connection(host: str, port: int, messages: int, body: bytes, to: str, latencies: list[float],
-                     failures: list[str]) -> int:
+                     failures: list[str], run_id: str, tag: int) -> int:
     reader, writer = await asyncio.open_connection(host, port)
     accepted = 0
     try:
         await reply(reader)
         writer.write(b"EHLO bench.example.org\r\n")
         await reply(reader)
-        for _ in range(messages):
+        for n in range(messages):
             writer.write(b"MAIL FROM:<bench@example.org>\r\n")
             if await reply(reader) != 250:
                 failures.append("MAIL")
@@ -48,7 +54,10 @@ async def connection(host: str, port: int, messages: int, body: bytes, to: str, 
             if await reply(reader) != 354:
                 failures.append("DATA")
                 continue
-            writer.write(body + b".\r\n")
+            # A Message-ID of its own: the store answers a message it already has (the same
+            # Message-ID and bytes, storage/dedupe.py) without storing it again.
+            writer.write(body.replace(PLACEHOLDER, f"<{run_id}.{tag}.{n}@bench.example.org>".encode())
+                         + b".\r\n")
             start = time.perf_counter()
             code = await reply(reader)
             latencies.append(time.perf_counter() - start)
@@ -73,12 +82,13 @@ def message(size: int) -> bytes:
 
 async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str) -> None:
     body = message(size)
+    run_id = os.urandom(6).hex()  # and no two runs share one either
     latencies: list[float] = []
     failures: list[str] = []
     start = time.perf_counter()
     recipients = to.split(",")  # connection i writes to recipient i modulo their number
     results = await asyncio.gather(*(connection(host, port, messages, body, recipients[i % len(recipients)],
-                                                latencies, failures)
+                                                latencies, failures, run_id, i)
                                      for i in range(concurrency)), return_exceptions=True)
     elapsed = time.perf_counter() - start
     accepted = sum(r for r in results if isinstance(r, int))
