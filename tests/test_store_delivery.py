@@ -133,8 +133,25 @@ def test_a_message_streamed_twice_is_stored_once(store):
     assert store.deliver([ALICE], b"Received: x\r\n" + sent, dedupe_from=13)[0].duplicate  # and whole
 
 
+def test_a_small_message_is_written_for_each_target_from_memory(store):
+    """Up to IN_MEMORY bytes, each target's file is written from the bytes held: no target's
+    committer waits for another shard's to make the source."""
+    raw = big_message(4096)
+    with store.begin_delivery([ALICE, (ALICE, "Archive"), BOB], internal_date=1_700_000_000.0) as delivery:
+        write_in_pieces(delivery, raw)
+        assert writer_files(store, ALICE, BOB) == []  # nothing on disk before the commit
+        delivered = delivery.commit()
+    infos = [store.fetch(d.account, d.mailbox, ALL)[0] for d in delivered]
+    assert len({stat(store, info).st_ino for info in infos}) == 3
+    for info in infos:
+        assert store.read_message(info) == raw
+        assert stat(store, info).st_mtime == 1_700_000_000.0
+    assert writer_files(store, ALICE, BOB) == []
+    assert check(store, ALICE) == [] and check(store, BOB) == []
+
+
 def test_a_failed_target_can_be_retried_with_the_same_bytes(store):
-    raw = big_message(10_000)
+    raw = big_message(100_000)  # over IN_MEMORY: its targets are links to one file
     with store.begin_delivery([ALICE, (BOB, "Later")]) as delivery:
         write_in_pieces(delivery, raw)
         with pytest.raises(DeliveryError) as failure:
