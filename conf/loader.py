@@ -134,6 +134,17 @@ def _coerce(tp: Any, raw: Any) -> Any:
             except ValueError as e:
                 raise ValueError(f"item {i + 1}: {e}") from None
         return tuple(out)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a table, got {_describe(raw)}")
+        out = {}
+        for key, element in raw.items():
+            try:
+                out[_coerce(key_type, key)] = _coerce(value_type, element)
+            except ValueError as e:
+                raise ValueError(f"{key!r}: {e}") from None
+        return out
     if origin is Literal:
         choices = typing.get_args(tp)
         if raw not in choices:
@@ -211,6 +222,8 @@ def dump(config: Config) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):

@@ -99,8 +99,69 @@ class SMTPConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
+    # STARTTLS (RFC 6409); AUTH is offered only once the session is TLS.
     listen: tuple[ListenAddress, ...] = _listen("0.0.0.0:587", "[::]:587")
+    # TLS from the first byte (RFC 8314).
     listen_tls: tuple[ListenAddress, ...] = _listen("0.0.0.0:465", "[::]:465")
+    # Leave the client's address out of the Received: header (a user's home IP is theirs).
+    hide_client_ip: bool = True
+    max_connections: int = field(default=500, metadata={"min": 1, "max": 100_000})
+    max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The outbound queue and its delivery runner (mtad/outbound)."""
+    # Deliveries at once, in all; and to one destination (a domain's MX set or a route).
+    concurrency: int = field(default=50, metadata={"min": 1, "max": 10_000})
+    per_destination: int = field(default=5, metadata={"min": 1, "max": 1000})
+    connect_timeout: Duration = field(default=Duration(30), metadata={"min": 1, "max": 600})
+    # Each command's reply (RFC 5321 §4.5.3.2: 5 minutes for MAIL, RCPT; 10 after the data).
+    command_timeout: Duration = field(default=Duration(300), metadata={"min": 1, "max": 3600})
+    data_timeout: Duration = field(default=Duration(600), metadata={"min": 1, "max": 3600})
+    # Waits between attempts of a deferred recipient; the last repeats until max_lifetime.
+    # Each wait gets up to 10% jitter, so a queue of mail for one host does not come back at once.
+    retry_schedule: tuple[Duration, ...] = (Duration(60), Duration(300), Duration(900), Duration(1800),
+                                            Duration(3600), Duration(7200), Duration(14400))
+    # A recipient still deferred this long after the message was queued bounces (RFC 5321 §4.5.4.1).
+    max_lifetime: Duration = field(default=Duration(5 * 86400), metadata={"min": 60, "max": 60 * 86400})
+    # Once a message has waited this long, its sender is told, once, that it is delayed (RFC 3464).
+    delay_warning: Duration = field(default=Duration(4 * 3600), metadata={"min": 0, "max": 60 * 86400})
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """Where mail for other domains goes: by default each domain's MX (dnspython)."""
+    # A smarthost, "host:port", that takes all remote mail instead of the MX.
+    relay: str = ""
+    relay_user: str = ""
+    # A file holding the relay's password (0600), so the password is not in this config.
+    relay_password_file: Path | None = None
+    # Per-domain routes, "domain" = "host:port", tried before the relay and the MX (tests,
+    # split delivery, a partner's host).
+    routes: dict[str, str] = field(default_factory=dict)
+    # Domains whose servers must present a certificate valid for their name (else defer).
+    require_verified_tls: tuple[str, ...] = ()
+    # Extra CA certificates (PEM) trusted when verifying a server's certificate.
+    ca_file: Path | None = None
+    # The name said in EHLO; empty: [server] hostname.
+    helo_name: str = ""
+
+
+@dataclass(frozen=True)
+class SRSConfig:
+    """Sender Rewriting Scheme, for mail forwarded to other domains (aliases)."""
+    # The HMAC key of the SRS addresses; empty: one is made on first start and kept in
+    # <data_dir>/srs.key. Changing it invalidates bounces of mail already forwarded.
+    secret: str = ""
+    # Domain of the rewritten senders; empty: [server] hostname.
+    domain: str = ""
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """Signing of mail sent by local users (keys: `postroom dkim keygen`, under the data dir)."""
+    sign: bool = True
 
 
 @dataclass(frozen=True)
@@ -167,6 +228,10 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    srs: SRSConfig = field(default_factory=SRSConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
     dns: DNSConfig = field(default_factory=DNSConfig)
