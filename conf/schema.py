@@ -203,6 +203,8 @@ class POP3Config:
 class DNSConfig:
     # Empty: the system resolver's servers (/etc/resolv.conf).
     nameservers: tuple[IPAddress, ...] = ()
+    # The port of those nameservers: 53, except for a test's zone served on loopback.
+    port: int = field(default=53, metadata={"min": 1, "max": 65535})
     timeout: Duration = Duration(5)
 
 
