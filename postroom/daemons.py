@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
     from mtad.inbound import InboundContext
+    from mtad.outbound.runner import RunnerHandle
     from pop3d.session import POP3Context
     from wire.protocol import ServerFactory
 
@@ -132,18 +133,20 @@ class Listening:
     """mtad's listeners, stopped gracefully: see InboundContext.stop_sessions."""
 
     def __init__(self, servers: list[asyncio.Server], delivery_threads: Threads, inbound: InboundContext,
-                 grace: float):
+                 grace: float, runner: RunnerHandle):
         self.servers = servers
         self.delivery_threads = delivery_threads
         self.inbound = inbound
         self.grace = grace
+        self.runner = runner
 
     async def stop(self) -> None:
         # Not Server.wait_closed(): since Python 3.12 it waits for every connection to end,
         # which is the sessions' business (stop_sessions), bounded by the grace period.
         for server in self.servers:
             server.close()
-        await self.inbound.stop_sessions(self.grace)
+        # The delivery runner (if this process has it) finishes its transactions meanwhile.
+        await asyncio.gather(self.inbound.stop_sessions(self.grace), self.runner.stop())
         # Big deliveries run in these threads: stop_sessions has waited for their sessions.
         await self.delivery_threads.close()
 
@@ -151,6 +154,7 @@ class Listening:
 async def start_smtp(context: Context) -> Listening:
     # Imported here: imapd and pop3d never load aiosmtpd.
     from mtad.inbound import InboundContext, InboundSMTP
+    from mtad.outbound.runner import start_runner
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -158,7 +162,9 @@ async def start_smtp(context: Context) -> Listening:
     inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
                                    backlog=context.config.server.listen_backlog)
-    return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace))
+    # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
+    runner = start_runner(context)
+    return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace), runner)
 
 
 async def start_imap(context: Context) -> TwistedListening:

@@ -141,7 +141,8 @@ def _message(*recipients: str | Recipient, body: bytes = b"Subject: hi\r\n\r\nHe
 
 
 def _deliver(config: conf.Config, route: Route, message: Message, domain: str = "example.net"):
-    return asyncio.run(deliver(route, message, ClientSettings.from_config(config), domain=domain))
+    settings = ClientSettings.from_config(config)
+    return asyncio.run(deliver(route, message, settings, verified=domain in settings.require_verified))
 
 
 def _sink_route(*sinks: Sink, name: str = "localhost") -> Route:

@@ -140,9 +140,9 @@ class _AfterDataError(Exception):
     """The connection failed after the terminating dot: the outcome is unknown."""
 
 
-async def deliver(route: Route, message: Message, settings: ClientSettings, *, domain: str) -> Outcome:
-    """Try `route`'s hosts in turn until one answers the transaction."""
-    verified = domain.lower() in settings.require_verified
+async def deliver(route: Route, message: Message, settings: ClientSettings, *, verified: bool = False) -> Outcome:
+    """Try `route`'s hosts in turn until one answers the transaction; `verified`: the
+    recipients' domain is in require_verified_tls."""
     last = "451 4.4.1 no host to try"
     for host in route.hosts:
         try:
