@@ -146,6 +146,9 @@ class OutboundConfig:
     ca_file: Path | None = None
     # The name said in EHLO; empty: [server] hostname.
     helo_name: str = ""
+    # The port MX hosts are reached on (Postfix's smtp_tcp_port): 25, except for tests that
+    # serve a zone's MX hosts on loopback addresses.
+    port: int = field(default=25, metadata={"min": 1, "max": 65535})
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
         ... route example.net to 127.0.0.1:sink.port ...
         sink.wait_for(1)                 # the messages it took, as Received records
 
+`host` and `port`: where it listens (127.0.0.1 and a free port; MX tests put several sinks on
+one port of different loopback addresses, as [outbound] port reaches every MX host on one).
 Each RCPT gets its recipient's reply (a list is used up one reply per RCPT, its last one
 then repeats; default 250); `data_reply` answers the data. What the server offers: SIZE
 when `size` is set, 8BITMIME always, SMTPUTF8 unless `smtputf8=False`, STARTTLS with `tls`
@@ -82,7 +84,8 @@ class _DSNServer(SMTP):
 class Sink:
     def __init__(self, *, replies: dict[str, str | list[str]] | None = None, data_reply: str | None = None,
                  tls: tuple[Path, Path] | None = None, smtputf8: bool = True, dsn: bool = False,
-                 pipelining: bool = False, size: int | None = None, hostname: str = "sink.example.net"):
+                 pipelining: bool = False, size: int | None = None, hostname: str = "sink.example.net",
+                 host: str = LOOPBACK, port: int | None = None):
         self.replies = {k.lower(): ([v] if isinstance(v, str) else list(v)) for k, v in (replies or {}).items()}
         self.data_reply = data_reply
         self.pipelining, self.dsn = pipelining, dsn
@@ -91,7 +94,8 @@ class Sink:
         self.rcpt_attempts: list[str] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         context = None
         if tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -104,7 +108,7 @@ class Sink:
 
         kwargs = {"tls_context": context, "require_starttls": False, "enable_SMTPUTF8": smtputf8,
                   "data_size_limit": size or 0, "decode_data": False}
-        self._controller = _Controller(self, hostname=LOOPBACK, port=self.port, server_hostname=hostname, **kwargs)
+        self._controller = _Controller(self, hostname=host, port=self.port, server_hostname=hostname, **kwargs)
 
     def __enter__(self) -> Sink:
         self._controller.start()

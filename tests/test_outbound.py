@@ -6,21 +6,31 @@ runner in the running daemon, from the queue to the sinks and back to the sender
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import imaplib
 import io
 import random
+import signal
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import conf
+from conftest import Daemon, client_tls_context, free_port, start_daemon
 from dnszone import DNSZone
 from mtad.outbound.client import ClientSettings, Message, Recipient, deliver
 from mtad.outbound.dotstuff import DotStuffer
 from mtad.outbound.routes import Host, Route, RouteError, Router
+from procs import processes
 from sinks import Sink, certificate_for
+from storage import Queue, QueuedRecipient, QueueEnvelope, open_data_dir
 
 LOOPBACK = "127.0.0.1"
+SHARDS = 4  # conftest's write_config
 
 
 def _config(zone: DNSZone | None = None, **outbound) -> conf.Config:
@@ -250,3 +260,263 @@ def test_a_refused_data_bounces_or_defers_every_accepted_recipient():
     with Sink(data_reply="554 5.6.0 content refused") as sink:
         outcome = _deliver(_config(), _sink_route(sink), _message("a@example.net", "b@example.net"))
     assert [r.reply for r in outcome.results] == ["554 5.6.0 content refused"] * 2
+
+
+# -- the runner, in the running daemon ---------------------------------------------------
+#
+# Mail is put in the queue through its API (storage's Queue, as submission and forwarding
+# do) before the daemon starts; the daemon's runner delivers it to sinks found through the
+# test zone: each MX host is a loopback address (127.0.0.x) on one port, [outbound] port.
+
+PASSWORD = "outbound-test-password"
+SENDER = "alice@example.test"
+
+
+@pytest.fixture
+def mx_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def outbound(write_config, tmp_path, data_dir, cli, mx_port):
+    """start(zone, **sections) -> the running daemon, with alice@example.test as a local user."""
+    started: list[Daemon] = []
+
+    def start(zone: DNSZone, **sections) -> Daemon:
+        config = {"dns": {"nameservers": [LOOPBACK], "port": zone.port, "timeout": "2s"},
+                  "queue": {"retry_schedule": ["1s"], "connect_timeout": "2s", "command_timeout": "10s"},
+                  "outbound": {"port": mx_port}}
+        for section, keys in sections.items():
+            config.setdefault(section, {}).update(keys)
+        path = write_config(**config)
+        if not started:
+            assert cli("domain", "add", "example.test", config=path).returncode == 0
+            assert cli("user", "add", SENDER, "--password-stdin", input=PASSWORD + "\n",
+                       config=path).returncode == 0
+        started.append(start_daemon(path, tmp_path))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        code = daemon.stop()
+        assert code in (0, -9), f"postroom serve exited {code}:\n{daemon.stderr()}"
+    if started:
+        assert "runner_bug" not in started[-1].stderr(), started[-1].stderr()
+
+
+def raw_message(subject: str = "hello", body: str = "Hello there.\r\n", to: str = "bob@example.net") -> bytes:
+    return (f"From: {SENDER}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{uuid.uuid4()}@example.test>\r\n"
+            f"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\n\r\n{body}").encode()
+
+
+def enqueue(data_dir: Path, raw: bytes, *recipients: str | QueuedRecipient, sender: str = SENDER, **fields) -> str:
+    rcpts = tuple(r if isinstance(r, QueuedRecipient) else QueuedRecipient(r) for r in recipients)
+    with Queue(open_data_dir(data_dir, SHARDS)) as queue:
+        with queue.begin(QueueEnvelope(sender, rcpts, **fields)) as entry:
+            entry.write(raw)
+            return entry.commit()
+
+
+def queued(data_dir: Path, qid: str):
+    with Queue(open_data_dir(data_dir, SHARDS)) as queue:
+        return queue.get(qid)
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def inbox(daemon: Daemon, count: int, timeout: float = 30.0) -> list[email.message.Message]:
+    """The sender's INBOX over IMAP, once it holds `count` messages."""
+    address = daemon.listen("imap.listen_tls")
+    client = imaplib.IMAP4_SSL(address.host, address.port, ssl_context=client_tls_context(daemon.config),
+                               timeout=30)
+    try:
+        client.login(SENDER, PASSWORD)
+
+        def enough():
+            client.select("INBOX", readonly=True)
+            _, data = client.search(None, "ALL")
+            return data[0].split() if len(data[0].split()) >= count else None
+
+        numbers = wait_until(enough, timeout, f"{count} message(s) in {SENDER}'s INBOX")
+        messages = []
+        for number in numbers:
+            _, data = client.fetch(number, "(BODY.PEEK[])")
+            messages.append(email.message_from_bytes(data[0][1], policy=email.policy.default))
+        return messages
+    finally:
+        client.logout()
+
+
+def report_fields(report: email.message.Message) -> dict[str, str]:
+    """The per-recipient fields of a multipart/report (RFC 3464), as one dict."""
+    assert report.get_content_type() == "multipart/report", report.get_content_type()
+    (status,) = [p for p in report.walk() if p.get_content_type() in ("message/delivery-status",
+                                                                       "message/global-delivery-status")]
+    text = status.as_bytes().decode("utf-8", "replace")
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+
+
+def _mx_zone(*hosts: tuple[int, str, str]) -> dict:
+    zone = {"example.net": {"MX": [f"{pref} {name}." for pref, name, _ in hosts]}}
+    for _, name, address in hosts:
+        zone[name] = {"A": [address]}
+    return zone
+
+
+def test_mx_in_preference_order_and_a_dead_first_host_skipped(outbound, data_dir, mx_port):
+    zone = _mx_zone((10, "mx1.example.net", "127.0.0.11"), (20, "mx2.example.net", "127.0.0.12"),
+                    (30, "mx3.example.net", "127.0.0.13"))
+    with DNSZone(zone) as dns, Sink(host="127.0.0.12", port=mx_port) as mx2, \
+            Sink(host="127.0.0.13", port=mx_port) as mx3:
+        qid = enqueue(data_dir, raw_message(), "bob@example.net")
+        daemon = outbound(dns)
+        (got,) = mx2.wait_for(1)  # mx1 has no server: the next by preference takes it
+        assert got.sender == SENDER and got.recipients == ["bob@example.net"]
+        wait_until(lambda: queued(data_dir, qid) is None, what="the message leaves the queue")
+        assert mx3.received == []
+        assert f"qid={qid}" in daemon.stderr() and "result=delivered" in daemon.stderr()
+
+
+def test_equal_preferences_share_the_load(outbound, data_dir, mx_port):
+    zone = _mx_zone((10, "a.example.net", "127.0.0.21"), (10, "b.example.net", "127.0.0.22"))
+    with DNSZone(zone) as dns, Sink(host="127.0.0.21", port=mx_port) as a, Sink(host="127.0.0.22", port=mx_port) as b:
+        for i in range(16):
+            enqueue(data_dir, raw_message(f"message {i}"), f"user{i}@example.net")
+        outbound(dns)
+        wait_until(lambda: len(a.received) + len(b.received) == 16, what="16 messages at the sinks")
+        assert a.received and b.received, (len(a.received), len(b.received))
+
+
+def test_a_domain_without_mx_gets_mail_at_its_address(outbound, data_dir, mx_port):
+    with DNSZone({"example.net": {"A": ["127.0.0.31"]}}) as dns, Sink(host="127.0.0.31", port=mx_port) as sink:
+        enqueue(data_dir, raw_message(), "bob@example.net")
+        outbound(dns)
+        assert sink.wait_for(1)[0].recipients == ["bob@example.net"]
+
+
+def test_null_mx_bounces_at_once_into_the_senders_inbox(outbound, data_dir):
+    with DNSZone({"example.net": {"MX": ["0 ."]}}) as dns:
+        qid = enqueue(data_dir, raw_message("to nowhere"), "bob@example.net")
+        daemon = outbound(dns)
+        (report,) = inbox(daemon, 1)
+    fields = report_fields(report)
+    assert fields["action"] == "failed" and fields["status"] == "5.1.10"
+    assert "bob@example.net" in fields["final-recipient"]
+    assert queued(data_dir, qid) is None
+
+
+def test_a_4xx_is_tried_again_and_delivered_once(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.41"))) as dns, \
+            Sink(host="127.0.0.41", port=mx_port, replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
+        qid = enqueue(data_dir, raw_message(), "bob@example.net")
+        started = time.monotonic()
+        daemon = outbound(dns)
+        sink.wait_for(1)
+        assert time.monotonic() - started >= 1.0  # the retry schedule's 1 s wait
+        wait_until(lambda: queued(data_dir, qid) is None, what="the message leaves the queue")
+        time.sleep(1.5)
+        assert len(sink.received) == 1 and sink.rcpt_attempts == ["bob@example.net"] * 2
+        log = daemon.stderr()
+        assert "result=deferred" in log and "result=delivered" in log
+
+
+def test_a_5xx_bounces_with_a_report_in_the_senders_inbox(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.51"))) as dns, \
+            Sink(host="127.0.0.51", port=mx_port, replies={"nobody@example.net": "550 5.1.1 no such user"}) as sink:
+        qid = enqueue(data_dir, raw_message("bounce me", body="The body.\r\n"), "nobody@example.net",
+                      "bob@example.net")
+        daemon = outbound(dns)
+        (report,) = inbox(daemon, 1)
+        assert sink.wait_for(1)[0].recipients == ["bob@example.net"]
+    fields = report_fields(report)
+    assert fields["action"] == "failed" and fields["status"] == "5.1.1"
+    assert "nobody@example.net" in fields["final-recipient"] and "550 5.1.1" in fields["diagnostic-code"]
+    assert "Subject: bounce me" in report.as_string()
+    assert report["From"].addresses[0].username.upper() == "MAILER-DAEMON"
+    assert queued(data_dir, qid) is None
+
+
+def test_success_and_delay_reports_and_ret_hdrs(outbound, data_dir, mx_port):
+    notify = ("SUCCESS", "DELAY")
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.61"))) as dns, \
+            Sink(host="127.0.0.61", port=mx_port, replies={"slow@example.net": "451 4.2.0 mailbox busy"}) as sink:
+        qid = enqueue(data_dir, raw_message("reports", body="Secret body.\r\n"),
+                      QueuedRecipient("fast@example.net", notify=notify),
+                      QueuedRecipient("slow@example.net", notify=notify), ret="HDRS", envid="ENV-61")
+        daemon = outbound(dns, queue={"delay_warning": "1s", "retry_schedule": ["1s"]})
+        sink.wait_for(1)
+        reports = inbox(daemon, 2)
+        time.sleep(3)  # more attempts for slow@: still one delay report
+        assert len(inbox(daemon, 2)) == 2
+    by_action = {report_fields(r)["action"]: r for r in reports}
+    assert set(by_action) == {"relayed", "delayed"}  # the sink does not offer DSN: we report success
+    assert "fast@example.net" in report_fields(by_action["relayed"])["final-recipient"]
+    assert "slow@example.net" in report_fields(by_action["delayed"])["final-recipient"]
+    for report in reports:
+        assert report_fields(report)["original-envelope-id"] == "ENV-61"
+        text = report.as_string()
+        assert "Subject: reports" in text and "Secret body." not in text  # RET=HDRS: headers only
+    assert queued(data_dir, qid) is not None  # slow@ is still deferred
+
+
+def test_sigkill_with_a_deferred_message_then_one_delivery_after_restart(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.71"))) as dns, \
+            Sink(host="127.0.0.71", port=mx_port, replies={"bob@example.net": "451 4.3.0 not now"}) as sink:
+        qid = enqueue(data_dir, raw_message(), "bob@example.net")
+        daemon = outbound(dns, queue={"retry_schedule": ["2s"]})
+        wait_until(lambda: sink.rcpt_attempts, what="a first attempt")
+        wait_until(lambda: (m := queued(data_dir, qid)) is not None and m.recipients[0].attempts == 1,
+                   what="the deferral recorded")
+        daemon.stop(signal.SIGKILL)
+        wait_until(lambda: not [p for p, proc in processes().items() if proc.parent == daemon.process.pid],
+                   what="serve's children gone")
+        sink.replies["bob@example.net"] = ["250 2.1.5 OK"]
+        outbound(dns, queue={"retry_schedule": ["2s"]})
+        sink.wait_for(1)
+        wait_until(lambda: queued(data_dir, qid) is None, what="the message leaves the queue")
+        time.sleep(3)
+        assert len(sink.received) == 1
+
+
+def test_starttls_is_used_when_offered(outbound, data_dir, mx_port, tmp_path):
+    cert = certificate_for(tmp_path, "mx.example.net")
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.81"))) as dns, \
+            Sink(host="127.0.0.81", port=mx_port, tls=cert) as sink:
+        enqueue(data_dir, raw_message(), "bob@example.net")
+        daemon = outbound(dns)
+        assert sink.wait_for(1)[0].tls
+        assert "tls=true" in wait_until(lambda: "result=delivered" in daemon.stderr() and daemon.stderr())
+
+
+def test_smtputf8_to_a_server_without_it_bounces_5_6_7(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.91"))) as dns, \
+            Sink(host="127.0.0.91", port=mx_port, smtputf8=False) as sink:
+        enqueue(data_dir, raw_message("utf8"), "jöran@example.net", smtputf8=True)
+        daemon = outbound(dns)
+        (report,) = inbox(daemon, 1)
+        assert sink.rcpt_attempts == []
+    assert report_fields(report)["status"] == "5.6.7"
+
+
+def test_a_report_to_a_remote_sender_goes_from_the_null_sender_and_never_to_it(outbound, data_dir, mx_port):
+    zone = {**_mx_zone((10, "mx.example.net", "127.0.0.101")), "example.org": {"A": ["127.0.0.102"]}}
+    with DNSZone(zone) as dns, \
+            Sink(host="127.0.0.101", port=mx_port, replies={"nobody@example.net": "550 5.1.1 no such user"}) as net, \
+            Sink(host="127.0.0.102", port=mx_port) as org:
+        enqueue(data_dir, raw_message(), "nobody@example.net", sender="carol@example.org")
+        enqueue(data_dir, raw_message("already a bounce"), "nobody@example.net", sender="")
+        daemon = outbound(dns)
+        (report,) = org.wait_for(1)
+        assert report.sender == "" and report.recipients == ["carol@example.org"]
+        assert b"multipart/report" in report.data
+        wait_until(lambda: "dsn_suppressed" in daemon.stderr(), what="the report to <> left out")
+        time.sleep(1)
+        assert len(org.received) == 1 and net.received == []

@@ -3,7 +3,7 @@
 In order of precedence (DESIGN.md, conf/postroom.toml [outbound]):
 1. `[outbound.routes]`: "domain" = "host:port", for that domain alone;
 2. `[outbound] relay`: a smarthost for every remote domain (AUTH with relay_user);
-3. the domain's MX records (RFC 5321 §5.1), looked up with dnspython's asyncio resolver on
+3. the domain's MX records, each host on `[outbound] port` (25), (RFC 5321 §5.1), looked up with dnspython's asyncio resolver on
    `[dns] nameservers` (and `port`), each query bounded by `[dns] timeout`:
    - MX hosts by preference, lowest first; hosts of equal preference in random order, so
      the load spreads over them (RFC 5321 §5.1);
@@ -109,6 +109,7 @@ class Router:
         self._routes = {_domain_key(domain): parse_hostport(target) for domain, target in outbound.routes.items()}
         self._relay = parse_hostport(outbound.relay) if outbound.relay else None
         self._rng = rng or random.Random()
+        self._mx_port = outbound.port
         self._timeout = float(dns_config.timeout)
         self._resolver = resolver or _resolver(dns_config)
 
@@ -134,7 +135,7 @@ class Router:
             literal = key[1:-1].removeprefix("ipv6:")
             if not _is_ip(literal):
                 raise RouteError(550, "5.1.2", f"bad address literal {domain}")
-            return Route(key, (Host(literal, literal),))
+            return Route(key, (Host(literal, literal, self._mx_port),))
         return Route(key, await self._mx_hosts(key))
 
     async def _config_hosts(self, host: str, port: int) -> tuple[Host, ...]:
@@ -171,7 +172,7 @@ class Router:
             self._rng.shuffle(group)
             names.extend(group)
         found = await asyncio.gather(*(self._addresses(name) for name in names), return_exceptions=True)
-        hosts = [Host(name, address) for name, result in zip(names, found)
+        hosts = [Host(name, address, self._mx_port) for name, result in zip(names, found)
                  if not isinstance(result, BaseException) for address in result]
         if not hosts:
             temporary = [r for r in found if isinstance(r, RouteError) and not r.permanent]
@@ -187,7 +188,7 @@ class Router:
             if e.permanent:
                 raise RouteError(550, "5.1.2", f"{domain}: no MX and no address record") from None
             raise
-        return tuple(Host(domain, address) for address in addresses[:MAX_ADDRESSES])
+        return tuple(Host(domain, address, self._mx_port) for address in addresses[:MAX_ADDRESSES])
 
     async def _addresses(self, name: str) -> list[str]:
         """A then AAAA records of `name`; RouteError 550 when it has none, 451 on failure."""
