@@ -13,11 +13,14 @@ then repeats; default 250); `data_reply` answers the data. What the server offer
 when `size` is set, 8BITMIME always, SMTPUTF8 unless `smtputf8=False`, STARTTLS with `tls`
 (a (cert, key) pair), PIPELINING and DSN when asked. With `dsn`, RET/ENVID and NOTIFY/ORCPT
 are taken and recorded; without it they are refused 555, as aiosmtpd refuses any parameter
-it does not know. `sessions` records each session's EHLO name and whether it was TLS.
+it does not know. With `auth` (user, password) it offers AUTH, without TLS (loopback).
+`data_delay` holds each data phase that long, and `most_busy` counts how many overlapped.
+`sessions` records each session's EHLO name and whether it was TLS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
 import time
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from conftest import free_port
 
@@ -44,6 +47,7 @@ class Received:
     dsn_rcpt: dict[str, list[str]]  # recipient -> NOTIFY=, ORCPT= as sent
     tls: bool
     helo: str
+    login: str | None  # the user it logged in as (AUTH), if any
 
 
 @dataclass
@@ -85,10 +89,14 @@ class Sink:
     def __init__(self, *, replies: dict[str, str | list[str]] | None = None, data_reply: str | None = None,
                  tls: tuple[Path, Path] | None = None, smtputf8: bool = True, dsn: bool = False,
                  pipelining: bool = False, size: int | None = None, hostname: str = "sink.example.net",
-                 host: str = LOOPBACK, port: int | None = None):
+                 host: str = LOOPBACK, port: int | None = None, auth: tuple[str, str] | None = None,
+                 data_delay: float = 0.0):
         self.replies = {k.lower(): ([v] if isinstance(v, str) else list(v)) for k, v in (replies or {}).items()}
         self.data_reply = data_reply
         self.pipelining, self.dsn = pipelining, dsn
+        self.auth, self.data_delay = auth, data_delay
+        self.busy = 0  # transactions in their data phase now
+        self.most_busy = 0  # the most there ever were at once
         self.received: list[Received] = []
         self.sessions: list[Session] = []
         self.rcpt_attempts: list[str] = []
@@ -108,6 +116,9 @@ class Sink:
 
         kwargs = {"tls_context": context, "require_starttls": False, "enable_SMTPUTF8": smtputf8,
                   "data_size_limit": size or 0, "decode_data": False}
+        if auth is not None:
+            # Loopback only: AUTH offered without TLS, as the relay tests need.
+            kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
         self._controller = _Controller(self, hostname=host, port=self.port, server_hostname=hostname, **kwargs)
 
     def __enter__(self) -> Sink:
@@ -149,13 +160,26 @@ class Sink:
             envelope.dsn_rcpt[address] = list(server.dsn_params)
         return reply
 
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login.decode(), auth_data.password.decode()) == self.auth
+        return AuthResult(success=ok, auth_data=auth_data.login.decode() if ok else None)
+
     async def handle_DATA(self, server, session, envelope):
         if self.data_reply and not self.data_reply.startswith("2"):
             return self.data_reply
+        with self._lock:
+            self.busy += 1
+            self.most_busy = max(self.most_busy, self.busy)
+        try:
+            if self.data_delay:
+                await asyncio.sleep(self.data_delay)
+        finally:
+            with self._lock:
+                self.busy -= 1
         message = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content),
                            list(envelope.mail_options), list(getattr(envelope, "dsn_mail", [])),
                            dict(getattr(envelope, "dsn_rcpt", {})), server._tls_protocol is not None,
-                           session.host_name or "")
+                           session.host_name or "", session.auth_data if session.authenticated else None)
         with self._changed:
             self.received.append(message)
             self._changed.notify_all()

@@ -10,6 +10,7 @@ import email
 import email.policy
 import imaplib
 import io
+import os
 import random
 import signal
 import time
@@ -25,9 +26,10 @@ from dnszone import DNSZone
 from mtad.outbound.client import ClientSettings, Message, Recipient, deliver
 from mtad.outbound.dotstuff import DotStuffer
 from mtad.outbound.routes import Host, Route, RouteError, Router
+from mtad.outbound.runner import LOCK_RETRY, Runner
 from procs import processes
 from sinks import Sink, certificate_for
-from storage import Queue, QueuedRecipient, QueueEnvelope, open_data_dir
+from storage import Queue, QueuedMessage, QueuedRecipient, QueueEnvelope, RecipientState, open_data_dir
 
 LOOPBACK = "127.0.0.1"
 SHARDS = 4  # conftest's write_config
@@ -520,3 +522,101 @@ def test_a_report_to_a_remote_sender_goes_from_the_null_sender_and_never_to_it(o
         wait_until(lambda: "dsn_suppressed" in daemon.stderr(), what="the report to <> left out")
         time.sleep(1)
         assert len(org.received) == 1 and net.received == []
+
+
+def test_the_relay_is_logged_in_to(tmp_path):
+    password_file = tmp_path / "relay-password"
+    password_file.write_text("s3cret\n")
+    with Sink(auth=("relayuser", "s3cret")) as relay:
+        config = _config(relay=f"127.0.0.1:{relay.port}", relay_user="relayuser",
+                         relay_password_file=str(password_file))
+        route = _route(config, "anywhere.example")
+        outcome = _deliver(config, route, _message("a@anywhere.example"))
+        assert outcome.results[0].state == "delivered"
+        assert relay.wait_for(1)[0].login == "relayuser"
+        password_file.write_text("wrong\n")
+        outcome = _deliver(_config(relay=f"127.0.0.1:{relay.port}", relay_user="relayuser",
+                                   relay_password_file=str(password_file)), route, _message("a@anywhere.example"))
+        assert outcome.results[0].state == "deferred"  # a relay that refuses us: our mistake, mail waits
+
+
+# -- retries and expiry (the runner's arithmetic, with a clock of the test's) -------------
+
+
+def _queued(created: float, attempts: int) -> tuple[QueuedMessage, RecipientState]:
+    recipient = RecipientState("b@example.net", None, (), "deferred", attempts, created, None, None, created)
+    return QueuedMessage("Q1", created, QueueEnvelope(SENDER, (QueuedRecipient("b@example.net"),)), 10, False,
+                         False, (recipient,)), recipient
+
+
+def test_retry_waits_follow_the_schedule_with_jitter_and_stop_at_max_lifetime():
+    config = conf.loads('[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "1h"\n')
+    runner = Runner(config, None, None, rng=random.Random(7))
+    created = 1_000_000.0
+    waits = []
+    for attempts in (0, 1, 2, 5):
+        message, recipient = _queued(created, attempts)
+        result = runner._result(message, recipient, "deferred", "451 4.3.0 later", "mx", created + 10)
+        assert result.state == "deferred"
+        waits.append(result.next_attempt - (created + 10))
+    assert 60 <= waits[0] <= 66 and all(600 <= w <= 660 for w in waits[1:]), waits
+    assert len(set(waits)) == len(waits)  # jitter: not all at once
+    message, recipient = _queued(created, 3)
+    near_the_end = runner._result(message, recipient, "deferred", "451 4.3.0 later", "mx", created + 3500)
+    assert near_the_end.next_attempt == created + 3600  # the last try is at max_lifetime, not past it
+    expired = runner._result(message, recipient, "deferred", "451 4.3.0 later", "mx", created + 3600)
+    assert expired.state == "bounced" and expired.reply.startswith("554 5.4.7") and "451 4.3.0 later" in expired.reply
+
+
+def test_a_flush_is_acted_on_within_a_second_and_a_hold_keeps_mail_back(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.111"))) as dns, \
+            Sink(host="127.0.0.111", port=mx_port, replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"],
+                                                            "carol@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
+        first = enqueue(data_dir, raw_message("one"), "bob@example.net")
+        second = enqueue(data_dir, raw_message("two"), "carol@example.net")
+        outbound(dns, queue={"retry_schedule": ["1h"]})
+        wait_until(lambda: all((m := queued(data_dir, q)) and m.recipients[0].attempts == 1 for q in (first, second)),
+                   what="both deferred")
+        with Queue(open_data_dir(data_dir, SHARDS)) as queue:
+            assert queue.hold(second)
+            flushed = time.monotonic()
+            assert queue.flush() == 1  # the held one stays
+        sink.wait_for(1, timeout=5)
+        assert time.monotonic() - flushed < 1.5
+        assert [m.recipients for m in sink.received] == [["bob@example.net"]]
+        time.sleep(1.5)
+        assert len(sink.received) == 1
+        with Queue(open_data_dir(data_dir, SHARDS)) as queue:
+            released = time.monotonic()
+            assert queue.release(second)
+        sink.wait_for(2, timeout=5)
+        assert time.monotonic() - released < 1.5
+
+
+def test_per_destination_limit_holds(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.121"))) as dns, \
+            Sink(host="127.0.0.121", port=mx_port, data_delay=0.5) as sink:
+        for i in range(8):
+            enqueue(data_dir, raw_message(f"m{i}"), f"user{i}@example.net")
+        outbound(dns, queue={"per_destination": 2, "concurrency": 10})
+        sink.wait_for(8, timeout=30)
+        assert sink.most_busy == 2
+
+
+def test_one_runner_among_mtad_processes_and_another_takes_over(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.131"))) as dns, \
+            Sink(host="127.0.0.131", port=mx_port) as sink:
+        daemon = outbound(dns, smtp={"workers": 2})
+        started = wait_until(lambda: _runner_pids(daemon), what="a runner")
+        time.sleep(LOCK_RETRY * 2)
+        assert len(_runner_pids(daemon)) == 1, daemon.stderr()  # the other process only tries the lock
+        (holder,) = started
+        os.kill(holder, signal.SIGKILL)
+        wait_until(lambda: _runner_pids(daemon) - {holder}, timeout=30, what="another runner")
+        enqueue(data_dir, raw_message(), "bob@example.net")
+        sink.wait_for(1)
+
+
+def _runner_pids(daemon: Daemon) -> set[int]:
+    return {int(line.split(" pid=")[1].split()[0]) for line in daemon.stderr().splitlines()
+            if "event=runner_started" in line}
