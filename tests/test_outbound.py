@@ -550,7 +550,7 @@ def _queued(created: float, attempts: int) -> tuple[QueuedMessage, RecipientStat
 
 
 def test_retry_waits_follow_the_schedule_with_jitter_and_stop_at_max_lifetime():
-    config = conf.loads('[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "1h"\n')
+    config = conf.loads('[server]\nhostname = "mail.example.test"\n[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "1h"\n')
     runner = Runner(config, None, None, rng=random.Random(7))
     created = 1_000_000.0
     waits = []
