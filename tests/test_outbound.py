@@ -248,10 +248,10 @@ def test_over_the_servers_size_bounces_before_sending():
 def test_dsn_parameters_go_to_a_next_hop_that_offers_dsn():
     recipient = Recipient("a@example.net", notify=("SUCCESS", "DELAY"), orcpt="rfc822;a+x@example.net")
     with Sink(dsn=True, pipelining=True) as sink:
-        outcome = _deliver(_config(), _sink_route(sink), _message(recipient, ret="HDRS", envid="ID+2B1"))
+        outcome = _deliver(_config(), _sink_route(sink), _message(recipient, ret="HDRS", envid="ID+1 x"))
         assert outcome.dsn and outcome.results[0].state == "delivered"
         got = sink.wait_for(1)[0]
-    assert sorted(got.dsn_mail) == ["ENVID=ID+2B1", "RET=HDRS"]
+    assert sorted(got.dsn_mail) == ["ENVID=ID+2B1+20x", "RET=HDRS"]
     assert got.dsn_rcpt["a@example.net"] == ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;a+2Bx@example.net"]
     with Sink(dsn=False) as sink:  # parameters it does not offer are not sent (it would say 555)
         outcome = _deliver(_config(), _sink_route(sink), _message(recipient, ret="HDRS", envid="X"))

@@ -58,7 +58,7 @@ DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 class Recipient:
     address: str
     notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY values; () sends none (the default)
-    orcpt: str | None = None  # "rfc822;user@example.org", as the client gave it
+    orcpt: str | None = None  # "rfc822;user@example.org", the address decoded (mtad/paths.py)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,9 @@ async def deliver(route: Route, message: Message, settings: ClientSettings, *, v
             last = e.reply
         except _AfterDataError as e:
             return _everyone(message, f"451 4.4.2 {host.name}: {e}; the message may arrive twice", host)
-    return _everyone(message, last, None)
+    # Every host refused us (a 5xx greeting, a bad certificate, AUTH refused) or was out of
+    # reach: our side or theirs may change, so the mail waits; max_lifetime ends it.
+    return _everyone(message, last if last.startswith("4") else f"451 4.4.0 {last}", None)
 
 
 async def _deliver_to(host: Host, route: Route, message: Message, settings: ClientSettings, *,
@@ -295,7 +297,7 @@ class _Transaction(asyncio.Protocol):
         utf8 = message.needs_smtputf8
         dsn = smtp.supports_extension("dsn")
         mail = _mail_command(message, smtp, dsn)
-        rcpts = [_rcpt_command(r, dsn) for r in message.recipients]
+        rcpts = [_rcpt_command(r, dsn, utf8) for r in message.recipients]
         pipelining = smtp.supports_extension("pipelining")
         self._transport.set_protocol(self)
         timeout = self._settings.command_timeout
@@ -398,45 +400,32 @@ def _mail_command(message: Message, smtp: aiosmtplib.SMTP, dsn: bool) -> str:
         if message.ret:
             params.append(f"RET={message.ret}")
         if message.envid:
-            params.append(f"ENVID={xtext(message.envid)}")
+            params.append(f"ENVID={xtext(message.envid, message.needs_smtputf8)}")
     return " ".join([f"MAIL FROM:<{message.sender}>", *params])
 
 
-def _rcpt_command(recipient: Recipient, dsn: bool) -> str:
+def _rcpt_command(recipient: Recipient, dsn: bool, utf8: bool) -> str:
     params = []
     if dsn:
         if recipient.notify:
             params.append("NOTIFY=" + ",".join(recipient.notify))
         if recipient.orcpt and ";" in recipient.orcpt:
             kind, _, value = recipient.orcpt.partition(";")
-            params.append(f"ORCPT={kind};{xtext(value)}")
+            params.append(f"ORCPT={kind};{xtext(value, utf8)}")
     return " ".join([f"RCPT TO:<{recipient.address}>", *params])
 
 
-def xtext(value: str) -> str:
-    """RFC 3461 §4: the value as xtext; one that already is valid xtext is sent as it came
-    (the queue keeps ENVID and ORCPT as the client gave them)."""
-    if _is_xtext(value):
-        return value
+def xtext(value: str, utf8: bool = False) -> str:
+    """RFC 3461 §4: `value` (the queue keeps ENVID and the ORCPT address decoded, as
+    mtad/paths.py parses them) as xtext; beyond ASCII kept only in an SMTPUTF8 transaction
+    (RFC 6533 §3), else as its UTF-8 octets."""
     out = []
-    for byte in value.encode("utf-8"):
-        out.append(chr(byte) if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")) else f"+{byte:02X}")
+    for c in value:
+        if "!" <= c <= "~" and c not in "+=" or (utf8 and ord(c) > 0x7F):
+            out.append(c)
+        else:
+            out.extend(f"+{byte:02X}" for byte in c.encode("utf-8"))
     return "".join(out)
-
-
-def _is_xtext(value: str) -> bool:
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if c == "+":
-            if len(value) < i + 3 or any(h not in "0123456789ABCDEF" for h in value[i + 1:i + 3]):
-                return False
-            i += 3
-            continue
-        if not ("!" <= c <= "~") or c == "=":
-            return False
-        i += 1
-    return True
 
 
 def _everyone(message: Message, reply: str, host: Host | None, tls: bool = False) -> Outcome:
