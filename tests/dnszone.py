@@ -27,6 +27,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from conftest import free_port
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -38,13 +40,8 @@ class DNSZone:
         self.silent = {n.lower().rstrip(".") for n in silent}
         self.queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind((LOOPBACK, port))
+        self._udp, self._tcp = _bind_both(port)
         self.port = self._udp.getsockname()[1]
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind((LOOPBACK, self.port))
-        self._tcp.listen(16)
         self._closed = False
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
                          threading.Thread(target=self._serve_tcp, daemon=True)]
@@ -139,6 +136,27 @@ class DNSZone:
                         conn.sendall(struct.pack("!H", len(reply)) + reply)
             except OSError:
                 return
+
+
+def _bind_both(port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on one loopback port: `port`, or one from this test process's
+    range (conftest.free_port: below the ephemeral range, where clients could take it)."""
+    for _ in range(1 if port else 50):
+        number = port or free_port()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            udp.bind((LOOPBACK, number))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((LOOPBACK, number))
+            tcp.listen(16)
+            return udp, tcp
+        except OSError:
+            udp.close()
+            tcp.close()
+            if port:
+                raise
+    raise RuntimeError("no loopback port free for both UDP and TCP")
 
 
 def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
