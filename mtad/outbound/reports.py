@@ -1,6 +1,7 @@
 """Delivery status notifications (RFC 3464) from the runner to a message's sender.
 
-mtad/dsn.py builds the report; this module decides who gets it and sends it:
+mtad/dsn.py writes the report; this module decides who gets it and streams it there (the
+original is read from the queue's file as the report is written, never whole in memory):
 - never to the null sender, and never about a message that is itself a bounce (RFC 3461
   §6.2, RFC 5321 §6.1: no loops of reports);
 - to a local sender (a domain of ours): straight into the INBOX of every account the
@@ -31,6 +32,7 @@ from storage import (
     QueuedRecipient,
     QueueEnvelope,
     Store,
+    StoreError,
 )
 
 MAX_HEADER_BLOCK = 256 * 1024  # what is read of the original to tell whether it is a bounce
@@ -75,14 +77,13 @@ class Reporter:
         if dsn.is_bounce(envelope.sender, _header_block(original)):
             log.info("dsn_suppressed", reason="a report is never sent about a report", action=actions)
             return Reported(False, "bounce of a bounce")
-        original.seek(0)
-        report = dsn.build_report(reporting_mta=self._hostname, sender=envelope.sender, envid=envelope.envid,
-                                  arrival=message.created, recipients=recipients, ret=envelope.ret,
-                                  original=original, now=now)
+        fields = dict(reporting_mta=self._hostname, sender=envelope.sender, envid=envelope.envid,
+                      arrival=message.created, recipients=recipients, ret=envelope.ret,
+                      smtputf8=envelope.smtputf8, eight_bit=envelope.eight_bit, now=now)
         try:
             resolution = self._accounts.resolve(envelope.sender)
         except NotLocalError:
-            qid = self._enqueue([envelope.sender], report, envelope.smtputf8)
+            qid = self._enqueue([envelope.sender], original, fields)
             log.info("dsn_sent", action=actions, to=envelope.sender, dsn_qid=qid)
             return Reported(True, f"queue: {qid}")
         except (AddressError, AccountError) as e:
@@ -90,23 +91,32 @@ class Reporter:
             return Reported(False, str(e))
         where = []
         if resolution.local:
-            accounts = [str(a) for a in resolution.local]
             try:
-                self._store.deliver(accounts, b"Return-Path: <>\r\n" + report)
-            except DeliveryError as e:
+                self._store_report([str(a) for a in resolution.local], original, fields)
+                where.append("store")
+            except (DeliveryError, StoreError) as e:
                 # Some copy failed (over quota, disk full): the others are durable all the same.
                 log.warning("dsn_not_stored", to=envelope.sender, reason=str(e))
-            where.append("store")
         if resolution.remote:
-            where.append(f"queue: {self._enqueue(list(resolution.remote), report, envelope.smtputf8)}")
-        log.info("dsn_sent", action=actions, to=envelope.sender, where=" ".join(where))
-        return Reported(True, " ".join(where))
+            where.append(f"queue: {self._enqueue(list(resolution.remote), original, fields)}")
+        log.info("dsn_sent", action=actions, to=envelope.sender, where=" ".join(where) or "-")
+        return Reported(bool(where), " ".join(where))
 
-    def _enqueue(self, recipients: list[str], report: bytes, smtputf8: bool) -> str:
+    def _store_report(self, accounts: list[str], original: BinaryIO, fields: dict) -> None:
+        """Into each account's INBOX, streamed: durable when this returns."""
+        original.seek(0)
+        with self._store.begin_delivery(accounts) as delivery:
+            delivery.write(b"Return-Path: <>\r\n")  # RFC 5321 §4.4, as a delivery by SMTP has it
+            dsn.write_report(delivery.write, original=original, **fields)
+            delivery.commit()
+
+    def _enqueue(self, recipients: list[str], original: BinaryIO, fields: dict) -> str:
+        """Through the queue from the null sender (RFC 5321 §4.5.5), streamed."""
         envelope = QueueEnvelope("", tuple(QueuedRecipient(r, notify=("NEVER",)) for r in recipients),
-                                 smtputf8=smtputf8, origin="dsn")
+                                 smtputf8=fields["smtputf8"], eight_bit=fields["eight_bit"], origin="dsn")
+        original.seek(0)
         with self._queue.begin(envelope) as enqueue:
-            enqueue.write(report)
+            dsn.write_report(enqueue.write, original=original, **fields)
             return enqueue.commit()
 
 
