@@ -448,13 +448,18 @@ def test_a_5xx_bounces_with_a_report_in_the_senders_inbox(outbound, data_dir, mx
 
 def test_success_and_delay_reports_and_ret_hdrs(outbound, data_dir, mx_port):
     notify = ("SUCCESS", "DELAY")
-    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.61"))) as dns, \
-            Sink(host="127.0.0.61", port=mx_port, replies={"slow@example.net": "451 4.2.0 mailbox busy"}) as sink:
+    zone = {**_mx_zone((10, "mx.example.net", "127.0.0.61"))), "example.com": {"A": ["127.0.0.62"]}}
+    with DNSZone(zone) as dns, \
+            Sink(host="127.0.0.61", port=mx_port, replies={"slow@example.net": "451 4.2.0 mailbox busy"}) as sink, \
+            Sink(host="127.0.0.62", port=mx_port, dsn=True) as dsn_sink:
         qid = enqueue(data_dir, raw_message("reports", body="Secret body.\r\n"),
                       QueuedRecipient("fast@example.net", notify=notify),
-                      QueuedRecipient("slow@example.net", notify=notify), ret="HDRS", envid="ENV-61")
+                      QueuedRecipient("slow@example.net", notify=notify),
+                      QueuedRecipient("dsn@example.com", notify=("SUCCESS",)), ret="HDRS", envid="ENV-61")
         daemon = outbound(dns, queue={"delay_warning": "1s", "retry_schedule": ["1s"]})
         sink.wait_for(1)
+        # A next hop that offers DSN is told NOTIFY and reports itself: no report from us.
+        assert dsn_sink.wait_for(1)[0].dsn_rcpt["dsn@example.com"] == ["NOTIFY=SUCCESS"]
         reports = inbox(daemon, 2)
         time.sleep(3)  # more attempts for slow@: still one delay report
         assert len(inbox(daemon, 2)) == 2
@@ -462,6 +467,7 @@ def test_success_and_delay_reports_and_ret_hdrs(outbound, data_dir, mx_port):
     assert set(by_action) == {"relayed", "delayed"}  # the sink does not offer DSN: we report success
     assert "fast@example.net" in report_fields(by_action["relayed"])["final-recipient"]
     assert "slow@example.net" in report_fields(by_action["delayed"])["final-recipient"]
+    assert all("dsn@example.com" not in report.as_string() for report in reports)
     for report in reports:
         assert report_fields(report)["original-envelope-id"] == "ENV-61"
         text = report.as_string()
@@ -485,6 +491,20 @@ def test_sigkill_with_a_deferred_message_then_one_delivery_after_restart(outboun
         sink.wait_for(1)
         wait_until(lambda: queued(data_dir, qid) is None, what="the message leaves the queue")
         time.sleep(3)
+        assert len(sink.received) == 1
+
+
+def test_a_stop_lets_a_delivery_under_way_finish_and_record_it(outbound, data_dir, mx_port):
+    with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.75"))) as dns, \
+            Sink(host="127.0.0.75", port=mx_port, data_delay=2.0) as sink:
+        qid = enqueue(data_dir, raw_message(), "bob@example.net")
+        daemon = outbound(dns)
+        wait_until(lambda: sink.rcpt_attempts, what="the delivery under way")
+        assert daemon.stop() == 0  # SIGTERM while the sink holds the data phase
+        assert len(sink.wait_for(1)) == 1
+        assert queued(data_dir, qid) is None  # recorded before the process ended
+        outbound(dns)
+        time.sleep(2)
         assert len(sink.received) == 1
 
 
