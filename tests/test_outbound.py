@@ -448,7 +448,7 @@ def test_a_5xx_bounces_with_a_report_in_the_senders_inbox(outbound, data_dir, mx
 
 def test_success_and_delay_reports_and_ret_hdrs(outbound, data_dir, mx_port):
     notify = ("SUCCESS", "DELAY")
-    zone = {**_mx_zone((10, "mx.example.net", "127.0.0.61"))), "example.com": {"A": ["127.0.0.62"]}}
+    zone = {**_mx_zone((10, "mx.example.net", "127.0.0.61")), "example.com": {"A": ["127.0.0.62"]}}
     with DNSZone(zone) as dns, \
             Sink(host="127.0.0.61", port=mx_port, replies={"slow@example.net": "451 4.2.0 mailbox busy"}) as sink, \
             Sink(host="127.0.0.62", port=mx_port, dsn=True) as dsn_sink:
