@@ -209,7 +209,9 @@ class Runner:
                 if isinstance(attempt, BaseException):
                     if isinstance(attempt, asyncio.CancelledError):
                         raise attempt
+                    # Its recipients stay due, unrecorded: the message rests before it is tried again.
                     log.error("delivery_failed", exc_info=(type(attempt), attempt, attempt.__traceback__))
+                    self._resting[message.id] = self.clock() + REST
                     continue
                 for recipient, result, dsn_passed in attempt:
                     if result.state == BOUNCED:
