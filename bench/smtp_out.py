@@ -245,6 +245,7 @@ def start_postfix(work: Path, sink_port: int, cert: Path, key: Path) -> tuple[Pa
     directory = work / "postfix"
     for sub in ("etc", "queue", "data"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
+    shutil.chown(directory / "data", "postfix", "postfix")  # the master's lock and caches (it runs as postfix)
     port = free_port()
     etc = directory / "etc"
     (etc / "main.cf").write_text(f"""compatibility_level = 3.6
@@ -260,6 +261,7 @@ smtpd_tls_cert_file = {cert}
 smtpd_tls_key_file = {key}
 smtpd_tls_security_level = may
 smtp_tls_security_level = none
+maillog_file_prefixes = {directory}
 maillog_file = {directory / 'postfix.log'}
 default_process_limit = 100
 """)
