@@ -202,13 +202,13 @@ def _ms(values: list[float], q: float) -> str:
 # -- the servers under test --------------------------------------------------------------
 
 
-def start_postroom(work: Path, sink_port: int) -> tuple[subprocess.Popen, int]:
+def start_postroom(work: Path, sink_port: int, log_level: str) -> tuple[subprocess.Popen, int]:
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     config = work / "postroom.toml"
     config.write_text(f"""[server]
 hostname = "mail.bench.test"
 data_dir = "{work / 'var'}"
-log_level = "warning"
+log_level = "{log_level}"
 [tls]
 cert = "{work / 'var/tls/cert.pem'}"
 key = "{work / 'var/tls/key.pem'}"
@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("-m", "--messages", type=int, default=50, help="messages per connection")
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out even when installed")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="postroom's (info: a line per delivery, in DIR/serve.log with --keep)")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (logs, queues)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="smtp-out-"))
@@ -314,7 +316,7 @@ def main() -> None:
     postroom, postfix_etc = None, None
     lines = []
     try:
-        postroom, submission_port = start_postroom(work, sink_port)
+        postroom, submission_port = start_postroom(work, sink_port, args.log_level)
         lines.append(load("postroom", submission_port, args, True, sink_seen))
         if not args.no_postfix and shutil.which("postfix"):
             cert, key = work / "var/tls/cert.pem", work / "var/tls/key.pem"
