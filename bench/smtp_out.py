@@ -8,7 +8,8 @@ submission on a free loopback port, `[outbound.routes]` for the sink's domain) a
 a minimal SMTP receiver in a process of its own that answers 250 to everything and notes
 when it wrote each 250. C clients (STARTTLS, AUTH PLAIN, then M messages of S bytes each on
 one connection) submit; each message carries an X-Bench-Id. Prints:
-- messages/s: messages the sink took / (its last 250 - the first submission's start);
+- messages/s: messages the sink took / (its last 250 - the start line, once every client
+  has connected, done TLS and logged in);
 - the median and p99 of (the sink's 250 - the submission's 250): the queue's latency;
 - the submission's own reply time (end of data to 250).
 With postfix on the PATH (Debian's postfix), the same load goes through a private Postfix
@@ -114,7 +115,7 @@ async def expect(reader: asyncio.StreamReader, code: int, what: str) -> None:
 
 
 async def client(port: int, messages: int, body: bytes, run_id: str, tag: int, auth: bool,
-                 submitted: dict[str, float], reply_times: list[float]) -> None:
+                 submitted: dict[str, float], reply_times: list[float], gate: Gate) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await expect(reader, 220, "greeting")
@@ -131,6 +132,7 @@ async def client(port: int, messages: int, body: bytes, run_id: str, tag: int, a
             token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
             writer.write(b"AUTH PLAIN " + token + b"\r\n")
             await expect(reader, 235, "AUTH")
+        await gate.ready()
         for n in range(messages):
             bench_id = f"{run_id}.{tag}.{n}"
             writer.write(f"MAIL FROM:<{USER}>\r\n".encode())
@@ -150,6 +152,33 @@ async def client(port: int, messages: int, body: bytes, run_id: str, tag: int, a
         writer.close()
 
 
+class Gate:
+    """The clients' start line: the clock starts once every client has connected, done TLS
+    and logged in (argon2id costs ~100 ms a login: set-up, not the throughput measured)."""
+
+    def __init__(self, clients: int):
+        self._waiting = clients
+        self._open = asyncio.Event()
+        self.opened = 0.0
+
+    async def ready(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self.opened = time.time()
+            self._open.set()
+        await self._open.wait()
+
+    def give_up(self) -> None:
+        """A client failed before the line: the others go anyway."""
+        self.ready_nowait()
+
+    def ready_nowait(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self.opened = time.time()
+            self._open.set()
+
+
 def message(size: int) -> bytes:
     head = (f"From: Bench <{USER}>\r\nTo: <someone@{SINK_DOMAIN}>\r\nSubject: outbound benchmark\r\n"
             "Message-ID: <@@ID@@@bench.test>\r\nDate: Mon, 30 Nov 2026 12:00:00 +0000\r\n"
@@ -165,13 +194,23 @@ def load(label: str, port: int, args, auth: bool, sink_seen) -> str:
     submitted: dict[str, float] = {}
     reply_times: list[float] = []
     body = message(args.size)
-    start = time.time()
 
-    async def everyone() -> list:
-        return await asyncio.gather(*(client(port, args.messages, body, run_id, i, auth, submitted, reply_times)
-                                      for i in range(args.concurrency)), return_exceptions=True)
+    async def one(i: int, gate: Gate) -> None:
+        try:
+            await client(port, args.messages, body, run_id, i, auth, submitted, reply_times, gate)
+        except BaseException:
+            if not gate._open.is_set():
+                gate.give_up()
+            raise
 
-    errors = [r for r in asyncio.run(everyone()) if isinstance(r, BaseException)]
+    async def everyone() -> tuple[list, Gate]:
+        gate = Gate(args.concurrency)
+        results = await asyncio.gather(*(one(i, gate) for i in range(args.concurrency)), return_exceptions=True)
+        return results, gate
+
+    results, gate = asyncio.run(everyone())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    start = gate.opened
     deadline = time.monotonic() + DRAIN_TIMEOUT
     arrived: dict[str, float] = {}
     while time.monotonic() < deadline:

@@ -82,6 +82,7 @@ class _Group:
     destination: str
     domains: list[str]
     recipients: list[RecipientState]
+    done: bool = False  # its transaction is over: it no longer counts against per_destination
 
 
 class Runner:
@@ -164,15 +165,24 @@ class Runner:
     def _done(self, qid: str, groups: list[_Group]) -> None:
         self._in_flight.pop(qid, None)
         for group in groups:
-            left = self._load.get(group.destination, 1) - 1
-            if left > 0:
-                self._load[group.destination] = left
-            else:
-                self._load.pop(group.destination, None)
-                self._per_destination.pop(group.destination, None)
+            self._transaction_over(group)
         if len(self._resting) > 1000:
             now = self.clock()
             self._resting = {qid: until for qid, until in self._resting.items() if until > now}
+        self._wake.set()
+
+    def _transaction_over(self, group: _Group) -> None:
+        """The group's connection is closed: the next message for its destination may start
+        while this one's results are still being recorded (an fsync)."""
+        if group.done:
+            return
+        group.done = True
+        left = self._load.get(group.destination, 1) - 1
+        if left > 0:
+            self._load[group.destination] = left
+        else:
+            self._load.pop(group.destination, None)
+            self._per_destination.pop(group.destination, None)
         self._wake.set()
 
     def _groups(self, message: QueuedMessage, now: float) -> list[_Group]:
@@ -236,8 +246,11 @@ class Runner:
         """One transaction for `group`; its delivered and deferred recipients recorded."""
         semaphore = self._per_destination.setdefault(
             group.destination, asyncio.Semaphore(self.config.queue.per_destination))
-        async with self._connections, semaphore:
-            outcome = await self._transact(message, group)
+        try:
+            async with self._connections, semaphore:
+                outcome = await self._transact(message, group)
+        finally:
+            self._transaction_over(group)
         now = self.clock()
         by_address = {r.address: r for r in outcome.results}
         done: list[tuple[RecipientState, Result, bool]] = []
