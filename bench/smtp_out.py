@@ -282,6 +282,7 @@ sign = false
 def start_postfix(work: Path, sink_port: int, cert: Path, key: Path) -> tuple[Path, int]:
     """A private Postfix instance relaying everything to the sink."""
     directory = work / "postfix"
+    work.chmod(0o755)  # mkdtemp makes it 0700: Postfix's daemons run as the postfix user
     for sub in ("etc", "queue", "data"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     shutil.chown(directory / "data", "postfix", "postfix")  # the master's lock and caches (it runs as postfix)
