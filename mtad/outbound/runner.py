@@ -217,8 +217,10 @@ class Runner:
     async def _work_on(self, message: QueuedMessage, groups: list[_Group], log: EventLogger) -> None:
         original = await asyncio.to_thread(self.queue.open, message.id)
         try:
-            attempts = await asyncio.gather(*(self._attempt(message, group, log) for group in groups),
-                                            return_exceptions=True)
+            # The first group sends from `original`; any other opens the message for itself,
+            # as they send at once. The reports read `original` after every group is done.
+            attempts = await asyncio.gather(*(self._attempt(message, group, log, original if i == 0 else None)
+                                              for i, group in enumerate(groups)), return_exceptions=True)
             bounced: list[tuple[RecipientState, Result]] = []
             relayed: list[tuple[RecipientState, Result]] = []
             deferred: list[tuple[RecipientState, Result]] = []
@@ -239,16 +241,16 @@ class Runner:
                         deferred.append((recipient, result))
             await self._report_and_record(message, bounced, relayed, deferred, original, log)
         finally:
-            original.close()
+            await _close(original)
 
-    async def _attempt(self, message: QueuedMessage, group: _Group, log: EventLogger
+    async def _attempt(self, message: QueuedMessage, group: _Group, log: EventLogger, reader: BinaryIO | None
                        ) -> list[tuple[RecipientState, Result, bool]]:
         """One transaction for `group`; its delivered and deferred recipients recorded."""
         semaphore = self._per_destination.setdefault(
             group.destination, asyncio.Semaphore(self.config.queue.per_destination))
         try:
             async with self._connections, semaphore:
-                outcome = await self._transact(message, group)
+                outcome = await self._transact(message, group, reader)
         finally:
             self._transaction_over(group)
         now = self.clock()
@@ -266,21 +268,23 @@ class Runner:
             await asyncio.to_thread(self.queue.record, message.id, settled)
         return done
 
-    async def _transact(self, message: QueuedMessage, group: _Group) -> Outcome:
+    async def _transact(self, message: QueuedMessage, group: _Group, reader: BinaryIO | None) -> Outcome:
         envelope = message.envelope
         recipients = tuple(Recipient(r.address, r.notify, r.orcpt) for r in group.recipients)
         try:
             route = await self.router.route(group.domains[0])
         except RouteError as e:
             return Outcome(tuple(RecipientResult(r.address, e.code, e.reply) for r in recipients))
-        reader = await asyncio.to_thread(self.queue.open, message.id)
+        own = await asyncio.to_thread(self.queue.open, message.id) if reader is None else None
+        source = reader if own is None else own
         try:
-            outgoing = Message(envelope.sender, recipients, message.size, lambda: _Rewound(reader),
+            outgoing = Message(envelope.sender, recipients, message.size, lambda: _Rewound(source),
                                envelope.envid, envelope.ret, envelope.smtputf8, envelope.eight_bit)
             verified = any(d in self.settings.require_verified for d in group.domains)
             return await deliver(route, outgoing, self.settings, verified=verified)
         finally:
-            reader.close()
+            if own is not None:
+                await _close(own)
 
     def _result(self, message: QueuedMessage, recipient: RecipientState, state: str, reply: str,
                 remote_mta: str | None, now: float) -> Result:
@@ -412,6 +416,12 @@ def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
 
     task = asyncio.create_task(hold_and_run())
     return RunnerHandle(task, state, float(config.server.stop_grace))
+
+
+async def _close(reader: BinaryIO) -> None:
+    """In a thread: the last close of a file the queue has removed frees it on disk (measured
+    at 0.7 ms each on a busy disk, in the event loop that is every delivery's)."""
+    await asyncio.to_thread(reader.close)
 
 
 def _domain_of(address: str) -> str:
