@@ -241,7 +241,7 @@ def _ms(values: list[float], q: float) -> str:
 # -- the servers under test --------------------------------------------------------------
 
 
-def start_postroom(work: Path, sink_port: int, log_level: str) -> tuple[subprocess.Popen, int]:
+def start_postroom(work: Path, sink_port: int, log_level: str, workers: int) -> tuple[subprocess.Popen, int]:
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     config = work / "postroom.toml"
     config.write_text(f"""[server]
@@ -254,6 +254,7 @@ key = "{work / 'var/tls/key.pem'}"
 self_signed = true
 [smtp]
 listen = ["127.0.0.1:{ports['smtp']}"]
+workers = {workers}
 [submission]
 listen = ["127.0.0.1:{ports['submission']}"]
 listen_tls = ["127.0.0.1:{ports['submissions']}"]
@@ -331,6 +332,8 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=10)
     parser.add_argument("-m", "--messages", type=int, default=50, help="messages per connection")
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument("-w", "--workers", type=int, default=2,
+                        help="postroom's [smtp] workers (processes taking SMTP and submission; one runs deliveries)")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out even when installed")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="postroom's (info: a line per delivery, in DIR/serve.log with --keep)")
@@ -356,7 +359,7 @@ def main() -> None:
     postroom, postfix_etc = None, None
     lines = []
     try:
-        postroom, submission_port = start_postroom(work, sink_port, args.log_level)
+        postroom, submission_port = start_postroom(work, sink_port, args.log_level, args.workers)
         lines.append(load("postroom", submission_port, args, True, sink_seen))
         if not args.no_postfix and shutil.which("postfix"):
             cert, key = work / "var/tls/cert.pem", work / "var/tls/key.pem"

@@ -23,6 +23,7 @@ being the sysadmin's own name; an IP literal is used as is.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -113,6 +114,7 @@ class Router:
         self._timeout = float(dns_config.timeout)
         self._resolver = resolver or _resolver(dns_config)
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Router per runner, for its life)
     def destination(self, domain: str) -> str:
         """The destination mail for `domain` goes to: the domain itself when it goes by MX."""
         key = _domain_key(domain)

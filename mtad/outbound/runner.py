@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -424,6 +425,7 @@ async def _close(reader: BinaryIO) -> None:
     await asyncio.to_thread(reader.close)
 
 
+@functools.lru_cache(maxsize=4096)
 def _domain_of(address: str) -> str:
     domain = address.rpartition("@")[2]
     if domain.startswith("["):
