@@ -23,7 +23,7 @@ import pytest
 import conf
 from conftest import Daemon, client_tls_context, free_port, start_daemon
 from dnszone import DNSZone
-from mtad.outbound.client import ClientSettings, Message, Recipient, deliver
+from mtad.outbound.client import ClientSettings, ConnectionCache, Message, Recipient, deliver
 from mtad.outbound.dotstuff import DotStuffer
 from mtad.outbound.routes import Host, Route, RouteError, Router
 from mtad.outbound.runner import LOCK_RETRY, Runner
@@ -256,6 +256,50 @@ def test_dsn_parameters_go_to_a_next_hop_that_offers_dsn():
     with Sink(dsn=False) as sink:  # parameters it does not offer are not sent (it would say 555)
         outcome = _deliver(_config(), _sink_route(sink), _message(recipient, ret="HDRS", envid="X"))
         assert not outcome.dsn and outcome.results[0].state == "delivered"
+
+
+def test_a_connection_carries_several_messages_and_a_closed_one_is_replaced():
+    settings = ClientSettings.from_config(_config())
+
+    async def send(route, count):
+        outcomes = []
+        for i in range(count):
+            outcomes.append(await deliver(route, _message(f"u{i}@example.net"), settings, cache=cache))
+        return outcomes
+
+    for pipelining in (True, False):
+        cache = None
+        with Sink(pipelining=pipelining, replies={"u1@example.net": "550 5.1.1 no such user"}) as sink:
+            async def run():
+                nonlocal cache
+                cache = ConnectionCache()
+                try:
+                    return await send(_sink_route(sink), 3)
+                finally:
+                    cache.close()
+
+            outcomes = asyncio.run(run())
+            assert [o.results[0].state for o in outcomes] == ["delivered", "bounced", "delivered"]
+            assert len(sink.wait_for(2)) == 2 and len(sink.sessions) == 1  # one EHLO: one connection
+    # The server goes away while the connection waits: the next message opens a new one.
+    port = free_port()
+    first = Sink(port=port)
+
+    async def across_a_restart():
+        nonlocal cache
+        cache = ConnectionCache()
+        try:
+            with first:
+                done = await send(_sink_route(first), 1)
+            with Sink(port=port) as second:
+                done += await send(_sink_route(second), 1)
+                return done, second
+        finally:
+            cache.close()
+
+    outcomes, second = asyncio.run(across_a_restart())
+    assert [o.results[0].state for o in outcomes] == ["delivered", "delivered"]
+    assert len(second.received) == 1
 
 
 def test_a_refused_data_bounces_or_defers_every_accepted_recipient():

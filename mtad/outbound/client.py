@@ -22,6 +22,10 @@ What is sent, by what the server's EHLO offers:
 - DSN (RFC 3461 §4): RET, ENVID on MAIL, NOTIFY and ORCPT on RCPT, when offered; then the
   next hop reports, and `Outcome.dsn` says so.
 - PIPELINING (RFC 2920 §3.1): MAIL, every RCPT and DATA in one write.
+Connections are reused (ConnectionCache, as Postfix's connection cache): after a clean
+transaction the session waits up to IDLE seconds for the next message to the same host,
+which begins with RSET (pipelined with its envelope); one the server closed meanwhile is
+found by that RSET and replaced by a new connection, not counted as a failure.
 Per recipient: its RCPT reply when that refused it, else the reply to the data; 2xx
 delivered, 4xx deferred, 5xx bounced. A host that cannot be reached, times out, greets
 with an error or drops the connection before the data's end: the next host. When none is
@@ -50,6 +54,8 @@ READ_SIZE = 64 * 1024
 MAX_REPLY_LINE = 4096  # a longer reply line is a broken server (RFC 5321 §4.5.3.1.5: 512)
 MAX_REPLY_LINES = 100
 QUIT_TIMEOUT = 5.0
+IDLE = 2.0  # seconds a session waits in the cache for its next message (Postfix: 2 s)
+REUSE_LIMIT = 100  # transactions on one session (Postfix's smtp_connection_reuse_count_limit)
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 
@@ -140,13 +146,26 @@ class _AfterDataError(Exception):
     """The connection failed after the terminating dot: the outcome is unknown."""
 
 
-async def deliver(route: Route, message: Message, settings: ClientSettings, *, verified: bool = False) -> Outcome:
+class _StaleError(Exception):
+    """A cached session is gone (the server closed it while it waited)."""
+
+
+async def deliver(route: Route, message: Message, settings: ClientSettings, *, verified: bool = False,
+                  cache: ConnectionCache | None = None) -> Outcome:
     """Try `route`'s hosts in turn until one answers the transaction; `verified`: the
-    recipients' domain is in require_verified_tls."""
+    recipients' domain is in require_verified_tls. With `cache`, a connection left open by
+    an earlier message to the same host is used first, and this one is left there after."""
     last = "451 4.4.1 no host to try"
     for host in route.hosts:
+        key = (host.address, host.port, host.name, verified, route.relay)
         try:
-            return await _deliver_to(host, route, message, settings, verified=verified, tls=True)
+            if cache is not None and (session := cache.take(key)) is not None:
+                try:
+                    return await _send(session, message, cache, key, reset=True)
+                except _StaleError:
+                    pass  # it was closed while idle: a new connection, as if none had been cached
+            session = await _connect(host, route, settings, verified=verified, tls=True)
+            return await _send(session, message, cache, key, reset=False)
         except HostFailedError as e:
             last = e.reply
         except _AfterDataError as e:
@@ -156,49 +175,125 @@ async def deliver(route: Route, message: Message, settings: ClientSettings, *, v
     return _everyone(message, last if last.startswith("4") else f"451 4.4.0 {last}", None)
 
 
-async def _deliver_to(host: Host, route: Route, message: Message, settings: ClientSettings, *,
-                      verified: bool, tls: bool) -> Outcome:
+async def _connect(host: Host, route: Route, settings: ClientSettings, *, verified: bool, tls: bool) -> _Session:
+    """A session ready for MAIL: greeted, EHLO, STARTTLS, AUTH; HostFailedError if not."""
     smtp = aiosmtplib.SMTP(hostname=host.address, port=host.port, local_hostname=settings.helo_name,
                            timeout=settings.command_timeout, start_tls=False)
     try:
-        try:
-            await smtp.connect(timeout=settings.connect_timeout)
+        await smtp.connect(timeout=settings.connect_timeout)
+        await _hello(smtp, settings)
+        using_tls = False
+        if smtp.supports_extension("starttls") and tls:
+            context = settings.verified_tls if verified else settings.opportunistic_tls
+            try:
+                await smtp.starttls(server_hostname=host.name, tls_context=context, timeout=settings.command_timeout)
+            except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
+                if verified:
+                    raise HostFailedError(f"451 4.7.5 {host}: TLS failed: {_why(e)}") from None
+                smtp.close()
+                # RFC 7435: opportunistic TLS that fails falls back to none, once.
+                return await _connect(host, route, settings, verified=False, tls=False)
+            using_tls = True
             await _hello(smtp, settings)
-            using_tls = False
-            if smtp.supports_extension("starttls") and tls:
-                context = settings.verified_tls if verified else settings.opportunistic_tls
-                try:
-                    await smtp.starttls(server_hostname=host.name, tls_context=context,
-                                        timeout=settings.command_timeout)
-                except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as e:
-                    if verified:
-                        raise HostFailedError(f"451 4.7.5 {host}: TLS failed: {_why(e)}") from None
-                    smtp.close()
-                    # RFC 7435: opportunistic TLS that fails falls back to none, once.
-                    return await _deliver_to(host, route, message, settings, verified=False, tls=False)
-                using_tls = True
-                await _hello(smtp, settings)
-            elif verified:
-                raise HostFailedError(f"451 4.7.5 {host} offers no STARTTLS, and TLS is required")
-            if route.relay and settings.relay_user:
-                if not (using_tls or ipaddress.ip_address(host.address).is_loopback):
-                    raise HostFailedError(f"451 4.7.10 {host}: no TLS to log in over")
-                await smtp.login(settings.relay_user, settings.relay_password)
-        except HostFailedError:
-            raise
-        except aiosmtplib.SMTPResponseException as e:
-            raise HostFailedError(_reply_line(e.code, e.message, host)) from None
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise HostFailedError(f"451 4.4.1 {host}: {_why(e)}") from None
-        refused = _refusal(smtp, message)
-        if refused is not None:
-            await _quit(smtp)
-            return _everyone(message, refused, host, using_tls)
-        transaction = _Transaction(smtp, host, settings)
-        results, dsn = await transaction.run(message)
-        return Outcome(tuple(results), host, using_tls, dsn)
-    finally:
+        elif verified:
+            raise HostFailedError(f"451 4.7.5 {host} offers no STARTTLS, and TLS is required")
+        if route.relay and settings.relay_user:
+            if not (using_tls or ipaddress.ip_address(host.address).is_loopback):
+                raise HostFailedError(f"451 4.7.10 {host}: no TLS to log in over")
+            await smtp.login(settings.relay_user, settings.relay_password)
+    except HostFailedError:
         smtp.close()
+        raise
+    except aiosmtplib.SMTPResponseException as e:
+        smtp.close()
+        raise HostFailedError(_reply_line(e.code, e.message, host)) from None
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
+        smtp.close()
+        raise HostFailedError(f"451 4.4.1 {host}: {_why(e)}") from None
+    return _Session(smtp, host, settings, using_tls)
+
+
+async def _send(session: _Session, message: Message, cache: ConnectionCache | None, key: tuple,
+                *, reset: bool) -> Outcome:
+    """One transaction on `session`; then the session goes to `cache`, or is closed."""
+    try:
+        refused = _refusal(session.smtp, message)
+        if refused is not None:
+            outcome, keep = _everyone(message, refused, session.host, session.tls), True
+        else:
+            results, dsn = await session.transaction.run(message, reset=reset)
+            outcome, keep = Outcome(tuple(results), session.host, session.tls, dsn), session.transaction.reusable
+    except BaseException:
+        session.drop()
+        raise
+    session.uses += 1
+    if keep and cache is not None and session.uses < REUSE_LIMIT:
+        cache.give(key, session)
+    else:
+        await session.quit()
+    return outcome
+
+
+class _Session:
+    """An open SMTP session, between transactions."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, host: Host, settings: ClientSettings, tls: bool):
+        self.smtp = smtp
+        self.host = host
+        self.tls = tls
+        self.uses = 0
+        self.transaction = _Transaction(smtp, host, settings)
+
+    async def quit(self) -> None:
+        await self.transaction.quit()
+        self.smtp.close()
+
+    def drop(self) -> None:
+        """Close without a word (idle too long, the runner stopping)."""
+        self.transaction.say_quit()
+        self.smtp.close()
+
+
+class ConnectionCache:
+    """Sessions left open after a transaction, by host, for the next message there (as
+    Postfix's connection cache does): each waits at most IDLE seconds and carries at most
+    REUSE_LIMIT transactions; the next transaction on it begins with RSET, pipelined, which
+    also finds a session the server has closed meanwhile."""
+
+    def __init__(self, idle: float = IDLE) -> None:
+        self._idle = idle
+        self._sessions: dict[tuple, list[tuple[_Session, asyncio.TimerHandle]]] = {}
+
+    def take(self, key: tuple) -> _Session | None:
+        waiting = self._sessions.get(key)
+        if not waiting:
+            return None
+        session, timer = waiting.pop()
+        if not waiting:
+            del self._sessions[key]
+        timer.cancel()
+        return session
+
+    def give(self, key: tuple, session: _Session) -> None:
+        timer = asyncio.get_running_loop().call_later(self._idle, self._expire, key, session)
+        self._sessions.setdefault(key, []).append((session, timer))
+
+    def _expire(self, key: tuple, session: _Session) -> None:
+        waiting = self._sessions.get(key, [])
+        for i, (s, _) in enumerate(waiting):
+            if s is session:
+                del waiting[i]
+                break
+        if not waiting:
+            self._sessions.pop(key, None)
+        session.drop()
+
+    def close(self) -> None:
+        for waiting in self._sessions.values():
+            for session, timer in waiting:
+                timer.cancel()
+                session.drop()
+        self._sessions.clear()
 
 
 async def _hello(smtp: aiosmtplib.SMTP, settings: ClientSettings) -> None:
@@ -220,13 +315,6 @@ def _refusal(smtp: aiosmtplib.SMTP, message: Message) -> str | None:
     return None
 
 
-async def _quit(smtp: aiosmtplib.SMTP) -> None:
-    try:
-        await smtp.quit(timeout=QUIT_TIMEOUT)
-    except (aiosmtplib.SMTPException, OSError):
-        pass
-
-
 class _Transaction(asyncio.Protocol):
     """MAIL, RCPT, DATA and the data, on the transport aiosmtplib opened, as this transport's
     protocol from now on: replies are read in order, however they arrive."""
@@ -241,6 +329,8 @@ class _Transaction(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._transport: asyncio.Transport = smtp.transport  # type: ignore[assignment]
+        self._transport.set_protocol(self)
+        self.reusable = False  # the last transaction ended cleanly: another may follow
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -292,19 +382,35 @@ class _Transaction(asyncio.Protocol):
             raise ConnectionError(_why(got))
         return got
 
-    async def run(self, message: Message) -> tuple[list[RecipientResult], bool]:
+    async def run(self, message: Message, *, reset: bool = False) -> tuple[list[RecipientResult], bool]:
+        """MAIL, RCPT, DATA, the message; `reset`: RSET first (a session used before), and
+        _StaleError if that finds the session closed."""
         smtp = self._smtp
         utf8 = message.needs_smtputf8
         dsn = smtp.supports_extension("dsn")
         mail = _mail_command(message, smtp, dsn)
         rcpts = [_rcpt_command(r, dsn, utf8) for r in message.recipients]
         pipelining = smtp.supports_extension("pipelining")
-        self._transport.set_protocol(self)
         timeout = self._settings.command_timeout
+        self.reusable = False
+        if reset:
+            try:
+                if self._transport.is_closing():
+                    raise ConnectionError("closed")
+                if pipelining:
+                    self._write_lines(["RSET", mail, *rcpts, "DATA"], utf8)
+                else:
+                    self._write_lines(["RSET"], utf8)
+                code, _ = await self.reply(timeout)
+            except (ConnectionError, RuntimeError):
+                raise _StaleError() from None
+            if code != 250:
+                raise _StaleError()
         try:
             commands = [mail, *rcpts]
             if pipelining:
-                self._write_lines(commands + ["DATA"], utf8)
+                if not reset:
+                    self._write_lines(commands + ["DATA"], utf8)
                 mail_reply = await self.reply(timeout)
                 rcpt_replies = [await self.reply(timeout) for _ in rcpts]
                 data_reply = await self.reply(timeout)
@@ -325,7 +431,7 @@ class _Transaction(asyncio.Protocol):
             results = [self._result(r.address, *mail_reply) for r in message.recipients]
             if data_reply[0] == 354:
                 await self._send_data_end()
-            await self._quit()
+            self.reusable = mail_reply[0] != 421 and data_reply[0] != 421
             return results, False
         accepted = [r for r, (code, _) in zip(message.recipients, rcpt_replies) if code < 300]
         results = {r.address: self._result(r.address, *reply)
@@ -347,7 +453,8 @@ class _Transaction(asyncio.Protocol):
             for r in accepted:
                 code, text = data_reply if data_reply[0] >= 400 else (451, "4.5.0 DATA not accepted")
                 results[r.address] = self._result(r.address, code, text)
-        await self._quit()
+        # RFC 5321 §3.8: a 421 closes the session. Otherwise the next RSET starts clean.
+        self.reusable = not any(r.code == 421 for r in results.values()) and not self._transport.is_closing()
         return [results[r.address] for r in message.recipients], dsn
 
     def _write_lines(self, lines: list[str], utf8: bool) -> None:
@@ -377,12 +484,18 @@ class _Transaction(asyncio.Protocol):
         except TimeoutError:
             raise ConnectionError(f"could not write for {self._settings.data_timeout:g}s") from None
 
-    async def _quit(self) -> None:
+    async def quit(self) -> None:
+        if self._transport.is_closing():
+            return
         try:
             self._transport.write(b"QUIT\r\n")
             await self.reply(QUIT_TIMEOUT)
         except (ConnectionError, RuntimeError):
             pass
+
+    def say_quit(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(b"QUIT\r\n")
 
     def _result(self, address: str, code: int, text: str) -> RecipientResult:
         return RecipientResult(address, code, _reply_line(code, text), self._host.name)

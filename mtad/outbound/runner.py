@@ -45,6 +45,7 @@ from mtad.outbound.client import (
     DEFERRED,
     DELIVERED,
     ClientSettings,
+    ConnectionCache,
     Message,
     Outcome,
     Recipient,
@@ -107,6 +108,7 @@ class Runner:
         self._resting: dict[str, float] = {}  # qid -> until when: its last work failed (a full disk)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._sessions = ConnectionCache()  # open connections between messages to one host
 
     async def run(self) -> None:
         """Until stop(): take due mail, start its deliveries."""
@@ -142,6 +144,7 @@ class Runner:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self._sessions.close()
 
     async def _schedule(self, now: float) -> None:
         free = self.config.queue.concurrency - len(self._in_flight)
@@ -282,7 +285,7 @@ class Runner:
             outgoing = Message(envelope.sender, recipients, message.size, lambda: _Rewound(source),
                                envelope.envid, envelope.ret, envelope.smtputf8, envelope.eight_bit)
             verified = any(d in self.settings.require_verified for d in group.domains)
-            return await deliver(route, outgoing, self.settings, verified=verified)
+            return await deliver(route, outgoing, self.settings, verified=verified, cache=self._sessions)
         finally:
             if own is not None:
                 await _close(own)
