@@ -109,6 +109,7 @@ class Runner:
         self._load: dict[str, int] = {}  # groups scheduled per destination, running or waiting
         self._in_flight: dict[str, asyncio.Task] = {}
         self._resting: dict[str, float] = {}  # qid -> until when: its last work failed (a full disk)
+        self._waiting: list[QueuedMessage] = []  # due at the last look, not started for want of room
         self._wake = asyncio.Event()
         self._stopping = False
         self._sessions = ConnectionCache()  # open connections between messages to one host
@@ -163,24 +164,40 @@ class Runner:
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown, True)
 
     async def _schedule(self, now: float) -> None:
+        """Ask the queue for due mail (a look), then start what the limits allow."""
         free = self.config.queue.concurrency - len(self._in_flight)
         if free <= 0:
             return
+        # Messages under way are still due until recorded: asked for too, and passed over.
         due = await self._blocking(self.queue.due, now, free + len(self._in_flight))
-        per_destination = self.config.queue.per_destination
-        for message in due:
-            if len(self._in_flight) >= self.config.queue.concurrency:
-                break
+        self._waiting = [m for m in due if m.id not in self._in_flight]
+        self._start_waiting(now)
+
+    def _start_waiting(self, now: float | None = None) -> None:
+        """Start the due messages of the last look whose destinations have room; the others
+        wait, for the end of a transaction to one of their destinations (qmgr's way: a
+        finished delivery starts the next at once, not at the next look) or the next look."""
+        now = self.clock() if now is None else now
+        concurrency, per_destination = self.config.queue.concurrency, self.config.queue.per_destination
+        left = []
+        for message in self._waiting:
             if message.id in self._in_flight or self._resting.get(message.id, 0) > now:
                 continue
+            if len(self._in_flight) >= concurrency:
+                left.append(message)
+                continue
             groups = self._groups(message, now)
-            if not groups or all(self._load.get(g.destination, 0) >= per_destination for g in groups):
-                continue  # its destinations are busy: it waits for a later look
+            if not groups:
+                continue
+            if all(self._load.get(g.destination, 0) >= per_destination for g in groups):
+                left.append(message)
+                continue
             for group in groups:
                 self._load[group.destination] = self._load.get(group.destination, 0) + 1
             task = asyncio.create_task(self._work(message, groups, now))
             self._in_flight[message.id] = task
             task.add_done_callback(lambda _, qid=message.id, g=groups: self._done(qid, g))
+        self._waiting = left
 
     def _done(self, qid: str, groups: list[_Group]) -> None:
         self._in_flight.pop(qid, None)
@@ -203,6 +220,8 @@ class Runner:
         else:
             self._load.pop(group.destination, None)
             self._per_destination.pop(group.destination, None)
+        if not self._stopping:
+            self._start_waiting()
         self._wake.set()
 
     def _groups(self, message: QueuedMessage, now: float) -> list[_Group]:
