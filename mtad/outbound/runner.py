@@ -12,7 +12,9 @@ attempt (Queue.next_due) has come: a `postroom queue flush`, hold or release fro
 acted on within a second. Each due message is worked by one task:
 - its due recipients are grouped by destination (routes.Router.destination: a domain, a
   route's host, or the relay); each group is one SMTP transaction (client.deliver) within
-  `[queue] concurrency` transactions in all and `per_destination` to one destination;
+  `[queue] concurrency` transactions in all and `per_destination` to one destination; a
+  transaction's slot is free as soon as it ends (its results are recorded after), and the
+  next message waiting for that destination starts at once;
 - each group's delivered and deferred recipients are recorded (Queue.record, one fsynced
   commit) as soon as its transaction ends, so a crash never sends again what a remote
   acknowledged and we recorded; a deferred recipient's next attempt follows
@@ -72,6 +74,7 @@ from storage import (
 POLL = 0.02
 BATCH = 0.01  # the least time between two looks for due mail
 THREADS = 32
+IN_FLIGHT_PER_TRANSACTION = 4  # messages under way (recording included) per allowed transaction
 MAX_SLEEP = 30.0  # the longest the loop goes without asking the queue for due mail
 LOCK_RETRY = 2.0  # seconds between two tries for the runner lock, by the processes without it
 JITTER = 0.10
@@ -110,6 +113,11 @@ class Runner:
         self._in_flight: dict[str, asyncio.Task] = {}
         self._resting: dict[str, float] = {}  # qid -> until when: its last work failed (a full disk)
         self._waiting: list[QueuedMessage] = []  # due at the last look, not started for want of room
+        # [queue] concurrency counts transactions (connections), not messages whose results
+        # are being recorded (an fsync each, shared): those are bounded apart, to bound the
+        # files and memory they hold.
+        self._busy = 0  # transactions scheduled and not over
+        self._max_in_flight = IN_FLIGHT_PER_TRANSACTION * q.concurrency
         self._wake = asyncio.Event()
         self._stopping = False
         self._sessions = ConnectionCache()  # open connections between messages to one host
@@ -165,8 +173,8 @@ class Runner:
 
     async def _schedule(self, now: float) -> None:
         """Ask the queue for due mail (a look), then start what the limits allow."""
-        free = self.config.queue.concurrency - len(self._in_flight)
-        if free <= 0:
+        free = self.config.queue.concurrency - self._busy
+        if free <= 0 or len(self._in_flight) >= self._max_in_flight:
             return
         # Messages under way are still due until recorded: asked for too, and passed over.
         due = await self._blocking(self.queue.due, now, free + len(self._in_flight))
@@ -183,7 +191,7 @@ class Runner:
         for message in self._waiting:
             if message.id in self._in_flight or self._resting.get(message.id, 0) > now:
                 continue
-            if len(self._in_flight) >= concurrency:
+            if self._busy >= concurrency or len(self._in_flight) >= self._max_in_flight:
                 left.append(message)
                 continue
             groups = self._groups(message, now)
@@ -194,6 +202,7 @@ class Runner:
                 continue
             for group in groups:
                 self._load[group.destination] = self._load.get(group.destination, 0) + 1
+            self._busy += len(groups)
             task = asyncio.create_task(self._work(message, groups, now))
             self._in_flight[message.id] = task
             task.add_done_callback(lambda _, qid=message.id, g=groups: self._done(qid, g))
@@ -214,6 +223,7 @@ class Runner:
         if group.done:
             return
         group.done = True
+        self._busy -= 1
         left = self._load.get(group.destination, 1) - 1
         if left > 0:
             self._load[group.destination] = left
