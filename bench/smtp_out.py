@@ -241,7 +241,8 @@ def _ms(values: list[float], q: float) -> str:
 # -- the servers under test --------------------------------------------------------------
 
 
-def start_postroom(work: Path, sink_port: int, log_level: str, workers: int) -> tuple[subprocess.Popen, int]:
+def start_postroom(work: Path, sink_port: int, log_level: str, workers: int,
+                   per_destination: int) -> tuple[subprocess.Popen, int]:
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     config = work / "postroom.toml"
     config.write_text(f"""[server]
@@ -267,6 +268,8 @@ listen = ["127.0.0.1:{ports['pop3']}"]
 listen_tls = ["127.0.0.1:{ports['pop3s']}"]
 [dkim]
 sign = false
+[queue]
+per_destination = {per_destination}
 [outbound.routes]
 "{SINK_DOMAIN}" = "127.0.0.1:{sink_port}"
 """)
@@ -334,6 +337,8 @@ def main() -> None:
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
     parser.add_argument("-w", "--workers", type=int, default=2,
                         help="postroom's [smtp] workers (processes taking SMTP and submission; one runs deliveries)")
+    parser.add_argument("--per-destination", type=int, default=20,
+                        help="postroom's [queue] per_destination (20: Postfix's default_destination_concurrency_limit)")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out even when installed")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                         help="postroom's (info: a line per delivery, in DIR/serve.log with --keep)")
@@ -359,7 +364,8 @@ def main() -> None:
     postroom, postfix_etc = None, None
     lines = []
     try:
-        postroom, submission_port = start_postroom(work, sink_port, args.log_level, args.workers)
+        postroom, submission_port = start_postroom(work, sink_port, args.log_level, args.workers,
+                                                   args.per_destination)
         lines.append(load("postroom", submission_port, args, True, sink_seen))
         if not args.no_postfix and shutil.which("postfix"):
             cert, key = work / "var/tls/cert.pem", work / "var/tls/key.pem"
