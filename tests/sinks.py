@@ -161,7 +161,8 @@ class Sink:
         return reply
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
-        ok = isinstance(auth_data, LoginPassword) and (auth_data.login.decode(), auth_data.password.decode()) == self.auth
+        ok = isinstance(auth_data, LoginPassword) and (
+            auth_data.login.decode(), auth_data.password.decode()) == self.auth
         return AuthResult(success=ok, auth_data=auth_data.login.decode() if ok else None)
 
     async def handle_DATA(self, server, session, envelope):

@@ -72,7 +72,8 @@ def test_mx_hosts_in_preference_order_then_their_addresses():
 
 
 def test_equal_preferences_are_shuffled():
-    zone = {"example.net": {"MX": ["10 a.example.net.", "10 b.example.net.", "10 c.example.net.", "5 first.example.net."]},
+    mx = ["10 a.example.net.", "10 b.example.net.", "10 c.example.net.", "5 first.example.net."]
+    zone = {"example.net": {"MX": mx},
             **{f"{n}.example.net": {"A": [f"127.0.0.{i + 1}"]} for i, n in enumerate(("a", "b", "c", "first"))}}
     seen = Counter()
     with DNSZone(zone) as dns:
@@ -461,7 +462,8 @@ def test_null_mx_bounces_at_once_into_the_senders_inbox(outbound, data_dir):
 
 def test_a_4xx_is_tried_again_and_delivered_once(outbound, data_dir, mx_port):
     with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.41"))) as dns, \
-            Sink(host="127.0.0.41", port=mx_port, replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
+            Sink(host="127.0.0.41", port=mx_port,
+                 replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
         qid = enqueue(data_dir, raw_message(), "bob@example.net")
         started = time.monotonic()
         daemon = outbound(dns)
@@ -552,7 +554,7 @@ def test_a_stop_lets_a_delivery_under_way_finish_and_record_it(outbound, data_di
         assert len(sink.received) == 1
 
 
-def test_starttls_is_used_when_offered(outbound, data_dir, mx_port, tmp_path):
+def test_the_runner_uses_starttls_when_offered(outbound, data_dir, mx_port, tmp_path):
     cert = certificate_for(tmp_path, "mx.example.net")
     with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.81"))) as dns, \
             Sink(host="127.0.0.81", port=mx_port, tls=cert) as sink:
@@ -614,7 +616,8 @@ def _queued(created: float, attempts: int) -> tuple[QueuedMessage, RecipientStat
 
 
 def test_retry_waits_follow_the_schedule_with_jitter_and_stop_at_max_lifetime():
-    config = conf.loads('[server]\nhostname = "mail.example.test"\n[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "1h"\n')
+    config = conf.loads('[server]\nhostname = "mail.example.test"\n'
+                        '[queue]\nretry_schedule = ["1m", "10m"]\nmax_lifetime = "1h"\n')
     runner = Runner(config, None, None, rng=random.Random(7))
     created = 1_000_000.0
     waits = []
@@ -634,8 +637,9 @@ def test_retry_waits_follow_the_schedule_with_jitter_and_stop_at_max_lifetime():
 
 def test_a_flush_is_acted_on_within_a_second_and_a_hold_keeps_mail_back(outbound, data_dir, mx_port):
     with DNSZone(_mx_zone((10, "mx.example.net", "127.0.0.111"))) as dns, \
-            Sink(host="127.0.0.111", port=mx_port, replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"],
-                                                            "carol@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
+            Sink(host="127.0.0.111", port=mx_port,
+                 replies={"bob@example.net": ["451 4.3.0 later", "250 2.1.5 OK"],
+                          "carol@example.net": ["451 4.3.0 later", "250 2.1.5 OK"]}) as sink:
         first = enqueue(data_dir, raw_message("one"), "bob@example.net")
         second = enqueue(data_dir, raw_message("two"), "carol@example.net")
         outbound(dns, queue={"retry_schedule": ["1h"]})

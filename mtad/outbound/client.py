@@ -433,9 +433,9 @@ class _Transaction(asyncio.Protocol):
                 await self._send_data_end()
             self.reusable = mail_reply[0] != 421 and data_reply[0] != 421
             return results, False
-        accepted = [r for r, (code, _) in zip(message.recipients, rcpt_replies) if code < 300]
+        accepted = [r for r, (code, _) in zip(message.recipients, rcpt_replies, strict=True) if code < 300]
         results = {r.address: self._result(r.address, *reply)
-                   for r, reply in zip(message.recipients, rcpt_replies) if reply[0] >= 300}
+                   for r, reply in zip(message.recipients, rcpt_replies, strict=True) if reply[0] >= 300}
         if accepted and data_reply[0] == 354:
             try:
                 await self._send_message(message)

@@ -3,8 +3,9 @@
 In order of precedence (DESIGN.md, conf/postroom.toml [outbound]):
 1. `[outbound.routes]`: "domain" = "host:port", for that domain alone;
 2. `[outbound] relay`: a smarthost for every remote domain (AUTH with relay_user);
-3. the domain's MX records, each host on `[outbound] port` (25), (RFC 5321 §5.1), looked up with dnspython's asyncio resolver on
-   `[dns] nameservers` (and `port`), each query bounded by `[dns] timeout`:
+3. the domain's MX records (RFC 5321 §5.1), each host on `[outbound] port` (25), looked
+   up with dnspython's asyncio resolver on `[dns] nameservers` (and `port`), each query
+   bounded by `[dns] timeout`:
    - MX hosts by preference, lowest first; hosts of equal preference in random order, so
      the load spreads over them (RFC 5321 §5.1);
    - no MX record (NOERROR, no data): the domain's own A/AAAA records, as an implicit MX
@@ -147,7 +148,8 @@ class Router:
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self._timeout)
         except (OSError, TimeoutError) as e:
-            raise RouteError(451, "4.4.3", f"cannot resolve {host}: {getattr(e, 'strerror', None) or 'timeout'}")
+            why = getattr(e, "strerror", None) or "timeout"
+            raise RouteError(451, "4.4.3", f"cannot resolve {host}: {why}") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         return tuple(Host(host, address, port) for address in addresses[:MAX_ADDRESSES])
 
@@ -174,7 +176,7 @@ class Router:
             self._rng.shuffle(group)
             names.extend(group)
         found = await asyncio.gather(*(self._addresses(name) for name in names), return_exceptions=True)
-        hosts = [Host(name, address, self._mx_port) for name, result in zip(names, found)
+        hosts = [Host(name, address, self._mx_port) for name, result in zip(names, found, strict=True)
                  if not isinstance(result, BaseException) for address in result]
         if not hosts:
             temporary = [r for r in found if isinstance(r, RouteError) and not r.permanent]

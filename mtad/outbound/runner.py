@@ -7,9 +7,10 @@ lock again every LOCK_RETRY seconds, so a replacement takes over within that whe
 holder dies.
 
 The loop looks at the queue's change counter (Queue.changed(), no system call) every POLL
-seconds (or at once when wake() is called, by an enqueue in this process) and asks for due messages (Queue.due) when it moved or when the earliest next
-attempt (Queue.next_due) has come: a `postroom queue flush`, hold or release from the CLI is
-acted on within a second. Each due message is worked by one task:
+seconds, or at once when wake() is called (by an enqueue in this process), and asks for
+due messages (Queue.due) when it moved or when the earliest next attempt (Queue.next_due)
+has come: a `postroom queue flush`, hold or release from the CLI is acted on within a
+second. Each due message is worked by one task:
 - its due recipients are grouped by destination (routes.Router.destination: a domain, a
   route's host, or the relay); each group is one SMTP transaction (client.deliver) within
   `[queue] concurrency` transactions in all and `per_destination` to one destination; a
@@ -94,7 +95,7 @@ class _Group:
 
 
 class Runner:
-    """Works the queue while running(); `clock` and `rng` are the tests' and the jitter's."""
+    """Works the queue while run() runs; `clock` and `rng` are the tests' and the jitter's."""
 
     def __init__(self, config: Config, queue: Queue, reporter: Reporter, *, router: Router | None = None,
                  settings: ClientSettings | None = None, clock: Callable[[], float] = time.time,
