@@ -65,6 +65,7 @@ from conf.logfmt import EventLogger
 from storage import queue_records as records
 from storage.datadir import DataDir
 from storage.errors import NotQueuedError, StoreError, store_error
+from storage.queue_commit import Committer
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
 from storage.queue_ids import is_id, new_id
@@ -158,6 +159,7 @@ class Queue:
         self._env = lmdb.open(str(index), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1, mode=0o600,
                               max_readers=1024, readahead=False)
         self._db = open_databases(self._env, DATABASES)
+        self._committer = Committer(self._env, self._spool)
         self._lock = threading.Lock()
         self._closed = False
         self.recovered: tuple[list[str], list[str]] = self.recover()
@@ -167,6 +169,7 @@ class Queue:
             if self._closed:
                 return
             self._closed = True
+        self._committer.close()
         self._env.close()
 
     def __enter__(self) -> Queue:
@@ -206,7 +209,7 @@ class Queue:
                 if when > upto or len(found) >= limit:
                     break
                 record = self._get(txn, qid)
-                if record is not None:
+                if record is not None and record.due_at() is not None and record.due_at() <= now:
                     found.append(_message(qid, record))
         return found
 
@@ -409,15 +412,12 @@ class Queue:
         with self._env.begin(buffers=False) as txn:
             yield txn
 
-    def _write(self, change: Callable[[lmdb.Transaction], Any]) -> Any:
-        """change(txn) in one write transaction, committed with fsync (lmdb's default)."""
+    def _write(self, change: Callable[[lmdb.Transaction], Any], *, sync_spool: bool = False) -> Any:
+        """change(txn) in the next write transaction (storage/queue_commit.py), committed
+        with fsync (lmdb's default); with `sync_spool`, after msg/ is fsynced."""
         if self._closed:
             raise StoreError("queue is closed")
-        try:
-            with self._env.begin(write=True) as txn:
-                return change(txn)
-        except lmdb.Error as e:
-            raise _commit_error(e, self.path) from e
+        return self._committer.run(change, sync_dir=sync_spool)
 
     def _get(self, txn: lmdb.Transaction, qid: str) -> MessageRecord | None:
         if not is_id(qid):
@@ -472,7 +472,7 @@ class Queue:
                 raise StoreError("queue id already in use")  # the file's O_EXCL makes it impossible
             self._put(txn, qid, record, None)
 
-        self._write(change)
+        self._write(change, sync_spool=True)
 
     def _create_spool(self, qid: str) -> int:
         """The spool file, new and locked by this process (see the module docstring)."""
@@ -562,13 +562,11 @@ class Enqueue:
         if len(prepend) > MAX_PREPEND:
             raise ValueError(f"prepend is {len(prepend)} bytes, at most {MAX_PREPEND}")
         self._state = "committing"
-        spool = self._queue.spool_path(self.id)
         now = time.time()
         try:
             if self._fd is None:
                 self._make_file()
-            os.fsync(self._fd)
-            fsync_dir(spool.parent)
+            os.fsync(self._fd)  # here, side by side with other sessions' (msg/ is the committer's)
             self._queue._insert(self.id, _new_record(self.envelope, self.size + len(prepend), bytes(prepend), now))
         except BaseException as e:
             self._state = "committing-failed"
@@ -762,15 +760,6 @@ def _text(value: str) -> str:
     """A remote's reply as the index can hold it: bytes it sent that are not UTF-8 arrive
     as lone surrogates, which JSON cannot carry."""
     return value.encode("utf-8", "replace").decode("utf-8")
-
-
-def _commit_error(error: lmdb.Error, where: Path) -> StoreError:
-    converted = store_error(error, where)
-    if isinstance(converted, StoreError):
-        return converted
-    failed = StoreError(f"queue commit failed: {error.__class__.__name__}: {error}")
-    failed.__cause__ = error
-    return failed
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

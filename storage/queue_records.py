@@ -55,13 +55,16 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         return [r for r in self.recipients if r.state in PENDING]
 
     def due_key(self, qid: str) -> bytes | None:
-        """Its key in `due`, or None when nothing is to be tried (held, or all final). The
-        time is rounded up to the millisecond, so a key at or before now is truly due."""
+        """Its key in `due`, or None when nothing is to be tried (held, or all final)."""
+        when = self.due_at()
+        return due_key(when, qid) if when is not None else None
+
+    def due_at(self) -> float | None:
+        """The earliest next attempt of a pending recipient; None when held or all final."""
         pending = self.pending()
         if self.held or not pending:
             return None
-        when = min(r.next_attempt for r in pending)
-        return due_key(when, qid)
+        return min(r.next_attempt for r in pending)
 
 
 def due_key(when: float, qid: str) -> bytes:
@@ -69,8 +72,9 @@ def due_key(when: float, qid: str) -> bytes:
 
 
 def due_limit(now: float) -> int:
-    """The `due` keys at or before `now` have a time part up to this."""
-    return max(0, math.floor(now * 1000))
+    """The `due` keys of messages due at `now` have a time part up to this (those of the
+    last millisecond may be due a fraction later: check their records)."""
+    return max(0, math.ceil(now * 1000))
 
 
 def split_due_key(key: bytes) -> tuple[int, str]:
