@@ -53,7 +53,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +198,10 @@ class Queue:
             return [_message(key.decode(), records.decode(raw))
                     for key, raw in txn.cursor(db=self._db["messages"])]
 
-    def due(self, now: float, limit: int) -> list[QueuedMessage]:
+    def due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[QueuedMessage]:
         """Up to `limit` messages, not held, with a recipient queued or deferred whose next
-        attempt is at or before `now`; the longest due first."""
+        attempt is at or before `now`; the longest due first. `exclude`: ids to pass over
+        (the runner's deliveries in flight, which would otherwise fill every answer)."""
         found: list[QueuedMessage] = []
         upto = records.due_limit(now)
         with self._read() as txn:
@@ -208,6 +209,8 @@ class Queue:
                 when, qid = records.split_due_key(key)
                 if when > upto or len(found) >= limit:
                     break
+                if qid in exclude:
+                    continue
                 record = self._get(txn, qid)
                 if record is not None and record.due_at() is not None and record.due_at() <= now:
                     found.append(_message(qid, record))
@@ -353,6 +356,7 @@ class Queue:
     def recover(self) -> tuple[list[str], list[str]]:
         """Finish what a crash left, safely beside live processes: (spool files removed
         because no record knows them, records dropped because their file is missing)."""
+        self._env.reader_check()  # the read slots of dead processes (kill -9), which pin old pages
         with self._read() as txn:
             known = {bytes(key).decode() for key in txn.cursor(db=self._db["messages"]).iternext(values=False)}
         removed = [name for name in sorted(os.listdir(self._spool)) if name not in known and self._remove_orphan(name)]
@@ -499,8 +503,8 @@ class Queue:
         except OSError:
             _log.warning("queue_unlink_failed", exc_info=True, qid=qid)
 
-    def spool_path(self, qid: str) -> Path:
-        """Where a message's file is: for `queue show` and tests, never to be opened by others."""
+    def _spool_path(self, qid: str) -> Path:
+        """Where a message's file is (opened here only: storage/queue.py)."""
         return self._spool / qid
 
 
@@ -597,7 +601,7 @@ class Enqueue:
         self._pending = bytearray()
         if self._fd is not None:
             try:
-                os.unlink(self._queue.spool_path(self.id))
+                os.unlink(self._queue._spool_path(self.id))
             except OSError:
                 pass  # an orphan, removed at the next open
             os.close(self._fd)

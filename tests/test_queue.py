@@ -107,9 +107,9 @@ def test_streamed_enqueue_reads_back_byte_for_byte_with_its_prepend(data_dir):
                 assert f.read() == whole[-100:]
                 f.seek(0)
                 assert f.read() == whole
-            message_ = queue.get(qid)
-            assert message_.size == len(whole)
-            assert (message_.envelope.envid, message_.envelope.ret, message_.envelope.smtputf8) == ("ENV1", "FULL", True)
+            queued = queue.get(qid)
+            assert queued.size == len(whole)
+            assert (queued.envelope.envid, queued.envelope.ret, queued.envelope.smtputf8) == ("ENV1", "FULL", True)
             assert (data_dir / "queue" / "msg" / qid).stat().st_size == len(raw)  # the prepend is in the index
 
 
@@ -213,6 +213,7 @@ def test_due_is_in_order_of_next_attempt_and_leaves_held_messages_out(data_dir):
         assert queue.hold(held)
         assert [m.id for m in queue.due(now, 10)] == [second, first]
         assert [m.id for m in queue.due(now, 1)] == [second]
+        assert [m.id for m in queue.due(now, 1, exclude={second})] == [first]  # the runner's in flight
         assert [m.id for m in queue.due(now + 3600, 10)] == [second, first, third]
         assert abs(queue.next_due() - (now - 20)) < 0.01
         assert queue.get(held).held
@@ -286,7 +287,8 @@ def check_consistent(data_dir: Path, round_number: int) -> Queue:
     queue = open_queue(data_dir)
     ids = {m.id for m in queue.list()}
     files = spool_files(data_dir)
-    assert files == ids, f"round {round_number}: files without records {files - ids}, records without files {ids - files}"
+    assert files == ids, \
+        f"round {round_number}: files without records {files - ids}, records without files {ids - files}"
     assert queue.recovered[1] == [], f"round {round_number}: records lost their file: {queue.recovered[1]}"
     return queue
 
