@@ -4,6 +4,7 @@ process's recovery, the one runner lock, and changes seen through changed()."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from storage import (
     DEFERRED,
     DELIVERED,
     QUEUED,
+    DiskFullError,
     NotQueuedError,
     Queue,
     QueuedRecipient,
@@ -259,7 +261,7 @@ def test_one_runner_per_data_dir_across_processes(data_dir):
         assert read_line(first) == "refused"
         first.stdin.close()
         first.wait(30)
-        assert queue.runner_lock().holder() == __import__("os").getpid()
+        assert queue.runner_lock().holder() == os.getpid()
         lock.release()
         # Now a child takes it; while it lives nobody else can; killed, it lets go.
         holder = start_worker(data_dir, "runner", stdin=subprocess.PIPE)
@@ -413,3 +415,54 @@ def test_a_record_whose_file_is_gone_is_reported_and_dropped(data_dir, caplog):
         assert queue.due(time.time(), 10)[0].id == kept
     (record,) = [r for r in caplog.records if r.getMessage() == "queue_file_missing"]
     assert record.fields["qid"] == lost and record.fields["recipients"] == "c@remote.test,d@remote.test"
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(data_dir):
+    assert os.geteuid() == 0, "mounting the test's tmpfs needs root (make test runs as root)"
+    data_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(data_dir)], check=True)
+    yield data_dir
+    subprocess.run(["umount", "-l", str(data_dir)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes all the space there is."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_full_disk_is_disk_full_error_and_leaves_nothing(small_disk):
+    """SMTP answers DiskFullError with 452 4.3.1: nothing may stay of the refused message,
+    whether the space ran out in write() (a big one) or in commit() (a small one, kept in
+    memory until then); and once space is back, the queue works."""
+    with open_queue(small_disk) as queue:
+        kept = put(queue, b"Subject: before\r\n\r\nbody\r\n", "b@remote.test")
+        filler = fill(small_disk)
+        with queue.begin(envelope("b@remote.test")) as entry:
+            with pytest.raises(DiskFullError):
+                for _ in range(100):
+                    entry.write(b"x" * 65536)
+        with queue.begin(envelope("b@remote.test")) as entry:
+            entry.write(b"y" * 60_000)
+            with pytest.raises(DiskFullError):
+                entry.commit()
+        assert spool_files(small_disk) == {kept}
+        assert [m.id for m in queue.list()] == [kept]
+        filler.unlink()
+        again = put(queue, b"Subject: after\r\n\r\nbody\r\n", "b@remote.test")
+        assert queue.read(again) == b"Subject: after\r\n\r\nbody\r\n"
+        assert spool_files(small_disk) == {kept, again}
