@@ -16,11 +16,11 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin
+from postroom import __version__, admin, queueadmin
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_store
 from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
-from storage import AccountError, AddressError, DataDirError
+from storage import AccountError, AddressError, DataDirError, Queue, StoreError, open_data_dir
 
 PROG = "postroom"
 
@@ -94,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("rebuild", help="recreate the index from the message files alone")
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.set_defaults(run=_storeadmin("store_rebuild"), needs_store=True)
+
+    # The outbound queue, on a live server too (postroom/queueadmin.py).
+    queue = _group(commands, "queue", "inspect and steer the outbound queue")
+    p = queue.add_parser("list", help="list queued messages, oldest first")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    p.set_defaults(run=queueadmin.queue_list, needs_queue=True)
+    p = queue.add_parser("show", help="show one message's envelope and each recipient's state")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    p.set_defaults(run=queueadmin.queue_show, needs_queue=True)
+    p = queue.add_parser("flush", help="try one message (or every message not held) now")
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.set_defaults(run=queueadmin.queue_flush, needs_queue=True)
+    for action, help in (("remove", "delete a message, without a report to its sender"),
+                         ("hold", "keep a message from delivery until released"),
+                         ("release", "let a held message go, now")):
+        p = queue.add_parser(action, help=help)
+        p.add_argument("id", metavar="ID")
+        p.set_defaults(run=getattr(queueadmin, f"queue_{action}"), needs_queue=True)
     return parser
 
 
@@ -133,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
             return serve(config)
+        if getattr(args, "needs_queue", False):
+            data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
+            with Queue(data_dir) as queue:
+                return args.run(queue, args, admin.AuditLog(data_dir.audit_log_path))
         data_dir, accounts = open_accounts(config)
         audit = admin.AuditLog(data_dir.audit_log_path)
         with accounts:
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except (conf.ConfigError, TLSSetupError, DataDirError, DataDirInUseError, AccountError, AddressError,
-            ServeError) as e:
+            ServeError, StoreError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except lmdb.Error as e:
