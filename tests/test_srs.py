@@ -140,3 +140,34 @@ def test_load_secret(tmp_path):
         load_secret(SRSConfig(), data_dir)
     with pytest.raises(SRSError):
         SRS(b"", "fwd.example.test")
+
+
+# postsrsd's own test vectors (its tests/blackbox/socketmap.py: secret "tops3cr3t", SRS
+# domain example.com, 2020-01-01 00:01:00 UTC): the same addresses, byte for byte, means a
+# bounce of mail forwarded by either can be decoded by the other with a shared srs.key.
+POSTSRSD_FORWARD = [
+    ("test@otherdomain.com", "SRS0=vmyz=2W=otherdomain.com=test@example.com"),
+    ("SRS0=opaque+string@otherdomain.com", "SRS1=chaI=otherdomain.com==opaque+string@example.com"),
+    ("SRS1=X=thirddomain.com==opaque+string@otherdomain.com", "SRS1=JIBX=thirddomain.com==opaque+string@example.com"),
+    ("SRS0=XjO9=2V=otherdomain.com=test@example.com", "SRS0=XjO9=2V=otherdomain.com=test@example.com"),  # ours
+]
+POSTSRSD_REVERSE = [
+    ("SRS0=XjO9=2V=otherdomain.com=test@example.com", "test@otherdomain.com"),
+    ("SRS1=JIBX=thirddomain.com==opaque+string@example.com", "SRS0=opaque+string@thirddomain.com"),
+    ("srs0=xjo9=2v=otherdomain.com=test@example.com", "test@otherdomain.com"),
+    ("SRS0=XJO9=2V=OTHERDOMAIN.COM=TEST@EXAMPLE.COM", "TEST@OTHERDOMAIN.COM"),
+    ("SRS0=FAKE=2V=otherdomain.com=test@example.com", None),
+    ("SRS0=te87=T7=otherdomain.com=test@example.com", None),  # out of date
+    ("SRS0=XjO9=2V=otherdomain.com@example.com", None),       # no user
+    ("test@example.com", None),
+]
+
+
+@pytest.mark.parametrize("sender, expected", POSTSRSD_FORWARD)
+def test_postsrsd_forward_vectors(sender, expected):
+    assert SRS(b"tops3cr3t", "example.com", clock=Clock(1577836860)).forward(sender) == expected
+
+
+@pytest.mark.parametrize("address, expected", POSTSRSD_REVERSE)
+def test_postsrsd_reverse_vectors(address, expected):
+    assert SRS(b"tops3cr3t", "example.com", clock=Clock(1577836860)).reverse(address) == expected
