@@ -326,9 +326,14 @@ def _date(t: float) -> str:
 
 
 def _header_value(headers: bytes, name: bytes) -> str:
-    """The (unfolded) value of the first `name` field in a header section."""
+    """The (unfolded) value of the first `name` field in a header section (or in the
+    header section at the start of a whole message: the body is never split)."""
+    headers = headers[:MAX_HEADER_SECTION]
+    end = headers.find(b"\n\r\n")
+    if end < 0:
+        end = headers.find(b"\n\n")
     value, taking = [], False
-    for line in headers.split(b"\n"):
+    for line in (headers if end < 0 else headers[:end + 1]).split(b"\n"):
         line = line.rstrip(b"\r")
         if not line:
             break
