@@ -113,7 +113,35 @@ def build_parser() -> argparse.ArgumentParser:
         p = queue.add_parser(action, help=help)
         p.add_argument("id", metavar="ID")
         p.set_defaults(run=getattr(queueadmin, f"queue_{action}"), needs_queue=True)
+    # DKIM keys and the DNS records to publish (postroom/dkimadmin.py).
+    dkim = _group(commands, "dkim", "manage DKIM signing keys")
+    p = dkim.add_parser("keygen", help="make a signing key for a domain and print its TXT record")
+    p.add_argument("domain")
+    p.add_argument("--selector", help="the key's DNS name under _domainkey (default: rsaYYYYMM or edYYYYMM)")
+    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (2048-bit, rsa-sha256; the default) or ed25519 (RFC 8463)")
+    p.add_argument("--force", action="store_true", help="replace the key of that selector")
+    p.set_defaults(run=_dkimadmin("dkim_keygen"), needs_config=True)
+    p = commands.add_parser("dns-records", help="print the MX, SPF, DKIM, DMARC and SRV records of a domain")
+    p.add_argument("domain")
+    p.set_defaults(run=_dkimadmin("dns_records"), needs_config=True)
     return parser
+
+
+def _dkimadmin(name: str):
+    """A DKIM command, imported when it runs (dkimpy and cryptography are not every
+    command's business); a key it cannot make or read is a user error (exit 1)."""
+    def run(*args):
+        from policy.dkim import DKIMKeyError
+        from postroom import dkimadmin
+
+        try:
+            return getattr(dkimadmin, name)(*args)
+        except DKIMKeyError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _storeadmin(name: str):
@@ -159,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir, accounts = open_accounts(config)
         audit = admin.AuditLog(data_dir.audit_log_path)
         with accounts:
+            if getattr(args, "needs_config", False):
+                return args.run(config, data_dir, accounts, args, audit)
             if getattr(args, "needs_store", False):
                 with open_store(data_dir, accounts) as store:
                     return args.run(store, accounts, args, audit)
