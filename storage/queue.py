@@ -162,7 +162,11 @@ class Queue:
         self._committer = Committer(self._env, self._spool)
         self._lock = threading.Lock()
         self._closed = False
-        self.recovered: tuple[list[str], list[str]] = self.recover()
+        try:
+            self.recovered: tuple[list[str], list[str]] = self.recover()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
