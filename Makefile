@@ -11,7 +11,7 @@ POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
 PYTEST_ARGS ?=
 
 # Debian packages: what a venv needs, and what the tests drive as real peers and clients.
-APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks isync fetchmail iproute2
+APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks isync fetchmail iproute2 opendkim-tools
 
 .PHONY: run test install system-packages clean
 
