@@ -177,8 +177,10 @@ class Runner:
         free = self.config.queue.concurrency - self._busy
         if free <= 0 or len(self._in_flight) >= self._max_in_flight:
             return
-        # Messages under way are still due until recorded: asked for too, and passed over.
-        due = await self._blocking(self.queue.due, now, free + len(self._in_flight))
+        # Messages under way are still due until recorded: the queue passes over them.
+        in_flight = frozenset(self._in_flight)
+        due = await self._blocking(functools.partial(self.queue.due, now, self.config.queue.concurrency,
+                                                     exclude=in_flight))
         self._waiting = [m for m in due if m.id not in self._in_flight]
         self._start_waiting(now)
 
