@@ -77,6 +77,7 @@ BATCH = 0.01  # the least time between two looks for due mail
 THREADS = 32
 IN_FLIGHT_PER_TRANSACTION = 4  # messages under way (recording included) per allowed transaction
 MAX_SLEEP = 30.0  # the longest the loop goes without asking the queue for due mail
+LOOP_EXIT = 5.0  # seconds the loop may take to see a stop (one look at the queue)
 LOCK_RETRY = 2.0  # seconds between two tries for the runner lock, by the processes without it
 JITTER = 0.10
 REST = 60.0  # seconds a message whose work failed unexpectedly waits before the next try
@@ -169,6 +170,9 @@ class Runner:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Once run() has returned: the cached connections, the threads."""
         self._sessions.close()
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown, True)
 
@@ -188,6 +192,8 @@ class Runner:
         """Start the due messages of the last look whose destinations have room; the others
         wait, for the end of a transaction to one of their destinations (qmgr's way: a
         finished delivery starts the next at once, not at the next look) or the next look."""
+        if self._stopping:
+            return
         now = self.clock() if now is None else now
         concurrency, per_destination = self.config.queue.concurrency, self.config.queue.per_destination
         left = []
@@ -233,8 +239,7 @@ class Runner:
         else:
             self._load.pop(group.destination, None)
             self._per_destination.pop(group.destination, None)
-        if not self._stopping:
-            self._start_waiting()
+        self._start_waiting()
         self._wake.set()
 
     def _groups(self, message: QueuedMessage, now: float) -> list[_Group]:
@@ -426,8 +431,12 @@ class RunnerHandle:
         self._state["stopping"] = True
         if runner is not None:
             await runner.stop(self._grace)
+            # Its loop sees the stop at its next turn (a look at the queue finishes first).
+            await asyncio.wait({self._task}, timeout=LOOP_EXIT)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if runner is not None:
+            await runner.close()
         lock = self._state.get("lock")
         if lock is not None:
             lock.release()
@@ -456,8 +465,12 @@ def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
         else:
             return
         state["lock"] = lock
+        # Loading the system's CA certificates takes a tenth of a second: not in the loop.
+        settings = await asyncio.to_thread(ClientSettings.from_config, config)
+        if state.get("stopping"):
+            return
         reporter = Reporter(config.server.hostname, queue, context.store, context.accounts)
-        runner = Runner(config, queue, reporter)
+        runner = Runner(config, queue, reporter, settings=settings)
         state["runner"] = runner
         _log.info("runner_started")
         try:
