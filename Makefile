@@ -10,8 +10,9 @@ DEV_CONFIG  := conf/dev.toml
 POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
 PYTEST_ARGS ?=
 
-# Debian packages: what a venv needs, and what the tests drive as real peers and clients.
-APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks isync fetchmail iproute2
+# Debian packages: what a venv needs, and what the tests drive as real peers and clients
+# (libnet-ssleay-perl: swaks --tls, which the submission tests use).
+APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2
 
 .PHONY: run test install system-packages clean
 

@@ -216,7 +216,8 @@ def test_dsn_parameters_are_checked_and_carried():
 
 
 @pytest.mark.parametrize("line", [
-    b"MAIL FROM:<a@b.example> RET=PARTIAL", b"MAIL FROM:<a@b.example> RET", b"MAIL FROM:<a@b.example> ENVID=" + b"x" * 101,
+    b"MAIL FROM:<a@b.example> RET=PARTIAL", b"MAIL FROM:<a@b.example> RET",
+    b"MAIL FROM:<a@b.example> ENVID=" + b"x" * 101,
     b"MAIL FROM:<a@b.example> ENVID=a+0Ab", b"MAIL FROM:<a@b.example> ENVID=a+2b", b"MAIL FROM:<a@b.example> ENVID=a+",
 ])
 def test_bad_mail_dsn_parameters_are_501(line):
