@@ -184,8 +184,6 @@ class InboundSMTP(SMTPAgent):
             self.log.error("store_write_failed", qid=self._qid, error=type(e).__name__)
 
     def _begin_message(self) -> None:
-        self._qid = message_id(self.sid)
-        received = self._received(self._qid)
         envelope = None
         if self._recipients.remote:
             mail = self._mail
@@ -194,9 +192,12 @@ class InboundSMTP(SMTPAgent):
                 sender=outbound.srs.forward(self._sender), recipients=self._recipients.remote,
                 envid=mail.dsn.envid, ret=mail.dsn.ret, smtputf8=mail.smtputf8,
                 eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME", origin="forward", user=None)
-        self._route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                            local_prefix=f"Return-Path: <{self._sender}>\r\n".encode("utf-8", "surrogateescape")
-                            + received, envelope=envelope, remote_prefix=received)
+        route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
+                      envelope=envelope)
+        self._qid = route.queue_id or message_id(self.sid)
+        received = self._received(self._qid)
+        route.start(f"Return-Path: <{self._sender}>\r\n".encode("utf-8", "surrogateescape") + received, received)
+        self._route = route
 
     def drop_message(self) -> None:
         if self._route is not None:
@@ -246,13 +247,12 @@ class InboundSMTP(SMTPAgent):
         if duplicates:
             # A sender that lost our 250 sent it again: the copies it reached are kept as they are.
             self.log.info("message_duplicate", qid=qid, message_id=message_id, mailboxes=",".join(duplicates))
-        extra = {"queue_id": committed.queue_id, "forwarded": len(self._recipients.remote)} \
-            if committed.queue_id else {}
+        extra = {"forwarded": len(self._recipients.remote)} if committed.queue_id else {}
         self.log.info("message_accepted", qid=qid, message_id=message_id, size=size,
                       sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts),
                       duplicates=len(duplicates), **extra)
         self._recipients.clear()
-        return Reply(250, "2.0.0", f"OK: queued as {committed.queue_id or qid}")
+        return Reply(250, "2.0.0", f"OK: queued as {qid}")
 
     def _received(self, qid: str) -> bytes:
         """A Received: header as RFC 5321 §4.4 and RFC 3848 describe it."""

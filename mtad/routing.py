@@ -5,10 +5,13 @@ the message arrives.
 A Route is one message on its way: a store delivery for the local accounts (with the
 Return-Path: and Received: headers in front) and a queue entry for the remote recipients
 (with the Received: header only: Return-Path: is the final hop's to add, RFC 5321 §4.4),
-each chunk written to both. Its commit is the promise a 250 makes (DESIGN.md): the store
-copies first, each durable or none (the withdrawal below); then the queue entry, signed
-with DKIM when the message is our users' (policy/dkim.py: the signature is computed from
-the spooled file and given to the queue as the bytes it puts in front). If the queue cannot
+each chunk written to both. A message with remote recipients is known by its queue id
+(given when its queue entry is begun) from its Received: header to its last log line.
+
+Its commit is the promise a 250 makes (DESIGN.md): the store copies first, each durable
+or none (the withdrawal below); then the queue entry, signed with DKIM when the message is
+our users' (policy/dkim.py: the signature is computed from the spooled message and given
+to the queue as the bytes it puts in front). If the queue cannot
 take it, the stored copies are withdrawn too: after a 4xx the client sends the message
 again to every recipient, and a copy kept would arrive twice.
 
@@ -44,7 +47,7 @@ class Outbound:
 
     @cached_property
     def queue(self):
-        from storage.queue import Queue
+        from storage import Queue
 
         return Queue(self.data_dir)
 
@@ -69,11 +72,11 @@ class Outbound:
 
     def envelope(self, *, sender: str, recipients: dict[str, RemoteRecipient], envid: str | None, ret: str | None,
                  smtputf8: bool, eight_bit: bool, origin: str, user: str | None):
-        from storage.queue import Envelope, QueuedRecipient
+        from storage import QueuedRecipient, QueueEnvelope
 
         queued = tuple(QueuedRecipient(address, r.orcpt, r.notify) for address, r in recipients.items())
-        return Envelope(sender, queued, envid=envid, ret=ret, smtputf8=smtputf8, eight_bit=eight_bit, origin=origin,
-                        user=user)
+        return QueueEnvelope(sender, queued, envid=envid, ret=ret, smtputf8=smtputf8, eight_bit=eight_bit,
+                             origin=origin, user=user)
 
 
 @dataclass(frozen=True)
@@ -110,23 +113,31 @@ class Committed:
 
 
 class Route:
-    """One message on its way to its local mailboxes and the queue. StoreError from any
-    write (the route is then closed: nothing of it stays)."""
+    """One message on its way to its local mailboxes and the queue: made (the queue entry
+    begun, so its id is known for the trace headers), then `start`ed with those headers,
+    then written. StoreError from any of it (the route is then closed: nothing of it stays)."""
 
-    def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], local_prefix: bytes,
-                 envelope=None, remote_prefix: bytes = b""):
+    def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None):
         self._store = store
         self._outbound = outbound
+        self._accounts = accounts
         self.delivery: Delivery | None = None
-        self.enqueue = None
+        self.enqueue = outbound.queue.begin(envelope) if envelope is not None else None
+
+    @property
+    def queue_id(self) -> str | None:
+        """The queue id the message will have, if it has remote recipients."""
+        return self.enqueue.id if self.enqueue is not None else None
+
+    def start(self, local_prefix: bytes, remote_prefix: bytes) -> None:
+        """Begin the store's delivery; each copy gets its trace headers first."""
         try:
-            if accounts:
+            if self._accounts:
                 # What the sender sent starts after our trace headers: with the Message-ID,
                 # it tells a message sent again (storage/dedupe.py).
-                self.delivery = store.begin_delivery(accounts, dedupe_from=len(local_prefix))
+                self.delivery = self._store.begin_delivery(self._accounts, dedupe_from=len(local_prefix))
                 self.delivery.write(local_prefix)
-            if envelope is not None:
-                self.enqueue = outbound.queue.begin(envelope)
+            if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
         except BaseException:
             self.close()
@@ -195,10 +206,7 @@ def _enqueue(enqueue, signer, domain: str | None) -> str:
     """In a worker thread: the DKIM signature computed from the spooled message (RFC 6376),
     then the queue entry committed with it in front; the queue id."""
     try:
-        prepend = b""
-        if signer is not None and domain:
-            with open(enqueue.path, "rb") as spooled:
-                prepend = signer.sign(spooled.read(), domain)
+        prepend = signer.sign(enqueue.read(), domain) if signer is not None and domain else b""
         return enqueue.commit(prepend)
     finally:
         enqueue.close()

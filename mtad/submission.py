@@ -196,7 +196,6 @@ class SubmissionSMTP(SMTPAgent):
         self._refusal = self._check_from(header_fields)
         if self._refusal is not None:
             return
-        self._qid = message_id(self.sid)
         added = missing_fields(header_fields, self.context.config.server.hostname)
         mail = self._mail
         envelope = None
@@ -205,11 +204,13 @@ class SubmissionSMTP(SMTPAgent):
                 sender=mail.address, recipients=self._recipients.remote, envid=mail.dsn.envid, ret=mail.dsn.ret,
                 smtputf8=mail.smtputf8, eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME",
                 origin="submission", user=str(self.user))
-        received = self._received(self._qid)
         try:
-            self._route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                                local_prefix=f"Return-Path: <{mail.address}>\r\n".encode("utf-8", "surrogateescape")
-                                + received, envelope=envelope, remote_prefix=received)
+            route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
+                          envelope=envelope)
+            self._qid = route.queue_id or message_id(self.sid)
+            received = self._received(self._qid)
+            route.start(f"Return-Path: <{mail.address}>\r\n".encode("utf-8", "surrogateescape") + received, received)
+            self._route = route
         except StoreError as e:
             self._fail_write(e)
             return
@@ -286,12 +287,11 @@ class SubmissionSMTP(SMTPAgent):
         except (DeliveryError, StoreError, OSError) as e:
             self.log.error("store_failed", qid=qid, error=type(e).__name__)
             return store_failure_reply(e)
-        extra = {"queue_id": committed.queue_id} if committed.queue_id else {}
         self.log.info("message_accepted", qid=qid, message_id=committed.message_id[:200], size=size,
                       sender=self._mail.address, recipients=",".join(self._outcomes),
-                      mailboxes=len(committed.delivered), remote=len(self._recipients.remote), **extra)
+                      mailboxes=len(committed.delivered), remote=len(self._recipients.remote))
         self._recipients.clear()
-        return Reply(250, "2.0.0", f"OK: queued as {committed.queue_id or qid}")
+        return Reply(250, "2.0.0", f"OK: queued as {qid}")
 
     def _received(self, qid: str) -> bytes:
         """Received: (RFC 5321 §4.4) with ESMTPSA or ESMTPA (RFC 3848) and the user; the
