@@ -31,6 +31,7 @@ from core_drivers import POP3_PASSWORD, SMTP_PASSWORD, IMAPDriver, POP3Driver, S
 from imapd.listing import matches
 from imapd.parser import Frame, parse_command
 from imapd.syntax import ParseError
+from mtad.headers import HeaderBlock, from_addresses
 from mtad.session import SessionConfig
 from pop3d import core as pop3
 from pop3d.framer import BodyEncoder
@@ -148,7 +149,8 @@ SMTP_CASES = [
 ]
 
 
-# Submission: AUTH exchanges (mtad/sasl.py) and the DSN parameters (mtad/paths.py).
+# Submission: AUTH exchanges (mtad/sasl.py), the DSN parameters (mtad/paths.py), and the
+# reading of a submitted message's header (mtad/headers.py).
 SUBMISSION_CONFIG = SessionConfig("mail.example.test", max_message_size=1 << 30, max_recipients=1 << 30,
                                   tls_available=True, is_tls=True, max_errors=1 << 30, auth=True, dsn=True)
 WRONG_PLAIN = b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0" + b"w" * 300) + b"\r\n"
@@ -175,6 +177,27 @@ SUBMISSION_CASES = [
         + b"RCPT TO:<c@example.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;" + b"+2Bx" * 100 + b"\r\n"
         + b"RCPT TO:<c@example.test> NOTIFY=NEVER,NEVER ORCPT=rfc822;" + b"+2" * 200 + b"\r\nRSET\r\n") * n),
          run_submission, 150),
+]
+
+
+def run_from(value: str) -> None:
+    from_addresses(value)
+
+
+def run_header_block(pieces: list[bytes]) -> None:
+    block = HeaderBlock()
+    for piece in pieces:
+        if block.feed(piece):
+            break
+
+
+SUBMISSION_CASES += [
+    Case("From: of nested comments", lambda n: "(" * n + ")" * n + " a@b.example", run_from, 40000),
+    Case("From: of quoted strings and escapes", lambda n: '"\\"x' * n + '" <a@b.example>', run_from, 20000),
+    Case("From: of many mailboxes", lambda n: "a@b.example, " * n, run_from, 5000),
+    Case("a header, 1-byte reads", lambda n: bytewise(b"X-H: v\r\n" * n + b"\r\nbody"), run_header_block, 8000),
+    Case("a header of CRs and LFs", lambda n: cut(b"X: v" + b"\r\n \r\r\n \n" * n + b"\r\n\r\n", [7]), run_header_block,
+         8000),
 ]
 
 

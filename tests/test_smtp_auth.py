@@ -1,7 +1,7 @@
 """AUTH (RFC 4954, SASL PLAIN and LOGIN) and the DSN parameters (RFC 3461) in the sans-IO
 SMTP session (mtad/session.py, mtad/sasl.py, mtad/paths.py), fed scripted bytes whole and
 in 1-10 byte fragments. The adapter's part is tests/core_drivers.SMTPDriver: AUTH succeeds
-with SMTP_PASSWORD."""
+with SMTP_PASSWORD. And the pure reading of a submitted message's header (mtad/headers.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from core_drivers import SMTP_PASSWORD, SMTPDriver, cut
 from mtad.events import Auth, MailDSN, RcptDSN
+from mtad.headers import HeaderBlock, fields, from_addresses, missing_fields
 from mtad.paths import decode_xtext, encode_xtext
 from mtad.session import MAX_SASL_LINE, SessionConfig
 from mtad.states import State
@@ -254,3 +255,64 @@ def test_mail_auth_parameter_is_taken_on_submission_only():
 def test_xtext_round_trips(text):
     encoded = encode_xtext(text)
     assert "=" not in encoded and " " not in encoded and decode_xtext(encoded) == text
+
+
+# -- a submitted message's header (mtad/headers.py) ------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    (" Alice <alice@example.test>", ["alice@example.test"]),
+    (" alice@example.test", ["alice@example.test"]),
+    (" alice@example.test (Alice)", ["alice@example.test"]),
+    (' "Smith, Alice" <alice@example.test>, bob@example.test', ["alice@example.test", "bob@example.test"]),
+    (' "alice@example.test" <bob@example.test>', ["bob@example.test"]),
+    (' "a \\" <x@y.example>" <alice@example.test>', ["alice@example.test"]),
+    (" (<x@y.example>) alice@example.test", ["alice@example.test"]),
+    (" =?utf-8?q?J=C3=B6rg?= <jörg@example.test>", ["jörg@example.test"]),
+    (" alice@example.org)<bob@example.org>", None),  # what getaddresses reads as three
+    (" undisclosed-recipients:;", None),
+    (" <alice@example.test> trailing", None),
+    (" Alice <alice@example.test", None),
+    (' "unterminated <alice@example.test>', None),
+    (" (unterminated <alice@example.test>", None),
+    (" a@b.example <c@d.example> <e@f.example>", None),
+    (" <>", None),
+    ("", None),
+    (" Alice Smith", None),
+])
+def test_from_addresses(value, expected):
+    assert from_addresses(value) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_header_block_ends_at_the_first_empty_line_however_cut(seed):
+    message = b"From: a@b.example\r\nSubject: s\r\n folded\r\n\r\nbody\r\n\r\nmore\r\n"
+    rng = random.Random(seed)
+    block = HeaderBlock()
+    pieces = cut(message, [rng.randint(1, 6) for _ in range(len(message))])
+    for i, piece in enumerate(pieces):
+        if block.feed(piece):
+            rest = block.rest + b"".join(pieces[i + 1:])
+            break
+    assert block.header == b"From: a@b.example\r\nSubject: s\r\n folded\r\n" and rest == b"\r\nbody\r\n\r\nmore\r\n"
+    assert fields(block.header) == [("from", " a@b.example"), ("subject", " s folded")]
+
+
+def test_a_header_block_without_fields_or_without_body():
+    block = HeaderBlock()
+    assert block.feed(b"\r\nbody only\r\n") and block.header == b"" and block.rest == b"\r\nbody only\r\n"
+    block = HeaderBlock()
+    assert not block.feed(b"Subject: no body\r\n")
+    block.finish()
+    assert block.header == b"Subject: no body\r\n" and block.rest == b""
+
+
+def test_obsolete_from_syntax_and_stray_lines_are_counted():
+    got = fields(b"From : a@b.example\r\nnot a field\r\nFROM:c@d.example\r\n")
+    assert [name for name, _ in got] == ["from", "", "from"]
+
+
+def test_missing_date_and_message_id_are_added_once():
+    added = missing_fields(fields(b"From: a@b.example\r\n"), "mail.example.test", now=0)
+    assert re.fullmatch(rb"Date: Thu, 01 Jan 1970 [^\r]+\r\nMessage-ID: <[0-9a-f.]+@mail\.example\.test>\r\n",
+                        added)
+    assert missing_fields(fields(b"DATE: x\r\nMessage-Id: <y@z>\r\n"), "m") == b""

@@ -78,8 +78,8 @@ def test_a_remote_recipient_is_queued_signed_and_named_by_its_queue_id(sub):
         "someone@remote.example", ("SUCCESS", "FAILURE"), "rfc822;someone@remote.example")
     # DKIM-Signature first, then our Received: with the queue id; no Return-Path: (the last hop's).
     assert raw.startswith(b"DKIM-Signature: ") and b"Return-Path:" not in raw.split(b"\r\n\r\n")[0]
-    assert re.search(rb"\r\nReceived: from laptop\.example\.org\r\n\tby mail\.example\.test \(Postroom\) with ESMTPSA id "
-                     + qid.encode(), raw)
+    assert re.search(rb"\r\nReceived: from laptop\.example\.org\r\n\tby mail\.example\.test \(Postroom\) "
+                     rb"with ESMTPSA id " + qid.encode(), raw)
     name, record = sub.dkim_record
     assert dkim.verify(raw, dnsfunc=lambda asked, timeout=5: record if asked.decode().rstrip(".") == name else None)
     # Every line the submission agent logged about the message carries the queue id.
