@@ -10,5 +10,6 @@ them), sasl.py (AUTH's SASL exchange), readers.py (DATA and BDAT), replies.py (e
 named). The agents: agent.py (a connection of either, over aiosmtpd_adapter.py, the only
 module that touches aiosmtpd's internals; and the stop), inbound.py (the MX's answers),
 submission.py (submission's answers; headers.py reads a submitted message's header),
-routing.py (a message into the store and the queue together).
+routing.py (a message into the store and the queue together), success.py (the "delivered"
+report a local recipient's NOTIFY=SUCCESS asks for).
 """

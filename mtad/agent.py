@@ -18,7 +18,9 @@ the grace period whatever is left is cut off, its unfinished message discarded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -244,6 +246,27 @@ class SMTPAgent(AiosmtpdConnection):
         except Exception:
             self.log.error("decision_failed", exc_info=True, question=type(event).__name__)
             return Reply(451, "4.3.0", f"Temporary failure, session {self.sid}; try again later")
+
+    def report_success(self, qid: str, mail, recipients, head: bytes) -> None:
+        """After the 250: a "delivered" report for each local recipient that asked for one
+        (NOTIFY=SUCCESS, mtad/success.py), made and sent in a delivery thread."""
+        if not recipients.success or not mail.address:
+            return
+        from mtad.success import send_success_report
+
+        context = self.context
+        future = asyncio.ensure_future(context.deliver_in_thread(functools.partial(
+            send_success_report, store=context.store, accounts=context.accounts, outbound=context.outbound,
+            hostname=context.config.server.hostname, qid=qid, sender=mail.address, envid=mail.dsn.envid,
+            arrival=time.time(), delivered=dict(recipients.success), head=bytes(head), smtputf8=mail.smtputf8,
+            eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME")))
+        context.deliveries.add(future)
+        future.add_done_callback(self._report_done)
+
+    def _report_done(self, future: asyncio.Future) -> None:
+        self.context.deliveries.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            self.log.error("dsn_failed", error=type(future.exception()).__name__)
 
     def _orphaned(self, error: BaseException) -> None:
         """A delivery failed after its commit began; logged here if its session is gone."""

@@ -6,7 +6,8 @@
   are forwarded through the outbound queue, the envelope sender rewritten by SRS
   (mtad/srs.py) so that the forward passes SPF at its destination; mail to one of our SRS
   addresses (a bounce of a forward) goes back to the sender it stands for.
-- DSN (RFC 3461): offered; NOTIFY, ORCPT, RET and ENVID go with the forwarded recipients.
+- DSN (RFC 3461): offered; NOTIFY, ORCPT, RET and ENVID go with the forwarded recipients,
+  and a local recipient with NOTIFY=SUCCESS gets the sender a report (mtad/success.py).
 - message data: streamed into the store and the queue as it arrives (mtad/routing.py): the
   Return-Path: and Received: headers (RFC 5321 §4.4) first, as the first chunk comes, then
   each chunk; nothing holds the message in memory. At its end the delivery is committed for
@@ -127,7 +128,7 @@ class InboundSMTP(SMTPAgent):
                     if resolution.remote:
                         self.context.outbound.open_queue()
                     if resolution.local:
-                        self._recipients.local[address] = [str(a) for a in resolution.local]
+                        self._recipients.add_local(address, [str(a) for a in resolution.local], event.dsn)
                     for target in resolution.remote:
                         self._recipients.add_remote(target, event.dsn, via=address)
                     outcome = replies.RECIPIENT_OK
@@ -162,7 +163,7 @@ class InboundSMTP(SMTPAgent):
             self.context.outbound.open_queue()
             self._recipients.add_remote(original, event.dsn)
             return replies.RECIPIENT_OK
-        self._recipients.local[event.address] = [str(a) for a in resolution.local]
+        self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn)
         for target in resolution.remote:
             self._recipients.add_remote(target, event.dsn, via=original)
         return replies.RECIPIENT_OK
@@ -251,6 +252,7 @@ class InboundSMTP(SMTPAgent):
         self.log.info("message_accepted", qid=qid, message_id=message_id, size=size,
                       sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts),
                       duplicates=len(duplicates), **extra)
+        self.report_success(qid, self._mail, self._recipients, route.head)
         self._recipients.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mtad.events import RcptDSN
 
 _log = EventLogger("mtad.routing")
+MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
 
 
 class Outbound:
@@ -90,6 +91,13 @@ class Recipients:
     """A transaction's recipients as routed: local ones to accounts, remote ones to the queue."""
     local: dict[str, list[str]] = field(default_factory=dict)  # recipient -> the accounts it reaches
     remote: dict[str, RemoteRecipient] = field(default_factory=dict)  # address -> DSN parameters
+    # Local recipients whose RCPT asked NOTIFY=SUCCESS (RFC 3461 §4.1) -> their ORCPT.
+    success: dict[str, str | None] = field(default_factory=dict)
+
+    def add_local(self, address: str, accounts: list[str], dsn: RcptDSN) -> None:
+        self.local[address] = accounts
+        if "SUCCESS" in dsn.notify:
+            self.success[address] = dsn.orcpt
 
     def accounts(self) -> list[str]:
         return list(dict.fromkeys(a for targets in self.local.values() for a in targets))
@@ -103,6 +111,7 @@ class Recipients:
     def clear(self) -> None:
         self.local.clear()
         self.remote.clear()
+        self.success.clear()
 
 
 @dataclass
@@ -123,6 +132,7 @@ class Route:
         self._accounts = accounts
         self.delivery: Delivery | None = None
         self.enqueue = outbound.queue.begin(envelope) if envelope is not None else None
+        self.head = bytearray()  # the message's first bytes (its header, mostly), for a success report
 
     @property
     def queue_id(self) -> str | None:
@@ -148,6 +158,8 @@ class Route:
         return self.delivery.size if self.delivery is not None else self.enqueue.size
 
     def write(self, data: bytes) -> None:
+        if len(self.head) < MAX_HEAD:
+            self.head += data[:MAX_HEAD - len(self.head)]
         try:
             if self.delivery is not None:
                 self.delivery.write(data)

@@ -11,7 +11,8 @@ and queues):
   sub-address of it, or an alias that reaches the user), else 553 5.7.1.
 - RCPT: a local address is resolved as the MX does (into mailboxes, and an alias's remote
   targets into the queue); any other goes to the outbound queue.
-- DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID go into the queue entry.
+- DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID go into the queue entry; a local recipient
+  with NOTIFY=SUCCESS gets the user a "delivered" report (mtad/success.py).
 - the message: its header section is read first (mtad/headers.py; at most what the core
   passes on, 1 MiB), and checked: exactly one From: field, each of its addresses the
   user's, else 553 5.7.1 at the end of the data (550 5.6.0 for a From: that cannot be read).
@@ -139,7 +140,7 @@ class SubmissionSMTP(SMTPAgent):
                 if resolution.remote:
                     self.context.outbound.open_queue()
                 if resolution.local:
-                    self._recipients.local[address] = [str(a) for a in resolution.local]
+                    self._recipients.add_local(address, [str(a) for a in resolution.local], event.dsn)
                 for target in resolution.remote:
                     self._recipients.add_remote(target, event.dsn, via=address)
                 outcome = replies.RECIPIENT_OK
@@ -290,6 +291,7 @@ class SubmissionSMTP(SMTPAgent):
         self.log.info("message_accepted", qid=qid, message_id=committed.message_id[:200], size=size,
                       sender=self._mail.address, recipients=",".join(self._outcomes),
                       mailboxes=len(committed.delivered), remote=len(self._recipients.remote))
+        self.report_success(qid, self._mail, self._recipients, route.head)
         self._recipients.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import time
 
 import dkim
 import dns.rdata
@@ -140,3 +141,41 @@ def test_the_mx_forwards_a_remote_alias_target_with_srs(sub):
         client.mail("")
         code, _ = client.rcpt("SRS0=AAAA=AA=sender.example=someone@mail.example.test")
     assert code == 550
+
+
+def test_a_success_report_for_a_local_delivery_that_asked_for_one(sub):
+    """RFC 3461 §6.2.6.1: NOTIFY=SUCCESS and delivered here: a "delivered" report to the
+    sender, into her INBOX when she is ours, through the queue from <> when she is not."""
+    with submit(sub) as client:
+        client.mail("alice@example.test", ["ENVID=trip42"])
+        assert client.rcpt("bob@example.test", ["NOTIFY=SUCCESS", "ORCPT=rfc822;bob+2Bx@example.test"])[0] == 250
+        code, text = client.data(MESSAGE.replace(b"someone@remote.example", b"bob@example.test"))
+    qid = queued_as(text)
+    deadline = time.monotonic() + 10
+    while "event=dsn_sent" not in sub.stderr() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with Store(sub.data) as store:
+        (report,) = [store.read_message(m) for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
+    assert report.startswith(b"Return-Path: <>\r\n") and b"report-type=delivery-status" in report
+    assert b"Action: delivered" in report and b"Original-Recipient: rfc822;bob+x@example.test" in report
+    assert b"Original-Envelope-Id: trip42" in report and b"Subject: out" in report  # the headers returned
+    assert b"Hello, world." not in report
+    line = next(line for line in sub.stderr().splitlines() if "event=dsn_sent" in line)
+    assert f"qid={qid}" in line and "where=store" in line
+    # From the MX, to a remote sender: queued from <>; without NOTIFY=SUCCESS, nothing.
+    address = sub.listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=30) as client:
+        client.ehlo("mx.sender.example")
+        for notify in (["NOTIFY=SUCCESS,FAILURE"], []):
+            client.mail("someone@sender.example")
+            client.rcpt("bob@example.test", notify)
+            code, text = client.data(b"From: someone@sender.example\r\nSubject: in\r\n\r\nhi\r\n")
+            assert code == 250
+    deadline = time.monotonic() + 10
+    while sub.stderr().count("event=dsn_sent") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    with Queue(sub.data) as queue:
+        reports = [m for m in queue.list() if m.envelope.origin == "dsn"]
+    assert len(reports) == 1 and reports[0].envelope.sender == ""
+    assert [r.address for r in reports[0].recipients] == ["someone@sender.example"]
