@@ -149,8 +149,7 @@ class SMTPAgent(AiosmtpdConnection):
             self.write(replies.TOO_MANY_CONNECTIONS.lines())
             self.close()
             return
-        peer = self.session.peer
-        self.log.info("connect", client=self._peer, port=peer[1] if isinstance(peer, tuple) else None)
+        self.log.info("connect", client=self._peer, port=self.peer_port)
         smtp = self.context.config.smtp
         self.context.sessions.add(self)
         try:
