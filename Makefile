@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 # Debian packages: what a venv needs, and what the tests drive as real peers and clients
 # (libnet-ssleay-perl: swaks --tls, which the submission tests use).
-APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2
+APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
+                opendkim-tools
 
 .PHONY: run test install system-packages clean
 

@@ -16,11 +16,11 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin
+from postroom import __version__, admin, queueadmin
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_store
 from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
-from storage import AccountError, AddressError, DataDirError
+from storage import AccountError, AddressError, DataDirError, Queue, StoreError, open_data_dir
 
 PROG = "postroom"
 
@@ -94,7 +94,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("rebuild", help="recreate the index from the message files alone")
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.set_defaults(run=_storeadmin("store_rebuild"), needs_store=True)
+
+    # The outbound queue, on a live server too (postroom/queueadmin.py).
+    queue = _group(commands, "queue", "inspect and steer the outbound queue")
+    p = queue.add_parser("list", help="list queued messages, oldest first")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    p.set_defaults(run=queueadmin.queue_list, needs_queue=True)
+    p = queue.add_parser("show", help="show one message's envelope and each recipient's state")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    p.set_defaults(run=queueadmin.queue_show, needs_queue=True)
+    p = queue.add_parser("flush", help="try one message (or every message not held) now")
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.set_defaults(run=queueadmin.queue_flush, needs_queue=True)
+    for action, help in (("remove", "delete a message, without a report to its sender"),
+                         ("hold", "keep a message from delivery until released"),
+                         ("release", "let a held message go, now")):
+        p = queue.add_parser(action, help=help)
+        p.add_argument("id", metavar="ID")
+        p.set_defaults(run=getattr(queueadmin, f"queue_{action}"), needs_queue=True)
+    # DKIM keys and the DNS records to publish (postroom/dkimadmin.py).
+    dkim = _group(commands, "dkim", "manage DKIM signing keys")
+    p = dkim.add_parser("keygen", help="make a signing key for a domain and print its TXT record")
+    p.add_argument("domain")
+    p.add_argument("--selector", help="the key's DNS name under _domainkey (default: rsaYYYYMM or edYYYYMM)")
+    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (2048-bit, rsa-sha256; the default) or ed25519 (RFC 8463)")
+    p.add_argument("--force", action="store_true", help="replace the key of that selector")
+    p.set_defaults(run=_dkimadmin("dkim_keygen"), needs_config=True)
+    p = commands.add_parser("dns-records", help="print the MX, SPF, DKIM, DMARC and SRV records of a domain")
+    p.add_argument("domain")
+    p.set_defaults(run=_dkimadmin("dns_records"), needs_config=True)
     return parser
+
+
+def _dkimadmin(name: str):
+    """A DKIM command, imported when it runs (dkimpy and cryptography are not every
+    command's business); a key it cannot make or read is a user error (exit 1)."""
+    def run(*args):
+        from policy.dkim import DKIMKeyError
+        from postroom import dkimadmin
+
+        try:
+            return getattr(dkimadmin, name)(*args)
+        except DKIMKeyError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _storeadmin(name: str):
@@ -133,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
             return serve(config)
+        if getattr(args, "needs_queue", False):
+            data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
+            with Queue(data_dir) as queue:
+                return args.run(queue, args, admin.AuditLog(data_dir.audit_log_path))
         data_dir, accounts = open_accounts(config)
         audit = admin.AuditLog(data_dir.audit_log_path)
         with accounts:
+            if getattr(args, "needs_config", False):
+                return args.run(config, data_dir, accounts, args, audit)
             if getattr(args, "needs_store", False):
                 with open_store(data_dir, accounts) as store:
                     return args.run(store, accounts, args, audit)
@@ -144,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except (conf.ConfigError, TLSSetupError, DataDirError, DataDirInUseError, AccountError, AddressError,
-            ServeError) as e:
+            ServeError, StoreError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except lmdb.Error as e:

@@ -1,5 +1,6 @@
 """Postroom's store: the data directory, accounts (domains, users, aliases), addresses, and
-the sharded message store (Maildir files + an LMDB index per shard).
+the sharded message store (Maildir files + an LMDB index per shard), and the outbound queue
+(spool files + an LMDB index).
 
 This module is the store's whole face: daemons import `storage` and never a module under it,
 and never build paths into the data dir themselves.
@@ -25,6 +26,7 @@ from storage.errors import (
     MailboxNotFoundError,
     NotFoundError,
     NotLocalError,
+    NotQueuedError,
     PasswordPolicyError,
     QuotaExceededError,
     SearchError,
@@ -40,11 +42,28 @@ from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
 from storage.mime import BodyPart, Envelope, EnvelopeAddress
 from storage.records import Usage
 from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
+from storage.queue import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    QUEUED,
+    Enqueue,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueEnvelope,
+    Queue,
+    RecipientState,
+    Result,
+    RunnerLock,
+)
 from storage.store import Store
 from storage.watch import Watcher
 
 __all__ = [
     "INBOX", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER",
+    # the outbound queue (storage/queue.py)
+    "BOUNCED", "DEFERRED", "DELIVERED", "QUEUED", "Enqueue", "NotQueuedError", "Queue", "QueueEnvelope",
+    "QueuedMessage", "QueuedRecipient", "RecipientState", "Result", "RunnerLock",
     "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError", "BodyPart",
     "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "FlagError", "FlagState",

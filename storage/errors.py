@@ -62,6 +62,10 @@ class DeliveryError(StoreError):
         super().__init__(f"delivery to {first[0][0]} failed: {first[1]}")
 
 
+class NotQueuedError(StoreError):
+    """No such message in the outbound queue (never queued, or delivered, or removed)."""
+
+
 class MailboxNameError(ValueError):
     """A name no mailbox may have; str() says why."""
 

@@ -531,7 +531,7 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
 
         workers = children()
         assert len(workers) == 2
-        time.sleep(1)  # the workers bind as they start
+        # Bound already: mtad is ready once each worker has notified READY=1, after binding.
         sent = []
 
         def send(i: int) -> None:
@@ -581,7 +581,6 @@ def test_two_workers_delivering_to_fresh_shards_never_deadlock(write_config, tmp
         assert cli("user", "add", user, "--password-stdin", input=PASSWORD, config=path).returncode == 0
     daemon = start_daemon(path, tmp_path)
     try:
-        time.sleep(1)  # the worker binds as it starts
         # The load of bench/smtp_in.py that first hung it: 50 clients at once, every shard new.
         async def client(i: int) -> int:
             reader, writer = await asyncio.open_connection(address.host, address.port)

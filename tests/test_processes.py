@@ -188,7 +188,10 @@ def test_after_a_kill_of_serve_a_new_one_takes_over_once_the_old_daemons_finish(
     started: list = []
     starting = threading.Thread(target=lambda: started.append(start_daemon(config, new_dir)))
     starting.start()
-    time.sleep(1)
+    # The new serve waits on the lock the old mtad (still finishing this session) holds.
+    log, deadline = new_dir / "serve.err", time.monotonic() + 30
+    while time.monotonic() < deadline and not (log.exists() and b"event=lock_wait lock=mtad" in log.read_bytes()):
+        time.sleep(0.02)
     client.send(b"second half\r\n.\r\n")
     assert client.getreply()[0] == 250
     client.close()

@@ -73,6 +73,14 @@ def stored(daemon) -> list[bytes]:
         return [store.read_message(m) for m in store.fetch("alice@example.test", "INBOX", [(1, 2**32 - 1)])]
 
 
+def stopping(daemon, timeout: float = 10) -> None:
+    """Wait until mtad has taken the signal (its `stopping` line): its listener is closed."""
+    deadline = time.monotonic() + timeout
+    while "event=stopping daemon=mtad" not in daemon.stderr():
+        assert time.monotonic() < deadline, daemon.stderr()
+        time.sleep(0.02)
+
+
 def stopped_cleanly(daemon, within: float) -> None:
     code = daemon.process.wait(within)
     log = daemon.stderr()
@@ -95,7 +103,7 @@ def test_a_command_after_the_signal_is_answered_421(start):
     daemon = start()
     with session(daemon, b"MAIL FROM:<s@example.org>\r\n") as sock:
         daemon.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        stopping(daemon)
         try:
             sock.sendall(b"RCPT TO:<alice@example.test>\r\n")
         except ConnectionError:
@@ -112,7 +120,7 @@ def test_a_message_being_sent_is_finished_answered_and_stored_once(start):
         sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
         time.sleep(0.2)
         daemon.process.send_signal(signal.SIGTERM)
-        time.sleep(1)  # the listener is closed by now; this session goes on
+        stopping(daemon)  # the listener is closed; this session goes on
         sock.sendall(b"second half\r\n.\r\n")
         replies = sock.makefile("rb")
         assert replies.readline().startswith(b"250 2.0.0 OK: queued as ")
@@ -189,7 +197,9 @@ def test_under_load_every_stored_message_was_answered_250_and_every_250_is_store
     threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 50 and time.monotonic() < deadline and not failures:
+        time.sleep(0.02)  # the signal comes once the clients are well under way
     signalled.set()
     daemon.process.send_signal(signal.SIGTERM)
     for thread in threads:
