@@ -112,9 +112,11 @@ class SubmissionConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     """The outbound queue and its delivery runner (mtad/outbound)."""
-    # Deliveries at once, in all; and to one destination (a domain's MX set or a route).
+    # Deliveries at once, in all; and to one destination (a domain's MX set or a route): 20
+    # as Postfix's default_destination_concurrency_limit (at 5, bench/smtp_out.py's queue fell
+    # behind its submissions).
     concurrency: int = field(default=50, metadata={"min": 1, "max": 10_000})
-    per_destination: int = field(default=5, metadata={"min": 1, "max": 1000})
+    per_destination: int = field(default=20, metadata={"min": 1, "max": 1000})
     connect_timeout: Duration = field(default=Duration(30), metadata={"min": 1, "max": 600})
     # Each command's reply (RFC 5321 §4.5.3.2: 5 minutes for MAIL, RCPT; 10 after the data).
     command_timeout: Duration = field(default=Duration(300), metadata={"min": 1, "max": 3600})
@@ -146,6 +148,9 @@ class OutboundConfig:
     ca_file: Path | None = None
     # The name said in EHLO; empty: [server] hostname.
     helo_name: str = ""
+    # The port MX hosts are reached on (Postfix's smtp_tcp_port): 25, except for tests that
+    # serve a zone's MX hosts on loopback addresses.
+    port: int = field(default=25, metadata={"min": 1, "max": 65535})
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,8 @@ class POP3Config:
 class DNSConfig:
     # Empty: the system resolver's servers (/etc/resolv.conf).
     nameservers: tuple[IPAddress, ...] = ()
+    # The port of those nameservers: 53, except for a test's zone served on loopback.
+    port: int = field(default=53, metadata={"min": 1, "max": 65535})
     timeout: Duration = Duration(5)
 
 

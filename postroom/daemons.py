@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
     from mtad.agent import AgentContext
+    from mtad.outbound.runner import RunnerHandle
     from mtad.routing import Outbound
     from pop3d.session import POP3Context
     from wire.protocol import ServerFactory
@@ -157,17 +158,21 @@ def build_context(config: Config, data_dir: DataDir, accounts: Accounts, store: 
 class Listening:
     """An SMTP agent's listeners, stopped gracefully: see AgentContext.stop_sessions."""
 
-    def __init__(self, servers: list[asyncio.Server], agent: AgentContext, grace: float):
+    def __init__(self, servers: list[asyncio.Server], agent: AgentContext, grace: float,
+                 runner: RunnerHandle | None = None):
         self.servers = servers
         self.agent = agent
         self.grace = grace
+        self.runner = runner  # the MX's: the delivery runner, if this process holds its lock
 
     async def stop(self) -> None:
         # Not Server.wait_closed(): since Python 3.12 it waits for every connection to end,
         # which is the sessions' business (stop_sessions), bounded by the grace period.
         for server in self.servers:
             server.close()
-        await self.agent.stop_sessions(self.grace)
+        # The delivery runner finishes its transactions meanwhile (mtad/outbound/runner.py).
+        await asyncio.gather(self.agent.stop_sessions(self.grace),
+                             self.runner.stop() if self.runner is not None else asyncio.sleep(0))
 
 
 async def start_smtp(context: Context) -> Listening:
@@ -175,6 +180,7 @@ async def start_smtp(context: Context) -> Listening:
     # Imported here: imapd and pop3d never load aiosmtpd.
     from mtad.agent import AgentContext
     from mtad.inbound import InboundSMTP
+    from mtad.outbound.runner import start_runner
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -184,7 +190,9 @@ async def start_smtp(context: Context) -> Listening:
                            outbound=shared.outbound)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
-    return Listening(servers, inbound, float(config.server.stop_grace))
+    # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
+    runner = start_runner(context, shared.outbound.queue)
+    return Listening(servers, inbound, float(config.server.stop_grace), runner)
 
 
 async def start_submission(context: Context) -> Listening:

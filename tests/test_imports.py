@@ -39,7 +39,9 @@ MAY_IMPORT = {
 
 
 def _modules(package: str) -> dict[str, Path]:
-    return {f"{package}.{p.stem}": p for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
+    """Every module of `package`, its subpackages' (mtad.outbound) included."""
+    return {".".join((package, *p.relative_to(ROOT / package).with_suffix("").parts)): p
+            for p in (ROOT / package).rglob("*.py") if p.stem != "__init__"}
 
 
 def _graph(packages=PACKAGES) -> dict[str, set[str]]:
@@ -89,7 +91,7 @@ def test_each_package_imports_only_the_floors_below_it():
     for package in PACKAGES:
         if not (ROOT / package).is_dir():
             continue
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             for other in PACKAGES:
                 if other != package and other not in MAY_IMPORT[package] and _imports(path, other) | (
                         {other} if _imports_package(path, other) else set()):

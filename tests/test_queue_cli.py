@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, start_daemon
 from storage import DEFERRED, DELIVERED, Queue, QueuedRecipient, QueueEnvelope, Result, open_data_dir
 
 SHARDS = 4  # as conftest's write_config
@@ -130,16 +131,21 @@ def test_unknown_ids_are_one_line_and_exit_1(cli, queued):
         assert result.returncode == 2 and "usage:" in result.stderr
 
 
-def test_the_commands_work_beside_a_running_server(daemon, cli, data_dir):
+def test_the_commands_work_beside_a_running_server(write_config, tmp_path, cli, data_dir):
+    # The server's delivery runner takes the message at once: remote.test is routed to a
+    # port nobody listens on, so it stays in the queue, deferred, for the commands to find.
+    path = write_config(**{"outbound.routes": {'"remote.test"': f"127.0.0.1:{free_port()}"}})
+    daemon = start_daemon(path, tmp_path)
     queue = Queue(open_data_dir(data_dir, SHARDS))
     try:
         with queue.begin(QueueEnvelope("alice@example.test", (QueuedRecipient("bob@remote.test"),))) as entry:
             entry.write(b"Subject: live\r\n\r\nbody\r\n")
             qid = entry.commit()
-        assert ok(cli("queue", "list")).split("\t")[0] == qid
-        assert ok(cli("queue", "hold", qid)) == f"held {qid}\n"
+        assert ok(cli("queue", "list", config=path)).split("\t")[0] == qid
+        assert ok(cli("queue", "hold", qid, config=path)) == f"held {qid}\n"
         assert queue.get(qid).held
-        assert ok(cli("queue", "remove", qid)) == f"removed {qid}\n"
+        assert ok(cli("queue", "remove", qid, config=path)) == f"removed {qid}\n"
         assert queue.list() == []
     finally:
         queue.close()
+        assert daemon.stop() == 0, daemon.stderr()

@@ -1,0 +1,485 @@
+"""The delivery runner: the loop that works the outbound queue.
+
+One runner per data dir (DESIGN.md, Processes): every mtad process (the main one and its
+[smtp] workers) calls start_runner(), and only the one that holds the queue's runner lock
+(a flock, dropped by the kernel however its holder dies) runs the loop; the others try the
+lock again every LOCK_RETRY seconds, so a replacement takes over within that when the
+holder dies.
+
+The loop looks at the queue's change counter (Queue.changed(), no system call) every POLL
+seconds, or at once when wake() is called (by an enqueue in this process), and asks for
+due messages (Queue.due) when it moved or when the earliest next attempt (Queue.next_due)
+has come: a `postroom queue flush`, hold or release from the CLI is acted on within a
+second. Each due message is worked by one task:
+- its due recipients are grouped by destination (routes.Router.destination: a domain, a
+  route's host, or the relay); each group is one SMTP transaction (client.deliver) within
+  `[queue] concurrency` transactions in all and `per_destination` to one destination; a
+  transaction's slot is free as soon as it ends (its results are recorded after), and the
+  next message waiting for that destination starts at once;
+- each group's delivered and deferred recipients are recorded (Queue.record, one fsynced
+  commit) as soon as its transaction ends, so a crash never sends again what a remote
+  acknowledged and we recorded; a deferred recipient's next attempt follows
+  `retry_schedule` with up to 10% jitter, and never later than `max_lifetime` after the
+  message was queued, when a recipient still deferred bounces (554 5.4.7, RFC 3463);
+- bounced recipients are recorded after their failure report is sent (a crash in between
+  sends a second report rather than none). A success report ("relayed", RFC 3464 §2.3.3)
+  goes when NOTIFY asks for it and the next hop did not take the DSN parameters (a next
+  hop that did reports itself); a delay report goes once, for the recipients still
+  deferred once the message is older than `delay_warning` (0: never).
+One log line per recipient per attempt: qid, rcpt, host, result, reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from conf.logfmt import EventLogger
+from conf.schema import Config
+from mtad import dsn
+from mtad.outbound.client import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    ClientSettings,
+    ConnectionCache,
+    Message,
+    Outcome,
+    Recipient,
+    RecipientResult,
+    deliver,
+)
+from mtad.outbound.reports import Reporter, status_of
+from mtad.outbound.routes import RouteError, Router
+from storage import (
+    AddressError,
+    NotQueuedError,
+    Queue,
+    QueuedMessage,
+    RecipientState,
+    Result,
+    StoreError,
+    normalize_domain,
+)
+
+# Seconds between two looks at the queue's change counter: a read of LMDB's shared map, no
+# system call, so it can be often; it bounds the time from a submission's 250 (in any
+# process) to the start of its delivery.
+POLL = 0.02
+BATCH = 0.01  # the least time between two looks for due mail
+THREADS = 32
+IN_FLIGHT_PER_TRANSACTION = 4  # messages under way (recording included) per allowed transaction
+MAX_SLEEP = 30.0  # the longest the loop goes without asking the queue for due mail
+LOCK_RETRY = 2.0  # seconds between two tries for the runner lock, by the processes without it
+JITTER = 0.10
+REST = 60.0  # seconds a message whose work failed unexpectedly waits before the next try
+
+_log = EventLogger("mtad.outbound")
+
+
+@dataclass
+class _Group:
+    """The recipients of one message that go to one destination in one transaction."""
+
+    destination: str
+    domains: list[str]
+    recipients: list[RecipientState]
+    done: bool = False  # its transaction is over: it no longer counts against per_destination
+
+
+class Runner:
+    """Works the queue while run() runs; `clock` and `rng` are the tests' and the jitter's."""
+
+    def __init__(self, config: Config, queue: Queue, reporter: Reporter, *, router: Router | None = None,
+                 settings: ClientSettings | None = None, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
+        self.config = config
+        self.queue = queue
+        self.reporter = reporter
+        self.router = router or Router(config.outbound, config.dns)
+        self.settings = settings or ClientSettings.from_config(config)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        q = config.queue
+        self._connections = asyncio.Semaphore(q.concurrency)
+        self._per_destination: dict[str, asyncio.Semaphore] = {}
+        self._load: dict[str, int] = {}  # groups scheduled per destination, running or waiting
+        self._in_flight: dict[str, asyncio.Task] = {}
+        self._resting: dict[str, float] = {}  # qid -> until when: its last work failed (a full disk)
+        self._waiting: list[QueuedMessage] = []  # due at the last look, not started for want of room
+        # [queue] concurrency counts transactions (connections), not messages whose results
+        # are being recorded (an fsync each, shared): those are bounded apart, to bound the
+        # files and memory they hold.
+        self._busy = 0  # transactions scheduled and not over
+        self._max_in_flight = IN_FLIGHT_PER_TRANSACTION * q.concurrency
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._sessions = ConnectionCache()  # open connections between messages to one host
+        # The queue's calls block (a record waits for its fsync; the last close of a file the
+        # queue removed frees it, 0.7 ms on a busy disk): threads of the runner's own, enough
+        # that the records of many deliveries wait together and share one commit (the queue's
+        # group commit), instead of asyncio's default pool of cores + 4.
+        self._threads = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="outbound")
+
+    async def run(self) -> None:
+        """Until stop(): take due mail, start its deliveries."""
+        last_change = None
+        wake_at = 0.0
+        while not self._stopping:
+            self._wake.clear()
+            change = self.queue.changed()
+            now = self.clock()
+            if change != last_change or now >= wake_at:
+                last_change = change
+                try:
+                    await self._schedule(now)
+                    next_due = await self._blocking(self.queue.next_due)
+                except StoreError as e:
+                    _log.error("queue_unreadable", reason=str(e))
+                    next_due = None
+                wake_at = min(next_due if next_due is not None else now + MAX_SLEEP, now + MAX_SLEEP)
+                # Each look decodes the due messages: under load, one look per BATCH takes
+                # what has come meanwhile together, instead of one look per finished delivery.
+                await asyncio.sleep(BATCH)
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL)
+
+    def _blocking(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
+
+    def wake(self) -> None:
+        """Look at the queue now (something was enqueued), not at the next poll."""
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """No new delivery; those under way get `grace` seconds to finish (and record)."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._sessions.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown, True)
+
+    async def _schedule(self, now: float) -> None:
+        """Ask the queue for due mail (a look), then start what the limits allow."""
+        free = self.config.queue.concurrency - self._busy
+        if free <= 0 or len(self._in_flight) >= self._max_in_flight:
+            return
+        # Messages under way are still due until recorded: the queue passes over them.
+        in_flight = frozenset(self._in_flight)
+        due = await self._blocking(functools.partial(self.queue.due, now, self.config.queue.concurrency,
+                                                     exclude=in_flight))
+        self._waiting = [m for m in due if m.id not in self._in_flight]
+        self._start_waiting(now)
+
+    def _start_waiting(self, now: float | None = None) -> None:
+        """Start the due messages of the last look whose destinations have room; the others
+        wait, for the end of a transaction to one of their destinations (qmgr's way: a
+        finished delivery starts the next at once, not at the next look) or the next look."""
+        now = self.clock() if now is None else now
+        concurrency, per_destination = self.config.queue.concurrency, self.config.queue.per_destination
+        left = []
+        for message in self._waiting:
+            if message.id in self._in_flight or self._resting.get(message.id, 0) > now:
+                continue
+            if self._busy >= concurrency or len(self._in_flight) >= self._max_in_flight:
+                left.append(message)
+                continue
+            groups = self._groups(message, now)
+            if not groups:
+                continue
+            if all(self._load.get(g.destination, 0) >= per_destination for g in groups):
+                left.append(message)
+                continue
+            for group in groups:
+                self._load[group.destination] = self._load.get(group.destination, 0) + 1
+            self._busy += len(groups)
+            task = asyncio.create_task(self._work(message, groups, now))
+            self._in_flight[message.id] = task
+            task.add_done_callback(lambda _, qid=message.id, g=groups: self._done(qid, g))
+        self._waiting = left
+
+    def _done(self, qid: str, groups: list[_Group]) -> None:
+        self._in_flight.pop(qid, None)
+        for group in groups:
+            self._transaction_over(group)
+        if len(self._resting) > 1000:
+            now = self.clock()
+            self._resting = {qid: until for qid, until in self._resting.items() if until > now}
+        self._wake.set()
+
+    def _transaction_over(self, group: _Group) -> None:
+        """The group's connection is closed: the next message for its destination may start
+        while this one's results are still being recorded (an fsync)."""
+        if group.done:
+            return
+        group.done = True
+        self._busy -= 1
+        left = self._load.get(group.destination, 1) - 1
+        if left > 0:
+            self._load[group.destination] = left
+        else:
+            self._load.pop(group.destination, None)
+            self._per_destination.pop(group.destination, None)
+        if not self._stopping:
+            self._start_waiting()
+        self._wake.set()
+
+    def _groups(self, message: QueuedMessage, now: float) -> list[_Group]:
+        groups: dict[str, _Group] = {}
+        for recipient in message.pending:
+            if recipient.next_attempt > now:
+                continue
+            domain = _domain_of(recipient.address)
+            destination = self.router.destination(domain)
+            group = groups.setdefault(destination, _Group(destination, [], []))
+            if domain not in group.domains:
+                group.domains.append(domain)
+            group.recipients.append(recipient)
+        return list(groups.values())
+
+    # -- one message -------------------------------------------------------------------
+
+    async def _work(self, message: QueuedMessage, groups: list[_Group], started: float) -> None:
+        log = _log.bind(qid=message.id)
+        try:
+            await self._work_on(message, groups, log)
+        except NotQueuedError:
+            pass  # removed meanwhile (`postroom queue remove`)
+        except (StoreError, OSError):
+            # The queue could not record (disk full...): the message is still due; it rests first.
+            log.error("queue_record_failed", exc_info=True)
+            self._resting[message.id] = self.clock() + REST
+        except Exception:
+            log.error("runner_bug", exc_info=True)
+            self._resting[message.id] = self.clock() + REST
+
+    async def _work_on(self, message: QueuedMessage, groups: list[_Group], log: EventLogger) -> None:
+        original = await self._blocking(self.queue.open, message.id)
+        try:
+            # The first group sends from `original`; any other opens the message for itself,
+            # as they send at once. The reports read `original` after every group is done.
+            attempts = await asyncio.gather(*(self._attempt(message, group, log, original if i == 0 else None)
+                                              for i, group in enumerate(groups)), return_exceptions=True)
+            bounced: list[tuple[RecipientState, Result]] = []
+            relayed: list[tuple[RecipientState, Result]] = []
+            deferred: list[tuple[RecipientState, Result]] = []
+            for attempt in attempts:
+                if isinstance(attempt, BaseException):
+                    if isinstance(attempt, asyncio.CancelledError):
+                        raise attempt
+                    # Its recipients stay due, unrecorded: the message rests before it is tried again.
+                    log.error("delivery_failed", exc_info=(type(attempt), attempt, attempt.__traceback__))
+                    self._resting[message.id] = self.clock() + REST
+                    continue
+                for recipient, result, dsn_passed in attempt:
+                    if result.state == BOUNCED:
+                        bounced.append((recipient, result))
+                    elif result.state == DELIVERED and not dsn_passed:
+                        relayed.append((recipient, result))
+                    elif result.state == DEFERRED:
+                        deferred.append((recipient, result))
+            await self._report_and_record(message, bounced, relayed, deferred, original, log)
+        finally:
+            await self._blocking(original.close)
+
+    async def _attempt(self, message: QueuedMessage, group: _Group, log: EventLogger, reader: BinaryIO | None
+                       ) -> list[tuple[RecipientState, Result, bool]]:
+        """One transaction for `group`; its delivered and deferred recipients recorded."""
+        semaphore = self._per_destination.setdefault(
+            group.destination, asyncio.Semaphore(self.config.queue.per_destination))
+        try:
+            async with self._connections, semaphore:
+                outcome = await self._transact(message, group, reader)
+        finally:
+            self._transaction_over(group)
+        now = self.clock()
+        by_address = {r.address: r for r in outcome.results}
+        done: list[tuple[RecipientState, Result, bool]] = []
+        for recipient in group.recipients:
+            got = by_address[recipient.address]
+            result = self._result(message, recipient, got.state, got.reply, got.remote_mta, now)
+            log.info("delivery", rcpt=recipient.address, host=str(outcome.host) if outcome.host else "-",
+                     result=result.state, reply=result.reply, attempt=recipient.attempts + 1,
+                     delay=round(now - message.created, 3), tls=outcome.tls)
+            done.append((recipient, result, outcome.dsn))
+        settled = [result for _, result, _ in done if result.state != BOUNCED]
+        if settled:
+            await self._blocking(self.queue.record, message.id, settled)
+        return done
+
+    async def _transact(self, message: QueuedMessage, group: _Group, reader: BinaryIO | None) -> Outcome:
+        envelope = message.envelope
+        recipients = tuple(Recipient(r.address, r.notify, r.orcpt) for r in group.recipients)
+        try:
+            route = await self.router.route(group.domains[0])
+        except RouteError as e:
+            return Outcome(tuple(RecipientResult(r.address, e.code, e.reply) for r in recipients))
+        own = await self._blocking(self.queue.open, message.id) if reader is None else None
+        source = reader if own is None else own
+        try:
+            outgoing = Message(envelope.sender, recipients, message.size, lambda: _Rewound(source),
+                               envelope.envid, envelope.ret, envelope.smtputf8, envelope.eight_bit)
+            verified = any(d in self.settings.require_verified for d in group.domains)
+            return await deliver(route, outgoing, self.settings, verified=verified, cache=self._sessions)
+        finally:
+            if own is not None:
+                await self._blocking(own.close)
+
+    def _result(self, message: QueuedMessage, recipient: RecipientState, state: str, reply: str,
+                remote_mta: str | None, now: float) -> Result:
+        if state != DEFERRED:
+            return Result(recipient.address, state, reply, remote_mta)
+        q = self.config.queue
+        expires = message.created + float(q.max_lifetime)
+        if now >= expires:
+            # RFC 5321 §4.5.4.1: give up; the last answer is in the text.
+            return Result(recipient.address, BOUNCED,
+                          f"554 5.4.7 delivery time expired ({_age(now - message.created)}); last reply: {reply}",
+                          remote_mta)
+        schedule = q.retry_schedule
+        wait = float(schedule[min(recipient.attempts, len(schedule) - 1)]) if schedule else 300.0
+        wait *= 1 + self.rng.uniform(0, JITTER)
+        return Result(recipient.address, DEFERRED, reply, remote_mta, min(now + wait, expires))
+
+    async def _report_and_record(self, message: QueuedMessage, bounced, relayed, deferred, original: BinaryIO,
+                                 log: EventLogger) -> None:
+        now = self.clock()
+        q = self.config.queue
+        failed = [(r, res) for r, res in bounced if dsn.wants_report(r.notify, "failed")]
+        if failed:
+            await self._report(message, failed, "failed", original, now)
+        if bounced:
+            await self._blocking(self.queue.record, message.id, [res for _, res in bounced])
+        success = [(r, res) for r, res in relayed if dsn.wants_report(r.notify, "relayed")]
+        if success:
+            await self._report(message, success, "relayed", original, now)
+        if deferred and q.delay_warning > 0 and now - message.created >= float(q.delay_warning):
+            current = await self._blocking(self.queue.get, message.id)
+            if current is not None and not current.delay_warned:
+                late = [(r, res) for r, res in deferred if dsn.wants_report(r.notify, "delayed")]
+                if late:
+                    await self._report(message, late, "delayed", original, now)
+                await self._blocking(self.queue.mark_delay_warned, message.id)
+
+    async def _report(self, message: QueuedMessage, items: list[tuple[RecipientState, Result]], action: str,
+                      original: BinaryIO, now: float) -> None:
+        until = message.created + float(self.config.queue.max_lifetime) if action == "delayed" else None
+        reports = [dsn.RecipientReport(address=r.address, orcpt=r.orcpt, action=action,
+                                       status=status_of(res.reply), diagnostic=f"smtp; {res.reply}",
+                                       remote_mta=res.remote_mta, last_attempt=now, will_retry_until=until)
+                   for r, res in items]
+        try:
+            await self._blocking(self.reporter.send, message, reports, original, now)
+        except Exception:
+            # The recipients' state is recorded all the same: a report lost is logged, never retried forever.
+            _log.error("dsn_failed", qid=message.id, action=action, exc_info=True)
+
+
+class _Rewound:
+    """The group's open message, from its first byte, for each host tried; not closed by
+    the client (the group closes it)."""
+
+    def __init__(self, reader: BinaryIO):
+        self._reader = reader
+
+    def __enter__(self) -> BinaryIO:
+        self._reader.seek(0)
+        return self._reader
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class RunnerHandle:
+    """What mtad holds: stop() ends the lock retries or the runner."""
+
+    def __init__(self, task: asyncio.Task, state: dict[str, Any], grace: float):
+        self._task = task
+        self._state = state
+        self._grace = grace
+
+    @property
+    def running(self) -> bool:
+        return self._state.get("runner") is not None
+
+    def wake(self) -> None:
+        """Call after an enqueue in this process: the runner, if here, looks at once."""
+        runner: Runner | None = self._state.get("runner")
+        if runner is not None:
+            runner.wake()
+
+    async def stop(self) -> None:
+        runner: Runner | None = self._state.get("runner")
+        self._state["stopping"] = True
+        if runner is not None:
+            await runner.stop(self._grace)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        lock = self._state.get("lock")
+        if lock is not None:
+            lock.release()
+        own = self._state.get("own_queue")
+        if own is not None:
+            own.close()
+
+
+def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
+    """Start trying for the runner lock in this process, and run the loop once it is ours.
+    `context` is the daemon's (postroom/daemons.py Context: config, data_dir, accounts,
+    store); `queue` this process's Queue (one per process: LMDB), opened here if not given."""
+    config: Config = context.config
+    state: dict[str, Any] = {}
+
+    async def hold_and_run() -> None:
+        nonlocal queue
+        if queue is None:
+            queue = await asyncio.to_thread(Queue, context.data_dir)
+            state["own_queue"] = queue
+        lock = queue.runner_lock()
+        while not state.get("stopping"):
+            if await asyncio.to_thread(lock.acquire):
+                break
+            await asyncio.sleep(LOCK_RETRY)
+        else:
+            return
+        state["lock"] = lock
+        reporter = Reporter(config.server.hostname, queue, context.store, context.accounts)
+        runner = Runner(config, queue, reporter)
+        state["runner"] = runner
+        _log.info("runner_started")
+        try:
+            await runner.run()
+        except Exception:
+            _log.error("runner_bug", exc_info=True)
+            raise
+
+    task = asyncio.create_task(hold_and_run())
+    return RunnerHandle(task, state, float(config.server.stop_grace))
+
+
+@functools.lru_cache(maxsize=4096)
+def _domain_of(address: str) -> str:
+    domain = address.rpartition("@")[2]
+    if domain.startswith("["):
+        return domain.lower()
+    try:
+        return normalize_domain(domain)
+    except AddressError:
+        return domain.lower()
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} hours"
