@@ -456,7 +456,11 @@ def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
         else:
             return
         state["lock"] = lock
-        reporter = Reporter(config.server.hostname, queue, context.store, context.accounts)
+        from mtad.srs import SRS, load_secret
+
+        srs = SRS(await asyncio.to_thread(load_secret, config.srs, context.data_dir),
+                  config.srs.domain or config.server.hostname)
+        reporter = Reporter(config.server.hostname, queue, context.store, context.accounts, unwrap=srs.reverse)
         runner = Runner(config, queue, reporter)
         state["runner"] = runner
         _log.info("runner_started")
