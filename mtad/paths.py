@@ -55,8 +55,8 @@ def parse_path_argument(arg: str, keyword: str) -> PathArgument | None:
     params: dict[str, str | None] = {}
     for word in rest[close + 1:].split():
         m = _PARAM.match(word)
-        if not m:
-            return None
+        if not m or m.group(1).upper() in params:
+            return None  # RFC 3461 §4: a parameter given twice is a syntax error (501)
         params[m.group(1).upper()] = m.group(2)
     if path and (path.startswith("@") or "@" not in path or any(c.isspace() for c in path)):
         return None  # source routes and bare local parts are not addresses we take
