@@ -23,6 +23,7 @@ recipient never opens the queue.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -206,12 +207,23 @@ class Route:
                 except BaseException:
                     await deliver_in_thread(withdraw, self._store, delivered)
                     raise
-            return Committed(delivered, queue_id, message_id)
+            return Committed(delivered, queue_id, message_id or message_id_of(self.head))
         finally:
             if delivery is not None:
                 delivery.close()
             if enqueue is not None:
                 enqueue.close()
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id_of(head: bytes) -> str:
+    """The Message-ID of a message by its first bytes, for the log when no local copy's
+    commit has read it (mail only queued or forwarded); "" when there is none."""
+    end = head.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(head if end < 0 else head[:end])
+    return found.group(1).decode("ascii", "replace").strip()[:250] if found else ""
 
 
 def _enqueue(enqueue, signer, domain: str | None) -> str:

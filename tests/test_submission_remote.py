@@ -94,6 +94,7 @@ def test_a_remote_recipient_is_queued_signed_and_named_by_its_queue_id(sub):
     # Every line the submission agent logged about the message carries the queue id.
     accepted = [line for line in sub.stderr().splitlines() if "event=message_accepted" in line]
     assert len(accepted) == 1 and f"qid={qid}" in accepted[0]
+    assert 'message_id=<out@example.test>' in accepted[0] or 'message_id="<out@example.test>"' in accepted[0]
     # No copy is kept for the sender: her client APPENDs to Sent.
     with Store(sub.data) as store:
         assert store.mailbox("alice@example.test", "INBOX").exists == 0
