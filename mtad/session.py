@@ -236,7 +236,10 @@ class Session:
         """Consume some input; False when nothing more can be done with what is buffered."""
         if self._state is State.DATA or self._state is State.BDAT:
             return self._read_message()
-        limit = MAX_SASL_LINE if self._state is State.AUTH else MAX_LINE
+        # RFC 4954 §4: an AUTH command's initial response may be as long as any SASL
+        # response (a long password in PLAIN is over 512 octets).
+        long_line = self._state is State.AUTH or (self.config.auth and self._in[:5].upper() == b"AUTH ")
+        limit = MAX_SASL_LINE if long_line else MAX_LINE
         end = self._in.find(b"\n", self._scanned)
         if end < 0:
             if len(self._in) > limit:

@@ -181,6 +181,20 @@ def test_a_long_sasl_response_is_taken_and_an_overlong_one_ends_the_exchange():
     assert got == ["250", "334 ", "500 5.5.6", "235 2.7.0"]
 
 
+def test_an_initial_response_may_be_as_long_as_a_sasl_response():
+    """RFC 4954 §4: the AUTH command line with an initial response may take 12288 octets,
+    not 512 (a 700-character password was refused 500 Line too long: found by an attack)."""
+    password = "p" * 6000
+    got, _ = run(b"EHLO c\r\nAUTH PLAIN " + b64(f"\0alice@example.test\0{password}") + b"\r\n" + PLAIN_OK, seed=3)
+    assert got == ["250", "535 5.7.8", "235 2.7.0"]
+    # Over the limit: refused and skipped whole; and on the MX, where AUTH is not offered,
+    # any line over 512 octets is too long.
+    got, _ = run(b"EHLO c\r\nAUTH PLAIN " + b"A" * MAX_SASL_LINE + b"\r\n" + PLAIN_OK)
+    assert got[0] == "250" and got[1].startswith("500") and got[2] == "235 2.7.0"
+    got, _ = run(b"EHLO c\r\nAUTH PLAIN " + b"A" * 1000 + b"\r\n", MX)
+    assert got == ["250", "500 5.5.2"]
+
+
 def test_starttls_forgets_the_authentication():
     got, driver = run(b"EHLO c\r\n" + PLAIN_OK, SessionConfig("m", 10_000, 5, tls_available=True, auth=True,
                                                             plaintext_auth=True))
