@@ -10,8 +10,10 @@ DEV_CONFIG  := conf/dev.toml
 POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
 PYTEST_ARGS ?=
 
-# Debian packages: what a venv needs, and what the tests drive as real peers and clients.
-APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks isync fetchmail iproute2 opendkim-tools
+# Debian packages: what a venv needs, and what the tests drive as real peers and clients
+# (libnet-ssleay-perl: swaks --tls, which the submission tests use).
+APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
+                opendkim-tools
 
 .PHONY: run test install system-packages clean
 
@@ -25,9 +27,16 @@ run: install
 	else \
 	    echo "demo@example.test password: $$(cat var/demo-password 2>/dev/null || echo 'see var/demo-password')"; \
 	fi
+	@if [ ! -d var/dkim/example.test ]; then \
+	    $(POSTROOM) dkim keygen example.test --selector dev > var/dkim-example.test.txt && \
+	    echo "DKIM key made for example.test; its TXT record is in var/dkim-example.test.txt"; \
+	fi
 	@echo "Connect with: swaks --server 127.0.0.1:2525 --to demo@example.test"
 	@echo "              IMAP 127.0.0.1:2143 (STARTTLS) / 2993 (TLS), POP3 2110 / 2995,"
 	@echo "              submission 2587 / 2465; user demo@example.test; certificate var/tls/cert.pem"
+	@echo "Send out:     swaks --server 127.0.0.1:2587 --tls --auth-user demo@example.test \\"
+	@echo "                --auth-password \$$(cat var/demo-password) --from demo@example.test --to someone@example.net"
+	@echo "              (example.net is routed to 127.0.0.1:2600: start a receiver there, see conf/dev.toml)"
 	exec $(POSTROOM) serve
 
 # The suite mostly waits (daemons starting, clients and servers talking, timeouts), so it

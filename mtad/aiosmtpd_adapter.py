@@ -78,6 +78,12 @@ class AiosmtpdConnection(SMTP):
         peer = self.session.peer
         return peer[0] if isinstance(peer, tuple) else str(peer)
 
+    @property
+    def peer_port(self) -> int | None:
+        """The client's port (logged with its address: which connection is which)."""
+        peer = self.session.peer
+        return peer[1] if isinstance(peer, tuple) else None
+
     async def read(self, size: int) -> bytes:
         """Up to `size` bytes; b"" at the end of the stream."""
         return await self._reader.read(size)

@@ -47,7 +47,6 @@ MAX_HEADER_SECTION = 1024 * 1024  # what is returned of an original whose header
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-_XTEXT = re.compile(r"\+([0-9A-F]{2})")
 _LINE = 78
 MAX_TEXT = 2000
 MAX_WORD = 900
@@ -100,7 +99,8 @@ def write_report(write: Callable[[bytes], object], *, reporting_mta: str, sender
                  now: float | None = None, message_id: str | None = None) -> None:
     """Write the report as a whole message (CRLF lines) through `write`, e.g. a queue
     Enqueue's or a store delivery's. `original` is the message as queued (bytes, or a file
-    read from its current position)."""
+    read from its current position). `envid` and each ORCPT are as the queue holds them:
+    xtext already decoded (mtad/paths.py), so "+" is a plus here."""
     if not recipients:
         raise ValueError("a report needs at least one recipient")
     for r in recipients:
@@ -195,7 +195,7 @@ def _delivery_status(host: str, envid: str | None, arrival: float, recipients: l
     # RFC 3464 §2.2: the per-message fields, then each recipient's after a blank line.
     fields = [("Reporting-MTA", f"dns; {host}")]
     if envid:
-        fields.append(("Original-Envelope-Id", _clean(_decode_xtext(envid))))
+        fields.append(("Original-Envelope-Id", _clean(envid)))
     fields.append(("Arrival-Date", _date(arrival)))
     out = [_field(name, value) for name, value in fields]
     for r in recipients:
@@ -203,7 +203,7 @@ def _delivery_status(host: str, envid: str | None, arrival: float, recipients: l
         rows = []
         if r.orcpt:
             kind, _, address = r.orcpt.partition(";")
-            rows.append(("Original-Recipient", f"{kind.strip().lower()};{_clean(_decode_xtext(address.strip()))}"))
+            rows.append(("Original-Recipient", f"{kind.strip().lower()};{_clean(address.strip())}"))
         rows += [("Final-Recipient", _address_field(r.address, smtputf8)),
                  ("Action", r.action),
                  ("Status", r.status)]
@@ -228,13 +228,6 @@ def _address_field(address: str, smtputf8: bool) -> str:
     if smtputf8:
         return f"utf-8; {address}"
     return "utf-8; " + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in address)
-
-
-def _decode_xtext(text: str) -> str:
-    """RFC 3461 §4: "+" and two hex digits stand for a byte."""
-    if "+" not in text:
-        return text
-    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _subject(recipients: list[RecipientReport]) -> str:

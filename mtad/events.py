@@ -1,7 +1,7 @@
 """What the SMTP session core (mtad/session.py) tells its adapter, h11-style.
 
-`Session.next_event()` returns one of these. Four are questions, the decisions the core
-leaves to the adapter: Hello, MailFrom, RcptTo and DataEnd. The core reads no further input
+`Session.next_event()` returns one of these. Five are questions, the decisions the core
+leaves to the adapter: Hello, Auth, MailFrom, RcptTo and DataEnd. The core reads no further input
 until the adapter answers the open question with `Session.answer(event, reply)`, passing the
 event itself back, so that pipelined commands are answered in order (RFC 2920 §3.1). The
 others need no answer: DataChunk goes into the store delivery, StartTLS is acted on (then
@@ -11,7 +11,7 @@ others need no answer: DataChunk goes into the store delivery, StartTLS is acted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mtad.replies import Reply
 
@@ -24,11 +24,37 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """AUTH (RFC 4954), its SASL exchange done (mtad/sasl.py): answer 235 2.7.0 when the
+    password is right for `authcid` and the client may act as `authzid` (if given), else
+    535 5.7.8. The session then takes no AUTH more, and MAIL may follow."""
+    mechanism: str  # "PLAIN" or "LOGIN"
+    authcid: str  # the user name the client gave
+    password: str = field(repr=False)
+    authzid: str = ""  # PLAIN's authorization identity; "" to act as authcid
+
+
+@dataclass(frozen=True)
+class MailDSN:
+    """MAIL's DSN parameters (RFC 3461 §4.3, §4.4), checked; None when not given."""
+    ret: str | None = None  # "FULL" or "HDRS"
+    envid: str | None = None  # xtext-decoded: printable ASCII, at most 100 characters
+
+
+@dataclass(frozen=True)
+class RcptDSN:
+    """RCPT's DSN parameters (RFC 3461 §4.1, §4.2), checked."""
+    notify: tuple[str, ...] = ()  # () for the default; ("NEVER",), or SUCCESS/FAILURE/DELAY in order given
+    orcpt: str | None = None  # "addr-type;address", the address xtext-decoded
+
+
+@dataclass(frozen=True)
 class MailFrom:
     """MAIL FROM, its syntax, parameters and size already checked: answer 250 to start the
     transaction, or a refusal."""
     address: str  # "" for the null reverse-path
     params: dict[str, str | None]
+    dsn: MailDSN = MailDSN()
 
     @property
     def smtputf8(self) -> bool:
@@ -42,6 +68,7 @@ class RcptTo:
     recipient, or a refusal."""
     address: str
     params: dict[str, str | None]
+    dsn: RcptDSN = RcptDSN()
 
 
 @dataclass(frozen=True)
@@ -71,7 +98,7 @@ class Close:
     """Send what is pending, then close the connection."""
 
 
-Question = Hello | MailFrom | RcptTo | DataEnd
+Question = Hello | Auth | MailFrom | RcptTo | DataEnd
 
 
 class NeedData:

@@ -75,3 +75,18 @@ BARE_LF = Reply(550, "5.6.11", "Bare LF or CR in message: use CRLF line endings"
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 UTF8_NOT_ALLOWED = Reply(553, "5.6.7", "Non-ASCII address without SMTPUTF8")
+
+# AUTH (RFC 4954 §4, §6) and submission (RFC 6409).
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+SASL_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(553, "5.7.1", "From: address not owned by the authenticated user")
+NO_FROM = Reply(550, "5.6.0", "Message has no valid From: header")

@@ -1,16 +1,23 @@
 """The SMTP server session as a sans-IO state machine (RFC 5321, 3030 CHUNKING, 3207
-STARTTLS, 2920 PIPELINING, 6531 SMTPUTF8, 1870 SIZE, 2034 ENHANCEDSTATUSCODES).
+STARTTLS, 2920 PIPELINING, 6531 SMTPUTF8, 1870 SIZE, 2034 ENHANCEDSTATUSCODES, 4954 AUTH,
+3461 DSN).
 
 Bytes go in (`receive`), events come out (`next_event`, mtad/events.py), and replies go out
 as bytes (`data_to_send`). The session owns syntax, sequence, limits and framing; every
 decision about people and mail (who may send, who exists here, whether the message is
-stored) is a question event (Hello, MailFrom, RcptTo, DataEnd) that the adapter answers with
+stored) is a question event (Hello, Auth, MailFrom, RcptTo, DataEnd) that the adapter answers with
 `answer(event, reply)`. While a question is open the session reads no further input, so
 pipelined commands are answered in order.
 
 The pieces: mtad/states.py says which commands each state takes, mtad/paths.py reads the
-MAIL and RCPT arguments, mtad/readers.py reads DATA and BDAT; this module reads command
-lines, runs the commands and keeps the transaction.
+MAIL and RCPT arguments (and the DSN parameters), mtad/readers.py reads DATA and BDAT,
+mtad/sasl.py runs AUTH's SASL exchange; this module reads command lines, runs the commands
+and keeps the transaction.
+
+AUTH (RFC 4954), with SessionConfig.auth (submission): offered in EHLO only once the session
+is TLS (or with `plaintext_auth`, a loopback test setting); before that AUTH is 538 5.7.11.
+MAIL needs a successful AUTH first (530 5.7.0). AUTH after a successful one, or inside a
+transaction, is 503 5.5.1. A failed AUTH counts against the error budget.
 
 Framing that matters for security (the message's own in mtad/readers.py):
 - After STARTTLS, whatever the client pipelined behind it is discarded (CVE-2011-0411) and
@@ -33,13 +40,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mtad import replies
-from mtad.events import NEED_DATA, PAUSED, Close, DataEnd, Hello, MailFrom, Question, RcptTo, StartTLS
-from mtad.paths import is_number, parse_path_argument
+from mtad.events import (
+    NEED_DATA,
+    PAUSED,
+    Auth,
+    Close,
+    DataEnd,
+    Hello,
+    MailDSN,
+    MailFrom,
+    Question,
+    RcptDSN,
+    RcptTo,
+    StartTLS,
+)
+from mtad.paths import is_number, parse_envid, parse_notify, parse_orcpt, parse_path_argument, parse_ret
 from mtad.readers import BdatReader, DataReader, MessageCheck
 from mtad.replies import Reply
+from mtad.sasl import MECHANISMS, Challenge, Credentials, Exchange
 from mtad.states import ALLOWED, RECEIVING, State
 
 MAX_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
+# A SASL response line (after a 334) may be longer than a command: RFC 4954 §4 has servers
+# take at least 12288 octets.
+MAX_SASL_LINE = 12288
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,10 @@ class SessionConfig:
     max_errors: int = 10
     smtputf8: bool = True
     chunking: bool = True
+    # Submission (RFC 6409, 4954): AUTH offered once TLS is on, and required before MAIL.
+    auth: bool = False
+    plaintext_auth: bool = False  # offer AUTH without TLS too (loopback tests only)
+    dsn: bool = False  # RFC 3461: RET, ENVID, NOTIFY, ORCPT taken and offered
 
 
 @dataclass
@@ -89,6 +117,8 @@ class Session:
         self._errors = 0
         self._txn = _Transaction()
         self._reader: DataReader | BdatReader | None = None  # in State.DATA and State.BDAT
+        self._sasl: Exchange | None = None  # in State.AUTH
+        self._user: str | None = None  # the authcid of a successful AUTH
         self._skip_line = False  # the rest of an over-long command line is being dropped
         self._reply(Reply(220, "", f"{config.hostname} ESMTP Postroom"))
 
@@ -126,6 +156,11 @@ class Session:
     def helo_name(self) -> str | None:
         return self._helo
 
+    @property
+    def authenticated(self) -> str | None:
+        """The user name of the AUTH the adapter accepted, or None."""
+        return self._user
+
     def next_event(self):
         """The next event (mtad/events.py), NEED_DATA, or PAUSED while a question is open."""
         while True:
@@ -139,8 +174,8 @@ class Session:
                 return NEED_DATA
 
     def answer(self, event: Question, reply: Reply) -> None:
-        """The adapter's decision on the open question `event` (Hello, MailFrom, RcptTo or
-        DataEnd), which the session then says on the wire."""
+        """The adapter's decision on the open question `event` (Hello, Auth, MailFrom, RcptTo
+        or DataEnd), which the session then says on the wire."""
         if self._open is None or event is not self._open or isinstance(event, StartTLS):
             raise RuntimeError(f"answer() to {event!r}, which is not the open question")
         self._open = None
@@ -156,6 +191,12 @@ class Session:
                 self._out += Reply(250, "", f"{self.config.hostname}").lines(self._keywords())
             else:
                 self._reply(Reply(250, "", f"{self.config.hostname}"))
+        elif isinstance(event, Auth):
+            if reply.is_error:
+                self._refuse(reply)
+            else:
+                self._user = event.authcid
+                self._reply(reply)
         elif isinstance(event, MailFrom):
             if not reply.is_error:
                 self._txn.sender = event.address
@@ -176,6 +217,7 @@ class Session:
         self._scanned = 0
         self._open = None
         self._tls = True
+        self._user = None
         self._helo = None
         self._extended = False
         self._txn = _Transaction()
@@ -194,14 +236,18 @@ class Session:
         """Consume some input; False when nothing more can be done with what is buffered."""
         if self._state is State.DATA or self._state is State.BDAT:
             return self._read_message()
+        # RFC 4954 §4: an AUTH command's initial response may be as long as any SASL
+        # response (a long password in PLAIN is over 512 octets).
+        long_line = self._state is State.AUTH or (self.config.auth and self._in[:5].upper() == b"AUTH ")
+        limit = MAX_SASL_LINE if long_line else MAX_LINE
         end = self._in.find(b"\n", self._scanned)
         if end < 0:
-            if len(self._in) > MAX_LINE:
+            if len(self._in) > limit:
                 del self._in[:]  # keep skipping until the end of this line
                 self._scanned = 0
                 if not self._skip_line:
                     self._skip_line = True
-                    self._refuse(replies.LINE_TOO_LONG)
+                    self._line_too_long()
                 return True
             self._scanned = len(self._in)  # a line fed byte by byte is scanned once
             return False
@@ -211,13 +257,24 @@ class Session:
         if self._skip_line:
             self._skip_line = False
             return True
-        if len(line) > MAX_LINE:
-            self._refuse(replies.LINE_TOO_LONG)
+        if len(line) > limit:
+            self._line_too_long()
             return True
         # The line ends at its LF; a CR just before it is part of the line end, and any
         # other CR in it is a bare CR, refused with the other control characters.
-        self._command(line[:-2] if line.endswith(b"\r\n") else line[:-1])
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if self._state is State.AUTH:
+            self._sasl_response(line)
+        else:
+            self._command(line)
         return True
+
+    def _line_too_long(self) -> None:
+        if self._state is State.AUTH:  # the exchange ends with it (RFC 4954 §6, RFC 3463 5.5.6)
+            self._sasl, self._state = None, State.READY
+            self._refuse(replies.SASL_LINE_TOO_LONG)
+        else:
+            self._refuse(replies.LINE_TOO_LONG)
 
     def _command(self, line: bytes) -> None:
         # RFC 5321 §4.1.1.1, §4.1.2: no control character belongs in a command: not in a
@@ -270,7 +327,14 @@ class Session:
             words.append("CHUNKING")
         if self.config.tls_available and not self._tls:
             words.append("STARTTLS")
+        if self.config.dsn:
+            words.append("DSN")
+        if self._auth_offered():
+            words.append("AUTH " + " ".join(MECHANISMS))
         return tuple(words)
+
+    def _auth_offered(self) -> bool:
+        return self.config.auth and (self._tls or self.config.plaintext_auth)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -291,9 +355,17 @@ class Session:
         if parsed is None:
             self._refuse(replies.BAD_SENDER_SYNTAX)
             return
+        if self.config.auth and self._user is None:
+            self._refuse(replies.AUTH_REQUIRED)
+            return
         address, params = parsed
         smtputf8 = "SMTPUTF8" in params
-        problem = _unknown_params(params, {"SIZE", "BODY", "SMTPUTF8"})
+        known = {"SIZE", "BODY", "SMTPUTF8"}
+        if self.config.dsn:
+            known |= {"RET", "ENVID"}
+        if self._auth_offered():
+            known.add("AUTH")  # RFC 4954 §5: taken, and ignored (we trust no client's word on it)
+        problem = _unknown_params(params, known)
         if problem:
             self._refuse(problem)
             return
@@ -317,7 +389,12 @@ class Session:
         if body is not None and body.upper() not in ("7BIT", "8BITMIME"):
             self._refuse(replies.SYNTAX_ERROR)
             return
-        self._ask(MailFrom(address, params))
+        ret = parse_ret(params["RET"]) if "RET" in params else None
+        envid = parse_envid(params["ENVID"]) if "ENVID" in params else None
+        if ("RET" in params and ret is None) or ("ENVID" in params and envid is None):
+            self._refuse(replies.SYNTAX_ERROR)  # RFC 3461 §4.3, §4.4
+            return
+        self._ask(MailFrom(address, params, MailDSN(ret, envid)))
 
     def _rcpt(self, arg: str) -> None:
         if self._txn.sender is None:
@@ -328,17 +405,22 @@ class Session:
             self._refuse(replies.BAD_RECIPIENT_SYNTAX)
             return
         address, params = parsed
-        problem = _unknown_params(params, set())
+        problem = _unknown_params(params, {"NOTIFY", "ORCPT"} if self.config.dsn else set())
         if problem:
             self._refuse(problem)
             return
         if not address.isascii() and not self._txn.smtputf8:
             self._refuse(replies.UTF8_NOT_ALLOWED)
             return
+        notify = parse_notify(params["NOTIFY"]) if "NOTIFY" in params else ()
+        orcpt = parse_orcpt(params["ORCPT"], self._txn.smtputf8) if "ORCPT" in params else None
+        if notify is None or ("ORCPT" in params and orcpt is None):
+            self._refuse(replies.SYNTAX_ERROR)  # RFC 3461 §4.1, §4.2
+            return
         if len(self._txn.recipients) >= self.config.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)  # not the client's error: it retries the rest
             return
-        self._ask(RcptTo(address, params))
+        self._ask(RcptTo(address, params, RcptDSN(notify, orcpt)))
 
     def _data(self, arg: str) -> None:
         if arg:
@@ -405,6 +487,44 @@ class Session:
             self._open = StartTLS()
             self._events.append(self._open)
 
+    def _auth(self, arg: str) -> None:
+        """AUTH mechanism [initial-response] (RFC 4954 §4)."""
+        words = arg.split(" ")
+        if not self.config.auth:
+            self._refuse(replies.AUTH_NOT_ENABLED)
+        elif not self._auth_offered():
+            self._refuse(replies.ENCRYPTION_REQUIRED)
+        elif self._txn.sender is not None:
+            self._refuse(replies.AUTH_IN_TRANSACTION)
+        elif self._user is not None:
+            self._refuse(replies.ALREADY_AUTHENTICATED)
+        elif not arg or len(words) > 2:
+            self._refuse(replies.SYNTAX_ERROR)
+        elif words[0].upper() not in MECHANISMS:
+            self._refuse(replies.UNKNOWN_MECHANISM)
+        else:
+            self._sasl = Exchange(words[0].upper())
+            self._sasl_step(self._sasl.start(words[1] if len(words) == 2 else None))
+
+    def _sasl_response(self, line: bytes) -> None:
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            text = "!"  # not base64, whatever it is: refused as such
+        self._sasl_step(self._sasl.respond(text))
+
+    def _sasl_step(self, step) -> None:
+        if isinstance(step, Challenge):
+            self._state = State.AUTH
+            self._out += f"334 {step.text}\r\n".encode("ascii")
+            return
+        mechanism = self._sasl.mechanism
+        self._sasl, self._state = None, State.READY
+        if isinstance(step, Credentials):
+            self._ask(Auth(mechanism, step.authcid, step.password, step.authzid))
+        else:
+            self._refuse(step.reply)
+
     # -- message data -------------------------------------------------------------------
 
     def _read_message(self) -> bool:
@@ -437,5 +557,5 @@ def _unknown_params(params: dict[str, str | None], known: set[str]) -> Reply | N
 COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "EHLO": Session._ehlo, "HELO": Session._helo_command, "MAIL": Session._mail, "RCPT": Session._rcpt,
     "DATA": Session._data, "BDAT": Session._bdat, "RSET": Session._rset, "NOOP": Session._noop,
-    "QUIT": Session._quit, "VRFY": Session._vrfy, "STARTTLS": Session._starttls,
+    "QUIT": Session._quit, "VRFY": Session._vrfy, "STARTTLS": Session._starttls, "AUTH": Session._auth,
 }

@@ -8,9 +8,10 @@ is bound (systemd, or `postroom serve` over the same sd_notify protocol), and on
 SIGINT stops: listeners at once, connections within [server] stop_grace; then it exits 0.
 Under a supervisor it prints nothing: the supervisor prints the table and any start failure.
 
-mtad's extra workers: with [smtp] workers = N the mtad process serves the MX port itself
-and starts N - 1 workers (`postroom serve --smtp-worker`) that bind it too (SO_REUSEPORT;
-the kernel spreads the connections), restarts them when they die and stops them when it
+mtad's extra workers: with [smtp] workers = N the mtad process serves the MX and submission
+ports itself and starts N - 1 workers (`postroom serve --smtp-worker`) that bind them too
+(SO_REUSEPORT; the kernel spreads the connections; the login throttle is shared through its
+file, policy/logins.py), restarts them when they die and stops them when it
 stops. That is the one place workers come from, whether mtad runs under `postroom serve` or
 alone (postroom-mtad.service); workers take no lock (their mtad holds it).
 """
@@ -48,6 +49,8 @@ class Running(Protocol):
 
 STARTERS: dict[str, Callable[[Context], Awaitable[Running]]] = {
     "smtp": daemons.start_smtp,
+    "submission": daemons.start_submission,
+    "submissions": daemons.start_submissions,
     "imap": daemons.start_imap,
     "imaps": daemons.start_imaps,
     "pop3": daemons.start_pop3,
@@ -132,7 +135,8 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
 async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool) -> int:
     stop = stop_on_signal()
     config = context.config
-    services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING and (not worker or s.name == "smtp")]
+    # mtad's workers take every SMTP listener (MX and submission) with it: SO_REUSEPORT.
+    services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING]
     running: list[Running] = []
     for service in services:
         try:

@@ -27,8 +27,9 @@ from wire.connections import ConnectionLimit
 if TYPE_CHECKING:
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
-    from mtad.inbound import InboundContext
+    from mtad.agent import AgentContext
     from mtad.outbound.runner import RunnerHandle
+    from mtad.routing import Outbound
     from pop3d.session import POP3Context
     from wire.protocol import ServerFactory
 
@@ -60,20 +61,41 @@ class Threads:
 
 class Shared:
     """What the services of one process share, built once with its Context and closed
-    after every service has stopped: the store and login threads, the mailbox watcher, the
-    login throttle, and each Twisted service's context (IMAP on 143 and 993 share their
-    \\Recent claims, snapshots and connection limit; POP3 on 110 and 995 theirs).
+    after every service has stopped: the store, delivery and login threads, the mailbox
+    watcher, the login throttle (shared with every other process of the data dir through
+    its file, policy/logins.py), the outbound queue, DKIM and SRS (mtad/routing.py), and
+    each service's context (IMAP on 143 and 993 share their \\Recent claims, snapshots and
+    connection limit; POP3 on 110 and 995 theirs; submission on 587 and 465 theirs).
 
     Nothing costs before it is used: the pools and the watcher start their threads then,
     and a service context is made when its first listener starts (mtad never imports imapd
     or pop3d)."""
 
-    def __init__(self, config: Config, accounts: Accounts, store: Store, tls: ssl.SSLContext | None):
-        self._config, self._accounts, self._store, self._tls = config, accounts, store, tls
+    def __init__(self, config: Config, data_dir: DataDir, accounts: Accounts, store: Store,
+                 tls: ssl.SSLContext | None):
+        self._config, self._data_dir, self._accounts, self._store, self._tls = config, data_dir, accounts, store, tls
         self.store_threads = Threads("store", STORE_THREADS)
         self.login_threads = Threads("login", LOGIN_THREADS)
+        self.delivery_threads = Threads("deliver", DELIVERY_THREADS)
         self.watcher = Watcher(store)
-        self.login_throttle = LoginThrottle()
+        self.login_throttle = LoginThrottle(data_dir.logins_path)
+
+    @cached_property
+    def outbound(self) -> Outbound:
+        from mtad.routing import Outbound
+
+        return Outbound(self._config, self._data_dir)
+
+    @cached_property
+    def submission(self) -> AgentContext:
+        """Submission on 587 and 465: one connection limit, one set of sessions."""
+        from mtad.agent import AgentContext
+
+        config = self._config
+        return AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
+                            ConnectionLimit(config.submission.max_connections,
+                                            config.submission.max_connections_per_ip),
+                            outbound=self.outbound)
 
     @cached_property
     def imap(self) -> IMAPContext:
@@ -104,10 +126,14 @@ class Shared:
         return server_tls(self._config.tls) if self._tls is not None else None
 
     async def close(self) -> None:
-        """After every service stopped: the watcher thread, the store and login threads."""
+        """After every service stopped: the watcher thread, the store, delivery and login
+        threads, the login throttle's table."""
         self.watcher.close()
         await self.store_threads.close()
         await self.login_threads.close()
+        # Big deliveries run in these threads: the services' stops have waited for them.
+        await self.delivery_threads.close()
+        self.login_throttle.close()
 
 
 @dataclass(frozen=True)
@@ -126,45 +152,70 @@ class Context:
 def build_context(config: Config, data_dir: DataDir, accounts: Accounts, store: Store,
                   tls: ssl.SSLContext | None) -> Context:
     """The process's Context, with what its services share built once."""
-    return Context(config, data_dir, accounts, store, tls, Shared(config, accounts, store, tls))
+    return Context(config, data_dir, accounts, store, tls, Shared(config, data_dir, accounts, store, tls))
 
 
 class Listening:
-    """mtad's listeners, stopped gracefully: see InboundContext.stop_sessions."""
+    """An SMTP agent's listeners, stopped gracefully: see AgentContext.stop_sessions."""
 
-    def __init__(self, servers: list[asyncio.Server], delivery_threads: Threads, inbound: InboundContext,
-                 grace: float, runner: RunnerHandle):
+    def __init__(self, servers: list[asyncio.Server], agent: AgentContext, grace: float,
+                 runner: RunnerHandle | None = None):
         self.servers = servers
-        self.delivery_threads = delivery_threads
-        self.inbound = inbound
+        self.agent = agent
         self.grace = grace
-        self.runner = runner
+        self.runner = runner  # the MX's: the delivery runner, if this process holds its lock
 
     async def stop(self) -> None:
         # Not Server.wait_closed(): since Python 3.12 it waits for every connection to end,
         # which is the sessions' business (stop_sessions), bounded by the grace period.
         for server in self.servers:
             server.close()
-        # The delivery runner (if this process has it) finishes its transactions meanwhile.
-        await asyncio.gather(self.inbound.stop_sessions(self.grace), self.runner.stop())
-        # Big deliveries run in these threads: stop_sessions has waited for their sessions.
-        await self.delivery_threads.close()
+        # The delivery runner finishes its transactions meanwhile (mtad/outbound/runner.py).
+        await asyncio.gather(self.agent.stop_sessions(self.grace),
+                             self.runner.stop() if self.runner is not None else asyncio.sleep(0))
 
 
 async def start_smtp(context: Context) -> Listening:
+    """The MX on [smtp] listen."""
     # Imported here: imapd and pop3d never load aiosmtpd.
-    from mtad.inbound import InboundContext, InboundSMTP
+    from mtad.agent import AgentContext
+    from mtad.inbound import InboundSMTP
     from mtad.outbound.runner import start_runner
 
     # aiosmtpd logs every connection in its own words: ours are the log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    delivery_threads = Threads("deliver", DELIVERY_THREADS)
-    inbound = InboundContext(context.config, context.accounts, context.store, context.tls, delivery_threads)
-    servers = await listen_asyncio(lambda: InboundSMTP(inbound), context.config.smtp.listen, tls=None,
-                                   backlog=context.config.server.listen_backlog)
+    config, shared = context.config, context.shared
+    inbound = AgentContext(config, context.accounts, context.store, context.tls, shared.delivery_threads,
+                           ConnectionLimit(config.smtp.max_connections, config.smtp.max_connections_per_ip),
+                           outbound=shared.outbound)
+    servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
+                                   backlog=config.server.listen_backlog)
     # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
-    runner = start_runner(context)
-    return Listening(servers, delivery_threads, inbound, float(context.config.server.stop_grace), runner)
+    runner = start_runner(context, shared.outbound.queue)
+    return Listening(servers, inbound, float(config.server.stop_grace), runner)
+
+
+async def start_submission(context: Context) -> Listening:
+    """Submission on [submission] listen: STARTTLS, then AUTH (RFC 6409, 4954)."""
+    return await _start_submission(context, implicit_tls=False)
+
+
+async def start_submissions(context: Context) -> Listening:
+    """Submission on [submission] listen_tls: TLS from the first byte (RFC 8314)."""
+    return await _start_submission(context, implicit_tls=True)
+
+
+async def _start_submission(context: Context, *, implicit_tls: bool) -> Listening:
+    from mtad.submission import SubmissionSMTP
+
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    config, agent = context.config, context.shared.submission
+    throttle, run_login = context.shared.login_throttle, context.shared.login_threads
+    addresses = config.submission.listen_tls if implicit_tls else config.submission.listen
+    servers = await listen_asyncio(lambda: SubmissionSMTP(agent, throttle, run_login, implicit_tls=implicit_tls),
+                                   addresses, tls=context.tls if implicit_tls else None,
+                                   backlog=config.server.listen_backlog)
+    return Listening(servers, agent, float(config.server.stop_grace))
 
 
 async def start_imap(context: Context) -> TwistedListening:
@@ -199,7 +250,7 @@ def _listen_twisted(module: str, factory_name: str, service: IMAPContext | POP3C
 
 
 PRELOAD = {
-    "mtad": ("mtad.inbound",),
+    "mtad": ("mtad.inbound", "mtad.submission"),
     "imapd": ("imapd.recent", "imapd.session", "imapd.view", "imapd.protocol", "twisted.internet.asyncioreactor",
               "twisted.protocols.tls"),
     "pop3d": ("pop3d.session", "pop3d.protocol", "twisted.internet.asyncioreactor", "twisted.protocols.tls"),

@@ -34,8 +34,8 @@ class Service:
 
 SERVICES: tuple[Service, ...] = (
     Service("smtp", "SMTP (MX)", "mtad", lambda c: c.smtp.listen, False, True, 4),
-    Service("submission", "submission (STARTTLS)", "mtad", lambda c: c.submission.listen, False, False, None),
-    Service("submissions", "submissions (TLS)", "mtad", lambda c: c.submission.listen_tls, True, False, None),
+    Service("submission", "submission (STARTTLS)", "mtad", lambda c: c.submission.listen, False, True, 13),
+    Service("submissions", "submissions (TLS)", "mtad", lambda c: c.submission.listen_tls, True, True, 13),
     Service("imap", "IMAP (STARTTLS)", "imapd", lambda c: c.imap.listen, False, True, 5),
     Service("imaps", "IMAPS", "imapd", lambda c: c.imap.listen_tls, True, True, 5),
     Service("pop3", "POP3 (STLS)", "pop3d", lambda c: c.pop3.listen, False, True, 6),

@@ -402,6 +402,34 @@ class Accounts:
             raise AliasLoopError(f"{addr.display}: alias expansion loops or is deeper than {MAX_EXPANSION_DEPTH}")
         return Resolution(tuple(local), tuple(remote), tuple(unknown))
 
+    def may_send_as(self, user: Address, address: str) -> bool:
+        """Whether `user` may send mail as `address` (submission, RFC 6409 §6.1): the user's
+        own address, a sub-address of it ("user+tag"), or a local alias whose expansion
+        reaches the user. A catch-all does not count: it would make every unknown address
+        of the domain the user's to send as."""
+        try:
+            addr = parse_address(address)
+        except AddressError:
+            return False
+        base, detail = split_detail(addr.local, self._delimiter)
+        candidates = [addr] if detail is None else [addr, Address(base, addr.domain)]
+        if user in candidates:
+            return True
+        with self._env.begin() as txn:
+            if txn.get(addr.domain.encode(), db=self._domains) is None:
+                return False
+            for candidate in candidates:
+                if txn.get(_key(candidate), db=self._users) is not None:
+                    return False  # another user's address
+                if txn.get(_key(candidate), db=self._aliases) is not None:
+                    break
+            else:
+                return False
+        try:
+            return user in self.resolve(str(candidate)).local
+        except (AccountError, AddressError):
+            return False
+
     def _lookup(self, txn: lmdb.Transaction, addr: Address) -> tuple[str, object] | None:
         """("user", Address) or ("alias", targets) for an address in a local domain."""
         candidates = [addr]

@@ -28,6 +28,11 @@ class DataDir:
         return self.path / "accounts.lmdb"
 
     @property
+    def logins_path(self) -> Path:
+        """Failed logins per client address, shared by every daemon (policy/logins.py)."""
+        return self.path / "logins.lmdb"
+
+    @property
     def audit_log_path(self) -> Path:
         """Who changed which account when (postroom/admin.py's AuditLog)."""
         return self.path / "audit.log"

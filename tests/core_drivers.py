@@ -29,6 +29,7 @@ from pop3d.maildrop import Maildrop
 
 QUEUED = replies.Reply(250, "2.0.0", "OK queued as TEST")
 POP3_PASSWORD = "s3cret"
+SMTP_PASSWORD = "s3cret"  # the one password SMTPDriver takes for AUTH
 
 
 def cut(data: bytes, sizes: Iterable[int]) -> list[bytes]:
@@ -62,13 +63,15 @@ class _SegmentDriver:
 
 class SMTPDriver(_SegmentDriver):
     """mtad.inbound's part: RCPT to an address `refuse` names gets 550 5.1.1; a message
-    with a refusal is answered with it, any other with 250."""
+    with a refusal is answered with it, any other with 250. AUTH (mtad.submission's part)
+    succeeds with SMTP_PASSWORD, for any user."""
 
     def __init__(self, config: SessionConfig, refuse: Callable[[str], bool] = lambda address: False):
         self.session = Session(config)
         self.refuse = refuse
         self.wire = bytearray(self.session.data_to_send())
         self.events: list[tuple] = []
+        self.asked: list = []  # the MailFrom and RcptTo events, as the session made them
         self.messages: list[bytes] = []  # accepted messages, as spooled
         self.peaks = {False: 0, True: 0}  # most bytes left waiting, outside / inside a message
         self._spool = bytearray()
@@ -90,12 +93,17 @@ class SMTPDriver(_SegmentDriver):
             if isinstance(event, smtp.Hello):
                 self.events.append(("hello", event.name, event.extended))
                 session.answer(event, replies.OK)
+            elif isinstance(event, smtp.Auth):
+                self.events.append(("auth", event.mechanism, event.authcid, event.authzid))
+                session.answer(event, replies.AUTH_OK if event.password == SMTP_PASSWORD else replies.AUTH_FAILED)
             elif isinstance(event, smtp.MailFrom):
                 self.events.append(("mail", event.address, tuple(sorted(event.params.items(), key=repr))))
+                self.asked.append(event)
                 session.answer(event, replies.SENDER_OK)
             elif isinstance(event, smtp.RcptTo):
                 refused = self.refuse(event.address)
                 self.events.append(("rcpt", event.address, refused))
+                self.asked.append(event)
                 session.answer(event, replies.NO_SUCH_USER if refused else replies.RECIPIENT_OK)
             elif isinstance(event, smtp.DataChunk):
                 self._spool += event.data

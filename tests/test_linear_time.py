@@ -18,6 +18,7 @@ quadratic path stays ~64x however often it is measured.
 
 from __future__ import annotations
 
+import base64
 import gc
 import time
 import tracemalloc
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from core_drivers import POP3_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
+from core_drivers import POP3_PASSWORD, SMTP_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
 from imapd.listing import matches
 from imapd.parser import Frame, parse_command
 from imapd.syntax import ParseError
+from mtad.headers import HeaderBlock, from_addresses
 from mtad.session import SessionConfig
 from pop3d import core as pop3
 from pop3d.framer import BodyEncoder
@@ -145,6 +147,63 @@ SMTP_CASES = [
     Case("BDAT header, 1-byte reads", smtp(bytewise, lambda n: ENVELOPE + b"BDAT %d LAST\r\n" % (12 * n)
                                            + b"Received: x\n" * n), run_smtp, 350),
 ]
+
+
+# Submission: AUTH exchanges (mtad/sasl.py), the DSN parameters (mtad/paths.py), and the
+# reading of a submitted message's header (mtad/headers.py).
+SUBMISSION_CONFIG = SessionConfig("mail.example.test", max_message_size=1 << 30, max_recipients=1 << 30,
+                                  tls_available=True, is_tls=True, max_errors=1 << 30, auth=True, dsn=True)
+WRONG_PLAIN = b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0" + b"w" * 300) + b"\r\n"
+GOOD_PLAIN = b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0" + SMTP_PASSWORD.encode()) + b"\r\n"
+
+
+def run_submission(pieces: list[bytes]) -> None:
+    driver = SMTPDriver(SUBMISSION_CONFIG)
+    driver.feed(pieces)
+    assert not driver.closed
+
+
+SUBMISSION_CASES = [
+    Case("failed AUTH PLAIN, pipelined", smtp(whole, lambda n: EHLO + WRONG_PLAIN * n), run_submission, 500),
+    Case("AUTH LOGIN exchanges, 1-byte reads", smtp(bytewise, lambda n: EHLO + (
+        b"AUTH LOGIN\r\n" + base64.b64encode(b"alice@example.test") + b"\r\nd3Jvbmc=\r\n") * n), run_submission, 60),
+    Case("long SASL responses", smtp(whole, lambda n: EHLO + (
+        b"AUTH PLAIN\r\n" + b"QUFB" * 3000 + b"\r\n") * n), run_submission, 100),
+    Case("a SASL response over the limit, 1-byte reads", smtp(bytewise, lambda n: EHLO + b"AUTH PLAIN\r\n"
+                                                             + b"A" * n + b"\r\nNOOP\r\n"), run_submission, 7000),
+    Case("cancelled exchanges", smtp(whole, lambda n: EHLO + b"AUTH PLAIN\r\n*\r\n" * n), run_submission, 1500),
+    Case("DSN parameters, pipelined", smtp(whole, lambda n: EHLO + GOOD_PLAIN + (
+        b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=" + b"+2B" * 33 + b"\r\n"
+        + b"RCPT TO:<c@example.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;" + b"+2Bx" * 100 + b"\r\n"
+        + b"RCPT TO:<c@example.test> NOTIFY=NEVER,NEVER ORCPT=rfc822;" + b"+2" * 200 + b"\r\nRSET\r\n") * n),
+         run_submission, 150),
+]
+
+
+def run_from(value: str) -> None:
+    from_addresses(value)
+
+
+def run_header_block(pieces: list[bytes]) -> None:
+    block = HeaderBlock()
+    for piece in pieces:
+        if block.feed(piece):
+            break
+
+
+SUBMISSION_CASES += [
+    Case("From: of nested comments", lambda n: "(" * n + ")" * n + " a@b.example", run_from, 40000),
+    Case("From: of quoted strings and escapes", lambda n: '"\\"x' * n + '" <a@b.example>', run_from, 20000),
+    Case("From: of many mailboxes", lambda n: "a@b.example, " * n, run_from, 5000),
+    Case("a header, 1-byte reads", lambda n: bytewise(b"X-H: v\r\n" * n + b"\r\nbody"), run_header_block, 8000),
+    Case("a header of CRs and LFs", lambda n: cut(b"X: v" + b"\r\n \r\r\n \n" * n + b"\r\n\r\n", [7]), run_header_block,
+         8000),
+]
+
+
+@pytest.mark.parametrize("case", SUBMISSION_CASES, ids=lambda case: case.name)
+def test_submission_session_is_linear(case):
+    assert_linear(case)
 
 
 @pytest.mark.parametrize("case", SMTP_CASES, ids=lambda case: case.name)

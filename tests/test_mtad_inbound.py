@@ -121,7 +121,7 @@ def test_8bit_and_smtputf8_are_stored_byte_exact(mx):
 @pytest.mark.parametrize("recipient, code", [
     ("nobody@example.test", 550), ("someone@elsewhere.example", 554), ("alice%elsewhere.example@example.test", 553),
     ("elsewhere.example!alice@example.test", 553), ('"alice@elsewhere.example"@example.test', 553),
-    ("fwd@example.test", 451), ("a" * 65 + "@example.test", 553),
+    ("a" * 65 + "@example.test", 553),
 ])
 def test_refused_recipients(mx, recipient, code):
     with smtp(mx) as client:

@@ -595,6 +595,24 @@ def test_a_report_to_a_remote_sender_goes_from_the_null_sender_never_to_it_nor_a
         assert len(org.received) == 1 and net.received == []
 
 
+def test_the_report_about_a_forward_goes_straight_to_the_original_sender(outbound, data_dir, mx_port):
+    """A forwarded message's sender is our SRS address: its report is unwrapped and sent to
+    the original sender, not out through DNS to our own name (found by an attack: such
+    reports waited on an MX lookup of our hostname until max_lifetime)."""
+    from mtad.srs import SRS
+
+    zone = {**_mx_zone((10, "mx.example.net", "127.0.0.101")), "example.org": {"A": ["127.0.0.102"]}}
+    srs_sender = SRS(b"a test secret", "mail.example.test").forward("carol@example.org")
+    with DNSZone(zone) as dns, \
+            Sink(host="127.0.0.101", port=mx_port, replies={"nobody@example.net": "550 5.1.1 no such user"}), \
+            Sink(host="127.0.0.102", port=mx_port) as org:
+        enqueue(data_dir, raw_message(), "nobody@example.net", sender=srs_sender, origin="forward")
+        outbound(dns, srs={"secret": "a test secret", "domain": "mail.example.test"})
+        (report,) = org.wait_for(1)
+        assert report.sender == "<>" and report.recipients == ["carol@example.org"]
+        assert b"To: <carol@example.org>" in report.data and b"Action: failed" in report.data
+
+
 def test_the_relay_is_logged_in_to(tmp_path):
     password_file = tmp_path / "relay-password"
     password_file.write_text("s3cret\n")

@@ -35,6 +35,10 @@ REFUSED = [
     ("FROM:<a@b.example> =1", "FROM:"),  # no keyword
     ("FROM:<a@b.example> -X", "FROM:"),  # a keyword starts with a letter or digit
     ("FROM:<a@b.example> A=b=c", "FROM:"),  # "=" in a value
+    ("FROM:<a@b.example> RET=FULL RET=HDRS", "FROM:"),  # a parameter twice (RFC 3461 §4)
+    ("FROM:<a@b.example> ENVID=a envid=b", "FROM:"),
+    ("TO:<c@example.test> NOTIFY=NEVER NOTIFY=NEVER", "TO:"),
+    ("TO:<c@example.test> ORCPT=rfc822;a@b ORCPT=rfc822;c@d", "TO:"),
     ("FROM:<" + "a" * (MAX_PATH - 11) + "@b.example>", "FROM:"),  # one octet over MAX_PATH
 ]
 

@@ -29,13 +29,14 @@ EXPECTED = {
     "QUIT":     (True,      True),
     "VRFY":     (True,      True),
     "STARTTLS": (True,      True),
+    "AUTH":     (False,     True),
 }
 # A well-formed line for each verb, so that only the sequence can be wrong.
 LINES = {
     "EHLO": b"EHLO client.example.org", "HELO": b"HELO client.example.org",
     "MAIL": b"MAIL FROM:<a@b.example>", "RCPT": b"RCPT TO:<c@example.test>", "DATA": b"DATA",
     "BDAT": b"BDAT 0 LAST", "RSET": b"RSET", "NOOP": b"NOOP", "QUIT": b"QUIT", "VRFY": b"VRFY c",
-    "STARTTLS": b"STARTTLS",
+    "STARTTLS": b"STARTTLS", "AUTH": b"AUTH PLAIN",
 }
 CONFIG = SessionConfig("mx.example.test", max_message_size=10_000, max_recipients=5, tls_available=True)
 BAD_SEQUENCE = replies.BAD_SEQUENCE.lines()

@@ -16,6 +16,7 @@ Everything here blocks (the store, the queue, the accounts): the runner calls it
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -58,11 +59,15 @@ def status_of(reply: str) -> str:
 
 
 class Reporter:
-    def __init__(self, hostname: str, queue: Queue, store: Store, accounts: Accounts):
+    def __init__(self, hostname: str, queue: Queue, store: Store, accounts: Accounts,
+                 unwrap: Callable[[str], str | None] = lambda address: None):
         self._hostname = hostname
         self._queue = queue
         self._store = store
         self._accounts = accounts
+        # SRS.reverse: a forwarded message's sender is an SRS address of ours, and its report
+        # goes to the original sender at once, not out through DNS to our own name and back.
+        self._unwrap = unwrap
 
     def send(self, message: QueuedMessage, recipients: list[dsn.RecipientReport], original: BinaryIO,
              now: float) -> Reported:
@@ -77,17 +82,18 @@ class Reporter:
         if dsn.is_bounce(envelope.sender, _header_block(original)):
             log.info("dsn_suppressed", reason="a report is never sent about a report", action=actions)
             return Reported(False, "bounce of a bounce")
-        fields = dict(reporting_mta=self._hostname, sender=envelope.sender, envid=envelope.envid,
+        sender = self._unwrap(envelope.sender) or envelope.sender
+        fields = dict(reporting_mta=self._hostname, sender=sender, envid=envelope.envid,
                       arrival=message.created, recipients=recipients, ret=envelope.ret,
                       smtputf8=envelope.smtputf8, eight_bit=envelope.eight_bit, now=now)
         try:
-            resolution = self._accounts.resolve(envelope.sender)
+            resolution = self._accounts.resolve(sender)
         except NotLocalError:
-            qid = self._enqueue([envelope.sender], original, fields)
-            log.info("dsn_sent", action=actions, to=envelope.sender, dsn_qid=qid)
+            qid = self._enqueue([sender], original, fields)
+            log.info("dsn_sent", action=actions, to=sender, dsn_qid=qid)
             return Reported(True, f"queue: {qid}")
         except (AddressError, AccountError) as e:
-            log.warning("dsn_dropped", action=actions, to=envelope.sender, reason=str(e))
+            log.warning("dsn_dropped", action=actions, to=sender, reason=str(e))
             return Reported(False, str(e))
         where = []
         if resolution.local:
@@ -96,10 +102,10 @@ class Reporter:
                 where.append("store")
             except (DeliveryError, StoreError) as e:
                 # Some copy failed (over quota, disk full): the others are durable all the same.
-                log.warning("dsn_not_stored", to=envelope.sender, reason=str(e))
+                log.warning("dsn_not_stored", to=sender, reason=str(e))
         if resolution.remote:
             where.append(f"queue: {self._enqueue(list(resolution.remote), original, fields)}")
-        log.info("dsn_sent", action=actions, to=envelope.sender, where=" ".join(where) or "-")
+        log.info("dsn_sent", action=actions, to=sender, where=" ".join(where) or "-")
         return Reported(bool(where), " ".join(where))
 
     def _store_report(self, accounts: list[str], original: BinaryIO, fields: dict) -> None:

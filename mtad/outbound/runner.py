@@ -467,9 +467,13 @@ def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
         state["lock"] = lock
         # Loading the system's CA certificates takes a tenth of a second: not in the loop.
         settings = await asyncio.to_thread(ClientSettings.from_config, config)
+        from mtad.srs import SRS, load_secret
+
+        srs = SRS(await asyncio.to_thread(load_secret, config.srs, context.data_dir),
+                  config.srs.domain or config.server.hostname)
         if state.get("stopping"):
             return
-        reporter = Reporter(config.server.hostname, queue, context.store, context.accounts)
+        reporter = Reporter(config.server.hostname, queue, context.store, context.accounts, unwrap=srs.reverse)
         runner = Runner(config, queue, reporter, settings=settings)
         state["runner"] = runner
         _log.info("runner_started")

@@ -1,0 +1,279 @@
+"""What both SMTP agents share (the MX, mtad/inbound.py; submission, mtad/submission.py):
+one connection of aiosmtpd's asyncio protocol driving our SMTP core, and the stop.
+
+aiosmtpd supplies the connection plumbing (stream reader and writer, the STARTTLS upgrade
+whose connection_made drops plaintext read before the handshake, the idle timeout), reached
+only through mtad/aiosmtpd_adapter.py. Its command loop is replaced: mtad.session does all
+protocol work, and an agent answers the session's questions (mtad/events.py) in `answer`,
+takes message bytes in `take_chunk`, and drops an unfinished message in `drop_message`.
+Any unexpected exception is logged with a traceback and answered 451 4.3.0 with the session
+id, never with its text.
+
+Stopping (AgentContext.stop_sessions, RFC 5321 §3.8): a session waiting for a command is
+told 421 4.3.2 at once and closed; any other is told so at its next command, so a message
+being sent may be finished, and its delivery completes and its 250 is written first. After
+the grace period whatever is left is cut off, its unfinished message discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from conf.logfmt import EventLogger, session_id
+from conf.schema import Config
+from mtad import replies
+from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
+from mtad.events import NEED_DATA, Close, DataChunk, Question, StartTLS
+from mtad.replies import Reply
+from mtad.routing import Outbound
+from mtad.session import Session, SessionConfig
+from storage import Accounts, Store
+from wire.connections import ConnectionLimit
+
+READ_SIZE = 65536
+LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
+
+
+@dataclass
+class AgentContext:
+    """What the sessions of one agent (the MX on [smtp] listen; submission on both its
+    listeners) share."""
+    config: Config
+    accounts: Accounts
+    store: Store
+    tls: ssl.SSLContext | None
+    deliver_in_thread: Callable  # run a blocking call off the event loop
+    connections: ConnectionLimit
+    outbound: Outbound | None = None  # the queue, DKIM and SRS: remote recipients
+    # Deliveries under way: they finish even when their session is gone (client gone,
+    # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
+    deliveries: set[asyncio.Task] = field(default_factory=set)
+    # Live sessions, tracked here for the stop: asyncio.Server.wait_closed() is no help (it
+    # returns at once before Python 3.12, and waits for every connection since).
+    sessions: set[SMTPAgent] = field(default_factory=set)
+    stopping: bool = False
+    # Set when a session ends or a delivery's reply is decided: what a stop waits on.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def finish_deliveries(self) -> None:
+        while self.deliveries:
+            await asyncio.gather(*self.deliveries, return_exceptions=True)
+
+    async def stop_sessions(self, grace: float) -> None:
+        """The daemon stops (its listeners are closed): every session ends within `grace`
+        seconds, except that a delivery under way finishes and its reply is written."""
+        self.stopping = True
+        for session in list(self.sessions):
+            session.stop_if_idle()
+        await self._sessions_gone(grace)
+        for session in list(self.sessions):
+            if not session.delivering:
+                session.cut_off()
+        # A delivery is not cut short: the store must settle it (every copy or none) and
+        # the client hear the outcome, or it sends again what we stored.
+        await self._until(lambda: not any(session.delivering for session in self.sessions))
+        await self._sessions_gone(LAST_WORDS)  # their replies go out, then 421
+        for session in list(self.sessions):
+            session.cut_off()
+        await self._sessions_gone(LAST_WORDS)  # cut off: their tasks end at the next turns
+        await self.finish_deliveries()
+
+    async def _sessions_gone(self, seconds: float) -> None:
+        await self._until(lambda: not self.sessions, seconds)
+
+    async def _until(self, condition: Callable[[], bool], seconds: float | None = None) -> None:
+        """Wait until `condition()` holds, looking again at each `changed`; at most `seconds`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            self.changed.clear()  # before the look: a change from here on wakes the wait
+            if condition():
+                return
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                return
+
+    def admit(self, ip: str) -> bool:
+        return self.connections.admit(ip)
+
+    def release(self, ip: str) -> None:
+        self.connections.release(ip)
+
+
+class SMTPAgent(AiosmtpdConnection):
+    """One SMTP connection of an agent; a subclass answers the core's questions."""
+
+    def __init__(self, context: AgentContext, session_config: SessionConfig, logger: str):
+        config = context.config
+        super().__init__(hostname=config.server.hostname, tls_context=context.tls, timeout=config.smtp.timeout)
+        self.context = context
+        self.sid = session_id()
+        self.log = EventLogger(logger).bind(sid=self.sid)
+        self.core = Session(session_config)
+        self._peer = ""
+        self._idle = False  # waiting for a command: a stop tells it at once
+        self.delivering = False  # a message is being stored: a stop waits for its reply
+
+    # -- what a subclass writes -------------------------------------------------------------
+
+    async def answer(self, event: Question) -> Reply:
+        raise NotImplementedError
+
+    def take_chunk(self, data: bytes) -> None:
+        """Message bytes, as the core passes them on."""
+        raise NotImplementedError
+
+    def drop_message(self) -> None:
+        """The session ends: a message not finished leaves nothing behind."""
+
+    # -- the session ----------------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    async def serve(self) -> None:
+        """The whole session: started once the connection is up."""
+        self._peer = self.peer_address
+        if not self.context.admit(self._peer):
+            self.log.warning("connection_refused", client=self._peer, reason="too many connections")
+            self.write(replies.TOO_MANY_CONNECTIONS.lines())
+            self.close()
+            return
+        self.log.info("connect", client=self._peer, port=self.peer_port)
+        smtp = self.context.config.smtp
+        self.context.sessions.add(self)
+        try:
+            if self.context.stopping:  # accepted just before the listener closed: 421, no 220
+                self.core.data_to_send()
+                self.core.close(replies.SHUTTING_DOWN)
+            await self._send()
+            while not self.core.closed:
+                if not await self._act_on_events():
+                    break
+                await self._send()
+                if self.core.closed:
+                    break
+                if self.context.stopping and not self.core.receiving:
+                    # RFC 5321 §3.8: the next command is answered 421 (4.3.2, RFC 3463).
+                    self.log.info("shutdown")
+                    self.core.close(replies.SHUTTING_DOWN)
+                    continue
+                self._idle = not self.core.receiving
+                try:
+                    data = await self.read(READ_SIZE)
+                finally:
+                    self._idle = False
+                if not data:
+                    break
+                self.core.receive(data)
+                # RFC 5321 §4.5.3.2: commands are awaited for `timeout` (§4.5.3.2.7: at
+                # least 5 minutes), each block of message data for `data_timeout` (§4.5.3.2.5).
+                self.set_timeout(float(smtp.data_timeout) if self.core.receiving else None)
+            await self._send()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except TLSHandshakeError:
+            self.log.info("tls_failed")
+        except Exception:
+            self.log.error("session_failed", exc_info=True)
+            self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
+        finally:
+            self.context.sessions.discard(self)
+            self.context.changed.set()
+            self.drop_message()  # one cut off mid-message leaves nothing behind
+            self.context.release(self._peer)
+            self.log.info("disconnect", client=self._peer)
+            self.close()
+
+    def stop_if_idle(self) -> None:
+        """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
+        §3.8); any other hears it once its current command is answered."""
+        if self._idle and not self.disconnected:
+            self.log.info("shutdown")
+            self.core.close(replies.SHUTTING_DOWN)
+            self.write(self.core.data_to_send())
+            self.close()
+
+    def cut_off(self) -> None:
+        """The grace period is over: say 421 4.3.2 and drop the connection, whatever it
+        was sending (a message not finished is not stored)."""
+        if self.disconnected:
+            return
+        if not self.core.closed:
+            self.log.info("shutdown", cut_off=True, receiving=self.core.receiving)
+            self.core.close(replies.SHUTTING_DOWN)
+            self.write(self.core.data_to_send())
+        self.abort()
+
+    def timed_out(self) -> None:
+        """The idle timer fired: say why before the connection closes (RFC 5321 §4.5.3.2)."""
+        self.log.info("timeout", client=self._peer)
+        self.write(replies.TIMEOUT.lines())
+
+    async def _act_on_events(self) -> bool:
+        """Act on the core's events until it needs more bytes (True) or closes (False)."""
+        while True:
+            event = self.core.next_event()
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, Close):
+                await self._send()
+                return False
+            if isinstance(event, DataChunk):
+                self.take_chunk(event.data)
+            elif isinstance(event, StartTLS):
+                await self._send()
+                await self.start_tls()
+                self.core.tls_established()
+                self.log.info("starttls", version=self.tls_version())
+            else:
+                self.core.answer(event, await self._answer(event))
+
+    async def _answer(self, event: Question) -> Reply:
+        try:
+            return await self.answer(event)
+        except Exception:
+            self.log.error("decision_failed", exc_info=True, question=type(event).__name__)
+            return Reply(451, "4.3.0", f"Temporary failure, session {self.sid}; try again later")
+
+    def report_success(self, qid: str, mail, recipients, head: bytes) -> None:
+        """After the 250: a "delivered" report for each local recipient that asked for one
+        (NOTIFY=SUCCESS, mtad/success.py), made and sent in a delivery thread."""
+        if not recipients.success or not mail.address:
+            return
+        from mtad.success import send_success_report
+
+        context = self.context
+        future = asyncio.ensure_future(context.deliver_in_thread(functools.partial(
+            send_success_report, store=context.store, accounts=context.accounts, outbound=context.outbound,
+            hostname=context.config.server.hostname, qid=qid, sender=mail.address, envid=mail.dsn.envid,
+            arrival=time.time(), delivered=dict(recipients.success), head=bytes(head), smtputf8=mail.smtputf8,
+            eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME")))
+        context.deliveries.add(future)
+        future.add_done_callback(self._report_done)
+
+    def _report_done(self, future: asyncio.Future) -> None:
+        self.context.deliveries.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            self.log.error("dsn_failed", error=type(future.exception()).__name__)
+
+    def _orphaned(self, error: BaseException) -> None:
+        """A delivery failed after its commit began; logged here if its session is gone."""
+        if self.closing:
+            self.log.error("store_failed_after_disconnect", error=type(error).__name__)
+
+    async def _send(self) -> None:
+        data = self.core.data_to_send()
+        if data:
+            self.write(data)
+            await self.drain()

@@ -1,0 +1,320 @@
+"""Where a message goes, for both SMTP agents: its local recipients' mailboxes (the store)
+and, for its remote recipients, the outbound queue (storage/queue.py), written together as
+the message arrives.
+
+A Route is one message on its way: a store delivery for the local accounts (with the
+Return-Path: and Received: headers in front) and a queue entry for the remote recipients
+(with the Received: header only: Return-Path: is the final hop's to add, RFC 5321 §4.4),
+each chunk written to both. A message with remote recipients is known by its queue id
+(given when its queue entry is begun) from its Received: header to its last log line.
+
+Its commit is the promise a 250 makes (DESIGN.md): the store copies first, each durable
+or none (the withdrawal below); then the queue entry, signed with DKIM when the message is
+our users' (policy/dkim.py: the signature is computed from the spooled message and given
+to the queue as the bytes it puts in front). If the queue cannot
+take it, the stored copies are withdrawn too: after a 4xx the client sends the message
+again to every recipient, and a copy kept would arrive twice.
+
+Outbound holds what remote recipients need, made on first use: the queue, the DKIM signer
+and the SRS rewriter (mtad/srs.py) of the data dir. A daemon that never sees a remote
+recipient never opens the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from conf.logfmt import EventLogger
+from conf.schema import Config
+from storage import WRITE_IN_COMMITTER, DataDir, Delivered, Delivery, DeliveryError, Store, StoreError
+
+if TYPE_CHECKING:
+    from mtad.events import RcptDSN
+
+_log = EventLogger("mtad.routing")
+MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
+
+
+class Outbound:
+    """The queue, the DKIM signer and the SRS rewriter of one data dir."""
+
+    def __init__(self, config: Config, data_dir: DataDir):
+        self.config = config
+        self.data_dir = data_dir
+
+    @cached_property
+    def queue(self):
+        from storage import Queue
+
+        return Queue(self.data_dir)
+
+    def open_queue(self) -> None:
+        """Open the queue now (or raise): a remote recipient is taken only if it can be queued."""
+        self.queue  # noqa: B018 (a cached property, made here)
+
+    @cached_property
+    def signer(self):
+        """A DKIMSigner, or None when [dkim] sign is off."""
+        if not self.config.dkim.sign:
+            return None
+        from policy.dkim import DKIMSigner
+
+        return DKIMSigner(self.data_dir.path / "dkim")
+
+    @cached_property
+    def srs(self):
+        from mtad.srs import SRS, load_secret
+
+        return SRS(load_secret(self.config.srs, self.data_dir), self.config.srs.domain or self.config.server.hostname)
+
+    def envelope(self, *, sender: str, recipients: dict[str, RemoteRecipient], envid: str | None, ret: str | None,
+                 smtputf8: bool, eight_bit: bool, origin: str, user: str | None):
+        from storage import QueuedRecipient, QueueEnvelope
+
+        queued = tuple(QueuedRecipient(address, r.orcpt, r.notify) for address, r in recipients.items())
+        return QueueEnvelope(sender, queued, envid=envid, ret=ret, smtputf8=smtputf8, eight_bit=eight_bit,
+                             origin=origin, user=user)
+
+
+@dataclass(frozen=True)
+class RemoteRecipient:
+    orcpt: str | None = None  # RFC 3461 ORCPT
+    notify: tuple[str, ...] = ()
+
+
+@dataclass
+class Recipients:
+    """A transaction's recipients as routed: local ones to accounts, remote ones to the queue."""
+    local: dict[str, list[str]] = field(default_factory=dict)  # recipient -> the accounts it reaches
+    remote: dict[str, RemoteRecipient] = field(default_factory=dict)  # address -> DSN parameters
+    # Local recipients whose RCPT asked NOTIFY=SUCCESS (RFC 3461 §4.1) -> their ORCPT.
+    success: dict[str, str | None] = field(default_factory=dict)
+
+    def add_local(self, address: str, accounts: list[str], dsn: RcptDSN) -> None:
+        self.local[address] = accounts
+        if "SUCCESS" in dsn.notify:
+            self.success[address] = dsn.orcpt
+
+    def accounts(self) -> list[str]:
+        return list(dict.fromkeys(a for targets in self.local.values() for a in targets))
+
+    def add_remote(self, address: str, dsn: RcptDSN, *, via: str | None = None) -> None:
+        """A remote recipient; `via` the local address it was reached through (an alias),
+        which becomes its ORCPT if the client gave none (RFC 3461 §4.2, §6.2.7.4)."""
+        orcpt = dsn.orcpt or (f"rfc822;{via}" if via else None)
+        self.remote.setdefault(address, RemoteRecipient(orcpt, dsn.notify))
+
+    def clear(self) -> None:
+        self.local.clear()
+        self.remote.clear()
+        self.success.clear()
+
+
+@dataclass
+class Committed:
+    delivered: list[Delivered]  # the store copies
+    queue_id: str | None  # the queue entry, if the message has remote recipients
+    message_id: str
+
+
+class Route:
+    """One message on its way to its local mailboxes and the queue: made (the queue entry
+    begun, so its id is known for the trace headers), then `start`ed with those headers,
+    then written. StoreError from any of it (the route is then closed: nothing of it stays)."""
+
+    def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None):
+        self._store = store
+        self._outbound = outbound
+        self._accounts = accounts
+        self.delivery: Delivery | None = None
+        self.enqueue = outbound.queue.begin(envelope) if envelope is not None else None
+        self.head = bytearray()  # the message's first bytes (its header, mostly), for a success report
+
+    @property
+    def queue_id(self) -> str | None:
+        """The queue id the message will have, if it has remote recipients."""
+        return self.enqueue.id if self.enqueue is not None else None
+
+    def start(self, local_prefix: bytes, remote_prefix: bytes) -> None:
+        """Begin the store's delivery; each copy gets its trace headers first."""
+        try:
+            if self._accounts:
+                # What the sender sent starts after our trace headers: with the Message-ID,
+                # it tells a message sent again (storage/dedupe.py).
+                self.delivery = self._store.begin_delivery(self._accounts, dedupe_from=len(local_prefix))
+                self.delivery.write(local_prefix)
+            if self.enqueue is not None:
+                self.enqueue.write(remote_prefix)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return self.delivery.size if self.delivery is not None else self.enqueue.size
+
+    def write(self, data: bytes) -> None:
+        if len(self.head) < MAX_HEAD:
+            self.head += data[:MAX_HEAD - len(self.head)]
+        try:
+            if self.delivery is not None:
+                self.delivery.write(data)
+            if self.enqueue is not None:
+                self.enqueue.write(data)
+        except (StoreError, OSError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Abort what is not committed."""
+        if self.delivery is not None:
+            self.delivery.close()
+        if self.enqueue is not None:
+            self.enqueue.close()
+
+    async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
+                     sign_domain: str | None = None, orphaned: Callable[[BaseException], None] = lambda e: None
+                     ) -> Committed:
+        """Every copy stored and the queue entry written, or DeliveryError / StoreError with
+        nothing left of the message. The route is closed either way. `orphaned` hears of a
+        store failure that comes after the caller is gone (its session cancelled)."""
+        delivery, self.delivery = self.delivery, None
+        enqueue, self.enqueue = self.enqueue, None
+        delivered: list[Delivered] = []
+        message_id = ""
+        try:
+            if delivery is not None:
+                accounts = [account for account, _ in delivery.targets]
+                handed, delivery = delivery, None  # the commit owns it now, and closes it
+                # Up to WRITE_IN_COMMITTER, start_commit leaves the fsync to the committers:
+                # only then may the event loop call it.
+                if handed.size <= WRITE_IN_COMMITTER and self._store.accounts_ready(accounts):
+                    delivered = await commit_from_loop(self._store, handed, deliver_in_thread, deliveries, orphaned)
+                else:
+                    delivered = await deliver_in_thread(commit_in_thread, self._store, handed)
+                message_id = handed.message_id or ""  # read from the message by the commit
+            queue_id = None
+            if enqueue is not None:
+                handed, enqueue = enqueue, None
+                signer = self._outbound.signer if sign_domain else None
+                try:
+                    queue_id = await deliver_in_thread(_enqueue, handed, signer, sign_domain)
+                except BaseException:
+                    await deliver_in_thread(withdraw, self._store, delivered)
+                    raise
+            return Committed(delivered, queue_id, message_id or message_id_of(self.head))
+        finally:
+            if delivery is not None:
+                delivery.close()
+            if enqueue is not None:
+                enqueue.close()
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id_of(head: bytes) -> str:
+    """The Message-ID of a message by its first bytes, for the log when no local copy's
+    commit has read it (mail only queued or forwarded); "" when there is none."""
+    end = head.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(head if end < 0 else head[:end])
+    return found.group(1).decode("ascii", "replace").strip()[:250] if found else ""
+
+
+def _enqueue(enqueue, signer, domain: str | None) -> str:
+    """In a worker thread: the DKIM signature computed from the spooled message (RFC 6376),
+    then the queue entry committed with it in front; the queue id."""
+    try:
+        prepend = signer.sign(enqueue.read(), domain) if signer is not None and domain else b""
+        return enqueue.commit(prepend)
+    finally:
+        enqueue.close()
+
+
+def commit_in_thread(store: Store, delivery: Delivery) -> list[Delivered]:
+    """In a worker thread: every copy stored (returned), or DeliveryError with none left."""
+    try:
+        try:
+            return delivery.commit()
+        except DeliveryError as first:
+            return _retry_or_withdraw(store, delivery, first)
+    finally:
+        delivery.close()
+
+
+async def commit_from_loop(store: Store, delivery: Delivery, deliver_in_thread: Callable,
+                           deliveries: set[asyncio.Task], orphaned: Callable[[BaseException], None]
+                           ) -> list[Delivered]:
+    """A small message: parsed here and handed to the shards' committers, which fsync
+    and index it, with no thread of its own: at a thousand messages a second, the
+    hand-offs between threads cost more than the work. Failures go to a thread for the
+    retry."""
+    task = asyncio.ensure_future(_commit_and_settle(store, delivery, deliver_in_thread))
+    deliveries.add(task)
+
+    def done(task: asyncio.Task) -> None:
+        deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            orphaned(task.exception())  # the session hears of it too, unless it is gone
+
+    task.add_done_callback(done)
+    # Shielded: if the session is cancelled meanwhile (the client hung up after its
+    # final dot), the delivery still completes or withdraws every copy.
+    return await asyncio.shield(task)
+
+
+async def _commit_and_settle(store: Store, delivery: Delivery, deliver_in_thread: Callable) -> list[Delivered]:
+    """In the event loop: every copy stored (returned), or DeliveryError with none left (see
+    _retry_or_withdraw)."""
+    loop = asyncio.get_running_loop()
+    settled = loop.create_future()
+
+    def on_done(delivered, errors) -> None:
+        loop.call_soon_threadsafe(_settle, settled, delivered, errors)
+
+    try:
+        delivery.start_commit(on_done)
+        delivered, errors = await settled
+        if errors:
+            return await deliver_in_thread(_retry_or_withdraw, store, delivery, DeliveryError(delivered, errors))
+        return delivered
+    finally:
+        delivery.close()
+
+
+def _settle(future: asyncio.Future, delivered: list, errors: list) -> None:
+    if not future.done():
+        future.set_result((delivered, errors))
+
+
+def _retry_or_withdraw(store: Store, delivery: Delivery, first: DeliveryError) -> list[Delivered]:
+    """Every copy stored, or none: after our 4xx the sender sends the message again to all
+    its recipients, so a copy kept from a partly failed delivery would arrive twice. The
+    failed copies get one more try first (a race with a quota or a mailbox change, a passing
+    fault); if they fail again, the stored ones are taken back and DeliveryError says why.
+    A copy that was there before this delivery (a duplicate) is never taken back."""
+    stored = list(first.delivered)
+    failed = [target for target, _ in first.errors]
+    try:
+        return stored + delivery.retry(failed)
+    except DeliveryError as second:
+        stored += second.delivered
+        errors = second.errors
+    withdraw(store, stored)
+    raise DeliveryError([], errors)
+
+
+def withdraw(store: Store, copies: list[Delivered]) -> None:
+    """Take back the copies this delivery stored (not those that were there before it)."""
+    for copy in copies:
+        if copy.duplicate:
+            continue
+        try:
+            store.remove(copy.account, copy.mailbox, [copy.uid])
+        except (StoreError, OSError) as e:  # the copy stays: better twice than lost
+            _log.error("withdraw_failed", account=copy.account, uid=copy.uid, error=type(e).__name__)
