@@ -23,7 +23,8 @@ import hashlib
 import re
 
 MAX_HEADER_HELD = 4 << 20  # the submission agent refuses a header over 1 MiB long before this
-PIECE = 1 << 16  # a message given whole is digested in pieces of this size
+PIECE = 1 << 14  # digested in pieces of at most this: each is copied a few times on its way,
+# and re.sub holds one small object per whitespace run of it (~28 bytes of the piece each)
 _LINE_END = re.compile(rb"\r?\n")
 _WSP = re.compile(rb"[\t ]+")  # greedy and never backtracks: linear
 
@@ -66,7 +67,8 @@ class RelaxedBodyHash:
     def _canonical(self, text: bytes) -> None:
         if not text:
             return
-        text = _LINE_END.sub(b"\r\n", text) if b"\n" in text else text
+        if text.count(b"\n") != text.count(b"\r\n"):  # a bare LF (the SMTP core refuses them)
+            text = _LINE_END.sub(b"\r\n", text)
         # dkimpy strips `[\t ]+\r\n` and then compresses runs; compressing first and then
         # dropping the one SP left before a CRLF is the same, and linear.
         text = _WSP.sub(b" ", text).replace(b" \r\n", b"\r\n")
