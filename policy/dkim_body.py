@@ -44,6 +44,11 @@ class RelaxedBodyHash:
             raise RuntimeError("the body hash is finished")
         if not data:
             return
+        if len(data) > PIECE:  # each piece is copied a few times on its way: keep them small
+            view = memoryview(data)
+            for start in range(0, len(view), PIECE):
+                self.update(view[start:start + PIECE])
+            return
         text = self._carry + bytes(data)
         # The undecided end: a whitespace run and a CR after it (found from the right, not
         # by a regex anchored at the end, which would try every start: quadratic).
@@ -97,7 +102,7 @@ class MessageDigest:
         self._scanned = 0  # no header end starts before this position
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        if len(data) > PIECE:  # each piece is copied a few times on its way: keep them small
+        if self._header is None and len(data) > PIECE:  # a whole message: only its header is held
             view = memoryview(data)
             for start in range(0, len(view), PIECE):
                 self.update(view[start:start + PIECE])
@@ -130,4 +135,4 @@ class MessageDigest:
     def _split(self, header_end: int, body_start: int) -> None:
         held, self._held = self._held, None
         self._header = bytes(held[:header_end])
-        self.body.update(bytes(held[body_start:]))
+        self.body.update(memoryview(held)[body_start:])
