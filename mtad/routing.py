@@ -10,8 +10,9 @@ each chunk written to both. A message with remote recipients is known by its que
 
 Its commit is the promise a 250 makes (DESIGN.md): the store copies first, each durable
 or none (the withdrawal below); then the queue entry, signed with DKIM when the message is
-our users' (policy/dkim.py: the signature is computed from the spooled message and given
-to the queue as the bytes it puts in front). If the queue cannot
+our users' (policy/dkim.py: the body hash is computed as the chunks pass, the header
+section kept, so signing never holds the message; the signature is given to the queue as
+the bytes it puts in front). If the queue cannot
 take it, the stored copies are withdrawn too: after a 4xx the client sends the message
 again to every recipient, and a copy kept would arrive twice.
 
@@ -127,12 +128,20 @@ class Route:
     begun, so its id is known for the trace headers), then `start`ed with those headers,
     then written. StoreError from any of it (the route is then closed: nothing of it stays)."""
 
-    def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None):
+    def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None,
+                 sign_domain: str | None = None):
         self._store = store
         self._outbound = outbound
         self._accounts = accounts
         self.delivery: Delivery | None = None
         self.enqueue = outbound.queue.begin(envelope) if envelope is not None else None
+        # The queue's copy is DKIM-signed for `sign_domain`: what it is given is digested on the way.
+        self._sign_domain = sign_domain if self.enqueue is not None and outbound.signer is not None else None
+        self._digest = None
+        if self._sign_domain is not None:
+            from policy.dkim_body import MessageDigest
+
+            self._digest = MessageDigest()
         self.head = bytearray()  # the message's first bytes (its header, mostly), for a success report
 
     @property
@@ -150,6 +159,8 @@ class Route:
                 self.delivery.write(local_prefix)
             if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
+                if self._digest is not None:
+                    self._digest.update(remote_prefix)
         except BaseException:
             self.close()
             raise
@@ -166,6 +177,8 @@ class Route:
                 self.delivery.write(data)
             if self.enqueue is not None:
                 self.enqueue.write(data)
+                if self._digest is not None:
+                    self._digest.update(data)
         except (StoreError, OSError):
             self.close()
             raise
@@ -178,8 +191,7 @@ class Route:
             self.enqueue.close()
 
     async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
-                     sign_domain: str | None = None, orphaned: Callable[[BaseException], None] = lambda e: None
-                     ) -> Committed:
+                     orphaned: Callable[[BaseException], None] = lambda e: None) -> Committed:
         """Every copy stored and the queue entry written, or DeliveryError / StoreError with
         nothing left of the message. The route is closed either way. `orphaned` hears of a
         store failure that comes after the caller is gone (its session cancelled)."""
@@ -201,9 +213,9 @@ class Route:
             queue_id = None
             if enqueue is not None:
                 handed, enqueue = enqueue, None
-                signer = self._outbound.signer if sign_domain else None
+                signer = self._outbound.signer if self._digest is not None else None
                 try:
-                    queue_id = await deliver_in_thread(_enqueue, handed, signer, sign_domain)
+                    queue_id = await deliver_in_thread(_enqueue, handed, signer, self._digest, self._sign_domain)
                 except BaseException:
                     await deliver_in_thread(withdraw, self._store, delivered)
                     raise
@@ -226,11 +238,11 @@ def message_id_of(head: bytes) -> str:
     return found.group(1).decode("ascii", "replace").strip()[:250] if found else ""
 
 
-def _enqueue(enqueue, signer, domain: str | None) -> str:
-    """In a worker thread: the DKIM signature computed from the spooled message (RFC 6376),
+def _enqueue(enqueue, signer, digest, domain: str | None) -> str:
+    """In a worker thread: the DKIM signature computed from the message's digest (RFC 6376),
     then the queue entry committed with it in front; the queue id."""
     try:
-        prepend = signer.sign(enqueue.read(), domain) if signer is not None and domain else b""
+        prepend = signer.sign_digest(digest, domain) if signer is not None and domain else b""
         return enqueue.commit(prepend)
     finally:
         enqueue.close()

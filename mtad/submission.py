@@ -207,7 +207,7 @@ class SubmissionSMTP(SMTPAgent):
                 origin="submission", user=str(self.user))
         try:
             route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                          envelope=envelope)
+                          envelope=envelope, sign_domain=self._sign_domain)
             self._qid = route.queue_id or message_id(self.sid)
             received = self._received(self._qid)
             route.start(f"Return-Path: <{mail.address}>\r\n".encode("utf-8", "surrogateescape") + received, received)
@@ -281,10 +281,9 @@ class SubmissionSMTP(SMTPAgent):
 
     async def _deliver(self, route: Route) -> Reply:
         qid, size = self._qid, route.size
-        sign = self._sign_domain if self._recipients.remote else None
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
-                                           orphaned=self._orphaned, sign_domain=sign)
+                                           orphaned=self._orphaned)
         except (DeliveryError, StoreError, OSError) as e:
             self.log.error("store_failed", qid=qid, error=type(e).__name__)
             return store_failure_reply(e)

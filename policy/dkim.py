@@ -17,8 +17,11 @@ Signatures use relaxed/relaxed canonicalization (RFC 6376 §3.4.2, §3.4.4), whi
 header refolding and trailing-space changes of relays. They cover the header fields that say
 who, what and when (SIGNED_FIELDS, each occurrence), and `From` once more than it occurs
 (RFC 6376 §5.4.2): the extra, empty instance makes a second `From:` added in transit break
-the signature. dkimpy does the cryptography; it holds the message in memory, so the caller
-hands over bytes it already has (the submission's spool file, read back once).
+the signature. dkimpy does the cryptography and the header canonicalization, but it wants
+the whole message in memory to hash its body; so the body hash is computed as the message
+streams by (policy/dkim_body.py, the same relaxed canonicalization), and dkimpy is given the
+header section alone with that hash put in its bh= (_PrecomputedBodyDKIM): memory while
+signing is the header, whatever the size of the message.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from policy.dkim_body import MessageDigest
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
@@ -77,17 +82,26 @@ class DKIMSigner:
     def sign(self, message: bytes, domain: str) -> bytes:
         """The DKIM-Signature field(s) to put on top of `message` (CRLF line ends), or b""
         when `domain` has no key. DKIMKeyError when a key file is unreadable."""
+        digest = MessageDigest()
+        digest.update(message)
+        return self.sign_digest(digest, domain)
+
+    def sign_digest(self, digest: MessageDigest, domain: str) -> bytes:
+        """The DKIM-Signature field(s) for the message `digest` was fed (all of it), as
+        `sign`; b"" also when its header section was too long to keep."""
         keys = self._keys(domain)
-        if not keys:
+        header = digest.header
+        if not keys or header is None:
             return b""
-        fields = signed_fields(message)
+        body_hash = base64.b64encode(digest.body.digest())
+        fields = signed_fields(header)
         out = []
         for key, private in keys:
+            signer = _PrecomputedBodyDKIM(header + b"\r\n", body_hash, signature_algorithm=key.signature_algorithm,
+                                          linesep=b"\r\n")
             try:
-                out.append(dkim.sign(message, key.selector.encode(), key.domain.encode(), private,
-                                     canonicalize=(b"relaxed", b"relaxed"),
-                                     signature_algorithm=key.signature_algorithm,
-                                     include_headers=fields, linesep=b"\r\n"))
+                out.append(signer.sign(key.selector.encode(), key.domain.encode(), private,
+                                       canonicalize=(b"relaxed", b"relaxed"), include_headers=fields))
             except dkim.DKIMException as e:
                 raise DKIMKeyError(f"{key.path}: cannot sign with this key: {e}") from None
         return b"".join(out)
@@ -109,6 +123,21 @@ class DKIMSigner:
         loaded.sort(key=lambda pair: ALGORITHMS.index(pair[0].algorithm))  # rsa on top
         self._cache[domain] = (stamp, loaded)
         return loaded
+
+
+class _PrecomputedBodyDKIM(dkim.DKIM):
+    """dkimpy's signer given the header section and an empty body: the bh= it computed from
+    that empty body is replaced by the real one before the header fields (bh= among them)
+    are hashed and signed. Both algorithms hash the body with SHA-256 (RFC 6376 §3.3,
+    RFC 8463 §3), so one hash serves both signatures. The l= tag is never used."""
+
+    def __init__(self, header_section: bytes, body_hash: bytes, **kwargs):
+        super().__init__(header_section, **kwargs)
+        self._body_hash = body_hash
+
+    def gen_header(self, fields, include_headers, canon_policy, header_name, pk, standardize=False):
+        fields = [(name, self._body_hash if name == b"bh" else value) for name, value in fields]
+        return super().gen_header(fields, include_headers, canon_policy, header_name, pk, standardize)
 
 
 def signed_fields(message: bytes) -> list[bytes]:

@@ -188,3 +188,39 @@ def test_a_success_report_for_a_local_delivery_that_asked_for_one(sub):
         reports = [m for m in queue.list() if m.envelope.origin == "dsn"]
     assert len(reports) == 1 and reports[0].envelope.sender == ""
     assert [r.address for r in reports[0].recipients] == ["someone@sender.example"]
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_big_signed_submission_does_not_grow_mtad_by_its_size(sub):
+    """DKIM signing streams (policy/dkim_body.py): a 23 MB message to a remote recipient
+    grew mtad by ~100 MiB when the spooled message was read back whole and given to dkimpy.
+    Measured from after the login (argon2id's 64 MiB is the login's, not the message's)."""
+    import base64
+    import os
+
+    pid = sub.child_pid("mtad")
+    body = base64.encodebytes(os.urandom(17_000_000)).replace(b"\n", b"\r\n") + b"trailing  \r\n\r\n\r\n"
+    message = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
+    assert 23_000_000 < len(message) < sub.config.smtp.max_message_size - 100_000
+    with submit(sub) as client:
+        client.mail("alice@example.test")
+        assert client.rcpt("someone@remote.example")[0] == 250
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")  # the peak RSS starts again from here
+        before = _status_kib(pid, "VmRSS")
+        code, text = client.data(message)
+    assert code == 250, text
+    peak = _status_kib(pid, "VmHWM")
+    assert peak - before < 20_000, f"mtad grew from {before} KiB to a peak of {peak} KiB"
+    with Queue(sub.data) as queue:
+        raw = queue.read(queued_as(text))
+    name, record = sub.dkim_record
+    assert raw.startswith(b"DKIM-Signature: ") and raw.endswith(body)
+    assert dkim.verify(raw, dnsfunc=lambda asked, timeout=5: record if asked.decode().rstrip(".") == name else None)
