@@ -13,10 +13,13 @@ import socket
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+import conf
 from conftest import client_tls_context, start_daemon
+from postroom.datadir import open_accounts
 from procs import processes
 from storage import Accounts, parse_address
 
@@ -24,21 +27,23 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def sub(cli, daemon):
+def sub(daemon):
     """The running daemon with example.test: alice, bob, carol; aliases that reach alice."""
-    _accounts(cli)
+    _accounts(daemon.config_path)
     return daemon
 
 
-def _accounts(cli, config=None) -> None:
-    assert cli("domain", "add", "example.test", config=config).returncode == 0
-    for user in ("alice", "bob", "carol"):
-        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input=PASSWORD,
-                   config=config).returncode == 0
-    assert cli("alias", "add", "team@example.test", "alice@example.test,bob@example.test",
-               config=config).returncode == 0
-    assert cli("alias", "add", "sales@example.test", "team@example.test", config=config).returncode == 0
-    assert cli("alias", "add", "@example.test", "carol@example.test", config=config).returncode == 0
+def _accounts(config_path: Path) -> None:
+    """Made through the accounts API in this process, as `postroom user add` makes them: six
+    CLI processes cost each test seconds (the commands have their own tests, test_cli.py)."""
+    _, accounts = open_accounts(conf.load(config_path))
+    with accounts:
+        accounts.add_domain("example.test")
+        for user in ("alice", "bob", "carol"):
+            accounts.add_user(f"{user}@example.test", PASSWORD)
+        accounts.add_alias("team@example.test", ["alice@example.test", "bob@example.test"])
+        accounts.add_alias("sales@example.test", ["team@example.test"])
+        accounts.add_alias("@example.test", ["carol@example.test"])
 
 
 def submit(daemon, user: str | None = "alice@example.test", *, implicit_tls: bool = False) -> smtplib.SMTP:
@@ -133,7 +138,7 @@ def test_implicit_tls_on_the_submissions_port(sub):
 
 def test_hide_client_ip_off_shows_the_address(write_config, tmp_path, cli):
     path = write_config("shown.toml", submission={"hide_client_ip": False})
-    _accounts(cli, path)
+    _accounts(path)
     daemon = start_daemon(path, tmp_path)
     try:
         with submit(daemon) as client:
@@ -295,7 +300,7 @@ def test_the_login_throttle_holds_across_worker_processes(write_config, tmp_path
     one slow down the next failure answered by the other: 1 s, 2 s, 4 s whatever process
     each lands on."""
     path = write_config("workers.toml", smtp={"workers": 2, "max_connections_per_ip": 200})
-    _accounts(cli, path)
+    _accounts(path)
     daemon = start_daemon(path, tmp_path)
     try:
         deadline = time.monotonic() + 15  # the second worker binds after READY
