@@ -32,7 +32,15 @@ from mtad.events import NEED_DATA, Close, DataChunk, Question, StartTLS
 from mtad.replies import Reply
 from mtad.routing import Outbound
 from mtad.session import Session, SessionConfig
-from storage import Accounts, Store
+from storage import (
+    AccountError,
+    Accounts,
+    AddressError,
+    AliasLoopError,
+    NotLocalError,
+    Store,
+    UnknownAddressError,
+)
 from wire.connections import ConnectionLimit
 
 READ_SIZE = 65536
@@ -277,3 +285,38 @@ class SMTPAgent(AiosmtpdConnection):
         if data:
             self.write(data)
             await self.drain()
+
+    # -- recipients, shared by the MX and submission ------------------------------------------
+
+    def _answer_recipient(self, event, decide: Callable[[], Reply], not_local: Callable[[], Reply]) -> Reply:
+        """RCPT answered by `decide()`, with the accounts' errors turned into replies the same
+        way on both agents; `not_local()` answers an address of another domain (the MX
+        refuses to relay, submission queues it). Logged and noted for the summary line."""
+        address = event.address
+        try:
+            outcome = decide()
+        except NotLocalError:
+            outcome = not_local()
+        except (UnknownAddressError, AccountError):
+            outcome = replies.NO_SUCH_USER
+        except AliasLoopError:
+            outcome = Reply(554, "5.4.6", "Alias loop")
+        except AddressError as e:
+            outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
+        self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
+        self._outcomes.append(f"{address}:{outcome.code}")
+        return outcome
+
+    def _take_local(self, event) -> Reply:
+        """A recipient of our domains: its mailboxes and its alias's remote targets join
+        the transaction, unless one of the mailboxes is full."""
+        resolution = self.context.accounts.resolve(event.address)
+        if any(self.context.store.is_full(str(a)) for a in resolution.local):
+            return replies.OVER_QUOTA
+        if resolution.remote:
+            self.context.outbound.open_queue()
+        if resolution.local:
+            self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn)
+        for target in resolution.remote:
+            self._recipients.add_remote(target, event.dsn, via=event.address)
+        return replies.RECIPIENT_OK

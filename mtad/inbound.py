@@ -27,15 +27,11 @@ from mtad.replies import Reply
 from mtad.routing import Recipients, Route
 from mtad.session import SessionConfig
 from storage import (
-    AccountError,
-    AddressError,
-    AliasLoopError,
     DeliveryError,
     DiskFullError,
     NotLocalError,
     QuotaExceededError,
     StoreError,
-    UnknownAddressError,
     parse_address,
 )
 
@@ -109,42 +105,17 @@ class InboundSMTP(SMTPAgent):
         return self._mail.address if self._mail is not None else ""
 
     def _recipient(self, event: RcptTo) -> Reply:
-        address = event.address
-        local, _, domain = address.rpartition("@")
-        outcome = None
-        try:
-            if "%" in local or "!" in local:
-                # user%remote@local and remote!user@local: old source routing, a relay trick.
-                parse_address(address)  # an address from another domain is still plain relaying
-                outcome = Reply(553, "5.7.1", "Address with % or ! not accepted here")
-            elif local.lower().startswith(SRS_PREFIXES) and self._is_srs_domain(domain):
-                outcome = self._srs_recipient(event)
-            else:
-                resolution = self.context.accounts.resolve(address)
-                over = [a for a in resolution.local if self.context.store.is_full(str(a))]
-                if over:
-                    outcome = replies.OVER_QUOTA
-                else:
-                    if resolution.remote:
-                        self.context.outbound.open_queue()
-                    if resolution.local:
-                        self._recipients.add_local(address, [str(a) for a in resolution.local], event.dsn)
-                    for target in resolution.remote:
-                        self._recipients.add_remote(target, event.dsn, via=address)
-                    outcome = replies.RECIPIENT_OK
-        except NotLocalError:
-            outcome = replies.RELAY_DENIED
-        except UnknownAddressError:
-            outcome = replies.NO_SUCH_USER
-        except AliasLoopError:
-            outcome = Reply(554, "5.4.6", "Alias loop")
-        except AddressError as e:
-            outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
-        except AccountError:
-            outcome = replies.NO_SUCH_USER
-        self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
-        self._outcomes.append(f"{address}:{outcome.code}")
-        return outcome
+        return self._answer_recipient(event, lambda: self._mx_recipient(event), lambda: replies.RELAY_DENIED)
+
+    def _mx_recipient(self, event: RcptTo) -> Reply:
+        local, _, domain = event.address.rpartition("@")
+        if "%" in local or "!" in local:
+            # user%remote@local and remote!user@local: old source routing, a relay trick.
+            parse_address(event.address)  # an address from another domain is still plain relaying
+            return Reply(553, "5.7.1", "Address with % or ! not accepted here")
+        if local.lower().startswith(SRS_PREFIXES) and self._is_srs_domain(domain):
+            return self._srs_recipient(event)
+        return self._take_local(event)
 
     def _is_srs_domain(self, domain: str) -> bool:
         config = self.context.config

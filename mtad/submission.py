@@ -41,14 +41,10 @@ from mtad.routing import Recipients, Route
 from mtad.session import SessionConfig
 from policy.logins import LoginThrottle
 from storage import (
-    AccountError,
     Address,
     AddressError,
-    AliasLoopError,
     DeliveryError,
-    NotLocalError,
     StoreError,
-    UnknownAddressError,
     parse_address,
 )
 
@@ -131,32 +127,7 @@ class SubmissionSMTP(SMTPAgent):
         return replies.SENDER_OK
 
     def _recipient(self, event: RcptTo) -> Reply:
-        address = event.address
-        try:
-            resolution = self.context.accounts.resolve(address)
-            if any(self.context.store.is_full(str(a)) for a in resolution.local):
-                outcome = replies.OVER_QUOTA
-            else:
-                if resolution.remote:
-                    self.context.outbound.open_queue()
-                if resolution.local:
-                    self._recipients.add_local(address, [str(a) for a in resolution.local], event.dsn)
-                for target in resolution.remote:
-                    self._recipients.add_remote(target, event.dsn, via=address)
-                outcome = replies.RECIPIENT_OK
-        except NotLocalError:
-            outcome = self._remote_recipient(event)
-        except UnknownAddressError:
-            outcome = replies.NO_SUCH_USER
-        except AliasLoopError:
-            outcome = Reply(554, "5.4.6", "Alias loop")
-        except AddressError as e:
-            outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
-        except AccountError:
-            outcome = replies.NO_SUCH_USER
-        self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
-        self._outcomes.append(f"{address}:{outcome.code}")
-        return outcome
+        return self._answer_recipient(event, lambda: self._take_local(event), lambda: self._remote_recipient(event))
 
     def _remote_recipient(self, event: RcptTo) -> Reply:
         try:
