@@ -163,6 +163,10 @@ def _coerce(tp: Any, raw: Any) -> Any:
         if not isinstance(raw, bool):
             raise ValueError(f"expected true or false, got {_describe(raw)}")
         return raw
+    if tp is float:
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+            raise ValueError(f"expected a number, got {_describe(raw)}")
+        return float(raw)
     if tp in (int, str):
         if not isinstance(raw, tp) or isinstance(raw, bool):
             raise ValueError(f"expected {_TYPE_NAMES[tp]}, got {_describe(raw)}")

@@ -213,6 +213,108 @@ class DNSConfig:
     timeout: Duration = Duration(5)
 
 
+# The signals of the spam score (policy/decide.py) and their default weights. A message's
+# score is the sum of the weights of the signals it shows; [policy.weights] overrides any.
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "spf_fail": 3.0, "spf_softfail": 1.0, "spf_neutral": 0.0, "spf_none": 0.5, "spf_permerror": 1.0,
+    "spf_pass": -0.5,
+    "dkim_fail": 1.0,  # a signature that does not verify (a body changed, a key revoked)
+    "dkim_pass": -0.5,  # at least one signature verifies
+    "dkim_none": 0.5,  # not signed at all
+    "dmarc_fail": 3.0,  # the From domain's DMARC evaluation failed (whatever its policy)
+    "dmarc_pass": -1.0,
+    "arc_fail": 0.5,  # an ARC chain that does not validate
+    "dnsbl": 5.0,  # per listing zone, when [policy] dnsbl_action = "score"
+    "no_from": 2.0,  # no From: address, or several (RFC 5322 §3.6.2 wants one)
+    "no_message_id": 0.5,
+    "no_date": 0.5,
+    "not_scanned": 0.0,  # clamd was not reachable and [clamav] on_failure = "accept"
+}
+
+
+def check_weights(value: dict[str, float]) -> None:
+    unknown = sorted(set(value) - set(DEFAULT_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown signal {unknown[0]!r}: the signals are {', '.join(DEFAULT_WEIGHTS)}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The checks the MX runs on mail from other servers (policy/), and what they lead to."""
+    # Off: the MX checks nothing but its recipients (a trusted relay in front of it does).
+    enabled: bool = True
+    # The name in our Authentication-Results: headers (RFC 8601 §2.5); empty: [server]
+    # hostname. Such headers already in a message are forgeries: they are removed.
+    authserv_id: str = ""
+    # SPF `fail` of the MAIL FROM (or HELO) domain: "reject" answers 550 5.7.23 at MAIL
+    # (RFC 7208 §8.4); "score" records it and adds its weight (forwarded mail fails SPF).
+    spf_fail: Literal["score", "reject"] = "score"
+    # DMARC (RFC 7489 §6.6): the From domain's policy applied; "quarantine" turns its
+    # p=reject into delivery to the Junk mailbox; "none" only records and scores.
+    dmarc: Literal["apply", "quarantine", "none"] = "apply"
+    # DNS blocklists asked about each client address, e.g. ["zen.spamhaus.org"].
+    dnsbl_zones: tuple[str, ...] = ()
+    # A listed client: "reject" 554 5.7.1 with the list's reason (at RCPT), or "score".
+    dnsbl_action: Literal["reject", "score"] = "reject"
+    # Scores at or over this go to the recipient's Junk mailbox; at or over reject_threshold
+    # are refused 550 5.7.1 at the end of the data.
+    junk_threshold: float = 5.0
+    reject_threshold: float = 15.0
+    junk_mailbox: str = "Junk"
+    weights: dict[str, float] = field(default_factory=dict, metadata={"check": check_weights})
+
+    def weight(self, signal: str) -> float:
+        return self.weights.get(signal, DEFAULT_WEIGHTS[signal])
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.reject_threshold < self.junk_threshold:
+            return [("reject_threshold", f"{self.reject_threshold} is below junk_threshold {self.junk_threshold}")]
+        return []
+
+
+@dataclass(frozen=True)
+class ClamAVConfig:
+    """Every message, received and submitted, scanned by a running clamd (clamav-daemon)."""
+    enabled: bool = False
+    # "unix:/run/clamav/clamd.ctl" (Debian's clamd socket) or "host:port" (TCP, 3310).
+    address: str = "unix:/run/clamav/clamd.ctl"
+    # How long a scan may take, connect to verdict.
+    timeout: Duration = field(default=Duration(30), metadata={"min": 1, "max": 600})
+    # clamd down or too slow: "tempfail" answers 451 4.7.1 (the sender tries again later);
+    # "accept" delivers with an X-Virus-Scanned: header saying it was not scanned.
+    on_failure: Literal["tempfail", "accept"] = "tempfail"
+
+
+@dataclass(frozen=True)
+class RatesConfig:
+    """Token buckets, shared by every mtad process of the data dir (<data_dir>/rates.lmdb).
+    0 turns a limit off."""
+    # Per client address, per minute, on the MX: connections (421 4.7.0), messages and
+    # recipients (450 4.7.1).
+    connections_per_minute: int = field(default=60, metadata={"min": 0, "max": 1_000_000})
+    messages_per_minute: int = field(default=120, metadata={"min": 0, "max": 1_000_000})
+    recipients_per_minute: int = field(default=600, metadata={"min": 0, "max": 1_000_000})
+    # Per authenticated user, on submission (450 4.7.1).
+    user_messages_per_hour: int = field(default=300, metadata={"min": 0, "max": 1_000_000})
+    user_messages_per_day: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
+    user_recipients_per_hour: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
+    user_recipients_per_day: int = field(default=3000, metadata={"min": 0, "max": 1_000_000})
+    # Addresses no limit applies to (a backup MX, a monitoring host); loopback by default.
+    exempt: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    """Greylisting (off by default): the first message of an unknown (client network,
+    sender, recipient) is answered 451 4.7.1; a retry after `delay` is accepted."""
+    enabled: bool = False
+    delay: Duration = field(default=Duration(300), metadata={"min": 0, "max": 86400})
+    # A retry later than this after the first try counts as a new first try.
+    retry_window: Duration = field(default=Duration(2 * 86400), metadata={"min": 60, "max": 30 * 86400})
+    # A triplet that passed is remembered this long after its last message.
+    expire: Duration = field(default=Duration(35 * 86400), metadata={"min": 3600, "max": 365 * 86400})
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     # Fixed when the data dir is initialised; changing it later is refused, not re-mapped.
@@ -242,6 +344,10 @@ class Config:
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    clamav: ClamAVConfig = field(default_factory=ClamAVConfig)
+    rates: RatesConfig = field(default_factory=RatesConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     # Where it was read from, for messages; not a key of the file.
