@@ -285,6 +285,16 @@ class ClamAVConfig:
     on_failure: Literal["tempfail", "accept"] = "tempfail"
 
 
+def check_networks(value: tuple[str, ...]) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {item!r}") from None
+
+
 @dataclass(frozen=True)
 class RatesConfig:
     """Token buckets, shared by every mtad process of the data dir (<data_dir>/rates.lmdb).
@@ -299,8 +309,9 @@ class RatesConfig:
     user_messages_per_day: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
     user_recipients_per_hour: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
     user_recipients_per_day: int = field(default=3000, metadata={"min": 0, "max": 1_000_000})
-    # Addresses no limit applies to (a backup MX, a monitoring host); loopback by default.
-    exempt: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Addresses or networks no limit applies to (a backup MX, a monitoring host); loopback
+    # by default.
+    exempt: tuple[str, ...] = field(default=("127.0.0.1", "::1"), metadata={"check": check_networks})
 
 
 @dataclass(frozen=True)
