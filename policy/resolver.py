@@ -22,6 +22,7 @@ the query runs on the event loop, the thread waits for it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -106,13 +107,24 @@ class Resolver:
         return await self.query(name, "TXT")
 
     def blocking(self, loop: asyncio.AbstractEventLoop) -> Callable[[str, str], DNSAnswer]:
-        """query() for a thread: runs on `loop`, which must not be the calling thread's."""
+        """query() for a thread: runs on `loop`, which must not be the calling thread's.
+        A loop that stops or closes meanwhile (the daemon stopping) is a temperror."""
         def query(name: str, rdtype: str) -> DNSAnswer:
-            future = asyncio.run_coroutine_threadsafe(self.query(name, rdtype), loop)
+            if _running_loop() is loop:
+                # It would wait on itself for the whole timeout, stalling every session.
+                raise RuntimeError("Resolver.blocking called on its own event loop's thread")
+            coroutine = self.query(name, rdtype)
+            try:
+                future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            except RuntimeError:  # the loop is closed
+                coroutine.close()
+                return DNSAnswer(TEMPERROR)
             try:
                 return future.result(self.timeout + 1)
-            except TimeoutError:
+            except TimeoutError:  # the loop stopped, or is too busy to answer in time
                 future.cancel()
+                return DNSAnswer(TEMPERROR)
+            except concurrent.futures.CancelledError:  # the loop cancelled it on its way out
                 return DNSAnswer(TEMPERROR)
         return query
 
@@ -154,3 +166,10 @@ def _negative_ttl(response: dns.message.Message | None) -> float:
         if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
             return min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL)
     return 0
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
