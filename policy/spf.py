@@ -31,6 +31,7 @@ from policy.resolver import TEMPERROR, DNSAnswer, Resolver
 MAX_TIME = 20.0  # seconds for a whole evaluation (RFC 7208 §4.6.4)
 MAX_REASON = 200  # characters of explanation kept
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_NOT_IN_NAMES = re.compile(r"[\x00-\x20\x7f@\[\]\"\\(),;:<>]")  # what no domain (nor U-label) holds
 
 Lookup = Callable[[str, str], DNSAnswer]
 
@@ -42,27 +43,28 @@ async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
     Never raises for DNS trouble or a bad record."""
     identity = "mailfrom" if sender else "helo"
     checked = sender or f"postmaster@{helo}"
-    domain = checked.rpartition("@")[2].lower().rstrip(".")
+    # The domain follows the last "@" (a quoted local part may hold one), RFC 7208 §4.3;
+    # for the null sender it is the HELO name, whole.
+    local, _, domain = sender.rpartition("@") if sender else ("postmaster", "", helo)
+    domain = domain.lower().rstrip(".")
     if not _checkable(domain):
         # RFC 7208 §4.3: a malformed or single-label domain (or an address literal) is none.
         return SPFResult("none", identity, domain, checked, f"no domain to check in {_clean(checked)!r}")
     lookup = resolver.blocking(asyncio.get_running_loop())
-    result, reason = await run_blocking(_evaluate, lookup, ip, sender, helo, time_limit)
+    result, reason = await run_blocking(_evaluate, lookup, ip, sender, local or "postmaster", domain,
+                                        helo, time_limit)
     return SPFResult(result, identity, domain, checked, _clean(reason))
 
 
-def _evaluate(lookup: Lookup, ip: str, sender: str, helo: str, time_limit: float) -> tuple[str, str]:
+def _evaluate(lookup: Lookup, ip: str, sender: str, local: str, domain: str, helo: str,
+              time_limit: float) -> tuple[str, str]:
     """pyspf's verdict, in a worker thread: (result, explanation)."""
     try:
         query = _Query(lookup, time.monotonic() + time_limit, i=ip, s=sender, h=helo)
     except spf.PermError as e:  # the client address is not one
         return "permerror", f"bad client address: {e}"
-    if sender:
-        # The domain follows the last "@" (a quoted local part may hold one; pyspf splits
-        # at the first), RFC 7208 §4.3; an empty local part is "postmaster".
-        local, _, domain = sender.rpartition("@")
-        query.l, query.o = local or "postmaster", domain
-        query.d = query.o
+    # pyspf splits the sender at its first "@": ours is split at the last.
+    query.l, query.o, query.d = local, domain, domain
     try:
         result, _code, explanation = query.check()
     except Exception as e:  # pyspf's own failure on a hostile record: never the session's
@@ -121,7 +123,7 @@ def _record(qtype: str, record):
 
 def _checkable(domain: str) -> bool:
     """A multi-label domain name, not an address literal (RFC 7208 §4.3)."""
-    if not domain or domain.startswith("[") or "." not in domain:
+    if "." not in domain or _NOT_IN_NAMES.search(domain):
         return False
     try:
         ipaddress.ip_address(domain)

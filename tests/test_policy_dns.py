@@ -369,7 +369,8 @@ def test_spf_null_sender_checks_the_helo_name(spf_zone):
     assert _spf(spf_zone, ip="127.0.0.31", sender="", helo="mail.helo.example").result == "fail"
 
 
-@pytest.mark.parametrize("helo", ["[127.0.0.1]", "localhost", "127.0.0.1", ""])
+@pytest.mark.parametrize("helo", ["[127.0.0.1]", "localhost", "127.0.0.1", "", "a@mail.helo.example",
+                                  "mail.helo.example\r\nX: y"])
 def test_spf_null_sender_with_no_helo_domain_is_none_without_dns(spf_zone, helo):
     before = len(spf_zone.queries)
     found = _spf(spf_zone, ip="127.0.0.30", sender="", helo=helo)
