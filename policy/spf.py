@@ -49,7 +49,9 @@ async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
     domain = domain.lower().rstrip(".")
     if not _checkable(domain):
         # RFC 7208 §4.3: a malformed or single-label domain (or an address literal) is none.
-        return SPFResult("none", identity, domain, checked, f"no domain to check in {_clean(checked)!r}")
+        # What was given goes on cleaned: it is no name, and may be anything.
+        checked = _clean(checked)
+        return SPFResult("none", identity, "", checked, f"no domain to check in {checked}")
     lookup = resolver.blocking(asyncio.get_running_loop())
     result, reason = await run_blocking(_evaluate, lookup, ip, sender, local or "postmaster", domain,
                                         helo, time_limit)

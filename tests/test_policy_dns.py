@@ -270,6 +270,12 @@ SPF_ZONE = {
     "mx.example": {"TXT": ['"v=spf1 mx a:host.mx.example -all"'], "MX": ["10 mail.mx.example."]},
     "mail.mx.example": {"A": ["127.0.0.20"]},
     "host.mx.example": {"A": ["127.0.0.21"]},
+    "ptr.example": {"TXT": ['"v=spf1 ptr -all"']},
+    "5.0.0.127.in-addr.arpa": {"PTR": ["host.ptr.example."]},
+    "7.0.0.127.in-addr.arpa": {"PTR": ["host.ptr.example."]},  # forward lookup says otherwise
+    "host.ptr.example": {"A": ["127.0.0.5"]},
+    "exists.example": {"TXT": ['"v=spf1 exists:%{i}._spf.%{d} -all"']},
+    "127.0.0.5._spf.exists.example": {"A": ["127.0.0.2"]},
     "six.example": {"TXT": ['"v=spf1 ip6:::1 ip6:2001:db8::/32 -all"']},
     "split.example": {"TXT": ['"v=spf1 ip4:127.0.0.40 " "ip4:127.0.0.41 -all"']},
     "mail.helo.example": {"TXT": ['"v=spf1 ip4:127.0.0.30 -all"']},
@@ -324,6 +330,11 @@ def spf_zone():
     ("127.0.0.20", "a@mx.example", "pass"),  # mx
     ("127.0.0.21", "a@mx.example", "pass"),  # a:host
     ("127.0.0.22", "a@mx.example", "fail"),
+    ("127.0.0.5", "a@ptr.example", "pass"),  # PTR, validated by its A record
+    ("127.0.0.7", "a@ptr.example", "fail"),  # PTR whose name's A is another address
+    ("127.0.0.6", "a@ptr.example", "fail"),  # no PTR
+    ("127.0.0.5", "a@exists.example", "pass"),  # exists: with macros
+    ("127.0.0.6", "a@exists.example", "fail"),
     ("::1", "a@six.example", "pass"),
     ("2001:db8:1::5", "a@six.example", "pass"),
     ("2001:db9::5", "a@six.example", "fail"),
@@ -374,7 +385,8 @@ def test_spf_null_sender_checks_the_helo_name(spf_zone):
 def test_spf_null_sender_with_no_helo_domain_is_none_without_dns(spf_zone, helo):
     before = len(spf_zone.queries)
     found = _spf(spf_zone, ip="127.0.0.30", sender="", helo=helo)
-    assert (found.result, found.identity) == ("none", "helo")
+    assert (found.result, found.identity, found.domain) == ("none", "helo", "")
+    assert found.sender.isprintable() and found.reason.isprintable()
     assert len(spf_zone.queries) == before
 
 
