@@ -280,16 +280,17 @@ def from_domains(value: bytes) -> list[str]:
     text = value.decode("utf-8", "replace").replace("\r\n", "")
     if len(text) > MAX_FROM_PARSED:  # the stdlib's parsers are slow (and recurse) on long junk
         return []
+    # Both stdlib parsers, and every domain either finds: they disagree on junk and on some
+    # obsolete syntax (a trailing dot), and for DMARC an extra domain only makes it stricter.
     addresses = []
     try:
-        addresses = [a.addr_spec for a in email.headerregistry.HeaderRegistry()("from", text).addresses]
+        addresses += [a.addr_spec for a in email.headerregistry.HeaderRegistry()("from", text).addresses]
     except Exception:  # noqa: BLE001 - the parser raises many things on junk, RecursionError too
         pass
-    if not addresses:  # the registry's parser gave up: the classic one
-        try:
-            addresses = [address for _, address in email.utils.getaddresses([text])]
-        except Exception:  # noqa: BLE001
-            addresses = []
+    try:
+        addresses += [address for _, address in email.utils.getaddresses([text])]
+    except Exception:  # noqa: BLE001
+        pass
     domains = []
     for address in addresses:
         local, at, domain = address.rpartition("@")

@@ -1,0 +1,362 @@
+"""Message authentication checks: MessageScan (forged Authentication-Results removed, body
+hashes streamed), DKIM and ARC verification, DMARC. Messages are signed here with dkimpy
+(DKIM and ARC), keys and DMARC records are served by a DNSZone on loopback, and the checks
+ask it through the policy Resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+
+import dkim
+import dkim.util
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from conf.schema import DNSConfig
+from conf.values import Duration
+from dnszone import DNSZone
+from policy.arc import verify_arc
+from policy.dkim import zone_txt
+from policy.dkim_body import BodySpec
+from policy.dkim_verify import verify_dkim
+from policy.dmarc import check_dmarc
+from policy.evidence import DKIMResult, MessageFacts, SPFResult
+from policy.message_scan import MessageScan
+from policy.resolver import Resolver
+
+OURS = "mx.example.net"
+
+MESSAGE = (
+    b"Received: from client by mail.example.test\r\n"
+    b"From: Alice <alice@example.test>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: the minutes\r\n"
+    b"Date: Mon, 30 Nov 2026 15:00:00 +0000\r\n"
+    b"Message-ID: <1@example.test>\r\n"
+    b"\r\n"
+    b"Hello Bob,  here are the minutes. \r\n"
+    b"\r\n"
+    b"-- \r\n"
+    b"Alice\r\n\r\n"
+)
+
+
+# -- keys, zone, helpers ----------------------------------------------------------------
+
+# A 768-bit key (`openssl genrsa -traditional 768`): too small to be trusted (RFC 8301 §3.2).
+SMALL_RSA = b"""-----BEGIN RSA PRIVATE KEY-----
+MIIByQIBAAJhAKYrXX9lGjLyJZkGGTJ7/loZ0YGVmF8A13w/Tgz0JFEBiBQRVpvv
+VODXOPqCkygp3Q7YnYLkAfLHMiD35eh2BB00zRB9cnMJfu9F/AFIInaogOe7bQDq
+8NtRXzkNqBlERwIDAQABAmB0DXdYQPkiOaHulKbGbni+3qdGlH79Yu4cVW4id+Rh
+OuuZ8F4HvAgQm9+sfcNe2pTriEqSKpYsf5a7JUPBpj8zZqVwzG5lwpaVYt2pSSpi
+Ke7vG3AlsFy4D9NNR1kV3oECMQDZfQA4MCZm4WqsVFUJ3LyOe6JmElFRSqQoP3qf
+z9kJOgVanGqs4SQBfaErWB9g50ECMQDDmATW1IqjA9icbCI0qL7Dr1LiBoDpc5Hw
+bDh1ItOiwQkg0KSu1Uu9AMaTqMekEYcCMHm9w/qv0T8znS+7wSJVImMrh7tVM5mq
+i3tQFUcR5K6KgOa4uent2ObQuP/3QxFOQQIwab13cES7JmHf6sCyxVEswFG6NyNY
+8dxe22FGLF1FmMlPDAR/41zAc09GC3HFbDdlAjBHW7EnoTZJFkqLdK1c+PEjagBw
+ZxXDPXjSuG0Gf0GEg/KGsScBuiqjo1txlkD02ns=
+-----END RSA PRIVATE KEY-----
+"""
+
+class Keys:
+    """An RSA and an ed25519 key pair, as dkimpy signs with them and DNS publishes them."""
+
+    def __init__(self) -> None:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rsa = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption())
+        der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.rsa_record = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+        self.small_rsa = SMALL_RSA  # cryptography makes no key under 1024 bits
+        small = serialization.load_pem_private_key(SMALL_RSA, password=None)
+        der = small.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.small_rsa_record = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+        ed = ed25519.Ed25519PrivateKey.generate()
+        self.ed25519 = base64.b64encode(ed.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                         serialization.NoEncryption()))
+        raw = ed.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.ed25519_record = f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return Keys()
+
+
+def zone_records(keys: Keys, extra: dict | None = None) -> dict:
+    records = {
+        "rsa._domainkey.example.test": {"TXT": [zone_txt(keys.rsa_record)]},
+        "ed._domainkey.example.test": {"TXT": [zone_txt(keys.ed25519_record)]},
+        "small._domainkey.example.test": {"TXT": [zone_txt(keys.small_rsa_record)]},
+        "rsa._domainkey.other.example": {"TXT": [zone_txt(keys.rsa_record)]},
+        "revoked._domainkey.example.test": {"TXT": ['"v=DKIM1; k=rsa; p="']},
+        "arc._domainkey.relay.example": {"TXT": [zone_txt(keys.rsa_record)]},
+        "arc._domainkey.list.example": {"TXT": [zone_txt(keys.rsa_record)]},
+    }
+    records.update(extra or {})
+    return records
+
+
+@pytest.fixture(scope="module")
+def zone(keys):
+    with DNSZone(zone_records(keys), servfail={"broken.example"}) as served:
+        yield served
+
+
+def resolver_for(zone: DNSZone, timeout: float = 2) -> Resolver:
+    return Resolver(DNSConfig(nameservers=("127.0.0.1",), port=zone.port, timeout=Duration(timeout)))
+
+
+def scan_of(message: bytes, pieces: int | None = None, authserv_id: str = OURS) -> tuple[MessageScan, bytes]:
+    """The message fed whole (or in `pieces`-byte chunks); (scan, bytes it returned)."""
+    scan = MessageScan(authserv_id)
+    step = pieces or len(message) or 1
+    out = b"".join(scan.update(message[i:i + step]) for i in range(0, len(message), step))
+    return scan, out + scan.finish()
+
+
+def sign(message: bytes, keys: Keys, *, selector=b"rsa", domain=b"example.test", algorithm=b"rsa-sha256",
+         canonicalize=(b"relaxed", b"relaxed"), length=False, private=None) -> bytes:
+    key = private or (keys.ed25519 if algorithm == b"ed25519-sha256" else keys.rsa)
+    return dkim.sign(message, selector, domain, key, signature_algorithm=algorithm, canonicalize=canonicalize,
+                     include_headers=[b"from", b"to", b"subject", b"date", b"message-id"], length=length) + message
+
+
+def dkim_results(message: bytes, zone: DNSZone, pieces: int | None = 7) -> list[DKIMResult]:
+    scan, _ = scan_of(message, pieces)
+
+    async def run():
+        with ThreadPoolExecutor(2) as pool:
+            loop = asyncio.get_running_loop()
+            return await verify_dkim(scan, resolver_for(zone), lambda fn, *args: loop.run_in_executor(pool, fn, *args))
+    return asyncio.run(run())
+
+
+# -- MessageScan: forged Authentication-Results ------------------------------------------
+
+FORGED = (
+    b"Authentication-Results: mx.example.net; spf=pass smtp.mailfrom=x@example.test\r\n"
+    b"Received: from a by b\r\n"
+    b"authentication-results :\r\n (a (nested \\) comment) ) \"MX.Example.NET.\" 1;\r\n dkim=pass\r\n"
+    b"Authentication-Results: relay.example; spf=fail\r\n"
+    b"Authentication-Results: mx.example.net.evil; spf=pass\r\n"
+    b"AUTHENTICATION-RESULTS:mx.example.net(no space);dmarc=pass\r\n"
+    b"X-Authentication-Results: mx.example.net; spf=pass\r\n"
+    b"From: Alice <alice@example.test>\r\n"
+    b"\r\n"
+    b"Authentication-Results: mx.example.net; in the body stays\r\n"
+)
+KEPT = (
+    b"Received: from a by b\r\n"
+    b"Authentication-Results: relay.example; spf=fail\r\n"
+    b"Authentication-Results: mx.example.net.evil; spf=pass\r\n"
+    b"X-Authentication-Results: mx.example.net; spf=pass\r\n"
+    b"From: Alice <alice@example.test>\r\n"
+    b"\r\n"
+    b"Authentication-Results: mx.example.net; in the body stays\r\n"
+)
+
+
+def test_forged_results_removed_wherever_the_chunks_are_cut():
+    """Ours (any case, a trailing dot, quoted, after comments, folded, no space) removed;
+    another authserv-id, a longer one, another field name and the body kept. Cut in two at
+    every position (inside the field name too), and fed 1 to 10 bytes at a time."""
+    cuts = [[FORGED[:at], FORGED[at:]] for at in range(len(FORGED) + 1)]
+    cuts += [[FORGED[i:i + size] for i in range(0, len(FORGED), size)] for size in range(1, 11)]
+    for pieces in cuts:
+        scan = MessageScan(OURS)
+        out = []
+        for piece in pieces:
+            returned = scan.update(piece)
+            assert scan.header is not None or returned == b""  # nothing while the header is read
+            out.append(returned)
+        out.append(scan.finish())
+        assert b"".join(out) == KEPT, pieces
+        assert scan.header == FORGED.split(b"\r\n\r\n")[0] + b"\r\n"  # the original, for DKIM
+        assert scan.removed == 3
+
+
+def test_body_chunks_pass_as_they_come():
+    scan = MessageScan(OURS)
+    assert scan.update(b"From: a@example.test\r\n") == b""
+    assert scan.update(b"\r\nfirst ") == b"From: a@example.test\r\n\r\nfirst "
+    assert scan.update(b"second\r\n") == b"second\r\n"
+    assert scan.finish() == b""
+
+
+def test_a_message_that_is_all_header_comes_out_at_finish():
+    message = b"Authentication-Results: mx.example.net; spf=pass\r\nSubject: x\r\n"
+    scan, out = scan_of(message, 5)
+    assert out == b"Subject: x\r\n" and scan.header == message
+    assert scan_of(b"\r\nbody only\r\n")[1] == b"\r\nbody only\r\n"
+
+
+def test_a_header_past_the_bound_passes_nothing_on():
+    scan = MessageScan(OURS)
+    field = b"X-Filler: " + b"x" * 998 + b"\r\n"
+    returned = [scan.update(field * 64) for _ in range(80)]  # 5 MiB, never an empty line
+    assert not any(returned) and scan.update(b"\r\nbody") == b"" and scan.finish() == b""
+    assert scan.header_too_long and scan.header is None
+
+
+# -- MessageScan: facts ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, domains, count", [
+    (b"From: Alice <alice@Example.TEST.>\r\n", ("example.test",), 1),
+    (b"From: a@one.example, \"B, b\" <b@two.example>\r\nFrom: c@one.example\r\n", ("one.example", "two.example"), 2),
+    (b"From: =?utf-8?q?J=C3=BCrgen?= <j@b\xc3\xbccher.example>\r\n", ("xn--bcher-kva.example",), 1),
+    (b"From: undisclosed-recipients:;\r\n", (), 1),
+    (b"From: <<<@@@>>> (unclosed\r\n", (), 1),
+    (b"From: a@[192.0.2.1]\r\n", (), 1),
+    (b"From: " + b"\"" * 3000 + b"\r\n", (), 1),
+    (b"Sender: s@example.test\r\n", (), 0),
+])
+def test_from_domains_junk_tolerated(fields, domains, count):
+    scan, _ = scan_of(fields + b"Message-ID: <x@y>\r\n\r\nbody\r\n")
+    facts = scan.facts()
+    assert facts == MessageFacts(from_domains=domains, from_fields=count, has_message_id=True, has_date=False)
+
+
+# -- MessageScan: bounded and linear ------------------------------------------------------
+
+def signed_big(keys: Keys, size: int) -> bytes:
+    line = b"0123456789 abcdef\t\tghij  \r\n"
+    body = line * (size // len(line)) + b"\r\n \r\n"
+    head = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    # dkimpy signs from the whole message: its bh= is the reference the stream must match.
+    signed = sign(head + body, keys, canonicalize=(b"relaxed", b"simple"))
+    return sign(signed, keys, selector=b"ed", algorithm=b"ed25519-sha256")
+
+
+def feed(scan: MessageScan, message: bytes, chunk: int = 65536) -> int:
+    stored = 0
+    for start in range(0, len(message), chunk):
+        stored += len(scan.update(message[start:start + chunk]))
+    return stored + len(scan.finish())
+
+
+def test_a_20_mb_body_is_hashed_in_bounded_memory(keys, zone):
+    message = signed_big(keys, 20_000_000)
+    scan = MessageScan(OURS)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        stored = feed(scan, message)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert stored == len(message)
+    assert peak < 2_000_000, peak
+    assert set(scan.body_hashes) == {BodySpec("simple", "sha256"), BodySpec("relaxed", "sha256")}
+    results = asyncio.run(verify_dkim(scan, resolver_for(zone)))
+    assert [r.result for r in results] == ["pass", "pass"], results
+
+
+def test_scan_time_is_linear_in_the_message(keys):
+    """Size N and 8N, with two canonicalizations and a header of many fields: the time per
+    byte stays the same (a scan that re-read what it held would grow 8x more)."""
+    def cost(size: int) -> float:
+        header = b"".join(b"X-F%d: v\r\n" % i for i in range(size // 400))
+        message = header + signed_big(keys, size)
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            feed(MessageScan(OURS), message, 4096)
+            best = min(best, time.perf_counter() - started)
+        return best
+    small, large = cost(400_000), cost(3_200_000)
+    assert large < small * 8 * 2.5, (small, large)
+
+
+# -- DKIM ----------------------------------------------------------------------------------
+
+def test_valid_rsa_and_ed25519_signatures_pass(keys, zone):
+    message = sign(sign(MESSAGE, keys), keys, selector=b"ed", algorithm=b"ed25519-sha256")
+    results = dkim_results(message, zone)
+    assert [(r.result, r.domain, r.selector, r.algorithm) for r in results] == [
+        ("pass", "example.test", "ed", "ed25519-sha256"), ("pass", "example.test", "rsa", "rsa-sha256")]
+    top = dkim.util.parse_tag_value(message.split(b"\r\nDKIM-Signature:")[0].split(b":", 1)[1])
+    assert results[0].identity == "@example.test"
+    assert results[0].signature == b"".join(top[b"b"].split())[:8].decode()
+
+
+@pytest.mark.parametrize("canonicalize", [(b"simple", b"simple"), (b"relaxed", b"simple"), (b"simple", b"relaxed")])
+def test_every_canonicalization_passes(keys, zone, canonicalize):
+    assert [r.result for r in dkim_results(sign(MESSAGE, keys, canonicalize=canonicalize), zone)] == ["pass"]
+
+
+def test_a_changed_body_fails_with_body_hash_mismatch(keys, zone):
+    message = sign(MESSAGE, keys).replace(b"the minutes.", b"the MINUTES.")
+    (result,) = dkim_results(message, zone)
+    assert (result.result, result.reason) == ("fail", "body hash mismatch")
+
+
+def test_a_changed_signed_header_fails(keys, zone):
+    message = sign(MESSAGE, keys).replace(b"Subject: the minutes", b"Subject: the money")
+    (result,) = dkim_results(message, zone)
+    assert (result.result, result.reason) == ("fail", "signature did not verify")
+
+
+def test_l_tag_signs_a_prefix_and_appended_text_still_passes(keys, zone):
+    signed = sign(MESSAGE, keys, length=True)
+    assert b" l=" in signed or b";l=" in signed or b"l=" in signed.split(b"\r\n\r\n")[0]
+    appended = signed + b"-- \r\nlist footer\r\n"
+    assert [r.result for r in dkim_results(appended, zone)] == ["pass"]
+    changed = signed.replace(b"Hello Bob", b"Hello Eve")
+    assert [r.result for r in dkim_results(changed, zone)] == ["fail"]
+
+
+def test_missing_revoked_small_and_mismatched_keys_are_permerror(keys, zone):
+    cases = {
+        b"absent": "no key",
+        b"revoked": "key revoked",
+        b"small": "key: public key too small: 768",
+        b"ed": "key is k=ed25519 for a=rsa-sha256",
+    }
+    for selector, reason in cases.items():
+        private = keys.small_rsa if selector == b"small" else keys.rsa
+        (result,) = dkim_results(sign(MESSAGE, keys, selector=selector, private=private), zone)
+        assert (result.result, result.selector, result.reason) == ("permerror", selector.decode(), reason)
+
+
+def test_dns_trouble_is_temperror(keys, zone):
+    message = sign(MESSAGE, keys, domain=b"broken.example")
+    (result,) = dkim_results(message.replace(b"From: Alice <alice@example.test>", b"From: a@broken.example"), zone)
+    assert (result.result, result.domain) == ("temperror", "broken.example")
+
+
+def test_rsa_sha1_is_not_accepted(keys, zone):
+    (result,) = dkim_results(sign(MESSAGE, keys, algorithm=b"rsa-sha1"), zone)
+    assert (result.result, result.reason) == ("fail", "rsa-sha1 not accepted (RFC 8301)")
+
+
+def test_unreadable_signatures_and_too_many(keys, zone):
+    good = sign(MESSAGE, keys)
+    junk = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=rsa; garbage\r\n"
+    missing = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=rsa; h=from; b=AAAA\r\n"
+    results = dkim_results(junk + missing + good, zone)
+    assert [r.result for r in results] == ["permerror", "permerror", "pass"]
+    assert "missing" in results[1].reason and "bh" in results[1].reason
+    many = good
+    for _ in range(9):
+        many = sign(many, keys)
+    results = dkim_results(many, zone)
+    assert [r.result for r in results] == ["pass"] * 8 + ["permerror"] * 2
+    assert results[-1].reason == "too many signatures"
+
+
+def test_a_misaligned_signature_still_passes_dkim(keys, zone):
+    (result,) = dkim_results(sign(MESSAGE, keys, domain=b"other.example"), zone)
+    assert (result.result, result.domain) == ("pass", "other.example")
+
+
+def test_no_signature_no_result(zone):
+    assert dkim_results(MESSAGE, zone) == []
