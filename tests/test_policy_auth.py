@@ -26,7 +26,7 @@ from policy.dkim import zone_txt
 from policy.dkim_body import BodySpec
 from policy.dkim_verify import verify_dkim
 from policy.dmarc import check_dmarc
-from policy.evidence import DKIMResult, MessageFacts, SPFResult
+from policy.evidence import ARCResult, DKIMResult, DMARCResult, MessageFacts, SPFResult
 from policy.message_scan import MessageScan
 from policy.resolver import Resolver
 
@@ -100,6 +100,17 @@ def zone_records(keys: Keys, extra: dict | None = None) -> dict:
         "revoked._domainkey.example.test": {"TXT": ['"v=DKIM1; k=rsa; p="']},
         "arc._domainkey.relay.example": {"TXT": [zone_txt(keys.rsa_record)]},
         "arc._domainkey.list.example": {"TXT": [zone_txt(keys.rsa_record)]},
+        "_dmarc.example.test": {"TXT": ['"v=DMARC1; p=reject; rua=mailto:d@example.test"']},
+        "_dmarc.quarantine.example": {"TXT": ['"v=DMARC1; p=quarantine"']},
+        "_dmarc.none.example": {"TXT": ['"v=DMARC1; p=none"']},
+        "_dmarc.org.example": {"TXT": ['"v=DMARC1; p=reject; sp=quarantine"', '"v=spf1 -all"']},
+        "_dmarc.pct0.example": {"TXT": ['"v=DMARC1; p=reject; pct=0"']},
+        "_dmarc.pct50.example": {"TXT": ['"v=DMARC1; p=quarantine; pct=50"']},
+        "_dmarc.strict.example": {"TXT": ['"v=DMARC1; p=reject; adkim=s; aspf=s"']},
+        "_dmarc.multi.example": {"TXT": ['"v=DMARC1; p=reject"', '"v=DMARC1; p=none"']},
+        "_dmarc.other.example": {"TXT": ['"v=dmarc1; p=reject"', '"p=reject; v=DMARC1"']},
+        "_dmarc.badp.example": {"TXT": ['"v=DMARC1; p=block"']},
+        "_dmarc.badprua.example": {"TXT": ['"v=DMARC1; p=block; rua=mailto:r@badprua.example"']},
     }
     records.update(extra or {})
     return records
@@ -360,3 +371,183 @@ def test_a_misaligned_signature_still_passes_dkim(keys, zone):
 
 def test_no_signature_no_result(zone):
     assert dkim_results(MESSAGE, zone) == []
+
+
+# -- ARC -----------------------------------------------------------------------------------
+
+def arc_seal(message: bytes, keys: Keys, domain: bytes, results: bytes) -> bytes:
+    """`domain` adds its Authentication-Results and ARC-seals the message, as a relay does."""
+    message = b"Authentication-Results: " + domain + b"; " + results + b"\r\n" + message
+    arc_set = dkim.arc_sign(message, b"arc", domain, keys.rsa, domain,
+                            include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    assert len(arc_set) == 3, arc_set
+    return b"".join(arc_set) + message
+
+
+def arc_result(message: bytes, zone: DNSZone):
+    scan, _ = scan_of(message, 11)
+
+    async def run():
+        with ThreadPoolExecutor(2) as pool:
+            loop = asyncio.get_running_loop()
+            return await verify_arc(scan, resolver_for(zone), lambda fn, *args: loop.run_in_executor(pool, fn, *args))
+    return asyncio.run(run())
+
+
+def one_hop(keys: Keys) -> bytes:
+    return arc_seal(sign(MESSAGE, keys), keys, b"relay.example", b"dkim=pass header.d=example.test")
+
+
+def test_arc_one_and_two_instances_pass(keys, zone):
+    first = one_hop(keys)
+    assert arc_result(first, zone) == ARCResult("pass", 1, "")
+    second = arc_seal(first, keys, b"list.example", b"arc=pass")
+    assert arc_result(second, zone) == ARCResult("pass", 2, "")
+
+
+def test_arc_body_changed_after_the_newest_seal_fails(keys, zone):
+    message = one_hop(keys).replace(b"the minutes.", b"the MINUTES.")
+    result = arc_result(message, zone)
+    assert (result.result, result.instances) == ("fail", 1)
+    assert "ARC-Message-Signature did not validate" in result.reason
+
+
+def test_arc_body_changed_between_hops_passes_at_the_newest(keys, zone):
+    """A list that rewrites the body breaks the first hop's AMS, not the chain: only the
+    newest AMS must validate (RFC 8617 §5.2), the seals still cover the sets."""
+    first = one_hop(keys).replace(b"Alice\r\n", b"Alice\r\n-- \r\nlist footer\r\n")
+    second = arc_seal(first, keys, b"list.example", b"arc=pass")
+    assert arc_result(second, zone) == ARCResult("pass", 2, "")
+
+
+def test_arc_broken_chains_fail(keys, zone):
+    first = one_hop(keys)
+    second = arc_seal(first, keys, b"list.example", b"arc=pass")
+    # A seal's signed text changed: the seal no longer verifies.
+    tampered = second.replace(b"ARC-Authentication-Results: i=1; relay.example",
+                              b"ARC-Authentication-Results: i=1; relay.example; spf=pass")
+    assert tampered != second
+    assert arc_result(tampered, zone).result == "fail"
+    # A set missing a field.
+    without_seal_1 = b"\r\n".join(x for x in _unfolded(second) if not x.startswith(b"ARC-Seal: i=1"))
+    assert arc_result(without_seal_1, zone) == ARCResult("fail", 2, "ARC set i=1 is missing a field or has one twice")
+    # The newest seal says the chain had already failed.
+    failed = arc_seal(first, keys, b"list.example", b"arc=fail")
+    assert arc_result(failed, zone) == ARCResult("fail", 2, "ARC-Seal i=2 says cv=fail")
+    # Too many instances.
+    too_many = b"ARC-Seal: i=51; cv=pass; a=rsa-sha256; d=x.example; s=s; b=AAAA\r\n" + first
+    assert arc_result(too_many, zone).reason == "more than 50 ARC sets"
+
+
+def test_arc_key_missing_or_unanswered_fails(keys, zone):
+    message = one_hop(keys)
+    missing = message.replace(b"s=arc", b"s=gone")
+    assert arc_result(missing, zone).result == "fail"
+    unanswered = arc_seal(sign(MESSAGE, keys), keys, b"relay.example", b"dkim=pass").replace(
+        b"d=relay.example", b"d=broken.example")
+    result = arc_result(unanswered, zone)
+    assert result.result == "fail" and "no DNS answer for arc._domainkey.broken.example" in result.reason
+
+
+def test_no_arc_is_none(zone):
+    assert arc_result(MESSAGE, zone) == ARCResult("none", 0, "")
+
+
+def _unfolded(message: bytes) -> list[bytes]:
+    """The header fields (each unfolded into one line) and then the body lines."""
+    head, body = message.split(b"\r\n\r\n", 1)
+    return head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t").split(b"\r\n") + [b""] + body.split(b"\r\n")
+
+
+# -- DMARC ---------------------------------------------------------------------------------
+
+def spf(result: str, domain: str) -> SPFResult:
+    return SPFResult(result, "mailfrom", domain, f"bounce@{domain}")
+
+
+def passing(domain: str) -> list[DKIMResult]:
+    return [DKIMResult("pass", domain, "s1", "rsa-sha256")]
+
+
+def dmarc(zone: DNSZone, from_domains, spf_result=None, dkim_results=(), random=lambda: 0.0, from_fields=None):
+    facts = MessageFacts(from_domains=tuple(from_domains),
+                         from_fields=len(from_domains) if from_fields is None else from_fields)
+    return asyncio.run(check_dmarc(resolver_for(zone), facts, spf_result, list(dkim_results), random=random))
+
+
+def test_dmarc_pass_by_aligned_dkim_or_spf(zone):
+    by_dkim = dmarc(zone, ["example.test"], spf("fail", "elsewhere.example"), passing("mail.example.test"))
+    assert (by_dkim.result, by_dkim.dkim_aligned, by_dkim.spf_aligned, by_dkim.policy) == ("pass", True, False, "reject")
+    by_spf = dmarc(zone, ["example.test"], spf("pass", "bounces.example.test"), [])
+    assert (by_spf.result, by_spf.spf_aligned, by_spf.disposition) == ("pass", True, "none")
+
+
+@pytest.mark.parametrize("domain, disposition", [
+    ("example.test", "reject"), ("quarantine.example", "quarantine"), ("none.example", "none")])
+def test_dmarc_fail_takes_the_policy(zone, domain, disposition):
+    result = dmarc(zone, [domain], spf("pass", "elsewhere.example"), passing("other.example")
+                   + [DKIMResult("fail", domain, "s1")])
+    assert (result.result, result.policy, result.disposition, result.record_domain) == (
+        "fail", disposition, disposition, domain)
+
+
+def test_dmarc_organizational_domain_fallback_and_sp(zone):
+    sub = dmarc(zone, ["mail.sub.org.example"], spf("fail", "org.example"))
+    assert (sub.result, sub.domain, sub.record_domain, sub.policy, sub.disposition) == (
+        "fail", "mail.sub.org.example", "org.example", "quarantine", "quarantine")
+    org = dmarc(zone, ["org.example"])
+    assert (org.result, org.policy, org.record_domain) == ("fail", "reject", "org.example")
+    relaxed = dmarc(zone, ["mail.sub.org.example"], None, passing("org.example"))
+    assert (relaxed.result, relaxed.dkim_aligned) == ("pass", True)
+
+
+def test_dmarc_pct(zone):
+    never = dmarc(zone, ["pct0.example"], random=lambda: 0.0)
+    assert (never.result, never.policy, never.disposition) == ("fail", "reject", "quarantine")
+    assert "pct=0" in never.reason
+    assert dmarc(zone, ["example.test"], random=lambda: 0.999).disposition == "reject"  # pct=100
+    assert dmarc(zone, ["pct50.example"], random=lambda: 0.49).disposition == "quarantine"
+    assert dmarc(zone, ["pct50.example"], random=lambda: 0.5).disposition == "none"
+
+
+def test_dmarc_strict_alignment(zone):
+    subdomain = dmarc(zone, ["strict.example"], spf("pass", "mail.strict.example"), passing("mail.strict.example"))
+    assert (subdomain.result, subdomain.spf_aligned, subdomain.dkim_aligned) == ("fail", False, False)
+    exact = dmarc(zone, ["strict.example"], spf("pass", "strict.example"), passing("Strict.Example."))
+    assert (exact.result, exact.spf_aligned, exact.dkim_aligned) == ("pass", True, True)
+
+
+def test_dmarc_several_from_domains_strictest_wins(zone):
+    result = dmarc(zone, ["none.example", "example.test", "quarantine.example"])
+    assert (result.result, result.domain, result.disposition) == ("fail", "example.test", "reject")
+    one_passes = dmarc(zone, ["example.test", "none.example"], None, passing("example.test"))
+    assert (one_passes.result, one_passes.domain) == ("fail", "none.example")
+
+
+def test_dmarc_no_from_or_unreadable_from(zone):
+    assert dmarc(zone, []) == DMARCResult("none", reason="no From domain")
+    assert dmarc(zone, [], from_fields=1).result == "permerror"
+
+
+def test_dmarc_records_ignored_or_bad(zone):
+    assert dmarc(zone, ["nothing.example"]) == DMARCResult("none", "nothing.example", reason="no DMARC record")
+    several = dmarc(zone, ["multi.example"])
+    assert (several.result, several.reason) == ("none", "several DMARC records at _dmarc.multi.example")
+    # Not "v=DMARC1" first, exactly: discarded (here nothing is left, so no DMARC).
+    assert dmarc(zone, ["other.example"]).result == "none"
+    assert dmarc(zone, ["badp.example"]).result == "permerror"
+    with_rua = dmarc(zone, ["badprua.example"])
+    assert (with_rua.result, with_rua.policy, with_rua.disposition) == ("fail", "none", "none")
+    assert dmarc(zone, ["broken.example"]).result == "temperror"
+
+
+def test_dmarc_of_a_signed_message(keys, zone):
+    """The whole path: a message signed by its From domain passes; signed by another domain
+    with a failing SPF, it fails with the From domain's p=reject."""
+    for signer, want in ((b"example.test", "pass"), (b"other.example", "fail")):
+        scan, _ = scan_of(sign(MESSAGE, keys, domain=signer), 13)
+        results = asyncio.run(verify_dkim(scan, resolver_for(zone)))
+        assert [r.result for r in results] == ["pass"]
+        verdict = asyncio.run(check_dmarc(resolver_for(zone), scan.facts(), spf("fail", "example.test"), results))
+        assert (verdict.result, verdict.domain) == (want, "example.test")
+        assert verdict.disposition == ("none" if want == "pass" else "reject")
