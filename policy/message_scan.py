@@ -35,11 +35,9 @@ MAX_FROM_FIELDS = 8  # From: fields whose addresses are read (all are counted)
 MAX_FROM_PARSED = 2000  # a longer From: value is junk: no address is read from it (the
 # stdlib parsers are quadratic on some junk: 8000 quotes took 0.7 s, 2000 take 0.05 s)
 ARC_MAX_INSTANCES = 50  # RFC 8617 §4.2.1
-# A field name as dkimpy reads it (printable ASCII up to the first colon), so that the
-# fields found here are the ones dkimpy verifies.
-_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
-# RFC 8601 §2.2: the field name, allowing the obsolete WSP before the colon (RFC 5322 §4.5.3).
-_AUTH_RESULTS = re.compile(rb"authentication-results[ \t]*:", re.IGNORECASE)
+# A field name as dkimpy reads it (printable ASCII up to the colon), so that the fields
+# found here are the ones dkimpy verifies; WSP before the colon is allowed (obs-optional).
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _WSP_RUN = re.compile(rb"\s+")
 _TOKEN_END = re.compile(rb"[\s;()\"]")
 
@@ -127,10 +125,10 @@ class MessageScan:
         kept = []
         dkim_specs = []
         newest_ams = None
-        for name, raw in _fields(header):
-            value = raw[len(name) + 1:] if name is not None else b""
+        for name, raw, value in _fields(header):
             lower = name.lower() if name is not None else None
-            if _AUTH_RESULTS.match(raw) and _authserv_id(raw[raw.index(b":") + 1:]) == self._id:
+            # RFC 8601 §5: ours, however written (case, a trailing dot, comments, quoted)
+            if lower == b"authentication-results" and _authserv_id(value) == self._id:
                 self.removed += 1
                 continue
             kept.append(raw)
@@ -176,25 +174,26 @@ class MessageScan:
 
 
 def _fields(header: bytes):
-    """(name, raw field with its CRLF) for each field of `header`, continuation lines
-    included; name None for a line that is not a field (an mbox "From " line, junk)."""
+    """(name, raw field with its CRLF, value) for each field of `header`, continuation
+    lines included; name None for a line that is not a field (an mbox "From " line, junk).
+    A name may have WSP before its colon (RFC 5322 §4.5.3 obs-optional): mail readers take
+    "From : x" as a From: field, so the checks must too (dkimpy cannot read such a header
+    section: each signature is then a permerror)."""
     start = 0
-    name = None
+    name, value_start = None, 0
     field_start = 0
     while start < len(header):
         end = header.find(b"\r\n", start)
         end = len(header) if end < 0 else end + 2
         if header[start:start + 1] not in (b" ", b"\t") or start == 0:
             if start > field_start:
-                yield name, header[field_start:start]
+                yield name, header[field_start:start], header[value_start:start]
             field_start = start
             match = _FIELD_NAME.match(header, start, end)
-            name = match.group(1) if match else None
-            if name is None and _AUTH_RESULTS.match(header, start):
-                name = header[start:header.index(b":", start)].rstrip(b" \t")
+            name, value_start = (match.group(1), match.end()) if match else (None, start)
         start = end
     if start > field_start:
-        yield name, header[field_start:start]
+        yield name, header[field_start:start], header[value_start:start]
 
 
 def _authserv_id(value: bytes) -> bytes:

@@ -251,6 +251,7 @@ def test_streamed_body_hashes_are_dkimpys(body):
     (b"From: undisclosed-recipients:;\r\n", (), 1),
     (b"From: <<<@@@>>> (unclosed\r\n", (), 1),
     (b"From: a@[192.0.2.1]\r\n", (), 1),
+    (b"From : obsolete@example.test\r\n", ("example.test",), 1),  # RFC 5322 §4.5.3
     (b"From: " + b"\"" * 3000 + b"\r\n", (), 1),
     (b"Sender: s@example.test\r\n", (), 0),
 ])
@@ -399,6 +400,16 @@ def test_a_misaligned_signature_still_passes_dkim(keys, zone):
 
 def test_no_signature_no_result(zone):
     assert dkim_results(MESSAGE, zone) == []
+
+
+def test_expired_signature_and_unreadable_header_are_permerror(keys, zone):
+    expired = sign(MESSAGE, keys).replace(b"DKIM-Signature: v=1;", b"DKIM-Signature: v=1; x=1000;", 1)
+    (result,) = dkim_results(expired, zone)
+    assert result.result == "permerror" and "x= value is past" in result.reason
+    # A header line that is no field (dkimpy's parser refuses it): each signature says so.
+    junk = sign(MESSAGE, keys).replace(b"To: bob", b"no colon here\r\nTo: bob", 1)
+    (result,) = dkim_results(junk, zone)
+    assert result.result == "permerror" and result.reason.startswith("header section unreadable")
 
 
 # -- ARC -----------------------------------------------------------------------------------
@@ -582,3 +593,4 @@ def test_dmarc_of_a_signed_message(keys, zone):
         verdict = asyncio.run(check_dmarc(resolver_for(zone), scan.facts(), spf("fail", "example.test"), results))
         assert (verdict.result, verdict.domain) == (want, "example.test")
         assert verdict.disposition == ("none" if want == "pass" else "reject")
+
