@@ -27,7 +27,7 @@ Fixtures (import them into a test module, `from clamd_peer import clamd_server`)
 `clamd_server` is one clamd on a unix socket shared by the tests of a pytest process (do
 not stop it; start a `Clamd` of your own to stop); `silent_clamd` is a SilentClamd.
 
-By hand (for `make run` with `[clamav] enabled`), until Ctrl-C:
+By hand (for `make run` with `[clamav] enabled`), until Ctrl-C or SIGTERM:
 
     .venv/bin/python tests/clamd_peer.py unix:/tmp/postroom-clamd.sock
     .venv/bin/python tests/clamd_peer.py 127.0.0.1:3310
@@ -50,6 +50,10 @@ import pytest
 
 SIGNATURES = Path(__file__).resolve().parent / "data" / "clamav"
 CLAMD = shutil.which("clamd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) or "/usr/sbin/clamd"
+# setpriv (util-linux, Essential in Debian) execs clamd with a parent-death signal: a test
+# process that dies without stopping its clamd takes it along (the signal comes when the
+# thread that started clamd ends: start it from the main thread).
+SETPRIV = shutil.which("setpriv")
 READY_TIMEOUT = 30.0
 
 
@@ -121,7 +125,10 @@ class Clamd:
     def _start_once(self) -> None:
         started = time.monotonic()
         log = open(self.dir / "clamd.out", "ab")
-        self.process = subprocess.Popen([CLAMD, "-c", str(self.dir / "clamd.conf")], stdin=subprocess.DEVNULL,
+        argv = [CLAMD, "-c", str(self.dir / "clamd.conf")]
+        if SETPRIV:
+            argv = [SETPRIV, "--pdeathsig", "TERM", *argv]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = started + READY_TIMEOUT
@@ -303,6 +310,7 @@ def main(argv: list[str]) -> int:
               "Ctrl-C stops it", flush=True)
         try:
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # even started with `&`
             clamd.process.wait()
             print(f"clamd exited with {clamd.process.returncode}:\n{clamd.log_tail()}", file=sys.stderr)
             return 1

@@ -111,7 +111,7 @@ def test_clamd_killed_while_a_message_streams():
         result = scanner(server.address, timeout=5).scan(chunks())
         assert result.result == "unscanned"
         assert "connection lost" in result.reason or "without an answer" in result.reason, result.reason
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 3
 
 
 def test_a_silent_clamd_is_unscanned_within_the_timeout(silent_clamd):
@@ -120,7 +120,7 @@ def test_a_silent_clamd_is_unscanned_within_the_timeout(silent_clamd):
     elapsed = time.monotonic() - started
     assert result.result == "unscanned"
     assert "no verdict within 1s" in result.reason
-    assert 0.9 <= elapsed < 1.6, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
     assert silent_clamd.connections == 1
 
 
@@ -131,7 +131,7 @@ def test_a_clamd_that_never_reads_is_unscanned_within_the_timeout():
         result = scanner(fake.address, timeout=1).scan(b"y" * 65536 for _ in range(256))
         elapsed = time.monotonic() - started
     assert result.result == "unscanned" and "no verdict within 1s" in result.reason
-    assert 0.9 <= elapsed < 1.6, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
 
 
 def test_the_timeout_bounds_the_whole_scan_not_each_write():
@@ -142,7 +142,7 @@ def test_the_timeout_bounds_the_whole_scan_not_each_write():
         result = scanner(fake.address, timeout=1).scan(b"z" * 65536 for _ in range(64))
         elapsed = time.monotonic() - started
     assert result.result == "unscanned" and "no verdict within 1s" in result.reason
-    assert 0.9 <= elapsed < 1.6, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
 
 
 def test_tcp_address():
