@@ -38,6 +38,7 @@ from policy.evidence import VirusResult
 # keeps each write, and what it holds of a caller's big chunk, bounded.
 PIECE = 256 * 1024
 MAX_ANSWER = 4096  # clamd's answer is one short line; more is not clamd
+CONNECT_RETRY = 0.05  # seconds between connects to a clamd whose queue is full
 _LENGTH = struct.Struct("!L")
 
 
@@ -116,14 +117,25 @@ def _source(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 class _UnixClient(_StreamClient, clamd.ClamdUnixSocket):
     def _init_socket(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self._remaining())
-            sock.connect(self.unix_socket)
-        except OSError as e:
-            sock.close()
-            raise clamd.ConnectionError(_connect_error(self.unix_socket, e)) from e
-        self.clamd_socket = sock
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self._remaining())
+                sock.connect(self.unix_socket)
+            except BlockingIOError:
+                # A unix socket with a full accept queue (clamd's threads all busy) answers
+                # EAGAIN at once rather than letting a timed connect wait: wait here.
+                sock.close()
+                time.sleep(min(CONNECT_RETRY, max(0.0, self.deadline - time.monotonic())))
+                if time.monotonic() >= self.deadline:
+                    raise clamd.ConnectionError(f"connect to {self.unix_socket} timed out "
+                                                "(clamd's connection queue is full)") from None
+                continue
+            except OSError as e:
+                sock.close()
+                raise clamd.ConnectionError(_connect_error(self.unix_socket, e)) from e
+            self.clamd_socket = sock
+            return
 
 
 class _NetworkClient(_StreamClient, clamd.ClamdNetworkSocket):

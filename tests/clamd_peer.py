@@ -8,6 +8,7 @@
     with SilentClamd() as fake:            # accepts, reads what it is sent, never answers
     SilentClamd(read=False)                # accepts and never reads: the sender blocks
     SilentClamd(read_rate=65536)           # reads 64 KiB a second, never answers
+    SilentClamd(accept=False)              # a full connection queue: connect() hangs
 
 It starts /usr/sbin/clamd with a config of its own and a database of one signature
 (tests/data/clamav/postroom-test.ndb: the EICAR test string anywhere in a file or a
@@ -203,9 +204,12 @@ class SilentClamd:
     """A socket that accepts clamd's clients and never answers them: a clamd that hangs.
     read=True reads and drops what comes (at read_rate bytes a second if given), so the
     client waits for an answer; read=False never reads, so the client's sends block once
-    the socket buffers are full. `connections` counts the accepted clients."""
+    the socket buffers are full. `connections` counts the accepted clients.
+    accept=False (unix socket only) never accepts and fills its own connection queue first,
+    like a clamd stuck with all its threads busy: a client's connect() blocks."""
 
-    def __init__(self, *, tcp: bool = False, read: bool = True, read_rate: int | None = None):
+    def __init__(self, *, tcp: bool = False, read: bool = True, read_rate: int | None = None,
+                 accept: bool = True):
         self.dir = Path(tempfile.mkdtemp(prefix="postroom-silent-clamd-", dir="/tmp"))
         if tcp:
             self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -216,7 +220,6 @@ class SilentClamd:
             path = str(self.dir / "clamd.sock")
             self._listener.bind(path)
             self.address = f"unix:{path}"
-        self._listener.listen(16)
         self._read = read
         self._read_rate = read_rate
         self._closed = threading.Event()
@@ -224,7 +227,30 @@ class SilentClamd:
         self.connections = 0
         self.received = 0
         self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        if accept:
+            self._listener.listen(16)
+            self._thread.start()
+        else:
+            assert not tcp, "a TCP listen queue cannot be filled this way"
+            self._listener.listen(0)
+            self._fill_queue(path)
+
+    def _fill_queue(self, path: str) -> None:
+        for _ in range(64):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                sock.close()
+                return
+            self._clients.append(sock)
+        raise RuntimeError("the listen queue did not fill")
+
+    def free_one(self) -> None:
+        """Take one connection off the full queue (accept=False), making room for one."""
+        client, _ = self._listener.accept()
+        self._clients.append(client)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -258,7 +284,8 @@ class SilentClamd:
             except OSError:
                 pass
             sock.close()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SilentClamd:

@@ -4,6 +4,7 @@ the one EICAR signature) and against a clamd that never answers."""
 from __future__ import annotations
 
 import base64
+import threading
 import time
 import tracemalloc
 
@@ -132,6 +133,29 @@ def test_a_clamd_that_never_reads_is_unscanned_within_the_timeout():
         elapsed = time.monotonic() - started
     assert result.result == "unscanned" and "no verdict within 1s" in result.reason
     assert 0.9 <= elapsed < 2.5, elapsed
+
+
+def test_a_clamd_that_never_accepts_is_unscanned_within_the_timeout():
+    # The clamd package's own client connects before it sets its timeout: it waits here for
+    # ever. A timed connect to a full unix socket queue fails at once (EAGAIN): the scanner
+    # tries again until its deadline, as a busy clamd may take the connection soon.
+    with SilentClamd(accept=False) as fake:
+        started = time.monotonic()
+        result = scanner(fake.address, timeout=1).scan(message(b"x"))
+        elapsed = time.monotonic() - started
+    assert result.result == "unscanned"
+    assert result.reason == f"connect to {fake.address[len('unix:'):]} timed out (clamd's connection queue is full)"
+    assert 0.9 <= elapsed < 2.5, elapsed
+
+
+def test_a_connection_queue_that_frees_up_is_waited_for():
+    with SilentClamd(accept=False) as fake:
+        timer = threading.Timer(0.3, fake.free_one)
+        timer.start()
+        result = scanner(fake.address, timeout=1).scan(message(b"x"))
+        timer.join()
+    # It got in once there was room (then the fake, silent, gave no verdict).
+    assert result.result == "unscanned" and "no verdict within 1s" in result.reason, result.reason
 
 
 def test_the_timeout_bounds_the_whole_scan_not_each_write():
