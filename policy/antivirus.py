@@ -172,9 +172,9 @@ class Scanner:
             self._client = lambda: _NetworkClient(where.host, where.port)
 
     def scan(self, chunks: Iterable[bytes]) -> VirusResult:
-        """The verdict on the message made of `chunks` (read lazily, one at a time). An error
-        raised by the iterable itself (reading the spooled message) is the caller's and
-        passes through."""
+        """The verdict on the message made of `chunks` (read lazily, one at a time; not to
+        the end when clamd fails first). An error raised by the iterable itself (reading
+        the spooled message) is the caller's and passes through."""
         client = self._client()
         client.deadline = time.monotonic() + self.timeout
         try:
