@@ -11,9 +11,10 @@ POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
 PYTEST_ARGS ?=
 
 # Debian packages: what a venv needs, and what the tests drive as real peers and clients
-# (libnet-ssleay-perl: swaks --tls, which the submission tests use).
+# (libnet-ssleay-perl: swaks --tls, which the submission tests use; clamav-daemon: the
+# clamd that tests/clamd_peer.py starts with its own config and one test signature).
 APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
-                opendkim-tools
+                opendkim-tools clamav-daemon
 
 .PHONY: run test install system-packages clean
 
@@ -58,13 +59,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
 	touch $@
 
 # Installs only what is missing, so a prepared machine never waits on apt.
+# clamav-daemon comes here as a test peer only: when this installs it, the services Debian
+# enables with it are stopped and disabled again (freshclam would download ~200 MB of
+# signatures, then Debian's clamd would hold ~1 GiB of them, on a machine running the
+# suite). Nothing of Postroom's uses them; `systemctl enable --now clamav-freshclam
+# clamav-daemon` brings them back for a real clamd.
+CLAMAV_SERVICES := clamav-freshclam.service clamav-daemon.service clamav-daemon.socket
+
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install as root): $$missing" >&2; exit 1; fi; \
 	    echo "installing Debian packages: $$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	    case " $$(echo $$missing) " in *" clamav-daemon "*) \
+	        if [ -d /run/systemd/system ]; then \
+	            echo "clamav-daemon is a test peer here: disabling $(CLAMAV_SERVICES)"; \
+	            systemctl disable --now $(CLAMAV_SERVICES) || true; \
+	        fi;; \
+	    esac; \
 	fi
 
 clean:
