@@ -142,23 +142,24 @@ def authentication_results(evidence: Evidence, authserv_id: str) -> str:
     if spf is not None:
         identity = {"smtp_helo": _domain(spf.domain)} if spf.identity == "helo" else \
             {"smtp_mailfrom": _pvalue(spf.sender)}
-        results.append(authres.SPFAuthenticationResult(result=spf.result, reason=_reason(spf.reason), **identity))
+        results.append(authres.SPFAuthenticationResult(result=spf.result, reason=_why(spf.result, spf.reason),
+                                                       **identity))
     for dkim in evidence.dkim:
         properties = [authres.AuthenticationResultProperty("header", "b", _token(dkim.signature))] \
             if _token(dkim.signature) else []
         results.append(authres.DKIMAuthenticationResult(
-            result=dkim.result, reason=_reason(dkim.reason), header_d=_domain(dkim.domain),
+            result=dkim.result, reason=_why(dkim.result, dkim.reason), header_d=_domain(dkim.domain),
             header_s=_token(dkim.selector) or None, header_a=_token(dkim.algorithm) or None,
             header_i=_pvalue(dkim.identity) if dkim.identity else None, properties=properties))
     if evidence.facts is not None and not evidence.dkim:
         results.append(authres.DKIMAuthenticationResult(result="none"))
     if evidence.arc is not None:
         results.append(authres.arc.ARCAuthenticationResult(result=evidence.arc.result,
-                                                           reason=_reason(evidence.arc.reason)))
+                                                           reason=_why(evidence.arc.result, evidence.arc.reason)))
     dmarc = evidence.dmarc
     if dmarc is not None:
         results.append(authres.dmarc.DMARCAuthenticationResult(
-            result=dmarc.result, reason=_reason(dmarc.reason), header_from=_domain(dmarc.domain),
+            result=dmarc.result, reason=_why(dmarc.result, dmarc.reason), header_from=_domain(dmarc.domain),
             policy=dmarc.policy or None))
     header = authres.AuthenticationResultsHeader(authserv_id=_domain(authserv_id), results=results)
     return _fold(str(header))
@@ -188,8 +189,9 @@ def _text(value: str) -> str:
     return _UNSAFE_TEXT.sub("?", value or "")[:MAX_REASON]
 
 
-def _reason(value: str) -> str | None:
-    return _text(value) or None
+def _why(result: str, reason: str) -> str | None:
+    """A result's reason, where it tells something: why it did not pass."""
+    return None if result == "pass" else _text(reason) or None
 
 
 def _token(value: str) -> str:
