@@ -349,3 +349,26 @@ def test_greylisting_defers_a_first_try_and_accepts_the_retry(tmp_path, zone):
         assert send(daemon, signed(message(subject="trusted")), to=("carol@example.test",))[0] == 250
     finally:
         stop_mx(daemon)
+
+
+def test_rate_limits_hold_across_mtads_worker_processes(tmp_path, zone):
+    """Each worker counts in the same LMDB table (<data_dir>/rates.lmdb): a client spread over
+    both by SO_REUSEPORT gets the limit once, not once per worker."""
+    daemon = start_mx(tmp_path, zone, smtp={"workers": 2}, rates={"exempt": [], "connections_per_minute": 6})
+    try:
+        address = daemon.listen("smtp.listen")
+        greeted = refused = 0
+        for _ in range(14):
+            try:
+                smtplib.SMTP(address.host, address.port, timeout=10, source_address=(ALLOWED, 0)).quit()
+                greeted += 1
+            except smtplib.SMTPConnectError as e:
+                assert e.smtp_code == 421
+                refused += 1
+        assert (greeted, refused) == (6, 8)
+        log = daemon.stderr() + daemon.stdout()
+        serving = {line.split(" pid=")[1].split()[0] for line in log.splitlines()
+                   if "event=connect " in line or "event=connection_refused" in line}
+        assert len(serving) == 2, "both workers took connections"
+    finally:
+        stop_mx(daemon)
