@@ -38,7 +38,14 @@ run: install
 	@echo "Send out:     swaks --server 127.0.0.1:2587 --tls --auth-user demo@example.test \\"
 	@echo "                --auth-password \$$(cat var/demo-password) --from demo@example.test --to someone@example.net"
 	@echo "              (example.net is routed to 127.0.0.1:2600: start a receiver there, see conf/dev.toml)"
-	exec $(POSTROOM) serve
+	@echo "Anti-virus:   a clamd with one signature (the EICAR test file) on /tmp/postroom-dev-clamd.sock;"
+	@echo "              README.md shows an EICAR message refused with swaks"
+	@# The dev clamd ([clamav] in conf/dev.toml) lives as long as this recipe: Ctrl-C stops both.
+	@rm -f /tmp/postroom-dev-clamd.sock
+	$(PY) tests/clamd_peer.py unix:/tmp/postroom-dev-clamd.sock & clamd=$$!; \
+	trap 'kill $$clamd 2>/dev/null' EXIT; \
+	for i in $$(seq 300); do [ -S /tmp/postroom-dev-clamd.sock ] && break; sleep 0.1; done; \
+	$(POSTROOM) serve
 
 # The suite mostly waits (daemons starting, clients and servers talking, timeouts), so it
 # runs in TEST_WORKERS processes at once; tests marked `serial` (timing that must not share
