@@ -325,6 +325,12 @@ class GreylistConfig:
     # A triplet that passed is remembered this long after its last message.
     expire: Duration = field(default=Duration(35 * 86400), metadata={"min": 3600, "max": 365 * 86400})
 
+    def problems(self) -> list[tuple[str, str]]:
+        if self.delay >= self.retry_window:
+            return [("delay", f"{self.delay} is not shorter than retry_window {self.retry_window}: no retry "
+                              "could ever pass")]
+        return []
+
 
 @dataclass(frozen=True)
 class StorageConfig:

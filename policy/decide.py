@@ -129,7 +129,8 @@ def header_fields(evidence: Evidence, decision: Decision, authserv_id: str, poli
                      f"reject={policy.reject_threshold:g}")
         lines.append(_fold(f"X-Spam-Report: {report}"))
     if evidence.virus is not None and evidence.virus.result == "unscanned":
-        lines.append(f"X-Virus-Scanned: no, {_text(evidence.virus.reason) or 'clamd unavailable'} ({authserv_id})")
+        # Not the scanner's reason: it names the clamd socket, which is not the recipient's business.
+        lines.append(f"X-Virus-Scanned: no, scanner unavailable ({authserv_id})")
     elif evidence.virus is not None:
         lines.append(f"X-Virus-Scanned: clean ({authserv_id}, ClamAV)")
     return "".join(line + "\r\n" for line in lines).encode("utf-8")
