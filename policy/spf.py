@@ -2,13 +2,15 @@
 the HELO name when the sender is null (RFC 7208 §2.3: postmaster@<HELO name>)?
 
 pyspf evaluates the record; its DNS is ours: a subclass of `spf.query` replaces its one
-lookup method, `dns()`, with the shared Resolver (through `Resolver.blocking`, since pyspf
-blocks and runs in a worker thread given by the caller as `run_blocking`). pyspf keeps
-RFC 7208 §4.6.4's limits: 10 terms that cause DNS lookups (include, a, mx, ptr, exists,
-redirect), 10 MX and PTR names, and 2 void lookups (our `dns()` counts those, as pyspf's
-does). The whole evaluation is bounded in time (MAX_TIME, §4.6.4 says at least 20 s): a
-lookup asked after it is a temperror, and each lookup is bounded by `[dns] timeout`, so a
-silent DNS server gives temperror after one timeout.
+lookup method, `dns()`, with answers from the shared Resolver. pyspf blocks, so it runs in a
+worker thread given by the caller (`run_blocking`), but no thread waits on DNS: pyspf runs
+on the answers known so far and stops at the first it lacks, the Resolver asks for it on
+the event loop, and pyspf runs again (see check_spf). pyspf keeps RFC 7208 §4.6.4's limits:
+10 terms that cause DNS lookups (include, a, mx, ptr, exists, redirect), 10 MX and PTR
+names, and 2 void lookups (our `dns()` counts those, as pyspf's does). The whole evaluation
+is bounded in time (MAX_TIME, §4.6.4 says at least 20 s): no lookup is asked after it, and
+each lookup is bounded by `[dns] timeout`, so a silent DNS server gives temperror after
+one timeout.
 
 The result is one of RFC 7208 §2.6's seven words, with pyspf's explanation as the reason
 (the header comment when it has none), cleaned of control characters: a domain's exp=
@@ -17,7 +19,6 @@ text is the sender's to choose and may end up in a reply or a header.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import time
@@ -29,12 +30,12 @@ from policy.evidence import SPF_RESULTS, SPFResult
 from policy.resolver import TEMPERROR, DNSAnswer, Resolver
 
 MAX_TIME = 20.0  # seconds for a whole evaluation (RFC 7208 §4.6.4)
+# Runs of pyspf for one evaluation, one more for each answer it needs. §4.6.4 allows 10
+# terms that query DNS, and 10 MX names for each mx term: about 120 names at most.
+MAX_RUNS = 150
 MAX_REASON = 200  # characters of explanation kept
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
 _NOT_IN_NAMES = re.compile(r"[\x00-\x20\x7f@\[\]\"\\(),;:<>]")  # what no domain (nor U-label) holds
-
-Lookup = Callable[[str, str], DNSAnswer]
-
 
 async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
                     run_blocking: Callable[..., Awaitable], time_limit: float = MAX_TIME) -> SPFResult:
@@ -52,25 +53,56 @@ async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
         # What was given goes on cleaned: it is no name, and may be anything.
         checked = _clean(checked)
         return SPFResult("none", identity, "", checked, f"no domain to check in {checked}")
-    lookup = resolver.blocking(asyncio.get_running_loop())
-    result, reason = await run_blocking(_evaluate, lookup, ip, sender, local or "postmaster", domain,
-                                        helo, time_limit)
+    # pyspf blocks on its DNS lookups, and mtad's checks share a few threads: a thread held
+    # while a slow server is waited on would hold up the other sessions' checks. So pyspf
+    # runs in a thread on the answers known so far; where it needs one more it stops, the
+    # Resolver asks (on the loop, no thread held), and pyspf runs again from the start with
+    # that answer too. Each run costs microseconds per term; a record needs a few runs, and
+    # RFC 7208 §4.6.4's limits bound them (MAX_RUNS for a record that escapes them).
+    answers: dict[tuple[str, str], DNSAnswer] = {}
+    deadline = time.monotonic() + time_limit
+    now = str(int(time.time()))  # the %{t} macro: the same in every run
+    for _ in range(MAX_RUNS):
+        outcome = await run_blocking(_evaluate, answers, now, ip, sender, local or "postmaster", domain, helo)
+        if not isinstance(outcome, _Missing):
+            result, reason = outcome
+            break
+        if time.monotonic() > deadline:
+            result, reason = "temperror", "DNS: SPF evaluation took too long"
+            break
+        answers[outcome.key] = await resolver.query(*outcome.key)
+    else:
+        result, reason = "permerror", f"more than {MAX_RUNS} DNS lookups"
     return SPFResult(result, identity, domain, checked, _clean(reason))
 
 
-def _evaluate(lookup: Lookup, ip: str, sender: str, local: str, domain: str, helo: str,
-              time_limit: float) -> tuple[str, str]:
-    """pyspf's verdict, in a worker thread: (result, explanation)."""
+class _Missing(Exception):
+    """pyspf needs an answer not yet known: `key` is (name, type)."""
+
+    def __init__(self, key: tuple[str, str]):
+        super().__init__(f"{key[0]} {key[1]} not asked yet")
+        self.key = key
+
+
+def _evaluate(answers: dict[tuple[str, str], DNSAnswer], now: str, ip: str, sender: str, local: str,
+              domain: str, helo: str) -> tuple[str, str] | _Missing:
+    """pyspf's verdict on these answers, in a worker thread: (result, explanation), or the
+    first answer it lacks."""
     try:
-        query = _Query(lookup, time.monotonic() + time_limit, i=ip, s=sender, h=helo)
+        query = _Query(answers, i=ip, s=sender, h=helo)
     except spf.PermError as e:  # the client address is not one
         return "permerror", f"bad client address: {e}"
     # pyspf splits the sender at its first "@": ours is split at the last.
     query.l, query.o, query.d = local, domain, domain
+    query.t = now
     try:
         result, _code, explanation = query.check()
+    except _Missing as missing:
+        return missing
     except Exception as e:  # pyspf's own failure on a hostile record: never the session's
         return "permerror", f"SPF evaluation failed: {type(e).__name__}: {e}"
+    if query.missing is not None:  # pyspf swallowed it (its exp= lookup catches everything)
+        return query.missing
     if result not in SPF_RESULTS:  # "ambiguous" and the like come only in pyspf's harsh mode
         return "permerror", f"unexpected pyspf result {result}: {explanation}"
     if not explanation and result == "none":
@@ -84,24 +116,26 @@ def _evaluate(lookup: Lookup, ip: str, sender: str, local: str, domain: str, hel
 
 
 class _Query(spf.query):
-    """pyspf's query with its DNS lookups through the Resolver."""
+    """pyspf's query with its DNS answers from `answers` (filled by the Resolver)."""
 
-    def __init__(self, lookup: Lookup, deadline: float, **kwargs):
+    def __init__(self, answers: dict[tuple[str, str], DNSAnswer], **kwargs):
         super().__init__(**kwargs)
-        self._lookup = lookup
-        self._deadline = deadline
+        self._answers = answers
+        self.missing: _Missing | None = None
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
         """Records of `qtype` for `name` as pyspf's dnspython driver gives them: A, AAAA as
         address text, MX as (preference, host), PTR as host, TXT as a tuple of bytes.
-        CNAMEs are followed by the resolver. Raises spf.TempError for DNS trouble and
-        spf.PermError past the void lookup limit (RFC 7208 §4.6.4)."""
+        CNAMEs are followed by the resolver. Raises _Missing for an answer not known yet,
+        spf.TempError for DNS trouble and spf.PermError past the void lookup limit
+        (RFC 7208 §4.6.4)."""
         name = str(name).rstrip(".").lower()
         if not name or not all(0 < len(label) < 64 for label in name.split(".")):
             return []  # not a DNS name: no lookup (pyspf's own rule)
-        if time.monotonic() > self._deadline:
-            raise spf.TempError("DNS: SPF evaluation took too long")
-        answer = self._lookup(name, qtype)
+        answer = self._answers.get((name, qtype))
+        if answer is None:
+            self.missing = _Missing((name, qtype))
+            raise self.missing
         if answer.status == TEMPERROR:
             raise spf.TempError(f"DNS: no answer for {name} {qtype} (timeout or server failure)")
         result = [_record(qtype, record) for record in answer.records]

@@ -430,6 +430,28 @@ def test_spf_waiting_on_dns_does_not_hold_up_the_loop(spf_zone):
     assert gap < TIMEOUT / 2  # the loop ran on while the thread waited out the timeout
 
 
+def test_spf_waiting_on_dns_holds_no_thread(spf_zone):
+    # mtad's checks share one small thread pool: SPF sessions waiting on a silent DNS server
+    # must not keep the rate limits and the greylist (quick blocking calls) waiting.
+    async def main():
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            def run_blocking(fn, *args):
+                return loop.run_in_executor(pool, fn, *args)
+            resolver = _resolver(spf_zone)
+            checks = [asyncio.create_task(check_spf(resolver, ip="127.0.0.5", sender=f"a@{n}.silent.example",
+                                                    helo="x.example", run_blocking=run_blocking))
+                      for n in range(3)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await run_blocking(time.sleep, 0)
+            waited = time.monotonic() - started
+            return [c.result for c in await asyncio.gather(*checks)], waited
+    results, waited = asyncio.run(main())
+    assert results == ["temperror"] * 3
+    assert waited < TIMEOUT / 2
+
+
 # -- DNSBL -------------------------------------------------------------------------------
 
 V6 = "2001:db8::1:5"
