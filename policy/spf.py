@@ -37,6 +37,7 @@ MAX_REASON = 200  # characters of explanation kept
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
 _NOT_IN_NAMES = re.compile(r"[\x00-\x20\x7f@\[\]\"\\(),;:<>]")  # what no domain (nor U-label) holds
 
+
 async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
                     run_blocking: Callable[..., Awaitable], time_limit: float = MAX_TIME) -> SPFResult:
     """The SPF result for a message from `ip` with MAIL FROM `sender` ("" for the null
