@@ -86,8 +86,8 @@ nameservers = ["127.0.0.1"]
 port = {chain['dns_port']}
 timeout = 2
 [clamav]
-enabled = true
-address = "{chain['clamd']}"
+enabled = {'true' if chain['clamd'] else 'false'}
+address = "{chain['clamd'] or 'unix:/nonexistent'}"
 timeout = 10
 [rates]
 exempt = []
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("-s", "--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3, help="off/on pairs, alternated")
     parser.add_argument("--workers", type=int, default=2, help="[smtp] workers of both servers")
+    parser.add_argument("--split", action="store_true",
+                        help="a third server: the chain on but for clamd, to tell the scan's share")
     parser.add_argument("--ttl", type=int, default=300,
                         help="the zone's TTL: 0 makes every message ask DNS again (no cache)")
     args = parser.parse_args()
@@ -172,18 +174,20 @@ def main() -> None:
         work = Path(tmp)
         message = work / "message.eml"
         message.write_bytes(raw.replace(b"\r\n.", b"\r\n.."))
-        (work / "off").mkdir()
-        (work / "on").mkdir()
-        servers = {"off": start_server(work / "off", args.workers, None),
-                   "on": start_server(work / "on", args.workers,
-                                      {"dns_port": dns.port, "clamd": clamd.address})}
-        figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        settings = {"off": None, "on": {"dns_port": dns.port, "clamd": clamd.address}}
+        if args.split:
+            settings["noav"] = {"dns_port": dns.port, "clamd": ""}
+        servers = {}
+        for label, chain in settings.items():
+            (work / label).mkdir()
+            servers[label] = start_server(work / label, args.workers, chain)
+        figures: dict[str, list[tuple[float, float]]] = {label: [] for label in settings}
         try:
             for round_ in range(args.rounds):
-                for label in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                for label in list(settings) if round_ % 2 == 0 else list(settings)[::-1]:
                     rate, p50, line = load(servers[label][1], message, args)
                     figures[label].append((rate, p50))
-                    print(f"chain {label:3}: {line}", flush=True)
+                    print(f"chain {label:4}: {line}", flush=True)
         finally:
             for process, _ in servers.values():
                 process.terminate()
@@ -193,6 +197,8 @@ def main() -> None:
         for label, (rate, p50) in medians.items():
             print(f"median chain {label}: {rate:.0f} msgs/s, p50 {p50:.1f} ms")
         print(f"chain on / off: {medians['on'][0] / medians['off'][0]:.2f} of the throughput")
+        if args.split:
+            print(f"chain on without clamd / off: {medians['noav'][0] / medians['off'][0]:.2f} of the throughput")
         stored = sorted((work / "on/var/shards").rglob("cur/*"))
         print(f"messages stored with the chain on: {len(stored)} "
               f"(expected {args.rounds * args.concurrency * args.messages})")
