@@ -236,7 +236,9 @@ class InboundSMTP(SMTPAgent):
         if self.policy is None:
             return await self._deliver(route)
         try:
-            decision = await self.policy.end_of_data(route.read_back, list(self._recipients.local))
+            # Greylisting's triplets: every recipient taken, local or forwarded.
+            accepted = [o.rpartition(":")[0] for o in self._outcomes if o.endswith(":250")]
+            decision = await self.policy.end_of_data(route.read_back, accepted)
             if decision.refused:
                 self.log.info("message_refused", qid=self._qid, size=end.size, sender=self._sender or "<>",
                               reason=f"{decision.code} {decision.enhanced}", why=decision.why,

@@ -199,6 +199,10 @@ def _verdict(answer: str, address: str) -> VirusResult:
     match = clamd.scan_response.match(answer)
     if match is None or match.group("status") == "ERROR":
         text = answer.rsplit("ERROR", 1)[0].strip() if answer.endswith("ERROR") else answer
+        if "size limit exceeded" in text.lower():
+            # Past clamd's StreamMaxLength: this message can never be scanned, whatever the
+            # retries, and must not be let through unscanned either (policy/decide.py).
+            return VirusResult("too_big", reason=f"clamd at {address}: {text[:200]}")
         return VirusResult("unscanned", reason=f"clamd at {address}: {text[:200]}")
     if match.group("status") == "FOUND":
         return VirusResult("infected", signature=match.group("virus"))

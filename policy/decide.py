@@ -5,7 +5,8 @@ has spoken, and the header fields that say why.
 Decision. In order:
 1. a virus is refused 554 5.7.1 naming it, and never stored;
 2. a message clamd could not scan is deferred 451 4.7.1 (`[clamav] on_failure =
-   "tempfail"`) or accepted with a header saying so;
+   "tempfail"`) or accepted with a header saying so; one over clamd's stream limit, which
+   no retry can change, is refused 552 5.3.4;
 3. a DMARC `reject` disposition (RFC 7489 §6.6.4, after pct=) is refused 550 5.7.1, or sent
    to Junk when `[policy] dmarc = "quarantine"`; `quarantine` goes to Junk; `dmarc = "none"`
    only records and scores;
@@ -100,6 +101,9 @@ def decide(evidence: Evidence, policy: PolicyConfig, clamav: ClamAVConfig) -> De
     virus = evidence.virus
     if virus is not None and virus.result == "infected":
         return refuse(554, "5.7.1", f"Virus found: {_text(virus.signature) or 'unknown'}", "virus")
+    if virus is not None and virus.result == "too_big":
+        # Sent again it would be as big: a permanent refusal, whatever on_failure says.
+        return refuse(552, "5.3.4", "Message too big to be scanned for viruses", "clamd")
     if virus is not None and virus.result == "unscanned" and clamav.on_failure == "tempfail":
         return refuse(451, "4.7.1", "Virus scan unavailable, try again later", "clamd", DEFER)
     if evidence.user is not None:  # submitted by one of our users: no spam verdict

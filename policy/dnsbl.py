@@ -53,9 +53,9 @@ async def check_dnsbl(resolver: Resolver, ip: str, zones: Iterable[str]) -> tupl
     answer (timeout, server failure, an error code). Zones in the order given."""
     zones = [zone.strip(".").lower() for zone in zones]
     names = [query_name(ip, zone) for zone in zones]  # ValueError before any lookup
-    answers = await asyncio.gather(*(_ask(resolver, name, zone) for name, zone in zip(names, zones)))
+    answers = await asyncio.gather(*(_ask(resolver, name, zone) for name, zone in zip(names, zones, strict=True)))
     hits = [answer for answer in answers if isinstance(answer, DNSBLHit)]
-    unanswered = [zone for zone, answer in zip(zones, answers) if answer is _UNANSWERED]
+    unanswered = [zone for zone, answer in zip(zones, answers, strict=True) if answer is _UNANSWERED]
     return hits, unanswered
 
 

@@ -70,7 +70,9 @@ class DNSBLHit:
 
 @dataclass(frozen=True)
 class VirusResult:
-    result: str  # "clean", "infected", or "unscanned" (clamd down, slow, or in error)
+    # "clean", "infected", "too_big" (over clamd's StreamMaxLength: never scannable), or
+    # "unscanned" (clamd down, slow, or in error)
+    result: str
     signature: str = ""  # clamd's name for what it found
     reason: str = ""  # why it was not scanned
 

@@ -19,7 +19,8 @@ delay for it next time.
 Shared by every process of a data dir: given a path, the table is LMDB at
 `<data_dir>/greylist.lmdb` (each check one write transaction, serialized across processes;
 not synced: a crash forgets at worst the last seconds of first tries, which costs a sender
-one more delay). Bounded: past MAX_TRACKED entries the expired ones go, then the oldest.
+one more delay). Bounded: past MAX_TRACKED entries the first tries go, oldest first, and
+only then the passed triplets and known domains.
 Triplets are stored under a hash of their text: addresses up to 256 bytes each would not
 fit LMDB's 511-byte keys, and nobody needs to read them back. Without a path the table is
 this process's alone.
@@ -117,8 +118,9 @@ class _MemoryTable:
         if new is not None:
             self._entries[key] = new
             self._entries.move_to_end(key)
-            while len(self._entries) > MAX_TRACKED:
-                self._entries.popitem(last=False)
+            if len(self._entries) > MAX_TRACKED:
+                for dropped in _to_drop(list(self._entries.items())):
+                    del self._entries[dropped]
         return answer
 
     def close(self) -> None:
@@ -151,9 +153,19 @@ class _SharedTable:
 
 
 def _trim(txn: lmdb.Transaction) -> None:
-    """Drop the oldest entries (by their last message) down to 90% of MAX_TRACKED: one scan
-    per MAX_TRACKED / 10 new entries at most. The expired ones are among the oldest; a
-    table full of live ones loses its least recent, which costs their senders one delay."""
-    entries = sorted((_ENTRY.unpack(raw)[1], key) for key, raw in txn.cursor())
-    for _, key in entries[:len(entries) - MAX_TRACKED * 9 // 10]:
+    """Drop entries down to 90% of MAX_TRACKED: one scan per MAX_TRACKED / 10 new entries at
+    most."""
+    for key in _to_drop([(key, _ENTRY.unpack(raw)) for key, raw in txn.cursor()]):
         txn.delete(key)
+
+
+def _to_drop(entries: list[tuple[bytes, tuple[float, float, int]]]) -> list[bytes]:
+    """What goes when the table is full: first tries first, the oldest of them first, and
+    only then passed triplets and known domains, the least recent first. A flood of first
+    tries (a spammer's made-up triplets) then flushes only its own kind, never what
+    legitimate senders earned by retrying."""
+    excess = len(entries) - MAX_TRACKED * 9 // 10
+    if excess <= 0:
+        return []
+    ranked = sorted(entries, key=lambda item: (item[1][2] != _WAITING, item[1][1]))
+    return [key for key, _ in ranked[:excess]]

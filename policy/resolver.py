@@ -40,6 +40,12 @@ from conf.schema import DNSConfig
 MAX_TTL = 3600
 NEGATIVE_TTL = 60
 CACHE_SIZE = 10_000
+# The cache is bounded in bytes too: a sender's zone decides how big its answers are (an
+# attack cached 40 KB TXT records under fresh names: +40 KB of memory per MAIL FROM, kept for
+# the TTL). An answer over MAX_CACHED_ANSWER is used once and not kept; every record the
+# checks need (an SPF or DMARC record, a 4096-bit DKIM key) is far smaller.
+CACHE_BYTES = 16 << 20
+MAX_CACHED_ANSWER = 4096
 
 OK, NXDOMAIN, NODATA, TEMPERROR = "ok", "nxdomain", "nodata", "temperror"
 
@@ -69,6 +75,7 @@ class Resolver:
         self._clock = clock
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[float, DNSAnswer]] = OrderedDict()
+        self._cache_bytes = 0
         self._pending: dict[tuple[str, str], asyncio.Task] = {}
         self.lookups = 0  # queries sent (not answered from the cache), for tests and logs
 
@@ -81,7 +88,7 @@ class Resolver:
             if expires > self._clock():
                 self._cache.move_to_end(key)
                 return answer
-            del self._cache[key]
+            self._forget(key)
         task = self._pending.get(key)
         if task is None:
             task = asyncio.ensure_future(self._lookup_and_remember(key))
@@ -151,10 +158,23 @@ class Resolver:
         return DNSAnswer(OK, records), min(answer.rrset.ttl, MAX_TTL)
 
     def _remember(self, key: tuple[str, str], answer: DNSAnswer, ttl: float) -> None:
+        size = _size(key, answer)
+        if size > MAX_CACHED_ANSWER:
+            return
+        self._forget(key)
         self._cache[key] = (self._clock() + ttl, answer)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_bytes += size
+        while len(self._cache) > self._cache_size or self._cache_bytes > CACHE_BYTES:
+            self._forget(next(iter(self._cache)))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        entry = self._cache.pop(key, None)
+        if entry is not None:
+            self._cache_bytes -= _size(key, entry[1])
+
+
+def _size(key: tuple[str, str], answer: DNSAnswer) -> int:
+    return len(key[0]) + sum(len(record) for record in answer.records) + 64 * (1 + len(answer.records))
 
 
 def _negative_ttl(response: dns.message.Message | None) -> float:

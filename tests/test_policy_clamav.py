@@ -112,8 +112,9 @@ def test_per_user_rates_on_submission(tmp_path, zone):
 
 def test_a_slow_dns_server_and_a_slow_clamd_hold_up_only_their_own_sessions(tmp_path, zone):
     with SilentClamd() as fake:
+        # Rates counted for loopback too: their table work must not queue behind the scans.
         daemon = start_mx(tmp_path, zone, clamav={"enabled": True, "address": fake.address, "timeout": 4},
-                          dns={"timeout": 4})
+                          dns={"timeout": 4}, rates={"exempt": [], "connections_per_minute": 1000})
         try:
             address = daemon.listen("smtp.listen")
             started = threading.Event()
@@ -131,7 +132,12 @@ def test_a_slow_dns_server_and_a_slow_clamd_hold_up_only_their_own_sessions(tmp_
                 outcomes["clamd"] = (mx_send(daemon, message("x@softfail.example", subject="slow scan")),
                                      time.monotonic() - t0)
 
-            threads = [threading.Thread(target=waits_on_dns), threading.Thread(target=waits_on_clamd)]
+            def waits_on_clamd_too(i: int) -> None:
+                outcomes[f"clamd{i}"] = mx_send(daemon, message("x@softfail.example", subject=f"slow scan {i}"))
+
+            # Ten scans waiting at once: more than the CPU and table threads together.
+            threads = [threading.Thread(target=waits_on_dns), threading.Thread(target=waits_on_clamd)] + \
+                [threading.Thread(target=waits_on_clamd_too, args=(i,)) for i in range(9)]
             for thread in threads:
                 thread.start()
             started.wait(10)

@@ -69,6 +69,8 @@ ZONE = {
     "other.example": {"TXT": [txt(f"v=spf1 ip4:{ALLOWED} -all")]},
     "sel._domainkey.other.example": {"TXT": [txt(OTHER_RECORD)]},
     "softfail.example": {"TXT": [txt("v=spf1 ~all")]},
+    "pct.example": {"TXT": [txt("v=spf1 ?all")]},  # neutral: the score alone stays under Junk
+    "_dmarc.pct.example": {"TXT": [txt("v=DMARC1; p=quarantine; pct=50")]},
     # The DNSBL: 127.0.0.9 is listed (RFC 5782 §2.1: the octets reversed under the zone).
     "9.0.0.127.bl.example": {"A": ["127.0.0.2"], "TXT": [txt("Listed for testing, see https://bl.example/9")]},
 }
@@ -235,6 +237,17 @@ def test_dmarc_quarantine_delivers_to_junk(mx):
     assert "dmarc=fail" in results(parsed) and "spf=fail" in results(parsed)
 
 
+def test_a_message_sent_again_gets_the_same_pct_sample(mx):
+    """pct=50: whether a failing message is quarantined is drawn from the message itself, so a
+    sender that lost our 250 and sends again is not stored once in INBOX and once in Junk."""
+    subject = f"pct {uuid.uuid4().hex}"
+    raw = message("news@pct.example", subject=subject)
+    for _ in range(6):
+        assert send(mx, raw, sender="news@pct.example", source=FORBIDDEN)[0] == 250
+    copies = [m for box in ("INBOX", "Junk") for m in stored(mx, box) if subject.encode() in m]
+    assert len(copies) == 1
+
+
 def test_a_subdomain_without_a_record_gets_the_organizational_domains_sp(mx):
     subject = f"subdomain {uuid.uuid4().hex}"
     code, _ = send(mx, message("x@sub.example.org", subject=subject), sender="x@sub.example.org", source=FORBIDDEN)
@@ -340,6 +353,9 @@ def test_greylisting_defers_a_first_try_and_accepts_the_retry(tmp_path, zone):
         time.sleep(1.2)
         assert send(daemon, raw, sender="x@softfail.example")[0] == 250
         assert find(daemon, "grey")[0] == "INBOX"
+        # A "+detail" is the same mailbox: no new triplet (or a sender could fill the table).
+        assert send(daemon, message("x@softfail.example", subject="grey detail"), sender="x@softfail.example",
+                    to=("bob+news@example.test",))[0] == 250
         # A domain that passed aligned (here DKIM and SPF, DMARC pass) once is trusted: its
         # next message to a new recipient is not delayed.
         aligned = signed(message(subject="aligned grey"))

@@ -310,3 +310,22 @@ def test_the_greylist_is_bounded(tmp_path: Path, monkeypatch):
     assert grey.check("10.1.43.1", "a@example.net", "b@example.test") == 0  # the newest: kept
     assert grey.check("10.0.0.1", "a@example.net", "b@example.test") == 300  # oldest: dropped
     grey.close()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_flood_of_first_tries_never_flushes_what_was_earned(tmp_path: Path, monkeypatch, shared):
+    """Passed triplets and known domains stay while first tries come and go (an attack
+    flushed the whole table in minutes with made-up recipients)."""
+    monkeypatch.setattr(greylist_module, "MAX_TRACKED", 100)
+    clock = Clock()
+    grey = Greylist(tmp_path / "greylist.lmdb" if shared else None, CONFIG, clock=clock)
+    assert grey.check("192.0.2.1", "good@example.net", "b@example.test") == 300
+    clock.now += 301
+    assert grey.check("192.0.2.1", "good@example.net", "b@example.test") == 0  # passed
+    grey.remember_domain("example.net")
+    for i in range(1000):
+        clock.now += 1
+        grey.check(f"10.{i // 256}.{i % 256}.1", f"spam{i}@example.org", "b@example.test")
+    assert grey.check("192.0.2.1", "good@example.net", "b@example.test") == 0
+    assert grey.known_domain("example.net")
+    grey.close()
