@@ -30,6 +30,7 @@ import pytest
 
 import conf
 from conf.values import ListenAddress
+from clamd_peer import clamd_server, silent_clamd  # noqa: F401 (fixtures for every test module)
 
 BIN = Path(sys.executable).parent
 POSTROOM = str(BIN / "postroom")

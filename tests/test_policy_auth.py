@@ -519,7 +519,8 @@ def dmarc(zone: DNSZone, from_domains, spf_result=None, dkim_results=(), random=
 
 def test_dmarc_pass_by_aligned_dkim_or_spf(zone):
     by_dkim = dmarc(zone, ["example.test"], spf("fail", "elsewhere.example"), passing("mail.example.test"))
-    assert (by_dkim.result, by_dkim.dkim_aligned, by_dkim.spf_aligned, by_dkim.policy) == ("pass", True, False, "reject")
+    assert (by_dkim.result, by_dkim.dkim_aligned, by_dkim.spf_aligned, by_dkim.policy) == \
+        ("pass", True, False, "reject")
     by_spf = dmarc(zone, ["example.test"], spf("pass", "bounces.example.test"), [])
     assert (by_spf.result, by_spf.spf_aligned, by_spf.disposition) == ("pass", True, "none")
 

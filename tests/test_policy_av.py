@@ -11,7 +11,7 @@ import tracemalloc
 import clamd
 import pytest
 
-from clamd_peer import Clamd, SilentClamd, clamd_server, silent_clamd  # noqa: F401 (fixtures)
+from clamd_peer import Clamd, SilentClamd
 from conf.schema import ClamAVConfig
 from conftest import free_port
 from policy.antivirus import Scanner
@@ -185,12 +185,12 @@ def test_tcp_connection_refused():
     assert result.reason == f"cannot connect to {address}: Connection refused"
 
 
-def test_an_error_answer_is_unscanned_with_clamd_s_reason():
+def test_over_the_stream_limit_is_too_big_with_clamd_s_reason():
     with Clamd(stream_max="1M") as server:
         scan = scanner(server.address).scan
         assert scan([b"a" * 500_000]).result == "clean"
         result = scan(b"a" * 65536 for _ in range(32))  # 2 MiB
-    assert result.result == "unscanned"
+    assert result.result == "too_big"  # never scannable: policy/decide.py refuses it 552
     assert "INSTREAM size limit exceeded" in result.reason
 
 

@@ -15,7 +15,7 @@ from policy import resolver as resolver_module
 from policy.antivirus import Scanner
 from policy.chain import client_key
 from policy.decide import REJECT, decide
-from policy.evidence import Evidence, VirusResult
+from policy.evidence import Evidence
 from policy.resolver import Resolver
 
 
