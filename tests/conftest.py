@@ -6,6 +6,8 @@
 - `config_path`: that config with no overrides.
 - `cli(*args, input=None)`: runs the installed `postroom --config <config_path> ...` as a
   sysadmin does, returning the CompletedProcess (text mode).
+- `add_accounts(config_path, password, users, aliases)`: domains, users and aliases made in
+  this process, for tests whose subject is not the CLI.
 - `daemon`: `postroom serve` started the way a user starts it (the console script, under an
   sd_notify socket as systemd would), ready when it says READY=1; stopped with SIGTERM,
   which must end it cleanly (exit 0) within the test's teardown.
@@ -136,6 +138,24 @@ def cli(config_path: Path, tmp_path: Path):
         )
 
     return run
+
+
+def add_accounts(config_path: Path, password: str = "", users: tuple[str, ...] | list[str] = (),
+                 aliases: dict[str, list[str]] | None = None, domains: tuple[str, ...] = ("example.test",)) -> None:
+    """Domains, users (all with `password`) and aliases, made through the accounts API in
+    this process as `postroom domain|user|alias add` makes them: a `postroom` process costs
+    a test ~0.5 s of CPU (interpreter, imports); the commands have their own tests
+    (test_cli.py)."""
+    from postroom.datadir import open_accounts
+
+    _, accounts = open_accounts(conf.load(config_path))
+    with accounts:
+        for domain in domains:
+            accounts.add_domain(domain)
+        for user in users:
+            accounts.add_user(user, password)
+        for alias, targets in (aliases or {}).items():
+            accounts.add_alias(alias, targets)
 
 
 @dataclass

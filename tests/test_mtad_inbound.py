@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import client_tls_context
+from conftest import add_accounts, client_tls_context
 from procs import processes
 from storage import open_data_dir
 from storage.store import Store
@@ -25,14 +25,11 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def mx(cli, daemon, data_dir):
+def mx(daemon, data_dir):
     """The running daemon with example.test, alice, bob, an alias and a forward."""
-    for args in (["domain", "add", "example.test"],):
-        assert cli(*args).returncode == 0
-    for user in ("alice", "bob"):
-        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input=PASSWORD).returncode == 0
-    assert cli("alias", "add", "team@example.test", "alice@example.test,bob@example.test").returncode == 0
-    assert cli("alias", "add", "fwd@example.test", "someone@remote.example").returncode == 0
+    add_accounts(daemon.config_path, PASSWORD, ["alice@example.test", "bob@example.test"],
+                 {"team@example.test": ["alice@example.test", "bob@example.test"],
+                  "fwd@example.test": ["someone@remote.example"]})
     daemon.store = Store(open_data_dir(data_dir, 4))
     yield daemon
     daemon.store.close()
@@ -314,12 +311,11 @@ def test_timeout_and_connection_limits(write_config, tmp_path):
         assert daemon.stop() == 0
 
 
-def test_data_has_its_own_timeout(write_config, tmp_path, cli):
+def test_data_has_its_own_timeout(write_config, tmp_path):
     from conftest import start_daemon
 
     path = write_config("data_timeout.toml", smtp={"timeout": "3s", "data_timeout": "1s"})
-    assert cli("domain", "add", "example.test", config=path).returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    add_accounts(path, PASSWORD, ["alice@example.test"])
     daemon = start_daemon(path, tmp_path)
     try:
         address = daemon.listen("smtp.listen")
@@ -391,15 +387,14 @@ def test_big_messages_at_once_do_not_grow_mtad_by_their_size(mx):
     assert infos[0].structure.parts[1].size == len(attachment.replace(b"\n", b"\r\n")) - 2
 
 
-def test_ipv4_and_ipv6_listeners_side_by_side(write_config, tmp_path, cli, data_dir):
+def test_ipv4_and_ipv6_listeners_side_by_side(write_config, tmp_path, data_dir):
     """[::]:25 and 0.0.0.0:25 coexist (IPv6 sockets are IPv6-only); here on loopback."""
     from conftest import free_port, start_daemon
 
     port = free_port()
     path = write_config("dual.toml", smtp={"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
                                            "max_connections_per_ip": 200})
-    assert cli("domain", "add", "example.test", config=path).returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    add_accounts(path, PASSWORD, ["alice@example.test"])
     daemon = start_daemon(path, tmp_path)
     try:
         for host in ("127.0.0.1", "::1"):
@@ -515,12 +510,11 @@ def test_the_message_log_line_has_each_recipient_with_its_outcome(mx):
     assert "message_id=" in line and "size=" in line and "sender=s@example.org" in line and "qid=" in line
 
 
-def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, data_dir):
+def test_several_worker_processes_share_the_port(write_config, tmp_path, data_dir):
     from conftest import start_daemon
 
     path = write_config("workers.toml", smtp={"workers": 3, "max_connections_per_ip": 200})
-    assert cli("domain", "add", "example.test", config=path).returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    add_accounts(path, PASSWORD, ["alice@example.test"])
     daemon = start_daemon(path, tmp_path)
     try:
         def children() -> list[int]:
@@ -567,7 +561,7 @@ def test_several_worker_processes_share_the_port(write_config, tmp_path, cli, da
     assert "smtp_workers=3" in daemon.stderr()
 
 
-def test_two_workers_delivering_to_fresh_shards_never_deadlock(write_config, tmp_path, cli, data_dir):
+def test_two_workers_delivering_to_fresh_shards_never_deadlock(write_config, tmp_path, data_dir):
     """Both processes open shards for the first time while the other commits to them: once,
     py-lmdb's open_db held the GIL while waiting for the other process's writer lock, and
     the two processes hung each other for good."""
@@ -576,9 +570,7 @@ def test_two_workers_delivering_to_fresh_shards_never_deadlock(write_config, tmp
     path = write_config("fresh_shards.toml", smtp={"workers": 2, "max_connections_per_ip": 200, "timeout": "20s"},
                         storage={"shards": 16})
     users = [f"u{i}@example.test" for i in range(16)]
-    assert cli("domain", "add", "example.test", config=path).returncode == 0
-    for user in users:
-        assert cli("user", "add", user, "--password-stdin", input=PASSWORD, config=path).returncode == 0
+    add_accounts(path, PASSWORD, users)
     daemon = start_daemon(path, tmp_path)
     try:
         # The load of bench/smtp_in.py that first hung it: 50 clients at once, every shard new.
