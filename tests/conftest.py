@@ -4,6 +4,7 @@
 - `write_config(**sections)`: a config file with free loopback ports for every listener and
   data under `data_dir`; keyword arguments override keys per section.
 - `config_path`: that config with no overrides.
+- `write_config_file(path, data_dir, **sections)`: the same, for fixtures of wider scope.
 - `cli(*args, input=None)`: runs the installed `postroom --config <config_path> ...` as a
   sysadmin does, returning the CompletedProcess (text mode).
 - `add_accounts(config_path, password, users, aliases)`: domains, users and aliases made in
@@ -98,27 +99,32 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "var"
 
 
+def write_config_file(path: Path, data_dir: Path, **overrides: dict[str, object]) -> Path:
+    """The test config at `path`, data under `data_dir`: what `write_config` writes, for a
+    fixture of wider scope (a daemon a whole module shares)."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+        "storage": {"shards": 4},
+        # Every test client comes from 127.0.0.1: the per-IP limit must allow a crowd.
+        "smtp": {"max_connections_per_ip": 200},
+        # The policy chain asks DNS (SPF, DKIM, DMARC): its tests turn it on with a zone
+        # of their own (tests/dnszone.py); the rest do not depend on this machine's DNS.
+        "policy": {"enabled": False},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    for section, keys in overrides.items():
+        sections.setdefault(section, {}).update(keys)
+    path.write_text(render_config(sections))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path: Path, data_dir: Path):
     def write(name: str = "postroom.toml", **overrides: dict[str, object]) -> Path:
-        sections: dict[str, dict[str, object]] = {
-            "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
-            "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
-            "storage": {"shards": 4},
-            # Every test client comes from 127.0.0.1: the per-IP limit must allow a crowd.
-            "smtp": {"max_connections_per_ip": 200},
-            # The policy chain asks DNS (SPF, DKIM, DMARC): its tests turn it on with a zone
-            # of their own (tests/dnszone.py); the rest do not depend on this machine's DNS.
-            "policy": {"enabled": False},
-        }
-        for dotted in LISTENERS:
-            section, key = dotted.split(".")
-            sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
-        for section, keys in overrides.items():
-            sections.setdefault(section, {}).update(keys)
-        path = tmp_path / name
-        path.write_text(render_config(sections))
-        return path
+        return write_config_file(tmp_path / name, data_dir, **overrides)
 
     return write
 

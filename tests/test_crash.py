@@ -1,9 +1,9 @@
 """The crash test in the suite: mail from 20 senders that resend what was not acknowledged,
 while `postroom serve` is killed with SIGKILL eight times, 0.5-1.5 s after each start, then
 stopped with SIGTERM four times, then run with `[smtp] workers = 2` and its whole process
-group killed four times (tests/crashload.py): about half a minute. Nothing acknowledged is lost or stored twice, no message with
-a Message-ID is stored twice even when its sender resent it, and `store check` is clean.
-bench/crash.py runs the same for 40,000 messages."""
+group killed four times (tests/crashload.py): about half a minute. Nothing acknowledged is
+lost or stored twice, no message with a Message-ID is stored twice even when its sender
+resent it, and `store check` is clean. bench/crash.py runs the same for 40,000 messages."""
 
 from __future__ import annotations
 
