@@ -4,7 +4,8 @@
 - `write_config(**sections)`: a config file with free loopback ports for every listener and
   data under `data_dir`; keyword arguments override keys per section.
 - `config_path`: that config with no overrides.
-- `write_config_file(path, data_dir, **sections)`: the same, for fixtures of wider scope.
+- `write_config_file(path, data_dir, **sections)`: the same, for fixtures of wider scope;
+  `start_module_daemon(root)` starts a daemon on it, for a module's tests to share.
 - `cli(*args, input=None)`: runs the installed `postroom --config <config_path> ...` as a
   sysadmin does, returning the CompletedProcess (text mode).
 - `add_accounts(config_path, password, users, aliases)`: domains, users and aliases made in
@@ -233,6 +234,20 @@ def start_daemon(config_path: Path, workdir: Path) -> Daemon:
                 return daemon
         daemon.stop(signal.SIGKILL)
         raise AssertionError(f"postroom serve not ready within {READY_TIMEOUT}s:\n{daemon.stderr()}")
+
+
+def start_module_daemon(root: Path, **overrides: dict[str, object]) -> Daemon:
+    """`postroom serve` on a config of `write_config_file` under `root`, for a daemon a
+    module's tests share. Another test suite on this machine (another checkout) hands out
+    the same ports: a port it took between our check and the bind would fail every test of
+    the module, so a start that finds its port in use is tried again on new ports."""
+    for attempt in range(3):
+        path = write_config_file(root / "postroom.toml", root / "var", **overrides)
+        try:
+            return start_daemon(path, root)
+        except AssertionError as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
 
 
 @pytest.fixture

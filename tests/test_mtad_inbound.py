@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import add_accounts, client_tls_context, start_daemon, write_config_file
+from conftest import add_accounts, client_tls_context, start_daemon, start_module_daemon
 from procs import processes
 from storage import open_data_dir
 from storage.store import Store
@@ -31,11 +31,9 @@ def server(tmp_path_factory):
     """One `postroom serve` for the tests that need no daemon of their own (starting one
     for each cost more than most of them take); each test has accounts of its own (`mx`),
     so none sees another's mail."""
-    root = tmp_path_factory.mktemp("mx")
-    path = write_config_file(root / "postroom.toml", root / "var")
-    add_accounts(path)
-    daemon = start_daemon(path, root)
-    daemon.store = Store(open_data_dir(root / "var", 4))
+    daemon = start_module_daemon(tmp_path_factory.mktemp("mx"))
+    add_accounts(daemon.config_path)
+    daemon.store = Store(open_data_dir(daemon.config.server.data_dir, 4))
     yield daemon
     daemon.store.close()
     assert daemon.stop() == 0, daemon.stderr()
