@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import argon2
 import pytest
 
 import conf
@@ -147,15 +148,39 @@ def cli(config_path: Path, tmp_path: Path):
     return run
 
 
+class _HashOnce(argon2.PasswordHasher):
+    """argon2id with the parameters Accounts uses, each password hashed once per test
+    process: a hash costs ~0.2 s of CPU, and a module's tests make hundreds of users with
+    one password. What is stored is a real hash of that password (the daemon verifies it as
+    any other); the users that share the password share its salt."""
+
+    def __init__(self) -> None:
+        super().__init__(type=argon2.Type.ID)
+        self._hashes: dict[str | bytes, str] = {}
+
+    def hash(self, password: str | bytes, **kwargs) -> str:
+        if kwargs:
+            return super().hash(password, **kwargs)
+        if password not in self._hashes:
+            self._hashes[password] = super().hash(password)
+        return self._hashes[password]
+
+
+_hash_once = _HashOnce()
+
+
 def add_accounts(config_path: Path, password: str = "", users: tuple[str, ...] | list[str] = (),
                  aliases: dict[str, list[str]] | None = None, domains: tuple[str, ...] = ("example.test",)) -> None:
     """Domains, users (all with `password`) and aliases, made through the accounts API in
     this process as `postroom domain|user|alias add` makes them: a `postroom` process costs
     a test ~0.5 s of CPU (interpreter, imports); the commands have their own tests
     (test_cli.py)."""
-    from postroom.datadir import open_accounts
+    from storage import Accounts, open_data_dir
 
-    _, accounts = open_accounts(conf.load(config_path))
+    config = conf.load(config_path)
+    data_dir = open_data_dir(config.server.data_dir, config.storage.shards)  # as postroom.datadir.open_accounts
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter,
+                        hasher=_hash_once)
     with accounts:
         for domain in domains:
             accounts.add_domain(domain)

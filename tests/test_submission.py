@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import conf
-from conftest import client_tls_context, start_daemon, start_module_daemon
-from postroom.datadir import open_accounts
+from conftest import add_accounts, client_tls_context, start_daemon, start_module_daemon
 from procs import processes
 from storage import Accounts, parse_address
 
@@ -72,14 +70,9 @@ def fresh_sub(daemon):
 def _accounts(config_path: Path, domain: str = "example.test") -> None:
     """Made through the accounts API in this process, as `postroom user add` makes them: six
     CLI processes cost each test seconds (the commands have their own tests, test_cli.py)."""
-    _, accounts = open_accounts(conf.load(config_path))
-    with accounts:
-        accounts.add_domain(domain)
-        for user in ("alice", "bob", "carol"):
-            accounts.add_user(f"{user}@{domain}", PASSWORD)
-        accounts.add_alias(f"team@{domain}", [f"alice@{domain}", f"bob@{domain}"])
-        accounts.add_alias(f"sales@{domain}", [f"team@{domain}"])
-        accounts.add_alias(f"@{domain}", [f"carol@{domain}"])
+    add_accounts(config_path, PASSWORD, [f"{user}@{domain}" for user in ("alice", "bob", "carol")],
+                 {f"team@{domain}": [f"alice@{domain}", f"bob@{domain}"], f"sales@{domain}": [f"team@{domain}"],
+                  f"@{domain}": [f"carol@{domain}"]}, domains=(domain,))
 
 
 def submit(daemon, user=ALICE, *, implicit_tls: bool = False) -> smtplib.SMTP:
