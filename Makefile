@@ -11,9 +11,10 @@ POSTROOM    := $(VENV)/bin/postroom --config $(DEV_CONFIG)
 PYTEST_ARGS ?=
 
 # Debian packages: what a venv needs, and what the tests drive as real peers and clients
-# (libnet-ssleay-perl: swaks --tls, which the submission tests use).
+# (libnet-ssleay-perl: swaks --tls, which the submission tests use; clamav-daemon: the
+# clamd that tests/clamd_peer.py starts with its own config and one test signature).
 APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
-                opendkim-tools
+                opendkim-tools clamav-daemon
 
 .PHONY: run test install system-packages clean
 
@@ -37,7 +38,14 @@ run: install
 	@echo "Send out:     swaks --server 127.0.0.1:2587 --tls --auth-user demo@example.test \\"
 	@echo "                --auth-password \$$(cat var/demo-password) --from demo@example.test --to someone@example.net"
 	@echo "              (example.net is routed to 127.0.0.1:2600: start a receiver there, see conf/dev.toml)"
-	exec $(POSTROOM) serve
+	@echo "Anti-virus:   a clamd with one signature (the EICAR test file) on /tmp/postroom-dev-clamd.sock;"
+	@echo "              README.md shows an EICAR message refused with swaks"
+	@# The dev clamd ([clamav] in conf/dev.toml) lives as long as this recipe: Ctrl-C stops both.
+	@rm -f /tmp/postroom-dev-clamd.sock
+	$(PY) tests/clamd_peer.py unix:/tmp/postroom-dev-clamd.sock & clamd=$$!; \
+	trap 'kill $$clamd 2>/dev/null' EXIT; \
+	for i in $$(seq 300); do [ -S /tmp/postroom-dev-clamd.sock ] && break; sleep 0.1; done; \
+	$(POSTROOM) serve
 
 # The suite mostly waits (daemons starting, clients and servers talking, timeouts), so it
 # runs in TEST_WORKERS processes at once; tests marked `serial` (timing that must not share
@@ -58,13 +66,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml | system-packages
 	touch $@
 
 # Installs only what is missing, so a prepared machine never waits on apt.
+# clamav-daemon comes here as a test peer only: when this installs it, the services Debian
+# enables with it are stopped and disabled again (freshclam would download ~200 MB of
+# signatures, then Debian's clamd would hold ~1 GiB of them, on a machine running the
+# suite). Nothing of Postroom's uses them; `systemctl enable --now clamav-freshclam
+# clamav-daemon` brings them back for a real clamd.
+CLAMAV_SERVICES := clamav-freshclam.service clamav-daemon.service clamav-daemon.socket
+
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install as root): $$missing" >&2; exit 1; fi; \
 	    echo "installing Debian packages: $$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	    case " $$(echo $$missing) " in *" clamav-daemon "*) \
+	        if [ -d /run/systemd/system ]; then \
+	            echo "clamav-daemon is a test peer here: disabling $(CLAMAV_SERVICES)"; \
+	            systemctl disable --now $(CLAMAV_SERVICES) || true; \
+	        fi;; \
+	    esac; \
 	fi
 
 clean:

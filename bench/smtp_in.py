@@ -1,6 +1,7 @@
 """Inbound SMTP benchmark: works against any SMTP server, so others can be measured too.
 
     .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test[,bob@...]]
+                                     [--message FILE] [--sender ADDRESS]
 
 C connections at once, each sending M messages of S bytes (EHLO once, then MAIL, RCPT,
 DATA per message; no pipelining). Prints accepted messages per second and the time from
@@ -32,7 +33,7 @@ PLACEHOLDER = b"<bench@example.org>"
 
 
 async def connection(host: str, port: int, messages: int, body: bytes, to: str, latencies: list[float],
-                     failures: list[str], run_id: str, tag: int) -> int:
+                     failures: list[str], run_id: str, tag: int, sender: str = "bench@example.org") -> int:
     reader, writer = await asyncio.open_connection(host, port)
     accepted = 0
     try:
@@ -40,7 +41,7 @@ async def connection(host: str, port: int, messages: int, body: bytes, to: str, 
         writer.write(b"EHLO bench.example.org\r\n")
         await reply(reader)
         for n in range(messages):
-            writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+            writer.write(f"MAIL FROM:<{sender}>\r\n".encode())
             if await reply(reader) != 250:
                 failures.append("MAIL")
                 continue
@@ -80,15 +81,16 @@ def message(size: int) -> bytes:
     return body[:size - 2] + b"\r\n"
 
 
-async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str) -> None:
-    body = message(size)
+async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str,
+              body: bytes | None = None, sender: str = "bench@example.org") -> None:
+    body = body if body is not None else message(size)
     run_id = os.urandom(6).hex()  # and no two runs share one either
     latencies: list[float] = []
     failures: list[str] = []
     start = time.perf_counter()
     recipients = to.split(",")  # connection i writes to recipient i modulo their number
     results = await asyncio.gather(*(connection(host, port, messages, body, recipients[i % len(recipients)],
-                                                latencies, failures, run_id, i)
+                                                latencies, failures, run_id, i, sender)
                                      for i in range(concurrency)), return_exceptions=True)
     elapsed = time.perf_counter() - start
     accepted = sum(r for r in results if isinstance(r, int))
@@ -112,9 +114,15 @@ def main() -> None:
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
     parser.add_argument("--to", default="alice@example.test",
                         help="recipient, or several separated by commas (spread over the connections)")
+    parser.add_argument("--message", type=argparse.FileType("rb"),
+                        help="send this message (CRLF lines, dot-stuffed, its Message-ID written as "
+                             f"{PLACEHOLDER.decode()}) instead of a made-up one of --size bytes")
+    parser.add_argument("--sender", default="bench@example.org", help="the MAIL FROM address")
     args = parser.parse_args()
     host, _, port = args.server.rpartition(":")
-    asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages, args.size, args.to))
+    body = args.message.read() if args.message else None
+    asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages, len(body) if body else args.size,
+                    args.to, body, args.sender))
 
 
 if __name__ == "__main__":

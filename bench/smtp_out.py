@@ -268,6 +268,12 @@ listen = ["127.0.0.1:{ports['pop3']}"]
 listen_tls = ["127.0.0.1:{ports['pop3s']}"]
 [dkim]
 sign = false
+[rates]
+# One user sends the whole load: no per-user limit.
+user_messages_per_hour = 0
+user_messages_per_day = 0
+user_recipients_per_hour = 0
+user_recipients_per_day = 0
 [queue]
 per_destination = {per_destination}
 [outbound.routes]

@@ -285,6 +285,16 @@ class ClamAVConfig:
     on_failure: Literal["tempfail", "accept"] = "tempfail"
 
 
+def check_networks(value: tuple[str, ...]) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"not an IP address or network: {item!r}") from None
+
+
 @dataclass(frozen=True)
 class RatesConfig:
     """Token buckets, shared by every mtad process of the data dir (<data_dir>/rates.lmdb).
@@ -299,8 +309,9 @@ class RatesConfig:
     user_messages_per_day: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
     user_recipients_per_hour: int = field(default=1000, metadata={"min": 0, "max": 1_000_000})
     user_recipients_per_day: int = field(default=3000, metadata={"min": 0, "max": 1_000_000})
-    # Addresses no limit applies to (a backup MX, a monitoring host); loopback by default.
-    exempt: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Addresses or networks no limit applies to (a backup MX, a monitoring host); loopback
+    # by default.
+    exempt: tuple[str, ...] = field(default=("127.0.0.1", "::1"), metadata={"check": check_networks})
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,12 @@ class GreylistConfig:
     retry_window: Duration = field(default=Duration(2 * 86400), metadata={"min": 60, "max": 30 * 86400})
     # A triplet that passed is remembered this long after its last message.
     expire: Duration = field(default=Duration(35 * 86400), metadata={"min": 3600, "max": 365 * 86400})
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.delay >= self.retry_window:
+            return [("delay", f"{self.delay} is not shorter than retry_window {self.retry_window}: no retry "
+                              "could ever pass")]
+        return []
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from mtad.events import NEED_DATA, Close, DataChunk, Question, StartTLS
 from mtad.replies import Reply
 from mtad.routing import Outbound
 from mtad.session import Session, SessionConfig
+from policy.chain import PolicyServices, Refusal, SessionPolicy
 from storage import (
     AccountError,
     Accounts,
@@ -58,6 +59,7 @@ class AgentContext:
     deliver_in_thread: Callable  # run a blocking call off the event loop
     connections: ConnectionLimit
     outbound: Outbound | None = None  # the queue, DKIM and SRS: remote recipients
+    policy: PolicyServices | None = None  # the checks (policy/chain.py); None: none run
     # Deliveries under way: they finish even when their session is gone (client gone,
     # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
     deliveries: set[asyncio.Task] = field(default_factory=set)
@@ -117,8 +119,14 @@ class AgentContext:
         self.connections.release(ip)
 
 
+def policy_reply(refusal: Refusal) -> Reply:
+    return Reply(refusal.code, refusal.enhanced, refusal.text)
+
+
 class SMTPAgent(AiosmtpdConnection):
     """One SMTP connection of an agent; a subclass answers the core's questions."""
+
+    MX = False  # mail from other servers (the whole policy chain), not from our users
 
     def __init__(self, context: AgentContext, session_config: SessionConfig, logger: str):
         config = context.config
@@ -130,6 +138,7 @@ class SMTPAgent(AiosmtpdConnection):
         self._peer = ""
         self._idle = False  # waiting for a command: a stop tells it at once
         self.delivering = False  # a message is being stored: a stop waits for its reply
+        self.policy: SessionPolicy | None = None  # made once the client's address is known
 
     # -- what a subclass writes -------------------------------------------------------------
 
@@ -152,6 +161,8 @@ class SMTPAgent(AiosmtpdConnection):
     async def serve(self) -> None:
         """The whole session: started once the connection is up."""
         self._peer = self.peer_address
+        if self.context.policy is not None:
+            self.policy = self.context.policy.session(self._peer, mx=self.MX)
         if not self.context.admit(self._peer):
             self.log.warning("connection_refused", client=self._peer, reason="too many connections")
             self.write(replies.TOO_MANY_CONNECTIONS.lines())
@@ -161,6 +172,12 @@ class SMTPAgent(AiosmtpdConnection):
         smtp = self.context.config.smtp
         self.context.sessions.add(self)
         try:
+            if self.policy is not None:
+                refusal = await self.policy.connect()
+                if refusal is not None:
+                    self.log.warning("connection_refused", client=self._peer, reason=refusal.why)
+                    self.core.data_to_send()  # no 220: the refusal is the greeting (RFC 5321 §3.1)
+                    self.core.close(policy_reply(refusal))
             if self.context.stopping:  # accepted just before the listener closed: 421, no 220
                 self.core.data_to_send()
                 self.core.close(replies.SHUTTING_DOWN)

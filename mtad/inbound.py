@@ -21,7 +21,7 @@ import itertools
 import time
 
 from mtad import replies
-from mtad.agent import SMTPAgent, AgentContext
+from mtad.agent import AgentContext, SMTPAgent, policy_reply
 from mtad.events import DataEnd, Hello, MailFrom, Question, RcptTo
 from mtad.replies import Reply
 from mtad.routing import Recipients, Route
@@ -66,6 +66,8 @@ def store_failure_reply(error: BaseException) -> Reply:
 class InboundSMTP(SMTPAgent):
     """One SMTP connection from another MTA."""
 
+    MX = True
+
     def __init__(self, context: AgentContext, *, implicit_tls: bool = False):
         config = context.config
         super().__init__(context, SessionConfig(
@@ -87,14 +89,30 @@ class InboundSMTP(SMTPAgent):
         """The reply to one of the core's questions."""
         if isinstance(event, Hello):
             self.log.info("helo", name=event.name)
+            if self.policy is not None:
+                self.policy.hello(event.name)
             return replies.OK
         if isinstance(event, MailFrom):
             self._recipients.clear()
             self._outcomes.clear()
             self.drop_message()  # a transaction given up (RSET during BDAT) and not ended
+            self._mail = None
+            if self.policy is not None:
+                refusal = await self.policy.mail(event.address, None)
+                if refusal is not None:
+                    self.log.info("sender_refused", sender=event.address or "<>", reason=refusal.why,
+                                  **self.policy.summary())
+                    return policy_reply(refusal)
             self._mail = event
             return replies.SENDER_OK
         if isinstance(event, RcptTo):
+            if self.policy is not None:
+                refusal = await self.policy.recipient(event.address, None)
+                if refusal is not None:
+                    self.log.info("rcpt", to=event.address, result=f"{refusal.code} {refusal.enhanced}",
+                                  reason=refusal.why)
+                    self._outcomes.append(f"{event.address}:{refusal.code}")
+                    return policy_reply(refusal)
             return self._recipient(event)
         if isinstance(event, DataEnd):
             return await self._end_of_data(event)
@@ -146,6 +164,13 @@ class InboundSMTP(SMTPAgent):
         452 4.3.1 (RFC 3463)."""
         if self._write_failed is not None:
             return
+        if self.policy is not None:
+            data = self.policy.message_bytes(data)
+        self._write_chunk(data)
+
+    def _write_chunk(self, data: bytes) -> None:
+        if self._write_failed is not None:
+            return
         try:
             if self._route is None:
                 self._begin_message()
@@ -179,9 +204,12 @@ class InboundSMTP(SMTPAgent):
     async def _end_of_data(self, end: DataEnd) -> Reply:
         self.delivering = True
         try:
-            if end.refusal is None and end.received_headers <= MAX_RECEIVED and self._write_failed is None \
-                    and self._route is None:
-                self.take_chunk(b"")  # an empty message: the trace headers alone
+            if end.refusal is None and end.received_headers <= MAX_RECEIVED and self._write_failed is None:
+                # What the policy still holds (a message that is all header), or, for an
+                # empty message, the trace headers alone.
+                held = self.policy.message_end() if self.policy is not None else b""
+                if held or self._route is None:
+                    self._write_chunk(held)
             route, failed = self._route, self._write_failed
             self._route, self._write_failed = None, None
             if end.refusal is not None:
@@ -195,7 +223,7 @@ class InboundSMTP(SMTPAgent):
                 reply = store_failure_reply(failed)
             else:
                 handed, route = route, None  # from here on the commit owns it, and closes it
-                return await self._deliver(handed)
+                return await self._judge_and_deliver(handed, end)
             if route is not None:
                 route.close()
             return reply
@@ -203,7 +231,37 @@ class InboundSMTP(SMTPAgent):
             self.delivering = False
             self.context.changed.set()
 
-    async def _deliver(self, route: Route) -> Reply:
+    async def _judge_and_deliver(self, route: Route, end: DataEnd) -> Reply:
+        """The policy's end-of-data checks and its verdict, then the delivery."""
+        if self.policy is None:
+            return await self._deliver(route)
+        try:
+            decision = await self.policy.end_of_data(route.read_back, list(self._recipients.local))
+            if decision.refused:
+                self.log.info("message_refused", qid=self._qid, size=end.size, sender=self._sender or "<>",
+                              reason=f"{decision.code} {decision.enhanced}", why=decision.why,
+                              **self.policy.summary(decision))
+                route.close()
+                return Reply(decision.code, decision.enhanced, decision.text)
+            mailboxes = None
+            if decision.action == "junk":
+                store, fallback = self.context.store, self.context.config.policy.junk_mailbox
+                mailboxes = await self.context.deliver_in_thread(
+                    lambda: {account: store.junk_mailbox(account, fallback) for account in self._recipients.accounts()})
+            route.verdict(self.policy.header_fields(decision), mailboxes)
+        except (StoreError, OSError) as e:  # the route is closed: nothing of it stays
+            route.close()
+            self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
+            return store_failure_reply(e)
+        except BaseException:
+            route.close()
+            raise
+        reply = await self._deliver(route, self.policy.summary(decision))
+        if reply.code == 250:
+            self.policy.accepted(decision)
+        return reply
+
+    async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:
         """Commit the message for every recipient: 250 once every copy is durable."""
         qid, accounts, size = self._qid, self._recipients.accounts(), route.size
         try:
@@ -222,7 +280,7 @@ class InboundSMTP(SMTPAgent):
         extra = {"forwarded": len(self._recipients.remote)} if committed.queue_id else {}
         self.log.info("message_accepted", qid=qid, message_id=message_id, size=size,
                       sender=self._sender or "<>", recipients=",".join(self._outcomes), mailboxes=len(accounts),
-                      duplicates=len(duplicates), **extra)
+                      duplicates=len(duplicates), **extra, **(results or {}))
         self.report_success(qid, self._mail, self._recipients, route.head)
         self._recipients.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")

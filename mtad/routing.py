@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -179,6 +179,29 @@ class Route:
                 self.enqueue.write(data)
                 if self._digest is not None:
                     self._digest.update(data)
+        except (StoreError, OSError):
+            self.close()
+            raise
+
+    def read_back(self) -> Iterator[bytes]:
+        """The message as written so far (the local copy, else the queue's), in pieces:
+        what the anti-virus scan reads before the commit."""
+        if self.delivery is not None:
+            yield from self.delivery.read()
+            return
+        with self.enqueue.open() as f:
+            while piece := f.read(1 << 16):
+                yield piece
+
+    def verdict(self, head: bytes, mailboxes: dict[str, str] | None) -> None:
+        """The policy's verdict on the local copies, before the commit: `head` (its header
+        fields) in front, and each account's copy into `mailboxes[account]` (Junk) if given."""
+        if self.delivery is None:
+            return
+        try:
+            if mailboxes:
+                self.delivery.send_to_each(mailboxes)
+            self.delivery.prepend(head)
         except (StoreError, OSError):
             self.close()
             raise

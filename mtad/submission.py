@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from mtad import replies
-from mtad.agent import AgentContext, SMTPAgent
+from mtad.agent import AgentContext, SMTPAgent, policy_reply
 from mtad.events import Auth, DataEnd, Hello, MailFrom, Question, RcptTo
 from mtad.headers import HeaderBlock, HeaderTooBigError, fields, from_addresses, missing_fields
 from mtad.inbound import MAX_RECEIVED, message_id, sanitize_helo, store_failure_reply
@@ -84,8 +84,22 @@ class SubmissionSMTP(SMTPAgent):
         if isinstance(event, Auth):
             return await self._authenticate(event)
         if isinstance(event, MailFrom):
-            return self._sender(event)
+            reply = self._sender(event)
+            if reply.code == 250 and self.policy is not None:
+                refusal = await self.policy.mail(event.address, str(self.user))
+                if refusal is not None:
+                    self._mail = None
+                    self.log.info("sender_refused", sender=event.address, reason=refusal.why)
+                    return policy_reply(refusal)
+            return reply
         if isinstance(event, RcptTo):
+            if self.policy is not None:
+                refusal = await self.policy.recipient(event.address, str(self.user))
+                if refusal is not None:
+                    self.log.info("rcpt", to=event.address, result=f"{refusal.code} {refusal.enhanced}",
+                                  reason=refusal.why)
+                    self._outcomes.append(f"{event.address}:{refusal.code}")
+                    return policy_reply(refusal)
             return self._recipient(event)
         if isinstance(event, DataEnd):
             return await self._end_of_data(event)
@@ -244,13 +258,34 @@ class SubmissionSMTP(SMTPAgent):
                 if route is not None:
                     route.close()
                 return reply
-            return await self._deliver(route)
+            return await self._scan_and_deliver(route, end)
         finally:
             self._headers = None
             self.delivering = False
             self.context.changed.set()
 
-    async def _deliver(self, route: Route) -> Reply:
+    async def _scan_and_deliver(self, route: Route, end: DataEnd) -> Reply:
+        """The anti-virus scan, if [clamav] is on, then the delivery."""
+        if self.policy is None or self.context.policy.scanner is None:
+            return await self._deliver(route)
+        try:
+            decision = await self.policy.end_of_data(route.read_back, [])
+            if decision.refused:
+                self.log.info("message_refused", qid=self._qid, size=end.size, reason=f"{decision.code} "
+                              f"{decision.enhanced}", why=decision.why, **self.policy.summary(decision))
+                route.close()
+                return Reply(decision.code, decision.enhanced, decision.text)
+            route.verdict(self.policy.header_fields(decision), None)
+        except (StoreError, OSError) as e:
+            route.close()
+            self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
+            return store_failure_reply(e)
+        except BaseException:
+            route.close()
+            raise
+        return await self._deliver(route, self.policy.summary(decision))
+
+    async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:
         qid, size = self._qid, route.size
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
@@ -260,7 +295,7 @@ class SubmissionSMTP(SMTPAgent):
             return store_failure_reply(e)
         self.log.info("message_accepted", qid=qid, message_id=committed.message_id[:200], size=size,
                       sender=self._mail.address, recipients=",".join(self._outcomes),
-                      mailboxes=len(committed.delivered), remote=len(self._recipients.remote))
+                      mailboxes=len(committed.delivered), remote=len(self._recipients.remote), **(results or {}))
         self.report_success(qid, self._mail, self._recipients, route.head)
         self._recipients.clear()
         return Reply(250, "2.0.0", f"OK: queued as {qid}")

@@ -5,12 +5,15 @@ Every check that needs DNS (SPF, DKIM keys, DMARC records, DNSBL zones) is given
 object, never a resolver of its own, so a sysadmin's `[dns]` settings hold everywhere and
 one cache serves them all. An answer is a DNSAnswer: its records as text (TXT records as
 bytes, their strings joined, RFC 7208 §3.3), or why there are none: NXDOMAIN and NODATA are
-answers (cached, RFC 2308), a SERVFAIL or a timeout is `temperror` (not cached: a check
-records a temporary error and never rejects on it).
+answers, a SERVFAIL or a timeout is `temperror` (not cached: a check records a temporary
+error and never rejects on it).
 
 The cache keeps each answer for its TTL, at most MAX_TTL (a record published wrong is not
-kept a day), negative answers for NEGATIVE_TTL; at most `cache_size` entries, the least
-recently used going first. Queries for the same name and type at once share one lookup.
+kept a day); a TTL of 0 is not kept. A negative answer is kept for its SOA's negative TTL,
+at most NEGATIVE_TTL, and not at all without an SOA (RFC 2308 §5). At most `cache_size`
+entries, the least recently used going first. Queries for the same name and type at once
+share one lookup, which runs as a task of its own: one asker cancelled (its session gone)
+does not cancel it for the others.
 
 Checks that block (pyspf runs in a thread) reach the same resolver through `blocking()`:
 the query runs on the event loop, the thread waits for it.
@@ -19,6 +22,7 @@ the query runs on the event loop, the thread waits for it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -64,7 +69,7 @@ class Resolver:
         self._clock = clock
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[float, DNSAnswer]] = OrderedDict()
-        self._pending: dict[tuple[str, str], asyncio.Future] = {}
+        self._pending: dict[tuple[str, str], asyncio.Task] = {}
         self.lookups = 0  # queries sent (not answered from the cache), for tests and logs
 
     async def query(self, name: str, rdtype: str) -> DNSAnswer:
@@ -77,49 +82,67 @@ class Resolver:
                 self._cache.move_to_end(key)
                 return answer
             del self._cache[key]
-        pending = self._pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            answer, ttl = await self._lookup(*key)
-            if ttl > 0:
-                self._remember(key, answer, ttl)
-            future.set_result(answer)
-            return answer
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody shares it
-            raise
-        finally:
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup_and_remember(key))
+            self._pending[key] = task
+            task.add_done_callback(lambda done: self._forget_pending(key, done))
+        # shield: cancelling this asker leaves the lookup running for the others (and the cache).
+        return await asyncio.shield(task)
+
+    async def _lookup_and_remember(self, key: tuple[str, str]) -> DNSAnswer:
+        self.lookups += 1
+        answer, ttl = await self._lookup(*key)
+        if ttl > 0:
+            self._remember(key, answer, ttl)
+        return answer
+
+    def _forget_pending(self, key: tuple[str, str], task: asyncio.Future) -> None:
+        if self._pending.get(key) is task:
             del self._pending[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when every asker left
 
     async def txt(self, name: str) -> DNSAnswer:
         return await self.query(name, "TXT")
 
     def blocking(self, loop: asyncio.AbstractEventLoop) -> Callable[[str, str], DNSAnswer]:
-        """query() for a thread: runs on `loop`, which must not be the calling thread's."""
+        """query() for a thread: runs on `loop`, which must not be the calling thread's.
+        A loop that stops or closes meanwhile (the daemon stopping) is a temperror."""
         def query(name: str, rdtype: str) -> DNSAnswer:
-            future = asyncio.run_coroutine_threadsafe(self.query(name, rdtype), loop)
+            if _running_loop() is loop:
+                # It would wait on itself for the whole timeout, stalling every session.
+                raise RuntimeError("Resolver.blocking called on its own event loop's thread")
+            coroutine = self.query(name, rdtype)
+            try:
+                future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            except RuntimeError:  # the loop is closed
+                coroutine.close()
+                return DNSAnswer(TEMPERROR)
             try:
                 return future.result(self.timeout + 1)
-            except TimeoutError:
+            except TimeoutError:  # the loop stopped, or is too busy to answer in time
                 future.cancel()
+                return DNSAnswer(TEMPERROR)
+            except concurrent.futures.CancelledError:  # the loop cancelled it on its way out
                 return DNSAnswer(TEMPERROR)
         return query
 
     async def _lookup(self, name: str, rdtype: str) -> tuple[DNSAnswer, float]:
+        if not name:
+            return DNSAnswer(TEMPERROR), 0  # not a name a check means to ask (the root)
         try:
             answer = await self._resolver.resolve(dns.name.from_text(name), rdtype, search=False,
                                                   raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return DNSAnswer(NXDOMAIN), NEGATIVE_TTL
+        except dns.resolver.NXDOMAIN as e:
+            responses = e.responses()
+            response = next(iter(responses.values()), None)
+            return DNSAnswer(NXDOMAIN), _negative_ttl(response)
         except (dns.exception.DNSException, OSError, ValueError):
             # Timeout, SERVFAIL from every server, no server reachable, a bad name.
             return DNSAnswer(TEMPERROR), 0
         if answer.rrset is None:
-            return DNSAnswer(NODATA), NEGATIVE_TTL
+            return DNSAnswer(NODATA), _negative_ttl(answer.response)
         kind = dns.rdatatype.from_text(rdtype)
         if kind == dns.rdatatype.TXT:
             records = tuple(b"".join(r.strings) for r in answer.rrset)
@@ -132,3 +155,21 @@ class Resolver:
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """How long a negative answer may be kept: the SOA's TTL or its minimum, whichever is
+    less (RFC 2308 §3), at most NEGATIVE_TTL; 0 (not kept) without an SOA (§5)."""
+    if response is None:
+        return 0
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL)
+    return 0
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

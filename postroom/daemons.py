@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mtad.agent import AgentContext
     from mtad.outbound.runner import RunnerHandle
     from mtad.routing import Outbound
+    from policy.chain import PolicyServices
     from pop3d.session import POP3Context
     from wire.protocol import ServerFactory
 
@@ -87,6 +88,14 @@ class Shared:
         return Outbound(self._config, self._data_dir)
 
     @cached_property
+    def policy(self) -> PolicyServices:
+        """The policy chain's resolver, tables, scanner and threads (policy/chain.py)."""
+        from policy.chain import PolicyServices
+
+        return PolicyServices(self._config, rates_path=self._data_dir.rates_path,
+                              greylist_path=self._data_dir.greylist_path)
+
+    @cached_property
     def submission(self) -> AgentContext:
         """Submission on 587 and 465: one connection limit, one set of sessions."""
         from mtad.agent import AgentContext
@@ -95,7 +104,7 @@ class Shared:
         return AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
                             ConnectionLimit(config.submission.max_connections,
                                             config.submission.max_connections_per_ip),
-                            outbound=self.outbound)
+                            outbound=self.outbound, policy=self.policy)
 
     @cached_property
     def imap(self) -> IMAPContext:
@@ -134,6 +143,8 @@ class Shared:
         # Big deliveries run in these threads: the services' stops have waited for them.
         await self.delivery_threads.close()
         self.login_throttle.close()
+        if "policy" in self.__dict__:  # made only by mtad
+            self.policy.close()
 
 
 @dataclass(frozen=True)
@@ -187,7 +198,7 @@ async def start_smtp(context: Context) -> Listening:
     config, shared = context.config, context.shared
     inbound = AgentContext(config, context.accounts, context.store, context.tls, shared.delivery_threads,
                            ConnectionLimit(config.smtp.max_connections, config.smtp.max_connections_per_ip),
-                           outbound=shared.outbound)
+                           outbound=shared.outbound, policy=shared.policy)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
     # Every mtad process tries for the queue's runner lock; the one that holds it delivers.

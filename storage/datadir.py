@@ -33,6 +33,16 @@ class DataDir:
         return self.path / "logins.lmdb"
 
     @property
+    def rates_path(self) -> Path:
+        """The rate limits' token buckets, shared by mtad's processes (policy/rates.py)."""
+        return self.path / "rates.lmdb"
+
+    @property
+    def greylist_path(self) -> Path:
+        """Greylisting's triplets and trusted domains (policy/greylist.py)."""
+        return self.path / "greylist.lmdb"
+
+    @property
     def audit_log_path(self) -> Path:
         """Who changed which account when (postroom/admin.py's AuditLog)."""
         return self.path / "audit.log"

@@ -41,7 +41,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +153,73 @@ class Delivery:
         self.size += len(chunk)
         if self._digest is not None:
             self._digest.update(chunk)
+
+    def prepend(self, data: bytes) -> None:
+        """Put `data` before everything written so far: header fields decided only at the
+        message's end (the policy checks' verdict, policy/decide.py). Once, before the
+        commit. A message still in memory costs nothing; one already in its file is written
+        again behind `data` (copy_file_range: within the kernel) under a new name that then
+        replaces the source. What the sender sent, and so the deduplication key, is unchanged."""
+        if self._state != _OPEN:
+            raise StoreError("the delivery is no longer open for data")
+        if not data:
+            return
+        if self._source is not None:
+            try:
+                if self._fd is None:
+                    self._pending[:0] = data
+                    if len(self._pending) > IN_MEMORY:
+                        self._make_source()
+                else:
+                    self._rewrite_source(data)
+            except OSError as e:
+                self.close()
+                raise store_error(e, self._source.parent) from e
+        self.size += len(data)
+
+    def _rewrite_source(self, head: bytes) -> None:
+        staged = self._source.with_name(self._source.name + ".prepend")
+        fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, head)
+            _copy_range(self._fd, fd, self.size)
+            os.replace(staged, self._source)  # the writer directory drops ".prepend" leftovers too
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(staged)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+
+    def send_to_each(self, mailboxes: dict[str, str]) -> None:
+        """Each account's copy goes to its mailbox in `mailboxes` instead of the ones it was
+        begun for (the policy's Junk verdict): one copy per account. Before the commit."""
+        if self._state != _OPEN:
+            raise StoreError("the delivery is no longer open")
+        self.targets = list(dict.fromkeys((account, mailboxes.get(account, name)) for account, name in self.targets))
+        shard, self._first = _first_shard(self.targets, self._shard_of)
+        if shard is not self._source_shard:  # the same accounts: the same first shard
+            raise StoreError("send_to_each() changed the delivery's accounts")
+
+    def read(self, size: int = 1 << 16) -> Iterator[bytes]:
+        """The message's bytes written so far, in pieces of at most `size` (an anti-virus
+        scan before the commit): from memory, or read back from the file."""
+        if self._state != _OPEN:
+            raise StoreError("the delivery is no longer open")
+        if self._source is None:
+            raise StoreError("no target can take this message: its bytes were not kept")
+        if self._fd is None:
+            view = memoryview(bytes(self._pending))
+            for start in range(0, len(view), size):
+                yield view[start:start + size].tobytes()
+            return
+        offset = 0
+        while offset < self.size:
+            piece = os.pread(self._fd, min(size, self.size - offset), offset)
+            if not piece:
+                raise StoreError("the message's file is shorter than what was written")
+            offset += len(piece)
+            yield piece
 
     def _make_source(self) -> None:
         """The source file, with what was kept in memory so far."""
@@ -364,6 +431,16 @@ def _wait(submit: Callable[[OnDone], None]) -> list[Delivered]:
     if errors:
         raise DeliveryError(delivered, errors)
     return delivered
+
+
+def _copy_range(source_fd: int, target_fd: int, size: int) -> None:
+    """`size` bytes of source from its start to target's current end, in the kernel."""
+    offset = 0
+    while offset < size:
+        copied = os.copy_file_range(source_fd, target_fd, size - offset, offset)
+        if copied == 0:
+            raise StoreError("the message's file is shorter than what was written")
+        offset += copied
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -25,7 +25,7 @@ from storage import dedupe as duplicates
 from storage import fts, mailboxes, messages, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, StoreError
+from storage.errors import DeliveryError, MailboxExistsError, StoreError
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.names import check_account_name, normalize_name
@@ -151,6 +151,21 @@ class Store:
         self.ensure_account(account)
         shard = self.shard(account)
         return shard.write(lambda txn, batch: mailboxes.create(txn, shard, batch, account, name, special_use))
+
+    def junk_mailbox(self, account: str, fallback: str = "Junk") -> str:
+        """The name of the account's \\Junk mailbox (RFC 6154), wherever the user moved it;
+        without one, `fallback`, made (as \\Junk) if it does not exist. Where the spam
+        filter's verdict sends mail."""
+        listing = self.mailboxes(account)
+        for mailbox in listing:
+            if mailbox.special_use == "\\Junk":
+                return mailbox.name
+        if not any(m.name == fallback for m in listing):
+            try:
+                self.create_mailbox(account, fallback, "\\Junk")
+            except MailboxExistsError:
+                pass  # made at the same time by another delivery
+        return fallback
 
     def delete_mailbox(self, account: str, name: str) -> None:
         self.ensure_account(account)

@@ -5,9 +5,16 @@
                  servfail={"broken.example"}, silent={"slow.example"}) as zone:
         ... [dns] nameservers = ["127.0.0.1"], port = zone.port ...
 
-A name in `records` answers its records (TTL 0: no resolver keeps them), or NOERROR with no
-data for a type it lacks; a name not there is NXDOMAIN; a name in `servfail` (or under it)
-answers SERVFAIL; one in `silent` never answers (a timeout). A null MX is "0 .".
+A name in `records` answers its records, or NOERROR with no data for a type it lacks; a name
+not there is NXDOMAIN; a name in `servfail` (or under it) answers SERVFAIL; one in `silent`
+never answers (a timeout); one in `slow` (or under it) answers after that many seconds,
+without holding up the answers to other queries. A null MX is "0 .". Records are in zone
+file text, so a TXT record of several strings is '"v=spf1 ip4:127.0.0.0/8 " "-all"'.
+
+Answers carry `ttl` (0 by default: no resolver keeps them). With a ttl, negative answers
+carry an SOA whose minimum is that ttl, so a resolver may keep those too (RFC 2308 §5:
+without an SOA it should not).
+
 Every query is counted in `queries`, as (name, type). `update(records)` changes the zone
 while it serves. Each server is a thread with its own socket; `close()` stops both.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import dns.flags
 import dns.message
@@ -34,10 +42,13 @@ LOOPBACK = "127.0.0.1"
 
 class DNSZone:
     def __init__(self, records: dict[str, dict[str, list[str]]], *, servfail: set[str] = frozenset(),
-                 silent: set[str] = frozenset(), port: int = 0):
+                 silent: set[str] = frozenset(), slow: dict[str, float] | None = None,
+                 ttl: int = 0, port: int = 0):
         self.update(records)
         self.servfail = {n.lower().rstrip(".") for n in servfail}
         self.silent = {n.lower().rstrip(".") for n in silent}
+        self.slow = {n.lower().rstrip("."): float(delay) for n, delay in (slow or {}).items()}
+        self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._udp, self._tcp = _bind_both(port)
@@ -68,6 +79,15 @@ class DNSZone:
         for thread in self._threads:
             thread.join(5)
 
+    def delay(self, wire: bytes) -> float:
+        """How long to wait before answering this query (`slow`)."""
+        try:
+            query = dns.message.from_wire(wire)
+            name = query.question[0].name.to_text(omit_final_dot=True).lower()
+        except Exception:
+            return 0.0
+        return max((d for n, d in self.slow.items() if name == n or name.endswith("." + n)), default=0.0)
+
     def answer(self, wire: bytes) -> bytes | None:
         """The response to one query, or None to stay silent."""
         try:
@@ -92,12 +112,22 @@ class DNSZone:
         types = self.records.get(name)
         if types is None:
             response.set_rcode(dns.rcode.NXDOMAIN)
+            self._add_soa(response)
             return response.to_wire()
         texts = types.get(rdtype, [])
         if texts:
             rdatas = [dns.rdata.from_text(dns.rdataclass.IN, question.rdtype, text) for text in texts]
-            response.answer.append(dns.rrset.from_rdata_list(question.name, 0, rdatas))
+            response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, rdatas))
+        else:
+            self._add_soa(response)
         return response.to_wire()
+
+    def _add_soa(self, response: dns.message.Message) -> None:
+        """The SOA of a negative answer, whose minimum is the negative TTL (RFC 2308 §3)."""
+        if self.ttl:
+            soa = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SOA,
+                                      f"ns.test. hostmaster.test. 1 3600 600 86400 {self.ttl}")
+            response.authority.append(dns.rrset.from_rdata_list(dns.name.root, self.ttl, [soa]))
 
     def _serve_udp(self) -> None:
         while not self._closed:
@@ -105,12 +135,21 @@ class DNSZone:
                 wire, peer = self._udp.recvfrom(65535)
             except OSError:
                 return
-            reply = self.answer(wire)
-            if reply is not None:
-                try:
-                    self._udp.sendto(reply, peer)
-                except OSError:
-                    pass
+            delay = self.delay(wire)
+            if delay:
+                timer = threading.Timer(delay, self._answer_udp, args=(wire, peer))
+                timer.daemon = True
+                timer.start()
+            else:
+                self._answer_udp(wire, peer)
+
+    def _answer_udp(self, wire: bytes, peer: tuple) -> None:
+        reply = None if self._closed else self.answer(wire)
+        if reply is not None:
+            try:
+                self._udp.sendto(reply, peer)
+            except OSError:
+                pass
 
     def _serve_tcp(self) -> None:
         while not self._closed:
@@ -131,6 +170,7 @@ class DNSZone:
                     wire = _read_exactly(conn, struct.unpack("!H", head)[0])
                     if wire is None:
                         return
+                    time.sleep(self.delay(wire))
                     reply = self.answer(wire)
                     if reply is not None:
                         conn.sendall(struct.pack("!H", len(reply)) + reply)

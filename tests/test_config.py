@@ -210,3 +210,9 @@ def test_config_check_prints_the_effective_config(tmp_path, cli):
     assert f'data_dir = "{tmp_path / "var"}"' in result.stdout  # relative paths: from the working dir
     dev_here = (REPO / "conf/dev.toml").read_text().replace("./var", str(tmp_path / "var"))
     assert conf.loads(result.stdout) == conf.loads(dev_here)
+
+
+def test_a_greylist_delay_no_retry_could_pass_is_refused():
+    with pytest.raises(conf.ConfigError, match="retry_window"):
+        conf.loads('[server]\nhostname = "mx.example.org"\n'
+                   '[greylist]\nenabled = true\ndelay = "1d"\nretry_window = "1h"\n')

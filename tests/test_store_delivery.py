@@ -176,3 +176,53 @@ def test_a_message_for_no_target_is_counted_and_stored_nowhere(store, data_dir):
     assert delivery.size == 17
     shards = Path(data_dir, "shards")
     assert not list(shards.glob("*/tmp/*/*"))
+
+
+# -- what the policy chain asks of a delivery before its commit (policy/decide.py) ----------
+
+@pytest.mark.parametrize("size", [100, 60_000, 300_000])
+def test_prepend_puts_header_fields_before_the_message_in_memory_or_in_its_file(store, size):
+    raw = big_message(size)
+    head = b"Authentication-Results: mail.example.test; spf=pass\r\n"
+    with store.begin_delivery([ALICE]) as delivery:
+        for start in range(0, len(raw), 7000):
+            delivery.write(raw[start:start + 7000])
+        delivery.prepend(head)
+        assert delivery.size == len(head) + len(raw)
+        assert b"".join(delivery.read(4096)) == head + raw
+        (delivered,) = delivery.commit()
+    (info,) = store.fetch(ALICE, "INBOX", [(delivered.uid, delivered.uid)])
+    assert store.read_message(info) == head + raw
+    assert info.size == len(head) + len(raw)
+    writer = store.shard(ALICE).writer.path
+    assert not [p for p in writer.iterdir() if p.name.endswith(".prepend")]
+
+
+def test_read_gives_back_what_was_written_before_the_commit(store):
+    raw = big_message(200_000)
+    with store.begin_delivery([ALICE, BOB]) as delivery:
+        delivery.write(raw[:50_000])
+        assert b"".join(delivery.read()) == raw[:50_000]  # still in memory
+        delivery.write(raw[50_000:])
+        pieces = list(delivery.read(10_000))
+        assert max(map(len, pieces)) == 10_000 and b"".join(pieces) == raw
+        delivery.commit()
+
+
+def test_send_to_junk_delivers_every_copy_to_each_accounts_junk_mailbox(store):
+    store.rename_mailbox(BOB, "Junk", "Spam")  # the \Junk attribute follows the rename
+    assert store.junk_mailbox(ALICE) == "Junk"
+    assert store.junk_mailbox(BOB) == "Spam"
+    raw = big_message(1000)
+    with store.begin_delivery([ALICE, (BOB, "INBOX"), (BOB, "Archive")]) as delivery:
+        delivery.write(raw)
+        delivery.send_to_each({ALICE: store.junk_mailbox(ALICE), BOB: store.junk_mailbox(BOB)})
+        delivered = delivery.commit()
+    assert sorted((d.account, d.mailbox) for d in delivered) == [(ALICE, "Junk"), (BOB, "Spam")]
+    assert store.uids(ALICE, "INBOX")[1] == [] and len(store.uids(ALICE, "Junk")[1]) == 1
+
+
+def test_junk_mailbox_is_made_when_the_user_deleted_it(store):
+    store.delete_mailbox(ALICE, "Junk")
+    assert store.junk_mailbox(ALICE, "Spam") == "Spam"
+    assert store.mailbox(ALICE, "Spam").special_use == "\\Junk"

@@ -1,0 +1,140 @@
+"""SPF (RFC 7208): is the client address allowed to send for the MAIL FROM domain, or for
+the HELO name when the sender is null (RFC 7208 §2.3: postmaster@<HELO name>)?
+
+pyspf evaluates the record; its DNS is ours: a subclass of `spf.query` replaces its one
+lookup method, `dns()`, with the shared Resolver (through `Resolver.blocking`, since pyspf
+blocks and runs in a worker thread given by the caller as `run_blocking`). pyspf keeps
+RFC 7208 §4.6.4's limits: 10 terms that cause DNS lookups (include, a, mx, ptr, exists,
+redirect), 10 MX and PTR names, and 2 void lookups (our `dns()` counts those, as pyspf's
+does). The whole evaluation is bounded in time (MAX_TIME, §4.6.4 says at least 20 s): a
+lookup asked after it is a temperror, and each lookup is bounded by `[dns] timeout`, so a
+silent DNS server gives temperror after one timeout.
+
+The result is one of RFC 7208 §2.6's seven words, with pyspf's explanation as the reason
+(the header comment when it has none), cleaned of control characters: a domain's exp=
+text is the sender's to choose and may end up in a reply or a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+import spf
+
+from policy.evidence import SPF_RESULTS, SPFResult
+from policy.resolver import TEMPERROR, DNSAnswer, Resolver
+
+MAX_TIME = 20.0  # seconds for a whole evaluation (RFC 7208 §4.6.4)
+MAX_REASON = 200  # characters of explanation kept
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_NOT_IN_NAMES = re.compile(r"[\x00-\x20\x7f@\[\]\"\\(),;:<>]")  # what no domain (nor U-label) holds
+
+Lookup = Callable[[str, str], DNSAnswer]
+
+
+async def check_spf(resolver: Resolver, *, ip: str, sender: str, helo: str,
+                    run_blocking: Callable[..., Awaitable], time_limit: float = MAX_TIME) -> SPFResult:
+    """The SPF result for a message from `ip` with MAIL FROM `sender` ("" for the null
+    sender: then the HELO name's record is asked) after HELO/EHLO `helo`.
+    Never raises for DNS trouble or a bad record."""
+    identity = "mailfrom" if sender else "helo"
+    checked = sender or f"postmaster@{helo}"
+    # The domain follows the last "@" (a quoted local part may hold one), RFC 7208 §4.3;
+    # for the null sender it is the HELO name, whole.
+    local, _, domain = sender.rpartition("@") if sender else ("postmaster", "", helo)
+    domain = domain.lower().rstrip(".")
+    if not _checkable(domain):
+        # RFC 7208 §4.3: a malformed or single-label domain (or an address literal) is none.
+        # What was given goes on cleaned: it is no name, and may be anything.
+        checked = _clean(checked)
+        return SPFResult("none", identity, "", checked, f"no domain to check in {checked}")
+    lookup = resolver.blocking(asyncio.get_running_loop())
+    result, reason = await run_blocking(_evaluate, lookup, ip, sender, local or "postmaster", domain,
+                                        helo, time_limit)
+    return SPFResult(result, identity, domain, checked, _clean(reason))
+
+
+def _evaluate(lookup: Lookup, ip: str, sender: str, local: str, domain: str, helo: str,
+              time_limit: float) -> tuple[str, str]:
+    """pyspf's verdict, in a worker thread: (result, explanation)."""
+    try:
+        query = _Query(lookup, time.monotonic() + time_limit, i=ip, s=sender, h=helo)
+    except spf.PermError as e:  # the client address is not one
+        return "permerror", f"bad client address: {e}"
+    # pyspf splits the sender at its first "@": ours is split at the last.
+    query.l, query.o, query.d = local, domain, domain
+    try:
+        result, _code, explanation = query.check()
+    except Exception as e:  # pyspf's own failure on a hostile record: never the session's
+        return "permerror", f"SPF evaluation failed: {type(e).__name__}: {e}"
+    if result not in SPF_RESULTS:  # "ambiguous" and the like come only in pyspf's harsh mode
+        return "permerror", f"unexpected pyspf result {result}: {explanation}"
+    if not explanation and result == "none":
+        explanation = f"no SPF record for {query.o}"
+    elif not explanation:
+        try:
+            explanation = query.get_header_comment(result)
+        except Exception:
+            explanation = ""
+    return result, explanation
+
+
+class _Query(spf.query):
+    """pyspf's query with its DNS lookups through the Resolver."""
+
+    def __init__(self, lookup: Lookup, deadline: float, **kwargs):
+        super().__init__(**kwargs)
+        self._lookup = lookup
+        self._deadline = deadline
+
+    def dns(self, name, qtype, cnames=None, ignore_void=False):
+        """Records of `qtype` for `name` as pyspf's dnspython driver gives them: A, AAAA as
+        address text, MX as (preference, host), PTR as host, TXT as a tuple of bytes.
+        CNAMEs are followed by the resolver. Raises spf.TempError for DNS trouble and
+        spf.PermError past the void lookup limit (RFC 7208 §4.6.4)."""
+        name = str(name).rstrip(".").lower()
+        if not name or not all(0 < len(label) < 64 for label in name.split(".")):
+            return []  # not a DNS name: no lookup (pyspf's own rule)
+        if time.monotonic() > self._deadline:
+            raise spf.TempError("DNS: SPF evaluation took too long")
+        answer = self._lookup(name, qtype)
+        if answer.status == TEMPERROR:
+            raise spf.TempError(f"DNS: no answer for {name} {qtype} (timeout or server failure)")
+        result = [_record(qtype, record) for record in answer.records]
+        if not result and not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
+        return result
+
+
+def _record(qtype: str, record):
+    if qtype in ("TXT", "SPF"):
+        return (record,)  # pyspf joins a record's strings: ours are joined already
+    if qtype == "MX":
+        preference, _, host = record.partition(" ")
+        return int(preference), host.rstrip(".")
+    if qtype in ("PTR", "CNAME"):
+        return record.rstrip(".")
+    return record
+
+
+def _checkable(domain: str) -> bool:
+    """A multi-label domain name, not an address literal (RFC 7208 §4.3)."""
+    if "." not in domain or _NOT_IN_NAMES.search(domain):
+        return False
+    try:
+        ipaddress.ip_address(domain)
+        return False
+    except ValueError:
+        pass
+    return all(0 < len(label) < 64 for label in domain.split("."))
+
+
+def _clean(text: str) -> str:
+    """Printable ASCII on one line, bounded: safe in a log line, a reply, a header comment."""
+    return _NOT_PRINTABLE.sub(" ", text).strip()[:MAX_REASON]
