@@ -4,8 +4,12 @@
 - `write_config(**sections)`: a config file with free loopback ports for every listener and
   data under `data_dir`; keyword arguments override keys per section.
 - `config_path`: that config with no overrides.
+- `write_config_file(path, data_dir, **sections)`: the same, for fixtures of wider scope;
+  `start_module_daemon(root)` starts a daemon on it, for a module's tests to share.
 - `cli(*args, input=None)`: runs the installed `postroom --config <config_path> ...` as a
   sysadmin does, returning the CompletedProcess (text mode).
+- `add_accounts(config_path, password, users, aliases)`: domains, users and aliases made in
+  this process, for tests whose subject is not the CLI.
 - `daemon`: `postroom serve` started the way a user starts it (the console script, under an
   sd_notify socket as systemd would), ready when it says READY=1; stopped with SIGTERM,
   which must end it cleanly (exit 0) within the test's teardown.
@@ -26,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import argon2
 import pytest
 
 import conf
@@ -97,27 +102,32 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "var"
 
 
+def write_config_file(path: Path, data_dir: Path, **overrides: dict[str, object]) -> Path:
+    """The test config at `path`, data under `data_dir`: what `write_config` writes, for a
+    fixture of wider scope (a daemon a whole module shares)."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+        "storage": {"shards": 4},
+        # Every test client comes from 127.0.0.1: the per-IP limit must allow a crowd.
+        "smtp": {"max_connections_per_ip": 200},
+        # The policy chain asks DNS (SPF, DKIM, DMARC): its tests turn it on with a zone
+        # of their own (tests/dnszone.py); the rest do not depend on this machine's DNS.
+        "policy": {"enabled": False},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    for section, keys in overrides.items():
+        sections.setdefault(section, {}).update(keys)
+    path.write_text(render_config(sections))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path: Path, data_dir: Path):
     def write(name: str = "postroom.toml", **overrides: dict[str, object]) -> Path:
-        sections: dict[str, dict[str, object]] = {
-            "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
-            "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
-            "storage": {"shards": 4},
-            # Every test client comes from 127.0.0.1: the per-IP limit must allow a crowd.
-            "smtp": {"max_connections_per_ip": 200},
-            # The policy chain asks DNS (SPF, DKIM, DMARC): its tests turn it on with a zone
-            # of their own (tests/dnszone.py); the rest do not depend on this machine's DNS.
-            "policy": {"enabled": False},
-        }
-        for dotted in LISTENERS:
-            section, key = dotted.split(".")
-            sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
-        for section, keys in overrides.items():
-            sections.setdefault(section, {}).update(keys)
-        path = tmp_path / name
-        path.write_text(render_config(sections))
-        return path
+        return write_config_file(tmp_path / name, data_dir, **overrides)
 
     return write
 
@@ -137,6 +147,48 @@ def cli(config_path: Path, tmp_path: Path):
         )
 
     return run
+
+
+class _HashOnce(argon2.PasswordHasher):
+    """argon2id with the parameters Accounts uses, each password hashed once per test
+    process: a hash costs ~0.2 s of CPU, and a module's tests make hundreds of users with
+    one password. What is stored is a real hash of that password (the daemon verifies it as
+    any other); the users that share the password share its salt."""
+
+    def __init__(self) -> None:
+        super().__init__(type=argon2.Type.ID)
+        self._hashes: dict[str | bytes, str] = {}
+
+    def hash(self, password: str | bytes, **kwargs) -> str:
+        if kwargs:
+            return super().hash(password, **kwargs)
+        if password not in self._hashes:
+            self._hashes[password] = super().hash(password)
+        return self._hashes[password]
+
+
+_hash_once = _HashOnce()
+
+
+def add_accounts(config_path: Path, password: str = "", users: tuple[str, ...] | list[str] = (),
+                 aliases: dict[str, list[str]] | None = None, domains: tuple[str, ...] = ("example.test",)) -> None:
+    """Domains, users (all with `password`) and aliases, made through the accounts API in
+    this process as `postroom domain|user|alias add` makes them: a `postroom` process costs
+    a test ~0.5 s of CPU (interpreter, imports); the commands have their own tests
+    (test_cli.py)."""
+    from storage import Accounts, open_data_dir
+
+    config = conf.load(config_path)
+    data_dir = open_data_dir(config.server.data_dir, config.storage.shards)  # as postroom.datadir.open_accounts
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter,
+                        hasher=_hash_once)
+    with accounts:
+        for domain in domains:
+            accounts.add_domain(domain)
+        for user in users:
+            accounts.add_user(user, password)
+        for alias, targets in (aliases or {}).items():
+            accounts.add_alias(alias, targets)
 
 
 @dataclass
@@ -208,6 +260,20 @@ def start_daemon(config_path: Path, workdir: Path) -> Daemon:
                 return daemon
         daemon.stop(signal.SIGKILL)
         raise AssertionError(f"postroom serve not ready within {READY_TIMEOUT}s:\n{daemon.stderr()}")
+
+
+def start_module_daemon(root: Path, **overrides: dict[str, object]) -> Daemon:
+    """`postroom serve` on a config of `write_config_file` under `root`, for a daemon a
+    module's tests share. Another test suite on this machine (another checkout) hands out
+    the same ports: a port it took between our check and the bind would fail every test of
+    the module, so a start that finds its port in use is tried again on new ports."""
+    for attempt in range(3):
+        path = write_config_file(root / "postroom.toml", root / "var", **overrides)
+        try:
+            return start_daemon(path, root)
+        except AssertionError as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
 
 
 @pytest.fixture

@@ -34,13 +34,15 @@ SMTP_PASSWORD = "s3cret"  # the one password SMTPDriver takes for AUTH
 
 def cut(data: bytes, sizes: Iterable[int]) -> list[bytes]:
     """`data` in pieces of the given sizes (the last size repeats); every byte kept."""
-    sizes = list(sizes) or [len(data) or 1]
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        size = max(1, sizes[min(i, len(sizes) - 1)])
+    sizes = [max(1, size) for size in sizes] or [len(data) or 1]
+    out, pos = [], 0
+    for size in sizes[:-1]:
+        if pos >= len(data):
+            return out
         out.append(data[pos:pos + size])
         pos += size
-        i += 1
+    last = sizes[-1]  # the bulk of a long input: sliced in one comprehension, not a step a piece
+    out.extend(data[start:start + last] for start in range(pos, len(data), last))
     return out
 
 

@@ -3,8 +3,8 @@ again, with the same Message-ID) while `postroom serve` is killed again and agai
 every message in every mailbox is counted.
 
 Used by tests/test_crash.py (a short run in `make test`) and bench/crash.py (the long one).
-A run is a list of phases; in each, the server is started, and every 1-2 s killed in one
-way and started again:
+A run is a list of phases; in each, the server is started, and every 1-2 s (`interval`)
+killed in one way and started again, for the phase's seconds or its number of restarts:
 - "kill": SIGKILL to serve alone (its children must die with it, and the port be free);
 - "term": SIGTERM (a graceful stop: replies of work done are sent before it ends);
 - "group": SIGKILL to serve's whole process group (with `[smtp] workers = 2`).
@@ -48,6 +48,7 @@ class Phase:
     how: str  # "kill", "term" or "group"
     seconds: float
     workers: int = 1
+    restarts: int | None = None  # ends the phase sooner, once it has stopped the server this often
 
 
 @dataclass
@@ -234,16 +235,21 @@ class Senders:
 
 
 def prepare(data_dir: Path, config: Path) -> None:
-    run = lambda *args, input=None: subprocess.run(  # noqa: E731
-        [POSTROOM, "--config", str(config), *args], input=input, capture_output=True, text=True, check=True)
-    run("domain", "add", DOMAIN)
-    for user in USERS:
-        run("user", "add", user, "--password-stdin", input=PASSWORD)
+    """The domain and its users, through the accounts API as `postroom user add` makes them
+    (five CLI processes would cost the suite's short run seconds)."""
+    import conf
+    from postroom.datadir import open_accounts
+
+    _, accounts = open_accounts(conf.load(config))
+    with accounts:
+        accounts.add_domain(DOMAIN)
+        for user in USERS:
+            accounts.add_user(user, PASSWORD)
 
 
 def run(configs: dict[int, Path], phases: list[Phase], workdir: Path, *, host: str, port: int, clients: int,
         total: int, budgets: list[int] | None = None, drain_seconds: float = 60.0, seed: int = 20261130,
-        say=lambda text: None) -> Outcome:
+        interval: tuple[float, float] = (1.0, 2.0), say=lambda text: None) -> Outcome:
     """The phases in order (configs[workers] is the config for each worker count), each for
     its seconds or until `budgets[i]` messages are sent in all, then a drain against a server
     left up, then a graceful stop; the count of every mailbox."""
@@ -258,10 +264,12 @@ def run(configs: dict[int, Path], phases: list[Phase], workdir: Path, *, host: s
         say(f"phase {phase.how}, workers = {phase.workers}, until {min(phase.seconds, 10**6):.0f} s "
             f"or {budget} messages sent")
         phase_end = time.monotonic() + phase.seconds
-        while time.monotonic() < phase_end and outcome.sent < budget:
-            time.sleep(rng.uniform(1.0, 2.0))
+        restarts = 0
+        while time.monotonic() < phase_end and outcome.sent < budget and restarts != phase.restarts:
+            time.sleep(rng.uniform(*interval))
             outcome.orphans += server.stop(phase.how)
             outcome.restarts += 1
+            restarts += 1
             server.start(configs[phase.workers])
         say(f"{outcome.sent} sent, {outcome.restarts} restarts")
     say("draining")

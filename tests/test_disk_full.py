@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from conftest import start_daemon
+from conftest import add_accounts, start_daemon
 from storage import open_data_dir
 from storage.check import check
 from storage.store import Store
@@ -37,9 +37,8 @@ def small_disk(data_dir):
 
 
 @pytest.fixture
-def mx(small_disk, cli, config_path, tmp_path):
-    assert cli("domain", "add", "example.test").returncode == 0
-    assert cli("user", "add", ALICE, "--password-stdin", input=PASSWORD).returncode == 0
+def mx(small_disk, config_path, tmp_path):
+    add_accounts(config_path, PASSWORD, [ALICE])
     daemon = start_daemon(config_path, tmp_path)
     daemon.store = Store(open_data_dir(small_disk, 4))
     daemon.store.ensure_account(ALICE)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import dns.zone
 import pytest
 
 import conf
+from conftest import POSTROOM, render_config
 from policy.dkim import DKIMSigner, keygen, signed_fields
 from policy.dkim_body import MessageDigest, RelaxedBodyHash
 
@@ -65,16 +67,34 @@ def printed_record(stdout: str) -> tuple[str, str]:
     return name.rstrip("."), b"".join(rdata.strings).decode()
 
 
-@pytest.fixture
-def keys(cli, data_dir):
-    """example.test with an rsa key (selector s1) and an ed25519 key (e1), made by the CLI;
-    returns the DNS records as printed."""
+@pytest.fixture(scope="module")
+def keyring(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A data dir with example.test, an rsa key (selector s1) and an ed25519 key (e1), made
+    by the CLI once for the module (three CLI processes and an RSA key cost each test a
+    second or two); and the DNS records as printed."""
+    root = tmp_path_factory.mktemp("keyring")
+    config = root / "postroom.toml"
+    config.write_text(render_config({"server": {"hostname": "mail.example.test", "data_dir": str(root / "var")},
+                                     "storage": {"shards": 4}}))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTROOM, "--config", str(config), *args], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL, cwd=root)
+
     ok(cli("domain", "add", "example.test"))
     records = dict([printed_record(ok(cli("dkim", "keygen", "example.test", "--selector", "s1"))),
                     printed_record(ok(cli("dkim", "keygen", "example.test", "--selector", "e1",
                                           "--algorithm", "ed25519")))])
     assert set(records) == {"s1._domainkey.example.test", "e1._domainkey.example.test"}
-    return records
+    return root / "var", records
+
+
+@pytest.fixture
+def keys(keyring, data_dir):
+    """The keyring's data dir copied to this test's (modes kept); returns the DNS records."""
+    made, records = keyring
+    shutil.copytree(made, data_dir)
+    return dict(records)
 
 
 def dnsfunc(records: dict[str, str]):

@@ -198,7 +198,7 @@ def smtp_replies(wire: bytes, hostname: str) -> list[list[str]]:
 
 # -- SMTP: properties -----------------------------------------------------------------------------
 
-@fuzz(1000, segments=mutated_segments(SMTP_STREAM), sizes=SIZES, config=SMTP_CONFIG)
+@fuzz(700, segments=mutated_segments(SMTP_STREAM), sizes=SIZES, config=SMTP_CONFIG)
 def test_smtp_session_takes_any_stream(segments, sizes, config):
     whole = fed(SMTPDriver(config, refuse_nobody), segments, None)
     pieces = fed(SMTPDriver(config, refuse_nobody), segments, sizes)
@@ -354,7 +354,7 @@ def check_imap_refusal(tag: str | None, text: str, code: str | None, status: str
 
 # -- IMAP: properties -----------------------------------------------------------------------------
 
-@fuzz(1500, stream=IMAP_STREAM.flatmap(mutated), sizes=SIZES, limits=IMAP_LIMITS)
+@fuzz(1000, stream=IMAP_STREAM.flatmap(mutated), sizes=SIZES, limits=IMAP_LIMITS)
 def test_imap_reading_takes_any_stream(stream, sizes, limits):
     whole = fed(IMAPDriver(**limits), [stream], None)
     pieces = fed(IMAPDriver(**limits), [stream], sizes)
@@ -481,7 +481,7 @@ def check_pop3_reply(reply: bytes) -> None:
 
 # -- POP3: properties ------------------------------------------------------------------------------
 
-@fuzz(1000, segments=mutated_segments(POP3_STREAM), sizes=SIZES, messages=MESSAGES, settings=POP3_SETTINGS)
+@fuzz(600, segments=mutated_segments(POP3_STREAM), sizes=SIZES, messages=MESSAGES, settings=POP3_SETTINGS)
 def test_pop3_core_takes_any_stream(segments, sizes, messages, settings):
     whole = fed(POP3Driver(settings, messages, chunk=7), segments, None)
     pieces = fed(POP3Driver(settings, messages, chunk=7), segments, sizes)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import client_tls_context
+from conftest import add_accounts, client_tls_context
 from policy.shares import FairShare
 from storage import open_data_dir
 from storage.store import Store
@@ -52,10 +52,8 @@ def test_an_account_waits_beyond_its_share_and_others_do_not():
 
 
 @pytest.mark.serial  # a bound on another user's wait while one user loads the CPU
-def test_one_users_slow_searches_leave_other_users_served(cli, daemon, data_dir):
-    assert cli("domain", "add", "example.test").returncode == 0
-    for user in (HOG, OTHER):
-        assert cli("user", "add", user, "--password-stdin", input=PASSWORD).returncode == 0
+def test_one_users_slow_searches_leave_other_users_served(daemon, data_dir):
+    add_accounts(daemon.config_path, PASSWORD, [HOG, OTHER])
     with Store(open_data_dir(data_dir, 4)) as store:
         for i in range(MESSAGES):
             store.deliver([HOG], f"Subject: m{i}\r\n\r\nword{i} and some text of message {i}\r\n".encode())

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 import conf
-from conftest import Daemon, client_tls_context, free_port, start_daemon
-from postroom.datadir import open_accounts
+from conftest import Daemon, add_accounts, client_tls_context, free_port, start_daemon
 from dnszone import DNSZone
 from mtad.outbound.client import ClientSettings, ConnectionCache, Message, Recipient, deliver
 from mtad.outbound.dotstuff import DotStuffer
@@ -338,10 +337,7 @@ def outbound(write_config, tmp_path, data_dir, cli, mx_port):
             config.setdefault(section, {}).update(keys)
         path = write_config(**config)
         if not started:  # through the accounts API in this process: a CLI process costs each test a second
-            _, accounts = open_accounts(conf.load(path))
-            with accounts:
-                accounts.add_domain("example.test")
-                accounts.add_user(SENDER, PASSWORD)
+            add_accounts(path, PASSWORD, [SENDER])
         started.append(start_daemon(path, tmp_path))
         return started[-1]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, client_tls_context, start_daemon
+from conftest import BIN, add_accounts, client_tls_context, start_daemon
 from storage import open_data_dir
 from storage.store import Store
 
@@ -28,16 +28,14 @@ ALICE = "alice@example.test"
 HOSTNAME = "mail.example.test"
 
 
-def add_users(cli) -> None:
-    assert cli("domain", "add", "example.test").returncode == 0
-    for user in ("alice", "bob"):
-        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input=PASSWORD).returncode == 0
+def add_users(config_path: Path) -> None:
+    add_accounts(config_path, PASSWORD, [ALICE, "bob@example.test"])
 
 
 @pytest.fixture
-def pop(cli, daemon, data_dir):
+def pop(daemon, data_dir):
     """The running daemon with alice and bob, and `store` opened on its data dir."""
-    add_users(cli)
+    add_users(daemon.config_path)
     daemon.store = Store(open_data_dir(data_dir, 4))
     yield daemon
     daemon.store.close()
@@ -344,7 +342,7 @@ def test_pipelined_commands_after_stls_in_the_clear_are_discarded(pop):
         tls.close()
 
 
-def test_connection_limit_per_address(write_config, cli, tmp_path):
+def test_connection_limit_per_address(write_config, tmp_path):
     daemon = start_daemon(write_config(pop3={"max_connections_per_ip": 2}), tmp_path)
     try:
         address = daemon.listen("pop3.listen")
@@ -359,7 +357,7 @@ def test_connection_limit_per_address(write_config, cli, tmp_path):
         assert daemon.stop() == 0
 
 
-def test_the_110_and_995_listeners_share_one_connection_limit(write_config, cli, tmp_path):
+def test_the_110_and_995_listeners_share_one_connection_limit(write_config, tmp_path):
     """One POP3 service, one limit: the service's context is built once per process
     (postroom/daemons.py Shared), whichever listener starts first."""
     daemon = start_daemon(write_config(pop3={"max_connections_per_ip": 2}), tmp_path)
@@ -376,9 +374,9 @@ def test_the_110_and_995_listeners_share_one_connection_limit(write_config, cli,
         assert daemon.stop() == 0
 
 
-def test_login_delay_and_expire_as_configured(write_config, cli, tmp_path, data_dir):
+def test_login_delay_and_expire_as_configured(write_config, tmp_path, data_dir):
     path = write_config(pop3={"login_delay": "1h", "expire": "0"})
-    add_users(lambda *args, **kw: cli(*args, config=path, **kw))
+    add_users(path)
     daemon = start_daemon(path, tmp_path)
     try:
         deliver(daemon, b"Subject: a\r\n\r\nkept\r\n")
@@ -403,9 +401,9 @@ def test_login_delay_and_expire_as_configured(write_config, cli, tmp_path, data_
         assert daemon.stop() == 0
 
 
-def test_the_pop3d_command_runs_the_pop3_listeners_only(write_config, cli, tmp_path):
+def test_the_pop3d_command_runs_the_pop3_listeners_only(write_config, tmp_path):
     path = write_config()
-    add_users(lambda *args, **kw: cli(*args, config=path, **kw))
+    add_users(path)
     process = subprocess.Popen([str(BIN / "pop3d"), "--config", str(path)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -486,8 +484,8 @@ def test_fetchmail_without_keep_empties_the_maildrop(pop, tmp_path):
     assert code == 1 and messages == [], said
 
 
-def test_a_session_is_told_when_the_server_stops_and_loses_no_mail(cli, config_path, tmp_path, data_dir):
-    add_users(cli)
+def test_a_session_is_told_when_the_server_stops_and_loses_no_mail(config_path, tmp_path, data_dir):
+    add_users(config_path)
     daemon = start_daemon(config_path, tmp_path)
     stopped = False
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, POSTROOM, start_daemon
+from conftest import BIN, POSTROOM, add_accounts, start_daemon
 from procs import processes
 from storage import Accounts, open_data_dir
 from storage.store import Store
@@ -27,9 +27,8 @@ from storage.store import Store
 PASSWORD = "correct horse battery"
 
 
-def add_alice(cli, config: Path) -> None:
-    assert cli("domain", "add", "example.test", config=config).returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=config).returncode == 0
+def add_alice(config: Path) -> None:
+    add_accounts(config, PASSWORD, ["alice@example.test"])
 
 
 def child_of(daemon, name: str) -> int:
@@ -140,7 +139,7 @@ def test_a_cpu_heavy_imap_command_does_not_stall_smtp(write_config, tmp_path, da
         assert daemon.stop() == 0
 
 
-def test_children_die_with_serve_even_after_sigkill(write_config, tmp_path, cli):
+def test_children_die_with_serve_even_after_sigkill(write_config, tmp_path):
     path = write_config(smtp={"workers": 2, "max_connections_per_ip": 200})
     daemon = start_daemon(path, tmp_path)
     children = descendants(daemon.process.pid)
@@ -164,14 +163,13 @@ def test_children_die_with_serve_even_after_sigkill(write_config, tmp_path, cli)
         sock.listen()
 
 
-def test_after_a_kill_of_serve_a_new_one_takes_over_once_the_old_daemons_finish(write_config, tmp_path, cli):
+def test_after_a_kill_of_serve_a_new_one_takes_over_once_the_old_daemons_finish(write_config, tmp_path):
     """serve killed with -9 while a client is in the middle of a message: its mtad, told to
     stop, finishes that message (250) within stop_grace; a serve started meanwhile waits for
     it and then serves (found by an attack: it exited 1 naming the old mtad's pid, and
     nothing listened on port 25)."""
     config = write_config("grace.toml", server={"stop_grace": "4s"})
-    assert cli("domain", "add", "example.test", config=config).returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD, config=config).returncode == 0
+    add_alice(config)
     old = start_daemon(config, tmp_path)
     address = old.listen("smtp.listen")
     client = smtplib.SMTP(address.host, address.port, timeout=30)
@@ -275,7 +273,7 @@ def wait_for_greeting(daemon, listener: str, greeting: bytes) -> None:
             time.sleep(0.1)
 
 
-def test_the_current_directory_never_shadows_the_package(write_config, tmp_path, cli, data_dir):
+def test_the_current_directory_never_shadows_the_package(write_config, tmp_path, data_dir):
     """Started from a directory that holds a postroom/ package (/etc/postroom is one), every
     process still imports the installed one."""
     workdir = tmp_path / "etc"
@@ -286,7 +284,7 @@ def test_the_current_directory_never_shadows_the_package(write_config, tmp_path,
             f"open({str(marker)!r}, 'a').write({package!r} + '\\n')\nraise ImportError('shadowed')\n")
         (workdir / package / "__main__.py").write_text("raise SystemExit('shadowed')\n")
     path = write_config(smtp={"workers": 2, "max_connections_per_ip": 200})
-    add_alice(cli, path)
+    add_alice(path)
     daemon = start_daemon(path, workdir)
     try:
         # Serve's children are forked from it; a child that dies is started again as a
@@ -306,9 +304,9 @@ def test_the_current_directory_never_shadows_the_package(write_config, tmp_path,
     assert "Traceback" not in log and log.count("event=worker_restarted") == 1, log
 
 
-def test_a_second_serve_on_the_same_data_dir_refuses_to_start(write_config, tmp_path, cli, data_dir):
+def test_a_second_serve_on_the_same_data_dir_refuses_to_start(write_config, tmp_path, data_dir):
     path = write_config()
-    add_alice(cli, path)
+    add_alice(path)
     first = start_daemon(path, tmp_path)
     try:
         second = subprocess.run([POSTROOM, "--config", str(path), "serve"], capture_output=True, text=True,

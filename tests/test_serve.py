@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import client_tls_context, start_daemon
+from conftest import add_accounts, client_tls_context, start_daemon
 
 
 def test_serve_prints_each_listener_and_what_is_not_built(daemon):
@@ -152,12 +152,9 @@ def test_every_listener_uses_the_configured_backlog(write_config, tmp_path):
         assert daemon.stop() == 0
 
 
-def test_mail_and_index_are_private_whatever_the_umask(write_config, cli, tmp_path, data_dir):
+def test_mail_and_index_are_private_whatever_the_umask(write_config, tmp_path, data_dir):
     config_path = write_config()
-    assert cli("domain", "add", "example.test", config=config_path).returncode == 0
-    for user in ("alice", "bob"):
-        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input="correct horse battery",
-                   config=config_path).returncode == 0
+    add_accounts(config_path, "correct horse battery", ["alice@example.test", "bob@example.test"])
     umask = os.umask(0o022)  # the daemon inherits it: the usual one, which lets others read
     try:
         daemon = start_daemon(config_path, tmp_path)

@@ -13,6 +13,7 @@ import socket
 
 import pytest
 
+from conftest import add_accounts
 from core_drivers import SMTPDriver
 from mtad.session import SessionConfig
 from storage import open_data_dir
@@ -96,9 +97,8 @@ def test_only_the_crlf_ending_a_line_is_taken_off():
 # -- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture
-def mx(cli, daemon, data_dir):
-    assert cli("domain", "add", "example.test").returncode == 0
-    assert cli("user", "add", "alice@example.test", "--password-stdin", input="pw for alice").returncode == 0
+def mx(daemon, data_dir):
+    add_accounts(daemon.config_path, "pw for alice", ["alice@example.test"])
     daemon.store = Store(open_data_dir(data_dir, 4))
     yield daemon
     daemon.store.close()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import start_daemon
+from conftest import add_accounts, start_daemon
 from storage import open_data_dir
 from storage.store import Store
 
@@ -24,12 +24,10 @@ SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
 @pytest.fixture
-def start(write_config, cli, tmp_path):
+def start(write_config, tmp_path):
     def start(**server):
         path = write_config(**({"server": server} if server else {}))
-        assert cli("domain", "add", "example.test", config=path).returncode == 0
-        assert cli("user", "add", "alice@example.test", "--password-stdin", input=PASSWORD,
-                   config=path).returncode == 0
+        add_accounts(path, PASSWORD, ["alice@example.test"])
         return start_daemon(path, tmp_path)
 
     return start

@@ -15,7 +15,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from conftest import client_tls_context, free_port
+from conftest import add_accounts, client_tls_context, free_port
 from storage import Queue, Store, open_data_dir
 
 PASSWORD = "correct horse battery"
@@ -31,11 +31,9 @@ def config_path(write_config):
 
 @pytest.fixture
 def sub(cli, daemon, data_dir):
-    assert cli("domain", "add", "example.test").returncode == 0
-    for user in ("alice", "bob"):
-        assert cli("user", "add", f"{user}@example.test", "--password-stdin", input=PASSWORD).returncode == 0
-    assert cli("alias", "add", "fwd@example.test", "someone@remote.example").returncode == 0
-    assert cli("alias", "add", "both@example.test", "bob@example.test,other@remote.example").returncode == 0
+    add_accounts(daemon.config_path, PASSWORD, ["alice@example.test", "bob@example.test"],
+                 {"fwd@example.test": ["someone@remote.example"],
+                  "both@example.test": ["bob@example.test", "other@remote.example"]})
     keygen = cli("dkim", "keygen", "example.test")
     assert keygen.returncode == 0, keygen.stderr
     daemon.dkim_record = printed_record(keygen.stdout)
