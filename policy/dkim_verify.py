@@ -75,7 +75,7 @@ class _StreamedBodyMixin:
     the body hash each signature asks for comes from `digests` (BodySpec -> digest),
     computed as it streamed."""
 
-    def __init__(self, fields: list[list[bytes]], digests: dict[BodySpec, bytes], **kwargs):
+    def __init__(self, fields: list[tuple[bytes, bytes]], digests: dict[BodySpec, bytes], **kwargs):
         super().__init__(None, **kwargs)
         self.headers = fields  # what dkimpy's set_message would have parsed, in linear time
         self._digests = digests
@@ -93,7 +93,14 @@ class _StreamedBodyMixin:
             if computed != expected:
                 raise dkim.ValidationError("body hash mismatch")
             sig = {tag: value for tag, value in sig.items() if tag != b"bh"}
-        return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+        # dkimpy canonicalizes all of self.headers for each signature: give it this one's
+        # fields only (50 ARC seals each canonicalized a 900 KB To: that only the AMS signs).
+        every = self.headers
+        self.headers = select_fields(every, [include_headers], {})
+        try:
+            return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+        finally:
+            self.headers = every
 
 
 class _StreamedDKIM(_StreamedBodyMixin, dkim.DKIM):
@@ -269,32 +276,35 @@ def signed_names_problem(tags: dict[bytes, bytes]) -> str:
     return f"too many signed fields ({count}, over {MAX_SIGNED_FIELDS})" if count > MAX_SIGNED_FIELDS else ""
 
 
-def header_fields(section: bytes) -> list[list[bytes]]:
-    """[name, value] of each field as dkimpy's rfc822_parse reads the header section (a line
+def header_fields(section: bytes) -> list[tuple[bytes, bytes]]:
+    """(name, value) of each field as dkimpy's rfc822_parse reads the header section (a line
     end is CRLF or LF; a line starting with WSP continues the field; a `From ` line is
     skipped; anything else raises MessageFormatError), in linear time: dkimpy adds each
-    folded line to the value with +=, quadratic in the lines of one field."""
-    fields: list[tuple[bytes, list[bytes]]] = []
-    parts: list[bytes] | None = None
+    folded line to the value with +=, quadratic in the lines of one field. Tuples of bytes,
+    which the garbage collector stops tracking, where dkimpy makes a list for each field
+    (200,000 fields: 0.36 s here, 0.9 s in dkimpy)."""
+    fields: list[tuple[bytes, bytes]] = []
+    folds: dict[int, list[bytes]] = {}  # field index -> its value's lines, for folded fields only
     for line in _LINE_END.split(section):
         if not line:
             break
         if line[0] in (0x09, 0x20):
-            if parts is None:
+            if not fields:
                 raise dkim.MessageFormatError("the header section starts with a folded line")
-            parts += (line, b"\r\n")
+            folds.setdefault(len(fields) - 1, [fields[-1][1]]).append(line)
             continue
         match = _FIELD_NAME.match(line)
         if match is not None:
-            parts = [line[match.end():], b"\r\n"]
-            fields.append((match.group(1), parts))
+            fields.append((match.group(1), line[match.end():]))
         elif not line.startswith(b"From "):
             raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line[:80]!r}")
-    return [[name, b"".join(value)] for name, value in fields]
+    for index, lines in folds.items():
+        fields[index] = (fields[index][0], b"\r\n".join(lines))
+    return [(name, value + b"\r\n") for name, value in fields]
 
 
-def select_fields(fields: list[list[bytes]], signed: Iterable[list[bytes]],
-                  keep_top: dict[bytes, int]) -> list[list[bytes]]:
+def select_fields(fields: list[tuple[bytes, bytes]], signed: Iterable[list[bytes]],
+                  keep_top: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The fields dkimpy needs to check signatures whose h= names are `signed`, in header
     order: of each name, as many of the bottom-most instances as one h= lists it (RFC 6376
     §5.4.2: instances are taken bottom-up), one more From (dkimpy also checks an added From),
