@@ -14,12 +14,12 @@ them.
 dkimpy's work is bounded as for DKIM (policy/dkim_verify.py), with each bound failing the
 chain (ARC has no permerror), said in the reason: every ARC-Seal and ARC-Message-Signature
 field within MAX_SIGNATURE_LENGTH and MAX_WHITESPACE_RUN, every AMS's h= within
-MAX_SIGNED_FIELDS names, every ARC-Authentication-Results within MAX_SIGNATURE_LENGTH
-and all ARC fields within MAX_ARC_BYTES, the keys of the seals and of the newest AMS within RFC 8301's
-sizes and a small exponent; dkimpy is given the ARC fields and the fields the newest AMS
-signs only. Older AMSs are refused before their header hash and RSA even when they have a
-body hash (one of the same canonicalization as the newest AMS or a DKIM signature): up to
-49 AMSs of 64 names each would otherwise be checked for nothing.
+MAX_SIGNED_FIELDS names, every ARC-Authentication-Results within MAX_SIGNATURE_LENGTH, all
+ARC fields within MAX_ARC_BYTES (each seal hashes all the sets before it), and the keys of
+the seals and of the newest AMS at most 4096 bits with a small exponent. dkimpy is given the
+ARC fields and the fields the newest AMS signs only. An older AMS that has a body hash (one
+of the same canonicalization as the newest AMS or a DKIM signature) is refused before its
+header hash and RSA: its verdict would be ignored.
 
 The result is RFC 8617 §4.4's: pass, fail, or none for a message without ARC fields.
 A key DNS did not answer for fails the chain (ARC has no temperror), said in the reason.
@@ -111,10 +111,6 @@ async def verify_arc(scan: MessageScan, resolver: Resolver, run_blocking: RunBlo
     names = sorted({name for tags in wanted if tags is not None and (name := key_name(tags)) is not None})
     answers = dict(zip(names, await asyncio.gather(*(resolver.txt(name) for name in names)), strict=True))
     records = {name: answer.records[0] for name, answer in answers.items() if answer.status == OK and answer.records}
-    for name, record in records.items():
-        problem = _key_problem(name, record)
-        if problem:
-            return ARCResult("fail", newest, f"key {name}: {problem}")
     unanswered = sorted(name for name, answer in answers.items() if answer.status == TEMPERROR)
     signed = signed_names(newest_ams) if newest_ams is not None else []
     if run_blocking is None:
@@ -131,6 +127,10 @@ def _verify_chain(header: bytes, digests: dict[BodySpec, bytes], records: dict[s
     """dkimpy's validation, blocking: (result, reason). `signed`: the newest AMS's h=."""
     def dnsfunc(name, timeout=0):
         return records.get(name.decode("ascii", "replace").lower().rstrip("."), b"")
+    for name, record in records.items():  # parsing a key is pure Python too: here, off the loop
+        problem = _key_problem(name, record)
+        if problem:
+            return "fail", f"key {name}: {problem}"
     try:
         fields = header_fields(header)
         every = {name.encode(): len(fields) for name in _SET}
