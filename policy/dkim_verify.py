@@ -16,7 +16,7 @@ hold up the event loop.
 dkimpy's work is bounded before it runs, because a pure-Python computation holds the GIL
 (and so the event loop) whichever thread it runs in:
 - RSA keys are 1024-4096 bits (RFC 8301 §3.2) with a public exponent 3 .. 2^32-1: dkimpy's
-  pow() with a 16384-bit modulus and exponent took 5 s a signature ("RSA key of N bits").
+  pow() with a 12288-bit modulus and exponent took 4.8 s a signature ("RSA key of N bits").
   dkimpy's RSA cannot be swapped for OpenSSL's without copying its verify_sig_process, and
   within these limits a signature costs at most ~6 ms.
 - A signature field is at most MAX_SIGNATURE_LENGTH bytes, has no whitespace run over
@@ -183,10 +183,19 @@ def _verify_all(header: bytes, digests: dict[BodySpec, bytes],
     except dkim.MessageFormatError as e:  # as dkimpy's parser refuses junk header lines
         return [("permerror", f"header section unreadable: {e}"[:200])] * len(checks)
     signatures = [value for name, value in fields if name.lower() == b"dkim-signature"]
-    signed = [signed_names(dkim.util.parse_tag_value(signatures[index])) for index, _, _ in checks]
+    signed = [_signed_names_at(signatures, index) for index, _, _ in checks]
     verifier = _StreamedDKIM(select_fields(fields, signed, {b"dkim-signature": MAX_SIGNATURES}), digests,
                              logger=QUIET)
     return [_verify_one(verifier, index, name, records) for index, name, records in checks]
+
+
+def _signed_names_at(signatures: list[bytes], index: int) -> list[bytes]:
+    """h= of the index-th DKIM-Signature as dkimpy reads the fields; [] when dkimpy finds no
+    such signature or cannot read it (verify_headerprep then says so)."""
+    try:
+        return signed_names(dkim.util.parse_tag_value(signatures[index]))
+    except (IndexError, dkim.util.InvalidTagValueList):
+        return []
 
 
 def _verify_one(verifier: _StreamedDKIM, index: int, name: str, records: tuple[bytes, ...]) -> tuple[str, str]:
