@@ -111,7 +111,10 @@ def decide(evidence: Evidence, policy: PolicyConfig, clamav: ClamAVConfig) -> De
     dmarc = evidence.dmarc
     disposition = dmarc.disposition if dmarc is not None and policy.dmarc != "none" else "none"
     if disposition == "reject" and policy.dmarc == "apply":
-        return refuse(550, "5.7.1", f"Rejected by the DMARC policy of {_text(dmarc.domain)}", "dmarc")
+        # No domain: a From: DMARC could not evaluate in full (policy/dmarc.py, RFC 7489 §6.6.1).
+        text = f"Rejected by the DMARC policy of {_text(dmarc.domain)}" if dmarc.domain else \
+            f"Rejected: {_text(dmarc.reason) or 'no From: domain'}"
+        return refuse(550, "5.7.1", text, "dmarc")
     if score >= policy.reject_threshold:
         return refuse(550, "5.7.1", f"Message refused as spam (score {score:g})", "score")
     if disposition in ("reject", "quarantine"):

@@ -15,8 +15,15 @@ does the From domain's owner ask a receiver to do?
 - pct= (§6.6.4): a failing message outside the sample gets the next less strict policy
   (reject -> quarantine, quarantine -> none). `random` is an argument, for tests.
 - Several From: domains (§6.6.1): each is evaluated and the strictest disposition wins
-  (then the worse result); no From domain: none ("no From domain"), or permerror when From:
-  fields exist but no domain could be read from them.
+  (then the worse result). No From: field: none ("no From domain"). A From: that gives no
+  domain (policy/message_scan.py finds none, or cannot read it) or more than MAX_DOMAINS:
+  permerror with the disposition `reject`. §6.6.1 leaves such messages to the receiver, and
+  a reader still shows them: evaluating some domains only, or none, would let decoys or junk
+  carry a forged address past its domain's p=reject (DMARCbis: "If not all Author Domains
+  are processed, then the DMARC evaluation is incomplete"). policy/decide.py refuses them
+  as it refuses a DMARC reject, under the same `[policy] dmarc` setting.
+- Numbers (pct=) are ASCII digits only: str.isdigit() takes "²" (which int() refuses) and
+  int() reads "٣" as 3.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ from publicsuffixlist import PublicSuffixList
 from policy.evidence import DKIMResult, DMARCResult, MessageFacts, SPFResult
 from policy.resolver import OK, TEMPERROR, Resolver
 
-MAX_DOMAINS = 8  # From domains evaluated (the strictest of them decides)
+MAX_DOMAINS = 8  # From domains evaluated (the strictest of them decides); more: refused
 POLICIES = ("none", "quarantine", "reject")
 _LESS_STRICT = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 _RESULT_ORDER = ("pass", "none", "temperror", "permerror", "fail")  # worse to the right
 _VERSION = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|$)")  # §6.4: v= first, "DMARC1" exactly
 _URI = re.compile(r"\s*[a-z][a-z0-9+.-]*:\S+", re.IGNORECASE)
+_PERCENT = re.compile(r"[0-9]{1,3}")  # ASCII digits: str.isdigit() and int() take others
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,10 +83,11 @@ async def check_dmarc(resolver: Resolver, facts: MessageFacts, spf: SPFResult | 
                       *, random: Callable[[], float] = _random.random) -> DMARCResult:
     if not facts.from_domains:
         if facts.from_fields:
-            return DMARCResult("permerror", reason="no domain readable in From:")
+            return DMARCResult("permerror", disposition="reject", reason="no domain readable in From:")
         return DMARCResult("none", reason="no From domain")
-    domains = facts.from_domains[:MAX_DOMAINS]
-    results = await asyncio.gather(*(_evaluate(resolver, domain, spf, dkim, random) for domain in domains))
+    if len(facts.from_domains) > MAX_DOMAINS:
+        return DMARCResult("permerror", disposition="reject", reason=f"more than {MAX_DOMAINS} From: domains")
+    results = await asyncio.gather(*(_evaluate(resolver, domain, spf, dkim, random) for domain in facts.from_domains))
     return max(results, key=lambda r: (POLICIES.index(r.disposition), _RESULT_ORDER.index(r.result)))
 
 
@@ -140,4 +149,4 @@ def parse_record(text: str) -> Record | str:
     return Record(policy, subdomain,
                   adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
                   aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
-                  pct=int(pct) if pct.isdigit() and int(pct) <= 100 else 100)
+                  pct=int(pct) if _PERCENT.fullmatch(pct) and int(pct) <= 100 else 100)
