@@ -40,6 +40,7 @@ from mtad.replies import Reply
 from mtad.routing import Recipients, Route
 from mtad.session import SessionConfig
 from policy.logins import LoginThrottle
+from policy.message_scan import without_forged_results
 from storage import (
     Address,
     AddressError,
@@ -178,6 +179,10 @@ class SubmissionSMTP(SMTPAgent):
         header = block.header
         if header and not header.endswith(b"\r\n"):
             header += b"\r\n"  # a message that ends inside its last header line
+        config = self.context.config
+        header, forged = without_forged_results(header, config.policy.authserv_id or config.server.hostname)
+        if forged:
+            self.log.info("forged_results_removed", count=forged)
         header_fields = fields(header)
         self._refusal = self._check_from(header_fields)
         if self._refusal is not None:

@@ -227,6 +227,20 @@ def is_ours(value: bytes, authserv_id: str) -> bool:
     return _claims(value, _normal_id(_shown(authserv_id)))
 
 
+def without_forged_results(header: bytes, authserv_id: str) -> tuple[bytes, int]:
+    """`header` without the Authentication-Results: fields that claim to be ours (is_ours),
+    and how many went: for mail that does not pass through a MessageScan (submission, whose
+    users could otherwise hand their recipients a "dkim=pass" in our name)."""
+    ours = _normal_id(_shown(authserv_id))
+    kept, removed = [], 0
+    for name, raw, value in _fields(header):
+        if name is not None and name.lower() == b"authentication-results" and _claims(value, ours):
+            removed += 1
+            continue
+        kept.append(raw)
+    return (b"".join(kept), removed) if removed else (header, 0)
+
+
 def _claims(value: bytes, ours: str) -> bool:
     views = _views(value)
     if views is None:

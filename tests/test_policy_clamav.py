@@ -157,3 +157,20 @@ def test_a_slow_dns_server_and_a_slow_clamd_hold_up_only_their_own_sessions(tmp_
             assert code == 451 and took >= 3  # not scanned: tempfail
         finally:
             stop_mx(daemon)
+
+
+def test_submitted_mail_cannot_carry_results_in_our_name(tmp_path, zone):
+    """A user must not hand a recipient "dkim=pass header.d=paypal.com" under our
+    authserv-id: submission removes such fields as the MX does."""
+    daemon = start_mx(tmp_path, zone)
+    try:
+        forged = ("Authentication-Results: mail.example.test; dkim=pass header.d=paypal.com\r\n"
+                  "Authentication-Results: =?us-ascii?q?mail.example.test?=; spf=pass\r\n"
+                  "Authentication-Results: mx.elsewhere.example; spf=pass\r\n")
+        raw = submitted("forged results").replace(b"Subject:", forged.encode() + b"Subject:")
+        with submit(daemon) as client:
+            client.sendmail("bob@example.test", ["carol@example.test"], raw)
+        parsed = find(daemon, "forged results", "carol@example.test")[1]
+        assert parsed.get_all("Authentication-Results") == ["mx.elsewhere.example; spf=pass"]
+    finally:
+        stop_mx(daemon)
