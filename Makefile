@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
                 opendkim-tools clamav-daemon
 
-.PHONY: run test install system-packages clean
+.PHONY: run test compliance install system-packages clean
 
 run: install
 	@$(POSTROOM) domain list | grep -qx 'example.test' || $(POSTROOM) domain add example.test
@@ -87,6 +87,31 @@ system-packages:
 	        fi;; \
 	    esac; \
 	fi
+
+# Dovecot's imaptest (MIT), an IMAP conformance suite, built from the snapshot in
+# ../shared/peers (see README for getting it elsewhere): its scripted test groups run against
+# a `postroom serve` of its own on free loopback ports (tests/compliance.py). Building it
+# needs Dovecot's library (dovecot-core); Debian's dovecot service it brings is disabled as
+# clamav's is: it is a peer here, not a server.
+PEERS          ?= ../shared/peers
+IMAPTEST_DIR   := build/imaptest
+COMPLIANCE_APT := dovecot-core dovecot-dev autoconf automake libtool pkg-config gcc make
+
+compliance: install
+	@missing=$$(for p in $(COMPLIANCE_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now dovecot.service dovecot.socket || true; fi; \
+	fi
+	@if [ ! -x $(IMAPTEST_DIR)/bin/imaptest ]; then \
+	    if [ ! -x $(PEERS)/build-imaptest.sh ]; then \
+	        echo "no $(PEERS)/build-imaptest.sh: build imaptest yourself into $(IMAPTEST_DIR) (README)" >&2; exit 1; \
+	    fi; \
+	    $(PEERS)/build-imaptest.sh $(IMAPTEST_DIR); \
+	fi
+	$(PY) tests/compliance.py $(IMAPTEST_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

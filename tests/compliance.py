@@ -1,0 +1,79 @@
+"""IMAP conformance with a peer's suite: Dovecot's imaptest (MIT) and its scripted tests,
+against a `postroom serve` of our own on free loopback ports. `make compliance` runs it.
+
+    .venv/bin/python tests/compliance.py IMAPTEST_DIR [--keep]
+
+IMAPTEST_DIR holds bin/imaptest and tests/ (../shared/peers/build-imaptest.sh makes them).
+Prints imaptest's report of every failed group and its summary line; exits 1 when a group
+fails (or the summary cannot be read), 0 when all run pass. A group whose capability the
+server does not offer is skipped by imaptest and counted in its summary, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import LISTENERS, add_accounts, free_port, render_config, start_daemon  # noqa: E402
+
+USER, PASSWORD = "imaptest@example.test", "imaptest password 1"
+TIMEOUT = 600
+_SUMMARY = re.compile(r"(\d+) test groups: (\d+) failed, (\d+) skipped due to missing capabilities")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("imaptest_dir", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the server's directory (its log) afterwards")
+    args = parser.parse_args()
+    imaptest, tests = args.imaptest_dir / "bin/imaptest", args.imaptest_dir / "tests"
+    if not imaptest.exists() or not tests.is_dir():
+        print(f"compliance: no imaptest in {args.imaptest_dir} (make compliance builds it)", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="postroom-compliance-"))
+    data_dir = work / "var"
+    sections: dict[str, dict] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+        "storage": {"shards": 4},
+        "imap": {"plaintext_auth": True, "max_connections_per_ip": 200},
+        "policy": {"enabled": False},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    config = work / "postroom.toml"
+    config.write_text(render_config(sections))
+    add_accounts(config, PASSWORD, users=[USER], domains=["example.test"])
+    daemon = start_daemon(config, work)
+    try:
+        port = daemon.listen("imap.listen").port
+        run = subprocess.run([str(imaptest), "host=127.0.0.1", f"port={port}", f"user={USER}", f"pass={PASSWORD}",
+                              f"test={tests}"], capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        daemon.stop()
+    output = run.stdout + run.stderr
+    (work / "imaptest.out").write_text(output)
+    summary = _SUMMARY.search(output)
+    failed_groups = [line for line in output.splitlines() if line.startswith("*** Test ")]
+    print(output if summary is None else "\n".join(failed_groups + [summary.group(0)] +
+                                                   [line for line in output.splitlines() if "base protocol" in line]))
+    if args.keep:
+        print(f"server directory kept: {work} (imaptest.out, serve.err)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    if summary is None:
+        print("compliance: imaptest printed no summary", file=sys.stderr)
+        return 1
+    return 1 if int(summary.group(2)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
