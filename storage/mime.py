@@ -38,6 +38,7 @@ MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _HEADER_PARSER = HeaderParser(policy=compat32)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _HIDDEN_TAGS = frozenset({"script", "style", "head"})
 _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table",
                          "ul", "ol", "blockquote", "hr", "pre", "section", "article"})
@@ -186,7 +187,11 @@ def _parse_part(raw: Buffer, start: int, end: int, default: tuple[str, str], dep
     budget.parts += 1
     hdr_end, body_start = header_end(raw, start, end)
     # Headers may be raw UTF-8 (RFC 6532); invalid bytes become U+FFFD rather than failing.
-    message = _HEADER_PARSER.parsestr(bytes(raw[start:hdr_end]).decode("utf-8", "replace"))
+    # Unfolded first (RFC 5322 §2.2.3: a CRLF before white space is removed, the white space
+    # kept): compat32 leaves the fold inside a quoted parameter, and boundary="foo<CRLF> bar"
+    # must read as "foo bar" or the multipart is never split.
+    text = _FOLD.sub("", bytes(raw[start:hdr_end]).decode("utf-8", "replace"))
+    message = _HEADER_PARSER.parsestr(text)
     maintype, subtype = _content_type(message, default)
     params = _params(message)
     if maintype == "multipart":

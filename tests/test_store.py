@@ -812,3 +812,17 @@ def test_a_message_is_read_through_the_store_whatever_its_file_is_called_now(sto
     store.expunge(ALICE, "INBOX")
     with pytest.raises(StoreError):
         store.open_message(info)
+
+
+def test_a_folded_boundary_parameter_is_unfolded():
+    """RFC 5322 §2.2.3: boundary="foo<CRLF> bar" is "foo bar" (imaptest's fetch-body-mime):
+    kept folded, the multipart was never split and became one opaque part."""
+    from storage.mime import parse_message
+
+    raw = (b'From: user@domain.org\r\nMime-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="foo\r\n'
+           b' bar"\r\n\r\nprologue\r\n\r\n--foo bar\r\nContent-Type: text/x-myown; charset=us-ascii\r\n\r\nhello\r\n'
+           b'\r\n--foo bar\r\nContent-Type: text/plain\r\n\r\nworld\r\n--foo bar--\r\n')
+    structure = parse_message(raw).structure
+    assert (structure.type, structure.subtype) == ("multipart", "mixed")
+    assert [(p.type, p.subtype) for p in structure.parts] == [("text", "x-myown"), ("text", "plain")]
+    assert ("boundary", "foo bar") in structure.params
