@@ -269,11 +269,18 @@ def list_mailbox(tok: Token | None, what: str = "mailbox pattern") -> str:
     return _decode_name(astring(tok, what, _LIST_CHARS), what)
 
 
+# Put in front of a name that is not valid modified UTF-7: a lone surrogate, which no
+# mailbox name may hold (storage/names.py), so that such a name is a mailbox that cannot
+# exist (SELECT, CREATE... answer NO) and such a LIST pattern matches nothing (OK, no
+# results), as Dovecot answers, rather than BAD: the command's syntax is fine.
+CANNOT_EXIST = "\udcff"
+
+
 def _decode_name(data: bytes, what: str) -> str:
     try:
         name = utf7.decode(data)
-    except utf7.UTF7Error as exc:
-        raise ParseError(f"{what} is not valid modified UTF-7 ({exc})") from exc
+    except utf7.UTF7Error:
+        return CANNOT_EXIST + data.decode("ascii", "replace")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
         raise ParseError(f"control character in {what}")
     head, sep, tail = name.partition("/")

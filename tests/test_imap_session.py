@@ -569,3 +569,17 @@ def test_twenty_bad_commands_in_a_row_end_the_session(server, user):
     imap.send(b"z FROBNICATE\r\n")
     assert imap.read() == b"z BAD unknown command\r\n* BYE too many bad commands\r\n"
     assert imap.conn.closed
+
+
+def test_a_name_that_is_not_modified_utf7_cannot_exist_and_a_pattern_matches_nothing(server, user):
+    """Dovecot's answer (imaptest's atoms group): the syntax is fine, so not BAD; such a
+    mailbox cannot exist (NO), and such a LIST pattern lists nothing (OK)."""
+    imap = server.connect()
+    imap.transact("ok", f'LOGIN "{user}" "{PASSWORD}"')
+    bad = "!#$$&'+,-.0123456789:;<=>?@^_`|[}"
+    for command in (f"SELECT {bad}", f"EXAMINE {bad}", f"CREATE {bad}", f"DELETE {bad}", f"STATUS {bad} (MESSAGES)",
+                    f"RENAME INBOX {bad}", f"SUBSCRIBE {bad}", 'CREATE "&Jjo"', 'SELECT "a&-&"'):
+        imap.transact("no", command)
+    result = imap.transact("ok", f'LIST "" {bad}%*')
+    assert not [line for line in result.untagged if line.startswith("LIST")]
+    imap.transact("ok", "NOOP")  # the session goes on
