@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Iterable
 from imapd import fetch as fetching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
+from imapd.mailboxes import SYSTEM_FLAGS
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
 from imapd.state import SessionState
 from imapd.view import View
@@ -262,6 +263,8 @@ async def store(session: SessionState, command: Store):
     changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
                                                 as_ranges(uids), command.mode, flags, unchanged)
     view.mark_told(changed)
+    if any(not f.startswith("\\") and f not in view.keywords for f in flags):
+        await announce_keywords(session, view)
     if not command.silent:
         states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
         refused = set(modified)
@@ -279,6 +282,16 @@ async def store(session: SessionState, command: Store):
         numbers = modified if command.uid else [view.seq_of(u) for u in modified]
         return f"MODIFIED {set_text([n for n in numbers if n])}", "conditional STORE failed"
     return None
+
+
+async def announce_keywords(session: SessionState, view: View) -> None:
+    """FLAGS and PERMANENTFLAGS again, with the mailbox's keywords now, before a FETCH shows
+    a new one (RFC 3501 §7.2.6: a client learns the flags a mailbox has from FLAGS)."""
+    mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+    view.keywords = set(mailbox.keywords)
+    flags = " ".join(SYSTEM_FLAGS + tuple(mailbox.keywords))
+    session.untagged(f"FLAGS ({flags})")
+    session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
 
 
 # -- COPY, MOVE -------------------------------------------------------------------------------

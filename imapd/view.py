@@ -54,6 +54,9 @@ class View:
         self.uids = self.snapshots.share(mailbox.account, mailbox.id, mailbox.highestmodseq, array("I", uids))
         self._owned = False  # True once copied from the shared array to be changed
         self.modseq = mailbox.highestmodseq  # everything up to here has been told
+        # The keywords the client was told of (FLAGS, PERMANENTFLAGS): a keyword beyond them
+        # is announced before a FETCH shows it (RFC 3501 §7.2.6).
+        self.keywords: set[str] = set(mailbox.keywords)
         self.uidnext = mailbox.uidnext
         self.recent: set[int] = set(recent)
         self.pending: set[int] = set()  # expunged in the store, not yet announced

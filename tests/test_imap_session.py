@@ -395,7 +395,8 @@ def test_store_flags_and_conditional_store(server, user):
     fetches = imap.transact("ok", "STORE 1:2 +FLAGS (\\Flagged)").named("FETCH")
     assert len(fetches) == 2 and all("\\Flagged" in f for f in fetches)
     assert imap.transact("ok", "STORE 1 -FLAGS.SILENT (\\Flagged)").untagged == []
-    assert "FLAGS (\\Seen $Work)" in imap.transact("ok", "STORE 3 FLAGS (\\Seen $Work)").untagged[0]
+    # $Work is new to the mailbox: announced (FLAGS, PERMANENTFLAGS) before the FETCH
+    assert "FLAGS (\\Seen $Work)" in imap.transact("ok", "STORE 3 FLAGS (\\Seen $Work)").named("FETCH")[0]
     modseqs = [int(m) for m in re.findall(r"MODSEQ \((\d+)\)", " ".join(imap.transact("ok", "FETCH 1:3 (MODSEQ)")
                                                                          .untagged))]
     reply = imap.transact("ok", f"STORE 1:3 (UNCHANGEDSINCE {min(modseqs)}) +FLAGS (\\Answered)")
@@ -583,3 +584,21 @@ def test_a_name_that_is_not_modified_utf7_cannot_exist_and_a_pattern_matches_not
     result = imap.transact("ok", f'LIST "" {bad}%*')
     assert not [line for line in result.untagged if line.startswith("LIST")]
     imap.transact("ok", "NOOP")  # the session goes on
+
+
+def test_a_store_that_brings_a_new_keyword_announces_it_before_the_fetch(server, user):
+    """RFC 3501 §7.2.6: FLAGS tells the client which flags the mailbox has; a FETCH showing
+    a keyword it never heard of (imaptest: "Keyword used without being in FLAGS") is wrong."""
+    server.deliver(user, "one")
+    imap = server.connect()
+    imap.transact("ok", f'LOGIN "{user}" "{PASSWORD}"')
+    imap.transact("ok", "SELECT INBOX")
+    result = imap.transact("ok", "STORE 1 +FLAGS ($Important)")
+    lines = result.untagged
+    flags = next(i for i, line in enumerate(lines) if line.startswith("FLAGS ("))
+    permanent = next(i for i, line in enumerate(lines) if line.startswith("OK [PERMANENTFLAGS ("))
+    fetch = next(i for i, line in enumerate(lines) if "FETCH" in line)
+    assert flags < fetch and permanent < fetch
+    assert "$Important" in lines[flags] and "$Important" in lines[permanent]
+    again = imap.transact("ok", "STORE 1 -FLAGS ($Important)")
+    assert not [line for line in again.untagged if line.startswith("FLAGS (")]  # nothing new: not repeated
