@@ -463,15 +463,31 @@ def _addresses(value: str) -> tuple[EnvelopeAddress, ...]:
 _GROUP_END = EnvelopeAddress(None, None, None, None)
 
 
+# An obsolete source route in an angle-addr (RFC 5322 §4.4 obs-route: "<@a,@b:user@host>"),
+# which the stdlib parser drops and ENVELOPE shows as the address's adl (RFC 3501 §7.4.2).
+_ROUTE = re.compile(r"<\s*(@[^<>:\"()]*?)\s*:\s*([^<>\"()]*?)\s*>")
+
+
 def _mailboxes(value: str) -> list[EnvelopeAddress]:
+    routes: dict[str, str] = {}
+    seen = [0, 0]  # how far quotes were counted, and how many (matches come in order: linear)
+
+    def unroute(match: re.Match) -> str:
+        seen[1] += value.count('"', seen[0], match.start())
+        seen[0] = match.start()
+        if seen[1] % 2:  # inside a quoted display name: text, not an address
+            return match.group(0)
+        routes.setdefault(match.group(2), " ".join(match.group(1).split()))
+        return f"<{match.group(2)}>"
+
     out: list[EnvelopeAddress] = []
-    for name, addr in email.utils.getaddresses([value]):
+    for name, addr in email.utils.getaddresses([_ROUTE.sub(unroute, value) if "<" in value else value]):
         if not addr and not name:
             continue
         mailbox, at, host = addr.rpartition("@")
         if not at:
             mailbox, host = addr, ""
-        out.append(EnvelopeAddress(name or None, None, mailbox or None, host))
+        out.append(EnvelopeAddress(name or None, routes.get(addr), mailbox or None, host))
     return out
 
 

@@ -826,3 +826,16 @@ def test_a_folded_boundary_parameter_is_unfolded():
     assert (structure.type, structure.subtype) == ("multipart", "mixed")
     assert [(p.type, p.subtype) for p in structure.parts] == [("text", "x-myown"), ("text", "plain")]
     assert ("boundary", "foo bar") in structure.params
+
+
+def test_an_envelope_keeps_a_source_route_as_the_adl():
+    """RFC 3501 §7.4.2: <@route:user@domain> is (NIL "@route" "user" "domain") (imaptest's
+    fetch-envelope); the stdlib parser drops the route. One quoted in a display name is text."""
+    from storage.mime import EnvelopeAddress, parse_message
+
+    raw = (b'From: <@route:user@domain>\r\nTo: Real <@a.example,@b.example:u@d.example>, "x <@r:y@z>" <v@w>\r\n'
+           b"\r\nbody\r\n")
+    envelope = parse_message(raw).envelope
+    assert envelope.from_ == (EnvelopeAddress(None, "@route", "user", "domain"),)
+    assert envelope.to == (EnvelopeAddress("Real", "@a.example,@b.example", "u", "d.example"),
+                           EnvelopeAddress("x <@r:y@z>", None, "v", "w"))
