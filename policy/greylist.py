@@ -38,6 +38,8 @@ from pathlib import Path
 
 import lmdb
 
+from policy.shared_table import open_shared
+
 from conf.schema import GreylistConfig
 
 MAX_TRACKED = 500_000
@@ -129,9 +131,7 @@ class _MemoryTable:
 
 class _SharedTable:
     def __init__(self, path: Path):
-        Path(path).mkdir(mode=0o700, exist_ok=True)  # lmdb would make it without the search bit
-        self._env = lmdb.open(str(path), map_size=_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                              max_dbs=0, mode=0o600)
+        self._env = open_shared(path, _MAP_SIZE)
 
     def get(self, key: bytes) -> tuple[float, float, int] | None:
         with self._env.begin() as txn:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import lmdb
 
+from policy.shared_table import open_shared
+
 FIRST_DELAY = 1.0
 MAX_DELAY = 15.0
 FORGET_AFTER = 600.0
@@ -90,9 +92,7 @@ class _SharedTable:
     """The failures of every process of the data dir, in LMDB: ip -> (count, last failure)."""
 
     def __init__(self, path: Path):
-        Path(path).mkdir(mode=0o700, exist_ok=True)  # lmdb would make it without the search bit
-        self._env = lmdb.open(str(path), map_size=_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                              max_dbs=0, mode=0o600)
+        self._env = open_shared(path, _MAP_SIZE)
 
     def count(self, ip: str, since: float) -> int:
         with self._env.begin() as txn:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import lmdb
 
+from policy.shared_table import open_shared
+
 MAX_TRACKED = 200_000
 _MAP_SIZE = 128 << 20  # MAX_TRACKED buckets of ~80 bytes need ~30 MiB; sparse on Linux
 _ENTRY = struct.Struct("<ddd")  # tokens, time they were counted, the period (for trimming)
@@ -88,9 +90,7 @@ class _SharedTable:
     """The buckets of every process of the data dir, in LMDB: name -> (tokens, time, per)."""
 
     def __init__(self, path: Path):
-        Path(path).mkdir(mode=0o700, exist_ok=True)  # lmdb would make it without the search bit
-        self._env = lmdb.open(str(path), map_size=_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                              max_dbs=0, mode=0o600)
+        self._env = open_shared(path, _MAP_SIZE)
 
     def take(self, name: str, now: float, per: float, limit: int, count: int) -> bool:
         key = name.encode()
