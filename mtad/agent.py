@@ -30,16 +30,21 @@ from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
 from mtad.events import NEED_DATA, Close, DataChunk, Question, StartTLS
 from mtad.replies import Reply
-from mtad.routing import Outbound
+from mtad.routing import Outbound, Route
 from mtad.session import Session, SessionConfig
 from policy.chain import PolicyServices, Refusal, SessionPolicy
+from policy.decide import Decision
 from storage import (
     AccountError,
     Accounts,
     AddressError,
     AliasLoopError,
+    DeliveryError,
+    DiskFullError,
     NotLocalError,
+    QuotaExceededError,
     Store,
+    StoreError,
     UnknownAddressError,
 )
 from wire.connections import ConnectionLimit
@@ -117,6 +122,17 @@ class AgentContext:
 
     def release(self, ip: str) -> None:
         self.connections.release(ip)
+
+
+def store_failure_reply(error: BaseException) -> Reply:
+    """What a message the store or the queue could not take is answered (RFC 3463)."""
+    if isinstance(error, DeliveryError):
+        errors = [e for _, e in error.errors]
+        if any(isinstance(e, DiskFullError) for e in errors):
+            return replies.INSUFFICIENT_STORAGE
+        full = any(isinstance(e, QuotaExceededError) for e in errors)
+        return replies.OVER_QUOTA if full and not error.delivered else replies.TEMPORARY_FAILURE
+    return replies.INSUFFICIENT_STORAGE if isinstance(error, DiskFullError) else replies.TEMPORARY_FAILURE
 
 
 def policy_reply(refusal: Refusal) -> Reply:
@@ -302,6 +318,36 @@ class SMTPAgent(AiosmtpdConnection):
         if data:
             self.write(data)
             await self.drain()
+
+    # -- the policy's verdict at the end of the data, shared by the MX and submission ---------
+
+    async def judge(self, route: Route, size: int, recipients: list[str], accounts: list[str]) -> Reply | Decision:
+        """The policy's end-of-data checks on `route` before its commit: the reply refusing
+        the message (the route closed), or the decision, its header fields put in front and a
+        Junk verdict applied to `accounts`' copies. `recipients`: greylisting's triplets."""
+        try:
+            decision = await self.policy.end_of_data(route.read_back, recipients)
+            if decision.refused:
+                sender = self._mail.address if self._mail is not None else ""
+                self.log.info("message_refused", qid=self._qid, size=size, sender=sender or "<>",
+                              reason=f"{decision.code} {decision.enhanced}", why=decision.why,
+                              **self.policy.summary(decision))
+                route.close()
+                return Reply(decision.code, decision.enhanced, decision.text)
+            mailboxes = None
+            if decision.action == "junk" and accounts:
+                store, fallback = self.context.store, self.context.config.policy.junk_mailbox
+                mailboxes = await self.context.deliver_in_thread(
+                    lambda: {account: store.junk_mailbox(account, fallback) for account in accounts})
+            route.verdict(self.policy.header_fields(decision), mailboxes)
+        except (StoreError, OSError) as e:  # the route is closed: nothing of it stays
+            route.close()
+            self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
+            return store_failure_reply(e)
+        except BaseException:
+            route.close()
+            raise
+        return decision
 
     # -- recipients, shared by the MX and submission ------------------------------------------
 

@@ -21,16 +21,14 @@ import itertools
 import time
 
 from mtad import replies
-from mtad.agent import AgentContext, SMTPAgent, policy_reply
+from mtad.agent import AgentContext, SMTPAgent, policy_reply, store_failure_reply
 from mtad.events import DataEnd, Hello, MailFrom, Question, RcptTo
 from mtad.replies import Reply
 from mtad.routing import Recipients, Route
 from mtad.session import SessionConfig
 from storage import (
     DeliveryError,
-    DiskFullError,
     NotLocalError,
-    QuotaExceededError,
     StoreError,
     parse_address,
 )
@@ -50,17 +48,6 @@ def sanitize_helo(name: str | None) -> str:
     """The client's word, in a header others parse: the characters that would end or open
     a Received: token (RFC 5321 §4.4: ";" ends the clauses, "(" a comment) go."""
     return (name or "unknown").translate(_RECEIVED_UNSAFE)
-
-
-def store_failure_reply(error: BaseException) -> Reply:
-    """What a message the store or the queue could not take is answered (RFC 3463)."""
-    if isinstance(error, DeliveryError):
-        errors = [e for _, e in error.errors]
-        if any(isinstance(e, DiskFullError) for e in errors):
-            return replies.INSUFFICIENT_STORAGE
-        full = any(isinstance(e, QuotaExceededError) for e in errors)
-        return replies.OVER_QUOTA if full and not error.delivered else replies.TEMPORARY_FAILURE
-    return replies.INSUFFICIENT_STORAGE if isinstance(error, DiskFullError) else replies.TEMPORARY_FAILURE
 
 
 class InboundSMTP(SMTPAgent):
@@ -235,32 +222,14 @@ class InboundSMTP(SMTPAgent):
         """The policy's end-of-data checks and its verdict, then the delivery."""
         if self.policy is None:
             return await self._deliver(route)
-        try:
-            # Greylisting's triplets: every recipient taken, local or forwarded.
-            accepted = [o.rpartition(":")[0] for o in self._outcomes if o.endswith(":250")]
-            decision = await self.policy.end_of_data(route.read_back, accepted)
-            if decision.refused:
-                self.log.info("message_refused", qid=self._qid, size=end.size, sender=self._sender or "<>",
-                              reason=f"{decision.code} {decision.enhanced}", why=decision.why,
-                              **self.policy.summary(decision))
-                route.close()
-                return Reply(decision.code, decision.enhanced, decision.text)
-            mailboxes = None
-            if decision.action == "junk":
-                store, fallback = self.context.store, self.context.config.policy.junk_mailbox
-                mailboxes = await self.context.deliver_in_thread(
-                    lambda: {account: store.junk_mailbox(account, fallback) for account in self._recipients.accounts()})
-            route.verdict(self.policy.header_fields(decision), mailboxes)
-        except (StoreError, OSError) as e:  # the route is closed: nothing of it stays
-            route.close()
-            self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
-            return store_failure_reply(e)
-        except BaseException:
-            route.close()
-            raise
-        reply = await self._deliver(route, self.policy.summary(decision))
+        # Greylisting's triplets: every recipient taken, local or forwarded.
+        accepted = [o.rpartition(":")[0] for o in self._outcomes if o.endswith(":250")]
+        verdict = await self.judge(route, end.size, accepted, self._recipients.accounts())
+        if isinstance(verdict, Reply):
+            return verdict
+        reply = await self._deliver(route, self.policy.summary(verdict))
         if reply.code == 250:
-            self.policy.accepted(decision)
+            self.policy.accepted(verdict)
         return reply
 
     async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:

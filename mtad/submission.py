@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 
 from mtad import replies
-from mtad.agent import AgentContext, SMTPAgent, policy_reply
+from mtad.agent import AgentContext, SMTPAgent, policy_reply, store_failure_reply
 from mtad.events import Auth, DataEnd, Hello, MailFrom, Question, RcptTo
 from mtad.headers import HeaderBlock, HeaderTooBigError, fields, from_addresses, missing_fields
-from mtad.inbound import MAX_RECEIVED, message_id, sanitize_helo, store_failure_reply
+from mtad.inbound import MAX_RECEIVED, message_id, sanitize_helo
 from mtad.replies import Reply
 from mtad.routing import Recipients, Route
 from mtad.session import SessionConfig
@@ -273,22 +273,10 @@ class SubmissionSMTP(SMTPAgent):
         """The anti-virus scan, if [clamav] is on, then the delivery."""
         if self.policy is None or self.context.policy.scanner is None:
             return await self._deliver(route)
-        try:
-            decision = await self.policy.end_of_data(route.read_back, [])
-            if decision.refused:
-                self.log.info("message_refused", qid=self._qid, size=end.size, reason=f"{decision.code} "
-                              f"{decision.enhanced}", why=decision.why, **self.policy.summary(decision))
-                route.close()
-                return Reply(decision.code, decision.enhanced, decision.text)
-            route.verdict(self.policy.header_fields(decision), None)
-        except (StoreError, OSError) as e:
-            route.close()
-            self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
-            return store_failure_reply(e)
-        except BaseException:
-            route.close()
-            raise
-        return await self._deliver(route, self.policy.summary(decision))
+        verdict = await self.judge(route, end.size, [], [])
+        if isinstance(verdict, Reply):
+            return verdict
+        return await self._deliver(route, self.policy.summary(verdict))
 
     async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:
         qid, size = self._qid, route.size
