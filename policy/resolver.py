@@ -62,16 +62,23 @@ class DNSAnswer:
         return self.status == OK
 
 
+def dnspython_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
+    """dnspython's asyncio resolver as `[dns]` says: its servers (or the system's) and port,
+    every query bounded by `timeout`. The policy checks and the outbound MX lookups
+    (mtad/outbound/routes.py) both use it."""
+    resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
+    if config.nameservers:
+        resolver.nameservers = list(config.nameservers)
+    resolver.port = config.port
+    resolver.lifetime = float(config.timeout)
+    resolver.timeout = float(config.timeout)
+    return resolver
+
+
 class Resolver:
     def __init__(self, config: DNSConfig, *, cache_size: int = CACHE_SIZE, clock: Callable[[], float] = time.monotonic):
-        resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
-        if config.nameservers:
-            resolver.nameservers = list(config.nameservers)
-        resolver.port = config.port
-        resolver.lifetime = float(config.timeout)
-        resolver.timeout = float(config.timeout)
         self.timeout = float(config.timeout)
-        self._resolver = resolver
+        self._resolver = dnspython_resolver(config)
         self._clock = clock
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[float, DNSAnswer]] = OrderedDict()

@@ -36,6 +36,7 @@ import dns.name
 import dns.resolver
 
 from conf.schema import DNSConfig, OutboundConfig
+from policy.resolver import dnspython_resolver
 from storage import AddressError, normalize_domain
 
 SMTP_PORT = 25
@@ -113,7 +114,7 @@ class Router:
         self._rng = rng or random.Random()
         self._mx_port = outbound.port
         self._timeout = float(dns_config.timeout)
-        self._resolver = resolver or _resolver(dns_config)
+        self._resolver = resolver or dnspython_resolver(dns_config)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Router per runner, for its life)
     def destination(self, domain: str) -> str:
@@ -206,16 +207,6 @@ class Router:
         if failures:
             raise RouteError(451, "4.4.3", f"{name}: address lookup failed ({_dns_error(failures[0])})")
         raise RouteError(550, "5.1.2", f"{name}: no address record")
-
-
-def _resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
-    resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
-    if config.nameservers:
-        resolver.nameservers = list(config.nameservers)
-    resolver.port = config.port
-    resolver.lifetime = float(config.timeout)
-    resolver.timeout = float(config.timeout)
-    return resolver
 
 
 def _domain_key(domain: str) -> str:
