@@ -19,6 +19,7 @@ from storage import (
     MailboxLimitError,
     MailboxNameError,
     MailboxNotFoundError,
+    MetadataLimitError,
     QuotaExceededError,
 )
 
@@ -52,6 +53,7 @@ STORE_ANSWERS: dict[type[Exception], tuple[str, str | None]] = {
     MailboxLimitError: ("NO", "LIMIT"),
     QuotaExceededError: ("NO", "OVERQUOTA"),
     DiskFullError: ("NO", "OVERQUOTA"),  # as Dovecot answers "Not enough disk space"
+    MetadataLimitError: ("NO", None),  # its own code: METADATA MAXSIZE n or TOOMANY (RFC 5464 §4.3)
     FlagError: ("BAD", None),
     MailboxNameError: ("NO", "CANNOT"),
     MailboxError: ("NO", "CANNOT"),
@@ -62,7 +64,7 @@ STORE_ERRORS = tuple(STORE_ANSWERS)
 def store_answer(error: Exception) -> Answer:
     """The answer to a store error of one of the STORE_ERRORS kinds."""
     status, code = next(answer for kind, answer in STORE_ANSWERS.items() if isinstance(error, kind))
-    return Answer(status, str(error), code)
+    return Answer(status, str(error), getattr(error, "code", None) or code)
 
 
 def unavailable() -> Answer:

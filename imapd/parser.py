@@ -414,6 +414,137 @@ def _setquota(tag: str, name: str, args: t.Args) -> c.SetQuota:
     return c.SetQuota(tag, name, root=root, limits=limits)
 
 
+# -- METADATA (RFC 5464) --------------------------------------------------------------------------
+
+METADATA_DEPTHS = {"0": "0", "1": "1", "INFINITY": "infinity"}  # RFC 5464 §4.2.2
+
+
+def _getmetadata(tag: str, name: str, args: t.Args) -> c.GetMetadata:
+    """`GETMETADATA [(options)] mailbox entries`; the options are taken after the mailbox
+    too, where clients following the RFC's examples put them."""
+    options: tuple = ()
+    if isinstance(args.peek(), t.Group):
+        options = args.take("options").items
+    mailbox = t.mailbox(args.take("mailbox name"))
+    if not options and isinstance(args.peek(), t.Group) and len(args.items) - args.i == 2:
+        options = args.take("options").items
+    maxsize, depth = None, "0"
+    opts = t.Args(options)
+    while opts.more():
+        option = t.atom(opts.take("option"), "option").upper()
+        if option == "MAXSIZE":
+            maxsize = t.number(opts.take("MAXSIZE value"), "MAXSIZE value")
+        elif option == "DEPTH":
+            value = t.astring(opts.take("DEPTH value"), "DEPTH value").decode("ascii").upper()
+            if value not in METADATA_DEPTHS:
+                raise ParseError("DEPTH is 0, 1 or infinity")
+            depth = METADATA_DEPTHS[value]
+        else:
+            raise ParseError(f"unknown GETMETADATA option {option}")
+    what = args.take("entries")
+    tokens = t.group(what, "entries") if isinstance(what, t.Group) else (what,)
+    if not tokens:
+        raise ParseError("empty entry list")
+    entries = tuple(t.astring(tok, "entry name").decode("ascii", "replace") for tok in tokens)
+    return c.GetMetadata(tag, name, mailbox=mailbox, entries=entries, maxsize=maxsize, depth=depth)
+
+
+def _setmetadata(tag: str, name: str, args: t.Args) -> c.SetMetadata:
+    mailbox = t.mailbox(args.take("mailbox name"))
+    pairs = t.Args(t.group(args.take("entry values"), "entry values"))
+    if not pairs.more():
+        raise ParseError("empty entry value list")
+    items = []
+    while pairs.more():
+        entry = t.astring(pairs.take("entry name"), "entry name").decode("ascii", "replace")
+        value = pairs.take("entry value")
+        if isinstance(value, t.Atom) and value.text.upper() == "NIL":
+            items.append((entry, None))
+        elif isinstance(value, t.String):
+            items.append((entry, value.data))
+        else:
+            raise ParseError("an entry value is a string or NIL")
+    return c.SetMetadata(tag, name, mailbox=mailbox, items=tuple(items))
+
+
+# -- NOTIFY (RFC 5465 §8) -------------------------------------------------------------------------
+
+NOTIFY_FILTERS = frozenset({"SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL", "SUBSCRIBED", "SUBTREE",
+                            "MAILBOXES"})
+NOTIFY_EVENTS = {e.upper(): e for e in ("MessageNew", "MessageExpunge", "FlagChange", "AnnotationChange",
+                                        "MailboxName", "SubscriptionChange", "MailboxMetadataChange",
+                                        "ServerMetadataChange")}
+MESSAGE_EVENTS = frozenset({"MessageNew", "MessageExpunge", "FlagChange", "AnnotationChange"})
+MAX_NOTIFY_GROUPS = 64
+MAX_NOTIFY_MAILBOXES = 1000  # names over all of a command's groups
+
+
+def _notify(tag: str, name: str, args: t.Args) -> c.Notify:
+    verb = t.atom(args.take("NONE or SET"), "NOTIFY argument").upper()
+    if verb == "NONE":
+        return c.Notify(tag, name)
+    if verb != "SET":
+        raise ParseError("NOTIFY NONE or NOTIFY SET")
+    status = isinstance(args.peek(), t.Atom) and args.peek().text.upper() == "STATUS"
+    if status:
+        args.take("STATUS")
+    tokens = args.rest()
+    if not tokens:
+        raise ParseError("missing event groups")
+    if len(tokens) > MAX_NOTIFY_GROUPS:
+        raise ParseError("too many event groups", code="LIMIT")
+    groups = tuple(_notify_group(tok) for tok in tokens)
+    if sum(g.filter.startswith("SELECTED") for g in groups) > 1:
+        raise ParseError("one event group for the selected mailbox")  # RFC 5465 §6
+    if sum(len(g.mailboxes) for g in groups) > MAX_NOTIFY_MAILBOXES:
+        raise ParseError("too many mailboxes", code="LIMIT")
+    return c.Notify(tag, name, groups=groups, status=status)
+
+
+def _notify_group(tok: t.Token) -> c.NotifyGroup:
+    parts = t.Args(t.group(tok, "event group"))
+    kind = t.atom(parts.take("mailbox filter"), "mailbox filter").upper()
+    if kind not in NOTIFY_FILTERS:
+        raise ParseError(f"unknown mailbox filter {kind}")
+    mailboxes: tuple[str, ...] = ()
+    if kind in ("SUBTREE", "MAILBOXES"):
+        names = parts.take("mailboxes")
+        tokens = t.group(names, "mailboxes") if isinstance(names, t.Group) else (names,)
+        if not tokens:
+            raise ParseError("empty mailbox list")
+        mailboxes = tuple(t.mailbox(n) for n in tokens)
+    selected = kind.startswith("SELECTED")
+    what = parts.take("events")
+    parts.done()
+    if isinstance(what, t.Atom) and what.text.upper() == "NONE":
+        return c.NotifyGroup(kind, mailboxes)
+    items = t.group(what, "events")
+    if not items:
+        raise ParseError("empty event list")
+    events: list[str] = []
+    fetch: tuple[FetchItem, ...] = ()
+    for item in items:
+        if isinstance(item, t.Group):
+            if not events or events[-1] != "MessageNew" or fetch or not selected:
+                raise ParseError("fetch attributes follow MessageNew, for the selected mailbox only")
+            if not item.items:
+                raise ParseError("empty fetch attribute list")
+            fetch = tuple(_fetch_item(att) for att in item.items)
+            continue
+        word = t.atom(item, "event")
+        events.append(NOTIFY_EVENTS.get(word.upper(), word))
+    chosen = set(events)
+    if selected:
+        # RFC 5465 §5: the selected mailbox takes message events only; MessageNew and
+        # MessageExpunge go together, and FlagChange and AnnotationChange need them.
+        if chosen - MESSAGE_EVENTS:
+            raise ParseError("only message events apply to the selected mailbox")
+        has_new, has_expunge = "MessageNew" in chosen, "MessageExpunge" in chosen
+        if has_new != has_expunge or (chosen & {"FlagChange", "AnnotationChange"} and not has_new):
+            raise ParseError("MessageNew and MessageExpunge go together, and with FlagChange")
+    return c.NotifyGroup(kind, mailboxes, tuple(dict.fromkeys(events)), fetch)
+
+
 _COMMANDS = {
     **{name: _no_args for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT",
                                    "IDLE", "NAMESPACE")},
@@ -447,4 +578,7 @@ _COMMANDS = {
     "ID": _id,
     "GETQUOTA": _getquota,
     "SETQUOTA": _setquota,
+    "GETMETADATA": _getmetadata,
+    "SETMETADATA": _setmetadata,
+    "NOTIFY": _notify,
 }

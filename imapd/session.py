@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, selected
+from imapd import mailboxes, metadata, selected
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -214,6 +214,8 @@ _AUTHENTICATED: dict[str, Handler] = {
     "GETQUOTAROOT": mailboxes.getquotaroot,
     "GETQUOTA": mailboxes.getquota,
     "SETQUOTA": mailboxes.setquota,
+    "GETMETADATA": metadata.getmetadata,
+    "SETMETADATA": metadata.setmetadata,
 }
 STATES: dict[str, dict[str, Handler]] = {
     NOT_AUTHENTICATED: {**_ANY, "STARTTLS": starttls, "LOGIN": login, "AUTHENTICATE": authenticate},

@@ -110,6 +110,7 @@ class SessionState:
                      "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
+            caps += ["METADATA"]  # RFC 5464
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

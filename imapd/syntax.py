@@ -253,3 +253,39 @@ class Search(Command):
     charset: str | None  # "US-ASCII", "UTF-8" or None
     query: tuple  # imapd.search_keys' tree
     uid: bool = False
+
+
+@dataclass(frozen=True)
+class GetMetadata(Command):
+    """GETMETADATA (RFC 5464 §4.2): entry names as written (checked by imapd.metadata)."""
+
+    mailbox: str  # "" for the server's annotations
+    entries: tuple[str, ...]
+    maxsize: int | None = None
+    depth: str = "0"  # "0", "1" or "infinity"
+
+
+@dataclass(frozen=True)
+class SetMetadata(Command):
+    """SETMETADATA (RFC 5464 §4.3): (entry, value) pairs, None for NIL (remove)."""
+
+    mailbox: str
+    items: tuple[tuple[str, bytes | None], ...]
+
+
+@dataclass(frozen=True)
+class NotifyGroup:
+    """One event group of NOTIFY SET (RFC 5465 §6): which mailboxes, which events."""
+
+    filter: str  # SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL, SUBSCRIBED, SUBTREE, MAILBOXES
+    mailboxes: tuple[str, ...] = ()  # SUBTREE's and MAILBOXES' names
+    events: tuple[str, ...] = ()  # in the RFC's case: "MessageNew", "FlagChange"...; () for NONE
+    fetch: tuple[FetchItem, ...] = ()  # MessageNew's fetch attributes (selected filters only)
+
+
+@dataclass(frozen=True)
+class Notify(Command):
+    """NOTIFY NONE (`groups` empty) or NOTIFY SET [STATUS] groups (RFC 5465 §3)."""
+
+    groups: tuple[NotifyGroup, ...] = ()
+    status: bool = False

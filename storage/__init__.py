@@ -24,6 +24,8 @@ from storage.errors import (
     MailboxLimitError,
     MailboxNameError,
     MailboxNotFoundError,
+    MetadataLimitError,
+    MetadataNameError,
     NotFoundError,
     NotLocalError,
     NotQueuedError,
@@ -40,6 +42,8 @@ from storage.mailboxes import INBOX, Mailbox
 from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
 from storage.mime import BodyPart, Envelope, EnvelopeAddress
+from storage.metadata import MAX_VALUE as METADATA_MAX_VALUE
+from storage.metadata import entry_name as metadata_entry_name
 from storage.records import Usage
 from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
 from storage.queue import (
@@ -60,7 +64,7 @@ from storage.store import Store
 from storage.watch import Watcher
 
 __all__ = [
-    "INBOX", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER",
+    "INBOX", "METADATA_MAX_VALUE", "NO_QUOTA", "SEEN", "WRITE_IN_COMMITTER", "metadata_entry_name",
     # the outbound queue (storage/queue.py)
     "BOUNCED", "DEFERRED", "DELIVERED", "QUEUED", "Enqueue", "NotQueuedError", "Queue", "QueueEnvelope",
     "QueuedMessage", "QueuedRecipient", "RecipientState", "Result", "RunnerLock",
@@ -68,7 +72,7 @@ __all__ = [
     "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "FlagError", "FlagState",
     "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
-    "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",
+    "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "MetadataLimitError", "MetadataNameError", "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",

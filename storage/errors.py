@@ -52,6 +52,15 @@ class MailboxExistsError(MailboxError):
     """IMAP: NO [ALREADYEXISTS]."""
 
 
+class MetadataLimitError(StoreError):
+    """An annotation over a limit (RFC 5464 §4.3): `code` is the IMAP response code to
+    answer with, METADATA MAXSIZE n or METADATA TOOMANY."""
+
+    def __init__(self, text: str, code: str):
+        super().__init__(text)
+        self.code = code
+
+
 class DeliveryError(StoreError):
     """Some targets failed. `delivered` lists those that are durable (storage.Delivered),
     `errors` the others as ((account, mailbox), error) pairs."""
@@ -68,6 +77,10 @@ class NotQueuedError(StoreError):
 
 class MailboxNameError(ValueError):
     """A name no mailbox may have; str() says why."""
+
+
+class MetadataNameError(ValueError):
+    """Not a valid annotation entry name (RFC 5464 §3.2: IMAP BAD)."""
 
 
 class SearchError(ValueError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, messages
+from storage import fts, messages, metadata
 from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.records import (
@@ -195,6 +195,7 @@ def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
     if any(is_inside(other.name, state.name) for other in listing(txn, shard, account)):
         raise MailboxError(f"mailbox {state.name!r} has children: delete them first")
     drop_messages(txn, shard, mailbox_id)
+    metadata.drop(txn, shard, account, mailbox_id)  # RFC 5464 §4.1: not inherited by a new namesake
     add_usage(txn, shard, account, -state.size, -state.exists)
     txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
     txn.delete(name_key(account, state.name), db=shard.db["names"])
@@ -233,6 +234,7 @@ def _rename_inbox(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: st
     if new == INBOX or is_inside(new, INBOX):
         raise MailboxError("INBOX cannot be renamed into itself")
     target = create(txn, shard, batch, account, new)
+    metadata.copy(txn, shard, account, inbox_id, target.id)  # RFC 5464 §4.1: both keep them
     target_state = get_mailbox(txn, shard, target.id)
     messages.copy(txn, shard, batch, account, (inbox_id, inbox), messages.ALL, (target.id, target_state),
                   move=True, quota=messages.NO_QUOTA)

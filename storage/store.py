@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, records, search, settle
+from storage import fts, mailboxes, messages, metadata, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
@@ -185,6 +185,27 @@ class Store:
         shard = self.shard(account)
         with shard.read() as txn:
             return mailboxes.subscriptions(txn, shard, account)
+
+    # -- annotations (RFC 5464; storage/metadata.py) --------------------------------------
+
+    def _annotated(self, txn, shard: Shard, account: str, mailbox: str) -> int:
+        """The id annotations of `mailbox` are kept under: SERVER for "" (the server's)."""
+        return metadata.SERVER if mailbox == "" else mailboxes.find(txn, shard, account, mailbox)[0]
+
+    def get_metadata(self, account: str, mailbox: str, entries: Iterable[str], depth: str = "0"
+                     ) -> list[tuple[str, bytes]]:
+        """(entry, value) of the entries asked for that have a value, and those below them
+        down to `depth` ("0", "1", "infinity"); MailboxNotFoundError for no such mailbox."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            return metadata.get(txn, shard, account, self._annotated(txn, shard, account, mailbox), entries, depth)
+
+    def set_metadata(self, account: str, mailbox: str, items: Iterable[tuple[str, bytes | None]]) -> list[str]:
+        """Set each entry (None removes it), all or none (MetadataLimitError); the entries changed."""
+        shard = self._account_shard(account)
+        items = list(items)
+        return shard.write(lambda txn, batch: metadata.set_entries(
+            txn, shard, account, self._annotated(txn, shard, account, mailbox), items))
 
     def quota(self, account: str) -> Quota:
         """The account's limits (`quota_of` may give bytes alone, as an int)."""
