@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, metadata, selected
+from imapd import mailboxes, metadata, notify, selected
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -63,6 +63,10 @@ class Session(SessionState):
 
     async def handle(self, command: Command) -> None:
         """Run one command to its tagged response."""
+        async with self.running:
+            await self._handle(command)
+
+    async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)
         try:
             if handler is None:
@@ -216,6 +220,7 @@ _AUTHENTICATED: dict[str, Handler] = {
     "SETQUOTA": mailboxes.setquota,
     "GETMETADATA": metadata.getmetadata,
     "SETMETADATA": metadata.setmetadata,
+    "NOTIFY": notify.notify,
 }
 STATES: dict[str, dict[str, Handler]] = {
     NOT_AUTHENTICATED: {**_ANY, "STARTTLS": starttls, "LOGIN": login, "AUTHENTICATE": authenticate},

@@ -93,6 +93,10 @@ class SessionState:
         self.change_waiter: asyncio.Future | None = None
         self.ended = False
         self._literal: AppendLiteral | None = None  # APPEND's message, streaming in
+        # Held while a command runs: NOTIFY's pushes (imapd.notify) wait for it, so their
+        # responses never land inside a command's own.
+        self.running = asyncio.Lock()
+        self.notifier: Any = None  # imapd.notify.Notifier, while NOTIFY SET is in effect
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -111,6 +115,7 @@ class SessionState:
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
             caps += ["METADATA"]  # RFC 5464
+            caps += ["NOTIFY"]  # RFC 5465
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:
@@ -220,6 +225,8 @@ class SessionState:
         self.changed = True
         if self.change_waiter is not None and not self.change_waiter.done():
             self.change_waiter.set_result(None)
+        if self.notifier is not None:
+            self.notifier.selected_changed()
 
     # -- store calls ----------------------------------------------------------------------
 
@@ -239,6 +246,8 @@ class SessionState:
         """The connection is gone."""
         self.ended = True
         self.drop_literal()  # cut off in the middle of an APPEND: nothing of it stays
+        if self.notifier is not None:
+            self.notifier.cancel()
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -6,6 +6,12 @@ watcher thread polls that id for the shards it watches every `interval` seconds;
 it moved does it read the watched mailboxes' states (UIDNEXT, HIGHESTMODSEQ, EXISTS) and
 call back those that differ. New mail, flag changes and expunges all bump HIGHESTMODSEQ, so
 each is seen within one interval.
+
+An account can be watched whole too (IMAP NOTIFY, RFC 5465): the callback then gets the
+account's listing, every mailbox with its counters and subscription, whenever any of them
+or the set of mailboxes changed (created, deleted, renamed, subscribed). That reads every
+mailbox record of the account on each commit to its shard, so it is for the few sessions
+that ask, not for every IDLE.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ _log = EventLogger("storage.watch")
 @dataclass(eq=False)
 class Watch:
     account: str
-    mailbox: str
-    callback: Callable[[Mailbox | None], None]
-    last: tuple[int, int, int] | None = None
+    mailbox: str | None  # None: the whole account (watch_account)
+    callback: Callable
+    last: tuple | None = None
     watcher: Watcher | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
@@ -54,13 +60,26 @@ class Watcher:
         commit = self._store.shard(account).last_commit()
         state = self._store.mailbox(account, mailbox)
         watch = Watch(account, mailbox, callback, _key(state), self)
+        self._add(shard, watch, commit)
+        return watch
+
+    def watch_account(self, account: str, callback: Callable[[list[Mailbox]], None]) -> tuple[Watch, list[Mailbox]]:
+        """Call `callback(listing)` from the watcher thread after each change to any of the
+        account's mailboxes or to the set of them; returns the watch and the listing it
+        starts from. It reads the store: call it in a worker thread."""
+        commit = self._store.shard(account).last_commit()
+        listing = self._store.mailboxes(account)
+        watch = Watch(account, None, callback, _listing_key(listing), self)
+        self._add(self._store.shard_number(account), watch, commit)
+        return watch, listing
+
+    def _add(self, shard: int, watch: Watch, commit: int) -> None:
         with self._lock:
             self._watches.setdefault(shard, []).append(watch)
             self._last_commit[shard] = min(commit, self._last_commit.get(shard, commit))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
                 self._thread.start()
-        return watch
 
     def close(self) -> None:
         self._stop.set()
@@ -103,6 +122,9 @@ class Watcher:
             self._check(watch)
 
     def _check(self, watch: Watch) -> None:
+        if watch.mailbox is None:
+            self._check_account(watch)
+            return
         try:
             state: Mailbox | None = self._store.mailbox(watch.account, watch.mailbox)
         except StoreError:
@@ -117,6 +139,25 @@ class Watcher:
             _log.error("watch_callback_failed", exc_info=True, account=watch.account, mailbox=watch.mailbox)
         if state is None:
             watch.cancel()
+
+
+    def _check_account(self, watch: Watch) -> None:
+        try:
+            listing = self._store.mailboxes(watch.account)
+        except StoreError:
+            return  # the next commit tries again
+        key = _listing_key(listing)
+        if key == watch.last:
+            return
+        watch.last = key
+        try:
+            watch.callback(listing)
+        except Exception:  # as in _check
+            _log.error("watch_callback_failed", exc_info=True, account=watch.account)
+
+
+def _listing_key(listing: list[Mailbox]) -> tuple:
+    return tuple((m.id, m.name, m.subscribed, *_key(m)) for m in listing)
 
 
 def _key(state: Mailbox) -> tuple[int, int, int]:

@@ -1,0 +1,243 @@
+"""NOTIFY (RFC 5465): the client names mailboxes and the events it wants to hear of, and
+is told of them as they happen, without polling.
+
+What is supported: the filters SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL, SUBSCRIBED,
+SUBTREE and MAILBOXES; the events MessageNew (with fetch attributes for the selected
+mailbox), MessageExpunge, FlagChange, MailboxName and SubscriptionChange. Any other event
+is NO [BADEVENT (the supported ones)] (§3.1).
+
+How each is told:
+- The selected mailbox, under a SELECTED group with message events: the same EXISTS,
+  EXPUNGE and FETCH FLAGS responses a command's end would bring (imapd.selected.sync),
+  sent as soon as the store's watcher sees the change, while no command runs. Under
+  SELECTED-DELAYED the expunges wait for a command that may report them (§5.1); new
+  messages come with a FETCH of MessageNew's attributes when it names any (§5.2).
+- Any other mailbox with message events: `* STATUS` with the items those events ask for
+  (MessageNew: MESSAGES UIDNEXT UIDVALIDITY; MessageExpunge: MESSAGES; FlagChange:
+  UIDVALIDITY HIGHESTMODSEQ, as Dovecot sends them); `NOTIFY SET STATUS` sends them once
+  at the start for every such mailbox (§3.1). The selected mailbox never gets a STATUS.
+- MailboxName: `* LIST` for a mailbox created, `* LIST (\\NonExistent)` for one deleted,
+  and for one renamed its new name with ("OLDNAME" (old)) (§5.4, RFC 5258 §3.4);
+  SubscriptionChange: `* LIST` with or without \\Subscribed (§5.5).
+A mailbox takes the events of the first group whose filter matches it.
+
+Changes come from the store's watcher (storage/watch.py) watching the whole account, so
+changes made by any session in any process are told. Two snapshots of the account's
+listing are compared (`changes`, pure) and the differences turned into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from imapd import responses as r
+from imapd import selected
+from imapd.answers import no
+from imapd.state import SessionState
+from imapd.syntax import Fetch, Notify, NotifyGroup, SequenceSet
+from storage import INBOX, Mailbox
+
+SUPPORTED = ("MessageNew", "MessageExpunge", "FlagChange", "MailboxName", "SubscriptionChange")
+STATUS_FOR = {"MessageNew": ("MESSAGES", "UIDNEXT", "UIDVALIDITY"), "MessageExpunge": ("MESSAGES",),
+              "FlagChange": ("UIDVALIDITY", "HIGHESTMODSEQ")}
+STATUS_ORDER = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ")
+SELECTED_FILTERS = ("SELECTED", "SELECTED-DELAYED")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between two listings of an account. `kind`: created, deleted,
+    renamed, subscription, messages; for messages, `new`, `expunged`, `flags` say which."""
+
+    kind: str
+    mailbox: Mailbox  # as it is now (as it was, for deleted)
+    old: Mailbox | None = None
+    new: bool = False
+    expunged: bool = False
+    flags: bool = False
+
+
+def changes(old: Iterable[Mailbox], new: Iterable[Mailbox]) -> list[Change]:
+    """What happened between two listings of an account, mailboxes known by id."""
+    before = {m.id: m for m in old}
+    after = {m.id: m for m in new}
+    out: list[Change] = []
+    for mailbox_id, was in before.items():
+        if mailbox_id not in after:
+            out.append(Change("deleted", was))
+    for mailbox_id, now in after.items():
+        was = before.get(mailbox_id)
+        if was is None:
+            out.append(Change("created", now))
+            continue
+        if was.name != now.name:
+            out.append(Change("renamed", now, was))
+        if was.subscribed != now.subscribed:
+            out.append(Change("subscription", now, was))
+        arrived = now.uidnext > was.uidnext
+        expunged = now.exists < was.exists + (now.uidnext - was.uidnext)
+        flags = now.highestmodseq > was.highestmodseq and not arrived and not expunged
+        if arrived or expunged or flags:
+            out.append(Change("messages", now, was, new=arrived, expunged=expunged, flags=flags))
+    return out
+
+
+def matches(group: NotifyGroup, mailbox: Mailbox) -> bool:
+    """Whether a filter other than SELECTED names `mailbox` (RFC 5465 §6)."""
+    kind = group.filter
+    if kind == "PERSONAL":
+        return True
+    if kind == "INBOXES":
+        return mailbox.name == INBOX  # where new mail is delivered
+    if kind == "SUBSCRIBED":
+        return mailbox.subscribed
+    if kind == "SUBTREE":
+        return any(mailbox.name == n or mailbox.name.startswith(n + "/") for n in group.mailboxes)
+    if kind == "MAILBOXES":
+        return mailbox.name in group.mailboxes
+    return False
+
+
+def status_items(events: Iterable[str]) -> list[str]:
+    wanted = {item for event in events for item in STATUS_FOR.get(event, ())}
+    return [item for item in STATUS_ORDER if item in wanted]
+
+
+def status_line(mailbox: Mailbox, items: list[str]) -> bytes:
+    values = {"MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext, "UIDVALIDITY": mailbox.uidvalidity,
+              "HIGHESTMODSEQ": mailbox.highestmodseq}
+    shown = " ".join(f"{item} {values[item]}" for item in items)
+    return b"STATUS " + r.mailbox(mailbox.name) + f" ({shown})".encode()
+
+
+def list_line(mailbox: Mailbox, *, gone: bool = False, old_name: str | None = None) -> bytes:
+    attrs = "\\NonExistent" if gone else ("\\Subscribed" if mailbox.subscribed else "")
+    line = f"LIST ({attrs}) \"/\" ".encode() + r.mailbox(mailbox.name)
+    if old_name is not None:
+        line += b' ("OLDNAME" (' + r.mailbox(old_name) + b"))"
+    return line
+
+
+class Notifier:
+    """A session's NOTIFY SET: its groups, the account's last listing, the watch."""
+
+    def __init__(self, session: SessionState, command: Notify):
+        self.session = session
+        self.groups = command.groups
+        self.selected_group = next((g for g in self.groups if g.filter in SELECTED_FILTERS), None)
+        self.listing: list[Mailbox] = []
+        self._watch = None
+        self._pushing = False
+
+    # -- which events a mailbox takes -----------------------------------------------------
+
+    def events_of(self, mailbox: Mailbox) -> tuple[str, ...]:
+        """The events of the first non-selected group naming `mailbox`; () for none, and for
+        the selected mailbox (told by EXISTS and EXPUNGE, never STATUS)."""
+        view = self.session.view
+        if view is not None and view.uidvalidity == mailbox.id:
+            return ()
+        group = next((g for g in self.groups if g.filter not in SELECTED_FILTERS and matches(g, mailbox)), None)
+        return group.events if group is not None else ()
+
+    @property
+    def pushes_selected(self) -> bool:
+        group = self.selected_group
+        return group is not None and "MessageNew" in group.events
+
+    # -- starting and stopping ------------------------------------------------------------
+
+    async def start(self, *, status: bool) -> None:
+        session = self.session
+        loop = asyncio.get_running_loop()
+
+        def changed(listing: list[Mailbox]) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._account_changed, listing)
+
+        watcher = session.context.watcher
+        self._watch, self.listing = await session.run_store(watcher.watch_account, session.user, changed)
+        if status:
+            for mailbox in self.listing:
+                items = status_items(self.events_of(mailbox))
+                if items:
+                    session.untagged(status_line(mailbox, items))
+
+    def cancel(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    # -- being told -----------------------------------------------------------------------
+
+    def _account_changed(self, listing: list[Mailbox]) -> None:
+        if self._watch is None or self.session.ended:
+            return  # replaced or gone meanwhile
+        old, self.listing = self.listing, listing
+        for line in self.lines_for(changes(old, listing)):
+            self.session.untagged(line)
+
+    def lines_for(self, found: list[Change]) -> list[bytes]:
+        out = []
+        for change in found:
+            if change.kind == "messages":
+                events = self.events_of(change.mailbox)
+                happened = ({"MessageNew"} if change.new else set()) | ({"MessageExpunge"} if change.expunged
+                                                                         else set()) | (
+                    {"FlagChange"} if change.flags else set())
+                if happened & set(events):
+                    out.append(status_line(change.mailbox, status_items(events)))
+            elif change.kind == "subscription":
+                if "SubscriptionChange" in self.events_of(change.mailbox) + self.events_of(change.old):
+                    out.append(list_line(change.mailbox))
+            elif change.kind == "renamed":
+                if "MailboxName" in self.events_of(change.mailbox) + self.events_of(change.old):
+                    out.append(list_line(change.mailbox, old_name=change.old.name))
+            elif "MailboxName" in self.events_of(change.mailbox):  # created, deleted
+                out.append(list_line(change.mailbox, gone=change.kind == "deleted"))
+        return out
+
+    def selected_changed(self) -> None:
+        """The selected mailbox changed: tell the client now, unless a command runs (its
+        end tells) or a push is already under way."""
+        if self.pushes_selected and not self._pushing and not self.session.running.locked():
+            self._pushing = True
+            asyncio.get_running_loop().create_task(self._push())
+
+    async def _push(self) -> None:
+        session = self.session
+        try:
+            async with session.running:
+                view = session.view
+                if view is None or session.ended or session.notifier is not self:
+                    return
+                session.changed = False
+                last = view.max_uid()
+                await selected.sync(session, expunges=self.selected_group.filter == "SELECTED")
+                fetch = self.selected_group.fetch
+                if fetch and session.view is view and view.max_uid() > last:
+                    spec = SequenceSet(((last + 1, view.max_uid()),))
+                    await selected.fetch(session, Fetch("*", "UID FETCH", sequence=spec, items=fetch, changedsince=None,
+                                                            uid=True))
+        except Exception:  # noqa: BLE001 - a failed push costs the push; the next command tells
+            session.log.warning("notify_push_failed", exc_info=True)
+        finally:
+            self._pushing = False
+
+
+async def notify(session: SessionState, command: Notify):
+    """NOTIFY NONE, or NOTIFY SET [STATUS] groups: replaces what was set before."""
+    unsupported = [e for g in command.groups for e in g.events if e not in SUPPORTED]
+    if unsupported:
+        raise no(f"unsupported event {unsupported[0]}", f"BADEVENT ({' '.join(SUPPORTED)})")
+    if session.notifier is not None:
+        session.notifier.cancel()
+        session.notifier = None
+    if not command.groups:
+        return None
+    notifier = Notifier(session, command)
+    await notifier.start(status=command.status)
+    session.notifier = notifier
+    session.log.info("notify", groups=len(command.groups))
+    return None

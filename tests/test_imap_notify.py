@@ -1,0 +1,278 @@
+"""NOTIFY (RFC 5465) end to end: a running `postroom serve` and two sessions over real
+sockets, one changing the store and the other told without asking, read line by line as
+the server writes them. Also the MX agent's delivery (another process) told the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import smtplib
+import socket
+import time
+from email.message import EmailMessage
+
+import pytest
+
+from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon
+from storage import Accounts
+
+PASSWORD = "correct horse battery staple"
+WAIT = 5.0  # seconds a notification may take (the watcher polls every 0.25 s)
+_accounts = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imap-notify")
+    data_dir = root / "var"
+    sections: dict[str, dict[str, object]] = {
+        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
+        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
+        "storage": {"shards": 2},
+    }
+    for dotted in LISTENERS:
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
+    config_path = root / "postroom.toml"
+    config_path.write_text(render_config(sections))
+    daemon = start_daemon(config_path, root)
+    daemon.accounts = Accounts(data_dir / "accounts.lmdb")
+    daemon.accounts.add_domain("example.test")
+    yield daemon
+    daemon.accounts.close()
+    assert daemon.stop() == 0, daemon.stderr()
+    assert "Traceback" not in daemon.stderr(), daemon.stderr()
+
+
+@pytest.fixture
+def user(server) -> str:
+    address = f"notify{next(_accounts)}@example.test"
+    server.accounts.add_user(address, PASSWORD)
+    return address
+
+
+class Wire:
+    """An IMAP client on a TLS socket that sees every line the server writes, when it
+    writes it: commands answered up to their tagged line, unsolicited lines waited for."""
+
+    def __init__(self, server, user: str):
+        address = server.listen("imap.listen_tls")
+        sock = socket.create_connection((address.host, address.port), timeout=WAIT)
+        self.sock = client_tls_context(server.config).wrap_socket(sock, server_hostname=address.host)
+        self.buffer = b""
+        self.tags = itertools.count(1)
+        self.line()  # the greeting
+        self.command(f'LOGIN "{user}" "{PASSWORD}"')
+
+    def line(self, timeout: float = WAIT) -> str | None:
+        """The next line (CRLF off), or None if none comes within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while b"\r\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, socket.timeout):
+                return None
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line.decode()
+
+    def command(self, text: str, status: str = "OK") -> list[str]:
+        """Send a command; its untagged lines, the tagged one last (its status checked)."""
+        tag = f"w{next(self.tags)}"
+        self.sock.sendall(f"{tag} {text}\r\n".encode())
+        lines = []
+        while True:
+            line = self.line()
+            assert line is not None, f"no answer to {text!r} after {lines}"
+            lines.append(line)
+            if line.startswith(tag + " "):
+                assert line.split(" ")[1] == status, f"{text!r}: {lines}"
+                return lines
+
+    def told(self, pattern: str) -> str:
+        """Wait, without sending anything, for an unsolicited line matching `pattern`."""
+        seen = []
+        while True:
+            line = self.line()
+            assert line is not None, f"not told {pattern!r}; got {seen}"
+            if re.fullmatch(pattern, line):
+                return line
+            seen.append(line)
+
+    def quiet(self, seconds: float = 1.0) -> None:
+        line = self.line(timeout=seconds)
+        assert line is None, f"told {line!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def pair(server, user):
+    watcher, actor = Wire(server, user), Wire(server, user)
+    yield watcher, actor
+    watcher.close()
+    actor.close()
+
+
+def test_notify_is_advertised_and_set_status_tells_the_items_of_the_events(pair):
+    watcher, actor = pair
+    assert " NOTIFY" in watcher.command("CAPABILITY")[0]
+    actor.command("CREATE Other")
+    actor.command("APPEND Other {12+}\r\nSubject: x\r\n")
+    lines = watcher.command("NOTIFY SET STATUS (mailboxes Other (MessageExpunge))")
+    assert lines[:-1] == ["* STATUS Other (MESSAGES 1)"]
+    lines = watcher.command("NOTIFY SET STATUS (mailboxes Other (MessageNew MessageExpunge))")
+    assert re.fullmatch(r"\* STATUS Other \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+\)", lines[0]), lines
+    lines = watcher.command("NOTIFY SET STATUS (mailboxes Other (FlagChange))")
+    assert re.fullmatch(r"\* STATUS Other \(UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)", lines[0]), lines
+    assert len(watcher.command("NOTIFY SET (mailboxes Other (MessageNew MessageExpunge FlagChange))")) == 1
+
+
+def test_changes_to_another_mailbox_are_told_as_status(pair):
+    watcher, actor = pair
+    actor.command("CREATE Other")
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected (MessageNew MessageExpunge)) (personal (MessageNew MessageExpunge FlagChange))")
+    actor.command("APPEND Other {12+}\r\nSubject: x\r\n")
+    watcher.told(r"\* STATUS Other \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)")
+    actor.command("SELECT Other")
+    actor.command("STORE 1 +FLAGS (\\Deleted)")
+    watcher.told(r"\* STATUS Other \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)")
+    actor.command("EXPUNGE")
+    watcher.told(r"\* STATUS Other \(MESSAGES 0 UIDNEXT 2 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)")
+    # The selected mailbox is never told by STATUS.
+    actor.command("APPEND INBOX {12+}\r\nSubject: y\r\n")
+    assert watcher.told(r"\* \d+ EXISTS|\* STATUS .*") == "* 1 EXISTS"
+
+
+def test_the_selected_mailbox_is_told_at_once_with_messagenew_attributes(pair):
+    watcher, actor = pair
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected (MessageNew (UID FLAGS) MessageExpunge FlagChange))")
+    actor.command("APPEND INBOX (\\Draft) {12+}\r\nSubject: x\r\n")
+    watcher.told(r"\* 1 EXISTS")
+    watcher.told(r"\* 1 FETCH \(UID 1 FLAGS \((\\Recent )?\\Draft( \\Recent)?\)\)")
+    actor.command("SELECT INBOX")
+    actor.command("STORE 1 +FLAGS.SILENT (\\Flagged)")
+    watcher.told(r"\* 1 FETCH \(UID 1 FLAGS \(.*\\Flagged.*\)\)")
+    actor.command("STORE 1 +FLAGS.SILENT (\\Deleted)")
+    actor.command("EXPUNGE")
+    watcher.told(r"\* 1 EXPUNGE")
+    watcher.command("NOOP")
+
+
+def test_selected_delayed_holds_expunges_for_a_command(pair):
+    watcher, actor = pair
+    actor.command("APPEND INBOX {12+}\r\nSubject: x\r\n")
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected-delayed (MessageNew MessageExpunge))")
+    actor.command("APPEND INBOX {12+}\r\nSubject: y\r\n")
+    watcher.told(r"\* 2 EXISTS")
+    watcher.told(r"\* \d+ RECENT")
+    actor.command("SELECT INBOX")
+    actor.command("STORE 1 +FLAGS.SILENT (\\Deleted)")
+    actor.command("EXPUNGE")
+    watcher.quiet(1.0)
+    assert "* 1 EXPUNGE" in watcher.command("NOOP")
+
+
+def test_mailbox_name_and_subscription_events_are_told_as_list(pair):
+    watcher, actor = pair
+    watcher.command("NOTIFY SET (personal (MailboxName SubscriptionChange))")
+    actor.command("CREATE Foo")
+    watcher.told(r'\* LIST \(\) "/" Foo')
+    actor.command("RENAME Foo Bar")
+    watcher.told(r'\* LIST \(\) "/" Bar \("OLDNAME" \(Foo\)\)')
+    actor.command("SUBSCRIBE Bar")
+    watcher.told(r'\* LIST \(\\Subscribed\) "/" Bar')
+    actor.command("UNSUBSCRIBE Bar")
+    watcher.told(r'\* LIST \(\) "/" Bar')
+    actor.command("DELETE Bar")
+    watcher.told(r'\* LIST \(\\NonExistent\) "/" Bar')
+    # Filters: a group for other mailboxes tells nothing of these.
+    watcher.command("NOTIFY SET (mailboxes INBOX (MailboxName))")
+    actor.command("CREATE Elsewhere")
+    watcher.quiet(1.0)
+
+
+def test_notify_none_stops_notifications(pair):
+    watcher, actor = pair
+    watcher.command("NOTIFY SET (personal (MailboxName))")
+    actor.command("CREATE One")
+    watcher.told(r'\* LIST \(\) "/" One')
+    watcher.command("NOTIFY NONE")
+    actor.command("CREATE Two")
+    watcher.quiet(1.0)
+
+
+def test_mail_delivered_by_the_mx_is_told(server, user):
+    watcher = Wire(server, user)
+    try:
+        watcher.command("NOTIFY SET (inboxes (MessageNew MessageExpunge))")
+        message = EmailMessage()
+        message["From"] = "sender@remote.example"
+        message["To"] = user
+        message["Subject"] = "news"
+        message.set_content("Hello.\n")
+        address = server.listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=30) as smtp:
+            smtp.send_message(message)
+        watcher.told(r"\* STATUS INBOX \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+\)")
+    finally:
+        watcher.close()
+
+
+@pytest.mark.parametrize(("command", "answer"), [
+    ("NOTIFY SET (selected (MessageNew MessageExpunge AnnotationChange))",
+     "NO [BADEVENT (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange)]"),
+    ("NOTIFY SET (personal (SomeVendorEvent))", "NO [BADEVENT"),
+    ("NOTIFY SET (selected (MessageNew))", "BAD"),
+    ("NOTIFY SET (selected (FlagChange))", "BAD"),
+    ("NOTIFY SET (selected (MessageNew MessageExpunge MailboxName))", "BAD"),
+    ("NOTIFY SET (personal (MessageNew (UID) MessageExpunge))", "BAD"),
+    ("NOTIFY SET (selected (MessageNew MessageExpunge)) (selected-delayed (MessageNew MessageExpunge))", "BAD"),
+    ("NOTIFY SET (bogus (MessageNew MessageExpunge))", "BAD"),
+    ("NOTIFY SET", "BAD"),
+    ("NOTIFY SET (personal NONE) (subtree (INBOX Sent) (MailboxName))", "OK"),
+])
+def test_notify_syntax_and_unsupported_events(server, user, command, answer):
+    wire = Wire(server, user)
+    try:
+        status = answer.split(" ")[0]
+        tagged = wire.command(command, status)[-1]
+        assert tagged.split(" ", 1)[1].startswith(answer), tagged
+    finally:
+        wire.close()
+
+
+# -- the comparison of two listings, alone (imapd.notify.changes) ---------------------------------
+
+
+def _box(mailbox_id: int, name: str, *, uidnext: int = 1, modseq: int = 1, exists: int = 0,
+         subscribed: bool = False):
+    from storage import Mailbox
+    return Mailbox(id=mailbox_id, account="a@example.test", name=name, uidnext=uidnext, highestmodseq=modseq,
+                   exists=exists, unseen=0, size=0, special_use=None, subscribed=subscribed)
+
+
+def test_changes_between_two_listings():
+    from imapd.notify import changes
+    old = [_box(1, "INBOX", uidnext=3, modseq=5, exists=2), _box(2, "A"), _box(3, "Gone"), _box(4, "Sub")]
+    new = [_box(1, "INBOX", uidnext=3, modseq=6, exists=2), _box(2, "B"), _box(5, "Fresh"),
+           _box(4, "Sub", subscribed=True)]
+    found = {(c.kind, c.mailbox.name, c.new, c.expunged, c.flags) for c in changes(old, new)}
+    assert found == {("messages", "INBOX", False, False, True), ("renamed", "B", False, False, False),
+                     ("deleted", "Gone", False, False, False), ("created", "Fresh", False, False, False),
+                     ("subscription", "Sub", False, False, False)}
+    # New mail and an expunge between two looks: both seen, not taken for a flag change.
+    arrived_and_gone = changes([_box(1, "INBOX", uidnext=3, modseq=5, exists=2)],
+                               [_box(1, "INBOX", uidnext=4, modseq=8, exists=2)])
+    assert [(c.new, c.expunged, c.flags) for c in arrived_and_gone] == [(True, True, False)]
