@@ -14,11 +14,17 @@ How each is told:
   messages come with a FETCH of MessageNew's attributes when it names any (§5.2).
 - Any other mailbox with message events: `* STATUS` with the items those events ask for
   (MessageNew: MESSAGES UIDNEXT UIDVALIDITY; MessageExpunge: MESSAGES; FlagChange:
-  UIDVALIDITY HIGHESTMODSEQ, as Dovecot sends them); `NOTIFY SET STATUS` sends them once
-  at the start for every such mailbox (§3.1). The selected mailbox never gets a STATUS.
+  UIDVALIDITY HIGHESTMODSEQ, as Dovecot sends them, and HIGHESTMODSEQ with any of them
+  once CONDSTORE is enabled, §5.2); `NOTIFY SET STATUS` sends them once at the start for
+  every such mailbox (§3.1). The selected mailbox never gets a STATUS.
 - MailboxName: `* LIST` for a mailbox created, `* LIST (\\NonExistent)` for one deleted,
   and for one renamed its new name with ("OLDNAME" (old)) (§5.4, RFC 5258 §3.4);
-  SubscriptionChange: `* LIST` with or without \\Subscribed (§5.5).
+  SubscriptionChange: `* LIST` with or without \\Subscribed (§5.5). Each but the
+  deleted one says \\HasChildren or \\HasNoChildren (§5.4).
+Where Dovecot is more lenient than §5, so is this: for mailboxes other than the selected
+one, MessageNew, MessageExpunge and FlagChange may each come alone (imaptest's notify
+group asks that); for the selected mailbox they are held to §5 (BAD otherwise).
+INBOXES is INBOX and the \\Junk mailbox: the two the MX delivers to (§6.3).
 A mailbox takes the events of the first group whose filter matches it.
 
 Changes come from the store's watcher (storage/watch.py) watching the whole account, so
@@ -90,7 +96,7 @@ def matches(group: NotifyGroup, mailbox: Mailbox) -> bool:
     if kind == "PERSONAL":
         return True
     if kind == "INBOXES":
-        return mailbox.name == INBOX  # where new mail is delivered
+        return mailbox.name == INBOX or mailbox.special_use == "\\Junk"  # where the MX delivers
     if kind == "SUBSCRIBED":
         return mailbox.subscribed
     if kind == "SUBTREE":
@@ -100,8 +106,10 @@ def matches(group: NotifyGroup, mailbox: Mailbox) -> bool:
     return False
 
 
-def status_items(events: Iterable[str]) -> list[str]:
+def status_items(events: Iterable[str], condstore: bool = False) -> list[str]:
     wanted = {item for event in events for item in STATUS_FOR.get(event, ())}
+    if condstore and wanted:
+        wanted.add("HIGHESTMODSEQ")  # RFC 5465 §5.2, §5.3
     return [item for item in STATUS_ORDER if item in wanted]
 
 
@@ -113,7 +121,12 @@ def status_line(mailbox: Mailbox, items: list[str]) -> bytes:
 
 
 def list_line(mailbox: Mailbox, *, gone: bool = False, old_name: str | None = None) -> bytes:
-    attrs = "\\NonExistent" if gone else ("\\Subscribed" if mailbox.subscribed else "")
+    if gone:
+        attrs = "\\NonExistent"
+    else:
+        attrs = "\\HasChildren" if mailbox.children else "\\HasNoChildren"
+        if mailbox.subscribed:
+            attrs += " \\Subscribed"
     line = f"LIST ({attrs}) \"/\" ".encode() + r.mailbox(mailbox.name)
     if old_name is not None:
         line += b' ("OLDNAME" (' + r.mailbox(old_name) + b"))"
@@ -160,7 +173,7 @@ class Notifier:
         self._watch, self.listing = await session.run_store(watcher.watch_account, session.user, changed)
         if status:
             for mailbox in self.listing:
-                items = status_items(self.events_of(mailbox))
+                items = status_items(self.events_of(mailbox), session.condstore)
                 if items:
                     session.untagged(status_line(mailbox, items))
 
@@ -187,7 +200,7 @@ class Notifier:
                                                                          else set()) | (
                     {"FlagChange"} if change.flags else set())
                 if happened & set(events):
-                    out.append(status_line(change.mailbox, status_items(events)))
+                    out.append(status_line(change.mailbox, status_items(events, self.session.condstore)))
             elif change.kind == "subscription":
                 if "SubscriptionChange" in self.events_of(change.mailbox) + self.events_of(change.old):
                     out.append(list_line(change.mailbox))

@@ -134,6 +134,10 @@ def test_notify_is_advertised_and_set_status_tells_the_items_of_the_events(pair)
     lines = watcher.command("NOTIFY SET STATUS (mailboxes Other (FlagChange))")
     assert re.fullmatch(r"\* STATUS Other \(UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)", lines[0]), lines
     assert len(watcher.command("NOTIFY SET (mailboxes Other (MessageNew MessageExpunge FlagChange))")) == 1
+    # With CONDSTORE enabled, HIGHESTMODSEQ comes with any message event (RFC 5465 §5.2).
+    watcher.command("ENABLE CONDSTORE")
+    lines = watcher.command("NOTIFY SET STATUS (mailboxes Other (MessageNew MessageExpunge))")
+    assert re.fullmatch(r"\* STATUS Other \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)", lines[0]), lines
 
 
 def test_changes_to_another_mailbox_are_told_as_status(pair):
@@ -188,13 +192,17 @@ def test_mailbox_name_and_subscription_events_are_told_as_list(pair):
     watcher, actor = pair
     watcher.command("NOTIFY SET (personal (MailboxName SubscriptionChange))")
     actor.command("CREATE Foo")
-    watcher.told(r'\* LIST \(\) "/" Foo')
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" Foo')
     actor.command("RENAME Foo Bar")
-    watcher.told(r'\* LIST \(\) "/" Bar \("OLDNAME" \(Foo\)\)')
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" Bar \("OLDNAME" \(Foo\)\)')
     actor.command("SUBSCRIBE Bar")
-    watcher.told(r'\* LIST \(\\Subscribed\) "/" Bar')
+    watcher.told(r'\* LIST \(\\HasNoChildren \\Subscribed\) "/" Bar')
     actor.command("UNSUBSCRIBE Bar")
-    watcher.told(r'\* LIST \(\) "/" Bar')
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" Bar')
+    actor.command("CREATE Bar/Kid")
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" Bar/Kid')
+    actor.command("DELETE Bar/Kid")
+    watcher.told(r'\* LIST \(\\NonExistent\) "/" Bar/Kid')
     actor.command("DELETE Bar")
     watcher.told(r'\* LIST \(\\NonExistent\) "/" Bar')
     # Filters: a group for other mailboxes tells nothing of these.
@@ -207,7 +215,7 @@ def test_notify_none_stops_notifications(pair):
     watcher, actor = pair
     watcher.command("NOTIFY SET (personal (MailboxName))")
     actor.command("CREATE One")
-    watcher.told(r'\* LIST \(\) "/" One')
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" One')
     watcher.command("NOTIFY NONE")
     actor.command("CREATE Two")
     watcher.quiet(1.0)
