@@ -417,6 +417,7 @@ def _setquota(tag: str, name: str, args: t.Args) -> c.SetQuota:
 # -- METADATA (RFC 5464) --------------------------------------------------------------------------
 
 METADATA_DEPTHS = {"0": "0", "1": "1", "INFINITY": "infinity"}  # RFC 5464 §4.2.2
+MAX_METADATA_ENTRIES = 1000  # names in one command: an account holds no more (storage/metadata.py)
 
 
 def _getmetadata(tag: str, name: str, args: t.Args) -> c.GetMetadata:
@@ -445,6 +446,8 @@ def _getmetadata(tag: str, name: str, args: t.Args) -> c.GetMetadata:
     tokens = t.group(what, "entries") if isinstance(what, t.Group) else (what,)
     if not tokens:
         raise ParseError("empty entry list")
+    if len(tokens) > MAX_METADATA_ENTRIES:
+        raise ParseError("too many entries", code="LIMIT")
     entries = tuple(t.astring(tok, "entry name").decode("ascii", "replace") for tok in tokens)
     return c.GetMetadata(tag, name, mailbox=mailbox, entries=entries, maxsize=maxsize, depth=depth)
 
@@ -454,6 +457,8 @@ def _setmetadata(tag: str, name: str, args: t.Args) -> c.SetMetadata:
     pairs = t.Args(t.group(args.take("entry values"), "entry values"))
     if not pairs.more():
         raise ParseError("empty entry value list")
+    if len(pairs.items) > 2 * MAX_METADATA_ENTRIES:
+        raise ParseError("too many entries", code="LIMIT")
     items = []
     while pairs.more():
         entry = t.astring(pairs.take("entry name"), "entry name").decode("ascii", "replace")

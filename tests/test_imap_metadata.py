@@ -82,6 +82,11 @@ def test_invalid_entry_names_and_options_are_bad(server, user):
                     "GETMETADATA INBOX /private", "GETMETADATA (DEPTH 2) INBOX /private/a",
                     "GETMETADATA (COLOR red) INBOX /private/a"):
         imap.transact("bad", command)
+    # Bounded: no more names in one command than an account may hold.
+    many = " ".join(f"/private/x{i}" for i in range(1001))
+    assert imap.transact("bad", f"GETMETADATA INBOX ({many})").code == "LIMIT"
+    pairs = " ".join(f'/private/x{i} "v"' for i in range(1001))
+    assert imap.transact("bad", f"SETMETADATA INBOX ({pairs})").code == "LIMIT"
 
 
 def test_limits_answer_maxsize_and_toomany_and_change_nothing(server, user):
