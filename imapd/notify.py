@@ -3,8 +3,9 @@ is told of them as they happen, without polling.
 
 What is supported: the filters SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL, SUBSCRIBED,
 SUBTREE and MAILBOXES; the events MessageNew (with fetch attributes for the selected
-mailbox), MessageExpunge, FlagChange, MailboxName and SubscriptionChange. Any other event
-is NO [BADEVENT (the supported ones)] (§3.1).
+mailbox), MessageExpunge, FlagChange, MailboxName, SubscriptionChange,
+MailboxMetadataChange and ServerMetadataChange. Any other event is NO [BADEVENT (the
+supported ones)] (§3.1).
 
 How each is told:
 - The selected mailbox, under a SELECTED group with message events: the same EXISTS,
@@ -21,6 +22,10 @@ How each is told:
   and for one renamed its new name with ("OLDNAME" (old)) (§5.4, RFC 5258 §3.4);
   SubscriptionChange: `* LIST` with or without \\Subscribed (§5.5). Each but the
   deleted one says \\HasChildren or \\HasNoChildren (§5.4).
+- MailboxMetadataChange and ServerMetadataChange (required with METADATA, §5.6, §5.7):
+  `* METADATA mailbox entry...` naming the entries set, changed or removed, without
+  their values (RFC 5464 §4.4.2); "" for the server's. The store's version of the
+  account's annotations says that some changed; a checksum of each says which.
 Where Dovecot is more lenient than §5, so is this: for mailboxes other than the selected
 one, MessageNew, MessageExpunge and FlagChange may each come alone (imaptest's notify
 group asks that); for the selected mailbox they are held to §5 (BAD otherwise).
@@ -45,7 +50,9 @@ from imapd.state import SessionState
 from imapd.syntax import Fetch, Notify, NotifyGroup, SequenceSet
 from storage import INBOX, Mailbox
 
-SUPPORTED = ("MessageNew", "MessageExpunge", "FlagChange", "MailboxName", "SubscriptionChange")
+SUPPORTED = ("MessageNew", "MessageExpunge", "FlagChange", "MailboxName", "SubscriptionChange",
+             "MailboxMetadataChange", "ServerMetadataChange")
+METADATA_EVENTS = frozenset({"MailboxMetadataChange", "ServerMetadataChange"})
 STATUS_FOR = {"MessageNew": ("MESSAGES", "UIDNEXT", "UIDVALIDITY"), "MessageExpunge": ("MESSAGES",),
               "FlagChange": ("UIDVALIDITY", "HIGHESTMODSEQ")}
 STATUS_ORDER = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ")
@@ -143,17 +150,24 @@ class Notifier:
         self.listing: list[Mailbox] = []
         self._watch = None
         self._pushing = False
+        self.wants_metadata = any(METADATA_EVENTS.intersection(g.events) for g in self.groups)
+        self.metadata_version = 0
+        self.digests: dict[tuple[int, str], int] = {}
+        self._metadata_lock = asyncio.Lock()
 
     # -- which events a mailbox takes -----------------------------------------------------
 
-    def events_of(self, mailbox: Mailbox) -> tuple[str, ...]:
-        """The events of the first non-selected group naming `mailbox`; () for none, and for
-        the selected mailbox (told by EXISTS and EXPUNGE, never STATUS)."""
+    def events_of(self, mailbox: Mailbox, *, status: bool = True) -> tuple[str, ...]:
+        """The events of the first non-selected group naming `mailbox`; () for none. For a
+        STATUS, () for the selected mailbox too: it is told by EXISTS and EXPUNGE."""
         view = self.session.view
-        if view is not None and view.uidvalidity == mailbox.id:
+        if status and view is not None and view.uidvalidity == mailbox.id:
             return ()
         group = next((g for g in self.groups if g.filter not in SELECTED_FILTERS and matches(g, mailbox)), None)
         return group.events if group is not None else ()
+
+    def _events(self, mailbox: Mailbox) -> tuple[str, ...]:
+        return self.events_of(mailbox, status=False)
 
     @property
     def pushes_selected(self) -> bool:
@@ -166,11 +180,14 @@ class Notifier:
         session = self.session
         loop = asyncio.get_running_loop()
 
-        def changed(listing: list[Mailbox]) -> None:  # from the watcher's thread
-            loop.call_soon_threadsafe(self._account_changed, listing)
+        def changed(listing: list[Mailbox], version: int) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._account_changed, listing, version)
 
         watcher = session.context.watcher
-        self._watch, self.listing = await session.run_store(watcher.watch_account, session.user, changed)
+        if self.wants_metadata:  # before the watch: a change in between is then told, not lost
+            self.digests = await session.run_store(session.context.store.metadata_digests, session.user)
+        self._watch, self.listing, self.metadata_version = await session.run_store(
+            watcher.watch_account, session.user, changed)
         if status:
             for mailbox in self.listing:
                 items = status_items(self.events_of(mailbox), session.condstore)
@@ -184,12 +201,47 @@ class Notifier:
 
     # -- being told -----------------------------------------------------------------------
 
-    def _account_changed(self, listing: list[Mailbox]) -> None:
+    def _account_changed(self, listing: list[Mailbox], version: int) -> None:
         if self._watch is None or self.session.ended:
             return  # replaced or gone meanwhile
         old, self.listing = self.listing, listing
         for line in self.lines_for(changes(old, listing)):
             self.session.untagged(line)
+        if version != self.metadata_version and self.wants_metadata:
+            asyncio.get_running_loop().create_task(self._metadata_changed())
+        self.metadata_version = version
+
+    async def _metadata_changed(self) -> None:
+        session = self.session
+        try:
+            async with self._metadata_lock:  # one comparison at a time, each from the last
+                now = await session.run_store(session.context.store.metadata_digests, session.user)
+                if self._watch is None or session.ended:
+                    return
+                old, self.digests = self.digests, now
+                for line in self.metadata_lines(old, now):
+                    session.untagged(line)
+        except Exception:  # noqa: BLE001 - a failed look costs this notification, not the session
+            session.log.warning("notify_metadata_failed", exc_info=True)
+
+    def metadata_lines(self, old: dict[tuple[int, str], int], new: dict[tuple[int, str], int]) -> list[bytes]:
+        """`METADATA mailbox entry...` for the entries that differ (RFC 5464 §4.4.2)."""
+        changed: dict[int, list[str]] = {}
+        for key in sorted(old.keys() ^ new.keys() | {k for k in old.keys() & new.keys() if old[k] != new[k]}):
+            changed.setdefault(key[0], []).append(key[1])
+        by_id = {m.id: m for m in self.listing}
+        out = []
+        for mailbox_id, entries in changed.items():
+            if mailbox_id == 0:
+                wanted = any("ServerMetadataChange" in g.events for g in self.groups)
+                name = ""
+            else:
+                mailbox = by_id.get(mailbox_id)
+                wanted = mailbox is not None and "MailboxMetadataChange" in self._events(mailbox)
+                name = mailbox.name if mailbox is not None else ""
+            if wanted:
+                out.append(b"METADATA " + r.mailbox(name) + b" " + b" ".join(r.astring(e) for e in entries))
+        return out
 
     def lines_for(self, found: list[Change]) -> list[bytes]:
         out = []
@@ -202,12 +254,12 @@ class Notifier:
                 if happened & set(events):
                     out.append(status_line(change.mailbox, status_items(events, self.session.condstore)))
             elif change.kind == "subscription":
-                if "SubscriptionChange" in self.events_of(change.mailbox) + self.events_of(change.old):
+                if "SubscriptionChange" in self._events(change.mailbox) + self._events(change.old):
                     out.append(list_line(change.mailbox))
             elif change.kind == "renamed":
-                if "MailboxName" in self.events_of(change.mailbox) + self.events_of(change.old):
+                if "MailboxName" in self._events(change.mailbox) + self._events(change.old):
                     out.append(list_line(change.mailbox, old_name=change.old.name))
-            elif "MailboxName" in self.events_of(change.mailbox):  # created, deleted
+            elif "MailboxName" in self._events(change.mailbox):  # created, deleted
                 out.append(list_line(change.mailbox, gone=change.kind == "deleted"))
         return out
 

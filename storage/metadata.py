@@ -1,7 +1,7 @@
 """Annotations on the server and on mailboxes (RFC 5464, IMAP METADATA), in a shard's index.
 
     metadata   account \\0 id entry   -> the value's bytes
-               account \\0            -> MetadataUsage: the account's entries and bytes
+               account \\0            -> MetadataUsage: the account's entries, bytes, version
 
 `id` is the mailbox id as four big-endian bytes, or SERVER (0, which no mailbox id is: ids
 start from the clock) for the server's entries. Keyed by id, a mailbox's entries follow its
@@ -17,13 +17,14 @@ mailbox). The usage record makes that check one read, not a walk over the accoun
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 import lmdb
 import msgspec
 
 from storage.errors import MetadataLimitError, MetadataNameError
-from storage.shard import Shard, pack_u32
+from storage.shard import Shard, pack_u32, unpack_u32
 
 SERVER = 0
 MAX_VALUE = 32 * 1024  # under the 64 KiB a command literal may carry (imapd), so MAXSIZE can be told
@@ -37,6 +38,10 @@ _SCOPES = ("/private/", "/shared/")
 class MetadataUsage(msgspec.Struct):
     entries: int = 0
     bytes: int = 0
+    # Bumped by every change to any of the account's entries: what the store's watcher
+    # compares to tell NOTIFY's MailboxMetadataChange and ServerMetadataChange (RFC 5465
+    # §5.6, §5.7). The record is kept at zero entries so that it never goes back.
+    version: int = 0
 
 
 _USAGE_ENCODER = msgspec.json.Encoder()
@@ -70,12 +75,26 @@ def usage(txn: lmdb.Transaction, shard: Shard, account: str) -> MetadataUsage:
     return _USAGE_DECODER.decode(raw) if raw is not None else MetadataUsage()
 
 
-def _put_usage(txn: lmdb.Transaction, shard: Shard, account: str, used: MetadataUsage) -> None:
-    key = _usage_key(account)
-    if used.entries <= 0:
-        txn.delete(key, db=shard.db["metadata"])
-    else:
-        txn.put(key, _USAGE_ENCODER.encode(used), db=shard.db["metadata"])
+def _put_usage(txn: lmdb.Transaction, shard: Shard, account: str, used: MetadataUsage, changed: bool) -> None:
+    if changed:
+        used.version += 1
+        txn.put(_usage_key(account), _USAGE_ENCODER.encode(used), db=shard.db["metadata"])
+
+
+def digests(txn: lmdb.Transaction, shard: Shard, account: str) -> dict[tuple[int, str], int]:
+    """(mailbox id, entry) -> a checksum of its value, for every entry of the account (at
+    most MAX_ENTRIES): two of these tell which entries changed."""
+    prefix = _usage_key(account)
+    out = {}
+    cursor = txn.cursor(db=shard.db["metadata"])
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            rest = key[len(prefix):]
+            if len(rest) > 4:  # not the usage record
+                out[(unpack_u32(rest[:4]), rest[4:].decode())] = zlib.crc32(value) ^ (len(value) << 32)
+    return out
 
 
 def get(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, names: Iterable[str],
@@ -134,7 +153,7 @@ def set_entries(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: i
             raise MetadataLimitError("too many annotations", "METADATA TOOMANY")
         txn.put(key, value, db=db)
         changed.append(name)
-    _put_usage(txn, shard, account, used)
+    _put_usage(txn, shard, account, used, bool(changed))
     return changed
 
 
@@ -143,6 +162,7 @@ def drop(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int) -> 
     db = shard.db["metadata"]
     prefix = _prefix(account, mailbox_id)
     used = usage(txn, shard, account)
+    before = used.entries
     cursor = txn.cursor(db=db)
     if cursor.set_range(prefix):
         while cursor.key() and bytes(cursor.key()).startswith(prefix):
@@ -150,7 +170,7 @@ def drop(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int) -> 
             used.bytes -= len(cursor.value())
             if not cursor.delete():
                 break
-    _put_usage(txn, shard, account, used)
+    _put_usage(txn, shard, account, used, used.entries != before)
 
 
 def copy(txn: lmdb.Transaction, shard: Shard, account: str, source_id: int, target_id: int) -> None:
@@ -167,10 +187,11 @@ def copy(txn: lmdb.Transaction, shard: Shard, account: str, source_id: int, targ
             if not key.startswith(source):
                 break
             pairs.append((key[len(source):], bytes(value)))
+    before = used.entries
     for name, value in pairs:
         if used.entries + 1 > MAX_ENTRIES or used.bytes + len(value) > MAX_BYTES:
             break
         if txn.put(target + name, value, db=db, overwrite=False):
             used.entries += 1
             used.bytes += len(value)
-    _put_usage(txn, shard, account, used)
+    _put_usage(txn, shard, account, used, used.entries != before)

@@ -207,6 +207,18 @@ class Store:
         return shard.write(lambda txn, batch: metadata.set_entries(
             txn, shard, account, self._annotated(txn, shard, account, mailbox), items))
 
+    def metadata_version(self, account: str) -> int:
+        """A number that changes with every change to the account's annotations."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            return metadata.usage(txn, shard, account).version
+
+    def metadata_digests(self, account: str) -> dict[tuple[int, str], int]:
+        """(mailbox id or 0 for the server, entry) -> a checksum of each annotation's value."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            return metadata.digests(txn, shard, account)
+
     def quota(self, account: str) -> Quota:
         """The account's limits (`quota_of` may give bytes alone, as an int)."""
         limits = self._limits_of(account)

@@ -8,8 +8,9 @@ call back those that differ. New mail, flag changes and expunges all bump HIGHES
 each is seen within one interval.
 
 An account can be watched whole too (IMAP NOTIFY, RFC 5465): the callback then gets the
-account's listing, every mailbox with its counters and subscription, whenever any of them
-or the set of mailboxes changed (created, deleted, renamed, subscribed). That reads every
+account's listing, every mailbox with its counters and subscription, and the version of its
+annotations (storage/metadata.py), whenever any of them or the set of mailboxes changed
+(created, deleted, renamed, subscribed, annotated). That reads every
 mailbox record of the account on each commit to its shard, so it is for the few sessions
 that ask, not for every IDLE.
 """
@@ -63,15 +64,17 @@ class Watcher:
         self._add(shard, watch, commit)
         return watch
 
-    def watch_account(self, account: str, callback: Callable[[list[Mailbox]], None]) -> tuple[Watch, list[Mailbox]]:
-        """Call `callback(listing)` from the watcher thread after each change to any of the
-        account's mailboxes or to the set of them; returns the watch and the listing it
-        starts from. It reads the store: call it in a worker thread."""
+    def watch_account(self, account: str, callback: Callable[[list[Mailbox], int], None]
+                      ) -> tuple[Watch, list[Mailbox], int]:
+        """Call `callback(listing, annotations version)` from the watcher thread after each
+        change to any of the account's mailboxes, to the set of them or to its annotations;
+        returns the watch and the listing and version it starts from. It reads the store:
+        call it in a worker thread."""
         commit = self._store.shard(account).last_commit()
-        listing = self._store.mailboxes(account)
-        watch = Watch(account, None, callback, _listing_key(listing), self)
+        listing, version = self._store.mailboxes(account), self._store.metadata_version(account)
+        watch = Watch(account, None, callback, (_listing_key(listing), version), self)
         self._add(self._store.shard_number(account), watch, commit)
-        return watch, listing
+        return watch, listing, version
 
     def _add(self, shard: int, watch: Watch, commit: int) -> None:
         with self._lock:
@@ -143,15 +146,15 @@ class Watcher:
 
     def _check_account(self, watch: Watch) -> None:
         try:
-            listing = self._store.mailboxes(watch.account)
+            listing, version = self._store.mailboxes(watch.account), self._store.metadata_version(watch.account)
         except StoreError:
             return  # the next commit tries again
-        key = _listing_key(listing)
+        key = (_listing_key(listing), version)
         if key == watch.last:
             return
         watch.last = key
         try:
-            watch.callback(listing)
+            watch.callback(listing, version)
         except Exception:  # as in _check
             _log.error("watch_callback_failed", exc_info=True, account=watch.account)
 

@@ -211,6 +211,28 @@ def test_mailbox_name_and_subscription_events_are_told_as_list(pair):
     watcher.quiet(1.0)
 
 
+def test_annotation_changes_are_told_as_metadata_without_values(pair):
+    watcher, actor = pair
+    actor.command("CREATE Noted")
+    actor.command('SETMETADATA Noted (/private/comment "before")')
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected (MessageNew MessageExpunge)) "
+                    "(personal (MailboxMetadataChange ServerMetadataChange))")
+    actor.command('SETMETADATA Noted (/private/comment "after" /shared/comment "new")')
+    watcher.told(r"\* METADATA Noted /private/comment /shared/comment")
+    actor.command('SETMETADATA "" (/shared/comment "server")')
+    watcher.told(r'\* METADATA "" /shared/comment')
+    actor.command("SETMETADATA Noted (/private/comment NIL)")
+    watcher.told(r"\* METADATA Noted /private/comment")
+    # The selected mailbox's annotations are told too (not a message event).
+    actor.command('SETMETADATA INBOX (/private/comment "x")')
+    watcher.told(r"\* METADATA INBOX /private/comment")
+    # Without the events, nothing.
+    watcher.command("NOTIFY SET (personal (MailboxName))")
+    actor.command('SETMETADATA Noted (/private/comment "quiet")')
+    watcher.quiet(1.0)
+
+
 def test_notify_none_stops_notifications(pair):
     watcher, actor = pair
     watcher.command("NOTIFY SET (personal (MailboxName))")
@@ -240,7 +262,8 @@ def test_mail_delivered_by_the_mx_is_told(server, user):
 
 @pytest.mark.parametrize(("command", "answer"), [
     ("NOTIFY SET (selected (MessageNew MessageExpunge AnnotationChange))",
-     "NO [BADEVENT (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange)]"),
+     "NO [BADEVENT (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange MailboxMetadataChange "
+     "ServerMetadataChange)]"),
     ("NOTIFY SET (personal (SomeVendorEvent))", "NO [BADEVENT"),
     ("NOTIFY SET (selected (MessageNew))", "BAD"),
     ("NOTIFY SET (selected (FlagChange))", "BAD"),
