@@ -287,6 +287,13 @@ PARSER_CASES = [
     Case("a sequence set", line(lambda n: b"a UID FETCH " + b"4294967295:4294967295," * n + b"3 FLAGS"), parse, 2000),
     Case("modified UTF-7", line(lambda n: b"a SELECT " + b"&AOk-x&-" * n), parse, 2000),
     Case("flags", line(lambda n: b"a STORE 1 +FLAGS (" + b"\\Seen $Junk " * n + b")"), parse, 2000),
+    Case("annotation entries", line(lambda n: b"a GETMETADATA (DEPTH 1) INBOX (" + b"/private/a/b " * n + b")"),
+         parse, 2000),
+    Case("annotation values", line(lambda n: b"a SETMETADATA INBOX (" + b'/private/a "v" ' * n + b")"), parse, 1500),
+    Case("notify mailboxes", line(lambda n: b"a NOTIFY SET STATUS (mailboxes (" + b"box " * n
+                                  + b") (MessageNew MessageExpunge))"), parse, 2000),
+    Case("notify events", line(lambda n: b"a NOTIFY SET (personal (" + b"MailboxName FlagChange " * n + b"))"),
+         parse, 2000),
 ]
 
 
