@@ -32,6 +32,13 @@ group asks that); for the selected mailbox they are held to §5 (BAD otherwise).
 INBOXES is INBOX and the \\Junk mailbox: the two the MX delivers to (§6.3).
 A mailbox takes the events of the first group whose filter matches it.
 
+What this client does itself is not told back to it (§5: SHOULD): while one of its
+commands that change mailboxes or annotations runs, the watcher's news waits; when it ends,
+the account is looked at afresh and what changed is told, but for the mailboxes the command
+named (with their parents and children: CREATE makes parents, RENAME moves children).
+Another client's change to one of those same mailboxes in that moment goes untold; the
+client learns it at its next look, as without NOTIFY.
+
 Changes come from the store's watcher (storage/watch.py) watching the whole account, so
 changes made by any session in any process are told. Two snapshots of the account's
 listing are compared (`changes`, pure) and the differences turned into responses.
@@ -57,6 +64,21 @@ STATUS_FOR = {"MessageNew": ("MESSAGES", "UIDNEXT", "UIDVALIDITY"), "MessageExpu
               "FlagChange": ("UIDVALIDITY", "HIGHESTMODSEQ")}
 STATUS_ORDER = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "HIGHESTMODSEQ")
 SELECTED_FILTERS = ("SELECTED", "SELECTED-DELAYED")
+# The client's own commands whose changes are not told back to it (§5), by the names of
+# mailboxes in them (imapd.syntax: `mailbox`, `old`, `new`).
+CHANGING = frozenset({"CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "APPEND", "COPY", "UID COPY",
+                      "MOVE", "UID MOVE", "SETMETADATA"})
+
+
+def named_by(command) -> tuple[str, ...]:
+    """The mailbox names a command of the client names ("" for the server's annotations)."""
+    return tuple(value for value in (getattr(command, a, None) for a in ("mailbox", "old", "new"))
+                 if isinstance(value, str))
+
+
+def covered(name: str, names: tuple[str, ...]) -> bool:
+    """`name` is one of `names`, or a parent or child of one."""
+    return any(name == n or name.startswith(n + "/") or n.startswith(name + "/") for n in names)
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,7 @@ class Notifier:
         self.metadata_version = 0
         self.digests: dict[tuple[int, str], int] = {}
         self._metadata_lock = asyncio.Lock()
+        self._own: tuple[str, ...] | None = None  # the names of the client's changing command, while it runs
 
     # -- which events a mailbox takes -----------------------------------------------------
 
@@ -204,14 +227,41 @@ class Notifier:
     def _account_changed(self, listing: list[Mailbox], version: int) -> None:
         if self._watch is None or self.session.ended:
             return  # replaced or gone meanwhile
+        if self._own is not None:
+            return  # the client's own command runs: command_ended looks afresh
+        self._apply(listing, version, ())
+
+    def _apply(self, listing: list[Mailbox], version: int, own: tuple[str, ...]) -> None:
         old, self.listing = self.listing, listing
-        for line in self.lines_for(changes(old, listing)):
+        for line in self.lines_for(changes(old, listing), own):
             self.session.untagged(line)
         if version != self.metadata_version and self.wants_metadata:
-            asyncio.get_running_loop().create_task(self._metadata_changed())
+            asyncio.get_running_loop().create_task(self._metadata_changed(own))
         self.metadata_version = version
 
-    async def _metadata_changed(self) -> None:
+    # -- the client's own commands (§5) ---------------------------------------------------
+
+    def command_started(self, command) -> None:
+        if command.name in CHANGING:
+            self._own = named_by(command)
+
+    async def command_ended(self) -> None:
+        """After a command of the client's (the session's `running` lock still held)."""
+        own, self._own = self._own, None
+        if own is None or self._watch is None or self.session.ended:
+            return
+        session = self.session
+        store = session.context.store
+        try:
+            listing = await session.run_store(store.mailboxes, session.user)
+            version = await session.run_store(store.metadata_version, session.user)
+        except Exception:  # noqa: BLE001 - the watcher's next news tells what this missed
+            session.log.warning("notify_look_failed", exc_info=True)
+            return
+        if self._watch is not None and not session.ended:
+            self._apply(listing, version, own)
+
+    async def _metadata_changed(self, own: tuple[str, ...] = ()) -> None:
         session = self.session
         try:
             async with self._metadata_lock:  # one comparison at a time, each from the last
@@ -219,12 +269,13 @@ class Notifier:
                 if self._watch is None or session.ended:
                     return
                 old, self.digests = self.digests, now
-                for line in self.metadata_lines(old, now):
+                for line in self.metadata_lines(old, now, own):
                     session.untagged(line)
         except Exception:  # noqa: BLE001 - a failed look costs this notification, not the session
             session.log.warning("notify_metadata_failed", exc_info=True)
 
-    def metadata_lines(self, old: dict[tuple[int, str], int], new: dict[tuple[int, str], int]) -> list[bytes]:
+    def metadata_lines(self, old: dict[tuple[int, str], int], new: dict[tuple[int, str], int],
+                       own: tuple[str, ...] = ()) -> list[bytes]:
         """`METADATA mailbox entry...` for the entries that differ (RFC 5464 §4.4.2)."""
         changed: dict[int, list[str]] = {}
         for key in sorted(old.keys() ^ new.keys() | {k for k in old.keys() & new.keys() if old[k] != new[k]}):
@@ -239,13 +290,15 @@ class Notifier:
                 mailbox = by_id.get(mailbox_id)
                 wanted = mailbox is not None and "MailboxMetadataChange" in self._events(mailbox)
                 name = mailbox.name if mailbox is not None else ""
-            if wanted:
+            if wanted and name not in own:
                 out.append(b"METADATA " + r.mailbox(name) + b" " + b" ".join(r.astring(e) for e in entries))
         return out
 
-    def lines_for(self, found: list[Change]) -> list[bytes]:
+    def lines_for(self, found: list[Change], own: tuple[str, ...] = ()) -> list[bytes]:
         out = []
         for change in found:
+            if own and (covered(change.mailbox.name, own) or (change.old and covered(change.old.name, own))):
+                continue  # the client's own doing (§5)
             if change.kind == "messages":
                 events = self.events_of(change.mailbox)
                 happened = ({"MessageNew"} if change.new else set()) | ({"MessageExpunge"} if change.expunged

@@ -64,7 +64,14 @@ class Session(SessionState):
     async def handle(self, command: Command) -> None:
         """Run one command to its tagged response."""
         async with self.running:
-            await self._handle(command)
+            notifier = self.notifier  # NOTIFY (imapd.notify): the client's own changes are not told back
+            if notifier is not None:
+                notifier.command_started(command)
+            try:
+                await self._handle(command)
+            finally:
+                if notifier is not None:
+                    await notifier.command_ended()
 
     async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)

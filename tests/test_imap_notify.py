@@ -233,6 +233,30 @@ def test_annotation_changes_are_told_as_metadata_without_values(pair):
     watcher.quiet(1.0)
 
 
+def test_the_clients_own_changes_are_not_told_back(pair):
+    # RFC 5465 §5: the server SHOULD omit notifying the client of events it caused.
+    watcher, actor = pair
+    watcher.command("CREATE Other")
+    watcher.command("NOTIFY SET (personal (MessageNew MessageExpunge MailboxName SubscriptionChange "
+                    "MailboxMetadataChange))")
+    for command in ("CREATE Mine/Deep", "RENAME Mine Yours", "SUBSCRIBE Yours/Deep", "APPEND Other {12+}\r\nSubject: x\r\n",
+                    'SETMETADATA Other (/private/comment "mine")', "DELETE Yours/Deep"):
+        assert [line for line in watcher.command(command) if " LIST " in line or " STATUS " in line
+                or " METADATA " in line] == []
+    watcher.quiet(1.0)
+    # Another client's changes are told, the same mailboxes included.
+    actor.command("APPEND Other {12+}\r\nSubject: y\r\n")
+    watcher.told(r"\* STATUS Other \(MESSAGES 2 UIDNEXT 3 UIDVALIDITY \d+\)")
+    actor.command("CREATE Theirs")
+    watcher.told(r'\* LIST \(\\HasNoChildren\) "/" Theirs')
+    # And one told while the client's own command ran is told after it, when it is not
+    # about the same mailboxes.
+    actor.command("APPEND Other {12+}\r\nSubject: z\r\n")
+    watcher.command("CREATE Later")
+    watcher.told(r"\* STATUS Other \(MESSAGES 3 UIDNEXT 4 UIDVALIDITY \d+\)")
+    watcher.quiet(1.0)
+
+
 def test_notify_none_stops_notifications(pair):
     watcher, actor = pair
     watcher.command("NOTIFY SET (personal (MailboxName))")
