@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import fts, mailboxes, maildir, messages, records, unsettled
+from storage import fts, mailboxes, maildir, messages, metadata, records, unsettled
 from storage.errors import MailboxNameError
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, normalize_name, parents
@@ -285,6 +285,11 @@ def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
     for name, special_use in DEFAULT_MAILBOXES:
         if txn.get(mailboxes.name_key(account, name), db=shard.db["names"]) is None:
             mailboxes.create(txn, shard, batch, account, name, special_use, subscribe=True)
+    # Annotations live in the index alone (storage/metadata.py): those of a mailbox that
+    # came back under its id stay; those of a mailbox whose files are gone go.
+    live = {m.id for m in mailboxes.listing(txn, shard, account)} | {metadata.SERVER}
+    for mailbox_id in {mailbox_id for mailbox_id, _ in metadata.digests(txn, shard, account)} - live:
+        metadata.drop(txn, shard, account, mailbox_id)
     _fix_counters(txn, shard, account)
     return summary
 
@@ -304,7 +309,9 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     renumber = len(uids) != len(files) or len(set(uids)) != len(uids) or not 0 < mailbox_id < 2**32
     if renumber:
         # Not every file has a unique UID: clients must forget what they knew (new UIDVALIDITY).
-        mailbox_id = mailboxes.new_id(txn, shard)
+        old_id, mailbox_id = mailbox_id, mailboxes.new_id(txn, shard)
+        if 0 < old_id < 2**32:  # its annotations follow it to its new id
+            metadata.move(txn, shard, account, old_id, mailbox_id)
         new_directory = shard.mailbox_dir(account, mailbox_id)
         os.rename(directory, new_directory)
         batch.undo(lambda a=new_directory, b=directory: os.rename(a, b))

@@ -195,3 +195,20 @@ def copy(txn: lmdb.Transaction, shard: Shard, account: str, source_id: int, targ
             used.entries += 1
             used.bytes += len(value)
     _put_usage(txn, shard, account, used, used.entries != before)
+
+
+def move(txn: lmdb.Transaction, shard: Shard, account: str, source_id: int, target_id: int) -> None:
+    """A mailbox's entries under another id (`store rebuild` renumbering a mailbox)."""
+    db = shard.db["metadata"]
+    source, target = _prefix(account, source_id), _prefix(account, target_id)
+    pairs = []
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(source):
+        for key, value in cursor:
+            if not key.startswith(source):
+                break
+            pairs.append((bytes(key), bytes(value)))
+    for key, value in pairs:
+        txn.delete(key, db=db)
+        txn.put(target + key[len(source):], value, db=db)
+    _put_usage(txn, shard, account, usage(txn, shard, account), bool(pairs))

@@ -396,6 +396,27 @@ def test_rebuild_renumbers_when_file_uids_collide(store, data_dir):
     assert sorted(store.read_message(i) for i in store.fetch(ALICE, "INBOX", ALL)) == [message("a"), message("b")]
 
 
+def test_rebuild_keeps_annotations_moves_them_with_a_renumbered_mailbox_and_drops_orphans(store):
+    store.deliver([ALICE], message("a"))
+    store.deliver([ALICE], message("b"))
+    store.create_mailbox(ALICE, "Gone")
+    store.set_metadata(ALICE, "", [("/shared/comment", b"server")])
+    store.set_metadata(ALICE, "INBOX", [("/private/comment", b"inbox")])
+    store.set_metadata(ALICE, "Sent", [("/private/comment", b"sent")])
+    store.set_metadata(ALICE, "Gone", [("/private/comment", b"gone")])
+    gone_id = store.mailbox(ALICE, "Gone").id
+    _mailbox_dir(store, "Gone").rename(_mailbox_dir(store, "Gone").with_name("elsewhere"))  # its files are lost
+    cur = _mailbox_dir(store, "INBOX") / "cur"  # INBOX's UIDs collide: a new id
+    second = next(path for path in cur.iterdir() if ",U=2," in path.name)
+    second.rename(cur / second.name.replace(",U=2,", ",U=1,"))
+    assert rebuild(store, ALICE)["renumbered"] == 1
+    assert store.get_metadata(ALICE, "", ["/shared/comment"]) == [("/shared/comment", b"server")]
+    assert store.get_metadata(ALICE, "INBOX", ["/private/comment"]) == [("/private/comment", b"inbox")]
+    assert store.get_metadata(ALICE, "Sent", ["/private/comment"]) == [("/private/comment", b"sent")]
+    assert not any(mailbox_id == gone_id for mailbox_id, _ in store.metadata_digests(ALICE))
+    assert len(store.metadata_digests(ALICE)) == 3
+
+
 def _mailbox_dir(store: Store, name: str) -> Path:
     shard = store.shard(ALICE)
     return shard.mailbox_dir(ALICE, store.mailbox(ALICE, name).uidvalidity)
