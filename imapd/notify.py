@@ -39,6 +39,10 @@ named (with their parents and children: CREATE makes parents, RENAME moves child
 Another client's change to one of those same mailboxes in that moment goes untold; the
 client learns it at its next look, as without NOTIFY.
 
+A client that does not read what it is told (the transport's buffer full) is told once
+`* OK [NOTIFICATIONOVERFLOW]` and then nothing more, as after NOTIFY NONE (§5.8): what a
+session holds for a client stays bounded whatever changes.
+
 Changes come from the store's watcher (storage/watch.py) watching the whole account, so
 changes made by any session in any process are told. Two snapshots of the account's
 listing are compared (`changes`, pure) and the differences turned into responses.
@@ -233,11 +237,30 @@ class Notifier:
 
     def _apply(self, listing: list[Mailbox], version: int, own: tuple[str, ...]) -> None:
         old, self.listing = self.listing, listing
-        for line in self.lines_for(changes(old, listing), own):
-            self.session.untagged(line)
+        self._tell(self.lines_for(changes(old, listing), own))
+        if self._watch is None:
+            return  # overflowed
         if version != self.metadata_version and self.wants_metadata:
             asyncio.get_running_loop().create_task(self._metadata_changed(own))
         self.metadata_version = version
+
+    def _tell(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        if not self.session.conn.writable():
+            self.overflow()
+            return
+        for line in lines:
+            self.session.untagged(line)
+
+    def overflow(self) -> None:
+        """RFC 5465 §5.8: the client does not keep up; say so once and stop telling."""
+        session = self.session
+        session.untagged("OK [NOTIFICATIONOVERFLOW] notifications stopped: NOTIFY SET to resume")
+        self.cancel()
+        if session.notifier is self:
+            session.notifier = None
+        session.log.warning("notify_overflow")
 
     # -- the client's own commands (§5) ---------------------------------------------------
 
@@ -269,8 +292,7 @@ class Notifier:
                 if self._watch is None or session.ended:
                     return
                 old, self.digests = self.digests, now
-                for line in self.metadata_lines(old, now, own):
-                    session.untagged(line)
+                self._tell(self.metadata_lines(old, now, own))
         except Exception:  # noqa: BLE001 - a failed look costs this notification, not the session
             session.log.warning("notify_metadata_failed", exc_info=True)
 
@@ -320,6 +342,9 @@ class Notifier:
         """The selected mailbox changed: tell the client now, unless a command runs (its
         end tells) or a push is already under way."""
         if self.pushes_selected and not self._pushing and not self.session.running.locked():
+            if not self.session.conn.writable():
+                self.overflow()
+                return
             self._pushing = True
             asyncio.get_running_loop().create_task(self._push())
 

@@ -45,6 +45,8 @@ class Connection(Protocol):
 
     async def drain(self) -> None: ...
 
+    def writable(self) -> bool: ...  # False while the transport's buffer is full (the client does not read)
+
     async def start_tls(self) -> None: ...
 
     def next_line(self) -> asyncio.Future: ...  # resolves to the next raw client line (IDLE's DONE, SASL)

@@ -80,6 +80,7 @@ class ScriptedConnection:
         self.output = bytearray()
         self.closed = False
         self.line_waiter: asyncio.Future | None = None
+        self.reading = True  # a test sets it False for a client that stopped reading
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -87,6 +88,9 @@ class ScriptedConnection:
 
     async def drain(self) -> None:
         return None
+
+    def writable(self) -> bool:
+        return self.reading
 
     async def start_tls(self) -> None:
         raise AssertionError("STARTTLS needs the wire: test it in test_imapd.py")

@@ -331,3 +331,33 @@ def test_changes_between_two_listings():
     arrived_and_gone = changes([_box(1, "INBOX", uidnext=3, modseq=5, exists=2)],
                                [_box(1, "INBOX", uidnext=4, modseq=8, exists=2)])
     assert [(c.new, c.expunged, c.flags) for c in arrived_and_gone] == [(True, True, False)]
+
+
+# -- a client that does not read (in process: tests/imap_script.py) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def script_server(tmp_path_factory):
+    from imap_script import ScriptServer
+    running = ScriptServer(tmp_path_factory.mktemp("imap-notify-script"))
+    yield running
+    running.close()
+
+
+def test_a_client_that_does_not_read_is_told_of_the_overflow_once_and_then_nothing(script_server):
+    user = script_server.user()
+    watcher, actor = script_server.login(user), script_server.login(user)
+    watcher.transact("ok", "NOTIFY SET (personal (MailboxName))")
+    actor.transact("ok", "CREATE Read")
+    watcher.wait_for(b'* LIST (\\HasNoChildren) "/" Read\r\n')
+    watcher.conn.reading = False  # its socket's buffer is full from now on
+    actor.transact("ok", "CREATE Unread")
+    told = watcher.wait_for(b"NOTIFICATIONOVERFLOW")
+    assert told.startswith(b"* OK [NOTIFICATIONOVERFLOW]") and b"Unread" not in told
+    watcher.conn.reading = True
+    actor.transact("ok", "CREATE Later")
+    time.sleep(1.0)
+    assert watcher.transact("ok", "NOOP").untagged == []  # notifications stay off (RFC 5465 §5.8)
+    watcher.transact("ok", "NOTIFY SET (personal (MailboxName))")
+    actor.transact("ok", "CREATE Again")
+    watcher.wait_for(b'* LIST (\\HasNoChildren) "/" Again\r\n')
