@@ -323,10 +323,9 @@ class Notifier:
                 continue  # the client's own doing (§5)
             if change.kind == "messages":
                 events = self.events_of(change.mailbox)
-                happened = ({"MessageNew"} if change.new else set()) | ({"MessageExpunge"} if change.expunged
-                                                                         else set()) | (
-                    {"FlagChange"} if change.flags else set())
-                if happened & set(events):
+                happened = {event for event, yes in (("MessageNew", change.new), ("MessageExpunge", change.expunged),
+                                                     ("FlagChange", change.flags)) if yes}
+                if happened.intersection(events):
                     out.append(status_line(change.mailbox, status_items(events, self.session.condstore)))
             elif change.kind == "subscription":
                 if "SubscriptionChange" in self._events(change.mailbox) + self._events(change.old):
@@ -360,9 +359,9 @@ class Notifier:
                 await selected.sync(session, expunges=self.selected_group.filter == "SELECTED")
                 fetch = self.selected_group.fetch
                 if fetch and session.view is view and view.max_uid() > last:
-                    spec = SequenceSet(((last + 1, view.max_uid()),))
-                    await selected.fetch(session, Fetch("*", "UID FETCH", sequence=spec, items=fetch, changedsince=None,
-                                                            uid=True))
+                    new = Fetch("*", "UID FETCH", sequence=SequenceSet(((last + 1, view.max_uid()),)), items=fetch,
+                                changedsince=None, uid=True)
+                    await selected.fetch(session, new)
         except Exception:  # noqa: BLE001 - a failed push costs the push; the next command tells
             session.log.warning("notify_push_failed", exc_info=True)
         finally:

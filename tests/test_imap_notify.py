@@ -144,7 +144,8 @@ def test_changes_to_another_mailbox_are_told_as_status(pair):
     watcher, actor = pair
     actor.command("CREATE Other")
     watcher.command("SELECT INBOX")
-    watcher.command("NOTIFY SET (selected (MessageNew MessageExpunge)) (personal (MessageNew MessageExpunge FlagChange))")
+    watcher.command("NOTIFY SET (selected (MessageNew MessageExpunge)) "
+                    "(personal (MessageNew MessageExpunge FlagChange))")
     actor.command("APPEND Other {12+}\r\nSubject: x\r\n")
     watcher.told(r"\* STATUS Other \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ HIGHESTMODSEQ \d+\)")
     actor.command("SELECT Other")
@@ -239,8 +240,9 @@ def test_the_clients_own_changes_are_not_told_back(pair):
     watcher.command("CREATE Other")
     watcher.command("NOTIFY SET (personal (MessageNew MessageExpunge MailboxName SubscriptionChange "
                     "MailboxMetadataChange))")
-    for command in ("CREATE Mine/Deep", "RENAME Mine Yours", "SUBSCRIBE Yours/Deep", "APPEND Other {12+}\r\nSubject: x\r\n",
-                    'SETMETADATA Other (/private/comment "mine")', "DELETE Yours/Deep"):
+    for command in ("CREATE Mine/Deep", "RENAME Mine Yours", "SUBSCRIBE Yours/Deep",
+                    "APPEND Other {12+}\r\nSubject: x\r\n", 'SETMETADATA Other (/private/comment "mine")',
+                    "DELETE Yours/Deep"):
         assert [line for line in watcher.command(command) if " LIST " in line or " STATUS " in line
                 or " METADATA " in line] == []
     watcher.quiet(1.0)
