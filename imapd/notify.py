@@ -181,6 +181,7 @@ class Notifier:
         self.digests: dict[tuple[int, str], int] = {}
         self._metadata_lock = asyncio.Lock()
         self._own: tuple[str, ...] | None = None  # the names of the client's changing command, while it runs
+        self._selected: tuple | None = None  # (view, UIDNEXT, EXISTS) the watcher last told of the selected mailbox
 
     # -- which events a mailbox takes -----------------------------------------------------
 
@@ -337,10 +338,26 @@ class Notifier:
                 out.append(list_line(change.mailbox, gone=change.kind == "deleted"))
         return out
 
-    def selected_changed(self) -> None:
-        """The selected mailbox changed: tell the client now, unless a command runs (its
-        end tells) or a push is already under way."""
-        if self.pushes_selected and not self._pushing and not self.session.running.locked():
+    def selected_changed(self, state: Mailbox | None) -> None:
+        """The selected mailbox changed (`state`: as it is now, None if gone): tell the client
+        now, unless a command runs (its end tells), a push is under way, or the change is of
+        a kind the client did not ask for (only flags, without FlagChange; only expunges,
+        under SELECTED-DELAYED)."""
+        if not self.pushes_selected:
+            return
+        view = self.session.view
+        if state is not None and view is not None and view.uidvalidity == state.id:
+            was = self._selected
+            if was is None or was[0] is not view:
+                was = (view, view.mailbox.uidnext, view.mailbox.exists)  # as SELECT found it
+            self._selected = (view, state.uidnext, state.exists)
+            arrived = state.uidnext > was[1]
+            expunged = state.exists < was[2] + (state.uidnext - was[1])
+            wanted = self.selected_group.events
+            if not (arrived or (expunged and self.selected_group.filter == "SELECTED")
+                    or (not arrived and not expunged and "FlagChange" in wanted)):
+                return
+        if not self._pushing and not self.session.running.locked():
             if not self.session.conn.writable():
                 self.overflow()
                 return

@@ -216,19 +216,19 @@ class SessionState:
             return  # the client left while SELECT was reading the store
         loop = asyncio.get_running_loop()
 
-        def changed(_state) -> None:  # from the watcher's thread
-            loop.call_soon_threadsafe(self._mailbox_changed)
+        def changed(state) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._mailbox_changed, state)
 
         if self._watch is not None:
             self._watch.cancel()
         self._watch = self.context.watcher.watch(self.user, name, changed)
 
-    def _mailbox_changed(self) -> None:
+    def _mailbox_changed(self, state=None) -> None:
         self.changed = True
         if self.change_waiter is not None and not self.change_waiter.done():
             self.change_waiter.set_result(None)
         if self.notifier is not None:
-            self.notifier.selected_changed()
+            self.notifier.selected_changed(state)
 
     # -- store calls ----------------------------------------------------------------------
 

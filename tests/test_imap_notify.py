@@ -174,6 +174,19 @@ def test_the_selected_mailbox_is_told_at_once_with_messagenew_attributes(pair):
     watcher.command("NOOP")
 
 
+def test_without_flagchange_a_flag_change_waits_for_a_command(pair):
+    watcher, actor = pair
+    actor.command("APPEND INBOX {12+}\r\nSubject: x\r\n")
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected (MessageNew MessageExpunge))")
+    actor.command("SELECT INBOX")
+    actor.command("STORE 1 +FLAGS.SILENT (\\Flagged)")
+    watcher.quiet(1.0)  # not asked for: not pushed
+    assert any("FLAGS (" in line and "\\Flagged" in line for line in watcher.command("NOOP"))
+    actor.command("APPEND INBOX {12+}\r\nSubject: y\r\n")
+    watcher.told(r"\* 2 EXISTS")  # asked for: pushed
+
+
 def test_selected_delayed_holds_expunges_for_a_command(pair):
     watcher, actor = pair
     actor.command("APPEND INBOX {12+}\r\nSubject: x\r\n")
