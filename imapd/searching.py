@@ -30,7 +30,7 @@ from imapd.answers import Answer, as_ranges, bad
 from imapd.state import SessionState
 from imapd.syntax import CancelUpdate, Search, SearchReturn, Sort, SortKey, Thread
 from imapd.view import View
-from storage import SearchError, Store
+from storage import SearchError, Store, StoreError
 
 MAX_LIVE_SEARCHES = 16  # RETURN (UPDATE) searches a session keeps; past it NOUPDATE
 MAX_HEADER_READ = 256 * 1024  # of a header, read for its References field (THREAD)
@@ -235,7 +235,7 @@ def _references_field(store: Store, info) -> str | None:
     try:
         with store.open_message(info) as f:
             head = f.read(length)
-    except Exception:  # noqa: BLE001 - expunged meanwhile: threaded without its References
+    except (StoreError, OSError):  # expunged meanwhile: threaded without its References
         return None
     return threads.header_field(head, "references")
 
