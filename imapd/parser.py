@@ -7,7 +7,8 @@ the extensions imapd speaks). Sans-IO: no Twisted, no asyncio.
 A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; None means
 `* BAD ...`), an optional response code, and its status ("NO" only for BADCHARSET).
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
-16,384 sequence-set elements, NOT/OR/parentheses 256 deep; past one, ParseError code "LIMIT".
+16,384 sequence-set elements, NOT/OR/parentheses 256 deep, 18 SORT criteria; past one,
+ParseError code "LIMIT".
 Not parsed (ParseError): MULTIAPPEND, BINARY, QRESYNC.
 
 Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
