@@ -116,6 +116,9 @@ class SessionState:
                      "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
+            caps += ["ESEARCH", "SEARCHRES"]  # RFC 4731, RFC 5182
+            caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]  # RFC 5256, RFC 5957
+            caps += ["ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT"]  # RFC 5267
             caps += ["METADATA"]  # RFC 5464
             caps += ["NOTIFY"]  # RFC 5465
         return " ".join(caps)
@@ -229,6 +232,13 @@ class SessionState:
             self.change_waiter.set_result(None)
         if self.notifier is not None:
             self.notifier.selected_changed(state)
+
+    def enable_condstore(self) -> None:
+        """A CONDSTORE-enabling command (RFC 7162 §3.1) ran: from the first one on, with a
+        mailbox selected, the client is told its HIGHESTMODSEQ (imaptest esearch-condstore)."""
+        if not self.condstore and self.view is not None:
+            self.untagged(f"OK [HIGHESTMODSEQ {self.view.modseq}] CONDSTORE enabled")
+        self.condstore = True
 
     # -- store calls ----------------------------------------------------------------------
 

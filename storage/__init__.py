@@ -41,9 +41,9 @@ from storage.locks import MaildropLock, lock_maildrop
 from storage.mailboxes import INBOX, Mailbox
 from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
-from storage.mime import BodyPart, Envelope, EnvelopeAddress
 from storage.metadata import MAX_VALUE as METADATA_MAX_VALUE
 from storage.metadata import entry_name as metadata_entry_name
+from storage.mime import BodyPart, Envelope, EnvelopeAddress, decode_words
 from storage.records import Usage
 from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
 from storage.queue import (
@@ -76,5 +76,5 @@ __all__ = [
     "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
-    "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
+    "decode_words", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
 ]
