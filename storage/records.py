@@ -72,6 +72,17 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
                    envelope=parsed.envelope, structure=parsed.structure)
 
 
+class LazyMessageRecord(msgspec.Struct, kw_only=True):
+    """A `msgs` record as FETCH reads it: the structure left as its JSON, decoded only when
+    an item needs it (decode_structure): most FETCHes are of flags, envelopes and sizes."""
+
+    size: int = msgspec.field(name="s")
+    internal_date: float = msgspec.field(name="d")
+    sent: float | None = msgspec.field(name="t", default=None)
+    envelope: Envelope = msgspec.field(name="e")
+    structure: msgspec.Raw = msgspec.field(name="x")
+
+
 class MessageFile(msgspec.Struct):
     """The part of a `msgs` record that names the file: decoded without the envelope and
     structure (msgspec skips them), for a flag change, an expunge or opening the file."""
@@ -105,7 +116,8 @@ class Usage(msgspec.Struct):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
-    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, MailboxRecord, Usage)
+    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, LazyMessageRecord, MessageFile, MailboxRecord, Usage,
+                                                  BodyPart)
 }
 
 
@@ -121,6 +133,19 @@ def decode(raw: bytes, kind: type[Record]) -> Record:
         return _DECODERS[kind].decode(raw)
     except msgspec.DecodeError:  # escapes of a lone surrogate (see encode)
         return msgspec.convert(json.loads(bytes(raw)), kind)
+
+
+def decode_lazy(raw: bytes) -> LazyMessageRecord | MessageRecord:
+    """A `msgs` record with its structure left as JSON; a record with escapes msgspec will
+    not read (see encode) comes back whole, its structure decoded."""
+    try:
+        return _DECODERS[LazyMessageRecord].decode(raw)
+    except msgspec.DecodeError:
+        return decode(raw, MessageRecord)
+
+
+def decode_structure(raw: bytes) -> BodyPart:
+    return decode(raw, BodyPart)
 
 
 # -- in a transaction ---------------------------------------------------------------------
