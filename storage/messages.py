@@ -32,6 +32,7 @@ from storage.records import (
     decode_lazy,
     decode_structure,
     encode,
+    entry_flags,
     get_message,
     get_message_file,
     get_usage,
@@ -216,22 +217,28 @@ def all_uids(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[int]:
 
 
 def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL) -> list[FlagState]:
-    return [FlagState(uid, e.modseq, flag_names(e.bits, e.keywords))
-            for uid, e in entries(txn, shard, mailbox_id, ranges)]
-
-
-def uids_and_bits(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> tuple[list[int], list[int]]:
-    """Every UID with its flag bits: the fast listing a SELECT of a big mailbox needs."""
-    uids, bits = [], []
+    """FlagState of every message within the ranges, ascending: entries() unrolled, as a
+    listing of every message's flags (FETCH 1:* (FLAGS), STORE's answer) is made of it."""
+    out: list[FlagState] = []
+    append = out.append
     cursor = txn.cursor(db=shard.db["flags"])
     prefix = uid_key(mailbox_id, 0)[:4]
-    if cursor.set_range(uid_key(mailbox_id, 1)):
+    for low, high in sorted(ranges):
+        if not cursor.set_range(uid_key(mailbox_id, max(low, 1))):
+            break
         for key, value in cursor:
-            if key[:4] != prefix:
+            uid = int.from_bytes(key[4:8], "big")
+            if key[:4] != prefix or uid > high:
                 break
-            uids.append(int.from_bytes(key[4:8], "big"))
-            bits.append(value[8])
-    return uids, bits
+            modseq, bits, keywords = entry_flags(value)
+            append(FlagState(uid, modseq, _flag_names_stored(bits, keywords)))
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _flag_names_stored(bits: int, keywords: bytes) -> tuple[str, ...]:
+    """flag_names from an Entry's stored keywords: a mailbox has few distinct flag sets."""
+    return _system_names(bits) + (tuple(keywords.decode().split(" ")) if keywords else ())
 
 
 def message_path(shard: Shard, account: str, mailbox_id: int, base: str, uid: int, size: int, bits: int) -> Path:

@@ -55,6 +55,12 @@ def unpack_entry(raw: bytes) -> Entry:
     return Entry(modseq, bits, size, internal_date, sent, tuple(rest.decode().split(" ")) if rest else ())
 
 
+def entry_flags(raw: bytes) -> tuple[int, int, bytes]:
+    """(MODSEQ, flag bits, keywords as stored) of an Entry, without the rest: a flags
+    listing of a big mailbox (FETCH 1:* (FLAGS)) reads nothing else."""
+    return int.from_bytes(raw[:8], "big"), raw[8], bytes(raw[_ENTRY.size:])
+
+
 class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A message's `msgs` record: its file and what FETCH answers without opening it."""
 
