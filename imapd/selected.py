@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from bisect import bisect_left
 from collections.abc import Iterable
 from imapd import fetch as fetching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
@@ -191,7 +192,7 @@ async def fetch(session: SessionState, command: Fetch):
             view.mark_told(changed)
         if flags_only:
             states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
-            lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
+            lines = [flags_fetch_lines(session, states, items, changedsince)]
             done = len(chunk)
         else:
             lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
@@ -207,23 +208,43 @@ async def fetch(session: SessionState, command: Fetch):
 def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
     """`* n FETCH (UID FLAGS MODSEQ)` from a flag record, None if the client does not know
     the message or it did not change since `changedsince`."""
+    return flags_fetch_lines(session, [state], items, changedsince) or None
+
+
+def flags_fetch_lines(session: SessionState, states: list, items: list[FetchItem], changedsince: int | None) -> bytes:
+    """flags_fetch_line of each of `states` (ascending UIDs), joined: one walk along the
+    view's UIDs for their sequence numbers, and `* n FETCH (UID n FLAGS (...))`, what
+    FETCH 1:* (UID FLAGS) is made of, in one formatting step a line."""
     view = require_view(session)
-    seq = view.seq_of(state.uid)
-    if seq is None or (changedsince is not None and state.modseq <= changedsince):
-        return None
-    if state.modseq > view.modseq:
-        view.mark_told([state])
-    parts = []
-    for item in items:
-        name = item.name
-        if name == "UID":
-            parts.append(b"UID %d" % state.uid)
-        elif name == "FLAGS":
-            parts.append(_flags_item(state.flags) if state.uid not in view.recent
-                         else _flags_item((*state.flags, "\\Recent")))
-        elif name == "MODSEQ":
-            parts.append(b"MODSEQ (%d)" % state.modseq)
-    return b"* %d FETCH (%b)\r\n" % (seq, b" ".join(parts))
+    mine, recent, told_upto = view.uids, view.recent, view.modseq
+    count = len(mine)
+    names = [item.name for item in items]
+    plain = names == ["UID", "FLAGS"]
+    out = []
+    position = 0
+    for state in states:
+        uid = state.uid
+        position = bisect_left(mine, uid, position)
+        if position >= count or mine[position] != uid:
+            continue  # not the client's (yet)
+        if changedsince is not None and state.modseq <= changedsince:
+            continue
+        if state.modseq > told_upto:
+            view.mark_told([state])
+        if plain and uid not in recent:
+            out.append(b"* %d FETCH (UID %d %b)\r\n" % (position + 1, uid, _flags_item(state.flags)))
+            continue
+        parts = []
+        for name in names:
+            if name == "UID":
+                parts.append(b"UID %d" % uid)
+            elif name == "FLAGS":
+                parts.append(_flags_item(state.flags) if uid not in recent
+                             else _flags_item((*state.flags, "\\Recent")))
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % state.modseq)
+        out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
+    return b"".join(out)
 
 
 @functools.lru_cache(maxsize=1024)
