@@ -50,6 +50,18 @@ _EMPTY_ENVELOPE = b"(" + b" ".join([NIL] * 10) + b")"
 _MISSING_DOMAIN = "MISSING_DOMAIN"
 
 
+# Items answered from the index alone, never from the message file: a FETCH of only these
+# reads no file, so it is done in big batches (imapd.selected). An item not listed here is
+# taken to need the file.
+INDEX_ITEMS = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ", "ENVELOPE", "BODYSTRUCTURE"})
+
+
+def index_only(items: Iterable[FetchItem]) -> bool:
+    """Whether these items are all answered from the index (BODY without a section is the
+    structure; with one it is the file's bytes)."""
+    return all(item.name in INDEX_ITEMS or (item.name == "BODY" and item.section is None) for item in items)
+
+
 def sets_seen(items: Iterable[FetchItem]) -> bool:
     """Whether fetching these items sets \\Seen (RFC 3501 §6.4.5): BODY[...] without PEEK,
     RFC822 and RFC822.TEXT. The session stores the flag and adds FLAGS to the response if
@@ -235,38 +247,40 @@ def envelope(env: Envelope) -> bytes:
     return b"(" + b" ".join(fields) + b")"
 
 
-# The common ENVELOPE, every value 7-bit and short enough to go quoted, is written as one
-# str: FETCH 1:* (ENVELOPE) spends its time here (bench/imap.py). Any value that needs a
-# literal (8-bit, CR, LF, NUL, long) sends the whole envelope down the bytes path above.
-_NOT_QUOTABLE = re.compile(r"[^\x01-\x09\x0b\x0c\x0e-\x7f]")
-_ESCAPED = re.compile(r'["\\]')
+# The common ENVELOPE, every value 7-bit, short enough to go quoted and with nothing to
+# escape, is written as one str: FETCH 1:* (ENVELOPE) spends its time here (bench/imap.py).
+# Its values are checked together by one regex search over them joined by a separator that
+# is itself plain; any other envelope takes the bytes path above.
+_PLAIN_QUOTED = re.compile(r'[^\x01-\x09\x0b\x0c\x0e-\x21\x23-\x5b\x5d-\x7f]')  # not 7-bit, CR LF NUL " \\
 
 
 class _NeedsLiteral(Exception):
     pass
 
 
-def _q(value: str | None) -> str:
-    if value is None:
-        return "NIL"
-    if len(value) > MAX_QUOTED or _NOT_QUOTABLE.search(value):
+def _envelope_quoted(env: Envelope) -> str:
+    values = [env.date, env.subject, env.in_reply_to, env.message_id]
+    for addresses in (env.from_, env.sender, env.reply_to, env.to, env.cc, env.bcc):
+        if addresses:
+            for a in addresses:
+                values += (a.name, a.adl, a.mailbox, a.host)
+    present = [v for v in values if v is not None]
+    if _PLAIN_QUOTED.search("\x01".join(present)) or any(len(v) > MAX_QUOTED for v in present):
         raise _NeedsLiteral
-    if _ESCAPED.search(value):
-        value = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{value}"'
+    return (f"({_q(env.date)} {_q(env.subject)} {_addresses(env.from_)} {_addresses(env.sender)} "
+            f"{_addresses(env.reply_to)} {_addresses(env.to)} {_addresses(env.cc)} {_addresses(env.bcc)} "
+            f"{_q(env.in_reply_to)} {_q(env.message_id)})")
 
 
-def _addresses_quoted(addresses: tuple[EnvelopeAddress, ...] | None) -> str:
-    if not addresses:
+def _q(value: str | None) -> str:
+    return "NIL" if value is None else f'"{value}"'
+
+
+def _addresses(items: tuple[EnvelopeAddress, ...] | None) -> str:
+    if not items:
         return "NIL"
     return "(" + "".join(f"({_q(a.name)} {_q(a.adl)} {_q(a.mailbox)} {_q(_MISSING_DOMAIN if a.host == '' else a.host)})"
-                         for a in addresses) + ")"
-
-
-def _envelope_quoted(env: Envelope) -> str:
-    return (f"({_q(env.date)} {_q(env.subject)} {_addresses_quoted(env.from_)} {_addresses_quoted(env.sender)} "
-            f"{_addresses_quoted(env.reply_to)} {_addresses_quoted(env.to)} {_addresses_quoted(env.cc)} "
-            f"{_addresses_quoted(env.bcc)} {_q(env.in_reply_to)} {_q(env.message_id)})")
+                         for a in items) + ")"
 
 
 def _address_list(addresses: tuple[EnvelopeAddress, ...] | None) -> bytes:

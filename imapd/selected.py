@@ -27,6 +27,7 @@ import storage
 from storage import SearchError
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
+INDEX_BATCH = 2048  # the same when no item needs the message file (fetch.index_only)
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
@@ -180,7 +181,9 @@ async def fetch(session: SessionState, command: Fetch):
     store = session.context.store
     # Flags come from fixed-size records: big batches. Message data is rendered until
     # FETCH_BYTES are pending, written, and the next part waits for the client to read.
-    batch = FLAGS_BATCH if flags_only else FETCH_BATCH
+    # Each batch is a hop to a store thread and back, which costs more than rendering a few
+    # hundred envelopes: items from the index alone go in bigger ones.
+    batch = FLAGS_BATCH if flags_only else INDEX_BATCH if fetching.index_only(items) else FETCH_BATCH
     recent = frozenset(view.recent)
     position = 0
     while position < len(uids):
