@@ -185,6 +185,7 @@ async def fetch(session: SessionState, command: Fetch):
     # hundred envelopes: items from the index alone go in bigger ones.
     batch = FLAGS_BATCH if flags_only else INDEX_BATCH if fetching.index_only(items) else FETCH_BATCH
     recent = frozenset(view.recent)
+    listing = None
     position = 0
     while position < len(uids):
         chunk = uids[position:position + batch]
@@ -194,8 +195,9 @@ async def fetch(session: SessionState, command: Fetch):
                                                  ["\\Seen"])
             view.mark_told(changed)
         if flags_only:
-            states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
-            lines = [flags_fetch_lines(session, states, items, changedsince)]
+            if listing is None:  # one store call for the whole FETCH, however many batches
+                listing = await session.run_store(store.flag_listing, session.user, view.name)
+            lines = [listing_fetch_lines(session, listing, chunk, items, changedsince)]
             done = len(chunk)
         else:
             lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
@@ -246,6 +248,47 @@ def flags_fetch_lines(session: SessionState, states: list, items: list[FetchItem
                              else _flags_item((*state.flags, "\\Recent")))
             elif name == "MODSEQ":
                 parts.append(b"MODSEQ (%d)" % state.modseq)
+        out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
+    return b"".join(out)
+
+
+def listing_fetch_lines(session: SessionState, listing, uids: list[int], items: list[FetchItem],
+                        changedsince: int | None) -> bytes:
+    """The `* n FETCH (UID FLAGS MODSEQ)` lines of `uids` (ascending) from the store's flag
+    listing (Store.flag_listing): what flags_fetch_lines does from FlagStates, without one
+    a message. A UID the listing lacks (expunged, not yet announced) is left out."""
+    view = require_view(session)
+    mine, recent, told_upto = view.uids, view.recent, view.modseq
+    listed, modseqs = listing.uids, listing.modseqs
+    count, listed_count = len(mine), len(listed)
+    names = [item.name for item in items]
+    plain = names == ["UID", "FLAGS"]
+    out = []
+    position = at = 0
+    for uid in uids:
+        at = bisect_left(listed, uid, at)
+        if at >= listed_count or listed[at] != uid:
+            continue
+        position = bisect_left(mine, uid, position)
+        if position >= count or mine[position] != uid:
+            continue
+        modseq = modseqs[at]
+        if changedsince is not None and modseq <= changedsince:
+            continue
+        flags = listing.flags_at(at)
+        if modseq > told_upto:
+            view.mark_told([storage.FlagState(uid, modseq, flags)])
+        if plain and uid not in recent:
+            out.append(b"* %d FETCH (UID %d %b)\r\n" % (position + 1, uid, _flags_item(flags)))
+            continue
+        parts = []
+        for name in names:
+            if name == "UID":
+                parts.append(b"UID %d" % uid)
+            elif name == "FLAGS":
+                parts.append(_flags_item(flags) if uid not in recent else _flags_item((*flags, "\\Recent")))
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % modseq)
         out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
     return b"".join(out)
 

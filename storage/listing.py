@@ -19,30 +19,45 @@ from typing import NamedTuple
 
 import lmdb
 
+from storage.messages import flag_names_stored
+from storage.records import ENTRY_HEAD
 from storage.shard import Shard, modseq_key, uid_key, unpack_modseq_key
 
 MAX_MAILBOXES = 128  # listings kept, least recently used dropped
 MAX_MESSAGES = 2_000_000  # in all of them (5 bytes each)
 
 
+
 class Listing(NamedTuple):
-    modseq: int
+    """Never changed once made (a new one replaces it): shared by the threads that read it."""
+
+    modseq: int  # the mailbox's, when this was read
     uids: array  # ascending
-    bits: bytearray  # the flag bits of uids[i]; never changed once made (a new one replaces it)
+    bits: bytearray  # the flag bits of uids[i]
+    modseqs: array  # the MODSEQ of uids[i]
+    keywords: dict[int, bytes]  # uid -> its keywords as stored, for those that have any
+
+    def flags_at(self, i: int) -> tuple[str, ...]:
+        """The flag names of uids[i]."""
+        return flag_names_stored(self.bits[i], self.keywords.get(self.uids[i], b""))
 
 
 def read_whole(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: int) -> Listing:
-    uids, bits = array("I"), bytearray()
+    uids, bits, modseqs, keywords = array("I"), bytearray(), array("Q"), {}
     cursor = txn.cursor(db=shard.db["flags"])
     prefix = uid_key(mailbox_id, 0)[:4]
     if cursor.set_range(uid_key(mailbox_id, 1)):
-        add_uid, add_bits = uids.append, bits.append
+        add_uid, add_bits, add_modseq = uids.append, bits.append, modseqs.append
         for key, value in cursor:
             if key[:4] != prefix:
                 break
-            add_uid(int.from_bytes(key[4:8], "big"))
+            uid = int.from_bytes(key[4:8], "big")
+            add_uid(uid)
             add_bits(value[8])
-    return Listing(modseq, uids, bits)
+            add_modseq(int.from_bytes(value[:8], "big"))
+            if len(value) > ENTRY_HEAD:
+                keywords[uid] = bytes(value[ENTRY_HEAD:])
+    return Listing(modseq, uids, bits, modseqs, keywords)
 
 
 def _uids_after(txn: lmdb.Transaction, db, mailbox_id: int, modseq: int, limit: int) -> list[int] | None:
@@ -68,7 +83,8 @@ def brought_up(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, old: Listin
     expunged = _uids_after(txn, shard.db["expunged"], mailbox_id, old.modseq, limit)
     if changed is None or expunged is None:
         return None
-    uids, bits = array("I", old.uids), bytearray(old.bits)
+    uids, bits, modseqs, keywords = array("I", old.uids), bytearray(old.bits), array("Q", old.modseqs), \
+        dict(old.keywords)
     gone = set(expunged)
     flags_db = shard.db["flags"]
     for uid in sorted(set(changed)):
@@ -79,19 +95,28 @@ def brought_up(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, old: Listin
         i = bisect_left(uids, uid)
         if i < len(uids) and uids[i] == uid:
             bits[i] = raw[8]
+            modseqs[i] = int.from_bytes(raw[:8], "big")
         elif i == len(uids):
             uids.append(uid)
             bits.append(raw[8])
+            modseqs.append(int.from_bytes(raw[:8], "big"))
         else:
             return None  # a UID below the highest that the listing never had: read again
+        if len(raw) > ENTRY_HEAD:
+            keywords[uid] = bytes(raw[ENTRY_HEAD:])
+        else:
+            keywords.pop(uid, None)
     if gone:
         keep = [i for i, uid in enumerate(uids) if uid not in gone]
         if len(keep) != len(uids):
             uids = array("I", (uids[i] for i in keep))
             bits = bytearray(bits[i] for i in keep)
+            modseqs = array("Q", (modseqs[i] for i in keep))
+        for uid in gone:
+            keywords.pop(uid, None)
     if len(uids) != exists:
         return None
-    return Listing(modseq, uids, bits)
+    return Listing(modseq, uids, bits, modseqs, keywords)
 
 
 class Listings:

@@ -231,13 +231,14 @@ def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: Ui
             if key[:4] != prefix or uid > high:
                 break
             modseq, bits, keywords = entry_flags(value)
-            append(FlagState(uid, modseq, _flag_names_stored(bits, keywords)))
+            append(FlagState(uid, modseq, flag_names_stored(bits, keywords)))
     return out
 
 
 @lru_cache(maxsize=1024)
-def _flag_names_stored(bits: int, keywords: bytes) -> tuple[str, ...]:
-    """flag_names from an Entry's stored keywords: a mailbox has few distinct flag sets."""
+def flag_names_stored(bits: int, keywords: bytes) -> tuple[str, ...]:
+    """flag_names from an Entry's stored keywords (cached: a mailbox has few distinct flag
+    sets)."""
     return _system_names(bits) + (tuple(keywords.decode().split(" ")) if keywords else ())
 
 

@@ -27,6 +27,7 @@ from storage.shard import Shard, pack_u32, uid_key
 
 NO_DATE = -(2**63)
 _ENTRY = struct.Struct(">QBIqq")  # modseq, flag bits, size, internal date, sent date (seconds, signed)
+ENTRY_HEAD = _ENTRY.size  # the keywords follow, space-separated
 
 Record = TypeVar("Record")
 

@@ -26,7 +26,7 @@ from storage import fts, mailboxes, messages, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
-from storage.listing import Listings
+from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.names import check_account_name, normalize_name
@@ -295,6 +295,15 @@ class Store:
             # of a big mailbox would otherwise read one record per message every time.
             listing = self._listings.get(txn, shard, account, mailbox_id, state.modseq, state.exists)
             return mailboxes.to_mailbox(mailbox_id, state), listing.uids.tolist(), list(listing.bits)
+
+    def flag_listing(self, account: str, mailbox: str) -> Listing:
+        """Every message's UID, flag bits, keywords and MODSEQ as of now (storage/listing.py),
+        the object kept between calls: read it, never change it. What FETCH 1:* (FLAGS)
+        answers from, without a record read or a FlagState a message."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            return self._listings.get(txn, shard, account, mailbox_id, state.modseq, state.exists)
 
     def sizes(self, account: str, mailbox: str) -> tuple[Mailbox, list[tuple[int, int]]]:
         """(mailbox state, (UID, size) of every message ascending) from one snapshot: a POP3

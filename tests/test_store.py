@@ -205,9 +205,14 @@ def test_uids_follow_every_change_from_the_kept_listing(store):
 
     def same() -> tuple[list[int], list[int]]:
         mailbox, uids, bits = store.uids(ALICE, "INBOX")
+        kept = store.flag_listing(ALICE, "INBOX")
         with shard.read() as txn:
             fresh = read_whole(txn, shard, mailbox.id, 0)
         assert (uids, bits) == (fresh.uids.tolist(), list(fresh.bits))
+        assert (kept.uids, kept.bits, kept.modseqs, kept.keywords) == fresh[1:]
+        flags = store.flags(ALICE, "INBOX")
+        assert [(s.uid, s.modseq, s.flags) for s in flags] == [
+            (uid, kept.modseqs[i], kept.flags_at(i)) for i, uid in enumerate(kept.uids)]
         return uids, bits
 
     for i in range(6):
@@ -216,6 +221,11 @@ def test_uids_follow_every_change_from_the_kept_listing(store):
     store.store_flags(ALICE, "INBOX", [(2, 3)], "add", ["\\Seen", "\\Deleted"])
     uids, bits = same()
     assert bits[1] & SEEN and bits[2] & SEEN and not bits[0] & SEEN
+    store.store_flags(ALICE, "INBOX", [(4, 5)], "add", ["$Label1", "$Label2"])
+    same()
+    store.store_flags(ALICE, "INBOX", [(5, 5)], "remove", ["$Label1", "$Label2"])
+    assert store.flag_listing(ALICE, "INBOX").keywords == {4: b"$Label1 $Label2"}
+    same()
     store.expunge(ALICE, "INBOX", [(3, 3)])
     store.deliver([ALICE], message("7"))
     assert same()[0] == [1, 2, 4, 5, 6, 7]
