@@ -92,10 +92,11 @@ system-packages:
 # ../shared/peers (see README for getting it elsewhere): its scripted test groups run against
 # a `postroom serve` of its own on free loopback ports (tests/compliance.py). Building it
 # needs Dovecot's library (dovecot-core); Debian's dovecot service it brings is disabled as
-# clamav's is: it is a peer here, not a server.
+# clamav's is: it is a peer here, not a server. dovecot-imapd and dovecot-pop3d are the peer
+# bench/imap.py and bench/pop3.py measure Postroom against (a throwaway config of their own).
 PEERS          ?= ../shared/peers
 IMAPTEST_DIR   := build/imaptest
-COMPLIANCE_APT := dovecot-core dovecot-dev autoconf automake libtool pkg-config gcc make
+COMPLIANCE_APT := dovecot-core dovecot-dev dovecot-imapd dovecot-pop3d autoconf automake libtool pkg-config gcc make
 
 compliance: install
 	@missing=$$(for p in $(COMPLIANCE_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \

@@ -1,8 +1,22 @@
-"""IMAP benchmark: works against any IMAP server (Postroom, Dovecot, ...).
+"""IMAP benchmark: Postroom and Dovecot side by side, or any one IMAP server.
 
+    bench/imap.py [--messages 3000] [--no-dovecot] [--seconds 5]
     bench/imap.py HOST:PORT USER PASS [--fill 100000] [--pid PID] [--idle 1000]
 
-Prints, each on its own line:
+Without HOST:PORT it starts a throwaway Postroom and, when Debian's dovecot-imapd is
+installed, a throwaway Dovecot (bench/servers.py: loopback, plaintext), delivers the same
+--messages messages to the INBOX of each, and prints each figure for both on one line:
+SELECT time; FETCH of 1,000 ENVELOPEs; `UID FETCH 1:* (UID FLAGS)`; SEARCH TEXT of a rare
+and of a common word; and commands/s from 10 clients at once, each logged in once and
+then sending, for --seconds, a mix of what a mail client sends on an open mailbox (NOOP,
+FETCH FLAGS of a few, FETCH ENVELOPE of one, FETCH of a few header fields, STORE of a flag
+and its removal). The single-client figures are the best of --rounds runs after one
+warm-up, the two servers taken in turn each round; the concurrent figure the best of
+--concurrent-rounds runs, in turn: on a machine shared with other work, the best run is
+the one least disturbed, for both servers alike.
+A small client that reads up to the tagged reply measures the servers, not imaplib.
+
+With HOST:PORT it measures that server only, as before:
 - logins/s (LOGIN + LOGOUT on fresh TLS connections, 4 at a time);
 - on the mailbox BENCH (filled first with --fill N realistic messages by APPEND over 8
   connections, unless it already holds them; for Postroom, --fill-config FILE fills it
@@ -19,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import imaplib
+import random
+import socket
 import ssl
 import statistics
 import sys
@@ -29,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store import COMMON, RARE, Corpus  # noqa: E402 - the same corpus as the store benchmark
 from workers import spread  # noqa: E402
+
+import servers  # noqa: E402
 
 MAILBOX = "BENCH"
 
@@ -159,11 +177,181 @@ def idle_memory(server: Server, pid: int, count: int) -> float:
     return grown / max(1, len(sessions))
 
 
+class Raw:
+    """A minimal IMAP client: sends a command, reads up to its tagged reply (by the tag at
+    the start of a line), checks it is OK. Cheap enough per response line that the server,
+    not the client, sets the pace."""
+
+    def __init__(self, port: int, user: str, password: str, timeout: float = 120):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+        self.n = 0
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        self.buffer.clear()
+        self.command(f'LOGIN "{user}" "{password}"')
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buffer += data
+
+    def command(self, text: str) -> bytes:
+        self.n += 1
+        tag = b"b%d " % self.n
+        self.sock.sendall(tag + text.encode() + b"\r\n")
+        marker, start = b"\r\n" + tag, 0
+        while True:
+            if self.buffer.startswith(tag):
+                at = -2
+            else:
+                at = self.buffer.find(marker, start)
+            if at != -1 or self.buffer.startswith(tag):
+                end = self.buffer.find(b"\r\n", at + 2)
+                if end >= 0:
+                    break
+            start = max(0, len(self.buffer) - len(marker))
+            self._fill()
+        status = self.buffer[at + 2 + len(tag):end]
+        reply = bytes(self.buffer[:end + 2])
+        del self.buffer[:end + 2]
+        if not status.startswith(b"OK"):
+            raise RuntimeError(f"{text}: {status.decode(errors='replace')}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.command("LOGOUT")
+        except (OSError, RuntimeError):
+            pass
+        self.sock.close()
+
+
+def single_client(ports: dict[str, int], rounds: int) -> dict[str, dict[str, float]]:
+    """The single-client figures of each server, in ms: the best of `rounds` after a warm-up,
+    the servers taken in turn each round, so that both see the same moments of a shared
+    machine."""
+    clients = {name: Raw(port, servers.USER, servers.PASSWORD) for name, port in ports.items()}
+    figures: dict[str, dict[str, float]] = {name: {} for name in ports}
+    exists = 0
+    for client in clients.values():
+        reply = client.command("SELECT INBOX")
+        exists = int(next(line.split()[1] for line in reply.split(b"\r\n") if line.endswith(b" EXISTS")))
+
+    def timed(label: str, text: str, check=None) -> None:
+        for client in clients.values():
+            reply = client.command(text)
+            if check:
+                check(reply)
+        times: dict[str, list[float]] = {name: [] for name in clients}
+        for _ in range(rounds):
+            for name, client in clients.items():
+                started = time.perf_counter()
+                client.command(text)
+                times[name].append(time.perf_counter() - started)
+        for name in clients:
+            figures[name][label] = min(times[name]) * 1000
+
+    def lines_at_least(n: int):
+        def check(reply: bytes) -> None:
+            if reply.count(b"\r\n* ") + reply.startswith(b"* ") < n:
+                raise SystemExit(f"fewer than {n} responses: {reply[:200]!r}")
+        return check
+
+    timed(f"SELECT INBOX ({exists} messages), ms", "SELECT INBOX")
+    high = min(exists, max(1, exists // 2) + 999)
+    low = max(1, high - 999)
+    timed("FETCH 1,000 ENVELOPEs, ms", f"FETCH {low}:{high} (ENVELOPE)", lines_at_least(high - low + 1))
+    timed("UID FETCH 1:* (UID FLAGS), ms", "UID FETCH 1:* (UID FLAGS)", lines_at_least(exists))
+    for word in (RARE, COMMON):
+        timed(f"SEARCH TEXT {word}, ms", f"SEARCH TEXT {word}")
+    for client in clients.values():
+        client.close()
+    return figures
+
+
+def concurrent_clients(port: int, clients: int, seconds: float) -> float:
+    """Commands/s of `clients` sessions at once, each logged in and selected first (not
+    counted), then a mail client's mix of commands for `seconds`."""
+    sessions = [Raw(port, servers.USER, servers.PASSWORD) for _ in range(clients)]
+    exists = 0
+    for session in sessions:
+        reply = session.command("SELECT INBOX")
+        exists = int(next(line.split()[1] for line in reply.split(b"\r\n") if line.endswith(b" EXISTS")))
+    counts = [0] * clients
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        rng, session = random.Random(i), sessions[i]
+        barrier.wait()
+        try:
+            while time.perf_counter() < stop_at[0]:
+                n = rng.randint(1, exists - 4)
+                for text in ("NOOP", f"FETCH {n}:{n + 4} (FLAGS)", f"FETCH {n} (ENVELOPE)",
+                             f"FETCH {n} (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])",
+                             f"STORE {n} +FLAGS (\\Flagged)", f"STORE {n} -FLAGS (\\Flagged)"):
+                    session.command(text)
+                    counts[i] += 1
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join(seconds + 120)
+    elapsed = time.perf_counter() - started
+    for session in sessions:
+        session.close()
+    if errors:
+        raise errors[0]
+    return sum(counts) / elapsed
+
+
+def side_by_side(args) -> None:
+    running = servers.start_both(args.messages, with_dovecot=not args.no_dovecot)
+    try:
+        results = single_client({server.name: server.imap_port for server in running}, args.rounds)
+        label = f"{args.clients} concurrent clients, commands/s"
+        for _ in range(args.concurrent_rounds):
+            for server in running:
+                rate = concurrent_clients(server.imap_port, args.clients, args.seconds)
+                results[server.name][label] = max(results[server.name].get(label, 0), rate)
+        names = [server.name for server in running]
+        width = max(len(label) for label in results[names[0]])
+        print(f"{'':{width}}  " + "  ".join(f"{name:>9}" for name in names) +
+              ("  postroom/dovecot (time: inverted)" if len(names) == 2 else ""))
+        for label in results[names[0]]:
+            values = [results[name][label] for name in names]
+            line = f"{label:{width}}  " + "  ".join(f"{v:9.1f}" for v in values)
+            if len(names) == 2:
+                ratio = values[0] / values[1] if label.endswith("/s") else values[1] / values[0]
+                line += f"  {ratio:.2f}"
+            print(line, flush=True)
+    finally:
+        for server in running:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("server", metavar="HOST:PORT")
-    parser.add_argument("user")
-    parser.add_argument("password")
+    parser.add_argument("server", metavar="HOST:PORT", nargs="?", help="one server only (then USER PASS too)")
+    parser.add_argument("user", nargs="?")
+    parser.add_argument("password", nargs="?")
+    parser.add_argument("--messages", type=int, default=3000, help="side by side: messages in each INBOX")
+    parser.add_argument("--no-dovecot", action="store_true", help="side by side: Postroom alone")
+    parser.add_argument("--clients", type=int, default=10, help="side by side: concurrent clients")
+    parser.add_argument("--seconds", type=float, default=5, help="side by side: how long the clients run")
+    parser.add_argument("--rounds", type=int, default=15, help="side by side: runs of each command (best taken)")
+    parser.add_argument("--concurrent-rounds", type=int, default=2,
+                        help="side by side: runs of the concurrent load per server, in turn (best taken)")
     parser.add_argument("--fill", type=int, default=100_000, help="messages the BENCH mailbox must hold")
     parser.add_argument("--fill-config", metavar="FILE", help="Postroom's config: fill through its store")
     parser.add_argument("--pid", type=int, help="the server's pid, to measure RSS per idle connection")
@@ -173,6 +361,10 @@ def main() -> None:
     mode.add_argument("--starttls", action="store_const", dest="mode", const="starttls")
     mode.add_argument("--plain", action="store_const", dest="mode", const="plain")
     args = parser.parse_args()
+    if args.server is None:
+        return side_by_side(args)
+    if args.password is None:
+        parser.error("HOST:PORT needs USER and PASS")
     server = Server(args.server, args.user, args.password, mode=args.mode or "tls", cafile=args.cafile)
 
     print(f"logins: {logins_per_second(server):.1f}/s (LOGIN + LOGOUT, 4 connections at a time)", flush=True)

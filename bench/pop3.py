@@ -1,9 +1,15 @@
-"""POP3 benchmark: RETR throughput against any POP3 server (Postroom, Dovecot, ...).
+"""POP3 benchmark: Postroom and Dovecot side by side, or RETR throughput of any one server.
 
+    bench/pop3.py [--messages 3000] [--no-dovecot] [--window 1,16] [--rounds 3]
     bench/pop3.py HOST:PORT USER PASS [--fill 10000] [--smtp HOST:PORT | --fill-config FILE]
                   [--window 1,16] [--stls | --plain] [--cafile FILE]
 
-Fills the maildrop up to --fill messages first if it holds fewer (the realistic corpus of
+Without HOST:PORT it starts a throwaway Postroom and, when Debian's dovecot-pop3d is
+installed, a throwaway Dovecot (bench/servers.py: loopback, plaintext), delivers the same
+--messages messages to each, and for each window prints both servers' MB/s on one line
+(the best of --rounds sessions, taken in turn: the machine is shared).
+
+With HOST:PORT it fills the maildrop up to --fill messages first if it holds fewer (the realistic corpus of
 bench/store.py, 1 KiB to ~200 KiB): by SMTP to USER through --smtp (any server), or for
 Postroom through its store with --fill-config (much faster). Then, for each window W of
 --window, one session RETRs every message, W commands in flight at a time (1: one after
@@ -29,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store import Corpus  # noqa: E402 - the same corpus as the store benchmark
 from workers import spread  # noqa: E402
+
+import servers  # noqa: E402
 
 TERMINATOR = b"\r\n.\r\n"
 
@@ -144,11 +152,49 @@ def retrieve_all(client: Client, sizes: list[int], window: int) -> int:
     return wire
 
 
+def one_session(port: int, window: int) -> tuple[int, int, float]:
+    """RETR every message of USER's maildrop on `port` (plaintext): messages, octets, seconds."""
+    client = Client(f"127.0.0.1:{port}", mode="plain", cafile=None)
+    client.login(servers.USER, servers.PASSWORD)
+    sizes = [int(line.split()[1]) for line in client.multiline(b"LIST")]
+    started = time.perf_counter()
+    retrieve_all(client, sizes, window)
+    elapsed = time.perf_counter() - started
+    client.command(b"QUIT")
+    client.sock.close()
+    return len(sizes), sum(sizes), elapsed
+
+
+def side_by_side(args) -> int:
+    running = servers.start_both(args.messages, with_dovecot=not args.no_dovecot)
+    try:
+        for server in running:
+            one_session(server.pop3_port, 16)  # warm: the page cache, Dovecot's index
+        for window in (int(w) for w in args.window.split(",")):
+            best: dict[str, float] = {}
+            for _ in range(args.rounds):
+                for server in running:
+                    count, octets, elapsed = one_session(server.pop3_port, window)
+                    best[server.name] = max(best.get(server.name, 0), octets / 1e6 / elapsed)
+            line = f"RETR of {count} ({octets / 1e6:.1f} MB), window={window:<2}: " + ", ".join(
+                f"{name} {rate:.1f} MB/s" for name, rate in best.items())
+            if len(best) == 2:
+                line += f"; postroom/dovecot {best['postroom'] / best['dovecot']:.2f}"
+            print(line, flush=True)
+    finally:
+        for server in running:
+            server.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("address", metavar="HOST:PORT")
-    parser.add_argument("user")
-    parser.add_argument("password")
+    parser.add_argument("address", metavar="HOST:PORT", nargs="?", help="one server only (then USER PASS too)")
+    parser.add_argument("user", nargs="?")
+    parser.add_argument("password", nargs="?")
+    parser.add_argument("--messages", type=int, default=3000, help="side by side: messages in each maildrop")
+    parser.add_argument("--no-dovecot", action="store_true", help="side by side: Postroom alone")
+    parser.add_argument("--rounds", type=int, default=3, help="side by side: sessions per window and server")
     parser.add_argument("--fill", type=int, default=10_000, help="messages the maildrop should hold (default 10000)")
     parser.add_argument("--smtp", metavar="HOST:PORT", help="fill by SMTP to USER through this server")
     parser.add_argument("--fill-config", metavar="FILE", help="Postroom's config: fill through its store")
@@ -158,6 +204,10 @@ def main() -> int:
     mode.add_argument("--plain", action="store_const", const="plain", dest="mode")
     parser.add_argument("--cafile", help="trust this certificate (default: no verification)")
     args = parser.parse_args()
+    if args.address is None:
+        return side_by_side(args)
+    if args.password is None:
+        parser.error("HOST:PORT needs USER and PASS")
     connection_mode = args.mode or "tls"
 
     def session() -> Client:

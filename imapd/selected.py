@@ -15,6 +15,8 @@ text, `(code, text)` or None, raising `imapd.answers.Answer` for NO and BAD.
 from __future__ import annotations
 
 import asyncio
+import functools
+from bisect import bisect_left
 from collections.abc import Iterable
 from imapd import fetch as fetching
 from imapd import searching
@@ -26,6 +28,7 @@ from imapd.view import View
 import storage
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
+INDEX_BATCH = 2048  # the same when no item needs the message file (fetch.index_only)
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY", "SORT", "THREAD"}  # and RFC 5256 §3, §4
@@ -123,8 +126,11 @@ async def fetch(session: SessionState, command: Fetch):
     store = session.context.store
     # Flags come from fixed-size records: big batches. Message data is rendered until
     # FETCH_BYTES are pending, written, and the next part waits for the client to read.
-    batch = FLAGS_BATCH if flags_only else FETCH_BATCH
+    # Each batch is a hop to a store thread and back, which costs more than rendering a few
+    # hundred envelopes: items from the index alone go in bigger ones.
+    batch = FLAGS_BATCH if flags_only else INDEX_BATCH if fetching.index_only(items) else FETCH_BATCH
     recent = frozenset(view.recent)
+    listing = None
     position = 0
     while position < len(uids):
         chunk = uids[position:position + batch]
@@ -134,15 +140,16 @@ async def fetch(session: SessionState, command: Fetch):
                                                  ["\\Seen"])
             view.mark_told(changed)
         if flags_only:
-            states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
-            lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
+            if listing is None:  # one store call for the whole FETCH, however many batches
+                listing = await session.run_store(store.flag_listing, session.user, view.name)
+            lines = [listing_fetch_lines(session, listing, chunk, items, changedsince)]
             done = len(chunk)
         else:
             lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
                                                   changedsince, view.seq_of, recent)
-        for line in lines:
-            if line:
-                session.conn.write(line)
+        # One write for the batch: a write per response line costs the transport more than
+        # rendering the line (UID FETCH 1:* (FLAGS), bench/imap.py).
+        session.conn.write(b"".join(line for line in lines if line))
         position += done
         await session.conn.drain()
     return None
@@ -151,20 +158,90 @@ async def fetch(session: SessionState, command: Fetch):
 def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
     """`* n FETCH (UID FLAGS MODSEQ)` from a flag record, None if the client does not know
     the message or it did not change since `changedsince`."""
+    return flags_fetch_lines(session, [state], items, changedsince) or None
+
+
+def flags_fetch_lines(session: SessionState, states: list, items: list[FetchItem], changedsince: int | None) -> bytes:
+    """flags_fetch_line of each of `states` (ascending UIDs), joined: one walk along the
+    view's UIDs for their sequence numbers, and `* n FETCH (UID n FLAGS (...))`, what
+    FETCH 1:* (UID FLAGS) is made of, in one formatting step a line."""
     view = require_view(session)
-    seq = view.seq_of(state.uid)
-    if seq is None or (changedsince is not None and state.modseq <= changedsince):
-        return None
-    view.mark_told([state])
-    parts = []
-    for item in items:
-        if item.name == "UID":
-            parts.append(f"UID {state.uid}")
-        elif item.name == "FLAGS":
-            parts.append(f"FLAGS ({' '.join(flags_with_recent(session, state.uid, state.flags))})")
-        elif item.name == "MODSEQ":
-            parts.append(f"MODSEQ ({state.modseq})")
-    return f"* {seq} FETCH ({' '.join(parts)})\r\n".encode()
+    mine, recent, told_upto = view.uids, view.recent, view.modseq
+    count = len(mine)
+    names = [item.name for item in items]
+    plain = names == ["UID", "FLAGS"]
+    out = []
+    position = 0
+    for state in states:
+        uid = state.uid
+        position = bisect_left(mine, uid, position)
+        if position >= count or mine[position] != uid:
+            continue  # not the client's (yet)
+        if changedsince is not None and state.modseq <= changedsince:
+            continue
+        if state.modseq > told_upto:
+            view.mark_told([state])
+        if plain and uid not in recent:
+            out.append(b"* %d FETCH (UID %d %b)\r\n" % (position + 1, uid, _flags_item(state.flags)))
+            continue
+        parts = []
+        for name in names:
+            if name == "UID":
+                parts.append(b"UID %d" % uid)
+            elif name == "FLAGS":
+                parts.append(_flags_item(state.flags) if uid not in recent
+                             else _flags_item((*state.flags, "\\Recent")))
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % state.modseq)
+        out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
+    return b"".join(out)
+
+
+def listing_fetch_lines(session: SessionState, listing, uids: list[int], items: list[FetchItem],
+                        changedsince: int | None) -> bytes:
+    """The `* n FETCH (UID FLAGS MODSEQ)` lines of `uids` (ascending) from the store's flag
+    listing (Store.flag_listing): what flags_fetch_lines does from FlagStates, without one
+    a message. A UID the listing lacks (expunged, not yet announced) is left out."""
+    view = require_view(session)
+    mine, recent, told_upto = view.uids, view.recent, view.modseq
+    listed, modseqs = listing.uids, listing.modseqs
+    count, listed_count = len(mine), len(listed)
+    names = [item.name for item in items]
+    plain = names == ["UID", "FLAGS"]
+    out = []
+    position = at = 0
+    for uid in uids:
+        at = bisect_left(listed, uid, at)
+        if at >= listed_count or listed[at] != uid:
+            continue
+        position = bisect_left(mine, uid, position)
+        if position >= count or mine[position] != uid:
+            continue
+        modseq = modseqs[at]
+        if changedsince is not None and modseq <= changedsince:
+            continue
+        flags = listing.flags_at(at)
+        if modseq > told_upto:
+            view.mark_told([storage.FlagState(uid, modseq, flags)])
+        if plain and uid not in recent:
+            out.append(b"* %d FETCH (UID %d %b)\r\n" % (position + 1, uid, _flags_item(flags)))
+            continue
+        parts = []
+        for name in names:
+            if name == "UID":
+                parts.append(b"UID %d" % uid)
+            elif name == "FLAGS":
+                parts.append(_flags_item(flags) if uid not in recent else _flags_item((*flags, "\\Recent")))
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % modseq)
+        out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
+    return b"".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_item(flags: tuple[str, ...]) -> bytes:
+    """`FLAGS (...)`: a mailbox has few distinct flag sets, and a listing repeats them."""
+    return f"FLAGS ({' '.join(flags)})".encode()
 
 
 def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> list[str]:

@@ -184,5 +184,9 @@ class View:
         return out
 
     def mark_told(self, states: Iterable[FlagState]) -> None:
+        # A state at or below the view's MODSEQ is one changes_since will never bring back:
+        # nothing to remember (FETCH 1:* (FLAGS) would otherwise fill `told` with every UID).
+        told, known = self.told, self.modseq
         for state in states:
-            self.told[state.uid] = max(state.modseq, self.told.get(state.uid, 0))
+            if state.modseq > known:
+                told[state.uid] = max(state.modseq, told.get(state.uid, 0))

@@ -35,6 +35,15 @@ from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maild
 from wire.connections import ConnectionLimit
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
+# RETR reads ahead: the messages after the one asked for are opened (and their first chunk
+# read) in the same store call, up to this many of them and bytes of first chunks, so a
+# client fetching one message after another (fetchmail; bench/pop3.py) waits for a store
+# thread once in a while, not once a message. A message smaller than a chunk is read whole
+# and its file closed at once, so read-ahead holds few files open (at most 4 bigger ones).
+# Like the snapshot of the maildrop itself, a message read ahead is sent even if IMAP
+# expunged it meanwhile, as one already being sent is.
+AHEAD_MESSAGES = 16
+AHEAD_BYTES = 512 * 1024
 SEEN_DELAY = 0.25  # seconds retrieved UIDs wait to share one \\Seen write
 
 
@@ -90,6 +99,7 @@ class Session:
         self._seen_uids: list[int] = []  # sent by RETR, waiting for the next \Seen write
         self._seen_task: asyncio.Task | None = None
         self._seen_now = asyncio.Event()  # stop waiting for more: QUIT, or the connection ended
+        self._ahead: dict[int, tuple[BinaryIO, bytes]] = {}  # uid -> opened by read-ahead
 
     def greeting(self) -> bytes:
         return self.core.greeting()
@@ -183,7 +193,16 @@ class Session:
 
     async def _retrieve(self, event: Retrieve) -> Event | None:
         assert self.user is not None
-        opened = await self.context.run(self._open_message, event.uid)
+        opened = self._ahead.pop(event.uid, None)
+        if opened is None:
+            self._drop_ahead()  # not the message expected next: what was read ahead is stale
+            ahead = self._ahead_uids(event) if event.lines is None else []
+            found = await self.context.run(self._open_messages, [event.uid, *ahead])
+            opened = found.pop(event.uid, None)
+            if self.ended:
+                _close_all(found)
+            else:
+                self._ahead = found
         if opened is None:
             return self.core.retrieve_failed(replies.message_gone(event.number))
         file, chunk = opened
@@ -214,22 +233,50 @@ class Session:
         await self.conn.drain()
         return None
 
-    def _open_message(self, uid: int) -> tuple[BinaryIO, bytes] | None:
-        """In a store thread: the message's open file and its first chunk; None if gone."""
+    def _ahead_uids(self, event: Retrieve) -> list[int]:
+        """The UIDs after the one RETR asks for, as many as AHEAD_MESSAGES and AHEAD_BYTES allow."""
+        maildrop = self.core.maildrop
+        uids: list[int] = []
+        budget = AHEAD_BYTES - min(event.size, CHUNK)
+        number = event.number
+        while maildrop is not None and len(uids) < AHEAD_MESSAGES and number < len(maildrop.uids):
+            number += 1
+            if number in maildrop.deleted:
+                continue
+            budget -= min(maildrop.sizes[number - 1], CHUNK)
+            if budget < 0:
+                break
+            uids.append(maildrop.uids[number - 1])
+        return uids
+
+    def _open_messages(self, uids: list[int]) -> dict[int, tuple[BinaryIO, bytes]]:
+        """In a store thread: each message's open file and its first chunk, by UID; a
+        message that is gone is left out."""
         assert self.user is not None
         store = self.context.store
-        found = store.fetch(self.user, INBOX, [(uid, uid)])
-        if not found:
-            return None
+        opened: dict[int, tuple[BinaryIO, bytes]] = {}
         try:
-            file = store.open_message(found[0])
-        except (StoreError, FileNotFoundError):
-            return None  # expunged between the lookup and the open
-        try:
-            return file, file.read(CHUNK)
+            for info in store.fetch(self.user, INBOX, [(uid, uid) for uid in uids]):
+                try:
+                    file = store.open_message(info)
+                except (StoreError, FileNotFoundError):
+                    continue  # expunged between the lookup and the open
+                try:
+                    chunk = file.read(CHUNK)
+                except BaseException:
+                    file.close()
+                    raise
+                if len(chunk) < CHUNK:  # the whole message: no file kept open for it
+                    file.close()
+                opened[info.uid] = file, chunk
         except BaseException:
-            file.close()
+            _close_all(opened)
             raise
+        return opened
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, {}
+        _close_all(ahead)
 
     def _mark_seen(self, uid: int) -> None:
         self._seen_uids.append(uid)
@@ -287,6 +334,7 @@ class Session:
         """The connection is gone (QUIT, a drop, a timeout): free the maildrop at once.
         Nothing is deleted; \\Seen writes already queued finish on their own."""
         self.ended = True
+        self._drop_ahead()
         self._seen_now.set()
         if not self.updating:
             self._release()
@@ -295,6 +343,11 @@ class Session:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _close_all(opened: dict[int, tuple[BinaryIO, bytes]]) -> None:
+    for file, _ in opened.values():
+        file.close()
 
 
 class _MessageCutError(Exception):

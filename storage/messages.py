@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +29,10 @@ from storage.records import (
     MailboxRecord,
     MessageRecord,
     add_usage,
+    decode_lazy,
+    decode_structure,
     encode,
+    entry_flags,
     get_message,
     get_message_file,
     get_usage,
@@ -82,21 +84,50 @@ class FlagState(NamedTuple):
     flags: tuple[str, ...]
 
 
-@dataclass(frozen=True)
 class MessageInfo:
     """A message as FETCH sees it, from the index alone. Its bytes are read through the
-    store (Store.open_message), which finds its file: no path is handed out."""
+    store (Store.open_message), which finds its file: no path is handed out.
 
-    account: str
-    mailbox_id: int  # the mailbox's UIDVALIDITY
-    uid: int
-    modseq: int
-    flags: tuple[str, ...]
-    internal_date: float
-    size: int
-    sent: float | None
-    envelope: Envelope
-    structure: BodyPart
+    A class with slots, not a frozen dataclass: FETCH makes one per message, and a frozen
+    dataclass's __init__ costs more than the record's decoding. The MIME structure is
+    decoded on first use (`structure`): FETCH ENVELOPE or FLAGS never needs it, and it is
+    the bigger half of the record."""
+
+    __slots__ = ("account", "mailbox_id", "uid", "modseq", "flags", "internal_date", "size", "sent", "envelope",
+                 "_structure", "_structure_raw")
+
+    def __init__(self, account: str, mailbox_id: int, uid: int, modseq: int, flags: tuple[str, ...],
+                 internal_date: float, size: int, sent: float | None, envelope: Envelope,
+                 structure: BodyPart | None = None, *, structure_json: bytes | None = None):
+        self.account = account
+        self.mailbox_id = mailbox_id  # the mailbox's UIDVALIDITY
+        self.uid = uid
+        self.modseq = modseq
+        self.flags = flags
+        self.internal_date = internal_date
+        self.size = size
+        self.sent = sent
+        self.envelope = envelope
+        self._structure = structure
+        self._structure_raw = structure_json
+
+    @property
+    def structure(self) -> BodyPart:
+        if self._structure is None:
+            self._structure = decode_structure(self._structure_raw)
+        return self._structure
+
+    def _fields(self) -> tuple:
+        return (self.account, self.mailbox_id, self.uid, self.modseq, self.flags, self.internal_date, self.size,
+                self.sent, self.envelope, self.structure)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MessageInfo) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment] - mutable (the structure is filled in lazily)
+
+    def __repr__(self) -> str:
+        return f"MessageInfo({self.account!r}, {self.mailbox_id}, uid={self.uid}, modseq={self.modseq})"
 
 
 def sent_seconds(record: MessageRecord) -> int:
@@ -186,22 +217,29 @@ def all_uids(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> list[int]:
 
 
 def flag_states(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, ranges: UidRanges = ALL) -> list[FlagState]:
-    return [FlagState(uid, e.modseq, flag_names(e.bits, e.keywords))
-            for uid, e in entries(txn, shard, mailbox_id, ranges)]
-
-
-def uids_and_bits(txn: lmdb.Transaction, shard: Shard, mailbox_id: int) -> tuple[list[int], list[int]]:
-    """Every UID with its flag bits: the fast listing a SELECT of a big mailbox needs."""
-    uids, bits = [], []
+    """FlagState of every message within the ranges, ascending: entries() unrolled, as a
+    listing of every message's flags (FETCH 1:* (FLAGS), STORE's answer) is made of it."""
+    out: list[FlagState] = []
+    append = out.append
     cursor = txn.cursor(db=shard.db["flags"])
     prefix = uid_key(mailbox_id, 0)[:4]
-    if cursor.set_range(uid_key(mailbox_id, 1)):
+    for low, high in sorted(ranges):
+        if not cursor.set_range(uid_key(mailbox_id, max(low, 1))):
+            break
         for key, value in cursor:
-            if key[:4] != prefix:
+            uid = int.from_bytes(key[4:8], "big")
+            if key[:4] != prefix or uid > high:
                 break
-            uids.append(int.from_bytes(key[4:8], "big"))
-            bits.append(value[8])
-    return uids, bits
+            modseq, bits, keywords = entry_flags(value)
+            append(FlagState(uid, modseq, flag_names_stored(bits, keywords)))
+    return out
+
+
+@lru_cache(maxsize=1024)
+def flag_names_stored(bits: int, keywords: bytes) -> tuple[str, ...]:
+    """flag_names from an Entry's stored keywords (cached: a mailbox has few distinct flag
+    sets)."""
+    return _system_names(bits) + (tuple(keywords.decode().split(" ")) if keywords else ())
 
 
 def message_path(shard: Shard, account: str, mailbox_id: int, base: str, uid: int, size: int, bits: int) -> Path:
@@ -232,14 +270,22 @@ def expected_file(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id:
 
 
 def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ranges: UidRanges) -> list[MessageInfo]:
+    """MessageInfo of every message within the ranges, ascending. One cursor walk over the
+    flag records and one get of each message record: this is FETCH's inner loop."""
     out = []
+    append = out.append
+    get = txn.get
+    msgs = shard.db["msgs"]
     for uid, e in entries(txn, shard, mailbox_id, ranges):
-        record = get_message(txn, shard, mailbox_id, uid)
-        out.append(MessageInfo(
-            account=account, mailbox_id=mailbox_id, uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords),
-            internal_date=record.internal_date, size=record.size, sent=record.sent, envelope=record.envelope,
-            structure=record.structure,
-        ))
+        raw = get(uid_key(mailbox_id, uid), db=msgs)
+        if raw is None:
+            continue  # expunged between the two reads of one snapshot: cannot happen, but no KeyError
+        record = decode_lazy(raw)
+        structure = record.structure
+        lazy = isinstance(structure, msgspec.Raw)
+        append(MessageInfo(account, mailbox_id, uid, e.modseq, flag_names(e.bits, e.keywords),
+                           record.internal_date, record.size, record.sent, record.envelope,
+                           None if lazy else structure, structure_json=structure if lazy else None))
     return out
 
 

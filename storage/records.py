@@ -27,6 +27,7 @@ from storage.shard import Shard, pack_u32, uid_key
 
 NO_DATE = -(2**63)
 _ENTRY = struct.Struct(">QBIqq")  # modseq, flag bits, size, internal date, sent date (seconds, signed)
+ENTRY_HEAD = _ENTRY.size  # the keywords follow, space-separated
 
 Record = TypeVar("Record")
 
@@ -55,6 +56,12 @@ def unpack_entry(raw: bytes) -> Entry:
     return Entry(modseq, bits, size, internal_date, sent, tuple(rest.decode().split(" ")) if rest else ())
 
 
+def entry_flags(raw: bytes) -> tuple[int, int, bytes]:
+    """(MODSEQ, flag bits, keywords as stored) of an Entry, without the rest: a flags
+    listing of a big mailbox (FETCH 1:* (FLAGS)) reads nothing else."""
+    return int.from_bytes(raw[:8], "big"), raw[8], bytes(raw[_ENTRY.size:])
+
+
 class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A message's `msgs` record: its file and what FETCH answers without opening it."""
 
@@ -70,6 +77,17 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float) -> MessageRecord:
         return cls(base=base, size=size, internal_date=internal_date, sent=parsed.sent, sent_day=parsed.sent_day,
                    envelope=parsed.envelope, structure=parsed.structure)
+
+
+class LazyMessageRecord(msgspec.Struct, kw_only=True):
+    """A `msgs` record as FETCH reads it: the structure left as its JSON, decoded only when
+    an item needs it (decode_structure): most FETCHes are of flags, envelopes and sizes."""
+
+    size: int = msgspec.field(name="s")
+    internal_date: float = msgspec.field(name="d")
+    sent: float | None = msgspec.field(name="t", default=None)
+    envelope: Envelope = msgspec.field(name="e")
+    structure: msgspec.Raw = msgspec.field(name="x")
 
 
 class MessageFile(msgspec.Struct):
@@ -105,7 +123,8 @@ class Usage(msgspec.Struct):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
-    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, MailboxRecord, Usage)
+    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, LazyMessageRecord, MessageFile, MailboxRecord, Usage,
+                                                  BodyPart)
 }
 
 
@@ -121,6 +140,19 @@ def decode(raw: bytes, kind: type[Record]) -> Record:
         return _DECODERS[kind].decode(raw)
     except msgspec.DecodeError:  # escapes of a lone surrogate (see encode)
         return msgspec.convert(json.loads(bytes(raw)), kind)
+
+
+def decode_lazy(raw: bytes) -> LazyMessageRecord | MessageRecord:
+    """A `msgs` record with its structure left as JSON; a record with escapes msgspec will
+    not read (see encode) comes back whole, its structure decoded."""
+    try:
+        return _DECODERS[LazyMessageRecord].decode(raw)
+    except msgspec.DecodeError:
+        return decode(raw, MessageRecord)
+
+
+def decode_structure(raw: bytes) -> BodyPart:
+    return decode(raw, BodyPart)
 
 
 # -- in a transaction ---------------------------------------------------------------------

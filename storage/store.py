@@ -26,6 +26,7 @@ from storage import fts, mailboxes, messages, metadata, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
+from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.names import check_account_name, normalize_name
@@ -45,6 +46,7 @@ class Store:
         self._lock = threading.Lock()
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
+        self._listings = Listings()
 
     @property
     def closed(self) -> bool:
@@ -322,8 +324,19 @@ class Store:
         shard = self._account_shard(account)
         with shard.read() as txn:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
-            uids, bits = messages.uids_and_bits(txn, shard, mailbox_id)
-            return mailboxes.to_mailbox(mailbox_id, state), uids, bits
+            # Kept from the last call and brought up to date (storage/listing.py): a SELECT
+            # of a big mailbox would otherwise read one record per message every time.
+            listing = self._listings.get(txn, shard, account, mailbox_id, state.modseq, state.exists)
+            return mailboxes.to_mailbox(mailbox_id, state), listing.uids.tolist(), list(listing.bits)
+
+    def flag_listing(self, account: str, mailbox: str) -> Listing:
+        """Every message's UID, flag bits, keywords and MODSEQ as of now (storage/listing.py),
+        the object kept between calls: read it, never change it. What FETCH 1:* (FLAGS)
+        answers from, without a record read or a FlagState a message."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            return self._listings.get(txn, shard, account, mailbox_id, state.modseq, state.exists)
 
     def sizes(self, account: str, mailbox: str) -> tuple[Mailbox, list[tuple[int, int]]]:
         """(mailbox state, (UID, size) of every message ascending) from one snapshot: a POP3

@@ -447,6 +447,21 @@ def test_envelope_keeps_raw_values_and_groups(store):
     assert section(store, info, (), "TEXT") == "Grüße\r\n".encode()
 
 
+def test_a_record_msgspec_cannot_read_is_fetched_whole(store):
+    # A broken UTF-7 encoded word decodes to a lone surrogate, which the record keeps as a
+    # JSON escape (storage/records.py): Store.fetch, which leaves the structure undecoded
+    # until asked, falls back to reading the whole record, and both items still render.
+    raw = crlf("From: a@example.org\nSubject: =?utf-7?q?+2D0-?=\nMIME-Version: 1.0\n"
+               "Content-Type: text/plain; name=\"=?utf-7?q?+2D0-?=\"\n\nbody\n")
+    info = deliver(store, raw)
+    assert fetch(store, info, FetchItem("ENVELOPE")) == (
+        b'ENVELOPE (NIL "=?utf-7?q?+2D0-?=" ((NIL NIL "a" "example.org")) ((NIL NIL "a" "example.org")) '
+        b'((NIL NIL "a" "example.org")) NIL NIL NIL NIL NIL)')
+    assert fetch(store, info, FetchItem("BODYSTRUCTURE")).startswith(b'BODYSTRUCTURE ("text" "plain" (')
+    (again,) = store.fetch(ALICE, "INBOX", [(info.uid, info.uid)])
+    assert again == info and again.structure.subtype == "plain"
+
+
 def test_header_fields_are_the_stored_lines(store):
     info = deliver(store, HEADERS)
     assert fetch(store, info, body((), "HEADER.FIELDS", ("SUBJECT", "x-LONG"))) == (

@@ -19,12 +19,14 @@ from storage import (
     MailboxNameError,
     MailboxNotFoundError,
     Quota,
+    SEEN,
     QuotaExceededError,
     Store,
     StoreError,
     open_data_dir,
 )
 from storage.check import check, rebuild
+from storage.listing import read_whole
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -193,6 +195,53 @@ def test_expunge_removes_deleted_messages_and_their_files(store):
     assert uids == [1, 4]
     assert len(list((_mailbox_dir(store, "INBOX") / "cur").iterdir())) == 2
     assert store.usage(ALICE).messages == 2
+
+
+def test_uids_follow_every_change_from_the_kept_listing(store):
+    # Store.uids keeps each mailbox's listing and brings it up to date from the changes
+    # since (storage/listing.py): after each kind of change it must answer what a second
+    # Store, reading the index afresh, answers.
+    shard = store.shard(ALICE)
+
+    def same() -> tuple[list[int], list[int]]:
+        mailbox, uids, bits = store.uids(ALICE, "INBOX")
+        kept = store.flag_listing(ALICE, "INBOX")
+        with shard.read() as txn:
+            fresh = read_whole(txn, shard, mailbox.id, 0)
+        assert (uids, bits) == (fresh.uids.tolist(), list(fresh.bits))
+        assert (kept.uids, kept.bits, kept.modseqs, kept.keywords) == fresh[1:]
+        flags = store.flags(ALICE, "INBOX")
+        assert [(s.uid, s.modseq, s.flags) for s in flags] == [
+            (uid, kept.modseqs[i], kept.flags_at(i)) for i, uid in enumerate(kept.uids)]
+        return uids, bits
+
+    for i in range(6):
+        store.deliver([ALICE], message(str(i)))
+    assert same()[0] == [1, 2, 3, 4, 5, 6]
+    store.store_flags(ALICE, "INBOX", [(2, 3)], "add", ["\\Seen", "\\Deleted"])
+    uids, bits = same()
+    assert bits[1] & SEEN and bits[2] & SEEN and not bits[0] & SEEN
+    store.store_flags(ALICE, "INBOX", [(4, 5)], "add", ["$Label1", "$Label2"])
+    same()
+    store.store_flags(ALICE, "INBOX", [(5, 5)], "remove", ["$Label1", "$Label2"])
+    assert store.flag_listing(ALICE, "INBOX").keywords == {4: b"$Label1 $Label2"}
+    same()
+    store.expunge(ALICE, "INBOX", [(3, 3)])
+    store.deliver([ALICE], message("7"))
+    assert same()[0] == [1, 2, 4, 5, 6, 7]
+    store.store_flags(ALICE, "INBOX", [(1, 7)], "add", ["\\Deleted"])
+    store.expunge(ALICE, "INBOX")
+    assert same() == ([], [])
+    store.deliver([ALICE], message("8"), flags=["\\Seen"])
+    assert same()[0] == [8]
+    # An expunge the history no longer tells of (history pruned): the count does not add
+    # up, and the listing is read again whole.
+    store.deliver([ALICE], message("9"))
+    same()
+    store.store_flags(ALICE, "INBOX", [(8, 8)], "add", ["\\Deleted"])
+    store.expunge(ALICE, "INBOX")
+    shard.write(lambda txn, batch: txn.drop(shard.db["expunged"], delete=False))
+    assert same()[0] == [9]
 
 
 def test_copy_and_move(store):
