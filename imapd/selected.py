@@ -387,7 +387,8 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
     if view.add(new):
         if not view.readonly:
-            view.recent.update(session.context.recent.claim_new(session.user, view.uidvalidity, new))
+            view.recent.update(await session.run_store(session.context.recent.claim_new, session.user,
+                                                       view.uidvalidity, new))
         session.untagged(f"{view.exists} EXISTS")
         session.untagged(f"{len(view.recent)} RECENT")
     for state in view.flag_updates(s for s in changed if s.uid not in new):

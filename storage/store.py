@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, records, search, settle
+from storage import fts, mailboxes, messages, recent, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
@@ -185,6 +185,28 @@ class Store:
         shard = self.shard(account)
         with shard.read() as txn:
             return mailboxes.subscriptions(txn, shard, account)
+
+    # -- \Recent (storage/recent.py) -----------------------------------------------------
+
+    def claim_recent(self, account: str, mailbox_id: int, upto: int) -> int:
+        """A session takes \\Recent for the UIDs up to `upto` nobody has seen yet: returns
+        the claim before (the session's UIDs are those above it). Writes only when there is
+        something to take, so a SELECT with no new mail commits nothing."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            state = records.get_mailbox(txn, shard, mailbox_id)
+            if state is None or state.account != account:
+                return upto
+            if state.recent_upto is not None and state.recent_upto >= upto:
+                return state.recent_upto
+        return shard.write(lambda txn, batch: recent.claim(txn, shard, account, mailbox_id, upto))
+
+    def recent_count(self, account: str, name: str) -> int:
+        """STATUS RECENT: the messages of the mailbox no session has seen yet."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, name)
+            return recent.count(txn, shard, mailbox_id, state)
 
     def quota(self, account: str) -> Quota:
         """The account's limits (`quota_of` may give bytes alone, as an int)."""

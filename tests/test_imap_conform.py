@@ -1,0 +1,127 @@
+"""Conformance defects a peer's suite found (issue 15, item 2; Dovecot's imaptest groups
+select, search-flags, search-addresses, listext): each fixed here with a test of ours.
+
+In process (tests/imap_script.py) but for what needs a process of its own: \\Recent across
+a restart runs the daemon twice.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+
+import pytest
+
+from conftest import add_accounts, client_tls_context, start_daemon
+from imap_script import ScriptServer
+from storage import open_data_dir
+from storage.store import Store
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = ScriptServer(tmp_path_factory.mktemp("imap-conform"))
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def user(server) -> str:
+    return server.user()
+
+
+# -- \Recent: a claim kept in the index (RFC 3501 §2.3.2) ------------------------------------------
+
+
+def test_mail_that_came_while_nobody_looked_is_recent_for_the_first_select(server, user):
+    server.deliver(user, subject="one")
+    server.deliver(user, subject="two")
+    imap = server.login(user)
+    # imaptest's `select`: EXAMINE and STATUS show what nobody has seen, and take nothing
+    assert imap.transact("ok", "EXAMINE INBOX").named("RECENT") == ["2"]
+    assert imap.transact("ok", "FETCH 1 FLAGS").untagged == ["1 FETCH (FLAGS (\\Recent))"]
+    imap.transact("ok", "CLOSE")
+    assert imap.transact("ok", "STATUS INBOX (MESSAGES RECENT)").untagged == ["STATUS INBOX (MESSAGES 2 RECENT 2)"]
+    assert imap.transact("ok", "SELECT INBOX").named("RECENT") == ["2"]
+    assert imap.transact("ok", "SEARCH RECENT").untagged == ["SEARCH 1 2"]
+    assert imap.transact("ok", "SEARCH NEW").untagged == ["SEARCH 1 2"]
+    other = server.login(user)
+    assert other.transact("ok", "STATUS INBOX (RECENT)").untagged == ["STATUS INBOX (RECENT 0)"]
+    assert other.transact("ok", "SELECT INBOX").named("RECENT") == ["0"]
+    assert other.transact("ok", "SEARCH RECENT").untagged == ["SEARCH"]
+    # New mail while both have it open: the first to learn of it takes it
+    server.deliver(user, subject="three")
+    assert other.transact("ok", "NOOP").named("RECENT") == ["1"]
+    assert imap.transact("ok", "NOOP").named("RECENT") == ["2"]
+    assert other.transact("ok", "SEARCH RECENT").untagged == ["SEARCH 3"]
+
+
+def test_status_recent_counts_messages_not_uids(server, user):
+    for i in range(3):
+        server.deliver(user, subject=f"m{i}")
+    server.store.store_flags(user, "INBOX", [(2, 2)], "add", ["\\Deleted"])
+    server.store.expunge(user, "INBOX")
+    imap = server.login(user)
+    assert imap.transact("ok", "STATUS INBOX (RECENT)").untagged == ["STATUS INBOX (RECENT 2)"]
+    assert imap.transact("ok", "SELECT INBOX").named("RECENT") == ["2"]
+
+
+def test_copied_and_appended_mail_is_recent_in_its_mailbox(server, user):
+    server.deliver(user)
+    imap = server.login(user)
+    imap.transact("ok", "SELECT INBOX")
+    imap.transact("ok", "COPY 1 Archive")
+    imap.transact("ok", b"APPEND Archive {12+}\r\nSubject: x\r\n")
+    assert imap.transact("ok", "STATUS Archive (RECENT)").untagged == ["STATUS Archive (RECENT 2)"]
+    assert server.login(user).transact("ok", "SELECT Archive").named("RECENT") == ["2"]
+
+
+def test_a_mailbox_made_again_starts_without_a_claim(server, user):
+    imap = server.login(user)
+    imap.transact("ok", "CREATE Box")
+    server.deliver(user, mailbox="Box")
+    assert imap.transact("ok", "SELECT Box").named("RECENT") == ["1"]
+    imap.transact("ok", "CLOSE")
+    imap.transact("ok", "DELETE Box")
+    imap.transact("ok", "CREATE Box")
+    server.deliver(user, mailbox="Box")
+    assert imap.transact("ok", "SELECT Box").named("RECENT") == ["1"]
+
+
+def test_recent_claims_survive_a_restart(config_path, tmp_path, data_dir):
+    """The claim is the index's: a restarted daemon neither loses what came meanwhile nor
+    hands out again what a session saw before the restart."""
+    user = "recent@example.test"
+    add_accounts(config_path, PASSWORD, [user])
+
+    def deliver(subject: str) -> None:
+        with Store(open_data_dir(data_dir, 4)) as store:
+            store.deliver([user], f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+
+    def select_recent(daemon) -> tuple[int, list[bytes]]:
+        address = daemon.listen("imap.listen_tls")
+        with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=client_tls_context(daemon.config),
+                               timeout=30) as client:
+            client.login(user, PASSWORD)
+            client.select("INBOX")
+            (recent,) = client.untagged_responses.get("RECENT", [b"-1"])[-1:]
+            typ, data = client.search(None, "RECENT")
+            assert typ == "OK"
+            return int(recent), data[0].split()
+
+    deliver("before the first start")
+    daemon = start_daemon(config_path, tmp_path)
+    try:
+        assert select_recent(daemon) == (1, [b"1"])
+        assert select_recent(daemon) == (0, [])
+    finally:
+        assert daemon.stop() == 0
+    deliver("while the daemon was stopped")
+    daemon = start_daemon(config_path, tmp_path)
+    try:
+        assert select_recent(daemon) == (1, [b"2"])
+        assert select_recent(daemon) == (0, [])
+    finally:
+        assert daemon.stop() == 0
