@@ -22,7 +22,7 @@ from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search,
 from imapd.state import SessionState
 from imapd.view import View
 import storage
-from storage import SearchError
+from storage import ExpungedError, SearchError
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
@@ -181,6 +181,7 @@ async def fetch(session: SessionState, command: Fetch):
     batch = FLAGS_BATCH if flags_only else FETCH_BATCH
     recent = frozenset(view.recent)
     position = 0
+    gone = 0  # messages of the view expunged in the store meanwhile (by another session)
     while position < len(uids):
         chunk = uids[position:position + batch]
         chunk_ranges = as_ranges(chunk)
@@ -191,15 +192,23 @@ async def fetch(session: SessionState, command: Fetch):
         if flags_only:
             states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
             lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
-            done = len(chunk)
+            # Flags of a message expunged meanwhile are left out, with no NO: a client's
+            # `UID FETCH 1:* (FLAGS)` sync names no message in particular, and hears the
+            # EXPUNGE at its next NOOP.
+            done, missing = len(chunk), 0
         else:
-            lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
-                                                  changedsince, view.seq_of, recent)
+            lines, done, missing = await session.run_store(_render_batch, store, session.user, view.name, chunk,
+                                                           items, changedsince, view.seq_of, recent)
         for line in lines:
             if line:
                 session.conn.write(line)
         position += done
+        gone += missing
         await session.conn.drain()
+    if gone:
+        # RFC 2180 §4.1.2: the others are answered, the command ends NO; the client hears the
+        # EXPUNGE when it may (a NOOP), RFC 5530's code says why. Not a fault of ours.
+        raise no("some of the requested messages no longer exist", "EXPUNGEISSUED")
     return None
 
 
@@ -230,23 +239,32 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+                  recent: frozenset[int]) -> tuple[list[bytes], int, int]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
-    about FETCH_BYTES are rendered; also how many of `uids` they answer."""
+    about FETCH_BYTES are rendered; also how many of `uids` they answer, and how many of
+    those the store no longer has (expunged before the index was read, or before the
+    message's file was opened)."""
     lines: list[bytes] = []
-    pending = 0
+    pending = found = expunged = 0
     for info in store.fetch(account, mailbox, as_ranges(uids)):
         if pending >= FETCH_BYTES:
-            return lines, uids.index(info.uid)
+            done = uids.index(info.uid)
+            return lines, done, done - found + expunged
+        found += 1
         if changedsince is not None and info.modseq <= changedsince:
             continue
         seq = seq_of(info.uid)
         if seq is None:
             continue
-        body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
+        try:
+            body = fetching.render(info, items, lambda info=info: store.open_message(info),
+                                   recent=info.uid in recent)
+        except ExpungedError:
+            expunged += 1
+            continue
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
         pending += len(lines[-1])
-    return lines, len(uids)
+    return lines, len(uids), len(uids) - found + expunged
 
 
 # -- STORE ------------------------------------------------------------------------------------

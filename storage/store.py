@@ -25,7 +25,7 @@ from storage import dedupe as duplicates
 from storage import fts, mailboxes, messages, recent, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, MailboxExistsError, StoreError
+from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, StoreError
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.names import check_account_name, normalize_name
@@ -339,13 +339,14 @@ class Store:
 
     def open_message(self, message: MessageInfo) -> BinaryIO:
         """The stored bytes of a fetched message (exactly `message.size` of them), its file
-        found from the index. StoreError once the message is expunged."""
+        found from the index. ExpungedError once the message is expunged (the file goes with
+        it: an open file stays readable, a name does not)."""
         shard = self.shard(message.account)
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
             with shard.read() as txn:
                 expected = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
             if expected is None:
-                raise StoreError(f"message UID {message.uid} has been expunged")
+                raise ExpungedError(f"message UID {message.uid} has been expunged")
             path, base = expected
             try:
                 return open(path, "rb")
@@ -353,7 +354,11 @@ class Store:
                 pass
             found = messages.find_file(shard, Path(path), base)
             if found is None:
-                break
+                # Expunged since the index was read (its file unlinked once the expunge
+                # committed), or renamed while the directory was read: the index says which.
+                # Taking it for a missing file sent sysadmins to a `store check` that found
+                # nothing (issue 15, item 3).
+                continue
             try:
                 return open(found, "rb")
             except FileNotFoundError:

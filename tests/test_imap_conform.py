@@ -125,3 +125,27 @@ def test_recent_claims_survive_a_restart(config_path, tmp_path, data_dir):
         assert select_recent(daemon) == (0, [])
     finally:
         assert daemon.stop() == 0
+
+
+# -- a message expunged by another session (RFC 2180 §4.1.2, RFC 5530) -------------------------------
+
+
+def test_fetch_of_a_message_another_session_expunged_is_no_expungeissued(server, user):
+    for i in range(3):
+        server.deliver(user, subject=f"m{i}", body=f"body {i}")
+    reader, expunger = server.login(user), server.login(user)
+    reader.transact("ok", "SELECT INBOX")
+    expunger.transact("ok", "SELECT INBOX")
+    expunger.transact("ok", "STORE 2 +FLAGS.SILENT (\\Deleted)")
+    expunger.transact("ok", "EXPUNGE")
+    # The others are answered; the one gone is not, and the command says so, not as a fault
+    reply = reader.transact("no", "FETCH 1:3 (BODY.PEEK[TEXT])")
+    assert reply.code == "EXPUNGEISSUED", reply
+    assert [line.split(" ")[0] for line in reply.named("FETCH")] == ["1", "3"]
+    assert "body 0" in reply.untagged[0] and "body 2" in reply.untagged[1]
+    # Flags alone (a client's sync) leave it out without a NO; NOOP tells the expunge
+    assert reader.transact("ok", "FETCH 1:3 (FLAGS)").named("FETCH") == ["1 (FLAGS (\\Recent))",
+                                                                        "3 (FLAGS (\\Recent))"]
+    assert reader.transact("ok", "NOOP").untagged == ["2 EXPUNGE"]
+    assert re.fullmatch(r"2 FETCH \(BODY\[TEXT\] \{8\}\r\nbody 2\r\n\)",
+                        reader.transact("ok", "FETCH 2 (BODY.PEEK[TEXT])").untagged[0])
