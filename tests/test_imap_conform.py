@@ -149,3 +149,67 @@ def test_fetch_of_a_message_another_session_expunged_is_no_expungeissued(server,
     assert reader.transact("ok", "NOOP").untagged == ["2 EXPUNGE"]
     assert re.fullmatch(r"2 FETCH \(BODY\[TEXT\] \{8\}\r\nbody 2\r\n\)",
                         reader.transact("ok", "FETCH 2 (BODY.PEEK[TEXT])").untagged[0])
+
+
+# -- addresses with comments inside them (RFC 5322 §3.4, CFWS) ----------------------------------------
+
+
+SEARCH_ADDRESSES = [  # imaptest's search-addresses messages, in its order
+    "From: user-from@domain.org\r\nTo: user-to@domain.org\r\n",
+    "From: RealFrom <user-from@domain.org>\r\nTo: RealTo <user-to@domain.org>\r\n",
+    "From: <user-from (comment)@ (comment) domain.org>\r\nTo: <user-to@domain.org>\r\n",
+    "From: user-from@domain.org (RealFrom)\r\nTo: user-to@domain.org (RealTo)\r\n",
+    "From: user-from1@domain.org, user-from2@domain.org\r\n",
+    "From: RealFrom <user-from@domain.org>\r\nTo: groupname: groupuser1@domain.org, groupuser2@domain.org;,\r\n"
+    "  groupname2: groupuser3@domain.org;\r\n",
+    "From: Real (a comment) From <user-from@domain.org>\r\nTo: groupname:;\r\n",  # imaptest's: RealFrom
+]
+
+
+def test_search_finds_an_address_whatever_comments_it_holds(server, user):
+    for header in SEARCH_ADDRESSES:
+        server.store.append(user, "INBOX", (header + "Subject: s\r\n\r\nbody\r\n").encode())
+    imap = server.login(user)
+    imap.transact("ok", "SELECT INBOX")
+
+    def search(criteria: str) -> str:
+        return imap.transact("ok", f"SEARCH {criteria}").untagged[0]
+
+    assert search("FROM user-from@domain.org") == "SEARCH 1 2 3 4 6 7"
+    assert search("FROM realfrom") == "SEARCH 2 4 6"
+    assert search('FROM "real from"') == "SEARCH 7"  # the comment inside the name is gone
+    assert search("FROM ser-fro") == "SEARCH 1 2 3 4 5 6 7"
+    assert search("FROM comment") == "SEARCH"  # a comment is no part of an address
+    assert search("TO user-to@domain.org") == "SEARCH 1 2 3 4"
+    assert search("TO groupname") == "SEARCH 6 7"
+    assert search("TO groupuser3") == "SEARCH 6"
+
+
+def test_envelope_drops_the_comments_of_an_address_and_makes_up_no_name(server, user):
+    for header in SEARCH_ADDRESSES:
+        server.store.append(user, "INBOX", (header + "Subject: s\r\n\r\nbody\r\n").encode())
+    imap = server.login(user)
+    imap.transact("ok", "SELECT INBOX")
+    froms = [re.search(r'ENVELOPE \(NIL "s" (\(\(.*?\)\)) ', line).group(1)
+             for line in imap.transact("ok", "FETCH 1:7 ENVELOPE").untagged]
+    assert froms == ['((NIL NIL "user-from" "domain.org"))',
+                     '(("RealFrom" NIL "user-from" "domain.org"))',
+                     '((NIL NIL "user-from" "domain.org"))',  # no name made of the comments
+                     '(("RealFrom" NIL "user-from" "domain.org"))',  # the old `addr (Name)` convention
+                     '((NIL NIL "user-from1" "domain.org")(NIL NIL "user-from2" "domain.org"))',
+                     '(("RealFrom" NIL "user-from" "domain.org"))',
+                     '(("Real From" NIL "user-from" "domain.org"))']
+
+
+@pytest.mark.serial  # ratios of CPU time, best taken with the machine to itself
+@pytest.mark.parametrize("make", [
+    lambda n: "<a (c)@ (c) b.example>, " * n,
+    lambda n: "a@b.example (" + "(x)" * n + ")",
+    lambda n: "(" * n + ")" * n + " a@b.example",
+    lambda n: "a@b.example (" + "\\)" * n,
+], ids=["many commented addresses", "a long trailing comment", "nested comments", "an unclosed comment"])
+def test_address_parsing_is_linear(make):
+    from storage.mime import address_text
+    from test_linear_time import Case, assert_linear
+
+    assert_linear(Case("an address header", make, address_text, 4000))
