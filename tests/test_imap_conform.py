@@ -213,3 +213,30 @@ def test_address_parsing_is_linear(make):
     from test_linear_time import Case, assert_linear
 
     assert_linear(Case("an address header", make, address_text, 4000))
+
+
+# -- LIST (SUBSCRIBED RECURSIVEMATCH) and CHILDINFO (RFC 5258 §3.5) ------------------------------------
+
+
+def test_childinfo_only_for_a_subscribed_child_not_listed_itself(server, user):
+    imap = server.login(user)
+    for name in ("Top/a/b", "Top/c/d", "Top/c/e"):
+        imap.transact("ok", f"CREATE {name}")
+        imap.transact("ok", f"SUBSCRIBE {name}")
+    imap.transact("ok", "UNSUBSCRIBE Top/c/e")
+
+    def listed(patterns: str) -> list[str]:
+        return imap.transact("ok", f'LIST (SUBSCRIBED RECURSIVEMATCH) "" {patterns}').named("LIST")
+
+    # Top/a/b is subscribed and not listed: Top/a tells of it
+    assert listed("Top/a") == ['(\\HasChildren) "/" Top/a ("CHILDINFO" ("SUBSCRIBED"))']
+    # ... but not when the patterns list Top/a/b too (imaptest's listext)
+    assert listed("(Top/a Top/a/b)") == ['(\\HasNoChildren \\Subscribed) "/" Top/a/b']
+    assert listed("(Top/a/b Top/a)") == ['(\\HasNoChildren \\Subscribed) "/" Top/a/b']
+    assert listed("Top*d") == ['(\\HasNoChildren \\Subscribed) "/" Top/c/d']
+    assert listed("Top/%") == ['(\\HasChildren) "/" Top/a ("CHILDINFO" ("SUBSCRIBED"))',
+                               '(\\HasChildren) "/" Top/c ("CHILDINFO" ("SUBSCRIBED"))']
+    imap.transact("ok", "SUBSCRIBE Top/c/e")
+    imap.transact("ok", "UNSUBSCRIBE Top/c/d")
+    # Top/c/e is listed, no other subscribed child of Top/c is hidden
+    assert listed("(Top/c Top/c/e)") == ['(\\HasNoChildren \\Subscribed) "/" Top/c/e']
