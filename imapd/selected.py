@@ -191,14 +191,18 @@ async def fetch(session: SessionState, command: Fetch):
             view.mark_told(changed)
         if flags_only:
             states = await session.run_store(store.flags, session.user, view.name, chunk_ranges)
+            if any(unannounced(view, s.flags) for s in states):
+                await announce_keywords(session, view)
             lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
             # Flags of a message expunged meanwhile are left out, with no NO: a client's
             # `UID FETCH 1:* (FLAGS)` sync names no message in particular, and hears the
             # EXPUNGE at its next NOOP.
             done, missing = len(chunk), 0
         else:
-            lines, done, missing = await session.run_store(_render_batch, store, session.user, view.name, chunk,
-                                                           items, changedsince, view.seq_of, recent)
+            lines, done, missing, keywords = await session.run_store(
+                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent)
+            if not keywords <= view.keywords:
+                await announce_keywords(session, view)
         for line in lines:
             if line:
                 session.conn.write(line)
@@ -239,18 +243,22 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int, int]:
+                  recent: frozenset[int]) -> tuple[list[bytes], int, int, set[str]]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
-    about FETCH_BYTES are rendered; also how many of `uids` they answer, and how many of
+    about FETCH_BYTES are rendered; also how many of `uids` they answer, how many of
     those the store no longer has (expunged before the index was read, or before the
-    message's file was opened)."""
+    message's file was opened), and the keywords their FLAGS show."""
     lines: list[bytes] = []
     pending = found = expunged = 0
+    keywords: set[str] = set()
+    shows_flags = any(item.name == "FLAGS" for item in items)
     for info in store.fetch(account, mailbox, as_ranges(uids)):
         if pending >= FETCH_BYTES:
             done = uids.index(info.uid)
-            return lines, done, done - found + expunged
+            return lines, done, done - found + expunged, keywords
         found += 1
+        if shows_flags:
+            keywords.update(f for f in info.flags if not f.startswith("\\"))
         if changedsince is not None and info.modseq <= changedsince:
             continue
         seq = seq_of(info.uid)
@@ -264,7 +272,7 @@ def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[i
             continue
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
         pending += len(lines[-1])
-    return lines, len(uids), len(uids) - found + expunged
+    return lines, len(uids), len(uids) - found + expunged, keywords
 
 
 # -- STORE ------------------------------------------------------------------------------------
@@ -281,10 +289,12 @@ async def store(session: SessionState, command: Store):
     changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
                                                 as_ranges(uids), command.mode, flags, unchanged)
     view.mark_told(changed)
-    if any(not f.startswith("\\") and f not in view.keywords for f in flags):
+    if unannounced(view, flags):
         await announce_keywords(session, view)
     if not command.silent:
         states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
+        if any(unannounced(view, s.flags) for s in states):  # set by another session meanwhile
+            await announce_keywords(session, view)
         refused = set(modified)
         shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if session.condstore else [])
         for state in states:
@@ -302,14 +312,24 @@ async def store(session: SessionState, command: Store):
     return None
 
 
-async def announce_keywords(session: SessionState, view: View) -> None:
+def unannounced(view: View, flags: Iterable[str]) -> bool:
+    """Whether `flags` hold a keyword the session has not told the client of."""
+    return any(not f.startswith("\\") and f not in view.keywords for f in flags)
+
+
+async def announce_keywords(session: SessionState, view: View, mailbox: storage.Mailbox | None = None) -> None:
     """FLAGS and PERMANENTFLAGS again, with the mailbox's keywords now, before a FETCH shows
-    a new one (RFC 3501 §7.2.6: a client learns the flags a mailbox has from FLAGS)."""
-    mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+    a new one, whichever session set it (RFC 3501 §7.2.6: a client learns the flags a
+    mailbox has from FLAGS). `mailbox` is its state if the caller has just read it."""
+    if mailbox is None:
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
     view.keywords = set(mailbox.keywords)
     flags = " ".join(SYSTEM_FLAGS + tuple(mailbox.keywords))
     session.untagged(f"FLAGS ({flags})")
-    session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
+    if view.readonly:
+        session.untagged("OK [PERMANENTFLAGS ()] read-only")
+    else:
+        session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
 
 
 # -- COPY, MOVE -------------------------------------------------------------------------------
@@ -399,6 +419,8 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
     if mailbox.uidvalidity != view.uidvalidity:
         session.say_bye("the selected mailbox was replaced")
         return
+    if unannounced(view, mailbox.keywords):  # another session brought a keyword in
+        await announce_keywords(session, view, mailbox)
     view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))

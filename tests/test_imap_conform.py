@@ -240,3 +240,56 @@ def test_childinfo_only_for_a_subscribed_child_not_listed_itself(server, user):
     imap.transact("ok", "UNSUBSCRIBE Top/c/d")
     # Top/c/e is listed, no other subscribed child of Top/c is hidden
     assert listed("(Top/c Top/c/e)") == ['(\\HasNoChildren \\Subscribed) "/" Top/c/e']
+
+
+# -- keywords another session brings in (RFC 3501 §7.2.6) ---------------------------------------------
+
+FLAGS_NOW = "FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Hot)"
+PERMANENT_NOW = "OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Hot \\*)] flags allowed"
+
+
+def _other_sets_a_keyword(server, user):
+    server.deliver(user, subject="one")
+    server.deliver(user, subject="two")
+    watcher, setter = server.login(user), server.login(user)
+    setter.transact("ok", "SELECT INBOX")  # first: \Recent is the setter's, the watcher's FLAGS show none
+    watcher.transact("ok", "SELECT INBOX")
+    setter.transact("ok", "STORE 1 +FLAGS.SILENT ($Hot)")
+    return watcher, setter
+
+
+def test_fetch_flags_announces_a_keyword_another_session_set(server, user):
+    watcher, _ = _other_sets_a_keyword(server, user)
+    reply = watcher.transact("ok", "FETCH 1 (FLAGS)")
+    assert reply.untagged[:3] == [FLAGS_NOW, PERMANENT_NOW, "1 FETCH (FLAGS ($Hot))"], reply.untagged
+    # once told, not again
+    assert watcher.transact("ok", "FETCH 1 (FLAGS)").untagged == ["1 FETCH (FLAGS ($Hot))"]
+
+
+def test_fetch_of_message_data_announces_it_too(server, user):
+    watcher, _ = _other_sets_a_keyword(server, user)
+    reply = watcher.transact("ok", "FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert reply.untagged[:2] == [FLAGS_NOW, PERMANENT_NOW], reply.untagged
+    assert reply.untagged[2].startswith("1 FETCH (FLAGS ($Hot) BODY[HEADER.FIELDS (SUBJECT)]")
+
+
+def test_the_change_told_unasked_comes_after_the_announcement(server, user):
+    watcher, _ = _other_sets_a_keyword(server, user)
+    assert watcher.transact("ok", "NOOP").untagged == [FLAGS_NOW, PERMANENT_NOW, "1 FETCH (UID 1 FLAGS ($Hot))"]
+
+
+def test_store_reply_showing_another_sessions_keyword_announces_it(server, user):
+    watcher, _ = _other_sets_a_keyword(server, user)
+    reply = watcher.transact("ok", "STORE 1 +FLAGS (\\Seen)")
+    assert reply.untagged[:2] == [FLAGS_NOW, PERMANENT_NOW], reply.untagged
+    assert "FLAGS (\\Seen $Hot)" in reply.untagged[2]
+
+
+def test_a_read_only_session_hears_of_it_with_no_permanent_flags(server, user):
+    server.deliver(user)
+    reader, setter = server.login(user), server.login(user)
+    reader.transact("ok", "EXAMINE INBOX")
+    setter.transact("ok", "SELECT INBOX")
+    setter.transact("ok", "STORE 1 +FLAGS.SILENT ($Hot)")
+    assert reader.transact("ok", "FETCH 1 (FLAGS)").untagged[:3] == [
+        FLAGS_NOW, "OK [PERMANENTFLAGS ()] read-only", "1 FETCH (FLAGS ($Hot \\Recent))"]
