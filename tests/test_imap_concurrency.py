@@ -23,13 +23,15 @@ PASSWORD = "correct horse battery"
 USER = "busy@example.test"
 CLIENTS = 10
 MESSAGES = 40
-SECONDS = 6.0
+SECONDS = 6.0  # of load at least, and until ENOUGH was done, within MAX_SECONDS (a busy machine)
+MAX_SECONDS = 60.0
+ENOUGH = {"fetched": 300, "store": 300, "expunge": 60}
 MAX_COMMANDS = 4000  # per client: the loop is bounded in count as well as in time
 _FAULT = re.compile(rb"\[(SERVERBUG|UNAVAILABLE)\]")
 
 
 def _message(i: int) -> bytes:
-    body = b"".join(b"line %d of message %d, with some text to read\r\n" % (n, i) for n in range(40))
+    body = b"".join(b"line %d of message %d, with some text to read\r\n" % (n, i) for n in range(200))
     return b"From: a@example.test\r\nSubject: m%d\r\n\r\n" % i + body
 
 
@@ -45,7 +47,13 @@ def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
     counts = {"fetch": 0, "fetched": 0, "store": 0, "expunge": 0, "append": 0, "no": 0}
     lock = threading.Lock()
     errors: list[BaseException] = []
-    deadline = time.monotonic() + SECONDS
+    started = time.monotonic()
+
+    def done() -> bool:
+        elapsed = time.monotonic() - started
+        with lock:
+            enough = all(counts[kind] >= n for kind, n in ENOUGH.items())
+        return elapsed > MAX_SECONDS or (elapsed > SECONDS and enough)
 
     def note(kind: str, typ: str, data) -> None:
         with lock:
@@ -64,7 +72,7 @@ def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
                 typ, data = imap.select("INBOX")
                 assert typ == "OK", data
                 for _ in range(MAX_COMMANDS):
-                    if time.monotonic() > deadline:
+                    if done():
                         break
                     typ, data = imap.uid("SEARCH", "ALL")
                     uids = data[0].split() if typ == "OK" and data and data[0] else []
@@ -75,18 +83,18 @@ def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
                     uid = rng.choice(uids).decode()
                     roll = rng.random()
                     if roll < 0.45:
-                        spec = f"{uid}:*" if rng.random() < 0.3 else uid
+                        spec = f"{uid}:*" if rng.random() < 0.6 else uid
                         item = rng.choice(["BODY.PEEK[]", "BODY[TEXT]", "BODY.PEEK[1]<0.100>", "RFC822"])
                         typ, data = imap.uid("FETCH", spec, f"(FLAGS {item})")
                         note("fetch", typ, data)
                         with lock:
                             counts["fetched"] += sum(1 for d in data or [] if isinstance(d, tuple))
-                    elif roll < 0.85:
+                    elif roll < 0.75:
                         flag = rng.choice(["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Work"])
                         sign = rng.choice("+-")
                         typ, data = imap.uid("STORE", uid, f"{sign}FLAGS.SILENT", f"({flag})")
                         note("store", typ, data)
-                    elif roll < 0.95:
+                    elif roll < 0.88:
                         typ, data = imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
                         note("store", typ, data)
                         typ, data = imap.expunge()
@@ -102,12 +110,12 @@ def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(SECONDS + 120)
+        thread.join(MAX_SECONDS + 120)
     log = daemon.stderr()
     print(counts, f"{len(faults)} faults")
     assert not errors, errors[:3]
     assert not any(t.is_alive() for t in threads), "a client hung"
     # The load must have been real: fetches that read files while others renamed and removed them.
-    assert counts["fetched"] > 200 and counts["store"] > 200 and counts["expunge"] > 10, counts
+    assert all(counts[kind] >= n for kind, n in ENOUGH.items()), counts
     assert not faults, faults[:10]
     assert "store_failed" not in log and "Traceback" not in log, log[-3000:]
