@@ -293,3 +293,26 @@ def test_a_read_only_session_hears_of_it_with_no_permanent_flags(server, user):
     setter.transact("ok", "STORE 1 +FLAGS.SILENT ($Hot)")
     assert reader.transact("ok", "FETCH 1 (FLAGS)").untagged[:3] == [
         FLAGS_NOW, "OK [PERMANENTFLAGS ()] read-only", "1 FETCH (FLAGS ($Hot \\Recent))"]
+
+
+def test_a_mailbox_from_before_the_claims_gets_new_mail_recent(server, user):
+    """An index written before the claim was kept: what the mailbox holds counts as seen,
+    and the first message to arrive after is recent."""
+    from storage.mailboxes import find
+    from storage.records import put_mailbox
+
+    server.deliver(user, subject="old")
+    shard = server.store.shard(user)
+
+    def forget_claim(txn, batch):
+        mailbox_id, state = find(txn, shard, user, "INBOX")
+        state.recent_upto = None
+        put_mailbox(txn, shard, mailbox_id, state)
+
+    shard.write(forget_claim)
+    imap = server.login(user)
+    assert imap.transact("ok", "STATUS INBOX (RECENT)").untagged == ["STATUS INBOX (RECENT 0)"]
+    server.deliver(user, subject="new")
+    assert imap.transact("ok", "STATUS INBOX (RECENT)").untagged == ["STATUS INBOX (RECENT 1)"]
+    assert imap.transact("ok", "SELECT INBOX").named("RECENT") == ["1"]
+    assert imap.transact("ok", "SEARCH RECENT").untagged == ["SEARCH 2"]
