@@ -50,8 +50,9 @@ async def select(session: SessionState, command: Select):
         session.condstore = True
     name = command.mailbox
     mailbox, uids, bits = await session.run_store(session.context.store.uids, session.user, name)
+    claims = session.context.recent
     # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone.
-    recent = () if readonly else session.context.recent.claim(session.user, mailbox.id, mailbox.uidnext)
+    recent = claims.unclaimed(mailbox, uids) if readonly else await session.run_store(claims.claim, mailbox, uids)
     view = View(mailbox, uids, readonly=readonly, recent=recent, snapshots=session.context.snapshots)
     session.open_view(view)
     keywords = " ".join(mailbox.keywords)
@@ -168,13 +169,15 @@ async def status_lines(session: SessionState, name: str, items: Iterable[str], *
         if quiet:
             return
         raise
-    deleted = 0
+    deleted = recent = 0
+    if "RECENT" in items:
+        recent = await session.run_store(session.context.recent.count, session.user, mailbox.name)
     if "DELETED" in items:
         deleted = len(await session.run_store(store.search, session.user, mailbox.name, ("flag", "\\Deleted", True)))
     values = {"DELETED": deleted, "MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext,
               "UIDVALIDITY": mailbox.uidvalidity, "UNSEEN": mailbox.unseen,
               "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
-              "RECENT": session.context.recent.count(session.user, mailbox.id, mailbox.uidnext),
+              "RECENT": recent,
               "APPENDLIMIT": session.max_message_size()}
     shown = " ".join(f"{item} {values[item]}" for item in items if item in values)
     if "HIGHESTMODSEQ" in items:

@@ -26,6 +26,7 @@ from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Store
 from imapd.state import SessionState
 from imapd.view import View
 import storage
+from storage import ExpungedError
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 INDEX_BATCH = 2048  # the same when no item needs the message file (fetch.index_only)
@@ -132,6 +133,7 @@ async def fetch(session: SessionState, command: Fetch):
     recent = frozenset(view.recent)
     listing = None
     position = 0
+    gone = 0  # messages of the view expunged in the store meanwhile (by another session)
     while position < len(uids):
         chunk = uids[position:position + batch]
         chunk_ranges = as_ranges(chunk)
@@ -142,16 +144,29 @@ async def fetch(session: SessionState, command: Fetch):
         if flags_only:
             if listing is None:  # one store call for the whole FETCH, however many batches
                 listing = await session.run_store(store.flag_listing, session.user, view.name)
+                shown = {k for raw in set(listing.keywords.values()) for k in raw.decode().split(" ") if k}
+                if not shown <= view.keywords:  # set by another session: FLAGS first
+                    await announce_keywords(session, view)
+            # Flags of a message expunged meanwhile are left out, with no NO: a client's
+            # `UID FETCH 1:* (FLAGS)` sync names no message in particular, and hears the
+            # EXPUNGE at its next NOOP.
             lines = [listing_fetch_lines(session, listing, chunk, items, changedsince)]
-            done = len(chunk)
+            done, missing = len(chunk), 0
         else:
-            lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
-                                                  changedsince, view.seq_of, recent)
+            lines, done, missing, keywords = await session.run_store(
+                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent)
+            if not keywords <= view.keywords:
+                await announce_keywords(session, view)
         # One write for the batch: a write per response line costs the transport more than
         # rendering the line (UID FETCH 1:* (FLAGS), bench/imap.py).
         session.conn.write(b"".join(line for line in lines if line))
         position += done
+        gone += missing
         await session.conn.drain()
+    if gone:
+        # RFC 2180 §4.1.2: the others are answered, the command ends NO; the client hears the
+        # EXPUNGE when it may (a NOOP), RFC 5530's code says why. Not a fault of ours.
+        raise no("some of the requested messages no longer exist", "EXPUNGEISSUED")
     return None
 
 
@@ -252,23 +267,36 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+                  recent: frozenset[int]) -> tuple[list[bytes], int, int, set[str]]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
-    about FETCH_BYTES are rendered; also how many of `uids` they answer."""
+    about FETCH_BYTES are rendered; also how many of `uids` they answer, how many of
+    those the store no longer has (expunged before the index was read, or before the
+    message's file was opened), and the keywords their FLAGS show."""
     lines: list[bytes] = []
-    pending = 0
+    pending = found = expunged = 0
+    keywords: set[str] = set()
+    shows_flags = any(item.name == "FLAGS" for item in items)
     for info in store.fetch(account, mailbox, as_ranges(uids)):
         if pending >= FETCH_BYTES:
-            return lines, uids.index(info.uid)
+            done = uids.index(info.uid)
+            return lines, done, done - found + expunged, keywords
+        found += 1
+        if shows_flags:
+            keywords.update(f for f in info.flags if not f.startswith("\\"))
         if changedsince is not None and info.modseq <= changedsince:
             continue
         seq = seq_of(info.uid)
         if seq is None:
             continue
-        body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
+        try:
+            body = fetching.render(info, items, lambda info=info: store.open_message(info),
+                                   recent=info.uid in recent)
+        except ExpungedError:
+            expunged += 1
+            continue
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
         pending += len(lines[-1])
-    return lines, len(uids)
+    return lines, len(uids), len(uids) - found + expunged, keywords
 
 
 # -- STORE ------------------------------------------------------------------------------------
@@ -285,10 +313,12 @@ async def store(session: SessionState, command: Store):
     changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
                                                 as_ranges(uids), command.mode, flags, unchanged)
     view.mark_told(changed)
-    if any(not f.startswith("\\") and f not in view.keywords for f in flags):
+    if unannounced(view, flags):
         await announce_keywords(session, view)
     if not command.silent:
         states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
+        if any(unannounced(view, s.flags) for s in states):  # set by another session meanwhile
+            await announce_keywords(session, view)
         refused = set(modified)
         shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if session.condstore else [])
         for state in states:
@@ -306,14 +336,24 @@ async def store(session: SessionState, command: Store):
     return None
 
 
-async def announce_keywords(session: SessionState, view: View) -> None:
+def unannounced(view: View, flags: Iterable[str]) -> bool:
+    """Whether `flags` hold a keyword the session has not told the client of."""
+    return any(not f.startswith("\\") and f not in view.keywords for f in flags)
+
+
+async def announce_keywords(session: SessionState, view: View, mailbox: storage.Mailbox | None = None) -> None:
     """FLAGS and PERMANENTFLAGS again, with the mailbox's keywords now, before a FETCH shows
-    a new one (RFC 3501 §7.2.6: a client learns the flags a mailbox has from FLAGS)."""
-    mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+    a new one, whichever session set it (RFC 3501 §7.2.6: a client learns the flags a
+    mailbox has from FLAGS). `mailbox` is its state if the caller has just read it."""
+    if mailbox is None:
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
     view.keywords = set(mailbox.keywords)
     flags = " ".join(SYSTEM_FLAGS + tuple(mailbox.keywords))
     session.untagged(f"FLAGS ({flags})")
-    session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
+    if view.readonly:
+        session.untagged("OK [PERMANENTFLAGS ()] read-only")
+    else:
+        session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
 
 
 # -- COPY, MOVE -------------------------------------------------------------------------------
@@ -403,13 +443,16 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
     if mailbox.uidvalidity != view.uidvalidity:
         session.say_bye("the selected mailbox was replaced")
         return
+    if unannounced(view, mailbox.keywords):  # another session brought a keyword in
+        await announce_keywords(session, view, mailbox)
     view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
     if view.add(new):
         if not view.readonly:
-            view.recent.update(session.context.recent.claim_new(session.user, view.uidvalidity, new))
+            view.recent.update(await session.run_store(session.context.recent.claim_new, session.user,
+                                                       view.uidvalidity, new))
         session.untagged(f"{view.exists} EXISTS")
         session.untagged(f"{len(view.recent)} RECENT")
     for state in view.flag_updates(s for s in changed if s.uid not in new):

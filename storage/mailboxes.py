@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, messages, metadata
+from storage import fts, messages, metadata, recent
 from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.records import (
@@ -48,6 +48,7 @@ class Mailbox:
     keywords: tuple[str, ...] = ()
     subscribed: bool = False
     children: bool = field(default=False, compare=False)
+    recent_upto: int = field(default=0, compare=False)  # the \Recent claim (storage/recent.py)
 
     @property
     def uidvalidity(self) -> int:
@@ -80,7 +81,7 @@ def to_mailbox(mailbox_id: int, state: MailboxRecord, subscribed: bool = False, 
         id=mailbox_id, account=state.account, name=state.name, uidnext=state.uidnext,
         highestmodseq=state.modseq, exists=state.exists, unseen=state.unseen, size=state.size,
         special_use=state.special_use, keywords=tuple(state.keywords),
-        subscribed=subscribed, children=children,
+        subscribed=subscribed, children=children, recent_upto=recent.claimed(state),
     )
 
 
@@ -130,7 +131,7 @@ def _claim_name(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
 def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
                 special_use: str | None) -> Mailbox:
     mailbox_id = new_id(txn, shard)
-    state = MailboxRecord(account=account, name=name, special_use=special_use)
+    state = MailboxRecord(account=account, name=name, special_use=special_use, recent_upto=0)
     put_mailbox(txn, shard, mailbox_id, state)
     txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     note_dir(txn, shard, batch, account, mailbox_id)  # its directory is made after the commit

@@ -304,6 +304,10 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
         if quota.messages and usage.messages + 1 > quota.messages:
             raise QuotaExceededError(f"mailbox full: quota of {quota.messages} messages reached")
     _remember_keywords(state, keywords)
+    if state.recent_upto is None:
+        # A mailbox from before \Recent claims were kept (storage/recent.py): what it held
+        # counts as seen, and this message is the first recent one.
+        state.recent_upto = state.uidnext - 1
     uid = state.uidnext
     modseq = state.modseq + 1
     state.uidnext, state.modseq, state.exists, state.size = uid + 1, modseq, state.exists + 1, state.size + size

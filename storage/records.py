@@ -112,6 +112,9 @@ class MailboxRecord(msgspec.Struct, kw_only=True):
     special_use: str | None = None  # RFC 6154
     keywords: list[str] = []  # every keyword its messages have carried: FLAGS and PERMANENTFLAGS
     indexed_upto: int = msgspec.field(name="ix", default=0)  # storage/fts.py: UIDs on the posting lists
+    # storage/recent.py: the highest UID some session has seen; None in a record written
+    # before the claim was kept (everything in it then counts as seen).
+    recent_upto: int | None = msgspec.field(name="r", default=None)
 
 
 class Usage(msgspec.Struct):

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, metadata, records, search, settle
+from storage import fts, mailboxes, messages, metadata, recent, records, search, settle
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, MailboxExistsError, StoreError
+from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, StoreError
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
@@ -221,6 +221,28 @@ class Store:
         with shard.read() as txn:
             return metadata.digests(txn, shard, account)
 
+    # -- \Recent (storage/recent.py) -----------------------------------------------------
+
+    def claim_recent(self, account: str, mailbox_id: int, upto: int) -> int:
+        """A session takes \\Recent for the UIDs up to `upto` nobody has seen yet: returns
+        the claim before (the session's UIDs are those above it). Writes only when there is
+        something to take, so a SELECT with no new mail commits nothing."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            state = records.get_mailbox(txn, shard, mailbox_id)
+            if state is None or state.account != account:
+                return upto
+            if state.recent_upto is not None and state.recent_upto >= upto:
+                return state.recent_upto
+        return shard.write(lambda txn, batch: recent.claim(txn, shard, account, mailbox_id, upto))
+
+    def recent_count(self, account: str, name: str) -> int:
+        """STATUS RECENT: the messages of the mailbox no session has seen yet."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, name)
+            return recent.count(txn, shard, mailbox_id, state)
+
     def quota(self, account: str) -> Quota:
         """The account's limits (`quota_of` may give bytes alone, as an int)."""
         limits = self._limits_of(account)
@@ -363,13 +385,14 @@ class Store:
 
     def open_message(self, message: MessageInfo) -> BinaryIO:
         """The stored bytes of a fetched message (exactly `message.size` of them), its file
-        found from the index. StoreError once the message is expunged."""
+        found from the index. ExpungedError once the message is expunged (the file goes with
+        it: an open file stays readable, a name does not)."""
         shard = self.shard(message.account)
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
             with shard.read() as txn:
                 expected = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
             if expected is None:
-                raise StoreError(f"message UID {message.uid} has been expunged")
+                raise ExpungedError(f"message UID {message.uid} has been expunged")
             path, base = expected
             try:
                 return open(path, "rb")
@@ -377,7 +400,11 @@ class Store:
                 pass
             found = messages.find_file(shard, Path(path), base)
             if found is None:
-                break
+                # Expunged since the index was read (its file unlinked once the expunge
+                # committed), or renamed while the directory was read: the index says which.
+                # Taking it for a missing file sent sysadmins to a `store check` that found
+                # nothing (issue 15, item 3).
+                continue
             try:
                 return open(found, "rb")
             except FileNotFoundError:

@@ -235,7 +235,7 @@ def test_append_then_fetch_exact_bytes_flags_and_date(server, user):
     client.select("Drafts")
     typ, data = client.uid("FETCH", "1", "(FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])")
     head = data[0][0].decode()
-    assert "FLAGS (\\Draft $Label)" in head
+    assert "FLAGS (\\Draft $Label \\Recent)" in head  # appended with Drafts closed: the SELECT's
     assert f"RFC822.SIZE {len(message)}" in head
     assert data[0][1] == message
     assert imaplib.Internaldate2tuple(data[0][0])[:6] == (2025, 3, 4, 5, 6, 7)
