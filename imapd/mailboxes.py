@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterable
+from imapd import qresync
 from imapd import responses as r
 from imapd.append import AppendLiteral
 from imapd.answers import Answer, bad, no, try_create
@@ -43,6 +44,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 async def select(session: SessionState, command: Select):
     """SELECT, and EXAMINE: the same, read-only (RFC 3501 §6.3.1, §6.3.2)."""
     readonly = command.readonly
+    if command.qresync is not None:
+        qresync.require_enabled(session)
     if session.view is not None:
         session.close_view()
         session.untagged("OK [CLOSED] previous mailbox closed")
@@ -70,6 +73,8 @@ async def select(session: SessionState, command: Select):
     else:
         session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
     session.watch(mailbox.name)
+    if command.qresync is not None:
+        await qresync.on_select(session, view, command.qresync)
     session.log.info("select", mailbox=mailbox.name, exists=view.exists, readonly=readonly)
     return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
 

@@ -8,7 +8,7 @@ A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; No
 `* BAD ...`), an optional response code, and its status ("NO" only for BADCHARSET).
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
 16,384 sequence-set elements, NOT/OR/parentheses 256 deep; past one, ParseError code "LIMIT".
-Not parsed (ParseError): MULTIAPPEND, BINARY, ESEARCH RETURN, QRESYNC, SEARCHRES `$`.
+Not parsed (ParseError): MULTIAPPEND, BINARY, ESEARCH RETURN, SEARCHRES `$`.
 
 Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
 `Append`, `Fetch`, `Store`, `Search`, ...; a command without arguments is a plain
@@ -113,15 +113,46 @@ def _authenticate(tag: str, name: str, args: t.Args) -> c.Authenticate:
 def _select(tag: str, name: str, args: t.Args) -> c.Select:
     mailbox = t.mailbox(args.take("mailbox name"))
     condstore = False
+    qresync = None
     if args.more():
-        params = t.group(args.take("select parameters"), "select parameters")
-        if not params:
+        params = t.Args(t.group(args.take("select parameters"), "select parameters"))
+        if not params.more():
             raise ParseError("empty select parameters")
-        for param in params:
-            if t.atom(param, "select parameter").upper() != "CONDSTORE":
+        while params.more():
+            param = t.atom(params.take("select parameter"), "select parameter").upper()
+            if param == "CONDSTORE":
+                condstore = True
+            elif param == "QRESYNC" and qresync is None:
+                qresync = _qresync(params.take("QRESYNC parameters"))
+            else:
                 raise ParseError("unknown select parameter")
-            condstore = True
-    return c.Select(tag, name, mailbox=mailbox, condstore=condstore)
+    return c.Select(tag, name, mailbox=mailbox, condstore=condstore, qresync=qresync)
+
+
+def _qresync(tok: t.Token) -> c.QResync:
+    """(uidvalidity mod-sequence-value [known-uids [(known-sequence-set known-uid-set)]]),
+    RFC 7162 §7."""
+    items = t.Args(t.group(tok, "QRESYNC parameters"))
+    uidvalidity = t.number(items.take("UIDVALIDITY"), "UIDVALIDITY", 1)
+    modseq = t.number(items.take("mod-sequence"), "mod-sequence", 1, t.MAX_NUMBER64)
+    known = seqs = seq_uids = None
+    if items.more() and not isinstance(items.peek(), t.Group):
+        known = t.sequence_set(items.take("known UIDs"), "known UIDs")
+    if items.more():
+        match = t.Args(t.group(items.take("sequence match data"), "sequence match data"))
+        seqs = t.sequence_set(match.take("known sequence set"), "known sequence set")
+        seq_uids = t.sequence_set(match.take("known UID set"), "known UID set")
+        match.done()
+        if any(None in r for r in seqs.ranges + seq_uids.ranges):
+            raise ParseError("sequence match data cannot hold *")
+        if _count(seqs) != _count(seq_uids):
+            raise ParseError("sequence match data: the two sets differ in size")  # RFC 7162 §3.2.5.2
+    items.done()
+    return c.QResync(uidvalidity, modseq, known, seqs, seq_uids)
+
+
+def _count(sequence: c.SequenceSet) -> int:
+    return sum(abs(high - low) + 1 for low, high in sequence.ranges)
 
 
 def _create(tag: str, name: str, args: t.Args) -> c.Create:
@@ -242,12 +273,25 @@ def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
     else:
         items = (_fetch_item(what),)
     changedsince = None
+    vanished = False
     if args.more():
-        for modifier, value in _modifiers(args.take("fetch modifiers"), "fetch modifier"):
-            if modifier != "CHANGEDSINCE":
+        modifiers = t.Args(t.group(args.take("fetch modifiers"), "fetch modifiers"))
+        if not modifiers.more():
+            raise ParseError("empty fetch modifier list")
+        while modifiers.more():
+            modifier = t.atom(modifiers.take("fetch modifier"), "fetch modifier").upper()
+            if modifier == "CHANGEDSINCE":
+                changedsince = t.number(modifiers.take("CHANGEDSINCE value"), "CHANGEDSINCE value", 1,
+                                        t.MAX_NUMBER64)
+            elif modifier == "VANISHED":
+                vanished = True
+            else:
                 raise ParseError(f"unknown fetch modifier {modifier}")
-            changedsince = t.number(value, "CHANGEDSINCE value", 1, t.MAX_NUMBER64)
-    return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, uid=_is_uid(name))
+        # RFC 7162 §3.2.6: VANISHED only in UID FETCH, and only with CHANGEDSINCE
+        if vanished and (changedsince is None or not _is_uid(name)):
+            raise ParseError("VANISHED needs UID FETCH and CHANGEDSINCE")
+    return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, vanished=vanished,
+                   uid=_is_uid(name))
 
 
 def _modifiers(tok: t.Token, what: str) -> list[tuple[str, t.Token]]:

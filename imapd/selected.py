@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from imapd import fetch as fetching
+from imapd import qresync
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.mailboxes import SYSTEM_FLAGS
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
@@ -83,11 +84,24 @@ async def expunge(session: SessionState, command: Expunge):
     removed = await session.run_store(session.context.store.expunge, *args)
     announce_expunged(session, removed)
     session.log.info("expunge", mailbox=view.name, count=len(removed))
+    if session.qresync:
+        # RFC 7162 §3.2.10: the MODSEQ the expunge reached, for the client's next QRESYNC
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+        return f"HIGHESTMODSEQ {mailbox.highestmodseq}", f"{command.name} completed"
     return None
 
 
 def announce_expunged(session: SessionState, uids: Iterable[int]) -> None:
+    """EXPUNGE for each message removed, or one VANISHED of their UIDs once QRESYNC is
+    enabled (RFC 7162 §3.2.10: sequence numbers shift all the same)."""
     view = require_view(session)
+    if session.qresync:
+        uids = list(uids)
+        gone = [uid for uid in uids if view.seq_of(uid) is not None]
+        view.expunge_now(uids)
+        for line in qresync.vanished_lines(qresync.as_ranges(gone), earlier=False):
+            session.untagged(line)
+        return
     for seq in view.expunge_now(uids):
         session.untagged(f"{seq} EXPUNGE")
 
@@ -162,6 +176,9 @@ async def fetch(session: SessionState, command: Fetch):
         items.insert(0, FetchItem("UID"))
     if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
         items.append(FetchItem("MODSEQ"))
+    if command.vanished:
+        qresync.require_enabled(session)
+        await qresync.on_fetch(session, view, command.sequence, changedsince)
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
@@ -381,6 +398,12 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
     if mailbox.uidvalidity != view.uidvalidity:
         session.say_bye("the selected mailbox was replaced")
         return
+    if view.modseq < mailbox.expunged_floor:
+        # The bounded expunge history forgot part of what this session missed: what it
+        # holds and the store does not is what vanished (storage/vanished.py).
+        _, current, _ = await session.run_store(store.uids, session.user, view.name)
+        there = set(current)
+        expunged = [uid for uid in view.uids if uid not in there]
     view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))

@@ -84,6 +84,7 @@ class SessionState:
         self.user: str | None = None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
+        self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE
         self.errors = 0  # BAD answers in a row
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
@@ -110,6 +111,7 @@ class SessionState:
                      "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
+            caps += ["QRESYNC"]  # RFC 7162
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

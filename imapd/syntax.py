@@ -113,11 +113,23 @@ class Authenticate(Command):
 # a path, is "INBOX"; the separator is "/".
 
 @dataclass(frozen=True)
+class QResync:
+    """SELECT's (QRESYNC (uidvalidity modseq [known-uids [seq-match-data]])), RFC 7162 §3.2.5."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SequenceSet | None = None
+    known_seqs: SequenceSet | None = None  # sequence match data: these numbers ...
+    known_seq_uids: SequenceSet | None = None  # ... were these UIDs, one for one
+
+
+@dataclass(frozen=True)
 class Select(Command):
     """SELECT, and EXAMINE (`readonly`)."""
 
     mailbox: str
     condstore: bool = False  # the (CONDSTORE) parameter, RFC 7162 §3.1.8
+    qresync: QResync | None = None  # RFC 7162 §3.2.5
 
     @property
     def readonly(self) -> bool:
@@ -213,6 +225,7 @@ class Fetch(Command):
     sequence: SequenceSet
     items: tuple[FetchItem, ...]  # in the order asked; macros (ALL, FAST, FULL) expanded
     changedsince: int | None = None  # RFC 7162 §3.1.4
+    vanished: bool = False  # RFC 7162 §3.2.6: UID FETCH ... (CHANGEDSINCE m VANISHED)
     uid: bool = False
 
 

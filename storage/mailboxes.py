@@ -46,6 +46,7 @@ class Mailbox:
     size: int
     special_use: str | None
     keywords: tuple[str, ...] = ()
+    expunged_floor: int = 0  # the expunge history is exact for MODSEQs from here (storage/vanished.py)
     subscribed: bool = False
     children: bool = field(default=False, compare=False)
 
@@ -79,7 +80,7 @@ def to_mailbox(mailbox_id: int, state: MailboxRecord, subscribed: bool = False, 
     return Mailbox(
         id=mailbox_id, account=state.account, name=state.name, uidnext=state.uidnext,
         highestmodseq=state.modseq, exists=state.exists, unseen=state.unseen, size=state.size,
-        special_use=state.special_use, keywords=tuple(state.keywords),
+        special_use=state.special_use, keywords=tuple(state.keywords), expunged_floor=state.expunged_floor,
         subscribed=subscribed, children=children,
     )
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import lmdb
 import msgspec
 
-from storage import fts, maildir
+from storage import fts, maildir, vanished
 from storage.errors import FlagError, QuotaExceededError, StoreError
 from storage.mime import BodyPart, Envelope
 from storage.records import (
@@ -352,12 +352,13 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.delete(file.base.encode(), db=shard.db["bases"])
         fts.remove_texts(txn, shard, mailbox_id, uid)
-        txn.put(modseq_key(mailbox_id, modseq, uid), file.base.encode(), db=shard.db["expunged"])
+        vanished.record(txn, shard, mailbox_id, state, modseq, uid, file.base)
         freed += file.size
         state.unseen -= 0 if bits & maildir.SEEN else 1
         note_file(txn, shard, batch, account, mailbox_id, file.base,
                   message_path(shard, account, mailbox_id, file.base, uid, file.size, bits))
     state.modseq, state.exists, state.size = modseq, state.exists - len(doomed), state.size - freed
+    vanished.prune(txn, shard, mailbox_id, state)
     put_mailbox(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, -freed, -len(doomed))
     # Expunging the newest UIDs is what could let a rebuild from files hand them out again:

@@ -94,6 +94,9 @@ class MailboxRecord(msgspec.Struct, kw_only=True):
     special_use: str | None = None  # RFC 6154
     keywords: list[str] = []  # every keyword its messages have carried: FLAGS and PERMANENTFLAGS
     indexed_upto: int = msgspec.field(name="ix", default=0)  # storage/fts.py: UIDs on the posting lists
+    # storage/vanished.py: keys in the expunge history, and the MODSEQ up to which it forgot
+    expunged_count: int = msgspec.field(name="xn", default=0)
+    expunged_floor: int = msgspec.field(name="xf", default=0)
 
 
 class Usage(msgspec.Struct):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, records, search, settle
+from storage import fts, mailboxes, messages, records, search, settle, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
@@ -428,6 +428,18 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
+
+    def resync(self, account: str, mailbox: str, modseq: int
+               ) -> tuple[Mailbox, list[FlagState], list[tuple[int, int]] | None]:
+        """What QRESYNC reports to a client that last saw `modseq` (RFC 7162 §3.2.5): the
+        mailbox, messages changed since, and (MODSEQ, UID) of those expunged since, or None
+        when the bounded expunge history no longer reaches back that far (storage/vanished.py)."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            changed, _ = messages.changes_since(txn, shard, mailbox_id, modseq)
+            return mailboxes.to_mailbox(mailbox_id, state), changed, vanished.since(txn, shard, mailbox_id, state,
+                                                                                    modseq)
 
 
 def _all_failed(targets: list, error: BaseException) -> DeliveryError:
