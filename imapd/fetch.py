@@ -87,6 +87,10 @@ def _render_item(info: MessageInfo, item: FetchItem, reader: _Reader, recent: bo
         out.append(b"RFC822.SIZE %d" % info.size)
     elif name == "MODSEQ":
         out.append(b"MODSEQ (%d)" % info.modseq)  # RFC 7162 §3.1.4.1
+    elif name == "EMAILID":
+        out.append(b"EMAILID (" + info.email_id.encode("ascii") + b")")  # RFC 8474 §5.1
+    elif name == "THREADID":
+        out.append(b"THREADID NIL")  # RFC 8474 §5.2: threads are not kept
     elif name == "ENVELOPE":
         out.append(b"ENVELOPE " + envelope(info.envelope))
     elif name == "BODY" and item.section is None:

@@ -68,6 +68,7 @@ async def select(session: SessionState, command: Select):
     session.untagged(f"OK [UIDVALIDITY {mailbox.uidvalidity}] UIDs valid")
     session.untagged(f"OK [UIDNEXT {mailbox.uidnext}] predicted next UID")
     session.untagged(f"OK [HIGHESTMODSEQ {mailbox.highestmodseq}] modseq")
+    session.untagged(f"OK [MAILBOXID ({mailbox.object_id})] mailbox id")  # RFC 8474 §4.2
     if readonly:
         session.untagged("OK [PERMANENTFLAGS ()] read-only")
     else:
@@ -85,12 +86,14 @@ async def create(session: SessionState, command: Create):
     if len(uses) > 1:
         raise no("one special-use attribute per mailbox", "USEATTR")
     try:
-        await session.run_store(session.context.store.create_mailbox, session.user, name, uses[0] if uses else None)
+        created = await session.run_store(session.context.store.create_mailbox, session.user, name,
+                                          uses[0] if uses else None)
     except Answer as answer:
         if uses and "special-use" in answer.text:
             answer.code = "USEATTR"  # RFC 6154 §3: the special use is what failed
         raise
     session.log.info("create", mailbox=name)
+    return f"MAILBOXID ({created.object_id})", "CREATE completed"  # RFC 8474 §4.1
 
 
 async def delete(session: SessionState, command: Delete):
@@ -180,7 +183,7 @@ async def status_lines(session: SessionState, name: str, items: Iterable[str], *
               "UIDVALIDITY": mailbox.uidvalidity, "UNSEEN": mailbox.unseen,
               "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
               "RECENT": session.context.recent.count(session.user, mailbox.id, mailbox.uidnext),
-              "APPENDLIMIT": session.max_message_size()}
+              "APPENDLIMIT": session.max_message_size(), "MAILBOXID": f"({mailbox.object_id})"}
     shown = " ".join(f"{item} {values[item]}" for item in items if item in values)
     if "HIGHESTMODSEQ" in items:
         session.condstore = True

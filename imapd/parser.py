@@ -34,14 +34,15 @@ from imapd.syntax import Command, FetchItem, ParseError, Section
 __all__ = ["Close", "Continue", "Frame", "Framer", "Reject", "parse_command"]
 
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE",
-                          "DELETED", "APPENDLIMIT"})
+                          "DELETED", "APPENDLIMIT", "MAILBOXID"})
 USE_ATTRIBUTES = {a.upper(): a for a in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent",
                                          "\\Trash")}
 LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
 LIST_RETURN = {"SUBSCRIBED": "subscribed", "CHILDREN": "children", "SPECIAL-USE": "special_use"}  # and STATUS
 FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
-                              "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ"})
+                              "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ",
+                              "EMAILID", "THREADID"})
 FETCH_MACROS = {
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),

@@ -112,6 +112,7 @@ class SessionState:
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
             caps += ["QRESYNC"]  # RFC 7162
+            caps += ["OBJECTID"]  # RFC 8474
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, messages
+from storage import fts, messages, objectid
 from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.records import (
@@ -53,6 +53,11 @@ class Mailbox:
     @property
     def uidvalidity(self) -> int:
         return self.id
+
+    @property
+    def object_id(self) -> str:
+        """RFC 8474 MAILBOXID (storage/objectid.py)."""
+        return objectid.mailbox_id(self.account, self.id)
 
 
 MAX_KEY_BYTES = 500  # LMDB refuses keys over 511 bytes

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import lmdb
 import msgspec
 
-from storage import fts, maildir, vanished
+from storage import fts, maildir, objectid, vanished
 from storage.errors import FlagError, QuotaExceededError, StoreError
 from storage.mime import BodyPart, Envelope
 from storage.records import (
@@ -97,6 +97,13 @@ class MessageInfo:
     sent: float | None
     envelope: Envelope
     structure: BodyPart
+    base: str = ""  # its file's unique base (storage/maildir.py)
+    stored_email_id: str | None = None  # the original's EMAILID, for a copy (storage/objectid.py)
+
+    @property
+    def email_id(self) -> str:
+        """RFC 8474 EMAILID; made on demand: most FETCHes never ask for it."""
+        return objectid.email_id(self.stored_email_id, self.base)
 
 
 def sent_seconds(record: MessageRecord) -> int:
@@ -238,7 +245,7 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
         out.append(MessageInfo(
             account=account, mailbox_id=mailbox_id, uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords),
             internal_date=record.internal_date, size=record.size, sent=record.sent, envelope=record.envelope,
-            structure=record.structure,
+            structure=record.structure, base=record.base, stored_email_id=record.email_id,
         ))
     return out
 
@@ -383,7 +390,9 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         if old_path is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path,
-                         record=msgspec.structs.replace(record, base=maildir.new_base()), bits=bits,
+                         record=msgspec.structs.replace(record, base=maildir.new_base(),
+                                                        email_id=objectid.email_id(record.email_id, record.base)),
+                         bits=bits,
                          keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))

@@ -65,6 +65,9 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     sent_day: int | None = msgspec.field(name="td", default=None)  # its own calendar day, days since 1970
     envelope: Envelope = msgspec.field(name="e")
     structure: BodyPart = msgspec.field(name="x")
+    # RFC 8474 EMAILID, set on a copy or move to the original's (storage/objectid.py); None:
+    # the message is its own original, its id is made from its file's unique base
+    email_id: str | None = msgspec.field(name="ei", default=None)
 
     @classmethod
     def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float) -> MessageRecord:
@@ -78,6 +81,13 @@ class MessageFile(msgspec.Struct):
 
     base: str = msgspec.field(name="b")
     size: int = msgspec.field(name="s")
+
+
+class ObjectIds(msgspec.Struct):
+    """The part of a `msgs` record its EMAILID is made from (SEARCH EMAILID, RFC 8474)."""
+
+    base: str = msgspec.field(name="b")
+    email_id: str | None = msgspec.field(name="ei", default=None)
 
 
 class MailboxRecord(msgspec.Struct, kw_only=True):
@@ -108,7 +118,7 @@ class Usage(msgspec.Struct):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
-    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, MailboxRecord, Usage)
+    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, ObjectIds, MailboxRecord, Usage)
 }
 
 
