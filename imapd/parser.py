@@ -42,7 +42,7 @@ LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
 LIST_RETURN = {"SUBSCRIBED": "subscribed", "CHILDREN": "children", "SPECIAL-USE": "special_use"}  # and STATUS
 FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
                               "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ",
-                              "EMAILID", "THREADID"})
+                              "EMAILID", "THREADID", "SAVEDATE"})
 FETCH_MACROS = {
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),

@@ -9,7 +9,8 @@
 Everything else is in the store's own form: ("all",), ("flag", name, present),
 ("before"|"on"|"since"|"sentbefore"|"senton"|"sentsince", datetime.date),
 ("larger"|"smaller"|"modseq", int), ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", str),
-("header", field, str), ("emailid"|"threadid", str) (RFC 8474), ("not", q), ("or", q1, q2),
+("header", field, str), ("emailid"|"threadid", str) (RFC 8474), ("savedbefore"|"savedon"|"savedsince", datetime.date),
+("savedatesupported",) (RFC 8514), ("not", q), ("or", q1, q2),
 ("and", [q, ...]).
 
 A sequence of keys (at the top or in parentheses) is their AND: one key stands alone,
@@ -47,9 +48,11 @@ _CONSTANT = {
     "ALL": ("all",),
     "RECENT": ("recent",),
     "OLD": ("not", ("recent",)),
+    "SAVEDATESUPPORTED": ("savedatesupported",),  # RFC 8514 §4
 }
 _STRINGS = frozenset({"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"})
-_DATES = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
+_DATES = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE",
+                    "SAVEDBEFORE", "SAVEDON", "SAVEDSINCE"})  # RFC 8514 the last three
 _SIZES = frozenset({"LARGER", "SMALLER"})
 _ENTRY_TYPES = frozenset({"PRIV", "SHARED", "ALL"})
 

@@ -113,6 +113,7 @@ class SessionState:
                      f"APPENDLIMIT={self.max_message_size()}"]
             caps += ["QRESYNC"]  # RFC 7162
             caps += ["OBJECTID"]  # RFC 8474
+            caps += ["SAVEDATE"]  # RFC 8514
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

@@ -12,6 +12,7 @@ commit; the index stays the truth when the two disagree.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -99,6 +100,7 @@ class MessageInfo:
     structure: BodyPart
     base: str = ""  # its file's unique base (storage/maildir.py)
     stored_email_id: str | None = None  # the original's EMAILID, for a copy (storage/objectid.py)
+    saved: float | None = None  # RFC 8514 SAVEDATE, seconds (the internal date in old records)
 
     @property
     def email_id(self) -> str:
@@ -246,6 +248,7 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
             account=account, mailbox_id=mailbox_id, uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords),
             internal_date=record.internal_date, size=record.size, sent=record.sent, envelope=record.envelope,
             structure=record.structure, base=record.base, stored_email_id=record.email_id,
+            saved=record.saved if record.saved is not None else record.internal_date,
         ))
     return out
 
@@ -391,7 +394,8 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path,
                          record=msgspec.structs.replace(record, base=maildir.new_base(),
-                                                        email_id=objectid.email_id(record.email_id, record.base)),
+                                                        email_id=objectid.email_id(record.email_id, record.base),
+                                                        saved=time.time()),  # RFC 8514: saved here, now
                          bits=bits,
                          keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)

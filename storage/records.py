@@ -68,11 +68,15 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     # RFC 8474 EMAILID, set on a copy or move to the original's (storage/objectid.py); None:
     # the message is its own original, its id is made from its file's unique base
     email_id: str | None = msgspec.field(name="ei", default=None)
+    # RFC 8514 SAVEDATE: when it was saved into this mailbox (seconds); None in records
+    # written before it was kept, which answer with the internal date
+    saved: float | None = msgspec.field(name="sv", default=None)
 
     @classmethod
-    def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float) -> MessageRecord:
+    def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float,
+           saved: float | None = None) -> MessageRecord:
         return cls(base=base, size=size, internal_date=internal_date, sent=parsed.sent, sent_day=parsed.sent_day,
-                   envelope=parsed.envelope, structure=parsed.structure)
+                   envelope=parsed.envelope, structure=parsed.structure, saved=saved)
 
 
 class MessageFile(msgspec.Struct):
@@ -88,6 +92,17 @@ class ObjectIds(msgspec.Struct):
 
     base: str = msgspec.field(name="b")
     email_id: str | None = msgspec.field(name="ei", default=None)
+
+
+class SaveDate(msgspec.Struct):
+    """The part of a `msgs` record SEARCH SAVEDBEFORE/ON/SINCE reads (RFC 8514)."""
+
+    internal_date: float = msgspec.field(name="d")
+    saved: float | None = msgspec.field(name="sv", default=None)
+
+    @property
+    def seconds(self) -> float:
+        return self.saved if self.saved is not None else self.internal_date
 
 
 class MailboxRecord(msgspec.Struct, kw_only=True):
@@ -118,7 +133,8 @@ class Usage(msgspec.Struct):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
-    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, ObjectIds, MailboxRecord, Usage)
+    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, MessageFile, ObjectIds, SaveDate, MailboxRecord,
+                                                       Usage)
 }
 
 

@@ -11,6 +11,7 @@ already turned into UIDs; \\Recent, NEW and OLD are the session's and stay in im
     ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", string)
     ("header", field-name, string)
     ("emailid"|"threadid", objectid)                   RFC 8474
+    ("savedbefore"|"savedon"|"savedsince", date)  ("savedatesupported",)   RFC 8514
     ("not", q)  ("or", q1, q2)  ("and", [q, ...])
 
 Flags, dates and sizes come from each message's fixed-size record. Strings are IMAP
@@ -31,7 +32,7 @@ import lmdb
 from storage import fts, maildir, objectid
 from storage.errors import SearchError
 from storage.messages import all_uids, entries, normalize_ranges, unseen_uids
-from storage.records import NO_DATE, Entry, ObjectIds, decode, get_mailbox
+from storage.records import NO_DATE, Entry, ObjectIds, SaveDate, decode, get_mailbox
 from storage.shard import Shard, uid_key
 
 TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
@@ -102,6 +103,10 @@ class _Evaluation:
             return self._flag(query[1], query[2], domain)
         if kind in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
             return self._date(kind, query[1], domain)
+        if kind in ("savedbefore", "savedon", "savedsince"):
+            return self._saved(kind[5:], query[1], domain)
+        if kind == "savedatesupported":
+            return set(domain)  # RFC 8514 §4: every mailbox keeps save dates
         if kind == "larger":
             return {uid for uid in domain if self.entries[uid].size > query[1]}
         if kind == "smaller":
@@ -206,6 +211,19 @@ class _Evaluation:
             if not result:
                 break
         return (result or set()) | overflow, False
+
+    def _saved(self, op: str, date: datetime.date, within: set[int]) -> set[int]:
+        day = (date - datetime.date(1970, 1, 1)).days
+        out = set()
+        for uid in within:
+            raw = self.txn.get(uid_key(self.mailbox_id, uid), db=self.shard.db["msgs"])
+            if raw is None:
+                continue
+            saved_day = int(decode(raw, SaveDate).seconds // 86400)
+            if (op == "before" and saved_day < day) or (op == "on" and saved_day == day) or \
+                    (op == "since" and saved_day >= day):
+                out.add(uid)
+        return out
 
     def _email_id(self, uid: int) -> str:
         raw = self.txn.get(uid_key(self.mailbox_id, uid), db=self.shard.db["msgs"])
