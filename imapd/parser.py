@@ -42,7 +42,7 @@ LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
 LIST_RETURN = {"SUBSCRIBED": "subscribed", "CHILDREN": "children", "SPECIAL-USE": "special_use"}  # and STATUS
 FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
                               "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ",
-                              "EMAILID", "THREADID", "SAVEDATE"})
+                              "EMAILID", "THREADID", "SAVEDATE", "PREVIEW"})
 FETCH_MACROS = {
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
@@ -270,7 +270,7 @@ def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
     elif isinstance(what, t.Group):
         if not what.items:
             raise ParseError("empty fetch item list")
-        items = tuple(_fetch_item(tok) for tok in what.items)
+        items = _fetch_items(what.items)
     else:
         items = (_fetch_item(what),)
     changedsince = None
@@ -293,6 +293,25 @@ def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
             raise ParseError("VANISHED needs UID FETCH and CHANGEDSINCE")
     return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, vanished=vanished,
                    uid=_is_uid(name))
+
+
+def _fetch_items(tokens: tuple) -> tuple[FetchItem, ...]:
+    """The items of a parenthesized FETCH list; PREVIEW may be followed by its modifiers,
+    `PREVIEW (LAZY)` (RFC 8970 §3)."""
+    items: list[FetchItem] = []
+    tokens = t.Args(tokens)
+    while tokens.more():
+        item = _fetch_item(tokens.take("fetch item"))
+        if item.name == "PREVIEW" and isinstance(tokens.peek(), t.Group):
+            modifiers = t.group(tokens.take("PREVIEW modifiers"), "PREVIEW modifiers")
+            if not modifiers:
+                raise ParseError("empty PREVIEW modifier list")
+            for modifier in modifiers:
+                if t.atom(modifier, "PREVIEW modifier").upper() != "LAZY":
+                    raise ParseError("unknown PREVIEW modifier")
+            item = FetchItem("PREVIEW", lazy=True)
+        items.append(item)
+    return tuple(items)
 
 
 def _modifiers(tok: t.Token, what: str) -> list[tuple[str, t.Token]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import replace
 from imapd import fetch as fetching
 from imapd import qresync
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
@@ -28,6 +29,7 @@ from storage import SearchError
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
+LAZY_PREVIEWS = 100  # previews made after a FETCH PREVIEW (LAZY) answered NIL, at most
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
 
 
@@ -197,6 +199,7 @@ async def fetch(session: SessionState, command: Fetch):
     # FETCH_BYTES are pending, written, and the next part waits for the client to read.
     batch = FLAGS_BATCH if flags_only else FETCH_BATCH
     recent = frozenset(view.recent)
+    previews = _previews_wanted(items)
     position = 0
     while position < len(uids):
         chunk = uids[position:position + batch]
@@ -211,13 +214,38 @@ async def fetch(session: SessionState, command: Fetch):
             done = len(chunk)
         else:
             lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
-                                                  changedsince, view.seq_of, recent)
+                                                  changedsince, view.seq_of, recent, previews)
         for line in lines:
             if line:
                 session.conn.write(line)
         position += done
         await session.conn.drain()
+    if previews is not None and previews.later:
+        # RFC 8970 §3.1: LAZY answered NIL for these; made now, in the background, so a
+        # later FETCH finds them (the command does not wait)
+        asyncio.ensure_future(session.context.run(_make_previews, store, previews.later[:LAZY_PREVIEWS]))
     return None
+
+
+class _Previews:
+    """What FETCH PREVIEW asks: `lazy`, and the messages LAZY left without one (`later`)."""
+
+    def __init__(self, lazy: bool):
+        self.lazy = lazy
+        self.later: list[storage.MessageInfo] = []
+
+
+def _previews_wanted(items: list[FetchItem]) -> _Previews | None:
+    asked = [item for item in items if item.name == "PREVIEW"]
+    return _Previews(all(item.lazy for item in asked)) if asked else None
+
+
+def _make_previews(store: storage.Store, infos: list[storage.MessageInfo]) -> None:
+    for info in infos:
+        try:
+            store.preview(info)
+        except Exception:  # noqa: BLE001 - expunged meanwhile, or unreadable: made next time
+            pass
 
 
 def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
@@ -247,7 +275,7 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+                  recent: frozenset[int], previews: _Previews | None = None) -> tuple[list[bytes], int]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
     about FETCH_BYTES are rendered; also how many of `uids` they answer."""
     lines: list[bytes] = []
@@ -260,6 +288,11 @@ def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[i
         seq = seq_of(info.uid)
         if seq is None:
             continue
+        if previews is not None and info.preview is None:  # a record from before previews were kept
+            if previews.lazy:
+                previews.later.append(info)
+            else:
+                info = replace(info, preview=store.preview(info))
         body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
         pending += len(lines[-1])

@@ -114,6 +114,7 @@ class SessionState:
             caps += ["QRESYNC"]  # RFC 7162
             caps += ["OBJECTID"]  # RFC 8474
             caps += ["SAVEDATE"]  # RFC 8514
+            caps += ["PREVIEW"]  # RFC 8970
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

@@ -65,12 +65,13 @@ class FetchItem:
     """One FETCH data item. `name` is one of: UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE
     BODYSTRUCTURE BODY (the non-extensible structure) MODSEQ RFC822 RFC822.HEADER
     RFC822.TEXT BODY[] (a section fetch: `section` is set). `peek` is BODY.PEEK[...]'s;
-    `partial` is <origin.count>."""
+    `partial` is <origin.count>. PREVIEW (RFC 8970) is `lazy` with its (LAZY) modifier."""
 
     name: str
     section: Section | None = None
     peek: bool = False
     partial: tuple[int, int] | None = None
+    lazy: bool = False
 
 
 @dataclass(frozen=True)

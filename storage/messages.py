@@ -101,6 +101,7 @@ class MessageInfo:
     base: str = ""  # its file's unique base (storage/maildir.py)
     stored_email_id: str | None = None  # the original's EMAILID, for a copy (storage/objectid.py)
     saved: float | None = None  # RFC 8514 SAVEDATE, seconds (the internal date in old records)
+    preview: str | None = None  # RFC 8970 PREVIEW; None until made (Store.preview)
 
     @property
     def email_id(self) -> str:
@@ -248,7 +249,7 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
             account=account, mailbox_id=mailbox_id, uid=uid, modseq=e.modseq, flags=flag_names(e.bits, e.keywords),
             internal_date=record.internal_date, size=record.size, sent=record.sent, envelope=record.envelope,
             structure=record.structure, base=record.base, stored_email_id=record.email_id,
-            saved=record.saved if record.saved is not None else record.internal_date,
+            saved=record.saved if record.saved is not None else record.internal_date, preview=record.preview,
         ))
     return out
 

@@ -71,12 +71,15 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     # RFC 8514 SAVEDATE: when it was saved into this mailbox (seconds); None in records
     # written before it was kept, which answer with the internal date
     saved: float | None = msgspec.field(name="sv", default=None)
+    # RFC 8970 PREVIEW, made at delivery; None in records written before, until a FETCH
+    # PREVIEW makes it (Store.preview)
+    preview: str | None = msgspec.field(name="pv", default=None)
 
     @classmethod
     def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float,
            saved: float | None = None) -> MessageRecord:
         return cls(base=base, size=size, internal_date=internal_date, sent=parsed.sent, sent_day=parsed.sent_day,
-                   envelope=parsed.envelope, structure=parsed.structure, saved=saved)
+                   envelope=parsed.envelope, structure=parsed.structure, saved=saved, preview=parsed.preview)
 
 
 class MessageFile(msgspec.Struct):

@@ -21,16 +21,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from storage import dedupe as duplicates
 from storage import fts, mailboxes, messages, records, search, settle, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, MailboxExistsError, StoreError
+from storage.fileview import FileView
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
+from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.records import Usage
-from storage.shard import Shard
+from storage.shard import Shard, uid_key
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -337,6 +341,26 @@ class Store:
             except FileNotFoundError:
                 continue
         raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
+
+    def preview(self, message: MessageInfo) -> str:
+        """RFC 8970 PREVIEW of a message whose record has none (written before previews were
+        made at delivery): made from its file, and kept in its record for the next FETCH.
+        The write is queued, not waited for: the FETCH that asked has its answer."""
+        with self.open_message(message) as file:
+            text = parse_message(FileView(file.fileno(), message.size)).preview
+        shard = self.shard(message.account)
+
+        def remember(txn, batch):
+            record = records.get_message(txn, shard, message.mailbox_id, message.uid)
+            if record is not None and record.preview is None:
+                txn.put(uid_key(message.mailbox_id, message.uid),
+                        records.encode(msgspec.structs.replace(record, preview=text)), db=shard.db["msgs"])
+
+        try:
+            shard.submit(remember)
+        except StoreError:
+            pass  # closing: made again next time
+        return text
 
     def read_message(self, message: MessageInfo) -> bytes:
         with self.open_message(message) as f:
