@@ -22,7 +22,9 @@ from imapd.syntax import QResync, SequenceSet
 from imapd.view import View
 from storage.messages import normalize_ranges
 
-MAX_RANGES_PER_LINE = 1000  # a long VANISHED is sent as several lines of at most this many ranges
+# A long VANISHED goes as several lines of about this many octets (RFC 7162 §4 updates
+# RFC 2683: clients should take lines of 8,192 octets; Dovecot and mox send less too)
+MAX_LINE = 4000
 
 Ranges = list[tuple[int, int]]
 
@@ -71,8 +73,19 @@ def as_ranges(uids: Iterable[int]) -> Ranges:
 def vanished_lines(ranges: Ranges, *, earlier: bool) -> list[str]:
     """`VANISHED [(EARLIER)] set` responses for the ranges, none when they are empty."""
     head = "VANISHED (EARLIER) " if earlier else "VANISHED "
-    return [head + ",".join(f"{a}:{b}" if a != b else str(a) for a, b in ranges[i:i + MAX_RANGES_PER_LINE])
-            for i in range(0, len(ranges), MAX_RANGES_PER_LINE)]
+    lines: list[str] = []
+    current: list[str] = []
+    size = 0
+    for low, high in ranges:
+        text = f"{low}:{high}" if low != high else str(low)
+        if current and size + len(text) + 1 > MAX_LINE:
+            lines.append(head + ",".join(current))
+            current, size = [], 0
+        current.append(text)
+        size += len(text) + 1
+    if current:
+        lines.append(head + ",".join(current))
+    return lines
 
 
 # -- SELECT (QRESYNC ...) ----------------------------------------------------------------------

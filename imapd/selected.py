@@ -86,7 +86,7 @@ async def expunge(session: SessionState, command: Expunge):
     removed = await session.run_store(session.context.store.expunge, *args)
     announce_expunged(session, removed)
     session.log.info("expunge", mailbox=view.name, count=len(removed))
-    if session.qresync:
+    if session.condstore:
         # RFC 7162 §3.2.10: the MODSEQ the expunge reached, for the client's next QRESYNC
         mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
         return f"HIGHESTMODSEQ {mailbox.highestmodseq}", f"{command.name} completed"
@@ -437,7 +437,10 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         _, current, _ = await session.run_store(store.uids, session.user, view.name)
         there = set(current)
         expunged = [uid for uid in view.uids if uid not in there]
-    view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
+    waiting = [uid for uid in expunged if view.seq_of(uid) is not None and uid not in view.pending]
+    if waiting and not view.pending:
+        view.pending_since = view.modseq  # told so far: below any of these expunges' MODSEQ
+    view.pending.update(waiting)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
@@ -453,3 +456,7 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         session.untagged(f"{seq} FETCH (UID {state.uid} FLAGS ({flags}){modseq})")
     view.in_step(max(view.modseq, mailbox.highestmodseq))
     view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
+    if view.pending and session.condstore:
+        # RFC 7162 §3.2: MODSEQs were shown while expunges wait to be told; a client that
+        # resynchronizes from the last HIGHESTMODSEQ it saw must not skip them.
+        session.untagged(f"OK [HIGHESTMODSEQ {view.pending_since}] expunges are still to be told")

@@ -112,6 +112,25 @@ def test_uid_fetch_vanished_and_vanished_instead_of_expunge(server, user):
         "VANISHED (EARLIER) 2"
 
 
+def test_withheld_expunges_lower_the_highestmodseq_a_client_keeps(server, user):
+    for i in range(3):
+        server.deliver(user, subject=f"m{i}")
+    imap = qresync_session(server, user)
+    imap.transact("ok", "SELECT INBOX")
+    told = imap.session.view.modseq
+    expunge_uids(server, user, 1)
+    server.store.store_flags(user, "INBOX", [(2, 2)], "add", ["\\Flagged"])
+    # FETCH may not announce the expunge (RFC 3501 §7.4.1), but shows a MODSEQ above it: the
+    # HIGHESTMODSEQ the client is left with must be below the expunge's (RFC 7162 §3.2).
+    reply = imap.transact("ok", "FETCH 2 (MODSEQ)")
+    assert not [line for line in reply.untagged if "VANISHED" in line]
+    assert reply.untagged[-1] == f"OK [HIGHESTMODSEQ {told}] expunges are still to be told"
+    modseqs = [int(m) for m in re.findall(r"MODSEQ \((\d+)\)", " ".join(reply.untagged))]
+    assert modseqs and min(modseqs) > told
+    reply = imap.transact("ok", "NOOP")
+    assert reply.untagged == ["VANISHED 1"]
+
+
 def test_the_expunge_history_is_bounded_and_answers_beyond_it(server, user, monkeypatch):
     monkeypatch.setattr(vanished, "MAX_HISTORY", 3)
     for i in range(10):
@@ -160,8 +179,12 @@ def test_ranges_arithmetic():
     assert qresync.uid_ranges(SequenceSet(((5, None), (1, 2))), 7) == [(1, 2), (5, 7)]
     assert qresync.uid_ranges(None, 0) == []
     assert qresync.above([(1, 3), (5, 9)], 6) == [(7, 9)]
-    lines = qresync.vanished_lines([(i * 3, i * 3) for i in range(1, 2502)], earlier=False)
-    assert len(lines) == 3 and all(line.startswith("VANISHED 3") or line.startswith("VANISHED ") for line in lines)
+    spread = [(i * 3, i * 3 + (i % 2)) for i in range(1, 5000)]
+    lines = qresync.vanished_lines(spread, earlier=True)
+    assert len(lines) > 1 and all(len(line) <= qresync.MAX_LINE + len("VANISHED (EARLIER) ") for line in lines)
+    told = ",".join(line[len("VANISHED (EARLIER) "):] for line in lines)
+    assert told == ",".join(f"{a}:{b}" if a != b else str(a) for a, b in spread)
+    assert qresync.vanished_lines([], earlier=False) == []
 
 
 def test_a_mailbox_record_written_before_the_history_bound_opens():
