@@ -110,6 +110,10 @@ def test_uid_fetch_vanished_and_vanished_instead_of_expunge(server, user):
     # RFC 7162 §3.2.6: only UIDs of the set asked for.
     assert second.transact("ok", f"UID FETCH 2:4 (FLAGS) (CHANGEDSINCE {modseq} VANISHED)").untagged[0] == \
         "VANISHED (EARLIER) 2"
+    # MOVE (RFC 6851 §4.2) announces what left with VANISHED too
+    reply = second.transact("ok", "UID MOVE 3 Archive")
+    assert reply.untagged[-1] == "VANISHED 3" and not reply.named("EXPUNGE")
+    assert first.transact("ok", "NOOP").untagged == ["VANISHED 3"]
 
 
 def test_withheld_expunges_lower_the_highestmodseq_a_client_keeps(server, user):
