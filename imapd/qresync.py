@@ -20,7 +20,6 @@ from imapd.answers import bad
 from imapd.state import SessionState
 from imapd.syntax import QResync, SequenceSet
 from imapd.view import View
-from storage.messages import normalize_ranges
 
 # A long VANISHED goes as several lines of about this many octets (RFC 7162 §4 updates
 # RFC 2683: clients should take lines of 8,192 octets; Dovecot and mox send less too)
@@ -38,6 +37,17 @@ def uid_ranges(sequence: SequenceSet | None, highest: int) -> Ranges:
         return []
     spans = [(1, highest)] if sequence is None else sequence.resolve(highest)
     return [(low, min(high, highest)) for low, high in normalize_ranges(spans) if low <= highest]
+
+
+def normalize_ranges(spans: Iterable[tuple[int, int]]) -> Ranges:
+    """Ascending, disjoint, each low <= high: "3:1" and overlaps ("1:3,2:5") are allowed."""
+    merged: Ranges = []
+    for low, high in sorted((min(a, b), max(a, b)) for a, b in spans):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
 
 
 def contains(ranges: Ranges, uid: int) -> bool:

@@ -178,6 +178,7 @@ def test_the_expunge_history_is_bounded_and_answers_beyond_it(server, user, monk
 
 
 def test_ranges_arithmetic():
+    assert qresync.normalize_ranges([(9, 7), (1, 3), (2, 5), (6, 6)]) == [(1, 9)]
     assert qresync.without([(1, 10)], [2, 3, 5, 10]) == [(1, 1), (4, 4), (6, 9)]
     assert qresync.without([(1, 4294967295)], [7]) == [(1, 6), (8, 4294967295)]
     assert qresync.uid_ranges(SequenceSet(((5, None), (1, 2))), 7) == [(1, 2), (5, 7)]
