@@ -38,21 +38,16 @@ def prune(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, state: MailboxRe
     if excess <= 0:
         return
     cursor = txn.cursor(db=shard.db["expunged"])
-    if not cursor.set_range(modseq_key(mailbox_id, 0, 0)):
-        return
+    found = cursor.set_range(modseq_key(mailbox_id, 0, 0))
     while excess > 0:
-        key = cursor.key()
-        if not key:
-            break
-        box, modseq, _ = unpack_modseq_key(key)
-        if box != mailbox_id:
-            break
-        state.expunged_floor = max(state.expunged_floor, modseq)
+        key = cursor.key() if found else b""
+        if not key or unpack_modseq_key(key)[0] != mailbox_id:
+            state.expunged_count = 0  # fewer keys than counted: none is left
+            return
+        state.expunged_floor = max(state.expunged_floor, unpack_modseq_key(key)[1])
         excess -= 1
         state.expunged_count -= 1
-        if not cursor.delete():
-            break
-    state.expunged_count = max(state.expunged_count, 0)
+        found = cursor.delete()
 
 
 def since(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, state: MailboxRecord, modseq: int

@@ -14,7 +14,8 @@ from imap_script import ScriptServer
 from imapd import qresync
 from imapd.syntax import SequenceSet
 from storage import vanished
-from storage.records import MailboxRecord, decode
+from storage.check import rebuild
+from storage.records import MailboxRecord, decode, encode
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +197,44 @@ def test_a_mailbox_record_written_before_the_history_bound_opens():
     old = b'{"account":"a@example.test","name":"INBOX","uidnext":5,"modseq":9,"exists":2}'
     record = decode(old, MailboxRecord)
     assert (record.expunged_count, record.expunged_floor) == (0, 0)
+
+
+def test_after_a_rebuild_a_client_from_before_hears_what_was_lost(server, user):
+    """`store rebuild` starts the index again from the files: the expunge history is gone,
+    and so is a message whose file was lost. A client that synchronized before must be
+    told it vanished, not that nothing did."""
+    for i in range(3):
+        server.deliver(user, subject=f"m{i}")
+    uidvalidity, modseq = state(server, user)
+    shard = server.store.shard(user)
+    (lost,) = (shard.mailbox_dir(user, uidvalidity) / "cur").glob("*,U=2,*")
+    lost.unlink()
+    assert rebuild(server.store, user)["messages"] >= 3 - 1
+    assert state(server, user)[0] == uidvalidity
+    imap = qresync_session(server, user)
+    reply = imap.transact("ok", f"EXAMINE INBOX (QRESYNC ({uidvalidity} {modseq}))")
+    assert "VANISHED (EARLIER) 2" in reply.untagged
+    assert len([line for line in reply.untagged if " FETCH (" in line]) == 2  # new MODSEQs for the rest
+
+
+def test_a_count_above_the_keys_left_does_not_empty_the_history_for_good(server, user):
+    """A mailbox record counting more history than the index holds (an index from before
+    the count, keys dropped by hand) is set right by the first prune, not pruned at every
+    expunge from then on."""
+    for i in range(4):
+        server.deliver(user, subject=f"m{i}")
+    uidvalidity, _ = state(server, user)
+    shard = server.store.shard(user)
+
+    def inflate(txn, batch):
+        record = decode(txn.get(uidvalidity.to_bytes(4, "big"), db=shard.db["mailboxes"]), MailboxRecord)
+        record.expunged_count = vanished.MAX_HISTORY + 1000
+        txn.put(uidvalidity.to_bytes(4, "big"), encode(record), db=shard.db["mailboxes"])
+
+    shard.write(inflate)
+    expunge_uids(server, user, 1)  # prunes what there is, and learns there is nothing left
+    expunge_uids(server, user, 2)
+    with shard.read() as txn:
+        record = decode(txn.get(uidvalidity.to_bytes(4, "big"), db=shard.db["mailboxes"]), MailboxRecord)
+        kept = vanished.since(txn, shard, uidvalidity, record, record.expunged_floor)
+    assert record.expunged_count == 1 and [uid for _, uid in kept] == [2]
