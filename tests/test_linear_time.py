@@ -287,6 +287,9 @@ PARSER_CASES = [
     Case("a sequence set", line(lambda n: b"a UID FETCH " + b"4294967295:4294967295," * n + b"3 FLAGS"), parse, 2000),
     Case("modified UTF-7", line(lambda n: b"a SELECT " + b"&AOk-x&-" * n), parse, 2000),
     Case("flags", line(lambda n: b"a STORE 1 +FLAGS (" + b"\\Seen $Junk " * n + b")"), parse, 2000),
+    Case("QRESYNC sequence match data", line(lambda n: b"a SELECT x (QRESYNC (1 2 1:9 (" + b"1:2," * n + b"3 "
+                                             + b"5:6," * n + b"7)))"), parse, 1500),
+    Case("PREVIEW modifiers", line(lambda n: b"a FETCH 1 (" + b"PREVIEW (LAZY) " * n + b")"), parse, 1500),
 ]
 
 
