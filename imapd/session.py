@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, selected
+from imapd import mailboxes, searching, selected
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -227,8 +227,13 @@ STATES: dict[str, dict[str, Handler]] = {
         "UNSELECT": selected.unselect,
         "EXPUNGE": selected.expunge,
         "UID EXPUNGE": selected.expunge,
-        "SEARCH": selected.search,
-        "UID SEARCH": selected.search,
+        "SEARCH": searching.search,
+        "UID SEARCH": searching.search,
+        "SORT": searching.sort,
+        "UID SORT": searching.sort,
+        "THREAD": searching.thread,
+        "UID THREAD": searching.thread,
+        "CANCELUPDATE": searching.cancelupdate,
         "FETCH": selected.fetch,
         "UID FETCH": selected.fetch,
         "STORE": selected.store,
