@@ -19,7 +19,7 @@ import functools
 from bisect import bisect_left
 from collections.abc import Iterable
 from imapd import fetch as fetching
-from imapd import searching
+from imapd import qresync, searching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.mailboxes import SYSTEM_FLAGS
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Store
@@ -32,6 +32,7 @@ FETCH_BATCH = 256  # messages per store read while answering FETCH
 INDEX_BATCH = 2048  # the same when no item needs the message file (fetch.index_only)
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
+LAZY_PREVIEWS = 100  # previews made after a FETCH PREVIEW (LAZY) answered NIL, at most
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY", "SORT", "THREAD"}  # and RFC 5256 §3, §4
 
 
@@ -88,13 +89,25 @@ async def expunge(session: SessionState, command: Expunge):
     removed = await session.run_store(session.context.store.expunge, *args)
     announce_expunged(session, removed)
     session.log.info("expunge", mailbox=view.name, count=len(removed))
+    if session.condstore:
+        # RFC 7162 §3.2.10: the MODSEQ the expunge reached, for the client's next QRESYNC
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+        return f"HIGHESTMODSEQ {mailbox.highestmodseq}", f"{command.name} completed"
     return None
 
 
 def announce_expunged(session: SessionState, uids: Iterable[int]) -> None:
+    """EXPUNGE for each message removed, or one VANISHED of their UIDs once QRESYNC is
+    enabled (RFC 7162 §3.2.10: sequence numbers shift all the same)."""
     view = require_view(session)
     uids = list(uids)
     searching.before_expunge(session, uids)  # RFC 5267 §4.3: REMOVEFROM before the EXPUNGEs
+    if session.qresync:
+        gone = [uid for uid in uids if view.seq_of(uid) is not None]
+        view.expunge_now(uids)
+        for line in qresync.vanished_lines(qresync.as_ranges(gone), earlier=False):
+            session.untagged(line)
+        return
     for seq in view.expunge_now(uids):
         session.untagged(f"{seq} EXPUNGE")
 
@@ -111,6 +124,9 @@ async def fetch(session: SessionState, command: Fetch):
         items.insert(0, FetchItem("UID"))
     if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
         items.append(FetchItem("MODSEQ"))
+    if command.vanished:
+        qresync.require_enabled(session)
+        await qresync.on_fetch(session, view, command.sequence, changedsince)
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
@@ -132,6 +148,7 @@ async def fetch(session: SessionState, command: Fetch):
     batch = FLAGS_BATCH if flags_only else INDEX_BATCH if fetching.index_only(items) else FETCH_BATCH
     recent = frozenset(view.recent)
     listing = None
+    previews = _previews_wanted(items)
     position = 0
     gone = 0  # messages of the view expunged in the store meanwhile (by another session)
     while position < len(uids):
@@ -154,7 +171,8 @@ async def fetch(session: SessionState, command: Fetch):
             done, missing = len(chunk), 0
         else:
             lines, done, missing, keywords = await session.run_store(
-                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent)
+                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent,
+                previews)
             if not keywords <= view.keywords:
                 await announce_keywords(session, view)
         # One write for the batch: a write per response line costs the transport more than
@@ -163,11 +181,36 @@ async def fetch(session: SessionState, command: Fetch):
         position += done
         gone += missing
         await session.conn.drain()
+    if previews is not None and previews.later:
+        # RFC 8970 §3.1: LAZY answered NIL for these; made now, in the background, so a
+        # later FETCH finds them (the command does not wait)
+        asyncio.ensure_future(session.context.run(_make_previews, store, previews.later[:LAZY_PREVIEWS]))
     if gone:
         # RFC 2180 §4.1.2: the others are answered, the command ends NO; the client hears the
         # EXPUNGE when it may (a NOOP), RFC 5530's code says why. Not a fault of ours.
         raise no("some of the requested messages no longer exist", "EXPUNGEISSUED")
     return None
+
+
+class _Previews:
+    """What FETCH PREVIEW asks: `lazy`, and the messages LAZY left without one (`later`)."""
+
+    def __init__(self, lazy: bool):
+        self.lazy = lazy
+        self.later: list[storage.MessageInfo] = []
+
+
+def _previews_wanted(items: list[FetchItem]) -> _Previews | None:
+    asked = [item for item in items if item.name == "PREVIEW"]
+    return _Previews(all(item.lazy for item in asked)) if asked else None
+
+
+def _make_previews(store: storage.Store, infos: list[storage.MessageInfo]) -> None:
+    for info in infos:
+        try:
+            store.preview(info)
+        except Exception:  # noqa: BLE001 - expunged meanwhile, or unreadable: made next time
+            pass
 
 
 def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
@@ -267,7 +310,8 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int, int, set[str]]:
+                  recent: frozenset[int], previews: _Previews | None = None
+                  ) -> tuple[list[bytes], int, int, set[str]]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
     about FETCH_BYTES are rendered; also how many of `uids` they answer, how many of
     those the store no longer has (expunged before the index was read, or before the
@@ -288,6 +332,11 @@ def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[i
         seq = seq_of(info.uid)
         if seq is None:
             continue
+        if previews is not None and info.preview is None:  # a record from before previews were kept
+            if previews.lazy:
+                previews.later.append(info)
+            else:
+                info.preview = store.preview(info)
         try:
             body = fetching.render(info, items, lambda info=info: store.open_message(info),
                                    recent=info.uid in recent)
@@ -445,7 +494,16 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         return
     if unannounced(view, mailbox.keywords):  # another session brought a keyword in
         await announce_keywords(session, view, mailbox)
-    view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
+    if view.modseq < mailbox.expunged_floor:
+        # The bounded expunge history forgot part of what this session missed: what it
+        # holds and the store does not is what vanished (storage/vanished.py).
+        _, current, _ = await session.run_store(store.uids, session.user, view.name)
+        there = set(current)
+        expunged = [uid for uid in view.uids if uid not in there]
+    waiting = [uid for uid in expunged if view.seq_of(uid) is not None and uid not in view.pending]
+    if waiting and not view.pending:
+        view.pending_since = view.modseq  # told so far: below any of these expunges' MODSEQ
+    view.pending.update(waiting)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
@@ -464,3 +522,7 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         await searching.refresh(session)
     view.in_step(max(view.modseq, mailbox.highestmodseq))
     view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
+    if view.pending and session.condstore:
+        # RFC 7162 §3.2: MODSEQs were shown while expunges wait to be told; a client that
+        # resynchronizes from the last HIGHESTMODSEQ it saw must not skip them.
+        session.untagged(f"OK [HIGHESTMODSEQ {view.pending_since}] expunges are still to be told")

@@ -35,6 +35,8 @@ from storage.fileview import FileView
 MAX_DEPTH = 20
 MAX_PARTS = 1000
 MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
+PREVIEW_CHARS = 256  # RFC 8970 §3.1: a preview is at most 256 characters
+PREVIEW_SCAN = 16_384  # characters of the first text part a preview is made from
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _HEADER_PARSER = HeaderParser(policy=compat32)
@@ -127,6 +129,7 @@ class ParsedMessage(NamedTuple):
     fields: dict[str, str]  # decoded subject, from, to, cc, bcc, by header name
     headers: str  # every top-level header line, decoded
     body: str  # decoded text of the text parts
+    preview: str = ""  # RFC 8970 PREVIEW: the start of the first text part (make_preview)
 
 
 class _Budget:
@@ -134,6 +137,7 @@ class _Budget:
         self.parts = 0
         self.text: list[str] = []
         self.text_chars = 0
+        self.first_text: str | None = None  # of the first text part: the preview's source
 
     def add_text(self, text: str) -> None:
         room = MAX_TEXT_CHARS - self.text_chars
@@ -164,7 +168,14 @@ def _parse_message(raw: Buffer) -> ParsedMessage:
               for name in INDEXED_FIELDS}
     headers = "\n".join(f"{name}: {decode_words(_clean(str(value)))}" for name, value in message.items())
     return ParsedMessage(envelope=envelope(message), structure=structure, sent=_sent_date(message),
-                         sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text))
+                         sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text),
+                         preview=make_preview(budget.first_text or ""))
+
+
+def make_preview(text: str) -> str:
+    """RFC 8970 §3: at most PREVIEW_CHARS characters of what a reader sees first, white
+    space (line breaks included) run together; only the start of the text is looked at."""
+    return " ".join(text[:PREVIEW_SCAN].split())[:PREVIEW_CHARS]
 
 
 def header_end(raw: Buffer, start: int, end: int) -> tuple[int, int]:
@@ -219,7 +230,10 @@ def _parse_part(raw: Buffer, start: int, end: int, default: tuple[str, str], dep
         enclosed = EnclosedMessage(envelope=envelope(inner_message), structure=inner)
         budget.add_text(_decoded_headers_text(inner_message))
     elif maintype == "text" and not _is_attachment(message):
-        budget.add_text(_decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype))
+        text = _decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype)
+        if budget.first_text is None:
+            budget.first_text = text
+        budget.add_text(text)
     disposition, language, location = _extension(message)
     part = BodyPart(
         type=maintype, subtype=subtype, params=params, header=(start, hdr_end), body=(body_start, end),

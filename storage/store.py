@@ -21,17 +21,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, metadata, recent, records, search, settle
+from storage import fts, mailboxes, messages, metadata, recent, records, search, settle, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, StoreError
+from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
+from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.records import Usage
-from storage.shard import Shard
+from storage.shard import Shard, uid_key
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -411,6 +415,26 @@ class Store:
                 continue
         raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
 
+    def preview(self, message: MessageInfo) -> str:
+        """RFC 8970 PREVIEW of a message whose record has none (written before previews were
+        made at delivery): made from its file, and kept in its record for the next FETCH.
+        The write is queued, not waited for: the FETCH that asked has its answer."""
+        with self.open_message(message) as file:
+            text = parse_message(FileView(file.fileno(), message.size)).preview
+        shard = self.shard(message.account)
+
+        def remember(txn, batch):
+            record = records.get_message(txn, shard, message.mailbox_id, message.uid)
+            if record is not None and record.preview is None:
+                txn.put(uid_key(message.mailbox_id, message.uid),
+                        records.encode(msgspec.structs.replace(record, preview=text)), db=shard.db["msgs"])
+
+        try:
+            shard.submit(remember)
+        except StoreError:
+            pass  # closing: made again next time
+        return text
+
     def read_message(self, message: MessageInfo) -> bytes:
         with self.open_message(message) as f:
             return f.read()
@@ -501,6 +525,18 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
+
+    def resync(self, account: str, mailbox: str, modseq: int
+               ) -> tuple[Mailbox, list[FlagState], list[tuple[int, int]] | None]:
+        """What QRESYNC reports to a client that last saw `modseq` (RFC 7162 §3.2.5): the
+        mailbox, messages changed since, and (MODSEQ, UID) of those expunged since, or None
+        when the bounded expunge history no longer reaches back that far (storage/vanished.py)."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            changed, _ = messages.changes_since(txn, shard, mailbox_id, modseq)
+            return mailboxes.to_mailbox(mailbox_id, state), changed, vanished.since(txn, shard, mailbox_id, state,
+                                                                                    modseq)
 
 
 def _all_failed(targets: list, error: BaseException) -> DeliveryError:
