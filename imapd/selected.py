@@ -193,8 +193,11 @@ async def fetch(session: SessionState, command: Fetch):
             lines = [flags_fetch_line(session, s, items, changedsince) for s in states]
             done = len(chunk)
         else:
-            lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
-                                                  changedsince, view.seq_of, recent)
+            try:
+                lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
+                                                      changedsince, view.seq_of, recent)
+            except fetching.UnknownEncodingError as e:
+                raise no(f"cannot decode content transfer encoding {str(e)[:40]!r}", "UNKNOWN-CTE") from None
         for line in lines:
             if line:
                 session.conn.write(line)

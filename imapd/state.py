@@ -18,11 +18,10 @@ from typing import Any, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
-from imapd.append import AppendLiteral, DroppedLiteral, LiteralStandIn
+from imapd.appending import AppendSinks
 from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, untagged_line
 from imapd.recent import RecentClaims
-from imapd.parser import Frame, parse_command
-from imapd.syntax import Append, ParseError
+from imapd.syntax import ParseError
 from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from policy.shares import FairShare
@@ -92,7 +91,8 @@ class SessionState:
         self.changed = False
         self.change_waiter: asyncio.Future | None = None
         self.ended = False
-        self._literal: AppendLiteral | None = None  # APPEND's message, streaming in
+        # APPEND's messages, streaming in (imapd/appending.py)
+        self.appending = AppendSinks(context.store, lambda: self.user, self.max_message_size)
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -110,6 +110,9 @@ class SessionState:
                      "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
+            caps += ["MULTIAPPEND"]  # RFC 3502
+            caps += ["BINARY"]  # RFC 3516
+            caps += ["CATENATE"]  # RFC 4469
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:
@@ -124,35 +127,17 @@ class SessionState:
             return MAX_LITERAL_BEFORE_LOGIN
         return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
 
-    def literal_sink(self, command: str, parts: list, size: int) -> AppendLiteral | DroppedLiteral | None:
-        """The framer asks, as a literal begins: APPEND's message, once logged in, goes into
-        the store as it arrives (imapd/append.py) instead of being held whole. Only the
-        literal in the message's place: the mailbox name may be a literal too (an astring,
-        RFC 3501 §6.3.11), and is held like any literal, within the framer's bounds."""
+    def literal_sink(self, command: str, parts: list, size: int):
+        """The framer asks, as a literal begins: APPEND's messages, once logged in, go into
+        the store as they arrive (imapd/appending.py) instead of being held whole. Only the
+        literals of messages: the mailbox name may be a literal too (an astring, RFC 3501
+        §6.3.11), and is held like any literal, within the framer's bounds."""
         if command != "APPEND" or self.state == NOT_AUTHENTICATED or _names_the_mailbox(parts):
             return None
-        stand_in = LiteralStandIn(size)
-        try:
-            head = parse_command(Frame([*parts, stand_in, b""]))
-        except ParseError:
-            return DroppedLiteral()  # the command will be refused for its head: read and drop
-        if not isinstance(head, Append) or head.message is not stand_in:
-            return None  # not the message: held, and the command answered for it
-        self.drop_literal()
-        self._literal = AppendLiteral(self.context.store, self.user, head.mailbox, flags=head.flags,
-                                      internal_date=head.date.timestamp() if head.date else None,
-                                      limit=self.max_message_size())
-        return self._literal
-
-    def take_literal(self, literal: AppendLiteral) -> None:
-        """APPEND runs with its streamed message: the command owns it from now on."""
-        if literal is self._literal:
-            self._literal = None
+        return self.appending.sink(parts, size)
 
     def drop_literal(self) -> None:
-        if self._literal is not None:
-            self._literal.close()
-            self._literal = None
+        self.appending.close()
 
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()

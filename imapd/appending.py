@@ -1,0 +1,153 @@
+"""APPEND in all its forms (RFC 3501 §6.3.11): one message or several (RFC 3502 MULTIAPPEND),
+each a literal, a literal8 (RFC 3516 §4.4), `UTF8 (~{n})` (RFC 6855 §4) or CATENATE's TEXT
+and URL parts (RFC 4469), with APPENDUID (RFC 4315) and APPENDLIMIT (RFC 7889).
+
+Every literal is streamed into the store as it arrives (imapd/append.py, imapd/catenate.py):
+`AppendSinks.sink` is what the framer asks as each literal of an APPEND begins. It parses the
+command's head so far (imapd.parser, `partial=True`: a CATENATE list may still be open) with
+a stand-in for the literal, and answers with the sink for the message it belongs to.
+
+All or nothing (RFC 3502 §6.3.11, RFC 4469 §5): every message is checked first (its
+mailbox, its size, its URLs resolved), then the deliveries are committed in order; if one
+fails after others were committed (a full disk, a quota reached meanwhile), those are
+removed again before the NO. A session watching the mailbox may then see them come and go,
+as it would see another client's APPEND and EXPUNGE: none is left.
+"""
+
+from __future__ import annotations
+
+from imapd.answers import Answer, bad, no, try_create
+from imapd.append import AppendLiteral, DroppedLiteral, LiteralStandIn
+from imapd.catenate import BadUrlError, CatenateMessage, TextPart
+from imapd.parser import Frame, parse_command
+from imapd.syntax import Append, AppendMessage, ParseError
+
+Builder = AppendLiteral | CatenateMessage
+
+
+class AppendSinks:
+    """The messages of the APPEND being read, streaming into the store: a session has one.
+    They belong to it until the command runs (`take`) or is dropped (`close`)."""
+
+    def __init__(self, store, account_of, limit_of):
+        self._store = store
+        self._account_of = account_of  # () -> the session's user
+        self._limit_of = limit_of  # () -> APPENDLIMIT
+        self._open: list[Builder] = []
+
+    def sink(self, parts: list, size: int) -> AppendLiteral | TextPart | DroppedLiteral | None:
+        if not any(not isinstance(p, bytes) for p in parts):
+            self.close()  # the first literal streamed of a new command: leftovers go
+        stand_in = LiteralStandIn(size)
+        try:
+            head = parse_command(Frame([*parts, stand_in, b""]), partial=True)
+        except ParseError:
+            self.close()
+            return DroppedLiteral()  # the command will be refused for its head: read and drop
+        if not isinstance(head, Append) or not head.messages:
+            return None
+        message = head.messages[-1]
+        options = {"flags": message.flags, "limit": self._limit_of(),
+                   "internal_date": message.date.timestamp() if message.date else None}
+        if message.message is stand_in:
+            literal = AppendLiteral(self._store, self._account_of(), head.mailbox, binary=message.binary, **options)
+            self._open.append(literal)
+            return literal
+        if message.catenate and message.catenate[-1] is stand_in:
+            before = message.catenate[:-1]
+            building = next((p.message for p in before if isinstance(p, TextPart)), None)
+            if building is None:
+                building = CatenateMessage(self._store, self._account_of(), head.mailbox, **options)
+                self._open.append(building)
+            return building.text(before, size)
+        return None  # not a message's literal: held, and the command answered for it
+
+    def take(self, command: Append) -> list[Builder]:
+        """The command runs: a builder for each of its messages, which it owns from now on
+        (made here for what was not streamed: URL-only CATENATE, a literal held)."""
+        builders: list[Builder] = []
+        try:
+            for message in command.messages:
+                builders.append(self._builder(command.mailbox, message))
+        except BaseException:
+            for builder in builders:
+                builder.close()
+            raise
+        finally:
+            self.close()
+        return builders
+
+    def _builder(self, mailbox: str, message: AppendMessage) -> Builder:
+        if isinstance(message.message, AppendLiteral):
+            self._open.remove(message.message)
+            return message.message
+        options = {"flags": message.flags, "limit": self._limit_of(),
+                   "internal_date": message.date.timestamp() if message.date else None}
+        if message.catenate is not None:
+            building = next((p.message for p in message.catenate if isinstance(p, TextPart)), None)
+            if building is None:
+                building = CatenateMessage(self._store, self._account_of(), mailbox, **options)
+            else:
+                self._open.remove(building)
+            building.parts(message.catenate)
+            return building
+        literal = AppendLiteral(self._store, self._account_of(), mailbox, binary=message.binary, **options)
+        literal.write(bytes(message.message))
+        return literal
+
+    def close(self) -> None:
+        for builder in self._open:
+            builder.close()
+        self._open = []
+
+
+async def append(session, command: Append):
+    builders = session.appending.take(command)
+    try:
+        try:  # the target first: TRYCREATE says more than a bad URL or size (RFC 4469 §5)
+            await session.run_store(session.context.store.mailbox, session.user, command.mailbox)
+        except Answer as answer:
+            raise try_create(answer) from None
+        for builder in builders:
+            await _check(session, builder)
+        delivered = []
+        try:
+            for builder in builders:
+                literal = _literal(builder)
+                delivered.append(await session.run_store(literal.commit))
+                session.log.info("append", mailbox=delivered[-1].mailbox, uid=delivered[-1].uid, size=literal.size)
+        except Answer as answer:
+            if delivered:  # all or nothing: those committed go again
+                await session.run_store(session.context.store.remove, session.user, delivered[0].mailbox,
+                                        [d.uid for d in delivered])
+                session.log.warning("append_withdrawn", mailbox=delivered[0].mailbox, count=len(delivered))
+            raise try_create(answer) from None
+    finally:
+        for builder in builders:
+            builder.close()
+    uids = ",".join(str(d.uid) for d in delivered)
+    return f"APPENDUID {delivered[0].uidvalidity} {uids}", "APPEND completed"
+
+
+async def _check(session, builder: Builder) -> None:
+    """A message's failures that need no commit: its mailbox, its size, its URLs."""
+    literal = _literal(builder)
+    if literal.error is not None:
+        try:
+            await session.run_store(literal.commit)  # raises the error, as an answer
+        except Answer as answer:
+            raise try_create(answer) from None
+    if isinstance(builder, CatenateMessage):
+        try:
+            await session.run_store(builder.resolve, session.context.store, session.user)
+        except BadUrlError as e:
+            raise no("CATENATE URL names nothing here", f"BADURL {e.url[:200]}") from None
+    literal.finish()
+    if literal.too_big:
+        raise no("message is larger than APPENDLIMIT", "TOOBIG")
+    if not literal.size:
+        raise bad("empty message")
+
+
+def _literal(builder: Builder) -> AppendLiteral:
+    return builder.literal if isinstance(builder, CatenateMessage) else builder
