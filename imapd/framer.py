@@ -175,6 +175,14 @@ class Framer:
         """At most max_line + 1 once next() has returned None."""
         return len(self._buf)
 
+    def take_unread(self) -> bytes:
+        """The bytes fed and not yet read into a command, taken out (between commands:
+        COMPRESS turns what follows into compressed data, imapd/protocol.py)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        return data
+
     def held(self) -> int:
         """At most max_command + the largest literal max_literal() allows."""
         return self._held + len(self._literal)

@@ -472,6 +472,10 @@ def _id_string(tok: t.Token, what: str) -> str:
     return t.text(tok, what)
 
 
+def _compress(tag: str, name: str, args: t.Args) -> c.Compress:
+    return c.Compress(tag, name, mechanism=t.atom(args.take("compression mechanism"), "compression mechanism").upper())
+
+
 def _getquota(tag: str, name: str, args: t.Args) -> c.GetQuota:
     return c.GetQuota(tag, name, root=t.text(args.take("quota root"), "quota root"))
 
@@ -519,4 +523,5 @@ _COMMANDS = {
     "ID": _id,
     "GETQUOTA": _getquota,
     "SETQUOTA": _setquota,
+    "COMPRESS": _compress,
 }

@@ -33,7 +33,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
     SessionState,
 )
 from imapd.parser import Close, Continue, Frame, Reject, parse_command
-from imapd.syntax import Authenticate, Command, Enable, Id, Login, ParseError
+from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError
 
 
 class Session(SessionState):
@@ -127,6 +127,17 @@ async def enable(session: Session, command: Enable):
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
 
 
+async def compress(session: Session, command: Compress):
+    """RFC 4978: the tagged OK goes out in the clear, everything after it compressed."""
+    if command.mechanism != "DEFLATE":
+        raise bad("only COMPRESS DEFLATE is supported")
+    if session.conn.compressing:
+        raise no("DEFLATE is active already", "COMPRESSIONACTIVE")
+    session.tagged(command.tag, "OK", "DEFLATE active")
+    session.conn.start_compression()
+    raise AnsweredItself()
+
+
 # -- not authenticated (RFC 3501 §6.2) ------------------------------------------------------------
 
 async def starttls(session: Session, command: Command):
@@ -214,6 +225,7 @@ _AUTHENTICATED: dict[str, Handler] = {
     "GETQUOTAROOT": mailboxes.getquotaroot,
     "GETQUOTA": mailboxes.getquota,
     "SETQUOTA": mailboxes.setquota,
+    "COMPRESS": compress,
 }
 STATES: dict[str, dict[str, Handler]] = {
     NOT_AUTHENTICATED: {**_ANY, "STARTTLS": starttls, "LOGIN": login, "AUTHENTICATE": authenticate},

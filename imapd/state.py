@@ -48,6 +48,10 @@ class Connection(Protocol):
 
     def next_line(self) -> asyncio.Future: ...  # resolves to the next raw client line (IDLE's DONE, SASL)
 
+    compressing: bool  # COMPRESS=DEFLATE is active (RFC 4978)
+
+    def start_compression(self) -> None: ...  # both ways DEFLATE from the next byte on
+
     def close(self) -> None: ...
 
 
@@ -113,6 +117,8 @@ class SessionState:
             caps += ["MULTIAPPEND"]  # RFC 3502
             caps += ["BINARY"]  # RFC 3516
             caps += ["CATENATE"]  # RFC 4469
+            if not self.conn.compressing:
+                caps += ["COMPRESS=DEFLATE"]  # RFC 4978
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

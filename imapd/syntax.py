@@ -98,6 +98,11 @@ class Id(Command):
 
 
 @dataclass(frozen=True)
+class Compress(Command):
+    mechanism: str  # upper case (RFC 4978: DEFLATE)
+
+
+@dataclass(frozen=True)
 class Login(Command):
     user: str
     password: str
