@@ -104,6 +104,8 @@ class AppendSinks:
 async def append(session, command: Append):
     builders = session.appending.take(command)
     try:
+        if not session.utf8 and any(m.utf8 for m in command.messages):
+            raise bad("APPEND's UTF8 data item needs ENABLE UTF8=ACCEPT first")  # RFC 6855 §4
         try:  # the target first: TRYCREATE says more than a bad URL or size (RFC 4469 §5)
             await session.run_store(session.context.store.mailbox, session.user, command.mailbox)
         except Answer as answer:

@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, selected
+from imapd import mailboxes, selected, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -54,7 +54,8 @@ class Session(SessionState):
             self.conn.close()
         else:
             try:
-                command = parse_command(event)
+                with utf7.utf8_names(self.utf8):
+                    command = parse_command(event)
             except ParseError as error:
                 self.parse_failed(error)
                 return None
@@ -63,8 +64,15 @@ class Session(SessionState):
 
     async def handle(self, command: Command) -> None:
         """Run one command to its tagged response."""
+        with utf7.utf8_names(self.utf8):
+            await self._handle(command)
+
+    async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)
         try:
+            if self.utf8 and getattr(command, "charset", None) is not None:
+                # RFC 6855 §3 (erratum 4029): strings are UTF-8 now, a CHARSET label conflicts
+                raise bad("no CHARSET once UTF8=ACCEPT is enabled")
             if handler is None:
                 if command.name not in KNOWN:
                     raise bad("unknown command")
@@ -120,10 +128,13 @@ async def id_(session: Session, command: Id):
 
 
 async def enable(session: Session, command: Enable):
-    """RFC 5161; CONDSTORE is the only extension that needs enabling here."""
-    enabled = [c for c in command.capabilities if c == "CONDSTORE"]
-    if enabled:
+    """RFC 5161: CONDSTORE, and UTF8=ACCEPT (RFC 6855 §3: mailbox names in UTF-8 both ways,
+    UTF-8 in quoted strings, APPEND's UTF8 data item)."""
+    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "UTF8=ACCEPT")]
+    if "CONDSTORE" in enabled:
         session.condstore = True
+    if "UTF8=ACCEPT" in enabled:
+        session.utf8 = True
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
+from imapd import utf7
 from imapd.appending import AppendSinks
 from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, untagged_line
 from imapd.recent import RecentClaims
@@ -87,6 +88,7 @@ class SessionState:
         self.user: str | None = None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
+        self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): mailbox names in UTF-8 (imapd.utf7)
         self.errors = 0  # BAD answers in a row
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
@@ -117,6 +119,7 @@ class SessionState:
             caps += ["MULTIAPPEND"]  # RFC 3502
             caps += ["BINARY"]  # RFC 3516
             caps += ["CATENATE"]  # RFC 4469
+            caps += ["UTF8=ACCEPT"]  # RFC 6855
             if not self.conn.compressing:
                 caps += ["COMPRESS=DEFLATE"]  # RFC 4978
         return " ".join(caps)
@@ -140,7 +143,8 @@ class SessionState:
         §6.3.11), and is held like any literal, within the framer's bounds."""
         if command != "APPEND" or self.state == NOT_AUTHENTICATED or _names_the_mailbox(parts):
             return None
-        return self.appending.sink(parts, size)
+        with utf7.utf8_names(self.utf8):
+            return self.appending.sink(parts, size)
 
     def drop_literal(self) -> None:
         self.appending.close()

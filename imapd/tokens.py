@@ -292,8 +292,9 @@ CANNOT_EXIST = "\udcff"
 
 def _decode_name(data: bytes, what: str) -> str:
     try:
-        name = utf7.decode(data)
-    except utf7.UTF7Error:
+        # RFC 6855 §3: after ENABLE UTF8=ACCEPT, names are UTF-8 (imapd.utf7.NAMES_IN_UTF8)
+        name = data.decode("utf-8") if utf7.NAMES_IN_UTF8.get() else utf7.decode(data)
+    except (utf7.UTF7Error, UnicodeDecodeError):
         return CANNOT_EXIST + data.decode("ascii", "replace")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
         raise ParseError(f"control character in {what}")
