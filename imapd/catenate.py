@@ -62,10 +62,10 @@ class CatenateMessage:
         self._spools: list[tempfile.SpooledTemporaryFile] = []
         self.closed = False
 
-    def text(self, before: tuple, size: int) -> TextPart:
-        """The sink for a TEXT literal that follows the parts `before` (of which the URLs not
-        seen yet take their place first)."""
-        self.parts(before)
+    def text(self, new: tuple, size: int) -> TextPart:
+        """The sink for a TEXT literal that follows `new`, the parts parsed since the last
+        TEXT literal (URLs, which take their place first)."""
+        self._add(new)
         self._taken += 1
         spool = None
         if self._pending:
@@ -75,9 +75,13 @@ class CatenateMessage:
         return TextPart(self, spool)
 
     def parts(self, parts: tuple) -> None:
-        """The message's parts as parsed so far: the URLs among those not yet taken are
-        noted in their place. (TEXT parts were taken by `text` as their literal began.)"""
-        for part in parts[self._taken:]:
+        """The message's parts, all of them (the command has arrived): those after the last
+        TEXT literal streamed take their place."""
+        self._add(parts[self._taken:])
+
+    def _add(self, parts: tuple) -> None:
+        for part in parts:
+            self._taken += 1
             if isinstance(part, CatenateUrl):
                 self._pending.append(part)
             else:  # a TEXT literal that was not streamed (bytes): it joins in its place
@@ -85,7 +89,6 @@ class CatenateMessage:
                 self._spools.append(spool)
                 self._pending.append(spool)
                 TextPart(self, spool).write(bytes(part))
-        self._taken = max(self._taken, len(parts))
 
     def spooled(self, count: int) -> bool:
         """`count` more octets went to a spool: whether the message still fits."""

@@ -185,3 +185,21 @@ def test_a_literal8_appends_binary_parts_as_base64(imap):
     assert base64.b64decode(literals(reply.raw, b"BODY[1] ")[0]) == octets
     assert b"Content-Transfer-Encoding: base64" in literals(reply.raw, b"BODY[1.MIME] ")[0]
     assert literals(reply.raw, b"BINARY[2] ") == [b"plain"]
+
+
+def test_multiappend_of_every_form_mixed(imap):
+    """Each literal's head is parsed from the previous literal on (imapd/appending.py): a
+    CATENATE list left open, closed, and followed by other forms keeps every part in place."""
+    imap.transact("ok", b"APPEND INBOX " + literal(b"Subject: src\r\n\r\nsource body\r\n"))
+    reply = imap.transact("ok", b"APPEND INBOX (\\Seen) " + literal(b"Subject: 1\r\n\r\none\r\n")
+                          + b" CATENATE (TEXT " + literal(b"Subject: 2\r\n\r\n") + b' URL "/INBOX/;UID=1/;SECTION=TEXT"'
+                          + b" TEXT " + literal(b"two\r\n") + b")"
+                          + b' (\\Flagged) CATENATE (URL "/INBOX/;UID=1")'
+                          + b" " + literal(b"Subject: 4\r\n\r\nfour\r\n")
+                          + b" CATENATE (URL \"/INBOX/;UID=1/;SECTION=HEADER\" TEXT " + literal(b"five\r\n") + b")")
+    assert re.fullmatch(r"APPENDUID \d+ 2,3,4,5,6", reply.code)
+    assert bodies(imap)[1:] == [b"Subject: 1\r\n\r\none\r\n", b"Subject: 2\r\n\r\nsource body\r\ntwo\r\n",
+                                b"Subject: src\r\n\r\nsource body\r\n", b"Subject: 4\r\n\r\nfour\r\n",
+                                b"Subject: src\r\n\r\nfive\r\n"]
+    flags = imap.transact("ok", "FETCH 2:4 FLAGS").untagged
+    assert "\\Seen" in flags[0] and "\\Seen" not in flags[1] and "\\Flagged" in flags[2]
