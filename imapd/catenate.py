@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 
 from imapd import fetch, utf7
 from imapd.append import AppendLiteral
@@ -105,8 +106,13 @@ class CatenateMessage:
             if self.literal.too_big:
                 return
             if isinstance(item, CatenateUrl):
-                for chunk in url_data(store, account, item.url):
-                    self.literal.write(chunk)
+                try:
+                    for chunk in url_data(store, account, item.url):
+                        self.literal.write(chunk)
+                        if self.literal.too_big:
+                            return
+                except StoreError:  # expunged since it was found
+                    raise BadUrlError(item.url) from None
             else:
                 item.seek(0)
                 while chunk := item.read(_CHUNK):
@@ -147,8 +153,9 @@ class TextPart:
         self.message.close()  # a command dropped: the whole message goes
 
 
-def url_data(store: Store, account: str, url: str) -> list[bytes]:
-    """What a CATENATE URL names, in chunks (blocking: a store thread's)."""
+def url_data(store: Store, account: str, url: str) -> Iterator[bytes]:
+    """What a CATENATE URL names, in chunks (blocking: a store thread's). BadUrlError for a
+    URL that names nothing."""
     m = _URL.match(url)
     if m is None or ";urlauth=" in url.lower():
         raise BadUrlError(url)
@@ -168,14 +175,50 @@ def url_data(store: Store, account: str, url: str) -> list[bytes]:
         raise BadUrlError(url) from None
     if not infos:
         raise BadUrlError(url)
+    info = infos[0]
     partial = None
     if m.group("origin") is not None:
         partial = (int(m.group("origin")), int(m.group("length")) if m.group("length") else 2**32)
-    return _chunks(fetch.section_data(infos[0], section, partial, lambda: store.open_message(infos[0])))
+    span = _byte_range(info, section)
+    if span is None:  # HEADER.FIELDS(.NOT), an empty section: small, made by fetch
+        data = fetch.section_data(info, section, partial, lambda: store.open_message(info))
+        return iter([data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)])
+    start, end = span
+    if partial is not None:
+        start = min(start + partial[0], end)
+        end = min(start + partial[1], end)
+    return _read_range(store, info, start, end)
 
 
-def _chunks(data: bytes) -> list[bytes]:
-    return [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)]
+def _byte_range(info, section: Section) -> tuple[int, int] | None:
+    """Where BODY[section] lies in the message file, for the sections that are one range of
+    it (as imapd.fetch reads them); None for the others. A whole message or body is read a
+    chunk at a time, never held whole."""
+    part = fetch.find_part(info.structure, section.part)
+    if part is None:
+        return None
+    if section.part and section.text in ("HEADER", "TEXT"):
+        if part.message is None:
+            return None
+        part = part.message.structure
+    if section.text == "":
+        return (0, info.size) if not section.part else part.body
+    if section.text == "TEXT":
+        return part.body
+    if section.text == "HEADER" or (section.text == "MIME" and section.part):
+        return part.header[0], part.body[0]
+    return None
+
+
+def _read_range(store: Store, info, start: int, end: int) -> Iterator[bytes]:
+    with store.open_message(info) as f:
+        f.seek(start)
+        while start < end:
+            chunk = f.read(min(_CHUNK, end - start))
+            if not chunk:
+                return
+            start += len(chunk)
+            yield chunk
 
 
 def _mailbox_name(encoded: str) -> str:

@@ -21,7 +21,10 @@ from __future__ import annotations
 import zlib
 
 LEVEL = 6
-WBITS = -15  # raw deflate, 32 KiB window (RFC 4978 §4)
+INFLATE_WBITS = -15  # raw deflate (RFC 4978 §4): the client may use the full 32 KiB window
+# Our side may use a smaller one: 8 KiB of window and 32 KiB of hash tables (memLevel 6)
+# instead of zlib's 256 KiB a connection, for a little less compression.
+DEFLATE_WBITS, MEM_LEVEL = -13, 6
 
 
 class CompressionError(Exception):
@@ -30,8 +33,8 @@ class CompressionError(Exception):
 
 class Deflate:
     def __init__(self) -> None:
-        self._out = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS)
-        self._in = zlib.decompressobj(WBITS)
+        self._out = zlib.compressobj(LEVEL, zlib.DEFLATED, DEFLATE_WBITS, MEM_LEVEL)
+        self._in = zlib.decompressobj(INFLATE_WBITS)
         self._backlog = b""  # received, not yet inflated
 
     def compress(self, data: bytes) -> bytes:

@@ -78,9 +78,10 @@ def test_appends_at_once_do_not_grow_imapd_by_their_size(server, user):
 
 def test_multiappend_and_catenate_stream_their_literals_too(server, user):
     """MULTIAPPEND's messages and CATENATE's TEXT parts go to the store as they arrive,
-    also a TEXT part after a URL (spooled to a file until the URL is read): one command of
-    three 8 MB messages and one CATENATE with an 8 MB TEXT part after a URL leave imapd's
-    peak where it was. Before, the framer held every literal but the largest of a command
+    also a TEXT part after a URL (spooled to a file until the URL is read), and a URL to a
+    whole message is read a chunk at a time: one command of three 8 MB messages, one
+    CATENATE with an 8 MB TEXT part after a URL and one of an 8 MB message's URL leave
+    imapd's peak where it was. Before, the framer held every literal but the largest of a command
     and refused a second big one (its command limit)."""
     big = (b"Subject: big\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
            + (b"eXl5" * 19 + b"\r\n") * 100_000)  # an attachment: no full-text words (see above)
@@ -105,11 +106,14 @@ def test_multiappend_and_catenate_stream_their_literals_too(server, user):
         sock.sendall(b'A2 APPEND INBOX CATENATE (URL "/INBOX/;UID=1/;SECTION=HEADER" TEXT {%d+}\r\n'
                      % (len(big) - head) + big[head:] + b")\r\n")
         assert b"A2 OK [APPENDUID" in _read_until(sock, b"A2 ", b"")
+        sock.sendall(b'A3 APPEND INBOX CATENATE (URL "/INBOX/;UID=1" TEXT {7+}\r\nthe end)\r\n')
+        assert b"A3 OK [APPENDUID" in _read_until(sock, b"A3 ", b"")  # a whole message read a chunk at a time
         peak = status_kib(pid, "VmHWM")
     assert peak - before < 8_000, f"imapd grew from {before} KiB to a peak of {peak} KiB"
     infos = server.store.fetch(user, "INBOX", [(1, 2**32 - 1)])
-    assert [i.size for i in infos] == [len(big)] * 4
+    assert [i.size for i in infos] == [len(big)] * 4 + [len(big) + 7]
     assert server.store.read_message(infos[3]) == big
+    assert server.store.read_message(infos[4]) == big + b"the end"
 
 
 def test_an_append_cut_off_halfway_leaves_nothing(server, user):
