@@ -40,13 +40,14 @@ class AppendSinks:
         # long flag lists cost 4.5 s of CPU): (index of the line after that literal, the
         # CATENATE message it left open or None).
         self._resume: tuple[int, CatenateMessage | None] | None = None
+        self._dropping = False  # the command being read is refused already (its head, a LIMIT)
 
     def sink(self, parts: list, size: int) -> AppendLiteral | TextPart | DroppedLiteral | None:
         if not any(not isinstance(p, bytes) for p in parts):
             self.close()  # the first literal streamed of a new command: leftovers go
-            self._resume = None
-        if len(self._open) >= MAX_APPEND_MESSAGES:
-            return DroppedLiteral()  # the command's parse refuses it (LIMIT): nothing more is opened
+            self._resume, self._dropping = None, False
+        if self._dropping:
+            return DroppedLiteral()  # the command is refused already: its literals are read, not parsed
         stand_in = LiteralStandIn(size)
         open_message = None
         if self._resume is None:
@@ -62,6 +63,7 @@ class AppendSinks:
             command = parse_command(Frame(frame), partial=True)
         except ParseError:
             self.close()
+            self._dropping = True
             return DroppedLiteral()  # the command will be refused for its head: read and drop
         if not isinstance(command, Append) or not command.messages:
             return None
@@ -69,6 +71,11 @@ class AppendSinks:
             self._mailbox = command.mailbox
         message = command.messages[-1]
         follows = len(parts) + 1  # the line after this literal
+        continues = open_message is not None and len(command.messages) == 1 and message.catenate is not None
+        if not continues and len(self._open) >= MAX_APPEND_MESSAGES:
+            self.close()
+            self._dropping = True
+            return DroppedLiteral()  # the command's parse refuses it (LIMIT): nothing more is opened
         if message.message is stand_in:
             literal = AppendLiteral(self._store, self._account_of(), self._mailbox, binary=message.binary,
                                     **self._options(message))
@@ -77,7 +84,7 @@ class AppendSinks:
             return literal
         if message.catenate and message.catenate[-1] is stand_in:
             new = message.catenate[:-1]
-            if open_message is not None and len(command.messages) == 1:
+            if continues:
                 building, new = open_message, new[1:]  # the same message: its stand-in TEXT off
             else:
                 building = CatenateMessage(self._store, self._account_of(), self._mailbox, **self._options(message))

@@ -203,3 +203,17 @@ def test_multiappend_of_every_form_mixed(imap):
                                 b"Subject: src\r\n\r\nfive\r\n"]
     flags = imap.transact("ok", "FETCH 2:4 FLAGS").untagged
     assert "\\Seen" in flags[0] and "\\Seen" not in flags[1] and "\\Flagged" in flags[2]
+
+
+def test_a_multiappend_over_the_message_limit_keeps_nothing(imap):
+    """Past MAX_APPEND_MESSAGES no delivery is opened for the messages still arriving, and
+    the command is refused whole (LIMIT); 100 messages, the last a CATENATE of several TEXT
+    parts, still go."""
+    message = literal(b"Subject: m\r\n\r\nm\r\n")
+    reply = imap.transact("bad", b"APPEND INBOX" + (b" " + message) * 150)
+    assert reply.code == "LIMIT"
+    assert imap.transact("ok", "STATUS INBOX (MESSAGES)").untagged == ["STATUS INBOX (MESSAGES 0)"]
+    last = b" CATENATE (TEXT " + literal(b"Subject: last\r\n\r\n") + b" TEXT " + literal(b"end\r\n") + b")"
+    reply = imap.transact("ok", b"APPEND INBOX" + (b" " + message) * 99 + last)
+    assert reply.code.endswith(",100")
+    assert bodies(imap)[-1] == b"Subject: last\r\n\r\nend\r\n"
