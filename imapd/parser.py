@@ -7,8 +7,9 @@ the extensions imapd speaks). Sans-IO: no Twisted, no asyncio.
 A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; None means
 `* BAD ...`), an optional response code, and its status ("NO" only for BADCHARSET).
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
-16,384 sequence-set elements, NOT/OR/parentheses 256 deep; past one, ParseError code "LIMIT".
-Not parsed (ParseError): ESEARCH RETURN, QRESYNC, SEARCHRES `$`.
+16,384 sequence-set elements, NOT/OR/parentheses 256 deep, 18 SORT criteria; past one,
+ParseError code "LIMIT".
+Not parsed (ParseError): QRESYNC.
 
 Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
 `Append`, `Fetch`, `Store`, `Search`, ...; a command without arguments is a plain
@@ -27,7 +28,7 @@ from dataclasses import replace
 
 from imapd import tokens as t
 from imapd.framer import Close, Continue, Frame, Framer, Reject, read_tag
-from imapd.search_keys import parse_search
+from imapd.search_keys import parse_charset, parse_criteria, parse_search
 from imapd import syntax as c
 from imapd.syntax import Command, FetchItem, ParseError, Section
 
@@ -53,6 +54,12 @@ STORE_MODES = {"": "set", "+": "add", "-": "remove"}
 MAX_APPEND_MESSAGES = 100  # in one MULTIAPPEND: each holds a delivery open until the command ends
 MAX_CATENATE_PARTS = 100  # in one CATENATE message
 ID_MAX_PAIRS, ID_MAX_KEY, ID_MAX_VALUE = 30, 30, 1024  # RFC 2971 §3.3
+RESULT_OPTIONS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+# Each criterion is a pass over every message found: 9 kinds, each once (and its REVERSE),
+# is all a client can mean; more is only cost.
+MAX_SORT_KEYS = 18
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"})
+THREAD_ALGORITHMS = frozenset({"REFERENCES", "ORDEREDSUBJECT"})
 _FIELD_CHARS = frozenset(range(33, 127)) - {ord(":")}  # RFC 5322 ftext
 
 
@@ -430,8 +437,82 @@ def _expunge(tag: str, name: str, args: t.Args) -> c.Expunge:
 
 
 def _search(tag: str, name: str, args: t.Args) -> c.Search:
+    returns = _search_return(args)
     charset, query = parse_search(args)
-    return c.Search(tag, name, charset=charset, query=query, uid=_is_uid(name))
+    return c.Search(tag, name, charset=charset, query=query, uid=_is_uid(name), returns=returns)
+
+
+def _search_return(args: t.Args) -> c.SearchReturn | None:
+    """`RETURN (option ...)` before the criteria (RFC 4731 §3.1, RFC 5182 SAVE, RFC 5267
+    PARTIAL, UPDATE, CONTEXT); None when absent. No result option at all means ALL."""
+    first = args.peek()
+    if not (isinstance(first, t.Atom) and first.text.upper() == "RETURN"):
+        return None
+    args.take("RETURN")
+    options = t.Args(t.group(args.take("return options"), "return options"))
+    found: dict = {}
+    while options.more():
+        option = t.atom(options.take("return option"), "return option").upper()
+        if option in RESULT_OPTIONS:
+            found[option.lower()] = True
+        elif option == "PARTIAL":
+            found["partial"] = _partial_range(options.take("partial range"))
+        elif option == "UPDATE":
+            found["update"] = True
+        elif option != "CONTEXT":  # a hint (RFC 5267 §4.2): nothing to do for it here
+            raise ParseError(f"unknown return option {option}")
+    if not any(k in found for k in ("min", "max", "all", "count", "save", "partial")):
+        found["all"] = True
+    return c.SearchReturn(**found)
+
+
+def _partial_range(tok: t.Token) -> tuple[int, int]:
+    """PARTIAL's `low:high` (RFC 5267 §4.4): two numbers, in either order."""
+    text = tok.text if isinstance(tok, t.Atom) else ""
+    low, colon, high = text.partition(":")
+    if not colon:
+        raise ParseError("invalid partial range")
+    a = t.number(t.Atom(low), "partial range", 1)
+    b = t.number(t.Atom(high), "partial range", 1)
+    return min(a, b), max(a, b)
+
+
+def _sort(tag: str, name: str, args: t.Args) -> c.Sort:
+    """`SORT [RETURN (...)] (criteria) charset keys` (RFC 5256 §3, RFC 5267 ESORT)."""
+    returns = _search_return(args)
+    items = t.Args(t.group(args.take("sort criteria"), "sort criteria"))
+    if not items.more():
+        raise ParseError("empty sort criteria")
+    keys = []
+    while items.more():
+        word = t.atom(items.take("sort criterion"), "sort criterion").upper()
+        reverse = word == "REVERSE"
+        if reverse:
+            word = t.atom(items.take("sort criterion"), "sort criterion").upper()
+        if word not in SORT_KEYS:
+            raise ParseError(f"unknown sort criterion {word}")
+        keys.append(c.SortKey(word.lower(), reverse))
+        if len(keys) > MAX_SORT_KEYS:
+            raise ParseError(f"more than {MAX_SORT_KEYS} sort criteria", code="LIMIT")
+    charset = parse_charset(args.take("charset"))
+    return c.Sort(tag, name, keys=tuple(keys), charset=charset, query=parse_criteria(args, charset),
+                  uid=_is_uid(name), returns=returns)
+
+
+def _thread(tag: str, name: str, args: t.Args) -> c.Thread:
+    algorithm = t.atom(args.take("threading algorithm"), "threading algorithm").upper()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise ParseError(f"unknown threading algorithm {algorithm}")
+    charset = parse_charset(args.take("charset"))
+    return c.Thread(tag, name, algorithm=algorithm, charset=charset, query=parse_criteria(args, charset),
+                    uid=_is_uid(name))
+
+
+def _cancelupdate(tag: str, name: str, args: t.Args) -> c.CancelUpdate:
+    tags = tuple(t.text(tok, "tag") for tok in args.rest())
+    if not tags:
+        raise ParseError("missing tag")
+    return c.CancelUpdate(tag, name, tags=tags)
 
 
 def _is_uid(name: str) -> bool:
@@ -519,6 +600,11 @@ _COMMANDS = {
     "UID EXPUNGE": _expunge,
     "SEARCH": _search,
     "UID SEARCH": _search,
+    "SORT": _sort,
+    "UID SORT": _sort,
+    "THREAD": _thread,
+    "UID THREAD": _thread,
+    "CANCELUPDATE": _cancelupdate,
     "ENABLE": _enable,
     "ID": _id,
     "GETQUOTA": _getquota,

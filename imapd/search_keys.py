@@ -1,7 +1,7 @@
 """SEARCH criteria (RFC 3501 §6.4.4, RFC 7162 §3.1.5 MODSEQ) into the query tree of
 `storage.search`, keeping symbolic what only the session can resolve:
 
-    ("seq", SequenceSet)     a bare sequence set (message numbers)
+    ("seq", SequenceSet)     a bare sequence set (message numbers), or `$` (RFC 5182)
     ("uidset", SequenceSet)  UID <set> (`*` is the session's to resolve)
     ("recent",)              RECENT; NEW is ("and", [("recent",), ("flag", "\\\\Seen", False)]),
                              OLD is ("not", ("recent",))
@@ -59,13 +59,23 @@ def parse_search(args: t.Args) -> tuple[str | None, tuple]:
     first = args.peek()
     if isinstance(first, t.Atom) and first.text.upper() == "CHARSET":
         args.take("CHARSET")
-        name = t.astring(args.take("charset name"), "charset name").decode("ascii", "replace").upper()
-        if name not in CHARSETS:
-            # Named back only when it is printable ASCII: a quoted string or literal can
-            # hold controls, CR LF among them, which would break the response line.
-            shown = f" {name}" if _PRINTABLE.fullmatch(name) else ""
-            raise ParseError(f"unsupported charset{shown}", code="BADCHARSET", status="NO")
-        charset = name
+        charset = parse_charset(args.take("charset name"))
+    return charset, parse_criteria(args, charset)
+
+
+def parse_charset(tok: t.Token) -> str:
+    """SORT and THREAD's charset argument (RFC 5256 §3: not optional there)."""
+    name = t.astring(tok, "charset name").decode("ascii", "replace").upper()
+    if name not in CHARSETS:
+        # Named back only when it is printable ASCII: a quoted string or literal can
+        # hold controls, CR LF among them, which would break the response line.
+        shown = f" {name}" if _PRINTABLE.fullmatch(name) else ""
+        raise ParseError(f"unsupported charset{shown}", code="BADCHARSET", status="NO")
+    return name
+
+
+def parse_criteria(args: t.Args, charset: str | None) -> tuple:
+    """The search keys that make up the rest of the command, as one query."""
     codec = CHARSETS.get(charset or "UTF-8")
 
     def decode(tok: t.Token, what: str) -> str:
@@ -77,7 +87,7 @@ def parse_search(args: t.Args) -> tuple[str | None, tuple]:
     keys = _Keys(decode).sequence(args.rest())
     if not keys:
         raise ParseError("missing search criteria")
-    return charset, _and(keys)
+    return _and(keys)
 
 
 def _and(keys: list[tuple]) -> tuple:

@@ -1,7 +1,8 @@
 """The IMAP commands on the selected mailbox (RFC 3501 §6.4): CHECK, CLOSE, UNSELECT
-(RFC 3691), EXPUNGE and UID EXPUNGE (RFC 4315), SEARCH, FETCH, STORE (RFC 7162 CONDSTORE),
+(RFC 3691), EXPUNGE and UID EXPUNGE (RFC 4315), FETCH, STORE (RFC 7162 CONDSTORE),
 COPY and MOVE (RFC 6851), their UID forms; IDLE (RFC 2177); and `sync`, which keeps the
-client in step with the store after every command.
+client in step with the store after every command (SEARCH, SORT and THREAD, and the
+live searches `sync` keeps up to date, are imapd.searching's).
 
 Sequence numbers are the session's (imapd.view); the store speaks UIDs, so every set is
 made UID ranges before a store call. Expunges by others wait until the client may hear
@@ -16,18 +17,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from imapd import fetch as fetching
+from imapd import searching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.mailboxes import SYSTEM_FLAGS
-from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Search, Store
+from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Store
 from imapd.state import SessionState
 from imapd.view import View
 import storage
-from storage import SearchError
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
-NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY"}
+NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY", "SORT", "THREAD"}  # and RFC 5256 §3, §4
 
 
 def require_view(session: SessionState) -> View:
@@ -88,66 +89,10 @@ async def expunge(session: SessionState, command: Expunge):
 
 def announce_expunged(session: SessionState, uids: Iterable[int]) -> None:
     view = require_view(session)
+    uids = list(uids)
+    searching.before_expunge(session, uids)  # RFC 5267 §4.3: REMOVEFROM before the EXPUNGEs
     for seq in view.expunge_now(uids):
         session.untagged(f"{seq} EXPUNGE")
-
-
-# -- SEARCH -----------------------------------------------------------------------------------
-
-async def search(session: SessionState, command: Search):
-    view = require_view(session)
-    query = resolve_query(session, command.query)
-    try:
-        uids = await session.run_store(session.context.store.search, session.user, view.name, query)
-    except SearchError as e:
-        raise bad(str(e)) from None
-    uids, seqs = view.known(uids)
-    line = "SEARCH" + (" " + " ".join(map(str, uids if command.uid else seqs)) if uids else "")
-    if _has_modseq(query) and uids:
-        session.condstore = True
-        states = await session.run_store(session.context.store.flags, session.user, view.name, [(u, u) for u in uids])
-        line += f" (MODSEQ {max(s.modseq for s in states)})" if states else ""
-    session.untagged(line)
-
-
-def resolve_query(session: SessionState, query: tuple) -> tuple:
-    """The store's query tree: sequence numbers, `*` and \\Recent made UIDs."""
-    view = require_view(session)
-    kind = query[0]
-    try:
-        if kind == "seq":
-            return ("uid", view.seq_ranges(query[1]) or [(0, 0)])
-    except ValueError:
-        # RFC 3501 asks for BAD on numbers beyond EXISTS in most commands; in SEARCH
-        # they simply match nothing (what Dovecot and clients expect).
-        spans = [(lo, min(hi, view.exists)) for lo, hi in query[1].resolve(view.exists) if lo <= view.exists]
-        return ("uid", [(view.uids[lo - 1], view.uids[hi - 1]) for lo, hi in spans] or [(0, 0)])
-    if kind == "uidset":
-        return ("uid", view.uid_ranges(query[1]) or [(0, 0)])
-    if kind == "recent":
-        return ("uid", view.recent_ranges() or [(0, 0)])
-    if kind == "not":
-        return ("not", resolve_query(session, query[1]))
-    if kind == "or":
-        return ("or", resolve_query(session, query[1]), resolve_query(session, query[2]))
-    if kind == "and":
-        return ("and", [resolve_query(session, q) for q in query[1]])
-    if kind == "modseq":
-        session.condstore = True
-    return query
-
-
-def _has_modseq(query: tuple) -> bool:
-    kind = query[0]
-    if kind == "modseq":
-        return True
-    if kind == "not":
-        return _has_modseq(query[1])
-    if kind == "or":
-        return _has_modseq(query[1]) or _has_modseq(query[2])
-    if kind == "and":
-        return any(_has_modseq(q) for q in query[1])
-    return False
 
 
 # -- FETCH ------------------------------------------------------------------------------------
@@ -157,7 +102,7 @@ async def fetch(session: SessionState, command: Fetch):
     items: list[FetchItem] = list(command.items)
     changedsince = command.changedsince
     if changedsince is not None or any(i.name == "MODSEQ" for i in items):
-        session.condstore = True
+        session.enable_condstore()
     if command.uid and not any(i.name == "UID" for i in items):
         items.insert(0, FetchItem("UID"))
     if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
@@ -258,7 +203,7 @@ async def store(session: SessionState, command: Store):
     view = require_writable(session)
     unchanged = command.unchangedsince
     if unchanged is not None:
-        session.condstore = True
+        session.enable_condstore()
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
@@ -398,5 +343,7 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         modseq = f" MODSEQ ({state.modseq})" if session.condstore else ""
         flags = " ".join(flags_with_recent(session, state.uid, state.flags))
         session.untagged(f"{seq} FETCH (UID {state.uid} FLAGS ({flags}){modseq})")
+    if view.updates and (changed or expunged):
+        await searching.refresh(session)
     view.in_step(max(view.modseq, mailbox.highestmodseq))
     view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}

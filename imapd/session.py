@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, selected, utf7
+from imapd import mailboxes, searching, selected, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -33,7 +33,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
     SessionState,
 )
 from imapd.parser import Close, Continue, Frame, Reject, parse_command
-from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError
+from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError, Search
 
 
 class Session(SessionState):
@@ -70,9 +70,11 @@ class Session(SessionState):
     async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)
         try:
-            if self.utf8 and getattr(command, "charset", None) is not None:
-                # RFC 6855 §3 (erratum 4029): strings are UTF-8 now, a CHARSET label conflicts
-                raise bad("no CHARSET once UTF8=ACCEPT is enabled")
+            charset = getattr(command, "charset", None)
+            if self.utf8 and charset is not None and (isinstance(command, Search) or charset != "UTF-8"):
+                # RFC 6855 §3 and its erratum 4029: strings are UTF-8 now; an optional CHARSET
+                # label (SEARCH) conflicts, and a mandatory one (SORT, THREAD) must be UTF-8.
+                raise bad("no CHARSET but UTF-8 once UTF8=ACCEPT is enabled")
             if handler is None:
                 if command.name not in KNOWN:
                     raise bad("unknown command")
@@ -248,8 +250,13 @@ STATES: dict[str, dict[str, Handler]] = {
         "UNSELECT": selected.unselect,
         "EXPUNGE": selected.expunge,
         "UID EXPUNGE": selected.expunge,
-        "SEARCH": selected.search,
-        "UID SEARCH": selected.search,
+        "SEARCH": searching.search,
+        "UID SEARCH": searching.search,
+        "SORT": searching.sort,
+        "UID SORT": searching.sort,
+        "THREAD": searching.thread,
+        "UID THREAD": searching.thread,
+        "CANCELUPDATE": searching.cancelupdate,
         "FETCH": selected.fetch,
         "UID FETCH": selected.fetch,
         "STORE": selected.store,

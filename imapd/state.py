@@ -116,6 +116,9 @@ class SessionState:
                      "LIST-EXTENDED", "LIST-STATUS", "QUOTA",
                      "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE", "CONDSTORE", "STATUS=SIZE",
                      f"APPENDLIMIT={self.max_message_size()}"]
+            caps += ["ESEARCH", "SEARCHRES"]  # RFC 4731, RFC 5182
+            caps += ["SORT", "SORT=DISPLAY", "THREAD=REFERENCES", "THREAD=ORDEREDSUBJECT"]  # RFC 5256, RFC 5957
+            caps += ["ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT"]  # RFC 5267
             caps += ["MULTIAPPEND"]  # RFC 3502
             caps += ["BINARY"]  # RFC 3516
             caps += ["CATENATE"]  # RFC 4469
@@ -214,6 +217,13 @@ class SessionState:
         self.changed = True
         if self.change_waiter is not None and not self.change_waiter.done():
             self.change_waiter.set_result(None)
+
+    def enable_condstore(self) -> None:
+        """A CONDSTORE-enabling command (RFC 7162 §3.1) ran: from the first one on, with a
+        mailbox selected, the client is told its HIGHESTMODSEQ (imaptest esearch-condstore)."""
+        if not self.condstore and self.view is not None:
+            self.untagged(f"OK [HIGHESTMODSEQ {self.view.modseq}] CONDSTORE enabled")
+        self.condstore = True
 
     # -- store calls ----------------------------------------------------------------------
 

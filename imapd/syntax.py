@@ -28,6 +28,7 @@ class SequenceSet:
     it names sequence numbers or UIDs is the command's business (UID prefix)."""
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    saved: bool = False  # `$`, the saved search result (RFC 5182 §2.1): no ranges of its own
 
     def resolve(self, star: int) -> list[tuple[int, int]]:
         """Ranges with `*` replaced by `star` (the largest number in use), each low <= high.
@@ -275,7 +276,52 @@ class Expunge(Command):
 
 
 @dataclass(frozen=True)
+class SearchReturn:
+    """SEARCH and SORT's RETURN options (RFC 4731 §3.1, RFC 5182 SAVE, RFC 5267 §4.1
+    PARTIAL and UPDATE, CONTEXT a hint that is accepted and ignored). `RETURN ()` is ALL."""
+
+    min: bool = False
+    max: bool = False
+    all: bool = False
+    count: bool = False
+    save: bool = False
+    update: bool = False
+    partial: tuple[int, int] | None = None  # (low, high), 1-based, low <= high
+
+
+@dataclass(frozen=True)
 class Search(Command):
     charset: str | None  # "US-ASCII", "UTF-8" or None
     query: tuple  # imapd.search_keys' tree
     uid: bool = False
+    returns: SearchReturn | None = None  # None: a plain SEARCH, answered `* SEARCH`
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One SORT criterion (RFC 5256 §3, RFC 5957 DISPLAYFROM/DISPLAYTO): `name` lower case."""
+
+    name: str
+    reverse: bool = False
+
+
+@dataclass(frozen=True)
+class Sort(Command):
+    keys: tuple[SortKey, ...]
+    charset: str
+    query: tuple
+    uid: bool = False
+    returns: SearchReturn | None = None  # ESORT (RFC 5267 §3): answered `* ESEARCH`
+
+
+@dataclass(frozen=True)
+class Thread(Command):
+    algorithm: str  # "REFERENCES" or "ORDEREDSUBJECT"
+    charset: str
+    query: tuple
+    uid: bool = False
+
+
+@dataclass(frozen=True)
+class CancelUpdate(Command):
+    tags: tuple[str, ...]  # RFC 5267 §4.3: the tags of the SEARCH/SORT UPDATEs to end

@@ -315,9 +315,12 @@ def number(tok: Token | None, what: str, low: int = 0, high: int = MAX_NUMBER) -
 
 
 def sequence_set(tok: Token | None, what: str = "sequence set") -> SequenceSet:
-    """`1`, `1:5`, `*`, `5:*`, `1,3:4,10:*`: numbers 1..2^32-1 (RFC 3501 `sequence-set`)."""
+    """`1`, `1:5`, `*`, `5:*`, `1,3:4,10:*`: numbers 1..2^32-1 (RFC 3501 `sequence-set`);
+    `$`, the saved search result, alone (RFC 5182 §3 `seq-last-command`)."""
     if not isinstance(tok, Atom):
         raise ParseError(f"{what} must be an atom")
+    if tok.text == "$":
+        return SequenceSet((), saved=True)
     elements = tok.text.split(",")
     if len(elements) > MAX_SET_ELEMENTS:
         raise ParseError(f"{what} has too many elements", code="LIMIT")
@@ -330,7 +333,7 @@ def sequence_set(tok: Token | None, what: str = "sequence set") -> SequenceSet:
 
 
 def is_sequence_set(tok: Token) -> bool:
-    return isinstance(tok, Atom) and tok.text[:1] in set("0123456789*")
+    return isinstance(tok, Atom) and tok.text[:1] in set("0123456789*$")
 
 
 def _seq_number(text: str, what: str) -> int | None:

@@ -61,6 +61,12 @@ class View:
         self.recent: set[int] = set(recent)
         self.pending: set[int] = set()  # expunged in the store, not yet announced
         self.told: dict[int, int] = {}  # uid -> modseq of flags this session already sent
+        # SEARCHRES (RFC 5182): the UIDs of the last SEARCH ... RETURN (SAVE), what `$` names;
+        # a new SELECT starts a new view, and so an empty one (§2.1).
+        self.saved: set[int] = set()
+        # CONTEXT=SEARCH/SORT (RFC 5267 §4): the searches kept up to date, by their tag
+        # (imapd.searching.LiveSearch).
+        self.updates: dict[str, object] = {}
 
     # -- numbers --------------------------------------------------------------------------
 
@@ -89,6 +95,8 @@ class View:
 
     def seq_ranges(self, sequence: SequenceSet) -> list[tuple[int, int]]:
         """UID ranges of a sequence-number set; ValueError for a number beyond EXISTS."""
+        if sequence.saved:
+            return self.saved_ranges()
         spans = []
         for low, high in sequence.resolve(self.exists):
             if high > self.exists or low < 1:
@@ -99,6 +107,8 @@ class View:
     def uid_ranges(self, sequence: SequenceSet) -> list[tuple[int, int]]:
         """UID ranges of a UID set; `*` is the highest UID (RFC 3501 §6.4.8: "n:*" names at
         least the last message even when n is beyond it)."""
+        if sequence.saved:
+            return self.saved_ranges()
         return [(low, high) for low, high in sequence.resolve(self.max_uid()) if high > 0]
 
     def uids_in(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
@@ -107,6 +117,16 @@ class View:
         for low, high in ranges:
             out.update(self.uids[bisect_left(self.uids, low):bisect_right(self.uids, high)])
         return sorted(out)
+
+    def saved_ranges(self) -> list[tuple[int, int]]:
+        """`$` (RFC 5182): the saved UIDs, as ranges."""
+        out: list[tuple[int, int]] = []
+        for uid in sorted(self.saved):
+            if out and out[-1][1] + 1 == uid:
+                out[-1] = (out[-1][0], uid)
+            else:
+                out.append((uid, uid))
+        return out
 
     def recent_ranges(self) -> list[tuple[int, int]]:
         return [(uid, uid) for uid in sorted(self.recent)]
@@ -147,6 +167,7 @@ class View:
                 seqs.append(seq)
             self.pending.discard(uid)
             self.recent.discard(uid)
+            self.saved.discard(uid)
             self.told.pop(uid, None)
         return seqs
 

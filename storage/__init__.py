@@ -39,7 +39,7 @@ from storage.locks import MaildropLock, lock_maildrop
 from storage.mailboxes import INBOX, Mailbox
 from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
-from storage.mime import BodyPart, Envelope, EnvelopeAddress
+from storage.mime import BodyPart, Envelope, EnvelopeAddress, decode_words
 from storage.records import Usage
 from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
 from storage.queue import (
@@ -71,5 +71,5 @@ __all__ = [
     "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
-    "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
+    "decode_words", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
 ]

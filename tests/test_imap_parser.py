@@ -659,7 +659,7 @@ def test_sequence_sets(text, ranges):
 
 
 @pytest.mark.parametrize("text", ["0", "0:5", "5:0", "1,,2", "1,", ",1", "1:", ":1", "1:2:3", "4294967296",
-                                  "4294967295:4294967296", "a", "-1", "+1", "01", "1:*5", "$", "1.5"])
+                                  "4294967295:4294967296", "a", "-1", "+1", "01", "1:*5", "$1", "1,$", "1.5"])
 def test_bad_sequence_sets(text):
     assert str(parse_error(f"a COPY {text} x\r\n".encode())) == "invalid sequence set"
 
@@ -787,8 +787,43 @@ def test_search_args_and_uid_search():
         "a", "UID SEARCH", charset="UTF-8", query=("and", [("subject", "été"), ("flag", "\\Deleted", False)]),
         uid=True)
     assert args(b'a SEARCH CHARSET "US-ASCII" FROM x\r\n') == {"charset": "US-ASCII", "query": ("from", "x"),
-                                                                "uid": False}
-    assert args(b"a SEARCH FROM \"\xc3\xa9\"\r\n") == {"charset": None, "query": ("from", "é"), "uid": False}
+                                                                "uid": False, "returns": None}
+    assert args(b"a SEARCH FROM \"\xc3\xa9\"\r\n") == {"charset": None, "query": ("from", "é"), "uid": False,
+                                                         "returns": None}
+
+
+def test_search_return_options():
+    """RFC 4731 §3.1, RFC 5182 SAVE, RFC 5267 PARTIAL, UPDATE and CONTEXT."""
+    assert parse(b"a SEARCH RETURN () ALL\r\n").returns == c.SearchReturn(all=True)
+    assert parse(b"a SEARCH RETURN (min Max COUNT) CHARSET UTF-8 ALL\r\n").returns == c.SearchReturn(
+        min=True, max=True, count=True)
+    assert parse(b"a SEARCH RETURN (SAVE) ALL\r\n").returns == c.SearchReturn(save=True)
+    assert parse(b"a SEARCH RETURN (UPDATE CONTEXT) ALL\r\n").returns == c.SearchReturn(all=True, update=True)
+    assert parse(b"a SEARCH RETURN (PARTIAL 9:3) ALL\r\n").returns == c.SearchReturn(partial=(3, 9))
+    for bad in (b"(PARTIAL 1)", b"(PARTIAL 1:*)", b"(PARTIAL 0:3)", b"(PARTIAL)", b"(BOGUS)", b"ALL"):
+        parse_error(b"a SEARCH RETURN " + bad + b" ALL\r\n")
+
+
+def test_saved_result_dollar():
+    """RFC 5182: `$` where a sequence set may stand, alone."""
+    saved = SequenceSet((), saved=True)
+    assert parse(b"a FETCH $ FLAGS\r\n").sequence == saved
+    assert parse(b"a UID COPY $ x\r\n").sequence == saved
+    assert parse(b"a SEARCH $ UID $\r\n").query == ("and", [("seq", saved), ("uidset", saved)])
+
+
+def test_sort_thread_and_cancelupdate():
+    command = parse(b"a UID SORT RETURN (MIN) (REVERSE date subject) utf-8 UNSEEN\r\n")
+    assert command == c.Sort("a", "UID SORT", keys=(c.SortKey("date", True), c.SortKey("subject")), charset="UTF-8",
+                             query=("flag", "\\Seen", False), uid=True, returns=c.SearchReturn(min=True))
+    assert parse(b"a THREAD references US-ASCII ALL\r\n") == c.Thread("a", "THREAD", algorithm="REFERENCES",
+                                                                      charset="US-ASCII", query=("all",))
+    assert parse(b'a CANCELUPDATE "x1" x2\r\n') == c.CancelUpdate("a", "CANCELUPDATE", tags=("x1", "x2"))
+    assert str(parse_error(b"a SORT (FOO) UTF-8 ALL\r\n")) == "unknown sort criterion FOO"
+    assert str(parse_error(b"a SORT (REVERSE) UTF-8 ALL\r\n")) == "missing sort criterion"
+    assert parse_error(b"a SORT (SUBJECT) KOI8-R ALL\r\n").code == "BADCHARSET"
+    assert str(parse_error(b"a THREAD FOO UTF-8 ALL\r\n")) == "unknown threading algorithm FOO"
+    assert str(parse_error(b"a CANCELUPDATE\r\n")) == "missing tag"
 
 
 def test_search_charset_errors():
@@ -823,7 +858,8 @@ def test_search_charset_errors():
     (b'MODSEQ "/flags/\\\\Seen" both 1', "invalid MODSEQ entry type"),
     (b"MODSEQ 9223372036854775808", "MODSEQ value out of range"),
     (b"HEADER Subject", "missing HEADER argument"),
-    (b"RETURN (ALL) ALL", "unknown search key RETURN"),
+    (b"RETURN (ALL)", "missing search criteria"),
+    (b"ALL RETURN (ALL)", "unknown search key RETURN"),
 ])
 def test_search_errors(criteria, error):
     assert str(parse_error(b"a SEARCH " + criteria + b"\r\n")) == error

@@ -43,7 +43,8 @@ def test_the_state_table():
     assert not {"LOGIN", "AUTHENTICATE", "STARTTLS"} & set(states[imap_session.AUTHENTICATED])
     assert set(states[imap_session.SELECTED]) - set(states[imap_session.AUTHENTICATED]) == {
         "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "UID EXPUNGE", "SEARCH", "UID SEARCH", "FETCH", "UID FETCH",
-        "STORE", "UID STORE", "COPY", "UID COPY", "MOVE", "UID MOVE"}
+        "STORE", "UID STORE", "COPY", "UID COPY", "MOVE", "UID MOVE", "SORT", "UID SORT", "THREAD", "UID THREAD",
+        "CANCELUPDATE"}
     assert states[imap_session.LOGOUT] == {}
 
 
@@ -458,7 +459,10 @@ def test_condstore_changedsince_and_search_modseq(server, user):
     imap.transact("ok", "SELECT INBOX")
     highest = server.store.mailbox(user, "INBOX").highestmodseq
     imap.transact("ok", "STORE 2 +FLAGS (\\Flagged)")
-    fetches = imap.transact("ok", f"FETCH 1:* (FLAGS) (CHANGEDSINCE {highest})").untagged
+    untagged = imap.transact("ok", f"FETCH 1:* (FLAGS) (CHANGEDSINCE {highest})").untagged
+    # CHANGEDSINCE enables CONDSTORE: HIGHESTMODSEQ is told first (RFC 7162 §3.1)
+    assert untagged[0].startswith("OK [HIGHESTMODSEQ ")
+    fetches = untagged[1:]
     assert len(fetches) == 1 and fetches[0].startswith("2 FETCH (") and "MODSEQ (" in fetches[0]
     assert re.fullmatch(r"SEARCH 2 \(MODSEQ \d+\)", imap.transact("ok", f"SEARCH MODSEQ {highest + 1}").untagged[0])
     assert any(line.startswith("OK [HIGHESTMODSEQ ") for line in

@@ -47,8 +47,12 @@ def test_charset_is_refused_once_enabled(script):
     imap.transact("ok", "SELECT INBOX")
     imap.transact("ok", "SEARCH CHARSET UTF-8 ALL")
     imap.transact("ok", "ENABLE UTF8=ACCEPT")
-    assert imap.transact("bad", "SEARCH CHARSET UTF-8 ALL").text == "no CHARSET once UTF8=ACCEPT is enabled"
+    assert imap.transact("bad", "SEARCH CHARSET UTF-8 ALL").text == "no CHARSET but UTF-8 once UTF8=ACCEPT is enabled"
     imap.transact("ok", "SEARCH SUBJECT \"café\"".encode())
+    imap.transact("ok", "SORT (SUBJECT) UTF-8 ALL")  # SORT's charset is not optional: UTF-8 goes
+    imap.transact("bad", "SORT (SUBJECT) US-ASCII ALL")
+    imap.transact("ok", "THREAD REFERENCES UTF-8 ALL")
+    imap.transact("bad", "THREAD ORDEREDSUBJECT US-ASCII ALL")
 
 
 def test_append_utf8_data_item_only_once_enabled(script):

@@ -273,6 +273,22 @@ def test_fetch_sections_and_bodystructure_of_a_multipart(server, user):
     client.logout()
 
 
+def test_sort_and_thread_with_imapclient(server, user):
+    """SORT and THREAD (RFC 5256) as a client library sends and reads them."""
+    client = imapclient_login(server, user)
+    assert {b"SORT", b"THREAD=REFERENCES", b"ESEARCH", b"CONTEXT=SEARCH"} <= set(client.capabilities())
+    for message_id, subject, reply_to in (("1@x", "plans", None), ("2@x", "Re: plans", "1@x"), ("3@x", "agenda", None)):
+        header = f"Message-ID: <{message_id}>\r\nSubject: {subject}\r\n"
+        header += f"In-Reply-To: <{reply_to}>\r\n" if reply_to else ""
+        client.append("INBOX", (header + "\r\nbody\r\n").encode())
+    client.select_folder("INBOX")
+    assert client.sort(["SUBJECT"]) == [3, 1, 2]
+    assert client.sort(["REVERSE", "ARRIVAL"], ["NOT", "SUBJECT", "agenda"]) == [2, 1]
+    assert client.thread("REFERENCES") == ((1, 2), (3,))
+    assert client.thread("ORDEREDSUBJECT") == ((1, 2), (3,))
+    client.logout()
+
+
 def test_idle_is_woken_by_a_delivery_within_a_second(server, user):
     client = imapclient_login(server, user)
     client.select_folder("INBOX")

@@ -30,13 +30,16 @@ import pytest
 
 from core_drivers import POP3_PASSWORD, SMTP_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
 from imapd.appending import AppendSinks
+from imapd import threads
 from imapd.listing import matches
+from imapd.sort import Summary
 from imapd.parser import Frame, parse_command
 from imapd.syntax import ParseError
 from mtad.headers import HeaderBlock, from_addresses
 from mtad.session import SessionConfig
 from pop3d import core as pop3
 from pop3d.framer import BodyEncoder
+from storage import Envelope
 
 FACTOR = 8
 pytestmark = pytest.mark.serial  # ratios of CPU time, best taken with the machine to itself
@@ -289,6 +292,9 @@ PARSER_CASES = [
     Case("a sequence set", line(lambda n: b"a UID FETCH " + b"4294967295:4294967295," * n + b"3 FLAGS"), parse, 2000),
     Case("modified UTF-7", line(lambda n: b"a SELECT " + b"&AOk-x&-" * n), parse, 2000),
     Case("flags", line(lambda n: b"a STORE 1 +FLAGS (" + b"\\Seen $Junk " * n + b")"), parse, 2000),
+    Case("search return options", line(lambda n: b"a SEARCH RETURN (" + b"MIN MAX PARTIAL 1:2 " * n + b") ALL"),
+         parse, 1500),
+    Case("sort criteria", line(lambda n: b"a SORT (" + b"REVERSE SUBJECT " * n + b") UTF-8 ALL"), parse, 2500),
 ]
 
 
@@ -342,6 +348,28 @@ APPEND_CASES = [
 
 @pytest.mark.parametrize("case", APPEND_CASES, ids=lambda case: case.name)
 def test_imap_append_heads_are_linear(case):
+    assert_linear(case)
+
+
+# -- IMAP SORT and THREAD: imapd.sort, imapd.threads ------------------------------------------
+
+def thread_chain(n: int) -> list[Summary]:
+    """n messages, each a reply to the one before, References listing every ancestor (as
+    mailing lists write them), one subject gathered with the rest."""
+    ids = [f"m{i}@x" for i in range(n)]
+    return [Summary(uid=i + 1, internal_date=float(i), size=1, sent=None,
+                    envelope=Envelope(subject_text="Re: x", message_id=f"<{ids[i]}>"), references=tuple(ids[:i]))
+            for i in range(n)]
+
+
+THREAD_CASES = [
+    Case("a References chain", thread_chain,
+         lambda messages: threads.render(threads.references(messages), lambda m: m.uid), 300),
+]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda case: case.name)
+def test_imap_sort_and_thread_are_linear(case):
     assert_linear(case)
 
 
