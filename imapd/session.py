@@ -131,10 +131,13 @@ async def id_(session: Session, command: Id):
 
 
 async def enable(session: Session, command: Enable):
-    """RFC 5161; CONDSTORE is the only extension that needs enabling here."""
-    enabled = [c for c in command.capabilities if c == "CONDSTORE"]
-    if enabled:
+    """RFC 5161: CONDSTORE; and IMAP4rev2 (RFC 9051 §6.3.1, Appendix A)."""
+    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "IMAP4REV2")]
+    if "CONDSTORE" in enabled:
         session.condstore = True
+    if "IMAP4REV2" in enabled:
+        session.rev2 = True
+    enabled = ["IMAP4rev2" if c == "IMAP4REV2" else c for c in enabled]
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
 
 
