@@ -132,7 +132,8 @@ async def id_(session: Session, command: Id):
 
 async def enable(session: Session, command: Enable):
     """RFC 5161: CONDSTORE; and IMAP4rev2 (RFC 9051 §6.3.1, Appendix A)."""
-    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "IMAP4REV2")]
+    known = ("CONDSTORE",) if session.rev2 else ("CONDSTORE", "IMAP4REV2")  # each ENABLED names what it enabled
+    enabled = [c for c in dict.fromkeys(command.capabilities) if c in known]
     if "CONDSTORE" in enabled:
         session.condstore = True
     if "IMAP4REV2" in enabled:

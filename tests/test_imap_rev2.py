@@ -56,6 +56,7 @@ def test_enable_names_only_what_it_enabled_and_capability_stays(server, user):
     before = imap.transact("ok", "CAPABILITY").untagged
     reply = imap.transact("ok", "ENABLE X-UNKNOWN imap4rev2 CONDSTORE")
     assert reply.untagged == ["ENABLED IMAP4rev2 CONDSTORE"]
+    assert imap.transact("ok", "ENABLE IMAP4rev2").untagged == ["ENABLED"]  # §6.3.1: only what it enabled
     assert imap.transact("ok", "CAPABILITY").untagged == before  # RFC 9051 §6.3.1
 
 
