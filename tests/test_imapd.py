@@ -148,7 +148,12 @@ def test_greeting_and_capabilities_before_and_after_login(server, user):
     after = data[0].decode().split()
     for cap in ("UIDPLUS", "MOVE", "IDLE", "NAMESPACE", "ID", "ENABLE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                 "CREATE-SPECIAL-USE", "QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE",
-                "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760"):
+                "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760",
+                # issue 15: what Dovecot offers
+                "IMAP4rev2", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=REFERENCES",
+                "THREAD=ORDEREDSUBJECT", "ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT", "MULTIAPPEND", "CATENATE",
+                "BINARY", "QRESYNC", "UTF8=ACCEPT", "COMPRESS=DEFLATE", "NOTIFY", "METADATA", "OBJECTID",
+                "SAVEDATE", "PREVIEW"):
         assert cap in after
     client.logout()
 
