@@ -99,6 +99,15 @@ def _render_item(info: MessageInfo, item: FetchItem, reader: _Reader, recent: bo
         out.append(b"RFC822.SIZE %d" % info.size)
     elif name == "MODSEQ":
         out.append(b"MODSEQ (%d)" % info.modseq)  # RFC 7162 §3.1.4.1
+    elif name == "EMAILID":
+        out.append(b"EMAILID (" + info.email_id.encode("ascii") + b")")  # RFC 8474 §5.1
+    elif name == "THREADID":
+        out.append(b"THREADID NIL")  # RFC 8474 §5.2: threads are not kept
+    elif name == "PREVIEW":
+        out.append(b"PREVIEW " + nstring(info.preview))  # RFC 8970 §3: NIL when LAZY found none made
+    elif name == "SAVEDATE":
+        saved = info.saved if info.saved is not None else info.internal_date
+        out.append(b"SAVEDATE " + date_time(saved))  # RFC 8514 §3
     elif name == "ENVELOPE":
         text = info.envelope_text  # rendered at delivery; None in a record from before that
         out.append(b"ENVELOPE " + (text.encode() if text is not None else envelope(info.envelope)))

@@ -122,15 +122,25 @@ def list_mailboxes(boxes: list[Mailbox], subscribed: set[str], reference: str, p
             if parent in universe and (name in existing or name in subscribed):
                 universe[parent].children = True
     full_patterns = [reference + pattern for pattern in patterns]
+    matched = {name for name in universe if any(matches(p, name) for p in full_patterns)}
+    # RFC 5258 §3.5: CHILDINFO tells of a subscribed descendant the client would not see
+    # otherwise; one the patterns list anyway needs no parent to tell of it ("SHOULD ONLY
+    # return a non-matching mailbox name along with CHILDINFO if at least one matching child
+    # is not also being returned"). One walk up from each such descendant.
+    hidden_below: set[str] = set()
+    if subscribed_only and recursive:
+        for name, item in universe.items():
+            if item.subscribed and name not in matched:
+                hidden_below.update(_parents(name))
     out = []
     for name, item in universe.items():
-        if not any(matches(p, name) for p in full_patterns):
+        if name not in matched:
             continue
         if special_use_only and not item.special_use:
             continue
         if subscribed_only:
             if not item.subscribed:
-                if recursive and any(n.startswith(name + "/") and n in subscribed for n in universe):
+                if name in hidden_below:
                     item.child_info = True
                 else:
                     continue

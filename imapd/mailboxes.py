@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterable
+from imapd import qresync
 from imapd import responses as r
 from imapd.append import AppendLiteral
 from imapd.answers import Answer, bad, no, try_create
@@ -43,6 +44,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 async def select(session: SessionState, command: Select):
     """SELECT, and EXAMINE: the same, read-only (RFC 3501 §6.3.1, §6.3.2)."""
     readonly = command.readonly
+    if command.qresync is not None:
+        qresync.require_enabled(session)
     if session.view is not None:
         session.close_view()
         session.untagged("OK [CLOSED] previous mailbox closed")
@@ -50,8 +53,9 @@ async def select(session: SessionState, command: Select):
         session.condstore = True
     name = command.mailbox
     mailbox, uids, bits = await session.run_store(session.context.store.uids, session.user, name)
+    claims = session.context.recent
     # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone.
-    recent = () if readonly else session.context.recent.claim(session.user, mailbox.id, mailbox.uidnext)
+    recent = claims.unclaimed(mailbox, uids) if readonly else await session.run_store(claims.claim, mailbox, uids)
     view = View(mailbox, uids, readonly=readonly, recent=recent, snapshots=session.context.snapshots)
     session.open_view(view)
     keywords = " ".join(mailbox.keywords)
@@ -65,11 +69,14 @@ async def select(session: SessionState, command: Select):
     session.untagged(f"OK [UIDVALIDITY {mailbox.uidvalidity}] UIDs valid")
     session.untagged(f"OK [UIDNEXT {mailbox.uidnext}] predicted next UID")
     session.untagged(f"OK [HIGHESTMODSEQ {mailbox.highestmodseq}] modseq")
+    session.untagged(f"OK [MAILBOXID ({mailbox.object_id})] mailbox id")  # RFC 8474 §4.2
     if readonly:
         session.untagged("OK [PERMANENTFLAGS ()] read-only")
     else:
         session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
     session.watch(mailbox.name)
+    if command.qresync is not None:
+        await qresync.on_select(session, view, command.qresync)
     session.log.info("select", mailbox=mailbox.name, exists=view.exists, readonly=readonly)
     return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
 
@@ -80,12 +87,14 @@ async def create(session: SessionState, command: Create):
     if len(uses) > 1:
         raise no("one special-use attribute per mailbox", "USEATTR")
     try:
-        await session.run_store(session.context.store.create_mailbox, session.user, name, uses[0] if uses else None)
+        created = await session.run_store(session.context.store.create_mailbox, session.user, name,
+                                          uses[0] if uses else None)
     except Answer as answer:
         if uses and "special-use" in answer.text:
             answer.code = "USEATTR"  # RFC 6154 §3: the special use is what failed
         raise
     session.log.info("create", mailbox=name)
+    return f"MAILBOXID ({created.object_id})", "CREATE completed"  # RFC 8474 §4.1
 
 
 async def delete(session: SessionState, command: Delete):
@@ -168,14 +177,16 @@ async def status_lines(session: SessionState, name: str, items: Iterable[str], *
         if quiet:
             return
         raise
-    deleted = 0
+    deleted = recent = 0
+    if "RECENT" in items:
+        recent = await session.run_store(session.context.recent.count, session.user, mailbox.name)
     if "DELETED" in items:
         deleted = len(await session.run_store(store.search, session.user, mailbox.name, ("flag", "\\Deleted", True)))
     values = {"DELETED": deleted, "MESSAGES": mailbox.exists, "UIDNEXT": mailbox.uidnext,
               "UIDVALIDITY": mailbox.uidvalidity, "UNSEEN": mailbox.unseen,
               "HIGHESTMODSEQ": mailbox.highestmodseq, "SIZE": mailbox.size,
-              "RECENT": session.context.recent.count(session.user, mailbox.id, mailbox.uidnext),
-              "APPENDLIMIT": session.max_message_size()}
+              "RECENT": recent,
+              "APPENDLIMIT": session.max_message_size(), "MAILBOXID": f"({mailbox.object_id})"}
     shown = " ".join(f"{item} {values[item]}" for item in items if item in values)
     if "HIGHESTMODSEQ" in items:
         session.condstore = True

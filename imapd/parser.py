@@ -9,7 +9,7 @@ A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; No
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
 16,384 sequence-set elements, NOT/OR/parentheses 256 deep, 18 SORT criteria; past one,
 ParseError code "LIMIT".
-Not parsed (ParseError): MULTIAPPEND, BINARY, QRESYNC.
+Not parsed (ParseError): MULTIAPPEND, BINARY.
 
 Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
 `Append`, `Fetch`, `Store`, `Search`, ...; a command without arguments is a plain
@@ -35,14 +35,15 @@ from imapd.syntax import Command, FetchItem, ParseError, Section
 __all__ = ["Close", "Continue", "Frame", "Framer", "Reject", "parse_command"]
 
 STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE",
-                          "DELETED", "APPENDLIMIT"})
+                          "DELETED", "APPENDLIMIT", "MAILBOXID"})
 USE_ATTRIBUTES = {a.upper(): a for a in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent",
                                          "\\Trash")}
 LIST_SELECT = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 LIST_SELECT_BASE = frozenset({"SUBSCRIBED", "SPECIAL-USE"})
 LIST_RETURN = {"SUBSCRIBED": "subscribed", "CHILDREN": "children", "SPECIAL-USE": "special_use"}  # and STATUS
 FETCH_ATTRIBUTES = frozenset({"ENVELOPE", "FLAGS", "INTERNALDATE", "RFC822", "RFC822.HEADER", "RFC822.SIZE",
-                              "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ"})
+                              "RFC822.TEXT", "BODY", "BODYSTRUCTURE", "UID", "MODSEQ",
+                              "EMAILID", "THREADID", "SAVEDATE", "PREVIEW"})
 FETCH_MACROS = {
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
@@ -120,15 +121,46 @@ def _authenticate(tag: str, name: str, args: t.Args) -> c.Authenticate:
 def _select(tag: str, name: str, args: t.Args) -> c.Select:
     mailbox = t.mailbox(args.take("mailbox name"))
     condstore = False
+    qresync = None
     if args.more():
-        params = t.group(args.take("select parameters"), "select parameters")
-        if not params:
+        params = t.Args(t.group(args.take("select parameters"), "select parameters"))
+        if not params.more():
             raise ParseError("empty select parameters")
-        for param in params:
-            if t.atom(param, "select parameter").upper() != "CONDSTORE":
+        while params.more():
+            param = t.atom(params.take("select parameter"), "select parameter").upper()
+            if param == "CONDSTORE":
+                condstore = True
+            elif param == "QRESYNC" and qresync is None:
+                qresync = _qresync(params.take("QRESYNC parameters"))
+            else:
                 raise ParseError("unknown select parameter")
-            condstore = True
-    return c.Select(tag, name, mailbox=mailbox, condstore=condstore)
+    return c.Select(tag, name, mailbox=mailbox, condstore=condstore, qresync=qresync)
+
+
+def _qresync(tok: t.Token) -> c.QResync:
+    """(uidvalidity mod-sequence-value [known-uids [(known-sequence-set known-uid-set)]]),
+    RFC 7162 §7."""
+    items = t.Args(t.group(tok, "QRESYNC parameters"))
+    uidvalidity = t.number(items.take("UIDVALIDITY"), "UIDVALIDITY", 1)
+    modseq = t.number(items.take("mod-sequence"), "mod-sequence", 1, t.MAX_NUMBER64)
+    known = seqs = seq_uids = None
+    if items.more() and not isinstance(items.peek(), t.Group):
+        known = t.sequence_set(items.take("known UIDs"), "known UIDs")
+    if items.more():
+        match = t.Args(t.group(items.take("sequence match data"), "sequence match data"))
+        seqs = t.sequence_set(match.take("known sequence set"), "known sequence set")
+        seq_uids = t.sequence_set(match.take("known UID set"), "known UID set")
+        match.done()
+        if any(None in r for r in seqs.ranges + seq_uids.ranges):
+            raise ParseError("sequence match data cannot hold *")
+        if _count(seqs) != _count(seq_uids):
+            raise ParseError("sequence match data: the two sets differ in size")  # RFC 7162 §3.2.5.2
+    items.done()
+    return c.QResync(uidvalidity, modseq, known, seqs, seq_uids)
+
+
+def _count(sequence: c.SequenceSet) -> int:
+    return sum(abs(high - low) + 1 for low, high in sequence.ranges)
 
 
 def _create(tag: str, name: str, args: t.Args) -> c.Create:
@@ -245,16 +277,48 @@ def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
     elif isinstance(what, t.Group):
         if not what.items:
             raise ParseError("empty fetch item list")
-        items = tuple(_fetch_item(tok) for tok in what.items)
+        items = _fetch_items(what.items)
     else:
         items = (_fetch_item(what),)
     changedsince = None
+    vanished = False
     if args.more():
-        for modifier, value in _modifiers(args.take("fetch modifiers"), "fetch modifier"):
-            if modifier != "CHANGEDSINCE":
+        modifiers = t.Args(t.group(args.take("fetch modifiers"), "fetch modifiers"))
+        if not modifiers.more():
+            raise ParseError("empty fetch modifier list")
+        while modifiers.more():
+            modifier = t.atom(modifiers.take("fetch modifier"), "fetch modifier").upper()
+            if modifier == "CHANGEDSINCE":
+                changedsince = t.number(modifiers.take("CHANGEDSINCE value"), "CHANGEDSINCE value", 1,
+                                        t.MAX_NUMBER64)
+            elif modifier == "VANISHED":
+                vanished = True
+            else:
                 raise ParseError(f"unknown fetch modifier {modifier}")
-            changedsince = t.number(value, "CHANGEDSINCE value", 1, t.MAX_NUMBER64)
-    return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, uid=_is_uid(name))
+        # RFC 7162 §3.2.6: VANISHED only in UID FETCH, and only with CHANGEDSINCE
+        if vanished and (changedsince is None or not _is_uid(name)):
+            raise ParseError("VANISHED needs UID FETCH and CHANGEDSINCE")
+    return c.Fetch(tag, name, sequence=sequence, items=items, changedsince=changedsince, vanished=vanished,
+                   uid=_is_uid(name))
+
+
+def _fetch_items(tokens: tuple) -> tuple[FetchItem, ...]:
+    """The items of a parenthesized FETCH list; PREVIEW may be followed by its modifiers,
+    `PREVIEW (LAZY)` (RFC 8970 §3)."""
+    items: list[FetchItem] = []
+    tokens = t.Args(tokens)
+    while tokens.more():
+        item = _fetch_item(tokens.take("fetch item"))
+        if item.name == "PREVIEW" and isinstance(tokens.peek(), t.Group):
+            modifiers = t.group(tokens.take("PREVIEW modifiers"), "PREVIEW modifiers")
+            if not modifiers:
+                raise ParseError("empty PREVIEW modifier list")
+            for modifier in modifiers:
+                if t.atom(modifier, "PREVIEW modifier").upper() != "LAZY":
+                    raise ParseError("unknown PREVIEW modifier")
+            item = FetchItem("PREVIEW", lazy=True)
+        items.append(item)
+    return tuple(items)
 
 
 def _modifiers(tok: t.Token, what: str) -> list[tuple[str, t.Token]]:

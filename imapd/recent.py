@@ -1,38 +1,48 @@
 """\\Recent (RFC 3501 §2.3.2): a message is recent in exactly one session, the first to see it.
 
-Claims live in the imapd process: per mailbox (by UIDVALIDITY, so a re-created mailbox
-starts afresh) the highest UID some session has seen. A mailbox first opened after the
-process started has nothing recent: what arrived before the start is not claimed twice
-after a restart, at the cost of not being \\Recent at all. IMAP4rev2 (RFC 9051) dropped
-\\Recent for being this hard to do well; clients use \\Seen and UIDNEXT instead.
+The claim, per mailbox, is the highest UID some session has seen; it lives in the store's
+index (storage/recent.py), so every imapd process shares it and it survives restarts: mail
+that arrived while no session had the mailbox open is recent for the first SELECT after it.
+SELECT takes the UIDs above the claim, up to those it sees; a selected session takes the new
+messages it learns of that nobody saw before it. EXAMINE shows what is unclaimed as recent
+and takes nothing (RFC 3501 §6.3.2), nor does STATUS. IMAP4rev2 (RFC 9051) dropped \\Recent
+for being this hard to do well; clients use \\Seen and UIDNEXT instead.
+
+The methods call the store: they run in a worker thread (SessionState.run_store).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
+
+from storage import Mailbox, Store
 
 
 class RecentClaims:
-    def __init__(self) -> None:
-        self._seen_upto: dict[tuple[str, int], int] = {}
+    def __init__(self, store: Store) -> None:
+        self._store = store
 
-    def claim(self, account: str, mailbox_id: int, uidnext: int) -> range:
-        """SELECT: the UIDs up to `uidnext` that are recent for this session."""
-        key = (account, mailbox_id)
-        previous = self._seen_upto.get(key, uidnext - 1)
-        self._seen_upto[key] = max(previous, uidnext - 1)
-        return range(previous + 1, uidnext)
+    def claim(self, mailbox: Mailbox, uids: Sequence[int]) -> list[int]:
+        """SELECT: of the mailbox's `uids` (ascending, from the same snapshot as `mailbox`),
+        those recent for this session, taken from every other session."""
+        if not uids or uids[-1] <= mailbox.recent_upto:
+            return []  # nothing new since some session looked: no write
+        before = self._store.claim_recent(mailbox.account, mailbox.id, uids[-1])
+        return [uid for uid in uids if uid > before]
 
-    def claim_new(self, account: str, mailbox_id: int, uids: Iterable[int]) -> list[int]:
-        """New messages a selected session learns of: those no other session has seen."""
-        key = (account, mailbox_id)
-        upto = self._seen_upto.get(key, 0)
-        mine = [uid for uid in uids if uid > upto]
-        if mine:
-            self._seen_upto[key] = max(mine)
-        return mine
+    @staticmethod
+    def unclaimed(mailbox: Mailbox, uids: Sequence[int]) -> list[int]:
+        """EXAMINE: what nobody has seen yet, shown as recent but left to the next SELECT."""
+        return [uid for uid in uids if uid > mailbox.recent_upto]
 
-    def count(self, account: str, mailbox_id: int, uidnext: int) -> int:
+    def claim_new(self, account: str, mailbox_id: int, uids: Sequence[int]) -> list[int]:
+        """New messages a selected session learns of (ascending): those no other session
+        has seen."""
+        if not uids:
+            return []
+        before = self._store.claim_recent(account, mailbox_id, uids[-1])
+        return [uid for uid in uids if uid > before]
+
+    def count(self, account: str, name: str) -> int:
         """STATUS RECENT: messages no session has seen yet (claims nothing)."""
-        upto = self._seen_upto.get((account, mailbox_id), uidnext - 1)
-        return max(0, uidnext - 1 - upto)
+        return self._store.recent_count(account, name)

@@ -9,7 +9,9 @@
 Everything else is in the store's own form: ("all",), ("flag", name, present),
 ("before"|"on"|"since"|"sentbefore"|"senton"|"sentsince", datetime.date),
 ("larger"|"smaller"|"modseq", int), ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", str),
-("header", field, str), ("not", q), ("or", q1, q2), ("and", [q, ...]).
+("header", field, str), ("emailid"|"threadid", str) (RFC 8474), ("savedbefore"|"savedon"|"savedsince", datetime.date),
+("savedatesupported",) (RFC 8514), ("not", q), ("or", q1, q2),
+("and", [q, ...]).
 
 A sequence of keys (at the top or in parentheses) is their AND: one key stands alone,
 several become ("and", [...]) with nested ANDs flattened into it. Key names are
@@ -46,9 +48,11 @@ _CONSTANT = {
     "ALL": ("all",),
     "RECENT": ("recent",),
     "OLD": ("not", ("recent",)),
+    "SAVEDATESUPPORTED": ("savedatesupported",),  # RFC 8514 §4
 }
 _STRINGS = frozenset({"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"})
-_DATES = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
+_DATES = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE",
+                    "SAVEDBEFORE", "SAVEDON", "SAVEDSINCE"})  # RFC 8514 the last three
 _SIZES = frozenset({"LARGER", "SMALLER"})
 _ENTRY_TYPES = frozenset({"PRIV", "SHARED", "ALL"})
 
@@ -157,6 +161,8 @@ class _Keys:
             return ("or", first, self.key(args, nesting + 1))
         if name == "MODSEQ":
             return self._modseq(args)
+        if name in ("EMAILID", "THREADID"):  # RFC 8474 §6
+            return (name.lower(), t.atom(args.take(what), what))
         raise ParseError(f"unknown search key {tok.text}")
 
     def _modseq(self, args: t.Args) -> tuple:

@@ -19,18 +19,20 @@ import functools
 from bisect import bisect_left
 from collections.abc import Iterable
 from imapd import fetch as fetching
-from imapd import searching
+from imapd import qresync, searching
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.mailboxes import SYSTEM_FLAGS
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Store
 from imapd.state import SessionState
 from imapd.view import View
 import storage
+from storage import ExpungedError
 
 FETCH_BATCH = 256  # messages per store read while answering FETCH
 INDEX_BATCH = 2048  # the same when no item needs the message file (fetch.index_only)
 FLAGS_BATCH = 8192  # the same when only UID, FLAGS and MODSEQ are asked
 FETCH_BYTES = 4 << 20  # of responses rendered before they are written and the client reads
+LAZY_PREVIEWS = 100  # previews made after a FETCH PREVIEW (LAZY) answered NIL, at most
 NO_EXPUNGE_DURING = {"FETCH", "STORE", "SEARCH", "COPY", "SORT", "THREAD"}  # and RFC 5256 §3, §4
 
 
@@ -87,13 +89,25 @@ async def expunge(session: SessionState, command: Expunge):
     removed = await session.run_store(session.context.store.expunge, *args)
     announce_expunged(session, removed)
     session.log.info("expunge", mailbox=view.name, count=len(removed))
+    if session.condstore:
+        # RFC 7162 §3.2.10: the MODSEQ the expunge reached, for the client's next QRESYNC
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+        return f"HIGHESTMODSEQ {mailbox.highestmodseq}", f"{command.name} completed"
     return None
 
 
 def announce_expunged(session: SessionState, uids: Iterable[int]) -> None:
+    """EXPUNGE for each message removed, or one VANISHED of their UIDs once QRESYNC is
+    enabled (RFC 7162 §3.2.10: sequence numbers shift all the same)."""
     view = require_view(session)
     uids = list(uids)
     searching.before_expunge(session, uids)  # RFC 5267 §4.3: REMOVEFROM before the EXPUNGEs
+    if session.qresync:
+        gone = [uid for uid in uids if view.seq_of(uid) is not None]
+        view.expunge_now(uids)
+        for line in qresync.vanished_lines(qresync.as_ranges(gone), earlier=False):
+            session.untagged(line)
+        return
     for seq in view.expunge_now(uids):
         session.untagged(f"{seq} EXPUNGE")
 
@@ -110,6 +124,9 @@ async def fetch(session: SessionState, command: Fetch):
         items.insert(0, FetchItem("UID"))
     if session.condstore and changedsince is not None and not any(i.name == "MODSEQ" for i in items):
         items.append(FetchItem("MODSEQ"))
+    if command.vanished:
+        qresync.require_enabled(session)
+        await qresync.on_fetch(session, view, command.sequence, changedsince)
     uids = view.uids_in(ranges(session, command))
     if not uids:
         return None
@@ -131,7 +148,9 @@ async def fetch(session: SessionState, command: Fetch):
     batch = FLAGS_BATCH if flags_only else INDEX_BATCH if fetching.index_only(items) else FETCH_BATCH
     recent = frozenset(view.recent)
     listing = None
+    previews = _previews_wanted(items)
     position = 0
+    gone = 0  # messages of the view expunged in the store meanwhile (by another session)
     while position < len(uids):
         chunk = uids[position:position + batch]
         chunk_ranges = as_ranges(chunk)
@@ -142,17 +161,56 @@ async def fetch(session: SessionState, command: Fetch):
         if flags_only:
             if listing is None:  # one store call for the whole FETCH, however many batches
                 listing = await session.run_store(store.flag_listing, session.user, view.name)
+                shown = {k for raw in set(listing.keywords.values()) for k in raw.decode().split(" ") if k}
+                if not shown <= view.keywords:  # set by another session: FLAGS first
+                    await announce_keywords(session, view)
+            # Flags of a message expunged meanwhile are left out, with no NO: a client's
+            # `UID FETCH 1:* (FLAGS)` sync names no message in particular, and hears the
+            # EXPUNGE at its next NOOP.
             lines = [listing_fetch_lines(session, listing, chunk, items, changedsince)]
-            done = len(chunk)
+            done, missing = len(chunk), 0
         else:
-            lines, done = await session.run_store(_render_batch, store, session.user, view.name, chunk, items,
-                                                  changedsince, view.seq_of, recent)
+            lines, done, missing, keywords = await session.run_store(
+                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent,
+                previews)
+            if not keywords <= view.keywords:
+                await announce_keywords(session, view)
         # One write for the batch: a write per response line costs the transport more than
         # rendering the line (UID FETCH 1:* (FLAGS), bench/imap.py).
         session.conn.write(b"".join(line for line in lines if line))
         position += done
+        gone += missing
         await session.conn.drain()
+    if previews is not None and previews.later:
+        # RFC 8970 §3.1: LAZY answered NIL for these; made now, in the background, so a
+        # later FETCH finds them (the command does not wait)
+        asyncio.ensure_future(session.context.run(_make_previews, store, previews.later[:LAZY_PREVIEWS]))
+    if gone:
+        # RFC 2180 §4.1.2: the others are answered, the command ends NO; the client hears the
+        # EXPUNGE when it may (a NOOP), RFC 5530's code says why. Not a fault of ours.
+        raise no("some of the requested messages no longer exist", "EXPUNGEISSUED")
     return None
+
+
+class _Previews:
+    """What FETCH PREVIEW asks: `lazy`, and the messages LAZY left without one (`later`)."""
+
+    def __init__(self, lazy: bool):
+        self.lazy = lazy
+        self.later: list[storage.MessageInfo] = []
+
+
+def _previews_wanted(items: list[FetchItem]) -> _Previews | None:
+    asked = [item for item in items if item.name == "PREVIEW"]
+    return _Previews(all(item.lazy for item in asked)) if asked else None
+
+
+def _make_previews(store: storage.Store, infos: list[storage.MessageInfo]) -> None:
+    for info in infos:
+        try:
+            store.preview(info)
+        except Exception:  # noqa: BLE001 - expunged meanwhile, or unreadable: made next time
+            pass
 
 
 def flags_fetch_line(session: SessionState, state, items: list[FetchItem], changedsince: int | None) -> bytes | None:
@@ -299,23 +357,42 @@ def flags_with_recent(session: SessionState, uid: int, flags: Iterable[str]) -> 
 
 
 def _render_batch(store: storage.Store, account: str, mailbox: str, uids: list[int], items, changedsince, seq_of,
-                  recent: frozenset[int]) -> tuple[list[bytes], int]:
+                  recent: frozenset[int], previews: _Previews | None = None
+                  ) -> tuple[list[bytes], int, int, set[str]]:
     """FETCH responses for the first of `uids` (in a worker thread: reads files), until
-    about FETCH_BYTES are rendered; also how many of `uids` they answer."""
+    about FETCH_BYTES are rendered; also how many of `uids` they answer, how many of
+    those the store no longer has (expunged before the index was read, or before the
+    message's file was opened), and the keywords their FLAGS show."""
     lines: list[bytes] = []
-    pending = 0
+    pending = found = expunged = 0
+    keywords: set[str] = set()
+    shows_flags = any(item.name == "FLAGS" for item in items)
     for info in store.fetch(account, mailbox, as_ranges(uids)):
         if pending >= FETCH_BYTES:
-            return lines, uids.index(info.uid)
+            done = uids.index(info.uid)
+            return lines, done, done - found + expunged, keywords
+        found += 1
+        if shows_flags:
+            keywords.update(f for f in info.flags if not f.startswith("\\"))
         if changedsince is not None and info.modseq <= changedsince:
             continue
         seq = seq_of(info.uid)
         if seq is None:
             continue
-        body = fetching.render(info, items, lambda info=info: store.open_message(info), recent=info.uid in recent)
+        if previews is not None and info.preview is None:  # a record from before previews were kept
+            if previews.lazy:
+                previews.later.append(info)
+            else:
+                info.preview = store.preview(info)
+        try:
+            body = fetching.render(info, items, lambda info=info: store.open_message(info),
+                                   recent=info.uid in recent)
+        except ExpungedError:
+            expunged += 1
+            continue
         lines.append(b"* %d FETCH (" % seq + body + b")\r\n")
         pending += len(lines[-1])
-    return lines, len(uids)
+    return lines, len(uids), len(uids) - found + expunged, keywords
 
 
 # -- STORE ------------------------------------------------------------------------------------
@@ -332,10 +409,12 @@ async def store(session: SessionState, command: Store):
     changed, modified = await session.run_store(session.context.store.store_flags, session.user, view.name,
                                                 as_ranges(uids), command.mode, flags, unchanged)
     view.mark_told(changed)
-    if any(not f.startswith("\\") and f not in view.keywords for f in flags):
+    if unannounced(view, flags):
         await announce_keywords(session, view)
     if not command.silent:
         states = await session.run_store(session.context.store.flags, session.user, view.name, as_ranges(uids))
+        if any(unannounced(view, s.flags) for s in states):  # set by another session meanwhile
+            await announce_keywords(session, view)
         refused = set(modified)
         shown = [FetchItem("FLAGS"), FetchItem("UID")] + ([FetchItem("MODSEQ")] if session.condstore else [])
         for state in states:
@@ -353,14 +432,24 @@ async def store(session: SessionState, command: Store):
     return None
 
 
-async def announce_keywords(session: SessionState, view: View) -> None:
+def unannounced(view: View, flags: Iterable[str]) -> bool:
+    """Whether `flags` hold a keyword the session has not told the client of."""
+    return any(not f.startswith("\\") and f not in view.keywords for f in flags)
+
+
+async def announce_keywords(session: SessionState, view: View, mailbox: storage.Mailbox | None = None) -> None:
     """FLAGS and PERMANENTFLAGS again, with the mailbox's keywords now, before a FETCH shows
-    a new one (RFC 3501 §7.2.6: a client learns the flags a mailbox has from FLAGS)."""
-    mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
+    a new one, whichever session set it (RFC 3501 §7.2.6: a client learns the flags a
+    mailbox has from FLAGS). `mailbox` is its state if the caller has just read it."""
+    if mailbox is None:
+        mailbox = await session.run_store(session.context.store.mailbox, session.user, view.name)
     view.keywords = set(mailbox.keywords)
     flags = " ".join(SYSTEM_FLAGS + tuple(mailbox.keywords))
     session.untagged(f"FLAGS ({flags})")
-    session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
+    if view.readonly:
+        session.untagged("OK [PERMANENTFLAGS ()] read-only")
+    else:
+        session.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags allowed")
 
 
 # -- COPY, MOVE -------------------------------------------------------------------------------
@@ -450,13 +539,25 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
     if mailbox.uidvalidity != view.uidvalidity:
         session.say_bye("the selected mailbox was replaced")
         return
-    view.pending.update(uid for uid in expunged if view.seq_of(uid) is not None)
+    if unannounced(view, mailbox.keywords):  # another session brought a keyword in
+        await announce_keywords(session, view, mailbox)
+    if view.modseq < mailbox.expunged_floor:
+        # The bounded expunge history forgot part of what this session missed: what it
+        # holds and the store does not is what vanished (storage/vanished.py).
+        _, current, _ = await session.run_store(store.uids, session.user, view.name)
+        there = set(current)
+        expunged = [uid for uid in view.uids if uid not in there]
+    waiting = [uid for uid in expunged if view.seq_of(uid) is not None and uid not in view.pending]
+    if waiting and not view.pending:
+        view.pending_since = view.modseq  # told so far: below any of these expunges' MODSEQ
+    view.pending.update(waiting)
     if expunges and view.pending:
         announce_expunged(session, list(view.pending))
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
     if view.add(new):
         if not view.readonly:
-            view.recent.update(session.context.recent.claim_new(session.user, view.uidvalidity, new))
+            view.recent.update(await session.run_store(session.context.recent.claim_new, session.user,
+                                                       view.uidvalidity, new))
         session.untagged(f"{view.exists} EXISTS")
         session.untagged(f"{len(view.recent)} RECENT")
     for state in view.flag_updates(s for s in changed if s.uid not in new):
@@ -468,3 +569,7 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         await searching.refresh(session)
     view.in_step(max(view.modseq, mailbox.highestmodseq))
     view.told = {uid: m for uid, m in view.told.items() if m > view.modseq}
+    if view.pending and session.condstore:
+        # RFC 7162 §3.2: MODSEQs were shown while expunges wait to be told; a client that
+        # resynchronizes from the last HIGHESTMODSEQ it saw must not skip them.
+        session.untagged(f"OK [HIGHESTMODSEQ {view.pending_since}] expunges are still to be told")

@@ -131,10 +131,12 @@ async def id_(session: Session, command: Id):
 
 
 async def enable(session: Session, command: Enable):
-    """RFC 5161; CONDSTORE is the only extension that needs enabling here."""
-    enabled = [c for c in command.capabilities if c == "CONDSTORE"]
+    """RFC 5161: CONDSTORE, and QRESYNC (RFC 7162 §3.2.3: it enables CONDSTORE too)."""
+    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "QRESYNC")]
     if enabled:
         session.condstore = True
+    if "QRESYNC" in enabled:
+        session.qresync = True
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
 
 

@@ -86,6 +86,7 @@ class SessionState:
         self.user: str | None = None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
+        self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE
         self.errors = 0  # BAD answers in a row
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
@@ -121,6 +122,10 @@ class SessionState:
             caps += ["ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT"]  # RFC 5267
             caps += ["METADATA"]  # RFC 5464
             caps += ["NOTIFY"]  # RFC 5465
+            caps += ["QRESYNC"]  # RFC 7162
+            caps += ["OBJECTID"]  # RFC 8474
+            caps += ["SAVEDATE"]  # RFC 8514
+            caps += ["PREVIEW"]  # RFC 8970
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:

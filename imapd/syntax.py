@@ -66,12 +66,13 @@ class FetchItem:
     """One FETCH data item. `name` is one of: UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE
     BODYSTRUCTURE BODY (the non-extensible structure) MODSEQ RFC822 RFC822.HEADER
     RFC822.TEXT BODY[] (a section fetch: `section` is set). `peek` is BODY.PEEK[...]'s;
-    `partial` is <origin.count>."""
+    `partial` is <origin.count>. PREVIEW (RFC 8970) is `lazy` with its (LAZY) modifier."""
 
     name: str
     section: Section | None = None
     peek: bool = False
     partial: tuple[int, int] | None = None
+    lazy: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,23 @@ class Authenticate(Command):
 # a path, is "INBOX"; the separator is "/".
 
 @dataclass(frozen=True)
+class QResync:
+    """SELECT's (QRESYNC (uidvalidity modseq [known-uids [seq-match-data]])), RFC 7162 §3.2.5."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SequenceSet | None = None
+    known_seqs: SequenceSet | None = None  # sequence match data: these numbers ...
+    known_seq_uids: SequenceSet | None = None  # ... were these UIDs, one for one
+
+
+@dataclass(frozen=True)
 class Select(Command):
     """SELECT, and EXAMINE (`readonly`)."""
 
     mailbox: str
     condstore: bool = False  # the (CONDSTORE) parameter, RFC 7162 §3.1.8
+    qresync: QResync | None = None  # RFC 7162 §3.2.5
 
     @property
     def readonly(self) -> bool:
@@ -214,6 +227,7 @@ class Fetch(Command):
     sequence: SequenceSet
     items: tuple[FetchItem, ...]  # in the order asked; macros (ALL, FAST, FULL) expanded
     changedsince: int | None = None  # RFC 7162 §3.1.4
+    vanished: bool = False  # RFC 7162 §3.2.6: UID FETCH ... (CHANGEDSINCE m VANISHED)
     uid: bool = False
 
 

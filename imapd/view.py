@@ -60,6 +60,7 @@ class View:
         self.uidnext = mailbox.uidnext
         self.recent: set[int] = set(recent)
         self.pending: set[int] = set()  # expunged in the store, not yet announced
+        self.pending_since = 0  # the MODSEQ told before the first of `pending` (RFC 7162 §3.2)
         self.told: dict[int, int] = {}  # uid -> modseq of flags this session already sent
         # SEARCHRES (RFC 5182): the UIDs of the last SEARCH ... RETURN (SAVE), what `$` names;
         # a new SELECT starts a new view, and so an empty one (§2.1).

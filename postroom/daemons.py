@@ -114,8 +114,8 @@ class Shared:
         from imapd.view import Snapshots
 
         config = self._config
-        return IMAPContext(config, self._accounts, self._store, self.watcher, self.login_throttle, RecentClaims(),
-                           Snapshots(), self.store_threads, self._twisted_tls(), __version__,
+        return IMAPContext(config, self._accounts, self._store, self.watcher, self.login_throttle,
+                           RecentClaims(self._store), Snapshots(), self.store_threads, self._twisted_tls(), __version__,
                            connections=ConnectionLimit(config.imap.max_connections, config.imap.max_connections_per_ip),
                            run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT))
 

@@ -328,8 +328,11 @@ def _rebuild_mailbox(txn, shard: Shard, batch: Batch, account: str, directory: P
     known_uidnext, known_modseq = prior.get(mailbox_id, (1, 1)) if not renumber else (1, 1)
     uidnext = max(known_uidnext, int(meta.get("uidnext", 1)) if not renumber else 1)
     modseq = max(known_modseq + 1, int(time.time() * 1000))
+    # The expunge history is gone with the old index, and messages whose files were lost are
+    # gone unrecorded: a client from before this MODSEQ is answered from what is still here
+    # (storage/vanished.py), never told that nothing vanished.
     state = MailboxRecord(account=account, name=name, uidnext=uidnext, modseq=modseq,
-                          special_use=meta.get("special_use"))
+                          special_use=meta.get("special_use"), expunged_floor=modseq - 1)
     for index, (parsed, path) in enumerate(files):
         raw = path.read_bytes()
         uid = parsed[1] if parsed and not renumber else index + 1

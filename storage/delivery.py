@@ -496,7 +496,7 @@ def _copy(source_fd: int, target: Path, date: float) -> None:
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: str, size: int, parsed: _Parsed,
                bits: int, keywords: tuple[str, ...], quota: Quota, window: float):
     """The commit step of one copy: (mailbox id, UID, whether it was a duplicate)."""
-    record = MessageRecord.of(parsed.message, base=base, size=size, internal_date=parsed.date)
+    record = MessageRecord.of(parsed.message, base=base, size=size, internal_date=parsed.date, saved=time.time())
     encoded = records.encode(record)  # here, not in the committer
 
     def insert(txn, batch):

@@ -61,6 +61,11 @@ class MetadataLimitError(StoreError):
         self.code = code
 
 
+class ExpungedError(StoreError):
+    """The message is no longer in the index: expunged (by another session, perhaps) since
+    the caller learned of it. Not a fault: IMAP answers NO [EXPUNGEISSUED] (RFC 5530)."""
+
+
 class DeliveryError(StoreError):
     """Some targets failed. `delivered` lists those that are durable (storage.Delivered),
     `errors` the others as ((account, mailbox), error) pairs."""

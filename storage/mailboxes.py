@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, messages, metadata
+from storage import fts, messages, metadata, objectid, recent
 from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.records import (
@@ -46,12 +46,19 @@ class Mailbox:
     size: int
     special_use: str | None
     keywords: tuple[str, ...] = ()
+    expunged_floor: int = 0  # the expunge history is exact for MODSEQs from here (storage/vanished.py)
     subscribed: bool = False
     children: bool = field(default=False, compare=False)
+    recent_upto: int = field(default=0, compare=False)  # the \Recent claim (storage/recent.py)
 
     @property
     def uidvalidity(self) -> int:
         return self.id
+
+    @property
+    def object_id(self) -> str:
+        """RFC 8474 MAILBOXID (storage/objectid.py)."""
+        return objectid.mailbox_id(self.account, self.id)
 
 
 MAX_KEY_BYTES = 500  # LMDB refuses keys over 511 bytes
@@ -79,8 +86,8 @@ def to_mailbox(mailbox_id: int, state: MailboxRecord, subscribed: bool = False, 
     return Mailbox(
         id=mailbox_id, account=state.account, name=state.name, uidnext=state.uidnext,
         highestmodseq=state.modseq, exists=state.exists, unseen=state.unseen, size=state.size,
-        special_use=state.special_use, keywords=tuple(state.keywords),
-        subscribed=subscribed, children=children,
+        special_use=state.special_use, keywords=tuple(state.keywords), expunged_floor=state.expunged_floor,
+        subscribed=subscribed, children=children, recent_upto=recent.claimed(state),
     )
 
 
@@ -130,7 +137,7 @@ def _claim_name(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
 def _create_one(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name: str,
                 special_use: str | None) -> Mailbox:
     mailbox_id = new_id(txn, shard)
-    state = MailboxRecord(account=account, name=name, special_use=special_use)
+    state = MailboxRecord(account=account, name=name, special_use=special_use, recent_upto=0)
     put_mailbox(txn, shard, mailbox_id, state)
     txn.put(name_key(account, name), pack_u32(mailbox_id), db=shard.db["names"])
     note_dir(txn, shard, batch, account, mailbox_id)  # its directory is made after the commit

@@ -12,6 +12,7 @@ commit; the index stays the truth when the two disagree.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import lmdb
 import msgspec
 
-from storage import fts, maildir
+from storage import fts, maildir, objectid, vanished
 from storage.errors import FlagError, QuotaExceededError, StoreError
 from storage.mime import BodyPart, Envelope
 from storage.records import (
@@ -95,11 +96,13 @@ class MessageInfo:
     neither, FETCH ENVELOPE only the rendered `envelope_text` when the record has it."""
 
     __slots__ = ("account", "mailbox_id", "uid", "modseq", "flags", "internal_date", "size", "sent", "envelope_text",
-                 "_envelope", "_envelope_raw", "_structure", "_structure_raw")
+                 "_envelope", "_envelope_raw", "_structure", "_structure_raw", "base", "stored_email_id", "saved",
+                 "preview")
 
     def __init__(self, account: str, mailbox_id: int, uid: int, modseq: int, flags: tuple[str, ...],
                  internal_date: float, size: int, sent: float | None, envelope: Envelope | None,
-                 structure: BodyPart | None = None, *, structure_json: bytes | None = None,
+                 structure: BodyPart | None = None, *, structure_json: bytes | None = None, base: str = "",
+                 stored_email_id: str | None = None, saved: float | None = None, preview: str | None = None,
                  envelope_json: bytes | None = None, envelope_text: str | None = None):
         self.account = account
         self.mailbox_id = mailbox_id  # the mailbox's UIDVALIDITY
@@ -114,6 +117,10 @@ class MessageInfo:
         self.envelope_text = envelope_text  # FETCH ENVELOPE's answer, when the record has it
         self._structure = structure
         self._structure_raw = structure_json
+        self.base = base  # its file's unique base (storage/maildir.py)
+        self.stored_email_id = stored_email_id  # the original's EMAILID, for a copy (storage/objectid.py)
+        self.saved = saved  # RFC 8514 SAVEDATE, seconds (the internal date in old records)
+        self.preview = preview  # RFC 8970 PREVIEW; None until made (Store.preview)
 
     @property
     def envelope(self) -> Envelope:
@@ -127,9 +134,14 @@ class MessageInfo:
             self._structure = decode_structure(self._structure_raw)
         return self._structure
 
+    @property
+    def email_id(self) -> str:
+        """RFC 8474 EMAILID; made on demand: most FETCHes never ask for it."""
+        return objectid.email_id(self.stored_email_id, self.base)
+
     def _fields(self) -> tuple:
         return (self.account, self.mailbox_id, self.uid, self.modseq, self.flags, self.internal_date, self.size,
-                self.sent, self.envelope, self.structure)
+                self.sent, self.envelope, self.structure, self.base, self.stored_email_id, self.saved, self.preview)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MessageInfo) and self._fields() == other._fields()
@@ -296,7 +308,10 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
         append(MessageInfo(account, mailbox_id, uid, e.modseq, flag_names(e.bits, e.keywords),
                            record.internal_date, record.size, record.sent, None if lazy else env,
                            None if lazy else structure, structure_json=structure if lazy else None,
-                           envelope_json=env if lazy else None, envelope_text=record.envelope_text))
+                           base=record.base, stored_email_id=record.email_id,
+                           saved=record.saved if record.saved is not None else record.internal_date,
+                           preview=record.preview, envelope_json=env if lazy else None,
+                           envelope_text=record.envelope_text))
     return out
 
 
@@ -315,6 +330,10 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
         if quota.messages and usage.messages + 1 > quota.messages:
             raise QuotaExceededError(f"mailbox full: quota of {quota.messages} messages reached")
     _remember_keywords(state, keywords)
+    if state.recent_upto is None:
+        # A mailbox from before \Recent claims were kept (storage/recent.py): what it held
+        # counts as seen, and this message is the first recent one.
+        state.recent_upto = state.uidnext - 1
     uid = state.uidnext
     modseq = state.modseq + 1
     state.uidnext, state.modseq, state.exists, state.size = uid + 1, modseq, state.exists + 1, state.size + size
@@ -409,12 +428,13 @@ def expunge(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mai
         txn.delete(modseq_key(mailbox_id, old_modseq, uid), db=shard.db["modseqs"])
         txn.delete(file.base.encode(), db=shard.db["bases"])
         fts.remove_texts(txn, shard, mailbox_id, uid)
-        txn.put(modseq_key(mailbox_id, modseq, uid), file.base.encode(), db=shard.db["expunged"])
+        vanished.record(txn, shard, mailbox_id, state, modseq, uid, file.base)
         freed += file.size
         state.unseen -= 0 if bits & maildir.SEEN else 1
         note_file(txn, shard, batch, account, mailbox_id, file.base,
                   message_path(shard, account, mailbox_id, file.base, uid, file.size, bits))
     state.modseq, state.exists, state.size = modseq, state.exists - len(doomed), state.size - freed
+    vanished.prune(txn, shard, mailbox_id, state)
     put_mailbox(txn, shard, mailbox_id, state)
     add_usage(txn, shard, account, -freed, -len(doomed))
     # Expunging the newest UIDs is what could let a rebuild from files hand them out again:
@@ -439,7 +459,10 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         if old_path is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path,
-                         record=msgspec.structs.replace(record, base=maildir.new_base()), bits=bits,
+                         record=msgspec.structs.replace(record, base=maildir.new_base(),
+                                                        email_id=objectid.email_id(record.email_id, record.base),
+                                                        saved=time.time()),  # RFC 8514: saved here, now
+                         bits=bits,
                          keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)
         pairs.append((uid, new_uid))

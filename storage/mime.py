@@ -35,6 +35,8 @@ from storage.fileview import FileView
 MAX_DEPTH = 20
 MAX_PARTS = 1000
 MAX_TEXT_CHARS = 2_000_000  # of decoded text fed to the index per message
+PREVIEW_CHARS = 256  # RFC 8970 §3.1: a preview is at most 256 characters
+PREVIEW_SCAN = 16_384  # characters of the first text part a preview is made from
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _HEADER_PARSER = HeaderParser(policy=compat32)
@@ -127,6 +129,7 @@ class ParsedMessage(NamedTuple):
     fields: dict[str, str]  # decoded subject, from, to, cc, bcc, by header name
     headers: str  # every top-level header line, decoded
     body: str  # decoded text of the text parts
+    preview: str = ""  # RFC 8970 PREVIEW: the start of the first text part (make_preview)
 
 
 class _Budget:
@@ -134,6 +137,7 @@ class _Budget:
         self.parts = 0
         self.text: list[str] = []
         self.text_chars = 0
+        self.first_text: str | None = None  # of the first text part: the preview's source
 
     def add_text(self, text: str) -> None:
         room = MAX_TEXT_CHARS - self.text_chars
@@ -159,11 +163,19 @@ def parse_message(raw: Buffer) -> ParsedMessage:
 def _parse_message(raw: Buffer) -> ParsedMessage:
     budget = _Budget()
     structure, message = _parse_part(raw, 0, len(raw), ("text", "plain"), 0, budget)
-    fields = {name: "\n".join(decode_words(_clean(str(v))) for v in message.get_all(name, []))
+    fields = {name: "\n".join((decode_words if name == "subject" else address_text)(_clean(str(v)))
+                               for v in message.get_all(name, []))
               for name in INDEXED_FIELDS}
     headers = "\n".join(f"{name}: {decode_words(_clean(str(value)))}" for name, value in message.items())
     return ParsedMessage(envelope=envelope(message), structure=structure, sent=_sent_date(message),
-                         sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text))
+                         sent_day=_sent_day(message), fields=fields, headers=headers, body="\n".join(budget.text),
+                         preview=make_preview(budget.first_text or ""))
+
+
+def make_preview(text: str) -> str:
+    """RFC 8970 §3: at most PREVIEW_CHARS characters of what a reader sees first, white
+    space (line breaks included) run together; only the start of the text is looked at."""
+    return " ".join(text[:PREVIEW_SCAN].split())[:PREVIEW_CHARS]
 
 
 def header_end(raw: Buffer, start: int, end: int) -> tuple[int, int]:
@@ -218,7 +230,10 @@ def _parse_part(raw: Buffer, start: int, end: int, default: tuple[str, str], dep
         enclosed = EnclosedMessage(envelope=envelope(inner_message), structure=inner)
         budget.add_text(_decoded_headers_text(inner_message))
     elif maintype == "text" and not _is_attachment(message):
-        budget.add_text(_decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype))
+        text = _decode_text(message, raw[body_start:min(end, body_start + MAX_TEXT_CHARS * 2)], subtype)
+        if budget.first_text is None:
+            budget.first_text = text
+        budget.add_text(text)
     disposition, language, location = _extension(message)
     part = BodyPart(
         type=maintype, subtype=subtype, params=params, header=(start, hdr_end), body=(body_start, end),
@@ -469,6 +484,8 @@ _ROUTE = re.compile(r"<\s*(@[^<>:\"()]*?)\s*:\s*([^<>\"()]*?)\s*>")
 
 
 def _mailboxes(value: str) -> list[EnvelopeAddress]:
+    if "(" in value:
+        value = _without_comments(value)
     routes: dict[str, str] = {}
     seen = [0, 0]  # how far quotes were counted, and how many (matches come in order: linear)
 
@@ -489,6 +506,81 @@ def _mailboxes(value: str) -> list[EnvelopeAddress]:
             mailbox, host = addr, ""
         out.append(EnvelopeAddress(name or None, routes.get(addr), mailbox or None, host))
     return out
+
+
+def _without_comments(value: str) -> str:
+    """A mailbox list with the comments that are not a name taken out (RFC 5322 §3.4: CFWS
+    may sit between any two tokens of an address, and is no part of it). In a name-addr
+    (`Name <addr>`) every comment goes, in the address and in the phrase alike; in a bare
+    addr-spec, those inside it go and those after it stay, for the stdlib parser to take
+    as the name, the old convention (`user@host (Real Name)`). Each comment becomes a space:
+    `<user (c)@ (c) domain.org>` is `user@domain.org` with no name, as Dovecot reads it,
+    rather than the stdlib's made-up name " (c c)". One pass, however deep the nesting."""
+    out: list[str] = []
+    pieces: list[tuple[str, bool]] = []  # the current mailbox's text, (piece, is a comment)
+    angle = quoted = False
+    depth = start = 0
+
+    def piece(end: int, comment: bool) -> None:
+        nonlocal start
+        if start < end:
+            pieces.append((value[start:end], comment))
+        start = end
+
+    def mailbox_done() -> None:
+        named = any(not comment and "<" in text for text, comment in pieces)
+        last_word = max((k for k, (text, comment) in enumerate(pieces) if not comment and text.strip()), default=-1)
+        out.extend(" " if comment and (named or k < last_word) else text for k, (text, comment) in enumerate(pieces))
+        pieces.clear()
+
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == "\\" and (quoted or depth):
+            i += 2
+            continue
+        if quoted:
+            quoted = c != '"'
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if not depth:
+                piece(i + 1, True)
+        elif c == "(":
+            piece(i, False)
+            depth = 1
+        elif c == '"':
+            quoted = True
+        elif angle:
+            angle = c != ">"
+        elif c == "<":
+            angle = True
+        elif c == ",":
+            piece(i, False)
+            mailbox_done()
+            out.append(",")
+            start = i + 1
+        i += 1
+    piece(n, depth > 0)  # an unclosed comment runs to the end
+    mailbox_done()
+    return "".join(out)
+
+
+def address_text(value: str) -> str:
+    """An address header as SEARCH FROM/TO/CC/BCC match it (RFC 3501 §6.4.4): each name
+    (decoded) with its mailbox@host, and group names; comments, quotes and folding gone, so
+    `user@domain.org` finds `<user (c)@ (c) domain.org>`. A value that is not a list of
+    addresses (`Foo Bar`, no address at all) is matched as it is written."""
+    shown = []
+    for address in _addresses(value):
+        if address.host is None:  # a group's start, with its name, or its end
+            if address.mailbox is not None:
+                shown.append(decode_words(address.mailbox))
+            continue
+        if not address.host or address.mailbox is None:
+            return decode_words(value)
+        spec = f"{address.mailbox}@{address.host}"
+        shown.append(f"{decode_words(address.name)} <{spec}>" if address.name else spec)
+    return ", ".join(shown)
 
 
 def decode_words(value: str) -> str:

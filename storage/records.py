@@ -73,14 +73,24 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     sent_day: int | None = msgspec.field(name="td", default=None)  # its own calendar day, days since 1970
     envelope: Envelope = msgspec.field(name="e")
     structure: BodyPart = msgspec.field(name="x")
+    # RFC 8474 EMAILID, set on a copy or move to the original's (storage/objectid.py); None:
+    # the message is its own original, its id is made from its file's unique base
+    email_id: str | None = msgspec.field(name="ei", default=None)
+    # RFC 8514 SAVEDATE: when it was saved into this mailbox (seconds); None in records
+    # written before it was kept, which answer with the internal date
+    saved: float | None = msgspec.field(name="sv", default=None)
+    # RFC 8970 PREVIEW, made at delivery; None in records written before, until a FETCH
+    # PREVIEW makes it (Store.preview)
+    preview: str | None = msgspec.field(name="pv", default=None)
     # FETCH ENVELOPE's bytes, rendered once (storage/envelope_text.py); absent from records
     # written before it, which FETCH renders as it goes, until `store rebuild`.
-    envelope_text: str | None = msgspec.field(name="ei", default=None)
+    envelope_text: str | None = msgspec.field(name="et", default=None)
 
     @classmethod
-    def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float) -> MessageRecord:
+    def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float,
+           saved: float | None = None) -> MessageRecord:
         return cls(base=base, size=size, internal_date=internal_date, sent=parsed.sent, sent_day=parsed.sent_day,
-                   envelope=parsed.envelope, structure=parsed.structure,
+                   envelope=parsed.envelope, structure=parsed.structure, saved=saved, preview=parsed.preview,
                    envelope_text=envelope_text(parsed.envelope))
 
 
@@ -94,7 +104,11 @@ class LazyMessageRecord(msgspec.Struct, kw_only=True):
     sent: float | None = msgspec.field(name="t", default=None)
     envelope: msgspec.Raw = msgspec.field(name="e")
     structure: msgspec.Raw = msgspec.field(name="x")
-    envelope_text: str | None = msgspec.field(name="ei", default=None)
+    base: str = msgspec.field(name="b")
+    email_id: str | None = msgspec.field(name="ei", default=None)
+    saved: float | None = msgspec.field(name="sv", default=None)
+    preview: str | None = msgspec.field(name="pv", default=None)
+    envelope_text: str | None = msgspec.field(name="et", default=None)
 
 
 class MessageFile(msgspec.Struct):
@@ -103,6 +117,24 @@ class MessageFile(msgspec.Struct):
 
     base: str = msgspec.field(name="b")
     size: int = msgspec.field(name="s")
+
+
+class ObjectIds(msgspec.Struct):
+    """The part of a `msgs` record its EMAILID is made from (SEARCH EMAILID, RFC 8474)."""
+
+    base: str = msgspec.field(name="b")
+    email_id: str | None = msgspec.field(name="ei", default=None)
+
+
+class SaveDate(msgspec.Struct):
+    """The part of a `msgs` record SEARCH SAVEDBEFORE/ON/SINCE reads (RFC 8514)."""
+
+    internal_date: float = msgspec.field(name="d")
+    saved: float | None = msgspec.field(name="sv", default=None)
+
+    @property
+    def seconds(self) -> float:
+        return self.saved if self.saved is not None else self.internal_date
 
 
 class MailboxRecord(msgspec.Struct, kw_only=True):
@@ -119,6 +151,12 @@ class MailboxRecord(msgspec.Struct, kw_only=True):
     special_use: str | None = None  # RFC 6154
     keywords: list[str] = []  # every keyword its messages have carried: FLAGS and PERMANENTFLAGS
     indexed_upto: int = msgspec.field(name="ix", default=0)  # storage/fts.py: UIDs on the posting lists
+    # storage/recent.py: the highest UID some session has seen; None in a record written
+    # before the claim was kept (everything in it then counts as seen).
+    recent_upto: int | None = msgspec.field(name="r", default=None)
+    # storage/vanished.py: keys in the expunge history, and the MODSEQ up to which it forgot
+    expunged_count: int = msgspec.field(name="xn", default=0)
+    expunged_floor: int = msgspec.field(name="xf", default=0)
 
 
 class Usage(msgspec.Struct):
@@ -130,8 +168,8 @@ class Usage(msgspec.Struct):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
-    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, LazyMessageRecord, MessageFile, MailboxRecord, Usage,
-                                                  BodyPart, Envelope)
+    kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, LazyMessageRecord, MessageFile, ObjectIds, SaveDate,
+                                                  MailboxRecord, Usage, BodyPart, Envelope)
 }
 
 

@@ -10,6 +10,8 @@ already turned into UIDs; \\Recent, NEW and OLD are the session's and stay in im
     ("larger", n)  ("smaller", n)  ("modseq", n)
     ("from"|"to"|"cc"|"bcc"|"subject"|"body"|"text", string)
     ("header", field-name, string)
+    ("emailid"|"threadid", objectid)                   RFC 8474
+    ("savedbefore"|"savedon"|"savedsince", date)  ("savedatesupported",)   RFC 8514
     ("not", q)  ("or", q1, q2)  ("and", [q, ...])
 
 Flags, dates and sizes come from each message's fixed-size record. Strings are IMAP
@@ -27,11 +29,11 @@ from collections.abc import Iterable
 
 import lmdb
 
-from storage import fts, maildir
+from storage import fts, maildir, objectid
 from storage.errors import SearchError
 from storage.messages import all_uids, entries, normalize_ranges, unseen_uids
-from storage.records import NO_DATE, Entry, get_mailbox
-from storage.shard import Shard
+from storage.records import NO_DATE, Entry, ObjectIds, SaveDate, decode, get_mailbox
+from storage.shard import Shard, uid_key
 
 TEXT_FIELDS = {"from": ("f",), "to": ("t",), "cc": ("c",), "bcc": ("k",), "subject": ("s",), "body": ("b",),
                "text": ("h", "b")}
@@ -101,6 +103,10 @@ class _Evaluation:
             return self._flag(query[1], query[2], domain)
         if kind in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
             return self._date(kind, query[1], domain)
+        if kind in ("savedbefore", "savedon", "savedsince"):
+            return self._saved(kind[5:], query[1], domain)
+        if kind == "savedatesupported":
+            return set(domain)  # RFC 8514 §4: every mailbox keeps save dates
         if kind == "larger":
             return {uid for uid in domain if self.entries[uid].size > query[1]}
         if kind == "smaller":
@@ -111,6 +117,10 @@ class _Evaluation:
             return self._text(TEXT_FIELDS[kind], query[1], domain)
         if kind == "header":
             return self._header(query[1], query[2], domain)
+        if kind == "emailid":
+            return {uid for uid in domain if self._email_id(uid) == query[1]}
+        if kind == "threadid":
+            return set()  # RFC 8474 §5.2: no message has a THREADID here
         raise SearchError(f"unknown search key {kind!r}")
 
     def _flag(self, name: str, present: bool, within: set[int]) -> set[int]:
@@ -201,6 +211,26 @@ class _Evaluation:
             if not result:
                 break
         return (result or set()) | overflow, False
+
+    def _saved(self, op: str, date: datetime.date, within: set[int]) -> set[int]:
+        day = (date - datetime.date(1970, 1, 1)).days
+        out = set()
+        for uid in within:
+            raw = self.txn.get(uid_key(self.mailbox_id, uid), db=self.shard.db["msgs"])
+            if raw is None:
+                continue
+            saved_day = int(decode(raw, SaveDate).seconds // 86400)
+            if (op == "before" and saved_day < day) or (op == "on" and saved_day == day) or \
+                    (op == "since" and saved_day >= day):
+                out.add(uid)
+        return out
+
+    def _email_id(self, uid: int) -> str:
+        raw = self.txn.get(uid_key(self.mailbox_id, uid), db=self.shard.db["msgs"])
+        if raw is None:
+            return ""
+        ids = decode(raw, ObjectIds)
+        return objectid.email_id(ids.email_id, ids.base)
 
     def _texts(self, uid: int) -> dict[str, str]:
         return fts.texts(self.txn, self.shard, self.mailbox_id, uid) or {}

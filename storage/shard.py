@@ -29,7 +29,7 @@ records' types are in storage/records.py):
     flags      id uid                            -> Entry: modseq, flag bits, size, dates, keywords
     msgs       id uid                            -> MessageRecord: file, size, dates, envelope, structure
     modseqs    id modseq uid                     -> b""  (what changed since a MODSEQ)
-    expunged   id modseq uid                     -> file base (what vanished since a MODSEQ)
+    expunged   id modseq uid                     -> file base (what vanished since a MODSEQ: storage/vanished.py)
     bases      file base                         -> id uid   (which message a file is)
     unsettled  b"f" base | b"d" account \\0 id      -> what the files must still be made to match
     dedupe     id digest                         -> uid, time (a message already delivered here)

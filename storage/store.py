@@ -21,17 +21,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, metadata, records, search, settle
+from storage import fts, mailboxes, messages, metadata, recent, records, search, settle, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, MailboxExistsError, StoreError
+from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, StoreError
+from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
+from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.records import Usage
-from storage.shard import Shard
+from storage.shard import Shard, uid_key
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -221,6 +225,28 @@ class Store:
         with shard.read() as txn:
             return metadata.digests(txn, shard, account)
 
+    # -- \Recent (storage/recent.py) -----------------------------------------------------
+
+    def claim_recent(self, account: str, mailbox_id: int, upto: int) -> int:
+        """A session takes \\Recent for the UIDs up to `upto` nobody has seen yet: returns
+        the claim before (the session's UIDs are those above it). Writes only when there is
+        something to take, so a SELECT with no new mail commits nothing."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            state = records.get_mailbox(txn, shard, mailbox_id)
+            if state is None or state.account != account:
+                return upto
+            if state.recent_upto is not None and state.recent_upto >= upto:
+                return state.recent_upto
+        return shard.write(lambda txn, batch: recent.claim(txn, shard, account, mailbox_id, upto))
+
+    def recent_count(self, account: str, name: str) -> int:
+        """STATUS RECENT: the messages of the mailbox no session has seen yet."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, name)
+            return recent.count(txn, shard, mailbox_id, state)
+
     def quota(self, account: str) -> Quota:
         """The account's limits (`quota_of` may give bytes alone, as an int)."""
         limits = self._limits_of(account)
@@ -363,13 +389,14 @@ class Store:
 
     def open_message(self, message: MessageInfo) -> BinaryIO:
         """The stored bytes of a fetched message (exactly `message.size` of them), its file
-        found from the index. StoreError once the message is expunged."""
+        found from the index. ExpungedError once the message is expunged (the file goes with
+        it: an open file stays readable, a name does not)."""
         shard = self.shard(message.account)
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
             with shard.read() as txn:
                 expected = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
             if expected is None:
-                raise StoreError(f"message UID {message.uid} has been expunged")
+                raise ExpungedError(f"message UID {message.uid} has been expunged")
             path, base = expected
             try:
                 return open(path, "rb")
@@ -377,12 +404,36 @@ class Store:
                 pass
             found = messages.find_file(shard, Path(path), base)
             if found is None:
-                break
+                # Expunged since the index was read (its file unlinked once the expunge
+                # committed), or renamed while the directory was read: the index says which.
+                # Taking it for a missing file sent sysadmins to a `store check` that found
+                # nothing (issue 15, item 3).
+                continue
             try:
                 return open(found, "rb")
             except FileNotFoundError:
                 continue
         raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")
+
+    def preview(self, message: MessageInfo) -> str:
+        """RFC 8970 PREVIEW of a message whose record has none (written before previews were
+        made at delivery): made from its file, and kept in its record for the next FETCH.
+        The write is queued, not waited for: the FETCH that asked has its answer."""
+        with self.open_message(message) as file:
+            text = parse_message(FileView(file.fileno(), message.size)).preview
+        shard = self.shard(message.account)
+
+        def remember(txn, batch):
+            record = records.get_message(txn, shard, message.mailbox_id, message.uid)
+            if record is not None and record.preview is None:
+                txn.put(uid_key(message.mailbox_id, message.uid),
+                        records.encode(msgspec.structs.replace(record, preview=text)), db=shard.db["msgs"])
+
+        try:
+            shard.submit(remember)
+        except StoreError:
+            pass  # closing: made again next time
+        return text
 
     def read_message(self, message: MessageInfo) -> bytes:
         with self.open_message(message) as f:
@@ -474,6 +525,18 @@ class Store:
             mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
             changed, expunged = messages.changes_since(txn, shard, mailbox_id, modseq)
             return mailboxes.to_mailbox(mailbox_id, state), changed, expunged
+
+    def resync(self, account: str, mailbox: str, modseq: int
+               ) -> tuple[Mailbox, list[FlagState], list[tuple[int, int]] | None]:
+        """What QRESYNC reports to a client that last saw `modseq` (RFC 7162 §3.2.5): the
+        mailbox, messages changed since, and (MODSEQ, UID) of those expunged since, or None
+        when the bounded expunge history no longer reaches back that far (storage/vanished.py)."""
+        shard = self._account_shard(account)
+        with shard.read() as txn:
+            mailbox_id, state = mailboxes.find(txn, shard, account, mailbox)
+            changed, _ = messages.changes_since(txn, shard, mailbox_id, modseq)
+            return mailboxes.to_mailbox(mailbox_id, state), changed, vanished.since(txn, shard, mailbox_id, state,
+                                                                                    modseq)
 
 
 def _all_failed(targets: list, error: BaseException) -> DeliveryError:

@@ -269,7 +269,7 @@ class ScriptServer:
             return self.loop.run_in_executor(self.executor, function, *args)
 
         self.context = IMAPContext(self.config, self.accounts, self.store, self.watcher, LoginThrottle(),
-                                   RecentClaims(), Snapshots(), run, None, "test",
+                                   RecentClaims(self.store), Snapshots(), run, None, "test",
                                    connections=ConnectionLimit(100, 100))
         self.sids = itertools.count(1)
         self._users = itertools.count(1)

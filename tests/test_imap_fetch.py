@@ -463,7 +463,7 @@ def test_a_record_msgspec_cannot_read_is_fetched_whole(store):
 
 
 def test_envelope_kept_rendered_in_the_record_and_an_older_record_without_it(store):
-    # The ENVELOPE is rendered at delivery and kept in the message record ("ei"): FETCH
+    # The ENVELOPE is rendered at delivery and kept in the message record ("et"): FETCH
     # copies it. A record written before that field has none: FETCH renders the same bytes
     # from the cached envelope, and `store rebuild` writes the field.
     import msgspec
@@ -479,7 +479,7 @@ def test_envelope_kept_rendered_in_the_record_and_an_older_record_without_it(sto
     def drop_field(txn, batch):
         key = uid_key(info.mailbox_id, info.uid)
         record = msgspec.json.decode(txn.get(key, db=shard.db["msgs"]))
-        del record["ei"]
+        del record["et"]
         txn.put(key, msgspec.json.encode(record), db=shard.db["msgs"])
 
     shard.write(drop_field)

@@ -384,10 +384,32 @@ def test_enable_and_id():
 def test_select_and_examine():
     assert parse(b"a SELECT inbox\r\n") == c.Select("a", "SELECT", mailbox="INBOX", condstore=False)
     assert not parse(b"a SELECT inbox\r\n").readonly and parse(b"a EXAMINE inbox\r\n").readonly
-    assert args(b'a EXAMINE "Sent" (condstore)\r\n') == {"mailbox": "Sent", "condstore": True}
-    assert str(parse_error(b"a SELECT x (QRESYNC (1 2))\r\n")) == "unknown select parameter"
+    assert args(b'a EXAMINE "Sent" (condstore)\r\n') == {"mailbox": "Sent", "condstore": True, "qresync": None}
+    assert str(parse_error(b"a SELECT x (FOO)\r\n")) == "unknown select parameter"
     assert str(parse_error(b"a SELECT x ()\r\n")) == "empty select parameters"
     assert str(parse_error(b"a SELECT\r\n")) == "missing mailbox name"
+
+
+def test_select_qresync_parameters():
+    # RFC 7162 §3.2.5 and its examples
+    assert args(b"a SELECT INBOX (QRESYNC (67890007 20050715194045000 41,43:211,214:541))\r\n")["qresync"] == \
+        c.QResync(67890007, 20050715194045000, SequenceSet(((41, 41), (43, 211), (214, 541))))
+    got = args(b"a EXAMINE INBOX (QRESYNC (67890007 9006 41:211 (1:15,20:30 1:15,20:30)) CONDSTORE)\r\n")
+    assert got["condstore"] and got["qresync"] == c.QResync(
+        67890007, 9006, SequenceSet(((41, 211),)), SequenceSet(((1, 15), (20, 30))), SequenceSet(((1, 15), (20, 30))))
+    assert args(b"a SELECT INBOX (QRESYNC (1 2 (3 4)))\r\n")["qresync"].known_uids is None
+    assert str(parse_error(b"a SELECT x (QRESYNC (1 2 3 (1:2 5)))\r\n")) == \
+        "sequence match data: the two sets differ in size"
+    assert str(parse_error(b"a SELECT x (QRESYNC (1 2 3 (1:* 5)))\r\n")) == "sequence match data cannot hold *"
+    assert str(parse_error(b"a SELECT x (QRESYNC (0 2))\r\n")) == "UIDVALIDITY out of range"
+    assert str(parse_error(b"a SELECT x (QRESYNC (1))\r\n")) == "missing mod-sequence"
+    assert str(parse_error(b"a SELECT x (QRESYNC (1 2 3 4))\r\n")) == "sequence match data must be a parenthesized list"
+
+
+def test_fetch_vanished_modifier():
+    assert args(b"a UID FETCH 300:500 (FLAGS) (CHANGEDSINCE 12345 VANISHED)\r\n")["vanished"]
+    for wrong in (b"a FETCH 1 (FLAGS) (CHANGEDSINCE 1 VANISHED)\r\n", b"a UID FETCH 1 (FLAGS) (VANISHED)\r\n"):
+        assert str(parse_error(wrong)) == "VANISHED needs UID FETCH and CHANGEDSINCE"
 
 
 def test_mailbox_names_decode_modified_utf7_and_inbox():
@@ -528,9 +550,9 @@ def test_fetch_args():
         "a", "UID FETCH", sequence=SequenceSet(((1, None),)), items=(FetchItem("FLAGS"),), changedsince=12345,
         uid=True)
     assert args(b"a FETCH 2 FLAGS\r\n") == {"sequence": SequenceSet(((2, 2),)), "items": (FetchItem("FLAGS"),),
-                                            "changedsince": None, "uid": False}
+                                            "changedsince": None, "vanished": False, "uid": False}
     assert str(parse_error(b"a FETCH 1 FLAGS (CHANGEDSINCE 0)\r\n")) == "CHANGEDSINCE value out of range"
-    assert str(parse_error(b"a FETCH 1 FLAGS (VANISHED)\r\n")) == "missing fetch modifier value"
+    assert str(parse_error(b"a FETCH 1 FLAGS (CHANGEDSINCE)\r\n")) == "missing CHANGEDSINCE value"
     assert str(parse_error(b"a FETCH 1 FLAGS (FOO 1)\r\n")) == "unknown fetch modifier FOO"
     assert str(parse_error(b"a FETCH 1 FLAGS ()\r\n")) == "empty fetch modifier list"
 

@@ -203,7 +203,9 @@ def test_append_then_fetch_exact_bytes_flags_and_date(server, user):
     assert re.fullmatch(r"APPENDUID \d+ 1", reply.code)
     imap.transact("ok", "SELECT Drafts")
     fetched = imap.transact("ok", "UID FETCH 1 (FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])").raw
-    assert fetched.startswith(b'* 1 FETCH (UID 1 FLAGS (\\Draft $Label) INTERNALDATE "04-Mar-2025 05:06:07 +0000" '
+    # \Recent: appended while no session had Drafts open, it is the first SELECT's
+    assert fetched.startswith(b'* 1 FETCH (UID 1 FLAGS (\\Draft $Label \\Recent) '
+                              b'INTERNALDATE "04-Mar-2025 05:06:07 +0000" '
                               b"RFC822.SIZE %d BODY[] {%d}\r\n" % (len(message), len(message)) + message + b")\r\n")
     assert imap.transact("no", b"APPEND Nowhere " + literal(message)).code == "TRYCREATE"
     assert imap.transact("bad", b"APPEND INBOX {0+}\r\n").text == "empty message"
@@ -275,7 +277,8 @@ def test_select_answers_what_rfc_3501_asks(server, user):
     imap.transact("ok", "STORE 1 +FLAGS (\\Seen)")
     reply = server.login(user).transact("ok", "SELECT INBOX")
     assert reply.code == "READ-WRITE"
-    untagged = [re.sub(r"(UIDVALIDITY|HIGHESTMODSEQ) \d+", r"\1 N", line) for line in reply.untagged]
+    untagged = [re.sub(r"(UIDVALIDITY|HIGHESTMODSEQ) \d+", r"\1 N", line) for line in reply.untagged
+                if not line.startswith("OK [MAILBOXID ")]  # RFC 8474: tests/test_imap_objectid.py
     assert untagged == [
         "FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)", "3 EXISTS", "0 RECENT", "OK [UNSEEN 2] first unseen",
         "OK [UIDVALIDITY N] UIDs valid", "OK [UIDNEXT 4] predicted next UID", "OK [HIGHESTMODSEQ N] modseq",
@@ -301,7 +304,8 @@ def test_examine_takes_recent_from_nobody(server, user):
     first.transact("ok", "SELECT INBOX")  # the mailbox is known: what arrives next is someone's \Recent
     first.transact("ok", "CLOSE")
     server.deliver(user)
-    assert server.login(user).transact("ok", "EXAMINE INBOX").named("RECENT") == ["0"]
+    # EXAMINE shows what nobody has seen as recent, and takes it from nobody (RFC 3501 §6.3.2)
+    assert server.login(user).transact("ok", "EXAMINE INBOX").named("RECENT") == ["1"]
     taker = server.login(user)
     assert taker.transact("ok", "SELECT INBOX").named("RECENT") == ["1"]
     assert "FLAGS (\\Recent)" in taker.transact("ok", "FETCH 1 FLAGS").untagged[0]
@@ -328,6 +332,7 @@ def test_close_expunges_silently_and_unselect_does_not(server, user):
 
 def test_fetch_macros_and_rfc822_items(server, user):
     server.deliver(user, body="the body")
+    server.login(user).transact("ok", "SELECT INBOX")  # takes \Recent: FLAGS below show the store's alone
     imap = server.login(user)
     imap.transact("ok", "SELECT INBOX")
     assert re.fullmatch(r'1 FETCH \(FLAGS \(\) INTERNALDATE "[^"]+" RFC822\.SIZE \d+\)',
@@ -356,9 +361,10 @@ def test_fetch_sections_partials_and_seen(server, user):
     imap.transact("ok", "SELECT INBOX")
     reply = imap.transact("ok", "FETCH 1 (BODY.PEEK[1] BODY.PEEK[HEADER.FIELDS (SUBJECT)] BODY.PEEK[]<0.10> FLAGS)")
     assert reply.raw.startswith(b'* 1 FETCH (BODY[1] {15}\r\nplain text part BODY[HEADER.FIELDS (SUBJECT)] {19}\r\n'
-                                b'Subject: report\r\n\r\n BODY[]<0> {10}\r\nFrom: Ann  FLAGS ())\r\n'), reply.raw
+                                b'Subject: report\r\n\r\n BODY[]<0> {10}\r\nFrom: Ann  FLAGS (\\Recent))\r\n'),\
+        reply.raw
     reply = imap.transact("ok", "FETCH 1 (BODY[2])")
-    assert reply.untagged == ["1 FETCH (BODY[2] {11}\r\n<p>html</p> FLAGS (\\Seen))"]  # a non-peek sets \Seen
+    assert reply.untagged == ["1 FETCH (BODY[2] {11}\r\n<p>html</p> FLAGS (\\Seen \\Recent))"]  # a non-peek sets \Seen
 
 
 def test_fetch_never_renumbers_but_the_next_noop_does(server, user):
@@ -380,8 +386,8 @@ def test_implicit_seen_under_condstore_reports_uid_and_modseq(server, user):
     imap.transact("ok", "ENABLE CONDSTORE")
     imap.transact("ok", "SELECT INBOX")
     response = imap.transact("ok", "FETCH 1 (BODY[TEXT])").untagged[0]
-    assert re.fullmatch(r"1 FETCH \(UID 1 BODY\[TEXT\] \{14\}\r\nHello there.\r\n FLAGS \(\\Seen\) MODSEQ \(\d+\)\)",
-                        response), response
+    assert re.fullmatch(r"1 FETCH \(UID 1 BODY\[TEXT\] \{14\}\r\nHello there.\r\n "
+                        r"FLAGS \(\\Seen \\Recent\) MODSEQ \(\d+\)\)", response), response
 
 
 # -- STORE, SEARCH, COPY, MOVE, EXPUNGE ----------------------------------------------------------
@@ -397,13 +403,13 @@ def test_store_flags_and_conditional_store(server, user):
     assert len(fetches) == 2 and all("\\Flagged" in f for f in fetches)
     assert imap.transact("ok", "STORE 1 -FLAGS.SILENT (\\Flagged)").untagged == []
     # $Work is new to the mailbox: announced (FLAGS, PERMANENTFLAGS) before the FETCH
-    assert "FLAGS (\\Seen $Work)" in imap.transact("ok", "STORE 3 FLAGS (\\Seen $Work)").named("FETCH")[0]
+    assert "FLAGS (\\Seen $Work \\Recent)" in imap.transact("ok", "STORE 3 FLAGS (\\Seen $Work)").named("FETCH")[0]
     modseqs = [int(m) for m in re.findall(r"MODSEQ \((\d+)\)", " ".join(imap.transact("ok", "FETCH 1:3 (MODSEQ)")
                                                                          .untagged))]
     reply = imap.transact("ok", f"STORE 1:3 (UNCHANGEDSINCE {min(modseqs)}) +FLAGS (\\Answered)")
     # Message 2 was changed once, 1 and 3 again later: those two fail the condition.
     assert reply.code == "MODIFIED 1,3" and reply.text == "conditional STORE failed"
-    assert imap.transact("ok", "STORE 1 +FLAGS (\\Recent)").untagged == ["1 FETCH (FLAGS () UID 1 MODSEQ (%d))"
+    assert imap.transact("ok", "STORE 1 +FLAGS (\\Recent)").untagged == ["1 FETCH (FLAGS (\\Recent) UID 1 MODSEQ (%d))"
                                                                          % modseqs[0]]
     assert imap.transact("bad", "STORE 1 +FLAGS (\\Bogus)").code is None
 
@@ -493,8 +499,11 @@ def test_uid_fetch_flags_of_a_run_matches_the_store(server, user):
     assert imap.transact("ok", "FETCH 3:5 (UID FLAGS)").untagged == expected(range(3, 6), [3, 4, 5])
     assert imap.transact("ok", "UID FETCH 2,4:5 (UID FLAGS)").untagged == expected([2, 4, 5], [2, 4, 5])
     # Another session's change, not yet told: the new flags, and the store's after them.
+    # (the new keyword is announced first: FLAGS and PERMANENTFLAGS, RFC 3501 §7.2.6)
     first.transact("ok", "STORE 4 +FLAGS (\\Draft $Work)")
-    assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == expected(range(1, 7), [1, 2, 3, 4, 5, 6])
+    untagged = imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged
+    assert untagged[0].startswith("FLAGS (") and untagged[1].startswith("OK [PERMANENTFLAGS (")
+    assert untagged[2:] == expected(range(1, 7), [1, 2, 3, 4, 5, 6])
     # An expunge not yet announced: UID 1 is no longer listed, the others keep their numbers.
     first.transact("ok", "STORE 1 +FLAGS.SILENT (\\Deleted)")
     first.transact("ok", "EXPUNGE")
@@ -522,9 +531,10 @@ def test_two_sessions_see_each_others_changes(server, user):
     second.transact("ok", "EXPUNGE")
     server.deliver(user, subject="third")
     reply = first.transact("ok", "NOOP")
-    assert reply.untagged[:3] == ["1 EXPUNGE", "2 EXISTS", "1 RECENT"], reply
+    # UID 2 stays \Recent in the first session, which saw it first; UID 3 is its too
+    assert reply.untagged[:3] == ["1 EXPUNGE", "2 EXISTS", "2 RECENT"], reply
     second.transact("ok", "STORE 1 +FLAGS (\\Flagged)")
-    assert first.transact("ok", "NOOP").untagged == ["1 FETCH (UID 2 FLAGS (\\Flagged))"]
+    assert first.transact("ok", "NOOP").untagged == ["1 FETCH (UID 2 FLAGS (\\Flagged \\Recent))"]
 
 
 def test_idle_is_woken_by_a_delivery(server, user):
@@ -557,7 +567,7 @@ def test_idle_sees_flag_changes_and_expunges_by_another_session(server, user):
     other = server.login(user)
     other.transact("ok", "SELECT INBOX")
     other.transact("ok", "STORE 2 +FLAGS (\\Flagged)")
-    assert b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n" in watcher.wait_for(b"FETCH")
+    assert b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))\r\n" in watcher.wait_for(b"FETCH")  # the watcher's
     other.transact("ok", "STORE 1 +FLAGS.SILENT (\\Deleted)")
     other.transact("ok", "EXPUNGE")
     # The \Deleted flag may be told first, if the watcher saw the STORE before the EXPUNGE.

@@ -11,6 +11,7 @@ see nor disturb each other's mailboxes.
 
 from __future__ import annotations
 
+import datetime
 import imaplib
 import itertools
 import os
@@ -235,7 +236,7 @@ def test_append_then_fetch_exact_bytes_flags_and_date(server, user):
     client.select("Drafts")
     typ, data = client.uid("FETCH", "1", "(FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])")
     head = data[0][0].decode()
-    assert "FLAGS (\\Draft $Label)" in head
+    assert "FLAGS (\\Draft $Label \\Recent)" in head  # appended with Drafts closed: the SELECT's
     assert f"RFC822.SIZE {len(message)}" in head
     assert data[0][1] == message
     assert imaplib.Internaldate2tuple(data[0][0])[:6] == (2025, 3, 4, 5, 6, 7)
@@ -497,3 +498,29 @@ def test_clients_are_told_when_the_server_stops(write_config, tmp_path):
     finally:
         if not stopped:
             daemon.stop()
+
+
+def test_qresync_objectid_savedate_and_preview_through_real_clients(server, user):
+    """Issue 15's sync extensions on the wire: mail through the MX agent, imapclient parsing
+    EMAILID, SAVEDATE and a UTF-8 PREVIEW literal, and a raw QRESYNC SELECT that is told
+    what vanished (the semantics are tested in process: test_imap_qresync.py and others)."""
+    send_mail(server, user, subject="first", body="Grüße aus Köln.\n")
+    send_mail(server, user, subject="second")
+    client = imapclient_login(server, user)
+    assert client.enable("QRESYNC") == [b"QRESYNC"]
+    selected = client.select_folder("INBOX")
+    uidvalidity, modseq = selected[b"UIDVALIDITY"], selected[b"HIGHESTMODSEQ"]
+    fetched = client.fetch([1, 2], ["EMAILID", "THREADID", "SAVEDATE", "PREVIEW"])
+    assert fetched[1][b"PREVIEW"].decode() == "Grüße aus Köln."
+    assert fetched[1][b"THREADID"] is None and fetched[1][b"EMAILID"] != fetched[2][b"EMAILID"]
+    saved = datetime.datetime.strptime(fetched[1][b"SAVEDATE"].decode(), "%d-%b-%Y %H:%M:%S %z")
+    assert abs(saved.timestamp() - time.time()) < 600
+    client.delete_messages([1])
+    client.expunge()
+    client.logout()
+
+    answer = raw(server, [b"a ENABLE QRESYNC\r\n",
+                          f"b SELECT INBOX (QRESYNC ({uidvalidity} {modseq}))\r\n".encode()],
+                 until=b"b OK", login_as=user)
+    assert b"* VANISHED (EARLIER) 1\r\n" in answer and b"* 1 EXISTS\r\n" in answer
+    assert re.search(rb"\* OK \[MAILBOXID \([A-Za-z0-9_-]+\)\]", answer)

@@ -300,6 +300,9 @@ PARSER_CASES = [
     Case("search return options", line(lambda n: b"a SEARCH RETURN (" + b"MIN MAX PARTIAL 1:2 " * n + b") ALL"),
          parse, 1500),
     Case("sort criteria", line(lambda n: b"a SORT (" + b"REVERSE SUBJECT " * n + b") UTF-8 ALL"), parse, 2500),
+    Case("QRESYNC sequence match data", line(lambda n: b"a SELECT x (QRESYNC (1 2 1:9 (" + b"1:2," * n + b"3 "
+                                             + b"5:6," * n + b"7)))"), parse, 1500),
+    Case("PREVIEW modifiers", line(lambda n: b"a FETCH 1 (" + b"PREVIEW (LAZY) " * n + b")"), parse, 1500),
 ]
 
 

@@ -866,6 +866,11 @@ def test_an_index_of_the_json_version_opens_as_it_is(store):
         txn.put(pack_u32(inbox.id), old_mailbox.encode(), db=shard.db["mailboxes"]),
         txn.put(ALICE.encode(), b'{"used":313,"messages":1}', db=shard.db["accounts"])))
     (old,) = store.fetch(ALICE, "INBOX", ALL)
+    # RFC 8514: an old record has no save date and answers its internal date instead;
+    # RFC 8970: nor a preview, made on the first FETCH PREVIEW (tests/test_imap_preview.py)
+    assert old.saved == 1_700_000_000.0 and fresh.saved > old.saved
+    assert old.preview is None and fresh.preview == "hi"
+    old.saved, old.preview = fresh.saved, "hi"
     assert old == fresh and store.read_message(old) == OLD_RAW
     assert store.mailbox(ALICE, "INBOX") == inbox and store.usage(ALICE).used == 313
     store.store_flags(ALICE, "INBOX", ALL, "add", ["\\Deleted"])
