@@ -12,13 +12,16 @@ error, a dropped connection) closes it too, and the delivery leaves nothing behi
 Lines end in CRLF in IMAP (RFC 3501 §2.3.1.1) and in the store, where sizes, POP3's
 dot-stuffing and BODY[] byte ranges count on it: a bare LF becomes CRLF on the way, also
 where a CRLF is split between two pieces. After that the message must still fit
-APPENDLIMIT.
+APPENDLIMIT. A message sent as a literal8 (RFC 3516 §4.4) has its binary parts made base64
+first (imapd/binary_parts.py). Which literal is which message, MULTIAPPEND's several and
+CATENATE's parts: imapd/appending.py.
 """
 
 from __future__ import annotations
 
 import re
 
+from imapd.binary_parts import BinaryConverter
 from storage import Delivered, Delivery, DeliveryError, Store, StoreError
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -29,8 +32,10 @@ class AppendLiteral:
     size counts them), `close()`. Then, in a store thread, `commit()`."""
 
     def __init__(self, store: Store, account: str, mailbox: str, *, flags: tuple[str, ...],
-                 internal_date: float | None, limit: int):
+                 internal_date: float | None, limit: int, binary: bool = False):
         self.received = 0
+        # A literal8's binary parts become base64 on the way (imapd/binary_parts.py).
+        self._converter = BinaryConverter() if binary else None
         self.size = 0  # of the message, after bare LFs became CRLF
         self.too_big = False
         self.error: BaseException | None = None  # met before the commit, raised by it
@@ -49,6 +54,13 @@ class AppendLiteral:
         self.received += len(piece)
         if self._delivery is None:
             return  # failed or too big: the rest is read and dropped
+        if self._converter is not None:
+            piece = self._converter.feed(piece)
+        self._store_piece(piece)
+
+    def _store_piece(self, piece: bytes) -> None:
+        if self._delivery is None:
+            return
         if self._cr and piece.startswith(b"\n"):
             fixed = b"\n" + _BARE_LF.sub(b"\r\n", piece[1:])
         else:
@@ -65,8 +77,18 @@ class AppendLiteral:
         except StoreError as e:  # the delivery aborted itself
             self.error, self._delivery = e, None
 
+    def finish(self) -> None:
+        """The literal has all arrived: what the converter still holds goes in (`too_big`
+        may turn true here)."""
+        if self._converter is not None:
+            self._store_piece(self._converter.end())
+            self._converter = None
+
     def commit(self) -> Delivered:
         """Blocking (a store thread's): the message durable in its mailbox, or the error."""
+        self.finish()
+        if self.too_big:
+            raise MessageTooBigError()
         if self.error is not None:
             raise self.error
         if self._delivery is None:
@@ -83,6 +105,11 @@ class AppendLiteral:
         if self._delivery is not None:
             self._delivery.close()
             self._delivery = None
+
+
+class MessageTooBigError(Exception):
+    """The message grew over APPENDLIMIT (a literal8's parts made base64, CATENATE's parts
+    joined): answered NO [TOOBIG]."""
 
 
 class DroppedLiteral:

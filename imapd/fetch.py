@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
+from imapd.decoding import decode
 from imapd.responses import NIL, astring, date_time, flag_list, nstring, number, string
 from imapd.syntax import FetchItem, Section
 from storage import BodyPart, MessageInfo
@@ -65,7 +66,8 @@ def sets_seen(items: Iterable[FetchItem]) -> bool:
     """Whether fetching these items sets \\Seen (RFC 3501 §6.4.5): BODY[...] without PEEK,
     RFC822 and RFC822.TEXT. The session stores the flag and adds FLAGS to the response if
     it was not asked for."""
-    return any(item.name in SEEN_SETTING or (item.name == "BODY[]" and not item.peek) for item in items)
+    return any(item.name in SEEN_SETTING or (item.name in ("BODY[]", "BINARY[]") and not item.peek)
+               for item in items)
 
 
 def render(info: MessageInfo, items: Iterable[FetchItem], open_file: Callable[[], BinaryIO], *,
@@ -124,13 +126,40 @@ def _render_item(info: MessageInfo, item: FetchItem, reader: _Reader, recent: bo
             label += b"<%d>" % item.partial[0]
         out.append(label + b" ")
         _append_data(out, _section_data(info, item.section, item.partial, reader))
+    elif name == "BINARY[]" and item.section is not None:
+        label = b"BINARY[" + section_spec(item.section) + b"]"
+        data = _binary_data(info, item.section, reader)
+        if item.partial is not None:
+            label += b"<%d>" % item.partial[0]
+            data = data[item.partial[0]:item.partial[0] + item.partial[1]]
+        out.append(label + b" ")
+        _append_data(out, data, binary=True)
+    elif name == "BINARY.SIZE" and item.section is not None:
+        size = len(_binary_data(info, item.section, reader))
+        out.append(b"BINARY.SIZE[" + section_spec(item.section) + b"] %d" % size)
     else:
         raise ValueError(f"not a FETCH item: {name}")
 
 
-def _append_data(out: list[bytes], data: bytes) -> None:
+def _binary_data(info: MessageInfo, section: Section, reader: _Reader) -> bytes:
+    """BINARY[part]: the part's body decoded (imapd.decoding); the whole message, or a
+    multipart or message part, as stored (RFC 3516 §4.2: only a leaf has an encoding to
+    undo). UnknownEncodingError for an encoding it cannot undo."""
+    if not section.part:
+        return reader.read(0, info.size)
+    part = find_part(info.structure, section.part)
+    if part is None:
+        return b""
+    data = reader.read(*part.body)
+    if part.parts is not None or part.message is not None:
+        return data
+    return decode(data, part.encoding)
+
+
+def _append_data(out: list[bytes], data: bytes, binary: bool = False) -> None:
     if data:
-        out.append(b"{%d}\r\n" % len(data))
+        # RFC 3516 §4.2: decoded data with a NUL goes out as a literal8.
+        out.append(b"~{%d}\r\n" % len(data) if binary and b"\0" in data else b"{%d}\r\n" % len(data))
         out.append(data)
     else:
         out.append(b'""')
@@ -184,6 +213,16 @@ def find_part(structure: BodyPart, path: tuple[int, ...]) -> BodyPart | None:
         if more and part.message is not None:
             part = part.message.structure
     return part
+
+
+def section_data(info: MessageInfo, section: Section, partial: tuple[int, int] | None,
+                 open_file: Callable[[], BinaryIO]) -> bytes:
+    """BODY[section]<partial>'s bytes (CATENATE's URLs read them too: imapd/catenate.py)."""
+    reader = _Reader(open_file)
+    try:
+        return _section_data(info, section, partial, reader)
+    finally:
+        reader.close()
 
 
 def _section_data(info: MessageInfo, section: Section, partial: tuple[int, int] | None, reader: _Reader) -> bytes:

@@ -17,8 +17,9 @@ Limits, each answered without buffering what it refuses:
   `Reject(tag, ..., status="BAD", code="TOOBIG")`. RFC 7162 §4 asks servers to take lines
   of at least 8192 octets and to answer BAD to longer ones they refuse; TOOBIG (RFC 4469,
   RFC 9051 §7.1) names the reason.
-- a literal larger than `max_literal(command name)`, or a command whose lines and literals,
-  its largest literal aside, exceed `max_command`:
+- a literal larger than `max_literal(command name)`, or a command whose lines and held
+  literals, its largest literal aside, exceed `max_command` (streamed literals, below, are
+  not held: MULTIAPPEND's messages count only against `max_literal` each):
   - synchronizing `{n}`: `Reject(tag, ..., status="NO", code="TOOBIG")` at once; the client
     waits for a continuation that never comes, so the next bytes are a new command.
   - non-synchronizing `{n+}`: the client sends the bytes regardless, so a server that will
@@ -174,6 +175,14 @@ class Framer:
         """At most max_line + 1 once next() has returned None."""
         return len(self._buf)
 
+    def take_unread(self) -> bytes:
+        """The bytes fed and not yet read into a command, taken out (between commands:
+        COMPRESS turns what follows into compressed data, imapd/protocol.py)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        return data
+
     def held(self) -> int:
         """At most max_command + the largest literal max_literal() allows."""
         return self._held + len(self._literal)
@@ -258,11 +267,13 @@ class Framer:
         size, sync = int(marker.group(1)), not marker.group(2)
         limit = self.max_literal(self._name)
         total, largest = self._total + size, max(self._largest, size)
-        if size <= limit and total - largest <= self.max_command:
-            self._total, self._largest = total, largest
+        sink = self.literal_sink(self._name, self._parts, size) if size <= limit else None
+        if sink is not None or (size <= limit and total - largest <= self.max_command):
+            if sink is None:  # held: it counts against max_command (a streamed one is not held)
+                self._total, self._largest = total, largest
             self._need = size
             self._state = _LITERAL
-            self._sink = self.literal_sink(self._name, self._parts, size)
+            self._sink = sink
             return Continue() if sync else None
         text = "literal too big" if size > limit else "command too long"
         if sync:

@@ -10,13 +10,11 @@ through the session and returns the tagged OK's text, or `(code, text)`, or None
 
 from __future__ import annotations
 
-import datetime
-import re
 from collections.abc import Iterable
 from imapd import qresync
 from imapd import responses as r
-from imapd.append import AppendLiteral
-from imapd.answers import Answer, bad, no, try_create
+from imapd import appending
+from imapd.answers import Answer, no
 from imapd.listing import list_mailboxes
 from imapd.syntax import (
     Append,
@@ -38,7 +36,6 @@ from imapd.state import SessionState
 from storage import SEEN
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 async def select(session: SessionState, command: Select):
@@ -198,44 +195,7 @@ async def status_lines(session: SessionState, name: str, items: Iterable[str], *
 # stream the literal into the store.
 
 async def append(session: SessionState, command: Append):
-    if isinstance(command.message, AppendLiteral):
-        return await _append_streamed(session, command.message)
-    message: bytes = command.message
-    if not message:
-        raise bad("empty message")
-    if b"\n" in message.replace(b"\r\n", b""):
-        # Lines end in CRLF in IMAP (RFC 3501 §2.3.1.1) and in the store, where sizes,
-        # POP3's dot-stuffing and BODY[] byte ranges count on it: a bare LF becomes CRLF.
-        message = _BARE_LF.sub(b"\r\n", message)
-    if len(message) > session.max_message_size():
-        raise no("message is larger than APPENDLIMIT", "TOOBIG")
-    date: datetime.datetime | None = command.date
-    try:
-        delivered = await session.run_store(session.context.store.append, session.user, command.mailbox, message,
-                                            flags=command.flags,
-                                            internal_date=date.timestamp() if date else None)
-    except Answer as answer:
-        raise try_create(answer) from None
-    session.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=len(message))
-    return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
-
-
-async def _append_streamed(session: SessionState, literal: AppendLiteral):
-    """APPEND whose message went into the store as it arrived: commit it, or say why not."""
-    session.take_literal(literal)
-    try:
-        if not literal.received:
-            raise bad("empty message")
-        if literal.too_big:
-            raise no("message is larger than APPENDLIMIT", "TOOBIG")
-        try:
-            delivered = await session.run_store(literal.commit)
-        except Answer as answer:
-            raise try_create(answer) from None
-    finally:
-        literal.close()
-    session.log.info("append", mailbox=delivered.mailbox, uid=delivered.uid, size=literal.size)
-    return f"APPENDUID {delivered.uidvalidity} {delivered.uid}", "APPEND completed"
+    return await appending.append(session, command)  # every form of APPEND: imapd/appending.py
 
 
 # -- QUOTA (RFC 9208) --------------------------------------------------------------------------

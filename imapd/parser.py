@@ -9,7 +9,7 @@ A ParseError carries the tag whenever it could be read (answer `tag BAD ...`; No
 Limits (imapd.tokens, imapd.search_keys): lists nest 16 deep, 100,000 tokens a command,
 16,384 sequence-set elements, NOT/OR/parentheses 256 deep, 18 SORT criteria; past one,
 ParseError code "LIMIT".
-Not parsed (ParseError): MULTIAPPEND, BINARY.
+Not parsed: nothing of the extensions advertised is left out.
 
 Each verb parses into its own frozen dataclass in imapd.syntax (`Login`, `Select`, `List`,
 `Append`, `Fetch`, `Store`, `Search`, ...; a command without arguments is a plain
@@ -49,8 +49,11 @@ FETCH_MACROS = {
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
     "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
 }
+_SECTION_PREFIXES = frozenset({"BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK", "BINARY.SIZE"})
 SECTION_TEXTS = frozenset({"", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"})
 STORE_MODES = {"": "set", "+": "add", "-": "remove"}
+MAX_APPEND_MESSAGES = 100  # in one MULTIAPPEND: each holds a delivery open until the command ends
+MAX_CATENATE_PARTS = 100  # in one CATENATE message
 ID_MAX_PAIRS, ID_MAX_KEY, ID_MAX_VALUE = 30, 30, 1024  # RFC 2971 §3.3
 RESULT_OPTIONS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
 # Each criterion is a pass over every message found: 9 kinds, each once (and its REVERSE),
@@ -61,8 +64,9 @@ THREAD_ALGORITHMS = frozenset({"REFERENCES", "ORDEREDSUBJECT"})
 _FIELD_CHARS = frozenset(range(33, 127)) - {ord(":")}  # RFC 5322 ftext
 
 
-def parse_command(frame: Frame) -> Command:
-    """The command in `frame`; ParseError (with the tag when it could be read) if malformed."""
+def parse_command(frame: Frame, *, partial: bool = False) -> Command:
+    """The command in `frame`; ParseError (with the tag when it could be read) if malformed.
+    `partial`: the frame is a command's head, cut where a literal begins (imapd.tokens)."""
     line = frame.parts[0] if frame.parts else b""
     tag = read_tag(line)
     try:
@@ -76,7 +80,7 @@ def parse_command(frame: Frame) -> Command:
         parser = _COMMANDS.get(name)
         if parser is None:
             raise ParseError("unknown command")
-        args = t.Args(t.tokenize(frame.parts, pos))
+        args = t.Args(t.tokenize(frame.parts, pos, partial=partial))
         command = parser(tag, name, args)
         args.done()
         return command
@@ -255,7 +259,20 @@ def _status_items(tok: t.Token) -> tuple[str, ...]:
 
 
 def _append(tag: str, name: str, args: t.Args) -> c.Append:
+    """APPEND mailbox, then messages (RFC 3502 MULTIAPPEND: one or more), each
+    [flag-list] [date-time] and one of: a literal, a literal8 (RFC 3516 §4.4),
+    `UTF8 (literal8)` (RFC 6855 §4), `CATENATE (parts)` (RFC 4469)."""
     mailbox = t.mailbox(args.take("mailbox name"))
+    messages = []
+    while True:
+        if len(messages) >= MAX_APPEND_MESSAGES:
+            raise ParseError(f"more than {MAX_APPEND_MESSAGES} messages in one APPEND", code="LIMIT")
+        messages.append(_append_message(args))
+        if not args.more():
+            return c.Append(tag, name, mailbox=mailbox, messages=tuple(messages))
+
+
+def _append_message(args: t.Args) -> c.AppendMessage:
     flags: tuple[str, ...] = ()
     date = None
     if isinstance(args.peek(), t.Group):
@@ -264,9 +281,50 @@ def _append(tag: str, name: str, args: t.Args) -> c.Append:
     if isinstance(nxt, t.String) and not nxt.literal:
         date = t.date_time(args.take("date-time"))
     message = args.take("message literal")
+    if isinstance(message, t.Atom) and message.text.upper() in ("CATENATE", "UTF8"):
+        word = message.text.upper()
+        inner = t.group(args.take(f"{word} parts"), f"{word} parts")
+        if word == "UTF8":
+            if len(inner) != 1 or not isinstance(inner[0], t.String) or not inner[0].binary:
+                raise ParseError("UTF8 takes one literal8")
+            return c.AppendMessage(flags, date, message=inner[0].data, binary=True, utf8=True)
+        return c.AppendMessage(flags, date, catenate=_catenate(inner))
     if not isinstance(message, t.String) or not message.literal:
         raise ParseError("the message must be a literal")
-    return c.Append(tag, name, mailbox=mailbox, flags=flags, date=date, message=message.data)
+    return c.AppendMessage(flags, date, message=message.data, binary=message.binary)
+
+
+def _catenate(items: tuple) -> tuple:
+    """CATENATE's parts (RFC 4469 §5): `TEXT literal` and `URL url`, in order."""
+    if not items:
+        raise ParseError("empty CATENATE list")
+    if len(items) > 2 * MAX_CATENATE_PARTS:
+        raise ParseError(f"more than {MAX_CATENATE_PARTS} CATENATE parts", code="LIMIT")
+    parts: list = []
+    pairs = t.Args(items)
+    while pairs.more():
+        kind = t.atom(pairs.take("CATENATE part"), "CATENATE part").upper()
+        value = pairs.take("CATENATE part value")
+        if kind == "TEXT":
+            if not isinstance(value, t.String) or not value.literal:
+                raise ParseError("a CATENATE TEXT part must be a literal")
+            parts.append(value.data)
+        elif kind == "URL":
+            url = t.astring(value, "CATENATE URL")
+            if not url.isascii():
+                raise ParseError("a URL is ASCII")
+            parts.append(c.CatenateUrl(url.decode("ascii")))
+        else:
+            raise ParseError(f"unknown CATENATE part {kind}")
+    return tuple(parts)
+
+
+def parse_section(spec: bytes) -> Section:
+    """A section as written inside BODY[...] (and in an IMAP URL's ;SECTION=, RFC 5092)."""
+    tokens = t.tokenize([b"BODY[" + spec + b"]"])
+    if len(tokens) != 1 or not isinstance(tokens[0], t.Bracketed) or tokens[0].suffix:
+        raise ParseError("invalid section")
+    return _section(tokens[0].inner)
 
 
 def _fetch(tag: str, name: str, args: t.Args) -> c.Fetch:
@@ -338,15 +396,29 @@ def _fetch_item(tok: t.Token) -> FetchItem:
         if name not in FETCH_ATTRIBUTES:
             raise ParseError(f"unknown fetch item {tok.text}")
         return FetchItem(name)
-    if not isinstance(tok, t.Bracketed) or tok.prefix not in ("BODY", "BODY.PEEK"):
+    if not isinstance(tok, t.Bracketed) or tok.prefix not in _SECTION_PREFIXES:
         raise ParseError("unknown fetch item")
     partial = None
+    if tok.suffix and tok.prefix == "BINARY.SIZE":
+        raise ParseError("BINARY.SIZE takes no partial range")
     if tok.suffix:
         origin, dot, count = tok.suffix[1:-1].partition(".")
         if tok.suffix[0] != "<" or tok.suffix[-1] != ">" or not dot:
             raise ParseError("invalid partial range")
         partial = (t.number(t.Atom(origin), "partial origin"), t.number(t.Atom(count), "partial count", 1))
+    if tok.prefix.startswith("BINARY"):
+        return FetchItem("BINARY.SIZE" if tok.prefix == "BINARY.SIZE" else "BINARY[]",
+                         section=_binary_section(tok.inner), peek=tok.prefix == "BINARY.PEEK", partial=partial)
     return FetchItem("BODY[]", section=_section(tok.inner), peek=tok.prefix == "BODY.PEEK", partial=partial)
+
+
+def _binary_section(inner: tuple) -> Section:
+    """The inside of BINARY[...] and BINARY.SIZE[...]: part numbers only (RFC 3516 §6
+    `section-binary`)."""
+    section = _section(inner)
+    if section.text:
+        raise ParseError("a BINARY section is part numbers only")
+    return section
 
 
 def _section(inner: tuple) -> Section:
@@ -545,6 +617,10 @@ def _id_string(tok: t.Token, what: str) -> str:
     return t.text(tok, what)
 
 
+def _compress(tag: str, name: str, args: t.Args) -> c.Compress:
+    return c.Compress(tag, name, mechanism=t.atom(args.take("compression mechanism"), "compression mechanism").upper())
+
+
 def _getquota(tag: str, name: str, args: t.Args) -> c.GetQuota:
     return c.GetQuota(tag, name, root=t.text(args.take("quota root"), "quota root"))
 
@@ -736,4 +812,5 @@ _COMMANDS = {
     "GETMETADATA": _getmetadata,
     "SETMETADATA": _setmetadata,
     "NOTIFY": _notify,
+    "COMPRESS": _compress,
 }

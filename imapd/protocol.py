@@ -8,12 +8,20 @@ a literal's size limit is checked against the state the session is really in, an
 client that pipelines many commands is answered in order. Reading pauses while more than
 READ_AHEAD bytes wait unparsed; writing is paced by the transport (the session awaits
 `drain()` between FETCH batches), so a big FETCH never sits in memory whole.
+
+COMPRESS=DEFLATE (RFC 4978, imapd/compress.py): once its tagged OK is out, the transport is
+wrapped so that everything written, the BYE of a timeout or a shutdown included, is
+compressed, and flushed once per reactor turn; what the client sends is kept compressed and
+inflated only as far as the framer has room (READ_AHEAD), so reading pauses on a
+decompression bomb as it does on a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+
+from imapd.compress import CompressionError, Deflate
 
 from imapd.parser import Frame, Framer
 from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
@@ -45,6 +53,7 @@ class IMAPProtocol(ServerProtocol):
         self.session: Session | None = None
         self.framer: Framer | None = None
         self._line_waiter: asyncio.Future | None = None
+        self._deflate: Deflate | None = None  # COMPRESS=DEFLATE, once active
 
     def refusal(self) -> bytes:
         return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
@@ -86,15 +95,41 @@ class IMAPProtocol(ServerProtocol):
     def feed(self, data: bytes) -> None:
         assert self.framer is not None
         self.idle_timer()
-        self.framer.feed(data)
+        if self._deflate is None:
+            self.framer.feed(data)
+            return
+        self._deflate.received(data)
+        self._inflate()
 
     def buffered(self) -> int:
         assert self.framer is not None
-        return self.framer.buffered()
+        backlog = self._deflate.backlog() if self._deflate is not None else 0
+        return self.framer.buffered() + backlog
 
     def next_event(self):
         assert self.framer is not None
-        return self.framer.next()
+        while True:
+            event = self.framer.next()
+            if event is not None or self._deflate is None or not self._inflate():
+                return event
+
+    def _inflate(self) -> bool:
+        """Inflate what the client sent into the framer while it has room: whether any came."""
+        assert self.framer is not None and self._deflate is not None
+        came = False
+        while not self.closing and self.framer.buffered() < READ_AHEAD:
+            try:
+                data = self._deflate.inflate(READ_AHEAD - self.framer.buffered())
+            except CompressionError as e:
+                self.log.warning("closed", reason="bad_compressed_data", error=str(e)[:100])
+                self.write(b"* BYE [PARSE] compressed data is corrupt\r\n")
+                self.close()
+                return False
+            if not data:
+                break
+            self.framer.feed(data)
+            came = True
+        return came
 
     def awaiting_input(self) -> bool:
         return self._line_waiter is not None and not self._line_waiter.done()
@@ -122,6 +157,23 @@ class IMAPProtocol(ServerProtocol):
         loop.call_soon(self.pump)
         return waiter
 
+    @property
+    def compressing(self) -> bool:
+        return self._deflate is not None
+
+    def start_compression(self) -> None:
+        """From now on both ways are DEFLATE (the tagged OK has been written in the clear).
+        Whatever the client sent after COMPRESS before seeing the OK is taken as compressed
+        (RFC 4978 §3: it may not send anything else meanwhile)."""
+        assert self.framer is not None and self._deflate is None
+        self._deflate = Deflate()
+        self.transport = _CompressingTransport(self.transport, self._deflate)
+        self.log.info("compress", mechanism="DEFLATE")
+        unread = self.framer.take_unread()
+        if unread:
+            self._deflate.received(unread)
+            self._inflate()
+
     async def start_tls(self) -> None:
         assert self.framer is not None and self.session is not None
         # Whatever the client sent after STARTTLS in the clear must not count as sent over
@@ -129,3 +181,40 @@ class IMAPProtocol(ServerProtocol):
         self.framer = Framer(max_line=MAX_LINE, max_literal=self.session.max_literal,
                              literal_sink=self.session.literal_sink)
         self.start_tls_now()
+
+
+class _CompressingTransport:
+    """The Twisted transport with DEFLATE on what is written: each write goes through the
+    compressor, and one Z_SYNC_FLUSH per reactor turn sends what a burst of writes made
+    (a FETCH of 1,000 lines is one flush, not 1,000). Anything else is the transport's."""
+
+    def __init__(self, transport, deflate: Deflate):
+        self._transport = transport
+        self._deflate = deflate
+        self._flush_pending = False
+
+    def write(self, data: bytes) -> None:
+        out = self._deflate.compress(data)
+        if out:
+            self._transport.write(out)
+        if not self._flush_pending:
+            from twisted.internet import reactor
+
+            self._flush_pending = True
+            reactor.callLater(0, self._flush)
+
+    def writeSequence(self, data) -> None:  # noqa: N802 - Twisted's interface
+        self.write(b"".join(data))
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._transport.connected and not self._transport.disconnecting:
+            self._transport.write(self._deflate.flush())
+
+    def loseConnection(self) -> None:  # noqa: N802 - Twisted's interface
+        if self._flush_pending:
+            self._flush()
+        self._transport.loseConnection()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)

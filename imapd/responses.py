@@ -103,5 +103,12 @@ def date_time(timestamp: float) -> bytes:
 
 
 def mailbox(name: str) -> bytes:
-    """A mailbox name as IMAP4rev1 sends it: modified UTF-7 (RFC 3501 §5.1.3), as an astring."""
-    return astring(utf7.encode(name))
+    """A mailbox name as IMAP4rev1 sends it: modified UTF-7 (RFC 3501 §5.1.3), as an astring;
+    to a client that enabled UTF8=ACCEPT, UTF-8, quoted (RFC 6855 §3 lets a quoted string
+    carry UTF-8 then)."""
+    if not utf7.NAMES_IN_UTF8.get():
+        return astring(utf7.encode(name))
+    data = name.encode("utf-8")
+    if data.isascii() or len(data) > MAX_QUOTED or any(b in b"\r\n\0" for b in data):
+        return astring(data)
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'

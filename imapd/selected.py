@@ -20,6 +20,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from imapd import fetch as fetching
 from imapd import qresync, searching
+from imapd.decoding import UnknownEncodingError
 from imapd.answers import Answer, as_ranges, bad, no, set_text, try_create
 from imapd.mailboxes import SYSTEM_FLAGS
 from imapd.syntax import Command, Copy, Expunge, Fetch, FetchItem, Move, Store
@@ -170,9 +171,12 @@ async def fetch(session: SessionState, command: Fetch):
             lines = [listing_fetch_lines(session, listing, chunk, items, changedsince)]
             done, missing = len(chunk), 0
         else:
-            lines, done, missing, keywords = await session.run_store(
-                _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent,
-                previews)
+            try:
+                lines, done, missing, keywords = await session.run_store(
+                    _render_batch, store, session.user, view.name, chunk, items, changedsince, view.seq_of, recent,
+                    previews)
+            except UnknownEncodingError as e:
+                raise no(f"cannot decode content transfer encoding {str(e)[:40]!r}", "UNKNOWN-CTE") from None
             if not keywords <= view.keywords:
                 await announce_keywords(session, view)
         # One write for the batch: a write per response line costs the transport more than

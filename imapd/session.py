@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, metadata, notify, searching, selected
+from imapd import mailboxes, metadata, notify, searching, selected, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -33,7 +33,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
     SessionState,
 )
 from imapd.parser import Close, Continue, Frame, Reject, parse_command
-from imapd.syntax import Authenticate, Command, Enable, Id, Login, ParseError
+from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError, Search
 
 
 class Session(SessionState):
@@ -54,7 +54,8 @@ class Session(SessionState):
             self.conn.close()
         else:
             try:
-                command = parse_command(event)
+                with utf7.utf8_names(self.utf8):
+                    command = parse_command(event)
             except ParseError as error:
                 self.parse_failed(error)
                 return None
@@ -68,7 +69,8 @@ class Session(SessionState):
             if notifier is not None:
                 notifier.command_started(command)
             try:
-                await self._handle(command)
+                with utf7.utf8_names(self.utf8):
+                    await self._handle(command)
             finally:
                 if notifier is not None:
                     await notifier.command_ended()
@@ -76,6 +78,11 @@ class Session(SessionState):
     async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)
         try:
+            charset = getattr(command, "charset", None)
+            if self.utf8 and charset is not None and (isinstance(command, Search) or charset != "UTF-8"):
+                # RFC 6855 §3 and its erratum 4029: strings are UTF-8 now; an optional CHARSET
+                # label (SEARCH) conflicts, and a mandatory one (SORT, THREAD) must be UTF-8.
+                raise bad("no CHARSET but UTF-8 once UTF8=ACCEPT is enabled")
             if handler is None:
                 if command.name not in KNOWN:
                     raise bad("unknown command")
@@ -131,13 +138,28 @@ async def id_(session: Session, command: Id):
 
 
 async def enable(session: Session, command: Enable):
-    """RFC 5161: CONDSTORE, and QRESYNC (RFC 7162 §3.2.3: it enables CONDSTORE too)."""
-    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "QRESYNC")]
-    if enabled:
+    """RFC 5161: CONDSTORE; QRESYNC (RFC 7162 §3.2.3: it enables CONDSTORE too); UTF8=ACCEPT
+    (RFC 6855 §3: mailbox names in UTF-8 both ways, UTF-8 in quoted strings, APPEND's UTF8
+    data item)."""
+    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")]
+    if "CONDSTORE" in enabled or "QRESYNC" in enabled:
         session.condstore = True
     if "QRESYNC" in enabled:
         session.qresync = True
+    if "UTF8=ACCEPT" in enabled:
+        session.utf8 = True
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
+
+
+async def compress(session: Session, command: Compress):
+    """RFC 4978: the tagged OK goes out in the clear, everything after it compressed."""
+    if command.mechanism != "DEFLATE":
+        raise bad("only COMPRESS DEFLATE is supported")
+    if session.conn.compressing:
+        raise no("DEFLATE is active already", "COMPRESSIONACTIVE")
+    session.tagged(command.tag, "OK", "DEFLATE active")
+    session.conn.start_compression()
+    raise AnsweredItself()
 
 
 # -- not authenticated (RFC 3501 §6.2) ------------------------------------------------------------
@@ -230,6 +252,7 @@ _AUTHENTICATED: dict[str, Handler] = {
     "GETMETADATA": metadata.getmetadata,
     "SETMETADATA": metadata.setmetadata,
     "NOTIFY": notify.notify,
+    "COMPRESS": compress,
 }
 STATES: dict[str, dict[str, Handler]] = {
     NOT_AUTHENTICATED: {**_ANY, "STARTTLS": starttls, "LOGIN": login, "AUTHENTICATE": authenticate},

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 from conf import Config
 from conf.logfmt import EventLogger
-from imapd.append import AppendLiteral, DroppedLiteral, LiteralStandIn
+from imapd import utf7
+from imapd.appending import AppendSinks
 from imapd.answers import STORE_ERRORS, store_answer, tagged_line, unavailable, untagged_line
 from imapd.recent import RecentClaims
-from imapd.parser import Frame, parse_command
-from imapd.syntax import Append, ParseError
+from imapd.syntax import ParseError
 from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from policy.shares import FairShare
@@ -50,6 +50,10 @@ class Connection(Protocol):
     async def start_tls(self) -> None: ...
 
     def next_line(self) -> asyncio.Future: ...  # resolves to the next raw client line (IDLE's DONE, SASL)
+
+    compressing: bool  # COMPRESS=DEFLATE is active (RFC 4978)
+
+    def start_compression(self) -> None: ...  # both ways DEFLATE from the next byte on
 
     def close(self) -> None: ...
 
@@ -87,6 +91,7 @@ class SessionState:
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
         self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE
+        self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): mailbox names in UTF-8 (imapd.utf7)
         self.errors = 0  # BAD answers in a row
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
@@ -95,7 +100,8 @@ class SessionState:
         self.changed = False
         self.change_waiter: asyncio.Future | None = None
         self.ended = False
-        self._literal: AppendLiteral | None = None  # APPEND's message, streaming in
+        # APPEND's messages, streaming in (imapd/appending.py)
+        self.appending = AppendSinks(context.store, lambda: self.user, self.max_message_size)
         # Held while a command runs: NOTIFY's pushes (imapd.notify) wait for it, so their
         # responses never land inside a command's own.
         self.running = asyncio.Lock()
@@ -126,6 +132,12 @@ class SessionState:
             caps += ["OBJECTID"]  # RFC 8474
             caps += ["SAVEDATE"]  # RFC 8514
             caps += ["PREVIEW"]  # RFC 8970
+            caps += ["MULTIAPPEND"]  # RFC 3502
+            caps += ["BINARY"]  # RFC 3516
+            caps += ["CATENATE"]  # RFC 4469
+            caps += ["UTF8=ACCEPT"]  # RFC 6855
+            if not self.conn.compressing:
+                caps += ["COMPRESS=DEFLATE"]  # RFC 4978
         return " ".join(caps)
 
     def plaintext_ok(self) -> bool:
@@ -140,35 +152,18 @@ class SessionState:
             return MAX_LITERAL_BEFORE_LOGIN
         return self.max_message_size() if command == "APPEND" else MAX_LITERAL_COMMAND
 
-    def literal_sink(self, command: str, parts: list, size: int) -> AppendLiteral | DroppedLiteral | None:
-        """The framer asks, as a literal begins: APPEND's message, once logged in, goes into
-        the store as it arrives (imapd/append.py) instead of being held whole. Only the
-        literal in the message's place: the mailbox name may be a literal too (an astring,
-        RFC 3501 §6.3.11), and is held like any literal, within the framer's bounds."""
+    def literal_sink(self, command: str, parts: list, size: int):
+        """The framer asks, as a literal begins: APPEND's messages, once logged in, go into
+        the store as they arrive (imapd/appending.py) instead of being held whole. Only the
+        literals of messages: the mailbox name may be a literal too (an astring, RFC 3501
+        §6.3.11), and is held like any literal, within the framer's bounds."""
         if command != "APPEND" or self.state == NOT_AUTHENTICATED or _names_the_mailbox(parts):
             return None
-        stand_in = LiteralStandIn(size)
-        try:
-            head = parse_command(Frame([*parts, stand_in, b""]))
-        except ParseError:
-            return DroppedLiteral()  # the command will be refused for its head: read and drop
-        if not isinstance(head, Append) or head.message is not stand_in:
-            return None  # not the message: held, and the command answered for it
-        self.drop_literal()
-        self._literal = AppendLiteral(self.context.store, self.user, head.mailbox, flags=head.flags,
-                                      internal_date=head.date.timestamp() if head.date else None,
-                                      limit=self.max_message_size())
-        return self._literal
-
-    def take_literal(self, literal: AppendLiteral) -> None:
-        """APPEND runs with its streamed message: the command owns it from now on."""
-        if literal is self._literal:
-            self._literal = None
+        with utf7.utf8_names(self.utf8):
+            return self.appending.sink(parts, size)
 
     def drop_literal(self) -> None:
-        if self._literal is not None:
-            self._literal.close()
-            self._literal = None
+        self.appending.close()
 
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()

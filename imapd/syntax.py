@@ -65,8 +65,10 @@ class Section:
 class FetchItem:
     """One FETCH data item. `name` is one of: UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE
     BODYSTRUCTURE BODY (the non-extensible structure) MODSEQ RFC822 RFC822.HEADER
-    RFC822.TEXT BODY[] (a section fetch: `section` is set). `peek` is BODY.PEEK[...]'s;
-    `partial` is <origin.count>. PREVIEW (RFC 8970) is `lazy` with its (LAZY) modifier."""
+    RFC822.TEXT BODY[] (a section fetch: `section` is set), BINARY[] and BINARY.SIZE
+    (RFC 3516: `section` has part numbers only). `peek` is BODY.PEEK[...]'s and
+    BINARY.PEEK[...]'s; `partial` is <origin.count>. PREVIEW (RFC 8970) is `lazy` with its
+    (LAZY) modifier."""
 
     name: str
     section: Section | None = None
@@ -96,6 +98,11 @@ class Enable(Command):
 @dataclass(frozen=True)
 class Id(Command):
     params: dict[str, str | None] | None  # RFC 2971; None for NIL
+
+
+@dataclass(frozen=True)
+class Compress(Command):
+    mechanism: str  # upper case (RFC 4978: DEFLATE)
 
 
 @dataclass(frozen=True)
@@ -196,11 +203,31 @@ class Status(Command):
 
 
 @dataclass(frozen=True)
+class CatenateUrl:
+    """A CATENATE URL part (RFC 4469 §5): an IMAP URL (RFC 5092), as sent."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class AppendMessage:
+    """One message of an APPEND (RFC 3502 MULTIAPPEND sends several). Either `message`,
+    its literal, or `catenate`, its parts (RFC 4469): CatenateUrl or a TEXT literal.
+    A literal is bytes, or, streamed into the store as it came (imapd/append.py), the
+    sink that took it."""
+
+    flags: tuple[str, ...] = ()
+    date: datetime.datetime | None = None  # aware
+    message: object = None
+    catenate: tuple | None = None
+    binary: bool = False  # the message came as a literal8, `~{n}` (RFC 3516 §4.4)
+    utf8: bool = False  # UTF8 (~{n}) (RFC 6855 §4)
+
+
+@dataclass(frozen=True)
 class Append(Command):
     mailbox: str
-    flags: tuple[str, ...]
-    date: datetime.datetime | None  # aware
-    message: bytes  # or, streamed into the store as it came (imapd/append.py), its AppendLiteral
+    messages: tuple[AppendMessage, ...]
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class Atom:
 class String:
     data: bytes
     literal: bool = False
+    binary: bool = False  # a literal8, `~{n}` (RFC 3516 §4.2): NUL allowed
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,16 @@ class Bracketed:
 Token = Atom | String | Group | Bracketed
 
 
-def tokenize(parts: list[bytes], start: int = 0) -> list[Token]:
-    """The tokens of a command from byte `start` of its first line on."""
-    return _Lexer(parts, start).run()
+def tokenize(parts: list[bytes], start: int = 0, *, partial: bool = False) -> list[Token]:
+    """The tokens of a command from byte `start` of its first line on. `partial`: the
+    command is cut short (the head of an APPEND whose literal is beginning), so lists still
+    open at the end are closed there."""
+    return _Lexer(parts, start, partial).run()
 
 
 class _Lexer:
-    def __init__(self, parts: list[bytes], start: int):
+    def __init__(self, parts: list[bytes], start: int, partial: bool = False):
+        self.partial = partial
         self.parts = parts
         self.index = 0
         self.line = parts[0]
@@ -105,7 +109,7 @@ class _Lexer:
                 spaced = True
             c = self._peek()
             if c is None:
-                if close is not None:
+                if close is not None and not self.partial:
                     raise ParseError(f"missing {chr(close)!r}")
                 return items
             if c == close:
@@ -133,17 +137,25 @@ class _Lexer:
                 raise ParseError("malformed quoted string")
             self.pos = m.end()
             return String(_unescape(m.group(1)))
+        if c == 0x7E and self.line[self.pos + 1:self.pos + 2] == b"{":  # ~{n}: literal8
+            self.pos += 1
+            literal = self._literal()
+            return String(literal.data, literal=True, binary=True)
         if c == 0x7B:  # {
-            m = _LITERAL_RE.match(self.line, self.pos)
-            if m is None or self.index + 1 >= len(self.parts):
-                raise ParseError("malformed literal")
-            data = self.parts[self.index + 1]
-            if len(data) != int(m.group(1)) or self.index + 2 >= len(self.parts):
-                raise ParseError("malformed literal")
-            self.index += 2
-            self.line, self.pos = self.parts[self.index], 0
-            return String(data, literal=True)
+            return self._literal()
         return self._atom(depth)
+
+    def _literal(self) -> String:
+        """A literal `{n}` at the position: its bytes are the frame's next part."""
+        m = _LITERAL_RE.match(self.line, self.pos)
+        if m is None or self.index + 1 >= len(self.parts):
+            raise ParseError("malformed literal")
+        data = self.parts[self.index + 1]
+        if len(data) != int(m.group(1)) or self.index + 2 >= len(self.parts):
+            raise ParseError("malformed literal")
+        self.index += 2
+        self.line, self.pos = self.parts[self.index], 0
+        return String(data, literal=True)
 
     def _atom(self, depth: int) -> Token:
         start = self.pos
@@ -239,6 +251,8 @@ def group(tok: Token | None, what: str) -> tuple:
 def astring(tok: Token | None, what: str, chars: frozenset = _ASTRING_CHARS) -> bytes:
     """An astring (atom, quoted string or literal) as bytes."""
     if isinstance(tok, String):
+        if tok.binary:
+            raise ParseError(f"{what} cannot be a literal8")  # RFC 3516 §4.2: APPEND's message only
         return tok.data
     if isinstance(tok, Atom):
         data = tok.text.encode("ascii")
@@ -278,8 +292,9 @@ CANNOT_EXIST = "\udcff"
 
 def _decode_name(data: bytes, what: str) -> str:
     try:
-        name = utf7.decode(data)
-    except utf7.UTF7Error:
+        # RFC 6855 §3: after ENABLE UTF8=ACCEPT, names are UTF-8 (imapd.utf7.NAMES_IN_UTF8)
+        name = data.decode("utf-8") if utf7.NAMES_IN_UTF8.get() else utf7.decode(data)
+    except (utf7.UTF7Error, UnicodeDecodeError):
         return CANNOT_EXIST + data.decode("ascii", "replace")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
         raise ParseError(f"control character in {what}")

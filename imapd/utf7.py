@@ -13,6 +13,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# Once a client has sent ENABLE UTF8=ACCEPT (RFC 6855 §3), its mailbox names are UTF-8 both
+# ways instead: the session says so around parsing and running each of its commands, and
+# imapd.tokens (names read) and imapd.responses (names written) ask here. A context
+# variable, so that the many places that read or write a name need not carry the flag.
+NAMES_IN_UTF8: ContextVar[bool] = ContextVar("names_in_utf8", default=False)
+
+
+@contextmanager
+def utf8_names(on: bool) -> Iterator[None]:
+    token = NAMES_IN_UTF8.set(on)
+    try:
+        yield
+    finally:
+        NAMES_IN_UTF8.reset(token)
 
 _ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
 

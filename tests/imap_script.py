@@ -95,6 +95,11 @@ class ScriptedConnection:
     async def start_tls(self) -> None:
         raise AssertionError("STARTTLS needs the wire: test it in test_imapd.py")
 
+    compressing = False
+
+    def start_compression(self) -> None:
+        raise AssertionError("COMPRESS needs the wire: test it in test_imap_compress.py")
+
     def next_line(self) -> asyncio.Future:
         self.line_waiter = asyncio.get_running_loop().create_future()
         return self.line_waiter

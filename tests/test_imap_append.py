@@ -6,6 +6,7 @@ AppendLiteral against a real store."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -75,6 +76,46 @@ def test_appends_at_once_do_not_grow_imapd_by_their_size(server, user):
         client.logout()
 
 
+def test_multiappend_and_catenate_stream_their_literals_too(server, user):
+    """MULTIAPPEND's messages and CATENATE's TEXT parts go to the store as they arrive,
+    also a TEXT part after a URL (spooled to a file until the URL is read), and a URL to a
+    whole message is read a chunk at a time: one command of three 8 MB messages, one
+    CATENATE with an 8 MB TEXT part after a URL and one of an 8 MB message's URL leave
+    imapd's peak where it was. Before, the framer held every literal but the largest of a command
+    and refused a second big one (its command limit)."""
+    big = (b"Subject: big\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + (b"eXl5" * 19 + b"\r\n") * 100_000)  # an attachment: no full-text words (see above)
+    head = big.index(b"\r\n\r\n") + 4
+    pid = imapd_pid(server)
+    address = server.listen("imap.listen_tls")
+    sock = client_tls_context(server.config).wrap_socket(
+        socket.create_connection((address.host, address.port), timeout=60), server_hostname=address.host)
+    with sock:
+        _read_until(sock, b"\r\n")
+        sock.sendall(f'L1 LOGIN "{user}" "{PASSWORD}"\r\n'.encode())
+        _read_until(sock, b"L1 OK")
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kib(pid, "VmRSS")
+        sock.sendall(b"A1 APPEND INBOX")
+        for _ in range(3):
+            sock.sendall(b" {%d+}\r\n" % len(big))
+            sock.sendall(big)
+        sock.sendall(b"\r\n")
+        assert re.search(rb"A1 OK \[APPENDUID \d+ 1,2,3\]", _read_until(sock, b"A1 ", b""))
+        sock.sendall(b'A2 APPEND INBOX CATENATE (URL "/INBOX/;UID=1/;SECTION=HEADER" TEXT {%d+}\r\n'
+                     % (len(big) - head) + big[head:] + b")\r\n")
+        assert b"A2 OK [APPENDUID" in _read_until(sock, b"A2 ", b"")
+        sock.sendall(b'A3 APPEND INBOX CATENATE (URL "/INBOX/;UID=1" TEXT {7+}\r\nthe end)\r\n')
+        assert b"A3 OK [APPENDUID" in _read_until(sock, b"A3 ", b"")  # a whole message read a chunk at a time
+        peak = status_kib(pid, "VmHWM")
+    assert peak - before < 8_000, f"imapd grew from {before} KiB to a peak of {peak} KiB"
+    infos = server.store.fetch(user, "INBOX", [(1, 2**32 - 1)])
+    assert [i.size for i in infos] == [len(big)] * 4 + [len(big) + 7]
+    assert server.store.read_message(infos[3]) == big
+    assert server.store.read_message(infos[4]) == big + b"the end"
+
+
 def test_an_append_cut_off_halfway_leaves_nothing(server, user):
     address = server.listen("imap.listen_tls")
     sock = client_tls_context(server.config).wrap_socket(
@@ -94,8 +135,8 @@ def test_an_append_cut_off_halfway_leaves_nothing(server, user):
 
 def test_an_append_refused_after_its_literal_stores_nothing(server, user):
     """The head parses, so the literal streams in; the line after it does not (a second
-    message: MULTIAPPEND is not supported): BAD, and the streamed message is dropped."""
-    reply = raw(server, [b"a1 APPEND INBOX {5+}\r\nhello (\\Seen) {3+}\r\nabc\r\na2 NOOP\r\n"],
+    message's flags, then no message): BAD, and the streamed message is dropped."""
+    reply = raw(server, [b"a1 APPEND INBOX {5+}\r\nhello (\\Seen)\r\na2 NOOP\r\n"],
                 until=b"a2 OK", login_as=user)
     assert b"a1 BAD" in reply
     assert server.store.mailbox(user, "INBOX").exists == 0

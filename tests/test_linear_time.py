@@ -24,10 +24,12 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from core_drivers import POP3_PASSWORD, SMTP_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
+from imapd.appending import AppendSinks
 from imapd import threads
 from imapd.listing import matches
 from imapd.sort import Summary
@@ -308,6 +310,54 @@ PARSER_CASES = [
 
 @pytest.mark.parametrize("case", PARSER_CASES, ids=lambda case: case.name)
 def test_imap_parser_is_linear(case):
+    assert_linear(case)
+
+
+# -- IMAP: APPEND's literals as they begin (imapd.appending) --------------------------------------
+
+def append_sinks(build: Callable[[int], list[bytes]]) -> Case:
+    """Each literal of an APPEND asks AppendSinks for its sink, which parses the command's
+    head: what came since the last literal, not the command from its start."""
+    def run(pieces: list[bytes]) -> None:
+        sinks = AppendSinks(_append_store(), lambda: "a@example.test", lambda: 1 << 20)
+        parts = [pieces[0]]
+        for line in pieces[1:]:
+            sink = sinks.sink(parts, 1)
+            sink.write(b"x")
+            parts += [sink, line]
+        sinks.close()
+
+    return build, run
+
+
+_STORE: list = []
+
+
+def _append_store():
+    if not _STORE:
+        import tempfile
+
+        from storage import open_data_dir
+        from storage.store import Store
+
+        store = Store(open_data_dir(Path(tempfile.mkdtemp(prefix="linear-append-")) / "var", 1))
+        store.ensure_account("a@example.test")
+        _STORE.append(store)
+    return _STORE[0]
+
+
+FLAGS = b"(" + b" ".join(b"$k%d" % i for i in range(200)) + b")"
+APPEND_CASES = [
+    Case("MULTIAPPEND messages with long flag lists",
+         *append_sinks(lambda n: [b"a APPEND INBOX " + FLAGS + b" {1}"] + [b" " + FLAGS + b" {1}"] * n), 11),
+    Case("CATENATE TEXT parts after long URLs",
+         *append_sinks(lambda n: [b"a APPEND INBOX CATENATE (TEXT {1}"]
+                       + [b' URL "/INBOX/;UID=1/;SECTION=' + b"1." * 1000 + b'1" TEXT {1}'] * n), 11),
+]
+
+
+@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda case: case.name)
+def test_imap_append_heads_are_linear(case):
     assert_linear(case)
 
 
