@@ -41,7 +41,7 @@ from imapd.decoding import decode
 from imapd.responses import NIL, astring, date_time, flag_list, nstring, number, string
 from imapd.syntax import FetchItem, Section
 from storage import BodyPart, MessageInfo
-from storage.envelope_text import envelope
+from storage import imap_envelope as envelope
 
 SEEN_SETTING = frozenset({"RFC822", "RFC822.TEXT"})  # and BODY[...] without PEEK
 _RFC822_SECTIONS = {"RFC822": Section(), "RFC822.HEADER": Section(text="HEADER"),
