@@ -78,5 +78,6 @@ __all__ = [
     "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
-    "decode_words", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
+    "decode_words", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir",
+    "parse_address",
 ]
