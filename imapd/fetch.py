@@ -34,21 +34,20 @@ without parts shows an empty text/plain part, a missing domain shows "MISSING_DO
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from imapd.decoding import decode
-from imapd.responses import MAX_QUOTED, NIL, astring, date_time, flag_list, nstring, number, string
+from imapd.responses import NIL, astring, date_time, flag_list, nstring, number, string
 from imapd.syntax import FetchItem, Section
-from storage import BodyPart, Envelope, EnvelopeAddress, MessageInfo
+from storage import BodyPart, MessageInfo
+from storage import imap_envelope as envelope
 
 SEEN_SETTING = frozenset({"RFC822", "RFC822.TEXT"})  # and BODY[...] without PEEK
 _RFC822_SECTIONS = {"RFC822": Section(), "RFC822.HEADER": Section(text="HEADER"),
                     "RFC822.TEXT": Section(text="TEXT")}
 _MESSAGE_SUBTYPES = ("rfc822", "global")
 _EMPTY_ENVELOPE = b"(" + b" ".join([NIL] * 10) + b")"
-_MISSING_DOMAIN = "MISSING_DOMAIN"
 
 
 # Items answered from the index alone, never from the message file: a FETCH of only these
@@ -112,7 +111,8 @@ def _render_item(info: MessageInfo, item: FetchItem, reader: _Reader, recent: bo
         saved = info.saved if info.saved is not None else info.internal_date
         out.append(b"SAVEDATE " + date_time(saved))  # RFC 8514 §3
     elif name == "ENVELOPE":
-        out.append(b"ENVELOPE " + envelope(info.envelope))
+        text = info.envelope_text  # rendered at delivery; None in a record from before that
+        out.append(b"ENVELOPE " + (text.encode() if text is not None else envelope(info.envelope)))
     elif name == "BODY" and item.section is None:
         out.append(b"BODY " + body_structure(info.structure, extended=False))
     elif name == "BODYSTRUCTURE":
@@ -281,66 +281,6 @@ def filter_header(header: bytes, names: set[bytes], keep: bool) -> bytes:
 
 
 # -- ENVELOPE and BODYSTRUCTURE -----------------------------------------------------------
-
-
-def envelope(env: Envelope) -> bytes:
-    """RFC 3501 §7.4.2 ENVELOPE from the cached envelope (raw header values)."""
-    try:
-        return _envelope_quoted(env).encode("ascii")
-    except _NeedsLiteral:
-        pass
-    fields = [nstring(env.date), nstring(env.subject)]
-    fields += [_address_list(addresses) for addresses in (env.from_, env.sender, env.reply_to, env.to, env.cc, env.bcc)]
-    fields += [nstring(env.in_reply_to), nstring(env.message_id)]
-    return b"(" + b" ".join(fields) + b")"
-
-
-# The common ENVELOPE, every value 7-bit, short enough to go quoted and with nothing to
-# escape, is written as one str: FETCH 1:* (ENVELOPE) spends its time here (bench/imap.py).
-# Its values are checked together by one regex search over them joined by a separator that
-# is itself plain; any other envelope takes the bytes path above.
-_PLAIN_QUOTED = re.compile(r'[^\x01-\x09\x0b\x0c\x0e-\x21\x23-\x5b\x5d-\x7f]')  # not 7-bit, CR LF NUL " \\
-
-
-class _NeedsLiteral(Exception):
-    pass
-
-
-def _envelope_quoted(env: Envelope) -> str:
-    values = [env.date, env.subject, env.in_reply_to, env.message_id]
-    for addresses in (env.from_, env.sender, env.reply_to, env.to, env.cc, env.bcc):
-        if addresses:
-            for a in addresses:
-                values += (a.name, a.adl, a.mailbox, a.host)
-    present = [v for v in values if v is not None]
-    if _PLAIN_QUOTED.search("\x01".join(present)) or any(len(v) > MAX_QUOTED for v in present):
-        raise _NeedsLiteral
-    return (f"({_q(env.date)} {_q(env.subject)} {_addresses(env.from_)} {_addresses(env.sender)} "
-            f"{_addresses(env.reply_to)} {_addresses(env.to)} {_addresses(env.cc)} {_addresses(env.bcc)} "
-            f"{_q(env.in_reply_to)} {_q(env.message_id)})")
-
-
-def _q(value: str | None) -> str:
-    return "NIL" if value is None else f'"{value}"'
-
-
-def _addresses(items: tuple[EnvelopeAddress, ...] | None) -> str:
-    if not items:
-        return "NIL"
-    return "(" + "".join(f"({_q(a.name)} {_q(a.adl)} {_q(a.mailbox)} {_q(_MISSING_DOMAIN if a.host == '' else a.host)})"
-                         for a in items) + ")"
-
-
-def _address_list(addresses: tuple[EnvelopeAddress, ...] | None) -> bytes:
-    if not addresses:
-        return NIL
-    return b"(" + b"".join(_address(a) for a in addresses) + b")"
-
-
-def _address(address: EnvelopeAddress) -> bytes:
-    host = _MISSING_DOMAIN if address.host == "" else address.host
-    return b"(" + b" ".join((nstring(address.name), nstring(address.adl), nstring(address.mailbox),
-                             nstring(host))) + b")"
 
 
 def body_structure(part: BodyPart, *, extended: bool) -> bytes:

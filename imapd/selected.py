@@ -270,6 +270,10 @@ def listing_fetch_lines(session: SessionState, listing, uids: list[int], items: 
     count, listed_count = len(mine), len(listed)
     names = [item.name for item in items]
     plain = names == ["UID", "FLAGS"]
+    if plain and changedsince is None and uids:
+        lines = _plain_flags_lines(view, listing, uids)
+        if lines is not None:
+            return lines
     out = []
     position = at = 0
     for uid in uids:
@@ -298,6 +302,49 @@ def listing_fetch_lines(session: SessionState, listing, uids: list[int], items: 
                 parts.append(b"MODSEQ (%d)" % modseq)
         out.append(b"* %d FETCH (%b)\r\n" % (position + 1, b" ".join(parts)))
     return b"".join(out)
+
+
+def _plain_flags_lines(view: View, listing, uids: list[int]) -> bytes | None:
+    """`* n FETCH (UID n FLAGS (...))` of `uids` in one list comprehension and one join,
+    when they are a run of the view's UIDs that the listing holds alike, none \\Recent and
+    none changed since the client was last told: UID FETCH 1:* (UID FLAGS) of a mailbox at
+    rest. None otherwise (listing_fetch_lines goes message by message then)."""
+    mine, listed = view.uids, listing.uids
+    first, last, n = uids[0], uids[-1], len(uids)
+    position = bisect_left(mine, first)
+    run = mine[position:position + n]
+    at = bisect_left(listed, first)
+    # `uids` are the view's, ascending: n of them from `first` to `last` are this run.
+    if len(run) != n or run[-1] != last or listed[at:at + n] != run:
+        return None
+    if max(listing.modseqs[at:at + n]) > view.modseq:
+        return None  # changes the view has yet to record (mark_told)
+    recent = view.recent
+    if recent and any(first <= uid <= last for uid in recent):
+        return None
+    texts, keywords = _plain_flags(listing), listing.keywords
+    if keywords:
+        flags = [texts[bits] if uid not in keywords else _flags_text(listing.flag_names(bits, keywords[uid]))
+                 for uid, bits in zip(run, listing.bits[at:at + n])]
+    else:
+        flags = [texts[bits] for bits in listing.bits[at:at + n]]
+    return b"".join([b"* %d FETCH (UID %d FLAGS (%b))\r\n" % line
+                     for line in zip(range(position + 1, position + n + 1), run, flags)])
+
+
+@functools.lru_cache(maxsize=1024)
+def _flags_text(names: tuple[str, ...]) -> bytes:
+    """A flag list's text, `\\Seen $Junk`: a mailbox has few distinct flag sets."""
+    return " ".join(names).encode()
+
+
+_PLAIN_FLAGS: list[bytes] = []  # flag bits (an octet) -> the text without keywords: an index
+
+
+def _plain_flags(listing) -> list[bytes]:
+    if not _PLAIN_FLAGS:
+        _PLAIN_FLAGS.extend(_flags_text(listing.flag_names(bits, b"")) for bits in range(256))
+    return _PLAIN_FLAGS
 
 
 @functools.lru_cache(maxsize=1024)

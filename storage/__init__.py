@@ -44,6 +44,7 @@ from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
 from storage.metadata import MAX_VALUE as METADATA_MAX_VALUE
 from storage.metadata import entry_name as metadata_entry_name
+from storage.envelope_text import envelope as imap_envelope
 from storage.mime import BodyPart, Envelope, EnvelopeAddress, decode_words
 from storage.records import Usage
 from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
@@ -77,5 +78,6 @@ __all__ = [
     "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
-    "decode_words", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir", "parse_address",
+    "decode_words", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir",
+    "parse_address",
 ]

@@ -41,6 +41,9 @@ class Listing(NamedTuple):
         """The flag names of uids[i]."""
         return flag_names_stored(self.bits[i], self.keywords.get(self.uids[i], b""))
 
+    # The flag names of flag bits and keywords as stored (those of `bits` and `keywords`).
+    flag_names = staticmethod(flag_names_stored)
+
 
 def read_whole(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, modseq: int) -> Listing:
     uids, bits, modseqs, keywords = array("I"), bytearray(), array("Q"), {}

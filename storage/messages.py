@@ -31,6 +31,7 @@ from storage.records import (
     MessageRecord,
     add_usage,
     decode_lazy,
+    decode_envelope,
     decode_structure,
     encode,
     entry_flags,
@@ -90,17 +91,19 @@ class MessageInfo:
     store (Store.open_message), which finds its file: no path is handed out.
 
     A class with slots, not a frozen dataclass: FETCH makes one per message, and a frozen
-    dataclass's __init__ costs more than the record's decoding. The MIME structure is
-    decoded on first use (`structure`): FETCH ENVELOPE or FLAGS never needs it, and it is
-    the bigger half of the record."""
+    dataclass's __init__ costs more than the record's decoding. The envelope and the MIME
+    structure are decoded on first use (`envelope`, `structure`): FETCH FLAGS needs
+    neither, FETCH ENVELOPE only the rendered `envelope_text` when the record has it."""
 
-    __slots__ = ("account", "mailbox_id", "uid", "modseq", "flags", "internal_date", "size", "sent", "envelope",
-                 "_structure", "_structure_raw", "base", "stored_email_id", "saved", "preview")
+    __slots__ = ("account", "mailbox_id", "uid", "modseq", "flags", "internal_date", "size", "sent", "envelope_text",
+                 "_envelope", "_envelope_raw", "_structure", "_structure_raw", "base", "stored_email_id", "saved",
+                 "preview")
 
     def __init__(self, account: str, mailbox_id: int, uid: int, modseq: int, flags: tuple[str, ...],
-                 internal_date: float, size: int, sent: float | None, envelope: Envelope,
+                 internal_date: float, size: int, sent: float | None, envelope: Envelope | None,
                  structure: BodyPart | None = None, *, structure_json: bytes | None = None, base: str = "",
-                 stored_email_id: str | None = None, saved: float | None = None, preview: str | None = None):
+                 stored_email_id: str | None = None, saved: float | None = None, preview: str | None = None,
+                 envelope_json: bytes | None = None, envelope_text: str | None = None):
         self.account = account
         self.mailbox_id = mailbox_id  # the mailbox's UIDVALIDITY
         self.uid = uid
@@ -109,13 +112,21 @@ class MessageInfo:
         self.internal_date = internal_date
         self.size = size
         self.sent = sent
-        self.envelope = envelope
+        self._envelope = envelope
+        self._envelope_raw = envelope_json
+        self.envelope_text = envelope_text  # FETCH ENVELOPE's answer, when the record has it
         self._structure = structure
         self._structure_raw = structure_json
         self.base = base  # its file's unique base (storage/maildir.py)
         self.stored_email_id = stored_email_id  # the original's EMAILID, for a copy (storage/objectid.py)
         self.saved = saved  # RFC 8514 SAVEDATE, seconds (the internal date in old records)
         self.preview = preview  # RFC 8970 PREVIEW; None until made (Store.preview)
+
+    @property
+    def envelope(self) -> Envelope:
+        if self._envelope is None:
+            self._envelope = decode_envelope(self._envelope_raw)
+        return self._envelope
 
     @property
     def structure(self) -> BodyPart:
@@ -292,14 +303,15 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
         if raw is None:
             continue  # expunged between the two reads of one snapshot: cannot happen, but no KeyError
         record = decode_lazy(raw)
-        structure = record.structure
-        lazy = isinstance(structure, msgspec.Raw)
+        structure, env = record.structure, record.envelope
+        lazy = isinstance(structure, msgspec.Raw)  # not when decode_lazy fell back to the whole record
         append(MessageInfo(account, mailbox_id, uid, e.modseq, flag_names(e.bits, e.keywords),
-                           record.internal_date, record.size, record.sent, record.envelope,
+                           record.internal_date, record.size, record.sent, None if lazy else env,
                            None if lazy else structure, structure_json=structure if lazy else None,
                            base=record.base, stored_email_id=record.email_id,
                            saved=record.saved if record.saved is not None else record.internal_date,
-                           preview=record.preview))
+                           preview=record.preview, envelope_json=env if lazy else None,
+                           envelope_text=record.envelope_text))
     return out
 
 

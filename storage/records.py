@@ -22,6 +22,7 @@ from typing import NamedTuple, TypeVar
 import lmdb
 import msgspec
 
+from storage.envelope_text import envelope_text
 from storage.mime import BodyPart, Envelope, ParsedMessage
 from storage.shard import Shard, pack_u32, uid_key
 
@@ -81,27 +82,33 @@ class MessageRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     # RFC 8970 PREVIEW, made at delivery; None in records written before, until a FETCH
     # PREVIEW makes it (Store.preview)
     preview: str | None = msgspec.field(name="pv", default=None)
+    # FETCH ENVELOPE's bytes, rendered once (storage/envelope_text.py); absent from records
+    # written before it, which FETCH renders as it goes, until `store rebuild`.
+    envelope_text: str | None = msgspec.field(name="et", default=None)
 
     @classmethod
     def of(cls, parsed: ParsedMessage, *, base: str, size: int, internal_date: float,
            saved: float | None = None) -> MessageRecord:
         return cls(base=base, size=size, internal_date=internal_date, sent=parsed.sent, sent_day=parsed.sent_day,
-                   envelope=parsed.envelope, structure=parsed.structure, saved=saved, preview=parsed.preview)
+                   envelope=parsed.envelope, structure=parsed.structure, saved=saved, preview=parsed.preview,
+                   envelope_text=envelope_text(parsed.envelope))
 
 
 class LazyMessageRecord(msgspec.Struct, kw_only=True):
-    """A `msgs` record as FETCH reads it: the structure left as its JSON, decoded only when
-    an item needs it (decode_structure): most FETCHes are of flags, envelopes and sizes."""
+    """A `msgs` record as FETCH reads it: the envelope and the structure left as their JSON,
+    decoded only when an item needs them (decode_envelope, decode_structure): most FETCHes
+    are of flags, envelopes (envelope_text) and sizes."""
 
     size: int = msgspec.field(name="s")
     internal_date: float = msgspec.field(name="d")
     sent: float | None = msgspec.field(name="t", default=None)
-    envelope: Envelope = msgspec.field(name="e")
+    envelope: msgspec.Raw = msgspec.field(name="e")
     structure: msgspec.Raw = msgspec.field(name="x")
     base: str = msgspec.field(name="b")
     email_id: str | None = msgspec.field(name="ei", default=None)
     saved: float | None = msgspec.field(name="sv", default=None)
     preview: str | None = msgspec.field(name="pv", default=None)
+    envelope_text: str | None = msgspec.field(name="et", default=None)
 
 
 class MessageFile(msgspec.Struct):
@@ -162,7 +169,7 @@ class Usage(msgspec.Struct):
 _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {
     kind: msgspec.json.Decoder(kind) for kind in (MessageRecord, LazyMessageRecord, MessageFile, ObjectIds, SaveDate,
-                                                  MailboxRecord, Usage, BodyPart)
+                                                  MailboxRecord, Usage, BodyPart, Envelope)
 }
 
 
@@ -191,6 +198,10 @@ def decode_lazy(raw: bytes) -> LazyMessageRecord | MessageRecord:
 
 def decode_structure(raw: bytes) -> BodyPart:
     return decode(raw, BodyPart)
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    return decode(raw, Envelope)
 
 
 # -- in a transaction ---------------------------------------------------------------------

@@ -462,6 +462,36 @@ def test_a_record_msgspec_cannot_read_is_fetched_whole(store):
     assert again == info and again.structure.subtype == "plain"
 
 
+def test_envelope_kept_rendered_in_the_record_and_an_older_record_without_it(store):
+    # The ENVELOPE is rendered at delivery and kept in the message record ("et"): FETCH
+    # copies it. A record written before that field has none: FETCH renders the same bytes
+    # from the cached envelope, and `store rebuild` writes the field.
+    import msgspec
+
+    from storage.check import rebuild
+    from storage.shard import uid_key
+
+    info = deliver(store, HEADERS)
+    expected = fetch(store, info, FetchItem("ENVELOPE"))
+    assert info.envelope_text is not None and b"ENVELOPE " + info.envelope_text.encode() == expected
+    shard = store.shard(ALICE)
+
+    def drop_field(txn, batch):
+        key = uid_key(info.mailbox_id, info.uid)
+        record = msgspec.json.decode(txn.get(key, db=shard.db["msgs"]))
+        del record["et"]
+        txn.put(key, msgspec.json.encode(record), db=shard.db["msgs"])
+
+    shard.write(drop_field)
+    (old,) = store.fetch(ALICE, "INBOX", [(info.uid, info.uid)])
+    assert old.envelope_text is None
+    assert fetch(store, old, FetchItem("ENVELOPE")) == expected
+    assert old.envelope == info.envelope
+    rebuild(store, ALICE)
+    (rebuilt,) = store.fetch(ALICE, "INBOX", [(info.uid, info.uid)])
+    assert b"ENVELOPE " + rebuilt.envelope_text.encode() == expected
+
+
 def test_header_fields_are_the_stored_lines(store):
     info = deliver(store, HEADERS)
     assert fetch(store, info, body((), "HEADER.FIELDS", ("SUBJECT", "x-LONG"))) == (

@@ -475,6 +475,49 @@ def test_condstore_changedsince_and_search_modseq(server, user):
                server.login(user).transact("ok", "SELECT INBOX (CONDSTORE)").untagged)
 
 
+def test_uid_fetch_flags_of_a_run_matches_the_store(server, user):
+    # UID FETCH 1:* (UID FLAGS) of a mailbox at rest goes out from the kept listing in one
+    # step (imapd/selected.py _plain_flags_lines); a \Recent message, a change not yet told
+    # and an expunge not yet announced take the message-by-message way. Each answer is the
+    # store's flags at the session's sequence numbers.
+    for i in range(6):
+        server.deliver(user, subject=f"m{i}")
+    first = server.login(user)
+    first.transact("ok", "SELECT INBOX")  # claims \Recent: the next session has none
+    first.transact("ok", "STORE 2 +FLAGS (\\Seen $Junk)")
+    first.transact("ok", "STORE 3 +FLAGS (\\Answered \\Flagged)")
+    first.transact("ok", "STORE 5 +FLAGS (\\Seen)")
+    imap = server.login(user)
+    imap.transact("ok", "SELECT INBOX")
+
+    def expected(seqs: range, uids: list[int], recent=()) -> list[str]:
+        flags = {s.uid: " ".join(s.flags + (("\\Recent",) if s.uid in recent else ()))
+                 for s in server.store.flags(user, "INBOX")}
+        return [f"{seq} FETCH (UID {uid} FLAGS ({flags[uid]}))" for seq, uid in zip(seqs, uids)]
+
+    assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == expected(range(1, 7), [1, 2, 3, 4, 5, 6])
+    assert imap.transact("ok", "FETCH 3:5 (UID FLAGS)").untagged == expected(range(3, 6), [3, 4, 5])
+    assert imap.transact("ok", "UID FETCH 2,4:5 (UID FLAGS)").untagged == expected([2, 4, 5], [2, 4, 5])
+    # Another session's change, not yet told: the new flags, and the store's after them.
+    # (the new keyword is announced first: FLAGS and PERMANENTFLAGS, RFC 3501 §7.2.6)
+    first.transact("ok", "STORE 4 +FLAGS (\\Draft $Work)")
+    untagged = imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged
+    assert untagged[0].startswith("FLAGS (") and untagged[1].startswith("OK [PERMANENTFLAGS (")
+    assert untagged[2:] == expected(range(1, 7), [1, 2, 3, 4, 5, 6])
+    # An expunge not yet announced: UID 1 is no longer listed, the others keep their numbers.
+    first.transact("ok", "STORE 1 +FLAGS.SILENT (\\Deleted)")
+    first.transact("ok", "EXPUNGE")
+    # (UID FETCH may announce the expunge after its answers: RFC 3501 §7.4.1)
+    assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == (expected(range(2, 7), [2, 3, 4, 5, 6])
+                                                                         + ["1 EXPUNGE"])
+    assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == expected(range(1, 6), [2, 3, 4, 5, 6])
+    # New mail is \Recent for the session that sees it first.
+    server.deliver(user, subject="new")
+    imap.transact("ok", "NOOP")
+    assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == expected(range(1, 7), [2, 3, 4, 5, 6, 7],
+                                                                                   recent={7})
+
+
 # -- other sessions, IDLE -------------------------------------------------------------------------
 
 
