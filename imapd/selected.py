@@ -325,11 +325,11 @@ def _plain_flags_lines(view: View, listing, uids: list[int]) -> bytes | None:
     texts, keywords = _plain_flags(listing), listing.keywords
     if keywords:
         flags = [texts[bits] if uid not in keywords else _flags_text(listing.flag_names(bits, keywords[uid]))
-                 for uid, bits in zip(run, listing.bits[at:at + n])]
+                 for uid, bits in zip(run, listing.bits[at:at + n], strict=True)]
     else:
         flags = [texts[bits] for bits in listing.bits[at:at + n]]
     return b"".join([b"* %d FETCH (UID %d FLAGS (%b))\r\n" % line
-                     for line in zip(range(position + 1, position + n + 1), run, flags)])
+                     for line in zip(range(position + 1, position + n + 1), run, flags, strict=True)])
 
 
 @functools.lru_cache(maxsize=1024)

@@ -493,7 +493,7 @@ def test_uid_fetch_flags_of_a_run_matches_the_store(server, user):
     def expected(seqs: range, uids: list[int], recent=()) -> list[str]:
         flags = {s.uid: " ".join(s.flags + (("\\Recent",) if s.uid in recent else ()))
                  for s in server.store.flags(user, "INBOX")}
-        return [f"{seq} FETCH (UID {uid} FLAGS ({flags[uid]}))" for seq, uid in zip(seqs, uids)]
+        return [f"{seq} FETCH (UID {uid} FLAGS ({flags[uid]}))" for seq, uid in zip(seqs, uids, strict=True)]
 
     assert imap.transact("ok", "UID FETCH 1:* (UID FLAGS)").untagged == expected(range(1, 7), [1, 2, 3, 4, 5, 6])
     assert imap.transact("ok", "FETCH 3:5 (UID FLAGS)").untagged == expected(range(3, 6), [3, 4, 5])
