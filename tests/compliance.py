@@ -6,13 +6,19 @@ against a `postroom serve` of our own on free loopback ports. `make compliance` 
 IMAPTEST_DIR holds bin/imaptest and tests/ (../shared/peers/build-imaptest.sh makes them).
 Prints imaptest's report of every failed group and its summary line. Exits 1 when a group
 fails that tests/compliance-known-failures.txt does not list, when a listed group passes
-(take it off the list: it only shrinks), or when the summary cannot be read. A group whose
-capability the server does not offer is skipped by imaptest and counted in its summary.
+(take it off the list: it only shrinks), or when the summary cannot be read.
+
+imaptest silently passes a group whose `capabilities:` line names a capability the server
+does not offer (it counts it as skipped), and one that needs a second user (`$user2`) when
+none is given. The goal is that every group runs: the groups that could not run are printed
+and fail the run, found both from the groups' own `capabilities:` lines against the
+server's post-login CAPABILITY and from imaptest's count of skipped groups.
 """
 
 from __future__ import annotations
 
 import argparse
+import imaplib
 import re
 import shutil
 import subprocess
@@ -25,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import LISTENERS, add_accounts, free_port, render_config, start_daemon  # noqa: E402
 
 USER, PASSWORD = "imaptest@example.test", "imaptest password 1"
+USER2 = "imaptest2@example.test"  # `$user2` of the groups with two users (urlauth2), same password
 TIMEOUT = 600
 KNOWN = Path(__file__).resolve().parent / "compliance-known-failures.txt"
 _FAILED_GROUP = re.compile(r"^\*\*\* Test (\S+) ", re.MULTILINE)
@@ -54,12 +61,13 @@ def main() -> int:
         sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
     config = work / "postroom.toml"
     config.write_text(render_config(sections))
-    add_accounts(config, PASSWORD, users=[USER], domains=["example.test"])
+    add_accounts(config, PASSWORD, users=[USER, USER2], domains=["example.test"])
     daemon = start_daemon(config, work)
     try:
         port = daemon.listen("imap.listen").port
-        run = subprocess.run([str(imaptest), "host=127.0.0.1", f"port={port}", f"user={USER}", f"pass={PASSWORD}",
-                              f"test={tests}"], capture_output=True, text=True, timeout=TIMEOUT)
+        offered = server_capabilities(port)
+        run = subprocess.run([str(imaptest), "host=127.0.0.1", f"port={port}", f"user={USER}", f"user2={USER2}",
+                              f"pass={PASSWORD}", f"test={tests}"], capture_output=True, text=True, timeout=TIMEOUT)
     finally:
         daemon.stop()
     output = run.stdout + run.stderr
@@ -75,7 +83,51 @@ def main() -> int:
     if summary is None:
         print("compliance: imaptest printed no summary", file=sys.stderr)
         return 1
-    return judge(set(_FAILED_GROUP.findall(output)), known_failures())
+    unrun = not_run(required_capabilities(tests), offered)
+    for group, missing in unrun.items():
+        print(f"compliance: group {group} did not run: the server does not offer {' '.join(missing)}",
+              file=sys.stderr)
+    skipped = int(summary.group(3))
+    if skipped and not unrun:
+        print(f"compliance: imaptest skipped {skipped} groups (a second user missing?)", file=sys.stderr)
+    verdict = judge(set(_FAILED_GROUP.findall(output)), known_failures())
+    return 1 if unrun or skipped else verdict
+
+
+def server_capabilities(port: int) -> set[str]:
+    """The post-login CAPABILITY, as imaptest sees it (upper case)."""
+    with imaplib.IMAP4("127.0.0.1", port, timeout=30) as client:
+        client.login(USER, PASSWORD)
+        status, data = client.capability()
+        if status != "OK":
+            raise RuntimeError(f"CAPABILITY answered {status}")
+        return {word.upper() for word in data[0].decode("ascii").split()}
+
+
+def required_capabilities(tests: Path) -> dict[str, list[str]]:
+    """Each group's `capabilities:` line (its header, before the first blank line)."""
+    groups = {}
+    for path in sorted(tests.iterdir()):
+        if path.suffix == ".mbox" or not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "capabilities":
+                groups[path.name] = value.split()
+        groups.setdefault(path.name, [])
+    return groups
+
+
+def not_run(groups: dict[str, list[str]], offered: set[str]) -> dict[str, list[str]]:
+    """The groups imaptest skips, with the capabilities they want and the server lacks."""
+    unrun = {}
+    for group, wanted in groups.items():
+        missing = [cap for cap in wanted if cap.upper() not in offered]
+        if missing:
+            unrun[group] = missing
+    return unrun
 
 
 def known_failures() -> set[str]:
