@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 
@@ -29,10 +29,12 @@ from imapd import responses as r
 from imapd.answers import bad, no
 from imapd.decoding import UnknownEncodingError, decode
 from imapd.parser import parse_section
-from imapd.state import SessionState
 from imapd.syntax import GenUrlAuth, ParseError, ResetKey, Section, UrlFetch
 from storage import MailboxNotFoundError, StoreError
 from storage.mime import BodyPart
+
+if TYPE_CHECKING:  # imapd.state imports CATENATE's module, which imports this one's lookup
+    from imapd.state import SessionState
 
 _CTE = re.compile(rb"^content-transfer-encoding:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE)
 _DECODED = ("base64", "quoted-printable")
