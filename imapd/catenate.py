@@ -14,7 +14,7 @@ UID that does not match, a malformed one) is BadUrlError, answered `NO [BADURL <
 (RFC 4469 §6); nothing of the APPEND is kept.
 
 A URLAUTH-authorized URL (RFC 4467; RFC 4469 §5 allows them) is taken when URLFETCH would
-give the session's user what it names (imapd/urlauth.py's checks: token, access, expiry):
+give the session's user what it names (imapd/urlaccess.py's checks: token, access, expiry):
 it may name another user's mailbox then.
 
 URLs taken: `/mailbox[;UIDVALIDITY=n][/];UID=n[/;SECTION=s][/;PARTIAL=o[.l]]`, and the same
@@ -30,7 +30,7 @@ import tempfile
 import urllib.parse
 from collections.abc import Iterator
 
-from imapd import fetch, urlauth, utf7
+from imapd import fetch, urlaccess, utf7
 from imapd.append import AppendLiteral
 from imapd.parser import parse_section
 from imapd.syntax import CatenateUrl, ParseError, Section
@@ -164,7 +164,7 @@ def url_data(store: Store, account: str, url: str, accounts=None) -> Iterator[by
     if ";urlauth=" in url.lower():
         if accounts is None:
             raise BadUrlError(url)
-        found = urlauth.lookup(store, accounts, account, url, datetime.datetime.now(datetime.timezone.utc))
+        found = urlaccess.lookup(store, accounts, account, url, datetime.datetime.now(datetime.timezone.utc))
         if found is None:
             raise BadUrlError(url)
         info, section, partial = found

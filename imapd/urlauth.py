@@ -1,13 +1,11 @@
-"""URLAUTH (RFC 4467) and URLFETCH's binary forms (RFC 5524): GENURLAUTH, RESETKEY,
-URLFETCH, and the lookup CATENATE shares (imapd/catenate.py) to read what such a URL names.
+"""URLAUTH (RFC 4467) and URLFETCH's binary forms (RFC 5524): GENURLAUTH, RESETKEY and
+URLFETCH.
 
 A URL names a message, or a part of one, in some user's mailbox; its token (imapd/urls.py)
-is made with that mailbox's access key (storage/urlauth.py). Fetching checks, in this order,
-that the URL is well formed, not expired, that its access identifier admits the fetching
-user, that the owner and the mailbox exist, that the token matches the mailbox's key of now
-(none after a RESETKEY until the next GENURLAUTH makes another, which never matches an old
-token), the UIDVALIDITY if given, and the message. Any failure is the same NIL (RFC 4467
-§6.3): a client learns nothing of why, so nothing of other users' mailboxes.
+is made with that mailbox's access key (storage/urlauth.py). What URLFETCH checks before it
+answers is imapd/urlaccess.py's (CATENATE shares it); after a RESETKEY a mailbox has no key
+until the next GENURLAUTH makes another, which never matches an old token. Any failure is
+the same NIL (RFC 4467 §6.3).
 
 BINARY (RFC 5524 §4) of a leaf is its body decoded; of a message or a multipart it is the
 part with every base64 or quoted-printable leaf inside decoded and marked
@@ -20,21 +18,18 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import msgspec
 
 from imapd import fetch, urls, utf7
 from imapd import responses as r
-from imapd.answers import bad, no
+from imapd.answers import Answer, no
 from imapd.decoding import UnknownEncodingError, decode
-from imapd.parser import parse_section
-from imapd.syntax import GenUrlAuth, ParseError, ResetKey, Section, UrlFetch
-from storage import MailboxNotFoundError, StoreError
-from storage.mime import BodyPart
-
-if TYPE_CHECKING:  # imapd.state imports CATENATE's module, which imports this one's lookup
-    from imapd.state import SessionState
+from imapd.state import SessionState
+from imapd.syntax import GenUrlAuth, ResetKey, Section, UrlFetch
+from imapd.urlaccess import lookup, mailbox_name, owner
+from storage import BodyPart, StoreError
 
 _CTE = re.compile(rb"^content-transfer-encoding:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*", re.IGNORECASE | re.MULTILINE)
 _DECODED = ("base64", "quoted-printable")
@@ -44,7 +39,7 @@ _DECODED = ("base64", "quoted-printable")
 
 async def genurlauth(session: SessionState, command: GenUrlAuth):
     """RFC 4467 §6.1: each rump URL, of the session's own mailboxes, with its token."""
-    made = await session.context.run(_genurlauth, session.context, session.user, command.items)
+    made = await session.run_store(_genurlauth, session.context, session.user, command.items)
     if isinstance(made, str):
         raise no("cannot authorize this URL", f"BADURL {made}")
     session.untagged(b"GENURLAUTH " + b" ".join(r.astring(url) for url in made))
@@ -61,7 +56,7 @@ def _genurlauth(context, user: str, items: tuple[tuple[str, str], ...]) -> list[
             return text
         if url.token is not None or mechanism.upper() not in urls.MECHANISMS:
             return text
-        if (_owner(context.accounts, url) or "").lower() != user.lower():
+        if (owner(context.accounts, url) or "").lower() != user.lower():
             return text  # §6.1: only the owner makes URLs to a mailbox
         try:
             mailbox_id, key = context.store.urlauth_key(user, mailbox_name(url.mailbox), create=True)
@@ -82,16 +77,22 @@ async def resetkey(session: SessionState, command: ResetKey):
 
 
 async def urlfetch(session: SessionState, command: UrlFetch):
-    """RFC 4467 §6.3 and RFC 5524 §3: one URLFETCH response, a value or NIL per URL."""
+    """RFC 4467 §6.3 and RFC 5524 §3: one URLFETCH response, a value or NIL per URL. The
+    response goes out a URL at a time, drained in between: a hundred URLs of big messages
+    are never held together."""
     context, user = session.context, session.user
     now = datetime.datetime.now(datetime.timezone.utc)
-    parts = [b"URLFETCH"]
+    session.conn.write(b"* URLFETCH")
     found = 0
     for item in command.items:
-        answer = await session.context.run(_urlfetch_one, context, user, item, now)
+        try:
+            answer = await session.run_store(_urlfetch_one, context, user, item, now)
+        except Answer:  # the store is unavailable: this URL is NIL, the line stays whole
+            answer = None
         found += answer is not None
-        parts += [r.astring(item.url), r.NIL if answer is None else answer]
-    session.untagged(b" ".join(parts))
+        session.conn.write(b" " + r.astring(item.url) + b" " + (r.NIL if answer is None else answer))
+        await session.conn.drain()
+    session.conn.write(b"\r\n")
     session.log.info("urlfetch", urls=len(command.items), found=found)
 
 
@@ -135,47 +136,6 @@ def _extended(info, section: Section, partial, f: BinaryIO, item) -> bytes | Non
             data = converted[0] if partial is None else converted[0][partial[0]:partial[0] + partial[1]]
             out.append(b"BINARY " + (b"~" + r.literal(data) if b"\0" in data else r.literal(data)))
     return r.plist(out)
-
-
-# -- finding what a URL names --------------------------------------------------------------------
-
-def lookup(store, accounts, user: str, text: str, now: datetime.datetime):
-    """(MessageInfo, Section, partial) a URLAUTH URL names, when `user` may fetch it; None
-    otherwise, whatever the reason (blocking: a store thread's)."""
-    try:
-        url = urls.parse(text)
-    except urls.UrlError:
-        return None
-    if url.token is None or urls.expired(url, now) or not urls.may_fetch(url, user):
-        return None
-    owner = _owner(accounts, url)
-    if owner is None:
-        return None
-    try:
-        name = mailbox_name(url.mailbox)
-        section = parse_section(url.section.encode("utf-8")) if url.section else Section()
-        mailbox_id, key = store.urlauth_key(owner, name)
-        if not urls.authorized(url, key) or (url.uidvalidity is not None and url.uidvalidity != mailbox_id):
-            return None
-        infos = store.fetch(owner, name, [(url.uid, url.uid)]) if url.uid else []
-    except (ParseError, StoreError, ValueError, utf7.UTF7Error):
-        return None
-    return (infos[0], section, url.partial) if infos else None
-
-
-def _owner(accounts, url: urls.AuthUrl) -> str | None:
-    """The account the URL's user names (the store's name for it), None if none."""
-    found = accounts.get_user(url.owner_address())
-    return str(found.address) if found is not None else None
-
-
-def mailbox_name(decoded: str) -> str:
-    """The mailbox a URL names: percent-decoded already; modified UTF-7 or UTF-8 (RFC 5092 §6)."""
-    if not decoded:
-        raise ValueError("no mailbox")
-    name = utf7.decode(decoded.encode("ascii")) if decoded.isascii() else decoded
-    head, sep, tail = name.partition("/")
-    return "INBOX" + sep + tail if head.upper() == "INBOX" else name
 
 
 class _Shared:

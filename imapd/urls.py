@@ -89,7 +89,8 @@ def parse(url: str) -> AuthUrl:
     access = kind.lower() + ("+" + _unquote(name) if name else "")
     return AuthUrl(
         url=url, rump=m.group("rump"), user=_unquote(m.group("user")), host=_unquote(m.group("host")).lower(),
-        mailbox=_unquote(m.group("mailbox")), uidvalidity=int(m.group("uidvalidity")) if m.group("uidvalidity") else None,
+        mailbox=_unquote(m.group("mailbox")),
+        uidvalidity=int(m.group("uidvalidity")) if m.group("uidvalidity") else None,
         uid=int(m.group("uid")), section=_unquote(m.group("section") or ""), partial=partial, expire=expire,
         access=access, mechanism=m.group("mechanism").upper() if m.group("mechanism") else None,
         token=m.group("token").lower() if m.group("token") else None)
