@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import urllib.parse
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -41,9 +42,14 @@ async def genurlauth(session: SessionState, command: GenUrlAuth):
     """RFC 4467 §6.1: each rump URL, of the session's own mailboxes, with its token."""
     made = await session.run_store(_genurlauth, session.context, session.user, command.items)
     if isinstance(made, str):
-        raise no("cannot authorize this URL", f"BADURL {made}")
+        raise no("cannot authorize this URL", f"BADURL {_shown(made)}")
     session.untagged(b"GENURLAUTH " + b" ".join(r.astring(url) for url in made))
     session.log.info("genurlauth", urls=len(made))
+
+
+def _shown(url: str) -> str:
+    """A URL as a response code can carry it: printable ASCII without `]`, bounded."""
+    return "".join(ch if " " < ch < "\x7f" and ch != "]" else urllib.parse.quote(ch) for ch in url[:200])
 
 
 def _genurlauth(context, user: str, items: tuple[tuple[str, str], ...]) -> list[str] | str:

@@ -181,3 +181,9 @@ def test_limits(server):
     assert imap.transact("bad", "URLFETCH (imap://a@b/INBOX/;uid=1;urlauth=anonymous BODYX)").status == "BAD"
     with pytest.raises(urls.UrlError):
         urls.parse("imap://a@b/INBOX/;uid=1;expire=2001-01-01T00:00:00;urlauth=anonymous")  # no zone
+
+
+def test_a_refused_url_is_shown_safely_in_badurl(server):
+    imap = server.login(server.user())
+    reply = imap.transact("no", 'GENURLAUTH "imap://a@b/x]y/;uid=1;urlauth=anonymous" INTERNAL')
+    assert reply.code == "BADURL imap://a@b/x%5Dy/;uid=1;urlauth=anonymous"
