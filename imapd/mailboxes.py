@@ -51,15 +51,23 @@ async def select(session: SessionState, command: Select):
     name = command.mailbox
     mailbox, uids, bits = await session.run_store(session.context.store.uids, session.user, name)
     claims = session.context.recent
-    # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone.
-    recent = claims.unclaimed(mailbox, uids) if readonly else await session.run_store(claims.claim, mailbox, uids)
+    # RFC 3501 §6.3.2: EXAMINE must not take \Recent away from anyone. An IMAP4rev2 session
+    # neither shows nor claims it (RFC 9051 Appendix E, item 12): a rev1 session still gets it.
+    if session.rev2:
+        recent = ()
+    else:
+        recent = claims.unclaimed(mailbox, uids) if readonly else await session.run_store(claims.claim, mailbox, uids)
+    listed = await _select_list(session, mailbox.name) if session.rev2 else None
     view = View(mailbox, uids, readonly=readonly, recent=recent, snapshots=session.context.snapshots)
     session.open_view(view)
     keywords = " ".join(mailbox.keywords)
     flags = " ".join(SYSTEM_FLAGS) + (" " + keywords if keywords else "")
     session.untagged(f"FLAGS ({flags})")
     session.untagged(f"{view.exists} EXISTS")
-    session.untagged(f"{len(view.recent)} RECENT")
+    if listed is not None:
+        session.untagged(listed)
+    else:
+        session.untagged(f"{len(view.recent)} RECENT")
     first_unseen = next((i + 1 for i, b in enumerate(bits) if not b & SEEN), None)
     if first_unseen:
         session.untagged(f"OK [UNSEEN {first_unseen}] first unseen")
@@ -76,6 +84,24 @@ async def select(session: SessionState, command: Select):
         await qresync.on_select(session, view, command.qresync)
     session.log.info("select", mailbox=mailbox.name, exists=view.exists, readonly=readonly)
     return ("READ-ONLY" if readonly else "READ-WRITE"), f"{command.name} completed"
+
+
+async def _select_list(session: SessionState, name: str) -> bytes | None:
+    """RFC 9051 §6.3.2: SELECT and EXAMINE answer the mailbox's LIST response, its
+    attributes accurate (children, special use, subscription). Only for an IMAP4rev2
+    session: two more index reads a SELECT that IMAP4rev1 clients do not need."""
+    store = session.context.store
+    boxes = await session.run_store(store.mailboxes, session.user)
+    subscribed = set(await session.run_store(store.subscriptions, session.user))
+    for item in list_mailboxes(boxes, subscribed, "", [name]):
+        if item.name == name:  # a name with a wildcard in it matches others too
+            return _list_line(item, subscribed=True)
+    return b"LIST () \"/\" " + r.mailbox(name)  # deleted meanwhile: SELECT saw it, so it is listed
+
+
+def _list_line(item, *, subscribed: bool) -> bytes:
+    attrs = list(item.attributes(subscribed=subscribed))
+    return f"LIST ({' '.join(attrs)}) \"/\" ".encode() + r.mailbox(item.name)
 
 
 async def create(session: SessionState, command: Create):
@@ -136,8 +162,7 @@ async def list_(session: SessionState, command: List):
     status_items = returns.status
     show_subscribed = returns.subscribed or "SUBSCRIBED" in select
     for item in listed:
-        attrs = list(item.attributes(subscribed=show_subscribed))
-        line = f"LIST ({' '.join(attrs)}) \"/\" ".encode() + r.mailbox(item.name)
+        line = _list_line(item, subscribed=show_subscribed)
         if item.child_info:
             line += b" (" + b'"CHILDINFO" (' + b'"SUBSCRIBED"' + b"))"
         session.untagged(line)

@@ -68,6 +68,8 @@ async def search(session: SessionState, command: Search):
     uids, seqs = view.known(uids)
     numbers = uids if command.uid else seqs
     modseqs = await _modseqs(session, uids) if _has_modseq(query) and uids else None
+    if returns is None and session.rev2:
+        returns = SearchReturn(all=True)  # RFC 9051 §6.4.4: ESEARCH, with ALL when no RETURN is given
     if returns is None:
         line = "SEARCH" + (" " + " ".join(map(str, numbers)) if numbers else "")
         if modseqs:

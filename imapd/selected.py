@@ -512,11 +512,12 @@ async def sync(session: SessionState, *, expunges: bool) -> None:
         announce_expunged(session, list(view.pending))
     new = sorted(s.uid for s in changed if s.uid > view.max_uid())
     if view.add(new):
-        if not view.readonly:
+        if not view.readonly and not session.rev2:  # as SELECT: rev2 neither claims nor shows \Recent
             view.recent.update(await session.run_store(session.context.recent.claim_new, session.user,
                                                        view.uidvalidity, new))
         session.untagged(f"{view.exists} EXISTS")
-        session.untagged(f"{len(view.recent)} RECENT")
+        if not session.rev2:
+            session.untagged(f"{len(view.recent)} RECENT")  # RFC 9051 Appendix E, item 12: gone in rev2
     for state in view.flag_updates(s for s in changed if s.uid not in new):
         seq = view.seq_of(state.uid)
         modseq = f" MODSEQ ({state.modseq})" if session.condstore else ""

@@ -140,14 +140,20 @@ async def id_(session: Session, command: Id):
 async def enable(session: Session, command: Enable):
     """RFC 5161: CONDSTORE; QRESYNC (RFC 7162 §3.2.3: it enables CONDSTORE too); UTF8=ACCEPT
     (RFC 6855 §3: mailbox names in UTF-8 both ways, UTF-8 in quoted strings, APPEND's UTF8
-    data item)."""
-    enabled = [c for c in dict.fromkeys(command.capabilities) if c in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")]
+    data item); IMAP4rev2 (RFC 9051 §6.3.1, Appendix A). ENABLED names only what this
+    command enabled, not what was on before."""
+    before = {"QRESYNC": session.qresync, "UTF8=ACCEPT": session.utf8, "IMAP4REV2": session.rev2}
+    enabled = [c for c in dict.fromkeys(command.capabilities)
+               if c in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT", "IMAP4REV2") and not before.get(c)]
     if "CONDSTORE" in enabled or "QRESYNC" in enabled:
         session.condstore = True
     if "QRESYNC" in enabled:
         session.qresync = True
     if "UTF8=ACCEPT" in enabled:
         session.utf8 = True
+    if "IMAP4REV2" in enabled:
+        session.rev2 = True
+    enabled = ["IMAP4rev2" if c == "IMAP4REV2" else c for c in enabled]
     session.untagged("ENABLED" + "".join(" " + c for c in enabled))
 
 

@@ -92,6 +92,7 @@ class SessionState:
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
         self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE
         self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): mailbox names in UTF-8 (imapd.utf7)
+        self.rev2 = False  # ENABLE IMAP4rev2 (RFC 9051 Appendix A): no \Recent, ESEARCH for SEARCH
         self.errors = 0  # BAD answers in a row
         self.log = EventLogger("imapd.session").bind(sid=sid)
         self._watch = None
@@ -111,6 +112,7 @@ class SessionState:
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        caps += ["IMAP4rev2"]  # RFC 9051, alongside IMAP4rev1 (Appendix A): ENABLE IMAP4rev2 switches
         if self.state == NOT_AUTHENTICATED:
             if self.context.tls is not None and not self.conn.tls:
                 caps.append("STARTTLS")

@@ -284,6 +284,38 @@ def daemon(config_path: Path, tmp_path: Path):
     assert code == 0, f"postroom serve exited {code} on SIGTERM:\n{running.stderr()}"
 
 
+def write_mbsyncrc(path: Path, server: Daemon, user: str, password: str, local: Path) -> Path:
+    """An mbsync (isync) config at `path` syncing `user`'s INBOX over IMAPS with the
+    daemon, both ways, into the Maildir `local`: the channel is called `sync`."""
+    address = server.listen("imap.listen_tls")
+    path.write_text(f"""
+IMAPAccount test
+Host localhost
+Port {address.port}
+User {user}
+Pass "{password}"
+SSLType IMAPS
+CertificateFile {server.config.tls.cert}
+
+IMAPStore remote
+Account test
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+SubFolders Verbatim
+
+Channel sync
+Far :remote:
+Near :local:
+Patterns INBOX
+Create Both
+Expunge Both
+SyncState *
+""")
+    return path
+
+
 def client_tls_context(config: conf.Config) -> ssl.SSLContext:
     """Trust exactly the daemon's (self-signed) certificate, with hostname checks on."""
     context = ssl.create_default_context(cafile=str(config.tls.cert))

@@ -12,7 +12,7 @@ import subprocess
 import time
 import zlib
 
-from conftest import client_tls_context
+from conftest import client_tls_context, write_mbsyncrc
 from test_imap_append import imapd_pid, status_kib
 from test_imapd import PASSWORD, _read_until, send_mail, server, user  # noqa: F401 - fixtures
 
@@ -138,33 +138,7 @@ def test_mbsync_turns_compression_on_and_syncs(server, user, tmp_path):
         send_mail(server, user, subject=f"compressed {i}", body="the same words again\n" * 200)
     local = tmp_path / "Mail"
     local.mkdir()
-    address = server.listen("imap.listen_tls")
-    rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""
-IMAPAccount test
-Host localhost
-Port {address.port}
-User {user}
-Pass "{PASSWORD}"
-SSLType IMAPS
-CertificateFile {server.config.tls.cert}
-
-IMAPStore remote
-Account test
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel sync
-Far :remote:
-Near :local:
-Patterns INBOX
-Create Both
-Expunge Both
-SyncState *
-""")
+    rc = write_mbsyncrc(tmp_path / "mbsyncrc", server, user, PASSWORD, local)
     run = subprocess.run(["mbsync", "-D", "-c", str(rc), "sync"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stdout + run.stderr

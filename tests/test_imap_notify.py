@@ -14,7 +14,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon
+from conftest import client_tls_context, start_module_daemon
 from storage import Accounts
 
 PASSWORD = "correct horse battery staple"
@@ -26,17 +26,7 @@ _accounts = itertools.count(1)
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("imap-notify")
     data_dir = root / "var"
-    sections: dict[str, dict[str, object]] = {
-        "server": {"hostname": "mail.example.test", "data_dir": str(data_dir), "log_level": "info"},
-        "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
-        "storage": {"shards": 2},
-    }
-    for dotted in LISTENERS:
-        section, key = dotted.split(".")
-        sections.setdefault(section, {})[key] = [f"127.0.0.1:{free_port()}"]
-    config_path = root / "postroom.toml"
-    config_path.write_text(render_config(sections))
-    daemon = start_daemon(config_path, root)
+    daemon = start_module_daemon(root, storage={"shards": 2})
     daemon.accounts = Accounts(data_dir / "accounts.lmdb")
     daemon.accounts.add_domain("example.test")
     yield daemon

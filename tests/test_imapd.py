@@ -26,7 +26,7 @@ from pathlib import Path
 import imapclient
 import pytest
 
-from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon
+from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon, write_mbsyncrc
 from storage import Accounts, open_data_dir
 from storage.store import Store
 
@@ -148,7 +148,12 @@ def test_greeting_and_capabilities_before_and_after_login(server, user):
     after = data[0].decode().split()
     for cap in ("UIDPLUS", "MOVE", "IDLE", "NAMESPACE", "ID", "ENABLE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                 "CREATE-SPECIAL-USE", "QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE",
-                "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760"):
+                "LIST-STATUS", "CONDSTORE", "APPENDLIMIT=10485760",
+                # issue 15: what Dovecot offers
+                "IMAP4rev2", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=REFERENCES",
+                "THREAD=ORDEREDSUBJECT", "ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT", "MULTIAPPEND", "CATENATE",
+                "BINARY", "QRESYNC", "UTF8=ACCEPT", "COMPRESS=DEFLATE", "NOTIFY", "METADATA", "OBJECTID",
+                "SAVEDATE", "PREVIEW"):
         assert cap in after
     client.logout()
 
@@ -325,33 +330,7 @@ def test_mbsync_syncs_both_ways_and_then_finds_nothing_to_do(server, user, tmp_p
         send_mail(server, user, subject=f"sync {i}")
     local = tmp_path / "Mail"
     local.mkdir()
-    address = server.listen("imap.listen_tls")
-    rc = tmp_path / "mbsyncrc"
-    rc.write_text(f"""
-IMAPAccount test
-Host localhost
-Port {address.port}
-User {user}
-Pass "{PASSWORD}"
-SSLType IMAPS
-CertificateFile {server.config.tls.cert}
-
-IMAPStore remote
-Account test
-
-MaildirStore local
-Path {local}/
-Inbox {local}/INBOX
-SubFolders Verbatim
-
-Channel sync
-Far :remote:
-Near :local:
-Patterns INBOX
-Create Both
-Expunge Both
-SyncState *
-""")
+    rc = write_mbsyncrc(tmp_path / "mbsyncrc", server, user, PASSWORD, local)
 
     def mbsync() -> subprocess.CompletedProcess:
         # -D: the IMAP dialogue, to check what the third run did (and to debug a failure)
