@@ -153,7 +153,7 @@ def test_greeting_and_capabilities_before_and_after_login(server, user):
                 "IMAP4rev2", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=REFERENCES",
                 "THREAD=ORDEREDSUBJECT", "ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT", "MULTIAPPEND", "CATENATE",
                 "BINARY", "QRESYNC", "UTF8=ACCEPT", "COMPRESS=DEFLATE", "NOTIFY", "METADATA", "OBJECTID",
-                "SAVEDATE", "PREVIEW"):
+                "SAVEDATE", "PREVIEW", "URLAUTH", "URLAUTH=BINARY"):
         assert cap in after
     client.logout()
 
