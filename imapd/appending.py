@@ -179,7 +179,7 @@ async def _check(session, builder: Builder) -> None:
             raise try_create(answer) from None
     if isinstance(builder, CatenateMessage):
         try:
-            await session.run_store(builder.resolve, session.context.store, session.user)
+            await session.run_store(builder.resolve, session.context.store, session.user, session.context.accounts)
         except BadUrlError as e:
             raise no("CATENATE URL names nothing here", f"BADURL {e.url[:200]}") from None
     literal.finish()

@@ -10,8 +10,12 @@ on disk) and join the delivery in their place then. The joined message is bounde
 APPENDLIMIT as it grows.
 
 A URL this server cannot or will not resolve (another server, a mailbox or UIDVALIDITY or
-UID that does not match, URLAUTH, a malformed one) is BadUrlError, answered
-`NO [BADURL <url>]` (RFC 4469 §6); nothing of the APPEND is kept.
+UID that does not match, a malformed one) is BadUrlError, answered `NO [BADURL <url>]`
+(RFC 4469 §6); nothing of the APPEND is kept.
+
+A URLAUTH-authorized URL (RFC 4467; RFC 4469 §5 allows them) is taken when URLFETCH would
+give the session's user what it names (imapd/urlaccess.py's checks: token, access, expiry):
+it may name another user's mailbox then.
 
 URLs taken: `/mailbox[;UIDVALIDITY=n][/];UID=n[/;SECTION=s][/;PARTIAL=o[.l]]`, and the same
 after `imap://[user@]host`, where the user, if given, must be the session's (RFC 5092 §6:
@@ -20,12 +24,13 @@ mailbox, section percent-encoded; a mailbox name is modified UTF-7 or UTF-8).
 
 from __future__ import annotations
 
+import datetime
 import re
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
 
-from imapd import fetch, utf7
+from imapd import fetch, urlaccess, utf7
 from imapd.append import AppendLiteral
 from imapd.parser import parse_section
 from imapd.syntax import CatenateUrl, ParseError, Section
@@ -99,7 +104,7 @@ class CatenateMessage:
             self.literal.close()
         return not self.literal.too_big
 
-    def resolve(self, store: Store, account: str) -> None:
+    def resolve(self, store: Store, account: str, accounts=None) -> None:
         """Blocking (a store thread's): the URLs read and the spools joined into the
         delivery, in order. BadUrlError for a URL that names nothing."""
         for item in self._pending:
@@ -107,7 +112,7 @@ class CatenateMessage:
                 return
             if isinstance(item, CatenateUrl):
                 try:
-                    for chunk in url_data(store, account, item.url):
+                    for chunk in url_data(store, account, item.url, accounts):
                         self.literal.write(chunk)
                         if self.literal.too_big:
                             return
@@ -153,11 +158,19 @@ class TextPart:
         self.message.close()  # a command dropped: the whole message goes
 
 
-def url_data(store: Store, account: str, url: str) -> Iterator[bytes]:
+def url_data(store: Store, account: str, url: str, accounts=None) -> Iterator[bytes]:
     """What a CATENATE URL names, in chunks (blocking: a store thread's). BadUrlError for a
-    URL that names nothing."""
+    URL that names nothing. `accounts` (storage.Accounts) is needed for URLAUTH URLs."""
+    if ";urlauth=" in url.lower():
+        if accounts is None:
+            raise BadUrlError(url)
+        found = urlaccess.lookup(store, accounts, account, url, datetime.datetime.now(datetime.timezone.utc))
+        if found is None:
+            raise BadUrlError(url)
+        info, section, partial = found
+        return _data(store, info, section, partial)
     m = _URL.match(url)
-    if m is None or ";urlauth=" in url.lower():
+    if m is None:
         raise BadUrlError(url)
     if m.group("user") and urllib.parse.unquote(m.group("user")).lower() not in (
             account.lower(), account.split("@")[0].lower()):
@@ -179,6 +192,10 @@ def url_data(store: Store, account: str, url: str) -> Iterator[bytes]:
     partial = None
     if m.group("origin") is not None:
         partial = (int(m.group("origin")), int(m.group("length")) if m.group("length") else 2**32)
+    return _data(store, info, section, partial)
+
+
+def _data(store: Store, info, section: Section, partial: tuple[int, int] | None) -> Iterator[bytes]:
     span = _byte_range(info, section)
     if span is None:  # HEADER.FIELDS(.NOT), an empty section: small, made by fetch
         data = fetch.section_data(info, section, partial, lambda: store.open_message(info))

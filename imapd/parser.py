@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from imapd import tokens as t
+from imapd import urls
 from imapd.framer import Close, Continue, Frame, Framer, Reject, read_tag
 from imapd.search_keys import parse_charset, parse_criteria, parse_search
 from imapd import syntax as c
@@ -771,6 +772,70 @@ def _notify_group(tok: t.Token) -> c.NotifyGroup:
     return c.NotifyGroup(kind, mailboxes, tuple(dict.fromkeys(events)), fetch)
 
 
+# -- URLAUTH (RFC 4467 §9, RFC 5524 §5) ---------------------------------------------------------
+
+MAX_URLS = 100  # URLs in one GENURLAUTH or URLFETCH
+URLFETCH_PARAMS = ("BODYPARTSTRUCTURE", "BINARY", "BODY")
+
+
+def _url(tok: t.Token | None) -> str:
+    data = t.astring(tok, "URL")
+    if len(data) > urls.MAX_URL:
+        raise ParseError("URL too long", code="LIMIT")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("URL is not UTF-8") from None
+
+
+def _genurlauth(tag: str, name: str, args: t.Args) -> c.GenUrlAuth:
+    items = []
+    while True:
+        url = _url(args.take("URL"))
+        items.append((url, t.atom(args.take("mechanism"), "mechanism")))
+        if not args.more():
+            break
+        if len(items) >= MAX_URLS:
+            raise ParseError("too many URLs", code="LIMIT")
+    return c.GenUrlAuth(tag, name, items=tuple(items))
+
+
+def _resetkey(tag: str, name: str, args: t.Args) -> c.ResetKey:
+    if not args.more():
+        return c.ResetKey(tag, name)
+    mailbox = t.mailbox(args.take("mailbox name"))
+    mechanisms = []
+    while args.more():
+        if len(mechanisms) >= MAX_URLS:
+            raise ParseError("too many mechanisms", code="LIMIT")
+        mechanisms.append(t.atom(args.take("mechanism"), "mechanism"))
+    return c.ResetKey(tag, name, mailbox=mailbox, mechanisms=tuple(mechanisms))
+
+
+def _urlfetch(tag: str, name: str, args: t.Args) -> c.UrlFetch:
+    items = []
+    while True:
+        tok = args.take("URL")
+        if isinstance(tok, t.Group):  # RFC 5524 §5: "(" url *(SP param) ")"
+            inner = t.Args(tok.items)
+            url = _url(inner.take("URL"))
+            params: dict[str, bool] = {}
+            while inner.more():
+                param = t.atom(inner.take("URLFETCH parameter"), "URLFETCH parameter").upper()
+                if param not in URLFETCH_PARAMS or param in params:
+                    raise ParseError(f"unknown or repeated URLFETCH parameter {param}")
+                params[param] = True
+            items.append(c.UrlFetchItem(url, True, "BODYPARTSTRUCTURE" in params, "BINARY" in params,
+                                        "BODY" in params))
+        else:
+            items.append(c.UrlFetchItem(_url(tok)))
+        if not args.more():
+            break
+        if len(items) >= MAX_URLS:
+            raise ParseError("too many URLs", code="LIMIT")
+    return c.UrlFetch(tag, name, items=tuple(items))
+
+
 _COMMANDS = {
     **{name: _no_args for name in ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT",
                                    "IDLE", "NAMESPACE")},
@@ -813,4 +878,7 @@ _COMMANDS = {
     "SETMETADATA": _setmetadata,
     "NOTIFY": _notify,
     "COMPRESS": _compress,
+    "GENURLAUTH": _genurlauth,
+    "RESETKEY": _resetkey,
+    "URLFETCH": _urlfetch,
 }

@@ -20,7 +20,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from imapd import mailboxes, metadata, notify, searching, selected, utf7
+from imapd import mailboxes, metadata, notify, searching, selected, urlauth, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
@@ -259,6 +259,9 @@ _AUTHENTICATED: dict[str, Handler] = {
     "SETMETADATA": metadata.setmetadata,
     "NOTIFY": notify.notify,
     "COMPRESS": compress,
+    "GENURLAUTH": urlauth.genurlauth,
+    "RESETKEY": urlauth.resetkey,
+    "URLFETCH": urlauth.urlfetch,
 }
 STATES: dict[str, dict[str, Handler]] = {
     NOT_AUTHENTICATED: {**_ANY, "STARTTLS": starttls, "LOGIN": login, "AUTHENTICATE": authenticate},

@@ -138,6 +138,7 @@ class SessionState:
             caps += ["BINARY"]  # RFC 3516
             caps += ["CATENATE"]  # RFC 4469
             caps += ["UTF8=ACCEPT"]  # RFC 6855
+            caps += ["URLAUTH", "URLAUTH=BINARY"]  # RFC 4467, RFC 5524
             if not self.conn.compressing:
                 caps += ["COMPRESS=DEFLATE"]  # RFC 4978
         return " ".join(caps)

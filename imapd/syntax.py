@@ -376,3 +376,36 @@ class Notify(Command):
 
     groups: tuple[NotifyGroup, ...] = ()
     status: bool = False
+
+
+@dataclass(frozen=True)
+class GenUrlAuth(Command):
+    """GENURLAUTH (RFC 4467 §6.1): (rump URL, mechanism) pairs."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ResetKey(Command):
+    """RESETKEY (RFC 4467 §6.2): one mailbox's keys, or (None) every mailbox's."""
+
+    mailbox: str | None = None
+    mechanisms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UrlFetchItem:
+    """One URL of URLFETCH; `extended` when sent as RFC 5524's `(url params)`."""
+
+    url: str
+    extended: bool = False
+    bodypartstructure: bool = False
+    binary: bool = False
+    body: bool = False
+
+
+@dataclass(frozen=True)
+class UrlFetch(Command):
+    """URLFETCH (RFC 4467 §6.3, RFC 5524 §3)."""
+
+    items: tuple[UrlFetchItem, ...]

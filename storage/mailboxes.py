@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from storage import fts, messages, metadata, objectid, recent
+from storage import fts, messages, metadata, objectid, recent, urlauth
 from storage.errors import MailboxError, MailboxExistsError, MailboxLimitError, MailboxNameError, MailboxNotFoundError
 from storage.names import DEFAULT_MAILBOXES, SPECIAL_USE, is_inside, normalize_name, parents
 from storage.records import (
@@ -203,6 +203,7 @@ def delete(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, name
         raise MailboxError(f"mailbox {state.name!r} has children: delete them first")
     drop_messages(txn, shard, mailbox_id)
     metadata.drop(txn, shard, account, mailbox_id)  # RFC 5464 §4.1: not inherited by a new namesake
+    urlauth.drop(txn, shard, account, mailbox_id)
     add_usage(txn, shard, account, -state.size, -state.exists)
     txn.delete(pack_u32(mailbox_id), db=shard.db["mailboxes"])
     txn.delete(name_key(account, state.name), db=shard.db["names"])

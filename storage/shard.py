@@ -37,6 +37,7 @@ records' types are in storage/records.py):
     unseen     id uid                            -> b""  (messages without \\Seen: SEARCH UNSEEN)
     terms, vocab, texts                          -> the full-text index (storage/fts.py)
     metadata   account \\0 id entry              -> an annotation's value (storage/metadata.py)
+    urlauth    account \\0 id                    -> the mailbox's URLAUTH access key (storage/urlauth.py)
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ from storage.maildir import fsync_dir, make_private_dirs
 from storage.writers import WriterDir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
-             "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times", "metadata")
+             "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times", "metadata",
+             "urlauth")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs

@@ -24,10 +24,10 @@ from typing import BinaryIO
 import msgspec
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, metadata, recent, records, search, settle, vanished
+from storage import fts, mailboxes, messages, metadata, recent, records, search, settle, urlauth, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, StoreError
+from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, MailboxNotFoundError, StoreError
 from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
@@ -224,6 +224,29 @@ class Store:
         shard = self.shard(account)
         with shard.read() as txn:
             return metadata.digests(txn, shard, account)
+
+    # -- URLAUTH access keys (RFC 4467; storage/urlauth.py) ---------------------------------
+
+    def urlauth_key(self, account: str, mailbox: str, *, create: bool = False) -> tuple[int, bytes | None]:
+        """(the mailbox's id, its access key): made now with `create`, else None if it has
+        none. MailboxNotFoundError for no such mailbox or account (nothing is made for an
+        account that does not exist: URLFETCH names other users' accounts)."""
+        shard = self.shard(account)
+        with shard.read() as txn:
+            if not records.account_exists(txn, shard, account):
+                raise MailboxNotFoundError(f"no mailbox {mailbox!r}")
+            mailbox_id, _ = mailboxes.find(txn, shard, account, mailbox)
+            key = urlauth.get(txn, shard, account, mailbox_id)
+        if key is None and create:
+            key = shard.write(lambda txn, batch: urlauth.ensure(
+                txn, shard, account, mailboxes.find(txn, shard, account, mailbox)[0]))
+        return mailbox_id, key
+
+    def urlauth_reset(self, account: str, mailbox: str | None) -> None:
+        """RESETKEY: the access key of `mailbox`, or of every mailbox (None), removed."""
+        shard = self._account_shard(account)
+        shard.write(lambda txn, batch: urlauth.drop(
+            txn, shard, account, None if mailbox is None else mailboxes.find(txn, shard, account, mailbox)[0]))
 
     # -- \Recent (storage/recent.py) -----------------------------------------------------
 

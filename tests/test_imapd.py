@@ -153,7 +153,7 @@ def test_greeting_and_capabilities_before_and_after_login(server, user):
                 "IMAP4rev2", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=REFERENCES",
                 "THREAD=ORDEREDSUBJECT", "ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT", "MULTIAPPEND", "CATENATE",
                 "BINARY", "QRESYNC", "UTF8=ACCEPT", "COMPRESS=DEFLATE", "NOTIFY", "METADATA", "OBJECTID",
-                "SAVEDATE", "PREVIEW"):
+                "SAVEDATE", "PREVIEW", "URLAUTH", "URLAUTH=BINARY"):
         assert cap in after
     client.logout()
 
@@ -503,3 +503,40 @@ def test_qresync_objectid_savedate_and_preview_through_real_clients(server, user
                  until=b"b OK", login_as=user)
     assert b"* VANISHED (EARLIER) 1\r\n" in answer and b"* 1 EXISTS\r\n" in answer
     assert re.search(rb"\* OK \[MAILBOXID \([A-Za-z0-9_-]+\)\]", answer)
+
+
+def test_urlauth_between_two_users_over_the_wire(server, user):
+    """URLAUTH (RFC 4467) on the wire: alice's GENURLAUTH through imaplib, bob's URLFETCH
+    on a socket of his own gets the message for an authuser URL and a user+bob URL, NIL for
+    a user+alice one, and NIL for all of them after alice's RESETKEY."""
+    bob = f"user{next(_accounts)}@example.test"
+    server.accounts.add_user(bob, PASSWORD)
+    message = send_mail(server, user, subject="for bob")
+    local, domain = user.split("@")
+    alice = login(server, user)
+    imaplib.Commands.update({"GENURLAUTH": ("AUTH", "SELECTED"), "URLFETCH": ("AUTH", "SELECTED"),
+                             "RESETKEY": ("AUTH", "SELECTED")})
+    made = {}
+    for access in ("authuser", f"user+{bob}", f"user+{user}"):
+        rump = f"imap://{local}@{domain}/INBOX/;uid=1;urlauth={access}"
+        status, _ = alice._simple_command("GENURLAUTH", f'"{rump}"', "INTERNAL")
+        assert status == "OK"
+        (url,) = untagged(alice, "GENURLAUTH")
+        made[access] = url.decode()
+    bob_client = login(server, bob)
+    for access, url in made.items():
+        status, _ = bob_client._simple_command("URLFETCH", url)
+        assert status == "OK"
+        answer = untagged(bob_client, "URLFETCH")[0]
+        if access == f"user+{user}":
+            assert answer == url.encode() + b" NIL"
+        else:  # (url {n}, the stored message: the MX agent's trace field first)
+            assert answer[0].startswith(url.encode() + b" {"), access
+            assert answer[1].endswith(message.split(b"\n\n", 1)[1].replace(b"\n", b"\r\n")), access
+            assert b"Subject: for bob\r\n" in answer[1]
+    assert alice._simple_command("RESETKEY")[0] == "OK"
+    for url in made.values():
+        assert bob_client._simple_command("URLFETCH", url)[0] == "OK"
+        assert untagged(bob_client, "URLFETCH") == [url.encode() + b" NIL"]
+    alice.logout()
+    bob_client.logout()

@@ -30,7 +30,7 @@ import pytest
 
 from core_drivers import POP3_PASSWORD, SMTP_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
 from imapd.appending import AppendSinks
-from imapd import threads
+from imapd import threads, urls
 from imapd.listing import matches
 from imapd.sort import Summary
 from imapd.parser import Frame, parse_command
@@ -305,7 +305,29 @@ PARSER_CASES = [
     Case("QRESYNC sequence match data", line(lambda n: b"a SELECT x (QRESYNC (1 2 1:9 (" + b"1:2," * n + b"3 "
                                              + b"5:6," * n + b"7)))"), parse, 1500),
     Case("PREVIEW modifiers", line(lambda n: b"a FETCH 1 (" + b"PREVIEW (LAZY) " * n + b")"), parse, 1500),
+    Case("URLFETCH URLs", line(lambda n: b"a URLFETCH" + b" (imap://a@b/x/;uid=1;urlauth=anonymous BINARY)" * n),
+         parse, 1500),
 ]
+
+
+# -- URLAUTH URLs: imapd.urls (its regex unbounded here: parse() caps a URL at MAX_URL) ----
+
+def run_url(text: str) -> None:
+    urls._URL.match(text)
+
+
+URL_CASES = [
+    Case("a mailbox of slashes, no UID", lambda n: "imap://a@b/" + "x/" * n + ";urlauth=anonymous", run_url, 20000),
+    Case("slashes and semicolons", lambda n: "imap://a@b/" + "/;uid=1" * n, run_url, 20000),
+    Case("a long user", lambda n: "imap://" + "u" * n + "/x", run_url, 50000),
+    Case("sections and partials", lambda n: "imap://a@b/x/;uid=1" + "/;section=1/;partial=1.2" * n, run_url, 20000),
+    Case("a long access user", lambda n: "imap://a@b/x/;uid=1;urlauth=user+" + "u" * n + ":", run_url, 50000),
+]
+
+
+@pytest.mark.parametrize("case", URL_CASES, ids=lambda case: case.name)
+def test_urlauth_urls_are_linear(case):
+    assert_linear(case)
 
 
 @pytest.mark.parametrize("case", PARSER_CASES, ids=lambda case: case.name)
