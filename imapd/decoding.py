@@ -22,7 +22,10 @@ import re
 
 IDENTITY = frozenset({"", "7bit", "8bit", "binary"})
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
-_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|\Z)")
+# A line's trailing blanks: the look-behind anchors the match at the run's start, and the
+# possessive `++` gives it up at once when no line end follows, so a long run of blanks
+# inside a line is looked at once, not once per blank (which would be quadratic).
+_TRAILING_BLANKS = re.compile(rb"(?<![ \t])[ \t]++(?=\r\n|\Z)")
 
 
 class UnknownEncodingError(ValueError):
@@ -51,13 +54,11 @@ def decode_base64(body: bytes) -> bytes:
 
 
 def decode_quoted_printable(body: bytes) -> bytes:
-    out: list[bytes] = []
-    for m in _LINE.finditer(body):
-        line, end = m.group(1).rstrip(b" \t"), m.group(2)
-        if not line and not end:
-            break  # finditer's empty match at the very end
-        if line.endswith(b"="):
-            out.append(binascii.a2b_qp(line[:-1]))
-        else:
-            out.append(binascii.a2b_qp(line) + (b"\r\n" if end else b""))
-    return b"".join(out)
+    # Whole-buffer passes in C, not a Python step per line: a 20 MB part of 6.7 million
+    # soft line breaks (`=` CRLF) took 7.6 s and 480 MB of small line objects that way.
+    # Line ends are made CRLF first (so a decoded =0D or =0A stays the octet it names),
+    # then trailing blanks go, then binascii joins soft line breaks and undoes =XX.
+    text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if b" \r\n" in text or b"\t\r\n" in text or text.endswith((b" ", b"\t")):
+        text = _TRAILING_BLANKS.sub(b"", text)
+    return binascii.a2b_qp(text)

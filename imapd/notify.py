@@ -182,6 +182,10 @@ class Notifier:
         self._metadata_lock = asyncio.Lock()
         self._own: tuple[str, ...] | None = None  # the names of the client's changing command, while it runs
         self._selected: tuple | None = None  # (view, UIDNEXT, EXISTS) the watcher last told of the selected mailbox
+        # (view, UID): MessageNew's FETCH has gone out for the selected mailbox's messages up
+        # to that UID; the rest get it at the next push, however their EXISTS was told.
+        self._fetched: tuple | None = None
+        self._missed = False  # a change came while a push or a command ran: push once they end
 
     # -- which events a mailbox takes -----------------------------------------------------
 
@@ -216,6 +220,8 @@ class Notifier:
             self.digests = await session.run_store(session.context.store.metadata_digests, session.user)
         self._watch, self.listing, self.metadata_version = await session.run_store(
             watcher.watch_account, session.user, changed)
+        if session.view is not None:
+            self._fetched = (session.view, session.view.max_uid())
         if status:
             for mailbox in self.listing:
                 items = status_items(self.events_of(mailbox), session.condstore)
@@ -271,6 +277,8 @@ class Notifier:
 
     async def command_ended(self) -> None:
         """After a command of the client's (the session's `running` lock still held)."""
+        if self._missed:
+            self._start_push()  # it waits for the lock, so comes after the tagged answer
         own, self._own = self._own, None
         if own is None or self._watch is None or self.session.ended:
             return
@@ -357,12 +365,22 @@ class Notifier:
             if not (arrived or (expunged and self.selected_group.filter == "SELECTED")
                     or (not arrived and not expunged and "FlagChange" in wanted)):
                 return
-        if not self._pushing and not self.session.running.locked():
-            if not self.session.conn.writable():
-                self.overflow()
-                return
-            self._pushing = True
-            asyncio.get_running_loop().create_task(self._push())
+        if self._pushing or self.session.running.locked():
+            # Told when the push or the command ends: dropped, the messages that came during
+            # a push of big FETCHes got no FETCH at all, and their EXISTS only at a command.
+            self._missed = True
+            return
+        self._start_push()
+
+    def _start_push(self) -> None:
+        if self._pushing or self._watch is None or self.session.ended:
+            return
+        if not self.session.conn.writable():
+            self.overflow()
+            return
+        self._missed = False
+        self._pushing = True
+        asyncio.get_running_loop().create_task(self._push())
 
     async def _push(self) -> None:
         session = self.session
@@ -372,10 +390,13 @@ class Notifier:
                 if view is None or session.ended or session.notifier is not self:
                     return
                 session.changed = False
-                last = view.max_uid()
+                if self._fetched is None or self._fetched[0] is not view:
+                    self._fetched = (view, view.mailbox.uidnext - 1)  # as SELECT found it
                 await selected.sync(session, expunges=self.selected_group.filter == "SELECTED")
+                last = self._fetched[1]
                 fetch = self.selected_group.fetch
                 if fetch and session.view is view and view.max_uid() > last:
+                    self._fetched = (view, view.max_uid())
                     new = Fetch("*", "UID FETCH", sequence=SequenceSet(((last + 1, view.max_uid()),)), items=fetch,
                                 changedsince=None, uid=True)
                     await selected.fetch(session, new)
@@ -383,6 +404,8 @@ class Notifier:
             session.log.warning("notify_push_failed", exc_info=True)
         finally:
             self._pushing = False
+        if self._missed and session.notifier is self:
+            self._start_push()
 
 
 async def notify(session: SessionState, command: Notify):

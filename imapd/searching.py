@@ -254,7 +254,10 @@ def resolve_query(session: SessionState, query: tuple) -> tuple:
     except ValueError:
         # RFC 3501 asks for BAD on numbers beyond EXISTS in most commands; in SEARCH
         # they simply match nothing (what Dovecot and clients expect).
-        spans = [(lo, min(hi, view.exists)) for lo, hi in query[1].resolve(view.exists) if lo <= view.exists]
+        # `*` in an empty mailbox is 0 (SequenceSet.resolve): 0 names no message, and
+        # uids[0 - 1] failed on the empty array (NO [SERVERBUG] for SEARCH 1:* there).
+        spans = [(max(lo, 1), min(hi, view.exists)) for lo, hi in query[1].resolve(view.exists)
+                 if max(lo, 1) <= min(hi, view.exists)]
         return ("uid", [(view.uids[lo - 1], view.uids[hi - 1]) for lo, hi in spans] or [(0, 0)])
     if kind == "uidset":
         return ("uid", view.uid_ranges(query[1]) or [(0, 0)])

@@ -13,7 +13,8 @@ room (imaptest's thread groups hold servers to them):
   - dates are the sent date, the internal date without one; ties go by UID; a dummy root
     sorts by its oldest child (§4 (4));
   - threads whose roots share a non-empty base subject merge as §4 (5) says.
-All of it is iterative: a reply chain thousands deep costs no Python stack.
+All of it is iterative: a reply chain thousands deep costs no Python stack; and bounded:
+the loop checks of one THREAD take at most MAX_LOOP_STEPS steps (see there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from imapd.sort import Summary, ascii_casemap, base_subject
 # The last this many References are linked: the nearest ancestors, which decide where a
 # message goes; a header of thousands costs no more than this.
 MAX_REFERENCES = 100
+# Steps of the loop check (_link) one THREAD may take: a real mailbox needs a few per
+# message, while a crafted one (deep chains of References, many linked roots hung under
+# their ends) made it quadratic: 2,400 messages took 2.8 s, 10,000 would take 48. Past
+# the budget a link that needs the check is not made: the child starts a thread of its own.
+MAX_LOOP_STEPS = 1_000_000
 _MSGID = re.compile(r"<([^<>]*)>")
 
 
@@ -72,20 +78,34 @@ class _Node:
         return first.sort_key()
 
 
-def _has_ancestor(node: _Node, ancestor: _Node) -> bool:
+class _Budget:
+    """What is left of MAX_LOOP_STEPS for one THREAD."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self) -> None:
+        self.steps = MAX_LOOP_STEPS
+
+
+def _has_ancestor(node: _Node, ancestor: _Node, budget: _Budget) -> bool | None:
+    """Whether `ancestor` is `node` or above it; None when the budget ran out first."""
     while node is not ancestor:
         if node.parent is None:
             return False
+        if budget.steps <= 0:
+            return None
+        budget.steps -= 1
         node = node.parent
     return True
 
 
-def _link(parent: _Node, child: _Node) -> None:
-    """parent -> child, unless it would make a loop; a child keeps the parent it has. The
-    cheap tests first: only a node that is the parent of some other can close a loop."""
+def _link(parent: _Node, child: _Node, budget: _Budget) -> None:
+    """parent -> child, unless it would make a loop (or the check is over budget); a child
+    keeps the parent it has. The cheap tests first: only a node that is the parent of
+    some other can close a loop."""
     if child.parent is not None or parent is child:
         return
-    if child.linked and _has_ancestor(parent, child):
+    if child.linked and _has_ancestor(parent, child, budget) is not False:
         return
     child.parent = parent
     parent.linked = True
@@ -95,6 +115,7 @@ def references(messages: Iterable[Summary]) -> list[_Node]:
     """THREAD=REFERENCES: the sorted root nodes of the forest."""
     by_id: dict[str, _Node] = {}
     nodes: list[_Node] = []
+    budget = _Budget()
     for message in sorted(messages, key=lambda m: m.uid):
         ids = message_ids(message.envelope.message_id)
         own = ids[0] if ids else None
@@ -115,28 +136,28 @@ def references(messages: Iterable[Summary]) -> list[_Node]:
             chain.append(by_id[ref])
         for parent, child in zip(chain, chain[1:], strict=False):
             if parent is not child:
-                _link(parent, child)
+                _link(parent, child, budget)
         parent = chain[-1] if chain else None
         if node.parent is not None and node.parent is not parent:
             node.parent = None  # (1)(C): the last reference wins over an earlier parent
         if parent is not None and parent is not node:
-            _link(parent, node)
+            _link(parent, node, budget)
     return _finish(nodes)
 
 
 def _finish(nodes: list[_Node]) -> list[_Node]:
     # (2), (3): real messages hang under their nearest real ancestor, or the topmost dummy.
+    # Each dummy's answer is kept once found: many messages under one deep chain of dummies
+    # walked all of it each (quadratic).
     roots = []
+    above: dict[int, _Node] = {}  # id(dummy) -> where a message under it hangs
     for node in nodes:
         if node.parent is None:
             roots.append(node)
             continue
         if node.dummy:
             continue
-        parent = node.parent
-        while parent.dummy and parent.parent is not None:
-            parent = parent.parent
-        parent.children.append(node)
+        _hang_under(node.parent, above).children.append(node)
     for node in nodes:
         node.parent = None
     roots = _sort_roots([r for r in roots if not r.dummy or r.children])
@@ -181,6 +202,18 @@ def _finish(nodes: list[_Node]) -> list[_Node]:
     if changed:
         roots = _sort_roots([r for r in roots if not r.ignore and (not r.dummy or r.children)])
     return roots
+
+
+def _hang_under(parent: _Node, above: dict[int, _Node]) -> _Node:
+    """`parent` if real, else its nearest real ancestor or the topmost dummy above it."""
+    path = []
+    while parent.dummy and parent.parent is not None and id(parent) not in above:
+        path.append(parent)
+        parent = parent.parent
+    found = above.get(id(parent), parent) if parent.dummy else parent
+    for dummy in path:
+        above[id(dummy)] = found
+    return found
 
 
 def _sort_roots(roots: list[_Node]) -> list[_Node]:

@@ -92,3 +92,25 @@ def test_conversion_is_linear():
         return time.perf_counter() - start
     small, big = cost(50_000), cost(400_000)
     assert big < 8 * small * 3, (small, big)
+
+
+def test_quoted_printable_decoding_holds_no_more_than_a_few_copies_of_the_part():
+    """A part of a million soft line breaks (`=` CRLF) decoded a line at a time held a
+    small object per line: 30 times the part's size (a 20 MB part cost 480 MB and 7.6 s
+    of a FETCH BINARY.SIZE). The decoded result is the same, made in a few passes."""
+    import tracemalloc
+
+    body = b"=\r\n" * 1_000_000 + b"<p>h=C3=A9</p>  \r\n" + b" " * 100_000 + b"x \t"
+    tracemalloc.start()
+    try:
+        out = decode(body, "quoted-printable")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == b"<p>h\xc3\xa9</p>\r\n" + b" " * 100_000 + b"x"
+    assert peak < 5 * len(body), peak / len(body)
+
+
+def test_quoted_printable_line_ends_and_encoded_ends_stay_apart():
+    # Bare CR and LF line ends come out CRLF; =0D and =0A are the octets they name.
+    assert decode(b"a\rb\nc=0Ad=0D=\n e \r\n", "quoted-printable") == b"a\r\nb\r\nc\nd\r e\r\n"

@@ -164,6 +164,44 @@ def test_the_selected_mailbox_is_told_at_once_with_messagenew_attributes(pair):
     watcher.command("NOOP")
 
 
+def unsolicited_fetch_uids(wire: Wire, wanted: int, timeout: float) -> set[int]:
+    """The UIDs of the FETCH responses the client is told without asking, literals skipped,
+    until `wanted` of them or `timeout` seconds with nothing new."""
+    uids: set[int] = set()
+    while len(uids) < wanted:
+        line = wire.line(timeout)
+        if line is None:
+            break
+        literal = re.search(r"\{(\d+)\}$", line)
+        if literal:
+            size = int(literal.group(1))
+            while len(wire.buffer) < size:
+                wire.sock.settimeout(timeout)
+                wire.buffer += wire.sock.recv(1 << 20)
+            wire.buffer = wire.buffer[size:]
+        found = re.match(r"\* \d+ FETCH \(UID (\d+)", line)
+        if found:
+            uids.add(int(found.group(1)))
+    return uids
+
+
+def test_messages_that_come_during_a_push_are_pushed_too(pair):
+    """attack15: while a push of MessageNew's FETCH waited for the client to read, the news
+    of further messages was dropped: they got no FETCH at all, and their EXISTS only at the
+    client's next command."""
+    watcher, actor = pair
+    watcher.command("SELECT INBOX")
+    watcher.command("NOTIFY SET (selected (MessageNew (UID BODY.PEEK[]) MessageExpunge))")
+    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 4000  # more than the socket buffers hold
+    count = 5
+    for _ in range(count):  # the watcher reads nothing meanwhile: the first push waits
+        actor.sock.sendall(b"a APPEND INBOX {%d+}\r\n" % len(body) + body + b"\r\n")
+        assert actor.told(r"a (OK|NO|BAD) .*").startswith("a OK")
+        time.sleep(0.5)  # the store's watcher looks every 0.25 s: each message is news of its own
+    assert unsolicited_fetch_uids(watcher, count, WAIT) == set(range(1, count + 1))
+    watcher.command("NOOP")
+
+
 def test_without_flagchange_a_flag_change_waits_for_a_command(pair):
     watcher, actor = pair
     actor.command("APPEND INBOX {12+}\r\nSubject: x\r\n")

@@ -218,6 +218,34 @@ def test_long_line_is_dropped_as_it_arrives():
     assert drain(framer) == [Reject("t1", "line too long", "TOOBIG", "BAD"), Frame([b"t2 NOOP"])]
 
 
+def test_a_line_dropped_past_a_mebibyte_closes_the_connection():
+    """attack15: under COMPRESS=DEFLATE, 6 MB from a client inflated to a 6 GB line that the
+    framer read and dropped for as long as it came, at a core's worth of CPU."""
+    framer = Framer(max_line=100)
+    framer.feed(b"t1 SEARCH ")
+    closed = None
+    for _ in range(2000):
+        framer.feed(b"x" * 1000)
+        closed = framer.next()
+        if closed is not None:
+            break
+    assert closed == Close("line too long")
+    framer.feed(b"\r\nt2 NOOP\r\n")
+    assert framer.next() is None and framer.buffered() == 0
+
+
+def test_the_literals_of_a_dropped_command_count_together():
+    """Each {n+} of a dropped command within four times the limit, all of them together not:
+    one command could otherwise make the server read and drop gigabytes."""
+    literal = 3 << 20
+    chunks = [b"a APPEND x {%d+}\r\n" % literal] + [b"q" * literal + b" {%d+}\r\n" % literal] * 3
+    evs = events(chunks + [b"\r\nb NOOP\r\n"], max_literal=lambda name: 1 << 20)
+    assert evs == [Close("literal too big")]
+    # One such literal alone is still dropped and answered.
+    evs = events([chunks[0], b"q" * literal, b"\r\nb NOOP\r\n"], max_literal=lambda name: 1 << 20)
+    assert evs == [Reject("a", "literal too big", "TOOBIG", "BAD"), Frame([b"b NOOP"])]
+
+
 def test_long_line_ending_in_a_literal_drops_the_literal_too():
     long = b"a LOGIN " + b"x" * 200
     evs = frame_events(long + b" {5+}\r\nab\r\nc\r\nb NOOP\r\n", max_line=100)

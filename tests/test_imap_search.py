@@ -230,3 +230,17 @@ def test_live_searches_are_limited(server, user):
     for _ in range(16):
         assert imap.transact("ok", "SEARCH RETURN (UPDATE) ALL").code is None
     assert imap.transact("ok", "SEARCH RETURN (UPDATE) ALL").code.startswith("NOUPDATE")
+
+
+def test_sequence_sets_in_an_empty_mailbox_match_nothing(server, user):
+    """attack15: `*` in an empty mailbox is 0, and a sequence set reaching it failed the
+    command with NO [SERVERBUG] (an index error) instead of matching nothing."""
+    imap = selected(server, user)
+    for command in ("SEARCH 1:*", "SEARCH *", "UID SEARCH 1:* ALL", "SEARCH RETURN (MIN MAX COUNT) 1:*",
+                    "SORT (DATE) UTF-8 1:*", "THREAD REFERENCES UTF-8 *", "SEARCH OR 1:* SUBJECT x"):
+        reply = imap.transact("ok", command)
+        for line in reply.untagged:  # empty answers: no numbers, no MIN/MAX/COUNT of any
+            assert re.fullmatch(r'(SEARCH|SORT|THREAD|ESEARCH \(TAG "x\d+"\)( UID)?( COUNT 0)?)', line), (command, line)
+    server.deliver(user, subject="one")
+    imap.transact("ok", "NOOP")
+    assert imap.transact("ok", "SEARCH 1:*").untagged[-1] == "SEARCH 1"

@@ -394,9 +394,39 @@ def thread_chain(n: int) -> list[Summary]:
             for i in range(n)]
 
 
+def thread_summary(uid: int, message_id: str, references: list[str]) -> Summary:
+    return Summary(uid=uid, internal_date=float(uid), size=1, sent=None,
+                   envelope=Envelope(subject_text="x", message_id=f"<{message_id}>"), references=tuple(references))
+
+
+def thread_dummy_chain(n: int) -> list[Summary]:
+    """Each message names 100 new References after the last one before it: one chain of
+    dummies 99 n deep, with a message hung at every 99th (each used to walk up all of it)."""
+    return [thread_summary(j + 1, f"c{j}", [f"d{99 * j + i}" for i in range(100)]) for j in range(n)]
+
+
+def thread_linked_roots(n: int) -> list[Summary]:
+    """A crafted mailbox (attack15): a deep chain of dummies, then many dummies that are
+    each some message's parent, then messages whose References hang those under the
+    chain's end, 99 at a time: each link's loop check walked the whole chain."""
+    chain = thread_dummy_chain(n // 3)
+    roots = [thread_summary(len(chain) + i + 1, f"y{i}", [f"x{i}"]) for i in range(n - n // 3 - n // 100)]
+    out, leaf, taken = chain + roots, f"c{len(chain) - 1}", 0
+    while len(out) < n:
+        references = [leaf] + [f"x{taken + t}" for t in range(99)]
+        out.append(thread_summary(len(out) + 1, f"f{len(out)}", references))
+        leaf, taken = references[-1], taken + 99
+    return out
+
+
+def thread_references(messages: list[Summary]) -> str:
+    return threads.render(threads.references(messages), lambda m: m.uid)
+
+
 THREAD_CASES = [
-    Case("a References chain", thread_chain,
-         lambda messages: threads.render(threads.references(messages), lambda m: m.uid), 300),
+    Case("a References chain", thread_chain, thread_references, 300),
+    Case("messages under one deep chain of dummies", thread_dummy_chain, thread_references, 60),
+    Case("linked roots hung under a deep chain", thread_linked_roots, thread_references, 200),
 ]
 
 
