@@ -39,11 +39,11 @@ CHUNK = 128 * 1024  # bytes read from a message file at a time
 # read) in the same store call, up to this many of them and bytes of first chunks, so a
 # client fetching one message after another (fetchmail; bench/pop3.py) waits for a store
 # thread once in a while, not once a message. A message smaller than a chunk is read whole
-# and its file closed at once, so read-ahead holds few files open (at most 4 bigger ones).
+# and its file closed at once, so read-ahead holds few files open (at most 8 bigger ones).
 # Like the snapshot of the maildrop itself, a message read ahead is sent even if IMAP
 # expunged it meanwhile, as one already being sent is.
-AHEAD_MESSAGES = 16
-AHEAD_BYTES = 512 * 1024
+AHEAD_MESSAGES = 64
+AHEAD_BYTES = 1024 * 1024
 SEEN_DELAY = 0.25  # seconds retrieved UIDs wait to share one \\Seen write
 
 
