@@ -93,6 +93,8 @@ class POP3Protocol(ServerProtocol):
 
     def dispatch(self, event) -> Awaitable[None] | None:
         assert self.session is not None
+        if isinstance(event, Retrieve) and self.session.retrieve_now(event):
+            return None  # read ahead whole: sent at once, the pump goes on to the next command
         if isinstance(event, (Authenticate, Retrieve, Update)):
             return self.session.perform(event)  # the store's work: runs alone
         self.session.emit(event)

@@ -337,6 +337,53 @@ def test_retr_reads_ahead_and_every_message_goes_out_exactly(pop):
     client.quit()
 
 
+def test_pipelined_retr_sends_every_message_exactly(pop):
+    # Pipelined RETRs of messages read ahead whole are answered from the pump, one write
+    # each (pop3d.session.retrieve_now); the others take the store path. The bytes on the
+    # wire must be the same either way: dot-stuffing, a message of exactly one chunk whose
+    # next line (after the chunk edge) starts with a dot, one without a final CRLF, a DELE'd
+    # one answered -ERR in the middle, and the order of the replies.
+    from pop3d.session import CHUNK
+
+    edge = b"Subject: edge\r\n\r\n" + b"a" * (CHUNK - 17 - 2) + b"\r\n"
+    assert len(edge) == CHUNK
+    raws = [b"Subject: %d\r\n\r\n.dot\r\n..two\r\nx\r\n.\r\nend\r\n" % i for i in range(20)]
+    raws[3] = b"Subject: no final newline\r\n\r\n.last line"
+    raws[6] = edge  # exactly one chunk: its end is found by an empty read
+    raws[7] = edge + b".hidden\r\n"  # the chunk edge falls between CRLF and a leading dot
+    for raw in raws:
+        pop.store.deliver([ALICE], raw)
+    address = pop.listen("pop3.listen_tls")
+    sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
+                                        server_hostname=address.host)
+    with sock:
+        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 10\r\n".encode()
+                     + b"".join(b"RETR %d\r\n" % n for n in range(1, 21)) + b"QUIT\r\n")
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    expected = []
+    for number, raw in enumerate(raws, 1):
+        if number == 10:
+            expected.append(b"-ERR")
+            continue
+        stuffed = raw.replace(b"\r\n.", b"\r\n..")
+        stuffed = (b"." + stuffed if stuffed.startswith(b".") else stuffed)
+        expected.append(b"+OK %d octets\r\n" % len(raw) + stuffed + (b"" if raw.endswith(b"\r\n") else b"\r\n")
+                        + b".\r\n")
+    start = received.index(b"+OK message 10 deleted") if b"+OK message 10 deleted" in received else None
+    assert start is not None, received[:300]
+    rest = received[received.index(b"\r\n", start) + 2 :]
+    for number, want in enumerate(expected, 1):
+        if want == b"-ERR":
+            assert rest.startswith(b"-ERR"), (number, rest[:100])
+            rest = rest[rest.index(b"\r\n") + 2 :]
+        else:
+            assert rest[: len(want)] == want, number
+            rest = rest[len(want) :]
+    assert rest.startswith(b"+OK"), rest[:100]  # QUIT's
+
+
 def test_bad_input_gets_clear_errors_on_the_wire(pop):
     address = pop.listen("pop3.listen")
     with socket.create_connection((address.host, address.port), timeout=10) as sock:

@@ -509,6 +509,14 @@ def test_a_dot_at_a_16k_chunk_edge_is_stuffed():
     assert out.count(b"\r\n") == raw.count(b"\r\n") + 1  # CRLF kept as is: no CR CR LF
 
 
+def test_a_dot_after_a_chunk_edge_inside_or_after_crlf_is_stuffed():
+    raw = b"A: b\r\n\r\nx\r\n.one\r\n.two\r\n."
+    want = b"A: b\r\n\r\nx\r\n..one\r\n..two\r\n..\r\n.\r\n"
+    for cut in range(1, len(raw)):  # every edge: before CR, between CR and LF, before the dot
+        encoder = BodyEncoder()
+        assert encoder.feed(raw[:cut]) + encoder.feed(raw[cut:]) + encoder.end() == want, cut
+
+
 def test_top_tells_when_it_needs_no_more_input():
     encoder = BodyEncoder(1)
     assert encoder.feed(b"A: b\r\n\r\nfirst\r\nsecond\r\n") == b"A: b\r\n\r\nfirst\r\n"
