@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -23,15 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from crashload import Phase, prepare, run  # noqa: E402
+from ports import free_port  # noqa: E402 - bench/, beside this script
 
 LISTENERS = ("submission.listen", "submission.listen_tls", "imap.listen", "imap.listen_tls", "pop3.listen",
              "pop3.listen_tls")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, data_dir: Path, smtp_port: int, workers: int) -> Path:

@@ -41,6 +41,7 @@ import conf  # noqa: E402
 from clamd_peer import Clamd  # noqa: E402
 from dnszone import DNSZone  # noqa: E402
 from postroom.datadir import open_accounts  # noqa: E402
+from ports import free_port  # noqa: E402 - bench/, beside this script
 
 PY = ROOT / ".venv/bin/python"
 POSTROOM = ROOT / ".venv/bin/postroom"
@@ -48,11 +49,6 @@ SENDER = "bench@example.org"
 RECIPIENT = "alice@example.test"
 PLACEHOLDER = b"<bench@example.org>"  # bench/smtp_in.py gives each message its own Message-ID here
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def signed_message(size: int) -> tuple[bytes, str]:

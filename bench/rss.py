@@ -41,13 +41,10 @@ import threading
 import time
 from pathlib import Path
 
+from ports import free_port, wait_for_port
+
 USER, PASSWORD = "bench@example.test", "bench password 1"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(directory: Path, smtp_port: int, imap_port: int, size: int, submission_port: int) -> Path:
@@ -89,18 +86,6 @@ shards = 4
 """)
     return path
 
-
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args[0]} exited {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port} after {seconds} s")
 
 
 def status(pid: int, field: str) -> int:

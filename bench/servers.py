@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,29 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store import Corpus  # noqa: E402 - the same corpus as the store benchmark
+from ports import free_port, wait_for_port  # noqa: E402
 from workers import spread  # noqa: E402
 
 USER, PASSWORD = "bench@example.test", "bench password 1"
 DOVECOT = Path("/usr/sbin/dovecot")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, alive, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not alive():
-            raise SystemExit(f"the server for port {port} exited before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port} after {seconds} s")
 
 
 def corpus(count: int) -> list[tuple[bytes, bool]]:
@@ -116,7 +99,7 @@ shards = 4
         self.log = open(self.work / "serve.log", "wb")
         self.process = subprocess.Popen([*cli, "serve"], stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
         for port in (self.imap_port, self.pop3_port):
-            wait_for_port(port, lambda: self.process.poll() is None)
+            wait_for_port(port, self.process)
 
     def _deliver(self, config_path: Path, messages: list[tuple[bytes, bool]]) -> None:
         import conf
@@ -228,7 +211,7 @@ service anvil {{
                            stdin=subprocess.DEVNULL, timeout=60)
         self.started = True
         for port in (self.imap_port, self.pop3_port):
-            wait_for_port(port, lambda: True)
+            wait_for_port(port)
 
     def master_pid(self) -> int:
         return int((self.work / "run" / "master.pid").read_text())

@@ -28,7 +28,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ports import free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTROOM = str(Path(sys.executable).parent / "postroom")
 USER, PASSWORD = "bench@bench.test", "bench-password-1"
@@ -44,11 +45,6 @@ SINK_DOMAIN = "sink.bench"
 READY_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 300.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the sink ----------------------------------------------------------------------------
@@ -285,7 +281,7 @@ per_destination = {per_destination}
                    capture_output=True)
     log = open(work / "serve.log", "wb")
     process = subprocess.Popen(cli + ["serve"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_for_port(ports["submission"], process)
+    wait_for_port(ports["submission"], process, READY_TIMEOUT)
     return process, ports["submission"]
 
 
@@ -320,20 +316,9 @@ default_process_limit = 100
         f.write(f"127.0.0.1:{port} inet n - y - - smtpd\n")
     subprocess.run(["postfix", "-c", str(etc), "check"], check=False)
     subprocess.run(["postfix", "-c", str(etc), "start"], check=True)
-    wait_for_port(port, None)
+    wait_for_port(port, None, READY_TIMEOUT)
     return etc, port
 
-
-def wait_for_port(port: int, process: subprocess.Popen | None) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"the server exited {process.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise SystemExit(f"nothing listens on {port} after {READY_TIMEOUT} s")
 
 
 def main() -> None:
