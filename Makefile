@@ -116,3 +116,9 @@ compliance: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# docs/config.md from conf/schema.py and the comments of conf/postroom.toml
+# (postroom/configref.py); tests/test_config_reference.py fails when it is stale.
+.PHONY: config-doc
+config-doc: install
+	$(VENV)/bin/postroom config reference > docs/config.md.new && mv docs/config.md.new docs/config.md

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = _group(commands, "config", "check the config file")
     config.add_parser("check", help="validate the config and print the effective config")
+    # The reference of every key (docs/config.md), from the schema and the example's comments
+    # (postroom/configref.py); it reads no config file.
+    p = config.add_parser("reference", help="print every config key, its type, default and meaning (Markdown)")
+    p.add_argument("--example", metavar="FILE", help="the commented example to read (default: the one installed)")
+    p.set_defaults(run=_configref, no_config=True)
 
     domain = _group(commands, "domain", "manage local domains")
     p = domain.add_parser("add", help="add a local domain")
@@ -144,6 +149,12 @@ def _dkimadmin(name: str):
     return run
 
 
+def _configref(args: argparse.Namespace) -> int:
+    from postroom import configref
+
+    return configref.config_reference(args)
+
+
 def _storeadmin(name: str):
     """A `store` command, imported when it runs: storage.check is a tenth of a second of
     imports that every daemon process would otherwise pay at start."""
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         from postroom import daemon_process
 
         return daemon_process.main(PROG, args.config, args.daemon or "mtad", worker=args.smtp_worker)
+    if getattr(args, "no_config", False):
+        return args.run(args)
     try:
         config = conf.load(args.config)
         if args.command == "config":
