@@ -132,7 +132,7 @@ class Session:
             self.conn.close()  # part of a message is out: no reply can follow it
             return
         except Exception:
-            self.log.error("error", exc_info=True, event=type(event).__name__)
+            self.log.error("error", exc_info=True, command=type(event).__name__)
             outcome = self.core.failed()
             if isinstance(event, Update):
                 self._release()
