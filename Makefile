@@ -122,3 +122,13 @@ clean:
 .PHONY: config-doc
 config-doc: install
 	$(VENV)/bin/postroom config reference > docs/config.md.new && mv docs/config.md.new docs/config.md
+
+# The install check: docs/ followed as a newcomer would on this machine, as root: install.md
+# (make install-system, configure, start under the unit), a certificate renewal and reload
+# (tls.md), a Maildir import (migration.md), a metrics scrape (metrics.md), a backup and a
+# restore (backups.md). It installs Postroom for real (/opt/postroom, /etc/postroom,
+# /var/lib/postroom, production ports), removing an earlier run's install first, and stops
+# it at the end. Not part of `make test`: minutes, and the machine's own paths and ports.
+.PHONY: install-check
+install-check: install
+	$(PY) tests/install_check.py
