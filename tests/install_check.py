@@ -5,14 +5,15 @@ Each step runs the named shell blocks of a page as written (tests/docs_blocks.py
 as one `bash -e` script in the checkout, then checks what the page promised with real
 clients, over the production ports on loopback:
 
- 1. install.md `install-system`, `configure`, `start`, `verify`: Postroom installed under
-    /opt/postroom, configured, running under its unit, answering.
- 2. tls.md: a first certificate where certbot puts one, the `renew-hook` saved as certbot's
-    deploy hook and run once as the page says; later a renewal (a new certificate, the hook
-    run as certbot runs it), and `reload`: every TLS listener shows the new certificate to a
-    new session, and an IMAP session opened before goes on.
- 3. migration.md `import-maildir`: a Maildir with an INBOX and a Sent folder imported, seen
-    over IMAP; a second run imports nothing.
+ 1. install.md `install-system`, then its step 2 as tls.md says: a first certificate where
+    certbot puts one, the `renew-hook` saved as certbot's deploy hook and run once; then
+    `configure`, `start`, `verify`: Postroom running under its unit, answering.
+ 2. tls.md: a renewal (a new certificate, the hook run as certbot runs it) and `reload`:
+    every TLS listener shows the new certificate to a new session, and an IMAP session
+    opened before goes on.
+ 3. migration.md `import-maildir`: a Maildir with an INBOX and a Sent folder and Dovecot's
+    dovecot-uidlist imported, seen over IMAP with their UIDVALIDITY and UIDs; a second run
+    imports nothing.
  4. metrics.md: `[metrics] listen` set as the page shows, a restart, `scrape`.
  5. backups.md `backup`, then a message delivered after it, `restore`, `check-restored`: the
     imported mail is back over IMAP and the later message is not.
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import typing
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -73,6 +75,11 @@ TIMEOUT = 900  # seconds for one block: `make install-system` builds a venv and 
 
 class StepFailed(Exception):
     pass
+
+
+class Folder(typing.NamedTuple):
+    uidvalidity: int
+    messages: dict[int, str]  # UID -> Subject
 
 
 # -- running the docs ----------------------------------------------------------------------------
@@ -168,20 +175,24 @@ def imap_login(cafile: Path) -> imaplib.IMAP4_SSL:
     return imap
 
 
-def mailbox_subjects(cafile: Path, name: str) -> list[str]:
+def mailbox_state(cafile: Path, name: str) -> Folder:
+    """A mailbox as a client sees it: its UIDVALIDITY, and each message's UID and Subject."""
     imap = imap_login(cafile)
     try:
         typ, _ = imap.select(f'"{name}"', readonly=True)
         if typ != "OK":
             raise StepFailed(f"IMAP SELECT {name} as {USER}: {typ}")
-        typ, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])") if _exists(imap) else ("OK", [])
-        return sorted(part[1].decode().split(":", 1)[1].strip() for part in data if isinstance(part, tuple))
+        uidvalidity = int(imap.untagged_responses["UIDVALIDITY"][-1])
+        messages = {}
+        if int(imap.untagged_responses.get("EXISTS", [b"0"])[-1]):
+            typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            for part in data:
+                if isinstance(part, tuple):
+                    uid = int(re.search(rb"UID (\d+)", part[0]).group(1))
+                    messages[uid] = part[1].decode().split(":", 1)[1].strip()
+        return Folder(uidvalidity, messages)
     finally:
         imap.logout()
-
-
-def _exists(imap: imaplib.IMAP4) -> bool:
-    return int(imap.untagged_responses.get("EXISTS", [b"0"])[-1]) > 0
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -233,33 +244,35 @@ def reset() -> None:
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=60)
 
 
-def make_maildir() -> dict[str, list[str]]:
-    """The Maildir a Dovecot user brings: INBOX (one message read, one flagged) and Sent.
-    Readable by others, as a copy made for the move would be (migration.md says how to
-    give the postroom user access to one that is not)."""
+def make_maildir() -> dict[str, Folder]:
+    """The Maildir a Dovecot user brings: INBOX (one message read, one flagged; UIDs with a
+    gap, as after deletions) and Sent, with Dovecot's dovecot-uidlist in each, so that the
+    import must keep UIDVALIDITY and the UIDs. Readable by others, as a copy made for the
+    move would be (migration.md says how to let the postroom user read one that is not)."""
     MAILDIR.parent.mkdir(parents=True, exist_ok=True)
     box = mailbox.Maildir(str(MAILDIR), create=True)
-    folders: dict[str, list[str]] = {"INBOX": [], "Sent": []}
-    for i, flags in enumerate(("S", "F", "")):
-        subject = f"install check inbox {i}"
-        message = mailbox.MaildirMessage(_message(subject, "bob@example.net", USER))
-        message.set_subdir("cur")
-        message.set_flags(flags)
-        box.add(message)
-        folders["INBOX"].append(subject)
-    sent = box.add_folder("Sent")
-    for i in range(2):
-        subject = f"install check sent {i}"
-        message = mailbox.MaildirMessage(_message(subject, USER, "bob@example.net"))
-        message.set_subdir("cur")
-        message.set_flags("S")
-        sent.add(message)
-        folders["Sent"].append(subject)
+    wanted = {"INBOX": (1612345678, [(10, "S"), (11, "F"), (13, "")]), "Sent": (1612345679, [(1, "S"), (2, "S")])}
+    folders: dict[str, Folder] = {}
+    for name, (uidvalidity, messages) in wanted.items():
+        folder = box if name == "INBOX" else box.add_folder(name)
+        lines, uids = [], {}
+        for uid, flags in messages:
+            subject = f"install check {name} {uid}"
+            sender, to = ("bob@example.net", USER) if name == "INBOX" else (USER, "bob@example.net")
+            message = mailbox.MaildirMessage(_message(subject, sender, to))
+            message.set_subdir("cur")
+            message.set_flags(flags)
+            lines.append(f"{uid} :{folder.add(message)}\n")  # the key is Dovecot's base name
+            uids[uid] = subject
+        next_uid = max(uids) + 1
+        (Path(folder._path) / "dovecot-uidlist").write_text(f"3 V{uidvalidity} N{next_uid} G{uidvalidity:x}\n"
+                                                            + "".join(lines))
+        folders[name] = Folder(uidvalidity, uids)
     for root, _dirs, files in os.walk(MAILDIR.parent.parent):
         os.chmod(root, 0o755)
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
-    return {name: sorted(subjects) for name, subjects in folders.items()}
+    return folders
 
 
 def _message(subject: str, sender: str, to: str) -> bytes:
@@ -294,7 +307,7 @@ def set_config_key(section: str, key: str, value: str) -> None:
 class InstallCheck:
     def __init__(self) -> None:
         self.cafile = LINEAGE / "fullchain.pem"
-        self.folders: dict[str, list[str]] = {}
+        self.folders: dict[str, Folder] = {}
         self.results: list[tuple[str, str, str]] = []  # (step, PASS/FAIL/not run, detail)
 
     def install(self) -> str:
@@ -302,22 +315,32 @@ class InstallCheck:
         version = sh("postroom --version", what="the installed command").stdout.strip()
         if not Path("/opt/postroom/bin/postroom").exists():
             raise StepFailed("no /opt/postroom/bin/postroom after install-system")
-        # tls.md: the first certificate (certbot certonly), the deploy hook saved and run once.
+        return f"{version} in /opt/postroom, linked from /usr/local/bin"
+
+    def first_certificate(self) -> str:
+        """install.md's step 2, as tls.md says: certbot's first certificate, the deploy hook
+        saved and run once by hand."""
         certbot_issue(1)
         HOOK.parent.mkdir(parents=True, exist_ok=True)
         HOOK.write_text(block("tls.md", "renew-hook").body)
         HOOK.chmod(0o755)
-        run_block("install.md", "configure", block("install.md", "configure").body, input=f"{PASSWORD}\n")
-        sh(f"{HOOK}", what="tls.md: the deploy hook, run once by hand", env={"RENEWED_LINEAGE": str(LINEAGE)},
-           check=False)  # Postroom does not run yet: its reload says so, the copy is what counts
+        ran = sh(f"{HOOK}", what="tls.md: the deploy hook, run once by hand", env={"RENEWED_LINEAGE": str(LINEAGE)},
+                 check=False)
         if der(Path("/etc/postroom/tls/fullchain.pem")) != der(self.cafile):
             raise StepFailed("the deploy hook did not copy the certificate to /etc/postroom/tls")
+        said = f" (its reload, with nothing running yet: exit {ran.returncode})" if ran.returncode else ""
+        return f"certificate of {HOST} copied to /etc/postroom/tls by the hook{said}"
+
+    def configure_and_start(self) -> str:
+        run_block("install.md", "configure", block("install.md", "configure").body, input=f"{PASSWORD}\n")
         run_block("install.md", "start", block("install.md", "start").body)
         for port in PORTS.values():
             wait_for_port(port)
-        run_block("install.md", "verify", block("install.md", "verify").body)
+        verified = run_block("install.md", "verify", block("install.md", "verify").body)
+        if "event=ready" not in verified.stdout:
+            raise StepFailed("the journal has no event=ready line")
         imap_login(self.cafile).logout()
-        return f"{version}; every listener up on ports {sorted(PORTS.values())}; {USER} logs in over IMAPS"
+        return f"active under the unit; every listener up on {sorted(PORTS.values())}; {USER} logs in over IMAPS"
 
     def tls_renewal(self) -> str:
         before = imap_login(self.cafile)
@@ -345,17 +368,21 @@ class InstallCheck:
     def import_maildir(self) -> str:
         self.folders = make_maildir()
         first = run_block("migration.md", "import-maildir", block("migration.md", "import-maildir").body)
-        total = sum(len(s) for s in self.folders.values())
+        total = sum(len(f.messages) for f in self.folders.values())
         if f"total: {total} imported" not in first.stdout:
             raise StepFailed(f"the import's summary does not say {total} imported: {_tail(first.stdout, 2)}")
-        for name, subjects in self.folders.items():
-            got = mailbox_subjects(self.cafile, name)
-            if got != subjects:
-                raise StepFailed(f"IMAP {name} holds {got}, expected {subjects}")
+        self.compare_folders("after the import")
         again = run_block("migration.md", "import-maildir (again)", block("migration.md", "import-maildir").body)
         if "total: 0 imported" not in again.stdout:
             raise StepFailed(f"a second import was not empty: {_tail(again.stdout, 1)}")
-        return f"{total} messages in {sorted(self.folders)} seen over IMAP; the second run imported 0"
+        return (f"{total} messages in {sorted(self.folders)} seen over IMAP with Dovecot's UIDVALIDITY and UIDs; "
+                "the second run imported 0")
+
+    def compare_folders(self, when: str) -> None:
+        for name, wanted in self.folders.items():
+            got = mailbox_state(self.cafile, name)
+            if got != wanted:
+                raise StepFailed(f"{when}, IMAP {name} is {got}, expected {wanted}")
 
     def metrics(self) -> str:
         listen = tomllib.loads(_toml_block("metrics.md", "[metrics]"))["metrics"]["listen"]
@@ -385,20 +412,19 @@ class InstallCheck:
             smtp.starttls(context=client_context(self.cafile))
             smtp.login(USER, PASSWORD)
             smtp.send_message(message)
-        if "install check after backup" not in mailbox_subjects(self.cafile, "INBOX"):
+        if "install check after backup" not in mailbox_state(self.cafile, "INBOX").messages.values():
             raise StepFailed("the message sent after the backup did not arrive")
         run_block("backups.md", "restore", block("backups.md", "restore").body)
         checked = run_block("backups.md", "check-restored", block("backups.md", "check-restored").body)
         for port in PORTS.values():
             wait_for_port(port)
-        for name, subjects in self.folders.items():
-            got = mailbox_subjects(self.cafile, name)
-            if got != subjects:
-                raise StepFailed(f"after the restore IMAP {name} holds {got}, expected {subjects}")
+        self.compare_folders("after the restore")
         return f"restored: {_tail(checked.stdout, 1)}; the imported mail is back, the later message gone"
 
     def run(self) -> int:
-        steps = [("install (install.md)", self.install),
+        steps = [("install (install.md install-system)", self.install),
+                 ("first certificate (tls.md renew-hook, run once)", self.first_certificate),
+                 ("configure and start (install.md configure, start, verify)", self.configure_and_start),
                  ("certificate renewal and reload (tls.md)", self.tls_renewal),
                  ("Maildir import (migration.md)", self.import_maildir),
                  ("metrics scrape (metrics.md)", self.metrics),
