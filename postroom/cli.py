@@ -125,7 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dns-records", help="print the MX, SPF, DKIM, DMARC and SRV records of a domain")
     p.add_argument("domain")
     p.set_defaults(run=_dkimadmin("dns_records"), needs_config=True)
+
+    # Backups and the state at a glance (postroom/backup.py, postroom/status.py).
+    p = commands.add_parser("backup", help="copy the live data dir, config and certificates into a new DIR")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.set_defaults(run=_lazy("backup", "backup"), needs_config=True)
+    p = commands.add_parser("status", help="what runs, the queue, the store, certificates and DNS records")
+    p.add_argument("--no-dns", action="store_true", help="skip the DNS checks (no network)")
+    p.set_defaults(run=_lazy("status", "status"), needs_config=True)
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A command of postroom/<module>.py, imported when it runs (as _storeadmin)."""
+    def run(*args):
+        import importlib
+
+        return getattr(importlib.import_module(f"postroom.{module}"), name)(*args)
+
+    return run
 
 
 def _dkimadmin(name: str):

@@ -352,6 +352,26 @@ class Queue:
             _log.info("queue_removed", qid=qid)
         return removed
 
+    def snapshot(self, target: Path, place: Callable[[Path, Path], None]) -> tuple[int, list[str]]:
+        """A consistent copy for a backup (storage/snapshot.py): the index copied under one
+        read transaction to `target`/queue.lmdb, and each spool file it names given to
+        `place(source, target)` for `target`/msg. A file outlives its record, so the only
+        file missing is that of a message finished (or removed) since the snapshot: its id
+        is returned, for the caller to remove from the copy. (messages copied, ids gone)"""
+        make_private_dirs(target / "msg")
+        make_private_dirs(target / "queue.lmdb")
+        copied, gone = 0, []
+        with self._read() as txn:
+            self._env.copy(str(target / "queue.lmdb"), compact=True, txn=txn)
+            for key in txn.cursor(db=self._db["messages"]).iternext(values=False):
+                qid = bytes(key).decode()
+                try:
+                    place(self._spool / qid, target / "msg" / qid)
+                    copied += 1
+                except FileNotFoundError:
+                    gone.append(qid)
+        return copied, gone
+
     def runner_lock(self) -> RunnerLock:
         return RunnerLock(self.path / "runner.lock")
 

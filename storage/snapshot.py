@@ -1,0 +1,197 @@
+"""Consistent copies of a live store, for `postroom backup` (postroom/backup.py).
+
+The index is the truth and the files follow it (storage/shard.py), so a copy is made from
+the index: each shard's index is copied with LMDB's own copy under ONE read transaction (a
+snapshot no commit of a live process changes), and the files that snapshot names are then
+given a second name in the copy (a hard link: message files are immutable, only renamed;
+a copy with its mtime, the internal date, where a link cannot reach), each under the name
+the snapshot gives it (UID, size, flags). A file is looked for where storage/settle.py would
+look: in cur/ or new/ under any flags suffix, or in a writer's directory (committed, not yet
+renamed). So the copy's cur/ holds exactly what its index knows, whatever the daemons do
+meanwhile:
+- a message delivered after the snapshot is in neither the copy's index nor its files;
+- a message whose flags changed after the snapshot is found under its new name and linked
+  under the snapshot's;
+- a message expunged after the snapshot may have lost its file before it was linked: it is
+  then expunged in the copy too (`finish`), through the store's own expunge, once the live
+  index confirms it is gone. One the live index still has without its file is a fault of
+  the live store: it is left for `store check` to report, in the copy as in the original.
+
+The queue is copied the same way (`Queue.snapshot` of storage/queue.py has the index's
+shape: records, one spool file each). Other LMDB environments (rates, logins, greylist)
+are copied under a read transaction of their own (`copy_environment`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from storage import maildir, messages, records
+from storage.datadir import DataDir
+from storage.errors import StoreError
+from storage.maildir import make_private_dirs
+from storage.records import MailboxRecord
+from storage.settle import locate
+from storage.shard import Shard, unpack_u32
+from storage.store import Store
+
+MOVES = 5  # a file renamed (new flags) this many times while we link it: give up on it
+
+
+@dataclass(frozen=True)
+class Gone:
+    """A message of the snapshot whose file was gone before it could be copied."""
+
+    account: str
+    mailbox_id: int
+    mailbox: str
+    uid: int
+    base: str
+
+
+@dataclass
+class CopyStats:
+    mailboxes: int = 0
+    messages: int = 0
+    bytes: int = 0
+    linked: int = 0  # files given a second name (same file system)
+    copied: int = 0  # files copied (another file system)
+    gone: list[Gone] = field(default_factory=list)
+
+    def add(self, other: CopyStats) -> None:
+        self.mailboxes += other.mailboxes
+        self.messages += other.messages
+        self.bytes += other.bytes
+        self.linked += other.linked
+        self.copied += other.copied
+        self.gone.extend(other.gone)
+
+
+class FileCopier:
+    """Links where it can, copies where it cannot (and stops trying links once a link
+    has crossed file systems)."""
+
+    def __init__(self) -> None:
+        self.can_link = True
+
+    def place(self, source: Path, target: Path, stats: CopyStats) -> None:
+        """`target` becomes `source`'s content; FileNotFoundError if `source` is gone."""
+        if self.can_link:
+            try:
+                os.link(source, target)
+                stats.linked += 1
+                return
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                if e.errno == errno.EXDEV:
+                    self.can_link = False
+        shutil.copyfile(source, target)
+        shutil.copystat(source, target)  # the mtime is the message's internal date
+        stats.copied += 1
+
+
+def copy_environment(env: lmdb.Environment, target: Path) -> None:
+    """A compact copy of an open LMDB environment at `target` (a new directory), from
+    one read transaction: what the copy holds was all true at one moment."""
+    make_private_dirs(target)
+    with env.begin() as txn:
+        env.copy(str(target), compact=True, txn=txn)
+
+
+def copy_environment_at(path: Path, target: Path) -> None:
+    """copy_environment for one that this process has not opened (rates, logins, greylist:
+    only the daemons open them)."""
+    env = lmdb.open(str(path), create=False, max_dbs=64, readahead=False, lock=True)
+    try:
+        copy_environment(env, target)
+    finally:
+        env.close()
+
+
+def snapshot_shard(shard: Shard, target: Path, copier: FileCopier) -> CopyStats:
+    """The shard's index and message files, as one read transaction sees them, at `target`
+    (the copy's directory for this shard: it gets index.lmdb/ and the account trees)."""
+    stats = CopyStats()
+    index = target / "index.lmdb"
+    make_private_dirs(index)
+    with shard.read() as txn:
+        shard.env.copy(str(index), compact=True, txn=txn)
+        for key, raw in txn.cursor(db=shard.db["mailboxes"]):
+            mailbox_id = unpack_u32(key)
+            state = records.decode(raw, MailboxRecord)
+            stats.mailboxes += 1
+            _snapshot_mailbox(txn, shard, mailbox_id, state, target, copier, stats)
+    return stats
+
+
+def _snapshot_mailbox(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, state: MailboxRecord, target: Path,
+                      copier: FileCopier, stats: CopyStats) -> None:
+    source_dir = shard.mailbox_dir(state.account, mailbox_id)
+    target_dir = target / state.account / str(mailbox_id)
+    maildir.make_dirs(target_dir)
+    maildir.write_meta(target_dir, {"name": state.name, "special_use": state.special_use, "uidnext": state.uidnext})
+    # One listing per mailbox, not a lookup per message; a file renamed since is looked for again.
+    names = _by_base(source_dir)
+    for uid, entry in messages.entries(txn, shard, mailbox_id):
+        file = records.get_message_file(txn, shard, mailbox_id, uid)
+        if file is None:
+            continue  # an index at odds with itself: `store check` reports it in the copy too
+        stats.messages += 1
+        stats.bytes += entry.size
+        wanted = target_dir / "cur" / maildir.file_name(file.base, uid, entry.size, entry.bits)
+        likely = names.get(file.base)
+        for _ in range(MOVES):
+            source = locate(shard.tmp_root, source_dir, file.base, likely)
+            if source is None:
+                stats.gone.append(Gone(state.account, mailbox_id, state.name, uid, file.base))
+                break
+            try:
+                copier.place(source, wanted, stats)
+                break
+            except FileNotFoundError:
+                likely = None  # renamed under us (a flag change, a settle): look again
+        else:
+            raise StoreError(f"message file {file.base} kept moving while it was copied")
+
+
+def _by_base(directory: Path) -> dict[str, Path]:
+    found = {}
+    for sub in ("cur", "new"):
+        try:
+            with os.scandir(directory / sub) as entries:
+                for entry in entries:
+                    parsed = maildir.parse_file_name(entry.name)
+                    found[parsed[0] if parsed else entry.name] = Path(entry.path)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def still_indexed(shard: Shard, base: str) -> bool:
+    """Whether the live index still has the message whose file is `base`."""
+    with shard.read() as txn:
+        return txn.get(base.encode("utf-8", "surrogateescape"), db=shard.db["bases"]) is not None
+
+
+def finish(copy: DataDir, gone: list[Gone]) -> int:
+    """Expunge, in the copy, the messages expunged live while their files were being
+    copied (the caller has checked that the live index no longer has them): the copy then
+    reads as if those expunges had come before its snapshot. Opening the copy's store also
+    settles what its snapshot had committed and not yet settled (storage/settle.py).
+    Returns how many were expunged."""
+    removed = 0
+    with Store(copy) as store:
+        store.recover()
+        by_mailbox: dict[tuple[str, str], list[int]] = {}
+        for message in gone:
+            by_mailbox.setdefault((message.account, message.mailbox), []).append(message.uid)
+        for (account, mailbox), uids in sorted(by_mailbox.items()):
+            removed += len(store.remove(account, mailbox, uids))
+    return removed
