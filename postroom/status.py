@@ -402,7 +402,7 @@ def dns_section(config: Config, data_dir: DataDir, accounts: Accounts, trouble: 
         return list(await asyncio.gather(*(check_domain(resolver, expected_records(config, data_dir, domain), domain,
                                                         config.server.hostname) for domain in domains)))
 
-    for domain, findings in zip(domains, asyncio.run(check_all()) if domains else []):
+    for domain, findings in zip(domains, asyncio.run(check_all()) if domains else [], strict=True):
         print(f"  {domain}")
         for finding in findings:
             print(f"    {finding.record:<16} {finding.state:<8} {finding.detail}")

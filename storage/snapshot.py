@@ -12,10 +12,14 @@ meanwhile:
 - a message delivered after the snapshot is in neither the copy's index nor its files;
 - a message whose flags changed after the snapshot is found under its new name and linked
   under the snapshot's;
-- a message expunged after the snapshot may have lost its file before it was linked: it is
-  then expunged in the copy too (`finish`), through the store's own expunge, once the live
-  index confirms it is gone. One the live index still has without its file is a fault of
-  the live store: it is left for `store check` to report, in the copy as in the original.
+- a message moved to another mailbox after the snapshot (a new file name, the same file,
+  the same EMAILID: storage/messages.py) is found by its EMAILID and linked under the
+  snapshot's name, as are messages expunged whose copy lives on in another mailbox;
+- a message expunged after the snapshot may have lost its file before it was linked, with
+  no other copy left: it is then expunged in the copy too (`finish`), through the store's
+  own expunge, once the live index confirms it is gone. One the live index still has
+  without its file is a fault of the live store: it is left for `store check` to report, in
+  the copy as in the original.
 
 The queue is copied the same way (`Queue.snapshot` of storage/queue.py has the index's
 shape: records, one spool file each). Other LMDB environments (rates, logins, greylist)
@@ -32,13 +36,13 @@ from pathlib import Path
 
 import lmdb
 
-from storage import maildir, messages, records
+from storage import mailboxes, maildir, messages, objectid, records
 from storage.datadir import DataDir
 from storage.errors import StoreError
 from storage.maildir import make_private_dirs
-from storage.records import MailboxRecord
+from storage.records import MailboxRecord, ObjectIds
 from storage.settle import locate
-from storage.shard import Shard, unpack_u32
+from storage.shard import Shard, uid_key, unpack_u32
 from storage.store import Store
 
 MOVES = 5  # a file renamed (new flags) this many times while we link it: give up on it
@@ -53,6 +57,8 @@ class Gone:
     mailbox: str
     uid: int
     base: str
+    email_id: str = ""
+    target: Path | None = None  # where the copy wants its file
 
 
 @dataclass
@@ -62,6 +68,7 @@ class CopyStats:
     bytes: int = 0
     linked: int = 0  # files given a second name (same file system)
     copied: int = 0  # files copied (another file system)
+    found_elsewhere: int = 0  # moved (or expunged but copied) since the snapshot: found by EMAILID
     gone: list[Gone] = field(default_factory=list)
 
     def add(self, other: CopyStats) -> None:
@@ -70,6 +77,7 @@ class CopyStats:
         self.bytes += other.bytes
         self.linked += other.linked
         self.copied += other.copied
+        self.found_elsewhere += other.found_elsewhere
         self.gone.extend(other.gone)
 
 
@@ -128,6 +136,8 @@ def snapshot_shard(shard: Shard, target: Path, copier: FileCopier) -> CopyStats:
             state = records.decode(raw, MailboxRecord)
             stats.mailboxes += 1
             _snapshot_mailbox(txn, shard, mailbox_id, state, target, copier, stats)
+    if stats.gone:
+        _find_elsewhere(shard, copier, stats)
     return stats
 
 
@@ -150,7 +160,10 @@ def _snapshot_mailbox(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, stat
         for _ in range(MOVES):
             source = locate(shard.tmp_root, source_dir, file.base, likely)
             if source is None:
-                stats.gone.append(Gone(state.account, mailbox_id, state.name, uid, file.base))
+                raw = txn.get(uid_key(mailbox_id, uid), db=shard.db["msgs"])
+                ids = records.decode(raw, ObjectIds)
+                stats.gone.append(Gone(state.account, mailbox_id, state.name, uid, file.base,
+                                       objectid.email_id(ids.email_id, ids.base), wanted))
                 break
             try:
                 copier.place(source, wanted, stats)
@@ -159,6 +172,35 @@ def _snapshot_mailbox(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, stat
                 likely = None  # renamed under us (a flag change, a settle): look again
         else:
             raise StoreError(f"message file {file.base} kept moving while it was copied")
+
+
+def _find_elsewhere(shard: Shard, copier: FileCopier, stats: CopyStats) -> None:
+    """The files of gone messages, looked for by EMAILID in the live index as it is now: a
+    message moved since the snapshot, or one expunged of which a copy is left, is the same
+    file under another name. What is found is linked where the snapshot wants it."""
+    wanted: dict[tuple[str, str], list[Gone]] = {}
+    for message in stats.gone:
+        wanted.setdefault((message.account, message.email_id), []).append(message)
+    with shard.read() as txn:
+        for account in sorted({account for account, _ in wanted}):
+            for mailbox in mailboxes.listing(txn, shard, account):
+                for uid, _ in messages.entries(txn, shard, mailbox.id):
+                    ids = records.decode(txn.get(uid_key(mailbox.id, uid), db=shard.db["msgs"]), ObjectIds)
+                    found = wanted.pop((account, objectid.email_id(ids.email_id, ids.base)), None)
+                    if found is None:
+                        continue
+                    source = locate(shard.tmp_root, shard.mailbox_dir(account, mailbox.id), ids.base)
+                    for message in found:
+                        try:
+                            if source is None:
+                                raise FileNotFoundError(ids.base)
+                            copier.place(source, message.target, stats)
+                            stats.gone.remove(message)
+                            stats.found_elsewhere += 1
+                        except FileNotFoundError:
+                            pass  # moving again: it stays gone
+                if not wanted:
+                    return
 
 
 def _by_base(directory: Path) -> dict[str, Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, client_tls_context, start_daemon, start_module_daemon
+from conftest import BIN, client_tls_context, start_daemon, start_module_daemon, write_config_file
 from docs_blocks import commands
 from storage import Accounts, Store, open_data_dir
 from storage.check import check
@@ -37,14 +37,27 @@ class Server:
 
     def __init__(self, root: Path):
         self.root = root
-        self.daemon = start_module_daemon(root, storage={"shards": 2}, tls={
+        self.overrides = {"storage": {"shards": 2}, "tls": {
             # Outside the data dir, as in production (/etc/postroom/tls): the backup takes them too.
             "cert": str(root / "etc-tls/fullchain.pem"), "key": str(root / "etc-tls/privkey.pem"),
-            "self_signed": True})
+            "self_signed": True}}
+        self.daemon = start_module_daemon(root, **self.overrides)
         with Accounts(root / "var/accounts.lmdb") as accounts:
             accounts.add_domain("example.test")
             for user in ("race", "load", "keep"):
                 accounts.add_user(f"{user}@example.test", PASSWORD)
+
+    def restart(self) -> None:
+        """Start serve again on its config; should another test run on this machine have
+        taken one of its ports meanwhile, on new ports (start_module_daemon's way)."""
+        for attempt in range(3):
+            try:
+                self.daemon = start_daemon(self.root / "postroom.toml", self.root)
+                return
+            except AssertionError as e:
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                write_config_file(self.root / "postroom.toml", self.root / "var", **self.overrides)
 
     def deliver(self, user: str, count: int, tag: str = "m") -> None:
         address = self.daemon.listen("smtp.listen")
@@ -93,6 +106,8 @@ def test_changes_between_the_snapshot_and_the_files_leave_the_copy_consistent(se
         client.uid("STORE", "2", "+FLAGS", r"(\Seen)")  # renames uid 2's file
         client.uid("STORE", "3", "+FLAGS", r"(\Deleted)")
         client.expunge()  # unlinks uid 3's file
+        client.create("Archive")
+        client.uid("MOVE", "4", "Archive")  # uid 4's file: a new name in another mailbox
         client.logout()
         server.deliver("race", 1, tag="late")  # after the snapshot: not in the copy
 
@@ -103,6 +118,7 @@ def test_changes_between_the_snapshot_and_the_files_leave_the_copy_consistent(se
         shard = store.shard(account)
         stats = snapshot_shard(shard, target / shard.path.relative_to(data_dir.path), RacingCopier(race))
         assert [(g.account, g.uid) for g in stats.gone] == [(account, 3)]
+        assert stats.found_elsewhere == 1  # the moved one
         assert not still_indexed(shard, stats.gone[0].base)
     (target / "layout.json").write_bytes((data_dir.path / "layout.json").read_bytes())
     copy = open_data_dir(target, 2)
@@ -115,6 +131,21 @@ def test_changes_between_the_snapshot_and_the_files_leave_the_copy_consistent(se
         (two,) = store.fetch(account, "INBOX", [(2, 2)])
         assert "\\Seen" not in store.flags(account, "INBOX", [(2, 2)])[0].flags  # as the snapshot had it
         assert b"body m 1" in store.read_message(two)
+        (four,) = store.fetch(account, "INBOX", [(4, 4)])
+        assert b"body m 3" in store.read_message(four)  # where the snapshot had it
+        assert store.uids(account, "Archive")[1] == []  # the move came after it
+
+
+def test_a_backup_goes_into_a_new_directory_outside_the_data_dir(server, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").write_text("x")
+    refused = ((tmp_path / "full", "exists and is not empty"), (server.root / "var/b", "inside the data dir"))
+    for target, says in refused:
+        done = subprocess.run([str(BIN / "postroom"), "--config", str(server.root / "postroom.toml"), "backup",
+                               str(target)], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert says in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (server.root / "var/b").exists()
 
 
 def _shell(lines: list[str], env: dict) -> str:
@@ -160,8 +191,8 @@ class Load(threading.Thread):
 
 def test_backup_under_load_restores_as_documented_to_a_store_that_checks_clean(server, tmp_path):
     root = server.root
-    server.deliver("keep", 20, tag="keep")
-    server.deliver("load", 60, tag="first")
+    server.deliver("keep", 10, tag="keep")
+    server.deliver("load", 40, tag="first")
     replace = {
         "/etc/postroom/postroom.toml": str(root / "postroom.toml"),
         "/etc/postroom/tls": str(root / "etc-tls"),
@@ -203,13 +234,14 @@ def test_backup_under_load_restores_as_documented_to_a_store_that_checks_clean(s
     # `store check` exits 1 on any problem, which stops the script (set -e).
     assert _shell(commands("backups.md", "check-restored", replace), env) == "0 problem(s)\n"
 
-    server.daemon = start_daemon(root / "postroom.toml", root)
+    server.restart()
     client = server.imap("keep")
     _, data = client.uid("SEARCH", "ALL")
-    assert len(data[0].split()) == 20
+    assert len(data[0].split()) == 10
     _, fetched = client.uid("FETCH", data[0].split()[-1], "BODY.PEEK[TEXT]")
-    assert fetched[0][1] == b"body keep 19\r\n"
+    assert fetched[0][1] == b"body keep 9\r\n"
     client.logout()
     with Store(open_data_dir(root / "var", 2)) as store:
-        total = sum(len(store.uids(f"{user}@example.test", "INBOX")[1]) for user in ("race", "load", "keep"))
+        total = sum(len(store.uids(f"{user}@example.test", mailbox.name)[1])
+                    for user in ("race", "load", "keep") for mailbox in store.mailboxes(f"{user}@example.test"))
     assert total == manifest["messages"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import smtplib
 import subprocess
 
@@ -87,6 +88,7 @@ def test_status_tells_what_runs_and_which_records_to_publish_until_they_are(serv
             if line.startswith("  ") and " running " in line}
     assert pids == {"serve": server.process.pid, "mtad": server.child_pid("mtad"),
                     "imapd": server.child_pid("imapd"), "pop3d": server.child_pid("pop3d")}
+    assert all(re.search(r" up \d+m \d\ds$", line) for line in out.splitlines() if " running " in line), out
     assert "queue     0 message(s): 0 queued, 0 deferred, 0 held" in out
     assert "store     1 account(s), 3 message(s)" in out
     assert "valid for" in out and "certificate" in out
@@ -123,3 +125,12 @@ def test_a_certificate_near_its_end_is_trouble(server):
         trouble: list[str] = []
         certificate_section(config, trouble, now=cert.not_valid_after_utc - datetime.timedelta(days=days_left))
         assert [t.split(" 2")[0] for t in trouble] == expected, trouble
+
+
+def test_nothing_running_is_trouble(cli):
+    done = cli("status", "--no-dns")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line.split()[:2] for line in done.stdout.splitlines()[1:5]] == [
+        ["serve", "stopped"], ["mtad", "stopped"], ["imapd", "stopped"], ["pop3d", "stopped"]]
+    assert "dns" not in done.stdout.splitlines()
+    assert done.stdout.rstrip().endswith("no daemon is running")
