@@ -78,10 +78,6 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
 
     copy = open_data_dir(data, data_dir.shards)
     removed = finish(copy, expunged)
-    if finished:
-        with Queue(copy) as queue_copy:
-            for qid in finished:
-                queue_copy.remove(qid)
     tls = _copy_tls(config, source, target)
     if config.source is not None and Path(config.source).is_file():
         shutil.copy2(config.source, target / "postroom.toml")

@@ -356,8 +356,9 @@ class Queue:
         """A consistent copy for a backup (storage/snapshot.py): the index copied under one
         read transaction to `target`/queue.lmdb, and each spool file it names given to
         `place(source, target)` for `target`/msg. A file outlives its record, so the only
-        file missing is that of a message finished (or removed) since the snapshot: its id
-        is returned, for the caller to remove from the copy. (messages copied, ids gone)"""
+        file missing is that of a message finished (or removed) since the snapshot: its
+        record is dropped from the copy, as if that had come first. (messages copied, ids
+        of those dropped)"""
         make_private_dirs(target / "msg")
         make_private_dirs(target / "queue.lmdb")
         copied, gone = 0, []
@@ -370,6 +371,19 @@ class Queue:
                     copied += 1
                 except FileNotFoundError:
                     gone.append(qid)
+        if gone:
+            copy = lmdb.open(str(target / "queue.lmdb"), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1)
+            try:
+                db = open_databases(copy, DATABASES)
+                with copy.begin(write=True) as txn:
+                    for qid in gone:
+                        raw = txn.get(qid.encode(), db=db["messages"])
+                        due = records.decode(raw).due_key(qid) if raw is not None else None
+                        if due is not None:
+                            txn.delete(due, db=db["due"])
+                        txn.delete(qid.encode(), db=db["messages"])
+            finally:
+                copy.close()
         return copied, gone
 
     def runner_lock(self) -> RunnerLock:

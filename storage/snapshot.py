@@ -147,16 +147,20 @@ def _snapshot_mailbox(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, stat
     target_dir = target / state.account / str(mailbox_id)
     maildir.make_dirs(target_dir)
     maildir.write_meta(target_dir, {"name": state.name, "special_use": state.special_use, "uidnext": state.uidnext})
-    # One listing per mailbox, not a lookup per message; a file renamed since is looked for again.
-    names = _by_base(source_dir)
+    names: dict[str, Path] | None = None  # listed when a file is not under the snapshot's name
     for uid, entry in messages.entries(txn, shard, mailbox_id):
         file = records.get_message_file(txn, shard, mailbox_id, uid)
         if file is None:
             continue  # an index at odds with itself: `store check` reports it in the copy too
         stats.messages += 1
         stats.bytes += entry.size
-        wanted = target_dir / "cur" / maildir.file_name(file.base, uid, entry.size, entry.bits)
-        likely = names.get(file.base)
+        name = maildir.file_name(file.base, uid, entry.size, entry.bits)
+        wanted = target_dir / "cur" / name
+        likely = source_dir / "cur" / name  # where it is unless its flags changed since
+        if not os.path.exists(likely):
+            # One listing of the mailbox for all its renamed files, not a scan for each.
+            names = _by_base(source_dir) if names is None else names
+            likely = names.get(file.base)
         for _ in range(MOVES):
             source = locate(shard.tmp_root, source_dir, file.base, likely)
             if source is None:

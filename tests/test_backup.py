@@ -13,8 +13,10 @@ from __future__ import annotations
 import imaplib
 import json
 import os
+import shutil
 import smtplib
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,9 +25,9 @@ import pytest
 
 from conftest import BIN, client_tls_context, start_daemon, start_module_daemon, write_config_file
 from docs_blocks import commands
-from storage import Accounts, Store, open_data_dir
+from storage import Accounts, Queue, QueuedRecipient, QueueEnvelope, Store, open_data_dir
 from storage.check import check
-from storage.snapshot import FileCopier, finish, snapshot_shard, still_indexed
+from storage.snapshot import CopyStats, FileCopier, finish, snapshot_shard, still_indexed
 
 PASSWORD = "correct horse battery staple"
 LOAD_SECONDS = 30.0  # bound on the load thread, whatever happens
@@ -146,6 +148,53 @@ def test_a_backup_goes_into_a_new_directory_outside_the_data_dir(server, tmp_pat
         assert (done.returncode, done.stdout) == (1, ""), done.stderr
         assert says in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
     assert not (server.root / "var/b").exists()
+
+
+def test_on_another_file_system_files_are_copied_with_their_dates(server, tmp_path):
+    server.deliver("race", 2, tag="other-fs")
+    other = Path(tempfile.mkdtemp(prefix="postroom-backup-", dir="/dev/shm"))  # tmpfs
+    assert os.stat(other).st_dev != os.stat(server.root).st_dev
+    try:
+        done = subprocess.run([str(BIN / "postroom"), "--config", str(server.root / "postroom.toml"), "backup",
+                               str(other / "b")], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        manifest = json.loads((other / "b/backup.json").read_text())
+        assert manifest["linked"] == 0 and manifest["copied"] == manifest["messages"] > 0
+        live = {p.name: p for p in (server.root / "var/shards").rglob("cur/*")}
+        copied = list((other / "b/data/shards").rglob("cur/*"))
+        assert copied and all(p.name in live for p in copied)
+        for path in copied:  # the mtime is the internal date (storage/maildir.py)
+            assert path.stat().st_mtime == live[path.name].stat().st_mtime
+            assert path.read_bytes() == live[path.name].read_bytes()
+    finally:
+        shutil.rmtree(other)
+
+
+def test_a_queued_message_sent_while_the_queue_is_copied_is_not_in_the_copy(write_config, data_dir, tmp_path):
+    config_path = write_config()
+    queue_dir = open_data_dir(data_dir, 4)
+    qids, calls = [], []
+    with Queue(queue_dir) as queue:
+        for n in range(3):
+            with queue.begin(QueueEnvelope("a@example.test", (QueuedRecipient(f"b{n}@remote.test"),))) as entry:
+                entry.write(f"Subject: {n}\r\n\r\nqueued {n}\r\n".encode())
+                qids.append(entry.commit())
+
+        def place(source: Path, target: Path) -> None:
+            if not calls:  # another process finishes one now, as the delivery runner would
+                done = subprocess.run([str(BIN / "postroom"), "--config", str(config_path), "queue", "remove",
+                                       qids[1]], capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, done.stderr
+            calls.append(source.name)
+            FileCopier().place(source, target, CopyStats())
+
+        copied, gone = queue.snapshot(tmp_path / "copy/queue", place)
+    assert (copied, gone) == (2, [qids[1]])
+    (tmp_path / "copy/layout.json").write_bytes((data_dir / "layout.json").read_bytes())
+    with Queue(open_data_dir(tmp_path / "copy", 4)) as copy:
+        assert copy.recovered == ([], [])  # no record without its file for recovery to drop
+        assert sorted(m.id for m in copy.list()) == sorted([qids[0], qids[2]])
+        assert copy.read(qids[2]).endswith(b"queued 2\r\n")
 
 
 def _shell(lines: list[str], env: dict) -> str:
