@@ -249,6 +249,8 @@ def certificate_section(config: Config, trouble: list[str], now: datetime.dateti
         trouble.append(f"certificate expires on {when}")
     else:
         state = f"valid for {int(days)} more day(s)"
+    if cert.issuer == cert.subject:
+        state += "; self-signed: mail clients and other servers will not trust it"
     print(f"certificate  {path}: {subject}, until {when}, {state}")
 
 

@@ -278,8 +278,10 @@ def test_backup_under_load_restores_as_documented_to_a_store_that_checks_clean(s
     assert {p.name for p in (backup / "tls").iterdir()} == {"fullchain.pem", "privkey.pem"}
 
     assert server.daemon.stop() == 0, server.daemon.stderr()
+    certificate = (root / "etc-tls/fullchain.pem").read_bytes()
     (root / "etc-tls/fullchain.pem").unlink()  # the restore must bring it back
     _shell(commands("backups.md", "restore", replace), env)
+    assert (root / "etc-tls/fullchain.pem").read_bytes() == certificate
     # `store check` exits 1 on any problem, which stops the script (set -e).
     assert _shell(commands("backups.md", "check-restored", replace), env) == "0 problem(s)\n"
 
