@@ -23,7 +23,17 @@ from typing import TextIO
 
 from postroom import importer_imap, importer_maildir, importer_mbox
 from postroom.importer_source import Folder, SourceError
-from storage import INBOX, Accounts, ImportCounts, ImportMailbox, MailboxError, Store, clean_flags, parse_address
+from storage import (
+    INBOX,
+    Accounts,
+    ImportCounts,
+    ImportMailbox,
+    MailboxError,
+    Store,
+    clean_flags,
+    finish_import,
+    parse_address,
+)
 
 PROG = "postroom"
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
@@ -63,8 +73,13 @@ def _import(store: Store, accounts: Accounts, args: argparse.Namespace, audit) -
                 raise SourceError(f"{source}: no such file or directory (nor an imap:// or imaps:// URL)")
         if args.into and not (not importer_imap.is_url(source) and Path(source).is_file()):
             raise SourceError("--into is for an mbox file (a Maildir or an IMAP account brings its own folders)")
+        # Every folder's name and UIDVALIDITY first: a mailbox made for one folder (a parent,
+        # INBOX) must not take the id another folder's UIDVALIDITY needs (storage/imports.py).
+        # Parents before children: a parent that is a folder too is made under its own.
+        folders = sorted(folders, key=lambda f: (f.name != INBOX, f.name))
+        plan = {f.name: f.uidvalidity for f in folders}
         for folder in folders:
-            counts, kept = _import_folder(store, account, folder, progress)
+            counts, kept = _import_folder(store, account, folder, progress, plan)
             if counts is None:
                 problems += 1
                 continue
@@ -76,6 +91,8 @@ def _import(store: Store, accounts: Accounts, args: argparse.Namespace, audit) -
     finally:
         if imap is not None:
             importer_imap.logout(imap)
+        if folders_done or problems:
+            finish_import(store, account)  # the default mailboxes the source did not have
     audit("store.imported", account=account, source=_redacted(source), folders=folders_done,
           imported=totals.imported, skipped=totals.skipped, failed=len(totals.failed))
     print(f"total: {_counts_text(totals)} in {folders_done} folder(s)" + (
@@ -83,11 +100,11 @@ def _import(store: Store, accounts: Accounts, args: argparse.Namespace, audit) -
     return 1 if totals.failed or problems else 0
 
 
-def _import_folder(store: Store, account: str, folder: Folder, progress: Progress
+def _import_folder(store: Store, account: str, folder: Folder, progress: Progress, plan: dict
                    ) -> tuple[ImportCounts | None, str]:
     try:
         target = ImportMailbox(store, account, folder.name, uidvalidity=folder.uidvalidity, uidnext=folder.uidnext,
-                               special_use=folder.special_use)
+                               special_use=folder.special_use, plan=plan)
     except MailboxError as e:
         print(f"{PROG}: folder {folder.name!r} not imported: {e}", file=sys.stderr)
         return None, ""
@@ -99,7 +116,7 @@ def _import_folder(store: Store, account: str, folder: Folder, progress: Progres
         return False
 
     dropped: dict[str, None] = {}
-    progress.start(target.name, folder.count)
+    progress.start(target.name, folder)
     for message in folder.messages(known):
         if isinstance(message.key, str) and known(message.key, message.uid):
             progress.step(target.counts)
@@ -157,15 +174,18 @@ class Progress:
     def __init__(self, out: TextIO):
         self._out = out
         self._tty = out.isatty()
-        self._name, self._total = "", None
+        self._name, self._folder = "", None
         self._last = 0.0
 
-    def start(self, name: str, total: int | None) -> None:
-        self._name, self._total = name, total
+    def start(self, name: str, folder: Folder) -> None:
+        self._name, self._folder = name, folder
         self._last = time.monotonic()
         if not self._tty:
-            print(f"importing {name}" + (f": {total} message(s)" if total is not None else ""),
-                  file=self._out, flush=True)
+            print(f"importing {name}", file=self._out, flush=True)
+
+    @property
+    def _total(self) -> int | None:
+        return self._folder.count
 
     def step(self, counts: ImportCounts, force: bool = False) -> None:
         now = time.monotonic()

@@ -101,11 +101,33 @@ def connect(server: Server, password: str, cafile: str | None) -> imaplib.IMAP4:
 
 
 def folders(imap: imaplib.IMAP4, where: str) -> Iterator[Folder]:
+    """Every folder with its UIDVALIDITY, UIDNEXT and size from STATUS (RFC 3501 §6.3.10):
+    the importer learns them all before it makes the first mailbox. Its messages are listed
+    when its turn comes."""
     for raw_name, name, special_use in _list(imap, where):
-        uidvalidity, uidnext, uids = _examine(imap, raw_name, name, where)
-        yield Folder(name=name, count=len(uids), uidvalidity=uidvalidity, uidnext=uidnext, special_use=special_use,
-                     messages=lambda known, uids=uids, uidvalidity=uidvalidity:
-                     _messages(imap, where, uidvalidity, [u for u in uids if not known(_key(uidvalidity, u), u)]))
+        uidvalidity, uidnext, count = _status(imap, raw_name, name, where)
+        folder = Folder(name=name, count=count, uidvalidity=uidvalidity, uidnext=uidnext, special_use=special_use,
+                        messages=lambda known: iter(()))
+
+        def messages(known, raw_name=raw_name, folder=folder) -> Iterator[Message]:
+            uidvalidity, uids = _examine(imap, raw_name, folder.name, where)
+            if uidvalidity != folder.uidvalidity:
+                raise SourceError(f"{where}: folder {folder.name!r} changed UIDVALIDITY during the import: run it again")
+            folder.count = len(uids)
+            yield from _messages(imap, where, uidvalidity, [u for u in uids if not known(_key(uidvalidity, u), u)])
+
+        folder.messages = messages
+        yield folder
+
+
+def _status(imap: imaplib.IMAP4, raw_name: str, name: str, where: str) -> tuple[int | None, int | None, int | None]:
+    status, data = _command(imap.status, where, _quote(raw_name), "(UIDVALIDITY UIDNEXT MESSAGES)")
+    text = b" ".join(d if isinstance(d, bytes) else b" ".join(d) for d in data if d)
+    found = {}
+    for item in ("UIDVALIDITY", "UIDNEXT", "MESSAGES"):
+        m = re.search(rb"\b" + item.encode() + rb" (\d+)", text)
+        found[item] = int(m[1]) if m else None
+    return found["UIDVALIDITY"], found["UIDNEXT"], found["MESSAGES"]
 
 
 def _list(imap: imaplib.IMAP4, where: str) -> list[tuple[str, str, str | None]]:
@@ -143,7 +165,7 @@ def _list(imap: imaplib.IMAP4, where: str) -> list[tuple[str, str, str | None]]:
     return found
 
 
-def _examine(imap: imaplib.IMAP4, raw_name: str, name: str, where: str) -> tuple[int | None, int | None, list[int]]:
+def _examine(imap: imaplib.IMAP4, raw_name: str, name: str, where: str) -> tuple[int | None, list[int]]:
     try:
         status, data = imap.select(_quote(raw_name), readonly=True)
     except imaplib.IMAP4.abort as e:
@@ -153,10 +175,9 @@ def _examine(imap: imaplib.IMAP4, raw_name: str, name: str, where: str) -> tuple
     if status != "OK":
         raise SourceError(f"{where}: cannot open folder {name!r}: {_text(data)}")
     uidvalidity = _response_number(imap, "UIDVALIDITY")
-    uidnext = _response_number(imap, "UIDNEXT")
     status, data = _command(imap.uid, where, "SEARCH", "ALL")
     uids = sorted(int(u) for u in b" ".join(d for d in data if isinstance(d, bytes)).split() if u.isdigit())
-    return uidvalidity, uidnext, uids
+    return uidvalidity, uids
 
 
 def _messages(imap: imaplib.IMAP4, where: str, uidvalidity: int | None, uids: list[int]) -> Iterator[Message]:

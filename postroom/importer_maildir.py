@@ -69,11 +69,30 @@ def _decode(level: str) -> str:
 
 
 def _folder(path: Path, name: str) -> Folder:
-    uidvalidity, uidnext, uids = _read_uidlist(path / "dovecot-uidlist")
-    keywords = _read_keywords(path / "dovecot-keywords")
-    files = _message_files(path)
-    return Folder(name=name, count=len(files), uidvalidity=uidvalidity, uidnext=uidnext,
-                  messages=lambda known: _messages(files, uids, keywords))
+    """The folder as its uidlist's header describes it; its files are listed, and the
+    uidlist read, only when its turn comes (a big Maildir has many of both)."""
+    uidvalidity, uidnext = _read_uidlist_header(path / "dovecot-uidlist")
+    folder = Folder(name=name, uidvalidity=uidvalidity, uidnext=uidnext, messages=lambda known: iter(()))
+
+    def messages(known) -> Iterator[Message]:
+        _, _, uids = _read_uidlist(path / "dovecot-uidlist")
+        files = _message_files(path)
+        folder.count = len(files)
+        yield from _messages(files, uids, _read_keywords(path / "dovecot-keywords"))
+
+    folder.messages = messages
+    return folder
+
+
+def _read_uidlist_header(path: Path) -> tuple[int | None, int | None]:
+    try:
+        with open(path, "rb") as file:
+            header = file.readline(4096)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        raise SourceError(f"{path}: {e.strerror}") from None
+    return _parse_header(header.decode("utf-8", "replace").split(), path)
 
 
 def _message_files(path: Path) -> list[tuple[str, Path]]:
@@ -135,18 +154,7 @@ def _read_uidlist(path: Path) -> tuple[int | None, int | None, dict[str, int]]:
         raise SourceError(f"{path}: {e.strerror}") from None
     uids: dict[str, int] = {}
     with file:
-        header = file.readline().decode("utf-8", "replace").split()
-        uidvalidity = uidnext = None
-        if header and header[0] == "1" and len(header) >= 3:  # version 1: "1 <uidvalidity> <uidnext>"
-            uidvalidity, uidnext = _number(header[1]), _number(header[2])
-        elif header and header[0] in ("2", "3"):
-            for field in header[1:]:
-                if field[:1] == "V":
-                    uidvalidity = _number(field[1:])
-                elif field[:1] == "N":
-                    uidnext = _number(field[1:])
-        else:
-            raise SourceError(f"{path}: not a dovecot-uidlist this import knows (header {' '.join(header)[:40]!r})")
+        uidvalidity, uidnext = _parse_header(file.readline(4096).decode("utf-8", "replace").split(), path)
         for raw in file:
             line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             head, colon, name = line.partition(" :")
@@ -155,9 +163,24 @@ def _read_uidlist(path: Path) -> tuple[int | None, int | None, dict[str, int]]:
             uid = _number(head.split(" ", 1)[0])
             if uid and name:
                 uids[_base(name)] = uid
+    return uidvalidity, uidnext, uids
+
+
+def _parse_header(header: list[str], path: Path) -> tuple[int | None, int | None]:
+    uidvalidity = uidnext = None
+    if header and header[0] == "1" and len(header) >= 3:  # version 1: "1 <uidvalidity> <uidnext>"
+        uidvalidity, uidnext = _number(header[1]), _number(header[2])
+    elif header and header[0] in ("2", "3"):
+        for field in header[1:]:
+            if field[:1] == "V":
+                uidvalidity = _number(field[1:])
+            elif field[:1] == "N":
+                uidnext = _number(field[1:])
+    else:
+        raise SourceError(f"{path}: not a dovecot-uidlist this import knows (header {' '.join(header)[:40]!r})")
     if uidvalidity is not None and not 0 < uidvalidity < 2**32:
         uidvalidity = None
-    return uidvalidity, uidnext, uids
+    return uidvalidity, uidnext
 
 
 def _read_keywords(path: Path) -> dict[str, str]:

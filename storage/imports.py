@@ -33,11 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import fts, maildir, mailboxes, messages, metadata, urlauth
-from storage.errors import FlagError, MailboxNotFoundError, store_error
+from storage.errors import FlagError, MailboxExistsError, MailboxNotFoundError, store_error
 from storage.fileview import FileView
-from storage.mailboxes import Mailbox
+from storage.mailboxes import INBOX, Mailbox
 from storage.mime import parse_message
-from storage.records import MailboxRecord, MessageRecord, encode, get_mailbox, put_mailbox
+from storage.names import DEFAULT_MAILBOXES, normalize_name, parents
+from storage.records import (
+    MailboxRecord,
+    MessageRecord,
+    Usage,
+    account_exists,
+    encode,
+    get_mailbox,
+    put_mailbox,
+    put_usage,
+)
 from storage.shard import Shard, pack_u32, unpack_u32
 from storage.unsettled import note_dir
 
@@ -73,8 +83,13 @@ class ImportMailbox:
     """One target mailbox of an import. Not thread-safe: one caller adds, then finishes."""
 
     def __init__(self, store, account: str, name: str, *, uidvalidity: int | None = None,
-                 uidnext: int | None = None, special_use: str | None = None):
-        store.ensure_account(account)
+                 uidnext: int | None = None, special_use: str | None = None,
+                 plan: dict[str, int | None] | None = None):
+        """`plan`: the name and UIDVALIDITY of every folder of the source, so that the
+        mailboxes made before theirs (parents, INBOX) leave their ids free."""
+        plan = dict(plan or {})
+        plan[normalize_name(name)] = uidvalidity
+        begin_account(store, account, plan)
         self.account = account
         self._store = store
         self._shard: Shard = store.shard(account)
@@ -85,7 +100,7 @@ class ImportMailbox:
         shard = self._shard
 
         def prepare(txn, batch):
-            return _prepare(txn, shard, batch, account, name, uidvalidity, special_use)
+            return _prepare(txn, shard, batch, account, name, plan, special_use)
 
         self.mailbox: Mailbox = shard.write(prepare)
         store.subscribe(account, self.mailbox.name)
@@ -232,20 +247,92 @@ class ImportMailbox:
         return self.counts
 
 
-def _prepare(txn, shard: Shard, batch, account: str, name: str, uidvalidity: int | None,
-             special_use: str | None) -> Mailbox:
-    """The target mailbox, made or found, under the source's UIDVALIDITY where it can be."""
+def begin_account(store, account: str, plan: dict[str, int | None]) -> None:
+    """An account new to the store gets its record and INBOX only: its other default
+    mailboxes (Sent, Drafts...) are made by finish_account, after the import, so that they
+    take no id a source folder's UIDVALIDITY needs. INBOX comes first, whatever happens:
+    mail delivered meanwhile, or after an import that stopped, has somewhere to go.
+    `plan`: every source folder's name and UIDVALIDITY (storage/imports.py's ids avoid them)."""
+    shard = store.shard(account)
+
+    def begin(txn, batch):
+        if not account_exists(txn, shard, account):
+            put_usage(txn, shard, account, Usage())
+            _prepare(txn, shard, batch, account, INBOX, plan, subscribe=True)
+
+    with shard.read() as txn:
+        if account_exists(txn, shard, account):
+            return
+    shard.write(begin)
+
+
+def finish_account(store, account: str) -> None:
+    """The default mailboxes (storage/names.py) the import did not bring, made now."""
+    shard = store.shard(account)
+
+    def finish(txn, batch):
+        for name, special_use in DEFAULT_MAILBOXES:
+            try:
+                mailboxes.create(txn, shard, batch, account, name, special_use, subscribe=True)
+            except MailboxExistsError:
+                pass
+
+    shard.write(finish)
+
+
+def _prepare(txn, shard: Shard, batch, account: str, name: str, plan: dict[str, int | None],
+             special_use: str | None = None, subscribe: bool = False) -> Mailbox:
+    """The target mailbox, made or found, under the source's UIDVALIDITY (plan[name]) where
+    it can be. Its missing parents are made first, each under its own source UIDVALIDITY if
+    it is a source folder too; a mailbox that cannot have the source's takes an id no source
+    folder of `plan` needs."""
+    name = normalize_name(name)
+    wanted = plan.get(name)
     try:
         mailbox_id, state = mailboxes.find(txn, shard, account, name)
     except MailboxNotFoundError:
-        mailbox = mailboxes.create(txn, shard, batch, account, name, special_use)
-        if uidvalidity is not None and _free(txn, shard, account, uidvalidity):
-            return _renumber(txn, shard, batch, account, mailbox.id, get_mailbox(txn, shard, mailbox.id), uidvalidity)
-        return mailbox
-    if (uidvalidity is not None and mailbox_id != uidvalidity and state.exists == 0
-            and _free(txn, shard, account, uidvalidity)):
-        return _renumber(txn, shard, batch, account, mailbox_id, state, uidvalidity)
+        for parent in parents(name):
+            if txn.get(mailboxes.name_key(account, parent), db=shard.db["names"]) is None:
+                _prepare(txn, shard, batch, account, parent, plan)
+        if special_use is None:  # a source's "Sent" is the account's \Sent, as a default one would be
+            special_use = dict(DEFAULT_MAILBOXES).get(name)
+        made = mailboxes.create(txn, shard, batch, account, name, special_use, subscribe=subscribe)
+        # A new mailbox has no history: what an earlier one with this id left in the ledger goes.
+        avoid = set(plan.values())
+        if made.id == wanted:
+            target = None
+        elif wanted is not None and _free(txn, shard, account, wanted):
+            target = wanted
+        elif made.id in avoid:  # another source folder's UIDVALIDITY: leave it to that one
+            target = _fresh_id(txn, shard, avoid)
+        else:
+            target = None
+        if target is None:
+            _forget(txn, shard, made.id)
+            return made
+        return _renumber(txn, shard, batch, account, made.id, get_mailbox(txn, shard, made.id), target)
+    if (wanted is not None and mailbox_id != wanted and state.exists == 0
+            and _free(txn, shard, account, wanted)):
+        return _renumber(txn, shard, batch, account, mailbox_id, state, wanted)
     return mailboxes.to_mailbox(mailbox_id, state)
+
+
+def _fresh_id(txn, shard: Shard, avoid: set[int | None]) -> int:
+    while True:
+        candidate = mailboxes.new_id(txn, shard)
+        if candidate not in avoid:
+            return candidate
+
+
+def _forget(txn, shard: Shard, mailbox_id: int) -> None:
+    """The ledger's entries under this id, gone (a mailbox deleted, an id made again)."""
+    cursor = txn.cursor(db=shard.db["imported"])
+    prefix = pack_u32(mailbox_id)
+    if not cursor.set_range(prefix):
+        return
+    while cursor.key()[:4] == prefix:
+        if not cursor.delete():
+            break
 
 
 def _free(txn, shard: Shard, account: str, uidvalidity: int) -> bool:
@@ -269,6 +356,7 @@ def _renumber(txn, shard: Shard, batch, account: str, old_id: int, state, new_id
     put_mailbox(txn, shard, new_id, fresh)
     txn.put(mailboxes.name_key(account, state.name), pack_u32(new_id), db=shard.db["names"])
     note_dir(txn, shard, batch, account, new_id)
+    _forget(txn, shard, new_id)
     counter = txn.get(b"uidvalidity", db=shard.db["counters"])
     if counter is None or unpack_u32(counter) < new_id:
         # The counter only grows: no mailbox made later gets this id.
