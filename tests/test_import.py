@@ -347,3 +347,26 @@ def test_bad_sources_are_one_line_each(server, tmp_path):
         out, err = process.communicate(stdin or "", timeout=60)
         assert process.returncode == 1, err
         assert err.count("\n") == 1 and err.startswith("postroom: ") and expected in err, err
+
+
+# -- the store side: which mailbox gets which id ------------------------------------------------------------------
+
+
+def test_mailboxes_made_on_the_way_leave_the_source_uidvalidities_free(tmp_path):
+    """A parent made for a child folder (and INBOX, made first) takes the next id the shard
+    hands out: without the plan of every source folder, that is the id the next folder needs."""
+    from storage import ImportMailbox, finish_import
+
+    now = int(time.time())
+    plan = {"INBOX": now + 10, "A/B": now + 11, "Sent": now + 12}  # as Dovecot hands them out: one after another
+    with Store(open_data_dir(tmp_path / "var", 1)) as store:
+        made = {name: ImportMailbox(store, "u@example.test", name, uidvalidity=uidvalidity, plan=plan)
+                for name, uidvalidity in plan.items()}
+        for name, target in made.items():
+            assert target.kept_uidvalidity and target.mailbox.id == plan[name], name
+            target.finish()
+        finish_import(store, "u@example.test")
+        ids = {m.name: m.id for m in store.mailboxes("u@example.test")}
+    assert ids["A"] not in plan.values()  # the parent, made on the way, under an id of its own
+    assert {"Drafts", "Junk", "Trash", "Archive"} <= set(ids)  # the defaults, made after
+    assert ids["Sent"] == now + 12
