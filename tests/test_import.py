@@ -66,11 +66,14 @@ class Server:
         return self.run(POSTROOM, "--config", str(self.config_path), "store", "import", account, source, *options,
                         input=input, env=env)
 
-    def doc_block(self, name: str, replace: dict[str, str], env: dict | None = None) -> list[str]:
-        """Run a block of docs/migration.md in a shell; the stdout of each command."""
-        replace = {PRODUCTION_CONFIG: f"{POSTROOM} --config {self.config_path}", **replace}
+    def replace(self, values: dict[str, str]) -> dict[str, str]:
+        """What a docs block's commands get replaced: the production config, and `values`."""
+        return {PRODUCTION_CONFIG: f"{POSTROOM} --config {self.config_path}", **values}
+
+    def run_block(self, lines: list[str], env: dict | None = None) -> list[str]:
+        """Run a docs block's commands in a shell; the stdout of each."""
         outputs = []
-        for line in commands("migration.md", name, replace=replace):
+        for line in lines:
             done = self.run(line, env=env, shell=True)
             assert done.returncode == 0, f"{line}\n{done.stderr}"
             assert "Traceback" not in done.stderr
@@ -148,8 +151,8 @@ def test_a_maildir_from_python_mailbox_comes_in_with_folders_flags_and_dates(ser
     work.add_folder("Deep").add(mailbox.MaildirMessage(b"Subject: deep\n\nd\n"))  # .Work/.Deep: Work/Deep
 
     account = server.maildir_target
-    (out,) = server.doc_block("import-maildir", {"alice@example.org": account,
-                                                 "/var/vmail/example.org/alice/Maildir": str(source)})
+    (out,) = server.run_block(commands("migration.md", "import-maildir", replace=server.replace(
+        {"alice@example.org": account, "/var/vmail/example.org/alice/Maildir": str(source)})))
     assert "INBOX: 3 imported, 0 already in, 0 failed" in out
     assert "Work: 1 imported" in out and "Work/Deep: 1 imported" in out
 
@@ -242,8 +245,8 @@ def test_an_mbox_file_comes_in_once_with_its_flags_and_from_line_dates(server, t
     assert b"\n>From the past" in path.read_bytes()
 
     account = server.mbox_target
-    (out,) = server.doc_block("import-mbox", {"alice@example.org": account,
-                                              "/home/alice/mail/archive-2019.mbox": str(path)})
+    (out,) = server.run_block(commands("migration.md", "import-mbox", replace=server.replace(
+        {"alice@example.org": account, "/home/alice/mail/archive-2019.mbox": str(path)})))
     assert "Archive/2019: 3 imported, 0 already in, 0 failed" in out
     client = server.imap(account)
     _, messages = mailbox_view(client, "Archive/2019")
@@ -301,9 +304,10 @@ def test_a_live_imap_account_comes_in_with_folders_flags_dates_and_uids(server):
 
     account = server.imap_target
     address = server.daemon.listen("imap.listen_tls")
-    (out,) = server.doc_block(
-        "import-imap",
-        {"alice@example.org": account, "imaps://alice@old.example.org": f"imaps://{server.source}@localhost:{address.port}"},
+    (out,) = server.run_block(
+        commands("migration.md", "import-imap", replace=server.replace(
+            {"alice@example.org": account,
+             "imaps://alice@old.example.org": f"imaps://{server.source}@localhost:{address.port}"})),
         # The daemon's certificate is self-signed: trusted here as a CA the system knew would be.
         env={"OLD_PASSWORD": PASSWORD, "SSL_CERT_FILE": str(server.daemon.config.tls.cert)})
     assert "INBOX: 3 imported, 0 already in, 0 failed (UIDVALIDITY" in out
