@@ -121,19 +121,47 @@ def _messages(files: list[tuple[str, Path]], uids: dict[str, int], keywords: dic
         try:
             date = path.stat().st_mtime  # the internal date, as Dovecot keeps it
         except FileNotFoundError:
-            continue  # expunged, or moved from new/ to cur/, since the listing: the next run finds it
+            moved = _find(path, base)
+            if moved is None:
+                continue  # expunged on the source since the listing
+            path = moved
+            date = path.stat().st_mtime
+            info = path.name.partition(":2,")[2]
+            flags = tuple(dict.fromkeys(_flag(letter, keywords) for letter in info if _flag(letter, keywords)))
         yield Message(key=f"maildir:{base}", uid=uids.get(base), flags=flags, internal_date=date,
-                      chunks=lambda path=path: _read(path))
+                      chunks=lambda path=path, base=base: _read(path, base))
 
 
 def _flag(letter: str, keywords: dict[str, str]) -> str | None:
     return _LETTERS.get(letter) or keywords.get(letter)
 
 
-def _read(path: Path) -> Iterator[bytes]:
+def _read(path: Path, base: str) -> Iterator[bytes]:
     """The file's bytes, CRLF."""
-    with open(path, "rb") as file:
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        # Renamed since the listing: Dovecot moves new/ to cur/, and renames for a flag change
+        moved = _find(path, base)
+        if moved is None:
+            raise
+        file = open(moved, "rb")
+    with file:
         yield from crlf_pieces(file)
+
+
+def _find(path: Path, base: str) -> Path | None:
+    """The message file `base` now, in cur/ or new/ of the folder, under any info suffix."""
+    folder = path.parent.parent
+    for sub in ("cur", "new"):
+        try:
+            with os.scandir(folder / sub) as entries:
+                for entry in entries:
+                    if entry.name == base or _base(entry.name) == base:
+                        return Path(entry.path)
+        except OSError:
+            continue
+    return None
 
 
 def _base(name: str) -> str:

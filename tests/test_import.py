@@ -320,8 +320,10 @@ def test_a_live_imap_account_comes_in_with_folders_flags_dates_and_uids(server):
         assert got == before[name][1], name
     client.logout()
 
-    again = server.import_(account, f"imaps://{server.source}@localhost:{address.port}", input=PASSWORD + "\n",
-                           env={"SSL_CERT_FILE": str(server.daemon.config.tls.cert)})
+    # Again, over imap:// and STARTTLS this time, the certificate given with --cafile
+    starttls = server.daemon.listen("imap.listen")
+    again = server.import_(account, f"imap://{server.source.replace('@', '%40')}@localhost:{starttls.port}",
+                           "--cafile", str(server.daemon.config.tls.cert), input=PASSWORD + "\n")
     assert "total: 0 imported, 4 already in, 0 failed" in again.stdout, again.stdout + again.stderr
 
 
@@ -374,3 +376,16 @@ def test_mailboxes_made_on_the_way_leave_the_source_uidvalidities_free(tmp_path)
     assert ids["A"] not in plan.values()  # the parent, made on the way, under an id of its own
     assert {"Drafts", "Junk", "Trash", "Archive"} <= set(ids)  # the defaults, made after
     assert ids["Sent"] == now + 12
+
+
+def test_a_maildir_message_renamed_while_the_import_runs_is_still_read(tmp_path):
+    """Dovecot moves a message from new/ to cur/ when a client sees it, and renames it for a
+    flag change: between the listing and the read, the file has another name."""
+    from postroom import importer_maildir
+
+    md = mailbox.Maildir(tmp_path / "Maildir", create=True)
+    key = md.add(mailbox.MaildirMessage(b"Subject: moving\n\nm\n"))
+    (inbox,) = importer_maildir.folders(tmp_path / "Maildir")
+    (message,) = inbox.messages(lambda key, uid: False)
+    os.rename(tmp_path / "Maildir" / "new" / key, tmp_path / "Maildir" / "cur" / f"{key}:2,S")
+    assert b"".join(message.chunks()) == b"Subject: moving\r\n\r\nm\r\n"
