@@ -112,7 +112,8 @@ def folders(imap: imaplib.IMAP4, where: str) -> Iterator[Folder]:
         def messages(known, raw_name=raw_name, folder=folder) -> Iterator[Message]:
             uidvalidity, uids = _examine(imap, raw_name, folder.name, where)
             if uidvalidity != folder.uidvalidity:
-                raise SourceError(f"{where}: folder {folder.name!r} changed UIDVALIDITY during the import: run it again")
+                raise SourceError(f"{where}: folder {folder.name!r} changed UIDVALIDITY during the import: "
+                                  "run it again")
             folder.count = len(uids)
             yield from _messages(imap, where, uidvalidity, [u for u in uids if not known(_key(uidvalidity, u), u)])
 

@@ -123,7 +123,8 @@ class ImportMailbox:
             return True
         # Under the source's UIDVALIDITY a source UID already taken by this source (from
         # another of its forms: its Maildir, then its IMAP server) is the same message.
-        return uid is not None and self.kept_uidvalidity and txn.get(_uid_index_key(self.mailbox.id, uid), db=db) is not None
+        return (uid is not None and self.kept_uidvalidity
+                and txn.get(_uid_index_key(self.mailbox.id, uid), db=db) is not None)
 
     def add(self, key: str | Callable[[], str], chunks: Iterable[bytes], *, uid: int | None = None,
             flags: Iterable[str] = (), internal_date: float | None = None) -> None:
@@ -138,19 +139,23 @@ class ImportMailbox:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         size = 0
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+            for chunk in chunks:  # reading the source: its errors are the caller's, as they are
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError as e:  # ours: a full disk is DiskFullError
+                    raise store_error(e, path.parent) from e
                 size += len(chunk)
             date = internal_date if internal_date is not None else os.fstat(fd).st_mtime
-            os.utime(fd, (date, date))  # the internal date, for `store rebuild`
-            os.fsync(fd)
-        except BaseException as e:
+            try:
+                os.utime(fd, (date, date))  # the internal date, for `store rebuild`
+                os.fsync(fd)
+            except OSError as e:
+                raise store_error(e, path.parent) from e
+        except BaseException:
             os.close(fd)
             _unlink_quietly(path)
-            if isinstance(e, OSError) and e.filename is None:
-                raise store_error(e, path.parent) from e
             raise
         os.close(fd)
         if callable(key):
@@ -159,7 +164,7 @@ class ImportMailbox:
             record, texts = _record(path, base, size, date)
         except Exception as e:  # noqa: BLE001 - a message the parser cannot read is the source's fault
             _unlink_quietly(path)
-            self._fail(key, f"cannot parse: {e}")
+            self.fail(key, f"cannot parse: {e}")
             return
         insert = self._insert_fn(key, uid, path, record, texts, bits, keywords)
         with self._settle:
@@ -221,13 +226,10 @@ class ImportMailbox:
         with self._settle:
             self.counts.skipped += 1
 
-    def _fail(self, key: str, why: str) -> None:
-        with self._settle:
-            self.counts.failed.append((key, why))
-
     def fail(self, key: str, why: str) -> None:
         """A message of the source that could not be read: counted, the import goes on."""
-        self._fail(key, why)
+        with self._settle:
+            self.counts.failed.append((key, why))
 
     def finish(self) -> Counts:
         """Wait for every commit; under the source's UIDVALIDITY, UIDNEXT is then raised to
