@@ -20,7 +20,7 @@ user expunged since.
 
 Messages are streamed into a file in the shard's writer directory (never whole in memory)
 and committed through the shard's committer without waiting for each: up to IN_FLIGHT
-messages share group commits. Quotas are not applied: an import moves what the user has.
+messages share group commits, their files fsynced side by side before it. Quotas are not applied: an import moves what the user has.
 """
 
 from __future__ import annotations
@@ -150,7 +150,6 @@ class ImportMailbox:
             date = internal_date if internal_date is not None else os.fstat(fd).st_mtime
             try:
                 os.utime(fd, (date, date))  # the internal date, for `store rebuild`
-                os.fsync(fd)
             except OSError as e:
                 raise store_error(e, path.parent) from e
         except BaseException:
@@ -171,7 +170,10 @@ class ImportMailbox:
             self._settle.wait_for(lambda: self._in_flight < IN_FLIGHT)
             self._in_flight += 1
         try:
-            shard.submit(insert, on_done=lambda request: self._settled(request, key, uid, path))
+            # The committer fsyncs the files of a batch side by side before its commit: one
+            # at a time here, an fsync each, the import ran at a third of the speed.
+            shard.submit(insert, before=lambda: _fsync(path),
+                         on_done=lambda request: self._settled(request, key, uid, path))
         except BaseException:
             with self._settle:
                 self._in_flight -= 1
@@ -383,6 +385,14 @@ def _ledger_key(mailbox_id: int, key: str) -> bytes:
 def _uid_index_key(mailbox_id: int, uid: int) -> bytes:
     """Set when a message kept its source UID: that UID below UIDNEXT was the source's."""
     return pack_u32(mailbox_id) + b"u" + pack_u32(uid)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
