@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("rebuild", help="recreate the index from the message files alone")
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.set_defaults(run=_storeadmin("store_rebuild"), needs_store=True)
+    # Mail moved in from another server (postroom/importer.py).
+    p = store.add_parser("import", help="import a Maildir, an mbox file or an IMAP account into ACCOUNT; "
+                                        "run again, it imports only what is new")
+    p.add_argument("account")
+    p.add_argument("source", help="a Maildir directory (Dovecot's UIDs kept), an mbox file, or "
+                                  "imap://USER@HOST[:PORT] or imaps://... (password on standard input)")
+    p.add_argument("--into", metavar="MAILBOX", help="the mailbox an mbox file goes into (default INBOX)")
+    p.add_argument("--cafile", metavar="FILE", help="trust the IMAP server's certificate if this CA file "
+                                                    "(or the certificate itself) signed it")
+    p.set_defaults(run=_importer, needs_store=True)
 
     # The outbound queue, on a live server too (postroom/queueadmin.py).
     queue = _group(commands, "queue", "inspect and steer the outbound queue")
@@ -171,6 +181,13 @@ def _storeadmin(name: str):
         return getattr(storeadmin, name)(*args)
 
     return run
+
+
+def _importer(*args):
+    """`store import`, imported when it runs (the IMAP client, the source readers)."""
+    from postroom import importer
+
+    return importer.store_import(*args)
 
 
 def _count(text: str) -> int:
