@@ -20,7 +20,8 @@ user expunged since.
 
 Messages are streamed into a file in the shard's writer directory (never whole in memory)
 and committed through the shard's committer without waiting for each: up to IN_FLIGHT
-messages share group commits, their files fsynced side by side before it. Quotas are not applied: an import moves what the user has.
+messages share group commits, their files fsynced side by side before it. Quotas are not
+applied: an import moves what the user has.
 """
 
 from __future__ import annotations
