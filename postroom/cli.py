@@ -125,7 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dns-records", help="print the MX, SPF, DKIM, DMARC and SRV records of a domain")
     p.add_argument("domain")
     p.set_defaults(run=_dkimadmin("dns_records"), needs_config=True)
+    # Reload of what runs: config and certificates (postroom/reload.py).
+    p = commands.add_parser("reload", help="make the running daemons read the config and certificates again")
+    p.set_defaults(run=_reload, needs_config=True)
     return parser
+
+
+def _reload(*args):
+    """`postroom reload`, imported when it runs."""
+    from postroom import reload
+
+    return reload.run_reload(*args)
 
 
 def _dkimadmin(name: str):
