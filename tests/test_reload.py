@@ -28,7 +28,7 @@ import pytest
 import conf
 from conftest import POSTROOM, READY_TIMEOUT, add_accounts, free_port, start_module_daemon, write_config_file
 from docs_blocks import commands
-from postroom.reload import RESTART_NEEDED
+from postroom.reload import RESTART_NEEDED, merge
 
 TIMEOUT = 10
 RELOAD_TIMEOUT = 10.0
@@ -218,24 +218,29 @@ def test_renewed_certificate_seen_by_new_sessions_on_every_tls_listener(server, 
     smtp = smtplib.SMTP_SSL(a.host, a.port, context=_any_certificate(), timeout=TIMEOUT)
     smtp.login(USER, PASSWORD)
 
-    # certbot renews into its live/ directory and runs the deploy hook with RENEWED_LINEAGE.
-    lineage = tmp_path / "letsencrypt/live/mail.example.test"
-    _, _, new = make_certificate(lineage, "renewed.example.test")
-    seen = _count(server, "reload.done")
-    hook = commands("tls.md", "renew-hook", replace=_replace(server.config_path, config.tls.cert, config.tls.key))
-    results = _run(hook, env={"RENEWED_LINEAGE": str(lineage)})
-    assert "reload sent to serve" in results[-1].stdout
-    _wait_for(server, "reload.done", seen + len(DAEMONS))
+    try:
+        # certbot renews into its live/ directory and runs the deploy hook with RENEWED_LINEAGE.
+        lineage = tmp_path / "letsencrypt/live/mail.example.test"
+        _, _, new = make_certificate(lineage, "renewed.example.test")
+        seen = _count(server, "reload.done")
+        hook = commands("tls.md", "renew-hook", replace=_replace(server.config_path, config.tls.cert, config.tls.key))
+        results = _run(hook, env={"RENEWED_LINEAGE": str(lineage)})
+        assert "reload sent to serve" in results[-1].stdout
+        _wait_for(server, "reload.done", seen + len(DAEMONS))
 
-    after = {name: way(server) for name, way in WAYS_IN.items()}
-    assert after == {name: new for name in WAYS_IN}, "a new TLS session still sees the old certificate"
-    # The open sessions go on, on the handshake they made.
-    assert _peer(imap.sock) == old
-    assert imap.select("INBOX")[0] == "OK"
-    imap.logout()
-    assert _peer(smtp.sock) == old
-    smtp.sendmail(USER, [USER], f"From: {USER}\r\nTo: {USER}\r\nSubject: across a reload\r\n\r\nhi\r\n")
-    smtp.quit()
+        after = {name: way(server) for name, way in WAYS_IN.items()}
+        assert after == {name: new for name in WAYS_IN}, "a new TLS session still sees the old certificate"
+        # The open sessions go on, on the handshake they made.
+        assert _peer(imap.sock) == old
+        assert imap.select("INBOX")[0] == "OK"
+        imap.logout()
+        assert _peer(smtp.sock) == old
+        smtp.sendmail(USER, [USER], f"From: {USER}\r\nTo: {USER}\r\nSubject: across a reload\r\n\r\nhi\r\n")
+        smtp.quit()
+    finally:  # a failure above must not leave sessions that hold up the daemon's stop
+        if imap.state != "LOGOUT":
+            imap.shutdown()
+        smtp.close()
 
 
 def test_changed_limit_applies_to_new_sessions_only(server, restore):
@@ -359,3 +364,18 @@ def test_restart_needed_keys_are_the_ones_the_example_config_names():
     sections = text[text.index("#   sections:"):].split("\n", 1)[0]
     named = re.findall(r"[a-z0-9_]+\.[a-z0-9_]+", keys) + re.findall(r"\[([a-z_]+)\]", sections)
     assert sorted(named) == sorted(RESTART_NEEDED)
+
+
+def test_merge_keeps_the_running_value_of_keys_that_need_a_restart():
+    server = '[server]\nhostname = "mail.example.test"\n'
+    running = conf.loads(server + '[smtp]\nlisten = ["127.0.0.1:2525"]\nmax_message_size = "25M"\n'
+                         '[tls]\ncert = "/a/cert.pem"\n[dkim]\nsign = true\n')
+    new = conf.loads(server + '[smtp]\nlisten = ["127.0.0.1:2526"]\nmax_message_size = "1M"\n'
+                     '[tls]\ncert = "/b/cert.pem"\n[dkim]\nsign = false\n')
+    merged, kept = merge(running, new)
+    assert kept == ["smtp.listen", "dkim.sign"]
+    assert merged.smtp.listen == running.smtp.listen and merged.dkim == running.dkim
+    assert merged.smtp.max_message_size == 1024 * 1024 and merged.tls.cert == Path("/b/cert.pem")
+    # Turning TLS off (or on) is a start's business: the running [tls] stays.
+    merged, kept = merge(running, conf.loads(server))
+    assert "tls.cert" in kept and merged.tls == running.tls
