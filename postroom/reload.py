@@ -251,26 +251,27 @@ def running_processes(data_dir: Path) -> list[tuple[str, int]]:
 
 
 def _lock_holder(path: Path) -> int | None:
-    """The pid in a lock file, if that process holds the file open: the lock lives on an
-    open descriptor for the holder's life (postroom/datadir.py), and a pid left in the file
-    by a process that is gone may since belong to anything."""
+    """The pid in a lock file, if that process holds the file's lock (postroom/datadir.py:
+    held on an open descriptor for the holder's life). A pid left in the file by a process
+    that is gone may since belong to anything: /proc/locks, which anyone may read, says who
+    holds a lock on which inode (a daemon that dropped root privileges hides its /proc/PID/fd
+    from everyone but root)."""
     try:
         text = path.read_text().strip()
+        inode = path.stat().st_ino
+        with open("/proc/locks") as locks:
+            held = locks.read().splitlines()
     except OSError:
         return None
     if not text.isdigit():
         return None
-    pid, target = int(text), str(path.resolve())
-    try:
-        descriptors = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for fd in descriptors:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return pid
-        except OSError:
-            continue
+    pid = int(text)
+    for line in held:
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" second.
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) \
+                and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return pid
     return None
 
 

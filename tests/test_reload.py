@@ -34,13 +34,15 @@ TIMEOUT = 10
 RELOAD_TIMEOUT = 10.0
 USER, PASSWORD = "ann@example.test", "reload-secret"
 DAEMONS = ("mtad", "imapd", "pop3d")
+RELOADS = 4  # reload.done lines of one reload: mtad, its MX worker, imapd, pop3d
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("reload")
-    daemon = start_module_daemon(root)
+    # Two SMTP workers: mtad passes the signal on to its worker.
+    daemon = start_module_daemon(root, smtp={"workers": 2, "max_connections_per_ip": 200})
     add_accounts(daemon.config_path, PASSWORD, users=[USER])
     daemon.original = daemon.config_path.read_text()
     yield daemon
@@ -56,7 +58,7 @@ def restore(server):
         server.config_path.write_text(server.original)
         seen = _count(server, "reload.done")
         os.kill(server.process.pid, signal.SIGHUP)
-        _wait_for(server, "reload.done", seen + len(DAEMONS))
+        _wait_for(server, "reload.done", seen + RELOADS)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -226,10 +228,11 @@ def test_renewed_certificate_seen_by_new_sessions_on_every_tls_listener(server, 
         hook = commands("tls.md", "renew-hook", replace=_replace(server.config_path, config.tls.cert, config.tls.key))
         results = _run(hook, env={"RENEWED_LINEAGE": str(lineage)})
         assert "reload sent to serve" in results[-1].stdout
-        _wait_for(server, "reload.done", seen + len(DAEMONS))
+        _wait_for(server, "reload.done", seen + RELOADS)
 
         after = {name: way(server) for name, way in WAYS_IN.items()}
         assert after == {name: new for name in WAYS_IN}, "a new TLS session still sees the old certificate"
+        assert {_submissions(server) for _ in range(4)} == {new}  # whichever SMTP process accepts it
         # The open sessions go on, on the handshake they made.
         assert _peer(imap.sock) == old
         assert imap.select("INBOX")[0] == "OK"
@@ -256,7 +259,7 @@ def test_changed_limit_applies_to_new_sessions_only(server, restore):
     _edit(server.config_path, "smtp", "listen", f'["127.0.0.1:{moved}"]')  # needs a restart
     seen = _count(server, "reload.done")
     _run(commands("tls.md", "reload", replace=_replace(server.config_path, Path("-/-"), Path("-/-"))))
-    _wait_for(server, "reload.done", seen + len(DAEMONS))
+    _wait_for(server, "reload.done", seen + RELOADS)
 
     with smtplib.SMTP(a.host, a.port, timeout=TIMEOUT) as new_session:  # the running address
         assert _size(new_session) == 1024 * 1024
