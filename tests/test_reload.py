@@ -1,6 +1,6 @@
 """Reload (postroom/reload.py): SIGHUP and `postroom reload` on a running `postroom serve`,
 and on a daemon running alone. A renewed certificate is what each new TLS session sees, on
-every way in (submission 465 and STARTTLS on 587, IMAPS and IMAP STARTTLS, POP3S and STLS);
+every way in (STARTTLS on the MX, submission 465 and STARTTLS on 587, IMAPS and IMAP STARTTLS, POP3S and STLS);
 a session opened before goes on with its own; a changed limit applies to new sessions; a
 broken config or certificate is refused, logged, and the running one kept; a key that
 needs a restart is logged and keeps its running value. The sysadmin's commands are
@@ -136,6 +136,14 @@ def _peer(sock) -> bytes:
 
 # Each returns the DER certificate a new session on that way in is shown.
 
+def _mx_starttls(server) -> bytes:
+    a = server.listen("smtp.listen")
+    with smtplib.SMTP(a.host, a.port, timeout=TIMEOUT) as client:
+        client.starttls(context=_any_certificate())
+        client.ehlo()
+        return _peer(client.sock)
+
+
 def _submissions(server) -> bytes:
     a = server.listen("submission.listen_tls")
     with smtplib.SMTP_SSL(a.host, a.port, context=_any_certificate(), timeout=TIMEOUT) as client:
@@ -185,7 +193,7 @@ def _pop3_stls(server) -> bytes:
     return der
 
 
-WAYS_IN = {"submissions": _submissions, "submission-starttls": _submission_starttls, "imaps": _imaps,
+WAYS_IN = {"mx-starttls": _mx_starttls, "submissions": _submissions, "submission-starttls": _submission_starttls, "imaps": _imaps,
            "imap-starttls": _imap_starttls, "pop3s": _pop3s, "pop3-stls": _pop3_stls}
 
 
