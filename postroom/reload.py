@@ -188,7 +188,7 @@ class Reloader:
         self.apply(config)
         changed = [f"{s}.{k}" for s, k in _differences(self.config, config)]
         self.config = config
-        self.log.info("reload.done", daemon=self.daemon, changed=len(changed), certificate=config.tls.cert or "-")
+        self.log.info("reload.done", daemon=self.daemon, changed=changed or "-", certificate=config.tls.cert or "-")
 
     def apply(self, config: Config) -> None:
         """New sessions see `config` (its RESTART_NEEDED keys are the running ones)."""

@@ -193,8 +193,8 @@ def _pop3_stls(server) -> bytes:
     return der
 
 
-WAYS_IN = {"mx-starttls": _mx_starttls, "submissions": _submissions, "submission-starttls": _submission_starttls, "imaps": _imaps,
-           "imap-starttls": _imap_starttls, "pop3s": _pop3s, "pop3-stls": _pop3_stls}
+WAYS_IN = {"mx-starttls": _mx_starttls, "submissions": _submissions, "submission-starttls": _submission_starttls,
+           "imaps": _imaps, "imap-starttls": _imap_starttls, "pop3s": _pop3s, "pop3-stls": _pop3_stls}
 
 
 def _size(client: smtplib.SMTP) -> int:
@@ -275,6 +275,7 @@ def test_changed_limit_applies_to_new_sessions_only(server, restore):
     old_session.sendmail(USER, [USER], f"From: {USER}\r\nSubject: big enough\r\n\r\n{'x' * 2_000_000}\r\n")
     old_session.quit()
     assert _count(server, "reload.restart_needed", daemon="mtad", key="smtp.listen") >= 1
+    assert _count(server, "reload.done", daemon="imapd", changed="smtp.max_message_size,imap.max_connections_per_ip")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", moved), timeout=TIMEOUT)
     # imapd's connection limit: the second connection from this address is turned away.
