@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="what runs, the queue, the store, certificates and DNS records")
     p.add_argument("--no-dns", action="store_true", help="skip the DNS checks (no network)")
     p.set_defaults(run=_lazy("status", "status"), needs_config=True)
+    # Reload of what runs: config and certificates (postroom/reload.py).
+    p = commands.add_parser("reload", help="make the running daemons read the config and certificates again")
+    p.set_defaults(run=_lazy("reload", "run_reload"), needs_config=True)
     return parser
 
 
