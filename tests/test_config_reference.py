@@ -81,7 +81,8 @@ def test_comments_attach_to_runs_commented_keys_and_subtables():
     page = reference(example)
     # Keys sharing a comment share an entry; types, defaults and ranges come from the schema.
     assert "### `smtp.max_connections`, `smtp.max_connections_per_ip`" in page
-    assert "| `max_connections_per_ip` | integer | `20` | `1` to `100000` |" in page
-    assert "| `relay_password_file` | path, optional | not set | — |" in page
-    assert "| `timeout` | duration | `\"30m\"` | `\"30m\"` to `\"1d\"` |" in page  # [imap]
+    assert "| `max_connections_per_ip` | integer | `20` | `1` to `100000` | applied |" in page
+    assert "| `relay_password_file` | path, optional | not set | — | restart |" in page  # all of [outbound]
+    assert "| `timeout` | duration | `\"30m\"` | `\"30m\"` to `\"1d\"` | applied |" in page  # [imap]
+    assert "| `workers` | integer | `1` | `1` to `64` | restart |" in page  # smtp.workers
     assert "In the example: `max_connections = 5`, `max_connections_per_ip = 2`" in page
