@@ -131,6 +131,9 @@ INSTALL_ETC     ?= /etc/postroom
 INSTALL_UNITS   ?= /etc/systemd/system
 INSTALL_DATA    ?= /var/lib/postroom
 INSTALL_APT     := python3 python3-venv ca-certificates
+# Debian's interpreter, not whichever python3 is first on root's PATH (a pyenv one lives
+# under /root, which ProtectHome= hides from the units).
+INSTALL_PYTHON  ?= /usr/bin/python3
 
 install-system:
 	@[ "$$(id -u)" = 0 ] || { echo "make install-system: run it as root" >&2; exit 1; }
@@ -139,7 +142,12 @@ install-system:
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
 	fi
-	$(PYTHON) -m venv $(INSTALL_PREFIX)
+	@# The venv is made again when its interpreter is not INSTALL_PYTHON (Debian moved to a new
+	@# Python, or a first install with another one): its packages are built for that one only.
+	@same=$$($(INSTALL_PREFIX)/bin/python -c 'import sys; print(sys.version)' 2>/dev/null); \
+	if [ "$$same" != "$$($(INSTALL_PYTHON) -c 'import sys; print(sys.version)')" ]; then \
+	    echo "$(INSTALL_PYTHON) -m venv --clear $(INSTALL_PREFIX)"; $(INSTALL_PYTHON) -m venv --clear $(INSTALL_PREFIX); \
+	fi
 	$(INSTALL_PREFIX)/bin/pip install --quiet --upgrade pip
 	$(INSTALL_PREFIX)/bin/pip install --quiet .
 	for c in postroom mtad imapd pop3d; do ln -sfn $(INSTALL_PREFIX)/bin/$$c $(INSTALL_BIN)/$$c; done

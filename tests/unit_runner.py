@@ -260,7 +260,8 @@ class Manager:
                 self.log("Failed.")
                 return 1
             delay = seconds(self.unit.get("RestartSec"), 0.1)
-            self.set_state("activating", "")
+            # systemd's "activating (auto-restart)": a start job waiting on this has failed.
+            self.set_state("auto-restart", "")
             self.log(f"Scheduled restart job in {delay:g}s.")
             end = time.monotonic() + delay
             while time.monotonic() < end and not self.stopping:
@@ -447,7 +448,8 @@ def members(units_dir: Path, name: str) -> list[str]:
 
 def start(units_dir: Path, state_dir: Path, name: str) -> int:
     unit = Unit.load(units_dir, name)
-    if manager_pid(state_dir, unit.name) and unit_state(state_dir, unit.name) in ("active", "activating"):
+    if manager_pid(state_dir, unit.name) and unit_state(state_dir, unit.name) in ("active", "activating",
+                                                                                  "auto-restart"):
         return 0 if wait_started(state_dir, unit) else 1
     state = state_dir / unit.name
     state.mkdir(parents=True, exist_ok=True)
@@ -470,7 +472,7 @@ def wait_started(state_dir: Path, unit: Unit) -> bool:
         state = unit_state(state_dir, unit.name)
         if state == "active":
             return True
-        if state in ("failed", "inactive"):
+        if state in ("failed", "inactive", "auto-restart"):
             return False
         time.sleep(0.05)
     return False
@@ -579,11 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             elif command == "reload":
                 code |= reload(units, state, member)
             elif command == "is-active":
-                active = unit_state(state, member)
+                active = unit_state(state, member).replace("auto-restart", "activating")
                 print(active)
                 code |= 0 if active == "active" else 3
             elif command == "status":
-                active = unit_state(state, member)
+                active = unit_state(state, member).replace("auto-restart", "activating (auto-restart)")
                 path = state / member
                 main_pid = (path / "MainPID").read_text().strip() if (path / "MainPID").exists() else "-"
                 status = (path / "status").read_text().strip() if (path / "status").exists() else ""
