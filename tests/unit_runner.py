@@ -134,14 +134,106 @@ class Unit:
 
 # -- the manager ----------------------------------------------------------------------------
 
-class Manager:
-    """One unit's life: start, watch, restart, stop. Runs in a process of its own."""
+class Processes:
+    """How the unit's commands run (the main process and control processes alike), and the
+    unit's journal."""
 
-    def __init__(self, unit: Unit, state: Path):
+    def __init__(self, unit: Unit, state: Path, main_pid: int = 0):
         self.unit = unit
         self.state = state
         self.journal = open(state / "journal", "ab", buffering=0)
-        self.main_pid = 0
+        self.main_pid = main_pid
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%b %d %H:%M:%S")
+        self.journal.write(f"{stamp} unit_runner[{os.getpid()}]: {self.unit.name}: {message}\n".encode())
+
+    def _user(self) -> tuple[pwd.struct_passwd | None, int | None]:
+        user = self.unit.get("User")
+        group = self.unit.get("Group")
+        entry = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else None)
+        return entry, gid
+
+    def _argv(self, command: str, privileged: bool) -> list[str]:
+        """The command line behind setpriv, which applies User=, capabilities, no_new_privs."""
+        words = shlex.split(command.replace("$MAINPID", str(self.main_pid)).replace("${MAINPID}", str(self.main_pid)))
+        setpriv = ["setpriv"]
+        entry, gid = self._user()
+        if entry is not None and not privileged:
+            setpriv += [f"--reuid={entry.pw_uid}", f"--regid={gid}", "--init-groups"]
+        if privileged:
+            return words
+        ambient = [c.lower().removeprefix("cap_") for c in self.unit.words("AmbientCapabilities")]
+        if ambient:
+            caps = ",".join("+" + c for c in ambient)
+            setpriv += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+        bounding = [c.lower().removeprefix("cap_") for c in self.unit.words("CapabilityBoundingSet")]
+        if bounding:
+            setpriv += ["--bounding-set=-all," + ",".join("+" + c for c in bounding)]
+        if self.unit.get("NoNewPrivileges") in ("yes", "true", "1"):
+            setpriv.append("--no-new-privs")
+        return setpriv + ["--", *words]
+
+    def _environment(self, main: bool) -> dict[str, str]:
+        entry, _ = self._user()
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+               "INVOCATION_ID": uuid.uuid4().hex}
+        if entry is not None:
+            env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name, SHELL=entry.pw_shell)
+        for assignment in self.unit.all("Environment"):
+            for word in shlex.split(assignment):
+                key, _, value = word.partition("=")
+                env[key] = value
+        if main:
+            env["NOTIFY_SOCKET"] = self.notify_path
+            watchdog = seconds(self.unit.get("WatchdogSec"), 0.0)
+            if watchdog:
+                env["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
+        return env
+
+    def _exec(self, command: str, main: bool) -> int:
+        """Fork a process that runs `command` as the unit says; its pid."""
+        privileged = command.lstrip("-@").startswith(("+", "!"))
+        argv = self._argv(command.lstrip("-@+!"), privileged)
+        env = self._environment(main)
+        umask = int(self.unit.get("UMask", "0022"), 8)
+        nofile = self.unit.get("LimitNOFILE")
+        workdir = self.unit.get("WorkingDirectory", "/").lstrip("-")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                if main and "WATCHDOG_USEC" in env:
+                    env["WATCHDOG_PID"] = str(os.getpid())  # setpriv execs in place: the same pid
+                os.umask(umask)
+                if nofile:
+                    try:
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), int(nofile)))
+                    except (ValueError, OSError):  # a container's own cap, below the unit's
+                        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(nofile), hard), hard))
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(self.journal.fileno(), 1)
+                os.dup2(self.journal.fileno(), 2)
+                os.chdir(workdir)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as e:
+                os.write(2, f"unit_runner: {argv[0]}: {e}\n".encode())
+            os._exit(203)  # systemd's EXIT_EXEC
+        return pid
+
+    def run_control(self, command: str) -> int:
+        pid = self._exec(command, main=False)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+class Manager(Processes):
+    """One unit's life: start, watch, restart, stop. Runs in a process of its own."""
+
+    def __init__(self, unit: Unit, state: Path):
+        super().__init__(unit, state)
         self.pidfd = -1
         self.stopping = False
         self.starts: list[float] = []
@@ -153,10 +245,6 @@ class Manager:
         self.sock.bind(self.notify_path)
         os.chmod(self.notify_path, 0o777)  # the service's user must be able to send
         signal.signal(signal.SIGTERM, self._on_term)
-
-    def log(self, message: str) -> None:
-        stamp = time.strftime("%b %d %H:%M:%S")
-        self.journal.write(f"{stamp} unit_runner[{os.getpid()}]: {self.unit.name}: {message}\n".encode())
 
     def set_state(self, state: str, status: str | None = None) -> None:
         (self.state / "state").write_text(state + "\n")
@@ -272,13 +360,6 @@ class Manager:
 
     # -- processes --------------------------------------------------------------------------
 
-    def _user(self) -> tuple[pwd.struct_passwd | None, int | None]:
-        user = self.unit.get("User")
-        group = self.unit.get("Group")
-        entry = pwd.getpwnam(user) if user else None
-        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else None)
-        return entry, gid
-
     def _state_directories(self) -> None:
         entry, gid = self._user()
         mode = int(self.unit.get("StateDirectoryMode", "0755"), 8)
@@ -288,79 +369,6 @@ class Manager:
             if entry is not None:
                 os.chown(path, entry.pw_uid, gid if gid is not None else entry.pw_gid)
             os.chmod(path, mode)
-
-    def _argv(self, command: str, privileged: bool) -> list[str]:
-        """The command line behind setpriv, which applies User=, capabilities, no_new_privs."""
-        words = shlex.split(command.replace("$MAINPID", str(self.main_pid)).replace("${MAINPID}", str(self.main_pid)))
-        setpriv = ["setpriv"]
-        entry, gid = self._user()
-        if entry is not None and not privileged:
-            setpriv += [f"--reuid={entry.pw_uid}", f"--regid={gid}", "--init-groups"]
-        if privileged:
-            return words
-        ambient = [c.lower().removeprefix("cap_") for c in self.unit.words("AmbientCapabilities")]
-        if ambient:
-            caps = ",".join("+" + c for c in ambient)
-            setpriv += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
-        bounding = [c.lower().removeprefix("cap_") for c in self.unit.words("CapabilityBoundingSet")]
-        if bounding:
-            setpriv += ["--bounding-set=-all," + ",".join("+" + c for c in bounding)]
-        if self.unit.get("NoNewPrivileges") in ("yes", "true", "1"):
-            setpriv.append("--no-new-privs")
-        return setpriv + ["--", *words]
-
-    def _environment(self, main: bool) -> dict[str, str]:
-        entry, _ = self._user()
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-               "INVOCATION_ID": uuid.uuid4().hex}
-        if entry is not None:
-            env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name, SHELL=entry.pw_shell)
-        for assignment in self.unit.all("Environment"):
-            for word in shlex.split(assignment):
-                key, _, value = word.partition("=")
-                env[key] = value
-        if main:
-            env["NOTIFY_SOCKET"] = self.notify_path
-            watchdog = seconds(self.unit.get("WatchdogSec"), 0.0)
-            if watchdog:
-                env["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
-        return env
-
-    def _exec(self, command: str, main: bool) -> int:
-        """Fork a process that runs `command` as the unit says; its pid."""
-        privileged = command.lstrip("-@").startswith(("+", "!"))
-        argv = self._argv(command.lstrip("-@+!"), privileged)
-        env = self._environment(main)
-        umask = int(self.unit.get("UMask", "0022"), 8)
-        nofile = self.unit.get("LimitNOFILE")
-        workdir = self.unit.get("WorkingDirectory", "/").lstrip("-")
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setsid()
-                if main and "WATCHDOG_USEC" in env:
-                    env["WATCHDOG_PID"] = str(os.getpid())  # setpriv execs in place: the same pid
-                os.umask(umask)
-                if nofile:
-                    try:
-                        resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), int(nofile)))
-                    except (ValueError, OSError):  # a container's own cap, below the unit's
-                        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                        resource.setrlimit(resource.RLIMIT_NOFILE, (min(int(nofile), hard), hard))
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, 0)
-                os.dup2(self.journal.fileno(), 1)
-                os.dup2(self.journal.fileno(), 2)
-                os.chdir(workdir)
-                os.execvpe(argv[0], argv, env)
-            except BaseException as e:
-                os.write(2, f"unit_runner: {argv[0]}: {e}\n".encode())
-            os._exit(203)  # systemd's EXIT_EXEC
-        return pid
-
-    def run_control(self, command: str) -> int:
-        pid = self._exec(command, main=False)
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     def spawn_main(self, command: str) -> None:
         self.main_pid = self._exec(command, main=True)
@@ -401,7 +409,7 @@ class Manager:
             pass
         ready, _, _ = select.select([self.pidfd], [], [], timeout)
         if not ready:
-            self.log(f"State 'stop-sigterm' timed out. Killing. (after {timeout:g}s)")
+            self.log(f"Still running {timeout:g}s after {signal.Signals(sig).name}. Killing.")
         try:
             os.killpg(group, signal.SIGKILL)  # what is left of the group, as systemd's final SIGKILL
         except ProcessLookupError:
@@ -500,10 +508,8 @@ def reload(units_dir: Path, state_dir: Path, name: str) -> int:
         print(f"Failed to reload {unit.name}: Job type reload is not applicable for unit {unit.name}.",
               file=sys.stderr)
         return 1
-    manager = Manager.__new__(Manager)  # the exec half only: no socket, no signal handler
-    manager.unit, manager.state = unit, state_dir / unit.name
-    manager.journal = open(manager.state / "journal", "ab", buffering=0)
-    manager.main_pid = int((manager.state / "MainPID").read_text())
+    state = state_dir / unit.name
+    manager = Processes(unit, state, main_pid=int((state / "MainPID").read_text()))
     for command in commands:
         code = manager.run_control(command)
         if code != 0 and not command.startswith("-"):
