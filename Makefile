@@ -15,6 +15,9 @@ PYTEST_ARGS ?=
 # clamd that tests/clamd_peer.py starts with its own config and one test signature).
 APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
                 opendkim-tools clamav-daemon
+# tests/test_import.py: a Maildir written by Dovecot's own imap process (tests/dovecot_peer.py);
+# the dovecot service Debian starts with it is disabled below, as clamav's is.
+APT_PACKAGES += dovecot-imapd
 
 .PHONY: run test compliance install system-packages clean install-system
 
@@ -85,6 +88,9 @@ system-packages:
 	            echo "clamav-daemon is a test peer here: disabling $(CLAMAV_SERVICES)"; \
 	            systemctl disable --now $(CLAMAV_SERVICES) || true; \
 	        fi;; \
+	    esac; \
+	    case " $$(echo $$missing) " in *" dovecot-imapd "*) \
+	        if [ -d /run/systemd/system ]; then systemctl disable --now dovecot.service dovecot.socket || true; fi;; \
 	    esac; \
 	fi
 

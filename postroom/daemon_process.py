@@ -30,7 +30,7 @@ import conf
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import TLSSetupError, ensure_certificate, server_context
-from postroom import daemons, supervisor
+from postroom import daemons, reload, supervisor
 from postroom.daemons import Context
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, open_accounts, open_store
 from postroom.notify import notify
@@ -77,6 +77,7 @@ def main(prog: str, config_path: Path, daemon: str, worker: bool = False) -> int
     as the sd_notify STATUS, which is how a supervisor hears it (it prints it; the child
     does not). After a run that ended in a stop, ends the process."""
     supervised = supervisor.supervised()
+    reload.ignore_until_ready()
     try:
         config = conf.load(config_path)
         become_data_dir_owner(config.server.data_dir)
@@ -161,6 +162,8 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
             await _stop(context, running, workers)
             raise ServeError(failed.failure)
 
+    # SIGHUP: config and certificates read again for new sessions (postroom/reload.py).
+    reload.Reloader(daemon, context, running, workers, log).install()
     if not supervised and not worker:
         print(table(config, of_daemon(daemon), log), flush=True)
     extra = {"smtp_workers": config.smtp.workers} if workers else {}

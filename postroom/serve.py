@@ -22,6 +22,7 @@ import functools
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import ensure_certificate, server_context
+from postroom import reload
 from postroom.datadir import lock, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
@@ -36,6 +37,7 @@ def serve(config: Config) -> int:
 
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
+    reload.ignore_until_ready()  # the children inherit it, until their own handler
     # Everything the children would otherwise race for is done once, here, first: the data
     # dir's creation and the dev certificate.
     data_dir, accounts = open_accounts(config)
@@ -59,6 +61,7 @@ async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, s
     stop = stop_on_signal()
     keep_alive(supervisor.watchdog.interval)
     supervisor.attach()
+    reload.forward_on_signal(config.source, supervisor, log)  # SIGHUP: checked, then to every child
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)
     if failed is not None:
         await supervisor.stop(config.server.stop_grace)
