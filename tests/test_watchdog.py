@@ -1,7 +1,8 @@
 """The watchdog (postroom/watchdog.py): WATCHDOG=1 comes from the event loop and stops when
 the loop stalls; `postroom serve` under postroom.service (run by tests/unit_runner.py as
 systemd would, WatchdogSec=1s) pings its manager, and restarts a child that stops pinging
-it; a serve that stops pinging is restarted by its manager."""
+it; a serve that stops pinging is restarted by its manager; the unit's ExecReload reaches
+every daemon."""
 
 from __future__ import annotations
 
@@ -196,3 +197,16 @@ def test_manager_restarts_a_serve_that_stops_pinging(service):
     assert service.main_pid() != serve
     assert service.systemctl("is-active", "postroom").stdout.strip() == "active"
     assert "event=ready" in service.journal()[mark:started.start()]
+
+
+def test_reload_through_the_unit_keeps_serve_and_reaches_every_daemon(service):
+    """ExecReload=/bin/kill -HUP $MAINPID, as `systemctl reload postroom` runs it."""
+    serve = service.main_pid()
+    mark = len(service.journal())
+    reloaded = service.systemctl("reload", "postroom")
+    assert reloaded.returncode == 0, reloaded.stderr
+    service.wait_for(r"event=reload.forwarded daemons=mtad,imapd,pop3d", mark)
+    for daemon in ("mtad", "imapd", "pop3d"):
+        service.wait_for(rf"event=reload.done daemon={daemon} ", mark)
+    assert service.main_pid() == serve
+    assert service.systemctl("is-active", "postroom").stdout.strip() == "active"
