@@ -22,7 +22,6 @@ import pytest
 
 from conftest import BIN, write_config_file
 from procs import processes
-from unit_runner import Unit
 
 from postroom.watchdog import keep_alive, take_interval
 
