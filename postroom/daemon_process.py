@@ -36,6 +36,7 @@ from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, ope
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from postroom.watchdog import keep_alive, take_interval
 from storage import DataDirError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -135,6 +136,8 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
 
 async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool) -> int:
     stop = stop_on_signal()
+    watchdog = take_interval()  # systemd's or serve's; mtad's workers get the same
+    keep_alive(watchdog)
     config = context.config
     # mtad's workers take every SMTP listener (MX and submission) with it: SO_REUSEPORT.
     services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING]
@@ -150,7 +153,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
 
     workers = None
     if daemon == "mtad" and not worker and running and config.smtp.workers > 1:
-        workers = Supervisor(log)
+        workers = Supervisor(log, watchdog=watchdog)
         workers.attach()
         for _ in range(config.smtp.workers - 1):
             workers.start("mtad-worker", command(config.source, "serve", "--smtp-worker"))

@@ -50,7 +50,7 @@ import conf
 from conf import Config
 from conf.logfmt import LEVELS, EventLogger
 from conf.tls import TLSSetupError, server_context, server_tls
-from postroom.services import DAEMONS
+from postroom.datadir import running_processes
 
 # Keys a reload does not apply (a section name: every key of it). A change is logged and the
 # running value kept until the next start.
@@ -237,49 +237,20 @@ def forward_on_signal(path: Path, supervisor, log: EventLogger) -> None:
 
 # -- postroom reload ------------------------------------------------------------------------
 
-def running_processes(data_dir: Path) -> list[tuple[str, int]]:
-    """(name, pid) of what runs on `data_dir`: serve alone if it runs (it passes signals on),
-    else each daemon running alone."""
-    found = []
-    for name in ("serve", *DAEMONS):
-        pid = _lock_holder(data_dir / f"{name}.lock")
-        if pid is not None:
-            if name == "serve":
-                return [(name, pid)]
-            found.append((name, pid))
-    return found
-
-
-def _lock_holder(path: Path) -> int | None:
-    """The pid in a lock file, if that process holds the file's lock (postroom/datadir.py:
-    held on an open descriptor for the holder's life). A pid left in the file by a process
-    that is gone may since belong to anything: /proc/locks, which anyone may read, says who
-    holds a lock on which inode (a daemon that dropped root privileges hides its /proc/PID/fd
-    from everyone but root)."""
-    try:
-        text = path.read_text().strip()
-        inode = path.stat().st_ino
-        with open("/proc/locks") as locks:
-            held = locks.read().splitlines()
-    except OSError:
-        return None
-    if not text.isdigit():
-        return None
-    pid = int(text)
-    for line in held:
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" second.
-        fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) \
-                and fields[5].rsplit(":", 1)[-1] == str(inode):
-            return pid
-    return None
+def targets(data_dir: Path) -> list[tuple[str, int]]:
+    """(name, pid) of what to signal on `data_dir`: serve alone if it runs (it passes signals
+    on), else each daemon running alone."""
+    running = running_processes(data_dir)
+    if "serve" in running:
+        return [("serve", running["serve"].pid)]
+    return [(name, r.pid) for name, r in running.items()]
 
 
 def run_reload(config: Config, data_dir, accounts, args, audit) -> int:
     """`postroom reload`: the config (loaded by the CLI) and its certificate checked, then
     SIGHUP to serve or to each daemon running alone. Exit 1 when nothing runs."""
     server_context(config.tls)  # a certificate that does not load: one line, exit 1, nothing sent
-    processes = running_processes(data_dir.path)
+    processes = targets(data_dir.path)
     if not processes:
         print(f"postroom: nothing runs on data dir {data_dir.path} (no serve, mtad, imapd or pop3d lock held)",
               file=sys.stderr)

@@ -27,6 +27,7 @@ from postroom.datadir import lock, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from postroom.watchdog import keep_alive, take_interval
 
 START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and says which
 
@@ -45,7 +46,8 @@ def serve(config: Config) -> int:
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child
-    supervisor = Supervisor(log)
+    # systemd's watchdog: serve pings it from its loop and watches its children with the same timeout.
+    supervisor = Supervisor(log, watchdog=take_interval())
     started = daemons_to_start(config)
     for daemon in started:
         daemons.preload(daemon)
@@ -57,6 +59,7 @@ def serve(config: Config) -> int:
 
 async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str]) -> int:
     stop = stop_on_signal()
+    keep_alive(supervisor.watchdog.interval)
     supervisor.attach()
     reload.forward_on_signal(config.source, supervisor, log)  # SIGHUP: checked, then to every child
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)

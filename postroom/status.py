@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,11 @@ from conf import Config
 from policy import dkim
 from policy.resolver import NODATA, NXDOMAIN, OK, Resolver
 from postroom.dkimadmin import keys_dir
+from postroom.datadir import PROCESSES, Running, running_processes
 from postroom.services import DAEMONS, daemons_to_start
 from storage import DEFERRED, Accounts, DataDir, Queue, Store
 
 CERT_WARN_DAYS = 14
-PROCESSES = ("serve", *DAEMONS)
 
 
 def status(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse.Namespace, audit) -> int:
@@ -66,70 +65,6 @@ def status(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
 
 
 # -- services -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Running:
-    name: str
-    pid: int
-    started: float  # epoch seconds
-
-
-def running_processes(data_dir: Path) -> dict[str, Running]:
-    """The Postroom processes that hold their lock in `data_dir`, by name."""
-    held = _held_flocks()
-    found = {}
-    for name in PROCESSES:
-        path = data_dir / f"{name}.lock"
-        try:
-            st = path.stat()
-            text = path.read_text().strip()
-        except (FileNotFoundError, PermissionError):
-            continue
-        pid = int(text) if text.isdigit() else None
-        if held is not None:
-            holders = held.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
-            if not holders:
-                continue
-            pid = pid if pid in holders else min(holders)
-        if pid is None or not Path(f"/proc/{pid}").exists():
-            continue
-        started = _start_time(pid)
-        found[name] = Running(name, pid, started if started is not None else time.time())
-    return found
-
-
-def _held_flocks() -> dict[tuple[int, int, int], set[int]] | None:
-    """(major, minor, inode) -> pids holding a flock on it, from /proc/locks; None where
-    that file is not there (not Linux)."""
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return None
-    held: dict[tuple[int, int, int], set[int]] = {}
-    for line in lines:
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 586 fe:00:3229197 0 EOF"; a waiter has "->" after the number.
-        if len(fields) < 6 or fields[1] != "FLOCK":
-            continue
-        try:
-            major, minor, inode = fields[5].split(":")
-            key = (int(major, 16), int(minor, 16), int(inode))
-            held.setdefault(key, set()).add(int(fields[4]))
-        except ValueError:
-            continue
-    return held
-
-
-def _start_time(pid: int) -> float | None:
-    """When process `pid` started (epoch seconds), from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
-    except (OSError, StopIteration):
-        return None
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of proc(5): starttime
-    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def services_section(data_dir: DataDir, config: Config, trouble: list[str]) -> dict[str, Running]:
