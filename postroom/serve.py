@@ -31,7 +31,7 @@ START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and s
 
 
 def serve(config: Config) -> int:
-    from postroom import daemon_process, daemons  # here: the admin commands never load a daemon
+    from postroom import daemon_process, daemons, metrics  # here: the admin commands never load a daemon
 
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
@@ -43,19 +43,33 @@ def serve(config: Config) -> int:
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child
+    # Before any child exists: the port is bound (in use: one line, nothing started) and
+    # every process will write its metrics where this one reads them.
+    serving = metrics.for_serve(config)
     supervisor = Supervisor(log)
+    if serving is not None:
+        supervisor.on_exit = functools.partial(metrics.process_died, serving.directory)
     started = daemons_to_start(config)
     for daemon in started:
         daemons.preload(daemon)
     for daemon in started:
         supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
-                        functools.partial(daemon_process.main, "postroom", config.source, daemon), close=(held,))
-    return asyncio.run(_supervise(config, log, supervisor, started))
+                        functools.partial(daemon_process.main, "postroom", config.source, daemon),
+                        close=(held, *(serving.listener.filenos() if serving is not None else ())))
+    try:
+        return asyncio.run(_supervise(config, log, supervisor, started, serving))
+    finally:
+        if serving is not None:
+            serving.close()
 
 
-async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str]) -> int:
+async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str],
+                     serving) -> int:
     stop = stop_on_signal()
     supervisor.attach()
+    if serving is not None:
+        serving.listener.start()  # answers from now on, while the daemons start
+        log.info("metrics_listening", listen=",".join(str(a) for a in config.metrics.listen))
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)
     if failed is not None:
         await supervisor.stop(config.server.stop_grace)
