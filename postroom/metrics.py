@@ -35,7 +35,7 @@ from storage import DEFERRED, DataDir, Queue, Store, open_data_dir
 from wire import metrics
 from wire.metrics import process_died  # noqa: F401 - what serve's and mtad's supervisors call for a child gone
 
-TAKEOVER = 5.0  # seconds between a standalone daemon's tries for metrics.lock
+TAKEOVER = 1.0  # seconds between a standalone daemon's tries for metrics.lock (each one flock call)
 
 
 def directory(config: Config) -> Path:
