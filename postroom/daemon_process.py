@@ -37,7 +37,7 @@ from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, ope
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
-from storage import DataDirError
+from storage import DataDir, DataDirError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>
@@ -134,7 +134,8 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
         accounts.close()
 
 
-async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool, data_dir) -> int:
+async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool,
+               data_dir: DataDir) -> int:
     stop = stop_on_signal()
     config = context.config
     # mtad's workers take every SMTP listener (MX and submission) with it: SO_REUSEPORT.

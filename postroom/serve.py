@@ -12,12 +12,15 @@ every child is told SIGTERM and given [server] stop_grace to finish; serve then 
 
 Serve holds the data dir's serve.lock, each child its daemon's lock (postroom/datadir.py):
 a second serve, or an mtad started beside this one, refuses to start.
+
+With [metrics] listen, serve answers the Prometheus scrape for every child (postroom/metrics.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from typing import TYPE_CHECKING
 
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
@@ -26,6 +29,9 @@ from postroom.datadir import lock, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+
+if TYPE_CHECKING:
+    from postroom.metrics import Serving
 
 START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and says which
 
@@ -64,7 +70,7 @@ def serve(config: Config) -> int:
 
 
 async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str],
-                     serving) -> int:
+                     serving: Serving | None) -> int:
     stop = stop_on_signal()
     supervisor.attach()
     if serving is not None:
