@@ -1,5 +1,5 @@
-"""[metrics] listen: which process answers the Prometheus scrape, and what a scrape reads
-besides the daemons' own counters (wire/metrics.py).
+"""[metrics] listen: which process answers the Prometheus scrape, its HTTP listener, and
+what a scrape reads besides the daemons' own counters (wire/metrics.py).
 
 Every process of a data dir writes its metrics to `<data dir>/metrics/` (prometheus-client's
 multiprocess mode). The process that answers [metrics] listen sums those files and adds
@@ -23,10 +23,17 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
+import socketserver
 import threading
+from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from conf import Config
 from conf.logfmt import EventLogger
@@ -114,8 +121,8 @@ class Serving:
         self.directory = directory(config)
         self.collector = DataDirCollector(data_dir, store, queue)
         try:
-            self.listener = metrics.MetricsListener(((a.host, a.port) for a in config.metrics.listen),
-                                                    metrics.registry_for(self.directory, self.collector))
+            self.listener = MetricsListener(((a.host, a.port) for a in config.metrics.listen),
+                                                    registry_for(self.directory, self.collector))
         except OSError as e:
             where = ", ".join(str(a) for a in config.metrics.listen)
             raise ServeError(f"metrics on {where}: {e.strerror or e}") from None
@@ -190,3 +197,65 @@ class Takeover:
         if self.serving is not None:
             self.serving.close()
         os.close(self._fd)  # the lock goes with it: another daemon takes over
+
+
+# -- the HTTP listener -------------------------------------------------------------------------
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
+        """A scrape every 15 s is not an event worth a log line."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up a stop
+
+    def server_bind(self):
+        # http.server's own looks up the address's name (getfqdn): start-up never waits on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+        self.setup_environ()
+
+
+class MetricsListener:
+    """[metrics] listen: HTTP on each address, GET /metrics (any path, as prometheus-client
+    answers) gives the Prometheus text format of `registry`. Bound when made (a port in use
+    is an OSError here); served from a thread once `start` is called."""
+
+    def __init__(self, addresses: Iterable[tuple[str, int]], registry: CollectorRegistry):
+        app = make_wsgi_app(registry)
+        self.servers: list[WSGIServer] = []
+        try:
+            for host, port in addresses:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                server_class = type("MetricsServer", (_Server,), {"address_family": family})
+                self.servers.append(make_server(host, port, app, server_class, handler_class=_Quiet))
+        except BaseException:
+            self.close()
+            raise
+        self._threads: list[threading.Thread] = []
+
+    def filenos(self) -> tuple[int, ...]:
+        return tuple(server.socket.fileno() for server in self.servers)
+
+    def start(self) -> None:
+        for server in self.servers:
+            thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        for server in self.servers:
+            if getattr(self, "_threads", None):  # serve_forever runs: shutdown() waits for it
+                server.shutdown()
+            server.server_close()
+        self.servers = []
+
+
+def registry_for(directory: str | os.PathLike, *collectors) -> CollectorRegistry:
+    """What a scrape reads: every process's files in `directory`, and `collectors` (values
+    read at the scrape, such as the queue and the store sizes)."""
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=os.fspath(directory))
+    for collector in collectors:
+        registry.register(collector)
+    return registry

@@ -206,7 +206,8 @@ def test_port_in_use_stops_serve_with_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        path = write_config_file(tmp_path / "postroom.toml", tmp_path / "var", metrics={"listen": [f"127.0.0.1:{port}"]})
+        path = write_config_file(tmp_path / "postroom.toml", tmp_path / "var",
+                                 metrics={"listen": [f"127.0.0.1:{port}"]})
         out = subprocess.run([POSTROOM, "--config", str(path), "serve"], capture_output=True, text=True, timeout=60,
                              stdin=subprocess.DEVNULL)
     assert out.returncode == 1
@@ -218,8 +219,8 @@ def test_port_in_use_stops_serve_with_one_line(tmp_path):
 def test_separate_daemons_share_one_endpoint_and_take_over(tmp_path):
     """imapd and pop3d as separate units: the first to start answers for both; when it
     stops, the other answers. Files of processes gone are removed at a start."""
-    path = write_config_file(tmp_path / "postroom.toml", tmp_path / "var", metrics={"listen": [f"127.0.0.1:{free_port()}"]},
-                             pop3={"plaintext_auth": True})
+    path = write_config_file(tmp_path / "postroom.toml", tmp_path / "var",
+                             metrics={"listen": [f"127.0.0.1:{free_port()}"]}, pop3={"plaintext_auth": True})
     config = conf.load(path)
     gone = _exited_pid()
     write_stale_file(config.server.data_dir / "metrics", gone)
