@@ -15,8 +15,11 @@ PYTEST_ARGS ?=
 # clamd that tests/clamd_peer.py starts with its own config and one test signature).
 APT_PACKAGES := python3 python3-venv python3-dev gcc ca-certificates swaks libnet-ssleay-perl isync fetchmail iproute2 \
                 opendkim-tools clamav-daemon
+# tests/test_import.py: a Maildir written by Dovecot's own imap process (tests/dovecot_peer.py);
+# the dovecot service Debian starts with it is disabled below, as clamav's is.
+APT_PACKAGES += dovecot-imapd
 
-.PHONY: run test compliance install system-packages clean
+.PHONY: run test compliance install system-packages clean install-system
 
 run: install
 	@$(POSTROOM) domain list | grep -qx 'example.test' || $(POSTROOM) domain add example.test
@@ -86,6 +89,9 @@ system-packages:
 	            systemctl disable --now $(CLAMAV_SERVICES) || true; \
 	        fi;; \
 	    esac; \
+	    case " $$(echo $$missing) " in *" dovecot-imapd "*) \
+	        if [ -d /run/systemd/system ]; then systemctl disable --now dovecot.service dovecot.socket || true; fi;; \
+	    esac; \
 	fi
 
 # Dovecot's imaptest (MIT), an IMAP conformance suite, built from the snapshot in
@@ -116,3 +122,54 @@ compliance: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# A production install on Debian (docs/install.md), as root: a venv of its own in
+# /opt/postroom (not the checkout's editable .venv: the source dir may go once installed),
+# the commands linked into /usr/local/bin (where the units look for them), the `postroom`
+# user that the units run as, its data dir, /etc/postroom with the example config when it
+# has none (an existing one is never touched), and the units. Rerunning it is the upgrade:
+# the venv is reinstalled from this checkout, and a running Postroom is restarted on the new
+# code (its children are started from the files on disk: an old serve with new children
+# would mix two versions). The units are enabled, not started: configure first.
+INSTALL_PREFIX  ?= /opt/postroom
+INSTALL_BIN     ?= /usr/local/bin
+INSTALL_ETC     ?= /etc/postroom
+INSTALL_UNITS   ?= /etc/systemd/system
+INSTALL_DATA    ?= /var/lib/postroom
+INSTALL_APT     := python3 python3-venv ca-certificates
+# Debian's interpreter, not whichever python3 is first on root's PATH (a pyenv one lives
+# under /root, which ProtectHome= hides from the units).
+INSTALL_PYTHON  ?= /usr/bin/python3
+
+install-system:
+	@[ "$$(id -u)" = 0 ] || { echo "make install-system: run it as root" >&2; exit 1; }
+	@missing=$$(for p in $(INSTALL_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	fi
+	@# The venv is made again when its interpreter is not INSTALL_PYTHON (Debian moved to a new
+	@# Python, or a first install with another one): its packages are built for that one only.
+	@same=$$($(INSTALL_PREFIX)/bin/python -c 'import sys; print(sys.version)' 2>/dev/null); \
+	if [ "$$same" != "$$($(INSTALL_PYTHON) -c 'import sys; print(sys.version)')" ]; then \
+	    echo "$(INSTALL_PYTHON) -m venv --clear $(INSTALL_PREFIX)"; $(INSTALL_PYTHON) -m venv --clear $(INSTALL_PREFIX); \
+	fi
+	$(INSTALL_PREFIX)/bin/pip install --quiet --upgrade pip
+	$(INSTALL_PREFIX)/bin/pip install --quiet .
+	for c in postroom mtad imapd pop3d; do ln -sfn $(INSTALL_PREFIX)/bin/$$c $(INSTALL_BIN)/$$c; done
+	getent group postroom >/dev/null || groupadd --system postroom
+	getent passwd postroom >/dev/null || useradd --system --gid postroom --home-dir $(INSTALL_DATA) \
+	    --no-create-home --shell /usr/sbin/nologin --comment "Postroom mail server" postroom
+	install -d -o postroom -g postroom -m 0750 $(INSTALL_DATA)
+	install -d -m 0755 $(INSTALL_ETC)
+	install -d -g postroom -m 0750 $(INSTALL_ETC)/tls
+	[ -e $(INSTALL_ETC)/postroom.toml ] || install -g postroom -m 0640 conf/postroom.toml $(INSTALL_ETC)/postroom.toml
+	install -d $(INSTALL_UNITS)
+	install -m 0644 systemd/*.service systemd/*.target $(INSTALL_UNITS)/
+	@if [ -d /run/systemd/system ]; then \
+	    systemctl daemon-reload && systemctl enable postroom.service && \
+	    systemctl try-restart postroom.service postroom-mtad.service postroom-imapd.service postroom-pop3d.service; \
+	else \
+	    echo "systemd is not running here: units copied to $(INSTALL_UNITS), not enabled"; \
+	fi
+	@echo "Installed $$($(INSTALL_PREFIX)/bin/postroom --version) in $(INSTALL_PREFIX). Config: $(INSTALL_ETC)/postroom.toml"

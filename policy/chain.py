@@ -111,6 +111,15 @@ class PolicyServices:
     def session(self, client_ip: str, *, mx: bool) -> SessionPolicy:
         return SessionPolicy(self, client_ip, mx=mx)
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload (postroom/reload.py): sessions from now on decide with `config`'s
+        [policy] and [rates]; the resolver, scanner and tables stay (their keys need a
+        restart)."""
+        self.config = config
+        self.policy = config.policy
+        self.authserv_id = config.policy.authserv_id or config.server.hostname
+        self._exempt = _networks(config.rates.exempt)
+
     def close(self) -> None:
         for pool in (self._tables, self._cpu, self._scans):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("rebuild", help="recreate the index from the message files alone")
     p.add_argument("account", nargs="?", help="one account (default: all)")
     p.set_defaults(run=_storeadmin("store_rebuild"), needs_store=True)
+    # Mail moved in from another server (postroom/importer.py).
+    p = store.add_parser("import", help="import a Maildir, an mbox file or an IMAP account into ACCOUNT; "
+                                        "run again, it imports only what is new")
+    p.add_argument("account")
+    p.add_argument("source", help="a Maildir directory (Dovecot's UIDs kept), an mbox file, or "
+                                  "imap://USER@HOST[:PORT] or imaps://... (password on standard input)")
+    p.add_argument("--into", metavar="MAILBOX", help="the mailbox an mbox file goes into (default INBOX)")
+    p.add_argument("--cafile", metavar="FILE", help="trust the IMAP server's certificate if this CA file "
+                                                    "(or the certificate itself) signed it")
+    p.set_defaults(run=_importer, needs_store=True)
 
     # The outbound queue, on a live server too (postroom/queueadmin.py).
     queue = _group(commands, "queue", "inspect and steer the outbound queue")
@@ -125,7 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dns-records", help="print the MX, SPF, DKIM, DMARC and SRV records of a domain")
     p.add_argument("domain")
     p.set_defaults(run=_dkimadmin("dns_records"), needs_config=True)
+
+    # Backups and the state at a glance (postroom/backup.py, postroom/status.py).
+    p = commands.add_parser("backup", help="copy the live data dir, config and certificates into a new DIR")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.set_defaults(run=_lazy("backup", "backup"), needs_config=True)
+    p = commands.add_parser("status", help="what runs, the queue, the store, certificates and DNS records")
+    p.add_argument("--no-dns", action="store_true", help="skip the DNS checks (no network)")
+    p.set_defaults(run=_lazy("status", "status"), needs_config=True)
+    # Reload of what runs: config and certificates (postroom/reload.py).
+    p = commands.add_parser("reload", help="make the running daemons read the config and certificates again")
+    p.set_defaults(run=_lazy("reload", "run_reload"), needs_config=True)
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A command of postroom/<module>.py, imported when it runs (as _storeadmin)."""
+    def run(*args):
+        import importlib
+
+        return getattr(importlib.import_module(f"postroom.{module}"), name)(*args)
+
+    return run
 
 
 def _dkimadmin(name: str):
@@ -153,6 +184,13 @@ def _storeadmin(name: str):
         return getattr(storeadmin, name)(*args)
 
     return run
+
+
+def _importer(*args):
+    """`store import`, imported when it runs (the IMAP client, the source readers)."""
+    from postroom import importer
+
+    return importer.store_import(*args)
 
 
 def _count(text: str) -> int:

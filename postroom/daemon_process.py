@@ -31,12 +31,13 @@ import conf
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import TLSSetupError, ensure_certificate, server_context
-from postroom import daemons, metrics, supervisor
+from postroom import daemons, metrics, reload, supervisor
 from postroom.daemons import Context
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, open_accounts, open_store
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from postroom.watchdog import keep_alive, take_interval
 from storage import DataDir, DataDirError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -77,6 +78,7 @@ def main(prog: str, config_path: Path, daemon: str, worker: bool = False) -> int
     as the sd_notify STATUS, which is how a supervisor hears it (it prints it; the child
     does not). After a run that ended in a stop, ends the process."""
     supervised = supervisor.supervised()
+    reload.ignore_until_ready()
     try:
         config = conf.load(config_path)
         become_data_dir_owner(config.server.data_dir)
@@ -137,6 +139,8 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
 async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool,
                data_dir: DataDir) -> int:
     stop = stop_on_signal()
+    watchdog = take_interval()  # systemd's or serve's; mtad's workers get the same
+    keep_alive(watchdog)
     config = context.config
     # mtad's workers take every SMTP listener (MX and submission) with it: SO_REUSEPORT.
     services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING]
@@ -152,7 +156,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
 
     workers = None
     if daemon == "mtad" and not worker and running and config.smtp.workers > 1:
-        workers = Supervisor(log)
+        workers = Supervisor(log, watchdog=watchdog)
         if config.metrics.listen:  # a worker gone stops counting its open connections
             workers.on_exit = functools.partial(metrics.process_died, metrics.directory(config))
         workers.attach()
@@ -163,6 +167,8 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
             await _stop(context, running, workers)
             raise ServeError(failed.failure)
 
+    # SIGHUP: config and certificates read again for new sessions (postroom/reload.py).
+    reload.Reloader(daemon, context, running, workers, log).install()
     if not supervised and not worker:
         print(table(config, of_daemon(daemon), log), flush=True)
     takeover = None

@@ -17,9 +17,11 @@ import fcntl
 import os
 import pwd
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from conf import Config
+from postroom.services import DAEMONS
 from storage import NO_QUOTA, Accounts, DataDir, Quota, Store, open_data_dir
 
 
@@ -103,3 +105,72 @@ def become_data_dir_owner(data_dir: Path) -> None:
         os.setgroups([])
     os.setgid(owner.st_gid)
     os.setuid(owner.st_uid)
+
+
+# -- who holds the locks: `postroom status` and `postroom reload` ---------------------------
+
+PROCESSES = ("serve", *DAEMONS)  # the lock names, serve first
+
+
+@dataclass(frozen=True)
+class Running:
+    name: str
+    pid: int
+    started: float  # epoch seconds
+
+
+def running_processes(data_dir: Path) -> dict[str, Running]:
+    """The Postroom processes that hold their lock in `data_dir`, by name."""
+    held = _held_flocks()
+    found = {}
+    for name in PROCESSES:
+        path = data_dir / f"{name}.lock"
+        try:
+            st = path.stat()
+            text = path.read_text().strip()
+        except (FileNotFoundError, PermissionError):
+            continue
+        pid = int(text) if text.isdigit() else None
+        if held is not None:
+            holders = held.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+            if not holders:
+                continue
+            pid = pid if pid in holders else min(holders)
+        if pid is None or not Path(f"/proc/{pid}").exists():
+            continue
+        started = _start_time(pid)
+        found[name] = Running(name, pid, started if started is not None else time.time())
+    return found
+
+
+def _held_flocks() -> dict[tuple[int, int, int], set[int]] | None:
+    """(major, minor, inode) -> pids holding a flock on it, from /proc/locks; None where
+    that file is not there (not Linux)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    held: dict[tuple[int, int, int], set[int]] = {}
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 586 fe:00:3229197 0 EOF"; a waiter has "->" after the number.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+            held.setdefault(key, set()).add(int(fields[4]))
+        except ValueError:
+            continue
+    return held
+
+
+def _start_time(pid: int) -> float | None:
+    """When process `pid` started (epoch seconds), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of proc(5): starttime
+    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")

@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import ensure_certificate, server_context
+from postroom import reload
 from postroom.datadir import lock, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from postroom.watchdog import keep_alive, take_interval
 
 if TYPE_CHECKING:
     from postroom.metrics import Serving
@@ -41,6 +43,7 @@ def serve(config: Config) -> int:
 
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
+    reload.ignore_until_ready()  # the children inherit it, until their own handler
     # Everything the children would otherwise race for is done once, here, first: the data
     # dir's creation and the dev certificate.
     data_dir, accounts = open_accounts(config)
@@ -52,7 +55,8 @@ def serve(config: Config) -> int:
     # Before any child exists: the port is bound (in use: one line, nothing started) and
     # every process will write its metrics where this one reads them.
     serving = metrics.for_serve(config)
-    supervisor = Supervisor(log)
+    # systemd's watchdog: serve pings it from its loop and watches its children with the same timeout.
+    supervisor = Supervisor(log, watchdog=take_interval())
     if serving is not None:
         supervisor.on_exit = functools.partial(metrics.process_died, serving.directory)
     started = daemons_to_start(config)
@@ -72,7 +76,9 @@ def serve(config: Config) -> int:
 async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str],
                      serving: Serving | None) -> int:
     stop = stop_on_signal()
+    keep_alive(supervisor.watchdog.interval)
     supervisor.attach()
+    reload.forward_on_signal(config.source, supervisor, log)  # SIGHUP: checked, then to every child
     if serving is not None:
         serving.listener.start()  # answers from now on, while the daemons start
         log.info("metrics_listening", listen=",".join(str(a) for a in config.metrics.listen))

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conf.logfmt import EventLogger
+from postroom.watchdog import ChildWatchdog
 
 SUPERVISOR_ENV = "POSTROOM_SUPERVISOR"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -89,10 +90,12 @@ class Child:
 
 class Supervisor:
     """Children, their readiness, their restarts. Made before the event loop runs (to
-    `fork`) or in it; `attach` once in the loop, before anything else."""
+    `fork`) or in it; `attach` once in the loop, before anything else. `watchdog`: the
+    WATCHDOG_USEC each child gets, in seconds (postroom/watchdog.py); None: not watched."""
 
-    def __init__(self, log: EventLogger):
+    def __init__(self, log: EventLogger, watchdog: float | None = None):
         self.log = log
+        self.watchdog = ChildWatchdog(log, watchdog)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.children: list[Child] = []
         self.stopping = False
@@ -147,6 +150,7 @@ class Supervisor:
         for child in self.children:
             child.ready = self.loop.create_future()
             self._watch(child)
+        self.watchdog.attach(self.loop, lambda: self.children)
         self._read_notifications()  # what forked children said before the loop ran
 
     def start(self, name: str, argv: list[str]) -> Child:
@@ -178,6 +182,7 @@ class Supervisor:
     async def stop(self, grace: float) -> None:
         """SIGTERM to every child; SIGKILL to those still there after grace + STOP_MARGIN."""
         self.stopping = True
+        self.watchdog.stop()
         live = [c for c in self.children if c.running]
         for child in live:
             os.kill(child.pid, signal.SIGTERM)
@@ -197,7 +202,7 @@ class Supervisor:
     # -- children -------------------------------------------------------------------------
 
     def _child_environment(self) -> dict[str, str]:
-        return {"NOTIFY_SOCKET": self._notify_address, SUPERVISOR_ENV: str(os.getpid())}
+        return {"NOTIFY_SOCKET": self._notify_address, SUPERVISOR_ENV: str(os.getpid()), **self.watchdog.environment()}
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, **self._child_environment()}
@@ -261,6 +266,7 @@ class Supervisor:
             if child is None:
                 continue  # not one of ours
             for line in data.decode("utf-8", "replace").splitlines():
+                self.watchdog.heard(child, line)
                 if line == "READY=1" and not child.ready.done():
                     child.ready.set_result(None)
                 elif line.startswith("STATUS="):

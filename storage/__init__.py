@@ -63,6 +63,7 @@ from storage.queue import (
     RunnerLock,
 )
 from storage.store import Store
+from storage.imports import Counts as ImportCounts, ImportMailbox, clean_flags, finish_account as finish_import
 from storage.watch import Watcher
 
 __all__ = [
@@ -78,6 +79,8 @@ __all__ = [
     "NotFoundError", "NotLocalError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
+    # `store import` (storage/imports.py)
+    "ImportCounts", "ImportMailbox", "clean_flags", "finish_import",
     "decode_words", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir",
     "parse_address",
 ]

@@ -353,6 +353,40 @@ class Queue:
             _log.info("queue_removed", qid=qid)
         return removed
 
+    def snapshot(self, target: Path, place: Callable[[Path, Path], None]) -> tuple[int, list[str]]:
+        """A consistent copy for a backup (storage/snapshot.py): the index copied under one
+        read transaction to `target`/queue.lmdb, and each spool file it names given to
+        `place(source, target)` for `target`/msg. A file outlives its record, so the only
+        file missing is that of a message finished (or removed) since the snapshot: its
+        record is dropped from the copy, as if that had come first. (messages copied, ids
+        of those dropped)"""
+        make_private_dirs(target / "msg")
+        make_private_dirs(target / "queue.lmdb")
+        copied, gone = 0, []
+        with self._read() as txn:
+            self._env.copy(str(target / "queue.lmdb"), compact=True, txn=txn)
+            for key in txn.cursor(db=self._db["messages"]).iternext(values=False):
+                qid = bytes(key).decode()
+                try:
+                    place(self._spool / qid, target / "msg" / qid)
+                    copied += 1
+                except FileNotFoundError:
+                    gone.append(qid)
+        if gone:
+            copy = lmdb.open(str(target / "queue.lmdb"), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1)
+            try:
+                db = open_databases(copy, DATABASES)
+                with copy.begin(write=True) as txn:
+                    for qid in gone:
+                        raw = txn.get(qid.encode(), db=db["messages"])
+                        due = records.decode(raw).due_key(qid) if raw is not None else None
+                        if due is not None:
+                            txn.delete(due, db=db["due"])
+                        txn.delete(qid.encode(), db=db["messages"])
+            finally:
+                copy.close()
+        return copied, gone
+
     def runner_lock(self) -> RunnerLock:
         return RunnerLock(self.path / "runner.lock")
 

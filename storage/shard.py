@@ -38,6 +38,7 @@ records' types are in storage/records.py):
     terms, vocab, texts                          -> the full-text index (storage/fts.py)
     metadata   account \\0 id entry              -> an annotation's value (storage/metadata.py)
     urlauth    account \\0 id                    -> the mailbox's URLAUTH access key (storage/urlauth.py)
+    imported   id b"k" digest | id b"u" uid      -> what `store import` brought in (storage/imports.py)
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from storage.writers import WriterDir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
              "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times", "metadata",
-             "urlauth")
+             "urlauth", "imported")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
