@@ -4,6 +4,7 @@ of conf/postroom.toml, and every schema key has a comment there (postroom/config
 from __future__ import annotations
 
 import difflib
+import re
 import subprocess
 from pathlib import Path
 
@@ -86,3 +87,15 @@ def test_comments_attach_to_runs_commented_keys_and_subtables():
     assert "| `timeout` | duration | `\"30m\"` | `\"30m\"` to `\"1d\"` | applied |" in page  # [imap]
     assert "| `workers` | integer | `1` | `1` to `64` | restart |" in page  # smtp.workers
     assert "In the example: `max_connections = 5`, `max_connections_per_ip = 2`" in page
+
+
+def test_a_key_whose_comment_says_restart_is_one_reload_keeps():
+    """The example's word and reload's list agree: a key documented as needing a restart is
+    one a reload keeps (and logs as reload.restart_needed), not one it half applies."""
+    from postroom.reload import RESTART_NEEDED
+
+    example = parse_example(EXAMPLE.read_text())
+    said = sorted({f"{section}.{key}" for (section, key), doc in example.keys.items()
+                   if re.search(r"\bneeds? a restart\b", " ".join(doc.prose))})
+    applied = [key for key in said if key not in RESTART_NEEDED and key.split(".")[0] not in RESTART_NEEDED]
+    assert not applied, f"documented as needing a restart, but a reload applies them: {applied}"
