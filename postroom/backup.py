@@ -46,6 +46,9 @@ FORMAT = 1
 MANIFEST = "backup.json"
 # What the store and the queue copy themselves; the rest of the data dir is copied as found.
 _SPECIAL = {"shards", "queue", "accounts.lmdb"}
+# State of the running processes, not of the mail: the metrics each process writes
+# (wire/metrics.py), started afresh by the next start.
+_RUNTIME = {"metrics"}
 
 
 def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
@@ -129,7 +132,7 @@ def _copy_rest(source: Path, data: Path) -> None:
     LMDB environments under a read transaction each, plain files and directories as they
     are. Lock files hold pids of this machine's processes: they are not copied."""
     for entry in sorted(source.iterdir()):
-        if entry.name in _SPECIAL or entry.name.endswith(".lock") or entry.is_symlink():
+        if entry.name in _SPECIAL or entry.name in _RUNTIME or entry.name.endswith(".lock") or entry.is_symlink():
             continue
         if entry.is_dir() and entry.name.endswith(".lmdb"):
             copy_environment_at(entry, data / entry.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, client_tls_context, start_daemon, start_module_daemon, write_config_file
+from conftest import BIN, client_tls_context, free_port, start_daemon, start_module_daemon, write_config_file
 from docs_blocks import commands
 from storage import Accounts, Queue, QueuedRecipient, QueueEnvelope, Store, open_data_dir
 from storage.check import check
@@ -42,7 +42,9 @@ class Server:
         self.overrides = {"storage": {"shards": 2}, "tls": {
             # Outside the data dir, as in production (/etc/postroom/tls): the backup takes them too.
             "cert": str(root / "etc-tls/fullchain.pem"), "key": str(root / "etc-tls/privkey.pem"),
-            "self_signed": True}}
+            "self_signed": True},
+            # On, so the data dir holds the processes' metrics files, which a backup leaves out.
+            "metrics": {"listen": [f"127.0.0.1:{free_port()}"]}}
         self.daemon = start_module_daemon(root, **self.overrides)
         with Accounts(root / "var/accounts.lmdb") as accounts:
             accounts.add_domain("example.test")
@@ -276,6 +278,7 @@ def test_backup_under_load_restores_as_documented_to_a_store_that_checks_clean(s
     manifest = json.loads((backup / "backup.json").read_text())
     assert manifest["problems"] == []
     assert {p.name for p in (backup / "tls").iterdir()} == {"fullchain.pem", "privkey.pem"}
+    assert (root / "var/metrics").is_dir() and not (backup / "data/metrics").exists()
 
     assert server.daemon.stop() == 0, server.daemon.stderr()
     certificate = (root / "etc-tls/fullchain.pem").read_bytes()
