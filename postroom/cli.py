@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_lazy("status", "status"), needs_config=True)
     # Reload of what runs: config and certificates (postroom/reload.py).
     p = commands.add_parser("reload", help="make the running daemons read the config and certificates again")
+    p.add_argument("--if-running", action="store_true",
+                   help="nothing running is not an error (a certificate hook run before the first start)")
     p.set_defaults(run=_lazy("reload", "run_reload"), needs_config=True)
     return parser
 

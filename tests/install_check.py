@@ -326,10 +326,11 @@ class InstallCheck:
         HOOK.chmod(0o755)
         ran = sh(f"{HOOK}", what="tls.md: the deploy hook, run once by hand", env={"RENEWED_LINEAGE": str(LINEAGE)},
                  check=False)
+        if ran.returncode:
+            raise StepFailed(f"the deploy hook, run before the first start, exited {ran.returncode}: {ran.stderr}")
         if der(Path("/etc/postroom/tls/fullchain.pem")) != der(self.cafile):
             raise StepFailed("the deploy hook did not copy the certificate to /etc/postroom/tls")
-        said = f" (its reload, with nothing running yet: exit {ran.returncode})" if ran.returncode else ""
-        return f"certificate of {HOST} copied to /etc/postroom/tls by the hook{said}"
+        return f"certificate of {HOST} copied to /etc/postroom/tls by the hook, which exited 0"
 
     def configure_and_start(self) -> str:
         run_block("install.md", "configure", block("install.md", "configure").body, input=f"{PASSWORD}\n")
