@@ -6,7 +6,9 @@ lies. The command is run as the sysadmin runs it; what came in is read from the 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import subprocess
 from pathlib import Path
 
@@ -124,3 +126,182 @@ def test_absurd_uids_in_the_uidlist_are_not_kept_and_new_mail_still_fits(target,
     assert len(after) == 3 and max(after) < 2**31
     if "N20" not in uidlist:
         assert "not the source's 1234" in done.stdout, done.stdout
+
+
+# -- a hostile IMAP source: a fake server, in-process ------------------------------------------------------
+
+
+class FakeIMAP:
+    """A tiny IMAP4rev1 server on loopback (implicit TLS) whose answers the test writes:
+    `answers[command name]` is a function of (tag, arguments) returning what to send, or an
+    async function of (tag, arguments, writer) that sends it itself. Runs in a thread."""
+
+    def __init__(self, tmp_path: Path):
+        import ssl
+        import threading
+
+        import conf
+        from conf.tls import ensure_certificate
+
+        config = conf.load(write_config_file(tmp_path / "fake.toml", tmp_path / "fake"))
+        ensure_certificate(config.tls, "localhost")
+        self.cafile = str(config.tls.cert)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(config.tls.cert, config.tls.key)
+        self.answers: dict = {}
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._session, "127.0.0.1", 0, ssl=self.context))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _session(self, reader, writer) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1] fake\r\n")
+        try:
+            while line := await reader.readline():
+                tag, _, rest = line.decode().rstrip("\r\n").partition(" ")
+                name, _, args = rest.partition(" ")
+                name = name.upper()
+                if name == "UID":
+                    sub, _, args = args.partition(" ")
+                    name = "UID " + sub.upper()
+                answer = self.answers.get(name) or self.DEFAULT.get(name)
+                if answer is None:
+                    writer.write(f"{tag} BAD unknown\r\n".encode())
+                elif asyncio.iscoroutinefunction(answer):
+                    await answer(tag, args, writer)
+                else:
+                    writer.write(answer(tag, args))
+                await writer.drain()
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    DEFAULT = {
+        "CAPABILITY": lambda tag, args: f"* CAPABILITY IMAP4rev1\r\n{tag} OK done\r\n".encode(),
+        "LOGIN": lambda tag, args: f"{tag} OK logged in\r\n".encode(),
+        "LIST": lambda tag, args: f'* LIST () "/" INBOX\r\n{tag} OK done\r\n'.encode(),
+        "STATUS": lambda tag, args: (f"* STATUS INBOX (UIDVALIDITY 77 UIDNEXT 3 MESSAGES 2)\r\n"
+                                     f"{tag} OK done\r\n").encode(),
+        "EXAMINE": lambda tag, args: (f"* 2 EXISTS\r\n* OK [UIDVALIDITY 77] v\r\n* OK [UIDNEXT 3] n\r\n"
+                                      f"{tag} OK [READ-ONLY] done\r\n").encode(),
+        "UID SEARCH": lambda tag, args: f"* SEARCH 1 2\r\n{tag} OK done\r\n".encode(),
+        "UID FETCH": lambda tag, args: (f'* 1 FETCH (UID 1 FLAGS (\\Seen) INTERNALDATE "01-Jan-2024 00:00:00 +0000" '
+                                        f"RFC822.SIZE 10)\r\n{tag} OK done\r\n").encode(),
+        "LOGOUT": lambda tag, args: f"* BYE\r\n{tag} OK bye\r\n".encode(),
+    }
+
+    def folder(self):
+        from postroom import importer_imap
+
+        server = importer_imap.Server(tls=True, host="localhost", port=self.port, user="u")
+        imap = importer_imap.connect(server, "password", self.cafile)
+        (inbox,) = importer_imap.folders(imap, f"localhost:{self.port}")
+        return imap, inbox
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake_imap(tmp_path):
+    server = FakeIMAP(tmp_path)
+    yield server
+    server.close()
+
+
+def finished_within(seconds: float, function) -> tuple[bool, object]:
+    """(whether function() returned or raised within `seconds`, its result or exception)."""
+    import threading
+
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(function())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive(), out[0] if out else None)
+
+
+def test_a_folder_of_200000_messages_is_listed_despite_imaplib_s_line_limit(fake_imap):
+    """UID SEARCH ALL answers in one line: 200,000 UIDs are more than imaplib's 1 MB limit,
+    and the import of a big (legitimate) archive folder stopped with "got more than 1000000
+    bytes"."""
+    count = 200_000
+    fake_imap.answers["UID SEARCH"] = lambda tag, args: (
+        b"* SEARCH " + " ".join(map(str, range(1, count + 1))).encode() + f"\r\n{tag} OK done\r\n".encode())
+    imap, inbox = fake_imap.folder()
+    asked: list[int] = []
+    assert list(inbox.messages(lambda key, uid: asked.append(uid) or True)) == []  # all in already
+    assert len(asked) == count and inbox.count == count
+
+
+def test_a_literal_bigger_than_asked_for_ends_the_import_at_once(fake_imap):
+    """A body piece of 1 MiB is asked for; the server announces 10 GB. imaplib would read
+    it whole into memory (a MemoryError, or as much as the server sends)."""
+    from postroom.importer_source import SourceError
+
+    async def endless(tag, args, writer):
+        if "BODY.PEEK" not in args:
+            writer.write(FakeIMAP.DEFAULT["UID FETCH"](tag, args))
+            return
+        writer.write(b"* 1 FETCH (UID 1 BODY[]<0> {10000000000}\r\n")
+        for _ in range(200):  # 12 MB, then silence: a client that reads it all is stuck
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    fake_imap.answers["UID FETCH"] = endless
+    imap, inbox = fake_imap.folder()
+    (message,) = inbox.messages(lambda key, uid: False)
+    done, result = finished_within(10, lambda: b"".join(message.chunks()))
+    assert done and isinstance(result, SourceError), result
+    assert "a literal of 10000000000 bytes" in str(result)
+
+
+def test_an_answer_that_trickles_for_ever_ends_in_command_time(fake_imap, monkeypatch):
+    """A byte every 50 ms: no socket timeout ever fires, and the import waited for ever."""
+    from postroom import importer_imap
+    from postroom.importer_source import SourceError
+
+    monkeypatch.setattr(importer_imap, "COMMAND_TIME", 1.0, raising=False)
+
+    async def trickle(tag, args, writer):
+        if "BODY.PEEK" not in args:
+            writer.write(FakeIMAP.DEFAULT["UID FETCH"](tag, args))
+            return
+        writer.write(b"* 1 FETCH (UID 1 BODY[]<0> {10}\r\nSubj")
+        for _ in range(400):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    fake_imap.answers["UID FETCH"] = trickle
+    imap, inbox = fake_imap.folder()
+    (message,) = inbox.messages(lambda key, uid: False)
+    started = time.monotonic()
+    done, result = finished_within(10, lambda: b"".join(message.chunks()))
+    assert done and isinstance(result, SourceError), result
+    assert "no complete answer in 1 s" in str(result) and time.monotonic() - started < 3
