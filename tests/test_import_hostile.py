@@ -305,3 +305,36 @@ def test_an_answer_that_trickles_for_ever_ends_in_command_time(fake_imap, monkey
     done, result = finished_within(10, lambda: b"".join(message.chunks()))
     assert done and isinstance(result, SourceError), result
     assert "no complete answer in 1 s" in str(result) and time.monotonic() - started < 3
+
+
+# -- a hostile mbox ------------------------------------------------------------------------------------------
+
+
+def test_a_long_from_line_costs_no_more_than_a_short_one():
+    """Each word of a From_ line was a place to try strptime at: a 64 KiB line of one-letter
+    words took 0.3 s (a 100 MB mbox of such lines, eight minutes of CPU)."""
+    from postroom.importer_mbox import _separator_date
+
+    assert _separator_date(b"From a@b Mon Jan  1 00:00:00 2024\n") == 1704067200.0
+    hostile = b"From " + b"a " * 32_000  # a piece of the line: the importer reads 64 KiB at a time
+    started = time.process_time()
+    for _ in range(10):
+        assert _separator_date(hostile) is None
+    assert time.process_time() - started < 0.1  # before: 0.9 s and more
+
+
+def test_a_hostile_mbox_is_one_line_or_imported_with_its_nul_bytes_and_long_lines(target, tmp_path):
+    """No From_ line at the start: one line. NUL bytes and a line of 3 MiB with no end:
+    imported as they are, a piece at a time."""
+    junk = tmp_path / "junk.mbox"
+    junk.write_bytes(b"\x00\x00garbage\nFrom a@b Mon Jan  1 00:00:00 2024\n\nx\n")
+    done = target(junk)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "not an mbox file" in done.stderr, done.stderr
+    source = tmp_path / "hostile.mbox"
+    long_line = b"y" * (3 << 20)
+    source.write_bytes(b"From a@b Mon Jan  1 00:00:00 2024\nSubject: nul\x00here\n\nbody\x00\x00\n\n"
+                       b"From " + b"z" * (3 << 20) + b"\nSubject: long\n\n" + long_line)
+    done = target(source)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    got = sorted(bodies(target.data_dir).values(), key=len)
+    assert got == [b"Subject: nul\x00here\r\n\r\nbody\x00\x00\r\n", b"Subject: long\r\n\r\n" + long_line]
