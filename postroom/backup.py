@@ -7,6 +7,12 @@
       backup.json     what was copied, from where, when; written last: without it the
                       backup did not finish
 
+While it runs the data is copied into DIR/data.unfinished, renamed data/ once the copy is
+whole: a backup killed on the way (OOM, a reboot) leaves no data/ that `cp -a` could put
+back. A partial copy is worse than none: `store check` finds nothing wrong with a data dir
+whose shard directories were never copied (it makes them again, empty), and the mail of
+those accounts would be gone without a word.
+
 The daemons keep running. Each shard's index and the queue's are copied from one read
 transaction each, and the files that snapshot names are hard-linked into the copy (copied
 where DIR is on another file system): storage/snapshot.py says why the copy is consistent
@@ -44,6 +50,7 @@ from storage.snapshot import CopyStats, FileCopier, copy_environment_at, finish,
 
 FORMAT = 1
 MANIFEST = "backup.json"
+UNFINISHED = "data.unfinished"  # the copy's name until it is whole (see the module's docstring)
 # What the store and the queue copy themselves; the rest of the data dir is copied as found.
 _SPECIAL = {"shards", "queue", "accounts.lmdb"}
 
@@ -57,7 +64,7 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
         raise StoreError(f"{target}: exists and is not empty: a backup goes into a new directory")
     started = time.monotonic()
     make_private_dirs(target)
-    data = target / "data"
+    data = target / UNFINISHED
     make_private_dirs(data)
 
     accounts.copy_to(data / "accounts.lmdb")
@@ -85,6 +92,8 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
     with Store(copy) as copy_store:
         problems = check(copy_store)
     os.sync()  # the copy is durable before it says so
+    os.rename(data, target / "data")
+    _fsync_dir(target)
 
     seconds = round(time.monotonic() - started, 1)
     manifest = {
@@ -169,6 +178,16 @@ def _write_manifest(path: Path, manifest: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename in `path` made durable (the data is already: os.sync above)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _progress(text: str) -> None:
