@@ -50,3 +50,29 @@ def test_a_backup_killed_on_the_way_leaves_no_data_dir_to_restore(tmp_path):
     assert sorted(p.name for p in finished.iterdir()) == ["backup.json", "data", "postroom.toml", "tls"]
     assert json.loads((finished / "backup.json").read_text())["messages"] == 5 * shards
     assert len(list((finished / "data" / "shards").rglob("cur/*"))) == 5 * shards
+
+
+def test_a_manager_that_does_not_read_never_blocks_the_daemon_s_loop(tmp_path):
+    """The watchdog's WATCHDOG=1 is sent from the event loop. Before: a blocking send, and
+    a manager that did not read its socket (serve stalled or stopped) froze the daemon's
+    loop, every session with it, once 10 pings (net.unix.max_dgram_qlen) were queued."""
+    import socket
+    import threading
+
+    from postroom.notify import notify
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(path)  # and never read
+        sent = []
+
+        def ping() -> None:
+            for _ in range(100):
+                notify("WATCHDOG=1", path)
+                sent.append(1)
+
+        thread = threading.Thread(target=ping, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive() and len(sent) == 100
+        assert manager.recv(100) == b"WATCHDOG=1"  # what fitted in the queue was sent
