@@ -37,6 +37,9 @@ COMMAND_TIME = 600.0  # seconds a server may take to answer one command, however
 # own limit (1 MB, its _MAXLINE): this one lets ~6 million UIDs through, memory still bounded.
 MAX_LINE = 64 << 20
 MAX_LITERAL = 2 * PIECE  # a literal: at most the piece asked for (with room); more is a hostile server
+# All of one command's answer (imaplib keeps every untagged line until the command ends: a
+# server sending "* OK" lines without end would fill the memory before COMMAND_TIME).
+MAX_ANSWER = 256 << 20
 _SPECIAL_USE = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _LIST = re.compile(rb'^\((?P<attrs>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$', re.DOTALL)
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
@@ -76,15 +79,24 @@ def parse_url(source: str) -> Server:
 class _Bounded:
     """imaplib's reads, bounded against a server that lies or never ends: a line of at most
     MAX_LINE bytes, a literal of at most MAX_LITERAL (imaplib reads any size it is told, whole,
-    into memory), and an answer within COMMAND_TIME of its command (a socket timeout alone
-    lets a server that sends a byte a minute go on for ever). Reads go through the buffer a
-    socket read at a time, so the deadline is checked between any two of them."""
+    into memory), an answer of at most MAX_ANSWER bytes, and within COMMAND_TIME of its
+    command (a socket timeout alone lets a server that sends a byte a minute go on for
+    ever). Reads go through the buffer a socket read at a time, so the deadline is checked
+    between any two of them."""
 
     _deadline = math.inf
+    _answered = 0  # bytes of the answer to the last command so far
 
     def send(self, data):
         self._deadline = time.monotonic() + COMMAND_TIME
+        self._answered = 0
         super().send(data)
+
+    def _took(self, data: bytes) -> bytes:
+        self._answered += len(data)
+        if self._answered > MAX_ANSWER:
+            raise self.abort(f"an answer of more than {MAX_ANSWER} bytes")
+        return data
 
     def _buffered(self) -> bytes:
         """What the buffer holds, after at most one read of the socket."""
@@ -107,7 +119,7 @@ class _Bounded:
         while True:
             data = self._buffered()
             end = data.find(b"\n")
-            part = self.file.read(end + 1 if end >= 0 else len(data))
+            part = self._took(self.file.read(end + 1 if end >= 0 else len(data)))
             parts.append(part)
             size += len(part)
             if end >= 0:
@@ -120,7 +132,7 @@ class _Bounded:
             raise self.abort(f"a literal of {size} bytes, more than was asked for")
         parts, left = [], size
         while left > 0:
-            part = self.file.read(min(left, len(self._buffered())))
+            part = self._took(self.file.read(min(left, len(self._buffered()))))
             parts.append(part)
             left -= len(part)
         return b"".join(parts)

@@ -338,3 +338,23 @@ def test_a_hostile_mbox_is_one_line_or_imported_with_its_nul_bytes_and_long_line
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     got = sorted(bodies(target.data_dir).values(), key=len)
     assert got == [b"Subject: nul\x00here\r\n\r\nbody\x00\x00\r\n", b"Subject: long\r\n\r\n" + long_line]
+
+
+def test_untagged_lines_without_end_stop_at_the_answer_limit(fake_imap, monkeypatch):
+    """imaplib keeps every untagged line until the command ends: "* OK" lines sent without
+    end grew the importer's memory for as long as the server liked."""
+    from postroom import importer_imap
+    from postroom.importer_source import SourceError
+
+    monkeypatch.setattr(importer_imap, "MAX_ANSWER", 4 << 20, raising=False)
+
+    async def flood(tag, args, writer):
+        for _ in range(3000):  # 12 MiB at most, then silence
+            writer.write(b"* OK flood " + b"x" * 4000 + b"\r\n")
+            await writer.drain()
+
+    fake_imap.answers["UID SEARCH"] = flood
+    imap, inbox = fake_imap.folder()
+    done, result = finished_within(10, lambda: list(inbox.messages(lambda key, uid: False)))
+    assert done and isinstance(result, SourceError), result
+    assert "an answer of more than 4194304 bytes" in str(result)
