@@ -316,7 +316,7 @@ def concurrent_clients(port: int, clients: int, seconds: float) -> float:
 
 
 def side_by_side(args) -> None:
-    running = servers.start_both(args.messages, with_dovecot=not args.no_dovecot)
+    running = servers.start_both(args.messages, with_dovecot=not args.no_dovecot, metrics=args.metrics)
     try:
         results = single_client({server.name: server.imap_port for server in running}, args.rounds)
         label = f"{args.clients} concurrent clients, commands/s"
@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("password", nargs="?")
     parser.add_argument("--messages", type=int, default=3000, help="side by side: messages in each INBOX")
     parser.add_argument("--no-dovecot", action="store_true", help="side by side: Postroom alone")
+    parser.add_argument("--metrics", action="store_true", help="side by side: Postroom with [metrics] listen on")
     parser.add_argument("--clients", type=int, default=10, help="side by side: concurrent clients")
     parser.add_argument("--seconds", type=float, default=5, help="side by side: how long the clients run")
     parser.add_argument("--rounds", type=int, default=15, help="side by side: runs of each command (best taken)")

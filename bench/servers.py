@@ -49,7 +49,7 @@ def dovecot_available() -> bool:
 class Postroom:
     name = "postroom"
 
-    def __init__(self, messages: list[tuple[bytes, bool]], postroom: str | None = None):
+    def __init__(self, messages: list[tuple[bytes, bool]], postroom: str | None = None, metrics: bool = False):
         self.work = Path(tempfile.mkdtemp(prefix="bench-postroom-"))
         self.imap_port, self.pop3_port = free_port(), free_port()
         self.process: subprocess.Popen | None = None
@@ -90,7 +90,7 @@ enabled = false
 
 [storage]
 shards = 4
-""")
+""" + (f'\n[metrics]\nlisten = ["127.0.0.1:{free_port()}"]\n' if metrics else ""))
         cli = [postroom, "--config", str(config)]
         subprocess.run([*cli, "domain", "add", "example.test"], check=True, capture_output=True)
         subprocess.run([*cli, "user", "add", USER, "--password-stdin"], input=PASSWORD.encode(), check=True,
@@ -226,16 +226,17 @@ service anvil {{
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def start_both(count: int, with_dovecot: bool = True) -> list:
+def start_both(count: int, with_dovecot: bool = True, metrics: bool = False) -> list:
     """Postroom and, when installed and wanted, Dovecot, each holding the same `count`
-    messages in the INBOX of USER."""
+    messages in the INBOX of USER; `metrics`: Postroom with [metrics] listen on (what it
+    costs)."""
     # `timeout` and Ctrl-C must not leave a server behind: SIGTERM unwinds as an exit does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     messages = corpus(count)
     servers: list = []
     try:
         started = time.perf_counter()
-        servers.append(Postroom(messages))
+        servers.append(Postroom(messages, metrics=metrics))
         print(f"postroom: {count} messages delivered through the store, serving "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         if with_dovecot:

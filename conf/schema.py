@@ -349,6 +349,16 @@ class AccountsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics over HTTP (docs/metrics.md); off when listen is empty."""
+    # Where GET /metrics answers, e.g. ["127.0.0.1:9154"]. No authentication and no TLS:
+    # a loopback or private address, or a firewall in front. Under `postroom serve`, serve
+    # answers it for every daemon process; with the daemons as separate units, the first of
+    # them to start does, and another takes over when it stops.
+    listen: tuple[ListenAddress, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -367,5 +377,6 @@ class Config:
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Where it was read from, for messages; not a key of the file.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})

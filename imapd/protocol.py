@@ -35,6 +35,8 @@ class IMAPFactory(ServerFactory):
     """One IMAP listener (143 with STARTTLS, or 993); `context` is the service's, which its
     two listeners share (with the connection limit and the TLS context in it)."""
 
+    SERVICE = "imap"
+
     def __init__(self, context: IMAPContext, *, implicit_tls: bool):
         super().__init__(connections=context.connections, tls=context.tls, implicit_tls=implicit_tls)
         self.context = context

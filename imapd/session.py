@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
 )
 from imapd.parser import Close, Continue, Frame, Reject, parse_command
 from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError, Search
+from wire import metrics
 
 
 class Session(SessionState):
@@ -64,6 +66,7 @@ class Session(SessionState):
 
     async def handle(self, command: Command) -> None:
         """Run one command to its tagged response."""
+        started = time.perf_counter()
         async with self.running:
             notifier = self.notifier  # NOTIFY (imapd.notify): the client's own changes are not told back
             if notifier is not None:
@@ -74,6 +77,8 @@ class Session(SessionState):
             finally:
                 if notifier is not None:
                     await notifier.command_ended()
+        name = command.name if command.name in KNOWN else "OTHER"  # a bounded set of label values
+        metrics.imap_command(name, self.status, time.perf_counter() - started)
 
     async def _handle(self, command: Command) -> None:
         handler = STATES[self.state].get(command.name)
@@ -216,6 +221,7 @@ async def log_in(session: Session, user: str, password: str):
     throttle = context.throttle
     async with throttle.checks:
         account = await (context.run_login or context.run)(context.accounts.authenticate, user, password)
+    metrics.login("imap", ok=account is not None)
     if account is None:
         delay = throttle.failed(session.conn.peer)
         session.log.warning("login_failed", user=user[:100], ip=session.conn.peer, delay=delay)

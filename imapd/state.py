@@ -87,6 +87,7 @@ class SessionState:
         self.conn = connection
         self.sid = sid
         self.state = NOT_AUTHENTICATED
+        self.status = ""  # the status of the last tagged response: OK, NO, BAD
         self.user: str | None = None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
@@ -177,6 +178,7 @@ class SessionState:
         self.conn.write(untagged_line(line))
 
     def tagged(self, tag: str, status: str, text: str, code: str | None = None) -> None:
+        self.status = status  # the last command's, for its metrics
         self.conn.write(tagged_line(tag, status, text, code))
 
     def say_bye(self, text: str) -> None:

@@ -28,7 +28,7 @@ from conf.logfmt import EventLogger, session_id
 from conf.schema import Config
 from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
-from mtad.events import NEED_DATA, Close, DataChunk, Question, StartTLS
+from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, MailFrom, Question, RcptTo, StartTLS
 from mtad.replies import Reply
 from mtad.routing import Outbound, Route
 from mtad.session import Session, SessionConfig
@@ -47,6 +47,7 @@ from storage import (
     StoreError,
     UnknownAddressError,
 )
+from wire import metrics
 from wire.connections import ConnectionLimit
 
 READ_SIZE = 65536
@@ -143,6 +144,7 @@ class SMTPAgent(AiosmtpdConnection):
     """One SMTP connection of an agent; a subclass answers the core's questions."""
 
     MX = False  # mail from other servers (the whole policy chain), not from our users
+    service = "smtp"  # the metrics' name of its listener: smtp, submission, submissions
 
     def __init__(self, context: AgentContext, session_config: SessionConfig, logger: str):
         config = context.config
@@ -180,10 +182,12 @@ class SMTPAgent(AiosmtpdConnection):
         if self.context.policy is not None:
             self.policy = self.context.policy.session(self._peer, mx=self.MX)
         if not self.context.admit(self._peer):
+            metrics.connection(self.service, accepted=False)
             self.log.warning("connection_refused", client=self._peer, reason="too many connections")
             self.write(replies.TOO_MANY_CONNECTIONS.lines())
             self.close()
             return
+        metrics.connection(self.service, accepted=True)
         self.log.info("connect", client=self._peer, port=self.peer_port)
         smtp = self.context.config.smtp
         self.context.sessions.add(self)
@@ -233,6 +237,7 @@ class SMTPAgent(AiosmtpdConnection):
             self.context.changed.set()
             self.drop_message()  # one cut off mid-message leaves nothing behind
             self.context.release(self._peer)
+            metrics.connection_closed(self.service)
             self.log.info("disconnect", client=self._peer)
             self.close()
 
@@ -278,7 +283,18 @@ class SMTPAgent(AiosmtpdConnection):
                 self.core.tls_established()
                 self.log.info("starttls", version=self.tls_version())
             else:
-                self.core.answer(event, await self._answer(event))
+                reply = await self._answer(event)
+                self._count(event, reply)
+                self.core.answer(event, reply)
+
+    def _count(self, event: Question, reply: Reply) -> None:
+        """The metrics of a message's end (accepted, deferred, refused) and of a refused
+        MAIL or RCPT, by the reply's enhanced status code."""
+        if isinstance(event, DataEnd):
+            metrics.message(self.service, reply.code, reply.enhanced)
+        elif reply.code >= 400 and isinstance(event, (MailFrom, RcptTo)):
+            metrics.refused_command(self.service, "MAIL" if isinstance(event, MailFrom) else "RCPT", reply.code,
+                                    reply.enhanced)
 
     async def _answer(self, event: Question) -> Reply:
         try:

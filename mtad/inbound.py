@@ -32,6 +32,7 @@ from storage import (
     StoreError,
     parse_address,
 )
+from wire import metrics
 
 MAX_RECEIVED = 100  # more Received: headers than this is a loop (RFC 5321 §6.3)
 _counter = itertools.count(1)
@@ -235,14 +236,17 @@ class InboundSMTP(SMTPAgent):
     async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:
         """Commit the message for every recipient: 250 once every copy is durable."""
         qid, accounts, size = self._qid, self._recipients.accounts(), route.size
+        started = time.perf_counter()
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
                                            orphaned=self._orphaned)
         except (DeliveryError, StoreError, OSError) as e:
+            metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]
             self.log.error("store_failed", qid=qid, error=type(errors[0]).__name__,
                            delivered=len(e.delivered) if isinstance(e, DeliveryError) else 0, failed=len(errors))
             return store_failure_reply(e)
+        metrics.delivery("local", "delivered", time.perf_counter() - started)
         message_id = committed.message_id[:200]
         duplicates = [d.account for d in committed.delivered if d.duplicate]
         if duplicates:

@@ -48,6 +48,7 @@ from storage import (
     StoreError,
     parse_address,
 )
+from wire import metrics
 
 
 class SubmissionSMTP(SMTPAgent):
@@ -65,6 +66,7 @@ class SubmissionSMTP(SMTPAgent):
             auth=True,
             dsn=True,
         ), "mtad.submission")
+        self.service = "submissions" if implicit_tls else "submission"
         self.throttle = throttle
         self.run_login = run_login
         self.user: Address | None = None
@@ -116,6 +118,7 @@ class SubmissionSMTP(SMTPAgent):
             user = await self.run_login(self.context.accounts.authenticate, event.authcid, event.password)
         if user is not None and event.authzid and not _same_address(event.authzid, user.address):
             user = None  # acting as another user is not offered
+        metrics.login("submission", ok=user is not None)
         if user is None:
             delay = throttle.failed(self.peer)
             self.log.warning("login_failed", user=event.authcid[:100], ip=self.peer, mechanism=event.mechanism,
@@ -280,12 +283,15 @@ class SubmissionSMTP(SMTPAgent):
 
     async def _deliver(self, route: Route, results: dict[str, str] | None = None) -> Reply:
         qid, size = self._qid, route.size
+        started = time.perf_counter()
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
                                            orphaned=self._orphaned)
         except (DeliveryError, StoreError, OSError) as e:
+            metrics.delivery("local", "failed", time.perf_counter() - started)
             self.log.error("store_failed", qid=qid, error=type(e).__name__)
             return store_failure_reply(e)
+        metrics.delivery("local", "delivered", time.perf_counter() - started)
         self.log.info("message_accepted", qid=qid, message_id=committed.message_id[:200], size=size,
                       sender=self._mail.address, recipients=",".join(self._outcomes),
                       mailboxes=len(committed.delivered), remote=len(self._recipients.remote), **(results or {}))

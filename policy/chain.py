@@ -38,6 +38,7 @@ from conf.schema import Config
 from policy.decide import Decision, decide, header_fields
 from policy.evidence import Evidence, VirusResult
 from policy.resolver import Resolver
+from wire import metrics
 
 # Three pools, so that what may be slow holds up only its own kind (issue 14 item 10; an
 # attack with ten slow scans at once delayed every other client's greeting 18 s when all
@@ -147,6 +148,16 @@ class SessionPolicy:
     # -- the steps ------------------------------------------------------------------------
 
     async def connect(self) -> Refusal | None:
+        return _counted("connect", await self._connect())
+
+    async def mail(self, sender: str, user: str | None) -> Refusal | None:
+        """A new transaction: the evidence of the last one goes."""
+        return _counted("mail", await self._mail(sender, user))
+
+    async def recipient(self, address: str, user: str | None) -> Refusal | None:
+        return _counted("rcpt", await self._recipient(address, user))
+
+    async def _connect(self) -> Refusal | None:
         rates = self.config.rates
         if self.mx and self.limited and not await self._take(f"c:{self.client}", MINUTE, rates.connections_per_minute):
             return Refusal(421, "4.7.0", "Too many connections from your address, try again later", "rate")
@@ -158,8 +169,7 @@ class SessionPolicy:
         self.helo = name
         self.evidence.helo = name
 
-    async def mail(self, sender: str, user: str | None) -> Refusal | None:
-        """A new transaction: the evidence of the last one goes."""
+    async def _mail(self, sender: str, user: str | None) -> Refusal | None:
         self.evidence = Evidence(client_ip=self.ip, helo=self.helo, sender=sender, user=user,
                                  dnsbl=self.evidence.dnsbl)
         self.scan = None
@@ -180,7 +190,7 @@ class SessionPolicy:
                 return Refusal(550, "5.7.23", f"SPF of {spf.domain} does not allow mail from {self.ip}", "spf")
         return None
 
-    async def recipient(self, address: str, user: str | None) -> Refusal | None:
+    async def _recipient(self, address: str, user: str | None) -> Refusal | None:
         rates = self.config.rates
         if user is not None:
             if not await self._take_user(f"ur:{user}", rates.user_recipients_per_hour, rates.user_recipients_per_day):
@@ -230,8 +240,9 @@ class SessionPolicy:
         if not decision.refused and self.checks and services.greylist is not None:
             wait = await self._greylisted(recipients)
             if wait > 0:
-                return Decision("defer", decision.score, decision.signals, 451, "4.7.1",
-                                f"Greylisted, please try again in {int(wait) + 1} seconds", "greylist")
+                decision = Decision("defer", decision.score, decision.signals, 451, "4.7.1",
+                                    f"Greylisted, please try again in {int(wait) + 1} seconds", "greylist")
+        metrics.policy_verdict("data", decision.action, decision.why if decision.action != "accept" else "")
         return decision
 
     def header_fields(self, decision: Decision) -> bytes:
@@ -357,3 +368,11 @@ def _networks(values: Iterable[str]) -> list:
 
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "\r\n" else "?" for c in text or "")[:200]
+
+
+def _counted(stage: str, refusal: Refusal | None) -> Refusal | None:
+    """A step's refusal, counted in the metrics by stage (a step that lets the client go
+    on is not: it would count every RCPT)."""
+    if refusal is not None:
+        metrics.policy_verdict(stage, "defer" if refusal.code < 500 else "reject", refusal.why)
+    return refusal

@@ -112,6 +112,7 @@ class POP3Core:
         self._user_for_pass: str | None = None  # from USER, for the PASS that follows
         self._plain_response_next = False  # AUTH PLAIN without an initial response was answered "+ "
         self._pending: Event | None = None
+        self.verb = ""  # the last command's name (OTHER for one not known), for metrics
 
     def greeting(self) -> bytes:
         return replies.greeting(self.settings.implementation)
@@ -186,7 +187,9 @@ class POP3Core:
     # -- commands ------------------------------------------------------------------------------
 
     def _command(self, line: bytes | LineTooLong) -> Event:
+        self.verb = "OTHER"
         if self._plain_response_next:
+            self.verb = "AUTH"
             self._plain_response_next = False
             if isinstance(line, LineTooLong):
                 return self._refuse(replies.line_too_long("AUTH response", self._framer.max_line))
@@ -201,6 +204,8 @@ class POP3Core:
             return self._refuse(replies.CONTROL_CHARACTERS)
         verb, _, rest = text.partition(" ")
         verb = verb.upper()
+        if verb in KNOWN_VERBS:
+            self.verb = verb
         handler = COMMANDS[self.state].get(verb)
         if handler is None:
             if not verb:

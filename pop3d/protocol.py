@@ -13,10 +13,12 @@ dropped after it as one that stops talking.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 
 from pop3d.core import Authenticate, Retrieve, Update, err
 from pop3d.session import POP3Context, Session
+from wire import metrics
 from wire.protocol import ServerFactory, ServerProtocol
 
 READ_AHEAD = 64 * 1024
@@ -25,6 +27,8 @@ READ_AHEAD = 64 * 1024
 class POP3Factory(ServerFactory):
     """One POP3 listener (110 with STLS, or 995); `context` is the service's, which its two
     listeners share (with the connection limit and the TLS context in it)."""
+
+    SERVICE = "pop3"
 
     def __init__(self, context: POP3Context, *, implicit_tls: bool):
         super().__init__(connections=context.connections, tls=context.tls, implicit_tls=implicit_tls)
@@ -37,6 +41,8 @@ class POP3Factory(ServerFactory):
 class POP3Protocol(ServerProtocol):
     logger_name = "pop3d.protocol"
     read_ahead = READ_AHEAD
+
+    _command_started = 0.0
 
     def __init__(self, factory: POP3Factory):
         super().__init__(factory)
@@ -89,16 +95,25 @@ class POP3Protocol(ServerProtocol):
 
     def next_event(self):
         assert self.session is not None
+        self._command_started = time.perf_counter()  # a command's time counts from its parsing
         return self.session.core.next_event()
 
     def dispatch(self, event) -> Awaitable[None] | None:
         assert self.session is not None
-        if isinstance(event, Retrieve) and self.session.retrieve_now(event):
-            return None  # read ahead whole: sent at once, the pump goes on to the next command
-        if isinstance(event, (Authenticate, Retrieve, Update)):
-            return self.session.perform(event)  # the store's work: runs alone
-        self.session.emit(event)
+        session = self.session
+        if isinstance(event, Retrieve) and session.retrieve_now(event):
+            pass  # read ahead whole: sent at once, the pump goes on to the next command
+        elif isinstance(event, (Authenticate, Retrieve, Update)):
+            return self._timed(session.perform(event), session.core.verb)  # the store's work: runs alone
+        else:
+            session.emit(event)
+        metrics.pop3_command(session.core.verb, time.perf_counter() - self._command_started)
         return None
+
+    async def _timed(self, work: Awaitable[None], verb: str) -> None:
+        started = self._command_started
+        await work
+        metrics.pop3_command(verb, time.perf_counter() - started)
 
     # -- what the session calls ---------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from pop3d.core import Authenticate, Close, Event, POP3Core, Reply, Retrieve, Se
 from pop3d.framer import BodyEncoder
 from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
 from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maildrop
+from wire import metrics
 from wire.connections import ConnectionLimit
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
@@ -145,6 +146,7 @@ class Session:
         context, peer = self.context, self.conn.peer
         async with context.throttle.checks:
             user = await (context.run_login or context.run)(context.accounts.authenticate, event.user, event.password)
+        metrics.login("pop3", ok=user is not None)
         if user is None:
             delay = context.throttle.failed(peer)
             self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay)

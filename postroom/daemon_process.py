@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -30,14 +31,14 @@ import conf
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import TLSSetupError, ensure_certificate, server_context
-from postroom import daemons, reload, supervisor
+from postroom import daemons, metrics, reload, supervisor
 from postroom.daemons import Context
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, open_accounts, open_store
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
 from postroom.watchdog import keep_alive, take_interval
-from storage import DataDirError
+from storage import DataDir, DataDirError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>
@@ -113,6 +114,7 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
     name_this_process("mtad-worker" if worker else daemon)
     setup_logging(config.server.log_level)
     log = EventLogger(f"postroom.{daemon}")
+    metrics.for_daemon(config, supervised=supervised, worker=worker)  # before anything counts
     if not supervised and ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     tls = server_context(config.tls)
@@ -127,14 +129,15 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:
             context = daemons.build_context(config, data_dir, accounts, store, tls)
-            return asyncio.run(_run(context, log, daemon, worker, supervised))
+            return asyncio.run(_run(context, log, daemon, worker, supervised, data_dir))
         finally:
             store.close()
     finally:
         accounts.close()
 
 
-async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool) -> int:
+async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, supervised: bool,
+               data_dir: DataDir) -> int:
     stop = stop_on_signal()
     watchdog = take_interval()  # systemd's or serve's; mtad's workers get the same
     keep_alive(watchdog)
@@ -154,6 +157,8 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     workers = None
     if daemon == "mtad" and not worker and running and config.smtp.workers > 1:
         workers = Supervisor(log, watchdog=watchdog)
+        if config.metrics.listen:  # a worker gone stops counting its open connections
+            workers.on_exit = functools.partial(metrics.process_died, metrics.directory(config))
         workers.attach()
         for _ in range(config.smtp.workers - 1):
             workers.start("mtad-worker", command(config.source, "serve", "--smtp-worker"))
@@ -166,12 +171,20 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     reload.Reloader(daemon, context, running, workers, log).install()
     if not supervised and not worker:
         print(table(config, of_daemon(daemon), log), flush=True)
+    takeover = None
+    if config.metrics.listen and not supervised and not worker:
+        # Alone (a systemd unit): one daemon of the data dir answers the scrape (postroom/metrics.py).
+        queue = context.shared.outbound.queue if daemon == "mtad" else None
+        takeover = metrics.Takeover(config, data_dir, context.store, queue, log)
+        takeover.start()
     extra = {"smtp_workers": config.smtp.workers} if workers else {}
     log.info("ready", daemon=daemon, services=len(running), **extra)
     notify(f"READY=1\nSTATUS={len(running)} service(s) running")
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping", daemon=daemon)
+    if takeover is not None:
+        takeover.close()
     await _stop(context, running, workers)
     log.info("stopped", daemon=daemon)
     return 0

@@ -12,12 +12,15 @@ every child is told SIGTERM and given [server] stop_grace to finish; serve then 
 
 Serve holds the data dir's serve.lock, each child its daemon's lock (postroom/datadir.py):
 a second serve, or an mtad started beside this one, refuses to start.
+
+With [metrics] listen, serve answers the Prometheus scrape for every child (postroom/metrics.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from typing import TYPE_CHECKING
 
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
@@ -29,11 +32,14 @@ from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start,
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
 from postroom.watchdog import keep_alive, take_interval
 
+if TYPE_CHECKING:
+    from postroom.metrics import Serving
+
 START_TIMEOUT = 60.0  # a child not ready by then has hung: serve gives up and says which
 
 
 def serve(config: Config) -> int:
-    from postroom import daemon_process, daemons  # here: the admin commands never load a daemon
+    from postroom import daemon_process, daemons, metrics  # here: the admin commands never load a daemon
 
     setup_logging(config.server.log_level)
     log = EventLogger("postroom.serve")
@@ -46,22 +52,36 @@ def serve(config: Config) -> int:
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child
+    # Before any child exists: the port is bound (in use: one line, nothing started) and
+    # every process will write its metrics where this one reads them.
+    serving = metrics.for_serve(config)
     # systemd's watchdog: serve pings it from its loop and watches its children with the same timeout.
     supervisor = Supervisor(log, watchdog=take_interval())
+    if serving is not None:
+        supervisor.on_exit = functools.partial(metrics.process_died, serving.directory)
     started = daemons_to_start(config)
     for daemon in started:
         daemons.preload(daemon)
     for daemon in started:
         supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
-                        functools.partial(daemon_process.main, "postroom", config.source, daemon), close=(held,))
-    return asyncio.run(_supervise(config, log, supervisor, started))
+                        functools.partial(daemon_process.main, "postroom", config.source, daemon),
+                        close=(held, *(serving.listener.filenos() if serving is not None else ())))
+    try:
+        return asyncio.run(_supervise(config, log, supervisor, started, serving))
+    finally:
+        if serving is not None:
+            serving.close()
 
 
-async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str]) -> int:
+async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, started: list[str],
+                     serving: Serving | None) -> int:
     stop = stop_on_signal()
     keep_alive(supervisor.watchdog.interval)
     supervisor.attach()
     reload.forward_on_signal(config.source, supervisor, log)  # SIGHUP: checked, then to every child
+    if serving is not None:
+        serving.listener.start()  # answers from now on, while the daemons start
+        log.info("metrics_listening", listen=",".join(str(a) for a in config.metrics.listen))
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)
     if failed is not None:
         await supervisor.stop(config.server.stop_grace)

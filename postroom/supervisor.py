@@ -99,6 +99,8 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.children: list[Child] = []
         self.stopping = False
+        # Called with the pid of each child that ended (postroom/metrics.py marks it dead).
+        self.on_exit: Callable[[int], None] | None = None
         self._started = False  # past start-up: a death means a restart, not a failure
         self._by_pid: dict[int, Child] = {}
         name = f"postroom-{os.getpid()}-{secrets.token_hex(6)}"
@@ -224,6 +226,8 @@ class Supervisor:
         self._read_notifications()  # a STATUS= sent just before the exit
         del self._by_pid[pid]
         child.running = False
+        if self.on_exit is not None:
+            self.on_exit(pid)
         died_starting = not child.ready.done()
         if died_starting:
             child.ready.set_result(code)

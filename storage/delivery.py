@@ -53,6 +53,7 @@ from storage.messages import Quota
 from storage.mime import ParsedMessage, parse_message
 from storage.records import MessageRecord
 from storage.shard import Shard
+from wire import metrics
 
 # A message up to this size is kept in memory until its commit, and its file made, written and
 # fsynced by a committer's fsync pool, beside the other files of its batch: an event loop
@@ -362,7 +363,7 @@ class Delivery:
                 if self._fd is None:
                     self._make_source()  # a small message: made here, in a committer's fsync pool
                 os.utime(self._fd, (date, date))
-                os.fsync(self._fd)
+                metrics.fsync(self._fd, "message")
             except BaseException as e:
                 self._sync_error = e
                 raise
@@ -465,7 +466,7 @@ def _write_new(target: Path, data: bytes, date: float) -> None:
     try:
         _write_all(fd, data)
         os.utime(fd, (date, date))
-        os.fsync(fd)
+        metrics.fsync(fd, "message")
     except BaseException:
         os.close(fd)
         _unlink_quietly(target)
@@ -485,7 +486,7 @@ def _copy(source_fd: int, target: Path, date: float) -> None:
                 raise OSError(f"message file shorter than {size} bytes")
             offset += sent
         os.utime(fd, (date, date))
-        os.fsync(fd)
+        metrics.fsync(fd, "message")
     except BaseException:
         os.close(fd)
         _unlink_quietly(target)

@@ -21,6 +21,8 @@ import socket
 import time
 from pathlib import Path
 
+from wire import metrics
+
 # Flag bits in the index, and their Maildir letters (maildir(5), "info semantics").
 SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = 1, 2, 4, 8, 16
 SYSTEM_FLAGS = {"\\Seen": SEEN, "\\Answered": ANSWERED, "\\Flagged": FLAGGED, "\\Deleted": DELETED, "\\Draft": DRAFT}
@@ -87,7 +89,7 @@ def write_file(path: Path, data: bytes, mtime: float | None = None) -> None:
             view = view[written:]
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
+        metrics.fsync(fd, "message")
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -112,6 +114,6 @@ def read_meta(mailbox_dir: Path) -> dict | None:
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        metrics.fsync(fd, "directory")
     finally:
         os.close(fd)

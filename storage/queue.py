@@ -62,6 +62,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from conf.logfmt import EventLogger
+from wire import metrics
 from storage import queue_records as records
 from storage.datadir import DataDir
 from storage.errors import NotQueuedError, StoreError, store_error
@@ -608,7 +609,7 @@ class Enqueue:
         try:
             if self._fd is None:
                 self._make_file()
-            os.fsync(self._fd)  # here, side by side with other sessions' (msg/ is the committer's)
+            metrics.fsync(self._fd, "queue")  # here, side by side with other sessions' (msg/ is the committer's)
             self._queue._insert(self.id, _new_record(self.envelope, self.size + len(prepend), bytes(prepend), now))
         except BaseException as e:
             self._state = "committing-failed"

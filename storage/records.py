@@ -225,6 +225,16 @@ def get_usage(txn: lmdb.Transaction, shard: Shard, account: str) -> Usage:
     return decode(raw, Usage) if raw is not None else Usage()
 
 
+def shard_usage(txn: lmdb.Transaction, shard: Shard) -> Usage:
+    """The sum of every account's usage in `shard`: its messages and their bytes."""
+    used = messages = 0
+    for _, raw in txn.cursor(db=shard.db["accounts"]):
+        usage = decode(raw, Usage)
+        used += usage.used
+        messages += usage.messages
+    return Usage(used, messages)
+
+
 def put_usage(txn: lmdb.Transaction, shard: Shard, account: str, usage: Usage) -> None:
     txn.put(account.encode(), encode(usage), db=shard.db["accounts"])
 

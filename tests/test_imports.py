@@ -31,7 +31,7 @@ MAY_IMPORT = {
     "mtad": {"storage", "policy", "wire", "conf"},
     "imapd": {"storage", "policy", "wire", "conf"},
     "pop3d": {"storage", "policy", "wire", "conf"},
-    "storage": {"conf"},
+    "storage": {"wire", "conf"},  # wire.metrics: fsync latency
     "policy": {"wire", "conf"},
     "wire": {"conf"},
     "conf": set(),

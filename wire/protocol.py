@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from conf.logfmt import EventLogger, session_id
 from conf.tls import ServerTLS
+from wire import metrics
 from wire.connections import ConnectionLimit
 
 CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
@@ -30,7 +31,10 @@ class ServerFactory(Factory):
     the TLS context for STARTTLS (None without a certificate), and whether TLS starts at
     once (the port then wraps this factory in TLS)."""
 
+    SERVICE = ""  # the metrics' name of the plain listener: "imap", "pop3"
+
     def __init__(self, *, connections: ConnectionLimit, tls: ServerTLS | None, implicit_tls: bool):
+        self.service = self.SERVICE + "s" if implicit_tls else self.SERVICE  # imaps, pop3s
         self.connections = connections
         self.tls = tls
         self.implicit_tls = implicit_tls
@@ -153,12 +157,14 @@ class ServerProtocol(Protocol):
 
         self.peer = getattr(self.transport.getPeer(), "host", "")
         if not self.factory.connections.admit(self.peer):
+            metrics.connection(self.factory.service, accepted=False)
             self.log.warning("refused", ip=self.peer, reason="too_many_connections")
             self.transport.write(self.refusal())
             self.transport.loseConnection()
             self.closing = True
             return
         self.counted = True
+        metrics.connection(self.factory.service, accepted=True)
         self.factory.admitted(self)
         self.transport.registerProducer(self, True)
         self._timer = reactor.callLater(self.first_timeout(), self._timed_out)
@@ -175,6 +181,7 @@ class ServerProtocol(Protocol):
             self._timer.cancel()
         if self.counted:
             self.factory.connections.release(self.peer)
+            metrics.connection_closed(self.factory.service)
             self.counted = False
         self._writable.set()
         self.ended()

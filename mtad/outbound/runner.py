@@ -68,6 +68,7 @@ from storage import (
     StoreError,
     normalize_domain,
 )
+from wire import metrics
 
 # Seconds between two looks at the queue's change counter: a read of LMDB's shared map, no
 # system call, so it can be often; it bounds the time from a submission's 250 (in any
@@ -307,7 +308,9 @@ class Runner:
             group.destination, asyncio.Semaphore(self.config.queue.per_destination))
         try:
             async with self._connections, semaphore:
+                started = time.perf_counter()
                 outcome = await self._transact(message, group, reader)
+                metrics.delivery_time("remote", time.perf_counter() - started)
         finally:
             self._transaction_over(group)
         now = self.clock()
@@ -319,6 +322,7 @@ class Runner:
             log.info("delivery", rcpt=recipient.address, host=str(outcome.host) if outcome.host else "-",
                      result=result.state, reply=result.reply, attempt=recipient.attempts + 1,
                      delay=round(now - message.created, 3), tls=outcome.tls)
+            metrics.delivery("remote", result.state)
             done.append((recipient, result, outcome.dsn))
         settled = [result for _, result, _ in done if result.state != BOUNCED]
         if settled:
