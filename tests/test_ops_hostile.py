@@ -76,3 +76,51 @@ def test_a_manager_that_does_not_read_never_blocks_the_daemon_s_loop(tmp_path):
         thread.join(5)
         assert not thread.is_alive() and len(sent) == 100
         assert manager.recv(100) == b"WATCHDOG=1"  # what fitted in the queue was sent
+
+
+# -- the metrics endpoint ---------------------------------------------------------------------------------
+
+
+def test_idle_and_flooding_clients_of_the_metrics_endpoint_hold_no_thread_for_long(monkeypatch, capsys):
+    """The endpoint answers in serve's process. Before: each connection had a thread with
+    no timeout, so idle connections (300 in the attack) were as many threads in serve for
+    as long as the client liked, and nothing bounded their number; a client that timed out
+    or reset was a traceback on serve's stderr (the journal), one per connection."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from conftest import free_port
+    from postroom import metrics
+
+    monkeypatch.setattr(metrics, "CLIENT_TIMEOUT", 0.5, raising=False)
+    port = free_port()
+    before = threading.active_count()
+    listener = metrics.MetricsListener([("127.0.0.1", port)], CollectorRegistry())
+    listener.start()
+    idle = []
+    try:
+        for _ in range(40):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            idle[-1].sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        time.sleep(0.2)
+        assert threading.active_count() - before <= 1 + getattr(metrics, "CLIENTS", 40) < 40, \
+            threading.active_count() - before
+        for sock in idle:  # closed unanswered, or by the timeout (after a 408, or not)
+            sock.settimeout(3)
+            while sock.recv(4096):
+                pass
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before + 1  # the listener's own thread
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        for sock in idle:
+            sock.close()
+        listener.close()
