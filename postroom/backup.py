@@ -53,6 +53,10 @@ MANIFEST = "backup.json"
 UNFINISHED = "data.unfinished"  # the copy's name until it is whole (see the module's docstring)
 # What the store and the queue copy themselves; the rest of the data dir is copied as found.
 _SPECIAL = {"shards", "queue", "accounts.lmdb"}
+# Not copied at all: the running processes' metric files ([metrics], postroom/metrics.py),
+# named by pid. Restored elsewhere, a standalone daemon keeps the files of pids that run
+# there (its clean-up removes only dead ones) and their old counts join the new.
+_LEFT_OUT = {"metrics"}
 
 
 def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
@@ -138,7 +142,7 @@ def _copy_rest(source: Path, data: Path) -> None:
     LMDB environments under a read transaction each, plain files and directories as they
     are. Lock files hold pids of this machine's processes: they are not copied."""
     for entry in sorted(source.iterdir()):
-        if entry.name in _SPECIAL or entry.name.endswith(".lock") or entry.is_symlink():
+        if entry.name in _SPECIAL | _LEFT_OUT or entry.name.endswith(".lock") or entry.is_symlink():
             continue
         if entry.is_dir() and entry.name.endswith(".lmdb"):
             copy_environment_at(entry, data / entry.name)

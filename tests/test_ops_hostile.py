@@ -5,6 +5,7 @@ way, `postroom status` against a DNS server that hangs or lies.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -28,6 +29,9 @@ def test_a_backup_killed_on_the_way_leaves_no_data_dir_to_restore(tmp_path):
         for user in users:
             for i in range(5):
                 store.append(user, "INBOX", f"Subject: {i}\r\n\r\nmail {i} of {user}\r\n".encode())
+    # What [metrics] writes while the daemons run: files named by their pids.
+    (tmp_path / "var" / "metrics").mkdir()
+    (tmp_path / "var" / "metrics" / f"counter_{os.getpid()}.db").write_bytes(b"\0" * 4096)
     target = tmp_path / "backup"
     backup = subprocess.Popen([POSTROOM, "--config", str(config), "backup", str(target)], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,6 +52,7 @@ def test_a_backup_killed_on_the_way_leaves_no_data_dir_to_restore(tmp_path):
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in finished.iterdir()) == ["backup.json", "data", "postroom.toml", "tls"]
+    assert not (finished / "data" / "metrics").exists()  # the live processes' metric files, by pid
     assert json.loads((finished / "backup.json").read_text())["messages"] == 5 * shards
     assert len(list((finished / "data" / "shards").rglob("cur/*"))) == 5 * shards
 
