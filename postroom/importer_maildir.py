@@ -29,6 +29,7 @@ from typing import BinaryIO
 from imapd import utf7
 from postroom.importer_source import Folder, Message, SourceError, crlf_pieces
 
+MAX_LINE = 64 << 10  # bytes of a dovecot-uidlist or dovecot-keywords line read at most
 _LETTERS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
 
@@ -209,7 +210,7 @@ def _read_uidlist(path: Path) -> tuple[int | None, int | None, dict[str, int]]:
     taken: set[int] = set()
     with file:
         uidvalidity, uidnext = _parse_header(file.readline(4096).decode("utf-8", "replace").split(), path)
-        for raw in file:
+        for raw in _lines(file):
             line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             head, colon, name = line.partition(" :")
             if not colon:  # version 1 lines, "<uid> <name>"
@@ -221,6 +222,17 @@ def _read_uidlist(path: Path) -> tuple[int | None, int | None, dict[str, int]]:
                 taken.add(uid)
                 uids[_base(name)] = uid
     return uidvalidity, uidnext, uids
+
+
+def _lines(file: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, each read MAX_LINE bytes at most: a longer one (no uidlist has
+    one; a file the user wrote could be one line of gigabytes) is skipped to its end."""
+    while raw := file.readline(MAX_LINE):
+        if raw.endswith(b"\n") or len(raw) < MAX_LINE:
+            yield raw
+            continue
+        while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+            pass
 
 
 def _parse_header(header: list[str], path: Path) -> tuple[int | None, int | None]:
@@ -243,7 +255,8 @@ def _parse_header(header: list[str], path: Path) -> tuple[int | None, int | None
 def _read_keywords(path: Path) -> dict[str, str]:
     """{letter: keyword} from a dovecot-keywords ("<index> <keyword>" lines; a is 0)."""
     try:
-        text = path.read_text("utf-8", "replace")
+        with open(path, "rb") as file:
+            text = file.read(MAX_LINE * 26).decode("utf-8", "replace")  # 26 keywords at most (a-z)
     except FileNotFoundError:
         return {}
     except OSError as e:

@@ -358,3 +358,26 @@ def test_untagged_lines_without_end_stop_at_the_answer_limit(fake_imap, monkeypa
     done, result = finished_within(10, lambda: list(inbox.messages(lambda key, uid: False)))
     assert done and isinstance(result, SourceError), result
     assert "an answer of more than 4194304 bytes" in str(result)
+
+
+def test_a_uidlist_of_one_enormous_line_is_read_a_piece_at_a_time(tmp_path):
+    """A dovecot-uidlist is the user's file: one line of 64 MiB was read whole into memory
+    (any size: a file of gigabytes would have been). Lines past 64 KiB are skipped."""
+    import resource
+
+    from postroom import importer_maildir
+
+    source = maildir(tmp_path / "Maildir", {"1001.host:2,S": b"Subject: a\n\nx\n",
+                                            "1002.host:2,": b"Subject: b\n\ny\n"})
+    with open(source / "dovecot-uidlist", "wb") as uidlist:
+        uidlist.write(b"3 V1234 N20\n5 :1001.host\n9 ")
+        chunk = b"z" * (1 << 20)
+        for _ in range(64):
+            uidlist.write(chunk)
+        uidlist.write(b"\n6 :1002.host\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (inbox,) = importer_maildir.folders(source)
+    got = {m.key: m.uid for m in inbox.messages(lambda key, uid: False)}
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert got == {"maildir:1001.host": 5, "maildir:1002.host": 6}
+    assert grown < 32 << 10, f"{grown} KiB more"
