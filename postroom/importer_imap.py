@@ -40,6 +40,7 @@ MAX_LITERAL = 2 * PIECE  # a literal: at most the piece asked for (with room); m
 # All of one command's answer (imaplib keeps every untagged line until the command ends: a
 # server sending "* OK" lines without end would fill the memory before COMMAND_TIME).
 MAX_ANSWER = 256 << 20
+MAX_MESSAGE = 1 << 30  # bytes of one message, at most
 _SPECIAL_USE = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _LIST = re.compile(rb'^\((?P<attrs>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$', re.DOTALL)
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
@@ -301,6 +302,10 @@ def _body(imap: imaplib.IMAP4, where: str, uid: int, size: int | None) -> Iterat
             if offset == 0:
                 raise OSError(f"the server sent no body for UID {uid}")
             return
+        if offset + len(piece) > MAX_MESSAGE:
+            # A server that answers every piece in full, whatever the offset, would fill
+            # the disk: no mail is this big.
+            raise OSError(f"UID {uid} is more than {MAX_MESSAGE} bytes (RFC822.SIZE {size})")
         if piece:
             yield piece
         offset += len(piece)

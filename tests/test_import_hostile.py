@@ -381,3 +381,33 @@ def test_a_uidlist_of_one_enormous_line_is_read_a_piece_at_a_time(tmp_path):
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
     assert got == {"maildir:1001.host": 5, "maildir:1002.host": 6}
     assert grown < 32 << 10, f"{grown} KiB more"
+
+
+def test_a_body_whose_pieces_never_end_stops_at_the_message_limit(fake_imap, monkeypatch):
+    """Partial fetches go on while each piece comes back full: a server that answers every
+    offset with a full piece (and no RFC822.SIZE) was read until the disk was full."""
+    from postroom import importer_imap
+
+    monkeypatch.setattr(importer_imap, "MAX_MESSAGE", 3 << 20, raising=False)
+    piece = importer_imap.PIECE
+
+    async def endless(tag, args, writer):
+        if "BODY.PEEK" not in args:
+            writer.write(f"* 1 FETCH (UID 1 FLAGS ())\r\n{tag} OK done\r\n".encode())
+            return
+        writer.write(b"* 1 FETCH (UID 1 BODY[]<0> {%d}\r\n" % piece + b"x" * piece + f")\r\n{tag} OK done\r\n".encode())
+
+    fake_imap.answers["UID FETCH"] = endless
+    imap, inbox = fake_imap.folder()
+    (message,) = inbox.messages(lambda key, uid: False)
+    read = []
+
+    def take() -> None:
+        for chunk in message.chunks():
+            read.append(len(chunk))
+            if sum(read) > 64 * piece:
+                return
+
+    done, result = finished_within(20, take)
+    assert done and isinstance(result, OSError), result
+    assert "more than 3145728 bytes" in str(result) and sum(read) <= 3 * piece
