@@ -65,6 +65,7 @@ RESTART_NEEDED: tuple[str, ...] = (
     # SRS and DKIM signers, the resolver, the clamd scanner, the greylist table, the store,
     # the accounts' address parsing.
     "queue", "outbound", "srs", "dkim", "dns", "clamav", "greylist", "storage", "accounts",
+    "metrics",  # its listener is bound at start (postroom/metrics.py)
 )
 
 
