@@ -7,6 +7,12 @@
       backup.json     what was copied, from where, when; written last: without it the
                       backup did not finish
 
+While it runs the data is copied into DIR/data.unfinished, renamed data/ once the copy is
+whole: a backup killed on the way (OOM, a reboot) leaves no data/ that `cp -a` could put
+back. A partial copy is worse than none: `store check` finds nothing wrong with a data dir
+whose shard directories were never copied (it makes them again, empty), and the mail of
+those accounts would be gone without a word.
+
 The daemons keep running. Each shard's index and the queue's are copied from one read
 transaction each, and the files that snapshot names are hard-linked into the copy (copied
 where DIR is on another file system): storage/snapshot.py says why the copy is consistent
@@ -44,11 +50,13 @@ from storage.snapshot import CopyStats, FileCopier, copy_environment_at, finish,
 
 FORMAT = 1
 MANIFEST = "backup.json"
+UNFINISHED = "data.unfinished"  # the copy's name until it is whole (see the module's docstring)
 # What the store and the queue copy themselves; the rest of the data dir is copied as found.
 _SPECIAL = {"shards", "queue", "accounts.lmdb"}
-# State of the running processes, not of the mail: the metrics each process writes
-# (wire/metrics.py), started afresh by the next start.
-_RUNTIME = {"metrics"}
+# Not copied at all: the running processes' metric files ([metrics], postroom/metrics.py),
+# named by pid. Restored elsewhere, a standalone daemon keeps the files of pids that run
+# there (its clean-up removes only dead ones) and their old counts join the new.
+_LEFT_OUT = {"metrics"}
 
 
 def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse.Namespace, audit: AuditLog) -> int:
@@ -60,7 +68,7 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
         raise StoreError(f"{target}: exists and is not empty: a backup goes into a new directory")
     started = time.monotonic()
     make_private_dirs(target)
-    data = target / "data"
+    data = target / UNFINISHED
     make_private_dirs(data)
 
     accounts.copy_to(data / "accounts.lmdb")
@@ -88,6 +96,8 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
     with Store(copy) as copy_store:
         problems = check(copy_store)
     os.sync()  # the copy is durable before it says so
+    os.rename(data, target / "data")
+    _fsync_dir(target)
 
     seconds = round(time.monotonic() - started, 1)
     manifest = {
@@ -132,7 +142,7 @@ def _copy_rest(source: Path, data: Path) -> None:
     LMDB environments under a read transaction each, plain files and directories as they
     are. Lock files hold pids of this machine's processes: they are not copied."""
     for entry in sorted(source.iterdir()):
-        if entry.name in _SPECIAL or entry.name in _RUNTIME or entry.name.endswith(".lock") or entry.is_symlink():
+        if entry.name in _SPECIAL | _LEFT_OUT or entry.name.endswith(".lock") or entry.is_symlink():
             continue
         if entry.is_dir() and entry.name.endswith(".lmdb"):
             copy_environment_at(entry, data / entry.name)
@@ -172,6 +182,16 @@ def _write_manifest(path: Path, manifest: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename in `path` made durable (the data is already: os.sync above)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _progress(text: str) -> None:

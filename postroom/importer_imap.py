@@ -16,9 +16,11 @@ folder's special-use attribute (RFC 6154) goes with it to a mailbox made for it.
 from __future__ import annotations
 
 import imaplib
+import math
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +31,16 @@ from postroom.importer_source import Folder, Message, SourceError
 
 PIECE = 1 << 20
 BATCH = 200
-TIMEOUT = 60.0  # seconds a server may take to answer one command
+TIMEOUT = 60.0  # seconds a server may stay silent
+COMMAND_TIME = 600.0  # seconds a server may take to answer one command, however it trickles
+# A line of an answer: UID SEARCH ALL of a folder of 160,000 messages is more than imaplib's
+# own limit (1 MB, its _MAXLINE): this one lets ~6 million UIDs through, memory still bounded.
+MAX_LINE = 64 << 20
+MAX_LITERAL = 2 * PIECE  # a literal: at most the piece asked for (with room); more is a hostile server
+# All of one command's answer (imaplib keeps every untagged line until the command ends: a
+# server sending "* OK" lines without end would fill the memory before COMMAND_TIME).
+MAX_ANSWER = 256 << 20
+MAX_MESSAGE = 1 << 30  # bytes of one message, at most
 _SPECIAL_USE = {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash"}
 _LIST = re.compile(rb'^\((?P<attrs>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$', re.DOTALL)
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
@@ -66,6 +77,76 @@ def parse_url(source: str) -> Server:
     return Server(tls, parts.hostname, port or (993 if tls else 143), unquote(parts.username))
 
 
+class _Bounded:
+    """imaplib's reads, bounded against a server that lies or never ends: a line of at most
+    MAX_LINE bytes, a literal of at most MAX_LITERAL (imaplib reads any size it is told, whole,
+    into memory), an answer of at most MAX_ANSWER bytes, and within COMMAND_TIME of its
+    command (a socket timeout alone lets a server that sends a byte a minute go on for
+    ever). Reads go through the buffer a socket read at a time, so the deadline is checked
+    between any two of them."""
+
+    _deadline = math.inf
+    _answered = 0  # bytes of the answer to the last command so far
+
+    def send(self, data):
+        self._deadline = time.monotonic() + COMMAND_TIME
+        self._answered = 0
+        super().send(data)
+
+    def _took(self, data: bytes) -> bytes:
+        self._answered += len(data)
+        if self._answered > MAX_ANSWER:
+            raise self.abort(f"an answer of more than {MAX_ANSWER} bytes")
+        return data
+
+    def _buffered(self) -> bytes:
+        """What the buffer holds, after at most one read of the socket."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self.abort(f"no complete answer in {COMMAND_TIME:.0f} s")
+        self.sock.settimeout(min(left, TIMEOUT))
+        try:
+            data = self.file.peek(1)
+        except TimeoutError:
+            if time.monotonic() >= self._deadline:
+                raise self.abort(f"no complete answer in {COMMAND_TIME:.0f} s") from None
+            raise
+        if not data:
+            raise self.abort("the server closed the connection")
+        return data
+
+    def readline(self):
+        parts, size = [], 0
+        while True:
+            data = self._buffered()
+            end = data.find(b"\n")
+            part = self._took(self.file.read(end + 1 if end >= 0 else len(data)))
+            parts.append(part)
+            size += len(part)
+            if end >= 0:
+                return b"".join(parts)
+            if size > MAX_LINE:
+                raise self.error(f"a line of more than {MAX_LINE} bytes")
+
+    def read(self, size):
+        if size > MAX_LITERAL:
+            raise self.abort(f"a literal of {size} bytes, more than was asked for")
+        parts, left = [], size
+        while left > 0:
+            part = self._took(self.file.read(min(left, len(self._buffered()))))
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+
+class _IMAP4(_Bounded, imaplib.IMAP4):
+    pass
+
+
+class _IMAP4_SSL(_Bounded, imaplib.IMAP4_SSL):
+    pass
+
+
 def connect(server: Server, password: str, cafile: str | None) -> imaplib.IMAP4:
     """A logged-in session, or SourceError saying what went wrong."""
     where = f"{server.host}:{server.port}"
@@ -75,9 +156,9 @@ def connect(server: Server, password: str, cafile: str | None) -> imaplib.IMAP4:
         raise SourceError(f"{cafile}: cannot read certificates: {getattr(e, 'strerror', None) or e}") from None
     try:
         if server.tls:
-            imap = imaplib.IMAP4_SSL(server.host, server.port, ssl_context=context, timeout=TIMEOUT)
+            imap = _IMAP4_SSL(server.host, server.port, ssl_context=context, timeout=TIMEOUT)
         else:
-            imap = imaplib.IMAP4(server.host, server.port, timeout=TIMEOUT)
+            imap = _IMAP4(server.host, server.port, timeout=TIMEOUT)
             if "STARTTLS" not in imap.capabilities:
                 imap.shutdown()
                 raise SourceError(f"{where} offers no STARTTLS: the password will not be sent in clear "
@@ -221,6 +302,10 @@ def _body(imap: imaplib.IMAP4, where: str, uid: int, size: int | None) -> Iterat
             if offset == 0:
                 raise OSError(f"the server sent no body for UID {uid}")
             return
+        if offset + len(piece) > MAX_MESSAGE:
+            # A server that answers every piece in full, whatever the offset, would fill
+            # the disk: no mail is this big.
+            raise OSError(f"UID {uid} is more than {MAX_MESSAGE} bytes (RFC822.SIZE {size})")
         if piece:
             yield piece
         offset += len(piece)

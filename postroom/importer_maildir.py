@@ -19,13 +19,17 @@ after Dovecot last looked) gets a new UID above the source's UIDNEXT.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from imapd import utf7
 from postroom.importer_source import Folder, Message, SourceError, crlf_pieces
 
+MAX_LINE = 64 << 10  # bytes of a dovecot-uidlist or dovecot-keywords line read at most
 _LETTERS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
 
@@ -46,7 +50,9 @@ def _subfolders(directory: Path, parents: list[str]) -> Iterator[Folder]:
     except OSError as e:
         raise SourceError(f"{directory}: {e.strerror}") from None
     for entry in entries:
-        if not entry.name.startswith(".") or entry.name in (".", "..") or not entry.is_dir():
+        # A symbolic link is not followed: one to "." would nest the Maildir in itself
+        # without end, one elsewhere would import what is not the user's mail.
+        if not entry.name.startswith(".") or entry.name in (".", "..") or not entry.is_dir(follow_symlinks=False):
             continue
         path = Path(entry.path)
         if not is_maildir(path):
@@ -99,6 +105,8 @@ def _message_files(path: Path) -> list[tuple[str, Path]]:
     """(base name, path) of every message in cur/ and new/; only names, never contents."""
     found = []
     for sub in ("cur", "new"):
+        if (path / sub).is_symlink():  # its files are elsewhere: not this Maildir's mail
+            raise SourceError(f"{path / sub}: a symbolic link, not followed")
         try:
             with os.scandir(path / sub) as entries:
                 for entry in entries:
@@ -139,15 +147,33 @@ def _flag(letter: str, keywords: dict[str, str]) -> str | None:
 def _read(path: Path, base: str) -> Iterator[bytes]:
     """The file's bytes, CRLF."""
     try:
-        file = open(path, "rb")
+        file = _open_regular(path)
     except FileNotFoundError:
         # Renamed since the listing: Dovecot moves new/ to cur/, and renames for a flag change
         moved = _find(path, base)
         if moved is None:
             raise
-        file = open(moved, "rb")
+        file = _open_regular(moved)
     with file:
         yield from crlf_pieces(file)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """The message file, open, if it is a regular file. A Maildir is often the user's to
+    write: a symbolic link in it (to /etc/shadow) would import a file the user cannot
+    read, a FIFO would hang the import, /dev/zero would fill the disk. O_NONBLOCK: opening
+    a FIFO with no writer returns at once instead of waiting for one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link, not followed") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device...), not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _find(path: Path, base: str) -> Path | None:
@@ -181,17 +207,32 @@ def _read_uidlist(path: Path) -> tuple[int | None, int | None, dict[str, int]]:
     except OSError as e:
         raise SourceError(f"{path}: {e.strerror}") from None
     uids: dict[str, int] = {}
+    taken: set[int] = set()
     with file:
         uidvalidity, uidnext = _parse_header(file.readline(4096).decode("utf-8", "replace").split(), path)
-        for raw in file:
+        for raw in _lines(file):
             line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             head, colon, name = line.partition(" :")
             if not colon:  # version 1 lines, "<uid> <name>"
                 head, _, name = line.partition(" ")
             uid = _number(head.split(" ", 1)[0])
-            if uid and name:
+            if uid and name and uid not in taken:
+                # A UID given to a second file (a corrupt uidlist) stays the first one's: the
+                # second gets a new UID, where keeping it would skip it as "in already".
+                taken.add(uid)
                 uids[_base(name)] = uid
     return uidvalidity, uidnext, uids
+
+
+def _lines(file: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, each read MAX_LINE bytes at most: a longer one (no uidlist has
+    one; a file the user wrote could be one line of gigabytes) is skipped to its end."""
+    while raw := file.readline(MAX_LINE):
+        if raw.endswith(b"\n") or len(raw) < MAX_LINE:
+            yield raw
+            continue
+        while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+            pass
 
 
 def _parse_header(header: list[str], path: Path) -> tuple[int | None, int | None]:
@@ -214,7 +255,8 @@ def _parse_header(header: list[str], path: Path) -> tuple[int | None, int | None
 def _read_keywords(path: Path) -> dict[str, str]:
     """{letter: keyword} from a dovecot-keywords ("<index> <keyword>" lines; a is 0)."""
     try:
-        text = path.read_text("utf-8", "replace")
+        with open(path, "rb") as file:
+            text = file.read(MAX_LINE * 26).decode("utf-8", "replace")  # 26 keywords at most (a-z)
     except FileNotFoundError:
         return {}
     except OSError as e:

@@ -25,6 +25,7 @@ import fcntl
 import os
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Iterable
 from socketserver import ThreadingMixIn
@@ -201,13 +202,54 @@ class Takeover:
 
 # -- the HTTP listener -------------------------------------------------------------------------
 
+CLIENTS = 8  # connections answered at once; more are closed at once
+CLIENT_TIMEOUT = 10.0  # seconds a client may take to send its request, or to read a piece of the answer
+
+
 class _Quiet(WSGIRequestHandler):
+    def setup(self):
+        # The socket's timeout. Without one, a connection that sends nothing held its thread
+        # for ever: 300 idle connections were 300 threads in serve, and more could come.
+        self.timeout = CLIENT_TIMEOUT
+        super().setup()
+
     def log_message(self, format, *args):  # noqa: A002 - http.server's signature
         """A scrape every 15 s is not an event worth a log line."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow scraper never holds up a stop
+    block_on_close = False  # nor does server_close wait for one
+    request_queue_size = 64  # listen(2)'s backlog: 5 by default, and a flood's SYNs drop a scrape's
+
+    def __init__(self, *args, **kwargs):
+        # The endpoint shares serve's process (and the machine) with the mail: at most
+        # CLIENTS threads answer, a client beyond them is closed unanswered. Prometheus
+        # scrapes one connection at a time; a flood costs the scrapes, never the mail.
+        self._slots = threading.BoundedSemaphore(CLIENTS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        # A client that timed out or went away: socketserver's default prints a traceback
+        # to stderr (the journal), one per connection, whoever opens them.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def server_bind(self):
         # http.server's own looks up the address's name (getfqdn): start-up never waits on DNS.

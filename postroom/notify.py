@@ -17,7 +17,11 @@ def notify(state: str, socket_path: str | None = None) -> None:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: the send is made from the event loop (the watchdog's WATCHDOG=1), and a
+    # manager that does not read (serve stalled or stopped; a queue holds only
+    # net.unix.max_dgram_qlen datagrams, 10 by default) would otherwise stall the loop and
+    # every session with it. A message that finds the queue full is dropped (EAGAIN).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.connect(path)
             sock.sendall(state.encode())

@@ -53,6 +53,11 @@ from storage.shard import Shard, pack_u32, unpack_u32
 from storage.unsettled import note_dir
 
 IN_FLIGHT = 64  # messages submitted and not yet committed, per mailbox
+# A source's UIDs and UIDNEXT are kept only below this (RFC 3501 §2.3.1.1: 32-bit, but some
+# clients hold UIDs in a signed int): a source that claims more (a corrupt uidlist, a hostile
+# server) would leave no UID for new mail, or none that fits the store's 32-bit keys. Such a
+# folder gets a UIDVALIDITY of its own, and clients fetch it again.
+UID_CEILING = 2**31
 PARSE_IN_MEMORY = 256 << 10  # a bigger message is parsed from its file a window at a time
 
 
@@ -88,6 +93,11 @@ class ImportMailbox:
                  plan: dict[str, int | None] | None = None):
         """`plan`: the name and UIDVALIDITY of every folder of the source, so that the
         mailboxes made before theirs (parents, INBOX) leave their ids free."""
+        if uidvalidity is not None and not (uidnext is not None and 0 < uidnext <= UID_CEILING):
+            # Messages keep their UIDs only above every UID the source handed out: without
+            # a sane UIDNEXT they would be numbered from 1 under the source's UIDVALIDITY,
+            # and a client's cache would show another message under a UID it knows.
+            uidvalidity = uidnext = None
         plan = dict(plan or {})
         plan[normalize_name(name)] = uidvalidity
         begin_account(store, account, plan)
@@ -116,7 +126,7 @@ class ImportMailbox:
     def known(self, key: str, uid: int | None = None) -> bool:
         """The message is in already (or was, and was expunged): skip it without reading it."""
         with self._shard.read() as txn:
-            return self._known(txn, _ledger_key(self.mailbox.id, key), uid)
+            return self._known(txn, _ledger_key(self.mailbox.id, key), _keepable(uid))
 
     def _known(self, txn, ledger_key: bytes, uid: int | None) -> bool:
         db = self._shard.db["imported"]
@@ -133,6 +143,7 @@ class ImportMailbox:
         is called once the chunks are read (a digest of what they held: an mbox's messages
         have no other name). Returns once the message is submitted; finish() waits for the
         commits. A read error of the source (OSError) is raised, the message's file removed."""
+        uid = _keepable(uid)
         bits, keywords = messages.parse_flags(flags)
         shard = self._shard
         base = maildir.new_base()
@@ -376,6 +387,11 @@ def _record(path: Path, base: str, size: int, date: float) -> tuple[MessageRecor
         parsed = parse_message(raw)
         texts = fts.compress_texts(fts.fields_of(parsed))
     return MessageRecord.of(parsed, base=base, size=size, internal_date=date), texts
+
+
+def _keepable(uid: int | None) -> int | None:
+    """The source's UID, or None (a new one) when it is no UID this store can keep."""
+    return uid if uid is not None and 0 < uid < UID_CEILING else None
 
 
 def _ledger_key(mailbox_id: int, key: str) -> bytes:

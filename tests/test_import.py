@@ -366,7 +366,8 @@ def test_mailboxes_made_on_the_way_leave_the_source_uidvalidities_free(tmp_path)
     now = int(time.time())
     plan = {"INBOX": now + 10, "A/B": now + 11, "Sent": now + 12}  # as Dovecot hands them out: one after another
     with Store(open_data_dir(tmp_path / "var", 1)) as store:
-        made = {name: ImportMailbox(store, "u@example.test", name, uidvalidity=uidvalidity, plan=plan)
+        made = {name: ImportMailbox(store, "u@example.test", name, uidvalidity=uidvalidity, uidnext=1,
+                                    plan=plan)
                 for name, uidvalidity in plan.items()}
         for name, target in made.items():
             assert target.kept_uidvalidity and target.mailbox.id == plan[name], name
