@@ -11,19 +11,27 @@ import os
 import socket
 
 
-def notify(state: str, socket_path: str | None = None) -> None:
+# How long a state change (READY=1, STOPPING=1, STATUS=) may wait for room in the manager's
+# queue: it matters (without READY=1 systemd fails the start), and it is sent once.
+STATE_TIMEOUT = 5.0
+
+
+def notify(state: str, socket_path: str | None = None, *, drop_when_full: bool = False) -> None:
+    """Send `state` to the manager. `drop_when_full`: for what is sent from the event loop
+    again and again (the watchdog's WATCHDOG=1): never wait, and drop it when the manager's
+    queue is full (a queue holds net.unix.max_dgram_qlen datagrams, 10 by default), since a
+    manager that does not read (serve stalled or stopped) would otherwise stall the loop and
+    every session with it; the next ping follows anyway. Anything else waits for room up to
+    STATE_TIMEOUT, so READY=1 is not lost to a burst of pings."""
     path = socket_path if socket_path is not None else os.environ.get("NOTIFY_SOCKET", "")
     if not path:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]  # abstract namespace
-    # Non-blocking: the send is made from the event loop (the watchdog's WATCHDOG=1), and a
-    # manager that does not read (serve stalled or stopped; a queue holds only
-    # net.unix.max_dgram_qlen datagrams, 10 by default) would otherwise stall the loop and
-    # every session with it. A message that finds the queue full is dropped (EAGAIN).
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(0 if drop_when_full else STATE_TIMEOUT)
         try:
             sock.connect(path)
             sock.sendall(state.encode())
         except OSError:
-            pass  # a vanished manager must not take the daemon down
+            pass  # a vanished (or, past the timeout, stuck) manager must not take the daemon down

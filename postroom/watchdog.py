@@ -62,7 +62,7 @@ def keep_alive(interval: float | None) -> Callable[[], None]:
 
     def ping() -> None:
         nonlocal handle
-        notify("WATCHDOG=1")
+        notify("WATCHDOG=1", drop_when_full=True)
         handle = loop.call_later(interval / 2, ping)
 
     def stop() -> None:

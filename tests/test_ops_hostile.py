@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 from conftest import POSTROOM, add_accounts, write_config_file
 from storage import open_data_dir
@@ -73,7 +74,7 @@ def test_a_manager_that_does_not_read_never_blocks_the_daemon_s_loop(tmp_path):
 
         def ping() -> None:
             for _ in range(100):
-                notify("WATCHDOG=1", path)
+                notify("WATCHDOG=1", path, drop_when_full=True)
                 sent.append(1)
 
         thread = threading.Thread(target=ping, daemon=True)
@@ -81,6 +82,20 @@ def test_a_manager_that_does_not_read_never_blocks_the_daemon_s_loop(tmp_path):
         thread.join(5)
         assert not thread.is_alive() and len(sent) == 100
         assert manager.recv(100) == b"WATCHDOG=1"  # what fitted in the queue was sent
+
+        # A state change waits for room instead: READY=1 behind a queue full of pings is
+        # delivered once the manager reads again, not dropped.
+        notify("WATCHDOG=1", path, drop_when_full=True)  # the queue is full again
+        ready = threading.Thread(target=notify, args=("READY=1", path), daemon=True)
+        ready.start()
+        time.sleep(0.2)
+        assert ready.is_alive()  # waiting for room
+        manager.settimeout(5)
+        got = []
+        while b"READY=1" not in got and len(got) < 1000:
+            got.append(manager.recv(100))
+        ready.join(5)
+        assert not ready.is_alive() and got[-1] == b"READY=1", got
 
 
 # -- the metrics endpoint ---------------------------------------------------------------------------------
