@@ -68,6 +68,16 @@ def format_size(value: int) -> str | int:
     return int(value)
 
 
+def human_size(value: float) -> str:
+    """A byte count for people to read, rounded ("512 bytes", "3.2 MiB"); format_size is
+    the exact form a config file takes."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
 def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like \"30s\", got {value!r}")

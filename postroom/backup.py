@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from conf import Config
+from conf.values import human_size
 from postroom import __version__
 from postroom.admin import AuditLog
 from postroom.datadir import open_store
@@ -123,7 +124,7 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
 
     how = f"{stats.linked} linked, {stats.copied} copied"
     print(f"backup {target}: {manifest['messages']} message(s) in {stats.mailboxes} mailbox(es), "
-          f"{_size(stats.bytes)} ({how}); {manifest['queued']} queued; {seconds} s")
+          f"{human_size(stats.bytes)} ({how}); {manifest['queued']} queued; {seconds} s")
     if removed or finished:
         print(f"left out, as they changed while the backup ran: {removed} message(s) expunged, "
               f"{len(finished)} queued message(s) delivered")
@@ -197,10 +198,3 @@ def _fsync_dir(path: Path) -> None:
 def _progress(text: str) -> None:
     print(f"postroom backup: {text}", file=sys.stderr, flush=True)
 
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conf import Config
+from conf.values import human_size
 from policy import dkim
 from policy.resolver import NODATA, NXDOMAIN, OK, Resolver
 from postroom.dkimadmin import keys_dir
@@ -133,11 +134,11 @@ def store_section(data_dir: DataDir, accounts: Accounts) -> None:
     users = sum(t[0] for t in per_shard.values())
     count = sum(t[1] for t in per_shard.values())
     size = sum(t[2] for t in per_shard.values())
-    print(f"store     {users} account(s), {count} message(s), {_size(size)} in {data_dir.shards} shard(s)")
+    print(f"store     {users} account(s), {count} message(s), {human_size(size)} in {data_dir.shards} shard(s)")
     for number in range(data_dir.shards):
         users, count, size = per_shard.get(number, [0, 0, 0])
-        print(f"  shard {number:<3} {users} account(s), {count} message(s), {_size(size)}; "
-              f"index {_size(indexes.get(number, 0))}")
+        print(f"  shard {number:<3} {users} account(s), {count} message(s), {human_size(size)}; "
+              f"index {human_size(indexes.get(number, 0))}")
 
 
 def _index_size(shard_path: Path) -> int:
@@ -146,13 +147,6 @@ def _index_size(shard_path: Path) -> int:
     except FileNotFoundError:
         return 0
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # -- certificate ----------------------------------------------------------------------------
