@@ -66,7 +66,7 @@ def lock(data_dir: Path, name: str, holder: str, *, wait: float = 0.0, log=None)
                                             f"(pid {pid or 'unknown'})") from None
                 if log is not None:
                     left = round(deadline - time.monotonic())
-                    log.warning("lock_wait", lock=name, pid=pid or "unknown", seconds=left)
+                    log.warning("lock_wait", lock=name, holder_pid=pid or "unknown", seconds=left)
                     log = None  # once
                 time.sleep(0.1)
     except BaseException:

@@ -193,7 +193,7 @@ class Supervisor:
                 task.cancel()
             for child in live:
                 if child.running:
-                    self.log.warning("worker_killed", worker=child.name, pid=child.pid)
+                    self.log.warning("worker_killed", worker=child.name, worker_pid=child.pid)
                     os.kill(child.pid, signal.SIGKILL)
             await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live], timeout=STOP_MARGIN)
         self.loop.remove_reader(self._socket.fileno())
@@ -235,14 +235,14 @@ class Supervisor:
         if self.stopping or not self._started:
             return
         if died_starting:  # at start-up wait_ready reports it; now the log is the only place
-            self.log.error("worker_start_failed", worker=child.name, pid=pid, code=code, reason=child.status)
+            self.log.error("worker_start_failed", worker=child.name, worker_pid=pid, code=code, reason=child.status)
         now = self.loop.time()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
         delay = RESTART_DELAY
         if len(child.restarts) >= RESTARTS:
             delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(child.restarts) - RESTARTS + 1))
-            self.log.error("worker_crash_loop", worker=child.name, pid=pid, code=code, restarts=len(child.restarts),
-                           retry_in=delay)
+            self.log.error("worker_crash_loop", worker=child.name, worker_pid=pid, code=code,
+                           restarts=len(child.restarts), retry_in=delay)
         child.restarts.append(now)
         self.loop.call_later(delay, self._restart, child, pid, code)
 
@@ -250,7 +250,7 @@ class Supervisor:
         if self.stopping:
             return
         self._spawn(child)
-        self.log.warning("worker_restarted", worker=child.name, old_pid=old_pid, code=code, pid=child.pid)
+        self.log.warning("worker_restarted", worker=child.name, old_pid=old_pid, code=code, worker_pid=child.pid)
 
     def _read_notifications(self) -> None:
         while True:

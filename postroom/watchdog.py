@@ -126,7 +126,8 @@ class ChildWatchdog:
             if now - last > self.interval and pid not in self._aborted:
                 child = running[pid]
                 silent = "trigger" if last == float("-inf") else round(now - last, 1)
-                self.log.error("worker_watchdog", worker=child.name, pid=pid, silent=silent, timeout=self.interval)
+                self.log.error("worker_watchdog", worker=child.name, worker_pid=pid, silent=silent,
+                               timeout=self.interval)
                 self._aborted.add(pid)
                 os.kill(pid, signal.SIGABRT)
                 self._loop.call_later(min(MAX_ABORT_GRACE, self.interval), self._kill, child, pid)
@@ -136,5 +137,5 @@ class ChildWatchdog:
         # The supervisor reaps its children in this loop: while `running` holds for this pid,
         # the pid is still that child's and cannot have been reused.
         if child.running and child.pid == pid:
-            self.log.warning("worker_killed", worker=child.name, pid=pid, reason="watchdog")
+            self.log.warning("worker_killed", worker=child.name, worker_pid=pid, reason="watchdog")
             os.kill(pid, signal.SIGKILL)

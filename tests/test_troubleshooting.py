@@ -51,9 +51,9 @@ def test_the_collector_sees_each_form_of_log_call():
 
 def test_no_log_call_overwrites_a_field_of_the_line():
     """ts, level, logger and event open every line (conf/logfmt.py): a field of the same name
-    makes a second `event=` that logfmt readers take instead of the first. (`pid=` is left
-    out: the supervisor's lines name their child's pid so, after serve's own.)"""
-    reserved = {"ts", "level", "logger", "event"}
+    makes a second `event=` that logfmt readers take instead of the first. `pid=` too: the
+    supervisor's lines name their child's as `worker_pid=`, after serve's own `pid=`."""
+    reserved = {"ts", "level", "logger", "event", "pid"}
     clashes = []
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):

@@ -176,8 +176,8 @@ def test_serve_restarts_a_child_that_stops_pinging(service):
     mark = len(service.journal())
     os.kill(imapd, signal.SIGSTOP)  # as a loop stuck in one command: no more WATCHDOG=1
     try:
-        service.wait_for(rf"event=worker_watchdog worker=imapd pid={imapd} silent=[\d.]+ timeout=1.0", mark)
-        service.wait_for(rf"event=worker_restarted worker=imapd old_pid={imapd} code=-9 pid=\d+", mark)
+        service.wait_for(rf"event=worker_watchdog worker=imapd worker_pid={imapd} silent=[\d.]+ timeout=1.0", mark)
+        service.wait_for(rf"event=worker_restarted worker=imapd old_pid={imapd} code=-9 worker_pid=\d+", mark)
     finally:
         if imapd in processes():
             os.kill(imapd, signal.SIGCONT)
