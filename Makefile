@@ -41,6 +41,8 @@ run: install
 	@echo "Send out:     swaks --server 127.0.0.1:2587 --tls --auth-user demo@example.test \\"
 	@echo "                --auth-password \$$(cat var/demo-password) --from demo@example.test --to someone@example.net"
 	@echo "              (example.net is routed to 127.0.0.1:2600: start a receiver there, see conf/dev.toml)"
+	@echo "Operations:   curl -s http://127.0.0.1:9154/metrics   (Prometheus, every daemon)"
+	@echo "              $(POSTROOM) status --no-dns ; $(POSTROOM) reload"
 	@echo "Anti-virus:   a clamd with one signature (the EICAR test file) on /tmp/postroom-dev-clamd.sock;"
 	@echo "              README.md shows an EICAR message refused with swaks"
 	@# The dev clamd ([clamav] in conf/dev.toml) lives as long as this recipe: Ctrl-C stops both.
