@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import statistics
@@ -163,12 +164,15 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                         rate, line = drive(server, c, messages, message_file)
                         rates.setdefault((server.name, c), []).append(rate)
                         print(line, flush=True)
+            if policy:
+                print(_chain_verdict(servers[1]), flush=True)
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     chain_state = "on" if policy else "off"
-    print(f"\nsmtp-source -m {messages} -l {SIZE} -s C, Postroom [smtp] workers = {workers}, policy chain "
+    payload = f"-F (DKIM-signed, {SIZE} B)" if policy else f"-l {SIZE}"
+    print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, policy chain "
           f"{chain_state}; median of {rounds} run(s) each\n")
     print("| concurrency | Postfix msgs/s | Postroom msgs/s | ratio |")
     print("|---|---|---|---|")
@@ -176,6 +180,16 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
         postfix = statistics.median(rates[("postfix", c)])
         postroom = statistics.median(rates[("postroom", c)])
         print(f"| {c} | {postfix:.0f} | {postroom:.0f} | {postroom / postfix:.2f} |")
+
+
+def _chain_verdict(server: PostroomMX) -> str:
+    """What the chain said of one stored message: that it did its work."""
+    for d in server.mail_dirs():
+        for entry in os.scandir(d):
+            head = Path(entry.path).read_bytes().split(b"\r\n\r\n", 1)[0].decode()
+            found = re.search(r"^Authentication-Results:.*?(?=\r\n\S)", head, re.MULTILINE | re.DOTALL)
+            return " ".join(found.group(0).split()) if found else "no Authentication-Results in a stored message"
+    return "no message stored"
 
 
 @contextlib.contextmanager
