@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test[,bob@...]]
                                      [--message FILE] [--sender ADDRESS]
+    .venv/bin/python bench/smtp_in.py --compare-postfix [-m 5000] [--concurrencies 1,10,50] [--rounds 1]
+                                     [--workers 2] [--policy]
 
 C connections at once, each sending M messages of S bytes (EHLO once, then MAIL, RCPT,
 DATA per message; no pipelining). Prints accepted messages per second and the time from
@@ -9,6 +11,10 @@ sending the end of DATA to reading its reply (p50, p99). A plain asyncio client 
 parsing beyond reply codes, so that it costs the server's two cores as little as possible.
 Every message has its own Message-ID, so that each is stored (a server that deduplicates
 would otherwise store the first and answer the rest from its memory of it).
+
+--compare-postfix: no HOST:PORT; a throwaway Postfix and a throwaway Postroom side by side,
+driven by Postfix's smtp-source, counting what reaches the Maildir (bench/compare_postfix.py
+says how). There -m is the total number of messages of each run (default 5000).
 """
 
 from __future__ import annotations
@@ -108,9 +114,10 @@ async def run(host: str, port: int, concurrency: int, messages: int, size: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("server", metavar="HOST:PORT")
+    parser.add_argument("server", metavar="HOST:PORT", nargs="?")
     parser.add_argument("-c", "--concurrency", type=int, default=50)
-    parser.add_argument("-m", "--messages", type=int, default=100, help="messages per connection")
+    parser.add_argument("-m", "--messages", type=int, help="messages per connection (100); with "
+                        "--compare-postfix, messages per run (5000)")
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
     parser.add_argument("--to", default="alice@example.test",
                         help="recipient, or several separated by commas (spread over the connections)")
@@ -118,10 +125,25 @@ def main() -> None:
                         help="send this message (CRLF lines, dot-stuffed, its Message-ID written as "
                              f"{PLACEHOLDER.decode()}) instead of a made-up one of --size bytes")
     parser.add_argument("--sender", default="bench@example.org", help="the MAIL FROM address")
+    parser.add_argument("--compare-postfix", action="store_true",
+                        help="Postfix and Postroom side by side under smtp-source (bench/compare_postfix.py)")
+    parser.add_argument("--concurrencies", default="1,10,50", help="with --compare-postfix: smtp-source -s values")
+    parser.add_argument("--rounds", type=int, default=1, help="with --compare-postfix: runs of each server per C")
+    parser.add_argument("--workers", type=int, default=2, help="with --compare-postfix: Postroom's [smtp] workers")
+    parser.add_argument("--policy", action="store_true",
+                        help="with --compare-postfix: Postroom's policy chain on (DNS on loopback, clamd)")
     args = parser.parse_args()
+    if args.compare_postfix:
+        from compare_postfix import compare
+        compare(args.messages or 5000, [int(c) for c in args.concurrencies.split(",")], args.rounds, args.workers,
+                args.policy)
+        return
+    if args.server is None:
+        parser.error("HOST:PORT, or --compare-postfix")
     host, _, port = args.server.rpartition(":")
     body = args.message.read() if args.message else None
-    asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages, len(body) if body else args.size,
+    asyncio.run(run(host.strip("[]"), int(port), args.concurrency, args.messages or 100,
+                    len(body) if body else args.size,
                     args.to, body, args.sender))
 
 

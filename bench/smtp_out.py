@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from ports import free_port, wait_for_port
+from postfix_peer import start_postfix, stop_postfix
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTROOM = str(Path(sys.executable).parent / "postroom")
@@ -285,40 +286,16 @@ per_destination = {per_destination}
     return process, ports["submission"]
 
 
-def start_postfix(work: Path, sink_port: int, cert: Path, key: Path) -> tuple[Path, int]:
+def start_relay(work: Path, sink_port: int, cert: Path, key: Path) -> tuple[Path, int]:
     """A private Postfix instance relaying everything to the sink."""
-    directory = work / "postfix"
-    work.chmod(0o755)  # mkdtemp makes it 0700: Postfix's daemons run as the postfix user
-    for sub in ("etc", "queue", "data"):
-        (directory / sub).mkdir(parents=True, exist_ok=True)
-    shutil.chown(directory / "data", "postfix", "postfix")  # the master's lock and caches (it runs as postfix)
-    port = free_port()
-    etc = directory / "etc"
-    (etc / "main.cf").write_text(f"""compatibility_level = 3.6
-queue_directory = {directory / 'queue'}
-data_directory = {directory / 'data'}
-myhostname = postfix.bench.test
+    return start_postfix(work, f"""myhostname = postfix.bench.test
 mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:{sink_port}
 smtpd_tls_cert_file = {cert}
 smtpd_tls_key_file = {key}
 smtpd_tls_security_level = may
 smtp_tls_security_level = none
-maillog_file_prefixes = {directory}
-maillog_file = {directory / 'postfix.log'}
-default_process_limit = 100
 """)
-    shutil.copy("/etc/postfix/master.cf", etc / "master.cf")
-    with open(etc / "master.cf", "a") as f:
-        f.write(f"127.0.0.1:{port} inet n - y - - smtpd\n")
-    subprocess.run(["postfix", "-c", str(etc), "check"], check=False)
-    subprocess.run(["postfix", "-c", str(etc), "start"], check=True)
-    wait_for_port(port, None, READY_TIMEOUT)
-    return etc, port
-
 
 
 def main() -> None:
@@ -360,7 +337,7 @@ def main() -> None:
         lines.append(load("postroom", submission_port, args, True, sink_seen))
         if not args.no_postfix and shutil.which("postfix"):
             cert, key = work / "var/tls/cert.pem", work / "var/tls/key.pem"
-            postfix_etc, postfix_port = start_postfix(work, sink_port, cert, key)
+            postfix_etc, postfix_port = start_relay(work, sink_port, cert, key)
             lines.append(load("postfix", postfix_port, args, False, sink_seen))
         elif not args.no_postfix:
             lines.append("postfix: not installed (Debian's postfix): no comparison")
@@ -369,7 +346,7 @@ def main() -> None:
             postroom.send_signal(signal.SIGTERM)
             postroom.wait(60)
         if postfix_etc is not None:
-            subprocess.run(["postfix", "-c", str(postfix_etc), "stop"], check=False)
+            stop_postfix(postfix_etc)
         if sink.is_alive():
             sink.terminate()
         if args.keep is None:
