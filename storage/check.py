@@ -63,6 +63,7 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
         shard = store.shard(name)
         if not shard.account_dir(name).is_dir():
             continue
+        shard.checkpoint()  # this process's settled work, flushed: no longer taken for work in flight
         if repair:
             problems.extend(shard.write(lambda txn, batch, n=name, s=shard: _check_account(txn, s, batch, n, True)))
             continue

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage import dedupe as duplicates
-from storage import fts, maildir, messages, records
+from storage import fts, journal, maildir, messages, records
 from storage.errors import DeliveryError, MailboxNotFoundError, StoreError, store_error
 from storage.fileview import FileView
 from storage.messages import Quota
@@ -305,7 +305,7 @@ class Delivery:
                 mailbox_id = self._mailbox_of(shard, account, name)
                 path = self._source if takes_source else shard.writer.path / maildir.new_base()
                 insert = _insert_fn(shard, account, mailbox_id, path, path.name, self.size, parsed, self._bits,
-                                    self._keywords, self._quota_of(account), self._window)
+                                    self._keywords, self._quota_of(account), self._window, self._small)
                 shard.submit(insert, before=functools.partial(self._place, path),
                              on_done=functools.partial(self._settled, outcome, index, target, path))
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
@@ -361,9 +361,13 @@ class Delivery:
             try:
                 date = self._parse().date
                 if self._fd is None:
-                    self._make_source()  # a small message: made here, in a committer's fsync pool
-                os.utime(self._fd, (date, date))
-                metrics.fsync(self._fd, "message")
+                    # A small message: made here, in a committer's fsync pool, and not
+                    # flushed: its bytes are committed in the journal (storage/journal.py).
+                    self._make_source()
+                    os.utime(self._fd, (date, date))
+                else:
+                    os.utime(self._fd, (date, date))
+                    metrics.fsync(self._fd, "message")
             except BaseException as e:
                 self._sync_error = e
                 raise
@@ -377,7 +381,7 @@ class Delivery:
             # rather than linked: a link would wait for the source's own committer to make
             # and fsync it, and sixteen shards would queue behind one lock (2-3% of inbound
             # throughput at sixteen recipients, bench/RESULTS.md).
-            _write_new(path, self._small, self._parsed.date)
+            _write_new(path, self._small, self._parsed.date, flush=False)  # journaled
             return
         self._sync()
         if path is self._source:
@@ -460,13 +464,14 @@ def _read_back(fd: int, size: int) -> bytes:
     return raw
 
 
-def _write_new(target: Path, data: bytes, date: float) -> None:
-    """A new file holding `data`, durable."""
+def _write_new(target: Path, data: bytes, date: float, *, flush: bool = True) -> None:
+    """A new file holding `data`: durable, or (flush=False) for a journaled message."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, data)
         os.utime(fd, (date, date))
-        metrics.fsync(fd, "message")
+        if flush:
+            metrics.fsync(fd, "message")
     except BaseException:
         os.close(fd)
         _unlink_quietly(target)
@@ -495,8 +500,9 @@ def _copy(source_fd: int, target: Path, date: float) -> None:
 
 
 def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: str, size: int, parsed: _Parsed,
-               bits: int, keywords: tuple[str, ...], quota: Quota, window: float):
-    """The commit step of one copy: (mailbox id, UID, whether it was a duplicate)."""
+               bits: int, keywords: tuple[str, ...], quota: Quota, window: float, small: bytes | None):
+    """The commit step of one copy: (mailbox id, UID, whether it was a duplicate). A `small`
+    message's bytes go into the journal with it, its file unflushed (storage/journal.py)."""
     record = MessageRecord.of(parsed.message, base=base, size=size, internal_date=parsed.date, saved=time.time())
     encoded = records.encode(record)  # here, not in the committer
 
@@ -511,7 +517,10 @@ def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: st
             if uid is not None:
                 return mailbox_id, uid, True
         uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=path, record=record, bits=bits,
-                              keywords=keywords, quota=quota, texts=parsed.texts, encoded=encoded)
+                              keywords=keywords, quota=quota, texts=parsed.texts, encoded=encoded,
+                              flushed=small is None)
+        if small is not None:
+            batch.journaled.append(journal.put(txn, shard, base, small, parsed.date))
         if parsed.key is not None:
             duplicates.remember(txn, shard, mailbox_id, parsed.key, uid, now)
         return mailbox_id, uid, False

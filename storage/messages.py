@@ -21,7 +21,7 @@ from typing import NamedTuple
 import lmdb
 import msgspec
 
-from storage import fts, maildir, objectid, vanished
+from storage import fts, journal, maildir, objectid, vanished
 from storage.errors import FlagError, QuotaExceededError, StoreError
 from storage.mime import BodyPart, Envelope
 from storage.records import (
@@ -317,11 +317,13 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
 
 def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: MailboxRecord,
            *, source: Path, record: MessageRecord, bits: int, keywords: tuple[str, ...], quota: Quota,
-           texts: dict[str, str] | bytes | None = None, link: bool = False, encoded: bytes | None = None) -> int:
+           texts: dict[str, str] | bytes | None = None, link: bool = False, encoded: bytes | None = None,
+           flushed: bool = True) -> int:
     """Index a durable file (in the shard's writer directory as `record.base`, or elsewhere
     to be linked with link=True or moved there) as a new message; its UID.
     The `encoded` record and compressed `texts` may come prepared, so that the shard's
-    committer, which every delivery waits for, does as little as possible."""
+    committer, which every delivery waits for, does as little as possible. A file not
+    `flushed` is journaled by the caller (storage/journal.py): its directory needs no flush."""
     base, size = record.base, record.size
     if quota.bytes or quota.messages:
         usage = get_usage(txn, shard, account)
@@ -355,7 +357,8 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     elif source != waiting:
         os.rename(source, waiting)
         batch.undo(lambda: os.rename(waiting, source))
-    batch.sync_dirs.add(waiting.parent)
+    if flushed:
+        batch.sync_dirs.add(waiting.parent)
     note_file(txn, shard, batch, account, mailbox_id, base, waiting)
     return uid
 
@@ -458,13 +461,15 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
                              record.base)
         if old_path is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
-        new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path,
-                         record=msgspec.structs.replace(record, base=maildir.new_base(),
-                                                        email_id=objectid.email_id(record.email_id, record.base),
-                                                        saved=time.time()),  # RFC 8514: saved here, now
-                         bits=bits,
-                         keywords=keywords, quota=NO_QUOTA if move else quota,
+        new_record = msgspec.structs.replace(record, base=maildir.new_base(),
+                                             email_id=objectid.email_id(record.email_id, record.base),
+                                             saved=time.time())  # RFC 8514: saved here, now
+        new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, record=new_record,
+                         bits=bits, keywords=keywords, quota=NO_QUOTA if move else quota,
                          texts=_raw_texts(txn, shard, source_id, uid), link=True)
+        journaled = journal.copy(txn, shard, record.base, new_record.base)  # a link shares unflushed bytes
+        if journaled is not None:
+            batch.journaled.append(journaled)
         pairs.append((uid, new_uid))
     if move and pairs:
         moved = {uid for uid, _ in pairs}

@@ -4,20 +4,22 @@ Writes go through one committer thread per shard and process (group commit): cal
 it a function of a write transaction; it runs every request that is waiting in ONE LMDB
 transaction (should one fail, the batch runs again with each request in a nested
 transaction, so that it cannot spoil the others), fsyncs the directories the requests
-renamed files into, commits with fsync, and only then wakes the callers. Concurrent
-deliveries so share one commit and one fsync per directory. Across processes, LMDB's
+asked for (a big message's file put in a writer directory), commits with fsync, and only
+then wakes the callers. Concurrent deliveries so share one commit. Across processes, LMDB's
 writer lock serializes the committers of mtad, imapd and the CLI; readers never wait.
 
 The index commits first, the files follow (storage/settle.py). A new message file is
-written to this process's writer directory (storage/writers.py) and fsynced before the
-commit, with the directory; every file change the commit implies (a new message renamed into
-cur/, an expunged one unlinked, a name mirroring new flags, a mailbox directory made or
-removed) is recorded as an `unsettled` key in the same transaction and carried out right
-after the commit. The keys of changes carried out are deleted by the next batch, once the
-directories they touched are fsynced with that batch's own. So a crash at any moment leaves
-nothing a reader could mistake: the next process to open the shard settles what is recorded
-and discards what dead writers left uncommitted, and `store check` finds nothing. File work
-inside a batch that a failed commit must take back is registered with `Batch.undo`.
+written to this process's writer directory (storage/writers.py): a small one without a
+flush, its bytes committed in the index's `journal` (storage/journal.py); a big one fsynced
+before the commit, with the directory. Every file change the commit implies (a new message
+renamed into cur/, an expunged one unlinked, a name mirroring new flags, a mailbox directory
+made or removed) is recorded as an `unsettled` key in the same transaction and carried out
+right after the commit. The keys of changes carried out are deleted after the next
+checkpoint (below) has flushed what they touched. So a crash at any moment leaves
+nothing a reader could mistake: the next process to open the shard settles what is recorded,
+restores from the journal what the machine's crash lost, and discards what dead writers left
+uncommitted, and `store check` finds nothing. File work inside a batch that a failed commit
+must take back is registered with `Batch.undo`.
 
 Index layout (named databases; ids and UIDs big-endian so keys sort numerically; the
 records' types are in storage/records.py):
@@ -39,10 +41,18 @@ records' types are in storage/records.py):
     metadata   account \\0 id entry              -> an annotation's value (storage/metadata.py)
     urlauth    account \\0 id                    -> the mailbox's URLAUTH access key (storage/urlauth.py)
     imported   id b"k" digest | id b"u" uid      -> what `store import` brought in (storage/imports.py)
+    journal    file base                         -> a new message's bytes until its file is flushed (storage/journal.py)
+
+Checkpoints: the keys of file work done (settled `unsettled` keys, and `journal` entries,
+whose files were written without a flush) are not deleted by the commit that follows, but
+by the checkpointer: a thread that, every CHECKPOINT_INTERVAL while keys wait, flushes the
+shard's file system once (syncfs) and then has the committer delete them. No directory or
+file flush stands in a commit's way.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import shutil
@@ -64,7 +74,7 @@ from storage.writers import WriterDir
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
              "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times", "metadata",
-             "urlauth", "imported")
+             "urlauth", "imported", "journal")
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
@@ -72,6 +82,9 @@ IDLE_DELAY = 0.2  # seconds without requests before idle work runs
 # quiet moment (searches stay exact meanwhile); a burst of mail should not pay for it.
 IDLE_EVERY = 1000
 FSYNC_THREADS = 16
+# Seconds between checkpoints while file work waits for one: how much mail lives only in
+# the journal, and how often the file system is flushed under load.
+CHECKPOINT_INTERVAL = 1.0
 
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
@@ -113,15 +126,16 @@ class Batch:
         self._undo: list[Callable[[], None]] = []
         self.after_commit: list[Callable[[], None]] = []
         self.unsettled: list[bytes] = []  # keys recorded by record_unsettled, settled after the commit
+        self.journaled: list[bytes] = []  # `journal` keys put (storage/journal.py), checkpointed after it
 
     def undo(self, action: Callable[[], None]) -> None:
         self._undo.append(action)
 
-    def mark(self) -> tuple[int, int, int]:
-        return len(self._undo), len(self.after_commit), len(self.unsettled)
+    def mark(self) -> tuple[int, int, int, int]:
+        return len(self._undo), len(self.after_commit), len(self.unsettled), len(self.journaled)
 
-    def rollback(self, mark: tuple[int, int, int] = (0, 0, 0)) -> None:
-        undo_mark, after_mark, unsettled_mark = mark
+    def rollback(self, mark: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        undo_mark, after_mark, unsettled_mark, journal_mark = mark
         while len(self._undo) > undo_mark:
             action = self._undo.pop()
             try:
@@ -130,6 +144,7 @@ class Batch:
                 pass  # the file is then an orphan `store check` finds
         del self.after_commit[after_mark:]
         del self.unsettled[unsettled_mark:]
+        del self.journaled[journal_mark:]
 
 
 def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: bytes, value: bytes) -> None:
@@ -178,9 +193,14 @@ class Shard:
         # Carries out the file work of committed `unsettled` keys (storage/settle.py):
         # settler(keys) -> ((key, value) pairs done, directories they changed).
         self.settler: Callable[[list[bytes]], tuple[list[tuple[bytes, bytes]], set[Path]]] | None = None
-        # Settled keys whose directories the next batch fsyncs before deleting the keys.
+        # Keys of file work done, deleted after the next checkpoint's flush: settled
+        # `unsettled` (key, value) pairs, and `journal` keys.
         self._settled: list[tuple[bytes, bytes]] = []
-        self._settled_dirs: set[Path] = set()
+        self._journaled: list[bytes] = []
+        self._checkpoint_due = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        # The file system flush of a checkpoint (storage/journal.py sync_file_system).
+        self.flush_files: Callable[[Path], None] | None = None
 
     # -- paths --------------------------------------------------------------------------
 
@@ -244,12 +264,18 @@ class Shard:
                 self._queue.put(None)
         if thread is not None:
             thread.join()
-        if self._settled:
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            self._checkpoint_due.set()
+            checkpointer.join()
+        pending = self._take_settled()
+        if pending[0] or pending[1]:
             try:
+                self._flush()
                 with self.env.begin(write=True) as txn:
-                    self._forget_settled(txn, self._take_settled())
+                    self._forget(txn, None, pending)
             except (lmdb.Error, OSError):
-                pass  # the keys stay; settling them again at the next start is harmless
+                pass  # the keys stay: the next start settles and restores what they name
         if self._fsync_pool is not None:
             self._fsync_pool.shutdown()
         self.writer.close()
@@ -275,7 +301,7 @@ class Shard:
         idle_due = True  # look for left-over work once at start
         batches = 0
         while True:
-            if (idle_due and self.idle_work is not None) or self._settled:
+            if idle_due and self.idle_work is not None:
                 # Idle work waits for a quiet moment, so it never adds a commit to a delivery's
                 # latency; under sustained load it still gets a turn every IDLE_EVERY batches.
                 try:
@@ -314,14 +340,6 @@ class Shard:
                 return
 
     def _run_idle(self) -> bool:
-        if self._settled:
-            settled = self._take_settled()
-            try:
-                with self.env.begin(write=True) as txn:
-                    self._forget_settled(txn, settled)
-            except Exception:
-                self._give_back(settled)
-                _log.error("settled_cleanup_failed", exc_info=True, shard=self.number)
         work = self.idle_work
         if work is None:
             return False
@@ -332,48 +350,80 @@ class Shard:
             _log.error("idle_work_failed", exc_info=True, shard=self.number)
             return False
 
-    # -- settled keys -------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------
 
-    def _take_settled(self) -> tuple[list[tuple[bytes, bytes]], set[Path]]:
+    def _take_settled(self) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
         with self._lock:
-            taken = (self._settled, self._settled_dirs)
-            self._settled, self._settled_dirs = [], set()
+            taken = (self._settled, self._journaled)
+            self._settled, self._journaled = [], []
         return taken
 
-    def _give_back(self, settled: tuple[list[tuple[bytes, bytes]], set[Path]]) -> None:
+    def _give_back(self, pending: tuple[list[tuple[bytes, bytes]], list[bytes]]) -> None:
         with self._lock:
-            self._settled.extend(settled[0])
-            self._settled_dirs |= settled[1]
+            self._settled.extend(pending[0])
+            self._journaled.extend(pending[1])
 
-    def _forget_settled(self, txn: lmdb.Transaction, settled: tuple[list[tuple[bytes, bytes]], set[Path]],
-                        batch: Batch | None = None) -> None:
-        """Delete the keys of file work done, in `txn`; the directories that work changed are
-        fsynced before the commit (with the batch's own, when there is one), so a key never
-        disappears before what it stood for is durable."""
-        pairs, directories = settled
-        if not pairs:
+    def _checkpoint_loop(self) -> None:
+        while not self._closed:
+            self._checkpoint_due.wait(CHECKPOINT_INTERVAL)
+            if self._closed:
+                return
+            self._checkpoint_due.clear()
+            try:
+                self.checkpoint()
+            except Exception:  # the keys wait for the next turn (or the next start)
+                _log.error("checkpoint_failed", exc_info=True, shard=self.number)
+
+    def checkpoint(self) -> None:
+        """Flush the file work done so far and delete its keys, now (the checkpointer does it
+        every CHECKPOINT_INTERVAL; `store check` first, so as not to take this process's
+        own settled work for work in flight)."""
+        pending = self._take_settled()
+        if not pending[0] and not pending[1]:
             return
-        if batch is not None:
-            batch.sync_dirs |= directories
+        try:
+            self._flush()
+            self.write(functools.partial(self._forget, pending=pending))
+        except BaseException:
+            self._give_back(pending)
+            raise
+
+    def _flush(self) -> None:
+        if self.flush_files is not None:
+            self.flush_files(self.path)
         else:
-            self._fsync_dirs(directories)
+            os.sync()
+
+    def _forget(self, txn: lmdb.Transaction, batch: Batch,
+                pending: tuple[list[tuple[bytes, bytes]], list[bytes]]) -> None:
+        """Delete the keys of file work made durable by a checkpoint's flush. A settled
+        `unsettled` key goes only if nobody wrote it again since (its value is the same)."""
+        settled, journaled = pending
         db = self.db["unsettled"]
-        for key, value in pairs:
+        for key, value in settled:
             if txn.get(key, db=db) == value:
                 txn.delete(key, db=db)
+        journal = self.db["journal"]
+        for key in journaled:
+            txn.delete(key, db=journal)
 
     def _after_commit(self, batch: Batch) -> None:
         _run_after_commit(batch)
-        if not batch.unsettled or self.settler is None:
-            return
-        try:
-            done, directories = self.settler(batch.unsettled)
-        except Exception:  # the keys stay: the next start settles them
-            _log.error("settle_failed", exc_info=True, shard=self.number)
+        done: list[tuple[bytes, bytes]] = []
+        if batch.unsettled and self.settler is not None:
+            try:
+                done, _ = self.settler(batch.unsettled)
+            except Exception:  # the keys stay: the next start settles them
+                _log.error("settle_failed", exc_info=True, shard=self.number)
+        if not done and not batch.journaled:
             return
         with self._lock:
             self._settled.extend(done)
-            self._settled_dirs |= directories
+            self._journaled.extend(batch.journaled)
+            if self._checkpointer is None and not self._closed:
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name=f"checkpoint-{self.number}",
+                                                      daemon=True)
+                self._checkpointer.start()
 
     def _commit(self, requests: list[_Request]) -> None:
         """Run a batch; every request ends with a result or an error, whatever happens,
@@ -409,10 +459,8 @@ class Shard:
         then run again, each on its own."""
         batch = Batch()
         failed: tuple[_Request, BaseException] | None = None
-        settled = self._take_settled()
         try:
             with self.env.begin(write=True) as txn:
-                self._forget_settled(txn, settled, batch)
                 for request in requests:
                     try:
                         request.result = request.change(txn, batch)
@@ -422,7 +470,6 @@ class Shard:
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - a request's error, or the commit's
             batch.rollback()
-            self._give_back(settled)
             if failed is None:
                 _fail(requests, e, self.path)
             elif len(requests) == 1:
@@ -438,10 +485,8 @@ class Shard:
     def _run_nested(self, requests: list[_Request]) -> None:
         """Each request in a nested transaction, so that one failing cannot spoil the others."""
         batch = Batch()
-        settled = self._take_settled()
         try:
             with self.env.begin(write=True) as txn:
-                self._forget_settled(txn, settled, batch)
                 for request in requests:
                     mark = batch.mark()
                     child = self.env.begin(write=True, parent=txn)
@@ -455,7 +500,6 @@ class Shard:
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - the whole batch failed to commit
             batch.rollback()
-            self._give_back(settled)
             _fail([r for r in requests if r.error is None], e, self.path)
             return
         self._after_commit(batch)

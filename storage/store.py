@@ -24,7 +24,7 @@ from typing import BinaryIO
 import msgspec
 
 from storage import dedupe as duplicates
-from storage import fts, mailboxes, messages, metadata, recent, records, search, settle, urlauth, vanished
+from storage import fts, journal, mailboxes, messages, metadata, recent, records, search, settle, urlauth, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
 from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, MailboxNotFoundError, StoreError
@@ -92,8 +92,11 @@ class Store:
                 shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
                 shard.idle_work = functools.partial(self._idle_work, shard)
                 shard.settler = functools.partial(settle.settle, shard)
-                # Before anyone reads it here: finish what a crash of any process left.
+                shard.flush_files = journal.sync_file_system
+                # Before anyone reads it here: finish what a crash of any process left,
+                # then put back what a crash of the machine lost of journaled files.
                 settle.recover(shard)
+                journal.restore(shard)
                 self._shards[number] = shard
             return shard
 

@@ -162,6 +162,11 @@ def fsync(fd: int, kind: str) -> None:
     _child("postroom_fsync_seconds", kind).observe(time.perf_counter() - started)
 
 
+def fsync_observed(kind: str, seconds: float) -> None:
+    """A flush timed by its caller (a checkpoint's syncfs)."""
+    _child("postroom_fsync_seconds", kind).observe(seconds)
+
+
 # -- the process side --------------------------------------------------------------------------
 
 def enable(directory: str | os.PathLike | None) -> None:

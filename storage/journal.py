@@ -1,0 +1,177 @@
+"""The index as the journal: a new message's bytes committed with its index record.
+
+A durable delivery used to cost four flushes in a row: the message file's fsync, its
+directory's, then LMDB's commit (its data pages, then its meta page). Now a message small
+enough to be held in memory (storage/delivery.py, IN_MEMORY) has its bytes put in the
+shard's `journal` database, in the same transaction that gives it its UID, and its file is
+written without a flush. The commit, which had to be durable anyway, makes the bytes
+durable too: one commit, and no file or directory flush, stands between the end of DATA
+and the 250.
+
+The files catch up off the critical path. After each commit the shard hands the batch's
+journal keys, with the `unsettled` keys settled (storage/settle.py), to its checkpointer
+(storage/shard.py): every CHECKPOINT_INTERVAL it flushes the file system once (syncfs(2):
+every file and directory written since, in one go), then deletes those keys. So the
+journal holds about one interval of mail, and a key is deleted only once its file, under
+its final name, is on disk.
+
+After a crash of the machine, a file whose flush had not happened may be missing, short or
+empty, however its directory looks. `restore` puts every such file back from its journal
+entry before anything reads the shard (a daemon opens its shards before it listens), then
+flushes and deletes the entries: a 250 promised the bytes, and the journal has them. The
+entries of live processes are theirs to checkpoint; a dead process's are restored by the
+next one to open the shard.
+
+An entry's key is the message's file base; its value: the writer directory's name of the
+process that committed it (storage/writers.py), NUL, the internal date as a decimal
+(the file's mtime), NUL, the bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from pathlib import Path
+
+import lmdb
+
+from conf.logfmt import EventLogger
+from storage import maildir
+from storage.records import get_mailbox, unpack_entry
+from storage.settle import locate
+from storage.shard import Shard, unpack_uid_key
+from storage.writers import dead_writers
+from wire import metrics
+
+_log = EventLogger("storage.journal")
+
+
+def put(txn: lmdb.Transaction, shard: Shard, base: str, data: bytes, mtime: float) -> bytes:
+    """Record `data` as the bytes of message `base` (committed with `txn`); the key."""
+    key = base.encode("utf-8", "surrogateescape")
+    header = f"{shard.writer.path.name}\0{mtime!r}\0".encode()
+    txn.put(key, header + data, db=shard.db["journal"])
+    return key
+
+
+def copy(txn: lmdb.Transaction, shard: Shard, source_base: str, base: str) -> bytes | None:
+    """A new name (`base`, a COPY's or MOVE's link) for a message whose bytes are still in the
+    journal gets its own entry: the link shares the file's unflushed data. Its key, or None."""
+    raw = txn.get(source_base.encode("utf-8", "surrogateescape"), db=shard.db["journal"])
+    if raw is None:
+        return None
+    _, mtime, data = _parse(bytes(raw))
+    return put(txn, shard, base, data, mtime)
+
+
+def restore(shard: Shard) -> None:
+    """Put back, from the journal, the files of dead processes' entries that a crash left
+    missing or damaged; flush; delete those entries. At shard open, before any reader."""
+    with dead_writers(shard.tmp_root, skip=shard.writer) as (_, alive):
+        with shard.read() as txn:
+            keys = [bytes(key) for key, value in txn.cursor(db=shard.db["journal"])
+                    if _writer(bytes(value[:200])) not in alive]
+        if not keys:
+            return
+        restored = 0
+        with shard.read() as txn:
+            for key in keys:
+                raw = txn.get(key, db=shard.db["journal"])
+                if raw is not None and _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(raw)):
+                    restored += 1
+        sync_file_system(shard.path)
+
+        def forget(txn, batch):
+            for key in keys:
+                txn.delete(key, db=shard.db["journal"])
+
+        shard.write(forget)
+    if restored:
+        _log.warning("journal_restored", shard=shard.number, files=restored, entries=len(keys))
+
+
+def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> bool:
+    """Whether the file of `base` had to be written again."""
+    location = txn.get(base.encode("utf-8", "surrogateescape"), db=shard.db["bases"])
+    if location is None:
+        return False  # expunged since: nothing to keep
+    mailbox_id, uid = unpack_uid_key(location)
+    flags = txn.get(location, db=shard.db["flags"])
+    state = get_mailbox(txn, shard, mailbox_id)
+    if flags is None or state is None:
+        return False  # an index at odds with itself: `store check` reports it
+    entry = unpack_entry(flags)
+    _, mtime, data = _parse(raw)
+    directory = shard.mailbox_dir(state.account, mailbox_id)
+    desired = directory / "cur" / maildir.file_name(base, uid, entry.size, entry.bits)
+    current = locate(shard.tmp_root, directory, base, desired)
+    if current is not None and _holds(current, data):
+        return False
+    maildir.make_dirs(directory)
+    staged = directory / "tmp" / base  # Maildir's way: written in tmp/, renamed into cur/
+    try:
+        os.unlink(staged)
+    except FileNotFoundError:
+        pass
+    _write(staged, data, mtime)
+    os.replace(staged, desired)
+    if current is not None and current != desired:
+        try:
+            os.unlink(current)
+        except FileNotFoundError:
+            pass
+    return True
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
+def _write(path: Path, data: bytes, mtime: float) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.utime(fd, (mtime, mtime))
+    finally:
+        os.close(fd)
+
+
+def _parse(raw: bytes) -> tuple[str, float, bytes]:
+    writer, _, rest = raw.partition(b"\0")
+    mtime, _, data = rest.partition(b"\0")
+    return writer.decode(), float(mtime), data
+
+
+def _writer(head: bytes) -> str:
+    return head.partition(b"\0")[0].decode("utf-8", "replace")
+
+
+# -- flushing the file system ---------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def sync_file_system(path: Path) -> None:
+    """Every write on the file system of `path` durable: syncfs(2), one flush for all the
+    files and directories a checkpoint covers (fsyncing each would cost a flush apiece);
+    sync(2) where syncfs is missing."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            if error != errno.ENOSYS:
+                raise OSError(error, os.strerror(error), str(path))
+            os.sync()
+    finally:
+        os.close(fd)
+    metrics.fsync_observed("checkpoint", time.perf_counter() - started)
