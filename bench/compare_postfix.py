@@ -156,7 +156,7 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                 print(drive(server, 10, WARMUP, message_file)[1] + "  (warm-up)", flush=True)
             rates: dict[tuple[str, int], list[float]] = {}
             turn = 0
-            for round_ in range(rounds):
+            for _ in range(rounds):
                 for c in concurrencies:
                     order = servers if turn % 2 == 0 else servers[::-1]
                     turn += 1

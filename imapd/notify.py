@@ -181,6 +181,7 @@ class Notifier:
         self.digests: dict[tuple[int, str], int] = {}
         self._metadata_lock = asyncio.Lock()
         self._own: tuple[str, ...] | None = None  # the names of the client's changing command, while it runs
+        self._commit = 0  # the shard's commit id before `listing` was read: older listings are stale
         self._selected: tuple | None = None  # (view, UIDNEXT, EXISTS) the watcher last told of the selected mailbox
         # (view, UID): MessageNew's FETCH has gone out for the selected mailbox's messages up
         # to that UID; the rest get it at the next push, however their EXISTS was told.
@@ -212,13 +213,13 @@ class Notifier:
         session = self.session
         loop = asyncio.get_running_loop()
 
-        def changed(listing: list[Mailbox], version: int) -> None:  # from the watcher's thread
-            loop.call_soon_threadsafe(self._account_changed, listing, version)
+        def changed(listing: list[Mailbox], version: int, commit: int) -> None:  # from the watcher's thread
+            loop.call_soon_threadsafe(self._account_changed, listing, version, commit)
 
         watcher = session.context.watcher
         if self.wants_metadata:  # before the watch: a change in between is then told, not lost
             self.digests = await session.run_store(session.context.store.metadata_digests, session.user)
-        self._watch, self.listing, self.metadata_version = await session.run_store(
+        self._watch, self.listing, self.metadata_version, self._commit = await session.run_store(
             watcher.watch_account, session.user, changed)
         if session.view is not None:
             self._fetched = (session.view, session.view.max_uid())
@@ -235,14 +236,17 @@ class Notifier:
 
     # -- being told -----------------------------------------------------------------------
 
-    def _account_changed(self, listing: list[Mailbox], version: int) -> None:
+    def _account_changed(self, listing: list[Mailbox], version: int, commit: int) -> None:
         if self._watch is None or self.session.ended:
             return  # replaced or gone meanwhile
         if self._own is not None:
             return  # the client's own command runs: command_ended looks afresh
-        self._apply(listing, version, ())
+        self._apply(listing, version, (), commit)
 
-    def _apply(self, listing: list[Mailbox], version: int, own: tuple[str, ...]) -> None:
+    def _apply(self, listing: list[Mailbox], version: int, own: tuple[str, ...], commit: int) -> None:
+        if commit < self._commit:
+            return  # read before the listing we have (command_ended's, read later): stale
+        self._commit = commit
         old, self.listing = self.listing, listing
         self._tell(self.lines_for(changes(old, listing), own))
         if self._watch is None:
@@ -285,13 +289,14 @@ class Notifier:
         session = self.session
         store = session.context.store
         try:
+            commit = await session.run_store(store.last_commit, session.user)
             listing = await session.run_store(store.mailboxes, session.user)
             version = await session.run_store(store.metadata_version, session.user)
         except Exception:  # noqa: BLE001 - the watcher's next news tells what this missed
             session.log.warning("notify_look_failed", exc_info=True)
             return
         if self._watch is not None and not session.ended:
-            self._apply(listing, version, own)
+            self._apply(listing, version, own, commit)
 
     async def _metadata_changed(self, own: tuple[str, ...] = ()) -> None:
         session = self.session

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage import fts, mailboxes, maildir, messages, metadata, records, unsettled
-from storage.errors import MailboxNameError
+from storage.errors import MailboxNameError, StoreError
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, normalize_name, parents
 from storage.records import Entry, MailboxRecord, MessageRecord, Usage
@@ -63,7 +63,10 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
         shard = store.shard(name)
         if not shard.account_dir(name).is_dir():
             continue
-        shard.checkpoint()  # this process's settled work, flushed: no longer taken for work in flight
+        try:
+            shard.checkpoint()  # this process's settled work, flushed: no longer taken for work in flight
+        except (StoreError, OSError):
+            pass  # a full disk, say: its keys then count as in flight, as another process's would
         if repair:
             problems.extend(shard.write(lambda txn, batch, n=name, s=shard: _check_account(txn, s, batch, n, True)))
             continue

@@ -216,6 +216,10 @@ class Store:
         return shard.write(lambda txn, batch: metadata.set_entries(
             txn, shard, account, self._annotated(txn, shard, account, mailbox), items))
 
+    def last_commit(self, account: str) -> int:
+        """The id of the last commit to the account's shard, by any process (cheap)."""
+        return self.shard(account).last_commit()
+
     def metadata_version(self, account: str) -> int:
         """A number that changes with every change to the account's annotations."""
         shard = self.shard(account)

@@ -64,17 +64,20 @@ class Watcher:
         self._add(shard, watch, commit)
         return watch
 
-    def watch_account(self, account: str, callback: Callable[[list[Mailbox], int], None]
-                      ) -> tuple[Watch, list[Mailbox], int]:
-        """Call `callback(listing, annotations version)` from the watcher thread after each
-        change to any of the account's mailboxes, to the set of them or to its annotations;
-        returns the watch and the listing and version it starts from. It reads the store:
-        call it in a worker thread."""
+    def watch_account(self, account: str, callback: Callable[[list[Mailbox], int, int], None]
+                      ) -> tuple[Watch, list[Mailbox], int, int]:
+        """Call `callback(listing, annotations version, commit)` from the watcher thread after
+        each change to any of the account's mailboxes, to the set of them or to its
+        annotations; returns the watch and the listing, version and commit it starts from.
+        `commit` is the shard's last commit id before the listing was read
+        (Store.last_commit): a listing read later elsewhere (after a command of the
+        client's own) may reach the caller first, and then this one is stale. It reads the
+        store: call it in a worker thread."""
         commit = self._store.shard(account).last_commit()
         listing, version = self._store.mailboxes(account), self._store.metadata_version(account)
         watch = Watch(account, None, callback, (_listing_key(listing), version), self)
         self._add(self._store.shard_number(account), watch, commit)
-        return watch, listing, version
+        return watch, listing, version, commit
 
     def _add(self, shard: int, watch: Watch, commit: int) -> None:
         with self._lock:
@@ -122,11 +125,11 @@ class Watcher:
             return
         self._last_commit[number] = commit
         for watch in watches:
-            self._check(watch)
+            self._check(watch, commit)
 
-    def _check(self, watch: Watch) -> None:
+    def _check(self, watch: Watch, commit: int) -> None:
         if watch.mailbox is None:
-            self._check_account(watch)
+            self._check_account(watch, commit)
             return
         try:
             state: Mailbox | None = self._store.mailbox(watch.account, watch.mailbox)
@@ -144,7 +147,7 @@ class Watcher:
             watch.cancel()
 
 
-    def _check_account(self, watch: Watch) -> None:
+    def _check_account(self, watch: Watch, commit: int) -> None:
         try:
             listing, version = self._store.mailboxes(watch.account), self._store.metadata_version(watch.account)
         except StoreError:
@@ -154,7 +157,7 @@ class Watcher:
             return
         watch.last = key
         try:
-            watch.callback(listing, version)
+            watch.callback(listing, version, commit)
         except Exception:  # as in _check
             _log.error("watch_callback_failed", exc_info=True, account=watch.account)
 

@@ -132,7 +132,7 @@ def test_counters_move_with_smtp_sessions(sessions):
     assert moved(before, after, "postroom_deliveries_total", kind="remote", result="deferred") == 1
     assert moved(before, after, "postroom_delivery_seconds_count", kind="remote") == 1
     assert moved(before, after, "postroom_policy_verdicts_total", stage="data", verdict="accept") == 2
-    assert moved(before, after, "postroom_fsync_seconds_count", kind="message") >= 1
+    assert moved(before, after, "postroom_fsync_seconds_count", kind="commit") >= 1
     assert moved(before, after, "postroom_fsync_seconds_count", kind="queue") >= 1
 
 
