@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     args = parser.parse_args()
     if shutil.which("strace") is None or shutil.which("smtp-source") is None:
-        raise SystemExit("needs strace and Postfix's smtp-source (apt-get install strace postfix)")
+        raise SystemExit("needs strace and Postfix's smtp-source: `make bench-peers` installs them")
     work = Path(tempfile.mkdtemp(prefix="flushes-"))
     process = None
     tracer = None
