@@ -111,7 +111,9 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> 
     if current is not None and _holds(current, data):
         return False
     maildir.make_dirs(directory)
-    staged = directory / "tmp" / base  # Maildir's way: written in tmp/, renamed into cur/
+    # Maildir's way: written in tmp/, renamed into cur/; under a name of this process's, as
+    # two processes starting at once may both restore a dead one's entries.
+    staged = directory / "tmp" / f"{base}.{os.getpid()}.restore"
     try:
         os.unlink(staged)
     except FileNotFoundError:
