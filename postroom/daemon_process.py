@@ -113,9 +113,7 @@ def event_loop_factory(daemon: str) -> Callable[[], asyncio.AbstractEventLoop] |
     mtad runs on uvloop (libuv's loop and transports, in C): at one connection a message,
     where accepting, reading, writing and the idle timer are a large part of the work, it
     spends about 15% less CPU a message. imapd and pop3d stay on asyncio's loop, under
-    Twisted's asyncioreactor: on uvloop nothing measured them faster, and once (of three
-    runs) pop3d grew past the 4 MiB tests/test_pop3.py allows for a client that pipelines
-    5,000 RETRs and never reads."""
+    Twisted's asyncioreactor: no figure says uvloop would pay there."""
     if daemon == "mtad":
         import uvloop  # here: imapd and pop3d never load it
 
