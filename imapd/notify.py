@@ -182,6 +182,7 @@ class Notifier:
         self._metadata_lock = asyncio.Lock()
         self._own: tuple[str, ...] | None = None  # the names of the client's changing command, while it runs
         self._commit = 0  # the shard's commit id before `listing` was read: older listings are stale
+        self._deferred: tuple[list[Mailbox], int, int] | None = None  # the watcher's news during an own command
         self._selected: tuple | None = None  # (view, UIDNEXT, EXISTS) the watcher last told of the selected mailbox
         # (view, UID): MessageNew's FETCH has gone out for the selected mailbox's messages up
         # to that UID; the rest get it at the next push, however their EXISTS was told.
@@ -240,7 +241,10 @@ class Notifier:
         if self._watch is None or self.session.ended:
             return  # replaced or gone meanwhile
         if self._own is not None:
-            return  # the client's own command runs: command_ended looks afresh
+            # The client's own command runs: command_ended looks afresh, then applies this
+            # if it is newer (a change by someone else after that look).
+            self._deferred = (listing, version, commit)
+            return
         self._apply(listing, version, (), commit)
 
     def _apply(self, listing: list[Mailbox], version: int, own: tuple[str, ...], commit: int) -> None:
@@ -283,9 +287,19 @@ class Notifier:
         """After a command of the client's (the session's `running` lock still held)."""
         if self._missed:
             self._start_push()  # it waits for the lock, so comes after the tagged answer
-        own, self._own = self._own, None
-        if own is None or self._watch is None or self.session.ended:
-            return
+        own = self._own
+        try:
+            if own is not None and self._watch is not None and not self.session.ended:
+                # `_own` stays set until the look is applied: the tagged answer has gone out,
+                # and news from the watcher meanwhile would tell the client its own change.
+                await self._look_after(own)
+        finally:
+            self._own = None
+            deferred, self._deferred = self._deferred, None
+        if deferred is not None and self._watch is not None and not self.session.ended:
+            self._apply(*deferred[:2], (), deferred[2])
+
+    async def _look_after(self, own: tuple[str, ...]) -> None:
         session = self.session
         store = session.context.store
         try:
