@@ -69,28 +69,35 @@ def copy(txn: lmdb.Transaction, shard: Shard, source_base: str, base: str) -> by
 
 def restore(shard: Shard) -> None:
     """Put back, from the journal, the files of dead processes' entries that a crash left
-    missing or damaged; flush; delete those entries. At shard open, before any reader."""
+    missing or damaged; flush; delete those entries. At shard open, before any reader.
+
+    All of it in one write transaction: LMDB's writer lock makes the processes that open
+    the shard at once after a crash (serve starts mtad, imapd and pop3d together) restore
+    one after the other, the second finding the entries gone, rather than write and rename
+    the same staged files under each other; and no live process can expunge or rename a
+    message between the look at the index and the file written for it."""
     with dead_writers(shard.tmp_root, skip=shard.writer) as (_, alive):
         with shard.read() as txn:
-            keys = [bytes(key) for key, value in txn.cursor(db=shard.db["journal"])
-                    if _writer(bytes(value[:200])) not in alive]
-        if not keys:
-            return
-        restored = 0
-        with shard.read() as txn:
-            for key in keys:
-                raw = txn.get(key, db=shard.db["journal"])
-                if raw is not None and _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(raw)):
-                    restored += 1
-        sync_file_system(shard.path)
-
-        def forget(txn, batch):
-            for key in keys:
-                txn.delete(key, db=shard.db["journal"])
-
-        shard.write(forget)
+            if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
+                return
+        restored, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive))
     if restored:
-        _log.warning("journal_restored", shard=shard.number, files=restored, entries=len(keys))
+        _log.warning("journal_restored", shard=shard.number, files=restored, entries=entries)
+
+
+def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str]) -> tuple[int, int]:
+    """(files written again, entries deleted)."""
+    db = shard.db["journal"]
+    keys = [bytes(key) for key, value in txn.cursor(db=db) if _writer(bytes(value[:200])) not in alive]
+    restored = 0
+    for key in keys:
+        if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db))):
+            restored += 1
+    if keys:
+        sync_file_system(shard.path)  # before the entries go, in the same transaction
+    for key in keys:
+        txn.delete(key, db=db)
+    return restored, len(keys)
 
 
 def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> bool:

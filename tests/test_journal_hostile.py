@@ -1,0 +1,159 @@
+"""The journal (storage/journal.py) under hostile conditions, with real processes.
+
+A power cut is simulated as in tests/test_store_crash.py: the writing process is killed
+with SIGKILL, then every file the `journal` database names is damaged (deleted, emptied,
+cut short or zeroed), as a crash of the machine could leave files written without a flush.
+Every acknowledged message must then be there once, byte for byte, with its internal date
+as its file's mtime, and `store check` must be clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+
+from storage import open_data_dir
+from storage.check import check
+from storage.store import Store
+
+ACCOUNT = "alice@example.test"
+SHARDS = 2
+ROOT = Path(__file__).resolve().parent.parent
+
+MESSAGE = """
+def message(seq, size=0):
+    head = (f"From: bob@example.org\\r\\nTo: alice@example.test\\r\\nSubject: seq {seq}\\r\\n"
+            f"X-Seq: {seq}\\r\\nMessage-ID: <{seq}@example.org>\\r\\n\\r\\n").encode()
+    if not size:
+        return head + f"message number {seq} ".encode() * (1 + seq % 50) + b"\\r\\n"
+    raw = head + (b"x" * 78 + b"\\r\\n") * ((size - len(head)) // 80)
+    return raw + b"y" * (size - len(raw) - 2) + b"\\r\\n"
+"""
+_scope: dict = {}
+exec(MESSAGE, _scope)  # noqa: S102 - the same messages here and in the children
+message = _scope["message"]
+
+PRELUDE = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import storage.shard
+storage.shard.CHECKPOINT_INTERVAL = float(os.environ.get("CHECKPOINT_INTERVAL", "3600"))
+from storage import open_data_dir
+from storage.store import Store
+ACCOUNT = {ACCOUNT!r}
+{MESSAGE}
+def say(line):
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def child(data_dir: Path, code: str, **env: str) -> subprocess.Popen:
+    script = PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, {SHARDS}))\n" + code
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def run_until(process: subprocess.Popen, marker: str, timeout: float = 60) -> list[str]:
+    """The child's lines up to `marker` (which it prints once its work is done)."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line.strip())
+        if line.strip() == marker:
+            return lines
+        assert time.monotonic() < deadline, "the child took too long"
+    raise AssertionError(f"the child ended before {marker!r}: {lines}, exit {process.wait(10)}")
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+
+
+def journal_bases(data_dir: Path) -> dict[Path, list[str]]:
+    out = {}
+    for shard_dir in sorted((data_dir / "shards").iterdir()):
+        env = lmdb.open(str(shard_dir / "index.lmdb"), max_dbs=64, readonly=True, lock=False)
+        try:
+            with env.begin(db=env.open_db(b"journal", create=False)) as txn:
+                out[shard_dir] = [bytes(key).decode() for key, _ in txn.cursor()]
+        except lmdb.NotFoundError:
+            out[shard_dir] = []
+        finally:
+            env.close()
+    return out
+
+
+def power_cut(data_dir: Path) -> int:
+    """Damage every file a journal entry names, four ways in turn; how many."""
+    damaged = 0
+    for shard_dir, bases in journal_bases(data_dir).items():
+        for base in bases:
+            for path in [*shard_dir.glob(f"*/*/cur/{base},*"), *shard_dir.glob(f"*/*/new/{base}*"),
+                         *shard_dir.glob(f"tmp/*/{base}")]:
+                how = damaged % 4
+                if how == 0:
+                    path.unlink()
+                elif how == 1:
+                    os.truncate(path, 0)
+                elif how == 2:
+                    os.truncate(path, path.stat().st_size // 2)
+                else:
+                    path.write_bytes(bytes(path.stat().st_size))
+                damaged += 1
+    return damaged
+
+
+def verify(data_dir: Path, expected: dict[str, dict[int, bytes]]) -> None:
+    """Each mailbox holds exactly the messages expected ({mailbox: {X-Seq: bytes}}), byte for
+    byte, each file's mtime its internal date; store check clean."""
+    import re
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert check(store, ACCOUNT) == []
+        shard = store.shard(ACCOUNT)
+        for mailbox, wanted in expected.items():
+            found: dict[int, bytes] = {}
+            box = next(m for m in store.mailboxes(ACCOUNT) if m.name == mailbox)
+            for info in store.fetch(ACCOUNT, mailbox, [(1, 2**32 - 1)]):
+                raw = store.read_message(info)
+                seq = int(re.search(rb"X-Seq: (\d+)", raw).group(1))
+                assert seq not in found, f"{mailbox}: message {seq} stored twice"
+                found[seq] = raw
+                [path] = (shard.mailbox_dir(ACCOUNT, box.id) / "cur").glob(f"{info.base},*")
+                assert int(path.stat().st_mtime) == int(info.internal_date), f"{mailbox} {seq}: mtime"
+            assert sorted(found) == sorted(wanted), f"{mailbox}: {sorted(found)} != {sorted(wanted)}"
+            for seq, raw in wanted.items():
+                assert found[seq] == raw, f"{mailbox}: message {seq} differs"
+
+
+def test_processes_starting_together_restore_the_journal_once(data_dir):
+    """After a power cut, `postroom serve` starts mtad, imapd and pop3d at once, and each
+    opens every shard: their restores must not trip over each other's files."""
+    writer = child(data_dir, "for seq in range(1, 401):\n"
+                             "    store.deliver([ACCOUNT], message(seq))\n"
+                             "say('ready')\ntime.sleep(600)\n")
+    run_until(writer, "ready")
+    kill(writer)
+    assert power_cut(data_dir) == 400
+    go = data_dir / "go"
+    opener = ("while not os.path.exists(sys.argv[1]):\n    time.sleep(0.001)\n"
+              "store2 = Store(open_data_dir(os.path.dirname(sys.argv[1]), 2))\nstore2.recover()\n"
+              "store2.close()\nsay('opened')\n")
+    # The opener opens the store itself only after `go`: the Store of the prelude is lazy.
+    openers = [subprocess.Popen([sys.executable, "-c", PRELUDE + opener, str(go)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(1.0)  # their interpreters started
+    go.touch()
+    results = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in openers]
+    for status, _, stderr in results:
+        assert status == 0, stderr[-2000:]
+    go.unlink()
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 401)}})
