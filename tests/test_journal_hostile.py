@@ -157,3 +157,61 @@ def test_processes_starting_together_restore_the_journal_once(data_dir):
         assert status == 0, stderr[-2000:]
     go.unlink()
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 401)}})
+
+
+MIXED = """
+store.ensure_account(ACCOUNT)
+for seq in range(1, 41):
+    store.deliver([ACCOUNT], message(seq))
+store.copy(ACCOUNT, "INBOX", [(1, 10)], "Archive")
+store.move(ACCOUNT, "INBOX", [(11, 20)], "Archive")
+store.copy(ACCOUNT, "Archive", [(1, 3)], "Archive")  # a copy of a copy, in its own mailbox
+store.store_flags(ACCOUNT, "INBOX", [(21, 25)], "add", ["\\\\Seen"])
+store.store_flags(ACCOUNT, "INBOX", [(26, 28)], "add", ["\\\\Deleted"])
+store.expunge(ACCOUNT, "INBOX")
+store.create_mailbox(ACCOUNT, "Tmp")
+for seq in range(41, 46):
+    store.deliver([(ACCOUNT, "Tmp")], message(seq))
+store.delete_mailbox(ACCOUNT, "Tmp")
+store.create_mailbox(ACCOUNT, "Old")
+for seq in range(46, 51):
+    store.deliver([(ACCOUNT, "Old")], message(seq))
+store.rename_mailbox(ACCOUNT, "Old", "New")
+for seq in range(51, 56):
+    store.append(ACCOUNT, "INBOX", message(seq), flags=["\\\\Flagged"], internal_date=1_000_000_000 + seq)
+for seq, size in ((56, 65535), (57, 65536), (58, 65537)):
+    store.deliver([ACCOUNT], message(seq, size))
+store.move(ACCOUNT, "INBOX", [(30, 30)], "New")
+say("ready")
+time.sleep(600)
+"""
+
+
+def mixed_expected() -> dict[str, dict[int, bytes]]:
+    sizes = {56: 65535, 57: 65536, 58: 65537}
+    inbox = [*range(21, 26), *range(29, 41), *range(51, 59)]
+    inbox.remove(30)
+    archive = [*range(1, 21)]
+    return {"INBOX": {s: message(s, sizes.get(s, 0)) for s in [*range(1, 11), *inbox]},
+            "Archive": {s: message(s) for s in archive},
+            "New": {s: message(s) for s in [*range(46, 51), 30]}}
+
+
+def test_a_power_cut_after_copy_move_expunge_flags_and_mailbox_changes(data_dir):
+    """Everything a client does to messages still in the journal, then a power cut."""
+    writer = child(data_dir, MIXED)
+    run_until(writer, "ready")
+    kill(writer)
+    assert power_cut(data_dir) > 50
+    expected = mixed_expected()
+    expected["Archive"].update({})  # the copies of 1-3 within Archive: checked by count below
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert check(store, ACCOUNT) == []
+        archive = [store.read_message(i) for i in store.fetch(ACCOUNT, "Archive", [(1, 2**32 - 1)])]
+        assert sorted(archive) == sorted([message(s) for s in range(1, 21)] + [message(s) for s in (1, 2, 3)])
+        assert {m.name for m in store.mailboxes(ACCOUNT)} >= {"INBOX", "Archive", "New"}
+        assert "Tmp" not in {m.name for m in store.mailboxes(ACCOUNT)}
+        dates = {i.uid: i.internal_date for i in store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])}
+        assert sorted(dates.values())[:5] == [1_000_000_000 + s for s in range(51, 56)]
+    del expected["Archive"]
+    verify(data_dir, expected)
