@@ -374,6 +374,8 @@ class Shard:
             try:
                 self.checkpoint()
             except Exception:  # the keys wait for the next turn (or the next start)
+                if self._closed:
+                    return  # close() came between the flush and the commit: it checkpoints the keys itself
                 _log.error("checkpoint_failed", exc_info=True, shard=self.number)
 
     def checkpoint(self) -> None:
