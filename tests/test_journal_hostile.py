@@ -54,9 +54,9 @@ def say(line):
 """
 
 
-def child(data_dir: Path, code: str, **env: str) -> subprocess.Popen:
+def child(data_dir: Path, code: str, *args: str, **env: str) -> subprocess.Popen:
     script = PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, {SHARDS}))\n" + code
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **env})
 
 
@@ -244,3 +244,102 @@ def test_closing_while_the_checkpointer_works_logs_no_error(data_dir):
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert check(store, ACCOUNT) == []
         assert store.uids(ACCOUNT, "INBOX")[0].exists == 15 * 180
+
+
+DELIVERER = """
+import threading
+start = int(sys.argv[1])
+store.ensure_account(ACCOUNT)
+def work(n):
+    for seq in range(start + n * 10000, start + n * 10000 + 10000):
+        size = (0, 65535, 65536, 65537, 100)[seq % 5] if seq % 3 == 0 else 0
+        store.deliver([ACCOUNT], message(seq, size))
+        say(f"delivered {seq} {size}")
+threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+MOVER = """
+store.ensure_account(ACCOUNT)
+if "Copies" not in [m.name for m in store.mailboxes(ACCOUNT)]:
+    store.create_mailbox(ACCOUNT, "Copies")
+while True:
+    _, uids, _ = store.uids(ACCOUNT, "INBOX")
+    if len(uids) > 3:
+        store.move(ACCOUNT, "INBOX", [(uids[1], uids[1])], "Archive")
+        store.copy(ACCOUNT, "INBOX", [(uids[2], uids[2])], "Copies")
+        store.store_flags(ACCOUNT, "INBOX", [(uids[0], uids[-1])], "add", ["\\\\Seen"])
+        import re
+        [doomed] = store.fetch(ACCOUNT, "INBOX", [(uids[3], uids[3])])
+        say("expunging " + re.search(rb"X-Seq: (\\d+)", store.read_message(doomed)).group(1).decode())
+        store.store_flags(ACCOUNT, "INBOX", [(uids[3], uids[3])], "add", ["\\\\Deleted"])
+        store.expunge(ACCOUNT, "INBOX", [(uids[3], uids[3])])
+        say("moved")
+    else:
+        time.sleep(0.01)
+"""
+
+
+def stored(store: Store, mailbox: str) -> list[tuple[int, bytes]]:
+    import re
+
+    out = []
+    shard = store.shard(ACCOUNT)
+    box = next((m for m in store.mailboxes(ACCOUNT) if m.name == mailbox), None)
+    if box is None:
+        return out
+    for info in store.fetch(ACCOUNT, mailbox, [(1, 2**32 - 1)]):
+        raw = store.read_message(info)
+        [path] = (shard.mailbox_dir(ACCOUNT, box.id) / "cur").glob(f"{info.base},*")
+        assert int(path.stat().st_mtime) == int(info.internal_date), f"{mailbox} UID {info.uid}: mtime"
+        out.append((int(re.search(rb"X-Seq: (\d+)", raw).group(1)), raw))
+    return out
+
+
+def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
+    """Two delivering processes (mtad's workers) and one moving, copying, flagging and
+    expunging (imapd), killed at once at random moments; the files the journal names
+    damaged; then the restoring process itself killed once, and the files damaged again."""
+    import random
+
+    rng = random.Random(17)
+    acknowledged: dict[int, int] = {}
+    expunged_any = 0
+    expunging: set[int] = set()
+    for round_number in range(4):
+        start = 1 + round_number * 100_000
+        writers = [child(data_dir, DELIVERER, str(start), CHECKPOINT_INTERVAL="0.3"),
+                   child(data_dir, DELIVERER, str(start + 50_000), CHECKPOINT_INTERVAL="0.3"),
+                   child(data_dir, MOVER, CHECKPOINT_INTERVAL="0.3")]
+        time.sleep(rng.uniform(1.5, 3.0))
+        for writer in writers:
+            writer.send_signal(signal.SIGKILL)
+        outputs = []
+        for writer in writers:
+            writer.wait(30)
+            outputs.append(writer.stdout.read().splitlines())
+        for line in outputs[0] + outputs[1]:
+            if line.startswith("delivered "):
+                _, seq, size = line.split()
+                acknowledged[int(seq)] = int(size)
+        expunged_any += sum(1 for line in outputs[2] if line == "moved")
+        expunging |= {int(line.split()[1]) for line in outputs[2] if line.startswith("expunging ")}
+        assert power_cut(data_dir) > 0
+        restorer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"Store(open_data_dir({str(data_dir)!r}, 2))"
+                                     ".recover()\n"])
+        time.sleep(rng.uniform(0.2, 0.6))
+        restorer.send_signal(signal.SIGKILL)
+        restorer.wait(30)
+        power_cut(data_dir)
+        with Store(open_data_dir(data_dir, SHARDS)) as store:
+            assert check(store, ACCOUNT) == [], f"round {round_number}"
+            inbox_archive = stored(store, "INBOX") + stored(store, "Archive")
+            seqs = [seq for seq, _ in inbox_archive]
+            assert len(seqs) == len(set(seqs)), f"round {round_number}: stored twice"
+            for seq, raw in inbox_archive + stored(store, "Copies"):
+                assert raw == message(seq, acknowledged.get(seq, 0)) or seq not in acknowledged, seq
+            lost = set(acknowledged) - set(seqs) - expunging
+            assert not lost, f"round {round_number}: lost {sorted(lost)[:10]}"
+    assert len(acknowledged) > 100 and expunged_any > 5, "the writers barely ran"
+
