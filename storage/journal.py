@@ -148,8 +148,13 @@ def _write(path: Path, data: bytes, mtime: float) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.utime(fd, (mtime, mtime))
-    finally:
+    except BaseException:
+        # A full disk, most likely: what was written must not hold on to the space the
+        # rest of the restore (at the next start) needs.
         os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _parse(raw: bytes) -> tuple[str, float, bytes]:

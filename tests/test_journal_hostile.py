@@ -391,3 +391,55 @@ def test_a_power_cut_of_serve_with_two_smtp_workers(write_config, data_dir, tmp_
     for seq in senders.acknowledged:
         for user in crashload.message(seq)[1]:
             assert copies.get((user, seq)) == 1, f"{user} message {seq}: {copies.get((user, seq), 0)} copies"
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every byte left on the file system of `directory`."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_full_disk_while_the_journal_is_restored(data_dir):
+    """After a power cut the disk is full: opening the store fails (DiskFullError), leaves
+    nothing half-written, and once there is room again every file is restored."""
+    assert os.geteuid() == 0, "mounting the test's tmpfs needs root (make test runs as root)"
+    data_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(data_dir)], check=True)
+    try:
+        writer = child(data_dir, "for seq in range(1, 201):\n"
+                                 "    store.deliver([ACCOUNT], message(seq, 60000 if seq % 2 else 0))\n"
+                                 "say('ready')\ntime.sleep(600)\n")
+        run_until(writer, "ready")
+        kill(writer)
+        for shard_dir, bases in journal_bases(data_dir).items():
+            for base in bases:
+                for path in shard_dir.glob(f"*/*/cur/{base},*"):
+                    path.unlink()
+        # What the dead writer left but the journal is settled first, so that the restore
+        # is what meets the full disk.
+        subprocess.run([sys.executable, "-c", PRELUDE + "import storage.journal\n"
+                        "storage.journal.restore = lambda shard: None\n"
+                        f"Store(open_data_dir({str(data_dir)!r}, 2)).recover()\n"], check=True, timeout=120)
+        assert sum(map(len, journal_bases(data_dir).values())) == 200
+        filler = fill(data_dir)
+        opener = subprocess.run([sys.executable, "-c", PRELUDE + "from storage.errors import DiskFullError\n"
+                                 f"try:\n    Store(open_data_dir({str(data_dir)!r}, 2)).recover()\n"
+                                 "except DiskFullError:\n    say('disk full')\n"],
+                                capture_output=True, text=True, timeout=120)
+        assert opener.stdout.strip() == "disk full", opener.stderr[-2000:]
+        leftovers = [p for p in data_dir.glob("shards/*/*/*/tmp/*")]
+        assert leftovers == [], f"half-written files left: {leftovers[:3]}"
+        filler.unlink()
+        verify(data_dir, {"INBOX": {seq: message(seq, 60000 if seq % 2 else 0) for seq in range(1, 201)}})
+    finally:
+        subprocess.run(["umount", "-l", str(data_dir)], check=True)
