@@ -87,6 +87,8 @@ FSYNC_THREADS = 16
 # Seconds between checkpoints while file work waits for one: how much mail lives only in
 # the journal, and how often the file system is flushed under load.
 CHECKPOINT_INTERVAL = 1.0
+# Seconds between two log lines of a checkpoint that keeps failing (a full disk).
+CHECKPOINT_LOG_EVERY = 60.0
 
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
@@ -366,6 +368,7 @@ class Shard:
             self._journaled.extend(pending[1])
 
     def _checkpoint_loop(self) -> None:
+        failures, logged = 0, -CHECKPOINT_LOG_EVERY
         while not self._closed:
             self._checkpoint_due.wait(CHECKPOINT_INTERVAL)
             if self._closed:
@@ -373,10 +376,20 @@ class Shard:
             self._checkpoint_due.clear()
             try:
                 self.checkpoint()
-            except Exception:  # the keys wait for the next turn (or the next start)
+            except Exception as e:  # the keys wait for the next turn (or the next start)
                 if self._closed:
                     return  # close() came between the flush and the commit: it checkpoints the keys itself
-                _log.error("checkpoint_failed", exc_info=True, shard=self.number)
+                # A full disk fails every turn for as long as it lasts (hours, maybe): one
+                # line when it starts and then one a CHECKPOINT_LOG_EVERY, not one a turn;
+                # and no traceback for it, as it is no bug.
+                failures += 1
+                if time.monotonic() - logged >= CHECKPOINT_LOG_EVERY:
+                    logged = time.monotonic()
+                    full = is_disk_full(e, self.path) or isinstance(e, DiskFullError)
+                    _log.error("checkpoint_failed", exc_info=not full, shard=self.number, failures=failures,
+                               error=DISK_FULL if full else f"{e.__class__.__name__}: {e}")
+            else:
+                failures, logged = 0, -CHECKPOINT_LOG_EVERY
 
     def checkpoint(self) -> None:
         """Flush the file work done so far and delete its keys, now (the checkpointer does it

@@ -443,3 +443,51 @@ def test_a_full_disk_while_the_journal_is_restored(data_dir):
         verify(data_dir, {"INBOX": {seq: message(seq, 60000 if seq % 2 else 0) for seq in range(1, 201)}})
     finally:
         subprocess.run(["umount", "-l", str(data_dir)], check=True)
+
+
+FULL_DISK_WRITER = """
+store.ensure_account(ACCOUNT)
+say("ready")
+for seq in range(1, 51):
+    store.deliver([ACCOUNT], message(seq))
+say("delivered")
+sys.stdin.readline()
+store.close()
+say("closed")
+"""
+
+
+def test_a_full_disk_under_the_checkpointer_is_one_log_line(data_dir, tmp_path):
+    """The checkpoint's commit needs pages; with the disk full (and a reader, a backup's
+    snapshot, keeping the freed ones) it fails at every turn, for as long as the disk is
+    full: the keys wait, nothing is lost, and the log says so once, not once a turn."""
+    assert os.geteuid() == 0, "mounting the test's tmpfs needs root (make test runs as root)"
+    data_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0750", "tmpfs", str(data_dir)], check=True)
+    try:
+        with Store(open_data_dir(data_dir, SHARDS)) as store:
+            store.ensure_account(ACCOUNT)
+            shard = store.shard(ACCOUNT)
+            snapshot = shard.env.begin()  # from before the deliveries: no page they free is reused
+            script = PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, {SHARDS}))\n" + FULL_DISK_WRITER
+            writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=open(tmp_path / "writer.err", "w"), text=True,  # noqa: SIM115
+                                      env={**os.environ, "CHECKPOINT_INTERVAL": "0.1"})
+            run_until(writer, "delivered")
+            filler = fill(data_dir)
+            time.sleep(3)  # some thirty checkpoints
+            snapshot.abort()
+            filler.unlink()
+            time.sleep(1)
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            run_until(writer, "closed")
+            assert writer.wait(30) == 0
+        log = (tmp_path / "writer.err").read_text()
+        assert log.count("checkpoint_failed") == 1, log[-3000:]
+        assert log.count("idle_work_failed") <= 1, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]  # a full disk is no bug
+        assert sum(map(len, journal_bases(data_dir).values())) == 0
+        verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 51)}})
+    finally:
+        subprocess.run(["umount", "-l", str(data_dir)], check=True)
