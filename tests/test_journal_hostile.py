@@ -491,3 +491,42 @@ def test_a_full_disk_under_the_checkpointer_is_one_log_line(data_dir, tmp_path):
         verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 51)}})
     finally:
         subprocess.run(["umount", "-l", str(data_dir)], check=True)
+
+
+EXPUNGER = """
+go = sys.argv[1]
+store.ensure_account(ACCOUNT)
+store.uids(ACCOUNT, "INBOX")  # the shard open: nothing of the dead writer's is this one's to restore
+say("ready")
+while not os.path.exists(go):
+    time.sleep(0.001)
+for uid in reversed(store.uids(ACCOUNT, "INBOX")[1]):  # against the order restore goes in
+    store.store_flags(ACCOUNT, "INBOX", [(uid, uid)], "add", ["\\\\Deleted"])
+    store.expunge(ACCOUNT, "INBOX", [(uid, uid)])
+say("expunged")
+"""
+
+
+def test_a_restore_while_a_live_process_expunges(data_dir):
+    """A process dies with journal entries (mtad's worker, say); imapd, alive, expunges
+    those messages one by one while mtad's next worker opens the shard and restores the
+    dead one's entries: a message expunged meanwhile must not come back as a file."""
+    writer = child(data_dir, "for seq in range(1, 401):\n"
+                             "    store.deliver([ACCOUNT], message(seq))\n"
+                             "say('ready')\ntime.sleep(600)\n")
+    run_until(writer, "ready")
+    # Its checkpoints as they are (the keys of its expunges gone once flushed), but often.
+    expunger = child(data_dir, EXPUNGER, str(data_dir / "go"), CHECKPOINT_INTERVAL="0.05")
+    run_until(expunger, "ready")
+    kill(writer)
+    (data_dir / "go").touch()
+    time.sleep(0.3)  # a fifth of the way
+    opener = subprocess.run([sys.executable, "-c", PRELUDE + f"Store(open_data_dir({str(data_dir)!r}, 2)).recover()"],
+                            capture_output=True, text=True, timeout=120)
+    assert opener.returncode == 0, opener.stderr[-2000:]
+    run_until(expunger, "expunged", timeout=120)
+    time.sleep(0.5)  # its last checkpoint
+    kill(expunger)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert [str(p) for p in check(store, ACCOUNT)] == []
+        assert store.uids(ACCOUNT, "INBOX")[1] == []
