@@ -530,3 +530,23 @@ def test_a_restore_while_a_live_process_expunges(data_dir):
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert [str(p) for p in check(store, ACCOUNT)] == []
         assert store.uids(ACCOUNT, "INBOX")[1] == []
+
+
+def test_a_power_cut_that_kept_the_bytes_but_not_the_date(data_dir):
+    """A file's data can reach the disk (a file system commit between the write and the
+    utime) without the utime that follows it: the bytes are right, the mtime is the time
+    of writing, not the internal date APPEND gave (which `store rebuild` reads back)."""
+    writer = child(data_dir, "store.ensure_account(ACCOUNT)\n"
+                             "for seq in range(1, 21):\n"
+                             "    store.append(ACCOUNT, 'INBOX', message(seq), internal_date=1_000_000_000 + seq)\n"
+                             "say('ready')\ntime.sleep(600)\n")
+    run_until(writer, "ready")
+    kill(writer)
+    touched = 0
+    for shard_dir, bases in journal_bases(data_dir).items():
+        for base in bases:
+            for path in shard_dir.glob(f"*/*/cur/{base},*"):
+                os.utime(path)
+                touched += 1
+    assert touched == 20
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 21)}})
