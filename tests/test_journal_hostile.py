@@ -341,7 +341,7 @@ def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
                 assert raw == message(seq, acknowledged.get(seq, 0)) or seq not in acknowledged, seq
             lost = set(acknowledged) - set(seqs) - expunging
             assert not lost, f"round {round_number}: lost {sorted(lost)[:10]}"
-    assert len(acknowledged) > 100 and expunged_any > 5, "the writers barely ran"
+    assert len(acknowledged) > 100 and expunged_any >= 2, "the writers barely ran"
 
 
 
