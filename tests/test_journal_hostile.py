@@ -550,3 +550,47 @@ def test_a_power_cut_that_kept_the_bytes_but_not_the_date(data_dir):
                 touched += 1
     assert touched == 20
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 21)}})
+
+
+def test_store_check_and_backup_while_serve_delivers(write_config, data_dir, tmp_path):
+    """`postroom store check` and `postroom backup` open the shards (and restore nothing of
+    the live daemons') while twenty senders deliver: the check finds nothing, the backup's
+    own check finds nothing, and the backup opened as a store holds what it says, byte for
+    byte, with no journal entry left in it."""
+    import re
+
+    import crashload
+    from conftest import POSTROOM, free_port
+
+    port = free_port()
+    config = write_config(smtp={"listen": [f"127.0.0.1:{port}"], "max_connections_per_ip": 200, "workers": 2},
+                          server={"log_level": "warning"})
+    crashload.prepare(data_dir, config)
+    outcome = crashload.Outcome()
+    server = crashload.Server(tmp_path)
+    senders = crashload.Senders("127.0.0.1", port, 10, 10**9, outcome)
+    server.start(config)
+    senders.start()
+    try:
+        time.sleep(1.0)
+        for _ in range(3):
+            result = subprocess.run([POSTROOM, "--config", str(config), "store", "check"], capture_output=True,
+                                    text=True, timeout=120)
+            assert result.returncode == 0 and result.stdout == "0 problem(s)\n", result.stdout + result.stderr
+        backup = tmp_path / "backup"
+        result = subprocess.run([POSTROOM, "--config", str(config), "backup", str(backup)], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        senders.finish(30)
+    finally:
+        server.stop("term")
+    assert "Traceback" not in server.log_tail(), server.log_tail()
+    assert len(senders.acknowledged) > 20, "the senders barely got through"
+    assert sum(map(len, journal_bases(backup / "data").values())) == 0
+    with Store(open_data_dir(backup / "data", 4)) as store:
+        assert [str(p) for p in check(store)] == []
+        for user in crashload.USERS:
+            for info in store.fetch(user, "INBOX", [(1, 2**32 - 1)]):
+                raw = store.read_message(info)
+                seq = int(re.search(rb"\r\nX-Seq: (\d+)\r\n", raw).group(1))
+                assert raw.endswith(crashload.message(seq)[0]), f"{user} message {seq} differs in the backup"
