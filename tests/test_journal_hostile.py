@@ -594,3 +594,61 @@ def test_store_check_and_backup_while_serve_delivers(write_config, data_dir, tmp
                 raw = store.read_message(info)
                 seq = int(re.search(rb"\r\nX-Seq: (\d+)\r\n", raw).group(1))
                 assert raw.endswith(crashload.message(seq)[0]), f"{user} message {seq} differs in the backup"
+
+
+SIXTEEN = """
+import threading
+store = Store(open_data_dir(sys.argv[1], 16))
+def work(n):
+    for i in range(100000):
+        seq = int(sys.argv[4]) + n * 100000 + i
+        account = f"u{seq % 32}@example.test"
+        store.deliver([account, f"u{(seq + 1) % 32}@example.test"], message(seq))
+        say(f"delivered {seq}")
+threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(4)]
+[t.start() for t in threads]
+time.sleep(float(sys.argv[2]))
+if sys.argv[3] == "close":
+    store.close()
+    say("closed")
+else:
+    time.sleep(600)
+"""
+
+
+def test_sixteen_shards_closed_and_cut_under_load(data_dir):
+    """Sixteen shards, each with its checkpointer, under four delivering threads: closed
+    while they deliver (no error, no journal entry left), then killed and the power cut."""
+    import re
+
+    acknowledged: set[int] = set()
+    for how, first in (("close", 0), ("kill", 1_000_000)):
+        process = subprocess.Popen([sys.executable, "-c", PRELUDE + SIXTEEN, str(data_dir), "2.5", how, str(first)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "CHECKPOINT_INTERVAL": "1.0"})
+        if how == "kill":
+            time.sleep(3.5)
+            kill(process)
+        out, err = process.communicate(timeout=120)
+        acknowledged |= {int(line.split()[1]) for line in out.splitlines() if line.startswith("delivered ")}
+        if how == "close":
+            assert "closed" in out, err[-2000:]
+            # (The delivering threads themselves end with "store is closed".)
+            assert not re.findall(r"^\w+_failed", err, re.MULTILINE), err[-2000:]
+            assert sum(map(len, journal_bases(data_dir).values())) == 0
+        else:
+            assert power_cut(data_dir) > 0
+    assert len(acknowledged) > 100
+    with Store(open_data_dir(data_dir, 16)) as store:
+        assert [str(p) for p in check(store)] == []
+        copies: dict[tuple[str, int], int] = {}
+        for n in range(32):
+            account = f"u{n}@example.test"
+            for info in store.fetch(account, "INBOX", [(1, 2**32 - 1)]):
+                raw = store.read_message(info)
+                seq = int(re.search(rb"X-Seq: (\d+)", raw).group(1))
+                assert raw == message(seq)
+                copies[(account, seq)] = copies.get((account, seq), 0) + 1
+    for seq in acknowledged:
+        for account in (f"u{seq % 32}@example.test", f"u{(seq + 1) % 32}@example.test"):
+            assert copies.get((account, seq)) == 1, f"{account} {seq}: {copies.get((account, seq))}"
