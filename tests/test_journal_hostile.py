@@ -652,3 +652,37 @@ def test_sixteen_shards_closed_and_cut_under_load(data_dir):
     for seq in acknowledged:
         for account in (f"u{seq % 32}@example.test", f"u{(seq + 1) % 32}@example.test"):
             assert copies.get((account, seq)) == 1, f"{account} {seq}: {copies.get((account, seq))}"
+
+
+PREPENDED = """
+store.ensure_account(ACCOUNT)
+for seq, size, head in ((1, 65000, 536), (2, 65000, 537), (3, 65536, 1), (4, 100, 70000), (5, 70000, 10)):
+    raw = message(seq, size)
+    with store.begin_delivery([ACCOUNT, "bob@example.test"]) as delivery:
+        for at in range(0, len(raw), 4000):
+            delivery.write(raw[at:at + 4000])
+        delivery.prepend(b"X-Verdict: " + b"v" * (head - 13) + b"\\r\\n")
+        if seq % 2:
+            delivery.send_to_each({ACCOUNT: "Junk", "bob@example.test": "INBOX"})
+        delivery.commit()
+say("ready")
+time.sleep(600)
+"""
+
+
+def test_a_power_cut_after_deliveries_the_policy_prepended_to(data_dir):
+    """The policy's verdict header is prepended at the message's end: around 64 KiB that
+    decides whether the message is journaled or flushed; and a Junk verdict changes the
+    target mailbox. Both copies (two accounts, two shards maybe) come back whole."""
+    writer = child(data_dir, PREPENDED)
+    run_until(writer, "ready")
+    kill(writer)
+    assert power_cut(data_dir) > 0
+    wanted = {}
+    for seq, size, head in ((1, 65000, 536), (2, 65000, 537), (3, 65536, 1), (4, 100, 70000), (5, 70000, 10)):
+        wanted[seq] = b"X-Verdict: " + b"v" * (head - 13) + b"\r\n" + message(seq, size)
+    verify(data_dir, {"INBOX": {s: wanted[s] for s in (2, 4)}, "Junk": {s: wanted[s] for s in (1, 3, 5)}})
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert check(store) == []
+        assert sorted(store.read_message(i) for i in store.fetch("bob@example.test", "INBOX", [(1, 2**32 - 1)])) \
+            == sorted(wanted.values())
