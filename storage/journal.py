@@ -71,21 +71,26 @@ def restore(shard: Shard) -> None:
     """Put back, from the journal, the files of dead processes' entries that a crash left
     missing or damaged; flush; delete those entries. At shard open, before any reader.
 
-    All of it in one write transaction: LMDB's writer lock makes the processes that open
-    the shard at once after a crash (serve starts mtad, imapd and pop3d together) restore
-    one after the other, the second finding the entries gone, rather than write and rename
+    The files are looked at and written inside a write transaction: LMDB's writer lock
+    makes the processes that open the shard at once after a crash (serve starts mtad,
+    imapd and pop3d together) restore one after the other, rather than write and rename
     the same staged files under each other; and no live process can expunge or rename a
-    message between the look at the index and the file written for it."""
+    message between the look at the index and the file written for it. The flush comes
+    after that transaction, so that the others' commits do not wait for it; the entries
+    are then deleted in a second one, which looks at each file again (a live process may
+    have renamed or expunged it meanwhile) and flushes again only if it had to write."""
     with dead_writers(shard.tmp_root, skip=shard.writer) as (_, alive):
         with shard.read() as txn:
             if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
                 return
-        restored, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive))
-    if restored:
-        _log.warning("journal_restored", shard=shard.number, files=restored, entries=entries)
+        restored, _ = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=False))
+        sync_file_system(shard.path)
+        again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=True))
+    if restored + again:
+        _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=entries)
 
 
-def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str]) -> tuple[int, int]:
+def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *, forget: bool) -> tuple[int, int]:
     """(files written again, entries deleted)."""
     db = shard.db["journal"]
     keys = [bytes(key) for key, value in txn.cursor(db=db) if _writer(bytes(value[:200])) not in alive]
@@ -93,8 +98,10 @@ def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str]) -> tuple[int,
     for key in keys:
         if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db))):
             restored += 1
-    if keys:
-        sync_file_system(shard.path)  # before the entries go, in the same transaction
+    if not forget:
+        return restored, 0
+    if restored:
+        sync_file_system(shard.path)  # rare: written since the flush; before the entries go
     for key in keys:
         txn.delete(key, db=db)
     return restored, len(keys)
