@@ -83,28 +83,35 @@ def restore(shard: Shard) -> None:
         with shard.read() as txn:
             if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
                 return
-        restored, _ = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=False))
+        restored, keys = shard.write(lambda txn, batch: _restore(txn, shard, alive))
         sync_file_system(shard.path)
-        again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=True))
+        # Only the entries the flush covered: one a process that started since the look at
+        # the writers committed meanwhile counts as dead here, and its file is not flushed.
+        again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=keys))
     if restored + again:
-        _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=entries)
+        _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=len(entries))
 
 
-def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *, forget: bool) -> tuple[int, int]:
-    """(files written again, entries deleted)."""
+def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
+             forget: list[bytes] | None = None) -> tuple[int, list[bytes]]:
+    """(files written again, the dead entries' keys); with `forget`, those of these keys
+    still there are then deleted."""
     db = shard.db["journal"]
-    keys = [bytes(key) for key, value in txn.cursor(db=db) if _writer(bytes(value[:200])) not in alive]
+    if forget is None:
+        keys = [bytes(key) for key, value in txn.cursor(db=db) if _writer(bytes(value[:200])) not in alive]
+    else:
+        keys = [key for key in forget if txn.get(key, db=db) is not None]
     restored = 0
     for key in keys:
         if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db))):
             restored += 1
-    if not forget:
-        return restored, 0
+    if forget is None:
+        return restored, keys
     if restored:
         sync_file_system(shard.path)  # rare: written since the flush; before the entries go
     for key in keys:
         txn.delete(key, db=db)
-    return restored, len(keys)
+    return restored, keys
 
 
 def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> bool:
