@@ -472,10 +472,10 @@ def test_a_full_disk_under_the_checkpointer_is_one_log_line(data_dir, tmp_path):
             script = PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, {SHARDS}))\n" + FULL_DISK_WRITER
             writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=open(tmp_path / "writer.err", "w"), text=True,  # noqa: SIM115
-                                      env={**os.environ, "CHECKPOINT_INTERVAL": "0.1"})
+                                      env={**os.environ, "CHECKPOINT_INTERVAL": "0.5"})
             run_until(writer, "delivered")
             filler = fill(data_dir)
-            time.sleep(3)  # some thirty checkpoints
+            time.sleep(4)  # some eight checkpoints, each followed by the idle work
             snapshot.abort()
             filler.unlink()
             time.sleep(1)
