@@ -79,15 +79,19 @@ def restore(shard: Shard) -> None:
     after that transaction, so that the others' commits do not wait for it; the entries
     are then deleted in a second one, which looks at each file again (a live process may
     have renamed or expunged it meanwhile) and flushes again only if it had to write."""
+    # Who is alive is all it needs: the dead writers' locks are let go before the writes.
+    # Held while waiting for LMDB's writer lock, one could be the lock of a live process
+    # that made its writer directory inside a transaction and waits in flock() for it.
     with dead_writers(shard.tmp_root, skip=shard.writer) as (_, alive):
-        with shard.read() as txn:
-            if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
-                return
-        restored, keys = shard.write(lambda txn, batch: _restore(txn, shard, alive))
-        sync_file_system(shard.path)
-        # Only the entries the flush covered: one a process that started since the look at
-        # the writers committed meanwhile counts as dead here, and its file is not flushed.
-        again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=keys))
+        pass
+    with shard.read() as txn:
+        if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
+            return
+    restored, keys = shard.write(lambda txn, batch: _restore(txn, shard, alive))
+    sync_file_system(shard.path)
+    # Only the entries the flush covered: one a process that started since the look at
+    # the writers committed meanwhile counts as dead here, and its file is not flushed.
+    again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=keys))
     if restored + again:
         _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=len(entries))
 
