@@ -686,3 +686,29 @@ def test_a_power_cut_after_deliveries_the_policy_prepended_to(data_dir):
         assert check(store) == []
         assert sorted(store.read_message(i) for i in store.fetch("bob@example.test", "INBOX", [(1, 2**32 - 1)])) \
             == sorted(wanted.values())
+
+
+def test_a_restore_killed_halfway_and_the_power_cut_again(data_dir):
+    """The process restoring the journal is killed at random moments of its restore, and
+    each time the files the journal still names are damaged again: the restore's own
+    writes are unflushed until its syncfs. The last open restores everything."""
+    import random
+
+    rng = random.Random(4)
+    writer = child(data_dir, "for seq in range(1, 801):\n"
+                             "    store.deliver([ACCOUNT], message(seq))\n"
+                             "say('ready')\ntime.sleep(600)\n")
+    run_until(writer, "ready")
+    kill(writer)
+    killed_with_work_left = 0
+    for _ in range(5):
+        assert power_cut(data_dir) > 0
+        restorer = child(data_dir, "say('opening')\nstore.recover()\nsay('opened')\ntime.sleep(600)\n")
+        run_until(restorer, "opening")
+        time.sleep(rng.uniform(0.0, 0.15))
+        kill(restorer)
+        if sum(map(len, journal_bases(data_dir).values())) == 0:
+            break
+        killed_with_work_left += 1
+    assert killed_with_work_left >= 2, "the restore always finished before the kill: the test proves little"
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 801)}})
