@@ -122,6 +122,24 @@ compliance: install
 	fi
 	$(PY) tests/compliance.py $(IMAPTEST_DIR)
 
+# The peers the benchmarks in bench/ measure against and the tools they use: Postfix
+# (bench/smtp_in.py --compare-postfix, bench/smtp_out.py: a throwaway instance of its own
+# each; Debian's postfix service is disabled, as dovecot's is) and its smtp-source, strace
+# (bench/flushes.py), Dovecot (bench/imap.py, bench/pop3.py).
+BENCH_APT := postfix strace dovecot-imapd dovecot-pop3d
+
+.PHONY: bench-peers
+bench-peers: install
+	@missing=$$(for p in $(BENCH_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+	    if [ -d /run/systemd/system ]; then \
+	        systemctl disable --now postfix.service dovecot.service dovecot.socket || true; \
+	    fi; \
+	fi
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 

@@ -144,7 +144,7 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
 
 def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool) -> None:
     if not postfix_available() or shutil.which("smtp-source") is None:
-        raise SystemExit("Debian's postfix (postfix, smtp-source) is not installed: no comparison")
+        raise SystemExit("Debian's postfix (postfix, smtp-source) is not installed: `make bench-peers` installs it")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop the servers
     work = Path(tempfile.mkdtemp(prefix="compare-postfix-"))
     servers: list = []

@@ -70,7 +70,10 @@ def txt(text: str) -> str:
     return " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
 
 
-def start_server(work: Path, workers: int, chain: dict | None) -> tuple[subprocess.Popen, int]:
+def start_server(work: Path, workers: int, chain: dict | None, users: tuple[str, ...] = ()
+                 ) -> tuple[subprocess.Popen, int]:
+    """A throwaway `postroom serve` in `work` (made by the caller) with RECIPIENT and `users`;
+    (the process, its SMTP port)."""
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     policy = "[policy]\nenabled = false\n"
     if chain is not None:
@@ -117,7 +120,8 @@ listen_tls = ["127.0.0.1:{ports['pop3s']}"]
     _, accounts = open_accounts(conf.load(config))
     with accounts:
         accounts.add_domain("example.test")
-        accounts.add_user(RECIPIENT, "bench password 1")
+        for user in (RECIPIENT, *users):
+            accounts.add_user(user, "bench password 1")
     log = open(work / "serve.log", "wb")
     process = subprocess.Popen([POSTROOM, "--config", str(config), "serve"], stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)

@@ -4,7 +4,9 @@ mtad.inbound runs its own SMTP core (mtad/session.py), so of aiosmtpd it wants o
 plumbing: the asyncio stream reader and writer, the idle timer, and the STARTTLS upgrade
 whose second connection_made drops the plaintext read before the handshake (RFC 3207 §4.2,
 CVE-2011-0411). aiosmtpd offers none of these as API; they are private names of
-aiosmtpd.smtp.SMTP, listed in RELIED_ON. tests/test_aiosmtpd_adapter.py checks each against
+aiosmtpd.smtp.SMTP, listed in RELIED_ON, and the state SMTP.__init__ gives them, which
+AiosmtpdConnection.__init__ sets itself (without the introspection that makes SMTP's own
+cost half a millisecond a connection). tests/test_aiosmtpd_adapter.py checks each against
 the installed aiosmtpd (and the Python asyncio it uses) and fails when an upgrade changes
 one; setup.cfg pins aiosmtpd to SUPPORTED.
 
@@ -19,7 +21,8 @@ import asyncio
 import asyncio.sslproto as sslproto  # as aiosmtpd does: the STARTTLS upgrade builds one
 import ssl
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, make_loop
+from aiosmtpd.smtp import __ident__ as AIOSMTPD_IDENT
 
 # aiosmtpd versions whose internals this module was checked against: >= 1.4.6 (the
 # SMTP-smuggling and STARTTLS-injection fixes), < 1.5. Kept equal to setup.cfg's pin.
@@ -49,8 +52,44 @@ class AiosmtpdConnection(SMTP):
     """One connection, driven by `serve()`."""
 
     def __init__(self, *, hostname: str, tls_context: ssl.SSLContext | None, timeout: float):
-        # hostname given, or aiosmtpd asks socket.getfqdn() (DNS) for every connection.
-        super().__init__(handler=None, hostname=hostname, tls_context=tls_context, timeout=timeout)
+        # Not SMTP.__init__: for every connection it builds the tables of its own command
+        # loop (its smtp_* and auth_* methods, the handler's hooks) through inspect.getmembers
+        # and dir(), half a millisecond of a message's four at one connection a message, for
+        # a loop that never runs here. The state its connection methods read (connection_made,
+        # connection_lost, eof_received, the idle timer) is set as SMTP.__init__ sets it with
+        # no handler, no AUTH and no PROXY; tests/test_aiosmtpd_adapter.py checks that the
+        # names are aiosmtpd's own.
+        self.loop = make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self.__ident__ = AIOSMTPD_IDENT
+        self.event_handler = None
+        self.data_size_limit = None  # the session (mtad/readers.py) keeps the size limit
+        self.enable_SMTPUTF8 = False
+        self._decode_data = False
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = False
+        self._timeout_duration = timeout
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol: sslproto.SSLProtocol | None = None
+        self._original_transport: asyncio.BaseTransport | None = None
+        self.session = None
+        self.envelope = None
+        self.transport: asyncio.BaseTransport | None = None
+        self._handler_coroutine: asyncio.Task | None = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = False
+        self._auth_methods: dict = {}
+        self._handle_hooks: dict = {}  # connection_made looks for a STARTTLS hook here
+        self._ehlo_hook_ver = None
+        self._smtp_methods: dict = {}
+        self._enforce_call_limit = False
 
     async def serve(self) -> None:
         """The session, from the connection's start to its end (then the connection is

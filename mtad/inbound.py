@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import itertools
 import time
 
@@ -43,6 +44,14 @@ SRS_PREFIXES = ("srs0=", "srs1=")
 def message_id(sid: str) -> str:
     """The id of one message of a session: in its Received: header and its log lines."""
     return f"{sid}{next(_counter):04X}"
+
+
+@functools.lru_cache(maxsize=2)
+def received_date(second: int) -> str:
+    """The date-time of a Received: header (RFC 5322 §3.3, local time), which is to the
+    second: made once a second rather than once a message (formatdate and its time zone
+    work take 10 to 20 us a call; a lookup here, half a microsecond)."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def sanitize_helo(name: str | None) -> str:
@@ -270,5 +279,5 @@ class InboundSMTP(SMTPAgent):
         received = (f"Received: from {sanitize_helo(self.core.helo_name)} ([{self.peer}])\r\n\t"
                     f"by {self.context.config.server.hostname} "
                     f"(Postroom) with {protocol} id {qid}{tls_clause}{for_clause};\r\n\t"
-                    f"{email.utils.formatdate(time.time(), localtime=True)}\r\n")
+                    f"{received_date(int(time.time()))}\r\n")
         return received.encode("utf-8", "surrogateescape")

@@ -102,10 +102,10 @@ class PolicyServices:
         return asyncio.get_running_loop().run_in_executor(self._scans, function, *args)
 
     def exempt(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
+        address = _ip_address(ip)
+        return address is not None and self.exempt_address(address)
+
+    def exempt_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self._exempt)
 
     def session(self, client_ip: str, *, mx: bool) -> SessionPolicy:
@@ -138,8 +138,10 @@ class SessionPolicy:
         self.ip = client_ip
         self.mx = mx
         self.checks = mx and services.policy.enabled  # SPF, DKIM, DMARC, DNSBL, score
-        self.limited = not services.exempt(client_ip)
-        self.client = client_key(client_ip)  # what the per-address rates count
+        # Read once: a session's policy is made for every connection, checks on or off.
+        address = _ip_address(client_ip)
+        self.limited = address is None or not services.exempt_address(address)
+        self.client = client_ip if address is None else _client_key(address)  # what the per-address rates count
         self.helo = ""
         self.evidence = Evidence(client_ip=client_ip)
         self.scan = None  # the message's MessageScan, from its first byte
@@ -338,10 +340,18 @@ def client_key(ip: str) -> str:
     """The client the per-address rates count: an IPv4 address, or an IPv6 address's /64
     (one site's usual allocation: counted per /128, a client with a /64 has 2^64 fresh
     addresses). An IPv4-mapped IPv6 address is its IPv4 address."""
+    address = _ip_address(ip)
+    return ip if address is None else _client_key(address)
+
+
+def _ip_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        address = ipaddress.ip_address(ip)
+        return ipaddress.ip_address(ip)
     except ValueError:
-        return ip
+        return None
+
+
+def _client_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)

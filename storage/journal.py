@@ -141,7 +141,9 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> 
         os.utime(current, (mtime, mtime))
         return True
     maildir.make_dirs(directory)
-    staged = directory / "tmp" / base  # Maildir's way: written in tmp/, renamed into cur/
+    # Maildir's way: written in tmp/, renamed into cur/. One name for every process: restores
+    # take turns (restore), and the next one removes what one killed halfway left.
+    staged = directory / "tmp" / f"{base}.restore"
     try:
         os.unlink(staged)
     except FileNotFoundError:

@@ -73,6 +73,20 @@ def test_the_private_attributes_exist_after_init():
     asyncio.run(main())
 
 
+def test_init_sets_what_aiosmtpds_init_sets():
+    """AiosmtpdConnection.__init__ replaces SMTP.__init__: the same attributes, so that
+    the connection methods of aiosmtpd it still runs find what they read."""
+    async def main():
+        ours = AiosmtpdConnection(hostname="mx.example.test", tls_context=None, timeout=5)
+        theirs = aiosmtpd.smtp.SMTP(None, hostname="mx.example.test", tls_context=None, timeout=5)
+        assert set(vars(ours)) == set(vars(theirs))
+        for name in ("_handle_hooks", "_timeout_duration", "hostname", "tls_context", "loop", "session",
+                     "transport", "_tls_protocol", "_original_transport", "_handler_coroutine", "_timeout_handle"):
+            assert getattr(ours, name) == getattr(theirs, name), name
+
+    asyncio.run(main())
+
+
 class _Echo(AiosmtpdConnection):
     """Says hello, echoes lines; on "STARTTLS" upgrades; on silence says why and is closed."""
 

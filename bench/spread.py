@@ -1,0 +1,92 @@
+"""One user against mail spread over sixteen shards (issue 17, item 3):
+
+    .venv/bin/python bench/spread.py [-c 50] [-m 40] [-s 4096] [--rounds 3]
+
+One throwaway `postroom serve` (bench/policy_chain.py's: `[smtp] workers = 2`, the chain
+off, 16 shards) with alice and sixteen users, one in each shard,
+driven by bench/smtp_in.py's client at concurrency C, M messages per connection, three
+loads in turn, each round in a new order:
+- one user: every message to alice (one shard: its committer batches them all);
+- sixteen users: one recipient per message, connection i writing to user i mod 16 (every
+  shard's committer gets a sixteenth of the load);
+- sixteen recipients: every message to all sixteen users (each message touches sixteen
+  shards); its rate is in messages, and each message is sixteen deliveries.
+Prints each run and the medians; the target is that neither sixteen-shard load falls below
+the one user's rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from policy_chain import start_server  # noqa: E402
+from smtp_in import run  # noqa: E402
+
+SHARDS = 16  # conf/schema.py's default, which start_server keeps
+
+
+def shard_of(account: str) -> int:
+    """storage/store.py's Store.shard_number, for the default shard count."""
+    return int.from_bytes(hashlib.blake2b(account.encode(), digest_size=8).digest(), "big") % SHARDS
+
+
+def sixteen_users() -> list[str]:
+    """The first `userN` of each shard: one user per shard."""
+    users: dict[int, str] = {}
+    n = 0
+    while len(users) < SHARDS:
+        users.setdefault(shard_of(f"user{n}@example.test"), f"user{n}@example.test")
+        n += 1
+    return sorted(users.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--concurrency", type=int, default=50)
+    parser.add_argument("-m", "--messages", type=int, default=40, help="messages per connection")
+    parser.add_argument("-s", "--size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    users = sixteen_users()
+    work = Path(tempfile.mkdtemp(prefix="spread-"))
+    loads = {"one user": ("alice@example.test", False), "sixteen users": (",".join(users), False),
+             "sixteen recipients": (",".join(users), True)}
+    rates: dict[str, list[float]] = {name: [] for name in loads}
+    process = None
+    try:
+        (work / "server").mkdir()
+        process, port = start_server(work / "server", 2, None, tuple(users))
+        for to, together in loads.values():  # warm-up: processes, caches, every account's mailboxes
+            asyncio.run(run("127.0.0.1", port, 10, 5, args.size, to, together=together))
+        names = list(loads)
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names):] + names[:round_ % len(names)]
+            for name in order:
+                to, together = loads[name]
+                print(f"{name:18}", end=" ", flush=True)
+                rates[name].append(asyncio.run(run("127.0.0.1", port, args.concurrency, args.messages, args.size,
+                                                   to, together=together)))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    one = statistics.median(rates["one user"])
+    print(f"\nC={args.concurrency}, {args.messages} messages per connection, {args.size} B, `workers = 2`, "
+          f"median of {args.rounds}:")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        deliveries = f" ({median * 16:.0f} deliveries/s)" if loads[name][1] else ""
+        print(f"  {name:18} {median:6.0f} msgs/s{deliveries}   {median / one:.2f}x one user's")
+
+
+if __name__ == "__main__":
+    main()
