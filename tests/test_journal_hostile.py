@@ -312,13 +312,18 @@ def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
         writers = [child(data_dir, DELIVERER, str(start), CHECKPOINT_INTERVAL="0.3"),
                    child(data_dir, DELIVERER, str(start + 50_000), CHECKPOINT_INTERVAL="0.3"),
                    child(data_dir, MOVER, CHECKPOINT_INTERVAL="0.3")]
-        time.sleep(rng.uniform(1.5, 3.0))
+        # Counted, not timed: a loaded machine makes the writers slower, never the test weaker.
+        early = [writers[0].stdout.readline().strip() for _ in range(40)]
+        early_mover = [writers[2].stdout.readline().strip() for _ in range(2)]
+        time.sleep(rng.uniform(0.2, 1.0))
         for writer in writers:
             writer.send_signal(signal.SIGKILL)
         outputs = []
         for writer in writers:
             writer.wait(30)
             outputs.append(writer.stdout.read().splitlines())
+        outputs[0] += early
+        outputs[2] += early_mover
         for line in outputs[0] + outputs[1]:
             if line.startswith("delivered "):
                 _, seq, size = line.split()
