@@ -69,28 +69,53 @@ def copy(txn: lmdb.Transaction, shard: Shard, source_base: str, base: str) -> by
 
 def restore(shard: Shard) -> None:
     """Put back, from the journal, the files of dead processes' entries that a crash left
-    missing or damaged; flush; delete those entries. At shard open, before any reader."""
+    missing or damaged; flush; delete those entries. At shard open, before any reader.
+
+    The files are looked at and written inside a write transaction: LMDB's writer lock
+    makes the processes that open the shard at once after a crash (serve starts mtad,
+    imapd and pop3d together) restore one after the other, rather than write and rename
+    the same staged files under each other; and no live process can expunge or rename a
+    message between the look at the index and the file written for it. The flush comes
+    after that transaction, so that the others' commits do not wait for it; the entries
+    are then deleted in a second one, which looks at each file again (a live process may
+    have renamed or expunged it meanwhile) and flushes again only if it had to write."""
+    # Who is alive is all it needs: the dead writers' locks are let go before the writes.
+    # Held while waiting for LMDB's writer lock, one could be the lock of a live process
+    # that made its writer directory inside a transaction and waits in flock() for it.
     with dead_writers(shard.tmp_root, skip=shard.writer) as (_, alive):
-        with shard.read() as txn:
-            keys = [bytes(key) for key, value in txn.cursor(db=shard.db["journal"])
-                    if _writer(bytes(value[:200])) not in alive]
-        if not keys:
+        pass
+    with shard.read() as txn:
+        if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
             return
-        restored = 0
-        with shard.read() as txn:
-            for key in keys:
-                raw = txn.get(key, db=shard.db["journal"])
-                if raw is not None and _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(raw)):
-                    restored += 1
-        sync_file_system(shard.path)
+    restored, keys = shard.write(lambda txn, batch: _restore(txn, shard, alive))
+    sync_file_system(shard.path)
+    # Only the entries the flush covered: one a process that started since the look at
+    # the writers committed meanwhile counts as dead here, and its file is not flushed.
+    again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=keys))
+    if restored + again:
+        _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=len(entries))
 
-        def forget(txn, batch):
-            for key in keys:
-                txn.delete(key, db=shard.db["journal"])
 
-        shard.write(forget)
+def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
+             forget: list[bytes] | None = None) -> tuple[int, list[bytes]]:
+    """(files written again, the dead entries' keys); with `forget`, those of these keys
+    still there are then deleted."""
+    db = shard.db["journal"]
+    if forget is None:
+        keys = [bytes(key) for key, value in txn.cursor(db=db) if _writer(bytes(value[:200])) not in alive]
+    else:
+        keys = [key for key in forget if txn.get(key, db=db) is not None]
+    restored = 0
+    for key in keys:
+        if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db))):
+            restored += 1
+    if forget is None:
+        return restored, keys
     if restored:
-        _log.warning("journal_restored", shard=shard.number, files=restored, entries=len(keys))
+        sync_file_system(shard.path)  # rare: written since the flush; before the entries go
+    for key in keys:
+        txn.delete(key, db=db)
+    return restored, keys
 
 
 def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> bool:
@@ -109,11 +134,16 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> 
     desired = directory / "cur" / maildir.file_name(base, uid, entry.size, entry.bits)
     current = locate(shard.tmp_root, directory, base, desired)
     if current is not None and _holds(current, data):
-        return False
+        # The bytes may have reached the disk without the utime that followed them (a file
+        # system commit in between): the mtime is the internal date, for `store rebuild`.
+        if abs(os.stat(current).st_mtime - mtime) < 0.001:  # nanoseconds on disk, a float here
+            return False
+        os.utime(current, (mtime, mtime))
+        return True
     maildir.make_dirs(directory)
-    # Maildir's way: written in tmp/, renamed into cur/; under a name of this process's, as
-    # two processes starting at once may both restore a dead one's entries.
-    staged = directory / "tmp" / f"{base}.{os.getpid()}.restore"
+    # Maildir's way: written in tmp/, renamed into cur/. One name for every process: restores
+    # take turns (restore), and the next one removes what one killed halfway left.
+    staged = directory / "tmp" / f"{base}.restore"
     try:
         os.unlink(staged)
     except FileNotFoundError:
@@ -143,8 +173,13 @@ def _write(path: Path, data: bytes, mtime: float) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.utime(fd, (mtime, mtime))
-    finally:
+    except BaseException:
+        # A full disk, most likely: what was written must not hold on to the space the
+        # rest of the restore (at the next start) needs.
         os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _parse(raw: bytes) -> tuple[str, float, bytes]:

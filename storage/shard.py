@@ -87,6 +87,8 @@ FSYNC_THREADS = 16
 # Seconds between checkpoints while file work waits for one: how much mail lives only in
 # the journal, and how often the file system is flushed under load.
 CHECKPOINT_INTERVAL = 1.0
+# Seconds between two log lines of a failure that comes back at every turn (a full disk).
+REPEAT_LOG_EVERY = 60.0
 
 _U32 = struct.Struct(">I")
 _UID_KEY = struct.Struct(">II")
@@ -203,6 +205,8 @@ class Shard:
         self._checkpointer: threading.Thread | None = None
         # The file system flush of a checkpoint (storage/journal.py sync_file_system).
         self.flush_files: Callable[[Path], None] | None = None
+        self._checkpoint_failures = _Repeating(self)
+        self._idle_failures = _Repeating(self)
 
     # -- paths --------------------------------------------------------------------------
 
@@ -347,10 +351,14 @@ class Shard:
             return False
         try:
             with self.env.begin(write=True) as txn:
-                return bool(work(txn))
-        except Exception:  # derived data: a failure here must never stop deliveries
-            _log.error("idle_work_failed", exc_info=True, shard=self.number)
+                more = bool(work(txn))
+        except Exception as e:  # derived data: a failure here must never stop deliveries
+            # (Each checkpoint's commit makes it due again: once a second on a full disk.)
+            if (fields := self._idle_failures.failed(e)) is not None:
+                _log.error("idle_work_failed", **fields)
             return False
+        self._idle_failures.cleared()
+        return more
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -373,10 +381,13 @@ class Shard:
             self._checkpoint_due.clear()
             try:
                 self.checkpoint()
-            except Exception:  # the keys wait for the next turn (or the next start)
+            except Exception as e:  # the keys wait for the next turn (or the next start)
                 if self._closed:
-                    return  # close() takes them
-                _log.error("checkpoint_failed", exc_info=True, shard=self.number)
+                    return  # close() came between the flush and the commit: it checkpoints the keys itself
+                if (fields := self._checkpoint_failures.failed(e)) is not None:
+                    _log.error("checkpoint_failed", **fields)
+            else:
+                self._checkpoint_failures.cleared()
 
     def checkpoint(self) -> None:
         """Flush the file work done so far and delete its keys, now (the checkpointer does it
@@ -521,6 +532,31 @@ class Shard:
             _fail([r for r in requests if r.error is None], e, self.path)
             return
         self._after_commit(batch)
+
+
+class _Repeating:
+    """A failure of background work that comes back at every turn for as long as its cause
+    lasts (a full disk: hours, maybe): logged when it starts, then once a REPEAT_LOG_EVERY
+    with how many times it failed, not once a turn; a full disk without a traceback, as it
+    is no bug."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.failures = 0
+        self._logged = -REPEAT_LOG_EVERY
+
+    def failed(self, error: BaseException) -> dict[str, Any] | None:
+        """The log line's fields, if this failure is to be logged."""
+        self.failures += 1
+        if time.monotonic() - self._logged < REPEAT_LOG_EVERY:
+            return None
+        self._logged = time.monotonic()
+        full = isinstance(error, DiskFullError) or is_disk_full(error, self.shard.path)
+        return {"exc_info": not full, "shard": self.shard.number, "failures": self.failures,
+                "error": DISK_FULL if full else f"{error.__class__.__name__}: {error}"}
+
+    def cleared(self) -> None:
+        self.failures, self._logged = 0, -REPEAT_LOG_EVERY
 
 
 def _fail(requests: list[_Request], cause: BaseException, where: Path | None = None) -> None:
