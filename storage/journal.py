@@ -88,7 +88,7 @@ def restore(shard: Shard) -> None:
         if not any(_writer(bytes(value[:200])) not in alive for _, value in txn.cursor(db=shard.db["journal"])):
             return
     restored, keys = shard.write(lambda txn, batch: _restore(txn, shard, alive))
-    sync_file_system(shard.path)
+    shard.flush()
     # Only the entries the flush covered: one a process that started since the look at
     # the writers committed meanwhile counts as dead here, and its file is not flushed.
     again, entries = shard.write(lambda txn, batch: _restore(txn, shard, alive, forget=keys))
@@ -112,7 +112,7 @@ def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
     if forget is None:
         return restored, keys
     if restored:
-        sync_file_system(shard.path)  # rare: written since the flush; before the entries go
+        shard.flush()  # rare: written since the flush; before the entries go
     for key in keys:
         txn.delete(key, db=db)
     return restored, keys
@@ -197,18 +197,35 @@ def _writer(head: bytes) -> str:
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def sync_file_system(path: Path) -> None:
-    """Every write on the file system of `path` durable: syncfs(2), one flush for all the
-    files and directories a checkpoint covers (fsyncing each would cost a flush apiece);
-    sync(2) where syncfs is missing."""
-    started = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
+class FileSystemFlusher:
+    """A shard's checkpoint flush: syncfs(2) on the shard's file system, one flush for all
+    the files and directories a checkpoint covers (fsyncing each would cost a flush apiece);
+    sync(2) where syncfs is missing.
+
+    Its directory is opened once, with the shard: the kernel reports a writeback error to
+    a file descriptor opened before it, once, so a descriptor opened for each flush would miss
+    an error of a page written back in between and let a checkpoint delete the journal
+    entries of files the disk never took. After one error every flush fails: the entries
+    stay in the index, and the next start restores their files from them."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._failed: OSError | None = None
+
+    def __call__(self) -> None:
+        if self._failed is not None:
+            raise OSError(self._failed.errno, f"an earlier flush failed: {self._failed.strerror}", str(self._path))
+        started = time.perf_counter()
+        if _libc.syncfs(self._fd) != 0:
             error = ctypes.get_errno()
             if error != errno.ENOSYS:
-                raise OSError(error, os.strerror(error), str(path))
+                self._failed = OSError(error, os.strerror(error), str(self._path))
+                raise self._failed
             os.sync()
-    finally:
-        os.close(fd)
-    metrics.fsync_observed("checkpoint", time.perf_counter() - started)
+        metrics.fsync_observed("checkpoint", time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -203,8 +203,8 @@ class Shard:
         self._journaled: list[bytes] = []
         self._checkpoint_due = threading.Event()
         self._checkpointer: threading.Thread | None = None
-        # The file system flush of a checkpoint (storage/journal.py sync_file_system).
-        self.flush_files: Callable[[Path], None] | None = None
+        # The file system flush of a checkpoint (storage/journal.py FileSystemFlusher).
+        self.flush_files: Callable[[], None] | None = None
         self._checkpoint_failures = _Repeating(self)
         self._idle_failures = _Repeating(self)
 
@@ -277,7 +277,7 @@ class Shard:
         pending = self._take_settled()
         if pending[0] or pending[1]:
             try:
-                self._flush()
+                self.flush()
                 with self.env.begin(write=True) as txn:
                     self._forget(txn, None, pending)
             except (lmdb.Error, OSError):
@@ -285,6 +285,9 @@ class Shard:
         if self._fsync_pool is not None:
             self._fsync_pool.shutdown()
         self.writer.close()
+        close_flusher = getattr(self.flush_files, "close", None)
+        if close_flusher is not None:
+            close_flusher()
         self.env.close()
 
     def _side_by_side(self, action: Callable[[Any], None], items: list) -> None:
@@ -397,15 +400,16 @@ class Shard:
         if not pending[0] and not pending[1]:
             return
         try:
-            self._flush()
+            self.flush()
             self.write(functools.partial(self._forget, pending=pending))
         except BaseException:
             self._give_back(pending)
             raise
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Every file written in this shard so far durable (a checkpoint's, a restore's flush)."""
         if self.flush_files is not None:
-            self.flush_files(self.path)
+            self.flush_files()
         else:
             os.sync()
 

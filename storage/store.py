@@ -92,7 +92,7 @@ class Store:
                 shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
                 shard.idle_work = functools.partial(self._idle_work, shard)
                 shard.settler = functools.partial(settle.settle, shard)
-                shard.flush_files = journal.sync_file_system
+                shard.flush_files = journal.FileSystemFlusher(shard.path)
                 # Before anyone reads it here: finish what a crash of any process left,
                 # then put back what a crash of the machine lost of journaled files.
                 settle.recover(shard)

@@ -120,7 +120,15 @@ def sigkill_rounds(data_dir: Path, mode: str, rounds: int, *, lose_unflushed: bo
         lines: list[str] = []
         worker = start_worker(data_dir, mode, str(next_seq))
         reader = collect(worker, lines)
-        time.sleep(rng.uniform(0.3, 1.0))  # the first ~0.25 s is interpreter start-up
+        if lose_unflushed:
+            # Killed soon after its first deliveries, before its first checkpoint (a second
+            # after them) has flushed them, however slowly a loaded machine starts it.
+            deadline = time.monotonic() + 30
+            while sum(line.startswith("delivered ") for line in list(lines)) < 12 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
+        else:
+            time.sleep(rng.uniform(0.3, 1.0))  # the first ~0.25 s is interpreter start-up
         worker.send_signal(signal.SIGKILL)
         worker.wait(30)
         reader.join(10)
