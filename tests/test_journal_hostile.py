@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 
+from power_cut import journal_bases, power_cut
 from storage import open_data_dir
 from storage.check import check
 from storage.store import Store
@@ -75,40 +75,6 @@ def run_until(process: subprocess.Popen, marker: str, timeout: float = 60) -> li
 def kill(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait(30)
-
-
-def journal_bases(data_dir: Path) -> dict[Path, list[str]]:
-    out = {}
-    for shard_dir in sorted((data_dir / "shards").iterdir()):
-        env = lmdb.open(str(shard_dir / "index.lmdb"), max_dbs=64, readonly=True, lock=False)
-        try:
-            with env.begin(db=env.open_db(b"journal", create=False)) as txn:
-                out[shard_dir] = [bytes(key).decode() for key, _ in txn.cursor()]
-        except lmdb.NotFoundError:
-            out[shard_dir] = []
-        finally:
-            env.close()
-    return out
-
-
-def power_cut(data_dir: Path) -> int:
-    """Damage every file a journal entry names, four ways in turn; how many."""
-    damaged = 0
-    for shard_dir, bases in journal_bases(data_dir).items():
-        for base in bases:
-            for path in [*shard_dir.glob(f"*/*/cur/{base},*"), *shard_dir.glob(f"*/*/new/{base}*"),
-                         *shard_dir.glob(f"tmp/*/{base}")]:
-                how = damaged % 4
-                if how == 0:
-                    path.unlink()
-                elif how == 1:
-                    os.truncate(path, 0)
-                elif how == 2:
-                    os.truncate(path, path.stat().st_size // 2)
-                else:
-                    path.write_bytes(bytes(path.stat().st_size))
-                damaged += 1
-    return damaged
 
 
 def verify(data_dir: Path, expected: dict[str, dict[int, bytes]]) -> None:

@@ -10,7 +10,6 @@ no file in cur/ the index does not know, no writer directory of a dead process.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
@@ -20,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-import lmdb
 
+from power_cut import power_cut
 from storage import open_data_dir
 from storage.check import check
 from storage.store import Store
@@ -82,34 +81,6 @@ def test_a_machine_crash_loses_nothing_acknowledged(data_dir):
     assert damaged > MACHINE_ROUNDS, f"only {damaged} journaled files to damage: the test proves little"
 
 
-def lose_unflushed_files(data_dir: Path) -> int:
-    """What a power cut could do to files written since the last checkpoint: the journal's
-    entries name them. How many files were damaged."""
-    damaged = 0
-    for shard_dir in sorted((data_dir / "shards").iterdir()):
-        env = lmdb.open(str(shard_dir / "index.lmdb"), max_dbs=64, readonly=True, lock=False)
-        try:
-            with env.begin(db=env.open_db(b"journal", create=False)) as txn:
-                bases = [bytes(key).decode() for key, _ in txn.cursor()]
-        except lmdb.NotFoundError:
-            bases = []
-        finally:
-            env.close()
-        for i, base in enumerate(bases):
-            for path in [*shard_dir.glob(f"*/*/cur/{base},*"), *shard_dir.glob(f"tmp/*/{base}")]:
-                how = (i + damaged) % 4
-                if how == 0:
-                    path.unlink()
-                elif how == 1:
-                    os.truncate(path, 0)
-                elif how == 2:
-                    os.truncate(path, path.stat().st_size // 2)
-                else:
-                    path.write_bytes(bytes(path.stat().st_size))
-                damaged += 1
-    return damaged
-
-
 def sigkill_rounds(data_dir: Path, mode: str, rounds: int, *, lose_unflushed: bool = False) -> int:
     rng = random.Random(20261123)
     damaged = 0
@@ -140,7 +111,7 @@ def sigkill_rounds(data_dir: Path, mode: str, rounds: int, *, lose_unflushed: bo
             acknowledged.add(int(seq))
         next_seq += 100_000  # sequence numbers of different rounds never collide
         if lose_unflushed:
-            damaged += lose_unflushed_files(data_dir)
+            damaged += power_cut(data_dir)
 
         with Store(open_data_dir(data_dir, SHARDS)) as store:
             problems = check(store, ACCOUNT)
