@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 
+from diskfill import fill
 from conftest import add_accounts, start_daemon
 from storage import open_data_dir
 from storage.check import check
@@ -54,16 +55,7 @@ class Filler:
         self.path = directory / "filler"
 
     def fill(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            for size in (65536, 4096, 512, 1):  # down to the last crumbs
-                try:
-                    while os.write(fd, b"\0" * size):
-                        pass
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
+        fill(self.path.parent)
 
     def free(self, amount: int) -> None:
         size = self.path.stat().st_size

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 
+from diskfill import fill
 from power_cut import journal_bases, power_cut
 from storage import open_data_dir
 from storage.check import check
@@ -362,22 +363,6 @@ def test_a_power_cut_of_serve_with_two_smtp_workers(write_config, data_dir, tmp_
     for seq in senders.acknowledged:
         for user in crashload.message(seq)[1]:
             assert copies.get((user, seq)) == 1, f"{user} message {seq}: {copies.get((user, seq), 0)} copies"
-
-
-def fill(directory: Path) -> Path:
-    """A file that takes every byte left on the file system of `directory`."""
-    path = directory / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def test_a_full_disk_while_the_journal_is_restored(data_dir):

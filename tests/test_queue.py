@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from diskfill import fill
 from storage import (
     BOUNCED,
     DEFERRED,
@@ -427,22 +428,6 @@ def small_disk(data_dir):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(data_dir)], check=True)
     yield data_dir
     subprocess.run(["umount", "-l", str(data_dir)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """A file that takes all the space there is."""
-    path = directory / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def test_a_full_disk_is_disk_full_error_and_leaves_nothing(small_disk):
