@@ -50,6 +50,7 @@ MAX_PASSWORD_BYTES = 1024  # argon2 hashes any length; an attacker should not ch
 MIN_PASSWORD_CHARS = 8
 MAX_ALIAS_TARGETS = 1000
 MAX_EXPANSION_DEPTH = 10
+MAX_REMEMBERED = 4096  # get_user() and resolve() answers kept between two commits
 _MAP_SIZE = 1 << 30  # sparse on Linux; roughly a million accounts
 
 
@@ -104,6 +105,11 @@ class Accounts:
         self._hasher = hasher or argon2.PasswordHasher(type=argon2.Type.ID)
         self._dummy_hash: str | None = None
         self._dummy_lock = threading.Lock()
+        # get_user() and resolve() answers by address, as of one commit of the database: each
+        # RCPT asks both, and a delivery asks the quota again (about 50 us each, to parse the
+        # address and decode the record). Any commit, by any process (the CLI), empties it.
+        self._answers: dict[tuple[str, str], User | Resolution | None] = {}
+        self._answers_as_of = -1
 
     def close(self) -> None:
         self._env.close()
@@ -198,13 +204,34 @@ class Accounts:
         return [a for a in self.aliases() if str(addr) in a.targets]
 
     def get_user(self, address: str) -> User | None:
+        answers = self._current_answers()
+        key = ("user", address)
+        if key in answers:
+            return answers[key]
         try:
             addr = parse_address(address)
         except AddressError:
             return None
         with self._env.begin() as txn:
             raw = txn.get(_key(addr), db=self._users)
-        return _user(addr, raw) if raw is not None else None
+        user = _user(addr, raw) if raw is not None else None
+        self._remember(answers, key, user)
+        return user
+
+    def _current_answers(self) -> dict:
+        as_of = self._env.info()["last_txnid"]  # a read of the lock file's shared memory
+        if as_of != self._answers_as_of:
+            self._answers = {}
+            self._answers_as_of = as_of
+        return self._answers
+
+    @staticmethod
+    def _remember(answers: dict, key: tuple[str, str], answer: User | Resolution | None) -> None:
+        """Into the dict taken before the read: if a commit came between, that dict is
+        already out of date, and the next caller drops it."""
+        if len(answers) >= MAX_REMEMBERED:  # addresses come from strangers: bounded
+            answers.clear()
+        answers[key] = answer
 
     def users(self, domain: str | None = None) -> list[User]:
         with self._env.begin() as txn:
@@ -372,6 +399,15 @@ class Accounts:
 
     def resolve(self, address: str) -> Resolution:
         """Who receives mail sent to `address`: raises AddressError, NotLocalError, UnknownAddressError."""
+        answers = self._current_answers()
+        known = answers.get(("resolve", address))
+        if known is not None:
+            return known
+        resolution = self._resolve(address)
+        self._remember(answers, ("resolve", address), resolution)
+        return resolution
+
+    def _resolve(self, address: str) -> Resolution:
         addr = parse_address(address)
         local: dict[Address, None] = {}
         remote: dict[str, None] = {}

@@ -356,6 +356,27 @@ with Accounts(open_data_dir(sys.argv[1], 4).accounts_path) as db:
     assert accounts.get_user("late@example.test") is not None
 
 
+def test_remembered_answers_follow_another_process_commits(accounts, data_dir):
+    """get_user() and resolve() are remembered between commits (each RCPT asks both): a
+    quota or an alias the CLI changes meanwhile is still what the next question gets."""
+    accounts.add_user("alice@example.test", PASSWORD)
+    accounts.add_alias("team@example.test", ["alice@example.test"])
+    assert accounts.get_user("alice@example.test").quota == 0
+    assert [str(a) for a in accounts.resolve("team@example.test").local] == ["alice@example.test"]
+    script = f"""
+import sys
+from storage import Accounts, open_data_dir
+with Accounts(open_data_dir(sys.argv[1], 4).accounts_path) as db:
+    db.add_user("bob@example.test", {PASSWORD!r})
+    db.set_quota("alice@example.test", 1000)
+    db.add_alias("team@example.test", ["bob@example.test"])
+"""
+    subprocess.run([sys.executable, "-c", script, str(data_dir)], check=True, timeout=60)
+    assert accounts.get_user("alice@example.test").quota == 1000
+    assert sorted(str(a) for a in accounts.resolve("team@example.test").local) == [
+        "alice@example.test", "bob@example.test"]
+
+
 def test_shard_count_is_fixed_at_initialisation(data_dir):
     open_data_dir(data_dir, 4)
     with pytest.raises(DataDirError, match="initialised with 4 shards"):
