@@ -89,6 +89,7 @@ class PolicyServices:
         self._cpu = ThreadPoolExecutor(max_workers=CPU_THREADS, thread_name_prefix="policy-cpu")
         self._scans = ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="policy-scan")
         self._exempt = _networks(config.rates.exempt)
+        self._trimming: asyncio.Future | None = None
 
     def run_blocking(self, function: Callable, *args) -> asyncio.Future:
         """The checks' CPU work (pyspf, DKIM and ARC cryptography), off the event loop."""
@@ -100,6 +101,13 @@ class PolicyServices:
 
     def run_scan(self, function: Callable, *args) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._scans, function, *args)
+
+    def trim_rates(self) -> None:
+        """The rate table past its bound: trimmed in a table thread, once at a time."""
+        if self._trimming is not None and not self._trimming.done():
+            return
+        self._trimming = self.run_table(self.rates.trim)
+        self._trimming.add_done_callback(_log_trim_failure)
 
     def exempt(self, ip: str) -> bool:
         address = _ip_address(ip)
@@ -328,7 +336,13 @@ class SessionPolicy:
     async def _take(self, key: str, per: float, limit: int) -> bool:
         if limit <= 0:
             return True
-        return await self.services.run_table(self.services.rates.take, key, per, limit)
+        # On the loop: an unsynced LMDB write, 10 us, where a hop through the table threads
+        # cost 450-520 us of the loop's time (three a message from a client not exempt).
+        rates = self.services.rates
+        allowed = rates.take(key, per, limit)
+        if rates.wants_trim:
+            self.services.trim_rates()
+        return allowed
 
     async def _take_user(self, key: str, hourly: int, daily: int) -> bool:
         # Both buckets are asked, so that a refused hour does not use up the day.
@@ -386,3 +400,8 @@ def _counted(stage: str, refusal: Refusal | None) -> Refusal | None:
     if refusal is not None:
         metrics.policy_verdict(stage, "defer" if refusal.code < 500 else "reject", refusal.why)
     return refusal
+
+
+def _log_trim_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _log.error("rates_trim_failed", error=str(future.exception()))

@@ -62,12 +62,23 @@ class RateLimiter:
             raise ValueError(f"a rate's period must be positive, got {per!r}")
         return self._table.take(f"{key}\0{per:g}", self._clock(), per, limit, count)
 
+    @property
+    def wants_trim(self) -> bool:
+        """The table is past MAX_TRACKED buckets: trim() it, off the event loop (a scan of
+        every bucket), which take() itself never does, so that it can run on the loop."""
+        return self._table.wants_trim
+
+    def trim(self) -> None:
+        self._table.trim(self._clock())
+
     def close(self) -> None:
         self._table.close()
 
 
 class _MemoryTable:
     """This process's buckets: name -> (tokens, time, per), the least recently used first."""
+
+    wants_trim = False  # it drops the least recently used bucket as it goes
 
     def __init__(self) -> None:
         self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
@@ -82,6 +93,9 @@ class _MemoryTable:
             self._buckets.popitem(last=False)
         return True
 
+    def trim(self, now: float) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -91,8 +105,11 @@ class _SharedTable:
 
     def __init__(self, path: Path):
         self._env = open_shared(path, _MAP_SIZE)
+        self.wants_trim = False
 
     def take(self, name: str, now: float, per: float, limit: int, count: int) -> bool:
+        """One unsynced write transaction, about 10 us: mtad calls it on its event loop.
+        LMDB's writer lock is held as briefly by whichever process holds it."""
         key = name.encode()
         with self._env.begin(write=True) as txn:
             raw = txn.get(key)
@@ -101,8 +118,14 @@ class _SharedTable:
                 return False  # nothing written: the stored count and time still hold
             txn.put(key, _ENTRY.pack(max(0.0, tokens - count), now, per))
             if raw is None and txn.stat()["entries"] > MAX_TRACKED:
-                _trim(txn, now)
+                self.wants_trim = True
         return True
+
+    def trim(self, now: float) -> None:
+        self.wants_trim = False
+        with self._env.begin(write=True) as txn:
+            if txn.stat()["entries"] > MAX_TRACKED:
+                _trim(txn, now)
 
     def close(self) -> None:
         self._env.close()
