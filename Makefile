@@ -21,6 +21,9 @@ APT_PACKAGES += dovecot-imapd
 # tests/test_units.py: systemd-analyze verify and security read the unit files (no running
 # systemd needed); a container's Debian may lack the package.
 APT_PACKAGES += systemd
+# The cluster's tests (issue 18): a throwaway etcd on loopback (tests/etcd_peer.py); the
+# etcd service Debian enables with it is disabled below, as dovecot's is.
+APT_PACKAGES += etcd-server etcd-client
 
 .PHONY: run test compliance install system-packages clean install-system
 
@@ -96,6 +99,9 @@ system-packages:
 	    esac; \
 	    case " $$(echo $$missing) " in *" dovecot-imapd "*) \
 	        if [ -d /run/systemd/system ]; then systemctl disable --now dovecot.service dovecot.socket || true; fi;; \
+	    esac; \
+	    case " $$(echo $$missing) " in *" etcd-server "*) \
+	        if [ -d /run/systemd/system ]; then systemctl disable --now etcd.service || true; fi;; \
 	    esac; \
 	fi
 
