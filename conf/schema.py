@@ -95,6 +95,10 @@ class SMTPConfig:
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
     # Processes accepting on the MX port (SO_REUSEPORT); one Python process uses one core.
     workers: int = field(default=1, metadata={"min": 1, "max": 64})
+    # LMTP (RFC 2033) for the other nodes of a cluster only: a message for a user whose shard
+    # this node owns, handed over by the node that took it (mtad/lmtp.py). Never port 25,
+    # never open to the Internet: it takes the sender's word and runs no checks.
+    lmtp_listen: tuple[ListenAddress, ...] = ()
 
 
 @dataclass(frozen=True)

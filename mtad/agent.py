@@ -144,6 +144,7 @@ class SMTPAgent(AiosmtpdConnection):
     """One SMTP connection of an agent; a subclass answers the core's questions."""
 
     MX = False  # mail from other servers (the whole policy chain), not from our users
+    CHECKED = True  # the policy chain runs (not for a cluster's LMTP hand-off: mtad/lmtp.py)
     service = "smtp"  # the metrics' name of its listener: smtp, submission, submissions
 
     def __init__(self, context: AgentContext, session_config: SessionConfig, logger: str):
@@ -179,7 +180,7 @@ class SMTPAgent(AiosmtpdConnection):
     async def serve(self) -> None:
         """The whole session: started once the connection is up."""
         self._peer = self.peer_address
-        if self.context.policy is not None:
+        if self.context.policy is not None and self.CHECKED:
             self.policy = self.context.policy.session(self._peer, mx=self.MX)
         if not self.context.admit(self._peer):
             metrics.connection(self.service, accepted=False)

@@ -201,6 +201,13 @@ async def start_smtp(context: Context) -> Listening:
                            outbound=shared.outbound, policy=shared.policy)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
+    if config.smtp.lmtp_listen:
+        from mtad.lmtp import LMTPAgent
+
+        # The cluster's hand-off from other nodes (mtad/lmtp.py): the MX's context (store,
+        # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
+        servers += await listen_asyncio(lambda: LMTPAgent(inbound), config.smtp.lmtp_listen, tls=None,
+                                        backlog=config.server.listen_backlog)
     # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
     runner = start_runner(context, shared.outbound.queue)
     return Listening(servers, inbound, float(config.server.stop_grace), runner)
