@@ -149,7 +149,8 @@ class InboundSMTP(SMTPAgent):
             self.context.outbound.open_queue()
             self._recipients.add_remote(original, event.dsn)
             return replies.RECIPIENT_OK
-        self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn)
+        self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn,
+                                   self.context.router)
         for target in resolution.remote:
             self._recipients.add_remote(target, event.dsn, via=original)
         return replies.RECIPIENT_OK
@@ -187,7 +188,7 @@ class InboundSMTP(SMTPAgent):
                 envid=mail.dsn.envid, ret=mail.dsn.ret, smtputf8=mail.smtputf8,
                 eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME", origin="forward", user=None)
         route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                      envelope=envelope)
+                      envelope=envelope, handoffs=self._recipients.handoffs)
         self._qid = route.queue_id or message_id(self.sid)
         received = self._received(self._qid)
         route.start(f"Return-Path: <{self._sender}>\r\n".encode("utf-8", "surrogateescape") + received, received)
@@ -248,7 +249,8 @@ class InboundSMTP(SMTPAgent):
         started = time.perf_counter()
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
-                                           orphaned=self._orphaned)
+                                           orphaned=self._orphaned, helo=self.context.config.server.hostname,
+                                           sender=self._sender)
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]
