@@ -163,13 +163,14 @@ def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: byt
 
 
 class _Request:
-    __slots__ = ("change", "before", "on_done", "done", "result", "error")
+    __slots__ = ("change", "before", "on_done", "early", "done", "result", "error")
 
     def __init__(self, change: Callable[[lmdb.Transaction, Batch], Any], before: Callable[[], None] | None,
-                 on_done: Callable[[_Request], None] | None):
+                 on_done: Callable[[_Request], None] | None, early: bool = False):
         self.change = change
         self.before = before
         self.on_done = on_done
+        self.early = early
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -233,15 +234,18 @@ class Shard:
         return self.wait(self.submit(change))
 
     def submit(self, change: Callable[[lmdb.Transaction, Batch], Any], *, before: Callable[[], None] | None = None,
-               on_done: Callable[[_Request], None] | None = None) -> _Request:
+               on_done: Callable[[_Request], None] | None = None, early: bool = False) -> _Request:
         """Queue `change` for the next batch without waiting: several submits can share a commit.
 
         `before` is file work that must be durable before `change` runs (writing and fsyncing a
         message to tmp/): the committer runs the batch's `before`s side by side, so their
         fsyncs share journal commits, and a failing one fails its request alone.
         `on_done(request)` is called, in the committer's thread, once the request is
-        settled: a caller that must not block (an event loop) learns it so."""
-        request = _Request(change, before, on_done)
+        settled: a caller that must not block (an event loop) learns it so. `early`: settled
+        as soon as its commit is durable, before the batch's files are moved into place (the
+        settler's work, which readers do not wait for: settle.locate finds a file in its
+        writer's directory): mtad's 250 need not wait for renames."""
+        request = _Request(change, before, on_done, early)
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -428,6 +432,9 @@ class Shard:
 
     def _after_commit(self, batch: Batch) -> None:
         _run_after_commit(batch)
+        self._settle_files(batch)
+
+    def _settle_files(self, batch: Batch) -> None:
         done: list[tuple[bytes, bytes]] = []
         if batch.unsettled and self.settler is not None:
             try:
@@ -471,6 +478,8 @@ class Shard:
                 self._settle(request)
 
     def _settle(self, request: _Request) -> None:
+        if request.done.is_set():
+            return  # an early one, settled once its commit was durable
         request.done.set()
         if request.on_done is not None:
             try:
@@ -512,7 +521,11 @@ class Shard:
                     request.result = None  # from the transaction just aborted
                 return False
             return True
-        self._after_commit(batch)
+        _run_after_commit(batch)
+        for request in requests:
+            if request.early:
+                self._settle(request)
+        self._settle_files(batch)
         return True
 
     def _run_nested(self, requests: list[_Request]) -> None:
