@@ -384,6 +384,8 @@ class Shard:
             with self.env.begin(write=True) as txn:
                 self._check_fence(txn)
                 more = bool(work(txn))
+        except NotOwnerError:
+            return False  # the shard's owner (another node now) does it
         except Exception as e:  # derived data: a failure here must never stop deliveries
             # (Each checkpoint's commit makes it due again: once a second on a full disk.)
             if (fields := self._idle_failures.failed(e)) is not None:
@@ -413,6 +415,8 @@ class Shard:
             self._checkpoint_due.clear()
             try:
                 self.checkpoint()
+            except NotOwnerError:
+                pass  # the keys wait for the shard's next opening, by its next owner
             except Exception as e:  # the keys wait for the next turn (or the next start)
                 if self._closed:
                     return  # close() came between the flush and the commit: it checkpoints the keys itself

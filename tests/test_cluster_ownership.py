@@ -12,14 +12,16 @@ again; a stop hands the shards over at once; `cluster status` prints the table.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import smtplib
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import POSTROOM, write_config_file
+from conftest import POSTROOM, add_accounts, start_daemon, write_config_file
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 
 import conf
@@ -199,6 +201,56 @@ def test_drain_undrain_and_stop(cluster: Cluster):
     cluster.cli("cluster", "drain", "node-c", "--no-wait")
     refused = cluster.cli("cluster", "drain", "node-a")
     assert refused.returncode == 1 and "no other live node" in refused.stderr
+
+
+def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_path: Path, etcd_server):  # noqa: F811
+    """Under `postroom serve` the agent is a supervised child; mtad's deliveries pass while
+    the node holds the shard, are answered 4xx once its lease lapsed (the agent frozen),
+    and pass again once it has claimed the shards anew."""
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    config_path = write_config_file(tmp_path / "solo.toml", tmp_path / "var", cluster={
+        "etcd": [etcd_server.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL, "prefix": prefix})
+    add_accounts(config_path, "correct horse", users=("alice@example.test",))
+    config = conf.load(config_path)
+    etcd = Etcd(config.cluster)
+
+    def owners() -> dict[int, str]:
+        return {int(k): json.loads(kv.value)["node"] for k, kv in etcd.snapshot().under("owners/").items()}
+
+    def wait_owned(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and owners() != {n: "solo" for n in range(config.storage.shards)}:
+            time.sleep(0.05)
+        assert owners() == {n: "solo" for n in range(config.storage.shards)}
+
+    def send() -> int:
+        smtp = config.smtp.listen[0]
+        with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
+            try:
+                client.sendmail("bob@example.net", ["alice@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
+            except smtplib.SMTPResponseException as e:
+                return e.smtp_code
+            return 250
+
+    daemon = start_daemon(config_path, tmp_path)
+    try:
+        wait_owned(SETTLE)
+        agent = daemon.child_pid("cluster-agent")
+        assert send() == 250
+        os.kill(agent, signal.SIGSTOP)
+        time.sleep(TTL)  # past the node's deadline (last keepalive + TTL - margin)
+        code = send()
+        assert 400 <= code < 500, code
+        assert "event=store_failed" in daemon.stderr() and "error=NotOwnerError" in daemon.stderr()
+        os.kill(agent, signal.SIGCONT)
+        time.sleep(TTL / 2)
+        wait_owned(TTL + 5)
+        assert send() == 250
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        assert daemon.stop() == 0, daemon.stderr()
+    assert owners() == {}  # every shard handed over at the stop
+    assert "event=shard_released" in daemon.stderr()
 
 
 def test_cluster_commands_need_a_cluster(tmp_path: Path):
