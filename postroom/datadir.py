@@ -42,7 +42,12 @@ def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = No
 
     if config is None:
         return Store(data_dir, quota_of=quota_of)
-    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window))
+    fence = None
+    if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
+        from cluster.local import open_node_table
+
+        fence = open_node_table(config, data_dir).holds
+    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence)
 
 
 def lock(data_dir: Path, name: str, holder: str, *, wait: float = 0.0, log=None) -> int:

@@ -66,6 +66,7 @@ RESTART_NEEDED: tuple[str, ...] = (
     # the accounts' address parsing.
     "queue", "outbound", "srs", "dkim", "dns", "clamav", "greylist", "storage", "accounts",
     "metrics",  # its listener is bound at start (postroom/metrics.py)
+    "cluster",  # the node agent's lease, name and volumes (cluster/agent.py)
 )
 
 

@@ -13,6 +13,9 @@ every child is told SIGTERM and given [server] stop_grace to finish; serve then 
 Serve holds the data dir's serve.lock, each child its daemon's lock (postroom/datadir.py):
 a second serve, or an mtad started beside this one, refuses to start.
 
+With [cluster] etcd, the node agent (cluster/process.py) is a supervised child too, started
+first: it claims this node's shards, and the daemons' commits pass once it has.
+
 With [metrics] listen, serve answers the Prometheus scrape for every child (postroom/metrics.py).
 """
 
@@ -62,6 +65,12 @@ def serve(config: Config) -> int:
     started = daemons_to_start(config)
     for daemon in started:
         daemons.preload(daemon)
+    if config.cluster.enabled:
+        from cluster import process
+
+        supervisor.fork("cluster-agent", command(config.source, "serve", "--cluster-agent"),
+                        functools.partial(process.main, "postroom", config.source),
+                        close=(held, *(serving.listener.filenos() if serving is not None else ())))
     for daemon in started:
         supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
                         functools.partial(daemon_process.main, "postroom", config.source, daemon),
