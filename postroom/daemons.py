@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from conf import Config
 from conf.tls import ServerTLS, server_tls
+from conf.values import parse_listen
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
@@ -104,7 +105,20 @@ class Shared:
         return AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
                             ConnectionLimit(config.submission.max_connections,
                                             config.submission.max_connections_per_ip),
-                            outbound=self.outbound, policy=self.policy)
+                            outbound=self.outbound, policy=self.policy, router=self.router)
+
+    @cached_property
+    def router(self):
+        """Cluster mode: which node owns an account's shard (mtad/cluster_router.py); None
+        on a single node, which owns every shard."""
+        from cluster.view import open_view
+
+        view = open_view(self._config, self._data_dir)
+        if view is None:
+            return None
+        from mtad.cluster_router import ViewRouter
+
+        return ViewRouter(view, self._store)
 
     @cached_property
     def imap(self) -> IMAPContext:
@@ -198,15 +212,19 @@ async def start_smtp(context: Context) -> Listening:
     config, shared = context.config, context.shared
     inbound = AgentContext(config, context.accounts, context.store, context.tls, shared.delivery_threads,
                            ConnectionLimit(config.smtp.max_connections, config.smtp.max_connections_per_ip),
-                           outbound=shared.outbound, policy=shared.policy)
+                           outbound=shared.outbound, policy=shared.policy, router=shared.router)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
-    if config.smtp.lmtp_listen:
+    lmtp_listen = config.smtp.lmtp_listen
+    if not lmtp_listen and config.cluster.enabled:
+        # A cluster node takes its shards' mail where the others are told to hand it over.
+        lmtp_listen = (parse_listen(f"{_bracketed(config.cluster.address)}:{config.cluster.lmtp_port}"),)
+    if lmtp_listen:
         from mtad.lmtp import LMTPAgent
 
         # The cluster's hand-off from other nodes (mtad/lmtp.py): the MX's context (store,
         # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
-        servers += await listen_asyncio(lambda: LMTPAgent(inbound), config.smtp.lmtp_listen, tls=None,
+        servers += await listen_asyncio(lambda: LMTPAgent(inbound), lmtp_listen, tls=None,
                                         backlog=config.server.listen_backlog)
     # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
     runner = start_runner(context, shared.outbound.queue)
@@ -284,3 +302,7 @@ def preload(daemon: str) -> None:
     # The reactor is installed in each child, on its own event loop: importing one here
     # would install Twisted's default reactor for every child forked afterwards.
     assert "twisted.internet.reactor" not in sys.modules, "a module imported twisted.internet.reactor"
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
