@@ -239,10 +239,10 @@ def forward_on_signal(path: Path, supervisor, log: EventLogger) -> None:
 
 # -- postroom reload ------------------------------------------------------------------------
 
-def targets(data_dir: Path) -> list[tuple[str, int]]:
+def targets(data_dir: Path, config: Config | None = None) -> list[tuple[str, int]]:
     """(name, pid) of what to signal on `data_dir`: serve alone if it runs (it passes signals
-    on), else each daemon running alone."""
-    running = running_processes(data_dir)
+    on), else each daemon running alone (in a cluster, of `config`'s node)."""
+    running = running_processes(data_dir, config)
     if "serve" in running:
         return [("serve", running["serve"].pid)]
     return [(name, r.pid) for name, r in running.items()]
@@ -253,7 +253,7 @@ def run_reload(config: Config, data_dir, accounts, args, audit) -> int:
     SIGHUP to serve or to each daemon running alone. Exit 1 when nothing runs (0 with
     --if-running)."""
     server_context(config.tls)  # a certificate that does not load: one line, exit 1, nothing sent
-    processes = targets(data_dir.path)
+    processes = targets(data_dir.path, config)
     if not processes:
         if args.if_running:
             # A certificate hook run before the first start: the daemons read the files then.

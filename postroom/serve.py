@@ -29,7 +29,7 @@ from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import ensure_certificate, server_context
 from postroom import reload
-from postroom.datadir import lock, open_accounts
+from postroom.datadir import lock, lock_name, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
@@ -51,7 +51,7 @@ def serve(config: Config) -> int:
     # dir's creation and the dev certificate.
     data_dir, accounts = open_accounts(config)
     accounts.close()
-    held = lock(data_dir.path, "serve", "postroom serve")  # until the process ends
+    held = lock(data_dir.path, lock_name(config, "serve"), "postroom serve")  # until the process ends
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child

@@ -27,7 +27,14 @@ from storage import dedupe as duplicates
 from storage import fts, journal, mailboxes, messages, metadata, recent, records, search, settle, urlauth, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, MailboxNotFoundError, StoreError
+from storage.errors import (
+    DeliveryError,
+    ExpungedError,
+    MailboxExistsError,
+    MailboxNotFoundError,
+    NotOwnerError,
+    StoreError,
+)
 from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
@@ -98,8 +105,11 @@ class Store:
                 shard.flush_files = journal.FileSystemFlusher(shard.path)
                 # Before anyone reads it here: finish what a crash of any process left,
                 # then put back what a crash of the machine lost of journaled files.
-                settle.recover(shard)
-                journal.restore(shard)
+                try:
+                    settle.recover(shard)
+                    journal.restore(shard)
+                except NotOwnerError:
+                    pass  # a cluster's shard another node owns: its owner recovers it, on taking it
                 self._shards[number] = shard
             return shard
 
