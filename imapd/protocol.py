@@ -56,6 +56,11 @@ class IMAPProtocol(ServerProtocol):
         self.framer: Framer | None = None
         self._line_waiter: asyncio.Future | None = None
         self._deflate: Deflate | None = None  # COMPRESS=DEFLATE, once active
+        # A cluster's proxy (imapd/proxy.py): the owner's connection, once the login there
+        # is answered; from then on every byte is relayed and the session takes no command.
+        self._relay_pending: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._relay: asyncio.StreamWriter | None = None
+        self._relay_task: asyncio.Task | None = None
 
     def refusal(self) -> bytes:
         return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
@@ -81,6 +86,10 @@ class IMAPProtocol(ServerProtocol):
         self.transport.write(self.session.greeting())
 
     def ended(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+        if self._relay_task is not None:
+            self._relay_task.cancel()
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_exception(ConnectionError("connection closed"))
         if self.session is not None:
@@ -97,6 +106,9 @@ class IMAPProtocol(ServerProtocol):
     def feed(self, data: bytes) -> None:
         assert self.framer is not None
         self.idle_timer()
+        if self._relay is not None:
+            self._to_owner(data)
+            return
         if self._deflate is None:
             self.framer.feed(data)
             return
@@ -110,6 +122,8 @@ class IMAPProtocol(ServerProtocol):
 
     def next_event(self):
         assert self.framer is not None
+        if self._relay is not None or self._relay_pending is not None:
+            return None  # the owner answers: imapd/proxy.py
         while True:
             event = self.framer.next()
             if event is not None or self._deflate is None or not self._inflate():
@@ -145,6 +159,9 @@ class IMAPProtocol(ServerProtocol):
 
     def finished(self) -> None:
         assert self.session is not None
+        if self._relay_pending is not None:
+            self._start_relay()
+            return
         if self.session.state == LOGOUT:
             self.close()
             return
@@ -175,6 +192,63 @@ class IMAPProtocol(ServerProtocol):
         if unread:
             self._deflate.received(unread)
             self._inflate()
+
+    # -- a cluster's proxy: the relay ---------------------------------------------------
+
+    def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay to and from the owner's session once the current command's reply is out."""
+        self._relay_pending = (reader, writer)
+
+    def _start_relay(self) -> None:
+        assert self.framer is not None and self._relay_pending is not None
+        reader, self._relay = self._relay_pending
+        self._relay_pending = None
+        self.log.info("relay_started")
+        unread = self.framer.take_unread()  # pipelined behind LOGIN (already inflated)
+        if unread:
+            self._relay.write(unread)
+        if self._deflate is not None:
+            self._to_owner(b"")
+        self._relay_task = asyncio.ensure_future(self._from_owner(reader))
+
+    def _to_owner(self, data: bytes) -> None:
+        assert self._relay is not None
+        if self._deflate is not None:
+            self._deflate.received(data)
+            while piece := self._deflate.inflate(READ_AHEAD):
+                self._relay.write(piece)
+        elif data:
+            self._relay.write(data)
+        transport = self._relay.transport
+        if transport.get_write_buffer_size() > READ_AHEAD and not self._reading_paused:
+            # The owner does not take it as fast as the client sends: stop reading until it does.
+            self._reading_paused = True
+            self.transport.pauseProducing()
+            asyncio.ensure_future(self._resume_reading())
+
+    async def _resume_reading(self) -> None:
+        try:
+            await self._relay.drain()
+        except (ConnectionError, AttributeError):
+            return
+        if self._reading_paused and not self.closing:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    async def _from_owner(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while not self.closing:
+                data = await reader.read(READ_AHEAD)
+                if not data:
+                    break
+                self.write(data)
+                self.idle_timer()
+                await self.drain()  # the client reads as fast as it likes; we wait for it
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.log.info("relay_ended")
+            self.close()
 
     async def start_tls(self) -> None:
         assert self.framer is not None and self.session is not None

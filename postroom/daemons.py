@@ -5,6 +5,7 @@ listeners, and returns something it can stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import ssl
@@ -121,6 +122,16 @@ class Shared:
         return ViewRouter(view, self._store)
 
     @cached_property
+    def proxy_tls(self) -> ssl.SSLContext:
+        """A cluster's proxies check the owner node's certificate: the system's authorities,
+        and this node's own certificate (a cluster's nodes serve one name, and may share a
+        self-signed one)."""
+        context = ssl.create_default_context()
+        if self._config.tls.cert:
+            context.load_verify_locations(cafile=str(self._config.tls.cert))
+        return context
+
+    @cached_property
     def imap(self) -> IMAPContext:
         # Imported here: `mtad` alone never loads Twisted or imapd.
         from imapd.recent import RecentClaims
@@ -131,7 +142,9 @@ class Shared:
         return IMAPContext(config, self._accounts, self._store, self.watcher, self.login_throttle,
                            RecentClaims(self._store), Snapshots(), self.store_threads, self._twisted_tls(), __version__,
                            connections=ConnectionLimit(config.imap.max_connections, config.imap.max_connections_per_ip),
-                           run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT))
+                           run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT),
+                           owner=functools.partial(self.router.owner, service="imap") if self.router else None,
+                           proxy_tls=self.proxy_tls if self.router else None)
 
     @cached_property
     def pop3(self) -> POP3Context:

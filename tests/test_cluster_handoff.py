@@ -1,10 +1,12 @@
 """Two whole nodes (`postroom serve` with [cluster]) on a real etcd, sharing one data dir
 as nodes share the shards' volumes: mail taken by either node for a user whose shard the
-other owns is handed over by LMTP before the 250 and stored by the owner (issue 18, item 5).
+other owns is handed over by LMTP before the 250 and stored by the owner, and an IMAP
+client on either node is served by the owner through it (issue 18, item 5).
 """
 
 from __future__ import annotations
 
+import imaplib
 import json
 import smtplib
 import time
@@ -12,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import add_accounts, free_port, start_daemon, write_config_file
+from conftest import add_accounts, client_tls_context, free_port, start_daemon, write_config_file
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 
 import conf
@@ -96,3 +98,18 @@ def test_mail_for_the_other_nodes_shard_is_handed_over(nodes):
         other = next(n for n in NODES if n != taker)
         log = running[taker].stderr()
         assert "event=handed_over" in log and by_node[other] in log, log[-3000:]
+    # IMAP on either node, for either user: the owner's mailbox, through the node asked.
+    for node in NODES:
+        daemon = running[node]
+        for owner, account in by_node.items():
+            address = daemon.listen("imap.listen_tls")
+            with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=client_tls_context(daemon.config),
+                                   timeout=30) as client:
+                client.login(account, "correct horse battery")
+                assert client.select("INBOX") == ("OK", [b"2"])
+                _, data = client.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+                subjects = sorted(part[1].decode().strip() for part in data if isinstance(part, tuple))
+                assert subjects == [f"Subject: via {taker} for {owner}" for taker in NODES]
+                assert client.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
+        other = next(n for n in NODES if n != node)
+        assert f"proxied_to=127.0.0.1:{running[other].listen('imap.listen').port}" in daemon.stderr()
