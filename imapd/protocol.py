@@ -26,6 +26,7 @@ from imapd.compress import CompressionError, Deflate
 from imapd.parser import Frame, Framer
 from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
 from wire.protocol import ServerFactory, ServerProtocol
+from wire.relay import Relay
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
@@ -58,9 +59,8 @@ class IMAPProtocol(ServerProtocol):
         self._deflate: Deflate | None = None  # COMPRESS=DEFLATE, once active
         # A cluster's proxy (imapd/proxy.py): the owner's connection, once the login there
         # is answered; from then on every byte is relayed and the session takes no command.
-        self._relay_pending: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._relay: asyncio.StreamWriter | None = None
-        self._relay_task: asyncio.Task | None = None
+        self._relay_pending: Relay | None = None
+        self._relay: Relay | None = None
 
     def refusal(self) -> bytes:
         return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
@@ -88,8 +88,6 @@ class IMAPProtocol(ServerProtocol):
     def ended(self) -> None:
         if self._relay is not None:
             self._relay.close()
-        if self._relay_task is not None:
-            self._relay_task.cancel()
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_exception(ConnectionError("connection closed"))
         if self.session is not None:
@@ -193,62 +191,27 @@ class IMAPProtocol(ServerProtocol):
             self._deflate.received(unread)
             self._inflate()
 
-    # -- a cluster's proxy: the relay ---------------------------------------------------
+    # -- a cluster's proxy: the relay (wire/relay.py) ---------------------------------------
 
     def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay to and from the owner's session once the current command's reply is out."""
-        self._relay_pending = (reader, writer)
+        self._relay_pending = Relay(self, reader, writer)
 
     def _start_relay(self) -> None:
         assert self.framer is not None and self._relay_pending is not None
-        reader, self._relay = self._relay_pending
-        self._relay_pending = None
-        self.log.info("relay_started")
-        unread = self.framer.take_unread()  # pipelined behind LOGIN (already inflated)
-        if unread:
-            self._relay.write(unread)
+        self._relay, self._relay_pending = self._relay_pending, None
+        self._relay.start(self.framer.take_unread())  # pipelined behind LOGIN (inflated already)
         if self._deflate is not None:
             self._to_owner(b"")
-        self._relay_task = asyncio.ensure_future(self._from_owner(reader))
 
     def _to_owner(self, data: bytes) -> None:
         assert self._relay is not None
-        if self._deflate is not None:
-            self._deflate.received(data)
-            while piece := self._deflate.inflate(READ_AHEAD):
-                self._relay.write(piece)
-        elif data:
-            self._relay.write(data)
-        transport = self._relay.transport
-        if transport.get_write_buffer_size() > READ_AHEAD and not self._reading_paused:
-            # The owner does not take it as fast as the client sends: stop reading until it does.
-            self._reading_paused = True
-            self.transport.pauseProducing()
-            asyncio.ensure_future(self._resume_reading())
-
-    async def _resume_reading(self) -> None:
-        try:
-            await self._relay.drain()
-        except (ConnectionError, AttributeError):
+        if self._deflate is None:
+            self._relay.to_owner(data)
             return
-        if self._reading_paused and not self.closing:
-            self._reading_paused = False
-            self.transport.resumeProducing()
-
-    async def _from_owner(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while not self.closing:
-                data = await reader.read(READ_AHEAD)
-                if not data:
-                    break
-                self.write(data)
-                self.idle_timer()
-                await self.drain()  # the client reads as fast as it likes; we wait for it
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.log.info("relay_ended")
-            self.close()
+        self._deflate.received(data)
+        while piece := self._deflate.inflate(READ_AHEAD):
+            self._relay.to_owner(piece)
 
     async def start_tls(self) -> None:
         assert self.framer is not None and self.session is not None

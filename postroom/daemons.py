@@ -155,7 +155,9 @@ class Shared:
         return POP3Context(config, self._accounts, self._store, self.login_throttle, self.store_threads,
                            self._twisted_tls(), __version__,
                            connections=ConnectionLimit(config.pop3.max_connections, config.pop3.max_connections_per_ip),
-                           run_login=self.login_threads)
+                           run_login=self.login_threads,
+                           owner=functools.partial(self.router.owner, service="pop3") if self.router else None,
+                           proxy_tls=self.proxy_tls if self.router else None)
 
     def _twisted_tls(self) -> ServerTLS | None:
         # From the same files as the asyncio context, which has checked them.

@@ -1,13 +1,14 @@
 """Two whole nodes (`postroom serve` with [cluster]) on a real etcd, sharing one data dir
 as nodes share the shards' volumes: mail taken by either node for a user whose shard the
-other owns is handed over by LMTP before the 250 and stored by the owner, and an IMAP
-client on either node is served by the owner through it (issue 18, item 5).
+other owns is handed over by LMTP before the 250 and stored by the owner, and IMAP and POP3
+clients on either node are served by the owner through it (issue 18, item 5).
 """
 
 from __future__ import annotations
 
 import imaplib
 import json
+import poplib
 import smtplib
 import time
 import uuid
@@ -113,3 +114,23 @@ def test_mail_for_the_other_nodes_shard_is_handed_over(nodes):
                 assert client.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
         other = next(n for n in NODES if n != node)
         assert f"proxied_to=127.0.0.1:{running[other].listen('imap.listen').port}" in daemon.stderr()
+    # POP3 likewise (over TLS, port 995): the owner's maildrop, and its lock, through either node.
+    for node in NODES:
+        daemon = running[node]
+        for account in by_node.values():
+            address = daemon.listen("pop3.listen_tls")
+            client = poplib.POP3_SSL(address.host, address.port, context=client_tls_context(daemon.config),
+                                     timeout=30)
+            try:
+                client.user(account)
+                assert client.pass_(b"correct horse battery".decode()).startswith(b"+OK")
+                assert client.stat()[0] == 2
+                assert b"Subject: via node-a for" in b"\r\n".join(client.retr(1)[1])
+                other_node = poplib.POP3_SSL(address.host, address.port, context=client_tls_context(daemon.config),
+                                             timeout=30)
+                other_node.user(account)
+                with pytest.raises(poplib.error_proto, match="IN-USE"):  # the owner's lock, through a proxy too
+                    other_node.pass_("correct horse battery")
+                other_node.quit()
+            finally:
+                client.quit()
