@@ -52,6 +52,9 @@ from wire.connections import ConnectionLimit
 
 READ_SIZE = 65536
 LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
+# A cluster's: how long a RCPT waits for its mailbox's shard to have an owner again (a hand
+# over takes tens of milliseconds; a dead node's lease, its TTL): then 451 4.4.0.
+OWNER_WAIT = 5.0
 
 
 @dataclass
@@ -391,6 +394,26 @@ class SMTPAgent(AiosmtpdConnection):
         self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
         self._outcomes.append(f"{address}:{outcome.code}")
         return outcome
+
+    async def owners_known(self, address: str) -> None:
+        """In a cluster: wait (up to OWNER_WAIT) while a shard of `address`'s mailboxes is
+        between owners, as for the moment a drain or a rebalance hands it over, so that
+        the RCPT is not told 451 for that; a node that died takes up to its lease's TTL."""
+        try:
+            accounts = [str(a) for a in self.context.accounts.resolve(address).local]
+        except (AccountError, AddressError, NotLocalError):
+            return  # the RCPT's own answer says so
+        router = self.context.router
+        deadline = asyncio.get_running_loop().time() + OWNER_WAIT
+        for account in accounts:
+            while True:
+                try:
+                    router.owner(account)
+                    break
+                except NoOwnerError:
+                    if asyncio.get_running_loop().time() >= deadline:
+                        return  # the RCPT says 451 4.4.0
+                    await asyncio.sleep(0.05)
 
     def _take_local(self, event) -> Reply:
         """A recipient of our domains: its mailboxes and its alias's remote targets join

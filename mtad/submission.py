@@ -103,6 +103,8 @@ class SubmissionSMTP(SMTPAgent):
                                   reason=refusal.why)
                     self._outcomes.append(f"{event.address}:{refusal.code}")
                     return policy_reply(refusal)
+            if self.context.router is not None:
+                await self.owners_known(event.address)
             return self._recipient(event)
         if isinstance(event, DataEnd):
             return await self._end_of_data(event)
