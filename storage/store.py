@@ -115,9 +115,14 @@ class Store:
         process: LMDB's writer lock), the file system flushed, and this process's handle
         closed, so that its volume can be detached. `clear_fence=False` when the claim is
         already lost: another node may have written its own fence since."""
-        shard = self._shard_by_number(number)
         if clear_fence:
+            shard = self._shard_by_number(number)
             shard.set_fence(0)
+        else:
+            with self._lock:
+                shard = self._shards.get(number)
+            if shard is None:
+                return  # not open here: nothing of this process's to flush or close
         shard.flush()
         with self._lock:
             self._shards.pop(number, None)

@@ -208,8 +208,11 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
     the node holds the shard, are answered 4xx once its lease lapsed (the agent frozen),
     and pass again once it has claimed the shards anew."""
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    volumes = tmp_path / "volumes.log"  # what the attach and detach commands did, in order
     config_path = write_config_file(tmp_path / "solo.toml", tmp_path / "var", cluster={
-        "etcd": [etcd_server.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL, "prefix": prefix})
+        "etcd": [etcd_server.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL, "prefix": prefix,
+        "attach": f"sh -c 'echo attach {{shard}} {{path}} >> {volumes}'",
+        "detach": f"sh -c 'echo detach {{shard}} {{path}} >> {volumes}'"})
     add_accounts(config_path, "correct horse", users=("alice@example.test",))
     config = conf.load(config_path)
     etcd = Etcd(config.cluster)
@@ -251,6 +254,23 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
         assert daemon.stop() == 0, daemon.stderr()
     assert owners() == {}  # every shard handed over at the stop
     assert "event=shard_released" in daemon.stderr()
+    # Each shard's volume attached before it was taken and detached after it was let go:
+    # at start, at the lapse, at the new claims, at the stop.
+    shard_dir = str(tmp_path / "var" / "shards" / "00")
+    for_shard_0 = [line.split()[0] for line in volumes.read_text().splitlines() if line.split()[1:] == ["0", shard_dir]]
+    assert for_shard_0 == ["attach", "detach", "attach", "detach"]
+
+
+def test_volume_commands(tmp_path: Path):
+    from cluster.volumes import VolumeError, run
+
+    run("", 3, tmp_path)  # empty: nothing to do
+    run(f"sh -c 'echo {{shard}} {{path}} > {tmp_path}/out'", 3, tmp_path / "shards" / "03")
+    assert (tmp_path / "out").read_text() == f"3 {tmp_path}/shards/03\n"
+    with pytest.raises(VolumeError, match="exited with status 1: no such volume"):
+        run("sh -c 'echo no such volume >&2; exit 1'", 3, tmp_path)
+    with pytest.raises(conf.ConfigError, match="unknown placeholder"):
+        conf.loads('[cluster]\netcd = ["http://127.0.0.1:2379"]\nattach = "map {volume}"\n')
 
 
 def test_cluster_commands_need_a_cluster(tmp_path: Path):
