@@ -87,6 +87,7 @@ class Agent:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._expired = False
+        self._previous_lease = 0
         self._cancel_watch = None
         self._keepalive: threading.Thread | None = None
         self._logged_error = -ERROR_LOG_EVERY
@@ -106,6 +107,10 @@ class Agent:
 
     def run(self) -> None:
         """Until stop(): keep the lease, claim and release; then hand every shard over."""
+        # A previous agent of this node (killed, restarted by serve) may have left claims
+        # under its lease: withdrawn here first, then that lease revoked once etcd answers,
+        # so its shards are free now rather than at its expiry.
+        self._previous_lease = self.table.lease_id()
         self.table.publish(deadline=0.0, lease=0, claims={}, owners={}, nodes=[])
         self._keepalive = threading.Thread(target=self._keep_alive, name="lease-keepalive", daemon=True)
         self._keepalive.start()
@@ -163,6 +168,14 @@ class Agent:
             self.log.info("ready", node=self.node, shards=len(self.claims), nodes=len(nodes))
 
     def _register(self) -> None:
+        if self._previous_lease:
+            previous, self._previous_lease = self._previous_lease, 0
+            try:
+                self.etcd.revoke(previous)
+                outcome = "revoked"
+            except EtcdError:
+                outcome = "gone"  # expired already (or etcd is down, and it will expire)
+            self.log.info("previous_lease", node=self.node, lease=f"{previous:x}", outcome=outcome)
         sent = time.monotonic()
         lease = self.etcd.grant()
         self.etcd.put(f"nodes/{self.node}", node_record(self.address, self.ports), lease)
