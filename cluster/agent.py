@@ -133,8 +133,11 @@ class Agent:
     def _round(self) -> None:
         if self.lease == 0:
             self._register()
-        if self._cancel_watch is None:
-            self._cancel_watch = self.etcd.watch(self._wake.set)
+        if self._cancel_watch is None:  # none yet, or it broke (etcd went away and came back)
+            try:
+                self._cancel_watch = self.etcd.watch(self._wake.set, self._watch_ended)
+            except EtcdError as e:  # the rounds every third of the TTL go on without it
+                self._etcd_failed(e)
         snapshot = self.etcd.snapshot()
         nodes, owners, drains = snapshot.under("nodes/"), snapshot.under("owners/"), snapshot.under("drain/")
         if self.node not in nodes or nodes[self.node].lease != self.lease:
@@ -166,6 +169,10 @@ class Agent:
         if not self.ready.is_set():
             self.ready.set()
             self.log.info("ready", node=self.node, shards=len(self.claims), nodes=len(nodes))
+
+    def _watch_ended(self) -> None:
+        self._cancel_watch = None
+        self._wake.set()
 
     def _register(self) -> None:
         if self._previous_lease:
@@ -208,8 +215,9 @@ class Agent:
 
     def _leave(self) -> None:
         """A stop: every shard handed over, the node's record and lease gone."""
-        if self._cancel_watch is not None:
-            self._cancel_watch()
+        cancel, self._cancel_watch = self._cancel_watch, None
+        if cancel is not None:
+            cancel()
         for shard in sorted(self.claims):
             self._release(shard, "stop")
         if self.lease:
@@ -235,7 +243,7 @@ class Agent:
             if old:
                 self.etcd.revoke(old)  # if etcd still has it: its keys go now, not at expiry
         except EtcdError:
-            pass
+            self._previous_lease = old  # etcd away: revoked when it answers again
         self._expired = False
 
     def _etcd_failed(self, error: EtcdError) -> None:

@@ -151,10 +151,10 @@ class Etcd:
 
     # -- watching ---------------------------------------------------------------------
 
-    def watch(self, on_event: Callable[[], None]) -> Callable[[], None]:
+    def watch(self, on_event: Callable[[], None], on_end: Callable[[], None]) -> Callable[[], None]:
         """on_event() at each change under the prefix, from a thread of its own (and a
         connection of its own: requests' sessions are not shared across threads); returns
-        the function that cancels it. A broken watch (etcd gone) just ends: callers poll too."""
+        the function that cancels it. A broken watch (etcd gone) ends with on_end()."""
         client = self._client(self._endpoints[self._current], None)
         try:
             events, cancel = client.watch_prefix(self.prefix)
@@ -167,6 +167,7 @@ class Etcd:
                     on_event()
             except Exception:  # noqa: BLE001 - the stream broke: the caller's polling goes on
                 pass
+            on_end()
 
         threading.Thread(target=consume, name="etcd-watch", daemon=True).start()
         return cancel

@@ -124,9 +124,16 @@ class Store:
             if shard is None:
                 return  # not open here: nothing of this process's to flush or close
         shard.flush()
+        self.close_shard(number)
+
+    def close_shard(self, number: int) -> None:
+        """Close this process's handle on shard `number`, if open (the next use opens it
+        again, recovering it first): a daemon lets go of a shard its node released, so that
+        the volume can be detached."""
         with self._lock:
-            self._shards.pop(number, None)
-        shard.close()
+            shard = self._shards.pop(number, None)
+        if shard is not None:
+            shard.close()
 
     def fence_revision(self, number: int) -> int:
         """The claim revision recorded in shard `number` (0: none)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import POSTROOM, add_accounts, start_module_daemon, write_config_file
+from etcd_peer import Etcd as EtcdPeer
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 
 import conf
@@ -272,6 +273,46 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
     for_shard_0 = [line.split()[0] for line in volumes.read_text().splitlines() if line.split()[1:] == ["0", shard_dir]]
     # (A killed agent detaches nothing: its successor attaches what it claims again.)
     assert for_shard_0 == ["attach", "detach", "attach", "attach", "detach"]
+
+
+def test_etcd_outage_fences_the_node_and_it_claims_again(tmp_path: Path):
+    """etcd unreachable: the node stops writing within the TTL; etcd back: it owns its
+    shards again (the agent in this process, on an etcd of its own to freeze)."""
+    from cluster.agent import Agent
+
+    with EtcdPeer() as etcd:
+        config = conf.load(write_config_file(tmp_path / "solo.toml", tmp_path / "var", storage={"shards": 2}, cluster={
+            "etcd": [etcd.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL}))
+        data_dir = open_data_dir(config.server.data_dir, 2)
+        view = open_view(config, data_dir)
+
+        def wait(condition, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert condition()
+
+        with Store(data_dir) as store:
+            agent = Agent(config, data_dir, store)
+            thread = agent.start()
+            try:
+                wait(lambda: view.owns(0) and view.owns(1), SETTLE)
+                # Frozen rather than killed: its port stays ours (other suites on this
+                # machine take ports from the same range), and its requests hang, as a
+                # partitioned etcd's do.
+                etcd.process.send_signal(signal.SIGSTOP)
+                wait(lambda: not view.owns(0) and not view.owns(1), TTL)
+                etcd.process.send_signal(signal.SIGCONT)
+                wait(lambda: view.owns(0) and view.owns(1), TTL + 10)
+                # Under its old lease (etcd restored it, so nobody could have claimed the
+                # shards meanwhile) or a new one: the shard records the claim it is written under.
+                assert store.fence_revision(0) == view.owner_of(0).revision == view.table.claim(0)
+            finally:
+                agent.stop()
+                thread.join(15)
+            assert not thread.is_alive()
+            assert Etcd(config.cluster).snapshot().under("owners/") == {}
+        view.close()
 
 
 def test_volume_commands(tmp_path: Path):
