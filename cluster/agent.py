@@ -37,7 +37,7 @@ import lmdb
 
 from cluster import volumes
 from cluster.balance import plan
-from cluster.etcd import Etcd, EtcdError, node_record
+from cluster.etcd import Etcd, EtcdError, EtcdUnreachableError, node_record
 from cluster.local import Node, node_name, open_node_table
 from conf import Config
 from conf.logfmt import EventLogger
@@ -242,8 +242,10 @@ class Agent:
         try:
             if old:
                 self.etcd.revoke(old)  # if etcd still has it: its keys go now, not at expiry
+        except EtcdUnreachableError:
+            self._previous_lease = old  # revoked when etcd answers again
         except EtcdError:
-            self._previous_lease = old  # etcd away: revoked when it answers again
+            pass  # etcd no longer knows it: expired
         self._expired = False
 
     def _etcd_failed(self, error: EtcdError) -> None:

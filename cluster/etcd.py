@@ -36,6 +36,10 @@ class EtcdError(Exception):
     """etcd unreachable, or an answer we cannot use; str() is one line."""
 
 
+class EtcdUnreachableError(EtcdError):
+    """No endpoint answered (as opposed to etcd refusing the request)."""
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str  # without the prefix
@@ -84,7 +88,7 @@ class Etcd:
                 self._current = (self._current + 1) % len(self._clients)
             except exceptions.Etcd3Exception as e:
                 raise EtcdError(f"etcd: {e.detail_text if hasattr(e, 'detail_text') else e}") from None
-        raise EtcdError(f"etcd unreachable: {last}") from None
+        raise EtcdUnreachableError(f"etcd unreachable: {last}") from None
 
     def key(self, name: str) -> str:
         return self.prefix + name

@@ -252,11 +252,17 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
         assert send() == 250
         # The agent killed: serve starts it again, and it revokes the lease its previous
         # life left, so its shards are free at once rather than at that lease's expiry.
+        view = open_view(config, open_data_dir(config.server.data_dir, config.storage.shards))
+        old_lease = view.table.lease_id()
         os.kill(agent, signal.SIGKILL)
         deadline = time.monotonic() + 15
-        while "event=previous_lease " not in daemon.stderr() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                view.table.lease_id() not in (0, old_lease) and all(view.owns(n) for n in range(4))):
             time.sleep(0.05)
-        assert "event=previous_lease " in daemon.stderr()  # outcome=revoked, or gone on a slow restart
+        assert view.table.lease_id() not in (0, old_lease) and all(view.owns(n) for n in range(4))
+        # revoked; or gone, should the restart have taken longer than the TTL on a busy machine
+        assert f"event=previous_lease node=solo lease={old_lease:x} outcome=" in daemon.stderr()
+        view.close()
         wait_owned(TTL + 5)
         assert send() == 250
     finally:
