@@ -180,8 +180,11 @@ class Agent:
             try:
                 self.etcd.revoke(previous)
                 outcome = "revoked"
+            except EtcdUnreachableError:
+                self._previous_lease = previous  # the next try, once etcd answers
+                raise
             except EtcdError:
-                outcome = "gone"  # expired already (or etcd is down, and it will expire)
+                outcome = "gone"  # etcd no longer knows it: expired
             self.log.info("previous_lease", node=self.node, lease=f"{previous:x}", outcome=outcome)
         sent = time.monotonic()
         lease = self.etcd.grant()
