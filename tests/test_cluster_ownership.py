@@ -116,10 +116,13 @@ def test_balance_lapse_and_fencing(cluster: Cluster):
     status = cluster.cli("cluster", "status")
     assert status.returncode == 0, status.stderr
     assert f"3 node(s), {SHARDS}/{SHARDS} shard(s) owned" in status.stdout
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[3:6]}
     for node in NODES:
-        assert f"{node:<20} 127.0.0.1 imap=" in status.stdout
+        # name, address, ports (lmtp=24 and the node's IMAP and POP3 ports), TTL, shards, state
+        assert [rows[node][1], rows[node][3], *rows[node][6:]] == ["127.0.0.1", "lmtp=24", "s", "2", "live"]
+        assert 0 <= int(rows[node][5]) <= TTL
     for shard, node in owners.items():
-        assert f"{shard:>5}  {node:<20} " in status.stdout
+        assert f"{shard:>5}  {node}  " in status.stdout
 
     # Each node's processes see the same owners, through their node table alone.
     data_dir = open_data_dir(cluster.data_dir, SHARDS)
@@ -182,7 +185,7 @@ def test_drain_undrain_and_stop(cluster: Cluster):
     owners = cluster.balanced(("node-b", "node-c"))
     assert sorted(owners.values()) == ["node-b"] * 3 + ["node-c"] * 3
     status = cluster.cli("cluster", "status").stdout
-    assert "draining" in status.splitlines()[3] and status.splitlines()[3].startswith("node-a")
+    assert status.splitlines()[3].startswith("node-a ") and status.splitlines()[3].endswith("  0  draining")
     # Still drained a round later: it claims nothing while drained.
     time.sleep(TTL)
     assert "node-a" not in cluster.owners().values()
