@@ -16,16 +16,14 @@ Modules, one job each:
 The interface for daemons (mtad's LMTP hand-off, the IMAP/POP3 proxy, queue runners), from
 any process of the node, without a request to etcd (microseconds a call):
 
-    view = context.shared.cluster             # in a daemon (postroom/daemons.py Shared), or
-    view = cluster.view.open_view(config, data_dir)   # anywhere; None when not a cluster
+    from cluster.view import open_view
+    view = open_view(config, data_dir)        # ClusterView, or None when not a cluster
     shard = store.shard_number(account)
     view.owns(shard)        -> bool: this node may write it now (what each commit checks)
     view.owner_of(shard)    -> Owner(shard, node: Node, revision) | None (free just now)
     view.live_nodes()       -> [Node(name, address, ports, draining)]
     node.endpoint("lmtp")   -> (host, port); also "imap", "pop3" ([cluster] *_port)
     view.node               -> this node's name
-    view.lease_left()       -> seconds this node's claims stay good without a keepalive
-    store.close_shard(shard)   a daemon lets go of a shard its node released (volume detach)
 
 A daemon's store is fenced by postroom.datadir.open_store when [cluster] etcd is set: a
 commit to a shard this node does not hold now fails with storage.NotOwnerError (a

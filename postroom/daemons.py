@@ -25,7 +25,6 @@ from storage import Accounts, DataDir, Store, Watcher
 from wire.connections import ConnectionLimit
 
 if TYPE_CHECKING:
-    from cluster.view import ClusterView
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
     from mtad.agent import AgentContext
@@ -81,14 +80,6 @@ class Shared:
         self.delivery_threads = Threads("deliver", DELIVERY_THREADS)
         self.watcher = Watcher(store)
         self.login_throttle = LoginThrottle(data_dir.logins_path)
-
-    @cached_property
-    def cluster(self) -> ClusterView | None:
-        """Who owns each shard and how to reach it (cluster/view.py); None without
-        [cluster] etcd: this node owns every shard."""
-        from cluster.view import open_view
-
-        return open_view(self._config, self._data_dir)
 
     @cached_property
     def outbound(self) -> Outbound:
@@ -154,8 +145,6 @@ class Shared:
         self.login_throttle.close()
         if "policy" in self.__dict__:  # made only by mtad
             self.policy.close()
-        if self.__dict__.get("cluster") is not None:
-            self.cluster.close()
 
 
 @dataclass(frozen=True)
