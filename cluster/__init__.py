@@ -24,6 +24,8 @@ any process of the node, without a request to etcd (microseconds a call):
     view.live_nodes()       -> [Node(name, address, ports, draining)]
     node.endpoint("lmtp")   -> (host, port); also "imap", "pop3" ([cluster] *_port)
     view.node               -> this node's name
+    view.lease_left()       -> seconds this node's claims stay good without a keepalive
+    store.close_shard(shard)   a daemon lets go of a shard its node released (volume detach)
 
 A daemon's store is fenced by postroom.datadir.open_store when [cluster] etcd is set: a
 commit to a shard this node does not hold now fails with storage.NotOwnerError (a

@@ -38,23 +38,27 @@ def status(config: Config, args: argparse.Namespace) -> int:
 def format_status(snapshot: Snapshot, ttls: dict[str, int], shards: int, prefix: str) -> str:
     nodes, owners, drains = snapshot.under("nodes/"), snapshot.under("owners/"), snapshot.under("drain/")
     owner = {int(name): (json.loads(kv.value)["node"], kv.mod_revision) for name, kv in owners.items()}
-    count = {name: sum(1 for node, _ in owner.values() if node == name) for name in set(nodes) | set(drains)}
-    lines = [f"cluster {prefix} at revision {snapshot.revision}: {len(nodes)} node(s), "
-             f"{len(owner)}/{shards} shard(s) owned", "",
-             f"{'NODE':<20} {'ADDRESS':<24} {'LEASE TTL':>9} {'SHARDS':>6}  STATE"]
+    rows = [("NODE", "ADDRESS", "PORTS", "LEASE TTL", "SHARDS", "STATE")]
     for name in sorted(set(nodes) | set(drains)):
+        count = str(sum(1 for node, _ in owner.values() if node == name))
         if name in nodes:
             record = json.loads(nodes[name].value)
-            ports = ",".join(f"{k}={v}" for k, v in sorted(record["ports"].items()))
-            address, ttl = f"{record['address']} {ports}", f"{ttls.get(name, -1)} s"
+            ports = " ".join(f"{k}={v}" for k, v in sorted(record["ports"].items()))
+            state = "draining" if name in drains else "live"
+            rows.append((name, record["address"], ports, f"{ttls.get(name, -1)} s", count, state))
         else:
-            address, ttl = "-", "-"
-        state = ("draining" if name in drains else "live") if name in nodes else "down, drained"
-        lines.append(f"{name:<20} {address:<24} {ttl:>9} {count.get(name, 0):>6}  {state}")
-    lines += ["", f"{'SHARD':>5}  {'OWNER':<20} REVISION"]
+            rows.append((name, "-", "-", "-", count, "down, drained"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"cluster {prefix} at revision {snapshot.revision}: {len(nodes)} node(s), "
+             f"{len(owner)}/{shards} shard(s) owned", ""]
+    for row in rows:
+        lines.append("  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+    width = max(len("OWNER"), *(len(node) for node, _ in owner.values()))
+    lines += ["", f"{'SHARD':>5}  {'OWNER':<{width}}  REVISION"]
     for shard in range(shards):
         node, revision = owner.get(shard, ("-", None))
-        lines.append(f"{shard:>5}  {node:<20} {revision if revision is not None else 'free'}")
+        lines.append(f"{shard:>5}  {node:<{width}}  {revision if revision is not None else 'free'}")
     return "\n".join(lines) + "\n"
 
 

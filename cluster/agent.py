@@ -37,7 +37,7 @@ import lmdb
 
 from cluster import volumes
 from cluster.balance import plan
-from cluster.etcd import Etcd, EtcdError, node_record
+from cluster.etcd import Etcd, EtcdError, EtcdUnreachableError, node_record
 from cluster.local import Node, node_name, open_node_table
 from conf import Config
 from conf.logfmt import EventLogger
@@ -87,6 +87,7 @@ class Agent:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._expired = False
+        self._previous_lease = 0
         self._cancel_watch = None
         self._keepalive: threading.Thread | None = None
         self._logged_error = -ERROR_LOG_EVERY
@@ -106,6 +107,10 @@ class Agent:
 
     def run(self) -> None:
         """Until stop(): keep the lease, claim and release; then hand every shard over."""
+        # A previous agent of this node (killed, restarted by serve) may have left claims
+        # under its lease: withdrawn here first, then that lease revoked once etcd answers,
+        # so its shards are free now rather than at its expiry.
+        self._previous_lease = self.table.lease_id()
         self.table.publish(deadline=0.0, lease=0, claims={}, owners={}, nodes=[])
         self._keepalive = threading.Thread(target=self._keep_alive, name="lease-keepalive", daemon=True)
         self._keepalive.start()
@@ -128,8 +133,11 @@ class Agent:
     def _round(self) -> None:
         if self.lease == 0:
             self._register()
-        if self._cancel_watch is None:
-            self._cancel_watch = self.etcd.watch(self._wake.set)
+        if self._cancel_watch is None:  # none yet, or it broke (etcd went away and came back)
+            try:
+                self._cancel_watch = self.etcd.watch(self._wake.set, self._watch_ended)
+            except EtcdError as e:  # the rounds every third of the TTL go on without it
+                self._etcd_failed(e)
         snapshot = self.etcd.snapshot()
         nodes, owners, drains = snapshot.under("nodes/"), snapshot.under("owners/"), snapshot.under("drain/")
         if self.node not in nodes or nodes[self.node].lease != self.lease:
@@ -162,7 +170,22 @@ class Agent:
             self.ready.set()
             self.log.info("ready", node=self.node, shards=len(self.claims), nodes=len(nodes))
 
+    def _watch_ended(self) -> None:
+        self._cancel_watch = None
+        self._wake.set()
+
     def _register(self) -> None:
+        if self._previous_lease:
+            previous, self._previous_lease = self._previous_lease, 0
+            try:
+                self.etcd.revoke(previous)
+                outcome = "revoked"
+            except EtcdUnreachableError:
+                self._previous_lease = previous  # the next try, once etcd answers
+                raise
+            except EtcdError:
+                outcome = "gone"  # etcd no longer knows it: expired
+            self.log.info("previous_lease", node=self.node, lease=f"{previous:x}", outcome=outcome)
         sent = time.monotonic()
         lease = self.etcd.grant()
         self.etcd.put(f"nodes/{self.node}", node_record(self.address, self.ports), lease)
@@ -195,8 +218,9 @@ class Agent:
 
     def _leave(self) -> None:
         """A stop: every shard handed over, the node's record and lease gone."""
-        if self._cancel_watch is not None:
-            self._cancel_watch()
+        cancel, self._cancel_watch = self._cancel_watch, None
+        if cancel is not None:
+            cancel()
         for shard in sorted(self.claims):
             self._release(shard, "stop")
         if self.lease:
@@ -221,8 +245,10 @@ class Agent:
         try:
             if old:
                 self.etcd.revoke(old)  # if etcd still has it: its keys go now, not at expiry
+        except EtcdUnreachableError:
+            self._previous_lease = old  # revoked when etcd answers again
         except EtcdError:
-            pass
+            pass  # etcd no longer knows it: expired
         self._expired = False
 
     def _etcd_failed(self, error: EtcdError) -> None:

@@ -36,6 +36,10 @@ class EtcdError(Exception):
     """etcd unreachable, or an answer we cannot use; str() is one line."""
 
 
+class EtcdUnreachableError(EtcdError):
+    """No endpoint answered (as opposed to etcd refusing the request)."""
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str  # without the prefix
@@ -84,7 +88,7 @@ class Etcd:
                 self._current = (self._current + 1) % len(self._clients)
             except exceptions.Etcd3Exception as e:
                 raise EtcdError(f"etcd: {e.detail_text if hasattr(e, 'detail_text') else e}") from None
-        raise EtcdError(f"etcd unreachable: {last}") from None
+        raise EtcdUnreachableError(f"etcd unreachable: {last}") from None
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -151,10 +155,10 @@ class Etcd:
 
     # -- watching ---------------------------------------------------------------------
 
-    def watch(self, on_event: Callable[[], None]) -> Callable[[], None]:
+    def watch(self, on_event: Callable[[], None], on_end: Callable[[], None]) -> Callable[[], None]:
         """on_event() at each change under the prefix, from a thread of its own (and a
         connection of its own: requests' sessions are not shared across threads); returns
-        the function that cancels it. A broken watch (etcd gone) just ends: callers poll too."""
+        the function that cancels it. A broken watch (etcd gone) ends with on_end()."""
         client = self._client(self._endpoints[self._current], None)
         try:
             events, cancel = client.watch_prefix(self.prefix)
@@ -167,6 +171,7 @@ class Etcd:
                     on_event()
             except Exception:  # noqa: BLE001 - the stream broke: the caller's polling goes on
                 pass
+            on_end()
 
         threading.Thread(target=consume, name="etcd-watch", daemon=True).start()
         return cancel

@@ -108,6 +108,12 @@ class NodeTable:
         deadline, _, boot = _LEASE.unpack(lease)
         return deadline - time.monotonic() if boot == _BOOT else 0.0
 
+    def lease_id(self) -> int:
+        """The etcd lease the table was last published under (0: none)."""
+        with self.env.begin() as txn:
+            lease = txn.get(LEASE_KEY)
+        return _LEASE.unpack(lease)[1] if lease is not None else 0
+
     def claim(self, shard: int) -> int | None:
         """The revision of this node's claim on `shard` (whatever the lease), or None."""
         with self.env.begin() as txn:

@@ -125,13 +125,25 @@ class Store:
         process: LMDB's writer lock), the file system flushed, and this process's handle
         closed, so that its volume can be detached. `clear_fence=False` when the claim is
         already lost: another node may have written its own fence since."""
-        shard = self._shard_by_number(number)
         if clear_fence:
+            shard = self._shard_by_number(number)
             shard.set_fence(0)
+        else:
+            with self._lock:
+                shard = self._shards.get(number)
+            if shard is None:
+                return  # not open here: nothing of this process's to flush or close
         shard.flush()
+        self.close_shard(number)
+
+    def close_shard(self, number: int) -> None:
+        """Close this process's handle on shard `number`, if open (the next use opens it
+        again, recovering it first): a daemon lets go of a shard its node released, so that
+        the volume can be detached."""
         with self._lock:
-            self._shards.pop(number, None)
-        shard.close()
+            shard = self._shards.pop(number, None)
+        if shard is not None:
+            shard.close()
 
     def fence_revision(self, number: int) -> int:
         """The claim revision recorded in shard `number` (0: none)."""

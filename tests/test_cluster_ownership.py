@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import POSTROOM, add_accounts, start_daemon, write_config_file
+from conftest import POSTROOM, add_accounts, start_module_daemon, write_config_file
+from etcd_peer import Etcd as EtcdPeer
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 
 import conf
@@ -115,10 +116,13 @@ def test_balance_lapse_and_fencing(cluster: Cluster):
     status = cluster.cli("cluster", "status")
     assert status.returncode == 0, status.stderr
     assert f"3 node(s), {SHARDS}/{SHARDS} shard(s) owned" in status.stdout
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[3:6]}
     for node in NODES:
-        assert f"{node:<20} 127.0.0.1 imap=" in status.stdout
+        # name, address, ports (lmtp=24 and the node's IMAP and POP3 ports), TTL, shards, state
+        assert [rows[node][1], rows[node][3], *rows[node][6:]] == ["127.0.0.1", "lmtp=24", "s", "2", "live"]
+        assert 0 <= int(rows[node][5]) <= TTL
     for shard, node in owners.items():
-        assert f"{shard:>5}  {node:<20} " in status.stdout
+        assert f"{shard:>5}  {node}  " in status.stdout
 
     # Each node's processes see the same owners, through their node table alone.
     data_dir = open_data_dir(cluster.data_dir, SHARDS)
@@ -181,7 +185,7 @@ def test_drain_undrain_and_stop(cluster: Cluster):
     owners = cluster.balanced(("node-b", "node-c"))
     assert sorted(owners.values()) == ["node-b"] * 3 + ["node-c"] * 3
     status = cluster.cli("cluster", "status").stdout
-    assert "draining" in status.splitlines()[3] and status.splitlines()[3].startswith("node-a")
+    assert status.splitlines()[3].startswith("node-a ") and status.splitlines()[3].endswith("  0  draining")
     # Still drained a round later: it claims nothing while drained.
     time.sleep(TTL)
     assert "node-a" not in cluster.owners().values()
@@ -208,10 +212,14 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
     the node holds the shard, are answered 4xx once its lease lapsed (the agent frozen),
     and pass again once it has claimed the shards anew."""
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
-    config_path = write_config_file(tmp_path / "solo.toml", tmp_path / "var", cluster={
-        "etcd": [etcd_server.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL, "prefix": prefix})
-    add_accounts(config_path, "correct horse", users=("alice@example.test",))
-    config = conf.load(config_path)
+    volumes = tmp_path / "volumes.log"  # what the attach and detach commands did, in order
+    # Retried on new ports should another test suite on this machine hold one.
+    daemon = start_module_daemon(tmp_path, cluster={
+        "etcd": [etcd_server.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL, "prefix": prefix,
+        "attach": f"sh -c 'echo attach {{shard}} {{path}} >> {volumes}'",
+        "detach": f"sh -c 'echo detach {{shard}} {{path}} >> {volumes}'"})
+    add_accounts(daemon.config_path, "correct horse", users=("alice@example.test",))
+    config = daemon.config
     etcd = Etcd(config.cluster)
 
     def owners() -> dict[int, str]:
@@ -232,7 +240,6 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
                 return e.smtp_code
             return 250
 
-    daemon = start_daemon(config_path, tmp_path)
     try:
         wait_owned(SETTLE)
         agent = daemon.child_pid("cluster-agent")
@@ -246,11 +253,87 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
         time.sleep(TTL / 2)
         wait_owned(TTL + 5)
         assert send() == 250
+        # The agent killed: serve starts it again, and it revokes the lease its previous
+        # life left, so its shards are free at once rather than at that lease's expiry.
+        view = open_view(config, open_data_dir(config.server.data_dir, config.storage.shards))
+        old_lease = view.table.lease_id()
+        os.kill(agent, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (
+                view.table.lease_id() not in (0, old_lease) and all(view.owns(n) for n in range(4))):
+            time.sleep(0.05)
+        assert view.table.lease_id() not in (0, old_lease) and all(view.owns(n) for n in range(4))
+        # revoked; or gone, should the restart have taken longer than the TTL on a busy machine
+        assert f"event=previous_lease node=solo lease={old_lease:x} outcome=" in daemon.stderr()
+        view.close()
+        wait_owned(TTL + 5)
+        assert send() == 250
     finally:
-        os.kill(agent, signal.SIGCONT)
+        try:
+            os.kill(agent, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
         assert daemon.stop() == 0, daemon.stderr()
     assert owners() == {}  # every shard handed over at the stop
     assert "event=shard_released" in daemon.stderr()
+    # Each shard's volume attached before it was taken and detached after it was let go:
+    # at start, at the lapse, at the new claims, after the kill, at the stop.
+    shard_dir = str(tmp_path / "var" / "shards" / "00")
+    for_shard_0 = [line.split()[0] for line in volumes.read_text().splitlines() if line.split()[1:] == ["0", shard_dir]]
+    # (A killed agent detaches nothing: its successor attaches what it claims again.)
+    assert for_shard_0 == ["attach", "detach", "attach", "attach", "detach"]
+
+
+def test_etcd_outage_fences_the_node_and_it_claims_again(tmp_path: Path):
+    """etcd unreachable: the node stops writing within the TTL; etcd back: it owns its
+    shards again (the agent in this process, on an etcd of its own to freeze)."""
+    from cluster.agent import Agent
+
+    with EtcdPeer() as etcd:
+        config = conf.load(write_config_file(tmp_path / "solo.toml", tmp_path / "var", storage={"shards": 2}, cluster={
+            "etcd": [etcd.endpoint], "node": "solo", "address": "127.0.0.1", "lease_ttl": TTL}))
+        data_dir = open_data_dir(config.server.data_dir, 2)
+        view = open_view(config, data_dir)
+
+        def wait(condition, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert condition()
+
+        with Store(data_dir) as store:
+            agent = Agent(config, data_dir, store)
+            thread = agent.start()
+            try:
+                wait(lambda: view.owns(0) and view.owns(1), SETTLE)
+                # Frozen rather than killed: its port stays ours (other suites on this
+                # machine take ports from the same range), and its requests hang, as a
+                # partitioned etcd's do.
+                etcd.process.send_signal(signal.SIGSTOP)
+                wait(lambda: not view.owns(0) and not view.owns(1), TTL)
+                etcd.process.send_signal(signal.SIGCONT)
+                wait(lambda: view.owns(0) and view.owns(1), TTL + 10)
+                # Under its old lease (etcd restored it, so nobody could have claimed the
+                # shards meanwhile) or a new one: the shard records the claim it is written under.
+                assert store.fence_revision(0) == view.owner_of(0).revision == view.table.claim(0)
+            finally:
+                agent.stop()
+                thread.join(15)
+            assert not thread.is_alive()
+            assert Etcd(config.cluster).snapshot().under("owners/") == {}
+        view.close()
+
+
+def test_volume_commands(tmp_path: Path):
+    from cluster.volumes import VolumeError, run
+
+    run("", 3, tmp_path)  # empty: nothing to do
+    run(f"sh -c 'echo {{shard}} {{path}} > {tmp_path}/out'", 3, tmp_path / "shards" / "03")
+    assert (tmp_path / "out").read_text() == f"3 {tmp_path}/shards/03\n"
+    with pytest.raises(VolumeError, match="exited with status 1: no such volume"):
+        run("sh -c 'echo no such volume >&2; exit 1'", 3, tmp_path)
+    with pytest.raises(conf.ConfigError, match="unknown placeholder"):
+        conf.loads('[cluster]\netcd = ["http://127.0.0.1:2379"]\nattach = "map {volume}"\n')
 
 
 def test_cluster_commands_need_a_cluster(tmp_path: Path):
