@@ -1,0 +1,211 @@
+"""Shared accounts in cluster mode (issue 18 item 4): etcd holds domains, users and aliases;
+each node's mirror keeps its local accounts LMDB current; the CLI's writes go to etcd with
+compare-and-swap. Two "nodes" here are two data dirs, each with its own Accounts and mirror,
+against a real etcd on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from functools import partial
+
+import argon2
+import pytest
+from etcd_peer import Etcd, etcd_server  # noqa: F401  (a fixture)
+
+from cluster.accounts_etcd import EtcdUnavailableError
+from cluster.accounts_mirror import AccountsMirror
+from cluster.accounts_writer import ClusterAccounts, account_writer
+from storage import Accounts
+from storage.errors import DomainNotEmptyError, ExistsError, NotLocalError, UnknownAddressError
+
+CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
+PROPAGATION = 1.0  # seconds: a change made on one node is on the others within this
+PASSWORD = "correct horse battery"
+_prefixes = itertools.count()
+
+
+class Node:
+    """One node's accounts: its LMDB copy, its mirror, and the CLI's writer."""
+
+    def __init__(self, root, name: str, endpoints: list[str], prefix: str):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.accounts = Accounts(root / name / "accounts.lmdb", hasher=CHEAP_HASHER)
+        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=0.2).start()
+        self.writer = ClusterAccounts(self.accounts, endpoints, prefix)
+
+    def close(self) -> None:
+        self.mirror.stop()
+        self.accounts.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, etcd_server):  # noqa: F811
+    prefix = f"/test{next(_prefixes)}-{time.monotonic_ns()}/"  # each test its own accounts
+    nodes: list[Node] = []
+
+    def node(name: str, endpoints: list[str] | None = None) -> Node:
+        nodes.append(Node(tmp_path, name, endpoints or [etcd_server.endpoint], prefix))
+        return nodes[-1]
+
+    yield node
+    for n in nodes:
+        n.close()
+
+
+def eventually(check, timeout: float = PROPAGATION):
+    """The value of `check()` once it is truthy, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_a_user_added_on_one_node_logs_in_on_another(cluster):
+    a, b = cluster("a"), cluster("b")
+    a.writer.add_domain("example.org")
+    a.writer.add_user("alice@example.org", PASSWORD, quota=5000)
+    assert [u.address.local for u in a.accounts.users()] == ["alice"]  # at once, on the writer's node
+    user = eventually(lambda: b.accounts.get_user("alice@example.org"))
+    assert user.quota == 5000
+    assert str(b.accounts.resolve("alice+tag@example.org").local[0]) == "alice@example.org"
+    assert b.accounts.authenticate("alice@example.org", PASSWORD) is not None
+    assert b.accounts.authenticate("alice@example.org", "wrong password!") is None
+    with pytest.raises(NotLocalError):
+        b.accounts.resolve("alice@example.net")
+
+
+def test_quota_alias_password_and_removal_propagate(cluster):
+    a, b = cluster("a"), cluster("b")
+    a.writer.add_domain("example.org")
+    a.writer.add_user("alice@example.org", PASSWORD)
+    eventually(lambda: b.accounts.get_user("alice@example.org"))
+
+    b.writer.set_quota("alice@example.org", 10_000, 50)  # either node writes
+    eventually(lambda: (u := a.accounts.get_user("alice@example.org")) and u.quota == 10_000)
+    assert a.accounts.get_user("alice@example.org").message_quota == 50
+
+    a.writer.add_alias("sales@example.org", ["alice@example.org", "boss@elsewhere.example"])
+    resolution = eventually(lambda: _resolve(b.accounts, "sales@example.org"))
+    assert [str(x) for x in resolution.local] == ["alice@example.org"]
+    assert resolution.remote == ("boss@elsewhere.example",)
+    with pytest.raises(UnknownAddressError):  # the same checks as one node: targets must exist
+        a.writer.add_alias("info@example.org", ["nobody@example.org"])
+
+    a.writer.set_password("alice@example.org", "a new passphrase")
+    eventually(lambda: b.accounts.authenticate("alice@example.org", "a new passphrase"))
+
+    b.writer.remove_alias("sales@example.org")
+    eventually(lambda: _resolve(a.accounts, "sales@example.org") is None)
+    a.writer.remove_user("alice@example.org")
+    eventually(lambda: b.accounts.get_user("alice@example.org") is None)
+    assert b.accounts.authenticate("alice@example.org", "a new passphrase") is None
+
+
+def test_domain_removal_keeps_single_node_rules(cluster):
+    a, b = cluster("a"), cluster("b")
+    for domain in ("example.org", "example.net"):
+        a.writer.add_domain(domain)
+    for i in range(150):  # more than etcd's 128 operations per transaction
+        a.writer.add_user(f"u{i}@example.org", PASSWORD)
+    a.writer.add_alias("team@example.net", ["u1@example.org", "ext@elsewhere.example"])
+    eventually(lambda: b.accounts.get_user("u149@example.org"))
+    with pytest.raises(DomainNotEmptyError, match="150 user"):
+        b.writer.remove_domain("example.org")
+    assert b.writer.remove_domain("example.org", force=True) == (150, 1)
+    eventually(lambda: not a.accounts.is_local_domain("example.org"))
+    assert a.accounts.users() == []
+    assert [alias.targets for alias in a.accounts.aliases()] == [("ext@elsewhere.example",)]
+
+
+def test_a_node_started_later_gets_the_whole_set(cluster):
+    a = cluster("a")
+    a.writer.add_domain("example.org")
+    for name in ("alice", "bob", "carol"):
+        a.writer.add_user(f"{name}@example.org", PASSWORD)
+    a.writer.add_alias("@example.org", ["alice@example.org"])  # the catch-all
+    late = cluster("late")
+    assert late.mirror.wait_revision(a.mirror.revision, PROPAGATION)
+    assert sorted(u.address.local for u in late.accounts.users()) == ["alice", "bob", "carol"]
+    assert str(late.accounts.resolve("anyone@example.org").local[0]) == "alice@example.org"
+
+
+def test_two_writers_adding_one_user_at_once_one_wins(cluster):
+    a, b = cluster("a"), cluster("b")
+    a.writer.add_domain("example.org")
+    eventually(lambda: b.accounts.is_local_domain("example.org"))
+    for round_ in range(5):
+        address = f"race{round_}@example.org"
+        outcomes = _race_to_add(a, b, address)
+        assert sorted(outcomes.values()) == ["added", "exists"]
+        winner, loser = sorted(outcomes, key=lambda name: outcomes[name])
+        # Both nodes end with one record: the winner's password, whichever node won.
+        for node in (a, b):
+            eventually(partial(node.accounts.authenticate, address, f"{winner} password"))
+            assert node.accounts.authenticate(address, f"{loser} password") is None
+
+
+def _race_to_add(a: Node, b: Node, address: str) -> dict[str, str]:
+    start = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def add(node: Node) -> None:
+        start.wait(5)
+        try:
+            node.writer.add_user(address, f"{node.name} password")
+            outcomes[node.name] = "added"
+        except ExistsError:
+            outcomes[node.name] = "exists"
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outcomes
+
+
+def test_etcd_down_lookups_answer_writes_fail_then_catch_up(tmp_path):
+    with Etcd() as etcd:
+        a = Node(tmp_path, "a", [etcd.endpoint], "/postroom/")
+        b = Node(tmp_path, "b", [etcd.endpoint], "/postroom/")
+        try:
+            a.writer.add_domain("example.org")
+            a.writer.add_user("alice@example.org", PASSWORD)
+            eventually(lambda: b.accounts.get_user("alice@example.org"))
+
+            etcd.kill()
+            for node in (a, b):  # RCPT and LOGIN answer from the node's copy
+                assert node.accounts.resolve("alice@example.org").local
+                assert node.accounts.authenticate("alice@example.org", PASSWORD) is not None
+            began = time.monotonic()
+            with pytest.raises(EtcdUnavailableError, match="etcd unreachable"):
+                a.writer.add_user("bob@example.org", PASSWORD)
+            assert time.monotonic() - began < 5
+            assert a.accounts.get_user("bob@example.org") is None  # nothing half-written
+
+            etcd.start()  # the same data dir and port: the cluster's coordinator is back
+            a.writer.add_user("bob@example.org", PASSWORD)
+            eventually(lambda: b.accounts.get_user("bob@example.org"), timeout=5)  # b's mirror retried
+            assert b.accounts.authenticate("alice@example.org", PASSWORD) is not None
+        finally:
+            a.close()
+            b.close()
+
+
+def test_without_a_cluster_the_cli_writes_the_local_database(tmp_path):
+    with Accounts(tmp_path / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
+        assert account_writer(accounts, None) is accounts
+        assert isinstance(account_writer(accounts, ["http://127.0.0.1:1"]), ClusterAccounts)
+
+
+def _resolve(accounts: Accounts, address: str):
+    try:
+        return accounts.resolve(address)
+    except UnknownAddressError:
+        return None
