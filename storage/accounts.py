@@ -233,7 +233,15 @@ class Accounts:
         return user
 
     def _current_answers(self) -> dict:
-        as_of = self._env.info()["last_txnid"]  # a read of the lock file's shared memory
+        # The id of a read transaction, not env.info()'s last_txnid: a committer writes the
+        # meta page (which info() reads) before it publishes the transaction to new readers,
+        # so in that window info() says N while a read still sees N-1, and an answer read
+        # then would be kept, stale, as N's until the next commit (seen: a user added by
+        # the cluster's mirror stayed "unknown" in the same process). A read that begins
+        # after this one sees this snapshot or a newer one: an answer kept here may be newer
+        # than `as_of`, never older.
+        with self._env.begin() as txn:
+            as_of = txn.id()
         if as_of != self._answers_as_of:
             self._answers = {}
             self._answers_as_of = as_of
@@ -289,6 +297,12 @@ class Accounts:
     def table_handles(self) -> dict[str, object]:
         """The LMDB handle of each table, for a transaction-like view that names tables by handle."""
         return {"domains": self._domains, "users": self._users, "aliases": self._aliases}
+
+    def rows(self):
+        """Every (table, key, value) of the three tables, as the mirror compares and seeds them."""
+        with self._env.begin() as txn:
+            for table, db in self.table_handles().items():
+                yield from ((table, key, value) for key, value in txn.cursor(db=db))
 
     def mirrored_revision(self) -> int:
         with self._env.begin() as txn:
