@@ -29,6 +29,10 @@ from storage import Accounts
 _log = EventLogger("cluster.accounts")
 
 
+class LocalOnlyError(Exception):
+    """This node has accounts that etcd has not: loading etcd's set would lose them."""
+
+
 class AccountsMirror:
     def __init__(self, accounts: Accounts, endpoints: list[str], prefix: str = "/postroom/", *,
                  retry: float = 1.0, log: EventLogger = _log):
@@ -81,6 +85,9 @@ class AccountsMirror:
             except CompactedError as e:
                 self._log.warning("accounts.mirror.reload", reason=str(e), revision=self._revision)
                 need_load = True
+            except LocalOnlyError as e:
+                self._log.error("accounts.mirror.refused", error=str(e), retry_s=self._retry * 10)
+                self._stopping.wait(self._retry * 10)
             except EtcdUnavailableError as e:
                 if self._stopping.is_set():
                     break
@@ -94,6 +101,15 @@ class AccountsMirror:
 
     def _load(self) -> None:
         revision, rows = self._etcd.load()
+        rows = list(rows)
+        if self._accounts.mirrored_revision() == 0:
+            # The first load on this node: accounts made before it joined a cluster would be
+            # wiped by etcd's set. Refuse, and keep serving them, until they are pushed to
+            # etcd (cluster/accounts_seed.py) or are already there.
+            known = set(rows)
+            only_here = sum(1 for row in self._accounts.rows() if row not in known)
+            if only_here:
+                raise LocalOnlyError(f"{only_here} local account row(s) are not in etcd; push them first")
         count = self._accounts.replace_mirrored(rows, revision)
         self._advance(revision)
         self._log.info("accounts.mirror.loaded", revision=revision, rows=count)

@@ -112,6 +112,7 @@ class ClusterAccounts:
         self._accounts = accounts
         self._etcd = EtcdAccounts(endpoints, prefix)
         self._log = log
+        self.endpoints, self.prefix = list(endpoints), prefix
 
     def __getattr__(self, name: str):
         return getattr(self._accounts, name)  # domains(), users(), get_user(), resolve(), ...
@@ -228,9 +229,3 @@ class ClusterAccounts:
             raise _Conflict()
         self._apply_here(changes, revision)
         return len(users), len(own) + len(inbound)
-
-
-def account_writer(accounts: Accounts, endpoints: list[str] | None, prefix: str = "/postroom/"):
-    """What the admin CLI writes through: etcd when the node is in a cluster, else the LMDB."""
-    return ClusterAccounts(accounts, endpoints, prefix) if endpoints else accounts
-

@@ -9,14 +9,17 @@ import itertools
 import threading
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import argon2
 import pytest
 from etcd_peer import Etcd, etcd_server  # noqa: F401  (a fixture)
 
-from cluster.accounts_etcd import EtcdUnavailableError
+from cluster.accounts_etcd import CompactedError, EtcdAccounts, EtcdUnavailableError, b64, etcd_key
 from cluster.accounts_mirror import AccountsMirror
-from cluster.accounts_writer import ClusterAccounts, account_writer
+from cluster.accounts_seed import push_local
+from cluster.accounts_writer import ClusterAccounts
+from postroom import cli
 from storage import Accounts
 from storage.errors import DomainNotEmptyError, ExistsError, NotLocalError, UnknownAddressError
 
@@ -198,10 +201,47 @@ def test_etcd_down_lookups_answer_writes_fail_then_catch_up(tmp_path):
             b.close()
 
 
-def test_without_a_cluster_the_cli_writes_the_local_database(tmp_path):
-    with Accounts(tmp_path / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
-        assert account_writer(accounts, None) is accounts
-        assert isinstance(account_writer(accounts, ["http://127.0.0.1:1"]), ClusterAccounts)
+def test_a_single_node_joining_keeps_its_accounts_until_pushed(tmp_path, cluster):
+    a = cluster("a")
+    a.writer.add_domain("example.org")
+    a.writer.add_user("alice@example.org", PASSWORD)
+    (tmp_path / "old").mkdir()
+    with Accounts(tmp_path / "old" / "accounts.lmdb", hasher=CHEAP_HASHER) as before:  # a node of its own
+        before.add_domain("old.example")
+        before.add_user("olga@old.example", PASSWORD)
+    old = cluster("old")
+    time.sleep(0.5)  # its mirror met etcd's set and refused to drop olga
+    assert old.mirror.revision == 0
+    assert old.accounts.authenticate("olga@old.example", PASSWORD) is not None
+    assert push_local(old.accounts, [old.writer.endpoints[0]], old.writer.prefix) == (2, 0)
+    eventually(lambda: a.accounts.authenticate("olga@old.example", PASSWORD))
+    eventually(lambda: old.accounts.get_user("alice@example.org"), timeout=5)  # its next try loads
+    assert old.accounts.get_user("olga@old.example") is not None
+    assert push_local(old.accounts, [old.writer.endpoints[0]], old.writer.prefix) == (0, 4)
+
+
+def test_a_watch_from_a_compacted_revision_says_so(etcd_server):  # noqa: F811
+    etcd = EtcdAccounts([etcd_server.endpoint], f"/compact{time.monotonic_ns()}/")
+    first, _ = etcd.load()
+    key = etcd_key(etcd.prefix, "domains", b"example.org")
+    etcd.txn([], [{"request_put": {"key": b64(key), "value": b64(b"{}")}}])
+    revision, _ = etcd.load()
+    etcd.post("/kv/compaction", {"revision": revision})
+    with pytest.raises(CompactedError):  # the mirror then loads the whole set again
+        next(etcd.watch(first))
+
+
+def test_the_cli_writes_to_etcd_in_cluster_mode(tmp_path, etcd_server):  # noqa: F811
+    (tmp_path / "n").mkdir()
+    with Accounts(tmp_path / "n" / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
+        assert cli._in_cluster(SimpleNamespace(), accounts) is accounts  # no [cluster]: local
+        prefix = f"/cli{time.monotonic_ns()}/"
+        config = SimpleNamespace(cluster=SimpleNamespace(etcd=[etcd_server.endpoint], prefix=prefix))
+        writer = cli._in_cluster(config, accounts)
+        writer.add_domain("example.org")
+        _, rows = EtcdAccounts([etcd_server.endpoint], prefix).load()
+        assert [(table, key) for table, key, _ in rows] == [("domains", b"example.org")]
+        assert writer.is_local_domain("example.org")  # and on this node at once
 
 
 def _resolve(accounts: Accounts, address: str):
