@@ -38,6 +38,10 @@ class EtcdUnavailableError(AccountError):
     """No etcd endpoint answered: the cluster's accounts cannot change right now."""
 
 
+class EtcdRequestError(AccountError):
+    """etcd answered with an error (too many operations, no space left, ...)."""
+
+
 class CompactedError(Exception):
     """The revision a watch wanted is gone (compacted): reload from a fresh revision."""
 
@@ -101,6 +105,10 @@ class EtcdAccounts:
                 return client.post(client.get_url(path), json=payload)
             except (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError) as e:
                 failures.append(f"{client.base_url}: {type(e).__name__}")
+            except etcd_exceptions.Etcd3Exception as e:  # etcd answered, and refused
+                if "compacted" in (e.detail_text or ""):
+                    raise CompactedError(_reason(e)) from None
+                raise EtcdRequestError(f"etcd refused the request: {_reason(e)}") from None
         raise EtcdUnavailableError(f"etcd unreachable ({'; '.join(failures)}): accounts cannot change now")
 
     def range(self, start: bytes, end: bytes, *, revision: int = 0, limit: int = 0,
@@ -119,17 +127,23 @@ class EtcdAccounts:
         return int(reply["header"]["revision"]), kvs, bool(reply.get("more"))
 
     def load(self) -> tuple[int, Iterator[tuple[str, bytes, bytes]]]:
-        """Every account row at one revision, read in pages: (revision, rows)."""
+        """Every account row at one revision, read in pages as `rows` is iterated."""
         start = accounts_prefix(self.prefix).encode()
         end = range_end(start)
-        revision, kvs, more = self.range(start, end, limit=PAGE)
-        pages = [kvs]
-        while more:  # the same revision for every page: one consistent set
-            _, kvs, more = self.range(kvs[-1]["key"] + b"\0", end, revision=revision, limit=PAGE)
-            pages.append(kvs)
-        rows = ((*row, kv["value"]) for page in pages for kv in page
-                if (row := row_of(self.prefix, kv["key"])) is not None)
-        return revision, rows
+        revision, first, more = self.range(start, end, limit=PAGE)
+
+        def rows(kvs=first, more=more):
+            # Fetched as consumed, so a node never holds the whole set in memory; every page
+            # at the same revision: one consistent set (CompactedError if it goes meanwhile).
+            while True:
+                for kv in kvs:
+                    if (row := row_of(self.prefix, kv["key"])) is not None:
+                        yield (*row, kv["value"])
+                if not more:
+                    return
+                _, kvs, more = self.range(kvs[-1]["key"] + b"\0", end, revision=revision, limit=PAGE)
+
+        return revision, rows()
 
     def txn(self, compare: list[dict], success: list[dict]) -> tuple[bool, int]:
         """One compare-and-swap transaction: (succeeded, revision after it)."""
@@ -180,6 +194,15 @@ class EtcdAccounts:
         finally:
             response.close()
         raise EtcdUnavailableError("watch stream ended")
+
+
+def _reason(error: etcd_exceptions.Etcd3Exception) -> str:
+    """etcd's own message from the gateway's JSON error body, else the HTTP reason."""
+    try:
+        body = json.loads(error.detail_text or "")
+        return str(body.get("error") or body.get("message") or body)
+    except (TypeError, ValueError, AttributeError):
+        return error.detail_text or str(error)
 
 
 def _messages(response) -> Iterator[dict]:

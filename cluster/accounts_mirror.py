@@ -101,11 +101,11 @@ class AccountsMirror:
 
     def _load(self) -> None:
         revision, rows = self._etcd.load()
-        rows = list(rows)
-        if self._accounts.mirrored_revision() == 0:
-            # The first load on this node: accounts made before it joined a cluster would be
-            # wiped by etcd's set. Refuse, and keep serving them, until they are pushed to
-            # etcd (cluster/accounts_seed.py) or are already there.
+        if self._accounts.mirrored_revision() == 0 and next(self._accounts.rows(), None) is not None:
+            # The first load on this node, and it has accounts: made before it joined a
+            # cluster, they would be wiped by etcd's set. Refuse, and keep serving them,
+            # until they are pushed to etcd (cluster/accounts_seed.py) or are there already.
+            rows = list(rows)
             known = set(rows)
             only_here = sum(1 for row in self._accounts.rows() if row not in known)
             if only_here:

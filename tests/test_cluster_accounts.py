@@ -15,7 +15,14 @@ import argon2
 import pytest
 from etcd_peer import Etcd, etcd_server  # noqa: F401  (a fixture)
 
-from cluster.accounts_etcd import CompactedError, EtcdAccounts, EtcdUnavailableError, b64, etcd_key
+from cluster.accounts_etcd import (
+    CompactedError,
+    EtcdAccounts,
+    EtcdRequestError,
+    EtcdUnavailableError,
+    b64,
+    etcd_key,
+)
 from cluster.accounts_mirror import AccountsMirror
 from cluster.accounts_seed import push_local
 from cluster.accounts_writer import ClusterAccounts
@@ -32,11 +39,11 @@ _prefixes = itertools.count()
 class Node:
     """One node's accounts: its LMDB copy, its mirror, and the CLI's writer."""
 
-    def __init__(self, root, name: str, endpoints: list[str], prefix: str):
+    def __init__(self, root, name: str, endpoints: list[str], prefix: str, *, retry: float = 0.2):
         (root / name).mkdir(parents=True, exist_ok=True)
         self.name = name
         self.accounts = Accounts(root / name / "accounts.lmdb", hasher=CHEAP_HASHER)
-        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=0.2).start()
+        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=retry).start()
         self.writer = ClusterAccounts(self.accounts, endpoints, prefix)
 
     def close(self) -> None:
@@ -173,10 +180,11 @@ def _race_to_add(a: Node, b: Node, address: str) -> dict[str, str]:
     return outcomes
 
 
-def test_etcd_down_lookups_answer_writes_fail_then_catch_up(tmp_path):
+def test_etcd_down_lookups_answer_writes_fail_then_catch_up(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cluster.accounts")
     with Etcd() as etcd:
         a = Node(tmp_path, "a", [etcd.endpoint], "/postroom/")
-        b = Node(tmp_path, "b", [etcd.endpoint], "/postroom/")
+        b = Node(tmp_path, "b", [etcd.endpoint], "/postroom/", retry=3.0)  # back after what follows
         try:
             a.writer.add_domain("example.org")
             a.writer.add_user("alice@example.org", PASSWORD)
@@ -194,8 +202,14 @@ def test_etcd_down_lookups_answer_writes_fail_then_catch_up(tmp_path):
 
             etcd.start()  # the same data dir and port: the cluster's coordinator is back
             a.writer.add_user("bob@example.org", PASSWORD)
-            eventually(lambda: b.accounts.get_user("bob@example.org"), timeout=5)  # b's mirror retried
+            a.writer.set_quota("bob@example.org", 777)
+            revision, _ = a.writer._etcd.load()
+            # Revisions before the quota's are gone: b cannot resume where it stopped; it reloads.
+            a.writer._etcd.post("/kv/compaction", {"revision": revision})
+            eventually(lambda: (u := b.accounts.get_user("bob@example.org")) and u.quota == 777, timeout=8)
             assert b.accounts.authenticate("alice@example.org", PASSWORD) is not None
+            events = [r.getMessage() for r in caplog.records if r.name == "cluster.accounts"]
+            assert "accounts.mirror.etcd_down" in events and "accounts.mirror.reload" in events
         finally:
             a.close()
             b.close()
@@ -229,6 +243,14 @@ def test_a_watch_from_a_compacted_revision_says_so(etcd_server):  # noqa: F811
     etcd.post("/kv/compaction", {"revision": revision})
     with pytest.raises(CompactedError):  # the mirror then loads the whole set again
         next(etcd.watch(first))
+
+
+def test_a_request_etcd_refuses_is_one_clear_error(etcd_server):  # noqa: F811
+    etcd = EtcdAccounts([etcd_server.endpoint], f"/refused{time.monotonic_ns()}/")
+    puts = [{"request_put": {"key": b64(etcd_key(etcd.prefix, "domains", f"d{i}.example".encode())),
+                             "value": b64(b"{}")}} for i in range(200)]
+    with pytest.raises(EtcdRequestError, match="too many operations"):  # etcd's cap: 128
+        etcd.txn([], puts)
 
 
 def test_the_cli_writes_to_etcd_in_cluster_mode(tmp_path, etcd_server):  # noqa: F811
