@@ -101,7 +101,7 @@ class AccountsMirror:
 
     def _load(self) -> None:
         revision, rows = self._etcd.load()
-        if self._accounts.mirrored_revision() == 0 and next(self._accounts.rows(), None) is not None:
+        if self._accounts.mirrored_revision() == 0 and not self._accounts.is_empty():
             # The first load on this node, and it has accounts: made before it joined a
             # cluster, they would be wiped by etcd's set. Refuse, and keep serving them,
             # until they are pushed to etcd (cluster/accounts_seed.py) or are there already.

@@ -44,6 +44,10 @@ class ConflictError(AccountError):
     """Other writers kept changing the same accounts: nothing was written."""
 
 
+class NotJoinedError(AccountError):
+    """This node's own accounts are not in etcd yet: a change now would hide them."""
+
+
 class _Conflict(Exception):
     pass
 
@@ -157,7 +161,15 @@ class ClusterAccounts:
         addr = alias_address(alias)
         return self._write(lambda view: self._accounts.remove_alias_in(view, addr, targets))
 
+    def _require_joined(self) -> None:
+        """A node whose own accounts are not in etcd yet must not take etcd's: see
+        cluster/accounts_seed.py. Checked before anything is written."""
+        if self._accounts.mirrored_revision() == 0 and not self._accounts.is_empty():
+            raise NotJoinedError("this node has accounts that are not in the cluster's etcd yet: "
+                                 "push them first (docs/cluster.md)")
+
     def _write(self, change):
+        self._require_joined()
         for attempt in range(ATTEMPTS):
             view = EtcdView(self._etcd, self._accounts.table_handles())
             result = change(view)
@@ -181,6 +193,7 @@ class ClusterAccounts:
         range deletes (one operation each, whatever their number: etcd caps a transaction
         at 128 operations), guarded by "nothing in these ranges changed since R"."""
         domain = domain_name(name)
+        self._require_joined()
         for attempt in range(ATTEMPTS):
             try:
                 return self._remove_domain_once(domain, force)

@@ -341,9 +341,14 @@ class Accounts:
                     txn.delete(key, db=handles[table])
                 else:
                     txn.put(key, value, db=handles[table])
-            if not if_behind:
+            if not if_behind or not raw:  # (a writer's change on a node never loaded: it joins with it)
                 txn.put(b"revision", str(revision).encode(), db=self._mirror)
         return True
+
+    def is_empty(self) -> bool:
+        """No domain, user or alias at all (a node about to join a cluster, for one)."""
+        with self._env.begin() as txn:
+            return all(txn.stat(db)["entries"] == 0 for db in self.table_handles().values())
 
     # -- authentication ----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from cluster.accounts_etcd import (
 )
 from cluster.accounts_mirror import AccountsMirror
 from cluster.accounts_seed import push_local
-from cluster.accounts_writer import ClusterAccounts
+from cluster.accounts_writer import ClusterAccounts, NotJoinedError
 from postroom import cli
 from storage import Accounts
 from storage.errors import DomainNotEmptyError, ExistsError, NotLocalError, UnknownAddressError
@@ -227,6 +227,8 @@ def test_a_single_node_joining_keeps_its_accounts_until_pushed(tmp_path, cluster
     time.sleep(0.5)  # its mirror met etcd's set and refused to drop olga
     assert old.mirror.revision == 0
     assert old.accounts.authenticate("olga@old.example", PASSWORD) is not None
+    with pytest.raises(NotJoinedError, match="push them first"):  # nor may a change hide them
+        old.writer.add_user("oscar@old.example", PASSWORD)
     assert push_local(old.accounts, [old.writer.endpoints[0]], old.writer.prefix) == (2, 0)
     eventually(lambda: a.accounts.authenticate("olga@old.example", PASSWORD))
     eventually(lambda: old.accounts.get_user("alice@example.org"), timeout=5)  # its next try loads
