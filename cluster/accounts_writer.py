@@ -22,7 +22,7 @@ import json
 import random
 import time
 
-from cluster.accounts_etcd import EtcdAccounts, b64, etcd_key, range_end, row_of, table_prefix
+from cluster.accounts_etcd import CompactedError, EtcdAccounts, b64, etcd_key, range_end, row_of, table_prefix
 from conf.logfmt import EventLogger
 from storage import AccountError, Accounts, Alias, Domain, User
 from storage.accounts import (
@@ -172,7 +172,10 @@ class ClusterAccounts:
         self._require_joined()
         for attempt in range(ATTEMPTS):
             view = EtcdView(self._etcd, self._accounts.table_handles())
-            result = change(view)
+            try:
+                result = change(view)
+            except CompactedError:  # the revision it read at went meanwhile: a fresh view
+                continue
             if not view.writes:
                 return result
             succeeded, revision = self._etcd.txn(view.compare, view.requests())
@@ -197,7 +200,7 @@ class ClusterAccounts:
         for attempt in range(ATTEMPTS):
             try:
                 return self._remove_domain_once(domain, force)
-            except _Conflict:
+            except (_Conflict, CompactedError):
                 time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))
         raise ConflictError("other changes to the same accounts kept coming; nothing written, try again")
 
