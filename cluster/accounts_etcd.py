@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import etcd3gw
 import requests
+import urllib3
 from etcd3gw import exceptions as etcd_exceptions
 
 from storage import AccountError
@@ -31,6 +32,7 @@ from storage.accounts import TABLES
 PAGE = 2000  # keys per range request when loading: bounded responses at any size
 MAX_MESSAGE = 64 << 20  # bytes of one watch message before we call the stream broken
 TIMEOUT = 5.0  # seconds for one unary request; a dead etcd is an error, not a hang
+IDLE = 30.0  # seconds of a silent watch before it is made again (one request per node)
 
 
 class EtcdUnavailableError(AccountError):
@@ -90,6 +92,7 @@ class EtcdAccounts:
             raise ValueError("no etcd endpoint")
         self.endpoints = list(endpoints)
         self.prefix = prefix
+        self._timeout = timeout
         self._clients = []
         for url in endpoints:
             parts = urlsplit(url)
@@ -149,9 +152,13 @@ class EtcdAccounts:
         reply = self.post("/kv/txn", {"compare": compare, "success": success, "failure": []})
         return bool(reply.get("succeeded")), int(reply["header"]["revision"])
 
-    def watch(self, start_revision: int, on_open=None) -> Iterator[tuple[int, list[tuple[str, bytes, bytes | None]]]]:
+    def watch(self, start_revision: int, on_open=None, *,
+              idle: float = IDLE) -> Iterator[tuple[int, list[tuple[str, bytes, bytes | None]]]]:
         """(revision, changes) for each watch response from `start_revision` on, until the
-        stream ends (EtcdUnavailableError) or the revision is compacted (CompactedError).
+        stream ends (EtcdUnavailableError), the revision is compacted (CompactedError), or
+        nothing came for `idle` seconds (the iterator just ends: watch again from where it
+        got to). The last is what notices a connection that went silent without a reset
+        (a partition, a lost NAT entry): otherwise the copy would stay stale with no error.
         `on_open(response)` gets the HTTP response, so a stopper can close it."""
         start = accounts_prefix(self.prefix).encode()
         request = {"create_request": {"key": b64(start), "range_end": b64(range_end(start)),
@@ -160,7 +167,7 @@ class EtcdAccounts:
         for client in self._clients:
             try:
                 response = client.session.post(client.get_url("/watch"), json=request, stream=True,
-                                               timeout=(TIMEOUT, None))
+                                               timeout=(self._timeout, idle))
                 break
             except requests.exceptions.RequestException as e:
                 failures.append(f"{client.base_url}: {type(e).__name__}")
@@ -188,7 +195,9 @@ class EtcdAccounts:
                     changes.append((*row, value))
                 yield int(events[-1]["kv"]["mod_revision"]), changes
         except (requests.exceptions.RequestException, AttributeError, ValueError) as e:
-            # AttributeError/ValueError: the stream closed under iter_lines by a stop
+            if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
+                return  # idle for `idle` seconds
+            # AttributeError/ValueError: the stream closed under the reader by a stop
             raise EtcdUnavailableError(f"watch stream ended: {type(e).__name__}") from None
         finally:
             response.close()

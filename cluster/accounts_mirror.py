@@ -11,6 +11,8 @@ mirror per node keeps that copy current:
      revision reached; Accounts' per-commit answer cache empties on each commit;
   3. on a lost stream, watch again from where it stopped; if etcd compacted that revision
      away, load again. Retries are spaced `retry` seconds apart while etcd is unreachable.
+     A watch silent for `idle` seconds is made again too: a connection that died without
+     a reset would otherwise leave the copy stale with no error to say so.
 
 A change made on any node is on every other node after one watch round trip (a few ms on
 a LAN). Runs as a thread: start(), stop(), wait_revision().
@@ -22,7 +24,7 @@ import socket
 import threading
 import time
 
-from cluster.accounts_etcd import CompactedError, EtcdAccounts, EtcdUnavailableError
+from cluster.accounts_etcd import IDLE, TIMEOUT, CompactedError, EtcdAccounts, EtcdUnavailableError
 from conf.logfmt import EventLogger
 from storage import Accounts
 
@@ -35,10 +37,11 @@ class LocalOnlyError(Exception):
 
 class AccountsMirror:
     def __init__(self, accounts: Accounts, endpoints: list[str], prefix: str = "/postroom/", *,
-                 retry: float = 1.0, log: EventLogger = _log):
+                 retry: float = 1.0, idle: float = IDLE, timeout: float = TIMEOUT, log: EventLogger = _log):
         self._accounts = accounts
-        self._etcd = EtcdAccounts(endpoints, prefix)
+        self._etcd = EtcdAccounts(endpoints, prefix, timeout=timeout)
         self._retry = retry
+        self._idle = idle
         self._log = log
         self._stopping = threading.Event()
         self._changed = threading.Condition()
@@ -115,7 +118,7 @@ class AccountsMirror:
         self._log.info("accounts.mirror.loaded", revision=revision, rows=count)
 
     def _follow(self) -> None:
-        for revision, changes in self._etcd.watch(self._revision + 1, on_open=self._opened):
+        for revision, changes in self._etcd.watch(self._revision + 1, on_open=self._opened, idle=self._idle):
             if self._stopping.is_set():
                 return
             self._accounts.apply_mirrored(changes, revision)

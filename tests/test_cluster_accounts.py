@@ -6,6 +6,7 @@ against a real etcd on loopback."""
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 from functools import partial
@@ -39,11 +40,12 @@ _prefixes = itertools.count()
 class Node:
     """One node's accounts: its LMDB copy, its mirror, and the CLI's writer."""
 
-    def __init__(self, root, name: str, endpoints: list[str], prefix: str, *, retry: float = 0.2):
+    def __init__(self, root, name: str, endpoints: list[str], prefix: str, *, retry: float = 0.2,
+                 idle: float = 30.0):
         (root / name).mkdir(parents=True, exist_ok=True)
         self.name = name
         self.accounts = Accounts(root / name / "accounts.lmdb", hasher=CHEAP_HASHER)
-        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=retry).start()
+        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=retry, idle=idle).start()
         self.writer = ClusterAccounts(self.accounts, endpoints, prefix)
 
     def close(self) -> None:
@@ -131,6 +133,68 @@ def test_domain_removal_keeps_single_node_rules(cluster):
     eventually(lambda: not a.accounts.is_local_domain("example.org"))
     assert a.accounts.users() == []
     assert [alias.targets for alias in a.accounts.aliases()] == [("ext@elsewhere.example",)]
+
+
+class SilentLink:
+    """A TCP relay to etcd whose open connections can be made to go silent, no data and no
+    reset, as a partition or a lost NAT entry does to them; new connections still work.
+    A fake at the network, the one boundary here we do not own."""
+
+    def __init__(self, port: int):
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            silent = threading.Event()
+            self._open.append((client, upstream, silent))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, silent), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, silent: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                if not silent.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def silence_open_connections(self) -> None:
+        for _, _, silent in self._open:
+            silent.set()
+
+    def close(self) -> None:
+        self._listener.close()
+        for client, upstream, _ in self._open:
+            client.close()
+            upstream.close()
+
+
+def test_a_watch_gone_silent_is_made_again(tmp_path, etcd_server):  # noqa: F811
+    link = SilentLink(etcd_server.port)
+    prefix = f"/silent{time.monotonic_ns()}/"
+    a = Node(tmp_path, "a", [etcd_server.endpoint], prefix)
+    b = Node(tmp_path, "b", [link.endpoint], prefix, idle=1.0)
+    try:
+        a.writer.add_domain("example.org")
+        a.writer.add_user("alice@example.org", PASSWORD)
+        eventually(lambda: b.accounts.get_user("alice@example.org"))
+        link.silence_open_connections()  # b's watch hears nothing more, and no error either
+        a.writer.add_user("bob@example.org", PASSWORD)
+        eventually(lambda: b.accounts.get_user("bob@example.org"), timeout=4)  # idle 1 s, then anew
+    finally:
+        a.close()
+        b.close()
+        link.close()
 
 
 def test_a_node_started_later_gets_the_whole_set(cluster):
