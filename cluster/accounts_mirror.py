@@ -36,6 +36,8 @@ class LocalOnlyError(Exception):
 
 
 class AccountsMirror:
+    """Keeps `accounts` (this node's LMDB) a copy of etcd's accounts, in a thread of its own."""
+
     def __init__(self, accounts: Accounts, endpoints: list[str], prefix: str = "/postroom/", *,
                  retry: float = 1.0, idle: float = IDLE, timeout: float = TIMEOUT, log: EventLogger = _log):
         self._accounts = accounts
