@@ -29,7 +29,7 @@ from etcd3gw import exceptions as etcd_exceptions
 from storage import AccountError
 from storage.accounts import TABLES
 
-PAGE = 2000  # keys per range request when loading: bounded responses at any size
+PAGE = 2000  # keys per range request of a load or a scan: bounded responses at any size
 MAX_MESSAGE = 64 << 20  # bytes of one watch message before we call the stream broken
 TIMEOUT = 5.0  # seconds for one unary request; a dead etcd is an error, not a hang
 IDLE = 30.0  # seconds of a silent watch before it is made again (one request per node)
@@ -87,12 +87,14 @@ def unb64(text: str) -> bytes:
 class EtcdAccounts:
     """Requests to etcd's gateway over one of `endpoints` ("http://host:port")."""
 
-    def __init__(self, endpoints: list[str], prefix: str = "/postroom/", *, timeout: float = TIMEOUT):
+    def __init__(self, endpoints: list[str], prefix: str = "/postroom/", *, timeout: float = TIMEOUT,
+                 page: int = PAGE):
         if not endpoints:
             raise ValueError("no etcd endpoint")
         self.endpoints = list(endpoints)
         self.prefix = prefix
         self._timeout = timeout
+        self.page = page
         self._clients = []
         for url in endpoints:
             parts = urlsplit(url)
@@ -128,24 +130,29 @@ class EtcdAccounts:
                 "mod_revision": int(kv.get("mod_revision", 0))} for kv in reply.get("kvs", [])]
         return int(reply["header"]["revision"]), kvs, bool(reply.get("more"))
 
-    def load(self) -> tuple[int, Iterator[tuple[str, bytes, bytes]]]:
-        """Every account row at one revision, read in pages as `rows` is iterated."""
-        start = accounts_prefix(self.prefix).encode()
-        end = range_end(start)
-        revision, first, more = self.range(start, end, limit=PAGE)
+    def scan(self, start: bytes, end: bytes, *, revision: int = 0,
+             keys_only: bool = False) -> tuple[int, Iterator[dict]]:
+        """(revision, kvs) of [start, end) at one revision, fetched a page at a time as the
+        kvs are iterated: bounded responses and memory whatever the number of keys. Every
+        page is read at the same revision (CompactedError if that goes meanwhile)."""
+        revision, first, more = self.range(start, end, revision=revision, limit=self.page, keys_only=keys_only)
 
-        def rows(kvs=first, more=more):
-            # Fetched as consumed, so a node never holds the whole set in memory; every page
-            # at the same revision: one consistent set (CompactedError if it goes meanwhile).
+        def kvs(page=first, more=more):
             while True:
-                for kv in kvs:
-                    if (row := row_of(self.prefix, kv["key"])) is not None:
-                        yield (*row, kv["value"])
+                yield from page
                 if not more:
                     return
-                _, kvs, more = self.range(kvs[-1]["key"] + b"\0", end, revision=revision, limit=PAGE)
+                _, page, more = self.range(page[-1]["key"] + b"\0", end, revision=revision, limit=self.page,
+                                           keys_only=keys_only)
 
-        return revision, rows()
+        return revision, kvs()
+
+    def load(self) -> tuple[int, Iterator[tuple[str, bytes, bytes]]]:
+        """Every account row at one revision, as (table, LMDB key, value), read as iterated."""
+        start = accounts_prefix(self.prefix).encode()
+        revision, kvs = self.scan(start, range_end(start))
+        rows = ((*row, kv["value"]) for kv in kvs if (row := row_of(self.prefix, kv["key"])) is not None)
+        return revision, rows
 
     def txn(self, compare: list[dict], success: list[dict]) -> tuple[bool, int]:
         """One compare-and-swap transaction: (succeeded, revision after it)."""

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-from cluster.accounts_etcd import IDLE, TIMEOUT, CompactedError, EtcdAccounts, EtcdUnavailableError
+from cluster.accounts_etcd import IDLE, PAGE, TIMEOUT, CompactedError, EtcdAccounts, EtcdUnavailableError
 from conf.logfmt import EventLogger
 from storage import Accounts
 
@@ -39,9 +39,10 @@ class AccountsMirror:
     """Keeps `accounts` (this node's LMDB) a copy of etcd's accounts, in a thread of its own."""
 
     def __init__(self, accounts: Accounts, endpoints: list[str], prefix: str = "/postroom/", *,
-                 retry: float = 1.0, idle: float = IDLE, timeout: float = TIMEOUT, log: EventLogger = _log):
+                 retry: float = 1.0, idle: float = IDLE, timeout: float = TIMEOUT, page: int = PAGE,
+                 log: EventLogger = _log):
         self._accounts = accounts
-        self._etcd = EtcdAccounts(endpoints, prefix, timeout=timeout)
+        self._etcd = EtcdAccounts(endpoints, prefix, timeout=timeout, page=page)
         self._retry = retry
         self._idle = idle
         self._log = log

@@ -22,7 +22,7 @@ import json
 import random
 import time
 
-from cluster.accounts_etcd import CompactedError, EtcdAccounts, b64, etcd_key, range_end, row_of, table_prefix
+from cluster.accounts_etcd import PAGE, CompactedError, EtcdAccounts, b64, etcd_key, range_end, row_of, table_prefix
 from conf.logfmt import EventLogger
 from storage import AccountError, Accounts, Alias, Domain, User
 from storage.accounts import (
@@ -112,9 +112,9 @@ class ClusterAccounts:
     """An Accounts whose changes go to etcd; reads (and everything else) are the local copy's."""
 
     def __init__(self, accounts: Accounts, endpoints: list[str], prefix: str = "/postroom/", *,
-                 log: EventLogger = _log):
+                 page: int = PAGE, log: EventLogger = _log):
         self._accounts = accounts
-        self._etcd = EtcdAccounts(endpoints, prefix)
+        self._etcd = EtcdAccounts(endpoints, prefix, page=page)
         self._log = log
         self.endpoints, self.prefix = list(endpoints), prefix
 
@@ -212,13 +212,14 @@ class ClusterAccounts:
         users_start = table_prefix(self._etcd.prefix, "users") + domain.encode() + b"/"
         aliases_all = table_prefix(self._etcd.prefix, "aliases")
         aliases_start = aliases_all + domain.encode() + b"/"
-        _, users, _ = self._etcd.range(users_start, range_end(users_start), revision=R, keys_only=True)
-        _, every_alias, _ = self._etcd.range(aliases_all, range_end(aliases_all), revision=R)
-        own = [kv for kv in every_alias if kv["key"].startswith(aliases_start)]
-        inbound = []
-        for kv in every_alias:
+        users = [kv["key"] for kv in self._etcd.scan(users_start, range_end(users_start), revision=R,
+                                                       keys_only=True)[1]]
+        own, inbound = [], []
+        for kv in self._etcd.scan(aliases_all, range_end(aliases_all), revision=R)[1]:
             targets = json.loads(kv["value"])["targets"]
-            if not kv["key"].startswith(aliases_start) and any(target_domain(t) == domain for t in targets):
+            if kv["key"].startswith(aliases_start):
+                own.append(kv["key"])
+            elif any(target_domain(t) == domain for t in targets):
                 inbound.append((kv["key"], [t for t in targets if target_domain(t) != domain]))
         if (users or own or inbound) and not force:
             raise DomainNotEmptyError(
@@ -232,7 +233,7 @@ class ClusterAccounts:
                                    **unchanged_since}]
         ops = [{"request_delete_range": {"key": b64(users_start), "range_end": b64(range_end(users_start))}},
                {"request_delete_range": {"key": b64(aliases_start), "range_end": b64(range_end(aliases_start))}}]
-        changes = [(*row_of(self._etcd.prefix, kv["key"]), None) for kv in users + own]
+        changes = [(*row_of(self._etcd.prefix, key), None) for key in users + own]
         for key, left in inbound:
             value = encode_record(targets=left) if left else None
             ops.append({"request_put": {"key": b64(key), "value": b64(value)}} if value

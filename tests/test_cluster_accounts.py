@@ -41,12 +41,12 @@ class Node:
     """One node's accounts: its LMDB copy, its mirror, and the CLI's writer."""
 
     def __init__(self, root, name: str, endpoints: list[str], prefix: str, *, retry: float = 0.2,
-                 idle: float = 30.0):
+                 idle: float = 30.0, page: int = 7):  # pages of 7 keys: loads and scans take several
         (root / name).mkdir(parents=True, exist_ok=True)
         self.name = name
         self.accounts = Accounts(root / name / "accounts.lmdb", hasher=CHEAP_HASHER)
-        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=retry, idle=idle).start()
-        self.writer = ClusterAccounts(self.accounts, endpoints, prefix)
+        self.mirror = AccountsMirror(self.accounts, endpoints, prefix, retry=retry, idle=idle, page=page).start()
+        self.writer = ClusterAccounts(self.accounts, endpoints, prefix, page=page)
 
     def close(self) -> None:
         self.mirror.stop()
@@ -200,13 +200,14 @@ def test_a_watch_gone_silent_is_made_again(tmp_path, etcd_server):  # noqa: F811
 def test_a_node_started_later_gets_the_whole_set(cluster):
     a = cluster("a")
     a.writer.add_domain("example.org")
-    for name in ("alice", "bob", "carol"):
+    names = [f"user{i:02d}" for i in range(20)]  # with the domain and the alias: 22 rows, 4 pages
+    for name in names:
         a.writer.add_user(f"{name}@example.org", PASSWORD)
-    a.writer.add_alias("@example.org", ["alice@example.org"])  # the catch-all
+    a.writer.add_alias("@example.org", ["user00@example.org"])  # the catch-all
     late = cluster("late")
     assert late.mirror.wait_revision(a.mirror.revision, PROPAGATION)
-    assert sorted(u.address.local for u in late.accounts.users()) == ["alice", "bob", "carol"]
-    assert str(late.accounts.resolve("anyone@example.org").local[0]) == "alice@example.org"
+    assert [u.address.local for u in late.accounts.users()] == names
+    assert str(late.accounts.resolve("anyone@example.org").local[0]) == "user00@example.org"
 
 
 def test_two_writers_adding_one_user_at_once_one_wins(cluster):
