@@ -312,6 +312,24 @@ def test_a_watch_from_a_compacted_revision_says_so(etcd_server):  # noqa: F811
         next(etcd.watch(first))
 
 
+def test_an_endpoint_that_does_not_answer_is_skipped(tmp_path, etcd_server):  # noqa: F811
+    nobody = socket.create_server(("127.0.0.1", 0))  # a port of ours where no etcd listens
+    dead = f"http://127.0.0.1:{nobody.getsockname()[1]}"
+    nobody.close()
+    prefix = f"/endpoints{time.monotonic_ns()}/"
+    a = Node(tmp_path, "a", [dead, etcd_server.endpoint], prefix)
+    b = Node(tmp_path, "b", [dead, etcd_server.endpoint], prefix)
+    try:
+        a.writer.add_domain("example.org")
+        a.writer.add_user("alice@example.org", PASSWORD)
+        eventually(lambda: b.accounts.get_user("alice@example.org"))
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(EtcdUnavailableError, match=f"{dead}.*ConnectionFailedError"):
+        EtcdAccounts([dead]).load()
+
+
 def test_a_request_etcd_refuses_is_one_clear_error(etcd_server):  # noqa: F811
     etcd = EtcdAccounts([etcd_server.endpoint], f"/refused{time.monotonic_ns()}/")
     puts = [{"request_put": {"key": b64(etcd_key(etcd.prefix, "domains", f"d{i}.example".encode())),
