@@ -1,1 +1,38 @@
-"""Cluster mode (issue 18): what a node shares with the others through etcd."""
+"""Postroom as a cluster: several nodes share the shards, each shard owned by one node at
+a time, through etcd (DESIGN.md "Scale beyond one machine"; [cluster] in the config).
+
+Without [cluster] etcd nothing here runs and a node owns every shard, as ever.
+
+Modules, one job each:
+    etcd.py      the cluster's keys in etcd (nodes/, owners/, drain/) and the calls on them
+    balance.py   which shards a node claims or releases (pure)
+    agent.py     the node agent: lease, registration, claims, hand-overs, fencing deadline
+    local.py     the node table the agent publishes for the machine's processes
+    view.py      what a daemon asks: owner_of, owns, live_nodes
+    volumes.py   a shard's volume attached and detached ([cluster] attach, detach)
+    process.py   the agent's process (a child of `postroom serve`, or `cluster agent`)
+    admin.py     `postroom cluster status | drain | undrain | agent`
+
+Shared accounts (docs/cluster.md): etcd holds domains, users and aliases; each node reads
+its own copy in accounts.lmdb, so RCPT and LOGIN never wait on etcd:
+    accounts_etcd.py     the accounts' keys in etcd, loads, watches, transactions
+    accounts_mirror.py   AccountsMirror: etcd -> the node's accounts.lmdb (load, then watch)
+    accounts_writer.py   ClusterAccounts: the CLI's changes, compare-and-swap in etcd
+    accounts_seed.py     push_local: a joining node's own accounts into etcd
+
+The interface for daemons (mtad's LMTP hand-off, the IMAP/POP3 proxy, queue runners), from
+any process of the node, without a request to etcd (microseconds a call):
+
+    from cluster.view import open_view
+    view = open_view(config, data_dir)        # ClusterView, or None when not a cluster
+    shard = store.shard_number(account)
+    view.owns(shard)        -> bool: this node may write it now (what each commit checks)
+    view.owner_of(shard)    -> Owner(shard, node: Node, revision) | None (free just now)
+    view.live_nodes()       -> [Node(name, address, ports, draining)]
+    node.endpoint("lmtp")   -> (host, port); also "imap", "pop3" ([cluster] *_port)
+    view.node               -> this node's name
+
+A daemon's store is fenced by postroom.datadir.open_store when [cluster] etcd is set: a
+commit to a shard this node does not hold now fails with storage.NotOwnerError (a
+StoreError: 4xx), and nothing is written.
+"""

@@ -95,6 +95,10 @@ class SMTPConfig:
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
     # Processes accepting on the MX port (SO_REUSEPORT); one Python process uses one core.
     workers: int = field(default=1, metadata={"min": 1, "max": 64})
+    # LMTP (RFC 2033) for the other nodes of a cluster only: a message for a user whose shard
+    # this node owns, handed over by the node that took it (mtad/lmtp.py). Never port 25,
+    # never open to the Internet: it takes the sender's word and runs no checks.
+    lmtp_listen: tuple[ListenAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,63 @@ class MetricsConfig:
     listen: tuple[ListenAddress, ...] = ()
 
 
+def check_endpoints(value: tuple[str, ...]) -> None:
+    from urllib.parse import urlsplit
+
+    for item in value:
+        url = urlsplit(item)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+            raise ValueError(f"not an etcd endpoint URL like http://10.0.0.1:2379: {item!r}")
+
+
+def check_command(value: str) -> None:
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"not a command template: {e}") from None
+    unknown = sorted(names - {"shard", "path"})
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}}: the command may use {{shard}} and {{path}}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes sharing the shards (cluster/): each shard owned by one node at a time,
+    through etcd. Without etcd endpoints (the default) this node is alone, as ever."""
+    # The etcd cluster's client URLs, e.g. ["http://10.0.0.1:2379", "http://10.0.0.2:2379"].
+    etcd: tuple[str, ...] = field(default=(), metadata={"check": check_endpoints})
+    # This node's name, unique in the cluster; empty: [server] hostname.
+    node: str = ""
+    # The host (IP or name) other nodes reach this node on; empty: [server] hostname.
+    address: str = ""
+    # The ports on `address` other nodes use: LMTP hand-off of mail for this node's shards,
+    # and IMAP and POP3 sessions proxied here. 0: the port of the first [imap] listen (or
+    # [pop3] listen) address.
+    lmtp_port: int = field(default=24, metadata={"min": 1, "max": 65535})
+    imap_port: int = field(default=0, metadata={"min": 0, "max": 65535})
+    pop3_port: int = field(default=0, metadata={"min": 0, "max": 65535})
+    # How long a node's claims outlive its last keepalive.
+    lease_ttl: Duration = field(default=Duration(10), metadata={"min": 2, "max": 600})
+    prefix: str = "/postroom/"
+    # Commands run before this node takes a shard, and after it released one; {shard} is
+    # its number, {path} its directory. Empty: nothing to run (volumes are directories).
+    attach: str = field(default="", metadata={"check": check_command})
+    detach: str = field(default="", metadata={"check": check_command})
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            return [("prefix", f"{self.prefix!r} must begin and end with '/'")]
+        if self.node and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.node):
+            return [("node", f"{self.node!r}: letters, digits, '.', '_' and '-' only")]
+        return []
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -378,5 +439,6 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Where it was read from, for messages; not a key of the file.
     source: Path | None = field(default=None, compare=False, metadata={"internal": True})

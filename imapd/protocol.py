@@ -26,6 +26,7 @@ from imapd.compress import CompressionError, Deflate
 from imapd.parser import Frame, Framer
 from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
 from wire.protocol import ServerFactory, ServerProtocol
+from wire.relay import Relay
 
 MAX_LINE = 64 * 1024
 READ_AHEAD = 256 * 1024
@@ -56,6 +57,10 @@ class IMAPProtocol(ServerProtocol):
         self.framer: Framer | None = None
         self._line_waiter: asyncio.Future | None = None
         self._deflate: Deflate | None = None  # COMPRESS=DEFLATE, once active
+        # A cluster's proxy (imapd/proxy.py): the owner's connection, once the login there
+        # is answered; from then on every byte is relayed and the session takes no command.
+        self._relay_pending: Relay | None = None
+        self._relay: Relay | None = None
 
     def refusal(self) -> bytes:
         return b"* BYE [UNAVAILABLE] too many connections, try again later\r\n"
@@ -81,6 +86,8 @@ class IMAPProtocol(ServerProtocol):
         self.transport.write(self.session.greeting())
 
     def ended(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
         if self._line_waiter is not None and not self._line_waiter.done():
             self._line_waiter.set_exception(ConnectionError("connection closed"))
         if self.session is not None:
@@ -97,6 +104,9 @@ class IMAPProtocol(ServerProtocol):
     def feed(self, data: bytes) -> None:
         assert self.framer is not None
         self.idle_timer()
+        if self._relay is not None:
+            self._to_owner(data)
+            return
         if self._deflate is None:
             self.framer.feed(data)
             return
@@ -110,6 +120,8 @@ class IMAPProtocol(ServerProtocol):
 
     def next_event(self):
         assert self.framer is not None
+        if self._relay is not None or self._relay_pending is not None:
+            return None  # the owner answers: imapd/proxy.py
         while True:
             event = self.framer.next()
             if event is not None or self._deflate is None or not self._inflate():
@@ -145,6 +157,9 @@ class IMAPProtocol(ServerProtocol):
 
     def finished(self) -> None:
         assert self.session is not None
+        if self._relay_pending is not None:
+            self._start_relay()
+            return
         if self.session.state == LOGOUT:
             self.close()
             return
@@ -175,6 +190,28 @@ class IMAPProtocol(ServerProtocol):
         if unread:
             self._deflate.received(unread)
             self._inflate()
+
+    # -- a cluster's proxy: the relay (wire/relay.py) ---------------------------------------
+
+    def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay to and from the owner's session once the current command's reply is out."""
+        self._relay_pending = Relay(self, reader, writer)
+
+    def _start_relay(self) -> None:
+        assert self.framer is not None and self._relay_pending is not None
+        self._relay, self._relay_pending = self._relay_pending, None
+        self._relay.start(self.framer.take_unread())  # pipelined behind LOGIN (inflated already)
+        if self._deflate is not None:
+            self._to_owner(b"")
+
+    def _to_owner(self, data: bytes) -> None:
+        assert self._relay is not None
+        if self._deflate is None:
+            self._relay.to_owner(data)
+            return
+        self._deflate.received(data)
+        while piece := self._deflate.inflate(READ_AHEAD):
+            self._relay.to_owner(piece)
 
     async def start_tls(self) -> None:
         assert self.framer is not None and self.session is not None

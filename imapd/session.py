@@ -28,6 +28,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
     AUTHENTICATED,
     LOGOUT,
     NOT_AUTHENTICATED,
+    PROXIED,
     SELECTED,
     Connection,
     IMAPContext,
@@ -229,12 +230,45 @@ async def log_in(session: Session, user: str, password: str):
         raise no("wrong user name or password", "AUTHENTICATIONFAILED")
     throttle.succeeded(session.conn.peer)
     name = str(account.address)  # the store's account name: local@a-label
+    if context.owner is not None:
+        owner = _owner(context, name)
+        if owner is not None:
+            return await _proxy(session, name, password, owner)
     await session.run_store(context.store.ensure_account, name)
     session.user = name
     session.state = AUTHENTICATED
     session.log = session.log.bind(user=session.user)
     session.log.info("login", ip=session.conn.peer, tls=session.conn.tls)
     return "CAPABILITY " + session.capabilities(), "logged in"
+
+
+def _owner(context: IMAPContext, account: str) -> tuple[str, int] | None:
+    from mtad.routing import NoOwnerError
+
+    try:
+        return context.owner(account)
+    except NoOwnerError:
+        raise no("your mailbox is moving between servers, try again in a few seconds", "UNAVAILABLE") from None
+
+
+async def _proxy(session: Session, account: str, password: str, owner: tuple[str, int]):
+    """The rest of the session at the node that owns the account's shard (imapd/proxy.py)."""
+    from imapd.proxy import ProxyError, log_in_at
+
+    config = session.context.config
+    try:
+        reader, writer, capability = await log_in_at(
+            owner[0], owner[1], user=account, password=password, client_ip=session.conn.peer,
+            hostname=config.server.hostname, tls=session.context.proxy_tls, timeout=float(config.imap.login_timeout))
+    except ProxyError as e:
+        session.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])
+        raise no("your mailbox's server is not answering, try again later", "UNAVAILABLE") from None
+    session.user = account
+    session.state = PROXIED
+    session.log = session.log.bind(user=account)
+    session.log.info("login", ip=session.conn.peer, tls=session.conn.tls, proxied_to=f"{owner[0]}:{owner[1]}")
+    session.conn.relay_to(reader, writer)  # from the end of this command on
+    return capability or "CAPABILITY IMAP4rev1", "logged in"
 
 
 # -- the state table (RFC 3501 §3): which commands each state allows, and their handlers ---------
@@ -296,7 +330,8 @@ STATES: dict[str, dict[str, Handler]] = {
         "UID MOVE": selected.copy,
     },
     LOGOUT: {},
+    PROXIED: {},  # the protocol relays every byte: no command reaches the session
 }
 KNOWN = frozenset(name for table in STATES.values() for name in table)
 _STATE_PHRASES = {NOT_AUTHENTICATED: "before login", AUTHENTICATED: "without a selected mailbox",
-                  SELECTED: "here", LOGOUT: "after LOGOUT"}
+                  SELECTED: "here", LOGOUT: "after LOGOUT", PROXIED: "here"}

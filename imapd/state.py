@@ -30,6 +30,7 @@ from storage import Accounts, Store, StoreError, Watcher
 from wire.connections import ConnectionLimit
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
+PROXIED = "proxied"  # a cluster's: the owner node serves the session, bytes relayed (imapd/proxy.py)
 MAX_LITERAL_BEFORE_LOGIN = 8 * 1024
 MAX_LITERAL_COMMAND = 64 * 1024  # any literal but APPEND's message
 MAX_BAD_COMMANDS = 20  # in a row, then BYE
@@ -55,6 +56,8 @@ class Connection(Protocol):
 
     def start_compression(self) -> None: ...  # both ways DEFLATE from the next byte on
 
+    def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...  # a cluster's proxy
+
     def close(self) -> None: ...
 
 
@@ -76,6 +79,10 @@ class IMAPContext:
     # sessions can keep other users waiting.
     run_login: Callable[..., Awaitable[Any]] | None = field(default=None, kw_only=True)
     shares: FairShare = field(default_factory=lambda: FairShare(4), kw_only=True)
+    # A cluster's: where a user whose shard another node owns is served (imapd/proxy.py).
+    # owner(account) -> None (here) or that node's IMAP (host, port); NoOwnerError between owners.
+    owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
+    proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
 class SessionState:

@@ -30,7 +30,7 @@ from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
 from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, MailFrom, Question, RcptTo, StartTLS
 from mtad.replies import Reply
-from mtad.routing import Outbound, Route
+from mtad.routing import HandOffFailed, NoOwnerError, Outbound, Route, Router
 from mtad.session import Session, SessionConfig
 from policy.chain import PolicyServices, Refusal, SessionPolicy
 from policy.decide import Decision
@@ -66,6 +66,7 @@ class AgentContext:
     connections: ConnectionLimit
     outbound: Outbound | None = None  # the queue, DKIM and SRS: remote recipients
     policy: PolicyServices | None = None  # the checks (policy/chain.py); None: none run
+    router: Router | None = None  # in a cluster: which node owns an account (mtad/routing.py)
     # Deliveries under way: they finish even when their session is gone (client gone,
     # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
     deliveries: set[asyncio.Task] = field(default_factory=set)
@@ -127,6 +128,8 @@ class AgentContext:
 
 def store_failure_reply(error: BaseException) -> Reply:
     """What a message the store or the queue could not take is answered (RFC 3463)."""
+    if isinstance(error, HandOffFailed):
+        return replies.HAND_OFF_FAILED
     if isinstance(error, DeliveryError):
         errors = [e for _, e in error.errors]
         if any(isinstance(e, DiskFullError) for e in errors):
@@ -144,6 +147,7 @@ class SMTPAgent(AiosmtpdConnection):
     """One SMTP connection of an agent; a subclass answers the core's questions."""
 
     MX = False  # mail from other servers (the whole policy chain), not from our users
+    CHECKED = True  # the policy chain runs (not for a cluster's LMTP hand-off: mtad/lmtp.py)
     service = "smtp"  # the metrics' name of its listener: smtp, submission, submissions
 
     def __init__(self, context: AgentContext, session_config: SessionConfig, logger: str):
@@ -179,7 +183,7 @@ class SMTPAgent(AiosmtpdConnection):
     async def serve(self) -> None:
         """The whole session: started once the connection is up."""
         self._peer = self.peer_address
-        if self.context.policy is not None:
+        if self.context.policy is not None and self.CHECKED:
             self.policy = self.context.policy.session(self._peer, mx=self.MX)
         if not self.context.admit(self._peer):
             metrics.connection(self.service, accepted=False)
@@ -382,6 +386,8 @@ class SMTPAgent(AiosmtpdConnection):
             outcome = Reply(554, "5.4.6", "Alias loop")
         except AddressError as e:
             outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
+        except NoOwnerError:
+            outcome = replies.NO_OWNER_NOW
         self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
         self._outcomes.append(f"{address}:{outcome.code}")
         return outcome
@@ -390,12 +396,15 @@ class SMTPAgent(AiosmtpdConnection):
         """A recipient of our domains: its mailboxes and its alias's remote targets join
         the transaction, unless one of the mailboxes is full."""
         resolution = self.context.accounts.resolve(event.address)
-        if any(self.context.store.is_full(str(a)) for a in resolution.local):
+        router = self.context.router
+        # A mailbox another node owns is that node's to say full (at its LMTP RCPT).
+        if any(self.context.store.is_full(str(a)) for a in resolution.local
+               if router is None or router.owner(str(a)) is None):
             return replies.OVER_QUOTA
         if resolution.remote:
             self.context.outbound.open_queue()
         if resolution.local:
-            self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn)
+            self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn, router)
         for target in resolution.remote:
             self._recipients.add_remote(target, event.dsn, via=event.address)
         return replies.RECIPIENT_OK

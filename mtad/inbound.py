@@ -64,23 +64,23 @@ class InboundSMTP(SMTPAgent):
     """One SMTP connection from another MTA."""
 
     MX = True
+    PROTOCOL = "ESMTP"  # the Received: header's "with" (RFC 3848), "S" added under TLS
 
     def __init__(self, context: AgentContext, *, implicit_tls: bool = False):
-        config = context.config
-        super().__init__(context, SessionConfig(
-            hostname=config.server.hostname,
-            max_message_size=config.smtp.max_message_size,
-            max_recipients=config.smtp.max_recipients,
-            tls_available=context.tls is not None,
-            is_tls=implicit_tls,
-            dsn=True,
-        ), "mtad.inbound")
+        super().__init__(context, self.session_config(context, implicit_tls), "mtad.inbound")
         self._recipients = Recipients()
         self._outcomes: list[str] = []  # "address:code" of every RCPT of the transaction
         self._mail: MailFrom | None = None
         self._route: Route | None = None  # the message being received, from its first chunk
         self._qid = ""
         self._write_failed: BaseException | None = None  # the store could not take the message
+
+    @staticmethod
+    def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
+        config = context.config
+        return SessionConfig(hostname=config.server.hostname, max_message_size=config.smtp.max_message_size,
+                             max_recipients=config.smtp.max_recipients, tls_available=context.tls is not None,
+                             is_tls=implicit_tls, dsn=True)
 
     async def answer(self, event: Question) -> Reply:
         """The reply to one of the core's questions."""
@@ -149,7 +149,8 @@ class InboundSMTP(SMTPAgent):
             self.context.outbound.open_queue()
             self._recipients.add_remote(original, event.dsn)
             return replies.RECIPIENT_OK
-        self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn)
+        self._recipients.add_local(event.address, [str(a) for a in resolution.local], event.dsn,
+                                   self.context.router)
         for target in resolution.remote:
             self._recipients.add_remote(target, event.dsn, via=original)
         return replies.RECIPIENT_OK
@@ -187,7 +188,7 @@ class InboundSMTP(SMTPAgent):
                 envid=mail.dsn.envid, ret=mail.dsn.ret, smtputf8=mail.smtputf8,
                 eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME", origin="forward", user=None)
         route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                      envelope=envelope)
+                      envelope=envelope, handoffs=self._recipients.handoffs)
         self._qid = route.queue_id or message_id(self.sid)
         received = self._received(self._qid)
         route.start(f"Return-Path: <{self._sender}>\r\n".encode("utf-8", "surrogateescape") + received, received)
@@ -248,7 +249,8 @@ class InboundSMTP(SMTPAgent):
         started = time.perf_counter()
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
-                                           orphaned=self._orphaned)
+                                           orphaned=self._orphaned, helo=self.context.config.server.hostname,
+                                           sender=self._sender)
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]
@@ -272,7 +274,7 @@ class InboundSMTP(SMTPAgent):
     def _received(self, qid: str) -> bytes:
         """A Received: header as RFC 5321 §4.4 and RFC 3848 describe it."""
         tls = self.tls_version()
-        protocol = "ESMTPS" if tls else "ESMTP"
+        protocol = f"{self.PROTOCOL}S" if tls else self.PROTOCOL
         recipients = [o.rpartition(":")[0] for o in self._outcomes if o.endswith(":250")]
         for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
         tls_clause = f"\r\n\t(using {tls} with cipher {self.tls_cipher()})" if tls else ""

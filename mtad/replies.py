@@ -73,6 +73,10 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 MAIL_LOOP = Reply(554, "5.4.6", "Mail loop detected: too many Received headers")
 BARE_LF = Reply(550, "5.6.11", "Bare LF or CR in message: use CRLF line endings")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
+# A cluster's: the mailbox's node did not take its copy (mtad/lmtp_client.py), or its shard is
+# between owners (a node failing over, for at most the lease's TTL and a few seconds).
+HAND_OFF_FAILED = Reply(451, "4.4.0", "The mailbox's node did not answer, try again later")
+NO_OWNER_NOW = Reply(451, "4.4.0", "The mailbox is moving between nodes, try again later")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 UTF8_NOT_ALLOWED = Reply(553, "5.6.7", "Non-ASCII address without SMTPUTF8")
 

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from conf.logfmt import EventLogger
 from conf.schema import Config
@@ -95,9 +95,21 @@ class Recipients:
     remote: dict[str, RemoteRecipient] = field(default_factory=dict)  # address -> DSN parameters
     # Local recipients whose RCPT asked NOTIFY=SUCCESS (RFC 3461 §4.1) -> their ORCPT.
     success: dict[str, str | None] = field(default_factory=dict)
+    # In a cluster, the accounts whose shard another node owns, by that node's LMTP address.
+    handoffs: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
-    def add_local(self, address: str, accounts: list[str], dsn: RcptDSN) -> None:
-        self.local[address] = accounts
+    def add_local(self, address: str, accounts: list[str], dsn: RcptDSN, router: Router | None = None) -> None:
+        """`accounts` reached through `address`; with a `router`, those another node owns
+        are handed to it (RFC 2033 LMTP) rather than stored here. NoOwnerError when one's
+        shard has no owner just now (a node failing over): the RCPT is answered 451."""
+        here = accounts
+        if router is not None:
+            owners = {account: router.owner(account) for account in accounts}
+            here = [account for account in accounts if owners[account] is None]
+            for account, owner in owners.items():
+                if owner is not None and account not in self.handoffs.setdefault(owner, []):
+                    self.handoffs[owner].append(account)
+        self.local[address] = here
         if "SUCCESS" in dsn.notify:
             self.success[address] = dsn.orcpt
 
@@ -114,6 +126,18 @@ class Recipients:
         self.local.clear()
         self.remote.clear()
         self.success.clear()
+        self.handoffs.clear()
+
+
+class NoOwnerError(Exception):
+    """An account's shard has no owner just now: a node is failing over (cluster/)."""
+
+
+class Router(Protocol):
+    """Where an account's mail goes in a cluster: None, this node; else the LMTP address
+    (host, port) of the node that owns its shard. Raises NoOwnerError between owners."""
+
+    def owner(self, account: str) -> tuple[str, int] | None: ...
 
 
 @dataclass
@@ -129,10 +153,14 @@ class Route:
     then written. StoreError from any of it (the route is then closed: nothing of it stays)."""
 
     def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None,
-                 sign_domain: str | None = None):
+                 sign_domain: str | None = None, handoffs: dict[tuple[str, int], list[str]] | None = None):
         self._store = store
         self._outbound = outbound
         self._accounts = accounts
+        # In a cluster, the accounts other nodes own, by owner: their copy is kept here, in
+        # memory (up to [smtp] max_message_size), and handed over at the commit.
+        self._handoffs = dict(handoffs or {})
+        self._handed: bytearray | None = bytearray() if self._handoffs else None
         self.delivery: Delivery | None = None
         self.enqueue = outbound.queue.begin(envelope) if envelope is not None else None
         # The queue's copy is DKIM-signed for `sign_domain`: what it is given is digested on the way.
@@ -161,13 +189,17 @@ class Route:
                 self.enqueue.write(remote_prefix)
                 if self._digest is not None:
                     self._digest.update(remote_prefix)
+            if self._handed is not None:
+                self._handed += remote_prefix  # the owner adds Return-Path: (RFC 5321 §4.4)
         except BaseException:
             self.close()
             raise
 
     @property
     def size(self) -> int:
-        return self.delivery.size if self.delivery is not None else self.enqueue.size
+        if self.delivery is not None:
+            return self.delivery.size
+        return self.enqueue.size if self.enqueue is not None else len(self._handed or b"")
 
     def write(self, data: bytes) -> None:
         if len(self.head) < MAX_HEAD:
@@ -179,15 +211,20 @@ class Route:
                 self.enqueue.write(data)
                 if self._digest is not None:
                     self._digest.update(data)
+            if self._handed is not None:
+                self._handed += data
         except (StoreError, OSError):
             self.close()
             raise
 
     def read_back(self) -> Iterator[bytes]:
-        """The message as written so far (the local copy, else the queue's), in pieces:
-        what the anti-virus scan reads before the commit."""
+        """The message as written so far (the local copy, else the queue's, else the one
+        to hand over), in pieces: what the anti-virus scan reads before the commit."""
         if self.delivery is not None:
             yield from self.delivery.read()
+            return
+        if self.enqueue is None and self._handed is not None:
+            yield bytes(self._handed)
             return
         with self.enqueue.open() as f:
             while piece := f.read(1 << 16):
@@ -196,6 +233,8 @@ class Route:
     def verdict(self, head: bytes, mailboxes: dict[str, str] | None) -> None:
         """The policy's verdict on the local copies, before the commit: `head` (its header
         fields) in front, and each account's copy into `mailboxes[account]` (Junk) if given."""
+        if self._handed is not None:
+            self._handed[:0] = head  # a Junk verdict is not carried: the owner files it in INBOX
         if self.delivery is None:
             return
         try:
@@ -212,9 +251,31 @@ class Route:
             self.delivery.close()
         if self.enqueue is not None:
             self.enqueue.close()
+        self._handed = None
+
+    async def _hand_over(self, message: bytes, helo: str, sender: str) -> None:
+        """The copies other nodes own, over LMTP to each owner at once: StoreError unless
+        every recipient got a 2xx."""
+        from mtad.lmtp_client import HandOffError, hand_over
+
+        owners = list(self._handoffs.items())
+        results = await asyncio.gather(*(hand_over(host, port, helo=helo, sender=sender, recipients=accounts,
+                                                   message=message) for (host, port), accounts in owners),
+                                       return_exceptions=True)
+        for ((host, port), accounts), result in zip(owners, results, strict=True):
+            if isinstance(result, HandOffError):
+                raise HandOffFailed(f"{host}:{port}: {result}")
+            if isinstance(result, BaseException):
+                raise result
+            refused = {account: outcome for account, outcome in result.items() if not outcome.ok}
+            if refused:
+                raise HandOffFailed(f"{host}:{port} refused "
+                                    + ", ".join(f"{a} ({o.code} {o.text[:80]})" for a, o in refused.items()))
+            _log.info("handed_over", owner=f"{host}:{port}", accounts=",".join(accounts), size=len(message))
 
     async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
-                     orphaned: Callable[[BaseException], None] = lambda e: None) -> Committed:
+                     orphaned: Callable[[BaseException], None] = lambda e: None, helo: str = "",
+                     sender: str = "") -> Committed:
         """Every copy stored and the queue entry written, or DeliveryError / StoreError with
         nothing left of the message. The route is closed either way. `orphaned` hears of a
         store failure that comes after the caller is gone (its session cancelled)."""
@@ -223,6 +284,12 @@ class Route:
         delivered: list[Delivered] = []
         message_id = ""
         try:
+            if self._handed is not None:
+                # First, so that a refusal leaves nothing here; a failure after it (this
+                # node's own copies) gets a 451, and the copy sent again finds the owner's
+                # by its Message-ID (storage/dedupe.py).
+                handed, self._handed = bytes(self._handed), None
+                await self._hand_over(handed, helo, sender)
             if delivery is not None:
                 accounts = [account for account, _ in delivery.targets]
                 handed, delivery = delivery, None  # the commit owns it now, and closes it
@@ -248,6 +315,10 @@ class Route:
                 delivery.close()
             if enqueue is not None:
                 enqueue.close()
+
+
+class HandOffFailed(StoreError):
+    """A copy another node owns was not taken there: the client is told 451 4.4.0."""
 
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)

@@ -80,6 +80,10 @@ class SessionConfig:
     auth: bool = False
     plaintext_auth: bool = False  # offer AUTH without TLS too (loopback tests only)
     dsn: bool = False  # RFC 3461: RET, ENVID, NOTIFY, ORCPT taken and offered
+    # RFC 2033 LMTP (the cluster's hand-off to a shard's owner): LHLO in place of EHLO and
+    # HELO, which are unknown commands then; after DATA, one reply per accepted recipient,
+    # in RCPT order; no CHUNKING (BDAT's per-recipient replies are not worth having here).
+    lmtp: bool = False
 
 
 @dataclass
@@ -120,7 +124,7 @@ class Session:
         self._sasl: Exchange | None = None  # in State.AUTH
         self._user: str | None = None  # the authcid of a successful AUTH
         self._skip_line = False  # the rest of an over-long command line is being dropped
-        self._reply(Reply(220, "", f"{config.hostname} ESMTP Postroom"))
+        self._reply(Reply(220, "", f"{config.hostname} {'LMTP' if config.lmtp else 'ESMTP'} Postroom"))
 
     # -- the adapter's side ---------------------------------------------------------------
 
@@ -173,9 +177,10 @@ class Session:
             if not self._step():
                 return NEED_DATA
 
-    def answer(self, event: Question, reply: Reply) -> None:
+    def answer(self, event: Question, reply: Reply | tuple[Reply, ...]) -> None:
         """The adapter's decision on the open question `event` (Hello, Auth, MailFrom, RcptTo
-        or DataEnd), which the session then says on the wire."""
+        or DataEnd), which the session then says on the wire. In LMTP, DataEnd's answer may
+        be one reply per accepted recipient, in RCPT order (one reply alone: for each)."""
         if self._open is None or event is not self._open or isinstance(event, StartTLS):
             raise RuntimeError(f"answer() to {event!r}, which is not the open question")
         self._open = None
@@ -207,7 +212,14 @@ class Session:
                 self._txn.recipients.append(event.address)
             self._reply(reply)
         elif isinstance(event, DataEnd):
-            self._reply(reply)
+            if self.config.lmtp:
+                each = reply if isinstance(reply, tuple) else (reply,) * len(self._txn.recipients)
+                if len(each) != len(self._txn.recipients):
+                    raise RuntimeError(f"{len(each)} replies for {len(self._txn.recipients)} recipients")
+                for one in each:
+                    self._reply(one)
+            else:
+                self._reply(reply)
             self._txn = _Transaction()
             self._state = State.READY
 
@@ -295,6 +307,9 @@ class Session:
             self._refuse(replies.CONTROL_CHARACTER)  # C1 controls, U+2028, U+2029 (SMTPUTF8, RFC 6531)
             return
         arg = arg.strip(" ")
+        if self.config.lmtp:
+            # RFC 2033 §4.1: LHLO is EHLO for LMTP; an LMTP server takes neither EHLO nor HELO.
+            name = {"LHLO": "EHLO", "EHLO": "", "HELO": ""}.get(name, name)
         run = COMMANDS.get(name)
         if run is None:
             self._refuse(replies.UNKNOWN_COMMAND)
@@ -323,7 +338,7 @@ class Session:
         words = ["PIPELINING", f"SIZE {self.config.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self.config.smtputf8:
             words.append("SMTPUTF8")
-        if self.config.chunking:
+        if self.config.chunking and not self.config.lmtp:
             words.append("CHUNKING")
         if self.config.tls_available and not self._tls:
             words.append("STARTTLS")
@@ -442,7 +457,7 @@ class Session:
 
     def _bdat(self, arg: str) -> None:
         parts = arg.split()
-        if not self.config.chunking or not 1 <= len(parts) <= 2 or not is_number(parts[0]) or \
+        if not self.config.chunking or self.config.lmtp or not 1 <= len(parts) <= 2 or not is_number(parts[0]) or \
                 (len(parts) == 2 and parts[1].upper() != "LAST"):
             self._refuse(replies.SYNTAX_ERROR)
             return

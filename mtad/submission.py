@@ -200,7 +200,7 @@ class SubmissionSMTP(SMTPAgent):
                 origin="submission", user=str(self.user))
         try:
             route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                          envelope=envelope, sign_domain=self._sign_domain)
+                          envelope=envelope, sign_domain=self._sign_domain, handoffs=self._recipients.handoffs)
             self._qid = route.queue_id or message_id(self.sid)
             received = self._received(self._qid)
             route.start(f"Return-Path: <{mail.address}>\r\n".encode("utf-8", "surrogateescape") + received, received)
@@ -286,7 +286,8 @@ class SubmissionSMTP(SMTPAgent):
         started = time.perf_counter()
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
-                                           orphaned=self._orphaned)
+                                           orphaned=self._orphaned, helo=self.context.config.server.hostname,
+                                           sender=self._mail.address if self._mail is not None else "")
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             self.log.error("store_failed", qid=qid, error=type(e).__name__)

@@ -124,6 +124,10 @@ class POP3Core:
     def buffered(self) -> int:
         return self._framer.buffered()
 
+    def take_unread(self) -> bytes:
+        """The bytes not yet read as commands (a cluster's proxy relays them to the owner)."""
+        return self._framer.take_unread()
+
     def next_event(self) -> Event | None:
         if self._pending is not None or self.closed or self.state == UPDATE:
             return None

@@ -37,6 +37,12 @@ class LineFramer:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def take_unread(self) -> bytes:
+        """What is buffered and not yet a line taken, handed over (a cluster's proxy)."""
+        data = bytes(self._buffer)
+        self.clear()
+        return data
+
     def clear(self) -> None:
         self._buffer.clear()
         self._scanned = 0

@@ -13,6 +13,7 @@ dropped after it as one that stops talking.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 
@@ -20,6 +21,7 @@ from pop3d.core import Authenticate, Retrieve, Update, err
 from pop3d.session import POP3Context, Session
 from wire import metrics
 from wire.protocol import ServerFactory, ServerProtocol
+from wire.relay import Relay
 
 READ_AHEAD = 64 * 1024
 
@@ -48,6 +50,9 @@ class POP3Protocol(ServerProtocol):
         super().__init__(factory)
         self.context = factory.context
         self.session: Session | None = None
+        # A cluster's proxy (pop3d/proxy.py): once logged in at the owner, every byte relayed.
+        self._relay_pending: Relay | None = None
+        self._relay: Relay | None = None
 
     def refusal(self) -> bytes:
         return err("too many connections, try again later", "SYS/TEMP")
@@ -74,6 +79,8 @@ class POP3Protocol(ServerProtocol):
         self.transport.write(self.session.greeting())
 
     def ended(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
         if self.session is not None:
             self.session.end()
             self.log.info("disconnect", user=self.session.user, state=self.session.core.state)
@@ -87,6 +94,9 @@ class POP3Protocol(ServerProtocol):
     def feed(self, data: bytes) -> None:
         assert self.session is not None
         self._touch()
+        if self._relay is not None:
+            self._relay.to_owner(data)
+            return
         self.session.core.receive_data(data)
 
     def buffered(self) -> int:
@@ -95,6 +105,8 @@ class POP3Protocol(ServerProtocol):
 
     def next_event(self):
         assert self.session is not None
+        if self._relay is not None or self._relay_pending is not None:
+            return None  # the owner answers: pop3d/proxy.py
         self._command_started = time.perf_counter()  # a command's time counts from its parsing
         return self.session.core.next_event()
 
@@ -124,3 +136,13 @@ class POP3Protocol(ServerProtocol):
 
     def start_tls(self) -> None:
         self.start_tls_now()
+
+    def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay to and from the owner's session once the PASS reply is out (finished())."""
+        self._relay_pending = Relay(self, reader, writer)
+
+    def finished(self) -> None:
+        if self._relay_pending is not None:
+            assert self.session is not None
+            self._relay, self._relay_pending = self._relay_pending, None
+            self._relay.start(self.session.core.take_unread())

@@ -62,6 +62,8 @@ class Connection(Protocol):
 
     def close(self) -> None: ...
 
+    def relay_to(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...  # a cluster's proxy
+
 
 @dataclass
 class POP3Context:
@@ -78,6 +80,10 @@ class POP3Context:
     # Password checks in threads of their own (postroom/daemons.py): a login flood never
     # holds the store threads, and argon2's memory stays bounded.
     run_login: Callable[..., Awaitable[Any]] | None = field(default=None, kw_only=True)
+    # A cluster's: where a user whose shard another node owns is served (pop3d/proxy.py).
+    # owner(account) -> None (here) or that node's POP3 (host, port); NoOwnerError between owners.
+    owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
+    proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
 class Session:
@@ -154,6 +160,10 @@ class Session:
             return self.core.login_refused(replies.WRONG_PASSWORD)
         context.throttle.succeeded(peer)
         account = str(user.address)  # the store's account name: local@a-label
+        if context.owner is not None:
+            proxied = await self._proxy(account, event.password)
+            if proxied is not None:
+                return proxied
         outcome = await context.run(self._open_maildrop, account)
         if isinstance(outcome, str):
             self.log.info(outcome, user=account, ip=peer)
@@ -170,6 +180,38 @@ class Session:
         self.log.info("login", ip=peer, tls=self.conn.tls, mechanism=event.mechanism,
                       messages=maildrop.count(), octets=maildrop.octets())
         return self.core.logged_in(maildrop)
+
+    async def _proxy(self, account: str, password: str) -> Event | None:
+        """A cluster's: the session at the node that owns `account`'s shard, the owner's reply
+        to PASS the client's (pop3d/proxy.py); None when this node owns it."""
+        from mtad.routing import NoOwnerError
+        from pop3d.proxy import ProxyError, log_in_at
+
+        context = self.context
+        try:
+            owner = context.owner(account)
+        except NoOwnerError:
+            return self.core.login_refused(replies.Err("your mailbox is moving between servers, try again in a "
+                                                       "few seconds", "SYS/TEMP"), counts=False)
+        if owner is None:
+            return None
+        config = context.config
+        try:
+            reader, writer, reply = await log_in_at(owner[0], owner[1], user=account, password=password,
+                                                    hostname=config.server.hostname, tls=context.proxy_tls,
+                                                    timeout=float(config.pop3.login_timeout))
+        except ProxyError as e:
+            self.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])
+            return self.core.login_refused(replies.Err("your mailbox's server is not answering, try again later",
+                                                       "SYS/TEMP"), counts=False)
+        if not reply.startswith(b"+OK"):  # -ERR [IN-USE], say: the owner's words, the login not counted
+            self.core.login_refused(replies.Err(""), counts=False)
+            return Reply(reply if reply.endswith(b"\r\n") else reply + b"\r\n")
+        self.user = account
+        self.log = self.log.bind(user=account)
+        self.log.info("login", ip=self.conn.peer, tls=self.conn.tls, proxied_to=f"{owner[0]}:{owner[1]}")
+        self.conn.relay_to(reader, writer)
+        return Reply(reply)
 
     def _open_maildrop(self, account: str) -> tuple[MaildropLock, Maildrop] | str:
         """In a store thread: the lock, then the snapshot (so no other POP3 session can

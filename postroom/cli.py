@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     # How serve starts its children, and mtad its extra MX workers (postroom/supervisor.py).
     p.add_argument("--daemon", choices=DAEMONS, help=argparse.SUPPRESS)
     p.add_argument("--smtp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cluster-agent", action="store_true", help=argparse.SUPPRESS)  # cluster/process.py
 
     config = _group(commands, "config", "check the config file")
     config.add_parser("check", help="validate the config and print the effective config")
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="what runs, the queue, the store, certificates and DNS records")
     p.add_argument("--no-dns", action="store_true", help="skip the DNS checks (no network)")
     p.set_defaults(run=_lazy("status", "status"), needs_config=True)
+    # The cluster (cluster/admin.py): status, drain, undrain, and the node agent.
+    from cluster.admin import add_commands as add_cluster_commands
+
+    add_cluster_commands(commands)
     # Reload of what runs: config and certificates (postroom/reload.py).
     p = commands.add_parser("reload", help="make the running daemons read the config and certificates again")
     p.add_argument("--if-running", action="store_true",
@@ -232,6 +237,10 @@ def _in_cluster(config: conf.Config, accounts: Accounts) -> Accounts:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.cluster_agent:
+        from cluster import process
+
+        return process.main(PROG, args.config)
     if args.command == "serve" and (args.daemon or args.smtp_worker):
         from postroom import daemon_process
 
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
             return serve(config)
+        if getattr(args, "own_config", False):
+            return args.run(config, args)
         if getattr(args, "needs_queue", False):
             data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
             with Queue(data_dir) as queue:
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "needs_config", False):
                 return args.run(config, data_dir, accounts, args, audit)
             if getattr(args, "needs_store", False):
-                with open_store(data_dir, accounts) as store:
+                with open_store(data_dir, accounts, config) as store:  # fenced in a cluster
                     return args.run(store, accounts, args, audit)
             return args.run(accounts, args, audit)
     except admin.UsageError as e:

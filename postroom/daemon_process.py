@@ -33,7 +33,7 @@ from conf.logfmt import EventLogger, setup_logging
 from conf.tls import TLSSetupError, ensure_certificate, server_context
 from postroom import daemons, metrics, reload, supervisor
 from postroom.daemons import Context
-from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, open_accounts, open_store
+from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, lock_name, open_accounts, open_store
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
@@ -138,7 +138,7 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
             # Under serve, a daemon of the previous serve (killed with -9) may still be
             # finishing its sessions: wait for it as long as its own stop may take.
             wait = float(config.server.stop_grace) + supervisor.STOP_MARGIN if supervised else 0.0
-            lock(data_dir.path, daemon, daemon, wait=wait, log=log)  # held until the process ends
+            lock(data_dir.path, lock_name(config, daemon), daemon, wait=wait, log=log)  # held until the process ends
         store = open_store(data_dir, accounts, config)
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:

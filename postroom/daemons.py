@@ -5,6 +5,7 @@ listeners, and returns something it can stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import ssl
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from conf import Config
 from conf.tls import ServerTLS, server_tls
+from conf.values import parse_listen
 from policy.shares import FairShare
 from policy.logins import LoginThrottle
 from postroom import __version__
@@ -104,7 +106,30 @@ class Shared:
         return AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
                             ConnectionLimit(config.submission.max_connections,
                                             config.submission.max_connections_per_ip),
-                            outbound=self.outbound, policy=self.policy)
+                            outbound=self.outbound, policy=self.policy, router=self.router)
+
+    @cached_property
+    def router(self):
+        """Cluster mode: which node owns an account's shard (mtad/cluster_router.py); None
+        on a single node, which owns every shard."""
+        from cluster.view import open_view
+
+        view = open_view(self._config, self._data_dir)
+        if view is None:
+            return None
+        from mtad.cluster_router import ViewRouter
+
+        return ViewRouter(view, self._store)
+
+    @cached_property
+    def proxy_tls(self) -> ssl.SSLContext:
+        """A cluster's proxies check the owner node's certificate: the system's authorities,
+        and this node's own certificate (a cluster's nodes serve one name, and may share a
+        self-signed one)."""
+        context = ssl.create_default_context()
+        if self._config.tls.cert:
+            context.load_verify_locations(cafile=str(self._config.tls.cert))
+        return context
 
     @cached_property
     def imap(self) -> IMAPContext:
@@ -117,7 +142,9 @@ class Shared:
         return IMAPContext(config, self._accounts, self._store, self.watcher, self.login_throttle,
                            RecentClaims(self._store), Snapshots(), self.store_threads, self._twisted_tls(), __version__,
                            connections=ConnectionLimit(config.imap.max_connections, config.imap.max_connections_per_ip),
-                           run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT))
+                           run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT),
+                           owner=functools.partial(self.router.owner, service="imap") if self.router else None,
+                           proxy_tls=self.proxy_tls if self.router else None)
 
     @cached_property
     def pop3(self) -> POP3Context:
@@ -128,7 +155,9 @@ class Shared:
         return POP3Context(config, self._accounts, self._store, self.login_throttle, self.store_threads,
                            self._twisted_tls(), __version__,
                            connections=ConnectionLimit(config.pop3.max_connections, config.pop3.max_connections_per_ip),
-                           run_login=self.login_threads)
+                           run_login=self.login_threads,
+                           owner=functools.partial(self.router.owner, service="pop3") if self.router else None,
+                           proxy_tls=self.proxy_tls if self.router else None)
 
     def _twisted_tls(self) -> ServerTLS | None:
         # From the same files as the asyncio context, which has checked them.
@@ -198,9 +227,20 @@ async def start_smtp(context: Context) -> Listening:
     config, shared = context.config, context.shared
     inbound = AgentContext(config, context.accounts, context.store, context.tls, shared.delivery_threads,
                            ConnectionLimit(config.smtp.max_connections, config.smtp.max_connections_per_ip),
-                           outbound=shared.outbound, policy=shared.policy)
+                           outbound=shared.outbound, policy=shared.policy, router=shared.router)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
+    lmtp_listen = config.smtp.lmtp_listen
+    if not lmtp_listen and config.cluster.enabled:
+        # A cluster node takes its shards' mail where the others are told to hand it over.
+        lmtp_listen = (parse_listen(f"{_bracketed(config.cluster.address)}:{config.cluster.lmtp_port}"),)
+    if lmtp_listen:
+        from mtad.lmtp import LMTPAgent
+
+        # The cluster's hand-off from other nodes (mtad/lmtp.py): the MX's context (store,
+        # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
+        servers += await listen_asyncio(lambda: LMTPAgent(inbound), lmtp_listen, tls=None,
+                                        backlog=config.server.listen_backlog)
     # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
     runner = start_runner(context, shared.outbound.queue)
     return Listening(servers, inbound, float(config.server.stop_grace), runner)
@@ -277,3 +317,7 @@ def preload(daemon: str) -> None:
     # The reactor is installed in each child, on its own event loop: importing one here
     # would install Twisted's default reactor for every child forked afterwards.
     assert "twisted.internet.reactor" not in sys.modules, "a module imported twisted.internet.reactor"
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

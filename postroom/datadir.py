@@ -42,7 +42,20 @@ def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = No
 
     if config is None:
         return Store(data_dir, quota_of=quota_of)
-    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window))
+    fence = None
+    if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
+        from cluster.local import open_node_table
+
+        fence = open_node_table(config, data_dir).holds
+    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence)
+
+
+def lock_name(config: Config, name: str) -> str:
+    """The data dir lock `name` of this process: in a cluster, of this node's, so that the
+    nodes of a test machine can share one data dir as they share the shards' volumes."""
+    if config.cluster.enabled:
+        return f"{name}.{config.cluster.node or config.server.hostname}"
+    return name
 
 
 def lock(data_dir: Path, name: str, holder: str, *, wait: float = 0.0, log=None) -> int:
@@ -119,12 +132,13 @@ class Running:
     started: float  # epoch seconds
 
 
-def running_processes(data_dir: Path) -> dict[str, Running]:
-    """The Postroom processes that hold their lock in `data_dir`, by name."""
+def running_processes(data_dir: Path, config: Config | None = None) -> dict[str, Running]:
+    """The Postroom processes that hold their lock in `data_dir`, by name (in a cluster,
+    those of `config`'s node)."""
     held = _held_flocks()
     found = {}
     for name in PROCESSES:
-        path = data_dir / f"{name}.lock"
+        path = data_dir / f"{lock_name(config, name) if config is not None else name}.lock"
         try:
             st = path.stat()
             text = path.read_text().strip()

@@ -57,7 +57,7 @@ from postroom.datadir import running_processes
 RESTART_NEEDED: tuple[str, ...] = (
     "server.data_dir", "server.listen_backlog", "server.stop_grace",  # bound or held since start
     "tls.self_signed",  # a self-signed certificate is only made at start
-    "smtp.listen", "smtp.workers",
+    "smtp.listen", "smtp.workers", "smtp.lmtp_listen",
     "submission.listen", "submission.listen_tls",
     "imap.listen", "imap.listen_tls",
     "pop3.listen", "pop3.listen_tls",
@@ -66,6 +66,7 @@ RESTART_NEEDED: tuple[str, ...] = (
     # the accounts' address parsing.
     "queue", "outbound", "srs", "dkim", "dns", "clamav", "greylist", "storage", "accounts",
     "metrics",  # its listener is bound at start (postroom/metrics.py)
+    "cluster",  # the node agent's lease, name and volumes (cluster/agent.py)
 )
 
 
@@ -238,10 +239,10 @@ def forward_on_signal(path: Path, supervisor, log: EventLogger) -> None:
 
 # -- postroom reload ------------------------------------------------------------------------
 
-def targets(data_dir: Path) -> list[tuple[str, int]]:
+def targets(data_dir: Path, config: Config | None = None) -> list[tuple[str, int]]:
     """(name, pid) of what to signal on `data_dir`: serve alone if it runs (it passes signals
-    on), else each daemon running alone."""
-    running = running_processes(data_dir)
+    on), else each daemon running alone (in a cluster, of `config`'s node)."""
+    running = running_processes(data_dir, config)
     if "serve" in running:
         return [("serve", running["serve"].pid)]
     return [(name, r.pid) for name, r in running.items()]
@@ -252,7 +253,7 @@ def run_reload(config: Config, data_dir, accounts, args, audit) -> int:
     SIGHUP to serve or to each daemon running alone. Exit 1 when nothing runs (0 with
     --if-running)."""
     server_context(config.tls)  # a certificate that does not load: one line, exit 1, nothing sent
-    processes = targets(data_dir.path)
+    processes = targets(data_dir.path, config)
     if not processes:
         if args.if_running:
             # A certificate hook run before the first start: the daemons read the files then.

@@ -13,6 +13,9 @@ every child is told SIGTERM and given [server] stop_grace to finish; serve then 
 Serve holds the data dir's serve.lock, each child its daemon's lock (postroom/datadir.py):
 a second serve, or an mtad started beside this one, refuses to start.
 
+With [cluster] etcd, the node agent (cluster/process.py) is a supervised child too, started
+first: it claims this node's shards, and the daemons' commits pass once it has.
+
 With [metrics] listen, serve answers the Prometheus scrape for every child (postroom/metrics.py).
 """
 
@@ -26,7 +29,7 @@ from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from conf.tls import ensure_certificate, server_context
 from postroom import reload
-from postroom.datadir import lock, open_accounts
+from postroom.datadir import lock, lock_name, open_accounts
 from postroom.notify import notify
 from postroom.services import LISTENING, SERVICES, ServeError, daemons_to_start, status, table
 from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
@@ -48,7 +51,7 @@ def serve(config: Config) -> int:
     # dir's creation and the dev certificate.
     data_dir, accounts = open_accounts(config)
     accounts.close()
-    held = lock(data_dir.path, "serve", "postroom serve")  # until the process ends
+    held = lock(data_dir.path, lock_name(config, "serve"), "postroom serve")  # until the process ends
     if ensure_certificate(config.tls, config.server.hostname):
         log.warning("tls.self_signed_created", cert=config.tls.cert, key=config.tls.key)
     server_context(config.tls)  # a bad certificate is one line from here, not one per child
@@ -62,6 +65,12 @@ def serve(config: Config) -> int:
     started = daemons_to_start(config)
     for daemon in started:
         daemons.preload(daemon)
+    if config.cluster.enabled:
+        from cluster import process
+
+        supervisor.fork("cluster-agent", command(config.source, "serve", "--cluster-agent"),
+                        functools.partial(process.main, "postroom", config.source),
+                        close=(held, *(serving.listener.filenos() if serving is not None else ())))
     for daemon in started:
         supervisor.fork(daemon, command(config.source, "serve", "--daemon", daemon),
                         functools.partial(daemon_process.main, "postroom", config.source, daemon),

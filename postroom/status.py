@@ -69,7 +69,7 @@ def status(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
 
 
 def services_section(data_dir: DataDir, config: Config, trouble: list[str]) -> dict[str, Running]:
-    running = running_processes(data_dir.path)
+    running = running_processes(data_dir.path, config)
     expected = daemons_to_start(config)
     print("services")
     now = time.time()

@@ -29,6 +29,7 @@ from storage.errors import (
     MetadataNameError,
     NotFoundError,
     NotLocalError,
+    NotOwnerError,
     NotQueuedError,
     PasswordPolicyError,
     QuotaExceededError,
@@ -76,7 +77,7 @@ __all__ = [
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "ExpungedError", "FlagError", "FlagState",
     "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
     "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "MetadataLimitError", "MetadataNameError",
-    "NotFoundError", "NotLocalError",
+    "NotFoundError", "NotLocalError", "NotOwnerError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     # `store import` (storage/imports.py)

@@ -42,6 +42,16 @@ class DataDir:
         """Greylisting's triplets and trusted domains (policy/greylist.py)."""
         return self.path / "greylist.lmdb"
 
+    def shard_path(self, number: int) -> Path:
+        """Shard `number`'s directory (in cluster mode, where its volume is attached)."""
+        width = max(2, len(str(self.shards - 1)))
+        return self.path / "shards" / f"{number:0{width}d}"
+
+    def cluster_table_path(self, node: str) -> Path:
+        """Cluster mode: what node `node`'s agent publishes for this machine's processes
+        (cluster/local.py); named by node, so nodes sharing a directory in tests keep theirs."""
+        return self.path / "cluster" / f"{node}.lmdb"
+
     @property
     def audit_log_path(self) -> Path:
         """Who changed which account when (postroom/admin.py's AuditLog)."""

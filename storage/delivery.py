@@ -123,6 +123,7 @@ class Delivery:
         self._fd: int | None = None  # the source, once it is made
         self._pending = bytearray()  # the first IN_MEMORY bytes, until the source is made
         self._small: bytes | None = None  # a whole message that fit in memory, from commit on
+        self._early = False  # start_commit's caller hears of the commit before the files settle
         shard, self._first = _first_shard(targets, shard_of)
         if shard is not None:  # else no target can take it: the bytes are only counted
             self._source, self._source_shard = shard.writer.path / maildir.new_base(), shard
@@ -270,6 +271,9 @@ class Delivery:
         only for a message up to WRITE_IN_COMMITTER to accounts that exist (see
         Store.accounts_ready)."""
         self._start()
+        # Told once the commit is durable, not once the files are renamed into place: the
+        # loop's 250 does not wait for the settler (storage/shard.py, `early`).
+        self._early = True
         self._submit(list(enumerate(self.targets)), on_done, first=True)
 
     def retry(self, targets: list[Target]) -> list[Delivered]:
@@ -307,7 +311,8 @@ class Delivery:
                 insert = _insert_fn(shard, account, mailbox_id, path, path.name, self.size, parsed, self._bits,
                                     self._keywords, self._quota_of(account), self._window, self._small)
                 shard.submit(insert, before=functools.partial(self._place, path),
-                             on_done=functools.partial(self._settled, outcome, index, target, path))
+                             on_done=functools.partial(self._settled, outcome, index, target, path),
+                             early=self._early)
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
                 if path is not None and path is not self._source:
                     _unlink_quietly(path)

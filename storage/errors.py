@@ -23,6 +23,12 @@ class StoreError(Exception):
     """A store operation failed; str() is safe to show (no paths of other accounts)."""
 
 
+class NotOwnerError(StoreError):
+    """Cluster mode (cluster/): this node does not hold the shard now (its claim was
+    released, or its lease to etcd lapsed), so nothing was written. Temporary: SMTP 451
+    4.3.0, IMAP NO [UNAVAILABLE]; the shard's owner is found again (cluster.ClusterView)."""
+
+
 class DiskFullError(StoreError):
     """The file system (or the data dir owner's disk quota) is full: nothing was written,
     and the same request may succeed once space is freed (SMTP 452 4.3.1)."""

@@ -43,6 +43,12 @@ records' types are in storage/records.py):
     imported   id b"k" digest | id b"u" uid      -> what `store import` brought in (storage/imports.py)
     journal    file base                         -> a new message's bytes until its file is flushed (storage/journal.py)
 
+Fencing (cluster mode, cluster/): `counters` b"fence" holds the etcd revision of the claim
+under which this node owns the shard (0: released). With `Shard.fence` set, every commit
+asks it, inside the write transaction and so under LMDB's writer lock, whether this node
+still holds the shard under that revision; if not, the batch aborts with NotOwnerError. A
+node taking the shard over writes its own revision first, after any commit in flight.
+
 Checkpoints: the keys of file work done (settled `unsettled` keys, and `journal` entries,
 whose files were written without a flush) are not deleted by the commit that follows, but
 by the checkpointer: a thread that, every CHECKPOINT_INTERVAL while keys wait, flushes the
@@ -68,7 +74,7 @@ from typing import Any
 import lmdb
 
 from conf.logfmt import EventLogger
-from storage.errors import DISK_FULL, DiskFullError, StoreError, is_disk_full, store_error
+from storage.errors import DISK_FULL, DiskFullError, NotOwnerError, StoreError, is_disk_full, store_error
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
 from storage.writers import WriterDir
@@ -91,6 +97,8 @@ CHECKPOINT_INTERVAL = 1.0
 REPEAT_LOG_EVERY = 60.0
 
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+FENCE_KEY = b"fence"  # in `counters`: the etcd revision of this node's claim (cluster/)
 _UID_KEY = struct.Struct(">II")
 _MODSEQ_KEY = struct.Struct(">IQI")
 
@@ -163,13 +171,14 @@ def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: byt
 
 
 class _Request:
-    __slots__ = ("change", "before", "on_done", "done", "result", "error")
+    __slots__ = ("change", "before", "on_done", "early", "done", "result", "error")
 
     def __init__(self, change: Callable[[lmdb.Transaction, Batch], Any], before: Callable[[], None] | None,
-                 on_done: Callable[[_Request], None] | None):
+                 on_done: Callable[[_Request], None] | None, early: bool = False):
         self.change = change
         self.before = before
         self.on_done = on_done
+        self.early = early
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -207,6 +216,9 @@ class Shard:
         self.flush_files: Callable[[], None] | None = None
         self._checkpoint_failures = _Repeating(self)
         self._idle_failures = _Repeating(self)
+        # Cluster mode: fence(number, revision) -> whether this node holds this shard under
+        # the claim `revision` now (cluster/local.py NodeTable.holds); None: a single node.
+        self.fence: Callable[[int, int], bool] | None = None
 
     # -- paths --------------------------------------------------------------------------
 
@@ -233,15 +245,18 @@ class Shard:
         return self.wait(self.submit(change))
 
     def submit(self, change: Callable[[lmdb.Transaction, Batch], Any], *, before: Callable[[], None] | None = None,
-               on_done: Callable[[_Request], None] | None = None) -> _Request:
+               on_done: Callable[[_Request], None] | None = None, early: bool = False) -> _Request:
         """Queue `change` for the next batch without waiting: several submits can share a commit.
 
         `before` is file work that must be durable before `change` runs (writing and fsyncing a
         message to tmp/): the committer runs the batch's `before`s side by side, so their
         fsyncs share journal commits, and a failing one fails its request alone.
         `on_done(request)` is called, in the committer's thread, once the request is
-        settled: a caller that must not block (an event loop) learns it so."""
-        request = _Request(change, before, on_done)
+        settled: a caller that must not block (an event loop) learns it so. `early`: settled
+        as soon as its commit is durable, before the batch's files are moved into place (the
+        settler's work, which readers do not wait for: settle.locate finds a file in its
+        writer's directory): mtad's 250 need not wait for renames."""
+        request = _Request(change, before, on_done, early)
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
@@ -257,6 +272,23 @@ class Shard:
         if request.error is not None:
             raise request.error
         return request.result
+
+    def fence_revision(self, txn: lmdb.Transaction) -> int:
+        """The claim revision recorded in the shard (0: none; see Fencing above)."""
+        raw = txn.get(FENCE_KEY, db=self.db["counters"])
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def set_fence(self, revision: int) -> None:
+        """Record `revision` as the claim this shard is written under, durably, outside the
+        committer (whose commits it fences): it waits for LMDB's writer lock, so every commit
+        in flight in any process of this machine is done before it."""
+        with self.env.begin(write=True) as txn:
+            txn.put(FENCE_KEY, _U64.pack(revision), db=self.db["counters"])
+
+    def _check_fence(self, txn: lmdb.Transaction) -> None:
+        fence = self.fence
+        if fence is not None and not fence(self.number, self.fence_revision(txn)):
+            raise NotOwnerError(f"shard {self.number} is not served by this node now")
 
     def last_commit(self) -> int:
         """LMDB's id of the last committed transaction, by any process: cheap change detection."""
@@ -354,7 +386,10 @@ class Shard:
             return False
         try:
             with self.env.begin(write=True) as txn:
+                self._check_fence(txn)
                 more = bool(work(txn))
+        except NotOwnerError:
+            return False  # the shard's owner (another node now) does it
         except Exception as e:  # derived data: a failure here must never stop deliveries
             # (Each checkpoint's commit makes it due again: once a second on a full disk.)
             if (fields := self._idle_failures.failed(e)) is not None:
@@ -384,6 +419,8 @@ class Shard:
             self._checkpoint_due.clear()
             try:
                 self.checkpoint()
+            except NotOwnerError:
+                pass  # the keys wait for the shard's next opening, by its next owner
             except Exception as e:  # the keys wait for the next turn (or the next start)
                 if self._closed:
                     return  # close() came between the flush and the commit: it checkpoints the keys itself
@@ -428,6 +465,9 @@ class Shard:
 
     def _after_commit(self, batch: Batch) -> None:
         _run_after_commit(batch)
+        self._settle_files(batch)
+
+    def _settle_files(self, batch: Batch) -> None:
         done: list[tuple[bytes, bytes]] = []
         if batch.unsettled and self.settler is not None:
             try:
@@ -451,6 +491,7 @@ class Shard:
         txn = self.env.begin(write=True)
         try:
             yield txn
+            self._check_fence(txn)  # last, under the writer lock: nothing can come between
         except BaseException:
             txn.abort()
             raise
@@ -471,6 +512,8 @@ class Shard:
                 self._settle(request)
 
     def _settle(self, request: _Request) -> None:
+        if request.done.is_set():
+            return  # an early one, settled once its commit was durable
         request.done.set()
         if request.on_done is not None:
             try:
@@ -512,7 +555,11 @@ class Shard:
                     request.result = None  # from the transaction just aborted
                 return False
             return True
-        self._after_commit(batch)
+        _run_after_commit(batch)
+        for request in requests:
+            if request.early:
+                self._settle(request)
+        self._settle_files(batch)
         return True
 
     def _run_nested(self, requests: list[_Request]) -> None:
@@ -567,7 +614,12 @@ def _fail(requests: list[_Request], cause: BaseException, where: Path | None = N
     full = is_disk_full(cause, where)
     for request in requests:
         # What a client may be told (IMAP NO [OVERQUOTA] shows it): no library's words.
-        error = DiskFullError(DISK_FULL) if full else StoreError(f"commit failed: {cause.__class__.__name__}: {cause}")
+        if isinstance(cause, NotOwnerError):
+            error: StoreError = NotOwnerError(str(cause))
+        elif full:
+            error = DiskFullError(DISK_FULL)
+        else:
+            error = StoreError(f"commit failed: {cause.__class__.__name__}: {cause}")
         error.__cause__ = cause
         request.error = error
 

@@ -27,7 +27,14 @@ from storage import dedupe as duplicates
 from storage import fts, journal, mailboxes, messages, metadata, recent, records, search, settle, urlauth, vanished
 from storage.datadir import DataDir
 from storage.delivery import Delivered, Delivery
-from storage.errors import DeliveryError, ExpungedError, MailboxExistsError, MailboxNotFoundError, StoreError
+from storage.errors import (
+    DeliveryError,
+    ExpungedError,
+    MailboxExistsError,
+    MailboxNotFoundError,
+    NotOwnerError,
+    StoreError,
+)
 from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
@@ -43,8 +50,11 @@ DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
 
 class Store:
     def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None,
-                 dedupe_window: float = DEDUPE_WINDOW):
+                 dedupe_window: float = DEDUPE_WINDOW, fence: Callable[[int, int], bool] | None = None):
+        """`fence`: cluster mode's check of every commit (storage/shard.py, "Fencing"):
+        fence(shard number, recorded claim revision) -> whether this node may write it."""
         self._data_dir = data_dir
+        self._fence = fence
         self._dedupe_window = dedupe_window
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
@@ -88,17 +98,46 @@ class Store:
                 raise StoreError("store is closed")
             shard = self._shards.get(number)
             if shard is None:
-                width = max(2, len(str(self._data_dir.shards - 1)))
-                shard = Shard(self._data_dir.path / "shards" / f"{number:0{width}d}", number)
+                shard = Shard(self._data_dir.shard_path(number), number)
+                shard.fence = self._fence
                 shard.idle_work = functools.partial(self._idle_work, shard)
                 shard.settler = functools.partial(settle.settle, shard)
                 shard.flush_files = journal.FileSystemFlusher(shard.path)
                 # Before anyone reads it here: finish what a crash of any process left,
                 # then put back what a crash of the machine lost of journaled files.
-                settle.recover(shard)
-                journal.restore(shard)
+                try:
+                    settle.recover(shard)
+                    journal.restore(shard)
+                except NotOwnerError:
+                    pass  # a cluster's shard another node owns: its owner recovers it, on taking it
                 self._shards[number] = shard
             return shard
+
+    # -- cluster mode: a shard taken and released by this node (cluster/agent.py) ---------
+
+    def take_shard(self, number: int, revision: int) -> None:
+        """Open shard `number` (finishing what a crash left in it) and record `revision`,
+        this node's etcd claim, as the one its commits are fenced with."""
+        self._shard_by_number(number).set_fence(revision)
+
+    def release_shard(self, number: int, *, clear_fence: bool = True) -> None:
+        """Hand shard `number` over: the fence cleared (after every commit in flight, in any
+        process: LMDB's writer lock), the file system flushed, and this process's handle
+        closed, so that its volume can be detached. `clear_fence=False` when the claim is
+        already lost: another node may have written its own fence since."""
+        shard = self._shard_by_number(number)
+        if clear_fence:
+            shard.set_fence(0)
+        shard.flush()
+        with self._lock:
+            self._shards.pop(number, None)
+        shard.close()
+
+    def fence_revision(self, number: int) -> int:
+        """The claim revision recorded in shard `number` (0: none)."""
+        shard = self._shard_by_number(number)
+        with shard.read() as txn:
+            return shard.fence_revision(txn)
 
     def _idle_work(self, shard: Shard, txn) -> bool:
         """The committer's work between requests: full-text indexing, forgetting old

@@ -1,0 +1,79 @@
+"""A cluster's IMAP proxy: a user who logs in on a node that does not own the user's shard is
+served by the owner, through this node (DESIGN.md, "Scale beyond one machine").
+
+The password is checked here first (the accounts are on every node), so a guesser costs the
+owner nothing and meets this node's throttle. Then this node logs in at the owner as the
+user: STARTTLS on the owner's IMAP port ([cluster] imap_port, else its first [imap] listen),
+the certificate checked against [server] hostname (a cluster's nodes serve one name), an ID
+(RFC 2971) naming the client's address for the owner's log, and AUTHENTICATE PLAIN with
+SASL-IR (RFC 4959), which carries any password without quoting. The client's LOGIN is
+answered with the owner's capabilities; from then on the bytes go both ways untouched
+(imapd/protocol.py's relay), until either side closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+
+MAX_LINE = 64 * 1024
+
+
+class ProxyError(Exception):
+    """The owner could not be reached or would not take the login: the client hears NO
+    [UNAVAILABLE] and may try again (the shard may be moving)."""
+
+
+async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
+                    tls: ssl.SSLContext, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """A session at the owner, logged in as `user`: (reader, writer, its CAPABILITY text)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
+    except (OSError, TimeoutError) as e:
+        raise ProxyError(f"cannot connect to {host}:{port}: {e}") from None
+    try:
+        return await asyncio.wait_for(_log_in(reader, writer, user, password, client_ip, hostname, tls), timeout)
+    except BaseException as e:
+        writer.close()
+        if isinstance(e, ProxyError):
+            raise
+        if isinstance(e, (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError)):
+            raise ProxyError(f"IMAP at {host}:{port}: {type(e).__name__}: {e}") from None
+        raise
+
+
+async def _log_in(reader, writer, user: str, password: str, client_ip: str, hostname: str,
+                  tls: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    greeting = await reader.readline()
+    if not greeting.startswith(b"* OK"):
+        raise ProxyError(f"owner's greeting: {greeting[:100]!r}")
+    await _command(reader, writer, b"p1 STARTTLS\r\n", b"p1")
+    await writer.start_tls(tls, server_hostname=hostname)
+    await _command(reader, writer, f'p2 ID ("x-originating-ip" "{_quotable(client_ip)}")\r\n'.encode(), b"p2")
+    plain = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    untagged, tagged = await _command(reader, writer, b"p3 AUTHENTICATE PLAIN " + plain + b"\r\n", b"p3")
+    capability = ""
+    if tagged.startswith(b"p3 OK [CAPABILITY "):
+        capability = tagged[len(b"p3 OK ["):].split(b"]", 1)[0].decode("ascii", "replace")
+    return reader, writer, capability
+
+
+async def _command(reader, writer, line: bytes, tag: bytes) -> tuple[list[bytes], bytes]:
+    """Send `line`, read to its tagged reply: (untagged lines, the tagged one) if OK."""
+    writer.write(line)
+    untagged = []
+    for _ in range(100):
+        reply = await reader.readline()
+        if not reply:
+            raise ProxyError("the owner closed the connection")
+        if reply.startswith(tag + b" "):
+            if not reply.startswith(tag + b" OK"):
+                raise ProxyError(f"the owner said {reply[:200]!r}")
+            return untagged, reply.rstrip(b"\r\n")
+        untagged.append(reply)
+    raise ProxyError("no tagged reply from the owner")
+
+
+def _quotable(text: str) -> str:
+    return "".join(c for c in text if c.isalnum() or c in ".:-[]")

@@ -1,0 +1,57 @@
+"""The cluster's hand-off: an LMTP server (RFC 2033) for the other nodes, on [smtp]
+lmtp_listen.
+
+In a cluster every node takes mail for every user, and a user's mailbox lives in one shard,
+which one node owns at a time (DESIGN.md, "Scale beyond one machine"). The node that took a
+message hands it to the owner over LMTP before its own 250 (mtad/lmtp_client.py), so a 250
+still means durable on the owner. This is the owner's side: the inbound agent's session,
+store and commit, with what the handing node already did left out.
+
+- LHLO in place of EHLO (mtad/session.py in LMTP mode); after the data, one reply per
+  recipient in RCPT order. The commit is every copy or none (mtad/routing.py), so each
+  recipient is told the same outcome.
+- RCPT names an account, not an address to resolve: the handing node has expanded aliases,
+  catch-alls and sub-addresses already, and doing it again could forward twice. An address
+  that is no user here is 550 5.1.1; a full mailbox 452 4.2.2.
+- No policy chain, no rate limits, no remote recipients: the handing node ran the checks and
+  added its Received: header; this hop adds Return-Path: and its own Received: "with LMTP"
+  (RFC 3848). That trust is why the listener belongs on the cluster's own network.
+"""
+
+from __future__ import annotations
+
+from mtad import replies
+from mtad.agent import AgentContext
+from mtad.events import RcptTo
+from mtad.inbound import InboundSMTP
+from mtad.replies import Reply
+from mtad.session import SessionConfig
+
+
+class LMTPAgent(InboundSMTP):
+    """One LMTP connection from another node of the cluster."""
+
+    MX = False
+    CHECKED = False  # the checks ran where the message came in
+    PROTOCOL = "LMTP"
+    service = "lmtp"
+
+    @staticmethod
+    def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
+        config = context.config
+        return SessionConfig(hostname=config.server.hostname, max_message_size=config.smtp.max_message_size,
+                             max_recipients=config.smtp.max_recipients, tls_available=False, dsn=True,
+                             chunking=False, lmtp=True)
+
+    def _recipient(self, event: RcptTo) -> Reply:
+        user = self.context.accounts.get_user(event.address)  # None for a malformed address too
+        if user is None:
+            outcome = replies.NO_SUCH_USER
+        elif self.context.store.is_full(str(user.address)):
+            outcome = replies.OVER_QUOTA
+        else:
+            self._recipients.add_local(event.address, [str(user.address)], event.dsn)
+            outcome = replies.RECIPIENT_OK
+        self.log.info("rcpt", to=event.address, result=f"{outcome.code} {outcome.enhanced}")
+        self._outcomes.append(f"{event.address}:{outcome.code}")
+        return outcome

@@ -1,0 +1,59 @@
+"""A cluster's POP3 proxy: a user who logs in on a node that does not own the user's shard is
+served by the owner, through this node (imapd/proxy.py says why the password is checked
+here first, and how the owner's certificate is checked).
+
+At the owner: STLS (RFC 2595), then USER and PASS, whose reply (+OK and the maildrop's
+size, or -ERR [IN-USE] while another session holds it) is the client's. From then on the
+bytes go both ways untouched (wire/relay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+MAX_LINE = 64 * 1024
+
+
+class ProxyError(Exception):
+    """The owner could not be reached: the client hears -ERR [SYS/TEMP]."""
+
+
+async def log_in_at(host: str, port: int, *, user: str, password: str, hostname: str, tls: ssl.SSLContext,
+                    timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A session at the owner after PASS: (reader, writer, the owner's reply line to PASS).
+    A -ERR reply closes it (the line is still returned, for the client)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
+    except (OSError, TimeoutError) as e:
+        raise ProxyError(f"cannot connect to {host}:{port}: {e}") from None
+    try:
+        reply = await asyncio.wait_for(_log_in(reader, writer, user, password, hostname, tls), timeout)
+    except BaseException as e:
+        writer.close()
+        if isinstance(e, ProxyError):
+            raise
+        if isinstance(e, (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError)):
+            raise ProxyError(f"POP3 at {host}:{port}: {type(e).__name__}: {e}") from None
+        raise
+    if not reply.startswith(b"+OK"):
+        writer.close()
+    return reader, writer, reply
+
+
+async def _log_in(reader, writer, user: str, password: str, hostname: str, tls: ssl.SSLContext) -> bytes:
+    await _ok(reader)
+    writer.write(b"STLS\r\n")
+    await _ok(reader)
+    await writer.start_tls(tls, server_hostname=hostname)
+    writer.write(f"USER {user}\r\n".encode())
+    await _ok(reader)
+    writer.write(b"PASS " + password.encode() + b"\r\n")
+    return await reader.readline()
+
+
+async def _ok(reader) -> bytes:
+    line = await reader.readline()
+    if not line.startswith(b"+OK"):
+        raise ProxyError(f"the owner said {line[:200]!r}")
+    return line
