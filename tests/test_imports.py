@@ -24,11 +24,10 @@ def _imports(path: Path, package: str) -> set[str]:
     return found
 
 
-PACKAGES = ("postroom", "cluster", "mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf")
+PACKAGES = ("postroom", "mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf")
 # What each package may import from the others: the floors, top to bottom.
 MAY_IMPORT = {
-    "postroom": {"cluster", "mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf"},
-    "cluster": {"storage", "wire", "conf"},  # what a node shares through etcd (issue 18)
+    "postroom": {"mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf"},
     "mtad": {"storage", "policy", "wire", "conf"},
     "imapd": {"storage", "policy", "wire", "conf"},
     "pop3d": {"storage", "policy", "wire", "conf"},
