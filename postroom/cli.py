@@ -224,15 +224,14 @@ def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argpar
 
 
 def _in_cluster(config: conf.Config, accounts: Accounts) -> Accounts:
-    """In cluster mode (a [cluster] section naming etcd endpoints) the account commands write
-    to etcd, with the single-node checks, and read this node's mirrored copy
-    (cluster/accounts_writer.py); otherwise they write the local database, as ever."""
-    cluster = getattr(config, "cluster", None)  # the [cluster] section, where the schema has one
-    if cluster is None or not getattr(cluster, "etcd", None):
+    """With [cluster] etcd the account commands write to etcd, with the single-node checks,
+    and read this node's mirrored copy (cluster/accounts_writer.py); otherwise they write
+    the local database, as ever."""
+    if not config.cluster.enabled:
         return accounts
     from cluster.accounts_writer import ClusterAccounts  # etcd's client only on a cluster's node
 
-    return ClusterAccounts(accounts, list(cluster.etcd), getattr(cluster, "prefix", "/postroom/"))
+    return ClusterAccounts(accounts, list(config.cluster.etcd), config.cluster.prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import itertools
 import socket
+import subprocess
 import threading
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import argon2
 import pytest
+from conftest import POSTROOM, write_config_file
 from etcd_peer import Etcd, etcd_server  # noqa: F401  (a fixture)
 
 from cluster.accounts_etcd import (
@@ -27,8 +28,7 @@ from cluster.accounts_etcd import (
 from cluster.accounts_mirror import AccountsMirror
 from cluster.accounts_seed import push_local
 from cluster.accounts_writer import ClusterAccounts, NotJoinedError
-from postroom import cli
-from storage import Accounts
+from storage import Accounts, open_data_dir
 from storage.errors import DomainNotEmptyError, ExistsError, NotLocalError, UnknownAddressError
 
 CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
@@ -339,16 +339,32 @@ def test_a_request_etcd_refuses_is_one_clear_error(etcd_server):  # noqa: F811
 
 
 def test_the_cli_writes_to_etcd_in_cluster_mode(tmp_path, etcd_server):  # noqa: F811
-    (tmp_path / "n").mkdir()
-    with Accounts(tmp_path / "n" / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
-        assert cli._in_cluster(SimpleNamespace(), accounts) is accounts  # no [cluster]: local
-        prefix = f"/cli{time.monotonic_ns()}/"
-        config = SimpleNamespace(cluster=SimpleNamespace(etcd=[etcd_server.endpoint], prefix=prefix))
-        writer = cli._in_cluster(config, accounts)
-        writer.add_domain("example.org")
-        _, rows = EtcdAccounts([etcd_server.endpoint], prefix).load()
-        assert [(table, key) for table, key, _ in rows] == [("domains", b"example.org")]
-        assert writer.is_local_domain("example.org")  # and on this node at once
+    """`postroom user add` on node a, seen by `postroom user list` on node b (whose mirror
+    runs here, as `postroom serve` runs it), through real config files and processes."""
+    cluster = {"etcd": [etcd_server.endpoint], "prefix": f"/cli{time.monotonic_ns()}/"}
+    configs = {name: write_config_file(tmp_path / f"{name}.toml", tmp_path / name,
+                                       cluster={**cluster, "node": name}) for name in ("a", "b")}
+
+    def postroom(node: str, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTROOM, "--config", str(configs[node]), *args], input=password,
+                              capture_output=True, text=True, timeout=60)
+
+    assert postroom("a", "domain", "add", "example.org").returncode == 0
+    added = postroom("a", "user", "add", "alice@example.org", "--password-stdin", password=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert postroom("a", "user", "list").stdout.startswith("alice@example.org")  # at once, on a
+    again = postroom("b", "user", "add", "alice@example.org", "--password-stdin", password=PASSWORD + "\n")
+    assert (again.returncode, again.stderr.strip()) == (1, "postroom: user alice@example.org already exists")
+
+    b = Accounts(open_data_dir(tmp_path / "b", 4).accounts_path)
+    mirror = AccountsMirror(b, [etcd_server.endpoint], cluster["prefix"]).start()
+    try:
+        eventually(lambda: postroom("b", "user", "list").stdout.startswith("alice@example.org"), timeout=15)
+    finally:
+        mirror.stop()
+        b.close()
+    _, rows = EtcdAccounts([etcd_server.endpoint], cluster["prefix"]).load()
+    assert [(table, key) for table, key, _ in rows] == [("domains", b"example.org"), ("users", b"example.org\0alice")]
 
 
 def _resolve(accounts: Accounts, address: str):
