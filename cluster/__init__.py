@@ -13,6 +13,13 @@ Modules, one job each:
     process.py   the agent's process (a child of `postroom serve`, or `cluster agent`)
     admin.py     `postroom cluster status | drain | undrain | agent`
 
+Shared accounts (docs/cluster.md): etcd holds domains, users and aliases; each node reads
+its own copy in accounts.lmdb, so RCPT and LOGIN never wait on etcd:
+    accounts_etcd.py     the accounts' keys in etcd, loads, watches, transactions
+    accounts_mirror.py   AccountsMirror: etcd -> the node's accounts.lmdb (load, then watch)
+    accounts_writer.py   ClusterAccounts: the CLI's changes, compare-and-swap in etcd
+    accounts_seed.py     push_local: a joining node's own accounts into etcd
+
 The interface for daemons (mtad's LMTP hand-off, the IMAP/POP3 proxy, queue runners), from
 any process of the node, without a request to etcd (microseconds a call):
 

@@ -20,7 +20,7 @@ from postroom import __version__, admin, queueadmin
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_store
 from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
-from storage import AccountError, AddressError, DataDirError, Queue, StoreError, open_data_dir
+from storage import AccountError, Accounts, AddressError, DataDirError, Queue, StoreError, open_data_dir
 
 PROG = "postroom"
 
@@ -223,6 +223,17 @@ def _group(commands: argparse._SubParsersAction, name: str, help: str) -> argpar
     return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
 
+def _in_cluster(config: conf.Config, accounts: Accounts) -> Accounts:
+    """With [cluster] etcd the account commands write to etcd, with the single-node checks,
+    and read this node's mirrored copy (cluster/accounts_writer.py); otherwise they write
+    the local database, as ever."""
+    if not config.cluster.enabled:
+        return accounts
+    from cluster.accounts_writer import ClusterAccounts  # etcd's client only on a cluster's node
+
+    return ClusterAccounts(accounts, list(config.cluster.etcd), config.cluster.prefix)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve" and args.cluster_agent:
@@ -249,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             with Queue(data_dir) as queue:
                 return args.run(queue, args, admin.AuditLog(data_dir.audit_log_path))
         data_dir, accounts = open_accounts(config)
+        accounts = _in_cluster(config, accounts)
         audit = admin.AuditLog(data_dir.audit_log_path)
         with accounts:
             if getattr(args, "needs_config", False):

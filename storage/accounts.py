@@ -50,8 +50,12 @@ MAX_PASSWORD_BYTES = 1024  # argon2 hashes any length; an attacker should not ch
 MIN_PASSWORD_CHARS = 8
 MAX_ALIAS_TARGETS = 1000
 MAX_EXPANSION_DEPTH = 10
+TABLES = ("domains", "users", "aliases")  # the tables a cluster mirrors (cluster/accounts_etcd.py)
 MAX_REMEMBERED = 4096  # get_user() and resolve() answers kept between two commits
-_MAP_SIZE = 1 << 30  # sparse on Linux; roughly a million accounts
+# Sparse on Linux: only what is written takes disk. 8 GiB, etcd's suggested maximum, so that
+# a cluster node's copy of the accounts (cluster/accounts_mirror.py) is never the first to
+# fill up: 230 bytes a user measured (100,000 users), 350 with half-full pages: 25 million.
+_MAP_SIZE = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,9 @@ class Accounts:
         # lmdb would create the directory with the file mode (no search bit): make it first.
         Path(path).mkdir(mode=0o700, exist_ok=True)
         self._env = lmdb.open(str(path), subdir=True, map_size=_MAP_SIZE, max_dbs=4, mode=0o600)
-        databases = open_databases(self._env, ("domains", "users", "aliases"))
-        self._domains, self._users, self._aliases = (databases[n] for n in ("domains", "users", "aliases"))
+        databases = open_databases(self._env, (*TABLES, "mirror"))
+        self._domains, self._users, self._aliases = (databases[n] for n in TABLES)
+        self._mirror = databases["mirror"]
         self._delimiter = recipient_delimiter
         self._hasher = hasher or argon2.PasswordHasher(type=argon2.Type.ID)
         self._dummy_hash: str | None = None
@@ -132,8 +137,11 @@ class Accounts:
     def add_domain(self, name: str) -> Domain:
         domain = _domain(name)
         with self._env.begin(write=True) as txn:
-            if not txn.put(domain.encode(), _record(created=_now()), db=self._domains, overwrite=False):
-                raise ExistsError(f"domain {display_domain(domain)} already exists")
+            return self.add_domain_in(txn, domain)
+
+    def add_domain_in(self, txn: lmdb.Transaction, domain: str) -> Domain:
+        if not txn.put(domain.encode(), _record(created=_now()), db=self._domains, overwrite=False):
+            raise ExistsError(f"domain {display_domain(domain)} already exists")
         return Domain(domain)
 
     def remove_domain(self, name: str, *, force: bool = False) -> tuple[int, int]:
@@ -148,7 +156,7 @@ class Accounts:
             # outside world once it is no longer local: they go too.
             inbound = [(key, targets) for key, targets in self._alias_items(txn)
                        if not key.startswith(domain.encode() + b"\0")
-                       and any(_target_domain(t) == domain for t in targets)]
+                       and any(target_domain(t) == domain for t in targets)]
             if (users or aliases or inbound) and not force:
                 raise DomainNotEmptyError(
                     f"domain {display_domain(domain)} still has {len(users)} user(s) and "
@@ -160,7 +168,7 @@ class Accounts:
             for key in aliases:
                 txn.delete(key, db=self._aliases)
             for key, targets in inbound:
-                left = [t for t in targets if _target_domain(t) != domain]
+                left = [t for t in targets if target_domain(t) != domain]
                 if left:
                     txn.put(key, _record(targets=left), db=self._aliases)
                 else:
@@ -183,25 +191,34 @@ class Accounts:
     # -- users -------------------------------------------------------------------------
 
     def add_user(self, address: str, password: str, *, quota: int = 0, message_quota: int = 0) -> User:
-        addr = _account_address(address)
-        hashed = self._hash(password)
-        created = _now()
+        addr = account_address(address)
+        record = self.new_user_record(password, quota, message_quota)
         with self._env.begin(write=True) as txn:
-            self._require_domain(txn, addr.domain)
-            if txn.get(_key(addr), db=self._aliases) is not None:
-                raise ExistsError(f"{addr.display} is an alias; remove the alias first")
-            record = _record(hash=hashed, quota=quota, message_quota=message_quota, created=created)
-            if not txn.put(_key(addr), record, db=self._users, overwrite=False):
-                raise ExistsError(f"user {addr.display} already exists")
-        return User(addr, quota, created, message_quota)
+            return self.add_user_in(txn, addr, record)
+
+    def new_user_record(self, password: str, quota: int = 0, message_quota: int = 0) -> bytes:
+        return _record(hash=self._hash(password), quota=quota, message_quota=message_quota, created=_now())
+
+    def add_user_in(self, txn: lmdb.Transaction, addr: Address, record: bytes) -> User:
+        """The body of add_user, in a transaction the caller gives: this LMDB's, or the
+        cluster's view of etcd (cluster/accounts_writer.py), so both check the same rules."""
+        self._require_domain(txn, addr.domain)
+        if txn.get(_key(addr), db=self._aliases) is not None:
+            raise ExistsError(f"{addr.display} is an alias; remove the alias first")
+        if not txn.put(_key(addr), record, db=self._users, overwrite=False):
+            raise ExistsError(f"user {addr.display} already exists")
+        return _user(addr, record)
 
     def remove_user(self, address: str) -> list[Alias]:
         """Remove a user; returns the aliases that still name it, for the caller to report."""
         addr = parse_address(address)
         with self._env.begin(write=True) as txn:
-            if not txn.delete(_key(addr), db=self._users):
-                raise NotFoundError(f"no such user: {addr.display}")
+            self.remove_user_in(txn, addr)
         return [a for a in self.aliases() if str(addr) in a.targets]
+
+    def remove_user_in(self, txn: lmdb.Transaction, addr: Address) -> None:
+        if not txn.delete(_key(addr), db=self._users):
+            raise NotFoundError(f"no such user: {addr.display}")
 
     def get_user(self, address: str) -> User | None:
         answers = self._current_answers()
@@ -219,7 +236,15 @@ class Accounts:
         return user
 
     def _current_answers(self) -> dict:
-        as_of = self._env.info()["last_txnid"]  # a read of the lock file's shared memory
+        # The id of a read transaction, not env.info()'s last_txnid: a committer writes the
+        # meta page (which info() reads) before it publishes the transaction to new readers,
+        # so in that window info() says N while a read still sees N-1, and an answer read
+        # then would be kept, stale, as N's until the next commit (seen: a user added by
+        # the cluster's mirror stayed "unknown" in the same process). A read that begins
+        # after this one sees this snapshot or a newer one: an answer kept here may be newer
+        # than `as_of`, never older.
+        with self._env.begin() as txn:
+            as_of = txn.id()
         if as_of != self._answers_as_of:
             self._answers = {}
             self._answers_as_of = as_of
@@ -244,21 +269,86 @@ class Accounts:
         return [_user(_address_of(key), raw) for key, raw in items]
 
     def set_password(self, address: str, password: str) -> None:
-        hashed = self._hash(password)
-        self._update_user(address, hash=hashed)
+        self._update_user(address, **self.password_change(password))
+
+    def password_change(self, password: str) -> dict[str, str]:
+        """The user-record fields that set this password (checked against the policy)."""
+        return {"hash": self._hash(password)}
 
     def set_quota(self, address: str, quota: int | None = None, message_quota: int | None = None) -> None:
         """Set the storage quota (bytes), the message quota (count), or both; 0 is unlimited."""
-        changes = {k: v for k, v in (("quota", quota), ("message_quota", message_quota)) if v is not None}
-        self._update_user(address, **changes)
+        self._update_user(address, **quota_change(quota, message_quota))
 
     def _update_user(self, address: str, **changes: object) -> None:
         addr = parse_address(address)
         with self._env.begin(write=True) as txn:
-            raw = txn.get(_key(addr), db=self._users)
-            if raw is None:
-                raise NotFoundError(f"no such user: {addr.display}")
-            txn.put(_key(addr), _record(**{**json.loads(raw), **changes}), db=self._users)
+            self.update_user_in(txn, addr, changes)
+
+    def update_user_in(self, txn: lmdb.Transaction, addr: Address, changes: dict) -> None:
+        raw = txn.get(_key(addr), db=self._users)
+        if raw is None:
+            raise NotFoundError(f"no such user: {addr.display}")
+        txn.put(_key(addr), _record(**{**json.loads(raw), **changes}), db=self._users)
+
+    # -- the cluster's mirror (cluster/accounts_mirror.py) --------------------------------
+    #
+    # In cluster mode etcd holds the accounts and this database is the node's copy of them:
+    # every process still reads here, so RCPT and LOGIN never wait on the network. Changes
+    # arrive as (table, key, value or None) in this database's own key and value format,
+    # with the etcd revision they bring the copy up to, kept in the "mirror" table.
+
+    def table_handles(self) -> dict[str, object]:
+        """The LMDB handle of each table, for a transaction-like view that names tables by handle."""
+        return {"domains": self._domains, "users": self._users, "aliases": self._aliases}
+
+    def rows(self):
+        """Every (table, key, value) of the three tables, as the mirror compares and seeds them."""
+        with self._env.begin() as txn:
+            for table, db in self.table_handles().items():
+                yield from ((table, key, value) for key, value in txn.cursor(db=db))
+
+    def mirrored_revision(self) -> int:
+        with self._env.begin() as txn:
+            raw = txn.get(b"revision", db=self._mirror)
+        return int(raw) if raw else 0
+
+    def replace_mirrored(self, items, revision: int) -> int:
+        """Make the tables exactly `items` ((table, key, value), from one etcd revision), in
+        one transaction, so a reader sees the old set or the new one. Returns the count."""
+        handles = self.table_handles()
+        count = 0
+        with self._env.begin(write=True) as txn:
+            for db in handles.values():
+                txn.drop(db, delete=False)
+            for table, key, value in items:
+                txn.put(key, value, db=handles[table])
+                count += 1
+            txn.put(b"revision", str(revision).encode(), db=self._mirror)
+        return count
+
+    def apply_mirrored(self, changes, revision: int, *, if_behind: bool = False) -> bool:
+        """Apply (table, key, value or None) changes in one transaction and record `revision`.
+        With if_behind (a writer applying its own change at once), apply only if the mirror
+        has not reached `revision` yet, and leave the recorded revision alone: the mirror
+        still replays every event after its own, this one included, in order."""
+        handles = self.table_handles()
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(b"revision", db=self._mirror)
+            if if_behind and raw and int(raw) >= revision:
+                return False
+            for table, key, value in changes:
+                if value is None:
+                    txn.delete(key, db=handles[table])
+                else:
+                    txn.put(key, value, db=handles[table])
+            if not if_behind or not raw:  # (a writer's change on a node never loaded: it joins with it)
+                txn.put(b"revision", str(revision).encode(), db=self._mirror)
+        return True
+
+    def is_empty(self) -> bool:
+        """No domain, user or alias at all (a node about to join a cluster, for one)."""
+        with self._env.begin() as txn:
+            return all(txn.stat(db)["entries"] == 0 for db in self.table_handles().values())
 
     # -- authentication ----------------------------------------------------------------
 
@@ -319,45 +409,51 @@ class Accounts:
 
     def add_alias(self, alias: str, targets: list[str]) -> Alias:
         """Create an alias, or add targets to an existing one. "@domain" is the catch-all."""
-        addr = _alias_address(alias)
+        addr = alias_address(alias)
         with self._env.begin(write=True) as txn:
-            self._require_domain(txn, addr.domain)
-            if addr.local and txn.get(_key(addr), db=self._users) is not None:
-                raise ExistsError(f"{addr.display} is a user; an address is a user or an alias, not both")
-            raw = txn.get(_key(addr), db=self._aliases)
-            existing = json.loads(raw)["targets"] if raw else []
-            merged = list(existing)
-            for target in targets:
-                normalized = self._check_target(txn, addr, target)
-                if normalized not in merged:
-                    merged.append(normalized)
-            if len(merged) > MAX_ALIAS_TARGETS:
-                raise AccountError(f"an alias may have at most {MAX_ALIAS_TARGETS} targets")
-            txn.put(_key(addr), _record(targets=merged), db=self._aliases)
+            return self.add_alias_in(txn, addr, targets)
+
+    def add_alias_in(self, txn: lmdb.Transaction, addr: Address, targets: list[str]) -> Alias:
+        self._require_domain(txn, addr.domain)
+        if addr.local and txn.get(_key(addr), db=self._users) is not None:
+            raise ExistsError(f"{addr.display} is a user; an address is a user or an alias, not both")
+        raw = txn.get(_key(addr), db=self._aliases)
+        existing = json.loads(raw)["targets"] if raw else []
+        merged = list(existing)
+        for target in targets:
+            normalized = self._check_target(txn, addr, target)
+            if normalized not in merged:
+                merged.append(normalized)
+        if len(merged) > MAX_ALIAS_TARGETS:
+            raise AccountError(f"an alias may have at most {MAX_ALIAS_TARGETS} targets")
+        txn.put(_key(addr), _record(targets=merged), db=self._aliases)
         return Alias(addr, tuple(merged))
 
     def remove_alias(self, alias: str, targets: list[str] | None = None) -> Alias | None:
         """Remove the alias, or only some targets; returns what is left (None if removed)."""
-        addr = _alias_address(alias)
+        addr = alias_address(alias)
         with self._env.begin(write=True) as txn:
-            raw = txn.get(_key(addr), db=self._aliases)
-            if raw is None:
-                shown = f"@{display_domain(addr.domain)}" if not addr.local else addr.display
-                raise NotFoundError(f"no such alias: {shown}")
-            if not targets:
-                txn.delete(_key(addr), db=self._aliases)
-                return None
-            current = json.loads(raw)["targets"]
-            drop = {self._target_form(txn, t) for t in targets}
-            missing = drop - set(current)
-            if missing:
-                raise NotFoundError(f"not a target of this alias: {', '.join(sorted(missing))}")
-            left = [t for t in current if t not in drop]
-            if not left:
-                txn.delete(_key(addr), db=self._aliases)
-                return None
-            txn.put(_key(addr), _record(targets=left), db=self._aliases)
-            return Alias(addr, tuple(left))
+            return self.remove_alias_in(txn, addr, targets)
+
+    def remove_alias_in(self, txn: lmdb.Transaction, addr: Address, targets: list[str] | None) -> Alias | None:
+        raw = txn.get(_key(addr), db=self._aliases)
+        if raw is None:
+            shown = f"@{display_domain(addr.domain)}" if not addr.local else addr.display
+            raise NotFoundError(f"no such alias: {shown}")
+        if not targets:
+            txn.delete(_key(addr), db=self._aliases)
+            return None
+        current = json.loads(raw)["targets"]
+        drop = {self._target_form(txn, t) for t in targets}
+        missing = drop - set(current)
+        if missing:
+            raise NotFoundError(f"not a target of this alias: {', '.join(sorted(missing))}")
+        left = [t for t in current if t not in drop]
+        if not left:
+            txn.delete(_key(addr), db=self._aliases)
+            return None
+        txn.put(_key(addr), _record(targets=left), db=self._aliases)
+        return Alias(addr, tuple(left))
 
     def aliases(self, domain: str | None = None) -> list[Alias]:
         with self._env.begin() as txn:
@@ -516,7 +612,24 @@ def _domain(name: str) -> str:
     return normalize_domain(name.strip())
 
 
-def _account_address(text: str) -> Address:
+def domain_name(name: str) -> str:
+    """A domain as the tables key it (A-label, lowercase)."""
+    return _domain(name)
+
+
+def quota_change(quota: int | None = None, message_quota: int | None = None) -> dict[str, int]:
+    return {k: v for k, v in (("quota", quota), ("message_quota", message_quota)) if v is not None}
+
+
+def encode_key(addr: Address) -> bytes:
+    return _key(addr)
+
+
+def encode_record(**fields: object) -> bytes:
+    return _record(**fields)
+
+
+def account_address(text: str) -> Address:
     """Addresses we create are stricter than those we accept: letters, digits, . _ - + '."""
     addr = parse_address(text.strip())
     if not all(c.isalnum() or c in "._-+'" for c in addr.local):
@@ -524,14 +637,14 @@ def _account_address(text: str) -> Address:
     return addr
 
 
-def _alias_address(text: str) -> Address:
+def alias_address(text: str) -> Address:
     text = text.strip()
     if text.startswith("@"):
         return Address("", normalize_domain(text[1:]))
-    return _account_address(text)
+    return account_address(text)
 
 
-def _target_domain(target: str) -> str:
+def target_domain(target: str) -> str:
     return target.rpartition("@")[2]
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("postroom", "mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf")
+PACKAGES = ("postroom", "mtad", "imapd", "pop3d", "storage", "policy", "wire", "conf", "cluster")
 LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
+import argon2
 import pytest
 
 from storage import (
@@ -375,6 +377,32 @@ with Accounts(open_data_dir(sys.argv[1], 4).accounts_path) as db:
     assert accounts.get_user("alice@example.test").quota == 1000
     assert sorted(str(a) for a in accounts.resolve("team@example.test").local) == [
         "alice@example.test", "bob@example.test"]
+
+
+def test_remembered_answers_are_never_older_than_the_last_commit(data_dir):
+    """A reader in one thread while another commits (the cluster's mirror does, in the
+    process that reads): once a commit is done, the next question sees it, however the
+    reads and the commit interleaved."""
+    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
+    accounts = Accounts(open_data_dir(data_dir, 4).accounts_path, hasher=cheap)
+    accounts.add_domain("example.test")
+    stop = threading.Event()
+
+    def ask(address: str) -> None:
+        while not stop.is_set():
+            accounts.get_user(address)
+
+    for i in range(60):
+        address = f"user{i}@example.test"
+        stop.clear()
+        reader = threading.Thread(target=ask, args=(address,))
+        reader.start()
+        time.sleep(0.002)
+        accounts.add_user(address, PASSWORD)
+        stop.set()
+        reader.join(5)
+        assert accounts.get_user(address) is not None, f"round {i}: a stale 'no such user' kept"
+    accounts.close()
 
 
 def test_shard_count_is_fixed_at_initialisation(data_dir):
