@@ -106,6 +106,26 @@ def undrain(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def push_accounts(config: Config, args: argparse.Namespace) -> int:
+    """This node's accounts (made before it joined the cluster) into etcd, where they are
+    the cluster's: what etcd has already is kept (cluster/accounts_seed.py)."""
+    if _etcd(config) is None:
+        return 1
+    from cluster.accounts_seed import push_local
+    from postroom.datadir import open_accounts
+
+    _, accounts = open_accounts(config)
+    try:
+        pushed, kept = push_local(accounts, list(config.cluster.etcd), config.cluster.prefix)
+    except Exception as e:  # noqa: BLE001 - etcd's errors, said in one line
+        print(f"postroom: {e}", file=sys.stderr)
+        return 1
+    finally:
+        accounts.close()
+    print(f"{pushed} account row(s) pushed to etcd, {kept} there already")
+    return 0
+
+
 def agent(config: Config, args: argparse.Namespace) -> int:
     if _etcd(config) is None:
         return 1
@@ -128,6 +148,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=undrain)
     cluster.add_parser("agent", help="run this node's agent in the foreground (serve runs it itself)"
                        ).set_defaults(run=agent)
+    cluster.add_parser("push-accounts", help="put this node's accounts into etcd, before its agent first runs"
+                       ).set_defaults(run=push_accounts)
     for sub in cluster.choices.values():
         sub.set_defaults(own_config=True)
 

@@ -55,6 +55,21 @@ def run(config: Config, *, supervised: bool = False) -> int:
     node = node_name(config)
     lock(data_dir.path, f"cluster-{node}", f"the cluster agent of node {node}")  # held until exit
     stopping = threading.Event()
+    # The node's copy of the cluster's accounts (cluster/accounts_mirror.py), kept here, in
+    # the one process a node has for the cluster: its daemons read the local copy alone.
+    from cluster.accounts_mirror import AccountsMirror
+    from storage import Accounts
+
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
+    mirror = AccountsMirror(accounts, list(config.cluster.etcd), config.cluster.prefix).start()
+    try:
+        return _run_agent(config, data_dir, node, log, stopping)
+    finally:
+        mirror.stop()
+        accounts.close()
+
+
+def _run_agent(config: Config, data_dir, node: str, log: EventLogger, stopping: threading.Event) -> int:
     with Store(data_dir) as store:
         agent = Agent(config, data_dir, store, log)
 

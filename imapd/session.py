@@ -243,7 +243,7 @@ async def log_in(session: Session, user: str, password: str):
 
 
 def _owner(context: IMAPContext, account: str) -> tuple[str, int] | None:
-    from mtad.routing import NoOwnerError
+    from storage import NoOwnerError
 
     try:
         return context.owner(account)

@@ -30,12 +30,13 @@ from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
 from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, MailFrom, Question, RcptTo, StartTLS
 from mtad.replies import Reply
-from mtad.routing import HandOffFailed, NoOwnerError, Outbound, Route, Router
+from mtad.routing import HandOffFailed, Outbound, Route, Router
 from mtad.session import Session, SessionConfig
 from policy.chain import PolicyServices, Refusal, SessionPolicy
 from policy.decide import Decision
 from storage import (
     AccountError,
+    NoOwnerError,
     Accounts,
     AddressError,
     AliasLoopError,

@@ -6,7 +6,7 @@ serves its IMAP and POP3 sessions (the proxies), from this node's view of the cl
 from __future__ import annotations
 
 from cluster.view import ClusterView
-from mtad.routing import NoOwnerError
+from storage import NoOwnerError
 from storage import Store
 
 

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from conf.logfmt import EventLogger
 from conf.schema import Config
-from storage import WRITE_IN_COMMITTER, DataDir, Delivered, Delivery, DeliveryError, Store, StoreError
+from storage import (
+    WRITE_IN_COMMITTER,
+    DataDir,
+    Delivered,
+    Delivery,
+    DeliveryError,
+    Store,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     from mtad.events import RcptDSN
@@ -127,10 +135,6 @@ class Recipients:
         self.remote.clear()
         self.success.clear()
         self.handoffs.clear()
-
-
-class NoOwnerError(Exception):
-    """An account's shard has no owner just now: a node is failing over (cluster/)."""
 
 
 class Router(Protocol):

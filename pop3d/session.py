@@ -184,7 +184,7 @@ class Session:
     async def _proxy(self, account: str, password: str) -> Event | None:
         """A cluster's: the session at the node that owns `account`'s shard, the owner's reply
         to PASS the client's (pop3d/proxy.py); None when this node owns it."""
-        from mtad.routing import NoOwnerError
+        from storage import NoOwnerError
         from pop3d.proxy import ProxyError, log_in_at
 
         context = self.context

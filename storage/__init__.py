@@ -29,6 +29,7 @@ from storage.errors import (
     MetadataNameError,
     NotFoundError,
     NotLocalError,
+    NoOwnerError,
     NotOwnerError,
     NotQueuedError,
     PasswordPolicyError,
@@ -77,7 +78,7 @@ __all__ = [
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "ExpungedError", "FlagError", "FlagState",
     "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
     "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "MetadataLimitError", "MetadataNameError",
-    "NotFoundError", "NotLocalError", "NotOwnerError",
+    "NoOwnerError", "NotFoundError", "NotLocalError", "NotOwnerError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     # `store import` (storage/imports.py)

@@ -29,6 +29,11 @@ class NotOwnerError(StoreError):
     4.3.0, IMAP NO [UNAVAILABLE]; the shard's owner is found again (cluster.ClusterView)."""
 
 
+class NoOwnerError(StoreError):
+    """Cluster mode (cluster/): the shard has no owner just now (its node's lease lapsed, or
+    it is being handed over): SMTP 451 4.4.0, IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]."""
+
+
 class DiskFullError(StoreError):
     """The file system (or the data dir owner's disk quota) is full: nothing was written,
     and the same request may succeed once space is freed (SMTP 452 4.3.1)."""

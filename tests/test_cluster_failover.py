@@ -136,6 +136,10 @@ def cluster(tmp_path: Path, etcd_server):  # noqa: F811
             if attempt == 0:
                 add_accounts(configs["node-a"], PASSWORD, users=USERS)
             try:
+                # Made locally, as on a node before it joined: into etcd, the cluster's.
+                pushed = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "push-accounts"],
+                                        capture_output=True, text=True, timeout=60)
+                assert pushed.returncode == 0, pushed.stderr
                 for node in NODES:
                     (tmp_path / node).mkdir(exist_ok=True)
                     running[node] = start_daemon(configs[node], tmp_path / node)

@@ -10,12 +10,13 @@ import imaplib
 import json
 import poplib
 import smtplib
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import add_accounts, client_tls_context, free_port, start_daemon, write_config_file
+from conftest import POSTROOM, add_accounts, client_tls_context, free_port, start_daemon, write_config_file
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 
 import conf
@@ -42,6 +43,10 @@ def nodes(tmp_path: Path, etcd_server):  # noqa: F811
             if attempt == 0:
                 add_accounts(configs["node-a"], "correct horse battery",
                              users=[f"user{i}@example.test" for i in range(40)])
+                # Made locally, as on a node before it joined: into etcd, the cluster's.
+                pushed = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "push-accounts"],
+                                        capture_output=True, text=True, timeout=60)
+                assert pushed.returncode == 0, pushed.stderr
             try:
                 for node in NODES:
                     (tmp_path / node).mkdir(exist_ok=True)

@@ -219,6 +219,11 @@ def test_serve_runs_the_agent_and_its_daemons_commit_only_while_it_holds(tmp_pat
         "attach": f"sh -c 'echo attach {{shard}} {{path}} >> {volumes}'",
         "detach": f"sh -c 'echo detach {{shard}} {{path}} >> {volumes}'"})
     add_accounts(daemon.config_path, "correct horse", users=("alice@example.test",))
+    # The cluster's accounts are etcd's (the agent's process mirrors them into the node's
+    # copy, and would drop a row made only here): pushed, as a node's own before it joins.
+    pushed = subprocess.run([POSTROOM, "--config", str(daemon.config_path), "cluster", "push-accounts"],
+                            capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 0, pushed.stderr
     config = daemon.config
     etcd = Etcd(config.cluster)
 

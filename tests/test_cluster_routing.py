@@ -14,7 +14,7 @@ from test_cluster_ownership import SHARDS, TTL, Cluster, account_in
 import conf
 from cluster.view import open_view
 from mtad.cluster_router import ViewRouter
-from mtad.routing import NoOwnerError
+from storage import NoOwnerError
 from storage import Store, open_data_dir
 
 
