@@ -15,36 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ssl
 
-MAX_LINE = 64 * 1024
-
-
-class ProxyError(Exception):
-    """The owner could not be reached or would not take the login: the client hears NO
-    [UNAVAILABLE] and may try again (the shard may be moving)."""
+from wire.relay import ProxyError, reach_owner
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
                     tls: ssl.SSLContext, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
     """A session at the owner, logged in as `user`: (reader, writer, its CAPABILITY text)."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
-    except (OSError, TimeoutError) as e:
-        raise ProxyError(f"cannot connect to {host}:{port}: {e}") from None
-    try:
-        return await asyncio.wait_for(_log_in(reader, writer, user, password, client_ip, hostname, tls), timeout)
-    except BaseException as e:
-        writer.close()
-        if isinstance(e, ProxyError):
-            raise
-        if isinstance(e, (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError)):
-            raise ProxyError(f"IMAP at {host}:{port}: {type(e).__name__}: {e}") from None
-        raise
+    return await reach_owner(host, port, timeout, functools.partial(
+        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls))
 
 
-async def _log_in(reader, writer, user: str, password: str, client_ip: str, hostname: str,
-                  tls: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+async def _log_in(reader, writer, *, user: str, password: str, client_ip: str, hostname: str,
+                  tls: ssl.SSLContext) -> str:
     greeting = await reader.readline()
     if not greeting.startswith(b"* OK"):
         raise ProxyError(f"owner's greeting: {greeting[:100]!r}")
@@ -52,11 +37,10 @@ async def _log_in(reader, writer, user: str, password: str, client_ip: str, host
     await writer.start_tls(tls, server_hostname=hostname)
     await _command(reader, writer, f'p2 ID ("x-originating-ip" "{_quotable(client_ip)}")\r\n'.encode(), b"p2")
     plain = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-    untagged, tagged = await _command(reader, writer, b"p3 AUTHENTICATE PLAIN " + plain + b"\r\n", b"p3")
-    capability = ""
+    _, tagged = await _command(reader, writer, b"p3 AUTHENTICATE PLAIN " + plain + b"\r\n", b"p3")
     if tagged.startswith(b"p3 OK [CAPABILITY "):
-        capability = tagged[len(b"p3 OK ["):].split(b"]", 1)[0].decode("ascii", "replace")
-    return reader, writer, capability
+        return tagged[len(b"p3 OK ["):].split(b"]", 1)[0].decode("ascii", "replace")
+    return ""
 
 
 async def _command(reader, writer, line: bytes, tag: bytes) -> tuple[list[bytes], bytes]:

@@ -10,38 +10,24 @@ bytes go both ways untouched (wire/relay.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 
-MAX_LINE = 64 * 1024
-
-
-class ProxyError(Exception):
-    """The owner could not be reached: the client hears -ERR [SYS/TEMP]."""
+from wire.relay import ProxyError, reach_owner
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, hostname: str, tls: ssl.SSLContext,
                     timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """A session at the owner after PASS: (reader, writer, the owner's reply line to PASS).
     A -ERR reply closes it (the line is still returned, for the client)."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
-    except (OSError, TimeoutError) as e:
-        raise ProxyError(f"cannot connect to {host}:{port}: {e}") from None
-    try:
-        reply = await asyncio.wait_for(_log_in(reader, writer, user, password, hostname, tls), timeout)
-    except BaseException as e:
-        writer.close()
-        if isinstance(e, ProxyError):
-            raise
-        if isinstance(e, (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError)):
-            raise ProxyError(f"POP3 at {host}:{port}: {type(e).__name__}: {e}") from None
-        raise
+    reader, writer, reply = await reach_owner(host, port, timeout, functools.partial(
+        _log_in, user=user, password=password, hostname=hostname, tls=tls))
     if not reply.startswith(b"+OK"):
         writer.close()
     return reader, writer, reply
 
 
-async def _log_in(reader, writer, user: str, password: str, hostname: str, tls: ssl.SSLContext) -> bytes:
+async def _log_in(reader, writer, *, user: str, password: str, hostname: str, tls: ssl.SSLContext) -> bytes:
     await _ok(reader)
     writer.write(b"STLS\r\n")
     await _ok(reader)

@@ -14,7 +14,6 @@ node moves its shards, and the load goes on through it.
 from __future__ import annotations
 
 import imaplib
-import json
 import os
 import signal
 import smtplib
@@ -25,7 +24,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import POSTROOM, add_accounts, client_tls_context, free_port, start_daemon, write_config_file
+from cluster_nodes import TTL, start_nodes, stop_nodes, wait_owners
+from conftest import POSTROOM, client_tls_context
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from procs import processes
 
@@ -34,7 +34,6 @@ from cluster.etcd import Etcd
 from storage import Store, open_data_dir
 
 SHARDS = 6
-TTL = 2
 NODES = ("node-a", "node-b", "node-c")
 USERS = [f"user{i}@example.test" for i in range(12)]
 PASSWORD = "correct horse battery"
@@ -91,20 +90,6 @@ class Sender:
         raise AssertionError(f"{message_id} to {recipient} not taken within 60 s")
 
 
-def _owners(etcd: Etcd) -> dict[int, str]:
-    return {int(name): json.loads(kv.value)["node"] for name, kv in etcd.snapshot().under("owners/").items()}
-
-
-def _wait_owners(etcd: Etcd, nodes: tuple[str, ...], seconds: float) -> dict[int, str]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        owners = _owners(etcd)
-        if len(owners) == SHARDS and set(owners.values()) <= set(nodes):
-            return owners
-        time.sleep(0.05)
-    raise AssertionError(f"shards not all owned by {nodes} within {seconds} s: {_owners(etcd)}")
-
-
 def _kill_node(daemon) -> None:
     """SIGKILL to serve and every process under it at once: the machine gone."""
     tree = processes()
@@ -123,43 +108,17 @@ def _kill_node(daemon) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path, etcd_server):  # noqa: F811
-    data_dir = tmp_path / "var"
-    prefix = f"/f-{uuid.uuid4().hex[:8]}/"
-    running = {}
+    running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
+                                   password=PASSWORD)
     try:
-        for attempt in range(3):  # another checkout's suite may take a port first (conftest.py)
-            configs = {node: write_config_file(tmp_path / f"{node}.toml", data_dir, storage={"shards": SHARDS},
-                                               cluster={"etcd": [etcd_server.endpoint], "node": node,
-                                                        "address": "127.0.0.1", "lmtp_port": free_port(),
-                                                        "lease_ttl": TTL, "prefix": prefix})
-                       for node in NODES}
-            if attempt == 0:
-                add_accounts(configs["node-a"], PASSWORD, users=USERS)
-            try:
-                # Made locally, as on a node before it joined: into etcd, the cluster's.
-                pushed = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "push-accounts"],
-                                        capture_output=True, text=True, timeout=60)
-                assert pushed.returncode == 0, pushed.stderr
-                for node in NODES:
-                    (tmp_path / node).mkdir(exist_ok=True)
-                    running[node] = start_daemon(configs[node], tmp_path / node)
-                break
-            except AssertionError as e:
-                for daemon in running.values():
-                    daemon.stop()
-                running.clear()
-                if "Address already in use" not in str(e) or attempt == 2:
-                    raise
-        yield running, Etcd(conf.load(configs["node-a"]).cluster), data_dir, configs
+        yield running, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var", configs
     finally:
-        for daemon in running.values():
-            if daemon.process.poll() is None:
-                daemon.stop()
+        stop_nodes(running)
 
 
 def test_a_node_killed_under_load(cluster):
     running, etcd, data_dir, configs = cluster
-    _wait_owners(etcd, NODES, 20)
+    wait_owners(etcd, NODES, SHARDS, 20)
     time.sleep(1)  # the node tables follow the claims
     sender = Sender(dict(running))
     load = threading.Thread(target=sender.run, args=(400,))
@@ -169,7 +128,7 @@ def test_a_node_killed_under_load(cluster):
             time.sleep(0.05)
         _kill_node(running["node-c"])
         killed = time.monotonic()
-        owners = _wait_owners(etcd, ("node-a", "node-b"), TTL + 5)
+        owners = wait_owners(etcd, ("node-a", "node-b"), SHARDS, TTL + 5)
         assert time.monotonic() - killed <= TTL + 5
         assert set(owners.values()) == {"node-a", "node-b"}
         survivors = {n: d for n, d in running.items() if n != "node-c"}
@@ -185,7 +144,7 @@ def test_a_node_killed_under_load(cluster):
         result = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "drain", "node-b"],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert set(_wait_owners(etcd, ("node-a",), 20).values()) == {"node-a"}
+        assert set(wait_owners(etcd, ("node-a",), SHARDS, 20).values()) == {"node-a"}
         drained_at = len(sender.acked)
         while len(sender.acked) < drained_at + 20 and load.is_alive():
             time.sleep(0.05)

@@ -8,8 +8,37 @@ the owner's stream is read as fast as the client takes what we write (ServerProt
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 READ_AHEAD = 64 * 1024
+MAX_LINE = 64 * 1024  # of a line the owner sends while the proxy logs in
+T = TypeVar("T")
+
+
+class ProxyError(Exception):
+    """The owner could not be reached or would not take the login: the client is told to
+    try again later (IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP])."""
+
+
+async def reach_owner(host: str, port: int, timeout: float,
+                      log_in: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[T]]
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, T]:
+    """A connection to the owner with `log_in(reader, writer)` done on it, each bounded by
+    `timeout`: (reader, writer, what log_in returned). Any failure is ProxyError, and the
+    connection closed."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
+    except (OSError, TimeoutError) as e:
+        raise ProxyError(f"cannot connect to {host}:{port}: {e}") from None
+    try:
+        return reader, writer, await asyncio.wait_for(log_in(reader, writer), timeout)
+    except BaseException as e:
+        writer.close()
+        if isinstance(e, (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, ssl.SSLError)):
+            raise ProxyError(f"{host}:{port}: {type(e).__name__}: {e}") from None
+        raise
 
 
 class Relay:

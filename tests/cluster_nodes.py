@@ -1,0 +1,77 @@
+"""Whole cluster nodes for the tests: `postroom serve` with [cluster] on a real etcd, all on
+one data dir (as nodes share the shards' volumes), each with its own ports and LMTP port;
+users made as on a node before it joined, then pushed into etcd (`cluster push-accounts`).
+
+    running, configs = start_nodes(tmp_path, etcd.endpoint, ("node-a", "node-b"), shards=4,
+                                   users=[...], password="...")
+    owners = wait_owners(Etcd(conf.load(configs["node-a"]).cluster), ("node-a", "node-b"), 4, 20)
+    stop_nodes(running)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from conftest import POSTROOM, Daemon, add_accounts, free_port, start_daemon, write_config_file
+
+from cluster.etcd import Etcd
+
+TTL = 2  # seconds of lease: a failover within the test's patience
+
+
+def start_nodes(root: Path, endpoint: str, nodes: tuple[str, ...], *, shards: int, users: list[str],
+                password: str) -> tuple[dict[str, Daemon], dict[str, Path]]:
+    """Every node started (READY=1); tried again on new ports should another checkout's
+    suite take one first (conftest.py). The caller stops them (stop_nodes)."""
+    data_dir = root / "var"
+    prefix = f"/n-{uuid.uuid4().hex[:8]}/"
+    running: dict[str, Daemon] = {}
+    for attempt in range(3):
+        configs = {node: write_config_file(root / f"{node}.toml", data_dir, storage={"shards": shards},
+                                           cluster={"etcd": [endpoint], "node": node, "address": "127.0.0.1",
+                                                    "lmtp_port": free_port(), "lease_ttl": TTL, "prefix": prefix})
+                   for node in nodes}
+        if attempt == 0:
+            add_accounts(configs[nodes[0]], password, users=users)
+            pushed = subprocess.run([POSTROOM, "--config", str(configs[nodes[0]]), "cluster", "push-accounts"],
+                                    capture_output=True, text=True, timeout=60)
+            assert pushed.returncode == 0, pushed.stderr
+        try:
+            for node in nodes:
+                (root / node).mkdir(exist_ok=True)
+                running[node] = start_daemon(configs[node], root / node)
+            return running, configs
+        except AssertionError as e:
+            stop_nodes(running)
+            running.clear()
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def stop_nodes(running: dict[str, Daemon]) -> None:
+    for daemon in running.values():
+        if daemon.process.poll() is None:
+            daemon.stop()
+
+
+def owners(etcd: Etcd) -> dict[int, str]:
+    """Shard -> the node etcd says owns it."""
+    return {int(name): json.loads(kv.value)["node"] for name, kv in etcd.snapshot().under("owners/").items()}
+
+
+def wait_owners(etcd: Etcd, nodes: tuple[str, ...], shards: int, seconds: float, *,
+                every_node: bool = False) -> dict[int, str]:
+    """Once every shard is owned by `nodes` alone (and, `every_node`, each of them owns one)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = owners(etcd)
+        if len(found) == shards and set(found.values()) <= set(nodes) and \
+                (not every_node or set(found.values()) == set(nodes)):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"shards not all owned by {nodes} within {seconds} s: {owners(etcd)}")
