@@ -166,6 +166,13 @@ class SMTPAgent(AiosmtpdConnection):
         self.delivering = False  # a message is being stored: a stop waits for its reply
         self.policy: SessionPolicy | None = None  # made once the client's address is known
 
+    def admit(self, ip: str) -> bool:
+        """The connection limits ([smtp] max_connections, max_connections_per_ip) let it in."""
+        return self.context.admit(ip)
+
+    def release(self, ip: str) -> None:
+        self.context.release(ip)
+
     # -- what a subclass writes -------------------------------------------------------------
 
     async def answer(self, event: Question) -> Reply:
@@ -189,7 +196,7 @@ class SMTPAgent(AiosmtpdConnection):
         self._peer = self.peer_address
         if self.context.policy is not None and self.CHECKED:
             self.policy = self.context.policy.session(self._peer, mx=self.MX)
-        if not self.context.admit(self._peer):
+        if not self.admit(self._peer):
             metrics.connection(self.service, accepted=False)
             self.log.warning("connection_refused", client=self._peer, reason="too many connections")
             self.write(replies.TOO_MANY_CONNECTIONS.lines())
@@ -244,7 +251,7 @@ class SMTPAgent(AiosmtpdConnection):
             self.context.sessions.discard(self)
             self.context.changed.set()
             self.drop_message()  # one cut off mid-message leaves nothing behind
-            self.context.release(self._peer)
+            self.release(self._peer)
             metrics.connection_closed(self.service)
             self.log.info("disconnect", client=self._peer)
             self.close()

@@ -23,7 +23,8 @@ MESSAGE = (b"From: sender@remote.example\r\nTo: team@example.test\r\nSubject: ha
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    daemon = start_module_daemon(tmp_path_factory.mktemp("lmtp"), smtp={"max_connections_per_ip": 200,
+    # A per-address limit of 5, below what one busy node hands over at once (the MX's own).
+    daemon = start_module_daemon(tmp_path_factory.mktemp("lmtp"), smtp={"max_connections_per_ip": 5,
                                                                        "lmtp_listen": [f"127.0.0.1:{free_port()}"]})
     add_accounts(daemon.config_path)
     daemon.store = Store(open_data_dir(daemon.config.server.data_dir, 4))
@@ -114,3 +115,14 @@ def test_an_mx_listener_is_not_lmtp(server):
     address = server.listen("smtp.listen")
     with smtplib.SMTP(address.host, address.port, timeout=30) as client:
         assert client.docmd("LHLO", "node-a.cluster.test")[0] == 500
+
+
+def test_a_node_may_hand_over_more_at_once_than_a_client_may_connect(server):
+    """The MX's per-address limit (5 here) is for strangers; another node of the cluster
+    opens as many LMTP connections at once as its own clients send it messages."""
+    clients = [_lmtp(server) for _ in range(12)]
+    try:
+        assert all(client.noop()[0] == 250 for client in clients)
+    finally:
+        for client in clients:
+            client.close()
