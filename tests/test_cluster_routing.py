@@ -8,14 +8,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from test_cluster_ownership import SHARDS, TTL, Cluster, account_in
 
 import conf
 from cluster.view import open_view
 from mtad.cluster_router import ViewRouter
-from storage import NoOwnerError
-from storage import Store, open_data_dir
+from storage import NoOwnerError, Store, open_data_dir
 
 
 def _wait(condition, seconds: float, what: str):
@@ -27,69 +27,78 @@ def _wait(condition, seconds: float, what: str):
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
-def test_the_router_follows_the_owners(tmp_path: Path, etcd_server):  # noqa: F811
-    cluster = Cluster(tmp_path, etcd_server.endpoint)
-    config = conf.load(cluster.configs["node-a"])
-    store = Store(open_data_dir(config.server.data_dir, SHARDS))
-    view = None
-    try:
-        cluster.start("node-a")
-        cluster.start("node-b")
-        owners = cluster.balanced(("node-a", "node-b"))
-        assert set(owners.values()) == {"node-a", "node-b"}
-        view = open_view(config, open_data_dir(config.server.data_dir, SHARDS))
-        router = ViewRouter(view, store)
-        accounts = {shard: account_in(store, shard) for shard in owners}
+class NodeA:
+    """node-a's side of a Cluster: its store, and its router once asked for (after its agent
+    has published a table)."""
 
-        def routed(expected: dict[int, str]) -> bool:
-            try:
-                return all(router.owner(accounts[shard]) == (None if node == "node-a" else ("127.0.0.1", 24))
-                           for shard, node in expected.items())
-            except NoOwnerError:
-                return False
+    def __init__(self, root: Path, endpoint: str):
+        self.cluster = Cluster(root, endpoint)
+        self.config = conf.load(self.cluster.configs["node-a"])
+        self.store = Store(open_data_dir(self.config.server.data_dir, SHARDS))
+        self.view = None
 
-        _wait(lambda: routed(owners), 10, f"node-a's router to agree with etcd's owners {owners}")
+    def router(self) -> ViewRouter:
+        self.view = open_view(self.config, open_data_dir(self.config.server.data_dir, SHARDS))
+        return ViewRouter(self.view, self.store)
 
-        # node-b dies: its shards have no owner until node-a claims them (TTL + 5 s at most).
-        cluster.agents["node-b"].send_signal(signal.SIGKILL)
-        cluster.agents["node-b"].wait(10)
-        taken = {shard: "node-a" for shard in owners}
-        _wait(lambda: routed(taken), TTL + 5 + 5, "node-a's router to keep every account here")
-    finally:
-        if view is not None:
-            view.close()
-        store.close()
-        cluster.close()
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+        self.store.close()
+        self.cluster.close()
 
 
-def test_a_shard_between_owners_is_no_owner(tmp_path: Path, etcd_server):  # noqa: F811
-    cluster = Cluster(tmp_path, etcd_server.endpoint)
-    config = conf.load(cluster.configs["node-a"])
-    store = Store(open_data_dir(config.server.data_dir, SHARDS))
-    view = None
-    try:
-        cluster.start("node-a")
-        cluster.balanced(("node-a",))
-        view = open_view(config, open_data_dir(config.server.data_dir, SHARDS))
-        router = ViewRouter(view, store)
-        account = account_in(store, 0)
-        _wait(lambda: _owned_here(router, account), 10, "shard 0 owned by node-a")
-        # A stop hands every shard back at once: nobody owns them now.
-        cluster.agents["node-a"].send_signal(signal.SIGTERM)
-        cluster.agents["node-a"].wait(30)
-        def released() -> bool:
-            try:
-                router.owner(account)
-            except NoOwnerError:
-                return True
+@pytest.fixture
+def node_a(tmp_path: Path, etcd_server):  # noqa: F811
+    node = NodeA(tmp_path, etcd_server.endpoint)
+    yield node
+    node.close()
+
+
+def test_the_router_follows_the_owners(node_a: NodeA):
+    cluster, store = node_a.cluster, node_a.store
+    cluster.start("node-a")
+    cluster.start("node-b")
+    owners = cluster.balanced(("node-a", "node-b"))
+    assert set(owners.values()) == {"node-a", "node-b"}
+    router = node_a.router()
+    accounts = {shard: account_in(store, shard) for shard in owners}
+
+    def routed(expected: dict[int, str]) -> bool:
+        try:
+            return all(router.owner(accounts[shard]) == (None if node == "node-a" else ("127.0.0.1", 24))
+                       for shard, node in expected.items())
+        except NoOwnerError:
             return False
 
-        _wait(released, 10, "shard 0 without an owner once node-a stopped")
-    finally:
-        if view is not None:
-            view.close()
-        store.close()
-        cluster.close()
+    _wait(lambda: routed(owners), 10, f"node-a's router to agree with etcd's owners {owners}")
+
+    # node-b dies: its shards have no owner until node-a claims them (TTL + 5 s at most).
+    cluster.agents["node-b"].send_signal(signal.SIGKILL)
+    cluster.agents["node-b"].wait(10)
+    taken = {shard: "node-a" for shard in owners}
+    _wait(lambda: routed(taken), TTL + 5 + 5, "node-a's router to keep every account here")
+
+
+def test_a_shard_between_owners_is_no_owner(node_a: NodeA):
+    cluster = node_a.cluster
+    cluster.start("node-a")
+    cluster.balanced(("node-a",))
+    router = node_a.router()
+    account = account_in(node_a.store, 0)
+    _wait(lambda: _owned_here(router, account), 10, "shard 0 owned by node-a")
+    # A stop hands every shard back at once: nobody owns them now.
+    cluster.agents["node-a"].send_signal(signal.SIGTERM)
+    cluster.agents["node-a"].wait(30)
+
+    def released() -> bool:
+        try:
+            router.owner(account)
+        except NoOwnerError:
+            return True
+        return False
+
+    _wait(released, 10, "shard 0 without an owner once node-a stopped")
 
 
 def _owned_here(router: ViewRouter, account: str) -> bool:

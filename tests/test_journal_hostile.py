@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 
+import crashload
 from diskfill import fill
 from power_cut import journal_bases, power_cut
 from storage import open_data_dir
@@ -317,6 +318,19 @@ def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
 
 
 
+def _serve_with_senders(write_config, data_dir: Path, tmp_path: Path, clients: int):
+    """tests/crashload.py's server (two SMTP workers) and `clients` senders, neither started:
+    (config, outcome, server, senders)."""
+    from conftest import free_port
+
+    port = free_port()
+    config = write_config(smtp={"listen": [f"127.0.0.1:{port}"], "max_connections_per_ip": 200, "workers": 2},
+                          server={"log_level": "warning"})
+    crashload.prepare(data_dir, config)
+    outcome = crashload.Outcome()
+    return config, outcome, crashload.Server(tmp_path), crashload.Senders("127.0.0.1", port, clients, 10**9, outcome)
+
+
 def test_a_power_cut_of_serve_with_two_smtp_workers(write_config, data_dir, tmp_path):
     """`postroom serve` with `[smtp] workers = 2`, its whole process group killed while
     twenty senders deliver, the journaled files damaged, and serve started again (its
@@ -325,16 +339,7 @@ def test_a_power_cut_of_serve_with_two_smtp_workers(write_config, data_dir, tmp_
     import random
     import re
 
-    import crashload
-    from conftest import free_port
-
-    port = free_port()
-    config = write_config(smtp={"listen": [f"127.0.0.1:{port}"], "max_connections_per_ip": 200, "workers": 2},
-                          server={"log_level": "warning"})
-    crashload.prepare(data_dir, config)
-    outcome = crashload.Outcome()
-    server = crashload.Server(tmp_path)
-    senders = crashload.Senders("127.0.0.1", port, 20, 10**9, outcome)
+    config, outcome, server, senders = _serve_with_senders(write_config, data_dir, tmp_path, 20)
     rng = random.Random(1717)
     damaged = 0
     server.start(config)
@@ -515,16 +520,9 @@ def test_store_check_and_backup_while_serve_delivers(write_config, data_dir, tmp
     byte, with no journal entry left in it."""
     import re
 
-    import crashload
-    from conftest import POSTROOM, free_port
+    from conftest import POSTROOM
 
-    port = free_port()
-    config = write_config(smtp={"listen": [f"127.0.0.1:{port}"], "max_connections_per_ip": 200, "workers": 2},
-                          server={"log_level": "warning"})
-    crashload.prepare(data_dir, config)
-    outcome = crashload.Outcome()
-    server = crashload.Server(tmp_path)
-    senders = crashload.Senders("127.0.0.1", port, 10, 10**9, outcome)
+    config, outcome, server, senders = _serve_with_senders(write_config, data_dir, tmp_path, 10)
     server.start(config)
     senders.start()
     try:
