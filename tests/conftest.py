@@ -52,7 +52,9 @@ LISTENERS = (
 # ports from a range of its own, below the kernel's ephemeral range (32768 and up, where
 # port 0 and client sockets take theirs): two processes never hand out the same port, and
 # a port checked free here cannot be taken by anyone else before the daemon binds it.
-PORT_RANGE_START, PORT_RANGE_SIZE = 12000, 2000
+# POSTROOM_TEST_PORTS moves the whole run's ranges (e.g. 20000), so that a second checkout's
+# suite can run beside this one's without the two handing out the same ports.
+PORT_RANGE_START, PORT_RANGE_SIZE = int(os.environ.get("POSTROOM_TEST_PORTS", "12000")), 2000
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 _first_port = PORT_RANGE_START + PORT_RANGE_SIZE * (int(_worker[2:]) if _worker[2:].isdigit() else 0)
 _next_port = _first_port
