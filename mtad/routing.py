@@ -18,7 +18,10 @@ again to every recipient, and a copy kept would arrive twice.
 
 Outbound holds what remote recipients need, made on first use: the queue, the DKIM signer
 and the SRS rewriter (mtad/srs.py) of the data dir. A daemon that never sees a remote
-recipient never opens the queue.
+recipient never opens the queue. The queue is a storage.QueueSet: a single node's one
+queue, or in a cluster the queues of the shards this node holds, each message going into
+one of them (the submitting user's shard when held here; storage/queues.py); a node that
+holds none answers 451 4.3.0 (NoQueueError).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from storage import (
     Delivered,
     Delivery,
     DeliveryError,
+    QueueSet,
     Store,
     StoreError,
 )
@@ -50,17 +54,18 @@ MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RF
 
 
 class Outbound:
-    """The queue, the DKIM signer and the SRS rewriter of one data dir."""
+    """The queue, the DKIM signer and the SRS rewriter of one data dir. `open_queues`: how
+    the composition root opens this process's queues (postroom/datadir.py open_queues, in a
+    cluster fenced like the store); by default, the data dir's one queue."""
 
-    def __init__(self, config: Config, data_dir: DataDir):
+    def __init__(self, config: Config, data_dir: DataDir, open_queues: Callable[[], QueueSet] | None = None):
         self.config = config
         self.data_dir = data_dir
+        self._open_queues = open_queues or (lambda: QueueSet(data_dir))
 
     @cached_property
-    def queue(self):
-        from storage import Queue
-
-        return Queue(self.data_dir)
+    def queue(self) -> QueueSet:
+        return self._open_queues()
 
     def open_queue(self) -> None:
         """Open the queue now (or raise): a remote recipient is taken only if it can be queued."""

@@ -13,7 +13,8 @@ back. A partial copy is worse than none: `store check` finds nothing wrong with 
 whose shard directories were never copied (it makes them again, empty), and the mail of
 those accounts would be gone without a word.
 
-The daemons keep running. Each shard's index and the queue's are copied from one read
+The daemons keep running. Each shard's index and the queue's (in a cluster, each shard
+queue on disk, <shard>/queue, into the same place in the copy) are copied from one read
 transaction each, and the files that snapshot names are hard-linked into the copy (copied
 where DIR is on another file system): storage/snapshot.py says why the copy is consistent
 whatever is delivered, flagged or expunged meanwhile. The accounts and the other LMDB
@@ -43,8 +44,8 @@ from conf import Config
 from conf.values import human_size
 from postroom import __version__
 from postroom.admin import AuditLog
-from postroom.datadir import open_store
-from storage import Accounts, DataDir, Queue, Store, StoreError, open_data_dir
+from postroom.datadir import open_queues, open_store
+from storage import Accounts, DataDir, Store, StoreError, open_data_dir
 from storage.check import check
 from storage.maildir import make_private_dirs
 from storage.snapshot import CopyStats, FileCopier, copy_environment_at, finish, snapshot_shard, still_indexed
@@ -85,8 +86,14 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
         # A file gone before it was linked is a message expunged since the snapshot, if the
         # live index agrees; if it still has it, the live store lacks that file (store check).
         expunged = [g for g in stats.gone if not still_indexed(store.shard(g.account), g.base)]
-    with Queue(data_dir) as queue:
-        queued, finished = queue.snapshot(data / "queue", lambda a, b: copier.place(a, b, stats))
+    # The queue (in a cluster, each shard's queue on disk), each in its place in the copy.
+    queued, finished = 0, []
+    with open_queues(config, data_dir) as queues:
+        queues.refresh()
+        for queue in queues.queues():
+            copied, gone = queue.snapshot(data / queue.path.relative_to(data_dir.path),
+                                          lambda a, b: copier.place(a, b, stats))
+            queued, finished = queued + copied, finished + gone
 
     copy = open_data_dir(data, data_dir.shards)
     removed = finish(copy, expunged)

@@ -17,10 +17,10 @@ import lmdb
 import conf
 from conf.tls import TLSSetupError, server_context
 from postroom import __version__, admin, queueadmin
-from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_store
+from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_queues, open_store
 from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
-from storage import AccountError, Accounts, AddressError, DataDirError, Queue, StoreError, open_data_dir
+from storage import AccountError, Accounts, AddressError, DataDirError, StoreError, open_data_dir
 
 PROG = "postroom"
 
@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "own_config", False):
             return args.run(config, args)
         if getattr(args, "needs_queue", False):
-            data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
-            with Queue(data_dir) as queue:
-                return args.run(queue, args, admin.AuditLog(data_dir.audit_log_path))
+            return _with_queues(config, args)
         data_dir, accounts = open_accounts(config)
         accounts = _in_cluster(config, accounts)
         audit = admin.AuditLog(data_dir.audit_log_path)
@@ -289,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _with_queues(config: conf.Config, args: argparse.Namespace) -> int:
+    """A `queue` command over the data dir's queue; in a cluster, over every shard's queue
+    on disk, its changes fenced as the store's are (only the shards this node holds)."""
+    if not config.cluster.enabled:
+        data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
+        with open_queues(config, data_dir) as queues:
+            return args.run(queues, args, admin.AuditLog(data_dir.audit_log_path))
+    data_dir, accounts = open_accounts(config)
+    with accounts, open_store(data_dir, accounts, config) as store, \
+            open_queues(config, data_dir, store, on_disk=True) as queues:
+        queues.refresh()
+        return args.run(queues, args, admin.AuditLog(data_dir.audit_log_path))
 
 
 def mtad_main(argv: list[str] | None = None) -> int:

@@ -86,8 +86,11 @@ class Shared:
     @cached_property
     def outbound(self) -> Outbound:
         from mtad.routing import Outbound
+        from postroom.datadir import open_queues
 
-        return Outbound(self._config, self._data_dir)
+        # In a cluster, the queues of the shards this node holds, fenced as the store is.
+        return Outbound(self._config, self._data_dir,
+                        functools.partial(open_queues, self._config, self._data_dir, self._store))
 
     @cached_property
     def policy(self) -> PolicyServices:
@@ -241,7 +244,7 @@ async def start_smtp(context: Context) -> Listening:
         # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
         servers += await listen_asyncio(lambda: LMTPAgent(inbound), lmtp_listen, tls=None,
                                         backlog=config.server.listen_backlog)
-    # Every mtad process tries for the queue's runner lock; the one that holds it delivers.
+    # Every mtad process tries for the runner lock (in a cluster, its node's); its holder delivers.
     runner = start_runner(context, shared.outbound.queue)
     return Listening(servers, inbound, float(config.server.stop_grace), runner)
 

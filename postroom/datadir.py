@@ -1,5 +1,5 @@
-"""The data dir as the commands open it: accounts, store, and the lock that keeps a second
-instance of a daemon off it.
+"""The data dir as the commands open it: accounts, store, the outbound queues, and the lock
+that keeps a second instance of a daemon off it.
 
 Each long-running process takes `<data dir>/<name>.lock` with `flock(LOCK_EX | LOCK_NB)`:
 `postroom serve` takes serve.lock, and the mtad, imapd and pop3d processes (under serve or
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conf import Config
 from postroom.services import DAEMONS
-from storage import NO_QUOTA, Accounts, DataDir, Quota, Store, open_data_dir
+from storage import NO_QUOTA, Accounts, DataDir, Quota, QueueSet, Store, open_data_dir, queues_on_disk
 
 
 class DataDirInUseError(Exception):
@@ -48,6 +48,32 @@ def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = No
 
         fence = open_node_table(config, data_dir).holds
     return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence)
+
+
+def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *, on_disk: bool = False) -> QueueSet:
+    """The outbound queues (storage/queues.py): a single node's one queue; in a cluster, the
+    queues of the shards this node holds (the runner and the enqueues), or with `on_disk`
+    every shard queue on disk (the CLI). Writes to a cluster's shard queue pass the check
+    its store's commits pass (open_store): the node table's claim against the revision
+    recorded in the shard (Store.fence_revision), so `store` must be the fenced store of
+    open_store; without one (status, metrics, backup: readers) nothing is written."""
+    if not config.cluster.enabled:
+        return QueueSet(data_dir)
+    from cluster.local import open_node_table
+
+    table = open_node_table(config, data_dir)
+    runner_lock = data_dir.path / f"{lock_name(config, 'runner')}.lock"
+    if store is None:
+        return QueueSet(data_dir, shards=lambda: queues_on_disk(data_dir), fence=lambda number: False,
+                        runner_lock=runner_lock)
+
+    def fence(number: int) -> bool:
+        return table.holds(number, store.fence_revision(number))
+
+    def shards():
+        return queues_on_disk(data_dir) if on_disk else table.claims().keys()
+
+    return QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock)
 
 
 def lock_name(config: Config, name: str) -> str:

@@ -3,8 +3,9 @@ what a scrape reads besides the daemons' own counters (wire/metrics.py).
 
 Every process of a data dir writes its metrics to `<data dir>/metrics/` (prometheus-client's
 multiprocess mode). The process that answers [metrics] listen sums those files and adds
-what it reads from the data dir at the scrape: the outbound queue's messages by state, and
-each shard's messages and bytes.
+what it reads from the data dir at the scrape: the outbound queue's messages by state (in a
+cluster, of every shard queue on disk; a daemon alone counts the queues of the shards its
+node holds, which it has open), and each shard's messages and bytes.
 
 Who answers:
 - Under `postroom serve`, serve itself: it owns the directory (emptied at its start, the
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import socket
 import socketserver
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from pathlib import Path
@@ -39,7 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from conf import Config
 from conf.logfmt import EventLogger
 from postroom.services import ServeError
-from storage import DEFERRED, DataDir, Queue, Store, open_data_dir
+from storage import DEFERRED, DataDir, QueueSet, Store, open_data_dir
 from wire import metrics
 from wire.metrics import process_died  # noqa: F401 - what serve's and mtad's supervisors call for a child gone
 
@@ -56,8 +58,10 @@ class DataDirCollector:
     its own store and queue: an LMDB environment must not be opened twice in one process,
     closing one copy would drop the other's locks)."""
 
-    def __init__(self, data_dir: DataDir, store: Store | None = None, queue: Queue | None = None):
+    def __init__(self, data_dir: DataDir, store: Store | None = None, queue: QueueSet | None = None,
+                 open_queues: Callable[[], QueueSet] | None = None):
         self._data_dir = data_dir
+        self._open_queues = open_queues or (lambda: QueueSet(data_dir))
         self._store, self._queue = store, queue
         self._own_store, self._own_queue = store is None, queue is None
         self._lock = threading.Lock()  # two scrapes at once open each once
@@ -72,7 +76,9 @@ class DataDirCollector:
                                   "(tried, to be tried again), held (`postroom queue hold`)", labels=["state"])
         counts = {"queued": 0, "deferred": 0, "held": 0}
         recipients = {"queued": 0, "deferred": 0}
-        for message in self._open_queue().list():
+        queues = self._open_queue()
+        queues.refresh()  # a cluster's shard queues come and go
+        for message in queues.list():
             pending = message.pending
             if not pending:
                 continue
@@ -98,9 +104,9 @@ class DataDirCollector:
         yield size
         yield messages
 
-    def _open_queue(self) -> Queue:
+    def _open_queue(self) -> QueueSet:
         if self._queue is None:
-            self._queue = Queue(self._data_dir)
+            self._queue = self._open_queues()
         return self._queue
 
     def _open_store(self) -> Store:
@@ -118,9 +124,11 @@ class DataDirCollector:
 class Serving:
     """The listener and what it reads; `close` when the process stops."""
 
-    def __init__(self, config: Config, data_dir: DataDir, store: Store | None = None, queue: Queue | None = None):
+    def __init__(self, config: Config, data_dir: DataDir, store: Store | None = None, queue: QueueSet | None = None):
+        from postroom.datadir import open_queues
+
         self.directory = directory(config)
-        self.collector = DataDirCollector(data_dir, store, queue)
+        self.collector = DataDirCollector(data_dir, store, queue, functools.partial(open_queues, config, data_dir))
         try:
             self.listener = MetricsListener(((a.host, a.port) for a in config.metrics.listen),
                                                     registry_for(self.directory, self.collector))
@@ -168,7 +176,7 @@ class Takeover:
     """A daemon alone: answers [metrics] listen while it holds metrics.lock, tries for it
     every TAKEOVER seconds while another daemon does."""
 
-    def __init__(self, config: Config, data_dir: DataDir, store: Store, queue: Queue | None, log: EventLogger):
+    def __init__(self, config: Config, data_dir: DataDir, store: Store, queue: QueueSet | None, log: EventLogger):
         self._config, self._data_dir, self._store, self._queue, self._log = config, data_dir, store, queue, log
         self._fd = os.open(data_dir.path / "metrics.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.serving: Serving | None = None

@@ -1,7 +1,7 @@
 """`postroom status`: the server at a glance, for a sysadmin and for cron.
 
     services      serve, mtad, imapd, pop3d: running (pid, uptime) or not
-    queue         messages waiting, by state
+    queue         messages waiting, by state (a cluster: every shard queue on disk)
     store         accounts, messages and bytes, per shard; the size of each index
     certificate   subject and expiry of [tls] cert
     dns           for each local domain, the MX, SPF, DKIM and DMARC records that are
@@ -40,9 +40,9 @@ from conf.values import human_size
 from policy import dkim
 from policy.resolver import NODATA, NXDOMAIN, OK, Resolver
 from postroom.dkimadmin import keys_dir
-from postroom.datadir import PROCESSES, Running, running_processes
+from postroom.datadir import PROCESSES, Running, open_queues, running_processes
 from postroom.services import DAEMONS, daemons_to_start
-from storage import DEFERRED, Accounts, DataDir, Queue, Store
+from storage import DEFERRED, Accounts, DataDir, Store
 
 CERT_WARN_DAYS = 14
 
@@ -50,7 +50,7 @@ CERT_WARN_DAYS = 14
 def status(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse.Namespace, audit) -> int:
     trouble = []
     running = services_section(data_dir, config, trouble)
-    queue_section(data_dir)
+    queue_section(config, data_dir)
     store_section(data_dir, accounts)
     certificate_section(config, trouble)
     if not args.no_dns:
@@ -105,9 +105,12 @@ def _duration(seconds: float) -> str:
 # -- queue and store ------------------------------------------------------------------------
 
 
-def queue_section(data_dir: DataDir) -> None:
-    with Queue(data_dir) as queue:
-        messages = queue.list()
+def queue_section(config: Config, data_dir: DataDir) -> None:
+    """The outbound queue's messages by state (in a cluster, every shard queue on disk)."""
+    with open_queues(config, data_dir) as queues:
+        queues.refresh()
+        messages = queues.list()
+        queues_seen = queues.queues() if queues.sharded else None
     counts = {"queued": 0, "deferred": 0, "held": 0}
     for message in messages:
         if message.held:
@@ -117,7 +120,8 @@ def queue_section(data_dir: DataDir) -> None:
         else:
             counts["queued"] += 1
     detail = ", ".join(f"{n} {state}" for state, n in counts.items())
-    print(f"queue     {len(messages)} message(s): {detail}")
+    where = f" in {len(queues_seen)} shard queue(s)" if queues_seen is not None else ""
+    print(f"queue     {len(messages)} message(s): {detail}{where}")
 
 
 def store_section(data_dir: DataDir, accounts: Accounts) -> None:

@@ -30,6 +30,7 @@ from storage.errors import (
     NotFoundError,
     NotLocalError,
     NoOwnerError,
+    NoQueueError,
     NotOwnerError,
     NotQueuedError,
     PasswordPolicyError,
@@ -64,6 +65,7 @@ from storage.queue import (
     Result,
     RunnerLock,
 )
+from storage.queues import QueueSet, queues_on_disk
 from storage.store import Store
 from storage.imports import Counts as ImportCounts, ImportMailbox, clean_flags, finish_account as finish_import
 from storage.watch import Watcher
@@ -73,12 +75,13 @@ __all__ = [
     # the outbound queue (storage/queue.py)
     "BOUNCED", "DEFERRED", "DELIVERED", "QUEUED", "Enqueue", "NotQueuedError", "Queue", "QueueEnvelope",
     "QueuedMessage", "QueuedRecipient", "RecipientState", "Result", "RunnerLock",
+    "QueueSet", "queues_on_disk",
     "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError", "BodyPart",
     "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "ExpungedError", "FlagError", "FlagState",
     "MaildropLock", "Mailbox", "MailboxError", "MailboxExistsError", "MailboxLimitError",
     "MailboxNameError", "MailboxNotFoundError", "MessageInfo", "MetadataLimitError", "MetadataNameError",
-    "NoOwnerError", "NotFoundError", "NotLocalError", "NotOwnerError",
+    "NoOwnerError", "NoQueueError", "NotFoundError", "NotLocalError", "NotOwnerError",
     "PasswordPolicyError", "Quota", "QuotaExceededError", "Resolution", "SearchError", "Store",
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     # `store import` (storage/imports.py)

@@ -34,6 +34,11 @@ class NoOwnerError(StoreError):
     it is being handed over): SMTP 451 4.4.0, IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]."""
 
 
+class NoQueueError(StoreError):
+    """Cluster mode: this node holds no shard just now (it is starting, draining, or its
+    lease lapsed), so it has no queue to take outbound mail durably: SMTP 451 4.3.0."""
+
+
 class DiskFullError(StoreError):
     """The file system (or the data dir owner's disk quota) is full: nothing was written,
     and the same request may succeed once space is freed (SMTP 452 4.3.1)."""

@@ -1,9 +1,11 @@
 """The outbound queue: mail for other domains, durable until each recipient is done.
 
-    <data_dir>/queue/
+    <data_dir>/queue/             a single node's queue
+    <shard_path>/queue/           in a cluster, one per shard, on its volume (storage/queues.py)
       queue.lmdb/     the index (storage/queue_records.py): one record per message
       msg/<QID>       one spool file per message, the bytes as received (CRLF)
-      runner.lock     held by the one delivery runner of this data dir
+      runner.lock     held by the one delivery runner of this data dir (a single node's
+                      queue; a cluster node's runner holds <data_dir>/runner.<node>.lock)
 
 Enqueueing is streamed and two-phase, like a store delivery (storage/delivery.py):
 
@@ -40,7 +42,14 @@ holds, releases, flushes and removes; LMDB's writer lock serializes them, reader
 wait. The runner sees another process's change through changed(), LMDB's last transaction
 id, read from the shared memory map without a system call (as storage/watch.py does).
 
-One Queue per process and data dir (LMDB: an environment is opened once per process), and
+Fencing (cluster mode): a shard's queue is written only by the node that holds the shard.
+Its `fence()` is asked last in every write transaction, under LMDB's writer lock (the
+check the shard's own commits make, storage/shard.py "Fencing": the node table's claim
+against the revision recorded in the shard); if it says no, nothing of the batch is
+written and each caller gets NotOwnerError. Recovery's drops are writes too: a queue
+opened by a node that does not hold its shard leaves them to the owner.
+
+One Queue per process and directory (LMDB: an environment is opened once per process), and
 opened after any fork. Every method is synchronous and thread-safe; an event loop calls
 commit(), record() and the rest in a thread.
 """
@@ -65,7 +74,7 @@ from conf.logfmt import EventLogger
 from wire import metrics
 from storage import queue_records as records
 from storage.datadir import DataDir
-from storage.errors import NotQueuedError, StoreError, store_error
+from storage.errors import NotOwnerError, NotQueuedError, StoreError, store_error
 from storage.queue_commit import Committer
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
@@ -151,8 +160,14 @@ class Result:
 
 
 class Queue:
-    def __init__(self, data_dir: DataDir) -> None:
-        self.path = data_dir.path / "queue"
+    def __init__(self, where: DataDir | Path, *, shard: int | None = None,
+                 fence: Callable[[], bool] | None = None) -> None:
+        """The queue in `where`: a data dir (its queue/), or a queue's own directory (a
+        cluster shard's, <shard_path>/queue). `shard` and `fence`, in a cluster: the shard
+        it belongs to, and whether this node may write it now (see Fencing above)."""
+        self.path = where.path / "queue" if isinstance(where, DataDir) else Path(where)
+        self.shard = shard
+        self._fence = fence
         self._spool = self.path / "msg"
         index = self.path / "queue.lmdb"
         make_private_dirs(self._spool)
@@ -160,7 +175,7 @@ class Queue:
         self._env = lmdb.open(str(index), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1, mode=0o600,
                               max_readers=1024, readahead=False)
         self._db = open_databases(self._env, DATABASES)
-        self._committer = Committer(self._env, self._spool)
+        self._committer = Committer(self._env, self._spool, check=self._check_fence if fence is not None else None)
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -185,10 +200,19 @@ class Queue:
 
     # -- enqueueing -------------------------------------------------------------------------
 
-    def begin(self, envelope: QueueEnvelope) -> Enqueue:
-        """A new message for `envelope`'s recipients (a recipient named twice is queued once)."""
+    def begin(self, envelope: QueueEnvelope, qid: str | None = None) -> Enqueue:
+        """A new message for `envelope`'s recipients (a recipient named twice is queued once);
+        `qid`: its id, if the caller made it already (storage/queues.py chooses a queue by it)."""
         _check_envelope(envelope)
-        return Enqueue(self, envelope)
+        return Enqueue(self, envelope, qid)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def writable(self) -> bool:
+        """Whether this node may write the queue now (always, but in a cluster)."""
+        return self._fence is None or self._fence()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -401,7 +425,10 @@ class Queue:
         removed = [name for name in sorted(os.listdir(self._spool)) if name not in known and self._remove_orphan(name)]
         if removed:
             fsync_dir(self._spool)
-        dropped = [qid for qid in sorted(known) if not (self._spool / qid).exists() and self._drop_lost(qid)]
+        try:
+            dropped = [qid for qid in sorted(known) if not (self._spool / qid).exists() and self._drop_lost(qid)]
+        except NotOwnerError:
+            dropped = []  # a shard this node does not hold: its owner's to drop
         return removed, dropped
 
     def _remove_orphan(self, name: str) -> bool:
@@ -447,6 +474,10 @@ class Queue:
         return True
 
     # -- inside -----------------------------------------------------------------------------
+
+    def _check_fence(self, txn: lmdb.Transaction) -> None:
+        if not self._fence():
+            raise NotOwnerError(f"the queue of shard {self.shard} is not served by this node now")
 
     @contextmanager
     def _read(self):
@@ -552,8 +583,8 @@ class Enqueue:
     commits (in any one thread), then closes. A context manager: close() aborts a message
     that was not committed."""
 
-    def __init__(self, queue: Queue, envelope: QueueEnvelope):
-        self.id = new_id()  # known from the start, for the log lines of the session
+    def __init__(self, queue: Queue, envelope: QueueEnvelope, qid: str | None = None):
+        self.id = qid or new_id()  # known from the start, for the log lines of the session
         self.envelope = envelope
         self.size = 0
         self._queue = queue
@@ -619,8 +650,9 @@ class Enqueue:
         os.close(self._fd)  # lets go of the lock: the record has the file now
         self._fd = None
         env = self.envelope
+        shard = {"shard": self._queue.shard} if self._queue.shard is not None else {}
         _log.info("queued", qid=self.id, size=self.size + len(prepend), sender=env.sender or "<>",
-                  recipients=len({r.address for r in env.recipients}), origin=env.origin, user=env.user)
+                  recipients=len({r.address for r in env.recipients}), origin=env.origin, user=env.user, **shard)
         return self.id
 
     def abort(self) -> None:

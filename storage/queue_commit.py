@@ -9,6 +9,10 @@ sync is two fsyncs, 5-10 ms on a busy disk: without sharing, a commit each would
 process at about a hundred messages a second). Should one change raise, the batch is run
 again with each change in a nested transaction, so that it cannot spoil the others.
 Across processes, LMDB's writer lock serializes the committers.
+
+`check(txn)`, when given, runs last in every write transaction, under LMDB's writer lock,
+and may raise to abort the whole batch (a cluster node's queue: storage.NotOwnerError when
+the node does not hold the queue's shard now, storage/queue.py "Fencing").
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ class _Request:
 
 
 class Committer:
-    def __init__(self, env: lmdb.Environment, directory: Path, name: str = "queue-commit"):
+    def __init__(self, env: lmdb.Environment, directory: Path, name: str = "queue-commit",
+                 check: Callable[[lmdb.Transaction], None] | None = None):
         self._env = env
+        self._check = check
         self._directory = directory  # fsynced before a commit that adds files to it
         self._name = name
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -128,6 +134,8 @@ class Committer:
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         failed = (request, e)
                         raise
+                if self._check is not None:
+                    self._check(txn)  # last, under the writer lock: a refusal aborts the batch
         except BaseException as e:  # noqa: BLE001 - a change's error, or the commit's
             if failed is None:
                 _fail(batch, e, self._directory)
@@ -151,6 +159,8 @@ class Committer:
                         child.abort()
                         request.result = None
                         request.error = _converted(e, self._directory)
+                if self._check is not None:
+                    self._check(txn)
         except BaseException as e:  # noqa: BLE001 - the commit itself failed
             _fail([r for r in batch if r.error is None], e, self._directory)
 

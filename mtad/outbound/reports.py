@@ -8,7 +8,8 @@ original is read from the queue's file as the report is written, never whole in 
   address reaches (Accounts.resolve: an alias, a sub-address), durable before this
   returns, with "Return-Path: <>" as a store delivery by SMTP would have;
 - to anyone else (and an alias's remote targets): through the queue, from the null
-  sender (RFC 5321 §4.5.5), origin "dsn".
+  sender (RFC 5321 §4.5.5), origin "dsn" (in a cluster, the queue of a shard this node
+  holds now: storage/queues.py).
 A sender that no longer exists gets nothing: the report is dropped with a log line.
 Everything here blocks (the store, the queue, the accounts): the runner calls it in a thread.
 """
@@ -30,6 +31,7 @@ from storage import (
     NotLocalError,
     Queue,
     QueuedMessage,
+    QueueSet,
     QueuedRecipient,
     QueueEnvelope,
     Store,
@@ -59,7 +61,7 @@ def status_of(reply: str) -> str:
 
 
 class Reporter:
-    def __init__(self, hostname: str, queue: Queue, store: Store, accounts: Accounts,
+    def __init__(self, hostname: str, queue: Queue | QueueSet, store: Store, accounts: Accounts,
                  unwrap: Callable[[str], str | None] = lambda address: None):
         self._hostname = hostname
         self._queue = queue

@@ -1,10 +1,18 @@
 """The delivery runner: the loop that works the outbound queue.
 
-One runner per data dir (DESIGN.md, Processes): every mtad process (the main one and its
-[smtp] workers) calls start_runner(), and only the one that holds the queue's runner lock
-(a flock, dropped by the kernel however its holder dies) runs the loop; the others try the
-lock again every LOCK_RETRY seconds, so a replacement takes over within that when the
-holder dies.
+One runner per data dir (DESIGN.md, Processes), per node in a cluster: every mtad process
+(the main one and its [smtp] workers) calls start_runner(), and only the one that holds the
+runner lock (a flock, dropped by the kernel however its holder dies; in a cluster one per
+node, <data_dir>/runner.<node>.lock) runs the loop; the others try the lock again every
+LOCK_RETRY seconds, so a replacement takes over within that when the holder dies.
+
+The runner works a storage.QueueSet: a single node's one queue, or in a cluster the queues
+of every shard the node holds now (storage/queues.py). The set opens a shard's queue when
+the node claims the shard and closes it when the node releases it, noticed at the loop's
+next look (its change value moves with the shards held); mail queued on a shard that
+another node held before is found there and sent from here. The limits below count every
+queue's deliveries together. The processes without the lock close their released queues
+at each try for it, so that a released shard's volume can be detached.
 
 The loop looks at the queue's change counter (Queue.changed(), no system call) every POLL
 seconds, or at once when wake() is called (by an enqueue in this process), and asks for
@@ -63,6 +71,7 @@ from storage import (
     NotQueuedError,
     Queue,
     QueuedMessage,
+    QueueSet,
     RecipientState,
     Result,
     StoreError,
@@ -99,7 +108,7 @@ class _Group:
 class Runner:
     """Works the queue while run() runs; `clock` and `rng` are the tests' and the jitter's."""
 
-    def __init__(self, config: Config, queue: Queue, reporter: Reporter, *, router: Router | None = None,
+    def __init__(self, config: Config, queue: Queue | QueueSet, reporter: Reporter, *, router: Router | None = None,
                  settings: ClientSettings | None = None, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None):
         self.config = config
@@ -449,22 +458,27 @@ class RunnerHandle:
             own.close()
 
 
-def start_runner(context: Any, queue: Queue | None = None) -> RunnerHandle:
+def start_runner(context: Any, queue: QueueSet | None = None) -> RunnerHandle:
     """Start trying for the runner lock in this process, and run the loop once it is ours.
     `context` is the daemon's (postroom/daemons.py Context: config, data_dir, accounts,
-    store); `queue` this process's Queue (one per process: LMDB), opened here if not given."""
+    store); `queue` this process's QueueSet (one per process: LMDB), a single node's made
+    here if not given."""
     config: Config = context.config
     state: dict[str, Any] = {}
 
     async def hold_and_run() -> None:
         nonlocal queue
         if queue is None:
-            queue = await asyncio.to_thread(Queue, context.data_dir)
+            queue = QueueSet(context.data_dir)
             state["own_queue"] = queue
         lock = queue.runner_lock()
         while not state.get("stopping"):
             if await asyncio.to_thread(lock.acquire):
                 break
+            try:  # not the runner: still, the queues of shards released are let go
+                await asyncio.to_thread(queue.release_gone)
+            except Exception:
+                _log.error("queue_release_failed", exc_info=True)
             await asyncio.sleep(LOCK_RETRY)
         else:
             return
