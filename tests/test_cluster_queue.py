@@ -167,7 +167,11 @@ def _wait(condition, seconds: float, what: str):
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
-def test_mail_queued_on_a_stopped_node_is_sent_by_the_shards_next_owner(nodes, receiver):
+@pytest.mark.parametrize("leaves", ["stopped", "drained"])
+def test_mail_queued_on_a_node_that_leaves_is_sent_by_the_shards_next_owner(nodes, receiver, leaves):
+    """`stopped`: SIGTERM, the node's agent hands its shards over as it stops. `drained`:
+    `postroom cluster drain`, the node runs on; its runner lets go of the shard's queue
+    (and must not send from it) while the other node's runner takes it up."""
     running, configs, etcd, root = nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
     time.sleep(1)  # the node tables the daemons read follow the agents' claims
@@ -197,8 +201,15 @@ def test_mail_queued_on_a_stopped_node_is_sent_by_the_shards_next_owner(nodes, r
     assert receiver.rcpt_attempts and not receiver.received
     assert f"event=queue_opened shard={shard}" in node_a.stderr()
 
-    node_a.stop()  # SIGTERM: its agent hands its shards over
+    if leaves == "stopped":
+        node_a.stop()  # SIGTERM: its agent hands its shards over
+    else:
+        drained = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "drain", "node-a"],
+                                 capture_output=True, text=True, timeout=90)
+        assert drained.returncode == 0, drained.stderr
     wait_owners(etcd, ("node-b",), SHARDS, 30)
+    if leaves == "drained":  # node A's runner let go of the queue: the volume could detach
+        _wait(lambda: f"event=queue_closed shard={shard}" in node_a.stderr(), 10, "node A closed the queue")
     tried_by_a = len(receiver.rcpt_attempts)
     receiver.replies[REMOTE] = ["250 2.1.5 OK"]  # the receiver takes it now
 
