@@ -177,6 +177,8 @@ class Queue:
         self._db = open_databases(self._env, DATABASES)
         self._committer = Committer(self._env, self._spool, check=self._check_fence if fence is not None else None)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # no read under way: close() may close the index
+        self._readers = 0
         self._closed = False
         try:
             self.recovered: tuple[list[str], list[str]] = self.recover()
@@ -185,11 +187,15 @@ class Queue:
             raise
 
     def close(self) -> None:
+        """After the writes waiting are committed and the reads under way are done (a
+        cluster's runner closes the queue of a shard released while other threads use it)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._committer.close()
+        with self._idle:
+            self._idle.wait_for(lambda: self._readers == 0)
         self._env.close()
 
     def __enter__(self) -> Queue:
@@ -271,7 +277,8 @@ class Queue:
 
     def changed(self) -> int:
         """The index's last transaction id (any process's): it moves with every change."""
-        return self._env.info()["last_txnid"]
+        with self._using():
+            return self._env.info()["last_txnid"]
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -480,10 +487,23 @@ class Queue:
             raise NotOwnerError(f"the queue of shard {self.shard} is not served by this node now")
 
     @contextmanager
+    def _using(self):
+        """The index, kept open until the caller is done with it."""
+        with self._lock:
+            if self._closed:
+                raise StoreError("queue is closed")
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._idle.notify_all()
+
+    @contextmanager
     def _read(self):
-        if self._closed:
-            raise StoreError("queue is closed")
-        with self._env.begin(buffers=False) as txn:
+        with self._using(), self._env.begin(buffers=False) as txn:
             yield txn
 
     def _write(self, change: Callable[[lmdb.Transaction], Any], *, sync_spool: bool = False) -> Any:

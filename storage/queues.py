@@ -84,6 +84,10 @@ class QueueSet:
             return [q for _, q in sorted(self._queues.items())]
 
     def runner_lock(self) -> RunnerLock:
+        """The lock of the runner that works these queues (a single node's is in its queue's
+        directory, made with it; a cluster node's in the data dir, named by the node)."""
+        if not self.sharded:
+            self._single()
         return RunnerLock(self._runner_lock)
 
     def close(self) -> None:
@@ -196,7 +200,7 @@ class QueueSet:
         held = frozenset(self._shards())
         with self._lock:
             queues, generation = list(self._queues.values()), self._generation
-        return held, generation, tuple(q.changed() for q in queues if not q.closed)
+        return held, generation, tuple(_changed(q) for q in queues)
 
     def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[QueuedMessage]:
         """Queue.due across every queue: up to `limit`, the longest due first."""
@@ -309,3 +313,10 @@ class QueueSet:
     def remove(self, qid: str) -> bool:
         queue = self.find(qid)
         return queue.remove(qid) if queue is not None else False
+
+
+def _changed(queue: Queue) -> int:
+    try:
+        return queue.changed()
+    except StoreError:
+        return -1  # closed meanwhile: the generation moves too
