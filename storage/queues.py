@@ -176,19 +176,26 @@ class QueueSet:
         if not self.sharded:
             return self._single().begin(envelope)
         qid = new_id()
-        held = sorted(n for n in set(self._shards()) if self._fence(n))
-        if not held:
-            raise NoQueueError("no shard is served by this node just now")
-        number = None
-        if envelope.user and self._shard_of is not None:
-            number = self._shard_of(envelope.user)
-        if number not in held:
-            digest = hashlib.blake2b(qid.encode(), digest_size=8).digest()
-            number = held[int.from_bytes(digest, "big") % len(held)]
+        number = self._shard_for(qid, envelope.user)
         queue = self._open(number)
         if queue is None:
             raise StoreError(f"the queue of shard {number} cannot be opened")
         return queue.begin(envelope, qid)
+
+    def _shard_for(self, qid: str, user: str | None) -> int:
+        """The user's shard if this node may write it now, else the first it may write from
+        the one the id hashes to: one or two fence checks, not one per shard held."""
+        claimed = sorted(set(self._shards()))
+        if user and self._shard_of is not None:
+            number = self._shard_of(user)
+            if number in claimed and self._fence(number):
+                return number
+        if claimed:
+            start = int.from_bytes(hashlib.blake2b(qid.encode(), digest_size=8).digest(), "big") % len(claimed)
+            for number in claimed[start:] + claimed[:start]:
+                if self._fence(number):
+                    return number
+        raise NoQueueError("no shard is served by this node just now")
 
     # -- the runner's side ----------------------------------------------------------------
 
@@ -211,6 +218,8 @@ class QueueSet:
         found: list[tuple[float, QueuedMessage]] = []
         for queue in self.queues():
             try:
+                if not queue.writable():
+                    continue  # released, or the lease lapsed: not sent from here (refresh closes it)
                 messages = queue.due(now, limit, exclude)
             except (StoreError, lmdb.Error) as e:  # closed meanwhile (released), or unreadable
                 _log.warning("queue_unreadable", shard=queue.shard, error=str(e))
