@@ -1,6 +1,6 @@
 """Postroom's store: the data directory, accounts (domains, users, aliases), addresses, and
 the sharded message store (Maildir files + an LMDB index per shard), and the outbound queue
-(spool files + an LMDB index).
+(spool files + an LMDB index; in a cluster one per shard, storage/queues.py).
 
 This module is the store's whole face: daemons import `storage` and never a module under it,
 and never build paths into the data dir themselves.

@@ -1,4 +1,5 @@
-"""The outbound delivery agent: mail in the queue (storage's Queue) to other domains' servers.
+"""The outbound delivery agent: mail in the queue (storage's QueueSet: one queue, or a
+cluster node's shard queues) to other domains' servers.
 
 - routes.py: where a domain's mail goes (routes, relay, MX with dnspython);
 - client.py: one SMTP transaction to one destination's hosts (aiosmtplib);
