@@ -124,6 +124,28 @@ def test_a_queue_write_for_a_shard_this_node_does_not_hold_is_refused(tmp_path: 
                     every.release(in_2)
                 # Every message not held, of the held shard's queue only (in_1 is held).
                 assert every.flush() == (1 if by_hash_shard == 1 else 0)
+
+        # The CLI, `status` and `backup` of the node, over every shard queue on disk.
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([POSTROOM, "--config", str(config.source), *args], capture_output=True,
+                                  text=True, timeout=60)
+
+        listed = cli("queue", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert {m["id"]: m["held"] for m in json.loads(listed.stdout)["messages"]} == \
+            {in_1: True, in_2: False, by_hash: False}
+        refused = cli("queue", "hold", in_2)
+        assert refused.returncode == 1 and "not served by this node now" in refused.stderr, refused
+        assert cli("queue", "release", in_1).returncode == 0
+        status = cli("status", "--no-dns")
+        assert "queue     3 message(s): 3 queued, 0 deferred, 0 held in 2 shard queue(s)" in status.stdout, status
+        backup = cli("backup", str(tmp_path / "backup"))
+        assert backup.returncode == 0, backup.stderr
+        for shard, qid in ((1, in_1), (2, in_2)):
+            copy = tmp_path / "backup" / "data" / data_dir.shard_path(shard).relative_to(data_dir.path)
+            assert (copy / "queue" / "msg" / qid).is_file()
+            with Queue(copy / "queue") as queue:
+                assert queue.get(qid) is not None
     finally:
         table.close()
 
