@@ -78,7 +78,15 @@ class DataDirCollector:
         recipients = {"queued": 0, "deferred": 0}
         queues = self._open_queue()
         queues.refresh()  # a cluster's shard queues come and go
-        for message in queues.list():
+        try:
+            listed = queues.list()
+        finally:
+            if self._own_queue and queues.sharded:
+                # A cluster's shard queues are not held open between scrapes: a volume
+                # released meanwhile must be free to detach.
+                queues.close()
+                self._queue = None
+        for message in listed:
             pending = message.pending
             if not pending:
                 continue

@@ -11,6 +11,7 @@ etcd) and a real receiving SMTP server that refuses, then accepts.
 
 from __future__ import annotations
 
+import functools
 import json
 import smtplib
 import subprocess
@@ -28,6 +29,7 @@ import conf
 from cluster.etcd import Etcd
 from cluster.local import open_node_table
 from postroom.datadir import open_accounts, open_queues, open_store
+from postroom.metrics import DataDirCollector
 from storage import (
     DEFERRED,
     NoQueueError,
@@ -124,6 +126,16 @@ def test_a_queue_write_for_a_shard_this_node_does_not_hold_is_refused(tmp_path: 
                     every.release(in_2)
                 # Every message not held, of the held shard's queue only (in_1 is held).
                 assert every.flush() == (1 if by_hash_shard == 1 else 0)
+
+            # The metrics' scrape counts every shard queue on disk, and holds none open after.
+            collector = DataDirCollector(data_dir, store, None, functools.partial(open_queues, config, data_dir))
+            for _ in range(2):
+                gauges = {family.name: {tuple(sample.labels.values()): sample.value for sample in family.samples}
+                          for family in collector.collect()}
+                assert gauges["postroom_queue_messages"] == {("queued",): 2, ("deferred",): 0, ("held",): 1}
+            with Queue(data_dir.shard_path(1) / "queue") as queue:  # not open in this process any more
+                assert queue.get(in_1) is not None
+            collector.close()
 
         # The CLI, `status` and `backup` of the node, over every shard queue on disk.
         def cli(*args: str) -> subprocess.CompletedProcess:
