@@ -598,6 +598,27 @@ class Queue:
         return self._spool / qid
 
 
+def wait_for_commits(directory: Path) -> None:
+    """Every commit to the queue at `directory` that is in flight in any process of this
+    machine done, by taking LMDB's writer lock once (nothing if no queue is there). A cluster
+    node releasing a shard calls it once its claim is withdrawn (storage/store.py
+    release_shard): a commit that passed its fence just before is then durable before the
+    shard is flushed and handed over, and every later one is refused."""
+    index = directory / "queue.lmdb"
+    if not index.is_dir():
+        return
+    try:
+        env = lmdb.open(str(index), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1, create=False, max_readers=1024,
+                        readahead=False)
+    except lmdb.Error:
+        return  # open in this very process: its own writes are fenced by the claim withdrawn
+    try:
+        with env.begin(write=True):
+            pass
+    finally:
+        env.close()
+
+
 class Enqueue:
     """One message on its way into the queue. Not thread-safe: one caller writes, then
     commits (in any one thread), then closes. A context manager: close() aborts a message

@@ -42,6 +42,7 @@ from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRa
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
 from storage.records import Usage
+from storage.queue import wait_for_commits as wait_for_queue_commits
 from storage.shard import Shard, uid_key
 
 
@@ -122,12 +123,16 @@ class Store:
 
     def release_shard(self, number: int, *, clear_fence: bool = True) -> None:
         """Hand shard `number` over: the fence cleared (after every commit in flight, in any
-        process: LMDB's writer lock), the file system flushed, and this process's handle
-        closed, so that its volume can be detached. `clear_fence=False` when the claim is
-        already lost: another node may have written its own fence since."""
+        process: LMDB's writer lock; and those of the shard's outbound queue), the file
+        system flushed, and this process's handle closed, so that its volume can be
+        detached. `clear_fence=False` when the claim is already lost: another node may have
+        written its own fence since."""
         if clear_fence:
             shard = self._shard_by_number(number)
             shard.set_fence(0)
+            # The shard's outbound queue (storage/queue.py, a cluster's) likewise: its
+            # commits in flight done before the flush below.
+            wait_for_queue_commits(shard.path / "queue")
         else:
             with self._lock:
                 shard = self._shards.get(number)
