@@ -69,7 +69,7 @@ class Outbound:
 
     def open_queue(self) -> None:
         """Open the queue now (or raise): a remote recipient is taken only if it can be queued."""
-        self.queue  # noqa: B018 (a cached property, made here)
+        self.queue.ready()
 
     @cached_property
     def signer(self):

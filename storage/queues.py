@@ -83,6 +83,12 @@ class QueueSet:
         with self._lock:
             return [q for _, q in sorted(self._queues.items())]
 
+    def ready(self) -> None:
+        """A single node's queue opened now (or the error why not); a cluster's shard queues
+        open as a message or the runner needs them."""
+        if not self.sharded:
+            self._single()
+
     def runner_lock(self) -> RunnerLock:
         """The lock of the runner that works these queues (a single node's is in its queue's
         directory, made with it; a cluster node's in the data dir, named by the node)."""
