@@ -227,8 +227,9 @@ class QueueSet:
                 if not queue.writable():
                     continue  # released, or the lease lapsed: not sent from here (refresh closes it)
                 messages = queue.due(now, limit, exclude)
-            except (StoreError, lmdb.Error) as e:  # closed meanwhile (released), or unreadable
-                _log.warning("queue_unreadable", shard=queue.shard, error=str(e))
+            except (StoreError, lmdb.Error) as e:
+                if not queue.closed:  # closed meanwhile: its shard was released, nothing to say
+                    _log.error("queue_unreadable", shard=queue.shard, reason=str(e))
                 continue
             with self._lock:
                 for message in messages:
