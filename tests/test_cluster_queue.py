@@ -55,7 +55,7 @@ REMOTE = "dest@remote.example"
 def _enqueue(queues, user: str | None) -> str:
     envelope = QueueEnvelope(user or "", (QueuedRecipient(REMOTE),), user=user)
     with queues.begin(envelope) as entry:
-        entry.write(b"Subject: fenced\r\n\r\nhello\r\n")
+        entry.write(f"X-Qid: {entry.id}\r\nSubject: fenced\r\n\r\nhello\r\n".encode())
         return entry.commit()
 
 
@@ -160,6 +160,85 @@ def test_a_queue_write_for_a_shard_this_node_does_not_hold_is_refused(tmp_path: 
                 assert queue.get(qid) is not None
     finally:
         table.close()
+
+
+# -- one runner over a node's shard queues, in this process -------------------------------
+
+
+def test_one_runner_works_every_held_shards_queue_within_one_limit(tmp_path: Path):
+    """[queue] concurrency = 1 holds across the queues of two shards (a runner per queue
+    would send two at once); a shard released stops its mail from going from here, and its
+    queue is let go of; taken back, its mail goes."""
+    import asyncio
+
+    from mtad.outbound.client import ClientSettings
+    from mtad.outbound.reports import Reporter
+    from mtad.outbound.runner import Runner
+
+    with Sink(data_delay=0.3) as sink:
+        config = conf.load(write_config_file(
+            tmp_path / "node-a.toml", tmp_path / "var", storage={"shards": SHARDS},
+            cluster={"etcd": ["http://127.0.0.1:9"], "node": "node-a"},
+            queue={"concurrency": 1, "per_destination": 4, "retry_schedule": ["1s"], "connect_timeout": "2s"},
+            **{"outbound.routes": {'"remote.example"': f"{sink.host}:{sink.port}"}}))
+        data_dir, accounts = open_accounts(config)
+        table = open_node_table(config, data_dir, writer=True)
+
+        def publish(claims: dict[int, int]) -> None:
+            table.publish(deadline=time.monotonic() + 60, lease=1, claims=claims,
+                          owners={n: ("node-a", r) for n, r in claims.items()}, nodes=[])
+
+        try:
+            with accounts, open_store(data_dir, accounts, config) as store, \
+                    open_queues(config, data_dir, store) as queues:
+                on = {n: next(u for u in USERS if store.shard_number(u) == n) for n in range(SHARDS)}
+                store.take_shard(1, 11)
+                store.take_shard(2, 12)
+                publish({1: 11, 2: 12})
+                first = [_enqueue(queues, on[n]) for n in (1, 2, 1, 2)]
+
+                async def run() -> None:
+                    runner = Runner(config, queues, Reporter(config.server.hostname, queues, store, accounts),
+                                    settings=ClientSettings.from_config(config))
+                    task = asyncio.create_task(runner.run())
+                    try:
+                        await asyncio.to_thread(sink.wait_for, 4, 30)
+                        assert sink.most_busy == 1, "one transaction at a time across both queues"
+                        for _ in range(100):  # and recorded (a hand-over before that would send twice)
+                            if not queues.list():
+                                break
+                            await asyncio.sleep(0.05)
+                        assert queues.list() == []
+                        # Shard 2 released (as the agent does): its mail stays where it is.
+                        publish({1: 11})
+                        store.release_shard(2)
+                        late = await asyncio.to_thread(_enqueue, queues, on[1])
+                        await asyncio.to_thread(sink.wait_for, 5, 30)
+                        for _ in range(50):
+                            if [q.shard for q in queues.queues()] == [1]:
+                                break
+                            await asyncio.sleep(0.1)
+                        assert [q.shard for q in queues.queues()] == [1], "shard 2's queue let go of"
+                        # Closed in this process (else this open would fail: one environment a process).
+                        with Queue(data_dir.shard_path(2) / "queue", shard=2) as other:
+                            assert other.list() == []
+                        # Taken back: its queue opened again, and what waits there goes.
+                        store.take_shard(2, 13)
+                        publish({1: 11, 2: 13})
+                        again = await asyncio.to_thread(_enqueue, queues, on[2])
+                        await asyncio.to_thread(sink.wait_for, 6, 30)
+                        assert {r.data.split(b"X-Qid: ")[1][:16].decode() for r in sink.received} == \
+                            {*first, late, again}
+                    finally:
+                        await runner.stop(1.0)
+                        await asyncio.wait({task}, timeout=5)
+                        task.cancel()
+                        await runner.close()
+
+                asyncio.run(run())
+                assert queues.list() == []
+        finally:
+            table.close()
 
 
 # -- through two nodes -----------------------------------------------------------------------

@@ -68,6 +68,7 @@ from mtad.outbound.reports import Reporter, status_of
 from mtad.outbound.routes import RouteError, Router
 from storage import (
     AddressError,
+    NotOwnerError,
     NotQueuedError,
     Queue,
     QueuedMessage,
@@ -291,10 +292,17 @@ class Runner:
             bounced: list[tuple[RecipientState, Result]] = []
             relayed: list[tuple[RecipientState, Result]] = []
             deferred: list[tuple[RecipientState, Result]] = []
-            for attempt in attempts:
+            for group, attempt in zip(groups, attempts, strict=True):
                 if isinstance(attempt, BaseException):
                     if isinstance(attempt, asyncio.CancelledError):
                         raise attempt
+                    if isinstance(attempt, NotOwnerError):
+                        # A cluster's shard handed over during the transaction: its outcome
+                        # cannot be recorded here, and the next owner tries those recipients again.
+                        log.warning("record_refused", rcpt=",".join(r.address for r in group.recipients),
+                                    reason=str(attempt))
+                        self._resting[message.id] = self.clock() + REST
+                        continue
                     # Its recipients stay due, unrecorded: the message rests before it is tried again.
                     log.error("delivery_failed", exc_info=(type(attempt), attempt, attempt.__traceback__))
                     self._resting[message.id] = self.clock() + REST
