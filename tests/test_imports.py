@@ -5,15 +5,24 @@ the daemons never import each other and reach storage through its face (`storage
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
+def _import_nodes(path: Path) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    """`path`'s import statements, at any depth of its code: parsed once per run, not once
+    per package asked about (the tests below ask about eight for each file)."""
+    tree = ast.parse(path.read_text())
+    return tuple(node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
 def _imports(path: Path, package: str) -> set[str]:
     """The modules of `package` that `path` imports, at any depth of its code."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _import_nodes(path):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == package:
                 found |= {f"{package}.{alias.name}" for alias in node.names}  # a module, or a name of the face
@@ -100,7 +109,7 @@ def test_each_package_imports_only_the_floors_below_it():
 
 
 def _imports_package(path: Path, package: str) -> bool:
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _import_nodes(path):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in (package,):
             return True
         if isinstance(node, ast.Import) and any(a.name == package or a.name.startswith(package + ".")
