@@ -41,6 +41,7 @@ from storage import (
     Store,
     open_data_dir,
 )
+from waiting import wait_until
 
 SHARDS = 4
 NODES = ("node-a", "node-b")
@@ -270,14 +271,6 @@ def _queue_list(config: Path) -> list[dict]:
     return json.loads(done.stdout)["messages"]
 
 
-def _wait(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 @pytest.mark.parametrize("leaves", ["stopped", "drained"])
@@ -310,7 +303,7 @@ def test_mail_queued_on_a_node_that_leaves_is_sent_by_the_shards_next_owner(node
     def deferred():
         listed = {m["id"]: m for m in _queue_list(configs["node-a"])}
         return qid in listed and listed[qid]["recipients"][0]["attempts"] >= 1
-    _wait(deferred, 30, "node A's runner tried the message")
+    wait_until(deferred, 30, "node A's runner tried the message")
     assert receiver.rcpt_attempts and not receiver.received
     assert f"event=queue_opened shard={shard}" in node_a.stderr()
 
@@ -322,7 +315,7 @@ def test_mail_queued_on_a_node_that_leaves_is_sent_by_the_shards_next_owner(node
         assert drained.returncode == 0, drained.stderr
     wait_owners(etcd, ("node-b",), SHARDS, 30)
     if leaves == "drained":  # node A's runner let go of the queue: the volume could detach
-        _wait(lambda: f"event=queue_closed shard={shard}" in node_a.stderr(), 10, "node A closed the queue")
+        wait_until(lambda: f"event=queue_closed shard={shard}" in node_a.stderr(), 10, "node A closed the queue")
         # Node A holds no shard now: it has no queue to keep remote mail in, and says 451.
         time.sleep(0.5)
         with smtplib.SMTP_SSL(address.host, address.port, timeout=30, context=client_tls_context(config)) as client:
@@ -338,10 +331,10 @@ def test_mail_queued_on_a_node_that_leaves_is_sent_by_the_shards_next_owner(node
     assert len(received) == 1 and received[0].recipients == [REMOTE]
     assert b"Subject: across a stop" in received[0].data
     node_b = running["node-b"]
-    log = _wait(lambda: (text := node_b.stderr()) and f"qid={qid}" in text and "result=delivered" in text and text,
+    log = wait_until(lambda: (text := node_b.stderr()) and f"qid={qid}" in text and "result=delivered" in text and text,
                 30, "node B logged the delivery")
     assert f"event=queue_opened shard={shard}" in log, log[-3000:]
-    _wait(lambda: qid not in {m["id"] for m in _queue_list(configs["node-b"])}, 30, "the message left the queue")
+    wait_until(lambda: qid not in {m["id"] for m in _queue_list(configs["node-b"])}, 30, "the message left the queue")
     assert not (data_dir.shard_path(shard) / "queue" / "msg" / qid).exists()
     time.sleep(3)  # long enough for a second copy to go, were one left anywhere
     assert len(receiver.received) == 1, "exactly one copy arrives"

@@ -5,7 +5,6 @@ and the router of one node reading the table its agent publishes."""
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,9 @@ import conf
 from cluster.view import open_view
 from mtad.cluster_router import ViewRouter
 from storage import NoOwnerError, Store, open_data_dir
+from waiting import wait_until
 
 
-def _wait(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 class NodeA:
@@ -71,13 +64,13 @@ def test_the_router_follows_the_owners(node_a: NodeA):
         except NoOwnerError:
             return False
 
-    _wait(lambda: routed(owners), 10, f"node-a's router to agree with etcd's owners {owners}")
+    wait_until(lambda: routed(owners), 10, f"node-a's router to agree with etcd's owners {owners}")
 
     # node-b dies: its shards have no owner until node-a claims them (TTL + 5 s at most).
     cluster.agents["node-b"].send_signal(signal.SIGKILL)
     cluster.agents["node-b"].wait(10)
     taken = {shard: "node-a" for shard in owners}
-    _wait(lambda: routed(taken), TTL + 5 + 5, "node-a's router to keep every account here")
+    wait_until(lambda: routed(taken), TTL + 5 + 5, "node-a's router to keep every account here")
 
 
 def test_a_shard_between_owners_is_no_owner(node_a: NodeA):
@@ -86,7 +79,7 @@ def test_a_shard_between_owners_is_no_owner(node_a: NodeA):
     cluster.balanced(("node-a",))
     router = node_a.router()
     account = account_in(node_a.store, 0)
-    _wait(lambda: _owned_here(router, account), 10, "shard 0 owned by node-a")
+    wait_until(lambda: _owned_here(router, account), 10, "shard 0 owned by node-a")
     # A stop hands every shard back at once: nobody owns them now.
     cluster.agents["node-a"].send_signal(signal.SIGTERM)
     cluster.agents["node-a"].wait(30)
@@ -98,7 +91,7 @@ def test_a_shard_between_owners_is_no_owner(node_a: NodeA):
             return True
         return False
 
-    _wait(released, 10, "shard 0 without an owner once node-a stopped")
+    wait_until(released, 10, "shard 0 without an owner once node-a stopped")
 
 
 def _owned_here(router: ViewRouter, account: str) -> bool:

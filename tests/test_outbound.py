@@ -30,6 +30,7 @@ from mtad.outbound.runner import LOCK_RETRY, Runner
 from procs import processes
 from sinks import Sink, certificate_for
 from storage import Queue, QueuedMessage, QueuedRecipient, QueueEnvelope, RecipientState, open_data_dir
+from waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 SHARDS = 4  # conftest's write_config
@@ -367,14 +368,6 @@ def queued(data_dir: Path, qid: str):
         return queue.get(qid)
 
 
-def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def inbox(daemon: Daemon, count: int, timeout: float = 30.0) -> list[email.message.Message]:
