@@ -12,10 +12,14 @@ One agent a node (under `postroom serve`, a supervised process of its own; alone
 - takes a shard: claim in etcd, attach its volume (cluster/volumes.py), record the claim's
   revision in the shard as its fence (Store.take_shard), then publish the claim: from
   then on this machine's commits to the shard pass (storage/shard.py, "Fencing");
-- hands a shard over (a join, a drain, a stop): withdraw the claim from the table (new
-  commits fail with NotOwnerError), clear the fence after the commits in flight, flush,
-  close, detach the volume, and only then delete the key, so that the next owner can
-  attach it at once;
+- hands a shard over (a join, a drain, a stop) in two steps. First it is "leaving": its
+  owner is withdrawn from the table while the claim stays, so that a new RCPT for its
+  users waits for the next owner (mtad/agent.py owners_known) while the transactions
+  already accepted commit here, for HANDOVER_GRACE. Then the claim is withdrawn (new
+  commits fail with NotOwnerError; a transaction that reaches its commit later is handed
+  to the next owner over LMTP, mtad/routing.py), the fence cleared after the commits in
+  flight, the shard flushed, closed and its volume detached, and only then the key
+  deleted, so that the next owner can attach it at once;
 - stops writing before anyone else may: the table's deadline is the time the last
   answered keepalive was sent plus the TTL minus a margin, and etcd expires the lease no
   sooner than TTL after it received that keepalive. Past the deadline every commit here
@@ -45,6 +49,10 @@ from storage import DataDir, Store, StoreError
 
 ATTACH_BACKOFF = 30.0  # seconds before a shard whose attach failed is tried again here
 ERROR_LOG_EVERY = 10.0  # seconds between two log lines of etcd staying unreachable
+# Seconds a shard being handed over stays "leaving" (no owner to new transactions, the
+# claim kept for those in flight): a commit takes milliseconds; a transaction slower than
+# this is handed to the next owner at its commit instead.
+HANDOVER_GRACE = 1.0
 
 
 def service_ports(config: Config) -> dict[str, int]:
@@ -161,8 +169,7 @@ class Agent:
         live = {name for name in nodes if name not in drains}
         now = time.monotonic()
         decided = plan(self.shards, self.node, live, owner_of)
-        for shard in decided.release:
-            self._release(shard, "drain" if self.draining else "balance")
+        self._hand_over(decided.release, "drain" if self.draining else "balance")
         for shard in decided.claim:
             if self._backoff.get(shard, 0.0) <= now and not self._stop.is_set():
                 self._claim(shard)
@@ -221,8 +228,7 @@ class Agent:
         cancel, self._cancel_watch = self._cancel_watch, None
         if cancel is not None:
             cancel()
-        for shard in sorted(self.claims):
-            self._release(shard, "stop")
+        self._hand_over(sorted(self.claims), "stop")
         if self.lease:
             try:
                 self.etcd.revoke(self.lease)  # nodes/<name> goes with it
@@ -277,6 +283,22 @@ class Agent:
         self.owners[shard] = (self.node, revision)
         self._publish()
         self.log.info("shard_claimed", node=self.node, shard=shard, revision=revision)
+
+    def _hand_over(self, shards: list[int], reason: str) -> None:
+        """A graceful release of `shards` together: "leaving" first (no owner in the table,
+        the claims kept) for HANDOVER_GRACE, then each released."""
+        if not shards:
+            return
+        for shard in shards:
+            self.owners.pop(shard, None)
+        self._publish()
+        self.log.info("shards_leaving", node=self.node, shards=",".join(map(str, shards)), reason=reason)
+        # Not cut short by stop(): a stop is a hand-over like the others. The keepalive
+        # thread holds the lease meanwhile.
+        time.sleep(HANDOVER_GRACE)
+        for shard in shards:
+            if shard in self.claims:
+                self._release(shard, reason)
 
     def _release(self, shard: int, reason: str, *, lost: bool = False) -> None:
         """Stop writes (the claim withdrawn here first), flush, close, detach; then, unless

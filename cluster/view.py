@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cluster.local import Node, NodeTable, Owner, node_name, open_node_table
 from conf import Config
-from storage import DataDir
+from storage import DataDir, NoOwnerError
 
 
 class ClusterView:
@@ -34,6 +34,13 @@ class ClusterView:
     def live_nodes(self) -> list[Node]:
         """The registered nodes (draining ones included, with Node.draining set)."""
         return self.table.nodes()
+
+    def here(self) -> Node:
+        """This node's own record, as its agent registered it (address and ports)."""
+        for node in self.table.nodes():
+            if node.name == self.node:
+                return node
+        raise NoOwnerError(f"node {self.node} is not registered just now")
 
     def lease_left(self) -> float:
         """Seconds this node's claims stay good without another keepalive (<= 0: lapsed)."""

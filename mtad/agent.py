@@ -30,7 +30,7 @@ from mtad import replies
 from mtad.aiosmtpd_adapter import AiosmtpdConnection, TLSHandshakeError
 from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, MailFrom, Question, RcptTo, StartTLS
 from mtad.replies import Reply
-from mtad.routing import HandOffFailed, Outbound, Route, Router
+from mtad.routing import OWNER_WAIT, HandOffFailed, Outbound, Route, Router
 from mtad.session import Session, SessionConfig
 from policy.chain import PolicyServices, Refusal, SessionPolicy
 from policy.decide import Decision
@@ -53,9 +53,6 @@ from wire.connections import ConnectionLimit
 
 READ_SIZE = 65536
 LAST_WORDS = 1.0  # seconds for a session's last replies once it may no longer be waited for
-# A cluster's: how long a RCPT waits for its mailbox's shard to have an owner again (a hand
-# over takes tens of milliseconds; a dead node's lease, its TTL): then 451 4.4.0.
-OWNER_WAIT = 5.0
 
 
 @dataclass

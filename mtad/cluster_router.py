@@ -26,3 +26,11 @@ class ViewRouter:
         if owner.node.name == self._view.node:
             return None
         return owner.node.endpoint(service)
+
+    def holds(self, account: str) -> bool:
+        """Whether this node may commit to the account's shard now."""
+        return self._view.owns(self._store.shard_number(account))
+
+    def here(self, service: str = "lmtp") -> tuple[str, int]:
+        """This node's own address for `service`, as the other nodes are told it."""
+        return self._view.here().endpoint(service)

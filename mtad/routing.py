@@ -43,6 +43,7 @@ from storage import (
     DeliveryError,
     QueueSet,
     Store,
+    NoOwnerError,
     StoreError,
 )
 
@@ -50,6 +51,11 @@ if TYPE_CHECKING:
     from mtad.events import RcptDSN
 
 _log = EventLogger("mtad.routing")
+# A cluster's: how long a RCPT, or a commit whose shard changed hands, waits for the
+# mailbox's shard to have an owner again (a hand-over takes about HANDOVER_GRACE,
+# cluster/agent.py; a dead node's lease, its TTL): then 451.
+OWNER_WAIT = 5.0
+HAND_OVER_TRIES = 3  # owners tried for one copy, when each in turn says it is not the owner any more
 MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
 
 
@@ -143,10 +149,39 @@ class Recipients:
 
 
 class Router(Protocol):
-    """Where an account's mail goes in a cluster: None, this node; else the LMTP address
-    (host, port) of the node that owns its shard. Raises NoOwnerError between owners."""
+    """Where an account's mail goes in a cluster (mtad/cluster_router.py)."""
 
-    def owner(self, account: str) -> tuple[str, int] | None: ...
+    def owner(self, account: str) -> tuple[str, int] | None:
+        """None: this node; else the LMTP address (host, port) of the node that owns the
+        account's shard. NoOwnerError between owners."""
+
+    def holds(self, account: str) -> bool:
+        """Whether this node may commit to the account's shard now (its claim and lease)."""
+
+    def here(self) -> tuple[str, int]:
+        """This node's own LMTP address (host, port)."""
+
+
+async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT) -> tuple[str, int]:
+    """The LMTP address of the node that owns `account`'s shard now, this node's own if it
+    holds it; waiting up to `wait` while the shard is between owners (a hand-over, a node's
+    lease lapsing), then NoOwnerError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            owner = router.owner(account)
+            if owner is not None:
+                return owner
+            if router.holds(account):
+                return router.here()
+            # The table names this node but its claim is gone (its lease lapsing): not
+            # this node's to take, and handing it to itself would go round in a loop.
+        except NoOwnerError:
+            pass
+        if loop.time() >= deadline:
+            raise NoOwnerError(f"the mailbox of {account} has no owner just now")
+        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -162,8 +197,10 @@ class Route:
     then written. StoreError from any of it (the route is then closed: nothing of it stays)."""
 
     def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None,
-                 sign_domain: str | None = None, handoffs: dict[tuple[str, int], list[str]] | None = None):
+                 sign_domain: str | None = None, handoffs: dict[tuple[str, int], list[str]] | None = None,
+                 router: Router | None = None):
         self._store = store
+        self._router = router
         self._outbound = outbound
         self._accounts = accounts
         # In a cluster, the accounts other nodes own, by owner: their copy is kept here, in
@@ -180,6 +217,12 @@ class Route:
 
             self._digest = MessageDigest()
         self.head = bytearray()  # the message's first bytes (its header, mostly), for a success report
+        # Where the local copy's own bytes are, for handing it over if its shard changes hands
+        # before the commit: verdict head, then local prefix (Return-Path:, Received:), then
+        # the message; the copy handed over has the remote prefix in place of the local one.
+        self._local_prefix_size = 0
+        self._remote_prefix = b""
+        self._verdict_size = 0
 
     @property
     def queue_id(self) -> str | None:
@@ -194,6 +237,7 @@ class Route:
                 # it tells a message sent again (storage/dedupe.py).
                 self.delivery = self._store.begin_delivery(self._accounts, dedupe_from=len(local_prefix))
                 self.delivery.write(local_prefix)
+                self._local_prefix_size, self._remote_prefix = len(local_prefix), remote_prefix
             if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
                 if self._digest is not None:
@@ -246,6 +290,7 @@ class Route:
             self._handed[:0] = head  # a Junk verdict is not carried: the owner files it in INBOX
         if self.delivery is None:
             return
+        self._verdict_size = len(head)
         try:
             if mailboxes:
                 self.delivery.send_to_each(mailboxes)
@@ -264,23 +309,83 @@ class Route:
 
     async def _hand_over(self, message: bytes, helo: str, sender: str) -> None:
         """The copies other nodes own, over LMTP to each owner at once: StoreError unless
-        every recipient got a 2xx."""
+        every recipient got a 2xx. An owner that cannot be reached or answers 4xx may have
+        handed the shard on meanwhile (a drain): those accounts go to their owner as it is
+        now, if that changed, up to HAND_OVER_TRIES owners."""
         from mtad.lmtp_client import HandOffError, hand_over
 
-        owners = list(self._handoffs.items())
-        results = await asyncio.gather(*(hand_over(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                   message=message) for (host, port), accounts in owners),
-                                       return_exceptions=True)
-        for ((host, port), accounts), result in zip(owners, results, strict=True):
-            if isinstance(result, HandOffError):
-                raise HandOffFailed(f"{host}:{port}: {result}")
-            if isinstance(result, BaseException):
-                raise result
-            refused = {account: outcome for account, outcome in result.items() if not outcome.ok}
-            if refused:
-                raise HandOffFailed(f"{host}:{port} refused "
-                                    + ", ".join(f"{a} ({o.code} {o.text[:80]})" for a, o in refused.items()))
-            _log.info("handed_over", owner=f"{host}:{port}", accounts=",".join(accounts), size=len(message))
+        pending = dict(self._handoffs)
+        for attempt in range(HAND_OVER_TRIES):
+            owners = list(pending.items())
+            results = await asyncio.gather(*(hand_over(host, port, helo=helo, sender=sender, recipients=accounts,
+                                                       message=message) for (host, port), accounts in owners),
+                                           return_exceptions=True)
+            pending = {}
+            for ((host, port), accounts), result in zip(owners, results, strict=True):
+                if isinstance(result, HandOffError):
+                    failed, why = accounts, str(result)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    refused = {account: outcome for account, outcome in result.items() if not outcome.ok}
+                    failed = list(refused)
+                    why = "refused " + ", ".join(f"{a} ({o.code} {o.text[:80]})" for a, o in refused.items())
+                    if any(o.code >= 500 for o in refused.values()):
+                        raise HandOffFailed(f"{host}:{port} {why}")
+                    taken = [account for account in accounts if account not in refused]
+                    if taken:
+                        _log.info("handed_over", owner=f"{host}:{port}", accounts=",".join(taken), size=len(message))
+                if not failed:
+                    continue
+                moved = await self._owners_now(failed) if self._router is not None else {}
+                if attempt + 1 == HAND_OVER_TRIES or (host, port) in moved:
+                    raise HandOffFailed(f"{host}:{port}: {why}")
+                _log.info("hand_over_moved", owner=f"{host}:{port}", accounts=",".join(failed),
+                          to=",".join(f"{h}:{p}" for h, p in moved), reason=why[:200])
+                for owner, moved_accounts in moved.items():
+                    pending.setdefault(owner, []).extend(moved_accounts)
+            if not pending:
+                return
+
+    async def _owners_now(self, accounts: list[str]) -> dict[tuple[str, int], list[str]]:
+        """`accounts` by the LMTP address of their owner now (this node's own for those it
+        holds), waiting for shards between owners: HandOffFailed if one stays without."""
+        owners: dict[tuple[str, int], list[str]] = {}
+        for account in accounts:
+            try:
+                owner = await owner_now(self._router, account)
+            except NoOwnerError as e:
+                raise HandOffFailed(str(e)) from None
+            owners.setdefault(owner, []).append(account)
+        return owners
+
+    async def _follow_owners(self, delivery: Delivery | None, deliver_in_thread: Callable) -> Delivery | None:
+        """In a cluster, at the commit: the owners as they are now, not as at the RCPT. If a
+        shard of this node's copies changed hands since (a drain, a rebalance), the local
+        delivery is read back and closed, and each of its accounts handed to its owner over
+        LMTP: this node's own listener for those still here (one commit for all, as every
+        copy or none promises), the new owner for the others. A hand-off whose owner changed
+        goes to the new one. Nothing changed (the rule): a node-table read per account."""
+        router = self._router
+        if router is None:
+            return delivery
+        local = list(dict.fromkeys(account for account, _ in delivery.targets)) if delivery is not None else []
+        moved_here = not all(router.holds(account) for account in local)
+        if not moved_here and not any(_owner_changed(router, account, owner)
+                                      for owner, accounts in self._handoffs.items() for account in accounts):
+            return delivery
+        if moved_here:
+            if self._handed is None:
+                data = await deliver_in_thread(_read_all, delivery)
+                start = self._verdict_size + self._local_prefix_size
+                self._handed = bytearray(data[:self._verdict_size] + self._remote_prefix + data[start:])
+            delivery.close()
+            delivery = None
+        accounts = [account for accounts in self._handoffs.values() for account in accounts]
+        accounts = list(dict.fromkeys(local + accounts if moved_here else accounts))
+        self._handoffs = await self._owners_now(accounts)
+        _log.info("owners_changed", accounts=",".join(accounts), to=",".join(f"{h}:{p}" for h, p in self._handoffs))
+        return delivery
 
     async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
                      orphaned: Callable[[BaseException], None] = lambda e: None, helo: str = "",
@@ -293,6 +398,7 @@ class Route:
         delivered: list[Delivered] = []
         message_id = ""
         try:
+            delivery = await self._follow_owners(delivery, deliver_in_thread)
             if self._handed is not None:
                 # First, so that a refusal leaves nothing here; a failure after it (this
                 # node's own copies) gets a 451, and the copy sent again finds the owner's
@@ -328,6 +434,17 @@ class Route:
 
 class HandOffFailed(StoreError):
     """A copy another node owns was not taken there: the client is told 451 4.4.0."""
+
+
+def _read_all(delivery: Delivery) -> bytes:
+    return b"".join(delivery.read())
+
+
+def _owner_changed(router: Router, account: str, owner: tuple[str, int]) -> bool:
+    try:
+        return router.owner(account) != owner
+    except NoOwnerError:
+        return True
 
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)

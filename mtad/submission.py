@@ -202,7 +202,8 @@ class SubmissionSMTP(SMTPAgent):
                 origin="submission", user=str(self.user))
         try:
             route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                          envelope=envelope, sign_domain=self._sign_domain, handoffs=self._recipients.handoffs)
+                          envelope=envelope, sign_domain=self._sign_domain, handoffs=self._recipients.handoffs,
+                          router=self.context.router)
             self._qid = route.queue_id or message_id(self.sid)
             received = self._received(self._qid)
             route.start(f"Return-Path: <{mail.address}>\r\n".encode("utf-8", "surrogateescape") + received, received)
