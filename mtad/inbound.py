@@ -190,7 +190,8 @@ class InboundSMTP(SMTPAgent):
                 envid=mail.dsn.envid, ret=mail.dsn.ret, smtputf8=mail.smtputf8,
                 eight_bit=(mail.params.get("BODY") or "").upper() == "8BITMIME", origin="forward", user=None)
         route = Route(self.context.store, self.context.outbound, accounts=self._recipients.accounts(),
-                      envelope=envelope, handoffs=self._recipients.handoffs, router=self.context.router)
+                      envelope=envelope, handoffs=self._recipients.handoffs, router=self.context.router,
+                      sent_from=int(self._mail.params.get("XSENT") or 0))  # only LMTP's session takes it
         self._qid = route.queue_id or message_id(self.sid)
         received = self._received(self._qid)
         route.start(f"Return-Path: <{self._sender}>\r\n".encode("utf-8", "surrogateescape") + received, received)

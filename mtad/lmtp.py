@@ -16,6 +16,10 @@ store and commit, with what the handing node already did left out.
 - No policy chain, no rate limits, no remote recipients: the handing node ran the checks and
   added its Received: header; this hop adds Return-Path: and its own Received: "with LMTP"
   (RFC 3848). That trust is why the listener belongs on the cluster's own network.
+- MAIL FROM's XSENT=<n> (a private parameter, RFC 5321 §4.1.2, offered at LHLO): the
+  message's first n bytes are the handing node's (its verdict fields and Received:), not
+  the sender's. The copy's deduplication key (storage/dedupe.py) skips them, so a message
+  sent again after a lost 250 is known whichever node took it, and by which route.
 """
 
 from __future__ import annotations

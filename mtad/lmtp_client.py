@@ -38,16 +38,18 @@ class Outcome:
 
 async def hand_over(host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
                     message: bytes, timeout: float = 60.0, smtputf8: bool = False,
-                    eight_bit: bool = False) -> dict[str, Outcome]:
+                    eight_bit: bool = False, sent_from: int = 0) -> dict[str, Outcome]:
     """Deliver `message` (CRLF lines, trace headers included) to `recipients` at the LMTP
-    server at host:port; each recipient's outcome."""
+    server at host:port; each recipient's outcome. `sent_from`: where in `message` the
+    sender's own bytes start (after this node's trace and verdict fields), told to a
+    server that offers XSENT (mtad/lmtp.py) for its deduplication key."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
     except (OSError, TimeoutError) as e:
         raise HandOffError(f"cannot connect to {host}:{port}: {e}") from None
     try:
         return await asyncio.wait_for(_transaction(reader, writer, helo, sender, recipients, message, smtputf8,
-                                                   eight_bit), timeout)
+                                                   eight_bit, sent_from), timeout)
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
         raise HandOffError(f"LMTP to {host}:{port} failed: {type(e).__name__}: {e}") from None
     finally:
@@ -55,12 +57,14 @@ async def hand_over(host: str, port: int, *, helo: str, sender: str, recipients:
 
 
 async def _transaction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, helo: str, sender: str,
-                       recipients: Sequence[str], message: bytes, smtputf8: bool, eight_bit: bool
-                       ) -> dict[str, Outcome]:
+                       recipients: Sequence[str], message: bytes, smtputf8: bool, eight_bit: bool,
+                       sent_from: int) -> dict[str, Outcome]:
     await _expect(reader, 220)
     writer.write(f"LHLO {helo}\r\n".encode())
-    await _expect(reader, 250)
+    keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
     params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
+    if sent_from and "XSENT" in keywords:
+        params += f" XSENT={sent_from}"
     # PIPELINING is required of every LMTP server (RFC 2033 §5): MAIL and every RCPT at once.
     commands = [f"MAIL FROM:<{sender}>{params}\r\n"] + [f"RCPT TO:<{r}>\r\n" for r in recipients]
     writer.write("".join(commands).encode("utf-8"))

@@ -198,8 +198,11 @@ class Route:
 
     def __init__(self, store: Store, outbound: Outbound | None, *, accounts: list[str], envelope=None,
                  sign_domain: str | None = None, handoffs: dict[tuple[str, int], list[str]] | None = None,
-                 router: Router | None = None):
+                 router: Router | None = None, sent_from: int = 0):
         self._store = store
+        # Bytes at the message's start that are a handing node's, not the sender's (LMTP's
+        # XSENT, mtad/lmtp.py): left out of the deduplication key, as our own trace headers.
+        self._sent_from = sent_from
         self._router = router
         self._outbound = outbound
         self._accounts = accounts
@@ -235,9 +238,11 @@ class Route:
             if self._accounts:
                 # What the sender sent starts after our trace headers: with the Message-ID,
                 # it tells a message sent again (storage/dedupe.py).
-                self.delivery = self._store.begin_delivery(self._accounts, dedupe_from=len(local_prefix))
+                self.delivery = self._store.begin_delivery(self._accounts,
+                                                           dedupe_from=len(local_prefix) + self._sent_from)
                 self.delivery.write(local_prefix)
-                self._local_prefix_size, self._remote_prefix = len(local_prefix), remote_prefix
+                self._local_prefix_size = len(local_prefix)
+            self._remote_prefix = remote_prefix
             if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
                 if self._digest is not None:
@@ -286,11 +291,11 @@ class Route:
     def verdict(self, head: bytes, mailboxes: dict[str, str] | None) -> None:
         """The policy's verdict on the local copies, before the commit: `head` (its header
         fields) in front, and each account's copy into `mailboxes[account]` (Junk) if given."""
+        self._verdict_size = len(head)
         if self._handed is not None:
             self._handed[:0] = head  # a Junk verdict is not carried: the owner files it in INBOX
         if self.delivery is None:
             return
-        self._verdict_size = len(head)
         try:
             if mailboxes:
                 self.delivery.send_to_each(mailboxes)
@@ -315,10 +320,12 @@ class Route:
         from mtad.lmtp_client import HandOffError, hand_over
 
         pending = dict(self._handoffs)
+        sent_from = self._verdict_size + len(self._remote_prefix) + self._sent_from
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
             results = await asyncio.gather(*(hand_over(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                       message=message) for (host, port), accounts in owners),
+                                                       message=message, sent_from=sent_from)
+                                             for (host, port), accounts in owners),
                                            return_exceptions=True)
             pending = {}
             for ((host, port), accounts), result in zip(owners, results, strict=True):

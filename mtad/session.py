@@ -344,6 +344,8 @@ class Session:
             words.append("STARTTLS")
         if self.config.dsn:
             words.append("DSN")
+        if self.config.lmtp:
+            words.append("XSENT")  # a cluster's hand-off: mtad/lmtp.py
         if self._auth_offered():
             words.append("AUTH " + " ".join(MECHANISMS))
         return tuple(words)
@@ -380,6 +382,8 @@ class Session:
             known |= {"RET", "ENVID"}
         if self._auth_offered():
             known.add("AUTH")  # RFC 4954 §5: taken, and ignored (we trust no client's word on it)
+        if self.config.lmtp:
+            known.add("XSENT")
         problem = _unknown_params(params, known)
         if problem:
             self._refuse(problem)
@@ -398,6 +402,10 @@ class Session:
             if int(size) > self.config.max_message_size:
                 self._refuse(replies.MESSAGE_TOO_BIG)
                 return
+        sent = params.get("XSENT")
+        if sent is not None and not (is_number(sent) and len(sent) <= 12 and int(sent) <= self.config.max_message_size):
+            self._refuse(replies.SYNTAX_ERROR)
+            return
         body = params.get("BODY")
         # BINARYMIME (RFC 3030 §3) is not offered: its bare CRs and LFs are what smuggling and
         # header injection are made of.

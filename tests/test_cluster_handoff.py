@@ -17,6 +17,7 @@ import pytest
 from cluster_nodes import start_nodes, stop_nodes, wait_owners
 from conftest import client_tls_context
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
+from waiting import wait_until
 
 import conf
 from cluster.etcd import Etcd
@@ -98,3 +99,23 @@ def test_mail_for_the_other_nodes_shard_is_handed_over(nodes):
                 other_node.quit()
             finally:
                 client.quit()
+
+
+def test_a_message_sent_again_by_any_route_is_stored_once(nodes):
+    """A sender that lost the 250 sends the message again, maybe to another node: the
+    copy handed over by LMTP and the copy taken by the owner itself have one deduplication
+    key (LMTP's XSENT tells the owner where the sender's bytes start)."""
+    running, etcd, data_dir = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        account = next(u for i in range(40) if owners[store.shard_number(u := f"user{i}@example.test")] == "node-b")
+    message = (f"From: someone@remote.example\r\nTo: {account}\r\nSubject: once\r\n"
+               f"Message-ID: <{uuid.uuid4().hex}@remote.example>\r\n\r\nhello\r\n")
+    for node in ("node-a", "node-b", "node-a"):  # handed over, taken by the owner, handed over
+        address = running[node].listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=30) as client:
+            client.sendmail("someone@remote.example", [account], message)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert len(list(store.fetch(account, "INBOX", [(1, 2**32 - 1)]))) == 1
+    assert running["node-b"].stderr().count("event=message_duplicate") == 2

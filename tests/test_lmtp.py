@@ -105,6 +105,23 @@ def test_the_handing_nodes_client(server, users):
         assert stored.endswith(b"first line\r\n.a line that starts with a dot\r\n")  # dot-stuffed and back
 
 
+def test_xsent_is_lmtps_alone_and_checked(server):
+    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a message may be;
+    the MX knows no such parameter."""
+    client = _lmtp(server)
+    try:
+        assert b"XSENT" in client.ehlo("node-a.cluster.test")[1]
+        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + 1)):
+            assert client.docmd("MAIL", f"FROM:<sender@remote.example> XSENT={bad}")[0] == 501, bad
+        assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 250
+    finally:
+        client.close()
+    address = server.listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=30) as client:
+        assert b"XSENT" not in client.ehlo("sender.example")[1]
+        assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 555
+
+
 def test_the_client_says_when_the_owner_cannot_be_reached():
     with pytest.raises(HandOffError, match="cannot connect"):
         asyncio.run(hand_over("127.0.0.1", free_port(), helo="node-b.cluster.test", sender="",
