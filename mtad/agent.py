@@ -37,6 +37,7 @@ from policy.decide import Decision
 from storage import (
     AccountError,
     NoOwnerError,
+    NoQueueError,
     Accounts,
     AddressError,
     AliasLoopError,
@@ -396,6 +397,8 @@ class SMTPAgent(AiosmtpdConnection):
             outcome = Reply(553, "5.1.3", f"Bad recipient address: {e}")
         except NoOwnerError:
             outcome = replies.NO_OWNER_NOW
+        except NoQueueError:  # a cluster node holding no shard just now: nowhere to queue
+            outcome = replies.TEMPORARY_FAILURE
         self.log.info("rcpt", to=address, result=f"{outcome.code} {outcome.enhanced}")
         self._outcomes.append(f"{address}:{outcome.code}")
         return outcome

@@ -85,9 +85,12 @@ class QueueSet:
 
     def ready(self) -> None:
         """A single node's queue opened now (or the error why not); a cluster's shard queues
-        open as a message or the runner needs them."""
+        open as a message or the runner needs them, but one must be writable now:
+        NoQueueError for a node that holds no shard, told at RCPT rather than after the data."""
         if not self.sharded:
             self._single()
+        elif not any(self._fence(number) for number in set(self._shards())):
+            raise NoQueueError("no shard is served by this node just now")
 
     def runner_lock(self) -> RunnerLock:
         """The lock of the runner that works these queues (a single node's is in its queue's
