@@ -10,8 +10,10 @@ Modules, one job each:
     local.py     the node table the agent publishes for the machine's processes
     view.py      what a daemon asks: owner_of, owns, live_nodes
     volumes.py   a shard's volume attached and detached ([cluster] attach, detach)
-    process.py   the agent's process (a child of `postroom serve`, or `cluster agent`)
-    admin.py     `postroom cluster status | drain | undrain | agent`
+
+The agent's process (a child of `postroom serve`, or `cluster agent`) and the CLI's
+`postroom cluster status | drain | undrain | agent` are postroom's (postroom/cluster_agent.py,
+postroom/clusteradmin.py): this package imports nothing of the floors above it.
 
 Shared accounts (docs/cluster.md): etcd holds domains, users and aliases; each node reads
 its own copy in accounts.lmdb, so RCPT and LOGIN never wait on etcd:
@@ -31,6 +33,7 @@ any process of the node, without a request to etcd (microseconds a call):
     view.live_nodes()       -> [Node(name, address, ports, draining)]
     node.endpoint("lmtp")   -> (host, port); also "imap", "pop3" ([cluster] *_port)
     view.node               -> this node's name
+    view.here()             -> this node's own Node (its address and ports)
     view.lease_left()       -> seconds this node's claims stay good without a keepalive
     store.close_shard(shard)   a daemon lets go of a shard its node released (volume detach)
 

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     # How serve starts its children, and mtad its extra MX workers (postroom/supervisor.py).
     p.add_argument("--daemon", choices=DAEMONS, help=argparse.SUPPRESS)
     p.add_argument("--smtp-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--cluster-agent", action="store_true", help=argparse.SUPPRESS)  # cluster/process.py
+    p.add_argument("--cluster-agent", action="store_true", help=argparse.SUPPRESS)  # postroom/cluster_agent.py
 
     config = _group(commands, "config", "check the config file")
     config.add_parser("check", help="validate the config and print the effective config")
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="what runs, the queue, the store, certificates and DNS records")
     p.add_argument("--no-dns", action="store_true", help="skip the DNS checks (no network)")
     p.set_defaults(run=_lazy("status", "status"), needs_config=True)
-    # The cluster (cluster/admin.py): status, drain, undrain, and the node agent.
-    from cluster.admin import add_commands as add_cluster_commands
+    # The cluster (postroom/clusteradmin.py): status, drain, undrain, and the node agent.
+    from postroom.clusteradmin import add_commands as add_cluster_commands
 
     add_cluster_commands(commands)
     # Reload of what runs: config and certificates (postroom/reload.py).
@@ -237,7 +237,7 @@ def _in_cluster(config: conf.Config, accounts: Accounts) -> Accounts:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve" and args.cluster_agent:
-        from cluster import process
+        from postroom import cluster_agent as process
 
         return process.main(PROG, args.config)
     if args.command == "serve" and (args.daemon or args.smtp_worker):

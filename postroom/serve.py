@@ -13,7 +13,7 @@ every child is told SIGTERM and given [server] stop_grace to finish; serve then 
 Serve holds the data dir's serve.lock, each child its daemon's lock (postroom/datadir.py):
 a second serve, or an mtad started beside this one, refuses to start.
 
-With [cluster] etcd, the node agent (cluster/process.py) is a supervised child too, started
+With [cluster] etcd, the node agent (postroom/cluster_agent.py) is a supervised child too, started
 first: it claims this node's shards, and the daemons' commits pass once it has.
 
 With [metrics] listen, serve answers the Prometheus scrape for every child (postroom/metrics.py).
@@ -66,7 +66,7 @@ def serve(config: Config) -> int:
     for daemon in started:
         daemons.preload(daemon)
     if config.cluster.enabled:
-        from cluster import process
+        from postroom import cluster_agent as process
 
         supervisor.fork("cluster-agent", command(config.source, "serve", "--cluster-agent"),
                         functools.partial(process.main, "postroom", config.source),

@@ -142,7 +142,7 @@ def push_accounts(config: Config, args: argparse.Namespace) -> int:
 def agent(config: Config, args: argparse.Namespace) -> int:
     if _etcd(config) is None:
         return 1
-    from cluster import process
+    from postroom import cluster_agent as process
 
     return process.run(config)
 
