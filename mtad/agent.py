@@ -171,6 +171,10 @@ class SMTPAgent(AiosmtpdConnection):
     def release(self, ip: str) -> None:
         self.context.release(ip)
 
+    def refusal(self) -> tuple[Reply, str]:
+        """What a connection `admit` turned away is told, and the log's reason."""
+        return replies.TOO_MANY_CONNECTIONS, "too many connections"
+
     # -- what a subclass writes -------------------------------------------------------------
 
     async def answer(self, event: Question) -> Reply:
@@ -196,8 +200,9 @@ class SMTPAgent(AiosmtpdConnection):
             self.policy = self.context.policy.session(self._peer, mx=self.MX)
         if not self.admit(self._peer):
             metrics.connection(self.service, accepted=False)
-            self.log.warning("connection_refused", client=self._peer, reason="too many connections")
-            self.write(replies.TOO_MANY_CONNECTIONS.lines())
+            reply, reason = self.refusal()
+            self.log.warning("connection_refused", client=self._peer, reason=reason)
+            self.write(reply.lines())
             self.close()
             return
         metrics.connection(self.service, accepted=True)

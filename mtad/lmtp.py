@@ -15,7 +15,9 @@ store and commit, with what the handing node already did left out.
   that is no user here is 550 5.1.1; a full mailbox 452 4.2.2.
 - No policy chain, no rate limits, no remote recipients: the handing node ran the checks and
   added its Received: header; this hop adds Return-Path: and its own Received: "with LMTP"
-  (RFC 3848). That trust is why the listener belongs on the cluster's own network.
+  (RFC 3848). That trust is why the listener belongs on the cluster's own network, and why
+  in a cluster it takes connections only from the live nodes' addresses (as their agents
+  registered them): anyone else is told 421 4.7.1.
 - MAIL FROM's XSENT=<n> (a private parameter, RFC 5321 §4.1.2, offered at LHLO): the
   message's first n bytes are the handing node's (its verdict fields and Received:), not
   the sender's. The copy's deduplication key (storage/dedupe.py) skips them, so a message
@@ -31,6 +33,8 @@ from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
 from mtad.session import SessionConfig
 
+NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
+
 
 class LMTPAgent(InboundSMTP):
     """One LMTP connection from another node of the cluster."""
@@ -44,10 +48,14 @@ class LMTPAgent(InboundSMTP):
     # its own clients send it (C=50 is 50 connections from one address), and the listener
     # is the cluster's own (the README: reach it from the cluster's network only).
     def admit(self, ip: str) -> bool:
-        return True
+        router = self.context.router
+        return router is None or router.is_peer(ip)
 
     def release(self, ip: str) -> None:
         pass
+
+    def refusal(self) -> tuple[Reply, str]:
+        return NOT_A_PEER, "not a node of the cluster"
 
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:

@@ -161,6 +161,9 @@ class Router(Protocol):
     def here(self) -> tuple[str, int]:
         """This node's own LMTP address (host, port)."""
 
+    def is_peer(self, ip: str) -> bool:
+        """Whether `ip` is a live node's address: who may hand mail over by LMTP."""
+
 
 async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT) -> tuple[str, int]:
     """The LMTP address of the node that owns `account`'s shard now, this node's own if it

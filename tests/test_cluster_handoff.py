@@ -9,6 +9,7 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -119,3 +120,18 @@ def test_a_message_sent_again_by_any_route_is_stored_once(nodes):
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert len(list(store.fetch(account, "INBOX", [(1, 2**32 - 1)]))) == 1
     assert running["node-b"].stderr().count("event=message_duplicate") == 2
+
+
+def test_the_lmtp_listener_takes_only_the_cluster_nodes(nodes):
+    """LMTP runs no checks (the handing node ran them): only the live nodes' addresses may
+    connect. Another loopback address (127.0.0.2) stands for a stranger on the network."""
+    running, etcd, _ = nodes
+    wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    port = running["node-b"].config.cluster.lmtp_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as stranger:
+        assert stranger.makefile("rb").readline().startswith(b"421 4.7.1 ")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as node:
+        assert node.makefile("rb").readline().startswith(b"220 ")
+    wait_until(lambda: 'client=127.0.0.2 reason="not a node of the cluster"' in running["node-b"].stderr(), 10,
+               "the refusal logged")
