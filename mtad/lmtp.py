@@ -31,6 +31,13 @@ from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
 from mtad.session import SessionConfig
 
+# What a hand-off may carry beyond [smtp] max_message_size: the handing node checked the
+# sender's bytes against the limit, then put its Received: and verdict fields in front (a
+# few hundred bytes; more after a second hop, a drain's). Without room for them, a message
+# near the limit was stored when sent to its owner and refused 552 when handed over, which
+# the handing node answers 451: its sender was deferred every time, then bounced.
+HEADROOM = 64 * 1024
+
 
 class LMTPAgent(InboundSMTP):
     """One LMTP connection from another node of the cluster."""
@@ -52,7 +59,8 @@ class LMTPAgent(InboundSMTP):
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
         config = context.config
-        return SessionConfig(hostname=config.server.hostname, max_message_size=config.smtp.max_message_size,
+        return SessionConfig(hostname=config.server.hostname,
+                             max_message_size=config.smtp.max_message_size + HEADROOM,
                              max_recipients=config.smtp.max_recipients, tls_available=False, dsn=True,
                              chunking=False, lmtp=True)
 

@@ -12,6 +12,7 @@ import smtplib
 import pytest
 
 from conftest import add_accounts, free_port, start_module_daemon
+from mtad.lmtp import HEADROOM
 from mtad.lmtp_client import HandOffError, hand_over
 from storage import Accounts, open_data_dir
 from storage.store import Store
@@ -106,12 +107,12 @@ def test_the_handing_nodes_client(server, users):
 
 
 def test_xsent_is_lmtps_alone_and_checked(server):
-    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a message may be;
-    the MX knows no such parameter."""
+    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a handed-over message
+    may be (the limit and the handing node's headers); the MX knows no such parameter."""
     client = _lmtp(server)
     try:
         assert b"XSENT" in client.ehlo("node-a.cluster.test")[1]
-        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + 1)):
+        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + HEADROOM + 1)):
             assert client.docmd("MAIL", f"FROM:<sender@remote.example> XSENT={bad}")[0] == 501, bad
         assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 250
     finally:
