@@ -37,6 +37,11 @@ from mtad.session import SessionConfig
 # near the limit was stored when sent to its owner and refused 552 when handed over, which
 # the handing node answers 451: its sender was deferred every time, then bounced.
 HEADROOM = 64 * 1024
+# Recipients one hand-off may name: accounts, not addresses. The handing node held the
+# sender to [smtp] max_recipients addresses, but one address may be an alias of many
+# accounts (up to 1,000 each, storage/accounts.py), all on this node; refusing the 101st
+# (452) deferred such a message, every time, at any node that handed it over.
+MAX_ACCOUNTS = 100_000
 
 
 class LMTPAgent(InboundSMTP):
@@ -61,7 +66,7 @@ class LMTPAgent(InboundSMTP):
         config = context.config
         return SessionConfig(hostname=config.server.hostname,
                              max_message_size=config.smtp.max_message_size + HEADROOM,
-                             max_recipients=config.smtp.max_recipients, tls_available=False, dsn=True,
+                             max_recipients=MAX_ACCOUNTS, tls_available=False, dsn=True,
                              chunking=False, lmtp=True)
 
     def _recipient(self, event: RcptTo) -> Reply:

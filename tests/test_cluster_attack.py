@@ -7,6 +7,10 @@ tests/test_cluster_drain.py), kept as regressions.
   of [smtp] max_message_size was stored when sent to the owner and answered 451 4.4.0 by
   every other node, every time (the owner said 552 to the hand-off): a sender that reached
   another node retried for days and bounced.
+- An alias of more accounts on one node than [smtp] max_recipients: the handing node sends
+  the owner one RCPT per account, and the owner refused those past the limit (452), so the
+  message was answered 451 at every node, every time, with the first accounts' copies
+  stored nonetheless (mtad/lmtp.py, MAX_ACCOUNTS).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ NODES = ("node-a", "node-b")
 USERS = [f"user{i}@example.test" for i in range(8)]
 PASSWORD = "correct horse battery"
 MAX_SIZE = 200_000  # [smtp] max_message_size: small, so that the test sends little
+MAX_RECIPIENTS = 2  # [smtp] max_recipients: fewer than the alias's accounts on each node
+ALIAS = "team@example.test"
 
 
 @pytest.fixture
 def nodes(tmp_path: Path, etcd_server):  # noqa: F811
     running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
-                                   password=PASSWORD, smtp={"max_message_size": MAX_SIZE})
+                                   password=PASSWORD, aliases={ALIAS: USERS},
+                                   smtp={"max_message_size": MAX_SIZE, "max_recipients": MAX_RECIPIENTS})
     try:
         yield running, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var"
     finally:
@@ -77,3 +84,31 @@ def test_a_message_near_the_size_limit_is_taken_by_any_node(nodes):
         stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
     for node, message_id in sent.items():
         assert sum(message_id.encode() in raw for raw in stored) == 1, node
+
+
+def test_an_alias_of_more_accounts_than_the_recipient_limit(nodes):
+    running, etcd, data_dir = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        on_each = [sum(owners[store.shard_number(u)] == node for u in USERS) for node in NODES]
+    assert min(on_each) > MAX_RECIPIENTS, on_each  # each node hands the other more than the limit
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
+
+    sent = []
+    for node in NODES:
+        message_id = f"<{uuid.uuid4().hex}@remote.example>"
+        address = running[node].listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+            client.ehlo("sender.example")
+            client.mail("someone@remote.example")
+            assert client.rcpt(ALIAS)[0] == 250
+            code, text = client.data(f"From: someone@remote.example\r\nTo: {ALIAS}\r\nSubject: all of us\r\n"
+                                     f"Message-ID: {message_id}\r\n\r\nhello\r\n".encode())
+        assert code == 250, f"at {node}: {code} {text!r}"
+        sent.append(message_id)
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        for user in USERS:
+            stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
+            for message_id in sent:
+                assert sum(message_id.encode() in raw for raw in stored) == 1, (user, message_id)
