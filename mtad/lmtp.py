@@ -35,6 +35,18 @@ from mtad.session import SessionConfig
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
 
+# What a hand-off may carry beyond [smtp] max_message_size: the handing node checked the
+# sender's bytes against the limit, then put its Received: and verdict fields in front (a
+# few hundred bytes; more after a second hop, a drain's). Without room for them, a message
+# near the limit was stored when sent to its owner and refused 552 when handed over, which
+# the handing node answers 451: its sender was deferred every time, then bounced.
+HEADROOM = 64 * 1024
+# Recipients one hand-off may name: accounts, not addresses. The handing node held the
+# sender to [smtp] max_recipients addresses, but one address may be an alias of many
+# accounts (up to 1,000 each, storage/accounts.py), all on this node; refusing the 101st
+# (452) deferred such a message, every time, at any node that handed it over.
+MAX_ACCOUNTS = 100_000
+
 
 class LMTPAgent(InboundSMTP):
     """One LMTP connection from another node of the cluster."""
@@ -60,8 +72,9 @@ class LMTPAgent(InboundSMTP):
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
         config = context.config
-        return SessionConfig(hostname=config.server.hostname, max_message_size=config.smtp.max_message_size,
-                             max_recipients=config.smtp.max_recipients, tls_available=False, dsn=True,
+        return SessionConfig(hostname=config.server.hostname,
+                             max_message_size=config.smtp.max_message_size + HEADROOM,
+                             max_recipients=MAX_ACCOUNTS, tls_available=False, dsn=True,
                              chunking=False, lmtp=True)
 
     def _recipient(self, event: RcptTo) -> Reply:

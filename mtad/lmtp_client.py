@@ -36,13 +36,18 @@ class Outcome:
         return 200 <= self.code < 300
 
 
+NOT_SENT = Outcome(451, "4.4.0 not sent: another recipient was refused")
+
+
 async def hand_over(host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
                     message: bytes, timeout: float = 60.0, smtputf8: bool = False,
                     eight_bit: bool = False, sent_from: int = 0) -> dict[str, Outcome]:
     """Deliver `message` (CRLF lines, trace headers included) to `recipients` at the LMTP
-    server at host:port; each recipient's outcome. `sent_from`: where in `message` the
-    sender's own bytes start (after this node's trace and verdict fields), told to a
-    server that offers XSENT (mtad/lmtp.py) for its deduplication key."""
+    server at host:port; each recipient's outcome. The data goes only if every RCPT was
+    accepted; else the accepted ones are answered NOT_SENT and nothing is stored there.
+    `sent_from`: where in `message` the sender's own bytes start (after this node's trace
+    and verdict fields), told to a server that offers XSENT (mtad/lmtp.py) for its
+    deduplication key."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
     except (OSError, TimeoutError) as e:
@@ -74,10 +79,14 @@ async def _transaction(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         outcomes[recipient] = await _reply(reader)
     if not mail.ok:
         return {recipient: mail for recipient in recipients}
-    accepted = [r for r in recipients if outcomes[r].ok]
-    if not accepted:
+    if not all(outcomes[r].ok for r in recipients):
+        # Every copy or none (mtad/routing.py): the caller fails the whole message when one
+        # recipient is refused, and the sender sends it again to all. Copies stored here
+        # for the others would then be a second time (a message with no Message-ID has no
+        # deduplication key) or despite a bounce.
         writer.write(b"QUIT\r\n")
-        return outcomes
+        return {r: outcomes[r] if not outcomes[r].ok else NOT_SENT for r in recipients}
+    accepted = list(recipients)
     writer.write(b"DATA\r\n")
     await _expect(reader, 354)
     body = _DOT.sub(b"..", message)

@@ -12,6 +12,7 @@ import smtplib
 import pytest
 
 from conftest import add_accounts, free_port, start_module_daemon
+from mtad.lmtp import HEADROOM
 from mtad.lmtp_client import HandOffError, hand_over
 from storage import Accounts, open_data_dir
 from storage.store import Store
@@ -96,22 +97,27 @@ def test_ehlo_helo_and_bdat_are_not_lmtp(server):
 def test_the_handing_nodes_client(server, users):
     alice, bob = users
     address = server.listen("smtp.lmtp_listen")
+    # One refused: no data, no copy for the others (every copy or none, mtad/routing.py).
     outcomes = asyncio.run(hand_over(address.host, address.port, helo="node-b.cluster.test",
                                      sender="sender@remote.example",
                                      recipients=[alice, "nobody@example.test", bob], message=MESSAGE % 2))
-    assert {r: o.code for r, o in outcomes.items()} == {alice: 250, "nobody@example.test": 550, bob: 250}
+    assert {r: o.code for r, o in outcomes.items()} == {alice: 451, "nobody@example.test": 550, bob: 451}
+    assert not _stored(server, alice) and not _stored(server, bob)
+    outcomes = asyncio.run(hand_over(address.host, address.port, helo="node-b.cluster.test",
+                                     sender="sender@remote.example", recipients=[alice, bob], message=MESSAGE % 2))
+    assert {r: o.code for r, o in outcomes.items()} == {alice: 250, bob: 250}
     for account in (alice, bob):
         (stored,) = _stored(server, account)
         assert stored.endswith(b"first line\r\n.a line that starts with a dot\r\n")  # dot-stuffed and back
 
 
 def test_xsent_is_lmtps_alone_and_checked(server):
-    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a message may be;
-    the MX knows no such parameter."""
+    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a handed-over message
+    may be (the limit and the handing node's headers); the MX knows no such parameter."""
     client = _lmtp(server)
     try:
         assert b"XSENT" in client.ehlo("node-a.cluster.test")[1]
-        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + 1)):
+        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + HEADROOM + 1)):
             assert client.docmd("MAIL", f"FROM:<sender@remote.example> XSENT={bad}")[0] == 501, bad
         assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 250
     finally:

@@ -1,0 +1,169 @@
+"""What a red-team pass over the cluster found (two whole nodes on a real etcd, as in
+tests/test_cluster_drain.py), kept as regressions.
+
+- A message the size limit allows is taken by whichever node the sender reaches: the
+  owner's LMTP listener must leave room for the trace and verdict headers the handing node
+  put in front (mtad/lmtp.py, HEADROOM). Without it, a message within a few hundred bytes
+  of [smtp] max_message_size was stored when sent to the owner and answered 451 4.4.0 by
+  every other node, every time (the owner said 552 to the hand-off): a sender that reached
+  another node retried for days and bounced.
+- An alias of more accounts on one node than [smtp] max_recipients: the handing node sends
+  the owner one RCPT per account, and the owner refused those past the limit (452), so the
+  message was answered 451 at every node, every time, with the first accounts' copies
+  stored nonetheless (mtad/lmtp.py, MAX_ACCOUNTS).
+- A hand-off with one recipient refused by the owner (its mailbox filled, or its account
+  gone) stores nothing for the others: the sender is told 451 and sends the message again
+  to all. The owner used to store the others' copies at each try: a message with no
+  Message-ID (no deduplication key) reached them once per try until the full mailbox had
+  room (mtad/lmtp_client.py).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from cluster_nodes import start_nodes, stop_nodes, wait_owners
+from conftest import POSTROOM
+from etcd_peer import etcd_server  # noqa: F401 (fixture)
+from waiting import wait_until
+
+import conf
+from cluster.etcd import Etcd
+from storage import Accounts, Store, open_data_dir
+
+SHARDS = 4
+NODES = ("node-a", "node-b")
+USERS = [f"user{i}@example.test" for i in range(8)]
+PASSWORD = "correct horse battery"
+MAX_SIZE = 200_000  # [smtp] max_message_size: small, so that the test sends little
+MAX_RECIPIENTS = 2  # [smtp] max_recipients: fewer than the alias's accounts on each node
+ALIAS = "team@example.test"
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, etcd_server):  # noqa: F811
+    running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
+                                   password=PASSWORD, aliases={ALIAS: USERS},
+                                   smtp={"max_message_size": MAX_SIZE, "max_recipients": MAX_RECIPIENTS})
+    try:
+        yield running, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var", configs
+    finally:
+        stop_nodes(running)
+
+
+def _message(recipient: str, message_id: str, size: int) -> bytes:
+    """A message of exactly `size` bytes as the SMTP server counts them (CRLF lines)."""
+    head = (f"From: someone@remote.example\r\nTo: {recipient}\r\nSubject: near the limit\r\n"
+            f"Message-ID: {message_id}\r\n\r\n").encode()
+    body_size = size - len(head)
+    lines = b"x" * 76 + b"\r\n"
+    body = lines * (body_size // len(lines))
+    return head + body + b"y" * (body_size - len(body) - 2) + b"\r\n"
+
+
+def test_a_message_near_the_size_limit_is_taken_by_any_node(nodes):
+    running, etcd, data_dir, _ = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        user = next(u for u in USERS if owners[store.shard_number(u)] == "node-b")
+    wait_until(lambda: "event=ready" in running["node-a"].stderr(), 10, "node-a's agent ready")
+
+    sent = {}
+    for node in ("node-b", "node-a"):  # the owner itself, then a node that hands it over
+        message_id = f"<{uuid.uuid4().hex}@remote.example>"
+        message = _message(user, message_id, MAX_SIZE - 10)
+        assert len(message) == MAX_SIZE - 10
+        address = running[node].listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+            code, text = client.ehlo("sender.example")
+            assert code == 250
+            client.mail("someone@remote.example")
+            client.rcpt(user)
+            code, text = client.data(message)
+        assert code == 250, f"at {node}: {code} {text!r}"
+        sent[node] = message_id
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
+    for node, message_id in sent.items():
+        assert sum(message_id.encode() in raw for raw in stored) == 1, node
+
+
+def test_an_alias_of_more_accounts_than_the_recipient_limit(nodes):
+    running, etcd, data_dir, _ = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        on_each = [sum(owners[store.shard_number(u)] == node for u in USERS) for node in NODES]
+    assert min(on_each) > MAX_RECIPIENTS, on_each  # each node hands the other more than the limit
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
+
+    sent = []
+    for node in NODES:
+        message_id = f"<{uuid.uuid4().hex}@remote.example>"
+        address = running[node].listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+            client.ehlo("sender.example")
+            client.mail("someone@remote.example")
+            assert client.rcpt(ALIAS)[0] == 250
+            code, text = client.data(f"From: someone@remote.example\r\nTo: {ALIAS}\r\nSubject: all of us\r\n"
+                                     f"Message-ID: {message_id}\r\n\r\nhello\r\n".encode())
+        assert code == 250, f"at {node}: {code} {text!r}"
+        sent.append(message_id)
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        for user in USERS:
+            stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
+            for message_id in sent:
+                assert sum(message_id.encode() in raw for raw in stored) == 1, (user, message_id)
+
+
+def test_one_recipient_refused_at_the_owner_stores_no_copy(nodes):
+    running, etcd, data_dir, configs = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        kept, filled = [u for u in USERS if owners[store.shard_number(u)] == "node-b"][:2]
+    wait_until(lambda: "event=ready" in running["node-a"].stderr(), 10, "node-a's agent ready")
+    subject = uuid.uuid4().hex
+    message = (f"From: someone@remote.example\r\nTo: {kept}, {filled}\r\nSubject: {subject}\r\n\r\n"
+               "no Message-ID, so no deduplication\r\n").encode()
+
+    address = running["node-a"].listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:  # a quota of 1 byte fills it
+        client.sendmail("someone@remote.example", [filled], b"Subject: first\r\n\r\nsome bytes\r\n")
+    # Both taken at node-a's RCPT; then `filled`'s mailbox is full before the commit.
+    client = smtplib.SMTP(address.host, address.port, timeout=60)
+    client.ehlo("sender.example")
+    client.mail("someone@remote.example")
+    assert client.rcpt(kept)[0] == 250 and client.rcpt(filled)[0] == 250
+    quota = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "user", "quota", filled, "1"],
+                           capture_output=True, text=True, timeout=60)
+    assert quota.returncode == 0, quota.stderr
+    with Accounts(open_data_dir(data_dir, SHARDS).accounts_path) as accounts:  # the nodes' copy
+        wait_until(lambda: accounts.get_user(filled).quota == 1, 10, "the quota in the nodes' copy")
+    code, _ = client.data(message)
+    client.quit()
+    assert code == 451
+
+    def copies(user: str) -> int:
+        with Store(open_data_dir(data_dir, SHARDS)) as store:
+            return sum(subject.encode() in store.read_message(m)
+                       for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)]))
+
+    assert copies(kept) == 0, "a copy stored although the sender was told 451"
+    # The sender tries again, as told: the same while the mailbox is full (a mailbox another
+    # node owns is that node's to say full, mtad/agent.py), with never a copy for `kept`.
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("someone@remote.example", [kept, filled], message)
+    assert deferred.value.smtp_code == 451
+    assert copies(kept) == 0
+    lifted = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "user", "quota", filled, "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert lifted.returncode == 0, lifted.stderr
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+        assert client.sendmail("someone@remote.example", [kept, filled], message) == {}
+    assert (copies(kept), copies(filled)) == (1, 1)
