@@ -25,7 +25,7 @@ APT_PACKAGES += systemd
 # etcd service Debian enables with it is disabled below, as dovecot's is.
 APT_PACKAGES += etcd-server etcd-client
 
-.PHONY: run test compliance install system-packages clean install-system
+.PHONY: run test test-long compliance install system-packages clean install-system
 
 run: install
 	@$(POSTROOM) domain list | grep -qx 'example.test' || $(POSTROOM) domain add example.test
@@ -75,6 +75,14 @@ test: install
 	@$(PY) -m compileall -q $(SOURCE_DIRS) >/dev/null
 	@$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
 	@$(PY) -m pytest -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+
+# The tests marked `long` at their full counts (tests/scale.py): more fuzz examples, rounds,
+# bytes than `make test` gives them (it runs the same tests with short counts). Minutes
+# more; bench/fuzz.py fuzzes the protocol cores longer still.
+test-long: install
+	@$(PY) -m compileall -q $(SOURCE_DIRS) >/dev/null
+	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "long and not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -m "long and serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
 
 install: $(VENV)/.installed
 

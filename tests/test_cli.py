@@ -183,12 +183,15 @@ def test_undecodable_bytes_are_one_line_errors(with_domain, config_path, tmp_pat
 def test_a_closed_pipe_is_not_a_traceback(with_domain, config_path, data_dir, tmp_path):
     from storage import Accounts, open_data_dir
 
+    # Long names (~150 bytes a line), so that ~165 KB of output, well over a pipe buffer
+    # (64 KiB), takes 1,100 domains: each is a commit of its own (8,000 short ones took 25 s).
+    padding = "a" * 63 + "." + "b" * 63
     with Accounts(open_data_dir(data_dir, 4).accounts_path) as accounts:
-        for i in range(8000):  # well over a pipe buffer (64 KiB) of output
-            accounts.add_domain(f"domain-{i:05d}.example")
+        for i in range(1100):
+            accounts.add_domain(f"domain-{i:05d}.{padding}.example")
     pipeline = subprocess.run(f"{POSTROOM} --config {config_path} domain list | head -1",
                               shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert pipeline.stdout == "domain-00000.example\n"
+    assert pipeline.stdout == f"domain-00000.{padding}.example\n"
     assert pipeline.stderr == ""
 
 

@@ -17,7 +17,8 @@ whole and cut into random pieces. Whatever comes in:
   never read as a command.
 
 Each test has a fixed budget (SUITE: max_examples, deadline, derandomized, no example
-database), so `make test` runs the same examples every time, in under a minute;
+database), so `make test` runs the same examples every time: a fifth of the budget there
+(~10 s of CPU in all), the whole of it under `make test-long` (tests/scale.py);
 bench/fuzz.py runs the same properties (the `check` and `strategies` of each test) with
 as many examples or minutes as it is given.
 """
@@ -33,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import scale
 from core_drivers import POP3_PASSWORD, IMAPDriver, POP3Driver, SMTPDriver, cut
 from imapd import tokens
 from imapd.framer import Close as IMAPClose
@@ -50,12 +52,14 @@ SUITE = settings(max_examples=200, deadline=datetime.timedelta(seconds=2), deran
 
 
 def fuzz(max_examples: int, **strategies):
-    """A property test with the suite's budget; its `check` and `strategies` are kept for
-    bench/fuzz.py to run longer."""
+    """A property test with the suite's budget: `max_examples` under `make test-long`, a
+    fifth of it in `make test`; its `check` and `strategies` are kept for bench/fuzz.py to
+    run longer."""
     def decorate(check):
-        test = settings(SUITE, max_examples=max_examples)(given(**strategies)(check))
+        examples = scale.count(max(1, max_examples // 5), max_examples)
+        test = settings(SUITE, max_examples=examples)(given(**strategies)(check))
         test.check, test.strategies = check, strategies
-        return test
+        return pytest.mark.long(test)
     return decorate
 
 

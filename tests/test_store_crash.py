@@ -19,7 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 
+import scale
 from power_cut import power_cut
 from storage import open_data_dir
 from storage.check import check
@@ -28,7 +30,7 @@ from storage.store import Store
 WORKER = Path(__file__).with_name("store_worker.py")
 ACCOUNT = "alice@example.test"
 SHARDS = 2
-ROUNDS = 25
+ROUNDS = scale.count(10, 25)  # rounds of a delivering child killed at random: `make test-long` runs 25
 MACHINE_ROUNDS = 8
 STREAM_ROUNDS = 8
 
@@ -63,6 +65,7 @@ def stored_sequences(store: Store) -> dict[int, list[tuple[str, int]]]:
     return found
 
 
+@pytest.mark.long
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(data_dir):
     sigkill_rounds(data_dir, "deliver", ROUNDS)
 
