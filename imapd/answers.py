@@ -20,6 +20,8 @@ from storage import (
     MailboxNameError,
     MailboxNotFoundError,
     MetadataLimitError,
+    NoOwnerError,
+    NotOwnerError,
     QuotaExceededError,
 )
 
@@ -57,6 +59,10 @@ STORE_ANSWERS: dict[type[Exception], tuple[str, str | None]] = {
     FlagError: ("BAD", None),
     MailboxNameError: ("NO", "CANNOT"),
     MailboxError: ("NO", "CANNOT"),
+    # A cluster's: the shard is not this node's now (released, or between owners); the
+    # session ends as it is let go (cluster/follow.py), and a new one finds the owner.
+    NotOwnerError: ("NO", "UNAVAILABLE"),
+    NoOwnerError: ("NO", "UNAVAILABLE"),
 }
 STORE_ERRORS = tuple(STORE_ANSWERS)
 

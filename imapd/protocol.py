@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from imapd.compress import CompressionError, Deflate
 
 from imapd.parser import Frame, Framer
-from imapd.session import LOGOUT, NOT_AUTHENTICATED, IMAPContext, Session
+from imapd.session import AUTHENTICATED, LOGOUT, NOT_AUTHENTICATED, SELECTED, IMAPContext, Session
 from wire.protocol import ServerFactory, ServerProtocol
 from wire.relay import Relay
 
@@ -73,6 +73,16 @@ class IMAPProtocol(ServerProtocol):
 
     def shutdown_reply(self) -> bytes:
         return b"* BYE [UNAVAILABLE] server shutting down, reconnect later\r\n"
+
+    def released_reply(self) -> bytes:
+        # RFC 5530 §3: UNAVAILABLE, a temporary state; reconnecting reaches the new owner.
+        return b"* BYE [UNAVAILABLE] your mailbox has moved to another server, reconnect\r\n"
+
+    def local_shard(self) -> int | None:
+        session = self.session
+        if session is None or session.user is None or session.state not in (AUTHENTICATED, SELECTED):
+            return None  # not logged in, logged out, or PROXIED: the owner's session
+        return self.context.store.shard_number(session.user)
 
     def first_timeout(self) -> float:
         # [imap] login_timeout in all before login, however the client trickles bytes (RFC

@@ -69,6 +69,17 @@ class POP3Protocol(ServerProtocol):
         # RFC 1939: closing without QUIT deletes nothing, so the client loses no work.
         return err("server shutting down, reconnect later", "SYS/TEMP")
 
+    def released_reply(self) -> bytes:
+        # Read by the client as the answer to its next command; closing without QUIT
+        # deletes nothing (RFC 1939 §6), and the next login reaches the new owner.
+        return err("your mailbox has moved to another server, reconnect", "SYS/TEMP")
+
+    def local_shard(self) -> int | None:
+        session = self.session
+        if session is None or session.user is None or self._relay is not None or self._relay_pending is not None:
+            return None  # not logged in, or proxied: the owner's session
+        return self.context.store.shard_number(session.user)
+
     def first_timeout(self) -> float:
         # [pop3] login_timeout in all before login, however the client trickles bytes;
         # then [pop3] timeout (RFC 1939 §3: at least 10 minutes) from the last activity.

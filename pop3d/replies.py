@@ -87,6 +87,8 @@ def capabilities(caps: list[str]) -> bytes:
 
 WRONG_PASSWORD = Err("wrong user name or password", AUTH)
 MAILDROP_IN_USE = Err("maildrop already locked by another POP3 session", IN_USE)
+# A cluster's: the shard of the maildrop is between two nodes (cluster/follow.py).
+MAILDROP_MOVING = Err("your mailbox is moving between servers, try again in a few seconds", SYS_TEMP)
 PLAINTEXT_REFUSED = Err("plaintext authentication is not allowed before STLS", AUTH)
 IMPERSONATION = Err("acting as another user is not allowed", AUTH)
 MALFORMED_PLAIN = Err("malformed AUTH PLAIN response")

@@ -31,7 +31,7 @@ from pop3d import replies
 from pop3d.core import Authenticate, Close, Event, POP3Core, Reply, Retrieve, Settings, StartTLS, Update
 from pop3d.framer import BodyEncoder
 from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
-from storage import INBOX, Accounts, MaildropLock, Store, StoreError, lock_maildrop
+from storage import INBOX, Accounts, MaildropLock, NotOwnerError, Store, StoreError, lock_maildrop
 from wire import metrics
 from wire.connections import ConnectionLimit
 
@@ -138,8 +138,10 @@ class Session:
         except _MessageCutError:
             self.conn.close()  # part of a message is out: no reply can follow it
             return
-        except Exception:
-            self.log.error("error", exc_info=True, command=type(event).__name__)
+        except Exception as e:
+            # NotOwnerError: the shard was released meanwhile, no bug (the session ends: cluster/follow.py).
+            self.log.error("error", exc_info=not isinstance(e, NotOwnerError), command=type(event).__name__,
+                           error=str(e)[:200])
             outcome = self.core.failed()
             if isinstance(event, Update):
                 self._release()
@@ -164,7 +166,11 @@ class Session:
             proxied = await self._proxy(account, event.password)
             if proxied is not None:
                 return proxied
-        outcome = await context.run(self._open_maildrop, account)
+        try:
+            outcome = await context.run(self._open_maildrop, account)
+        except NotOwnerError:  # the shard was released just now: its next owner serves it
+            self.log.info("login_moving", user=account, ip=peer)
+            return self.core.login_refused(replies.MAILDROP_MOVING, counts=False)
         if isinstance(outcome, str):
             self.log.info(outcome, user=account, ip=peer)
             if outcome == "in_use":
@@ -191,8 +197,7 @@ class Session:
         try:
             owner = context.owner(account)
         except NoOwnerError:
-            return self.core.login_refused(replies.Err("your mailbox is moving between servers, try again in a "
-                                                       "few seconds", "SYS/TEMP"), counts=False)
+            return self.core.login_refused(replies.MAILDROP_MOVING, counts=False)
         if owner is None:
             return None
         config = context.config

@@ -139,7 +139,7 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
             # finishing its sessions: wait for it as long as its own stop may take.
             wait = float(config.server.stop_grace) + supervisor.STOP_MARGIN if supervised else 0.0
             lock(data_dir.path, lock_name(config, daemon), daemon, wait=wait, log=log)  # held until the process ends
-        store = open_store(data_dir, accounts, config)
+        store = open_store(data_dir, accounts, config, daemon=True)
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:
             context = daemons.build_context(config, data_dir, accounts, store, tls)
@@ -192,6 +192,9 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
         queue = context.shared.outbound.queue if daemon == "mtad" else None
         takeover = metrics.Takeover(config, data_dir, context.store, queue, log)
         takeover.start()
+    follower = context.shared.follower
+    # A cluster's: the shards this node releases let go of here, and their sessions ended.
+    following = asyncio.ensure_future(follower.run()) if follower is not None else None
     extra = {"smtp_workers": config.smtp.workers} if workers else {}
     log.info("ready", daemon=daemon, services=len(running), **extra)
     notify(f"READY=1\nSTATUS={len(running)} service(s) running")
@@ -200,6 +203,9 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     log.info("stopping", daemon=daemon)
     if takeover is not None:
         takeover.close()
+    if following is not None:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
     await _stop(context, running, workers)
     log.info("stopped", daemon=daemon)
     return 0

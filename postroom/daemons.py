@@ -27,6 +27,7 @@ from storage import Accounts, DataDir, Store, Watcher
 from wire.connections import ConnectionLimit
 
 if TYPE_CHECKING:
+    from cluster.follow import Follower
     from conf.values import ListenAddress
     from imapd.session import IMAPContext
     from mtad.agent import AgentContext
@@ -125,6 +126,17 @@ class Shared:
         return ViewRouter(view, self._store)
 
     @cached_property
+    def follower(self) -> Follower | None:
+        """Cluster mode: what lets go of the shards this node releases, and ends their
+        sessions here (cluster/follow.py); None on a single node."""
+        if not self._config.cluster.enabled:
+            return None
+        from cluster.follow import Follower
+        from cluster.local import open_node_table
+
+        return Follower(self._store, open_node_table(self._config, self._data_dir))
+
+    @cached_property
     def proxy_tls(self) -> ssl.SSLContext:
         """A cluster's proxies check the owner node's certificate: the system's authorities,
         and this node's own certificate (a cluster's nodes serve one name, and may share a
@@ -177,6 +189,8 @@ class Shared:
         self.login_throttle.close()
         if "policy" in self.__dict__:  # made only by mtad
             self.policy.close()
+        if self.__dict__.get("follower") is not None:
+            self.follower.table.close()
 
 
 @dataclass(frozen=True)
@@ -274,32 +288,35 @@ async def _start_submission(context: Context, *, implicit_tls: bool) -> Listenin
 
 async def start_imap(context: Context) -> TwistedListening:
     """IMAP on [imap] listen: STARTTLS when a certificate is configured."""
-    return _listen_twisted("imapd.protocol", "IMAPFactory", context.shared.imap, context.config.imap.listen)
+    return _listen_twisted(context, "imapd.protocol", "IMAPFactory", context.shared.imap, context.config.imap.listen)
 
 
 async def start_imaps(context: Context) -> TwistedListening:
     """IMAPS on [imap] listen_tls: TLS from the first byte (RFC 8314)."""
-    return _listen_twisted("imapd.protocol", "IMAPFactory", context.shared.imap, context.config.imap.listen_tls,
-                           implicit_tls=True)
+    return _listen_twisted(context, "imapd.protocol", "IMAPFactory", context.shared.imap,
+                           context.config.imap.listen_tls, implicit_tls=True)
 
 
 async def start_pop3(context: Context) -> TwistedListening:
     """POP3 on [pop3] listen: STLS when a certificate is configured (RFC 2595)."""
-    return _listen_twisted("pop3d.protocol", "POP3Factory", context.shared.pop3, context.config.pop3.listen)
+    return _listen_twisted(context, "pop3d.protocol", "POP3Factory", context.shared.pop3, context.config.pop3.listen)
 
 
 async def start_pop3s(context: Context) -> TwistedListening:
     """POP3S on [pop3] listen_tls: TLS from the first byte (RFC 8314)."""
-    return _listen_twisted("pop3d.protocol", "POP3Factory", context.shared.pop3, context.config.pop3.listen_tls,
-                           implicit_tls=True)
+    return _listen_twisted(context, "pop3d.protocol", "POP3Factory", context.shared.pop3,
+                           context.config.pop3.listen_tls, implicit_tls=True)
 
 
-def _listen_twisted(module: str, factory_name: str, service: IMAPContext | POP3Context,
+def _listen_twisted(context: Context, module: str, factory_name: str, service: IMAPContext | POP3Context,
                     addresses: tuple[ListenAddress, ...], *, implicit_tls: bool = False) -> TwistedListening:
     # The factory is looked up here: `mtad` alone never imports Twisted, imapd or pop3d.
     factory: ServerFactory = getattr(importlib.import_module(module), factory_name)(service, implicit_tls=implicit_tls)
     ports = listen_twisted(factory, addresses, factory.tls if implicit_tls else None,
                            backlog=service.config.server.listen_backlog)
+    follower = context.shared.follower
+    if follower is not None:  # a cluster's: its sessions end when their shard is released
+        follower.listeners.append(factory.end_released)
     return TwistedListening(ports, factory.shutdown)
 
 

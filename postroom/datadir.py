@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conf import Config
 from postroom.services import DAEMONS
-from storage import NO_QUOTA, Accounts, DataDir, Quota, QueueSet, Store, open_data_dir, queues_on_disk
+from storage import NO_QUOTA, Accounts, DataDir, NotOwnerError, Quota, QueueSet, Store, open_data_dir, queues_on_disk
 
 
 class DataDirInUseError(Exception):
@@ -35,19 +35,28 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     return data_dir, accounts
 
 
-def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = None) -> Store:
+def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = None, *,
+               daemon: bool = False) -> Store:
+    """The store; in a cluster, fenced (every commit checked against this node's claims),
+    and a `daemon`'s opens only the shards this node holds (cluster/follow.py closes those
+    it releases)."""
     def quota_of(account: str) -> Quota:
         user = accounts.get_user(account)
         return Quota(user.quota, user.message_quota) if user else NO_QUOTA
 
     if config is None:
         return Store(data_dir, quota_of=quota_of)
-    fence = None
+    fence = held = None
     if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
         from cluster.local import open_node_table
 
-        fence = open_node_table(config, data_dir).holds
-    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence)
+        table = open_node_table(config, data_dir)
+        fence = table.holds
+        if daemon:
+            def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
+                return table.claim(number) is not None and table.lease_left() > 0
+    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence,
+                 held=held)
 
 
 def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *, on_disk: bool = False) -> QueueSet:
@@ -68,7 +77,10 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
                         runner_lock=runner_lock)
 
     def fence(number: int) -> bool:
-        return table.holds(number, store.fence_revision(number))
+        try:
+            return table.holds(number, store.fence_revision(number))
+        except NotOwnerError:
+            return False  # the shard is closed here: this node released it (cluster/follow.py)
 
     def shards():
         return queues_on_disk(data_dir) if on_disk else table.claims().keys()

@@ -93,6 +93,9 @@ FSYNC_THREADS = 16
 # Seconds between checkpoints while file work waits for one: how much mail lives only in
 # the journal, and how often the file system is flushed under load.
 CHECKPOINT_INTERVAL = 1.0
+# Seconds a close waits for reads in progress between two log lines saying so (reads are
+# short: a SEARCH of a big mailbox at worst).
+READERS_LOG_AFTER = 10.0
 # Seconds between two log lines of a failure that comes back at every turn (a full disk).
 REPEAT_LOG_EVERY = 60.0
 
@@ -197,6 +200,11 @@ class Shard:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._released = False  # closed because this node let the shard go (Store.close_shard)
+        # Reads in progress: close() waits for them before it unmaps the environment (a read
+        # of an unmapped page is a crash, not an exception).
+        self._readers = 0
+        self._no_readers = threading.Condition(self._lock)
         self._fsync_pool: ThreadPoolExecutor | None = None
         # Work the committer does when no request waits (the full-text indexer): called in
         # a write transaction, returns True while more remains.
@@ -237,8 +245,31 @@ class Shard:
 
     @contextmanager
     def read(self):
-        with self.env.begin(buffers=False) as txn:
-            yield txn
+        """A read transaction; NotOwnerError (StoreError at a stop) once the shard is closed."""
+        with self._reading():
+            with self.env.begin(buffers=False) as txn:
+                yield txn
+
+    @contextmanager
+    def _reading(self):
+        """Anything that touches the environment's map outside the committer: close() waits
+        for it to end, and none starts once close() has begun."""
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._no_readers.notify_all()
+
+    def _closed_error(self) -> StoreError:
+        if self._released:
+            return NotOwnerError(f"shard {self.number} is not served by this node now")
+        return StoreError("store is closed")
 
     def write(self, change: Callable[[lmdb.Transaction, Batch], Any]) -> Any:
         """Run change(txn, batch) in the next commit batch; return its result once durable."""
@@ -259,7 +290,7 @@ class Shard:
         request = _Request(change, before, on_done, early)
         with self._lock:
             if self._closed:
-                raise StoreError("store is closed")
+                raise self._closed_error()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._commit_loop, name=f"shard-{self.number}", daemon=True)
                 self._thread.start()
@@ -282,7 +313,7 @@ class Shard:
         """Record `revision` as the claim this shard is written under, durably, outside the
         committer (whose commits it fences): it waits for LMDB's writer lock, so every commit
         in flight in any process of this machine is done before it."""
-        with self.env.begin(write=True) as txn:
+        with self._reading(), self.env.begin(write=True) as txn:
             txn.put(FENCE_KEY, _U64.pack(revision), db=self.db["counters"])
 
     def _check_fence(self, txn: lmdb.Transaction) -> None:
@@ -292,11 +323,17 @@ class Shard:
 
     def last_commit(self) -> int:
         """LMDB's id of the last committed transaction, by any process: cheap change detection."""
-        return self.env.info()["last_txnid"]
+        with self._reading():
+            return self.env.info()["last_txnid"]
 
-    def close(self) -> None:
+    def close(self, *, released: bool = False) -> None:
+        """Stop the committer after the requests queued (their commits done), wait for the
+        reads in progress, and close the environment and every file this process holds in
+        the shard. `released`: this node let the shard go, and later uses of this object
+        raise NotOwnerError rather than StoreError."""
         with self._lock:
             self._closed = True
+            self._released = released
             thread = self._thread
             if thread is not None:
                 self._queue.put(None)
@@ -316,6 +353,12 @@ class Shard:
                 pass  # the keys stay: the next start settles and restores what they name
         if self._fsync_pool is not None:
             self._fsync_pool.shutdown()
+        with self._lock:
+            waited = time.monotonic()
+            while self._readers:  # none can start now: each ends, and the last notifies
+                if not self._no_readers.wait(READERS_LOG_AFTER):
+                    _log.warning("close_waits", shard=self.number, readers=self._readers,
+                                 waited=round(time.monotonic() - waited))
         self.writer.close()
         close_flusher = getattr(self.flush_files, "close", None)
         if close_flusher is not None:

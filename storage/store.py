@@ -47,17 +47,25 @@ from storage.shard import Shard, uid_key
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
+OPEN_TRIES = 3  # a shard being closed (released) when asked for: waits for the close, then again
+CLOSE_WAIT = 60.0  # seconds, at most, a close may take (its commits and reads in flight end first)
 
 
 class Store:
     def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None,
-                 dedupe_window: float = DEDUPE_WINDOW, fence: Callable[[int, int], bool] | None = None):
+                 dedupe_window: float = DEDUPE_WINDOW, fence: Callable[[int, int], bool] | None = None,
+                 held: Callable[[int], bool] | None = None):
         """`fence`: cluster mode's check of every commit (storage/shard.py, "Fencing"):
-        fence(shard number, recorded claim revision) -> whether this node may write it."""
+        fence(shard number, recorded claim revision) -> whether this node may write it.
+        `held`: a cluster daemon's (cluster/follow.py): held(shard number) -> whether this
+        node holds the shard now, its volume attached; a shard is opened only then, and is
+        otherwise NotOwnerError."""
         self._data_dir = data_dir
         self._fence = fence
+        self._held = held
         self._dedupe_window = dedupe_window
         self._shards: dict[int, Shard] = {}
+        self._closing: dict[int, threading.Event] = {}  # shards being closed: not opened again meanwhile
         self._lock = threading.Lock()
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
@@ -94,25 +102,38 @@ class Store:
         return [self._shard_by_number(n) for n in range(self._data_dir.shards)]
 
     def _shard_by_number(self, number: int) -> Shard:
-        with self._lock:
-            if self._closed:
-                raise StoreError("store is closed")
-            shard = self._shards.get(number)
-            if shard is None:
-                shard = Shard(self._data_dir.shard_path(number), number)
-                shard.fence = self._fence
-                shard.idle_work = functools.partial(self._idle_work, shard)
-                shard.settler = functools.partial(settle.settle, shard)
-                shard.flush_files = journal.FileSystemFlusher(shard.path)
-                # Before anyone reads it here: finish what a crash of any process left,
-                # then put back what a crash of the machine lost of journaled files.
-                try:
-                    settle.recover(shard)
-                    journal.restore(shard)
-                except NotOwnerError:
-                    pass  # a cluster's shard another node owns: its owner recovers it, on taking it
-                self._shards[number] = shard
-            return shard
+        for _ in range(OPEN_TRIES):
+            with self._lock:
+                closing = self._closing.get(number)
+                if closing is None:
+                    return self._open_shard(number)
+            # LMDB allows one environment a file and process: the close finishes first.
+            closing.wait(CLOSE_WAIT)
+        raise NotOwnerError(f"shard {number} is not served by this node now")
+
+    def _open_shard(self, number: int) -> Shard:
+        """Shard `number`, opened if it is not open yet; under self._lock."""
+        if self._closed:
+            raise StoreError("store is closed")
+        shard = self._shards.get(number)
+        if shard is None:
+            if self._held is not None and not self._held(number):
+                # Its volume is not attached here (or is being detached): never touched.
+                raise NotOwnerError(f"shard {number} is not served by this node now")
+            shard = Shard(self._data_dir.shard_path(number), number)
+            shard.fence = self._fence
+            shard.idle_work = functools.partial(self._idle_work, shard)
+            shard.settler = functools.partial(settle.settle, shard)
+            shard.flush_files = journal.FileSystemFlusher(shard.path)
+            # Before anyone reads it here: finish what a crash of any process left,
+            # then put back what a crash of the machine lost of journaled files.
+            try:
+                settle.recover(shard)
+                journal.restore(shard)
+            except NotOwnerError:
+                pass  # a cluster's shard another node owns: its owner recovers it, on taking it
+            self._shards[number] = shard
+        return shard
 
     # -- cluster mode: a shard taken and released by this node (cluster/agent.py) ---------
 
@@ -141,14 +162,29 @@ class Store:
         shard.flush()
         self.close_shard(number)
 
-    def close_shard(self, number: int) -> None:
+    def close_shard(self, number: int, *, released: bool = False) -> bool:
         """Close this process's handle on shard `number`, if open (the next use opens it
         again, recovering it first): a daemon lets go of a shard its node released, so that
-        the volume can be detached."""
+        the volume can be detached (cluster/follow.py). Commits queued finish first, and
+        reads in progress; later uses of the closed shard raise NotOwnerError (`released`)
+        or StoreError. Whether it was open."""
         with self._lock:
             shard = self._shards.pop(number, None)
-        if shard is not None:
-            shard.close()
+            if shard is None:
+                return False
+            done = self._closing[number] = threading.Event()
+        try:
+            shard.close(released=released)
+        finally:
+            with self._lock:
+                del self._closing[number]
+            done.set()
+        return True
+
+    def open_shards(self) -> list[int]:
+        """The numbers of the shards this process has open now."""
+        with self._lock:
+            return sorted(self._shards)
 
     def fence_revision(self, number: int) -> int:
         """The claim revision recorded in shard `number` (0: none)."""
@@ -165,8 +201,16 @@ class Store:
     def recover(self) -> None:
         """Open every shard now, finishing what a crash left in each (see storage/settle.py),
         rather than on first use: a daemon does this before it listens, so that no request
-        waits for it (an event loop least of all)."""
-        self.shards()
+        waits for it (an event loop least of all). A cluster daemon's store opens those its
+        node holds now (`held`); the others when the node takes them."""
+        if self._held is None:
+            self.shards()
+            return
+        for number in range(self._data_dir.shards):
+            try:
+                self._shard_by_number(number)
+            except NotOwnerError:
+                pass  # not this node's
 
     # -- accounts and mailboxes ---------------------------------------------------------
 

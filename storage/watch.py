@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from conf.logfmt import EventLogger
 from storage.mailboxes import Mailbox
-from storage.errors import StoreError
+from storage.errors import NotOwnerError, StoreError
 from storage.store import Store
 
 _log = EventLogger("storage.watch")
@@ -108,6 +108,8 @@ class Watcher:
             for number, watches in shards.items():
                 try:
                     self._poll(number, watches)
+                except NotOwnerError:
+                    continue  # released by this node: its sessions are being ended (cluster/follow.py)
                 except Exception as e:  # noqa: BLE001 - see the docstring
                     if self._store.closed:
                         return
@@ -133,6 +135,8 @@ class Watcher:
             return
         try:
             state: Mailbox | None = self._store.mailbox(watch.account, watch.mailbox)
+        except NotOwnerError:
+            raise  # not "the mailbox is gone": the shard is, from this node
         except StoreError:
             state = None
         key = _key(state) if state is not None else None
@@ -150,6 +154,8 @@ class Watcher:
     def _check_account(self, watch: Watch, commit: int) -> None:
         try:
             listing, version = self._store.mailboxes(watch.account), self._store.metadata_version(watch.account)
+        except NotOwnerError:
+            raise
         except StoreError:
             return  # the next commit tries again
         key = (_listing_key(listing), version)

@@ -14,7 +14,7 @@ waits), so a big answer never sits in memory whole and replies cannot pile up.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Container
 
 from twisted.internet.protocol import Factory, Protocol
 
@@ -59,6 +59,17 @@ class ServerFactory(Factory):
         """Returns once no admitted connection is left (at once if none is)."""
         await self._none_live.wait()
 
+    def end_released(self, held: Container[int]) -> int:
+        """Cluster mode (cluster/follow.py): end every session served here whose account's
+        shard is not in `held`, the shards this node holds now; how many were told."""
+        ended = 0
+        for protocol in list(self.live):
+            shard = protocol.local_shard()
+            if shard is not None and shard not in held and not protocol.closing:
+                protocol.end_released(shard)
+                ended += 1
+        return ended
+
     async def shutdown(self, grace: float = 2.0) -> None:
         """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go;
         returns once they are gone, or after `grace` seconds."""
@@ -100,6 +111,7 @@ class ServerProtocol(Protocol):
         self._timer = None
         self._abort = None
         self._reading_paused = False
+        self._released: int | None = None  # the shard let go while a command ran: end after it
 
     # -- what a subclass says -----------------------------------------------------------
 
@@ -118,6 +130,15 @@ class ServerProtocol(Protocol):
         return b""
 
     def first_timeout(self) -> float:
+        raise NotImplementedError
+
+    def local_shard(self) -> int | None:
+        """The shard of the account this session serves from this node's store; None before
+        login, and for a session proxied to the owner of the account's shard."""
+        return None
+
+    def released_reply(self) -> bytes:
+        """The last words to a client whose account's shard this node let go."""
         raise NotImplementedError
 
     def started(self) -> None:
@@ -231,6 +252,8 @@ class ServerProtocol(Protocol):
             self.busy = False
             self._task = None
         self.finished()
+        if self._released is not None and not self.closing:
+            self.end_released(self._released)
         if not self.closing:
             self.pump()
 
@@ -239,6 +262,17 @@ class ServerProtocol(Protocol):
         reply = self.fault_reply()
         if reply and not self.closing:
             self.transport.write(reply)
+        self.close()
+
+    def end_released(self, shard: int) -> None:
+        """The account's shard is no longer this node's: say so and close, now if no command
+        runs (or the one running waits for the client: IDLE), else once it is answered, so
+        that the reply never lands inside another."""
+        if self.busy and not self.awaiting_input():
+            self._released = shard
+            return
+        self.log.info("closed", reason="shard_released", shard=shard)
+        self.transport.write(self.released_reply())
         self.close()
 
     def restart_timer(self, seconds: float) -> None:

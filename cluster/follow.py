@@ -1,0 +1,80 @@
+"""A daemon process's side of a shard's release: mtad, imapd and pop3d (and mtad's extra
+workers) follow the claims this node's agent publishes (cluster/local.py), and let go of
+the shards it hands over (issue 18, item 3).
+
+The agent releases a shard in its own process (cluster/agent.py: claim withdrawn from the
+table, fence cleared, flush, close, detach). Every daemon process of the node opened the
+shard too, and would keep its files open under the volume, and its sessions on it. So,
+every FOLLOW_INTERVAL, each daemon process reads the table's claims (one LMDB read) and,
+for every shard the node no longer holds:
+- ends the sessions served here of the shard's accounts, each listener's own way (IMAP
+  `* BYE [UNAVAILABLE]`, RFC 5530; POP3 `-ERR [SYS/TEMP]`, RFC 3206; wire/protocol.py
+  ServerFactory.end_released): the client connects again and is proxied, by any node, to
+  the shard's next owner. Sessions proxied to another node are not this node's to end;
+- closes the shard in the store (Store.close_shard: its commits queued and reads in
+  progress end first; its LMDB environment, writer lock and directory handle closed), so
+  that no file of the volume stays open here and it can be detached.
+
+The store of a daemon opens a shard only while the node holds it (open_store's `held`):
+once the node takes it again, the first use opens it, finishing first what a crash left.
+Until then a use of it raises NotOwnerError, which each protocol answers as temporary.
+
+Within FOLLOW_INTERVAL of the claim's withdrawal, then: the agent's detach that follows
+its own close at once may find the volume busy for that long (its command should retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from cluster.local import NodeTable
+from conf.logfmt import EventLogger
+from storage import Store
+
+FOLLOW_INTERVAL = 1.0  # seconds between two looks at the node's claims
+
+EndSessions = Callable[[frozenset[int]], int]  # held shards -> how many sessions it ended
+
+
+class Follower:
+    def __init__(self, store: Store, table: NodeTable, log: EventLogger | None = None):
+        self.store = store
+        self.table = table
+        self.log = log or EventLogger("cluster.follow")
+        # Each listener's ServerFactory.end_released (imapd, pop3d): registered as they start.
+        self.listeners: list[EndSessions] = []
+
+    def held(self) -> frozenset[int]:
+        """The shards this node holds now: its claims, while its lease is good (past its
+        deadline the agent drops them all, or is dead and etcd will give them to others)."""
+        claims = self.table.claims()
+        return frozenset(claims) if claims and self.table.lease_left() > 0 else frozenset()
+
+    def end_sessions(self, held: frozenset[int]) -> int:
+        """On the event loop: end the sessions of accounts on shards not in `held`."""
+        return sum(end(held) for end in self.listeners)
+
+    def close_released(self, held: frozenset[int]) -> list[int]:
+        """In a thread: close every shard open here that is not in `held` (it may wait for
+        commits and reads in flight)."""
+        closed = []
+        for number in self.store.open_shards():
+            if number not in held and self.store.close_shard(number, released=True):
+                self.log.info("shard_closed", shard=number)
+                closed.append(number)
+        return closed
+
+    async def run(self, interval: float = FOLLOW_INTERVAL) -> None:
+        """Until cancelled: look, end, close. A failure costs one look, never the loop."""
+        while True:
+            try:
+                held = self.held()
+                self.end_sessions(held)
+                if any(n not in held for n in self.store.open_shards()):
+                    await asyncio.to_thread(self.close_released, held)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next look tries again
+                self.log.error("follow_failed", exc_info=True)
+            await asyncio.sleep(interval)
