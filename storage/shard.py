@@ -255,7 +255,9 @@ class Shard:
         """Anything that touches the environment's map outside the committer: close() waits
         for it to end, and none starts once close() has begun."""
         with self._lock:
-            if self._closed:
+            # The committer and checkpointer finish their work (a settle's reads) after
+            # close() has begun: it joins them before it closes the environment.
+            if self._closed and threading.current_thread() not in (self._thread, self._checkpointer):
                 raise self._closed_error()
             self._readers += 1
         try:
