@@ -257,7 +257,7 @@ class InboundSMTP(SMTPAgent):
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]
-            self.log.error("store_failed", qid=qid, error=type(errors[0]).__name__,
+            self.log.error("store_failed", qid=qid, error=type(errors[0]).__name__, reason=str(errors[0])[:200],
                            delivered=len(e.delivered) if isinstance(e, DeliveryError) else 0, failed=len(errors))
             return store_failure_reply(e)
         metrics.delivery("local", "delivered", time.perf_counter() - started)

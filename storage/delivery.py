@@ -209,7 +209,7 @@ class Delivery:
         if self._state != _OPEN:
             raise StoreError("the delivery is no longer open")
         if self._source is None:
-            raise StoreError("no target can take this message: its bytes were not kept")
+            raise self._why_no_target()
         if self._fd is None:
             view = memoryview(bytes(self._pending))
             for start in range(0, len(view), size):
@@ -281,6 +281,18 @@ class Delivery:
         if self._state != _COMMITTING:
             raise StoreError("retry() follows a commit")
         return _wait(functools.partial(self._submit, [(i, t) for i, t in enumerate(targets)]))
+
+    def _why_no_target(self) -> BaseException:
+        """Why no target could take the bytes: the first target's shard's own error (a
+        cluster's NotOwnerError says "temporary", where a bare StoreError would not)."""
+        for account, _ in self.targets:
+            try:
+                self._shard_of(account)
+            except StoreError as e:
+                return e
+            except Exception:  # noqa: BLE001 - an invalid name: the next target says more
+                continue
+        return StoreError("no target can take this message: its bytes were not kept")
 
     def _start(self) -> None:
         if self._state != _OPEN:
