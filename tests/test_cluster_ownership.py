@@ -362,6 +362,10 @@ def test_cluster_commands_need_a_cluster(tmp_path: Path):
     ({"a", "b"}, {n: "a" for n in range(3)}, "b", 3, 0),  # b takes the free ones
     ({"b", "c"}, {0: "a", 1: "a", 2: "b", 3: "c"}, "a", 0, 2),  # a draining (not live): releases all
     ({"a", "b", "c"}, {0: "a", 1: "a"}, "a", 0, 0),  # at its share: nothing to do
+    # 6 on 4: a and b (first by name) 2 each, c and d 1 each; never a node left idle.
+    ({"a", "b", "c", "d"}, {0: "c", 1: "c"}, "c", 0, 1),
+    ({"a", "b", "c", "d"}, {0: "a", 1: "a", 2: "b", 3: "b", 4: "c"}, "d", 1, 0),
+    ({"a", "b", "c", "d"}, {0: "a", 1: "a", 2: "b", 3: "b"}, "a", 0, 0),
 ])
 def test_plan(live, owners, me, claim, release):
     decided = plan(SHARDS, me, live, owners)
@@ -373,4 +377,4 @@ def test_plan(live, owners, me, claim, release):
 def test_nodes_try_free_shards_in_orders_of_their_own():
     orders = {node: plan(16, node, {"a", "b", "c"}, {}).claim for node in ("a", "b", "c")}
     assert len({tuple(order) for order in orders.values()}) == 3
-    assert all(len(order) == 6 for order in orders.values())
+    assert [len(orders[node]) for node in ("a", "b", "c")] == [6, 5, 5]
