@@ -4,7 +4,9 @@ mtad/lmtp.py): one message to a shard's owner, before the 250 to the client that
 aiosmtplib speaks SMTP only (its data() reads one reply, where LMTP gives one per
 recipient), so this is the few commands LMTP needs, over asyncio streams: LHLO, MAIL, a
 RCPT per recipient, DATA with the message dot-stuffed (RFC 5321 §4.5.2), then each
-accepted recipient's reply in RCPT order, QUIT. Every step is bounded by `timeout`; a
+accepted recipient's reply in RCPT order, QUIT. A message for accounts on several owners
+opens a transaction at each (`Handing.begin`) and sends the data to none unless all of
+them accepted every recipient (mtad/routing.py). Every step is bounded by `timeout`; a
 connection that fails or a reply that makes no sense raises HandOffError, which the caller
 answers 451 4.4.0 (the sender tries again later, and no copy was promised).
 """
@@ -44,61 +46,106 @@ async def hand_over(host: str, port: int, *, helo: str, sender: str, recipients:
                     eight_bit: bool = False, sent_from: int = 0) -> dict[str, Outcome]:
     """Deliver `message` (CRLF lines, trace headers included) to `recipients` at the LMTP
     server at host:port; each recipient's outcome. The data goes only if every RCPT was
-    accepted; else the accepted ones are answered NOT_SENT and nothing is stored there.
-    `sent_from`: where in `message` the sender's own bytes start (after this node's trace
-    and verdict fields), told to a server that offers XSENT (mtad/lmtp.py) for its
-    deduplication key."""
+    accepted; else the accepted ones are answered NOT_SENT and nothing is stored there."""
+    handing = await Handing.begin(host, port, helo=helo, sender=sender, recipients=recipients, timeout=timeout,
+                                  smtputf8=smtputf8, eight_bit=eight_bit, sent_from=sent_from)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
-    except (OSError, TimeoutError) as e:
-        raise HandOffError(f"cannot connect to {host}:{port}: {e}") from None
-    try:
-        return await asyncio.wait_for(_transaction(reader, writer, helo, sender, recipients, message, smtputf8,
-                                                   eight_bit, sent_from), timeout)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-        raise HandOffError(f"LMTP to {host}:{port} failed: {type(e).__name__}: {e}") from None
+        if not handing.accepted:
+            return handing.refused()
+        return await handing.send(message)
     finally:
-        writer.close()
+        await handing.close()
 
 
-async def _transaction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, helo: str, sender: str,
-                       recipients: Sequence[str], message: bytes, smtputf8: bool, eight_bit: bool,
-                       sent_from: int) -> dict[str, Outcome]:
-    await _expect(reader, 220)
-    writer.write(f"LHLO {helo}\r\n".encode())
-    keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
-    params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
-    if sent_from and "XSENT" in keywords:
-        params += f" XSENT={sent_from}"
-    # PIPELINING is required of every LMTP server (RFC 2033 §5): MAIL and every RCPT at once.
-    commands = [f"MAIL FROM:<{sender}>{params}\r\n"] + [f"RCPT TO:<{r}>\r\n" for r in recipients]
-    writer.write("".join(commands).encode("utf-8"))
-    mail = await _reply(reader)
-    outcomes: dict[str, Outcome] = {}
-    for recipient in recipients:
-        outcomes[recipient] = await _reply(reader)
-    if not mail.ok:
-        return {recipient: mail for recipient in recipients}
-    if not all(outcomes[r].ok for r in recipients):
-        # Every copy or none (mtad/routing.py): the caller fails the whole message when one
-        # recipient is refused, and the sender sends it again to all. Copies stored here
-        # for the others would then be a second time (a message with no Message-ID has no
-        # deduplication key) or despite a bounce.
-        writer.write(b"QUIT\r\n")
-        return {r: outcomes[r] if not outcomes[r].ok else NOT_SENT for r in recipients}
-    accepted = list(recipients)
-    writer.write(b"DATA\r\n")
-    await _expect(reader, 354)
-    body = _DOT.sub(b"..", message)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    writer.write(body + b".\r\n")
-    await writer.drain()
-    for recipient in accepted:  # RFC 2033 §4.2: one reply for each, in RCPT order
-        outcomes[recipient] = await _reply(reader)
-    writer.write(b"QUIT\r\n")
-    await writer.drain()
-    return outcomes
+class Handing:
+    """One owner's LMTP transaction, open up to its data: MAIL and every RCPT answered. The
+    caller sends the data (`send`) only once every owner of the message accepted every
+    recipient, so that one owner's refusal stores nothing at another (every copy or none,
+    mtad/routing.py); it always `close`s. `sent_from`: where in the message the sender's own
+    bytes start (after the handing node's trace and verdict fields), told to a server that
+    offers XSENT (mtad/lmtp.py) for its deduplication key."""
+
+    def __init__(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 recipients: Sequence[str], timeout: float):
+        self.where = f"{host}:{port}"
+        self._reader, self._writer = reader, writer
+        self.recipients = list(recipients)
+        self.outcomes: dict[str, Outcome] = {}
+        self._timeout = timeout
+        self._open = True
+
+    @classmethod
+    async def begin(cls, host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
+                    timeout: float = 60.0, smtputf8: bool = False, eight_bit: bool = False,
+                    sent_from: int = 0) -> Handing:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
+        except (OSError, TimeoutError) as e:
+            raise HandOffError(f"cannot connect to {host}:{port}: {e}") from None
+        handing = cls(host, port, reader, writer, recipients, timeout)
+        try:
+            await handing._step(handing._envelope(helo, sender, smtputf8, eight_bit, sent_from))
+        except BaseException:
+            await handing.close()
+            raise
+        return handing
+
+    @property
+    def accepted(self) -> bool:
+        return all(self.outcomes[r].ok for r in self.recipients)
+
+    def refused(self) -> dict[str, Outcome]:
+        """Each recipient's outcome when the data is not sent: the refusals, and NOT_SENT."""
+        return {r: self.outcomes[r] if not self.outcomes[r].ok else NOT_SENT for r in self.recipients}
+
+    async def send(self, message: bytes) -> dict[str, Outcome]:
+        """The data, and each recipient's reply to it (RFC 2033 §4.2: in RCPT order)."""
+        return await self._step(self._data(message))
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._writer.write(b"QUIT\r\n")
+            except OSError:
+                pass
+            self._writer.close()
+
+    async def _step(self, work):
+        try:
+            return await asyncio.wait_for(work, self._timeout)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+            raise HandOffError(f"LMTP to {self.where} failed: {type(e).__name__}: {e}") from None
+
+    async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int) -> None:
+        reader, writer = self._reader, self._writer
+        await _expect(reader, 220)
+        writer.write(f"LHLO {helo}\r\n".encode())
+        keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
+        params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
+        if sent_from and "XSENT" in keywords:
+            params += f" XSENT={sent_from}"
+        # PIPELINING is required of every LMTP server (RFC 2033 §5): MAIL and every RCPT at once.
+        commands = [f"MAIL FROM:<{sender}>{params}\r\n"] + [f"RCPT TO:<{r}>\r\n" for r in self.recipients]
+        writer.write("".join(commands).encode("utf-8"))
+        mail = await _reply(reader)
+        for recipient in self.recipients:
+            self.outcomes[recipient] = await _reply(reader)
+        if not mail.ok:
+            self.outcomes = {recipient: mail for recipient in self.recipients}
+
+    async def _data(self, message: bytes) -> dict[str, Outcome]:
+        reader, writer = self._reader, self._writer
+        writer.write(b"DATA\r\n")
+        await _expect(reader, 354)
+        body = _DOT.sub(b"..", message)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        writer.write(body + b".\r\n")
+        await writer.drain()
+        for recipient in self.recipients:
+            self.outcomes[recipient] = await _reply(reader)
+        return dict(self.outcomes)
 
 
 async def _expect(reader: asyncio.StreamReader, code: int) -> Outcome:

@@ -316,37 +316,44 @@ class Route:
         self._handed = None
 
     async def _hand_over(self, message: bytes, helo: str, sender: str) -> None:
-        """The copies other nodes own, over LMTP to each owner at once: StoreError unless
-        every recipient got a 2xx. An owner that cannot be reached or answers 4xx may have
-        handed the shard on meanwhile (a drain): those accounts go to their owner as it is
-        now, if that changed, up to HAND_OVER_TRIES owners."""
-        from mtad.lmtp_client import HandOffError, hand_over
+        """The copies other nodes own, over LMTP to every owner at once, in two steps: each
+        owner's MAIL and RCPTs, then the data to all of them only if every recipient was
+        accepted everywhere, so that one owner's refusal (a full mailbox) leaves no copy at
+        another (a message with no Message-ID would be stored there at each try). StoreError
+        unless every recipient got a 2xx. An owner that cannot be reached or answers 4xx may
+        have handed the shard on meanwhile (a drain): those accounts go to their owner as it
+        is now, if that changed, up to HAND_OVER_TRIES times."""
+        from mtad.lmtp_client import Handing
 
         pending = dict(self._handoffs)
         sent_from = self._verdict_size + len(self._remote_prefix) + self._sent_from
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
-            results = await asyncio.gather(*(hand_over(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                       message=message, sent_from=sent_from)
-                                             for (host, port), accounts in owners),
-                                           return_exceptions=True)
-            pending = {}
-            for ((host, port), accounts), result in zip(owners, results, strict=True):
-                if isinstance(result, HandOffError):
-                    failed, why = accounts, str(result)
-                elif isinstance(result, BaseException):
-                    raise result
+            begun = await asyncio.gather(*(Handing.begin(host, port, helo=helo, sender=sender, recipients=accounts,
+                                                         sent_from=sent_from)
+                                           for (host, port), accounts in owners),
+                                         return_exceptions=True)
+            handings = [h for h in begun if isinstance(h, Handing)]
+            try:
+                failures = self._failures(owners, [h if isinstance(h, BaseException) else h.outcomes for h in begun])
+                if not failures:
+                    sent = await asyncio.gather(*(h.send(message) for h in handings), return_exceptions=True)
+                    failures = self._failures(owners, sent)
+                    for owner, accounts in owners:
+                        failed = failures.get(owner, ((), ""))[0]
+                        if taken := [account for account in accounts if account not in failed]:
+                            _log.info("handed_over", owner=f"{owner[0]}:{owner[1]}", accounts=",".join(taken),
+                                      size=len(message))
+                    # The owners that took the data keep it; the others' accounts alone go on.
+                    pending = {}
                 else:
-                    refused = {account: outcome for account, outcome in result.items() if not outcome.ok}
-                    failed = list(refused)
-                    why = "refused " + ", ".join(f"{a} ({o.code} {o.text[:80]})" for a, o in refused.items())
-                    if any(o.code >= 500 for o in refused.values()):
-                        raise HandOffFailed(f"{host}:{port} {why}")
-                    taken = [account for account in accounts if account not in refused]
-                    if taken:
-                        _log.info("handed_over", owner=f"{host}:{port}", accounts=",".join(taken), size=len(message))
-                if not failed:
-                    continue
+                    # Nothing was sent anywhere: every account goes again, the moved ones
+                    # to their new owner.
+                    pending = {owner: [a for a in accounts if a not in failures.get(owner, ((), ""))[0]]
+                               for owner, accounts in owners}
+            finally:
+                await asyncio.gather(*(h.close() for h in handings))
+            for (host, port), (failed, why) in failures.items():
                 moved = await self._owners_now(failed) if self._router is not None else {}
                 if attempt + 1 == HAND_OVER_TRIES or (host, port) in moved:
                     raise HandOffFailed(f"{host}:{port}: {why}")
@@ -354,8 +361,32 @@ class Route:
                           to=",".join(f"{h}:{p}" for h, p in moved), reason=why[:200])
                 for owner, moved_accounts in moved.items():
                     pending.setdefault(owner, []).extend(moved_accounts)
+            pending = {owner: accounts for owner, accounts in pending.items() if accounts}
             if not pending:
                 return
+
+    @staticmethod
+    def _failures(owners: list[tuple[tuple[str, int], list[str]]],
+                  results: list) -> dict[tuple[str, int], tuple[list[str], str]]:
+        """The accounts each owner did not take and why, from its outcomes or its
+        HandOffError; HandOffFailed at once for a permanent refusal (5xx)."""
+        from mtad.lmtp_client import HandOffError
+
+        failures = {}
+        for ((host, port), accounts), result in zip(owners, results, strict=True):
+            if isinstance(result, HandOffError):
+                failures[(host, port)] = (accounts, str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                refused = {account: outcome for account, outcome in result.items() if not outcome.ok}
+                if not refused:
+                    continue
+                why = "refused " + ", ".join(f"{a} ({o.code} {o.text[:80]})" for a, o in refused.items())
+                if any(o.code >= 500 for o in refused.values()):
+                    raise HandOffFailed(f"{host}:{port} {why}")
+                failures[(host, port)] = (list(refused), why)
+        return failures
 
     async def _owners_now(self, accounts: list[str]) -> dict[tuple[str, int], list[str]]:
         """`accounts` by the LMTP address of their owner now (this node's own for those it
