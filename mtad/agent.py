@@ -368,12 +368,9 @@ class SMTPAgent(AiosmtpdConnection):
                               **self.policy.summary(decision))
                 route.close()
                 return Reply(decision.code, decision.enhanced, decision.text)
-            mailboxes = None
-            if decision.action == "junk" and accounts:
-                store, fallback = self.context.store, self.context.config.policy.junk_mailbox
-                mailboxes = await self.context.deliver_in_thread(
-                    lambda: {account: store.junk_mailbox(account, fallback) for account in accounts})
-            route.verdict(self.policy.header_fields(decision), mailboxes)
+            junk = decision.action == "junk"
+            mailboxes = await self.junk_mailboxes(accounts) if junk and accounts else None
+            route.verdict(self.policy.header_fields(decision), mailboxes, junk=junk)
         except (StoreError, OSError) as e:  # the route is closed: nothing of it stays
             route.close()
             self.log.error("store_failed", qid=self._qid, error=type(e).__name__)
@@ -382,6 +379,12 @@ class SMTPAgent(AiosmtpdConnection):
             route.close()
             raise
         return decision
+
+    async def junk_mailboxes(self, accounts: list[str]) -> dict[str, str]:
+        """Where a Junk verdict files each account's copy: its \\Junk mailbox (made if none)."""
+        store, fallback = self.context.store, self.context.config.policy.junk_mailbox
+        return await self.context.deliver_in_thread(
+            lambda: {account: store.junk_mailbox(account, fallback) for account in accounts})
 
     # -- recipients, shared by the MX and submission ------------------------------------------
 

@@ -22,16 +22,20 @@ store and commit, with what the handing node already did left out.
   message's first n bytes are the handing node's (its verdict fields and Received:), not
   the sender's. The copy's deduplication key (storage/dedupe.py) skips them, so a message
   sent again after a lost 250 is known whichever node took it, and by which route.
+- MAIL FROM's XJUNK (private too, offered at LHLO): the handing node's policy judged the
+  message spam; each copy goes to its account's Junk mailbox here, as it would have there.
 """
 
 from __future__ import annotations
 
 from mtad import replies
-from mtad.agent import AgentContext
-from mtad.events import RcptTo
+from mtad.agent import AgentContext, store_failure_reply
+from mtad.events import DataEnd, RcptTo
 from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
+from mtad.routing import Route
 from mtad.session import SessionConfig
+from storage import StoreError
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
 
@@ -89,3 +93,15 @@ class LMTPAgent(InboundSMTP):
         self.log.info("rcpt", to=event.address, result=f"{outcome.code} {outcome.enhanced}")
         self._outcomes.append(f"{event.address}:{outcome.code}")
         return outcome
+
+    async def _judge_and_deliver(self, route: Route, end: DataEnd) -> Reply:
+        """No policy here (it ran where the message came in), but its Junk verdict (XJUNK)."""
+        if self._mail is not None and "XJUNK" in self._mail.params:
+            accounts = self._recipients.accounts()
+            try:
+                route.verdict(b"", await self.junk_mailboxes(accounts) if accounts else None, junk=True)
+            except (StoreError, OSError) as e:  # the route is closed: nothing of it stays
+                route.close()
+                self.log.error("store_failed", qid=self._qid, error=type(e).__name__, reason=str(e)[:200])
+                return store_failure_reply(e)
+        return await super()._judge_and_deliver(route, end)

@@ -43,12 +43,12 @@ NOT_SENT = Outcome(451, "4.4.0 not sent: another recipient was refused")
 
 async def hand_over(host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
                     message: bytes, timeout: float = 60.0, smtputf8: bool = False,
-                    eight_bit: bool = False, sent_from: int = 0) -> dict[str, Outcome]:
+                    eight_bit: bool = False, sent_from: int = 0, junk: bool = False) -> dict[str, Outcome]:
     """Deliver `message` (CRLF lines, trace headers included) to `recipients` at the LMTP
     server at host:port; each recipient's outcome. The data goes only if every RCPT was
     accepted; else the accepted ones are answered NOT_SENT and nothing is stored there."""
     handing = await Handing.begin(host, port, helo=helo, sender=sender, recipients=recipients, timeout=timeout,
-                                  smtputf8=smtputf8, eight_bit=eight_bit, sent_from=sent_from)
+                                  smtputf8=smtputf8, eight_bit=eight_bit, sent_from=sent_from, junk=junk)
     try:
         if not handing.accepted:
             return handing.refused()
@@ -63,7 +63,8 @@ class Handing:
     recipient, so that one owner's refusal stores nothing at another (every copy or none,
     mtad/routing.py); it always `close`s. `sent_from`: where in the message the sender's own
     bytes start (after the handing node's trace and verdict fields), told to a server that
-    offers XSENT (mtad/lmtp.py) for its deduplication key."""
+    offers XSENT (mtad/lmtp.py) for its deduplication key; `junk`: the policy's Junk verdict,
+    told to one that offers XJUNK, which files the copies in each account's Junk mailbox."""
 
     def __init__(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  recipients: Sequence[str], timeout: float):
@@ -77,14 +78,14 @@ class Handing:
     @classmethod
     async def begin(cls, host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
                     timeout: float = 60.0, smtputf8: bool = False, eight_bit: bool = False,
-                    sent_from: int = 0) -> Handing:
+                    sent_from: int = 0, junk: bool = False) -> Handing:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
         except (OSError, TimeoutError) as e:
             raise HandOffError(f"cannot connect to {host}:{port}: {e}") from None
         handing = cls(host, port, reader, writer, recipients, timeout)
         try:
-            await handing._step(handing._envelope(helo, sender, smtputf8, eight_bit, sent_from))
+            await handing._step(handing._envelope(helo, sender, smtputf8, eight_bit, sent_from, junk))
         except BaseException:
             await handing.close()
             raise
@@ -117,7 +118,8 @@ class Handing:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
             raise HandOffError(f"LMTP to {self.where} failed: {type(e).__name__}: {e}") from None
 
-    async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int) -> None:
+    async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int,
+                        junk: bool) -> None:
         reader, writer = self._reader, self._writer
         await _expect(reader, 220)
         writer.write(f"LHLO {helo}\r\n".encode())
@@ -125,6 +127,8 @@ class Handing:
         params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
         if sent_from and "XSENT" in keywords:
             params += f" XSENT={sent_from}"
+        if junk and "XJUNK" in keywords:
+            params += " XJUNK"
         # PIPELINING is required of every LMTP server (RFC 2033 §5): MAIL and every RCPT at once.
         commands = [f"MAIL FROM:<{sender}>{params}\r\n"] + [f"RCPT TO:<{r}>\r\n" for r in self.recipients]
         writer.write("".join(commands).encode("utf-8"))

@@ -229,6 +229,7 @@ class Route:
         self._local_prefix_size = 0
         self._remote_prefix = b""
         self._verdict_size = 0
+        self._junk = False  # the policy's Junk verdict, carried to the owners (LMTP's XJUNK)
 
     @property
     def queue_id(self) -> str | None:
@@ -291,12 +292,14 @@ class Route:
             while piece := f.read(1 << 16):
                 yield piece
 
-    def verdict(self, head: bytes, mailboxes: dict[str, str] | None) -> None:
-        """The policy's verdict on the local copies, before the commit: `head` (its header
-        fields) in front, and each account's copy into `mailboxes[account]` (Junk) if given."""
+    def verdict(self, head: bytes, mailboxes: dict[str, str] | None, *, junk: bool = False) -> None:
+        """The policy's verdict, before the commit: `head` (its header fields) in front of
+        every copy, each local account's copy into `mailboxes[account]` (Junk) if given, and
+        `junk` told to the owners the other copies are handed to (they file them in Junk)."""
         self._verdict_size = len(head)
+        self._junk = junk
         if self._handed is not None:
-            self._handed[:0] = head  # a Junk verdict is not carried: the owner files it in INBOX
+            self._handed[:0] = head
         if self.delivery is None:
             return
         try:
@@ -330,7 +333,7 @@ class Route:
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
             begun = await asyncio.gather(*(Handing.begin(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                         sent_from=sent_from)
+                                                         sent_from=sent_from, junk=self._junk)
                                            for (host, port), accounts in owners),
                                          return_exceptions=True)
             handings = [h for h in begun if isinstance(h, Handing)]

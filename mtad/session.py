@@ -345,7 +345,7 @@ class Session:
         if self.config.dsn:
             words.append("DSN")
         if self.config.lmtp:
-            words.append("XSENT")  # a cluster's hand-off: mtad/lmtp.py
+            words += ["XSENT", "XJUNK"]  # a cluster's hand-off: mtad/lmtp.py
         if self._auth_offered():
             words.append("AUTH " + " ".join(MECHANISMS))
         return tuple(words)
@@ -383,7 +383,7 @@ class Session:
         if self._auth_offered():
             known.add("AUTH")  # RFC 4954 §5: taken, and ignored (we trust no client's word on it)
         if self.config.lmtp:
-            known.add("XSENT")
+            known |= {"XSENT", "XJUNK"}
         problem = _unknown_params(params, known)
         if problem:
             self._refuse(problem)
@@ -404,6 +404,9 @@ class Session:
                 return
         sent = params.get("XSENT")
         if sent is not None and not (is_number(sent) and len(sent) <= 12 and int(sent) <= self.config.max_message_size):
+            self._refuse(replies.SYNTAX_ERROR)
+            return
+        if params.get("XJUNK") is not None:  # a flag, without a value
             self._refuse(replies.SYNTAX_ERROR)
             return
         body = params.get("BODY")

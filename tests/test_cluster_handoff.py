@@ -1,7 +1,9 @@
 """Two whole nodes (`postroom serve` with [cluster]) on a real etcd, sharing one data dir
 as nodes share the shards' volumes: mail taken by either node for a user whose shard the
 other owns is handed over by LMTP before the 250 and stored by the owner, and IMAP and POP3
-clients on either node are served by the owner through it (issue 18, item 5).
+clients on either node are served by the owner through it (issue 18, item 5). The policy
+chain runs where the message came in (DNS answered by an empty zone on loopback), and its
+Junk verdict goes with the hand-off.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from cluster_nodes import start_nodes, stop_nodes, wait_owners
 from conftest import client_tls_context
+from dnszone import DNSZone
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
@@ -31,17 +34,21 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture
 def nodes(tmp_path: Path, etcd_server):  # noqa: F811
-    running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS,
-                                   users=[f"user{i}@example.test" for i in range(40)], password=PASSWORD)
-    try:
-        yield running, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var"
-    finally:
-        stop_nodes(running)
+    with DNSZone({}) as zone:
+        # A message without a From: scores over the Junk threshold (and under the reject one).
+        running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS,
+                                       users=[f"user{i}@example.test" for i in range(40)], password=PASSWORD,
+                                       dns={"nameservers": ["127.0.0.1"], "port": zone.port, "timeout": 2},
+                                       policy={"enabled": True}, **{"policy.weights": {"no_from": 10.0}})
+        try:
+            yield running, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var"
+        finally:
+            stop_nodes(running)
 
 
-def _send(daemon, recipient: str, subject: str) -> None:
+def _send(daemon, recipient: str, subject: str, *, spam: bool = False) -> None:
     address = daemon.listen("smtp.listen")
-    message = f"From: someone@remote.example\r\nTo: {recipient}\r\nSubject: {subject}\r\n" \
+    message = ("" if spam else "From: someone@remote.example\r\n") + f"To: {recipient}\r\nSubject: {subject}\r\n" \
               f"Message-ID: <{uuid.uuid4().hex}@remote.example>\r\n\r\nhello\r\n"
     with smtplib.SMTP(address.host, address.port, timeout=30) as client:
         client.sendmail("someone@remote.example", [recipient], message)  # raises unless 250
@@ -57,10 +64,12 @@ def test_mail_for_the_other_nodes_shard_is_handed_over(nodes):
         for taker in NODES:
             for owner, account in by_node.items():
                 _send(running[taker], account, f"via {taker} for {owner}")
+                _send(running[taker], account, f"spam via {taker} for {owner}", spam=True)
         for owner, account in by_node.items():
-            subjects = sorted(store.read_message(m).split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
-                              for m in store.fetch(account, "INBOX", [(1, 2**32 - 1)]))
-            assert subjects == [f"via {taker} for {owner}" for taker in NODES]
+            for mailbox, prefix in (("INBOX", ""), ("Junk", "spam ")):
+                subjects = sorted(store.read_message(m).split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+                                  for m in store.fetch(account, mailbox, [(1, 2**32 - 1)]))
+                assert subjects == [f"{prefix}via {taker} for {owner}" for taker in NODES], mailbox
     for taker in NODES:
         other = next(n for n in NODES if n != taker)
         log = running[taker].stderr()

@@ -128,6 +128,32 @@ def test_xsent_is_lmtps_alone_and_checked(server):
         assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 555
 
 
+def test_a_junk_verdict_is_carried_and_xjunk_is_lmtps_alone(server, users):
+    """XJUNK (mtad/lmtp.py): the handing node's policy judged the message spam, and each
+    copy goes to its account's Junk mailbox here; a flag without a value, unknown to the MX."""
+    alice, bob = users
+    address = server.listen("smtp.lmtp_listen")
+    outcomes = asyncio.run(hand_over(address.host, address.port, helo="node-b.cluster.test",
+                                     sender="sender@remote.example", recipients=[alice, bob], message=MESSAGE % 4,
+                                     junk=True))
+    assert {r: o.code for r, o in outcomes.items()} == {alice: 250, bob: 250}
+    store = server.store
+    for account in (alice, bob):
+        assert not _stored(server, account)
+        (junk,) = [store.read_message(m) for m in store.fetch(account, "Junk", [(1, 2**32 - 1)])]
+        assert junk.endswith(b"first line\r\n.a line that starts with a dot\r\n")
+    client = _lmtp(server)
+    try:
+        assert b"XJUNK" in client.ehlo("node-a.cluster.test")[1]
+        assert client.docmd("MAIL", "FROM:<sender@remote.example> XJUNK=yes")[0] == 501
+    finally:
+        client.close()
+    mx = server.listen("smtp.listen")
+    with smtplib.SMTP(mx.host, mx.port, timeout=30) as client:
+        assert b"XJUNK" not in client.ehlo("sender.example")[1]
+        assert client.docmd("MAIL", "FROM:<sender@remote.example> XJUNK")[0] == 555
+
+
 def test_the_client_says_when_the_owner_cannot_be_reached():
     with pytest.raises(HandOffError, match="cannot connect"):
         asyncio.run(hand_over("127.0.0.1", free_port(), helo="node-b.cluster.test", sender="",
