@@ -23,7 +23,6 @@ from __future__ import annotations
 import smtplib
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 from cluster_nodes import start_nodes, stop_nodes, wait_owners
@@ -44,8 +43,11 @@ MAX_RECIPIENTS = 2  # [smtp] max_recipients: fewer than the alias's accounts on 
 ALIAS = "team@example.test"
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, etcd_server):  # noqa: F811
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, etcd_server):  # noqa: F811
+    """One cluster for the module: each test names its messages by a Message-ID or subject
+    of its own, and the quota it sets it lifts again."""
+    tmp_path = tmp_path_factory.mktemp("attack")
     running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
                                    password=PASSWORD, aliases={ALIAS: USERS},
                                    smtp={"max_message_size": MAX_SIZE, "max_recipients": MAX_RECIPIENTS})

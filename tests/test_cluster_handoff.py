@@ -14,7 +14,6 @@ import smtplib
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from cluster_nodes import start_nodes, stop_nodes, wait_owners
@@ -32,8 +31,10 @@ NODES = ("node-a", "node-b")
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, etcd_server):  # noqa: F811
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory, etcd_server):  # noqa: F811
+    """One pair of nodes for the module: each test's messages have subjects or users of its own."""
+    tmp_path = tmp_path_factory.mktemp("handoff")
     with DNSZone({}) as zone:
         # A message without a From: scores over the Junk threshold (and under the reject one).
         running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS,
@@ -119,7 +120,9 @@ def test_a_message_sent_again_by_any_route_is_stored_once(nodes):
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
     wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
     with Store(open_data_dir(data_dir, SHARDS)) as store:
-        account = next(u for i in range(40) if owners[store.shard_number(u := f"user{i}@example.test")] == "node-b")
+        # The last of node-b's users: the first is the other test's.
+        account = next(u for i in reversed(range(40))
+                       if owners[store.shard_number(u := f"user{i}@example.test")] == "node-b")
     message = (f"From: someone@remote.example\r\nTo: {account}\r\nSubject: once\r\n"
                f"Message-ID: <{uuid.uuid4().hex}@remote.example>\r\n\r\nhello\r\n")
     for node in ("node-a", "node-b", "node-a"):  # handed over, taken by the owner, handed over
