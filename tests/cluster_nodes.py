@@ -19,6 +19,7 @@ from pathlib import Path
 from conftest import POSTROOM, Daemon, add_accounts, free_port, start_daemon, write_config_file
 
 from cluster.etcd import Etcd
+from storage import Store, open_data_dir
 
 TTL = 2  # seconds of lease: a failover within the test's patience
 
@@ -78,3 +79,15 @@ def wait_owners(etcd: Etcd, nodes: tuple[str, ...], shards: int, seconds: float,
             return found
         time.sleep(0.05)
     raise AssertionError(f"shards not all owned by {nodes} within {seconds} s: {owners(etcd)}")
+
+
+def owner_of(data_dir: Path, shards: int, owners: dict[int, str], users: list[str]) -> dict[str, str]:
+    """User -> the node that owns the user's shard (by `owners`, as wait_owners found them)."""
+    with Store(open_data_dir(data_dir, shards)) as store:
+        return {user: owners[store.shard_number(user)] for user in users}
+
+
+def stored(data_dir: Path, shards: int, user: str, mailbox: str = "INBOX") -> list[bytes]:
+    """The messages in a user's mailbox, as the shared volumes hold them now."""
+    with Store(open_data_dir(data_dir, shards)) as store:
+        return [store.read_message(m) for m in store.fetch(user, mailbox, [(1, 2**32 - 1)])]

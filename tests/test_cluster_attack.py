@@ -25,14 +25,14 @@ import subprocess
 import uuid
 
 import pytest
-from cluster_nodes import start_nodes, stop_nodes, wait_owners
+from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
 from conftest import POSTROOM
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
 from cluster.etcd import Etcd
-from storage import Accounts, Store, open_data_dir
+from storage import Accounts, open_data_dir
 
 SHARDS = 4
 NODES = ("node-a", "node-b", "node-c")
@@ -70,8 +70,7 @@ def _message(recipient: str, message_id: str, size: int) -> bytes:
 def test_a_message_near_the_size_limit_is_taken_by_any_node(nodes):
     running, etcd, data_dir, _ = nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        user = next(u for u in USERS if owners[store.shard_number(u)] == "node-b")
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
     wait_until(lambda: "event=ready" in running["node-a"].stderr(), 10, "node-a's agent ready")
 
     sent = {}
@@ -89,17 +88,16 @@ def test_a_message_near_the_size_limit_is_taken_by_any_node(nodes):
         assert code == 250, f"at {node}: {code} {text!r}"
         sent[node] = message_id
 
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
+    found = stored(data_dir, SHARDS, user)
     for node, message_id in sent.items():
-        assert sum(message_id.encode() in raw for raw in stored) == 1, node
+        assert sum(message_id.encode() in raw for raw in found) == 1, node
 
 
 def test_an_alias_of_more_accounts_than_the_recipient_limit(nodes):
     running, etcd, data_dir, _ = nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        on_each = [sum(owners[store.shard_number(u)] == node for u in USERS) for node in NODES]
+    owner = owner_of(data_dir, SHARDS, owners, USERS)
+    on_each = [sum(owner[u] == node for u in USERS) for node in NODES]
     assert max(on_each) > MAX_RECIPIENTS, on_each  # the others hand that node more than the limit
     wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
 
@@ -116,11 +114,10 @@ def test_an_alias_of_more_accounts_than_the_recipient_limit(nodes):
         assert code == 250, f"at {node}: {code} {text!r}"
         sent.append(message_id)
 
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        for user in USERS:
-            stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
-            for message_id in sent:
-                assert sum(message_id.encode() in raw for raw in stored) == 1, (user, message_id)
+    for user in USERS:
+        found = stored(data_dir, SHARDS, user)
+        for message_id in sent:
+            assert sum(message_id.encode() in raw for raw in found) == 1, (user, message_id)
 
 
 def test_one_recipient_refused_at_its_owner_stores_no_copy_anywhere(nodes):
@@ -128,11 +125,10 @@ def test_one_recipient_refused_at_its_owner_stores_no_copy_anywhere(nodes):
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
     # `kept` and `filled` on two owners, the message sent to a third node: it hands one
     # copy to each owner, and one of them refuses.
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        owner_of = {user: owners[store.shard_number(user)] for user in USERS}
+    owner = owner_of(data_dir, SHARDS, owners, USERS)
     kept = USERS[0]
-    filled = next(u for u in USERS if owner_of[u] != owner_of[kept])
-    via = next(node for node in NODES if node not in (owner_of[kept], owner_of[filled]))
+    filled = next(u for u in USERS if owner[u] != owner[kept])
+    via = next(node for node in NODES if node not in (owner[kept], owner[filled]))
     wait_until(lambda: "event=ready" in running[via].stderr(), 10, f"{via}'s agent ready")
     subject = uuid.uuid4().hex
     message = (f"From: someone@remote.example\r\nTo: {kept}, {filled}\r\nSubject: {subject}\r\n\r\n"
@@ -156,9 +152,7 @@ def test_one_recipient_refused_at_its_owner_stores_no_copy_anywhere(nodes):
     assert code == 451
 
     def copies(user: str) -> int:
-        with Store(open_data_dir(data_dir, SHARDS)) as store:
-            return sum(subject.encode() in store.read_message(m)
-                       for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)]))
+        return sum(subject.encode() in raw for raw in stored(data_dir, SHARDS, user))
 
     assert copies(kept) == 0, "a copy stored although the sender was told 451"
     # The sender tries again, as told: the same while the mailbox is full (a mailbox another

@@ -14,14 +14,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_nodes import start_nodes, stop_nodes, wait_owners
+from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
 from conftest import POSTROOM
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
 from cluster.etcd import Etcd
-from storage import Store, open_data_dir
 
 SHARDS = 4
 NODES = ("node-a", "node-b")
@@ -65,8 +64,7 @@ class OpenTransaction:
 def test_transactions_open_across_a_drain_are_delivered(nodes):
     running, configs, etcd, data_dir = nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        user = next(u for u in USERS if owners[store.shard_number(u)] == "node-b")
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
     # The daemons' node tables follow the agents' claims.
     wait_until(lambda: "event=ready" in running["node-b"].stderr(), 10, "node-b's agent ready")
 
@@ -85,11 +83,10 @@ def test_transactions_open_across_a_drain_are_delivered(nodes):
         code, text = transaction.finish()
         assert code == 250, text
 
-    with Store(open_data_dir(data_dir, SHARDS)) as store:
-        stored = [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
-    ids = sorted(raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for raw in stored)
+    found = stored(data_dir, SHARDS, user)
+    ids = sorted(raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for raw in found)
     assert ids == sorted([at_owner.message_id, at_other.message_id])
-    assert all(b"first half\r\nsecond half\r\n" in raw for raw in stored)
+    assert all(b"first half\r\nsecond half\r\n" in raw for raw in found)
     # The owner's copy was followed to node-a at the commit, with one Return-Path: (node-a's).
-    assert all(raw.count(b"Return-Path:") == 1 for raw in stored), stored
+    assert all(raw.count(b"Return-Path:") == 1 for raw in found), found
     assert "event=owners_changed" in running["node-b"].stderr() + running["node-a"].stderr()

@@ -111,21 +111,28 @@ def test_the_handing_nodes_client(server, users):
         assert stored.endswith(b"first line\r\n.a line that starts with a dot\r\n")  # dot-stuffed and back
 
 
-def test_xsent_is_lmtps_alone_and_checked(server):
-    """XSENT (mtad/lmtp.py): offered at LHLO, a number no bigger than a handed-over message
-    may be (the limit and the handing node's headers); the MX knows no such parameter."""
+def _lmtps_alone(server, keyword: str, bad: list[str], good: str) -> None:
+    """A private MAIL parameter: offered at LHLO, each of `bad` refused 501 and `good` taken;
+    the MX neither offers nor knows it (555)."""
     client = _lmtp(server)
     try:
-        assert b"XSENT" in client.ehlo("node-a.cluster.test")[1]
-        for bad in ("abc", "-1", "1" * 13, str(server.config.smtp.max_message_size + HEADROOM + 1)):
-            assert client.docmd("MAIL", f"FROM:<sender@remote.example> XSENT={bad}")[0] == 501, bad
-        assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 250
+        assert keyword.encode() in client.ehlo("node-a.cluster.test")[1]
+        for param in bad:
+            assert client.docmd("MAIL", f"FROM:<sender@remote.example> {param}")[0] == 501, param
+        assert client.docmd("MAIL", f"FROM:<sender@remote.example> {good}")[0] == 250
     finally:
         client.close()
     address = server.listen("smtp.listen")
     with smtplib.SMTP(address.host, address.port, timeout=30) as client:
-        assert b"XSENT" not in client.ehlo("sender.example")[1]
-        assert client.docmd("MAIL", "FROM:<sender@remote.example> XSENT=120")[0] == 555
+        assert keyword.encode() not in client.ehlo("sender.example")[1]
+        assert client.docmd("MAIL", f"FROM:<sender@remote.example> {good}")[0] == 555
+
+
+def test_xsent_is_lmtps_alone_and_checked(server):
+    """XSENT (mtad/lmtp.py): a number no bigger than a handed-over message may be (the
+    limit and the handing node's headers)."""
+    too_big = str(server.config.smtp.max_message_size + HEADROOM + 1)
+    _lmtps_alone(server, "XSENT", [f"XSENT={bad}" for bad in ("abc", "-1", "1" * 13, too_big)], "XSENT=120")
 
 
 def test_a_junk_verdict_is_carried_and_xjunk_is_lmtps_alone(server, users):
@@ -142,16 +149,7 @@ def test_a_junk_verdict_is_carried_and_xjunk_is_lmtps_alone(server, users):
         assert not _stored(server, account)
         (junk,) = [store.read_message(m) for m in store.fetch(account, "Junk", [(1, 2**32 - 1)])]
         assert junk.endswith(b"first line\r\n.a line that starts with a dot\r\n")
-    client = _lmtp(server)
-    try:
-        assert b"XJUNK" in client.ehlo("node-a.cluster.test")[1]
-        assert client.docmd("MAIL", "FROM:<sender@remote.example> XJUNK=yes")[0] == 501
-    finally:
-        client.close()
-    mx = server.listen("smtp.listen")
-    with smtplib.SMTP(mx.host, mx.port, timeout=30) as client:
-        assert b"XJUNK" not in client.ehlo("sender.example")[1]
-        assert client.docmd("MAIL", "FROM:<sender@remote.example> XJUNK")[0] == 555
+    _lmtps_alone(server, "XJUNK", ["XJUNK=yes"], "XJUNK")
 
 
 def test_the_client_says_when_the_owner_cannot_be_reached():
