@@ -22,16 +22,19 @@ import os
 import time
 
 from storage.maildir import make_private_dirs
+from storage.pinning import Release, not_pinned, take
 from storage.store import Store
 
 LOCK_NAME = "pop3.lock"
 
 
 class MaildropLock:
-    """A held lock; `release()` (or closing the process) frees it."""
+    """A held lock; `release()` (or closing the process) frees it. The lock file is on the
+    account's shard: in a cluster the shard stays pinned (storage/pinning.py) while it is held."""
 
-    def __init__(self, fd: int, last_login: float | None):
+    def __init__(self, fd: int, last_login: float | None, release_pin: Release = not_pinned):
         self._fd: int | None = fd
+        self._release_pin = release_pin
         # When the previous session that logged in (and recorded it) did so; None if never.
         self.last_login = last_login
 
@@ -51,6 +54,7 @@ class MaildropLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing drops the flock
+            self._release_pin()
 
     def __enter__(self) -> MaildropLock:
         return self
@@ -61,18 +65,24 @@ class MaildropLock:
 
 def lock_maildrop(store: Store, account: str) -> MaildropLock | None:
     """The account's POP3 lock, or None while another session (of any process) holds it."""
-    directory = store.shard(account).account_dir(account)
+    shard = store.shard(account)
+    directory = shard.account_dir(account)
     make_private_dirs(directory)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    release_pin = take(shard.pin)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
     except BlockingIOError:
-        os.close(fd)
+        release_pin()
         return None
     except BaseException:
-        os.close(fd)
+        release_pin()
         raise
-    return MaildropLock(fd, _last_login(fd))
+    return MaildropLock(fd, _last_login(fd), release_pin)
 
 
 def _last_login(fd: int) -> float | None:
