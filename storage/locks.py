@@ -13,6 +13,9 @@ The file records the holder's pid and the time of the last successful login, whi
 POP3 LOGIN-DELAY policy (RFC 2449 §6.5) reads: the same for every process.
 
 IMAP sessions do not take this lock: POP3 works on a snapshot and tolerates IMAP changes.
+
+`held_flocks` says who holds which flock, from /proc/locks: for the messages that name a
+lock's holder (`postroom status`, a cluster agent waiting for a shard's pins).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from pathlib import Path
 
 from storage.maildir import make_private_dirs
 from storage.pinning import Release, not_pinned, take
@@ -91,3 +95,25 @@ def _last_login(fd: int) -> float | None:
         return float(fields[1]) if len(fields) == 2 else None
     except (OSError, ValueError):
         return None
+
+
+def held_flocks() -> dict[tuple[int, int, int], set[int]] | None:
+    """(major, minor, inode) -> pids holding a flock on it, from /proc/locks; None where
+    that file is not there (not Linux)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    held: dict[tuple[int, int, int], set[int]] = {}
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 586 fe:00:3229197 0 EOF"; a waiter has "->" after the number.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+            held.setdefault(key, set()).add(int(fields[4]))
+        except ValueError:
+            continue
+    return held
