@@ -429,13 +429,18 @@ class Store:
         with shard.read() as txn:
             return records.get_usage(txn, shard, account)
 
-    def usage_by_shard(self) -> list[Usage]:
+    def usage_by_shard(self) -> dict[int, Usage]:
         """Each shard's messages and bytes (what quotas count), by shard number: the
-        store's size for metrics, read in one short transaction per shard."""
-        result = []
-        for shard in self.shards():
-            with shard.read() as txn:
-                result.append(records.shard_usage(txn, shard))
+        store's size for metrics, read in one short transaction per shard. A cluster
+        node's store leaves out the shards it does not serve now."""
+        result = {}
+        for number in range(self._data_dir.shards):
+            try:
+                shard = self._shard_by_number(number)
+                with shard.read() as txn:
+                    result[number] = records.shard_usage(txn, shard)
+            except NotOwnerError:
+                continue  # another node's, or being handed over: its owner counts it
         return result
 
     # -- delivery -----------------------------------------------------------------------
