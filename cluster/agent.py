@@ -18,8 +18,10 @@ One agent a node (under `postroom serve`, a supervised process of its own; alone
   already accepted commit here, for HANDOVER_GRACE. Then the claim is withdrawn (new
   commits fail with NotOwnerError; a transaction that reaches its commit later is handed
   to the next owner over LMTP, mtad/routing.py), the fence cleared after the commits in
-  flight, the shard flushed, closed and its volume detached, and only then the key
-  deleted, so that the next owner can attach it at once;
+  flight, the shard flushed and closed here; once every process of the node has let go of
+  it too (cluster/pins.py; the daemons follow within FOLLOW_INTERVAL, cluster/follow.py),
+  or after LET_GO_WAIT, its volume is detached, and only then the key deleted, so that the
+  next owner can attach it at once;
 - stops writing before anyone else may: the table's deadline is the time the last
   answered keepalive was sent plus the TTL minus a margin, and etcd expires the lease no
   sooner than TTL after it received that keepalive. Past the deadline every commit here
@@ -39,7 +41,7 @@ import time
 
 import lmdb
 
-from cluster import volumes
+from cluster import pins, volumes
 from cluster.balance import plan
 from cluster.etcd import Etcd, EtcdError, EtcdUnreachableError, node_record
 from cluster.local import Node, node_name, open_node_table
@@ -53,6 +55,12 @@ ERROR_LOG_EVERY = 10.0  # seconds between two log lines of etcd staying unreacha
 # claim kept for those in flight): a commit takes milliseconds; a transaction slower than
 # this is handed to the next owner at its commit instead.
 HANDOVER_GRACE = 1.0
+# Seconds, at most, that shards released together wait for every process of the node to let
+# go of them (cluster/pins.py) before their volumes are detached all the same (event
+# let_go_timeout): the daemons follow within a second; a command of the CLI, a message
+# still arriving or being sent, may take a few more. At a stop, [server] stop_grace: the
+# daemons stop too, and may take that long to finish their sessions.
+LET_GO_WAIT = 10.0
 
 
 def service_ports(config: Config) -> dict[str, int]:
@@ -76,6 +84,7 @@ class Agent:
         self.ports = service_ports(config)
         self.shards = data_dir.shards
         self.data_dir = data_dir
+        self.pins = data_dir.cluster_pins_path(self.node)
         self.store = store
         self.log = log or EventLogger("cluster.agent")
         self.etcd = Etcd(cluster)
@@ -152,10 +161,12 @@ class Agent:
             self._expired = True  # our record is gone: so is our lease, or it soon will be
             return
         # Claims etcd no longer shows as ours (the lease expired and came back?): lost.
-        for shard, revision in list(self.claims.items()):
+        lost = []
+        for shard, revision in sorted(self.claims.items()):
             kv = owners.get(str(shard))
             if kv is None or kv.mod_revision != revision or kv.lease != self.lease:
-                self._release(shard, "lost", lost=True)
+                lost.append(shard)
+        self._release(lost, "lost", lost=True)
         owner_of: dict[int, str] = {}
         self.owners = {}
         for name, kv in owners.items():
@@ -245,8 +256,7 @@ class Agent:
                          expired=self._expired)
         with self._state:
             self.table.drop_claims()
-        for shard in sorted(self.claims):
-            self._release(shard, "lease_lapsed", lost=True)
+        self._release(sorted(self.claims), "lease_lapsed", lost=True)
         old, self.lease = self.lease, 0
         try:
             if old:
@@ -276,6 +286,10 @@ class Agent:
         except (volumes.VolumeError, StoreError, lmdb.Error, OSError) as e:
             self.log.error("claim_failed", node=self.node, shard=shard, error=str(e))
             self._backoff[shard] = time.monotonic() + ATTACH_BACKOFF
+            try:
+                self.store.close_shard(shard)  # opened before the fence failed: not under the detach
+            except (StoreError, lmdb.Error, OSError):
+                pass
             self._detach(shard)
             self.etcd.delete_if(f"owners/{shard}", revision)
             return
@@ -296,20 +310,34 @@ class Agent:
         # Not cut short by stop(): a stop is a hand-over like the others. The keepalive
         # thread holds the lease meanwhile.
         time.sleep(HANDOVER_GRACE)
-        for shard in shards:
-            if shard in self.claims:
-                self._release(shard, reason)
+        self._release([shard for shard in shards if shard in self.claims], reason)
 
-    def _release(self, shard: int, reason: str, *, lost: bool = False) -> None:
-        """Stop writes (the claim withdrawn here first), flush, close, detach; then, unless
-        the claim is `lost` already, delete the key."""
-        revision = self.claims.pop(shard)
+    def _release(self, shards: list[int], reason: str, *, lost: bool = False) -> None:
+        """Stop writes to `shards` (their claims withdrawn here first, together: the node's
+        processes let go of them in one look), then each flushed, closed, let go of by the
+        node's processes, detached, and, unless the claim is `lost` already, its key deleted."""
+        if not shards:
+            return
+        revisions = {shard: self.claims.pop(shard) for shard in shards}
         self._publish()
+        wait = float(self.config.server.stop_grace) if reason == "stop" else LET_GO_WAIT
+        deadline = time.monotonic() + wait
+        for shard, revision in revisions.items():
+            self._release_one(shard, revision, reason, lost=lost, deadline=deadline)
+
+    def _release_one(self, shard: int, revision: int, reason: str, *, lost: bool, deadline: float) -> None:
         try:
             self.store.release_shard(shard, clear_fence=not lost)
         except (StoreError, lmdb.Error, OSError) as e:
             self.log.error("release_failed", node=self.node, shard=shard, error=str(e))
-        self._detach(shard)
+        with pins.let_go(self.pins, shard, deadline) as outcome:
+            waited = round(outcome.waited, 3)
+            if outcome.all_let_go:
+                self.log.info("shard_let_go", node=self.node, shard=shard, waited=waited)
+            else:  # detached all the same: a stop must not hang; the detach may fail, and says so
+                self.log.warning("let_go_timeout", node=self.node, shard=shard, waited=waited,
+                                 pids=",".join(map(str, outcome.holders)) or "-")
+            self._detach(shard)
         if not lost:
             try:
                 self.etcd.delete_if(f"owners/{shard}", revision)

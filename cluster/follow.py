@@ -3,24 +3,30 @@ workers) follow the claims this node's agent publishes (cluster/local.py), and l
 the shards it hands over (issue 18, item 3).
 
 The agent releases a shard in its own process (cluster/agent.py: claim withdrawn from the
-table, fence cleared, flush, close, detach). Every daemon process of the node opened the
-shard too, and would keep its files open under the volume, and its sessions on it. So,
-every FOLLOW_INTERVAL, each daemon process reads the table's claims (one LMDB read) and,
-for every shard the node no longer holds:
+table, fence cleared, flush, close; detach once the node's processes let go). Every daemon
+process of the node opened the shard too, and would keep its files open under the volume,
+and its sessions on it. So, every FOLLOW_INTERVAL, each daemon process reads the table's
+claims (one LMDB read) and, for every shard the node no longer holds:
 - ends the sessions served here of the shard's accounts, each listener's own way (IMAP
   `* BYE [UNAVAILABLE]`, RFC 5530; POP3 `-ERR [SYS/TEMP]`, RFC 3206; wire/protocol.py
-  ServerFactory.end_released): the client connects again and is proxied, by any node, to
-  the shard's next owner. Sessions proxied to another node are not this node's to end;
+  ServerFactory.end_released), and drops at once what each held open on the volume (a POP3
+  maildrop lock, messages read ahead, an APPEND's file): the client connects again and is
+  proxied, by any node, to the shard's next owner. Sessions proxied to another node are
+  not this node's to end;
 - closes the shard in the store (Store.close_shard: its commits queued and reads in
   progress end first; its LMDB environment, writer lock and directory handle closed), so
   that no file of the volume stays open here and it can be detached.
+The mtad processes close the shard's outbound queue likewise (mtad/outbound/runner.py).
 
 The store of a daemon opens a shard only while the node holds it (open_store's `held`):
 once the node takes it again, the first use opens it, finishing first what a crash left.
 Until then a use of it raises NotOwnerError, which each protocol answers as temporary.
 
-Within FOLLOW_INTERVAL of the claim's withdrawal, then: the agent's detach that follows
-its own close at once may find the volume busy for that long (its command should retry).
+Whatever has a file of the shard open holds the shard's pin (cluster/pins.py): the store's
+handle, a message file being written or read, the maildrop lock, the shard's queue. The
+agent runs the detach command once the last pin is let go, within FOLLOW_INTERVAL of the
+claim's withdrawal as a rule (or after LET_GO_WAIT, logged: let_go_timeout), so the
+command finds the volume free and needs no retry.
 """
 
 from __future__ import annotations

@@ -78,6 +78,10 @@ class IMAPProtocol(ServerProtocol):
         # RFC 5530 §3: UNAVAILABLE, a temporary state; reconnecting reaches the new owner.
         return b"* BYE [UNAVAILABLE] your mailbox has moved to another server, reconnect\r\n"
 
+    def let_go(self) -> None:
+        if self.session is not None:
+            self.session.end()  # again at the connection's end: nothing more then
+
     def local_shard(self) -> int | None:
         session = self.session
         if session is None or session.user is None or session.state not in (AUTHENTICATED, SELECTED):

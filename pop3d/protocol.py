@@ -74,6 +74,10 @@ class POP3Protocol(ServerProtocol):
         # deletes nothing (RFC 1939 §6), and the next login reaches the new owner.
         return err("your mailbox has moved to another server, reconnect", "SYS/TEMP")
 
+    def let_go(self) -> None:
+        if self.session is not None:
+            self.session.end()  # again at the connection's end: nothing more then
+
     def local_shard(self) -> int | None:
         session = self.session
         if session is None or session.user is None or self._relay is not None or self._relay_pending is not None:

@@ -18,11 +18,13 @@ import os
 import pwd
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from conf import Config
 from postroom.services import DAEMONS
-from storage import NO_QUOTA, Accounts, DataDir, NotOwnerError, Quota, QueueSet, Store, open_data_dir, queues_on_disk
+from storage import (NO_QUOTA, Accounts, DataDir, NotOwnerError, Quota, QueueSet, Store, held_flocks, open_data_dir,
+                     queues_on_disk)
 
 
 class DataDirInUseError(Exception):
@@ -35,28 +37,40 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     return data_dir, accounts
 
 
-def open_store(data_dir: DataDir, accounts: Accounts, config: Config | None = None, *,
+def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | None = None, *,
                daemon: bool = False) -> Store:
-    """The store; in a cluster, fenced (every commit checked against this node's claims),
-    and a `daemon`'s opens only the shards this node holds (cluster/follow.py closes those
-    it releases)."""
+    """The store (without `accounts`, no quotas: a reader's); in a cluster, fenced (every
+    commit checked against this node's claims), pinned (each shard it opens keeps its
+    volume attached until closed: cluster/pins.py), and a `daemon`'s opens only the shards
+    this node holds (cluster/follow.py closes those it releases)."""
     def quota_of(account: str) -> Quota:
         user = accounts.get_user(account)
         return Quota(user.quota, user.message_quota) if user else NO_QUOTA
 
+    quotas = quota_of if accounts is not None else None
     if config is None:
-        return Store(data_dir, quota_of=quota_of)
-    fence = held = None
+        return Store(data_dir, quota_of=quotas)
+    fence = held = pin = None
     if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
         from cluster.local import open_node_table
 
         table = open_node_table(config, data_dir)
         fence = table.holds
+        pin = shard_pins(config, data_dir)
         if daemon:
             def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
                 return table.claim(number) is not None and table.lease_left() > 0
-    return Store(data_dir, quota_of=quota_of, dedupe_window=float(config.storage.dedupe_window), fence=fence,
-                 held=held)
+    return Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
+                 held=held, pin=pin)
+
+
+def shard_pins(config: Config, data_dir: DataDir) -> Callable[[int], Callable[[], None]]:
+    """A cluster node's pin of a shard for this process (cluster/pins.py): pin(shard) ->
+    its release. The agent detaches a shard's volume once every pin of it is let go."""
+    from cluster.local import node_name
+    from cluster.pins import process_pins
+
+    return process_pins(data_dir.cluster_pins_path(node_name(config))).pin
 
 
 def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *, on_disk: bool = False) -> QueueSet:
@@ -72,9 +86,10 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
 
     table = open_node_table(config, data_dir)
     runner_lock = data_dir.path / f"{lock_name(config, 'runner')}.lock"
+    pin = shard_pins(config, data_dir)
     if store is None:
         return QueueSet(data_dir, shards=lambda: queues_on_disk(data_dir), fence=lambda number: False,
-                        runner_lock=runner_lock)
+                        runner_lock=runner_lock, pin=pin)
 
     def fence(number: int) -> bool:
         try:
@@ -85,7 +100,8 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
     def shards():
         return queues_on_disk(data_dir) if on_disk else table.claims().keys()
 
-    return QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock)
+    return QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock,
+                    pin=pin)
 
 
 def lock_name(config: Config, name: str) -> str:
@@ -173,7 +189,7 @@ class Running:
 def running_processes(data_dir: Path, config: Config | None = None) -> dict[str, Running]:
     """The Postroom processes that hold their lock in `data_dir`, by name (in a cluster,
     those of `config`'s node)."""
-    held = _held_flocks()
+    held = held_flocks()
     found = {}
     for name in PROCESSES:
         path = data_dir / f"{lock_name(config, name) if config is not None else name}.lock"
@@ -193,28 +209,6 @@ def running_processes(data_dir: Path, config: Config | None = None) -> dict[str,
         started = _start_time(pid)
         found[name] = Running(name, pid, started if started is not None else time.time())
     return found
-
-
-def _held_flocks() -> dict[tuple[int, int, int], set[int]] | None:
-    """(major, minor, inode) -> pids holding a flock on it, from /proc/locks; None where
-    that file is not there (not Linux)."""
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return None
-    held: dict[tuple[int, int, int], set[int]] = {}
-    for line in lines:
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 586 fe:00:3229197 0 EOF"; a waiter has "->" after the number.
-        if len(fields) < 6 or fields[1] != "FLOCK":
-            continue
-        try:
-            major, minor, inode = fields[5].split(":")
-            key = (int(major, 16), int(minor, 16), int(inode))
-            held.setdefault(key, set()).add(int(fields[4]))
-        except ValueError:
-            continue
-    return held
 
 
 def _start_time(pid: int) -> float | None:

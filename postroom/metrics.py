@@ -5,7 +5,9 @@ Every process of a data dir writes its metrics to `<data dir>/metrics/` (prometh
 multiprocess mode). The process that answers [metrics] listen sums those files and adds
 what it reads from the data dir at the scrape: the outbound queue's messages by state (in a
 cluster, of every shard queue on disk; a daemon alone counts the queues of the shards its
-node holds, which it has open), and each shard's messages and bytes.
+node holds, which it has open), and each shard's messages and bytes (in a cluster, of the
+shards the node holds; serve opens them for the scrape and closes them after it, so that
+it never keeps a released shard's volume from being detached: cluster/pins.py).
 
 Who answers:
 - Under `postroom serve`, serve itself: it owns the directory (emptied at its start, the
@@ -56,14 +58,19 @@ class DataDirCollector:
     """What a scrape reads from the data dir itself: gauges, read when asked. The queue
     and the store are opened at the first scrape, in the serving process (a daemon passes
     its own store and queue: an LMDB environment must not be opened twice in one process,
-    closing one copy would drop the other's locks)."""
+    closing one copy would drop the other's locks). A cluster node's serve passes
+    `open_store` (postroom/datadir.py's, pinned, the shards its node holds only): the
+    shards it opens are closed after each scrape, as the shard queues are, so that a
+    volume released between two scrapes is free to detach at once."""
 
     def __init__(self, data_dir: DataDir, store: Store | None = None, queue: QueueSet | None = None,
-                 open_queues: Callable[[], QueueSet] | None = None):
+                 open_queues: Callable[[], QueueSet] | None = None, open_store: Callable[[], Store] | None = None):
         self._data_dir = data_dir
         self._open_queues = open_queues or (lambda: QueueSet(data_dir))
+        self._new_store = open_store or (lambda: Store(data_dir))
         self._store, self._queue = store, queue
         self._own_store, self._own_queue = store is None, queue is None
+        self._shards_per_scrape = store is None and open_store is not None
         self._lock = threading.Lock()  # two scrapes at once open each once
 
     def collect(self):
@@ -106,7 +113,14 @@ class DataDirCollector:
                                  "count)", labels=["shard"])
         messages = GaugeMetricFamily("postroom_store_messages", "Messages in each shard of the store",
                                      labels=["shard"])
-        for number, usage in enumerate(self._open_store().usage_by_shard()):
+        store = self._open_store()
+        try:
+            usage_by_shard = store.usage_by_shard()
+        finally:
+            if self._shards_per_scrape:
+                for number in store.open_shards():
+                    store.close_shard(number)
+        for number, usage in sorted(usage_by_shard.items()):
             size.add_metric([str(number)], usage.used)
             messages.add_metric([str(number)], usage.messages)
         yield size
@@ -119,7 +133,7 @@ class DataDirCollector:
 
     def _open_store(self) -> Store:
         if self._store is None:
-            self._store = Store(self._data_dir)
+            self._store = self._new_store()
         return self._store
 
     def close(self) -> None:
@@ -133,10 +147,14 @@ class Serving:
     """The listener and what it reads; `close` when the process stops."""
 
     def __init__(self, config: Config, data_dir: DataDir, store: Store | None = None, queue: QueueSet | None = None):
-        from postroom.datadir import open_queues
+        from postroom.datadir import open_queues, open_store
 
         self.directory = directory(config)
-        self.collector = DataDirCollector(data_dir, store, queue, functools.partial(open_queues, config, data_dir))
+        # serve's own store, in a cluster: as a daemon's, the shards its node holds only.
+        own_store = functools.partial(open_store, data_dir, None, config, daemon=True) \
+            if config.cluster.enabled else None
+        self.collector = DataDirCollector(data_dir, store, queue, functools.partial(open_queues, config, data_dir),
+                                          own_store)
         try:
             self.listener = MetricsListener(((a.host, a.port) for a in config.metrics.listen),
                                                     registry_for(self.directory, self.collector))

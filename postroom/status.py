@@ -40,9 +40,9 @@ from conf.values import human_size
 from policy import dkim
 from policy.resolver import NODATA, NXDOMAIN, OK, Resolver
 from postroom.dkimadmin import keys_dir
-from postroom.datadir import PROCESSES, Running, open_queues, running_processes
+from postroom.datadir import PROCESSES, Running, open_queues, open_store, running_processes
 from postroom.services import DAEMONS, daemons_to_start
-from storage import DEFERRED, Accounts, DataDir, Store
+from storage import DEFERRED, Accounts, DataDir
 
 CERT_WARN_DAYS = 14
 
@@ -51,7 +51,7 @@ def status(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
     trouble = []
     running = services_section(data_dir, config, trouble)
     queue_section(config, data_dir)
-    store_section(data_dir, accounts)
+    store_section(config, data_dir, accounts)
     certificate_section(config, trouble)
     if not args.no_dns:
         dns_section(config, data_dir, accounts, trouble)
@@ -124,9 +124,10 @@ def queue_section(config: Config, data_dir: DataDir) -> None:
     print(f"queue     {len(messages)} message(s): {detail}{where}")
 
 
-def store_section(data_dir: DataDir, accounts: Accounts) -> None:
+def store_section(config: Config, data_dir: DataDir, accounts: Accounts) -> None:
     per_shard: dict[int, list[int]] = {}
-    with Store(data_dir) as store:
+    # In a cluster, pinned (cluster/pins.py): a shard being let go waits for this command.
+    with open_store(data_dir, accounts, config) as store:
         for user in accounts.users():
             address = str(user.address)
             usage = store.usage(address)

@@ -41,7 +41,7 @@ from storage.errors import (
     UnknownDomainError,
     is_disk_full,
 )
-from storage.locks import MaildropLock, lock_maildrop
+from storage.locks import MaildropLock, held_flocks, lock_maildrop
 from storage.mailboxes import INBOX, Mailbox
 from storage.maildir import SEEN
 from storage.messages import NO_QUOTA, FlagState, MessageInfo, Quota
@@ -86,6 +86,6 @@ __all__ = [
     "StoreError", "UnknownAddressError", "UnknownDomainError", "Usage", "User", "Watcher",
     # `store import` (storage/imports.py)
     "ImportCounts", "ImportMailbox", "clean_flags", "finish_import",
-    "decode_words", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain", "open_data_dir",
-    "parse_address",
+    "decode_words", "held_flocks", "imap_envelope", "is_disk_full", "lock_maildrop", "normalize_domain",
+    "open_data_dir", "parse_address",
 ]

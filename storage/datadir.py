@@ -52,6 +52,11 @@ class DataDir:
         (cluster/local.py); named by node, so nodes sharing a directory in tests keep theirs."""
         return self.path / "cluster" / f"{node}.lmdb"
 
+    def cluster_pins_path(self, node: str) -> Path:
+        """Cluster mode: node `node`'s shard pins (cluster/pins.py), on the node's own disk,
+        never on the volumes they guard; named by node, as its table is."""
+        return self.path / "cluster" / f"{node}.pins"
+
     @property
     def audit_log_path(self) -> Path:
         """Who changed which account when (postroom/admin.py's AuditLog)."""

@@ -51,6 +51,7 @@ from storage.errors import DeliveryError, MailboxNotFoundError, StoreError, stor
 from storage.fileview import FileView
 from storage.messages import Quota
 from storage.mime import ParsedMessage, parse_message
+from storage.pinning import not_pinned, take
 from storage.records import MessageRecord
 from storage.shard import Shard
 from wire import metrics
@@ -121,6 +122,7 @@ class Delivery:
         self._source_shard: Shard | None = None
         self._source_committed = False  # the first target's copy is the source itself
         self._fd: int | None = None  # the source, once it is made
+        self._release_pin = not_pinned  # the source's shard pinned while the source is open (storage/pinning.py)
         self._pending = bytearray()  # the first IN_MEMORY bytes, until the source is made
         self._small: bytes | None = None  # a whole message that fit in memory, from commit on
         self._early = False  # start_commit's caller hears of the commit before the files settle
@@ -152,6 +154,9 @@ class Delivery:
                 except OSError as e:
                     self.close()
                     raise store_error(e, self._source.parent) from e
+                except StoreError:
+                    self.close()  # its shard is being let go (NotOwnerError): not made there
+                    raise
         self.size += len(chunk)
         if self._digest is not None:
             self._digest.update(chunk)
@@ -224,7 +229,9 @@ class Delivery:
             yield piece
 
     def _make_source(self) -> None:
-        """The source file, with what was kept in memory so far."""
+        """The source file, with what was kept in memory so far; its shard pinned until it
+        is closed, however long the message takes to come (NotOwnerError: not made)."""
+        self._release_pin = take(self._source_shard.pin)
         self._fd = os.open(self._source, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         _write_all(self._fd, self._pending)
         self._pending = bytearray()
@@ -248,6 +255,7 @@ class Delivery:
             self._fd = None
             if not self._source_committed:
                 _unlink_quietly(self._source)
+        self._release_pin()
 
     # -- phase two: the commit -------------------------------------------------------------
 

@@ -13,6 +13,9 @@ The file records the holder's pid and the time of the last successful login, whi
 POP3 LOGIN-DELAY policy (RFC 2449 §6.5) reads: the same for every process.
 
 IMAP sessions do not take this lock: POP3 works on a snapshot and tolerates IMAP changes.
+
+`held_flocks` says who holds which flock, from /proc/locks: for the messages that name a
+lock's holder (`postroom status`, a cluster agent waiting for a shard's pins).
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from pathlib import Path
 
 from storage.maildir import make_private_dirs
+from storage.pinning import Release, not_pinned, take
 from storage.store import Store
 
 LOCK_NAME = "pop3.lock"
 
 
 class MaildropLock:
-    """A held lock; `release()` (or closing the process) frees it."""
+    """A held lock; `release()` (or closing the process) frees it. The lock file is on the
+    account's shard: in a cluster the shard stays pinned (storage/pinning.py) while it is held."""
 
-    def __init__(self, fd: int, last_login: float | None):
+    def __init__(self, fd: int, last_login: float | None, release_pin: Release = not_pinned):
         self._fd: int | None = fd
+        self._release_pin = release_pin
         # When the previous session that logged in (and recorded it) did so; None if never.
         self.last_login = last_login
 
@@ -51,6 +58,7 @@ class MaildropLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing drops the flock
+            self._release_pin()
 
     def __enter__(self) -> MaildropLock:
         return self
@@ -61,18 +69,24 @@ class MaildropLock:
 
 def lock_maildrop(store: Store, account: str) -> MaildropLock | None:
     """The account's POP3 lock, or None while another session (of any process) holds it."""
-    directory = store.shard(account).account_dir(account)
+    shard = store.shard(account)
+    directory = shard.account_dir(account)
     make_private_dirs(directory)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    release_pin = take(shard.pin)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
     except BlockingIOError:
-        os.close(fd)
+        release_pin()
         return None
     except BaseException:
-        os.close(fd)
+        release_pin()
         raise
-    return MaildropLock(fd, _last_login(fd))
+    return MaildropLock(fd, _last_login(fd), release_pin)
 
 
 def _last_login(fd: int) -> float | None:
@@ -81,3 +95,25 @@ def _last_login(fd: int) -> float | None:
         return float(fields[1]) if len(fields) == 2 else None
     except (OSError, ValueError):
         return None
+
+
+def held_flocks() -> dict[tuple[int, int, int], set[int]] | None:
+    """(major, minor, inode) -> pids holding a flock on it, from /proc/locks; None where
+    that file is not there (not Linux)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    held: dict[tuple[int, int, int], set[int]] = {}
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 586 fe:00:3229197 0 EOF"; a waiter has "->" after the number.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+            held.setdefault(key, set()).add(int(fields[4]))
+        except ValueError:
+            continue
+    return held

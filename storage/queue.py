@@ -49,6 +49,11 @@ against the revision recorded in the shard); if it says no, nothing of the batch
 written and each caller gets NotOwnerError. Recovery's drops are writes too: a queue
 opened by a node that does not hold its shard leaves them to the owner.
 
+Pinning (cluster mode): a shard's queue is on the shard's volume, so it holds the shard's
+pin (storage/pinning.py) from its open to its close, and so does each spool file open
+beyond that: one being written (Enqueue), one being read (open()). The node detaches the
+volume once every pin is let go.
+
 One Queue per process and directory (LMDB: an environment is opened once per process), and
 opened after any fork. Every method is synchronous and thread-safe; an event loop calls
 commit(), record() and the rest in a thread.
@@ -78,6 +83,7 @@ from storage.errors import NotOwnerError, NotQueuedError, StoreError, store_erro
 from storage.queue_commit import Committer
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
+from storage.pinning import Pin, Release, not_pinned, take
 from storage.queue_ids import is_id, new_id
 from storage.queue_records import BOUNCED, DEFERRED, DELIVERED, FINAL, PENDING, QUEUED, MessageRecord, RecipientRecord
 
@@ -161,13 +167,24 @@ class Result:
 
 class Queue:
     def __init__(self, where: DataDir | Path, *, shard: int | None = None,
-                 fence: Callable[[], bool] | None = None) -> None:
+                 fence: Callable[[], bool] | None = None, pin: Pin | None = None) -> None:
         """The queue in `where`: a data dir (its queue/), or a queue's own directory (a
-        cluster shard's, <shard_path>/queue). `shard` and `fence`, in a cluster: the shard
-        it belongs to, and whether this node may write it now (see Fencing above)."""
+        cluster shard's, <shard_path>/queue). `shard`, `fence` and `pin`, in a cluster: the
+        shard it belongs to, whether this node may write it now (see Fencing above), and
+        its pin (see Pinning; NotOwnerError while the shard is being let go)."""
         self.path = where.path / "queue" if isinstance(where, DataDir) else Path(where)
         self.shard = shard
         self._fence = fence
+        self.pin = pin
+        self._release_pin = take(pin)
+        try:
+            self._open()
+        except BaseException:
+            self._release_pin()
+            raise
+
+    def _open(self) -> None:
+        """The spool and the index made or opened, what a crash left recovered."""
         self._spool = self.path / "msg"
         index = self.path / "queue.lmdb"
         make_private_dirs(self._spool)
@@ -175,7 +192,8 @@ class Queue:
         self._env = lmdb.open(str(index), map_size=MAP_SIZE, max_dbs=len(DATABASES) + 1, mode=0o600,
                               max_readers=1024, readahead=False)
         self._db = open_databases(self._env, DATABASES)
-        self._committer = Committer(self._env, self._spool, check=self._check_fence if fence is not None else None)
+        self._committer = Committer(self._env, self._spool,
+                                    check=self._check_fence if self._fence is not None else None)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # no read under way: close() may close the index
         self._readers = 0
@@ -197,6 +215,7 @@ class Queue:
         with self._idle:
             self._idle.wait_for(lambda: self._readers == 0)
         self._env.close()
+        self._release_pin()
 
     def __enter__(self) -> Queue:
         return self
@@ -269,11 +288,16 @@ class Queue:
         """The same as a file (big messages), readable and seekable; the caller closes it.
         Once open it stays readable even if the message is removed meanwhile."""
         record = self._record_or_raise(qid)
+        release = take(self.pin)  # kept attached while it is read (a slow remote server)
         try:
             fd = os.open(self._spool / qid, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            release()
             raise NotQueuedError(f"no such message in the queue: {qid}") from None
-        return io.BufferedReader(_MessageReader(record.prepend, fd))
+        except BaseException:
+            release()
+            raise
+        return io.BufferedReader(_MessageReader(record.prepend, fd, release=release))
 
     def changed(self) -> int:
         """The index's last transaction id (any process's): it moves with every change."""
@@ -631,6 +655,7 @@ class Enqueue:
         self._queue = queue
         self._pending = bytearray()
         self._fd: int | None = None
+        self._release_pin = not_pinned  # the shard pinned while the spool file is open
         self._state = "open"
 
     def __enter__(self) -> Enqueue:
@@ -690,6 +715,7 @@ class Enqueue:
         self._state = "committed"
         os.close(self._fd)  # lets go of the lock: the record has the file now
         self._fd = None
+        self._release_pin()
         env = self.envelope
         shard = {"shard": self._queue.shard} if self._queue.shard is not None else {}
         _log.info("queued", qid=self.id, size=self.size + len(prepend), sender=env.sender or "<>",
@@ -718,8 +744,10 @@ class Enqueue:
                 pass  # an orphan, removed at the next open
             os.close(self._fd)
             self._fd = None
+        self._release_pin()
 
     def _make_file(self) -> None:
+        self._release_pin = take(self._queue.pin)
         self._fd = self._queue._create_spool(self.id)
         _write_all(self._fd, self._pending)
         self._pending = bytearray()
@@ -788,9 +816,10 @@ class RunnerLock:
 class _MessageReader(io.RawIOBase):
     """prepend, then a file (by descriptor, which it owns), as one seekable stream."""
 
-    def __init__(self, head: bytes, fd: int, size: int | None = None):
+    def __init__(self, head: bytes, fd: int, size: int | None = None, release: Release = not_pinned):
         self._head = head
         self._fd = fd
+        self._release = release  # the queue's shard pin, let go at close
         self._size = len(head) + (os.fstat(fd).st_size if size is None else size)
         self._pos = 0
 
@@ -825,6 +854,7 @@ class _MessageReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             os.close(self._fd)
+            self._release()
         super().close()
 
 

@@ -27,6 +27,7 @@ microseconds and 25 random bits), so an id names one message wherever it is queu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -38,7 +39,8 @@ import lmdb
 
 from conf.logfmt import EventLogger
 from storage.datadir import DataDir
-from storage.errors import NoQueueError, NotQueuedError, StoreError
+from storage.errors import NoQueueError, NotOwnerError, NotQueuedError, StoreError
+from storage.pinning import Release
 from storage.queue import Enqueue, Queue, QueuedMessage, QueueEnvelope, Result, RunnerLock
 from storage.queue_ids import new_id
 
@@ -55,13 +57,15 @@ def queues_on_disk(data_dir: DataDir) -> list[int]:
 class QueueSet:
     def __init__(self, data_dir: DataDir, *, shards: Callable[[], Iterable[int]] | None = None,
                  fence: Callable[[int], bool] | None = None, shard_of: Callable[[str], int] | None = None,
-                 runner_lock: Path | None = None):
+                 runner_lock: Path | None = None, pin: Callable[[int], Release] | None = None):
         """A single node's queue when `shards` is None; else a cluster node's shard queues:
         `shards()` those to hold open, `fence(n)` whether this node may write shard n now,
-        `shard_of(account)` an account's shard, `runner_lock` this node's runner lock file."""
+        `shard_of(account)` an account's shard, `runner_lock` this node's runner lock file,
+        `pin(n)` shard n's pin (storage/pinning.py) while its queue is open here."""
         self.data_dir = data_dir
         self._shards = shards
         self._fence = fence or (lambda number: True)
+        self._pin = pin
         self._shard_of = shard_of
         self._runner_lock = runner_lock if runner_lock is not None else data_dir.path / "queue" / "runner.lock"
         self._queues: dict[int | None, Queue] = {}
@@ -151,7 +155,10 @@ class QueueSet:
                 return queue
             try:
                 queue = Queue(self.data_dir.shard_path(number) / "queue", shard=number,
-                              fence=lambda: self._fence(number))
+                              fence=lambda: self._fence(number),
+                              pin=functools.partial(self._pin, number) if self._pin is not None else None)
+            except NotOwnerError:
+                return None  # its volume is being detached: not opened, nothing wrong
             except (StoreError, OSError, lmdb.Error) as e:
                 self._failed[number] = time.monotonic() + OPEN_BACKOFF
                 _log.error("queue_open_failed", shard=number, error=str(e))

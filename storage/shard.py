@@ -77,6 +77,7 @@ from conf.logfmt import EventLogger
 from storage.errors import DISK_FULL, DiskFullError, NotOwnerError, StoreError, is_disk_full, store_error
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
+from storage.pinning import Pin
 from storage.writers import WriterDir
 from wire import metrics
 
@@ -227,6 +228,9 @@ class Shard:
         # Cluster mode: fence(number, revision) -> whether this node holds this shard under
         # the claim `revision` now (cluster/local.py NodeTable.holds); None: a single node.
         self.fence: Callable[[int, int], bool] | None = None
+        # Cluster mode: the shard's pin (storage/pinning.py), for what keeps a file of it open
+        # beyond the store's own handle (a delivery's message file); None: a single node.
+        self.pin: Pin | None = None
 
     # -- paths --------------------------------------------------------------------------
 

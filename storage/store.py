@@ -41,6 +41,7 @@ from storage.mailboxes import INBOX, Mailbox
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
+from storage.pinning import Pin, Release, open_pinned, take
 from storage.records import Usage
 from storage.queue import wait_for_commits as wait_for_queue_commits
 from storage.shard import Shard, uid_key
@@ -54,15 +55,19 @@ CLOSE_WAIT = 60.0  # seconds, at most, a close may take (its commits and reads i
 class Store:
     def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None,
                  dedupe_window: float = DEDUPE_WINDOW, fence: Callable[[int, int], bool] | None = None,
-                 held: Callable[[int], bool] | None = None):
+                 held: Callable[[int], bool] | None = None, pin: Callable[[int], Release] | None = None):
         """`fence`: cluster mode's check of every commit (storage/shard.py, "Fencing"):
         fence(shard number, recorded claim revision) -> whether this node may write it.
         `held`: a cluster daemon's (cluster/follow.py): held(shard number) -> whether this
         node holds the shard now, its volume attached; a shard is opened only then, and is
-        otherwise NotOwnerError."""
+        otherwise NotOwnerError. `pin`: cluster mode's (storage/pinning.py): pin(shard
+        number) before a shard is opened, let go once it is closed and no file of it is
+        open here (NotOwnerError while its volume is being detached)."""
         self._data_dir = data_dir
         self._fence = fence
         self._held = held
+        self._pin = pin
+        self._pinned: dict[int, Release] = {}  # the open shards' own pins
         self._dedupe_window = dedupe_window
         self._shards: dict[int, Shard] = {}
         self._closing: dict[int, threading.Event] = {}  # shards being closed: not opened again meanwhile
@@ -80,7 +85,10 @@ class Store:
             self._closed = True
             shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
-            shard.close()
+            try:
+                shard.close()
+            finally:
+                self._unpin(shard.number)
 
     def __enter__(self) -> Store:
         return self
@@ -117,23 +125,46 @@ class Store:
             raise StoreError("store is closed")
         shard = self._shards.get(number)
         if shard is None:
-            if self._held is not None and not self._held(number):
-                # Its volume is not attached here (or is being detached): never touched.
-                raise NotOwnerError(f"shard {number} is not served by this node now")
-            shard = Shard(self._data_dir.shard_path(number), number)
-            shard.fence = self._fence
-            shard.idle_work = functools.partial(self._idle_work, shard)
-            shard.settler = functools.partial(settle.settle, shard)
-            shard.flush_files = journal.FileSystemFlusher(shard.path)
-            # Before anyone reads it here: finish what a crash of any process left,
-            # then put back what a crash of the machine lost of journaled files.
+            # Pinned first, then asked whether it is held: a release that withdrew the claim
+            # meanwhile either waits for this pin or made this open fail.
+            pin = functools.partial(self._pin, number) if self._pin is not None else None
+            release = take(pin)
             try:
-                settle.recover(shard)
-                journal.restore(shard)
-            except NotOwnerError:
-                pass  # a cluster's shard another node owns: its owner recovers it, on taking it
+                if self._held is not None and not self._held(number):
+                    # Its volume is not attached here (or is being detached): never touched.
+                    raise NotOwnerError(f"shard {number} is not served by this node now")
+                shard = self._new_shard(number, pin)
+            except BaseException:
+                release()
+                raise
             self._shards[number] = shard
+            self._pinned[number] = release
         return shard
+
+    def _new_shard(self, number: int, pin: Pin | None) -> Shard:
+        shard = Shard(self._data_dir.shard_path(number), number)
+        shard.fence = self._fence
+        shard.pin = pin
+        shard.idle_work = functools.partial(self._idle_work, shard)
+        shard.settler = functools.partial(settle.settle, shard)
+        shard.flush_files = journal.FileSystemFlusher(shard.path)
+        # Before anyone reads it here: finish what a crash of any process left,
+        # then put back what a crash of the machine lost of journaled files.
+        try:
+            settle.recover(shard)
+            journal.restore(shard)
+        except NotOwnerError:
+            pass  # a cluster's shard another node owns: its owner recovers it, on taking it
+        except BaseException:
+            shard.close()
+            raise
+        return shard
+
+    def _unpin(self, number: int) -> None:
+        with self._lock:
+            release = self._pinned.pop(number, None)
+        if release is not None:
+            release()
 
     # -- cluster mode: a shard taken and released by this node (cluster/agent.py) ---------
 
@@ -176,6 +207,7 @@ class Store:
         try:
             shard.close(released=released)
         finally:
+            self._unpin(number)
             with self._lock:
                 del self._closing[number]
             done.set()
@@ -397,13 +429,18 @@ class Store:
         with shard.read() as txn:
             return records.get_usage(txn, shard, account)
 
-    def usage_by_shard(self) -> list[Usage]:
+    def usage_by_shard(self) -> dict[int, Usage]:
         """Each shard's messages and bytes (what quotas count), by shard number: the
-        store's size for metrics, read in one short transaction per shard."""
-        result = []
-        for shard in self.shards():
-            with shard.read() as txn:
-                result.append(records.shard_usage(txn, shard))
+        store's size for metrics, read in one short transaction per shard. A cluster
+        node's store leaves out the shards it does not serve now."""
+        result = {}
+        for number in range(self._data_dir.shards):
+            try:
+                shard = self._shard_by_number(number)
+                with shard.read() as txn:
+                    result[number] = records.shard_usage(txn, shard)
+            except NotOwnerError:
+                continue  # another node's, or being handed over: its owner counts it
         return result
 
     # -- delivery -----------------------------------------------------------------------
@@ -538,7 +575,7 @@ class Store:
                 raise ExpungedError(f"message UID {message.uid} has been expunged")
             path, base = expected
             try:
-                return open(path, "rb")
+                return open_pinned(path, shard.pin)  # kept attached while it is read
             except FileNotFoundError:  # not settled yet, or renamed meanwhile
                 pass
             found = messages.find_file(shard, Path(path), base)
@@ -549,7 +586,7 @@ class Store:
                 # nothing (issue 15, item 3).
                 continue
             try:
-                return open(found, "rb")
+                return open_pinned(found, shard.pin)
             except FileNotFoundError:
                 continue
         raise StoreError(f"message file of UID {message.uid} is missing: run 'postroom store check'")

@@ -3,28 +3,37 @@ that node, not only by its agent (issue 18, item 3; cluster/follow.py): the IMAP
 sessions it served for the shard's accounts are told (`* BYE [UNAVAILABLE]`, `-ERR
 [SYS/TEMP]`) and closed, no daemon keeps a file of the shard open (its volume could not be
 detached otherwise), and a new login through the drained node is proxied to the new owner.
+
+The agent runs the detach command only once every process of the node has let go
+(cluster/pins.py): the nodes' detach command is tests/detach_probe.py, which records what
+any process of the machine holds open under the shard's directory at that moment.
 """
 
 from __future__ import annotations
 
 import imaplib
-import os
+import json
 import poplib
 import smtplib
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+from cluster_nodes import owners as etcd_owners
 from cluster_nodes import start_nodes, stop_nodes, wait_owners
 from conftest import POSTROOM, client_tls_context
+from detach_probe import open_under
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
 from cluster.etcd import Etcd
 from cluster.local import open_node_table
-from storage import Store, open_data_dir
+from cluster.pins import let_go, process_pins
+from storage import NotOwnerError, Store, open_data_dir
 
 SHARDS = 4
 NODES = ("node-a", "node-b")
@@ -32,14 +41,24 @@ PASSWORD = "correct horse battery"
 DAEMONS = ("mtad", "imapd", "pop3d")
 
 
+PROBE = Path(__file__).with_name("detach_probe.py")
+
+
 @pytest.fixture
 def nodes(tmp_path: Path, etcd_server):  # noqa: F811
+    detach = f"{sys.executable} {PROBE} {{shard}} {{path}} {tmp_path / 'detached.jsonl'}"
     running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS,
-                                   users=[f"user{i}@example.test" for i in range(40)], password=PASSWORD)
+                                   users=[f"user{i}@example.test" for i in range(40)], password=PASSWORD,
+                                   cluster={"detach": detach})
     try:
         yield running, configs, tmp_path / "var"
     finally:
         stop_nodes(running)
+
+
+def _detached(record: Path) -> list[dict]:
+    """What the detach probe found at each detach so far (tests/detach_probe.py)."""
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 
 
 def _send(daemon, recipient: str, subject: str) -> None:
@@ -48,22 +67,6 @@ def _send(daemon, recipient: str, subject: str) -> None:
               f"Message-ID: <{uuid.uuid4().hex}@remote.example>\r\n\r\nhello\r\n"
     with smtplib.SMTP(address.host, address.port, timeout=30) as client:
         client.sendmail("someone@remote.example", [recipient], message)  # raises unless 250
-
-
-def _open_under(pid: int, root: Path) -> list[str]:
-    """What process `pid` holds open under `root`: descriptors, and mappings (LMDB's)."""
-    prefix = str(root) + "/"
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue  # closed meanwhile
-        if target.startswith(prefix):
-            found.append(f"fd {fd}: {target}")
-    with open(f"/proc/{pid}/maps") as maps:
-        found += [f"map: {line.split(None, 5)[-1].strip()}" for line in maps if prefix in line]
-    return found
 
 
 def _imap(daemon) -> imaplib.IMAP4_SSL:
@@ -91,7 +94,8 @@ def _log_in_imap(daemon, account: str) -> imaplib.IMAP4_SSL | None:
 def test_a_drained_node_lets_go_of_its_shards(nodes):
     running, configs, data_dir = nodes
     node_a, node_b = running["node-a"], running["node-b"]
-    owners = wait_owners(Etcd(conf.load(configs["node-a"]).cluster), NODES, SHARDS, 20, every_node=True)
+    etcd = Etcd(conf.load(configs["node-a"]).cluster)
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
     store = Store(open_data_dir(data_dir, SHARDS))  # shard numbers only: nothing opened here
     account = next(f"user{i}@example.test" for i in range(40)
                    if owners[store.shard_number(f"user{i}@example.test")] == "node-a")
@@ -115,12 +119,22 @@ def test_a_drained_node_lets_go_of_its_shards(nodes):
     assert len(logins) == 2 and not any("proxied_to" in line for line in logins), logins
     pids = {name: node_a.child_pid(name) for name in DAEMONS}
     shards_dir = data_dir / "shards"
-    before = {name: _open_under(pid, shards_dir) for name, pid in pids.items()}
+    before = {name: open_under(pid, shards_dir) for name, pid in pids.items()}
     assert all(before.values()), before  # each daemon had the shards open: the check below can fail
+    record = data_dir.parent / "detached.jsonl"
+    earlier = len(_detached(record))  # node-a's balance at the start, when node-b joined
+    mine = {number for number, node in etcd_owners(etcd).items() if node == "node-a"}
 
     drained = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "drain", "node-a"],
                              capture_output=True, text=True, timeout=60)
     assert drained.returncode == 0, drained.stderr
+
+    # The agent detached each shard only once no process of the node had a file of it open:
+    # the probe, run as the detach command, found none in any process of the machine (the
+    # sessions above have not been read from or closed yet: theirs must be let go unasked).
+    wait_until(lambda: mine <= {d["shard"] for d in _detached(record)[earlier:]}, 20, "node-a detaches its shards")
+    assert [d for d in _detached(record) if d["open"]] == [], _detached(record)
+    assert "event=shard_let_go" in node_a.stderr()
 
     # The IMAP session is told, unasked, and closed: RFC 5530's UNAVAILABLE.
     imap.sock.settimeout(15)
@@ -136,7 +150,7 @@ def test_a_drained_node_lets_go_of_its_shards(nodes):
     assert "reason=shard_released" in node_a.stderr()
 
     # No daemon of node-a holds a file of any shard (all released by the drain) open.
-    wait_until(lambda: not any(_open_under(pid, shards_dir) for pid in pids.values()), 15,
+    wait_until(lambda: not any(open_under(pid, shards_dir) for pid in pids.values()), 15,
                "node-a's daemons close the shards it released")
     assert "event=shard_closed" in node_a.stderr()
 
@@ -157,5 +171,35 @@ def test_a_drained_node_lets_go_of_its_shards(nodes):
     finally:
         pop3.quit()
     # Still none open: the proxied sessions used node-b's store.
-    assert not any(_open_under(pid, shards_dir) for pid in pids.values())
+    assert not any(open_under(pid, shards_dir) for pid in pids.values())
     store.close()
+
+
+def test_a_pin_holds_the_detach_back_until_its_process_lets_go_or_dies(tmp_path: Path):
+    """cluster/pins.py alone, with real processes: a process's pin keeps the agent waiting
+    (which then names it), is refused while the agent holds the shard for its detach, and
+    goes with its process, however that ends."""
+    pins = tmp_path / "node-a.pins"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from cluster.pins import process_pins\n"
+        f"process_pins(Path({str(pins)!r})).pin(3); print('pinned', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "pinned\n"
+        with let_go(pins, 3, time.monotonic() + 0.3) as outcome:
+            assert not outcome.all_let_go and outcome.waited >= 0.3
+            assert outcome.holders == (holder.pid,)
+        holder.kill()  # no release: its pin goes with it
+        holder.wait(10)
+        with let_go(pins, 3, time.monotonic() + 5) as outcome:
+            assert outcome.all_let_go and outcome.waited < 1
+            with pytest.raises(NotOwnerError):
+                process_pins(pins).pin(3)  # nothing opens the shard under the detach
+        release = process_pins(pins).pin(3)  # detached: a later take of the shard pins again
+        release()
+        release()  # once only: a second call does nothing
+        with let_go(pins, 3, time.monotonic()) as outcome:
+            assert outcome.all_let_go
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -141,6 +141,13 @@ class ServerProtocol(Protocol):
         """The last words to a client whose account's shard this node let go."""
         raise NotImplementedError
 
+    def let_go(self) -> None:
+        """The account's shard is no longer this node's and the session is closing: drop,
+        now, what the session holds open on the shard's volume (a POP3 maildrop lock, a
+        message file read ahead, an APPEND's message file), not once the connection is
+        gone, which a TLS close makes wait up to CLOSE_GRACE for the client: the node
+        detaches the volume once nothing of it is open (cluster/pins.py)."""
+
     def started(self) -> None:
         """The connection is admitted: make the session, send the greeting."""
 
@@ -274,6 +281,7 @@ class ServerProtocol(Protocol):
         self.log.info("closed", reason="shard_released", shard=shard)
         self.transport.write(self.released_reply())
         self.close()
+        self.let_go()
 
     def restart_timer(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
