@@ -84,6 +84,12 @@ def test_a_machine_crash_loses_nothing_acknowledged(data_dir):
     assert damaged > MACHINE_ROUNDS, f"only {damaged} journaled files to damage: the test proves little"
 
 
+def wait_for_deliveries(lines: list[str], count: int) -> None:
+    deadline = time.monotonic() + 30
+    while sum(line.startswith("delivered ") for line in list(lines)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def sigkill_rounds(data_dir: Path, mode: str, rounds: int, *, lose_unflushed: bool = False) -> int:
     rng = random.Random(20261123)
     damaged = 0
@@ -97,12 +103,15 @@ def sigkill_rounds(data_dir: Path, mode: str, rounds: int, *, lose_unflushed: bo
         if lose_unflushed:
             # Killed soon after its first deliveries, before its first checkpoint (a second
             # after them) has flushed them, however slowly a loaded machine starts it.
-            deadline = time.monotonic() + 30
-            while sum(line.startswith("delivered ") for line in list(lines)) < 12 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for_deliveries(lines, 12)
             time.sleep(rng.uniform(0.0, 0.4))
+        elif round_number % 4 == 0:
+            time.sleep(rng.uniform(0.0, 0.5))  # maybe in its start-up, or its recovery
         else:
-            time.sleep(rng.uniform(0.3, 1.0))  # the first ~0.25 s is interpreter start-up
+            # Killed among its deliveries, however slowly a loaded machine starts it (the
+            # first ~0.25 s is interpreter start-up, far longer beside other suites).
+            wait_for_deliveries(lines, 1)
+            time.sleep(rng.uniform(0.0, 0.7))
         worker.send_signal(signal.SIGKILL)
         worker.wait(30)
         reader.join(10)
