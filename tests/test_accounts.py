@@ -127,6 +127,28 @@ def test_authenticate(accounts):
     assert accounts.authenticate("alice+news@example.test", PASSWORD) is None
 
 
+def test_a_hash_of_another_cost_is_made_again_at_the_next_login(data_dir):
+    """[accounts] password_* changed: a stored hash is checked at the cost it was made
+    with, and stored again at the hasher's once the password proved right."""
+    import argon2
+
+    other = argon2.PasswordHasher(time_cost=2, memory_cost=16, parallelism=1, type=argon2.Type.ID)
+    path = open_data_dir(data_dir, 4).accounts_path
+    with Accounts(path, hasher=CHEAP_HASHER) as accounts:
+        accounts.add_domain("example.test")
+        accounts.add_user("alice@example.test", PASSWORD)
+    raw = (data_dir / "accounts.lmdb" / "data.mdb").read_bytes
+    assert b"$argon2id$v=19$m=8,t=1,p=1$" in raw()
+    with Accounts(path, hasher=other) as accounts:
+        assert accounts.authenticate("alice@example.test", "wrong password") is None
+        assert b"$argon2id$v=19$m=8,t=1,p=1$" in raw()  # a wrong password changes nothing
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+    assert b"$argon2id$v=19$m=16,t=2,p=1$" in raw()  # (the old record's page may stay in the file)
+    with Accounts(path, hasher=CHEAP_HASHER) as accounts:  # and back: the new hash is the user's
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+
+
 def test_set_password_and_quota(accounts):
     accounts.add_user("alice@example.test", PASSWORD)
     accounts.set_password("alice@example.test", "a brand new secret")
