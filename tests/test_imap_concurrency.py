@@ -38,8 +38,9 @@ def _message(i: int) -> bytes:
     return b"From: a@example.test\r\nSubject: m%d\r\n\r\n" % i + body
 
 
+# Not `serial`: nothing here is timed but the load's bounds (ENOUGH within MAX_SECONDS),
+# which a busy machine only makes longer; the assertions are counts and faults.
 @pytest.mark.long
-@pytest.mark.serial  # ten busy clients for a few seconds: timing wants the machine to itself
 def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
     add_accounts(daemon.config_path, PASSWORD, [USER])
     with Store(open_data_dir(data_dir, 4)) as store:
