@@ -350,6 +350,19 @@ class StorageConfig:
 class AccountsConfig:
     # "alice+news@example.org" reaches alice; "" turns sub-addressing off.
     recipient_delimiter: str = field(default="+", metadata={"check": check_delimiter})
+    # argon2id's cost for each password hashed from now on (RFC 9106 §4): the memory, passes
+    # and lanes of every hash and every login's check. The defaults are RFC 9106's second
+    # recommended option. A stored hash is checked at the cost it was made with, and made
+    # again at these at its user's next login.
+    password_memory: Size = field(default=Size(64 * MiB), metadata={"min": 8 * KiB, "max": 4 * 1024 * MiB})
+    password_passes: int = field(default=3, metadata={"min": 1, "max": 32})
+    password_lanes: int = field(default=4, metadata={"min": 1, "max": 64})
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.password_memory < 8 * KiB * self.password_lanes:  # argon2's own floor (RFC 9106 §3.1)
+            return [("password_memory", f"at least 8K per lane: {self.password_lanes} lanes need "
+                                        f"{8 * self.password_lanes}K")]
+        return []
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from cluster.local import node_name
 from conf import Config
 from conf.logfmt import EventLogger, setup_logging
 from postroom import supervisor
-from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock
+from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, password_hasher
 from postroom.notify import notify
 from storage import DataDirError, Store, open_data_dir
 
@@ -60,7 +60,8 @@ def run(config: Config, *, supervised: bool = False) -> int:
     from cluster.accounts_mirror import AccountsMirror
     from storage import Accounts
 
-    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter,
+                        hasher=password_hasher(config.accounts))
     mirror = AccountsMirror(accounts, list(config.cluster.etcd), config.cluster.prefix).start()
     try:
         return _run_agent(config, data_dir, node, log, stopping)

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 
+import argon2
+
 from conf import Config
+from conf.schema import AccountsConfig
 from postroom.services import DAEMONS
 from storage import (NO_QUOTA, Accounts, DataDir, NotOwnerError, Quota, QueueSet, Store, held_flocks, open_data_dir,
                      queues_on_disk)
@@ -31,9 +34,17 @@ class DataDirInUseError(Exception):
     """Another process holds the lock; str() is one line for the sysadmin."""
 
 
+def password_hasher(accounts: AccountsConfig) -> argon2.PasswordHasher:
+    """argon2id at the configured cost ([accounts] password_*), for new hashes; a check
+    uses the cost written in the stored hash."""
+    return argon2.PasswordHasher(time_cost=accounts.password_passes, memory_cost=accounts.password_memory // 1024,
+                                 parallelism=accounts.password_lanes, type=argon2.Type.ID)
+
+
 def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     data_dir = open_data_dir(config.server.data_dir, config.storage.shards)
-    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter)
+    accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter,
+                        hasher=password_hasher(config.accounts))
     return data_dir, accounts
 
 

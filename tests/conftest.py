@@ -116,6 +116,7 @@ def write_config_file(path: Path, data_dir: Path, **overrides: dict[str, object]
         # The policy chain asks DNS (SPF, DKIM, DMARC): its tests turn it on with a zone
         # of their own (tests/dnszone.py); the rest do not depend on this machine's DNS.
         "policy": {"enabled": False},
+        "accounts": dict(CHEAP_PASSWORDS),
     }
     for dotted in LISTENERS:
         section, key = dotted.split(".")
@@ -152,13 +153,13 @@ def cli(config_path: Path, tmp_path: Path):
 
 
 class _HashOnce(argon2.PasswordHasher):
-    """argon2id with the parameters Accounts uses, each password hashed once per test
-    process: a hash costs ~0.2 s of CPU, and a module's tests make hundreds of users with
-    one password. What is stored is a real hash of that password (the daemon verifies it as
-    any other); the users that share the password share its salt."""
+    """argon2id at a config's cost, each password hashed once per test process: at
+    production cost a hash takes ~0.2 s of CPU, and a module's tests make hundreds of users
+    with one password. What is stored is a real hash of that password (the daemon verifies
+    it as any other); the users that share the password share its salt."""
 
-    def __init__(self) -> None:
-        super().__init__(type=argon2.Type.ID)
+    def __init__(self, time_cost: int, memory_cost: int, parallelism: int) -> None:
+        super().__init__(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism, type=argon2.Type.ID)
         self._hashes: dict[str | bytes, str] = {}
 
     def hash(self, password: str | bytes, **kwargs) -> str:
@@ -169,7 +170,16 @@ class _HashOnce(argon2.PasswordHasher):
         return self._hashes[password]
 
 
-_hash_once = _HashOnce()
+_hash_once: dict[tuple[int, int, int], _HashOnce] = {}  # by (passes, KiB, lanes)
+
+# Real argon2id at the smallest cost the algorithm allows (8 KiB, one pass): a hash or a
+# check takes ~20 us instead of ~0.18 s of CPU and 64 MiB. Every test config asks for it
+# ([accounts] password_*), so the daemons' logins cost that much; CHEAP_HASHER makes the
+# same hashes for Accounts a test opens itself. What Accounts and the daemons do with a
+# hash is the same whatever its cost; the production cost has tests of its own
+# (test_accounts.py's full_cost_accounts, test_serve.py, test_cli.py).
+CHEAP_PASSWORDS = {"password_memory": "8K", "password_passes": 1, "password_lanes": 1}
+CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
 
 
 def add_accounts(config_path: Path, password: str = "", users: tuple[str, ...] | list[str] = (),
@@ -182,8 +192,10 @@ def add_accounts(config_path: Path, password: str = "", users: tuple[str, ...] |
 
     config = conf.load(config_path)
     data_dir = open_data_dir(config.server.data_dir, config.storage.shards)  # as postroom.datadir.open_accounts
+    cost = (config.accounts.password_passes, config.accounts.password_memory // 1024, config.accounts.password_lanes)
+    hasher = _hash_once.setdefault(cost, _HashOnce(*cost))  # the config's, as postroom.datadir.password_hasher
     accounts = Accounts(data_dir.accounts_path, recipient_delimiter=config.accounts.recipient_delimiter,
-                        hasher=_hash_once)
+                        hasher=hasher)
     with accounts:
         for domain in domains:
             accounts.add_domain(domain)

@@ -26,10 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import argon2
-
 import conf
-from conftest import render_config
+from conftest import CHEAP_HASHER, render_config  # password hashes: real argon2id at the smallest cost
 from imapd.parser import Frame, Framer
 from imapd.recent import RecentClaims
 from imapd.session import LOGOUT, IMAPContext, Session
@@ -42,8 +40,6 @@ from wire.connections import ConnectionLimit
 PASSWORD = "correct horse battery staple"
 MAX_LINE = 64 * 1024  # as imapd.protocol
 WAIT = 5.0  # seconds a test waits for an answer before it fails
-# Password hashes are real argon2id at the smallest cost: a login takes a millisecond.
-CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
 _LITERAL_END = re.compile(rb"\{(\d+)\+?\}\r\n\Z")
 
 

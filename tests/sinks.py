@@ -163,7 +163,9 @@ class Sink:
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
         ok = isinstance(auth_data, LoginPassword) and (
             auth_data.login.decode(), auth_data.password.decode()) == self.auth
-        return AuthResult(success=ok, auth_data=auth_data.login.decode() if ok else None)
+        # handled=False: aiosmtpd answers a failure itself (535 5.7.8); handled=True would
+        # mean this hook had answered, and the client would wait for a reply never sent.
+        return AuthResult(success=ok, handled=False, auth_data=auth_data.login.decode() if ok else None)
 
     async def handle_DATA(self, server, session, envelope):
         if self.data_reply and not self.data_reply.startswith("2"):

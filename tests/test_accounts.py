@@ -9,9 +9,9 @@ import sys
 import threading
 import time
 
-import argon2
 import pytest
 
+from conftest import CHEAP_HASHER
 from storage import (
     AccountError,
     Accounts,
@@ -34,6 +34,17 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture
 def accounts(data_dir):
+    """Accounts with example.test, hashing at the cheapest argon2id cost: what a hash
+    costs is the subject of the `full_cost_accounts` tests only."""
+    dd = open_data_dir(data_dir, 4)
+    with Accounts(dd.accounts_path, hasher=CHEAP_HASHER) as db:
+        db.add_domain("example.test")
+        yield db
+
+
+@pytest.fixture
+def full_cost_accounts(data_dir):
+    """Accounts with example.test and the hasher production uses (argon2-cffi's defaults)."""
     dd = open_data_dir(data_dir, 4)
     with Accounts(dd.accounts_path) as db:
         db.add_domain("example.test")
@@ -95,10 +106,10 @@ def test_password_policy(accounts):
     assert accounts.get_user("bob@example.test") is None
 
 
-def test_passwords_are_stored_as_argon2id(accounts, data_dir):
-    accounts.add_user("alice@example.test", PASSWORD)
+def test_passwords_are_stored_as_argon2id(full_cost_accounts, data_dir):
+    full_cost_accounts.add_user("alice@example.test", PASSWORD)
     raw = (data_dir / "accounts.lmdb" / "data.mdb").read_bytes()
-    assert b"$argon2id$" in raw
+    assert b"$argon2id$v=19$m=65536,t=3,p=4$" in raw  # RFC 9106's second recommended option
     assert PASSWORD.encode() not in raw
 
 
@@ -116,6 +127,28 @@ def test_authenticate(accounts):
     assert accounts.authenticate("alice+news@example.test", PASSWORD) is None
 
 
+def test_a_hash_of_another_cost_is_made_again_at_the_next_login(data_dir):
+    """[accounts] password_* changed: a stored hash is checked at the cost it was made
+    with, and stored again at the hasher's once the password proved right."""
+    import argon2
+
+    other = argon2.PasswordHasher(time_cost=2, memory_cost=16, parallelism=1, type=argon2.Type.ID)
+    path = open_data_dir(data_dir, 4).accounts_path
+    with Accounts(path, hasher=CHEAP_HASHER) as accounts:
+        accounts.add_domain("example.test")
+        accounts.add_user("alice@example.test", PASSWORD)
+    raw = (data_dir / "accounts.lmdb" / "data.mdb").read_bytes
+    assert b"$argon2id$v=19$m=8,t=1,p=1$" in raw()
+    with Accounts(path, hasher=other) as accounts:
+        assert accounts.authenticate("alice@example.test", "wrong password") is None
+        assert b"$argon2id$v=19$m=8,t=1,p=1$" in raw()  # a wrong password changes nothing
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+    assert b"$argon2id$v=19$m=16,t=2,p=1$" in raw()  # (the old record's page may stay in the file)
+    with Accounts(path, hasher=CHEAP_HASHER) as accounts:  # and back: the new hash is the user's
+        assert accounts.authenticate("alice@example.test", PASSWORD) is not None
+
+
 def test_set_password_and_quota(accounts):
     accounts.add_user("alice@example.test", PASSWORD)
     accounts.set_password("alice@example.test", "a brand new secret")
@@ -131,10 +164,11 @@ def test_set_password_and_quota(accounts):
         accounts.set_password("nobody@example.test", "whatever123")
 
 
-def test_unknown_user_costs_as_much_as_a_wrong_password(accounts):
+def test_unknown_user_costs_as_much_as_a_wrong_password(full_cost_accounts):
     """Response time must not tell an attacker which addresses exist. The gap this guards
     against is two orders of magnitude (a dictionary miss against an argon2 hash), so the
     bounds are wide on purpose."""
+    accounts = full_cost_accounts
     accounts.add_user("alice@example.test", PASSWORD)
 
     def seconds(address: str) -> float:
@@ -385,8 +419,7 @@ def test_remembered_answers_are_never_older_than_the_last_commit(data_dir):
     """A reader in one thread while another commits (the cluster's mirror does, in the
     process that reads): once a commit is done, the next question sees it, however the
     reads and the commit interleaved."""
-    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=argon2.Type.ID)
-    accounts = Accounts(open_data_dir(data_dir, 4).accounts_path, hasher=cheap)
+    accounts = Accounts(open_data_dir(data_dir, 4).accounts_path, hasher=CHEAP_HASHER)
     accounts.add_domain("example.test")
     stop = threading.Event()
 

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, client_tls_context, free_port, start_daemon, start_module_daemon, write_config_file
+from conftest import (
+    BIN,
+    CHEAP_HASHER,
+    client_tls_context,
+    free_port,
+    start_daemon,
+    start_module_daemon,
+    write_config_file,
+)
 from docs_blocks import commands
 from storage import Accounts, Queue, QueuedRecipient, QueueEnvelope, Store, open_data_dir
 from storage.check import check
@@ -46,7 +54,7 @@ class Server:
             # On, so the data dir holds the processes' metrics files, which a backup leaves out.
             "metrics": {"listen": [f"127.0.0.1:{free_port()}"]}}
         self.daemon = start_module_daemon(root, **self.overrides)
-        with Accounts(root / "var/accounts.lmdb") as accounts:
+        with Accounts(root / "var/accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
             accounts.add_domain("example.test")
             for user in ("race", "load", "keep"):
                 accounts.add_user(f"{user}@example.test", PASSWORD)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import scale
 from conftest import add_accounts, client_tls_context
 from storage import open_data_dir
 from storage.store import Store
@@ -23,7 +24,9 @@ PASSWORD = "correct horse battery"
 USER = "busy@example.test"
 CLIENTS = 10
 MESSAGES = 40
-SECONDS = 6.0  # of load at least, and until ENOUGH was done, within MAX_SECONDS (a busy machine)
+# Of load at least, and until ENOUGH was done, within MAX_SECONDS (a busy machine). Before the
+# fix faults came ~15 a second; ENOUGH alone takes ~3 s here. `make test-long`: 6 s at least.
+SECONDS = scale.count(2.0, 6.0)
 MAX_SECONDS = 60.0
 ENOUGH = {"fetched": 300, "store": 300, "expunge": 60}
 MAX_COMMANDS = 4000  # per client: the loop is bounded in count as well as in time
@@ -35,7 +38,9 @@ def _message(i: int) -> bytes:
     return b"From: a@example.test\r\nSubject: m%d\r\n\r\n" % i + body
 
 
-@pytest.mark.serial  # ten busy clients for a few seconds: timing wants the machine to itself
+# Not `serial`: nothing here is timed but the load's bounds (ENOUGH within MAX_SECONDS),
+# which a busy machine only makes longer; the assertions are counts and faults.
+@pytest.mark.long
 def test_ten_clients_on_one_mailbox_never_see_a_store_fault(daemon, data_dir):
     add_accounts(daemon.config_path, PASSWORD, [USER])
     with Store(open_data_dir(data_dir, 4)) as store:

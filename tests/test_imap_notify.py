@@ -14,7 +14,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from conftest import client_tls_context, start_module_daemon
+from conftest import CHEAP_HASHER, client_tls_context, start_module_daemon
 from storage import Accounts
 
 PASSWORD = "correct horse battery staple"
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("imap-notify")
     data_dir = root / "var"
     daemon = start_module_daemon(root, storage={"shards": 2})
-    daemon.accounts = Accounts(data_dir / "accounts.lmdb")
+    daemon.accounts = Accounts(data_dir / "accounts.lmdb", hasher=CHEAP_HASHER)
     daemon.accounts.add_domain("example.test")
     yield daemon
     daemon.accounts.close()

@@ -11,7 +11,15 @@ import re
 
 import pytest
 
-from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon
+from conftest import (
+    CHEAP_HASHER,
+    CHEAP_PASSWORDS,
+    LISTENERS,
+    client_tls_context,
+    free_port,
+    render_config,
+    start_daemon,
+)
 from imap_script import PASSWORD, ScriptServer
 from storage import Accounts, open_data_dir
 from storage.store import Store
@@ -170,6 +178,7 @@ def daemon(tmp_path_factory):
         "server": {"hostname": "mail.example.test", "data_dir": str(data_dir)},
         "tls": {"cert": str(data_dir / "tls/cert.pem"), "key": str(data_dir / "tls/key.pem"), "self_signed": True},
         "storage": {"shards": 2},
+        "accounts": dict(CHEAP_PASSWORDS),
     }
     for dotted in LISTENERS:
         section, key = dotted.split(".")
@@ -177,7 +186,7 @@ def daemon(tmp_path_factory):
     config_path = root / "postroom.toml"
     config_path.write_text(render_config(sections))
     running = start_daemon(config_path, root)
-    accounts = Accounts(data_dir / "accounts.lmdb")
+    accounts = Accounts(data_dir / "accounts.lmdb", hasher=CHEAP_HASHER)
     store = Store(open_data_dir(data_dir, 2))
     try:
         accounts.add_domain("example.test")

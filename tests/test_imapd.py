@@ -26,7 +26,16 @@ from pathlib import Path
 import imapclient
 import pytest
 
-from conftest import LISTENERS, client_tls_context, free_port, render_config, start_daemon, write_mbsyncrc
+from conftest import (
+    CHEAP_HASHER,
+    CHEAP_PASSWORDS,
+    LISTENERS,
+    client_tls_context,
+    free_port,
+    render_config,
+    start_daemon,
+    write_mbsyncrc,
+)
 from storage import Accounts, open_data_dir
 from storage.store import Store
 
@@ -44,6 +53,7 @@ def server(tmp_path_factory):
         "storage": {"shards": 4},
         "smtp": {"max_connections_per_ip": 200, "max_message_size": "10M"},
         "imap": {"max_connections_per_ip": 2000},
+        "accounts": dict(CHEAP_PASSWORDS),
     }
     for dotted in LISTENERS:
         section, key = dotted.split(".")
@@ -52,7 +62,7 @@ def server(tmp_path_factory):
     config_path.write_text(render_config(sections))
     daemon = start_daemon(config_path, root)
     daemon.data_dir = data_dir
-    daemon.accounts = Accounts(data_dir / "accounts.lmdb")
+    daemon.accounts = Accounts(data_dir / "accounts.lmdb", hasher=CHEAP_HASHER)
     daemon.accounts.add_domain("example.test")
     daemon.store = Store(open_data_dir(data_dir, 4))
     yield daemon

@@ -187,10 +187,11 @@ def test_a_power_cut_after_copy_move_expunge_flags_and_mailbox_changes(data_dir)
     verify(data_dir, expected)
 
 
+CLOSE_ROUNDS = scale.count(5, 15)  # stores opened, filled and closed: `make test-long` makes 15
 CLOSE_RACE = """
 import threading
 storage.shard.CHECKPOINT_INTERVAL = 0.005  # a checkpoint under way whenever close() comes
-for round in range(15):
+for round in range(int(sys.argv[2])):
     store = Store(open_data_dir(sys.argv[1], 2))
     def work(n):
         for i in range(60):
@@ -203,17 +204,18 @@ say("done")
 """
 
 
+@pytest.mark.long
 def test_closing_while_the_checkpointer_works_logs_no_error(data_dir):
     """Store.close() checkpoints what is left itself: a checkpoint it cut short is no
     `checkpoint_failed` (which docs/troubleshooting.md sends an admin after)."""
-    process = subprocess.run([sys.executable, "-c", PRELUDE + CLOSE_RACE, str(data_dir)], capture_output=True,
-                             text=True, timeout=240)
+    process = subprocess.run([sys.executable, "-c", PRELUDE + CLOSE_RACE, str(data_dir), str(CLOSE_ROUNDS)],
+                             capture_output=True, text=True, timeout=240)
     assert process.returncode == 0, process.stderr[-2000:]
     assert "checkpoint_failed" not in process.stderr, process.stderr[-2000:]
     assert journal_bases(data_dir) == {p: [] for p in journal_bases(data_dir)}
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert check(store, ACCOUNT) == []
-        assert store.uids(ACCOUNT, "INBOX")[0].exists == 15 * 180
+        assert store.uids(ACCOUNT, "INBOX")[0].exists == CLOSE_ROUNDS * 180
 
 
 DELIVERER = """
@@ -267,6 +269,7 @@ def stored(store: Store, mailbox: str) -> list[tuple[int, bytes]]:
     return out
 
 
+@pytest.mark.long
 def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
     """Two delivering processes (mtad's workers) and one moving, copying, flagging and
     expunging (imapd), killed at once at random moments; the files the journal names
@@ -277,7 +280,7 @@ def test_a_power_cut_while_three_processes_write_one_shard(data_dir):
     acknowledged: dict[int, int] = {}
     expunged_any = 0
     expunging: set[int] = set()
-    for round_number in range(4):
+    for round_number in range(scale.count(2, 4)):  # `make test-long` cuts the power four times
         start = 1 + round_number * 100_000
         writers = [child(data_dir, DELIVERER, str(start), CHECKPOINT_INTERVAL="0.3"),
                    child(data_dir, DELIVERER, str(start + 50_000), CHECKPOINT_INTERVAL="0.3"),

@@ -617,7 +617,8 @@ def test_the_relay_is_logged_in_to(tmp_path):
         password_file.write_text("wrong\n")
         outcome = _deliver(_config(relay=f"127.0.0.1:{relay.port}", relay_user="relayuser",
                                    relay_password_file=str(password_file)), route, _message("a@anywhere.example"))
-        assert outcome.results[0].state == "deferred"  # a relay that refuses us: our mistake, mail waits
+        # A relay that refuses us: our mistake, mail waits, with the relay's answer as why.
+        assert outcome.results[0].state == "deferred" and " 535 " in outcome.results[0].reply, outcome.results[0]
 
 
 # -- retries and expiry (the runner's arithmetic, with a clock of the test's) -------------

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 import conf
-from conftest import LISTENERS, free_port, render_config, start_daemon
+from conftest import CHEAP_PASSWORDS, LISTENERS, free_port, render_config, start_daemon
 from dnszone import DNSZone
 from postroom.datadir import open_accounts
 from storage import open_data_dir
@@ -101,6 +101,7 @@ def start_mx(tmp: Path, zone: DNSZone, **sections: dict) -> tuple:
         "smtp": {"max_connections_per_ip": 200},
         "dns": {"nameservers": ["127.0.0.1"], "port": zone.port, "timeout": 2},
         "policy": {"enabled": True, "dnsbl_zones": ["bl.example"]},
+        "accounts": dict(CHEAP_PASSWORDS),
     }
     for dotted in LISTENERS:
         section, key = dotted.split(".")

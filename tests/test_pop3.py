@@ -6,6 +6,7 @@ storage API."""
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import poplib
 import signal
@@ -19,39 +20,73 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, add_accounts, client_tls_context, start_daemon
+from conftest import BIN, add_accounts, client_tls_context, start_daemon, start_module_daemon
 from storage import open_data_dir
 from storage.store import Store
 
 PASSWORD = "correct horse battery"
-ALICE = "alice@example.test"
+ALICE = "alice@example.test"  # the user of a test with a daemon of its own
 HOSTNAME = "mail.example.test"
+_tests = itertools.count(1)
 
 
 def add_users(config_path: Path) -> None:
     add_accounts(config_path, PASSWORD, [ALICE, "bob@example.test"])
 
 
-@pytest.fixture
-def pop(daemon, data_dir):
-    """The running daemon with alice and bob, and `store` opened on its data dir."""
-    add_users(daemon.config_path)
-    daemon.store = Store(open_data_dir(data_dir, 4))
+class Pop:
+    """The module's daemon as one test sees it: `alice` and `bob` in a domain of the test's
+    own (alice@p7.example.test, ...), so that no maildrop, lock or message is another
+    test's; `store` is opened on the daemon's data dir, and `stderr()` is what the daemon
+    logged since the test began."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        domain = f"p{next(_tests)}.example.test"
+        self.alice, self.bob = f"alice@{domain}", f"bob@{domain}"
+        self._log_start = len(daemon.stderr())
+        add_accounts(daemon.config_path, PASSWORD, [self.alice, self.bob], domains=(domain,))
+
+    def __getattr__(self, name: str):
+        return getattr(self.daemon, name)
+
+    def stderr(self) -> str:
+        return self.daemon.stderr()[self._log_start:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `postroom serve` for the tests that need no daemon of their own (a start costs
+    more CPU than most of them take), with `store` opened on its data dir."""
+    daemon = start_module_daemon(tmp_path_factory.mktemp("pop3"))
+    daemon.store = Store(open_data_dir(daemon.config.server.data_dir, 4))
     yield daemon
     daemon.store.close()
+    assert daemon.stop() == 0, daemon.stderr()
 
 
-def deliver(daemon, body: bytes, to: str = ALICE) -> None:
+@pytest.fixture
+def pop(server):
+    """The module's daemon, with an alice and a bob of this test's own."""
+    return Pop(server)
+
+
+def user_of(daemon) -> str:
+    """The test's alice: a Pop's, or ALICE on a daemon of the test's own."""
+    return getattr(daemon, "alice", ALICE)
+
+
+def deliver(daemon, body: bytes, to: str | None = None) -> None:
     """Through the MX agent, as mail really arrives."""
     address = daemon.listen("smtp.listen")
     with smtplib.SMTP(address.host, address.port, timeout=30) as client:
         client.ehlo("client.example.org")
-        assert client.sendmail("sender@example.org", [to], body) == {}
+        assert client.sendmail("sender@example.org", [to or user_of(daemon)], body) == {}
 
 
-def stored(daemon, account: str = ALICE) -> list[bytes]:
+def stored(daemon, account: str | None = None) -> list[bytes]:
     store = daemon.store
-    return [store.read_message(m) for m in store.fetch(account, "INBOX", [(1, 2**32 - 1)])]
+    return [store.read_message(m) for m in store.fetch(account or user_of(daemon), "INBOX", [(1, 2**32 - 1)])]
 
 
 def tls_context(daemon):
@@ -63,7 +98,7 @@ def stls_client(daemon, login: bool = True) -> poplib.POP3:
     client = poplib.POP3(address.host, address.port, timeout=30)
     client.stls(tls_context(daemon))  # checks the certificate for mail.example.test (stls sends SNI)
     if login:
-        client.user(ALICE)
+        client.user(user_of(daemon))
         client.pass_(PASSWORD)
     return client
 
@@ -72,7 +107,7 @@ def tls_client(daemon, login: bool = True) -> poplib.POP3_SSL:
     address = daemon.listen("pop3.listen_tls")
     client = poplib.POP3_SSL(address.host, address.port, timeout=30, context=tls_context(daemon))
     if login:
-        client.user(ALICE)
+        client.user(user_of(daemon))
         client.pass_(PASSWORD)
     return client
 
@@ -86,7 +121,7 @@ def login_when_free(daemon, attempts: int = 50) -> poplib.POP3_SSL:
     """A login that waits (bounded) for a lock a closing session still holds."""
     for _ in range(attempts):
         client = tls_client(daemon, login=False)
-        client.user(ALICE)
+        client.user(user_of(daemon))
         try:
             client.pass_(PASSWORD)
             return client
@@ -120,13 +155,13 @@ def test_every_command_over_stls(pop):
         deliver(pop, body)
     raw = stored(pop)
     sizes = [len(r) for r in raw]
-    uidvalidity = pop.store.mailbox(ALICE, "INBOX").id
+    uidvalidity = pop.store.mailbox(pop.alice, "INBOX").id
     client = stls_client(pop, login=False)
     caps = client.capa()
     assert {"TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "USER"} <= set(caps)
     assert caps["SASL"] == ["PLAIN"] and caps["EXPIRE"] == ["NEVER"] and caps["IMPLEMENTATION"][0] == "Postroom"
     assert "STLS" not in caps  # TLS is on now
-    assert client.user(ALICE) == b"+OK send PASS"
+    assert client.user(pop.alice) == b"+OK send PASS"
     assert client.pass_(PASSWORD) == f"+OK maildrop has 3 messages ({sum(sizes)} octets)".encode()
     assert client.stat() == (3, sum(sizes))
     assert client.list()[1] == [f"{n} {s}".encode() for n, s in enumerate(sizes, 1)]
@@ -150,14 +185,14 @@ def test_every_command_over_stls(pop):
     assert client.quit().endswith(b" signing off (1 messages deleted)")
     assert stored(pop) == [raw[0], raw[2]]
     # Retrieving marked \Seen for IMAP (written behind, visible within moments).
-    assert wait_for(lambda: all("\\Seen" in f.flags for f in pop.store.flags(ALICE, "INBOX")))
+    assert wait_for(lambda: all("\\Seen" in f.flags for f in pop.store.flags(pop.alice, "INBOX")))
 
 
 def test_implicit_tls_and_auth_plain(pop):
     deliver(pop, DOTTED)
     client = tls_client(pop, login=False)
     assert "STLS" not in client.capa()
-    token = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    token = base64.b64encode(f"\0{pop.alice}\0{PASSWORD}".encode()).decode()
     assert client._shortcmd(f"AUTH PLAIN {token}").startswith(b"+OK maildrop has 1 messages")
     assert client.retr(1)[1] == lines_of(stored(pop)[0])
     client.quit()
@@ -174,7 +209,7 @@ def test_passwords_are_refused_before_stls(pop):
     caps = client.capa()
     assert "STLS" in caps and "USER" not in caps and "SASL" not in caps
     with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] plaintext authentication is not allowed"):
-        client.user(ALICE)
+        client.user(pop.alice)
     with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
         client.pass_(PASSWORD)
     client.quit()
@@ -182,13 +217,13 @@ def test_passwords_are_refused_before_stls(pop):
 
 def test_failed_logins_are_delayed_and_logged(pop):
     client = tls_client(pop, login=False)
-    client.user(ALICE)
+    client.user(pop.alice)
     started = time.monotonic()
     with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] wrong user name or password"):
         client.pass_("wrong")
     assert time.monotonic() - started >= 0.9  # policy.logins: 1 s after a first failure
     client.quit()
-    assert wait_for(lambda: "event=login_failed" in pop.stderr() and "user=alice@example.test" in pop.stderr())
+    assert wait_for(lambda: "event=login_failed" in pop.stderr() and f"user={pop.alice}" in pop.stderr())
     assert "wrong" not in pop.stderr().split("event=login_failed", 1)[1].split("\n")[0]
 
 
@@ -199,16 +234,16 @@ def test_a_second_login_gets_in_use_until_the_first_quits(pop):
     deliver(pop, DOTTED)
     first = stls_client(pop)
     second = tls_client(pop, login=False)
-    second.user(ALICE)
+    second.user(pop.alice)
     with pytest.raises(poplib.error_proto, match=r"-ERR \[IN-USE\] maildrop already locked"):
         second.pass_(PASSWORD)
     # The lock is per maildrop: bob logs in meanwhile.
     bob = tls_client(pop, login=False)
-    bob.user("bob@example.test")
+    bob.user(pop.bob)
     assert bob.pass_(PASSWORD).startswith(b"+OK")
     bob.quit()
     first.quit()
-    second.user(ALICE)  # the same connection may try again once the maildrop is free
+    second.user(pop.alice)  # the same connection may try again once the maildrop is free
     assert second.pass_(PASSWORD).startswith(b"+OK maildrop has 1 messages")
     second.quit()
 
@@ -226,21 +261,21 @@ time.sleep(120)
 """
 
 
-def test_the_lock_holds_across_processes_and_dies_with_its_holder(pop, data_dir):
+def test_the_lock_holds_across_processes_and_dies_with_its_holder(pop):
     """A second pop3d (here: any process using storage.locks) shares the data dir; a holder
     killed with SIGKILL must not leave the maildrop locked."""
-    script = LOCK_HOLDER.format(repo=str(Path(__file__).resolve().parent.parent), data_dir=str(data_dir),
-                                account=ALICE)
+    script = LOCK_HOLDER.format(repo=str(Path(__file__).resolve().parent.parent),
+                                data_dir=str(pop.config.server.data_dir), account=pop.alice)
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         client = tls_client(pop, login=False)
-        client.user(ALICE)
+        client.user(pop.alice)
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             client.pass_(PASSWORD)
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
-        client.user(ALICE)
+        client.user(pop.alice)
         assert client.pass_(PASSWORD).startswith(b"+OK")
         # And the other way round: the daemon's session holds it against other processes.
         other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -279,10 +314,10 @@ def test_mail_arriving_and_imap_changes_mid_session_do_not_disturb_it(pop):
     listing, uidl = client.list()[1], client.uidl()[1]
     deliver(pop, b"Subject: new\r\n\r\narrived meanwhile\r\n")
     store = pop.store
-    uids = [m.uid for m in store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])]
-    store.store_flags(ALICE, "INBOX", [(uids[0], uids[0])], "add", ["\\Flagged", "\\Seen"])  # as IMAP would
-    store.store_flags(ALICE, "INBOX", [(uids[1], uids[1])], "add", ["\\Deleted"])
-    store.expunge(ALICE, "INBOX", [(uids[1], uids[1])])  # IMAP expunges message 2
+    uids = [m.uid for m in store.fetch(pop.alice, "INBOX", [(1, 2**32 - 1)])]
+    store.store_flags(pop.alice, "INBOX", [(uids[0], uids[0])], "add", ["\\Flagged", "\\Seen"])  # as IMAP would
+    store.store_flags(pop.alice, "INBOX", [(uids[1], uids[1])], "add", ["\\Deleted"])
+    store.expunge(pop.alice, "INBOX", [(uids[1], uids[1])])  # IMAP expunges message 2
     assert client.stat()[0] == 3 and client.list()[1] == listing and client.uidl()[1] == uidl
     assert client.retr(1)[1] == lines_of(raw[0])
     with pytest.raises(poplib.error_proto, match=r"-ERR message 2 was removed by another session"):
@@ -302,7 +337,7 @@ def test_mail_arriving_and_imap_changes_mid_session_do_not_disturb_it(pop):
 
 def test_retrieving_a_large_message_streams_it_exactly(pop):
     body = b"Subject: large\r\n\r\n" + b"".join(b"." + bytes([65 + i % 26]) * 70 + b"\r\n" for i in range(80_000))
-    pop.store.deliver([ALICE], body)  # 5.8 MB: past the MX agent's 25 MB default is not needed
+    pop.store.deliver([pop.alice], body)  # 5.8 MB: past the MX agent's 25 MB default is not needed
     client = tls_client(pop)
     response, lines, octets = client.retr(1)
     assert response == f"+OK {len(body)} octets".encode()
@@ -320,14 +355,14 @@ def test_retr_reads_ahead_and_every_message_goes_out_exactly(pop):
         size = 300_000 if i in (4, 11) else 200 + 900 * i
         body = b"".join(b"." + bytes([65 + (i + n) % 26]) * 60 + b"\r\n" for n in range(size // 63 + 1))
         raws.append(b"Subject: %d\r\n\r\n" % i + body)
-        pop.store.deliver([ALICE], raws[-1])
-    uids = [m.uid for m in pop.store.fetch(ALICE, "INBOX", [(1, 2**32 - 1)])]
+        pop.store.deliver([pop.alice], raws[-1])
+    uids = [m.uid for m in pop.store.fetch(pop.alice, "INBOX", [(1, 2**32 - 1)])]
     client = tls_client(pop)
     assert client.retr(1)[1] == lines_of(raws[0])
     # Read ahead with message 1, message 2 is sent as it was when the session began, as one
     # already being sent would be; without read-ahead this RETR would find it gone.
-    pop.store.store_flags(ALICE, "INBOX", [(uids[1], uids[1])], "add", ["\\Deleted"])
-    pop.store.expunge(ALICE, "INBOX", [(uids[1], uids[1])])
+    pop.store.store_flags(pop.alice, "INBOX", [(uids[1], uids[1])], "add", ["\\Deleted"])
+    pop.store.expunge(pop.alice, "INBOX", [(uids[1], uids[1])])
     assert client.retr(2)[1] == lines_of(raws[1])
     client.dele(7)
     for number in (3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 12, 5, 1):
@@ -352,12 +387,12 @@ def test_pipelined_retr_sends_every_message_exactly(pop):
     raws[6] = edge  # exactly one chunk: its end is found by an empty read
     raws[7] = edge + b".hidden\r\n"  # the chunk edge falls between CRLF and a leading dot
     for raw in raws:
-        pop.store.deliver([ALICE], raw)
+        pop.store.deliver([pop.alice], raw)
     address = pop.listen("pop3.listen_tls")
     sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
                                         server_hostname=address.host)
     with sock:
-        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 10\r\n".encode()
+        sock.sendall(f"USER {pop.alice}\r\nPASS {PASSWORD}\r\nDELE 10\r\n".encode()
                      + b"".join(b"RETR %d\r\n" % n for n in range(1, 21)) + b"QUIT\r\n")
         received = b""
         while chunk := sock.recv(1 << 16):
@@ -511,7 +546,7 @@ def fetchmail(daemon, tmp_path: Path, *, keep: bool, implicit_tls: bool) -> tupl
     rc = home / "fetchmailrc"
     rc.write_text(
         f"poll {address.host} service {address.port} protocol POP3 uidl\n"
-        f'  user "{ALICE}" there with password "{PASSWORD}" is "{os.environ.get("USER", "root")}" here\n'
+        f'  user "{user_of(daemon)}" there with password "{PASSWORD}" is "{os.environ.get("USER", "root")}" here\n'
         f"  {'ssl' if implicit_tls else 'sslproto tls1.2+'} sslcertck sslcertfile \"{daemon.config.tls.cert}\"\n"
         f'  sslcommonname "{HOSTNAME}"\n'
         f"  {'keep' if keep else 'nokeep'}\n"
@@ -541,7 +576,7 @@ def test_fetchmail_with_keep_leaves_mail_and_fetches_it_once(pop, tmp_path, impl
     # With keep, fetchmail reads messages with TOP n 99999999, which (unlike RETR) is no
     # retrieval: IMAP still shows them unread.
     assert "POP3> TOP 1 99999999" in said and "RETR" not in said, said
-    assert not any("\\Seen" in f.flags for f in pop.store.flags(ALICE, "INBOX"))
+    assert not any("\\Seen" in f.flags for f in pop.store.flags(pop.alice, "INBOX"))
     code, messages, said = fetchmail(pop, tmp_path, keep=True, implicit_tls=implicit_tls)
     assert code == 1 and messages == [], said  # 1: no new mail (UIDL remembered what it had)
 
@@ -589,14 +624,14 @@ def _rss_kib(pid: int) -> int:
 
 def test_pipelined_commands_from_a_client_that_does_not_read_keep_memory_bounded(pop):
     for i in range(500):
-        pop.store.deliver([ALICE], f"Subject: {i}\r\n\r\nbody\r\n".encode())
+        pop.store.deliver([pop.alice], f"Subject: {i}\r\n\r\nbody\r\n".encode())
     before = _rss_kib(pop.child_pid("pop3d"))
     address = pop.listen("pop3.listen_tls")
     sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
                                         server_hostname=address.host)
     with sock:
         sock.recv(1000)
-        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+        sock.sendall(f"USER {pop.alice}\r\nPASS {PASSWORD}\r\n".encode())
         answers = b""
         while answers.count(b"\r\n") < 2:  # USER's and PASS's: logged in, the maildrop is open
             answers += sock.recv(1000)
@@ -634,12 +669,12 @@ def _fill(store, account: str, count: int, raw: bytes, timeout: float = 120.0) -
 def test_pipelined_retr_to_a_client_that_does_not_read_keeps_memory_bounded(pop):
     count = 5000
     body = b"".join(b"line %04d of a message body that the client will not read\r\n" % i for i in range(64))
-    _fill(pop.store, ALICE, count, b"Subject: unread\r\n\r\n" + body)  # ~4 KiB each, ~20 MiB in all
+    _fill(pop.store, pop.alice, count, b"Subject: unread\r\n\r\n" + body)  # ~4 KiB each, ~20 MiB in all
     address = pop.listen("pop3.listen_tls")
     sock = tls_context(pop).wrap_socket(socket.create_connection((address.host, address.port), timeout=10),
                                         server_hostname=address.host)
     with sock:
-        sock.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+        sock.sendall(f"USER {pop.alice}\r\nPASS {PASSWORD}\r\n".encode())
         replies = b""
         while b"maildrop has" not in replies:  # measured from here: argon2id takes 64 MiB for a login
             chunk = sock.recv(1000)

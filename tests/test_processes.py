@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, POSTROOM, add_accounts, start_daemon
+from conftest import BIN, CHEAP_HASHER, POSTROOM, add_accounts, start_daemon
 from procs import processes
 from storage import Accounts, open_data_dir
 from storage.store import Store
@@ -77,7 +77,7 @@ def test_a_cpu_heavy_imap_command_does_not_stall_smtp(write_config, tmp_path, da
     rendered for every message, on imapd's event loop): SMTP answers as fast as ever."""
     daemon = start_daemon(write_config(imap={"plaintext_auth": True}), tmp_path)
     try:
-        with Accounts(data_dir / "accounts.lmdb") as accounts:
+        with Accounts(data_dir / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
             accounts.add_domain("example.test")
             accounts.add_user("alice@example.test", PASSWORD)
         with Store(open_data_dir(data_dir, 4)) as store:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import scale
 from diskfill import fill
 from storage import (
     BOUNCED,
@@ -35,7 +36,7 @@ from storage.queue_ids import created_of, is_id
 WORKER = Path(__file__).with_name("queue_worker.py")
 SHARDS = 2
 ENQUEUE_ROUNDS = 10
-RECORD_ROUNDS = 8
+RECORD_ROUNDS = scale.count(4, 8)  # `make test-long` kills the recording worker eight times
 
 
 def open_queue(data_dir: Path) -> Queue:
@@ -328,6 +329,7 @@ def test_sigkill_mid_enqueue_loses_nothing_acknowledged_and_leaves_nothing(data_
     assert orphans_removed > 0, "no kill ever landed mid-enqueue: the test proves little"
 
 
+@pytest.mark.long
 def test_sigkill_mid_record_leaves_each_message_whole(data_dir):
     """Every recorded outcome is still there after the kill, and a message whose last
     recipient was recorded is gone with its file: nothing is attempted again that the

@@ -65,6 +65,28 @@ def test_serve_creates_the_data_dir_and_a_usable_dev_certificate(daemon, data_di
         assert client_side.version() in ("TLSv1.2", "TLSv1.3")
 
 
+def test_passwords_are_hashed_and_checked_at_the_configured_cost(write_config, tmp_path, data_dir, cli):
+    """[accounts] password_* reach what `user add` stores and what the daemons check: the
+    production cost (the defaults) here, where every other test config asks for the
+    cheapest (conftest.CHEAP_PASSWORDS)."""
+    path = write_config("production-cost.toml",
+                        accounts={"password_memory": "64M", "password_passes": 3, "password_lanes": 4})
+    assert cli("domain", "add", "example.test", config=path).returncode == 0
+    added = cli("user", "add", "alice@example.test", "--password-stdin", input="correct horse battery\n", config=path)
+    assert added.returncode == 0, added.stderr
+    raw = (data_dir / "accounts.lmdb" / "data.mdb").read_bytes
+    assert b"$argon2id$v=19$m=65536,t=3,p=4$" in raw()
+    daemon = start_daemon(path, tmp_path)
+    try:
+        address = daemon.listen("imap.listen_tls")
+        with imaplib.IMAP4_SSL(address.host, address.port, ssl_context=client_tls_context(daemon.config),
+                               timeout=30) as client:
+            assert client.login("alice@example.test", "correct horse battery")[0] == "OK"
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
+    assert b"$argon2id$v=19$m=65536,t=3,p=4$" in raw()  # at the configured cost: not made again
+
+
 def test_serve_keeps_an_existing_certificate(config_path, tmp_path, data_dir):
     first = start_daemon(config_path, tmp_path)
     assert first.stop() == 0

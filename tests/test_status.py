@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, start_module_daemon
+from conftest import BIN, CHEAP_HASHER, start_module_daemon
 from dnszone import DNSZone
 from docs_blocks import commands
 from storage import Accounts
@@ -66,7 +66,7 @@ def test_status_tells_what_runs_and_which_records_to_publish_until_they_are(serv
     # dns-records' zone-file lines (name, TTL, IN, type, data), not keygen's (no TTL).
     records = [line for line in made.stdout.splitlines() if line.split()[1:3] and line.split()[1].isdigit()]
     selector = next(line.split(".")[0] for line in records if "._domainkey." in line)
-    with Accounts(server.config.server.data_dir / "accounts.lmdb") as accounts:
+    with Accounts(server.config.server.data_dir / "accounts.lmdb", hasher=CHEAP_HASHER) as accounts:
         accounts.add_domain("other.test")
         accounts.add_user("u@example.test", "correct horse battery staple")
     address = server.listen("smtp.listen")

@@ -31,8 +31,8 @@ WORKER = Path(__file__).with_name("store_worker.py")
 ACCOUNT = "alice@example.test"
 SHARDS = 2
 ROUNDS = scale.count(10, 25)  # rounds of a delivering child killed at random: `make test-long` runs 25
-MACHINE_ROUNDS = 8
-STREAM_ROUNDS = 8
+MACHINE_ROUNDS = scale.count(4, 8)  # the same, each kill a crash of the machine too
+STREAM_ROUNDS = scale.count(4, 8)  # the same, with streamed deliveries
 
 
 def start_worker(data_dir: Path, *args: str) -> subprocess.Popen:
@@ -70,12 +70,14 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(data_dir):
     sigkill_rounds(data_dir, "deliver", ROUNDS)
 
 
+@pytest.mark.long
 def test_sigkill_while_messages_stream_in_loses_nothing_and_leaves_nothing(data_dir):
     """The same with streamed deliveries (storage/delivery.py), some aborted: a kill between
     a message's first chunk and its commit leaves a file recovery discards, nothing else."""
     sigkill_rounds(data_dir, "stream", STREAM_ROUNDS)
 
 
+@pytest.mark.long
 def test_a_machine_crash_loses_nothing_acknowledged(data_dir):
     """The same, but each kill also loses what only a flush would have kept, as a crash of
     the machine would: every journaled message's file (storage/journal.py) is deleted,
