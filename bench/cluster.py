@@ -28,8 +28,9 @@ CPU: user + system time of every process of every node (serve, mtad, its workers
 pop3d, the cluster agent), read from /proc before and after each window (SMTP's window
 ends a second after the last 250: the files follow the commit), divided by the window's
 messages, logins or commands; etcd's and the load generator's (this process) likewise, and
-what the machine's other processes used meanwhile (a test run beside it shows there). First,
-the CPU of one argon2id password check in this process, to split a login's cost.
+what the machine's other processes used meanwhile (a test run beside it shows there). And
+the CPU of one argon2id password check in this process, at each N: it splits a login's
+cost, and shows whether the CPU ran slower for one N than for another (a busy VM host).
 
 This machine has 2 cores, shared by every node, etcd and the load generator: the rates
 cannot grow with N here. The CPU per operation is the figure to carry to a real cluster
@@ -72,6 +73,7 @@ LEASE_TTL = 10  # [cluster] lease_ttl's default
 USERS_PER_SHARD = 4
 IMAP_USERS = 10  # the login and command loads: ten users in ten shards
 BALANCE_TIMEOUT = 60.0
+CORES = os.cpu_count() or 1
 SETTLE = 1.0  # seconds after the last 250 still counted: the message files follow the commit
 
 
@@ -97,6 +99,11 @@ class Window:
         """CPU seconds of processes not of this benchmark (say, another test run)."""
         return max(0.0, self.machine - self.postroom - self.etcd - self.client)
 
+    def others_note(self) -> str:
+        """What other processes took of the two cores meanwhile, when it is enough to matter."""
+        share = self.others / (self.wall * CORES) if self.wall else 0.0
+        return f" (other processes: {share:.0%} of the cores)" if share >= 0.02 else ""
+
 
 @dataclass
 class Figures:
@@ -112,6 +119,7 @@ class Figures:
     idle: Window = field(default_factory=Window)
     total: Window = field(default_factory=Window)
     moved: list[str] = field(default_factory=list)
+    password_check: float = 0.0  # CPU ms of one argon2id check in this process: the CPU's speed now
 
 
 class Cluster:
@@ -204,6 +212,8 @@ def measure(count: int, args, users: list[str], work: Path) -> Figures:
         print(f"  idle {args.idle:g} s: Postroom {figures.idle.postroom / figures.idle.wall * 100:.1f}% of a core, "
               f"etcd {figures.idle.etcd / figures.idle.wall * 100:.1f}%, other processes "
               f"{figures.idle.others / figures.idle.wall * 100:.0f}%", flush=True)
+        figures.password_check = password_check_ms()
+        print(f"  argon2id, one password check in this process: {figures.password_check:.0f} ms of CPU", flush=True)
         for what, run in (("SMTP", smtp), ("IMAP", imap)):
             run(cluster, owner_of, figures, args, users)
             if (now := owners(cluster.etcd)) != owner_of:
@@ -229,7 +239,8 @@ def smtp(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, use
         figures.smtp_rates.append(done.rate)
         figures.messages += done.accepted
         figures.handed += cluster.handed_over() - handed
-        print(f"  SMTP {done.line()}", flush=True)
+        print(f"  SMTP {done.line()}; {spent.postroom / done.accepted * 1000:.2f} ms of Postroom CPU each"
+              f"{spent.others_note()}", flush=True)
 
 
 def imap(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, users: list[str]) -> None:
@@ -252,7 +263,8 @@ def imap(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, use
         figures.logins[kind] = (rate, spent.postroom / args.logins * 1000)
         proxied = sum(1 for node, user in pairs if node != owner[user]) / len(pairs)
         print(f"  IMAP logins, {kind} ({proxied:.0%} proxied): {args.logins} in {spent.wall:.1f} s = "
-              f"{rate:.1f}/s, {figures.logins[kind][1]:.0f} ms of Postroom CPU each", flush=True)
+              f"{rate:.1f}/s, {figures.logins[kind][1]:.0f} ms of Postroom CPU each{spent.others_note()}",
+              flush=True)
     for kind in ("owner", "proxied") if len(names) > 1 else ("owner",):
         at = owner if kind == "owner" else other
         chosen = [imap_users[i % len(imap_users)] for i in range(args.clients)]
@@ -268,7 +280,7 @@ def imap(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, use
         figures.commands[kind] = (commands / elapsed, spent.postroom / commands * 1000)
         print(f"  IMAP mix, {args.clients} clients at the {'owner' if kind == 'owner' else 'non-owner'}: "
               f"{commands} commands in {elapsed:.1f} s = {commands / elapsed:.0f}/s, "
-              f"{figures.commands[kind][1]:.2f} ms of Postroom CPU each", flush=True)
+              f"{figures.commands[kind][1]:.2f} ms of Postroom CPU each{spent.others_note()}", flush=True)
 
 
 def table(results: list[Figures], args) -> str:
@@ -307,6 +319,8 @@ def table(results: list[Figures], args) -> str:
         row(f"IMAP mix, {args.clients} clients, commands/s at the owner / proxied",
             lambda f: pair(f.commands, 0, ".0f")),
         row("CPU ms per command, at the owner / proxied", lambda f: pair(f.commands, 1, ".2f")),
+        row("argon2id, CPU ms of one password check in the bench process (a proxied login pays two)",
+            lambda f: f"{f.password_check:.0f}"),
         row("proxy hop: CPU ms per command, proxied - owner", lambda f: hop(f.commands, ".2f")),
         row("proxy hop: CPU ms per login, proxied - owner", lambda f: hop(f.logins, ".0f")),
         row("LMTP hand-off: CPU ms more per message handed off, against 1 node", handoff),
@@ -314,10 +328,11 @@ def table(results: list[Figures], args) -> str:
             f"{pct(f.total.etcd, f.total.wall)}"),
         row("etcd's share of all server CPU during the loads",
             lambda f: pct(f.total.etcd, f.total.etcd + f.total.postroom)),
-        row("Postroom CPU during SMTP, % of the 2 cores", lambda f: pct(f.smtp.postroom, f.smtp.wall * 2)),
-        row("load generator CPU during SMTP, % of the 2 cores", lambda f: pct(f.smtp.client, f.smtp.wall * 2)),
-        row("other processes' CPU during the loads, % of the 2 cores (not this benchmark's)",
-            lambda f: pct(f.total.others, f.total.wall * 2)),
+        row(f"Postroom CPU during SMTP, % of the {CORES} cores", lambda f: pct(f.smtp.postroom, f.smtp.wall * CORES)),
+        row(f"load generator CPU during SMTP, % of the {CORES} cores",
+            lambda f: pct(f.smtp.client, f.smtp.wall * CORES)),
+        row(f"other processes' CPU during the loads, % of the {CORES} cores (not this benchmark's)",
+            lambda f: pct(f.total.others, f.total.wall * CORES)),
     ]
     return "\n".join(lines)
 
@@ -349,9 +364,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     users = users_in_every_shard(args.shards, USERS_PER_SHARD)
     started = time.perf_counter()
-    argon2_ms = password_check_ms()
-    print(f"argon2id, one password check (storage/accounts.py's parameters): {argon2_ms:.0f} ms of CPU "
-          "(median of 5, in this process)", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as work:
         for count in counts:
@@ -359,11 +371,9 @@ def main() -> None:
             root.mkdir()
             results.append(measure(count, args, users, root))
     print(f"\n{args.shards} shards, {len(users)} users, `workers = 2`, lease TTL {LEASE_TTL} s, "
-          f"{os.cpu_count()} cores shared by every node, etcd and the load generator; "
+          f"{CORES} cores shared by every node, etcd and the load generator; "
           f"run time {time.perf_counter() - started:.0f} s\n")
     print(table(results, args))
-    print(f"\nargon2id, one password check: {argon2_ms:.0f} ms of CPU (a proxied login checks it twice: "
-          "at the node asked, then at the owner)")
     for figures in results:
         if figures.moved:
             print(f"{figures.nodes} node(s): shards moved during {', '.join(figures.moved)}")
