@@ -12,18 +12,23 @@ lease TTL (10 s). Ports come from tests/conftest.py's range (POSTROOM_TEST_PORTS
 until every shard is owned and each node owns its share (cluster/balance.py's target), as
 etcd's owner keys say, and prints the balance; a shard that moved meanwhile is reported.
 
-Then, each figure in a window of its own:
+Then, each figure in a window of its own, each load in three kinds: round-robin over the
+nodes (the headline: how a load balancer spreads clients), every operation at its user's
+owner, and every operation at the node after the owner (never the owner). The kinds take
+turns, each round in another order, so that a machine whose load drifts touches them
+alike; "another node - owner" is then the cost of the hop, measured in one cluster. On one
+node only round-robin runs (every node is the owner).
 - SMTP: bench/smtp_in.py's client at C connections, M messages of 4 KiB each, connection i
-  to node i mod N and to user i mod the users (every shard gets mail); a warm-up first,
-  then --rounds runs (the median rate). Handed off: the share of messages the node that
+  writing to user i mod the users (every shard gets mail); a warm-up first, then --rounds
+  loads of each kind (the median rate). Handed off: the share of messages the node that
   took them handed to the owner over LMTP (its `handed_over` log events).
 - IMAP logins: LOGIN + LOGOUT over TLS on fresh connections, 4 at a time (bench/imap.py's
-  login figure), round-robin over the nodes and ten users in ten shards; then the same at
-  each user's owner only, and at a node that does not own the user (proxied: this node
-  checks the password, then logs in at the owner over STARTTLS).
-- IMAP commands: --clients sessions at once (ten users in ten shards, logged in first, not
-  counted), bench/imap.py's mail client mix for --seconds, plaintext: every session at its
-  user's owner, then every session at a non-owner (the proxy hop).
+  login figure), ten users in ten shards, --logins of each kind in --rounds parts. Proxied:
+  the node asked checks the password, then logs in at the owner over STARTTLS, where it is
+  checked again.
+- IMAP commands: --clients sessions at once (the ten users, logged in first, not counted),
+  bench/imap.py's mail client mix, plaintext, at the owner and through another node, in
+  two halves of --seconds each.
 CPU: user + system time of every process of every node (serve, mtad, its workers, imapd,
 pop3d, the cluster agent), read from /proc before and after each window (SMTP's window
 ends a second after the last 250: the files follow the commit), divided by the window's
@@ -106,20 +111,52 @@ class Window:
 
 
 @dataclass
+class Tally:
+    """Operations of one kind over several windows, and what they cost."""
+    done: int = 0
+    spent: Window = field(default_factory=Window)
+    rates: list[float] = field(default_factory=list)  # each window's operations per second
+    handed: int = 0  # SMTP: messages handed to their owner over LMTP
+
+    def add(self, done: int, spent: Window, rate: float) -> None:
+        self.done += done
+        self.spent += spent
+        self.rates.append(rate)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def cpu_ms(self) -> float:
+        """Postroom's CPU ms per operation."""
+        return self.spent.postroom / self.done * 1000
+
+
+@dataclass
 class Figures:
-    """One node count's results."""
+    """One node count's results. Kinds: "round-robin" (over the nodes), "owner" (each
+    operation at its user's owner), "other" (at a node that does not own the user)."""
     nodes: int
     balance: str = ""
-    smtp_rates: list[float] = field(default_factory=list)
-    messages: int = 0
-    handed: int = 0
-    smtp: Window = field(default_factory=Window)
-    logins: dict[str, tuple[float, float]] = field(default_factory=dict)  # kind -> (logins/s, CPU ms each)
-    commands: dict[str, tuple[float, float]] = field(default_factory=dict)  # kind -> (commands/s, CPU ms each)
+    smtp: dict[str, Tally] = field(default_factory=dict)
+    logins: dict[str, Tally] = field(default_factory=dict)
+    commands: dict[str, Tally] = field(default_factory=dict)
     idle: Window = field(default_factory=Window)
-    total: Window = field(default_factory=Window)
     moved: list[str] = field(default_factory=list)
     password_check: float = 0.0  # CPU ms of one argon2id check in this process: the CPU's speed now
+
+    def tally(self, table: dict[str, Tally], kind: str) -> Tally:
+        return table.setdefault(kind, Tally())
+
+    @property
+    def total(self) -> Window:
+        """Every measured window's."""
+        total = Window()
+        for table in (self.smtp, self.logins, self.commands):
+            for tally in table.values():
+                total += tally.spent
+        return total
 
 
 class Cluster:
@@ -224,113 +261,144 @@ def measure(count: int, args, users: list[str], work: Path) -> Figures:
     return figures
 
 
+def placements(cluster: Cluster, owner_of: dict[int, str], users: list[str], shards: int
+               ) -> dict[str, list[str]]:
+    """kind -> the node for each of `users`: in turn over the nodes ("round-robin"), its
+    owner, and (more than one node) the node after its owner ("other")."""
+    names = cluster.names
+    owner = [owner_of[shard_of(user, shards)] for user in users]
+    kinds = {"round-robin": [names[i % len(names)] for i in range(len(users))], "owner": owner}
+    if len(names) > 1:
+        kinds["other"] = [names[(names.index(node) + 1) % len(names)] for node in owner]
+    return kinds
+
+
+def measured(at: dict[str, list[str]]) -> list[str]:
+    """The kinds worth a load of their own: on one node, round-robin is every user's owner."""
+    return list(at) if "other" in at else ["round-robin"]
+
+
+def alternated(kinds: list[str], rounds: int) -> list[str]:
+    """`rounds` turns of every kind, each round in another order: a machine whose load
+    drifts (another test run) touches every kind alike."""
+    return [kinds[(r + i) % len(kinds)] for r in range(rounds) for i in range(len(kinds))]
+
+
 def smtp(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, users: list[str]) -> None:
-    """--rounds loads after a warm-up (every process started, every mailbox made)."""
-    ports = [cluster.port(name, "smtp.listen") for name in cluster.names]
-    to = ",".join(users)
-    asyncio.run(load("127.0.0.1", ports, 10, 5, args.size, to))
-    for _ in range(args.rounds):
+    """After a warm-up (every process started, every mailbox made), --rounds loads of each
+    kind in turn. Connection i writes to one user, users[i mod their number], at the node
+    its kind says."""
+    recipients = [users[i % len(users)] for i in range(args.concurrency)]
+    at = placements(cluster, owner_of, recipients, args.shards)
+    to = ",".join(recipients)
+
+    def ports(kind: str) -> list[int]:
+        return [cluster.port(node, "smtp.listen") for node in at[kind]]
+
+    asyncio.run(load("127.0.0.1", ports("round-robin"), 10, 5, args.size, to))
+    for kind in alternated(measured(at), args.rounds):
         handed, before = cluster.handed_over(), cluster.cpu()
-        done = asyncio.run(load("127.0.0.1", ports, args.concurrency, args.messages, args.size, to))
+        done = asyncio.run(load("127.0.0.1", ports(kind), args.concurrency, args.messages, args.size, to))
         time.sleep(SETTLE)
         spent = cluster.cpu().since(before)
-        figures.smtp += spent
-        figures.total += spent
-        figures.smtp_rates.append(done.rate)
-        figures.messages += done.accepted
-        figures.handed += cluster.handed_over() - handed
-        print(f"  SMTP {done.line()}; {spent.postroom / done.accepted * 1000:.2f} ms of Postroom CPU each"
-              f"{spent.others_note()}", flush=True)
+        tally = figures.tally(figures.smtp, kind)
+        tally.add(done.accepted, spent, done.rate)
+        tally.handed += cluster.handed_over() - handed
+        print(f"  SMTP {kind:11} {done.line()}; {spent.postroom / done.accepted * 1000:.2f} ms of Postroom CPU "
+              f"each{spent.others_note()}", flush=True)
 
 
 def imap(cluster: Cluster, owner_of: dict[int, str], figures: Figures, args, users: list[str]) -> None:
     """Logins, then the command mix, of ten users in ten shards (they have the SMTP load's
-    mail); a node that does not own a user: the next one."""
-    names, imap_users = cluster.names, users[:IMAP_USERS]
-    owner = {user: owner_of[shard_of(user, args.shards)] for user in imap_users}
-    other = {user: names[(names.index(owner[user]) + 1) % len(names)] for user in imap_users}
-    logins = {"round-robin": [(names[i % len(names)], user) for i, user in enumerate(imap_users)],
-              "owner": [(owner[user], user) for user in imap_users]}
-    if len(names) > 1:
-        logins["proxied"] = [(other[user], user) for user in imap_users]
-    for kind, pairs in logins.items():
-        targets = [Server(f"127.0.0.1:{cluster.port(node, 'imap.listen_tls')}", user, PASSWORD, mode="tls",
-                          cafile=None) for node, user in pairs]
+    mail), each kind in turn: --rounds parts of --logins logins, and two halves of
+    --seconds of the mix."""
+    imap_users = users[:IMAP_USERS]
+    at = placements(cluster, owner_of, imap_users, args.shards)
+    targets = {kind: [Server(f"127.0.0.1:{cluster.port(node, 'imap.listen_tls')}", user, PASSWORD, mode="tls",
+                             cafile=None) for node, user in zip(nodes, imap_users, strict=True)]
+               for kind, nodes in at.items()}
+    part = max(1, args.logins // args.rounds)
+    for kind in alternated(measured(at), args.rounds):
         before = cluster.cpu()
-        rate = logins_per_second(targets, args.logins)
+        rate = logins_per_second(targets[kind], part)
         spent = cluster.cpu().since(before)
-        figures.total += spent
-        figures.logins[kind] = (rate, spent.postroom / args.logins * 1000)
-        proxied = sum(1 for node, user in pairs if node != owner[user]) / len(pairs)
-        print(f"  IMAP logins, {kind} ({proxied:.0%} proxied): {args.logins} in {spent.wall:.1f} s = "
-              f"{rate:.1f}/s, {figures.logins[kind][1]:.0f} ms of Postroom CPU each{spent.others_note()}",
-              flush=True)
-    for kind in ("owner", "proxied") if len(names) > 1 else ("owner",):
-        at = owner if kind == "owner" else other
-        chosen = [imap_users[i % len(imap_users)] for i in range(args.clients)]
-        sessions = open_sessions([(cluster.port(at[user], "imap.listen"), user, PASSWORD) for user in chosen])
-        try:
+        figures.tally(figures.logins, kind).add(part, spent, rate)
+        proxied = sum(1 for node, owner in zip(at[kind], at["owner"], strict=True) if node != owner) / len(imap_users)
+        print(f"  IMAP logins {kind:11} ({proxied:.0%} proxied): {part} in {spent.wall:.1f} s = {rate:.1f}/s, "
+              f"{spent.postroom / part * 1000:.0f} ms of Postroom CPU each{spent.others_note()}", flush=True)
+    chosen = [i % len(imap_users) for i in range(args.clients)]
+    kinds = [kind for kind in at if kind != "round-robin"]
+    sessions = {kind: open_sessions([(cluster.port(at[kind][i], "imap.listen"), imap_users[i], PASSWORD)
+                                     for i in chosen]) for kind in kinds}
+    try:
+        for kind in alternated(kinds, 2):
             before = cluster.cpu()
-            commands, elapsed = client_mix(sessions, args.seconds)
+            commands, elapsed = client_mix(sessions[kind], args.seconds / 2)
             spent = cluster.cpu().since(before)
-        finally:
-            for session, _ in sessions:
+            figures.tally(figures.commands, kind).add(commands, spent, commands / elapsed)
+            print(f"  IMAP mix    {kind:11} {args.clients} clients: {commands} commands in {elapsed:.1f} s = "
+                  f"{commands / elapsed:.0f}/s, {spent.postroom / commands * 1000:.2f} ms of Postroom CPU each"
+                  f"{spent.others_note()}", flush=True)
+    finally:
+        for opened in sessions.values():
+            for session, _ in opened:
                 session.close()
-        figures.total += spent
-        figures.commands[kind] = (commands / elapsed, spent.postroom / commands * 1000)
-        print(f"  IMAP mix, {args.clients} clients at the {'owner' if kind == 'owner' else 'non-owner'}: "
-              f"{commands} commands in {elapsed:.1f} s = {commands / elapsed:.0f}/s, "
-              f"{figures.commands[kind][1]:.2f} ms of Postroom CPU each{spent.others_note()}", flush=True)
 
 
 def table(results: list[Figures], args) -> str:
     def row(label: str, cell) -> str:
         return f"| {label} | " + " | ".join(cell(f) for f in results) + " |"
 
-    def pair(figures: dict[str, tuple[float, float]], index: int, fmt: str) -> str:
-        owner = format(figures["owner"][index], fmt)
-        return f"{owner} / {format(figures['proxied'][index], fmt)}" if "proxied" in figures else f"{owner} / -"
-
     def pct(part: float, whole: float) -> str:
         return f"{part / whole * 100:.1f}%" if whole else "-"
 
-    def hop(figures: dict[str, tuple[float, float]], fmt: str) -> str:
-        return format(figures["proxied"][1] - figures["owner"][1], "+" + fmt) if "proxied" in figures else "-"
+    def pair(tallies: dict[str, Tally], figure, fmt: str) -> str:
+        """owner / other, or owner / - on one node."""
+        other = format(figure(tallies["other"]), fmt) if "other" in tallies else "-"
+        return f"{format(figure(tallies.get('owner') or tallies['round-robin']), fmt)} / {other}"
 
-    one = next((f for f in results if f.nodes == 1), None)
+    def hop(tallies: dict[str, Tally], fmt: str) -> str:
+        return format(tallies["other"].cpu_ms - tallies["owner"].cpu_ms, "+" + fmt) if "other" in tallies else "-"
 
-    def handoff(f: Figures) -> str:
-        if one is None or not f.handed:
-            return "-"
-        per_message = (f.smtp.postroom / f.messages - one.smtp.postroom / one.messages) * 1000
-        return f"{per_message / (f.handed / f.messages):+.2f}"
+    def cpu_ms(tally: Tally) -> float:
+        return tally.cpu_ms
+
+    def rate(tally: Tally) -> float:
+        return tally.rate
 
     lines = [
         "| figure | " + " | ".join(f"{f.nodes} node{'s' if f.nodes > 1 else ''}" for f in results) + " |",
         "|---|" + "---|" * len(results),
         row("shards per node (balanced before each measurement)", lambda f: f.balance),
-        row(f"SMTP C={args.concurrency}, {args.size} B, msgs/s (median of {args.rounds})",
-            lambda f: f"{statistics.median(f.smtp_rates):.0f}"),
-        row("handed off to the owner over LMTP", lambda f: pct(f.handed, f.messages)),
-        row("CPU ms per message, all Postroom processes", lambda f: f"{f.smtp.postroom / f.messages * 1000:.2f}"),
-        row("IMAP logins/s, TLS, 4 at a time, round-robin", lambda f: f"{f.logins['round-robin'][0]:.1f}"),
-        row("CPU ms per login, round-robin", lambda f: f"{f.logins['round-robin'][1]:.0f}"),
-        row("CPU ms per login, at the owner / proxied", lambda f: pair(f.logins, 1, ".0f")),
-        row(f"IMAP mix, {args.clients} clients, commands/s at the owner / proxied",
-            lambda f: pair(f.commands, 0, ".0f")),
-        row("CPU ms per command, at the owner / proxied", lambda f: pair(f.commands, 1, ".2f")),
-        row("argon2id, CPU ms of one password check in the bench process (a proxied login pays two)",
-            lambda f: f"{f.password_check:.0f}"),
-        row("proxy hop: CPU ms per command, proxied - owner", lambda f: hop(f.commands, ".2f")),
+        row(f"SMTP C={args.concurrency}, {args.size} B, round-robin over the nodes: msgs/s (median of {args.rounds})",
+            lambda f: f"{f.smtp['round-robin'].rate:.0f}"),
+        row("SMTP round-robin: share handed off to the owner over LMTP",
+            lambda f: pct(f.smtp["round-robin"].handed, f.smtp["round-robin"].done)),
+        row("SMTP round-robin: CPU ms per message, all Postroom processes",
+            lambda f: f"{f.smtp['round-robin'].cpu_ms:.2f}"),
+        row("SMTP sent to the owner / to another node (all handed off): msgs/s", lambda f: pair(f.smtp, rate, ".0f")),
+        row("SMTP to the owner / to another node: CPU ms per message", lambda f: pair(f.smtp, cpu_ms, ".2f")),
+        row("LMTP hand-off: CPU ms per message, another node - owner", lambda f: hop(f.smtp, ".2f")),
+        row("IMAP logins (TLS, 4 at a time) round-robin: logins/s", lambda f: f"{f.logins['round-robin'].rate:.1f}"),
+        row("IMAP logins round-robin: CPU ms per login", lambda f: f"{f.logins['round-robin'].cpu_ms:.0f}"),
+        row("IMAP logins at the owner / proxied: logins/s", lambda f: pair(f.logins, rate, ".1f")),
+        row("IMAP logins at the owner / proxied: CPU ms per login", lambda f: pair(f.logins, cpu_ms, ".0f")),
         row("proxy hop: CPU ms per login, proxied - owner", lambda f: hop(f.logins, ".0f")),
-        row("LMTP hand-off: CPU ms more per message handed off, against 1 node", handoff),
+        row("argon2id: CPU ms of one password check in the bench process (a proxied login pays two)",
+            lambda f: f"{f.password_check:.0f}"),
+        row(f"IMAP mix, {args.clients} clients at the owner / proxied: commands/s",
+            lambda f: pair(f.commands, rate, ".0f")),
+        row("IMAP mix at the owner / proxied: CPU ms per command", lambda f: pair(f.commands, cpu_ms, ".2f")),
+        row("proxy hop: CPU ms per command, proxied - owner", lambda f: hop(f.commands, ".2f")),
         row("etcd CPU, % of a core idle / during the loads", lambda f: f"{pct(f.idle.etcd, f.idle.wall)} / "
             f"{pct(f.total.etcd, f.total.wall)}"),
         row("etcd's share of all server CPU during the loads",
             lambda f: pct(f.total.etcd, f.total.etcd + f.total.postroom)),
-        row(f"Postroom CPU during SMTP, % of the {CORES} cores", lambda f: pct(f.smtp.postroom, f.smtp.wall * CORES)),
-        row(f"load generator CPU during SMTP, % of the {CORES} cores",
-            lambda f: pct(f.smtp.client, f.smtp.wall * CORES)),
+        row(f"Postroom CPU during the SMTP loads, % of the {CORES} cores",
+            lambda f: pct(sum(t.spent.postroom for t in f.smtp.values()),
+                          sum(t.spent.wall for t in f.smtp.values()) * CORES)),
+        row(f"load generator CPU during the loads, % of the {CORES} cores",
+            lambda f: pct(f.total.client, f.total.wall * CORES)),
         row(f"other processes' CPU during the loads, % of the {CORES} cores (not this benchmark's)",
             lambda f: pct(f.total.others, f.total.wall * CORES)),
     ]
@@ -346,10 +414,10 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=50, help="SMTP connections at once")
     parser.add_argument("-m", "--messages", type=int, help="SMTP messages per connection per round (60)")
     parser.add_argument("-s", "--size", type=int, default=4096, help="message size in bytes")
-    parser.add_argument("--rounds", type=int, help="SMTP rounds (3)")
-    parser.add_argument("--logins", type=int, help="IMAP logins of each kind (60)")
+    parser.add_argument("--rounds", type=int, help="rounds of the SMTP loads and the logins (3)")
+    parser.add_argument("--logins", type=int, help="IMAP logins of each kind, over the rounds (60)")
     parser.add_argument("--clients", type=int, default=10, help="IMAP sessions of the command mix")
-    parser.add_argument("--seconds", type=float, help="seconds of each command mix (15)")
+    parser.add_argument("--seconds", type=float, help="seconds of the command mix of each kind (15)")
     parser.add_argument("--idle", type=float, help="seconds of idle CPU measured first (5)")
     args = parser.parse_args()
     quick = {"messages": 20, "rounds": 1, "logins": 12, "seconds": 4, "idle": 2}
