@@ -85,8 +85,10 @@ def median_time(fn, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def logins_per_second(server: Server, count: int = 40, parallel: int = 4) -> float:
-    return count / spread(lambda i: server.login().logout(), count, parallel)
+def logins_per_second(targets: list[Server], count: int = 40, parallel: int = 4) -> float:
+    """LOGIN + LOGOUT `count` times, `parallel` at a time, login i at targets[i modulo their
+    number]."""
+    return count / spread(lambda i: targets[i % len(targets)].login().logout(), count, parallel)
 
 
 def fill(server: Server, count: int) -> None:
@@ -272,21 +274,38 @@ def single_client(ports: dict[str, int], rounds: int) -> dict[str, dict[str, flo
     return figures
 
 
-def concurrent_clients(port: int, clients: int, seconds: float) -> float:
-    """Commands/s of `clients` sessions at once, each logged in and selected first (not
-    counted), then a mail client's mix of commands for `seconds`."""
-    sessions = [Raw(port, servers.USER, servers.PASSWORD) for _ in range(clients)]
-    exists = 0
-    for session in sessions:
+def open_sessions(logins: list[tuple[int, str, str]]) -> list[tuple[Raw, int]]:
+    """A session per (port, user, password), logged in (4 at a time) and its INBOX
+    selected: (session, messages in the INBOX)."""
+    sessions: list[tuple[Raw, int] | None] = [None] * len(logins)
+
+    def open_one(i: int) -> None:
+        session = Raw(*logins[i])
         reply = session.command("SELECT INBOX")
-        exists = int(next(line.split()[1] for line in reply.split(b"\r\n") if line.endswith(b" EXISTS")))
+        sessions[i] = session, int(next(line.split()[1] for line in reply.split(b"\r\n")
+                                        if line.endswith(b" EXISTS")))
+
+    try:
+        spread(open_one, len(logins), 4)
+    except BaseException:
+        for opened in sessions:
+            if opened is not None:
+                opened[0].close()
+        raise
+    return sessions
+
+
+def client_mix(sessions: list[tuple[Raw, int]], seconds: float) -> tuple[int, float]:
+    """Every session at once sends a mail client's mix of commands for `seconds`: (commands
+    answered, seconds taken)."""
+    clients = len(sessions)
     counts = [0] * clients
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
-        rng, session = random.Random(i), sessions[i]
+        rng, (session, exists) = random.Random(i), sessions[i]
         barrier.wait()
         try:
             while time.perf_counter() < stop_at[0]:
@@ -308,11 +327,21 @@ def concurrent_clients(port: int, clients: int, seconds: float) -> float:
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.perf_counter() - started
-    for session in sessions:
-        session.close()
     if errors:
         raise errors[0]
-    return sum(counts) / elapsed
+    return sum(counts), elapsed
+
+
+def concurrent_clients(port: int, clients: int, seconds: float) -> float:
+    """Commands/s of `clients` sessions at once, each logged in and selected first (not
+    counted), then a mail client's mix of commands for `seconds`."""
+    sessions = open_sessions([(port, servers.USER, servers.PASSWORD)] * clients)
+    try:
+        commands, elapsed = client_mix(sessions, seconds)
+    finally:
+        for session, _ in sessions:
+            session.close()
+    return commands / elapsed
 
 
 def side_by_side(args) -> None:
@@ -368,7 +397,7 @@ def main() -> None:
         parser.error("HOST:PORT needs USER and PASS")
     server = Server(args.server, args.user, args.password, mode=args.mode or "tls", cafile=args.cafile)
 
-    print(f"logins: {logins_per_second(server):.1f}/s (LOGIN + LOGOUT, 4 connections at a time)", flush=True)
+    print(f"logins: {logins_per_second([server]):.1f}/s (LOGIN + LOGOUT, 4 connections at a time)", flush=True)
     if args.fill_config:
         fill_store(args.fill_config, args.user, args.fill)
     else:

@@ -24,6 +24,8 @@ import asyncio
 import os
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 async def reply(reader: asyncio.StreamReader) -> int:
@@ -92,34 +94,61 @@ def message(size: int) -> bytes:
     return body[:size - 2] + b"\r\n"
 
 
-async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str,
-              body: bytes | None = None, sender: str = "bench@example.org", together: bool = False) -> float:
-    """Prints the run's line; returns its accepted messages per second. `to`: comma-separated
-    recipients, connection i writing to recipient i modulo their number, or, `together`,
-    every message to all of them."""
+@dataclass
+class Load:
+    """What one load of `connection`s did."""
+    concurrency: int
+    messages: int  # per connection
+    size: int
+    accepted: int
+    elapsed: float
+    latencies: list[float]
+    failures: list[str]  # refused replies
+    errors: list[str]  # connections that failed
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.elapsed
+
+    def line(self) -> str:
+        latencies = sorted(self.latencies)
+        p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")
+        problems = (f"; {len(self.failures)} refused" if self.failures else "") + \
+            (f"; {len(self.errors)} connections failed" if self.errors else "")
+        return "\n  ".join([f"C={self.concurrency} M={self.messages} S={self.size}: {self.accepted} accepted in "
+                            f"{self.elapsed:.1f} s = {self.rate:.0f} msgs/s; end of DATA to reply p50 {p50:.1f} ms, "
+                            f"p99 {p99:.1f} ms{problems}", *self.errors[:3]])
+
+
+async def load(host: str, port: int | Sequence[int], concurrency: int, messages: int, size: int, to: str,
+               body: bytes | None = None, sender: str = "bench@example.org", together: bool = False) -> Load:
+    """`concurrency` connections at once, `messages` each. `port`: one, or several (a
+    cluster's nodes), connection i going to port i modulo their number. `to`:
+    comma-separated recipients, connection i writing to recipient i modulo their number, or,
+    `together`, every message to all of them."""
     body = body if body is not None else message(size)
+    ports = [port] if isinstance(port, int) else list(port)
     run_id = os.urandom(6).hex()  # and no two runs share one either
     latencies: list[float] = []
     failures: list[str] = []
     start = time.perf_counter()
     recipients = to.split(",")
-    results = await asyncio.gather(*(connection(host, port, messages, body,
+    results = await asyncio.gather(*(connection(host, ports[i % len(ports)], messages, body,
                                                 recipients if together else recipients[i % len(recipients)],
                                                 latencies, failures, run_id, i, sender)
                                      for i in range(concurrency)), return_exceptions=True)
     elapsed = time.perf_counter() - start
-    accepted = sum(r for r in results if isinstance(r, int))
-    errors = [repr(r) for r in results if isinstance(r, BaseException)]
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")
-    problems = (f"; {len(failures)} refused" if failures else "") + \
-        (f"; {len(errors)} connections failed" if errors else "")
-    print(f"C={concurrency} M={messages} S={size}: {accepted} accepted in {elapsed:.1f} s = "
-          f"{accepted / elapsed:.0f} msgs/s; end of DATA to reply p50 {p50:.1f} ms, p99 {p99:.1f} ms{problems}")
-    for error in errors[:3]:
-        print(f"  {error}")
-    return accepted / elapsed
+    return Load(concurrency, messages, size, sum(r for r in results if isinstance(r, int)), elapsed,
+                latencies, failures, [repr(r) for r in results if isinstance(r, BaseException)])
+
+
+async def run(host: str, port: int, concurrency: int, messages: int, size: int, to: str,
+              body: bytes | None = None, sender: str = "bench@example.org", together: bool = False) -> float:
+    """Prints the run's line; returns its accepted messages per second (see `load`)."""
+    done = await load(host, port, concurrency, messages, size, to, body, sender, together)
+    print(done.line())
+    return done.rate
 
 
 def main() -> None:

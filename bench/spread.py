@@ -33,19 +33,27 @@ from smtp_in import run  # noqa: E402
 SHARDS = 16  # conf/schema.py's default, which start_server keeps
 
 
-def shard_of(account: str) -> int:
-    """storage/store.py's Store.shard_number, for the default shard count."""
-    return int.from_bytes(hashlib.blake2b(account.encode(), digest_size=8).digest(), "big") % SHARDS
+def shard_of(account: str, shards: int = SHARDS) -> int:
+    """storage/store.py's Store.shard_number."""
+    return int.from_bytes(hashlib.blake2b(account.encode(), digest_size=8).digest(), "big") % shards
+
+
+def users_in_every_shard(shards: int, each: int = 1) -> list[str]:
+    """`each` users `userN@example.test` of every one of `shards` shards: the first user of
+    each shard in shard order, then the second of each, and so on."""
+    found: dict[int, list[str]] = {shard: [] for shard in range(shards)}
+    n = 0
+    while any(len(users) < each for users in found.values()):
+        account = f"user{n}@example.test"
+        if len(found[shard_of(account, shards)]) < each:
+            found[shard_of(account, shards)].append(account)
+        n += 1
+    return [found[shard][i] for i in range(each) for shard in range(shards)]
 
 
 def sixteen_users() -> list[str]:
     """The first `userN` of each shard: one user per shard."""
-    users: dict[int, str] = {}
-    n = 0
-    while len(users) < SHARDS:
-        users.setdefault(shard_of(f"user{n}@example.test"), f"user{n}@example.test")
-        n += 1
-    return sorted(users.values())
+    return sorted(users_in_every_shard(SHARDS))
 
 
 def main() -> None:

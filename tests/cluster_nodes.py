@@ -25,19 +25,21 @@ TTL = 2  # seconds of lease: a failover within the test's patience
 
 
 def start_nodes(root: Path, endpoint: str, nodes: tuple[str, ...], *, shards: int, users: list[str],
-                password: str, aliases: dict[str, list[str]] | None = None, cluster: dict[str, object] | None = None,
+                password: str, aliases: dict[str, list[str]] | None = None, lease_ttl: float = TTL,
+                cluster: dict[str, object] | None = None,
                 **sections: dict[str, object]) -> tuple[dict[str, Daemon], dict[str, Path]]:
     """Every node started (READY=1); tried again on new ports should another checkout's
-    suite take one first (conftest.py). The caller stops them (stop_nodes). `cluster`: more
-    of each node's [cluster] ({"detach": ...}); `sections`: more of each node's config
-    ({"queue": {...}}, {"outbound.routes": {...}})."""
+    suite take one first (conftest.py). The caller stops them (stop_nodes). `lease_ttl`:
+    TTL by default, a short failover (bench/cluster.py keeps the production default);
+    `cluster`: more of each node's [cluster] ({"detach": ...}); `sections`: more of each
+    node's config ({"queue": {...}}, {"outbound.routes": {...}})."""
     data_dir = root / "var"
     prefix = f"/n-{uuid.uuid4().hex[:8]}/"
     running: dict[str, Daemon] = {}
     for attempt in range(3):
         configs = {node: write_config_file(root / f"{node}.toml", data_dir, storage={"shards": shards},
                                            cluster={"etcd": [endpoint], "node": node, "address": "127.0.0.1",
-                                                    "lmtp_port": free_port(), "lease_ttl": TTL, "prefix": prefix,
+                                                    "lmtp_port": free_port(), "lease_ttl": lease_ttl, "prefix": prefix,
                                                     **(cluster or {})},
                                            **sections)
                    for node in nodes}

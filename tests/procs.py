@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 class Process(NamedTuple):
     parent: int
@@ -31,3 +33,14 @@ def processes() -> dict[int, Process]:
         name, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
         found[int(entry)] = Process(int(fields[1]), int(fields[2]), fields[0], name, cmdline)
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time `pid` has used so far (all its threads, not its
+    children); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: proc(5)
