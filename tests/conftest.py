@@ -276,6 +276,21 @@ def start_daemon(config_path: Path, workdir: Path) -> Daemon:
         raise AssertionError(f"postroom serve not ready within {READY_TIMEOUT}s:\n{daemon.stderr()}")
 
 
+class SharedDaemon:
+    """A module's daemon as one test sees it: the daemon's attributes, and `stderr()` is
+    what it logged since the test began. Subclasses give the test users of its own."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self._log_start = len(daemon.stderr())
+
+    def __getattr__(self, name: str):
+        return getattr(self.daemon, name)
+
+    def stderr(self) -> str:
+        return self.daemon.stderr()[self._log_start:]
+
+
 def start_module_daemon(root: Path, **overrides: dict[str, object]) -> Daemon:
     """`postroom serve` on a config of `write_config_file` under `root`, for a daemon a
     module's tests share. Another test suite on this machine (another checkout) hands out

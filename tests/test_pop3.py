@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, add_accounts, client_tls_context, start_daemon, start_module_daemon
+from conftest import BIN, SharedDaemon, add_accounts, client_tls_context, start_daemon, start_module_daemon
 from storage import open_data_dir
 from storage.store import Store
 
@@ -34,24 +34,17 @@ def add_users(config_path: Path) -> None:
     add_accounts(config_path, PASSWORD, [ALICE, "bob@example.test"])
 
 
-class Pop:
+class Pop(SharedDaemon):
     """The module's daemon as one test sees it: `alice` and `bob` in a domain of the test's
     own (alice@p7.example.test, ...), so that no maildrop, lock or message is another
     test's; `store` is opened on the daemon's data dir, and `stderr()` is what the daemon
     logged since the test began."""
 
     def __init__(self, daemon):
-        self.daemon = daemon
+        super().__init__(daemon)
         domain = f"p{next(_tests)}.example.test"
         self.alice, self.bob = f"alice@{domain}", f"bob@{domain}"
-        self._log_start = len(daemon.stderr())
         add_accounts(daemon.config_path, PASSWORD, [self.alice, self.bob], domains=(domain,))
-
-    def __getattr__(self, name: str):
-        return getattr(self.daemon, name)
-
-    def stderr(self) -> str:
-        return self.daemon.stderr()[self._log_start:]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import add_accounts, client_tls_context, start_daemon, start_module_daemon
+from conftest import SharedDaemon, add_accounts, client_tls_context, start_daemon, start_module_daemon
 from procs import processes
 from storage import Accounts, parse_address
 
@@ -27,22 +27,15 @@ ALICE = object()  # submit()'s default: the daemon's alice
 _tests = itertools.count(1)
 
 
-class Sub:
+class Sub(SharedDaemon):
     """A daemon as one test sees it: a domain of the test's own (`domain`) with alice, bob
     and carol, aliases that reach alice and a catch-all for carol; `stderr()` is what the
     daemon logged since the test began."""
 
     def __init__(self, daemon, domain: str):
-        self.daemon = daemon
+        super().__init__(daemon)
         self.domain = domain
-        self._log_start = len(daemon.stderr())
         _accounts(daemon.config_path, domain)
-
-    def __getattr__(self, name: str):
-        return getattr(self.daemon, name)
-
-    def stderr(self) -> str:
-        return self.daemon.stderr()[self._log_start:]
 
 
 @pytest.fixture(scope="module")
