@@ -102,7 +102,9 @@ def load_secret(config: SRSConfig, data_dir: DataDir) -> bytes:
 
 
 def _create_secret(path: Path) -> None:
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
+    # A name of this call's own: two threads of one process (mtad's loop and a delivery
+    # thread) may make it at once, and a shared name let one unlink the other's file.
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     data = base64.b64encode(secrets.token_bytes(32)) + b"\n"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

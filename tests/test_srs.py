@@ -8,6 +8,8 @@ import base64
 import hashlib
 import hmac
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -140,6 +142,25 @@ def test_load_secret(tmp_path):
         load_secret(SRSConfig(), data_dir)
     with pytest.raises(SRSError):
         SRS(b"", "fwd.example.test")
+
+
+def test_threads_of_one_process_make_the_secret_at_once(tmp_path):
+    """mtad's loop and its queue runner's thread both load it at start: one secret for all,
+    never "cannot write the SRS secret" (a temporary name shared by the threads was
+    unlinked under one of them, and that session answered 421)."""
+    for round_number in range(20):
+        data_dir = DataDir(tmp_path / str(round_number), 1)
+        (tmp_path / str(round_number)).mkdir()
+        start = threading.Barrier(8)
+
+        def load(data_dir=data_dir, start=start) -> bytes:
+            start.wait()
+            return load_secret(SRSConfig(), data_dir)
+
+        with ThreadPoolExecutor(8) as pool:
+            secrets = set(pool.map(lambda _: load(), range(8)))
+        assert len(secrets) == 1
+        assert [p.name for p in (tmp_path / str(round_number)).iterdir()] == ["srs.key"]
 
 
 # postsrsd's own test vectors (its tests/blackbox/socketmap.py: secret "tops3cr3t", SRS
