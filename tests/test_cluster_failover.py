@@ -48,11 +48,16 @@ class Sender:
     def __init__(self, nodes: dict):
         self.nodes = nodes
         self.acked: dict[str, str] = {}
-        self.deferred = 0  # 4xx replies, each sent again
+        self.deferrals: list[tuple[float, str, int, str]] = []  # (when, node, code, text) of each 4xx
         self.unreachable = 0  # connections refused or cut
         self.stop = threading.Event()
         self._turn = 0
         self.error: BaseException | None = None
+
+    @property
+    def deferred(self) -> int:
+        """4xx replies, each sent again."""
+        return len(self.deferrals)
 
     def run(self, count: int, pause: float = 0.01) -> None:
         try:
@@ -80,14 +85,31 @@ class Sender:
             except smtplib.SMTPRecipientsRefused as e:
                 code = e.recipients[recipient][0]
                 assert 400 <= code < 500, f"{node} refused {recipient} for good: {e.recipients}"
-                self.deferred += 1
+                self._deferred(node, code, e.recipients[recipient][1])
             except smtplib.SMTPResponseException as e:
                 assert 400 <= e.smtp_code < 500, f"{node} refused the message for good: {e}"
-                self.deferred += 1
+                self._deferred(node, e.smtp_code, e.smtp_error)
             except (OSError, smtplib.SMTPServerDisconnected):
                 self.unreachable += 1
             time.sleep(0.05)
         raise AssertionError(f"{message_id} to {recipient} not taken within 60 s")
+
+    def _deferred(self, node: str, code: int, text: bytes | str) -> None:
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        self.deferrals.append((time.time(), node, code, text))
+
+
+def _why(deferrals: list, running: dict) -> str:
+    """The deferrals, and what each node logged at about those times: a failure under load
+    must be diagnosable from the report alone, since the nodes' logs go with tmp_path."""
+    lines = [f"{time.strftime('%H:%M:%S', time.gmtime(t))}.{int(t % 1 * 1000):03d} {node}: {code} {text}"
+             for t, node, code, text in deferrals]
+    for node, daemon in running.items():
+        logged = [line for line in daemon.stderr().splitlines()
+                  if any(w in line for w in ("451", "defer", "fail", "error", "timeout", "hand", "owner", "let_go", "shard_"))]
+        lines += [f"--- {node} serve.err (matching lines, last 40)"] + logged[-40:]
+    return "\n".join(lines)
 
 
 def _kill_node(daemon) -> None:
@@ -149,13 +171,15 @@ def test_a_node_killed_under_load(cluster):
         while len(sender.acked) < drained_at + 20 and load.is_alive():
             time.sleep(0.05)
         deferred_in_drain = sender.deferred - deferred_before_drain
+        drain_deferrals = sender.deferrals[deferred_before_drain:]
     finally:
         load.join(120)
     assert sender.error is None, sender.error
     assert not load.is_alive()
     # A drain hands shards over gracefully (cluster/agent.py "leaving", mtad/routing.py at the
     # commit): no transaction is told to come back later for it.
-    assert deferred_in_drain == 0, f"{deferred_in_drain} deliveries deferred during the drain"
+    assert deferred_in_drain == 0, \
+        f"{deferred_in_drain} deliveries deferred during the drain:\n{_why(drain_deferrals, running)}"
 
     # Every acknowledged message is in its mailbox exactly once.
     with Store(open_data_dir(data_dir, SHARDS)) as store:
