@@ -15,7 +15,8 @@ Answers carry `ttl` (0 by default: no resolver keeps them). With a ttl, negative
 carry an SOA whose minimum is that ttl, so a resolver may keep those too (RFC 2308 §5:
 without an SOA it should not).
 
-Every query is counted in `queries`, as (name, type). `update(records)` changes the zone
+Every query is counted in `queries`, as (name, type), and in `arrivals` with the time it
+arrived (time.monotonic()). `update(records)` changes the zone
 while it serves. Each server is a thread with its own socket; `close()` stops both.
 """
 
@@ -50,6 +51,7 @@ class DNSZone:
         self.slow = {n.lower().rstrip("."): float(delay) for n, delay in (slow or {}).items()}
         self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
+        self.arrivals: list[tuple[float, str, str]] = []
         self._lock = threading.Lock()
         self._udp, self._tcp = _bind_both(port)
         self.port = self._udp.getsockname()[1]
@@ -104,6 +106,7 @@ class DNSZone:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.queries.append((name, rdtype))
+            self.arrivals.append((time.monotonic(), name, rdtype))
         if any(name == n or name.endswith("." + n) for n in self.silent):
             return None
         if any(name == n or name.endswith("." + n) for n in self.servfail):
