@@ -52,9 +52,13 @@ if TYPE_CHECKING:
 
 _log = EventLogger("mtad.routing")
 # A cluster's: how long a RCPT, or a commit whose shard changed hands, waits for the
-# mailbox's shard to have an owner again (a hand-over takes about HANDOVER_GRACE,
-# cluster/agent.py; a dead node's lease, its TTL): then 451.
-OWNER_WAIT = 5.0
+# mailbox's shard to have an owner again, then 451. A graceful hand-over (a drain, a stop)
+# takes HANDOVER_GRACE (1 s) and the shard's detach, after up to LET_GO_WAIT (10 s) for the
+# old owner's processes to let go (cluster/agent.py), and the new owner's attach; a dead
+# node's shards, its lease's TTL (10 s by default) and a claim. An SMTP client waits
+# minutes for a RCPT's reply (RFC 5321 §4.5.3.2): a wait of seconds is no refusal, and a
+# 451 for a drain is one (issue 18: a drain moves shards with no refused delivery).
+OWNER_WAIT = 15.0
 HAND_OVER_TRIES = 3  # owners tried for one copy, when each in turn says it is not the owner any more
 MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
 

@@ -3,10 +3,12 @@ what every process of the machine holds open under the shard's directory at the 
 agent detaches it (tests/test_cluster_release.py). A real `umount` or `rbd unmap` fails on
 any of it, or yanks the volume from under it.
 
-    detach_probe.py SHARD PATH RECORD
+    detach_probe.py SHARD PATH RECORD [HOLD]
 
-appends one JSON line to RECORD, {"shard": N, "open": ["pid 123 (imapd) fd 7: ...", ...]},
-from /proc/<pid>/fd (descriptors) and /proc/<pid>/maps (mappings: LMDB's), and exits 0.
+appends one JSON line to RECORD, {"shard": N, "open": ["pid 123 (imapd) fd 7: ...", ...],
+"started": T, "ended": T}, from /proc/<pid>/fd (descriptors) and /proc/<pid>/maps
+(mappings: LMDB's), and exits 0. With HOLD, it takes that many seconds first, as a real
+detach does (an RBD unmap, a cloud API call); the times are time.time()'s.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -56,7 +59,11 @@ def open_anywhere(root: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     shard, path, record = int(argv[1]), Path(argv[2]), Path(argv[3])
-    line = json.dumps({"shard": shard, "open": open_anywhere(path)})
+    started = time.time()
+    found = open_anywhere(path)
+    if len(argv) > 4:
+        time.sleep(float(argv[4]))
+    line = json.dumps({"shard": shard, "open": found, "started": started, "ended": time.time()})
     with open(record, "a") as f:
         f.write(line + "\n")
     return 0
