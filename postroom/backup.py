@@ -79,10 +79,15 @@ def backup(config: Config, data_dir: DataDir, accounts: Accounts, args: argparse
     copier = FileCopier()
     stats = CopyStats()
     with open_store(data_dir, accounts, config) as store:
-        for shard in store.shards():
+        shards = store.shards()  # in a cluster, those this node holds
+        for shard in shards:
             shard_stats = snapshot_shard(shard, data / shard.path.relative_to(data_dir.path), copier)
             _progress(f"shard {shard.number}: {shard_stats.messages} message(s)")
             stats.add(shard_stats)
+        if len(shards) < data_dir.shards:
+            others = sorted(set(range(data_dir.shards)) - {shard.number for shard in shards})
+            _progress(f"shard(s) {', '.join(map(str, others))}: not held by this node, not in this backup "
+                      f"(back them up on their owners)")
         # A file gone before it was linked is a message expunged since the snapshot, if the
         # live index agrees; if it still has it, the live store lacks that file (store check).
         expunged = [g for g in stats.gone if not still_indexed(store.shard(g.account), g.base)]

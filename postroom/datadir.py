@@ -48,12 +48,13 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     return data_dir, accounts
 
 
-def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | None = None, *,
-               daemon: bool = False) -> Store:
+def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | None = None) -> Store:
     """The store (without `accounts`, no quotas: a reader's); in a cluster, fenced (every
     commit checked against this node's claims), pinned (each shard it opens keeps its
-    volume attached until closed: cluster/pins.py), and a `daemon`'s opens only the shards
-    this node holds (cluster/follow.py closes those it releases)."""
+    volume attached until closed: cluster/pins.py), and opening only the shards this node
+    holds: another's volume is not attached here, and opening its empty mount point would
+    make an index there (a daemon's closes those it releases, cluster/follow.py; the CLI's
+    commands see the node's own shards, `store.shards()`)."""
     def quota_of(account: str) -> Quota:
         user = accounts.get_user(account)
         return Quota(user.quota, user.message_quota) if user else NO_QUOTA
@@ -68,9 +69,9 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
         table = open_node_table(config, data_dir)
         fence = table.holds
         pin = shard_pins(config, data_dir)
-        if daemon:
-            def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
-                return table.claim(number) is not None and table.lease_left() > 0
+
+        def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
+            return table.claim(number) is not None and table.lease_left() > 0
     return Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
                  held=held, pin=pin)
 

@@ -151,7 +151,7 @@ class Serving:
 
         self.directory = directory(config)
         # serve's own store, in a cluster: as a daemon's, the shards its node holds only.
-        own_store = functools.partial(open_store, data_dir, None, config, daemon=True) \
+        own_store = functools.partial(open_store, data_dir, None, config) \
             if config.cluster.enabled else None
         self.collector = DataDirCollector(data_dir, store, queue, functools.partial(open_queues, config, data_dir),
                                           own_store)

@@ -42,7 +42,7 @@ from policy.resolver import NODATA, NXDOMAIN, OK, Resolver
 from postroom.dkimadmin import keys_dir
 from postroom.datadir import PROCESSES, Running, open_queues, open_store, running_processes
 from postroom.services import DAEMONS, daemons_to_start
-from storage import DEFERRED, Accounts, DataDir
+from storage import DEFERRED, Accounts, DataDir, NotOwnerError
 
 CERT_WARN_DAYS = 14
 
@@ -126,24 +126,36 @@ def queue_section(config: Config, data_dir: DataDir) -> None:
 
 def store_section(config: Config, data_dir: DataDir, accounts: Accounts) -> None:
     per_shard: dict[int, list[int]] = {}
-    # In a cluster, pinned (cluster/pins.py): a shard being let go waits for this command.
+    # In a cluster, pinned (cluster/pins.py): a shard being let go waits for this command;
+    # and only the shards this node holds (another's volume is not attached here).
     with open_store(data_dir, accounts, config) as store:
+        indexes = {shard.number: _index_size(shard.path) for shard in store.shards()}
         for user in accounts.users():
             address = str(user.address)
-            usage = store.usage(address)
-            totals = per_shard.setdefault(store.shard_number(address), [0, 0, 0])
+            number = store.shard_number(address)
+            if number not in indexes:
+                continue
+            try:
+                usage = store.usage(address)
+            except NotOwnerError:  # released since store.shards()
+                continue
+            totals = per_shard.setdefault(number, [0, 0, 0])
             totals[0] += 1
             totals[1] += usage.messages
             totals[2] += usage.used
-        indexes = {shard.number: _index_size(shard.path) for shard in store.shards()}
     users = sum(t[0] for t in per_shard.values())
     count = sum(t[1] for t in per_shard.values())
     size = sum(t[2] for t in per_shard.values())
-    print(f"store     {users} account(s), {count} message(s), {human_size(size)} in {data_dir.shards} shard(s)")
+    held = f" ({len(indexes)} held by this node)" if len(indexes) < data_dir.shards else ""
+    print(f"store     {users} account(s), {count} message(s), {human_size(size)} in "
+          f"{data_dir.shards} shard(s){held}")
     for number in range(data_dir.shards):
+        if number not in indexes:
+            print(f"  shard {number:<3} not held by this node (`postroom cluster status` names its owner)")
+            continue
         users, count, size = per_shard.get(number, [0, 0, 0])
         print(f"  shard {number:<3} {users} account(s), {count} message(s), {human_size(size)}; "
-              f"index {human_size(indexes.get(number, 0))}")
+              f"index {human_size(indexes[number])}")
 
 
 def _index_size(shard_path: Path) -> int:

@@ -107,7 +107,16 @@ class Store:
         return self._shard_by_number(self.shard_number(account))
 
     def shards(self) -> list[Shard]:
-        return [self._shard_by_number(n) for n in range(self._data_dir.shards)]
+        """Every shard, opened; in a cluster (`held`), those this node holds now."""
+        if self._held is None:
+            return [self._shard_by_number(n) for n in range(self._data_dir.shards)]
+        found = []
+        for number in range(self._data_dir.shards):
+            try:
+                found.append(self._shard_by_number(number))
+            except NotOwnerError:
+                pass  # another node's (its volume is not attached here)
+        return found
 
     def _shard_by_number(self, number: int) -> Shard:
         for _ in range(OPEN_TRIES):
@@ -235,14 +244,7 @@ class Store:
         rather than on first use: a daemon does this before it listens, so that no request
         waits for it (an event loop least of all). A cluster daemon's store opens those its
         node holds now (`held`); the others when the node takes them."""
-        if self._held is None:
-            self.shards()
-            return
-        for number in range(self._data_dir.shards):
-            try:
-                self._shard_by_number(number)
-            except NotOwnerError:
-                pass  # not this node's
+        self.shards()
 
     # -- accounts and mailboxes ---------------------------------------------------------
 

@@ -76,11 +76,11 @@ def test_a_queue_write_for_a_shard_this_node_does_not_hold_is_refused(tmp_path: 
                 on = {n: next(u for u in USERS if store.shard_number(u) == n) for n in range(SHARDS)}
                 with pytest.raises(NoQueueError):  # no shard held: nothing can be queued durably here
                     _enqueue(queues, on[1])
-                # Shards 1 and 2 taken as the agent takes them: the claim's revision recorded
-                # in the shard (its fence), then published.
+                # Shards 1 and 2 taken: the claim published (this store, as a node's, opens only
+                # the shards its node holds), and its revision recorded in the shard (its fence).
+                publish({1: 11, 2: 12})
                 store.take_shard(1, 11)
                 store.take_shard(2, 12)
-                publish({1: 11, 2: 12})
                 in_1, in_2 = _enqueue(queues, on[1]), _enqueue(queues, on[2])
                 by_hash = _enqueue(queues, on[3])  # the user's shard is not held here: one that is
                 assert (data_dir.shard_path(1) / "queue" / "msg" / in_1).is_file()
@@ -193,9 +193,9 @@ def test_one_runner_works_every_held_shards_queue_within_one_limit(tmp_path: Pat
             with accounts, open_store(data_dir, accounts, config) as store, \
                     open_queues(config, data_dir, store) as queues:
                 on = {n: next(u for u in USERS if store.shard_number(u) == n) for n in range(SHARDS)}
+                publish({1: 11, 2: 12})  # first: this store opens only the shards its node holds
                 store.take_shard(1, 11)
                 store.take_shard(2, 12)
-                publish({1: 11, 2: 12})
                 first = [_enqueue(queues, on[n]) for n in (1, 2, 1, 2)]
 
                 async def run() -> None:
@@ -224,8 +224,8 @@ def test_one_runner_works_every_held_shards_queue_within_one_limit(tmp_path: Pat
                         with Queue(data_dir.shard_path(2) / "queue", shard=2) as other:
                             assert other.list() == []
                         # Taken back: its queue opened again, and what waits there goes.
-                        store.take_shard(2, 13)
                         publish({1: 11, 2: 13})
+                        store.take_shard(2, 13)
                         again = await asyncio.to_thread(_enqueue, queues, on[2])
                         await asyncio.to_thread(sink.wait_for, 6, 30)
                         assert {r.data.split(b"X-Qid: ")[1][:16].decode() for r in sink.received} == \

@@ -175,6 +175,41 @@ def test_a_drained_node_lets_go_of_its_shards(nodes):
     store.close()
 
 
+def test_the_cli_opens_only_the_shards_its_node_holds(nodes):
+    """`postroom status`, `store check` and the other commands that open the store touch
+    only the node's own shards: another node's volume is not attached here, and opening its
+    empty mount point would make an index there. Before, status listed every shard's usage."""
+    running, configs, data_dir = nodes
+    etcd = Etcd(conf.load(configs["node-a"]).cluster)
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    users = [f"user{i}@example.test" for i in range(40)]
+    store = Store(open_data_dir(data_dir, SHARDS))  # shard numbers only: nothing opened here
+    elsewhere = next(u for u in users if owners[store.shard_number(u)] == "node-b")
+    here = next(u for u in users if owners[store.shard_number(u)] == "node-a")
+    table = open_node_table(conf.load(configs["node-a"]), open_data_dir(data_dir, SHARDS))
+    try:
+        wait_until(lambda: set(table.claims()) == {s for s, n in owners.items() if n == "node-a"}, 10,
+                   "node-a's table shows its claims")
+    finally:
+        table.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTROOM, "--config", str(configs["node-a"]), *args], capture_output=True, text=True,
+                              timeout=60)
+
+    status = cli("status")
+    lines = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("  shard ")}
+    for shard, node in owners.items():
+        held = "not held by this node" not in lines[str(shard)]
+        assert held == (node == "node-a"), status.stdout
+    assert f"({SHARDS // 2} held by this node)" in status.stdout, status.stdout
+
+    checked = cli("store", "check", elsewhere)
+    assert checked.returncode == 1 and "is not served by this node now" in checked.stderr, checked
+    assert cli("store", "check", here).returncode == 0
+    assert cli("store", "check").returncode == 0  # every account of the node's own shards
+
+
 def test_a_pin_holds_the_detach_back_until_its_process_lets_go_or_dies(tmp_path: Path):
     """cluster/pins.py alone, with real processes: a process's pin keeps the agent waiting
     (which then names it), is refused while the agent holds the shard for its detach, and
