@@ -5,7 +5,9 @@ The password is checked here first (the accounts are on every node), so a guesse
 owner nothing and meets this node's throttle. Then this node logs in at the owner as the
 user: STARTTLS on the owner's IMAP port ([cluster] imap_port, else its first [imap] listen),
 the certificate checked against [server] hostname (a cluster's nodes serve one name), an ID
-(RFC 2971) naming the client's address for the owner's log, and AUTHENTICATE PLAIN with
+(RFC 2971) naming the client's address and this proxy (the owner believes them from a live
+node only: it logs and throttles by that address, and serves the session itself rather than
+proxy it on, should its table name yet another owner), and AUTHENTICATE PLAIN with
 SASL-IR (RFC 4959), which carries any password without quoting. The client's LOGIN is
 answered with the owner's capabilities; from then on the bytes go both ways untouched
 (imapd/protocol.py's relay), until either side closes.
@@ -19,6 +21,8 @@ import functools
 import ssl
 
 from wire.relay import ProxyError, reach_owner
+
+PROXY_ID = "x-postroom-proxy"  # the ID field that says a session is a cluster proxy's
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
@@ -35,7 +39,8 @@ async def _log_in(reader, writer, *, user: str, password: str, client_ip: str, h
         raise ProxyError(f"owner's greeting: {greeting[:100]!r}")
     await _command(reader, writer, b"p1 STARTTLS\r\n", b"p1")
     await writer.start_tls(tls, server_hostname=hostname)
-    await _command(reader, writer, f'p2 ID ("x-originating-ip" "{_quotable(client_ip)}")\r\n'.encode(), b"p2")
+    await _command(reader, writer, f'p2 ID ("x-originating-ip" "{_quotable(client_ip)}" "{PROXY_ID}" "1")\r\n'
+                   .encode(), b"p2")
     plain = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
     _, tagged = await _command(reader, writer, b"p3 AUTHENTICATE PLAIN " + plain + b"\r\n", b"p3")
     if tagged.startswith(b"p3 OK [CAPABILITY "):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from imapd import mailboxes, metadata, notify, searching, selected, urlauth, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
+from imapd.proxy import PROXY_ID
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
     AUTHENTICATED,
     LOGOUT,
@@ -139,6 +141,9 @@ async def id_(session: Session, command: Id):
     if params:
         shown = " ".join(f"{k}={v}" for k, v in list(params.items())[:8])
         session.log.info("client_id", user=session.user, client=shown[:300])
+        is_peer = session.context.is_peer
+        if PROXY_ID in params and session.user is None and is_peer is not None and is_peer(session.conn.peer):
+            session.forwarded_for = _address(params.get("x-originating-ip")) or session.conn.peer
     session.untagged(b"ID " + r.plist([r.string(b"name"), r.string(b"Postroom"), r.string(b"version"),
                                         r.string(session.context.version.encode())]))
 
@@ -220,26 +225,40 @@ async def log_in(session: Session, user: str, password: str):
     """Check the password (throttled per IP on failure) and enter the authenticated state."""
     context = session.context
     throttle = context.throttle
+    client = session.forwarded_for or session.conn.peer
+    via = {"via": session.conn.peer} if session.forwarded_for else {}
     async with throttle.checks:
         account = await (context.run_login or context.run)(context.accounts.authenticate, user, password)
     metrics.login("imap", ok=account is not None)
     if account is None:
-        delay = throttle.failed(session.conn.peer)
-        session.log.warning("login_failed", user=user[:100], ip=session.conn.peer, delay=delay)
+        delay = throttle.failed(client)
+        session.log.warning("login_failed", user=user[:100], ip=client, delay=delay, **via)
         await asyncio.sleep(delay)
         raise no("wrong user name or password", "AUTHENTICATIONFAILED")
-    throttle.succeeded(session.conn.peer)
+    throttle.succeeded(client)
     name = str(account.address)  # the store's account name: local@a-label
     if context.owner is not None:
         owner = _owner(context, name)
+        if owner is not None and session.forwarded_for is not None:
+            # Proxied here by a node that took this one for the owner: the two nodes' tables
+            # disagree for a moment (a hand-over). Proxying on could go round between them.
+            session.log.info("login_moving", user=name, ip=client, **via)
+            raise no("your mailbox is moving between servers, try again in a few seconds", "UNAVAILABLE")
         if owner is not None:
             return await _proxy(session, name, password, owner)
     await session.run_store(context.store.ensure_account, name)
     session.user = name
     session.state = AUTHENTICATED
     session.log = session.log.bind(user=session.user)
-    session.log.info("login", ip=session.conn.peer, tls=session.conn.tls)
+    session.log.info("login", ip=client, tls=session.conn.tls, **via)
     return "CAPABILITY " + session.capabilities(), "logged in"
+
+
+def _address(text: str | None) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text or ""))
+    except ValueError:
+        return None
 
 
 def _owner(context: IMAPContext, account: str) -> tuple[str, int] | None:
@@ -258,7 +277,7 @@ async def _proxy(session: Session, account: str, password: str, owner: tuple[str
     config = session.context.config
     try:
         reader, writer, capability = await log_in_at(
-            owner[0], owner[1], user=account, password=password, client_ip=session.conn.peer,
+            owner[0], owner[1], user=account, password=password, client_ip=session.forwarded_for or session.conn.peer,
             hostname=config.server.hostname, tls=session.context.proxy_tls, timeout=float(config.imap.login_timeout))
     except ProxyError as e:
         session.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])
@@ -266,7 +285,8 @@ async def _proxy(session: Session, account: str, password: str, owner: tuple[str
     session.user = account
     session.state = PROXIED
     session.log = session.log.bind(user=account)
-    session.log.info("login", ip=session.conn.peer, tls=session.conn.tls, proxied_to=f"{owner[0]}:{owner[1]}")
+    session.log.info("login", ip=session.forwarded_for or session.conn.peer, tls=session.conn.tls,
+                     proxied_to=f"{owner[0]}:{owner[1]}")
     session.conn.relay_to(reader, writer)  # from the end of this command on
     return capability or "CAPABILITY IMAP4rev1", "logged in"
 

@@ -82,6 +82,9 @@ class IMAPContext:
     # A cluster's: where a user whose shard another node owns is served (imapd/proxy.py).
     # owner(account) -> None (here) or that node's IMAP (host, port); NoOwnerError between owners.
     owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
+    # is_peer(ip) -> whether ip is a live node's address: a proxy whose ID naming its client
+    # is believed.
+    is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
     proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
@@ -96,6 +99,9 @@ class SessionState:
         self.state = NOT_AUTHENTICATED
         self.status = ""  # the status of the last tagged response: OK, NO, BAD
         self.user: str | None = None
+        # A cluster proxy's client (its ID's x-originating-ip, believed from a live node only):
+        # logged and throttled by, and the session is served here, never proxied on.
+        self.forwarded_for: str | None = None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
         self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE

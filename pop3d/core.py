@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,6 +94,10 @@ class Settings:
     tls_active: bool  # implicit TLS (port 995)
     plaintext_auth: bool  # passwords allowed without TLS
     login_delay: int = 0  # seconds between logins (RFC 2449 §6.5); 0: not advertised
+    # The client is a live node of this cluster (a proxy): it may name the address of the
+    # client it relays with XCLIENT ADDR= (Dovecot's and Postfix's command), for logs and
+    # the login throttle here. Nobody else is believed.
+    cluster_peer: bool = False
     expire: str = EXPIRE_NEVER  # RFC 2449 §6.7: EXPIRE_NEVER, or EXPIRE_AT_QUIT to remove what RETR sent
 
 
@@ -113,6 +118,7 @@ class POP3Core:
         self._plain_response_next = False  # AUTH PLAIN without an initial response was answered "+ "
         self._pending: Event | None = None
         self.verb = ""  # the last command's name (OTHER for one not known), for metrics
+        self.forwarded_for: str | None = None  # XCLIENT ADDR= from a cluster peer: the client it relays
 
     def greeting(self) -> bytes:
         return replies.greeting(self.settings.implementation)
@@ -314,6 +320,20 @@ class POP3Core:
             return self.login_refused(replies.IMPERSONATION)
         return Authenticate(user, secret, "PLAIN")
 
+    def _xclient(self, rest: str) -> Event:
+        """A cluster peer's proxy names the client it relays (and asks this node to serve the
+        session itself, never to proxy it on: pop3d/session.py)."""
+        if not self.settings.cluster_peer:
+            raise CommandError(replies.NOT_A_NODE)
+        fields = dict(arg.partition("=")[::2] for arg in rest.split()[:8])
+        address = fields.get("ADDR", "")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise CommandError(replies.BAD_XCLIENT) from None
+        self.forwarded_for = address
+        return Reply(replies.FORWARDED)
+
     def _stls(self, rest: str) -> Event:
         self._arguments(rest, 0, 0, "STLS")
         if self.tls_active:
@@ -400,7 +420,8 @@ Handler = Callable[[POP3Core, str], Event]
 # RFC 1939 §4-6, RFC 2449 §5 (CAPA in every state but UPDATE), RFC 2595 §4, RFC 5034 §4.
 COMMANDS: dict[str, dict[str, Handler]] = {
     AUTHORIZATION: {"CAPA": POP3Core._capa, "USER": POP3Core._user, "PASS": POP3Core._pass,
-                    "AUTH": POP3Core._auth, "STLS": POP3Core._stls, "QUIT": POP3Core._quit},
+                    "AUTH": POP3Core._auth, "STLS": POP3Core._stls, "QUIT": POP3Core._quit,
+                    "XCLIENT": POP3Core._xclient},
     TRANSACTION: {"CAPA": POP3Core._capa, "STAT": POP3Core._stat, "LIST": POP3Core._list, "RETR": POP3Core._retr,
                   "TOP": POP3Core._top, "DELE": POP3Core._dele, "NOOP": POP3Core._noop, "RSET": POP3Core._rset,
                   "UIDL": POP3Core._uidl, "QUIT": POP3Core._quit},

@@ -2,7 +2,9 @@
 served by the owner, through this node (imapd/proxy.py says why the password is checked
 here first, and how the owner's certificate is checked).
 
-At the owner: STLS (RFC 2595), then USER and PASS, whose reply (+OK and the maildrop's
+At the owner: STLS (RFC 2595), XCLIENT ADDR= naming the client's address (the owner
+believes it from a live node only, logs it and throttles by it, and serves the session
+itself rather than proxy it on), then USER and PASS, whose reply (+OK and the maildrop's
 size, or -ERR [IN-USE] while another session holds it) is the client's. From then on the
 bytes go both ways untouched (wire/relay.py).
 """
@@ -16,22 +18,25 @@ import ssl
 from wire.relay import ProxyError, reach_owner
 
 
-async def log_in_at(host: str, port: int, *, user: str, password: str, hostname: str, tls: ssl.SSLContext,
-                    timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
+                    tls: ssl.SSLContext, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """A session at the owner after PASS: (reader, writer, the owner's reply line to PASS).
     A -ERR reply closes it (the line is still returned, for the client)."""
     reader, writer, reply = await reach_owner(host, port, timeout, functools.partial(
-        _log_in, user=user, password=password, hostname=hostname, tls=tls))
+        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls))
     if not reply.startswith(b"+OK"):
         writer.close()
     return reader, writer, reply
 
 
-async def _log_in(reader, writer, *, user: str, password: str, hostname: str, tls: ssl.SSLContext) -> bytes:
+async def _log_in(reader, writer, *, user: str, password: str, client_ip: str, hostname: str,
+                  tls: ssl.SSLContext) -> bytes:
     await _ok(reader)
     writer.write(b"STLS\r\n")
     await _ok(reader)
     await writer.start_tls(tls, server_hostname=hostname)
+    writer.write(f"XCLIENT ADDR={client_ip}\r\n".encode())
+    await _ok(reader)
     writer.write(f"USER {user}\r\n".encode())
     await _ok(reader)
     writer.write(b"PASS " + password.encode() + b"\r\n")

@@ -58,6 +58,7 @@ class CommandError(Exception):
 SEND_PASS = ok("send PASS")  # whether the user exists is not told (RFC 1939 §13)
 AUTH_CONTINUE = b"+ \r\n"  # RFC 5034 §4: an empty challenge, the client sends its response
 BEGIN_TLS = ok("begin TLS negotiation")
+FORWARDED = ok("client address noted")
 NOTHING_TO_DO = ok("nothing to do")
 TOP_FOLLOWS = ok("top of message follows")
 MECHANISMS = multiline("SASL mechanisms follow", ["PLAIN"])
@@ -135,6 +136,10 @@ def line_too_long(what: str, limit: int) -> Err:
 
 def not_valid(verb: str, logged_in: bool) -> Err:
     return Err(f"{verb} is not valid {'after' if logged_in else 'before'} login")
+
+
+NOT_A_NODE = Err("XCLIENT is for the nodes of this cluster only")
+BAD_XCLIENT = Err("usage: XCLIENT ADDR=address")
 
 
 def unknown_command(verb: str) -> Err:

@@ -83,6 +83,8 @@ class POP3Context:
     # A cluster's: where a user whose shard another node owns is served (pop3d/proxy.py).
     # owner(account) -> None (here) or that node's POP3 (host, port); NoOwnerError between owners.
     owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
+    # is_peer(ip) -> whether ip is a live node's address: a proxy whose XCLIENT is believed.
+    is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
     proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
@@ -96,6 +98,7 @@ class Session:
             sid=sid, implementation=f"Postroom {context.version}", tls_available=context.tls is not None,
             tls_active=implicit_tls, plaintext_auth=pop3.plaintext_auth, login_delay=int(pop3.login_delay),
             expire=EXPIRE_NEVER if pop3.expire == "never" else EXPIRE_AT_QUIT,
+            cluster_peer=context.is_peer is not None and context.is_peer(connection.peer),
         ))
         self.log = EventLogger("pop3d.session").bind(sid=sid)
         self.user: str | None = None
@@ -150,14 +153,24 @@ class Session:
 
     # -- AUTHORIZATION -------------------------------------------------------------------------
 
+    @property
+    def client_ip(self) -> str:
+        """The client's address: a cluster proxy's XCLIENT ADDR=, else the connection's."""
+        return self.core.forwarded_for or self.conn.peer
+
+    def _via(self) -> dict[str, str]:
+        """For a login's log line: the proxy node a forwarded client came through."""
+        return {"via": self.conn.peer} if self.core.forwarded_for else {}
+
     async def _login(self, event: Authenticate) -> Event:
-        context, peer = self.context, self.conn.peer
+        context, peer = self.context, self.client_ip
         async with context.throttle.checks:
             user = await (context.run_login or context.run)(context.accounts.authenticate, event.user, event.password)
         metrics.login("pop3", ok=user is not None)
         if user is None:
             delay = context.throttle.failed(peer)
-            self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay)
+            self.log.warning("login_failed", user=event.user[:100], ip=peer, mechanism=event.mechanism, delay=delay,
+                             **self._via())
             await asyncio.sleep(delay)
             return self.core.login_refused(replies.WRONG_PASSWORD)
         context.throttle.succeeded(peer)
@@ -184,7 +197,7 @@ class Session:
         self.lock, self.user = lock, account
         self.log = self.log.bind(user=account)
         self.log.info("login", ip=peer, tls=self.conn.tls, mechanism=event.mechanism,
-                      messages=maildrop.count(), octets=maildrop.octets())
+                      messages=maildrop.count(), octets=maildrop.octets(), **self._via())
         return self.core.logged_in(maildrop)
 
     async def _proxy(self, account: str, password: str) -> Event | None:
@@ -200,11 +213,16 @@ class Session:
             return self.core.login_refused(replies.MAILDROP_MOVING, counts=False)
         if owner is None:
             return None
+        if self.core.forwarded_for is not None:
+            # Proxied here by a node that took this one for the owner: the two nodes' tables
+            # disagree for a moment (a hand-over). Proxying on could go round between them.
+            self.log.info("login_moving", user=account, ip=self.client_ip, **self._via())
+            return self.core.login_refused(replies.MAILDROP_MOVING, counts=False)
         config = context.config
         try:
             reader, writer, reply = await log_in_at(owner[0], owner[1], user=account, password=password,
-                                                    hostname=config.server.hostname, tls=context.proxy_tls,
-                                                    timeout=float(config.pop3.login_timeout))
+                                                    client_ip=self.client_ip, hostname=config.server.hostname,
+                                                    tls=context.proxy_tls, timeout=float(config.pop3.login_timeout))
         except ProxyError as e:
             self.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])
             return self.core.login_refused(replies.Err("your mailbox's server is not answering, try again later",
@@ -214,7 +232,7 @@ class Session:
             return Reply(reply if reply.endswith(b"\r\n") else reply + b"\r\n")
         self.user = account
         self.log = self.log.bind(user=account)
-        self.log.info("login", ip=self.conn.peer, tls=self.conn.tls, proxied_to=f"{owner[0]}:{owner[1]}")
+        self.log.info("login", ip=self.client_ip, tls=self.conn.tls, proxied_to=f"{owner[0]}:{owner[1]}")
         self.conn.relay_to(reader, writer)
         return Reply(reply)
 

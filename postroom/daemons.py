@@ -159,6 +159,7 @@ class Shared:
                            connections=ConnectionLimit(config.imap.max_connections, config.imap.max_connections_per_ip),
                            run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT),
                            owner=functools.partial(self.router.owner, service="imap") if self.router else None,
+                           is_peer=self.router.is_peer if self.router else None,
                            proxy_tls=self.proxy_tls if self.router else None)
 
     @cached_property
@@ -172,6 +173,7 @@ class Shared:
                            connections=ConnectionLimit(config.pop3.max_connections, config.pop3.max_connections_per_ip),
                            run_login=self.login_threads,
                            owner=functools.partial(self.router.owner, service="pop3") if self.router else None,
+                           is_peer=self.router.is_peer if self.router else None,
                            proxy_tls=self.proxy_tls if self.router else None)
 
     def _twisted_tls(self) -> ServerTLS | None:

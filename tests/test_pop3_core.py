@@ -143,6 +143,7 @@ STATE_CASES = [
     ("PASS x", "-ERR USER first", NOT_VALID),
     ("AUTH", "+OK SASL mechanisms follow", NOT_VALID),
     ("STLS", "+OK begin TLS negotiation", NOT_VALID),
+    ("XCLIENT ADDR=192.0.2.7", "-ERR XCLIENT is for the nodes of this cluster only", NOT_VALID),
     ("QUIT", "+OK Postroom test signing off", "+OK Postroom test signing off (0 messages deleted)"),
     ("STAT", NOT_VALID, "+OK 3 "),
     ("LIST", NOT_VALID, "+OK 3 messages ("),
@@ -174,6 +175,15 @@ def test_each_state_runs_its_commands_and_refuses_the_others(command, before, af
         assert driver.send(b"NOOP\r\n" if logged_in_first else b"CAPA\r\n").startswith(b"+OK")  # state unchanged
     else:
         assert reply.startswith(expected), reply
+
+
+def test_a_cluster_peer_names_the_client_it_relays():
+    """XCLIENT ADDR= (a cluster's POP3 proxy, pop3d/proxy.py): believed from a live node only."""
+    driver = Driver(POP3Core(settings(cluster_peer=True)))
+    assert driver.send(b"XCLIENT ADDR=bogus\r\n") == b"-ERR usage: XCLIENT ADDR=address\r\n"
+    assert driver.core.forwarded_for is None
+    assert driver.send(b"XCLIENT ADDR=2001:db8::7 PORT=41000\r\n") == b"+OK client address noted\r\n"
+    assert driver.core.forwarded_for == "2001:db8::7"
 
 
 @pytest.mark.parametrize("logged_in_first", [False, True], ids=["AUTHORIZATION", "TRANSACTION"])
