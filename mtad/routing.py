@@ -60,6 +60,7 @@ _log = EventLogger("mtad.routing")
 # 451 for a drain is one (issue 18: a drain moves shards with no refused delivery).
 OWNER_WAIT = 15.0
 HAND_OVER_TRIES = 3  # owners tried for one copy, when each in turn says it is not the owner any more
+UNREACHED = "unreached: "  # a hand-off failure's reason when the owner could not be reached
 MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
 
 
@@ -169,23 +170,28 @@ class Router(Protocol):
         """Whether `ip` is a live node's address: who may hand mail over by LMTP."""
 
 
-async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT) -> tuple[str, int]:
+async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT, *,
+                    gone: tuple[str, int] | None = None) -> tuple[str, int]:
     """The LMTP address of the node that owns `account`'s shard now, this node's own if it
     holds it; waiting up to `wait` while the shard is between owners (a hand-over, a node's
-    lease lapsing), then NoOwnerError."""
+    lease lapsing), then NoOwnerError. With `gone`, an owner that did not answer: waiting
+    too while the table still names it (a node stopping closes its listener before its
+    shards move; a dead one keeps them until its lease lapses), and that owner still after
+    `wait` if nobody else took them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
+        owner = None
         try:
             owner = router.owner(account)
-            if owner is not None:
-                return owner
-            if router.holds(account):
-                return router.here()
-            # The table names this node but its claim is gone (its lease lapsing): not
-            # this node's to take, and handing it to itself would go round in a loop.
+            if owner is None and router.holds(account):
+                owner = router.here()
+            # None: the table names this node but its claim is gone (its lease lapsing):
+            # not this node's to take, and handing it to itself would go round in a loop.
         except NoOwnerError:
             pass
+        if owner is not None and (owner != gone or loop.time() >= deadline):
+            return owner
         if loop.time() >= deadline:
             raise NoOwnerError(f"the mailbox of {account} has no owner just now")
         await asyncio.sleep(0.05)
@@ -361,7 +367,10 @@ class Route:
             finally:
                 await asyncio.gather(*(h.close() for h in handings))
             for (host, port), (failed, why) in failures.items():
-                moved = await self._owners_now(failed) if self._router is not None else {}
+                # An owner that could not be reached may be on its way out: its shards'
+                # next owner is waited for, as a RCPT waits for one (OWNER_WAIT).
+                gone = (host, port) if why.startswith(UNREACHED) else None
+                moved = await self._owners_now(failed, gone=gone) if self._router is not None else {}
                 if attempt + 1 == HAND_OVER_TRIES or (host, port) in moved:
                     raise HandOffFailed(f"{host}:{port}: {why}")
                 _log.info("hand_over_moved", owner=f"{host}:{port}", accounts=",".join(failed),
@@ -382,7 +391,7 @@ class Route:
         failures = {}
         for ((host, port), accounts), result in zip(owners, results, strict=True):
             if isinstance(result, HandOffError):
-                failures[(host, port)] = (accounts, str(result))
+                failures[(host, port)] = (accounts, f"{UNREACHED}{result}")
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -395,13 +404,15 @@ class Route:
                 failures[(host, port)] = (list(refused), why)
         return failures
 
-    async def _owners_now(self, accounts: list[str]) -> dict[tuple[str, int], list[str]]:
+    async def _owners_now(self, accounts: list[str], *,
+                          gone: tuple[str, int] | None = None) -> dict[tuple[str, int], list[str]]:
         """`accounts` by the LMTP address of their owner now (this node's own for those it
-        holds), waiting for shards between owners: HandOffFailed if one stays without."""
+        holds), waiting for shards between owners (and, `gone`, named still by the owner
+        that did not answer): HandOffFailed if one stays without."""
         owners: dict[tuple[str, int], list[str]] = {}
         for account in accounts:
             try:
-                owner = await owner_now(self._router, account)
+                owner = await owner_now(self._router, account, gone=gone)
             except NoOwnerError as e:
                 raise HandOffFailed(str(e)) from None
             owners.setdefault(owner, []).append(account)
