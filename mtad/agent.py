@@ -21,7 +21,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from conf.logfmt import EventLogger, session_id
@@ -78,6 +78,19 @@ class AgentContext:
     stopping: bool = False
     # Set when a session ends or a delivery's reply is decided: what a stop waits on.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def let_go(self, held: Container[int]) -> int:
+        """A cluster's (cluster/follow.py, on the event loop): the messages coming in whose
+        local copy is on a shard this node no longer holds close their file there and keep
+        the copy to hand over (Route.let_go); how many did."""
+        moved = 0
+        for session in list(self.sessions):
+            route = getattr(session, "_route", None)
+            try:
+                moved += route is not None and route.let_go(held)
+            except (StoreError, OSError) as e:  # read back failed: the commit says what it says
+                session.log.error("let_go_failed", error=str(e)[:200])
+        return moved
 
     async def finish_deliveries(self) -> None:
         while self.deliveries:

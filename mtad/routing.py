@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
@@ -44,6 +44,7 @@ from storage import (
     QueueSet,
     Store,
     NoOwnerError,
+    NotOwnerError,
     StoreError,
 )
 
@@ -240,6 +241,9 @@ class Route:
         self._remote_prefix = b""
         self._verdict_size = 0
         self._junk = False  # the policy's Junk verdict, carried to the owners (LMTP's XJUNK)
+        # A cluster's: local accounts whose shard this node released while the message came
+        # in (let_go): their copy is the one kept to hand over, to their owner at the commit.
+        self._moved: list[str] = []
 
     @property
     def queue_id(self) -> str | None:
@@ -257,6 +261,8 @@ class Route:
                 self.delivery.write(local_prefix)
                 self._local_prefix_size = len(local_prefix)
             self._remote_prefix = remote_prefix
+            if self.delivery is not None and not self.delivery.keeps_bytes and self._router is not None:
+                self.let_go(())  # its shard released between the RCPT and now
             if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
                 if self._digest is not None:
@@ -278,7 +284,14 @@ class Route:
             self.head += data[:MAX_HEAD - len(self.head)]
         try:
             if self.delivery is not None:
-                self.delivery.write(data)
+                try:
+                    self.delivery.write(data)
+                except NotOwnerError:
+                    if self._router is None:
+                        raise
+                    # Its shard let go of just now (a drain): the copy so far moves out, and
+                    # this chunk joins it below.
+                    self.let_go(())
             if self.enqueue is not None:
                 self.enqueue.write(data)
                 if self._digest is not None:
@@ -288,6 +301,31 @@ class Route:
         except (StoreError, OSError):
             self.close()
             raise
+
+    def let_go(self, held: Container[int]) -> bool:
+        """A cluster's, while the message comes in (on the event loop, between two chunks):
+        if a shard of the local copy is not in `held` (this node released it: a drain, a
+        rebalance), the copy written so far is read back and kept in memory with the copies
+        to hand over, and the delivery closed, its file on the shard's volume with it, so
+        that the volume can be detached now rather than when the sender finishes. The copy
+        goes to the shard's owner at the commit (_follow_owners). Whether it moved."""
+        delivery = self.delivery
+        if delivery is None or self._router is None:
+            return False
+        accounts = list(dict.fromkeys(account for account, _ in delivery.targets))
+        if delivery.keeps_bytes and all(self._store.shard_number(account) in held for account in accounts):
+            return False
+        if not delivery.keeps_bytes and delivery.size > self._local_prefix_size:
+            return False  # its bytes were not kept: the commit says so (the shard's NotOwnerError)
+        if self._handed is None:
+            data = _read_all(delivery) if delivery.keeps_bytes else b""
+            start = self._verdict_size + self._local_prefix_size
+            self._handed = bytearray(data[:self._verdict_size] + self._remote_prefix + data[start:])
+        delivery.close()
+        self.delivery = None
+        self._moved = accounts
+        _log.info("copy_let_go", accounts=",".join(accounts), size=len(self._handed))
+        return True
 
     def read_back(self) -> Iterator[bytes]:
         """The message as written so far (the local copy, else the queue's, else the one
@@ -429,11 +467,12 @@ class Route:
         if router is None:
             return delivery
         local = list(dict.fromkeys(account for account, _ in delivery.targets)) if delivery is not None else []
-        moved_here = not all(router.holds(account) for account in local)
+        local = list(dict.fromkeys(self._moved + local))  # let go of while the message came in (let_go)
+        moved_here = bool(self._moved) or not all(router.holds(account) for account in local)
         if not moved_here and not any(_owner_changed(router, account, owner)
                                       for owner, accounts in self._handoffs.items() for account in accounts):
             return delivery
-        if moved_here:
+        if moved_here and delivery is not None:
             if self._handed is None:
                 data = await deliver_in_thread(_read_all, delivery)
                 start = self._verdict_size + self._local_prefix_size

@@ -107,10 +107,13 @@ class Shared:
         from mtad.agent import AgentContext
 
         config = self._config
-        return AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
-                            ConnectionLimit(config.submission.max_connections,
-                                            config.submission.max_connections_per_ip),
-                            outbound=self.outbound, policy=self.policy, router=self.router)
+        agent = AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
+                             ConnectionLimit(config.submission.max_connections,
+                                             config.submission.max_connections_per_ip),
+                             outbound=self.outbound, policy=self.policy, router=self.router)
+        if self.follower is not None:  # a cluster's: messages coming in let go of a released shard
+            self.follower.listeners.append(agent.let_go)
+        return agent
 
     @cached_property
     def router(self):
@@ -260,6 +263,8 @@ async def start_smtp(context: Context) -> Listening:
         # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
         servers += await listen_asyncio(lambda: LMTPAgent(inbound), lmtp_listen, tls=None,
                                         backlog=config.server.listen_backlog)
+    if shared.follower is not None:  # a cluster's: messages coming in let go of a released shard
+        shared.follower.listeners.append(inbound.let_go)
     # Every mtad process tries for the runner lock (in a cluster, its node's); its holder delivers.
     runner = start_runner(context, shared.outbound.queue)
     return Listening(servers, inbound, float(config.server.stop_grace), runner)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from storage import dedupe as duplicates
 from storage import fts, journal, maildir, messages, records
-from storage.errors import DeliveryError, MailboxNotFoundError, StoreError, store_error
+from storage.errors import DeliveryError, MailboxNotFoundError, NotOwnerError, StoreError, store_error
 from storage.fileview import FileView
 from storage.messages import Quota
 from storage.mime import ParsedMessage, parse_message
@@ -154,8 +154,13 @@ class Delivery:
                 except OSError as e:
                     self.close()
                     raise store_error(e, self._source.parent) from e
+                except NotOwnerError:
+                    # Its shard is being let go (a cluster's drain): the file was not made,
+                    # and the bytes so far are still here to read (read()), for the caller
+                    # to take the message elsewhere (mtad/routing.py, Route.let_go).
+                    raise
                 except StoreError:
-                    self.close()  # its shard is being let go (NotOwnerError): not made there
+                    self.close()
                     raise
         self.size += len(chunk)
         if self._digest is not None:
@@ -207,6 +212,12 @@ class Delivery:
         shard, self._first = _first_shard(self.targets, self._shard_of)
         if shard is not self._source_shard:  # the same accounts: the same first shard
             raise StoreError("send_to_each() changed the delivery's accounts")
+
+    @property
+    def keeps_bytes(self) -> bool:
+        """Whether the bytes written are kept: false when no target's shard could be opened
+        (they are only counted, and the commit raises the first target's error)."""
+        return self._source is not None
 
     def read(self, size: int = 1 << 16) -> Iterator[bytes]:
         """The message's bytes written so far, in pieces of at most `size` (an anti-virus
