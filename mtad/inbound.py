@@ -253,7 +253,10 @@ class InboundSMTP(SMTPAgent):
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
                                            orphaned=self._orphaned, helo=self.context.config.server.hostname,
-                                           sender=self._sender)
+                                           sender=self._sender,
+                                           smtputf8=self._mail is not None and self._mail.smtputf8,
+                                           eight_bit=self._mail is not None and
+                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME")
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]

@@ -366,7 +366,8 @@ class Route:
             self.enqueue.close()
         self._handed = None
 
-    async def _hand_over(self, message: bytes, helo: str, sender: str) -> None:
+    async def _hand_over(self, message: bytes, helo: str, sender: str, *, smtputf8: bool = False,
+                         eight_bit: bool = False) -> None:
         """The copies other nodes own, over LMTP to every owner at once, in two steps: each
         owner's MAIL and RCPTs, then the data to all of them only if every recipient was
         accepted everywhere, so that one owner's refusal (a full mailbox) leaves no copy at
@@ -381,7 +382,8 @@ class Route:
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
             begun = await asyncio.gather(*(Handing.begin(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                         sent_from=sent_from, junk=self._junk)
+                                                         sent_from=sent_from, junk=self._junk, smtputf8=smtputf8,
+                                                         eight_bit=eight_bit)
                                            for (host, port), accounts in owners),
                                          return_exceptions=True)
             handings = [h for h in begun if isinstance(h, Handing)]
@@ -487,10 +489,12 @@ class Route:
 
     async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
                      orphaned: Callable[[BaseException], None] = lambda e: None, helo: str = "",
-                     sender: str = "") -> Committed:
+                     sender: str = "", smtputf8: bool = False, eight_bit: bool = False) -> Committed:
         """Every copy stored and the queue entry written, or DeliveryError / StoreError with
         nothing left of the message. The route is closed either way. `orphaned` hears of a
-        store failure that comes after the caller is gone (its session cancelled)."""
+        store failure that comes after the caller is gone (its session cancelled).
+        `smtputf8`, `eight_bit`: the transaction's SMTPUTF8 and BODY=8BITMIME, for the owners
+        the copies are handed to."""
         delivery, self.delivery = self.delivery, None
         enqueue, self.enqueue = self.enqueue, None
         delivered: list[Delivered] = []
@@ -502,7 +506,7 @@ class Route:
                 # node's own copies) gets a 451, and the copy sent again finds the owner's
                 # by its Message-ID (storage/dedupe.py).
                 handed, self._handed = bytes(self._handed), None
-                await self._hand_over(handed, helo, sender)
+                await self._hand_over(handed, helo, sender, smtputf8=smtputf8, eight_bit=eight_bit)
             if delivery is not None:
                 accounts = [account for account, _ in delivery.targets]
                 handed, delivery = delivery, None  # the commit owns it now, and closes it

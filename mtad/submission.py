@@ -290,7 +290,10 @@ class SubmissionSMTP(SMTPAgent):
         try:
             committed = await route.commit(self.context.deliver_in_thread, self.context.deliveries,
                                            orphaned=self._orphaned, helo=self.context.config.server.hostname,
-                                           sender=self._mail.address if self._mail is not None else "")
+                                           sender=self._mail.address if self._mail is not None else "",
+                                           smtputf8=self._mail is not None and self._mail.smtputf8,
+                                           eight_bit=self._mail is not None and
+                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME")
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             self.log.error("store_failed", qid=qid, error=type(e).__name__)
