@@ -99,6 +99,10 @@ class SMTPConfig:
     # this node owns, handed over by the node that took it (mtad/lmtp.py). Never port 25,
     # never open to the Internet: it takes the sender's word and runs no checks.
     lmtp_listen: tuple[ListenAddress, ...] = ()
+    # LMTP connections at once in each mtad process, from all the nodes together: a node
+    # hands over as many messages at once as its own clients send it (up to its [smtp]
+    # max_connections), so this is above that, and a bound on what a stray peer can hold.
+    lmtp_max_connections: int = field(default=2000, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass(frozen=True)

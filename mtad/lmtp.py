@@ -35,6 +35,7 @@ from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
 from mtad.routing import Route
 from mtad.session import SessionConfig
+from wire.connections import ConnectionLimit
 from storage import StoreError
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
@@ -60,18 +61,29 @@ class LMTPAgent(InboundSMTP):
     PROTOCOL = "LMTP"
     service = "lmtp"
 
+    def __init__(self, context: AgentContext, connections: ConnectionLimit):
+        super().__init__(context)
+        self._connections = connections
+        self._refused = (NOT_A_PEER, "not a node of the cluster")
+
     # Not the MX's connection limits: a busy node hands over as many messages at once as
     # its own clients send it (C=50 is 50 connections from one address), and the listener
-    # is the cluster's own (the README: reach it from the cluster's network only).
+    # is the cluster's own (the README: reach it from the cluster's network only). Its own
+    # limit, [smtp] lmtp_max_connections, for all the nodes together.
     def admit(self, ip: str) -> bool:
         router = self.context.router
-        return router is None or router.is_peer(ip)
+        if router is not None and not router.is_peer(ip):
+            return False
+        if not self._connections.admit(ip):
+            self._refused = (replies.TOO_MANY_CONNECTIONS, "too many LMTP connections")
+            return False
+        return True
 
     def release(self, ip: str) -> None:
-        pass
+        self._connections.release(ip)
 
     def refusal(self) -> tuple[Reply, str]:
-        return NOT_A_PEER, "not a node of the cluster"
+        return self._refused
 
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:

@@ -261,7 +261,9 @@ async def start_smtp(context: Context) -> Listening:
 
         # The cluster's hand-off from other nodes (mtad/lmtp.py): the MX's context (store,
         # threads, stop, reload), its sessions among the MX's; LMTPAgent runs no checks.
-        servers += await listen_asyncio(lambda: LMTPAgent(inbound), lmtp_listen, tls=None,
+        limit = config.smtp.lmtp_max_connections  # all the nodes together: no per-address share
+        lmtp_connections = ConnectionLimit(limit, limit)
+        servers += await listen_asyncio(lambda: LMTPAgent(inbound, lmtp_connections), lmtp_listen, tls=None,
                                         backlog=config.server.listen_backlog)
     if shared.follower is not None:  # a cluster's: messages coming in let go of a released shard
         shared.follower.listeners.append(inbound.let_go)

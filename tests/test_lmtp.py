@@ -10,8 +10,9 @@ import itertools
 import smtplib
 
 import pytest
+from waiting import wait_until
 
-from conftest import add_accounts, free_port, start_module_daemon
+from conftest import add_accounts, free_port, start_daemon, start_module_daemon, write_config_file
 from mtad.lmtp import HEADROOM
 from mtad.lmtp_client import HandOffError, hand_over
 from storage import Accounts, open_data_dir
@@ -173,3 +174,33 @@ def test_a_node_may_hand_over_more_at_once_than_a_client_may_connect(server):
     finally:
         for client in clients:
             client.close()
+
+
+def test_the_lmtp_listener_has_a_connection_limit_of_its_own(tmp_path):
+    """[smtp] lmtp_max_connections: what every node together may hold open (3 here); the
+    next connection is told 421 4.7.0 and closed, and one is taken again once one closes."""
+    config = write_config_file(tmp_path / "lmtp.toml", tmp_path / "var",
+                               smtp={"lmtp_listen": [f"127.0.0.1:{free_port()}"], "lmtp_max_connections": 3})
+    daemon = start_daemon(config, tmp_path)
+    try:
+        held = [_lmtp(daemon) for _ in range(3)]
+        assert all(client.noop()[0] == 250 for client in held)
+        with pytest.raises(smtplib.SMTPConnectError, match="421") as refused:
+            _lmtp(daemon)
+        assert b"4.7.0" in refused.value.smtp_error
+        held.pop().close()
+        wait_until(lambda: _lmtp_taken(daemon), 10, "a fourth connection once one closed")
+        for client in held:
+            client.close()
+    finally:
+        assert daemon.stop() == 0, daemon.stderr()
+    assert 'reason="too many LMTP connections"' in daemon.stderr(), daemon.stderr()[-2000:]
+
+
+def _lmtp_taken(daemon) -> bool:
+    try:
+        client = _lmtp(daemon)
+    except smtplib.SMTPConnectError:
+        return False
+    client.close()
+    return True
