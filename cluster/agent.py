@@ -36,6 +36,7 @@ for maintenance does not take shards back.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -98,6 +99,7 @@ class Agent:
         self.lease = 0
         self.deadline = 0.0
         self.claims: dict[int, int] = {}  # shard -> its claim's revision
+        self.secret: bytes | None = None  # the cluster's (etcd's "secret"), once read
         self.owners: dict[int, tuple[str, int]] = {}
         self.nodes: list[Node] = []
         self.draining = False
@@ -159,6 +161,8 @@ class Agent:
                 self._etcd_failed(e)
         snapshot = self.etcd.snapshot()
         nodes, owners, drains = snapshot.under("nodes/"), snapshot.under("owners/"), snapshot.under("drain/")
+        if "secret" in snapshot.keys:
+            self.secret = snapshot.keys["secret"].value
         if self.node not in nodes or nodes[self.node].lease != self.lease:
             self._expired = True  # our record is gone: so is our lease, or it soon will be
             return
@@ -209,6 +213,10 @@ class Agent:
         sent = time.monotonic()
         lease = self.etcd.grant()
         self.etcd.put(f"nodes/{self.node}", node_record(self.address, self.ports), lease)
+        # The cluster's secret, made by the first node to register (kept: no lease): how a
+        # node proves itself to another's LMTP listener (mtad/lmtp.py). etcd is the trust
+        # root already: whoever writes there may claim the shards.
+        self.etcd.create("secret", secrets.token_hex(32).encode(), 0)
         with self._state:
             self.lease, self.deadline, self._expired = lease, sent + self.ttl - self.margin, False
         self.log.info("registered", node=self.node, lease=f"{lease:x}", ttl=self.ttl, address=self.address)
@@ -372,4 +380,5 @@ class Agent:
     def _publish(self) -> None:
         with self._state:
             self.table.publish(deadline=self.deadline if self.lease else 0.0, lease=self.lease,
-                               claims=dict(self.claims), owners=dict(self.owners), nodes=list(self.nodes))
+                               claims=dict(self.claims), owners=dict(self.owners), nodes=list(self.nodes),
+                               secret=self.secret)

@@ -39,6 +39,7 @@ _LEASE = struct.Struct(">dQ36s")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 LEASE_KEY = b"lease"
+SECRET_KEY = b"secret"  # the cluster's secret (etcd's "secret" key): what nodes prove to each other
 
 
 def boot_id() -> bytes:
@@ -120,6 +121,11 @@ class NodeTable:
             raw = txn.get(b"c" + _U32.pack(shard))
         return _U64.unpack(raw)[0] if raw is not None else None
 
+    def secret(self) -> bytes | None:
+        """The cluster's secret, as the agent read it from etcd; None before it did."""
+        with self.env.begin() as txn:
+            return txn.get(SECRET_KEY)
+
     def claims(self) -> dict[int, int]:
         """shard -> revision of this node's claims (whatever the lease)."""
         with self.env.begin() as txn:
@@ -157,12 +163,14 @@ class NodeTable:
     # -- the agent's side -------------------------------------------------------------
 
     def publish(self, *, deadline: float, lease: int, claims: dict[int, int], owners: dict[int, tuple[str, int]],
-                nodes: Iterable[Node]) -> None:
+                nodes: Iterable[Node], secret: bytes | None = None) -> None:
         """Replace the whole table in one transaction: what the agent knows now."""
         assert self.writer, "only the agent writes the node table"
         with self.env.begin(write=True) as txn:
             _clear(txn, b"")
             txn.put(LEASE_KEY, _LEASE.pack(deadline, lease, _BOOT))
+            if secret:
+                txn.put(SECRET_KEY, secret)
             for shard, revision in claims.items():
                 txn.put(b"c" + _U32.pack(shard), _U64.pack(revision))
             for shard, (node, revision) in owners.items():

@@ -42,6 +42,10 @@ class ClusterView:
                 return node
         raise NoOwnerError(f"node {self.node} is not registered just now")
 
+    def secret(self) -> bytes | None:
+        """The cluster's secret (cluster/proof.py), once this node's agent has read it."""
+        return self.table.secret()
+
     def lease_left(self) -> float:
         """Seconds this node's claims stay good without another keepalive (<= 0: lapsed)."""
         return self.table.lease_left()

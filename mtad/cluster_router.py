@@ -39,6 +39,14 @@ class ViewRouter:
         """Whether this node may commit to the account's shard now."""
         return self._view.owns(self._store.shard_number(account))
 
+    def node(self) -> str:
+        """This node's name."""
+        return self._view.node
+
+    def secret(self) -> bytes | None:
+        """The cluster's secret: what a hand-off proves (cluster/proof.py)."""
+        return self._view.secret()
+
     def is_peer(self, ip: str) -> bool:
         """Whether `ip` is the address of a live node of the cluster (this one included): who
         may hand mail over by LMTP. A node's address that is a name is resolved at most once

@@ -15,9 +15,12 @@ store and commit, with what the handing node already did left out.
   that is no user here is 550 5.1.1; a full mailbox 452 4.2.2.
 - No policy chain, no rate limits, no remote recipients: the handing node ran the checks and
   added its Received: header; this hop adds Return-Path: and its own Received: "with LMTP"
-  (RFC 3848). That trust is why the listener belongs on the cluster's own network, and why
-  in a cluster it takes connections only from the live nodes' addresses (as their agents
-  registered them): anyone else is told 421 4.7.1.
+  (RFC 3848). That trust is why the listener belongs on the cluster's own network, why in
+  a cluster it takes connections only from the live nodes' addresses (as their agents
+  registered them; anyone else is told 421 4.7.1), and why a node must prove itself before
+  MAIL: AUTH PLAIN with its name and its proof of the cluster's secret for the nonce in
+  the greeting (cluster/proof.py), since any process on a node's machine shares its
+  address (else 530 5.7.0 at MAIL, 535 5.7.8 for a wrong proof).
 - MAIL FROM's XSENT=<n> (a private parameter, RFC 5321 §4.1.2, offered at LHLO): the
   message's first n bytes are the handing node's (its verdict fields and Received:), not
   the sender's. The copy's deduplication key (storage/dedupe.py) skips them, so a message
@@ -28,9 +31,10 @@ store and commit, with what the handing node already did left out.
 
 from __future__ import annotations
 
+from cluster import proof
 from mtad import replies
 from mtad.agent import AgentContext, store_failure_reply
-from mtad.events import DataEnd, RcptTo
+from mtad.events import Auth, DataEnd, Question, RcptTo
 from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
 from mtad.routing import Route
@@ -39,6 +43,9 @@ from wire.connections import ConnectionLimit
 from storage import StoreError
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
+PROVEN = Reply(235, "2.7.0", "Node authenticated")
+NOT_PROVEN = Reply(535, "5.7.8", "Not a node of this cluster")
+NO_SECRET_YET = Reply(454, "4.7.0", "Temporary authentication failure, try again")
 
 # What a hand-off may carry beyond [smtp] max_message_size: the handing node checked the
 # sender's bytes against the limit, then put its Received: and verdict fields in front (a
@@ -88,10 +95,31 @@ class LMTPAgent(InboundSMTP):
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
         config = context.config
+        # A cluster's listener: the handing node proves itself before MAIL (cluster/proof.py),
+        # answering the nonce in this greeting; its address alone is not enough.
+        cluster = context.router is not None
         return SessionConfig(hostname=config.server.hostname,
                              max_message_size=config.smtp.max_message_size + HEADROOM,
                              max_recipients=MAX_ACCOUNTS, tls_available=False, dsn=True,
-                             chunking=False, lmtp=True)
+                             chunking=False, lmtp=True, auth=cluster, plaintext_auth=cluster,
+                             greeting_note=proof.greeting_note(proof.nonce(), config.server.hostname)
+                             if cluster else "")
+
+    async def answer(self, event: Question) -> Reply:
+        if isinstance(event, Auth):
+            return self._node_proof(event)
+        return await super().answer(event)
+
+    def _node_proof(self, event: Auth) -> Reply:
+        """AUTH PLAIN from a handing node: its name, and its proof for this session's nonce."""
+        secret = self.context.router.secret()
+        if not secret:  # this node's agent has not read it yet
+            return NO_SECRET_YET
+        nonce = proof.nonce_in(self.core.config.greeting_note) or ""
+        if event.mechanism != "PLAIN" or event.authzid or not proof.valid(secret, nonce, event.authcid, event.password):
+            self.log.warning("lmtp_auth_failed", client=self.peer, node=event.authcid[:64])
+            return NOT_PROVEN
+        return PROVEN
 
     def _recipient(self, event: RcptTo) -> Reply:
         user = self.context.accounts.get_user(event.address)  # None for a malformed address too

@@ -14,8 +14,9 @@ answers 451 4.4.0 (the sender tries again later, and no copy was promised).
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MAX_REPLY_LINES = 100  # an LHLO reply lists its extensions; more than this is not a server
@@ -78,14 +79,15 @@ class Handing:
     @classmethod
     async def begin(cls, host: str, port: int, *, helo: str, sender: str, recipients: Sequence[str],
                     timeout: float = 60.0, smtputf8: bool = False, eight_bit: bool = False,
-                    sent_from: int = 0, junk: bool = False) -> Handing:
+                    sent_from: int = 0, junk: bool = False,
+                    credentials: Callable[[str], tuple[str, str] | None] | None = None) -> Handing:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE * 2), timeout)
         except (OSError, TimeoutError) as e:
             raise HandOffError(f"cannot connect to {host}:{port}: {e}") from None
         handing = cls(host, port, reader, writer, recipients, timeout)
         try:
-            await handing._step(handing._envelope(helo, sender, smtputf8, eight_bit, sent_from, junk))
+            await handing._step(handing._envelope(helo, sender, smtputf8, eight_bit, sent_from, junk, credentials))
         except BaseException:
             await handing.close()
             raise
@@ -119,11 +121,17 @@ class Handing:
             raise HandOffError(f"LMTP to {self.where} failed: {type(e).__name__}: {e}") from None
 
     async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int,
-                        junk: bool) -> None:
+                        junk: bool, credentials: Callable[[str], tuple[str, str] | None] | None = None) -> None:
         reader, writer = self._reader, self._writer
-        await _expect(reader, 220)
+        greeting = await _expect(reader, 220)
         writer.write(f"LHLO {helo}\r\n".encode())
         keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
+        # A cluster's listener asks the handing node to prove itself (cluster/proof.py).
+        answer = credentials(greeting.text) if credentials is not None and "AUTH" in keywords else None
+        if answer is not None:
+            name, proven = answer
+            writer.write(b"AUTH PLAIN " + base64.b64encode(f"\0{name}\0{proven}".encode()) + b"\r\n")
+            await _expect(reader, 235)
         params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
         if sent_from and "XSENT" in keywords:
             params += f" XSENT={sent_from}"

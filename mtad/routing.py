@@ -170,6 +170,13 @@ class Router(Protocol):
     def is_peer(self, ip: str) -> bool:
         """Whether `ip` is a live node's address: who may hand mail over by LMTP."""
 
+    def node(self) -> str:
+        """This node's name."""
+
+    def secret(self) -> bytes | None:
+        """The cluster's secret, which a hand-off proves (cluster/proof.py); None before the
+        node's agent has read it."""
+
 
 async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT, *,
                     gone: tuple[str, int] | None = None) -> tuple[str, int]:
@@ -383,7 +390,7 @@ class Route:
             owners = list(pending.items())
             begun = await asyncio.gather(*(Handing.begin(host, port, helo=helo, sender=sender, recipients=accounts,
                                                          sent_from=sent_from, junk=self._junk, smtputf8=smtputf8,
-                                                         eight_bit=eight_bit)
+                                                         eight_bit=eight_bit, credentials=self._credentials)
                                            for (host, port), accounts in owners),
                                          return_exceptions=True)
             handings = [h for h in begun if isinstance(h, Handing)]
@@ -420,6 +427,18 @@ class Route:
             pending = {owner: accounts for owner, accounts in pending.items() if accounts}
             if not pending:
                 return
+
+    def _credentials(self, greeting: str) -> tuple[str, str] | None:
+        """What this node answers an owner's LMTP greeting with (cluster/proof.py): its name
+        and its proof for the greeting's nonce; None without a nonce or a secret."""
+        from cluster import proof
+
+        router = self._router
+        secret = router.secret() if router is not None else None
+        nonce = proof.nonce_in(greeting)
+        if not secret or nonce is None:
+            return None
+        return router.node(), proof.proof(secret, nonce, router.node())
 
     @staticmethod
     def _failures(owners: list[tuple[tuple[str, int], list[str]]],

@@ -84,6 +84,7 @@ class SessionConfig:
     # HELO, which are unknown commands then; after DATA, one reply per accepted recipient,
     # in RCPT order; no CHUNKING (BDAT's per-recipient replies are not worth having here).
     lmtp: bool = False
+    greeting_note: str = ""  # after the greeting's name: a cluster LMTP listener's nonce (cluster/proof.py)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class Session:
         self._sasl: Exchange | None = None  # in State.AUTH
         self._user: str | None = None  # the authcid of a successful AUTH
         self._skip_line = False  # the rest of an over-long command line is being dropped
-        self._reply(Reply(220, "", f"{config.hostname} {'LMTP' if config.lmtp else 'ESMTP'} Postroom"))
+        note = f" {config.greeting_note}" if config.greeting_note else ""
+        self._reply(Reply(220, "", f"{config.hostname} {'LMTP' if config.lmtp else 'ESMTP'} Postroom{note}"))
 
     # -- the adapter's side ---------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Junk verdict goes with the hand-off.
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import poplib
 import smtplib
@@ -23,6 +24,7 @@ from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
+from cluster import proof
 from cluster.etcd import Etcd
 from storage import Store, open_data_dir
 
@@ -229,3 +231,50 @@ def test_the_owner_knows_a_proxied_client_by_its_address(nodes):
     client.quit()
     moving = [line for line in node_a.stderr().splitlines() if "event=login_moving" in line]
     assert sum(" ip=127.0.0.58 " in line and " via=127.0.0.1" in line for line in moving) == 2, moving
+
+
+def test_a_peer_address_alone_does_not_hand_over(nodes):
+    """Anything on a node's machine shares its address: the LMTP listener takes MAIL only from
+    a node that proved itself, AUTH PLAIN with its proof of the cluster's secret (etcd's) for
+    the nonce in this session's greeting (cluster/proof.py)."""
+    running, etcd, data_dir = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        on_b = next(f"user{i}@example.test" for i in range(40)
+                    if owners[store.shard_number(f"user{i}@example.test")] == "node-b")
+    port = conf.load(running["node-b"].config_path).cluster.lmtp_port
+
+    def session() -> tuple[smtplib.LMTP, str]:
+        client = smtplib.LMTP(timeout=30)
+        code, greeting = client.connect("127.0.0.1", port)  # the nodes' own address: a peer's
+        assert code == 220
+        client.ehlo("intruder.example")
+        return client, proof.nonce_in(greeting.decode()) or ""
+
+    client, nonce = session()
+    assert nonce and client.has_extn("auth")
+    assert client.mail("ceo@bank.example")[0] == 530  # no MAIL before the proof
+    wrong = proof.proof(b"not the secret", nonce, "node-a")
+    assert client.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0node-a\0{wrong}".encode()).decode())[0] == 535
+    client.close()
+    assert "event=lmtp_auth_failed" in running["node-b"].stderr()
+
+    # With the secret (what every node's agent reads from etcd), the same session is a hand-off.
+    secret = etcd.snapshot().keys["secret"].value
+    client, nonce = session()
+    right = proof.proof(secret, nonce, "node-a")
+    assert client.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0node-a\0{right}".encode()).decode())[0] == 235
+    subject = f"proven {uuid.uuid4().hex}"
+    assert client.sendmail("someone@remote.example", [on_b], f"Subject: {subject}\r\n\r\nhi\r\n") == {}
+    client.quit()
+    # A proof is good for its own session only: the same answer to another nonce is wrong.
+    client, other = session()
+    assert other != nonce
+    assert client.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0node-a\0{right}".encode()).decode())[0] == 535
+    client.close()
+    assert any(subject.encode() in raw for raw in _stored(data_dir, on_b))
+
+
+def _stored(data_dir, user: str) -> list[bytes]:
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        return [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
