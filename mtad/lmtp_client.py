@@ -115,7 +115,8 @@ class Handing:
     async def _step(self, work):
         try:
             return await asyncio.wait_for(work, self._timeout)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        # LimitOverrunError: a line longer than the reader's limit, which is no ValueError.
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             raise HandOffError(f"LMTP to {self.where} failed: {type(e).__name__}: {e}") from None
 
     async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int,

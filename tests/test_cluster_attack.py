@@ -16,22 +16,29 @@ tests/test_cluster_drain.py), kept as regressions.
   and sends the message again to all. The owners used to store the others' copies at each
   try: a message with no Message-ID (no deduplication key) reached them once per try until
   the full mailbox had room (mtad/lmtp_client.py; for two owners, mtad/routing.py).
+- An owner (or whatever answers at its LMTP address) that sends a line longer than the
+  handing node's reader takes (8 KiB) made the reader raise LimitOverrunError, which is no
+  ValueError: it escaped HandOffError, so the hand-off's retry at the shard's next owner was
+  skipped and the sender's session logged a traceback (decision_failed) for its 451
+  (mtad/lmtp_client.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import subprocess
 import uuid
 
 import pytest
 from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
-from conftest import POSTROOM
+from conftest import POSTROOM, free_port
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
 from cluster.etcd import Etcd
+from mtad.lmtp_client import HandOffError, hand_over
 from storage import Accounts, open_data_dir
 
 SHARDS = 4
@@ -168,3 +175,45 @@ def test_one_recipient_refused_at_its_owner_stores_no_copy_anywhere(nodes):
     with smtplib.SMTP(address.host, address.port, timeout=60) as client:
         assert client.sendmail("someone@remote.example", [kept, filled], message) == {}
     assert (copies(kept), copies(filled)) == (1, 1)
+
+
+@pytest.mark.parametrize("where", ["greeting", "data"])
+def test_an_owner_that_sends_an_endless_line_is_a_hand_off_failure(where):
+    """A line over the reader's limit, at the greeting or in the replies to the data: the
+    hand-off fails as any reply that makes no sense does (HandOffError, answered 451 4.4.0
+    and tried at the shard's next owner), not with an exception nobody expects."""
+    endless = b"250 " + b"x" * 20_000 + b"\r\n"
+
+    async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if where == "greeting":
+                writer.write(endless)
+            else:
+                writer.write(b"220 owner LMTP\r\n")
+                await reader.readline()  # LHLO
+                writer.write(b"250 owner\r\n")
+                await reader.readline()  # MAIL
+                await reader.readline()  # RCPT
+                writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+                await reader.readline()  # DATA
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(endless)
+            await writer.drain()
+            await reader.read()  # until the hand-off hangs up
+        finally:
+            writer.close()
+
+    async def hand_over_to_it() -> None:
+        port = free_port()
+        server = await asyncio.start_server(owner, "127.0.0.1", port)
+        try:
+            with pytest.raises(HandOffError):
+                await hand_over("127.0.0.1", port, helo="node-a.example", sender="someone@remote.example",
+                                recipients=["user0@example.test"], message=b"Subject: hi\r\n\r\nhello\r\n",
+                                timeout=10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(hand_over_to_it(), 30))
