@@ -21,18 +21,30 @@ tests/test_cluster_drain.py), kept as regressions.
   ValueError: it escaped HandOffError, so the hand-off's retry at the shard's next owner was
   skipped and the sender's session logged a traceback (decision_failed) for its 451
   (mtad/lmtp_client.py).
+- A POP3 client that asks for a big message (RETR) and reads it slowly, or not at all,
+  while its node hands the shard over (`postroom cluster drain`): the session put off its
+  end until the RETR was answered, which the client decides, so pop3d kept the message file
+  and the maildrop lock open on the volume for the agent's whole LET_GO_WAIT (10 s,
+  let_go_timeout) and the detach ran with both open (a real umount fails then, and the next
+  owner cannot attach the shard). A session whose command waits for its client to read is
+  now cut off at once (wire/protocol.py end_released).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
+import socket
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
-from conftest import POSTROOM, free_port
+from conftest import POSTROOM, client_tls_context, free_port
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
@@ -217,3 +229,58 @@ def test_an_owner_that_sends_an_endless_line_is_a_hand_off_failure(where):
             await server.wait_closed()
 
     asyncio.run(asyncio.wait_for(hand_over_to_it(), 30))
+
+
+PROBE = Path(__file__).with_name("detach_probe.py")
+
+
+@pytest.fixture
+def probed_nodes(tmp_path, etcd_server):  # noqa: F811
+    """Two nodes of their own (the test drains one), whose detach command records what is
+    open under the shard's directory when it runs (tests/detach_probe.py)."""
+    record = tmp_path / "detached.jsonl"
+    running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES[:2], shards=SHARDS, users=USERS,
+                                   password=PASSWORD, cluster={"detach": f"{sys.executable} {PROBE} {{shard}} {{path}} {record}"})
+    try:
+        yield running, configs, tmp_path / "var", record
+    finally:
+        stop_nodes(running)
+
+
+def test_a_slow_pop3_reader_does_not_hold_a_drained_shard(probed_nodes):
+    running, configs, data_dir, record = probed_nodes
+    etcd = Etcd(conf.load(configs["node-a"]).cluster)
+    owners = wait_owners(etcd, NODES[:2], SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES[:2]), 10, "the agents ready")
+    node_b = running["node-b"]
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
+    address = node_b.listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+        client.sendmail("someone@remote.example", [user], b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 4000)
+
+    # A RETR of 4 MB on node-b itself, read no further than its first kilobyte: the
+    # server's buffers fill, and its RETR waits for the client.
+    address = node_b.listen("pop3.listen_tls")
+    raw = socket.create_connection((address.host, address.port), timeout=30)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pop3 = client_tls_context(node_b.config).wrap_socket(raw, server_hostname=address.host)
+    try:
+        replies = pop3.makefile("rb")
+        assert replies.readline().startswith(b"+OK")
+        pop3.sendall(f"USER {user}\r\nPASS {PASSWORD}\r\nRETR 1\r\n".encode())
+        assert [replies.readline()[:3] for _ in range(3)] == [b"+OK"] * 3
+        replies.read(1000)
+        time.sleep(1)
+        earlier = record.read_text().count("\n") if record.exists() else 0
+        drained = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "drain", "node-b"],
+                                 capture_output=True, text=True, timeout=60)
+        assert drained.returncode == 0, drained.stderr
+        wait_until(lambda: node_b.stderr().count("event=shard_released") >= 2, 30, "node-b releases its shards")
+        detached = [json.loads(line) for line in record.read_text().splitlines()[earlier:]]
+        assert len(detached) == 2 and [d for d in detached if d["open"]] == [], detached
+        assert "event=let_go_timeout" not in node_b.stderr()
+        assert "reason=shard_released" in node_b.stderr()
+    finally:
+        pop3.close()
+    # Nothing was deleted: the message is there for the next session, at the new owner.
+    assert len(stored(data_dir, SHARDS, user)) == 1
