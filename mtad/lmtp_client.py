@@ -107,8 +107,11 @@ class Handing:
         if self._open:
             self._open = False
             try:
-                self._writer.write(b"QUIT\r\n")
-            except OSError:
+                if not self._writer.is_closing():
+                    self._writer.write(b"QUIT\r\n")
+            # uvloop's transport, closed under us by a reset (the owner died), raises
+            # RuntimeError: the hand-off's failure is already said, the QUIT is a courtesy.
+            except (OSError, RuntimeError):
                 pass
             self._writer.close()
 

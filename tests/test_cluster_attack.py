@@ -21,6 +21,13 @@ tests/test_cluster_drain.py), kept as regressions.
   ValueError: it escaped HandOffError, so the hand-off's retry at the shard's next owner was
   skipped and the sender's session logged a traceback (decision_failed) for its 451
   (mtad/lmtp_client.py).
+- An owner whose mtad dies in the middle of a hand-off (SIGKILL while the data goes over):
+  the reset closes the LMTP connection under the handing node, whose QUIT on it then raised
+  RuntimeError in uvloop (mtad's loop) from the hand-off's `finally`. That replaced the
+  HandOffError, so the hand-off was not tried at the shard's new owner (a node that died
+  hands its shards on within its lease) and the sender got 451 4.3.0 with a traceback
+  logged (decision_failed) where it should have got 451 4.4.0, or a 250 from the new owner
+  (mtad/lmtp_client.py, Handing.close).
 - A POP3 client that asks for a big message (RETR) and reads it slowly, or not at all,
   while its node hands the shard over (`postroom cluster drain`): the session put off its
   end until the RETR was answered, which the client decides, so pop3d kept the message file
@@ -36,6 +43,7 @@ import asyncio
 import json
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -43,6 +51,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import uvloop
 from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
 from conftest import POSTROOM, client_tls_context, free_port
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
@@ -229,6 +238,41 @@ def test_an_owner_that_sends_an_endless_line_is_a_hand_off_failure(where):
             await server.wait_closed()
 
     asyncio.run(asyncio.wait_for(hand_over_to_it(), 30))
+
+
+def test_an_owner_that_dies_in_the_data_is_a_hand_off_failure():
+    """The owner's connection reset in the middle of the data (its process killed): under
+    uvloop, as in mtad, the hand-off fails with HandOffError (451 4.4.0, then tried at the
+    shard's next owner), and its QUIT on the dead connection raises nothing of its own."""
+
+    async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 owner LMTP\r\n")
+        await reader.readline()  # LHLO
+        writer.write(b"250 owner\r\n")
+        await reader.readline()  # MAIL
+        await reader.readline()  # RCPT
+        writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+        await reader.readline()  # DATA
+        writer.write(b"354 go on\r\n")
+        await writer.drain()
+        await reader.read(1000)  # some of the data, then the process dies: a reset (RST)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def hand_over_to_it() -> None:
+        port = free_port()
+        server = await asyncio.start_server(owner, "127.0.0.1", port)
+        try:
+            with pytest.raises(HandOffError):
+                await hand_over("127.0.0.1", port, helo="node-a.example", sender="someone@remote.example",
+                                recipients=["user0@example.test"],
+                                message=b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20_000, timeout=10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(hand_over_to_it(), 30))
 
 
 PROBE = Path(__file__).with_name("detach_probe.py")
