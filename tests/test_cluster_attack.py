@@ -28,6 +28,11 @@ tests/test_cluster_drain.py), kept as regressions.
   hands its shards on within its lease) and the sender got 451 4.3.0 with a traceback
   logged (decision_failed) where it should have got 451 4.4.0, or a 250 from the new owner
   (mtad/lmtp_client.py, Handing.close).
+- A hand-off to a node for an account whose shard it does not hold (the handing node's
+  table behind, as during a drain, or a stray peer), when that account has a quota: the
+  quota's check opened the shard, NotOwnerError escaped, and the RCPT was answered 451
+  4.3.0 with a traceback logged (decision_failed) in place of the owner's clean 451 4.4.0
+  (mtad/lmtp.py).
 - A POP3 client that asks for a big message (RETR) and reads it slowly, or not at all,
   while its node hands the shard over (`postroom cluster drain`): the session put off its
   end until the RETR was answered, which the client decides, so pop3d kept the message file
@@ -238,6 +243,38 @@ def test_an_owner_that_sends_an_endless_line_is_a_hand_off_failure(where):
             await server.wait_closed()
 
     asyncio.run(asyncio.wait_for(hand_over_to_it(), 30))
+
+
+def test_a_hand_off_to_a_node_that_does_not_hold_the_shard(nodes):
+    running, etcd, data_dir, configs = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    owner = owner_of(data_dir, SHARDS, owners, USERS)
+    user = next(u for u in USERS if owner[u] == "node-a")
+    stray = next(node for node in NODES if node != "node-a")
+    wait_until(lambda: "event=ready" in running[stray].stderr(), 10, f"{stray}'s agent ready")
+
+    def quota(size: str) -> None:
+        done = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "user", "quota", user, size],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    quota("100M")
+    try:
+        with Accounts(open_data_dir(data_dir, SHARDS).accounts_path) as accounts:  # the nodes' copy
+            wait_until(lambda: accounts.get_user(user).quota, 10, "the quota in the nodes' copy")
+        with socket.create_connection(("127.0.0.1", running[stray].config.cluster.lmtp_port), timeout=30) as lmtp:
+            replies = lmtp.makefile("rb")
+            assert replies.readline().startswith(b"220 ")
+            lmtp.sendall(b"LHLO node-a.example\r\n")
+            while replies.readline()[3:4] == b"-":
+                pass
+            lmtp.sendall(f"MAIL FROM:<someone@remote.example>\r\nRCPT TO:<{user}>\r\nQUIT\r\n".encode())
+            assert replies.readline().startswith(b"250 ")
+            rcpt = replies.readline()
+        assert rcpt.startswith(b"451 4.4.0 "), rcpt
+        assert "event=decision_failed" not in running[stray].stderr()
+    finally:
+        quota("0")
 
 
 def test_an_owner_that_dies_in_the_data_is_a_hand_off_failure():
