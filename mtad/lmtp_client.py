@@ -128,7 +128,10 @@ class Handing:
         await _expect(reader, 220)
         writer.write(f"LHLO {helo}\r\n".encode())
         keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
-        params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
+        # RFC 6531 §3.4: an envelope with an address beyond ASCII goes with SMTPUTF8, whatever
+        # the caller said (the owner refuses such a MAIL or RCPT without it, 553 5.6.7).
+        utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in self.recipients)
+        params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if utf8 else "")
         if sent_from and "XSENT" in keywords:
             params += f" XSENT={sent_from}"
         if junk and "XJUNK" in keywords:

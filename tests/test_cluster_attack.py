@@ -33,6 +33,12 @@ tests/test_cluster_drain.py), kept as regressions.
   quota's check opened the shard, NotOwnerError escaped, and the RCPT was answered 451
   4.3.0 with a traceback logged (decision_failed) in place of the owner's clean 451 4.4.0
   (mtad/lmtp.py).
+- A message from a sender whose address is beyond ASCII (SMTPUTF8, RFC 6531) was stored
+  when sent to its recipient's owner and answered 451 4.4.0 by every other node, every
+  time: the hand-off's MAIL FROM went without SMTPUTF8 (mtad/routing.py does not pass the
+  transaction's flag), and the owner refused it (553 5.6.7), a refusal the handing node
+  took as its owner's failure. The LMTP client now adds SMTPUTF8 to an envelope that
+  needs it (mtad/lmtp_client.py).
 - A POP3 client that asks for a big message (RETR) and reads it slowly, or not at all,
   while its node hands the shard over (`postroom cluster drain`): the session put off its
   end until the RETR was answered, which the client decides, so pop3d kept the message file
@@ -285,6 +291,28 @@ def test_a_hand_off_to_a_node_that_does_not_hold_the_shard(nodes):
         assert "event=decision_failed" not in running[stray].stderr()
     finally:
         quota("0")
+
+
+def test_a_sender_beyond_ascii_is_taken_by_any_node(nodes):
+    running, etcd, data_dir, _ = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
+    sent = []
+    for node in ("node-b", "node-a"):  # the owner itself, then a node that hands it over
+        message_id = f"<{uuid.uuid4().hex}@remote.example>"
+        address = running[node].listen("smtp.listen")
+        with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+            client.ehlo("sender.example")
+            assert client.mail("jos\u00e9@remote.example", ["SMTPUTF8"])[0] == 250
+            assert client.rcpt(user)[0] == 250
+            code, text = client.data(f"From: jos\u00e9@remote.example\r\nSubject: caf\u00e9\r\n"
+                                     f"Message-ID: {message_id}\r\n\r\nhello\r\n".encode())
+        assert code == 250, f"at {node}: {code} {text!r}"
+        sent.append(message_id)
+    found = stored(data_dir, SHARDS, user)
+    for message_id in sent:
+        assert sum(message_id.encode() in raw for raw in found) == 1
 
 
 def test_an_owner_that_dies_in_the_data_is_a_hand_off_failure():
