@@ -12,7 +12,8 @@ store and commit, with what the handing node already did left out.
   recipient is told the same outcome.
 - RCPT names an account, not an address to resolve: the handing node has expanded aliases,
   catch-alls and sub-addresses already, and doing it again could forward twice. An address
-  that is no user here is 550 5.1.1; a full mailbox 452 4.2.2.
+  that is no user here is 550 5.1.1; a full mailbox 452 4.2.2; one whose shard this node
+  does not hold, when its quota is asked, 451 4.4.0 (the handing node's table is behind).
 - No policy chain, no rate limits, no remote recipients: the handing node ran the checks and
   added its Received: header; this hop adds Return-Path: and its own Received: "with LMTP"
   (RFC 3848). That trust is why the listener belongs on the cluster's own network, why in
@@ -39,8 +40,8 @@ from mtad.inbound import InboundSMTP
 from mtad.replies import Reply
 from mtad.routing import Route
 from mtad.session import SessionConfig
+from storage import NotOwnerError, StoreError
 from wire.connections import ConnectionLimit
-from storage import StoreError
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
 PROVEN = Reply(235, "2.7.0", "Node authenticated")
@@ -123,9 +124,15 @@ class LMTPAgent(InboundSMTP):
 
     def _recipient(self, event: RcptTo) -> Reply:
         user = self.context.accounts.get_user(event.address)  # None for a malformed address too
+        try:
+            full = user is not None and self.context.store.is_full(str(user.address))
+        except NotOwnerError:  # its shard is not (or no longer) this node's: the hand-off asks its owner
+            full = None
         if user is None:
             outcome = replies.NO_SUCH_USER
-        elif self.context.store.is_full(str(user.address)):
+        elif full is None:
+            outcome = replies.NO_OWNER_NOW
+        elif full:
             outcome = replies.OVER_QUOTA
         else:
             self._recipients.add_local(event.address, [str(user.address)], event.dsn)

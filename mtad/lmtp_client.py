@@ -109,15 +109,19 @@ class Handing:
         if self._open:
             self._open = False
             try:
-                self._writer.write(b"QUIT\r\n")
-            except OSError:
+                if not self._writer.is_closing():
+                    self._writer.write(b"QUIT\r\n")
+            # uvloop's transport, closed under us by a reset (the owner died), raises
+            # RuntimeError: the hand-off's failure is already said, the QUIT is a courtesy.
+            except (OSError, RuntimeError):
                 pass
             self._writer.close()
 
     async def _step(self, work):
         try:
             return await asyncio.wait_for(work, self._timeout)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        # LimitOverrunError: a line longer than the reader's limit, which is no ValueError.
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             raise HandOffError(f"LMTP to {self.where} failed: {type(e).__name__}: {e}") from None
 
     async def _envelope(self, helo: str, sender: str, smtputf8: bool, eight_bit: bool, sent_from: int,
@@ -132,7 +136,10 @@ class Handing:
             name, proven = answer
             writer.write(b"AUTH PLAIN " + base64.b64encode(f"\0{name}\0{proven}".encode()) + b"\r\n")
             await _expect(reader, 235)
-        params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if smtputf8 else "")
+        # RFC 6531 §3.4: an envelope with an address beyond ASCII goes with SMTPUTF8, whatever
+        # the caller said (the owner refuses such a MAIL or RCPT without it, 553 5.6.7).
+        utf8 = smtputf8 or not sender.isascii() or not all(r.isascii() for r in self.recipients)
+        params = (" BODY=8BITMIME" if eight_bit else "") + (" SMTPUTF8" if utf8 else "")
         if sent_from and "XSENT" in keywords:
             params += f" XSENT={sent_from}"
         if junk and "XJUNK" in keywords:

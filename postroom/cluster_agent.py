@@ -6,13 +6,21 @@ agent's own few writes (fences, flushes), says READY=1 to its manager once the a
 registered and made its first round of claims (or after START_WAIT, etcd unreachable: the
 daemons then answer 4xx for every shard until it is back), and on SIGTERM or SIGINT hands
 every shard over (cluster/agent.py) and exits 0.
+
+Watched like the daemons (postroom/watchdog.py: serve's child watchdog, or systemd's
+WatchdogSec= for `postroom cluster agent`): its main thread, which waits on the agent's
+thread, says WATCHDOG=1 every half interval while that thread lives. The agent has no event
+loop of its own to ping from, and a silent agent was killed as stuck each interval: SIGABRT,
+a new lease, every shard claimed again (some by other nodes for a moment).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import conf
@@ -23,6 +31,7 @@ from conf.logfmt import EventLogger, setup_logging
 from postroom import supervisor
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, password_hasher
 from postroom.notify import notify
+from postroom.watchdog import take_interval
 from storage import DataDirError, Store, open_data_dir
 
 START_WAIT_TTLS = 3  # lease TTLs to wait for a first round before READY=1 all the same
@@ -71,6 +80,9 @@ def run(config: Config, *, supervised: bool = False) -> int:
 
 
 def _run_agent(config: Config, data_dir, node: str, log: EventLogger, stopping: threading.Event) -> int:
+    watchdog = take_interval()  # serve's or systemd's
+    if watchdog:
+        faulthandler.enable()  # SIGABRT from the manager: the stuck stacks go to the log
     with Store(data_dir) as store:
         agent = Agent(config, data_dir, store, log)
 
@@ -84,6 +96,10 @@ def _run_agent(config: Config, data_dir, node: str, log: EventLogger, stopping: 
         if not agent.ready.wait(agent.ttl * START_WAIT_TTLS) and not stopping.is_set():
             log.warning("not_ready", node=node, waited=agent.ttl * START_WAIT_TTLS)
         notify(f"READY=1\nSTATUS=node {node}: {len(agent.claims)} shard(s)")
+        pinged = time.monotonic()
         while thread.is_alive():
             thread.join(0.5)  # wakes for signals
+            if watchdog and time.monotonic() - pinged >= watchdog / 2:
+                notify("WATCHDOG=1", drop_when_full=True)
+                pinged = time.monotonic()
     return 0 if stopping.is_set() else 1  # else the agent died: the supervisor starts it again

@@ -274,9 +274,18 @@ class ServerProtocol(Protocol):
     def end_released(self, shard: int) -> None:
         """The account's shard is no longer this node's: say so and close, now if no command
         runs (or the one running waits for the client: IDLE), else once it is answered, so
-        that the reply never lands inside another."""
+        that the reply never lands inside another. A command that waits for the client to
+        read its answer (a big RETR or FETCH to a slow reader) is cut off instead: it holds a
+        file of the shard open for as long as the client likes, and the node's agent waits
+        only so long before it detaches the volume under it (cluster/pins.py)."""
         if self.busy and not self.awaiting_input():
-            self._released = shard
+            if self.writable():
+                self._released = shard  # the next look (cluster/follow.py) comes back
+                return
+            self.log.info("closed", reason="shard_released", shard=shard, cut_off=True)
+            self.close()  # no reply: it would land inside the answer being sent
+            self._writable.set()  # the command's drain() raises ConnectionError: it closes its file
+            self.let_go()
             return
         self.log.info("closed", reason="shard_released", shard=shard)
         self.transport.write(self.released_reply())
