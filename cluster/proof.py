@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 
 _NONCE = re.compile(r"<([0-9a-f]{32})@[^>\s]*>")
 
@@ -38,3 +39,16 @@ def proof(secret: bytes, nonce_: str, node: str) -> str:
 
 def valid(secret: bytes | None, nonce_: str, node: str, given: str) -> bool:
     return bool(secret) and hmac.compare_digest(proof(secret, nonce_, node), given)
+
+
+def prover(secret: Callable[[], bytes | None] | None,
+           node: Callable[[], str] | None) -> Callable[[str], tuple[str, str] | None] | None:
+    """nonce -> (this node's name, its proof), for a proxy's login at the owner (imapd/proxy.py,
+    pop3d/proxy.py); it answers None before this node's agent has read the secret."""
+    if secret is None or node is None:
+        return None
+
+    def prove(nonce_: str) -> tuple[str, str] | None:
+        key = secret()
+        return (node(), proof(key, nonce_, node())) if key else None
+    return prove

@@ -8,7 +8,10 @@ the certificate checked against [server] hostname (a cluster's nodes serve one n
 (RFC 2971) naming the client's address and this proxy (the owner believes them from a live
 node only: it logs and throttles by that address, and serves the session itself rather than
 proxy it on, should its table name yet another owner), and AUTHENTICATE PLAIN with
-SASL-IR (RFC 4959), which carries any password without quoting. The client's LOGIN is
+SASL-IR (RFC 4959): as this node for the user, with its proof of the cluster's secret for
+the nonce in the owner's greeting (cluster/proof.py), so that the password (checked here)
+is not checked again there, an argon2id hash's worth of CPU a login; or, before this
+node's agent has the secret, as the user with the password. The client's LOGIN is
 answered with the owner's capabilities; from then on the bytes go both ways untouched
 (imapd/protocol.py's relay), until either side closes.
 """
@@ -19,29 +22,41 @@ import asyncio
 import base64
 import functools
 import ssl
+from collections.abc import Callable
 
+from cluster import proof
 from wire.relay import ProxyError, reach_owner
 
 PROXY_ID = "x-postroom-proxy"  # the ID field that says a session is a cluster proxy's
+Prove = Callable[[str], "tuple[str, str] | None"]  # nonce -> (this node, its proof), cluster/proof.py
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
-                    tls: ssl.SSLContext, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """A session at the owner, logged in as `user`: (reader, writer, its CAPABILITY text)."""
+                    tls: ssl.SSLContext, timeout: float, prove: Prove | None = None,
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """A session at the owner, logged in as `user`: (reader, writer, its CAPABILITY text).
+    `prove(nonce)`: this node's name and its proof for the owner's greeting nonce; the
+    owner then takes the login without the password (checked here already)."""
     return await reach_owner(host, port, timeout, functools.partial(
-        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls))
+        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls, prove=prove))
 
 
 async def _log_in(reader, writer, *, user: str, password: str, client_ip: str, hostname: str,
-                  tls: ssl.SSLContext) -> str:
+                  tls: ssl.SSLContext, prove: Prove | None) -> str:
     greeting = await reader.readline()
     if not greeting.startswith(b"* OK"):
         raise ProxyError(f"owner's greeting: {greeting[:100]!r}")
+    nonce = proof.nonce_in(greeting.decode("ascii", "replace"))
     await _command(reader, writer, b"p1 STARTTLS\r\n", b"p1")
     await writer.start_tls(tls, server_hostname=hostname)
     await _command(reader, writer, f'p2 ID ("x-originating-ip" "{_quotable(client_ip)}" "{PROXY_ID}" "1")\r\n'
                    .encode(), b"p2")
-    plain = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    proven = prove(nonce) if prove is not None and nonce is not None else None
+    if proven is not None:  # as this node, for the user: one password check per login, here
+        node, answer = proven
+        plain = base64.b64encode(user.encode() + b"\0" + node.encode() + b"\0" + answer.encode())
+    else:
+        plain = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
     _, tagged = await _command(reader, writer, b"p3 AUTHENTICATE PLAIN " + plain + b"\r\n", b"p3")
     if tagged.startswith(b"p3 OK [CAPABILITY "):
         return tagged[len(b"p3 OK ["):].split(b"]", 1)[0].decode("ascii", "replace")

@@ -25,6 +25,7 @@ from typing import Any
 from imapd import mailboxes, metadata, notify, searching, selected, urlauth, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
+from cluster import proof
 from imapd.proxy import PROXY_ID
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
     AUTHENTICATED,
@@ -213,12 +214,42 @@ async def authenticate(session: Session, command: Authenticate):
     try:
         decoded = base64.b64decode(response, validate=True) if response else b""
         authzid, authcid, password = decoded.split(b"\0")
-        user, secret = authcid.decode(), password.decode()
-        if authzid and authzid != authcid:
-            raise no("acting as another user is not allowed", "AUTHORIZATIONFAILED")
+        user, secret, acting_as = authcid.decode(), password.decode(), authzid.decode()
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise bad("malformed PLAIN response") from None
+    if acting_as and acting_as != user:
+        if _node_proxy(session, user, secret):
+            return await _log_in_proxied(session, acting_as, user)
+        raise no("acting as another user is not allowed", "AUTHORIZATIONFAILED")
     return await log_in(session, user, secret)
+
+
+def _node_proxy(session: Session, node: str, given: str) -> bool:
+    """Whether this AUTHENTICATE is a live node's proxy logging in as its client's user: from
+    a node's address, naming a node (no "@"), with its proof of the cluster's secret for
+    this session's nonce (cluster/proof.py). The proxy checked the password itself."""
+    context = session.context
+    if session.nonce is None or "@" in node or context.is_peer is None or not context.is_peer(session.conn.peer):
+        return False
+    if proof.valid(context.secret(), session.nonce, node, given):
+        return True
+    session.log.warning("proxy_auth_failed", node=node[:64], ip=session.conn.peer)
+    return False
+
+
+async def _log_in_proxied(session: Session, user: str, node: str):
+    """A node's proxy's login as `user` (its password checked there): served here, never
+    proxied on (as a session with the proxy's ID)."""
+    context = session.context
+    account = context.accounts.get_user(user)
+    if account is None:
+        raise no("no such user here", "AUTHENTICATIONFAILED")
+    session.forwarded_for = session.forwarded_for or session.conn.peer
+    name = str(account.address)
+    if context.owner is not None and _owner(context, name) is not None:
+        session.log.info("login_moving", user=name, ip=session.forwarded_for, via=session.conn.peer)
+        raise no("your mailbox is moving between servers, try again in a few seconds", "UNAVAILABLE")
+    return await _enter(session, name, session.forwarded_for, {"via": session.conn.peer, "node": node})
 
 
 async def log_in(session: Session, user: str, password: str):
@@ -246,7 +277,11 @@ async def log_in(session: Session, user: str, password: str):
             raise no("your mailbox is moving between servers, try again in a few seconds", "UNAVAILABLE")
         if owner is not None:
             return await _proxy(session, name, password, owner)
-    await session.run_store(context.store.ensure_account, name)
+    return await _enter(session, name, client, via)
+
+
+async def _enter(session: Session, name: str, client: str, via: dict[str, str]):
+    await session.run_store(session.context.store.ensure_account, name)
     session.user = name
     session.state = AUTHENTICATED
     session.log = session.log.bind(user=session.user)
@@ -278,6 +313,7 @@ async def _proxy(session: Session, account: str, password: str, owner: tuple[str
     try:
         reader, writer, capability = await log_in_at(
             owner[0], owner[1], user=account, password=password, client_ip=session.forwarded_for or session.conn.peer,
+            prove=proof.prover(session.context.secret, session.context.node),
             hostname=config.server.hostname, tls=session.context.proxy_tls, timeout=float(config.imap.login_timeout))
     except ProxyError as e:
         session.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])

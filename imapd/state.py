@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cluster import proof
 from conf import Config
 from conf.logfmt import EventLogger
 from imapd import utf7
@@ -85,6 +86,10 @@ class IMAPContext:
     # is_peer(ip) -> whether ip is a live node's address: a proxy whose ID naming its client
     # is believed.
     is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
+    # The cluster's secret (cluster/proof.py): a live node's proxy proves itself with it and
+    # logs in as its client's user without the password, which it has checked already.
+    secret: Callable[[], bytes | None] | None = field(default=None, kw_only=True)
+    node: Callable[[], str] | None = field(default=None, kw_only=True)  # this node's name
     proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
@@ -102,6 +107,8 @@ class SessionState:
         # A cluster proxy's client (its ID's x-originating-ip, believed from a live node only):
         # logged and throttled by, and the session is served here, never proxied on.
         self.forwarded_for: str | None = None
+        # A cluster's: the nonce in the greeting, which a node's proxy proves itself for.
+        self.nonce: str | None = proof.nonce() if context.secret is not None else None
         self.view: View | None = None
         self.condstore = False  # enabled by ENABLE CONDSTORE or a CONDSTORE-aware command
         self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3): VANISHED instead of EXPUNGE
@@ -183,7 +190,8 @@ class SessionState:
         self.appending.close()
 
     def greeting(self) -> bytes:
-        return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready\r\n".encode()
+        note = f" {proof.greeting_note(self.nonce, self.context.config.server.hostname)}" if self.nonce else ""
+        return f"* OK [CAPABILITY {self.capabilities()}] Postroom ready{note}\r\n".encode()
 
     # -- writing --------------------------------------------------------------------------
 

@@ -67,6 +67,9 @@ class Authenticate:
     user: str
     password: str = field(repr=False)
     mechanism: str  # "USER" (USER/PASS) or "PLAIN"
+    # PLAIN's authorization identity when it is not `user`: a cluster peer's proxy logging in
+    # as its client's user, `user` its node's name, `password` its proof (pop3d/session.py).
+    authzid: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Settings:
     # client it relays with XCLIENT ADDR= (Dovecot's and Postfix's command), for logs and
     # the login throttle here. Nobody else is believed.
     cluster_peer: bool = False
+    greeting_note: str = ""  # a cluster's: the nonce a node's proxy proves itself for (cluster/proof.py)
     expire: str = EXPIRE_NEVER  # RFC 2449 §6.7: EXPIRE_NEVER, or EXPIRE_AT_QUIT to remove what RETR sent
 
 
@@ -121,7 +125,7 @@ class POP3Core:
         self.forwarded_for: str | None = None  # XCLIENT ADDR= from a cluster peer: the client it relays
 
     def greeting(self) -> bytes:
-        return replies.greeting(self.settings.implementation)
+        return replies.greeting(self.settings.implementation, self.settings.greeting_note)
 
     def receive_data(self, data: bytes) -> None:
         if not self.closed:
@@ -317,6 +321,11 @@ class POP3Core:
         except (binascii.Error, ValueError, UnicodeDecodeError):
             return self.login_refused(replies.MALFORMED_PLAIN)
         if authzid and authzid != authcid:
+            if self.settings.cluster_peer and self.settings.greeting_note and b"@" not in authcid:
+                try:  # a node's proxy, for its client's user: the session checks its proof
+                    return Authenticate(user, secret, "PLAIN", authzid=authzid.decode())
+                except UnicodeDecodeError:
+                    return self.login_refused(replies.MALFORMED_PLAIN)
             return self.login_refused(replies.IMPERSONATION)
         return Authenticate(user, secret, "PLAIN")
 

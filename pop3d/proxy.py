@@ -4,39 +4,51 @@ here first, and how the owner's certificate is checked).
 
 At the owner: STLS (RFC 2595), XCLIENT ADDR= naming the client's address (the owner
 believes it from a live node only, logs it and throttles by it, and serves the session
-itself rather than proxy it on), then USER and PASS, whose reply (+OK and the maildrop's
-size, or -ERR [IN-USE] while another session holds it) is the client's. From then on the
+itself rather than proxy it on), then AUTH PLAIN as this node for the user, with its proof
+of the cluster's secret for the nonce in the owner's greeting (cluster/proof.py: the
+password, checked here, is not checked again there), or USER and PASS before this node's
+agent has the secret. Their reply (+OK and the maildrop's size, or -ERR [IN-USE] while
+another session holds it) is the client's. From then on the
 bytes go both ways untouched (wire/relay.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import ssl
+from collections.abc import Callable
 
+from cluster import proof
 from wire.relay import ProxyError, reach_owner
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,
-                    tls: ssl.SSLContext, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+                    tls: ssl.SSLContext, timeout: float, prove: Callable[[str], tuple[str, str] | None] | None = None,
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """A session at the owner after PASS: (reader, writer, the owner's reply line to PASS).
     A -ERR reply closes it (the line is still returned, for the client)."""
     reader, writer, reply = await reach_owner(host, port, timeout, functools.partial(
-        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls))
+        _log_in, user=user, password=password, client_ip=client_ip, hostname=hostname, tls=tls, prove=prove))
     if not reply.startswith(b"+OK"):
         writer.close()
     return reader, writer, reply
 
 
 async def _log_in(reader, writer, *, user: str, password: str, client_ip: str, hostname: str,
-                  tls: ssl.SSLContext) -> bytes:
-    await _ok(reader)
+                  tls: ssl.SSLContext, prove: Callable[[str], tuple[str, str] | None] | None) -> bytes:
+    nonce = proof.nonce_in((await _ok(reader)).decode("ascii", "replace"))
     writer.write(b"STLS\r\n")
     await _ok(reader)
     await writer.start_tls(tls, server_hostname=hostname)
     writer.write(f"XCLIENT ADDR={client_ip}\r\n".encode())
     await _ok(reader)
+    proven = prove(nonce) if prove is not None and nonce is not None else None
+    if proven is not None:  # as this node, for the user: one password check per login, here
+        node, answer = proven
+        writer.write(b"AUTH PLAIN " + base64.b64encode(f"{user}\0{node}\0{answer}".encode()) + b"\r\n")
+        return await reader.readline()
     writer.write(f"USER {user}\r\n".encode())
     await _ok(reader)
     writer.write(b"PASS " + password.encode() + b"\r\n")

@@ -64,8 +64,8 @@ TOP_FOLLOWS = ok("top of message follows")
 MECHANISMS = multiline("SASL mechanisms follow", ["PLAIN"])
 
 
-def greeting(implementation: str) -> bytes:
-    return ok(f"{implementation} POP3 server ready")
+def greeting(implementation: str, note: str = "") -> bytes:
+    return ok(f"{implementation} POP3 server ready{' ' + note if note else ''}")
 
 
 def maildrop_status(count: int, octets: int) -> bytes:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
+from cluster import proof
 from conf import Config
 from conf.logfmt import EventLogger
 from policy.logins import LoginThrottle
@@ -31,7 +32,7 @@ from pop3d import replies
 from pop3d.core import Authenticate, Close, Event, POP3Core, Reply, Retrieve, Settings, StartTLS, Update
 from pop3d.framer import BodyEncoder
 from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
-from storage import INBOX, Accounts, MaildropLock, NotOwnerError, Store, StoreError, lock_maildrop
+from storage import INBOX, Accounts, MaildropLock, NoOwnerError, NotOwnerError, Store, StoreError, lock_maildrop
 from wire import metrics
 from wire.connections import ConnectionLimit
 
@@ -85,6 +86,10 @@ class POP3Context:
     owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
     # is_peer(ip) -> whether ip is a live node's address: a proxy whose XCLIENT is believed.
     is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
+    # The cluster's secret and this node's name (cluster/proof.py): a live node's proxy proves
+    # itself with the secret and logs in as its client's user without the password.
+    secret: Callable[[], bytes | None] | None = field(default=None, kw_only=True)
+    node: Callable[[], str] | None = field(default=None, kw_only=True)
     proxy_tls: Any = field(default=None, kw_only=True)  # ssl.SSLContext to check the owner with
 
 
@@ -94,11 +99,13 @@ class Session:
         self.conn = connection
         self.sid = sid
         pop3 = context.config.pop3
+        self.nonce = proof.nonce() if context.secret is not None else None  # a cluster's (cluster/proof.py)
         self.core = POP3Core(Settings(
             sid=sid, implementation=f"Postroom {context.version}", tls_available=context.tls is not None,
             tls_active=implicit_tls, plaintext_auth=pop3.plaintext_auth, login_delay=int(pop3.login_delay),
             expire=EXPIRE_NEVER if pop3.expire == "never" else EXPIRE_AT_QUIT,
             cluster_peer=context.is_peer is not None and context.is_peer(connection.peer),
+            greeting_note=proof.greeting_note(self.nonce, context.config.server.hostname) if self.nonce else "",
         ))
         self.log = EventLogger("pop3d.session").bind(sid=sid)
         self.user: str | None = None
@@ -164,6 +171,8 @@ class Session:
 
     async def _login(self, event: Authenticate) -> Event:
         context, peer = self.context, self.client_ip
+        if event.authzid:  # a node's proxy, for its client's user (pop3d/core.py lets no one else)
+            return await self._login_proxied(event)
         async with context.throttle.checks:
             user = await (context.run_login or context.run)(context.accounts.authenticate, event.user, event.password)
         metrics.login("pop3", ok=user is not None)
@@ -179,6 +188,11 @@ class Session:
             proxied = await self._proxy(account, event.password)
             if proxied is not None:
                 return proxied
+        return await self._enter(account, event.mechanism)
+
+    async def _enter(self, account: str, mechanism: str, **extra: str) -> Event:
+        """The maildrop of `account` (here), locked and listed: the TRANSACTION state."""
+        context, peer = self.context, self.client_ip
         try:
             outcome = await context.run(self._open_maildrop, account)
         except NotOwnerError:  # the shard was released just now: its next owner serves it
@@ -196,9 +210,32 @@ class Session:
             raise ConnectionError("connection closed")
         self.lock, self.user = lock, account
         self.log = self.log.bind(user=account)
-        self.log.info("login", ip=peer, tls=self.conn.tls, mechanism=event.mechanism,
-                      messages=maildrop.count(), octets=maildrop.octets(), **self._via())
+        self.log.info("login", ip=peer, tls=self.conn.tls, mechanism=mechanism,
+                      messages=maildrop.count(), octets=maildrop.octets(), **self._via(), **extra)
         return self.core.logged_in(maildrop)
+
+    async def _login_proxied(self, event: Authenticate) -> Event:
+        """A live node's proxy logs in as `event.authzid` with its proof of the cluster's
+        secret for this session's nonce (cluster/proof.py): the password was checked there."""
+        context = self.context
+        if not proof.valid(context.secret(), self.nonce or "", event.user, event.password):
+            self.log.warning("proxy_auth_failed", node=event.user[:64], ip=self.conn.peer)
+            return self.core.login_refused(replies.WRONG_PASSWORD)
+        user = context.accounts.get_user(event.authzid)
+        if user is None:
+            return self.core.login_refused(replies.WRONG_PASSWORD)
+        if self.core.forwarded_for is None:
+            self.core.forwarded_for = self.conn.peer  # served here, never proxied on
+        account = str(user.address)
+        if context.owner is not None:
+            try:
+                elsewhere = context.owner(account) is not None
+            except NoOwnerError:
+                elsewhere = True
+            if elsewhere:  # this node's table disagrees with the proxy's for now
+                self.log.info("login_moving", user=account, ip=self.client_ip, **self._via())
+                return self.core.login_refused(replies.MAILDROP_MOVING, counts=False)
+        return await self._enter(account, event.mechanism, node=event.user)
 
     async def _proxy(self, account: str, password: str) -> Event | None:
         """A cluster's: the session at the node that owns `account`'s shard, the owner's reply
@@ -222,7 +259,8 @@ class Session:
         try:
             reader, writer, reply = await log_in_at(owner[0], owner[1], user=account, password=password,
                                                     client_ip=self.client_ip, hostname=config.server.hostname,
-                                                    tls=context.proxy_tls, timeout=float(config.pop3.login_timeout))
+                                                    tls=context.proxy_tls, timeout=float(config.pop3.login_timeout),
+                                                    prove=proof.prover(context.secret, context.node))
         except ProxyError as e:
             self.log.warning("proxy_failed", user=account, owner=f"{owner[0]}:{owner[1]}", error=str(e)[:200])
             return self.core.login_refused(replies.Err("your mailbox's server is not answering, try again later",

@@ -163,6 +163,8 @@ class Shared:
                            run_login=self.login_threads, shares=FairShare(STORE_THREADS_PER_ACCOUNT),
                            owner=functools.partial(self.router.owner, service="imap") if self.router else None,
                            is_peer=self.router.is_peer if self.router else None,
+                           secret=self.router.secret if self.router else None,
+                           node=self.router.node if self.router else None,
                            proxy_tls=self.proxy_tls if self.router else None)
 
     @cached_property
@@ -177,6 +179,8 @@ class Shared:
                            run_login=self.login_threads,
                            owner=functools.partial(self.router.owner, service="pop3") if self.router else None,
                            is_peer=self.router.is_peer if self.router else None,
+                           secret=self.router.secret if self.router else None,
+                           node=self.router.node if self.router else None,
                            proxy_tls=self.proxy_tls if self.router else None)
 
     def _twisted_tls(self) -> ServerTLS | None:

@@ -203,8 +203,10 @@ def test_the_owner_knows_a_proxied_client_by_its_address(nodes):
     client.quit()
     wait_until(lambda: _login_lines(node_b, "127.0.0.55") and _login_lines(node_b, "127.0.0.56"), 10,
                "node-b's logins under the clients' addresses")
-    assert all(" via=127.0.0.1" in line for line in _login_lines(node_b, "127.0.0.55") + _login_lines(node_b,
-                                                                                                      "127.0.0.56"))
+    # Taken as node-a's, with its proof of the cluster's secret: the password was checked
+    # once, on node-a (cluster/proof.py).
+    assert all(" via=127.0.0.1" in line and " node=node-a" in line
+               for line in _login_lines(node_b, "127.0.0.55") + _login_lines(node_b, "127.0.0.56"))
 
     # A client that is no node is not believed: XCLIENT refused, its ID's address ignored.
     client = _POP3From("127.0.0.57", pop3.host, pop3.port, context=context, timeout=30)
@@ -278,3 +280,58 @@ def test_a_peer_address_alone_does_not_hand_over(nodes):
 def _stored(data_dir, user: str) -> list[bytes]:
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         return [store.read_message(m) for m in store.fetch(user, "INBOX", [(1, 2**32 - 1)])]
+
+
+def test_a_proxys_login_needs_a_nodes_address_and_proof(nodes):
+    """The owner takes a login as a user without the password only from a live node's
+    proxy: its address, and its proof of the cluster's secret for this session's nonce."""
+    running, etcd, data_dir = nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        on_b = next(f"user{i}@example.test" for i in range(40)
+                    if owners[store.shard_number(f"user{i}@example.test")] == "node-b")
+    node_b = running["node-b"]
+    imap, pop3 = node_b.listen("imap.listen_tls"), node_b.listen("pop3.listen_tls")
+    context = client_tls_context(node_b.config)
+    secret = etcd.snapshot().keys["secret"].value
+
+    def plain(authzid: str, authcid: str, password: str) -> str:
+        return base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode()).decode()
+
+    def imap_try(client: imaplib.IMAP4, answer: str | None = None) -> str:
+        nonce = proof.nonce_in(client.welcome.decode())
+        assert nonce
+        response = plain(on_b, "node-a", answer or proof.proof(secret, nonce, "node-a"))
+        try:
+            return client.authenticate("PLAIN", lambda _: response.encode() and base64.b64decode(response))[0]
+        except imaplib.IMAP4.error as e:
+            return str(e)
+
+    # Not from a node's address (the nodes are 127.0.0.1): refused, whatever the proof.
+    with _IMAPFrom("127.0.0.59", imap.host, imap.port, ssl_context=context, timeout=30) as client:
+        assert "AUTHORIZATIONFAILED" in imap_try(client)
+    # From a node's address with a wrong proof: refused, and said in the owner's log.
+    with imaplib.IMAP4_SSL(imap.host, imap.port, ssl_context=context, timeout=30) as client:
+        assert "AUTHORIZATIONFAILED" in imap_try(client, answer="0" * 64)
+    assert "event=proxy_auth_failed" in node_b.stderr()
+    # From a node's address with the proof: in, as the user.
+    with imaplib.IMAP4_SSL(imap.host, imap.port, ssl_context=context, timeout=30) as client:
+        assert imap_try(client) == "OK"
+        assert client.select("INBOX")[0] == "OK"
+
+    # POP3 likewise.
+    client = _POP3From("127.0.0.59", pop3.host, pop3.port, context=context, timeout=30)
+    nonce = proof.nonce_in(client.getwelcome().decode())
+    with pytest.raises(poplib.error_proto):
+        client._shortcmd("AUTH PLAIN " + plain(on_b, "node-a", proof.proof(secret, nonce, "node-a")))
+    client.quit()
+    client = poplib.POP3_SSL(pop3.host, pop3.port, context=context, timeout=30)
+    nonce = proof.nonce_in(client.getwelcome().decode())
+    with pytest.raises(poplib.error_proto):
+        client._shortcmd("AUTH PLAIN " + plain(on_b, "node-a", "0" * 64))
+    client.quit()
+    client = poplib.POP3_SSL(pop3.host, pop3.port, context=context, timeout=30)
+    nonce = proof.nonce_in(client.getwelcome().decode())
+    assert client._shortcmd("AUTH PLAIN " + plain(on_b, "node-a", proof.proof(secret, nonce, "node-a"))) \
+        .startswith(b"+OK")
+    client.quit()

@@ -181,7 +181,11 @@ def test_the_cli_opens_only_the_shards_its_node_holds(nodes):
     empty mount point would make an index there. Before, status listed every shard's usage."""
     running, configs, data_dir = nodes
     etcd = Etcd(conf.load(configs["node-a"]).cluster)
-    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    # Balanced, 2/2 (node-a claims them all first, then hands node-b its share).
+    wait_until(lambda: sorted(etcd_owners(etcd).values()) == ["node-a", "node-a", "node-b", "node-b"], 20,
+               "two shards each")
+    owners = etcd_owners(etcd)
     users = [f"user{i}@example.test" for i in range(40)]
     store = Store(open_data_dir(data_dir, SHARDS))  # shard numbers only: nothing opened here
     elsewhere = next(u for u in users if owners[store.shard_number(u)] == "node-b")
