@@ -25,7 +25,7 @@ node only round-robin runs (every node is the owner).
 - IMAP logins: LOGIN + LOGOUT over TLS on fresh connections, 4 at a time (bench/imap.py's
   login figure), ten users in ten shards, --logins of each kind in --rounds parts. Proxied:
   the node asked checks the password, then logs in at the owner over STARTTLS, where it is
-  not checked again (the node proves itself with the cluster's secret, cluster/proof.py).
+  not checked again (the node proves itself with the cluster's secret, wire/node_proof.py).
   The nodes hash passwords at argon2id's cheapest cost (the test configs'
   CHEAP_PASSWORDS, tests/conftest.py), so these figures are a login's path without its
   hash: add one argon2id check at the production cost (measured apart, below) per login.

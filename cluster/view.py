@@ -43,7 +43,7 @@ class ClusterView:
         raise NoOwnerError(f"node {self.node} is not registered just now")
 
     def secret(self) -> bytes | None:
-        """The cluster's secret (cluster/proof.py), once this node's agent has read it."""
+        """The cluster's secret (wire/node_proof.py), once this node's agent has read it."""
         return self.table.secret()
 
     def lease_left(self) -> float:

@@ -9,7 +9,7 @@ the certificate checked against [server] hostname (a cluster's nodes serve one n
 node only: it logs and throttles by that address, and serves the session itself rather than
 proxy it on, should its table name yet another owner), and AUTHENTICATE PLAIN with
 SASL-IR (RFC 4959): as this node for the user, with its proof of the cluster's secret for
-the nonce in the owner's greeting (cluster/proof.py), so that the password (checked here)
+the nonce in the owner's greeting (wire/node_proof.py), so that the password (checked here)
 is not checked again there, an argon2id hash's worth of CPU a login; or, before this
 node's agent has the secret, as the user with the password. The client's LOGIN is
 answered with the owner's capabilities; from then on the bytes go both ways untouched
@@ -24,11 +24,11 @@ import functools
 import ssl
 from collections.abc import Callable
 
-from cluster import proof
+from wire import node_proof as proof
 from wire.relay import ProxyError, reach_owner
 
 PROXY_ID = "x-postroom-proxy"  # the ID field that says a session is a cluster proxy's
-Prove = Callable[[str], "tuple[str, str] | None"]  # nonce -> (this node, its proof), cluster/proof.py
+Prove = Callable[[str], "tuple[str, str] | None"]  # nonce -> (this node, its proof), wire/node_proof.py
 
 
 async def log_in_at(host: str, port: int, *, user: str, password: str, client_ip: str, hostname: str,

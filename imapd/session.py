@@ -25,7 +25,6 @@ from typing import Any
 from imapd import mailboxes, metadata, notify, searching, selected, urlauth, utf7
 from imapd import responses as r
 from imapd.answers import Answer, AnsweredItself, bad, no
-from cluster import proof
 from imapd.proxy import PROXY_ID
 from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's face for protocol and postroom
     AUTHENTICATED,
@@ -40,6 +39,7 @@ from imapd.state import (  # noqa: F401 - Connection, IMAPContext: the session's
 from imapd.parser import Close, Continue, Frame, Reject, parse_command
 from imapd.syntax import Authenticate, Command, Compress, Enable, Id, Login, ParseError, Search
 from wire import metrics
+from wire import node_proof as proof
 
 
 class Session(SessionState):
@@ -227,7 +227,7 @@ async def authenticate(session: Session, command: Authenticate):
 def _node_proxy(session: Session, node: str, given: str) -> bool:
     """Whether this AUTHENTICATE is a live node's proxy logging in as its client's user: from
     a node's address, naming a node (no "@"), with its proof of the cluster's secret for
-    this session's nonce (cluster/proof.py). The proxy checked the password itself."""
+    this session's nonce (wire/node_proof.py). The proxy checked the password itself."""
     context = session.context
     if session.nonce is None or "@" in node or context.is_peer is None or not context.is_peer(session.conn.peer):
         return False

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cluster import proof
 from conf import Config
 from conf.logfmt import EventLogger
 from imapd import utf7
@@ -28,6 +27,7 @@ from imapd.view import Snapshots, View
 from policy.logins import LoginThrottle
 from policy.shares import FairShare
 from storage import Accounts, Store, StoreError, Watcher
+from wire import node_proof as proof
 from wire.connections import ConnectionLimit
 
 NOT_AUTHENTICATED, AUTHENTICATED, SELECTED, LOGOUT = "not authenticated", "authenticated", "selected", "logout"
@@ -86,7 +86,7 @@ class IMAPContext:
     # is_peer(ip) -> whether ip is a live node's address: a proxy whose ID naming its client
     # is believed.
     is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
-    # The cluster's secret (cluster/proof.py): a live node's proxy proves itself with it and
+    # The cluster's secret (wire/node_proof.py): a live node's proxy proves itself with it and
     # logs in as its client's user without the password, which it has checked already.
     secret: Callable[[], bytes | None] | None = field(default=None, kw_only=True)
     node: Callable[[], str] | None = field(default=None, kw_only=True)  # this node's name

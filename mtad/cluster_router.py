@@ -44,7 +44,7 @@ class ViewRouter:
         return self._view.node
 
     def secret(self) -> bytes | None:
-        """The cluster's secret: what a hand-off proves (cluster/proof.py)."""
+        """The cluster's secret: what a hand-off proves (wire/node_proof.py)."""
         return self._view.secret()
 
     def is_peer(self, ip: str) -> bool:

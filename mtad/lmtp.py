@@ -20,7 +20,7 @@ store and commit, with what the handing node already did left out.
   a cluster it takes connections only from the live nodes' addresses (as their agents
   registered them; anyone else is told 421 4.7.1), and why a node must prove itself before
   MAIL: AUTH PLAIN with its name and its proof of the cluster's secret for the nonce in
-  the greeting (cluster/proof.py), since any process on a node's machine shares its
+  the greeting (wire/node_proof.py), since any process on a node's machine shares its
   address (else 530 5.7.0 at MAIL, 535 5.7.8 for a wrong proof).
 - MAIL FROM's XSENT=<n> (a private parameter, RFC 5321 §4.1.2, offered at LHLO): the
   message's first n bytes are the handing node's (its verdict fields and Received:), not
@@ -32,7 +32,6 @@ store and commit, with what the handing node already did left out.
 
 from __future__ import annotations
 
-from cluster import proof
 from mtad import replies
 from mtad.agent import AgentContext, store_failure_reply
 from mtad.events import Auth, DataEnd, Question, RcptTo
@@ -41,6 +40,7 @@ from mtad.replies import Reply
 from mtad.routing import Route
 from mtad.session import SessionConfig
 from storage import NotOwnerError, StoreError
+from wire import node_proof as proof
 from wire.connections import ConnectionLimit
 
 NOT_A_PEER = Reply(421, "4.7.1", "Not a node of this cluster")
@@ -96,7 +96,7 @@ class LMTPAgent(InboundSMTP):
     @staticmethod
     def session_config(context: AgentContext, implicit_tls: bool) -> SessionConfig:
         config = context.config
-        # A cluster's listener: the handing node proves itself before MAIL (cluster/proof.py),
+        # A cluster's listener: the handing node proves itself before MAIL (wire/node_proof.py),
         # answering the nonce in this greeting; its address alone is not enough.
         cluster = context.router is not None
         return SessionConfig(hostname=config.server.hostname,

@@ -130,7 +130,7 @@ class Handing:
         greeting = await _expect(reader, 220)
         writer.write(f"LHLO {helo}\r\n".encode())
         keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
-        # A cluster's listener asks the handing node to prove itself (cluster/proof.py).
+        # A cluster's listener asks the handing node to prove itself (wire/node_proof.py).
         answer = credentials(greeting.text) if credentials is not None and "AUTH" in keywords else None
         if answer is not None:
             name, proven = answer

@@ -174,7 +174,7 @@ class Router(Protocol):
         """This node's name."""
 
     def secret(self) -> bytes | None:
-        """The cluster's secret, which a hand-off proves (cluster/proof.py); None before the
+        """The cluster's secret, which a hand-off proves (wire/node_proof.py); None before the
         node's agent has read it."""
 
 
@@ -429,9 +429,9 @@ class Route:
                 return
 
     def _credentials(self, greeting: str) -> tuple[str, str] | None:
-        """What this node answers an owner's LMTP greeting with (cluster/proof.py): its name
+        """What this node answers an owner's LMTP greeting with (wire/node_proof.py): its name
         and its proof for the greeting's nonce; None without a nonce or a secret."""
-        from cluster import proof
+        from wire import node_proof as proof
 
         router = self._router
         secret = router.secret() if router is not None else None

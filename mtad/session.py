@@ -84,7 +84,7 @@ class SessionConfig:
     # HELO, which are unknown commands then; after DATA, one reply per accepted recipient,
     # in RCPT order; no CHUNKING (BDAT's per-recipient replies are not worth having here).
     lmtp: bool = False
-    greeting_note: str = ""  # after the greeting's name: a cluster LMTP listener's nonce (cluster/proof.py)
+    greeting_note: str = ""  # after the greeting's name: a cluster LMTP listener's nonce (wire/node_proof.py)
 
 
 @dataclass

@@ -101,7 +101,7 @@ class Settings:
     # client it relays with XCLIENT ADDR= (Dovecot's and Postfix's command), for logs and
     # the login throttle here. Nobody else is believed.
     cluster_peer: bool = False
-    greeting_note: str = ""  # a cluster's: the nonce a node's proxy proves itself for (cluster/proof.py)
+    greeting_note: str = ""  # a cluster's: the nonce a node's proxy proves itself for (wire/node_proof.py)
     expire: str = EXPIRE_NEVER  # RFC 2449 §6.7: EXPIRE_NEVER, or EXPIRE_AT_QUIT to remove what RETR sent
 
 

@@ -5,7 +5,7 @@ here first, and how the owner's certificate is checked).
 At the owner: STLS (RFC 2595), XCLIENT ADDR= naming the client's address (the owner
 believes it from a live node only, logs it and throttles by it, and serves the session
 itself rather than proxy it on), then AUTH PLAIN as this node for the user, with its proof
-of the cluster's secret for the nonce in the owner's greeting (cluster/proof.py: the
+of the cluster's secret for the nonce in the owner's greeting (wire/node_proof.py: the
 password, checked here, is not checked again there), or USER and PASS before this node's
 agent has the secret. Their reply (+OK and the maildrop's size, or -ERR [IN-USE] while
 another session holds it) is the client's. From then on the
@@ -20,7 +20,7 @@ import functools
 import ssl
 from collections.abc import Callable
 
-from cluster import proof
+from wire import node_proof as proof
 from wire.relay import ProxyError, reach_owner
 
 

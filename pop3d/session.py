@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
-from cluster import proof
 from conf import Config
 from conf.logfmt import EventLogger
 from policy.logins import LoginThrottle
@@ -34,6 +33,7 @@ from pop3d.framer import BodyEncoder
 from pop3d.maildrop import EXPIRE_AT_QUIT, EXPIRE_NEVER, Maildrop, too_soon
 from storage import INBOX, Accounts, MaildropLock, NoOwnerError, NotOwnerError, Store, StoreError, lock_maildrop
 from wire import metrics
+from wire import node_proof as proof
 from wire.connections import ConnectionLimit
 
 CHUNK = 128 * 1024  # bytes read from a message file at a time
@@ -86,7 +86,7 @@ class POP3Context:
     owner: Callable[[str], tuple[str, int] | None] | None = field(default=None, kw_only=True)
     # is_peer(ip) -> whether ip is a live node's address: a proxy whose XCLIENT is believed.
     is_peer: Callable[[str], bool] | None = field(default=None, kw_only=True)
-    # The cluster's secret and this node's name (cluster/proof.py): a live node's proxy proves
+    # The cluster's secret and this node's name (wire/node_proof.py): a live node's proxy proves
     # itself with the secret and logs in as its client's user without the password.
     secret: Callable[[], bytes | None] | None = field(default=None, kw_only=True)
     node: Callable[[], str] | None = field(default=None, kw_only=True)
@@ -99,7 +99,7 @@ class Session:
         self.conn = connection
         self.sid = sid
         pop3 = context.config.pop3
-        self.nonce = proof.nonce() if context.secret is not None else None  # a cluster's (cluster/proof.py)
+        self.nonce = proof.nonce() if context.secret is not None else None  # a cluster's (wire/node_proof.py)
         self.core = POP3Core(Settings(
             sid=sid, implementation=f"Postroom {context.version}", tls_available=context.tls is not None,
             tls_active=implicit_tls, plaintext_auth=pop3.plaintext_auth, login_delay=int(pop3.login_delay),
@@ -216,7 +216,7 @@ class Session:
 
     async def _login_proxied(self, event: Authenticate) -> Event:
         """A live node's proxy logs in as `event.authzid` with its proof of the cluster's
-        secret for this session's nonce (cluster/proof.py): the password was checked there."""
+        secret for this session's nonce (wire/node_proof.py): the password was checked there."""
         context = self.context
         if not proof.valid(context.secret(), self.nonce or "", event.user, event.password):
             self.log.warning("proxy_auth_failed", node=event.user[:64], ip=self.conn.peer)

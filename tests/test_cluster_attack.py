@@ -69,7 +69,7 @@ tests/test_cluster_drain.py), kept as regressions.
   what it wrote, closes the delivery and keeps the copy to hand over).
 - Any process on a node's address could hand mail over by LMTP (`is_peer` trusts the
   source address): from 127.0.0.1, MAIL FROM:<ceo@bank.example> XJUNK was stored with no
-  check. A node now proves itself with the cluster's secret before MAIL (cluster/proof.py;
+  check. A node now proves itself with the cluster's secret before MAIL (wire/node_proof.py;
   tests/test_cluster_handoff.py).
 - The LMTP listener had no connection limit: 3,000 idle connections from a peer address
   took 30 MB and 3,000 descriptors. [smtp] lmtp_max_connections now (tests/test_lmtp.py).
@@ -94,10 +94,10 @@ import json
 import signal
 import smtplib
 import socket
-import threading
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -112,10 +112,10 @@ from sinks import Sink
 from waiting import wait_until
 
 import conf
-from cluster import proof
 from cluster.etcd import Etcd
 from mtad.lmtp_client import HandOffError, hand_over
 from storage import Accounts, open_data_dir
+from wire import node_proof as proof
 
 SHARDS = 4
 NODES = ("node-a", "node-b", "node-c")
@@ -319,7 +319,7 @@ def test_a_hand_off_to_a_node_that_does_not_hold_the_shard(nodes):
             lmtp.sendall(b"LHLO node-a.example\r\n")
             while replies.readline()[3:4] == b"-":
                 pass
-            # As node-a would (cluster/proof.py): its proof of the secret for this greeting.
+            # As node-a would (wire/node_proof.py): its proof of the secret for this greeting.
             secret = etcd.snapshot().keys["secret"].value
             answer = proof.proof(secret, proof.nonce_in(greeting.decode()), "node-a")
             lmtp.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0node-a\0{answer}".encode()) + b"\r\n")

@@ -24,9 +24,9 @@ from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
 
 import conf
-from cluster import proof
 from cluster.etcd import Etcd
 from storage import Store, open_data_dir
+from wire import node_proof as proof
 
 SHARDS = 4
 NODES = ("node-a", "node-b")
@@ -204,7 +204,7 @@ def test_the_owner_knows_a_proxied_client_by_its_address(nodes):
     wait_until(lambda: _login_lines(node_b, "127.0.0.55") and _login_lines(node_b, "127.0.0.56"), 10,
                "node-b's logins under the clients' addresses")
     # Taken as node-a's, with its proof of the cluster's secret: the password was checked
-    # once, on node-a (cluster/proof.py).
+    # once, on node-a (wire/node_proof.py).
     assert all(" via=127.0.0.1" in line and " node=node-a" in line
                for line in _login_lines(node_b, "127.0.0.55") + _login_lines(node_b, "127.0.0.56"))
 
@@ -238,7 +238,7 @@ def test_the_owner_knows_a_proxied_client_by_its_address(nodes):
 def test_a_peer_address_alone_does_not_hand_over(nodes):
     """Anything on a node's machine shares its address: the LMTP listener takes MAIL only from
     a node that proved itself, AUTH PLAIN with its proof of the cluster's secret (etcd's) for
-    the nonce in this session's greeting (cluster/proof.py)."""
+    the nonce in this session's greeting (wire/node_proof.py)."""
     running, etcd, data_dir = nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
     with Store(open_data_dir(data_dir, SHARDS)) as store:

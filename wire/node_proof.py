@@ -1,11 +1,14 @@
-"""How a node proves itself to another's LMTP listener (mtad/lmtp.py): not by its address
-alone, which any process on a node's machine, or anything that can take a node's address on
-its network, shares, but by the cluster's secret (etcd's "secret" key, which each node's
-agent copies into its node table, cluster/local.py).
+"""How a cluster node proves itself to another: to its LMTP listener (mtad/lmtp.py), and to
+its IMAP and POP3 listeners when it proxies a login (imapd/proxy.py, pop3d/proxy.py). Not by
+its address alone, which any process on a node's machine, or anything that can take a
+node's address on its network, shares, but by the cluster's secret (etcd's "secret" key,
+which each node's agent copies into its node table, cluster/local.py).
 
 The listener's greeting carries a fresh nonce, <nonce@host> (as POP3's APOP timestamp);
-the handing node answers AUTH PLAIN with its name and HMAC-SHA256(secret, nonce and name).
-The secret never crosses the wire, and a proof is good for its own session only.
+the node answers AUTH PLAIN with its name as the authentication identity and
+HMAC-SHA256(secret, nonce and name) as the password (a proxy: its client's user as the
+authorization identity). The secret never crosses the wire, and a proof is good for its own
+session only.
 """
 
 from __future__ import annotations
