@@ -344,6 +344,12 @@ class Route:
         """The policy's verdict, before the commit: `head` (its header fields) in front of
         every copy, each local account's copy into `mailboxes[account]` (Junk) if given, and
         `junk` told to the owners the other copies are handed to (they file them in Junk)."""
+        if self.delivery is not None and self._router is not None and \
+                not all(self._router.holds(account) for account, _ in self.delivery.targets):
+            # Its shard let go of during the checks (the route is the session's no more, and
+            # AgentContext.let_go did not see it): the head must not make the copy's file
+            # now, on a volume detached or being detached. The copy goes to the owner.
+            self.let_go(())
         self._verdict_size = len(head)
         self._junk = junk
         if self._handed is not None:

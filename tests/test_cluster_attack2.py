@@ -7,12 +7,19 @@ tests/test_cluster_drain.py), kept as regressions.
   recipient's Junk mailbox (mtad/agent.py junk_mailboxes), which raised NotOwnerError, and
   the sender was told 451 4.3.0, every time the drain fell in its DATA. The Junk verdict
   travels with the hand-off (LMTP's XJUNK); a shard not held here is not asked.
+- A drain while the policy's end-of-data checks wait (a slow DNS answer): the route is in
+  the session's judge, not its `_route`, so the node's release does not let go of its
+  copy; the verdict's header fields then pushed a copy kept in memory (64 KiB) over it and
+  its file was made on the shard's path after the volume was detached (here: an empty
+  mount point, as on a real node): 7 of 7 such messages answered 451 4.3.0
+  (FileNotFoundError). The verdict lets go of a copy whose shard is not held first.
 """
 
 from __future__ import annotations
 
 import smtplib
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -88,3 +95,70 @@ def test_a_junk_message_arriving_across_a_drain_is_taken(policy_nodes):
     junk = stored(data_dir, SHARDS, user, "Junk")
     assert sum(message_id.encode() in raw for raw in junk) == 1
     assert not any(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user))
+
+
+# Volumes as a real node has them: a detach leaves an empty mount point at the shard's
+# path (its file system is elsewhere: here, beside it); an attach puts it back, and fails,
+# as a careful attach script does, on a mount point something wrote into meanwhile.
+DETACH = "sh -c 'mv \"$1\" \"$1.off\" && mkdir \"$1\"' detach {path}"
+ATTACH = "sh -c 'if [ -d \"$1.off\" ]; then rmdir \"$1\" && mv \"$1.off\" \"$1\"; fi' attach {path}"
+SLOW_DNS = 4.0
+
+
+@pytest.fixture
+def slow_policy_nodes(tmp_path: Path, etcd_server):  # noqa: F811
+    """Two nodes with the policy on, whose DNS answers for slow.example (a From: domain's
+    DMARC record, asked at the end of the data) after SLOW_DNS seconds; volumes as above."""
+    with DNSZone({}, slow={"slow.example": SLOW_DNS}) as zone:
+        running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
+                                       password=PASSWORD, cluster={"attach": ATTACH, "detach": DETACH},
+                                       dns={"nameservers": ["127.0.0.1"], "port": zone.port, "timeout": 10},
+                                       policy={"enabled": True})
+        try:
+            yield running, configs, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var"
+        finally:
+            stop_nodes(running)
+
+
+def test_a_drain_during_the_end_of_data_checks_refuses_nothing(slow_policy_nodes):
+    """The shard is let go of while the policy's checks at the end of the data wait for
+    DNS: the route is the session's no more (AgentContext.let_go does not see it), and the
+    verdict's header fields, put in front of a copy still in memory, push it over what a
+    delivery keeps there: its file is made then, on the detached volume's mount point."""
+    running, configs, etcd, data_dir = slow_policy_nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
+    results: dict[str, tuple[int, bytes]] = {}
+    # Trace headers (~190 bytes) and message under the 64 KiB a delivery keeps in memory;
+    # with the verdict's header fields (~380 bytes), over it. And one well under.
+    sizes = [65000 + 50 * i for i in range(7)] + [40_000]
+    clients = {}
+    for size in sizes:
+        message_id = f"<{size}.{uuid.uuid4().hex}@remote.example>"
+        head = f"From: someone@slow.example\r\nTo: {user}\r\nSubject: {size}\r\nMessage-ID: {message_id}\r\n\r\n"
+        body = b"y" * (size - len(head) - 2) + b"\r\n"
+        clients[message_id] = _open_data(running["node-b"], [user], head.encode() + body[:-200])
+        clients[message_id].rest = body[-200:]  # type: ignore[attr-defined]
+
+    def finish(message_id: str, client: smtplib.SMTP) -> None:
+        try:
+            client.send(client.rest + b".\r\n")  # type: ignore[attr-defined]
+            results[message_id] = client.getreply()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=finish, args=item) for item in clients.items()]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # every end of data in, its DMARC lookup waiting
+    _drain(configs, "node-b")
+    for thread in threads:
+        thread.join(60)
+    refused = {m: r for m, r in results.items() if r[0] != 250}
+    assert len(results) == len(sizes) and not refused, (refused, running["node-b"].stderr()[-3000:])
+    found = stored(data_dir, SHARDS, user)
+    for message_id in clients:
+        assert sum(message_id.encode() in raw for raw in found) == 1, message_id
+    # Nothing was written into a detached volume's mount point.
+    assert not [p for p in (data_dir / "shards").glob("*/*") if p.parent.with_name(p.parent.name + ".off").exists()]
