@@ -18,7 +18,9 @@ tests/test_cluster_drain.py), kept as regressions.
 from __future__ import annotations
 
 import smtplib
+import json
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -162,3 +164,95 @@ def test_a_drain_during_the_end_of_data_checks_refuses_nothing(slow_policy_nodes
         assert sum(message_id.encode() in raw for raw in found) == 1, message_id
     # Nothing was written into a detached volume's mount point.
     assert not [p for p in (data_dir / "shards").glob("*/*") if p.parent.with_name(p.parent.name + ".off").exists()]
+
+
+PROBE = Path(__file__).with_name("detach_probe.py")
+ALIAS = "team@example.test"
+
+
+@pytest.fixture
+def volume_nodes(tmp_path: Path, etcd_server):  # noqa: F811
+    """Two nodes with volumes as above, whose detach first records what is open under the
+    shard (tests/detach_probe.py); an alias of three users on three shards."""
+    record = tmp_path / "detached.jsonl"
+    detach = (f"sh -c '{sys.executable} {PROBE} \"$2\" \"$1\" {record} && mv \"$1\" \"$1.off\" && mkdir \"$1\"' "
+              "detach {path} {shard}")
+    team = [f"user{i}@example.test" for i in (0, 1, 2)]
+    running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
+                                   password=PASSWORD, aliases={ALIAS: team},
+                                   cluster={"attach": ATTACH, "detach": detach})
+    try:
+        yield running, configs, Etcd(conf.load(configs["node-a"]).cluster), tmp_path / "var", record, team
+    finally:
+        stop_nodes(running)
+
+
+class Trickle:
+    """An SMTP transaction whose DATA comes in CHUNKS pieces, one every PAUSE seconds."""
+
+    CHUNKS, PAUSE = 40, 0.25
+
+    def __init__(self, daemon, recipients: list[str], size: int):
+        self.message_id = f"<{uuid.uuid4().hex}@remote.example>"
+        self.recipients = recipients
+        line = b"z" * 998 + b"\r\n"
+        body = line * (size // len(line) + 1)
+        head = f"From: someone@remote.example\r\nSubject: trickle\r\nMessage-ID: {self.message_id}\r\n\r\n".encode()
+        step = len(body) // self.CHUNKS
+        self.pieces = [body[i * step:(i + 1) * step] for i in range(self.CHUNKS - 1)] + [body[(self.CHUNKS - 1) * step:]]
+        self.client = _open_data(daemon, recipients, head)
+        self.reply: tuple[int, bytes] | None = None
+
+    def run(self) -> None:
+        try:
+            for piece in self.pieces:
+                self.client.send(piece)
+                time.sleep(self.PAUSE)
+            self.client.send(b".\r\n")
+            self.reply = self.client.getreply()
+        except (OSError, smtplib.SMTPException) as e:
+            self.reply = (0, repr(e).encode())
+        finally:
+            self.client.close()
+
+
+def test_slow_messages_across_a_drain_and_an_undrain_are_stored_once(volume_nodes):
+    running, configs, etcd, data_dir, record, team = volume_nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    by_node = owner_of(data_dir, SHARDS, owners, USERS)
+    on_a = [u for u in USERS if by_node[u] == "node-a"]
+    on_b = [u for u in USERS if by_node[u] == "node-b"]
+    shapes = [[on_b[0]], [on_b[1], on_a[0]], [ALIAS], [on_b[2], on_b[-1]], [on_a[1]], [ALIAS, on_b[3]]]
+    trickles = []
+    for i in range(12):
+        node = NODES[i % 2]
+        trickles.append(Trickle(running[node], shapes[i % len(shapes)], 200_000 if i % 3 == 0 else 20_000))
+    threads = [threading.Thread(target=t.run) for t in trickles]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    _drain(configs, "node-b")
+    wait_until(lambda: running["node-b"].stderr().count("event=shard_released") >= 2, 30, "node-b's release")
+    undrained = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "undrain", "node-b"],
+                               capture_output=True, text=True, timeout=60)
+    assert undrained.returncode == 0, undrained.stderr
+    wait_owners(etcd, NODES, SHARDS, 30, every_node=True)
+    for thread in threads:
+        thread.join(60)
+    logs = {node: running[node].stderr() for node in NODES}
+    refused = [(t.recipients, t.reply) for t in trickles if t.reply is None or t.reply[0] != 250]
+    assert not refused, (refused, logs["node-b"][-3000:])
+    team_accounts = set(team)
+    for trickle in trickles:
+        accounts = set()
+        for recipient in trickle.recipients:
+            accounts |= team_accounts if recipient == ALIAS else {recipient}
+        for account in accounts:
+            copies = sum(trickle.message_id.encode() in raw for raw in stored(data_dir, SHARDS, account))
+            assert copies == 1, (account, trickle.recipients, copies)
+    detached = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [d for d in detached if d["open"]] == [], detached
+    for node, log in logs.items():
+        for bad in ("Traceback", "detach_failed", "claim_failed", "let_go_timeout"):
+            assert bad not in log, (node, bad, log[-3000:])
