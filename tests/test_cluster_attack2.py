@@ -448,3 +448,39 @@ def test_a_stopping_node_keeps_its_lease_until_its_volumes_are_detached(tmp_path
         assert "event=shard_released" in node_b.stderr()
     finally:
         stop_nodes(running)
+
+
+def test_submission_to_local_users_across_a_drain(plain_nodes):
+    """Submission (AUTH) to two local users, one on a shard node-b drains away, the other
+    on node-a's: the message is in the middle of its DATA at node-b when the drain comes."""
+    from conftest import client_tls_context
+
+    running, configs, etcd, data_dir = plain_nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    by_node = owner_of(data_dir, SHARDS, owners, USERS)
+    sender = next(u for u in USERS if by_node[u] == "node-a")
+    on_b = next(u for u in USERS if by_node[u] == "node-b")
+    on_a = next(u for u in USERS if by_node[u] == "node-a" and u != sender)
+    node_b = running["node-b"]
+    address = node_b.listen("submission.listen_tls")
+    message_id = f"<{uuid.uuid4().hex}@example.test>"
+    client = smtplib.SMTP_SSL(address.host, address.port, timeout=60, context=client_tls_context(node_b.config))
+    try:
+        client.login(sender, PASSWORD)
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt(on_b)[0] == 250 and client.rcpt(on_a)[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(f"From: <{sender}>\r\nSubject: submitted\r\nMessage-ID: {message_id}\r\n\r\n".encode()
+                    + (b"s" * 998 + b"\r\n") * 100)
+        time.sleep(0.5)
+        _drain(configs, "node-b")
+        wait_until(lambda: node_b.stderr().count("event=shard_released") >= 2, 30, "node-b's release")
+        client.send(b"the end\r\n.\r\n")
+        code, text = client.getreply()
+    finally:
+        client.close()
+    assert code == 250, (code, text, node_b.stderr()[-3000:])
+    for user in (on_b, on_a):
+        assert sum(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)) == 1, user
