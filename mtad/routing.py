@@ -264,14 +264,16 @@ class Route:
                 self.delivery.write(local_prefix)
                 self._local_prefix_size = len(local_prefix)
             self._remote_prefix = remote_prefix
-            if self.delivery is not None and not self.delivery.keeps_bytes and self._router is not None:
-                self.let_go(())  # its shard released between the RCPT and now
             if self.enqueue is not None:
                 self.enqueue.write(remote_prefix)
                 if self._digest is not None:
                     self._digest.update(remote_prefix)
             if self._handed is not None:
                 self._handed += remote_prefix  # the owner adds Return-Path: (RFC 5321 §4.4)
+            if self.delivery is not None and not self.delivery.keeps_bytes and self._router is not None:
+                # Its shard released between the RCPT and now. Last: a copy to hand over made
+                # here begins with the remote prefix already.
+                self.let_go(())
         except BaseException:
             self.close()
             raise

@@ -27,6 +27,12 @@ tests/test_cluster_drain.py), kept as regressions.
   the shard waits ATTACH_BACKOFF (30 s) with no owner; with the production TTL (10 s) a
   stop whose sessions take stop_grace (30 s) to let go does the same. The keepalive now
   runs until the node has left.
+- A recipient taken while node-b held its shard, the shard released before the DATA (the
+  delivery begins on a shard already let go of, Route.start): the copy handed to the
+  owner carried node-b's Received: header twice (let_go made the copy with the remote
+  prefix, then start() appended it again), and the owner's deduplication key, which
+  starts after one prefix (XSENT), took in the second: the sender sending it again after
+  a lost 250 got a second copy stored (2 of 1).
 - Held: twelve slow transactions (20-200 KB over 10 s, one to three shards, an alias) at
   both nodes across a drain and an undrain: all 250, each copy stored once, nothing open
   at any of 12 detaches.
@@ -484,3 +490,32 @@ def test_submission_to_local_users_across_a_drain(plain_nodes):
     assert code == 250, (code, text, node_b.stderr()[-3000:])
     for user in (on_b, on_a):
         assert sum(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)) == 1, user
+
+
+def test_a_shard_released_between_rcpt_and_data(plain_nodes):
+    """The recipient was taken while node-b held its shard; node-b lets go of it before the
+    DATA: the delivery begins on a shard already released (its bytes only counted), and the
+    copy goes to the owner with node-b's trace header once."""
+    running, configs, etcd, data_dir = plain_nodes
+    owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    user = next(u for u, node in owner_of(data_dir, SHARDS, owners, USERS).items() if node == "node-b")
+    node_b = running["node-b"]
+    address = node_b.listen("smtp.listen")
+    message_id = f"<{uuid.uuid4().hex}@remote.example>"
+    message = f"From: someone@remote.example\r\nSubject: between\r\nMessage-ID: {message_id}\r\n\r\nhello\r\n"
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+        client.ehlo("sender.example")
+        assert client.mail("someone@remote.example")[0] == 250
+        assert client.rcpt(user)[0] == 250
+        _drain(configs, "node-b")
+        wait_until(lambda: node_b.stderr().count("event=shard_released") >= 2, 30, "node-b's release")
+        code, text = client.data(message.encode())
+    assert code == 250, (code, text)
+    (copy,) = [raw for raw in stored(data_dir, SHARDS, user) if message_id.encode() in raw]
+    assert copy.count(b"by mail.example.test (Postroom) with ESMTP") == 1, copy.decode(errors="replace")
+    # The sender, its 250 lost, sends it again (to node-a, the owner now): the same message.
+    address = running["node-a"].listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=60) as client:
+        client.sendmail("someone@remote.example", [user], message)
+    assert sum(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)) == 1
