@@ -35,15 +35,18 @@ tests/test_cluster_drain.py), kept as regressions.
   a lost 250 got a second copy stored (2 of 1).
 - Held: twelve slow transactions (20-200 KB over 10 s, one to three shards, an alias) at
   both nodes across a drain and an undrain: all 250, each copy stored once, nothing open
-  at any of 12 detaches.
+  at any of 12 detaches. Sixteen shards whose detach takes 3 s and fails (exit 1) for odd
+  shards: node-b's eight detached at once (drain 5.1 s), every failure logged, mail sent
+  meanwhile 250 in 4.2-4.4 s. Submission (AUTH) to two local users, one on a shard
+  drained away mid-DATA: 250, each stored once.
 """
 
 from __future__ import annotations
 
-import smtplib
 import json
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import threading
@@ -225,7 +228,8 @@ class Trickle:
         body = line * (size // len(line) + 1)
         head = f"From: someone@remote.example\r\nSubject: trickle\r\nMessage-ID: {self.message_id}\r\n\r\n".encode()
         step = len(body) // self.CHUNKS
-        self.pieces = [body[i * step:(i + 1) * step] for i in range(self.CHUNKS - 1)] + [body[(self.CHUNKS - 1) * step:]]
+        self.pieces = [body[i * step:(i + 1) * step] for i in range(self.CHUNKS - 1)]
+        self.pieces.append(body[(self.CHUNKS - 1) * step:])
         self.client = _open_data(daemon, recipients, head)
         self.reply: tuple[int, bytes] | None = None
 
@@ -430,9 +434,9 @@ def test_a_stopping_node_keeps_its_lease_until_its_volumes_are_detached(tmp_path
     attaches a volume the stopping node still has attached (a real attach fails: RBD's
     exclusive lock; the shard waits ATTACH_BACKOFF with no owner)."""
     record = tmp_path / "detached.jsonl"
+    detach = f"{sys.executable} {PROBE} {{shard}} {{path}} {record} {DETACH_HOLD}"
     running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
-                                   password=PASSWORD,
-                                   cluster={"detach": f"{sys.executable} {PROBE} {{shard}} {{path}} {record} {DETACH_HOLD}"})
+                                   password=PASSWORD, cluster={"detach": detach})
     try:
         etcd = Etcd(conf.load(configs["node-a"]).cluster)
         owners = wait_owners(etcd, NODES, SHARDS, 30, every_node=True)
