@@ -6,7 +6,9 @@ tests/test_cluster_drain.py), kept as regressions.
   mtad/routing.py Route.let_go): the Junk verdict asked the released shard for the
   recipient's Junk mailbox (mtad/agent.py junk_mailboxes), which raised NotOwnerError, and
   the sender was told 451 4.3.0, every time the drain fell in its DATA. The Junk verdict
-  travels with the hand-off (LMTP's XJUNK); a shard not held here is not asked.
+  travels with the hand-off (LMTP's XJUNK); a shard not held here is not asked. The same
+  for an alias of users on every shard at node-a when node-b is undrained mid-DATA: 451
+  before the fix, after it each copy once in Junk, on either node.
 - A drain while the policy's end-of-data checks wait (a slow DNS answer): the route is in
   the session's judge, not its `_route`, so the node's release does not let go of its
   copy; the verdict's header fields then pushed a copy kept in memory (64 KiB) over it and
@@ -523,3 +525,38 @@ def test_a_shard_released_between_rcpt_and_data(plain_nodes):
     with smtplib.SMTP(address.host, address.port, timeout=60) as client:
         client.sendmail("someone@remote.example", [user], message)
     assert sum(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)) == 1
+
+
+def test_a_junk_message_to_an_alias_across_an_undrain(policy_nodes):
+    """node-b drained: node-a holds every shard. A spam message to an alias of users on
+    every shard comes in at node-a; node-b is undrained in the middle of its DATA, and
+    takes back half the shards: the copies for its users go to it, the others stay; all
+    in Junk, once each."""
+    running, configs, etcd, data_dir = policy_nodes
+    wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
+    _drain(configs, "node-b")
+    wait_owners(etcd, ("node-a",), SHARDS, 30)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        one_each: dict[int, str] = {}
+        for user in USERS:
+            one_each.setdefault(store.shard_number(user), user)
+    time.sleep(1)  # node-a's daemons follow its claims
+    message_id = f"<{uuid.uuid4().hex}@remote.example>"
+    client = _open_data(running["node-a"], list(one_each.values()),
+                        f"Subject: spam across an undrain\r\nMessage-ID: {message_id}\r\n\r\n".encode()
+                        + (b"u" * 998 + b"\r\n") * 100)
+    try:
+        undrained = subprocess.run([POSTROOM, "--config", str(configs["node-a"]), "cluster", "undrain", "node-b"],
+                                   capture_output=True, text=True, timeout=60)
+        assert undrained.returncode == 0, undrained.stderr
+        wait_owners(etcd, NODES, SHARDS, 30, every_node=True)
+        wait_until(lambda: "event=copy_let_go" in running["node-a"].stderr(), 20, "node-a lets go of the copy")
+        client.send(b"the end\r\n.\r\n")
+        code, text = client.getreply()
+    finally:
+        client.close()
+    assert code == 250, (code, text, running["node-a"].stderr()[-3000:])
+    for user in one_each.values():
+        assert sum(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user, "Junk")) == 1, user
+        assert not any(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)), user
