@@ -440,11 +440,17 @@ class Route:
         accounts go to their owner now (_owners_now)."""
         from mtad.lmtp_client import Handing, HandOffError
 
-        begin = asyncio.ensure_future(Handing.begin(*owner, recipients=accounts, **envelope))
         if self._router is None:
-            return await begin
+            return await Handing.begin(*owner, recipients=accounts, **envelope)
+        begin = asyncio.ensure_future(Handing.begin(*owner, recipients=accounts, **envelope))
         while True:
-            done, _ = await asyncio.wait({begin}, timeout=OWNER_LOOK)
+            try:
+                done, _ = await asyncio.wait({begin}, timeout=OWNER_LOOK)
+            except asyncio.CancelledError:  # the caller's: nothing of it may stay open
+                begin.cancel()
+                if begin.done() and not begin.cancelled() and begin.exception() is None:
+                    await begin.result().close()
+                raise
             if done:
                 return begin.result()
             if any(_owner_named_elsewhere(self._router, account, owner) for account in accounts):
