@@ -35,6 +35,11 @@ tests/test_cluster_drain.py), kept as regressions.
   prefix, then start() appended it again), and the owner's deduplication key, which
   starts after one prefix (XSENT), took in the second: the sender sending it again after
   a lost 250 got a second copy stored (2 of 1).
+- A POP3 proxy now sends XCLIENT ADDR= and failed the login unless the owner said +OK: an
+  owner still on the version before (a rolling upgrade, node by node) answers "-ERR
+  unknown command 'XCLIENT'", so every POP3 login proxied to it was refused ("not
+  answering") while IMAP's ID went through. That answer is tolerated now (the owner logs
+  and throttles by the proxy's address, as it did); any other -ERR still fails.
 - Not fixed (strict xfail): a message whose end-of-data checks wait on DNS longer than
   LET_GO_WAIT (12 s here) while its node drains keeps its file on the released shard open
   (the route is in the session's judge, where AgentContext.let_go does not look): the
@@ -616,3 +621,60 @@ def test_a_message_in_its_end_of_data_checks_does_not_hold_a_drained_shard(slowe
     detached = [json.loads(line) for line in record.read_text().splitlines()[earlier:]]
     assert "event=let_go_timeout" not in node_b.stderr()
     assert [d for d in detached if d["open"]] == [], detached
+
+
+class _ScriptedOwner:
+    """The owner's side of a POP3 proxy's login, as lines it answers in turn (no TLS: the
+    writer's start_tls does nothing); what the proxy wrote is kept."""
+
+    def __init__(self, lines: list[bytes]):
+        import asyncio
+
+        self.reader = asyncio.StreamReader()  # in the running loop (Python 3.11 asks for one)
+        self.reader.feed_data(b"".join(lines))
+        self.reader.feed_eof()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def start_tls(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.parametrize("xclient_reply", [b"+OK client address noted\r\n", b"-ERR unknown command 'XCLIENT'\r\n"])
+def test_a_pop3_proxy_logs_in_at_an_owner_of_either_version(xclient_reply):
+    """A rolling upgrade: this node sends XCLIENT (new today); an owner still on the version
+    before does not know it. Its -ERR must not fail the login (it used to: every POP3 user
+    of the owners not yet upgraded was refused through an upgraded node)."""
+    import asyncio
+
+    from pop3d import proxy
+
+    async def log_in() -> tuple[bytes, _ScriptedOwner]:
+        owner = _ScriptedOwner([b"+OK Postroom ready\r\n", b"+OK begin TLS negotiation\r\n", xclient_reply,
+                                b"+OK send PASS\r\n", b"+OK maildrop has 2 messages (300 octets)\r\n"])
+        return await proxy._log_in(owner.reader, owner, user="user0@example.test", password="pw",
+                                   client_ip="10.0.0.9", hostname="mail.example.test", tls=None), owner
+
+    reply, owner = asyncio.run(log_in())
+    assert reply == b"+OK maildrop has 2 messages (300 octets)\r\n"
+    assert owner.written[1] == b"XCLIENT ADDR=10.0.0.9\r\n" and owner.written[-1] == b"PASS pw\r\n"
+
+
+def test_a_pop3_proxy_still_fails_on_an_owner_that_refuses_xclient():
+    """An owner that knows XCLIENT and refuses it (this node is no peer of its, by its table)
+    is a failure, as before: it would proxy the session on."""
+    import asyncio
+
+    from pop3d import proxy
+    from wire.relay import ProxyError
+
+    async def log_in() -> bytes:
+        owner = _ScriptedOwner([b"+OK Postroom ready\r\n", b"+OK begin TLS negotiation\r\n",
+                                b"-ERR XCLIENT is for the nodes of this cluster only\r\n"])
+        return await proxy._log_in(owner.reader, owner, user="user0@example.test", password="pw",
+                                   client_ip="10.0.0.9", hostname="mail.example.test", tls=None)
+
+    with pytest.raises(ProxyError):
+        asyncio.run(log_in())
