@@ -434,7 +434,7 @@ class Route:
 
     async def _begin(self, owner: tuple[str, int], accounts: list[str], **envelope):
         """Handing.begin at `owner`, given up (HandOffError) as soon as the node table names
-        another owner for one of `accounts`: an owner paused (SIGSTOP, a frozen VM) accepts
+        another owner for every one of `accounts`: an owner paused (SIGSTOP, a frozen VM) accepts
         connections and answers nothing, and its lease lapsing hands its shards on within
         the TTL, well before the LMTP client's timeout. Nothing was sent to it yet: the
         accounts go to their owner now (_owners_now)."""
@@ -453,7 +453,9 @@ class Route:
                 raise
             if done:
                 return begin.result()
-            if any(_owner_named_elsewhere(self._router, account, owner) for account in accounts):
+            # Every account: an owner that still holds one of them is alive (a shard of its
+            # moves in a rebalance) and answers once its RCPTs have waited out the move.
+            if all(_owner_named_elsewhere(self._router, account, owner) for account in accounts):
                 begin.cancel()
                 try:
                     handing = await begin
