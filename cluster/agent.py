@@ -107,6 +107,9 @@ class Agent:
         self._state = threading.Lock()  # the deadline and the table, between the two threads
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Set once the node has left (_leave): the keepalive holds the lease until then, a
+        # stop's hand-over included (its grace, the let-go wait, the detaches).
+        self._left = threading.Event()
         self._expired = False
         self._previous_lease = 0
         self._cancel_watch = None
@@ -149,7 +152,10 @@ class Agent:
                 self._wake.wait(self.interval)
                 self._wake.clear()
         finally:
-            self._leave()
+            try:
+                self._leave()
+            finally:
+                self._left.set()
 
     def _round(self) -> None:
         if self.lease == 0:
@@ -225,7 +231,7 @@ class Agent:
         """The lease's keepalive, every third of the TTL, in a thread of its own: a slow
         claim (a volume attached, a shard recovered) must never hold it up."""
         etcd = Etcd(self.config.cluster)  # requests' sessions are not shared across threads
-        while not self._stop.wait(self.interval):
+        while not self._left.wait(self.interval):  # not _stop: a stop's hand-over needs the lease
             lease = self.lease
             if lease == 0:
                 continue

@@ -44,6 +44,7 @@ from storage import (
     DeliveryError,
     DiskFullError,
     NotLocalError,
+    NotOwnerError,
     QuotaExceededError,
     Store,
     StoreError,
@@ -394,10 +395,20 @@ class SMTPAgent(AiosmtpdConnection):
         return decision
 
     async def junk_mailboxes(self, accounts: list[str]) -> dict[str, str]:
-        """Where a Junk verdict files each account's copy: its \\Junk mailbox (made if none)."""
+        """Where a Junk verdict files each account's copy: its \\Junk mailbox (made if none).
+        In a cluster, an account whose shard this node no longer holds (let go of while the
+        message came in: a drain) is left out: its copy goes to its owner, which files it in
+        Junk by the verdict the hand-off carries (LMTP's XJUNK)."""
         store, fallback = self.context.store, self.context.config.policy.junk_mailbox
+
+        def junk_mailbox(account: str) -> str | None:
+            try:
+                return store.junk_mailbox(account, fallback)
+            except NotOwnerError:
+                return None
+
         return await self.context.deliver_in_thread(
-            lambda: {account: store.junk_mailbox(account, fallback) for account in accounts})
+            lambda: {account: mailbox for account in accounts if (mailbox := junk_mailbox(account)) is not None})
 
     # -- recipients, shared by the MX and submission ------------------------------------------
 

@@ -60,6 +60,9 @@ _log = EventLogger("mtad.routing")
 # minutes for a RCPT's reply (RFC 5321 §4.5.3.2): a wait of seconds is no refusal, and a
 # 451 for a drain is one (issue 18: a drain moves shards with no refused delivery).
 OWNER_WAIT = 15.0
+# Seconds between two looks at the node table while an owner is slow to answer a hand-off
+# (Route._begin).
+OWNER_LOOK = 0.25
 HAND_OVER_TRIES = 3  # owners tried for one copy, when each in turn says it is not the owner any more
 UNREACHED = "unreached: "  # a hand-off failure's reason when the owner could not be reached
 MAX_HEAD = 64 * 1024  # of a message's first bytes kept for a success report (RFC 3461 §6.2.6.1)
@@ -275,7 +278,9 @@ class Route:
             if self._handed is not None:
                 self._handed += remote_prefix  # the owner adds Return-Path: (RFC 5321 §4.4)
             if self.delivery is not None and not self.delivery.keeps_bytes and self._router is not None:
-                self.let_go(())  # its shard released between the RCPT and now: kept to hand over
+                # Its shard released between the RCPT and now. Last: a copy to hand over made
+                # here begins with the remote prefix already.
+                self.let_go(())
         except BaseException:
             self.close()
             raise
@@ -351,6 +356,12 @@ class Route:
         """The policy's verdict, before the commit: `head` (its header fields) in front of
         every copy, each local account's copy into `mailboxes[account]` (Junk) if given, and
         `junk` told to the owners the other copies are handed to (they file them in Junk)."""
+        if self.delivery is not None and self._router is not None and \
+                not all(self._router.holds(account) for account, _ in self.delivery.targets):
+            # Its shard let go of during the checks (the route is the session's no more, and
+            # AgentContext.let_go did not see it): the head must not make the copy's file
+            # now, on a volume detached or being detached. The copy goes to the owner.
+            self.let_go(())
         self._verdict_size = len(head)
         self._junk = junk
         if self._handed is not None:
@@ -388,9 +399,9 @@ class Route:
         sent_from = self._verdict_size + len(self._remote_prefix) + self._sent_from
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
-            begun = await asyncio.gather(*(Handing.begin(host, port, helo=helo, sender=sender, recipients=accounts,
-                                                         sent_from=sent_from, junk=self._junk, smtputf8=smtputf8,
-                                                         eight_bit=eight_bit, credentials=self._credentials)
+            begun = await asyncio.gather(*(self._begin((host, port), accounts, helo=helo, sender=sender,
+                                                       sent_from=sent_from, junk=self._junk, smtputf8=smtputf8,
+                                                       eight_bit=eight_bit, credentials=self._credentials)
                                            for (host, port), accounts in owners),
                                          return_exceptions=True)
             handings = [h for h in begun if isinstance(h, Handing)]
@@ -439,6 +450,39 @@ class Route:
         if not secret or nonce is None:
             return None
         return router.node(), proof.proof(secret, nonce, router.node())
+
+    async def _begin(self, owner: tuple[str, int], accounts: list[str], **envelope):
+        """Handing.begin at `owner`, given up (HandOffError) as soon as the node table names
+        another owner for every one of `accounts`: an owner paused (SIGSTOP, a frozen VM) accepts
+        connections and answers nothing, and its lease lapsing hands its shards on within
+        the TTL, well before the LMTP client's timeout. Nothing was sent to it yet: the
+        accounts go to their owner now (_owners_now)."""
+        from mtad.lmtp_client import Handing, HandOffError
+
+        if self._router is None:
+            return await Handing.begin(*owner, recipients=accounts, **envelope)
+        begin = asyncio.ensure_future(Handing.begin(*owner, recipients=accounts, **envelope))
+        while True:
+            try:
+                done, _ = await asyncio.wait({begin}, timeout=OWNER_LOOK)
+            except asyncio.CancelledError:  # the caller's: nothing of it may stay open
+                begin.cancel()
+                if begin.done() and not begin.cancelled() and begin.exception() is None:
+                    await begin.result().close()
+                raise
+            if done:
+                return begin.result()
+            # Every account: an owner that still holds one of them is alive (a shard of its
+            # moves in a rebalance) and answers once its RCPTs have waited out the move.
+            if all(_owner_named_elsewhere(self._router, account, owner) for account in accounts):
+                begin.cancel()
+                try:
+                    handing = await begin
+                except (asyncio.CancelledError, HandOffError):
+                    pass
+                else:  # it answered just then: it may well be the owner still
+                    return handing
+                raise HandOffError(f"{owner[0]}:{owner[1]} did not answer; the table names another owner")
 
     @staticmethod
     def _failures(owners: list[tuple[tuple[str, int], list[str]]],
@@ -559,6 +603,18 @@ class HandOffFailed(StoreError):
 
 def _read_all(delivery: Delivery) -> bytes:
     return b"".join(delivery.read())
+
+
+def _owner_named_elsewhere(router: Router, account: str, owner: tuple[str, int]) -> bool:
+    """Whether the table names an owner of `account` other than `owner` (this node included);
+    not while the shard is between owners."""
+    try:
+        now = router.owner(account)
+    except NoOwnerError:
+        return False
+    if now is None:
+        return router.holds(account) and router.here() != owner
+    return now != owner
 
 
 def _owner_changed(router: Router, account: str, owner: tuple[str, int]) -> bool:
