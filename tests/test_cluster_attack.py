@@ -265,14 +265,7 @@ def test_an_owner_that_sends_an_endless_line_is_a_hand_off_failure(where):
             if where == "greeting":
                 writer.write(endless)
             else:
-                writer.write(b"220 owner LMTP\r\n")
-                await reader.readline()  # LHLO
-                writer.write(b"250 owner\r\n")
-                await reader.readline()  # MAIL
-                await reader.readline()  # RCPT
-                writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
-                await reader.readline()  # DATA
-                writer.write(b"354 go on\r\n")
+                await _owner_up_to_the_data(reader, writer)
                 await reader.readuntil(b"\r\n.\r\n")
                 writer.write(endless)
             await writer.drain()
@@ -361,14 +354,7 @@ def test_an_owner_that_dies_in_the_data_is_a_hand_off_failure():
     shard's next owner), and its QUIT on the dead connection raises nothing of its own."""
 
     async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 owner LMTP\r\n")
-        await reader.readline()  # LHLO
-        writer.write(b"250 owner\r\n")
-        await reader.readline()  # MAIL
-        await reader.readline()  # RCPT
-        writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
-        await reader.readline()  # DATA
-        writer.write(b"354 go on\r\n")
+        await _owner_up_to_the_data(reader, writer)
         await writer.drain()
         await reader.read(1000)  # some of the data, then the process dies: a reset (RST)
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -594,3 +580,15 @@ def test_a_message_sent_to_a_slow_remote_across_a_drain_arrives_once(slow_remote
                "the message delivered")
     time.sleep(3)  # long enough for the first attempt's reply, were it still coming
     assert len(sink.received) == 1
+
+
+async def _owner_up_to_the_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A scripted LMTP owner's greeting and its answers to LHLO, MAIL, one RCPT and DATA."""
+    writer.write(b"220 owner LMTP\r\n")
+    await reader.readline()  # LHLO
+    writer.write(b"250 owner\r\n")
+    await reader.readline()  # MAIL
+    await reader.readline()  # RCPT
+    writer.write(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n")
+    await reader.readline()  # DATA
+    writer.write(b"354 go on\r\n")
