@@ -559,6 +559,7 @@ def slow_remote(tmp_path, etcd_server):  # noqa: F811
             stop_nodes(running)
 
 
+@pytest.mark.known_failure
 @pytest.mark.xfail(strict=True, reason="a delivery in flight across a drain is sent again by the next owner")
 def test_a_message_sent_to_a_slow_remote_across_a_drain_arrives_once(slow_remote):
     running, configs, data_dir, sink = slow_remote

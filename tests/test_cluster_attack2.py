@@ -596,6 +596,7 @@ def slower_policy_nodes(tmp_path: Path, etcd_server):  # noqa: F811
             stop_nodes(running)
 
 
+@pytest.mark.known_failure
 @pytest.mark.xfail(strict=True, reason="a message in its end-of-data checks keeps its file on a released shard open")
 def test_a_message_in_its_end_of_data_checks_does_not_hold_a_drained_shard(slower_policy_nodes):
     """The end of the data is in, its checks wait on DNS longer than LET_GO_WAIT, and the
