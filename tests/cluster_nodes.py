@@ -85,6 +85,20 @@ def wait_owners(etcd: Etcd, nodes: tuple[str, ...], shards: int, seconds: float,
     raise AssertionError(f"shards not all owned by {nodes} within {seconds} s: {owners(etcd)}")
 
 
+def wait_balanced(etcd: Etcd, nodes: tuple[str, ...], shards: int, seconds: float) -> dict[int, str]:
+    """Once every shard is owned and each node owns its share (shards // nodes, one more for
+    the first shards % nodes by name: cluster/balance.py). The first node up claims them all,
+    then hands each newcomer its share: wait_owners(every_node=True) can see 3/1 first."""
+    share = {node: shards // len(nodes) + (i < shards % len(nodes)) for i, node in enumerate(sorted(nodes))}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = owners(etcd)
+        if len(found) == shards and {n: list(found.values()).count(n) for n in nodes} == share:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"shards not balanced over {nodes} within {seconds} s: {owners(etcd)}")
+
+
 def owner_of(data_dir: Path, shards: int, owners: dict[int, str], users: list[str]) -> dict[str, str]:
     """User -> the node that owns the user's shard (by `owners`, as wait_owners found them)."""
     with Store(open_data_dir(data_dir, shards)) as store:

@@ -71,7 +71,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
+from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_balanced, wait_owners
 from conftest import POSTROOM
 from dnszone import DNSZone
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
@@ -455,7 +455,7 @@ def test_a_stopping_node_keeps_its_lease_until_its_volumes_are_detached(tmp_path
                                    password=PASSWORD, cluster={"detach": detach})
     try:
         etcd = Etcd(conf.load(configs["node-a"]).cluster)
-        owners = wait_owners(etcd, NODES, SHARDS, 30, every_node=True)
+        owners = wait_balanced(etcd, NODES, SHARDS, 30)
         wait_until(lambda: all("event=ready" in d.stderr() for d in running.values()), 10, "the agents ready")
         time.sleep(DETACH_HOLD + 1)  # node-a's detaches as node-b joined: done
         earlier = len(record.read_text().splitlines()) if record.exists() else 0

@@ -18,8 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_owners
-from cluster_nodes import owners as etcd_owners
+from cluster_nodes import owner_of, start_nodes, stop_nodes, stored, wait_balanced, wait_owners
 from conftest import POSTROOM
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
 from waiting import wait_until
@@ -116,11 +115,7 @@ def test_a_slow_detach_keeps_recipients_waiting_not_refused(tmp_path: Path, etcd
     try:
         etcd = Etcd(conf.load(configs["node-a"]).cluster)
         data_dir = tmp_path / "var"
-        wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
-        # Balanced, 2/2 (node-a claims them all first, then hands node-b its share).
-        wait_until(lambda: sorted(etcd_owners(etcd).values()) == ["node-a", "node-a", "node-b", "node-b"], 20,
-                   "two shards each")
-        owners = etcd_owners(etcd)
+        owners = wait_balanced(etcd, NODES, SHARDS, 20)
         with Store(open_data_dir(data_dir, SHARDS)) as store:
             users_b = {}  # one user in each of node-b's shards
             for user in USERS:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from cluster_nodes import owners as etcd_owners
-from cluster_nodes import start_nodes, stop_nodes, wait_owners
+from cluster_nodes import start_nodes, stop_nodes, wait_balanced, wait_owners
 from conftest import POSTROOM, client_tls_context
 from detach_probe import open_under
 from etcd_peer import etcd_server  # noqa: F401 (fixture)
@@ -181,11 +181,7 @@ def test_the_cli_opens_only_the_shards_its_node_holds(nodes):
     empty mount point would make an index there. Before, status listed every shard's usage."""
     running, configs, data_dir = nodes
     etcd = Etcd(conf.load(configs["node-a"]).cluster)
-    wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
-    # Balanced, 2/2 (node-a claims them all first, then hands node-b its share).
-    wait_until(lambda: sorted(etcd_owners(etcd).values()) == ["node-a", "node-a", "node-b", "node-b"], 20,
-               "two shards each")
-    owners = etcd_owners(etcd)
+    owners = wait_balanced(etcd, NODES, SHARDS, 20)
     users = [f"user{i}@example.test" for i in range(40)]
     store = Store(open_data_dir(data_dir, SHARDS))  # shard numbers only: nothing opened here
     elsewhere = next(u for u in users if owners[store.shard_number(u)] == "node-b")
