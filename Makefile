@@ -79,18 +79,17 @@ SOURCE_DIRS  := postroom mtad imapd pop3d storage policy wire conf cluster tests
 test: install
 	@$(PY) -m compileall -q $(SOURCE_DIRS) >/dev/null
 	@$(WARM_PYTEST)
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial and not known_failure" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
-	@$(PY) -m pytest -m "serial and not known_failure" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+	@$(PY) -m pytest -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
 
 # The tests marked `long` at their full counts (tests/scale.py): more fuzz examples, rounds,
 # bytes than `make test` gives them (it runs the same tests with short counts). Minutes
-# more; bench/fuzz.py fuzzes the protocol cores longer still. And the `known_failure` ones:
-# strict xfails that show a bug noted on its issue, too slow for make test's budget.
+# more; bench/fuzz.py fuzzes the protocol cores longer still.
 test-long: install
 	@$(PY) -m compileall -q $(SOURCE_DIRS) >/dev/null
 	@$(WARM_PYTEST)
-	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "(long or known_failure) and not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
-	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -m "(long or known_failure) and serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "long and not serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
+	@POSTROOM_TEST_LONG=1 $(PY) -m pytest -m "long and serial" $(PYTEST_ARGS); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ] || exit $$rc
 
 install: $(VENV)/.installed
 

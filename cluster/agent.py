@@ -20,7 +20,7 @@ One agent a node (under `postroom serve`, a supervised process of its own; alone
   to the next owner over LMTP, mtad/routing.py), the fence cleared after the commits in
   flight, the shard flushed and closed here; once every process of the node has let go of
   it too (cluster/pins.py; the daemons follow within FOLLOW_INTERVAL, cluster/follow.py),
-  or after LET_GO_WAIT, its volume is detached, and only then the key deleted, so that the
+  or after [cluster] let_go_wait, its volume is detached, and only then the key deleted, so that the
   next owner can attach it at once;
 - stops writing before anyone else may: the table's deadline is the time the last
   answered keepalive was sent plus the TTL minus a margin, and etcd expires the lease no
@@ -57,12 +57,11 @@ ERROR_LOG_EVERY = 10.0  # seconds between two log lines of etcd staying unreacha
 # claim kept for those in flight): a commit takes milliseconds; a transaction slower than
 # this is handed to the next owner at its commit instead.
 HANDOVER_GRACE = 1.0
-# Seconds, at most, that shards released together wait for every process of the node to let
-# go of them (cluster/pins.py) before their volumes are detached all the same (event
-# let_go_timeout): the daemons follow within a second; a command of the CLI, a message
-# still arriving or being sent, may take a few more. At a stop, [server] stop_grace: the
-# daemons stop too, and may take that long to finish their sessions.
-LET_GO_WAIT = 10.0
+# [cluster] let_go_wait: seconds, at most, that shards released together wait for every
+# process of the node to let go of them (cluster/pins.py) before their volumes are detached
+# all the same (event let_go_timeout): the daemons follow within a second; a command of the
+# CLI, a message still arriving or being sent, may take a few more. At a stop, [server]
+# stop_grace: the daemons stop too, and may take that long to finish their sessions.
 RELEASE_THREADS = 32  # shards let go of and detached at once (_release)
 
 
@@ -341,7 +340,7 @@ class Agent:
             return
         revisions = {shard: self.claims.pop(shard) for shard in shards}
         self._publish()
-        wait = float(self.config.server.stop_grace) if reason == "stop" else LET_GO_WAIT
+        wait = float(self.config.server.stop_grace if reason == "stop" else self.config.cluster.let_go_wait)
         deadline = time.monotonic() + wait
         with ThreadPoolExecutor(max_workers=min(RELEASE_THREADS, len(revisions)),
                                 thread_name_prefix="release") as pool:

@@ -25,7 +25,7 @@ Until then a use of it raises NotOwnerError, which each protocol answers as temp
 Whatever has a file of the shard open holds the shard's pin (cluster/pins.py): the store's
 handle, a message file being written or read, the maildrop lock, the shard's queue. The
 agent runs the detach command once the last pin is let go, within FOLLOW_INTERVAL of the
-claim's withdrawal as a rule (or after LET_GO_WAIT, logged: let_go_timeout), so the
+claim's withdrawal as a rule (or after [cluster] let_go_wait, logged: let_go_timeout), so the
 command finds the volume free and needs no retry.
 """
 

@@ -423,6 +423,10 @@ class ClusterConfig:
     # its number, {path} its directory. Empty: nothing to run (volumes are directories).
     attach: str = field(default="", metadata={"check": check_command})
     detach: str = field(default="", metadata={"check": check_command})
+    # How long shards released together (a drain, a rebalance) wait for every process of the
+    # node to let go of them before their volumes are detached all the same (at a stop:
+    # [server] stop_grace). A message still arriving or being sent may hold one that long.
+    let_go_wait: Duration = field(default=Duration(10), metadata={"min": 1, "max": 600})
 
     @property
     def enabled(self) -> bool:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 _log = EventLogger("mtad.routing")
 # A cluster's: how long a RCPT, or a commit whose shard changed hands, waits for the
 # mailbox's shard to have an owner again, then 451. A graceful hand-over (a drain, a stop)
-# takes HANDOVER_GRACE (1 s) and the shard's detach, after up to LET_GO_WAIT (10 s) for the
+# takes HANDOVER_GRACE (1 s) and the shard's detach, after up to [cluster] let_go_wait (10 s) for the
 # old owner's processes to let go (cluster/agent.py), and the new owner's attach; a dead
 # node's shards, its lease's TTL (10 s by default) and a claim. An SMTP client waits
 # minutes for a RCPT's reply (RFC 5321 §4.5.3.2): a wait of seconds is no refusal, and a

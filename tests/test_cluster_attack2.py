@@ -576,7 +576,7 @@ def test_a_junk_message_to_an_alias_across_an_undrain(policy_nodes):
         assert not any(message_id.encode() in raw for raw in stored(data_dir, SHARDS, user)), user
 
 
-SLOWER_DNS = 12.0  # longer than the agent's LET_GO_WAIT (10 s)
+SLOWER_DNS = 5.0  # longer than the nodes' let-go wait (2 s here) and its hand-over
 
 
 @pytest.fixture
@@ -587,7 +587,8 @@ def slower_policy_nodes(tmp_path: Path, etcd_server):  # noqa: F811
     with DNSZone({}, slow={"slow.example": SLOWER_DNS}) as zone:
         running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES, shards=SHARDS, users=USERS,
                                        password=PASSWORD,
-                                       cluster={"detach": f"{sys.executable} {PROBE} {{shard}} {{path}} {record}"},
+                                       cluster={"detach": f"{sys.executable} {PROBE} {{shard}} {{path}} {record}",
+                                                "let_go_wait": "2s"},
                                        dns={"nameservers": ["127.0.0.1"], "port": zone.port, "timeout": 20},
                                        policy={"enabled": True})
         try:
@@ -596,12 +597,11 @@ def slower_policy_nodes(tmp_path: Path, etcd_server):  # noqa: F811
             stop_nodes(running)
 
 
-@pytest.mark.known_failure
 @pytest.mark.xfail(strict=True, reason="a message in its end-of-data checks keeps its file on a released shard open")
 def test_a_message_in_its_end_of_data_checks_does_not_hold_a_drained_shard(slower_policy_nodes):
-    """The end of the data is in, its checks wait on DNS longer than LET_GO_WAIT, and the
+    """The end of the data is in, its checks wait on DNS longer than the let-go wait, and the
     node drains: the route is in the session's judge (not `_route`), so the release does not
-    let go of its copy, whose file (past 64 KiB) stays open: the agent waits LET_GO_WAIT and
+    let go of its copy, whose file (past 64 KiB) stays open: the agent waits its let-go wait and
     detaches the volume with the file open (a real umount fails)."""
     running, configs, etcd, data_dir, record = slower_policy_nodes
     owners = wait_owners(etcd, NODES, SHARDS, 20, every_node=True)
