@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from wire import node_proof as proof
+
 MAX_REPLY_LINES = 100  # an LHLO reply lists its extensions; more than this is not a server
 MAX_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512 for a reply line; be generous, not unbounded
 _DOT = re.compile(rb"^\.", re.MULTILINE)
@@ -65,7 +67,9 @@ class Handing:
     mtad/routing.py); it always `close`s. `sent_from`: where in the message the sender's own
     bytes start (after the handing node's trace and verdict fields), told to a server that
     offers XSENT (mtad/lmtp.py) for its deduplication key; `junk`: the policy's Junk verdict,
-    told to one that offers XJUNK, which files the copies in each account's Junk mailbox."""
+    told to one that offers XJUNK, which files the copies in each account's Junk mailbox;
+    `credentials(nonce)`: this node's name and its proof for a cluster listener's greeting
+    nonce, sent as AUTH PLAIN before MAIL (wire/node_proof.py)."""
 
     def __init__(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  recipients: Sequence[str], timeout: float):
@@ -130,8 +134,10 @@ class Handing:
         greeting = await _expect(reader, 220)
         writer.write(f"LHLO {helo}\r\n".encode())
         keywords = {line.split(" ", 1)[0].upper() for line in (await _expect(reader, 250)).text.split("\n")[1:]}
-        # A cluster's listener asks the handing node to prove itself (wire/node_proof.py).
-        answer = credentials(greeting.text) if credentials is not None and "AUTH" in keywords else None
+        # A cluster's listener asks the handing node to prove itself for the nonce in its
+        # greeting (wire/node_proof.py).
+        nonce = proof.nonce_in(greeting.text)
+        answer = credentials(nonce) if credentials is not None and nonce and "AUTH" in keywords else None
         if answer is not None:
             name, proven = answer
             writer.write(b"AUTH PLAIN " + base64.b64encode(f"\0{name}\0{proven}".encode()) + b"\r\n")

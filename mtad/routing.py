@@ -47,6 +47,7 @@ from storage import (
     NotOwnerError,
     StoreError,
 )
+from wire import node_proof as proof
 
 if TYPE_CHECKING:
     from mtad.events import RcptDSN
@@ -397,11 +398,14 @@ class Route:
 
         pending = dict(self._handoffs)
         sent_from = self._verdict_size + len(self._remote_prefix) + self._sent_from
+        # Each owner's greeting has a nonce this node proves itself for (wire/node_proof.py).
+        router = self._router
+        credentials = proof.prover(router.secret, router.node) if router is not None else None
         for attempt in range(HAND_OVER_TRIES):
             owners = list(pending.items())
             begun = await asyncio.gather(*(self._begin((host, port), accounts, helo=helo, sender=sender,
                                                        sent_from=sent_from, junk=self._junk, smtputf8=smtputf8,
-                                                       eight_bit=eight_bit, credentials=self._credentials)
+                                                       eight_bit=eight_bit, credentials=credentials)
                                            for (host, port), accounts in owners),
                                          return_exceptions=True)
             handings = [h for h in begun if isinstance(h, Handing)]
@@ -438,18 +442,6 @@ class Route:
             pending = {owner: accounts for owner, accounts in pending.items() if accounts}
             if not pending:
                 return
-
-    def _credentials(self, greeting: str) -> tuple[str, str] | None:
-        """What this node answers an owner's LMTP greeting with (wire/node_proof.py): its name
-        and its proof for the greeting's nonce; None without a nonce or a secret."""
-        from wire import node_proof as proof
-
-        router = self._router
-        secret = router.secret() if router is not None else None
-        nonce = proof.nonce_in(greeting)
-        if not secret or nonce is None:
-            return None
-        return router.node(), proof.proof(secret, nonce, router.node())
 
     async def _begin(self, owner: tuple[str, int], accounts: list[str], **envelope):
         """Handing.begin at `owner`, given up (HandOffError) as soon as the node table names
