@@ -78,12 +78,17 @@ from storage.errors import DISK_FULL, DiskFullError, NotOwnerError, StoreError, 
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_private_dirs
 from storage.pinning import Pin
+from storage import wal
 from storage.writers import WriterDir
 from wire import metrics
 
 DATABASES = ("names", "mailboxes", "subs", "accounts", "counters", "flags", "msgs", "modseqs", "expunged", "bases",
              "terms", "vocab", "texts", "pending", "unseen", "unsettled", "dedupe", "dedupe_times", "metadata",
              "urlauth", "imported", "journal")
+WAL_NAME = "wal.log"  # in the index's directory
+# Bytes of log after which a commit empties it (checkpoints do so every CHECKPOINT_INTERVAL
+# while file work waits): what a replay after a crash reads at most, about.
+WAL_CUT_BYTES = 16 << 20
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
@@ -194,9 +199,13 @@ class Shard:
         self.number = number
         index = path / "index.lmdb"
         make_private_dirs(index)  # and shards/ and this shard's directory, all 0700
+        # metasync=False: LMDB's meta page is not flushed at each commit; the write-ahead log
+        # (storage/wal.py) carries the last transactions through a crash of the machine.
         self.env = lmdb.open(str(index), map_size=map_size, max_dbs=len(DATABASES) + 2, mode=0o600,
-                             max_readers=1024, readahead=False)
+                             max_readers=1024, readahead=False, metasync=False)
         self.db = open_databases(self.env, DATABASES)
+        self._wal_index, handles = wal.indexes(self.db, DATABASES)
+        self.wal = wal.WriteAheadLog(index / WAL_NAME, handles)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -319,7 +328,7 @@ class Shard:
         """Record `revision` as the claim this shard is written under, durably, outside the
         committer (whose commits it fences): it waits for LMDB's writer lock, so every commit
         in flight in any process of this machine is done before it."""
-        with self._reading(), self.env.begin(write=True) as txn:
+        with self._reading(), self._transaction(fence=False) as txn:
             txn.put(FENCE_KEY, _U64.pack(revision), db=self.db["counters"])
 
     def _check_fence(self, txn: lmdb.Transaction) -> None:
@@ -353,9 +362,10 @@ class Shard:
         if pending[0] or pending[1]:
             try:
                 self.flush()
-                with self.env.begin(write=True) as txn:
+                with self._transaction(fence=False) as txn:
                     self._forget(txn, None, pending)
-            except (lmdb.Error, OSError):
+                self._cut_log()
+            except (lmdb.Error, OSError, StoreError):
                 pass  # the keys stay: the next start settles and restores what they name
         if self._fsync_pool is not None:
             self._fsync_pool.shutdown()
@@ -369,6 +379,7 @@ class Shard:
         close_flusher = getattr(self.flush_files, "close", None)
         if close_flusher is not None:
             close_flusher()
+        self.wal.close()
         self.env.close()
 
     def _side_by_side(self, action: Callable[[Any], None], items: list) -> None:
@@ -434,8 +445,7 @@ class Shard:
         if work is None:
             return False
         try:
-            with self.env.begin(write=True) as txn:
-                self._check_fence(txn)
+            with self._transaction() as txn:
                 more = bool(work(txn))
         except NotOwnerError:
             return False  # the shard's owner (another node now) does it
@@ -491,6 +501,27 @@ class Shard:
         except BaseException:
             self._give_back(pending)
             raise
+        self._cut_log()
+
+    def _cut_log(self) -> None:
+        """Sync LMDB, then empty the write-ahead log: every record in it is then in LMDB for
+        good. Under the writer lock, so that no record comes between."""
+        with self._transaction(fence=False):
+            pass  # replays what a dead process left, if anything
+        counters = self.db["counters"]
+        txn = self.env.begin(write=True)
+        try:
+            seq, end = wal.read_position(txn, counters)
+            if self.wal.size() == end:  # else a process died since: the next transaction replays
+                self.env.sync(True)
+                self.wal.truncate(0)
+                wal.write_position(txn, counters, seq, 0)
+                txn.commit()
+            else:
+                txn.abort()
+        except BaseException:
+            txn.abort()
+            raise
 
     def flush(self) -> None:
         """Every file written in this shard so far durable (a checkpoint's, a restore's flush)."""
@@ -534,19 +565,59 @@ class Shard:
                 self._checkpointer.start()
 
     @contextmanager
-    def _transaction(self):
-        """A batch's write transaction; its commit (LMDB's flushes: the critical path's only
-        ones for a journaled delivery) timed as postroom_fsync_seconds{kind="commit"}."""
-        txn = self.env.begin(write=True)
+    def _transaction(self, durable: Callable[[], None] | None = None, *, fence: bool = True):
+        """A write transaction of this shard (every one goes through here: storage/wal.py).
+
+        It first replays what the write-ahead log holds beyond LMDB, then yields a
+        wal.Recorder. On leaving, its changes are appended to the log and flushed (the one
+        flush a durable commit waits for, timed as postroom_fsync_seconds{kind="commit"}),
+        `durable()` is called, and LMDB commits. Once the record is flushed the transaction
+        has happened, whatever follows: should LMDB's commit fail, the next transaction
+        replays the record (here, at once)."""
+        raw = self.env.begin(write=True)
+        counters = self.db["counters"]
         try:
+            replayed = wal.catch_up(raw, counters, self.wal)
+            if replayed:
+                _log.info("log_replayed", shard=self.number, records=replayed)
+            txn = wal.Recorder(raw, self._wal_index)
             yield txn
-            self._check_fence(txn)  # last, under the writer lock: nothing can come between
+            if fence:
+                self._check_fence(raw)  # last, under the writer lock: nothing can come between
+            if txn.changes:
+                seq, end = wal.read_position(raw, counters)
+                started = time.perf_counter()
+                end = self.wal.append(seq + 1, txn.changes, end)
+                metrics.fsync_observed("commit", time.perf_counter() - started)
+                wal.write_position(raw, counters, seq + 1, end)
+            else:
+                durable = None
         except BaseException:
-            txn.abort()
+            raw.abort()
             raise
-        started = time.perf_counter()
-        txn.commit()
-        metrics.fsync_observed("commit", time.perf_counter() - started)
+        if durable is not None:
+            durable()
+        try:
+            raw.commit()
+        except lmdb.Error:
+            if not txn.changes:
+                raise
+            _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
+            self._replay_now()
+        if txn.changes and self.wal.size() > WAL_CUT_BYTES:
+            try:
+                self._cut_log()
+            except Exception:  # noqa: BLE001 - the log stays longer, that is all
+                _log.error("log_cut_failed", exc_info=True, shard=self.number)
+
+    def _replay_now(self) -> None:
+        """A record LMDB did not take: into LMDB now, so that readers see it (if this fails
+        too, the next write transaction, of any process, tries again)."""
+        try:
+            with self._transaction(fence=False):
+                pass
+        except Exception:  # noqa: BLE001 - logged; the record is durable in the log
+            _log.error("replay_failed", exc_info=True, shard=self.number)
 
     def _commit(self, requests: list[_Request]) -> None:
         """Run a batch; every request ends with a result or an error, whatever happens,
@@ -584,8 +655,17 @@ class Shard:
         then run again, each on its own."""
         batch = Batch()
         failed: tuple[_Request, BaseException] | None = None
+        durable = False
+
+        def tell_early() -> None:
+            nonlocal durable
+            durable = True
+            for request in requests:
+                if request.early:
+                    self._settle(request)
+
         try:
-            with self._transaction() as txn:
+            with self._transaction(tell_early) as txn:
                 for request in requests:
                     try:
                         request.result = request.change(txn, batch)
@@ -594,6 +674,10 @@ class Shard:
                         raise
                 self._fsync_dirs(batch.sync_dirs)
         except BaseException as e:  # noqa: BLE001 - a request's error, or the commit's
+            if durable:  # the log has it: done, whatever came after (a cut of the log failed)
+                _log.error("after_log_failed", exc_info=True, shard=self.number)
+                self._after_commit(batch)
+                return True
             batch.rollback()
             if failed is None:
                 _fail(requests, e, self.path)
@@ -604,11 +688,7 @@ class Shard:
                     request.result = None  # from the transaction just aborted
                 return False
             return True
-        _run_after_commit(batch)
-        for request in requests:
-            if request.early:
-                self._settle(request)
-        self._settle_files(batch)
+        self._after_commit(batch)
         return True
 
     def _run_nested(self, requests: list[_Request]) -> None:
@@ -618,12 +698,12 @@ class Shard:
             with self._transaction() as txn:
                 for request in requests:
                     mark = batch.mark()
-                    child = self.env.begin(write=True, parent=txn)
+                    child = txn.child(self.env)
                     try:
                         request.result = request.change(child, batch)
-                        child.commit()
+                        txn.commit_child(child)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
-                        child.abort()
+                        child.txn.abort()
                         batch.rollback(mark)
                         request.error = store_error(e)
                 self._fsync_dirs(batch.sync_dirs)

@@ -382,7 +382,9 @@ def test_a_full_disk_while_the_journal_is_restored(data_dir):
     nothing half-written, and once there is room again every file is restored."""
     assert os.geteuid() == 0, "mounting the test's tmpfs needs root (make test runs as root)"
     data_dir.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(data_dir)], check=True)
+    # 32 MiB: 12 MB of mail (half of it also in the journal) and up to a second of it in the
+    # write-ahead log (storage/wal.py) besides.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0750", "tmpfs", str(data_dir)], check=True)
     try:
         writer = child(data_dir, "for seq in range(1, 201):\n"
                                  "    store.deliver([ACCOUNT], message(seq, 60000 if seq % 2 else 0))\n"
