@@ -4,8 +4,10 @@ Writes go through one committer thread per shard and process (group commit): cal
 it a function of a write transaction; it runs every request that is waiting in ONE LMDB
 transaction (should one fail, the batch runs again with each request in a nested
 transaction, so that it cannot spoil the others), fsyncs the directories the requests
-asked for (a big message's file put in a writer directory), commits with fsync, and only
-then wakes the callers. Concurrent deliveries so share one commit. Across processes, LMDB's
+asked for (a big message's file put in a writer directory), appends the transaction's
+changes to the shard's write-ahead log with one flush (storage/wal.py: then the callers
+that only need durability, mtad's, are woken), commits LMDB, and then wakes the others.
+Concurrent deliveries so share one commit. Across processes, LMDB's
 writer lock serializes the committers of mtad, imapd and the CLI; readers never wait.
 
 The index commits first, the files follow (storage/settle.py). A new message file is
@@ -206,6 +208,7 @@ class Shard:
         self.db = open_databases(self.env, DATABASES)
         self._wal_index, handles = wal.indexes(self.db, DATABASES)
         self.wal = wal.WriteAheadLog(index / WAL_NAME, handles)
+        self._writer: int | None = None  # the thread in a write transaction of this process, if any
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -258,10 +261,28 @@ class Shard:
 
     @contextmanager
     def read(self):
-        """A read transaction; NotOwnerError (StoreError at a stop) once the shard is closed."""
+        """A read transaction; NotOwnerError (StoreError at a stop) once the shard is closed.
+
+        It sees every transaction whose callers were told it is done, in any process: a
+        delivery's 250 goes once its log record is flushed, before LMDB commits it
+        (storage/wal.py), so a read that finds the log longer than its snapshot says waits
+        for that commit (LMDB's writer lock), or replays the record of a process that died
+        before it, and begins again. A moment's wait, and only for a read that meets a
+        commit in flight."""
         with self._reading():
-            with self.env.begin(buffers=False) as txn:
+            txn = self.env.begin(buffers=False)
+            try:
+                if self._writer != threading.get_ident() and self._behind(txn):
+                    txn.abort()
+                    with self._transaction(fence=False):
+                        pass  # the commit in flight is done once this begins
+                    txn = self.env.begin(buffers=False)
                 yield txn
+            finally:
+                txn.abort()
+
+    def _behind(self, txn: lmdb.Transaction) -> bool:
+        return wal.read_position(txn, self.db["counters"])[1] != self.wal.size()
 
     @contextmanager
     def _reading(self):
@@ -576,6 +597,7 @@ class Shard:
         replays the record (here, at once)."""
         raw = self.env.begin(write=True)
         counters = self.db["counters"]
+        self._writer = threading.get_ident()  # its reads must not wait for itself (read())
         try:
             replayed = wal.catch_up(raw, counters, self.wal)
             if replayed:
@@ -593,6 +615,7 @@ class Shard:
             else:
                 durable = None
         except BaseException:
+            self._writer = None
             raw.abort()
             raise
         if durable is not None:
@@ -600,10 +623,12 @@ class Shard:
         try:
             raw.commit()
         except lmdb.Error:
+            self._writer = None
             if not txn.changes:
                 raise
             _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
             self._replay_now()
+        self._writer = None
         if txn.changes and self.wal.size() > WAL_CUT_BYTES:
             try:
                 self._cut_log()
