@@ -91,6 +91,10 @@ WAL_NAME = "wal.log"  # in the index's directory
 # Bytes of log after which a commit empties it (checkpoints do so every CHECKPOINT_INTERVAL
 # while file work waits): what a replay after a crash reads at most, about.
 WAL_CUT_BYTES = 16 << 20
+# Free space below which a commit's callers wait for LMDB's commit, not just the log's flush
+# (see _room_for): its pages per change copied, and a margin for every other writer.
+COPIED_PAGES = 4 * 4096
+ROOM_MARGIN = 64 << 20
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
@@ -274,8 +278,11 @@ class Shard:
             try:
                 if self._writer != threading.get_ident() and self._behind(txn):
                     txn.abort()
-                    with self._transaction(fence=False):
-                        pass  # the commit in flight is done once this begins
+                    try:
+                        with self._transaction(fence=False):
+                            pass  # the commit in flight is done once this begins
+                    except (lmdb.Error, OSError):
+                        pass  # a full disk: the read sees what LMDB has (see commit_after_log_failed)
                     txn = self.env.begin(buffers=False)
                 yield txn
             finally:
@@ -522,7 +529,11 @@ class Shard:
         except BaseException:
             self._give_back(pending)
             raise
-        self._cut_log()
+        try:
+            self._cut_log()
+        except (lmdb.Error, OSError) as e:  # the log stays longer, that is all
+            if (fields := self._checkpoint_failures.failed(e)) is not None:
+                _log.error("log_cut_failed", **fields)
 
     def _cut_log(self) -> None:
         """Sync LMDB, then empty the write-ahead log: every record in it is then in LMDB for
@@ -606,19 +617,22 @@ class Shard:
             yield txn
             if fence:
                 self._check_fence(raw)  # last, under the writer lock: nothing can come between
+            early = False
             if txn.changes:
                 seq, end = wal.read_position(raw, counters)
+                record = wal.encode(seq + 1, txn.changes)
+                # The callers are told before LMDB commits only if LMDB has room to: else a
+                # full disk could leave a record told of that LMDB cannot take.
+                early = durable is not None and self._room_for(len(record), len(txn.changes) // 3)
                 started = time.perf_counter()
-                end = self.wal.append(seq + 1, txn.changes, end)
+                new_end = self.wal.append(record, end)
                 metrics.fsync_observed("commit", time.perf_counter() - started)
-                wal.write_position(raw, counters, seq + 1, end)
-            else:
-                durable = None
+                wal.write_position(raw, counters, seq + 1, new_end)
         except BaseException:
             self._writer = None
             raw.abort()
             raise
-        if durable is not None:
+        if early:
             durable()
         try:
             raw.commit()
@@ -626,14 +640,31 @@ class Shard:
             self._writer = None
             if not txn.changes:
                 raise
+            if not early:  # nobody was told: the record goes, and the transaction failed
+                try:
+                    self.wal.truncate(end)
+                except OSError:  # the next transaction replays it: a change its callers think failed
+                    _log.error("log_takeback_failed", exc_info=True, shard=self.number)
+                raise
             _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
             self._replay_now()
         self._writer = None
+        if durable is not None and txn.changes and not early:
+            durable()
         if txn.changes and self.wal.size() > WAL_CUT_BYTES:
             try:
                 self._cut_log()
             except Exception:  # noqa: BLE001 - the log stays longer, that is all
                 _log.error("log_cut_failed", exc_info=True, shard=self.number)
+
+    def _room_for(self, record: int, changes: int) -> bool:
+        """Whether the disk has room for LMDB to commit a transaction of `changes` changes
+        logged in `record` bytes, with a wide margin: its pages and their copies."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
 
     def _replay_now(self) -> None:
         """A record LMDB did not take: into LMDB now, so that readers see it (if this fails

@@ -150,12 +150,10 @@ class WriteAheadLog:
     def close(self) -> None:
         os.close(self._fd)
 
-    def append(self, seq: int, changes: list, end: int) -> int:
-        """Add record `seq` after `end` (the log's size, as LMDB has it) and flush it; the new
-        end. On any failure the log is cut back to `end`, so that no part of the record stays
-        to be replayed, and the error raised."""
-        payload = _encode(changes)
-        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload), seq) + payload
+    def append(self, record: bytes, end: int) -> int:
+        """Add `record` (encode's) after `end` (the log's size, as LMDB has it) and flush it;
+        the new end. On any failure the log is cut back to `end`, so that no part of the
+        record stays to be replayed, and the error raised."""
         try:
             written = os.write(self._fd, record)
             if written != len(record):
@@ -197,6 +195,12 @@ class WriteAheadLog:
 
     def truncate(self, length: int = 0) -> None:
         os.ftruncate(self._fd, length)
+
+
+def encode(seq: int, changes: list) -> bytes:
+    """Record number `seq`, holding `changes`."""
+    payload = _encode(changes)
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload), seq) + payload
 
 
 def read_position(txn: lmdb.Transaction, counters) -> tuple[int, int]:
