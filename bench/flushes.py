@@ -5,7 +5,9 @@ off), attaches strace to every process of it, sends M messages of 5,000 bytes wi
 smtp-source at concurrency C (a new connection per message), and prints, per message, the
 calls that flush: fsync, fdatasync, syncfs, msync, and the writes LMDB makes through its
 O_DSYNC file descriptor for the meta page (counted as the pwrite64 calls into the first two
-pages of an index.lmdb/data.mdb: each is a flush too). Issue 17's first item, "one flush
+pages of an index.lmdb/data.mdb through a descriptor opened with O_DSYNC: each is a flush
+too; since the write-ahead log, storage/wal.py, LMDB writes its meta page through its plain
+descriptor, which is no flush). Issue 17's first item, "one flush
 per commit on the critical path", shows here: at C=1 a commit holds one message.
 
 strace slows every call down, so the rate it prints is not a throughput figure: see
@@ -29,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_chain import RECIPIENT, SENDER, start_server  # noqa: E402
 
 FLUSHES = ("fsync", "fdatasync", "syncfs", "msync")
-_META_WRITE = re.compile(r"pwrite64\(\d+<[^>]*index\.lmdb/data\.mdb>, .*, \d+, (\d+)\) = \d+$")
+_META_WRITE = re.compile(r"pwrite64\((\d+)<[^>]*index\.lmdb/data\.mdb>, .*, \d+, (\d+)\) = \d+$")
+O_DSYNC = 0o10000
+_TARGET = re.compile(r"^\S*\s*\w+\(\d+<[^>]*/([^/>]+)>")
 _CALL = re.compile(r"^\s*(?:\[pid\s+\d+\]\s+)?(?:\d+\s+)?(\w+)\(")
 
 
@@ -46,6 +50,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _dsync(tid: str, fd: str, known: dict = {}) -> bool:  # noqa: B006 - a cache across calls
+    """Whether thread `tid`'s descriptor `fd` was opened with O_DSYNC (while it still runs)."""
+    if (tid, fd) not in known:
+        try:
+            flags = next(line for line in Path(f"/proc/{tid}/fdinfo/{fd}").read_text().splitlines()
+                         if line.startswith("flags:"))
+            known[tid, fd] = bool(int(flags.split()[1], 8) & O_DSYNC)
+        except (OSError, StopIteration):
+            known[tid, fd] = True  # gone: counted, as before
+    return known[tid, fd]
+
+
 def count(trace: Path) -> dict[str, int]:
     counts = dict.fromkeys((*FLUSHES, "lmdb meta write"), 0)
     for name in os.listdir(trace):
@@ -54,9 +70,15 @@ def count(trace: Path) -> dict[str, int]:
                 call = _CALL.match(line)
                 if call and call.group(1) in FLUSHES:
                     counts[call.group(1)] += 1
+                    target = _TARGET.search(line)
+                    if call.group(1) == "fdatasync" and target:
+                        what = {"wal.log": "  of the log", "data.mdb": "  of LMDB's pages"}.get(target.group(1))
+                        if what:
+                            counts[what] = counts.get(what, 0) + 1
                 elif "pwrite64(" in line:
                     meta = _META_WRITE.search(line.rstrip())
-                    if meta and int(meta.group(1)) < 2 * 4096:  # LMDB's two meta pages
+                    # LMDB's two meta pages, through a descriptor that flushes each write
+                    if meta and int(meta.group(2)) < 2 * 4096 and _dsync(name.rsplit(".", 1)[-1], meta.group(1)):
                         counts["lmdb meta write"] += 1
     return counts
 
@@ -102,7 +124,7 @@ def main() -> None:
             process.terminate()
             process.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    total = sum(counts.values())
+    total = sum(n for name, n in counts.items() if not name.startswith(" "))
     print(f"{args.messages} messages at C={args.concurrency} in {elapsed:.1f} s (under strace)")
     for name, n in counts.items():
         print(f"  {name:16} {n:6}  {n / args.messages:.2f} per message")
