@@ -139,7 +139,8 @@ def run(config: Config, daemon: str, *, worker: bool = False, supervised: bool =
             # finishing its sessions: wait for it as long as its own stop may take.
             wait = float(config.server.stop_grace) + supervisor.STOP_MARGIN if supervised else 0.0
             lock(data_dir.path, lock_name(config, daemon), daemon, wait=wait, log=log)  # held until the process ends
-        store = open_store(data_dir, accounts, config)
+        # reads_wait=False: a read on an event loop must not wait for a commit in flight
+        store = open_store(data_dir, accounts, config, reads_wait=False)
         store.recover()  # before any listener: no request waits for a crash's leftovers
         try:
             context = daemons.build_context(config, data_dir, accounts, store, tls)

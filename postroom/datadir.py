@@ -48,7 +48,8 @@ def open_accounts(config: Config) -> tuple[DataDir, Accounts]:
     return data_dir, accounts
 
 
-def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | None = None) -> Store:
+def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | None = None, *,
+               reads_wait: bool = True) -> Store:
     """The store (without `accounts`, no quotas: a reader's); in a cluster, fenced (every
     commit checked against this node's claims), pinned (each shard it opens keeps its
     volume attached until closed: cluster/pins.py), and opening only the shards this node
@@ -61,7 +62,7 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
 
     quotas = quota_of if accounts is not None else None
     if config is None:
-        return Store(data_dir, quota_of=quotas)
+        return Store(data_dir, quota_of=quotas, reads_wait=reads_wait)
     fence = held = pin = None
     if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
         from cluster.local import open_node_table
@@ -73,7 +74,7 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
         def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
             return table.claim(number) is not None and table.lease_left() > 0
     return Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
-                 held=held, pin=pin)
+                 held=held, pin=pin, reads_wait=reads_wait)
 
 
 def shard_pins(config: Config, data_dir: DataDir) -> Callable[[int], Callable[[], None]]:

@@ -213,6 +213,7 @@ class Shard:
         self._wal_index, handles = wal.indexes(self.db, DATABASES)
         self.wal = wal.WriteAheadLog(index / WAL_NAME, handles)
         self._writer: int | None = None  # the thread in a write transaction of this process, if any
+        self.reads_wait = True  # see read(); a daemon's store says no (Store's reads_wait)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -272,11 +273,12 @@ class Shard:
         (storage/wal.py), so a read that finds the log longer than its snapshot says waits
         for that commit (LMDB's writer lock), or replays the record of a process that died
         before it, and begins again. A moment's wait, and only for a read that meets a
-        commit in flight."""
+        commit in flight, and only where `reads_wait` (not in a daemon: an event loop must
+        not block on another process's commit)."""
         with self._reading():
             txn = self.env.begin(buffers=False)
             try:
-                if self._writer != threading.get_ident() and self._behind(txn):
+                if self.reads_wait and self._writer != threading.get_ident() and self._behind(txn):
                     txn.abort()
                     try:
                         with self._transaction(fence=False):

@@ -55,20 +55,25 @@ CLOSE_WAIT = 60.0  # seconds, at most, a close may take (its commits and reads i
 class Store:
     def __init__(self, data_dir: DataDir, *, quota_of: Callable[[str], Quota | int] | None = None,
                  dedupe_window: float = DEDUPE_WINDOW, fence: Callable[[int, int], bool] | None = None,
-                 held: Callable[[int], bool] | None = None, pin: Callable[[int], Release] | None = None):
+                 held: Callable[[int], bool] | None = None, pin: Callable[[int], Release] | None = None,
+                 reads_wait: bool = True):
         """`fence`: cluster mode's check of every commit (storage/shard.py, "Fencing"):
         fence(shard number, recorded claim revision) -> whether this node may write it.
         `held`: a cluster daemon's (cluster/follow.py): held(shard number) -> whether this
         node holds the shard now, its volume attached; a shard is opened only then, and is
         otherwise NotOwnerError. `pin`: cluster mode's (storage/pinning.py): pin(shard
         number) before a shard is opened, let go once it is closed and no file of it is
-        open here (NotOwnerError while its volume is being detached)."""
+        open here (NotOwnerError while its volume is being detached). `reads_wait`: a read
+        that meets another process's commit in flight waits for it (storage/shard.py,
+        Shard.read), so that it sees every message a 250 was given for; the daemons' reads
+        do not (an event loop must not block on it: they see the message a moment later)."""
         self._data_dir = data_dir
         self._fence = fence
         self._held = held
         self._pin = pin
         self._pinned: dict[int, Release] = {}  # the open shards' own pins
         self._dedupe_window = dedupe_window
+        self._reads_wait = reads_wait
         self._shards: dict[int, Shard] = {}
         self._closing: dict[int, threading.Event] = {}  # shards being closed: not opened again meanwhile
         self._lock = threading.Lock()
@@ -154,6 +159,7 @@ class Store:
         shard = Shard(self._data_dir.shard_path(number), number)
         shard.fence = self._fence
         shard.pin = pin
+        shard.reads_wait = self._reads_wait
         shard.idle_work = functools.partial(self._idle_work, shard)
         shard.settler = functools.partial(settle.settle, shard)
         shard.flush_files = journal.FileSystemFlusher(shard.path)
