@@ -212,7 +212,7 @@ class Shard:
         self.db = open_databases(self.env, DATABASES)
         self._wal_index, handles = wal.indexes(self.db, DATABASES)
         self.wal = wal.WriteAheadLog(index / WAL_NAME, handles)
-        self._writer: int | None = None  # the thread in a write transaction of this process, if any
+        self._local = threading.local()  # .writing: this thread is in a write transaction here
         self.reads_wait = True  # see read(); a daemon's store says no (Store's reads_wait)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -278,7 +278,7 @@ class Shard:
         with self._reading():
             txn = self.env.begin(buffers=False)
             try:
-                if self.reads_wait and self._writer != threading.get_ident() and self._behind(txn):
+                if self.reads_wait and not getattr(self._local, "writing", False) and self._behind(txn):
                     txn.abort()
                     try:
                         with self._transaction(fence=False):
@@ -608,30 +608,33 @@ class Shard:
         `durable()` is called, and LMDB commits. Once the record is flushed the transaction
         has happened, whatever follows: should LMDB's commit fail, the next transaction
         replays the record (here, at once)."""
-        raw = self.env.begin(write=True)
         counters = self.db["counters"]
-        self._writer = threading.get_ident()  # its reads must not wait for itself (read())
+        raw = self._begin_caught_up(counters)
+        appended = early = False
         try:
-            replayed = wal.catch_up(raw, counters, self.wal)
-            if replayed:
-                _log.info("log_replayed", shard=self.number, records=replayed)
             txn = wal.Recorder(raw, self._wal_index)
             yield txn
             if fence:
                 self._check_fence(raw)  # last, under the writer lock: nothing can come between
-            early = False
             if txn.changes:
                 seq, end = wal.read_position(raw, counters)
+                if end == 0 and seq > 0:
+                    # The first record since the log was emptied: the emptying's commit on disk
+                    # first, or a crash could leave LMDB expecting the old log at these offsets.
+                    self.env.sync(True)
                 record = wal.encode(seq + 1, txn.changes)
                 # The callers are told before LMDB commits only if LMDB has room to: else a
                 # full disk could leave a record told of that LMDB cannot take.
                 early = durable is not None and self._room_for(len(record), len(txn.changes) // 3)
+                wal.write_position(raw, counters, seq + 1, end + len(record))
                 started = time.perf_counter()
-                new_end = self.wal.append(record, end)
+                self.wal.append(record, end)
+                appended = True
                 metrics.fsync_observed("commit", time.perf_counter() - started)
-                wal.write_position(raw, counters, seq + 1, new_end)
         except BaseException:
-            self._writer = None
+            if appended:  # under the writer lock still: nobody has seen the record
+                self._take_back(end)
+            self._local.writing = False
             raw.abort()
             raise
         if early:
@@ -639,18 +642,16 @@ class Shard:
         try:
             raw.commit()
         except lmdb.Error:
-            self._writer = None
+            self._local.writing = False
             if not txn.changes:
                 raise
             if not early:  # nobody was told: the record goes, and the transaction failed
-                try:
-                    self.wal.truncate(end)
-                except OSError:  # the next transaction replays it: a change its callers think failed
-                    _log.error("log_takeback_failed", exc_info=True, shard=self.number)
-                raise
-            _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
-            self._replay_now()
-        self._writer = None
+                if self._taken_back(seq, end):
+                    raise
+            else:
+                _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
+                self._replay_now()
+        self._local.writing = False
         if durable is not None and txn.changes and not early:
             durable()
         if txn.changes and self.wal.size() > WAL_CUT_BYTES:
@@ -658,6 +659,50 @@ class Shard:
                 self._cut_log()
             except Exception:  # noqa: BLE001 - the log stays longer, that is all
                 _log.error("log_cut_failed", exc_info=True, shard=self.number)
+
+    def _begin_caught_up(self, counters) -> lmdb.Transaction:
+        """A write transaction on a state that has every record of the log. What a crash left
+        to replay (or a torn tail cut off) is committed and synced first, on its own: the log's
+        offsets it frees are then reused only once LMDB knows they were freed."""
+        raw = self.env.begin(write=True)
+        self._local.writing = True  # its reads must not wait for itself (read())
+        try:
+            seq, end = wal.read_position(raw, counters)
+            if self.wal.size() == end:
+                return raw
+            replayed = wal.catch_up(raw, counters, self.wal)
+            if replayed:
+                _log.info("log_replayed", shard=self.number, records=replayed)
+            raw.commit()
+            self.env.sync(True)
+            return self.env.begin(write=True)
+        except BaseException:
+            self._local.writing = False
+            raw.abort()
+            raise
+
+    def _take_back(self, end: int) -> None:
+        try:
+            self.wal.truncate(end)
+        except OSError:  # the next transaction replays it: a change its callers think failed
+            _log.error("log_takeback_failed", exc_info=True, shard=self.number)
+
+    def _taken_back(self, seq: int, end: int) -> bool:
+        """After LMDB failed to commit record seq + 1 that nobody was told of: cut it from the
+        log, under the writer lock (LMDB let go of it with the failed commit) unless another
+        process has replayed it meanwhile. Whether it was taken back (else it happened)."""
+        try:
+            txn = self.env.begin(write=True)
+        except lmdb.Error:
+            _log.error("log_takeback_failed", exc_info=True, shard=self.number)
+            return True
+        try:
+            if wal.read_position(txn, self.db["counters"])[0] > seq:
+                return False  # another process replayed it: it happened, like any commit
+            self._take_back(end)
+            return True
+        finally:
+            txn.abort()
 
     def _room_for(self, record: int, changes: int) -> bool:
         """Whether the disk has room for LMDB to commit a transaction of `changes` changes

@@ -25,11 +25,15 @@ values the transaction wrote, UIDs and MODSEQs included, not the requests that m
 
 A checkpoint (storage/shard.py) syncs LMDB, so every record is then in it for good, and
 empties the log, under the writer lock. Were the cut to be lost with a crash, the records
-come back with numbers at or below walseq and are skipped.
+come back with numbers at or below walseq and are skipped. The log's offsets are reused
+only once LMDB knows, on disk, that they were freed: the first record after a cut syncs
+LMDB first, and so does a transaction that replayed or cut anything, before it goes on; else
+a crash could leave LMDB's walend naming offsets that now hold other records.
 
-A record: magic, payload length, CRC-32 of the payload, its number (big-endian), then the
+A record: magic, payload length, CRC-32 of its number and payload, its number (big-endian), then the
 payload: msgpack of a flat list, three items per change: the database's index in
-`databases`, the key, the value (None: the key was deleted).
+`databases`, the key, the value (None: the key was deleted; key and value None: the
+database was emptied).
 """
 
 from __future__ import annotations
@@ -70,14 +74,26 @@ class Recorder:
     def put(self, key, value, dupdata=True, overwrite=True, append=False, db=None) -> bool:
         written = self.txn.put(key, value, dupdata=dupdata, overwrite=overwrite, append=append, db=db)
         if written:
-            self.changes += (self._index[db], key, value)
+            self.changes += (self._index[db], _frozen(key), _frozen(value))
         return written
 
     def delete(self, key, value=b"", db=None) -> bool:
         deleted = self.txn.delete(key, value, db=db)
         if deleted:
-            self.changes += (self._index[db], key, None)
+            self.changes += (self._index[db], _frozen(key), None)
         return deleted
+
+    def drop(self, db, delete: bool = True) -> None:
+        """Empty `db` (its handle kept: delete=False only)."""
+        if delete:
+            raise NotImplementedError("a database's removal is not recorded in the log")
+        self.txn.drop(db, delete=False)
+        self.changes += (self._index[db], None, None)
+
+    def replace(self, *args, **kwargs):
+        raise NotImplementedError("not recorded in the log: get and put")
+
+    pop = putmulti = replace
 
     def cursor(self, db=None) -> _RecordingCursor:
         return _RecordingCursor(self.txn.cursor(db=db), self.changes, self._index[db])
@@ -116,8 +132,13 @@ class _RecordingCursor:
     def put(self, key, value, dupdata=True, overwrite=True, append=False) -> bool:
         written = self._cursor.put(key, value, dupdata=dupdata, overwrite=overwrite, append=append)
         if written:
-            self._changes += (self._db, key, value)
+            self._changes += (self._db, _frozen(key), _frozen(value))
         return written
+
+    def replace(self, *args, **kwargs):
+        raise NotImplementedError("not recorded in the log: get and put")
+
+    pop = putmulti = replace
 
     def __iter__(self):
         return iter(self._cursor)
@@ -130,6 +151,11 @@ class _RecordingCursor:
 
     def __getattr__(self, name: str):
         return getattr(self._cursor, name)
+
+
+def _frozen(value):
+    """The bytes as they are now (a bytearray could change before the record is encoded)."""
+    return value if type(value) is bytes else bytes(value)
 
 
 def indexes(databases: dict[str, Any], names: Sequence[str]) -> tuple[dict, list]:
@@ -178,7 +204,7 @@ class WriteAheadLog:
         while offset + HEADER.size <= len(data):
             magic, length, crc, seq = HEADER.unpack_from(data, offset)
             start, stop = offset + HEADER.size, offset + HEADER.size + length
-            if magic != MAGIC or stop > len(data) or zlib.crc32(data[start:stop]) != crc:
+            if magic != MAGIC or stop > len(data) or _crc(seq, memoryview(data)[start:stop]) != crc:
                 return
             yield seq, _decode(data[start:stop]), stop
             offset = stop
@@ -188,7 +214,9 @@ class WriteAheadLog:
         handles = self._handles
         for i in range(0, len(changes), 3):
             db, key, value = handles[changes[i]], changes[i + 1], changes[i + 2]
-            if value is None:
+            if key is None:
+                txn.drop(db, delete=False)
+            elif value is None:
                 txn.delete(key, db=db)
             else:
                 txn.put(key, value, db=db)
@@ -200,7 +228,12 @@ class WriteAheadLog:
 def encode(seq: int, changes: list) -> bytes:
     """Record number `seq`, holding `changes`."""
     payload = _encode(changes)
-    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload), seq) + payload
+    return HEADER.pack(MAGIC, len(payload), _crc(seq, payload), seq) + payload
+
+
+def _crc(seq: int, payload) -> int:
+    """The record's check: its number and its payload."""
+    return zlib.crc32(payload, zlib.crc32(_U64.pack(seq)))
 
 
 def read_position(txn: lmdb.Transaction, counters) -> tuple[int, int]:
