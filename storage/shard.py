@@ -95,6 +95,9 @@ WAL_CUT_BYTES = 16 << 20
 # (see _room_for): its pages per change copied, and a margin for every other writer.
 COPIED_PAGES = 4 * 4096
 ROOM_MARGIN = 64 << 20
+# Replays in a row a write transaction makes before it gives up: one nearly always; more
+# only if processes keep dying between their log's flush and their commit.
+CATCH_UP_ROUNDS = 10
 MAP_SIZE = 64 << 30  # address space, not disk: LMDB grows the file as it fills
 MAX_BATCH = 256
 IDLE_DELAY = 0.2  # seconds without requests before idle work runs
@@ -663,23 +666,26 @@ class Shard:
     def _begin_caught_up(self, counters) -> lmdb.Transaction:
         """A write transaction on a state that has every record of the log. What a crash left
         to replay (or a torn tail cut off) is committed and synced first, on its own: the log's
-        offsets it frees are then reused only once LMDB knows they were freed."""
-        raw = self.env.begin(write=True)
-        self._local.writing = True  # its reads must not wait for itself (read())
-        try:
-            seq, end = wal.read_position(raw, counters)
-            if self.wal.size() == end:
-                return raw
-            replayed = wal.catch_up(raw, counters, self.wal)
-            if replayed:
-                _log.info("log_replayed", shard=self.number, records=replayed)
-            raw.commit()
-            self.env.sync(True)
-            return self.env.begin(write=True)
-        except BaseException:
-            self._local.writing = False
-            raw.abort()
-            raise
+        offsets it frees are then reused only once LMDB knows they were freed. Then it looks
+        again, under the lock anew: between the two another process may have come and gone."""
+        for _ in range(CATCH_UP_ROUNDS):
+            raw = self.env.begin(write=True)
+            self._local.writing = True  # its reads must not wait for itself (read())
+            try:
+                if self.wal.size() == wal.read_position(raw, counters)[1]:
+                    return raw
+                replayed = wal.catch_up(raw, counters, self.wal)
+                if replayed:
+                    _log.info("log_replayed", shard=self.number, records=replayed)
+                raw.commit()
+                self.env.sync(True)
+            except BaseException:
+                self._local.writing = False
+                raw.abort()
+                raise
+        self._local.writing = False
+        raise StoreError(f"shard {self.number}: the write-ahead log does not match the index after "
+                         f"{CATCH_UP_ROUNDS} replays")
 
     def _take_back(self, end: int) -> None:
         try:
