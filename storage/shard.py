@@ -284,9 +284,8 @@ class Shard:
                 if self.reads_wait and not getattr(self._local, "writing", False) and self._behind(txn):
                     txn.abort()
                     try:
-                        with self._transaction(fence=False):
-                            pass  # the commit in flight is done once this begins
-                    except (lmdb.Error, OSError):
+                        self._catch_up()
+                    except (lmdb.Error, OSError, StoreError):
                         pass  # a full disk: the read sees what LMDB has (see commit_after_log_failed)
                     txn = self.env.begin(buffers=False)
                 yield txn
@@ -543,22 +542,18 @@ class Shard:
     def _cut_log(self) -> None:
         """Sync LMDB, then empty the write-ahead log: every record in it is then in LMDB for
         good. Under the writer lock, so that no record comes between."""
-        with self._transaction(fence=False):
-            pass  # replays what a dead process left, if anything
         counters = self.db["counters"]
-        txn = self.env.begin(write=True)
+        txn = self._begin_caught_up(counters)
         try:
-            seq, end = wal.read_position(txn, counters)
-            if self.wal.size() == end:  # else a process died since: the next transaction replays
-                self.env.sync(True)
-                self.wal.truncate(0)
-                wal.write_position(txn, counters, seq, 0)
-                txn.commit()
-            else:
-                txn.abort()
+            self.env.sync(True)
+            self.wal.truncate(0)
+            wal.write_position(txn, counters, wal.read_position(txn, counters)[0], 0)
+            txn.commit()
         except BaseException:
             txn.abort()
             raise
+        finally:
+            self._local.writing = False
 
     def flush(self) -> None:
         """Every file written in this shard so far durable (a checkpoint's, a restore's flush)."""
@@ -719,12 +714,17 @@ class Shard:
             return False
         return st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
 
+    def _catch_up(self) -> None:
+        """Wait for a commit in flight (LMDB's writer lock) and replay what a dead process
+        left in the log."""
+        self._begin_caught_up(self.db["counters"]).abort()
+        self._local.writing = False
+
     def _replay_now(self) -> None:
         """A record LMDB did not take: into LMDB now, so that readers see it (if this fails
         too, the next write transaction, of any process, tries again)."""
         try:
-            with self._transaction(fence=False):
-                pass
+            self._catch_up()
         except Exception:  # noqa: BLE001 - logged; the record is durable in the log
             _log.error("replay_failed", exc_info=True, shard=self.number)
 
