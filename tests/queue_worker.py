@@ -6,7 +6,7 @@ MODE "enqueue" (ARG: the first sequence number): four threads queue uniquely num
 messages, each written in pieces of 1 to 8192 bytes, some over the queue's in-memory size;
 every fifth is aborted halfway instead. After each commit returns it prints
 `queued <seq> <qid>`: what the parent may count on.
-MODE "record": takes due messages and records, for each recipient in turn, a deferral, then
+MODE "record": prints `ready` once the queue is open, then takes due messages and records, for each recipient in turn, a deferral, then
 a delivery or a bounce; after each record() returns it prints `recorded <qid> <address>
 <state>`, and then `finished <qid>` when that was the message's last recipient.
 MODE "hold-open" (ARG: a sequence number): begins a message, writes more than the in-memory
@@ -97,6 +97,7 @@ def main() -> None:
         for thread in threads:
             thread.join()
     elif mode == "record":
+        say("ready")
         while True:
             due = queue.due(time.time() + 3600, 50)
             if not due:

@@ -348,6 +348,9 @@ def test_sigkill_mid_record_leaves_each_message_whole(data_dir):
     for round_number in range(RECORD_ROUNDS):
         lines: list[str] = []
         worker = start_worker(data_dir, "record")
+        # the kill is timed from the queue's open, not the fork: on a loaded machine the
+        # start alone can outlast the whole interval and the round records nothing
+        assert read_line(worker) == "ready"
         reader = collect(worker, lines)
         time.sleep(rng.uniform(0.4, 0.9))
         worker.send_signal(signal.SIGKILL)
