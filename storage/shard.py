@@ -293,7 +293,7 @@ class Shard:
                 txn.abort()
 
     def _behind(self, txn: lmdb.Transaction) -> bool:
-        return wal.read_position(txn, self.db["counters"])[1] != self.wal.size()
+        return self.wal.has_next(*wal.read_position(txn, self.db["counters"]))
 
     @contextmanager
     def _reading(self):
@@ -396,7 +396,7 @@ class Shard:
                 self.flush()
                 with self._transaction(fence=False) as txn:
                     self._forget(txn, None, pending)
-                self._cut_log()
+                self._cut_log(release=True)
             except (lmdb.Error, OSError, StoreError):
                 pass  # the keys stay: the next start settles and restores what they name
         if self._fsync_pool is not None:
@@ -539,14 +539,15 @@ class Shard:
             if (fields := self._checkpoint_failures.failed(e)) is not None:
                 _log.error("log_cut_failed", **fields)
 
-    def _cut_log(self) -> None:
-        """Sync LMDB, then empty the write-ahead log: every record in it is then in LMDB for
-        good. Under the writer lock, so that no record comes between."""
+    def _cut_log(self, *, release: bool = False) -> None:
+        """Sync LMDB, then start the write-ahead log again: every record in it is then in
+        LMDB for good. Under the writer lock, so that no record comes between. `release`: a
+        clean close, whose log file is emptied (else it keeps its room, storage/wal.py)."""
         counters = self.db["counters"]
         txn = self._begin_caught_up(counters)
         try:
             self.env.sync(True)
-            self.wal.truncate(0)
+            self.wal.restart(release=release)
             wal.write_position(txn, counters, wal.read_position(txn, counters)[0], 0)
             txn.commit()
         except BaseException:
@@ -609,6 +610,7 @@ class Shard:
         counters = self.db["counters"]
         raw = self._begin_caught_up(counters)
         appended = early = False
+        end_after = 0
         try:
             txn = wal.Recorder(raw, self._wal_index)
             yield txn
@@ -626,7 +628,7 @@ class Shard:
                 early = durable is not None and self._room_for(len(record), len(txn.changes) // 3)
                 wal.write_position(raw, counters, seq + 1, end + len(record))
                 started = time.perf_counter()
-                self.wal.append(record, end)
+                end_after = self.wal.append(record, end)
                 appended = True
                 metrics.fsync_observed("commit", time.perf_counter() - started)
         except BaseException:
@@ -652,7 +654,7 @@ class Shard:
         self._local.writing = False
         if durable is not None and txn.changes and not early:
             durable()
-        if txn.changes and self.wal.size() > WAL_CUT_BYTES:
+        if txn.changes and end_after > WAL_CUT_BYTES:
             try:
                 self._cut_log()
             except Exception:  # noqa: BLE001 - the log stays longer, that is all
@@ -667,7 +669,7 @@ class Shard:
             raw = self.env.begin(write=True)
             self._local.writing = True  # its reads must not wait for itself (read())
             try:
-                if self.wal.size() == wal.read_position(raw, counters)[1]:
+                if not self.wal.has_next(*wal.read_position(raw, counters)):
                     return raw
                 replayed = wal.catch_up(raw, counters, self.wal)
                 if replayed:
@@ -684,7 +686,7 @@ class Shard:
 
     def _take_back(self, end: int) -> None:
         try:
-            self.wal.truncate(end)
+            self.wal.void(end)
         except OSError:  # the next transaction replays it: a change its callers think failed
             _log.error("log_takeback_failed", exc_info=True, shard=self.number)
 

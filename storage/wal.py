@@ -15,20 +15,28 @@ it points at are on disk) while its last transaction may be missing; the log has
 Which records are in LMDB is told by two keys in `counters`, written in the transaction
 of each record: `walseq`, the number of the last record applied (a record's number is
 walseq + 1, taken under LMDB's writer lock, so the numbers of a shard's records are
-consecutive whichever process wrote them), and `walend`, where the log ended after it.
-Every write transaction, in any process, first compares the log's size with walend: if
-they differ, a process died between its append and its commit, or the machine crashed,
-or an append failed half-way, and the transaction replays every whole record numbered
-above walseq (in order: each is a redo of one transaction on the state the one before it
-left) and cuts the log after the last whole record. Replay is exact: a record holds the
-values the transaction wrote, UIDs and MODSEQs included, not the requests that made them.
+consecutive whichever process wrote them), and `walend`, the offset where the next record
+goes. Every write transaction, in any process, first looks at walend: if a record numbered
+walseq + 1 starts there, a process died between its flush and its commit, or the machine
+crashed, and the transaction replays it and every record after it numbered one more (in
+order: each is a redo of one transaction on the state the one before it left). A record
+whose header is there but not the rest (an append a crash cut short) is voided: its
+header zeroed. Replay is exact: a record holds the values the transaction wrote, UIDs and
+MODSEQs included, not the requests that made them.
+
+The file is written in place, not appended to: it is grown ahead of the records in chunks
+of zeros, flushed once, so that a record's flush moves data only. An append that grows a
+file changes its size too, and ext4 commits its journal for that: 200-250 us a flush on
+this machine's disk, against 90-100 us in place (bench/RESULTS.md, issue 17). So the file's
+size says nothing of where the records end: they end where the numbers stop following on.
 
 A checkpoint (storage/shard.py) syncs LMDB, so every record is then in it for good, and
-empties the log, under the writer lock. Were the cut to be lost with a crash, the records
-come back with numbers at or below walseq and are skipped. The log's offsets are reused
-only once LMDB knows, on disk, that they were freed: the first record after a cut syncs
-LMDB first, and so does a transaction that replayed or cut anything, before it goes on; else
-a crash could leave LMDB's walend naming offsets that now hold other records.
+starts the log again at offset 0, under the writer lock: the file keeps its size (up to
+KEEP_BYTES) and its old records, whose numbers are at or below walseq and so are never
+replayed; were the restart lost with a crash, the same holds. The log's offsets are reused
+only once LMDB knows, on disk, that they were freed: the first record after a restart syncs
+LMDB first, and so does a transaction that replayed or voided anything, before it goes on;
+else a crash could leave LMDB's walend naming offsets that now hold other records.
 
 A record: magic, payload length, CRC-32 of its number and payload, its number (big-endian), then the
 payload: msgpack of a flat list, three items per change: the database's index in
@@ -53,6 +61,9 @@ HEADER = struct.Struct(">4sIIQ")  # magic, payload length, CRC-32, record number
 SEQ_KEY = b"walseq"  # in `counters`
 END_KEY = b"walend"
 _U64 = struct.Struct(">Q")
+CHUNK_BYTES = 1 << 20  # the log grows by this much of zeros at a time
+KEEP_BYTES = 8 << 20  # a log restarted at a checkpoint keeps up to this much of its file
+_ZEROS = bytes(CHUNK_BYTES)
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list).decode
 
@@ -165,49 +176,90 @@ def indexes(databases: dict[str, Any], names: Sequence[str]) -> tuple[dict, list
 
 
 class WriteAheadLog:
-    """The log file of one shard, opened by each process that writes it; every call is made
-    inside a write transaction of the shard (LMDB's writer lock orders them across processes)."""
+    """The log file of one shard, opened by each process that writes it; every call that
+    writes is made inside a write transaction of the shard (LMDB's writer lock orders them
+    across processes)."""
 
     def __init__(self, path: Path, handles: list):
         self.path = path
         self._handles = handles
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
         os.close(self._fd)
 
     def append(self, record: bytes, end: int) -> int:
-        """Add `record` (encode's) after `end` (the log's size, as LMDB has it) and flush it;
-        the new end. On any failure the log is cut back to `end`, so that no part of the
-        record stays to be replayed, and the error raised."""
+        """Write `record` (encode's) at `end` (where LMDB says the next record goes) and
+        flush it; the new end. On any failure the record is voided, so that no part of it
+        is replayed, and the error raised."""
+        stop = end + len(record)
         try:
-            written = os.write(self._fd, record)
+            if stop > self.size():
+                self._grow(stop)
+            written = os.pwrite(self._fd, record, end)
             if written != len(record):
                 raise OSError(28, os.strerror(28))  # a short write to a regular file: the disk is full
             os.fdatasync(self._fd)
         except BaseException:
             try:
-                os.ftruncate(self._fd, end)
+                self.void(end)
             except OSError:
-                pass  # the next transaction finds the size off and cuts the log itself
+                pass  # the next transaction finds the record torn and voids it itself
             raise
-        return end + len(record)
+        return stop
+
+    def _grow(self, stop: int) -> None:
+        """Zeros from the file's end to past `stop`, a whole number of chunks, flushed: the
+        records written there later change no size (and a full disk shows here, not in a
+        record's write). Cut back on failure."""
+        size = self.size()
+        target = (stop // CHUNK_BYTES + 1) * CHUNK_BYTES
+        try:
+            at = size
+            while at < target:
+                at += os.pwrite(self._fd, _ZEROS[:target - at], at)
+            os.fdatasync(self._fd)
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                pass  # zeros past the records: harmless, and reused
+            raise
+
+    def void(self, end: int) -> None:
+        """The record at `end` is none: its header zeroed and flushed."""
+        os.pwrite(self._fd, bytes(HEADER.size), end)
+        os.fdatasync(self._fd)
 
     def size(self) -> int:
+        """The file's size: room for records, not where they end."""
         return os.fstat(self._fd).st_size
 
-    def records(self) -> Iterator[tuple[int, list, int]]:
-        """(number, changes, end offset) of each whole record from the start, up to the first
-        that is not (a torn append: the log is cut there)."""
-        data = os.pread(self._fd, self.size(), 0)
-        offset = 0
-        while offset + HEADER.size <= len(data):
-            magic, length, crc, seq = HEADER.unpack_from(data, offset)
-            start, stop = offset + HEADER.size, offset + HEADER.size + length
-            if magic != MAGIC or stop > len(data) or _crc(seq, memoryview(data)[start:stop]) != crc:
+    def has_next(self, seq: int, end: int) -> bool:
+        """Whether a record numbered seq + 1 (whole or torn) starts at `end`."""
+        head = os.pread(self._fd, HEADER.size, end)
+        if len(head) < HEADER.size:
+            return False
+        magic, _, _, number = HEADER.unpack(head)
+        return magic == MAGIC and number == seq + 1
+
+    def records(self, start: int = 0) -> Iterator[tuple[int, list, int]]:
+        """(number, changes, end offset) of each whole record from `start`, up to the first
+        that is not one (zeros, a torn append, the end of the file). Their numbers may not
+        follow on: past the last record since a restart lie older ones (see catch_up)."""
+        offset = start
+        while True:
+            head = os.pread(self._fd, HEADER.size, offset)
+            if len(head) < HEADER.size:
                 return
-            yield seq, _decode(data[start:stop]), stop
-            offset = stop
+            magic, length, crc, seq = HEADER.unpack(head)
+            if magic != MAGIC:
+                return
+            payload = os.pread(self._fd, length, offset + HEADER.size)
+            if len(payload) < length or _crc(seq, payload) != crc:
+                return
+            offset += HEADER.size + length
+            yield seq, _decode(payload), offset
 
     def apply(self, txn: lmdb.Transaction, changes: list) -> None:
         """Make the changes of one record again, in order, in `txn`."""
@@ -221,8 +273,12 @@ class WriteAheadLog:
             else:
                 txn.put(key, value, db=db)
 
-    def truncate(self, length: int = 0) -> None:
-        os.ftruncate(self._fd, length)
+    def restart(self, *, release: bool = False) -> None:
+        """Records go at offset 0 again (the caller writes walend = 0 in the same
+        transaction). The file is emptied when `release` (a clean close) or when it grew
+        past KEEP_BYTES; else its room is kept."""
+        if release or self.size() > KEEP_BYTES:
+            os.ftruncate(self._fd, 0)
 
 
 def encode(seq: int, changes: list) -> bytes:
@@ -248,21 +304,16 @@ def write_position(txn: lmdb.Transaction, counters, seq: int, end: int) -> None:
 
 
 def catch_up(txn: lmdb.Transaction, counters, log: WriteAheadLog) -> int:
-    """At the start of a write transaction: replay what the log holds beyond LMDB (see the
-    module's text) and cut off a torn tail. The number of records replayed."""
+    """At the start of a write transaction: replay the records the log holds beyond LMDB
+    (see the module's text) and void a torn one after them. The number replayed."""
     seq, end = read_position(txn, counters)
-    size = log.size()
-    if size == end:
-        return 0
-    replayed, valid_end = 0, 0
-    for number, changes, stop in log.records():
-        if number > seq + 1:
-            break  # a gap cannot be (numbers are taken under the writer lock): keep nothing past it
-        if number == seq + 1:
-            log.apply(txn, changes)
-            seq, replayed = number, replayed + 1
-        valid_end = stop
-    if valid_end != size:
-        log.truncate(valid_end)
-    write_position(txn, counters, seq, valid_end)
+    replayed = 0
+    for number, changes, stop in log.records(end):
+        if number != seq + 1:
+            break  # an older record, from before the last restart: applied long ago
+        log.apply(txn, changes)
+        seq, end, replayed = number, stop, replayed + 1
+    if log.has_next(seq, end):  # a header that names the next record, but no whole record
+        log.void(end)
+    write_position(txn, counters, seq, end)
     return replayed

@@ -67,19 +67,110 @@ def test_the_log_puts_back_what_lmdb_lost(data_dir, tmp_path):
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 32)}})
 
 
-def test_a_torn_record_at_the_end_is_cut_off(data_dir, tmp_path):
+def _chain(log: Path) -> list[tuple[int, int]]:
+    """(number, end offset) of the records from the log's start while their numbers follow
+    on: the records since the last restart."""
+    reader = WriteAheadLog(log, [])
+    try:
+        chain: list[tuple[int, int]] = []
+        for number, _, end in reader.records():
+            if chain and number != chain[-1][0] + 1:
+                break
+            chain.append((number, end))
+        return chain
+    finally:
+        reader.close()
+
+
+def test_a_torn_record_after_the_last_is_voided(data_dir, tmp_path):
     shard_dir = _crash_with_lmdb_behind(data_dir, tmp_path)
     log = shard_dir / "index.lmdb" / "wal.log"
-    with open(log, "ab") as f:  # an append the crash cut short: a header, half its payload
-        f.write(HEADER.pack(MAGIC, 4000, 0, 10**6) + b"\x93" * 1000)
+    last, end = _chain(log)[-1]
+    with open(log, "r+b") as f:  # the next record's append, cut short: its header, part of it
+        f.seek(end)
+        f.write(HEADER.pack(MAGIC, 4000, 0, last + 1) + b"\x93" * 1000)
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 31)}})
     reader = WriteAheadLog(log, [])
-    ends = [end for _, _, end in reader.records()]
-    reader.close()
-    assert (ends[-1] if ends else 0) == log.stat().st_size, "the log is whole records only: the torn one is gone"
+    try:  # voided, or a whole record since written in its place by the recovery's commits
+        assert reader.has_next(last, end) == any(True for _ in reader.records(end)), "a torn record stays"
+    finally:
+        reader.close()
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         store.deliver([ACCOUNT], message(31))
     assert _uids(data_dir) == {seq: seq for seq in range(1, 32)}
+
+
+RESTARTED = """
+store.ensure_account(ACCOUNT)
+shard = store.shard(ACCOUNT)
+for seq in range(1, 21):
+    store.deliver([ACCOUNT], message(seq))
+deadline = time.monotonic() + 30
+while True:  # the checkpointer restarts the log at offset 0 within a second or so
+    with shard.env.begin() as txn:
+        if wal.read_position(txn, shard.db["counters"])[1] == 0:
+            break
+    assert time.monotonic() < deadline, "no checkpoint restarted the log"
+    time.sleep(0.05)
+for seq in range(21, 24):
+    store.deliver([ACCOUNT], message(seq))
+shard.env.copy(sys.argv[1])  # LMDB as it was before the last three
+for seq in range(24, 27):
+    store.deliver([ACCOUNT], message(seq))
+say(str(shard.path))
+say("ready")
+time.sleep(600)
+"""
+
+
+def test_records_from_before_a_restart_are_never_replayed(data_dir, tmp_path):
+    """After a checkpoint the log starts again at offset 0 over its old records; past the
+    new ones lie old ones, whole and valid, numbered below LMDB's (here one is put where the
+    next record goes, as it would lie if the offsets lined up). Replaying one would put back
+    an old UID counter, and the next delivery would reuse a UID."""
+    copy = tmp_path / "lmdb-before"
+    copy.mkdir()
+    writer = child(data_dir, "from storage import wal\n" + RESTARTED, str(copy), CHECKPOINT_INTERVAL="0.2")
+    lines = run_until(writer, "ready")
+    kill(writer)
+    shard_dir = Path(lines[-2])
+    shutil.copyfile(copy / "data.mdb", shard_dir / "index.lmdb" / "data.mdb")
+    log = shard_dir / "index.lmdb" / "wal.log"
+    chain = _chain(log)
+    end = chain[-1][1]
+    data = log.read_bytes()
+    at = data.index(MAGIC, end)  # an old record, past the new ones
+    reader = WriteAheadLog(log, [])
+    try:
+        number, _, stop = next(reader.records(at))
+    finally:
+        reader.close()
+    assert len(chain) >= 6 and number < chain[0][0]
+    with open(log, "r+b") as f:  # where the next record goes: as if the old ones lined up there
+        f.seek(end)
+        f.write(data[at:stop])
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 27)}})
+    assert _uids(data_dir) == {seq: seq for seq in range(1, 27)}
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.deliver([ACCOUNT], message(27))
+    assert _uids(data_dir)[27] == 27, "no UID handed out twice"
+
+
+def test_records_are_written_in_room_made_ahead(data_dir):
+    """The file grows by whole chunks of zeros, flushed once; the records written into them
+    change no size (a size change costs a journal commit at each flush)."""
+    from storage.wal import CHUNK_BYTES
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.ensure_account(ACCOUNT)
+        store.deliver([ACCOUNT], message(1))
+        log = store.shard(ACCOUNT).path / "index.lmdb" / "wal.log"
+        size = log.stat().st_size
+        assert size % CHUNK_BYTES == 0 and size > 0
+        for seq in range(2, 12):
+            store.deliver([ACCOUNT], message(seq))
+            assert log.stat().st_size == size
+        assert _chain(log), "the records are there, from the start"
 
 
 def test_a_clean_close_leaves_the_log_empty(data_dir):
