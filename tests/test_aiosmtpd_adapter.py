@@ -79,7 +79,7 @@ def test_init_sets_what_aiosmtpds_init_sets():
     async def main():
         ours = AiosmtpdConnection(hostname="mx.example.test", tls_context=None, timeout=5)
         theirs = aiosmtpd.smtp.SMTP(None, hostname="mx.example.test", tls_context=None, timeout=5)
-        assert set(vars(ours)) == set(vars(theirs))
+        assert set(vars(ours)) - {"_deadline", "_armed_for"} == set(vars(theirs))  # those two: the lazy timer's
         for name in ("_handle_hooks", "_timeout_duration", "hostname", "tls_context", "loop", "session",
                      "transport", "_tls_protocol", "_original_transport", "_handler_coroutine", "_timeout_handle"):
             assert getattr(ours, name) == getattr(theirs, name), name
@@ -155,3 +155,55 @@ def test_a_connection_over_loopback(tmp_path):
 
     asyncio.run(main())
     assert seen == [b"plain", b"STARTTLS", b"secret", b"timed out"]
+
+
+class _Timed(AiosmtpdConnection):
+    """Each line restarts the idle timer: "long" for 30 s, anything else for the default."""
+
+    def __init__(self, timeout: float, seen: list):
+        super().__init__(hostname="mx.example.test", tls_context=None, timeout=timeout)
+        self.seen = seen
+
+    async def serve(self) -> None:
+        while True:
+            line = await self._reader.readline()
+            if not line:
+                return
+            self.set_timeout(30.0 if line == b"long\r\n" else None)
+            self.write(b"ok\r\n")
+
+    def timed_out(self) -> None:
+        self.seen.append(self.loop.time())
+
+
+def test_the_idle_timer_follows_the_last_command():
+    """The timer is moved, not made again, at each command: a connection busy for longer
+    than the timeout stays open, and one gone quiet is closed a timeout after its last
+    command; a shorter timeout after a longer one is kept too."""
+    async def main():
+        seen: list[float] = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Timed(0.4, seen), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(8):  # 1.2 s of commands, 0.15 s apart: three timeouts' worth
+                writer.write(b"noop\r\n")
+                assert await reader.readline() == b"ok\r\n"
+                await asyncio.sleep(0.15)
+            assert seen == [], "timed out while busy"
+            writer.write(b"long\r\n")
+            assert await reader.readline() == b"ok\r\n"
+            await asyncio.sleep(0.6)  # past the default: the timer fires, finds 30 s to go, waits on
+            assert seen == [], "timed out within the long timeout"
+            writer.write(b"short again\r\n")
+            assert await reader.readline() == b"ok\r\n"
+            last = loop.time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the timer
+            assert len(seen) == 1 and 0.35 <= seen[0] - last <= 1.5, seen[0] - last
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
