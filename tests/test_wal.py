@@ -20,13 +20,17 @@ from storage import open_data_dir
 from storage.store import Store
 from storage.wal import HEADER, MAGIC, WriteAheadLog
 
-WRITER = """
+def _writer(first: int, copy_at: int, last: int, before: str = "") -> str:
+    """A child's script: `before`, then deliveries first..last, LMDB copied to argv[1] just
+    before copy_at (what the disk could hold); then it says where the shard is and waits."""
+    return f"""
 store.ensure_account(ACCOUNT)
-for seq in range(1, 21):
-    store.deliver([ACCOUNT], message(seq))
 shard = store.shard(ACCOUNT)
-shard.env.copy(sys.argv[1])  # LMDB as it was before the last ten
-for seq in range(21, 31):
+{before}
+for seq in range({first}, {copy_at}):
+    store.deliver([ACCOUNT], message(seq))
+shard.env.copy(sys.argv[1])
+for seq in range({copy_at}, {last + 1}):
     store.deliver([ACCOUNT], message(seq))
 say(str(shard.path))
 say("ready")
@@ -34,12 +38,12 @@ time.sleep(600)
 """
 
 
-def _crash_with_lmdb_behind(data_dir: Path, tmp_path: Path) -> Path:
-    """Deliver 30, kill the writer, leave LMDB as it was after 20 and the log as it was; the
-    shard's directory."""
+def _crash_with_lmdb_behind(data_dir: Path, tmp_path: Path, script: str | None = None, **env: str) -> Path:
+    """Run `script` (by default: deliver 30, LMDB copied after 20), kill the writer, leave
+    LMDB as the copy has it and the log as it was; the shard's directory."""
     copy = tmp_path / "lmdb-before"
     copy.mkdir()
-    writer = child(data_dir, WRITER, str(copy))
+    writer = child(data_dir, script or _writer(1, 21, 30), str(copy), **env)
     lines = run_until(writer, "ready")
     kill(writer)
     shard_dir = Path(lines[-2])
@@ -100,9 +104,8 @@ def test_a_torn_record_after_the_last_is_voided(data_dir, tmp_path):
     assert _uids(data_dir) == {seq: seq for seq in range(1, 32)}
 
 
-RESTARTED = """
-store.ensure_account(ACCOUNT)
-shard = store.shard(ACCOUNT)
+RESTART = """
+from storage import wal
 for seq in range(1, 21):
     store.deliver([ACCOUNT], message(seq))
 deadline = time.monotonic() + 30
@@ -112,14 +115,6 @@ while True:  # the checkpointer restarts the log at offset 0 within a second or 
             break
     assert time.monotonic() < deadline, "no checkpoint restarted the log"
     time.sleep(0.05)
-for seq in range(21, 24):
-    store.deliver([ACCOUNT], message(seq))
-shard.env.copy(sys.argv[1])  # LMDB as it was before the last three
-for seq in range(24, 27):
-    store.deliver([ACCOUNT], message(seq))
-say(str(shard.path))
-say("ready")
-time.sleep(600)
 """
 
 
@@ -128,13 +123,8 @@ def test_records_from_before_a_restart_are_never_replayed(data_dir, tmp_path):
     new ones lie old ones, whole and valid, numbered below LMDB's (here one is put where the
     next record goes, as it would lie if the offsets lined up). Replaying one would put back
     an old UID counter, and the next delivery would reuse a UID."""
-    copy = tmp_path / "lmdb-before"
-    copy.mkdir()
-    writer = child(data_dir, "from storage import wal\n" + RESTARTED, str(copy), CHECKPOINT_INTERVAL="0.2")
-    lines = run_until(writer, "ready")
-    kill(writer)
-    shard_dir = Path(lines[-2])
-    shutil.copyfile(copy / "data.mdb", shard_dir / "index.lmdb" / "data.mdb")
+    shard_dir = _crash_with_lmdb_behind(data_dir, tmp_path, _writer(21, 24, 26, before=RESTART),
+                                        CHECKPOINT_INTERVAL="0.2")
     log = shard_dir / "index.lmdb" / "wal.log"
     chain = _chain(log)
     end = chain[-1][1]
