@@ -247,14 +247,14 @@ class WriteAheadLog:
         """(number, changes, end offset) of each whole record from `start`, up to the first
         that is not one (zeros, a torn append, the end of the file). Their numbers may not
         follow on: past the last record since a restart lie older ones (see catch_up)."""
-        offset = start
+        offset, size = start, self.size()
         while True:
             head = os.pread(self._fd, HEADER.size, offset)
             if len(head) < HEADER.size:
                 return
             magic, length, crc, seq = HEADER.unpack(head)
-            if magic != MAGIC:
-                return
+            if magic != MAGIC or offset + HEADER.size + length > size:
+                return  # not a record, or a length no whole record has (read nothing that big)
             payload = os.pread(self._fd, length, offset + HEADER.size)
             if len(payload) < length or _crc(seq, payload) != crc:
                 return

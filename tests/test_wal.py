@@ -12,13 +12,15 @@ under its own UID, hand out no UID twice, and leave `store check` clean.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from test_journal_hostile import ACCOUNT, SHARDS, child, kill, message, run_until, verify
 
 from storage import open_data_dir
 from storage.store import Store
-from storage.wal import HEADER, MAGIC, WriteAheadLog
+from storage.wal import HEADER, MAGIC, WriteAheadLog, encode
 
 def _writer(first: int, copy_at: int, last: int, before: str = "") -> str:
     """A child's script: `before`, then deliveries first..last, LMDB copied to argv[1] just
@@ -172,3 +174,30 @@ def test_a_clean_close_leaves_the_log_empty(data_dir):
         assert log.stat().st_size > 0
     assert log.stat().st_size == 0, "everything in LMDB for good: nothing to replay"
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 6)}})
+
+
+def test_a_header_claiming_more_than_the_file_holds_is_no_record(tmp_path):
+    """A torn header's length can be anything: it must end the records there, not make the
+    reader allocate gigabytes (here in a process limited to 1 GiB of address space beyond
+    what it has); catch_up then voids it, as its header names the next record."""
+    log = WriteAheadLog(tmp_path / "wal.log", [])
+    try:
+        end = log.append(encode(1, [0, b"key", b"value"]), 0)
+    finally:
+        log.close()
+    with open(tmp_path / "wal.log", "r+b") as f:
+        f.seek(end)
+        f.write(HEADER.pack(MAGIC, 2**32 - 1, 0, 2))
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from storage.wal import WriteAheadLog
+with open("/proc/self/statm") as f:
+    now = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (now + (1 << 30), resource.RLIM_INFINITY))
+log = WriteAheadLog({str(tmp_path / "wal.log")!r}, [])
+print([(number, stop) for number, _, stop in log.records()], log.has_next(1, {end}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == f"[(1, {end})] True"
