@@ -293,7 +293,13 @@ class Shard:
                 txn.abort()
 
     def _behind(self, txn: lmdb.Transaction) -> bool:
-        return self.wal.has_next(*wal.read_position(txn, self.db["counters"]))
+        """Whether the log holds a record beyond this snapshot. Asked without the writer
+        lock, so the log may have moved on since the snapshot: once committed, the record
+        can be restarted over (a checkpoint) or truncated (a clean close). Only a commit
+        does that, so a snapshot that is no longer the last is as good as behind."""
+        if self.wal.has_next(*wal.read_position(txn, self.db["counters"])):
+            return True
+        return self.env.info()["last_txnid"] != txn.id()
 
     @contextmanager
     def _reading(self):

@@ -28,7 +28,9 @@ The file is written in place, not appended to: it is grown ahead of the records 
 of zeros, flushed once, so that a record's flush moves data only. An append that grows a
 file changes its size too, and ext4 commits its journal for that: 200-250 us a flush on
 this machine's disk, against 90-100 us in place (bench/RESULTS.md, issue 17). So the file's
-size says nothing of where the records end: they end where the numbers stop following on.
+size says nothing of where the records end: they end where the numbers stop following on,
+and each record is followed by a zeroed header written with it (and a restart voids the
+header at offset 0), so walend never lands inside old bytes.
 
 A checkpoint (storage/shard.py) syncs LMDB, so every record is then in it for good, and
 starts the log again at offset 0, under the writer lock: the file keeps its size (up to
@@ -46,6 +48,7 @@ database was emptied).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -64,6 +67,7 @@ _U64 = struct.Struct(">Q")
 CHUNK_BYTES = 1 << 20  # the log grows by this much of zeros at a time
 KEEP_BYTES = 8 << 20  # a log restarted at a checkpoint keeps up to this much of its file
 _ZEROS = bytes(CHUNK_BYTES)
+_END = bytes(HEADER.size)  # after each record: where the next goes reads as no record
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list).decode
 
@@ -190,14 +194,16 @@ class WriteAheadLog:
 
     def append(self, record: bytes, end: int) -> int:
         """Write `record` (encode's) at `end` (where LMDB says the next record goes) and
-        flush it; the new end. On any failure the record is voided, so that no part of it
-        is replayed, and the error raised."""
+        flush it; the new end. A zeroed header goes after it in the same write: walend then
+        always lands on zeros or on a record written there since, never on old bytes that
+        might read as a record (a message's own text could). On any failure the record is
+        voided, so that no part of it is replayed, and the error raised."""
         stop = end + len(record)
         try:
-            if stop > self.size():
-                self._grow(stop)
-            written = os.pwrite(self._fd, record, end)
-            if written != len(record):
+            if stop + HEADER.size > self.size():
+                self._grow(stop + HEADER.size)
+            written = os.pwrite(self._fd, record + _END, end)
+            if written != len(record) + HEADER.size:
                 raise OSError(28, os.strerror(28))  # a short write to a regular file: the disk is full
             os.fdatasync(self._fd)
         except BaseException:
@@ -210,10 +216,17 @@ class WriteAheadLog:
 
     def _grow(self, stop: int) -> None:
         """Zeros from the file's end to past `stop`, a whole number of chunks, flushed: the
-        records written there later change no size (and a full disk shows here, not in a
-        record's write). Cut back on failure."""
+        records written there later change no size. On a disk too full for a chunk, up to
+        `stop` only, as an append would need. Cut back on failure."""
         size = self.size()
-        target = (stop // CHUNK_BYTES + 1) * CHUNK_BYTES
+        try:
+            self._zeros(size, (stop // CHUNK_BYTES + 1) * CHUNK_BYTES)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self._zeros(size, stop)
+
+    def _zeros(self, size: int, target: int) -> None:
         try:
             at = size
             while at < target:
@@ -228,7 +241,7 @@ class WriteAheadLog:
 
     def void(self, end: int) -> None:
         """The record at `end` is none: its header zeroed and flushed."""
-        os.pwrite(self._fd, bytes(HEADER.size), end)
+        os.pwrite(self._fd, _END, end)
         os.fdatasync(self._fd)
 
     def size(self) -> int:
@@ -276,9 +289,12 @@ class WriteAheadLog:
     def restart(self, *, release: bool = False) -> None:
         """Records go at offset 0 again (the caller writes walend = 0 in the same
         transaction). The file is emptied when `release` (a clean close) or when it grew
-        past KEEP_BYTES; else its room is kept."""
+        past KEEP_BYTES; else its room is kept, and the old record at 0 voided, so that
+        offset 0 too holds zeros until a record is written there (see append)."""
         if release or self.size() > KEEP_BYTES:
             os.ftruncate(self._fd, 0)
+        elif self.size() >= HEADER.size:
+            self.void(0)
 
 
 def encode(seq: int, changes: list) -> bytes:

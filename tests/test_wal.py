@@ -18,7 +18,7 @@ from pathlib import Path
 
 from test_journal_hostile import ACCOUNT, SHARDS, child, kill, message, run_until, verify
 
-from storage import open_data_dir
+from storage import open_data_dir, wal
 from storage.store import Store
 from storage.wal import HEADER, MAGIC, WriteAheadLog, encode
 
@@ -201,3 +201,43 @@ print([(number, stop) for number, _, stop in log.records()], log.has_next(1, {en
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[0] == f"[(1, {end})] True"
+
+
+def test_where_the_next_record_goes_never_reads_as_an_old_one(tmp_path):
+    """After a restart, records are written over old ones, whose bytes (a message's own
+    text among them) could hold something that reads as a record. Each record is followed
+    by a zeroed header and a restart voids offset 0, so walend never lands on such bytes:
+    here a record ends exactly where a forged one, numbered next, lies in an old record."""
+    forged = encode(3, [0, b"uidnext", b"\x00\x00\x00\x01"])
+    log = WriteAheadLog(tmp_path / "wal.log", [])
+    try:
+        log.append(encode(1, [0, b"text", b"x" * 200 + forged + b"y" * 200]), 0)
+        at = (tmp_path / "wal.log").read_bytes().index(forged)
+        log.restart()
+        assert not log.has_next(1, 0), "a restart leaves offset 0 as no record"
+        (padding,) = [n for n in range(at) if len(encode(2, [0, b"k", b"z" * n])) == at]
+        end = log.append(encode(2, [0, b"k", b"z" * padding]), 0)
+        assert end == at
+        assert not log.has_next(2, end), "the forged record is not taken for the next"
+    finally:
+        log.close()
+
+
+def test_a_read_whose_snapshot_the_log_has_moved_past_waits(data_dir):
+    """A read checks the log without the writer lock: between its snapshot and the check a
+    commit and a checkpoint's restart can take the record it lacks out of sight. A snapshot
+    that is no longer the last counts as behind (the read then begins again)."""
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.ensure_account(ACCOUNT)
+        store.deliver([ACCOUNT], message(1))
+        shard = store.shard(ACCOUNT)
+        with shard.env.begin() as snapshot:
+            store.deliver([ACCOUNT], message(2))
+            shard.checkpoint()
+            with shard.env.begin() as txn:
+                assert wal.read_position(txn, shard.db["counters"])[1] == 0, "the log restarted"
+            for seq in range(3, 6):  # written over the old records, message 2's among them
+                store.deliver([ACCOUNT], message(seq))
+            assert shard._behind(snapshot)
+        with shard.env.begin() as current:
+            assert not shard._behind(current)
