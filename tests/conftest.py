@@ -79,6 +79,20 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port in {_first_port}-{_first_port + PORT_RANGE_SIZE - 1}")
 
 
+_refusing: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A loopback port that refuses every connection for the rest of this test process: bound
+    here and never listened on. A port merely checked free (free_port) can be taken meanwhile
+    by any other listener (a daemon restarting, another run's suite), and a delivery meant to
+    fail at once then waits for a greeting that never comes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no SO_REUSEADDR: nobody binds beside it
+    sock.bind(("127.0.0.1", free_port()))
+    _refusing.append(sock)
+    return sock.getsockname()[1]
+
+
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

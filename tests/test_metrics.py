@@ -24,7 +24,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 import conf
-from conftest import BIN, POSTROOM, add_accounts, client_tls_context, free_port, start_module_daemon, write_config_file
+from conftest import (BIN, POSTROOM, add_accounts, client_tls_context, free_port, refusing_port, start_module_daemon,
+                      write_config_file)
 from docs_blocks import commands
 
 PASSWORD = "metrics password 1"
@@ -74,7 +75,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     # A file of a previous run, of a pid that runs (ours): serve's start must drop it anyway.
     write_stale_file(root / "var" / "metrics", os.getpid())
-    remote = free_port()  # nothing listens there: a delivery to it is deferred at once
+    remote = refusing_port()  # a delivery to it is deferred at once
     daemon = start_module_daemon(root, metrics={"listen": [f"127.0.0.1:{free_port()}"]},
                                  **{"outbound.routes": {'"remote.example"': f"127.0.0.1:{remote}"}})
     add_accounts(daemon.config_path, PASSWORD, users=[USER], aliases={"fwd@example.test": ["someone@remote.example"]})

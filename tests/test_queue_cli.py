@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, start_daemon
+from conftest import refusing_port, start_daemon
 from storage import DEFERRED, DELIVERED, Queue, QueuedRecipient, QueueEnvelope, Result, open_data_dir
 
 SHARDS = 4  # as conftest's write_config
@@ -134,7 +134,7 @@ def test_unknown_ids_are_one_line_and_exit_1(cli, queued):
 def test_the_commands_work_beside_a_running_server(write_config, tmp_path, cli, data_dir):
     # The server's delivery runner takes the message at once: remote.test is routed to a
     # port nobody listens on, so it stays in the queue, deferred, for the commands to find.
-    path = write_config(**{"outbound.routes": {'"remote.test"': f"127.0.0.1:{free_port()}"}})
+    path = write_config(**{"outbound.routes": {'"remote.test"': f"127.0.0.1:{refusing_port()}"}})
     daemon = start_daemon(path, tmp_path)
     queue = Queue(open_data_dir(data_dir, SHARDS))
     try:

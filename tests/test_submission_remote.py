@@ -15,7 +15,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from conftest import add_accounts, client_tls_context, free_port
+from conftest import add_accounts, client_tls_context, refusing_port
 from storage import Queue, Store, open_data_dir
 
 PASSWORD = "correct horse battery"
@@ -25,7 +25,7 @@ PASSWORD = "correct horse battery"
 def config_path(write_config):
     """The remote domains routed to a port nobody listens on: the delivery runner defers
     their mail, and what was queued stays there to be looked at."""
-    closed = f"127.0.0.1:{free_port()}"
+    closed = f"127.0.0.1:{refusing_port()}"
     return write_config(**{"outbound.routes": {'"remote.example"': closed, '"sender.example"': closed}})
 
 
