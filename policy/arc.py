@@ -33,8 +33,10 @@ from collections import Counter
 import dkim
 import dkim.util
 
+from policy import dkimpy_speed
 from policy.dkim_body import BodySpec
 from policy.dkim_verify import (
+    INLINE_SIGNATURES,
     MAX_SIGNATURE_LENGTH,
     QUIET,
     RunBlocking,
@@ -50,6 +52,8 @@ from policy.dkim_verify import (
 from policy.evidence import ARCResult
 from policy.message_scan import ARC_MAX_INSTANCES, MessageScan, arc_instance
 from policy.resolver import OK, TEMPERROR, Resolver
+
+dkimpy_speed.install()
 
 _SET = ("arc-seal", "arc-message-signature", "arc-authentication-results")
 # Each seal hashes every set before it, canonicalized by dkimpy's regexes: 50 seals over
@@ -72,8 +76,8 @@ class _StreamedARC(_StreamedBodyMixin, dkim.ARC):
 
 
 async def verify_arc(scan: MessageScan, resolver: Resolver, run_blocking: RunBlocking | None = None) -> ARCResult:
-    """The chain's validation. `run_blocking(fn, *args)` runs the cryptography off the
-    loop; None runs it here (tests)."""
+    """The chain's validation. `run_blocking(fn, *args)` runs the cryptography of a chain
+    of more than one set off the loop (dkim_verify.INLINE_SIGNATURES); None runs it here."""
     if scan.header is None or not scan.arc_fields:
         return ARCResult("none")
     sets: dict[int, dict[str, list[bytes]]] = {}
@@ -113,7 +117,7 @@ async def verify_arc(scan: MessageScan, resolver: Resolver, run_blocking: RunBlo
     records = {name: answer.records[0] for name, answer in answers.items() if answer.status == OK and answer.records}
     unanswered = sorted(name for name, answer in answers.items() if answer.status == TEMPERROR)
     signed = signed_names(newest_ams) if newest_ams is not None else []
-    if run_blocking is None:
+    if run_blocking is None or newest + 1 <= INLINE_SIGNATURES:  # every seal, the newest AMS
         result, reason = _verify_chain(scan.header, scan.body_hashes, records, newest, signed)
     else:
         result, reason = await run_blocking(_verify_chain, scan.header, scan.body_hashes, records, newest, signed)

@@ -192,8 +192,7 @@ class SessionPolicy:
         if self.checks:
             from policy.spf import check_spf
 
-            spf = await check_spf(self.services.resolver, ip=self.ip, sender=sender, helo=self.helo,
-                                  run_blocking=self.services.run_blocking)
+            spf = await check_spf(self.services.resolver, ip=self.ip, sender=sender, helo=self.helo)
             self.evidence.spf = spf
             if spf.result == "fail" and self.services.policy.spf_fail == "reject":
                 # RFC 7208 §8.4, RFC 7372 §3.2

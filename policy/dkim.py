@@ -37,7 +37,10 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from policy import dkimpy_speed
 from policy.dkim_body import MessageDigest
+
+dkimpy_speed.install()
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
