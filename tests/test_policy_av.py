@@ -3,6 +3,7 @@ the one EICAR signature) and against a clamd that never answers."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 import time
@@ -21,8 +22,18 @@ EICAR = clamd.EICAR  # the package carries it base64-encoded, so no scanner flag
 SIGNATURE = "Eicar-Test-Signature"
 
 
-def scanner(address: str, timeout: float = 5) -> Scanner:
-    return Scanner(ClamAVConfig(enabled=True, address=address, timeout=timeout))
+class _Blocking:
+    """A Scanner whose scan() is waited for here, each in an event loop of its own."""
+
+    def __init__(self, scanner: Scanner):
+        self.scanner = scanner
+
+    def scan(self, chunks):
+        return asyncio.run(self.scanner.scan(chunks))
+
+
+def scanner(address: str, timeout: float = 5) -> _Blocking:
+    return _Blocking(Scanner(ClamAVConfig(enabled=True, address=address, timeout=timeout)))
 
 
 def message(body: bytes) -> list[bytes]:
@@ -206,3 +217,36 @@ def test_an_error_in_the_message_source_is_the_caller_s(clamd_server):
         raise OSError(5, "Input/output error")  # the spool file could not be read
     with pytest.raises(OSError, match="Input/output"):
         scanner(clamd_server.address).scan(chunks())
+
+
+def test_scans_wait_on_clamd_together_without_holding_the_loop(silent_clamd):
+    # Each scan waits on clamd as a coroutine: three at once take one timeout, not three,
+    # and the loop serves others (a ticker) meanwhile.
+    async def main():
+        checker = Scanner(ClamAVConfig(enabled=True, address=silent_clamd.address, timeout=1))
+        scans = asyncio.gather(*(checker.scan(message(b"x")) for _ in range(3)))
+        gaps, last = [], time.monotonic()
+        while not scans.done():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        return await scans, max(gaps)
+    started = time.monotonic()
+    results, gap = asyncio.run(main())
+    assert [r.result for r in results] == ["unscanned"] * 3
+    assert time.monotonic() - started < 2.5
+    assert gap < 0.25
+
+
+def test_at_most_at_once_scans_talk_to_clamd(silent_clamd):
+    async def main():
+        checker = Scanner(ClamAVConfig(enabled=True, address=silent_clamd.address, timeout=0.5), at_once=1)
+        return await asyncio.gather(*(checker.scan(message(b"x")) for _ in range(2)))
+    connections = silent_clamd.connections
+    started = time.monotonic()
+    results = asyncio.run(main())
+    elapsed = time.monotonic() - started
+    assert [r.result for r in results] == ["unscanned"] * 2
+    assert 0.95 <= elapsed < 2.0, elapsed  # one after the other, each its own 0.5 s
+    assert silent_clamd.connections == connections + 2

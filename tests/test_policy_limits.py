@@ -58,8 +58,8 @@ def test_big_answers_are_used_but_not_cached_and_the_cache_has_a_byte_budget(mon
 
 def test_a_message_over_clamds_stream_limit_is_refused_552_for_good():
     with Clamd(stream_max="1M") as clamd:
-        result = Scanner(ClamAVConfig(enabled=True, address=clamd.address, timeout=10)).scan(
-            [b"Subject: big\r\n\r\n"] + [b"a" * 65536] * 32)
+        result = asyncio.run(Scanner(ClamAVConfig(enabled=True, address=clamd.address, timeout=10)).scan(
+            [b"Subject: big\r\n\r\n"] + [b"a" * 65536] * 32))
     assert result.result == "too_big"
     for on_failure in ("tempfail", "accept"):
         decision = decide(Evidence(virus=result), PolicyConfig(), ClamAVConfig(on_failure=on_failure))
