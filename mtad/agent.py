@@ -438,7 +438,13 @@ class SMTPAgent(AiosmtpdConnection):
     async def owners_known(self, address: str) -> None:
         """In a cluster: wait (up to OWNER_WAIT) while a shard of `address`'s mailboxes is
         between owners, as for the moment a drain or a rebalance hands it over, so that
-        the RCPT is not told 451 for that; a node that died takes up to its lease's TTL."""
+        the RCPT is not told 451 for that; a node that died takes up to its lease's TTL.
+        Not once this daemon stops: its node's shards are "leaving" then, and have their
+        next owner only once this process has let go of them, at the end of its stop
+        (cluster/agent.py waits for the node's processes; cluster/follow.py ends at the
+        stop), which waits for this session. The wait could only end at OWNER_WAIT, and
+        held up those shards' hand-over as long: a hand-off the other nodes tried to them
+        meanwhile waited as long for their new owner, and was answered 451."""
         try:
             accounts = [str(a) for a in self.context.accounts.resolve(address).local]
         except (AccountError, AddressError, NotLocalError):
@@ -451,8 +457,11 @@ class SMTPAgent(AiosmtpdConnection):
                     router.owner(account)
                     break
                 except NoOwnerError:
-                    if asyncio.get_running_loop().time() >= deadline:
-                        return  # the RCPT says 451 4.4.0
+                    if self.context.stopping or asyncio.get_running_loop().time() >= deadline:
+                        # The RCPT says 451 4.4.0; an LMTP one for a shard still held here
+                        # is taken (mtad/lmtp.py), its DATA told 421 by the stop, and the
+                        # handing node waits for the next owner (mtad/routing.py).
+                        return
                     await asyncio.sleep(0.05)
 
     def _take_local(self, event) -> Reply:

@@ -60,6 +60,16 @@ tests/test_cluster_drain.py), kept as regressions.
   it was refused (connection refused), the owner unchanged, and the handing node answered
   451 4.4.0 at once: 40 of 40 messages in that second, where a drain defers none. Fixed in
   mtad/routing.py by its owner's change (an owner that cannot be reached is waited out).
+- The same stop under CPU load: a hand-off whose LMTP connection node-b took just before
+  the stop, its RCPT read once the agent had made the shard "leaving", waited in
+  owners_known for the shard's next owner (OWNER_WAIT, 15 s). None could come sooner: the
+  agent's release waits for the node's processes to let go of the shard, mtad holds it
+  until its stop ends, and the stop waited for that session. node-b's hand-over took 14 s
+  (shard_let_go waited=14.0), and the hand-offs node-a tried meanwhile (connection refused,
+  or 421) waited out their own OWNER_WAIT for a new owner a few hundred ms too soon: 451
+  4.4.0 for one to three messages, in 4 of 24 runs beside two or three CPU burners. A
+  wait for an owner now ends at the stop (mtad/agent.py owners_known): the RCPT is
+  answered, the hand-off told 421 and sent to the next owner within a second or two.
 
 - An SMTP transaction at the owner, in the middle of its DATA while the node drains (a
   slow sender; [smtp] data_timeout lets one trickle for minutes): its delivery's file in
@@ -91,6 +101,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import smtplib
 import socket
@@ -503,6 +514,44 @@ def test_a_node_stopped_gracefully_defers_no_hand_off(three_nodes):
         copies = sum(message_id.encode() in raw for raw in stored(data_dir, 6, recipient))
         assert copies == 1 if code == 250 else copies <= 1, (message_id, recipient, code, copies)
     assert [code for _, _, code in outcomes if code != 250] == []
+
+
+def test_a_hand_off_in_progress_at_a_stopping_owner_holds_up_neither_its_stop_nor_its_shards(three_nodes):
+    running, configs, data_dir = three_nodes
+    etcd = Etcd(conf.load(configs["node-a"]).cluster)
+    owners = wait_owners(etcd, NODES, 6, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
+    node_b = running["node-b"]
+    user = next(u for u, node in owner_of(data_dir, 6, owners, USERS).items() if node == "node-b")
+    mtad = node_b.child_pid("mtad")
+    with socket.create_connection(("127.0.0.1", node_b.config.cluster.lmtp_port), timeout=60) as lmtp:
+        replies = lmtp.makefile("rb")
+        greeting = replies.readline()
+        lmtp.sendall(b"LHLO node-a.example\r\n")
+        while replies.readline()[3:4] == b"-":
+            pass
+        answer = proof.proof(etcd.snapshot().keys["secret"].value, proof.nonce_in(greeting.decode()), "node-a")
+        lmtp.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0node-a\0{answer}".encode()) + b"\r\n")
+        assert replies.readline().startswith(b"235 ")
+        # node-a's MAIL and RCPT reach node-b's mtad as node-b stops: mtad is paused while
+        # they arrive and its agent makes the shards "leaving", then goes on.
+        os.kill(mtad, signal.SIGSTOP)
+        try:
+            lmtp.sendall(f"MAIL FROM:<someone@remote.example>\r\nRCPT TO:<{user}>\r\n".encode())
+            node_b.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: "event=shards_leaving" in node_b.stderr(), 10, "node-b's shards leaving")
+        finally:
+            os.kill(mtad, signal.SIGCONT)
+        resumed = time.monotonic()
+        answered = []  # (seconds after mtad went on, the reply)
+        while line := replies.readline():
+            answered.append((round(time.monotonic() - resumed, 1), line[:3].decode()))
+    assert node_b.process.wait(60) == 0
+    stopped = round(time.monotonic() - resumed, 1)
+    # Told at once (421 4.3.2, or the RCPT's answer then 421), not after OWNER_WAIT; and the
+    # node's stop, its shards' hand-over with it, not held up by it.
+    assert answered and answered[-1][1] == "421" and all(at < 5 for at, _ in answered), answered
+    assert stopped < 10, (stopped, answered)
 
 
 @pytest.fixture
