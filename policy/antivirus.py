@@ -17,7 +17,8 @@ VirusResult("unscanned", reason=...), and [clamav] on_failure decides what that 
 The protocol (clamd(8), INSTREAM): "zINSTREAM\\0", then chunks, each a 4-byte big-endian
 length and that many bytes, then a zero length; clamd answers one line, "stream: OK",
 "stream: <signature> FOUND" or "<text> ERROR", ending in NUL. A zero-length chunk ends the
-stream, so empty chunks from the caller are never sent. Memory is one chunk at a time.
+stream, so empty chunks from the caller are never sent. Memory is one chunk at a time, and
+at most two pieces (PIECE) of frames waiting to be sent.
 
 The clamd package (the chosen client) gives the error types and the answer parser; its
 connection classes block (and its `instream` connects before setting its timeout, times each
@@ -143,14 +144,20 @@ class Scanner:
         progress.stage = "streaming"
         try:
             try:
-                await loop.sock_sendall(sock, b"zINSTREAM\0")
+                # The frames go out in sends of about PIECE: a message of a few KB is one
+                # send, not four, and clamd's reading thread wakes once for it.
+                out = bytearray(b"zINSTREAM\0")
                 for chunk in _source(chunks):
                     view = memoryview(chunk)
                     for start in range(0, len(view), PIECE):
                         piece = view[start:start + PIECE]
-                        await loop.sock_sendall(sock, _LENGTH.pack(len(piece)))
-                        await loop.sock_sendall(sock, piece)
-                await loop.sock_sendall(sock, _LENGTH.pack(0))
+                        out += _LENGTH.pack(len(piece))
+                        out += piece
+                        if len(out) >= PIECE:
+                            await loop.sock_sendall(sock, out)
+                            out = bytearray()
+                out += _LENGTH.pack(0)
+                await loop.sock_sendall(sock, out)
             except (BrokenPipeError, ConnectionResetError):
                 # clamd closes on an error it has already answered (a stream over
                 # StreamMaxLength): the answer may still be there to read.
