@@ -32,6 +32,7 @@ command finds the volume free and needs no retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from cluster.local import NodeTable
@@ -50,6 +51,10 @@ class Follower:
         self.log = log or EventLogger("cluster.follow")
         # Each listener's ServerFactory.end_released (imapd, pop3d): registered as they start.
         self.listeners: list[EndSessions] = []
+        # What else a process holds open of a shard: closed with its store's (mtad's
+        # QueueSet.release_gone: the runner closes them too, but it stops first at a stop).
+        self.releasers: list[Callable[[set[int]], None]] = []
+        self._stopping: asyncio.Event | None = None  # made by run(), in its loop
 
     def held(self) -> frozenset[int]:
         """The shards this node holds now: its claims, while its lease is good (past its
@@ -69,18 +74,31 @@ class Follower:
             if number not in held and self.store.close_shard(number, released=True):
                 self.log.info("shard_closed", shard=number)
                 closed.append(number)
+        for release in self.releasers:
+            release(set(held))
         return closed
 
     async def run(self, interval: float = FOLLOW_INTERVAL) -> None:
-        """Until cancelled: look, end, close. A failure costs one look, never the loop."""
-        while True:
+        """Until stop() (or a cancel): look, end, close. A failure costs one look, never the
+        loop. It runs on through the daemon's stop: a node that stops makes its shards
+        "leaving", and their next owner can claim them only once every process of the node
+        has let go of them, so a process that stopped looking would hold them (and a message
+        coming in for them, waiting for that next owner) until its stop ended."""
+        self._stopping = stopping = asyncio.Event()
+        while not stopping.is_set():
             try:
                 held = self.held()
                 self.end_sessions(held)
-                if any(n not in held for n in self.store.open_shards()):
+                if self.releasers or any(n not in held for n in self.store.open_shards()):
                     await asyncio.to_thread(self.close_released, held)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - logged; the next look tries again
                 self.log.error("follow_failed", exc_info=True)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
+
+    def stop(self) -> None:
+        """run() ends after the look under way (a shard being closed is closed whole)."""
+        if self._stopping is not None:
+            self._stopping.set()

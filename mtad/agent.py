@@ -101,6 +101,8 @@ class AgentContext:
         """The daemon stops (its listeners are closed): every session ends within `grace`
         seconds, except that a delivery under way finishes and its reply is written."""
         self.stopping = True
+        if self.router is not None:
+            self.router.stopping = True
         for session in list(self.sessions):
             session.stop_if_idle()
         await self._sessions_gone(grace)

@@ -22,6 +22,7 @@ class ViewRouter:
         self._view = view
         self._store = store
         self._resolved: dict[str, tuple[float, frozenset[str]]] = {}  # node address -> (until, its IPs)
+        self.stopping = False  # set by the daemon's stop (mtad/agent.py AgentContext.stop_sessions)
 
     def owner(self, account: str, service: str = "lmtp") -> tuple[str, int] | None:
         """None: this node owns the account's shard (a commit here checks it holds it still);

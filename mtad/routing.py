@@ -181,6 +181,10 @@ class Router(Protocol):
         """The cluster's secret, which a hand-off proves (wire/node_proof.py); None before the
         node's agent has read it."""
 
+    # True once this daemon stops: its node's agent follows the cluster no more (it is
+    # leaving), so a shard's next owner will never show in this node's table here.
+    stopping: bool
+
 
 async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT, *,
                     gone: tuple[str, int] | None = None) -> tuple[str, int]:
@@ -202,9 +206,11 @@ async def owner_now(router: Router, account: str, wait: float = OWNER_WAIT, *,
             # not this node's to take, and handing it to itself would go round in a loop.
         except NoOwnerError:
             pass
-        if owner is not None and (owner != gone or loop.time() >= deadline):
+        # A stopping node's table shows no next owner, ever (Router.stopping): no wait.
+        over = loop.time() >= deadline or getattr(router, "stopping", False)
+        if owner is not None and (owner != gone or over):
             return owner
-        if loop.time() >= deadline:
+        if over:
             raise NoOwnerError(f"the mailbox of {account} has no owner just now")
         await asyncio.sleep(0.05)
 

@@ -204,18 +204,22 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     log.info("stopping", daemon=daemon)
     if takeover is not None:
         takeover.close()
-    if following is not None:
-        following.cancel()
-        await asyncio.gather(following, return_exceptions=True)
-    await _stop(context, running, workers)
+    await _stop(context, running, workers, following)
     log.info("stopped", daemon=daemon)
     return 0
 
 
-async def _stop(context: Context, running: list[Running], workers: Supervisor | None) -> None:
+async def _stop(context: Context, running: list[Running], workers: Supervisor | None,
+                following: asyncio.Future | None = None) -> None:
     async def services() -> None:
         for service in reversed(running):
             await service.stop()
+        # The follower looked on while the sessions ended (cluster/follow.py: the shards
+        # this node hands over are let go of within a second, not at the end of the stop);
+        # its last look ends before the store closes.
+        if following is not None:
+            context.shared.follower.stop()
+            await asyncio.gather(following, return_exceptions=True)
         await context.shared.close()
 
     # The workers stop as this process does, each within stop_grace.

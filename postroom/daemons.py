@@ -271,6 +271,7 @@ async def start_smtp(context: Context) -> Listening:
                                         backlog=config.server.listen_backlog)
     if shared.follower is not None:  # a cluster's: messages coming in let go of a released shard
         shared.follower.listeners.append(inbound.let_go)
+        shared.follower.releasers.append(shared.outbound.queue.release_gone)
     # Every mtad process tries for the runner lock (in a cluster, its node's); its holder delivers.
     runner = start_runner(context, shared.outbound.queue)
     return Listening(servers, inbound, float(config.server.stop_grace), runner)

@@ -102,6 +102,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -552,6 +553,47 @@ def test_a_hand_off_in_progress_at_a_stopping_owner_holds_up_neither_its_stop_no
     # node's stop, its shards' hand-over with it, not held up by it.
     assert answered and answered[-1][1] == "421" and all(at < 5 for at, _ in answered), answered
     assert stopped < 10, (stopped, answered)
+
+
+def test_a_message_whose_data_ends_during_its_nodes_stop_holds_up_neither(three_nodes):
+    # A sender still in its DATA at node-b when node-b stops (mtad gives it stop_grace to
+    # finish): its copy's shard is "leaving", and its next owner can claim it only once
+    # every process of node-b has let go of it. mtad let go of it only at the end of its
+    # stop (its follower and the runner's queue stopped first), and that stop waited for
+    # this session, whose end of DATA waited OWNER_WAIT (15 s) for a next owner that node-b,
+    # leaving the cluster, would never see: the shard, and other nodes' mail for it, waited
+    # 15 s. Now the shard is let go of at once and the end of DATA answered at once: stored
+    # (250) or not (4xx, the sender tries again), never a copy without a 250.
+    running, configs, data_dir = three_nodes
+    etcd = Etcd(conf.load(configs["node-a"]).cluster)
+    owners = wait_owners(etcd, NODES, 6, 20, every_node=True)
+    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
+    node_b = running["node-b"]
+    user = next(u for u, node in owner_of(data_dir, 6, owners, USERS).items() if node == "node-b")
+    address = node_b.listen("smtp.listen")
+    message_id = f"<{uuid.uuid4().hex}@remote.example>"
+    client = smtplib.SMTP(address.host, address.port, timeout=60)
+    try:  # no QUIT at the end: a stopping server answers it 421
+        client.ehlo("sender.example")
+        client.mail("someone@remote.example")
+        assert client.rcpt(user)[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        client.send(f"Subject: across a stop\r\nMessage-ID: {message_id}\r\n\r\nfirst half\r\n".encode())
+        node_b.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "event=shards_leaving" in node_b.stderr(), 10, "node-b's shards leaving")
+        time.sleep(1.5)  # past mtad's first look at the claims
+        client.send(b"second half\r\n.\r\n")
+        started = time.monotonic()
+        code, text = client.getreply()
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    assert node_b.process.wait(60) == 0
+    copies = sum(message_id.encode() in raw for raw in stored(data_dir, 6, user))
+    assert (code == 250 and copies == 1) or (400 <= code < 500 and copies == 0), (code, text, copies)
+    assert took < 5, (took, code, text)
+    waits = [float(w) for w in re.findall(r"event=shard_let_go node=node-b shard=\d+ waited=([\d.]+)", node_b.stderr())]
+    assert waits and max(waits) < 5, waits
 
 
 @pytest.fixture
