@@ -630,8 +630,10 @@ def test_the_cluster_agent_keeps_its_watchdog_fed(watched_nodes):
 @pytest.fixture
 def slow_remote(tmp_path, etcd_server):  # noqa: F811
     """Two nodes whose mail for remote.example goes to a server that holds each message's
-    data phase 5 s before its 250, longer than the nodes' let-go wait (2 s)."""
-    with Sink(data_delay=5) as sink:
+    data phase 10 s before its 250, longer than the nodes' let-go wait (2 s) and the drain
+    command's start even under load (at 5 s, CI's load once let the first attempt finish
+    before the release, and the known fault did not show: an XPASS)."""
+    with Sink(data_delay=10) as sink:
         running, configs = start_nodes(tmp_path, etcd_server.endpoint, NODES[:2], shards=SHARDS, users=USERS,
                                        password=PASSWORD, cluster={"let_go_wait": "2s"},
                                        queue={"retry_schedule": ["1s"], "connect_timeout": "2s", "command_timeout": "40s"},
