@@ -517,13 +517,19 @@ def test_a_node_stopped_gracefully_defers_no_hand_off(three_nodes):
     assert [code for _, _, code in outcomes if code != 250] == []
 
 
-def test_a_hand_off_in_progress_at_a_stopping_owner_holds_up_neither_its_stop_nor_its_shards(three_nodes):
+def _node_b_and_its_user(three_nodes) -> tuple:
+    """Three nodes owning shards and ready: (node-a's etcd, node-b's daemon, a user of one of
+    node-b's shards, the data dir)."""
     running, configs, data_dir = three_nodes
     etcd = Etcd(conf.load(configs["node-a"]).cluster)
     owners = wait_owners(etcd, NODES, 6, 20, every_node=True)
     wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
-    node_b = running["node-b"]
     user = next(u for u, node in owner_of(data_dir, 6, owners, USERS).items() if node == "node-b")
+    return etcd, running["node-b"], user, data_dir
+
+
+def test_a_hand_off_in_progress_at_a_stopping_owner_holds_up_neither_its_stop_nor_its_shards(three_nodes):
+    etcd, node_b, user, _ = _node_b_and_its_user(three_nodes)
     mtad = node_b.child_pid("mtad")
     with socket.create_connection(("127.0.0.1", node_b.config.cluster.lmtp_port), timeout=60) as lmtp:
         replies = lmtp.makefile("rb")
@@ -564,12 +570,7 @@ def test_a_message_whose_data_ends_during_its_nodes_stop_holds_up_neither(three_
     # leaving the cluster, would never see: the shard, and other nodes' mail for it, waited
     # 15 s. Now the shard is let go of at once and the end of DATA answered at once: stored
     # (250) or not (4xx, the sender tries again), never a copy without a 250.
-    running, configs, data_dir = three_nodes
-    etcd = Etcd(conf.load(configs["node-a"]).cluster)
-    owners = wait_owners(etcd, NODES, 6, 20, every_node=True)
-    wait_until(lambda: all("event=ready" in running[n].stderr() for n in NODES), 10, "the agents ready")
-    node_b = running["node-b"]
-    user = next(u for u, node in owner_of(data_dir, 6, owners, USERS).items() if node == "node-b")
+    _, node_b, user, data_dir = _node_b_and_its_user(three_nodes)
     address = node_b.listen("smtp.listen")
     message_id = f"<{uuid.uuid4().hex}@remote.example>"
     client = smtplib.SMTP(address.host, address.port, timeout=60)

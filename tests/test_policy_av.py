@@ -17,6 +17,7 @@ from conf.schema import ClamAVConfig
 from conftest import free_port
 from policy.antivirus import Scanner
 from policy.evidence import VirusResult
+from waiting import ticking
 
 EICAR = clamd.EICAR  # the package carries it base64-encoded, so no scanner flags this file
 SIGNATURE = "Eicar-Test-Signature"
@@ -224,14 +225,7 @@ def test_scans_wait_on_clamd_together_without_holding_the_loop(silent_clamd):
     # and the loop serves others (a ticker) meanwhile.
     async def main():
         checker = Scanner(ClamAVConfig(enabled=True, address=silent_clamd.address, timeout=1))
-        scans = asyncio.gather(*(checker.scan(message(b"x")) for _ in range(3)))
-        gaps, last = [], time.monotonic()
-        while not scans.done():
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-        return await scans, max(gaps)
+        return await ticking(asyncio.gather(*(checker.scan(message(b"x")) for _ in range(3))))
     started = time.monotonic()
     results, gap = asyncio.run(main())
     assert [r.result for r in results] == ["unscanned"] * 3
