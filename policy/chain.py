@@ -15,8 +15,8 @@ per-user rates and the anti-virus scan only.
 
 Nothing here stalls the event loop: DNS goes through the asyncio Resolver and clamd's
 client is a coroutine, so a slow DNS server or clamd holds up only the session waiting for
-it. CPU work that is short runs on the loop (pyspf on answers already fetched, up to two
-DKIM signatures, a rate bucket): a hop to a thread and back cost the loop more under load
+it. CPU work that is short runs on the loop (pyspf on answers already fetched, for its first
+2 ms; up to two DKIM signatures; a rate bucket): a hop to a thread and back cost the loop more under load
 (0.45-0.5 ms). Longer work (more signatures, an ARC chain of several sets) and the greylist
 table's calls run in the policy's own threads.
 
@@ -190,7 +190,8 @@ class SessionPolicy:
         if self.checks:
             from policy.spf import check_spf
 
-            spf = await check_spf(self.services.resolver, ip=self.ip, sender=sender, helo=self.helo)
+            spf = await check_spf(self.services.resolver, ip=self.ip, sender=sender, helo=self.helo,
+                                  run_blocking=self.services.run_blocking)
             self.evidence.spf = spf
             if spf.result == "fail" and self.services.policy.spf_fail == "reject":
                 # RFC 7208 §8.4, RFC 7372 §3.2

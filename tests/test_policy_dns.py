@@ -498,3 +498,32 @@ def test_dnsbl_timeouts_are_unanswered_zones_asked_at_once():
 def test_dnsbl_rejects_a_non_address():
     with pytest.raises(ValueError):
         asyncio.run(check_dnsbl(None, "not-an-address", ["bl.example"]))
+
+
+def test_spf_of_a_costly_record_moves_off_the_loop():
+    # pyspf bounds lookups, not addresses, and starts over at each answer: ten mx terms of
+    # ten names of many addresses cost it seconds at 100 addresses a name. Past its loop
+    # budget (policy/spf.py INLINE_BUDGET) an evaluation runs in the caller's thread; a
+    # record of one term never leaves the loop.
+    zone = {"cheap.example": {"TXT": ['"v=spf1 ip4:127.0.0.0/24 -all"']},
+            "costly.example": {"TXT": ['"v=spf1 ' + " ".join(f"mx:m{i}.costly.example" for i in range(10)) + ' -all"']}}
+    for i in range(10):
+        zone[f"m{i}.costly.example"] = {"MX": [f"10 h{j}.m{i}.costly.example." for j in range(10)]}
+        for j in range(10):
+            zone[f"h{j}.m{i}.costly.example"] = {"A": [f"10.{i}.{j}.{k}" for k in range(25)]}
+
+    async def main(sender):
+        loop = asyncio.get_running_loop()
+        hops = []
+        with ThreadPoolExecutor(1) as pool:
+            def run_blocking(fn, *args):
+                hops.append(fn)
+                return loop.run_in_executor(pool, fn, *args)
+            found = await check_spf(_resolver(dns), ip="127.0.0.5", sender=sender, helo="x.example",
+                                    run_blocking=run_blocking)
+        return found.result, len(hops)
+    with DNSZone(zone, ttl=300) as dns:
+        assert asyncio.run(main("a@cheap.example")) == ("pass", 0)
+        result, hops = asyncio.run(main("a@costly.example"))
+    assert result == "fail"
+    assert hops > 0
