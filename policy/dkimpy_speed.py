@@ -30,7 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-KEYS_KEPT = 1024  # a key is ~0.5-1 KB kept: about 1 MB at most
+KEYS_KEPT = 1024  # records kept parsed, each at most MAX_KEPT_RECORD: a few MB at most
+MAX_KEPT_RECORD = 4096  # a 4096-bit RSA key's record is ~750 bytes
 
 _evaluate_pk = dkim.evaluate_pk  # dkimpy's own, before install() replaces it
 _rsa_verify = dkim.crypto.RSASSA_PKCS1_v1_5_verify  # the same
@@ -54,15 +55,20 @@ def str2int(s: bytes | bytearray) -> int:
 
 
 @functools.lru_cache(maxsize=KEYS_KEPT)
-def _kept_key(name: object, record: bytes) -> tuple:
-    return _evaluate_pk(name, record)
+def _kept_key(record: bytes) -> tuple:
+    return _evaluate_pk("", record)  # the name is only ever in an error, which is not kept
 
 
 def evaluate_pk(name: object, s: bytes | str) -> tuple:
     """As dkim.evaluate_pk: (key, bits, k= tag, tlsrpt service), from a key record; parsed
-    once per (name, record)."""
-    if isinstance(s, bytes) and isinstance(name, (bytes, str)):
-        return _kept_key(name, s)
+    once per record of at most MAX_KEPT_RECORD bytes (a sender's zone chooses the size: a
+    record padded with junk tags must not make the cache hold megabytes, as the Resolver
+    keeps no answer over 4 KiB either)."""
+    if isinstance(s, bytes) and len(s) <= MAX_KEPT_RECORD:
+        try:
+            return _kept_key(s)
+        except Exception:
+            pass  # raised again below, with the record's name in it
     return _evaluate_pk(name, s)
 
 
@@ -76,7 +82,9 @@ def rsassa_pkcs1_v1_5_verify(hash, signature: bytes, public_key: dict) -> bool: 
     signature of `hash` (dkimpy's HashThrough) under `public_key` (dkimpy's parse)."""
     algorithm = _PREHASHED.get(hash.name.lower())
     modulus, exponent = public_key["modulus"], public_key["publicExponent"]
-    if algorithm is None or modulus.bit_length() < _MIN_BITS:
+    # An even modulus is no RSA key: OpenSSL refuses every signature under it, dkimpy checks
+    # the arithmetic as for any other, and its verdict is the one kept.
+    if algorithm is None or modulus.bit_length() < _MIN_BITS or modulus % 2 == 0:
         return _rsa_verify(hash, signature, public_key)
     try:
         key = _openssl_key(modulus, exponent)

@@ -52,7 +52,14 @@ def test_a_key_record_is_parsed_once_to_dkimpys_own_key():
     first = dkimpy_speed.evaluate_pk("s._domainkey.example.org", record)
     assert first == dkimpy_speed._evaluate_pk("s._domainkey.example.org", record)
     assert first[1:3] == (2048, b"rsa")
-    assert dkimpy_speed.evaluate_pk("s._domainkey.example.org", bytes(record)) is first
+    assert dkimpy_speed.evaluate_pk("t._domainkey.example.net", bytes(record)) is first  # one entry a record
+
+
+def test_a_key_record_padded_past_the_bound_is_parsed_but_not_kept():
+    record = _key_record() + b"; n=" + b"x" * (dkimpy_speed.MAX_KEPT_RECORD + 1)
+    first = dkimpy_speed.evaluate_pk("s._domainkey.example.org", record)
+    assert first[1] == 2048
+    assert dkimpy_speed.evaluate_pk("s._domainkey.example.org", record) is not first
 
 
 def test_a_bad_key_record_is_refused_each_time():
@@ -121,6 +128,19 @@ def test_a_key_openssl_will_not_load_or_a_small_one_gets_dkimpys_answer():
     even = dict(key, publicExponent=65536)  # OpenSSL refuses an even exponent; dkimpy computes
     assert dkimpy_speed.rsassa_pkcs1_v1_5_verify(hashed, signature, even) is False
     assert dkimpy_speed._rsa_verify(hashed, signature, even) is False
+    # An even modulus 2m, and a number that dkimpy's arithmetic takes for a signature under
+    # it (by the Chinese remainder theorem, from m's private exponent): OpenSSL would refuse
+    # it, dkimpy passes it, and dkimpy's verdict is the one kept.
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    m, d = private.public_key().public_numbers().n, private.private_numbers().d
+    modlen = len(dkim.crypto.int2str(2 * m))
+    encoded = int.from_bytes(dkim.crypto.EMSA_PKCS1_v1_5_encode(hashed, modlen), "big")
+    number = pow(encoded, d, m)
+    number += m if number % 2 != encoded % 2 else 0
+    even = {"modulus": 2 * m, "publicExponent": 65537}
+    forged = number.to_bytes(modlen, "big")
+    assert dkimpy_speed._rsa_verify(hashed, forged, even) is True
+    assert dkimpy_speed.rsassa_pkcs1_v1_5_verify(hashed, forged, even) is True
     small = {"modulus": key["modulus"] >> 1600 | 1, "publicExponent": 65537}  # 448 bits
     for k in (small, dict(small, modulus=small["modulus"] << 500 | 1)):  # 448 and 948 bits
         outcomes = []
