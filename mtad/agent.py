@@ -441,12 +441,10 @@ class SMTPAgent(AiosmtpdConnection):
         """In a cluster: wait (up to OWNER_WAIT) while a shard of `address`'s mailboxes is
         between owners, as for the moment a drain or a rebalance hands it over, so that
         the RCPT is not told 451 for that; a node that died takes up to its lease's TTL.
-        Not once this daemon stops: its node's shards are "leaving" then, and have their
-        next owner only once this process has let go of them, at the end of its stop
-        (cluster/agent.py waits for the node's processes; cluster/follow.py ends at the
-        stop), which waits for this session. The wait could only end at OWNER_WAIT, and
-        held up those shards' hand-over as long: a hand-off the other nodes tried to them
-        meanwhile waited as long for their new owner, and was answered 451."""
+        Not once this daemon stops: its node's shards are "leaving" then, their next owner
+        never shows in this node's table (its agent follows the cluster no more), and a
+        wait here held this session, and the stop with it, for OWNER_WAIT: a hand-off the
+        other nodes tried to those shards meanwhile waited as long, and was answered 451."""
         try:
             accounts = [str(a) for a in self.context.accounts.resolve(address).local]
         except (AccountError, AddressError, NotLocalError):

@@ -15,10 +15,10 @@ per-user rates and the anti-virus scan only.
 
 Nothing here stalls the event loop: DNS goes through the asyncio Resolver and clamd's
 client is a coroutine, so a slow DNS server or clamd holds up only the session waiting for
-it. CPU work that is short runs on the loop (pyspf on answers already fetched, for its first
-2 ms; up to two DKIM signatures; a rate bucket): a hop to a thread and back cost the loop more under load
-(0.45-0.5 ms). Longer work (more signatures, an ARC chain of several sets) and the greylist
-table's calls run in the policy's own threads.
+it. CPU work that is short runs on the loop (pyspf on answers already fetched, for its
+first 2 ms; up to two DKIM signatures; a rate bucket): a hop to a thread and back cost the
+loop more under load (0.45-0.5 ms). Longer work (pyspf past 2 ms, more signatures, an ARC
+chain of several sets) and the greylist table's calls run in the policy's own threads.
 
 Rates and greylisting hold across mtad's SO_REUSEPORT workers: their tables are LMDB files
 in the data dir (policy/rates.py, policy/greylist.py), one write transaction per count,
@@ -43,11 +43,11 @@ from policy.evidence import Evidence, VirusResult
 from policy.resolver import Resolver
 from wire import metrics
 
-# Three pools, so that what may be slow holds up only its own kind (issue 14 item 10; an
+# Two pools, so that what may be slow holds up only its own kind (issue 14 item 10; an
 # attack with ten slow scans at once delayed every other client's greeting 18 s when all
-# shared one pool): the rate and greylist tables (microseconds each, never slow), the
-# checks' CPU (pyspf runs, DKIM and ARC cryptography: bounded by their limits), and clamd
-# scans (each may wait up to [clamav] timeout: when all are busy, scans queue, nothing else).
+# shared one pool): the rate and greylist tables (microseconds each, never slow), and the
+# checks' longer CPU work (pyspf past its loop budget, DKIM and ARC cryptography past two
+# signatures: bounded by their limits). clamd scans hold no thread (policy/antivirus.py).
 TABLE_THREADS = 2
 CPU_THREADS = 4
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
