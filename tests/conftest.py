@@ -13,6 +13,8 @@
 - `daemon`: `postroom serve` started the way a user starts it (the console script, under an
   sd_notify socket as systemd would), ready when it says READY=1; stopped with SIGTERM,
   which must end it cleanly (exit 0) within the test's teardown.
+- A failed test's report carries the log of every daemon it started in its tmp_path (the
+  `serve.err` files), so a failure in CI says what the server did.
 - `client_tls_context(config)`: an SSL context that trusts the daemon's certificate, for the
   real clients (smtplib, imaplib, poplib, imapclient).
 """
@@ -111,6 +113,20 @@ def render_config(sections: dict[str, dict[str, object]]) -> str:
         lines.extend(f"{key} = {toml_value(value)}" for key, value in keys.items())
         lines.append("")
     return "\n".join(lines)
+
+
+SERVE_LOG_TAIL = 60_000  # characters of each daemon's log a failed test's report carries
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp_path, Path):
+        for log in sorted(tmp_path.rglob("serve.err")):
+            text = log.read_text(errors="replace")
+            report.sections.append((f"{log.relative_to(tmp_path)} ({report.when})", text[-SERVE_LOG_TAIL:]))
+    return report
 
 
 @pytest.fixture
