@@ -39,8 +39,9 @@ Each change is one LMDB write transaction committed with fsync (record() include
 remote side acknowledged is never sent twice once recorded). Processes share the queue:
 every SMTP worker enqueues, the one delivery runner (runner_lock()) records, the CLI
 holds, releases, flushes and removes; LMDB's writer lock serializes them, readers never
-wait. The runner sees another process's change through changed(), LMDB's last transaction
-id, read from the shared memory map without a system call (as storage/watch.py does).
+wait. The runner sees another process's change through changed(), the id of the newest
+transaction a read sees, from LMDB's shared memory without a file access (as
+storage/watch.py does).
 
 Fencing (cluster mode): a shard's queue is written only by the node that holds the shard.
 Its `fence()` is asked last in every write transaction, under LMDB's writer lock (the
@@ -300,9 +301,14 @@ class Queue:
         return io.BufferedReader(_MessageReader(record.prepend, fd, release=release))
 
     def changed(self) -> int:
-        """The index's last transaction id (any process's): it moves with every change."""
-        with self._using():
-            return self._env.info()["last_txnid"]
+        """The id of the index's newest transaction a read sees now (any process's): it
+        moves with every change, and a read that begins after this call sees that change.
+        Not env.info()'s last_txnid: a committer writes the meta page (which info() reads)
+        before it publishes the transaction to new readers, so in that window info() says N
+        while a read still sees N-1, and the runner, having looked at N-1 under the name N,
+        slept through the change (up to MAX_SLEEP; storage/accounts.py had the same)."""
+        with self._using(), self._env.begin() as txn:
+            return txn.id()
 
     # -- changes ----------------------------------------------------------------------------
 

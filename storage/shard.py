@@ -375,9 +375,11 @@ class Shard:
             raise NotOwnerError(f"shard {self.number} is not served by this node now")
 
     def last_commit(self) -> int:
-        """LMDB's id of the last committed transaction, by any process: cheap change detection."""
-        with self._reading():
-            return self.env.info()["last_txnid"]
+        """The id of the newest transaction a read sees now, committed by any process: cheap
+        change detection. A read that begins after this call sees at least that transaction
+        (not so env.info()'s last_txnid: see storage/queue.py Queue.changed)."""
+        with self._reading(), self.env.begin() as txn:
+            return txn.id()
 
     def close(self, *, released: bool = False) -> None:
         """Stop the committer after the requests queued (their commits done), wait for the

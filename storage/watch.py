@@ -1,8 +1,9 @@
 """Tell a daemon when a mailbox changes, whichever process changed it (IDLE, POP3 locks).
 
-LMDB records the id of the last committed write transaction in its memory-mapped meta
-page, which every process maps: reading it costs no system call and no file access. A
-watcher thread polls that id for the shards it watches every `interval` seconds; only when
+LMDB gives every read transaction the id of the newest transaction published to readers,
+kept in the lock file's shared memory, which every process maps: reading it costs no file
+access (Shard.last_commit; a read that begins after it sees that transaction). A watcher
+thread polls that id for the shards it watches every `interval` seconds; only when
 it moved does it read the watched mailboxes' states (UIDNEXT, HIGHESTMODSEQ, EXISTS) and
 call back those that differ. New mail, flag changes and expunges all bump HIGHESTMODSEQ, so
 each is seen within one interval.

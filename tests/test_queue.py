@@ -117,6 +117,36 @@ def test_streamed_enqueue_reads_back_byte_for_byte_with_its_prepend(data_dir):
             assert (data_dir / "queue" / "msg" / qid).stat().st_size == len(raw)  # the prepend is in the index
 
 
+def test_a_change_seen_is_never_newer_than_the_look_after_it(data_dir):
+    """The runner's loop (mtad/outbound/runner.py) in a thread while another commits:
+    changed(), and only when it moved a look at the due mail. Once an enqueue is done and
+    nothing else changes, the last look must have seen it: else the runner sleeps through
+    it (a CI run's message waited 30 s after an enqueue by another process)."""
+    queue = open_queue(data_dir)
+    stop = threading.Event()
+    for i in range(60):
+        look: dict = {}
+
+        def runner() -> None:
+            last = None
+            while not stop.is_set():
+                change = queue.changed()
+                if change != last:
+                    last = change
+                    look.update(change=change, due={m.id for m in queue.due(time.time() + 60, 1000)})
+
+        stop.clear()
+        thread = threading.Thread(target=runner)
+        thread.start()
+        time.sleep(0.002)
+        qid = put(queue, b"Subject: x\r\n\r\nx\r\n", f"user{i}@example.net")
+        time.sleep(0.002)
+        stop.set()
+        thread.join(5)
+        assert look["change"] != queue.changed() or qid in look["due"], f"round {i}: a change slept through"
+    queue.close()
+
+
 def test_a_message_survives_reopening_with_its_envelope_and_states(data_dir):
     env = QueueEnvelope(sender="", recipients=(QueuedRecipient("b@remote.test", orcpt="rfc822;b@alias.test",
                                                                 notify=("SUCCESS", "DELAY")),

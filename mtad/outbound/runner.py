@@ -14,7 +14,7 @@ another node held before is found there and sent from here. The limits below cou
 queue's deliveries together. The processes without the lock close their released queues
 at each try for it, so that a released shard's volume can be detached.
 
-The loop looks at the queue's change counter (Queue.changed(), no system call) every POLL
+The loop looks at the queue's change counter (Queue.changed(), no file access) every POLL
 seconds, or at once when wake() is called (by an enqueue in this process), and asks for
 due messages (Queue.due) when it moved or when the earliest next attempt (Queue.next_due)
 has come: a `postroom queue flush`, hold or release from the CLI is acted on within a
