@@ -64,18 +64,6 @@ async def _streams_session(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.close()
 
 
-def _serve_streams(port: int) -> None:
-    import uvloop
-
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    server = loop.run_until_complete(asyncio.start_server(_streams_session, "127.0.0.1", port))
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-
-
 class _Bare(asyncio.Protocol):
     """Fixed replies, the message's bytes skipped to the final dot (the dot-stuffing and the
     line limits a real server checks are not looked at)."""
@@ -117,12 +105,17 @@ class _Bare(asyncio.Protocol):
                 self.buffer = b"\r\n" + self.buffer  # the final dot may follow at once
 
 
-def _serve_protocol(port: int) -> None:
+def _serve(kind: str, port: int) -> None:
+    """Run a bare server of `kind` ("streams" or "protocol") on uvloop until terminated."""
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = loop.run_until_complete(loop.create_server(_Bare, "127.0.0.1", port))
+    if kind == "streams":
+        starting = asyncio.start_server(_streams_session, "127.0.0.1", port)
+    else:
+        starting = loop.create_server(_Bare, "127.0.0.1", port)
+    server = loop.run_until_complete(starting)
     try:
         loop.run_forever()
     finally:
@@ -130,10 +123,10 @@ def _serve_protocol(port: int) -> None:
 
 
 class BareServer:
-    def __init__(self, name: str, target) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.port = free_port()
-        self.process = multiprocessing.get_context("spawn").Process(target=target, args=(self.port,), daemon=True)
+        self.process = multiprocessing.get_context("spawn").Process(target=_serve, args=(name, self.port), daemon=True)
         self.process.start()
         wait_for_port(self.port)
 
@@ -166,8 +159,8 @@ def main() -> None:
     try:
         servers.append(PostfixMX(work))
         servers.append(PostroomMX(work / "postroom", 2, None))
-        servers.append(BareServer("streams", _serve_streams))
-        servers.append(BareServer("protocol", _serve_protocol))
+        servers.append(BareServer("streams"))
+        servers.append(BareServer("protocol"))
         for server in servers:
             drive(server, 200)  # warm-up: processes spawned, caches filled
         rates: dict[str, list[float]] = {server.name: [] for server in servers}
