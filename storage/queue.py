@@ -307,8 +307,12 @@ class Queue:
         before it publishes the transaction to new readers, so in that window info() says N
         while a read still sees N-1, and the runner, having looked at N-1 under the name N,
         slept through the change (up to MAX_SLEEP; storage/accounts.py had the same)."""
-        with self._using(), self._env.begin() as txn:
-            return txn.id()
+        with self._using():
+            try:
+                with self._env.begin() as txn:
+                    return txn.id()
+            except lmdb.Error as e:  # e.g. the reader table full: a StoreError, as any read's
+                raise StoreError(f"queue index unreadable: {e}") from e
 
     # -- changes ----------------------------------------------------------------------------
 

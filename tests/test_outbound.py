@@ -29,7 +29,7 @@ from mtad.outbound.routes import Host, Route, RouteError, Router
 from mtad.outbound.runner import LOCK_RETRY, Runner
 from procs import processes
 from sinks import Sink, certificate_for
-from storage import Queue, QueuedMessage, QueuedRecipient, QueueEnvelope, RecipientState, open_data_dir
+from storage import Queue, QueuedMessage, QueuedRecipient, QueueEnvelope, QueueSet, RecipientState, open_data_dir
 from waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
@@ -648,6 +648,28 @@ def test_retry_waits_follow_the_schedule_with_jitter_and_stop_at_max_lifetime():
     assert near_the_end.next_attempt == created + 3600  # the last try is at max_lifetime, not past it
     expired = runner._result(message, recipient, "deferred", "451 4.3.0 later", "mx", created + 3600)
     assert expired.state == "bounced" and expired.reply.startswith("554 5.4.7") and "451 4.3.0 later" in expired.reply
+
+
+def test_a_queue_that_cannot_be_read_costs_the_runner_a_log_line_not_its_loop(data_dir):
+    """The loop's look at the change counter reads the index too: when that fails (here the
+    queue closed under it; in life a reader table full, a volume gone), the runner logs and
+    waits, as for a failed look at the due mail, rather than end: a process whose runner
+    task died still holds the runner lock, and nothing would be sent again."""
+    config = conf.loads('[server]\nhostname = "mail.example.test"\n')
+    queues = QueueSet(open_data_dir(data_dir, SHARDS))
+    runner = Runner(config, queues, None)
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.2)
+        queues.close()
+        await asyncio.sleep(0.3)
+        assert not task.done(), task.exception()
+        await runner.stop(1.0)
+        await asyncio.wait_for(task, 5)
+        await runner.close()
+
+    asyncio.run(main())
 
 
 def test_a_flush_is_acted_on_within_a_second_and_a_hold_keeps_mail_back(outbound, data_dir, mx_port):
