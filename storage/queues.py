@@ -217,9 +217,14 @@ class QueueSet:
 
     def changed(self) -> object:
         """A value that moves with any queue's change and with the shards held (cheap: one
-        read of the node table, and each queue's last transaction id)."""
+        read of the node table, and each queue's last transaction id). A queue that cannot
+        be read counts as unchanged (-1): the runner's next look at it says why."""
         if not self.sharded:
-            return self._single().changed()
+            try:
+                queue = self._single()
+            except StoreError:
+                return -1
+            return _changed(queue)
         held = frozenset(self._shards())
         with self._lock:
             queues, generation = list(self._queues.values()), self._generation
@@ -345,4 +350,4 @@ def _changed(queue: Queue) -> int:
     try:
         return queue.changed()
     except StoreError:
-        return -1  # closed meanwhile: the generation moves too
+        return -1  # closed meanwhile (in a cluster the generation moves too), or unreadable

@@ -146,13 +146,7 @@ class Runner:
         wake_at = 0.0
         while not self._stopping:
             self._wake.clear()
-            try:
-                change = self.queue.changed()
-            except StoreError:
-                # The look below fails the same way and says so, once; then the loop waits
-                # as after any failed look. Ending here would leave the runner lock held by
-                # a process that sends nothing.
-                change = None
+            change = self.queue.changed()  # never raises: an unreadable queue's is -1
             now = self.clock()
             if change != last_change or now >= wake_at:
                 last_change = change
