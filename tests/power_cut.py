@@ -15,18 +15,51 @@ from pathlib import Path
 
 import lmdb
 
+from storage import wal
+from storage.shard import DATABASES, WAL_NAME
+
 
 def journal_bases(data_dir: Path) -> dict[Path, list[str]]:
+    """The `journal` keys of each shard as its next opening will find them: LMDB's, with the
+    write-ahead log's records beyond LMDB applied (storage/wal.py). A process killed between
+    a record's flush and LMDB's commit leaves LMDB one transaction behind; that transaction
+    may be a checkpoint's, whose entries' files its flush had made durable, so a power cut
+    cannot touch them (the replay deletes their entries), or a delivery's, whose new entries
+    name files no flush covered yet."""
     out = {}
+    journal_db = DATABASES.index("journal")
     for shard_dir in sorted((data_dir / "shards").iterdir()):
         env = lmdb.open(str(shard_dir / "index.lmdb"), max_dbs=64, readonly=True, lock=False)
         try:
-            with env.begin(db=env.open_db(b"journal", create=False)) as txn:
-                out[shard_dir] = [bytes(key).decode() for key, _ in txn.cursor()]
+            with env.begin() as txn:
+                seq, end = wal.read_position(txn, env.open_db(b"counters", txn=txn, create=False))
+                keys = dict.fromkeys(bytes(key) for key, _ in txn.cursor(db=env.open_db(b"journal", txn=txn,
+                                                                                         create=False)))
         except lmdb.NotFoundError:
-            out[shard_dir] = []
+            keys, seq, end = {}, 0, 0
         finally:
             env.close()
+        log_path = shard_dir / "index.lmdb" / WAL_NAME
+        if log_path.exists():
+            log = wal.WriteAheadLog(log_path, [])
+            try:
+                for number, changes, _ in log.records(end):
+                    if number != seq + 1:
+                        break  # older records, from before the log's last restart
+                    seq = number
+                    for i in range(0, len(changes), 3):
+                        db, key, value = changes[i:i + 3]
+                        if db != journal_db:
+                            continue
+                        if key is None:
+                            keys.clear()
+                        elif value is None:
+                            keys.pop(bytes(key), None)
+                        else:
+                            keys[bytes(key)] = None
+            finally:
+                log.close()
+        out[shard_dir] = [key.decode() for key in keys]
     return out
 
 
