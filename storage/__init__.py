@@ -66,6 +66,7 @@ from storage.queue import (
     RunnerLock,
 )
 from storage.queues import QueueSet, queues_on_disk
+from storage.doorbell import Doorbell
 from storage.store import Store
 from storage.imports import Counts as ImportCounts, ImportMailbox, clean_flags, finish_account as finish_import
 from storage.watch import Watcher
@@ -75,7 +76,7 @@ __all__ = [
     # the outbound queue (storage/queue.py)
     "BOUNCED", "DEFERRED", "DELIVERED", "QUEUED", "Enqueue", "NotQueuedError", "Queue", "QueueEnvelope",
     "QueuedMessage", "QueuedRecipient", "RecipientState", "Result", "RunnerLock",
-    "QueueSet", "queues_on_disk",
+    "QueueSet", "queues_on_disk", "Doorbell",
     "AccountError", "Accounts", "Address", "AddressError", "Alias", "AliasLoopError", "BodyPart",
     "DataDir", "DataDirError", "Delivered", "Delivery", "DeliveryError", "DiskFullError", "Domain",
     "DomainNotEmptyError", "Envelope", "EnvelopeAddress", "ExistsError", "ExpungedError", "FlagError", "FlagState",

@@ -168,14 +168,18 @@ class Result:
 
 class Queue:
     def __init__(self, where: DataDir | Path, *, shard: int | None = None,
-                 fence: Callable[[], bool] | None = None, pin: Pin | None = None) -> None:
+                 fence: Callable[[], bool] | None = None, pin: Pin | None = None,
+                 on_due: Callable[[], None] | None = None) -> None:
         """The queue in `where`: a data dir (its queue/), or a queue's own directory (a
         cluster shard's, <shard_path>/queue). `shard`, `fence` and `pin`, in a cluster: the
         shard it belongs to, whether this node may write it now (see Fencing above), and
-        its pin (see Pinning; NotOwnerError while the shard is being let go)."""
+        its pin (see Pinning; NotOwnerError while the shard is being let go). `on_due()` is
+        called once a commit made mail due (an enqueue, a flush, a release): it rings the
+        runner's doorbell (storage/doorbell.py, storage/queues.py)."""
         self.path = where.path / "queue" if isinstance(where, DataDir) else Path(where)
         self.shard = shard
         self._fence = fence
+        self._on_due = on_due
         self.pin = pin
         self._release_pin = take(pin)
         try:
@@ -393,6 +397,8 @@ class Queue:
 
         count = self._write(change)
         _log.info("queue_flushed", qid=qid or "all", messages=count)
+        if count:
+            self._due()
         return count
 
     def hold(self, qid: str) -> bool:
@@ -592,7 +598,13 @@ class Queue:
         found = self._write(change)
         if found:
             _log.info("queue_held" if held else "queue_released", qid=qid)
+            if not held:
+                self._due()
         return found
+
+    def _due(self) -> None:
+        if self._on_due is not None:
+            self._on_due()
 
     def _insert(self, qid: str, record: MessageRecord) -> None:
         def change(txn: lmdb.Transaction) -> None:
@@ -730,6 +742,7 @@ class Enqueue:
         shard = {"shard": self._queue.shard} if self._queue.shard is not None else {}
         _log.info("queued", qid=self.id, size=self.size + len(prepend), sender=env.sender or "<>",
                   recipients=len({r.address for r in env.recipients}), origin=env.origin, user=env.user, **shard)
+        self._queue._due()
         return self.id
 
     def abort(self) -> None:

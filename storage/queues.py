@@ -39,6 +39,7 @@ import lmdb
 
 from conf.logfmt import EventLogger
 from storage.datadir import DataDir
+from storage.doorbell import bell_path, ring
 from storage.errors import NoQueueError, NotOwnerError, NotQueuedError, StoreError
 from storage.pinning import Release
 from storage.queue import Enqueue, Queue, QueuedMessage, QueueEnvelope, Result, RunnerLock
@@ -68,6 +69,7 @@ class QueueSet:
         self._pin = pin
         self._shard_of = shard_of
         self._runner_lock = runner_lock if runner_lock is not None else data_dir.path / "queue" / "runner.lock"
+        self._ring = functools.partial(ring, bell_path(self._runner_lock))  # the runner's doorbell
         self._queues: dict[int | None, Queue] = {}
         self._where: dict[str, int | None] = {}  # qid -> the queue it was last seen in
         self._failed: dict[int, float] = {}  # shard -> until when its queue is not tried again
@@ -156,7 +158,8 @@ class QueueSet:
             try:
                 queue = Queue(self.data_dir.shard_path(number) / "queue", shard=number,
                               fence=lambda: self._fence(number),
-                              pin=functools.partial(self._pin, number) if self._pin is not None else None)
+                              pin=functools.partial(self._pin, number) if self._pin is not None else None,
+                              on_due=self._ring)
             except NotOwnerError:
                 return None  # its volume is being detached: not opened, nothing wrong
             except (StoreError, OSError, lmdb.Error) as e:
@@ -182,7 +185,7 @@ class QueueSet:
                     raise StoreError("queue is closed")
                 queue = self._queues.get(None)
                 if queue is None:
-                    queue = self._queues[None] = Queue(self.data_dir)
+                    queue = self._queues[None] = Queue(self.data_dir, on_due=self._ring)
             return queue
 
     # -- enqueueing -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import io
 import os
 import random
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -728,6 +729,65 @@ def test_an_idle_runner_looks_at_the_queue_twice_a_second_and_wakes_for_mail(dat
             await runner.close()
 
     asyncio.run(main())
+
+
+ENQUEUER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from storage import QueueEnvelope, QueuedRecipient, QueueSet, open_data_dir
+queues = QueueSet(open_data_dir(sys.argv[2], int(sys.argv[3])))
+with queues.begin(QueueEnvelope("sender@example.test", (QueuedRecipient("nobody@[127.0.0.1]"),))) as entry:
+    entry.write(b"Subject: rung\\r\\n\\r\\nbody\\r\\n")
+    print(entry.commit())
+queues.close()
+"""
+
+
+def test_mail_enqueued_by_another_process_rings_an_idle_runner(data_dir, monkeypatch):
+    """The runner binds its doorbell beside its lock (storage/doorbell.py); a process that
+    enqueues rings it after the commit: an idle runner looks at once, not at its next poll
+    (here made 30 s long, so only the ring can explain a prompt attempt). Stopped, the
+    runner leaves no socket file behind."""
+    from mtad.outbound import runner as runner_module
+    from storage import Doorbell
+
+    monkeypatch.setattr(runner_module, "IDLE_POLL", 30.0)
+    config = conf.loads('[server]\nhostname = "mail.example.test"\n[queue]\nretry_schedule = ["1h"]\n')
+    queues = QueueSet(open_data_dir(data_dir, SHARDS))
+    lock = queues.runner_lock()
+    assert lock.acquire()
+    doorbell = Doorbell(lock.path)
+    skew = [0.0]
+    runner = Runner(config, queues, None, clock=lambda: time.time() + skew[0], doorbell=doorbell)
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.sleep(0.3)  # its first look done
+            skew[0] = runner_module.IDLE_AFTER + 1  # still that long: its next wait is 30 s
+            await asyncio.sleep(0.3)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", ENQUEUER, str(Path(__file__).resolve().parent.parent), str(data_dir),
+                str(SHARDS), stdout=asyncio.subprocess.PIPE)
+            out, _ = await asyncio.wait_for(child.communicate(), 30)
+            qid = out.decode().strip()
+            committed = time.monotonic()
+            while (message := queues.get(qid)) and message.recipients[0].attempts == 0:
+                assert time.monotonic() - committed < 10, "the ring was not heard"
+                await asyncio.sleep(0.02)
+            assert not task.done(), task.exception()
+        finally:
+            await runner.stop(1.0)
+            await asyncio.wait_for(task, 5)
+            await runner.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        doorbell.close()
+        lock.release()
+        queues.close()
+    assert not doorbell.path.exists()
 
 
 def test_a_flush_is_acted_on_within_a_second_and_a_hold_keeps_mail_back(outbound, data_dir, mx_port):

@@ -14,11 +14,12 @@ another node held before is found there and sent from here. The limits below cou
 queue's deliveries together. The processes without the lock close their released queues
 at each try for it, so that a released shard's volume can be detached.
 
-The loop looks at the queue's change counter (Queue.changed(), no file access) every POLL
-seconds while mail moves (IDLE_POLL once it has been still a while), or at once when wake()
-is called (by an enqueue in this process), and asks for due messages (Queue.due) when it
-moved or when the earliest next attempt (Queue.next_due) has come: a `postroom queue
-flush`, hold or release from the CLI is acted on within a second. Each due message is worked by one task:
+The loop looks at the queue's change counter (Queue.changed(), no file access) at once
+when its doorbell rings (storage/doorbell.py: every enqueue, flush and release, in any
+process, rings it after its commit), else every POLL seconds while mail moves and every
+IDLE_POLL once it has been still a while (a ring lost, a cluster's shards claimed), and
+asks for due messages (Queue.due) when it moved or when the earliest next attempt
+(Queue.next_due) has come. Each due message is worked by one task:
 - its due recipients are grouped by destination (routes.Router.destination: a domain, a
   route's host, or the relay); each group is one SMTP transaction (client.deliver) within
   `[queue] concurrency` transactions in all and `per_destination` to one destination; a
@@ -68,6 +69,7 @@ from mtad.outbound.reports import Reporter, status_of
 from mtad.outbound.routes import RouteError, Router
 from storage import (
     AddressError,
+    Doorbell,
     NotOwnerError,
     NotQueuedError,
     Queue,
@@ -80,11 +82,11 @@ from storage import (
 )
 from wire import metrics
 
-# Seconds between two looks at the queue's change counter: a read of LMDB's shared map, no
-# system call, so it can be often while mail moves; it bounds the time from a submission's
-# 250 (in another process: this one's wake the loop) to the start of its delivery. Once the
-# counter has not moved for IDLE_AFTER, the looks are IDLE_POLL apart: at 50 a second an
-# idle mtad took 1.9% of a core (16 shards' queues, 2026-12-03).
+# Seconds between two looks at the queue's change counter when the doorbell does not ring:
+# a read of LMDB's shared map, no system call, so it can be often while mail moves (it
+# bounds the start of a delivery whose ring was lost, or whose runner has no doorbell).
+# Once the counter has not moved for IDLE_AFTER, the looks are IDLE_POLL apart: at 50 a
+# second an idle mtad took 1.9% of a core (16 shards' queues, 2026-12-03).
 POLL = 0.02
 IDLE_POLL = 0.5
 IDLE_AFTER = 10.0
@@ -115,9 +117,10 @@ class Runner:
 
     def __init__(self, config: Config, queue: Queue | QueueSet, reporter: Reporter, *, router: Router | None = None,
                  settings: ClientSettings | None = None, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, doorbell: Doorbell | None = None):
         self.config = config
         self.queue = queue
+        self.doorbell = doorbell  # rung by whoever makes mail due (storage/doorbell.py)
         self.reporter = reporter
         self.router = router or Router(config.outbound, config.dns)
         self.settings = settings or ClientSettings.from_config(config)
@@ -146,6 +149,20 @@ class Runner:
 
     async def run(self) -> None:
         """Until stop(): take due mail, start its deliveries."""
+        loop = asyncio.get_running_loop()
+        if self.doorbell is not None:
+            loop.add_reader(self.doorbell.fileno(), self._rung)
+        try:
+            await self._run()
+        finally:
+            if self.doorbell is not None:
+                loop.remove_reader(self.doorbell.fileno())
+
+    def _rung(self) -> None:
+        self.doorbell.drain()
+        self._wake.set()
+
+    async def _run(self) -> None:
         last_change = None
         wake_at = changed_at = 0.0
         while not self._stopping:
@@ -175,7 +192,7 @@ class Runner:
         return asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
 
     def wake(self) -> None:
-        """Look at the queue now (something was enqueued), not at the next poll."""
+        """Look at the queue now, not at the next poll (the doorbell's rings do)."""
         self._wake.set()
 
     async def stop(self, grace: float) -> None:
@@ -448,12 +465,6 @@ class RunnerHandle:
     def running(self) -> bool:
         return self._state.get("runner") is not None
 
-    def wake(self) -> None:
-        """Call after an enqueue in this process: the runner, if here, looks at once."""
-        runner: Runner | None = self._state.get("runner")
-        if runner is not None:
-            runner.wake()
-
     async def stop(self) -> None:
         runner: Runner | None = self._state.get("runner")
         self._state["stopping"] = True
@@ -465,6 +476,9 @@ class RunnerHandle:
         await asyncio.gather(self._task, return_exceptions=True)
         if runner is not None:
             await runner.close()
+        doorbell = self._state.get("doorbell")
+        if doorbell is not None:
+            doorbell.close()  # before the lock: the next runner binds its own
         lock = self._state.get("lock")
         if lock is not None:
             lock.release()
@@ -498,6 +512,10 @@ def start_runner(context: Any, queue: QueueSet | None = None) -> RunnerHandle:
         else:
             return
         state["lock"] = lock
+        try:
+            state["doorbell"] = Doorbell(lock.path)
+        except OSError as e:  # the runner polls instead: mail due from another process waits for a look
+            _log.warning("doorbell_unavailable", error=str(e))
         # Loading the system's CA certificates takes a tenth of a second: not in the loop.
         settings = await asyncio.to_thread(ClientSettings.from_config, config)
         from mtad.srs import SRS, load_secret
@@ -507,7 +525,7 @@ def start_runner(context: Any, queue: QueueSet | None = None) -> RunnerHandle:
         if state.get("stopping"):
             return
         reporter = Reporter(config.server.hostname, queue, context.store, context.accounts, unwrap=srs.reverse)
-        runner = Runner(config, queue, reporter, settings=settings)
+        runner = Runner(config, queue, reporter, settings=settings, doorbell=state.get("doorbell"))
         state["runner"] = runner
         _log.info("runner_started")
         try:
