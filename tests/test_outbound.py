@@ -681,13 +681,18 @@ def _enqueue_quietly(queues: QueueSet, raw: bytes, recipient: str) -> str:
 
 
 class _CountedQueues(QueueSet):
-    """A node's queues that count the runner's looks at their change counter."""
+    """A node's queues that count the runner's looks at their change counter, and at the
+    due mail."""
 
-    looks = 0
+    looks = dues = 0
 
     def changed(self) -> int:
         self.looks += 1
         return super().changed()
+
+    def due(self, *args, **kwargs):
+        self.dues += 1
+        return super().due(*args, **kwargs)
 
 
 def test_an_idle_runner_looks_at_the_queue_twice_a_second_and_wakes_for_mail(data_dir):
@@ -729,6 +734,43 @@ def test_an_idle_runner_looks_at_the_queue_twice_a_second_and_wakes_for_mail(dat
             await runner.close()
 
     asyncio.run(main())
+
+
+def test_a_slow_delivery_under_way_is_not_looked_for_at_every_poll(data_dir):
+    """A delivery under way is due until its results are recorded. While a slow remote
+    took its time the loop asked the queue for due mail at every poll (30 times a second,
+    each look decoding the due messages); now at most every IDLE_POLL, its end waking the
+    loop."""
+    from mtad.outbound.runner import IDLE_AFTER, IDLE_POLL
+
+    with Sink(data_delay=4.0) as sink:
+        config = conf.loads('[server]\nhostname = "mail.example.test"\n[queue]\nretry_schedule = ["1h"]\n'
+                            f'[outbound]\nrelay = "127.0.0.1:{sink.port}"\n')
+        queues = _CountedQueues(open_data_dir(data_dir, SHARDS))
+        skew = [0.0]
+        runner = Runner(config, queues, None, clock=lambda: time.time() + skew[0])
+
+        async def main() -> None:
+            task = asyncio.create_task(runner.run())
+            try:
+                await asyncio.to_thread(_enqueue_quietly, queues, raw_message("slow"), "bob@example.net")
+                deadline = time.monotonic() + 10
+                while not sink.busy:
+                    assert time.monotonic() < deadline, "the delivery did not start"
+                    await asyncio.sleep(0.02)
+                skew[0] = IDLE_AFTER + 1
+                before = queues.dues
+                await asyncio.sleep(1.5)
+                assert sink.busy, "the delivery ended early: the test proves nothing"
+                assert queues.dues - before <= 1.5 / IDLE_POLL + 2, queues.dues - before
+                await asyncio.to_thread(sink.wait_for, 1, 10)
+            finally:
+                await runner.stop(1.0)
+                await asyncio.wait_for(task, 5)
+                await runner.close()
+
+        asyncio.run(main())
+        queues.close()
 
 
 ENQUEUER = """

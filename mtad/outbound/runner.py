@@ -150,28 +150,35 @@ class Runner:
     async def run(self) -> None:
         """Until stop(): take due mail, start its deliveries."""
         loop = asyncio.get_running_loop()
-        if self.doorbell is not None:
-            loop.add_reader(self.doorbell.fileno(), self._rung)
+        # The doorbell is the runner's until run() returns (RunnerHandle.stop closes it after).
+        bell = self.doorbell.fileno() if self.doorbell is not None else None
+        if bell is not None:
+            loop.add_reader(bell, self._rung, loop, bell)
         try:
             await self._run()
         finally:
-            if self.doorbell is not None:
-                loop.remove_reader(self.doorbell.fileno())
+            if bell is not None:
+                loop.remove_reader(bell)
 
-    def _rung(self) -> None:
-        self.doorbell.drain()
+    def _rung(self, loop: asyncio.AbstractEventLoop, bell: int) -> None:
+        try:
+            self.doorbell.drain()
+        except OSError as e:  # it would fire again at once, for ever: the polls go on alone
+            loop.remove_reader(bell)
+            _log.error("doorbell_failed", error=str(e))
         self._wake.set()
 
     async def _run(self) -> None:
         last_change = None
         wake_at = changed_at = 0.0
         while not self._stopping:
+            woken = self._wake.is_set()  # a ring, a transaction over, a delivery done
             self._wake.clear()
             change = self.queue.changed()  # never raises: an unreadable queue's is -1
             now = self.clock()
             if change != last_change:
                 changed_at = now
-            if change != last_change or now >= wake_at:
+            if woken or change != last_change or now >= wake_at:
                 last_change = change
                 try:
                     await self._schedule(now)
@@ -180,6 +187,12 @@ class Runner:
                     _log.error("queue_unreadable", reason=str(e))
                     next_due = None
                 wake_at = min(next_due if next_due is not None else now + MAX_SLEEP, now + MAX_SLEEP)
+                if wake_at <= now:
+                    # Due mail this look started or left waiting for a slot (a delivery under
+                    # way is due until recorded): its end wakes the loop. Looking again at
+                    # every poll meanwhile decoded the due mail 30 times a second while a
+                    # slow remote took its time.
+                    wake_at = now + IDLE_POLL
                 # Each look decodes the due messages: under load, one look per BATCH takes
                 # what has come meanwhile together, instead of one look per finished delivery.
                 await asyncio.sleep(BATCH)
