@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import uvloop
 
 import conf
 from conftest import Daemon, add_accounts, client_tls_context, free_port, start_daemon
@@ -673,6 +674,12 @@ def test_a_queue_that_cannot_be_read_costs_the_runner_a_log_line_not_its_loop(da
     asyncio.run(main())
 
 
+def _run_on_uvloop(coroutine) -> None:
+    """As mtad runs its runner: on uvloop (its add_reader and timers, not asyncio's)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coroutine)
+
+
 def _enqueue_quietly(queues: QueueSet, raw: bytes, recipient: str) -> str:
     """Enqueued without waking the runner, as another process's submission is."""
     with queues.begin(QueueEnvelope(SENDER, (QueuedRecipient(recipient),))) as entry:
@@ -733,7 +740,7 @@ def test_an_idle_runner_looks_at_the_queue_twice_a_second_and_wakes_for_mail(dat
             await asyncio.wait_for(task, 5)
             await runner.close()
 
-    asyncio.run(main())
+    _run_on_uvloop(main())
 
 
 def test_a_slow_delivery_under_way_is_not_looked_for_at_every_poll(data_dir):
@@ -769,7 +776,7 @@ def test_a_slow_delivery_under_way_is_not_looked_for_at_every_poll(data_dir):
                 await asyncio.wait_for(task, 5)
                 await runner.close()
 
-        asyncio.run(main())
+        _run_on_uvloop(main())
         queues.close()
 
 
@@ -824,7 +831,7 @@ def test_mail_enqueued_by_another_process_rings_an_idle_runner(data_dir, monkeyp
             await runner.close()
 
     try:
-        asyncio.run(main())
+        _run_on_uvloop(main())
     finally:
         doorbell.close()
         lock.release()
