@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import random
 import time
 from collections.abc import Callable
@@ -185,13 +186,14 @@ class Runner:
 
     async def _run(self) -> None:
         last_change = None
-        wake_at = changed_at = 0.0
+        wake_at = 0.0
+        changed_at = -math.inf  # a runner starts quiet: its first look is not a change
         while not self._stopping:
             woken = self._wake.is_set()  # a ring, a transaction over, a delivery done
             self._wake.clear()
             change = self.queue.changed()  # never raises: an unreadable queue's is -1
             now = self.clock()
-            if change != last_change:
+            if last_change is not None and change != last_change:
                 changed_at = now
             if woken or change != last_change or now >= wake_at:
                 last_change = change
