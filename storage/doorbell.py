@@ -62,15 +62,13 @@ class Doorbell:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def drain(self) -> int:
-        """Take every ring waiting (many rings, one look); how many."""
-        rings = 0
+    def drain(self) -> None:
+        """Take every ring waiting: many rings, one look."""
         while True:
             try:
                 self._sock.recv(16)
             except (BlockingIOError, InterruptedError):
-                return rings
-            rings += 1
+                return
 
     def close(self) -> None:
         """Before the runner lock is let go: the next runner binds its own."""

@@ -122,8 +122,6 @@ class Runner:
         self.config = config
         self.queue = queue
         self.doorbell = doorbell  # rung by whoever makes mail due (storage/doorbell.py)
-        self._looked = 0.0  # when the loop last asked for due mail (time.monotonic)
-        self._ring_timer: asyncio.TimerHandle | None = None  # a ring held back until POLL after that
         self.reporter = reporter
         self.router = router or Router(config.outbound, config.dns)
         self.settings = settings or ClientSettings.from_config(config)
@@ -162,9 +160,6 @@ class Runner:
         finally:
             if bell is not None:
                 loop.remove_reader(bell)
-            if self._ring_timer is not None:
-                self._ring_timer.cancel()
-                self._ring_timer = None
 
     def _rung(self, loop: asyncio.AbstractEventLoop, bell: int) -> None:
         try:
@@ -172,17 +167,7 @@ class Runner:
         except OSError as e:  # it would fire again at once, for ever: the polls go on alone
             loop.remove_reader(bell)
             _log.error("doorbell_failed", error=str(e))
-        # Under load every enqueue rings: a look (decoding the due mail) at most every POLL
-        # after the last, as the polls paced them, takes what came meanwhile together.
-        early = self._looked + POLL - time.monotonic()
-        if early <= 0:
-            self._wake.set()
-        elif self._ring_timer is None:
-            self._ring_timer = loop.call_later(early, self._ring_due)
-
-    def _ring_due(self) -> None:
-        self._ring_timer = None
-        self._wake.set()
+        self._wake.set()  # looks stay BATCH apart, as for a finished delivery's wake
 
     async def _run(self) -> None:
         last_change = None
@@ -197,7 +182,6 @@ class Runner:
                 changed_at = now
             if woken or change != last_change or now >= wake_at:
                 last_change = change
-                self._looked = time.monotonic()
                 try:
                     await self._schedule(now)
                     next_due = await self._blocking(self.queue.next_due)
@@ -221,10 +205,6 @@ class Runner:
 
     def _blocking(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
-
-    def wake(self) -> None:
-        """Look at the queue now, not at the next poll (the doorbell's rings do)."""
-        self._wake.set()
 
     async def stop(self, grace: float) -> None:
         """No new delivery; those under way get `grace` seconds to finish (and record)."""
