@@ -89,8 +89,11 @@ class _InFlight:
     mailboxes: frozenset[int]
 
 
-def _in_flight(txn, shard: Shard, account: str) -> _InFlight:
-    bases, boxes = set(), set()
+def _in_flight(txn, shard: Shard, batch: Batch | None, account: str) -> _InFlight:
+    # A repair shares its transaction with the deliveries of its batch: their files are made
+    # once it is in the log (Batch.place), so not yet.
+    bases = {key.decode("utf-8", "surrogateescape") for *_, key in batch.placed} if batch is not None else set()
+    boxes = set()
     for key, value in txn.cursor(db=shard.db["unsettled"]):
         work = unsettled.parse(key, value)
         if isinstance(work, unsettled.FileWork):
@@ -109,7 +112,7 @@ def _in_flight(txn, shard: Shard, account: str) -> _InFlight:
 def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair: bool) -> list[Problem]:
     problems: list[Problem] = []
     known = {m.id: m for m in mailboxes.listing(txn, shard, account)}
-    in_flight = _in_flight(txn, shard, account)
+    in_flight = _in_flight(txn, shard, batch, account)
     scans = []
     on_disk = set()
     for directory in sorted(shard.account_dir(account).iterdir()):

@@ -5,30 +5,31 @@
     delivered = delivery.commit()    # durable in every target, or DeliveryError
     delivery.close()                 # always, at the end: discards what is left
 
-Chunks go into one file, the delivery's source, in this process's writer directory of the
-first target's shard (storage/writers.py), under the name the first target's copy will have:
-the first IN_MEMORY bytes wait in memory (most mail is smaller: its file is then made, written
-and fsynced at once by a committer, so an event loop never waits for the file system), the
-rest goes to the file as it arrives. Nothing
-holds the whole message in memory: the deduplication key (storage/dedupe.py) is computed as
-the bytes go by, and at commit the index's view of the message (envelope, MIME structure,
-the text for full-text search) is parsed from the file itself (read back whole when small, a
-window at a time when big: storage/fileview.py). Each target then gets its own name for the
-file in its shard's writer directory (a hard link; a copy only where a link cannot reach, a
-shard on another file system; a small message's file written again from its bytes in memory,
-which spares the other shards' committers a wait on the source's) and a request to its
-shard's committer, which indexes it; after the commit the name is renamed into the mailbox's
-cur/ (storage/settle.py). The first target takes the source itself: a message for one
-mailbox costs the directory operations it always did (a file made, then renamed into cur/),
-and no link. A linked file is fsynced once, whatever the number of targets: by the first
-committer that needs it, beside the other files of its batch, or, for a message over
-WRITE_IN_COMMITTER, by the caller of commit() before it joins a batch, so that a big file
-holds up nobody's commit.
+A message up to IN_MEMORY bytes (most mail) stays in memory until its commit: the bytes go
+into the journal with its index record (storage/journal.py), and each target's committer
+makes its file in the mailbox's cur/, under its final name, once the write-ahead log holds
+the transaction and before LMDB commits it (Shard._place): no file work before the 250, no
+rename after it, and an event loop never waits for the file system. A bigger message goes
+to one file, the delivery's source, as it arrives, in this process's writer directory of
+the first target's shard (storage/writers.py), under the name the first target's copy will
+have. Nothing holds the whole message in memory: the deduplication key (storage/dedupe.py)
+is computed as the bytes go by, and at commit the index's view of the message (envelope,
+MIME structure, the text for full-text search) is parsed from memory or from the file (read
+back whole when it is up to WRITE_IN_COMMITTER, a window at a time beyond). For a big
+message each target then gets its own name for the file in its shard's writer directory (a
+hard link; a copy only where a link cannot reach, a shard on another file system) and a
+request to its shard's committer, which indexes it; after the commit the name is renamed
+into the mailbox's cur/ (storage/settle.py). The first target takes the source itself, and
+no link. Its file is fsynced once, whatever the number of targets: by the first committer
+that needs it, beside the other files of its batch, or, over WRITE_IN_COMMITTER, by the
+caller of commit() before it joins a batch, so that a big file holds up nobody's commit.
 
-What a crash leaves: the source, and any target's name not yet committed, are in a writer
-directory under names the index does not know, so the next process to open the shard
-discards them (storage/settle.py, recover); committed names are finished there. abort(), or
-close() after a commit the first target did not take, unlinks the source: nothing stays.
+What a crash leaves: a big message's source, and any target's name not yet committed, are
+in a writer directory under names the index does not know, so the next process to open the
+shard discards them (storage/settle.py, recover); committed names are finished there. A
+journaled message whose file the crash kept from being made is made by the replay of the
+log, or put back from the journal when the shard is next opened. abort(), or close() after
+a commit the first target did not take, unlinks the source: nothing stays.
 
 A failure while writing (a full disk: DiskFullError, SMTP 452 4.3.1) aborts the delivery and
 is raised by write(); the caller reads the rest of the message and drops it.
@@ -56,10 +57,10 @@ from storage.records import MessageRecord
 from storage.shard import Shard
 from wire import metrics
 
-# A message up to this size is kept in memory until its commit, and its file made, written and
-# fsynced by a committer's fsync pool, beside the other files of its batch: an event loop
-# never waits for the file system (making a file can wait for the journal), and a session
-# holds no more than this. A bigger one goes to its file as it arrives.
+# A message up to this size is kept in memory until its commit, its bytes journaled and its
+# file made by its committer once the log has the commit: an event loop never waits for the
+# file system (making a file can wait for the journal), and a session holds no more than
+# this. A bigger one goes to its file as it arrives.
 IN_MEMORY = 64 << 10
 # A message up to this size is fsynced by the shard's committer, beside the other files of
 # its batch, and parsed from a copy read back from its file; a bigger one is fsynced by the
@@ -341,7 +342,8 @@ class Delivery:
                 path = self._source if takes_source else shard.writer.path / maildir.new_base()
                 insert = _insert_fn(shard, account, mailbox_id, path, path.name, self.size, parsed, self._bits,
                                     self._keywords, self._quota_of(account), self._window, self._small)
-                shard.submit(insert, before=functools.partial(self._place, path),
+                # A small message's file is made by the committer after the log has it.
+                shard.submit(insert, before=None if self._small is not None else functools.partial(self._place, path),
                              on_done=functools.partial(self._settled, outcome, index, target, path),
                              early=self._early)
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
@@ -396,29 +398,16 @@ class Delivery:
                 return
             try:
                 date = self._parse().date
-                if self._fd is None:
-                    # A small message: made here, in a committer's fsync pool, and not
-                    # flushed: its bytes are committed in the journal (storage/journal.py).
-                    self._make_source()
-                    os.utime(self._fd, (date, date))
-                else:
-                    os.utime(self._fd, (date, date))
-                    metrics.fsync(self._fd, "message")
+                os.utime(self._fd, (date, date))
+                metrics.fsync(self._fd, "message")
             except BaseException as e:
                 self._sync_error = e
                 raise
             self._synced = True
 
     def _place(self, path: Path) -> None:
-        """A committer's `before`: the file durable, under the target's name (its directory
-        is fsynced with the batch's)."""
-        if path is not self._source and self._small is not None:
-            # A small message is written again from memory, in this committer's fsync pool,
-            # rather than linked: a link would wait for the source's own committer to make
-            # and fsync it, and sixteen shards would queue behind one lock (2-3% of inbound
-            # throughput at sixteen recipients, bench/RESULTS.md).
-            _write_new(path, self._small, self._parsed.date, flush=False)  # journaled
-            return
+        """A committer's `before` for a message too big to be journaled: the file durable,
+        under the target's name (its directory is fsynced with the batch's)."""
         self._sync()
         if path is self._source:
             return
@@ -500,21 +489,6 @@ def _read_back(fd: int, size: int) -> bytes:
     return raw
 
 
-def _write_new(target: Path, data: bytes, date: float, *, flush: bool = True) -> None:
-    """A new file holding `data`: durable, or (flush=False) for a journaled message."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.utime(fd, (date, date))
-        if flush:
-            metrics.fsync(fd, "message")
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(target)
-        raise
-    os.close(fd)
-
-
 def _copy(source_fd: int, target: Path, date: float) -> None:
     """A copy of the open file, made in the kernel (no bytes through Python), and durable."""
     size = os.fstat(source_fd).st_size
@@ -552,11 +526,14 @@ def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: st
             uid = duplicates.find(txn, shard, mailbox_id, parsed.key, now, window)
             if uid is not None:
                 return mailbox_id, uid, True
-        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=path, record=record, bits=bits,
-                              keywords=keywords, quota=quota, texts=parsed.texts, encoded=encoded,
-                              flushed=small is None)
+        uid = messages.insert(txn, shard, batch, account, mailbox_id, state, source=None if small is not None else path,
+                              record=record, bits=bits, keywords=keywords, quota=quota, texts=parsed.texts,
+                              encoded=encoded)
         if small is not None:
-            batch.journaled.append(journal.put(txn, shard, base, small, parsed.date))
+            # Made in cur/ once the log has the transaction, before LMDB commits it.
+            key = journal.put(txn, shard, base, small, parsed.date)
+            name = maildir.file_name(base, uid, size, bits)
+            batch.place(shard.mailbox_dir(account, mailbox_id) / "cur" / name, small, parsed.date, key)
         if parsed.key is not None:
             duplicates.remember(txn, shard, mailbox_id, parsed.key, uid, now)
         return mailbox_id, uid, False

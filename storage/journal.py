@@ -4,9 +4,10 @@ A durable delivery used to cost four flushes in a row: the message file's fsync,
 directory's, then LMDB's commit (its data pages, then its meta page). Now a message small
 enough to be held in memory (storage/delivery.py, IN_MEMORY) has its bytes put in the
 shard's `journal` database, in the same transaction that gives it its UID, and its file is
-written without a flush. The commit, which had to be durable anyway, makes the bytes
-durable too: one commit, and no file or directory flush, stands between the end of DATA
-and the 250.
+written without a flush, straight into cur/ under its final name, once the write-ahead log
+holds that transaction and before LMDB commits it (Shard._place). The log's flush, which
+the transaction needed anyway, makes the bytes durable too: one flush, and no file or
+directory flush, stands between the end of DATA and the 250.
 
 The files catch up off the critical path. After each commit the shard hands the batch's
 journal keys, with the `unsettled` keys settled (storage/settle.py), to its checkpointer
@@ -16,11 +17,12 @@ journal holds about one interval of mail, and a key is deleted only once its fil
 its final name, is on disk.
 
 After a crash of the machine, a file whose flush had not happened may be missing, short or
-empty, however its directory looks. `restore` puts every such file back from its journal
-entry before anything reads the shard (a daemon opens its shards before it listens), then
-flushes and deletes the entries: a 250 promised the bytes, and the journal has them. The
-entries of live processes are theirs to checkpoint; a dead process's are restored by the
-next one to open the shard.
+empty, however its directory looks; after a crash of a process, a file it had not made yet
+is missing (the replay of the log makes those of the records it replays: place_again).
+`restore` puts every such file back from its journal entry before anything reads the shard
+(a daemon opens its shards before it listens), then flushes and deletes the entries: a 250
+promised the bytes, and the journal has them. The entries of live processes are theirs to
+checkpoint; a dead process's are restored by the next one to open the shard.
 
 An entry's key is the message's file base; its value: the writer directory's name of the
 process that committed it (storage/writers.py), NUL, the internal date as a decimal
@@ -96,6 +98,24 @@ def restore(shard: Shard) -> None:
         _log.warning("journal_restored", shard=shard.number, files=restored + again, entries=len(entries))
 
 
+def place_again(shard: Shard, txn: lmdb.Transaction, keys: list[bytes]) -> tuple[list[bytes], OSError | None]:
+    """Make the files of these `journal` keys (a transaction replayed from the log, or a
+    file that could not be made after its commit) where missing or damaged, inside the
+    write transaction `txn`: (the keys whose files are now right, or no longer wanted; the
+    error that kept the others, a full disk most likely)."""
+    done, error = [], None
+    for key in keys:
+        raw = txn.get(key, db=shard.db["journal"])
+        if raw is not None:
+            try:
+                _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(raw))
+            except OSError as e:  # the entry stays for the next try
+                error = e
+                continue
+        done.append(key)
+    return done, error
+
+
 def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
              forget: list[bytes] | None = None) -> tuple[int, list[bytes]]:
     """(files written again, the dead entries' keys); with `forget`, those of these keys
@@ -148,7 +168,7 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> 
         os.unlink(staged)
     except FileNotFoundError:
         pass
-    _write(staged, data, mtime)
+    maildir.write_file(staged, data, mtime, flush=False)  # the restore's syncfs flushes it
     os.replace(staged, desired)
     if current is not None and current != desired:
         try:
@@ -164,22 +184,6 @@ def _holds(path: Path, data: bytes) -> bool:
             return f.read(len(data) + 1) == data
     except OSError:
         return False
-
-
-def _write(path: Path, data: bytes, mtime: float) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.utime(fd, (mtime, mtime))
-    except BaseException:
-        # A full disk, most likely: what was written must not hold on to the space the
-        # rest of the restore (at the next start) needs.
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
 
 
 def _parse(raw: bytes) -> tuple[str, float, bytes]:

@@ -78,21 +78,25 @@ def make_private_dirs(path: Path) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
 
 
-def write_file(path: Path, data: bytes, mtime: float | None = None) -> None:
-    """Write a new message file (in tmp/, named by new_base()) and fsync it. The file's
-    mtime is the message's internal date (as Dovecot keeps it), for `store rebuild`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def write_file(path: Path, data: bytes, mtime: float, *, flush: bool = True, replace: bool = False) -> None:
+    """A message file holding `data`, made new (or, with `replace`, in place of one there),
+    fsynced unless `flush` is false (a journaled message's: storage/journal.py). Its mtime
+    is the message's internal date (as Dovecot keeps it), for `store rebuild`. On failure (a
+    full disk) nothing of it stays to hold the space."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL) | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
-        metrics.fsync(fd, "message")
+            view = view[os.write(fd, view):]
+        os.utime(fd, (mtime, mtime))
+        if flush:
+            metrics.fsync(fd, "message")
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         raise
     os.close(fd)
 

@@ -316,14 +316,13 @@ def fetch(txn: lmdb.Transaction, shard: Shard, account: str, mailbox_id: int, ra
 
 
 def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mailbox_id: int, state: MailboxRecord,
-           *, source: Path, record: MessageRecord, bits: int, keywords: tuple[str, ...], quota: Quota,
-           texts: dict[str, str] | bytes | None = None, link: bool = False, encoded: bytes | None = None,
-           flushed: bool = True) -> int:
+           *, source: Path | None, record: MessageRecord, bits: int, keywords: tuple[str, ...], quota: Quota,
+           texts: dict[str, str] | bytes | None = None, link: bool = False, encoded: bytes | None = None) -> int:
     """Index a durable file (in the shard's writer directory as `record.base`, or elsewhere
-    to be linked with link=True or moved there) as a new message; its UID.
+    to be linked with link=True or moved there) as a new message; its UID. No `source`: the
+    caller has the file made (a journaled message's, Batch.place).
     The `encoded` record and compressed `texts` may come prepared, so that the shard's
-    committer, which every delivery waits for, does as little as possible. A file not
-    `flushed` is journaled by the caller (storage/journal.py): its directory needs no flush."""
+    committer, which every delivery waits for, does as little as possible."""
     base, size = record.base, record.size
     if quota.bytes or quota.messages:
         usage = get_usage(txn, shard, account)
@@ -349,6 +348,8 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     txn.put(base.encode(), uid_key(mailbox_id, uid), db=shard.db["bases"])
     if texts is not None:
         fts.store_texts(txn, shard, mailbox_id, uid, texts)
+    if source is None:
+        return uid
     # The file waits in the writer's directory, durable, and reaches cur/ after the commit.
     waiting = shard.writer.path / base
     if link:
@@ -357,8 +358,7 @@ def insert(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str, mail
     elif source != waiting:
         os.rename(source, waiting)
         batch.undo(lambda: os.rename(waiting, source))
-    if flushed:
-        batch.sync_dirs.add(waiting.parent)
+    batch.sync_dirs.add(waiting.parent)
     note_file(txn, shard, batch, account, mailbox_id, base, waiting)
     return uid
 

@@ -78,7 +78,7 @@ import lmdb
 from conf.logfmt import EventLogger
 from storage.errors import DISK_FULL, DiskFullError, NotOwnerError, StoreError, is_disk_full, store_error
 from storage.lmdbenv import open_databases
-from storage.maildir import fsync_dir, make_private_dirs
+from storage.maildir import fsync_dir, make_dirs, make_private_dirs, write_file
 from storage.pinning import Pin
 from storage import wal
 from storage.writers import WriterDir
@@ -157,15 +157,23 @@ class Batch:
         self.after_commit: list[Callable[[], None]] = []
         self.unsettled: list[bytes] = []  # keys recorded by record_unsettled, settled after the commit
         self.journaled: list[bytes] = []  # `journal` keys put (storage/journal.py), checkpointed after it
+        # Journaled messages whose files are made once the log has the transaction, before
+        # LMDB commits it (Shard._place): (path in cur/, bytes, mtime, `journal` key).
+        self.placed: list[tuple[Path, bytes, float, bytes]] = []
 
     def undo(self, action: Callable[[], None]) -> None:
         self._undo.append(action)
 
-    def mark(self) -> tuple[int, int, int, int]:
-        return len(self._undo), len(self.after_commit), len(self.unsettled), len(self.journaled)
+    def place(self, path: Path, data: bytes, mtime: float, key: bytes) -> None:
+        """Make the file `path` holding `data` (journaled under `key`) right after the
+        transaction is in the log, and before readers can see it."""
+        self.placed.append((path, data, mtime, key))
 
-    def rollback(self, mark: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
-        undo_mark, after_mark, unsettled_mark, journal_mark = mark
+    def mark(self) -> tuple[int, int, int, int, int]:
+        return len(self._undo), len(self.after_commit), len(self.unsettled), len(self.journaled), len(self.placed)
+
+    def rollback(self, mark: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> None:
+        undo_mark, after_mark, unsettled_mark, journal_mark, placed_mark = mark
         while len(self._undo) > undo_mark:
             action = self._undo.pop()
             try:
@@ -175,6 +183,7 @@ class Batch:
         del self.after_commit[after_mark:]
         del self.unsettled[unsettled_mark:]
         del self.journaled[journal_mark:]
+        del self.placed[placed_mark:]
 
 
 def record_unsettled(txn: lmdb.Transaction, shard: Shard, batch: Batch, key: bytes, value: bytes) -> None:
@@ -239,6 +248,14 @@ class Shard:
         # `unsettled` (key, value) pairs, and `journal` keys.
         self._settled: list[tuple[bytes, bytes]] = []
         self._journaled: list[bytes] = []
+        # Journaled files that could not be made after their commit was told (a full disk):
+        # their `journal` keys, for the next checkpoint to make again (place_again).
+        self._unplaced: list[bytes] = []
+        # Makes the files of these `journal` keys that are missing or damaged, in a write
+        # transaction (storage/journal.py place_again): (the keys whose files are now right,
+        # the error that kept the others).
+        self.place_again: Callable[[lmdb.Transaction, list[bytes]], tuple[list[bytes], OSError | None]] | None \
+            = None
         self._checkpoint_due = threading.Event()
         self._checkpointer: threading.Thread | None = None
         # The file system flush of a checkpoint (storage/journal.py FileSystemFlusher).
@@ -532,8 +549,11 @@ class Shard:
         """Flush the file work done so far and delete its keys, now (the checkpointer does it
         every CHECKPOINT_INTERVAL; `store check` first, so as not to take this process's
         own settled work for work in flight)."""
+        unplaced_error = self._place_unplaced()
         pending = self._take_settled()
         if not pending[0] and not pending[1]:
+            if unplaced_error is not None:
+                raise unplaced_error
             return
         try:
             self.flush()
@@ -546,6 +566,27 @@ class Shard:
         except (lmdb.Error, OSError) as e:  # the log stays longer, that is all
             if (fields := self._checkpoint_failures.failed(e)) is not None:
                 _log.error("log_cut_failed", **fields)
+        if unplaced_error is not None:
+            raise unplaced_error
+
+    def _place_unplaced(self) -> OSError | None:
+        """Make again the files that could not be made after their commit (Shard._place);
+        their keys join this checkpoint's once made. The error that kept any."""
+        with self._lock:
+            unplaced, self._unplaced = self._unplaced, []
+        if not unplaced:
+            return None
+        try:
+            placed, error = self.write(lambda txn, batch: self.place_again(txn, unplaced))
+        except BaseException:
+            with self._lock:
+                self._unplaced.extend(unplaced)
+            raise
+        placed_set = set(placed)
+        with self._lock:
+            self._unplaced.extend(key for key in unplaced if key not in placed_set)
+            self._journaled.extend(placed)
+        return error
 
     def _cut_log(self, *, release: bool = False) -> None:
         """Sync LMDB, then start the write-ahead log again: every record in it is then in
@@ -595,7 +636,7 @@ class Shard:
                 done, _ = self.settler(batch.unsettled)
             except Exception:  # the keys stay: the next start settles them
                 _log.error("settle_failed", exc_info=True, shard=self.number)
-        if not done and not batch.journaled:
+        if not done and not batch.journaled and not self._unplaced:
             return
         with self._lock:
             self._settled.extend(done)
@@ -606,15 +647,16 @@ class Shard:
                 self._checkpointer.start()
 
     @contextmanager
-    def _transaction(self, durable: Callable[[], None] | None = None, *, fence: bool = True):
+    def _transaction(self, durable: Callable[[], None] | None = None, *, fence: bool = True,
+                     batch: Batch | None = None):
         """A write transaction of this shard (every one goes through here: storage/wal.py).
 
         It first replays what the write-ahead log holds beyond LMDB, then yields a
         wal.Recorder. On leaving, its changes are appended to the log and flushed (the one
         flush a durable commit waits for, timed as postroom_fsync_seconds{kind="commit"}),
-        `durable()` is called, and LMDB commits. Once the record is flushed the transaction
-        has happened, whatever follows: should LMDB's commit fail, the next transaction
-        replays the record (here, at once)."""
+        `durable()` is called, the files `batch` places are made, and LMDB commits. Once the
+        record is flushed the transaction has happened, whatever follows: should LMDB's commit
+        fail, the next transaction replays the record (here, at once)."""
         counters = self.db["counters"]
         raw = self._begin_caught_up(counters)
         appended = early = False
@@ -647,6 +689,15 @@ class Shard:
             raise
         if early:
             durable()
+        if batch is not None and batch.placed:
+            try:
+                self._place(batch, told=early)
+            except BaseException:
+                if not early:  # nobody was told (no room, see _room_for): it fails whole
+                    self._take_back(end)
+                self._local.writing = False
+                raw.abort()
+                raise
         try:
             raw.commit()
         except lmdb.Error:
@@ -655,6 +706,8 @@ class Shard:
                 raise
             if not early:  # nobody was told: the record goes, and the transaction failed
                 if self._taken_back(seq, end):
+                    for path, *_ in batch.placed if batch is not None else ():
+                        _unlink_quietly(path)
                     raise
             else:
                 _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
@@ -679,9 +732,20 @@ class Shard:
             try:
                 if not self.wal.has_next(*wal.read_position(raw, counters)):
                     return raw
-                replayed = wal.catch_up(raw, counters, self.wal)
+                journaled: list[bytes] = []
+                journal = self._wal_index[self.db["journal"]]
+                replayed = wal.catch_up(raw, counters, self.wal, lambda changes: journaled.extend(
+                    changes[i + 1] for i in range(0, len(changes), 3)
+                    if changes[i] == journal and changes[i + 2] is not None))
                 if replayed:
                     _log.info("log_replayed", shard=self.number, records=replayed)
+                if journaled and self.place_again is not None:
+                    # Their process died (or its LMDB commit failed) before it made their
+                    # files, or after: made here if missing, before readers see them. What
+                    # cannot be made now the next opening of the shard restores.
+                    _, error = self.place_again(raw, journaled)
+                    if error is not None:
+                        _log.error("replay_place_failed", shard=self.number, error=str(error)[:200])
                 raw.commit()
                 self.env.sync(True)
             except BaseException:
@@ -723,6 +787,30 @@ class Shard:
         except OSError:
             return False
         return st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
+
+    def _place(self, batch: Batch, *, told: bool) -> None:
+        """Make the files of the journaled messages of a transaction the log has, before
+        LMDB commits it: a reader never finds a UID without its file, and none is renamed
+        into place after the commit (storage/journal.py). A file that cannot be made (a full
+        disk) fails the transaction if nobody was told yet, its files made so far removed;
+        once its callers were told, the transaction stands: the bytes stay in the journal,
+        and the next checkpoint (or, should this process die, the next to open the shard)
+        makes the file."""
+        made: list[Path] = []
+        for path, data, mtime, key in batch.placed:
+            try:
+                _write_placed(path, data, mtime)
+            except OSError as e:
+                if not told:
+                    for done in made:
+                        _unlink_quietly(done)
+                    raise  # _fail tells a full disk (452 4.3.1) from any other error
+                _log.error("file_place_failed", shard=self.number, file=path.name, error=str(e)[:200])
+                with self._lock:
+                    self._unplaced.append(key)
+                continue
+            made.append(path)
+            batch.journaled.append(key)
 
     def _catch_up(self) -> None:
         """Wait for a commit in flight (LMDB's writer lock) and replay what a dead process
@@ -784,7 +872,7 @@ class Shard:
                     self._settle(request)
 
         try:
-            with self._transaction(tell_early) as txn:
+            with self._transaction(tell_early, batch=batch) as txn:
                 for request in requests:
                     try:
                         request.result = request.change(txn, batch)
@@ -814,7 +902,7 @@ class Shard:
         """Each request in a nested transaction, so that one failing cannot spoil the others."""
         batch = Batch()
         try:
-            with self._transaction() as txn:
+            with self._transaction(batch=batch) as txn:
                 for request in requests:
                     mark = batch.mark()
                     child = txn.child(self.env)
@@ -887,6 +975,24 @@ def _run_before(request: _Request) -> None:
         request.before()
     except BaseException as e:  # noqa: BLE001 - handed to the caller
         request.error = store_error(e)
+
+
+def _write_placed(path: Path, data: bytes, mtime: float) -> None:
+    """A journaled message's file in cur/ of its mailbox, not flushed (a checkpoint's syncfs
+    does that); its directories made here if they are not yet (a mailbox's are made after
+    the commit that creates it, storage/settle.py)."""
+    try:
+        write_file(path, data, mtime, flush=False, replace=True)
+    except FileNotFoundError:
+        make_dirs(path.parent.parent)
+        write_file(path, data, mtime, flush=False, replace=True)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir_if_there(path: Path) -> None:

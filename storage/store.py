@@ -162,6 +162,7 @@ class Store:
         shard.reads_wait = self._reads_wait
         shard.idle_work = functools.partial(self._idle_work, shard)
         shard.settler = functools.partial(settle.settle, shard)
+        shard.place_again = functools.partial(journal.place_again, shard)
         shard.flush_files = journal.FileSystemFlusher(shard.path)
         # Before anyone reads it here: finish what a crash of any process left,
         # then put back what a crash of the machine lost of journaled files.

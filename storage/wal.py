@@ -52,7 +52,7 @@ import errno
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,14 +319,18 @@ def write_position(txn: lmdb.Transaction, counters, seq: int, end: int) -> None:
     txn.put(END_KEY, _U64.pack(end), db=counters)
 
 
-def catch_up(txn: lmdb.Transaction, counters, log: WriteAheadLog) -> int:
+def catch_up(txn: lmdb.Transaction, counters, log: WriteAheadLog,
+             replaying: Callable[[list], None] | None = None) -> int:
     """At the start of a write transaction: replay the records the log holds beyond LMDB
-    (see the module's text) and void a torn one after them. The number replayed."""
+    (see the module's text) and void a torn one after them, each record's changes shown to
+    `replaying` first. The number replayed."""
     seq, end = read_position(txn, counters)
     replayed = 0
     for number, changes, stop in log.records(end):
         if number != seq + 1:
             break  # an older record, from before the last restart: applied long ago
+        if replaying is not None:
+            replaying(changes)
         log.apply(txn, changes)
         seq, end, replayed = number, stop, replayed + 1
     if log.has_next(seq, end):  # a header that names the next record, but no whole record

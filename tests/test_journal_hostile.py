@@ -652,6 +652,89 @@ def test_a_kill_between_a_checkpoints_log_flush_and_its_commit(data_dir):
     assert journal_bases(data_dir) == {p: [] for p in journal_bases(data_dir)}
 
 
+DELIVERY_CUT = """
+import msgspec
+from storage import wal
+from storage.shard import DATABASES
+for seq in range(1, 21):
+    store.deliver([ACCOUNT], message(seq))
+say("ready")
+sys.stdin.readline()
+shard = store.shard(ACCOUNT)
+append, journal = shard.wal.append, DATABASES.index("journal")
+def append_then_die(record, end):
+    stop = append(record, end)
+    changes = msgspec.msgpack.decode(record[wal.HEADER.size:])
+    if any(changes[i] == journal and changes[i + 2] is not None for i in range(0, len(changes), 3)):
+        os._exit(9)  # the delivery's record is flushed; its file not made, LMDB never commits
+    return stop
+shard.wal.append = append_then_die
+store.deliver([ACCOUNT], message(21))
+"""
+
+
+def test_a_kill_between_a_deliverys_log_flush_and_its_file(data_dir):
+    """A journaled message's file is made once its record is flushed, before LMDB commits.
+    Killed in between, its process leaves the record only: the next write transaction of a
+    process that has the shard open already replays it and makes the file, so its readers
+    never find the UID without it; then a power cut, and the next opening puts it back."""
+    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                               f"{SHARDS}))\n" + DELIVERY_CUT], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                              text=True)
+    run_until(writer, "ready")
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert len(store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])) == 20
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(60) == 9
+        store.deliver([ACCOUNT], message(22))  # its transaction replays the record first
+        infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert [i.uid for i in infos] == list(range(1, 23))
+        assert [store.read_message(i) for i in infos] == [message(seq) for seq in range(1, 23)]
+        assert check(store, ACCOUNT) == []
+    assert power_cut(data_dir) > 0
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 23)}})
+
+
+def test_a_file_that_cannot_be_made_after_its_commit_is_made_at_the_checkpoint(data_dir, caplog, monkeypatch):
+    """Once the 250 is told (the record flushed), a file that cannot be made (here its cur/
+    is not a directory; on a full disk, no room) does not undo the delivery: its bytes stay
+    in the journal, and each checkpoint tries again until the file is made."""
+    import storage.shard
+
+    monkeypatch.setattr(storage.shard, "CHECKPOINT_INTERVAL", 3600.0)  # only the checkpoints called here
+    caplog.set_level("ERROR", logger="storage.shard")
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.deliver([ACCOUNT], message(1))
+        shard = store.shard(ACCOUNT)
+        [box] = [m for m in store.mailboxes(ACCOUNT) if m.name == "INBOX"]
+        cur = shard.mailbox_dir(ACCOUNT, box.id) / "cur"
+        kept = cur.with_name("cur.kept")
+
+        def journaled() -> int:
+            with shard.read() as txn:
+                return txn.stat(shard.db["journal"])["entries"]
+
+        shard.checkpoint()
+        assert journaled() == 0
+        cur.rename(kept)
+        cur.write_bytes(b"")  # not a directory: the file cannot be made
+        [delivered] = store.deliver([ACCOUNT], message(2))
+        assert delivered.uid == 2
+        assert [r.getMessage() for r in caplog.records] == ["file_place_failed"]
+        with pytest.raises(OSError):
+            shard.checkpoint()  # cur/ is still no directory: the key waits
+        assert journaled() == 1  # message 2's bytes, still
+        cur.unlink()
+        kept.rename(cur)
+        shard.checkpoint()
+        infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert [store.read_message(i) for i in infos] == [message(1), message(2)]
+        assert check(store, ACCOUNT) == []
+        assert journaled() == 0
+    verify(data_dir, {"INBOX": {1: message(1), 2: message(2)}})
+
+
 def _lmdb_journal_sizes(data_dir: Path) -> list[int]:
     """How many `journal` entries each shard's LMDB holds, the write-ahead log aside."""
     import lmdb
