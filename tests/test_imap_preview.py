@@ -112,3 +112,18 @@ def test_make_preview_is_bounded():
     assert make_preview("  a\r\n\tb  ") == "a b"
     assert make_preview("x" * 10_000_000) == "x" * PREVIEW_CHARS
     assert parse_message(ATTACHMENT_ONLY).preview == ""
+
+
+def test_make_preview_reads_no_more_than_it_needs_and_says_the_same():
+    """make_preview looks at a growing window: the same preview as running together the
+    whole PREVIEW_SCAN, wherever the window ends (mid-word, in white space, short texts)."""
+    import random
+
+    from storage.mime import PREVIEW_SCAN
+
+    rng = random.Random(17)
+    words = ["a", "bb", "word", "x" * 300, "\u00e9t\u00e9", "longer-word"]
+    spaces = [" ", "  ", "\r\n", "\t", "\r\n\r\n" * 200, " " * 3000]
+    for _ in range(300):
+        text = "".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randrange(0, 400)))
+        assert make_preview(text) == " ".join(text[:PREVIEW_SCAN].split())[:PREVIEW_CHARS]

@@ -17,6 +17,7 @@ CASES = [
     "a line without a colon\r\nSubject: y\r\n", "Subject: mixed\r\nTo: line ends\n", "Subject: a\rb\r\n",
     "Subject: a\x0bb\x0cc\u2028d\x85e\x1cf\r\nTo: x\r\n",  # not line ends to email, nor here
     "X-Long: " + "a" * 20000 + "\r\n",
+    "Received: one\r\nreceived: two\r\nRECEIVED: three\r\nX: \udcff surrogate\r\n",
 ]
 
 
@@ -25,6 +26,13 @@ def same(text: str) -> None:
     assert fast.items() == slow.items(), text
     assert fast.get_payload() == slow.get_payload(), text
     assert fast.get_unixfrom() == slow.get_unixfrom(), text
+    # Looked up by name (an index, in the fast split's message): the same as email's scans.
+    names = {name.lower() for name, _ in slow.items()} | {"x", "subject", "missing"}
+    for name in names:
+        for asked in (name, name.upper(), name.title()):
+            assert fast.get(asked) == slow.get(asked), (text, asked)
+            assert fast.get_all(asked, "none") == slow.get_all(asked, "none"), (text, asked)
+    assert fast.get_param("boundary") == slow.get_param("boundary"), text
 
 
 def test_known_blocks_read_alike():
@@ -41,3 +49,13 @@ _LINE = st.tuples(_NAME, st.sampled_from([":", ": ", ":\t", ""]), _VALUE, st.sam
 @given(st.lists(_LINE, max_size=6))
 def test_any_block_reads_alike(lines):
     same("".join(name + colon + value + end for name, colon, value, end in lines))
+
+
+def test_a_changed_block_is_looked_up_as_email_does():
+    """Fields changed after the split (none are on the delivery path) are found all the same."""
+    fast = parse_headers("Content-Type: text/plain\r\nX: 1\r\n")
+    fast["X"] = "2"
+    del fast["content-type"]
+    fast.set_param("charset", "utf-8")
+    assert fast.get_all("x") == ["1", "2"]
+    assert fast.get("content-type") == 'text/plain; charset="utf-8"'
