@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import fts, mailboxes, maildir, messages, metadata, records, unsettled
+from storage import fts, journal, mailboxes, maildir, messages, metadata, records, unsettled
 from storage.errors import MailboxNameError, StoreError
 from storage.mime import parse_message
 from storage.names import DEFAULT_MAILBOXES, normalize_name, parents
@@ -162,11 +162,22 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
                 problems.append(Problem(account, scan.mailbox.name, "file-not-in-index",
                                         f"{entry.name} (repair indexes it)"))
                 scan.unindexed.append(Path(entry.path))
+        lost = []
         for base, uid in scan.missing:
+            key = base.encode("utf-8", "surrogateescape")
+            if txn.get(key, db=shard.db["journal"]) is not None:
+                # A 250'd message whose file its process could not make (a full disk): its
+                # bytes are in the journal (storage/journal.py). Never expunged for it.
+                problems.append(Problem(account, scan.mailbox.name, "file-not-made",
+                                        f"UID {uid} ({base}): its bytes are in the journal (repair makes the file)"))
+                if repair:
+                    journal.place_again(shard, txn, [key])
+                continue
             problems.append(Problem(account, scan.mailbox.name, "file-missing",
                                     f"UID {uid} ({base}) (repair expunges it)"))
-        if repair and (scan.unindexed or scan.missing):
-            _repair_messages(txn, shard, batch, account, scan.mailbox.id, scan.unindexed, scan.missing)
+            lost.append((base, uid))
+        if repair and (scan.unindexed or lost):
+            _repair_messages(txn, shard, batch, account, scan.mailbox.id, scan.unindexed, lost)
     if repair:
         _fix_counters(txn, shard, account)
     return problems

@@ -95,6 +95,7 @@ WAL_CUT_BYTES = 16 << 20
 # (see _room_for): its pages per change copied, and a margin for every other writer.
 COPIED_PAGES = 4 * 4096
 ROOM_MARGIN = 64 << 20
+ROOM_INODES = 1024
 # Replays in a row a write transaction makes before it gives up: one nearly always; more
 # only if processes keep dying between their log's flush and their commit.
 CATCH_UP_ROUNDS = 10
@@ -694,6 +695,7 @@ class Shard:
                 self._place(batch, told=early)
             except BaseException:
                 if not early:  # nobody was told (no room, see _room_for): it fails whole
+                    _unplace(batch)  # before the record goes: a file of it never outlives it
                     self._take_back(end)
                 self._local.writing = False
                 raw.abort()
@@ -705,9 +707,7 @@ class Shard:
             if not txn.changes:
                 raise
             if not early:  # nobody was told: the record goes, and the transaction failed
-                if self._taken_back(seq, end):
-                    for path, *_ in batch.placed if batch is not None else ():
-                        _unlink_quietly(path)
+                if self._taken_back(seq, end, batch):
                     raise
             else:
                 _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
@@ -762,10 +762,11 @@ class Shard:
         except OSError:  # the next transaction replays it: a change its callers think failed
             _log.error("log_takeback_failed", exc_info=True, shard=self.number)
 
-    def _taken_back(self, seq: int, end: int) -> bool:
+    def _taken_back(self, seq: int, end: int, batch: Batch | None = None) -> bool:
         """After LMDB failed to commit record seq + 1 that nobody was told of: cut it from the
         log, under the writer lock (LMDB let go of it with the failed commit) unless another
-        process has replayed it meanwhile. Whether it was taken back (else it happened)."""
+        process has replayed it meanwhile, the files `batch` placed removed first. Whether it
+        was taken back (else it happened)."""
         try:
             txn = self.env.begin(write=True)
         except lmdb.Error:
@@ -774,6 +775,8 @@ class Shard:
         try:
             if wal.read_position(txn, self.db["counters"])[0] > seq:
                 return False  # another process replayed it: it happened, like any commit
+            if batch is not None:
+                _unplace(batch)
             self._take_back(end)
             return True
         finally:
@@ -781,12 +784,16 @@ class Shard:
 
     def _room_for(self, record: int, changes: int) -> bool:
         """Whether the disk has room for LMDB to commit a transaction of `changes` changes
-        logged in `record` bytes, with a wide margin: its pages and their copies."""
+        logged in `record` bytes, with a wide margin (its pages and their copies), and for the
+        files it makes (Shard._place)."""
         try:
             st = os.statvfs(self.path)
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
+        # A file system out of inodes (f_files 0: one without a fixed number) cannot take the
+        # batch's new files, whatever its free bytes.
+        inodes = st.f_files == 0 or st.f_favail > ROOM_INODES
+        return inodes and st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
 
     def _place(self, batch: Batch, *, told: bool) -> None:
         """Make the files of the journaled messages of a transaction the log has, before
@@ -796,20 +803,16 @@ class Shard:
         once its callers were told, the transaction stands: the bytes stay in the journal,
         and the next checkpoint (or, should this process die, the next to open the shard)
         makes the file."""
-        made: list[Path] = []
         for path, data, mtime, key in batch.placed:
             try:
                 _write_placed(path, data, mtime)
             except OSError as e:
                 if not told:
-                    for done in made:
-                        _unlink_quietly(done)
-                    raise  # _fail tells a full disk (452 4.3.1) from any other error
+                    raise  # the caller removes what was made; _fail tells a full disk (452 4.3.1)
                 _log.error("file_place_failed", shard=self.number, file=path.name, error=str(e)[:200])
                 with self._lock:
                     self._unplaced.append(key)
                 continue
-            made.append(path)
             batch.journaled.append(key)
 
     def _catch_up(self) -> None:
@@ -986,6 +989,19 @@ def _write_placed(path: Path, data: bytes, mtime: float) -> None:
     except FileNotFoundError:
         make_dirs(path.parent.parent)
         write_file(path, data, mtime, flush=False, replace=True)
+
+
+def _unplace(batch: Batch) -> None:
+    """Remove the files `batch` placed for a transaction that is being taken back, and flush
+    their directories: should the machine crash after the record is voided, no file of it
+    may stay in cur/ under a UID the next delivery is given again."""
+    for path, *_ in batch.placed:
+        _unlink_quietly(path)
+    for directory in {path.parent for path, *_ in batch.placed}:
+        try:
+            fsync_dir(directory)
+        except OSError:
+            pass  # gone with its mailbox, or the disk failing: `store check` reports what stays
 
 
 def _unlink_quietly(path: Path) -> None:

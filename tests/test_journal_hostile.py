@@ -735,6 +735,92 @@ def test_a_file_that_cannot_be_made_after_its_commit_is_made_at_the_checkpoint(d
     verify(data_dir, {"INBOX": {1: message(1), 2: message(2)}})
 
 
+UNPLACED_WRITER = """
+import errno
+import storage.maildir, storage.shard
+store.deliver([ACCOUNT], message(1))
+shard = store.shard(ACCOUNT)
+shard.checkpoint()
+real = storage.shard.write_file
+def fail(*args, **kwargs):
+    raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))  # this process out of descriptors
+storage.shard.write_file = storage.maildir.write_file = fail
+[delivered] = store.deliver([ACCOUNT], message(2))
+say(f"told {delivered.uid}")
+sys.stdin.readline()
+storage.shard.write_file = storage.maildir.write_file = real
+shard.checkpoint()
+say("checkpointed")
+sys.stdin.readline()
+"""
+
+
+def test_a_repair_makes_the_file_its_process_could_not_and_never_expunges_it(data_dir):
+    """A delivery told (250) whose file its process could not make has its bytes in the
+    journal. `store check` from another process (the CLI) reports it, and --repair makes
+    the file: it expunged the message before, and the writer's next checkpoint then forgot
+    its bytes (found by a review)."""
+    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                               f"{SHARDS}))\n" + UNPLACED_WRITER], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                              text=True)
+    try:
+        assert run_until(writer, "told 2")[-1] == "told 2"
+        with Store(open_data_dir(data_dir, SHARDS)) as store:  # the CLI
+            kinds = [p.kind for p in check(store, ACCOUNT)]
+            assert kinds == ["file-not-made"]
+            assert [p.kind for p in check(store, ACCOUNT, repair=True)] == ["file-not-made"]
+            assert check(store, ACCOUNT) == []
+            infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+            assert [store.read_message(i) for i in infos] == [message(1), message(2)]
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        run_until(writer, "checkpointed")
+        assert power_cut(data_dir) == 0  # every file flushed: nothing left for a cut to damage
+    finally:
+        kill(writer)
+    verify(data_dir, {"INBOX": {1: message(1), 2: message(2)}})
+
+
+TAKEN_BACK = """
+import lmdb
+store.deliver([ACCOUNT], message(1))
+shard = store.shard(ACCOUNT)
+shard.checkpoint()
+class CommitFails:
+    def __init__(self, raw):
+        self._raw = raw
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+    def commit(self):
+        self._raw.abort()
+        raise lmdb.MapFullError("LMDB could not commit")
+begin, taken_back = shard._begin_caught_up, shard._taken_back
+def failing_begin(counters):
+    shard._begin_caught_up = begin
+    return CommitFails(begin(counters))
+def taken_back_then_die(seq, end, batch=None):
+    taken_back(seq, end, batch)
+    os._exit(9)  # the record voided: no file of it may be left in cur/
+shard._room_for = lambda *args: False  # a nearly full disk: nobody is told before LMDB commits
+shard._begin_caught_up = failing_begin
+shard._taken_back = taken_back_then_die
+store.deliver([ACCOUNT], message(2))
+"""
+
+
+def test_a_transaction_taken_back_leaves_no_file_of_it(data_dir):
+    """LMDB could not commit a transaction nobody was told of: its record is voided, and
+    its placed files go first, so a kill right after leaves no file under a UID the next
+    delivery is given again (a review found the unlink after the void)."""
+    writer = child(data_dir, TAKEN_BACK)
+    assert writer.wait(60) == 9
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert check(store, ACCOUNT) == []
+        [delivered] = store.deliver([ACCOUNT], message(3))
+        assert delivered.uid == 2
+    verify(data_dir, {"INBOX": {1: message(1), 3: message(3)}})
+
+
 def _lmdb_journal_sizes(data_dir: Path) -> list[int]:
     """How many `journal` entries each shard's LMDB holds, the write-ahead log aside."""
     import lmdb
