@@ -141,13 +141,23 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
         if mailbox_id not in on_disk and mailbox_id not in in_flight.mailboxes:
             problems.append(Problem(account, mailbox.name, "directory-missing",
                                     f"{mailbox.exists} message(s) without their directory "
-                                    "(repair recreates it and expunges them)"))
+                                    "(repair recreates it, makes again those whose bytes the journal holds, "
+                                    "and expunges the others)"))
             if repair:
                 directory = shard.mailbox_dir(account, mailbox_id)
                 maildir.make_dirs(directory)
                 maildir.write_meta(directory, {"name": mailbox.name, "special_use": mailbox.special_use})
-                messages.expunge(txn, shard, batch, account, mailbox_id, records.get_mailbox(txn, shard, mailbox_id),
-                                 only_deleted=False)
+                # Those whose bytes the journal still has are made again; the others go.
+                gone = []
+                for uid, _ in messages.entries(txn, shard, mailbox_id):
+                    file = records.get_message_file(txn, shard, mailbox_id, uid)
+                    key = file.base.encode("utf-8", "surrogateescape") if file is not None else b""
+                    if not key or txn.get(key, db=shard.db["journal"]) is None \
+                            or journal.place_again(shard, txn, [key])[1] is not None:
+                        gone.append((uid, uid))
+                if gone:
+                    messages.expunge(txn, shard, batch, account, mailbox_id,
+                                     records.get_mailbox(txn, shard, mailbox_id), gone, only_deleted=False)
     # A file the index does not know but that shares its inode with one it does is the new
     # link of a copy or move that never committed: indexing it would duplicate the message.
     indexed_inodes = set().union(*(scan.indexed_inodes for scan in scans)) if scans else set()
@@ -281,6 +291,14 @@ def rebuild(store: Store, account: str) -> dict:
 
 
 def _rebuild(txn, shard: Shard, batch: Batch, account: str) -> dict:
+    # A message whose file its process could not make has its bytes in the journal alone:
+    # made first, and flushed, as the rebuild reads the files and may rename them.
+    keys = [bytes(key) for key, _ in txn.cursor(db=shard.db["journal"])]
+    if keys:
+        _, error = journal.place_again(shard, txn, keys)
+        if error is not None:
+            raise StoreError(f"a journaled message's file could not be made: {error}")
+        shard.flush()
     # What the old index knew, so that no UID is handed out again and MODSEQ never goes back.
     prior = {m.id: (m.uidnext, m.highestmodseq) for m in mailboxes.listing(txn, shard, account)}
     for mailbox in mailboxes.listing(txn, shard, account):

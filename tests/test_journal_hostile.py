@@ -781,6 +781,30 @@ def test_a_repair_makes_the_file_its_process_could_not_and_never_expunges_it(dat
     verify(data_dir, {"INBOX": {1: message(1), 2: message(2)}})
 
 
+def test_a_rebuild_keeps_a_message_whose_file_its_process_could_not_make(data_dir):
+    """`store rebuild` reads the files: a told message whose bytes are only in the journal
+    has its file made first, so the rebuilt index has it (a review found it dropped, and
+    its bytes then forgotten by the writer's checkpoint)."""
+    from storage.check import rebuild
+
+    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                               f"{SHARDS}))\n" + UNPLACED_WRITER], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                              text=True)
+    try:
+        run_until(writer, "told 2")
+        with Store(open_data_dir(data_dir, SHARDS)) as store:
+            assert rebuild(store, ACCOUNT)["messages"] == 2
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        run_until(writer, "checkpointed")
+    finally:
+        kill(writer)
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert sorted(store.read_message(i) for i in infos) == [message(1), message(2)]
+        assert check(store, ACCOUNT) == []
+
+
 TAKEN_BACK = """
 import lmdb
 store.deliver([ACCOUNT], message(1))
