@@ -95,7 +95,7 @@ WAL_CUT_BYTES = 16 << 20
 # (see _room_for): its pages per change copied, and a margin for every other writer.
 COPIED_PAGES = 4 * 4096
 ROOM_MARGIN = 64 << 20
-ROOM_INODES = 1024
+ROOM_INODES = 1024  # and free inodes for the files it makes (Shard._place)
 # Replays in a row a write transaction makes before it gives up: one nearly always; more
 # only if processes keep dying between their log's flush and their commit.
 CATCH_UP_ROUNDS = 10
