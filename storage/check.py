@@ -151,9 +151,7 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
                 gone = []
                 for uid, _ in messages.entries(txn, shard, mailbox_id):
                     file = records.get_message_file(txn, shard, mailbox_id, uid)
-                    key = file.base.encode("utf-8", "surrogateescape") if file is not None else b""
-                    if not key or txn.get(key, db=shard.db["journal"]) is None \
-                            or journal.place_again(shard, txn, [key])[1] is not None:
+                    if file is None or _made_from_journal(txn, shard, file.base) is not True:
                         gone.append((uid, uid))
                 if gone:
                     messages.expunge(txn, shard, batch, account, mailbox_id,
@@ -174,14 +172,13 @@ def _check_account(txn, shard: Shard, batch: Batch | None, account: str, repair:
                 scan.unindexed.append(Path(entry.path))
         lost = []
         for base, uid in scan.missing:
-            key = base.encode("utf-8", "surrogateescape")
-            if txn.get(key, db=shard.db["journal"]) is not None:
+            made = _made_from_journal(txn, shard, base, make=repair)
+            if made is not None:
                 # A 250'd message whose file its process could not make (a full disk): its
                 # bytes are in the journal (storage/journal.py). Never expunged for it.
+                outcome = "made again" if made else "repair makes the file" if not repair else "could not be made yet"
                 problems.append(Problem(account, scan.mailbox.name, "file-not-made",
-                                        f"UID {uid} ({base}): its bytes are in the journal (repair makes the file)"))
-                if repair:
-                    journal.place_again(shard, txn, [key])
+                                        f"UID {uid} ({base}): its bytes are in the journal ({outcome})"))
                 continue
             problems.append(Problem(account, scan.mailbox.name, "file-missing",
                                     f"UID {uid} ({base}) (repair expunges it)"))
@@ -248,6 +245,15 @@ def _scan_mailbox(txn, shard: Shard, account: str, mailbox: mailboxes.Mailbox, d
                 scan.unknown.append(entry)
     scan.missing = [(base, uid) for base, (uid, _, _) in indexed.items() if base not in seen and base not in in_flight]
     return scan
+
+
+def _made_from_journal(txn, shard: Shard, base: str, *, make: bool = True) -> bool | None:
+    """None when the journal does not hold message `base`'s bytes; else whether its file was
+    made from them (False with make=False, or when it could not be: a full disk)."""
+    key = base.encode("utf-8", "surrogateescape")
+    if txn.get(key, db=shard.db["journal"]) is None:
+        return None
+    return make and journal.place_again(shard, txn, [key])[1] is None
 
 
 def _repair_messages(txn, shard: Shard, batch: Batch, account: str, mailbox_id: int,
