@@ -16,9 +16,8 @@ import lmdb
 
 import conf
 from conf.tls import TLSSetupError, server_context
-from postroom import __version__, admin, queueadmin
+from postroom import __version__, admin
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, open_accounts, open_queues, open_store
-from postroom.serve import serve
 from postroom.services import DAEMONS, ServeError
 from storage import AccountError, Accounts, AddressError, DataDirError, StoreError, open_data_dir
 
@@ -115,20 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     queue = _group(commands, "queue", "inspect and steer the outbound queue")
     p = queue.add_parser("list", help="list queued messages, oldest first")
     p.add_argument("--json", action="store_true", help="print JSON, for scripts")
-    p.set_defaults(run=queueadmin.queue_list, needs_queue=True)
+    p.set_defaults(run=_lazy("queueadmin", "queue_list"), needs_queue=True)
     p = queue.add_parser("show", help="show one message's envelope and each recipient's state")
     p.add_argument("id", metavar="ID")
     p.add_argument("--json", action="store_true", help="print JSON, for scripts")
-    p.set_defaults(run=queueadmin.queue_show, needs_queue=True)
+    p.set_defaults(run=_lazy("queueadmin", "queue_show"), needs_queue=True)
     p = queue.add_parser("flush", help="try one message (or every message not held) now")
     p.add_argument("id", metavar="ID", nargs="?")
-    p.set_defaults(run=queueadmin.queue_flush, needs_queue=True)
+    p.set_defaults(run=_lazy("queueadmin", "queue_flush"), needs_queue=True)
     for action, help in (("remove", "delete a message, without a report to its sender"),
                          ("hold", "keep a message from delivery until released"),
                          ("release", "let a held message go, now")):
         p = queue.add_parser(action, help=help)
         p.add_argument("id", metavar="ID")
-        p.set_defaults(run=getattr(queueadmin, f"queue_{action}"), needs_queue=True)
+        p.set_defaults(run=_lazy("queueadmin", f"queue_{action}"), needs_queue=True)
     # DKIM keys and the DNS records to publish (postroom/dkimadmin.py).
     dkim = _group(commands, "dkim", "manage DKIM signing keys")
     p = dkim.add_parser("keygen", help="make a signing key for a domain and print its TXT record")
@@ -252,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return config_check(config)
         become_data_dir_owner(config.server.data_dir)
         if args.command == "serve":
+            from postroom.serve import serve  # the admin commands never load the supervisor
+
             return serve(config)
         if getattr(args, "own_config", False):
             return args.run(config, args)

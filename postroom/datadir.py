@@ -19,6 +19,7 @@ import pwd
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import argon2
@@ -26,8 +27,11 @@ import argon2
 from conf import Config
 from conf.schema import AccountsConfig
 from postroom.services import DAEMONS
-from storage import (NO_QUOTA, Accounts, DataDir, NotOwnerError, Quota, QueueSet, Store, held_flocks, open_data_dir,
-                     queues_on_disk)
+import storage
+from storage import Accounts, DataDir, open_data_dir
+
+if TYPE_CHECKING:
+    from storage import QueueSet, Store
 
 
 class DataDirInUseError(Exception):
@@ -56,13 +60,13 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
     holds: another's volume is not attached here, and opening its empty mount point would
     make an index there (a daemon's closes those it releases, cluster/follow.py; the CLI's
     commands see the node's own shards, `store.shards()`)."""
-    def quota_of(account: str) -> Quota:
+    def quota_of(account: str) -> storage.Quota:
         user = accounts.get_user(account)
-        return Quota(user.quota, user.message_quota) if user else NO_QUOTA
+        return storage.Quota(user.quota, user.message_quota) if user else storage.NO_QUOTA
 
     quotas = quota_of if accounts is not None else None
     if config is None:
-        return Store(data_dir, quota_of=quotas, reads_wait=reads_wait)
+        return storage.Store(data_dir, quota_of=quotas, reads_wait=reads_wait)
     fence = held = pin = None
     if config.cluster.enabled:  # every commit checked against this node's claims (cluster/)
         from cluster.local import open_node_table
@@ -73,7 +77,7 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
 
         def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
             return table.claim(number) is not None and table.lease_left() > 0
-    return Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
+    return storage.Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
                  held=held, pin=pin, reads_wait=reads_wait)
 
 
@@ -94,26 +98,26 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
     recorded in the shard (Store.fence_revision), so `store` must be the fenced store of
     open_store; without one (status, metrics, backup: readers) nothing is written."""
     if not config.cluster.enabled:
-        return QueueSet(data_dir)
+        return storage.QueueSet(data_dir)
     from cluster.local import open_node_table
 
     table = open_node_table(config, data_dir)
     runner_lock = data_dir.path / f"{lock_name(config, 'runner')}.lock"
     pin = shard_pins(config, data_dir)
     if store is None:
-        return QueueSet(data_dir, shards=lambda: queues_on_disk(data_dir), fence=lambda number: False,
+        return storage.QueueSet(data_dir, shards=lambda: storage.queues_on_disk(data_dir), fence=lambda number: False,
                         runner_lock=runner_lock, pin=pin)
 
     def fence(number: int) -> bool:
         try:
             return table.holds(number, store.fence_revision(number))
-        except NotOwnerError:
+        except storage.NotOwnerError:
             return False  # the shard is closed here: this node released it (cluster/follow.py)
 
     def shards():
-        return queues_on_disk(data_dir) if on_disk else table.claims().keys()
+        return storage.queues_on_disk(data_dir) if on_disk else table.claims().keys()
 
-    return QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock,
+    return storage.QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock,
                     pin=pin)
 
 
@@ -202,7 +206,7 @@ class Running:
 def running_processes(data_dir: Path, config: Config | None = None) -> dict[str, Running]:
     """The Postroom processes that hold their lock in `data_dir`, by name (in a cluster,
     those of `config`'s node)."""
-    held = held_flocks()
+    held = storage.held_flocks()
     found = {}
     for name in PROCESSES:
         path = data_dir / f"{lock_name(config, name) if config is not None else name}.lock"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,3 +140,19 @@ def _face() -> set[str]:
     import storage
 
     return set(storage.__all__)
+
+
+def test_the_storage_faces_names_for_editors_are_the_names_it_gives():
+    """storage/__init__.py looks its names up on first use (_FACE); its TYPE_CHECKING imports
+    say the same to editors and type checkers, and must not drift from it."""
+    import storage
+
+    tree = ast.parse((ROOT / "storage" / "__init__.py").read_text())
+    checking = next(node for node in tree.body if isinstance(node, ast.If))
+    named = {(alias.asname or alias.name): (node.module, alias.name)
+             for node in checking.body for alias in node.names}
+    given = {name: (module, storage._RENAMED.get(name, name)) for name, module in storage._MODULE_OF.items()}
+    assert named == given
+    for name in storage.__all__:
+        module, attr = given[name]
+        assert getattr(storage, name) is getattr(importlib.import_module(module), attr)
