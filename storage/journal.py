@@ -59,6 +59,13 @@ def put(txn: lmdb.Transaction, shard: Shard, base: str, data: bytes, mtime: floa
     return key
 
 
+def held(txn: lmdb.Transaction, shard: Shard, base: str) -> bytes | None:
+    """The bytes of message `base` while the journal holds them: until a checkpoint has made
+    its file and flushed it. None after that, or for a message never journaled."""
+    raw = txn.get(base.encode("utf-8", "surrogateescape"), db=shard.db["journal"])
+    return None if raw is None else _parse(bytes(raw))[2]
+
+
 def copy(txn: lmdb.Transaction, shard: Shard, source_base: str, base: str) -> bytes | None:
     """A new name (`base`, a COPY's or MOVE's link) for a message whose bytes are still in the
     journal gets its own entry: the link shares the file's unflushed data. Its key, or None."""

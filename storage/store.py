@@ -38,6 +38,7 @@ from storage.errors import (
 from storage.fileview import FileView
 from storage.listing import Listing, Listings
 from storage.mailboxes import INBOX, Mailbox
+from storage.maildir import memory_file
 from storage.messages import ALL, NO_QUOTA, FlagState, MessageInfo, Quota, UidRanges, normalize_ranges
 from storage.mime import parse_message
 from storage.names import check_account_name, normalize_name
@@ -589,6 +590,13 @@ class Store:
                 pass
             found = messages.find_file(shard, Path(path), base)
             if found is None:
+                with shard.read() as txn:
+                    data = journal.held(txn, shard, base)
+                if data is not None:
+                    # Told (250) but its file not made yet: its process could not (a full
+                    # disk, no descriptors; storage/shard.py _place) and each checkpoint tries
+                    # again. Until then FETCH and RETR read the journal's copy.
+                    return memory_file(data, base)
                 # Expunged since the index was read (its file unlinked once the expunge
                 # committed), or renamed while the directory was read: the index says which.
                 # Taking it for a missing file sent sysadmins to a `store check` that found

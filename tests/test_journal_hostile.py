@@ -920,3 +920,93 @@ def test_a_restore_killed_halfway_and_the_power_cut_again(data_dir):
         killed_with_work_left += 1
     assert killed_with_work_left >= 2, "the restore always finished before the kill: the test proves little"
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 801)}})
+
+
+def test_a_message_whose_file_cannot_be_made_yet_is_read_from_the_journal(write_config, data_dir, tmp_path):
+    """A delivery told (250) whose file its process could not make after the log's flush
+    (here cur/ is immutable, chattr +i; in life a full disk, no descriptors) stands, and each
+    checkpoint tries again. Meanwhile IMAP and POP3 read it from the journal's copy: a FETCH
+    used to be NO, the store saying "run store check", until the file was made."""
+    import imaplib
+    import poplib
+    import smtplib
+
+    from conftest import POSTROOM, add_accounts, client_tls_context, start_daemon
+
+    password = "correct horse battery staple"
+    config = write_config(imap={"plaintext_auth": False})
+    add_accounts(config, password, users=[ACCOUNT])
+    daemon = start_daemon(config, tmp_path)
+    cur: Path | None = None
+    try:
+        smtp = daemon.listen("smtp.listen")
+
+        def send(seq: int) -> None:
+            with smtplib.SMTP(smtp.host, smtp.port, timeout=30) as client:
+                client.sendmail("bob@example.org", [ACCOUNT], message(seq))  # raises unless 250
+
+        def files() -> list[Path]:
+            return sorted(cur.iterdir()) if cur is not None else sorted(data_dir.glob(f"shards/*/{ACCOUNT}/*/cur/*"))
+
+        send(1)
+        deadline = time.monotonic() + 10
+        while not files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [first] = files()
+        cur = first.parent
+        subprocess.run(["chattr", "+i", str(cur)], check=True)
+        send(2)
+        deadline = time.monotonic() + 10
+        while "file_place_failed" not in daemon.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "file_place_failed" in daemon.stderr()
+        assert files() == [first]  # message 2 has no file: its bytes are the journal's only
+
+        context = client_tls_context(daemon.config)
+        imap_address = daemon.listen("imap.listen")
+        with imaplib.IMAP4(imap_address.host, imap_address.port, timeout=30) as imap:
+            imap.starttls(ssl_context=context)
+            imap.login(ACCOUNT, password)
+            # The 250 comes once the log has the message, LMDB's commit (what IMAP reads) just after.
+            deadline = time.monotonic() + 10
+            while imap.select("INBOX")[1] != [b"2"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status, data = imap.uid("FETCH", "2", "(BODY.PEEK[] RFC822.SIZE)")
+            assert status == "OK", data
+            assert data[0][1].endswith(message(2)), data
+            # A copy takes the journal's bytes too (it took the file's); a flag change
+            # waits for the file, which is made under the name the flags give it.
+            assert imap.create("Kept")[0] == "OK"
+            status, data = imap.uid("COPY", "2", "Kept")
+            assert status == "OK", data
+            assert imap.uid("STORE", "2", "+FLAGS", r"(\Flagged)")[0] == "OK"
+            imap.select("Kept", readonly=True)
+            status, data = imap.uid("FETCH", "1", "(BODY.PEEK[])")
+            assert status == "OK" and data[0][1].endswith(message(2)), data
+        pop3_address = daemon.listen("pop3.listen")
+        pop3 = poplib.POP3(pop3_address.host, pop3_address.port, timeout=30)
+        try:
+            pop3.stls(context)
+            pop3.user(ACCOUNT)
+            pop3.pass_(password)
+            _, lines, _ = pop3.retr(2)
+            assert b"\r\n".join(lines).endswith(message(2).rstrip(b"\r\n"))
+        finally:
+            pop3.quit()
+
+        subprocess.run(["chattr", "-i", str(cur)], check=True)
+        deadline = time.monotonic() + 15  # the next checkpoint (one a second) makes it
+        while time.monotonic() < deadline and len(files()) < 2:
+            time.sleep(0.1)
+        assert len(files()) == 2, daemon.stderr()[-2000:]
+        [made] = [path for path in files() if path != first]
+        # Named for its flags: IMAP's \Flagged, RETR's \Seen.
+        assert ",U=2," in made.name and made.name.endswith(":2,FS"), made
+        result = subprocess.run([POSTROOM, "--config", str(config), "store", "check"], capture_output=True,
+                                text=True, timeout=120)
+        assert (result.returncode, result.stdout) == (0, "0 problem(s)\n"), result.stdout + result.stderr
+    finally:
+        if cur is not None:
+            subprocess.run(["chattr", "-i", str(cur)], check=False)
+        assert daemon.stop() == 0, daemon.stderr()
+    assert "Traceback" not in daemon.stderr()
