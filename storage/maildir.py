@@ -103,8 +103,8 @@ def write_file(path: Path, data: bytes, mtime: float, *, flush: bool = True, rep
 
 
 def memory_file(data: bytes, name: str) -> BinaryIO:
-    """`data` as a read-only file with a descriptor of its own (a memfd), read as a message
-    file is: FETCH through a FileView, POP3's RETR."""
+    """`data` as a file opened for reading, with a descriptor of its own (a memfd), read as a
+    message file is: FETCH through a FileView, POP3's RETR."""
     fd = os.memfd_create(name[:200], os.MFD_CLOEXEC)
     try:
         view = memoryview(data)

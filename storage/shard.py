@@ -927,8 +927,9 @@ class Shard:
 class _Repeating:
     """A failure of background work that comes back at every turn for as long as its cause
     lasts (a full disk: hours, maybe): logged when it starts, then once a REPEAT_LOG_EVERY
-    with how many times it failed, not once a turn; a full disk without a traceback, as it
-    is no bug."""
+    with how many times it failed, not once a turn; a file system's error (a full disk, EIO,
+    a directory that refuses a file) without a traceback, as it is no bug: its errno and path
+    say what is wrong."""
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
@@ -942,7 +943,8 @@ class _Repeating:
             return None
         self._logged = time.monotonic()
         full = isinstance(error, DiskFullError) or is_disk_full(error, self.shard.path)
-        return {"exc_info": not full, "shard": self.shard.number, "failures": self.failures,
+        return {"exc_info": not (full or isinstance(error, OSError)), "shard": self.shard.number,
+                "failures": self.failures,
                 "error": DISK_FULL if full else f"{error.__class__.__name__}: {error}"}
 
     def cleared(self) -> None:

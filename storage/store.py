@@ -575,8 +575,9 @@ class Store:
 
     def open_message(self, message: MessageInfo) -> BinaryIO:
         """The stored bytes of a fetched message (exactly `message.size` of them), its file
-        found from the index. ExpungedError once the message is expunged (the file goes with
-        it: an open file stays readable, a name does not)."""
+        found from the index; or, while its file is not made yet, the journal's copy in memory.
+        ExpungedError once the message is expunged (the file goes with it: an open file stays
+        readable, a name does not)."""
         shard = self.shard(message.account)
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
             with shard.read() as txn:
@@ -590,8 +591,9 @@ class Store:
                 pass
             found = messages.find_file(shard, Path(path), base)
             if found is None:
-                with shard.read() as txn:
-                    data = journal.held(txn, shard, base)
+                with shard.read() as txn:  # an expunged message's entry stays until a checkpoint
+                    still = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
+                    data = journal.held(txn, shard, base) if still == expected else None
                 if data is not None:
                     # Told (250) but its file not made yet: its process could not (a full
                     # disk, no descriptors; storage/shard.py _place) and each checkpoint tries
