@@ -19,8 +19,8 @@ import pwd
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import argon2
 
@@ -78,7 +78,7 @@ def open_store(data_dir: DataDir, accounts: Accounts | None, config: Config | No
         def held(number: int) -> bool:  # as cluster/follow.py's Follower.held
             return table.claim(number) is not None and table.lease_left() > 0
     return storage.Store(data_dir, quota_of=quotas, dedupe_window=float(config.storage.dedupe_window), fence=fence,
-                 held=held, pin=pin, reads_wait=reads_wait)
+                         held=held, pin=pin, reads_wait=reads_wait)
 
 
 def shard_pins(config: Config, data_dir: DataDir) -> Callable[[int], Callable[[], None]]:
@@ -105,8 +105,8 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
     runner_lock = data_dir.path / f"{lock_name(config, 'runner')}.lock"
     pin = shard_pins(config, data_dir)
     if store is None:
-        return storage.QueueSet(data_dir, shards=lambda: storage.queues_on_disk(data_dir), fence=lambda number: False,
-                        runner_lock=runner_lock, pin=pin)
+        return storage.QueueSet(data_dir, shards=lambda: storage.queues_on_disk(data_dir),
+                                fence=lambda number: False, runner_lock=runner_lock, pin=pin)
 
     def fence(number: int) -> bool:
         try:
@@ -117,8 +117,8 @@ def open_queues(config: Config, data_dir: DataDir, store: Store | None = None, *
     def shards():
         return storage.queues_on_disk(data_dir) if on_disk else table.claims().keys()
 
-    return storage.QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number, runner_lock=runner_lock,
-                    pin=pin)
+    return storage.QueueSet(data_dir, shards=shards, fence=fence, shard_of=store.shard_number,
+                            runner_lock=runner_lock, pin=pin)
 
 
 def lock_name(config: Config, name: str) -> str:
