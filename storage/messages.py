@@ -462,14 +462,19 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
                                              saved=time.time())  # RFC 8514: saved here, now
         old_path = find_file(shard, message_path(shard, account, source_id, record.base, uid, record.size, bits),
                              record.base)
-        link = old_path is not None
-        if old_path is None:
-            old_path = _from_journal(txn, shard, batch, record, new_record.base, uid)
+        # No file yet (told, then its process could not make it: storage/shard.py _place):
+        # the journal's bytes, and the copy's file made as a delivery's is (Batch.place).
+        held = journal.held(txn, shard, record.base) if old_path is None else None
+        if old_path is None and held is None:
+            raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
         new_uid = insert(txn, shard, batch, account, target_id, target_state, source=old_path, record=new_record,
                          bits=bits, keywords=keywords, quota=NO_QUOTA if move else quota,
-                         texts=_raw_texts(txn, shard, source_id, uid), link=link)
+                         texts=_raw_texts(txn, shard, source_id, uid), link=True)
         journaled = journal.copy(txn, shard, record.base, new_record.base)  # a link shares unflushed bytes
-        if journaled is not None:
+        if held is not None:
+            name = maildir.file_name(new_record.base, new_uid, record.size, bits)
+            batch.place(shard.mailbox_dir(account, target_id) / "cur" / name, held, record.internal_date, journaled)
+        elif journaled is not None:
             batch.journaled.append(journaled)
         pairs.append((uid, new_uid))
     if move and pairs:
@@ -479,20 +484,6 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
         expunge(txn, shard, batch, account, source_id, source_state,
                 [(uid, uid) for uid in sorted(moved)], only_deleted=False)
     return pairs
-
-
-def _from_journal(txn: lmdb.Transaction, shard: Shard, batch: Batch, record: MessageRecord, base: str,
-                  uid: int) -> Path:
-    """The copy's file, `base` in the writer's directory, for a message whose own file is not
-    made yet: told (250), then its process could not make it (a full disk; storage/shard.py
-    _place), so its bytes are the journal's. Not flushed: the copy is journaled too."""
-    data = journal.held(txn, shard, record.base)
-    if data is None:
-        raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")
-    path = shard.writer.path / base
-    maildir.write_file(path, data, record.internal_date, flush=False)
-    batch.undo(lambda: os.unlink(path))
-    return path
 
 
 def _raw_texts(txn: lmdb.Transaction, shard: Shard, mailbox_id: int, uid: int) -> bytes | None:
