@@ -32,6 +32,11 @@ from storage.shard import Batch, Shard, pack_u32, uid_key, unpack_u32
 from storage.store import Store
 
 TMP_MAX_AGE = 36 * 3600  # maildir(5): a tmp/ file this old is abandoned
+# A delivery's file is made just after LMDB's commit (storage/shard.py _place_committed): a
+# file-not-made that two scans in a row see is looked at again this often, this long apart,
+# before it is reported (a live process that cannot make it logs file_place_failed).
+NOT_MADE_LOOKS = 5
+NOT_MADE_PAUSE = 0.2
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
     """Differences between files and index. Repair runs inside the shard's write transaction,
     so no delivery or flag change of a live daemon can slip between what is read and what is
     mended. A report without repair keeps only what two scans in a row both see, so a
-    delivery committing during the first is not reported."""
+    delivery committing during the first is not reported (and a file not made yet, only
+    what is still so a second later: see NOT_MADE_LOOKS)."""
     problems: list[Problem] = []
     for name in [account] if account else accounts_on_disk(store):
         shard = store.shard(name)
@@ -72,7 +78,11 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
             continue
         with shard.read() as txn:
             found = _check_account(txn, shard, None, name, False)
-        if found:
+        looks = 0
+        while found and (looks == 0 or (looks <= NOT_MADE_LOOKS and any(p.kind == "file-not-made" for p in found))):
+            if looks:
+                time.sleep(NOT_MADE_PAUSE)
+            looks += 1
             with shard.read() as txn:
                 again = set(_check_account(txn, shard, None, name, False))
             found = [p for p in found if p in again]

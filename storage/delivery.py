@@ -7,9 +7,9 @@
 
 A message up to IN_MEMORY bytes (most mail) stays in memory until its commit: the bytes go
 into the journal with its index record (storage/journal.py), and each target's committer
-makes its file in the mailbox's cur/, under its final name, once the write-ahead log holds
-the transaction and before LMDB commits it (Shard._place): no file work before the 250, no
-rename after it, and an event loop never waits for the file system. A bigger message goes
+makes its file in the mailbox's cur/, under its final name, once LMDB has committed the
+transaction, outside the writer lock (Shard._place_committed): no file work before the
+250, no rename after it, and an event loop never waits for the file system. A bigger message goes
 to one file, the delivery's source, as it arrives, in this process's writer directory of
 the first target's shard (storage/writers.py), under the name the first target's copy will
 have. Nothing holds the whole message in memory: the deduplication key (storage/dedupe.py)
@@ -530,7 +530,7 @@ def _insert_fn(shard: Shard, account: str, mailbox_id: int, path: Path, base: st
                               record=record, bits=bits, keywords=keywords, quota=quota, texts=parsed.texts,
                               encoded=encoded)
         if small is not None:
-            # Made in cur/ once the log has the transaction, before LMDB commits it.
+            # Made in cur/ once LMDB has the transaction (readers take the journal's copy until then).
             key = journal.put(txn, shard, base, small, parsed.date)
             name = maildir.file_name(base, uid, size, bits)
             batch.place(shard.mailbox_dir(account, mailbox_id) / "cur" / name, small, parsed.date, key)

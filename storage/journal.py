@@ -4,10 +4,12 @@ A durable delivery used to cost four flushes in a row: the message file's fsync,
 directory's, then LMDB's commit (its data pages, then its meta page). Now a message small
 enough to be held in memory (storage/delivery.py, IN_MEMORY) has its bytes put in the
 shard's `journal` database, in the same transaction that gives it its UID, and its file is
-written without a flush, straight into cur/ under its final name, once the write-ahead log
-holds that transaction and before LMDB commits it (Shard._place). The log's flush, which
-the transaction needed anyway, makes the bytes durable too: one flush, and no file or
-directory flush, stands between the end of DATA and the 250.
+written without a flush, straight into cur/ under its final name, once LMDB has committed
+that transaction, outside LMDB's writer lock (Shard._place_committed; until then a reader
+takes the journal's copy, and a flag change or expunge committed meanwhile is applied to
+the file once it is made: storage/settle.py match). The log's flush, which the transaction
+needed anyway, makes the bytes durable too: one flush, and no file or directory flush,
+stands between the end of DATA and the 250.
 
 The files catch up off the critical path. After each commit the shard hands the batch's
 journal keys, with the `unsettled` keys settled (storage/settle.py), to its checkpointer
@@ -18,7 +20,8 @@ its final name, is on disk.
 
 After a crash of the machine, a file whose flush had not happened may be missing, short or
 empty, however its directory looks; after a crash of a process, a file it had not made yet
-is missing (the replay of the log makes those of the records it replays: place_again).
+is missing (the replay of the log makes those of the records it replays: place_again; of a
+transaction LMDB had committed, readers take the journal's copy until `restore` below).
 `restore` puts every such file back from its journal entry before anything reads the shard
 (a daemon opens its shards before it listens), then flushes and deletes the entries: a 250
 promised the bytes, and the journal has them. The entries of live processes are theirs to

@@ -462,8 +462,9 @@ def copy(txn: lmdb.Transaction, shard: Shard, batch: Batch, account: str,
                                              saved=time.time())  # RFC 8514: saved here, now
         old_path = find_file(shard, message_path(shard, account, source_id, record.base, uid, record.size, bits),
                              record.base)
-        # No file yet (told, then its process could not make it: storage/shard.py _place):
-        # the journal's bytes, and the copy's file made as a delivery's is (Batch.place).
+        # No file yet (just committed, or its process could not make it: storage/shard.py
+        # _place_committed): the journal's bytes, and the copy's file made as a delivery's
+        # is (Batch.place).
         held = journal.held(txn, shard, record.base) if old_path is None else None
         if old_path is None and held is None:
             raise StoreError(f"message file of UID {uid} is missing: run 'postroom store check'")

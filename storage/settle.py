@@ -52,6 +52,38 @@ def settle(shard: Shard, keys: list[bytes]) -> tuple[list[tuple[bytes, bytes]], 
     return done, changed
 
 
+def match(shard: Shard, made: list[tuple[Path, bytes]]) -> None:
+    """Files of journaled messages made once their commit was in LMDB (Shard._place_committed),
+    each under the name that commit gave it: renamed to the name the index gives it now, or
+    removed if it is expunged. A flag change or an expunge that committed between LMDB's
+    commit and the file found no file to rename or remove; one that commits after this look
+    finds the file and settles it. A file no longer under its first name was settled by
+    another process that saw it: it is left as that one put it."""
+    with shard.read() as txn:
+        for path, key in made:
+            location = txn.get(key, db=shard.db["bases"])
+            desired = None  # expunged: the file goes
+            if location is not None:
+                mailbox_id, uid = unpack_uid_key(location)
+                raw = txn.get(location, db=shard.db["flags"])
+                if raw is None:
+                    continue  # an index at odds with itself: `store check` reports it
+                entry = unpack_entry(raw)
+                desired = path.with_name(maildir.file_name(key.decode("utf-8", "surrogateescape"), uid,
+                                                           entry.size, entry.bits))
+            if desired == path:
+                continue
+            try:
+                if desired is None:
+                    os.unlink(path)
+                else:
+                    os.rename(path, desired)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # the file stays under its first name: `store check` reports it
+                _log.error("settle_failed", shard=shard.number, key=key[:80], error=str(e))
+
+
 def recover(shard: Shard) -> None:
     """Finish what dead processes left: the records they did not settle, and their files.
     What live processes committed they settle themselves."""

@@ -158,16 +158,17 @@ class Batch:
         self.after_commit: list[Callable[[], None]] = []
         self.unsettled: list[bytes] = []  # keys recorded by record_unsettled, settled after the commit
         self.journaled: list[bytes] = []  # `journal` keys put (storage/journal.py), checkpointed after it
-        # Journaled messages whose files are made once the log has the transaction, before
-        # LMDB commits it (Shard._place): (path in cur/, bytes, mtime, `journal` key).
+        # Journaled messages whose files are made once LMDB has the transaction
+        # (Shard._place_committed): (path in cur/, bytes, mtime, `journal` key).
         self.placed: list[tuple[Path, bytes, float, bytes]] = []
 
     def undo(self, action: Callable[[], None]) -> None:
         self._undo.append(action)
 
     def place(self, path: Path, data: bytes, mtime: float, key: bytes) -> None:
-        """Make the file `path` holding `data` (journaled under `key`) right after the
-        transaction is in the log, and before readers can see it."""
+        """Make the file `path` holding `data` (journaled under `key`) once LMDB has the
+        transaction, outside the writer lock (Shard._place_committed); readers take the
+        journal's copy until then."""
         self.placed.append((path, data, mtime, key))
 
     def mark(self) -> tuple[int, int, int, int, int]:
@@ -257,6 +258,9 @@ class Shard:
         # the error that kept the others).
         self.place_again: Callable[[lmdb.Transaction, list[bytes]], tuple[list[bytes], OSError | None]] | None \
             = None
+        # Renames or removes files made after their commit (_place_committed) to match what
+        # the index says now (storage/settle.py match): [(the file made, its `journal` key)].
+        self.match_files: Callable[[list[tuple[Path, bytes]]], None] | None = None
         self._checkpoint_due = threading.Event()
         self._checkpointer: threading.Thread | None = None
         # The file system flush of a checkpoint (storage/journal.py FileSystemFlusher).
@@ -690,13 +694,14 @@ class Shard:
             raise
         if early:
             durable()
-        if batch is not None and batch.placed:
+        elif batch is not None and batch.placed:
+            # Nobody told (no room, see _room_for): the files first, and should one fail the
+            # transaction fails whole, before anyone hears of it.
             try:
-                self._place(batch, told=early)
+                self._place(batch)
             except BaseException:
-                if not early:  # nobody was told (no room, see _room_for): it fails whole
-                    _unplace(batch)  # before the record goes: a file of it never outlives it
-                    self._take_back(end)
+                _unplace(batch)  # before the record goes: a file of it never outlives it
+                self._take_back(end)
                 self._local.writing = False
                 raw.abort()
                 raise
@@ -713,6 +718,8 @@ class Shard:
                 _log.error("commit_after_log_failed", exc_info=True, shard=self.number)
                 self._replay_now()
         self._local.writing = False
+        if early and batch is not None and batch.placed:
+            self._place_committed(batch)
         if durable is not None and txn.changes and not early:
             durable()
         if txn.changes and end_after > WAL_CUT_BYTES:
@@ -795,25 +802,41 @@ class Shard:
         inodes = st.f_files == 0 or st.f_favail > ROOM_INODES
         return inodes and st.f_bavail * st.f_frsize > 2 * record + COPIED_PAGES * changes + ROOM_MARGIN
 
-    def _place(self, batch: Batch, *, told: bool) -> None:
-        """Make the files of the journaled messages of a transaction the log has, before
-        LMDB commits it: a reader never finds a UID without its file, and none is renamed
-        into place after the commit (storage/journal.py). A file that cannot be made (a full
-        disk) fails the transaction if nobody was told yet, its files made so far removed;
-        once its callers were told, the transaction stands: the bytes stay in the journal,
-        and the next checkpoint (or, should this process die, the next to open the shard)
-        makes the file."""
+    def _place(self, batch: Batch) -> None:
+        """Make the files of the journaled messages of a transaction the log has and nobody
+        was told of, before LMDB commits it (no room to tell early: see _room_for). A file
+        that cannot be made fails the transaction; the caller removes those made so far."""
+        for path, data, mtime, key in batch.placed:
+            _write_placed(path, data, mtime)
+            batch.journaled.append(key)
+
+    def _place_committed(self, batch: Batch) -> None:
+        """Make the files of the journaled messages of a transaction LMDB has just committed,
+        its callers told: outside the writer lock, which the shard's other writers (another
+        mtad process, imapd) wait for. Until a file is made its readers take the journal's
+        copy (Store.open_message). Another process's flag change or expunge that committed
+        meanwhile found no file to rename or remove: `match_files` makes each file what the
+        index says now, as a settle does. A file that cannot be made (a full disk) does not
+        undo the delivery: the bytes stay in the journal, and the next checkpoint (or, should
+        this process die, the next to open the shard) makes the file."""
+        made: list[tuple[Path, bytes]] = []
         for path, data, mtime, key in batch.placed:
             try:
-                _write_placed(path, data, mtime)
+                _write_placed(path, data, mtime, exclusive=True)
+            except FileExistsError:
+                pass  # made from the journal meanwhile (`store check --repair`, a replay): the same bytes
             except OSError as e:
-                if not told:
-                    raise  # the caller removes what was made; _fail tells a full disk (452 4.3.1)
                 _log.error("file_place_failed", shard=self.number, file=path.name, error=str(e)[:200])
                 with self._lock:
                     self._unplaced.append(key)
                 continue
-            batch.journaled.append(key)
+            made.append((path, key))
+        if made and self.match_files is not None:
+            try:
+                self.match_files(made)
+            except Exception:  # noqa: BLE001 - the files exist; `store check` reports a stale name
+                _log.error("settle_failed", exc_info=True, shard=self.number)
+        batch.journaled.extend(key for _, key in made)
 
     def _catch_up(self) -> None:
         """Wait for a commit in flight (LMDB's writer lock) and replay what a dead process
@@ -982,15 +1005,18 @@ def _run_before(request: _Request) -> None:
         request.error = store_error(e)
 
 
-def _write_placed(path: Path, data: bytes, mtime: float) -> None:
+def _write_placed(path: Path, data: bytes, mtime: float, *, exclusive: bool = False) -> None:
     """A journaled message's file in cur/ of its mailbox, not flushed (a checkpoint's syncfs
     does that); its directories made here if they are not yet (a mailbox's are made after
-    the commit that creates it, storage/settle.py)."""
+    the commit that creates it, storage/settle.py). `exclusive`: FileExistsError if there is
+    one (made from the journal by another process: a reader may have it open, and writing
+    over it would show that reader a file cut short)."""
+    replace = not exclusive
     try:
-        write_file(path, data, mtime, flush=False, replace=True)
+        write_file(path, data, mtime, flush=False, replace=replace)
     except FileNotFoundError:
         make_dirs(path.parent.parent)
-        write_file(path, data, mtime, flush=False, replace=True)
+        write_file(path, data, mtime, flush=False, replace=replace)
 
 
 def _unplace(batch: Batch) -> None:

@@ -164,6 +164,7 @@ class Store:
         shard.idle_work = functools.partial(self._idle_work, shard)
         shard.settler = functools.partial(settle.settle, shard)
         shard.place_again = functools.partial(journal.place_again, shard)
+        shard.match_files = functools.partial(settle.match, shard)
         shard.flush_files = journal.FileSystemFlusher(shard.path)
         # Before anyone reads it here: finish what a crash of any process left,
         # then put back what a crash of the machine lost of journaled files.
@@ -582,23 +583,24 @@ class Store:
         for _ in range(3):  # renamed between finding and opening (flags, settling): again
             with shard.read() as txn:
                 expected = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
-            if expected is None:
-                raise ExpungedError(f"message UID {message.uid} has been expunged")
-            path, base = expected
-            try:
-                return open_pinned(path, shard.pin)  # kept attached while it is read
-            except FileNotFoundError:  # not settled yet, or renamed meanwhile
-                pass
+                if expected is None:
+                    raise ExpungedError(f"message UID {message.uid} has been expunged")
+                path, base = expected
+                try:
+                    return open_pinned(path, shard.pin)  # kept attached while it is read
+                except FileNotFoundError:  # not made yet, or renamed meanwhile
+                    pass
+                # An expunged message's entry stays until a checkpoint: asked in the read
+                # that still indexes it, the journal's bytes are this message's.
+                data = journal.held(txn, shard, base)
+            if data is not None:
+                # Told (250) and its file not made yet: its committer makes it once LMDB has
+                # the commit (storage/shard.py _place_committed), or could not (a full disk,
+                # no descriptors) and each checkpoint tries again. Meanwhile FETCH and RETR
+                # read the journal's copy; a message renamed since has the same bytes.
+                return memory_file(data, base)
             found = messages.find_file(shard, Path(path), base)
             if found is None:
-                with shard.read() as txn:  # an expunged message's entry stays until a checkpoint
-                    still = messages.expected_file(txn, shard, message.account, message.mailbox_id, message.uid)
-                    data = journal.held(txn, shard, base) if still == expected else None
-                if data is not None:
-                    # Told (250) but its file not made yet: its process could not (a full
-                    # disk, no descriptors; storage/shard.py _place) and each checkpoint tries
-                    # again. Until then FETCH and RETR read the journal's copy.
-                    return memory_file(data, base)
                 # Expunged since the index was read (its file unlinked once the expunge
                 # committed), or renamed while the directory was read: the index says which.
                 # Taking it for a missing file sent sysadmins to a `store check` that found

@@ -696,6 +696,47 @@ def test_a_kill_between_a_deliverys_log_flush_and_its_file(data_dir):
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 23)}})
 
 
+FILE_CUT = """
+for seq in range(1, 21):
+    store.deliver([ACCOUNT], message(seq))
+store.shard(ACCOUNT).checkpoint()  # the mailboxes' own records settled: check looks into them
+say("ready")
+sys.stdin.readline()
+def die(path, data, mtime, *, exclusive=False):
+    os._exit(9)  # LMDB has the delivery's commit and its caller was told; its file is not made
+storage.shard._write_placed = die
+store.deliver([ACCOUNT], message(21))
+"""
+
+
+def test_a_kill_between_a_deliverys_commit_and_its_file(data_dir):
+    """A journaled message's file is made once LMDB has its commit, outside the writer lock.
+    Killed in between, its process leaves the UID without its file: a reader already there
+    takes the journal's copy (and `store check` calls it file-not-made, not file-missing:
+    nothing is expunged for it); the next process to open the shard makes the file."""
+    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                               f"{SHARDS}))\n" + FILE_CUT], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                              text=True)
+    run_until(writer, "ready")
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        assert len(store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])) == 20
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(60) == 9
+        infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert [i.uid for i in infos] == list(range(1, 22))
+        assert [store.read_message(i) for i in infos] == [message(seq) for seq in range(1, 22)]
+        assert [p.kind for p in check(store, ACCOUNT)] == ["file-not-made"]
+        opener = child(data_dir, "store.recover()\nsay('opened')\n")
+        run_until(opener, "opened")
+        assert opener.wait(30) == 0
+        assert check(store, ACCOUNT) == []
+        store.deliver([ACCOUNT], message(22))
+        assert [store.read_message(i) for i in store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])] == \
+            [message(seq) for seq in range(1, 23)]
+    verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 23)}})
+
+
 def test_a_file_that_cannot_be_made_after_its_commit_is_made_at_the_checkpoint(data_dir, caplog, monkeypatch):
     """Once the 250 is told (the record flushed), a file that cannot be made (here its cur/
     is not a directory; on a full disk, no room) does not undo the delivery: its bytes stay
