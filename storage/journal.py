@@ -137,7 +137,7 @@ def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
         keys = [key for key in forget if txn.get(key, db=db) is not None]
     restored = 0
     for key in keys:
-        if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db))):
+        if _restore_one(txn, shard, key.decode("utf-8", "surrogateescape"), bytes(txn.get(key, db=db)), rename=True):
             restored += 1
     if forget is None:
         return restored, keys
@@ -148,8 +148,9 @@ def _restore(txn: lmdb.Transaction, shard: Shard, alive: set[str], *,
     return restored, keys
 
 
-def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> bool:
-    """Whether the file of `base` had to be written again."""
+def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes, *, rename: bool = False) -> bool:
+    """Whether the file of `base` had to be written again. `rename`: a whole file under
+    another name is renamed to the index's (a dead process's entry, restore)."""
     location = txn.get(base.encode("utf-8", "surrogateescape"), db=shard.db["bases"])
     if location is None:
         return False  # expunged since: nothing to keep
@@ -164,12 +165,20 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes) -> 
     desired = directory / "cur" / maildir.file_name(base, uid, entry.size, entry.bits)
     current = locate(shard.tmp_root, directory, base, desired)
     if current is not None and _holds(current, data):
+        written = False
         # The bytes may have reached the disk without the utime that followed them (a file
         # system commit in between): the mtime is the internal date, for `store rebuild`.
         if abs(os.stat(current).st_mtime - mtime) < 0.001:  # nanoseconds on disk, a float here
-            return False
-        os.utime(current, (mtime, mtime))
-        return True
+            pass
+        else:
+            os.utime(current, (mtime, mtime))
+            written = True
+        if rename and current != desired:
+            # Made under the name its commit gave it by a process that died before it could
+            # follow a flag change committed meanwhile (Shard._place_committed).
+            os.rename(current, desired)
+            written = True
+        return written
     maildir.make_dirs(directory)
     # Maildir's way: written in tmp/, renamed into cur/. One name for every process: restores
     # take turns (restore), and the next one removes what one killed halfway left.

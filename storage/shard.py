@@ -821,11 +821,26 @@ class Shard:
         this process die, the next to open the shard) makes the file."""
         made: list[tuple[Path, bytes]] = []
         for path, data, mtime, key in batch.placed:
+            # Written whole in this process's writer directory, then renamed: the UID is
+            # visible already, and a reader that opens the file must find it whole. (Killed
+            # halfway, the process leaves the staged file under a name that is no message's:
+            # the next opening of the shard removes it, storage/settle.py recover.)
+            staged = self.writer.path / (key.decode("utf-8", "surrogateescape") + ".placing")
             try:
-                _write_placed(path, data, mtime, exclusive=True)
-            except FileExistsError:
-                pass  # made from the journal meanwhile (`store check --repair`, a replay): the same bytes
+                write_file(staged, data, mtime, flush=False, replace=True)
+                try:
+                    os.rename(staged, path)
+                except FileNotFoundError:
+                    # The mailbox's directories are made by the settle after the commit that
+                    # creates it; or the mailbox was deleted since, and the message with it.
+                    if not self._indexed(key):
+                        _unlink_quietly(staged)
+                        batch.journaled.append(key)
+                        continue
+                    make_dirs(path.parent.parent)
+                    os.rename(staged, path)
             except OSError as e:
+                _unlink_quietly(staged)
                 _log.error("file_place_failed", shard=self.number, file=path.name, error=str(e)[:200])
                 with self._lock:
                     self._unplaced.append(key)
@@ -837,6 +852,11 @@ class Shard:
             except Exception:  # noqa: BLE001 - the files exist; `store check` reports a stale name
                 _log.error("settle_failed", exc_info=True, shard=self.number)
         batch.journaled.extend(key for _, key in made)
+
+    def _indexed(self, key: bytes) -> bool:
+        """Whether the index has the message whose file base is `key` now."""
+        with self.read() as txn:
+            return txn.get(key, db=self.db["bases"]) is not None
 
     def _catch_up(self) -> None:
         """Wait for a commit in flight (LMDB's writer lock) and replay what a dead process
@@ -1005,18 +1025,15 @@ def _run_before(request: _Request) -> None:
         request.error = store_error(e)
 
 
-def _write_placed(path: Path, data: bytes, mtime: float, *, exclusive: bool = False) -> None:
+def _write_placed(path: Path, data: bytes, mtime: float) -> None:
     """A journaled message's file in cur/ of its mailbox, not flushed (a checkpoint's syncfs
     does that); its directories made here if they are not yet (a mailbox's are made after
-    the commit that creates it, storage/settle.py). `exclusive`: FileExistsError if there is
-    one (made from the journal by another process: a reader may have it open, and writing
-    over it would show that reader a file cut short)."""
-    replace = not exclusive
+    the commit that creates it, storage/settle.py)."""
     try:
-        write_file(path, data, mtime, flush=False, replace=replace)
+        write_file(path, data, mtime, flush=False, replace=True)
     except FileNotFoundError:
         make_dirs(path.parent.parent)
-        write_file(path, data, mtime, flush=False, replace=replace)
+        write_file(path, data, mtime, flush=False, replace=True)
 
 
 def _unplace(batch: Batch) -> None:

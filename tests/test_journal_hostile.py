@@ -702,9 +702,12 @@ for seq in range(1, 21):
 store.shard(ACCOUNT).checkpoint()  # the mailboxes' own records settled: check looks into them
 say("ready")
 sys.stdin.readline()
-def die(path, data, mtime, *, exclusive=False):
-    os._exit(9)  # LMDB has the delivery's commit and its caller was told; its file is not made
-storage.shard._write_placed = die
+rename = os.rename
+def die(source, target):
+    if str(source).endswith(".placing"):
+        os._exit(9)  # LMDB has the delivery's commit and its caller was told; its file is not made
+    rename(source, target)
+storage.shard.os.rename = die
 store.deliver([ACCOUNT], message(21))
 """
 
@@ -735,6 +738,47 @@ def test_a_kill_between_a_deliverys_commit_and_its_file(data_dir):
         assert [store.read_message(i) for i in store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])] == \
             [message(seq) for seq in range(1, 23)]
     verify(data_dir, {"INBOX": {seq: message(seq) for seq in range(1, 23)}})
+
+
+HALF_WRITTEN = """
+store.deliver([ACCOUNT], message(1))
+store.shard(ACCOUNT).checkpoint()
+say("ready")
+sys.stdin.readline()
+def half(path, data, mtime, *, flush=True, replace=False):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, data[: len(data) // 2])
+    os._exit(9)  # killed halfway through the file of a delivery LMDB has committed
+storage.shard.write_file = half
+store.deliver([ACCOUNT], message(2, 40_000))
+"""
+
+
+def test_a_file_killed_halfway_is_never_seen_half(data_dir):
+    """The file of a committed delivery is written whole elsewhere and renamed into cur/:
+    killed halfway through, its process leaves no short file under the message's name for
+    a reader (FETCH, RETR) or a COPY, which would link it and keep it short for good; the
+    next opening of the shard makes the file and removes the half-written one."""
+    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                               f"{SHARDS}))\n" + HALF_WRITTEN], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                              text=True)
+    run_until(writer, "ready")
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.create_mailbox(ACCOUNT, "Copy")
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(60) == 9
+        [one, two] = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert store.read_message(two) == message(2, 40_000)
+        store.copy(ACCOUNT, "INBOX", [(2, 2)], "Copy")
+        assert [p.kind for p in check(store, ACCOUNT)] == ["file-not-made"]
+        opener = child(data_dir, "store.recover()\nsay('opened')\n")
+        run_until(opener, "opened")
+        assert opener.wait(30) == 0
+        assert not list(data_dir.rglob("*.placing"))
+        assert check(store, ACCOUNT) == []
+        store.shard(ACCOUNT).checkpoint()
+    verify(data_dir, {"INBOX": {1: message(1), 2: message(2, 40_000)}, "Copy": {2: message(2, 40_000)}})
 
 
 def test_a_file_that_cannot_be_made_after_its_commit_is_made_at_the_checkpoint(data_dir, caplog, monkeypatch):
