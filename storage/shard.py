@@ -664,6 +664,7 @@ class Shard:
         fail, the next transaction replays the record (here, at once)."""
         counters = self.db["counters"]
         raw = self._begin_caught_up(counters)
+        txn_id = raw.id()  # what LMDB's last_txnid says once it commits (_place_committed)
         appended = early = False
         end_after = 0
         try:
@@ -719,7 +720,7 @@ class Shard:
                 self._replay_now()
         self._local.writing = False
         if early and batch is not None and batch.placed:
-            self._place_committed(batch)
+            self._place_committed(batch, txn_id)
         if durable is not None and txn.changes and not early:
             durable()
         if txn.changes and end_after > WAL_CUT_BYTES:
@@ -810,15 +811,16 @@ class Shard:
             _write_placed(path, data, mtime)
             batch.journaled.append(key)
 
-    def _place_committed(self, batch: Batch) -> None:
+    def _place_committed(self, batch: Batch, committed: int) -> None:
         """Make the files of the journaled messages of a transaction LMDB has just committed,
         its callers told: outside the writer lock, which the shard's other writers (another
         mtad process, imapd) wait for. Until a file is made its readers take the journal's
         copy (Store.open_message). Another process's flag change or expunge that committed
         meanwhile found no file to rename or remove: `match_files` makes each file what the
-        index says now, as a settle does. A file that cannot be made (a full disk) does not
-        undo the delivery: the bytes stay in the journal, and the next checkpoint (or, should
-        this process die, the next to open the shard) makes the file."""
+        index says now, as a settle does (unless no commit came after this one, `committed`:
+        one that comes later finds the file). A file that cannot be made (a full disk) does
+        not undo the delivery: the bytes stay in the journal, and the next checkpoint (or,
+        should this process die, the next to open the shard) makes the file."""
         made: list[tuple[Path, bytes]] = []
         for path, data, mtime, key in batch.placed:
             # Written whole in this process's writer directory, then renamed: the UID is
@@ -846,7 +848,7 @@ class Shard:
                     self._unplaced.append(key)
                 continue
             made.append((path, key))
-        if made and self.match_files is not None:
+        if made and self.match_files is not None and self.env.info()["last_txnid"] != committed:
             try:
                 self.match_files(made)
             except Exception:  # noqa: BLE001 - the files exist; `store check` reports a stale name

@@ -781,6 +781,59 @@ def test_a_file_killed_halfway_is_never_seen_half(data_dir):
     verify(data_dir, {"INBOX": {1: message(1), 2: message(2, 40_000)}, "Copy": {2: message(2, 40_000)}})
 
 
+IN_THE_WINDOW = """
+store.ensure_account(ACCOUNT)
+say("ready")
+for line in sys.stdin:
+    action, uid = line.split()
+    if action == "flag":
+        store.store_flags(ACCOUNT, "INBOX", [(int(uid), int(uid))], "add", ["\\\\Seen", "\\\\Flagged"])
+    elif action == "expunge":
+        store.remove(ACCOUNT, "INBOX", [int(uid)])
+    say("done")
+"""
+
+
+def test_changes_committed_before_a_deliverys_file_is_made_are_applied_to_it(data_dir, monkeypatch):
+    """Between LMDB's commit of a delivery and its file, another process (imapd) may flag
+    or expunge the new message: its settle finds no file yet. Once made, the file takes the
+    name the index gives it then (flags), or goes (expunged); store check finds nothing."""
+    import storage.shard
+
+    other = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                              f"{SHARDS}))\n" + IN_THE_WINDOW], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                             text=True)
+    run_until(other, "ready")
+    write_file = storage.shard.write_file
+    actions = iter([("expunge", 2), ("flag", 3), ("none", 4)])
+
+    def in_the_window(path, data, mtime, **kwargs):
+        write_file(path, data, mtime, **kwargs)
+        if str(path).endswith(".placing"):  # LMDB has the commit; the file is not in cur/ yet
+            action, uid = next(actions)
+            other.stdin.write(f"{action} {uid}\n")
+            other.stdin.flush()
+            run_until(other, "done")
+
+    with Store(open_data_dir(data_dir, SHARDS)) as store:
+        store.deliver([ACCOUNT], message(1))
+        monkeypatch.setattr(storage.shard, "write_file", in_the_window)
+        for seq in (2, 3, 4):
+            store.deliver([ACCOUNT], message(seq))
+        monkeypatch.setattr(storage.shard, "write_file", write_file)
+        other.stdin.close()
+        assert other.wait(30) == 0
+        infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
+        assert [i.uid for i in infos] == [1, 3, 4]
+        assert [store.read_message(i) for i in infos] == [message(1), message(3), message(4)]
+        assert check(store, ACCOUNT) == []
+        [box] = [m for m in store.mailboxes(ACCOUNT) if m.name == "INBOX"]
+        names = sorted(p.name for p in (store.shard(ACCOUNT).mailbox_dir(ACCOUNT, box.id) / "cur").iterdir())
+        assert [int(n.split(",U=")[1].split(",")[0]) for n in names] == [1, 3, 4], names
+        assert [n.endswith(":2,FS") for n in names] == [False, True, False], names
+    verify(data_dir, {"INBOX": {1: message(1), 3: message(3), 4: message(4)}})
+
+
 def test_a_file_that_cannot_be_made_after_its_commit_is_made_at_the_checkpoint(data_dir, caplog, monkeypatch):
     """Once the 250 is told (the record flushed), a file that cannot be made (here its cur/
     is not a directory; on a full disk, no room) does not undo the delivery: its bytes stay
