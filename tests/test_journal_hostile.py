@@ -64,6 +64,22 @@ def child(data_dir: Path, code: str, *args: str, **env: str) -> subprocess.Popen
                             env={**os.environ, **env})
 
 
+def ready_child(data_dir: Path, code: str) -> subprocess.Popen:
+    """A child running `code` on its own store, once it has said "ready"; it reads lines
+    from its stdin (a "go", say)."""
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
+                                f"{SHARDS}))\n" + code], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    run_until(process, "ready")
+    return process
+
+
+def go_and_die(writer: subprocess.Popen) -> None:
+    """Tell a ready_child to go on, and wait for it to kill itself where its code says."""
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    assert writer.wait(60) == 9
+
+
 def run_until(process: subprocess.Popen, marker: str, timeout: float = 60) -> list[str]:
     """The child's lines up to `marker` (which it prints once its work is done)."""
     lines = []
@@ -674,19 +690,14 @@ store.deliver([ACCOUNT], message(21))
 
 
 def test_a_kill_between_a_deliverys_log_flush_and_its_file(data_dir):
-    """A journaled message's file is made once its record is flushed, before LMDB commits.
-    Killed in between, its process leaves the record only: the next write transaction of a
+    """A delivery's record is flushed to the log before LMDB commits it. Killed in
+    between, its process leaves the record only: the next write transaction of a
     process that has the shard open already replays it and makes the file, so its readers
     never find the UID without it; then a power cut, and the next opening puts it back."""
-    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
-                               f"{SHARDS}))\n" + DELIVERY_CUT], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                              text=True)
-    run_until(writer, "ready")
+    writer = ready_child(data_dir, DELIVERY_CUT)
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert len(store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])) == 20
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        assert writer.wait(60) == 9
+        go_and_die(writer)
         store.deliver([ACCOUNT], message(22))  # its transaction replays the record first
         infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
         assert [i.uid for i in infos] == list(range(1, 23))
@@ -717,15 +728,10 @@ def test_a_kill_between_a_deliverys_commit_and_its_file(data_dir):
     Killed in between, its process leaves the UID without its file: a reader already there
     takes the journal's copy (and `store check` calls it file-not-made, not file-missing:
     nothing is expunged for it); the next process to open the shard makes the file."""
-    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
-                               f"{SHARDS}))\n" + FILE_CUT], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                              text=True)
-    run_until(writer, "ready")
+    writer = ready_child(data_dir, FILE_CUT)
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         assert len(store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])) == 20
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        assert writer.wait(60) == 9
+        go_and_die(writer)
         infos = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
         assert [i.uid for i in infos] == list(range(1, 22))
         assert [store.read_message(i) for i in infos] == [message(seq) for seq in range(1, 22)]
@@ -759,15 +765,10 @@ def test_a_file_killed_halfway_is_never_seen_half(data_dir):
     killed halfway through, its process leaves no short file under the message's name for
     a reader (FETCH, RETR) or a COPY, which would link it and keep it short for good; the
     next opening of the shard makes the file and removes the half-written one."""
-    writer = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
-                               f"{SHARDS}))\n" + HALF_WRITTEN], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                              text=True)
-    run_until(writer, "ready")
+    writer = ready_child(data_dir, HALF_WRITTEN)
     with Store(open_data_dir(data_dir, SHARDS)) as store:
         store.create_mailbox(ACCOUNT, "Copy")
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        assert writer.wait(60) == 9
+        go_and_die(writer)
         [one, two] = store.fetch(ACCOUNT, "INBOX", [(1, 2**32 - 1)])
         assert store.read_message(two) == message(2, 40_000)
         store.copy(ACCOUNT, "INBOX", [(2, 2)], "Copy")
@@ -800,10 +801,7 @@ def test_changes_committed_before_a_deliverys_file_is_made_are_applied_to_it(dat
     name the index gives it then (flags), or goes (expunged); store check finds nothing."""
     import storage.shard
 
-    other = subprocess.Popen([sys.executable, "-c", PRELUDE + f"store = Store(open_data_dir({str(data_dir)!r}, "
-                              f"{SHARDS}))\n" + IN_THE_WINDOW], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                             text=True)
-    run_until(other, "ready")
+    other = ready_child(data_dir, IN_THE_WINDOW)
     write_file = storage.shard.write_file
     actions = iter([("expunge", 2), ("flag", 3), ("none", 4)])
 
