@@ -78,16 +78,22 @@ def check(store: Store, account: str | None = None, *, repair: bool = False) -> 
             continue
         with shard.read() as txn:
             found = _check_account(txn, shard, None, name, False)
-        looks = 0
-        while found and (looks == 0 or (looks <= NOT_MADE_LOOKS and any(p.kind == "file-not-made" for p in found))):
-            if looks:
-                time.sleep(NOT_MADE_PAUSE)
-            looks += 1
-            with shard.read() as txn:
-                again = set(_check_account(txn, shard, None, name, False))
-            found = [p for p in found if p in again]
+        if found:
+            found = _seen_again(shard, name, found)
+        for _ in range(NOT_MADE_LOOKS):
+            if not any(p.kind == "file-not-made" for p in found):
+                break
+            time.sleep(NOT_MADE_PAUSE)
+            found = _seen_again(shard, name, found)
         problems.extend(found)
     return problems
+
+
+def _seen_again(shard: Shard, account: str, found: list[Problem]) -> list[Problem]:
+    """The problems of `found` that a new scan of the account sees too."""
+    with shard.read() as txn:
+        again = set(_check_account(txn, shard, None, account, False))
+    return [p for p in found if p in again]
 
 
 @dataclass(frozen=True)

@@ -165,14 +165,11 @@ def _restore_one(txn: lmdb.Transaction, shard: Shard, base: str, raw: bytes, *, 
     desired = directory / "cur" / maildir.file_name(base, uid, entry.size, entry.bits)
     current = locate(shard.tmp_root, directory, base, desired)
     if current is not None and _holds(current, data):
-        written = False
         # The bytes may have reached the disk without the utime that followed them (a file
         # system commit in between): the mtime is the internal date, for `store rebuild`.
-        if abs(os.stat(current).st_mtime - mtime) < 0.001:  # nanoseconds on disk, a float here
-            pass
-        else:
+        written = abs(os.stat(current).st_mtime - mtime) >= 0.001  # nanoseconds on disk, a float here
+        if written:
             os.utime(current, (mtime, mtime))
-            written = True
         if rename and current != desired:
             # Made under the name its commit gave it by a process that died before it could
             # follow a flag change committed meanwhile (Shard._place_committed).
