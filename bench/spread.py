@@ -11,6 +11,10 @@ loads in turn, each round in a new order:
   shard's committer gets a sixteenth of the load);
 - sixteen recipients: every message to all sixteen users (each message touches sixteen
   shards); its rate is in messages, and each message is sixteen deliveries.
+Before each load the server is left to finish what the one before deferred (the full-text
+indexer's work, which runs once a shard is quiet): no load pays for another's. Each run also
+prints the server's CPU (every process, ms a message) and its threads' context switches a
+message: where a sixteen-shard load falls behind, these say why.
 Prints each run and the medians; the target is that neither sixteen-shard load falls below
 the one user's rate.
 """
@@ -20,17 +24,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from idle import cpu_seconds, tree  # noqa: E402
 from policy_chain import start_server  # noqa: E402
 from smtp_in import run  # noqa: E402
 
 SHARDS = 16  # conf/schema.py's default, which start_server keeps
+QUIET_CPU = 0.03  # of a core: the server is done with deferred work below this
+QUIET_WINDOW = 0.5  # seconds
+QUIET_WAIT = 120.0  # seconds at most
+
+
+class Usage:
+    """CPU seconds and context switches of a process tree, summed over its processes and their
+    threads (those alive when read)."""
+
+    def __init__(self, root: int):
+        self.pids = tree(root)
+        self.cpu = self.switches = 0.0
+        for pid in self.pids:
+            try:
+                self.cpu += cpu_seconds(pid)
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/status") as f:
+                        self.switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+
+
+def wait_until_quiet(root: int) -> float:
+    """Seconds until the server's processes use less than QUIET_CPU of a core."""
+    started = time.monotonic()
+    while time.monotonic() - started < QUIET_WAIT:
+        before = Usage(root).cpu
+        time.sleep(QUIET_WINDOW)
+        if Usage(root).cpu - before < QUIET_CPU * QUIET_WINDOW:
+            break
+    return time.monotonic() - started
 
 
 def shard_of(account: str, shards: int = SHARDS) -> int:
@@ -79,9 +117,14 @@ def main() -> None:
             order = names[round_ % len(names):] + names[:round_ % len(names)]
             for name in order:
                 to, together = loads[name]
-                print(f"{name:18}", end=" ", flush=True)
+                settled = wait_until_quiet(process.pid)
+                print(f"{name:18} (after {settled:.1f} s settling)", end=" ", flush=True)
+                before = Usage(process.pid)
                 rates[name].append(asyncio.run(run("127.0.0.1", port, args.concurrency, args.messages, args.size,
                                                    to, together=together)))
+                after, sent = Usage(process.pid), args.concurrency * args.messages
+                print(f"  server: {(after.cpu - before.cpu) * 1000 / sent:.2f} ms CPU, "
+                      f"{(after.switches - before.switches) / sent:.0f} context switches a message", flush=True)
     finally:
         if process is not None:
             process.terminate()

@@ -241,6 +241,10 @@ class Shard:
         # Work the committer does when no request waits (the full-text indexer): called in
         # a write transaction, returns True while more remains.
         self.idle_work: Callable[[lmdb.Transaction], bool] | None = None
+        # Shared by every shard of a process (Store's): a committer takes one of its slots
+        # for each batch, so that only so many of the process's shards commit at once.
+        # None: this shard's commits wait for no other's.
+        self.commit_slots: threading.Semaphore | None = None
         # New message files wait here until their commit (storage/writers.py).
         self.writer = WriterDir(path / "tmp")
         # Carries out the file work of committed `unsettled` keys (storage/settle.py):
@@ -480,27 +484,54 @@ class Shard:
             batches += 1
             if batches % IDLE_EVERY == 0 and self.idle_work is not None:
                 self._run_idle()
-            batch = [first]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    request = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if request is None:
-                    stop = True
-                    break
-                batch.append(request)
-            try:
-                self._commit(batch)
-            except Exception:  # a bug must cost one batch (its callers are told), never the committer
-                _log.error("commit_loop_failed", exc_info=True, shard=self.number)
-                unsettled = [r for r in batch if not r.done.is_set()]
-                _fail([r for r in unsettled if r.error is None], StoreError("internal error"))
-                for request in unsettled:
-                    self._settle(request)
-            if stop:
+            if self._commit_queued(first):
                 return
+
+    def _commit_queued(self, first: _Request) -> bool:
+        """Commit `first` and what waits behind it, in one batch; whether the shard is closing.
+        The file work that must precede the batch (its requests' `before`s: a big message's
+        fsync) runs first, holding back no other shard; then the committer waits for a slot
+        (commit_slots), and what came in meanwhile joins the batch."""
+        batch, stop = self._take_queued(first)
+        try:
+            self._run_befores_now(batch)
+            slots = self.commit_slots
+            if slots is None:
+                self._commit(batch)
+                return stop
+            with slots:
+                if not stop:
+                    more, stop = self._take_queued(None, MAX_BATCH - len(batch))
+                    batch += more
+                    self._run_befores_now(more)
+                self._commit(batch)
+        except Exception:  # a bug must cost one batch (its callers are told), never the committer
+            _log.error("commit_loop_failed", exc_info=True, shard=self.number)
+            unsettled = [r for r in batch if not r.done.is_set()]
+            _fail([r for r in unsettled if r.error is None], StoreError("internal error"))
+            for request in unsettled:
+                self._settle(request)
+        return stop
+
+    def _take_queued(self, first: _Request | None, room: int = MAX_BATCH) -> tuple[list[_Request], bool]:
+        """`first` and the requests queued behind it, `room` at most; whether the queue's end
+        (close) came among them."""
+        batch = [] if first is None else [first]
+        while len(batch) < room:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request is None:
+                return batch, True
+            batch.append(request)
+        return batch, False
+
+    def _run_befores_now(self, requests: list[_Request]) -> None:
+        waiting = [r for r in requests if r.before is not None]
+        self._run_befores(waiting)
+        for request in waiting:
+            request.before = None  # done (or failed: its error says so)
 
     def _run_idle(self) -> bool:
         work = self.idle_work

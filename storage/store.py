@@ -51,6 +51,14 @@ from storage.shard import Shard, uid_key
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
 OPEN_TRIES = 3  # a shard being closed (released) when asked for: waits for the close, then again
 CLOSE_WAIT = 60.0  # seconds, at most, a close may take (its commits and reads in flight end first)
+# Shards of a process that commit at once (Shard.commit_slots). Each shard has its own
+# committer thread; left to run together, sixteen of them fight for the GIL with the event
+# loop and with each other (715 context switches a message sent to sixteen users at C=50),
+# and each commits a batch of about one. Two at a time, the others' requests gather into
+# larger batches while they wait: 2.0-2.8x the messages to sixteen recipients, +15-40% to
+# sixteen users spread one a message (bench/spread.py; bench/RESULTS.md, "Sixteen shards").
+# Two, not one: one commit's flush (the log's, LMDB's) then overlaps another's work.
+COMMIT_SLOTS = 2
 
 
 class Store:
@@ -81,6 +89,7 @@ class Store:
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
         self._listings = Listings()
+        self._commit_slots = threading.BoundedSemaphore(COMMIT_SLOTS)
 
     @property
     def closed(self) -> bool:
@@ -162,6 +171,7 @@ class Store:
         shard.pin = pin
         shard.reads_wait = self._reads_wait
         shard.idle_work = functools.partial(self._idle_work, shard)
+        shard.commit_slots = self._commit_slots
         shard.settler = functools.partial(settle.settle, shard)
         shard.place_again = functools.partial(journal.place_again, shard)
         shard.match_files = functools.partial(settle.match, shard)
