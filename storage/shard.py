@@ -80,6 +80,7 @@ from storage.errors import DISK_FULL, DiskFullError, NotOwnerError, StoreError, 
 from storage.lmdbenv import open_databases
 from storage.maildir import fsync_dir, make_dirs, make_private_dirs, write_file
 from storage.pinning import Pin
+from storage.slots import CommitSlots
 from storage import wal
 from storage.writers import WriterDir
 from wire import metrics
@@ -244,7 +245,7 @@ class Shard:
         # Shared by every shard of a process (Store's): a committer takes one of its slots
         # for each batch, so that only so many of the process's shards commit at once.
         # None: this shard's commits wait for no other's.
-        self.commit_slots: threading.Semaphore | None = None
+        self.commit_slots: CommitSlots | None = None
         # New message files wait here until their commit (storage/writers.py).
         self.writer = WriterDir(path / "tmp")
         # Carries out the file work of committed `unsettled` keys (storage/settle.py):

@@ -46,6 +46,7 @@ from storage.pinning import Pin, Release, open_pinned, take
 from storage.records import Usage
 from storage.queue import wait_for_commits as wait_for_queue_commits
 from storage.shard import Shard, uid_key
+from storage.slots import CommitSlots
 
 
 DEDUPE_WINDOW = 24 * 3600  # seconds; [storage] dedupe_window
@@ -89,7 +90,7 @@ class Store:
         self._limits_of = quota_of or (lambda account: NO_QUOTA)
         self._closed = False
         self._listings = Listings()
-        self._commit_slots = threading.BoundedSemaphore(COMMIT_SLOTS)
+        self._commit_slots = CommitSlots(COMMIT_SLOTS)
 
     @property
     def closed(self) -> bool:

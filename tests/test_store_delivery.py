@@ -5,6 +5,7 @@ file, an abort (or a failure) leaves nothing anywhere, and a retry reaches what 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,46 @@ def test_junk_mailbox_is_made_when_the_user_deleted_it(store):
     store.delete_mailbox(ALICE, "Junk")
     assert store.junk_mailbox(ALICE, "Spam") == "Spam"
     assert store.mailbox(ALICE, "Spam").special_use == "\\Junk"
+
+
+def test_messages_to_every_shard_from_many_threads_are_each_stored_once(data_dir):
+    """Commits of many shards at once share a process's commit slots (Store.commit_slots):
+    eight threads each deliver to sixteen accounts, one in each shard, small messages and big
+    ones (whose fsync runs before a slot is taken); every copy is stored once, under UIDs
+    1..N with none missing, and nothing waits forever for a slot."""
+    store = Store(open_data_dir(data_dir, 16))
+    hung = True  # then the store is left open: its close would wait for the stuck committers
+    try:
+        by_shard: dict[int, str] = {}
+        n = 0
+        while len(by_shard) < 16:
+            by_shard.setdefault(store.shard_number(f"user{n}@example.test"), f"user{n}@example.test")
+            n += 1
+        accounts = list(by_shard.values())
+        for account in accounts:
+            store.ensure_account(account)
+        errors: list[BaseException] = []
+
+        def send(worker: int) -> None:
+            try:
+                for i in range(12):
+                    raw = big_message(200_000 if i % 4 == 0 else 3000, f"<{worker}.{i}@example.org>")
+                    store.deliver(accounts, raw)
+            except BaseException as e:  # noqa: BLE001 - reported by the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=send, args=(w,), daemon=True) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        hung = any(thread.is_alive() for thread in threads)
+        assert not hung
+        assert errors == []
+        for account in accounts:
+            _, uids, _ = store.uids(account, "INBOX")
+            assert uids == list(range(1, 8 * 12 + 1))
+            assert check(store, account) == []
+    finally:
+        if not hung:
+            store.close()
