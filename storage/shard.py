@@ -500,12 +500,16 @@ class Shard:
             if slots is None:
                 self._commit(batch)
                 return stop
-            with slots:
+            slots.__enter__()
+            self._local.slot = slots
+            try:
                 if not stop:
                     more, stop = self._take_queued(None, MAX_BATCH - len(batch))
                     batch += more
                     self._run_befores_now(more)
                 self._commit(batch)
+            finally:
+                self._let_slot_go()
         except Exception:  # a bug must cost one batch (its callers are told), never the committer
             _log.error("commit_loop_failed", exc_info=True, shard=self.number)
             unsettled = [r for r in batch if not r.done.is_set()]
@@ -513,6 +517,15 @@ class Shard:
             for request in unsettled:
                 self._settle(request)
         return stop
+
+    def _let_slot_go(self) -> None:
+        """Let go of the commit slot this thread holds, if it holds one: once its batch's
+        record is built, the flushes that follow need no slot (a slow disk would otherwise
+        hold the other shards back for its whole wait)."""
+        slot = getattr(self._local, "slot", None)
+        if slot is not None:
+            self._local.slot = None
+            slot.__exit__(None, None, None)
 
     def _take_queued(self, first: _Request | None, room: int = MAX_BATCH) -> tuple[list[_Request], bool]:
         """`first` and the requests queued behind it, `room` at most; whether the queue's end
@@ -715,6 +728,7 @@ class Shard:
                 # full disk could leave a record told of that LMDB cannot take.
                 early = durable is not None and self._room_for(len(record), len(txn.changes) // 3)
                 wal.write_position(raw, counters, seq + 1, end + len(record))
+                self._let_slot_go()
                 started = time.perf_counter()
                 end_after = self.wal.append(record, end)
                 appended = True
