@@ -463,6 +463,8 @@ class Shard:
             future.result()
 
     def _fsync_dirs(self, directories: set[Path]) -> None:
+        if directories:
+            self._let_slot_go()  # a flush: see _let_slot_go
         self._side_by_side(_fsync_dir_if_there, list(directories))
 
     def _commit_loop(self) -> None:
@@ -492,7 +494,8 @@ class Shard:
         """Commit `first` and what waits behind it, in one batch; whether the shard is closing.
         The file work that must precede the batch (its requests' `before`s: a big message's
         fsync) runs first, holding back no other shard; then the committer waits for a slot
-        (commit_slots), and what came in meanwhile joins the batch."""
+        (commit_slots, or goes on without one should the wait stall), and what came in
+        meanwhile joins the batch."""
         batch, stop = self._take_queued(first)
         try:
             self._run_befores_now(batch)
@@ -500,13 +503,16 @@ class Shard:
             if slots is None:
                 self._commit(batch)
                 return stop
-            slots.__enter__()
-            self._local.slot = slots
+            self._local.slot = slots if slots.take() else None
             try:
                 if not stop:
                     more, stop = self._take_queued(None, MAX_BATCH - len(batch))
                     batch += more
-                    self._run_befores_now(more)
+                    if any(r.before is not None for r in more):
+                        # Their file work (a fsync) without the slot, then the slot again.
+                        self._let_slot_go()
+                        self._run_befores_now(more)
+                        self._local.slot = slots if slots.take() else None
                 self._commit(batch)
             finally:
                 self._let_slot_go()
@@ -525,7 +531,7 @@ class Shard:
         slot = getattr(self._local, "slot", None)
         if slot is not None:
             self._local.slot = None
-            slot.__exit__(None, None, None)
+            slot.give_back()
 
     def _take_queued(self, first: _Request | None, room: int = MAX_BATCH) -> tuple[list[_Request], bool]:
         """`first` and the requests queued behind it, `room` at most; whether the queue's end
