@@ -470,6 +470,7 @@ class Shard:
     def _commit_loop(self) -> None:
         idle_due = True  # look for left-over work once at start
         batches = 0
+        seen = None  # LMDB's last transaction when this committer last looked, or committed
         while True:
             if idle_due and self.idle_work is not None:
                 # Idle work waits for a quiet moment, so it never adds a commit to a delivery's
@@ -477,7 +478,16 @@ class Shard:
                 try:
                     first = self._queue.get(timeout=IDLE_DELAY)
                 except queue.Empty:
+                    last = self.env.info()["last_txnid"]
+                    if last != seen:
+                        # Another process (the other mtad worker, imapd) committed here meanwhile:
+                        # only this process's share of the shard is quiet. Its writer lock held
+                        # for a turn of indexing (a second and more, under load) would stall that
+                        # process's commits, and through its commit slots its other shards'.
+                        seen = last
+                        continue
                     idle_due = self._run_idle()
+                    seen = self.env.info()["last_txnid"]
                     continue
             else:
                 first = self._queue.get()
@@ -489,6 +499,7 @@ class Shard:
                 self._run_idle()
             if self._commit_queued(first):
                 return
+            seen = self.env.info()["last_txnid"]
 
     def _commit_queued(self, first: _Request) -> bool:
         """Commit `first` and what waits behind it, in one batch; whether the shard is closing.
