@@ -478,7 +478,7 @@ class Shard:
                 try:
                     first = self._queue.get(timeout=IDLE_DELAY)
                 except queue.Empty:
-                    last = self.env.info()["last_txnid"]
+                    last = self._last_txnid()
                     if last != seen:
                         # Another process (the other mtad worker, imapd) committed here meanwhile:
                         # only this process's share of the shard is quiet. Its writer lock held
@@ -487,7 +487,7 @@ class Shard:
                         seen = last
                         continue
                     idle_due = self._run_idle()
-                    seen = self.env.info()["last_txnid"]
+                    seen = self._last_txnid()
                     continue
             else:
                 first = self._queue.get()
@@ -499,7 +499,15 @@ class Shard:
                 self._run_idle()
             if self._commit_queued(first):
                 return
-            seen = self.env.info()["last_txnid"]
+            seen = self._last_txnid()
+
+    def _last_txnid(self) -> int | None:
+        """LMDB's last committed transaction, by any process; None if the environment fails
+        (a lost device: the idle work that follows says so, the committer lives on)."""
+        try:
+            return self.env.info()["last_txnid"]
+        except lmdb.Error:
+            return None
 
     def _commit_queued(self, first: _Request) -> bool:
         """Commit `first` and what waits behind it, in one batch; whether the shard is closing.
