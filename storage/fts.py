@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import unicodedata
 import zlib
 from array import array
@@ -45,6 +46,10 @@ CHUNK = 1024
 MAX_TOKEN_CHARS = 120
 MAX_TOKENS = 20_000
 OVERFLOW = "*"
+# Seconds a step of the background indexer reads messages for: under load a step of 300
+# took 1.7 s, all of it with the shard's writer lock held, and an IMAP SELECT of the shard
+# waited 11-30 s behind such steps (an attack helper's run, 2026-12-04).
+TURN_SECONDS = 0.05
 
 _WORD = re.compile(r"\w+")
 assert array("I").itemsize == 4, "posting lists are arrays of 32-bit UIDs"
@@ -95,10 +100,12 @@ def indexed_upto(state: MailboxRecord | None) -> int:
     return state.indexed_upto if state is not None else 0
 
 
-def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool:
-    """Index up to `limit` messages of queued mailboxes; True while work remains. One token's
-    UIDs from the whole step are appended at once, so a word common to every message costs
-    one update per step, not one per message."""
+def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300, seconds: float | None = TURN_SECONDS) -> bool:
+    """Index up to `limit` messages of queued mailboxes, reading them for `seconds` at most
+    (None: no bound); True while work remains. One token's UIDs from the whole step are
+    appended at once, so a word common to every message costs one update per step, not one
+    per message. The step holds the shard's writer lock: every other writer of the shard, in
+    any process (an IMAP SELECT's claim of \\Recent), waits for it."""
     pending = txn.cursor(db=shard.db["pending"])
     if not pending.first():
         return False
@@ -113,9 +120,14 @@ def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool
     last = start - 1
     cursor = txn.cursor(db=shard.db["texts"])
     done = 0
+    stopped = False
+    deadline = None if seconds is None else time.monotonic() + seconds
     if cursor.set_range(uid_key(mailbox_id, start)):
         for key, value in cursor:
-            if key[:4] != box or done >= limit:
+            if key[:4] != box:
+                break
+            if done >= limit or (deadline is not None and done and time.monotonic() > deadline):
+                stopped = True
                 break
             uid = int.from_bytes(key[4:8], "big")
             _collect(postings_by_key, box, uid, json.loads(zlib.decompress(value)))
@@ -124,7 +136,7 @@ def index_pending(txn: lmdb.Transaction, shard: Shard, limit: int = 300) -> bool
     terms = txn.cursor(db=shard.db["terms"])
     for prefix, uids in postings_by_key.items():
         _append(txn, terms, shard, prefix, uids)
-    finished = done < limit
+    finished = not stopped
     state.indexed_upto = state.uidnext - 1 if finished else last
     put_mailbox(txn, shard, mailbox_id, state)
     if finished:

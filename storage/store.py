@@ -716,7 +716,7 @@ class Store:
         """Run the full-text indexer for the account's shard until nothing is left (the
         committer otherwise does this in its idle time)."""
         shard = self.shard(account)
-        while shard.write(lambda txn, batch: fts.index_pending(txn, shard, limit=1000)):
+        while shard.write(lambda txn, batch: fts.index_pending(txn, shard, limit=1000, seconds=None)):
             pass
 
     def index_backlog(self, account: str, mailbox: str) -> int:
