@@ -64,3 +64,13 @@ def test_levels_filter(captured):
     log.warning("shown")
     assert "event=hidden" not in captured.getvalue()
     assert "event=shown" in captured.getvalue()
+
+
+def test_values_are_quoted_only_when_they_must_be(captured):
+    EventLogger("mtad").info("values", plain="alice@example.test:250", number=-5, flag=True, none=None,
+                             name="Zoë", spaced="a b", equals="a=b", nul="a\x00b", sep="a\u2028b",
+                             listed=["x", "y z"])
+    line = captured.getvalue().rstrip("\n")
+    assert line.endswith(
+        'event=values plain=alice@example.test:250 number=-5 flag=true none="" name=Zoë spaced="a b" '
+        'equals="a=b" nul="a\\x00b" sep="a\\x2028b" listed="x,y z"')
