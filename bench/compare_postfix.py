@@ -1,7 +1,7 @@
 """Inbound delivery side by side with Postfix (issue 17): `bench/smtp_in.py --compare-postfix`.
 
     .venv/bin/python bench/smtp_in.py --compare-postfix [-m 5000] [--concurrencies 1,10,50]
-                                     [--rounds 1] [--workers 2] [--policy]
+                                     [--rounds 1] [--workers 2] [--policy] [--log-level info]
 
 Two throwaway MXs on loopback, started here and stopped here:
 - Debian's Postfix (bench/postfix_peer.py: its own config directory, queue and data dir in
@@ -9,7 +9,9 @@ Two throwaway MXs on loopback, started here and stopped here:
   into a virtual Maildir (mail owned by `nobody`); Postfix's defaults otherwise, so a 250
   means its queue file is fsynced, and its `virtual` agent fsyncs each Maildir file.
 - `postroom serve` (bench/policy_chain.py's server: `[smtp] workers = 2`, `[policy] enabled
-  = false`; with --policy the whole chain on, DNS answered by a zone on loopback, a real
+  = false`, `log_level = "info"`, its default: a line per event, as Postfix logs each
+  connection and message to its maillog_file; `--log-level warning` logs none); with --policy
+  the whole chain on, DNS answered by a zone on loopback, a real
   clamd with the test suite's one signature, rate limits counted but far above the load).
 
 Each is driven by Postfix's own load generator, `smtp-source -m M -l 5000 -s C` (HELO,
@@ -83,11 +85,11 @@ virtual_gid_maps = static:{mail_user.pw_gid}
 class PostroomMX:
     name = "postroom"
 
-    def __init__(self, work: Path, workers: int, chain: dict | None):
+    def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "warning"):
         from policy_chain import start_server  # its imports need the venv: only here
         work.mkdir()
         self.shards = work / "var" / "shards"
-        self.process, self.port = start_server(work, workers, chain)
+        self.process, self.port = start_server(work, workers, chain, log_level=log_level)
         wait_for_port(self.port, self.process)
 
     def mail_dirs(self) -> list[Path]:
@@ -142,7 +144,8 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
     return rate, line
 
 
-def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool) -> None:
+def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool,
+            log_level: str = "info") -> None:
     if not postfix_available() or shutil.which("smtp-source") is None:
         raise SystemExit("Debian's postfix (postfix, smtp-source) is not installed: `make bench-peers` installs it")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop the servers
@@ -151,7 +154,7 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
     try:
         with _policy_peers(policy, work) as (chain, message_file):
             servers.append(PostfixMX(work))
-            servers.append(PostroomMX(work / "postroom", workers, chain))
+            servers.append(PostroomMX(work / "postroom", workers, chain, log_level))
             for server in servers:
                 print(drive(server, 10, WARMUP, message_file)[1] + "  (warm-up)", flush=True)
             rates: dict[tuple[str, int], list[float]] = {}
@@ -172,8 +175,8 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
         shutil.rmtree(work, ignore_errors=True)
     chain_state = "on" if policy else "off"
     payload = f"-F (DKIM-signed, {SIZE} B)" if policy else f"-l {SIZE}"
-    print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, policy chain "
-          f"{chain_state}; median of {rounds} run(s) each\n")
+    print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, log_level = "
+          f"{log_level}, policy chain {chain_state}; median of {rounds} run(s) each\n")
     print("| concurrency | Postfix msgs/s | Postroom msgs/s | ratio |")
     print("|---|---|---|---|")
     for c in concurrencies:

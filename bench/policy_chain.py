@@ -70,10 +70,10 @@ def txt(text: str) -> str:
     return " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
 
 
-def start_server(work: Path, workers: int, chain: dict | None, users: tuple[str, ...] = ()
-                 ) -> tuple[subprocess.Popen, int]:
+def start_server(work: Path, workers: int, chain: dict | None, users: tuple[str, ...] = (),
+                 log_level: str = "warning") -> tuple[subprocess.Popen, int]:
     """A throwaway `postroom serve` in `work` (made by the caller) with RECIPIENT and `users`;
-    (the process, its SMTP port)."""
+    (the process, its SMTP port). Its log goes to work/serve.log."""
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     policy = "[policy]\nenabled = false\n"
     if chain is not None:
@@ -98,7 +98,7 @@ recipients_per_minute = 1000000
     config.write_text(f"""[server]
 hostname = "mail.bench.test"
 data_dir = "{work / 'var'}"
-log_level = "warning"
+log_level = "{log_level}"
 [tls]
 cert = "{work / 'var/tls/cert.pem'}"
 key = "{work / 'var/tls/key.pem'}"

@@ -171,11 +171,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="with --compare-postfix: Postroom's [smtp] workers")
     parser.add_argument("--policy", action="store_true",
                         help="with --compare-postfix: Postroom's policy chain on (DNS on loopback, clamd)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="with --compare-postfix: Postroom's [server] log_level (Postfix logs every message)")
     args = parser.parse_args()
     if args.compare_postfix:
         from compare_postfix import compare
         compare(args.messages or 5000, [int(c) for c in args.concurrencies.split(",")], args.rounds, args.workers,
-                args.policy)
+                args.policy, args.log_level)
         return
     if args.server is None:
         parser.error("HOST:PORT, or --compare-postfix")

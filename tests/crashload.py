@@ -21,6 +21,7 @@ import itertools
 import os
 import random
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -96,7 +97,15 @@ class Server:
     def start(self, config: Path) -> None:
         self.runs += 1
         sock_dir = tempfile.mkdtemp(prefix="crash-notify-")
-        notify_path = os.path.join(sock_dir, "notify.sock")
+        try:
+            self._start(config, os.path.join(sock_dir, "notify.sock"))
+        finally:
+            # Only READY=1 is waited for: later notices (STOPPING=1) find no socket, as
+            # they would a closed one (postroom/notify.py drops them). One directory a
+            # restart was left in /tmp before: hundreds after a crash run.
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _start(self, config: Path, notify_path: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
             notify_sock.bind(notify_path)
             notify_sock.settimeout(0.2)
