@@ -85,7 +85,7 @@ virtual_gid_maps = static:{mail_user.pw_gid}
 class PostroomMX:
     name = "postroom"
 
-    def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "warning"):
+    def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "info"):
         from policy_chain import start_server  # its imports need the venv: only here
         work.mkdir()
         self.shards = work / "var" / "shards"
