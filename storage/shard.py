@@ -233,6 +233,7 @@ class Shard:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._stop_seen = False  # the close's mark, taken by _join_late from the queue
         self._released = False  # closed because this node let the shard go (Store.close_shard)
         # Reads in progress: close() waits for them before it unmaps the environment (a read
         # of an unmapped page is a crash, not an exception).
@@ -521,7 +522,7 @@ class Shard:
             slots = self.commit_slots
             if slots is None:
                 self._commit(batch)
-                return stop
+                return stop or self._stop_seen
             self._local.slot = slots if slots.take() else None
             try:
                 if not stop:
@@ -541,7 +542,7 @@ class Shard:
             _fail([r for r in unsettled if r.error is None], StoreError("internal error"))
             for request in unsettled:
                 self._settle(request)
-        return stop
+        return stop or self._stop_seen
 
     def _let_slot_go(self) -> None:
         """Let go of the commit slot this thread holds, if it holds one: once its batch's
@@ -951,7 +952,7 @@ class Shard:
         try:
             self._run_befores([r for r in requests if r.before is not None])
             live = [r for r in requests if r.error is None]
-            if live and not self._run_together(live):
+            if live and not self._run_together(live, requests):
                 self._run_nested(live)
         finally:
             for request in requests:
@@ -974,11 +975,12 @@ class Shard:
             _log.error("before_failed", exc_info=True, shard=self.number)
             _fail([r for r in requests if r.error is None], e, self.path)
 
-    def _run_together(self, requests: list[_Request]) -> bool:
+    def _run_together(self, requests: list[_Request], everyone: list[_Request]) -> bool:
         """The batch in one transaction, as it nearly always succeeds: without a nested
         transaction per request (LMDB maps 2 MiB for each, and unmapping it interrupts every
         CPU). False, with nothing changed, when a request failed among others: they must
-        then run again, each on its own."""
+        then run again, each on its own. What came in while the writer lock was awaited
+        joins `requests` (and `everyone`, the batch its caller settles): see _join_late."""
         batch = Batch()
         failed: tuple[_Request, BaseException] | None = None
         durable = False
@@ -992,6 +994,7 @@ class Shard:
 
         try:
             with self._transaction(tell_early, batch=batch) as txn:
+                self._join_late(requests, everyone)
                 for request in requests:
                     try:
                         request.result = request.change(txn, batch)
@@ -1016,6 +1019,27 @@ class Shard:
             return True
         self._after_commit(batch)
         return True
+
+    def _join_late(self, live: list[_Request], everyone: list[_Request]) -> None:
+        """Under the writer lock, before the batch runs: the requests queued since it was
+        taken join it. The lock is what another process's commit holds (two mtad workers
+        deliver to every shard, imapd writes flags), for a flush or two; a committer that
+        waited for it would otherwise commit what it had and find the sessions it kept
+        waiting queued for the next turn, which waits for the other process again. Joined
+        here they share this record's one flush: under contention batches grow, where
+        before each process's commit carried what came before its turn."""
+        room = MAX_BATCH - len(everyone)
+        if room <= 0 or self._queue.empty():
+            return
+        more, stop = self._take_queued(None, room)
+        if stop:
+            self._stop_seen = True
+        if not more:
+            return
+        everyone.extend(more)
+        # A big message's fsync, under the lock: only for one that came in during the wait.
+        self._run_befores_now(more)
+        live.extend(r for r in more if r.error is None)
 
     def _run_nested(self, requests: list[_Request]) -> None:
         """Each request in a nested transaction, so that one failing cannot spoil the others."""
