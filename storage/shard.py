@@ -234,6 +234,9 @@ class Shard:
         self._lock = threading.Lock()
         self._closed = False
         self._stop_seen = False  # the close's mark, taken by _join_late from the queue
+        # Requests _join_late took from the queue and did not join: the next batch's first
+        # (the committer's thread alone touches it).
+        self._deferred: list[_Request] = []
         self._released = False  # closed because this node let the shard go (Store.close_shard)
         # Reads in progress: close() waits for them before it unmaps the environment (a read
         # of an unmapped page is a crash, not an exception).
@@ -473,7 +476,9 @@ class Shard:
         batches = 0
         seen = None  # LMDB's last transaction when this committer last looked, or committed
         while True:
-            if idle_due and self.idle_work is not None:
+            if self._deferred:
+                first = self._deferred.pop(0)  # taken by _join_late, not joined
+            elif idle_due and self.idle_work is not None:
                 # Idle work waits for a quiet moment, so it never adds a commit to a delivery's
                 # latency; under sustained load it still gets a turn every IDLE_EVERY batches.
                 try:
@@ -499,6 +504,8 @@ class Shard:
             if batches % IDLE_EVERY == 0 and self.idle_work is not None:
                 self._run_idle()
             if self._commit_queued(first):
+                while self._deferred:  # the close's mark came behind them
+                    self._commit_queued(self._deferred.pop(0))
                 return
             seen = self._last_txnid()
 
@@ -557,6 +564,8 @@ class Shard:
         """`first` and the requests queued behind it, `room` at most; whether the queue's end
         (close) came among them."""
         batch = [] if first is None else [first]
+        while self._deferred and len(batch) < room:
+            batch.append(self._deferred.pop(0))
         while len(batch) < room:
             try:
                 request = self._queue.get_nowait()
@@ -1034,12 +1043,15 @@ class Shard:
         more, stop = self._take_queued(None, room)
         if stop:
             self._stop_seen = True
-        if not more:
-            return
-        everyone.extend(more)
-        # A big message's fsync, under the lock: only for one that came in during the wait.
-        self._run_befores_now(more)
-        live.extend(r for r in more if r.error is None)
+        for request in more:
+            if request.before is None and not self._deferred:
+                everyone.append(request)
+                live.append(request)
+            else:
+                # Its file work (a big message's fsync) would run under the writer lock and
+                # a commit slot, holding back the other processes and this one's other
+                # shards: it opens the next batch instead, and what follows it, in order.
+                self._deferred.append(request)
 
     def _run_nested(self, requests: list[_Request]) -> None:
         """Each request in a nested transaction, so that one failing cannot spoil the others."""
