@@ -10,8 +10,8 @@ the same synthetic message, in turn, in one run:
 
 - `thread`: the loop (uvloop) puts the request on a SimpleQueue; a committer thread takes it,
   builds a record (Python work), writes it in place and fdatasyncs, answers with
-  call_soon_threadsafe, then does the after-the-250 work (Python work, a second fdatasync
-  of scattered pages, a 5,000-byte file written and renamed);
+  call_soon_threadsafe, then does the after-the-250 work (Python work, LMDB's commit as one
+  pwritev of 20 pages and an fdatasync, a 5,000-byte file written and renamed);
 - `process`: the same committer in a process of its own, the request and its answer over a
   Unix socket (length-prefixed bytes, the message's 5,000 bytes copied across).
 
