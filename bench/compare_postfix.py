@@ -85,11 +85,11 @@ virtual_gid_maps = static:{mail_user.pw_gid}
 class PostroomMX:
     name = "postroom"
 
-    def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "info"):
+    def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "info", writer: bool = False):
         from policy_chain import start_server  # its imports need the venv: only here
         work.mkdir()
         self.shards = work / "var" / "shards"
-        self.process, self.port = start_server(work, workers, chain, log_level=log_level)
+        self.process, self.port = start_server(work, workers, chain, log_level=log_level, writer=writer)
         wait_for_port(self.port, self.process)
 
     def mail_dirs(self) -> list[Path]:

@@ -71,9 +71,9 @@ def txt(text: str) -> str:
 
 
 def start_server(work: Path, workers: int, chain: dict | None, users: tuple[str, ...] = (),
-                 log_level: str = "warning") -> tuple[subprocess.Popen, int]:
+                 log_level: str = "warning", writer: bool = False) -> tuple[subprocess.Popen, int]:
     """A throwaway `postroom serve` in `work` (made by the caller) with RECIPIENT and `users`;
-    (the process, its SMTP port). Its log goes to work/serve.log."""
+    (the process, its SMTP port). Its log goes to work/serve.log. `writer`: [smtp] writer."""
     ports = {name: free_port() for name in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")}
     policy = "[policy]\nenabled = false\n"
     if chain is not None:
@@ -106,6 +106,7 @@ self_signed = true
 [smtp]
 listen = ["127.0.0.1:{ports['smtp']}"]
 workers = {workers}
+writer = {'true' if writer else 'false'}
 max_connections_per_ip = 500
 [submission]
 listen = ["127.0.0.1:{ports['submission']}"]

@@ -95,6 +95,10 @@ class SMTPConfig:
     max_connections_per_ip: int = field(default=20, metadata={"min": 1, "max": 100_000})
     # Processes accepting on the MX port (SO_REUSEPORT); one Python process uses one core.
     workers: int = field(default=1, metadata={"min": 1, "max": 64})
+    # Local deliveries of messages up to 64 KiB committed by one writer process beside the
+    # workers (mtad/writer.py), not by a thread sharing each worker's interpreter. Not in a
+    # cluster (a node's shards change hands; the writer does not follow them).
+    writer: bool = False
     # LMTP (RFC 2033) for the other nodes of a cluster only: a message for a user whose shard
     # this node owns, handed over by the node that took it (mtad/lmtp.py). Never port 25,
     # never open to the Internet: it takes the sender's word and runs no checks.

@@ -32,6 +32,7 @@ from mtad.events import NEED_DATA, Close, DataChunk, DataEnd, MailFrom, Question
 from mtad.replies import Reply
 from mtad.routing import OWNER_WAIT, HandOffFailed, Outbound, Route, Router
 from mtad.session import Session, SessionConfig
+from mtad.writer import WriterClient
 from policy.chain import PolicyServices, Refusal, SessionPolicy
 from policy.decide import Decision
 from storage import (
@@ -70,6 +71,7 @@ class AgentContext:
     outbound: Outbound | None = None  # the queue, DKIM and SRS: remote recipients
     policy: PolicyServices | None = None  # the checks (policy/chain.py); None: none run
     router: Router | None = None  # in a cluster: which node owns an account (mtad/routing.py)
+    writer: WriterClient | None = None  # [smtp] writer: the process that commits (mtad/writer.py)
     # Deliveries under way: they finish even when their session is gone (client gone,
     # daemon stopping), so that a failed copy is always withdrawn; stop() waits for them.
     deliveries: set[asyncio.Task] = field(default_factory=set)

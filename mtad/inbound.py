@@ -256,7 +256,8 @@ class InboundSMTP(SMTPAgent):
                                            sender=self._sender,
                                            smtputf8=self._mail is not None and self._mail.smtputf8,
                                            eight_bit=self._mail is not None and
-                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME")
+                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME",
+                                           writer=self.context.writer)
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             errors = [error for _, error in e.errors] if isinstance(e, DeliveryError) else [e]

@@ -51,6 +51,7 @@ from wire import node_proof as proof
 
 if TYPE_CHECKING:
     from mtad.events import RcptDSN
+    from mtad.writer import WriterClient
 
 _log = EventLogger("mtad.routing")
 # A cluster's: how long a RCPT, or a commit whose shard changed hands, waits for the
@@ -550,12 +551,14 @@ class Route:
 
     async def commit(self, deliver_in_thread: Callable, deliveries: set[asyncio.Task], *,
                      orphaned: Callable[[BaseException], None] = lambda e: None, helo: str = "",
-                     sender: str = "", smtputf8: bool = False, eight_bit: bool = False) -> Committed:
+                     sender: str = "", smtputf8: bool = False, eight_bit: bool = False,
+                     writer: WriterClient | None = None) -> Committed:
         """Every copy stored and the queue entry written, or DeliveryError / StoreError with
         nothing left of the message. The route is closed either way. `orphaned` hears of a
         store failure that comes after the caller is gone (its session cancelled).
         `smtputf8`, `eight_bit`: the transaction's SMTPUTF8 and BODY=8BITMIME, for the owners
-        the copies are handed to."""
+        the copies are handed to. `writer`: the writer process ([smtp] writer), which
+        commits a message held in memory (mtad/writer.py)."""
         delivery, self.delivery = self.delivery, None
         enqueue, self.enqueue = self.enqueue, None
         delivered: list[Delivered] = []
@@ -573,11 +576,15 @@ class Route:
                 handed, delivery = delivery, None  # the commit owns it now, and closes it
                 # Up to WRITE_IN_COMMITTER, start_commit leaves the fsync to the committers:
                 # only then may the event loop call it.
-                if handed.size <= WRITE_IN_COMMITTER and self._store.accounts_ready(accounts):
+                if (writer is not None and handed.in_memory() is not None
+                        and self._store.accounts_ready(accounts)):
+                    delivered, message_id = await commit_by_writer(writer, handed, deliveries, orphaned)
+                elif handed.size <= WRITE_IN_COMMITTER and self._store.accounts_ready(accounts):
                     delivered = await commit_from_loop(self._store, handed, deliver_in_thread, deliveries, orphaned)
+                    message_id = handed.message_id or ""  # read from the message by the commit
                 else:
                     delivered = await deliver_in_thread(commit_in_thread, self._store, handed)
-                message_id = handed.message_id or ""  # read from the message by the commit
+                    message_id = handed.message_id or ""
             queue_id = None
             if enqueue is not None:
                 handed, enqueue = enqueue, None
@@ -652,6 +659,40 @@ def commit_in_thread(store: Store, delivery: Delivery) -> list[Delivered]:
             return _retry_or_withdraw(store, delivery, first)
     finally:
         delivery.close()
+
+
+async def commit_by_writer(writer: WriterClient, delivery: Delivery, deliveries: set[asyncio.Task],
+                           orphaned: Callable[[BaseException], None]) -> tuple[list[Delivered], str]:
+    """A message held in memory, committed by the writer process (mtad/writer.py): every
+    copy stored, or DeliveryError / StoreError with none left. Tracked in `deliveries` and
+    shielded as commit_from_loop's: a stop waits for the reply, a session gone does not
+    stop it. Closes the delivery (its bytes went to the writer)."""
+
+    async def commit() -> tuple[list[Delivered], str]:
+        try:
+            return await writer.commit(delivery)
+        finally:
+            delivery.close()
+
+    task = asyncio.ensure_future(commit())
+    deliveries.add(task)
+
+    def done(task: asyncio.Task) -> None:
+        deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            orphaned(task.exception())
+
+    task.add_done_callback(done)
+    return await asyncio.shield(task)
+
+
+async def commit_small(store: Store, delivery: Delivery, deliver_in_thread: Callable) -> list[Delivered]:
+    """The writer process's commit (mtad/writer.py) of a message held in memory: from its
+    event loop when the accounts are ready (an account's first delivery makes its mailboxes,
+    which a loop must not wait for), else in a thread. Closes the delivery."""
+    if store.accounts_ready([account for account, _ in delivery.targets]):
+        return await _commit_and_settle(store, delivery, deliver_in_thread)
+    return await deliver_in_thread(commit_in_thread, store, delivery)
 
 
 async def commit_from_loop(store: Store, delivery: Delivery, deliver_in_thread: Callable,

@@ -293,7 +293,8 @@ class SubmissionSMTP(SMTPAgent):
                                            sender=self._mail.address if self._mail is not None else "",
                                            smtputf8=self._mail is not None and self._mail.smtputf8,
                                            eight_bit=self._mail is not None and
-                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME")
+                                           (self._mail.params.get("BODY") or "").upper() == "8BITMIME",
+                                           writer=self.context.writer)
         except (DeliveryError, StoreError, OSError) as e:
             metrics.delivery("local", "failed", time.perf_counter() - started)
             self.log.error("store_failed", qid=qid, error=type(e).__name__)

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     # How serve starts its children, and mtad its extra MX workers (postroom/supervisor.py).
     p.add_argument("--daemon", choices=DAEMONS, help=argparse.SUPPRESS)
     p.add_argument("--smtp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--smtp-writer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cluster-agent", action="store_true", help=argparse.SUPPRESS)  # postroom/cluster_agent.py
 
     config = _group(commands, "config", "check the config file")
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         from postroom import cluster_agent as process
 
         return process.main(PROG, args.config)
+    if args.command == "serve" and args.smtp_writer:
+        from postroom import writer_process
+
+        return writer_process.main(PROG, args.config)
     if args.command == "serve" and (args.daemon or args.smtp_worker):
         from postroom import daemon_process
 

@@ -160,6 +160,19 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     config = context.config
     # mtad's workers take every SMTP listener (MX and submission) with it: SO_REUSEPORT.
     services = [s for s in of_daemon(daemon) if status(s, config) == LISTENING]
+    # [smtp] writer: before any listener, so that the first message finds it; stopped after
+    # every session of every mtad process has ended (mtad/writer.py).
+    writer = None
+    if daemon == "mtad" and not worker and services and config.smtp.writer:
+        if config.cluster.enabled:
+            raise ServeError("[smtp] writer: not in a cluster (the writer does not follow the node's shards)")
+        writer = Supervisor(log, watchdog=watchdog)
+        writer.attach()
+        writer.start("mtad-writer", command(config.source, "serve", "--smtp-writer"))
+        failed = await first_of(writer.wait_ready(WORKER_START_TIMEOUT), stop)
+        if failed is not None:
+            await writer.stop(config.server.stop_grace)
+            raise ServeError(failed.failure)
     running: list[Running] = []
     for service in services:
         try:
@@ -167,6 +180,8 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
         except OSError as e:
             for other in reversed(running):
                 await other.stop()
+            if writer is not None:
+                await writer.stop(config.server.stop_grace)
             await context.shared.close()
             raise ServeError(f"{service.label}: {e.strerror or e}") from None
 
@@ -180,7 +195,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
             workers.start("mtad-worker", command(config.source, "serve", "--smtp-worker"))
         failed = await first_of(workers.wait_ready(WORKER_START_TIMEOUT), stop)
         if failed is not None:
-            await _stop(context, running, workers)
+            await _stop(context, running, workers, writer=writer)
             raise ServeError(failed.failure)
 
     # SIGHUP: config and certificates read again for new sessions (postroom/reload.py).
@@ -204,13 +219,13 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     log.info("stopping", daemon=daemon)
     if takeover is not None:
         takeover.close()
-    await _stop(context, running, workers, following)
+    await _stop(context, running, workers, following, writer)
     log.info("stopped", daemon=daemon)
     return 0
 
 
 async def _stop(context: Context, running: list[Running], workers: Supervisor | None,
-                following: asyncio.Future | None = None) -> None:
+                following: asyncio.Future | None = None, writer: Supervisor | None = None) -> None:
     async def services() -> None:
         for service in reversed(running):
             await service.stop()
@@ -224,3 +239,6 @@ async def _stop(context: Context, running: list[Running], workers: Supervisor | 
 
     # The workers stop as this process does, each within stop_grace.
     await asyncio.gather(services(), workers.stop(context.config.server.stop_grace) if workers else asyncio.sleep(0))
+    # Every session of every mtad process has ended: the writer's commits are all answered.
+    if writer is not None:
+        await writer.stop(context.config.server.stop_grace)

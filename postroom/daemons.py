@@ -110,10 +110,20 @@ class Shared:
         agent = AgentContext(config, self._accounts, self._store, self._tls, self.delivery_threads,
                              ConnectionLimit(config.submission.max_connections,
                                              config.submission.max_connections_per_ip),
-                             outbound=self.outbound, policy=self.policy, router=self.router)
+                             outbound=self.outbound, policy=self.policy, router=self.router, writer=self.writer)
         if self.follower is not None:  # a cluster's: messages coming in let go of a released shard
             self.follower.listeners.append(agent.let_go)
         return agent
+
+    @cached_property
+    def writer(self):
+        """[smtp] writer: this process's connection to mtad's writer process (mtad/writer.py),
+        made at the first commit; None: the shards' committers here commit."""
+        if not self._config.smtp.writer or self._config.cluster.enabled:
+            return None
+        from mtad.writer import WriterClient, socket_path
+
+        return WriterClient(socket_path(self._data_dir.path))
 
     @cached_property
     def router(self):
@@ -200,6 +210,8 @@ class Shared:
             self.policy.close()
         if self.__dict__.get("follower") is not None:
             self.follower.table.close()
+        if self.__dict__.get("writer") is not None:
+            self.writer.close()
 
 
 @dataclass(frozen=True)
@@ -253,7 +265,8 @@ async def start_smtp(context: Context) -> Listening:
     config, shared = context.config, context.shared
     inbound = AgentContext(config, context.accounts, context.store, context.tls, shared.delivery_threads,
                            ConnectionLimit(config.smtp.max_connections, config.smtp.max_connections_per_ip),
-                           outbound=shared.outbound, policy=shared.policy, router=shared.router)
+                           outbound=shared.outbound, policy=shared.policy, router=shared.router,
+                           writer=shared.writer)
     servers = await listen_asyncio(lambda: InboundSMTP(inbound), config.smtp.listen, tls=None,
                                    backlog=config.server.listen_backlog)
     lmtp_listen = config.smtp.lmtp_listen

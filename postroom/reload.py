@@ -57,7 +57,7 @@ from postroom.datadir import running_processes
 RESTART_NEEDED: tuple[str, ...] = (
     "server.data_dir", "server.listen_backlog", "server.stop_grace",  # bound or held since start
     "tls.self_signed",  # a self-signed certificate is only made at start
-    "smtp.listen", "smtp.workers", "smtp.lmtp_listen", "smtp.lmtp_max_connections",
+    "smtp.listen", "smtp.workers", "smtp.writer", "smtp.lmtp_listen", "smtp.lmtp_max_connections",
     "submission.listen", "submission.listen_tls",
     "imap.listen", "imap.listen_tls",
     "pop3.listen", "pop3.listen_tls",

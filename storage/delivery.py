@@ -112,6 +112,7 @@ class Delivery:
         self._bits, self._keywords = bits, keywords
         self._internal_date = internal_date
         self._window = window
+        self._key_from = key_from
         self._digest = duplicates.SentDigest(key_from) if key_from is not None else None
         self._state = _OPEN
         self._parsed: _Parsed | None = None
@@ -219,6 +220,20 @@ class Delivery:
         """Whether the bytes written are kept: false when no target's shard could be opened
         (they are only counted, and the commit raises the first target's error)."""
         return self._source is not None
+
+    def in_memory(self) -> bytes | None:
+        """The whole message, while it is still open and held in memory (up to IN_MEMORY
+        bytes): what a hand-off to another process's store sends (mtad/writer.py). None once
+        it went to its file, or when no target could take it."""
+        if self._state != _OPEN or self._source is None or self._fd is not None:
+            return None
+        return bytes(self._pending)
+
+    def terms(self) -> dict:
+        """What Store.begin_delivery was given (flags as bits and keywords), for the same
+        delivery begun elsewhere: mtad/writer.py."""
+        return {"bits": self._bits, "keywords": list(self._keywords), "internal_date": self._internal_date,
+                "dedupe_from": self._key_from}
 
     def read(self, size: int = 1 << 16) -> Iterator[bytes]:
         """The message's bytes written so far, in pieces of at most `size` (an anti-virus

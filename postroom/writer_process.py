@@ -1,0 +1,92 @@
+"""mtad's writer process ([smtp] writer = true; mtad/writer.py says why and what it does).
+
+Started by mtad (`postroom serve --smtp-writer`), as its MX workers are: before its
+listeners, so that the first message finds it, restarted when it dies, and stopped after
+every session of every mtad process has ended, so that a stop still finishes the
+deliveries under way (RFC 5321 §3.8, mtad/agent.py). It takes no lock (its mtad holds the
+data dir's), opens the store, listens on the data dir's writer socket and says READY=1.
+On SIGTERM it stops taking connections, finishes the commits begun, answers them, and
+closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import conf
+from conf.logfmt import EventLogger, setup_logging
+from mtad import writer
+from postroom import supervisor
+from postroom.daemon_process import event_loop_factory, name_this_process, return_big_buffers_to_the_system
+from postroom.daemons import DELIVERY_THREADS, Threads
+from postroom.datadir import become_data_dir_owner, open_accounts, open_store
+from postroom.notify import notify
+from postroom.watchdog import keep_alive, take_interval
+from postroom import metrics
+
+STOP_WAIT = 30.0  # seconds for the commits under way; they take milliseconds
+
+
+def main(prog: str, config_path: Path) -> int:
+    try:
+        config = conf.load(config_path)
+        become_data_dir_owner(config.server.data_dir)
+        supervisor.become_child()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing here to read again
+        return_big_buffers_to_the_system()
+        name_this_process("mtad-writer")
+        setup_logging(config.server.log_level)
+        # Its mtad's metrics directory, as a worker's: postroom_fsync_seconds and the rest count.
+        metrics.for_daemon(config, supervised=True, worker=True)
+        log = EventLogger("postroom.writer")
+        data_dir, accounts = open_accounts(config)
+    except (conf.ConfigError, OSError) as e:
+        notify(f"STATUS={e}")
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    try:
+        store = open_store(data_dir, accounts, config, reads_wait=False)
+        try:
+            store.recover()
+            with asyncio.Runner(loop_factory=event_loop_factory("mtad")) as runner:
+                code = runner.run(_run(store, writer.socket_path(data_dir.path), log))
+        finally:
+            store.close()
+    finally:
+        accounts.close()
+    # As a daemon's (postroom/daemon_process.py): the interpreter's teardown adds nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _run(store, path: Path, log: EventLogger) -> int:
+    from mtad.routing import commit_small
+
+    stop = supervisor.stop_on_signal()
+    keep_alive(take_interval())
+    threads = Threads("deliver", DELIVERY_THREADS)
+    service = writer.WriterServer(store, lambda store, delivery: commit_small(store, delivery, threads))
+    try:
+        server = await writer.listen(service, path)
+    except OSError as e:
+        notify(f"STATUS=writer socket {path}: {e.strerror or e}")
+        return 1
+    log.info("ready", daemon="mtad-writer", socket=str(path))
+    notify("READY=1\nSTATUS=writing")
+    await stop.wait()
+    notify("STOPPING=1")
+    server.close()
+    try:
+        await asyncio.wait_for(service.finish(), STOP_WAIT)
+    except asyncio.TimeoutError:
+        log.error("stop_commits_left", left=len(service.in_flight))
+    for connection in list(service.connections):
+        connection.transport.close()
+    await threads.close()
+    log.info("stopped", daemon="mtad-writer")
+    return 0

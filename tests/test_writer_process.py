@@ -1,0 +1,100 @@
+"""[smtp] writer (mtad/writer.py): the MX workers hand their small deliveries to one writer
+process, which commits them; a 250 still means durable, a writer gone means 451 4.3.0 until
+its restart, and a stop finishes what is under way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import stat
+import threading
+import time
+
+from conftest import add_accounts, start_daemon
+from procs import processes
+from storage import open_data_dir
+from storage.store import Store
+
+PASSWORD = "writer test password"
+
+
+def _writers(daemon) -> list[int]:
+    """The writer: a child of serve's mtad process, which starts it."""
+    table = processes()
+    return [pid for pid, p in table.items() if b"--smtp-writer" in p.cmdline
+            and p.parent in table and table[p.parent].parent == daemon.process.pid]
+
+
+def _send(daemon, recipients: list[str], body: bytes) -> None:
+    address = daemon.listen("smtp.listen")
+    with smtplib.SMTP(address.host, address.port, timeout=30) as client:
+        client.sendmail("s@example.org", recipients, body)
+
+
+def test_the_writer_commits_for_every_worker_and_comes_back(write_config, tmp_path, data_dir):
+    path = write_config("writer.toml", smtp={"workers": 2, "writer": True, "max_connections_per_ip": 200})
+    add_accounts(path, PASSWORD, ["alice@example.test", "bob@example.test"])
+    daemon = start_daemon(path, tmp_path)
+    try:
+        (writer,) = _writers(daemon)
+        socket_path = data_dir / "writer.sock"
+        assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) & 0o077 == 0, "the data dir's owner only"
+
+        sent: list[int] = []
+
+        def send(i: int) -> None:
+            recipients = ["alice@example.test", "bob@example.test"] if i % 5 == 0 else ["alice@example.test"]
+            _send(daemon, recipients, f"Subject: w{i}\r\nMessage-ID: <w{i}@example.org>\r\n\r\n{i}\r\n".encode())
+            sent.append(i)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(sent) == 30
+        with Store(open_data_dir(data_dir, 4)) as store:
+            assert store.mailbox("alice@example.test", "INBOX").exists == 30
+            assert store.mailbox("bob@example.test", "INBOX").exists == 6
+        log = daemon.stderr()
+        assert "daemon=mtad-writer" in log and "event=ready" in log
+        accepted = [line for line in log.splitlines() if "event=message_accepted" in line]
+        assert len(accepted) == 30 and len({line.split(" pid=")[1].split()[0] for line in accepted}) == 2
+
+        # Killed, the writer is started again; meanwhile a message is told 451 4.3.0, never lost.
+        os.kill(writer, signal.SIGKILL)
+        refused, stored, deadline = [], 0, time.monotonic() + 20
+        while stored == 0 and time.monotonic() < deadline:
+            try:
+                _send(daemon, ["alice@example.test"], f"Subject: after\r\nMessage-ID: <a{len(refused)}@x>\r\n\r\nx\r\n"
+                      .encode())
+                stored = 1
+            except smtplib.SMTPDataError as e:
+                refused.append((e.smtp_code, e.smtp_error))
+                time.sleep(0.2)
+        assert stored == 1, f"no 250 within 20 s of the writer's death: {refused[-1:]}"
+        assert refused, "the writer restarts a second after its death: the first message is refused"
+        assert all(code == 451 and error.startswith(b"4.3.0") for code, error in refused), refused
+        (again,) = _writers(daemon)
+        assert again != writer
+        assert "event=worker_restarted worker=mtad-writer" in daemon.stderr()
+        with Store(open_data_dir(data_dir, 4)) as store:
+            assert store.mailbox("alice@example.test", "INBOX").exists == 31
+    finally:
+        assert daemon.stop() == 0
+    assert not _writers(daemon)
+    assert "event=stopped daemon=mtad-writer" in daemon.stderr()
+
+
+def test_without_the_writer_nothing_is_started(write_config, tmp_path, data_dir):
+    path = write_config("plain.toml", smtp={"workers": 2})
+    add_accounts(path, PASSWORD, ["alice@example.test"])
+    daemon = start_daemon(path, tmp_path)
+    try:
+        assert _writers(daemon) == []
+        _send(daemon, ["alice@example.test"], b"Subject: plain\r\n\r\nx\r\n")
+        assert not (data_dir / "writer.sock").exists()
+    finally:
+        assert daemon.stop() == 0
