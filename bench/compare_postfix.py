@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/smtp_in.py --compare-postfix [-m 5000] [--concurrencies 1,10,50]
                                      [--rounds 1] [--workers 2] [--policy] [--log-level info]
+                                     [--writer off|on|both]
 
 Two throwaway MXs on loopback, started here and stopped here:
 - Debian's Postfix (bench/postfix_peer.py: its own config directory, queue and data dir in
@@ -13,6 +14,8 @@ Two throwaway MXs on loopback, started here and stopped here:
   connection and message to its maillog_file; `--log-level warning` logs none); with --policy
   the whole chain on, DNS answered by a zone on loopback, a real
   clamd with the test suite's one signature, rate limits counted but far above the load).
+  `--writer on` gives it `[smtp] writer = true` (mtad/writer.py); `--writer both` runs a
+  second Postroom with it, the three servers in turn, and prints a column for each.
 
 Each is driven by Postfix's own load generator, `smtp-source -m M -l 5000 -s C` (HELO,
 MAIL, RCPT, DATA, QUIT: a new connection per message, no pipelining; its Message-Id holds
@@ -83,10 +86,10 @@ virtual_gid_maps = static:{mail_user.pw_gid}
 
 
 class PostroomMX:
-    name = "postroom"
 
     def __init__(self, work: Path, workers: int, chain: dict | None, log_level: str = "info", writer: bool = False):
         from policy_chain import start_server  # its imports need the venv: only here
+        self.name = "postroom+w" if writer else "postroom"
         work.mkdir()
         self.shards = work / "var" / "shards"
         self.process, self.port = start_server(work, workers, chain, log_level=log_level, writer=writer)
@@ -145,7 +148,8 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
 
 
 def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool,
-            log_level: str = "info") -> None:
+            log_level: str = "info", writer: str = "off") -> None:
+    """`writer`: Postroom's [smtp] writer "off", "on", or "both" (two Postrooms in turn)."""
     if not postfix_available() or shutil.which("smtp-source") is None:
         raise SystemExit("Debian's postfix (postfix, smtp-source) is not installed: `make bench-peers` installs it")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop the servers
@@ -154,7 +158,9 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
     try:
         with _policy_peers(policy, work) as (chain, message_file):
             servers.append(PostfixMX(work))
-            servers.append(PostroomMX(work / "postroom", workers, chain, log_level))
+            for with_writer in {"off": (False,), "on": (True,), "both": (False, True)}[writer]:
+                name = "postroom-writer" if with_writer else "postroom"
+                servers.append(PostroomMX(work / name, workers, chain, log_level, writer=with_writer))
             for server in servers:
                 print(drive(server, 10, WARMUP, message_file)[1] + "  (warm-up)", flush=True)
             rates: dict[tuple[str, int], list[float]] = {}
@@ -168,21 +174,27 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                         rates.setdefault((server.name, c), []).append(rate)
                         print(line, flush=True)
             if policy:
-                print(_chain_verdict(servers[1]), flush=True)
+                print(_chain_verdict(servers[-1]), flush=True)
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     chain_state = "on" if policy else "off"
     payload = f"-F (DKIM-signed, {SIZE} B)" if policy else f"-l {SIZE}"
-    print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, log_level = "
-          f"{log_level}, policy chain {chain_state}; median of {rounds} run(s) each\n")
-    print("| concurrency | Postfix msgs/s | Postroom msgs/s | ratio |")
-    print("|---|---|---|---|")
+    print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, writer = {writer}, "
+          f"log_level = {log_level}, policy chain {chain_state}; median of {rounds} run(s) each\n")
+    names = [server.name for server in servers[1:]]
+    label = {"postroom": "Postroom", "postroom+w": "Postroom, writer"}
+    print("| concurrency | Postfix msgs/s | " + " | ".join(f"{label[n]} msgs/s | ratio" for n in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
     for c in concurrencies:
         postfix = statistics.median(rates[("postfix", c)])
-        postroom = statistics.median(rates[("postroom", c)])
-        print(f"| {c} | {postfix:.0f} | {postroom:.0f} | {postroom / postfix:.2f} |")
+        cells = []
+        for n in names:
+            postroom = statistics.median(rates[(n, c)])
+            per_round = " ".join(f"{r / p:.2f}" for r, p in zip(rates[(n, c)], rates[("postfix", c)]))
+            cells.append(f"{postroom:.0f} | {postroom / postfix:.2f} ({per_round})")
+        print(f"| {c} | {postfix:.0f} | " + " | ".join(cells) + " |")
 
 
 def _chain_verdict(server: PostroomMX) -> str:

@@ -2,12 +2,13 @@
 was not answered 250 (same Message-ID), while `postroom serve` is killed every 1-2 s; then
 every mailbox counted (tests/crashload.py, which the suite's short run uses too).
 
-    .venv/bin/python bench/crash.py [-n 40000] [-c 20] [--how kill|term|group|mixed] [--keep DIR]
+    .venv/bin/python bench/crash.py [-n 40000] [-c 20] [--how kill|term|group|mixed] [--keep DIR] [--writer]
 
 --how kill: SIGKILL to serve alone (its children must die with it); term: SIGTERM; group:
 SIGKILL to the whole process group with `[smtp] workers = 2`; mixed: the three in turn, a
-third of the messages each. Prints the counts; exits 1 if anything was lost, stored twice or
-left unclean. Works in a fresh data dir under /tmp (removed unless --keep).
+third of the messages each. --writer: `[smtp] writer = true`, the writer process (mtad/writer.py)
+dying with the rest. Prints the counts; exits 1 if anything was lost, stored twice or left
+unclean. Works in a fresh data dir under /tmp (removed unless --keep).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ LISTENERS = ("submission.listen", "submission.listen_tls", "imap.listen", "imap.
 
 
 
-def write_config(path: Path, data_dir: Path, smtp_port: int, workers: int) -> Path:
+def write_config(path: Path, data_dir: Path, smtp_port: int, workers: int, writer: bool = False) -> Path:
     sections = {
         "server": ['hostname = "mail.crash.test"', f'data_dir = "{data_dir}"', 'log_level = "warning"'],
         "tls": [f'cert = "{data_dir}/tls/cert.pem"', f'key = "{data_dir}/tls/key.pem"', "self_signed = true"],
         "storage": ["shards = 4"],
-        "smtp": [f'listen = ["127.0.0.1:{smtp_port}"]', "max_connections_per_ip = 500", f"workers = {workers}"],
+        "smtp": [f'listen = ["127.0.0.1:{smtp_port}"]', "max_connections_per_ip = 500", f"workers = {workers}",
+                 f"writer = {'true' if writer else 'false'}"],
     }
     for dotted in LISTENERS:
         section, key = dotted.split(".")
@@ -49,13 +51,14 @@ def main() -> int:
     parser.add_argument("-c", "--clients", type=int, default=20)
     parser.add_argument("--how", choices=("kill", "term", "group", "mixed"), default="kill")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument("--writer", action="store_true", help="[smtp] writer = true (mtad/writer.py)")
     args = parser.parse_args()
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="postroom-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "var"
     port = free_port()
-    configs = {w: write_config(workdir / f"crash-{w}.toml", data_dir, port, w) for w in (1, 2)}
+    configs = {w: write_config(workdir / f"crash-{w}.toml", data_dir, port, w, args.writer) for w in (1, 2)}
     prepare(data_dir, configs[1])
     forever = 10**9  # phases end when the messages are all sent
     if args.how == "mixed":

@@ -3,7 +3,7 @@
     .venv/bin/python bench/smtp_in.py HOST:PORT [-c 50] [-m 100] [-s 4096] [--to alice@example.test[,bob@...]]
                                      [--message FILE] [--sender ADDRESS]
     .venv/bin/python bench/smtp_in.py --compare-postfix [-m 5000] [--concurrencies 1,10,50] [--rounds 1]
-                                     [--workers 2] [--policy]
+                                     [--workers 2] [--policy] [--writer off|on|both]
 
 C connections at once, each sending M messages of S bytes (EHLO once, then MAIL, RCPT,
 DATA per message; no pipelining). Prints accepted messages per second and the time from
@@ -171,13 +171,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="with --compare-postfix: Postroom's [smtp] workers")
     parser.add_argument("--policy", action="store_true",
                         help="with --compare-postfix: Postroom's policy chain on (DNS on loopback, clamd)")
+    parser.add_argument("--writer", default="off", choices=("off", "on", "both"),
+                        help="with --compare-postfix: Postroom's [smtp] writer; both: one of each, in turn")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="with --compare-postfix: Postroom's [server] log_level (Postfix logs every message)")
     args = parser.parse_args()
     if args.compare_postfix:
         from compare_postfix import compare
         compare(args.messages or 5000, [int(c) for c in args.concurrencies.split(",")], args.rounds, args.workers,
-                args.policy, args.log_level)
+                args.policy, args.log_level, args.writer)
         return
     if args.server is None:
         parser.error("HOST:PORT, or --compare-postfix")

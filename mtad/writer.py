@@ -192,10 +192,15 @@ class WriterServer:
     def connection(self) -> _ServerConnection:
         return _ServerConnection(self)
 
-    async def finish(self) -> None:
-        """Every commit begun ends (its reply sent if its mtad is still there)."""
-        while self.in_flight:
-            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+    async def drained(self) -> None:
+        """Until every mtad process has hung up and every commit begun is answered: a stop
+        (SIGTERM, or SIGINT to a terminal's whole process group) must not cut off sessions
+        still finishing their messages; mtad hangs up once its last session has ended."""
+        while self.connections or self.in_flight:
+            if self.in_flight:
+                await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+            else:
+                await asyncio.sleep(0.05)
 
     async def commit(self, request: dict) -> dict:
         targets = [(str(a), str(m)) for a, m in request["targets"]]

@@ -5,8 +5,8 @@ listeners, so that the first message finds it, restarted when it dies, and stopp
 every session of every mtad process has ended, so that a stop still finishes the
 deliveries under way (RFC 5321 §3.8, mtad/agent.py). It takes no lock (its mtad holds the
 data dir's), opens the store, listens on the data dir's writer socket and says READY=1.
-On SIGTERM it stops taking connections, finishes the commits begun, answers them, and
-closes the store.
+On SIGTERM (or SIGINT) it stops taking connections and serves those open until mtad hangs
+up (after its last session) or [server] stop_grace has passed, then closes the store.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from postroom.notify import notify
 from postroom.watchdog import keep_alive, take_interval
 from postroom import metrics
 
-STOP_WAIT = 30.0  # seconds for the commits under way; they take milliseconds
+STOP_MARGIN = 5.0  # beyond [server] stop_grace, for mtad's sessions to end and hang up
 
 
 def main(prog: str, config_path: Path) -> int:
@@ -53,7 +53,8 @@ def main(prog: str, config_path: Path) -> int:
         try:
             store.recover()
             with asyncio.Runner(loop_factory=event_loop_factory("mtad")) as runner:
-                code = runner.run(_run(store, writer.socket_path(data_dir.path), log))
+                code = runner.run(_run(store, writer.socket_path(data_dir.path), log,
+                                       float(config.server.stop_grace) + STOP_MARGIN))
         finally:
             store.close()
     finally:
@@ -64,7 +65,7 @@ def main(prog: str, config_path: Path) -> int:
     os._exit(code)
 
 
-async def _run(store, path: Path, log: EventLogger) -> int:
+async def _run(store, path: Path, log: EventLogger, stop_wait: float) -> int:
     from mtad.routing import commit_small
 
     stop = supervisor.stop_on_signal()
@@ -80,11 +81,11 @@ async def _run(store, path: Path, log: EventLogger) -> int:
     notify("READY=1\nSTATUS=writing")
     await stop.wait()
     notify("STOPPING=1")
-    server.close()
+    server.close()  # no new connection; those open go on until mtad hangs up
     try:
-        await asyncio.wait_for(service.finish(), STOP_WAIT)
+        await asyncio.wait_for(service.drained(), stop_wait)
     except asyncio.TimeoutError:
-        log.error("stop_commits_left", left=len(service.in_flight))
+        log.error("stop_cut_off", connections=len(service.connections), commits=len(service.in_flight))
     for connection in list(service.connections):
         connection.transport.close()
     await threads.close()

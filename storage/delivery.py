@@ -113,6 +113,7 @@ class Delivery:
         self._internal_date = internal_date
         self._window = window
         self._key_from = key_from
+        self._prepended = 0  # bytes put in front (prepend): before the sender's, as the trace headers
         self._digest = duplicates.SentDigest(key_from) if key_from is not None else None
         self._state = _OPEN
         self._parsed: _Parsed | None = None
@@ -190,6 +191,7 @@ class Delivery:
                 self.close()
                 raise store_error(e, self._source.parent) from e
         self.size += len(data)
+        self._prepended += len(data)
 
     def _rewrite_source(self, head: bytes) -> None:
         staged = self._source.with_name(self._source.name + ".prepend")
@@ -231,9 +233,13 @@ class Delivery:
 
     def terms(self) -> dict:
         """What Store.begin_delivery was given (flags as bits and keywords), for the same
-        delivery begun elsewhere: mtad/writer.py."""
+        delivery begun elsewhere with in_memory()'s bytes: mtad/writer.py. Where the sender's
+        bytes begin counts what prepend() put in front, which this digest never saw: else the
+        verdict's header fields (different at each try: a DNS answer, a time) would go into
+        the other's key, and a message sent again after a lost 250 be stored twice."""
+        key_from = self._key_from + self._prepended if self._key_from is not None else None
         return {"bits": self._bits, "keywords": list(self._keywords), "internal_date": self._internal_date,
-                "dedupe_from": self._key_from}
+                "dedupe_from": key_from}
 
     def read(self, size: int = 1 << 16) -> Iterator[bytes]:
         """The message's bytes written so far, in pieces of at most `size` (an anti-virus

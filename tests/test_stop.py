@@ -23,10 +23,15 @@ PASSWORD = "correct horse battery"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
-@pytest.fixture
-def start(write_config, tmp_path):
+@pytest.fixture(params=[False, True], ids=["committer", "writer"])
+def start(write_config, tmp_path, request):
+    """Each test twice: the shards' committers in mtad, and [smtp] writer (mtad/writer.py),
+    whose process must outlast every session that is finishing its message."""
     def start(**server):
-        path = write_config(**({"server": server} if server else {}))
+        overrides = {"server": server} if server else {}
+        if request.param:
+            overrides["smtp"] = {"writer": True}
+        path = write_config(**overrides)
         add_accounts(path, PASSWORD, ["alice@example.test"])
         return start_daemon(path, tmp_path)
 

@@ -134,6 +134,27 @@ def test_a_message_streamed_twice_is_stored_once(store):
     assert store.deliver([ALICE], b"Received: x\r\n" + sent, dedupe_from=13)[0].duplicate  # and whole
 
 
+def test_a_delivery_begun_again_from_its_bytes_and_terms_keeps_its_dedupe_key(store):
+    """mtad's writer process (mtad/writer.py) begins the delivery again from in_memory() and
+    terms(): the policy's verdict, prepended after the key's bytes went by, differs at each
+    try (a DNS answer that timed out once), and must not count in the key. Once it did: the
+    crash test stored 419 of 10,000 messages twice."""
+    sent = b"Message-ID: <again@example.org>\r\nSubject: again\r\n\r\nbody\r\n"
+    for trace, verdict in ((b"Received: by mx id 1\r\n", b"X-Verdict: dmarc=temperror\r\n"),
+                           (b"Received: by mx id 22\r\n", b"X-Verdict: dmarc=none\r\n")):
+        with store.begin_delivery([ALICE], dedupe_from=len(trace)) as taken:
+            taken.write(trace + sent)
+            taken.prepend(verdict)
+            raw, terms = taken.in_memory(), taken.terms()
+        assert raw == verdict + trace + sent
+        with store.begin_delivery([ALICE], dedupe_from=terms["dedupe_from"],
+                                  internal_date=terms["internal_date"]) as again:
+            again.write(raw)
+            (delivered,) = again.commit()
+    assert (delivered.uid, delivered.duplicate) == (1, True)
+    assert store.mailbox(ALICE, "INBOX").exists == 1
+
+
 def test_a_small_message_is_written_for_each_target_from_memory(store):
     """Up to IN_MEMORY bytes, each target's file is written from the bytes held: no target's
     committer waits for another shard's to make the source."""

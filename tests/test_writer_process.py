@@ -8,8 +8,8 @@ import os
 import signal
 import smtplib
 import stat
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import add_accounts, start_daemon
 from procs import processes
@@ -42,19 +42,12 @@ def test_the_writer_commits_for_every_worker_and_comes_back(write_config, tmp_pa
         assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
         assert stat.S_IMODE(os.stat(socket_path).st_mode) & 0o077 == 0, "the data dir's owner only"
 
-        sent: list[int] = []
-
         def send(i: int) -> None:
             recipients = ["alice@example.test", "bob@example.test"] if i % 5 == 0 else ["alice@example.test"]
             _send(daemon, recipients, f"Subject: w{i}\r\nMessage-ID: <w{i}@example.org>\r\n\r\n{i}\r\n".encode())
-            sent.append(i)
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert len(sent) == 30
+        with ThreadPoolExecutor(10) as pool:  # both workers, sessions overlapping
+            list(pool.map(send, range(30)))  # the first failure, if any, raised here
         with Store(open_data_dir(data_dir, 4)) as store:
             assert store.mailbox("alice@example.test", "INBOX").exists == 30
             assert store.mailbox("bob@example.test", "INBOX").exists == 6
