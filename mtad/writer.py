@@ -33,8 +33,8 @@ from pathlib import Path
 import msgspec
 
 from conf.logfmt import EventLogger
-from storage import DeliveryError, Store, StoreError, errors as store_errors, messages
-from storage.delivery import IN_MEMORY, Delivered, Delivery
+import storage
+from storage import IN_MEMORY, Delivered, Delivery, DeliveryError, Store, StoreError
 
 SOCKET_NAME = "writer.sock"
 # A request is one message held in memory and its targets; anything larger is not ours.
@@ -169,7 +169,7 @@ class _ClientConnection(_Frames):
 def _error(kind: str, text: str) -> BaseException:
     """The writer's error as the store's own class (DiskFullError, QuotaExceededError...),
     so that the session's reply is the one a local commit would have given."""
-    cls = getattr(store_errors, kind, None)
+    cls = getattr(storage, kind, None) if kind.endswith("Error") else None
     if isinstance(cls, type) and issubclass(cls, StoreError):
         try:
             return cls(text)
@@ -207,8 +207,8 @@ class WriterServer:
         reply: dict = {"id": request["id"], "delivered": [], "errors": [], "message_id": ""}
         try:
             delivery = self.store.begin_delivery(
-                targets, flags=messages.flag_names(request["bits"], request["keywords"]),
-                internal_date=request["internal_date"], dedupe_from=request["dedupe_from"])
+                targets, flags=request["flags"], internal_date=request["internal_date"],
+                dedupe_from=request["dedupe_from"])
         except StoreError as e:
             reply["errors"] = [[a, m, type(e).__name__, str(e)] for a, m in targets]
             return reply

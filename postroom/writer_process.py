@@ -85,7 +85,7 @@ async def _run(store, path: Path, log: EventLogger, stop_wait: float) -> int:
     try:
         await asyncio.wait_for(service.drained(), stop_wait)
     except asyncio.TimeoutError:
-        log.error("stop_cut_off", connections=len(service.connections), commits=len(service.in_flight))
+        log.error("writer_stop_cut_off", connections=len(service.connections), commits=len(service.in_flight))
     for connection in list(service.connections):
         connection.transport.close()
     await threads.close()

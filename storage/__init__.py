@@ -35,7 +35,7 @@ _FACE: dict[str, tuple[str, ...]] = {
     "storage.envelope_text": ("imap_envelope",),
     "storage.mime": ("BodyPart", "Envelope", "EnvelopeAddress", "decode_words"),
     "storage.records": ("Usage",),
-    "storage.delivery": ("WRITE_IN_COMMITTER", "Delivered", "Delivery"),
+    "storage.delivery": ("IN_MEMORY", "WRITE_IN_COMMITTER", "Delivered", "Delivery"),
     "storage.queue": ("BOUNCED", "DEFERRED", "DELIVERED", "QUEUED", "Enqueue", "QueuedMessage", "QueuedRecipient",
                       "QueueEnvelope", "Queue", "RecipientState", "Result", "RunnerLock"),
     "storage.queues": ("QueueSet", "queues_on_disk"),
@@ -109,7 +109,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors (a test keeps
     from storage.envelope_text import envelope as imap_envelope
     from storage.mime import BodyPart, Envelope, EnvelopeAddress, decode_words
     from storage.records import Usage
-    from storage.delivery import WRITE_IN_COMMITTER, Delivered, Delivery
+    from storage.delivery import IN_MEMORY, WRITE_IN_COMMITTER, Delivered, Delivery
     from storage.queue import (
         BOUNCED,
         DEFERRED,

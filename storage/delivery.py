@@ -232,13 +232,13 @@ class Delivery:
         return bytes(self._pending)
 
     def terms(self) -> dict:
-        """What Store.begin_delivery was given (flags as bits and keywords), for the same
+        """What Store.begin_delivery was given (its flags, dedupe_from), for the same
         delivery begun elsewhere with in_memory()'s bytes: mtad/writer.py. Where the sender's
         bytes begin counts what prepend() put in front, which this digest never saw: else the
         verdict's header fields (different at each try: a DNS answer, a time) would go into
         the other's key, and a message sent again after a lost 250 be stored twice."""
         key_from = self._key_from + self._prepended if self._key_from is not None else None
-        return {"bits": self._bits, "keywords": list(self._keywords), "internal_date": self._internal_date,
+        return {"flags": list(messages.flag_names(self._bits, self._keywords)), "internal_date": self._internal_date,
                 "dedupe_from": key_from}
 
     def read(self, size: int = 1 << 16) -> Iterator[bytes]:
