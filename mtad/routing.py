@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
@@ -578,13 +578,12 @@ class Route:
                 # only then may the event loop call it.
                 if (writer is not None and handed.in_memory() is not None
                         and self._store.accounts_ready(accounts)):
-                    delivered, message_id = await commit_by_writer(writer, handed, deliveries, orphaned)
+                    delivered = await commit_by_writer(writer, handed, deliveries, orphaned)
                 elif handed.size <= WRITE_IN_COMMITTER and self._store.accounts_ready(accounts):
                     delivered = await commit_from_loop(self._store, handed, deliver_in_thread, deliveries, orphaned)
-                    message_id = handed.message_id or ""  # read from the message by the commit
                 else:
                     delivered = await deliver_in_thread(commit_in_thread, self._store, handed)
-                    message_id = handed.message_id or ""
+                message_id = handed.message_id or ""  # read from the message by the commit
             queue_id = None
             if enqueue is not None:
                 handed, enqueue = enqueue, None
@@ -662,25 +661,33 @@ def commit_in_thread(store: Store, delivery: Delivery) -> list[Delivered]:
 
 
 async def commit_by_writer(writer: WriterClient, delivery: Delivery, deliveries: set[asyncio.Task],
-                           orphaned: Callable[[BaseException], None]) -> tuple[list[Delivered], str]:
+                           orphaned: Callable[[BaseException], None]) -> list[Delivered]:
     """A message held in memory, committed by the writer process (mtad/writer.py): every
-    copy stored, or DeliveryError / StoreError with none left. Tracked in `deliveries` and
-    shielded as commit_from_loop's: a stop waits for the reply, a session gone does not
-    stop it. Closes the delivery (its bytes went to the writer)."""
+    copy stored, or DeliveryError / StoreError with none left; the delivery's message_id
+    set as a local commit sets it. Closes the delivery (its bytes went to the writer)."""
 
-    async def commit() -> tuple[list[Delivered], str]:
+    async def commit() -> list[Delivered]:
         try:
             return await writer.commit(delivery)
         finally:
             delivery.close()
 
-    task = asyncio.ensure_future(commit())
+    return await _outlasting(commit(), deliveries, orphaned)
+
+
+async def _outlasting(commit: Awaitable[list[Delivered]], deliveries: set[asyncio.Task],
+                      orphaned: Callable[[BaseException], None]) -> list[Delivered]:
+    """`commit` as a task that outlasts its session: tracked in `deliveries` (a stop waits
+    for it) and shielded (if the session is cancelled meanwhile, the client having hung up
+    after its final dot, the delivery still completes or withdraws every copy); a failure
+    after the session is gone goes to `orphaned`."""
+    task = asyncio.ensure_future(commit)
     deliveries.add(task)
 
     def done(task: asyncio.Task) -> None:
         deliveries.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            orphaned(task.exception())
+            orphaned(task.exception())  # the session hears of it too, unless it is gone
 
     task.add_done_callback(done)
     return await asyncio.shield(task)
@@ -702,18 +709,7 @@ async def commit_from_loop(store: Store, delivery: Delivery, deliver_in_thread: 
     and index it, with no thread of its own: at a thousand messages a second, the
     hand-offs between threads cost more than the work. Failures go to a thread for the
     retry."""
-    task = asyncio.ensure_future(_commit_and_settle(store, delivery, deliver_in_thread))
-    deliveries.add(task)
-
-    def done(task: asyncio.Task) -> None:
-        deliveries.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            orphaned(task.exception())  # the session hears of it too, unless it is gone
-
-    task.add_done_callback(done)
-    # Shielded: if the session is cancelled meanwhile (the client hung up after its
-    # final dot), the delivery still completes or withdraws every copy.
-    return await asyncio.shield(task)
+    return await _outlasting(_commit_and_settle(store, delivery, deliver_in_thread), deliveries, orphaned)
 
 
 async def _commit_and_settle(store: Store, delivery: Delivery, deliver_in_thread: Callable) -> list[Delivered]:

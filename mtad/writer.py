@@ -32,8 +32,8 @@ from pathlib import Path
 
 import msgspec
 
-from conf.logfmt import EventLogger
 import storage
+from conf.logfmt import EventLogger
 from storage import IN_MEMORY, Delivered, Delivery, DeliveryError, Store, StoreError
 
 SOCKET_NAME = "writer.sock"
@@ -93,24 +93,26 @@ class _Frames(asyncio.Protocol):
 
 class WriterClient:
     """One mtad process's connection to the writer, made at its first commit and again after
-    a loss. `commit(delivery)`: (the copies, the Message-ID) or DeliveryError / StoreError."""
+    a loss. `commit(delivery)`: the copies (and the delivery's message_id), or DeliveryError /
+    StoreError."""
 
     def __init__(self, path: Path):
         self.path = path
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Future | None = None
 
-    async def commit(self, delivery: Delivery) -> tuple[list[Delivered], str]:
+    async def commit(self, delivery: Delivery) -> list[Delivered]:
         raw = delivery.in_memory()
         if raw is None:
             raise StoreError("only a message held in memory goes to the writer")
         connection = await self._connected()
         reply = await connection.ask({"targets": [list(t) for t in delivery.targets], "raw": raw,
                                       **delivery.terms()})
+        delivery.message_id = reply["message_id"] or None  # as the parse of a local commit sets it
         delivered = [Delivered(*d) for d in reply["delivered"]]
         if reply["errors"]:
             raise DeliveryError(delivered, [((a, m), _error(kind, text)) for a, m, kind, text in reply["errors"]])
-        return delivered, reply["message_id"]
+        return delivered
 
     async def _connected(self) -> _ClientConnection:
         if self._connection is not None and not self._connection.lost:

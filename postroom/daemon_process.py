@@ -36,7 +36,7 @@ from postroom.daemons import Context
 from postroom.datadir import DataDirInUseError, become_data_dir_owner, lock, lock_name, open_accounts, open_store
 from postroom.notify import notify
 from postroom.services import LISTENING, ServeError, of_daemon, status, table
-from postroom.supervisor import Supervisor, command, first_of, stop_on_signal
+from postroom.supervisor import Child, Supervisor, command, first_of, stop_on_signal
 from postroom.watchdog import keep_alive, take_interval
 from storage import DataDir, DataDirError
 
@@ -166,10 +166,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     if daemon == "mtad" and not worker and services and config.smtp.writer:
         if config.cluster.enabled:
             raise ServeError("[smtp] writer: not in a cluster (the writer does not follow the node's shards)")
-        writer = Supervisor(log, watchdog=watchdog)
-        writer.attach()
-        writer.start("mtad-writer", command(config.source, "serve", "--smtp-writer"))
-        failed = await first_of(writer.wait_ready(WORKER_START_TIMEOUT), stop)
+        writer, failed = await _start_children(config, log, watchdog, stop, "mtad-writer", "--smtp-writer", 1)
         if failed is not None:
             await writer.stop(config.server.stop_grace)
             raise ServeError(failed.failure)
@@ -187,13 +184,8 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
 
     workers = None
     if daemon == "mtad" and not worker and running and config.smtp.workers > 1:
-        workers = Supervisor(log, watchdog=watchdog)
-        if config.metrics.listen:  # a worker gone stops counting its open connections
-            workers.on_exit = functools.partial(metrics.process_died, metrics.directory(config))
-        workers.attach()
-        for _ in range(config.smtp.workers - 1):
-            workers.start("mtad-worker", command(config.source, "serve", "--smtp-worker"))
-        failed = await first_of(workers.wait_ready(WORKER_START_TIMEOUT), stop)
+        workers, failed = await _start_children(config, log, watchdog, stop, "mtad-worker", "--smtp-worker",
+                                                config.smtp.workers - 1)
         if failed is not None:
             await _stop(context, running, workers, writer=writer)
             raise ServeError(failed.failure)
@@ -222,6 +214,20 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     await _stop(context, running, workers, following, writer)
     log.info("stopped", daemon=daemon)
     return 0
+
+
+async def _start_children(config: Config, log: EventLogger, watchdog: float | None, stop: asyncio.Event,
+                          name: str, flag: str, count: int) -> tuple[Supervisor, Child | None]:
+    """`count` children `postroom serve <flag>` under a supervisor of their own (mtad's MX
+    workers; its writer, which stops later), started and awaited until READY=1: (the
+    supervisor, the first that failed to start, or None)."""
+    children = Supervisor(log, watchdog=watchdog)
+    if config.metrics.listen:  # a child gone stops counting (its open connections, its flushes)
+        children.on_exit = functools.partial(metrics.process_died, metrics.directory(config))
+    children.attach()
+    for _ in range(count):
+        children.start(name, command(config.source, "serve", flag))
+    return children, await first_of(children.wait_ready(WORKER_START_TIMEOUT), stop)
 
 
 async def _stop(context: Context, running: list[Running], workers: Supervisor | None,

@@ -20,13 +20,12 @@ from pathlib import Path
 import conf
 from conf.logfmt import EventLogger, setup_logging
 from mtad import writer
-from postroom import supervisor
+from postroom import metrics, supervisor
 from postroom.daemon_process import event_loop_factory, name_this_process, return_big_buffers_to_the_system
 from postroom.daemons import DELIVERY_THREADS, Threads
 from postroom.datadir import become_data_dir_owner, open_accounts, open_store
 from postroom.notify import notify
 from postroom.watchdog import keep_alive, take_interval
-from postroom import metrics
 
 STOP_MARGIN = 5.0  # beyond [server] stop_grace, for mtad's sessions to end and hang up
 
