@@ -39,6 +39,9 @@ class POP3Factory(ServerFactory):
     def buildProtocol(self, addr):  # noqa: N802 - Twisted's interface
         return POP3Protocol(self)
 
+    def background(self) -> set[asyncio.Task]:
+        return self.context.background  # \Seen writes of sessions that have ended
+
 
 class POP3Protocol(ServerProtocol):
     logger_name = "pop3d.protocol"

@@ -425,6 +425,9 @@ class Session:
                     await self.context.run(store.store_flags, account, INBOX, [(u, u) for u in uids], "add",
                                            ["\\Seen"])
                     break
+                except ConnectionError:  # the process's stop closed the store's threads
+                    self.log.warning("seen_not_written", count=len(uids), reason="stopping")
+                    return
                 except Exception:
                     self.log.error("seen_failed", exc_info=True, count=len(uids), attempt=attempt)
 

@@ -49,17 +49,27 @@ STORE_THREADS_PER_ACCOUNT = 4  # of those, what one account's sessions may hold 
 LOGIN_THREADS = 4
 
 
+class Stopped(ConnectionAbortedError):
+    """Work asked of a pool the process's stop has closed: the session it serves has been
+    told and let go (a BYE, a -ERR), so it ends as its connection does, without a reply."""
+
+
 class Threads:
     """A pool of threads as a runner: `await threads(function, *args)` runs function(*args)
     in one of them. Its threads start on first use."""
 
     def __init__(self, name: str, count: int):
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
+        self._closed = False
 
     def __call__(self, function: Callable[..., T], *args) -> asyncio.Future[T]:
+        if self._closed:
+            # A command still running past the stop's grace (a long SEARCH): see Stopped.
+            raise Stopped("the process is stopping")
         return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def close(self) -> None:
+        self._closed = True
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
 
 

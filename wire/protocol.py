@@ -38,7 +38,9 @@ class ServerFactory(Factory):
         self.connections = connections
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self.live: set[ServerProtocol] = set()  # admitted connections, told when we stop
+        # Admitted connections, told when we stop, each until it is lost and its command (if
+        # one runs) has ended: a stop closes the store's threads after them.
+        self.live: set[ServerProtocol] = set()
         self._none_live = asyncio.Event()  # set while `live` is empty
         self._none_live.set()
 
@@ -72,15 +74,26 @@ class ServerFactory(Factory):
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go;
-        returns once they are gone, or after `grace` seconds."""
+        returns once they are gone and their commands have ended, or after `grace` seconds."""
         for protocol in list(self.live):
+            if protocol.closing:
+                continue  # gone or going (LOGOUT, QUIT, a timeout): its command is ending
             protocol.log.info("shutdown")
             protocol.transport.write(protocol.shutdown_reply())
             protocol.close()
+        deadline = asyncio.get_running_loop().time() + grace
         try:
             await asyncio.wait_for(self.none_live(), grace)
         except TimeoutError:
             pass  # a client that takes nothing: its close is aborted after CLOSE_GRACE anyway
+        left = set(self.background())
+        if left:
+            await asyncio.wait(left, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    def background(self) -> set[asyncio.Task]:
+        """Work the sessions left running after their end (POP3's \\Seen writes), which a
+        stop waits for within its grace as for the sessions themselves."""
+        return set()
 
 
 class ServerProtocol(Protocol):
@@ -106,6 +119,7 @@ class ServerProtocol(Protocol):
         self.busy = False  # a coroutine from `dispatch` runs
         self._open = False  # the session is started: the pump may run
         self._task: asyncio.Future | None = None  # held: the loop keeps only weak references
+        self._lost = False  # connectionLost came: `live` lets go once _task has ended too
         self._writable = asyncio.Event()
         self._writable.set()
         self._timer = None
@@ -202,7 +216,9 @@ class ServerProtocol(Protocol):
 
     def connectionLost(self, reason=None):  # noqa: N802
         self.closing = True
-        self.factory.gone(self)
+        self._lost = True
+        if self._task is None:
+            self.factory.gone(self)
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         if self._timer is not None and self._timer.active():
@@ -258,6 +274,8 @@ class ServerProtocol(Protocol):
         finally:
             self.busy = False
             self._task = None
+            if self._lost:
+                self.factory.gone(self)
         self.finished()
         if self._released is not None and not self.closing:
             self.end_released(self._released)
