@@ -42,6 +42,7 @@ import functools
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,6 +371,11 @@ class Delivery:
             except Exception as e:  # noqa: BLE001 - this target failed; the others go on
                 if path is not None and path is not self._source:
                     _unlink_quietly(path)
+                # The error outlives this loop in the outcome, and its traceback would keep the
+                # failed lookup's frames, and with them its read transaction's LMDB reader
+                # slot, until the garbage collector came by: 600 missing mailboxes in one
+                # delivery held every slot of the shard. The lines stay, the locals go.
+                traceback.clear_frames(e.__traceback__)
                 outcome.settle(index, target, error=store_error(e))
 
     def _settled(self, outcome: _Outcome, index: int, target: Target, path: Path, request) -> None:

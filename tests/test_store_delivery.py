@@ -172,6 +172,21 @@ def test_a_small_message_is_written_for_each_target_from_memory(store):
     assert check(store, ALICE) == [] and check(store, BOB) == []
 
 
+def test_failed_targets_do_not_hold_the_shards_readers(store):
+    """A failed target's error is kept for the reply; its traceback once kept the failed
+    lookup's read transaction, and with it an LMDB reader slot, until the garbage collector
+    came by: a delivery to 600 missing mailboxes held all 1,024 of the shard's slots, and
+    every account of it got ReadersFullError (found by an attack on the writer's socket)."""
+    for round in range(2):
+        with store.begin_delivery([(ALICE, f"Missing{n}") for n in range(600)]) as delivery:
+            delivery.write(f"Subject: round {round}\r\n\r\nx\r\n".encode())
+            with pytest.raises(DeliveryError) as failure:
+                delivery.commit()
+        assert {type(error) for _, error in failure.value.errors} == {MailboxNotFoundError}
+    (copy,) = store.deliver([ALICE], b"Subject: after\r\n\r\nx\r\n")
+    assert copy.uid == 1
+
+
 def test_a_failed_target_can_be_retried_with_the_same_bytes(store):
     raw = big_message(100_000)  # over IN_MEMORY: its targets are links to one file
     with store.begin_delivery([ALICE, (BOB, "Later")]) as delivery:
