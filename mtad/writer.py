@@ -18,8 +18,15 @@ does: the sender's retry must not find half of it).
 
 What a 250 promises is unchanged: the writer answers after the shard's log is flushed. If
 the writer is gone (killed, restarting) the session's commit fails with StoreError, a 451
-4.3.0; the message was then stored or it was not, and a sender's retry finds a stored copy
-by its Message-ID (storage/dedupe.py), as after a crash of mtad itself.
+4.3.0; the message was then stored, not stored, or (killed between two shards' commits)
+stored for some of its recipients, and a sender's retry finds each stored copy by its
+Message-ID (storage/dedupe.py) and adds only the missing ones, as after a crash of mtad.
+
+The writer trusts nobody's frames: a request that is not the map Request describes closes
+its connection (that mtad process's sessions answer 451 and it connects again), a frame is
+at most MAX_FRAME bytes (which bounds the targets too), and a connection with
+MAX_PENDING commits under way, or whose replies are not being read, is not read further
+until that changes: one peer cannot grow the writer without bound.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ SOCKET_NAME = "writer.sock"
 # A request is one message held in memory and its targets; anything larger is not ours.
 MAX_FRAME = IN_MEMORY + (1 << 20)
 _LENGTH = struct.Struct(">I")
+# Commits under way for one mtad process before the writer stops reading its requests: far
+# more than a shard's group commit takes at once, few enough to bound the memory they hold.
+MAX_PENDING = 512
 _log = EventLogger("mtad.writer")
 
 
@@ -51,8 +61,20 @@ class WriterGone(StoreError):
     """The writer process is not there (stopped, restarting): the session says 451 4.3.0."""
 
 
+class Request(msgspec.Struct, frozen=True):
+    """One commit asked of the writer: the frame mtad sends, checked as it is decoded."""
+    id: int
+    targets: list[tuple[str, str]]
+    raw: bytes
+    flags: list[str]
+    internal_date: float | None
+    dedupe_from: int | None
+
+
 class _Frames(asyncio.Protocol):
     """Length-prefixed msgpack frames both ways."""
+
+    decoder = msgspec.msgpack.Decoder()
 
     def __init__(self) -> None:
         self._in = bytearray()
@@ -63,7 +85,11 @@ class _Frames(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._in += data
-        while len(self._in) >= _LENGTH.size:
+        self._take()
+
+    def _take(self) -> None:
+        """The whole frames received, each to frame(), until held() says wait."""
+        while len(self._in) >= _LENGTH.size and not self.held():
             (size,) = _LENGTH.unpack_from(self._in)
             if size > MAX_FRAME:
                 _log.error("writer_frame_too_big", size=size)
@@ -74,14 +100,17 @@ class _Frames(asyncio.Protocol):
             frame = bytes(self._in[_LENGTH.size:_LENGTH.size + size])
             del self._in[:_LENGTH.size + size]
             try:
-                message = msgspec.msgpack.decode(frame)
-            except msgspec.DecodeError:
-                _log.error("writer_frame_unreadable", size=size)
+                message = self.decoder.decode(frame)
+            except msgspec.DecodeError as e:  # ValidationError too: not the frame we take
+                _log.error("writer_frame_unreadable", size=size, error=str(e))
                 self.transport.abort()
                 return
             self.frame(message)
 
-    def frame(self, message: dict) -> None:
+    def held(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def frame(self, message) -> None:
         raise NotImplementedError
 
     def send(self, message: dict) -> None:
@@ -204,18 +233,18 @@ class WriterServer:
             else:
                 await asyncio.sleep(0.05)
 
-    async def commit(self, request: dict) -> dict:
-        targets = [(str(a), str(m)) for a, m in request["targets"]]
-        reply: dict = {"id": request["id"], "delivered": [], "errors": [], "message_id": ""}
+    async def commit(self, request: Request) -> dict:
+        targets = request.targets
+        reply: dict = {"id": request.id, "delivered": [], "errors": [], "message_id": ""}
         try:
             delivery = self.store.begin_delivery(
-                targets, flags=request["flags"], internal_date=request["internal_date"],
-                dedupe_from=request["dedupe_from"])
-        except StoreError as e:
+                targets, flags=request.flags, internal_date=request.internal_date,
+                dedupe_from=request.dedupe_from)
+        except (StoreError, ValueError) as e:  # ValueError: a flag or a date the store refuses
             reply["errors"] = [[a, m, type(e).__name__, str(e)] for a, m in targets]
             return reply
         try:
-            delivery.write(request["raw"])
+            delivery.write(request.raw)
             delivered = await self._commit(self.store, delivery)  # closes the delivery
             reply["message_id"] = delivery.message_id or ""
             reply["delivered"] = [_copy(d) for d in delivered]
@@ -234,9 +263,14 @@ def _copy(d: Delivered) -> list:
 
 
 class _ServerConnection(_Frames):
+    decoder = msgspec.msgpack.Decoder(Request)
+
     def __init__(self, server: WriterServer):
         super().__init__()
         self.server = server
+        self._pending = 0
+        self._writes_paused = False
+        self._reads_paused = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -245,20 +279,48 @@ class _ServerConnection(_Frames):
     def connection_lost(self, exc) -> None:
         self.server.connections.discard(self)
 
-    def frame(self, message: dict) -> None:
+    def frame(self, message: Request) -> None:
         task = asyncio.ensure_future(self._answer(message))
         self.server.in_flight.add(task)
         task.add_done_callback(self.server.in_flight.discard)
+        self._pending += 1
+        self._flow()
 
-    async def _answer(self, request: dict) -> None:
+    async def _answer(self, request: Request) -> None:
         try:
             reply = await self.server.commit(request)
         except Exception:  # a bug: this request fails, the writer goes on
             _log.error("writer_commit_failed", exc_info=True)
-            reply = {"id": request.get("id"), "delivered": [], "message_id": "",
-                     "errors": [[a, m, "StoreError", "internal error"] for a, m in request.get("targets", [])]}
+            reply = {"id": request.id, "delivered": [], "message_id": "",
+                     "errors": [[a, m, "StoreError", "internal error"] for a, m in request.targets]}
+        finally:
+            self._pending -= 1
         if self.transport is not None and not self.transport.is_closing():
             self.send(reply)
+            self._flow()
+
+    # Backpressure: asyncio's transport says when its buffer of replies is high or low again.
+    def pause_writing(self) -> None:
+        self._writes_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writes_paused = False
+        self._flow()
+
+    def _flow(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        stop = self.held()
+        if stop and not self._reads_paused:
+            self.transport.pause_reading()
+        elif not stop and self._reads_paused:
+            self.transport.resume_reading()
+            asyncio.get_running_loop().call_soon(self._take)  # the frames that came meanwhile
+        self._reads_paused = stop
+
+    def held(self) -> bool:
+        return super().held() or self._writes_paused or self._pending >= MAX_PENDING
 
 
 async def listen(server: WriterServer, path: Path) -> asyncio.AbstractServer:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 import stat
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 from conftest import add_accounts, start_daemon
 from procs import processes
 from storage import open_data_dir
@@ -91,3 +94,82 @@ def test_without_the_writer_nothing_is_started(write_config, tmp_path, data_dir)
         assert not (data_dir / "writer.sock").exists()
     finally:
         assert daemon.stop() == 0
+
+
+def _frame(message) -> bytes:
+    data = msgspec.msgpack.encode(message)
+    return struct.pack(">I", len(data)) + data
+
+
+def _replies(sock: socket.socket, count: int, deadline: float) -> list:
+    """`count` frames read from the writer, or what came before EOF or the deadline."""
+    buffer, replies = b"", []
+    while len(replies) < count and time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            break
+        if not data:
+            replies.append("EOF")
+            break
+        buffer += data
+        while len(buffer) >= 4 and len(buffer) >= 4 + struct.unpack_from(">I", buffer)[0]:
+            size = struct.unpack_from(">I", buffer)[0]
+            replies.append(msgspec.msgpack.decode(buffer[4:4 + size]))
+            buffer = buffer[4 + size:]
+    return replies
+
+
+def test_the_writer_refuses_a_peers_bad_frames_and_bounds_what_it_holds(write_config, tmp_path, data_dir):
+    """Found by an attack on the writer's socket: a frame that was not a request left its
+    caller waiting for ever, and a peer that sent without reading grew the writer by
+    hundreds of MB. The socket is the data dir owner's only; still, no trust in its frames."""
+    path = write_config("writer.toml", smtp={"workers": 1, "writer": True})
+    add_accounts(path, PASSWORD, ["alice@example.test"])
+    daemon = start_daemon(path, tmp_path)
+    socket_path = str(data_dir / "writer.sock")
+    good = {"id": 1, "targets": [["alice@example.test", "INBOX"]], "flags": ["\\Flagged"],
+            "raw": b"Subject: by hand\r\n\r\nx\r\n", "internal_date": None, "dedupe_from": None}
+    try:
+        (writer,) = _writers(daemon)
+        # Not a request: the writer says so in its log and hangs up, nothing waits.
+        for bad in ([1, 2, 3], {**good, "targets": [["alice@example.test"]]}, {**good, "id": "one"},
+                    {"id": 2}):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(socket_path)
+                sock.sendall(_frame(bad))
+                assert _replies(sock, 1, time.monotonic() + 10) == ["EOF"], bad
+        assert daemon.stderr().count("event=writer_frame_unreadable") == 4
+        # A request the store refuses (a date out of range) is answered with its error.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(socket_path)
+            sock.sendall(_frame({**good, "id": 7, "internal_date": 1e300}) + _frame(good))
+            refused, stored = sorted(_replies(sock, 2, time.monotonic() + 10), key=lambda r: r["id"], reverse=True)
+        assert refused["id"] == 7 and refused["delivered"] == [] and refused["errors"][0][2] == "ValueError"
+        assert stored["errors"] == [] and stored["delivered"][0][:2] == ["alice@example.test", "INBOX"]
+
+        # A peer that sends and never reads its replies: once they fill the writer's buffer
+        # it reads no more, so the sender is the one that waits. All are answered in the end.
+        count, each = 3000, _frame({**good, "targets": [["alice@example.test", "Missing"]],
+                                    "raw": b"Subject: flood\r\n\r\n" + b"x" * 60_000})
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(socket_path)
+            sock.settimeout(3)
+            sent = 0
+            try:
+                for sent in range(1, count + 1):
+                    sock.sendall(each)
+            except TimeoutError:
+                pass
+            assert sent < count, "the writer took every request while nobody read its replies"
+            sock.settimeout(None)
+            done = _replies(sock, 1, time.monotonic() + 10)  # reading lets it go on
+            assert done and done[0]["errors"][0][2] == "MailboxNotFoundError"
+        assert _writers(daemon) == [writer], "the writer lived through it all"
+        _send(daemon, ["alice@example.test"], b"Subject: after\r\nMessage-ID: <after@x>\r\n\r\nx\r\n")
+        with Store(open_data_dir(data_dir, 4)) as store:
+            assert store.mailbox("alice@example.test", "INBOX").exists == 2
+    finally:
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.stderr() and "never retrieved" not in daemon.stderr()
