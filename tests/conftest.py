@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -279,9 +280,17 @@ class Daemon:
 
 def start_daemon(config_path: Path, workdir: Path) -> Daemon:
     """Start `postroom serve` and return once it has notified READY=1."""
-    out_path, err_path = workdir / "serve.out", workdir / "serve.err"
     sock_dir = tempfile.mkdtemp(prefix="notify-")  # AF_UNIX paths are short; tmp_path may not be
     notify_path = os.path.join(sock_dir, "notify.sock")
+    try:
+        return _start_and_wait(config_path, workdir, notify_path)
+    finally:
+        # Its socket is closed by now: what serve says later (STOPPING=1) goes nowhere.
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _start_and_wait(config_path: Path, workdir: Path, notify_path: str) -> Daemon:
+    out_path, err_path = workdir / "serve.out", workdir / "serve.err"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
         notify_sock.bind(notify_path)
         notify_sock.settimeout(0.2)

@@ -357,12 +357,16 @@ _STORE: list = []
 
 def _append_store():
     if not _STORE:
+        import atexit
+        import shutil
         import tempfile
 
         from storage import open_data_dir
         from storage.store import Store
 
-        store = Store(open_data_dir(Path(tempfile.mkdtemp(prefix="linear-append-")) / "var", 1))
+        root = tempfile.mkdtemp(prefix="linear-append-")
+        atexit.register(shutil.rmtree, root, True)  # the module's store lives until the run ends
+        store = Store(open_data_dir(Path(root) / "var", 1))
         store.ensure_account("a@example.test")
         _STORE.append(store)
     return _STORE[0]
