@@ -43,6 +43,8 @@ from storage import DataDir, DataDirError
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>
 WORKER_START_TIMEOUT = 60.0
+EXIT_MARGIN = 1.0  # of a stop's budget, kept for the children's SIGKILL to land and this process to exit
+WRITER_STOP_AFTER = 1.0  # beyond stop_grace, when sessions cut off have let go of the commits they waited for
 
 
 class Running(Protocol):
@@ -232,6 +234,14 @@ async def _start_children(config: Config, log: EventLogger, watchdog: float | No
 
 async def _stop(context: Context, running: list[Running], workers: Supervisor | None,
                 following: asyncio.Future | None = None, writer: Supervisor | None = None) -> None:
+    grace = context.config.server.stop_grace
+    # serve (or systemd) kills this process grace + STOP_MARGIN after its SIGTERM: its
+    # children stop within that (the writer, stopped last, within what is left of it), so
+    # that a stuck child is killed here, and said so, rather than this process killed and
+    # the child left behind.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(grace) + supervisor.STOP_MARGIN - EXIT_MARGIN
+
     async def services() -> None:
         for service in reversed(running):
             await service.stop()
@@ -244,7 +254,16 @@ async def _stop(context: Context, running: list[Running], workers: Supervisor | 
         await context.shared.close()
 
     # The workers stop as this process does, each within stop_grace.
-    await asyncio.gather(services(), workers.stop(context.config.server.stop_grace) if workers else asyncio.sleep(0))
-    # Every session of every mtad process has ended: the writer's commits are all answered.
-    if writer is not None:
-        await writer.stop(context.config.server.stop_grace)
+    stopping = asyncio.gather(services(), workers.stop(grace, kill_after=deadline - loop.time()) if workers
+                              else asyncio.sleep(0))
+    if writer is None:
+        await stopping
+        return
+    # The writer stops once every session of every mtad process has ended: its commits
+    # are all answered. A commit it never answers (a stuck disk under it) would hold the
+    # sessions' stop, which waits for deliveries under way, for ever: past the grace
+    # period, the writer is told to stop too, and killed at the deadline, which fails that
+    # commit (WriterGone) and lets the stop end.
+    await asyncio.wait([stopping], timeout=float(grace) + WRITER_STOP_AFTER)
+    await writer.stop(grace, kill_after=max(0.0, deadline - loop.time()))
+    await stopping

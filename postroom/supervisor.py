@@ -179,8 +179,9 @@ class Supervisor:
         self._started = True
         return None
 
-    async def stop(self, grace: float) -> None:
-        """SIGTERM to every child; SIGKILL to those still there after grace + STOP_MARGIN."""
+    async def stop(self, grace: float, kill_after: float | None = None) -> None:
+        """SIGTERM to every child; SIGKILL to those still there after grace + STOP_MARGIN,
+        or after `kill_after` seconds when given (what is left of a stop's own budget)."""
         self.stopping = True
         self.watchdog.stop()
         live = [c for c in self.children if c.running]
@@ -188,7 +189,7 @@ class Supervisor:
             os.kill(child.pid, signal.SIGTERM)
         if live:
             _, late = await asyncio.wait([asyncio.ensure_future(c.gone.wait()) for c in live],
-                                         timeout=grace + STOP_MARGIN)
+                                         timeout=grace + STOP_MARGIN if kill_after is None else kill_after)
             for task in late:
                 task.cancel()
             for child in live:

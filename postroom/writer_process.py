@@ -6,7 +6,9 @@ every session of every mtad process has ended, so that a stop still finishes the
 deliveries under way (RFC 5321 §3.8, mtad/agent.py). It takes no lock (its mtad holds the
 data dir's), opens the store, listens on the data dir's writer socket and says READY=1.
 On SIGTERM (or SIGINT) it stops taking connections and serves those open until mtad hangs
-up (after its last session) or [server] stop_grace has passed, then closes the store.
+up (after its last session) or [server] stop_grace has passed, then closes the store. A
+writer whose commit never ends (a stuck disk) is killed by mtad within mtad's own stop
+budget (postroom/daemon_process.py), which fails that commit with a 451.
 """
 
 from __future__ import annotations

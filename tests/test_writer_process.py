@@ -173,3 +173,43 @@ def test_the_writer_refuses_a_peers_bad_frames_and_bounds_what_it_holds(write_co
     finally:
         assert daemon.stop() == 0
     assert "Traceback" not in daemon.stderr() and "never retrieved" not in daemon.stderr()
+
+
+def test_a_stuck_writer_is_stopped_within_mtads_own_stop(write_config, tmp_path, data_dir):
+    """serve kills a daemon still there stop_grace + 5 s after its SIGTERM: mtad stops its
+    writer within what is left of that, so that it is mtad that kills a stuck writer (and
+    says so), not serve that kills mtad and leaves the writer behind."""
+    path = write_config("stuck.toml", server={"stop_grace": "2s"}, smtp={"writer": True})
+    add_accounts(path, PASSWORD, ["alice@example.test"])
+    daemon = start_daemon(path, tmp_path)
+    (writer,) = _writers(daemon)
+    try:
+        _send(daemon, ["alice@example.test"], b"Subject: first\r\n\r\nx\r\n")  # the account made here
+        os.kill(writer, signal.SIGSTOP)  # a commit that never ends: a stuck disk under the writer
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(_send, daemon, ["alice@example.test"], b"Subject: stuck\r\n\r\nx\r\n")
+            time.sleep(1.0)  # its DATA ended: mtad waits for the writer's answer
+            assert not sending.done()
+            started = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            code = daemon.process.wait(30)
+            took = time.monotonic() - started
+            try:
+                sending.result(30)
+                raise AssertionError("a 250 for a message the writer never committed")
+            except smtplib.SMTPDataError as e:  # the commit failed when the writer was killed
+                refused = e
+        log = daemon.stderr()
+        assert code == 0, log
+        assert took < 2 + 5, f"the stop took {took:.1f} s"
+        assert "event=worker_killed worker=mtad-writer" in log, log
+        assert not [line for line in log.splitlines() if "event=worker_killed worker=mtad " in line + " "], log
+        assert not _writers(daemon) and not os.path.exists(f"/proc/{writer}"), "the writer outlived its mtad"
+        assert refused.smtp_code == 451 and refused.smtp_error.startswith(b"4.3.0"), refused
+        assert "event=store_failed" in log and "error=WriterGone" in log
+        with Store(open_data_dir(data_dir, 4)) as store:
+            assert store.mailbox("alice@example.test", "INBOX").exists == 1
+    finally:
+        if os.path.exists(f"/proc/{writer}"):
+            os.kill(writer, signal.SIGKILL)
+        daemon.stop(signal.SIGKILL)
