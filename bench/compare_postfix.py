@@ -48,8 +48,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ports import wait_for_port
-from postfix_peer import postfix_available, start_postfix, stop_postfix
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ports import wait_for_port  # noqa: E402
+from postfix_peer import postfix_available, start_postfix, stop_postfix  # noqa: E402
+from procs import tree_cpu_seconds  # noqa: E402
 
 RECIPIENT = "alice@example.test"
 SENDER = "bench@example.org"
@@ -81,6 +84,10 @@ virtual_gid_maps = static:{mail_user.pw_gid}
     def mail_dirs(self) -> list[Path]:
         return [self.maildir / "new", self.maildir / "cur"]
 
+    def root(self) -> int:
+        """Its master's pid: every Postfix process of this instance is under it."""
+        return int((self.etc.parent / "queue" / "pid" / "master.pid").read_text().split()[0])
+
     def stop(self) -> None:
         stop_postfix(self.etc)
 
@@ -97,6 +104,10 @@ class PostroomMX:
 
     def mail_dirs(self) -> list[Path]:
         return [Path(root) for root, dirs, _ in os.walk(self.shards) if os.path.basename(root) in ("cur", "new")]
+
+    def root(self) -> int:
+        """`postroom serve`'s pid: its daemons, mtad's workers and writer are under it."""
+        return self.process.pid
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -122,7 +133,14 @@ def count(dirs: list[Path]) -> tuple[int, float]:
 
 def drive(server, concurrency: int, messages: int, message_file: Path | None) -> tuple[float, str]:
     """One smtp-source run against `server`; (msgs/s reaching the Maildir, a line saying so)."""
+    rate, _, line = drive_measured(server, concurrency, messages, message_file)
+    return rate, line
+
+
+def drive_measured(server, concurrency: int, messages: int, message_file: Path | None) -> tuple[float, float, str]:
+    """drive(), and the CPU the server's processes used per message (ms): (rate, CPU, line)."""
     before, _ = count(server.mail_dirs())
+    cpu_before = tree_cpu_seconds(server.root())
     payload = ["-F", str(message_file)] if message_file else ["-l", str(SIZE)]
     command = ["smtp-source", "-m", str(messages), *payload, "-s", str(concurrency), "-f", SENDER, "-t", RECIPIENT,
                "-M", "bench.example.org", f"127.0.0.1:{server.port}"]
@@ -135,16 +153,17 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
         if total - before >= messages or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    cpu = 1000 * (tree_cpu_seconds(server.root()) - cpu_before) / max(1, total - before)
     arrived = total - before
     end = max(source_end, newest)
     rate = arrived / (end - start)
     line = (f"{server.name:8} C={concurrency:<3} {arrived}/{messages} in the Maildir in {end - start:.1f} s "
-            f"= {rate:.0f} msgs/s (smtp-source done after {source_end - start:.1f} s)")
+            f"= {rate:.0f} msgs/s (smtp-source done after {source_end - start:.1f} s), CPU {cpu:.2f} ms a message")
     if source.returncode != 0:
         line += f"; smtp-source exited {source.returncode}: {source.stderr.strip()[:200]}"
     if arrived < messages:
         line += f"; {messages - arrived} missing after {DRAIN_TIMEOUT:.0f} s"
-    return rate, line
+    return rate, cpu, line
 
 
 def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool,
@@ -164,14 +183,16 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
             for server in servers:
                 print(drive(server, 10, WARMUP, message_file)[1] + "  (warm-up)", flush=True)
             rates: dict[tuple[str, int], list[float]] = {}
+            cpus: dict[tuple[str, int], list[float]] = {}
             turn = 0
             for _ in range(rounds):
                 for c in concurrencies:
                     order = servers if turn % 2 == 0 else servers[::-1]
                     turn += 1
                     for server in order:
-                        rate, line = drive(server, c, messages, message_file)
+                        rate, cpu, line = drive_measured(server, c, messages, message_file)
                         rates.setdefault((server.name, c), []).append(rate)
+                        cpus.setdefault((server.name, c), []).append(cpu)
                         print(line, flush=True)
             if policy:
                 print(_chain_verdict(servers[-1]), flush=True)
@@ -182,19 +203,21 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
     chain_state = "on" if policy else "off"
     payload = f"-F (DKIM-signed, {SIZE} B)" if policy else f"-l {SIZE}"
     print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, writer = {writer}, "
-          f"log_level = {log_level}, policy chain {chain_state}; median of {rounds} run(s) each\n")
+          f"log_level = {log_level}, policy chain {chain_state}; median of {rounds} run(s) each; CPU: what the "
+          f"server's processes used (user + system, every process under its master or serve) per message\n")
     names = [server.name for server in servers[1:]]
     label = {"postroom": "Postroom", "postroom+w": "Postroom, writer"}
-    print("| concurrency | Postfix msgs/s | " + " | ".join(f"{label[n]} msgs/s | ratio" for n in names) + " |")
-    print("|---|---|" + "---|---|" * len(names))
+    print("| concurrency | Postfix msgs/s | CPU ms | "
+          + " | ".join(f"{label[n]} msgs/s | ratio | CPU ms" for n in names) + " |")
+    print("|---|---|---|" + "---|---|---|" * len(names))
     for c in concurrencies:
         postfix = statistics.median(rates[("postfix", c)])
         cells = []
         for n in names:
             postroom = statistics.median(rates[(n, c)])
             per_round = " ".join(f"{r / p:.2f}" for r, p in zip(rates[(n, c)], rates[("postfix", c)]))
-            cells.append(f"{postroom:.0f} | {postroom / postfix:.2f} ({per_round})")
-        print(f"| {c} | {postfix:.0f} | " + " | ".join(cells) + " |")
+            cells.append(f"{postroom:.0f} | {postroom / postfix:.2f} ({per_round}) | {statistics.median(cpus[(n, c)]):.2f}")
+        print(f"| {c} | {postfix:.0f} | {statistics.median(cpus[('postfix', c)]):.2f} | " + " | ".join(cells) + " |")
 
 
 def _chain_verdict(server: PostroomMX) -> str:

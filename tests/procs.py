@@ -44,3 +44,30 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: proc(5)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """The CPU time (user and system) used so far by `root` and every process under it,
+    those that have ended included: each process's own times plus those of the children it
+    reaped (proc(5): cutime, cstime), which hold their reaped children's in turn. What
+    escapes: a process whose parent ended before it (reparented away from the tree)."""
+    times, parents = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / CLOCK_TICKS
