@@ -354,7 +354,9 @@ def _listen_twisted(context: Context, module: str, factory_name: str, service: I
     follower = context.shared.follower
     if follower is not None:  # a cluster's: its sessions end when their shard is released
         follower.listeners.append(factory.end_released)
-    return TwistedListening(ports, factory.shutdown)
+    # As mtad's sessions: a command under way (a SEARCH, an APPEND, POP3's \Seen writes)
+    # gets [server] stop_grace to end.
+    return TwistedListening(ports, functools.partial(factory.shutdown, float(service.config.server.stop_grace)))
 
 
 PRELOAD = {

@@ -23,6 +23,10 @@ TIMEOUT = 5.0
 
 
 class LineFactory(ServerFactory):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.waited: list[bytes] = []  # WAIT commands that ran to their end
+
     def buildProtocol(self, addr):  # noqa: N802
         return LineProtocol(self)
 
@@ -72,12 +76,20 @@ class LineProtocol(ServerProtocol):
             return self._bug()
         if verb == b"SLOW":
             return self._slow(text)
+        if verb == b"WAIT":
+            return self._wait(text)
         self.write(text + b"\r\n")
         return None
 
     async def _bug(self) -> None:
         await asyncio.sleep(0)
         raise RuntimeError("secret detail")
+
+    async def _wait(self, text: bytes) -> None:
+        """A command that takes seconds: a long SEARCH, an APPEND's commit on a slow disk."""
+        await asyncio.sleep(float(text))
+        self.factory.waited.append(text)
+        self.write(text + b"\r\n")
 
     async def _slow(self, text: bytes) -> None:
         for _ in range(5):  # a few turns of the loop, as a store call in a thread takes
@@ -219,3 +231,47 @@ def test_shutdown_tells_every_client_and_returns_once_they_are_gone(loop):
     assert not factory.live
     # Woken by the last connection's end, not by the grace period running out.
     assert took < grace / 4, took
+
+
+def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_do_not_read(loop):
+    """A stop gives a command under way the grace ([server] stop_grace) to end, and a client
+    that takes nothing GOODBYE_WAIT: its socket goes with the process. Before, a client that
+    did not read held the stop for the whole grace."""
+    from wire.protocol import GOODBYE_WAIT
+
+    factory, listening, port = serve(loop, ConnectionLimit(10, 10))
+    grace = 8.0
+
+    async def stop_while_busy() -> tuple[float, bytes]:
+        reader, writer = await connect(port)
+        writer.write(b"WAIT 3\r\n")
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await factory.shutdown(grace)
+        took = time.monotonic() - started
+        heard = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        return took, heard
+
+    async def stop_with_a_client_that_does_not_read() -> float:
+        reader, writer = await connect(port)
+        line = b"SAY " + b"x" * 30000 + b"\r\n"  # within the protocol's read-ahead
+        for _ in range(700):  # 21 MB of answers: more than both sockets' buffers hold
+            writer.write(line)
+        await asyncio.sleep(1.0)
+        assert factory.live and not all(protocol.writable() for protocol in factory.live), [(p.writable(), p.busy, p.buffered()) for p in factory.live]
+        started = time.monotonic()
+        await factory.shutdown(grace)
+        took = time.monotonic() - started
+        writer.transport.abort()
+        return took
+
+    try:
+        took, heard = loop.run_until_complete(stop_while_busy())
+        assert factory.waited == [b"3"], "the command was cut off by the stop"
+        assert 2.5 < took < grace - 2, took
+        assert heard == b"BYE stopping\r\n"  # its answer is not sent: the session was told to go
+        took = loop.run_until_complete(stop_with_a_client_that_does_not_read())
+        assert took < GOODBYE_WAIT + 1.5, took
+    finally:
+        loop.run_until_complete(listening.stop())

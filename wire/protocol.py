@@ -24,6 +24,7 @@ from wire import metrics
 from wire.connections import ConnectionLimit
 
 CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
+GOODBYE_WAIT = 2.0  # seconds a stop waits for its clients to take their goodbye
 
 
 class ServerFactory(Factory):
@@ -72,23 +73,36 @@ class ServerFactory(Factory):
                 ended += 1
         return ended
 
-    async def shutdown(self, grace: float = 2.0) -> None:
-        """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go;
-        returns once they are gone and their commands have ended, or after `grace` seconds."""
+    async def shutdown(self, grace: float) -> None:
+        """The daemon stops: every client is told so (IMAP BYE, POP3 -ERR) and let go.
+        Returns once the commands under way and the work sessions left behind have ended,
+        or after `grace` seconds ([server] stop_grace), and once the clients are gone, or
+        after GOODBYE_WAIT: a client that does not take its goodbye (a TLS close left
+        unanswered) is closed by the process's exit, not waited for."""
         for protocol in list(self.live):
             if protocol.closing:
                 continue  # gone or going (LOGOUT, QUIT, a timeout): its command is ending
             protocol.log.info("shutdown")
             protocol.transport.write(protocol.shutdown_reply())
             protocol.close()
-        deadline = asyncio.get_running_loop().time() + grace
+            if protocol.busy and not protocol.writable():
+                # Its command waits for the client to read (a big FETCH or RETR): cut off,
+                # its drain() raises, as end_released does.
+                protocol.unblock_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         try:
-            await asyncio.wait_for(self.none_live(), grace)
+            await asyncio.wait_for(self.none_live(), min(grace, GOODBYE_WAIT))
         except TimeoutError:
-            pass  # a client that takes nothing: its close is aborted after CLOSE_GRACE anyway
-        left = set(self.background())
+            pass
+        # An APPEND's commit, a STORE, POP3's \Seen writes: the store closes after them.
+        left = {task for task in self.commands() | self.background() if not task.done()}
         if left:
-            await asyncio.wait(left, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+            await asyncio.wait(left, timeout=max(0.0, deadline - loop.time()))
+
+    def commands(self) -> set[asyncio.Task]:
+        """The commands under way in the sessions served here."""
+        return {protocol.running for protocol in self.live if protocol.running is not None}
 
     def background(self) -> set[asyncio.Task]:
         """Work the sessions left running after their end (POP3's \\Seen writes), which a
@@ -302,7 +316,7 @@ class ServerProtocol(Protocol):
                 return
             self.log.info("closed", reason="shard_released", shard=shard, cut_off=True)
             self.close()  # no reply: it would land inside the answer being sent
-            self._writable.set()  # the command's drain() raises ConnectionError: it closes its file
+            self.unblock_drain()  # the command closes its file
             self.let_go()
             return
         self.log.info("closed", reason="shard_released", shard=shard)
@@ -331,6 +345,15 @@ class ServerProtocol(Protocol):
 
     def writable(self) -> bool:
         return self._writable.is_set()
+
+    @property
+    def running(self) -> asyncio.Future | None:
+        """The command under way, if one is."""
+        return self._task
+
+    def unblock_drain(self) -> None:
+        """Closing: a command waiting in drain() for the client to read raises ConnectionError."""
+        self._writable.set()
 
     async def drain(self) -> None:
         await self._writable.wait()
