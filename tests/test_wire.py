@@ -78,12 +78,21 @@ class LineProtocol(ServerProtocol):
             return self._slow(text)
         if verb == b"WAIT":
             return self._wait(text)
+        if verb == b"BIG":
+            return self._big(int(text))
         self.write(text + b"\r\n")
         return None
 
     async def _bug(self) -> None:
         await asyncio.sleep(0)
         raise RuntimeError("secret detail")
+
+    async def _big(self, chunks: int) -> None:
+        """An answer sent as the client takes it: a big FETCH or RETR."""
+        for _ in range(chunks):
+            self.write(b"y" * 65536)
+            await self.drain()
+        self.factory.waited.append(b"big")
 
     async def _wait(self, text: bytes) -> None:
         """A command that takes seconds: a long SEARCH, an APPEND's commit on a slow disk."""
@@ -235,8 +244,9 @@ def test_shutdown_tells_every_client_and_returns_once_they_are_gone(loop):
 
 def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_do_not_read(loop):
     """A stop gives a command under way the grace ([server] stop_grace) to end, and a client
-    that takes nothing GOODBYE_WAIT: its socket goes with the process. Before, a client that
-    did not read held the stop for the whole grace."""
+    that takes nothing GOODBYE_WAIT: its socket goes with the process; a command waiting for
+    such a client to read is cut off. Before, a client that did not read held the stop for
+    the whole grace."""
     from wire.protocol import GOODBYE_WAIT
 
     factory, listening, port = serve(loop, ConnectionLimit(10, 10))
@@ -266,6 +276,17 @@ def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_d
         writer.transport.abort()
         return took
 
+    async def stop_with_a_command_waiting_for_the_client() -> float:
+        reader, writer = await connect(port)
+        writer.write(b"BIG 400\r\n")  # 26 MB, and the client reads none of it
+        await asyncio.sleep(1.0)
+        assert any(protocol.busy and not protocol.writable() for protocol in factory.live)
+        started = time.monotonic()
+        await factory.shutdown(grace)
+        took = time.monotonic() - started
+        writer.transport.abort()
+        return took
+
     try:
         took, heard = loop.run_until_complete(stop_while_busy())
         assert factory.waited == [b"3"], "the command was cut off by the stop"
@@ -273,5 +294,8 @@ def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_d
         assert heard == b"BYE stopping\r\n"  # its answer is not sent: the session was told to go
         took = loop.run_until_complete(stop_with_a_client_that_does_not_read())
         assert took < GOODBYE_WAIT + 1.5, took
+        took = loop.run_until_complete(stop_with_a_command_waiting_for_the_client())
+        assert took < GOODBYE_WAIT + 1.5, took
+        assert b"big" not in factory.waited, "the command was not cut off"
     finally:
         loop.run_until_complete(listening.stop())
