@@ -44,6 +44,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_NAME = 15  # <linux/prctl.h>
 WORKER_START_TIMEOUT = 60.0
 EXIT_MARGIN = 1.0  # of a stop's budget, kept for the children's SIGKILL to land and this process to exit
+WRITER_KILL_MARGIN = 1.0  # the writer is killed this long before the workers' deadline
 WRITER_STOP_AFTER = 1.0  # beyond stop_grace, when sessions cut off have let go of the commits they waited for
 
 
@@ -243,8 +244,10 @@ async def _stop(context: Context, running: list[Running], workers: Supervisor | 
     deadline = loop.time() + float(grace) + supervisor.STOP_MARGIN - EXIT_MARGIN
 
     async def services() -> None:
-        for service in reversed(running):
-            await service.stop()
+        # All at once: each service's stop may take the grace period, and together they
+        # must end within it (serve kills this process at grace + STOP_MARGIN); a listener
+        # stopped after another would also take new connections meanwhile.
+        await asyncio.gather(*(service.stop() for service in reversed(running)))
         # The follower looked on while the sessions ended (cluster/follow.py: the shards
         # this node hands over are let go of within a second, not at the end of the stop);
         # its last look ends before the store closes.
@@ -265,5 +268,7 @@ async def _stop(context: Context, running: list[Running], workers: Supervisor | 
     # period, the writer is told to stop too, and killed at the deadline, which fails that
     # commit (WriterGone) and lets the stop end.
     await asyncio.wait([stopping], timeout=float(grace) + WRITER_STOP_AFTER)
-    await writer.stop(grace, kill_after=max(0.0, deadline - loop.time()))
+    # Killed a margin before the workers are, so that their sessions hear WriterGone's
+    # 451 4.3.0, not a dropped connection.
+    await writer.stop(grace, kill_after=max(0.0, deadline - WRITER_KILL_MARGIN - loop.time()))
     await stopping

@@ -80,29 +80,26 @@ class ServerFactory(Factory):
         after GOODBYE_WAIT: a client that does not take its goodbye (a TLS close left
         unanswered) is closed by the process's exit, not waited for."""
         for protocol in list(self.live):
-            if protocol.closing:
-                continue  # gone or going (LOGOUT, QUIT, a timeout): its command is ending
-            protocol.log.info("shutdown")
-            protocol.transport.write(protocol.shutdown_reply())
-            protocol.close()
-            if protocol.busy and not protocol.writable():
-                # Its command waits for the client to read (a big FETCH or RETR): cut off,
-                # its drain() raises, as end_released does.
-                protocol.unblock_drain()
+            if not protocol.closing:  # else gone or going (LOGOUT, QUIT, a timeout)
+                protocol.tell_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        # An APPEND's commit, a STORE, then what the sessions left behind (POP3's \Seen
+        # writes after a QUIT that was under way): the store closes after them.
+        for left in (self.commands, self.background):
+            tasks = {task for task in left() if not task.done()}
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         try:
             await asyncio.wait_for(self.none_live(), min(grace, GOODBYE_WAIT))
         except TimeoutError:
             pass
-        # An APPEND's commit, a STORE, POP3's \Seen writes: the store closes after them.
-        left = {task for task in self.commands() | self.background() if not task.done()}
-        if left:
-            await asyncio.wait(left, timeout=max(0.0, deadline - loop.time()))
 
     def commands(self) -> set[asyncio.Task]:
-        """The commands under way in the sessions served here."""
-        return {protocol.running for protocol in self.live if protocol.running is not None}
+        """The commands under way in the sessions served here, but those waiting for their
+        client (IDLE, a SASL exchange): they end with the connection."""
+        return {protocol.running for protocol in self.live
+                if protocol.running is not None and not protocol.awaiting_input()}
 
     def background(self) -> set[asyncio.Task]:
         """Work the sessions left running after their end (POP3's \\Seen writes), which a
@@ -134,6 +131,7 @@ class ServerProtocol(Protocol):
         self._open = False  # the session is started: the pump may run
         self._task: asyncio.Future | None = None  # held: the loop keeps only weak references
         self._lost = False  # connectionLost came: `live` lets go once _task has ended too
+        self._stop_told = False  # the daemon stops: tell_shutdown once the command has ended
         self._writable = asyncio.Event()
         self._writable.set()
         self._timer = None
@@ -291,7 +289,9 @@ class ServerProtocol(Protocol):
             if self._lost:
                 self.factory.gone(self)
         self.finished()
-        if self._released is not None and not self.closing:
+        if self._stop_told and not self.closing:
+            self.tell_shutdown()
+        elif self._released is not None and not self.closing:
             self.end_released(self._released)
         if not self.closing:
             self.pump()
@@ -301,6 +301,25 @@ class ServerProtocol(Protocol):
         reply = self.fault_reply()
         if reply and not self.closing:
             self.transport.write(reply)
+        self.close()
+
+    def tell_shutdown(self) -> None:
+        """The daemon stops: say so (IMAP BYE, POP3 -ERR) and close, now if no command runs
+        (or the one running waits for the client: IDLE), else once it is answered, so that
+        the client hears its answer (an APPEND's OK: without it the client appends again)
+        and the goodbye never lands inside it; the commands pipelined behind it are not
+        taken. A command waiting for the client to read its answer (a big FETCH or RETR to
+        a client that reads nothing) is cut off instead, with no goodbye."""
+        if self.busy and not self.awaiting_input():
+            if self.writable():
+                self._stop_told = True  # _run comes back here once the command has ended
+                return
+            self.log.info("shutdown", cut_off=True)
+            self.close()
+            self.unblock_drain()  # the command's drain() raises ConnectionError
+            return
+        self.log.info("shutdown")
+        self.transport.write(self.shutdown_reply())
         self.close()
 
     def end_released(self, shard: int) -> None:
