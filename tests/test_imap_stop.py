@@ -85,3 +85,50 @@ def test_a_stop_under_running_commands_is_clean(write_config, tmp_path):
     finally:
         if not stopped:
             daemon.stop()
+
+
+def test_clients_in_idle_that_never_answer_do_not_hold_the_stop(write_config, tmp_path):
+    """A laptop asleep in IDLE over TLS answers neither BYE nor the TLS close. Both listeners
+    (993, and 143) tell their clients at once, and the stop waits GOODBYE_WAIT for them, not
+    the grace: before, the IDLE counted as a command under way (held to the close's abort,
+    10 s), and 143's client was told only once 993's stop had ended."""
+    from conftest import client_tls_context
+
+    path = write_config(server={"stop_grace": "20s"})
+    add_accounts(path, PASSWORD, [USER])
+    daemon = start_daemon(path, tmp_path)
+    sockets = []
+    try:
+        implicit = daemon.listen("imap.listen_tls")
+        raw = socket.create_connection((implicit.host, implicit.port), timeout=10)
+        asleep = client_tls_context(daemon.config).wrap_socket(raw, server_hostname="mail.example.test")
+        sockets.append(asleep)
+        plain = socket.create_connection((daemon.listen("imap.listen").host, daemon.listen("imap.listen").port),
+                                         timeout=10)
+        sockets.append(plain)
+        for sock in (asleep, plain):
+            sock.recv(1000)  # the greeting
+            sock.sendall(f'a LOGIN "{USER}" "{PASSWORD}"\r\nb SELECT INBOX\r\nc IDLE\r\n'.encode())
+        answers = b""
+        while b"\r\n+ " not in answers:  # IDLE's continuation: it idles
+            answers += asleep.recv(4096)
+        time.sleep(0.3)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        code = daemon.process.wait(40)
+        took = time.monotonic() - started
+        heard = b""
+        plain.settimeout(5)
+        while b"BYE" not in heard:
+            chunk = plain.recv(4096)
+            if not chunk:
+                break
+            heard += chunk
+        assert code == 0, daemon.stderr()
+        assert took < 6, f"the stop took {took:.1f} s"
+        assert b"* BYE" in heard, heard
+        assert "worker_killed" not in daemon.stderr()
+    finally:
+        for sock in sockets:
+            sock.close()
+        daemon.stop(signal.SIGKILL)
