@@ -131,14 +131,9 @@ def count(dirs: list[Path]) -> tuple[int, float]:
     return total, newest
 
 
-def drive(server, concurrency: int, messages: int, message_file: Path | None) -> tuple[float, str]:
-    """One smtp-source run against `server`; (msgs/s reaching the Maildir, a line saying so)."""
-    rate, _, line = drive_measured(server, concurrency, messages, message_file)
-    return rate, line
-
-
-def drive_measured(server, concurrency: int, messages: int, message_file: Path | None) -> tuple[float, float, str]:
-    """drive(), and the CPU the server's processes used per message (ms): (rate, CPU, line)."""
+def drive(server, concurrency: int, messages: int, message_file: Path | None) -> tuple[float, float, str]:
+    """One smtp-source run against `server`: (msgs/s reaching the Maildir, the CPU its
+    processes used a message in ms, a line saying so)."""
     before, _ = count(server.mail_dirs())
     cpu_before = tree_cpu_seconds(server.root())
     payload = ["-F", str(message_file)] if message_file else ["-l", str(SIZE)]
@@ -181,7 +176,7 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                 name = "postroom-writer" if with_writer else "postroom"
                 servers.append(PostroomMX(work / name, workers, chain, log_level, writer=with_writer))
             for server in servers:
-                print(drive(server, 10, WARMUP, message_file)[1] + "  (warm-up)", flush=True)
+                print(drive(server, 10, WARMUP, message_file)[2] + "  (warm-up)", flush=True)
             rates: dict[tuple[str, int], list[float]] = {}
             cpus: dict[tuple[str, int], list[float]] = {}
             turn = 0
@@ -190,7 +185,7 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                     order = servers if turn % 2 == 0 else servers[::-1]
                     turn += 1
                     for server in order:
-                        rate, cpu, line = drive_measured(server, c, messages, message_file)
+                        rate, cpu, line = drive(server, c, messages, message_file)
                         rates.setdefault((server.name, c), []).append(rate)
                         cpus.setdefault((server.name, c), []).append(cpu)
                         print(line, flush=True)

@@ -15,6 +15,7 @@ class Process(NamedTuple):
     state: str  # "R", "S", "Z"...
     name: str  # what ps -o comm shows (a daemon sets its own: mtad, imapd, pop3d)
     cmdline: bytes  # NUL-separated arguments
+    cpu_ticks: int  # user and system time, its own and its reaped children's (proc(5))
 
 
 def processes() -> dict[int, Process]:
@@ -31,7 +32,8 @@ def processes() -> dict[int, Process]:
         except OSError:
             continue
         name, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
-        found[int(entry)] = Process(int(fields[1]), int(fields[2]), fields[0], name, cmdline)
+        found[int(entry)] = Process(int(fields[1]), int(fields[2]), fields[0], name, cmdline,
+                                    sum(int(v) for v in fields[11:15]))  # utime, stime, cutime, cstime
     return found
 
 
@@ -51,23 +53,13 @@ def tree_cpu_seconds(root: int) -> float:
     those that have ended included: each process's own times plus those of the children it
     reaped (proc(5): cutime, cstime), which hold their reaped children's in turn. What
     escapes: a process whose parent ended before it (reparented away from the tree)."""
-    times, parents = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    table = processes()
     children: dict[int, list[int]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
+    for pid, process in table.items():
+        children.setdefault(process.parent, []).append(pid)
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        total += times.get(pid, 0)
+        total += table[pid].cpu_ticks if pid in table else 0
         todo.extend(children.get(pid, ()))
     return total / CLOCK_TICKS
