@@ -161,7 +161,9 @@ compliance: install
 # (bench/smtp_in.py --compare-postfix, bench/smtp_out.py: a throwaway instance of its own
 # each; Debian's postfix service is disabled, as dovecot's is) and its smtp-source, strace
 # (bench/flushes.py), Dovecot (bench/imap.py, bench/pop3.py).
-BENCH_APT := postfix strace dovecot-imapd dovecot-pop3d
+# Postfix's checks for `bench/smtp_in.py --compare-postfix --policy` (bench/postfix_checks.py)
+BENCH_APT := postfix strace dovecot-imapd dovecot-pop3d opendkim opendmarc clamav-milter \
+              postfix-policyd-spf-python unbound
 
 .PHONY: bench-peers
 bench-peers: install
@@ -171,7 +173,8 @@ bench-peers: install
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
 	    if [ -d /run/systemd/system ]; then \
-	        systemctl disable --now postfix.service dovecot.service dovecot.socket || true; \
+	        systemctl disable --now postfix.service dovecot.service dovecot.socket opendkim.service \
+		    opendmarc.service unbound.service unbound-resolvconf.service || true; \
 	    fi; \
 	fi
 

@@ -14,6 +14,11 @@ Two throwaway MXs on loopback, started here and stopped here:
   connection and message to its maillog_file; `--log-level warning` logs none); with --policy
   the whole chain on, DNS answered by a zone on loopback, a real
   clamd with the test suite's one signature, rate limits counted but far above the load).
+- with --policy, a second Postfix running the same checks as a Debian sysadmin would add
+  them (bench/postfix_checks.py: policyd-spf, reject_rbl_client, opendkim, opendmarc,
+  clamav-milter on the same clamd, anvil's rates, unbound as its caching resolver): the
+  table gives Postroom's ratio to each Postfix. The issue's figure is the plain one; the
+  checked one is the like-for-like comparison (plain Postfix checks nothing).
   `--writer on` gives it `[smtp] writer = true` (mtad/writer.py); `--writer both` runs a
   second Postroom with it, the three servers in turn, and prints a column for each.
 
@@ -51,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ports import wait_for_port  # noqa: E402
+from postfix_checks import PostfixChecks, checks_available  # noqa: E402
 from postfix_peer import postfix_available, start_postfix, stop_postfix  # noqa: E402
 from procs import tree_cpu_seconds  # noqa: E402
 
@@ -65,7 +71,11 @@ SIZE = 5000
 class PostfixMX:
     name = "postfix"
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, checks: PostfixChecks | None = None):
+        """`checks`: Postfix running the chain's checks too (bench/postfix_checks.py)."""
+        self.checks = checks
+        if checks is not None:
+            self.name = "postfix+checks"
         mail_user = pwd.getpwnam("nobody")  # virtual(8) will not deliver as root
         base = work / "postfix-mail"
         self.maildir = base / "example.test" / "alice"
@@ -79,14 +89,17 @@ virtual_mailbox_base = {base}
 virtual_mailbox_maps = texthash:{work / 'vmailbox'}
 virtual_uid_maps = static:{mail_user.pw_uid}
 virtual_gid_maps = static:{mail_user.pw_gid}
-""")
+""" + (checks.main_cf if checks else ""), master_cf=checks.master_cf if checks else "",
+                                             wrapper=checks.wrapper if checks else [])
 
     def mail_dirs(self) -> list[Path]:
         return [self.maildir / "new", self.maildir / "cur"]
 
-    def root(self) -> int:
-        """Its master's pid: every Postfix process of this instance is under it."""
-        return int((self.etc.parent / "queue" / "pid" / "master.pid").read_text().split()[0])
+    def roots(self) -> list[int]:
+        """Its master's pid (every Postfix process of this instance is under it), and the
+        checks' (the milters, unbound)."""
+        master = int((self.etc.parent / "queue" / "pid" / "master.pid").read_text().split()[0])
+        return [master, *(self.checks.pids() if self.checks else ())]
 
     def stop(self) -> None:
         stop_postfix(self.etc)
@@ -105,9 +118,9 @@ class PostroomMX:
     def mail_dirs(self) -> list[Path]:
         return [Path(root) for root, dirs, _ in os.walk(self.shards) if os.path.basename(root) in ("cur", "new")]
 
-    def root(self) -> int:
+    def roots(self) -> list[int]:
         """`postroom serve`'s pid: its daemons, mtad's workers and writer are under it."""
-        return self.process.pid
+        return [self.process.pid]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -135,7 +148,7 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
     """One smtp-source run against `server`: (msgs/s reaching the Maildir, the CPU its
     processes used a message in ms, a line saying so)."""
     before, _ = count(server.mail_dirs())
-    cpu_before = tree_cpu_seconds(server.root())
+    cpu_before = _cpu(server)
     payload = ["-F", str(message_file)] if message_file else ["-l", str(SIZE)]
     command = ["smtp-source", "-m", str(messages), *payload, "-s", str(concurrency), "-f", SENDER, "-t", RECIPIENT,
                "-M", "bench.example.org", f"127.0.0.1:{server.port}"]
@@ -148,7 +161,7 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
         if total - before >= messages or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    cpu = 1000 * (tree_cpu_seconds(server.root()) - cpu_before) / max(1, total - before)
+    cpu = 1000 * (_cpu(server) - cpu_before) / max(1, total - before)
     arrived = total - before
     end = max(source_end, newest)
     rate = arrived / (end - start)
@@ -161,17 +174,29 @@ def drive(server, concurrency: int, messages: int, message_file: Path | None) ->
     return rate, cpu, line
 
 
+def _cpu(server) -> float:
+    return sum(tree_cpu_seconds(root) for root in server.roots())
+
+
 def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, policy: bool,
             log_level: str = "info", writer: str = "off") -> None:
-    """`writer`: Postroom's [smtp] writer "off", "on", or "both" (two Postrooms in turn)."""
+    """`writer`: Postroom's [smtp] writer "off", "on", or "both" (two Postrooms in turn).
+    With `policy`, a second Postfix runs the chain's checks (bench/postfix_checks.py)."""
     if not postfix_available() or shutil.which("smtp-source") is None:
         raise SystemExit("Debian's postfix (postfix, smtp-source) is not installed: `make bench-peers` installs it")
+    if policy and (missing := checks_available()):
+        raise SystemExit(f"Postfix's checks are not installed ({', '.join(missing)}): `make bench-peers` installs them")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop the servers
     work = Path(tempfile.mkdtemp(prefix="compare-postfix-"))
+    work.chmod(0o755)  # Postfix's daemons, as the postfix user, look under it
     servers: list = []
     try:
-        with _policy_peers(policy, work) as (chain, message_file):
-            servers.append(PostfixMX(work))
+        with _policy_peers(policy, work) as (chain, message_file), contextlib.ExitStack() as stack:
+            servers.append(PostfixMX(work / "plain"))
+            if policy:
+                checks = stack.enter_context(PostfixChecks(work / "checked", dns_port=chain["dns_port"],
+                                                           clamd=chain["clamd"]))
+                servers.append(PostfixMX(work / "checked", checks))
             for with_writer in {"off": (False,), "on": (True,), "both": (False, True)}[writer]:
                 name = "postroom-writer" if with_writer else "postroom"
                 servers.append(PostroomMX(work / name, workers, chain, log_level, writer=with_writer))
@@ -190,7 +215,10 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
                         cpus.setdefault((server.name, c), []).append(cpu)
                         print(line, flush=True)
             if policy:
-                print(_chain_verdict(servers[-1]), flush=True)
+                for server in servers[1:]:
+                    print(f"{server.name}: {_chain_verdict(server)}", flush=True)
+            for server in servers:
+                server.stop()
     finally:
         for server in servers:
             server.stop()
@@ -199,29 +227,38 @@ def compare(messages: int, concurrencies: list[int], rounds: int, workers: int, 
     payload = f"-F (DKIM-signed, {SIZE} B)" if policy else f"-l {SIZE}"
     print(f"\nsmtp-source -m {messages} {payload} -s C, Postroom [smtp] workers = {workers}, writer = {writer}, "
           f"log_level = {log_level}, policy chain {chain_state}; median of {rounds} run(s) each; CPU: what the "
-          f"server's processes used (user + system, every process under its master or serve) per message\n")
-    names = [server.name for server in servers[1:]]
-    label = {"postroom": "Postroom", "postroom+w": "Postroom, writer"}
-    print("| concurrency | Postfix msgs/s | CPU ms | "
-          + " | ".join(f"{label[n]} msgs/s | ratio | CPU ms" for n in names) + " |")
-    print("|---|---|---|" + "---|---|---|" * len(names))
+          f"server's processes used (user + system, every process under its master or serve, and the "
+          f"checks' milters and resolver) per message; ratio: Postroom's msgs/s over that Postfix's, per "
+          f"round in brackets\n")
+    peers = [server.name for server in servers if isinstance(server, PostfixMX)]
+    ours = [server.name for server in servers if not isinstance(server, PostfixMX)]
+    label = {"postfix": "Postfix", "postfix+checks": "Postfix, checks", "postroom": "Postroom",
+             "postroom+w": "Postroom, writer"}
+    print("| concurrency | " + " | ".join(f"{label[n]} msgs/s | CPU ms" for n in peers) + " | "
+          + " | ".join(f"{label[n]} msgs/s | " + " | ".join(f"ratio to {label[p]}" for p in peers) + " | CPU ms"
+                       for n in ours) + " |")
+    print("|---|" + "---|---|" * len(peers) + ("---|" * (len(peers) + 2)) * len(ours))
     for c in concurrencies:
-        postfix = statistics.median(rates[("postfix", c)])
-        cells = []
-        for n in names:
-            postroom = statistics.median(rates[(n, c)])
-            per_round = " ".join(f"{r / p:.2f}" for r, p in zip(rates[(n, c)], rates[("postfix", c)]))
-            cells.append(f"{postroom:.0f} | {postroom / postfix:.2f} ({per_round}) | {statistics.median(cpus[(n, c)]):.2f}")
-        print(f"| {c} | {postfix:.0f} | {statistics.median(cpus[('postfix', c)]):.2f} | " + " | ".join(cells) + " |")
+        cells = [f"{statistics.median(rates[(p, c)]):.0f} | {statistics.median(cpus[(p, c)]):.2f}" for p in peers]
+        for n in ours:
+            ratios = []
+            for p in peers:
+                per_round = " ".join(f"{r / q:.2f}" for r, q in zip(rates[(n, c)], rates[(p, c)]))
+                ratios.append(f"{statistics.median(rates[(n, c)]) / statistics.median(rates[(p, c)]):.2f} ({per_round})")
+            cells.append(f"{statistics.median(rates[(n, c)]):.0f} | " + " | ".join(ratios)
+                         + f" | {statistics.median(cpus[(n, c)]):.2f}")
+        print(f"| {c} | " + " | ".join(cells) + " |")
 
 
-def _chain_verdict(server: PostroomMX) -> str:
-    """What the chain said of one stored message: that it did its work."""
+def _chain_verdict(server) -> str:
+    """What the checks said of one stored message (its Authentication-Results and the like):
+    that they did their work."""
     for d in server.mail_dirs():
         for entry in os.scandir(d):
-            head = Path(entry.path).read_bytes().split(b"\r\n\r\n", 1)[0].decode()
-            found = re.search(r"^Authentication-Results:.*?(?=\r\n\S)", head, re.MULTILINE | re.DOTALL)
-            return " ".join(found.group(0).split()) if found else "no Authentication-Results in a stored message"
+            head = Path(entry.path).read_bytes().replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode()
+            fields = re.findall(r"^(?:Authentication-Results|Received-SPF|X-Virus-Scanned|X-Virus-Status):.*?(?=\n\S|\Z)",
+                                head, re.MULTILINE | re.DOTALL | re.IGNORECASE)
+            return " / ".join(" ".join(f.split()) for f in fields) or "no Authentication-Results in a stored message"
     return "no message stored"
 
 

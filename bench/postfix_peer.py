@@ -27,9 +27,11 @@ def postfix_available() -> bool:
     return shutil.which("postfix") is not None
 
 
-def start_postfix(work: Path, main_cf: str) -> tuple[Path, int]:
-    """A private Postfix instance whose main.cf is the common part below plus `main_cf`;
-    (its config directory, its SMTP port)."""
+def start_postfix(work: Path, main_cf: str, *, master_cf: str = "",
+                  wrapper: list[str] = ()) -> tuple[Path, int]:
+    """A private Postfix instance whose main.cf is the common part below plus `main_cf`,
+    its master.cf Debian's plus `master_cf`, started through the command prefix `wrapper`
+    (bench/postfix_checks.py: a mount namespace); (its config directory, its SMTP port)."""
     directory = work / "postfix"
     work.chmod(0o755)  # mkdtemp makes it 0700: Postfix's daemons run as the postfix user
     for sub in ("etc", "queue", "data"):
@@ -53,9 +55,9 @@ default_process_limit = 100
     master, found = re.subn(r"(?m)^smtp\s+inet\s.*$", f"127.0.0.1:{port} inet n - n - - smtpd", master)
     if not found:
         master += f"127.0.0.1:{port} inet n - n - - smtpd\n"
-    (etc / "master.cf").write_text(master)
+    (etc / "master.cf").write_text(master + master_cf)
     subprocess.run(["postfix", "-c", str(etc), "check"], check=False)
-    subprocess.run(["postfix", "-c", str(etc), "start"], check=True)
+    subprocess.run([*wrapper, "postfix", "-c", str(etc), "start"], check=True)
     wait_for_port(port, None, READY_TIMEOUT)
     return etc, port
 
