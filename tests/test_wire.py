@@ -246,9 +246,11 @@ def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_d
     """A stop gives a command under way the grace ([server] stop_grace) to end and be
     answered (an APPEND's OK: without it the client appends again), and a client
     that takes nothing GOODBYE_WAIT: its socket goes with the process; a command waiting for
-    such a client to read is cut off. Before, a client that did not read held the stop for
-    the whole grace."""
-    from wire.protocol import GOODBYE_WAIT
+    such a client to read is cut off once it has taken nothing for STALL_WAIT, while one
+    whose client goes on reading (a RETR to a slow link) ends within the grace and is told.
+    Before, a client that did not read held the stop for the whole grace, and one that read
+    steadily was cut off (its transport's buffer was full at the moment of the stop)."""
+    from wire.protocol import GOODBYE_WAIT, STALL_WAIT
 
     factory, listening, port = serve(loop, ConnectionLimit(10, 10))
     grace = 8.0
@@ -288,6 +290,23 @@ def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_d
         writer.transport.abort()
         return took
 
+    async def stop_with_a_client_reading_slowly() -> tuple[float, int, bytes]:
+        reader, writer = await connect(port)
+        writer.write(b"BIG 320\r\n")  # 21 MB, more than the sockets hold; taken at <16 MB/s
+        taken = bytearray()
+        while len(taken) < 2 << 20:  # reading, and our buffers full: the command waits on us
+            taken += await asyncio.wait_for(reader.read(65536), TIMEOUT)
+            await asyncio.sleep(0.004)
+        assert any(protocol.busy for protocol in factory.live)
+        started = time.monotonic()
+        stop = asyncio.ensure_future(factory.shutdown(grace))
+        while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
+            taken += chunk
+            await asyncio.sleep(0.004)
+        await stop
+        writer.close()
+        return time.monotonic() - started, len(taken), bytes(taken[-20:])
+
     try:
         took, heard = loop.run_until_complete(stop_while_busy())
         assert factory.waited == [b"3"], "the command was cut off by the stop"
@@ -295,9 +314,14 @@ def test_shutdown_waits_for_commands_within_the_grace_and_not_for_clients_that_d
         # Its answer, then the goodbye; what was pipelined behind it is not taken.
         assert heard == b"3\r\nBYE stopping\r\n", heard
         took = loop.run_until_complete(stop_with_a_client_that_does_not_read())
-        assert took < GOODBYE_WAIT + 1.5, took
+        assert took < GOODBYE_WAIT + STALL_WAIT + 1.5, took
         took = loop.run_until_complete(stop_with_a_command_waiting_for_the_client())
-        assert took < GOODBYE_WAIT + 1.5, took
+        assert took < GOODBYE_WAIT + STALL_WAIT + 1.5, took
         assert b"big" not in factory.waited, "the command was not cut off"
+        took, size, tail = loop.run_until_complete(stop_with_a_client_reading_slowly())
+        assert factory.waited.count(b"big") == 1, "the slow reader's command was cut off"
+        # The whole answer, then the goodbye.
+        assert size == 320 * 65536 + len(b"BYE stopping\r\n") and tail.endswith(b"yBYE stopping\r\n"), (size, tail)
+        assert took < grace, took
     finally:
         loop.run_until_complete(listening.stop())

@@ -25,6 +25,8 @@ from wire.connections import ConnectionLimit
 
 CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
 GOODBYE_WAIT = 2.0  # seconds a stop waits for its clients to take their goodbye
+# At a stop, a command whose client takes none of its answer for this long is cut off.
+STALL_WAIT = 1.0
 
 
 class ServerFactory(Factory):
@@ -134,6 +136,7 @@ class ServerProtocol(Protocol):
         self._stop_told = False  # the daemon stops: tell_shutdown once the command has ended
         self._writable = asyncio.Event()
         self._writable.set()
+        self._resumes = 0  # times the client took what was written: a stop's progress check
         self._timer = None
         self._abort = None
         self._reading_paused = False
@@ -308,19 +311,31 @@ class ServerProtocol(Protocol):
         (or the one running waits for the client: IDLE), else once it is answered, so that
         the client hears its answer (an APPEND's OK: without it the client appends again)
         and the goodbye never lands inside it; the commands pipelined behind it are not
-        taken. A command waiting for the client to read its answer (a big FETCH or RETR to
-        a client that reads nothing) is cut off instead, with no goodbye."""
+        taken. A command whose client stops taking its answer (a big FETCH or RETR to a
+        client that reads nothing) is cut off after STALL_WAIT, with no goodbye; one whose
+        client goes on reading (a RETR to a slow link) goes on too, within the grace."""
         if self.busy and not self.awaiting_input():
-            if self.writable():
-                self._stop_told = True  # _run comes back here once the command has ended
-                return
-            self.log.info("shutdown", cut_off=True)
-            self.close()
-            self.unblock_drain()  # the command's drain() raises ConnectionError
+            self._stop_told = True  # _run comes back here once the command has ended
+            self._watch_for_stall(self._resumes)
             return
         self.log.info("shutdown")
         self.transport.write(self.shutdown_reply())
         self.close()
+
+    def _watch_for_stall(self, resumes: int) -> None:
+        from twisted.internet import reactor
+
+        reactor.callLater(STALL_WAIT, self._cut_off_if_stalled, resumes)
+
+    def _cut_off_if_stalled(self, resumes: int) -> None:
+        if self.closing or not self.busy:
+            return  # ended: _run said goodbye
+        if not self.writable() and self._resumes == resumes:  # the client took nothing since
+            self.log.info("shutdown", cut_off=True)
+            self.close()
+            self.unblock_drain()  # the command's drain() raises ConnectionError
+            return
+        self._watch_for_stall(self._resumes)
 
     def end_released(self, shard: int) -> None:
         """The account's shard is no longer this node's: say so and close, now if no command
@@ -403,6 +418,7 @@ class ServerProtocol(Protocol):
         self._writable.clear()
 
     def resumeProducing(self):  # noqa: N802
+        self._resumes += 1
         self._writable.set()
         if not self.busy and self._open:
             self.pump()  # the client reads again: take its next commands
