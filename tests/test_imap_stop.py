@@ -4,6 +4,7 @@ a lost connection (RFC 3501 §7.1.5), not a bug: never a traceback, never an err
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -128,6 +129,63 @@ def test_clients_in_idle_that_never_answer_do_not_hold_the_stop(write_config, tm
         assert took < 6, f"the stop took {took:.1f} s"
         assert b"* BYE" in heard, heard
         assert "worker_killed" not in daemon.stderr()
+    finally:
+        for sock in sockets:
+            sock.close()
+        daemon.stop(signal.SIGKILL)
+
+
+def test_a_retr_to_a_client_still_reading_is_finished_at_a_stop(write_config, tmp_path):
+    """A POP3 RETR of a big message over a slow link when the daemon stops: the client gets
+    the whole message, then the goodbye (-ERR), while a client that reads nothing of its
+    RETR (over TLS here) is cut off once it has taken nothing for STALL_WAIT and does not
+    hold the stop. Before, the reading client was cut off too: its transport's buffer was
+    full at the moment of the stop."""
+    from conftest import client_tls_context
+
+    path = write_config(pop3={"plaintext_auth": True}, server={"stop_grace": "20s"})
+    users = [USER, "bob@example.test"]
+    add_accounts(path, PASSWORD, users)
+    daemon = start_daemon(path, tmp_path)
+    body = b"".join(b"line %07d of a big message, read over a slow link\r\n" % n for n in range(480_000))
+    sockets = []
+    try:
+        with Store(open_data_dir(daemon.config.server.data_dir, 4)) as store:
+            for user in users:
+                store.append(user, "INBOX", b"Subject: big\r\n\r\n" + body)
+        for user, listener in zip(users, ("pop3.listen", "pop3.listen_tls")):
+            address = daemon.listen(listener)
+            sock = socket.create_connection((address.host, address.port), timeout=10)
+            if listener == "pop3.listen_tls":
+                sock = client_tls_context(daemon.config).wrap_socket(sock, server_hostname="mail.example.test")
+            sockets.append(sock)
+            sock.sendall(f"USER {user}\r\nPASS {PASSWORD}\r\nRETR 1\r\n".encode())
+        reader, idle = sockets
+        taken = bytearray()
+        while len(taken) < 1 << 20:  # its RETR under way, the server waiting on our reads
+            taken += reader.recv(65536)
+            time.sleep(0.005)
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        while chunk := reader.recv(65536):
+            taken += chunk
+            time.sleep(0.005)
+        code = daemon.process.wait(40)
+        took = time.monotonic() - started
+        log = daemon.stderr()
+        assert code == 0, log
+        lines = bytes(taken).split(b"\r\n", 4)  # the greeting, USER's, PASS's and RETR's +OK
+        assert all(line.startswith(b"+OK") for line in lines[:4]), lines[:4]
+        message = lines[4]
+        assert message.startswith(b"Subject: big\r\n\r\nline 0000000"), message[:100]
+        assert message.endswith(body[-200:] + b".\r\n-ERR [SYS/TEMP] server shutting down, reconnect later\r\n"), \
+            message[-300:]
+        assert message.count(b"\r\n.\r\n") == 1, message[-300:]
+        assert took < 12, f"the stop took {took:.1f} s"
+        cut_off = [line for line in log.splitlines() if "event=shutdown " in line and "cut_off=true" in line]
+        assert len(cut_off) == 1, log  # the client reading nothing
+        assert re.search(r" unsent=\d+", cut_off[0]), cut_off  # read off its socket, under TLS
+        assert "Traceback" not in log and "level=error" not in log, log
     finally:
         for sock in sockets:
             sock.close()

@@ -14,6 +14,9 @@ waits), so a big answer never sits in memory whole and replies cannot pile up.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 from collections.abc import Awaitable, Container
 
 from twisted.internet.protocol import Factory, Protocol
@@ -26,7 +29,7 @@ from wire.connections import ConnectionLimit
 CLOSE_GRACE = 10.0  # seconds a closing connection has to take what we wrote
 GOODBYE_WAIT = 2.0  # seconds a stop waits for its clients to take their goodbye
 # At a stop, a command whose client takes none of its answer for this long is cut off.
-STALL_WAIT = 1.0
+STALL_WAIT = 2.0
 
 
 class ServerFactory(Factory):
@@ -312,30 +315,46 @@ class ServerProtocol(Protocol):
         the client hears its answer (an APPEND's OK: without it the client appends again)
         and the goodbye never lands inside it; the commands pipelined behind it are not
         taken. A command whose client stops taking its answer (a big FETCH or RETR to a
-        client that reads nothing) is cut off after STALL_WAIT, with no goodbye; one whose
-        client goes on reading (a RETR to a slow link) goes on too, within the grace."""
+        client that reads nothing) is cut off once it has taken nothing for STALL_WAIT, with
+        no goodbye; one whose client goes on reading (a RETR to a slow link) goes on too,
+        within the grace."""
         if self.busy and not self.awaiting_input():
             self._stop_told = True  # _run comes back here once the command has ended
-            self._watch_for_stall(self._resumes)
+            self._watch_for_stall(self._sent())
             return
         self.log.info("shutdown")
         self.transport.write(self.shutdown_reply())
         self.close()
 
-    def _watch_for_stall(self, resumes: int) -> None:
+    def _sent(self) -> tuple[int, int | None]:
+        """What tells that the client takes our answer: the transport's resumes (its buffer
+        emptied into the socket) and the socket's unsent bytes, which move at every window
+        the client opens (a resume waits for a third of the socket's buffer: MBs on a fast
+        link, seconds for a slow reader)."""
+        transport = self.transport
+        while not hasattr(transport, "socket") and getattr(transport, "transport", None) is not None:
+            transport = transport.transport  # under implicit TLS's wrapper, the TCP connection
+        try:
+            unsent = struct.unpack("i", fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            unsent = None  # not a socket we can ask: the resumes alone
+        return self._resumes, unsent
+
+    def _watch_for_stall(self, sent: tuple[int, int | None]) -> None:
         from twisted.internet import reactor
 
-        reactor.callLater(STALL_WAIT, self._cut_off_if_stalled, resumes)
+        reactor.callLater(STALL_WAIT, self._cut_off_if_stalled, sent)
 
-    def _cut_off_if_stalled(self, resumes: int) -> None:
+    def _cut_off_if_stalled(self, sent: tuple[int, int | None]) -> None:
         if self.closing or not self.busy:
             return  # ended: _run said goodbye
-        if not self.writable() and self._resumes == resumes:  # the client took nothing since
-            self.log.info("shutdown", cut_off=True)
+        now = self._sent()
+        if not self.writable() and now == sent:  # the client took nothing since
+            self.log.info("shutdown", cut_off=True, unsent=now[1])
             self.close()
             self.unblock_drain()  # the command's drain() raises ConnectionError
             return
-        self._watch_for_stall(self._resumes)
+        self._watch_for_stall(now)
 
     def end_released(self, shard: int) -> None:
         """The account's shard is no longer this node's: say so and close, now if no command
