@@ -111,6 +111,8 @@ class AgentContext:
         for session in list(self.sessions):
             if not session.delivering:
                 session.cut_off()
+            else:
+                session.stop_checks()
         # A delivery is not cut short: the store must settle it (every copy or none) and
         # the client hear the outcome, or it sends again what we stored.
         await self._until(lambda: not any(session.delivering for session in self.sessions))
@@ -179,6 +181,10 @@ class SMTPAgent(AiosmtpdConnection):
         self.core = Session(session_config)
         self._peer = ""
         self._idle = False  # waiting for a command: a stop tells it at once
+        self._handshaking = False  # STARTTLS's handshake under way: a stop drops it at once
+        # The end-of-data checks under way, and the ones a stop's grace ended (stop_checks).
+        self._judging: asyncio.Future | None = None
+        self._judging_stopped: asyncio.Future | None = None
         self.delivering = False  # a message is being stored: a stop waits for its reply
         self.policy: SessionPolicy | None = None  # made once the client's address is known
 
@@ -264,7 +270,8 @@ class SMTPAgent(AiosmtpdConnection):
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except TLSHandshakeError:
-            self.log.info("tls_failed")
+            if not self.context.stopping:  # else dropped by the stop (stop_if_idle)
+                self.log.info("tls_failed")
         except Exception:
             self.log.error("session_failed", exc_info=True)
             self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
@@ -280,18 +287,31 @@ class SMTPAgent(AiosmtpdConnection):
     def stop_if_idle(self) -> None:
         """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
         §3.8); any other hears it once its current command is answered."""
-        if self._idle and not self.disconnected:
+        if self._handshaking and not self.disconnected:
+            # It waits on the client, as an idle session does, but a 421 in plaintext would
+            # land inside the TLS handshake: the connection is dropped instead.
+            self.log.info("shutdown", handshake=True)
+            self.abort()
+        elif self._idle and not self.disconnected:
             self.log.info("shutdown")
             self.core.close(replies.SHUTTING_DOWN)
             self.write(self.core.data_to_send())
             self.close()
+
+    def stop_checks(self) -> None:
+        """The grace period is over: end-of-data checks still under way (a clamd or DNS
+        server that does not answer) are given up, and the message is answered 451 4.3.2;
+        a commit under way is not touched (the store settles it, the client hears it)."""
+        if self._judging is not None and not self._judging.done():
+            self._judging_stopped = self._judging
+            self._judging.cancel()
 
     def cut_off(self) -> None:
         """The grace period is over: say 421 4.3.2 and drop the connection, whatever it
         was sending (a message not finished is not stored)."""
         if self.disconnected:
             return
-        if not self.core.closed:
+        if not self.core.closed and not self._handshaking:  # no plaintext inside a TLS handshake
             self.log.info("shutdown", cut_off=True, receiving=self.core.receiving)
             self.core.close(replies.SHUTTING_DOWN)
             self.write(self.core.data_to_send())
@@ -315,13 +335,22 @@ class SMTPAgent(AiosmtpdConnection):
                 self.take_chunk(event.data)
             elif isinstance(event, StartTLS):
                 await self._send()
-                await self.start_tls()
+                self._handshaking = True
+                try:
+                    await self.start_tls()
+                finally:
+                    self._handshaking = False
                 self.core.tls_established()
                 self.log.info("starttls", version=self.tls_version())
             else:
                 reply = await self._answer(event)
                 self._count(event, reply)
                 self.core.answer(event, reply)
+                if self.context.stopping and not self.core.receiving:
+                    # The daemon stops: what the client pipelined behind this command is not
+                    # taken (serve() sends the replies so far, then 421), or a client that
+                    # pipelines transactions would go on committing past the grace.
+                    return True
 
     def _count(self, event: Question, reply: Reply) -> None:
         """The metrics of a message's end (accepted, deferred, refused) and of a refused
@@ -377,8 +406,22 @@ class SMTPAgent(AiosmtpdConnection):
         """The policy's end-of-data checks on `route` before its commit: the reply refusing
         the message (the route closed), or the decision, its header fields put in front and a
         Junk verdict applied to `accounts`' copies. `recipients`: greylisting's triplets."""
+        checks = self.policy.end_of_data(route.read_back, recipients)
+        if self.policy.waits():  # a task, which a stop's grace can give up on (stop_checks)
+            checks = self._judging = asyncio.ensure_future(checks)
         try:
-            decision = await self.policy.end_of_data(route.read_back, recipients)
+            try:
+                decision = await checks
+            except asyncio.CancelledError:
+                if checks is not self._judging_stopped or asyncio.current_task().cancelling():
+                    raise
+                # The stop's grace ran out first (a clamd or DNS server that does not
+                # answer): a 451 now, not a connection dropped at the stop's deadline.
+                self.log.info("message_refused", qid=self._qid, size=size, reason="451 4.3.2", why="shutdown")
+                route.close()
+                return replies.CHECKS_STOPPED
+            finally:
+                self._judging = None
             if decision.refused:
                 sender = self._mail.address if self._mail is not None else ""
                 self.log.info("message_refused", qid=self._qid, size=size, sender=sender or "<>",

@@ -60,6 +60,8 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+# A message whose checks had not ended when a stop's grace ran out: not stored.
+CHECKS_STOPPED = Reply(451, "4.3.2", "Service shutting down, message not accepted; try again later")
 
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")

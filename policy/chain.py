@@ -233,6 +233,11 @@ class SessionPolicy:
             return b""
         return self.scan.finish()
 
+    def waits(self) -> bool:
+        """Whether end_of_data has checks that wait on a peer (DNS, clamd): without them it
+        decides at once."""
+        return (self.checks and self.scan is not None) or self.services.scanner is not None
+
     async def end_of_data(self, stored: Callable[[], Iterable[bytes]], recipients: list[str]) -> Decision:
         """Every check that needs the message, then the decision. `stored()` reads back the
         message as stored so far, for the anti-virus scan."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 from typing import TYPE_CHECKING
 
 from conf import Config
@@ -78,6 +79,9 @@ def serve(config: Config) -> int:
     try:
         return asyncio.run(_supervise(config, log, supervisor, started, serving))
     finally:
+        # The loop's handlers went with it: a reload (SIGHUP) racing the stop would now end
+        # serve by its default action, killed, where the stop had ended cleanly.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if serving is not None:
             serving.close()
 
