@@ -84,6 +84,14 @@ def stopping(daemon, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
+def stop_timed(daemon, within: float) -> float:
+    """SIGTERM, and the seconds until serve has exited, cleanly (stopped_cleanly)."""
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    stopped_cleanly(daemon, within)
+    return time.monotonic() - started
+
+
 def stopped_cleanly(daemon, within: float) -> None:
     code = daemon.process.wait(within)
     log = daemon.stderr()
@@ -226,7 +234,7 @@ def test_pipelined_transactions_are_not_taken_past_the_stop(write_config, tmp_pa
     daemon = start_daemon(path, tmp_path)
     heard: list[bytes] = []
 
-    def client(n: int, sock: socket.socket) -> None:
+    def client(sock: socket.socket) -> None:
         received = b""
         sock.settimeout(20)
         try:
@@ -245,14 +253,11 @@ def test_pipelined_transactions_are_not_taken_past_the_stop(write_config, tmp_pa
             batch = b"".join(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
                              b"BDAT %d LAST\r\n" % len(message) + message for message in messages)
             sockets.append(sock)
-            threads.append(threading.Thread(target=client, args=(n, sock)))
+            threads.append(threading.Thread(target=client, args=(sock,)))
             threads[-1].start()
             sock.sendall(batch)
         time.sleep(0.3)
-        started = time.monotonic()
-        daemon.process.send_signal(signal.SIGTERM)
-        stopped_cleanly(daemon, within=10)
-        took = time.monotonic() - started
+        took = stop_timed(daemon, within=10)
         for thread in threads:
             thread.join(20)
     finally:
@@ -290,10 +295,7 @@ def test_a_starttls_handshake_under_way_does_not_hold_the_stop(write_config, tmp
             assert read_until(sock, b"\r\n").startswith(b"220 "), listener
             sock.sendall(hello)
         time.sleep(0.3)
-        started = time.monotonic()
-        daemon.process.send_signal(signal.SIGTERM)
-        stopped_cleanly(daemon, within=15)
-        took = time.monotonic() - started
+        took = stop_timed(daemon, within=15)
         for sock in sockets:
             sock.settimeout(5)
             try:
