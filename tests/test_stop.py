@@ -266,7 +266,7 @@ def test_pipelined_transactions_are_not_taken_past_the_stop(write_config, tmp_pa
         if daemon.process.poll() is None:
             daemon.stop()
     log = daemon.stderr()
-    assert took < 2, f"the stop took {took:.1f} s"
+    assert took < 4, f"the stop took {took:.1f} s"  # before: serve killed mtad at grace + 5 s
     assert "worker_killed" not in log, log
     answered = sum(h.count(b"250 2.0.0") for h in heard)
     # Every 250 heard is a stored message, and nothing was stored that its client did not hear.
@@ -309,7 +309,7 @@ def test_a_starttls_handshake_under_way_does_not_hold_the_stop(write_config, tmp
         if daemon.process.poll() is None:
             daemon.stop()
     # imapd and pop3d stop beside mtad; nothing of theirs is open here.
-    assert took < 3, f"the stop took {took:.1f} s"
+    assert took < 5, f"the stop took {took:.1f} s"  # before: the grace, 10 s
 
 
 def test_a_message_whose_checks_hang_is_answered_451_at_the_grace(write_config, tmp_path):
@@ -337,7 +337,7 @@ def test_a_message_whose_checks_hang_is_answered_451_at_the_grace(write_config, 
                 heard = read_until(sock, b"\r\n", timeout=10)
                 took = time.monotonic() - started
                 assert heard.startswith(b"451 4.3.2 "), heard
-                assert 1.5 < took < 4, took
+                assert 1.5 < took < 5, took  # before: no reply, the connection dropped at 7 s
             stopped_cleanly(daemon, within=5)
         finally:
             if daemon.process.poll() is None:
