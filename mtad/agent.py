@@ -270,8 +270,7 @@ class SMTPAgent(AiosmtpdConnection):
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except TLSHandshakeError:
-            if not self.context.stopping:  # else dropped by the stop (stop_if_idle)
-                self.log.info("tls_failed")
+            self.log.info("tls_failed")
         except Exception:
             self.log.error("session_failed", exc_info=True)
             self.write(Reply(421, "4.3.0", f"Internal error, session {self.sid}; try again later").lines())
@@ -287,7 +286,7 @@ class SMTPAgent(AiosmtpdConnection):
     def stop_if_idle(self) -> None:
         """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
         §3.8); any other hears it once its current command is answered."""
-        if self._handshaking and not self.disconnected:
+        if self._handshaking and not self.closing:  # closing: told already (a listener's stop before)
             # It waits on the client, as an idle session does, but a 421 in plaintext would
             # land inside the TLS handshake: the connection is dropped instead.
             self.log.info("shutdown", handshake=True)
@@ -335,6 +334,10 @@ class SMTPAgent(AiosmtpdConnection):
                 self.take_chunk(event.data)
             elif isinstance(event, StartTLS):
                 await self._send()
+                if self.context.stopping:  # came with the stop: no handshake to hold it up
+                    self.log.info("shutdown", handshake=True)
+                    self.abort()
+                    return False
                 self._handshaking = True
                 try:
                     await self.start_tls()

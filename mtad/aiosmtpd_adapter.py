@@ -119,6 +119,11 @@ class AiosmtpdConnection(SMTP):
                 self._timeout_handle.cancel()
             self._arm_timer()
 
+    def _cancel_timer(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+            self._timeout_handle = None
+
     def _arm_timer(self) -> None:
         self._armed_for = self._deadline
         self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
@@ -194,6 +199,12 @@ class AiosmtpdConnection(SMTP):
             raise
         except Exception as error:
             raise TLSHandshakeError() from error
+        if self.transport.is_closing():
+            # Aborted during the handshake (a stop): asyncio's TLS layer then ends the wait
+            # as if it had succeeded, and, its application side never connected, does not
+            # pass the connection's loss on: aiosmtpd's idle timer would stay armed.
+            self._cancel_timer()
+            raise ConnectionResetError("closed during the TLS handshake")
 
     def tls_version(self) -> str | None:
         """"TLSv1.3" and the like, or None on a plaintext connection."""

@@ -211,6 +211,7 @@ async def _run(context: Context, log: EventLogger, daemon: str, worker: bool, su
     notify(f"READY=1\nSTATUS={len(running)} service(s) running")
     await stop.wait()
     notify("STOPPING=1")
+    reload.ignore_from_now()
     log.info("stopping", daemon=daemon)
     if takeover is not None:
         takeover.close()

@@ -81,6 +81,18 @@ def ignore_until_ready() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def ignore_from_now() -> None:
+    """The process stops: SIGHUP is ignored from here to its end, and passed on to no child.
+    Left to the event loop, whose close puts back the default action, a reload racing the
+    stop would kill the process after its loop (serve's exit status, a daemon still closing
+    its store)."""
+    try:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    except RuntimeError:
+        pass  # no loop: nothing of it to take back
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def merge(running: Config, new: Config) -> tuple[Config, list[str]]:
     """The config a reload applies: `new`, except RESTART_NEEDED keys, which keep their
     running values; and the keys among those that changed, "section.key"."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 from typing import TYPE_CHECKING
 
 from conf import Config
@@ -79,9 +78,6 @@ def serve(config: Config) -> int:
     try:
         return asyncio.run(_supervise(config, log, supervisor, started, serving))
     finally:
-        # The loop's handlers went with it: a reload (SIGHUP) racing the stop would now end
-        # serve by its default action, killed, where the stop had ended cleanly.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if serving is not None:
             serving.close()
 
@@ -97,6 +93,7 @@ async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, s
         log.info("metrics_listening", listen=",".join(str(a) for a in config.metrics.listen))
     failed = await first_of(supervisor.wait_ready(START_TIMEOUT), stop)
     if failed is not None:
+        reload.ignore_from_now()
         await supervisor.stop(config.server.stop_grace)
         raise ServeError(failed.failure)
     if not stop.is_set():
@@ -108,6 +105,7 @@ async def _supervise(config: Config, log: EventLogger, supervisor: Supervisor, s
         notify(f"READY=1\nSTATUS={listening} service(s) running")
         await stop.wait()
     notify("STOPPING=1")
+    reload.ignore_from_now()
     log.info("stopping")
     await supervisor.stop(config.server.stop_grace)
     log.info("stopped")

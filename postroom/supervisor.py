@@ -233,6 +233,10 @@ class Supervisor:
         if died_starting:
             child.ready.set_result(code)
         child.gone.set()
+        if self.stopping and code not in (0, -signal.SIGKILL):  # SIGKILL: worker_killed said it
+            # It did not end as a stop ends it (a signal after its loop, a failure on the way
+            # out): what it held may not have been closed cleanly.
+            self.log.warning("worker_stopped_abnormally", worker=child.name, worker_pid=pid, code=code)
         if self.stopping or not self._started:
             return
         if died_starting:  # at start-up wait_ready reports it; now the log is the only place
