@@ -161,6 +161,10 @@ def test_a_retr_to_a_client_still_reading_is_finished_at_a_stop(write_config, tm
             sockets.append(sock)
             sock.sendall(f"USER {user}\r\nPASS {PASSWORD}\r\nRETR 1\r\n".encode())
         reader, idle = sockets
+        deadline = time.monotonic() + 10
+        while daemon.stderr().count("event=login ") < 2:  # both sessions past PASS: RETRs under way
+            assert time.monotonic() < deadline, daemon.stderr()
+            time.sleep(0.02)
         taken = bytearray()
         while len(taken) < 1 << 20:  # its RETR under way, the server waiting on our reads
             taken += reader.recv(65536)
@@ -181,10 +185,10 @@ def test_a_retr_to_a_client_still_reading_is_finished_at_a_stop(write_config, tm
         assert message.endswith(body[-200:] + b".\r\n-ERR [SYS/TEMP] server shutting down, reconnect later\r\n"), \
             message[-300:]
         assert message.count(b"\r\n.\r\n") == 1, message[-300:]
-        assert took < 12, f"the stop took {took:.1f} s"
+        assert took < 15, f"the stop took {took:.1f} s"
         cut_off = [line for line in log.splitlines() if "event=shutdown " in line and "cut_off=true" in line]
         assert len(cut_off) == 1, log  # the client reading nothing
-        assert re.search(r" unsent=\d+", cut_off[0]), cut_off  # read off its socket, under TLS
+        assert re.search(r" acked=\d+", cut_off[0]), cut_off  # read off its socket, under TLS
         assert "Traceback" not in log and "level=error" not in log, log
     finally:
         for sock in sockets:
