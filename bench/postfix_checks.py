@@ -82,10 +82,12 @@ class PostfixChecks:
     @property
     def main_cf(self) -> str:
         milters = ", ".join(f"unix:{path}" for path in self.milters.values())
-        # No permit_mynetworks: the client, on loopback as mynetworks has it, is checked.
+        # No permit_mynetworks, and no exception from anvil's limits (by default, mynetworks):
+        # the client, on loopback as mynetworks has it, is checked and counted.
         return f"""smtpd_recipient_restrictions = reject_unauth_destination, reject_rbl_client {DNSBL_ZONE},
     check_policy_service unix:private/policyd-spf
 policyd-spf_time_limit = 3600
+smtpd_client_event_limit_exceptions =
 smtpd_client_connection_rate_limit = 1000000
 smtpd_client_message_rate_limit = 1000000
 smtpd_client_recipient_rate_limit = 1000000
@@ -189,9 +191,9 @@ skip_addresses = 192.0.2.0/24
 """)
 
     def _spawn(self, name: str, command: list[str], *, tcp: tuple[str, int] | None = None, unix: Path | None = None) -> None:
-        log = open(self.dir / f"{name}.log", "wb")
-        process = subprocess.Popen([*self.wrapper, *command], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+        with open(self.dir / f"{name}.log", "wb") as log:
+            process = subprocess.Popen([*self.wrapper, *command], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
         self.processes.append(process)
         deadline = time.monotonic() + READY_TIMEOUT
         while not (_listening(tcp) if tcp else unix.exists()):

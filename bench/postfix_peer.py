@@ -58,7 +58,11 @@ default_process_limit = 100
     (etc / "master.cf").write_text(master + master_cf)
     subprocess.run(["postfix", "-c", str(etc), "check"], check=False)
     subprocess.run([*wrapper, "postfix", "-c", str(etc), "start"], check=True)
-    wait_for_port(port, None, READY_TIMEOUT)
+    try:
+        wait_for_port(port, None, READY_TIMEOUT)
+    except BaseException:
+        stop_postfix(etc)  # started, but not listening: not left running
+        raise
     return etc, port
 
 
