@@ -85,8 +85,10 @@ def stopping(daemon, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-def stop_timed(daemon, within: float) -> float:
-    """SIGTERM, and the seconds until serve has exited, cleanly (stopped_cleanly)."""
+def stop_timed(daemon, within: float, settle: float = 0.3) -> float:
+    """After `settle` seconds (what the clients sent, under way), SIGTERM, and the seconds
+    until serve has exited, cleanly (stopped_cleanly)."""
+    time.sleep(settle)
     started = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
     stopped_cleanly(daemon, within)
@@ -257,7 +259,6 @@ def test_pipelined_transactions_are_not_taken_past_the_stop(write_config, tmp_pa
             threads.append(threading.Thread(target=client, args=(sock,)))
             threads[-1].start()
             sock.sendall(batch)
-        time.sleep(0.3)
         took = stop_timed(daemon, within=10)
         for thread in threads:
             thread.join(20)
@@ -295,7 +296,6 @@ def test_a_starttls_handshake_under_way_does_not_hold_the_stop(write_config, tmp
             sock.sendall(b"STARTTLS\r\n")
             assert read_until(sock, b"\r\n").startswith(b"220 "), listener
             sock.sendall(hello)
-        time.sleep(0.3)
         took = stop_timed(daemon, within=15)
         for sock in sockets:
             sock.settimeout(5)
