@@ -88,11 +88,13 @@ class AgentContext:
         the copy to hand over (Route.let_go); how many did."""
         moved = 0
         for session in list(self.sessions):
-            route = getattr(session, "_route", None)
-            try:
-                moved += route is not None and route.let_go(held)
-            except (StoreError, OSError) as e:  # read back failed: the commit says what it says
-                session.log.error("let_go_failed", error=str(e)[:200])
+            # The message coming in, or the one in its end-of-data checks (a DNS answer that
+            # is slow to come would hold the shard's volume for as long).
+            for route in (getattr(session, "_route", None), session._judged):
+                try:
+                    moved += route is not None and route.let_go(held)
+                except (StoreError, OSError) as e:  # read back failed: the commit says what it says
+                    session.log.error("let_go_failed", error=str(e)[:200])
         return moved
 
     async def finish_deliveries(self) -> None:
@@ -185,6 +187,7 @@ class SMTPAgent(AiosmtpdConnection):
         # The end-of-data checks under way, and the ones a stop's grace ended (stop_checks).
         self._judging: asyncio.Future | None = None
         self._judging_stopped: asyncio.Future | None = None
+        self._judged: Route | None = None  # the route those checks are about: a release lets go of it
         self.delivering = False  # a message is being stored: a stop waits for its reply
         self.policy: SessionPolicy | None = None  # made once the client's address is known
 
@@ -412,6 +415,7 @@ class SMTPAgent(AiosmtpdConnection):
         checks = self.policy.end_of_data(route.read_back, recipients)
         if self.policy.waits():  # a task, which a stop's grace can give up on (stop_checks)
             checks = self._judging = asyncio.ensure_future(checks)
+        self._judged = route
         try:
             try:
                 decision = await checks
@@ -424,7 +428,7 @@ class SMTPAgent(AiosmtpdConnection):
                 route.close()
                 return replies.CHECKS_STOPPED
             finally:
-                self._judging = None
+                self._judging = self._judged = None
             if decision.refused:
                 sender = self._mail.address if self._mail is not None else ""
                 self.log.info("message_refused", qid=self._qid, size=size, sender=sender or "<>",

@@ -262,6 +262,7 @@ class Route:
         # A cluster's: local accounts whose shard this node released while the message came
         # in (let_go): their copy is the one kept to hand over, to their owner at the commit.
         self._moved: list[str] = []
+        self._reading = 0  # read_back()s under way (the anti-virus scan): let_go waits for them
 
     @property
     def queue_id(self) -> str | None:
@@ -332,6 +333,8 @@ class Route:
         delivery = self.delivery
         if delivery is None or self._router is None:
             return False
+        if self._reading:
+            return False  # the scan reads its file: the follower's next look comes back
         accounts = list(dict.fromkeys(account for account, _ in delivery.targets))
         if delivery.keeps_bytes and all(self._store.shard_number(account) in held for account in accounts):
             return False
@@ -350,15 +353,19 @@ class Route:
     def read_back(self) -> Iterator[bytes]:
         """The message as written so far (the local copy, else the queue's, else the one
         to hand over), in pieces: what the anti-virus scan reads before the commit."""
-        if self.delivery is not None:
-            yield from self.delivery.read()
-            return
-        if self.enqueue is None and self._handed is not None:
-            yield bytes(self._handed)
-            return
-        with self.enqueue.open() as f:
-            while piece := f.read(1 << 16):
-                yield piece
+        self._reading += 1
+        try:
+            if self.delivery is not None:
+                yield from self.delivery.read()
+                return
+            if self.enqueue is None and self._handed is not None:
+                yield bytes(self._handed)
+                return
+            with self.enqueue.open() as f:
+                while piece := f.read(1 << 16):
+                    yield piece
+        finally:
+            self._reading -= 1
 
     def verdict(self, head: bytes, mailboxes: dict[str, str] | None, *, junk: bool = False) -> None:
         """The policy's verdict, before the commit: `head` (its header fields) in front of
@@ -366,8 +373,8 @@ class Route:
         `junk` told to the owners the other copies are handed to (they file them in Junk)."""
         if self.delivery is not None and self._router is not None and \
                 not all(self._router.holds(account) for account, _ in self.delivery.targets):
-            # Its shard let go of during the checks (the route is the session's no more, and
-            # AgentContext.let_go did not see it): the head must not make the copy's file
+            # Its shard let go of during the checks, and AgentContext.let_go could not move
+            # the copy (the scan was reading it): the head must not make the copy's file
             # now, on a volume detached or being detached. The copy goes to the owner.
             self.let_go(())
         self._verdict_size = len(head)

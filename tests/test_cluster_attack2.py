@@ -43,12 +43,12 @@ tests/test_cluster_drain.py), kept as regressions.
   unknown command 'XCLIENT'", so every POP3 login proxied to it was refused ("not
   answering") while IMAP's ID went through. That answer is tolerated now (the owner logs
   and throttles by the proxy's address, as it did); any other -ERR still fails.
-- Not fixed (strict xfail): a message whose end-of-data checks wait on DNS longer than
-  LET_GO_WAIT (12 s here) while its node drains keeps its file on the released shard open
-  (the route is in the session's judge, where AgentContext.let_go does not look): the
-  agent waited 10.0 s (let_go_timeout, pids=mtad) and detached with the file open. The
-  message itself is 250 and stored once (the verdict lets go of it afterwards). Letting
-  go during the checks would close a delivery the policy may be reading (read_back).
+- A message whose end-of-data checks wait on DNS longer than LET_GO_WAIT (12 s here) while
+  its node drains kept its file on the released shard open (the route was in the session's
+  judge, where AgentContext.let_go did not look): the agent waited 10.0 s (let_go_timeout,
+  pids=mtad) and detached with the file open. AgentContext.let_go now looks at the route
+  under judgement too, and Route.let_go waits for the next look while the anti-virus scan
+  reads the copy (read_back): 250, stored once, nothing open at the detach.
 - Held: twelve slow transactions (20-200 KB over 10 s, one to three shards, an alias) at
   both nodes across a drain and an undrain: all 250, each copy stored once, nothing open
   at any of 12 detaches. Sixteen shards whose detach takes 3 s and fails (exit 1) for odd
@@ -599,7 +599,6 @@ def slower_policy_nodes(tmp_path: Path, etcd_server):  # noqa: F811
             stop_nodes(running)
 
 
-@pytest.mark.xfail(strict=True, reason="a message in its end-of-data checks keeps its file on a released shard open")
 def test_a_message_in_its_end_of_data_checks_does_not_hold_a_drained_shard(slower_policy_nodes):
     """The end of the data is in, its checks wait on DNS longer than the let-go wait, and the
     node drains: the route is in the session's judge (not `_route`), so the release does not
