@@ -184,9 +184,10 @@ class SMTPAgent(AiosmtpdConnection):
         self._peer = ""
         self._idle = False  # waiting for a command: a stop tells it at once
         self._handshaking = False  # STARTTLS's handshake under way: a stop drops it at once
-        # The end-of-data checks under way, and the ones a stop's grace ended (stop_checks).
+        # The end-of-data checks under way, as a task when they wait on a peer, and whether a
+        # stop's grace gave them up (stop_checks).
         self._judging: asyncio.Future | None = None
-        self._judging_stopped: asyncio.Future | None = None
+        self._checks_given_up = False
         self._judged: Route | None = None  # the route those checks are about: a release lets go of it
         self.delivering = False  # a message is being stored: a stop waits for its reply
         self.policy: SessionPolicy | None = None  # made once the client's address is known
@@ -290,10 +291,7 @@ class SMTPAgent(AiosmtpdConnection):
         """The daemon stops: a session waiting for a command hears 421 4.3.2 now (RFC 5321
         §3.8); any other hears it once its current command is answered."""
         if self._handshaking and not self.closing:  # closing: told already (a listener's stop before)
-            # It waits on the client, as an idle session does, but a 421 in plaintext would
-            # land inside the TLS handshake: the connection is dropped instead.
-            self.log.info("shutdown", handshake=True)
-            self.abort()
+            self._drop_in_handshake()
         elif self._idle and not self.disconnected:
             self.log.info("shutdown")
             self.core.close(replies.SHUTTING_DOWN)
@@ -305,8 +303,15 @@ class SMTPAgent(AiosmtpdConnection):
         server that does not answer) are given up, and the message is answered 451 4.3.2;
         a commit under way is not touched (the store settles it, the client hears it)."""
         if self._judging is not None and not self._judging.done():
-            self._judging_stopped = self._judging
+            self._checks_given_up = True
             self._judging.cancel()
+
+    def _drop_in_handshake(self) -> None:
+        """The daemon stops during STARTTLS: the client waits on the handshake as an idle one
+        waits for its next command, but a 421 in plaintext would land inside the handshake:
+        the connection is dropped instead."""
+        self.log.info("shutdown", handshake=True)
+        self.abort()
 
     def cut_off(self) -> None:
         """The grace period is over: say 421 4.3.2 and drop the connection, whatever it
@@ -338,8 +343,7 @@ class SMTPAgent(AiosmtpdConnection):
             elif isinstance(event, StartTLS):
                 await self._send()
                 if self.context.stopping:  # came with the stop: no handshake to hold it up
-                    self.log.info("shutdown", handshake=True)
-                    self.abort()
+                    self._drop_in_handshake()
                     return False
                 self._handshaking = True
                 try:
@@ -420,7 +424,7 @@ class SMTPAgent(AiosmtpdConnection):
             try:
                 decision = await checks
             except asyncio.CancelledError:
-                if checks is not self._judging_stopped or asyncio.current_task().cancelling():
+                if not self._checks_given_up or asyncio.current_task().cancelling():
                     raise
                 # The stop's grace ran out first (a clamd or DNS server that does not
                 # answer): a 451 now, not a connection dropped at the stop's deadline.
